@@ -1,0 +1,286 @@
+"""Post-training quantization: float M³ViT encoder -> integer-only parameters for the golden model.
+
+Calibration runs the float model on sample images (never the evaluation images) for every task and
+records the largest magnitude seen at each quantization point. From those ranges every scale is fixed,
+and every scale ratio is turned into an integer multiplier and shift here, once, so the integer forward
+pass (:mod:`reference.golden_model`) never touches a float.
+
+Scheme (``docs/numerics.md`` has the formulas):
+
+* weights: int8, symmetric, one scale per output channel (per expert and channel for experts); the gate
+  matrices use ONE scale each so that logits of different experts stay comparable for top-k;
+* GEMM inputs: int8, symmetric, one scale per tensor (per block site), shared by all tasks so that a task
+  switch changes only the gate weights;
+* residual stream: int16 at one encoder-wide scale, so residual adds are plain saturating adds;
+* the GELU input scale clips the negative side at -GELU_NEG_CLIP, where GELU is already ~0, which buys
+  resolution for the positive side that matters.
+
+Floats kept in the result (``*_scale``) are metadata for the host: quantizing the input image and
+dequantizing the encoder output for the float decoders and for the fidelity report.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from m3vit_hw import numerics as nx
+from .qparams import QLinear, QLayerNorm, QAttention, QDenseMlp, QMoE, QBlock, QuantizedEncoder
+
+__all__ = [
+    "calibrate", "quantize", "quantize_image", "RES_HEADROOM", "GELU_NEG_CLIP",
+]
+
+#: Residual scale headroom over the calibrated maximum: evaluation inputs may exceed the calibration
+#: range, and int16 has bits to spare.
+RES_HEADROOM = 2.0
+#: GELU(x) for x < -GELU_NEG_CLIP is below 1e-6 in magnitude: clip the GELU input range there.
+GELU_NEG_CLIP = 5.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Scale -> integer conversions (the only place floats meet integers)
+
+def _scale(absmax, bits):
+    return max(float(absmax), 1e-12) / ((1 << (bits - 1)) - 1)
+
+
+def _mult_shift(real, mult_bits, shift_max=nx.SHIFT_MAX):
+    """Integer multipliers ``round(real * 2**shift)`` below ``2**mult_bits``, one shared shift."""
+    real = np.asarray(real, dtype=np.float64)
+    top = float(np.abs(real).max())
+    if top <= 0:
+        return np.zeros(real.shape, dtype=np.int64), 0
+    shift = int(math.floor(math.log2(((1 << mult_bits) - 1) / top)))
+    shift = max(0, min(shift_max, shift))
+    mult = np.round(real * (1 << shift)).astype(np.int64)
+    lim = (1 << mult_bits) - 1
+    if np.abs(mult).max() > lim:
+        raise ValueError(f"multiplier {top} does not fit {mult_bits} bits even at shift 0")
+    return mult, shift
+
+
+def _quant_weight(w, per_channel=True):
+    """Symmetric int8 weights; scale per output row (last-but-one axis) or per tensor."""
+    w = np.asarray(w, dtype=np.float64)
+    if per_channel:
+        s = np.maximum(np.abs(w).max(-1), 1e-12) / 127.0
+        q = np.clip(np.round(w / s[..., None]), -127, 127)
+    else:
+        s = max(np.abs(w).max(), 1e-12) / 127.0
+        q = np.clip(np.round(w / s), -127, 127)
+    return q.astype(np.int64), s
+
+
+def _qlinear(w, b, in_scale, out_scale, out_bits):
+    """Quantize ``y = x @ w.T + b`` with int8 x at ``in_scale`` into an out_bits result at ``out_scale``."""
+    wq, ws = _quant_weight(w)
+    acc_scale = in_scale * ws
+    bias = np.round(np.asarray(b, dtype=np.float64) / acc_scale).astype(np.int64)
+    lo, hi = nx.int_range(nx.BIAS_BITS)
+    bias = np.clip(bias, lo, hi)
+    mult, shift = _mult_shift(acc_scale / out_scale, nx.MULT_BITS)
+    return QLinear(wq, bias, mult, shift, out_bits)
+
+
+def _qlayernorm(gamma, beta, eps, dim, res_scale, out_scale):
+    g = np.asarray(gamma, dtype=np.float64) / out_scale
+    b = np.asarray(beta, dtype=np.float64) / out_scale
+    g_lim = (1 << (nx.LN_GAMMA_BITS - 1)) - 1
+    b_lim = (1 << (nx.LN_BETA_BITS - 1)) - 1
+    # Largest shift that keeps both gamma_mult and beta_int inside their formats.
+    s_g = math.floor(math.log2(g_lim / max(np.abs(g).max(), 1e-12))) + nx.LN_Z_FRAC
+    s_b = math.floor(math.log2(b_lim / max(np.abs(b).max(), 1e-12)))
+    shift = max(0, min(nx.SHIFT_MAX, s_g, s_b))
+    gamma_mult = np.clip(np.round(g * 2.0 ** (shift - nx.LN_Z_FRAC)), -g_lim - 1, g_lim).astype(np.int64)
+    beta_int = np.clip(np.round(b * 2.0 ** shift), -b_lim - 1, b_lim).astype(np.int64)
+    eps_int = int(min((1 << nx.LN_EPS_BITS) - 1, round(eps * dim * dim / (res_scale * res_scale))))
+    return QLayerNorm(eps_int, gamma_mult, beta_int, shift)
+
+
+def _softmax_mult(real):
+    """``c_mult * 2**-c_shift`` ~= real, c_mult below 2**SOFTMAX_MULT_BITS."""
+    m, s = _mult_shift(np.array([real]), nx.SOFTMAX_MULT_BITS)
+    return int(m[0]), s
+
+
+def _gelu_lut(in_scale, out_scale):
+    x = np.arange(-128, 128, dtype=np.float64) * in_scale
+    y = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    return np.clip(np.round(y / out_scale), -128, 127).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Calibration
+
+class _Range:
+    """Running max |x| (and the max of the positive and negative parts separately)."""
+
+    def __init__(self):
+        self.absmax = 0.0
+        self.pos = 0.0
+        self.neg = 0.0
+
+    def add(self, t):
+        t = t.detach()
+        if t.numel() == 0:
+            return
+        self.pos = max(self.pos, float(t.max().clamp(min=0)))
+        self.neg = max(self.neg, float((-t.min()).clamp(min=0)))
+        self.absmax = max(self.pos, self.neg)
+
+
+def _heads(t, heads):
+    B, N, C = t.shape
+    return t.reshape(B, N, heads, C // heads).transpose(1, 2)
+
+
+@torch.no_grad()
+def calibrate(model, images):
+    """Run the float encoder over ``images`` for every task and return the ranges at each quant point.
+
+    The walk below follows :class:`reference.model.Encoder` step by step (it reuses its modules) so
+    that it can observe values the modules do not return, e.g. the attention context before ``proj``
+    and expert hidden activations. ``tests/test_quantize.py`` checks it reproduces the encoder output.
+    """
+    from collections import defaultdict
+    enc = model.backbone
+    cfg = enc.cfg
+    ranges = defaultdict(_Range)
+    ranges["img"].add(images)
+    finals = []
+    for task in range(cfg.num_tasks):
+        x = enc.embed(images)
+        ranges["res"].add(x)
+        task_repr = enc.task_repr(task)
+        for i, blk in enumerate(enc.blocks):
+            h1 = blk.norm1(x)
+            ranges[f"{i}.ln1"].add(h1)
+            q, k, v = blk.attn.qkv(h1).chunk(3, dim=-1)
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                ranges[f"{i}.{name}"].add(t)
+            qh, kh, vh = (_heads(t, cfg.heads) for t in (q, k, v))
+            attn = ((qh @ kh.transpose(-2, -1)) * cfg.head_dim ** -0.5).softmax(-1)
+            ctx = (attn @ vh).transpose(1, 2).reshape(x.shape)
+            ranges[f"{i}.ctx"].add(ctx)
+            x = x + blk.attn.proj(ctx)
+            ranges["res"].add(x)
+            h2 = blk.norm2(x)
+            ranges[f"{i}.ln2"].add(h2)
+            if not blk.moe:
+                pre = blk.mlp.fc1(h2)
+                ranges[f"{i}.pre"].add(pre)
+                ranges[f"{i}.gelu"].add(F.gelu(pre))
+                x = x + blk.mlp.fc2(F.gelu(pre))
+            else:
+                gate_index = task if cfg.router == "multi_gate" else 0
+                out, r = blk.mlp(h2, blk.gate_input(h2, task_repr), gate_index, return_routing=True)
+                flat = h2.reshape(-1, cfg.dim)
+                sel = r.experts.reshape(-1, cfg.top_k)
+                ex = blk.mlp.experts
+                for e in sel.unique().tolist():
+                    toks = (sel == e).any(-1)
+                    pre = F.linear(flat[toks], ex.htoh4.weight[e], ex.htoh4.bias[e])
+                    ranges[f"{i}.pre"].add(pre)
+                    ranges[f"{i}.gelu"].add(F.gelu(pre))
+                x = x + out
+            ranges["res"].add(x)
+        finals.append(x)
+    return dict(ranges), finals
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization
+
+def _np(t):
+    return t.detach().cpu().double().numpy()
+
+
+@torch.no_grad()
+def quantize(model, calib_images):
+    """Quantize ``model``'s encoder, calibrating on ``calib_images`` [B,3,H,W] over every task."""
+    enc = model.backbone
+    cfg = enc.cfg
+    ranges, _ = calibrate(model, calib_images)
+    s_img = _scale(ranges["img"].absmax, nx.ACT_BITS)
+    s_res = _scale(ranges["res"].absmax * RES_HEADROOM, nx.RES_BITS)
+    scales = {"img": s_img, "res": s_res}
+
+    w_pe = _np(enc.patch_embed.proj.weight).reshape(cfg.dim, -1)
+    patch = _qlinear(w_pe, _np(enc.patch_embed.proj.bias), s_img, s_res, nx.RES_BITS)
+    lo, hi = nx.int_range(nx.RES_BITS)
+    pos = _np(enc.pos_embed)[0]
+    pos_int = np.clip(np.round(pos / s_res), lo, hi).astype(np.int64)
+    cls_int = np.clip(np.round((_np(enc.cls_token)[0, 0] + pos[0]) / s_res), lo, hi).astype(np.int64)
+
+    blocks = []
+    for i, blk in enumerate(enc.blocks):
+        sc = {n: _scale(ranges[f"{i}.{n}"].absmax, nx.ACT_BITS)
+              for n in ("ln1", "q", "k", "v", "ctx", "ln2")}
+        pre = ranges[f"{i}.pre"]
+        sc["pre"] = _scale(max(pre.pos, min(pre.neg, GELU_NEG_CLIP)), nx.ACT_BITS)
+        sc["gelu"] = _scale(ranges[f"{i}.gelu"].absmax, nx.ACT_BITS)
+        scales[i] = sc
+
+        ln1 = _qlayernorm(_np(blk.norm1.weight), _np(blk.norm1.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln1"])
+        ln2 = _qlayernorm(_np(blk.norm2.weight), _np(blk.norm2.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln2"])
+
+        # qkv: one GEMM, three output scales (q|k|v rows), folded into the per-channel multipliers.
+        w_qkv, b_qkv = _np(blk.attn.qkv.weight), _np(blk.attn.qkv.bias)
+        wq, ws = _quant_weight(w_qkv)
+        out_scale = np.repeat([sc["q"], sc["k"], sc["v"]], cfg.dim)
+        acc_scale = sc["ln1"] * ws
+        mult, shift = _mult_shift(acc_scale / out_scale, nx.MULT_BITS)
+        bias = np.clip(np.round(b_qkv / acc_scale), *nx.int_range(nx.BIAS_BITS)).astype(np.int64)
+        qkv = QLinear(wq, bias, mult, shift, nx.ACT_BITS)
+        c_mult, c_shift = _softmax_mult(sc["q"] * sc["k"] * cfg.head_dim ** -0.5 * math.log2(math.e)
+                                        * (1 << nx.EXP_FRAC_BITS))
+        o_mult, o_shift = _mult_shift(np.array([sc["v"] / sc["ctx"]]), nx.AV_OUT_MULT_BITS)
+        proj = _qlinear(_np(blk.attn.proj.weight), _np(blk.attn.proj.bias), sc["ctx"], s_res, nx.RES_BITS)
+        attn = QAttention(qkv, c_mult, c_shift, int(o_mult[0]), o_shift, proj)
+
+        lut = _gelu_lut(sc["pre"], sc["gelu"])
+        if not blk.moe:
+            mlp = QDenseMlp(_qlinear(_np(blk.mlp.fc1.weight), _np(blk.mlp.fc1.bias), sc["ln2"], sc["pre"],
+                                     nx.ACT_BITS),
+                            lut,
+                            _qlinear(_np(blk.mlp.fc2.weight), _np(blk.mlp.fc2.bias), sc["gelu"], s_res,
+                                     nx.RES_BITS))
+        else:
+            mlp = _quantize_moe(enc, blk, cfg, sc, s_res, lut)
+        blocks.append(QBlock(ln1, attn, ln2, mlp))
+    return QuantizedEncoder(cfg, s_img, s_res, patch, cls_int, pos_int, blocks, scales)
+
+
+def _quantize_moe(enc, blk, cfg, sc, s_res, lut):
+    ex = blk.mlp.experts
+    fc1 = _qlinear(_np(ex.htoh4.weight), _np(ex.htoh4.bias), sc["ln2"], sc["pre"], nx.ACT_BITS)
+    fc2 = _qlinear(_np(ex.h4toh.weight), _np(ex.h4toh.bias), sc["gelu"], s_res, nx.RES_BITS)
+    gates, c_mults, c_shifts = [], [], []
+    task_bias = np.zeros((cfg.num_tasks, cfg.experts), dtype=np.int64)
+    for g, gate in enumerate(blk.mlp.gate):
+        w = _np(gate.w_gate)                       # [gate_in, E]
+        w_tok = w[:cfg.dim]
+        # One scale per gate over the token rows: logits of all experts share it (top-k compares them).
+        wq, ws = _quant_weight(w_tok.T, per_channel=False)
+        gates.append(wq.T)
+        logit_scale = sc["ln2"] * ws
+        m, s = _softmax_mult(logit_scale * math.log2(math.e) * (1 << nx.EXP_FRAC_BITS))
+        c_mults.append(m)
+        c_shifts.append(s)
+        if cfg.router == "task_embedding":
+            # The task representation is constant per task, so its share of the logits is a constant
+            # per-task offset, computed once here in float and stored at the logit scale.
+            for t in range(cfg.num_tasks):
+                rep = _np(enc.task_repr(t))
+                task_bias[t] = np.round(rep @ w[cfg.dim:] / logit_scale).astype(np.int64)
+    lo, hi = nx.int_range(nx.ACC_BITS)
+    task_bias = np.clip(task_bias, lo, hi)
+    return QMoE(gates, task_bias, c_mults, c_shifts, fc1, lut, fc2)
+
+
+def quantize_image(img, img_scale):
+    """Host-side input conversion: float image [B,3,H,W] -> int8 (numpy int64)."""
+    x = img.detach().cpu().double().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, float)
+    return np.clip(np.round(x / img_scale), -127, 127).astype(np.int64)
