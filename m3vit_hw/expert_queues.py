@@ -1,0 +1,254 @@
+"""Per-expert token queues built by counting: the first half of the MoE reordering controller.
+
+Checked against :func:`reference.golden.expert_queues`. The queues group the layer's (token, combine
+weight) pairs by expert, ascending token order inside each expert, so that each active expert's weights
+are fetched once and every token routed to it is computed in one pass.
+"""
+
+from amaranth.hdl import Array, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from m3vit_hw import numerics as nx
+from m3vit_hw.topk import expert_id_width, _check_int
+
+__all__ = ["ExpertQueues", "token_id_width"]
+
+
+def token_id_width(token_capacity):
+    """Bits of a token index (at least 1)."""
+    return max(1, (token_capacity - 1).bit_length())
+
+
+class ExpertQueues(wiring.Component):
+    """Builds the per-expert token queues of one MoE layer and walks them out, active experts ascending.
+
+    Input: one beat per token, in token order; the token id is the arrival index within the layer
+    (0, 1, ...), and ``last`` marks the layer's final token. Output: for each active expert in ascending
+    order, a *header* beat (``header=1``, ``expert``, ``count``) followed by ``count`` *entry* beats
+    (``header=0``, ``token``, ``weight``; ``expert`` and ``count`` repeat the header's) in ascending token
+    order. The final entry of the layer has ``last=1``. ``token``/``weight`` are 0 on header beats.
+    Idle experts produce nothing. A consumer (the reordering controller) can start fetching an expert's
+    weights as soon as it sees the header. The walk is produced once per layer: a consumer that needs an
+    expert's list more than once (fc1 gather, fc2 scatter, one pass per weight tile) keeps it locally;
+    it is at most T entries.
+
+    Parameters
+    ----------
+    experts : int
+        E, >= 1.
+    top_k : int
+        k, expert ids per token, in [1, E]. The k ids of a token must be distinct (as
+        :class:`~m3vit_hw.topk.TopK` guarantees); each queue then holds at most T entries.
+    token_capacity : int
+        Largest T per layer, >= 1. Sizes the token memory (T entries of k ids and k weights) and the queue
+        memory (T*k entries of token and weight).
+    weight_width : int
+        Width of an unsigned combine weight; Q0.15 router probabilities need 16 (1.0 = 2**15).
+
+    Interface attributes
+    --------------------
+    i : ``In(stream.Signature(StructLayout))``
+        ``experts``: ``ArrayLayout(unsigned(expert_id_width(E)), k)``; ``weights``:
+        ``ArrayLayout(unsigned(weight_width), k)`` (weight j belongs to expert j); ``last``: 1.
+    o : ``Out(stream.Signature(StructLayout))``
+        ``header``: 1; ``expert``: ``unsigned(expert_id_width(E))``; ``count``:
+        ``range(token_capacity + 1)``; ``token``: ``unsigned(token_id_width(token_capacity))``;
+        ``weight``: ``unsigned(weight_width)``; ``last``: 1.
+    overflow : ``Out(1)``
+        Sticky (until reset): a layer had more than ``token_capacity`` tokens. The token that filled the
+        capacity was treated as the layer's last; later beats are taken as the next layer.
+
+    Timing
+    ------
+    The unit works one layer at a time in four phases; ``i.ready`` is high only in the first.
+
+    1. *Ingest* (histogram): 1 token/cycle, T cycles. Each token is stored and the k expert counters
+       are incremented.
+    2. *Prefix*: E cycles; an exclusive prefix sum of the counts gives each expert's write pointer.
+    3. *Scatter*: 1 entry/cycle, T*k cycles; entry j of token t goes to ``queue[wp[e]++]``. Since tokens
+       are scattered in order, each queue is already in ascending token order: no sort.
+    4. *Walk*: one cycle per expert (header or skip) plus one per entry, E + T*k cycles at full
+       output rate; the unit then returns to ingest.
+
+    Total with an always-ready consumer: ``T + 2*E + 2*T*k + 1`` cycles per layer, from the first
+    token's transfer to the final entry's.
+    """
+
+    def __init__(self, experts, top_k, token_capacity, *, weight_width=nx.ROUTER_P_FRAC + 1):
+        _check_int("experts", experts, 1)
+        _check_int("top_k", top_k, 1, experts)
+        _check_int("token_capacity", token_capacity, 1)
+        _check_int("weight_width", weight_width, 1)
+        self._experts = experts
+        self._top_k = top_k
+        self._capacity = token_capacity
+        self._weight_width = weight_width
+        idw = expert_id_width(experts)
+        super().__init__({
+            "i": In(stream.Signature(data.StructLayout({
+                "experts": data.ArrayLayout(unsigned(idw), top_k),
+                "weights": data.ArrayLayout(unsigned(weight_width), top_k),
+                "last": unsigned(1),
+            }))),
+            "o": Out(stream.Signature(data.StructLayout({
+                "header": unsigned(1),
+                "expert": unsigned(idw),
+                "count": range(token_capacity + 1),
+                "token": unsigned(token_id_width(token_capacity)),
+                "weight": unsigned(weight_width),
+                "last": unsigned(1),
+            }))),
+            "overflow": Out(1),
+        })
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """Build from an ``AcceleratorConfig``: ``model.experts``, ``model.top_k``, ``token_capacity``."""
+        return cls(config.model.experts, config.model.top_k, config.token_capacity, **kwargs)
+
+    @property
+    def experts(self):
+        return self._experts
+
+    @property
+    def top_k(self):
+        return self._top_k
+
+    @property
+    def token_capacity(self):
+        return self._capacity
+
+    def cycles(self, tokens):
+        """Cycles for one layer of ``tokens`` tokens with a source and sink that never stall."""
+        return tokens + 2 * self._experts + 2 * tokens * self._top_k + 1
+
+    def elaborate(self, platform):
+        m = Module()
+        E, k, cap = self._experts, self._top_k, self._capacity
+        idw = expert_id_width(E)
+        tokw = token_id_width(cap)
+        ww = self._weight_width
+
+        tok_layout = data.StructLayout({
+            "experts": data.ArrayLayout(unsigned(idw), k),
+            "weights": data.ArrayLayout(unsigned(ww), k),
+        })
+        q_layout = data.StructLayout({"token": unsigned(tokw), "weight": unsigned(ww)})
+        m.submodules.tokmem = tokmem = Memory(shape=tok_layout, depth=cap, init=[])
+        m.submodules.qmem = qmem = Memory(shape=q_layout, depth=cap * k, init=[])
+        tok_wr = tokmem.write_port()
+        tok_rd = tokmem.read_port()
+        q_wr = qmem.write_port()
+        q_rd = qmem.read_port()
+
+        # With distinct ids per token an expert gets at most T entries, so count fits range(cap + 1);
+        # write pointers address the whole T*k queue memory (plus one past the end).
+        counts = Array(Signal(range(cap + 1), name=f"count{e}") for e in range(E))
+        wptr = Array(Signal(range(cap * k + 1), name=f"wptr{e}") for e in range(E))
+        ntok = Signal(range(cap + 1))       # tokens in this layer
+        total = Signal(range(cap * k + 1))  # entries in this layer (the prefix sum's final value)
+        pe = Signal(range(E))               # prefix-sum expert
+        t = Signal(range(cap))              # scatter token
+        j = Signal(range(k))                # scatter slot within the token
+        we = Signal(range(E))               # walk expert
+        in_exp = Signal()                   # walk: inside an expert's entries
+        rem = Signal(range(cap + 1))        # walk: entries left in this expert
+        ptr = Signal(range(cap * k + 1))    # walk: queue read address
+        issue_done = Signal()
+
+        # Output register stage: header fields from registers, entry fields straight from the queue
+        # memory's read register (it holds its value while the read port is disabled).
+        o_header = Signal()
+        o_expert = Signal(idw)
+        o_count = Signal(range(cap + 1))
+        o_last = Signal()
+        m.d.comb += [
+            self.o.p.header.eq(o_header),
+            self.o.p.expert.eq(o_expert),
+            self.o.p.count.eq(o_count),
+            self.o.p.token.eq(Mux(o_header, 0, q_rd.data.token)),
+            self.o.p.weight.eq(Mux(o_header, 0, q_rd.data.weight)),
+            self.o.p.last.eq(o_last),
+            tok_rd.en.eq(0),
+            q_rd.en.eq(0),
+        ]
+
+        with m.FSM(name="phase"):
+            with m.State("INGEST"):
+                m.d.comb += [
+                    self.i.ready.eq(1),
+                    tok_wr.addr.eq(ntok),
+                    tok_wr.data.experts.eq(self.i.p.experts),
+                    tok_wr.data.weights.eq(self.i.p.weights),
+                    tok_wr.en.eq(self.i.valid),
+                ]
+                with m.If(self.i.valid):
+                    for e in range(E):
+                        hits = sum(self.i.p.experts[jj] == e for jj in range(k))
+                        m.d.sync += counts[e].eq(counts[e] + hits)
+                    m.d.sync += ntok.eq(ntok + 1)
+                    full = ntok == cap - 1
+                    with m.If(self.i.p.last | full):
+                        with m.If(~self.i.p.last):
+                            m.d.sync += self.overflow.eq(1)
+                        m.d.sync += [pe.eq(0), total.eq(0)]
+                        m.next = "PREFIX"
+
+            with m.State("PREFIX"):
+                m.d.sync += [wptr[pe].eq(total), total.eq(total + counts[pe]), pe.eq(pe + 1)]
+                with m.If(pe == E - 1):
+                    # Prefetch token 0 so scatter runs one entry per cycle from its first cycle.
+                    m.d.comb += [tok_rd.addr.eq(0), tok_rd.en.eq(1)]
+                    m.d.sync += [t.eq(0), j.eq(0)]
+                    m.next = "SCATTER"
+
+            with m.State("SCATTER"):
+                e = tok_rd.data.experts[j]
+                m.d.comb += [
+                    q_wr.addr.eq(wptr[e]),
+                    q_wr.data.token.eq(t),
+                    q_wr.data.weight.eq(tok_rd.data.weights[j]),
+                    q_wr.en.eq(1),
+                ]
+                m.d.sync += wptr[e].eq(wptr[e] + 1)
+                with m.If(j == k - 1):
+                    m.d.comb += [tok_rd.addr.eq(t + 1), tok_rd.en.eq(1)]
+                    m.d.sync += [j.eq(0), t.eq(t + 1)]
+                    with m.If(t == ntok - 1):
+                        m.d.sync += [we.eq(0), in_exp.eq(0), ptr.eq(0), issue_done.eq(0)]
+                        m.next = "WALK"
+                with m.Else():
+                    m.d.sync += j.eq(j + 1)
+
+            with m.State("WALK"):
+                can_issue = ~self.o.valid | self.o.ready
+                with m.If(can_issue):
+                    m.d.sync += self.o.valid.eq(0)
+                    with m.If(issue_done):
+                        for e in range(E):
+                            m.d.sync += counts[e].eq(0)
+                        m.d.sync += ntok.eq(0)
+                        m.next = "INGEST"
+                    with m.Elif(in_exp):
+                        m.d.comb += [q_rd.addr.eq(ptr), q_rd.en.eq(1)]
+                        m.d.sync += [
+                            self.o.valid.eq(1), o_header.eq(0), o_last.eq(ptr == total - 1),
+                            ptr.eq(ptr + 1), rem.eq(rem - 1),
+                        ]
+                        with m.If(rem == 1):
+                            m.d.sync += [in_exp.eq(0), we.eq(we + 1)]
+                            with m.If(we == E - 1):
+                                m.d.sync += issue_done.eq(1)
+                    with m.Elif(counts[we] != 0):
+                        m.d.sync += [
+                            self.o.valid.eq(1), o_header.eq(1), o_expert.eq(we),
+                            o_count.eq(counts[we]), o_last.eq(0),
+                            rem.eq(counts[we]), in_exp.eq(1),
+                        ]
+                    with m.Else():
+                        m.d.sync += we.eq(we + 1)
+                        with m.If(we == E - 1):
+                            m.d.sync += issue_done.eq(1)
+        return m

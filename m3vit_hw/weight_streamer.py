@@ -1,0 +1,216 @@
+"""Streams expert weights from external memory into the free half of the :class:`WeightBuffer`.
+
+The reordering controller sends one command per active expert (or per weight matrix); idle experts get
+no command and are never fetched. A command longer than a buffer half is cut into successive tiles of
+``half_bytes`` (the last one shorter), each one fill of a half, so the buffer size is independent of the
+expert size and of E. The compiler lays weights out so that each half-sized chunk is a self-contained
+tile for the engine, or issues one command per tile.
+"""
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from m3vit_hw.mem_port import (BOUNDARY_BYTES, DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES,
+                               DEFAULT_MAX_BURST, ReadPortSignature)
+from m3vit_hw.topk import _check_int
+from m3vit_hw.weight_buffer import DEFAULT_TAG_WIDTH, WriterSignature, _half_of
+
+__all__ = ["WeightStreamer", "StreamerCommandLayout"]
+
+
+class StreamerCommandLayout(data.StructLayout):
+    """One weight-load command.
+
+    Fields
+    ------
+    addr : unsigned(addr_width)
+        External byte address of the first weight byte; a multiple of the port's ``data_bytes``.
+    length : unsigned(length_width)
+        Bytes to load, >= 0 (0 commits one empty tile without fetching).
+    tag : unsigned(tag_width)
+        Opaque descriptor (expert id, matrix, ...) copied into every tile's :class:`TileInfoLayout`.
+    """
+
+    def __init__(self, addr_width, length_width, tag_width):
+        super().__init__({
+            "addr": unsigned(addr_width),
+            "length": unsigned(length_width),
+            "tag": unsigned(tag_width),
+        })
+
+
+class WeightStreamer(wiring.Component):
+    """Command-driven DMA from a memory read port into the write side of a :class:`WeightBuffer`.
+
+    For every command the streamer cuts ``length`` bytes into tiles of at most ``half_bytes``. For each
+    tile it waits for the buffer's ``free``, issues read bursts covering the tile (at most ``max_burst``
+    beats, never crossing a 4 KiB boundary, as many outstanding as the memory accepts so the memory's
+    latency is paid once per tile), writes every returned beat straight into the half (beat n to
+    write-word n), and after the tile's last beat commits the half with ``{length, tag, first, last}``.
+    A tile whose length is not a multiple of ``data_bytes`` fetches its final beat whole; the bytes past
+    ``length`` land in the half but are outside the descriptor.
+
+    Parameters
+    ----------
+    half_bytes : int
+        Bytes per buffer half; a multiple of ``data_bytes``.
+    addr_width, data_bytes, max_burst : int
+        The memory port's parameters (see :class:`~m3vit_hw.mem_port.ReadPortSignature`).
+    tag_width : int
+        Width of the command's tag.
+    length_width : int, optional
+        Width of the command's length; defaults to ``addr_width``.
+    counter_width : int
+        Width of the ``bytes_fetched`` counter (it wraps).
+
+    Interface attributes
+    --------------------
+    cmd : ``In(stream.Signature(StreamerCommandLayout(addr_width, length_width, tag_width)))``
+        Accepted only when the previous command's last tile has been committed.
+    mem : ``Out(ReadPortSignature(addr_width=, data_bytes=, max_burst=))``
+    buf : ``Out(WriterSignature(half_bytes=, write_bytes=data_bytes, tag_width=))``
+    bytes_fetched : ``Out(counter_width)``
+        Bytes received from memory since reset (``data_bytes`` per beat).
+    busy : ``Out(1)``
+        A command is in progress.
+
+    Timing
+    ------
+    Per tile: the wait for ``free``, one cycle of setup, the memory's latency, ``ceil(length /
+    data_bytes)`` beats at the memory's rate (the streamer always accepts beats), and one commit cycle.
+    Fill bandwidth therefore approaches the memory's bandwidth for tiles much longer than its latency.
+    """
+
+    def __init__(self, half_bytes, *, addr_width=DEFAULT_ADDR_WIDTH, data_bytes=DEFAULT_DATA_BYTES,
+                 max_burst=DEFAULT_MAX_BURST, tag_width=DEFAULT_TAG_WIDTH, length_width=None,
+                 counter_width=32):
+        mem_sig = ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)
+        buf_sig = WriterSignature(half_bytes=half_bytes, write_bytes=data_bytes, tag_width=tag_width)
+        if length_width is None:
+            length_width = addr_width
+        _check_int("length_width", length_width, 1)
+        _check_int("counter_width", counter_width, 1)
+        self._half_bytes = half_bytes
+        self._addr_width = addr_width
+        self._data_bytes = data_bytes
+        self._max_burst = max_burst
+        self._tag_width = tag_width
+        self._length_width = length_width
+        super().__init__({
+            "cmd": In(stream.Signature(StreamerCommandLayout(addr_width, length_width, tag_width))),
+            "mem": Out(mem_sig),
+            "buf": Out(buf_sig),
+            "bytes_fetched": Out(counter_width),
+            "busy": Out(1),
+        })
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """Build from an ``AcceleratorConfig``.
+
+        ``half_bytes = config.weight_buffer_bytes // 2``; the port parameters come from
+        ``config.mem_addr_width``, ``config.mem_data_bytes`` and ``config.mem_max_burst`` when the config
+        has them (else :mod:`m3vit_hw.mem_port`'s defaults); keyword arguments override.
+        """
+        kwargs.setdefault("addr_width", getattr(config, "mem_addr_width", DEFAULT_ADDR_WIDTH))
+        kwargs.setdefault("data_bytes", getattr(config, "mem_data_bytes", DEFAULT_DATA_BYTES))
+        kwargs.setdefault("max_burst", getattr(config, "mem_max_burst", DEFAULT_MAX_BURST))
+        return cls(_half_of(config.weight_buffer_bytes), **kwargs)
+
+    @property
+    def half_bytes(self):
+        return self._half_bytes
+
+    def elaborate(self, platform):
+        m = Module()
+        db = self._data_bytes
+        lb = db.bit_length() - 1            # log2(data_bytes)
+        half = self._half_bytes
+        half_beats = half // db
+        aw = self._addr_width
+
+        c_addr = Signal(aw)                 # next tile's external address
+        c_rem = Signal(self._length_width)  # bytes of the command not yet committed
+        c_tag = Signal(self._tag_width)
+        c_first = Signal()
+        tile_len = Signal(range(half + 1))
+        req_addr = Signal(aw)
+        req_left = Signal(range(half_beats + 1))   # beats of this tile not yet requested
+        rx_left = Signal(range(half_beats + 1))    # beats of this tile not yet received
+        rx_addr = Signal(range(half_beats))
+        fetched = Signal(len(self.bytes_fetched))
+        m.d.comb += self.bytes_fetched.eq(fetched)
+
+        next_len = Signal(range(half + 1))
+        next_beats = Signal(range(half_beats + 1))
+        m.d.comb += [
+            next_len.eq(Mux(c_rem > half, half, c_rem)),
+            next_beats.eq((next_len + db - 1) >> lb),
+        ]
+
+        # Burst length: what is left, capped by max_burst and by the beats left in this 4 KiB page.
+        page_beats = BOUNDARY_BYTES // db
+        page_bits = BOUNDARY_BYTES.bit_length() - 1
+        beat_in_page = req_addr[lb:page_bits] if aw > lb else 0
+        room = Signal(range(page_beats + 1))
+        burst = Signal(range(self._max_burst + 1))
+        m.d.comb += room.eq(page_beats - beat_in_page)
+        capped = Mux(req_left > self._max_burst, self._max_burst, req_left)
+        m.d.comb += burst.eq(Mux(capped > room, room, capped))
+
+        req, resp, buf = self.mem.req, self.mem.resp, self.buf
+        m.d.comb += [
+            req.p.addr.eq(req_addr),
+            req.p.beats.eq(burst),
+            buf.addr.eq(rx_addr),
+            buf.data.eq(resp.p.data),
+            buf.commit.p.length.eq(tile_len),
+            buf.commit.p.tag.eq(c_tag),
+            buf.commit.p.first.eq(c_first),
+            buf.commit.p.last.eq(c_rem == tile_len),
+        ]
+
+        with m.FSM(name="state"):
+            with m.State("IDLE"):
+                m.d.comb += self.cmd.ready.eq(1)
+                with m.If(self.cmd.valid):
+                    m.d.sync += [
+                        c_addr.eq(self.cmd.p.addr), c_rem.eq(self.cmd.p.length),
+                        c_tag.eq(self.cmd.p.tag), c_first.eq(1),
+                    ]
+                    m.next = "WAIT"
+
+            with m.State("WAIT"):
+                m.d.comb += self.busy.eq(1)
+                with m.If(buf.free):
+                    m.d.sync += [
+                        tile_len.eq(next_len), req_addr.eq(c_addr),
+                        req_left.eq(next_beats), rx_left.eq(next_beats), rx_addr.eq(0),
+                    ]
+                    with m.If(next_beats == 0):
+                        m.next = "COMMIT"
+                    with m.Else():
+                        m.next = "FILL"
+
+            with m.State("FILL"):
+                m.d.comb += [self.busy.eq(1), req.valid.eq(req_left != 0), resp.ready.eq(1),
+                             buf.en.eq(resp.valid)]
+                with m.If(req.valid & req.ready):
+                    m.d.sync += [req_addr.eq(req_addr + (burst << lb)), req_left.eq(req_left - burst)]
+                with m.If(resp.valid):
+                    m.d.sync += [rx_addr.eq(rx_addr + 1), rx_left.eq(rx_left - 1),
+                                 fetched.eq(fetched + db)]
+                    with m.If(rx_left == 1):
+                        m.next = "COMMIT"
+
+            with m.State("COMMIT"):
+                m.d.comb += [self.busy.eq(1), buf.commit.valid.eq(1)]
+                with m.If(buf.commit.ready):
+                    m.d.sync += [c_addr.eq(c_addr + tile_len), c_rem.eq(c_rem - tile_len),
+                                 c_first.eq(0)]
+                    with m.If(c_rem == tile_len):
+                        m.next = "IDLE"
+                    with m.Else():
+                        m.next = "WAIT"
+        return m
