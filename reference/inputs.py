@@ -1,0 +1,127 @@
+"""Deterministic synthetic input images for the float reference and the fidelity tooling.
+
+We have no dataset offline, and white noise is a poor stand-in for a photograph: it has no spatial
+correlation, so neighbouring patches look unrelated, attention has nothing to latch on to and routing
+statistics are unlike those of a real frame. :func:`synthetic_images` instead builds images from the
+ingredients of a street or indoor scene, as seen after the usual ImageNet normalisation:
+
+* a smooth background with a ``1/f**1.4`` amplitude spectrum (natural images sit near ``1/f``; a
+  little steeper keeps the texture from dominating the shapes), shared by the three channels through a
+  random colour mix plus weak smooth chroma fields, so RGB stays strongly correlated as in photographs;
+* a few piecewise-constant regions with sharp straight edges (half-planes and rectangles: road, walls,
+  vehicles), which give segmentation-like boundaries;
+* a few soft Gaussian blobs (lights, objects);
+* a little pixel noise (sensor noise), far below the signal.
+
+Each image is then normalised per channel to zero mean and unit variance and given a small random
+per-channel offset and gain, so the statistics are *roughly* (not exactly) zero-mean unit-variance, like
+a normalised photograph.
+
+The result depends only on ``(cfg.img_size, cfg.in_chans, batch, seed)``: the generator is a private
+``torch.Generator`` and the global RNG is neither read nor advanced. Use distinct seeds for calibration
+and evaluation sets.
+"""
+
+import math
+
+import torch
+
+from m3vit_hw.model_config import ModelConfig
+
+__all__ = ["synthetic_images"]
+
+
+def _spectral_field(gen, height, width, alpha=1.0):
+    """Gaussian random field with amplitude spectrum ``1/f**alpha``, zero mean, unit variance."""
+    fy = torch.fft.fftfreq(height, dtype=torch.float64).reshape(-1, 1)
+    fx = torch.fft.rfftfreq(width, dtype=torch.float64).reshape(1, -1)
+    freq = torch.sqrt(fx * fx + fy * fy)
+    # The DC term would be infinite; the field is re-centred below anyway.
+    freq[0, 0] = 1.0
+    amplitude = freq.pow(-alpha)
+    amplitude[0, 0] = 0.0
+    re = torch.randn(freq.shape, generator=gen, dtype=torch.float64)
+    im = torch.randn(freq.shape, generator=gen, dtype=torch.float64)
+    field = torch.fft.irfft2(torch.complex(re, im) * amplitude, s=(height, width))
+    field = field - field.mean()
+    return field / field.std().clamp_min(1e-12)
+
+
+def _uniform(gen, lo, hi, size=()):
+    return lo + (hi - lo) * torch.rand(size, generator=gen, dtype=torch.float64)
+
+
+def _one_image(gen, channels, height, width):
+    yy = torch.arange(height, dtype=torch.float64).reshape(-1, 1) / height
+    xx = torch.arange(width, dtype=torch.float64).reshape(1, -1) / width
+
+    # Background: one luminance field plus weaker chroma fields, mixed into channels.
+    lum = _spectral_field(gen, height, width, alpha=1.4)
+    image = lum.expand(channels, height, width) * _uniform(gen, 0.6, 1.0, (channels, 1, 1))
+    for c in range(channels):
+        image[c] += 0.15 * _spectral_field(gen, height, width, alpha=2.0)
+
+    # Large flat regions with straight edges (horizon, road border, facades).
+    for _ in range(int(torch.randint(2, 5, (), generator=gen))):
+        theta = float(_uniform(gen, 0.0, math.pi))
+        offset = float(_uniform(gen, -0.3, 0.3))
+        side = (xx - 0.5) * math.cos(theta) + (yy - 0.5) * math.sin(theta) > offset
+        colour = torch.randn(channels, 1, 1, generator=gen, dtype=torch.float64) * 0.8
+        image = image + side.unsqueeze(0) * colour
+
+    # Axis-aligned boxes (vehicles, windows, signs).
+    for _ in range(int(torch.randint(3, 9, (), generator=gen))):
+        y0, x0 = float(_uniform(gen, 0.0, 0.9)), float(_uniform(gen, 0.0, 0.9))
+        h, w = float(_uniform(gen, 0.05, 0.4)), float(_uniform(gen, 0.05, 0.4))
+        inside = (yy >= y0) & (yy < y0 + h) & (xx >= x0) & (xx < x0 + w)
+        colour = torch.randn(channels, 1, 1, generator=gen, dtype=torch.float64)
+        image = torch.where(inside.unsqueeze(0), image * 0.3 + colour, image)
+
+    # Soft blobs (lights, round objects).
+    for _ in range(int(torch.randint(2, 6, (), generator=gen))):
+        cy, cx = float(_uniform(gen, 0.0, 1.0)), float(_uniform(gen, 0.0, 1.0))
+        radius = float(_uniform(gen, 0.03, 0.2))
+        blob = torch.exp(-((yy - cy) ** 2 + ((xx - cx) * width / height) ** 2) / (2 * radius ** 2))
+        image = image + blob.unsqueeze(0) * torch.randn(channels, 1, 1, generator=gen, dtype=torch.float64)
+
+    image = image + 0.02 * torch.randn(image.shape, generator=gen, dtype=torch.float64)
+
+    mean = image.mean(dim=(1, 2), keepdim=True)
+    std = image.std(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    image = (image - mean) / std
+    # Normalised photographs are only roughly standardised: the dataset mean/std are not the image's.
+    gain = _uniform(gen, 0.8, 1.2, (channels, 1, 1))
+    shift = 0.2 * torch.randn(channels, 1, 1, generator=gen, dtype=torch.float64)
+    return image * gain + shift
+
+
+def synthetic_images(cfg, batch, seed, dtype=torch.float32):
+    """Deterministic natural-looking normalised images for ``cfg``.
+
+    Parameters
+    ----------
+    cfg : ModelConfig
+        Supplies ``img_size`` and ``in_chans``.
+    batch : int
+        Number of images, >= 1.
+    seed : int
+        Seed of a private generator; the same ``(cfg, batch, seed)`` always gives the same tensor, and
+        image ``b`` of a batch does not depend on ``batch`` (images are drawn one after another).
+    dtype : torch.dtype
+        Output dtype (the images are built in float64 and cast once).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[batch, cfg.in_chans, H, W]``, each channel roughly zero-mean and unit-variance.
+    """
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, not {type(cfg).__name__}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, not {batch!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, not {seed!r}")
+    gen = torch.Generator().manual_seed(seed)
+    height, width = cfg.img_size
+    images = [_one_image(gen, cfg.in_chans, height, width) for _ in range(batch)]
+    return torch.stack(images).to(dtype)
