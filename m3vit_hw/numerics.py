@@ -57,9 +57,10 @@ ROUTER_RECIP_BITS = 31
 
 #: Softmax exponent multiplier c_mult (attention and router) is unsigned, below 2**SOFTMAX_MULT_BITS.
 SOFTMAX_MULT_BITS = 16
-#: The attention output multiplier out_mult (AV epilogue numerator) is unsigned, below 2**AV_OUT_MULT_BITS;
-#: with l >= 255 the per-row multiplier floor(out_mult * 2**AV_RECIP_BITS / l) then fits MULT_BITS.
-AV_OUT_MULT_BITS = 16
+#: The attention output multiplier out_mult (AV epilogue numerator) is unsigned, below 2**AV_OUT_MULT_BITS.
+#: With l >= 255 the per-row multiplier floor(out_mult * 2**AV_RECIP_BITS / l) < 2**(15+16-7.99) fits
+#: MULT_BITS; 16 bits would not (65535 * 2**16 / 255 > 2**24).
+AV_OUT_MULT_BITS = 15
 
 #: LayerNorm: inv = floor(2**LN_INV_BITS / den), z = (D*x - sum) * inv >> (LN_INV_BITS - LN_Z_FRAC).
 LN_INV_BITS = 32

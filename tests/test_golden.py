@@ -203,7 +203,7 @@ def test_router_probs_close_to_float():
 def test_tiled_attention_is_bit_identical(heads_dim, T, q_tile):
     rng = RNG(T)
     q, k, v = (rng.integers(-128, 128, (T, heads_dim)) for _ in range(3))
-    args = (q, k, v, 30000, 22, 40000, 10)
+    args = (q, k, v, 30000, 22, 20000, 10)
     assert np.array_equal(g.attention_head(*args), g.attention_head_tiled(*args, q_tile))
 
 
@@ -215,7 +215,7 @@ def test_attention_head_close_to_float():
     s_v, s_o = 0.04, 0.02
     q, k, v = (rng.integers(-128, 128, (T, hd)) for _ in range(3))
     c_mult, c_shift = _c(s_q * s_k / math.sqrt(hd))
-    o_shift = int(math.floor(math.log2(65535 / (s_v / s_o))))
+    o_shift = int(math.floor(math.log2(((1 << nx.AV_OUT_MULT_BITS) - 1) / (s_v / s_o))))
     o_mult = int(round(s_v / s_o * (1 << o_shift)))
     got = g.attention_head(q, k, v, c_mult, c_shift, o_mult, o_shift)
     att = torch.softmax(torch.tensor(q * s_q) @ torch.tensor(k * s_k).T / math.sqrt(hd), -1)

@@ -1,0 +1,164 @@
+"""Sequential unsigned integer divider with stream ports.
+
+The accelerator needs one exact integer division per row, never per element: the LayerNorm
+reciprocal ``floor(2**LN_INV_BITS / den)``, the attention AV multiplier
+``floor(out_mult * 2**AV_RECIP_BITS / l)`` and the router normaliser
+``floor(2**ROUTER_RECIP_BITS / sum(e16))`` (see :mod:`m3vit_hw.numerics`). A row lasts tens of cycles,
+so a small shift-and-subtract divider that retires ``bits_per_cycle`` quotient bits per cycle is enough
+and costs one subtractor per retired bit instead of a full array divider.
+"""
+
+from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["Divider"]
+
+
+def _check_width(name, value, minimum=1):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, not {value}")
+
+
+class Divider(wiring.Component):
+    """Restoring shift-and-subtract divider: ``quotient = dividend // divisor``.
+
+    Parameters
+    ----------
+    dividend_width : int
+        Width of the unsigned dividend, >= 1.
+    divisor_width : int
+        Width of the unsigned divisor (and of the remainder), >= 1.
+    quotient_width : int or None
+        Width of the quotient, >= 1; defaults to ``dividend_width``. A caller that knows the quotient
+        is small (e.g. a divisor with a known lower bound) saves iterations by narrowing it.
+    bits_per_cycle : int
+        Quotient bits retired per cycle, in [1, 8]. Each one is a subtractor of ``divisor_width + 1``
+        bits chained combinationally, so more than 2-4 lengthens the critical path.
+
+    Interface attributes
+    --------------------
+    i : In(stream.Signature(StructLayout({...})))
+        Operands: ``dividend`` (``unsigned(dividend_width)``) and ``divisor``
+        (``unsigned(divisor_width)``).
+    o : Out(stream.Signature(StructLayout({...})))
+        Results, one per operand beat, in order: ``quotient`` (``unsigned(quotient_width)``),
+        ``remainder`` (``unsigned(divisor_width)``) and ``overflow`` (1 bit). ``overflow`` is set when ``divisor == 0`` or the
+        quotient does not fit in ``quotient_width`` bits; the quotient then saturates to all ones and
+        the remainder reads 0.
+
+    Contract
+    --------
+    * Latency: ``o.valid`` rises exactly :attr:`latency` cycles after the cycle in which an operand
+      transfers on ``i`` (constant, overflow included).
+    * Throughput: one division at a time. ``i.ready`` is high when the divider is idle, or in the cycle
+      its result transfers on ``o`` (so back-to-back divisions are :attr:`period` cycles apart).
+    * ``o.valid`` does not depend on ``o.ready``; the result holds until it transfers.
+    """
+
+    def __init__(self, dividend_width, divisor_width, quotient_width=None, *, bits_per_cycle=1):
+        _check_width("dividend_width", dividend_width)
+        _check_width("divisor_width", divisor_width)
+        if quotient_width is None:
+            quotient_width = dividend_width
+        _check_width("quotient_width", quotient_width)
+        if not isinstance(bits_per_cycle, int) or isinstance(bits_per_cycle, bool):
+            raise TypeError(f"bits_per_cycle must be an integer, not {bits_per_cycle!r}")
+        if not 1 <= bits_per_cycle <= 8:
+            raise ValueError(f"bits_per_cycle must be in [1, 8], not {bits_per_cycle}")
+        self._dividend_width = dividend_width
+        self._divisor_width = divisor_width
+        self._quotient_width = quotient_width
+        self._bits_per_cycle = bits_per_cycle
+        self._steps = -(-quotient_width // bits_per_cycle)
+        super().__init__({
+            "i": In(stream.Signature(data.StructLayout({
+                "dividend": unsigned(dividend_width),
+                "divisor": unsigned(divisor_width),
+            }))),
+            "o": Out(stream.Signature(data.StructLayout({
+                "quotient": unsigned(quotient_width),
+                "remainder": unsigned(divisor_width),
+                "overflow": unsigned(1),
+            }))),
+        })
+
+    dividend_width = property(lambda self: self._dividend_width)
+    divisor_width = property(lambda self: self._divisor_width)
+    quotient_width = property(lambda self: self._quotient_width)
+    bits_per_cycle = property(lambda self: self._bits_per_cycle)
+
+    @property
+    def latency(self):
+        """Cycles from the operand transfer to ``o.valid``: ``ceil(quotient_width / bits_per_cycle) + 1``.
+
+        One cycle loads the operands; each of the following ``ceil(quotient_width / bits_per_cycle)``
+        cycles retires ``bits_per_cycle`` bits.
+        """
+        return self._steps + 1
+
+    @property
+    def period(self):
+        """Minimum cycles between operand transfers when ``o`` never stalls (equal to :attr:`latency`:
+        the next operand loads in the cycle the previous result transfers)."""
+        return self._steps + 1
+
+    def elaborate(self, platform):
+        m = Module()
+        vw = self._divisor_width
+        k = self._bits_per_cycle
+        # The iteration runs over a quotient padded to a multiple of k bits; the padding bits are zero
+        # whenever the quotient fits in quotient_width, which the overflow check guarantees.
+        qe = self._steps * k
+
+        rem = Signal(vw)              # partial remainder, always < divisor
+        quo = Signal(qe)              # dividend bits still to bring down (top) / quotient bits (bottom)
+        den = Signal(vw)
+        ovf = Signal()
+        count = Signal(range(self._steps + 1))
+        busy = Signal()
+
+        m.d.comb += self.i.ready.eq(~busy & (~self.o.valid | self.o.ready))
+        with m.If(self.o.valid & self.o.ready):
+            m.d.sync += self.o.valid.eq(0)
+
+        dividend = self.i.payload.dividend
+        divisor = self.i.payload.divisor
+        with m.If(self.i.valid & self.i.ready):
+            # Overflow iff floor(dividend / 2**quotient_width) >= divisor (covers divisor == 0).
+            m.d.sync += [
+                rem.eq(dividend >> qe),
+                quo.eq(dividend[:qe] if qe < self._dividend_width else dividend),
+                den.eq(divisor),
+                ovf.eq((dividend >> self._quotient_width) >= divisor),
+                count.eq(self._steps),
+                busy.eq(1),
+            ]
+
+        # k restoring steps per cycle: bring down the next dividend bit, subtract if it fits. Each
+        # step's results are named signals, so the k-step expression stays linear in k.
+        r, q = rem, quo
+        for step in range(k):
+            shifted = Cat(q[qe - 1], r)                 # 2*r + next bit, vw + 1 bits
+            fits = shifted >= den
+            r_next = Signal(vw, name=f"rem_{step}")
+            q_next = Signal(qe, name=f"quo_{step}")
+            m.d.comb += [
+                r_next.eq(Mux(fits, shifted - den, shifted)[:vw]),   # < den, so vw bits suffice
+                q_next.eq(Cat(fits, q[:qe - 1])),
+            ]
+            r, q = r_next, q_next
+        with m.If(busy):
+            m.d.sync += [rem.eq(r), quo.eq(q), count.eq(count - 1)]
+            with m.If(count == 1):
+                m.d.sync += [busy.eq(0), self.o.valid.eq(1)]
+
+        all_ones = Const((1 << self._quotient_width) - 1, self._quotient_width)
+        m.d.comb += [
+            self.o.payload.quotient.eq(Mux(ovf, all_ones, quo[:self._quotient_width])),
+            self.o.payload.remainder.eq(Mux(ovf, 0, rem)),
+            self.o.payload.overflow.eq(ovf),
+        ]
+        return m

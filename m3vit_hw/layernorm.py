@@ -1,0 +1,409 @@
+"""Streaming integer LayerNorm: int16 residual rows in, int8 rows out.
+
+Bit-exact with ``reference/golden.py::layernorm``. Each row takes two passes over the data, with a
+per-row reciprocal between them:
+
+1. **Statistics pass.** Beats stream in at one beat per cycle. Each is written to a circular row buffer
+   while the row sums ``S1 = sum(x)`` and ``S2 = sum(x*x)`` accumulate.
+2. **Per-row reciprocal.** At the row's end, ``var_n = D*S2 - S1**2 + eps_int`` goes through a sequential
+   :class:`~m3vit_hw.isqrt.ISqrt`, and then ``inv = floor(2**LN_INV_BITS / max(1, root))`` goes through a
+   sequential :class:`~m3vit_hw.divider.Divider`. Each engine handles one row at a time, and the two
+   work on consecutive rows in parallel.
+3. **Normalize pass.** The row is read back from the buffer and, per lane, the unit computes
+   ``z = round_shift((D*x - S1) * inv, LN_INV_BITS - LN_Z_FRAC)`` and
+   ``y = sat8(round_shift(z * gamma_mult[c] + beta_int[c], shift))``.
+
+The row buffer is a circular FIFO of beats, not a pair of fixed halves. The statistics pass of the next
+rows keeps writing while earlier rows wait for their reciprocal and are normalized. The buffer is sized
+so that this lag (one row plus the reciprocal latency) never fills it. See :class:`LayerNormUnit` for
+the resulting throughput condition.
+"""
+
+import math
+
+from amaranth import Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from . import numerics as nx
+from .divider import Divider
+from .isqrt import ISqrt
+
+__all__ = ["LayerNormUnit", "SHIFT_BITS", "MAX_DIM"]
+
+#: The output shift is in [0, SHIFT_MAX]. (gamma_mult, beta_int and eps_int widths are
+#: ``numerics.LN_GAMMA_BITS``, ``LN_BETA_BITS`` and ``LN_EPS_BITS``.)
+SHIFT_BITS = nx.SHIFT_MAX.bit_length()
+#: Largest supported row length. The golden model's int64 intermediates (D*S2 and (D*x - S1) * inv)
+#: stay exact up to D = 2**15; this leaves a margin.
+MAX_DIM = 1 << 14
+
+# Beats a row's input runs ahead of its first normalize read, beyond the row itself and the ISqrt and
+# Divider latencies: 5 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2) and
+# 1 from the reciprocal to the first read. The buffer needs one more slot than that lag, and 2 more as
+# margin.
+_STATS_OVERHEAD = 9
+
+
+def _signed_for(bound):
+    """Signed shape holding every value in [-bound, bound]."""
+    return Shape.cast(range(-bound, bound + 1))
+
+
+def _config_value(config, path):
+    """``config.<path>`` with an error that names the missing field."""
+    value = config
+    for part in path.split("."):
+        if not hasattr(value, part):
+            raise TypeError(f"config must have a {path!r} field, not {config!r}")
+        value = getattr(value, part)
+    return value
+
+
+def _check_positive(name, value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive integer, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value}")
+
+
+class LayerNormUnit(wiring.Component):
+    """Integer LayerNorm over rows of ``dim`` int16 values, ``lanes`` values per beat.
+
+    Parameters
+    ----------
+    dim : int
+        Row length D, in [1, :data:`MAX_DIM`], a multiple of ``lanes``.
+    lanes : int
+        Values per beat on ``i`` and ``o`` (and channels per parameter write), >= 1.
+    recip_bits_per_cycle : int or None
+        Bits per cycle for the per-row ISqrt and Divider, in [1, 8]. ``None`` picks the smallest value
+        in [1, 4] that lets both engines keep up with one row every ``dim // lanes`` cycles (4 if none
+        does).
+
+    Interface attributes
+    --------------------
+    i : In(stream.Signature(ArrayLayout(signed(16), lanes)))
+        Residual values. Rows are ``dim // lanes`` consecutive beats. Lane ``j`` of beat ``b`` is
+        channel ``b * lanes + j``. There is no row delimiter: the unit counts beats.
+    o : Out(stream.Signature(ArrayLayout(signed(8), lanes)))
+        The normalized values, beat for beat in the same order as ``i``.
+    param : In(stream.Signature(StructLayout({...})))
+        Parameter writes, with fields ``addr`` (``range(dim // lanes)``), ``gamma``
+        (``ArrayLayout(signed(LN_GAMMA_BITS), lanes)``), ``beta`` (``ArrayLayout(signed(LN_BETA_BITS),
+        lanes)``), ``eps`` (``unsigned(LN_EPS_BITS)``) and ``shift`` (``unsigned(SHIFT_BITS)``, at most
+        ``SHIFT_MAX``). Each write stores ``gamma_mult``/``beta_int`` for channels
+        ``addr*lanes .. addr*lanes + lanes - 1`` (``addr < dim // lanes``). It also loads the per-layer
+        ``eps_int`` and ``shift``, so every write of one layer carries that layer's values. ``param.ready``
+        is high only while :attr:`busy` is low, which means the unit is drained. A write therefore
+        applies to exactly the rows whose first beat transfers after it. If ``param.valid`` and
+        ``i.valid`` are both high while the unit is idle, the write goes first.
+    busy : Out(1)
+        High while any row is in flight: its first beat has been accepted on ``i``, and its last beat
+        has not yet transferred on ``o``.
+
+    Throughput
+    ----------
+    Let ``R = dim // lanes``. The unit accepts one beat per cycle and emits one beat per cycle,
+    sustained over any number of rows, provided that ``R >=`` :attr:`min_row_beats`, the period of the
+    slower of the two per-row engines. The statistics pass of later rows overlaps the reciprocal and
+    normalize pass of earlier rows. The row buffer holds :attr:`buffer_depth` ``= R +``
+    :attr:`recip_latency` ``+ 9`` beats: the lag between a row's input and its first read back,
+    plus a margin of 2. For shorter rows the unit sustains one row per ``min_row_beats`` cycles.
+    The latency from the last input beat of a row to its first output beat is ``recip_latency + 11``
+    cycles, when nothing stalls (:attr:`row_latency`).
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a parameter outside the ranges above. The message names the parameter and the value.
+    """
+
+    def __init__(self, dim, lanes, *, recip_bits_per_cycle=None):
+        _check_positive("dim", dim)
+        _check_positive("lanes", lanes)
+        if dim > MAX_DIM:
+            raise ValueError(f"dim must be in [1, {MAX_DIM}], not {dim}")
+        if dim % lanes:
+            raise ValueError(f"dim must be a multiple of lanes={lanes}, not {dim}")
+        if recip_bits_per_cycle is not None:
+            if not isinstance(recip_bits_per_cycle, int) or isinstance(recip_bits_per_cycle, bool):
+                raise TypeError("recip_bits_per_cycle must be an integer or None, "
+                                f"not {recip_bits_per_cycle!r}")
+            if not 1 <= recip_bits_per_cycle <= 8:
+                raise ValueError(f"recip_bits_per_cycle must be in [1, 8], not {recip_bits_per_cycle}")
+
+        self._dim = dim
+        self._lanes = lanes
+        self._beats = dim // lanes
+        # D*S2 <= D**2 * 2**30 for int16, and |D*S2 - S1**2| = D**2 * variance is no larger.
+        self._var_bits = (dim * dim << 30).bit_length()
+        self._eps_bits = nx.LN_EPS_BITS
+        # var_n = (D*S2 - S1**2) + eps_int < 2**var_bits + 2**eps_bits.
+        self._sqrt_width = max(self._var_bits, self._eps_bits) + 1
+        self._root_width = (self._sqrt_width + 1) // 2
+
+        if recip_bits_per_cycle is None:
+            for k in range(1, 5):
+                recip_bits_per_cycle = k
+                if max(self._engine_periods(k)) <= self._beats:
+                    break
+        self._k = recip_bits_per_cycle
+
+        self._recip_latency = sum(self._engine_periods(self._k))
+        self._depth = self._beats + self._recip_latency + _STATS_OVERHEAD
+
+        super().__init__({
+            "i": In(stream.Signature(data.ArrayLayout(signed(nx.RES_BITS), lanes))),
+            "o": Out(stream.Signature(data.ArrayLayout(signed(nx.ACT_BITS), lanes))),
+            "param": In(stream.Signature(data.StructLayout({
+                "addr": range(self._beats),
+                "gamma": data.ArrayLayout(signed(nx.LN_GAMMA_BITS), lanes),
+                "beta": data.ArrayLayout(signed(nx.LN_BETA_BITS), lanes),
+                "eps": unsigned(self._eps_bits),
+                "shift": unsigned(SHIFT_BITS),
+            }))),
+            "busy": Out(1),
+        })
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """Build the unit for an accelerator config (reads ``config.model.dim``, ``config.ln_lanes``)."""
+        return cls(dim=_config_value(config, "model.dim"), lanes=_config_value(config, "ln_lanes"),
+                   **kwargs)
+
+    def _engine_periods(self, k):
+        # Mirrors ISqrt.period and Divider.period (= their latencies) without building the engines.
+        return (-(-self._root_width // k) + 1, -(-(nx.LN_INV_BITS + 1) // k) + 1)
+
+    dim = property(lambda self: self._dim)
+    lanes = property(lambda self: self._lanes)
+    row_beats = property(lambda self: self._beats, doc="Beats per row, ``dim // lanes``.")
+    eps_bits = property(lambda self: self._eps_bits, doc="Width of ``eps_int`` (unsigned).")
+    recip_bits_per_cycle = property(lambda self: self._k)
+    buffer_depth = property(lambda self: self._depth, doc="Row buffer depth in beats.")
+    recip_latency = property(lambda self: self._recip_latency,
+                             doc="ISqrt + Divider latency in cycles.")
+
+    @property
+    def row_latency(self):
+        """Cycles from the transfer of a row's last input beat to its first output beat, unstalled."""
+        # 5 cycles to the ISqrt operand, 1 to the first read, 5 through the normalize pipeline.
+        return self._recip_latency + 11
+
+    @property
+    def min_row_beats(self):
+        """Smallest ``dim // lanes`` at which the unit sustains one beat per cycle."""
+        return max(self._engine_periods(self._k))
+
+    def elaborate(self, platform):
+        m = Module()
+        D, L, R = self._dim, self._lanes, self._beats
+        k = self._k
+
+        s1_shape = _signed_for(D << 15)                 # S1 = sum of D int16 values
+        s2_shape = unsigned((D << 30).bit_length())    # S2 <= D * 2**30
+        # |D*x - S1| <= (D - 1) * 65535 < D * 65535.
+        a_shape = _signed_for(D * 65535)
+        inv_width = nx.LN_INV_BITS + 1                 # inv = 2**32 // den, den >= 1
+        # Bound on P = (D*x - S1) * inv, which lets the product be kept narrow. The deviations a_c sum
+        # to zero and sum(a_c**2) = D*V, with V = D*S2 - S1**2, so |a_c| <= sqrt((D-1)*V). When V >= 1,
+        # den >= isqrt(V) > sqrt(V) - 1, so sqrt(V) < 2*den. Together with inv <= 2**32/den this gives
+        # |P| < 2*sqrt(D-1) * 2**32. When V = 0, every a_c = 0. This holds for every eps_int >= 0.
+        p_bound = (2 * (math.isqrt(max(D - 1, 0)) + 1)) << nx.LN_INV_BITS
+        p_shape = _signed_for(p_bound)
+        z_shift = nx.LN_INV_BITS - nx.LN_Z_FRAC
+        z_shape = _signed_for((p_bound >> z_shift) + 1)
+        m_shape = _signed_for(((p_bound >> z_shift) + 1) * (1 << (nx.LN_GAMMA_BITS - 1))
+                              + (1 << (nx.LN_BETA_BITS - 1)))
+
+        # ---- storage ----------------------------------------------------------------------------
+        m.submodules.rowbuf = rowbuf = Memory(shape=data.ArrayLayout(signed(nx.RES_BITS), L),
+                                              depth=self._depth, init=[])
+        buf_w = rowbuf.write_port()
+        buf_r = rowbuf.read_port()
+        param_layout = data.StructLayout({
+            "gamma": data.ArrayLayout(signed(nx.LN_GAMMA_BITS), L),
+            "beta": data.ArrayLayout(signed(nx.LN_BETA_BITS), L),
+        })
+        m.submodules.params = params = Memory(shape=param_layout, depth=R, init=[])
+        par_w = params.write_port()
+        par_r = params.read_port()
+        eps = Signal(self._eps_bits)
+        shift = Signal(SHIFT_BITS)
+
+        # ---- flow control / bookkeeping ---------------------------------------------------------
+        count = Signal(range(self._depth + 1))          # beats written, not yet read back
+        wr_ptr = Signal(range(self._depth))
+        rd_ptr = Signal(range(self._depth))
+        in_beat = Signal(range(R))
+        in_flight = Signal(range(self._depth + 4))      # rows accepted and not yet fully emitted
+        m.d.comb += self.busy.eq(in_flight != 0)
+
+        param_go = self.param.valid & ~self.busy
+        m.d.comb += self.param.ready.eq(~self.busy)
+        with m.If(param_go):
+            m.d.sync += [eps.eq(self.param.payload.eps), shift.eq(self.param.payload.shift)]
+        m.d.comb += [
+            par_w.addr.eq(self.param.payload.addr),
+            par_w.data.gamma.eq(self.param.payload.gamma),
+            par_w.data.beta.eq(self.param.payload.beta),
+            par_w.en.eq(param_go),
+        ]
+
+        # ---- statistics pass --------------------------------------------------------------------
+        # Three stages: register the beat, reduce it across lanes (sum and sum of squares), and
+        # accumulate. They all advance together and stall only when a finished row's sums cannot leave.
+        st_adv = Signal()
+        sv1, slast1 = Signal(), Signal()
+        sx1 = Signal.like(self.i.payload)
+        sv2, slast2 = Signal(), Signal()
+        b1 = Signal(s1_shape)
+        b2 = Signal(s2_shape)
+        acc1 = Signal(s1_shape)
+        acc2 = Signal(s2_shape)
+        res_valid = Signal()
+        res_s1 = Signal(s1_shape)
+        res_s2 = Signal(s2_shape)
+        res_take = Signal()
+
+        m.d.comb += st_adv.eq(~(sv2 & slast2 & res_valid & ~res_take))
+        in_go = Signal()
+        m.d.comb += [
+            self.i.ready.eq(st_adv & (count < self._depth) & ~param_go),
+            in_go.eq(self.i.valid & self.i.ready),
+            buf_w.addr.eq(wr_ptr),
+            buf_w.data.eq(self.i.payload),
+            buf_w.en.eq(in_go),
+        ]
+        with m.If(in_go):
+            m.d.sync += [
+                wr_ptr.eq(Mux(wr_ptr == self._depth - 1, 0, wr_ptr + 1)),
+                in_beat.eq(Mux(in_beat == R - 1, 0, in_beat + 1)),
+            ]
+        with m.If(st_adv):
+            m.d.sync += [sv1.eq(in_go), slast1.eq(in_beat == R - 1), sx1.eq(self.i.payload)]
+            m.d.sync += [
+                sv2.eq(sv1), slast2.eq(slast1),
+                b1.eq(sum(sx1[j] for j in range(L))),
+                b2.eq(sum(sx1[j] * sx1[j] for j in range(L))),
+            ]
+            with m.If(sv2):
+                with m.If(slast2):
+                    m.d.sync += [res_s1.eq(acc1 + b1), res_s2.eq(acc2 + b2), acc1.eq(0), acc2.eq(0)]
+                with m.Else():
+                    m.d.sync += [acc1.eq(acc1 + b1), acc2.eq(acc2 + b2)]
+        with m.If(st_adv & sv2 & slast2):
+            m.d.sync += res_valid.eq(1)
+        with m.Elif(res_take):
+            m.d.sync += res_valid.eq(0)
+
+        # ---- var_n, then isqrt -> divide -------------------------------------------------------
+        # S1 waits in a FIFO for its row's reciprocal. The FIFO holds more rows than can be in the
+        # var_n/isqrt/divide chain at once, so it never throttles the chain.
+        m.submodules.s1_fifo = s1_fifo = fifo.SyncFIFO(width=s1_shape.width, depth=8)
+        m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k)
+        m.submodules.div = div = Divider(inv_width, self._root_width, inv_width, bits_per_cycle=k)
+
+        # var_n takes two stages: the constant multiply D*S2 and the square S1**2 are the wide
+        # products, and the subtraction gets its own cycle.
+        va_valid, vb_valid = Signal(), Signal()
+        va_ds2 = Signal(unsigned(self._sqrt_width))
+        va_sq = Signal(unsigned(2 * s1_shape.width))
+        vb = Signal(self._sqrt_width)
+        v_adv = ~vb_valid | isq.i.ready
+        m.d.comb += [
+            res_take.eq(res_valid & s1_fifo.w_rdy & v_adv),
+            s1_fifo.w_en.eq(res_take),
+            s1_fifo.w_data.eq(res_s1),
+        ]
+        with m.If(v_adv):
+            m.d.sync += [
+                va_valid.eq(res_take),
+                va_ds2.eq(res_s2 * D + eps),
+                va_sq.eq(res_s1 * res_s1),
+                vb_valid.eq(va_valid),
+                # >= 0 mathematically (Cauchy-Schwarz); the true value fits in sqrt_width bits.
+                vb.eq(va_ds2 - va_sq),
+            ]
+        root = isq.o.payload.root
+        m.d.comb += [
+            isq.i.valid.eq(vb_valid),
+            isq.i.payload.eq(vb),
+            div.i.valid.eq(isq.o.valid),
+            div.i.payload.dividend.eq(1 << nx.LN_INV_BITS),
+            div.i.payload.divisor.eq(Mux(root == 0, 1, root)),     # den = max(1, isqrt(var_n))
+            isq.o.ready.eq(div.i.ready),
+        ]
+
+        # ---- normalize pass ---------------------------------------------------------------------
+        # A five-stage pipeline that advances as a whole: (1) buffer/param read, (2) a = D*x - S1,
+        # (3) P = a * inv, (4) z and z*gamma + beta, (5) the output register. It stalls only when the
+        # output register is full and o.ready is low.
+        v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal()
+        last1, last2, last3, last4, last5 = Signal(), Signal(), Signal(), Signal(), Signal()
+        adv = ~self.o.valid | self.o.ready
+
+        row_active = Signal()
+        out_beat = Signal(range(R))
+        cur_s1 = Signal(s1_shape)
+        cur_inv = Signal(inv_width)
+        issue = adv & row_active
+        issue_last = issue & (out_beat == R - 1)
+        # A row's reciprocal only exists once all of its beats have been written, so issuing never
+        # has to check the buffer level.
+        load = (~row_active | issue_last) & div.o.valid & s1_fifo.r_rdy
+        m.d.comb += [div.o.ready.eq(load), s1_fifo.r_en.eq(load)]
+        with m.If(load):
+            m.d.sync += [cur_s1.eq(s1_fifo.r_data.as_signed()), cur_inv.eq(div.o.payload.quotient),
+                         row_active.eq(1)]
+        with m.Elif(issue_last):
+            m.d.sync += row_active.eq(0)
+        with m.If(issue):
+            m.d.sync += [
+                out_beat.eq(Mux(out_beat == R - 1, 0, out_beat + 1)),
+                rd_ptr.eq(Mux(rd_ptr == self._depth - 1, 0, rd_ptr + 1)),
+            ]
+        m.d.comb += [
+            buf_r.addr.eq(rd_ptr), buf_r.en.eq(adv),
+            par_r.addr.eq(out_beat), par_r.en.eq(adv),
+        ]
+        m.d.sync += count.eq(count + in_go - issue)
+
+        s1_1 = Signal(s1_shape)
+        inv_1, inv_2 = Signal(inv_width), Signal(inv_width)
+        a2 = Signal(data.ArrayLayout(a_shape, L))
+        p3 = Signal(data.ArrayLayout(p_shape, L))
+        m4 = Signal(data.ArrayLayout(m_shape, L))
+        par_2 = Signal(param_layout)
+        par_3 = Signal(param_layout)
+        with m.If(adv):
+            m.d.sync += [
+                v1.eq(issue), last1.eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_1.eq(cur_inv),
+                v2.eq(v1), last2.eq(last1), inv_2.eq(inv_1), par_2.eq(par_r.data),
+                v3.eq(v2), last3.eq(last2), par_3.eq(par_2),
+                v4.eq(v3), last4.eq(last3),
+                self.o.valid.eq(v4), last5.eq(last4),
+            ]
+            for j in range(L):
+                a = buf_r.data[j] * D - s1_1
+                p = a2[j] * inv_2
+                # round_shift(P, 22) = ((P >> 21) + 1) >> 1: round half up with no wide constant.
+                z = (((p3[j] >> (z_shift - 1)) + 1) >> 1)[:z_shape.width].as_signed()
+                mv = m4[j]
+                # round_shift(m, s): s = 0 is the identity, else ((m >> (s-1)) + 1) >> 1. Shifts past
+                # the width give 0 or -1 before the +1, hence 0, as the golden model does.
+                rs = Mux(shift == 0, mv, ((mv >> (shift - 1)[:SHIFT_BITS]) + 1) >> 1)
+                lo, hi = nx.int_range(nx.ACT_BITS)
+                m.d.sync += [
+                    a2[j].eq(a),
+                    p3[j].eq(p[:p_shape.width].as_signed()),     # |P| < p_bound, see above
+                    m4[j].eq(z * par_3.gamma[j] + par_3.beta[j]),
+                    self.o.payload[j].eq(Mux(rs > hi, hi, Mux(rs < lo, lo, rs))),
+                ]
+
+        out_last_go = self.o.valid & self.o.ready & last5
+        in_first_go = in_go & (in_beat == 0)
+        m.d.sync += in_flight.eq(in_flight + in_first_go - out_last_go)
+        return m

@@ -1,0 +1,522 @@
+"""Streaming integer softmax for attention rows and router rows, sharing one exp datapath.
+
+Bit-exact with ``reference/golden.py``: ``attention_weights`` and ``attention_recip`` in attention mode,
+``router_probs`` in router mode. Both modes use the same base-2 exponent ``softmax_exp``::
+
+    t = ((max(row) - s) * c_mult) >> c_shift
+    e16 = exp2_lut[t & 255] >> (t >> 8)     or 0 when t >> 8 >= EXP_ZERO_INT
+
+Each row takes three passes, and consecutive rows overlap:
+
+1. **Max pass.** Score beats stream in and are written to a circular *score buffer*, while the row
+   maximum is reduced across lanes and beats.
+2. **Exp pass.** The row is read back. The unit computes e16 per lane and writes it to a circular
+   *exp buffer*, while it accumulates the row sum: ``l = sum(e8)`` for attention, ``sum(e16)`` for the
+   router. The sum then goes through one sequential :class:`~m3vit_hw.divider.Divider`:
+   ``floor(out_mult * 2**AV_RECIP_BITS / l)`` (attention) or ``floor(2**ROUTER_RECIP_BITS / sum)``
+   (router).
+3. **Output pass.** The exp row is read back and emitted. Attention emits
+   ``e8 = min(255, round_shift(e16, 7))``; the router emits ``p = round_shift(e16 * R, 16)``.
+
+The buffers are circular FIFOs of beats, sized for a row of ``max_length`` plus the lag of the pass that
+reads them. The max pass of row i+1 therefore runs while the exp and output passes of rows i, i-1, ...
+are still in progress.
+"""
+
+from amaranth import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, fifo, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from . import numerics as nx
+from .divider import Divider
+
+__all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "SHIFT_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
+
+#: Width of the per-command row count.
+ROWS_BITS = 16
+#: ``c_shift`` is in [0, SHIFT_MAX].
+SHIFT_BITS = nx.SHIFT_MAX.bit_length()
+#: Output lanes carry e8 (<= 255) or a Q0.ROUTER_P_FRAC probability (<= 2**ROUTER_P_FRAC inclusive).
+OUT_BITS = nx.ROUTER_P_FRAC + 1
+#: Largest supported ``max_length`` (the sums and buffers scale with it).
+MAX_LENGTH = 1 << 16
+
+_E8_MAX = (1 << nx.ATTN_P_BITS) - 1
+_E16_ONE = 1 << nx.EXP_LUT_BITS                 # e16 of the row maximum
+# The row sum's lower bound: the row maximum alone contributes 255 (e8) or 2**15 (e16).
+# Quotient widths follow from these bounds.
+_ATTN_RECIP_MAX = (((1 << nx.AV_OUT_MULT_BITS) - 1) << nx.AV_RECIP_BITS) // _E8_MAX
+_ROUTER_RECIP_MAX = (1 << nx.ROUTER_RECIP_BITS) // _E16_ONE
+#: Width of the per-row divider quotient ``o.payload.recip``. The attention multiplier needs 25 bits:
+#: ``(2**16 - 1) * 2**16 // 255`` is just above ``2**24``.
+RECIP_BITS = max(_ATTN_RECIP_MAX, _ROUTER_RECIP_MAX).bit_length()
+_DIVIDEND_BITS = max(nx.AV_OUT_MULT_BITS + nx.AV_RECIP_BITS, nx.ROUTER_RECIP_BITS + 1)
+
+# Slack, in beats, between a pass's reader and writer, beyond the row itself:
+# score buffer: the exp pass's first read of a row comes 4 cycles after the row's last write, and a
+# write needs a free slot, so a row needs 5 slots beyond its own; 3 more are margin.
+_SCORE_SLACK = 8
+# exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
+# pass reads it, 7 cycles plus the divider latency after the row's last reservation. A reservation
+# needs a free slot, so a row needs 8 slots beyond its own and the divider period; 2 more are margin.
+_EXP_SLACK = 10
+# Rows that may wait between passes: row descriptors (max pass -> exp pass) and row sums
+# (exp pass -> divider). Short rows (the router's E experts) need several in flight.
+_QUEUE_DEPTH = 4
+
+
+class SoftmaxMode(enum.Enum, shape=1):
+    """What a command's rows are."""
+    #: Score rows -> unnormalised e8 weights, the row sum l and the AV multiplier.
+    ATTENTION = 0
+    #: Gate-logit rows -> Q0.15 probabilities.
+    ROUTER = 1
+
+
+def _check_positive(name, value, maximum=None):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive integer, not {value!r}")
+    if value < 1 or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be in [1, {maximum}], not {value}" if maximum is not None
+                         else f"{name} must be a positive integer, not {value}")
+
+
+def _config_value(config, path):
+    """``config.<path>`` with an error that names the missing field."""
+    value = config
+    for part in path.split("."):
+        if not hasattr(value, part):
+            raise TypeError(f"config must have a {path!r} field, not {config!r}")
+        value = getattr(value, part)
+    return value
+
+
+def _incr(ptr, depth):
+    return Mux(ptr == depth - 1, 0, ptr + 1)
+
+
+class SoftmaxUnit(wiring.Component):
+    """Row softmax for attention scores and router logits, ``lanes`` elements per beat.
+
+    Parameters
+    ----------
+    lanes : int
+        Elements per beat on ``i`` and ``o``, >= 1.
+    max_length : int
+        Longest row, in [1, 65536]: the token capacity for attention rows, and at least the expert
+        count for router rows. It sizes the buffers.
+    div_bits_per_cycle : int or None
+        Quotient bits per cycle of the per-row divider, in [1, 8]. ``None`` picks the smallest value
+        in [1, 4] whose divider period fits in the beats of a ``max_length`` row (4 if none does).
+
+    Interface attributes
+    --------------------
+    cmd : In(stream.Signature(StructLayout({...})))
+        Commands, each covering ``rows`` consecutive rows, with fields:
+
+        * ``mode`` (:class:`SoftmaxMode`): attention or router;
+        * ``length`` (``unsigned``): elements per row, in [1, max_length]. A larger value is clamped
+          to ``max_length`` (a row that does not fit in the score buffer would deadlock). Length 0 is
+          not allowed.
+        * ``rows`` (``unsigned(ROWS_BITS)``): number of rows (0 makes the command a no-op);
+        * ``c_mult`` (``unsigned(SOFTMAX_MULT_BITS)``) and ``c_shift`` (``unsigned(SHIFT_BITS)``): the
+          exponent scale of ``softmax_exp``;
+        * ``out_mult`` (``unsigned(AV_OUT_MULT_BITS)``): the AV numerator of ``attention_recip``
+          (ignored for router rows).
+
+        A command is accepted as soon as the previous one has taken its last input beat.
+    i : In(stream.Signature(ArrayLayout(signed(ACC_BITS), lanes)))
+        Row elements. A row of ``length`` elements is ``ceil(length / lanes)`` beats. Lane ``j`` of
+        beat ``b`` is element ``b * lanes + j``. The lanes past the end of the row, in its last beat,
+        are ignored.
+    o : Out(stream.Signature(StructLayout({...})))
+        Results, beat for beat in the order of ``i``, with fields:
+
+        * ``data`` (``ArrayLayout(unsigned(OUT_BITS), lanes)``): e8 weights (attention) or Q0.15
+          probabilities (router). Lanes past the end of the row read 0.
+        * ``last`` (1 bit): set on a row's last beat.
+        * ``row_sum`` (``unsigned``): on the last beat, ``l = sum(e8)`` (attention) or ``sum(e16)``
+          (router); otherwise 0.
+        * ``recip`` (``unsigned(RECIP_BITS)``): on the last beat,
+          ``attention_recip(l, out_mult)`` (attention) or ``R = floor(2**31 / sum(e16))`` (router);
+          otherwise 0.
+
+    Throughput
+    ----------
+    One beat per cycle in and out, sustained across rows and commands, for rows of at least
+    :attr:`min_row_beats` beats (the divider period). There is no per-row bubble in any pass. A row's
+    last beat may be partial, so the element rate is ``length / ceil(length / lanes)`` per cycle.
+    Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
+    From the last input beat of a row to its first output beat, the latency is
+    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 13`` plus the divider
+    period.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a parameter outside the ranges above.
+    """
+
+    def __init__(self, lanes, max_length, *, div_bits_per_cycle=None):
+        _check_positive("lanes", lanes)
+        _check_positive("max_length", max_length, MAX_LENGTH)
+        if div_bits_per_cycle is not None:
+            if not isinstance(div_bits_per_cycle, int) or isinstance(div_bits_per_cycle, bool):
+                raise TypeError("div_bits_per_cycle must be an integer or None, "
+                                f"not {div_bits_per_cycle!r}")
+            if not 1 <= div_bits_per_cycle <= 8:
+                raise ValueError(f"div_bits_per_cycle must be in [1, 8], not {div_bits_per_cycle}")
+        self._lanes = lanes
+        self._max_length = max_length
+        self._max_beats = -(-max_length // lanes)
+        if div_bits_per_cycle is None:
+            for k in range(1, 5):
+                div_bits_per_cycle = k
+                if self._div_period(k) <= self._max_beats:
+                    break
+        self._k = div_bits_per_cycle
+        self._sum_bits = (_E16_ONE * max_length).bit_length()
+        self._s_depth = self._max_beats + _SCORE_SLACK
+        self._e_depth = self._max_beats + self._div_period(self._k) + _EXP_SLACK
+
+        super().__init__({
+            "cmd": In(stream.Signature(data.StructLayout({
+                "mode": SoftmaxMode,
+                "length": unsigned(max_length.bit_length()),
+                "rows": unsigned(ROWS_BITS),
+                "c_mult": unsigned(nx.SOFTMAX_MULT_BITS),
+                "c_shift": unsigned(SHIFT_BITS),
+                "out_mult": unsigned(nx.AV_OUT_MULT_BITS),
+            }))),
+            "i": In(stream.Signature(data.ArrayLayout(signed(nx.ACC_BITS), lanes))),
+            "o": Out(stream.Signature(data.StructLayout({
+                "data": data.ArrayLayout(unsigned(OUT_BITS), lanes),
+                "last": unsigned(1),
+                "row_sum": unsigned(self._sum_bits),
+                "recip": unsigned(RECIP_BITS),
+            }))),
+        })
+
+    @classmethod
+    def from_config(cls, config, **kwargs):
+        """Build the unit for an accelerator config: ``lanes = config.softmax_lanes`` and
+        ``max_length = max(config.token_capacity, config.model.experts)``."""
+        return cls(lanes=_config_value(config, "softmax_lanes"),
+                   max_length=max(_config_value(config, "token_capacity"),
+                                  _config_value(config, "model.experts")),
+                   **kwargs)
+
+    @staticmethod
+    def _div_period(k):
+        # Mirrors Divider.period without building one.
+        return -(-RECIP_BITS // k) + 1
+
+    lanes = property(lambda self: self._lanes)
+    max_length = property(lambda self: self._max_length)
+    div_bits_per_cycle = property(lambda self: self._k)
+    sum_bits = property(lambda self: self._sum_bits, doc="Width of ``o.payload.row_sum``.")
+    score_buffer_depth = property(lambda self: self._s_depth, doc="Score buffer depth in beats.")
+    exp_buffer_depth = property(lambda self: self._e_depth, doc="Exp buffer depth in beats.")
+
+    @property
+    def min_row_beats(self):
+        """Shortest row, in beats, that still runs at one beat per cycle (the divider period)."""
+        return self._div_period(self._k)
+
+    def row_latency(self, length):
+        """Cycles from the last input beat of a row of ``length`` elements to its first output beat,
+        when nothing stalls."""
+        # 3 cycles for the max to reach the exp pass and 1 to its first read, then the row's reads.
+        # Then 5 cycles through the exp pipeline into the sum queue, 1 cycle into the divider, the
+        # divider itself, and 3 cycles from the output pass's first read to ``o``.
+        return -(-length // self._lanes) + 13 + self._div_period(self._k)
+
+    def elaborate(self, platform):
+        m = Module()
+        L = self._lanes
+        len_shape = unsigned(self._max_length.bit_length())
+        sum_shape = unsigned(self._sum_bits)
+        score = signed(nx.ACC_BITS)
+        e16_shape = unsigned(nx.EXP_OUT_BITS)
+        lane_idx = range(L)
+
+        # Row parameters that travel from the max pass to the exp pass.
+        desc_layout = data.StructLayout({
+            "max": score, "mode": SoftmaxMode, "length": len_shape,
+            "c_mult": unsigned(nx.SOFTMAX_MULT_BITS), "c_shift": unsigned(SHIFT_BITS),
+            "out_mult": unsigned(nx.AV_OUT_MULT_BITS),
+        })
+        # ... and from the exp pass to the divider and the output pass.
+        sum_layout = data.StructLayout({
+            "sum": sum_shape, "mode": SoftmaxMode, "length": len_shape,
+            "out_mult": unsigned(nx.AV_OUT_MULT_BITS),
+        })
+        side_layout = data.StructLayout({"sum": sum_shape, "mode": SoftmaxMode, "length": len_shape})
+
+        m.submodules.scores = scores = Memory(shape=data.ArrayLayout(score, L), depth=self._s_depth, init=[])
+        s_w, s_r = scores.write_port(), scores.read_port()
+        m.submodules.exps = exps = Memory(shape=data.ArrayLayout(e16_shape, L), depth=self._e_depth, init=[])
+        x_w, x_r = exps.write_port(), exps.read_port()
+        m.submodules.desc_fifo = desc_fifo = fifo.SyncFIFO(width=desc_layout.size, depth=_QUEUE_DEPTH)
+        m.submodules.sum_fifo = sum_fifo = fifo.SyncFIFO(width=sum_layout.size, depth=_QUEUE_DEPTH)
+        # One row in the divider plus one waiting at its output.
+        m.submodules.side_fifo = side_fifo = fifo.SyncFIFO(width=side_layout.size, depth=2)
+        m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k)
+
+        def lane_mask(left):
+            # Lane j of a beat holds an element of the row iff j < elements left in the row.
+            return Cat(*(left > j for j in lane_idx))
+
+        # ---- pass 1: command, input, max ----------------------------------------------------------
+        cur = Signal(self.cmd.payload.shape())          # the active command
+        cmd_active = Signal()
+        rows_left = Signal(ROWS_BITS)
+        left1 = Signal(len_shape)                       # elements of the current row not yet accepted
+        first1 = Signal(init=1)                         # the next accepted beat starts a row
+        s_count = Signal(range(self._s_depth + 1))
+        s_wr, s_rd = Signal(range(self._s_depth)), Signal(range(self._s_depth))
+        rows1 = Signal(range(_QUEUE_DEPTH + 1))        # rows started in pass 1, descriptor not yet popped
+
+        row_len = Mux(cur.length > self._max_length, self._max_length, cur.length)
+        left_now = Mux(first1, row_len, left1)
+        last_beat = left_now <= L
+        in_ok = cmd_active & (s_count < self._s_depth) & (~first1 | (rows1 < _QUEUE_DEPTH))
+        in_go = Signal()
+        m.d.comb += [self.i.ready.eq(in_ok), in_go.eq(self.i.valid & in_ok)]
+        cmd_done = in_go & last_beat & (rows_left == 1)
+        m.d.comb += self.cmd.ready.eq(~cmd_active | cmd_done)
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += [cur.eq(self.cmd.payload), rows_left.eq(self.cmd.payload.rows),
+                         cmd_active.eq(self.cmd.payload.rows != 0)]
+        with m.Elif(cmd_done):
+            m.d.sync += cmd_active.eq(0)
+        with m.If(in_go):
+            m.d.sync += [
+                left1.eq(left_now - L), first1.eq(last_beat),
+                s_wr.eq(_incr(s_wr, self._s_depth)),
+            ]
+            with m.If(last_beat & (rows_left != 1)):
+                m.d.sync += rows_left.eq(rows_left - 1)
+        m.d.comb += [s_w.addr.eq(s_wr), s_w.data.eq(self.i.payload), s_w.en.eq(in_go)]
+
+        # Two stages: register the beat, reduce it across lanes; then fold into the running max.
+        mv1, mlast1, mfirst1 = Signal(), Signal(), Signal()
+        mx1 = Signal.like(self.i.payload)
+        mmask1 = Signal(L)
+        mdesc1 = Signal(desc_layout)
+        mv2, mlast2, mfirst2 = Signal(), Signal(), Signal()
+        bmax2 = Signal(score)
+        mdesc2 = Signal(desc_layout)
+        run_max = Signal(score)
+        m.d.sync += [
+            mv1.eq(in_go), mlast1.eq(last_beat), mfirst1.eq(first1), mx1.eq(self.i.payload),
+            mmask1.eq(lane_mask(left_now)),
+            mdesc1.mode.eq(cur.mode), mdesc1.length.eq(row_len), mdesc1.c_mult.eq(cur.c_mult),
+            mdesc1.c_shift.eq(cur.c_shift), mdesc1.out_mult.eq(cur.out_mult),
+        ]
+        # Pairwise max tree. Each node is its own signal: a node is used twice (compare and select),
+        # and inlining that into one expression would double the expression size at every level.
+        lo = -(1 << (nx.ACC_BITS - 1))
+        level = [Mux(mmask1[j], mx1[j], lo) for j in lane_idx]
+        while len(level) > 1:
+            nxt = []
+            for a, b in zip(level[0::2], level[1::2]):
+                node = Signal(score)
+                m.d.comb += node.eq(Mux(b > a, b, a))
+                nxt.append(node)
+            level = nxt + level[len(level) & ~1:]
+        bmax = level[0]
+        m.d.sync += [mv2.eq(mv1), mlast2.eq(mlast1), mfirst2.eq(mfirst1), bmax2.eq(bmax),
+                     mdesc2.eq(mdesc1)]
+        new_max = Mux(mfirst2 | (bmax2 > run_max), bmax2, run_max)
+        with m.If(mv2):
+            m.d.sync += run_max.eq(new_max)
+        desc_in = Signal(desc_layout)
+        m.d.comb += [
+            desc_in.eq(mdesc2), desc_in.max.eq(new_max),
+            desc_fifo.w_data.eq(desc_in), desc_fifo.w_en.eq(mv2 & mlast2),   # room is reserved by rows1
+        ]
+
+        # ---- pass 2: exp and row sum --------------------------------------------------------------
+        d2 = Signal(desc_layout)
+        active2 = Signal()
+        left2 = Signal(len_shape)
+        x_count = Signal(range(self._e_depth + 1))      # exp-buffer slots reserved or filled
+        x_wr, x_rd = Signal(range(self._e_depth)), Signal(range(self._e_depth))
+        rows2 = Signal(range(_QUEUE_DEPTH + 1))        # rows started in pass 2, sum not yet divided
+
+        issue2 = active2 & (x_count < self._e_depth)
+        last2 = left2 <= L
+        issue2_last = issue2 & last2
+        load2 = (~active2 | issue2_last) & desc_fifo.r_rdy & (rows2 < _QUEUE_DEPTH)
+        desc_out = data.View(desc_layout, desc_fifo.r_data)
+        m.d.comb += desc_fifo.r_en.eq(load2)
+        with m.If(load2):
+            m.d.sync += [d2.eq(desc_out), left2.eq(desc_out.length), active2.eq(1)]
+        with m.Elif(issue2_last):
+            m.d.sync += active2.eq(0)
+        with m.If(issue2):
+            m.d.sync += [s_rd.eq(_incr(s_rd, self._s_depth))]
+            with m.If(~load2):
+                m.d.sync += left2.eq(left2 - L)
+        m.d.comb += [s_r.addr.eq(s_rd), s_r.en.eq(1)]
+
+        # Stage c1: scores arrive; distance to the row max (>= 0, < 2**32).
+        c1v, c1last = Signal(), Signal()
+        c1mask = Signal(L)
+        c1d = Signal(desc_layout)
+        m.d.sync += [c1v.eq(issue2), c1last.eq(last2), c1mask.eq(lane_mask(left2)), c1d.eq(d2)]
+        # Stage c2: d = max - s.
+        c2v, c2last = Signal(), Signal()
+        c2mask = Signal(L)
+        c2d = Signal(desc_layout)
+        dist = Signal(data.ArrayLayout(unsigned(nx.ACC_BITS), L))
+        m.d.sync += [c2v.eq(c1v), c2last.eq(c1last), c2mask.eq(c1mask), c2d.eq(c1d)]
+        for j in lane_idx:
+            m.d.sync += dist[j].eq((c1d.max - s_r.data[j])[:nx.ACC_BITS])
+        # Stage c3: P = d * c_mult, the log2 distance before the shift (48 bits).
+        c3v, c3last = Signal(), Signal()
+        c3mask = Signal(L)
+        c3d = Signal(desc_layout)
+        prod = Signal(data.ArrayLayout(unsigned(nx.ACC_BITS + nx.SOFTMAX_MULT_BITS), L))
+        m.d.sync += [c3v.eq(c2v), c3last.eq(c2last), c3mask.eq(c2mask), c3d.eq(c2d)]
+        for j in lane_idx:
+            m.d.sync += prod[j].eq(dist[j] * c2d.c_mult)
+        # Stage c4: t = P >> c_shift (a floor shift). The ROM is read with the fraction; the integer
+        # part and the "shifted out completely" flag wait one cycle for the ROM data.
+        m.submodules.lut = lut = Memory(shape=e16_shape, depth=1 << nx.EXP_FRAC_BITS,
+                                        init=[int(v) for v in nx.exp2_lut()])
+        c4v, c4last = Signal(), Signal()
+        c4mode = Signal(SoftmaxMode)
+        c4zero = Signal(L)
+        c4int = Signal(data.ArrayLayout(unsigned(4), L))
+        c4sum = Signal(sum_layout)
+        rom = []
+        int_bits = (nx.EXP_ZERO_INT - 1).bit_length()
+        for j in lane_idx:
+            port = lut.read_port()
+            rom.append(port)
+            t = prod[j] >> c3d.c_shift
+            m.d.comb += [port.addr.eq(t[:nx.EXP_FRAC_BITS]), port.en.eq(1)]
+            m.d.sync += [
+                c4int[j].eq(t[nx.EXP_FRAC_BITS:nx.EXP_FRAC_BITS + int_bits]),
+                # i >= EXP_ZERO_INT (= 16): every ROM bit is shifted out. Padding lanes are 0 too.
+                c4zero[j].eq((t >> (nx.EXP_FRAC_BITS + int_bits)).any() | ~c3mask[j]),
+            ]
+        m.d.sync += [c4v.eq(c3v), c4last.eq(c3last), c4mode.eq(c3d.mode),
+                     c4sum.mode.eq(c3d.mode), c4sum.length.eq(c3d.length),
+                     c4sum.out_mult.eq(c3d.out_mult)]
+        # Stage c5: e16 = lut[f] >> i; written to the exp buffer; the beat's share of the row sum.
+        c5v, c5last = Signal(), Signal()
+        c5sum = Signal(sum_layout)
+        c5part = Signal(sum_shape)
+        e16 = [Mux(c4zero[j], 0, rom[j].data >> c4int[j]) for j in lane_idx]
+        e8 = [Mux(e >= _E16_ONE - (1 << 6), _E8_MAX, (e + (1 << 6)) >> 7) for e in e16]
+        m.d.comb += [x_w.addr.eq(x_wr), x_w.en.eq(c4v)]
+        for j in lane_idx:
+            m.d.comb += x_w.data[j].eq(e16[j])
+        with m.If(c4v):
+            m.d.sync += x_wr.eq(_incr(x_wr, self._e_depth))
+        m.d.sync += [
+            c5v.eq(c4v), c5last.eq(c4last), c5sum.eq(c4sum),
+            c5part.eq(Mux(c4mode == SoftmaxMode.ATTENTION, sum(e8), sum(e16))),
+        ]
+        # Stage c6: accumulate; the first beat of a row restarts the sum.
+        acc = Signal(sum_shape)
+        c6first = Signal(init=1)
+        total = Mux(c6first, 0, acc) + c5part
+        with m.If(c5v):
+            m.d.sync += [acc.eq(total), c6first.eq(c5last)]
+        sum_in = Signal(sum_layout)
+        m.d.comb += [
+            sum_in.eq(c5sum), sum_in.sum.eq(total),
+            sum_fifo.w_data.eq(sum_in), sum_fifo.w_en.eq(c5v & c5last),     # room is reserved by rows2
+        ]
+
+        # ---- divider ------------------------------------------------------------------------------
+        sum_out = data.View(sum_layout, sum_fifo.r_data)
+        div_go = Signal()
+        m.d.comb += [
+            div.i.valid.eq(sum_fifo.r_rdy & side_fifo.w_rdy),
+            div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,
+                                          sum_out.out_mult << nx.AV_RECIP_BITS,
+                                          1 << nx.ROUTER_RECIP_BITS)),
+            div.i.payload.divisor.eq(sum_out.sum),
+            div_go.eq(div.i.valid & div.i.ready),
+            sum_fifo.r_en.eq(div_go),
+            side_fifo.w_en.eq(div_go),
+        ]
+        side_in = Signal(side_layout)
+        m.d.comb += [side_in.sum.eq(sum_out.sum), side_in.mode.eq(sum_out.mode),
+                     side_in.length.eq(sum_out.length), side_fifo.w_data.eq(side_in)]
+
+        # ---- pass 3: output ----------------------------------------------------------------------
+        side_out = data.View(side_layout, side_fifo.r_data)
+        active3 = Signal()
+        left3 = Signal(len_shape)
+        mode3 = Signal(SoftmaxMode)
+        sum3 = Signal(sum_shape)
+        recip3 = Signal(RECIP_BITS)
+        adv = ~self.o.valid | self.o.ready
+        issue3 = adv & active3
+        last3 = left3 <= L
+        issue3_last = issue3 & last3
+        # A row's sum exists only after all its e16 beats were written: issuing needs no level check.
+        load3 = (~active3 | issue3_last) & div.o.valid & side_fifo.r_rdy
+        m.d.comb += [div.o.ready.eq(load3), side_fifo.r_en.eq(load3)]
+        with m.If(load3):
+            m.d.sync += [active3.eq(1), left3.eq(side_out.length), mode3.eq(side_out.mode),
+                         sum3.eq(side_out.sum), recip3.eq(div.o.payload.quotient)]
+        with m.Elif(issue3_last):
+            m.d.sync += active3.eq(0)
+        with m.If(issue3):
+            m.d.sync += x_rd.eq(_incr(x_rd, self._e_depth))
+            with m.If(~load3):
+                m.d.sync += left3.eq(left3 - L)
+        m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(adv)]
+        m.d.sync += [
+            rows1.eq(rows1 + (in_go & first1) - load2),
+            rows2.eq(rows2 + load2 - div_go),
+            s_count.eq(s_count + in_go - issue2),
+            x_count.eq(x_count + issue2 - issue3),
+        ]
+
+        # Stage q1: the row's parameters, aligned with the e16 beat that the buffer read returns.
+        q1v, q1last = Signal(), Signal()
+        q1mask = Signal(L)
+        q1mode = Signal(SoftmaxMode)
+        q1sum = Signal(sum_shape)
+        q1recip = Signal(RECIP_BITS)
+        with m.If(adv):
+            m.d.sync += [q1v.eq(issue3), q1last.eq(last3), q1mask.eq(lane_mask(left3)),
+                         q1mode.eq(mode3), q1sum.eq(sum3), q1recip.eq(recip3)]
+        # Stage q2: e8, or the router product e16 * R (<= 2**31 because e16 <= sum).
+        q2v, q2last = Signal(), Signal()
+        q2mask = Signal(L)
+        q2mode = Signal(SoftmaxMode)
+        q2sum = Signal(sum_shape)
+        q2recip = Signal(RECIP_BITS)
+        q2val = Signal(data.ArrayLayout(unsigned(nx.ROUTER_RECIP_BITS + 1), L))
+        with m.If(adv):
+            m.d.sync += [q2v.eq(q1v), q2last.eq(q1last), q2mask.eq(q1mask),
+                         q2mode.eq(q1mode), q2sum.eq(q1sum), q2recip.eq(q1recip)]
+            for j in lane_idx:
+                e = x_r.data[j]
+                e8 = Mux(e >= _E16_ONE - (1 << 6), _E8_MAX, (e + (1 << 6)) >> 7)
+                router_prod = e * q1recip[:_ROUTER_RECIP_MAX.bit_length()]
+                m.d.sync += q2val[j].eq(Mux(q1mode == SoftmaxMode.ATTENTION, e8, router_prod))
+        # Stage q3: the output register. The router probability is round_shift(e16 * R, 16).
+        p_shift = nx.ROUTER_RECIP_BITS - nx.ROUTER_P_FRAC
+        with m.If(adv):
+            m.d.sync += [
+                self.o.valid.eq(q2v),
+                self.o.payload.last.eq(q2last),
+                self.o.payload.row_sum.eq(Mux(q2last, q2sum, 0)),
+                self.o.payload.recip.eq(Mux(q2last, q2recip, 0)),
+            ]
+            for j in lane_idx:
+                prob = ((q2val[j] >> (p_shift - 1)) + 1) >> 1
+                val = Mux(q2mode == SoftmaxMode.ATTENTION, q2val[j], prob)
+                m.d.sync += self.o.payload.data[j].eq(Mux(q2mask[j], val, 0))
+        return m
