@@ -1,0 +1,486 @@
+"""``AcceleratorConfig``: the one object that describes an accelerator instance.
+
+Everything that has a size reads it from here: the RTL generators (PE array shape, port and address
+widths, buffer depths, command field widths), the compiler (buffer capacities, tile shapes), the build
+report and the tests. Integer *formats* (operand, accumulator, residual widths) are not repeated here:
+they come from :mod:`m3vit_hw.numerics` and are only exposed as read-only properties, so there is one
+source of truth per fact.
+
+The config is validated when it is built, before anything is elaborated: a bad value raises
+:class:`TypeError` or :class:`ValueError` naming the parameter, the value and the allowed range.
+
+Buffers
+-------
+All on-chip buffers that the GEMM engine reads or writes are organised in *words* of one PE-array
+column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm_engine.GemmEngine` for the exact layouts).
+
+``act_buffer_bytes``
+    The int8 activation scratch buffer (LayerNorm outputs, Q/K/V, attention context, MLP hidden tiles).
+    It must hold at least ``token_capacity * (2 * dim + 3 * head_dim)`` bytes: the normalised input of
+    a sub-layer and the concatenated attention context of every token (both live while the heads run),
+    plus one head's Q, K and V.
+``weight_buffer_bytes``
+    The double-buffered weight buffer, *both halves together*. Its size does not depend on the number
+    of experts: one expert (or one tile of a large expert) streams into one half while the engine
+    computes from the other. Each half must hold at least one *weight panel* (``largest_weight_k *
+    pe_cols`` bytes): the engine computes an output tile over the full K from one resident panel.
+    The default holds one whole expert per half.
+``res_buffer_bytes`` (derived)
+    The int16 residual stream, ``token_capacity x dim`` (rows padded to whole words). It is never
+    tiled: the residual stream stays on chip for the whole frame.
+``param_buffer_words``
+    Per-output-column epilogue parameters (int32 bias + multiplier), one word per column tile,
+    double-buffered like the weights.
+"""
+
+from dataclasses import dataclass, fields, replace
+
+from . import numerics as nx
+from .model_config import PRESETS as MODEL_PRESETS
+from .model_config import ModelConfig
+
+__all__ = ["AcceleratorConfig", "ACCEL_PRESETS"]
+
+
+#: Accelerator-side defaults per model preset (the model itself comes from ``model_config.PRESETS``).
+#: W1 uses Edge-MoE's 16x16 array; W2 is 10x the work, so it gets a 32x32 array (1024 of the
+#: xczu7ev's 1728 DSP48E2s, leaving room for the epilogue multipliers).
+ACCEL_PRESETS = {
+    "vit-tiny-cityscapes": dict(pe_rows=16, pe_cols=16),
+    "vit-small-nyud": dict(pe_rows=32, pe_cols=32),
+    # Test presets: a 4x4 array, so simulations stay small.
+    "tiny": dict(pe_rows=4, pe_cols=4),
+    "tiny-task-embedding": dict(pe_rows=4, pe_cols=4),
+}
+
+#: Largest magnitude of one product: int8 x int8 peaks at (-128)(-128); unsigned attention weights
+#: (e8 <= 255) times int8 peak at 255 * 128 (negative side).
+_SIGNED_PRODUCT_MAX = 1 << (nx.ACT_BITS - 1 + nx.WEIGHT_BITS - 1)
+_UNSIGNED_PRODUCT_MAX = ((1 << nx.ATTN_P_BITS) - 1) * (1 << (nx.WEIGHT_BITS - 1))
+
+
+#: Which model quantity sets each GEMM's K (named in the accumulator-overflow error).
+_K_SOURCE = {
+    "patch_embed": "patch_dim", "qkv": "dim", "qk": "head_dim", "proj": "dim", "fc1": "dim",
+    "fc2": "mlp_hidden", "gate": "gate_in_dim", "expert_fc1": "dim", "expert_fc2": "expert_hidden",
+    "task_fc1": "num_tasks", "task_fc2": "task_embed_dim",
+}
+
+
+#: Fields whose ``None`` default is derived from the others in ``__post_init__``.
+_DERIVED_FIELDS = ("token_capacity", "ln_lanes", "softmax_lanes", "act_buffer_bytes",
+                   "weight_buffer_bytes", "param_buffer_words", "q_tile")
+
+
+def _bits_for(n):
+    """Bits of an unsigned field holding 0 .. n (at least 1)."""
+    return max(1, int(n).bit_length())
+
+
+def _addr_bits(depth):
+    """Address bits of a memory with ``depth`` words (at least 1)."""
+    return max(1, (int(depth) - 1).bit_length())
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _check_int(name, value, minimum, maximum=None):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        raise ValueError(f"{name} must be in {bound}, not {value}")
+
+
+@dataclass(frozen=True)
+class AcceleratorConfig:
+    """One accelerator instance: the model it runs, the PE array, buffers and clock.
+
+    Parameters
+    ----------
+    model : ModelConfig
+        The M³ViT encoder this instance runs (dims, heads, experts, top-k, tasks).
+    pe_rows, pe_cols : int
+        PE array shape; peak throughput is ``pe_rows * pe_cols`` int8 MACs per cycle. ``pe_cols`` is
+        also the lane count of the epilogue and the element count of one buffer word. The GEMM engine
+        sustains full rate when ``pe_rows <= pe_cols`` (see :class:`~m3vit_hw.gemm_engine.GemmEngine`).
+    token_capacity : int or None
+        Most tokens held on chip; at least ``model.tokens``. Default: ``model.tokens``.
+    ln_lanes, softmax_lanes : int or None
+        Elements per cycle of the LayerNorm and softmax units. Default: ``pe_cols`` (one output row
+        chunk of the GEMM engine per cycle).
+    act_buffer_bytes : int or None
+        Size of the int8 activation buffer; a multiple of ``pe_cols``. Default: the minimum (see the
+        module docstring), rounded up to whole words.
+    weight_buffer_bytes : int or None
+        Size of the double-buffered weight buffer, both halves together; a multiple of
+        ``2 * pe_cols``. Default: each half holds one whole expert (fc1 + fc2 at int8, 144 KiB for W1:
+        the same weight count as Edge-MoE's 2 x 288 KiB of 16-bit weights), or one weight panel if
+        that is larger.
+    param_buffer_words : int or None
+        Words of the column-parameter buffer (one word = bias and multiplier of ``pe_cols`` output
+        columns). Default: twice the column tiles of the widest set of GEMMs sharing one weight fill
+        (qkv + proj, fc1 + fc2, one expert's fc1 + fc2, or the gate).
+    q_tile : int or None
+        Query rows per attention tile, in ``[1, token_capacity]``. Default: ``min(pe_rows,
+        token_capacity)`` (one PE-array row tile, so the score tile never needs re-tiling).
+    clock_mhz : int or float
+        Clock frequency used in reports (``(0, 1000]``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        On any parameter outside its range, naming the parameter, the value and the range. This
+        includes a model whose largest GEMM reduction could overflow the ``ACC_BITS`` accumulator.
+    """
+
+    model: ModelConfig
+    pe_rows: int = 16
+    pe_cols: int = 16
+    token_capacity: int = None
+    ln_lanes: int = None
+    softmax_lanes: int = None
+    act_buffer_bytes: int = None
+    weight_buffer_bytes: int = None
+    param_buffer_words: int = None
+    q_tile: int = None
+    clock_mhz: float = 300
+
+    def __post_init__(self):
+        # Remember which sizes were derived, so that with_() derives them again from the new values.
+        object.__setattr__(self, "_derived", frozenset(
+            name for name in _DERIVED_FIELDS if getattr(self, name) is None))
+        if not isinstance(self.model, ModelConfig):
+            raise TypeError(f"model must be a ModelConfig, not {self.model!r}")
+        m = self.model
+        _check_int("pe_rows", self.pe_rows, 1, 256)
+        _check_int("pe_cols", self.pe_cols, 1, 256)
+
+        if self.token_capacity is None:
+            self._set("token_capacity", m.tokens)
+        _check_int("token_capacity", self.token_capacity, m.tokens)
+
+        # The accumulator check comes before the buffer checks: it is the one that says the model
+        # cannot run on this datapath at all, whatever the buffers.
+        self._check_accumulator()
+
+        for name in ("ln_lanes", "softmax_lanes"):
+            if getattr(self, name) is None:
+                self._set(name, self.pe_cols)
+            _check_int(name, getattr(self, name), 1, 1024)
+
+        if self.q_tile is None:
+            self._set("q_tile", min(self.pe_rows, self.token_capacity))
+        _check_int("q_tile", self.q_tile, 1, self.token_capacity)
+
+        word = self.act_word_bytes
+        act_min = self.act_buffer_min_bytes
+        if self.act_buffer_bytes is None:
+            self._set("act_buffer_bytes", _ceil_div(act_min, word) * word)
+        _check_int("act_buffer_bytes", self.act_buffer_bytes, 1)
+        if self.act_buffer_bytes < act_min:
+            raise ValueError(
+                f"act_buffer_bytes must be >= {act_min} (token_capacity={self.token_capacity} x "
+                f"(2*dim + 3*head_dim) = {self.token_capacity} x {2 * m.dim + 3 * m.head_dim} int8: "
+                f"the normalised input and the attention context of every token plus one head's "
+                f"Q, K, V), not {self.act_buffer_bytes}")
+        if self.act_buffer_bytes % word:
+            raise ValueError(f"act_buffer_bytes must be a multiple of the {word}-byte buffer word "
+                             f"(pe_cols int8), not {self.act_buffer_bytes}")
+
+        panel = self.weight_panel_bytes
+        if self.weight_buffer_bytes is None:
+            half = max(panel, self.expert_weight_bytes)
+            self._set("weight_buffer_bytes", 2 * _ceil_div(half, word) * word)
+        _check_int("weight_buffer_bytes", self.weight_buffer_bytes, 2)
+        if self.weight_buffer_bytes % (2 * word):
+            raise ValueError(f"weight_buffer_bytes must be a multiple of {2 * word} (two halves of "
+                             f"whole {word}-byte words), not {self.weight_buffer_bytes}")
+        if self.weight_buffer_bytes // 2 < panel:
+            raise ValueError(
+                f"weight_buffer_bytes must be >= {2 * panel} (each half must hold one weight panel of "
+                f"largest_weight_k={self.largest_weight_k} x pe_cols={self.pe_cols} int8 = {panel} "
+                f"bytes), not {self.weight_buffer_bytes}")
+
+        if self.param_buffer_words is None:
+            self._set("param_buffer_words", self._default_param_words())
+        _check_int("param_buffer_words", self.param_buffer_words, 1)
+
+        if (isinstance(self.clock_mhz, bool) or not isinstance(self.clock_mhz, (int, float))
+                or not 0 < self.clock_mhz <= 1000):
+            raise ValueError(f"clock_mhz must be a number in (0, 1000], not {self.clock_mhz!r}")
+
+    def _set(self, name, value):
+        object.__setattr__(self, name, value)
+
+    def _check_accumulator(self):
+        worst, what, param = self.worst_case_acc
+        limit = (1 << (nx.ACC_BITS - 1)) - 1
+        if worst > limit:
+            raise ValueError(
+                f"{param} makes the {what} overflow the {nx.ACC_BITS}-bit accumulator: worst-case "
+                f"|sum| {worst} > {limit}; the largest K allowed is "
+                f"{limit // _SIGNED_PRODUCT_MAX} (int8 x int8) or "
+                f"{limit // _UNSIGNED_PRODUCT_MAX} (uint8 x int8)")
+
+    def _default_param_words(self):
+        m = self.model
+        c = self.pe_cols
+        tiles = max(_ceil_div(3 * m.dim, c) + _ceil_div(m.dim, c),
+                    _ceil_div(m.mlp_hidden, c) + _ceil_div(m.dim, c),
+                    _ceil_div(m.expert_hidden, c) + _ceil_div(m.dim, c),
+                    _ceil_div(m.experts, c))
+        return 2 * tiles
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """An instance for a named workload preset, with optional overrides.
+
+        ``name`` is a key of :data:`m3vit_hw.model_config.PRESETS` (``"vit-tiny-cityscapes"`` = W1,
+        ``"vit-small-nyud"`` = W2, ``"tiny"``, ...). ``overrides`` may name accelerator fields
+        (``pe_rows=8``) or model fields (``experts=64``); the latter are applied to the model.
+        """
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(MODEL_PRESETS)}, not {name!r}")
+        accel_fields = {f.name for f in fields(cls)} - {"model"}
+        model_fields = {f.name for f in fields(ModelConfig)}
+        accel = dict(ACCEL_PRESETS.get(name, {}))
+        model_changes = {}
+        for key, value in overrides.items():
+            if key in accel_fields:
+                accel[key] = value
+            elif key in model_fields:
+                model_changes[key] = value
+            else:
+                raise TypeError(f"from_preset() got an unknown override {key!r}; allowed: "
+                                f"{sorted(accel_fields | model_fields)}")
+        model = MODEL_PRESETS[name]
+        if model_changes:
+            model = model.with_(**model_changes)
+        return cls(model=model, **accel)
+
+    def with_(self, **changes):
+        """A copy with some fields changed (validated again).
+
+        Sizes that were derived (left at ``None``) are derived again from the changed values; sizes
+        that were given explicitly are kept unless changed.
+        """
+        for name in self._derived:
+            changes.setdefault(name, None)
+        return replace(self, **changes)
+
+    # -- formats (from numerics; read-only views) ----------------------------------------------
+
+    @property
+    def act_bits(self):
+        return nx.ACT_BITS
+
+    @property
+    def weight_bits(self):
+        return nx.WEIGHT_BITS
+
+    @property
+    def acc_bits(self):
+        return nx.ACC_BITS
+
+    @property
+    def res_bits(self):
+        return nx.RES_BITS
+
+    # -- compute -------------------------------------------------------------------------------
+
+    @property
+    def macs_per_cycle(self):
+        """Peak int8 MACs per cycle of the PE array."""
+        return self.pe_rows * self.pe_cols
+
+    @property
+    def peak_gmacs(self):
+        """Peak GMAC/s at ``clock_mhz``."""
+        return self.macs_per_cycle * self.clock_mhz / 1000
+
+    @property
+    def gemm_k_list(self):
+        """``{gemm name: K}`` for every GEMM of the model (signed int8 A unless noted)."""
+        m = self.model
+        ks = {
+            "patch_embed": m.patch_dim,
+            "qkv": m.dim,
+            "qk": m.head_dim,
+            "av (uint8 A)": self.token_capacity,
+            "proj": m.dim,
+            "fc1": m.dim,
+            "fc2": m.mlp_hidden,
+            "gate": m.gate_in_dim,
+            "expert_fc1": m.dim,
+            "expert_fc2": m.expert_hidden,
+        }
+        if m.router == "task_embedding":
+            ks["task_fc1"] = m.num_tasks
+            ks["task_fc2"] = m.task_embed_dim
+        return ks
+
+    @property
+    def largest_k(self):
+        """Largest reduction length of any GEMM (including AV, whose K is the token count)."""
+        return max(self.gemm_k_list.values())
+
+    @property
+    def largest_signed_k(self):
+        """Largest K of the int8 x int8 GEMMs (all but AV)."""
+        return max(k for name, k in self.gemm_k_list.items() if name != "av (uint8 A)")
+
+    @property
+    def largest_weight_k(self):
+        """Largest K of the GEMMs whose B operand comes from the weight buffer."""
+        return max(k for name, k in self.gemm_k_list.items() if name not in ("qk", "av (uint8 A)"))
+
+    @property
+    def largest_n(self):
+        """Largest output width N of any GEMM."""
+        m = self.model
+        task = m.task_embed_dim if m.router == "task_embedding" else 1
+        return max(3 * m.dim, m.mlp_hidden, m.expert_hidden, m.dim, m.experts, self.token_capacity, task)
+
+    @property
+    def largest_m(self):
+        """Largest M (rows of A) of any GEMM: every token."""
+        return self.token_capacity
+
+    @property
+    def worst_case_acc(self):
+        """``(|sum| bound, what, parameter)`` of the worst accumulator magnitude of any GEMM."""
+        signed = _SIGNED_PRODUCT_MAX * self.largest_signed_k
+        unsigned = _UNSIGNED_PRODUCT_MAX * self.token_capacity
+        if unsigned >= signed:
+            return (unsigned, f"AV product (K = token_capacity = {self.token_capacity}, uint8 x int8)",
+                    f"token_capacity={self.token_capacity}")
+        k = self.largest_signed_k
+        name = next(n for n, v in self.gemm_k_list.items() if v == k)
+        return signed, f"{name} GEMM (K = {k}, int8 x int8)", f"model.{_K_SOURCE[name]}={k}"
+
+    # -- buffers -------------------------------------------------------------------------------
+
+    @property
+    def act_word_lanes(self):
+        """Elements per word of the activation, residual and weight buffers (= ``pe_cols``)."""
+        return self.pe_cols
+
+    @property
+    def act_word_bytes(self):
+        return self.pe_cols * nx.ACT_BITS // 8
+
+    @property
+    def act_buffer_min_bytes(self):
+        """Smallest legal ``act_buffer_bytes`` (see the module docstring for what it holds)."""
+        m = self.model
+        return self.token_capacity * (2 * m.dim + 3 * m.head_dim) * nx.ACT_BITS // 8
+
+    @property
+    def act_buffer_words(self):
+        return self.act_buffer_bytes // self.act_word_bytes
+
+    @property
+    def act_addr_bits(self):
+        return _addr_bits(self.act_buffer_words)
+
+    @property
+    def row_words(self):
+        """Words per ``dim``-wide token row (activation or residual)."""
+        return _ceil_div(self.model.dim, self.pe_cols)
+
+    @property
+    def res_buffer_words(self):
+        return self.token_capacity * self.row_words
+
+    @property
+    def res_buffer_bytes(self):
+        return self.res_buffer_words * self.pe_cols * nx.RES_BITS // 8
+
+    @property
+    def res_addr_bits(self):
+        return _addr_bits(self.res_buffer_words)
+
+    @property
+    def weight_panel_bytes(self):
+        """One weight panel: ``largest_weight_k`` rows of ``pe_cols`` int8 weights."""
+        return self.largest_weight_k * self.pe_cols * nx.WEIGHT_BITS // 8
+
+    @property
+    def expert_weight_bytes(self):
+        """int8 weights of one expert (htoh4 and h4toh)."""
+        m = self.model
+        return 2 * m.dim * m.expert_hidden * nx.WEIGHT_BITS // 8
+
+    @property
+    def weight_buffer_half_bytes(self):
+        return self.weight_buffer_bytes // 2
+
+    @property
+    def weight_buffer_words(self):
+        return self.weight_buffer_bytes // (self.pe_cols * nx.WEIGHT_BITS // 8)
+
+    @property
+    def weight_addr_bits(self):
+        return _addr_bits(self.weight_buffer_words)
+
+    @property
+    def b_addr_bits(self):
+        """Address bits of the GEMM engine's B port: one more than either buffer needs; the MSB
+        selects the activation buffer (QKᵀ, AV) over the weight buffer."""
+        return 1 + max(self.weight_addr_bits, self.act_addr_bits)
+
+    @property
+    def param_addr_bits(self):
+        return _addr_bits(self.param_buffer_words)
+
+    @property
+    def rowtab_entries(self):
+        """Entries of a row table (token queue): every token routed to ``top_k`` experts."""
+        return self.token_capacity * self.model.top_k
+
+    @property
+    def rowtab_addr_bits(self):
+        return _addr_bits(self.rowtab_entries)
+
+    @property
+    def token_bits(self):
+        return _bits_for(self.token_capacity - 1)
+
+    @property
+    def dst_addr_bits(self):
+        """Address bits of a GEMM destination (activation or residual buffer, or a stream index)."""
+        return max(self.act_addr_bits, self.res_addr_bits)
+
+    # -- reports -------------------------------------------------------------------------------
+
+    def describe(self):
+        """A readable multi-line summary of the instance."""
+        m = self.model
+        kib = 1024
+        worst, what, _ = self.worst_case_acc
+        lines = [
+            f"accelerator for {m.name}: D={m.dim}, {m.heads} heads (head_dim {m.head_dim}), "
+            f"{m.depth} blocks, {m.experts} experts (h={m.expert_hidden}, top-{m.top_k}), "
+            f"{m.num_tasks} tasks, {m.tokens} tokens",
+            f"  PE array        {self.pe_rows} x {self.pe_cols} = {self.macs_per_cycle} MAC/cycle "
+            f"(int{nx.ACT_BITS}/uint{nx.ATTN_P_BITS} x int{nx.WEIGHT_BITS} -> int{nx.ACC_BITS}), "
+            f"{self.peak_gmacs:.1f} GMAC/s at {self.clock_mhz} MHz",
+            f"  largest K       {self.largest_k} (worst |acc| {worst} < 2^{nx.ACC_BITS - 1}, {what})",
+            f"  token capacity  {self.token_capacity}, q_tile {self.q_tile}",
+            f"  act buffer      {self.act_buffer_bytes / kib:.1f} KiB "
+            f"({self.act_buffer_words} x {self.act_word_bytes} B words)",
+            f"  residual buffer {self.res_buffer_bytes / kib:.1f} KiB "
+            f"({self.res_buffer_words} x {self.pe_cols * nx.RES_BITS // 8} B words)",
+            f"  weight buffer   {self.weight_buffer_bytes / kib:.1f} KiB = 2 x "
+            f"{self.weight_buffer_half_bytes / kib:.1f} KiB (panel {self.weight_panel_bytes} B)",
+            f"  param buffer    {self.param_buffer_words} words (bias+mult of {self.pe_cols} columns)",
+            f"  LN lanes {self.ln_lanes}, softmax lanes {self.softmax_lanes}",
+            f"  encoder work    {m.macs_per_frame() / 1e9:.3f} GMAC/frame -> "
+            f"{m.macs_per_frame() / self.macs_per_cycle / self.clock_mhz / 1e3:.2f} ms at peak",
+        ]
+        return "\n".join(lines)

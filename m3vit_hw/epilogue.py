@@ -1,0 +1,301 @@
+"""GEMM epilogue: what happens to each finished output row chunk of the PE array.
+
+The epilogue is a pipeline with one stage per concern, each a component of its own file:
+
+1. :class:`~m3vit_hw.requantizer.Requantizer` (``golden.requantize``): bias add and requantization
+   with a per-column multiplier, or the per-row multiplier of the AV product
+   (``golden.attention_normalize``), or a raw int32 bypass;
+2. :class:`~m3vit_hw.gelu.GeluStage` (``golden.gelu``): optional 256-entry table;
+3. :class:`~m3vit_hw.residual.ResidualStage` (``golden.residual_add``, ``golden.moe_combine``):
+   read-modify-write of the int16 residual row at the (possibly scattered) destination;
+4. the sink: int8 results are written to the activation buffer, raw results leave on the ``o`` stream.
+
+A beat is one ``lanes``-wide chunk of one output row (``lanes`` = PE columns). The GEMM command's
+:class:`EpilogueMode` says which stages act:
+
+=========  ==========================================================  ========================
+mode       result (``golden``)                                         destination
+=========  ==========================================================  ========================
+RAW        ``acc`` (int32: attention scores, router logits)            ``o`` stream
+ACT8       ``requantize(acc, bias, mult, shift, 8)``                   activation buffer
+GELU8      ``gelu(requantize(acc, bias, mult, shift, 8), lut)``        activation buffer
+ATTN8      ``attention_normalize(acc, row_scale, shift)``              activation buffer
+RES16      ``requantize(acc, bias, mult, shift, 16)``                  residual buffer (write)
+RESADD     ``residual_add(res, requantize(..., 16))``                  residual buffer (RMW)
+COMBINE    ``moe_combine(res, requantize(..., 16), row_scale)``        residual buffer (RMW)
+=========  ==========================================================  ========================
+
+For ATTN8, ``shift`` is the golden ``out_shift``; the epilogue adds ``AV_RECIP_BITS`` (so
+``shift <= SHIFT_MAX - AV_RECIP_BITS``) and uses ``row_scale`` (the row's reciprocal) as the multiplier
+of every lane, with no bias. For COMBINE, ``row_scale`` is the row's Q0.15 combine weight.
+"""
+
+from amaranth.hdl import Module, Mux, signed, unsigned
+from amaranth.lib import data, enum, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from . import numerics as nx
+from .gelu import GeluStage
+from .requantizer import Requantizer, check_lanes
+from .residual import WEIGHT_BITS as COMBINE_WEIGHT_BITS
+from .residual import ResidualStage, ResOp
+
+__all__ = ["Epilogue", "EpilogueMode", "EpilogueInLayout", "StreamOutLayout", "LATENCY"]
+
+
+class EpilogueMode(enum.Enum, shape=3):
+    """What the epilogue computes for a GEMM (see the module docstring)."""
+    RAW = 0
+    ACT8 = 1
+    GELU8 = 2
+    ATTN8 = 3
+    RES16 = 4
+    RESADD = 5
+    COMBINE = 6
+
+
+class _Sink(enum.Enum, shape=2):
+    NONE = 0
+    ACT = 1
+    STREAM = 2
+
+
+#: Cycles from an accepted input beat to its write / output beat (no stalls).
+LATENCY = Requantizer.LATENCY + GeluStage.LATENCY + ResidualStage.LATENCY
+
+
+class EpilogueInLayout(data.StructLayout):
+    """One output row chunk entering the epilogue.
+
+    Fields
+    ------
+    acc : ArrayLayout(signed(ACC_BITS), lanes)
+    bias : ArrayLayout(signed(BIAS_BITS), lanes)
+        Per-column bias (ignored by RAW and ATTN8).
+    mult : ArrayLayout(unsigned(MULT_BITS), lanes)
+        Per-column multiplier (ignored by RAW and ATTN8).
+    row_scale : unsigned(MULT_BITS)
+        ATTN8: the row's reciprocal multiplier; COMBINE: the row's Q0.15 combine weight.
+    shift : range(SHIFT_MAX + 1)
+        Requantization shift (ATTN8: ``out_shift``).
+    mode : EpilogueMode
+    addr : unsigned(addr_width)
+        Destination word (activation or residual buffer), or the index passed on ``o``.
+    mask : unsigned(lanes)
+        Valid lanes (bit ``j`` = lane ``j``); only these are written.
+    last : 1
+        Last beat of the GEMM: ``done`` pulses when it has been written.
+    """
+
+    def __init__(self, lanes, addr_width):
+        super().__init__({
+            "acc": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
+            "bias": data.ArrayLayout(signed(nx.BIAS_BITS), lanes),
+            "mult": data.ArrayLayout(unsigned(nx.MULT_BITS), lanes),
+            "row_scale": unsigned(nx.MULT_BITS),
+            "shift": range(nx.SHIFT_MAX + 1),
+            "mode": EpilogueMode,
+            "addr": unsigned(addr_width),
+            "mask": unsigned(lanes),
+            "last": 1,
+        })
+
+
+class StreamOutLayout(data.StructLayout):
+    """A RAW result beat on the ``o`` stream: ``data`` (int32 lanes), ``addr`` (the destination
+    word the command's addressing gives this chunk), ``mask`` (valid lanes), ``last`` (of the GEMM)."""
+
+    def __init__(self, lanes, addr_width):
+        super().__init__({
+            "data": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
+            "addr": unsigned(addr_width),
+            "mask": unsigned(lanes),
+            "last": 1,
+        })
+
+
+def _check_width(name, value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive integer, not {value!r}")
+    if not 1 <= value <= 32:
+        raise ValueError(f"{name} must be in [1, 32], not {value}")
+
+
+class Epilogue(wiring.Component):
+    """The GEMM epilogue pipeline (requantize, GELU, residual update, sink).
+
+    Parameters
+    ----------
+    lanes : int
+        Elements per beat (PE columns), in ``[1, 256]``.
+    act_addr_width : int
+        Address bits of the activation buffer (int8 words of ``lanes`` elements).
+    res_addr_width : int
+        Address bits of the residual buffer (int16 words of ``lanes`` elements).
+
+    Interface attributes
+    --------------------
+    i : In(stream.Signature(EpilogueInLayout(lanes, max(act_addr_width, res_addr_width))))
+        Row chunks. ``i.ready`` depends combinationally on ``o.ready`` (only RAW beats can be held
+        up by it) and drops for at most 2 cycles when a residual read-modify-write must wait for an
+        earlier write to the same word.
+    o : Out(stream.Signature(StreamOutLayout(lanes, addr_width)))
+        RAW results, in order.
+    act_wr : In(memory.WritePort.Signature(act_addr_width, ArrayLayout(signed(8), lanes), granularity=1))
+        Activation-buffer write port (ACT8, GELU8, ATTN8).
+    res_rd, res_wr : residual-buffer ports, see :class:`~m3vit_hw.residual.ResidualStage`.
+    gelu_lut : Out(memory.WritePort.Signature(8, signed(8)))
+        GELU table write port, see :class:`~m3vit_hw.gelu.GeluStage`.
+    done : Out(1)
+        Pulses for one cycle when the ``last`` beat has been written (or transferred on ``o``).
+    busy : Out(1)
+        A beat is inside the epilogue.
+
+    Latency and throughput
+    ----------------------
+    :data:`LATENCY` (6) cycles from input to write, one beat per cycle.
+    """
+
+    def __init__(self, lanes, act_addr_width, res_addr_width):
+        try:
+            check_lanes(lanes)
+            _check_width("act_addr_width", act_addr_width)
+            _check_width("res_addr_width", res_addr_width)
+        except (TypeError, ValueError):
+            self._MustUse__silence = True
+            raise
+        self._lanes = lanes
+        self._act_aw = act_addr_width
+        self._res_aw = res_addr_width
+        self._aw = max(act_addr_width, res_addr_width)
+        super().__init__({
+            "i": In(stream.Signature(EpilogueInLayout(lanes, self._aw))),
+            "o": Out(stream.Signature(StreamOutLayout(lanes, self._aw))),
+            "act_wr": In(memory.WritePort.Signature(
+                addr_width=act_addr_width, shape=data.ArrayLayout(signed(nx.ACT_BITS), lanes),
+                granularity=1)),
+            "res_rd": In(memory.ReadPort.Signature(
+                addr_width=res_addr_width, shape=data.ArrayLayout(signed(nx.RES_BITS), lanes))),
+            "res_wr": In(memory.WritePort.Signature(
+                addr_width=res_addr_width, shape=data.ArrayLayout(signed(nx.RES_BITS), lanes),
+                granularity=1)),
+            "gelu_lut": Out(memory.WritePort.Signature(addr_width=nx.ACT_BITS, shape=signed(nx.ACT_BITS))),
+            "done": Out(1),
+            "busy": Out(1),
+        })
+
+    @property
+    def lanes(self):
+        return self._lanes
+
+    @property
+    def addr_width(self):
+        return self._aw
+
+    def elaborate(self, platform):
+        m = Module()
+        L, aw = self._lanes, self._aw
+
+        after_res = data.StructLayout({"sink": _Sink, "last": 1})
+        after_gelu = data.StructLayout({
+            "op": ResOp, "weight": unsigned(COMBINE_WEIGHT_BITS), "addr": unsigned(aw),
+            "mask": unsigned(L), "rest": after_res})
+        after_rq = data.StructLayout({"gelu": 1, "rest": after_gelu})
+
+        m.submodules.requant = rq = Requantizer(L, after_rq)
+        m.submodules.gelu = ge = GeluStage(L, after_gelu)
+        # The residual stage carries the full destination address (activation-buffer addresses
+        # pass through it too); only its memory ports are narrowed to the residual buffer.
+        m.submodules.residual = rs = ResidualStage(L, aw, after_res)
+
+        # Mode decode. One shared datapath; the mode only steers operands and destinations.
+        p = self.i.payload
+        mode = p.mode
+        is_attn = mode == EpilogueMode.ATTN8
+        is_res = (mode == EpilogueMode.RES16) | (mode == EpilogueMode.RESADD) | (mode == EpilogueMode.COMBINE)
+        attn_shift = p.shift + nx.AV_RECIP_BITS
+        m.d.comb += [
+            rq.i.valid.eq(self.i.valid),
+            self.i.ready.eq(rq.i.ready),
+            rq.i.payload.raw.eq(mode == EpilogueMode.RAW),
+            rq.i.payload.out16.eq(is_res),
+            rq.i.payload.shift.eq(Mux(is_attn, Mux(attn_shift > nx.SHIFT_MAX, nx.SHIFT_MAX, attn_shift),
+                                      p.shift)),
+            rq.i.payload.meta.gelu.eq(mode == EpilogueMode.GELU8),
+            rq.i.payload.meta.rest.weight.eq(p.row_scale[:COMBINE_WEIGHT_BITS]),
+            rq.i.payload.meta.rest.addr.eq(p.addr),
+            rq.i.payload.meta.rest.mask.eq(p.mask),
+            rq.i.payload.meta.rest.rest.last.eq(p.last),
+        ]
+        for j in range(L):
+            m.d.comb += [
+                rq.i.payload.acc[j].eq(p.acc[j]),
+                rq.i.payload.bias[j].eq(Mux(is_attn, 0, p.bias[j])),
+                rq.i.payload.mult[j].eq(Mux(is_attn, p.row_scale, p.mult[j])),
+            ]
+        with m.Switch(mode):
+            with m.Case(EpilogueMode.RES16):
+                m.d.comb += rq.i.payload.meta.rest.op.eq(ResOp.WRITE)
+            with m.Case(EpilogueMode.RESADD):
+                m.d.comb += rq.i.payload.meta.rest.op.eq(ResOp.ADD)
+            with m.Case(EpilogueMode.COMBINE):
+                m.d.comb += rq.i.payload.meta.rest.op.eq(ResOp.COMBINE)
+            with m.Default():
+                m.d.comb += rq.i.payload.meta.rest.op.eq(ResOp.PASS)
+        with m.Switch(mode):
+            with m.Case(EpilogueMode.RAW):
+                m.d.comb += rq.i.payload.meta.rest.rest.sink.eq(_Sink.STREAM)
+            with m.Case(EpilogueMode.ACT8, EpilogueMode.GELU8, EpilogueMode.ATTN8):
+                m.d.comb += rq.i.payload.meta.rest.rest.sink.eq(_Sink.ACT)
+            with m.Default():
+                m.d.comb += rq.i.payload.meta.rest.rest.sink.eq(_Sink.NONE)
+
+        # Requantizer -> GELU -> residual: the stage controls peel off the side data.
+        m.d.comb += [
+            ge.i.valid.eq(rq.o.valid),
+            rq.o.ready.eq(ge.i.ready),
+            ge.i.payload.data.eq(rq.o.payload.data),
+            ge.i.payload.enable.eq(rq.o.payload.meta.gelu),
+            ge.i.payload.meta.eq(rq.o.payload.meta.rest),
+        ]
+        wiring.connect(m, ge.lut, wiring.flipped(self.gelu_lut))
+
+        gm = ge.o.payload.meta
+        m.d.comb += [
+            rs.i.valid.eq(ge.o.valid),
+            ge.o.ready.eq(rs.i.ready),
+            rs.i.payload.data.eq(ge.o.payload.data),
+            rs.i.payload.op.eq(gm.op),
+            rs.i.payload.weight.eq(gm.weight),
+            rs.i.payload.addr.eq(gm.addr),
+            rs.i.payload.mask.eq(gm.mask),
+            rs.i.payload.meta.eq(gm.rest),
+        ]
+        m.d.comb += [
+            self.res_rd.addr.eq(rs.rd.addr[:self._res_aw]),
+            self.res_rd.en.eq(rs.rd.en),
+            rs.rd.data.eq(self.res_rd.data),
+            self.res_wr.addr.eq(rs.wr.addr[:self._res_aw]),
+            self.res_wr.en.eq(rs.wr.en),
+            self.res_wr.data.eq(rs.wr.data),
+        ]
+
+        # Sink. Memory writes never stall; only RAW beats wait for the consumer of `o`.
+        out = rs.o.payload
+        sink = out.meta.sink
+        to_stream = sink == _Sink.STREAM
+        m.d.comb += [
+            rs.o.ready.eq(~to_stream | self.o.ready),
+            self.o.valid.eq(rs.o.valid & to_stream),
+            self.o.payload.data.eq(out.data),
+            self.o.payload.addr.eq(out.addr),
+            self.o.payload.mask.eq(out.mask),
+            self.o.payload.last.eq(out.meta.last),
+            self.act_wr.addr.eq(out.addr[:self._act_aw]),
+            self.act_wr.en.eq(Mux(rs.o.valid & (sink == _Sink.ACT), out.mask, 0)),
+            self.done.eq(rs.o.valid & rs.o.ready & out.meta.last),
+            self.busy.eq(rq.busy | ge.busy | rs.busy),
+        ]
+        for j in range(L):
+            m.d.comb += self.act_wr.data[j].eq(out.data[j][:nx.ACT_BITS])
+        return m

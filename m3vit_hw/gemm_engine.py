@@ -1,0 +1,572 @@
+"""The GEMM engine: one shared int8 matrix-product unit for every GEMM of the encoder.
+
+``GemmEngine(config)`` computes ``C = A (M x K) . B (K x N)`` by walking ``pe_rows x pe_cols`` output
+tiles over a :class:`~m3vit_hw.pe_array.PEArray` and sending every finished row chunk through the
+:class:`~m3vit_hw.epilogue.Epilogue`. It owns no buffers: it *reads* A, B, a row table and column
+parameters through memory-read-port-like interfaces and *writes* results through memory-write-port-like
+interfaces (or a stream), so the same engine serves the attention unit, the dense layers and the MoE
+reordering controller, each of which owns or arbitrates its own buffers.
+
+Buffers and words
+-----------------
+``C = pe_cols`` elements make one *word* everywhere:
+
+* **activation buffer** (``a_rd``, ``act_wr``): token-major int8 rows; word ``w`` of a row holds
+  features ``C*w .. C*w+C-1`` (lane ``l`` = feature ``C*w + l``). A row of D features takes
+  ``ceil(D / C)`` words; ``a_stride``/``dst_stride`` give the row pitch in words, so a row may be a slice
+  of a wider matrix (one head of the QKV output, one column block of the hidden layer).
+* **residual buffer** (``res_rd``, ``res_wr``): the same layout with int16 lanes.
+* **B operand** (``b_rd``): int8 words, two addressings chosen by ``b_trans``:
+
+  - direct (weights, and V for the AV product): word at ``b_base + nb*b_tile_stride + k*b_k_stride``
+    holds ``B[k, C*nb .. C*nb+C-1]``. The compiler's weight layout is *panels*: for each column tile
+    ``nb``, K consecutive words (``b_k_stride = 1``, ``b_tile_stride = K``). V in the activation buffer
+    is read with ``b_k_stride`` = row pitch, ``b_tile_stride = 1``.
+  - transposed (Kᵀ for ``Q.Kᵀ``): B is given as Bᵀ stored token-major like activations; word
+    ``b_base + nb*b_tile_stride + c*b_k_stride + kb`` holds ``Bᵀ[C*nb + c, C*kb .. C*kb+C-1]``
+    (``b_k_stride`` = row pitch of K, ``b_tile_stride = C * pitch``).
+
+  ``b_rd.addr`` has ``config.b_addr_bits`` bits, one more than either buffer needs: by convention the
+  MSB selects the activation buffer (QKᵀ, AV) over the weight buffer; the integrator decodes it. The two
+  halves of the double-buffered weight buffer are just two ``b_base`` values.
+* **row table** (``rowtab_rd``): entry ``rowtab_base + m`` gives output row ``m``'s ``token`` (used to
+  gather A rows and/or scatter output rows) and ``scale`` (ATTN8: the AV reciprocal, below
+  ``2**MULT_BITS``; COMBINE: the Q0.15 combine weight, at most ``2**15``, in the low 16 bits). The MoE
+  token queues are row tables.
+* **column parameters** (``colp_rd``): word ``colp_base + nb`` holds ``(bias, mult)`` of output
+  columns ``C*nb .. C*nb+C-1``.
+
+Addressing of results: output row ``m`` (or ``token[m]`` with ``scatter``), column tile ``nb`` goes to
+word ``dst_base + row*dst_stride + nb``; lanes beyond N are not written. A row of A is read from
+``a_base + row*a_stride + kb`` with ``row = token[m]`` under ``gather``.
+
+Schedule and throughput
+-----------------------
+Tiles run row-tile-major (``for mb: for nb:``), each over ``ceil(K / C)`` *blocks* of C reduction
+steps. A three-stage loader reads a block -- ``pe_rows`` A words (one per tile row, re-reading the row
+table for gathered rows) and C B words, one of each per cycle, ``max(pe_rows, C)`` cycles -- into a
+staging register while the PE array consumes the previous block, one reduction step per cycle. Hence:
+
+* with ``pe_rows <= pe_cols`` and ``C | K`` the array computes every cycle (measured: 99.35 % of
+  ``rows * cols`` MAC/cycle for 64x64x64 on 8x8, 98.6 % for 64x192x64 on 16x16, command accepted to
+  last result written);
+* a K tail costs ``max(pe_rows, C) - K % C`` idle cycles per tile;
+* with ``pe_rows > pe_cols`` the A reads limit the rate to ``pe_cols / pe_rows`` of peak;
+* a tile with ``K <= rows`` of the previous tile waits for that tile's drain (see
+  :class:`~m3vit_hw.pe_array.PEArray`);
+* consecutive commands overlap (the next command's loads start while the previous one computes)
+  unless ``sync`` is set. M and N tails are masked (junk rows and lanes are computed, never written).
+
+Results leave in tile order: ``for mb: for nb: for row in tile``, i.e. the chunks of one output row
+are interleaved with the other rows of its row tile (a streaming consumer of RAW scores indexes its
+row buffer with ``addr``).
+
+Latency: the first block is staged ``max(pe_rows, C) + 3`` cycles after the command is accepted; a
+tile's rows reach the epilogue 3 cycles after its last reduction step, and their results are written
+:data:`~m3vit_hw.epilogue.LATENCY` (6) cycles later.
+
+Hazards: the engine does not order its own reads after its own writes across commands. A command that
+reads what an earlier command writes (fc1 -> fc2) must set ``sync``: it is then held until the engine
+is idle. Within the residual buffer, read-modify-writes are ordered (repeated scatter rows accumulate
+in list order).
+"""
+
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from . import numerics as nx
+from .config import AcceleratorConfig
+from .epilogue import Epilogue, EpilogueMode, StreamOutLayout
+from .pe_array import PEArray
+
+__all__ = ["GemmEngine", "GemmCommand", "RowEntryLayout", "ColParamLayout", "DESC_DEPTH"]
+
+#: Tiles whose results are in flight between the loader and the epilogue (staged, accumulating,
+#: draining): three, so a tile with ``K`` just above ``pe_rows`` never waits for a descriptor slot.
+DESC_DEPTH = 3
+
+
+def _bits(n):
+    return max(1, int(n).bit_length())
+
+
+class RowEntryLayout(data.StructLayout):
+    """One row-table entry: ``token`` (gather/scatter row) and ``scale`` (per-row multiplier)."""
+
+    def __init__(self, config):
+        super().__init__({
+            "token": unsigned(config.token_bits),
+            "scale": unsigned(nx.MULT_BITS),
+        })
+
+
+class ColParamLayout(data.StructLayout):
+    """Epilogue parameters of one output column: int32 ``bias`` and unsigned ``mult``."""
+
+    def __init__(self):
+        super().__init__({
+            "bias": signed(nx.BIAS_BITS),
+            "mult": unsigned(nx.MULT_BITS),
+        })
+
+
+class GemmCommand(data.StructLayout):
+    """A GEMM command (the payload of :attr:`GemmEngine.cmd`).
+
+    Fields
+    ------
+    m, k, n : unsigned
+        Problem size, each >= 1 (0 is treated as 1); at most ``config.largest_m``, ``largest_k``,
+        ``largest_n``.
+    a_base, a_stride : unsigned(act_addr_bits)
+        A row ``r`` starts at word ``a_base + r * a_stride``.
+    b_base, b_tile_stride, b_k_stride : unsigned(b_addr_bits)
+        B addressing, see the module docstring (direct or ``b_trans``).
+    dst_base, dst_stride : unsigned(dst_addr_bits)
+        Output row ``r``, column tile ``nb`` goes to word ``dst_base + r * dst_stride + nb``.
+    rowtab_base : unsigned(rowtab_addr_bits)
+        Row ``m`` uses row-table entry ``rowtab_base + m``.
+    colp_base : unsigned(param_addr_bits)
+        Column tile ``nb`` uses parameter word ``colp_base + nb``.
+    shift : range(SHIFT_MAX + 1)
+        Requantization shift (ATTN8: ``out_shift``, at most ``SHIFT_MAX - AV_RECIP_BITS``).
+    mode : EpilogueMode
+    a_unsigned : 1
+        A holds uint8 (attention weights e8) rather than int8.
+    b_trans : 1
+        B is given transposed (token-major), see the module docstring.
+    gather : 1
+        A row of output row ``m`` is ``token[m]`` of the row table (else ``m``).
+    scatter : 1
+        Output row ``m`` is written to row ``token[m]`` (else ``m``).
+    sync : 1
+        Wait until every earlier command has finished (its results written) before starting.
+    """
+
+    def __init__(self, config):
+        super().__init__({
+            "m": unsigned(_bits(config.largest_m)),
+            "k": unsigned(_bits(config.largest_k)),
+            "n": unsigned(_bits(config.largest_n)),
+            "a_base": unsigned(config.act_addr_bits),
+            "a_stride": unsigned(config.act_addr_bits),
+            "b_base": unsigned(config.b_addr_bits),
+            "b_tile_stride": unsigned(config.b_addr_bits),
+            "b_k_stride": unsigned(config.b_addr_bits),
+            "dst_base": unsigned(config.dst_addr_bits),
+            "dst_stride": unsigned(config.dst_addr_bits),
+            "rowtab_base": unsigned(config.rowtab_addr_bits),
+            "colp_base": unsigned(config.param_addr_bits),
+            "shift": range(nx.SHIFT_MAX + 1),
+            "mode": EpilogueMode,
+            "a_unsigned": 1,
+            "b_trans": 1,
+            "gather": 1,
+            "scatter": 1,
+            "sync": 1,
+        })
+
+
+class GemmEngine(wiring.Component):
+    """Tiled int8 GEMM over a PE array, with operand/result buffers owned outside.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+        Sizes everything: PE array, word width, address and command field widths.
+
+    Interface attributes
+    --------------------
+    cmd : In(stream.Signature(GemmCommand(config)))
+        Commands, executed in order. ``cmd.ready`` is high when the loader can start a new command
+        (and, for a ``sync`` command, when the engine is idle).
+    a_rd : In(memory.ReadPort.Signature(act_addr_bits, ArrayLayout(signed(8), C)))
+    b_rd : In(memory.ReadPort.Signature(b_addr_bits, ArrayLayout(signed(8), C)))
+    rowtab_rd : In(memory.ReadPort.Signature(rowtab_addr_bits, RowEntryLayout(config)))
+    colp_rd : In(memory.ReadPort.Signature(param_addr_bits, ArrayLayout(ColParamLayout(), C)))
+        Read ports, driven by the engine (``addr``, ``en``); the owner returns ``data`` one cycle after
+        a cycle with ``en`` high and holds it while ``en`` is low (a synchronous
+        :class:`amaranth.lib.memory.Memory` read port, connected with ``wiring.connect``). uint8 A
+        data is stored as its bit pattern.
+    act_wr : In(memory.WritePort.Signature(act_addr_bits, ArrayLayout(signed(8), C), granularity=1))
+    res_rd : In(memory.ReadPort.Signature(res_addr_bits, ArrayLayout(signed(16), C)))
+    res_wr : In(memory.WritePort.Signature(res_addr_bits, ArrayLayout(signed(16), C), granularity=1))
+        Destination ports (see :class:`~m3vit_hw.epilogue.Epilogue`); ``res_rd`` need not be
+        transparent.
+    o : Out(stream.Signature(StreamOutLayout(C, dst_addr_bits)))
+        RAW-mode results (scores, logits): one beat per output row chunk, ``addr`` as the destination
+        addressing gives it, ``last`` on the final beat of the command.
+    gelu_lut : Out(memory.WritePort.Signature(8, signed(8)))
+        GELU table write port; load it before the GELU8 commands that use it.
+    done : Out(1)
+        Pulses once per command, when its last result has been written or transferred.
+    busy : Out(1)
+        Some command is not finished.
+
+    Raises
+    ------
+    TypeError
+        If ``config`` is not an :class:`~m3vit_hw.config.AcceleratorConfig`.
+    """
+
+    def __init__(self, config):
+        if not isinstance(config, AcceleratorConfig):
+            self._MustUse__silence = True
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        self._config = config
+        C = config.pe_cols
+        word8 = data.ArrayLayout(signed(nx.ACT_BITS), C)
+        word16 = data.ArrayLayout(signed(nx.RES_BITS), C)
+        super().__init__({
+            "cmd": In(stream.Signature(GemmCommand(config))),
+            "a_rd": In(memory.ReadPort.Signature(addr_width=config.act_addr_bits, shape=word8)),
+            "b_rd": In(memory.ReadPort.Signature(addr_width=config.b_addr_bits, shape=word8)),
+            "rowtab_rd": In(memory.ReadPort.Signature(addr_width=config.rowtab_addr_bits,
+                                                      shape=RowEntryLayout(config))),
+            "colp_rd": In(memory.ReadPort.Signature(addr_width=config.param_addr_bits,
+                                                    shape=data.ArrayLayout(ColParamLayout(), C))),
+            "act_wr": In(memory.WritePort.Signature(addr_width=config.act_addr_bits, shape=word8,
+                                                    granularity=1)),
+            "res_rd": In(memory.ReadPort.Signature(addr_width=config.res_addr_bits, shape=word16)),
+            "res_wr": In(memory.WritePort.Signature(addr_width=config.res_addr_bits, shape=word16,
+                                                    granularity=1)),
+            "o": Out(stream.Signature(StreamOutLayout(C, config.dst_addr_bits))),
+            "gelu_lut": Out(memory.WritePort.Signature(addr_width=nx.ACT_BITS, shape=signed(nx.ACT_BITS))),
+            "done": Out(1),
+            "busy": Out(1),
+        })
+
+    @property
+    def config(self):
+        return self._config
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        R, C = cfg.pe_rows, cfg.pe_cols
+        E = max(R, C)                      # staging entries per block: R words of A, C words of B
+        act_aw, b_aw, dst_aw = cfg.act_addr_bits, cfg.b_addr_bits, cfg.dst_addr_bits
+        word_bits = C * nx.ACT_BITS
+
+        m.submodules.pe = pe = PEArray(R, C)
+        m.submodules.epilogue = ep = Epilogue(C, act_aw, cfg.res_addr_bits)
+
+        # Per-block information, computed by the loader and carried with the block to the feeder
+        # (and, for a tile's first block, into the tile descriptor).
+        block_info = data.StructLayout({
+            "first": 1, "last": 1, "w": range(C + 1),
+            "a_unsigned": 1, "b_trans": 1,
+            "rows_valid": range(R + 1), "mask": unsigned(C),
+            "mode": EpilogueMode, "shift": range(nx.SHIFT_MAX + 1), "last_tile": 1,
+        })
+        row_out = data.StructLayout({"addr": unsigned(dst_aw), "scale": unsigned(nx.MULT_BITS)})
+        desc_layout = data.StructLayout({
+            "rows": data.ArrayLayout(row_out, R),
+            "colp": data.ArrayLayout(ColParamLayout(), C),
+            "mask": unsigned(C), "mode": EpilogueMode, "shift": range(nx.SHIFT_MAX + 1),
+            "last_tile": 1,
+        })
+        # The command fields the second loader stage still needs after L0 may have moved on to the
+        # next command.
+        l1_cmd_layout = data.StructLayout({
+            "a_base": unsigned(act_aw), "a_stride": unsigned(act_aw),
+            "dst_base": unsigned(dst_aw), "dst_stride": unsigned(dst_aw),
+            "colp_base": unsigned(cfg.param_addr_bits), "gather": 1, "scatter": 1,
+        })
+
+        # ---- L0: walk the command (tiles, blocks, staging entries) --------------------------------
+        cmd = Signal(GemmCommand(cfg))
+        active = Signal()
+        m_w = _bits(cfg.largest_m + R)
+        n_w = _bits(cfg.largest_n + C)
+        k_w = _bits(cfg.largest_k + C)
+        m0 = Signal(m_w)
+        n0 = Signal(n_w)
+        k0 = Signal(k_w)
+        kb = Signal(act_aw)                # block index = word offset within an A row
+        nb = Signal(dst_aw)                # column tile = word offset within an output row
+        ent = Signal(range(E))
+        b_tile_base = Signal(b_aw)
+        b_kblk = Signal(b_aw)              # k0 * b_k_stride (direct B)
+        b_cstride = Signal(b_aw)           # C * b_k_stride
+        b_istride = Signal(b_aw)           # ent * b_k_stride
+
+        # L1 and L2 pipeline registers.
+        l1_valid = Signal()
+        l1 = Signal(data.StructLayout({
+            "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
+            "m_idx": unsigned(m_w), "kb": unsigned(act_aw), "nb": unsigned(dst_aw),
+            "b_addr": unsigned(b_aw), "info": block_info,
+        }))
+        l1_cmd = Signal(l1_cmd_layout)
+        l2_valid = Signal()
+        l2 = Signal(data.StructLayout({
+            "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
+            "row": row_out, "info": block_info,
+        }))
+
+        # Staging block ("next") and the feeding block ("cur").
+        nx_full = Signal()
+        nx_a = [Signal(word_bits, name=f"nx_a{i}") for i in range(R)]
+        nx_b = [Signal(word_bits, name=f"nx_b{c}") for c in range(C)]
+        nx_rows = [Signal(row_out, name=f"nx_row{i}") for i in range(R)]
+        nx_colp = Signal(data.ArrayLayout(ColParamLayout(), C))
+        nx_info = Signal(block_info)
+        cur_valid = Signal()
+        cur_a = [Signal(word_bits, name=f"cur_a{i}") for i in range(R)]
+        cur_b = [Signal(word_bits, name=f"cur_b{c}") for c in range(C)]
+        cur_info = Signal(block_info)
+        col = Signal(range(C))
+
+        # Tile descriptors between the feeder and the drain.
+        descs = [Signal(desc_layout, name=f"desc{d}") for d in range(DESC_DEPTH)]
+        d_head = Signal(range(DESC_DEPTH))
+        d_tail = Signal(range(DESC_DEPTH))
+        d_count = Signal(range(DESC_DEPTH + 1))
+
+        # ---- handshakes --------------------------------------------------------------------------
+        emit = cur_valid & pe.i.ready
+        block_end = emit & (col == cur_info.w - 1)
+        desc_room = d_count != DESC_DEPTH
+        handoff = nx_full & (~cur_valid | block_end) & (~nx_info.first | desc_room)
+        room = ~nx_full | handoff
+        l_adv2 = ~l2_valid | room
+        l_adv1 = ~l1_valid | l_adv2
+        issue = active & l_adv1
+
+        busy = Signal()
+        m.d.comb += busy.eq(active | l1_valid | l2_valid | nx_full | cur_valid | pe.busy |
+                            (d_count != 0) | ep.busy)
+
+        last_ent = ent == E - 1
+        last_blk = k0 + C >= cmd.k
+        last_ntile = n0 + C >= cmd.n
+        last_mtile = m0 + R >= cmd.m
+        # What is left of each dimension (>= 1 while the command is active).
+        rows_left = Signal(m_w)
+        cols_left = Signal(n_w)
+        k_left = Signal(k_w)
+        cols_valid = Signal(range(C + 1))
+        m.d.comb += [
+            rows_left.eq(cmd.m - m0),
+            cols_left.eq(cmd.n - n0),
+            k_left.eq(cmd.k - k0),
+            cols_valid.eq(Mux(cols_left >= C, C, cols_left)),
+        ]
+        b_row_base = b_tile_base + Mux(cmd.b_trans, kb, b_kblk)
+        info = Signal(block_info)
+        m.d.comb += [
+            info.first.eq(k0 == 0),
+            info.last.eq(last_blk),
+            info.w.eq(Mux(k_left >= C, C, k_left)),
+            info.a_unsigned.eq(cmd.a_unsigned),
+            info.b_trans.eq(cmd.b_trans),
+            info.rows_valid.eq(Mux(rows_left >= R, R, rows_left)),
+            info.mask.eq(((Const(1, 1) << cols_valid) - 1)[:C]),
+            info.mode.eq(cmd.mode),
+            info.shift.eq(cmd.shift),
+            info.last_tile.eq(last_mtile & last_ntile),
+        ]
+
+        # The row-table entry of the entry's row is read for every entry (harmless when unused).
+        m.d.comb += [
+            self.rowtab_rd.addr.eq(cmd.rowtab_base + m0 + ent),
+            self.rowtab_rd.en.eq(l_adv1),
+        ]
+
+        with m.If(l_adv1):
+            m.d.sync += l1_valid.eq(issue)
+            with m.If(issue):
+                m.d.sync += [
+                    l1.last_ent.eq(last_ent),
+                    l1.a_en.eq(ent < R),
+                    l1.b_en.eq(ent < C),
+                    l1.kb0.eq(k0 == 0),
+                    l1.first_ent.eq(ent == 0),
+                    l1.m_idx.eq(m0 + ent),
+                    l1.kb.eq(kb),
+                    l1.nb.eq(nb),
+                    l1.b_addr.eq(b_row_base + b_istride),
+                    l1.info.eq(info),
+                    l1_cmd.a_base.eq(cmd.a_base),
+                    l1_cmd.a_stride.eq(cmd.a_stride),
+                    l1_cmd.dst_base.eq(cmd.dst_base),
+                    l1_cmd.dst_stride.eq(cmd.dst_stride),
+                    l1_cmd.colp_base.eq(cmd.colp_base),
+                    l1_cmd.gather.eq(cmd.gather),
+                    l1_cmd.scatter.eq(cmd.scatter),
+                ]
+                # Advance ent -> block -> column tile -> row tile.
+                m.d.sync += [ent.eq(ent + 1), b_istride.eq(b_istride + cmd.b_k_stride)]
+                with m.If(last_ent):
+                    m.d.sync += [ent.eq(0), b_istride.eq(0),
+                                 k0.eq(k0 + C), kb.eq(kb + 1), b_kblk.eq(b_kblk + b_cstride)]
+                    with m.If(last_blk):
+                        m.d.sync += [k0.eq(0), kb.eq(0), b_kblk.eq(0),
+                                     n0.eq(n0 + C), nb.eq(nb + 1),
+                                     b_tile_base.eq(b_tile_base + cmd.b_tile_stride)]
+                        with m.If(last_ntile):
+                            m.d.sync += [n0.eq(0), nb.eq(0), b_tile_base.eq(cmd.b_base),
+                                         m0.eq(m0 + R)]
+                            with m.If(last_mtile):
+                                m.d.sync += active.eq(0)
+
+        # ---- command accept ----------------------------------------------------------------------
+        p = self.cmd.payload
+        # The next command is taken while L0 issues the current one's final entry, so back-to-back
+        # commands leave no gap in the loader (this block comes after the L0 walk so that its
+        # assignments win).
+        final_issue = issue & last_ent & last_blk & last_ntile & last_mtile
+        m.d.comb += self.cmd.ready.eq((~active | final_issue) & (~p.sync | ~busy))
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += [
+                cmd.eq(p),
+                # A zero-sized command would never finish a block: treat 0 as 1.
+                cmd.m.eq(Mux(p.m == 0, 1, p.m)),
+                cmd.n.eq(Mux(p.n == 0, 1, p.n)),
+                cmd.k.eq(Mux(p.k == 0, 1, p.k)),
+                active.eq(1),
+                m0.eq(0), n0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0),
+                b_tile_base.eq(p.b_base), b_kblk.eq(0), b_istride.eq(0),
+                b_cstride.eq(p.b_k_stride * C),
+            ]
+
+        # ---- L1: addresses from the row table; read A, B and the column parameters -------------
+        entry = self.rowtab_rd.data
+        a_idx = Mux(l1_cmd.gather, entry.token, l1.m_idx)
+        d_idx = Mux(l1_cmd.scatter, entry.token, l1.m_idx)
+        a_row = Signal(act_aw)
+        m.d.comb += a_row.eq(l1_cmd.a_base + a_idx * l1_cmd.a_stride)
+        # The row table is read again for every block, so a gathered row's address is recomputed
+        # each time instead of being stored per tile.
+        a_start = a_row
+        m.d.comb += [
+            self.a_rd.addr.eq(a_start + l1.kb),
+            self.a_rd.en.eq(l_adv2),
+            self.b_rd.addr.eq(l1.b_addr),
+            self.b_rd.en.eq(l_adv2),
+            self.colp_rd.addr.eq(l1_cmd.colp_base + l1.nb),
+            self.colp_rd.en.eq(l_adv2),
+        ]
+        with m.If(l_adv2):
+            m.d.sync += l2_valid.eq(l1_valid)
+            with m.If(l1_valid):
+                m.d.sync += [
+                    l2.last_ent.eq(l1.last_ent),
+                    l2.a_en.eq(l1.a_en),
+                    l2.b_en.eq(l1.b_en),
+                    l2.kb0.eq(l1.kb0),
+                    l2.first_ent.eq(l1.first_ent),
+                    l2.row.addr.eq(l1_cmd.dst_base + d_idx * l1_cmd.dst_stride + l1.nb),
+                    l2.row.scale.eq(entry.scale),
+                    l2.info.eq(l1.info),
+                ]
+
+        # ---- L2: shift the read words into the staging block -------------------------------------
+        with m.If(l2_valid & room):
+            with m.If(l2.a_en):
+                for i in range(R - 1):
+                    m.d.sync += nx_a[i].eq(nx_a[i + 1])
+                m.d.sync += nx_a[R - 1].eq(self.a_rd.data.as_value())
+                with m.If(l2.kb0):
+                    for i in range(R - 1):
+                        m.d.sync += nx_rows[i].eq(nx_rows[i + 1])
+                    m.d.sync += nx_rows[R - 1].eq(l2.row)
+            with m.If(l2.b_en):
+                for c in range(C - 1):
+                    m.d.sync += nx_b[c].eq(nx_b[c + 1])
+                m.d.sync += nx_b[C - 1].eq(self.b_rd.data.as_value())
+            with m.If(l2.first_ent):
+                m.d.sync += nx_info.eq(l2.info)
+                with m.If(l2.kb0):
+                    m.d.sync += nx_colp.eq(self.colp_rd.data)
+        with m.If(l2_valid & room & l2.last_ent):
+            m.d.sync += nx_full.eq(1)
+        with m.Elif(handoff):
+            m.d.sync += nx_full.eq(0)
+
+        # ---- feeder: one reduction step per cycle into the PE array ------------------------------
+        byte = nx.ACT_BITS
+        m.d.comb += [
+            pe.i.valid.eq(cur_valid),
+            pe.i.payload.a_unsigned.eq(cur_info.a_unsigned),
+            pe.i.payload.first.eq(cur_info.first & (col == 0)),
+            pe.i.payload.last.eq(cur_info.last & (col == cur_info.w - 1)),
+            pe.i.payload.rows_valid.eq(cur_info.rows_valid),
+        ]
+        for i in range(R):
+            m.d.comb += pe.i.payload.a[i].eq(cur_a[i][:byte])
+        for c in range(C):
+            # Direct B: the step's B row is the whole first word. Transposed B: lane 0 of each word.
+            m.d.comb += pe.i.payload.b[c].eq(Mux(cur_info.b_trans, cur_b[c][:byte],
+                                                 cur_b[0][c * byte:(c + 1) * byte]))
+
+        with m.If(handoff):
+            m.d.sync += [cur_valid.eq(1), col.eq(0), cur_info.eq(nx_info)]
+            m.d.sync += [cur_a[i].eq(nx_a[i]) for i in range(R)]
+            m.d.sync += [cur_b[c].eq(nx_b[c]) for c in range(C)]
+        with m.Elif(emit):
+            m.d.sync += col.eq(col + 1)
+            with m.If(block_end):
+                m.d.sync += cur_valid.eq(0)
+            # Consume one step: A words shift by one lane; B shifts by a lane (transposed) or a word.
+            m.d.sync += [cur_a[i].eq(cur_a[i] >> byte) for i in range(R)]
+            with m.If(cur_info.b_trans):
+                m.d.sync += [cur_b[c].eq(cur_b[c] >> byte) for c in range(C)]
+            with m.Else():
+                m.d.sync += [cur_b[c].eq(cur_b[c + 1]) for c in range(C - 1)]
+
+        # ---- tile descriptors --------------------------------------------------------------------
+        push = handoff & nx_info.first
+        pop = Signal()
+        with m.If(push):
+            m.d.sync += d_tail.eq(Mux(d_tail == DESC_DEPTH - 1, 0, d_tail + 1))
+            with m.Switch(d_tail):
+                for d in range(DESC_DEPTH):
+                    with m.Case(d):
+                        tgt = descs[d]
+                        m.d.sync += [
+                            tgt.colp.eq(nx_colp),
+                            tgt.mask.eq(nx_info.mask),
+                            tgt.mode.eq(nx_info.mode),
+                            tgt.shift.eq(nx_info.shift),
+                            tgt.last_tile.eq(nx_info.last_tile),
+                        ]
+                        m.d.sync += [tgt.rows[i].eq(nx_rows[i]) for i in range(R)]
+        with m.If(pop):
+            m.d.sync += d_head.eq(Mux(d_head == DESC_DEPTH - 1, 0, d_head + 1))
+        m.d.sync += d_count.eq(d_count + push - pop)
+
+        # ---- drain: PE rows + descriptor -> epilogue ---------------------------------------------
+        head = Signal(desc_layout)
+        with m.Switch(d_head):
+            for d in range(DESC_DEPTH):
+                with m.Case(d):
+                    m.d.comb += head.eq(descs[d])
+        row = head.rows[pe.o.payload.row]
+        m.d.comb += [
+            ep.i.valid.eq(pe.o.valid),
+            pe.o.ready.eq(ep.i.ready),
+            ep.i.payload.acc.eq(pe.o.payload.acc),
+            ep.i.payload.row_scale.eq(row.scale),
+            ep.i.payload.shift.eq(head.shift),
+            ep.i.payload.mode.eq(head.mode),
+            ep.i.payload.addr.eq(row.addr),
+            ep.i.payload.mask.eq(head.mask),
+            ep.i.payload.last.eq(pe.o.payload.last & head.last_tile),
+            pop.eq(pe.o.valid & ep.i.ready & pe.o.payload.last),
+        ]
+        for c in range(C):
+            m.d.comb += [
+                ep.i.payload.bias[c].eq(head.colp[c].bias),
+                ep.i.payload.mult[c].eq(head.colp[c].mult),
+            ]
+
+        wiring.connect(m, ep.act_wr, wiring.flipped(self.act_wr))
+        wiring.connect(m, ep.res_rd, wiring.flipped(self.res_rd))
+        wiring.connect(m, ep.res_wr, wiring.flipped(self.res_wr))
+        wiring.connect(m, ep.o, wiring.flipped(self.o))
+        wiring.connect(m, ep.gelu_lut, wiring.flipped(self.gelu_lut))
+        m.d.comb += [self.done.eq(ep.done), self.busy.eq(busy)]
+        return m

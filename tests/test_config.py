@@ -1,0 +1,146 @@
+"""AcceleratorConfig: validation (every error names its parameter), derived sizes, presets."""
+
+import pytest
+
+from m3vit_hw import numerics as nx
+from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.model_config import preset
+
+
+def _tiny(**kw):
+    return AcceleratorConfig.from_preset("tiny", **kw)
+
+
+@pytest.mark.parametrize("name", ["vit-tiny-cityscapes", "vit-small-nyud", "tiny", "tiny-task-embedding"])
+def test_presets_build(name):
+    cfg = AcceleratorConfig.from_preset(name)
+    assert cfg.model.name == name
+    assert cfg.token_capacity == cfg.model.tokens
+    text = cfg.describe()
+    assert cfg.model.name in text and "MAC/cycle" in text and "\n" in text
+    print(text)
+
+
+def test_w1_w2_figures():
+    w1 = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
+    assert (w1.pe_rows, w1.pe_cols, w1.macs_per_cycle) == (16, 16, 256)
+    assert w1.largest_k == 768                       # patch_dim = fc2's 4D = 768
+    # One whole expert (fc1 + fc2, int8) per half: 2 * 192 * 384 bytes.
+    assert w1.weight_buffer_half_bytes == 2 * 192 * 384 == w1.expert_weight_bytes
+    assert w1.weight_buffer_bytes == 2 * w1.weight_buffer_half_bytes
+    w2 = AcceleratorConfig.from_preset("vit-small-nyud")
+    assert w2.largest_k == 1536                      # fc2 K = 4D
+    assert w2.token_capacity == 1201
+    worst, what, _ = w2.worst_case_acc
+    assert worst == 255 * 128 * 1201 and "AV" in what
+    assert w2.worst_case_acc[0] < (1 << (nx.ACC_BITS - 1))
+
+
+def test_formats_come_from_numerics():
+    cfg = _tiny()
+    assert (cfg.act_bits, cfg.weight_bits, cfg.acc_bits, cfg.res_bits) == \
+        (nx.ACT_BITS, nx.WEIGHT_BITS, nx.ACC_BITS, nx.RES_BITS)
+
+
+def test_derived_sizes():
+    cfg = _tiny(pe_rows=3, pe_cols=8, token_capacity=20)
+    assert cfg.macs_per_cycle == 24
+    assert cfg.act_word_lanes == 8 and cfg.act_word_bytes == 8
+    assert cfg.act_buffer_bytes == -(-cfg.act_buffer_min_bytes // 8) * 8
+    assert cfg.act_buffer_min_bytes == 20 * (2 * 32 + 3 * 16)
+    assert cfg.res_buffer_words == 20 * 4
+    assert cfg.weight_panel_bytes == cfg.largest_weight_k * 8
+    # The default weight buffer grows to two panels when one expert is smaller than a panel.
+    assert cfg.weight_buffer_half_bytes == max(cfg.weight_panel_bytes, cfg.expert_weight_bytes)
+    assert cfg.b_addr_bits == 1 + max(cfg.weight_addr_bits, cfg.act_addr_bits)
+    assert cfg.q_tile == 3
+    assert cfg.rowtab_entries == 20 * cfg.model.top_k
+    assert cfg.largest_n == max(3 * 32, 128, 64, 20, 64)
+
+
+def test_equality_repr_and_overrides():
+    a = _tiny()
+    b = AcceleratorConfig(model=preset("tiny"), pe_rows=4, pe_cols=4, weight_buffer_bytes=8192)
+    assert a.weight_buffer_bytes == 8192                    # the default: one 4 KiB expert per half
+    assert a == b and hash(a) == hash(b)
+    assert a != _tiny(pe_rows=2)
+    assert "pe_rows=4" in repr(a) and "AcceleratorConfig(" in repr(a)
+    c = _tiny(experts=8, top_k=3)                   # model fields go to the model
+    assert c.model.experts == 8 and c.model.top_k == 3
+    assert a.with_(clock_mhz=250).clock_mhz == 250
+    # Derived sizes follow the change; explicit ones stay.
+    bigger = a.with_(token_capacity=40)
+    assert bigger.act_buffer_bytes >= bigger.act_buffer_min_bytes > a.act_buffer_bytes
+    assert bigger == _tiny(token_capacity=40)
+    fixed = _tiny(act_buffer_bytes=4096).with_(token_capacity=20)
+    assert fixed.act_buffer_bytes == 4096
+    with pytest.raises(AttributeError):
+        a.pe_rows = 8                                # frozen
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    # model (validated by ModelConfig, reached through from_preset overrides)
+    (dict(experts=0), ValueError, "experts"),
+    (dict(top_k=5), ValueError, "top_k"),
+    (dict(heads=3), ValueError, "heads"),
+    # array
+    (dict(pe_rows=0), ValueError, "pe_rows"),
+    (dict(pe_rows=2.5), TypeError, "pe_rows"),
+    (dict(pe_cols=-4), ValueError, "pe_cols"),
+    (dict(pe_cols=True), TypeError, "pe_cols"),
+    # tokens and tiles
+    (dict(token_capacity=8), ValueError, "token_capacity"),
+    (dict(q_tile=10), ValueError, "q_tile"),
+    (dict(q_tile=0), ValueError, "q_tile"),
+    (dict(ln_lanes=0), ValueError, "ln_lanes"),
+    (dict(softmax_lanes="4"), TypeError, "softmax_lanes"),
+    # accumulator: AV over too many tokens (uint8 x int8), and a too-long int8 reduction
+    (dict(token_capacity=70000), ValueError, "token_capacity=70000"),
+    (dict(dim=131072 // 4, heads=1, mlp_ratio=8), ValueError, "mlp_hidden"),
+    # buffers
+    (dict(act_buffer_bytes=1000), ValueError, "act_buffer_bytes"),
+    (dict(act_buffer_bytes=1010), ValueError, "act_buffer_bytes"),
+    (dict(weight_buffer_bytes=4096), ValueError, "weight_buffer_bytes"),
+    (dict(weight_buffer_bytes=8196), ValueError, "weight_buffer_bytes"),
+    (dict(param_buffer_words=0), ValueError, "param_buffer_words"),
+    (dict(clock_mhz=0), ValueError, "clock_mhz"),
+    (dict(clock_mhz="fast"), ValueError, "clock_mhz"),
+])
+def test_validation_names_the_parameter(kwargs, exc, name):
+    with pytest.raises(exc, match=name) as info:
+        _tiny(**kwargs)
+    print(f"{kwargs}: {info.value}")
+
+
+def test_messages_state_range_and_value():
+    with pytest.raises(ValueError) as info:
+        _tiny(pe_rows=0)
+    assert "[1, 256]" in str(info.value) and "not 0" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        _tiny(act_buffer_bytes=1000)
+    msg = str(info.value)
+    assert ">= 1008" in msg and "token_capacity" in msg and "1000" in msg
+    with pytest.raises(ValueError) as info:
+        _tiny(weight_buffer_bytes=4096)
+    assert "weight panel" in str(info.value) and "6144" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        _tiny(token_capacity=70000)
+    assert "accumulator" in str(info.value) and "65793" in str(info.value)
+
+
+def test_accumulator_bound_is_tight():
+    """The largest legal AV K passes, one more token fails."""
+    limit = ((1 << 31) - 1) // (255 * 128)
+    big = dict(act_buffer_bytes=None)
+    assert _tiny(token_capacity=limit, **big).worst_case_acc[0] <= (1 << 31) - 1
+    with pytest.raises(ValueError, match="token_capacity"):
+        _tiny(token_capacity=limit + 1, **big)
+
+
+def test_bad_model_and_preset():
+    with pytest.raises(TypeError, match="model"):
+        AcceleratorConfig(model="tiny")
+    with pytest.raises(ValueError, match="preset"):
+        AcceleratorConfig.from_preset("vit-huge")
+    with pytest.raises(TypeError, match="override"):
+        AcceleratorConfig.from_preset("tiny", pe_rowz=4)
