@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields, replace
 from . import numerics as nx
 from .model_config import PRESETS as MODEL_PRESETS
 from .model_config import ModelConfig
+from .checks import check_int as _check_int
 
 __all__ = ["AcceleratorConfig", "ACCEL_PRESETS"]
 
@@ -84,14 +85,6 @@ def _addr_bits(depth):
 
 def _ceil_div(a, b):
     return -(-a // b)
-
-
-def _check_int(name, value, minimum, maximum=None):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, not {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{name} must be in {bound}, not {value}")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from m3vit_hw import numerics as nx
-from m3vit_hw.topk import expert_id_width, _check_int
+from m3vit_hw.topk import expert_id_width
+from m3vit_hw.checks import check_int as _check_int
 
 __all__ = ["ExpertQueues", "token_id_width"]
 

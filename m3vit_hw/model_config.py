@@ -7,6 +7,7 @@ and the build CLI names presets from it. The facts come from the M³ViT training
 """
 
 from dataclasses import dataclass, field, replace
+from .checks import check_int as _check_int
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "ROUTERS"]
 
@@ -15,14 +16,6 @@ __all__ = ["ModelConfig", "PRESETS", "preset", "ROUTERS"]
 #: ``task_embedding``: one shared ``w_gate`` [D+g, E] whose input is the token concatenated with a
 #: learned task representation (one-hot task -> MLP -> LayerNorm).
 ROUTERS = ("multi_gate", "task_embedding")
-
-
-def _check_int(name, value, minimum, maximum=None):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, not {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"[{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise ValueError(f"{name} must be in {bound}, not {value}")
 
 
 @dataclass(frozen=True)

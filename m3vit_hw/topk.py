@@ -10,6 +10,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from m3vit_hw import numerics as nx
+from .checks import check_int as _check_int
 
 __all__ = ["TopK", "expert_id_width"]
 
@@ -17,15 +18,6 @@ __all__ = ["TopK", "expert_id_width"]
 def expert_id_width(experts):
     """Bits of an expert index (at least 1, so a one-expert design still has a field to carry)."""
     return max(1, (experts - 1).bit_length())
-
-
-def _check_int(name, value, minimum, maximum=None):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, not {value!r}")
-    if maximum is None and value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, not {value}")
-    if maximum is not None and not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be in [{minimum}, {maximum}], not {value}")
 
 
 class TopK(wiring.Component):

@@ -50,7 +50,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from m3vit_hw.topk import _check_int
+from m3vit_hw.checks import check_int as _check_int
 
 __all__ = ["WeightBuffer", "TileInfoLayout", "WriterSignature", "ReaderSignature",
            "DEFAULT_TAG_WIDTH"]

@@ -13,7 +13,7 @@ from amaranth.lib.wiring import In, Out
 
 from m3vit_hw.mem_port import (BOUNDARY_BYTES, DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES,
                                DEFAULT_MAX_BURST, ReadPortSignature)
-from m3vit_hw.topk import _check_int
+from m3vit_hw.checks import check_int as _check_int
 from m3vit_hw.weight_buffer import DEFAULT_TAG_WIDTH, WriterSignature, _half_of
 
 __all__ = ["WeightStreamer", "StreamerCommandLayout"]
