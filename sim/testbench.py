@@ -15,7 +15,8 @@ insert random idle cycles (stalls) on either side to shake out flow-control bugs
 
 import random
 
-__all__ = ["Stalls", "stream_put", "stream_get", "stream_put_many", "stream_get_many"]
+__all__ = ["Stalls", "stream_put", "stream_get", "stream_put_many", "stream_get_many", "transfer_logger",
+           "run_until_done"]
 
 
 class Stalls:
@@ -67,3 +68,58 @@ async def stream_put_many(ctx, stream, payloads, *, stalls=None):
 
 async def stream_get_many(ctx, stream, count, *, stalls=None):
     return [await stream_get(ctx, stream, stalls=stalls) for _ in range(count)]
+
+
+def transfer_logger(*streams):
+    """A simulator *process* that logs, per stream, the cycles in which a transfer happens.
+
+    Returns ``(process, logs)``: add ``process`` with ``sim.add_process``; ``logs[i]`` fills with the
+    cycle numbers of the transfers on ``streams[i]`` (cycle 0 is the first clock edge). It samples just
+    before each clock edge, so a transfer is logged in the cycle it happens.
+    """
+    logs = [[] for _ in streams]
+    signals = [s for st in streams for s in (st.valid, st.ready)]
+
+    async def process(ctx):
+        cycle = 0
+        async for _, _, *vals in ctx.tick().sample(*signals):
+            for i in range(len(streams)):
+                if vals[2 * i] and vals[2 * i + 1]:
+                    logs[i].append(cycle)
+            cycle += 1
+
+    return process, logs
+
+
+def run_until_done(dut, testbenches, *, max_cycles=50000):
+    """Run ``testbenches`` on ``dut`` with a watchdog; return the cycle count when all have finished.
+
+    The watchdog is a background testbench that waits only with plain ``await ctx.tick()``: on CPython
+    3.11.7 a background testbench still suspended inside ``.until()``/``async for`` when the simulation
+    ends makes the interpreter report a SystemError at exit (see ``sim/ext_memory.py``).
+    """
+    from amaranth.sim import Simulator
+
+    cycles = [0]
+    done = []
+
+    async def clock(ctx):
+        while len(done) < len(testbenches):
+            await ctx.tick()
+            cycles[0] += 1
+            if cycles[0] > max_cycles:
+                raise AssertionError(f"simulation did not finish within {max_cycles} cycles")
+
+    def finishing(bench):
+        async def wrapped(ctx):
+            await bench(ctx)
+            done.append(bench)
+        return wrapped
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    for b in testbenches:
+        sim.add_testbench(finishing(b))
+    sim.add_testbench(clock, background=True)
+    sim.run()
+    return cycles[0]

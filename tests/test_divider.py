@@ -9,7 +9,7 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from m3vit_hw.divider import Divider
-from sim.testbench import Stalls, stream_get, stream_put
+from sim.testbench import Stalls, stream_get, stream_put, transfer_logger
 
 # Constructors that reject their parameters leave a half-built Elaboratable behind; that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -40,16 +40,7 @@ def _run(dut, operands, *, stall_p=0.3, seed=0):
             await ctx.tick()
             assert not ctx.get(dut.o.valid), "divider produced an extra result"
 
-    async def monitor(ctx):
-        # Samples just before each clock edge, so a transfer is logged in the cycle it happens.
-        cycle = 0
-        async for _, _, iv, ir, ov, o_r in ctx.tick().sample(dut.i.valid, dut.i.ready,
-                                                             dut.o.valid, dut.o.ready):
-            if iv and ir:
-                in_when.append(cycle)
-            if ov and o_r:
-                when.append(cycle)
-            cycle += 1
+    monitor, (in_when, when) = transfer_logger(dut.i, dut.o)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)

@@ -7,42 +7,13 @@ import pytest
 from amaranth.back import verilog
 from amaranth.hdl import Fragment, Module
 from amaranth.lib import wiring
-from amaranth.sim import Simulator
 
 from m3vit_hw.expert_queues import ExpertQueues, token_id_width
 from reference import golden
-from sim.testbench import Stalls, stream_get, stream_put
+from sim.testbench import Stalls, run_until_done, stream_get, stream_put
 
 # Interface and parameter tests build units they never elaborate.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
-
-
-def _run(dut, benches, max_cycles=50000):
-    """Run critical testbenches with a watchdog; return the cycle count when they finished."""
-    cycles = [0]
-    done = []
-
-    async def clock(ctx):
-        # Plain one-shot waits (see sim/ext_memory.py on CPython 3.11.7 and suspended iterators).
-        while len(done) < len(benches):
-            await ctx.tick()
-            cycles[0] += 1
-            if cycles[0] > max_cycles:
-                raise AssertionError(f"simulation did not finish within {max_cycles} cycles")
-
-    def finishing(bench):
-        async def wrapped(ctx):
-            await bench(ctx)
-            done.append(bench)
-        return wrapped
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    for b in benches:
-        sim.add_testbench(finishing(b))
-    sim.add_testbench(clock, background=True)
-    sim.run()
-    return cycles[0]
 
 
 def _routing(tokens, experts, top_k, rng, skew=None):
@@ -103,7 +74,7 @@ def _simulate(dut, layers, stall_prob, seed=0, experts=None):
             assert not ctx.get(dut.o.valid), "ExpertQueues: extra output beat after the layer's last"
 
     # The checker idles 4 cycles after the last beat to catch extra beats; those are not the unit's.
-    cycles = _run(dut, [feed, check]) - 4
+    cycles = run_until_done(dut, [feed, check]) - 4
     for n, ((top_idx, _, probs), beats) in enumerate(zip(layers, got)):
         want, active = _expected_walk(top_idx, probs, experts)
         for i, (w, (g, last)) in enumerate(zip(want, beats)):
@@ -179,7 +150,7 @@ def test_overflow_is_flagged_and_cuts_the_layer():
             assert beats == want
             flags.append(ctx.get(dut.overflow))
 
-    _run(dut, [feed, check])
+    run_until_done(dut, [feed, check])
     assert flags == [1, 1]
 
 

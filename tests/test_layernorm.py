@@ -12,7 +12,7 @@ from amaranth.sim import Simulator
 from m3vit_hw import numerics as nx
 from m3vit_hw.layernorm import LayerNormUnit
 from reference import golden
-from sim.testbench import Stalls, stream_get, stream_put
+from sim.testbench import Stalls, stream_get, stream_put, transfer_logger
 
 # Constructors that reject their parameters leave a half-built Elaboratable behind; that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -65,16 +65,7 @@ def _run(dut, layers, *, stall_p=0.3, out_stall_p=None, seed=0):
             assert not ctx.get(dut.o.valid), "layernorm: extra output beat after the last expected one"
         assert not ctx.get(dut.busy), "layernorm: busy after every row was emitted"
 
-    async def monitor(ctx):
-        # Samples just before each clock edge, so a transfer is logged in the cycle it happens.
-        cycle = 0
-        async for _, _, iv, ir, ov, o_r in ctx.tick().sample(dut.i.valid, dut.i.ready,
-                                                             dut.o.valid, dut.o.ready):
-            if iv and ir:
-                in_when.append(cycle)
-            if ov and o_r:
-                when.append(cycle)
-            cycle += 1
+    monitor, (in_when, when) = transfer_logger(dut.i, dut.o)
 
     sim = Simulator(dut)
     sim.add_clock(1e-8)

@@ -7,44 +7,15 @@ import pytest
 from amaranth.back import verilog
 from amaranth.hdl import Fragment, Module
 from amaranth.lib import wiring
-from amaranth.sim import Simulator
 
 from m3vit_hw.topk import TopK, expert_id_width
 from reference import golden
-from sim.testbench import Stalls, stream_get, stream_put
+from sim.testbench import Stalls, run_until_done, stream_get, stream_put
 
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 
 # Interface and parameter tests build units they never elaborate.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
-
-
-def _run(dut, benches, max_cycles=50000):
-    """Run critical testbenches with a watchdog; return the cycle count when they finished."""
-    cycles = [0]
-    done = []
-
-    async def clock(ctx):
-        # Plain one-shot waits (see sim/ext_memory.py on CPython 3.11.7 and suspended iterators).
-        while len(done) < len(benches):
-            await ctx.tick()
-            cycles[0] += 1
-            if cycles[0] > max_cycles:
-                raise AssertionError(f"simulation did not finish within {max_cycles} cycles")
-
-    def finishing(bench):
-        async def wrapped(ctx):
-            await bench(ctx)
-            done.append(bench)
-        return wrapped
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    for b in benches:
-        sim.add_testbench(finishing(b))
-    sim.add_testbench(clock, background=True)
-    sim.run()
-    return cycles[0]
 
 
 def _rows(experts, rng, n_random=4):
@@ -81,7 +52,7 @@ def _simulate(experts, top_k, lanes, logits, tags, stall_prob, seed=0):
             p = await stream_get(ctx, dut.o, stalls=stalls)
             got.append(([int(x) for x in p.experts], [int(x) for x in p.tags]))
 
-    cycles = _run(dut, [feed, check])
+    cycles = run_until_done(dut, [feed, check])
     assert len(got) == len(logits), f"TopK: {len(got)} results for {len(logits)} tokens"
     for t, (experts_got, tags_got) in enumerate(got):
         exp = [int(x) for x in want[t]]
@@ -137,7 +108,7 @@ def test_without_tags():
         for _ in logits:
             got.append([int(x) for x in (await stream_get(ctx, dut.o)).experts])
 
-    _run(dut, [feed, check])
+    run_until_done(dut, [feed, check])
     assert got == golden.topk(logits, 2).tolist()
 
 
@@ -201,7 +172,7 @@ def test_verilog_and_embedding(experts, top_k, lanes):
         p = await stream_get(ctx, dut.o)
         got.append(([int(x) for x in p.experts], [int(x) for x in p.tags]))
 
-    _run(dut, [feed, check])
+    run_until_done(dut, [feed, check])
     assert got == [([1, 2], [8, 8])]
 
 
