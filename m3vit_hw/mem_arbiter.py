@@ -1,0 +1,153 @@
+"""Read-port arbiter: several external-memory read masters share one :class:`ReadPortSignature`.
+
+The MoE layer has two streamers (expert weights and their column parameters) behind one external
+memory port; later units (program, image loaders) can join the same way.
+
+Contract
+--------
+* Each master sees a complete :class:`~m3vit_hw.mem_port.ReadPortSignature` port with the memory's
+  contract (in-order responses, ``beats`` beats per request, ``last`` on the final one).
+* Requests are granted round-robin among the masters with ``req.valid`` high. A granted request is
+  *locked* until the memory accepts it, so the downstream ``req`` stream obeys the stream rules (its
+  payload never changes while ``valid`` is high without a transfer) even when another master raises
+  ``valid`` meanwhile.
+* The memory answers in request order, so the arbiter keeps a FIFO of the master index of every
+  accepted request (``depth`` entries) and routes response beats to the FIFO head until its ``last``
+  beat. When the FIFO is full, no further request is forwarded.
+* ``resp.ready`` towards the memory is the head master's ``resp.ready``; it never depends on any
+  ``req.ready``.
+
+Latency: none added on either path (requests and responses pass combinationally; the grant and the
+FIFO are registers). The FIFO adds one cycle between a request's acceptance and the earliest cycle its
+first beat can be routed, which any memory with a latency of at least one cycle hides.
+"""
+
+from amaranth.hdl import Module, Signal
+from amaranth.lib import fifo, wiring
+from amaranth.lib.wiring import In, Out
+
+from .mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+
+__all__ = ["ReadArbiter"]
+
+
+def _check_int(name, value, minimum, maximum):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], not {value}")
+
+
+class ReadArbiter(wiring.Component):
+    """Round-robin arbiter of ``masters`` read masters onto one external-memory read port.
+
+    Parameters
+    ----------
+    masters : int
+        Number of read masters, in [1, 16].
+    addr_width, data_bytes, max_burst : int
+        The port's parameters (see :class:`~m3vit_hw.mem_port.ReadPortSignature`); the same on every
+        side.
+    depth : int
+        Requests that may be outstanding at the memory (the routing FIFO's depth), in [1, 256].
+
+    Interface attributes
+    --------------------
+    masters : ``In(ReadPortSignature(...)).array(masters)``
+        One port per master; connect each master's ``Out(ReadPortSignature)`` to one of them.
+    mem : ``Out(ReadPortSignature(...))``
+        To the memory (or the AXI bridge).
+    busy : ``Out(1)``
+        Some request is outstanding.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a parameter outside the ranges above (the message names it).
+    """
+
+    def __init__(self, masters, *, addr_width=DEFAULT_ADDR_WIDTH, data_bytes=DEFAULT_DATA_BYTES,
+                 max_burst=DEFAULT_MAX_BURST, depth=8):
+        try:
+            _check_int("masters", masters, 1, 16)
+            _check_int("depth", depth, 1, 256)
+            sig = ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)
+        except (TypeError, ValueError):
+            self._MustUse__silence = True
+            raise
+        self._n = masters
+        self._depth = depth
+        self._port = sig
+        super().__init__({
+            "masters": In(sig).array(masters),
+            "mem": Out(sig),
+            "busy": Out(1),
+        })
+
+    @property
+    def port_signature(self):
+        """The :class:`ReadPortSignature` shared by every side."""
+        return self._port
+
+    @property
+    def depth(self):
+        return self._depth
+
+    def elaborate(self, platform):
+        m = Module()
+        n = self._n
+        idx_bits = max(1, (n - 1).bit_length())
+        m.submodules.route = route = fifo.SyncFIFO(width=idx_bits, depth=self._depth)
+
+        req, resp = self.mem.req, self.mem.resp
+        valids = [self.masters[i].req.valid for i in range(n)]
+
+        # Round-robin: the master after the last granted one has the highest priority.
+        last = Signal(range(n), init=n - 1)
+        pick = Signal(range(n))
+        for offset in reversed(range(n)):
+            # Later assignments win, so iterate from lowest to highest priority.
+            for i in range(n):
+                cand = (i + 1 + offset) % n
+                with m.If((last == i) & valids[cand]):
+                    m.d.comb += pick.eq(cand)
+
+        locked = Signal()
+        grant_reg = Signal(range(n))
+        sel = Signal(range(n))
+        m.d.comb += sel.eq(pick)
+        with m.If(locked):
+            m.d.comb += sel.eq(grant_reg)
+
+        with m.Switch(sel):
+            for i in range(n):
+                with m.Case(i):
+                    m.d.comb += [
+                        req.valid.eq(self.masters[i].req.valid & route.w_rdy),
+                        req.payload.eq(self.masters[i].req.payload),
+                        self.masters[i].req.ready.eq(req.ready & route.w_rdy),
+                    ]
+        transfer = req.valid & req.ready
+        m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(sel)]
+        with m.If(transfer):
+            m.d.sync += [locked.eq(0), last.eq(sel)]
+        with m.Elif(req.valid):
+            m.d.sync += [locked.eq(1), grant_reg.eq(sel)]
+
+        # Responses go to the master whose request is oldest.
+        head = route.r_data
+        for i in range(n):
+            mp = self.masters[i].resp
+            m.d.comb += [
+                mp.valid.eq(resp.valid & route.r_rdy & (head == i)),
+                mp.payload.eq(resp.payload),
+            ]
+        with m.Switch(head):
+            for i in range(n):
+                with m.Case(i):
+                    m.d.comb += resp.ready.eq(route.r_rdy & self.masters[i].resp.ready)
+        m.d.comb += [
+            route.r_en.eq(resp.valid & resp.ready & resp.payload.last),
+            self.busy.eq(route.r_rdy),
+        ]
+        return m

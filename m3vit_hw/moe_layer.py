@@ -1,0 +1,350 @@
+"""``MoELayer``: one M³ViT mixture-of-experts MLP layer on the accelerator, end to end.
+
+``x <- x + sum_k p_k * expert_k(h)`` for every token, bit-exact with
+``reference.golden_model.moe_layer`` (``h`` = the int8 ``norm2`` output, ``x`` = the int16 residual
+stream). The layer is built from the project's units:
+
+* a :class:`~m3vit_hw.gemm_engine.GemmEngine` (one PE array) that runs the gate GEMM and every expert
+  tile. Its PE array's operand handshake is tapped as ``pe_active`` (the engine has no such port): the
+  ``compute_cycles`` counter counts it, and the controller counts it to release a tile's buffer
+  halves as soon as the engine has read them, so consecutive tiles overlap in the engine;
+* the :class:`~m3vit_hw.router.Router` (task bias, softmax, top-k) and
+  :class:`~m3vit_hw.expert_queues.ExpertQueues` (counting-based per-expert token queues);
+* the :class:`~m3vit_hw.reorder_controller.ReorderController`, which captures the queues into the row
+  table and sequences weight fetch and compute, active expert by active expert, tile by tile
+  (:mod:`m3vit_hw.expert_layout` defines the tiles);
+* two ping-pong :class:`~m3vit_hw.weight_buffer.WeightBuffer` instances, one for weight panels
+  (``config.weight_buffer_bytes``, independent of E) and one for the column parameters (bias and
+  multiplier words, ``config.param_buffer_words``), each filled by a
+  :class:`~m3vit_hw.weight_streamer.WeightStreamer`; the streamers share the external-memory port
+  through a :class:`~m3vit_hw.mem_arbiter.ReadArbiter`;
+* the activation buffer (``h`` rows at word 0, the hidden region after ``token_capacity`` rows) and
+  the residual buffer (``x``), both sized by the config.
+
+Use
+---
+1. Place the image of :func:`~m3vit_hw.expert_layout.pack_moe` in external memory.
+2. Load ``h``, ``x`` and the GELU table through ``load`` (while idle).
+3. Send ``start`` (:func:`~m3vit_hw.expert_layout.start_fields` builds it) and wait for ``done``.
+4. Read ``x`` back through ``rd_addr`` / ``rd_data``. Another ``start`` (any task, any T) may follow
+   without reloading the GELU table; switching tasks fetches only that task's gate record.
+
+Counters (reset by ``start``, valid after ``done``): ``cycles`` (start accepted .. done),
+``compute_cycles`` (cycles in which the PE array accepted an operand beat, i.e. did ``pe_rows x
+pe_cols`` MACs: derived from the engine's PE array input handshake), ``expert_bytes`` and
+``gate_bytes`` (bytes written into the two buffers by the streamers, split by the piece they
+belonged to).
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from . import numerics as nx
+from .config import AcceleratorConfig
+from .expert_layout import PARAM_LANE_BYTES, plan_moe
+from .expert_queues import ExpertQueues
+from .gemm_engine import GemmEngine
+from .mem_arbiter import ReadArbiter
+from .mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from .reorder_controller import GATE_TAG, LayerStartLayout, ReorderController
+from .router import Router
+from .weight_buffer import WeightBuffer
+from .weight_streamer import WeightStreamer
+
+__all__ = ["MoELayer", "LoadTarget", "LoadLayout"]
+
+
+class LoadTarget(enum.Enum, shape=2):
+    """Where a ``load`` beat goes."""
+    #: Activation-buffer word ``addr`` (``h`` row ``t`` word ``w`` is ``t * row_words + w``); lanes
+    #: take the low 8 bits of ``data``.
+    H = 0
+    #: Residual-buffer word ``addr`` (``x`` row ``t`` word ``w`` is ``t * row_words + w``).
+    X = 1
+    #: GELU table entry ``addr`` (0..255, the int8 input + 128) = ``data[0]`` (low 8 bits).
+    GELU = 2
+
+
+class LoadLayout(data.StructLayout):
+    """A ``load`` beat: ``target`` (:class:`LoadTarget`), ``addr``, ``data`` (pe_cols int16 lanes)."""
+
+    def __init__(self, config):
+        super().__init__({
+            "target": LoadTarget,
+            "addr": unsigned(max(config.act_addr_bits, config.res_addr_bits, nx.ACT_BITS)),
+            "data": data.ArrayLayout(signed(nx.RES_BITS), config.pe_cols),
+        })
+
+
+class _MeteredEngine(GemmEngine):
+    """The GemmEngine plus a ``pe_active`` strobe: its PE array accepted an operand beat this cycle.
+
+    The engine has no such port, so the strobe is taken from the PE array's input handshake after
+    elaboration (``m.submodules.pe``). A beat is one reduction step of a full ``pe_rows x pe_cols``
+    tile, so the count of strobes is the cycles in which the array did MACs (masked tail rows and
+    lanes included), and a command takes ``ceil(m / pe_rows) * ceil(n / pe_cols) * k`` of them, in
+    command order (what :class:`~m3vit_hw.reorder_controller.ReorderController` relies on)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.pe_active = Signal()
+
+    def elaborate(self, platform):
+        m = super().elaborate(platform)
+        pe = m.submodules.pe
+        m.d.comb += self.pe_active.eq(pe.i.valid & pe.i.ready)
+        return m
+
+
+def _check_int(name, value, minimum, maximum):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, not {value!r}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], not {value}")
+
+
+class MoELayer(wiring.Component):
+    """One MoE layer: router, expert queues, reordering controller, buffers, streamers, GEMM engine.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+        Every size: PE array, token capacity, experts, top-k, tasks, buffers.
+    mem_addr_width, mem_data_bytes, mem_max_burst : int
+        The external-memory read port (:class:`~m3vit_hw.mem_port.ReadPortSignature`).
+    counter_width : int
+        Width of the performance counters, in [16, 64].
+    arbiter_depth : int
+        Outstanding memory requests the arbiter can route.
+
+    Interface attributes
+    --------------------
+    start : ``In(stream.Signature(LayerStartLayout(config, mem_addr_width)))``
+        Starts a layer; accepted when idle (see :class:`~m3vit_hw.reorder_controller.LayerStartLayout`).
+    done : ``Out(1)``
+        Pulses when the layer's last result is in the residual buffer.
+    busy : ``Out(1)``
+        A layer is running (``load`` and ``rd_addr`` wait meanwhile).
+    mem : ``Out(ReadPortSignature(...))``
+        External memory (weights, column parameters, gates).
+    load : ``In(stream.Signature(LoadLayout(config)))``
+        Preloads ``h``, ``x`` and the GELU table, one word or entry per beat; ready while idle.
+    rd_addr : ``In(stream.Signature(unsigned(res_addr_bits)))``
+        Residual-buffer word addresses to read back; ready while idle and the output slot is free.
+    rd_data : ``Out(stream.Signature(ArrayLayout(signed(16), pe_cols)))``
+        The words, in request order, one per address.
+    cycles, compute_cycles, expert_bytes, gate_bytes : ``Out(counter_width)``
+        Performance counters of the last layer (see the module docstring).
+    active_experts : ``Out(range(E + 1))``
+        Active experts of the last layer.
+    overflow : ``Out(1)``
+        The expert queues saw more than ``token_capacity`` tokens (sticky).
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad parameter or a config whose buffers cannot hold the layer (message names it).
+    """
+
+    def __init__(self, config, *, mem_addr_width=DEFAULT_ADDR_WIDTH, mem_data_bytes=DEFAULT_DATA_BYTES,
+                 mem_max_burst=DEFAULT_MAX_BURST, counter_width=32, arbiter_depth=8):
+        try:
+            if not isinstance(config, AcceleratorConfig):
+                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+            _check_int("counter_width", counter_width, 16, 64)
+            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                               max_burst=mem_max_burst)
+            layout = plan_moe(config, data_bytes=mem_data_bytes)
+            self.controller = ReorderController(config, layout, addr_width=mem_addr_width)
+            self.arbiter = ReadArbiter(2, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                       max_burst=mem_max_burst, depth=arbiter_depth)
+        except (TypeError, ValueError):
+            self._MustUse__silence = True
+            raise
+        self._config = config
+        self._layout = layout
+        self._db = mem_data_bytes
+        C = config.pe_cols
+        port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst,
+                    counter_width=counter_width)
+        self.engine = _MeteredEngine(config)
+        self.router = Router(config)
+        self.queues = ExpertQueues.from_config(config)
+        self.wbuf = WeightBuffer(layout.weight_half_bytes, C * nx.WEIGHT_BITS // 8,
+                                 write_bytes=mem_data_bytes)
+        self.pbuf = WeightBuffer(layout.param_half_bytes, layout.param_word_bytes,
+                                 write_bytes=mem_data_bytes)
+        self.wstream = WeightStreamer(layout.weight_half_bytes, **port)
+        self.pstream = WeightStreamer(layout.param_half_bytes, **port)
+        word8 = data.ArrayLayout(signed(nx.ACT_BITS), C)
+        word16 = data.ArrayLayout(signed(nx.RES_BITS), C)
+        #: The activation buffer (``h`` rows, then the hidden region) and the residual buffer; exposed so
+        #: that testbenches can inspect them.
+        self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
+        self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
+        super().__init__({
+            "start": In(stream.Signature(LayerStartLayout(config, mem_addr_width))),
+            "done": Out(1),
+            "busy": Out(1),
+            "mem": Out(ReadPortSignature(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                         max_burst=mem_max_burst)),
+            "load": In(stream.Signature(LoadLayout(config))),
+            "rd_addr": In(stream.Signature(unsigned(config.res_addr_bits))),
+            "rd_data": Out(stream.Signature(word16)),
+            "cycles": Out(counter_width),
+            "compute_cycles": Out(counter_width),
+            "expert_bytes": Out(counter_width),
+            "gate_bytes": Out(counter_width),
+            "active_experts": Out(range(config.model.experts + 1)),
+            "overflow": Out(1),
+        })
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def layout(self):
+        """The :class:`~m3vit_hw.expert_layout.MoELayout` the layer expects in external memory."""
+        return self._layout
+
+    @property
+    def row_words(self):
+        """Words per ``h`` row and per ``x`` row."""
+        return self._config.row_words
+
+    @property
+    def hidden_base(self):
+        return self.controller.hidden_base
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        C = cfg.pe_cols
+        db = self._db
+        eng, rtr, qs, ctl = self.engine, self.router, self.queues, self.controller
+        for name in ("engine", "router", "queues", "controller", "wbuf", "pbuf", "wstream", "pstream",
+                     "arbiter"):
+            m.submodules[name] = getattr(self, name)
+
+        # ---- external memory: two streamers behind the arbiter -----------------------------------
+        wiring.connect(m, self.wstream.mem, self.arbiter.masters[0])
+        wiring.connect(m, self.pstream.mem, self.arbiter.masters[1])
+        wiring.connect(m, self.arbiter.mem, wiring.flipped(self.mem))
+        wiring.connect(m, self.wstream.buf, self.wbuf.write)
+        wiring.connect(m, self.pstream.buf, self.pbuf.write)
+        wiring.connect(m, ctl.wcmd, self.wstream.cmd)
+        wiring.connect(m, ctl.pcmd, self.pstream.cmd)
+
+        # ---- buffers' reader sides: the engine reads, the controller releases --------------------
+        wr, pr = self.wbuf.read, self.pbuf.read
+        m.d.comb += [
+            wr.addr.eq(eng.b_rd.addr), wr.en.eq(eng.b_rd.en), eng.b_rd.data.eq(wr.data),
+            ctl.wtile.valid.eq(wr.tile.valid), ctl.wtile.payload.eq(wr.tile.payload),
+            wr.tile.ready.eq(ctl.wtile.ready),
+            ctl.ptile.valid.eq(pr.tile.valid), ctl.ptile.payload.eq(pr.tile.payload),
+            pr.tile.ready.eq(ctl.ptile.ready),
+        ]
+        # The parameter buffer's read port: the router reads the gate's bias words while the gate
+        # tile is resident (the RAW gate GEMM ignores its column parameters), the engine otherwise.
+        gate = ctl.gate_phase
+        m.d.comb += [
+            pr.addr.eq(Mux(gate, rtr.bias_rd.addr, eng.colp_rd.addr)),
+            pr.en.eq(Mux(gate, rtr.bias_rd.en, eng.colp_rd.en)),
+        ]
+        lane = PARAM_LANE_BYTES * 8
+        for c in range(C):
+            m.d.comb += [
+                eng.colp_rd.data[c].bias.eq(pr.data[c * lane:c * lane + nx.BIAS_BITS]),
+                eng.colp_rd.data[c].mult.eq(pr.data[c * lane + 32:c * lane + 32 + nx.MULT_BITS]),
+                rtr.bias_rd.data[c].eq(pr.data[c * lane:c * lane + nx.BIAS_BITS]),
+            ]
+
+        # ---- router path: engine RAW beats -> router -> queues -> controller ---------------------
+        wiring.connect(m, eng.o, rtr.i)
+        wiring.connect(m, ctl.router_cmd, rtr.cmd)
+        m.d.comb += ctl.router_drained.eq(rtr.drained)
+        wiring.connect(m, rtr.o, qs.i)
+        wiring.connect(m, qs.o, ctl.q)
+        wiring.connect(m, eng.rowtab_rd, ctl.rowtab)
+        wiring.connect(m, ctl.gemm, eng.cmd)
+        m.d.comb += [ctl.gemm_done.eq(eng.done), ctl.pe_beat.eq(eng.pe_active),
+                     self.overflow.eq(qs.overflow),
+                     self.active_experts.eq(ctl.active_experts)]
+
+        # ---- start / done ----------------------------------------------------------------------
+        busy = ctl.busy
+        wiring.connect(m, wiring.flipped(self.start), ctl.start)
+        m.d.comb += [self.done.eq(ctl.done), self.busy.eq(busy)]
+        start = self.start.valid & self.start.ready
+
+        # ---- on-chip activation and residual buffers ---------------------------------------------
+        m.submodules.act = act = self.act_buffer
+        m.submodules.res = res = self.res_buffer
+        wiring.connect(m, eng.a_rd, act.read_port())
+        wiring.connect(m, eng.res_rd, res.read_port())
+        act_w = act.write_port(granularity=1)
+        res_w = res.write_port(granularity=1)
+        # One write port per buffer: the engine's while a layer runs, the loader's while idle.
+        ld = self.load
+        m.d.comb += ld.ready.eq(~busy)
+        ld_go = ld.valid & ld.ready
+        with m.If(busy):
+            m.d.comb += [
+                act_w.addr.eq(eng.act_wr.addr), act_w.data.eq(eng.act_wr.data), act_w.en.eq(eng.act_wr.en),
+                res_w.addr.eq(eng.res_wr.addr), res_w.data.eq(eng.res_wr.data), res_w.en.eq(eng.res_wr.en),
+            ]
+        with m.Else():
+            m.d.comb += [
+                act_w.addr.eq(ld.p.addr),
+                act_w.en.eq(Mux(ld_go & (ld.p.target == LoadTarget.H), (1 << C) - 1, 0)),
+                res_w.addr.eq(ld.p.addr), res_w.data.eq(ld.p.data),
+                res_w.en.eq(Mux(ld_go & (ld.p.target == LoadTarget.X), (1 << C) - 1, 0)),
+            ]
+            for c in range(C):
+                m.d.comb += act_w.data[c].eq(ld.p.data[c][:nx.ACT_BITS])
+        m.d.comb += [
+            eng.gelu_lut.addr.eq(ld.p.addr[:nx.ACT_BITS]),
+            eng.gelu_lut.data.eq(ld.p.data[0][:nx.ACT_BITS]),
+            eng.gelu_lut.en.eq(ld_go & (ld.p.target == LoadTarget.GELU)),
+        ]
+
+        # Read-back: one registered read stage (the read data holds while the port is disabled).
+        rb = res.read_port()
+        rq, rd = self.rd_addr, self.rd_data
+        m.d.comb += [
+            rq.ready.eq(~busy & (~rd.valid | rd.ready)),
+            rb.addr.eq(rq.payload), rb.en.eq(rq.valid & rq.ready),
+            rd.payload.eq(rb.data),
+        ]
+        with m.If(rq.valid & rq.ready):
+            m.d.sync += rd.valid.eq(1)
+        with m.Elif(rd.ready):
+            m.d.sync += rd.valid.eq(0)
+
+        # ---- performance counters ----------------------------------------------------------------
+        w_gate = Signal()
+        p_gate = Signal()
+        with m.If(ctl.wcmd.valid & ctl.wcmd.ready):
+            m.d.sync += w_gate.eq(ctl.wcmd.p.tag == GATE_TAG)
+        with m.If(ctl.pcmd.valid & ctl.pcmd.ready):
+            m.d.sync += p_gate.eq(ctl.pcmd.p.tag == GATE_TAG)
+        w_beat = self.wstream.buf.en
+        p_beat = self.pstream.buf.en
+        gate_add = Mux(w_beat & w_gate, db, 0) + Mux(p_beat & p_gate, db, 0)
+        exp_add = Mux(w_beat & ~w_gate, db, 0) + Mux(p_beat & ~p_gate, db, 0)
+        with m.If(start):
+            m.d.sync += [self.cycles.eq(0), self.compute_cycles.eq(0), self.expert_bytes.eq(0),
+                         self.gate_bytes.eq(0)]
+        with m.Else():
+            m.d.sync += [
+                self.expert_bytes.eq(self.expert_bytes + exp_add),
+                self.gate_bytes.eq(self.gate_bytes + gate_add),
+            ]
+            with m.If(busy):
+                m.d.sync += [
+                    self.cycles.eq(self.cycles + 1),
+                    self.compute_cycles.eq(self.compute_cycles + eng.pe_active),
+                ]
+        return m

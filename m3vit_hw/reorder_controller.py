@@ -1,0 +1,556 @@
+"""The MoE reordering controller: expert queues -> row table, then fetch and compute sequencers.
+
+This is the paper's *computation reordering* in hardware. After the router has sent every token to
+:class:`~m3vit_hw.expert_queues.ExpertQueues`, the queues walk out active expert by active expert. The
+controller
+
+1. **captures** the walk: entries into the *row table* (``token_capacity * top_k`` entries of
+   ``(token, Q0.15 weight)``, the GemmEngine's row-table format) and headers into a small *active
+   list* of ``(expert, offset, count)`` (at most ``min(E, T*k)`` entries, O(E) metadata);
+2. runs a **fetch sequencer** over ``(active experts ascending) x (static tile plan)``: for each tile a
+   command to the weight streamer (the tile's panels) and one to the parameter streamer (its column
+   parameters). A streamer takes a command only when its previous one is committed and fills a half
+   only when it is FREE, so expert *e+1*'s first tile streams into the free half while the engine
+   computes from the other. Idle experts have no list entry and are never fetched;
+3. runs a **compute sequencer** over the same sequence: once both halves of a tile are FULL (and the
+   expert's row-table entries are captured) it issues the tile's GemmEngine command, and releases both
+   halves as soon as the engine no longer reads them (see *Releasing a tile* below).
+
+Before the experts, the same two sequencers run the layer's gate: the task's gate panels and bias words
+are tile 0 of the sequence, the gate GEMM (RAW, ``M = T, K = D, N = E``) feeds the
+:class:`~m3vit_hw.router.Router`, and the gate's halves are released when both the engine and the
+router are done with them (the router reads the bias words from the parameter half: ``gate_phase``).
+
+GEMM commands
+-------------
+With ``C = pe_cols``, ``rw = ceil(D / C)`` words per activation/residual row and ``hw = ceil(h / C)``:
+
+=========  =====  ==============================================================================
+command    mode   operands and destination
+=========  =====  ==============================================================================
+gate       RAW    ``m = T, k = D, n = E``; A = ``h`` rows (base 0, pitch ``rw``); out on the stream
+fc1 tile   GELU8  ``m = count, k = D, n = tile.n``; A gathered from ``h`` by the row table
+                  (``rowtab_base = offset``); out to the hidden region ``hidden_base + row * hw
+                  + tile.n0 / C``
+fc2 tile   COMB.  ``m = count, k = h, n = tile.n``; A = hidden rows (pitch ``hw``); scattered to
+                  residual row ``token`` with the row's Q0.15 weight; ``sync`` on the expert's
+                  first fc2 tile (it reads what fc1 wrote)
+=========  =====  ==============================================================================
+
+B is always read from word 0 of the reader's current weight half (panels, ``b_tile_stride = K``) and
+column parameters from word 0 of the current parameter half. Experts run in ascending order, which is
+what ``reference.golden_model.moe_layer`` does (it defines the result when the residual saturates).
+
+Releasing a tile
+----------------
+The weight buffer's reader addresses its *current* half, so the next tile's command may only start
+loading after the release. Waiting for the engine's ``done`` would serialize the engine (fill, last
+block, drain: about 20 cycles per tile on 4x4 PEs). Instead the controller counts the PE array's
+operand beats (``pe_beat``; a command takes ``ceil(m / pe_rows) * ceil(n / C) * k`` of them, in order)
+and releases the halves when the array has *started the command's last block*: the engine reads
+every block (A, B and the tile's column parameters) into its staging registers before the array
+consumes it, so from then on the command touches neither half. The next command then loads while this
+one finishes, and consecutive tiles overlap in the engine like any back-to-back commands. The expert's
+first fc2 tile carries ``sync`` (it reads the hidden rows fc1 writes), so the engine itself holds it
+until fc1 has drained; that one boundary per expert keeps its fill-and-drain cost. The layer's
+``done`` waits for the last command's ``done``.
+"""
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from . import numerics as nx
+from .config import AcceleratorConfig
+from .epilogue import EpilogueMode
+from .expert_layout import MoELayout
+from .expert_queues import token_id_width
+from .gemm_engine import GemmCommand, RowEntryLayout
+from .router import RouterCommandLayout
+from .softmax import OUT_BITS, SHIFT_BITS
+from .topk import expert_id_width
+from .weight_buffer import DEFAULT_TAG_WIDTH, TileInfoLayout
+from .weight_streamer import StreamerCommandLayout
+
+__all__ = ["ReorderController", "LayerStartLayout", "QueueBeatLayout", "GATE_TAG"]
+
+#: Streamer tag of the gate's pieces (expert tiles are tagged ``1 + tile index``); the MoE layer uses
+#: it to count gate and expert bytes separately.
+GATE_TAG = 0
+
+
+def _last_block(k, c):
+    """Reduction steps in the last block of a K-long reduction (blocks of ``c`` steps)."""
+    return k - c * ((k - 1) // c)
+
+
+class LayerStartLayout(data.StructLayout):
+    """The command that starts one MoE layer.
+
+    Fields
+    ------
+    task : unsigned
+        Task id in ``[0, tasks)``: selects the gate record at ``gate_base + task * gate_stride``.
+    tokens : range(token_capacity + 1)
+        T, in ``[1, token_capacity]``.
+    gate_base, expert_base : unsigned(addr_width)
+        External byte addresses of the layer's gate region and expert region
+        (:class:`~m3vit_hw.expert_layout.MoELayout`); multiples of the memory beat.
+    c_mult, c_shift : the router softmax's exponent scale for this task's gate.
+    fc1_shift, fc2_shift : range(SHIFT_MAX + 1)
+        Requantization shifts of the experts' fc1 and fc2 (one per layer, shared by all experts).
+    """
+
+    def __init__(self, config, addr_width):
+        tasks = config.model.num_tasks
+        super().__init__({
+            "task": unsigned(max(1, (tasks - 1).bit_length())),
+            "tokens": range(config.token_capacity + 1),
+            "gate_base": unsigned(addr_width),
+            "expert_base": unsigned(addr_width),
+            "c_mult": unsigned(nx.SOFTMAX_MULT_BITS),
+            "c_shift": unsigned(SHIFT_BITS),
+            "fc1_shift": range(nx.SHIFT_MAX + 1),
+            "fc2_shift": range(nx.SHIFT_MAX + 1),
+        })
+
+
+class QueueBeatLayout(data.StructLayout):
+    """A beat of the :class:`~m3vit_hw.expert_queues.ExpertQueues` walk (its ``o`` layout)."""
+
+    def __init__(self, config):
+        cap = config.token_capacity
+        super().__init__({
+            "header": unsigned(1),
+            "expert": unsigned(expert_id_width(config.model.experts)),
+            "count": range(cap + 1),
+            "token": unsigned(token_id_width(cap)),
+            "weight": unsigned(OUT_BITS),
+            "last": unsigned(1),
+        })
+
+
+class ReorderController(wiring.Component):
+    """Captures the expert queues and sequences weight fetch and GEMM compute for one MoE layer.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    layout : MoELayout
+        The tile plan and memory layout (:func:`~m3vit_hw.expert_layout.plan_moe` of ``config``).
+    addr_width : int
+        External byte-address width (the streamers' ``addr_width``).
+    tag_width : int
+        Width of the streamers' and buffers' tile tag.
+
+    Interface attributes
+    --------------------
+    start : ``In(stream.Signature(LayerStartLayout(config, addr_width)))``
+        Accepted when the controller is idle.
+    q : ``In(stream.Signature(QueueBeatLayout(config)))``
+        The ExpertQueues walk; always ready while a layer runs.
+    router_cmd : ``Out(stream.Signature(RouterCommandLayout(config)))``
+    router_drained : ``In(1)``
+        The router no longer reads the gate's bias words.
+    wcmd, pcmd : ``Out(stream.Signature(StreamerCommandLayout(addr_width, addr_width, tag_width)))``
+        Commands of the weight and parameter streamers (one piece each per tile).
+    wtile, ptile : ``In(stream.Signature(TileInfoLayout(half_bytes, tag_width)))``
+        The reader side's ``tile`` streams of the weight and parameter buffers: ``valid`` = the
+        current half is FULL; a transfer releases it.
+    gemm : ``Out(stream.Signature(GemmCommand(config)))``
+        GemmEngine commands.
+    gemm_done : ``In(1)``
+        The engine's ``done`` pulse.
+    pe_beat : ``In(1)``
+        The engine's PE array accepted an operand beat (one reduction step of one output tile) this
+        cycle. Commands consume ``ceil(m / pe_rows) * ceil(n / C) * k`` beats, in command order; the
+        controller counts them to release a tile's halves early (see the module docstring).
+    rowtab : ``Out(memory.ReadPort.Signature(rowtab_addr_bits, RowEntryLayout(config)))``
+        The row table's read port, for the engine's ``rowtab_rd``.
+    gate_phase : ``Out(1)``
+        The gate tile is resident: the parameter buffer's read port belongs to the router.
+    done : ``Out(1)``
+        Pulses when the layer's last GEMM has finished.
+    busy : ``Out(1)``
+        From ``start`` until ``done``.
+    active_experts : ``Out(range(E + 1))``
+        Active experts of the current (or last) layer, as captured so far.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If ``layout`` was not planned for ``config`` or the activation buffer cannot hold the ``h`` rows
+        and the hidden region.
+    """
+
+    def __init__(self, config, layout, *, addr_width=32, tag_width=DEFAULT_TAG_WIDTH):
+        try:
+            self._check(config, layout, addr_width, tag_width)
+        except (TypeError, ValueError):
+            self._MustUse__silence = True
+            raise
+        self._config = config
+        self._layout = layout
+        self._aw = addr_width
+        self._tw = tag_width
+        E = config.model.experts
+        scmd = StreamerCommandLayout(addr_width, addr_width, tag_width)
+        super().__init__({
+            "start": In(stream.Signature(LayerStartLayout(config, addr_width))),
+            "q": In(stream.Signature(QueueBeatLayout(config))),
+            "router_cmd": Out(stream.Signature(RouterCommandLayout(config))),
+            "router_drained": In(1),
+            "wcmd": Out(stream.Signature(scmd)),
+            "pcmd": Out(stream.Signature(scmd)),
+            "wtile": In(stream.Signature(TileInfoLayout(layout.weight_half_bytes, tag_width))),
+            "ptile": In(stream.Signature(TileInfoLayout(layout.param_half_bytes, tag_width))),
+            "gemm": Out(stream.Signature(GemmCommand(config))),
+            "gemm_done": In(1),
+            "pe_beat": In(1),
+            "rowtab": Out(memory.ReadPort.Signature(addr_width=config.rowtab_addr_bits,
+                                                    shape=RowEntryLayout(config))),
+            "gate_phase": Out(1),
+            "done": Out(1),
+            "busy": Out(1),
+            "active_experts": Out(range(E + 1)),
+        })
+
+    @staticmethod
+    def _check(config, layout, addr_width, tag_width):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        if not isinstance(layout, MoELayout):
+            raise TypeError(f"layout must be a MoELayout, not {layout!r}")
+        m = config.model
+        if (layout.dim, layout.hidden, layout.experts, layout.pe_cols, layout.tasks) != (
+                m.dim, m.expert_hidden, m.experts, config.pe_cols, m.num_tasks):
+            raise ValueError("layout must be planned for config (plan_moe(config)): its D, h, E, "
+                             "pe_cols or task count differ")
+        for name, v, lo, hi in (("addr_width", addr_width, 1, 64), ("tag_width", tag_width, 1, 64)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an integer, not {v!r}")
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], not {v}")
+        if layout.image_bytes >= 1 << addr_width:
+            raise ValueError(f"addr_width={addr_width} cannot address the layer's {layout.image_bytes}-"
+                             f"byte parameter image")
+        if len(layout.tiles) + 1 >= 1 << tag_width:
+            raise ValueError(f"tag_width={tag_width} cannot number {len(layout.tiles)} tiles")
+        need = ReorderController.hidden_base_of(config) + config.token_capacity * ReorderController.hidden_words_of(config)
+        if need > config.act_buffer_words:
+            raise ValueError(
+                f"act_buffer_bytes must be >= {need * config.act_word_bytes} for the MoE layer (h rows "
+                f"and a token_capacity x expert_hidden hidden region), not {config.act_buffer_bytes}")
+
+    # ---- the on-chip buffer map (one definition, read by MoELayer and the runners) --------------
+
+    @staticmethod
+    def hidden_base_of(config):
+        """Activation-buffer word where the hidden region starts (after ``token_capacity`` h rows)."""
+        return config.token_capacity * config.row_words
+
+    @staticmethod
+    def hidden_words_of(config):
+        return -(-config.model.expert_hidden // config.pe_cols)
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def layout(self):
+        return self._layout
+
+    @property
+    def row_words(self):
+        """Words per ``h`` row (activation buffer, base 0) and per residual row (residual buffer)."""
+        return self._config.row_words
+
+    @property
+    def hidden_base(self):
+        return self.hidden_base_of(self._config)
+
+    @property
+    def hidden_words(self):
+        return self.hidden_words_of(self._config)
+
+    # ---- elaboration -----------------------------------------------------------------------------
+
+    def _tile_rom(self, m, index, name):
+        """Combinational lookup of the static tile plan: ``index`` -> the tile's fields."""
+        lay = self._layout
+        C = self._config.pe_cols
+        cfg = self._config
+        t = Signal(data.StructLayout({
+            "w_off": unsigned(self._aw), "w_len": unsigned(self._aw),
+            "p_off": unsigned(self._aw), "p_len": unsigned(self._aw),
+            "fc2": 1, "first_fc2": 1, "last": 1,
+            "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
+            "nk": range(self._max_nk() + 1), "w_last": range(C + 1),
+        }), name=name)
+        first_fc2 = next(tl.index for tl in lay.tiles if tl.kind == "fc2")
+        with m.Switch(index):
+            for tl in lay.tiles:
+                with m.Case(tl.index):
+                    m.d.comb += [
+                        t.w_off.eq(tl.w_offset), t.w_len.eq(tl.w_bytes),
+                        t.p_off.eq(tl.p_offset), t.p_len.eq(tl.p_bytes),
+                        t.fc2.eq(tl.kind == "fc2"), t.first_fc2.eq(tl.index == first_fc2),
+                        t.last.eq(tl.index == len(lay.tiles) - 1),
+                        t.n.eq(tl.n), t.n0w.eq(tl.n0 // C),
+                        t.nk.eq(-(-tl.n // C) * tl.k), t.w_last.eq(_last_block(tl.k, C)),
+                    ]
+        return t
+
+    def _max_nk(self):
+        """Most PE beats of one row tile of any command: ``ceil(n / C) * K``."""
+        C = self._config.pe_cols
+        lay = self._layout
+        return max([-(-t.n // C) * t.k for t in lay.tiles] + [lay.gate_panels * lay.dim])
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, lay = self._config, self._layout
+        mdl = cfg.model
+        D, h, E = mdl.dim, mdl.expert_hidden, mdl.experts
+        cap = cfg.token_capacity
+        entries = cfg.rowtab_entries
+        n_tiles = len(lay.tiles)
+        list_depth = min(E, entries)
+        aw = self._aw
+
+        # ---- storage -------------------------------------------------------------------------------
+        m.submodules.rowtab = rt = memory.Memory(shape=RowEntryLayout(cfg), depth=entries, init=[])
+        rt_w = rt.write_port()
+        rt_r = rt.read_port()
+        m.d.comb += [rt_r.addr.eq(self.rowtab.addr), rt_r.en.eq(self.rowtab.en),
+                     self.rowtab.data.eq(rt_r.data)]
+        list_layout = data.StructLayout({
+            "expert": unsigned(expert_id_width(E)), "offset": range(entries + 1), "count": range(cap + 1)})
+        m.submodules.active = lst = memory.Memory(shape=list_layout, depth=max(2, list_depth), init=[])
+        lst_w = lst.write_port()
+        lst_f = lst.read_port()           # fetch sequencer
+        lst_c = lst.read_port()           # compute sequencer
+        m.d.comb += [lst_f.en.eq(0), lst_c.en.eq(0)]
+
+        # ---- the layer's parameters ------------------------------------------------------------------
+        busy = Signal()
+        par = Signal(LayerStartLayout(cfg, aw))
+        gate_addr = Signal(aw)
+        m.d.comb += [self.start.ready.eq(~busy), self.busy.eq(busy)]
+        start = self.start.valid & self.start.ready
+        with m.If(start):
+            m.d.sync += [
+                par.eq(self.start.p),
+                par.tokens.eq(Mux(self.start.p.tokens == 0, 1, self.start.p.tokens)),
+                gate_addr.eq(self.start.p.gate_base + self.start.p.task * lay.gate_stride),
+                busy.eq(1),
+            ]
+
+        # ---- capture: the queue walk into the row table and the active list ----------------------
+        wptr = Signal(range(entries + 1))
+        n_hdr = Signal(range(list_depth + 1))
+        walk_done = Signal()
+        m.d.comb += [self.q.ready.eq(busy), self.active_experts.eq(n_hdr)]
+        q = self.q.p
+        q_go = self.q.valid & self.q.ready
+        m.d.comb += [
+            lst_w.addr.eq(n_hdr), lst_w.data.expert.eq(q.expert), lst_w.data.offset.eq(wptr),
+            lst_w.data.count.eq(q.count), lst_w.en.eq(q_go & q.header),
+            rt_w.addr.eq(wptr), rt_w.data.token.eq(q.token), rt_w.data.scale.eq(q.weight),
+            rt_w.en.eq(q_go & ~q.header),
+        ]
+        with m.If(q_go):
+            with m.If(q.header):
+                m.d.sync += n_hdr.eq(n_hdr + 1)
+            with m.Else():
+                m.d.sync += wptr.eq(wptr + 1)
+                with m.If(q.last):
+                    m.d.sync += walk_done.eq(1)
+        with m.If(start):
+            m.d.sync += [wptr.eq(0), n_hdr.eq(0), walk_done.eq(0)]
+
+        # ---- fetch sequencer -----------------------------------------------------------------------
+        f_tile = Signal(range(max(2, n_tiles)))
+        f_idx = Signal(range(list_depth + 1))
+        f_base = Signal(aw)
+        ft = self._tile_rom(m, f_tile, "f_rom")
+        w_sent = Signal()
+        p_sent = Signal()
+        w_now = w_sent | (self.wcmd.valid & self.wcmd.ready)
+        p_now = p_sent | (self.pcmd.valid & self.pcmd.ready)
+        both_sent = w_now & p_now
+
+        with m.FSM(name="fetch"):
+            with m.State("IDLE"):
+                with m.If(start):
+                    m.next = "GATE"
+            with m.State("GATE"):
+                m.d.comb += [
+                    self.wcmd.valid.eq(~w_sent),
+                    self.wcmd.p.addr.eq(gate_addr), self.wcmd.p.length.eq(lay.gate_w_bytes),
+                    self.wcmd.p.tag.eq(GATE_TAG),
+                    self.pcmd.valid.eq(~p_sent),
+                    self.pcmd.p.addr.eq(gate_addr + lay.gate_w_bytes),
+                    self.pcmd.p.length.eq(lay.gate_p_bytes), self.pcmd.p.tag.eq(GATE_TAG),
+                ]
+                with m.If(both_sent):
+                    m.d.sync += [w_sent.eq(0), p_sent.eq(0), f_idx.eq(0)]
+                    m.next = "NEXT"
+                with m.Else():
+                    m.d.sync += [w_sent.eq(w_now), p_sent.eq(p_now)]
+            with m.State("NEXT"):
+                with m.If(f_idx < n_hdr):
+                    m.d.comb += [lst_f.addr.eq(f_idx), lst_f.en.eq(1)]
+                    m.next = "LOAD"
+                with m.Elif(walk_done):
+                    m.next = "IDLE"
+            with m.State("LOAD"):
+                # Expert e's tiles start at expert_base + e * expert_stride (a constant multiplier).
+                m.d.sync += [f_base.eq(par.expert_base + lst_f.data.expert * lay.expert_stride),
+                             f_tile.eq(0)]
+                m.next = "TILE"
+            with m.State("TILE"):
+                m.d.comb += [
+                    self.wcmd.valid.eq(~w_sent),
+                    self.wcmd.p.addr.eq(f_base + ft.w_off), self.wcmd.p.length.eq(ft.w_len),
+                    self.wcmd.p.tag.eq(f_tile + 1),
+                    self.pcmd.valid.eq(~p_sent),
+                    self.pcmd.p.addr.eq(f_base + ft.p_off), self.pcmd.p.length.eq(ft.p_len),
+                    self.pcmd.p.tag.eq(f_tile + 1),
+                ]
+                with m.If(both_sent):
+                    m.d.sync += [w_sent.eq(0), p_sent.eq(0), f_tile.eq(f_tile + 1)]
+                    with m.If(ft.last):
+                        m.d.sync += f_idx.eq(f_idx + 1)
+                        m.next = "NEXT"
+                with m.Else():
+                    m.d.sync += [w_sent.eq(w_now), p_sent.eq(p_now)]
+
+        # ---- compute sequencer ---------------------------------------------------------------------
+        c_tile = Signal(range(max(2, n_tiles)))
+        c_idx = Signal(range(list_depth + 1))
+        c_off = Signal(range(entries + 1))
+        c_cnt = Signal(range(cap + 1))
+        ct = self._tile_rom(m, c_tile, "c_rom")
+        eng_done = Signal()
+        R = cfg.pe_rows
+        # PE beats still owed by issued commands, and commands whose done has not pulsed yet.
+        max_beats = -(-cap // R) * self._max_nk()
+        owed = Signal(range(2 * max_beats + 1))
+        owed_next = Signal.like(owed)
+        issue_beats = Signal.like(owed)
+        inflight = Signal(range(4))
+        r_sent = Signal()
+        g_sent = Signal()
+        r_now = r_sent | (self.router_cmd.valid & self.router_cmd.ready)
+        g_now = g_sent | (self.gemm.valid & self.gemm.ready)
+        halves_full = self.wtile.valid & self.ptile.valid
+        issued = self.gemm.valid & self.gemm.ready
+        with m.If(issued):
+            m.d.sync += eng_done.eq(0)
+        with m.Elif(self.gemm_done):
+            m.d.sync += eng_done.eq(1)
+        m.d.comb += owed_next.eq(owed - self.pe_beat)
+        m.d.sync += [
+            owed.eq(owed_next + Mux(issued, issue_beats, 0)),
+            inflight.eq(inflight + issued - self.gemm_done),
+        ]
+
+        rw, hw, hb = self.row_words, self.hidden_words, self.hidden_base
+        g = self.gemm.p
+        m.d.comb += [
+            self.router_cmd.p.tokens.eq(par.tokens),
+            self.router_cmd.p.c_mult.eq(par.c_mult),
+            self.router_cmd.p.c_shift.eq(par.c_shift),
+            g.b_base.eq(0), g.b_k_stride.eq(1), g.colp_base.eq(0),
+        ]
+        release = Signal()
+        m.d.comb += [self.wtile.ready.eq(release), self.ptile.ready.eq(release)]
+
+        with m.FSM(name="compute"):
+            with m.State("IDLE"):
+                with m.If(start):
+                    m.next = "GATE_WAIT"
+            with m.State("GATE_WAIT"):
+                m.d.comb += self.gate_phase.eq(1)
+                with m.If(halves_full):
+                    m.next = "GATE_ISSUE"
+            with m.State("GATE_ISSUE"):
+                m.d.comb += [
+                    self.gate_phase.eq(1),
+                    self.router_cmd.valid.eq(~r_sent),
+                    self.gemm.valid.eq(~g_sent),
+                    g.m.eq(par.tokens), g.k.eq(D), g.n.eq(E),
+                    g.a_base.eq(0), g.a_stride.eq(rw),
+                    g.b_tile_stride.eq(D),
+                    g.dst_base.eq(0), g.dst_stride.eq(0),
+                    g.mode.eq(EpilogueMode.RAW),
+                    issue_beats.eq((par.tokens + R - 1) // R * (lay.gate_panels * D)),
+                ]
+                with m.If(r_now & g_now):
+                    m.d.sync += [r_sent.eq(0), g_sent.eq(0)]
+                    m.next = "GATE_RUN"
+                with m.Else():
+                    m.d.sync += [r_sent.eq(r_now), g_sent.eq(g_now)]
+            with m.State("GATE_RUN"):
+                m.d.comb += self.gate_phase.eq(1)
+                with m.If(eng_done & self.router_drained):
+                    m.d.comb += release.eq(1)
+                    m.d.sync += c_idx.eq(0)
+                    m.next = "NEXT"
+            with m.State("NEXT"):
+                with m.If(c_idx < n_hdr):
+                    m.d.comb += [lst_c.addr.eq(c_idx), lst_c.en.eq(1)]
+                    m.next = "LOAD"
+                with m.Elif(walk_done):
+                    m.next = "DRAIN"
+            with m.State("LOAD"):
+                m.d.sync += [c_off.eq(lst_c.data.offset), c_cnt.eq(lst_c.data.count), c_tile.eq(0)]
+                m.next = "ISSUE"
+            with m.State("ISSUE"):
+                # Valid once both halves are FULL and the expert's row-table entries are all captured
+                # (the engine gathers them); neither condition can drop again before the transfer.
+                m.d.comb += [
+                    self.gemm.valid.eq(halves_full & (walk_done | (wptr >= c_off + c_cnt))),
+                    g.m.eq(c_cnt), g.n.eq(ct.n), g.rowtab_base.eq(c_off),
+                    issue_beats.eq((c_cnt + R - 1) // R * ct.nk),
+                ]
+                with m.If(ct.fc2):
+                    m.d.comb += [
+                        g.k.eq(h), g.a_base.eq(hb), g.a_stride.eq(hw), g.b_tile_stride.eq(h),
+                        g.dst_base.eq(ct.n0w), g.dst_stride.eq(rw),
+                        g.shift.eq(par.fc2_shift), g.mode.eq(EpilogueMode.COMBINE),
+                        g.scatter.eq(1), g.sync.eq(ct.first_fc2),
+                    ]
+                with m.Else():
+                    m.d.comb += [
+                        g.k.eq(D), g.a_base.eq(0), g.a_stride.eq(rw), g.b_tile_stride.eq(D),
+                        g.dst_base.eq(hb + ct.n0w), g.dst_stride.eq(hw),
+                        g.shift.eq(par.fc1_shift), g.mode.eq(EpilogueMode.GELU8),
+                        g.gather.eq(1),
+                    ]
+                with m.If(self.gemm.valid & self.gemm.ready):
+                    m.next = "RUN"
+            with m.State("RUN"):
+                # Release as soon as the PE array has started the command's last block: every block
+                # is read into the engine's staging registers before the array consumes it, so the
+                # command reads nothing more from either half. The next tile's command can then
+                # start loading (from the other half) while this one finishes and drains.
+                with m.If(owed_next < ct.w_last):
+                    m.d.comb += release.eq(1)
+                    m.d.sync += c_tile.eq(c_tile + 1)
+                    with m.If(ct.last):
+                        m.d.sync += c_idx.eq(c_idx + 1)
+                        m.next = "NEXT"
+                    with m.Else():
+                        m.next = "ISSUE"
+            with m.State("DRAIN"):
+                # The last commands' results are written when their done pulses.
+                with m.If((inflight == 0) | ((inflight == 1) & self.gemm_done)):
+                    m.next = "FINISH"
+            with m.State("FINISH"):
+                m.d.comb += self.done.eq(1)
+                m.d.sync += busy.eq(0)
+                m.next = "IDLE"
+        return m

@@ -1,0 +1,40 @@
+"""``python -m sim <command> ...``: the simulation runners.
+
+Commands
+--------
+moe-layer
+    One MoE layer in Amaranth's simulator against the golden model (:mod:`sim.moe_layer`).
+"""
+
+import sys
+
+__all__ = ["main"]
+
+_COMMANDS = {
+    "moe-layer": ("sim.moe_layer", "one MoE layer (router, expert queues, reordering, experts) vs golden"),
+}
+
+
+def _usage():
+    lines = ["usage: python -m sim <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in _COMMANDS.items()]
+    lines.append("\nrun 'python -m sim <command> --help' for a command's options")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in _COMMANDS:
+        print(f"error: unknown command {name!r}; choose from {', '.join(_COMMANDS)}", file=sys.stderr)
+        return 2
+    import importlib
+    module = importlib.import_module(_COMMANDS[name][0])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,465 @@
+"""Standalone MoE-layer runner: the RTL :class:`~m3vit_hw.moe_layer.MoELayer` against ``golden_moe``.
+
+:class:`MoELayerSim` elaborates one MoELayer for a config, puts the :func:`~m3vit_hw.expert_layout.pack_moe`
+image of a workload into an :class:`~sim.ext_memory.ExternalMemory`, and runs one or more layers
+(possibly of different tasks, on the same elaborated design) in Amaranth's simulator: load ``h``, ``x``
+and the GELU table, start, wait for ``done``, read ``x`` back, compare with
+``reference.golden_model.moe_layer``. Every external stream (load, start, read-back) and the memory get
+random stalls when ``stall_prob > 0``.
+
+:func:`run_moe_layer` is the one-call form used by ``python -m sim moe-layer`` (see :func:`main`).
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+from amaranth.sim import Simulator
+
+from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.expert_layout import pack_moe, start_fields
+from m3vit_hw.model_config import ModelConfig
+from m3vit_hw.moe_layer import LoadTarget, MoELayer
+from m3vit_hw.reorder_controller import GATE_TAG
+from sim.ext_memory import ExternalMemory
+from sim.moe_workload import SKEWS, golden_moe, make_moe_workload
+from sim.testbench import Stalls, stream_get, stream_put
+
+__all__ = ["moe_config", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE"]
+
+#: External byte address of the parameter image (not 0, so base addresses are exercised).
+IMAGE_BASE = 0x10000
+
+
+def moe_config(*, experts, top_k, dim, hidden, tokens, tasks=1, pe_rows=4, pe_cols=4,
+               weight_buffer_bytes=None, mem_data_bytes=16):
+    """An :class:`AcceleratorConfig` for one MoE layer of the given dimensions.
+
+    The model is a minimal encoder around the layer (one head, a 1x1 "patch" per token so no other
+    GEMM sets the weight-panel size, ``tokens`` tokens including cls); ``expert_hidden`` must be a
+    multiple of ``dim`` (the model describes it as ``dim * moe_mlp_ratio``). The activation buffer is
+    enlarged if the layer's ``h`` rows plus its hidden region need more than the encoder minimum, and
+    the default weight buffer (one expert per half) is rounded up to whole ``mem_data_bytes`` beats per
+    half.
+    """
+    for name, v in (("experts", experts), ("top_k", top_k), ("dim", dim), ("hidden", hidden),
+                    ("tokens", tokens), ("tasks", tasks)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, not {v!r}")
+    if top_k > experts:
+        raise ValueError(f"top_k must be in [1, experts={experts}], not {top_k}")
+    if hidden % dim:
+        raise ValueError(f"expert hidden must be a multiple of dim={dim} (h = dim * moe_mlp_ratio), "
+                         f"not {hidden}")
+    ratio = hidden // dim
+    model = ModelConfig(
+        name=f"moe-D{dim}-h{hidden}-E{experts}", img_size=(1, max(1, tokens - 1)), patch_size=1,
+        in_chans=1, dim=dim, depth=2, heads=1, experts=experts, top_k=top_k,
+        tasks=tuple(f"task{i}" for i in range(tasks)), task_channels=(1,) * tasks,
+        mlp_ratio=ratio, moe_mlp_ratio=ratio)
+    cfg = AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols,
+                            token_capacity=max(tokens, model.tokens),
+                            weight_buffer_bytes=weight_buffer_bytes)
+    words = cfg.token_capacity * (cfg.row_words + -(-hidden // pe_cols))
+    if words > cfg.act_buffer_words:
+        cfg = cfg.with_(act_buffer_bytes=words * cfg.act_word_bytes)
+    if weight_buffer_bytes is None:
+        # The derived size holds one expert per half; round it up so each half is whole memory
+        # beats (and whole weight words), which the streamer needs.
+        unit = 2 * math.lcm(mem_data_bytes, cfg.act_word_bytes)
+        if cfg.weight_buffer_bytes % unit:
+            cfg = cfg.with_(weight_buffer_bytes=-(-cfg.weight_buffer_bytes // unit) * unit)
+    return cfg
+
+
+def _words(matrix, C):
+    """Rows of ``matrix`` as buffer words: row t, word w at t * ceil(cols / C) + w (lanes padded 0)."""
+    matrix = np.asarray(matrix, dtype=np.int64)
+    rows, cols = matrix.shape
+    rw = -(-cols // C)
+    padded = np.zeros((rows, rw * C), dtype=np.int64)
+    padded[:, :cols] = matrix
+    return padded.reshape(rows * rw, C)
+
+
+class MoELayerSim:
+    """One elaborated :class:`MoELayer` plus an external memory holding one workload's parameters.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    qmoe : reference.qparams.QMoE
+        The layer's parameters (placed at :data:`IMAGE_BASE`).
+    mem_bytes_per_cycle, latency, stall_prob, seed :
+        The :class:`~sim.ext_memory.ExternalMemory` model; ``stall_prob`` also stalls every external
+        stream of the layer (load, start, read-back).
+    """
+
+    def __init__(self, config, qmoe, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0,
+                 mem_data_bytes=16):
+        self.config = config
+        self.qmoe = qmoe
+        self.dut = MoELayer(config, mem_data_bytes=mem_data_bytes)
+        self.image, self.layout = pack_moe(qmoe, config, data_bytes=mem_data_bytes)
+        self.mem_kwargs = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
+                               stall_prob=stall_prob, seed=seed, max_outstanding=4)
+        self.stall_prob = stall_prob
+        self.seed = seed
+
+    def run(self, runs, *, timeout=2_000_000):
+        """Run layers ``[(h, x, task)]`` back to back on the same design; return one dict per run.
+
+        Each dict: ``x`` (the read-back int16 [T, D]), ``cycles``, ``compute_cycles``,
+        ``expert_bytes``, ``gate_bytes``, ``active_experts`` (counters read after ``done``),
+        ``expert_tokens`` ({expert: count} from the queue walk), ``events`` (timing, see below) and
+        ``sim_seconds``.
+        """
+        cfg, dut = self.config, self.dut
+        C = cfg.pe_cols
+        ctl = dut.controller
+        mem = ExternalMemory(self.image, base=IMAGE_BASE, **self.mem_kwargs)
+        results = [None] * len(runs)
+        events = [dict(expert_tokens={}, gemm=[], wcommit=[], pcommit=[], wcmd=[], done=None,
+                       start=None) for _ in runs]
+        state = {"run": -1, "cycle": 0, "finished": False}
+        lut = np.asarray(self.qmoe.gelu_lut, dtype=np.int64)
+
+        sigs = [dut.start.valid, dut.start.ready, dut.queues.o.valid, dut.queues.o.ready,
+                dut.queues.o.p, ctl.gemm.valid, ctl.gemm.ready, ctl.gemm.p.mode,
+                ctl.wcmd.valid, ctl.wcmd.ready, ctl.wcmd.p.tag,
+                dut.wstream.buf.commit.valid, dut.wstream.buf.commit.ready, dut.wstream.buf.commit.p.tag,
+                dut.pstream.buf.commit.valid, dut.pstream.buf.commit.ready, dut.pstream.buf.commit.p.tag,
+                dut.done]
+
+        async def monitor(ctx):
+            # Background: plain one-shot ticks only (see sim/ext_memory.py for why). Values are
+            # sampled at the clock edge, so each handshake is seen exactly once.
+            while True:
+                _, _, *v = await ctx.tick().sample(*sigs)
+                cyc = state["cycle"]
+                state["cycle"] += 1
+                r = state["run"]
+                if r < 0 or state["finished"]:
+                    continue
+                (sv, sr, qv, qr, qp, gv, gr, gmode, wv, wr, wtag, cwv, cwr, cwtag, cpv, cpr, cptag,
+                 done) = v
+                ev = events[r]
+                if sv and sr:
+                    ev["start"] = cyc
+                if qv and qr:
+                    if qp.header:
+                        ev["expert_tokens"][int(qp.expert)] = int(qp.count)
+                        ev.setdefault("first_header", cyc)
+                    if qp.last:
+                        ev["walk_done"] = cyc
+                if gv and gr:
+                    ev["gemm"].append((cyc, int(gmode.value)))
+                if wv and wr:
+                    ev["wcmd"].append((cyc, int(wtag)))
+                if cwv and cwr:
+                    ev["wcommit"].append((cyc, int(cwtag)))
+                if cpv and cpr:
+                    ev["pcommit"].append((cyc, int(cptag)))
+                if done:
+                    ev["done"] = cyc
+
+        async def host(ctx):
+            st = Stalls(self.stall_prob, self.seed + 7)
+            for a in range(256):
+                await stream_put(ctx, dut.load, {"target": LoadTarget.GELU, "addr": a,
+                                                 "data": [int(lut[a])] + [0] * (C - 1)}, stalls=st)
+            for r, (h, x, task) in enumerate(runs):
+                t0 = time.time()
+                T = h.shape[0]
+                for target, mat in ((LoadTarget.H, h), (LoadTarget.X, x)):
+                    for a, word in enumerate(_words(mat, C)):
+                        await stream_put(ctx, dut.load, {"target": target, "addr": a,
+                                                         "data": [int(v) for v in word]}, stalls=st)
+                state["run"] = r
+                fields = start_fields(self.qmoe, task, T, self.layout, base=IMAGE_BASE)
+                await stream_put(ctx, dut.start, fields, stalls=st)
+                waited = 0
+                while not ctx.get(dut.done):
+                    await ctx.tick()
+                    waited += 1
+                    if waited > timeout:
+                        raise TimeoutError(f"MoELayer: no done within {timeout} cycles (run {r})")
+                await ctx.tick()
+                res = {name: int(ctx.get(getattr(dut, name))) for name in
+                       ("cycles", "compute_cycles", "expert_bytes", "gate_bytes", "active_experts",
+                        "overflow")}
+                words = []
+                for a in range(T * cfg.row_words):
+                    await stream_put(ctx, dut.rd_addr, a, stalls=st)
+                    words.append([int(v) for v in await stream_get(ctx, dut.rd_data, stalls=st)])
+                xo = np.array(words, dtype=np.int64).reshape(T, cfg.row_words * C)[:, :x.shape[1]]
+                res["x"] = xo
+                res["sim_seconds"] = time.time() - t0
+                results[r] = res
+            state["finished"] = True
+
+        sim = Simulator(dut)
+        sim.add_clock(1e-8)
+        sim.add_testbench(mem.serve(dut.mem), background=True)
+        sim.add_testbench(monitor, background=True)
+        sim.add_testbench(host)
+        sim.run()
+        for res, ev in zip(results, events):
+            res["events"] = ev
+            res["expert_tokens"] = dict(sorted(ev["expert_tokens"].items()))
+            res.update(_timing(ev))
+        self.memory = mem
+        return results
+
+
+def _timing(ev):
+    """Derived timing of one run, from the monitor's events (cycles relative to ``start``)."""
+    s = ev["start"]
+    out = {}
+    if s is None:
+        return out
+    rel = lambda c: None if c is None else c - s
+    gate_commits = [c for c, tag in ev["wcommit"] + ev["pcommit"] if tag == GATE_TAG]
+    out["t_gate_loaded"] = rel(max(gate_commits)) if gate_commits else None
+    out["t_gate_gemm"] = rel(ev["gemm"][0][0]) if ev["gemm"] else None
+    out["t_first_header"] = rel(ev.get("first_header"))
+    out["t_walk_done"] = rel(ev.get("walk_done"))
+    out["t_first_expert_gemm"] = rel(ev["gemm"][1][0]) if len(ev["gemm"]) > 1 else None
+    exp_cmds = [c for c, tag in ev["wcmd"] if tag != GATE_TAG]
+    exp_w = [c for c, tag in ev["wcommit"] if tag != GATE_TAG]
+    exp_p = [c for c, tag in ev["pcommit"] if tag != GATE_TAG]
+    if exp_cmds and exp_w and exp_p:
+        # The first expert tile's load: its streamer command accepted -> both of its halves FULL.
+        out["first_tile_load_cycles"] = max(exp_w[0], exp_p[0]) - exp_cmds[0] + 1
+    out["t_done"] = rel(ev["done"])
+    return out
+
+
+def run_moe_layer(*, experts=4, top_k=2, dim=16, hidden=32, tokens=16, tasks=1, task=0, seed=0,
+                  skew="none", pe_rows=4, pe_cols=4, weight_buffer_bytes=None, mem_bytes_per_cycle=16.0,
+                  latency=20, stall_prob=0.0, extra_tasks=()):
+    """Build a workload, simulate the layer for ``task`` (then each of ``extra_tasks`` on the same
+    design) and return a report dict (see :func:`main` for the keys)."""
+    cfg = moe_config(experts=experts, top_k=top_k, dim=dim, hidden=hidden, tokens=tokens, tasks=tasks,
+                     pe_rows=pe_rows, pe_cols=pe_cols, weight_buffer_bytes=weight_buffer_bytes)
+    wl = make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=tasks, seed=seed, skew=skew)
+    t0 = time.time()
+    ms = MoELayerSim(cfg, wl["qmoe"], mem_bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
+                     stall_prob=stall_prob, seed=seed)
+    task_list = [task, *extra_tasks]
+    results = ms.run([(wl["h"], wl["x"], t) for t in task_list])
+    reports = [_report(cfg, ms, wl, t, res) for t, res in zip(task_list, results)]
+    for r in reports:
+        r["wall_seconds"] = round(time.time() - t0, 2)
+    rep = reports[0]
+    rep["config"] = dict(experts=experts, top_k=top_k, dim=dim, expert_hidden=hidden, tokens=tokens,
+                         tasks=tasks, task=task, seed=seed, skew=skew, pe_rows=pe_rows, pe_cols=pe_cols,
+                         mem_bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
+                         token_capacity=cfg.token_capacity, param_buffer_words=cfg.param_buffer_words)
+    if extra_tasks:
+        rep["task_runs"] = reports
+    return rep
+
+
+def _report(cfg, ms, wl, task, res):
+    """The report of one run: bit-exactness, counters, fetch accounting, the overhead bound."""
+    m = cfg.model
+    lay = ms.layout
+    want, routing = golden_moe(wl, task)
+    got = res["x"]
+    bad = np.argwhere(got != want)
+    active = [int(e) for e in routing["active"]]
+    counts = {int(e): int(np.sum(routing["experts"] == e)) for e in active}
+    minimum = sum(lay.weight_bytes(e) for e in active)
+    T = got.shape[0]
+    macs = T * m.gate_in_dim * m.experts + T * m.top_k * 2 * m.dim * m.expert_hidden
+    cyc, comp = res["cycles"], res["compute_cycles"]
+    first_load = res.get("first_tile_load_cycles")
+    rep = {
+        "bit_exact": bool(len(bad) == 0 and res["expert_tokens"] == counts),
+        "mismatches": int(len(bad)),
+        "first_mismatch": None if not len(bad) else {
+            "token": int(bad[0][0]), "channel": int(bad[0][1]),
+            "expected": int(want[tuple(bad[0])]), "got": int(got[tuple(bad[0])])},
+        "task": task,
+        "cycles": cyc,
+        "compute_cycles": comp,
+        "macs": macs,
+        "mac_per_cycle": round(macs / cyc, 3) if cyc else None,
+        "peak_mac_per_cycle": cfg.macs_per_cycle,
+        "weight_bytes_fetched": res["expert_bytes"],
+        "weight_bytes_minimum": minimum,
+        "gate_bytes_fetched": res["gate_bytes"],
+        "gate_bytes_minimum": lay.gate_bytes,
+        "weight_buffer_bytes": cfg.weight_buffer_bytes,
+        "param_buffer_bytes": 2 * lay.param_half_bytes,
+        "expert_bytes_each": lay.expert_stride,
+        "tiles_per_expert": len(lay.tiles),
+        "active_experts": res["active_experts"],
+        "active_expert_ids": active,
+        "expert_tokens": {str(e): c for e, c in res["expert_tokens"].items()},
+        "golden_expert_tokens": {str(e): c for e, c in counts.items()},
+        "overflow": bool(res["overflow"]),
+        "overhead_cycles": cyc - comp,
+        "first_tile_load_cycles": first_load,
+        "overhead_bound": None if first_load is None else round(first_load + 0.02 * comp, 1),
+        # Bandwidth that hides every load behind compute on average: the bound applies at or above it.
+        "balance_bytes_per_cycle": round((res["expert_bytes"] + res["gate_bytes"]) / comp, 3) if comp else None,
+        "timing": {k: v for k, v in res.items() if k.startswith("t_")},
+        "sim_seconds": round(res["sim_seconds"], 2),
+    }
+    rep["within_bound"] = None if first_load is None else rep["overhead_cycles"] <= rep["overhead_bound"]
+    return rep
+
+
+def sweep_memory(bandwidths, **kwargs):
+    """Cycles vs memory bytes/cycle: one simulation per bandwidth, same workload."""
+    points = []
+    for bw in bandwidths:
+        rep = run_moe_layer(mem_bytes_per_cycle=bw, **kwargs)
+        points.append({"mem_bytes_per_cycle": bw, "cycles": rep["cycles"],
+                       "compute_cycles": rep["compute_cycles"], "bit_exact": rep["bit_exact"],
+                       "weight_bytes_fetched": rep["weight_bytes_fetched"],
+                       "mac_per_cycle": rep["mac_per_cycle"]})
+    return points
+
+
+def _print_report(rep, out=sys.stdout):
+    c = rep["config"]
+    print(f"MoE layer E={c['experts']} top-{c['top_k']} D={c['dim']} h={c['expert_hidden']} "
+          f"T={c['tokens']} task {rep['task']}/{c['tasks']} skew={c['skew']} on {c['pe_rows']}x{c['pe_cols']} "
+          f"PEs, memory {c['mem_bytes_per_cycle']} B/cycle latency {c['latency']} stall {c['stall_prob']}",
+          file=out)
+    verdict = "BIT-EXACT" if rep["bit_exact"] else f"MISMATCH ({rep['mismatches']} values)"
+    print(f"  result          {verdict} vs reference.golden_model.moe_layer", file=out)
+    if rep["first_mismatch"]:
+        fm = rep["first_mismatch"]
+        print(f"  first mismatch  token {fm['token']} channel {fm['channel']}: expected {fm['expected']}, "
+              f"got {fm['got']}", file=out)
+    print(f"  active experts  {rep['active_experts']} of {c['experts']}: tokens {rep['expert_tokens']}", file=out)
+    print(f"  cycles          {rep['cycles']} (compute {rep['compute_cycles']}, overhead "
+          f"{rep['overhead_cycles']}), {rep['mac_per_cycle']} MAC/cycle of {rep['peak_mac_per_cycle']}",
+          file=out)
+    if rep["overhead_bound"] is not None:
+        print(f"  overhead bound  first tile load {rep['first_tile_load_cycles']} + 2% compute = "
+              f"{rep['overhead_bound']} -> {'within' if rep['within_bound'] else 'ABOVE'} (the bound "
+              f"applies at or above ~{rep['balance_bytes_per_cycle']} B/cycle, the compute balance)",
+              file=out)
+    print(f"  expert bytes    fetched {rep['weight_bytes_fetched']}, minimum {rep['weight_bytes_minimum']} "
+          f"({rep['expert_bytes_each']} B per expert in {rep['tiles_per_expert']} tiles)", file=out)
+    print(f"  gate bytes      fetched {rep['gate_bytes_fetched']} (one task's record: "
+          f"{rep['gate_bytes_minimum']})", file=out)
+    print(f"  buffers         weight {rep['weight_buffer_bytes']} B, params {rep['param_buffer_bytes']} B",
+          file=out)
+    print(f"  timing          {rep['timing']}", file=out)
+    print(f"  simulated in {rep['wall_seconds']} s", file=out)
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="python -m sim moe-layer",
+        description="Simulate one MoE layer (router, expert queues, reordering controller, GEMM engine) "
+                    "in Amaranth's simulator against the integer golden model.")
+    a = p.add_argument
+    a("--experts", type=int, default=4, help="E, experts (default 4)")
+    a("--top-k", type=int, default=2, help="k, experts per token (default 2)")
+    a("--dim", type=int, default=16, help="D, token width (default 16)")
+    a("--expert-hidden", type=int, default=32, help="h, expert hidden width, a multiple of D (default 32)")
+    a("--tokens", type=int, default=16, help="T, tokens (default 16)")
+    a("--tasks", type=int, default=1, help="tasks (gates) in the layer (default 1)")
+    a("--task", type=int, default=0, help="task to run (default 0)")
+    a("--seed", type=int, default=0, help="workload and stall seed (default 0)")
+    a("--mem-bytes-per-cycle", type=float, default=16.0, help="external memory bandwidth (default 16)")
+    a("--latency", type=int, default=20, help="external memory latency in cycles (default 20)")
+    a("--stall-prob", type=float, default=0.0, help="random stall probability on memory and streams")
+    a("--skew", choices=SKEWS, default="none", help="routing skew of the workload (default none)")
+    a("--pe-rows", type=int, default=4, help="PE rows (default 4)")
+    a("--pe-cols", type=int, default=4, help="PE columns (default 4)")
+    a("--weight-buffer-bytes", type=int, default=None, help="weight buffer, both halves (default: "
+      "one expert per half)")
+    a("--sweep-mem", nargs="?", const="0.5,1,2,4,8,16", default=None, metavar="B1,B2,...",
+      help="run the layer at several memory bandwidths and print cycles vs bytes/cycle "
+           "(default list 0.5,1,2,4,8,16)")
+    a("--json", metavar="FILE", help="write the report as JSON")
+    return p
+
+
+def _validate(args):
+    """Range checks that need no elaboration; raise ValueError with one clear sentence."""
+    for name in ("experts", "top_k", "dim", "expert_hidden", "tokens", "tasks", "pe_rows", "pe_cols",
+                 "latency"):
+        v = getattr(args, name)
+        if v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {v}")
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k must be <= --experts ({args.experts}), not {args.top_k}")
+    if not 0 <= args.task < args.tasks:
+        raise ValueError(f"--task must be in [0, {args.tasks - 1}], not {args.task}")
+    if not args.mem_bytes_per_cycle > 0:
+        raise ValueError(f"--mem-bytes-per-cycle must be > 0, not {args.mem_bytes_per_cycle}")
+    if not 0 <= args.stall_prob < 1:
+        raise ValueError(f"--stall-prob must be in [0, 1), not {args.stall_prob}")
+    if args.expert_hidden % args.dim:
+        raise ValueError(f"--expert-hidden must be a multiple of --dim ({args.dim}), "
+                         f"not {args.expert_hidden}")
+    if args.sweep_mem is not None:
+        try:
+            bws = [float(b) for b in args.sweep_mem.split(",")]
+        except ValueError:
+            raise ValueError(f"--sweep-mem must be a comma-separated list of numbers, "
+                             f"not {args.sweep_mem!r}") from None
+        if not bws or min(bws) <= 0:
+            raise ValueError(f"--sweep-mem bandwidths must be > 0, not {args.sweep_mem!r}")
+        return bws
+    return None
+
+
+def main(argv=None):
+    """``python -m sim moe-layer``: returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        bws = _validate(args)
+        kwargs = dict(experts=args.experts, top_k=args.top_k, dim=args.dim, hidden=args.expert_hidden,
+                      tokens=args.tokens, tasks=args.tasks, task=args.task, seed=args.seed,
+                      skew=args.skew, pe_rows=args.pe_rows, pe_cols=args.pe_cols,
+                      weight_buffer_bytes=args.weight_buffer_bytes, latency=args.latency,
+                      stall_prob=args.stall_prob)
+        # Build the config once up front so a bad size fails before any simulation.
+        moe_config(experts=args.experts, top_k=args.top_k, dim=args.dim, hidden=args.expert_hidden,
+                   tokens=args.tokens, tasks=args.tasks, pe_rows=args.pe_rows, pe_cols=args.pe_cols,
+                   weight_buffer_bytes=args.weight_buffer_bytes)
+        if bws is not None:
+            points = sweep_memory(bws, **kwargs)
+            fastest = min(pt["cycles"] for pt in points)
+            # The knee: the lowest bandwidth within 5 % of the fastest run; below it the layer waits
+            # for weights (memory-bound), above it the PE array is the limit (compute-bound).
+            knee = min(pt["mem_bytes_per_cycle"] for pt in points if pt["cycles"] <= 1.05 * fastest)
+            report = {"sweep": points, "knee_bytes_per_cycle": knee, "config": kwargs}
+            compute = points[-1]["compute_cycles"]
+            print(f"cycles vs memory bandwidth (compute {compute} cycles):")
+            print(f"  {'B/cycle':>8} {'cycles':>8} {'x compute':>10} {'MAC/cycle':>10} {'bit-exact':>10}")
+            for pt in points:
+                print(f"  {pt['mem_bytes_per_cycle']:>8g} {pt['cycles']:>8} "
+                      f"{pt['cycles'] / pt['compute_cycles']:>10.3f} {pt['mac_per_cycle']:>10} "
+                      f"{str(pt['bit_exact']):>10}")
+            print(f"  memory-bound below ~{knee:g} B/cycle (cycles within 5% of the fastest from there up)")
+            ok = all(pt["bit_exact"] for pt in points)
+        else:
+            report = run_moe_layer(mem_bytes_per_cycle=args.mem_bytes_per_cycle, **kwargs)
+            _print_report(report)
+            ok = report["bit_exact"]
+    except (TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
