@@ -203,6 +203,12 @@ class GemmEngine(wiring.Component):
         Pulses once per command, when its last result has been written or transferred.
     busy : Out(1)
         Some command is not finished.
+    pe_active : Out(1)
+        The PE array accepted an operand beat this cycle: one reduction step of a full
+        ``pe_rows x pe_cols`` tile (masked tail rows and lanes included). A command takes
+        ``ceil(m / pe_rows) * ceil(n / pe_cols) * k`` such beats, in command order, and every block is
+        read from the buffers before the array consumes it. Performance counters count it as "compute
+        cycles"; the MoE reordering controller uses it to release weight-buffer halves early.
 
     Raises
     ------
@@ -235,6 +241,7 @@ class GemmEngine(wiring.Component):
             "gelu_lut": Out(memory.WritePort.Signature(addr_width=nx.ACT_BITS, shape=signed(nx.ACT_BITS))),
             "done": Out(1),
             "busy": Out(1),
+            "pe_active": Out(1),
         })
 
     @property
@@ -568,5 +575,5 @@ class GemmEngine(wiring.Component):
         wiring.connect(m, ep.res_wr, wiring.flipped(self.res_wr))
         wiring.connect(m, ep.o, wiring.flipped(self.o))
         wiring.connect(m, ep.gelu_lut, wiring.flipped(self.gelu_lut))
-        m.d.comb += [self.done.eq(ep.done), self.busy.eq(busy)]
+        m.d.comb += [self.done.eq(ep.done), self.busy.eq(busy), self.pe_active.eq(pe.i.valid & pe.i.ready)]
         return m

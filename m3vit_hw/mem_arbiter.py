@@ -27,15 +27,9 @@ from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
 from .mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from .checks import check_int as _check_int
 
 __all__ = ["ReadArbiter"]
-
-
-def _check_int(name, value, minimum, maximum):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, not {value!r}")
-    if not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be in [{minimum}, {maximum}], not {value}")
 
 
 class ReadArbiter(wiring.Component):

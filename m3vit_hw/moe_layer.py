@@ -5,9 +5,9 @@
 stream). The layer is built from the project's units:
 
 * a :class:`~m3vit_hw.gemm_engine.GemmEngine` (one PE array) that runs the gate GEMM and every expert
-  tile. Its PE array's operand handshake is tapped as ``pe_active`` (the engine has no such port): the
-  ``compute_cycles`` counter counts it, and the controller counts it to release a tile's buffer
-  halves as soon as the engine has read them, so consecutive tiles overlap in the engine;
+  tile. Its ``pe_active`` strobe drives the ``compute_cycles`` counter, and the controller counts it to
+  release a tile's buffer halves as soon as the engine has read them, so consecutive tiles overlap in
+  the engine;
 * the :class:`~m3vit_hw.router.Router` (task bias, softmax, top-k) and
   :class:`~m3vit_hw.expert_queues.ExpertQueues` (counting-based per-expert token queues);
 * the :class:`~m3vit_hw.reorder_controller.ReorderController`, which captures the queues into the row
@@ -51,6 +51,7 @@ from .reorder_controller import GATE_TAG, LayerStartLayout, ReorderController
 from .router import Router
 from .weight_buffer import WeightBuffer
 from .weight_streamer import WeightStreamer
+from .checks import check_int as _check_int
 
 __all__ = ["MoELayer", "LoadTarget", "LoadLayout"]
 
@@ -75,33 +76,6 @@ class LoadLayout(data.StructLayout):
             "addr": unsigned(max(config.act_addr_bits, config.res_addr_bits, nx.ACT_BITS)),
             "data": data.ArrayLayout(signed(nx.RES_BITS), config.pe_cols),
         })
-
-
-class _MeteredEngine(GemmEngine):
-    """The GemmEngine plus a ``pe_active`` strobe: its PE array accepted an operand beat this cycle.
-
-    The engine has no such port, so the strobe is taken from the PE array's input handshake after
-    elaboration (``m.submodules.pe``). A beat is one reduction step of a full ``pe_rows x pe_cols``
-    tile, so the count of strobes is the cycles in which the array did MACs (masked tail rows and
-    lanes included), and a command takes ``ceil(m / pe_rows) * ceil(n / pe_cols) * k`` of them, in
-    command order (what :class:`~m3vit_hw.reorder_controller.ReorderController` relies on)."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.pe_active = Signal()
-
-    def elaborate(self, platform):
-        m = super().elaborate(platform)
-        pe = m.submodules.pe
-        m.d.comb += self.pe_active.eq(pe.i.valid & pe.i.ready)
-        return m
-
-
-def _check_int(name, value, minimum, maximum):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, not {value!r}")
-    if not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be in [{minimum}, {maximum}], not {value}")
 
 
 class MoELayer(wiring.Component):
@@ -168,7 +142,7 @@ class MoELayer(wiring.Component):
         C = config.pe_cols
         port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst,
                     counter_width=counter_width)
-        self.engine = _MeteredEngine(config)
+        self.engine = GemmEngine(config)
         self.router = Router(config)
         self.queues = ExpertQueues.from_config(config)
         self.wbuf = WeightBuffer(layout.weight_half_bytes, C * nx.WEIGHT_BITS // 8,
