@@ -240,12 +240,13 @@ def _timing(ev):
 
 def run_moe_layer(*, experts=4, top_k=2, dim=16, hidden=32, tokens=16, tasks=1, task=0, seed=0,
                   skew="none", pe_rows=4, pe_cols=4, weight_buffer_bytes=None, mem_bytes_per_cycle=16.0,
-                  latency=20, stall_prob=0.0, extra_tasks=()):
+                  latency=20, stall_prob=0.0, extra_tasks=(), router="multi_gate"):
     """Build a workload, simulate the layer for ``task`` (then each of ``extra_tasks`` on the same
     design) and return a report dict (see :func:`main` for the keys)."""
     cfg = moe_config(experts=experts, top_k=top_k, dim=dim, hidden=hidden, tokens=tokens, tasks=tasks,
                      pe_rows=pe_rows, pe_cols=pe_cols, weight_buffer_bytes=weight_buffer_bytes)
-    wl = make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=tasks, seed=seed, skew=skew)
+    wl = make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=tasks, seed=seed, skew=skew,
+                           router=router)
     t0 = time.time()
     ms = MoELayerSim(cfg, wl["qmoe"], mem_bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
                      stall_prob=stall_prob, seed=seed)
@@ -256,7 +257,7 @@ def run_moe_layer(*, experts=4, top_k=2, dim=16, hidden=32, tokens=16, tasks=1, 
         r["wall_seconds"] = round(time.time() - t0, 2)
     rep = reports[0]
     rep["config"] = dict(experts=experts, top_k=top_k, dim=dim, expert_hidden=hidden, tokens=tokens,
-                         tasks=tasks, task=task, seed=seed, skew=skew, pe_rows=pe_rows, pe_cols=pe_cols,
+                         tasks=tasks, task=task, seed=seed, skew=skew, router=router, pe_rows=pe_rows, pe_cols=pe_cols,
                          mem_bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
                          token_capacity=cfg.token_capacity, param_buffer_words=cfg.param_buffer_words)
     if extra_tasks:
@@ -376,6 +377,8 @@ def _parser():
     a("--latency", type=int, default=20, help="external memory latency in cycles (default 20)")
     a("--stall-prob", type=float, default=0.0, help="random stall probability on memory and streams")
     a("--skew", choices=SKEWS, default="none", help="routing skew of the workload (default none)")
+    a("--router", choices=("multi_gate", "task_embedding"), default="multi_gate",
+      help="one gate per task, or one shared gate + per-task logit bias (default multi_gate)")
     a("--pe-rows", type=int, default=4, help="PE rows (default 4)")
     a("--pe-cols", type=int, default=4, help="PE columns (default 4)")
     a("--weight-buffer-bytes", type=int, default=None, help="weight buffer, both halves (default: "
@@ -425,7 +428,7 @@ def main(argv=None):
         bws = _validate(args)
         kwargs = dict(experts=args.experts, top_k=args.top_k, dim=args.dim, hidden=args.expert_hidden,
                       tokens=args.tokens, tasks=args.tasks, task=args.task, seed=args.seed,
-                      skew=args.skew, pe_rows=args.pe_rows, pe_cols=args.pe_cols,
+                      skew=args.skew, router=args.router, pe_rows=args.pe_rows, pe_cols=args.pe_cols,
                       weight_buffer_bytes=args.weight_buffer_bytes, latency=args.latency,
                       stall_prob=args.stall_prob)
         # Build the config once up front so a bad size fails before any simulation.

@@ -48,8 +48,15 @@ def _linear(rng, experts, n_out, k_in, out_bits, target):
     return QLinear(w, bias, mult, shift, out_bits)
 
 
-def make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=1, seed=0, skew="none"):
-    """Build a workload dict: ``h``, ``x``, ``qmoe``, and the parameters it was made from."""
+def make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=1, seed=0, skew="none", router="multi_gate"):
+    """Build a workload dict: ``h``, ``x``, ``qmoe``, and the parameters it was made from.
+
+    ``router="task_embedding"`` makes the task-embedding router's integer form: ONE shared gate and a
+    distinct per-task logit bias (the folded task representation, ``docs/numerics.md`` §7), so the tasks
+    route differently through the same gate matrix.
+    """
+    if router not in ("multi_gate", "task_embedding"):
+        raise ValueError(f"router must be 'multi_gate' or 'task_embedding', not {router!r}")
     for name, v, lo in (("experts", experts, 1), ("top_k", top_k, 1), ("dim", dim, 1),
                         ("hidden", hidden, 1), ("tokens", tokens, 1), ("tasks", tasks, 1)):
         if not isinstance(v, int) or v < lo:
@@ -63,15 +70,17 @@ def make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=1, seed=0, skew
     h = np.clip(np.round(rng.normal(0, 40, (tokens, dim))), -128, 127).astype(np.int64)
     x = rng.integers(-6000, 6000, (tokens, dim))
     gates = [np.clip(np.round(rng.normal(0, 50, (dim, experts))), -127, 127).astype(np.int64)
-             for _ in range(tasks)]
+             for _ in range(tasks if router == "multi_gate" else 1)]
+    # Logit std is ~ 40*50*sqrt(D); scale the exponent so that std maps to ~2 nats, a decisive router.
+    logit_std = 40.0 * 50.0 * math.sqrt(dim)
     task_bias = np.zeros((tasks, experts), dtype=np.int64)
+    if router == "task_embedding":
+        task_bias += np.round(rng.normal(0, logit_std, (tasks, experts))).astype(np.int64)
     for t, s in enumerate(skews):
         if s == "hot":
             task_bias[t, 0] = 1 << 24
         elif s == "sparse":
             task_bias[t, top_k:] = -(1 << 24)
-    # Logit std is ~ 40*50*sqrt(D); scale the exponent so that std maps to ~2 nats, a decisive router.
-    logit_std = 40.0 * 50.0 * math.sqrt(dim)
     real = 2.0 / logit_std * math.log2(math.e) * (1 << nx.EXP_FRAC_BITS)
     c_shift = int(math.floor(math.log2(((1 << nx.SOFTMAX_MULT_BITS) - 1) / real)))
     c_mult = int(round(real * (1 << c_shift)))
@@ -82,10 +91,10 @@ def make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=1, seed=0, skew
         fc2=_linear(rng, experts, dim, hidden, nx.RES_BITS, 3000.0),
     )
     return {"h": h, "x": x, "qmoe": qmoe, "experts": experts, "top_k": top_k, "dim": dim,
-            "hidden": hidden, "tokens": tokens, "tasks": tasks, "seed": seed, "skew": skew}
+            "hidden": hidden, "tokens": tokens, "tasks": tasks, "seed": seed, "skew": skew, "router": router}
 
 
 def golden_moe(workload, task):
     """The golden MoE layer on a workload: ``(x_out, routing)``."""
     return golden_model.moe_layer(workload["x"], workload["h"], workload["qmoe"], task, workload["top_k"],
-                                  multi_gate=True)
+                                  multi_gate=workload.get("router", "multi_gate") == "multi_gate")
