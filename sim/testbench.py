@@ -15,8 +15,11 @@ insert random idle cycles (stalls) on either side to shake out flow-control bugs
 
 import random
 
+from amaranth.hdl import Module as _Module
+from amaranth.lib import wiring as _wiring
+
 __all__ = ["Stalls", "stream_put", "stream_get", "stream_put_many", "stream_get_many", "transfer_logger",
-           "run_until_done"]
+           "run_until_done", "StreamPassthrough", "EmbeddingHarness"]
 
 
 class Stalls:
@@ -123,3 +126,38 @@ def run_until_done(dut, testbenches, *, max_cycles=50000):
     sim.add_testbench(clock, background=True)
     sim.run()
     return cycles[0]
+
+
+class StreamPassthrough(_wiring.Component):
+    """A register-free stage with the stream signature ``sig`` on both sides (``i`` -> ``o``).
+
+    Test designs connect a unit's output to it with ``wiring.connect``, to prove the unit embeds.
+    """
+
+    def __init__(self, sig):
+        super().__init__({"i": _wiring.In(sig), "o": _wiring.Out(sig)})
+
+    def elaborate(self, platform):
+        m = _Module()
+        _wiring.connect(m, _wiring.flipped(self.i), _wiring.flipped(self.o))
+        return m
+
+
+class EmbeddingHarness(_wiring.Component):
+    """Embeds ``unit`` and connects each interface member to the harness's own port of the same name:
+    sub-interfaces through ``wiring.connect``, plain ports by assignment."""
+
+    def __init__(self, unit):
+        self._unit = unit
+        super().__init__(dict(unit.signature.members.items()))
+
+    def elaborate(self, platform):
+        m = _Module()
+        m.submodules.unit = self._unit
+        for name, member in self.signature.members.items():
+            outer, inner = getattr(self, name), getattr(self._unit, name)
+            if member.is_port:
+                m.d.comb += (inner.eq(outer) if member.flow == _wiring.In else outer.eq(inner))
+            else:
+                _wiring.connect(m, _wiring.flipped(outer), inner)
+        return m

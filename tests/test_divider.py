@@ -9,7 +9,7 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from m3vit_hw.divider import Divider
-from sim.testbench import Stalls, stream_get, stream_put, transfer_logger
+from sim.testbench import Stalls, stream_get, stream_put, StreamPassthrough, transfer_logger
 
 # Constructors that reject their parameters leave a half-built Elaboratable behind; that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -110,18 +110,6 @@ def test_bad_parameters(kwargs, exc, msg):
         Divider(**kwargs)
 
 
-class _Passthrough(wiring.Component):
-    """A register-free stream stage with the given signature, to connect a unit's output to."""
-
-    def __init__(self, sig):
-        super().__init__({"i": wiring.In(sig), "o": wiring.Out(sig)})
-
-    def elaborate(self, platform):
-        m = Module()
-        wiring.connect(m, wiring.flipped(self.i), wiring.flipped(self.o))
-        return m
-
-
 class _Top(wiring.Component):
     """A design embedding the divider: its input comes from the top's port, its output goes through
     another component, all by ``wiring.connect``."""
@@ -133,7 +121,7 @@ class _Top(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.div = self.div
-        m.submodules.stage = stage = _Passthrough(self.div.o.signature)
+        m.submodules.stage = stage = StreamPassthrough(self.div.o.signature)
         wiring.connect(m, wiring.flipped(self.i), self.div.i)
         wiring.connect(m, self.div.o, stage.i)
         wiring.connect(m, stage.o, wiring.flipped(self.o))

@@ -5,12 +5,11 @@ import gc
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Fragment, Module
-from amaranth.lib import wiring
+from amaranth.hdl import Fragment
 
 from m3vit_hw.expert_queues import ExpertQueues, token_id_width
 from reference import golden
-from sim.testbench import Stalls, run_until_done, stream_get, stream_put
+from sim.testbench import EmbeddingHarness, run_until_done, Stalls, stream_get, stream_put
 
 # Interface and parameter tests build units they never elaborate.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -174,31 +173,12 @@ def test_bad_parameters(args, exc, words):
     gc.collect()   # the half-built unit sits in a traceback cycle; drop it under this file's filter
 
 
-class _Harness(wiring.Component):
-    """Embeds a unit and connects each of its stream ports to the harness's own flipped port."""
-
-    def __init__(self, unit):
-        self._unit = unit
-        super().__init__(dict(unit.signature.members.items()))
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.unit = self._unit
-        for name, member in self.signature.members.items():
-            outer, inner = getattr(self, name), getattr(self._unit, name)
-            if member.is_port:
-                m.d.comb += (inner.eq(outer) if member.flow == wiring.In else outer.eq(inner))
-            else:
-                wiring.connect(m, wiring.flipped(outer), inner)
-        return m
-
-
 def test_verilog_and_embedding():
     assert "module queues" in verilog.convert(ExpertQueues(16, 2, 129), name="queues")
-    assert "module harness" in verilog.convert(_Harness(ExpertQueues(4, 4, 8)), name="harness")
+    assert "module harness" in verilog.convert(EmbeddingHarness(ExpertQueues(4, 4, 8)), name="harness")
     rng = np.random.default_rng(9)
     top_idx, probs, weights = _routing(6, 4, 2, rng)
-    _simulate(_Harness(ExpertQueues(4, 2, 8)), [(top_idx, weights, probs)], stall_prob=0.2, experts=4)
+    _simulate(EmbeddingHarness(ExpertQueues(4, 2, 8)), [(top_idx, weights, probs)], stall_prob=0.2, experts=4)
 
 
 def test_from_config():

@@ -12,7 +12,7 @@ from amaranth.sim import Simulator
 
 from m3vit_hw.isqrt import ISqrt
 from reference import golden
-from sim.testbench import Stalls, stream_get, stream_put, transfer_logger
+from sim.testbench import Stalls, stream_get, stream_put, StreamPassthrough, transfer_logger
 
 # Constructors that reject their parameters leave a half-built Elaboratable behind; that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -99,16 +99,6 @@ def test_bad_parameters(kwargs, exc, msg):
         ISqrt(**kwargs)
 
 
-class _Passthrough(wiring.Component):
-    def __init__(self, sig):
-        super().__init__({"i": wiring.In(sig), "o": wiring.Out(sig)})
-
-    def elaborate(self, platform):
-        m = Module()
-        wiring.connect(m, wiring.flipped(self.i), wiring.flipped(self.o))
-        return m
-
-
 class _Top(wiring.Component):
     """A design embedding the unit, wired purely with ``wiring.connect``."""
 
@@ -119,7 +109,7 @@ class _Top(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.unit = self.unit
-        m.submodules.stage = stage = _Passthrough(self.unit.o.signature)
+        m.submodules.stage = stage = StreamPassthrough(self.unit.o.signature)
         wiring.connect(m, wiring.flipped(self.i), self.unit.i)
         wiring.connect(m, self.unit.o, stage.i)
         wiring.connect(m, stage.o, wiring.flipped(self.o))

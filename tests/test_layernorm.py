@@ -12,7 +12,7 @@ from amaranth.sim import Simulator
 from m3vit_hw import numerics as nx
 from m3vit_hw.layernorm import LayerNormUnit
 from reference import golden
-from sim.testbench import Stalls, stream_get, stream_put, transfer_logger
+from sim.testbench import Stalls, stream_get, stream_put, StreamPassthrough, transfer_logger
 
 # Constructors that reject their parameters leave a half-built Elaboratable behind; that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -270,16 +270,6 @@ def test_from_config():
         LayerNormUnit.from_config(SimpleNamespace(model=SimpleNamespace(dim=192)))
 
 
-class _Passthrough(wiring.Component):
-    def __init__(self, sig):
-        super().__init__({"i": wiring.In(sig), "o": wiring.Out(sig)})
-
-    def elaborate(self, platform):
-        m = Module()
-        wiring.connect(m, wiring.flipped(self.i), wiring.flipped(self.o))
-        return m
-
-
 class _Top(wiring.Component):
     """A design embedding the unit; every stream is wired with ``wiring.connect``."""
 
@@ -291,7 +281,7 @@ class _Top(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         m.submodules.unit = self.unit
-        m.submodules.stage = stage = _Passthrough(self.unit.o.signature)
+        m.submodules.stage = stage = StreamPassthrough(self.unit.o.signature)
         wiring.connect(m, wiring.flipped(self.i), self.unit.i)
         wiring.connect(m, wiring.flipped(self.param), self.unit.param)
         wiring.connect(m, self.unit.o, stage.i)

@@ -5,12 +5,11 @@ import gc
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Fragment, Module
-from amaranth.lib import wiring
+from amaranth.hdl import Fragment
 
 from m3vit_hw.topk import TopK, expert_id_width
 from reference import golden
-from sim.testbench import Stalls, run_until_done, stream_get, stream_put
+from sim.testbench import EmbeddingHarness, run_until_done, Stalls, stream_get, stream_put
 
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -135,33 +134,14 @@ def test_bad_parameters(args, kwargs, exc, words):
     gc.collect()   # the half-built unit sits in a traceback cycle; drop it under this file's filter
 
 
-class _Harness(wiring.Component):
-    """Embeds a unit and connects each of its stream ports to the harness's own flipped port."""
-
-    def __init__(self, unit):
-        self._unit = unit
-        super().__init__(dict(unit.signature.members.items()))
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.unit = self._unit
-        for name, member in self.signature.members.items():
-            outer, inner = getattr(self, name), getattr(self._unit, name)
-            if member.is_port:
-                m.d.comb += (inner.eq(outer) if member.flow == wiring.In else outer.eq(inner))
-            else:
-                wiring.connect(m, wiring.flipped(outer), inner)
-        return m
-
-
 @pytest.mark.parametrize("experts, top_k, lanes", [(16, 2, 4), (1, 1, 1)])
 def test_verilog_and_embedding(experts, top_k, lanes):
     text = verilog.convert(TopK(experts, top_k, lanes=lanes, tag_width=16), name="topk")
     assert "module topk" in text
-    harness = _Harness(TopK(experts, top_k, lanes=lanes, tag_width=16))
+    harness = EmbeddingHarness(TopK(experts, top_k, lanes=lanes, tag_width=16))
     assert "module harness" in verilog.convert(harness, name="harness")
     # The embedded unit still works through the connections.
-    dut = _Harness(TopK(4, 2, tag_width=16))
+    dut = EmbeddingHarness(TopK(4, 2, tag_width=16))
     got = []
 
     async def feed(ctx):

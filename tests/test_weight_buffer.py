@@ -6,10 +6,10 @@ import random
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Fragment, Module
-from amaranth.lib import wiring
+from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 
+from sim.testbench import EmbeddingHarness
 from m3vit_hw.weight_buffer import ReaderSignature, TileInfoLayout, WeightBuffer, WriterSignature
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
@@ -210,32 +210,13 @@ def test_bad_parameters(args, kwargs, exc, words):
     gc.collect()   # the half-built unit sits in a traceback cycle; drop it under this file's filter
 
 
-class _Harness(wiring.Component):
-    """Embeds a unit and connects each of its interface ports to the harness's own flipped port."""
-
-    def __init__(self, unit):
-        self._unit = unit
-        super().__init__(dict(unit.signature.members.items()))
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.unit = self._unit
-        for name, member in self.signature.members.items():
-            outer, inner = getattr(self, name), getattr(self._unit, name)
-            if member.is_port:
-                m.d.comb += (inner.eq(outer) if member.flow == wiring.In else outer.eq(inner))
-            else:
-                wiring.connect(m, wiring.flipped(outer), inner)
-        return m
-
-
 def test_verilog_and_embedding():
     assert "module wbuf" in verilog.convert(WeightBuffer(4096, 16, write_bytes=8), name="wbuf")
-    assert "module harness" in verilog.convert(_Harness(WeightBuffer(48, 16, write_bytes=8)),
+    assert "module harness" in verilog.convert(EmbeddingHarness(WeightBuffer(48, 16, write_bytes=8)),
                                                name="harness")
     rng = np.random.default_rng(1)
     unit = WeightBuffer(32, 8)
-    _simulate(_Harness(unit), _tiles(32, 3, rng), write_stall=0.2, read_stall=0.2, hold_cycles=3,
+    _simulate(EmbeddingHarness(unit), _tiles(32, 3, rng), write_stall=0.2, read_stall=0.2, hold_cycles=3,
               unit=unit)
 
 
