@@ -6,7 +6,7 @@ and the build CLI names presets from it. The facts come from the M³ViT training
 ``shared/DESIGN.md`` §2).
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from .checks import check_int as _check_int
 
 __all__ = ["ModelConfig", "PRESETS", "preset", "ROUTERS"]

@@ -51,7 +51,6 @@ def _cosine(a, b):
 
 def _measure_task(model, qm, images, task):
     cfg = model.cfg
-    T = cfg.tokens
     ref_out, q_out = [], []
     ref_layers = [[] for _ in range(cfg.depth)]
     q_layers = [[] for _ in range(cfg.depth)]

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from m3vit_hw.model_config import preset
 from reference import golden_model
 from reference.inputs import synthetic_images
 from reference.model import build_model

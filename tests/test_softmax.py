@@ -102,7 +102,6 @@ def _run(dut, cmds, *, stall_p=0.3, seed=0):
 
 
 def _check(dut, cmds, beats):
-    L = dut.lanes
     pos = 0
     for ci, c in enumerate(cmds):
         for r, (want_v, want_sum, want_recip) in enumerate(c.expected()):
