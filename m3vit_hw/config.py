@@ -12,7 +12,7 @@ The config is validated when it is built, before anything is elaborated: a bad v
 Buffers
 -------
 All on-chip buffers that the GEMM engine reads or writes are organised in *words* of one PE-array
-column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm_engine.GemmEngine` for the exact layouts).
+column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm.gemm_engine.GemmEngine` for the exact layouts).
 
 ``act_buffer_bytes``
     The int8 activation scratch buffer (LayerNorm outputs, Q/K/V, attention context, MLP hidden tiles).
@@ -35,7 +35,7 @@ column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm_engine.GemmEngine` 
 
 from dataclasses import dataclass, fields, replace
 
-from . import numerics as nx
+from . import numerics
 from .model_config import PRESETS as MODEL_PRESETS
 from .model_config import ModelConfig
 from .checks import check_int as _check_int
@@ -56,8 +56,8 @@ ACCEL_PRESETS = {
 
 #: Largest magnitude of one product: int8 x int8 peaks at (-128)(-128); unsigned attention weights
 #: (e8 <= 255) times int8 peak at 255 * 128 (negative side).
-_SIGNED_PRODUCT_MAX = 1 << (nx.ACT_BITS - 1 + nx.WEIGHT_BITS - 1)
-_UNSIGNED_PRODUCT_MAX = ((1 << nx.ATTN_P_BITS) - 1) * (1 << (nx.WEIGHT_BITS - 1))
+_SIGNED_PRODUCT_MAX = 1 << (numerics.ACT_BITS - 1 + numerics.WEIGHT_BITS - 1)
+_UNSIGNED_PRODUCT_MAX = ((1 << numerics.ATTN_P_BITS) - 1) * (1 << (numerics.WEIGHT_BITS - 1))
 
 
 #: Which model quantity sets each GEMM's K (named in the accumulator-overflow error).
@@ -98,7 +98,7 @@ class AcceleratorConfig:
     pe_rows, pe_cols : int
         PE array shape; peak throughput is ``pe_rows * pe_cols`` int8 MACs per cycle. ``pe_cols`` is
         also the lane count of the epilogue and the element count of one buffer word. The GEMM engine
-        sustains full rate when ``pe_rows <= pe_cols`` (see :class:`~m3vit_hw.gemm_engine.GemmEngine`).
+        sustains full rate when ``pe_rows <= pe_cols`` (see :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine`).
     token_capacity : int or None
         Most tokens held on chip; at least ``model.tokens``. Default: ``model.tokens``.
     ln_lanes, softmax_lanes : int or None
@@ -210,10 +210,10 @@ class AcceleratorConfig:
 
     def _check_accumulator(self):
         worst, what, param = self.worst_case_acc
-        limit = (1 << (nx.ACC_BITS - 1)) - 1
+        limit = (1 << (numerics.ACC_BITS - 1)) - 1
         if worst > limit:
             raise ValueError(
-                f"{param} makes the {what} overflow the {nx.ACC_BITS}-bit accumulator: worst-case "
+                f"{param} makes the {what} overflow the {numerics.ACC_BITS}-bit accumulator: worst-case "
                 f"|sum| {worst} > {limit}; the largest K allowed is "
                 f"{limit // _SIGNED_PRODUCT_MAX} (int8 x int8) or "
                 f"{limit // _UNSIGNED_PRODUCT_MAX} (uint8 x int8)")
@@ -270,19 +270,19 @@ class AcceleratorConfig:
 
     @property
     def act_bits(self):
-        return nx.ACT_BITS
+        return numerics.ACT_BITS
 
     @property
     def weight_bits(self):
-        return nx.WEIGHT_BITS
+        return numerics.WEIGHT_BITS
 
     @property
     def acc_bits(self):
-        return nx.ACC_BITS
+        return numerics.ACC_BITS
 
     @property
     def res_bits(self):
-        return nx.RES_BITS
+        return numerics.RES_BITS
 
     # -- compute -------------------------------------------------------------------------------
 
@@ -365,13 +365,13 @@ class AcceleratorConfig:
 
     @property
     def act_word_bytes(self):
-        return self.pe_cols * nx.ACT_BITS // 8
+        return self.pe_cols * numerics.ACT_BITS // 8
 
     @property
     def act_buffer_min_bytes(self):
         """Smallest legal ``act_buffer_bytes`` (see the module docstring for what it holds)."""
         m = self.model
-        return self.token_capacity * (2 * m.dim + 3 * m.head_dim) * nx.ACT_BITS // 8
+        return self.token_capacity * (2 * m.dim + 3 * m.head_dim) * numerics.ACT_BITS // 8
 
     @property
     def act_buffer_words(self):
@@ -392,7 +392,7 @@ class AcceleratorConfig:
 
     @property
     def res_buffer_bytes(self):
-        return self.res_buffer_words * self.pe_cols * nx.RES_BITS // 8
+        return self.res_buffer_words * self.pe_cols * numerics.RES_BITS // 8
 
     @property
     def res_addr_bits(self):
@@ -401,13 +401,13 @@ class AcceleratorConfig:
     @property
     def weight_panel_bytes(self):
         """One weight panel: ``largest_weight_k`` rows of ``pe_cols`` int8 weights."""
-        return self.largest_weight_k * self.pe_cols * nx.WEIGHT_BITS // 8
+        return self.largest_weight_k * self.pe_cols * numerics.WEIGHT_BITS // 8
 
     @property
     def expert_weight_bytes(self):
         """int8 weights of one expert (htoh4 and h4toh)."""
         m = self.model
-        return 2 * m.dim * m.expert_hidden * nx.WEIGHT_BITS // 8
+        return 2 * m.dim * m.expert_hidden * numerics.WEIGHT_BITS // 8
 
     @property
     def weight_buffer_half_bytes(self):
@@ -415,7 +415,7 @@ class AcceleratorConfig:
 
     @property
     def weight_buffer_words(self):
-        return self.weight_buffer_bytes // (self.pe_cols * nx.WEIGHT_BITS // 8)
+        return self.weight_buffer_bytes // (self.pe_cols * numerics.WEIGHT_BITS // 8)
 
     @property
     def weight_addr_bits(self):
@@ -461,14 +461,14 @@ class AcceleratorConfig:
             f"{m.depth} blocks, {m.experts} experts (h={m.expert_hidden}, top-{m.top_k}), "
             f"{m.num_tasks} tasks, {m.tokens} tokens",
             f"  PE array        {self.pe_rows} x {self.pe_cols} = {self.macs_per_cycle} MAC/cycle "
-            f"(int{nx.ACT_BITS}/uint{nx.ATTN_P_BITS} x int{nx.WEIGHT_BITS} -> int{nx.ACC_BITS}), "
+            f"(int{numerics.ACT_BITS}/uint{numerics.ATTN_P_BITS} x int{numerics.WEIGHT_BITS} -> int{numerics.ACC_BITS}), "
             f"{self.peak_gmacs:.1f} GMAC/s at {self.clock_mhz} MHz",
-            f"  largest K       {self.largest_k} (worst |acc| {worst} < 2^{nx.ACC_BITS - 1}, {what})",
+            f"  largest K       {self.largest_k} (worst |acc| {worst} < 2^{numerics.ACC_BITS - 1}, {what})",
             f"  token capacity  {self.token_capacity}, q_tile {self.q_tile}",
             f"  act buffer      {self.act_buffer_bytes / kib:.1f} KiB "
             f"({self.act_buffer_words} x {self.act_word_bytes} B words)",
             f"  residual buffer {self.res_buffer_bytes / kib:.1f} KiB "
-            f"({self.res_buffer_words} x {self.pe_cols * nx.RES_BITS // 8} B words)",
+            f"({self.res_buffer_words} x {self.pe_cols * numerics.RES_BITS // 8} B words)",
             f"  weight buffer   {self.weight_buffer_bytes / kib:.1f} KiB = 2 x "
             f"{self.weight_buffer_half_bytes / kib:.1f} KiB (panel {self.weight_panel_bytes} B)",
             f"  param buffer    {self.param_buffer_words} words (bias+mult of {self.pe_cols} columns)",

@@ -17,7 +17,7 @@ This module must not import torch: the simulation runners use it too.
 
 import numpy as np
 
-from m3vit_hw import numerics as nx
+from m3vit_hw import numerics
 
 __all__ = [
     "round_shift", "sat", "matmul", "requantize", "gelu", "residual_add",
@@ -45,15 +45,15 @@ def round_shift(x, s):
     """Round-half-up arithmetic right shift by ``s`` (array or scalar ``s`` >= 0)."""
     x = _i(x)
     s = _i(s)
-    if np.any(s < 0) or np.any(s > nx.SHIFT_MAX):
-        raise ValueError(f"shift must be in [0, {nx.SHIFT_MAX}], not {s}")
+    if np.any(s < 0) or np.any(s > numerics.SHIFT_MAX):
+        raise ValueError(f"shift must be in [0, {numerics.SHIFT_MAX}], not {s}")
     half = np.where(s > 0, np.left_shift(_I64(1), np.maximum(s - 1, 0)), 0)
     return np.right_shift(x + half, s)
 
 
 def sat(x, bits):
     """Clamp to the signed ``bits``-wide range."""
-    lo, hi = nx.int_range(bits)
+    lo, hi = numerics.int_range(bits)
     return np.clip(_i(x), lo, hi)
 
 
@@ -79,8 +79,8 @@ def requantize(acc, bias, mult, shift, out_bits):
     product, along rows (per query row). ``mult`` is unsigned, below ``2**MULT_BITS``.
     """
     mult = _i(mult)
-    if np.any(mult < 0) or np.any(mult >= (1 << nx.MULT_BITS)):
-        raise ValueError(f"requantization multiplier must be in [0, 2**{nx.MULT_BITS}), not {mult}")
+    if np.any(mult < 0) or np.any(mult >= (1 << numerics.MULT_BITS)):
+        raise ValueError(f"requantization multiplier must be in [0, 2**{numerics.MULT_BITS}), not {mult}")
     return sat(round_shift((_i(acc) + _i(bias)) * mult, shift), out_bits)
 
 
@@ -91,10 +91,10 @@ def gelu(x, lut):
     pure lookup, one ROM read per element.
     """
     lut = _i(lut)
-    if lut.shape != (1 << nx.ACT_BITS,):
-        raise ValueError(f"GELU table must have {1 << nx.ACT_BITS} entries, not shape {lut.shape}")
+    if lut.shape != (1 << numerics.ACT_BITS,):
+        raise ValueError(f"GELU table must have {1 << numerics.ACT_BITS} entries, not shape {lut.shape}")
     x = _i(x)
-    lo, hi = nx.int_range(nx.ACT_BITS)
+    lo, hi = numerics.int_range(numerics.ACT_BITS)
     if x.size and (x.min() < lo or x.max() > hi):
         raise ValueError("GELU input must be int8")
     return lut[x - lo]
@@ -102,7 +102,7 @@ def gelu(x, lut):
 
 def residual_add(res, branch):
     """Residual stream update: ``sat(res + branch, RES_BITS)``. Both operands are at the residual scale."""
-    return sat(_i(res) + _i(branch), nx.RES_BITS)
+    return sat(_i(res) + _i(branch), numerics.RES_BITS)
 
 
 def isqrt(n):
@@ -132,18 +132,18 @@ def layernorm(x, eps_int, gamma_mult, beta_int, shift):
     A zero-variance row gives z = 0 and y = sat8(round_shift(beta_int, shift)).
     """
     x = _i(x)
-    _check_range("layernorm input", x, *nx.int_range(nx.RES_BITS))
-    _check_range("eps_int", eps_int, 0, (1 << nx.LN_EPS_BITS) - 1)
-    _check_range("gamma_mult", gamma_mult, *nx.int_range(nx.LN_GAMMA_BITS))
-    _check_range("beta_int", beta_int, *nx.int_range(nx.LN_BETA_BITS))
+    _check_range("layernorm input", x, *numerics.int_range(numerics.RES_BITS))
+    _check_range("eps_int", eps_int, 0, (1 << numerics.LN_EPS_BITS) - 1)
+    _check_range("gamma_mult", gamma_mult, *numerics.int_range(numerics.LN_GAMMA_BITS))
+    _check_range("beta_int", beta_int, *numerics.int_range(numerics.LN_BETA_BITS))
     d = x.shape[-1]
     s1 = x.sum(-1, keepdims=True)
     s2 = (x * x).sum(-1, keepdims=True)
     var_n = d * s2 - s1 * s1 + _I64(eps_int)
     den = np.maximum(1, isqrt(var_n))
-    inv = np.floor_divide(_I64(1) << nx.LN_INV_BITS, den)
-    z = round_shift((d * x - s1) * inv, nx.LN_INV_BITS - nx.LN_Z_FRAC)
-    return sat(round_shift(z * _i(gamma_mult) + _i(beta_int), shift), nx.ACT_BITS)
+    inv = np.floor_divide(_I64(1) << numerics.LN_INV_BITS, den)
+    z = round_shift((d * x - s1) * inv, numerics.LN_INV_BITS - numerics.LN_Z_FRAC)
+    return sat(round_shift(z * _i(gamma_mult) + _i(beta_int), shift), numerics.ACT_BITS)
 
 
 def softmax_exp(scores, c_mult, c_shift):
@@ -159,14 +159,14 @@ def softmax_exp(scores, c_mult, c_shift):
     always gets e16 = 2**EXP_LUT_BITS. The shift is a floor (truncating) shift, like a barrel shifter.
     """
     s = _i(scores)
-    _check_range("softmax input", s, *nx.int_range(nx.ACC_BITS))
-    _check_range("c_mult", c_mult, 0, (1 << nx.SOFTMAX_MULT_BITS) - 1)
+    _check_range("softmax input", s, *numerics.int_range(numerics.ACC_BITS))
+    _check_range("c_mult", c_mult, 0, (1 << numerics.SOFTMAX_MULT_BITS) - 1)
     m = s.max(-1, keepdims=True)
     t = np.right_shift((m - s) * _I64(c_mult), _I64(c_shift))
-    i = np.right_shift(t, nx.EXP_FRAC_BITS)
-    f = t & ((1 << nx.EXP_FRAC_BITS) - 1)
-    lut = nx.exp2_lut()
-    return np.where(i < nx.EXP_ZERO_INT, np.right_shift(lut[f], np.minimum(i, nx.EXP_ZERO_INT)), 0)
+    i = np.right_shift(t, numerics.EXP_FRAC_BITS)
+    f = t & ((1 << numerics.EXP_FRAC_BITS) - 1)
+    lut = numerics.exp2_lut()
+    return np.where(i < numerics.EXP_ZERO_INT, np.right_shift(lut[f], np.minimum(i, numerics.EXP_ZERO_INT)), 0)
 
 
 def attention_weights(scores, c_mult, c_shift):
@@ -177,7 +177,7 @@ def attention_weights(scores, c_mult, c_shift):
     ``l`` is deferred to the AV epilogue, so a row can be processed as it streams.
     """
     e16 = softmax_exp(scores, c_mult, c_shift)
-    e8 = np.minimum((1 << nx.ATTN_P_BITS) - 1, round_shift(e16, nx.EXP_LUT_BITS - nx.ATTN_P_BITS))
+    e8 = np.minimum((1 << numerics.ATTN_P_BITS) - 1, round_shift(e16, numerics.EXP_LUT_BITS - numerics.ATTN_P_BITS))
     return e8, e8.sum(-1)
 
 
@@ -186,13 +186,13 @@ def attention_recip(l, out_mult):
     l = _i(l)
     if np.any(l <= 0):
         raise ValueError("attention row sum must be positive")
-    _check_range("out_mult", out_mult, 0, (1 << nx.AV_OUT_MULT_BITS) - 1)
-    return np.floor_divide(_I64(out_mult) << nx.AV_RECIP_BITS, l)
+    _check_range("out_mult", out_mult, 0, (1 << numerics.AV_OUT_MULT_BITS) - 1)
+    return np.floor_divide(_I64(out_mult) << numerics.AV_RECIP_BITS, l)
 
 
 def attention_normalize(acc, recip, out_shift):
     """AV epilogue: ``sat8(round_shift(acc * recip[row], out_shift + AV_RECIP_BITS))``."""
-    return requantize(acc, 0, _i(recip)[..., None], out_shift + nx.AV_RECIP_BITS, nx.ACT_BITS)
+    return requantize(acc, 0, _i(recip)[..., None], out_shift + numerics.AV_RECIP_BITS, numerics.ACT_BITS)
 
 
 def attention_head(q, k, v, c_mult, c_shift, out_mult, out_shift):
@@ -239,8 +239,8 @@ def router_probs(logits, c_mult, c_shift):
     ``p = round_shift(e16 * R, ROUTER_RECIP_BITS - ROUTER_P_FRAC)``.
     """
     e16 = softmax_exp(logits, c_mult, c_shift)
-    recip = np.floor_divide(_I64(1) << nx.ROUTER_RECIP_BITS, e16.sum(-1, keepdims=True))
-    return round_shift(e16 * recip, nx.ROUTER_RECIP_BITS - nx.ROUTER_P_FRAC)
+    recip = np.floor_divide(_I64(1) << numerics.ROUTER_RECIP_BITS, e16.sum(-1, keepdims=True))
+    return round_shift(e16 * recip, numerics.ROUTER_RECIP_BITS - numerics.ROUTER_P_FRAC)
 
 
 def topk(logits, k):
@@ -280,4 +280,4 @@ def moe_combine(res, expert_out, weight):
     combine weight. The layer applies these steps in ascending expert order (the order the reordering
     controller processes experts), which defines the result when saturation occurs.
     """
-    return residual_add(res, round_shift(_i(expert_out) * _i(weight), nx.ROUTER_P_FRAC))
+    return residual_add(res, round_shift(_i(expert_out) * _i(weight), numerics.ROUTER_P_FRAC))

@@ -8,7 +8,7 @@ simulation runners use this module too.
 
 import numpy as np
 
-from m3vit_hw import numerics as nx
+from m3vit_hw import numerics
 from . import golden as g
 
 __all__ = ["patchify", "linear", "embed", "attention", "dense_mlp", "moe_layer", "block", "encode"]
@@ -113,7 +113,7 @@ def encode(qm, img_q, task, q_tile=None, return_intermediates=False):
     expected = (cfg.in_chans, *cfg.img_size)
     if img_q.shape != expected:
         raise ValueError(f"image must have shape {expected}, not {img_q.shape}")
-    lo, hi = nx.int_range(nx.ACT_BITS)
+    lo, hi = numerics.int_range(numerics.ACT_BITS)
     if img_q.min() < lo or img_q.max() > hi:
         raise ValueError("image must be int8 (quantize it with reference.quantize.quantize_image)")
     x = embed(qm, img_q)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from m3vit_hw import numerics as nx
+from m3vit_hw import numerics
 from .qparams import QLinear, QLayerNorm, QAttention, QDenseMlp, QMoE, QBlock, QuantizedEncoder
 
 __all__ = [
@@ -46,7 +46,7 @@ def _scale(absmax, bits):
     return max(float(absmax), 1e-12) / ((1 << (bits - 1)) - 1)
 
 
-def _mult_shift(real, mult_bits, shift_max=nx.SHIFT_MAX):
+def _mult_shift(real, mult_bits, shift_max=numerics.SHIFT_MAX):
     """Integer multipliers ``round(real * 2**shift)`` below ``2**mult_bits``, one shared shift."""
     real = np.asarray(real, dtype=np.float64)
     top = float(np.abs(real).max())
@@ -78,30 +78,30 @@ def _qlinear(w, b, in_scale, out_scale, out_bits):
     wq, ws = _quant_weight(w)
     acc_scale = in_scale * ws
     bias = np.round(np.asarray(b, dtype=np.float64) / acc_scale).astype(np.int64)
-    lo, hi = nx.int_range(nx.BIAS_BITS)
+    lo, hi = numerics.int_range(numerics.BIAS_BITS)
     bias = np.clip(bias, lo, hi)
-    mult, shift = _mult_shift(acc_scale / out_scale, nx.MULT_BITS)
+    mult, shift = _mult_shift(acc_scale / out_scale, numerics.MULT_BITS)
     return QLinear(wq, bias, mult, shift, out_bits)
 
 
 def _qlayernorm(gamma, beta, eps, dim, res_scale, out_scale):
     g = np.asarray(gamma, dtype=np.float64) / out_scale
     b = np.asarray(beta, dtype=np.float64) / out_scale
-    g_lim = (1 << (nx.LN_GAMMA_BITS - 1)) - 1
-    b_lim = (1 << (nx.LN_BETA_BITS - 1)) - 1
+    g_lim = (1 << (numerics.LN_GAMMA_BITS - 1)) - 1
+    b_lim = (1 << (numerics.LN_BETA_BITS - 1)) - 1
     # Largest shift that keeps both gamma_mult and beta_int inside their formats.
-    s_g = math.floor(math.log2(g_lim / max(np.abs(g).max(), 1e-12))) + nx.LN_Z_FRAC
+    s_g = math.floor(math.log2(g_lim / max(np.abs(g).max(), 1e-12))) + numerics.LN_Z_FRAC
     s_b = math.floor(math.log2(b_lim / max(np.abs(b).max(), 1e-12)))
-    shift = max(0, min(nx.SHIFT_MAX, s_g, s_b))
-    gamma_mult = np.clip(np.round(g * 2.0 ** (shift - nx.LN_Z_FRAC)), -g_lim - 1, g_lim).astype(np.int64)
+    shift = max(0, min(numerics.SHIFT_MAX, s_g, s_b))
+    gamma_mult = np.clip(np.round(g * 2.0 ** (shift - numerics.LN_Z_FRAC)), -g_lim - 1, g_lim).astype(np.int64)
     beta_int = np.clip(np.round(b * 2.0 ** shift), -b_lim - 1, b_lim).astype(np.int64)
-    eps_int = int(min((1 << nx.LN_EPS_BITS) - 1, round(eps * dim * dim / (res_scale * res_scale))))
+    eps_int = int(min((1 << numerics.LN_EPS_BITS) - 1, round(eps * dim * dim / (res_scale * res_scale))))
     return QLayerNorm(eps_int, gamma_mult, beta_int, shift)
 
 
 def _softmax_mult(real):
     """``c_mult * 2**-c_shift`` ~= real, c_mult below 2**SOFTMAX_MULT_BITS."""
-    m, s = _mult_shift(np.array([real]), nx.SOFTMAX_MULT_BITS)
+    m, s = _mult_shift(np.array([real]), numerics.SOFTMAX_MULT_BITS)
     return int(m[0]), s
 
 
@@ -203,24 +203,24 @@ def quantize(model, calib_images):
     enc = model.backbone
     cfg = enc.cfg
     ranges, _ = calibrate(model, calib_images)
-    s_img = _scale(ranges["img"].absmax, nx.ACT_BITS)
-    s_res = _scale(ranges["res"].absmax * RES_HEADROOM, nx.RES_BITS)
+    s_img = _scale(ranges["img"].absmax, numerics.ACT_BITS)
+    s_res = _scale(ranges["res"].absmax * RES_HEADROOM, numerics.RES_BITS)
     scales = {"img": s_img, "res": s_res}
 
     w_pe = _np(enc.patch_embed.proj.weight).reshape(cfg.dim, -1)
-    patch = _qlinear(w_pe, _np(enc.patch_embed.proj.bias), s_img, s_res, nx.RES_BITS)
-    lo, hi = nx.int_range(nx.RES_BITS)
+    patch = _qlinear(w_pe, _np(enc.patch_embed.proj.bias), s_img, s_res, numerics.RES_BITS)
+    lo, hi = numerics.int_range(numerics.RES_BITS)
     pos = _np(enc.pos_embed)[0]
     pos_int = np.clip(np.round(pos / s_res), lo, hi).astype(np.int64)
     cls_int = np.clip(np.round((_np(enc.cls_token)[0, 0] + pos[0]) / s_res), lo, hi).astype(np.int64)
 
     blocks = []
     for i, blk in enumerate(enc.blocks):
-        sc = {n: _scale(ranges[f"{i}.{n}"].absmax, nx.ACT_BITS)
+        sc = {n: _scale(ranges[f"{i}.{n}"].absmax, numerics.ACT_BITS)
               for n in ("ln1", "q", "k", "v", "ctx", "ln2")}
         pre = ranges[f"{i}.pre"]
-        sc["pre"] = _scale(max(pre.pos, min(pre.neg, GELU_NEG_CLIP)), nx.ACT_BITS)
-        sc["gelu"] = _scale(ranges[f"{i}.gelu"].absmax, nx.ACT_BITS)
+        sc["pre"] = _scale(max(pre.pos, min(pre.neg, GELU_NEG_CLIP)), numerics.ACT_BITS)
+        sc["gelu"] = _scale(ranges[f"{i}.gelu"].absmax, numerics.ACT_BITS)
         scales[i] = sc
 
         ln1 = _qlayernorm(_np(blk.norm1.weight), _np(blk.norm1.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln1"])
@@ -231,22 +231,22 @@ def quantize(model, calib_images):
         wq, ws = _quant_weight(w_qkv)
         out_scale = np.repeat([sc["q"], sc["k"], sc["v"]], cfg.dim)
         acc_scale = sc["ln1"] * ws
-        mult, shift = _mult_shift(acc_scale / out_scale, nx.MULT_BITS)
-        bias = np.clip(np.round(b_qkv / acc_scale), *nx.int_range(nx.BIAS_BITS)).astype(np.int64)
-        qkv = QLinear(wq, bias, mult, shift, nx.ACT_BITS)
+        mult, shift = _mult_shift(acc_scale / out_scale, numerics.MULT_BITS)
+        bias = np.clip(np.round(b_qkv / acc_scale), *numerics.int_range(numerics.BIAS_BITS)).astype(np.int64)
+        qkv = QLinear(wq, bias, mult, shift, numerics.ACT_BITS)
         c_mult, c_shift = _softmax_mult(sc["q"] * sc["k"] * cfg.head_dim ** -0.5 * math.log2(math.e)
-                                        * (1 << nx.EXP_FRAC_BITS))
-        o_mult, o_shift = _mult_shift(np.array([sc["v"] / sc["ctx"]]), nx.AV_OUT_MULT_BITS)
-        proj = _qlinear(_np(blk.attn.proj.weight), _np(blk.attn.proj.bias), sc["ctx"], s_res, nx.RES_BITS)
+                                        * (1 << numerics.EXP_FRAC_BITS))
+        o_mult, o_shift = _mult_shift(np.array([sc["v"] / sc["ctx"]]), numerics.AV_OUT_MULT_BITS)
+        proj = _qlinear(_np(blk.attn.proj.weight), _np(blk.attn.proj.bias), sc["ctx"], s_res, numerics.RES_BITS)
         attn = QAttention(qkv, c_mult, c_shift, int(o_mult[0]), o_shift, proj)
 
         lut = _gelu_lut(sc["pre"], sc["gelu"])
         if not blk.moe:
             mlp = QDenseMlp(_qlinear(_np(blk.mlp.fc1.weight), _np(blk.mlp.fc1.bias), sc["ln2"], sc["pre"],
-                                     nx.ACT_BITS),
+                                     numerics.ACT_BITS),
                             lut,
                             _qlinear(_np(blk.mlp.fc2.weight), _np(blk.mlp.fc2.bias), sc["gelu"], s_res,
-                                     nx.RES_BITS))
+                                     numerics.RES_BITS))
         else:
             mlp = _quantize_moe(enc, blk, cfg, sc, s_res, lut)
         blocks.append(QBlock(ln1, attn, ln2, mlp))
@@ -255,8 +255,8 @@ def quantize(model, calib_images):
 
 def _quantize_moe(enc, blk, cfg, sc, s_res, lut):
     ex = blk.mlp.experts
-    fc1 = _qlinear(_np(ex.htoh4.weight), _np(ex.htoh4.bias), sc["ln2"], sc["pre"], nx.ACT_BITS)
-    fc2 = _qlinear(_np(ex.h4toh.weight), _np(ex.h4toh.bias), sc["gelu"], s_res, nx.RES_BITS)
+    fc1 = _qlinear(_np(ex.htoh4.weight), _np(ex.htoh4.bias), sc["ln2"], sc["pre"], numerics.ACT_BITS)
+    fc2 = _qlinear(_np(ex.h4toh.weight), _np(ex.h4toh.bias), sc["gelu"], s_res, numerics.RES_BITS)
     gates, c_mults, c_shifts = [], [], []
     task_bias = np.zeros((cfg.num_tasks, cfg.experts), dtype=np.int64)
     for g, gate in enumerate(blk.mlp.gate):
@@ -266,7 +266,7 @@ def _quantize_moe(enc, blk, cfg, sc, s_res, lut):
         wq, ws = _quant_weight(w_tok.T, per_channel=False)
         gates.append(wq.T)
         logit_scale = sc["ln2"] * ws
-        m, s = _softmax_mult(logit_scale * math.log2(math.e) * (1 << nx.EXP_FRAC_BITS))
+        m, s = _softmax_mult(logit_scale * math.log2(math.e) * (1 << numerics.EXP_FRAC_BITS))
         c_mults.append(m)
         c_shifts.append(s)
         if cfg.router == "task_embedding":
@@ -275,7 +275,7 @@ def _quantize_moe(enc, blk, cfg, sc, s_res, lut):
             for t in range(cfg.num_tasks):
                 rep = _np(enc.task_repr(t))
                 task_bias[t] = np.round(rep @ w[cfg.dim:] / logit_scale).astype(np.int64)
-    lo, hi = nx.int_range(nx.ACC_BITS)
+    lo, hi = numerics.int_range(numerics.ACC_BITS)
     task_bias = np.clip(task_bias, lo, hi)
     return QMoE(gates, task_bias, c_mults, c_shifts, fc1, lut, fc2)
 

@@ -1,6 +1,6 @@
 """GEMM engine harness and throughput benchmark.
 
-:class:`GemmHarness` wires a :class:`~m3vit_hw.gemm_engine.GemmEngine` (with ``wiring.connect``) to
+:class:`GemmHarness` wires a :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine` (with ``wiring.connect``) to
 the buffers it reads and writes: activation, weight, residual, row-table and column-parameter
 memories, with the B port's MSB selecting the activation buffer. :func:`simulate` runs a list of
 commands through it in Amaranth's simulator and returns what came out. The tests use both; run this
@@ -21,10 +21,10 @@ from amaranth.hdl import Elaboratable, Module, Mux, Signal, signed
 from amaranth.lib import data, memory, wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw import numerics as nx
+from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
-from m3vit_hw.epilogue import EpilogueMode
-from m3vit_hw.gemm_engine import ColParamLayout, GemmEngine, RowEntryLayout
+from m3vit_hw.gemm.epilogue import EpilogueMode
+from m3vit_hw.gemm.gemm_engine import ColParamLayout, GemmEngine, RowEntryLayout
 from sim.testbench import Stalls, stream_put
 
 __all__ = ["GemmHarness", "simulate", "bench_config", "main"]
@@ -55,12 +55,12 @@ class GemmHarness(Elaboratable):
         self.config = config
         self.engine = GemmEngine(config)
         C = config.pe_cols
-        w8 = data.ArrayLayout(signed(nx.ACT_BITS), C)
+        w8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         self.act = memory.Memory(shape=w8, depth=config.act_buffer_words,
                                  init=_rows(act, config.act_buffer_words))
         self.weights = memory.Memory(shape=w8, depth=config.weight_buffer_words,
                                      init=_rows(weights, config.weight_buffer_words))
-        self.res = memory.Memory(shape=data.ArrayLayout(signed(nx.RES_BITS), C),
+        self.res = memory.Memory(shape=data.ArrayLayout(signed(numerics.RES_BITS), C),
                                  depth=config.res_buffer_words,
                                  init=_rows(res, config.res_buffer_words))
         rt = [] if rowtab is None else [{"token": int(t), "scale": int(s)} for t, s in rowtab]

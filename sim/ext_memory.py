@@ -1,4 +1,4 @@
-"""External-memory model for Amaranth's simulator: serves a :class:`~m3vit_hw.mem_port.ReadPortSignature`.
+"""External-memory model for Amaranth's simulator: serves a :class:`~m3vit_hw.lib.mem_port.ReadPortSignature`.
 
 The model stands in for DDR behind an AXI4 read channel. It is a bus-functional testbench coroutine,
 not RTL: it drives ``req.ready`` and the ``resp`` stream of the DUT's read port from a byte array and
@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from amaranth.lib import wiring
 
-from m3vit_hw.mem_port import BOUNDARY_BYTES, ReadPortSignature
+from m3vit_hw.lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
 
 __all__ = ["ExternalMemory", "RequestRecord"]
 

@@ -1,6 +1,6 @@
-"""Standalone MoE-layer runner: the RTL :class:`~m3vit_hw.moe_layer.MoELayer` against ``golden_moe``.
+"""Standalone MoE-layer runner: the RTL :class:`~m3vit_hw.moe.moe_layer.MoELayer` against ``golden_moe``.
 
-:class:`MoELayerSim` elaborates one MoELayer for a config, puts the :func:`~m3vit_hw.expert_layout.pack_moe`
+:class:`MoELayerSim` elaborates one MoELayer for a config, puts the :func:`~m3vit_hw.moe.expert_layout.pack_moe`
 image of a workload into an :class:`~sim.ext_memory.ExternalMemory`, and runs one or more layers
 (possibly of different tasks, on the same elaborated design) in Amaranth's simulator: load ``h``, ``x``
 and the GELU table, start, wait for ``done``, read ``x`` back, compare with
@@ -20,10 +20,10 @@ import numpy as np
 from amaranth.sim import Simulator
 
 from m3vit_hw.config import AcceleratorConfig
-from m3vit_hw.expert_layout import pack_moe, start_fields
+from m3vit_hw.moe.expert_layout import pack_moe, start_fields
 from m3vit_hw.model_config import ModelConfig
-from m3vit_hw.moe_layer import LoadTarget, MoELayer
-from m3vit_hw.reorder_controller import GATE_TAG
+from m3vit_hw.moe.moe_layer import LoadTarget, MoELayer
+from m3vit_hw.moe.reorder_controller import GATE_TAG
 from sim.ext_memory import ExternalMemory
 from sim.moe_workload import SKEWS, golden_moe, make_moe_workload
 from sim.testbench import Stalls, stream_get, stream_put

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from m3vit_hw import numerics as nx
+from m3vit_hw import numerics
 from reference.qparams import QLinear, QMoE
 from reference import golden_model
 
@@ -36,7 +36,7 @@ def gelu_table(s_in, s_out):
 def _mult_for(k, rng, shape, target=48.0):
     """Multipliers mapping a K-term int8 dot product (std ~ 60*sqrt(K)*60) to std ~ ``target`` LSB."""
     real = target / (60.0 * 60.0 * math.sqrt(k))
-    shift = int(math.floor(math.log2(((1 << nx.MULT_BITS) - 1) / (real * 1.5))))
+    shift = int(math.floor(math.log2(((1 << numerics.MULT_BITS) - 1) / (real * 1.5))))
     mult = np.round(real * rng.uniform(0.5, 1.5, shape) * (1 << shift)).astype(np.int64)
     return mult, shift
 
@@ -81,14 +81,14 @@ def make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=1, seed=0, skew
             task_bias[t, 0] = 1 << 24
         elif s == "sparse":
             task_bias[t, top_k:] = -(1 << 24)
-    real = 2.0 / logit_std * math.log2(math.e) * (1 << nx.EXP_FRAC_BITS)
-    c_shift = int(math.floor(math.log2(((1 << nx.SOFTMAX_MULT_BITS) - 1) / real)))
+    real = 2.0 / logit_std * math.log2(math.e) * (1 << numerics.EXP_FRAC_BITS)
+    c_shift = int(math.floor(math.log2(((1 << numerics.SOFTMAX_MULT_BITS) - 1) / real)))
     c_mult = int(round(real * (1 << c_shift)))
     qmoe = QMoE(
         gates=gates, task_bias=task_bias, router_c_mult=[c_mult] * tasks, router_c_shift=[c_shift] * tasks,
-        fc1=_linear(rng, experts, hidden, dim, nx.ACT_BITS, 48.0),
+        fc1=_linear(rng, experts, hidden, dim, numerics.ACT_BITS, 48.0),
         gelu_lut=gelu_table(3.0 / 48.0, 3.0 / 60.0),
-        fc2=_linear(rng, experts, dim, hidden, nx.RES_BITS, 3000.0),
+        fc2=_linear(rng, experts, dim, hidden, numerics.RES_BITS, 3000.0),
     )
     return {"h": h, "x": x, "qmoe": qmoe, "experts": experts, "top_k": top_k, "dim": dim,
             "hidden": hidden, "tokens": tokens, "tasks": tasks, "seed": seed, "skew": skew, "router": router}

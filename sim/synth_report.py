@@ -25,7 +25,7 @@ __all__ = ["synthesize", "UNITS", "main"]
 
 
 def _pe_array(args):
-    from m3vit_hw.pe_array import PEArray
+    from m3vit_hw.gemm.pe_array import PEArray
     return PEArray(args.rows, args.cols)
 
 
@@ -35,17 +35,17 @@ def _config(args):
 
 
 def _gemm_engine(args):
-    from m3vit_hw.gemm_engine import GemmEngine
+    from m3vit_hw.gemm.gemm_engine import GemmEngine
     return GemmEngine(_config(args))
 
 
 def _layernorm(args):
-    from m3vit_hw.layernorm import LayerNormUnit
+    from m3vit_hw.rowops.layernorm import LayerNormUnit
     return LayerNormUnit.from_config(_config(args))
 
 
 def _softmax(args):
-    from m3vit_hw.softmax import SoftmaxUnit
+    from m3vit_hw.rowops.softmax import SoftmaxUnit
     return SoftmaxUnit.from_config(_config(args))
 
 

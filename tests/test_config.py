@@ -2,7 +2,7 @@
 
 import pytest
 
-from m3vit_hw import numerics as nx
+from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.model_config import preset
 
@@ -33,13 +33,13 @@ def test_w1_w2_figures():
     assert w2.token_capacity == 1201
     worst, what, _ = w2.worst_case_acc
     assert worst == 255 * 128 * 1201 and "AV" in what
-    assert w2.worst_case_acc[0] < (1 << (nx.ACC_BITS - 1))
+    assert w2.worst_case_acc[0] < (1 << (numerics.ACC_BITS - 1))
 
 
 def test_formats_come_from_numerics():
     cfg = _tiny()
     assert (cfg.act_bits, cfg.weight_bits, cfg.acc_bits, cfg.res_bits) == \
-        (nx.ACT_BITS, nx.WEIGHT_BITS, nx.ACC_BITS, nx.RES_BITS)
+        (numerics.ACT_BITS, numerics.WEIGHT_BITS, numerics.ACC_BITS, numerics.RES_BITS)
 
 
 def test_derived_sizes():

@@ -8,7 +8,7 @@ from amaranth.back import verilog
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw.divider import Divider
+from m3vit_hw.lib.divider import Divider
 from sim.testbench import Stalls, stream_get, stream_put, StreamPassthrough, transfer_logger
 
 # Constructors that reject their parameters leave a half-built Elaboratable behind; that is expected.

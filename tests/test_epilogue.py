@@ -9,8 +9,8 @@ from amaranth.hdl import Elaboratable, Module, signed
 from amaranth.lib import data, memory, wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw import numerics as nx
-from m3vit_hw.epilogue import Epilogue, EpilogueMode
+from m3vit_hw import numerics
+from m3vit_hw.gemm.epilogue import Epilogue, EpilogueMode
 from reference import golden
 from sim.testbench import Stalls, stream_get, stream_put
 
@@ -18,7 +18,7 @@ LANES = 4
 ACT_AW = 5
 RES_AW = 4
 MODES = list(EpilogueMode)
-I32 = nx.int_range(32)
+I32 = numerics.int_range(32)
 
 
 class _Harness(Elaboratable):
@@ -45,7 +45,7 @@ def _sensible_shift(rng, acc, bias, mult, out_bits):
     """A shift that puts most results inside the output range (plus a little saturation)."""
     peak = int(np.abs((acc + bias) * mult).max()) or 1
     s = peak.bit_length() - (out_bits - 1) + int(rng.integers(-2, 3))
-    return int(np.clip(s, 0, nx.SHIFT_MAX))
+    return int(np.clip(s, 0, numerics.SHIFT_MAX))
 
 
 def _make_beats(rng, n, modes, res_words):
@@ -60,23 +60,23 @@ def _make_beats(rng, n, modes, res_words):
         bias = rng.integers(-(1 << 20), 1 << 20, size=LANES)
         if kind == 1:
             bias = rng.choice([I32[0], I32[1]], size=LANES)
-        mult = rng.integers(0, 1 << nx.MULT_BITS, size=LANES)
+        mult = rng.integers(0, 1 << numerics.MULT_BITS, size=LANES)
         if kind == 2:
-            mult[:] = (1 << nx.MULT_BITS) - 1
+            mult[:] = (1 << numerics.MULT_BITS) - 1
         out_bits = 16 if mode in (EpilogueMode.RES16, EpilogueMode.RESADD, EpilogueMode.COMBINE) else 8
         if mode == EpilogueMode.ATTN8:
             # recip = floor(out_mult * 2**16 / l): out_mult < 2**16 and l >= 255.
-            row_scale = int(rng.integers(0, 1 << nx.MULT_BITS))
+            row_scale = int(rng.integers(0, 1 << numerics.MULT_BITS))
             acc = rng.integers(-(1 << 22), 1 << 22, size=LANES) if kind else acc
-            shift = int(rng.integers(0, nx.SHIFT_MAX - nx.AV_RECIP_BITS + 1))
+            shift = int(rng.integers(0, numerics.SHIFT_MAX - numerics.AV_RECIP_BITS + 1))
             if kind == 3:
-                shift = _sensible_shift(rng, acc, 0, row_scale, 8 + nx.AV_RECIP_BITS)
+                shift = _sensible_shift(rng, acc, 0, row_scale, 8 + numerics.AV_RECIP_BITS)
         elif mode == EpilogueMode.COMBINE:
-            row_scale = int(rng.choice([0, 1 << nx.ROUTER_P_FRAC, int(rng.integers(0, 1 << nx.ROUTER_P_FRAC))]))
+            row_scale = int(rng.choice([0, 1 << numerics.ROUTER_P_FRAC, int(rng.integers(0, 1 << numerics.ROUTER_P_FRAC))]))
             shift = _sensible_shift(rng, acc, bias, mult, out_bits)
         else:
-            row_scale = int(rng.integers(0, 1 << nx.MULT_BITS))
-            shift = [0, nx.SHIFT_MAX, _sensible_shift(rng, acc, bias, mult, out_bits)][t % 3]
+            row_scale = int(rng.integers(0, 1 << numerics.MULT_BITS))
+            shift = [0, numerics.SHIFT_MAX, _sensible_shift(rng, acc, bias, mult, out_bits)][t % 3]
         if out_bits == 16:
             addr = int(rng.integers(0, res_words))     # repeats: read-after-write on the same word
         else:
@@ -128,8 +128,8 @@ def _run(seed, n, modes, stall_p, load_lut=True):
     rng = np.random.default_rng(seed)
     res_words = 1 << RES_AW
     res0 = rng.integers(-(1 << 15), 1 << 15, size=(res_words, LANES))
-    res0[0, :] = nx.int_range(16)[1]
-    res0[1, :] = nx.int_range(16)[0]
+    res0[0, :] = numerics.int_range(16)[1]
+    res0[1, :] = numerics.int_range(16)[0]
     lut = rng.integers(-128, 128, size=256) if load_lut else np.arange(-128, 128)
     beats = _make_beats(rng, n, modes, res_words)
     want_stream, want_act, want_res = _golden(beats, res0, lut)

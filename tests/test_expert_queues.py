@@ -7,7 +7,7 @@ import pytest
 from amaranth.back import verilog
 from amaranth.hdl import Fragment
 
-from m3vit_hw.expert_queues import ExpertQueues, token_id_width
+from m3vit_hw.moe.expert_queues import ExpertQueues, token_id_width
 from reference import golden
 from sim.testbench import EmbeddingHarness, run_until_done, Stalls, stream_get, stream_put
 

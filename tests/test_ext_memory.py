@@ -11,7 +11,7 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
-from m3vit_hw.mem_port import ReadPortSignature
+from m3vit_hw.lib.mem_port import ReadPortSignature
 from sim.ext_memory import ExternalMemory
 from sim.testbench import Stalls, stream_get, stream_put
 

@@ -7,7 +7,7 @@ from amaranth.hdl import Module, signed, unsigned
 from amaranth.lib import memory, stream, wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw.gelu import GeluInLayout, GeluOutLayout, GeluStage
+from m3vit_hw.gemm.gelu import GeluInLayout, GeluOutLayout, GeluStage
 from reference import golden
 from sim.testbench import Stalls, stream_get, stream_put
 

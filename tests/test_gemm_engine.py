@@ -13,11 +13,11 @@ from amaranth.back import verilog
 from amaranth.hdl import Module, Shape
 from amaranth.lib import stream, wiring
 
-from m3vit_hw import numerics as nx
+from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
-from m3vit_hw.epilogue import EpilogueMode as Mode
-from m3vit_hw.epilogue import StreamOutLayout
-from m3vit_hw.gemm_engine import GemmCommand, GemmEngine
+from m3vit_hw.gemm.epilogue import EpilogueMode as Mode
+from m3vit_hw.gemm.epilogue import StreamOutLayout
+from m3vit_hw.gemm.gemm_engine import GemmCommand, GemmEngine
 from reference import golden
 from sim.bench_gemm import GemmHarness, bench, simulate
 
@@ -38,9 +38,9 @@ class Buffers:
         self.weights = rng.integers(-128, 128, size=(cfg.weight_buffer_words, C))
         self.res = rng.integers(-(1 << 15), 1 << 15, size=(cfg.res_buffer_words, C))
         self.rowtab = np.stack([rng.integers(0, cfg.token_capacity, size=cfg.rowtab_entries),
-                                rng.integers(0, 1 << nx.MULT_BITS, size=cfg.rowtab_entries)], axis=1)
+                                rng.integers(0, 1 << numerics.MULT_BITS, size=cfg.rowtab_entries)], axis=1)
         self.colp = np.stack([rng.integers(-(1 << 16), 1 << 16, size=(cfg.param_buffer_words, C)),
-                              rng.integers(0, 1 << nx.MULT_BITS, size=(cfg.param_buffer_words, C))], axis=2)
+                              rng.integers(0, 1 << numerics.MULT_BITS, size=(cfg.param_buffer_words, C))], axis=2)
 
     def store_rows(self, buf, base, pitch, matrix):
         """Token-major rows: row r, word w at base + r*pitch + w (lanes beyond the matrix keep junk)."""
@@ -172,7 +172,7 @@ def _check(bufs, cmds, *, lut=None, stalls=0.3, seed=0):
 
 
 def _sensible_shift(acc_peak, mult_peak, out_bits):
-    return int(np.clip((int(acc_peak) * int(mult_peak)).bit_length() - out_bits + 2, 0, nx.SHIFT_MAX))
+    return int(np.clip((int(acc_peak) * int(mult_peak)).bit_length() - out_bits + 2, 0, numerics.SHIFT_MAX))
 
 
 # ---- tests ---------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_requantized_modes_random(rows, cols):
         b = rng.integers(-127, 128, size=(k, n))
         tile = bufs.store_panels(w_base, b)
         out_bits = 16 if mode in RES_MODES else 8
-        shift = [0, nx.SHIFT_MAX, _sensible_shift(128 * 128 * k, 1 << 23, out_bits)][t % 3]
+        shift = [0, numerics.SHIFT_MAX, _sensible_shift(128 * 128 * k, 1 << 23, out_bits)][t % 3]
         cmds.append(dict(m=m, k=k, n=n, a_base=int(rng.integers(0, 60)), a_stride=pitch, b_base=w_base,
                          b_tile_stride=tile, dst_base=int(rng.integers(0, 20)), dst_stride=-(-n // cols),
                          colp_base=int(rng.integers(0, 40)), shift=shift, mode=mode, sync=1))
@@ -239,15 +239,15 @@ def test_requant_extremes():
     """Saturation both ways, multiplier 2**MULT_BITS-1, shifts 0 and SHIFT_MAX, extreme operands."""
     rng = np.random.default_rng(3)
     bufs = Buffers(CFG, rng)
-    bufs.colp[:8, :, 1] = (1 << nx.MULT_BITS) - 1
-    bufs.colp[:4, :, 0] = nx.int_range(32)[1]
-    bufs.colp[4:8, :, 0] = nx.int_range(32)[0]
+    bufs.colp[:8, :, 1] = (1 << numerics.MULT_BITS) - 1
+    bufs.colp[:4, :, 0] = numerics.int_range(32)[1]
+    bufs.colp[4:8, :, 0] = numerics.int_range(32)[0]
     a = rng.choice([-128, 127], size=(6, 9))
     b = rng.choice([-128, 127], size=(9, 8))
     bufs.store_rows(bufs.act, 0, 3, a)
     tile = bufs.store_panels(0, b)
     cmds = []
-    for i, (mode, shift) in enumerate([(Mode.ACT8, 0), (Mode.ACT8, nx.SHIFT_MAX), (Mode.RES16, 0),
+    for i, (mode, shift) in enumerate([(Mode.ACT8, 0), (Mode.ACT8, numerics.SHIFT_MAX), (Mode.RES16, 0),
                                        (Mode.RES16, 30), (Mode.ACT8, 20), (Mode.RESADD, 28)]):
         cmds.append(dict(m=6, k=9, n=8, a_stride=3, b_tile_stride=tile, dst_base=12 * i, dst_stride=2,
                          colp_base=4 * (i % 2), shift=shift, mode=mode))
@@ -277,7 +277,7 @@ def test_attention_qk_and_av():
     l[0] = 255 * T
     e_base, e_pitch = 120, -(-T // 4)
     bufs.store_rows(bufs.act, e_base, e_pitch, np.where(e8 > 127, e8 - 256, e8))
-    recip = golden.attention_recip(l, (1 << nx.AV_OUT_MULT_BITS) - 1)
+    recip = golden.attention_recip(l, (1 << numerics.AV_OUT_MULT_BITS) - 1)
     bufs.rowtab[:qt, 1] = recip
     cmds = [
         dict(m=qt, k=hd, n=T, a_base=q_base, a_stride=pitch, b_base=msb | k_base, b_trans=1,
@@ -351,7 +351,7 @@ def _random_commands(cfg, bufs, rng, count):
     split = cfg.act_buffer_words // 2
     msb = 1 << (cfg.b_addr_bits - 1)
     T = cfg.token_capacity
-    bufs.rowtab[:, 1] = rng.integers(0, (1 << nx.ROUTER_P_FRAC) + 1, size=cfg.rowtab_entries)
+    bufs.rowtab[:, 1] = rng.integers(0, (1 << numerics.ROUTER_P_FRAC) + 1, size=cfg.rowtab_entries)
     cmds = []
     for _ in range(count):
         mode = list(Mode)[int(rng.integers(len(Mode)))]
@@ -381,7 +381,7 @@ def _random_commands(cfg, bufs, rng, count):
             c["shift"] = int(rng.integers(0, 24))
         else:
             bits = 16 if mode in RES_MODES else 8
-            c["shift"] = int(rng.choice([0, nx.SHIFT_MAX, _sensible_shift(peak, 1 << 23, bits)]))
+            c["shift"] = int(rng.choice([0, numerics.SHIFT_MAX, _sensible_shift(peak, 1 << 23, bits)]))
         cmds.append(c)
     return cmds
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from m3vit_hw import numerics as nx
+from m3vit_hw import numerics
 from reference import golden as g
 
 
@@ -52,26 +52,26 @@ def test_requantize_matches_exact_rational_rounding():
     rng = RNG(2)
     acc = rng.integers(-(1 << 31), 1 << 31, 5000)
     bias = rng.integers(-(1 << 20), 1 << 20, 5000)
-    mult = rng.integers(0, 1 << nx.MULT_BITS, 5000)
+    mult = rng.integers(0, 1 << numerics.MULT_BITS, 5000)
     shift = 37
     got = g.requantize(acc, bias, mult, shift, 16)
     v = [(int(a) + int(b)) * int(m) for a, b, m in zip(acc, bias, mult)]
     want = [max(-32768, min(32767, (x + (1 << (shift - 1))) >> shift)) for x in v]
     assert got.tolist() == want
     # Saturation both ways.
-    assert g.requantize([1 << 30, -(1 << 30)], 0, (1 << nx.MULT_BITS) - 1, 0, 8).tolist() == [127, -128]
+    assert g.requantize([1 << 30, -(1 << 30)], 0, (1 << numerics.MULT_BITS) - 1, 0, 8).tolist() == [127, -128]
 
 
 def test_requantize_rejects_out_of_format_multiplier():
     with pytest.raises(ValueError, match="multiplier"):
-        g.requantize(1, 0, 1 << nx.MULT_BITS, 3, 8)
+        g.requantize(1, 0, 1 << numerics.MULT_BITS, 3, 8)
 
 
 def test_requantize_close_to_float_scaling():
     """|int - float| <= 0.5 LSB (rounding) + the multiplier's own rounding error (< 2^-shift per unit)."""
     rng = RNG(3)
     real = rng.uniform(1e-4, 1e-2, 64)
-    shift = int(math.floor(math.log2(((1 << nx.MULT_BITS) - 1) / real.max())))
+    shift = int(math.floor(math.log2(((1 << numerics.MULT_BITS) - 1) / real.max())))
     mult = np.round(real * (1 << shift)).astype(np.int64)
     acc = rng.integers(-(1 << 16), 1 << 16, (100, 64))
     got = g.requantize(acc, 0, mult, shift, 16)
@@ -104,8 +104,8 @@ def test_residual_add_saturates():
 
 def _ln_params(gamma, beta, s_out, dim, s_res, eps=1e-6):
     gm = gamma / s_out
-    shift = min(math.floor(math.log2(32767 / np.abs(gm).max())) + nx.LN_Z_FRAC, 40)
-    gamma_mult = np.round(gm * 2.0 ** (shift - nx.LN_Z_FRAC)).astype(np.int64)
+    shift = min(math.floor(math.log2(32767 / np.abs(gm).max())) + numerics.LN_Z_FRAC, 40)
+    gamma_mult = np.round(gm * 2.0 ** (shift - numerics.LN_Z_FRAC)).astype(np.int64)
     beta_int = np.round(beta / s_out * 2.0 ** shift).astype(np.int64)
     eps_int = int(round(eps * dim * dim / s_res ** 2))
     return eps_int, gamma_mult, beta_int, shift
@@ -150,8 +150,8 @@ def test_layernorm_rejects_out_of_format_params():
 
 def _c(scale):
     """c_mult, c_shift for a score scale."""
-    real = scale * math.log2(math.e) * (1 << nx.EXP_FRAC_BITS)
-    shift = int(math.floor(math.log2(((1 << nx.SOFTMAX_MULT_BITS) - 1) / real)))
+    real = scale * math.log2(math.e) * (1 << numerics.EXP_FRAC_BITS)
+    shift = int(math.floor(math.log2(((1 << numerics.SOFTMAX_MULT_BITS) - 1) / real)))
     return int(round(real * (1 << shift))), shift
 
 
@@ -159,8 +159,8 @@ def test_softmax_exp_row_max_is_one_and_far_values_are_zero():
     c_mult, c_shift = _c(0.01)
     s = np.array([[5, 5, 5, -(1 << 31)], [0, 100, 99, 100]])
     e = g.softmax_exp(s, c_mult, c_shift)
-    assert e[0, :3].tolist() == [1 << nx.EXP_LUT_BITS] * 3 and e[0, 3] == 0
-    assert e[1, 1] == e[1, 3] == 1 << nx.EXP_LUT_BITS
+    assert e[0, :3].tolist() == [1 << numerics.EXP_LUT_BITS] * 3 and e[0, 3] == 0
+    assert e[1, 1] == e[1, 3] == 1 << numerics.EXP_LUT_BITS
 
 
 def test_attention_weights_close_to_float_softmax():
@@ -215,7 +215,7 @@ def test_attention_head_close_to_float():
     s_v, s_o = 0.04, 0.02
     q, k, v = (rng.integers(-128, 128, (T, hd)) for _ in range(3))
     c_mult, c_shift = _c(s_q * s_k / math.sqrt(hd))
-    o_shift = int(math.floor(math.log2(((1 << nx.AV_OUT_MULT_BITS) - 1) / (s_v / s_o))))
+    o_shift = int(math.floor(math.log2(((1 << numerics.AV_OUT_MULT_BITS) - 1) / (s_v / s_o))))
     o_mult = int(round(s_v / s_o * (1 << o_shift)))
     got = g.attention_head(q, k, v, c_mult, c_shift, o_mult, o_shift)
     att = torch.softmax(torch.tensor(q * s_q) @ torch.tensor(k * s_k).T / math.sqrt(hd), -1)

@@ -10,7 +10,7 @@ from amaranth.back import verilog
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw.isqrt import ISqrt
+from m3vit_hw.lib.isqrt import ISqrt
 from reference import golden
 from sim.testbench import Stalls, stream_get, stream_put, StreamPassthrough, transfer_logger
 

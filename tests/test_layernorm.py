@@ -9,17 +9,17 @@ from amaranth.back import verilog
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw import numerics as nx
-from m3vit_hw.layernorm import LayerNormUnit
+from m3vit_hw import numerics
+from m3vit_hw.rowops.layernorm import LayerNormUnit
 from reference import golden
 from sim.testbench import Stalls, stream_get, stream_put, StreamPassthrough, transfer_logger
 
 # Constructors that reject their parameters leave a half-built Elaboratable behind; that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 
-I16_LO, I16_HI = nx.int_range(nx.RES_BITS)
-G_LO, G_MAX = nx.int_range(nx.LN_GAMMA_BITS)
-B_LO, B_HI = nx.int_range(nx.LN_BETA_BITS)
+I16_LO, I16_HI = numerics.int_range(numerics.RES_BITS)
+G_LO, G_MAX = numerics.int_range(numerics.LN_GAMMA_BITS)
+B_LO, B_HI = numerics.int_range(numerics.LN_BETA_BITS)
 
 
 class Layer:
@@ -98,7 +98,7 @@ def _random_layer(rng, D, rows, eps_bits):
     # An outlier channel, as trained ViTs have.
     x[:, rng.integers(D)] = rng.integers(I16_LO, I16_HI + 1, size=rows)
     shift = int(rng.choice([0, 1, 14, 18, 22, 63]))
-    g = 1 << min(max(shift - 6, 4), nx.LN_GAMMA_BITS - 1)
+    g = 1 << min(max(shift - 6, 4), numerics.LN_GAMMA_BITS - 1)
     gamma = rng.integers(-g, g, size=D)
     beta = rng.integers(-(1 << (shift + 6)), 1 << (shift + 6), size=D) if shift < 25 else \
         rng.integers(B_LO, B_HI + 1, size=D)

@@ -10,10 +10,10 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
-from m3vit_hw.mem_arbiter import ReadArbiter
-from m3vit_hw.mem_port import ReadPortSignature
-from m3vit_hw.weight_buffer import WeightBuffer
-from m3vit_hw.weight_streamer import WeightStreamer
+from m3vit_hw.lib.mem_arbiter import ReadArbiter
+from m3vit_hw.lib.mem_port import ReadPortSignature
+from m3vit_hw.moe.weight_buffer import WeightBuffer
+from m3vit_hw.moe.weight_streamer import WeightStreamer
 from sim.ext_memory import ExternalMemory
 from sim.testbench import Stalls, stream_get, stream_put
 

@@ -5,7 +5,7 @@ from amaranth.hdl import Fragment, Module
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from m3vit_hw.mem_port import ReadBeatLayout, ReadPortSignature, ReadRequestLayout
+from m3vit_hw.lib.mem_port import ReadBeatLayout, ReadPortSignature, ReadRequestLayout
 
 
 def test_members_and_directions():

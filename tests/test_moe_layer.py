@@ -15,9 +15,9 @@ from amaranth.hdl import Module
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from m3vit_hw.mem_port import ReadPortSignature
-from m3vit_hw.moe_layer import LoadLayout, MoELayer
-from m3vit_hw.reorder_controller import LayerStartLayout
+from m3vit_hw.lib.mem_port import ReadPortSignature
+from m3vit_hw.moe.moe_layer import LoadLayout, MoELayer
+from m3vit_hw.moe.reorder_controller import LayerStartLayout
 from reference import golden_model
 from sim.moe_layer import MoELayerSim, moe_config
 from sim.moe_workload import make_moe_workload

@@ -9,7 +9,7 @@ from amaranth.hdl import Module
 from amaranth.lib import stream, wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw.pe_array import OperandLayout, PEArray, ResultLayout
+from m3vit_hw.gemm.pe_array import OperandLayout, PEArray, ResultLayout
 from sim.testbench import Stalls, stream_get, stream_put
 
 

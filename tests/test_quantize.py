@@ -66,18 +66,18 @@ def test_task_embedding_router_becomes_a_per_task_logit_bias():
 
 
 def test_parameters_fit_their_formats():
-    from m3vit_hw import numerics as nx
+    from m3vit_hw import numerics
     _, qm = _quantized("tiny")
     for qb in qm.blocks:
         for ln in (qb.ln1, qb.ln2):
-            assert np.abs(ln.gamma_mult).max() < 1 << (nx.LN_GAMMA_BITS - 1)
-            assert 0 <= ln.eps_int < 1 << nx.LN_EPS_BITS
+            assert np.abs(ln.gamma_mult).max() < 1 << (numerics.LN_GAMMA_BITS - 1)
+            assert 0 <= ln.eps_int < 1 << numerics.LN_EPS_BITS
         for lin in (qb.attn.qkv, qb.attn.proj, qb.mlp.fc1, qb.mlp.fc2):
             assert np.abs(lin.w).max() <= 127
-            assert lin.mult.min() >= 0 and lin.mult.max() < 1 << nx.MULT_BITS
-            assert 0 <= lin.shift <= nx.SHIFT_MAX
-        assert 0 < qb.attn.c_mult < 1 << nx.SOFTMAX_MULT_BITS
-        assert 0 < qb.attn.out_mult < 1 << nx.AV_OUT_MULT_BITS
+            assert lin.mult.min() >= 0 and lin.mult.max() < 1 << numerics.MULT_BITS
+            assert 0 <= lin.shift <= numerics.SHIFT_MAX
+        assert 0 < qb.attn.c_mult < 1 << numerics.SOFTMAX_MULT_BITS
+        assert 0 < qb.attn.out_mult < 1 << numerics.AV_OUT_MULT_BITS
 
 
 def test_w1_golden_frame_time():

@@ -20,13 +20,13 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
-from m3vit_hw.epilogue import EpilogueMode as Mode
-from m3vit_hw.expert_layout import pack_moe, plan_moe, start_fields, unpack_params
-from m3vit_hw.mem_arbiter import ReadArbiter
-from m3vit_hw.mem_port import ReadPortSignature
-from m3vit_hw.reorder_controller import GATE_TAG, ReorderController
-from m3vit_hw.weight_buffer import WeightBuffer
-from m3vit_hw.weight_streamer import WeightStreamer
+from m3vit_hw.gemm.epilogue import EpilogueMode as Mode
+from m3vit_hw.moe.expert_layout import pack_moe, plan_moe, start_fields, unpack_params
+from m3vit_hw.lib.mem_arbiter import ReadArbiter
+from m3vit_hw.lib.mem_port import ReadPortSignature
+from m3vit_hw.moe.reorder_controller import GATE_TAG, ReorderController
+from m3vit_hw.moe.weight_buffer import WeightBuffer
+from m3vit_hw.moe.weight_streamer import WeightStreamer
 from reference import golden
 from sim.ext_memory import ExternalMemory
 from sim.moe_layer import IMAGE_BASE, MoELayerSim, moe_config

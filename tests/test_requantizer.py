@@ -7,8 +7,8 @@ from amaranth.hdl import Module, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw import numerics as nx
-from m3vit_hw.requantizer import RequantInLayout, RequantOutLayout, Requantizer
+from m3vit_hw import numerics
+from m3vit_hw.gemm.requantizer import RequantInLayout, RequantOutLayout, Requantizer
 from reference import golden
 from sim.testbench import Stalls, stream_get, stream_put
 
@@ -16,17 +16,17 @@ LANES = 3
 
 
 def _beats(rng, n):
-    lo, hi = nx.int_range(32)
+    lo, hi = numerics.int_range(32)
     beats = []
     for t in range(n):
         acc = rng.integers(lo, hi, size=LANES, endpoint=True)
         bias = rng.integers(lo, hi, size=LANES, endpoint=True)
-        mult = rng.integers(0, 1 << nx.MULT_BITS, size=LANES)
+        mult = rng.integers(0, 1 << numerics.MULT_BITS, size=LANES)
         if t % 5 == 0:
-            mult[:] = (1 << nx.MULT_BITS) - 1
+            mult[:] = (1 << numerics.MULT_BITS) - 1
         if t % 7 == 0:
             acc[:], bias[:] = hi, hi                  # the 33-bit corner of acc + bias
-        shift = [0, nx.SHIFT_MAX, int(rng.integers(0, nx.SHIFT_MAX + 1)),
+        shift = [0, numerics.SHIFT_MAX, int(rng.integers(0, numerics.SHIFT_MAX + 1)),
                  int(rng.integers(38, 50))][t % 4]
         beats.append(dict(acc=acc, bias=bias, mult=mult, shift=shift, out16=t % 2, raw=int(t % 6 == 5)))
     return beats
@@ -62,7 +62,7 @@ def test_bit_exact_with_stalls():
             want = b["acc"]
         else:
             want = golden.requantize(b["acc"], b["bias"], b["mult"], b["shift"], 16 if b["out16"] else 8)
-            lo, hi = nx.int_range(16 if b["out16"] else 8)
+            lo, hi = numerics.int_range(16 if b["out16"] else 8)
             sat_lo += int((want == lo).sum())
             sat_hi += int((want == hi).sum())
         for j in range(LANES):

@@ -8,8 +8,8 @@ from amaranth.hdl import Elaboratable, Module, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw import numerics as nx
-from m3vit_hw.residual import ResidualInLayout, ResidualOutLayout, ResidualStage, ResOp
+from m3vit_hw import numerics
+from m3vit_hw.gemm.residual import ResidualInLayout, ResidualOutLayout, ResidualStage, ResOp
 from reference import golden
 from sim.testbench import Stalls, stream_get, stream_put
 
@@ -33,7 +33,7 @@ class _Harness(Elaboratable):
 @pytest.mark.parametrize("stall_p", [0.0, 0.4])
 def test_bit_exact_rmw(stall_p):
     rng = np.random.default_rng(13)
-    lo16, hi16 = nx.int_range(16)
+    lo16, hi16 = numerics.int_range(16)
     init = rng.integers(lo16, hi16 + 1, size=(1 << AW, LANES))
     init[0, :] = hi16
     beats = []

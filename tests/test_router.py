@@ -14,9 +14,9 @@ from amaranth.hdl import Const, Elaboratable, Module, Mux
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from m3vit_hw import numerics as nx
-from m3vit_hw.epilogue import StreamOutLayout
-from m3vit_hw.router import Router, RouterOutLayout
+from m3vit_hw import numerics
+from m3vit_hw.gemm.epilogue import StreamOutLayout
+from m3vit_hw.moe.router import Router, RouterOutLayout
 from reference import golden
 from sim.moe_layer import moe_config
 from sim.moe_workload import make_moe_workload
@@ -36,7 +36,7 @@ class _Bench(Elaboratable):
     def __init__(self, cfg, bias_words):
         self.router = Router(cfg)
         # At least two words, so the address is as wide as the router's (1 bit for E <= pe_cols).
-        self.bias = memory.Memory(shape=data.ArrayLayout(nx.ACC_BITS, cfg.pe_cols),
+        self.bias = memory.Memory(shape=data.ArrayLayout(numerics.ACC_BITS, cfg.pe_cols),
                                   depth=max(2, len(bias_words)), init=bias_words)
 
     def elaborate(self, platform):

@@ -9,17 +9,17 @@ from amaranth.back import verilog
 from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
-from m3vit_hw import numerics as nx
-from m3vit_hw.softmax import SoftmaxMode, SoftmaxUnit
+from m3vit_hw import numerics
+from m3vit_hw.rowops.softmax import SoftmaxMode, SoftmaxUnit
 from reference import golden
 from sim.testbench import Stalls, stream_get, stream_put, StreamPassthrough, transfer_logger
 
 # Constructors that reject their parameters leave a half-built Elaboratable behind; that is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 
-S_LO, S_HI = nx.int_range(nx.ACC_BITS)
-C_MULT_MAX = (1 << nx.SOFTMAX_MULT_BITS) - 1
-OUT_MULT_MAX = (1 << nx.AV_OUT_MULT_BITS) - 1
+S_LO, S_HI = numerics.int_range(numerics.ACC_BITS)
+C_MULT_MAX = (1 << numerics.SOFTMAX_MULT_BITS) - 1
+OUT_MULT_MAX = (1 << numerics.AV_OUT_MULT_BITS) - 1
 
 
 class Cmd:
@@ -47,7 +47,7 @@ class Cmd:
             return [(e8[r], int(l[r]), int(recip[r])) for r in range(len(self.rows))]
         p = golden.router_probs(self.rows, self.c_mult, self.c_shift)
         s = golden.softmax_exp(self.rows, self.c_mult, self.c_shift).sum(-1)
-        recip = (1 << nx.ROUTER_RECIP_BITS) // s
+        recip = (1 << numerics.ROUTER_RECIP_BITS) // s
         return [(p[r], int(s[r]), int(recip[r])) for r in range(len(self.rows))]
 
 

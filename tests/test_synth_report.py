@@ -2,7 +2,7 @@
 
 import pytest
 
-from m3vit_hw.pe_array import PEArray
+from m3vit_hw.gemm.pe_array import PEArray
 from sim.synth_report import synthesize
 
 

@@ -7,7 +7,7 @@ import pytest
 from amaranth.back import verilog
 from amaranth.hdl import Fragment
 
-from m3vit_hw.topk import TopK, expert_id_width
+from m3vit_hw.moe.topk import TopK, expert_id_width
 from reference import golden
 from sim.testbench import EmbeddingHarness, run_until_done, Stalls, stream_get, stream_put
 

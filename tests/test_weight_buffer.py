@@ -10,7 +10,7 @@ from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 
 from sim.testbench import EmbeddingHarness
-from m3vit_hw.weight_buffer import ReaderSignature, TileInfoLayout, WeightBuffer, WriterSignature
+from m3vit_hw.moe.weight_buffer import ReaderSignature, TileInfoLayout, WeightBuffer, WriterSignature
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 

@@ -1,8 +1,8 @@
 """The GEMM engine: one shared int8 matrix-product unit for every GEMM of the encoder.
 
 ``GemmEngine(config)`` computes ``C = A (M x K) . B (K x N)`` by walking ``pe_rows x pe_cols`` output
-tiles over a :class:`~m3vit_hw.pe_array.PEArray` and sending every finished row chunk through the
-:class:`~m3vit_hw.epilogue.Epilogue`. It owns no buffers: it *reads* A, B, a row table and column
+tiles over a :class:`~m3vit_hw.gemm.pe_array.PEArray` and sending every finished row chunk through the
+:class:`~m3vit_hw.gemm.epilogue.Epilogue`. It owns no buffers: it *reads* A, B, a row table and column
 parameters through memory-read-port-like interfaces and *writes* results through memory-write-port-like
 interfaces (or a stream), so the same engine serves the attention unit, the dense layers and the MoE
 reordering controller, each of which owns or arbitrates its own buffers.
@@ -53,7 +53,7 @@ staging register while the PE array consumes the previous block, one reduction s
 * a K tail costs ``max(pe_rows, C) - K % C`` idle cycles per tile;
 * with ``pe_rows > pe_cols`` the A reads limit the rate to ``pe_cols / pe_rows`` of peak;
 * a tile with ``K <= rows`` of the previous tile waits for that tile's drain (see
-  :class:`~m3vit_hw.pe_array.PEArray`);
+  :class:`~m3vit_hw.gemm.pe_array.PEArray`);
 * consecutive commands overlap (the next command's loads start while the previous one computes)
   unless ``sync`` is set. M and N tails are masked (junk rows and lanes are computed, never written).
 
@@ -63,7 +63,7 @@ row buffer with ``addr``).
 
 Latency: the first block is staged ``max(pe_rows, C) + 3`` cycles after the command is accepted; a
 tile's rows reach the epilogue 3 cycles after its last reduction step, and their results are written
-:data:`~m3vit_hw.epilogue.LATENCY` (6) cycles later.
+:data:`~m3vit_hw.gemm.epilogue.LATENCY` (6) cycles later.
 
 Hazards: the engine does not order its own reads after its own writes across commands. A command that
 reads what an earlier command writes (fc1 -> fc2) must set ``sync``: it is then held until the engine
@@ -75,8 +75,8 @@ from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
-from .config import AcceleratorConfig
+from .. import numerics
+from ..config import AcceleratorConfig
 from .epilogue import Epilogue, EpilogueMode, StreamOutLayout
 from .pe_array import PEArray
 
@@ -97,7 +97,7 @@ class RowEntryLayout(data.StructLayout):
     def __init__(self, config):
         super().__init__({
             "token": unsigned(config.token_bits),
-            "scale": unsigned(nx.MULT_BITS),
+            "scale": unsigned(numerics.MULT_BITS),
         })
 
 
@@ -106,8 +106,8 @@ class ColParamLayout(data.StructLayout):
 
     def __init__(self):
         super().__init__({
-            "bias": signed(nx.BIAS_BITS),
-            "mult": unsigned(nx.MULT_BITS),
+            "bias": signed(numerics.BIAS_BITS),
+            "mult": unsigned(numerics.MULT_BITS),
         })
 
 
@@ -158,7 +158,7 @@ class GemmCommand(data.StructLayout):
             "dst_stride": unsigned(config.dst_addr_bits),
             "rowtab_base": unsigned(config.rowtab_addr_bits),
             "colp_base": unsigned(config.param_addr_bits),
-            "shift": range(nx.SHIFT_MAX + 1),
+            "shift": range(numerics.SHIFT_MAX + 1),
             "mode": EpilogueMode,
             "a_unsigned": 1,
             "b_trans": 1,
@@ -192,7 +192,7 @@ class GemmEngine(wiring.Component):
     act_wr : In(memory.WritePort.Signature(act_addr_bits, ArrayLayout(signed(8), C), granularity=1))
     res_rd : In(memory.ReadPort.Signature(res_addr_bits, ArrayLayout(signed(16), C)))
     res_wr : In(memory.WritePort.Signature(res_addr_bits, ArrayLayout(signed(16), C), granularity=1))
-        Destination ports (see :class:`~m3vit_hw.epilogue.Epilogue`); ``res_rd`` need not be
+        Destination ports (see :class:`~m3vit_hw.gemm.epilogue.Epilogue`); ``res_rd`` need not be
         transparent.
     o : Out(stream.Signature(StreamOutLayout(C, dst_addr_bits)))
         RAW-mode results (scores, logits): one beat per output row chunk, ``addr`` as the destination
@@ -222,8 +222,8 @@ class GemmEngine(wiring.Component):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         self._config = config
         C = config.pe_cols
-        word8 = data.ArrayLayout(signed(nx.ACT_BITS), C)
-        word16 = data.ArrayLayout(signed(nx.RES_BITS), C)
+        word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
+        word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         super().__init__({
             "cmd": In(stream.Signature(GemmCommand(config))),
             "a_rd": In(memory.ReadPort.Signature(addr_width=config.act_addr_bits, shape=word8)),
@@ -238,7 +238,7 @@ class GemmEngine(wiring.Component):
             "res_wr": In(memory.WritePort.Signature(addr_width=config.res_addr_bits, shape=word16,
                                                     granularity=1)),
             "o": Out(stream.Signature(StreamOutLayout(C, config.dst_addr_bits))),
-            "gelu_lut": Out(memory.WritePort.Signature(addr_width=nx.ACT_BITS, shape=signed(nx.ACT_BITS))),
+            "gelu_lut": Out(memory.WritePort.Signature(addr_width=numerics.ACT_BITS, shape=signed(numerics.ACT_BITS))),
             "done": Out(1),
             "busy": Out(1),
             "pe_active": Out(1),
@@ -254,7 +254,7 @@ class GemmEngine(wiring.Component):
         R, C = cfg.pe_rows, cfg.pe_cols
         E = max(R, C)                      # staging entries per block: R words of A, C words of B
         act_aw, b_aw, dst_aw = cfg.act_addr_bits, cfg.b_addr_bits, cfg.dst_addr_bits
-        word_bits = C * nx.ACT_BITS
+        word_bits = C * numerics.ACT_BITS
 
         m.submodules.pe = pe = PEArray(R, C)
         m.submodules.epilogue = ep = Epilogue(C, act_aw, cfg.res_addr_bits)
@@ -265,13 +265,13 @@ class GemmEngine(wiring.Component):
             "first": 1, "last": 1, "w": range(C + 1),
             "a_unsigned": 1, "b_trans": 1,
             "rows_valid": range(R + 1), "mask": unsigned(C),
-            "mode": EpilogueMode, "shift": range(nx.SHIFT_MAX + 1), "last_tile": 1,
+            "mode": EpilogueMode, "shift": range(numerics.SHIFT_MAX + 1), "last_tile": 1,
         })
-        row_out = data.StructLayout({"addr": unsigned(dst_aw), "scale": unsigned(nx.MULT_BITS)})
+        row_out = data.StructLayout({"addr": unsigned(dst_aw), "scale": unsigned(numerics.MULT_BITS)})
         desc_layout = data.StructLayout({
             "rows": data.ArrayLayout(row_out, R),
             "colp": data.ArrayLayout(ColParamLayout(), C),
-            "mask": unsigned(C), "mode": EpilogueMode, "shift": range(nx.SHIFT_MAX + 1),
+            "mask": unsigned(C), "mode": EpilogueMode, "shift": range(numerics.SHIFT_MAX + 1),
             "last_tile": 1,
         })
         # The command fields the second loader stage still needs after L0 may have moved on to the
@@ -494,7 +494,7 @@ class GemmEngine(wiring.Component):
             m.d.sync += nx_full.eq(0)
 
         # ---- feeder: one reduction step per cycle into the PE array ------------------------------
-        byte = nx.ACT_BITS
+        byte = numerics.ACT_BITS
         m.d.comb += [
             pe.i.valid.eq(cur_valid),
             pe.i.payload.a_unsigned.eq(cur_info.a_unsigned),

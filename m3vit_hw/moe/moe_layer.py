@@ -4,28 +4,28 @@
 ``reference.golden_model.moe_layer`` (``h`` = the int8 ``norm2`` output, ``x`` = the int16 residual
 stream). The layer is built from the project's units:
 
-* a :class:`~m3vit_hw.gemm_engine.GemmEngine` (one PE array) that runs the gate GEMM and every expert
+* a :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine` (one PE array) that runs the gate GEMM and every expert
   tile. Its ``pe_active`` strobe drives the ``compute_cycles`` counter, and the controller counts it to
   release a tile's buffer halves as soon as the engine has read them, so consecutive tiles overlap in
   the engine;
-* the :class:`~m3vit_hw.router.Router` (task bias, softmax, top-k) and
-  :class:`~m3vit_hw.expert_queues.ExpertQueues` (counting-based per-expert token queues);
-* the :class:`~m3vit_hw.reorder_controller.ReorderController`, which captures the queues into the row
+* the :class:`~m3vit_hw.moe.router.Router` (task bias, softmax, top-k) and
+  :class:`~m3vit_hw.moe.expert_queues.ExpertQueues` (counting-based per-expert token queues);
+* the :class:`~m3vit_hw.moe.reorder_controller.ReorderController`, which captures the queues into the row
   table and sequences weight fetch and compute, active expert by active expert, tile by tile
-  (:mod:`m3vit_hw.expert_layout` defines the tiles);
-* two ping-pong :class:`~m3vit_hw.weight_buffer.WeightBuffer` instances, one for weight panels
+  (:mod:`m3vit_hw.moe.expert_layout` defines the tiles);
+* two ping-pong :class:`~m3vit_hw.moe.weight_buffer.WeightBuffer` instances, one for weight panels
   (``config.weight_buffer_bytes``, independent of E) and one for the column parameters (bias and
   multiplier words, ``config.param_buffer_words``), each filled by a
-  :class:`~m3vit_hw.weight_streamer.WeightStreamer`; the streamers share the external-memory port
-  through a :class:`~m3vit_hw.mem_arbiter.ReadArbiter`;
+  :class:`~m3vit_hw.moe.weight_streamer.WeightStreamer`; the streamers share the external-memory port
+  through a :class:`~m3vit_hw.lib.mem_arbiter.ReadArbiter`;
 * the activation buffer (``h`` rows at word 0, the hidden region after ``token_capacity`` rows) and
   the residual buffer (``x``), both sized by the config.
 
 Use
 ---
-1. Place the image of :func:`~m3vit_hw.expert_layout.pack_moe` in external memory.
+1. Place the image of :func:`~m3vit_hw.moe.expert_layout.pack_moe` in external memory.
 2. Load ``h``, ``x`` and the GELU table through ``load`` (while idle).
-3. Send ``start`` (:func:`~m3vit_hw.expert_layout.start_fields` builds it) and wait for ``done``.
+3. Send ``start`` (:func:`~m3vit_hw.moe.expert_layout.start_fields` builds it) and wait for ``done``.
 4. Read ``x`` back through ``rd_addr`` / ``rd_data``. Another ``start`` (any task, any T) may follow
    without reloading the GELU table; switching tasks fetches only that task's gate record.
 
@@ -40,18 +40,18 @@ from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
-from .config import AcceleratorConfig
+from .. import numerics
+from ..config import AcceleratorConfig
 from .expert_layout import PARAM_LANE_BYTES, plan_moe
 from .expert_queues import ExpertQueues
-from .gemm_engine import GemmEngine
-from .mem_arbiter import ReadArbiter
-from .mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from ..gemm.gemm_engine import GemmEngine
+from ..lib.mem_arbiter import ReadArbiter
+from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
 from .reorder_controller import GATE_TAG, LayerStartLayout, ReorderController
 from .router import Router
 from .weight_buffer import WeightBuffer
 from .weight_streamer import WeightStreamer
-from .checks import check_int as _check_int
+from ..checks import check_int as _check_int
 
 __all__ = ["MoELayer", "LoadTarget", "LoadLayout"]
 
@@ -73,8 +73,8 @@ class LoadLayout(data.StructLayout):
     def __init__(self, config):
         super().__init__({
             "target": LoadTarget,
-            "addr": unsigned(max(config.act_addr_bits, config.res_addr_bits, nx.ACT_BITS)),
-            "data": data.ArrayLayout(signed(nx.RES_BITS), config.pe_cols),
+            "addr": unsigned(max(config.act_addr_bits, config.res_addr_bits, numerics.ACT_BITS)),
+            "data": data.ArrayLayout(signed(numerics.RES_BITS), config.pe_cols),
         })
 
 
@@ -86,7 +86,7 @@ class MoELayer(wiring.Component):
     config : AcceleratorConfig
         Every size: PE array, token capacity, experts, top-k, tasks, buffers.
     mem_addr_width, mem_data_bytes, mem_max_burst : int
-        The external-memory read port (:class:`~m3vit_hw.mem_port.ReadPortSignature`).
+        The external-memory read port (:class:`~m3vit_hw.lib.mem_port.ReadPortSignature`).
     counter_width : int
         Width of the performance counters, in [16, 64].
     arbiter_depth : int
@@ -95,7 +95,7 @@ class MoELayer(wiring.Component):
     Interface attributes
     --------------------
     start : ``In(stream.Signature(LayerStartLayout(config, mem_addr_width)))``
-        Starts a layer; accepted when idle (see :class:`~m3vit_hw.reorder_controller.LayerStartLayout`).
+        Starts a layer; accepted when idle (see :class:`~m3vit_hw.moe.reorder_controller.LayerStartLayout`).
     done : ``Out(1)``
         Pulses when the layer's last result is in the residual buffer.
     busy : ``Out(1)``
@@ -145,14 +145,14 @@ class MoELayer(wiring.Component):
         self.engine = GemmEngine(config)
         self.router = Router(config)
         self.queues = ExpertQueues.from_config(config)
-        self.wbuf = WeightBuffer(layout.weight_half_bytes, C * nx.WEIGHT_BITS // 8,
+        self.wbuf = WeightBuffer(layout.weight_half_bytes, C * numerics.WEIGHT_BITS // 8,
                                  write_bytes=mem_data_bytes)
         self.pbuf = WeightBuffer(layout.param_half_bytes, layout.param_word_bytes,
                                  write_bytes=mem_data_bytes)
         self.wstream = WeightStreamer(layout.weight_half_bytes, **port)
         self.pstream = WeightStreamer(layout.param_half_bytes, **port)
-        word8 = data.ArrayLayout(signed(nx.ACT_BITS), C)
-        word16 = data.ArrayLayout(signed(nx.RES_BITS), C)
+        word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
+        word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The activation buffer (``h`` rows, then the hidden region) and the residual buffer; exposed so
         #: that testbenches can inspect them.
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
@@ -180,7 +180,7 @@ class MoELayer(wiring.Component):
 
     @property
     def layout(self):
-        """The :class:`~m3vit_hw.expert_layout.MoELayout` the layer expects in external memory."""
+        """The :class:`~m3vit_hw.moe.expert_layout.MoELayout` the layer expects in external memory."""
         return self._layout
 
     @property
@@ -230,9 +230,9 @@ class MoELayer(wiring.Component):
         lane = PARAM_LANE_BYTES * 8
         for c in range(C):
             m.d.comb += [
-                eng.colp_rd.data[c].bias.eq(pr.data[c * lane:c * lane + nx.BIAS_BITS]),
-                eng.colp_rd.data[c].mult.eq(pr.data[c * lane + 32:c * lane + 32 + nx.MULT_BITS]),
-                rtr.bias_rd.data[c].eq(pr.data[c * lane:c * lane + nx.BIAS_BITS]),
+                eng.colp_rd.data[c].bias.eq(pr.data[c * lane:c * lane + numerics.BIAS_BITS]),
+                eng.colp_rd.data[c].mult.eq(pr.data[c * lane + 32:c * lane + 32 + numerics.MULT_BITS]),
+                rtr.bias_rd.data[c].eq(pr.data[c * lane:c * lane + numerics.BIAS_BITS]),
             ]
 
         # ---- router path: engine RAW beats -> router -> queues -> controller ---------------------
@@ -277,10 +277,10 @@ class MoELayer(wiring.Component):
                 res_w.en.eq(Mux(ld_go & (ld.p.target == LoadTarget.X), (1 << C) - 1, 0)),
             ]
             for c in range(C):
-                m.d.comb += act_w.data[c].eq(ld.p.data[c][:nx.ACT_BITS])
+                m.d.comb += act_w.data[c].eq(ld.p.data[c][:numerics.ACT_BITS])
         m.d.comb += [
-            eng.gelu_lut.addr.eq(ld.p.addr[:nx.ACT_BITS]),
-            eng.gelu_lut.data.eq(ld.p.data[0][:nx.ACT_BITS]),
+            eng.gelu_lut.addr.eq(ld.p.addr[:numerics.ACT_BITS]),
+            eng.gelu_lut.data.eq(ld.p.data[0][:numerics.ACT_BITS]),
             eng.gelu_lut.en.eq(ld_go & (ld.p.target == LoadTarget.GELU)),
         ]
 

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import numerics as nx
+from .. import numerics
 
 __all__ = [
     "PARAM_LANE_BYTES", "param_word_bytes", "Tile", "MoELayout", "plan_moe", "pack_moe",
@@ -224,7 +224,7 @@ def plan_moe(config, *, data_bytes=16):
         parameter word, if the whole gate does not fit one half, or if a word size is not a
         power-of-two multiple or fraction of the memory beat.
     """
-    from .config import AcceleratorConfig
+    from ..config import AcceleratorConfig
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
     if not isinstance(data_bytes, int) or data_bytes < 1 or data_bytes & (data_bytes - 1):
@@ -232,7 +232,7 @@ def plan_moe(config, *, data_bytes=16):
     m = config.model
     C = config.pe_cols
     D, h, E = m.dim, m.expert_hidden, m.experts
-    word = C * nx.WEIGHT_BITS // 8
+    word = C * numerics.WEIGHT_BITS // 8
     _check_pow2_ratio("pe_cols (weight word bytes)", word, "the memory beat data_bytes", data_bytes)
     pwb = param_word_bytes(C)
     _check_pow2_ratio("param_word_bytes", pwb, "the memory beat data_bytes", data_bytes)
@@ -296,9 +296,9 @@ def pack_panels(b, pe_cols):
     """int8 B [K, N] -> bytes in panel order (for each column tile: K words of ``pe_cols`` bytes)."""
     b = np.asarray(b, dtype=np.int64)
     k, n = b.shape
-    lo, hi = nx.int_range(nx.WEIGHT_BITS)
+    lo, hi = numerics.int_range(numerics.WEIGHT_BITS)
     if b.size and (b.min() < lo or b.max() > hi):
-        raise ValueError(f"weights must be int{nx.WEIGHT_BITS}, got range [{b.min()}, {b.max()}]")
+        raise ValueError(f"weights must be int{numerics.WEIGHT_BITS}, got range [{b.min()}, {b.max()}]")
     panels = _ceil_div(n, pe_cols)
     padded = np.zeros((k, panels * pe_cols), dtype=np.int64)
     padded[:, :n] = b
@@ -312,11 +312,11 @@ def pack_params(bias, mult, pe_cols):
     mult = np.asarray(mult, dtype=np.int64)
     if bias.shape != mult.shape or bias.ndim != 1:
         raise ValueError(f"bias and mult must be 1-D of one length, not {bias.shape} and {mult.shape}")
-    blo, bhi = nx.int_range(nx.BIAS_BITS)
+    blo, bhi = numerics.int_range(numerics.BIAS_BITS)
     if bias.size and (bias.min() < blo or bias.max() > bhi):
-        raise ValueError(f"bias must be int{nx.BIAS_BITS}")
-    if mult.size and (mult.min() < 0 or mult.max() >= 1 << nx.MULT_BITS):
-        raise ValueError(f"mult must be in [0, 2**{nx.MULT_BITS})")
+        raise ValueError(f"bias must be int{numerics.BIAS_BITS}")
+    if mult.size and (mult.min() < 0 or mult.max() >= 1 << numerics.MULT_BITS):
+        raise ValueError(f"mult must be in [0, 2**{numerics.MULT_BITS})")
     pwb = param_word_bytes(pe_cols)
     panels = _ceil_div(len(bias), pe_cols)
     out = bytearray(panels * pwb)

@@ -5,7 +5,7 @@ memory port; later units (program, image loaders) can join the same way.
 
 Contract
 --------
-* Each master sees a complete :class:`~m3vit_hw.mem_port.ReadPortSignature` port with the memory's
+* Each master sees a complete :class:`~m3vit_hw.lib.mem_port.ReadPortSignature` port with the memory's
   contract (in-order responses, ``beats`` beats per request, ``last`` on the final one).
 * Requests are granted round-robin among the masters with ``req.valid`` high. A granted request is
   *locked* until the memory accepts it, so the downstream ``req`` stream obeys the stream rules (its
@@ -27,7 +27,7 @@ from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
 from .mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
-from .checks import check_int as _check_int
+from ..checks import check_int as _check_int
 
 __all__ = ["ReadArbiter"]
 
@@ -40,7 +40,7 @@ class ReadArbiter(wiring.Component):
     masters : int
         Number of read masters, in [1, 16].
     addr_width, data_bytes, max_burst : int
-        The port's parameters (see :class:`~m3vit_hw.mem_port.ReadPortSignature`); the same on every
+        The port's parameters (see :class:`~m3vit_hw.lib.mem_port.ReadPortSignature`); the same on every
         side.
     depth : int
         Requests that may be outstanding at the memory (the routing FIFO's depth), in [1, 256].

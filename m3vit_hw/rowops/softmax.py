@@ -12,7 +12,7 @@ Each row takes three passes, and consecutive rows overlap:
    maximum is reduced across lanes and beats.
 2. **Exp pass.** The row is read back. The unit computes e16 per lane and writes it to a circular
    *exp buffer*, while it accumulates the row sum: ``l = sum(e8)`` for attention, ``sum(e16)`` for the
-   router. The sum then goes through one sequential :class:`~m3vit_hw.divider.Divider`:
+   router. The sum then goes through one sequential :class:`~m3vit_hw.lib.divider.Divider`:
    ``floor(out_mult * 2**AV_RECIP_BITS / l)`` (attention) or ``floor(2**ROUTER_RECIP_BITS / sum)``
    (router).
 3. **Output pass.** The exp row is read back and emitted. Attention emits
@@ -28,30 +28,30 @@ from amaranth.lib import data, enum, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
-from .divider import Divider
+from .. import numerics
+from ..lib.divider import Divider
 
 __all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "SHIFT_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
 
 #: Width of the per-command row count.
 ROWS_BITS = 16
 #: ``c_shift`` is in [0, SHIFT_MAX].
-SHIFT_BITS = nx.SHIFT_MAX.bit_length()
+SHIFT_BITS = numerics.SHIFT_MAX.bit_length()
 #: Output lanes carry e8 (<= 255) or a Q0.ROUTER_P_FRAC probability (<= 2**ROUTER_P_FRAC inclusive).
-OUT_BITS = nx.ROUTER_P_FRAC + 1
+OUT_BITS = numerics.ROUTER_P_FRAC + 1
 #: Largest supported ``max_length`` (the sums and buffers scale with it).
 MAX_LENGTH = 1 << 16
 
-_E8_MAX = (1 << nx.ATTN_P_BITS) - 1
-_E16_ONE = 1 << nx.EXP_LUT_BITS                 # e16 of the row maximum
+_E8_MAX = (1 << numerics.ATTN_P_BITS) - 1
+_E16_ONE = 1 << numerics.EXP_LUT_BITS                 # e16 of the row maximum
 # The row sum's lower bound: the row maximum alone contributes 255 (e8) or 2**15 (e16).
 # Quotient widths follow from these bounds.
-_ATTN_RECIP_MAX = (((1 << nx.AV_OUT_MULT_BITS) - 1) << nx.AV_RECIP_BITS) // _E8_MAX
-_ROUTER_RECIP_MAX = (1 << nx.ROUTER_RECIP_BITS) // _E16_ONE
+_ATTN_RECIP_MAX = (((1 << numerics.AV_OUT_MULT_BITS) - 1) << numerics.AV_RECIP_BITS) // _E8_MAX
+_ROUTER_RECIP_MAX = (1 << numerics.ROUTER_RECIP_BITS) // _E16_ONE
 #: Width of the per-row divider quotient ``o.payload.recip``. The attention multiplier needs 25 bits:
 #: ``(2**16 - 1) * 2**16 // 255`` is just above ``2**24``.
 RECIP_BITS = max(_ATTN_RECIP_MAX, _ROUTER_RECIP_MAX).bit_length()
-_DIVIDEND_BITS = max(nx.AV_OUT_MULT_BITS + nx.AV_RECIP_BITS, nx.ROUTER_RECIP_BITS + 1)
+_DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numerics.ROUTER_RECIP_BITS + 1)
 
 # Slack, in beats, between a pass's reader and writer, beyond the row itself:
 # score buffer: the exp pass's first read of a row comes 4 cycles after the row's last write, and a
@@ -185,11 +185,11 @@ class SoftmaxUnit(wiring.Component):
                 "mode": SoftmaxMode,
                 "length": unsigned(max_length.bit_length()),
                 "rows": unsigned(ROWS_BITS),
-                "c_mult": unsigned(nx.SOFTMAX_MULT_BITS),
+                "c_mult": unsigned(numerics.SOFTMAX_MULT_BITS),
                 "c_shift": unsigned(SHIFT_BITS),
-                "out_mult": unsigned(nx.AV_OUT_MULT_BITS),
+                "out_mult": unsigned(numerics.AV_OUT_MULT_BITS),
             }))),
-            "i": In(stream.Signature(data.ArrayLayout(signed(nx.ACC_BITS), lanes))),
+            "i": In(stream.Signature(data.ArrayLayout(signed(numerics.ACC_BITS), lanes))),
             "o": Out(stream.Signature(data.StructLayout({
                 "data": data.ArrayLayout(unsigned(OUT_BITS), lanes),
                 "last": unsigned(1),
@@ -237,20 +237,20 @@ class SoftmaxUnit(wiring.Component):
         L = self._lanes
         len_shape = unsigned(self._max_length.bit_length())
         sum_shape = unsigned(self._sum_bits)
-        score = signed(nx.ACC_BITS)
-        e16_shape = unsigned(nx.EXP_OUT_BITS)
+        score = signed(numerics.ACC_BITS)
+        e16_shape = unsigned(numerics.EXP_OUT_BITS)
         lane_idx = range(L)
 
         # Row parameters that travel from the max pass to the exp pass.
         desc_layout = data.StructLayout({
             "max": score, "mode": SoftmaxMode, "length": len_shape,
-            "c_mult": unsigned(nx.SOFTMAX_MULT_BITS), "c_shift": unsigned(SHIFT_BITS),
-            "out_mult": unsigned(nx.AV_OUT_MULT_BITS),
+            "c_mult": unsigned(numerics.SOFTMAX_MULT_BITS), "c_shift": unsigned(SHIFT_BITS),
+            "out_mult": unsigned(numerics.AV_OUT_MULT_BITS),
         })
         # ... and from the exp pass to the divider and the output pass.
         sum_layout = data.StructLayout({
             "sum": sum_shape, "mode": SoftmaxMode, "length": len_shape,
-            "out_mult": unsigned(nx.AV_OUT_MULT_BITS),
+            "out_mult": unsigned(numerics.AV_OUT_MULT_BITS),
         })
         side_layout = data.StructLayout({"sum": sum_shape, "mode": SoftmaxMode, "length": len_shape})
 
@@ -317,7 +317,7 @@ class SoftmaxUnit(wiring.Component):
         ]
         # Pairwise max tree. Each node is its own signal: a node is used twice (compare and select),
         # and inlining that into one expression would double the expression size at every level.
-        lo = -(1 << (nx.ACC_BITS - 1))
+        lo = -(1 << (numerics.ACC_BITS - 1))
         level = [Mux(mmask1[j], mx1[j], lo) for j in lane_idx]
         while len(level) > 1:
             nxt = []
@@ -371,38 +371,38 @@ class SoftmaxUnit(wiring.Component):
         c2v, c2last = Signal(), Signal()
         c2mask = Signal(L)
         c2d = Signal(desc_layout)
-        dist = Signal(data.ArrayLayout(unsigned(nx.ACC_BITS), L))
+        dist = Signal(data.ArrayLayout(unsigned(numerics.ACC_BITS), L))
         m.d.sync += [c2v.eq(c1v), c2last.eq(c1last), c2mask.eq(c1mask), c2d.eq(c1d)]
         for j in lane_idx:
-            m.d.sync += dist[j].eq((c1d.max - s_r.data[j])[:nx.ACC_BITS])
+            m.d.sync += dist[j].eq((c1d.max - s_r.data[j])[:numerics.ACC_BITS])
         # Stage c3: P = d * c_mult, the log2 distance before the shift (48 bits).
         c3v, c3last = Signal(), Signal()
         c3mask = Signal(L)
         c3d = Signal(desc_layout)
-        prod = Signal(data.ArrayLayout(unsigned(nx.ACC_BITS + nx.SOFTMAX_MULT_BITS), L))
+        prod = Signal(data.ArrayLayout(unsigned(numerics.ACC_BITS + numerics.SOFTMAX_MULT_BITS), L))
         m.d.sync += [c3v.eq(c2v), c3last.eq(c2last), c3mask.eq(c2mask), c3d.eq(c2d)]
         for j in lane_idx:
             m.d.sync += prod[j].eq(dist[j] * c2d.c_mult)
         # Stage c4: t = P >> c_shift (a floor shift). The ROM is read with the fraction; the integer
         # part and the "shifted out completely" flag wait one cycle for the ROM data.
-        m.submodules.lut = lut = Memory(shape=e16_shape, depth=1 << nx.EXP_FRAC_BITS,
-                                        init=[int(v) for v in nx.exp2_lut()])
+        m.submodules.lut = lut = Memory(shape=e16_shape, depth=1 << numerics.EXP_FRAC_BITS,
+                                        init=[int(v) for v in numerics.exp2_lut()])
         c4v, c4last = Signal(), Signal()
         c4mode = Signal(SoftmaxMode)
         c4zero = Signal(L)
         c4int = Signal(data.ArrayLayout(unsigned(4), L))
         c4sum = Signal(sum_layout)
         rom = []
-        int_bits = (nx.EXP_ZERO_INT - 1).bit_length()
+        int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
         for j in lane_idx:
             port = lut.read_port()
             rom.append(port)
             t = prod[j] >> c3d.c_shift
-            m.d.comb += [port.addr.eq(t[:nx.EXP_FRAC_BITS]), port.en.eq(1)]
+            m.d.comb += [port.addr.eq(t[:numerics.EXP_FRAC_BITS]), port.en.eq(1)]
             m.d.sync += [
-                c4int[j].eq(t[nx.EXP_FRAC_BITS:nx.EXP_FRAC_BITS + int_bits]),
+                c4int[j].eq(t[numerics.EXP_FRAC_BITS:numerics.EXP_FRAC_BITS + int_bits]),
                 # i >= EXP_ZERO_INT (= 16): every ROM bit is shifted out. Padding lanes are 0 too.
-                c4zero[j].eq((t >> (nx.EXP_FRAC_BITS + int_bits)).any() | ~c3mask[j]),
+                c4zero[j].eq((t >> (numerics.EXP_FRAC_BITS + int_bits)).any() | ~c3mask[j]),
             ]
         m.d.sync += [c4v.eq(c3v), c4last.eq(c3last), c4mode.eq(c3d.mode),
                      c4sum.mode.eq(c3d.mode), c4sum.length.eq(c3d.length),
@@ -440,8 +440,8 @@ class SoftmaxUnit(wiring.Component):
         m.d.comb += [
             div.i.valid.eq(sum_fifo.r_rdy & side_fifo.w_rdy),
             div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,
-                                          sum_out.out_mult << nx.AV_RECIP_BITS,
-                                          1 << nx.ROUTER_RECIP_BITS)),
+                                          sum_out.out_mult << numerics.AV_RECIP_BITS,
+                                          1 << numerics.ROUTER_RECIP_BITS)),
             div.i.payload.divisor.eq(sum_out.sum),
             div_go.eq(div.i.valid & div.i.ready),
             sum_fifo.r_en.eq(div_go),
@@ -497,7 +497,7 @@ class SoftmaxUnit(wiring.Component):
         q2mode = Signal(SoftmaxMode)
         q2sum = Signal(sum_shape)
         q2recip = Signal(RECIP_BITS)
-        q2val = Signal(data.ArrayLayout(unsigned(nx.ROUTER_RECIP_BITS + 1), L))
+        q2val = Signal(data.ArrayLayout(unsigned(numerics.ROUTER_RECIP_BITS + 1), L))
         with m.If(adv):
             m.d.sync += [q2v.eq(q1v), q2last.eq(q1last), q2mask.eq(q1mask),
                          q2mode.eq(q1mode), q2sum.eq(q1sum), q2recip.eq(q1recip)]
@@ -507,7 +507,7 @@ class SoftmaxUnit(wiring.Component):
                 router_prod = e * q1recip[:_ROUTER_RECIP_MAX.bit_length()]
                 m.d.sync += q2val[j].eq(Mux(q1mode == SoftmaxMode.ATTENTION, e8, router_prod))
         # Stage q3: the output register. The router probability is round_shift(e16 * R, 16).
-        p_shift = nx.ROUTER_RECIP_BITS - nx.ROUTER_P_FRAC
+        p_shift = numerics.ROUTER_RECIP_BITS - numerics.ROUTER_P_FRAC
         with m.If(adv):
             m.d.sync += [
                 self.o.valid.eq(q2v),

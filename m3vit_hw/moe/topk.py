@@ -9,8 +9,8 @@ from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from m3vit_hw import numerics as nx
-from .checks import check_int as _check_int
+from .. import numerics
+from ..checks import check_int as _check_int
 
 __all__ = ["TopK", "expert_id_width"]
 
@@ -70,7 +70,7 @@ class TopK(wiring.Component):
         On a non-integer or out-of-range parameter (the message names it).
     """
 
-    def __init__(self, experts, top_k, *, lanes=1, logit_width=nx.ACC_BITS, tag_width=0):
+    def __init__(self, experts, top_k, *, lanes=1, logit_width=numerics.ACC_BITS, tag_width=0):
         _check_int("experts", experts, 1)
         _check_int("top_k", top_k, 1, experts)
         _check_int("lanes", lanes, 1, experts)

@@ -2,11 +2,11 @@
 
 The epilogue is a pipeline with one stage per concern, each a component of its own file:
 
-1. :class:`~m3vit_hw.requantizer.Requantizer` (``golden.requantize``): bias add and requantization
+1. :class:`~m3vit_hw.gemm.requantizer.Requantizer` (``golden.requantize``): bias add and requantization
    with a per-column multiplier, or the per-row multiplier of the AV product
    (``golden.attention_normalize``), or a raw int32 bypass;
-2. :class:`~m3vit_hw.gelu.GeluStage` (``golden.gelu``): optional 256-entry table;
-3. :class:`~m3vit_hw.residual.ResidualStage` (``golden.residual_add``, ``golden.moe_combine``):
+2. :class:`~m3vit_hw.gemm.gelu.GeluStage` (``golden.gelu``): optional 256-entry table;
+3. :class:`~m3vit_hw.gemm.residual.ResidualStage` (``golden.residual_add``, ``golden.moe_combine``):
    read-modify-write of the int16 residual row at the (possibly scattered) destination;
 4. the sink: int8 results are written to the activation buffer, raw results leave on the ``o`` stream.
 
@@ -34,7 +34,7 @@ from amaranth.hdl import Module, Mux, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
+from .. import numerics
 from .gelu import GeluStage
 from .requantizer import Requantizer, check_lanes
 from .residual import WEIGHT_BITS as COMBINE_WEIGHT_BITS
@@ -89,11 +89,11 @@ class EpilogueInLayout(data.StructLayout):
 
     def __init__(self, lanes, addr_width):
         super().__init__({
-            "acc": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
-            "bias": data.ArrayLayout(signed(nx.BIAS_BITS), lanes),
-            "mult": data.ArrayLayout(unsigned(nx.MULT_BITS), lanes),
-            "row_scale": unsigned(nx.MULT_BITS),
-            "shift": range(nx.SHIFT_MAX + 1),
+            "acc": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
+            "bias": data.ArrayLayout(signed(numerics.BIAS_BITS), lanes),
+            "mult": data.ArrayLayout(unsigned(numerics.MULT_BITS), lanes),
+            "row_scale": unsigned(numerics.MULT_BITS),
+            "shift": range(numerics.SHIFT_MAX + 1),
             "mode": EpilogueMode,
             "addr": unsigned(addr_width),
             "mask": unsigned(lanes),
@@ -107,7 +107,7 @@ class StreamOutLayout(data.StructLayout):
 
     def __init__(self, lanes, addr_width):
         super().__init__({
-            "data": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
+            "data": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
             "addr": unsigned(addr_width),
             "mask": unsigned(lanes),
             "last": 1,
@@ -143,9 +143,9 @@ class Epilogue(wiring.Component):
         RAW results, in order.
     act_wr : In(memory.WritePort.Signature(act_addr_width, ArrayLayout(signed(8), lanes), granularity=1))
         Activation-buffer write port (ACT8, GELU8, ATTN8).
-    res_rd, res_wr : residual-buffer ports, see :class:`~m3vit_hw.residual.ResidualStage`.
+    res_rd, res_wr : residual-buffer ports, see :class:`~m3vit_hw.gemm.residual.ResidualStage`.
     gelu_lut : Out(memory.WritePort.Signature(8, signed(8)))
-        GELU table write port, see :class:`~m3vit_hw.gelu.GeluStage`.
+        GELU table write port, see :class:`~m3vit_hw.gemm.gelu.GeluStage`.
     done : Out(1)
         Pulses for one cycle when the ``last`` beat has been written (or transferred on ``o``).
     busy : Out(1)
@@ -172,14 +172,14 @@ class Epilogue(wiring.Component):
             "i": In(stream.Signature(EpilogueInLayout(lanes, self._aw))),
             "o": Out(stream.Signature(StreamOutLayout(lanes, self._aw))),
             "act_wr": In(memory.WritePort.Signature(
-                addr_width=act_addr_width, shape=data.ArrayLayout(signed(nx.ACT_BITS), lanes),
+                addr_width=act_addr_width, shape=data.ArrayLayout(signed(numerics.ACT_BITS), lanes),
                 granularity=1)),
             "res_rd": In(memory.ReadPort.Signature(
-                addr_width=res_addr_width, shape=data.ArrayLayout(signed(nx.RES_BITS), lanes))),
+                addr_width=res_addr_width, shape=data.ArrayLayout(signed(numerics.RES_BITS), lanes))),
             "res_wr": In(memory.WritePort.Signature(
-                addr_width=res_addr_width, shape=data.ArrayLayout(signed(nx.RES_BITS), lanes),
+                addr_width=res_addr_width, shape=data.ArrayLayout(signed(numerics.RES_BITS), lanes),
                 granularity=1)),
-            "gelu_lut": Out(memory.WritePort.Signature(addr_width=nx.ACT_BITS, shape=signed(nx.ACT_BITS))),
+            "gelu_lut": Out(memory.WritePort.Signature(addr_width=numerics.ACT_BITS, shape=signed(numerics.ACT_BITS))),
             "done": Out(1),
             "busy": Out(1),
         })
@@ -213,13 +213,13 @@ class Epilogue(wiring.Component):
         mode = p.mode
         is_attn = mode == EpilogueMode.ATTN8
         is_res = (mode == EpilogueMode.RES16) | (mode == EpilogueMode.RESADD) | (mode == EpilogueMode.COMBINE)
-        attn_shift = p.shift + nx.AV_RECIP_BITS
+        attn_shift = p.shift + numerics.AV_RECIP_BITS
         m.d.comb += [
             rq.i.valid.eq(self.i.valid),
             self.i.ready.eq(rq.i.ready),
             rq.i.payload.raw.eq(mode == EpilogueMode.RAW),
             rq.i.payload.out16.eq(is_res),
-            rq.i.payload.shift.eq(Mux(is_attn, Mux(attn_shift > nx.SHIFT_MAX, nx.SHIFT_MAX, attn_shift),
+            rq.i.payload.shift.eq(Mux(is_attn, Mux(attn_shift > numerics.SHIFT_MAX, numerics.SHIFT_MAX, attn_shift),
                                       p.shift)),
             rq.i.payload.meta.gelu.eq(mode == EpilogueMode.GELU8),
             rq.i.payload.meta.rest.weight.eq(p.row_scale[:COMBINE_WEIGHT_BITS]),
@@ -297,5 +297,5 @@ class Epilogue(wiring.Component):
             self.busy.eq(rq.busy | ge.busy | rs.busy),
         ]
         for j in range(L):
-            m.d.comb += self.act_wr.data[j].eq(out.data[j][:nx.ACT_BITS])
+            m.d.comb += self.act_wr.data[j].eq(out.data[j][:numerics.ACT_BITS])
         return m

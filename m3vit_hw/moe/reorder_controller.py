@@ -1,7 +1,7 @@
 """The MoE reordering controller: expert queues -> row table, then fetch and compute sequencers.
 
 This is the paper's *computation reordering* in hardware. After the router has sent every token to
-:class:`~m3vit_hw.expert_queues.ExpertQueues`, the queues walk out active expert by active expert. The
+:class:`~m3vit_hw.moe.expert_queues.ExpertQueues`, the queues walk out active expert by active expert. The
 controller
 
 1. **captures** the walk: entries into the *row table* (``token_capacity * top_k`` entries of
@@ -18,7 +18,7 @@ controller
 
 Before the experts, the same two sequencers run the layer's gate: the task's gate panels and bias words
 are tile 0 of the sequence, the gate GEMM (RAW, ``M = T, K = D, N = E``) feeds the
-:class:`~m3vit_hw.router.Router`, and the gate's halves are released when both the engine and the
+:class:`~m3vit_hw.moe.router.Router`, and the gate's halves are released when both the engine and the
 router are done with them (the router reads the bias words from the parameter half: ``gate_phase``).
 
 GEMM commands
@@ -60,14 +60,14 @@ from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
-from .config import AcceleratorConfig
-from .epilogue import EpilogueMode
+from .. import numerics
+from ..config import AcceleratorConfig
+from ..gemm.epilogue import EpilogueMode
 from .expert_layout import MoELayout
 from .expert_queues import token_id_width
-from .gemm_engine import GemmCommand, RowEntryLayout
+from ..gemm.gemm_engine import GemmCommand, RowEntryLayout
 from .router import RouterCommandLayout
-from .softmax import OUT_BITS, SHIFT_BITS
+from ..rowops.softmax import OUT_BITS, SHIFT_BITS
 from .topk import expert_id_width
 from .weight_buffer import DEFAULT_TAG_WIDTH, TileInfoLayout
 from .weight_streamer import StreamerCommandLayout
@@ -95,7 +95,7 @@ class LayerStartLayout(data.StructLayout):
         T, in ``[1, token_capacity]``.
     gate_base, expert_base : unsigned(addr_width)
         External byte addresses of the layer's gate region and expert region
-        (:class:`~m3vit_hw.expert_layout.MoELayout`); multiples of the memory beat.
+        (:class:`~m3vit_hw.moe.expert_layout.MoELayout`); multiples of the memory beat.
     c_mult, c_shift : the router softmax's exponent scale for this task's gate.
     fc1_shift, fc2_shift : range(SHIFT_MAX + 1)
         Requantization shifts of the experts' fc1 and fc2 (one per layer, shared by all experts).
@@ -108,15 +108,15 @@ class LayerStartLayout(data.StructLayout):
             "tokens": range(config.token_capacity + 1),
             "gate_base": unsigned(addr_width),
             "expert_base": unsigned(addr_width),
-            "c_mult": unsigned(nx.SOFTMAX_MULT_BITS),
+            "c_mult": unsigned(numerics.SOFTMAX_MULT_BITS),
             "c_shift": unsigned(SHIFT_BITS),
-            "fc1_shift": range(nx.SHIFT_MAX + 1),
-            "fc2_shift": range(nx.SHIFT_MAX + 1),
+            "fc1_shift": range(numerics.SHIFT_MAX + 1),
+            "fc2_shift": range(numerics.SHIFT_MAX + 1),
         })
 
 
 class QueueBeatLayout(data.StructLayout):
-    """A beat of the :class:`~m3vit_hw.expert_queues.ExpertQueues` walk (its ``o`` layout)."""
+    """A beat of the :class:`~m3vit_hw.moe.expert_queues.ExpertQueues` walk (its ``o`` layout)."""
 
     def __init__(self, config):
         cap = config.token_capacity
@@ -137,7 +137,7 @@ class ReorderController(wiring.Component):
     ----------
     config : AcceleratorConfig
     layout : MoELayout
-        The tile plan and memory layout (:func:`~m3vit_hw.expert_layout.plan_moe` of ``config``).
+        The tile plan and memory layout (:func:`~m3vit_hw.moe.expert_layout.plan_moe` of ``config``).
     addr_width : int
         External byte-address width (the streamers' ``addr_width``).
     tag_width : int

@@ -10,9 +10,9 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from m3vit_hw import numerics as nx
-from m3vit_hw.topk import expert_id_width
-from m3vit_hw.checks import check_int as _check_int
+from .. import numerics
+from .topk import expert_id_width
+from ..checks import check_int as _check_int
 
 __all__ = ["ExpertQueues", "token_id_width"]
 
@@ -41,7 +41,7 @@ class ExpertQueues(wiring.Component):
         E, >= 1.
     top_k : int
         k, expert ids per token, in [1, E]. The k ids of a token must be distinct (as
-        :class:`~m3vit_hw.topk.TopK` guarantees); each queue then holds at most T entries.
+        :class:`~m3vit_hw.moe.topk.TopK` guarantees); each queue then holds at most T entries.
     token_capacity : int
         Largest T per layer, >= 1. Sizes the token memory (T entries of k ids and k weights) and the queue
         memory (T*k entries of token and weight).
@@ -77,7 +77,7 @@ class ExpertQueues(wiring.Component):
     token's transfer to the final entry's.
     """
 
-    def __init__(self, experts, top_k, token_capacity, *, weight_width=nx.ROUTER_P_FRAC + 1):
+    def __init__(self, experts, top_k, token_capacity, *, weight_width=numerics.ROUTER_P_FRAC + 1):
         _check_int("experts", experts, 1)
         _check_int("top_k", top_k, 1, experts)
         _check_int("token_capacity", token_capacity, 1)

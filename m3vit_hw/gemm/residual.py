@@ -21,7 +21,7 @@ from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
+from .. import numerics
 from .requantizer import check_lanes, check_meta, sat_expr
 
 __all__ = ["ResidualStage", "ResOp", "ResidualInLayout", "ResidualOutLayout"]
@@ -36,7 +36,7 @@ class ResOp(enum.Enum, shape=2):
 
 
 #: Combine weights are unsigned Q0.15 with 1.0 = 2**15 inclusive: 16 bits.
-WEIGHT_BITS = nx.ROUTER_P_FRAC + 1
+WEIGHT_BITS = numerics.ROUTER_P_FRAC + 1
 
 
 class ResidualInLayout(data.StructLayout):
@@ -58,7 +58,7 @@ class ResidualInLayout(data.StructLayout):
 
     def __init__(self, lanes, addr_width, meta):
         super().__init__({
-            "data": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
+            "data": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
             "op": ResOp,
             "weight": unsigned(WEIGHT_BITS),
             "addr": unsigned(addr_width),
@@ -73,7 +73,7 @@ class ResidualOutLayout(data.StructLayout):
 
     def __init__(self, lanes, addr_width, meta):
         super().__init__({
-            "data": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
+            "data": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
             "addr": unsigned(addr_width),
             "mask": unsigned(lanes),
             "meta": meta,
@@ -126,7 +126,7 @@ class ResidualStage(wiring.Component):
         self._lanes = lanes
         self._addr_width = addr_width
         self._meta = meta
-        word = data.ArrayLayout(signed(nx.RES_BITS), lanes)
+        word = data.ArrayLayout(signed(numerics.RES_BITS), lanes)
         super().__init__({
             "i": In(stream.Signature(ResidualInLayout(lanes, addr_width, meta))),
             "o": Out(stream.Signature(ResidualOutLayout(lanes, addr_width, meta))),
@@ -183,12 +183,12 @@ class ResidualStage(wiring.Component):
                 x = b1.data[j]
                 res = self.rd.data[j]
                 # x is int16 and weight <= 2**15, so x * weight fits 32 bits before the rounding shift.
-                scaled = (x * b1.weight + (1 << (nx.ROUTER_P_FRAC - 1))) >> nx.ROUTER_P_FRAC
+                scaled = (x * b1.weight + (1 << (numerics.ROUTER_P_FRAC - 1))) >> numerics.ROUTER_P_FRAC
                 with m.Switch(b1.op):
                     with m.Case(ResOp.ADD):
-                        m.d.sync += b2.data[j].eq(sat_expr(res + x, nx.RES_BITS))
+                        m.d.sync += b2.data[j].eq(sat_expr(res + x, numerics.RES_BITS))
                     with m.Case(ResOp.COMBINE):
-                        m.d.sync += b2.data[j].eq(sat_expr(res + scaled, nx.RES_BITS))
+                        m.d.sync += b2.data[j].eq(sat_expr(res + scaled, numerics.RES_BITS))
                     with m.Default():
                         m.d.sync += b2.data[j].eq(x)
 

@@ -11,10 +11,10 @@ from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from m3vit_hw.mem_port import (BOUNDARY_BYTES, DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES,
+from ..lib.mem_port import (BOUNDARY_BYTES, DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES,
                                DEFAULT_MAX_BURST, ReadPortSignature)
-from m3vit_hw.checks import check_int as _check_int
-from m3vit_hw.weight_buffer import DEFAULT_TAG_WIDTH, WriterSignature, _half_of
+from ..checks import check_int as _check_int
+from .weight_buffer import DEFAULT_TAG_WIDTH, WriterSignature, _half_of
 
 __all__ = ["WeightStreamer", "StreamerCommandLayout"]
 
@@ -56,7 +56,7 @@ class WeightStreamer(wiring.Component):
     half_bytes : int
         Bytes per buffer half; a multiple of ``data_bytes``.
     addr_width, data_bytes, max_burst : int
-        The memory port's parameters (see :class:`~m3vit_hw.mem_port.ReadPortSignature`).
+        The memory port's parameters (see :class:`~m3vit_hw.lib.mem_port.ReadPortSignature`).
     tag_width : int
         Width of the command's tag.
     length_width : int, optional
@@ -111,7 +111,7 @@ class WeightStreamer(wiring.Component):
 
         ``half_bytes = config.weight_buffer_bytes // 2``; the port parameters come from
         ``config.mem_addr_width``, ``config.mem_data_bytes`` and ``config.mem_max_burst`` when the config
-        has them (else :mod:`m3vit_hw.mem_port`'s defaults); keyword arguments override.
+        has them (else :mod:`m3vit_hw.lib.mem_port`'s defaults); keyword arguments override.
         """
         kwargs.setdefault("addr_width", getattr(config, "mem_addr_width", DEFAULT_ADDR_WIDTH))
         kwargs.setdefault("data_bytes", getattr(config, "mem_data_bytes", DEFAULT_DATA_BYTES))

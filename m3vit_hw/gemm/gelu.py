@@ -10,13 +10,13 @@ from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
+from .. import numerics
 from .requantizer import check_lanes, check_meta
 
 __all__ = ["GeluStage", "GeluInLayout", "GeluOutLayout", "LUT_ENTRIES"]
 
 #: One entry per int8 input value.
-LUT_ENTRIES = 1 << nx.ACT_BITS
+LUT_ENTRIES = 1 << numerics.ACT_BITS
 
 
 class GeluInLayout(data.StructLayout):
@@ -33,7 +33,7 @@ class GeluInLayout(data.StructLayout):
 
     def __init__(self, lanes, meta):
         super().__init__({
-            "data": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
+            "data": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
             "enable": 1,
             "meta": meta,
         })
@@ -44,7 +44,7 @@ class GeluOutLayout(data.StructLayout):
 
     def __init__(self, lanes, meta):
         super().__init__({
-            "data": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
+            "data": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
             "meta": meta,
         })
 
@@ -89,7 +89,7 @@ class GeluStage(wiring.Component):
         super().__init__({
             "i": In(stream.Signature(GeluInLayout(lanes, meta))),
             "o": Out(stream.Signature(GeluOutLayout(lanes, meta))),
-            "lut": Out(memory.WritePort.Signature(addr_width=nx.ACT_BITS, shape=signed(nx.ACT_BITS))),
+            "lut": Out(memory.WritePort.Signature(addr_width=numerics.ACT_BITS, shape=signed(numerics.ACT_BITS))),
             "busy": Out(1),
         })
 
@@ -100,13 +100,13 @@ class GeluStage(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         L = self._lanes
-        lo, _ = nx.int_range(nx.ACT_BITS)
+        lo, _ = numerics.int_range(numerics.ACT_BITS)
         # One table copy per lane, all written together: each copy is a single-read-port 256x8
         # distributed RAM, which maps directly (one many-ported memory would have to be replicated
         # by the synthesizer anyway).
         tables = []
         for j in range(L):
-            table = memory.Memory(shape=signed(nx.ACT_BITS), depth=LUT_ENTRIES,
+            table = memory.Memory(shape=signed(numerics.ACT_BITS), depth=LUT_ENTRIES,
                                   init=[i + lo for i in range(LUT_ENTRIES)])
             m.submodules[f"table{j}"] = table
             wp = table.write_port()
@@ -116,7 +116,7 @@ class GeluStage(wiring.Component):
         valid = Signal()
         enable = Signal()
         meta = Signal(self._meta)
-        passthru = [Signal(signed(nx.ACC_BITS), name=f"x{j}") for j in range(L)]
+        passthru = [Signal(signed(numerics.ACC_BITS), name=f"x{j}") for j in range(L)]
 
         adv = ~valid | self.o.ready
         m.d.comb += self.i.ready.eq(adv)
@@ -131,7 +131,7 @@ class GeluStage(wiring.Component):
             rp = tables[j].read_port()
             # x + 128 for int8 x is x's low byte with the sign bit inverted.
             m.d.comb += [
-                rp.addr.eq(self.i.payload.data[j][:nx.ACT_BITS] ^ (1 << (nx.ACT_BITS - 1))),
+                rp.addr.eq(self.i.payload.data[j][:numerics.ACT_BITS] ^ (1 << (numerics.ACT_BITS - 1))),
                 rp.en.eq(adv),
                 self.o.payload.data[j].eq(Mux(enable, rp.data, passthru[j])),
             ]

@@ -7,7 +7,7 @@ tile and, each cycle, adds ``a[i] * b[j]``, where ``a`` is one *column* of the A
 row, all at the same ``k``) and ``b`` one *row* of the B tile. After ``K`` beats every PE holds its
 complete sum.
 
-Why output-stationary for :class:`~m3vit_hw.gemm_engine.GemmEngine`:
+Why output-stationary for :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine`:
 
 * The epilogue needs *complete* int32 sums: bias add and requantization are per output column, the
   AV normalisation and the MoE combine are per output row, and scatter writes whole output rows. An
@@ -34,7 +34,7 @@ from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
+from .. import numerics
 
 __all__ = ["PEArray", "OperandLayout", "ResultLayout"]
 
@@ -68,8 +68,8 @@ class OperandLayout(data.StructLayout):
 
     def __init__(self, rows, cols):
         super().__init__({
-            "a": data.ArrayLayout(unsigned(nx.ACT_BITS), rows),
-            "b": data.ArrayLayout(signed(nx.WEIGHT_BITS), cols),
+            "a": data.ArrayLayout(unsigned(numerics.ACT_BITS), rows),
+            "b": data.ArrayLayout(signed(numerics.WEIGHT_BITS), cols),
             "a_unsigned": 1,
             "first": 1,
             "last": 1,
@@ -92,7 +92,7 @@ class ResultLayout(data.StructLayout):
 
     def __init__(self, rows, cols):
         super().__init__({
-            "acc": data.ArrayLayout(signed(nx.ACC_BITS), cols),
+            "acc": data.ArrayLayout(signed(numerics.ACC_BITS), cols),
             "row": range(rows),
             "last": 1,
         })
@@ -161,9 +161,9 @@ class PEArray(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         R, C = self._rows, self._cols
-        acc_shape = signed(nx.ACC_BITS)
+        acc_shape = signed(numerics.ACC_BITS)
         # 9 x 8 signed product: |p| <= 255 * 128 fits 17 bits.
-        prod_shape = signed(nx.ACT_BITS + 1 + nx.WEIGHT_BITS)
+        prod_shape = signed(numerics.ACT_BITS + 1 + numerics.WEIGHT_BITS)
 
         # Stage P: operand registers (the DSP48E2 A/B registers). The 8-bit A pattern is widened
         # here to a 9-bit signed value so the multiplier never needs to know the format.
@@ -171,8 +171,8 @@ class PEArray(wiring.Component):
         p_first = Signal()
         p_last = Signal()
         p_rows = Signal(range(R + 1))
-        p_a = [Signal(signed(nx.ACT_BITS + 1), name=f"p_a{i}") for i in range(R)]
-        p_b = [Signal(signed(nx.WEIGHT_BITS), name=f"p_b{j}") for j in range(C)]
+        p_a = [Signal(signed(numerics.ACT_BITS + 1), name=f"p_a{i}") for i in range(R)]
+        p_b = [Signal(signed(numerics.WEIGHT_BITS), name=f"p_b{j}") for j in range(C)]
 
         # Stage M: product registers (the DSP M register).
         m_valid = Signal()

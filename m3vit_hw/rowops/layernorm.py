@@ -6,8 +6,8 @@ per-row reciprocal between them:
 1. **Statistics pass.** Beats stream in at one beat per cycle. Each is written to a circular row buffer
    while the row sums ``S1 = sum(x)`` and ``S2 = sum(x*x)`` accumulate.
 2. **Per-row reciprocal.** At the row's end, ``var_n = D*S2 - S1**2 + eps_int`` goes through a sequential
-   :class:`~m3vit_hw.isqrt.ISqrt`, and then ``inv = floor(2**LN_INV_BITS / max(1, root))`` goes through a
-   sequential :class:`~m3vit_hw.divider.Divider`. Each engine handles one row at a time, and the two
+   :class:`~m3vit_hw.lib.isqrt.ISqrt`, and then ``inv = floor(2**LN_INV_BITS / max(1, root))`` goes through a
+   sequential :class:`~m3vit_hw.lib.divider.Divider`. Each engine handles one row at a time, and the two
    work on consecutive rows in parallel.
 3. **Normalize pass.** The row is read back from the buffer and, per lane, the unit computes
    ``z = round_shift((D*x - S1) * inv, LN_INV_BITS - LN_Z_FRAC)`` and
@@ -26,15 +26,15 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
-from .divider import Divider
-from .isqrt import ISqrt
+from .. import numerics
+from ..lib.divider import Divider
+from ..lib.isqrt import ISqrt
 
 __all__ = ["LayerNormUnit", "SHIFT_BITS", "MAX_DIM"]
 
 #: The output shift is in [0, SHIFT_MAX]. (gamma_mult, beta_int and eps_int widths are
 #: ``numerics.LN_GAMMA_BITS``, ``LN_BETA_BITS`` and ``LN_EPS_BITS``.)
-SHIFT_BITS = nx.SHIFT_MAX.bit_length()
+SHIFT_BITS = numerics.SHIFT_MAX.bit_length()
 #: Largest supported row length. The golden model's int64 intermediates (D*S2 and (D*x - S1) * inv)
 #: stay exact up to D = 2**15; this leaves a margin.
 MAX_DIM = 1 << 14
@@ -139,7 +139,7 @@ class LayerNormUnit(wiring.Component):
         self._beats = dim // lanes
         # D*S2 <= D**2 * 2**30 for int16, and |D*S2 - S1**2| = D**2 * variance is no larger.
         self._var_bits = (dim * dim << 30).bit_length()
-        self._eps_bits = nx.LN_EPS_BITS
+        self._eps_bits = numerics.LN_EPS_BITS
         # var_n = (D*S2 - S1**2) + eps_int < 2**var_bits + 2**eps_bits.
         self._sqrt_width = max(self._var_bits, self._eps_bits) + 1
         self._root_width = (self._sqrt_width + 1) // 2
@@ -155,12 +155,12 @@ class LayerNormUnit(wiring.Component):
         self._depth = self._beats + self._recip_latency + _STATS_OVERHEAD
 
         super().__init__({
-            "i": In(stream.Signature(data.ArrayLayout(signed(nx.RES_BITS), lanes))),
-            "o": Out(stream.Signature(data.ArrayLayout(signed(nx.ACT_BITS), lanes))),
+            "i": In(stream.Signature(data.ArrayLayout(signed(numerics.RES_BITS), lanes))),
+            "o": Out(stream.Signature(data.ArrayLayout(signed(numerics.ACT_BITS), lanes))),
             "param": In(stream.Signature(data.StructLayout({
                 "addr": range(self._beats),
-                "gamma": data.ArrayLayout(signed(nx.LN_GAMMA_BITS), lanes),
-                "beta": data.ArrayLayout(signed(nx.LN_BETA_BITS), lanes),
+                "gamma": data.ArrayLayout(signed(numerics.LN_GAMMA_BITS), lanes),
+                "beta": data.ArrayLayout(signed(numerics.LN_BETA_BITS), lanes),
                 "eps": unsigned(self._eps_bits),
                 "shift": unsigned(SHIFT_BITS),
             }))),
@@ -175,7 +175,7 @@ class LayerNormUnit(wiring.Component):
 
     def _engine_periods(self, k):
         # Mirrors ISqrt.period and Divider.period (= their latencies) without building the engines.
-        return (-(-self._root_width // k) + 1, -(-(nx.LN_INV_BITS + 1) // k) + 1)
+        return (-(-self._root_width // k) + 1, -(-(numerics.LN_INV_BITS + 1) // k) + 1)
 
     dim = property(lambda self: self._dim)
     lanes = property(lambda self: self._lanes)
@@ -206,26 +206,26 @@ class LayerNormUnit(wiring.Component):
         s2_shape = unsigned((D << 30).bit_length())    # S2 <= D * 2**30
         # |D*x - S1| <= (D - 1) * 65535 < D * 65535.
         a_shape = _signed_for(D * 65535)
-        inv_width = nx.LN_INV_BITS + 1                 # inv = 2**32 // den, den >= 1
+        inv_width = numerics.LN_INV_BITS + 1                 # inv = 2**32 // den, den >= 1
         # Bound on P = (D*x - S1) * inv, which lets the product be kept narrow. The deviations a_c sum
         # to zero and sum(a_c**2) = D*V, with V = D*S2 - S1**2, so |a_c| <= sqrt((D-1)*V). When V >= 1,
         # den >= isqrt(V) > sqrt(V) - 1, so sqrt(V) < 2*den. Together with inv <= 2**32/den this gives
         # |P| < 2*sqrt(D-1) * 2**32. When V = 0, every a_c = 0. This holds for every eps_int >= 0.
-        p_bound = (2 * (math.isqrt(max(D - 1, 0)) + 1)) << nx.LN_INV_BITS
+        p_bound = (2 * (math.isqrt(max(D - 1, 0)) + 1)) << numerics.LN_INV_BITS
         p_shape = _signed_for(p_bound)
-        z_shift = nx.LN_INV_BITS - nx.LN_Z_FRAC
+        z_shift = numerics.LN_INV_BITS - numerics.LN_Z_FRAC
         z_shape = _signed_for((p_bound >> z_shift) + 1)
-        m_shape = _signed_for(((p_bound >> z_shift) + 1) * (1 << (nx.LN_GAMMA_BITS - 1))
-                              + (1 << (nx.LN_BETA_BITS - 1)))
+        m_shape = _signed_for(((p_bound >> z_shift) + 1) * (1 << (numerics.LN_GAMMA_BITS - 1))
+                              + (1 << (numerics.LN_BETA_BITS - 1)))
 
         # ---- storage ----------------------------------------------------------------------------
-        m.submodules.rowbuf = rowbuf = Memory(shape=data.ArrayLayout(signed(nx.RES_BITS), L),
+        m.submodules.rowbuf = rowbuf = Memory(shape=data.ArrayLayout(signed(numerics.RES_BITS), L),
                                               depth=self._depth, init=[])
         buf_w = rowbuf.write_port()
         buf_r = rowbuf.read_port()
         param_layout = data.StructLayout({
-            "gamma": data.ArrayLayout(signed(nx.LN_GAMMA_BITS), L),
-            "beta": data.ArrayLayout(signed(nx.LN_BETA_BITS), L),
+            "gamma": data.ArrayLayout(signed(numerics.LN_GAMMA_BITS), L),
+            "beta": data.ArrayLayout(signed(numerics.LN_BETA_BITS), L),
         })
         m.submodules.params = params = Memory(shape=param_layout, depth=R, init=[])
         par_w = params.write_port()
@@ -332,7 +332,7 @@ class LayerNormUnit(wiring.Component):
             isq.i.valid.eq(vb_valid),
             isq.i.payload.eq(vb),
             div.i.valid.eq(isq.o.valid),
-            div.i.payload.dividend.eq(1 << nx.LN_INV_BITS),
+            div.i.payload.dividend.eq(1 << numerics.LN_INV_BITS),
             div.i.payload.divisor.eq(Mux(root == 0, 1, root)),     # den = max(1, isqrt(var_n))
             isq.o.ready.eq(div.i.ready),
         ]
@@ -395,7 +395,7 @@ class LayerNormUnit(wiring.Component):
                 # round_shift(m, s): s = 0 is the identity, else ((m >> (s-1)) + 1) >> 1. Shifts past
                 # the width give 0 or -1 before the +1, hence 0, as the golden model does.
                 rs = Mux(shift == 0, mv, ((mv >> (shift - 1)[:SHIFT_BITS]) + 1) >> 1)
-                lo, hi = nx.int_range(nx.ACT_BITS)
+                lo, hi = numerics.int_range(numerics.ACT_BITS)
                 m.d.sync += [
                     a2[j].eq(a),
                     p3[j].eq(p[:p_shape.width].as_signed()),     # |P| < p_bound, see above

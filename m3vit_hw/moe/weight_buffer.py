@@ -50,7 +50,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from m3vit_hw.checks import check_int as _check_int
+from ..checks import check_int as _check_int
 
 __all__ = ["WeightBuffer", "TileInfoLayout", "WriterSignature", "ReaderSignature",
            "DEFAULT_TAG_WIDTH"]
@@ -248,12 +248,12 @@ class WeightBuffer(wiring.Component):
 
         ``config.weight_buffer_bytes`` is the whole buffer (both halves); a read word is one
         ``pe_cols``-wide row of int8 weights; ``write_bytes`` is ``config.mem_data_bytes`` if the
-        config has it, else :data:`m3vit_hw.mem_port.DEFAULT_DATA_BYTES`. Keyword arguments override.
+        config has it, else :data:`m3vit_hw.lib.mem_port.DEFAULT_DATA_BYTES`. Keyword arguments override.
         """
-        from m3vit_hw import numerics as nx
-        from m3vit_hw.mem_port import DEFAULT_DATA_BYTES
+        from .. import numerics
+        from ..lib.mem_port import DEFAULT_DATA_BYTES
         kwargs.setdefault("write_bytes", getattr(config, "mem_data_bytes", DEFAULT_DATA_BYTES))
-        word_bytes = kwargs.pop("word_bytes", config.pe_cols * nx.WEIGHT_BITS // 8)
+        word_bytes = kwargs.pop("word_bytes", config.pe_cols * numerics.WEIGHT_BITS // 8)
         return cls(_half_of(config.weight_buffer_bytes), word_bytes, **kwargs)
 
     @property

@@ -8,14 +8,14 @@ For each of ``lanes`` elements::
 with ``acc``, ``bias`` int32, ``mult`` unsigned below ``2**MULT_BITS`` and ``shift`` in
 ``[0, SHIFT_MAX]``, exactly as ``reference/golden.py::requantize`` (round half up, arithmetic shift,
 saturation). Per-column and per-row multipliers are the same operation with different ``mult``
-vectors, so the caller chooses (see :class:`~m3vit_hw.epilogue.Epilogue`).
+vectors, so the caller chooses (see :class:`~m3vit_hw.gemm.epilogue.Epilogue`).
 """
 
 from amaranth.hdl import Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
+from .. import numerics
 
 __all__ = ["Requantizer", "RequantInLayout", "RequantOutLayout", "check_lanes", "check_meta", "sat_expr"]
 
@@ -55,10 +55,10 @@ class RequantInLayout(data.StructLayout):
 
     def __init__(self, lanes, meta):
         super().__init__({
-            "acc": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
-            "bias": data.ArrayLayout(signed(nx.BIAS_BITS), lanes),
-            "mult": data.ArrayLayout(unsigned(nx.MULT_BITS), lanes),
-            "shift": range(nx.SHIFT_MAX + 1),
+            "acc": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
+            "bias": data.ArrayLayout(signed(numerics.BIAS_BITS), lanes),
+            "mult": data.ArrayLayout(unsigned(numerics.MULT_BITS), lanes),
+            "shift": range(numerics.SHIFT_MAX + 1),
             "out16": 1,
             "raw": 1,
             "meta": meta,
@@ -71,14 +71,14 @@ class RequantOutLayout(data.StructLayout):
 
     def __init__(self, lanes, meta):
         super().__init__({
-            "data": data.ArrayLayout(signed(nx.ACC_BITS), lanes),
+            "data": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
             "meta": meta,
         })
 
 
 def sat_expr(value, bits):
     """Clamp ``value`` to the signed ``bits``-wide range (an Amaranth expression)."""
-    lo, hi = nx.int_range(bits)
+    lo, hi = numerics.int_range(bits)
     return Mux(value < lo, lo, Mux(value > hi, hi, value))
 
 
@@ -134,18 +134,18 @@ class Requantizer(wiring.Component):
         L = self._lanes
         # (acc + bias) needs ACC_BITS + 1 bits; times an unsigned MULT_BITS multiplier it needs
         # ACC_BITS + 1 + MULT_BITS bits (57): no intermediate can wrap.
-        sum_shape = signed(nx.ACC_BITS + 1)
-        prod_shape = signed(nx.ACC_BITS + 1 + nx.MULT_BITS)
+        sum_shape = signed(numerics.ACC_BITS + 1)
+        prod_shape = signed(numerics.ACC_BITS + 1 + numerics.MULT_BITS)
 
         v = [Signal(name=f"v{s}") for s in range(3)]
         meta = [Signal(self._meta, name=f"meta{s}") for s in range(3)]
-        shift = [Signal(range(nx.SHIFT_MAX + 1), name=f"shift{s}") for s in range(2)]
+        shift = [Signal(range(numerics.SHIFT_MAX + 1), name=f"shift{s}") for s in range(2)]
         out16 = [Signal(name=f"out16_{s}") for s in range(2)]
         raw = [Signal(name=f"raw{s}") for s in range(2)]
         s_sum = [Signal(sum_shape, name=f"sum{j}") for j in range(L)]
-        s_mult = [Signal(unsigned(nx.MULT_BITS), name=f"mult{j}") for j in range(L)]
+        s_mult = [Signal(unsigned(numerics.MULT_BITS), name=f"mult{j}") for j in range(L)]
         s_prod = [Signal(prod_shape, name=f"prod{j}") for j in range(L)]
-        s_out = [Signal(signed(nx.ACC_BITS), name=f"out{j}") for j in range(L)]
+        s_out = [Signal(signed(numerics.ACC_BITS), name=f"out{j}") for j in range(L)]
 
         adv = ~v[2] | self.o.ready
         m.d.comb += self.i.ready.eq(adv)
@@ -168,7 +168,7 @@ class Requantizer(wiring.Component):
                 # Round half up: add 2**(shift-1) (0 for shift 0), then an arithmetic shift.
                 half = (Const(1, 1) << shift[1])[1:]
                 rounded = (s_prod[j] + half) >> shift[1]
-                sat = Mux(out16[1], sat_expr(rounded, nx.RES_BITS), sat_expr(rounded, nx.ACT_BITS))
+                sat = Mux(out16[1], sat_expr(rounded, numerics.RES_BITS), sat_expr(rounded, numerics.ACT_BITS))
                 m.d.sync += s_out[j].eq(Mux(raw[1], s_prod[j], sat))
 
         m.d.comb += [

@@ -1,20 +1,20 @@
 """The MoE router datapath after the gate GEMM: logit bias, softmax, top-k.
 
 The gate GEMM itself (``logits = h . w_gate``, M = T tokens, K = D, N = E) runs on the shared
-:class:`~m3vit_hw.gemm_engine.GemmEngine` in RAW mode; its result beats enter :class:`Router` on ``i``.
+:class:`~m3vit_hw.gemm.gemm_engine.GemmEngine` in RAW mode; its result beats enter :class:`Router` on ``i``.
 The router then computes, bit-exact with ``reference/golden.py``:
 
 1. ``logits += task_bias`` (``golden.router_logits``): the per-task constant logit offset of the
    task-embedding router (zero for ``multi_gate``), read per beat through ``bias_rd`` from the layer's
    parameter buffer, where it arrives with the task's gate weights (so switching tasks needs only that
    task's gate record, and no per-task state is kept here);
-2. ``p = router_probs(logits)`` in a :class:`~m3vit_hw.softmax.SoftmaxUnit` (ROUTER mode, ``lanes =
+2. ``p = router_probs(logits)`` in a :class:`~m3vit_hw.rowops.softmax.SoftmaxUnit` (ROUTER mode, ``lanes =
    pe_cols``, ``max_length = E``), while a copy of the logits waits in a FIFO;
-3. ``golden.topk(logits, k)`` in a :class:`~m3vit_hw.topk.TopK` whose tags are the probabilities, so the
+3. ``golden.topk(logits, k)`` in a :class:`~m3vit_hw.moe.topk.TopK` whose tags are the probabilities, so the
    k winners leave with their Q0.15 combine weights.
 
 The output is one beat per token, in token order, in the input layout of
-:class:`~m3vit_hw.expert_queues.ExpertQueues`.
+:class:`~m3vit_hw.moe.expert_queues.ExpertQueues`.
 
 Why a row-tile buffer
 ---------------------
@@ -29,10 +29,10 @@ from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from . import numerics as nx
-from .config import AcceleratorConfig
-from .epilogue import StreamOutLayout
-from .softmax import OUT_BITS, SHIFT_BITS, SoftmaxMode, SoftmaxUnit
+from .. import numerics
+from ..config import AcceleratorConfig
+from ..gemm.epilogue import StreamOutLayout
+from ..rowops.softmax import OUT_BITS, SHIFT_BITS, SoftmaxMode, SoftmaxUnit
 from .topk import TopK, expert_id_width
 
 __all__ = ["Router", "RouterCommandLayout", "RouterOutLayout"]
@@ -52,14 +52,14 @@ class RouterCommandLayout(data.StructLayout):
     def __init__(self, config):
         super().__init__({
             "tokens": range(config.token_capacity + 1),
-            "c_mult": unsigned(nx.SOFTMAX_MULT_BITS),
+            "c_mult": unsigned(numerics.SOFTMAX_MULT_BITS),
             "c_shift": unsigned(SHIFT_BITS),
         })
 
 
 class RouterOutLayout(data.StructLayout):
     """One token's routing: ``experts`` (k ids, best first), ``weights`` (their Q0.15 probabilities),
-    ``last`` (the layer's final token). This is :class:`~m3vit_hw.expert_queues.ExpertQueues`' input."""
+    ``last`` (the layer's final token). This is :class:`~m3vit_hw.moe.expert_queues.ExpertQueues`' input."""
 
     def __init__(self, config):
         k, E = config.model.top_k, config.model.experts
@@ -130,7 +130,7 @@ class Router(wiring.Component):
             "i": In(stream.Signature(StreamOutLayout(C, config.dst_addr_bits))),
             "bias_rd": In(memory.ReadPort.Signature(
                 addr_width=max(1, (self._nb - 1).bit_length()),
-                shape=data.ArrayLayout(signed(nx.ACC_BITS), C))),
+                shape=data.ArrayLayout(signed(numerics.ACC_BITS), C))),
             "o": Out(stream.Signature(RouterOutLayout(config))),
             "drained": Out(1, init=1),
             "busy": Out(1),
@@ -154,7 +154,7 @@ class Router(wiring.Component):
         L = min(C, E)
         cap = cfg.token_capacity
         bank_words = R * NB
-        word = data.ArrayLayout(signed(nx.ACC_BITS), C)
+        word = data.ArrayLayout(signed(numerics.ACC_BITS), C)
 
         m.submodules.softmax = sm = self.softmax
         m.submodules.topk = tk = self.topk

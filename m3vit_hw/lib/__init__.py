@@ -1,0 +1,9 @@
+"""Generic hardware pieces that know nothing about transformers: a pipelined divider, an integer
+square root, the external-memory read port and its arbiter."""
+
+from .divider import Divider
+from .isqrt import ISqrt
+from .mem_arbiter import ReadArbiter
+from .mem_port import ReadPortSignature
+
+__all__ = ["Divider", "ISqrt", "ReadArbiter", "ReadPortSignature"]
