@@ -16,15 +16,17 @@ column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm.gemm_engine.GemmEng
 
 ``act_buffer_bytes``
     The int8 activation scratch buffer (LayerNorm outputs, Q/K/V, attention context, MLP hidden tiles).
-    It must hold at least ``token_capacity * (2 * dim + 3 * head_dim)`` bytes: the normalised input of
-    a sub-layer and the concatenated attention context of every token (both live while the heads run),
-    plus one head's Q, K and V.
+    It must hold the largest of :attr:`AcceleratorConfig.act_buffer_needs`: for attention,
+    ``token_capacity * (2 * dim + 3 * head_dim)`` bytes (the normalised input of a sub-layer and the
+    concatenated attention context of every token, both live while the heads run, plus one head's Q, K
+    and V); for a MoE layer, every token's ``h`` row and its ``expert_hidden`` hidden row, in whole words.
 ``weight_buffer_bytes``
     The double-buffered weight buffer, *both halves together*. Its size does not depend on the number
     of experts: one expert (or one tile of a large expert) streams into one half while the engine
     computes from the other. Each half must hold at least one *weight panel* (``largest_weight_k *
-    pe_cols`` bytes): the engine computes an output tile over the full K from one resident panel.
-    The default holds one whole expert per half.
+    pe_cols`` bytes: the engine computes an output tile over the full K from one resident panel) and
+    the MoE gate's panels (:attr:`AcceleratorConfig.weight_half_needs`), in whole memory beats. The
+    default holds one whole expert per half.
 ``res_buffer_bytes`` (derived)
     The int16 residual stream, ``token_capacity x dim`` (rows padded to whole words). It is never
     tiled: the residual stream stays on chip for the whole frame.
@@ -36,11 +38,13 @@ column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm.gemm_engine.GemmEng
 from dataclasses import dataclass, fields, replace
 
 from . import numerics
+from .checks import check_int as _check_int
+from .lib.mem_arbiter import DEFAULT_DEPTH as DEFAULT_ARBITER_DEPTH
+from .lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
 from .model_config import PRESETS as MODEL_PRESETS
 from .model_config import ModelConfig
-from .checks import check_int as _check_int
 
-__all__ = ["AcceleratorConfig", "ACCEL_PRESETS"]
+__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits"]
 
 
 #: Accelerator-side defaults per model preset (the model itself comes from ``model_config.PRESETS``).
@@ -60,6 +64,17 @@ _SIGNED_PRODUCT_MAX = 1 << (numerics.ACT_BITS - 1 + numerics.WEIGHT_BITS - 1)
 _UNSIGNED_PRODUCT_MAX = ((1 << numerics.ATTN_P_BITS) - 1) * (1 << (numerics.WEIGHT_BITS - 1))
 
 
+#: Bytes of one output column's epilogue parameters in a parameter word (int32 bias + 24-bit mult,
+#: padded to 8): the external-memory image (``moe.expert_layout``) and the buffer sizes read it.
+PARAM_LANE_BYTES = 8
+
+
+def param_word_bytes(pe_cols):
+    """Bytes of one parameter word: ``pe_cols`` lanes of :data:`PARAM_LANE_BYTES`, padded to a power
+    of two so that it is a power-of-two multiple or fraction of the memory beat."""
+    return 1 << (pe_cols * PARAM_LANE_BYTES - 1).bit_length()
+
+
 #: Which model quantity sets each GEMM's K (named in the accumulator-overflow error).
 _K_SOURCE = {
     "patch_embed": "patch_dim", "qkv": "dim", "qk": "head_dim", "proj": "dim", "fc1": "dim",
@@ -73,14 +88,12 @@ _DERIVED_FIELDS = ("token_capacity", "ln_lanes", "softmax_lanes", "act_buffer_by
                    "weight_buffer_bytes", "param_buffer_words", "q_tile")
 
 
-def _bits_for(n):
-    """Bits of an unsigned field holding 0 .. n (at least 1)."""
-    return max(1, int(n).bit_length())
+def index_bits(count):
+    """Bits of an index into ``count`` entries (at least 1): memory addresses, token ids."""
+    return max(1, (int(count) - 1).bit_length())
 
 
-def _addr_bits(depth):
-    """Address bits of a memory with ``depth`` words (at least 1)."""
-    return max(1, (int(depth) - 1).bit_length())
+_addr_bits = index_bits
 
 
 def _ceil_div(a, b):
@@ -121,6 +134,21 @@ class AcceleratorConfig:
         token_capacity)`` (one PE-array row tile, so the score tile never needs re-tiling).
     clock_mhz : int or float
         Clock frequency used in reports (``(0, 1000]``).
+    mem_addr_width, mem_data_bytes, mem_max_burst : int
+        The external-memory read port (:class:`~m3vit_hw.lib.mem_port.ReadPortSignature`): byte-address
+        width, bytes per beat, longest burst. Defaults: the ZCU104's 128-bit HP ports with 32-bit
+        addresses and 16-beat bursts.
+    tile_tag_width : int
+        Width of the tag that numbers a tile between the reordering controller, the weight streamers
+        and the weight buffers, in ``[1, 64]``; it must number every tile of an expert plus the gate.
+    arbiter_depth : int
+        Outstanding requests the external-memory read arbiter remembers (``[1, 256]``).
+    counter_width : int
+        Width of the performance counters (cycles, compute cycles, bytes fetched), ``[16, 64]``.
+    gemm_desc_depth : int
+        GEMM engine tile descriptors in flight between the loader and the epilogue (``[2, 16]``):
+        staged, accumulating, draining. Three (the default) means a tile with ``K`` just above
+        ``pe_rows`` never waits for a descriptor slot.
 
     Raises
     ------
@@ -140,6 +168,13 @@ class AcceleratorConfig:
     param_buffer_words: int = None
     q_tile: int = None
     clock_mhz: float = 300
+    mem_addr_width: int = DEFAULT_ADDR_WIDTH
+    mem_data_bytes: int = DEFAULT_DATA_BYTES
+    mem_max_burst: int = DEFAULT_MAX_BURST
+    tile_tag_width: int = 16
+    arbiter_depth: int = DEFAULT_ARBITER_DEPTH
+    counter_width: int = 32
+    gemm_desc_depth: int = 3
 
     def __post_init__(self):
         # Remember which sizes were derived, so that with_() derives them again from the new values.
@@ -168,38 +203,8 @@ class AcceleratorConfig:
             self._set("q_tile", min(self.pe_rows, self.token_capacity))
         _check_int("q_tile", self.q_tile, 1, self.token_capacity)
 
-        word = self.act_word_bytes
-        act_min = self.act_buffer_min_bytes
-        if self.act_buffer_bytes is None:
-            self._set("act_buffer_bytes", _ceil_div(act_min, word) * word)
-        _check_int("act_buffer_bytes", self.act_buffer_bytes, 1)
-        if self.act_buffer_bytes < act_min:
-            raise ValueError(
-                f"act_buffer_bytes must be >= {act_min} (token_capacity={self.token_capacity} x "
-                f"(2*dim + 3*head_dim) = {self.token_capacity} x {2 * m.dim + 3 * m.head_dim} int8: "
-                f"the normalised input and the attention context of every token plus one head's "
-                f"Q, K, V), not {self.act_buffer_bytes}")
-        if self.act_buffer_bytes % word:
-            raise ValueError(f"act_buffer_bytes must be a multiple of the {word}-byte buffer word "
-                             f"(pe_cols int8), not {self.act_buffer_bytes}")
-
-        panel = self.weight_panel_bytes
-        if self.weight_buffer_bytes is None:
-            half = max(panel, self.expert_weight_bytes)
-            self._set("weight_buffer_bytes", 2 * _ceil_div(half, word) * word)
-        _check_int("weight_buffer_bytes", self.weight_buffer_bytes, 2)
-        if self.weight_buffer_bytes % (2 * word):
-            raise ValueError(f"weight_buffer_bytes must be a multiple of {2 * word} (two halves of "
-                             f"whole {word}-byte words), not {self.weight_buffer_bytes}")
-        if self.weight_buffer_bytes // 2 < panel:
-            raise ValueError(
-                f"weight_buffer_bytes must be >= {2 * panel} (each half must hold one weight panel of "
-                f"largest_weight_k={self.largest_weight_k} x pe_cols={self.pe_cols} int8 = {panel} "
-                f"bytes), not {self.weight_buffer_bytes}")
-
-        if self.param_buffer_words is None:
-            self._set("param_buffer_words", self._default_param_words())
-        _check_int("param_buffer_words", self.param_buffer_words, 1)
+        self._check_memory_system()
+        self._check_buffers()
 
         if (isinstance(self.clock_mhz, bool) or not isinstance(self.clock_mhz, (int, float))
                 or not 0 < self.clock_mhz <= 1000):
@@ -207,6 +212,81 @@ class AcceleratorConfig:
 
     def _set(self, name, value):
         object.__setattr__(self, name, value)
+
+    def _check_memory_system(self):
+        try:
+            ReadPortSignature.check_parameters(addr_width=self.mem_addr_width,
+                                               data_bytes=self.mem_data_bytes,
+                                               max_burst=self.mem_max_burst)
+        except (TypeError, ValueError) as e:
+            # The port names its parameters without the prefix; the config's fields carry it.
+            msg = str(e)
+            for name in ("addr_width", "data_bytes", "max_burst"):
+                msg = msg.replace(name, "mem_" + name)
+            raise type(e)(msg) from None
+        _check_int("tile_tag_width", self.tile_tag_width, 1, 64)
+        _check_int("arbiter_depth", self.arbiter_depth, 1, 256)
+        _check_int("counter_width", self.counter_width, 16, 64)
+        _check_int("gemm_desc_depth", self.gemm_desc_depth, 2, 16)
+        # Buffers are filled beat by beat and read word by word from banks of the narrower width,
+        # so every word size must be a power-of-two multiple or fraction of the memory beat.
+        for name, size in (("pe_cols (weight word bytes)", self.act_word_bytes),
+                           ("param_word_bytes", self.param_word_bytes)):
+            wide, narrow = max(size, self.mem_data_bytes), min(size, self.mem_data_bytes)
+            ratio = wide // narrow
+            if wide % narrow or ratio & (ratio - 1):
+                raise ValueError(f"{name}={size} must be a power-of-two multiple or fraction of "
+                                 f"mem_data_bytes={self.mem_data_bytes} (the buffer is built from "
+                                 f"banks of the narrower width)")
+
+    def _check_buffers(self):
+        """Size (when derived) and check every on-chip buffer against :meth:`buffer_needs`.
+
+        The units size themselves from the same properties, so a config that passes elaborates.
+        """
+        word = self.act_word_bytes
+        act_need, act_why = max(self.act_buffer_needs.values())
+        if self.act_buffer_bytes is None:
+            self._set("act_buffer_bytes", _ceil_div(act_need, word) * word)
+        _check_int("act_buffer_bytes", self.act_buffer_bytes, 1)
+        if self.act_buffer_bytes < act_need:
+            raise ValueError(f"act_buffer_bytes must be >= {act_need} ({act_why}), "
+                             f"not {self.act_buffer_bytes}")
+        if self.act_buffer_bytes % word:
+            raise ValueError(f"act_buffer_bytes must be a multiple of the {word}-byte buffer word "
+                             f"(pe_cols int8), not {self.act_buffer_bytes}")
+
+        unit = self.weight_half_unit_bytes
+        half_need, half_why = max(self.weight_half_needs.values())
+        if self.weight_buffer_bytes is None:
+            half = max(half_need, self.expert_weight_bytes)
+            self._set("weight_buffer_bytes", 2 * _ceil_div(half, unit) * unit)
+        _check_int("weight_buffer_bytes", self.weight_buffer_bytes, 2)
+        if self.weight_buffer_bytes % (2 * unit):
+            raise ValueError(f"weight_buffer_bytes must be a multiple of {2 * unit} (two halves of "
+                             f"whole {word}-byte words and {self.mem_data_bytes}-byte memory beats), "
+                             f"not {self.weight_buffer_bytes}")
+        if self.weight_buffer_bytes // 2 < half_need:
+            raise ValueError(f"weight_buffer_bytes must be >= {2 * half_need} (each half must hold "
+                             f"{half_why} = {half_need} bytes), not {self.weight_buffer_bytes}")
+
+        if self.param_buffer_words is None:
+            self._set("param_buffer_words", self._default_param_words())
+        _check_int("param_buffer_words", self.param_buffer_words, 1)
+        p_need = 2 * max(1, self.gate_panels)
+        if self.param_buffer_words < p_need:
+            raise ValueError(f"param_buffer_words must be >= {p_need} (each half must hold the gate's "
+                             f"ceil(experts / pe_cols) = {self.gate_panels} bias words), "
+                             f"not {self.param_buffer_words}")
+
+        tiles = sum(len(counts) for _, _, _, counts in self.moe_tile_chunks)
+        if tiles + 1 >= 1 << self.tile_tag_width:
+            raise ValueError(f"tile_tag_width must number the gate and an expert's {tiles} tiles "
+                             f"(>= {(tiles + 1).bit_length()} bits), not {self.tile_tag_width}")
+        if self.moe_image_bytes >= 1 << self.mem_addr_width:
+            raise ValueError(f"mem_addr_width must address a MoE layer's {self.moe_image_bytes}-byte "
+                             f"parameter image (>= {self.moe_image_bytes.bit_length()} bits), "
+                             f"not {self.mem_addr_width}")
 
     def _check_accumulator(self):
         worst, what, param = self.worst_case_acc
@@ -368,10 +448,40 @@ class AcceleratorConfig:
         return self.pe_cols * numerics.ACT_BITS // 8
 
     @property
-    def act_buffer_min_bytes(self):
-        """Smallest legal ``act_buffer_bytes`` (see the module docstring for what it holds)."""
+    def act_buffer_needs(self):
+        """``{user: (bytes, why)}``: what each user of the activation buffer needs.
+
+        The one definition of the activation buffer's requirement: validation checks
+        ``act_buffer_bytes`` against the largest entry, and the units lay out their regions from the
+        same properties (:attr:`moe_hidden_base`, :attr:`moe_hidden_words`).
+        """
         m = self.model
-        return self.token_capacity * (2 * m.dim + 3 * m.head_dim) * numerics.ACT_BITS // 8
+        T = self.token_capacity
+        attn = T * (2 * m.dim + 3 * m.head_dim) * numerics.ACT_BITS // 8
+        moe = (self.moe_hidden_base + T * self.moe_hidden_words) * self.act_word_bytes
+        return {
+            "attention": (attn, f"attention: token_capacity={T} x (2*dim + 3*head_dim) = "
+                                f"{T} x {2 * m.dim + 3 * m.head_dim} int8, the normalised input and "
+                                f"the attention context of every token plus one head's Q, K, V"),
+            "moe": (moe, f"MoE layer: token_capacity={T} x ({self.row_words} + {self.moe_hidden_words})"
+                         f" words of {self.act_word_bytes} B, every token's h row (dim={m.dim}) and "
+                         f"its expert_hidden={m.expert_hidden} hidden row"),
+        }
+
+    @property
+    def act_buffer_min_bytes(self):
+        """Smallest legal ``act_buffer_bytes``: the largest of :attr:`act_buffer_needs`."""
+        return max(need for need, _ in self.act_buffer_needs.values())
+
+    @property
+    def moe_hidden_base(self):
+        """Activation-buffer word where the MoE hidden region starts (after ``token_capacity`` h rows)."""
+        return self.token_capacity * self.row_words
+
+    @property
+    def moe_hidden_words(self):
+        """Words per MoE hidden row (``expert_hidden`` int8)."""
+        return _ceil_div(self.model.expert_hidden, self.pe_cols)
 
     @property
     def act_buffer_words(self):
@@ -402,6 +512,68 @@ class AcceleratorConfig:
     def weight_panel_bytes(self):
         """One weight panel: ``largest_weight_k`` rows of ``pe_cols`` int8 weights."""
         return self.largest_weight_k * self.pe_cols * numerics.WEIGHT_BITS // 8
+
+    @property
+    def weight_half_unit_bytes(self):
+        """Granule of a weight-buffer half: whole weight words and whole memory beats."""
+        return max(self.act_word_bytes, self.mem_data_bytes)
+
+    @property
+    def gate_panels(self):
+        """Column tiles of the MoE gate GEMM (``N = experts``)."""
+        return _ceil_div(self.model.experts, self.pe_cols)
+
+    @property
+    def weight_half_needs(self):
+        """``{user: (bytes, why)}``: what one weight-buffer half must hold (validation reads the max)."""
+        m = self.model
+        gate = self.gate_panels * m.dim * self.act_word_bytes
+        return {
+            "panel": (self.weight_panel_bytes,
+                      f"one weight panel of largest_weight_k={self.largest_weight_k} x "
+                      f"pe_cols={self.pe_cols} int8"),
+            "gate": (_ceil_div(gate, self.mem_data_bytes) * self.mem_data_bytes,
+                     f"the MoE gate's {self.gate_panels} panels of K=dim={m.dim} x pe_cols={self.pe_cols}"
+                     f" int8 (one RAW GEMM over all {m.experts} experts), in whole memory beats"),
+        }
+
+    @property
+    def param_word_bytes(self):
+        """Bytes of one parameter word (:func:`param_word_bytes` of ``pe_cols``)."""
+        return param_word_bytes(self.pe_cols)
+
+    def moe_panels_per_tile(self, k):
+        """Column tiles (panels) of a K=``k`` expert GEMM that one tile holds: as many as fit one
+        weight half and one parameter half."""
+        return min(self.weight_buffer_half_bytes // (k * self.act_word_bytes),
+                   self.param_buffer_words // 2)
+
+    @property
+    def moe_tile_chunks(self):
+        """The static tile plan of one expert: ``((kind, k, n, panel counts), ...)`` for fc1 then fc2.
+
+        Chunks are balanced (their panel counts differ by at most one). The same for every expert;
+        :func:`m3vit_hw.moe.expert_layout.plan_moe` lays the image out from it.
+        """
+        m = self.model
+        plan = []
+        for kind, k, n in (("fc1", m.dim, m.expert_hidden), ("fc2", m.expert_hidden, m.dim)):
+            panels = _ceil_div(n, self.pe_cols)
+            count = _ceil_div(panels, self.moe_panels_per_tile(k))
+            base, extra = divmod(panels, count)
+            plan.append((kind, k, n, tuple(base + (1 if i < extra else 0) for i in range(count))))
+        return tuple(plan)
+
+    @property
+    def moe_image_bytes(self):
+        """Bytes of one MoE layer's parameter image in external memory (gates of every task, then
+        every expert; every piece padded to whole memory beats)."""
+        db, word, pwb = self.mem_data_bytes, self.act_word_bytes, self.param_word_bytes
+        up = lambda a: _ceil_div(a, db) * db
+        expert = sum(up(c * k * word) + up(c * pwb)
+                     for _, k, _, counts in self.moe_tile_chunks for c in counts)
+        gate = up(self.gate_panels * self.model.dim * word) + up(self.gate_panels * pwb)
+        return up(self.model.num_tasks * gate) + self.model.experts * expert
 
     @property
     def expert_weight_bytes(self):
@@ -442,7 +614,8 @@ class AcceleratorConfig:
 
     @property
     def token_bits(self):
-        return _bits_for(self.token_capacity - 1)
+        """Bits of a token index (``0 .. token_capacity - 1``)."""
+        return index_bits(self.token_capacity)
 
     @property
     def dst_addr_bits(self):

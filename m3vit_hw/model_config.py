@@ -18,6 +18,10 @@ __all__ = ["ModelConfig", "PRESETS", "preset", "ROUTERS"]
 ROUTERS = ("multi_gate", "task_embedding")
 
 
+#: Hidden widths whose ``None`` default is ``dim`` times this ratio (M³ViT's mlp_ratio, moe_mlp_ratio).
+_DERIVED_FIELDS = {"mlp_hidden": 4, "expert_hidden": 2}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Dimensions of one M³ViT encoder (+ its task heads).
@@ -38,10 +42,12 @@ class ModelConfig:
         Number of transformer blocks.
     heads : int
         Attention heads; must divide ``dim``.
-    mlp_ratio : int
-        Dense MLP hidden = ``dim * mlp_ratio``.
-    moe_mlp_ratio : int
-        Expert hidden h = ``dim * moe_mlp_ratio``.
+    mlp_hidden : int or None
+        Hidden width of the dense MLP, any positive integer. Default ``4 * dim`` (M³ViT's
+        ``mlp_ratio``), derived again by :meth:`with_` when ``dim`` changes.
+    expert_hidden : int or None
+        Hidden width h of one expert, any positive integer (``h < dim`` included). Default
+        ``2 * dim`` (M³ViT's ``moe_mlp_ratio``). :meth:`from_ratios` builds both from ratios.
     experts : int
         Experts per MoE layer E.
     top_k : int
@@ -73,8 +79,8 @@ class ModelConfig:
     task_channels: tuple = (19, 1)
     patch_size: int = 16
     in_chans: int = 3
-    mlp_ratio: int = 4
-    moe_mlp_ratio: int = 2
+    mlp_hidden: int = None
+    expert_hidden: int = None
     router: str = "multi_gate"
     task_embed_dim: int = 64
     moe_every: int = 2
@@ -82,6 +88,9 @@ class ModelConfig:
     ln_eps: float = 1e-6
 
     def __post_init__(self):
+        # Remember which widths were derived, so that with_() derives them again from a new dim.
+        object.__setattr__(self, "_derived", frozenset(
+            name for name in _DERIVED_FIELDS if getattr(self, name) is None))
         if not isinstance(self.img_size, tuple) or len(self.img_size) != 2:
             raise TypeError(f"img_size must be a (height, width) tuple, not {self.img_size!r}")
         _check_int("patch_size", self.patch_size, 1)
@@ -95,8 +104,10 @@ class ModelConfig:
         _check_int("heads", self.heads, 1)
         if self.dim % self.heads:
             raise ValueError(f"heads must divide dim={self.dim}, not {self.heads}")
-        _check_int("mlp_ratio", self.mlp_ratio, 1)
-        _check_int("moe_mlp_ratio", self.moe_mlp_ratio, 1)
+        for name, ratio in _DERIVED_FIELDS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.dim * ratio)
+            _check_int(name, getattr(self, name), 1)
         _check_int("experts", self.experts, 1)
         _check_int("top_k", self.top_k, 1, self.experts)
         _check_int("moe_every", self.moe_every, 1)
@@ -134,14 +145,6 @@ class ModelConfig:
     @property
     def head_dim(self):
         return self.dim // self.heads
-
-    @property
-    def mlp_hidden(self):
-        return self.dim * self.mlp_ratio
-
-    @property
-    def expert_hidden(self):
-        return self.dim * self.moe_mlp_ratio
 
     @property
     def patch_dim(self):
@@ -188,8 +191,25 @@ class ModelConfig:
                 macs += T * 2 * D * self.mlp_hidden
         return macs
 
+    @classmethod
+    def from_ratios(cls, *, mlp_ratio=4, moe_mlp_ratio=2, **kwargs):
+        """A model whose hidden widths are ``dim * mlp_ratio`` and ``dim * moe_mlp_ratio``
+        (the M³ViT training code's parametrisation; both ratios positive integers)."""
+        _check_int("mlp_ratio", mlp_ratio, 1)
+        _check_int("moe_mlp_ratio", moe_mlp_ratio, 1)
+        if "dim" not in kwargs:
+            raise TypeError("from_ratios() needs dim")
+        return cls(mlp_hidden=kwargs["dim"] * mlp_ratio, expert_hidden=kwargs["dim"] * moe_mlp_ratio,
+                   **kwargs)
+
     def with_(self, **changes):
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Hidden widths that were derived (left at ``None``) are derived again from the new ``dim``;
+        widths that were given explicitly are kept unless changed.
+        """
+        for name in self._derived:
+            changes.setdefault(name, None)
         return replace(self, **changes)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 __all__ = [
     "ACT_BITS", "WEIGHT_BITS", "ACC_BITS", "RES_BITS", "BIAS_BITS",
-    "MULT_BITS", "SHIFT_MAX",
+    "MULT_BITS", "SHIFT_MAX", "SHIFT_BITS", "COMBINE_WEIGHT_BITS",
     "EXP_FRAC_BITS", "EXP_LUT_BITS", "EXP_OUT_BITS", "ATTN_P_BITS", "EXP_ZERO_INT",
     "ROUTER_P_FRAC", "ROUTER_RECIP_BITS", "AV_RECIP_BITS",
     "SOFTMAX_MULT_BITS", "AV_OUT_MULT_BITS",
@@ -35,6 +35,8 @@ RES_BITS = 16
 #: Requantization multipliers are unsigned and below 2**MULT_BITS; shifts are in [0, SHIFT_MAX].
 MULT_BITS = 24
 SHIFT_MAX = 63
+#: Width of every shift field (requantizer, LayerNorm output, softmax exponent scale): 0 .. SHIFT_MAX.
+SHIFT_BITS = SHIFT_MAX.bit_length()
 
 #: Softmax works in base 2: t = (max - s) * C >> S is a fixed-point log2 distance with EXP_FRAC_BITS
 #: fraction bits; 2**-frac comes from a ROM of 2**EXP_FRAC_BITS entries, the integer part is a shift.
@@ -52,6 +54,9 @@ ATTN_P_BITS = 8
 AV_RECIP_BITS = 16
 #: Router combine weights are unsigned Q0.ROUTER_P_FRAC (1.0 = 2**15, inclusive).
 ROUTER_P_FRAC = 15
+#: Router probabilities, which become the MoE combine weights: unsigned Q0.ROUTER_P_FRAC with 1.0
+#: inclusive, so one bit more than the fraction.
+COMBINE_WEIGHT_BITS = ROUTER_P_FRAC + 1
 #: Router normalisation: R = floor(2**ROUTER_RECIP_BITS / sum(e16)).
 ROUTER_RECIP_BITS = 31
 

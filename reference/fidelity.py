@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from m3vit_hw.checks import check_output_path
 from m3vit_hw.model_config import PRESETS
 from . import golden_model
 from .inputs import synthetic_images
@@ -182,6 +183,7 @@ def main(argv=None):
     if task is not None and task.isdigit():
         task = int(task)
     try:
+        check_output_path(args.json, "--json")
         report = measure(args.preset, args.seed, task, args.images, args.calib_images, args.weights,
                          args.checkpoint)
     except (ValueError, TypeError, OSError) as e:

@@ -7,12 +7,14 @@ commands through it in Amaranth's simulator and returns what came out. The tests
 module to measure throughput::
 
     python -m sim.bench_gemm --rows 8 --cols 8 --m 64 --k 64 --n 64
+    python -m sim.bench_gemm --rows 16 --cols 16            # the W1 block's GEMM shapes
 
-prints cycles (command accepted -> last result written), MAC/cycle and utilization of
+prints, for each shape, whether the result is bit-exact against numpy (it stops otherwise), cycles (command accepted -> last result written), MAC/cycle and utilization of
 ``rows * cols`` for one ``M x K x N`` int8 product with operands already on chip and no stalls.
 """
 
 import argparse
+import json
 import sys
 import time
 
@@ -24,10 +26,11 @@ from amaranth.sim import Simulator
 from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.gemm.epilogue import EpilogueMode
-from m3vit_hw.gemm.gemm_engine import ColParamLayout, GemmEngine, RowEntryLayout
+from m3vit_hw.gemm.gemm_engine import ColParamLayout, GemmEngine, RowEntryLayout, check_command
+from m3vit_hw.checks import check_output_path
 from sim.testbench import Stalls, stream_put
 
-__all__ = ["GemmHarness", "simulate", "bench_config", "main"]
+__all__ = ["GemmHarness", "simulate", "bench_config", "bench", "W1_SHAPES", "main"]
 
 
 def _rows(array, words):
@@ -109,6 +112,8 @@ def simulate(harness, commands, *, lut=None, cmd_stalls=0.0, o_stalls=0.0, seed=
     e = harness.engine
     cfg = harness.config
     C = cfg.pe_cols
+    for c in commands:          # refuse an oversize command here rather than simulate a truncated one
+        check_command(cfg, {k: v for k, v in c.items() if k != "mode"})
     sim = Simulator(harness)
     sim.add_clock(1e-8)
     out = {"stream": [], "done": 0, "accepts": [], "done_at": []}
@@ -171,20 +176,30 @@ def simulate(harness, commands, *, lut=None, cmd_stalls=0.0, o_stalls=0.0, seed=
 
 
 def bench_config(rows, cols, m, k, n):
-    """A ``rows x cols`` config (tiny model) whose buffers hold an ``m x k`` A and a ``k x n`` B."""
-    from m3vit_hw.model_config import preset
+    """A ``rows x cols`` config sized for one ``m x k x n`` GEMM (any m, k, n >= 1).
+
+    The model is a stand-in whose command limits cover the problem: ``m`` tokens (token_capacity), a
+    dense MLP ``max(k, n)`` wide (so ``largest_k >= k`` and ``largest_n >= n``) and a small ``dim`` (so
+    nothing else grows). The activation buffer holds A and the RAW output addresses (``m x
+    ceil(max(k, n) / cols)`` words) and each weight-buffer half holds all of B's panels; every other
+    size is the config's own derivation.
+    """
+    from m3vit_hw.model_config import ModelConfig
 
     def up(x, q):
         return -(-x // q) * q
 
-    model = preset("tiny")
-    base = AcceleratorConfig(model=model, pe_rows=rows, pe_cols=cols,
-                             token_capacity=max(model.tokens, m))
-    words_a = m * -(-k // cols)
+    hidden = max(k, n)
+    model = ModelConfig(name=f"gemm-{m}x{k}x{n}", img_size=(1, max(1, m - 1)), patch_size=1, in_chans=1,
+                        dim=cols, depth=1, heads=1, experts=1, top_k=1, tasks=("t",), task_channels=(1,),
+                        mlp_hidden=hidden, expert_hidden=cols, moe_every=1)
+    base = AcceleratorConfig(model=model, pe_rows=rows, pe_cols=cols, token_capacity=max(m, model.tokens))
+    words = m * -(-hidden // cols)
     words_b = -(-n // cols) * k
+    unit = 2 * base.weight_half_unit_bytes
     return base.with_(
-        act_buffer_bytes=max(base.act_buffer_bytes, up(words_a * cols, cols)),
-        weight_buffer_bytes=up(max(2 * base.weight_panel_bytes, 2 * words_b * cols), 2 * cols))
+        act_buffer_bytes=max(base.act_buffer_bytes, up(words * cols, cols)),
+        weight_buffer_bytes=max(base.weight_buffer_bytes, up(2 * words_b * cols, unit)))
 
 
 def bench(rows, cols, m, k, n, seed=0):
@@ -214,29 +229,78 @@ def bench(rows, cols, m, k, n, seed=0):
     return cycles, macs / cycles, macs / cycles / (rows * cols)
 
 
+#: The GEMM shapes of one W1 (vit-tiny-cityscapes) block: M x K x N.
+W1_SHAPES = {
+    "qkv": (129, 192, 576),
+    "qk": (129, 64, 129),
+    "av": (129, 129, 64),
+    "expert_fc1 (16 tokens)": (16, 192, 384),
+    "expert_fc2 (16 tokens)": (16, 384, 192),
+}
+
+
+def _parse_shape(text):
+    parts = text.lower().split("x")
+    if len(parts) != 3:
+        raise ValueError(f"--shape must be MxKxN, not {text!r}")
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--shape must be MxKxN with integers, not {text!r}") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m sim.bench_gemm", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=8, help="PE rows (default 8)")
     parser.add_argument("--cols", type=int, default=8, help="PE columns = buffer word lanes (default 8)")
-    parser.add_argument("--m", type=int, default=64, help="rows of A and C (default 64)")
-    parser.add_argument("--k", type=int, default=64, help="reduction length (default 64)")
-    parser.add_argument("--n", type=int, default=64, help="columns of B and C (default 64)")
+    parser.add_argument("--m", type=int, default=None, help="rows of A and C")
+    parser.add_argument("--k", type=int, default=None, help="reduction length")
+    parser.add_argument("--n", type=int, default=None, help="columns of B and C")
+    parser.add_argument("--shape", action="append", default=[], metavar="MxKxN",
+                        help="a GEMM shape (repeatable); without --m/--k/--n or --shape: the W1 shapes "
+                             + ", ".join(f"{a}x{b}x{c}" for a, b, c in W1_SHAPES.values()))
     parser.add_argument("--seed", type=int, default=0, help="operand RNG seed")
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
-    for name in ("m", "k", "n"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name} must be >= 1, not {getattr(args, name)}", file=sys.stderr)
-            return 2
     try:
-        t0 = time.time()
-        cycles, mpc, util = bench(args.rows, args.cols, args.m, args.k, args.n, args.seed)
+        for name in ("rows", "cols"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, not {getattr(args, name)}")
+        given = [args.m, args.k, args.n]
+        if any(v is not None for v in given):
+            if None in given:
+                raise ValueError("--m, --k and --n go together")
+            shapes = {f"{args.m}x{args.k}x{args.n}": tuple(given)}
+        elif args.shape:
+            shapes = {text: _parse_shape(text) for text in args.shape}
+        else:
+            shapes = dict(W1_SHAPES)
+        for label, dims in shapes.items():
+            for name, v in zip("mkn", dims):
+                if v < 1:
+                    raise ValueError(f"{label}: {name} must be >= 1, not {v}")
+        check_output_path(args.json, "--json")
+        # Build every config first, so a size the datapath cannot take fails before any simulation.
+        for dims in shapes.values():
+            bench_config(args.rows, args.cols, *dims)
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    ideal = -(-args.m * args.k * args.n // (args.rows * args.cols))
-    print(f"GEMM {args.m}x{args.k}x{args.n} on {args.rows}x{args.cols} PEs: {cycles} cycles "
-          f"(ideal {ideal}), {mpc:.2f} MAC/cycle, utilization {util:.4f} "
-          f"[simulated in {time.time() - t0:.1f} s]")
+    results = []
+    for label, (m, k, n) in shapes.items():
+        t0 = time.time()
+        cycles, mpc, util = bench(args.rows, args.cols, m, k, n, args.seed)
+        ideal = -(-m * k * n // (args.rows * args.cols))
+        name = label if label == f"{m}x{k}x{n}" else f"{label} {m}x{k}x{n}"
+        print(f"GEMM {name} on {args.rows}x{args.cols} PEs: bit-exact vs numpy, {cycles} "
+              f"cycles (ideal {ideal}), {mpc:.2f} MAC/cycle, utilization {util:.4f} "
+              f"[simulated in {time.time() - t0:.1f} s]", flush=True)
+        results.append(dict(label=label, m=m, k=k, n=n, rows=args.rows, cols=args.cols, cycles=cycles,
+                            ideal_cycles=ideal, mac_per_cycle=round(mpc, 3),
+                            utilization=round(util, 4), bit_exact=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
     return 0
 
 

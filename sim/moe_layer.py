@@ -12,7 +12,6 @@ random stalls when ``stall_prob > 0``.
 
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -26,6 +25,7 @@ from m3vit_hw.moe.moe_layer import LoadTarget, MoELayer
 from m3vit_hw.moe.reorder_controller import GATE_TAG
 from sim.ext_memory import ExternalMemory
 from sim.moe_workload import SKEWS, golden_moe, make_moe_workload
+from m3vit_hw.checks import check_output_path
 from sim.testbench import Stalls, stream_get, stream_put
 
 __all__ = ["moe_config", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE"]
@@ -35,44 +35,24 @@ IMAGE_BASE = 0x10000
 
 
 def moe_config(*, experts, top_k, dim, hidden, tokens, tasks=1, pe_rows=4, pe_cols=4,
-               weight_buffer_bytes=None, mem_data_bytes=16):
+               weight_buffer_bytes=None):
     """An :class:`AcceleratorConfig` for one MoE layer of the given dimensions.
 
     The model is a minimal encoder around the layer (one head, a 1x1 "patch" per token so no other
-    GEMM sets the weight-panel size, ``tokens`` tokens including cls); ``expert_hidden`` must be a
-    multiple of ``dim`` (the model describes it as ``dim * moe_mlp_ratio``). The activation buffer is
-    enlarged if the layer's ``h`` rows plus its hidden region need more than the encoder minimum, and
-    the default weight buffer (one expert per half) is rounded up to whole ``mem_data_bytes`` beats per
-    half.
+    GEMM sets the weight-panel size, ``tokens`` tokens including cls, a dense MLP as wide as the
+    experts); ``hidden`` is any positive expert width (``h < dim`` included). Every buffer is sized
+    by the config from the layer (:attr:`~m3vit_hw.config.AcceleratorConfig.act_buffer_needs`,
+    :attr:`~m3vit_hw.config.AcceleratorConfig.weight_half_needs`); the default weight buffer holds one
+    expert per half.
     """
-    for name, v in (("experts", experts), ("top_k", top_k), ("dim", dim), ("hidden", hidden),
-                    ("tokens", tokens), ("tasks", tasks)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, not {v!r}")
-    if top_k > experts:
-        raise ValueError(f"top_k must be in [1, experts={experts}], not {top_k}")
-    if hidden % dim:
-        raise ValueError(f"expert hidden must be a multiple of dim={dim} (h = dim * moe_mlp_ratio), "
-                         f"not {hidden}")
-    ratio = hidden // dim
     model = ModelConfig(
         name=f"moe-D{dim}-h{hidden}-E{experts}", img_size=(1, max(1, tokens - 1)), patch_size=1,
         in_chans=1, dim=dim, depth=2, heads=1, experts=experts, top_k=top_k,
         tasks=tuple(f"task{i}" for i in range(tasks)), task_channels=(1,) * tasks,
-        mlp_ratio=ratio, moe_mlp_ratio=ratio)
-    cfg = AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols,
-                            token_capacity=max(tokens, model.tokens),
-                            weight_buffer_bytes=weight_buffer_bytes)
-    words = cfg.token_capacity * (cfg.row_words + -(-hidden // pe_cols))
-    if words > cfg.act_buffer_words:
-        cfg = cfg.with_(act_buffer_bytes=words * cfg.act_word_bytes)
-    if weight_buffer_bytes is None:
-        # The derived size holds one expert per half; round it up so each half is whole memory
-        # beats (and whole weight words), which the streamer needs.
-        unit = 2 * math.lcm(mem_data_bytes, cfg.act_word_bytes)
-        if cfg.weight_buffer_bytes % unit:
-            cfg = cfg.with_(weight_buffer_bytes=-(-cfg.weight_buffer_bytes // unit) * unit)
-    return cfg
+        mlp_hidden=hidden, expert_hidden=hidden)
+    return AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols,
+                             token_capacity=max(tokens, model.tokens),
+                             weight_buffer_bytes=weight_buffer_bytes)
 
 
 def _words(matrix, C):
@@ -98,12 +78,11 @@ class MoELayerSim:
         stream of the layer (load, start, read-back).
     """
 
-    def __init__(self, config, qmoe, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0,
-                 mem_data_bytes=16):
+    def __init__(self, config, qmoe, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0):
         self.config = config
         self.qmoe = qmoe
-        self.dut = MoELayer(config, mem_data_bytes=mem_data_bytes)
-        self.image, self.layout = pack_moe(qmoe, config, data_bytes=mem_data_bytes)
+        self.dut = MoELayer(config)
+        self.image, self.layout = pack_moe(qmoe, config)
         self.mem_kwargs = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
                                stall_prob=stall_prob, seed=seed, max_outstanding=4)
         self.stall_prob = stall_prob
@@ -368,7 +347,7 @@ def _parser():
     a("--experts", type=int, default=4, help="E, experts (default 4)")
     a("--top-k", type=int, default=2, help="k, experts per token (default 2)")
     a("--dim", type=int, default=16, help="D, token width (default 16)")
-    a("--expert-hidden", type=int, default=32, help="h, expert hidden width, a multiple of D (default 32)")
+    a("--expert-hidden", type=int, default=32, help="h, expert hidden width, any positive size (default 32)")
     a("--tokens", type=int, default=16, help="T, tokens (default 16)")
     a("--tasks", type=int, default=1, help="tasks (gates) in the layer (default 1)")
     a("--task", type=int, default=0, help="task to run (default 0)")
@@ -405,9 +384,6 @@ def _validate(args):
         raise ValueError(f"--mem-bytes-per-cycle must be > 0, not {args.mem_bytes_per_cycle}")
     if not 0 <= args.stall_prob < 1:
         raise ValueError(f"--stall-prob must be in [0, 1), not {args.stall_prob}")
-    if args.expert_hidden % args.dim:
-        raise ValueError(f"--expert-hidden must be a multiple of --dim ({args.dim}), "
-                         f"not {args.expert_hidden}")
     if args.sweep_mem is not None:
         try:
             bws = [float(b) for b in args.sweep_mem.split(",")]
@@ -426,6 +402,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         bws = _validate(args)
+        check_output_path(args.json, "--json")
         kwargs = dict(experts=args.experts, top_k=args.top_k, dim=args.dim, hidden=args.expert_hidden,
                       tokens=args.tokens, tasks=args.tasks, task=args.task, seed=args.seed,
                       skew=args.skew, router=args.router, pe_rows=args.pe_rows, pe_cols=args.pe_cols,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from amaranth.back import rtlil
 
+from m3vit_hw.checks import check_output_path
+
 __all__ = ["synthesize", "UNITS", "main"]
 
 
@@ -135,6 +137,8 @@ def main(argv=None):
     p.add_argument("--log", default=None, help="keep the yosys log here")
     args = p.parse_args(argv)
     try:
+        check_output_path(args.json, "--json")
+        check_output_path(args.log, "--log")
         unit = UNITS[args.unit](args)
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)

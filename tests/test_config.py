@@ -4,7 +4,7 @@ import pytest
 
 from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
-from m3vit_hw.model_config import preset
+from m3vit_hw.model_config import ModelConfig, preset
 
 
 def _tiny(**kw):
@@ -96,7 +96,7 @@ def test_equality_repr_and_overrides():
     (dict(softmax_lanes="4"), TypeError, "softmax_lanes"),
     # accumulator: AV over too many tokens (uint8 x int8), and a too-long int8 reduction
     (dict(token_capacity=70000), ValueError, "token_capacity=70000"),
-    (dict(dim=131072 // 4, heads=1, mlp_ratio=8), ValueError, "mlp_hidden"),
+    (dict(dim=131072 // 4, heads=1, mlp_hidden=131072 * 2), ValueError, "mlp_hidden"),
     # buffers
     (dict(act_buffer_bytes=1000), ValueError, "act_buffer_bytes"),
     (dict(act_buffer_bytes=1010), ValueError, "act_buffer_bytes"),
@@ -104,6 +104,19 @@ def test_equality_repr_and_overrides():
     (dict(weight_buffer_bytes=8196), ValueError, "weight_buffer_bytes"),
     (dict(param_buffer_words=0), ValueError, "param_buffer_words"),
     (dict(clock_mhz=0), ValueError, "clock_mhz"),
+    # memory system and counters
+    (dict(mem_addr_width=0), ValueError, r"mem_addr_width must be in \[1, 64\], not 0"),
+    (dict(mem_addr_width=10), ValueError, r"mem_addr_width must address a MoE layer's"),
+    (dict(mem_data_bytes=24), ValueError, "mem_data_bytes must be a power of two"),
+    (dict(mem_data_bytes=1.0), TypeError, "mem_data_bytes must be an integer"),
+    (dict(mem_max_burst=512), ValueError, r"mem_max_burst must be in \[1, 256\]"),
+    (dict(tile_tag_width=0), ValueError, r"tile_tag_width must be in \[1, 64\], not 0"),
+    (dict(tile_tag_width=1), ValueError, r"tile_tag_width must number the gate"),
+    (dict(arbiter_depth=300), ValueError, r"arbiter_depth must be in \[1, 256\], not 300"),
+    (dict(counter_width=8), ValueError, r"counter_width must be in \[16, 64\], not 8"),
+    (dict(gemm_desc_depth=1), ValueError, r"gemm_desc_depth must be in \[2, 16\], not 1"),
+    (dict(expert_hidden=0), ValueError, r"expert_hidden must be an integer >= 1, not 0"),
+    (dict(mlp_hidden=2.5), TypeError, r"mlp_hidden must be an integer"),
     (dict(clock_mhz="fast"), ValueError, "clock_mhz"),
 ])
 def test_validation_names_the_parameter(kwargs, exc, name):
@@ -135,6 +148,43 @@ def test_accumulator_bound_is_tight():
     assert _tiny(token_capacity=limit, **big).worst_case_acc[0] <= (1 << 31) - 1
     with pytest.raises(ValueError, match="token_capacity"):
         _tiny(token_capacity=limit + 1, **big)
+
+
+def test_buffer_needs_are_the_largest_user():
+    """The activation buffer is sized for its largest user; the error names that user and the size.
+
+    With a wide expert (h = 8D) the MoE layer's h rows plus hidden region, T x (D + h), exceed the
+    attention working set T x (2D + 3 head_dim); with the default h = 2D attention is the larger.
+    """
+    cfg = _tiny()
+    needs = cfg.act_buffer_needs
+    assert needs["attention"][0] == 9 * (2 * 32 + 3 * 16)
+    assert needs["moe"][0] == 9 * (32 + 64)
+    assert cfg.act_buffer_min_bytes == max(n for n, _ in needs.values())
+    wide = _tiny(expert_hidden=256)
+    assert wide.act_buffer_min_bytes == wide.act_buffer_needs["moe"][0] == 9 * (32 + 256)
+    with pytest.raises(ValueError, match=r"act_buffer_bytes must be >= 2592 \(MoE layer: "
+                                          r"token_capacity=9 x \(8 \+ 64\) words"):
+        _tiny(expert_hidden=256, act_buffer_bytes=1024)
+
+
+def test_hidden_sizes_any_positive():
+    """Hidden widths are fields (any size, h < D included); the ratios are a convenience constructor,
+    and the presets keep their widths (4D dense, 2D experts)."""
+    w1 = preset("vit-tiny-cityscapes")
+    assert (w1.mlp_hidden, w1.expert_hidden) == (768, 384)
+    small = w1.with_(expert_hidden=100, mlp_hidden=50)
+    assert (small.mlp_hidden, small.expert_hidden) == (50, 100)
+    assert w1.with_(dim=96).expert_hidden == 192                    # derived widths follow dim
+    assert small.with_(dim=96).expert_hidden == 100                 # explicit ones stay
+    r = ModelConfig.from_ratios(name="r", img_size=(32, 32), dim=24, depth=2, heads=2, experts=2,
+                                top_k=1, mlp_ratio=3, moe_mlp_ratio=1)
+    assert (r.mlp_hidden, r.expert_hidden) == (72, 24)
+    with pytest.raises(ValueError, match="moe_mlp_ratio must be an integer >= 1, not 0"):
+        ModelConfig.from_ratios(name="r", img_size=(32, 32), dim=24, depth=2, heads=2, experts=2,
+                                top_k=1, moe_mlp_ratio=0)
+    cfg = AcceleratorConfig.from_preset("tiny", expert_hidden=20)
+    assert cfg.moe_hidden_words == 5
 
 
 def test_bad_model_and_preset():

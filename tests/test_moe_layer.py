@@ -11,10 +11,11 @@ active experts' bytes (idle experts never fetched) plus one gate record.
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Module
+from amaranth.hdl import Fragment, Module
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.lib.mem_port import ReadPortSignature
 from m3vit_hw.moe.moe_layer import LoadLayout, MoELayer
 from m3vit_hw.moe.reorder_controller import LayerStartLayout
@@ -205,7 +206,7 @@ def test_verilog_and_embedding():
         def __init__(self):
             self.layer = MoELayer(cfg)
             super().__init__({
-                "start": In(stream.Signature(LayerStartLayout(cfg, 32))),
+                "start": In(stream.Signature(LayerStartLayout(cfg))),
                 "load": In(stream.Signature(LoadLayout(cfg))),
                 "mem": Out(ReadPortSignature()),
                 "done": Out(1),
@@ -223,28 +224,38 @@ def test_verilog_and_embedding():
     assert "module outer" in verilog.convert(Outer(), name="outer")
 
 
+def test_bad_config():
+    with pytest.raises(TypeError, match="config must be an AcceleratorConfig, not 3"):
+        MoELayer(3)
+
+
 @pytest.mark.parametrize("kwargs, exc, words", [
-    (dict(config=3), TypeError, "config must be an AcceleratorConfig, not 3"),
     (dict(counter_width=8), ValueError, r"counter_width must be in \[16, 64\], not 8"),
-    (dict(mem_data_bytes=6), ValueError, "data_bytes must be a power of two"),
+    (dict(mem_data_bytes=6), ValueError, "mem_data_bytes must be a power of two"),
+    (dict(arbiter_depth=0), ValueError, r"arbiter_depth must be in \[1, 256\], not 0"),
     (dict(weight_buffer_bytes=64), ValueError, "weight_buffer_bytes must be >= "),
+    # A gate wider than one weight-buffer half, with the sizes in the message.
+    (dict(experts=64, weight_buffer_bytes=512), ValueError,
+     r"weight_buffer_bytes must be >= 2048 \(each half must hold the MoE gate's 16 panels of "
+     r"K=dim=16 x pe_cols=4"),
 ])
-def test_bad_parameters(kwargs, exc, words):
-    cfg_kw = {}
-    if "weight_buffer_bytes" in kwargs:
-        cfg_kw["weight_buffer_bytes"] = kwargs.pop("weight_buffer_bytes")
-    config = kwargs.pop("config", None)
-    with pytest.raises(exc, match=words):
-        if config is None:
-            config = moe_config(experts=4, top_k=2, dim=D, hidden=H, tokens=8, **cfg_kw)
-        MoELayer(config, **kwargs)
+def test_sizes_the_layer_cannot_use_are_refused_by_the_config(kwargs, exc, words):
+    """What the layer needs is checked when its config is built: a config that validates elaborates."""
+    base = moe_config(experts=kwargs.pop("experts", 4), top_k=2, dim=D, hidden=H, tokens=8)
+    with pytest.raises(exc, match=words) as info:
+        base.with_(**kwargs)
+    print(info.value)
 
 
-def test_gate_must_fit_a_half():
-    """A gate wider than one weight-buffer half is refused with the sizes in the message."""
-    cfg = moe_config(experts=64, top_k=2, dim=D, hidden=H, tokens=8, weight_buffer_bytes=512)
-    with pytest.raises(ValueError, match=r"too small for the gate: its 16 panels of K=D=16 x pe_cols=4"):
-        MoELayer(cfg)
+@pytest.mark.parametrize("name", ["tiny", "tiny-task-embedding", "vit-tiny-cityscapes", "vit-small-nyud"])
+def test_every_preset_elaborates(name):
+    """Each preset's default config validates, so a MoELayer for it must elaborate (W2 included: its
+    activation buffer is sized for the MoE layer's h rows and hidden region, T x (D + h))."""
+    cfg = AcceleratorConfig.from_preset(name)
+    layer = MoELayer(cfg)
+    Fragment.get(layer, None)
+    print(f"{name}: act buffer {cfg.act_buffer_bytes} B, weight buffer {cfg.weight_buffer_bytes} B, "
+          f"{len(layer.layout.tiles)} tiles per expert")
 
 
 @pytest.mark.slow

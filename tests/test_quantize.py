@@ -81,15 +81,17 @@ def test_parameters_fit_their_formats():
 
 
 def test_w1_golden_frame_time():
-    """Reports the time of one W1 frame through the golden model (the issue budgets 10 s)."""
+    """One W1 frame through the golden model within the foundation issue's 10 s budget (the measured
+    time is printed; the budget is generous)."""
     m = _model("vit-tiny-cityscapes")
     qm = quantize(m, synthetic_images(m.cfg, 1, seed=1000))
     img_q = quantize_image(synthetic_images(m.cfg, 1, seed=0)[0], qm.img_scale)
     t0 = time.perf_counter()
     out = golden_model.encode(qm, img_q, "semseg")
     dt = time.perf_counter() - t0
-    print(f"W1 golden frame: {dt:.3f} s")
+    print(f"W1 golden frame: {dt:.3f} s (budget 10 s)")
     assert out.shape == (m.cfg.tokens, m.cfg.dim)
+    assert dt < 10.0, f"W1 golden frame took {dt:.2f} s, over the 10 s budget"
 
 
 def test_bad_image_is_rejected():

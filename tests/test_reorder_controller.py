@@ -39,14 +39,17 @@ pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable
 class _Bench(wiring.Component):
     """Controller + streamers + buffers + arbiter; router, queues and engine are left to the testbench."""
 
-    def __init__(self, cfg, db=16):
-        lay = plan_moe(cfg, data_bytes=db)
+    def __init__(self, cfg):
+        db = cfg.mem_data_bytes
+        lay = plan_moe(cfg)
         self.ctl = ReorderController(cfg, lay)
-        self.wbuf = WeightBuffer(lay.weight_half_bytes, cfg.pe_cols, write_bytes=db)
-        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=db)
-        port = dict(addr_width=32, data_bytes=db, max_burst=16)
-        self.ws = WeightStreamer(lay.weight_half_bytes, **port)
-        self.ps = WeightStreamer(lay.param_half_bytes, **port)
+        tw = cfg.tile_tag_width
+        self.wbuf = WeightBuffer(lay.weight_half_bytes, cfg.pe_cols, write_bytes=db, tag_width=tw)
+        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=db,
+                                 tag_width=tw)
+        port = dict(addr_width=cfg.mem_addr_width, data_bytes=db, max_burst=cfg.mem_max_burst)
+        self.ws = WeightStreamer(lay.weight_half_bytes, tag_width=tw, **port)
+        self.ps = WeightStreamer(lay.param_half_bytes, tag_width=tw, **port)
         self.arb = ReadArbiter(2, **port)
         c = self.ctl.signature.members
         super().__init__({
@@ -103,7 +106,7 @@ def _expected_gemms(cfg, lay, fields, queues, active):
     C = cfg.pe_cols
     D, h, E = lay.dim, lay.hidden, lay.experts
     rw, hw = cfg.row_words, -(-h // C)
-    hb = ReorderController.hidden_base_of(cfg)
+    hb = cfg.moe_hidden_base
     cmds = [dict(mode=Mode.RAW, m=fields["tokens"], k=D, n=E, a_base=0, a_stride=rw, b_tile_stride=D,
                  gather=0, scatter=0)]
     off = 0
@@ -148,9 +151,8 @@ def _watchdog(limit):
 
 def _run_alone(cfg, wl, task, *, drain=12, stall=0.0, bandwidth=16.0, latency=8, seed=0):
     """Run one layer through the bench; return what the controller did."""
-    db = 16
-    bench = _Bench(cfg, db)
-    image, lay = pack_moe(wl["qmoe"], cfg, data_bytes=db)
+    bench = _Bench(cfg)
+    image, lay = pack_moe(wl["qmoe"], cfg)
     T = wl["h"].shape[0]
     logits = golden.router_logits(wl["h"], wl["qmoe"].gates[task], wl["qmoe"].task_bias[task])
     probs = golden.router_probs(logits, wl["qmoe"].router_c_mult[task], wl["qmoe"].router_c_shift[task])
@@ -372,8 +374,11 @@ def test_bad_parameters():
         ReorderController(cfg, None)
     with pytest.raises(ValueError, match=r"layout must be planned for config"):
         ReorderController(cfg, plan_moe(other))
-    with pytest.raises(ValueError, match=r"addr_width=8 cannot address"):
-        ReorderController(cfg, plan_moe(cfg), addr_width=8)
+    # Sizes the controller needs are the config's: refused when the config is built.
+    with pytest.raises(ValueError, match=r"mem_addr_width must address a MoE layer's \d+-byte"):
+        cfg.with_(mem_addr_width=8)
+    with pytest.raises(ValueError, match=r"tile_tag_width must number the gate and an expert's 2 tiles"):
+        cfg.with_(tile_tag_width=1)
 
 
 # ---- the static tile plan and the external-memory image (m3vit_hw/expert_layout.py) ----------------
@@ -431,12 +436,14 @@ def test_layout_is_independent_of_experts():
 
 @pytest.mark.parametrize("kw, words", [
     (dict(weight_buffer_bytes=272), r"weight_buffer_bytes must be a multiple of 32 \(two halves of whole "
-                                    r"16-byte memory beats\), not 272"),
+                                    r"4-byte words and 16-byte memory beats\), not 272"),
     (dict(param_buffer_words=1), r"param_buffer_words must be >= 2"),
-    (dict(experts=64, weight_buffer_bytes=512), r"too small for the gate: its 16 panels"),
+    (dict(experts=64, weight_buffer_bytes=512), r"weight_buffer_bytes must be >= 2048 \(each half must "
+                                                r"hold the MoE gate's 16 panels"),
 ])
 def test_layout_errors(kw, words):
-    """Sizes the layout cannot use are refused before elaboration, naming the parameter."""
+    """Sizes the layout cannot use are refused when the config is built, naming the parameter."""
     base = moe_config(experts=kw.pop("experts", 2), top_k=1, dim=16, hidden=32, tokens=8)
-    with pytest.raises(ValueError, match=words):
-        plan_moe(base.with_(**kw))
+    with pytest.raises(ValueError, match=words) as info:
+        base.with_(**kw)
+    print(info.value)

@@ -1,6 +1,5 @@
 """SoftmaxUnit: bit-exact with golden.attention_weights / attention_recip / router_probs, with stalls."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from amaranth.sim import Simulator
 
 from m3vit_hw import numerics
 from m3vit_hw.rowops.softmax import SoftmaxMode, SoftmaxUnit
+from m3vit_hw.config import AcceleratorConfig
 from reference import golden
 from sim.testbench import Stalls, stream_get, stream_put, StreamPassthrough, transfer_logger
 
@@ -262,8 +262,8 @@ def test_throughput_router_rows(experts, lanes):
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [
-    (dict(lanes=0, max_length=8), ValueError, "lanes must be a positive integer, not 0"),
-    (dict(lanes="4", max_length=8), TypeError, "lanes must be a positive integer, not '4'"),
+    (dict(lanes=0, max_length=8), ValueError, "lanes must be an integer >= 1, not 0"),
+    (dict(lanes="4", max_length=8), TypeError, "lanes must be an integer, not '4'"),
     (dict(lanes=4, max_length=0), ValueError, r"max_length must be in \[1, 65536\], not 0"),
     (dict(lanes=4, max_length=1 << 17), ValueError, r"max_length must be in \[1, 65536\], not 131072"),
     (dict(lanes=4, max_length=8, div_bits_per_cycle=9), ValueError,
@@ -275,16 +275,13 @@ def test_bad_parameters(kwargs, exc, msg):
 
 
 def test_from_config():
-    cfg = SimpleNamespace(model=SimpleNamespace(experts=16), softmax_lanes=16, token_capacity=129)
+    cfg = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
     unit = SoftmaxUnit.from_config(cfg)
     assert (unit.lanes, unit.max_length) == (16, 129)
     print(f"softmax W1 (lanes 16, T=129): k={unit.div_bits_per_cycle}, min_row_beats {unit.min_row_beats}, "
           f"buffers {unit.score_buffer_depth} + {unit.exp_buffer_depth} beats")
-    small = SoftmaxUnit.from_config(SimpleNamespace(model=SimpleNamespace(experts=64), softmax_lanes=2,
-                                                    token_capacity=17))
-    assert small.max_length == 64                      # router rows must fit too
-    with pytest.raises(TypeError, match="config must have a 'token_capacity' field"):
-        SoftmaxUnit.from_config(SimpleNamespace(model=SimpleNamespace(experts=16), softmax_lanes=4))
+    small = SoftmaxUnit.from_config(AcceleratorConfig.from_preset("tiny", experts=64, softmax_lanes=2))
+    assert small.max_length == 64                      # router rows (E=64 > T=9) must fit too
 
 
 class _Top(wiring.Component):

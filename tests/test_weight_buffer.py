@@ -11,6 +11,7 @@ from amaranth.sim import Simulator
 
 from sim.testbench import EmbeddingHarness
 from m3vit_hw.moe.weight_buffer import ReaderSignature, TileInfoLayout, WeightBuffer, WriterSignature
+from m3vit_hw.config import AcceleratorConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
 
@@ -221,13 +222,10 @@ def test_verilog_and_embedding():
 
 
 def test_from_config():
-    class _Config:
-        weight_buffer_bytes = 2 * 4096
-        pe_cols = 4
-
-    dut = WeightBuffer.from_config(_Config())
-    # A read word is one pe_cols row of int8 weights; writes are memory beats (default 16 bytes).
-    assert (dut.half_bytes, dut.word_bytes, dut.write_bytes) == (4096, 4, 16)
+    cfg = AcceleratorConfig.from_preset("tiny")
+    dut = WeightBuffer.from_config(cfg)
+    # A read word is one pe_cols row of int8 weights; writes are memory beats; tags are the config's.
+    assert (dut.half_bytes, dut.word_bytes, dut.write_bytes) == (
+        cfg.weight_buffer_bytes // 2, cfg.pe_cols, cfg.mem_data_bytes)
+    assert dut.write.signature.tag_width == cfg.tile_tag_width
     Fragment.get(dut, None)
-    with pytest.raises(ValueError, match="weight_buffer_bytes must be an even integer"):
-        WeightBuffer.from_config(type("C", (), {"weight_buffer_bytes": 7, "pe_cols": 4})())

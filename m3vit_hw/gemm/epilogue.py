@@ -35,9 +35,9 @@ from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
+from ..checks import check_int
 from .gelu import GeluStage
 from .requantizer import Requantizer, check_lanes
-from .residual import WEIGHT_BITS as COMBINE_WEIGHT_BITS
 from .residual import ResidualStage, ResOp
 
 __all__ = ["Epilogue", "EpilogueMode", "EpilogueInLayout", "StreamOutLayout", "LATENCY"]
@@ -114,13 +114,6 @@ class StreamOutLayout(data.StructLayout):
         })
 
 
-def _check_width(name, value):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive integer, not {value!r}")
-    if not 1 <= value <= 32:
-        raise ValueError(f"{name} must be in [1, 32], not {value}")
-
-
 class Epilogue(wiring.Component):
     """The GEMM epilogue pipeline (requantize, GELU, residual update, sink).
 
@@ -157,13 +150,9 @@ class Epilogue(wiring.Component):
     """
 
     def __init__(self, lanes, act_addr_width, res_addr_width):
-        try:
-            check_lanes(lanes)
-            _check_width("act_addr_width", act_addr_width)
-            _check_width("res_addr_width", res_addr_width)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+        check_lanes(lanes)
+        check_int("act_addr_width", act_addr_width, 1, 32)
+        check_int("res_addr_width", res_addr_width, 1, 32)
         self._lanes = lanes
         self._act_aw = act_addr_width
         self._res_aw = res_addr_width
@@ -198,7 +187,7 @@ class Epilogue(wiring.Component):
 
         after_res = data.StructLayout({"sink": _Sink, "last": 1})
         after_gelu = data.StructLayout({
-            "op": ResOp, "weight": unsigned(COMBINE_WEIGHT_BITS), "addr": unsigned(aw),
+            "op": ResOp, "weight": unsigned(numerics.COMBINE_WEIGHT_BITS), "addr": unsigned(aw),
             "mask": unsigned(L), "rest": after_res})
         after_rq = data.StructLayout({"gelu": 1, "rest": after_gelu})
 
@@ -222,7 +211,7 @@ class Epilogue(wiring.Component):
             rq.i.payload.shift.eq(Mux(is_attn, Mux(attn_shift > numerics.SHIFT_MAX, numerics.SHIFT_MAX, attn_shift),
                                       p.shift)),
             rq.i.payload.meta.gelu.eq(mode == EpilogueMode.GELU8),
-            rq.i.payload.meta.rest.weight.eq(p.row_scale[:COMBINE_WEIGHT_BITS]),
+            rq.i.payload.meta.rest.weight.eq(p.row_scale[:numerics.COMBINE_WEIGHT_BITS]),
             rq.i.payload.meta.rest.addr.eq(p.addr),
             rq.i.payload.meta.rest.mask.eq(p.mask),
             rq.i.payload.meta.rest.rest.last.eq(p.last),

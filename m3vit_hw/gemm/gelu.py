@@ -78,12 +78,8 @@ class GeluStage(wiring.Component):
     LATENCY = 1
 
     def __init__(self, lanes, meta=unsigned(0)):
-        try:
-            check_lanes(lanes)
-            check_meta(meta)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+        check_lanes(lanes)
+        check_meta(meta)
         self._lanes = lanes
         self._meta = meta
         super().__init__({

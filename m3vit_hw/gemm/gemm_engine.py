@@ -71,7 +71,7 @@ is idle. Within the residual buffer, read-modify-writes are ordered (repeated sc
 in list order).
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Assert, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -80,11 +80,7 @@ from ..config import AcceleratorConfig
 from .epilogue import Epilogue, EpilogueMode, StreamOutLayout
 from .pe_array import PEArray
 
-__all__ = ["GemmEngine", "GemmCommand", "RowEntryLayout", "ColParamLayout", "DESC_DEPTH"]
-
-#: Tiles whose results are in flight between the loader and the epilogue (staged, accumulating,
-#: draining): three, so a tile with ``K`` just above ``pe_rows`` never waits for a descriptor slot.
-DESC_DEPTH = 3
+__all__ = ["GemmEngine", "GemmCommand", "RowEntryLayout", "ColParamLayout", "check_command"]
 
 
 def _bits(n):
@@ -168,6 +164,65 @@ class GemmCommand(data.StructLayout):
         })
 
 
+def check_command(config, cmd):
+    """Check one GEMM command against ``config``'s limits before it is sent.
+
+    Whoever builds a command (test harnesses, benchmarks, the compiler) calls this: a field cannot
+    hold a value outside its range, and the engine would silently truncate it (an ``n`` of 384 in an
+    8-bit field computes 128 columns; an output address past the field wraps to word 0).
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    cmd : dict
+        :class:`GemmCommand` fields; missing fields are 0.
+
+    Raises
+    ------
+    ValueError
+        Naming the field, the value and the allowed range: an unknown field, a value that does not fit
+        its field, ``m``/``k``/``n`` outside ``[1, largest_m/k/n]``, or an A, B or destination address
+        range that runs past its address field.
+    """
+    layout = GemmCommand(config)
+    fields = dict(layout)
+    for name, value in cmd.items():
+        if name not in fields:
+            raise ValueError(f"GEMM command has no field {name!r}; fields: {sorted(fields)}")
+        shape = fields[name].shape
+        if isinstance(shape, range):
+            lo, hi = shape.start, shape.stop - 1
+        elif isinstance(shape, type):                    # an enum (mode)
+            continue
+        else:
+            lo, hi = 0, (1 << Shape.cast(shape).width) - 1
+        if not isinstance(value, int) or not lo <= value <= hi:
+            raise ValueError(f"GEMM command field {name} must be in [{lo}, {hi}], not {value!r}")
+    c = {name: cmd.get(name, 0) for name in fields}
+    for name, limit, what in (("m", config.largest_m, "largest_m (token_capacity)"),
+                              ("k", config.largest_k, "largest_k"), ("n", config.largest_n, "largest_n")):
+        if not 1 <= c[name] <= limit:
+            raise ValueError(f"GEMM command field {name} must be in [1, {limit}] (config.{what}), "
+                             f"not {c[name]}")
+    C = config.pe_cols
+    kw, nt = -(-c["k"] // C), -(-c["n"] // C)
+    if c["b_trans"]:
+        b_last = c["b_base"] + (nt - 1) * c["b_tile_stride"] + (C - 1) * c["b_k_stride"] + kw - 1
+    else:
+        b_last = c["b_base"] + (nt - 1) * c["b_tile_stride"] + (c["k"] - 1) * c["b_k_stride"]
+    ranges = [("B", b_last, config.b_addr_bits)]
+    if not c["gather"]:
+        ranges.append(("A", c["a_base"] + (c["m"] - 1) * c["a_stride"] + kw - 1, config.act_addr_bits))
+    if not c["scatter"]:
+        ranges.append(("destination", c["dst_base"] + (c["m"] - 1) * c["dst_stride"] + nt - 1,
+                       config.dst_addr_bits))
+    for what, last, bits in ranges:
+        if last >= 1 << bits:
+            raise ValueError(f"GEMM command {what} addresses run to word {last}, past the "
+                             f"{bits}-bit address field (at most {(1 << bits) - 1}): m={c['m']}, "
+                             f"k={c['k']}, n={c['n']} do not fit this config's buffers")
+
+
 class GemmEngine(wiring.Component):
     """Tiled int8 GEMM over a PE array, with operand/result buffers owned outside.
 
@@ -218,7 +273,6 @@ class GemmEngine(wiring.Component):
 
     def __init__(self, config):
         if not isinstance(config, AcceleratorConfig):
-            self._MustUse__silence = True
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         self._config = config
         C = config.pe_cols
@@ -252,7 +306,7 @@ class GemmEngine(wiring.Component):
         m = Module()
         cfg = self._config
         R, C = cfg.pe_rows, cfg.pe_cols
-        E = max(R, C)                      # staging entries per block: R words of A, C words of B
+        n_ent = max(R, C)                  # staging entries per block: R words of A, C words of B
         act_aw, b_aw, dst_aw = cfg.act_addr_bits, cfg.b_addr_bits, cfg.dst_addr_bits
         word_bits = C * numerics.ACT_BITS
 
@@ -293,7 +347,7 @@ class GemmEngine(wiring.Component):
         k0 = Signal(k_w)
         kb = Signal(act_aw)                # block index = word offset within an A row
         nb = Signal(dst_aw)                # column tile = word offset within an output row
-        ent = Signal(range(E))
+        ent = Signal(range(n_ent))
         b_tile_base = Signal(b_aw)
         b_kblk = Signal(b_aw)              # k0 * b_k_stride (direct B)
         b_cstride = Signal(b_aw)           # C * b_k_stride
@@ -326,7 +380,10 @@ class GemmEngine(wiring.Component):
         cur_info = Signal(block_info)
         col = Signal(range(C))
 
-        # Tile descriptors between the feeder and the drain.
+        # Tile descriptors between the feeder and the drain: tiles whose results are in flight between
+        # the loader and the epilogue (staged, accumulating, draining); config.gemm_desc_depth = 3 by
+        # default, so a tile with K just above pe_rows never waits for a descriptor slot.
+        DESC_DEPTH = self._config.gemm_desc_depth
         descs = [Signal(desc_layout, name=f"desc{d}") for d in range(DESC_DEPTH)]
         d_head = Signal(range(DESC_DEPTH))
         d_tail = Signal(range(DESC_DEPTH))
@@ -346,7 +403,7 @@ class GemmEngine(wiring.Component):
         m.d.comb += busy.eq(active | l1_valid | l2_valid | nx_full | cur_valid | pe.busy |
                             (d_count != 0) | ep.busy)
 
-        last_ent = ent == E - 1
+        last_ent = ent == n_ent - 1
         last_blk = k0 + C >= cmd.k
         last_ntile = n0 + C >= cmd.n
         last_mtile = m0 + R >= cmd.m
@@ -426,6 +483,15 @@ class GemmEngine(wiring.Component):
         # assignments win).
         final_issue = issue & last_ent & last_blk & last_ntile & last_mtile
         m.d.comb += self.cmd.ready.eq((~active | final_issue) & (~p.sync | ~busy))
+        with m.If(self.cmd.valid):
+            # In simulation an oversize command trips here rather than computing a truncated one
+            # (check_command refuses it earlier, where the command is built).
+            cfg = self._config
+            m.d.comb += [
+                Assert(p.m <= cfg.largest_m, "GemmEngine: command m above config.largest_m"),
+                Assert(p.k <= cfg.largest_k, "GemmEngine: command k above config.largest_k"),
+                Assert(p.n <= cfg.largest_n, "GemmEngine: command n above config.largest_n"),
+            ]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 cmd.eq(p),

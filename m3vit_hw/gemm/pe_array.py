@@ -35,15 +35,9 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
+from ..checks import check_int
 
 __all__ = ["PEArray", "OperandLayout", "ResultLayout"]
-
-
-def _check_dim(name, value):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive integer, not {value!r}")
-    if not 1 <= value <= 256:
-        raise ValueError(f"{name} must be in [1, 256], not {value}")
 
 
 class OperandLayout(data.StructLayout):
@@ -135,13 +129,8 @@ class PEArray(wiring.Component):
     """
 
     def __init__(self, rows, cols):
-        try:
-            _check_dim("rows", rows)
-            _check_dim("cols", cols)
-        except (TypeError, ValueError):
-            # A rejected component was never meant to be used: no UnusedElaboratable warning.
-            self._MustUse__silence = True
-            raise
+        check_int("rows", rows, 1, 256)
+        check_int("cols", cols, 1, 256)
         self._rows = rows
         self._cols = cols
         super().__init__({

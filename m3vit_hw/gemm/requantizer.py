@@ -16,16 +16,14 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
+from ..checks import check_int
 
 __all__ = ["Requantizer", "RequantInLayout", "RequantOutLayout", "check_lanes", "check_meta", "sat_expr"]
 
 
 def check_lanes(lanes):
     """Validate a lane count (shared by the epilogue stages)."""
-    if not isinstance(lanes, int) or isinstance(lanes, bool):
-        raise TypeError(f"lanes must be a positive integer, not {lanes!r}")
-    if not 1 <= lanes <= 256:
-        raise ValueError(f"lanes must be in [1, 256], not {lanes}")
+    check_int("lanes", lanes, 1, 256)
 
 
 def check_meta(meta):
@@ -111,12 +109,8 @@ class Requantizer(wiring.Component):
     LATENCY = 3
 
     def __init__(self, lanes, meta=unsigned(0)):
-        try:
-            check_lanes(lanes)
-            check_meta(meta)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+        check_lanes(lanes)
+        check_meta(meta)
         self._lanes = lanes
         self._meta = meta
         super().__init__({

@@ -22,6 +22,7 @@ from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
+from ..checks import check_int
 from .requantizer import check_lanes, check_meta, sat_expr
 
 __all__ = ["ResidualStage", "ResOp", "ResidualInLayout", "ResidualOutLayout"]
@@ -35,10 +36,6 @@ class ResOp(enum.Enum, shape=2):
     COMBINE = 3
 
 
-#: Combine weights are unsigned Q0.15 with 1.0 = 2**15 inclusive: 16 bits.
-WEIGHT_BITS = numerics.ROUTER_P_FRAC + 1
-
-
 class ResidualInLayout(data.StructLayout):
     """Input beat of :class:`ResidualStage`.
 
@@ -47,7 +44,7 @@ class ResidualInLayout(data.StructLayout):
     data : ArrayLayout(signed(ACC_BITS), lanes)
         The branch value ``x`` (int16 range for WRITE/ADD/COMBINE).
     op : ResOp
-    weight : unsigned(ROUTER_P_FRAC + 1)
+    weight : unsigned(COMBINE_WEIGHT_BITS)
         Combine weight (COMBINE only), Q0.15.
     addr : unsigned(addr_width)
         Residual-buffer word.
@@ -60,7 +57,7 @@ class ResidualInLayout(data.StructLayout):
         super().__init__({
             "data": data.ArrayLayout(signed(numerics.ACC_BITS), lanes),
             "op": ResOp,
-            "weight": unsigned(WEIGHT_BITS),
+            "weight": unsigned(numerics.COMBINE_WEIGHT_BITS),
             "addr": unsigned(addr_width),
             "mask": unsigned(lanes),
             "meta": meta,
@@ -113,16 +110,9 @@ class ResidualStage(wiring.Component):
     LATENCY = 2
 
     def __init__(self, lanes, addr_width, meta=unsigned(0)):
-        try:
-            check_lanes(lanes)
-            check_meta(meta)
-            if not isinstance(addr_width, int) or isinstance(addr_width, bool):
-                raise TypeError(f"addr_width must be a positive integer, not {addr_width!r}")
-            if not 1 <= addr_width <= 32:
-                raise ValueError(f"addr_width must be in [1, 32], not {addr_width}")
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+        check_lanes(lanes)
+        check_meta(meta)
+        check_int("addr_width", addr_width, 1, 32)
         self._lanes = lanes
         self._addr_width = addr_width
         self._meta = meta

@@ -29,8 +29,12 @@ from amaranth.lib.wiring import In, Out
 from .mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
 from ..checks import check_int as _check_int
 
-__all__ = ["ReadArbiter"]
+__all__ = ["ReadArbiter", "DEFAULT_DEPTH"]
 
+
+#: Outstanding requests remembered by default (the master index of each, to route the in-order
+#: responses); eight covers the ZCU104 HP port's latency at 16-beat bursts.
+DEFAULT_DEPTH = 8
 
 class ReadArbiter(wiring.Component):
     """Round-robin arbiter of ``masters`` read masters onto one external-memory read port.
@@ -61,14 +65,10 @@ class ReadArbiter(wiring.Component):
     """
 
     def __init__(self, masters, *, addr_width=DEFAULT_ADDR_WIDTH, data_bytes=DEFAULT_DATA_BYTES,
-                 max_burst=DEFAULT_MAX_BURST, depth=8):
-        try:
-            _check_int("masters", masters, 1, 16)
-            _check_int("depth", depth, 1, 256)
-            sig = ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+                 max_burst=DEFAULT_MAX_BURST, depth=DEFAULT_DEPTH):
+        _check_int("masters", masters, 1, 16)
+        _check_int("depth", depth, 1, 256)
+        sig = ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)
         self._n = masters
         self._depth = depth
         self._port = sig

@@ -24,6 +24,8 @@ from amaranth.hdl import unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..checks import check_int
+
 __all__ = [
     "BOUNDARY_BYTES", "MAX_BURST_LIMIT",
     "DEFAULT_ADDR_WIDTH", "DEFAULT_DATA_BYTES", "DEFAULT_MAX_BURST",
@@ -43,19 +45,14 @@ DEFAULT_MAX_BURST = 16
 
 
 def _check_params(addr_width, data_bytes, max_burst):
-    for name, value in (("addr_width", addr_width), ("data_bytes", data_bytes),
-                        ("max_burst", max_burst)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an integer, not {value!r}")
-    if not 1 <= addr_width <= 64:
-        raise ValueError(f"addr_width must be in [1, 64], not {addr_width}")
-    if data_bytes < 1 or data_bytes > 128 or data_bytes & (data_bytes - 1):
+    check_int("addr_width", addr_width, 1, 64)
+    check_int("data_bytes", data_bytes, 1)
+    check_int("max_burst", max_burst, 1, MAX_BURST_LIMIT)
+    if data_bytes > 128 or data_bytes & (data_bytes - 1):
         raise ValueError(f"data_bytes must be a power of two in [1, 128], not {data_bytes}")
     if (1 << addr_width) < data_bytes:
         raise ValueError(f"addr_width must address at least one beat of data_bytes={data_bytes}, "
                          f"not {addr_width}")
-    if not 1 <= max_burst <= MAX_BURST_LIMIT:
-        raise ValueError(f"max_burst must be in [1, {MAX_BURST_LIMIT}], not {max_burst}")
     if max_burst * data_bytes > BOUNDARY_BYTES:
         raise ValueError(f"max_burst * data_bytes must be at most {BOUNDARY_BYTES} (a burst may not "
                          f"cross a 4 KiB boundary), not {max_burst} * {data_bytes}")

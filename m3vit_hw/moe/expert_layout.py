@@ -48,14 +48,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import numerics
+# The parameter-word format is a size the config validates buffers with: defined there, used here.
+from ..config import PARAM_LANE_BYTES, AcceleratorConfig, param_word_bytes
 
 __all__ = [
     "PARAM_LANE_BYTES", "param_word_bytes", "Tile", "MoELayout", "plan_moe", "pack_moe",
     "pack_panels", "pack_params", "unpack_params", "start_fields",
 ]
 
-#: Bytes of one output column's parameters in a parameter word: int32 bias + 24-bit mult, padded.
-PARAM_LANE_BYTES = 8
 #: Byte offset of ``mult`` within a lane.
 _MULT_OFFSET = 4
 
@@ -66,23 +66,6 @@ def _ceil_div(a, b):
 
 def _round_up(a, b):
     return _ceil_div(a, b) * b
-
-
-def _next_pow2(n):
-    return 1 << (int(n) - 1).bit_length()
-
-
-def param_word_bytes(pe_cols):
-    """Bytes of one parameter word: ``pe_cols`` lanes of 8 bytes, padded to a power of two."""
-    return _next_pow2(pe_cols * PARAM_LANE_BYTES)
-
-
-def _check_pow2_ratio(name, a, b_name, b):
-    wide, narrow = max(a, b), min(a, b)
-    ratio = wide // narrow
-    if wide % narrow or ratio & (ratio - 1):
-        raise ValueError(f"{name}={a} must be a power-of-two multiple or fraction of {b_name}={b} "
-                         f"(the buffer is built from banks of the narrower width)")
 
 
 @dataclass(frozen=True)
@@ -200,65 +183,39 @@ class MoELayout:
         return "\n".join(lines)
 
 
-def _chunks(panels, per_tile):
-    """Split ``panels`` column tiles into balanced chunks of at most ``per_tile``."""
-    count = _ceil_div(panels, per_tile)
-    base, extra = divmod(panels, count)
-    return [base + (1 if i < extra else 0) for i in range(count)]
-
-
-def plan_moe(config, *, data_bytes=16):
+def plan_moe(config):
     """The tile plan and memory layout of one MoE layer for ``config``.
 
     Parameters
     ----------
     config : AcceleratorConfig
-        Supplies ``D``, ``h``, E, the task count, ``pe_cols`` and both buffer sizes.
-    data_bytes : int
-        Bytes per external-memory beat (a power of two); pieces are aligned and padded to it.
+        Supplies ``D``, ``h``, E, the task count, ``pe_cols``, both buffer sizes and the memory beat
+        (``mem_data_bytes``: every piece is aligned and padded to it). The config's validation has
+        already checked every size this plan needs (:attr:`~m3vit_hw.config.AcceleratorConfig.weight_half_needs`,
+        ``param_buffer_words``, the word/beat ratios), and the chunking is the config's
+        :attr:`~m3vit_hw.config.AcceleratorConfig.moe_tile_chunks`: there is one definition of both.
 
     Raises
     ------
-    ValueError
-        If a buffer half cannot hold one panel (``K x pe_cols`` bytes) of fc1, fc2 or the gate plus its
-        parameter word, if the whole gate does not fit one half, or if a word size is not a
-        power-of-two multiple or fraction of the memory beat.
+    TypeError
+        If ``config`` is not an :class:`~m3vit_hw.config.AcceleratorConfig`.
     """
-    from ..config import AcceleratorConfig
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-    if not isinstance(data_bytes, int) or data_bytes < 1 or data_bytes & (data_bytes - 1):
-        raise ValueError(f"data_bytes must be a power of two >= 1, not {data_bytes!r}")
     m = config.model
     C = config.pe_cols
     D, h, E = m.dim, m.expert_hidden, m.experts
-    word = C * numerics.WEIGHT_BITS // 8
-    _check_pow2_ratio("pe_cols (weight word bytes)", word, "the memory beat data_bytes", data_bytes)
-    pwb = param_word_bytes(C)
-    _check_pow2_ratio("param_word_bytes", pwb, "the memory beat data_bytes", data_bytes)
-
+    data_bytes = config.mem_data_bytes
+    word = config.act_word_bytes
+    pwb = config.param_word_bytes
     half = config.weight_buffer_half_bytes
-    if half % data_bytes or half % word:
-        raise ValueError(f"weight_buffer_bytes must be a multiple of {2 * max(data_bytes, word)} (two "
-                         f"halves of whole {data_bytes}-byte memory beats), not {config.weight_buffer_bytes}")
-    p_half_words = config.param_buffer_words // 2
-    if p_half_words < 1:
-        raise ValueError(f"param_buffer_words must be >= 2 (two halves of at least one "
-                         f"parameter word), not {config.param_buffer_words}")
 
     tiles = []
     offset = 0
-    for kind, k, n in (("fc1", D, h), ("fc2", h, D)):
+    for kind, k, n, counts in config.moe_tile_chunks:
         panel = k * word
-        per_tile = min(half // panel, p_half_words)
-        if per_tile < 1:
-            raise ValueError(
-                f"weight_buffer_bytes={config.weight_buffer_bytes} is too small: each half "
-                f"({half} B) must hold one {kind} panel of K={k} x pe_cols={C} = {panel} bytes "
-                f"(+ {pwb} bytes of column parameters in the parameter buffer); use >= {2 * panel}")
-        n_panels = _ceil_div(n, C)
         first = 0
-        for count in _chunks(n_panels, per_tile):
+        for count in counts:
             w_bytes = _round_up(count * panel, data_bytes)
             p_bytes = _round_up(count * pwb, data_bytes)
             n0 = first * C
@@ -269,27 +226,21 @@ def plan_moe(config, *, data_bytes=16):
             first += count
     expert_stride = offset
 
-    gate_panels = _ceil_div(E, C)
-    gate_w = gate_panels * D * word
-    if gate_w > half:
-        raise ValueError(
-            f"weight_buffer_bytes={config.weight_buffer_bytes} is too small for the gate: its "
-            f"{gate_panels} panels of K=D={D} x pe_cols={C} ({gate_w} bytes, one RAW GEMM over all "
-            f"E={E} experts) must fit one half ({half} B); use >= {2 * _round_up(gate_w, data_bytes)}")
-    if gate_panels > p_half_words:
-        raise ValueError(f"param_buffer_words={config.param_buffer_words} is too small: each half "
-                         f"must hold the gate's {gate_panels} bias words (ceil(E/pe_cols))")
-    gate_w_bytes = _round_up(gate_w, data_bytes)
+    gate_panels = config.gate_panels
+    gate_w_bytes = _round_up(gate_panels * D * word, data_bytes)
     gate_p_bytes = _round_up(gate_panels * pwb, data_bytes)
     gate_stride = gate_w_bytes + gate_p_bytes
     tasks = m.num_tasks
     experts_offset = _round_up(tasks * gate_stride, data_bytes)
-    return MoELayout(
+    layout = MoELayout(
         dim=D, hidden=h, experts=E, tasks=tasks, pe_cols=C, data_bytes=data_bytes,
-        weight_half_bytes=half, param_half_words=p_half_words, param_word_bytes=pwb,
+        weight_half_bytes=half, param_half_words=config.param_buffer_words // 2, param_word_bytes=pwb,
         tiles=tuple(tiles), expert_stride=expert_stride, gate_panels=gate_panels,
         gate_w_bytes=gate_w_bytes, gate_p_bytes=gate_p_bytes, gate_offset=0, gate_stride=gate_stride,
         experts_offset=experts_offset, image_bytes=experts_offset + E * expert_stride)
+    # The config validated the address width against its own count of the image.
+    assert layout.image_bytes == config.moe_image_bytes, (layout.image_bytes, config.moe_image_bytes)
+    return layout
 
 
 def pack_panels(b, pe_cols):
@@ -349,7 +300,7 @@ def _gate_index(qmoe, task):
     return task if len(qmoe.gates) > 1 else 0
 
 
-def pack_moe(qmoe, config, *, data_bytes=16):
+def pack_moe(qmoe, config):
     """Lay out one MoE layer's integer parameters for external memory.
 
     Parameters
@@ -357,15 +308,14 @@ def pack_moe(qmoe, config, *, data_bytes=16):
     qmoe : reference.qparams.QMoE
         Gates (one per task, or one shared), ``task_bias`` [tasks, E], fc1/fc2 of every expert.
     config : AcceleratorConfig
-    data_bytes : int
-        Memory beat in bytes.
+        Its ``mem_data_bytes`` is the memory beat every piece is aligned to.
 
     Returns
     -------
     (bytes, MoELayout)
         The image (offset 0 = the layer's base address) and its layout.
     """
-    layout = plan_moe(config, data_bytes=data_bytes)
+    layout = plan_moe(config)
     C, D, h, E = layout.pe_cols, layout.dim, layout.hidden, layout.experts
     w1 = np.asarray(qmoe.fc1.w)
     w2 = np.asarray(qmoe.fc2.w)

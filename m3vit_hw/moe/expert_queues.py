@@ -13,13 +13,10 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from .topk import expert_id_width
 from ..checks import check_int as _check_int
+# A token id is an index into token_capacity entries: the same width as config.token_bits.
+from ..config import index_bits
 
-__all__ = ["ExpertQueues", "token_id_width"]
-
-
-def token_id_width(token_capacity):
-    """Bits of a token index (at least 1)."""
-    return max(1, (token_capacity - 1).bit_length())
+__all__ = ["ExpertQueues"]
 
 
 class ExpertQueues(wiring.Component):
@@ -55,7 +52,7 @@ class ExpertQueues(wiring.Component):
         ``ArrayLayout(unsigned(weight_width), k)`` (weight j belongs to expert j); ``last``: 1.
     o : ``Out(stream.Signature(StructLayout))``
         ``header``: 1; ``expert``: ``unsigned(expert_id_width(E))``; ``count``:
-        ``range(token_capacity + 1)``; ``token``: ``unsigned(token_id_width(token_capacity))``;
+        ``range(token_capacity + 1)``; ``token``: ``unsigned(index_bits(token_capacity))``;
         ``weight``: ``unsigned(weight_width)``; ``last``: 1.
     overflow : ``Out(1)``
         Sticky (until reset): a layer had more than ``token_capacity`` tokens. The token that filled the
@@ -77,7 +74,7 @@ class ExpertQueues(wiring.Component):
     token's transfer to the final entry's.
     """
 
-    def __init__(self, experts, top_k, token_capacity, *, weight_width=numerics.ROUTER_P_FRAC + 1):
+    def __init__(self, experts, top_k, token_capacity, *, weight_width=numerics.COMBINE_WEIGHT_BITS):
         _check_int("experts", experts, 1)
         _check_int("top_k", top_k, 1, experts)
         _check_int("token_capacity", token_capacity, 1)
@@ -97,7 +94,7 @@ class ExpertQueues(wiring.Component):
                 "header": unsigned(1),
                 "expert": unsigned(idw),
                 "count": range(token_capacity + 1),
-                "token": unsigned(token_id_width(token_capacity)),
+                "token": unsigned(index_bits(token_capacity)),
                 "weight": unsigned(weight_width),
                 "last": unsigned(1),
             }))),
@@ -129,7 +126,7 @@ class ExpertQueues(wiring.Component):
         m = Module()
         E, k, cap = self._experts, self._top_k, self._capacity
         idw = expert_id_width(E)
-        tokw = token_id_width(cap)
+        tokw = index_bits(cap)
         ww = self._weight_width
 
         tok_layout = data.StructLayout({
@@ -150,7 +147,7 @@ class ExpertQueues(wiring.Component):
         wptr = Array(Signal(range(cap * k + 1), name=f"wptr{e}") for e in range(E))
         ntok = Signal(range(cap + 1))       # tokens in this layer
         total = Signal(range(cap * k + 1))  # entries in this layer (the prefix sum's final value)
-        pe = Signal(range(E))               # prefix-sum expert
+        ps_expert = Signal(range(E))        # prefix-sum expert
         t = Signal(range(cap))              # scatter token
         j = Signal(range(k))                # scatter slot within the token
         we = Signal(range(E))               # walk expert
@@ -194,12 +191,13 @@ class ExpertQueues(wiring.Component):
                     with m.If(self.i.p.last | full):
                         with m.If(~self.i.p.last):
                             m.d.sync += self.overflow.eq(1)
-                        m.d.sync += [pe.eq(0), total.eq(0)]
+                        m.d.sync += [ps_expert.eq(0), total.eq(0)]
                         m.next = "PREFIX"
 
             with m.State("PREFIX"):
-                m.d.sync += [wptr[pe].eq(total), total.eq(total + counts[pe]), pe.eq(pe + 1)]
-                with m.If(pe == E - 1):
+                m.d.sync += [wptr[ps_expert].eq(total), total.eq(total + counts[ps_expert]),
+                             ps_expert.eq(ps_expert + 1)]
+                with m.If(ps_expert == E - 1):
                     # Prefetch token 0 so scatter runs one entry per cycle from its first cycle.
                     m.d.comb += [tok_rd.addr.eq(0), tok_rd.en.eq(1)]
                     m.d.sync += [t.eq(0), j.eq(0)]

@@ -46,12 +46,11 @@ from .expert_layout import PARAM_LANE_BYTES, plan_moe
 from .expert_queues import ExpertQueues
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_arbiter import ReadArbiter
-from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from ..lib.mem_port import ReadPortSignature
 from .reorder_controller import GATE_TAG, LayerStartLayout, ReorderController
 from .router import Router
 from .weight_buffer import WeightBuffer
 from .weight_streamer import WeightStreamer
-from ..checks import check_int as _check_int
 
 __all__ = ["MoELayer", "LoadTarget", "LoadLayout"]
 
@@ -84,17 +83,13 @@ class MoELayer(wiring.Component):
     Parameters
     ----------
     config : AcceleratorConfig
-        Every size: PE array, token capacity, experts, top-k, tasks, buffers.
-    mem_addr_width, mem_data_bytes, mem_max_burst : int
-        The external-memory read port (:class:`~m3vit_hw.lib.mem_port.ReadPortSignature`).
-    counter_width : int
-        Width of the performance counters, in [16, 64].
-    arbiter_depth : int
-        Outstanding memory requests the arbiter can route.
+        Every size: PE array, token capacity, experts, top-k, tasks, buffers, the external-memory
+        port (``mem_addr_width``, ``mem_data_bytes``, ``mem_max_burst``), ``arbiter_depth``,
+        ``tile_tag_width`` and ``counter_width``.
 
     Interface attributes
     --------------------
-    start : ``In(stream.Signature(LayerStartLayout(config, mem_addr_width)))``
+    start : ``In(stream.Signature(LayerStartLayout(config)))``
         Starts a layer; accepted when idle (see :class:`~m3vit_hw.moe.reorder_controller.LayerStartLayout`).
     done : ``Out(1)``
         Pulses when the layer's last result is in the residual buffer.
@@ -108,7 +103,7 @@ class MoELayer(wiring.Component):
         Residual-buffer word addresses to read back; ready while idle and the output slot is free.
     rd_data : ``Out(stream.Signature(ArrayLayout(signed(16), pe_cols)))``
         The words, in request order, one per address.
-    cycles, compute_cycles, expert_bytes, gate_bytes : ``Out(counter_width)``
+    cycles, compute_cycles, expert_bytes, gate_bytes : ``Out(config.counter_width)``
         Performance counters of the last layer (see the module docstring).
     active_experts : ``Out(range(E + 1))``
         Active experts of the last layer.
@@ -117,40 +112,33 @@ class MoELayer(wiring.Component):
 
     Raises
     ------
-    TypeError, ValueError
-        On a bad parameter or a config whose buffers cannot hold the layer (message names it).
+    TypeError
+        If ``config`` is not an :class:`~m3vit_hw.config.AcceleratorConfig` (sizes are checked when
+        the config is built).
     """
 
-    def __init__(self, config, *, mem_addr_width=DEFAULT_ADDR_WIDTH, mem_data_bytes=DEFAULT_DATA_BYTES,
-                 mem_max_burst=DEFAULT_MAX_BURST, counter_width=32, arbiter_depth=8):
-        try:
-            if not isinstance(config, AcceleratorConfig):
-                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-            _check_int("counter_width", counter_width, 16, 64)
-            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                               max_burst=mem_max_burst)
-            layout = plan_moe(config, data_bytes=mem_data_bytes)
-            self.controller = ReorderController(config, layout, addr_width=mem_addr_width)
-            self.arbiter = ReadArbiter(2, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                       max_burst=mem_max_burst, depth=arbiter_depth)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+    def __init__(self, config):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        # Every size was checked when the config was built (a config that validates elaborates), so
+        # nothing below can refuse it; the sub-units are built here because testbenches reach into them.
+        layout = plan_moe(config)
         self._config = config
         self._layout = layout
-        self._db = mem_data_bytes
+        self._db = config.mem_data_bytes
         C = config.pe_cols
-        port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst,
-                    counter_width=counter_width)
+        self.controller = ReorderController(config, layout)
+        self.arbiter = ReadArbiter(2, addr_width=config.mem_addr_width,
+                                   data_bytes=config.mem_data_bytes,
+                                   max_burst=config.mem_max_burst, depth=config.arbiter_depth)
         self.engine = GemmEngine(config)
         self.router = Router(config)
         self.queues = ExpertQueues.from_config(config)
-        self.wbuf = WeightBuffer(layout.weight_half_bytes, C * numerics.WEIGHT_BITS // 8,
-                                 write_bytes=mem_data_bytes)
+        self.wbuf = WeightBuffer.from_config(config)
         self.pbuf = WeightBuffer(layout.param_half_bytes, layout.param_word_bytes,
-                                 write_bytes=mem_data_bytes)
-        self.wstream = WeightStreamer(layout.weight_half_bytes, **port)
-        self.pstream = WeightStreamer(layout.param_half_bytes, **port)
+                                 write_bytes=config.mem_data_bytes, tag_width=config.tile_tag_width)
+        self.wstream = WeightStreamer.from_config(config)
+        self.pstream = WeightStreamer.from_config(config, half_bytes=layout.param_half_bytes)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The activation buffer (``h`` rows, then the hidden region) and the residual buffer; exposed so
@@ -158,18 +146,19 @@ class MoELayer(wiring.Component):
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
         super().__init__({
-            "start": In(stream.Signature(LayerStartLayout(config, mem_addr_width))),
+            "start": In(stream.Signature(LayerStartLayout(config))),
             "done": Out(1),
             "busy": Out(1),
-            "mem": Out(ReadPortSignature(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                         max_burst=mem_max_burst)),
+            "mem": Out(ReadPortSignature(addr_width=config.mem_addr_width,
+                                         data_bytes=config.mem_data_bytes,
+                                         max_burst=config.mem_max_burst)),
             "load": In(stream.Signature(LoadLayout(config))),
             "rd_addr": In(stream.Signature(unsigned(config.res_addr_bits))),
             "rd_data": Out(stream.Signature(word16)),
-            "cycles": Out(counter_width),
-            "compute_cycles": Out(counter_width),
-            "expert_bytes": Out(counter_width),
-            "gate_bytes": Out(counter_width),
+            "cycles": Out(config.counter_width),
+            "compute_cycles": Out(config.counter_width),
+            "expert_bytes": Out(config.counter_width),
+            "gate_bytes": Out(config.counter_width),
             "active_experts": Out(range(config.model.experts + 1)),
             "overflow": Out(1),
         })
@@ -286,13 +275,13 @@ class MoELayer(wiring.Component):
 
         # Read-back: one registered read stage (the read data holds while the port is disabled).
         rb = res.read_port()
-        rq, rd = self.rd_addr, self.rd_data
+        rd_req, rd = self.rd_addr, self.rd_data
         m.d.comb += [
-            rq.ready.eq(~busy & (~rd.valid | rd.ready)),
-            rb.addr.eq(rq.payload), rb.en.eq(rq.valid & rq.ready),
+            rd_req.ready.eq(~busy & (~rd.valid | rd.ready)),
+            rb.addr.eq(rd_req.payload), rb.en.eq(rd_req.valid & rd_req.ready),
             rd.payload.eq(rb.data),
         ]
-        with m.If(rq.valid & rq.ready):
+        with m.If(rd_req.valid & rd_req.ready):
             m.d.sync += rd.valid.eq(1)
         with m.Elif(rd.ready):
             m.d.sync += rd.valid.eq(0)

@@ -63,13 +63,13 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
-from .expert_layout import MoELayout
-from .expert_queues import token_id_width
+from .expert_layout import MoELayout, plan_moe
 from ..gemm.gemm_engine import GemmCommand, RowEntryLayout
 from .router import RouterCommandLayout
-from ..rowops.softmax import OUT_BITS, SHIFT_BITS
+from ..numerics import SHIFT_BITS
+from ..rowops.softmax import OUT_BITS
 from .topk import expert_id_width
-from .weight_buffer import DEFAULT_TAG_WIDTH, TileInfoLayout
+from .weight_buffer import TileInfoLayout
 from .weight_streamer import StreamerCommandLayout
 
 __all__ = ["ReorderController", "LayerStartLayout", "QueueBeatLayout", "GATE_TAG"]
@@ -93,7 +93,7 @@ class LayerStartLayout(data.StructLayout):
         Task id in ``[0, tasks)``: selects the gate record at ``gate_base + task * gate_stride``.
     tokens : range(token_capacity + 1)
         T, in ``[1, token_capacity]``.
-    gate_base, expert_base : unsigned(addr_width)
+    gate_base, expert_base : unsigned(config.mem_addr_width)
         External byte addresses of the layer's gate region and expert region
         (:class:`~m3vit_hw.moe.expert_layout.MoELayout`); multiples of the memory beat.
     c_mult, c_shift : the router softmax's exponent scale for this task's gate.
@@ -101,8 +101,9 @@ class LayerStartLayout(data.StructLayout):
         Requantization shifts of the experts' fc1 and fc2 (one per layer, shared by all experts).
     """
 
-    def __init__(self, config, addr_width):
+    def __init__(self, config):
         tasks = config.model.num_tasks
+        addr_width = config.mem_addr_width
         super().__init__({
             "task": unsigned(max(1, (tasks - 1).bit_length())),
             "tokens": range(config.token_capacity + 1),
@@ -124,7 +125,7 @@ class QueueBeatLayout(data.StructLayout):
             "header": unsigned(1),
             "expert": unsigned(expert_id_width(config.model.experts)),
             "count": range(cap + 1),
-            "token": unsigned(token_id_width(cap)),
+            "token": unsigned(config.token_bits),
             "weight": unsigned(OUT_BITS),
             "last": unsigned(1),
         })
@@ -138,14 +139,11 @@ class ReorderController(wiring.Component):
     config : AcceleratorConfig
     layout : MoELayout
         The tile plan and memory layout (:func:`~m3vit_hw.moe.expert_layout.plan_moe` of ``config``).
-    addr_width : int
-        External byte-address width (the streamers' ``addr_width``).
-    tag_width : int
-        Width of the streamers' and buffers' tile tag.
+        External addresses are ``config.mem_addr_width`` bits, tile tags ``config.tile_tag_width``.
 
     Interface attributes
     --------------------
-    start : ``In(stream.Signature(LayerStartLayout(config, addr_width)))``
+    start : ``In(stream.Signature(LayerStartLayout(config)))``
         Accepted when the controller is idle.
     q : ``In(stream.Signature(QueueBeatLayout(config)))``
         The ExpertQueues walk; always ready while a layer runs.
@@ -179,16 +177,13 @@ class ReorderController(wiring.Component):
     Raises
     ------
     TypeError, ValueError
-        If ``layout`` was not planned for ``config`` or the activation buffer cannot hold the ``h`` rows
-        and the hidden region.
+        If ``layout`` was not planned for ``config`` (every size was checked by the config).
     """
 
-    def __init__(self, config, layout, *, addr_width=32, tag_width=DEFAULT_TAG_WIDTH):
-        try:
-            self._check(config, layout, addr_width, tag_width)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+    def __init__(self, config, layout):
+        self._check(config, layout)
+        addr_width = config.mem_addr_width
+        tag_width = config.tile_tag_width
         self._config = config
         self._layout = layout
         self._aw = addr_width
@@ -196,7 +191,7 @@ class ReorderController(wiring.Component):
         E = config.model.experts
         scmd = StreamerCommandLayout(addr_width, addr_width, tag_width)
         super().__init__({
-            "start": In(stream.Signature(LayerStartLayout(config, addr_width))),
+            "start": In(stream.Signature(LayerStartLayout(config))),
             "q": In(stream.Signature(QueueBeatLayout(config))),
             "router_cmd": Out(stream.Signature(RouterCommandLayout(config))),
             "router_drained": In(1),
@@ -216,42 +211,16 @@ class ReorderController(wiring.Component):
         })
 
     @staticmethod
-    def _check(config, layout, addr_width, tag_width):
+    def _check(config, layout):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         if not isinstance(layout, MoELayout):
             raise TypeError(f"layout must be a MoELayout, not {layout!r}")
-        m = config.model
-        if (layout.dim, layout.hidden, layout.experts, layout.pe_cols, layout.tasks) != (
-                m.dim, m.expert_hidden, m.experts, config.pe_cols, m.num_tasks):
+        # Every size (address and tag widths, the activation buffer's h rows and hidden region) was
+        # checked by the config's validation; only the pairing of layout and config is left.
+        if layout != plan_moe(config):
             raise ValueError("layout must be planned for config (plan_moe(config)): its D, h, E, "
-                             "pe_cols or task count differ")
-        for name, v, lo, hi in (("addr_width", addr_width, 1, 64), ("tag_width", tag_width, 1, 64)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an integer, not {v!r}")
-            if not lo <= v <= hi:
-                raise ValueError(f"{name} must be in [{lo}, {hi}], not {v}")
-        if layout.image_bytes >= 1 << addr_width:
-            raise ValueError(f"addr_width={addr_width} cannot address the layer's {layout.image_bytes}-"
-                             f"byte parameter image")
-        if len(layout.tiles) + 1 >= 1 << tag_width:
-            raise ValueError(f"tag_width={tag_width} cannot number {len(layout.tiles)} tiles")
-        need = ReorderController.hidden_base_of(config) + config.token_capacity * ReorderController.hidden_words_of(config)
-        if need > config.act_buffer_words:
-            raise ValueError(
-                f"act_buffer_bytes must be >= {need * config.act_word_bytes} for the MoE layer (h rows "
-                f"and a token_capacity x expert_hidden hidden region), not {config.act_buffer_bytes}")
-
-    # ---- the on-chip buffer map (one definition, read by MoELayer and the runners) --------------
-
-    @staticmethod
-    def hidden_base_of(config):
-        """Activation-buffer word where the hidden region starts (after ``token_capacity`` h rows)."""
-        return config.token_capacity * config.row_words
-
-    @staticmethod
-    def hidden_words_of(config):
-        return -(-config.model.expert_hidden // config.pe_cols)
+                             "pe_cols, task count, buffer halves or memory beat differ")
 
     @property
     def config(self):
@@ -268,11 +237,13 @@ class ReorderController(wiring.Component):
 
     @property
     def hidden_base(self):
-        return self.hidden_base_of(self._config)
+        """Activation-buffer word of the hidden region (``config.moe_hidden_base``)."""
+        return self._config.moe_hidden_base
 
     @property
     def hidden_words(self):
-        return self.hidden_words_of(self._config)
+        """Words per hidden row (``config.moe_hidden_words``)."""
+        return self._config.moe_hidden_words
 
     # ---- elaboration -----------------------------------------------------------------------------
 
@@ -335,7 +306,7 @@ class ReorderController(wiring.Component):
 
         # ---- the layer's parameters ------------------------------------------------------------------
         busy = Signal()
-        par = Signal(LayerStartLayout(cfg, aw))
+        par = Signal(LayerStartLayout(cfg))
         gate_addr = Signal(aw)
         m.d.comb += [self.start.ready.eq(~busy), self.busy.eq(busy)]
         start = self.start.valid & self.start.ready

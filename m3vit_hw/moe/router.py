@@ -32,7 +32,8 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import StreamOutLayout
-from ..rowops.softmax import OUT_BITS, SHIFT_BITS, SoftmaxMode, SoftmaxUnit
+from ..numerics import SHIFT_BITS
+from ..rowops.softmax import OUT_BITS, SoftmaxMode, SoftmaxUnit
 from .topk import TopK, expert_id_width
 
 __all__ = ["Router", "RouterCommandLayout", "RouterOutLayout"]
@@ -117,7 +118,6 @@ class Router(wiring.Component):
 
     def __init__(self, config):
         if not isinstance(config, AcceleratorConfig):
-            self._MustUse__silence = True
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         self._config = config
         C = config.pe_cols

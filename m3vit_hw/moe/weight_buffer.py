@@ -50,13 +50,16 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
+from .. import numerics
 from ..checks import check_int as _check_int
+from ..config import AcceleratorConfig
 
 __all__ = ["WeightBuffer", "TileInfoLayout", "WriterSignature", "ReaderSignature",
            "DEFAULT_TAG_WIDTH"]
 
-#: Default width of the opaque tile tag (expert id, matrix, tile index: the controller's choice).
-DEFAULT_TAG_WIDTH = 16
+#: Default width of the opaque tile tag (expert id, matrix, tile index: the controller's choice); the
+#: config's ``tile_tag_width`` default is the one definition.
+DEFAULT_TAG_WIDTH = AcceleratorConfig.tile_tag_width
 
 
 def _check_sizes(half_bytes, word_bytes, tag_width, word_name="word_bytes"):
@@ -247,14 +250,13 @@ class WeightBuffer(wiring.Component):
         """Build from an ``AcceleratorConfig``.
 
         ``config.weight_buffer_bytes`` is the whole buffer (both halves); a read word is one
-        ``pe_cols``-wide row of int8 weights; ``write_bytes`` is ``config.mem_data_bytes`` if the
-        config has it, else :data:`m3vit_hw.lib.mem_port.DEFAULT_DATA_BYTES`. Keyword arguments override.
+        ``pe_cols``-wide row of int8 weights; ``write_bytes`` is ``config.mem_data_bytes`` and
+        ``tag_width`` is ``config.tile_tag_width``. Keyword arguments override.
         """
-        from .. import numerics
-        from ..lib.mem_port import DEFAULT_DATA_BYTES
-        kwargs.setdefault("write_bytes", getattr(config, "mem_data_bytes", DEFAULT_DATA_BYTES))
+        kwargs.setdefault("write_bytes", config.mem_data_bytes)
+        kwargs.setdefault("tag_width", config.tile_tag_width)
         word_bytes = kwargs.pop("word_bytes", config.pe_cols * numerics.WEIGHT_BITS // 8)
-        return cls(_half_of(config.weight_buffer_bytes), word_bytes, **kwargs)
+        return cls(config.weight_buffer_half_bytes, word_bytes, **kwargs)
 
     @property
     def half_bytes(self):
@@ -340,10 +342,3 @@ class WeightBuffer(wiring.Component):
         else:
             m.d.comb += r.data.eq(Cat(*bank_data))
         return m
-
-
-def _half_of(buffer_bytes):
-    if not isinstance(buffer_bytes, int) or buffer_bytes < 2 or buffer_bytes % 2:
-        raise ValueError(f"weight_buffer_bytes must be an even integer >= 2 (two halves), "
-                         f"not {buffer_bytes!r}")
-    return buffer_bytes // 2

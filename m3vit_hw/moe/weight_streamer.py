@@ -14,7 +14,7 @@ from amaranth.lib.wiring import In, Out
 from ..lib.mem_port import (BOUNDARY_BYTES, DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES,
                                DEFAULT_MAX_BURST, ReadPortSignature)
 from ..checks import check_int as _check_int
-from .weight_buffer import DEFAULT_TAG_WIDTH, WriterSignature, _half_of
+from .weight_buffer import DEFAULT_TAG_WIDTH, WriterSignature
 
 __all__ = ["WeightStreamer", "StreamerCommandLayout"]
 
@@ -109,14 +109,17 @@ class WeightStreamer(wiring.Component):
     def from_config(cls, config, **kwargs):
         """Build from an ``AcceleratorConfig``.
 
-        ``half_bytes = config.weight_buffer_bytes // 2``; the port parameters come from
-        ``config.mem_addr_width``, ``config.mem_data_bytes`` and ``config.mem_max_burst`` when the config
-        has them (else :mod:`m3vit_hw.lib.mem_port`'s defaults); keyword arguments override.
+        ``half_bytes = config.weight_buffer_bytes // 2``; the port parameters, the tag width and the
+        counter width come from ``config.mem_addr_width``, ``mem_data_bytes``, ``mem_max_burst``,
+        ``tile_tag_width`` and ``counter_width``; keyword arguments override.
         """
-        kwargs.setdefault("addr_width", getattr(config, "mem_addr_width", DEFAULT_ADDR_WIDTH))
-        kwargs.setdefault("data_bytes", getattr(config, "mem_data_bytes", DEFAULT_DATA_BYTES))
-        kwargs.setdefault("max_burst", getattr(config, "mem_max_burst", DEFAULT_MAX_BURST))
-        return cls(_half_of(config.weight_buffer_bytes), **kwargs)
+        kwargs.setdefault("addr_width", config.mem_addr_width)
+        kwargs.setdefault("data_bytes", config.mem_data_bytes)
+        kwargs.setdefault("max_burst", config.mem_max_burst)
+        kwargs.setdefault("tag_width", config.tile_tag_width)
+        kwargs.setdefault("counter_width", config.counter_width)
+        half_bytes = kwargs.pop("half_bytes", config.weight_buffer_half_bytes)
+        return cls(half_bytes, **kwargs)
 
     @property
     def half_bytes(self):

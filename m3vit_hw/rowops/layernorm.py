@@ -27,14 +27,15 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
+from ..checks import check_int
+from ..numerics import SHIFT_BITS
 from ..lib.divider import Divider
 from ..lib.isqrt import ISqrt
 
-__all__ = ["LayerNormUnit", "SHIFT_BITS", "MAX_DIM"]
+__all__ = ["LayerNormUnit", "MAX_DIM"]
 
-#: The output shift is in [0, SHIFT_MAX]. (gamma_mult, beta_int and eps_int widths are
-#: ``numerics.LN_GAMMA_BITS``, ``LN_BETA_BITS`` and ``LN_EPS_BITS``.)
-SHIFT_BITS = numerics.SHIFT_MAX.bit_length()
+# The output shift is numerics.SHIFT_BITS wide; gamma_mult, beta_int and eps_int widths are
+# numerics.LN_GAMMA_BITS, LN_BETA_BITS and LN_EPS_BITS.
 #: Largest supported row length. The golden model's int64 intermediates (D*S2 and (D*x - S1) * inv)
 #: stay exact up to D = 2**15; this leaves a margin.
 MAX_DIM = 1 << 14
@@ -49,23 +50,6 @@ _STATS_OVERHEAD = 9
 def _signed_for(bound):
     """Signed shape holding every value in [-bound, bound]."""
     return Shape.cast(range(-bound, bound + 1))
-
-
-def _config_value(config, path):
-    """``config.<path>`` with an error that names the missing field."""
-    value = config
-    for part in path.split("."):
-        if not hasattr(value, part):
-            raise TypeError(f"config must have a {path!r} field, not {config!r}")
-        value = getattr(value, part)
-    return value
-
-
-def _check_positive(name, value):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive integer, not {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive integer, not {value}")
 
 
 class LayerNormUnit(wiring.Component):
@@ -121,8 +105,8 @@ class LayerNormUnit(wiring.Component):
     """
 
     def __init__(self, dim, lanes, *, recip_bits_per_cycle=None):
-        _check_positive("dim", dim)
-        _check_positive("lanes", lanes)
+        check_int("dim", dim, 1)
+        check_int("lanes", lanes, 1)
         if dim > MAX_DIM:
             raise ValueError(f"dim must be in [1, {MAX_DIM}], not {dim}")
         if dim % lanes:
@@ -170,8 +154,7 @@ class LayerNormUnit(wiring.Component):
     @classmethod
     def from_config(cls, config, **kwargs):
         """Build the unit for an accelerator config (reads ``config.model.dim``, ``config.ln_lanes``)."""
-        return cls(dim=_config_value(config, "model.dim"), lanes=_config_value(config, "ln_lanes"),
-                   **kwargs)
+        return cls(dim=config.model.dim, lanes=config.ln_lanes, **kwargs)
 
     def _engine_periods(self, k):
         # Mirrors ISqrt.period and Divider.period (= their latencies) without building the engines.

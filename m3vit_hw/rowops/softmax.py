@@ -29,16 +29,16 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
+from ..checks import check_int
+from ..numerics import SHIFT_BITS
 from ..lib.divider import Divider
 
-__all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "SHIFT_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
+__all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
 
 #: Width of the per-command row count.
 ROWS_BITS = 16
-#: ``c_shift`` is in [0, SHIFT_MAX].
-SHIFT_BITS = numerics.SHIFT_MAX.bit_length()
 #: Output lanes carry e8 (<= 255) or a Q0.ROUTER_P_FRAC probability (<= 2**ROUTER_P_FRAC inclusive).
-OUT_BITS = numerics.ROUTER_P_FRAC + 1
+OUT_BITS = numerics.COMBINE_WEIGHT_BITS
 #: Largest supported ``max_length`` (the sums and buffers scale with it).
 MAX_LENGTH = 1 << 16
 
@@ -72,24 +72,6 @@ class SoftmaxMode(enum.Enum, shape=1):
     ATTENTION = 0
     #: Gate-logit rows -> Q0.15 probabilities.
     ROUTER = 1
-
-
-def _check_positive(name, value, maximum=None):
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a positive integer, not {value!r}")
-    if value < 1 or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be in [1, {maximum}], not {value}" if maximum is not None
-                         else f"{name} must be a positive integer, not {value}")
-
-
-def _config_value(config, path):
-    """``config.<path>`` with an error that names the missing field."""
-    value = config
-    for part in path.split("."):
-        if not hasattr(value, part):
-            raise TypeError(f"config must have a {path!r} field, not {config!r}")
-        value = getattr(value, part)
-    return value
 
 
 def _incr(ptr, depth):
@@ -159,8 +141,8 @@ class SoftmaxUnit(wiring.Component):
     """
 
     def __init__(self, lanes, max_length, *, div_bits_per_cycle=None):
-        _check_positive("lanes", lanes)
-        _check_positive("max_length", max_length, MAX_LENGTH)
+        check_int("lanes", lanes, 1)
+        check_int("max_length", max_length, 1, MAX_LENGTH)
         if div_bits_per_cycle is not None:
             if not isinstance(div_bits_per_cycle, int) or isinstance(div_bits_per_cycle, bool):
                 raise TypeError("div_bits_per_cycle must be an integer or None, "
@@ -202,10 +184,8 @@ class SoftmaxUnit(wiring.Component):
     def from_config(cls, config, **kwargs):
         """Build the unit for an accelerator config: ``lanes = config.softmax_lanes`` and
         ``max_length = max(config.token_capacity, config.model.experts)``."""
-        return cls(lanes=_config_value(config, "softmax_lanes"),
-                   max_length=max(_config_value(config, "token_capacity"),
-                                  _config_value(config, "model.experts")),
-                   **kwargs)
+        return cls(lanes=config.softmax_lanes,
+                   max_length=max(config.token_capacity, config.model.experts), **kwargs)
 
     @staticmethod
     def _div_period(k):
