@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Epilogue: every mode bit-exact against reference/golden.py, with random stalls and real memories."""
 
 import time

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """GeluStage: golden.gelu through a loaded table, with random stalls; Verilog; wiring.connect."""
 
 import numpy as np

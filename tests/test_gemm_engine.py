@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """GemmEngine: commands through real buffers, bit-exact against reference/golden.py.
 
 The oracle is :func:`_model`: it reads the operands out of the buffers exactly as the GemmEngine
@@ -10,16 +11,17 @@ import time
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Module, Shape
+from amaranth.hdl import Module
 from amaranth.lib import stream, wiring
+from amaranth.sim import Simulator
 
 from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.gemm.epilogue import EpilogueMode as Mode
 from m3vit_hw.gemm.epilogue import StreamOutLayout
-from m3vit_hw.gemm.gemm_engine import GemmCommand, GemmEngine
+from m3vit_hw.gemm.gemm_engine import GemmCommand, GemmEngine, check_command
 from reference import golden
-from sim.bench_gemm import GemmHarness, bench, simulate
+from sim.bench_gemm import W1_SHAPES, GemmHarness, bench, bench_config, simulate
 
 CFG = AcceleratorConfig.from_preset("tiny")          # 4x4 PEs
 RES_MODES = (Mode.RES16, Mode.RESADD, Mode.COMBINE)
@@ -475,7 +477,58 @@ def test_bad_config():
 def test_command_layout_widths():
     """The command's fields are sized from the config (one source of truth)."""
     layout = GemmCommand(CFG)
-    assert layout.size == sum(Shape.cast(f.shape).width for _, f in layout)
     assert layout["a_base"].shape.width == CFG.act_addr_bits
     assert layout["b_base"].shape.width == CFG.b_addr_bits
     assert (1 << layout["k"].shape.width) > CFG.largest_k
+
+
+@pytest.mark.parametrize("cmd, words", [
+    (dict(m=1, k=1, n=CFG.largest_n + 1), r"field n must be in \[1, %d\]" % CFG.largest_n),
+    (dict(m=1, k=1, n=1 << 12), r"field n must be in \[0, \d+\], not 4096"),
+    (dict(m=0, k=1, n=1), r"field m must be in \[1, "),
+    (dict(m=2, k=1, n=1, dst_base=(1 << CFG.dst_addr_bits) - 1, dst_stride=1), r"destination addresses run to word"),
+    (dict(m=2, k=CFG.pe_cols + 1, n=1, a_base=(1 << CFG.act_addr_bits) - 1), r"A addresses run to word"),
+    (dict(m=1, k=1, n=1, bogus=1), r"no field 'bogus'"),
+])
+def test_check_command_refuses_what_would_truncate(cmd, words):
+    """An oversize command is refused where it is built, naming the field, value and range."""
+    with pytest.raises(ValueError, match=words) as info:
+        check_command(CFG, cmd)
+    print(info.value)
+
+
+def test_oversize_command_trips_an_assertion_in_simulation():
+    """A command that bypasses check_command with n above largest_n (but inside its field) trips the
+    engine's Assert instead of computing a truncated product."""
+    n = CFG.largest_n + 1
+    assert n < 1 << GemmCommand(CFG)["n"].shape.width
+    engine = GemmEngine(CFG)
+    sim = Simulator(engine)
+    sim.add_clock(1e-8)
+
+    async def tb(ctx):
+        ctx.set(engine.cmd.payload, {"m": 1, "k": 1, "n": n})
+        ctx.set(engine.cmd.valid, 1)
+        await ctx.tick()
+
+    sim.add_testbench(tb)
+    with pytest.raises(AssertionError, match="command n above config.largest_n"):
+        sim.run()
+
+
+def test_bench_sizes_its_config_from_the_problem():
+    """bench_gemm builds a config whose fields and buffers hold any M, K, N: here N = 260 (past the tiny
+    preset's 8-bit n field) and M above its token count, bit-exact against numpy."""
+    cfg = bench_config(4, 4, 11, 3, 260)
+    assert cfg.largest_n >= 260 and cfg.token_capacity >= 11
+    cycles, mpc, util = bench(4, 4, 11, 3, 260)
+    print(f"bench 11x3x260 on 4x4: {cycles} cycles, {mpc:.2f} MAC/cycle, utilization {util:.3f}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", sorted(W1_SHAPES))
+def test_bench_w1_shapes_bit_exact(label):
+    """The W1 block's GEMM shapes on 16x16 PEs, bit-exact (bench raises otherwise); minutes each."""
+    m, k, n = W1_SHAPES[label]
+    cycles, mpc, util = bench(16, 16, m, k, n)
+    print(f"W1 {label} {m}x{k}x{n} on 16x16: {cycles} cycles, {mpc:.1f} MAC/cycle, utilization {util:.3f}")

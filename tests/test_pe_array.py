@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """PEArray: exact int32 tile sums against numpy, with random stalls on both streams."""
 
 import time

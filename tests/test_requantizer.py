@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Requantizer: golden.requantize lane by lane, with random stalls; Verilog; wiring.connect."""
 
 import numpy as np

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """ResidualStage: golden.residual_add / golden.moe_combine read-modify-writes on a real memory,
 with repeated addresses and random stalls; Verilog; wiring.connect."""
 
