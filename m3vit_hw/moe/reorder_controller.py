@@ -64,7 +64,7 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
 from .expert_layout import MoELayout, plan_moe
-from ..gemm.gemm_engine import GemmCommand, RowEntryLayout
+from ..gemm.gemm_engine import GemmCommand, RowEntryLayout, check_command
 from .router import RouterCommandLayout
 from ..numerics import SHIFT_BITS
 from ..rowops.softmax import OUT_BITS
@@ -221,6 +221,22 @@ class ReorderController(wiring.Component):
         if layout != plan_moe(config):
             raise ValueError("layout must be planned for config (plan_moe(config)): its D, h, E, "
                              "pe_cols, task count, buffer halves or memory beat differ")
+        # The GEMM commands this controller builds, at their largest (every token on one expert), go
+        # through the engine's command check: the config's sizes guarantee they fit, and this turns any
+        # drift between the plan and the engine's fields into an error here instead of a truncation.
+        m = config.model
+        C, T = config.pe_cols, config.token_capacity
+        rw, hw, hb = config.row_words, config.moe_hidden_words, config.moe_hidden_base
+        cmds = [dict(m=T, k=m.dim, n=m.experts, a_stride=rw, b_tile_stride=m.dim, b_k_stride=1)]
+        for t in layout.tiles:
+            if t.kind == "fc1":
+                cmds.append(dict(m=T, k=t.k, n=t.n, a_stride=rw, b_tile_stride=t.k, b_k_stride=1,
+                                 dst_base=hb + t.n0 // C, dst_stride=hw, gather=1))
+            else:
+                cmds.append(dict(m=T, k=t.k, n=t.n, a_base=hb, a_stride=hw, b_tile_stride=t.k,
+                                 b_k_stride=1, dst_base=t.n0 // C, dst_stride=rw, scatter=1))
+        for cmd in cmds:
+            check_command(config, cmd)
 
     @property
     def config(self):
