@@ -646,6 +646,9 @@ class AcceleratorConfig:
             f"{self.weight_buffer_half_bytes / kib:.1f} KiB (panel {self.weight_panel_bytes} B)",
             f"  param buffer    {self.param_buffer_words} words (bias+mult of {self.pe_cols} columns)",
             f"  LN lanes {self.ln_lanes}, softmax lanes {self.softmax_lanes}",
+            f"  memory port     {8 * self.mem_data_bytes}-bit beats, {self.mem_addr_width}-bit addresses, "
+            f"bursts <= {self.mem_max_burst}; arbiter depth {self.arbiter_depth}, tile tags "
+            f"{self.tile_tag_width} bits, counters {self.counter_width} bits",
             f"  encoder work    {m.macs_per_frame() / 1e9:.3f} GMAC/frame -> "
             f"{m.macs_per_frame() / self.macs_per_cycle / self.clock_mhz / 1e3:.2f} ms at peak",
         ]
