@@ -13,12 +13,15 @@ insert random idle cycles (stalls) on either side to shake out flow-control bugs
             assert (await stream_get(ctx, dut.o, stalls=stalls)) == want
 """
 
+import numbers
 import random
 
 from amaranth.hdl import Module as _Module
+from amaranth.hdl import Shape as _Shape
+from amaranth.lib import data as _data
 from amaranth.lib import wiring as _wiring
 
-__all__ = ["Stalls", "stream_put", "stream_get", "stream_put_many", "stream_get_many", "transfer_logger",
+__all__ = ["Stalls", "check_payload", "stream_put", "stream_get", "stream_put_many", "stream_get_many", "transfer_logger",
            "run_until_done", "StreamPassthrough", "EmbeddingHarness"]
 
 
@@ -44,8 +47,50 @@ class Stalls:
             await ctx.tick()
 
 
+def check_payload(shape, value, name="payload"):
+    """Check that ``value`` fits ``shape`` field by field before a testbench drives it.
+
+    ``ctx.set`` truncates an integer that does not fit its field (20 in a 4-bit field becomes 4), so an
+    oversize command would silently run as a different one. Dicts are checked against struct layouts,
+    lists against array layouts, integers against their field's range; anything else (enum members,
+    constants) is left to Amaranth.
+
+    Raises
+    ------
+    ValueError
+        ``"{name}.{field} = {value} does not fit {shape} ([lo, hi])"`` naming the first bad field.
+    """
+    if isinstance(shape, _data.StructLayout) and isinstance(value, dict):
+        for key, v in value.items():
+            if key not in dict(shape):
+                raise ValueError(f"{name} has no field {key!r}; fields: {sorted(dict(shape))}")
+            check_payload(shape[key].shape, v, f"{name}.{key}")
+    elif isinstance(shape, _data.ArrayLayout) and isinstance(value, (list, tuple)):
+        if len(value) > shape.length:
+            raise ValueError(f"{name} has {shape.length} elements, not {len(value)}")
+        for i, v in enumerate(value):
+            check_payload(shape.elem_shape, v, f"{name}[{i}]")
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)
+        try:
+            cast = _Shape.cast(shape)
+        except TypeError:
+            return
+        if isinstance(shape, type):                  # an enum: Amaranth checks its members
+            return
+        lo, hi = ((-(1 << (cast.width - 1)), (1 << (cast.width - 1)) - 1) if cast.signed
+                  else (0, (1 << cast.width) - 1))
+        if not lo <= value <= hi:
+            raise ValueError(f"{name} = {value} does not fit {cast!r} ([{lo}, {hi}]): the simulator "
+                             f"would silently truncate it")
+
+
 async def stream_put(ctx, stream, payload, *, stalls=None):
-    """Offer one beat on ``stream`` (an ``In``-side stream of the DUT) and wait until it is taken."""
+    """Offer one beat on ``stream`` (an ``In``-side stream of the DUT) and wait until it is taken.
+
+    ``payload`` is checked against the stream's payload shape first (:func:`check_payload`): a field
+    out of range raises instead of being truncated."""
+    check_payload(stream.payload.shape(), payload)
     if stalls is not None:
         await stalls.wait(ctx)
     ctx.set(stream.valid, 1)
