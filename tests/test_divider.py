@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Divider: exact against Python integer division, with random stalls on both streams."""
 
 import random

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """ExpertQueues against reference.golden.expert_queues: skewed and idle experts, E=1, top_k=E, stalls."""
 
 import gc

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """ISqrt: exact against ``math.isqrt`` (and ``golden.isqrt``), with random stalls on both streams."""
 
 import math

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """LayerNormUnit: bit-exact with ``golden.layernorm``, under random stalls on every stream."""
 
 

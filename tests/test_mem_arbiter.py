@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """ReadArbiter: several read masters share one external-memory port; nothing lost, duplicated or misrouted."""
 
 import gc

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """MoELayer end to end against reference.golden_model.moe_layer: bit-exact for E in {1, 2, 3, 16, 64}.
 
 Each case elaborates one MoELayer (4x4 PEs, D=16, h=32, two tasks) and runs two or three layers on it

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """ReorderController: command sequence, fetch-once, prefetch overlap, zero-overhead switching, bandwidth.
 
 Two levels:

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Router (logit bias, softmax, top-k after the gate GEMM) against reference/golden.py.
 
 The input is the gate GEMM's RAW beat stream exactly as the GemmEngine emits it (row tiles, then

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """SoftmaxUnit: bit-exact with golden.attention_weights / attention_recip / router_probs, with stalls."""
 
 

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """TopK against reference.golden.topk: random rows, all-equal rows, heavy ties, int32 extremes, stalls."""
 
 import gc

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """WeightBuffer: ping-pong handshake, contents per tile, banked writes, dropped illegal writes, stalls."""
 
 import gc

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """WeightStreamer + WeightBuffer against the external-memory model: tiles, fetch-once, fill bandwidth."""
 
 import gc
