@@ -58,6 +58,8 @@ def _tiles_of(commands, half):
 
 def _simulate(dut, store, commands, *, half, data_bytes, word_bytes, mem_kwargs, cmd_stall=0.0,
               read_stall=0.0, hold_cycles=0, hold_exact=False, seed=0, max_cycles=200000):
+    for addr, length, tag in commands:          # the command builder's check (see check_command)
+        dut.streamer.check_command(addr, length, tag)
     mem = ExternalMemory(store, seed=seed, **mem_kwargs)
     tiles = _tiles_of(commands, half)
     seen, visible = [], []
@@ -250,3 +252,17 @@ def test_from_accelerator_config(preset):
         assert "module top" in verilog.convert(m, name="top", ports=[])
     else:
         Fragment.get(m, None)
+
+
+@pytest.mark.parametrize("cmd, words", [
+    ((8, 64, 0), r"addr must be a multiple of data_bytes=16, not 8"),
+    ((0, 1 << 20, 0), r"length must be in \[0, 1048575\], not 1048576"),
+    ((0, 64, 64), r"tag must be in \[0, 63\], not 64"),
+    (((1 << 20) - 16, 32, 0), r"addr \+ length must be at most 2\*\*addr_width = 1048576"),
+])
+def test_check_command(cmd, words):
+    """A command the streamer would misread (misaligned, wrapped, truncated) is refused when built."""
+    s = WeightStreamer(256, addr_width=20, data_bytes=16, max_burst=4, tag_width=6)
+    s.check_command(0, 256, 63)
+    with pytest.raises(ValueError, match=words):
+        s.check_command(*cmd)

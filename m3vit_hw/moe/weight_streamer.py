@@ -105,6 +105,25 @@ class WeightStreamer(wiring.Component):
             "busy": Out(1),
         })
 
+    def check_command(self, addr, length, tag=0):
+        """Check one command before it is sent: every field fits, ``addr`` is a multiple of the memory
+        beat and ``addr + length`` stays inside the address space (the streamer would otherwise read a
+        misaligned or wrapped range without complaint).
+
+        Raises
+        ------
+        ValueError
+            Naming the field, the value and the allowed range.
+        """
+        _check_int("addr", addr, 0, (1 << self._addr_width) - 1)
+        _check_int("length", length, 0, (1 << self._length_width) - 1)
+        _check_int("tag", tag, 0, (1 << self._tag_width) - 1)
+        if addr % self._data_bytes:
+            raise ValueError(f"addr must be a multiple of data_bytes={self._data_bytes}, not {addr}")
+        if addr + length > 1 << self._addr_width:
+            raise ValueError(f"addr + length must be at most 2**addr_width = {1 << self._addr_width}, "
+                             f"not {addr} + {length}")
+
     @classmethod
     def from_config(cls, config, **kwargs):
         """Build from an ``AcceleratorConfig``.
