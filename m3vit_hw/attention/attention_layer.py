@@ -46,7 +46,8 @@ Counters (reset by ``start``, valid after ``done``)
 ``cycles`` (start .. done), ``compute_cycles`` (PE-array operand beats), ``phase_cycles[k]`` for
 :class:`Phase` ``k`` (cycles in which the oldest unfinished engine command is of that phase),
 ``engine_idle_cycles`` (no command in the engine), ``attn_cycles`` / ``attn_compute_cycles`` (cycles,
-and PE beats, while the sequencer is in a head's attention or the oldest command is a QKᵀ or AV),
+and PE beats, in which the oldest unfinished command is a QKᵀ or an AV, or no command is in the
+engine while a head's QKᵀ/AV sequence is being issued),
 ``softmax_cycles`` (a query tile is in the score path) and ``overlap_cycles`` (score path busy while
 the PE array computes).
 """
@@ -524,7 +525,9 @@ class AttentionLayer(wiring.Component):
 
         # ---- counters ----------------------------------------------------------------------------
         pe = eng.pe_active
-        attn = in_attn | (infl.r_rdy & ((head_phase == Phase.QK) | (head_phase == Phase.AV)))
+        # The attention window: the oldest unfinished command is a QKᵀ or an AV, or the engine is empty
+        # while a head's attention is being sequenced (it waits for a softmax tile).
+        attn = Mux(infl.r_rdy, (head_phase == Phase.QK) | (head_phase == Phase.AV), in_attn)
         counters = [
             (self.cycles, 1), (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl.r_rdy),
             (self.attn_cycles, attn), (self.attn_compute_cycles, attn & pe),
