@@ -16,7 +16,7 @@ from amaranth.sim import Simulator
 
 from m3vit_hw import numerics
 from m3vit_hw.attention import AttentionLayer, AttnLoadTarget, Phase, pack_attention, start_fields
-from m3vit_hw.attention.attn_layout import buffer_map
+from m3vit_hw.attention.attn_layout import buffer_map, plan_attention
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.model_config import ModelConfig
 from reference import golden as g
@@ -25,7 +25,8 @@ from reference.qparams import QAttention, QLinear
 from sim.ext_memory import ExternalMemory
 from sim.testbench import Stalls, stream_get, stream_put
 
-__all__ = ["attn_config", "make_attn_workload", "golden_attn", "AttnLayerSim", "IMAGE_BASE"]
+__all__ = ["attn_config", "make_attn_workload", "golden_attn", "AttnLayerSim", "IMAGE_BASE",
+           "run_attention_layer", "main"]
 
 #: External byte address of the parameter image (not 0, so the base address is exercised).
 IMAGE_BASE = 0x4000
@@ -158,3 +159,103 @@ class AttnLayerSim:
         sim.run()
         self.memory = mem
         return results
+
+
+def run_attention_layer(*, dim=16, heads=2, tokens=9, q_tile=None, pe_rows=4, pe_cols=4, seed=0,
+                        mem_bytes_per_cycle=16.0, latency=20, stall_prob=0.0):
+    """Build a workload, simulate one attention sub-layer, return a report dict: ``bit_exact``,
+    ``mismatches``, ``first_mismatch``, ``cycles``, ``macs``, the per-phase cycles and the PE-array
+    utilization during attention."""
+    cfg = attn_config(dim=dim, heads=heads, tokens=tokens, q_tile=q_tile, pe_rows=pe_rows, pe_cols=pe_cols)
+    wl = make_attn_workload(dim, heads, tokens, seed=seed)
+    t0 = time.time()
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
+                       stall_prob=stall_prob, seed=seed)
+    res = sim.run([(wl["h"], wl["x"])])[0]
+    want = golden_attn(wl["h"], wl["x"], wl["qattn"], heads, cfg.q_tile)
+    bad = np.argwhere(res["x"] != want)
+    hd = cfg.model.head_dim
+    macs = {"QKV": tokens * dim * 3 * dim, "QK": heads * tokens * tokens * hd,
+            "AV": heads * tokens * tokens * hd, "PROJ": tokens * dim * dim}
+    rep = {
+        "bit_exact": not len(bad),
+        "mismatches": int(len(bad)),
+        "first_mismatch": None if not len(bad) else {
+            "op": "attention+proj (residual out)", "token": int(bad[0][0]), "channel": int(bad[0][1]),
+            "expected": int(want[tuple(bad[0])]), "got": int(res["x"][tuple(bad[0])])},
+        "cycles": res["cycles"],
+        "compute_cycles": res["compute_cycles"],
+        "macs": sum(macs.values()),
+        "macs_per_phase": macs,
+        "phase_cycles": res["phase_cycles"],
+        "engine_idle_cycles": res["engine_idle_cycles"],
+        "attn_cycles": res["attn_cycles"],
+        "attn_compute_cycles": res["attn_compute_cycles"],
+        "attn_pe_utilization": round(res["attn_compute_cycles"] / res["attn_cycles"], 4)
+        if res["attn_cycles"] else None,
+        "softmax_cycles": res["softmax_cycles"],
+        "softmax_overlap_cycles": res["overlap_cycles"],
+        "config": dict(dim=dim, heads=heads, tokens=tokens, q_tile=cfg.q_tile, pe_rows=pe_rows,
+                       pe_cols=pe_cols, seed=seed, mem_bytes_per_cycle=mem_bytes_per_cycle,
+                       latency=latency, stall_prob=stall_prob, act_buffer_bytes=cfg.act_buffer_bytes),
+        "wall_seconds": round(time.time() - t0, 2),
+    }
+    return rep
+
+
+def main(argv=None):
+    """``python -m sim attention-layer``: returns the process exit code."""
+    import argparse
+    import json
+    import os
+    import sys
+    p = argparse.ArgumentParser(prog="python -m sim attention-layer",
+                                description="Simulate one attention sub-layer (x + proj(attn(h))) in "
+                                            "Amaranth's simulator against the integer golden model.")
+    a = p.add_argument
+    a("--dim", type=int, default=16, help="D (default 16)")
+    a("--heads", type=int, default=2, help="heads, dividing D (default 2)")
+    a("--tokens", type=int, default=9, help="T (default 9)")
+    a("--q-tile", type=int, default=None, help="query rows per tile (default: pe_rows)")
+    a("--pe-rows", type=int, default=4, help="PE rows (default 4)")
+    a("--pe-cols", type=int, default=4, help="PE columns (default 4)")
+    a("--seed", type=int, default=0, help="workload and stall seed (default 0)")
+    a("--mem-bytes-per-cycle", type=float, default=16.0, help="external memory bandwidth (default 16)")
+    a("--latency", type=int, default=20, help="external memory latency (default 20)")
+    a("--stall-prob", type=float, default=0.0, help="random stall probability on memory and streams")
+    a("--json", metavar="FILE", help="write the report as JSON")
+    args = p.parse_args(argv)
+    try:
+        for name in ("dim", "heads", "tokens", "pe_rows", "pe_cols", "latency"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+        if args.dim % args.heads:
+            raise ValueError(f"--heads must divide --dim ({args.dim}), not {args.heads}")
+        if not 0 <= args.stall_prob < 1:
+            raise ValueError(f"--stall-prob must be in [0, 1), not {args.stall_prob}")
+        if not args.mem_bytes_per_cycle > 0:
+            raise ValueError(f"--mem-bytes-per-cycle must be > 0, not {args.mem_bytes_per_cycle}")
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise ValueError(f"--json: the directory of {args.json!r} does not exist")
+        cfg = attn_config(dim=args.dim, heads=args.heads, tokens=args.tokens, q_tile=args.q_tile,
+                          pe_rows=args.pe_rows, pe_cols=args.pe_cols)
+        # A config the layer refuses fails here, before simulating (the checks its constructor runs).
+        buffer_map(cfg)
+        plan_attention(cfg)
+        rep = run_attention_layer(dim=args.dim, heads=args.heads, tokens=args.tokens, q_tile=args.q_tile,
+                                  pe_rows=args.pe_rows, pe_cols=args.pe_cols, seed=args.seed,
+                                  mem_bytes_per_cycle=args.mem_bytes_per_cycle, latency=args.latency,
+                                  stall_prob=args.stall_prob)
+    except (TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"attention sub-layer D={args.dim} heads={args.heads} T={args.tokens} q_tile={rep['config']['q_tile']} "
+          f"on {args.pe_rows}x{args.pe_cols}: bit_exact={rep['bit_exact']} ({rep['mismatches']} mismatches)")
+    print(f"  cycles {rep['cycles']}, PE beats {rep['compute_cycles']}, engine idle {rep['engine_idle_cycles']}")
+    print(f"  cycles per phase (oldest engine command): {rep['phase_cycles']}")
+    print(f"  attention window {rep['attn_cycles']} cycles, PE busy {rep['attn_pe_utilization']}; softmax busy "
+          f"{rep['softmax_cycles']}, of which {rep['softmax_overlap_cycles']} overlap PE work")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=2)
+    return 0 if rep["bit_exact"] else 1

@@ -191,3 +191,15 @@ def test_verilog_and_embedding():
     cfg = attn_config(dim=8, heads=2, tokens=5)
     text = verilog.convert(EmbeddingHarness(AttentionLayer(cfg)), name="attn_top")
     assert "module attn_top" in text
+
+
+def test_cli_reports_and_refuses(tmp_path, capsys):
+    from sim.attention_layer import main
+    out = tmp_path / "r.json"
+    assert main(["--dim", "8", "--heads", "2", "--tokens", "5", "--json", str(out)]) == 0
+    import json
+    rep = json.loads(out.read_text())
+    assert rep["bit_exact"] and rep["mismatches"] == 0 and set(rep["phase_cycles"]) == {"QKV", "QK", "AV", "PROJ"}
+    assert main(["--dim", "16", "--heads", "3"]) == 2
+    assert "--heads must divide --dim" in capsys.readouterr().err
+    assert main(["--json", str(tmp_path / "no" / "r.json")]) == 2
