@@ -302,7 +302,7 @@ class AttentionLayer(wiring.Component):
         a_is_e8 = eng.a_rd.addr >= bm.e8_base
         m.d.comb += [
             a_main.addr.eq(eng.a_rd.addr[:main_aw]), a_main.en.eq(eng.a_rd.en),
-            a_e8.addr.eq((eng.a_rd.addr - bm.e8_base)[:e8_aw]), a_e8.en.eq(eng.a_rd.en),
+            a_e8.addr.eq(eng.a_rd.addr[:e8_aw]), a_e8.en.eq(eng.a_rd.en),
             eng.a_rd.data.eq(Mux(a_sel, a_e8.data.as_value(), a_main.data.as_value())),
         ]
         with m.If(eng.a_rd.en):

@@ -106,7 +106,9 @@ class BufferMap:
     * the context at ``ctx_base``, pitch ``ctx_pitch = heads * hw``;
     * one head's Q | K | V at ``qkv_base``, pitch ``qkv_pitch = 3 * hw`` (Q at +0, K at +hw, V at +2hw);
     * two e8 tiles at ``e8_base`` (a separate physical bank), slot ``s`` at ``e8_base + s * e8_slot``,
-      pitch ``score_words = ceil(token_capacity / C)``.
+      pitch ``score_words = ceil(token_capacity / C)``. ``e8_base`` is a multiple of the e8 bank's
+      power-of-two address range, so the bank is addressed by the low address bits (no subtractor on
+      the engine's read-address path); the main bank holds ``main_words`` (h, context, QKV).
 
     Every region has ``rows_pad`` rows, enough for the junk rows the engine reads past the last row
     tile. The score reorder buffer holds two slots of ``q_tile`` rows of ``score_words`` int32 words
@@ -128,12 +130,8 @@ class BufferMap:
     q_tile: int
     q_pad: int
     score_slot: int
+    main_words: int
     act_words: int
-
-    @property
-    def main_words(self):
-        """Words of the main activation bank (``h``, context, QKV)."""
-        return self.e8_base
 
     @property
     def e8_words(self):
@@ -167,16 +165,17 @@ def buffer_map(config, *, check=True):
     ctx_pitch = m.heads * hw
     qkv_base = ctx_base + rows_pad * ctx_pitch
     qkv_pitch = 3 * hw
-    e8_base = qkv_base + rows_pad * qkv_pitch
+    main_words = qkv_base + rows_pad * qkv_pitch
     tw = _ceil_div(cap, C)
     q_tile = config.q_tile
     q_pad = _round_up(q_tile, R)
     e8_slot = q_pad * tw
+    e8_base = _round_up(main_words, 1 << (2 * e8_slot - 1).bit_length())
     act_words = e8_base + 2 * e8_slot
     bmap = BufferMap(C=C, row_words=rw, hw=hw, heads=m.heads, rows_pad=rows_pad, ctx_base=ctx_base,
                      ctx_pitch=ctx_pitch, qkv_base=qkv_base, qkv_pitch=qkv_pitch, e8_base=e8_base,
                      e8_slot=e8_slot, score_words=tw, q_tile=q_tile, q_pad=q_pad, score_slot=q_tile * tw,
-                     act_words=act_words)
+                     main_words=main_words, act_words=act_words)
     if not check:
         return bmap
     if act_words > config.act_buffer_words:
