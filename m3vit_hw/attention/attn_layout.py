@@ -110,8 +110,9 @@ class BufferMap:
       power-of-two address range, so the bank is addressed by the low address bits (no subtractor on
       the engine's read-address path); the main bank holds ``main_words`` (h, context, QKV).
 
-    Every region has ``rows_pad`` rows, enough for the junk rows the engine reads past the last row
-    tile. The score reorder buffer holds two slots of ``q_tile`` rows of ``score_words`` int32 words
+    ``h`` and the context have ``token_capacity`` rows; the QKV region, last in its bank, has
+    ``rows_pad`` rows, enough for the junk rows the engine reads past the last row tile (those of the
+    other regions fall into the next region and are never used). The score reorder buffer holds two slots of ``q_tile`` rows of ``score_words`` int32 words
     (slot ``s`` at ``s * score_slot``); the row table two slots of ``q_pad`` entries.
     """
 
@@ -161,9 +162,11 @@ def buffer_map(config, *, check=True):
     hw = _ceil_div(m.head_dim, C)
     rows_pad = _round_up(cap, math.lcm(R, C)) + R
     rw = config.row_words
-    ctx_base = rows_pad * rw
+    # Junk rows the engine reads past the last row tile of h or of the context land in the next
+    # region (harmless reads); only the last region of the bank needs the padding rows.
+    ctx_base = cap * rw
     ctx_pitch = m.heads * hw
-    qkv_base = ctx_base + rows_pad * ctx_pitch
+    qkv_base = ctx_base + cap * ctx_pitch
     qkv_pitch = 3 * hw
     main_words = qkv_base + rows_pad * qkv_pitch
     tw = _ceil_div(cap, C)
