@@ -37,6 +37,9 @@ def _check(sim, runs, results, label):
             t, c = bad[0]
             pytest.fail(f"AttentionLayer {label} run {n}: x[{t}, {c}] expected {want[t, c]}, got "
                         f"{got[t, c]} ({len(bad)} mismatches)")
+        assert res["weight_bytes"] == sim.layout.image_bytes, (
+            f"AttentionLayer {label} run {n}: fetched {res['weight_bytes']} weight bytes, the image is "
+            f"{sim.layout.image_bytes} (each tile exactly once)")
         util = res["attn_compute_cycles"] / res["attn_cycles"] if res["attn_cycles"] else 0.0
         print(f"AttentionLayer {label} run {n}: T={h.shape[0]} bit-exact; {res['cycles']} cycles, "
               f"PE beats {res['compute_cycles']}, phases {res['phase_cycles']}, engine idle "

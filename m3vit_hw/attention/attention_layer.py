@@ -48,8 +48,9 @@ Counters (reset by ``start``, valid after ``done``)
 ``engine_idle_cycles`` (no command in the engine), ``attn_cycles`` / ``attn_compute_cycles`` (cycles,
 and PE beats, in which the oldest unfinished command is a QKᵀ or an AV, or no command is in the
 engine while a head's QKᵀ/AV sequence is being issued),
-``softmax_cycles`` (a query tile is in the score path) and ``overlap_cycles`` (score path busy while
-the PE array computes).
+``softmax_cycles`` (a query tile is in the score path), ``overlap_cycles`` (score path busy while
+the PE array computes) and ``weight_bytes`` (bytes the streamers wrote into the weight and parameter
+buffers: the whole image once per sub-layer).
 """
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
@@ -156,7 +157,7 @@ class AttentionLayer(wiring.Component):
     rd_data : Out(stream.Signature(ArrayLayout(signed(16), pe_cols)))
         Residual read-back, one word per address, in order; ready while idle.
     cycles, compute_cycles, engine_idle_cycles, attn_cycles, attn_compute_cycles, softmax_cycles,
-    overlap_cycles : Out(counter_width)
+    overlap_cycles, weight_bytes : Out(counter_width)
     phase_cycles : Out(ArrayLayout(counter_width, 4))
         Indexed by :class:`Phase`. See the module docstring.
 
@@ -187,6 +188,7 @@ class AttentionLayer(wiring.Component):
         self._config = config
         self._aw = mem_addr_width
         self._cw = counter_width
+        self._db = mem_data_bytes
         lay, bm = self._layout, self._bmap
         C = config.pe_cols
         port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
@@ -224,6 +226,7 @@ class AttentionLayer(wiring.Component):
             "attn_compute_cycles": Out(cw),
             "softmax_cycles": Out(cw),
             "overlap_cycles": Out(cw),
+            "weight_bytes": Out(cw),
             "phase_cycles": Out(data.ArrayLayout(cw, 4)),
         })
 
@@ -532,6 +535,7 @@ class AttentionLayer(wiring.Component):
             (self.cycles, 1), (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl.r_rdy),
             (self.attn_cycles, attn), (self.attn_compute_cycles, attn & pe),
             (self.softmax_cycles, sp.busy), (self.overlap_cycles, sp.busy & pe),
+            (self.weight_bytes, Mux(self.wstream.buf.en, self._db, 0) + Mux(self.pstream.buf.en, self._db, 0)),
         ] + [(self.phase_cycles[k.value], infl.r_rdy & (head_phase == k)) for k in Phase]
         for ctr, inc in counters:
             with m.If(start):
