@@ -22,6 +22,7 @@ import numpy as np
 from m3vit_hw.moe.expert_layout import pack_moe, start_fields
 from m3vit_hw.moe.moe_layer import LoadTarget, MoELayer
 from .model import Job, VerilatorModel
+from .toolchain import find_verilator
 
 __all__ = ["VerilatorMoELayerSim"]
 
@@ -54,26 +55,28 @@ class VerilatorMoELayerSim:
         from sim.moe_layer import IMAGE_BASE
         self.config = config
         self.qmoe = qmoe
-        self.dut = dut = MoELayer(config)
-        self.data_bytes = dut.signature.members["mem"].signature.data_bytes
+        key = (repr(config), threads, trace, str(cache))
+        if key in _MODELS:
+            # Same design in this process (a bandwidth sweep): skip even the Verilog conversion.
+            self.dut, self.model = _MODELS[key]
+            self.model.build["cached"] = True
+        else:
+            find_verilator()    # fail before elaborating anything
+            self.dut = dut = MoELayer(config)
+            ctl = dut.controller
+            self.model = VerilatorModel(
+                dut, monitors={"start": dut.start, "q": dut.queues.o, "gemm": ctl.gemm,
+                               "wcmd": ctl.wcmd, "wcommit": dut.wstream.buf.commit,
+                               "pcommit": dut.pstream.buf.commit},
+                pulses=("done",), threads=threads, trace=trace, cache=cache, log=log)
+            _MODELS[key] = (dut, self.model)
+        self.data_bytes = self.dut.signature.members["mem"].signature.data_bytes
         self.image, self.layout = pack_moe(qmoe, config, data_bytes=self.data_bytes)
         self.base = IMAGE_BASE
         self.mem_kwargs = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
                                stall_prob=stall_prob, seed=seed, max_outstanding=4)
         self.stall_prob = stall_prob
         self.seed = seed
-        key = (repr(config), threads, trace, str(cache))
-        if key in _MODELS:
-            # Same design in this process (a bandwidth sweep): skip even the Verilog conversion.
-            self.dut, self.model = _MODELS[key]
-            self.model.build["cached"] = True
-            return
-        ctl = dut.controller
-        self.model = VerilatorModel(
-            dut, monitors={"start": dut.start, "q": dut.queues.o, "gemm": ctl.gemm, "wcmd": ctl.wcmd,
-                           "wcommit": dut.wstream.buf.commit, "pcommit": dut.pstream.buf.commit},
-            pulses=("done",), threads=threads, trace=trace, cache=cache, log=log)
-        _MODELS[key] = (dut, self.model)
 
     def job(self, runs, *, timeout=2_000_000):
         """The host script for ``runs`` = ``[(h, x, task)]`` (see the module docstring)."""
