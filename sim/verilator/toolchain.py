@@ -135,19 +135,36 @@ def build_model(sources, flags, *, toolchain=None, cache=None, jobs=None, log=No
             (work / name).write_text(text)
         cpps = sorted(n for n in sources if n.endswith(".cpp"))
         jobs = jobs or 2
-        cmd = [str(tc.executable), "--cc", "--exe", "--build", "-j", str(jobs),
+        cmd = [str(tc.executable), "--cc", "--exe",
                "--top-module", "top", "--prefix", "Vtop", "-o", "vsim", "--Mdir", "obj",
                "-Wno-fatal", "-Wno-lint", "-Wno-style", "-Wno-MULTIDRIVEN",
                # A process that never runs is a silent miscompile, never a style issue.
                "-Werror-ALWNEVER",
-               "-CFLAGS", f"-I{work}",
-               # The wheel's makefile leaves the precompiled-header include flag empty.
-               "-MAKEFLAGS", "CFG_CXXFLAGS_PCH_I=-include",
-               *flags, "top.v", *cpps]
+               "-CFLAGS", f"-I{work}", *flags, "top.v", *cpps]
+        # The wheel's makefile leaves the precompiled-header include flag empty.
+        make = ["make", "-C", "obj", "-f", "Vtop.mk", "-j", str(jobs), "CFG_CXXFLAGS_PCH_I=-include"]
         if log:
             log(f"verilator: building model {key} ({' '.join(flags) or 'no extra flags'})")
         t0 = time.time()
         out = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=tc.env())
+        if not out.returncode:
+            # Verilator's runtime (verilated*.o) is the same for every model built with the same
+            # Verilator and flags: reuse it (make sees the copies as up to date) to save ~10 s.
+            runtime = cache / ("runtime-" + hashlib.sha256(
+                (tc.version + json.dumps(list(flags))).encode()).hexdigest()[:16])
+            reused = runtime.is_dir()
+            if reused:
+                for f in runtime.iterdir():
+                    shutil.copy(f, work / "obj" / f.name)   # copy, not copy2: a fresh mtime
+            out = subprocess.run(make, cwd=work, capture_output=True, text=True, env=tc.env())
+            if not out.returncode and not reused:
+                tmp = Path(tempfile.mkdtemp(prefix="runtime.tmp", dir=cache))
+                for f in (work / "obj").glob("verilated*.[od]"):
+                    shutil.copy2(f, tmp / f.name)
+                try:
+                    tmp.rename(runtime)
+                except OSError:
+                    shutil.rmtree(tmp, ignore_errors=True)
         secs = time.time() - t0
         if out.returncode:
             text = out.stdout + out.stderr
