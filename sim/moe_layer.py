@@ -363,7 +363,8 @@ def sweep_memory(bandwidths, **kwargs):
     return points
 
 
-def _print_report(rep, out=sys.stdout):
+def _print_report(rep, out=None):
+    out = sys.stdout if out is None else out   # resolved per call, so capture tools see it
     c = rep["config"]
     print(f"MoE layer E={c['experts']} top-{c['top_k']} D={c['dim']} h={c['expert_hidden']} "
           f"T={c['tokens']} task {rep['task']}/{c['tasks']} skew={c['skew']} on {c['pe_rows']}x{c['pe_cols']} "

@@ -48,17 +48,23 @@ def small():
     return cfg, wl, vs
 
 
-def test_verilator_matches_pysim_cycle_for_cycle(small):
+@pytest.fixture(scope="module")
+def pysim_runs(small):
+    """pysim, both tasks back to back (computed once: it is the slow part)."""
+    cfg, wl, vs = small
+    t0 = time.time()
+    runs = MoELayerSim(cfg, wl["qmoe"], **MEM).run([(wl["h"], wl["x"], 0), (wl["h"], wl["x"], 1)])
+    print(f"pysim: {time.time() - t0:.2f} s")
+    return runs
+
+
+def test_verilator_matches_pysim_cycle_for_cycle(small, pysim_runs):
     """Both tasks back to back: bit-exact vs golden on both backends, and every counter and event
     cycle equal (the C++ memory model has ext_memory's timing)."""
     cfg, wl, vs = small
-    runs = [(wl["h"], wl["x"], 0), (wl["h"], wl["x"], 1)]
-    got = vs.run(runs)
-    t0 = time.time()
-    want = MoELayerSim(cfg, wl["qmoe"], **MEM).run(runs)
-    pysim_s = time.time() - t0
-    print(f"pysim {pysim_s:.2f} s, Verilator {vs.last_run.sim_seconds * 1e3:.1f} ms for "
-          f"{vs.last_run.cycles} cycles")
+    got = vs.run([(wl["h"], wl["x"], 0), (wl["h"], wl["x"], 1)])
+    want = pysim_runs
+    print(f"Verilator {vs.last_run.sim_seconds * 1e3:.1f} ms for {vs.last_run.cycles} cycles")
     for task, (g, w) in enumerate(zip(got, want)):
         rep = _report(cfg, vs, wl, task, g)
         assert rep["bit_exact"], f"Verilator task {task}: {rep['first_mismatch']}"
@@ -100,22 +106,23 @@ def test_memory_protocol_error_is_reported(small):
         vs.model.run(job)
 
 
-def test_cli_backend_verilator(tmp_path, capfd):
-    """``python -m sim moe-layer --backend verilator``: the same JSON keys, equal cycles to pysim."""
+def test_cli_backend_verilator(tmp_path, capsys, small, pysim_runs):
+    """``python -m sim moe-layer --backend verilator``: the same JSON as pysim's, equal cycles."""
+    cfg, wl, vs = small
     args = ["--experts", "3", "--top-k", "2", "--dim", "8", "--expert-hidden", "16", "--tokens", "6",
-            "--tasks", "2", "--task", "1", "--pe-rows", "2", "--pe-cols", "2", "--seed", "4",
+            "--tasks", "2", "--task", "0", "--pe-rows", "2", "--pe-cols", "2", "--seed", "4",
             "--mem-bytes-per-cycle", "2.5", "--latency", "7"]
-    out_v, out_p = tmp_path / "v.json", tmp_path / "p.json"
-    assert moe_layer.main([*args, "--backend", "verilator", "--json", str(out_v)]) == 0
-    text = capfd.readouterr().out
+    out = tmp_path / "v.json"
+    assert moe_layer.main([*args, "--backend", "verilator", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
     print(text)
     assert "BIT-EXACT" in text and "Verilator" in text
-    assert moe_layer.main([*args, "--json", str(out_p)]) == 0
-    v, p = json.loads(out_v.read_text()), json.loads(out_p.read_text())
-    assert v["backend"] == "verilator" and p["backend"] == "pysim"
-    assert set(p) <= set(v)
+    v = json.loads(out.read_text())
+    p = _report(cfg, vs, wl, 0, pysim_runs[0])     # pysim's report of the same first run
+    assert v["backend"] == "verilator"
+    assert set(p) <= set(v), f"JSON lacks {set(p) - set(v)}"
     for key in ("bit_exact", "mismatches", "cycles", "compute_cycles", "weight_bytes_fetched",
-                "gate_bytes_fetched", "expert_tokens", "timing"):
+                "gate_bytes_fetched", "expert_tokens", "timing", "overhead_cycles"):
         assert v[key] == p[key], f"{key}: pysim {p[key]}, Verilator {v[key]}"
 
 
