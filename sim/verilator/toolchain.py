@@ -25,6 +25,15 @@ from pathlib import Path
 __all__ = ["VerilatorNotFound", "Toolchain", "find_verilator", "check_fst", "cache_dir", "build_model"]
 
 
+# Options of every build (part of the cache key, with the caller's flags).
+_BASE_OPTIONS = ["--cc", "--exe", "--top-module", "top", "--prefix", "Vtop", "-o", "vsim", "--Mdir", "obj",
+                 "-Wno-fatal", "-Wno-lint", "-Wno-style", "-Wno-MULTIDRIVEN",
+                 # A process that never runs is a silent miscompile, never a style issue.
+                 "-Werror-ALWNEVER"]
+# The wheel's makefile leaves the precompiled-header include flag empty.
+_MAKE_OPTIONS = ["CFG_CXXFLAGS_PCH_I=-include"]
+
+
 class VerilatorNotFound(RuntimeError):
     """Verilator, or a tool it needs (perl, make, a C++ compiler), is not installed."""
 
@@ -131,7 +140,7 @@ def build_model(sources, flags, *, toolchain=None, cache=None, jobs=None, log=No
     cache = Path(cache) if cache is not None else cache_dir()
     h = hashlib.sha256()
     h.update(tc.version.encode())
-    h.update(json.dumps(list(flags)).encode())
+    h.update(json.dumps([_BASE_OPTIONS, _MAKE_OPTIONS, list(flags)]).encode())
     for name in sorted(sources):
         h.update(name.encode() + b"\0" + sources[name].encode() + b"\0")
     key = h.hexdigest()[:24]
@@ -149,14 +158,8 @@ def build_model(sources, flags, *, toolchain=None, cache=None, jobs=None, log=No
             (work / name).write_text(text)
         cpps = sorted(n for n in sources if n.endswith(".cpp"))
         jobs = jobs or 2
-        cmd = [str(tc.executable), "--cc", "--exe",
-               "--top-module", "top", "--prefix", "Vtop", "-o", "vsim", "--Mdir", "obj",
-               "-Wno-fatal", "-Wno-lint", "-Wno-style", "-Wno-MULTIDRIVEN",
-               # A process that never runs is a silent miscompile, never a style issue.
-               "-Werror-ALWNEVER",
-               "-CFLAGS", f"-I{work}", *flags, "top.v", *cpps]
-        # The wheel's makefile leaves the precompiled-header include flag empty.
-        make = ["make", "-C", "obj", "-f", "Vtop.mk", "-j", str(jobs), "CFG_CXXFLAGS_PCH_I=-include"]
+        cmd = [str(tc.executable), *_BASE_OPTIONS, "-CFLAGS", f"-I{work}", *flags, "top.v", *cpps]
+        make = ["make", "-C", "obj", "-f", "Vtop.mk", "-j", str(jobs), *_MAKE_OPTIONS]
         if log:
             log(f"verilator: building model {key} ({' '.join(flags) or 'no extra flags'})")
         t0 = time.time()
@@ -164,8 +167,8 @@ def build_model(sources, flags, *, toolchain=None, cache=None, jobs=None, log=No
         if not out.returncode:
             # Verilator's runtime (verilated*.o) is the same for every model built with the same
             # Verilator and flags: reuse it (make sees the copies as up to date) to save ~10 s.
-            runtime = cache / ("runtime-" + hashlib.sha256(
-                (tc.version + json.dumps(list(flags))).encode()).hexdigest()[:16])
+            runtime = cache / ("runtime-" + hashlib.sha256((tc.version + json.dumps(
+                [_BASE_OPTIONS, _MAKE_OPTIONS, list(flags)])).encode()).hexdigest()[:16])
             reused = runtime.is_dir()
             if reused:
                 for f in runtime.iterdir():
