@@ -231,12 +231,17 @@ struct Host {
     }
     bool draw_stall() { return stall_prob != 0.0 && rng.uniform() < stall_prob; }
 
-    void offer(Vtop* t) {  // present beat put_i on in_s, unless a stall is drawn
+    // Present beat put_i on in_s unless a stall is drawn for this cycle. A beat once presented stays
+    // (valid and payload hold until the transfer: stream rules), so only an idle slot draws.
+    void offer(Vtop* t) {
+        if (offering) return;
         offering = put_i < n && !draw_stall();
         in_set_valid(t, in_s, offering);
         if (offering) in_set_payload(t, in_s, payloads + put_i * IN_WORDS[in_s]);
     }
+    // Likewise ready, once raised, stays until a beat is taken (as sim/testbench.py's stream_get).
     void accept(Vtop* t) {
+        if (accepting) return;
         accepting = get_i < n && !draw_stall();
         out_set_ready(t, out_s, accepting);
     }
@@ -340,10 +345,14 @@ struct Host {
     void update(Vtop* t, uint64_t cycle) {
         switch (op) {
         case OP_PUT: case OP_XFER: case OP_GET: {
-            if ((op == OP_PUT || op == OP_XFER) && offering && s_in_ready) put_i++;
+            if ((op == OP_PUT || op == OP_XFER) && offering && s_in_ready) {
+                put_i++;
+                offering = false;
+            }
             if ((op == OP_GET || op == OP_XFER) && accepting && s_out_valid) {
                 got.insert(got.end(), tmp.begin(), tmp.end());
                 get_i++;
+                accepting = false;
             }
             bool put_done = op == OP_GET || put_i == n;
             bool get_done = op == OP_PUT || get_i == n;
