@@ -103,12 +103,12 @@ def test_verilator_bit_exact_under_stalls(small):
 def test_memory_protocol_error_is_reported(small):
     """A request outside the backing store stops the model with the ext_memory message."""
     from sim.verilator import VerilatorError
+    from sim.verilator.moe_layer import VerilatorMoELayerSim
     cfg, wl, vs = small
-    job = vs.job([(wl["h"], wl["x"], 0)])
-    job._mem.clear()
-    job.memory("mem", vs.image[:64], base=vs.base, bytes_per_cycle=16)
+    short = VerilatorMoELayerSim(cfg, wl["qmoe"], **MEM)     # same compiled model
+    short.image = vs.image[:64]
     with pytest.raises(VerilatorError, match="outside backing store"):
-        vs.model.run(job)
+        short.run([(wl["h"], wl["x"], 0)])
 
 
 def test_cli_backend_verilator(tmp_path, capsys, small, pysim_runs):

@@ -311,9 +311,9 @@ class TopSpec:
         return re.sub(r"t->(\w+)", lambda mo: "t->" + _cxx_name(mo.group(1)), "\n".join(L)) + "\n"
 
     def _nw(self, name):
-        if name in self.scalars and name not in self.inputs and name not in self.outputs:
-            return _words(self.scalars[name])
-        if name in self.mems:
+        """32-bit words per payload of stream or monitor ``name`` (memory ports and scalars size
+        their payloads from their own tables)."""
+        if name in self.mems or name in self.pulses:
             return 0
         return _words(self.width(name))
 
