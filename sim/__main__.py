@@ -3,7 +3,8 @@
 Commands
 --------
 moe-layer
-    One MoE layer in Amaranth's simulator against the golden model (:mod:`sim.moe_layer`).
+    One MoE layer in Amaranth's simulator (or ``--backend verilator``) against the golden model
+    (:mod:`sim.moe_layer`).
 attention-layer
     One attention sub-layer in Amaranth's simulator against the golden model (:mod:`sim.attention_layer`).
 bench-gemm

@@ -8,6 +8,9 @@ and the GELU table, start, wait for ``done``, read ``x`` back, compare with
 random stalls when ``stall_prob > 0``.
 
 :func:`run_moe_layer` is the one-call form used by ``python -m sim moe-layer`` (see :func:`main`).
+With ``backend="verilator"`` (``--backend verilator``) the same runs go through
+:class:`sim.verilator.moe_layer.VerilatorMoELayerSim`: the design compiled with Verilator (cached),
+the same report, the same cycle counts when ``stall_prob`` is 0.
 """
 
 import argparse
@@ -28,7 +31,10 @@ from sim.moe_workload import SKEWS, golden_moe, make_moe_workload
 from m3vit_hw.checks import check_output_path
 from sim.testbench import Stalls, stream_get, stream_put
 
-__all__ = ["moe_config", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE"]
+__all__ = ["moe_config", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE", "BACKENDS"]
+
+#: Simulation backends of :func:`run_moe_layer`: Amaranth's simulator, or compiled with Verilator.
+BACKENDS = ("pysim", "verilator")
 
 #: External byte address of the parameter image (not 0, so base addresses are exercised).
 IMAGE_BASE = 0x10000
@@ -219,21 +225,45 @@ def _timing(ev):
 
 def run_moe_layer(*, experts=4, top_k=2, dim=16, hidden=32, tokens=16, tasks=1, task=0, seed=0,
                   skew="none", pe_rows=4, pe_cols=4, weight_buffer_bytes=None, mem_bytes_per_cycle=16.0,
-                  latency=20, stall_prob=0.0, extra_tasks=(), router="multi_gate"):
+                  latency=20, stall_prob=0.0, extra_tasks=(), router="multi_gate", backend="pysim",
+                  threads=1, trace_file=None, trace_window=(0, 2**63 - 1)):
     """Build a workload, simulate the layer for ``task`` (then each of ``extra_tasks`` on the same
-    design) and return a report dict (see :func:`main` for the keys)."""
+    design) and return a report dict (see :func:`main` for the keys).
+
+    ``backend`` is ``"pysim"`` (Amaranth's simulator) or ``"verilator"`` (compiled, cached:
+    :mod:`sim.verilator`; same cycle counts without stalls). ``threads`` and ``trace_file``
+    (``.fst`` or ``.vcd``, cycles ``trace_window``) apply to Verilator only.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     cfg = moe_config(experts=experts, top_k=top_k, dim=dim, hidden=hidden, tokens=tokens, tasks=tasks,
                      pe_rows=pe_rows, pe_cols=pe_cols, weight_buffer_bytes=weight_buffer_bytes)
     wl = make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=tasks, seed=seed, skew=skew,
                            router=router)
     t0 = time.time()
-    ms = MoELayerSim(cfg, wl["qmoe"], mem_bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
-                     stall_prob=stall_prob, seed=seed)
     task_list = [task, *extra_tasks]
-    results = ms.run([(wl["h"], wl["x"], t) for t in task_list])
+    runs = [(wl["h"], wl["x"], t) for t in task_list]
+    if backend == "verilator":
+        from sim.verilator.moe_layer import VerilatorMoELayerSim
+        trace = None if trace_file is None else _trace_format(trace_file)
+        ms = VerilatorMoELayerSim(cfg, wl["qmoe"], mem_bytes_per_cycle=mem_bytes_per_cycle,
+                                  latency=latency, stall_prob=stall_prob, seed=seed, threads=threads,
+                                  trace=trace)
+        results = ms.run(runs, trace_file=trace_file, trace_window=trace_window)
+    else:
+        ms = MoELayerSim(cfg, wl["qmoe"], mem_bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
+                         stall_prob=stall_prob, seed=seed)
+        results = ms.run(runs)
     reports = [_report(cfg, ms, wl, t, res) for t, res in zip(task_list, results)]
     for r in reports:
         r["wall_seconds"] = round(time.time() - t0, 2)
+        r["backend"] = backend
+        if backend == "verilator":
+            b, lr = ms.model.build, ms.last_run
+            r["verilator"] = {"compile_seconds": b["compile_seconds"], "cached": b["cached"],
+                              "convert_seconds": b["convert_seconds"], "job_cycles": lr.cycles,
+                              "job_sim_seconds": round(lr.sim_seconds, 4),
+                              "cycles_per_second": round(lr.cycles_per_second or 0)}
     rep = reports[0]
     rep["config"] = dict(experts=experts, top_k=top_k, dim=dim, expert_hidden=hidden, tokens=tokens,
                          tasks=tasks, task=task, seed=seed, skew=skew, router=router, pe_rows=pe_rows, pe_cols=pe_cols,
@@ -242,6 +272,14 @@ def run_moe_layer(*, experts=4, top_k=2, dim=16, hidden=32, tokens=16, tasks=1, 
     if extra_tasks:
         rep["task_runs"] = reports
     return rep
+
+
+def _trace_format(path):
+    """``"fst"`` or ``"vcd"`` from a waveform file name."""
+    for fmt in ("fst", "vcd"):
+        if str(path).endswith("." + fmt):
+            return fmt
+    raise ValueError(f"--trace file must end in .fst or .vcd, not {str(path)!r}")
 
 
 def _report(cfg, ms, wl, task, res):
@@ -307,7 +345,8 @@ def sweep_memory(bandwidths, **kwargs):
     return points
 
 
-def _print_report(rep, out=sys.stdout):
+def _print_report(rep, out=None):
+    out = sys.stdout if out is None else out   # resolved per call, so capture tools see it
     c = rep["config"]
     print(f"MoE layer E={c['experts']} top-{c['top_k']} D={c['dim']} h={c['expert_hidden']} "
           f"T={c['tokens']} task {rep['task']}/{c['tasks']} skew={c['skew']} on {c['pe_rows']}x{c['pe_cols']} "
@@ -335,14 +374,19 @@ def _print_report(rep, out=sys.stdout):
     print(f"  buffers         weight {rep['weight_buffer_bytes']} B, params {rep['param_buffer_bytes']} B",
           file=out)
     print(f"  timing          {rep['timing']}", file=out)
-    print(f"  simulated in {rep['wall_seconds']} s", file=out)
+    vl = rep.get("verilator")
+    extra = "" if vl is None else (
+        f" (Verilator: model {'cached' if vl['cached'] else 'compiled in ' + str(vl['compile_seconds']) + ' s'}, "
+        f"{vl['job_cycles']} cycles at {vl['cycles_per_second']} cycles/s)")
+    print(f"  simulated in {rep['wall_seconds']} s on {rep.get('backend', 'pysim')}{extra}", file=out)
 
 
 def _parser():
     p = argparse.ArgumentParser(
         prog="python -m sim moe-layer",
         description="Simulate one MoE layer (router, expert queues, reordering controller, GEMM engine) "
-                    "in Amaranth's simulator against the integer golden model.")
+                    "in Amaranth's simulator or compiled with Verilator, against the integer golden "
+                    "model.")
     a = p.add_argument
     a("--experts", type=int, default=4, help="E, experts (default 4)")
     a("--top-k", type=int, default=2, help="k, experts per token (default 2)")
@@ -365,6 +409,14 @@ def _parser():
     a("--sweep-mem", nargs="?", const="0.5,1,2,4,8,16", default=None, metavar="B1,B2,...",
       help="run the layer at several memory bandwidths and print cycles vs bytes/cycle "
            "(default list 0.5,1,2,4,8,16)")
+    a("--backend", choices=BACKENDS, default="pysim",
+      help="simulator: Amaranth's pysim, or Verilator (compiled once, cached; default pysim)")
+    a("--threads", type=int, default=1, help="Verilator model threads (default 1)")
+    a("--trace", metavar="FILE", default=None,
+      help="Verilator only: write a waveform (.fst or .vcd) of the cycles in --trace-window")
+    a("--trace-window", metavar="FROM:TO", default=None,
+      help="cycles to trace, inclusive, counted from the start of the simulation (the first load "
+           "beat; the report's timing is relative to start) (default: all)")
     a("--json", metavar="FILE", help="write the report as JSON")
     return p
 
@@ -384,6 +436,20 @@ def _validate(args):
         raise ValueError(f"--mem-bytes-per-cycle must be > 0, not {args.mem_bytes_per_cycle}")
     if not 0 <= args.stall_prob < 1:
         raise ValueError(f"--stall-prob must be in [0, 1), not {args.stall_prob}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, not {args.threads}")
+    if args.trace is not None:
+        if args.backend != "verilator":
+            raise ValueError("--trace needs --backend verilator")
+        _trace_format(args.trace)
+        check_output_path(args.trace, "--trace")
+    if args.trace_window is not None:
+        try:
+            lo, hi = (int(v) for v in args.trace_window.split(":"))
+        except ValueError:
+            raise ValueError(f"--trace-window must be FROM:TO (cycles), not {args.trace_window!r}") from None
+        if not 0 <= lo <= hi:
+            raise ValueError(f"--trace-window needs 0 <= FROM <= TO, not {args.trace_window!r}")
     if args.sweep_mem is not None:
         try:
             bws = [float(b) for b in args.sweep_mem.split(",")]
@@ -407,7 +473,12 @@ def main(argv=None):
                       tokens=args.tokens, tasks=args.tasks, task=args.task, seed=args.seed,
                       skew=args.skew, router=args.router, pe_rows=args.pe_rows, pe_cols=args.pe_cols,
                       weight_buffer_bytes=args.weight_buffer_bytes, latency=args.latency,
-                      stall_prob=args.stall_prob)
+                      stall_prob=args.stall_prob, backend=args.backend, threads=args.threads)
+        if args.trace is not None:
+            window = (0, 2**63 - 1)
+            if args.trace_window is not None:
+                window = tuple(int(v) for v in args.trace_window.split(":"))
+            kwargs.update(trace_file=args.trace, trace_window=window)
         # Build the config once up front so a bad size fails before any simulation.
         moe_config(experts=args.experts, top_k=args.top_k, dim=args.dim, hidden=args.expert_hidden,
                    tokens=args.tokens, tasks=args.tasks, pe_rows=args.pe_rows, pe_cols=args.pe_cols,
@@ -434,6 +505,10 @@ def main(argv=None):
             ok = report["bit_exact"]
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        # Verilator missing (VerilatorNotFound), a failed build, or a model error: one line each.
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     if args.json:
         with open(args.json, "w") as f:
