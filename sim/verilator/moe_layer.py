@@ -70,8 +70,8 @@ class VerilatorMoELayerSim:
                                "pcommit": dut.pstream.buf.commit},
                 pulses=("done",), threads=threads, trace=trace, cache=cache, log=log)
             _MODELS[key] = (dut, self.model)
-        self.data_bytes = self.dut.signature.members["mem"].signature.data_bytes
-        self.image, self.layout = pack_moe(qmoe, config, data_bytes=self.data_bytes)
+        self.data_bytes = config.mem_data_bytes
+        self.image, self.layout = pack_moe(qmoe, config)
         self.base = IMAGE_BASE
         self.mem_kwargs = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
                                stall_prob=stall_prob, seed=seed, max_outstanding=4)
