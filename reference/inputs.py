@@ -15,7 +15,12 @@ ingredients of a street or indoor scene, as seen after the usual ImageNet normal
 
 Each image is then normalised per channel to zero mean and unit variance and given a small random
 per-channel offset and gain, so the statistics are *roughly* (not exactly) zero-mean unit-variance, like
-a normalised photograph.
+a normalised photograph. Finally it is turned into what a camera delivers, **uint8 pixels**
+(:func:`synthetic_pixels`: ``p = clip(round(255 (mean_c + std_c x)), 0, 255)`` with the ImageNet
+``IMAGENET_MEAN``/``IMAGENET_STD`` the M³ViT training code normalises with), and
+:func:`synthetic_images` returns those pixels normalised again (:func:`normalize_pixels`), so every
+float image is on the 1/255 grid of a real photograph, with the clipping of real over- and
+under-exposed pixels.
 
 The result depends only on ``(cfg.img_size, cfg.in_chans, batch, seed)``: the generator is a private
 ``torch.Generator`` and the global RNG is neither read nor advanced. Use distinct seeds for calibration
@@ -28,7 +33,12 @@ import torch
 
 from m3vit_hw.model_config import ModelConfig
 
-__all__ = ["synthetic_images"]
+__all__ = ["synthetic_images", "synthetic_pixels", "normalize_pixels", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+#: Per-channel (RGB) normalisation of the M³ViT training code (torchvision's ImageNet statistics):
+#: ``x = (p / 255 - mean) / std`` for uint8 pixels ``p``.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _spectral_field(gen, height, width, alpha=1.0):
@@ -95,6 +105,47 @@ def _one_image(gen, channels, height, width):
     return image * gain + shift
 
 
+def _channel_stats(channels, dtype=torch.float64):
+    if channels != len(IMAGENET_MEAN):
+        # Non-RGB inputs (none of the presets): a neutral normalisation keeps the pixel mapping defined.
+        return (torch.full((channels, 1, 1), 0.5, dtype=dtype), torch.full((channels, 1, 1), 0.25, dtype=dtype))
+    return (torch.tensor(IMAGENET_MEAN, dtype=dtype).reshape(-1, 1, 1),
+            torch.tensor(IMAGENET_STD, dtype=dtype).reshape(-1, 1, 1))
+
+
+def normalize_pixels(pixels, dtype=torch.float32):
+    """uint8 pixels ``[..., C, H, W]`` -> the normalised float image the float model takes.
+
+    ``x = (p / 255 - mean_c) / std_c`` with ``IMAGENET_MEAN``/``IMAGENET_STD`` (neutral 0.5/0.25 for a
+    channel count other than 3). Accepts a torch tensor or a numpy array of integers in [0, 255].
+    """
+    p = torch.as_tensor(pixels)
+    if p.is_floating_point() or p.dim() < 3:
+        raise TypeError(f"pixels must be an integer tensor [..., C, H, W], not {p.dtype} of shape {list(p.shape)}")
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) > 255):
+        raise ValueError(f"pixels must be in [0, 255], got [{int(p.min())}, {int(p.max())}]")
+    mean, std = _channel_stats(p.shape[-3])
+    return ((p.to(torch.float64) / 255.0 - mean) / std).to(dtype)
+
+
+def synthetic_pixels(cfg, batch, seed):
+    """Deterministic natural-looking uint8 images ``[batch, C, H, W]`` (see the module docstring)."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, not {type(cfg).__name__}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive integer, not {batch!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an integer, not {seed!r}")
+    gen = torch.Generator().manual_seed(seed)
+    height, width = cfg.img_size
+    mean, std = _channel_stats(cfg.in_chans)
+    images = []
+    for _ in range(batch):
+        x = _one_image(gen, cfg.in_chans, height, width)
+        images.append(torch.clamp(torch.round(255.0 * (mean + std * x)), 0, 255).to(torch.uint8))
+    return torch.stack(images)
+
+
 def synthetic_images(cfg, batch, seed, dtype=torch.float32):
     """Deterministic natural-looking normalised images for ``cfg``.
 
@@ -113,15 +164,7 @@ def synthetic_images(cfg, batch, seed, dtype=torch.float32):
     Returns
     -------
     torch.Tensor
-        ``[batch, cfg.in_chans, H, W]``, each channel roughly zero-mean and unit-variance.
+        ``[batch, cfg.in_chans, H, W]``, each channel roughly zero-mean and unit-variance, every value
+        ``normalize_pixels`` of a uint8 pixel (the 1/255 grid of a real photograph).
     """
-    if not isinstance(cfg, ModelConfig):
-        raise TypeError(f"cfg must be a ModelConfig, not {type(cfg).__name__}")
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, not {batch!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an integer, not {seed!r}")
-    gen = torch.Generator().manual_seed(seed)
-    height, width = cfg.img_size
-    images = [_one_image(gen, cfg.in_chans, height, width) for _ in range(batch)]
-    return torch.stack(images).to(dtype)
+    return normalize_pixels(synthetic_pixels(cfg, batch, seed), dtype)
