@@ -28,12 +28,14 @@ and evaluation sets.
 """
 
 import math
+import os
 
+import numpy as np
 import torch
 
 from m3vit_hw.model_config import ModelConfig
 
-__all__ = ["synthetic_images", "synthetic_pixels", "normalize_pixels", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["synthetic_images", "synthetic_pixels", "normalize_pixels", "load_image", "image_files", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 #: Per-channel (RGB) normalisation of the M³ViT training code (torchvision's ImageNet statistics):
 #: ``x = (p / 255 - mean) / std`` for uint8 pixels ``p``.
@@ -168,3 +170,63 @@ def synthetic_images(cfg, batch, seed, dtype=torch.float32):
         ``normalize_pixels`` of a uint8 pixel (the 1/255 grid of a real photograph).
     """
     return normalize_pixels(synthetic_pixels(cfg, batch, seed), dtype)
+
+
+#: File types :func:`load_image` reads.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
+
+
+def _fit(img, height, width):
+    """Resize (bilinear, aspect ratio kept) so ``img`` covers ``height x width``, then centre-crop."""
+    from PIL import Image
+    h, w = img.height, img.width
+    scale = max(height / h, width / w)
+    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
+    if (nh, nw) != (h, w):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+def load_image(path, cfg):
+    """A real image as the encoder's uint8 pixels ``[3, H, W]`` (torch.uint8) for preset ``cfg``.
+
+    PNG/JPEG go through Pillow (converted to RGB); ``.npy`` must hold a uint8 ``[H, W, 3]`` array. The
+    image is resized, keeping its aspect ratio, so that it covers the preset's ``img_size`` (bilinear),
+    then centre-cropped to it: a 2048x1024 Cityscapes frame becomes 256x128 for W1 with nothing cropped.
+    """
+    from PIL import Image
+    path = str(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"image {path!r} does not exist or is not a file")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(f"image {path!r}: suffix must be one of {', '.join(IMAGE_SUFFIXES)}, not {suffix!r}")
+    if cfg.in_chans != 3:
+        raise ValueError(f"image files need a 3-channel model, not in_chans={cfg.in_chans}")
+    if suffix == ".npy":
+        arr = np.load(path, allow_pickle=False)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"image {path!r}: .npy must hold uint8 [H, W, 3], not {arr.dtype} {list(arr.shape)}")
+        img = Image.fromarray(arr, "RGB")
+    else:
+        try:
+            img = Image.open(path)
+            img = img.convert("RGB")
+        except Exception as exc:  # Pillow raises UnidentifiedImageError, OSError, ...
+            raise ValueError(f"image {path!r} cannot be read: {type(exc).__name__}: {exc}") from exc
+    height, width = cfg.img_size
+    arr = np.asarray(_fit(img, height, width), dtype=np.uint8)
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def image_files(directory):
+    """The image files (``IMAGE_SUFFIXES``) of ``directory``, sorted by name; at least one."""
+    directory = str(directory)
+    if not os.path.isdir(directory):
+        raise ValueError(f"calibration directory {directory!r} does not exist")
+    files = sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                   if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"calibration directory {directory!r} holds no image ({', '.join(IMAGE_SUFFIXES)})")
+    return files
