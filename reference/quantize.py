@@ -63,11 +63,36 @@ def _mult_shift(real, mult_bits, shift_max=numerics.SHIFT_MAX):
     return mult, shift
 
 
+#: Weight range per output row: "max" (absmax) or "mse" (the clip in [0.5, 1] x absmax that minimises
+#: the row's squared rounding + clipping error). Set by quantize(weight_clip=...).
+_WEIGHT_CLIP = {"mode": "max"}
+
+
+def _mse_row_scale(w):
+    """Per-row int8 scale minimising the squared error (rows on the last axis), searched over clips."""
+    top = np.maximum(np.abs(w).max(-1), 1e-12)
+    best_s = top / 127.0
+    best_err = None
+    for frac in np.linspace(0.5, 1.0, 26):
+        s = top * frac / 127.0
+        err = ((np.clip(np.round(w / s[..., None]), -127, 127) * s[..., None] - w) ** 2).sum(-1)
+        if best_err is None:
+            best_err, best_s = err, s
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_s = np.where(better, s, best_s)
+    return best_s
+
+
 def _quant_weight(w, per_channel=True):
     """Symmetric int8 weights; scale per output row (last-but-one axis) or per tensor."""
     w = np.asarray(w, dtype=np.float64)
     if per_channel:
-        s = np.maximum(np.abs(w).max(-1), 1e-12) / 127.0
+        if _WEIGHT_CLIP["mode"] == "mse":
+            s = _mse_row_scale(w)
+        else:
+            s = np.maximum(np.abs(w).max(-1), 1e-12) / 127.0
         q = np.clip(np.round(w / s[..., None]), -127, 127)
     else:
         s = max(np.abs(w).max(), 1e-12) / 127.0
@@ -107,10 +132,11 @@ def _softmax_mult(real):
     return int(m[0]), s
 
 
-def _gelu_lut(in_scale, out_scale):
+def _gelu_lut(in_scale, out_scale, out_bits=numerics.ACT_BITS):
     x = np.arange(-128, 128, dtype=np.float64) * in_scale
     y = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
-    return np.clip(np.round(y / out_scale), -128, 127).astype(np.int64)
+    lo, hi = numerics.int_range(out_bits)
+    return np.clip(np.round(y / out_scale), lo, hi).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -251,7 +277,8 @@ class PixelInput:
 
 
 #: Methods :func:`quantize` applies by default, chosen by measurement (``docs/numerics.md`` §9).
-DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="max", smooth_alpha=None)
+DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="max", smooth_alpha=None, gelu_bits=8, router_h_bits=8,
+                weight_clip="max")
 
 
 def _smooth(model, ranges, alpha):
@@ -287,7 +314,8 @@ def _smooth(model, ranges, alpha):
 
 @torch.no_grad()
 def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k_bias=DEFAULTS["drop_k_bias"],
-             calib=DEFAULTS["calib"], smooth_alpha=DEFAULTS["smooth_alpha"]):
+             calib=DEFAULTS["calib"], smooth_alpha=DEFAULTS["smooth_alpha"], gelu_bits=DEFAULTS["gelu_bits"],
+             router_h_bits=DEFAULTS["router_h_bits"], weight_clip=DEFAULTS["weight_clip"]):
     """Quantize ``model``'s encoder, calibrating on ``calib_images`` [B,3,H,W] over every task.
 
     Parameters
@@ -306,7 +334,29 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
         The residual stream always uses ``max`` (int16 has headroom to spare).
     smooth_alpha : float or None
         SmoothQuant migration strength for the LayerNorm outputs (None: off).
+    gelu_bits : int
+        8, or 16: the GELU table gives 16-bit outputs (scale ``s_gelu / 256``) and fc2 reads them
+        (two byte-plane passes in hardware). Measured, not in the RTL (see ``docs/numerics.md`` §9).
+    router_h_bits : int
+        8, or 16: the router reads a 16-bit LN2 output (the same LayerNorm rounded 8 bits later,
+        ``QMoE.router_h_shift = 8``). Measured, not in the RTL.
+    weight_clip : str
+        ``max`` or ``mse``: the per-output-channel weight range (MSE: the clip minimising each row's error).
     """
+    if weight_clip not in ("max", "mse"):
+        raise ValueError(f"weight_clip must be 'max' or 'mse', not {weight_clip!r}")
+    _WEIGHT_CLIP["mode"] = weight_clip
+    try:
+        return _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits,
+                         router_h_bits, weight_clip)
+    finally:
+        _WEIGHT_CLIP["mode"] = "max"
+
+
+def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits, router_h_bits,
+              weight_clip):
+    if gelu_bits not in (8, 16) or router_h_bits not in (8, 16):
+        raise ValueError(f"gelu_bits and router_h_bits must be 8 or 16, not {gelu_bits}, {router_h_bits}")
     import copy
     if drop_k_bias or smooth_alpha is not None:
         model = copy.deepcopy(model)
@@ -339,7 +389,8 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
         patch = _qlinear(w_pe, b_pe, s_img, s_res, numerics.RES_BITS)
     scales = {"img": s_img, "res": s_res,
               "options": dict(pixel_input=pixel_input, drop_k_bias=drop_k_bias, calib=calib,
-                              smooth_alpha=smooth_alpha)}
+                              smooth_alpha=smooth_alpha, gelu_bits=gelu_bits, router_h_bits=router_h_bits,
+                              weight_clip=weight_clip)}
     lo, hi = numerics.int_range(numerics.RES_BITS)
     pos = _np(enc.pos_embed)[0]
     pos_int = np.clip(np.round(pos / s_res), lo, hi).astype(np.int64)
@@ -370,23 +421,25 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
         proj = _qlinear(_np(blk.attn.proj.weight), _np(blk.attn.proj.bias), sc["ctx"], s_res, numerics.RES_BITS)
         attn = QAttention(qkv, c_mult, c_shift, int(o_mult[0]), o_shift, proj)
 
-        lut = _gelu_lut(sc["pre"], sc["gelu"])
+        # A 16-bit GELU output keeps the scale's range with 256x finer steps.
+        s_gelu_out = sc["gelu"] / (1 << (gelu_bits - numerics.ACT_BITS))
+        lut = _gelu_lut(sc["pre"], s_gelu_out, gelu_bits)
         if not blk.moe:
             mlp = QDenseMlp(_qlinear(_np(blk.mlp.fc1.weight), _np(blk.mlp.fc1.bias), sc["ln2"], sc["pre"],
                                      numerics.ACT_BITS),
                             lut,
-                            _qlinear(_np(blk.mlp.fc2.weight), _np(blk.mlp.fc2.bias), sc["gelu"], s_res,
+                            _qlinear(_np(blk.mlp.fc2.weight), _np(blk.mlp.fc2.bias), s_gelu_out, s_res,
                                      numerics.RES_BITS))
         else:
-            mlp = _quantize_moe(enc, blk, cfg, sc, s_res, lut)
+            mlp = _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_bits - numerics.ACT_BITS)
         blocks.append(QBlock(ln1, attn, ln2, mlp))
     return QuantizedEncoder(cfg, s_img, s_res, patch, cls_int, pos_int, blocks, scales)
 
 
-def _quantize_moe(enc, blk, cfg, sc, s_res, lut):
+def _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_shift):
     ex = blk.mlp.experts
     fc1 = _qlinear(_np(ex.htoh4.weight), _np(ex.htoh4.bias), sc["ln2"], sc["pre"], numerics.ACT_BITS)
-    fc2 = _qlinear(_np(ex.h4toh.weight), _np(ex.h4toh.bias), sc["gelu"], s_res, numerics.RES_BITS)
+    fc2 = _qlinear(_np(ex.h4toh.weight), _np(ex.h4toh.bias), s_gelu_out, s_res, numerics.RES_BITS)
     gates, c_mults, c_shifts = [], [], []
     task_bias = np.zeros((cfg.num_tasks, cfg.experts), dtype=np.int64)
     for g, gate in enumerate(blk.mlp.gate):
@@ -395,7 +448,7 @@ def _quantize_moe(enc, blk, cfg, sc, s_res, lut):
         # One scale per gate over the token rows: logits of all experts share it (top-k compares them).
         wq, ws = _quant_weight(w_tok.T, per_channel=False)
         gates.append(wq.T)
-        logit_scale = sc["ln2"] * ws
+        logit_scale = sc["ln2"] / (1 << router_h_shift) * ws
         m, s = _softmax_mult(logit_scale * math.log2(math.e) * (1 << numerics.EXP_FRAC_BITS))
         c_mults.append(m)
         c_shifts.append(s)
@@ -407,7 +460,7 @@ def _quantize_moe(enc, blk, cfg, sc, s_res, lut):
                 task_bias[t] = np.round(rep @ w[cfg.dim:] / logit_scale).astype(np.int64)
     lo, hi = numerics.int_range(numerics.ACC_BITS)
     task_bias = np.clip(task_bias, lo, hi)
-    return QMoE(gates, task_bias, c_mults, c_shifts, fc1, lut, fc2)
+    return QMoE(gates, task_bias, c_mults, c_shifts, fc1, lut, fc2, router_h_shift)
 
 
 def quantize_image(img, img_scale):
