@@ -142,8 +142,10 @@ def _gelu_lut(in_scale, out_scale, out_bits=numerics.ACT_BITS):
 # --------------------------------------------------------------------------------------------------
 # Calibration
 
-#: Values kept per calibration site for percentile / MSE range search (a deterministic stride sample).
-_SAMPLE = 1 << 18
+#: Values kept per observation and per site for the percentile / MSE range searches (deterministic
+#: stride samples; the MSE search is O(candidates x sample)).
+_SAMPLE = 1 << 15
+_SAMPLE_TOTAL = 1 << 18
 
 
 class _Range:
@@ -171,7 +173,8 @@ class _Range:
         self.samples.append(flat[::step])
 
     def values(self):
-        return torch.cat(self.samples) if self.samples else torch.zeros(1, dtype=torch.float64)
+        v = torch.cat(self.samples) if self.samples else torch.zeros(1, dtype=torch.float64)
+        return v[::max(1, v.numel() // _SAMPLE_TOTAL)]
 
     def clip(self, method, bits=8, signed_part=None):
         """Range to quantize to: ``max`` (the calibrated max), ``pNN.NN`` (that percentile of |x|) or
@@ -277,7 +280,7 @@ class PixelInput:
 
 
 #: Methods :func:`quantize` applies by default, chosen by measurement (``docs/numerics.md`` §9).
-DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="max", smooth_alpha=None, gelu_bits=8, router_h_bits=8,
+DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="mse", smooth_alpha=None, gelu_bits=8, router_h_bits=8,
                 weight_clip="max")
 
 
