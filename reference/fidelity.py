@@ -1,10 +1,12 @@
 """Measure how close the integer golden model stays to the float M³ViT.
 
-    python -m reference.fidelity --preset vit-tiny-cityscapes [--seed S] [--task T] --json FILE
+    python -m reference.fidelity --preset vit-tiny-cityscapes [--seed S] [--task T] [--image FILE]
+                                 [--calib DIR] --json FILE
 
-Builds the float model (trained-like synthetic weights by default, or a checkpoint), calibrates the
-quantizer on images drawn from seed ``S + 1000``, evaluates on images from seed ``S`` (disjoint), and
-compares the golden encoder with the float encoder:
+Builds the float model (the realistic synthetic weight profile by default, or a checkpoint, which may
+lack decoder weights), calibrates the quantizer on images drawn from seed ``S + 1000`` (or on ``--calib
+DIR``), evaluates on images from seed ``S`` (disjoint; or on ``--image FILE``), and compares the golden
+encoder with the float encoder:
 
 * ``cosine`` and ``sqnr_db`` at the encoder output (golden dequantized with the residual scale);
 * ``per_layer_sqnr_db``: the same SQNR after every block;
@@ -13,6 +15,10 @@ compares the golden encoder with the float encoder:
   SQNR can flatter a block; the branch SQNR shows each block's own error.
 * ``routing_agreement``: share of (token, MoE layer) pairs whose top-k expert *set* is identical in the
   golden and float models, plus the same per MoE layer.
+
+* ``worst_branch_sqnr_db``: the lowest per-block branch SQNR over blocks and tasks;
+* ``float_precisions``: the float model run in bf16 and fp16 against fp32 (cosine, SQNR, routing
+  agreement), so the integer model can be read next to what a GPU would give.
 
 Without ``--task`` every task is measured; the top-level figures are then the worst task's.
 """
