@@ -281,7 +281,7 @@ class PixelInput:
 
 #: Methods :func:`quantize` applies by default, chosen by measurement (``docs/numerics.md`` §9).
 DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="mse", smooth_alpha=None, gelu_bits=8, router_h_bits=8,
-                weight_clip="max")
+                weight_clip="max", calib_sites=("ln1", "q", "k", "v", "ctx", "ln2", "pre", "gelu"))
 
 
 def _smooth(model, ranges, alpha):
@@ -318,7 +318,8 @@ def _smooth(model, ranges, alpha):
 @torch.no_grad()
 def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k_bias=DEFAULTS["drop_k_bias"],
              calib=DEFAULTS["calib"], smooth_alpha=DEFAULTS["smooth_alpha"], gelu_bits=DEFAULTS["gelu_bits"],
-             router_h_bits=DEFAULTS["router_h_bits"], weight_clip=DEFAULTS["weight_clip"]):
+             router_h_bits=DEFAULTS["router_h_bits"], weight_clip=DEFAULTS["weight_clip"],
+             calib_sites=DEFAULTS["calib_sites"]):
     """Quantize ``model``'s encoder, calibrating on ``calib_images`` [B,3,H,W] over every task.
 
     Parameters
@@ -335,6 +336,8 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
     calib : str
         Activation range per site: ``max``, ``mse`` or a percentile ``pNN.NN`` of |x| (see ``_Range.clip``).
         The residual stream always uses ``max`` (int16 has headroom to spare).
+    calib_sites : tuple of str
+        The per-block sites that use ``calib`` (the others use ``max``): ``ln1 q k v ctx ln2 pre gelu``.
     smooth_alpha : float or None
         SmoothQuant migration strength for the LayerNorm outputs (None: off).
     gelu_bits : int
@@ -351,13 +354,13 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
     _WEIGHT_CLIP["mode"] = weight_clip
     try:
         return _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits,
-                         router_h_bits, weight_clip)
+                         router_h_bits, weight_clip, tuple(calib_sites))
     finally:
         _WEIGHT_CLIP["mode"] = "max"
 
 
 def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits, router_h_bits,
-              weight_clip):
+              weight_clip, calib_sites):
     if gelu_bits not in (8, 16) or router_h_bits not in (8, 16):
         raise ValueError(f"gelu_bits and router_h_bits must be 8 or 16, not {gelu_bits}, {router_h_bits}")
     import copy
@@ -393,7 +396,7 @@ def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha
     scales = {"img": s_img, "res": s_res,
               "options": dict(pixel_input=pixel_input, drop_k_bias=drop_k_bias, calib=calib,
                               smooth_alpha=smooth_alpha, gelu_bits=gelu_bits, router_h_bits=router_h_bits,
-                              weight_clip=weight_clip)}
+                              weight_clip=weight_clip, calib_sites=calib_sites)}
     lo, hi = numerics.int_range(numerics.RES_BITS)
     pos = _np(enc.pos_embed)[0]
     pos_int = np.clip(np.round(pos / s_res), lo, hi).astype(np.int64)
@@ -401,10 +404,11 @@ def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha
 
     blocks = []
     for i, blk in enumerate(enc.blocks):
-        sc = {n: _scale(ranges[f"{i}.{n}"].clip(calib), numerics.ACT_BITS)
+        sc = {n: _scale(ranges[f"{i}.{n}"].clip(calib if n in calib_sites else "max"), numerics.ACT_BITS)
               for n in ("ln1", "q", "k", "v", "ctx", "ln2", "gelu")}
         pre = ranges[f"{i}.pre"]
-        sc["pre"] = _scale(max(pre.clip(calib, signed_part="pos"), min(pre.neg, GELU_NEG_CLIP)), numerics.ACT_BITS)
+        pre_pos = pre.clip(calib if "pre" in calib_sites else "max", signed_part="pos")
+        sc["pre"] = _scale(max(pre_pos, min(pre.neg, GELU_NEG_CLIP)), numerics.ACT_BITS)
         scales[i] = sc
 
         ln1 = _qlayernorm(_np(blk.norm1.weight), _np(blk.norm1.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln1"])
