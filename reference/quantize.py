@@ -281,7 +281,7 @@ class PixelInput:
 
 #: Methods :func:`quantize` applies by default, chosen by measurement (``docs/numerics.md`` §9).
 DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="mse", smooth_alpha=None, gelu_bits=8, router_h_bits=8,
-                weight_clip="max", calib_sites=("ln1", "q", "k", "v", "ctx", "ln2", "pre", "gelu"))
+                weight_clip="max", calib_sites=("pre", "gelu"))
 
 
 def _smooth(model, ranges, alpha):
