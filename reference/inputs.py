@@ -35,7 +35,7 @@ import torch
 
 from m3vit_hw.model_config import ModelConfig
 
-__all__ = ["synthetic_images", "synthetic_pixels", "normalize_pixels", "load_image", "image_files", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["synthetic_images", "synthetic_pixels", "normalize_pixels", "pixel_normalization", "load_image", "image_files", "IMAGE_SUFFIXES", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 #: Per-channel (RGB) normalisation of the M³ViT training code (torchvision's ImageNet statistics):
 #: ``x = (p / 255 - mean) / std`` for uint8 pixels ``p``.
@@ -107,7 +107,8 @@ def _one_image(gen, channels, height, width):
     return image * gain + shift
 
 
-def _channel_stats(channels, dtype=torch.float64):
+def pixel_normalization(channels, dtype=torch.float64):
+    """Per-channel ``(mean, std)`` as ``[C, 1, 1]`` tensors: ImageNet's for RGB, 0.5/0.25 otherwise."""
     if channels != len(IMAGENET_MEAN):
         # Non-RGB inputs (none of the presets): a neutral normalisation keeps the pixel mapping defined.
         return (torch.full((channels, 1, 1), 0.5, dtype=dtype), torch.full((channels, 1, 1), 0.25, dtype=dtype))
@@ -126,7 +127,7 @@ def normalize_pixels(pixels, dtype=torch.float32):
         raise TypeError(f"pixels must be an integer tensor [..., C, H, W], not {p.dtype} of shape {list(p.shape)}")
     if p.numel() and (int(p.min()) < 0 or int(p.max()) > 255):
         raise ValueError(f"pixels must be in [0, 255], got [{int(p.min())}, {int(p.max())}]")
-    mean, std = _channel_stats(p.shape[-3])
+    mean, std = pixel_normalization(p.shape[-3])
     return ((p.to(torch.float64) / 255.0 - mean) / std).to(dtype)
 
 
@@ -140,7 +141,7 @@ def synthetic_pixels(cfg, batch, seed):
         raise TypeError(f"seed must be an integer, not {seed!r}")
     gen = torch.Generator().manual_seed(seed)
     height, width = cfg.img_size
-    mean, std = _channel_stats(cfg.in_chans)
+    mean, std = pixel_normalization(cfg.in_chans)
     images = []
     for _ in range(batch):
         x = _one_image(gen, cfg.in_chans, height, width)

@@ -19,6 +19,7 @@ Floats kept in the result (``*_scale``) are metadata for the host: quantizing th
 dequantizing the encoder output for the float decoders and for the fidelity report.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -63,11 +64,6 @@ def _mult_shift(real, mult_bits, shift_max=numerics.SHIFT_MAX):
     return mult, shift
 
 
-#: Weight range per output row: "max" (absmax) or "mse" (the clip in [0.5, 1] x absmax that minimises
-#: the row's squared rounding + clipping error). Set by quantize(weight_clip=...).
-_WEIGHT_CLIP = {"mode": "max"}
-
-
 def _mse_row_scale(w):
     """Per-row int8 scale minimising the squared error (rows on the last axis), searched over clips."""
     top = np.maximum(np.abs(w).max(-1), 1e-12)
@@ -85,11 +81,15 @@ def _mse_row_scale(w):
     return best_s
 
 
-def _quant_weight(w, per_channel=True):
-    """Symmetric int8 weights; scale per output row (last-but-one axis) or per tensor."""
+def _quant_weight(w, per_channel=True, weight_clip="max"):
+    """Symmetric int8 weights; scale per output row (last-but-one axis) or per tensor.
+
+    ``weight_clip``: per-row range ``max`` (absmax) or ``mse`` (the clip in [0.5, 1] x absmax that
+    minimises the row's squared rounding + clipping error).
+    """
     w = np.asarray(w, dtype=np.float64)
     if per_channel:
-        if _WEIGHT_CLIP["mode"] == "mse":
+        if weight_clip == "mse":
             s = _mse_row_scale(w)
         else:
             s = np.maximum(np.abs(w).max(-1), 1e-12) / 127.0
@@ -100,9 +100,9 @@ def _quant_weight(w, per_channel=True):
     return q.astype(np.int64), s
 
 
-def _qlinear(w, b, in_scale, out_scale, out_bits):
+def _qlinear(w, b, in_scale, out_scale, out_bits, weight_clip="max"):
     """Quantize ``y = x @ w.T + b`` with int8 x at ``in_scale`` into an out_bits result at ``out_scale``."""
-    wq, ws = _quant_weight(w)
+    wq, ws = _quant_weight(w, weight_clip=weight_clip)
     acc_scale = in_scale * ws
     bias = np.round(np.asarray(b, dtype=np.float64) / acc_scale).astype(np.int64)
     lo, hi = numerics.int_range(numerics.BIAS_BITS)
@@ -351,16 +351,13 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
     """
     if weight_clip not in ("max", "mse"):
         raise ValueError(f"weight_clip must be 'max' or 'mse', not {weight_clip!r}")
-    _WEIGHT_CLIP["mode"] = weight_clip
-    try:
-        return _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits,
-                         router_h_bits, weight_clip, tuple(calib_sites))
-    finally:
-        _WEIGHT_CLIP["mode"] = "max"
+    return _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits,
+                     router_h_bits, weight_clip, tuple(calib_sites))
 
 
 def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits, router_h_bits,
               weight_clip, calib_sites):
+    qlin = functools.partial(_qlinear, weight_clip=weight_clip)
     if gelu_bits not in (8, 16) or router_h_bits not in (8, 16):
         raise ValueError(f"gelu_bits and router_h_bits must be 8 or 16, not {gelu_bits}, {router_h_bits}")
     import copy
@@ -381,18 +378,18 @@ def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha
     w_pe = _np(enc.patch_embed.proj.weight).reshape(cfg.dim, -1)
     b_pe = _np(enc.patch_embed.proj.bias)
     if pixel_input:
-        from .inputs import IMAGENET_MEAN, IMAGENET_STD, _channel_stats
-        mean_t, std_t = _channel_stats(cfg.in_chans)
+        from .inputs import pixel_normalization
+        mean_t, std_t = pixel_normalization(cfg.in_chans)
         mean, std = mean_t.reshape(-1).numpy(), std_t.reshape(-1).numpy()
         per_in = np.repeat(np.arange(cfg.in_chans), cfg.patch_size * cfg.patch_size)
         # x = (p/255 - m)/s = (v + 128)/(255 s) - m/s with v = p - 128: fold both into w and b.
         w_px = w_pe / (255.0 * std[per_in])
         b_px = b_pe + w_px @ np.full(w_px.shape[1], 128.0) - w_pe @ (mean[per_in] / std[per_in])
-        patch = _qlinear(w_px, b_px, 1.0, s_res, numerics.RES_BITS)
+        patch = qlin(w_px, b_px, 1.0, s_res, numerics.RES_BITS)
         s_img = PixelInput(tuple(float(v) for v in mean), tuple(float(v) for v in std))
     else:
         s_img = _scale(ranges["img"].absmax, numerics.ACT_BITS)
-        patch = _qlinear(w_pe, b_pe, s_img, s_res, numerics.RES_BITS)
+        patch = qlin(w_pe, b_pe, s_img, s_res, numerics.RES_BITS)
     scales = {"img": s_img, "res": s_res,
               "options": dict(pixel_input=pixel_input, drop_k_bias=drop_k_bias, calib=calib,
                               smooth_alpha=smooth_alpha, gelu_bits=gelu_bits, router_h_bits=router_h_bits,
@@ -416,7 +413,7 @@ def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha
 
         # qkv: one GEMM, three output scales (q|k|v rows), folded into the per-channel multipliers.
         w_qkv, b_qkv = _np(blk.attn.qkv.weight), _np(blk.attn.qkv.bias)
-        wq, ws = _quant_weight(w_qkv)
+        wq, ws = _quant_weight(w_qkv, weight_clip=weight_clip)
         out_scale = np.repeat([sc["q"], sc["k"], sc["v"]], cfg.dim)
         acc_scale = sc["ln1"] * ws
         mult, shift = _mult_shift(acc_scale / out_scale, numerics.MULT_BITS)
@@ -425,28 +422,30 @@ def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha
         c_mult, c_shift = _softmax_mult(sc["q"] * sc["k"] * cfg.head_dim ** -0.5 * math.log2(math.e)
                                         * (1 << numerics.EXP_FRAC_BITS))
         o_mult, o_shift = _mult_shift(np.array([sc["v"] / sc["ctx"]]), numerics.AV_OUT_MULT_BITS)
-        proj = _qlinear(_np(blk.attn.proj.weight), _np(blk.attn.proj.bias), sc["ctx"], s_res, numerics.RES_BITS)
+        proj = qlin(_np(blk.attn.proj.weight), _np(blk.attn.proj.bias), sc["ctx"], s_res, numerics.RES_BITS)
         attn = QAttention(qkv, c_mult, c_shift, int(o_mult[0]), o_shift, proj)
 
         # A 16-bit GELU output keeps the scale's range with 256x finer steps.
         s_gelu_out = sc["gelu"] / (1 << (gelu_bits - numerics.ACT_BITS))
         lut = _gelu_lut(sc["pre"], s_gelu_out, gelu_bits)
         if not blk.moe:
-            mlp = QDenseMlp(_qlinear(_np(blk.mlp.fc1.weight), _np(blk.mlp.fc1.bias), sc["ln2"], sc["pre"],
+            mlp = QDenseMlp(qlin(_np(blk.mlp.fc1.weight), _np(blk.mlp.fc1.bias), sc["ln2"], sc["pre"],
                                      numerics.ACT_BITS),
                             lut,
-                            _qlinear(_np(blk.mlp.fc2.weight), _np(blk.mlp.fc2.bias), s_gelu_out, s_res,
+                            qlin(_np(blk.mlp.fc2.weight), _np(blk.mlp.fc2.bias), s_gelu_out, s_res,
                                      numerics.RES_BITS))
         else:
-            mlp = _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_bits - numerics.ACT_BITS)
+            mlp = _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_bits - numerics.ACT_BITS,
+                                weight_clip)
         blocks.append(QBlock(ln1, attn, ln2, mlp))
     return QuantizedEncoder(cfg, s_img, s_res, patch, cls_int, pos_int, blocks, scales)
 
 
-def _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_shift):
+def _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_shift, weight_clip):
+    qlin = functools.partial(_qlinear, weight_clip=weight_clip)
     ex = blk.mlp.experts
-    fc1 = _qlinear(_np(ex.htoh4.weight), _np(ex.htoh4.bias), sc["ln2"], sc["pre"], numerics.ACT_BITS)
-    fc2 = _qlinear(_np(ex.h4toh.weight), _np(ex.h4toh.bias), s_gelu_out, s_res, numerics.RES_BITS)
+    fc1 = qlin(_np(ex.htoh4.weight), _np(ex.htoh4.bias), sc["ln2"], sc["pre"], numerics.ACT_BITS)
+    fc2 = qlin(_np(ex.h4toh.weight), _np(ex.h4toh.bias), s_gelu_out, s_res, numerics.RES_BITS)
     gates, c_mults, c_shifts = [], [], []
     task_bias = np.zeros((cfg.num_tasks, cfg.experts), dtype=np.int64)
     for g, gate in enumerate(blk.mlp.gate):
