@@ -1,5 +1,12 @@
 """Synthetic weights with the statistics of a trained M³ViT, for when no checkpoint is at hand.
 
+Two profiles (:func:`make_weights`): ``realistic`` (:func:`make_realistic`, the default of the fidelity
+report and the tests) reproduces the statistics measured on the real trained ViT-tiny M³ViT (issue 8:
+LayerNorm gains up to 15.5, a ``k`` bias up to 50.9, a GELU crest factor of 29, undecisive routers with
+near-ties next to a nearly one-hot one, a dominating MoE branch, light weight tails); ``trained-like``
+(:func:`make_trained_like`, described below) is the earlier, gentler profile. :func:`profile_statistics`
+measures those statistics on any model.
+
 Why
 ---
 The integer golden model and the RTL must be judged on weights that stress the numerics the way a trained
