@@ -85,7 +85,8 @@ def requantize(acc, bias, mult, shift, out_bits):
 
 
 def gelu(x, lut):
-    """GELU as a 256-entry int8 -> int8 table: ``lut[x + 128]``.
+    """GELU as a 256-entry int8 -> int8 table: ``lut[x + 128]`` (int16 entries with the measured 16-bit
+    GELU option of docs/numerics.md §9, not in the RTL).
 
     The table is built at quantization time from the input and output scales; at run time GELU is a
     pure lookup, one ROM read per element.
@@ -117,8 +118,8 @@ def isqrt(n):
     return r
 
 
-def layernorm(x, eps_int, gamma_mult, beta_int, shift):
-    """Integer LayerNorm over the last axis: int16 residual rows in, int8 out.
+def layernorm(x, eps_int, gamma_mult, beta_int, shift, out_bits=numerics.ACT_BITS):
+    """Integer LayerNorm over the last axis: int16 residual rows in, int8 out (``out_bits`` wide).
 
     For a row of D values x::
 
@@ -143,7 +144,7 @@ def layernorm(x, eps_int, gamma_mult, beta_int, shift):
     den = np.maximum(1, isqrt(var_n))
     inv = np.floor_divide(_I64(1) << numerics.LN_INV_BITS, den)
     z = round_shift((d * x - s1) * inv, numerics.LN_INV_BITS - numerics.LN_Z_FRAC)
-    return sat(round_shift(z * _i(gamma_mult) + _i(beta_int), shift), numerics.ACT_BITS)
+    return sat(round_shift(z * _i(gamma_mult) + _i(beta_int), shift), out_bits)
 
 
 def softmax_exp(scores, c_mult, c_shift):

@@ -68,14 +68,15 @@ def _expert(h, qe, e):
     return g.requantize(g.matmul(a, fc2.w[e].T), fc2.bias[e], fc2.mult[e], fc2.shift, fc2.out_bits)
 
 
-def moe_layer(x, h, qe, task, top_k, multi_gate=True):
+def moe_layer(x, h, qe, task, top_k, multi_gate=True, h_router=None):
     """MoE MLP with residual, in the reordering controller's order.
 
     Returns ``(x_out, routing)`` where routing is a dict with ``logits`` [T,E], ``probs`` [T,E] (Q0.15),
     ``experts`` [T,k] (best first) and ``active`` (ascending list of experts with tokens).
     """
     gate = task if multi_gate else 0
-    logits = g.router_logits(h, qe.gates[gate], qe.task_bias[task])
+    # h_router: the 16-bit LN2 output when qe.router_h_shift > 0 (else the int8 h).
+    logits = g.router_logits(h if h_router is None else h_router, qe.gates[gate], qe.task_bias[task])
     probs = g.router_probs(logits, qe.router_c_mult[gate], qe.router_c_shift[gate])
     experts = g.topk(logits, top_k)
     queues, active = g.expert_queues(experts, probs, qe.fc1.w.shape[0])
@@ -97,7 +98,11 @@ def block(qm, i, x, task, q_tile=None):
     x = g.residual_add(x, linear(ctx, qb.attn.proj))
     h = g.layernorm(x, qb.ln2.eps_int, qb.ln2.gamma_mult, qb.ln2.beta_int, qb.ln2.shift)
     if cfg.is_moe(i):
-        return moe_layer(x, h, qb.mlp, task, cfg.top_k, cfg.router == "multi_gate")
+        h_router = None
+        if qb.mlp.router_h_shift:
+            h_router = g.layernorm(x, qb.ln2.eps_int, qb.ln2.gamma_mult, qb.ln2.beta_int,
+                                   qb.ln2.shift - qb.mlp.router_h_shift, numerics.RES_BITS)
+        return moe_layer(x, h, qb.mlp, task, cfg.top_k, cfg.router == "multi_gate", h_router)
     return dense_mlp(x, h, qb.mlp), None
 
 

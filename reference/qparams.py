@@ -54,7 +54,10 @@ class QDenseMlp:
 @dataclass
 class QMoE:
     """One MoE layer. ``gates[g]`` int8 [D, E] (one per task, or one shared); ``task_bias[t]`` int32 [E]
-    is the task-embedding router's constant logit offset (zeros for ``multi_gate``)."""
+    is the task-embedding router's constant logit offset (zeros for ``multi_gate``).
+
+    ``router_h_shift``: 0, the router reads the int8 LN2 output; 8, it reads the 16-bit LN2 output
+    ``layernorm(..., shift - 8, out_bits=16)`` (an option measured in docs/numerics.md §9, not in the RTL)."""
     gates: list
     task_bias: np.ndarray
     router_c_mult: list
@@ -62,6 +65,7 @@ class QMoE:
     fc1: QLinear
     gelu_lut: np.ndarray
     fc2: QLinear
+    router_h_shift: int = 0
 
 
 @dataclass

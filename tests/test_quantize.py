@@ -10,13 +10,11 @@ from reference import golden_model
 from reference.inputs import synthetic_images
 from reference.model import build_model
 from reference.quantize import calibrate, quantize, quantize_image
-from reference.synthetic_weights import make_trained_like
+from reference.synthetic_weights import make_weights
 
 
-def _model(name, seed=0):
-    m = build_model(name, seed=seed)
-    make_trained_like(m, seed=seed)
-    return m.eval()
+def _model(name, seed=0, profile="realistic"):
+    return make_weights(build_model(name, seed=seed), profile, seed)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-task-embedding"])
@@ -107,3 +105,73 @@ def test_bad_image_is_rejected():
         golden_model.encode(qm, np.full((3, *qm.cfg.img_size), 300), 0)
     with pytest.raises(ValueError, match="task"):
         golden_model.encode(qm, np.zeros((3, *qm.cfg.img_size), dtype=np.int64), "nope")
+
+
+def _float_ref(m, img, task):
+    with torch.no_grad():
+        return m.encode(img[None], task)[0].double().numpy()
+
+
+def test_exact_rewrites_keep_the_float_model():
+    """Dropping the k bias and SmoothQuant migration are exact in real arithmetic: the quantizer's float
+    copy computes what the original does (to float32 rounding), and the original is left untouched."""
+    from reference.quantize import calibrate as cal
+    m = _model("tiny")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    imgs = synthetic_images(m.cfg, 2, seed=6)
+    import copy
+    m2 = copy.deepcopy(m)
+    D = m.cfg.dim
+    for blk in m2.backbone.blocks:
+        blk.attn.qkv.bias.data[D:2 * D] = 0.0
+    from reference.quantize import _smooth
+    ranges, _ = cal(m2, imgs)
+    with torch.no_grad():
+        _smooth(m2, ranges, 0.5)
+    for task in range(m.cfg.num_tasks):
+        with torch.no_grad():
+            a, b = m.encode(imgs, task), m2.encode(imgs, task)
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    quantize(m, imgs, smooth_alpha=0.5)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_pixel_input_is_p_minus_128_and_tracks_the_float_model():
+    m = _model("tiny")
+    px = quantize(m, synthetic_images(m.cfg, 2, seed=1000))
+    sym = quantize(m, synthetic_images(m.cfg, 2, seed=1000), pixel_input=False)
+    from reference.inputs import synthetic_pixels, normalize_pixels
+    p = synthetic_pixels(m.cfg, 1, seed=2)[0]
+    img = normalize_pixels(p)
+    v = quantize_image(img, px.img_scale)
+    assert np.array_equal(v, p.numpy().astype(np.int64) - 128)
+    assert np.array_equal(quantize_image(p, px.img_scale), v)
+    ref = _float_ref(m, img, 0)
+    for qm in (px, sym):
+        out = golden_model.encode(qm, quantize_image(img, qm.img_scale), 0) * qm.res_scale
+        cos = float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref))
+        print(f"pixel_input={qm.scales['options']['pixel_input']}: cosine {cos:.5f}")
+        assert cos > 0.99
+
+
+@pytest.mark.parametrize("option", [dict(gelu_bits=16), dict(router_h_bits=16), dict(calib="p99.9"),
+                                    dict(weight_clip="mse"), dict(calib="max")])
+def test_measured_options_run_and_track_the_float_model(option):
+    m = _model("tiny")
+    qm = quantize(m, synthetic_images(m.cfg, 2, seed=1000), **option)
+    img = synthetic_images(m.cfg, 1, seed=2)[0]
+    out = golden_model.encode(qm, quantize_image(img, qm.img_scale), 0) * qm.res_scale
+    ref = _float_ref(m, img, 0)
+    cos = float((out * ref).sum() / np.linalg.norm(out) / np.linalg.norm(ref))
+    print(f"{option}: cosine {cos:.5f}")
+    assert cos > 0.99
+
+
+def test_bad_quantize_options():
+    m = _model("tiny")
+    imgs = synthetic_images(m.cfg, 1, seed=1000)
+    for kw, needle in ((dict(gelu_bits=12), "gelu_bits"), (dict(weight_clip="x"), "weight_clip"),
+                       (dict(calib="median"), "calibration method")):
+        with pytest.raises(ValueError, match=needle):
+            quantize(m, imgs, **kw)
