@@ -84,11 +84,15 @@ class DelayModel:
 
 @dataclass
 class Path:
-    """One timing path: ``delay_ns`` from ``start`` to ``end`` (signal names with ``[bit]``)."""
+    """One timing path: ``delay_ns`` from ``start`` to ``end`` (signal names with ``[bit]``).
+
+    ``carry4`` is the carry-chain length in 4-bit elements: this yosys maps adders onto CARRY4 cells
+    even for ``-family xcup`` (Vivado packs two into one CARRY8), and a CARRY8 counts as two.
+    """
 
     delay_ns: float
     lut_levels: int
-    carry8: int
+    carry4: int
     dsp_stages: int
     muxf: int
     start: str
@@ -252,6 +256,7 @@ class _Walker:
                         arc(b, o, d, (0, 0, 0, 1), t)
             elif t in ("CARRY8", "CARRY4"):
                 n = 8 if t == "CARRY8" else 4
+                w = n // 4          # counted in 4-bit carry elements
                 c = [("carry", cname, i) for i in range(n)]
                 cin = conn.get("CI", ["0"])[0]
                 s, di = conn["S"], conn["DI"]
@@ -261,19 +266,19 @@ class _Walker:
                     # A cascaded CARRY8 CO -> CI is a dedicated wire; anything else is routed.
                     drv_is_carry = cin in self.carry_outs
                     arc(cin, ("cin", cname), (0.0 if drv_is_carry else self.net_delay(cin)),
-                        (0, 1, 0, 0), t)
+                        (0, w, 0, 0), t)
                     prev = ("cin", cname)
                 for i in range(n):
                     for b in (s[i], di[i]):
                         if _is_bit(b):
-                            arc(b, c[i], self.net_delay(b) + m.carry_entry, (0, 1, 0, 0), t)
+                            arc(b, c[i], self.net_delay(b) + m.carry_entry, (0, w, 0, 0), t)
                     if prev is not None:
                         arc(prev, c[i], m.carry_bit)
                     if i < len(o) and _is_bit(o[i]):
                         if prev is not None:
                             arc(prev, o[i], m.carry_sum)
                         if _is_bit(s[i]):
-                            arc(s[i], o[i], self.net_delay(s[i]) + m.carry_entry + m.carry_sum, (0, 1, 0, 0), t)
+                            arc(s[i], o[i], self.net_delay(s[i]) + m.carry_entry + m.carry_sum, (0, w, 0, 0), t)
                     if i < len(co) and _is_bit(co[i]):
                         arc(c[i], co[i], 0.0)
                     prev = c[i]
@@ -465,7 +470,7 @@ class _Walker:
         # collapse consecutive duplicates of carry tags (one CARRY8 cell gives several arcs)
         sname, ssrc = self._node_label(start)
         ename, esrc = self._node_label(bit if bit is not None else node)
-        return Path(delay_ns=delay, lut_levels=counts[0], carry8=counts[1], dsp_stages=counts[2],
+        return Path(delay_ns=delay, lut_levels=counts[0], carry4=counts[1], dsp_stages=counts[2],
                     muxf=counts[3], start=sname, end=ename, start_src=ssrc, end_src=esrc,
                     start_kind=skind, end_kind=kind, dsps=dsps, cells=cells)
 
@@ -523,7 +528,7 @@ def format_result(res):
             lines.append(f"  {title}: none")
             return
         lines.append(f"  {title}: {p.delay_ns:.2f} ns ({p.fmax_mhz:.0f} MHz): {p.lut_levels} LUT levels, "
-                     f"{p.carry8} CARRY8, {p.dsp_stages} DSP48E2" + (f", {p.muxf} MUXF" if p.muxf else ""))
+                     f"{p.carry4} CARRY4 ({p.carry4 * 4} carry bits), {p.dsp_stages} DSP48E2" + (f", {p.muxf} MUXF" if p.muxf else ""))
         lines.append(f"    from {p.start} [{p.start_kind}]  {_short_src(p.start_src)}")
         lines.append(f"    to   {p.end} [{p.end_kind}]  {_short_src(p.end_src)}")
         for d in p.dsps:

@@ -56,7 +56,7 @@ def test_lut_chain_counts_levels_and_names_the_path():
     n.ff(q1, q0)
     res = analyze(n.json())
     w = res.worst
-    assert (w.lut_levels, w.carry8, w.dsp_stages) == (6, 0, 0)
+    assert (w.lut_levels, w.carry4, w.dsp_stages) == (6, 0, 0)
     assert w.start == "start_reg" and w.end == "end_reg"
     assert w.start_src == "x.py:1"
     # Each LUT input net has fanout 1 on the chain.
@@ -81,7 +81,7 @@ def test_cascaded_carry8_counts_elements():
         n.cell("CARRY8", {"CI": ci, "CI_TOP": ["0"], "DI": a[8 * k:8 * k + 8], "S": s[8 * k:8 * k + 8]},
                {"O": o[8 * k:8 * k + 8], "CO": co[8 * k:8 * k + 8]})
     w = analyze(n.json()).worst
-    assert (w.lut_levels, w.carry8) == (1, 2)
+    assert (w.lut_levels, w.carry4) == (1, 4)   # two CARRY8 = four 4-bit elements
     assert w.end == "q[15]"
 
 
