@@ -11,7 +11,7 @@ DSP48E2 pipeline registers: ``xilinx_dsp`` in this yosys never packs A/B/M/P reg
 (``-family xcup``), so every DSP in the netlist is combinational with fabric flip-flops around it.
 The walk therefore decides per DSP what a packer (Vivado) can absorb: an input register when every
 bit of A and B comes straight from a flip-flop, an output register when every used output bit drives
-only flip-flops. Absorbed registers end or start a path inside the DSP.
+only flip-flop or shift-register (SRL) data inputs. Absorbed registers end or start a path inside the DSP.
 """
 
 import math
@@ -296,7 +296,7 @@ class _Walker:
                 in_reg = bool(ab) and (all(b in ff_q for b in ab) or (reg("AREG") and reg("BREG")))
                 used_out = [b for port in ("P",) for b in outs.get(port, []) if self.fanout.get(b)]
                 out_reg = bool(used_out) and (reg("PREG") or all(
-                    all(lt in _FF and lp == "D" for lt, lp in loads.get(b, [])) for b in used_out))
+                    all(lp == "D" and (lt in _FF or lt.startswith("SRL")) for lt, lp in loads.get(b, [])) for b in used_out))
                 self.dsp_in += in_reg
                 self.dsp_out += out_reg
                 info = {"cell": cname, "in_reg": in_reg, "out_reg": out_reg}

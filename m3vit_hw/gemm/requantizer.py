@@ -163,8 +163,12 @@ class Requantizer(wiring.Component):
         v = [Signal(name=f"v{s}") for s in range(S)]
         meta = [Signal(self._meta, name=f"meta{s}", reset_less=True) for s in range(S)]
         shift = [Signal(range(numerics.SHIFT_MAX + 1), name=f"shift{s}", reset_less=True) for s in range(5)]
-        out16 = [Signal(name=f"out16_{s}", reset_less=True) for s in range(S - 1)]
-        raw = [Signal(name=f"raw{s}", reset_less=True) for s in range(S - 1)]
+        # out16 and raw fan out to every output bit: kept on reset so they stay flip-flops rather
+        # than a shift register with a slow clock-to-out.
+        out16 = [Signal(name=f"out16_{s}") for s in range(S - 1)]
+        raw = [Signal(name=f"raw{s}") for s in range(S - 1)]
+
+        half = Signal(numerics.SHIFT_MAX, reset_less=True)
 
         adv = ~v[S - 1] | self.o.ready
         m.d.comb += self.i.ready.eq(adv)
@@ -180,6 +184,8 @@ class Requantizer(wiring.Component):
                 m.d.sync += [out16[s].eq(out16[s - 1]), raw[s].eq(raw[s - 1])]
             for s in range(1, 5):
                 m.d.sync += shift[s].eq(shift[s - 1])
+            # 2**(shift-1) as a one-hot, shared by the lanes, registered in stage 3 for stage 4's adder.
+            m.d.sync += half.eq(Cat(*(shift[2] == k + 1 for k in range(numerics.SHIFT_MAX))))
             for j in range(L):
                 def reg(shape, name):
                     return Signal(shape, name=f"{name}{j}", reset_less=True)
@@ -208,10 +214,12 @@ class Requantizer(wiring.Component):
                     rs = reg(expr.shape(), f"row{ia}_")
                     m.d.sync += rs.eq(expr)
                     row_sums.append((a0, rs))
-                s_prod = reg(prod_shape, "prod")
+                # Not reset-less on purpose: the low product bits pass pp -> row -> prod unchanged, and
+                # a reset-less chain of three becomes a shift register (SRL) whose slow clock-to-out
+                # (~1 ns) would start the 64-bit rounding adder.
+                s_prod = Signal(prod_shape, name=f"prod{j}")
                 m.d.sync += s_prod.eq(sum((rs << a0 for a0, rs in row_sums[1:]), row_sums[0][1]))
-                # 4: round half up: + 2**(shift-1) (nothing for shift 0), one-hot decoded from the shift.
-                half = Cat(*(shift[3] == k + 1 for k in range(numerics.SHIFT_MAX)))
+                # 4: round half up: + 2**(shift-1) (nothing for shift 0), decoded a stage ahead.
                 # Wide enough for 2**(SHIFT_MAX - 1): large shifts must round small products to 0, not -1.
                 pv_shape = signed(max(prod_shape.width, numerics.SHIFT_MAX) + 1)
                 s_pv = reg(pv_shape, "pv")
