@@ -22,7 +22,7 @@ from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from .requantizer import check_lanes, check_meta, sat_expr
+from .requantizer import check_lanes, check_meta
 
 __all__ = ["ResidualStage", "ResOp", "ResidualInLayout", "ResidualOutLayout"]
 
@@ -153,14 +153,19 @@ class ResidualStage(wiring.Component):
         # Ahead of the read: p1 (operands), p2 (product), p3 (scaled). Then s1 (read issued),
         # s2 (read data registered), s3 (result, written and offered downstream).
         pv = [Signal(name=f"pv{k}") for k in (1, 2, 3)]
-        pb = [Signal(layout, name=f"pb{k}", reset_less=True) for k in (1, 2, 3)]
+        # pb3 (the read head) is kept on reset so that the synthesizer leaves it a flip-flop: a
+        # reset-less pb1 -> pb2 -> pb3 chain becomes a shift register whose slow clock-to-out
+        # would start the hazard compare.
+        pb = [Signal(layout, name=f"pb{k}", reset_less=k < 3) for k in (1, 2, 3)]
         prod = [Signal(signed(numerics.RES_BITS + WEIGHT_BITS + 1), name=f"prod{j}", reset_less=True)
                 for j in range(L)]
         scaled = [Signal(scaled_shape, name=f"scaled{j}", reset_less=True) for j in range(L)]
         sv = [Signal(name=f"v{k}") for k in (1, 2, 3)]
         sb = [Signal(layout, name=f"b{k}", reset_less=True) for k in (1, 2)]
         s_scaled = [[Signal(scaled_shape, name=f"scaled{k}_{j}", reset_less=True) for j in range(L)]
-                    for k in (1, 2)]
+                    for k in (1,)]
+        s_add = [Signal(scaled_shape, name=f"add{j}", reset_less=True) for j in range(L)]
+        lo16, hi16 = numerics.int_range(numerics.RES_BITS)
         s_res = [Signal(x_shape, name=f"res{j}", reset_less=True) for j in range(L)]
         b3 = Signal(out_layout, reset_less=True)
         op3 = Signal(ResOp)
@@ -203,21 +208,20 @@ class ResidualStage(wiring.Component):
                 b3.addr.eq(sb[1].addr), b3.mask.eq(sb[1].mask), b3.meta.eq(sb[1].meta),
             ]
             for j in range(L):
-                x = sb[1].data[j]
+                # The addend of the final add is chosen a stage early (x for ADD, the scaled product
+                # for COMBINE), so the last stage is one 18-bit add and a 3-bit saturation test.
                 m.d.sync += [
                     s_scaled[0][j].eq(scaled[j]),
-                    s_scaled[1][j].eq(s_scaled[0][j]),
+                    s_add[j].eq(Mux(sb[0].op == ResOp.COMBINE, s_scaled[0][j],
+                                    sb[0].data[j][:numerics.RES_BITS].as_signed())),
                     # The read data of s1 is registered before the add (a registered memory output).
                     s_res[j].eq(self.rd.data[j]),
                 ]
-                res = s_res[j]
-                with m.Switch(sb[1].op):
-                    with m.Case(ResOp.ADD):
-                        m.d.sync += b3.data[j].eq(sat_expr(res + x, numerics.RES_BITS))
-                    with m.Case(ResOp.COMBINE):
-                        m.d.sync += b3.data[j].eq(sat_expr(res + s_scaled[1][j], numerics.RES_BITS))
-                    with m.Default():
-                        m.d.sync += b3.data[j].eq(x)
+                total = s_res[j] + s_add[j]
+                fits = (total[numerics.RES_BITS - 1:] == 0) | (total[numerics.RES_BITS - 1:] == 0b111)
+                sat = Mux(fits, total[:numerics.RES_BITS].as_signed(), Mux(total[-1], lo16, hi16))
+                reads = (sb[1].op == ResOp.ADD) | (sb[1].op == ResOp.COMBINE)
+                m.d.sync += b3.data[j].eq(Mux(reads, sat, sb[1].data[j]))
 
         # Rewriting the same value while the beat waits in the last stage is harmless.
         m.d.comb += [
