@@ -151,6 +151,7 @@ _MUXF = {"MUXF7", "MUXF8", "MUXF9"}
 _BRAM = {"RAMB18E2", "RAMB36E2"}
 _URAM = {"URAM288", "URAM288_BASE"}
 _CONST_CELLS = {"GND", "VCC"}
+_IGNORED = {"$scopeinfo"}
 _CLOCK_PORTS = {"C", "CLK", "WCLK", "CLKARDCLK", "CLKBWRCLK"}
 # DSP48E2 inputs through the multiplier / straight to the ALU; the rest (clock enables, resets) only end paths.
 _DSP_MULT_IN = {"A", "B", "D", "ACIN", "BCIN"}
@@ -235,6 +236,8 @@ class _Walker:
             dirs = cell.get("port_directions", {})
             ins = {p: [b for b in bits if _is_bit(b)] for p, bits in conn.items() if dirs.get(p) == "input"}
             outs = {p: [b for b in bits if _is_bit(b)] for p, bits in conn.items() if dirs.get(p) == "output"}
+            if t in _IGNORED:
+                continue
             if t in _FF:
                 for p, bits in ins.items():
                     if p not in _CLOCK_PORTS:
