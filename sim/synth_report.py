@@ -285,19 +285,27 @@ def main(argv=None):
     units = list(UNITS) if "all" in args.unit else args.unit
     try:
         cfg = _cfg(args)
-        built = [(u, UNITS[u](cfg)) for u in units]
     except (ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = {"preset": args.preset, "pe_rows": cfg.pe_rows, "pe_cols": cfg.pe_cols, "units": {}}
     rows = []
-    for unit, comp in built:
+    failed = 0
+    for unit in units:
         print(f"synthesizing {unit} ({args.preset}, {cfg.pe_rows}x{cfg.pe_cols}) ...", flush=True)
         try:
-            rep = synthesize(comp, log=args.log if len(built) == 1 else None, dsp_proxy=not args.no_dsp_proxy)
-        except RuntimeError as e:
+            comp = UNITS[unit](cfg)
+            rep = synthesize(comp, log=args.log if len(units) == 1 else None, dsp_proxy=not args.no_dsp_proxy)
+        except (ValueError, TypeError) as e:
             print(f"error: {unit}: {e}", file=sys.stderr)
-            return 1
+            return 2
+        except RuntimeError as e:
+            # One unit's yosys failure (e.g. a crash inside the WebAssembly build) does not stop the rest.
+            print(f"error: {unit}: {str(e).splitlines()[0]}", file=sys.stderr)
+            out["units"][unit] = {"error": str(e)[-2000:]}
+            rows.append(f"| {unit} | yosys failed | | | | |")
+            failed += 1
+            continue
         print(format_report(unit, rep), flush=True)
         rows.append(table_row(unit, rep))
         out["units"][unit] = {"resources": rep["resources"], "cells": rep["cells"],
@@ -308,7 +316,7 @@ def main(argv=None):
     print("\n| unit | LUT levels | carry (CARRY4) | DSP stages | est. Fmax (MHz) | resources |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
