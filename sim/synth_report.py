@@ -158,7 +158,10 @@ def _yosys(workdir, script):
     out = Path(workdir, "yosys.log")
     log = (out.read_text() if out.exists() else "") + proc.stderr
     if proc.returncode != 0:
-        raise RuntimeError(f"yosys failed with exit code {proc.returncode}; last lines:\n"
+        # The last numbered pass names the step that failed; a WebAssembly trap prints no ERROR line.
+        passes = [ln for ln in log.splitlines() if re.match(r"^\d+(\.\d+)*\. Executing", ln)]
+        raise RuntimeError(f"yosys failed with exit code {proc.returncode} "
+                           f"(last pass: {passes[-1] if passes else '?'}); last lines:\n"
                            + "\n".join(log.splitlines()[-20:]))
     return log
 
@@ -305,6 +308,8 @@ def main(argv=None):
             out["units"][unit] = {"error": str(e)[-2000:]}
             rows.append(f"| {unit} | yosys failed | | | | |")
             failed += 1
+            if args.json:
+                Path(args.json).write_text(json.dumps(out, indent=2))
             continue
         print(format_report(unit, rep), flush=True)
         rows.append(table_row(unit, rep))

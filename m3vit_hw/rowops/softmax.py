@@ -58,12 +58,14 @@ _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numeric
 # write needs a free slot, so a row needs 5 slots beyond its own; 3 more are margin.
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
-# pass reads it, 7 cycles plus the divider latency after the row's last reservation. A reservation
+# pass reads it, 7 cycles plus the lane-sum tree stages plus 1 plus the divider latency after the
+# row's last reservation (the tree stages and the 1 are added where the depth is computed). A reservation
 # needs a free slot, so a row needs 8 slots beyond its own and the divider latency; 2 more are margin.
 _EXP_SLACK = 10
 # Rows that may wait between passes: row descriptors (max pass -> exp pass) and row sums
-# (exp pass -> divider). Short rows (the router's E experts) need several in flight.
-_QUEUE_DEPTH = 4
+# (exp pass -> divider). Short rows (the router's E experts) need several in flight: about as many
+# as the cycles from a row's exp-pass start to its divider issue.
+_QUEUE_DEPTH = 8
 
 
 class SoftmaxMode(enum.Enum, shape=1):
@@ -150,7 +152,7 @@ class SoftmaxUnit(wiring.Component):
     last beat may be partial, so the element rate is ``length / ceil(length / lanes)`` per cycle.
     Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
     From the last input beat of a row to its first output beat, the latency is
-    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 13`` plus the divider
+    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 14`` plus the lane-sum tree stages plus the divider
     latency.
 
     Raises
@@ -177,7 +179,9 @@ class SoftmaxUnit(wiring.Component):
         self._k = 1 if self._pipelined else div_bits_per_cycle
         self._sum_bits = (_E16_ONE * max_length).bit_length()
         self._s_depth = self._max_beats + _SCORE_SLACK
-        self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK
+        # The lane-sum tree: four operands per register stage (at least one stage).
+        self._tree_stages = max(1, -(-(lanes - 1).bit_length() // 2))
+        self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK + self._tree_stages + 1
 
         super().__init__({
             "cmd": In(stream.Signature(data.StructLayout({
@@ -233,9 +237,10 @@ class SoftmaxUnit(wiring.Component):
         """Cycles from the last input beat of a row of ``length`` elements to its first output beat,
         when nothing stalls."""
         # 3 cycles for the max to reach the exp pass and 1 to its first read, then the row's reads.
-        # Then 5 cycles through the exp pipeline into the sum queue, 1 cycle into the divider, the
-        # divider itself, and 3 cycles from the output pass's first read to ``o``.
-        return -(-length // self._lanes) + 13 + self._div_latency(self._k)
+        # Then 6 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
+        # cycle into the divider, the divider itself, and 3 cycles from the output pass's first read
+        # to ``o``.
+        return -(-length // self._lanes) + 14 + self._tree_stages + self._div_latency(self._k)
 
     def elaborate(self, platform):
         m = Module()
@@ -415,31 +420,49 @@ class SoftmaxUnit(wiring.Component):
         m.d.sync += [c4v.eq(c3v), c4last.eq(c3last), c4mode.eq(c3d.mode),
                      c4sum.mode.eq(c3d.mode), c4sum.length.eq(c3d.length),
                      c4sum.out_mult.eq(c3d.out_mult)]
-        # Stage c5: e16 = lut[f] >> i; written to the exp buffer; the beat's share of the row sum.
-        c5v, c5last = Signal(), Signal()
+        # Stage c5: e16 = lut[f] >> i, registered (the ROM output gets a register before any logic),
+        # then written to the exp buffer.
+        c5v, c5last, c5mode = Signal(), Signal(), Signal(SoftmaxMode)
         c5sum = Signal(sum_layout)
-        c5part = Signal(sum_shape)
-        e16 = [Mux(c4zero[j], 0, rom[j].data >> c4int[j]) for j in lane_idx]
-        e8 = [Mux(e >= _E16_ONE - (1 << 6), _E8_MAX, (e + (1 << 6)) >> 7) for e in e16]
-        m.d.comb += [x_w.addr.eq(x_wr), x_w.en.eq(c4v)]
+        e16 = [Signal(e16_shape, name=f"e16_{j}") for j in lane_idx]
+        m.d.sync += [c5v.eq(c4v), c5last.eq(c4last), c5mode.eq(c4mode), c5sum.eq(c4sum)]
+        for j in lane_idx:
+            m.d.sync += e16[j].eq(Mux(c4zero[j], 0, rom[j].data >> c4int[j]))
+        m.d.comb += [x_w.addr.eq(x_wr), x_w.en.eq(c5v)]
         for j in lane_idx:
             m.d.comb += x_w.data[j].eq(e16[j])
-        with m.If(c4v):
-            m.d.sync += x_wr.eq(_incr(x_wr, self._e_depth))
-        m.d.sync += [
-            c5v.eq(c4v), c5last.eq(c4last), c5sum.eq(c4sum),
-            c5part.eq(Mux(c4mode == SoftmaxMode.ATTENTION, sum(e8), sum(e16))),
-        ]
-        # Stage c6: accumulate; the first beat of a row restarts the sum.
-        acc = Signal(sum_shape)
-        c6first = Signal(init=1)
-        total = Mux(c6first, 0, acc) + c5part
         with m.If(c5v):
-            m.d.sync += [acc.eq(total), c6first.eq(c5last)]
+            m.d.sync += x_wr.eq(_incr(x_wr, self._e_depth))
+        # Stage c6: each lane's share of the row sum (e8 for attention, e16 for the router).
+        c6v, c6last = Signal(), Signal()
+        c6sum = Signal(sum_layout)
+        share = [Signal(e16_shape, name=f"share{j}") for j in lane_idx]
+        m.d.sync += [c6v.eq(c5v), c6last.eq(c5last), c6sum.eq(c5sum)]
+        for j, e in zip(lane_idx, e16):
+            e8 = Mux(e >= _E16_ONE - (1 << 6), _E8_MAX, (e + (1 << 6)) >> 7)
+            m.d.sync += share[j].eq(Mux(c5mode == SoftmaxMode.ATTENTION, e8, e))
+        # Then a registered adder tree, four operands (two adder levels) per stage.
+        level, tv, tlast, tsum = share, c6v, c6last, c6sum
+        for t in range(self._tree_stages):
+            nxt = []
+            for g in range(0, len(level), 4):
+                part = Signal(sum_shape, name=f"part{t}_{g // 4}")
+                group = level[g:g + 4]
+                m.d.sync += part.eq(sum(group[1:], group[0]))
+                nxt.append(part)
+            nv, nlast, nsum = Signal(name=f"t{t}v"), Signal(name=f"t{t}last"), Signal(sum_layout, name=f"t{t}sum")
+            m.d.sync += [nv.eq(tv), nlast.eq(tlast), nsum.eq(tsum)]
+            level, tv, tlast, tsum = nxt, nv, nlast, nsum
+        # Accumulate; the first beat of a row restarts the sum.
+        acc = Signal(sum_shape)
+        afirst = Signal(init=1)
+        total = Mux(afirst, 0, acc) + level[0]
+        with m.If(tv):
+            m.d.sync += [acc.eq(total), afirst.eq(tlast)]
         sum_in = Signal(sum_layout)
         m.d.comb += [
-            sum_in.eq(c5sum), sum_in.sum.eq(total),
-            sum_fifo.w_data.eq(sum_in), sum_fifo.w_en.eq(c5v & c5last),     # room is reserved by rows2
+            sum_in.eq(tsum), sum_in.sum.eq(total),
+            sum_fifo.w_data.eq(sum_in), sum_fifo.w_en.eq(tv & tlast),     # room is reserved by rows2
         ]
 
         # ---- divider ------------------------------------------------------------------------------
