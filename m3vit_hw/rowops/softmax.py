@@ -398,8 +398,9 @@ class SoftmaxUnit(wiring.Component):
             m.d.sync += prod[j].eq(dist[j] * c2d.c_mult)
         # Stage c4: t = P >> c_shift (a floor shift). The ROM is read with the fraction; the integer
         # part and the "shifted out completely" flag wait one cycle for the ROM data.
-        m.submodules.lut = lut = Memory(shape=e16_shape, depth=1 << numerics.EXP_FRAC_BITS,
-                                        init=[int(v) for v in numerics.exp2_lut()])
+        # One single-port ROM per lane (what a synthesizer builds from one many-port ROM anyway; the
+        # WebAssembly yosys's memory mapper crashes on a 16-read-port ROM).
+        exp_init = [int(v) for v in numerics.exp2_lut()]
         c4v, c4last = Signal(), Signal()
         c4mode = Signal(SoftmaxMode)
         c4zero = Signal(L)
@@ -408,6 +409,8 @@ class SoftmaxUnit(wiring.Component):
         rom = []
         int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
         for j in lane_idx:
+            lut = Memory(shape=e16_shape, depth=1 << numerics.EXP_FRAC_BITS, init=exp_init)
+            m.submodules[f"exp_rom{j}"] = lut
             port = lut.read_port()
             rom.append(port)
             t = prod[j] >> c3d.c_shift
