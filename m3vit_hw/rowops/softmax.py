@@ -54,8 +54,9 @@ RECIP_BITS = max(_ATTN_RECIP_MAX, _ROUTER_RECIP_MAX).bit_length()
 _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numerics.ROUTER_RECIP_BITS + 1)
 
 # Slack, in beats, between a pass's reader and writer, beyond the row itself:
-# score buffer: the exp pass's first read of a row comes 4 cycles after the row's last write, and a
-# write needs a free slot, so a row needs 5 slots beyond its own; 3 more are margin.
+# score buffer: the exp pass's first read of a row comes 4 cycles (plus the max tree's extra stages,
+# added where the depth is computed) after the row's last write, and a write needs a free slot, so a
+# row needs 5 slots beyond its own; 3 more are margin.
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
 # pass reads it, 7 cycles plus the lane-sum tree stages plus 1 plus the divider latency after the
@@ -152,8 +153,8 @@ class SoftmaxUnit(wiring.Component):
     last beat may be partial, so the element rate is ``length / ceil(length / lanes)`` per cycle.
     Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
     From the last input beat of a row to its first output beat, the latency is
-    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 14`` plus the lane-sum tree stages plus the divider
-    latency.
+    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 13`` plus the lane max
+    tree stages, the lane-sum tree stages and the divider latency.
 
     Raises
     ------
@@ -178,7 +179,9 @@ class SoftmaxUnit(wiring.Component):
         self._pipelined = div_bits_per_cycle is None
         self._k = 1 if self._pipelined else div_bits_per_cycle
         self._sum_bits = (_E16_ONE * max_length).bit_length()
-        self._s_depth = self._max_beats + _SCORE_SLACK
+        # The lane max tree: one compare level per register stage (at least one stage).
+        self._max_stages = max(1, (lanes - 1).bit_length())
+        self._s_depth = self._max_beats + _SCORE_SLACK + self._max_stages - 1
         # The lane-sum tree: four operands per register stage (at least one stage).
         self._tree_stages = max(1, -(-(lanes - 1).bit_length() // 2))
         self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK + self._tree_stages + 1
@@ -236,11 +239,13 @@ class SoftmaxUnit(wiring.Component):
     def row_latency(self, length):
         """Cycles from the last input beat of a row of ``length`` elements to its first output beat,
         when nothing stalls."""
-        # 3 cycles for the max to reach the exp pass and 1 to its first read, then the row's reads.
+        # 3 cycles (plus the max tree's extra stages) for the max to reach the exp pass and 1 to its
+        # first read, then the row's reads.
         # Then 6 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
         # cycle into the divider, the divider itself, and 3 cycles from the output pass's first read
         # to ``o``.
-        return -(-length // self._lanes) + 14 + self._tree_stages + self._div_latency(self._k)
+        return (-(-length // self._lanes) + 13 + self._max_stages + self._tree_stages
+                + self._div_latency(self._k))
 
     def elaborate(self, platform):
         m = Module()
@@ -328,20 +333,31 @@ class SoftmaxUnit(wiring.Component):
             mdesc1.mode.eq(cur.mode), mdesc1.length.eq(row_len), mdesc1.c_mult.eq(cur.c_mult),
             mdesc1.c_shift.eq(cur.c_shift), mdesc1.out_mult.eq(cur.out_mult),
         ]
-        # Pairwise max tree. Each node is its own signal: a node is used twice (compare and select),
-        # and inlining that into one expression would double the expression size at every level.
+        # Pairwise max tree, one registered level per stage (a 32-bit compare and a select each).
         lo = -(1 << (numerics.ACC_BITS - 1))
         level = [Mux(mmask1[j], mx1[j], lo) for j in lane_idx]
-        while len(level) > 1:
+        tv, tlast, tfirst, tdesc = mv1, mlast1, mfirst1, mdesc1
+        for t in range(self._max_stages - 1):
             nxt = []
             for a, b in zip(level[0::2], level[1::2]):
-                node = Signal(score)
-                m.d.comb += node.eq(Mux(b > a, b, a))
+                node = Signal(score, name=f"max{t}_{len(nxt)}")
+                m.d.sync += node.eq(Mux(b > a, b, a))
                 nxt.append(node)
-            level = nxt + level[len(level) & ~1:]
+            for a in level[len(level) & ~1:]:
+                node = Signal(score, name=f"max{t}_{len(nxt)}")
+                m.d.sync += node.eq(a)
+                nxt.append(node)
+            nv, nlast, nfirst = Signal(name=f"mt{t}v"), Signal(name=f"mt{t}last"), Signal(name=f"mt{t}first")
+            ndesc = Signal(desc_layout, name=f"mt{t}desc")
+            m.d.sync += [nv.eq(tv), nlast.eq(tlast), nfirst.eq(tfirst), ndesc.eq(tdesc)]
+            level, tv, tlast, tfirst, tdesc = nxt, nv, nlast, nfirst, ndesc
+        # The last level (one compare) is registered into bmax2.
+        while len(level) > 1:
+            a, b = level[0], level[1]
+            level = [Mux(b > a, b, a)] + level[2:]
         bmax = level[0]
-        m.d.sync += [mv2.eq(mv1), mlast2.eq(mlast1), mfirst2.eq(mfirst1), bmax2.eq(bmax),
-                     mdesc2.eq(mdesc1)]
+        m.d.sync += [mv2.eq(tv), mlast2.eq(tlast), mfirst2.eq(tfirst), bmax2.eq(bmax),
+                     mdesc2.eq(tdesc)]
         new_max = Mux(mfirst2 | (bmax2 > run_max), bmax2, run_max)
         with m.If(mv2):
             m.d.sync += run_max.eq(new_max)
