@@ -59,10 +59,13 @@ _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numeric
 # row needs 5 slots beyond its own; 3 more are margin.
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
-# pass reads it, 7 cycles plus the lane-sum tree stages plus 1 plus the divider latency after the
-# row's last reservation (the tree stages and the 1 are added where the depth is computed). A reservation
+# pass reads it, 7 cycles plus the lane-sum tree stages plus 2 plus the divider latency after the
+# row's last reservation (the tree stages and the 2 are added where the depth is computed). A reservation
 # needs a free slot, so a row needs 8 slots beyond its own and the divider latency; 2 more are margin.
 _EXP_SLACK = 10
+#: Low chunk of the exp distance for the c_mult product: 26 unsigned bits fit the DSP48E2's 27-bit
+#: signed multiplier input.
+_D_CHUNK = 26
 # Rows that may wait between passes: row descriptors (max pass -> exp pass) and row sums
 # (exp pass -> divider). Short rows (the router's E experts) need several in flight: about as many
 # as the cycles from a row's exp-pass start to its divider issue.
@@ -153,7 +156,7 @@ class SoftmaxUnit(wiring.Component):
     last beat may be partial, so the element rate is ``length / ceil(length / lanes)`` per cycle.
     Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
     From the last input beat of a row to its first output beat, the latency is
-    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 13`` plus the lane max
+    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 14`` plus the lane max
     tree stages, the lane-sum tree stages and the divider latency.
 
     Raises
@@ -184,7 +187,7 @@ class SoftmaxUnit(wiring.Component):
         self._s_depth = self._max_beats + _SCORE_SLACK + self._max_stages - 1
         # The lane-sum tree: four operands per register stage (at least one stage).
         self._tree_stages = max(1, -(-(lanes - 1).bit_length() // 2))
-        self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK + self._tree_stages + 1
+        self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK + self._tree_stages + 2
 
         super().__init__({
             "cmd": In(stream.Signature(data.StructLayout({
@@ -241,10 +244,10 @@ class SoftmaxUnit(wiring.Component):
         when nothing stalls."""
         # 3 cycles (plus the max tree's extra stages) for the max to reach the exp pass and 1 to its
         # first read, then the row's reads.
-        # Then 6 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
+        # Then 7 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
         # cycle into the divider, the divider itself, and 3 cycles from the output pass's first read
         # to ``o``.
-        return (-(-length // self._lanes) + 13 + self._max_stages + self._tree_stages
+        return (-(-length // self._lanes) + 14 + self._max_stages + self._tree_stages
                 + self._div_latency(self._k))
 
     def elaborate(self, platform):
@@ -404,14 +407,26 @@ class SoftmaxUnit(wiring.Component):
         m.d.sync += [c2v.eq(c1v), c2last.eq(c1last), c2mask.eq(c1mask), c2d.eq(c1d)]
         for j in lane_idx:
             m.d.sync += dist[j].eq((c1d.max - s_r.data[j])[:numerics.ACC_BITS])
-        # Stage c3: P = d * c_mult, the log2 distance before the shift (48 bits).
+        # Stage c3a: partial products of P = d * c_mult, one registered DSP48E2 each (d split into a
+        # low chunk of 26 bits and the rest); stage c3: their sum, the log2 distance before the
+        # shift (48 bits).
+        c3av, c3alast = Signal(), Signal()
+        c3amask = Signal(L)
+        c3ad = Signal(desc_layout)
+        m.d.sync += [c3av.eq(c2v), c3alast.eq(c2last), c3amask.eq(c2mask), c3ad.eq(c2d)]
+        pp_lo = [Signal(unsigned(_D_CHUNK + numerics.SOFTMAX_MULT_BITS), name=f"pp_lo{j}") for j in lane_idx]
+        pp_hi = [Signal(unsigned(numerics.ACC_BITS - _D_CHUNK + numerics.SOFTMAX_MULT_BITS), name=f"pp_hi{j}")
+                 for j in lane_idx]
+        for j in lane_idx:
+            m.d.sync += [pp_lo[j].eq(dist[j][:_D_CHUNK] * c2d.c_mult),
+                         pp_hi[j].eq(dist[j][_D_CHUNK:] * c2d.c_mult)]
         c3v, c3last = Signal(), Signal()
         c3mask = Signal(L)
         c3d = Signal(desc_layout)
         prod = Signal(data.ArrayLayout(unsigned(numerics.ACC_BITS + numerics.SOFTMAX_MULT_BITS), L))
-        m.d.sync += [c3v.eq(c2v), c3last.eq(c2last), c3mask.eq(c2mask), c3d.eq(c2d)]
+        m.d.sync += [c3v.eq(c3av), c3last.eq(c3alast), c3mask.eq(c3amask), c3d.eq(c3ad)]
         for j in lane_idx:
-            m.d.sync += prod[j].eq(dist[j] * c2d.c_mult)
+            m.d.sync += prod[j].eq(pp_lo[j] + (pp_hi[j] << _D_CHUNK))
         # Stage c4: t = P >> c_shift (a floor shift). The ROM is read with the fraction; the integer
         # part and the "shifted out completely" flag wait one cycle for the ROM data.
         # One single-port ROM per lane (what a synthesizer builds from one many-port ROM anyway; the
