@@ -124,3 +124,31 @@ def test_latency_matches_constant():
     sim.run()
     want = int(golden.requantize(np.array([1000]), np.array([0]), np.array([3]), 2, 8)[0])
     assert seen == [(Requantizer.LATENCY, want)], f"Requantizer: expected (LATENCY, {want}), got {seen}"
+
+
+def test_one_beat_per_cycle_without_stalls():
+    """With o always ready, beats go in and come out one per cycle (the credits never throttle)."""
+    from sim.testbench import transfer_logger
+    dut = Requantizer(1)
+    n = 3 * Requantizer.LATENCY
+    monitor, (in_when, out_when) = transfer_logger(dut.i, dut.o)
+
+    async def bench(ctx):
+        ctx.set(dut.o.ready, 1)
+        ctx.set(dut.i.valid, 1)
+        for t in range(n):
+            ctx.set(dut.i.payload.acc[0], t)
+            ctx.set(dut.i.payload.mult[0], 1)
+            await ctx.tick().until(dut.i.ready)
+        ctx.set(dut.i.valid, 0)
+        for _ in range(2 * Requantizer.LATENCY):
+            await ctx.tick()
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(bench)
+    sim.add_process(monitor)
+    sim.run()
+    assert len(in_when) == len(out_when) == n
+    assert in_when[-1] - in_when[0] == n - 1, f"Requantizer: input took {in_when[-1] - in_when[0] + 1} cycles for {n} beats"
+    assert out_when[-1] - out_when[0] == n - 1, f"Requantizer: output took {out_when[-1] - out_when[0] + 1} cycles for {n} beats"

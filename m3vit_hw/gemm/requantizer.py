@@ -12,13 +12,16 @@ vectors, so the caller chooses (see :class:`~m3vit_hw.gemm.epilogue.Epilogue`).
 """
 
 from amaranth.hdl import Cat, Module, Mux, Shape, Signal, signed, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 
 __all__ = ["Requantizer", "RequantInLayout", "RequantOutLayout", "check_lanes", "check_meta", "sat_expr"]
 
+
+#: Datapath register stages (the output FIFO adds its own latency).
+_STAGES = 8
 
 #: Operand chunk widths of the wide product: unsigned chunks that fit the DSP48E2's signed 27 x 18
 #: multiplier with their sign bit to spare.
@@ -103,14 +106,16 @@ class Requantizer(wiring.Component):
     i : In(stream.Signature(RequantInLayout(lanes, meta)))
     o : Out(stream.Signature(RequantOutLayout(lanes, meta)))
         One output beat per input beat, in order. ``o.valid`` never waits on ``o.ready``;
-        ``i.ready`` is ``o.ready`` or an empty stage ahead (it depends combinationally on ``o.ready``).
+        ``i.ready`` is a register (credits for the output FIFO), with no combinational path from
+        ``o.ready``.
     busy : Out(1)
         A beat is inside the pipeline.
 
     Latency and throughput
     ----------------------
-    :attr:`LATENCY` (8) cycles, one beat per cycle. The stages, each sized for 300 MHz on an
-    UltraScale+ -2 (at most about 5 LUT levels or one short carry chain between registers):
+    :attr:`LATENCY` (10) cycles, one beat per cycle: 8 datapath stages, then 2 through the output
+    FIFO. The datapath stages, each sized for 300 MHz on an UltraScale+ -2 (at most about 5 LUT
+    levels or one short carry chain between registers):
 
     0. ``acc + bias`` (33-bit add) and the multiplier select;
     1. the 33 x 24 product as partial products of 26 x 17 unsigned bits (signed top chunk), one
@@ -122,10 +127,14 @@ class Requantizer(wiring.Component):
     5. the arithmetic right shift by 0..63 (a registered barrel shifter);
     6. the low 32 bits and the "fits in 8 / 16 bits" flags (wide AND trees);
     7. saturation and raw-mode select.
+
+    The datapath never stalls: its registers have no enable. Input is taken only while the output
+    FIFO has room for every beat in flight (a credit count), so ``i.ready`` is a register and does
+    not depend on ``o.ready``.
     """
 
     #: Pipeline depth in cycles.
-    LATENCY = 8
+    LATENCY = _STAGES + 2
 
     def __init__(self, lanes, meta=unsigned(0)):
         try:
@@ -149,7 +158,7 @@ class Requantizer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         L = self._lanes
-        S = self.LATENCY
+        S = _STAGES
         # (acc + bias) needs ACC_BITS + 1 bits; times an unsigned MULT_BITS multiplier it needs
         # ACC_BITS + 1 + MULT_BITS bits (57): no intermediate can wrap.
         sum_bits = numerics.ACC_BITS + 1
@@ -170,13 +179,26 @@ class Requantizer(wiring.Component):
 
         half = Signal(numerics.SHIFT_MAX, reset_less=True)
 
-        adv = ~v[S - 1] | self.o.ready
-        m.d.comb += self.i.ready.eq(adv)
+        # The datapath never stalls (no enable on its registers): every beat is counted in on input
+        # and out on output, and input is accepted only while the output FIFO has room for all beats
+        # in flight. So i.ready comes from registers only, with no path from o.ready.
+        depth = self.LATENCY + 1                    # every beat in flight, plus one: one beat per cycle
+        m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(
+            width=RequantOutLayout(L, self._meta).size, depth=depth)
+        out_word = Signal(RequantOutLayout(L, self._meta))
+        count = Signal(range(depth + 1))
+        room = Signal(init=1)
+        take = self.i.valid & room
+        give = self.o.valid & self.o.ready
+        nxt = count + take - give
+        m.d.sync += [count.eq(nxt), room.eq(nxt < depth)]
+        m.d.comb += self.i.ready.eq(room)
+        adv = 1
         p = self.i.payload
         lo8, hi8 = numerics.int_range(numerics.ACT_BITS)
         lo16, hi16 = numerics.int_range(numerics.RES_BITS)
         with m.If(adv):
-            m.d.sync += [v[0].eq(self.i.valid), meta[0].eq(p.meta), out16[0].eq(p.out16), raw[0].eq(p.raw),
+            m.d.sync += [v[0].eq(take), meta[0].eq(p.meta), out16[0].eq(p.out16), raw[0].eq(p.raw),
                          shift[0].eq(Mux(p.raw, 0, p.shift))]
             for s in range(1, S):
                 m.d.sync += [v[s].eq(v[s - 1]), meta[s].eq(meta[s - 1])]
@@ -239,14 +261,15 @@ class Requantizer(wiring.Component):
                 sat16 = Mux(fits16, s_lo[:numerics.RES_BITS].as_signed(), Mux(neg, lo16, hi16))
                 s_out = reg(signed(numerics.ACC_BITS), "out")
                 m.d.sync += s_out.eq(Mux(raw[S - 2], s_lo, Mux(out16[S - 2], sat16, sat8)))
-                m.d.comb += self.o.payload.data[j].eq(s_out)
+                m.d.comb += out_word.data[j].eq(s_out)
 
-        busy = 0
-        for s in range(S):
-            busy = busy | v[s]
         m.d.comb += [
-            self.o.valid.eq(v[S - 1]),
-            self.o.payload.meta.eq(meta[S - 1]),
-            self.busy.eq(busy),
+            out_word.meta.eq(meta[S - 1]),
+            out_fifo.w_data.eq(out_word),
+            out_fifo.w_en.eq(v[S - 1]),
+            self.o.valid.eq(out_fifo.r_rdy),
+            self.o.payload.eq(out_fifo.r_data),
+            out_fifo.r_en.eq(self.o.ready),
+            self.busy.eq(count != 0),
         ]
         return m
