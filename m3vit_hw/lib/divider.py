@@ -9,10 +9,13 @@ and costs one subtractor per retired bit instead of a full array divider.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["Divider"]
+#: Cycles a pipelined Divider or ISqrt result spends in its output FIFO (amaranth SyncFIFOBuffered).
+PIPELINEDPIPELINED_FIFO_LATENCY = 2
+
+__all__ = ["PIPELINED_FIFO_LATENCY", "Divider"]
 
 
 def _check_width(name, value, minimum=1):
@@ -39,8 +42,8 @@ class Divider(wiring.Component):
         bits chained combinationally: only 1 keeps a register-to-register path within 300 MHz.
     pipelined : bool
         Unroll the iteration into a pipeline of ``quotient_width`` registered steps (one subtractor
-        each, ``bits_per_cycle`` must be 1): a new division every cycle, same latency as
-        ``bits_per_cycle=1``, ``quotient_width`` times the subtractors and registers.
+        each, ``bits_per_cycle`` must be 1) and an output FIFO: a new division every cycle, 2 cycles more latency than
+        ``bits_per_cycle=1``, ``quotient_width`` times the subtractors and registers. ``i.ready`` is a register.
 
     Interface attributes
     --------------------
@@ -107,9 +110,10 @@ class Divider(wiring.Component):
         """Cycles from the operand transfer to ``o.valid``: ``ceil(quotient_width / bits_per_cycle) + 1``.
 
         One cycle loads the operands; each of the following ``ceil(quotient_width / bits_per_cycle)``
-        cycles retires ``bits_per_cycle`` bits.
+        cycles retires ``bits_per_cycle`` bits. Pipelined, the result then passes an output FIFO
+        (:data:`PIPELINED_FIFO_LATENCY` more cycles).
         """
-        return self._steps + 1
+        return self._steps + 1 + (PIPELINED_FIFO_LATENCY if self._pipelined else 0)
 
     @property
     def period(self):
@@ -137,12 +141,13 @@ class Divider(wiring.Component):
         return (dividend >> qe, dividend[:qe] if qe < self._dividend_width else dividend, divisor,
                 (dividend >> self._quotient_width) >= divisor)
 
-    def _outputs(self, m, rem, quo, ovf):
+    def _outputs(self, m, rem, quo, ovf, target=None):
+        target = self.o.payload if target is None else target
         all_ones = Const((1 << self._quotient_width) - 1, self._quotient_width)
         m.d.comb += [
-            self.o.payload.quotient.eq(Mux(ovf, all_ones, quo[:self._quotient_width])),
-            self.o.payload.remainder.eq(Mux(ovf, 0, rem)),
-            self.o.payload.overflow.eq(ovf),
+            target.quotient.eq(Mux(ovf, all_ones, quo[:self._quotient_width])),
+            target.remainder.eq(Mux(ovf, 0, rem)),
+            target.overflow.eq(ovf),
         ]
 
     def _elaborate_pipelined(self, m):
@@ -152,17 +157,34 @@ class Divider(wiring.Component):
         quo = [Signal(qe, name=f"quo{s}", reset_less=True) for s in range(n + 1)]
         den = [Signal(vw, name=f"den{s}", reset_less=True) for s in range(n)]
         ovf = [Signal(name=f"ovf{s}", reset_less=True) for s in range(n + 1)]
-        adv = ~v[n] | self.o.ready
-        m.d.comb += [self.i.ready.eq(adv), self.o.valid.eq(v[n])]
+        # The stages have no enable: every operand is counted in on input and out on output, and
+        # input is taken only while the output FIFO has room for all in flight. So i.ready is a
+        # register, and o.ready drives only the FIFO's read side.
+        depth = self.latency + 1
+        m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(width=self.o.payload.shape().size, depth=depth)
+        count = Signal(range(depth + 1))
+        room = Signal(init=1)
+        take = self.i.valid & room
+        nxt = count + take - (self.o.valid & self.o.ready)
+        m.d.sync += [count.eq(nxt), room.eq(nxt < depth)]
+        m.d.comb += [
+            self.i.ready.eq(room),
+            out_fifo.w_en.eq(v[n]),
+            self.o.valid.eq(out_fifo.r_rdy),
+            out_fifo.r_en.eq(self.o.ready),
+        ]
+        adv = 1
         r0, q0, d0, o0 = self._load(self.i.payload.dividend, self.i.payload.divisor)
         with m.If(adv):
-            m.d.sync += [v[0].eq(self.i.valid), rem[0].eq(r0), quo[0].eq(q0), den[0].eq(d0), ovf[0].eq(o0)]
+            m.d.sync += [v[0].eq(take), rem[0].eq(r0), quo[0].eq(q0), den[0].eq(d0), ovf[0].eq(o0)]
             for s in range(n):
                 r, q = self._step(m, rem[s], quo[s], den[s], s)
                 m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(r), quo[s + 1].eq(q), ovf[s + 1].eq(ovf[s])]
                 if s + 1 < n:
                     m.d.sync += den[s + 1].eq(den[s])
-        self._outputs(m, rem[n], quo[n], ovf[n])
+        result = Signal(self.o.payload.shape())
+        self._outputs(m, rem[n], quo[n], ovf[n], result)
+        m.d.comb += [out_fifo.w_data.eq(result), self.o.payload.eq(out_fifo.r_data)]
         return m
 
     def elaborate(self, platform):

@@ -7,8 +7,10 @@ instead of a multiplier-based Newton iteration.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
+
+from .divider import PIPELINED_FIFO_LATENCY
 
 __all__ = ["ISqrt"]
 
@@ -26,8 +28,8 @@ class ISqrt(wiring.Component):
         within 300 MHz.
     pipelined : bool
         Unroll the iteration into a pipeline of ``ceil(width / 2)`` registered steps (one
-        compare-subtract each; ``bits_per_cycle`` must be 1): a new root every cycle, same latency as
-        ``bits_per_cycle=1``.
+        compare-subtract each; ``bits_per_cycle`` must be 1) and an output FIFO: a new root every cycle, 2 cycles more latency than
+        ``bits_per_cycle=1``. ``i.ready`` is a register.
 
     Interface attributes
     --------------------
@@ -82,9 +84,10 @@ class ISqrt(wiring.Component):
         """Cycles from the operand transfer to ``o.valid``: ``ceil(root_width / bits_per_cycle) + 1``.
 
         One cycle loads the operands; each of the following ``ceil(root_width / bits_per_cycle)``
-        cycles retires ``bits_per_cycle`` bits.
+        cycles retires ``bits_per_cycle`` bits. Pipelined, the result then passes an output FIFO
+        (:data:`PIPELINED_FIFO_LATENCY` more cycles).
         """
-        return self._steps + 1
+        return self._steps + 1 + (PIPELINED_FIFO_LATENCY if self._pipelined else 0)
 
     @property
     def period(self):
@@ -111,18 +114,36 @@ class ISqrt(wiring.Component):
         rem = [Signal(rw, name=f"rem{s}", reset_less=True) for s in range(n + 1)]
         root = [Signal(ne, name=f"root{s}", reset_less=True) for s in range(n + 1)]
         xs = [Signal(2 * ne, name=f"xs{s}", reset_less=True) for s in range(n)]
-        adv = ~v[n] | self.o.ready
-        m.d.comb += [self.i.ready.eq(adv), self.o.valid.eq(v[n])]
+        # The stages have no enable: every operand is counted in on input and out on output, and
+        # input is taken only while the output FIFO has room for all in flight. So i.ready is a
+        # register, and o.ready drives only the FIFO's read side.
+        depth = self.latency + 1
+        m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(width=self.o.payload.shape().size, depth=depth)
+        count = Signal(range(depth + 1))
+        room = Signal(init=1)
+        take = self.i.valid & room
+        nxt = count + take - (self.o.valid & self.o.ready)
+        m.d.sync += [count.eq(nxt), room.eq(nxt < depth)]
+        m.d.comb += [
+            self.i.ready.eq(room),
+            out_fifo.w_en.eq(v[n]),
+            self.o.valid.eq(out_fifo.r_rdy),
+            out_fifo.r_en.eq(self.o.ready),
+        ]
+        adv = 1
         with m.If(adv):
-            m.d.sync += [v[0].eq(self.i.valid), rem[0].eq(0), root[0].eq(0), xs[0].eq(self.i.payload)]
+            m.d.sync += [v[0].eq(take), rem[0].eq(0), root[0].eq(0), xs[0].eq(self.i.payload)]
             for s in range(n):
                 r, q, x = self._step(m, rem[s], root[s], xs[s], s)
                 m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(r), root[s + 1].eq(q)]
                 if s + 1 < n:
                     m.d.sync += xs[s + 1].eq(x)
+        result = Signal(self.o.payload.shape())
         m.d.comb += [
-            self.o.payload.root.eq(root[n][:self._root_width]),
-            self.o.payload.remainder.eq(rem[n][:self._root_width + 1]),
+            result.root.eq(root[n][:self._root_width]),
+            result.remainder.eq(rem[n][:self._root_width + 1]),
+            out_fifo.w_data.eq(result),
+            self.o.payload.eq(out_fifo.r_data),
         ]
         return m
 

@@ -27,7 +27,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from ..lib.divider import Divider
+from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 from ..lib.isqrt import ISqrt
 
 __all__ = ["LayerNormUnit", "SHIFT_BITS", "MAX_DIM"]
@@ -172,8 +172,10 @@ class LayerNormUnit(wiring.Component):
                    **kwargs)
 
     def _engine_latencies(self, k):
-        # Mirrors ISqrt.latency and Divider.latency without building the engines.
-        return (-(-self._root_width // k) + 1, -(-(numerics.LN_INV_BITS + 1) // k) + 1)
+        # Mirrors ISqrt.latency and Divider.latency without building the engines (the pipelined
+        # engines add 2 cycles of output FIFO).
+        extra = PIPELINED_FIFO_LATENCY if self._pipelined else 0
+        return (-(-self._root_width // k) + 1 + extra, -(-(numerics.LN_INV_BITS + 1) // k) + 1 + extra)
 
     def _engine_periods(self, k):
         # Mirrors ISqrt.period and Divider.period: 1 pipelined, else their latencies.

@@ -29,7 +29,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from ..lib.divider import Divider
+from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 
 __all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "SHIFT_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
 
@@ -216,10 +216,10 @@ class SoftmaxUnit(wiring.Component):
                                   _config_value(config, "model.experts")),
                    **kwargs)
 
-    @staticmethod
-    def _div_latency(k):
-        # Mirrors Divider.latency without building one.
-        return -(-RECIP_BITS // k) + 1
+    def _div_latency(self, k):
+        # Mirrors Divider.latency without building one (the pipelined divider adds 2 cycles of
+        # output FIFO).
+        return -(-RECIP_BITS // k) + 1 + (PIPELINED_FIFO_LATENCY if self._pipelined else 0)
 
     def _div_period(self, k):
         # Mirrors Divider.period (1 pipelined, else its latency). With the pipelined divider the
