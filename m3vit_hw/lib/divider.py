@@ -13,7 +13,7 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 #: Cycles a pipelined Divider or ISqrt result spends in its output FIFO (amaranth SyncFIFOBuffered).
-PIPELINEDPIPELINED_FIFO_LATENCY = 2
+PIPELINED_FIFO_LATENCY = 2
 
 __all__ = ["PIPELINED_FIFO_LATENCY", "Divider"]
 
