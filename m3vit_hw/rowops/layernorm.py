@@ -21,7 +21,7 @@ the resulting throughput condition.
 
 import math
 
-from amaranth import Module, Mux, Shape, Signal, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -31,6 +31,12 @@ from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 from ..lib.isqrt import ISqrt
 
 __all__ = ["LayerNormUnit", "SHIFT_BITS", "MAX_DIM"]
+
+#: Register stages of the normalize pass, from the buffer read to the output register.
+_NORM_STAGES = 10
+#: Low chunk of the reciprocal for the a * inv partial products: 17 unsigned bits fit the DSP48E2's
+#: 18-bit signed multiplier input.
+_INV_CHUNK = 17
 
 #: The output shift is in [0, SHIFT_MAX]. (gamma_mult, beta_int and eps_int widths are
 #: ``numerics.LN_GAMMA_BITS``, ``LN_BETA_BITS`` and ``LN_EPS_BITS``.)
@@ -195,8 +201,8 @@ class LayerNormUnit(wiring.Component):
     @property
     def row_latency(self):
         """Cycles from the transfer of a row's last input beat to its first output beat, unstalled."""
-        # 5 cycles to the ISqrt operand, 1 to the first read, 5 through the normalize pipeline.
-        return self._recip_latency + 11
+        # 5 cycles to the ISqrt operand, 1 to the first read, then the normalize pipeline.
+        return self._recip_latency + 6 + _NORM_STAGES
 
     @property
     def min_row_beats(self):
@@ -345,11 +351,9 @@ class LayerNormUnit(wiring.Component):
         ]
 
         # ---- normalize pass ---------------------------------------------------------------------
-        # A five-stage pipeline that advances as a whole: (1) buffer/param read, (2) a = D*x - S1,
-        # (3) P = a * inv, (4) z and z*gamma + beta, (5) the output register. It stalls only when the
-        # output register is full and o.ready is low.
-        v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal()
-        last1, last2, last3, last4, last5 = Signal(), Signal(), Signal(), Signal(), Signal()
+        # A pipeline of _NORM_STAGES stages that advances as a whole. It stalls only when the output
+        # register is full and o.ready is low.
+        last5 = Signal()                                # the output beat is a row's last
         adv = ~self.o.valid | self.o.ready
 
         row_active = Signal()
@@ -378,37 +382,55 @@ class LayerNormUnit(wiring.Component):
         ]
         m.d.sync += count.eq(count + in_go - issue)
 
-        s1_1 = Signal(s1_shape)
-        inv_1, inv_2 = Signal(inv_width), Signal(inv_width)
-        a2 = Signal(data.ArrayLayout(a_shape, L))
-        p3 = Signal(data.ArrayLayout(p_shape, L))
-        m4 = Signal(data.ArrayLayout(m_shape, L))
-        par_2 = Signal(param_layout)
-        par_3 = Signal(param_layout)
+        # Stages: (1) buffer/param read, (2) a = D*x - S1, (3) a * inv as two registered DSP partial
+        # products, (4) their sum P, (5) z = round_shift(P, 22), (6) z * gamma, (7) + beta,
+        # (8) the output rounding shift's barrel shift, (9) its + 1, (10) saturation into the output
+        # register. One register level per arithmetic step keeps every path within 300 MHz.
+        n_st = _NORM_STAGES
+        vs = [Signal(name=f"nv{k}") for k in range(1, n_st)]
+        lasts = [Signal(name=f"nlast{k}") for k in range(1, n_st)]
+        par = [Signal(param_layout, name=f"par{k}", reset_less=True) for k in range(2, 8)]   # par[0] = stage 2
+        s1_1 = Signal(s1_shape, reset_less=True)
+        inv_1, inv_2 = Signal(inv_width, reset_less=True), Signal(inv_width, reset_less=True)
+        lo, hi = numerics.int_range(numerics.ACT_BITS)
+        cut = _INV_CHUNK
         with m.If(adv):
-            m.d.sync += [
-                v1.eq(issue), last1.eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_1.eq(cur_inv),
-                v2.eq(v1), last2.eq(last1), inv_2.eq(inv_1), par_2.eq(par_r.data),
-                v3.eq(v2), last3.eq(last2), par_3.eq(par_2),
-                v4.eq(v3), last4.eq(last3),
-                self.o.valid.eq(v4), last5.eq(last4),
-            ]
+            m.d.sync += [vs[0].eq(issue), lasts[0].eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_1.eq(cur_inv),
+                         inv_2.eq(inv_1), par[0].eq(par_r.data)]
+            for k in range(1, n_st - 1):
+                m.d.sync += [vs[k].eq(vs[k - 1]), lasts[k].eq(lasts[k - 1])]
+            m.d.sync += [self.o.valid.eq(vs[-1]), last5.eq(lasts[-1])]
+            for k in range(1, len(par)):
+                m.d.sync += par[k].eq(par[k - 1])
             for j in range(L):
-                a = buf_r.data[j] * D - s1_1
-                p = a2[j] * inv_2
+                def reg(shape, name):
+                    return Signal(shape, name=f"{name}{j}", reset_less=True)
+                a2 = reg(a_shape, "a2_")
+                m.d.sync += a2.eq(buf_r.data[j] * D - s1_1)
+                pp_lo, pp_hi = reg(signed(a_shape.width + cut), "pp_lo"), reg(
+                    signed(a_shape.width + inv_width - cut), "pp_hi")
+                m.d.sync += [pp_lo.eq(a2 * inv_2[:cut]), pp_hi.eq(a2 * inv_2[cut:])]
+                p4 = reg(p_shape, "p4_")
+                m.d.sync += p4.eq((pp_lo + (pp_hi << cut))[:p_shape.width].as_signed())   # |P| < p_bound
                 # round_shift(P, 22) = ((P >> 21) + 1) >> 1: round half up with no wide constant.
-                z = (((p3[j] >> (z_shift - 1)) + 1) >> 1)[:z_shape.width].as_signed()
-                mv = m4[j]
-                # round_shift(m, s): s = 0 is the identity, else ((m >> (s-1)) + 1) >> 1. Shifts past
-                # the width give 0 or -1 before the +1, hence 0, as the golden model does.
-                rs = Mux(shift == 0, mv, ((mv >> (shift - 1)[:SHIFT_BITS]) + 1) >> 1)
-                lo, hi = numerics.int_range(numerics.ACT_BITS)
-                m.d.sync += [
-                    a2[j].eq(a),
-                    p3[j].eq(p[:p_shape.width].as_signed()),     # |P| < p_bound, see above
-                    m4[j].eq(z * par_3.gamma[j] + par_3.beta[j]),
-                    self.o.payload[j].eq(Mux(rs > hi, hi, Mux(rs < lo, lo, rs))),
-                ]
+                z5 = reg(z_shape, "z5_")
+                m.d.sync += z5.eq((((p4 >> (z_shift - 1)) + 1) >> 1)[:z_shape.width].as_signed())
+                zg6 = reg(m_shape, "zg6_")
+                m.d.sync += zg6.eq(z5 * par[3].gamma[j])
+                m7 = reg(m_shape, "m7_")
+                m.d.sync += m7.eq(zg6 + par[4].beta[j])
+                # round_shift(m, s) = ((2m >> s) + 1) >> 1 for every s in [0, SHIFT_MAX] (s = 0 gives
+                # m); shifts past the width give 0 or -1 before the + 1, hence 0, as the golden
+                # model does.
+                t8 = reg(signed(m_shape.width + 1), "t8_")
+                m.d.sync += t8.eq(Cat(Const(0, 1), m7).as_signed() >> shift)
+                u9 = reg(signed(m_shape.width + 1), "u9_")
+                m.d.sync += u9.eq(t8 + 1)
+                rs = u9 >> 1
+                up = rs[numerics.ACT_BITS - 1:]
+                fits = (up == 0) | (up == (1 << len(up)) - 1)
+                m.d.sync += self.o.payload[j].eq(Mux(fits, rs[:numerics.ACT_BITS].as_signed(),
+                                                     Mux(rs[-1], lo, hi)))
 
         out_last_go = self.o.valid & self.o.ready & last5
         in_first_go = in_go & (in_beat == 0)
