@@ -45,8 +45,9 @@ SHIFT_BITS = numerics.SHIFT_MAX.bit_length()
 #: stay exact up to D = 2**15; this leaves a margin.
 MAX_DIM = 1 << 14
 
-# Beats a row's input runs ahead of its first normalize read, beyond the row itself and the ISqrt and
-# Divider latencies: 5 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2) and
+# Beats a row's input runs ahead of its first normalize read, beyond the row itself, the ISqrt and
+# Divider latencies and the statistics pass's tree stages and var_n's third stage (added where the
+# depth is computed): 5 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2) and
 # 1 from the reciprocal to the first read. The buffer needs one more slot than that lag, and 2 more as
 # margin.
 _STATS_OVERHEAD = 9
@@ -156,7 +157,9 @@ class LayerNormUnit(wiring.Component):
         self._k = 1 if self._pipelined else recip_bits_per_cycle
 
         self._recip_latency = sum(self._engine_latencies(self._k))
-        self._depth = self._beats + self._recip_latency + _STATS_OVERHEAD
+        # The statistics pass's lane-sum tree: four operands per register stage (at least one).
+        self._stat_tree_stages = max(1, -(-(lanes - 1).bit_length() // 2))
+        self._depth = self._beats + self._recip_latency + _STATS_OVERHEAD + self._stat_tree_stages + 1
 
         super().__init__({
             "i": In(stream.Signature(data.ArrayLayout(signed(numerics.RES_BITS), lanes))),
@@ -201,8 +204,9 @@ class LayerNormUnit(wiring.Component):
     @property
     def row_latency(self):
         """Cycles from the transfer of a row's last input beat to its first output beat, unstalled."""
-        # 5 cycles to the ISqrt operand, 1 to the first read, then the normalize pipeline.
-        return self._recip_latency + 6 + _NORM_STAGES
+        # 6 cycles to the ISqrt operand (statistics 3, var_n 3) plus the statistics pass's square and
+        # tree stages beyond the first, 1 to the first read, then the normalize pipeline.
+        return self._recip_latency + 7 + self._stat_tree_stages + _NORM_STAGES
 
     @property
     def min_row_beats(self):
@@ -296,11 +300,27 @@ class LayerNormUnit(wiring.Component):
             ]
         with m.If(st_adv):
             m.d.sync += [sv1.eq(in_go), slast1.eq(in_beat == R - 1), sx1.eq(self.i.payload)]
-            m.d.sync += [
-                sv2.eq(sv1), slast2.eq(slast1),
-                b1.eq(sum(sx1[j] for j in range(L))),
-                b2.eq(sum(sx1[j] * sx1[j] for j in range(L))),
-            ]
+            # Squares in their own stage (one registered DSP48E2 each), then registered 4-ary adder
+            # trees for the lane sums: one register level per two adder levels.
+            sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
+            xr = [Signal(signed(numerics.RES_BITS), name=f"sxr{j}", reset_less=True) for j in range(L)]
+            svq, slastq = Signal(), Signal()
+            m.d.sync += [svq.eq(sv1), slastq.eq(slast1)]
+            for j in range(L):
+                m.d.sync += [sq[j].eq(sx1[j] * sx1[j]), xr[j].eq(sx1[j])]
+            l1, l2, tv, tl = xr, sq, svq, slastq
+            for t in range(self._stat_tree_stages):
+                if t == self._stat_tree_stages - 1:
+                    n1, n2, nv, nl = [b1], [b2], sv2, slast2
+                else:
+                    n1 = [Signal(s1_shape, name=f"ts1_{t}_{g}") for g in range(-(-len(l1) // 4))]
+                    n2 = [Signal(s2_shape, name=f"ts2_{t}_{g}") for g in range(-(-len(l2) // 4))]
+                    nv, nl = Signal(name=f"tsv{t}"), Signal(name=f"tslast{t}")
+                for g in range(len(n1)):
+                    grp1, grp2 = l1[4 * g:4 * g + 4], l2[4 * g:4 * g + 4]
+                    m.d.sync += [n1[g].eq(sum(grp1[1:], grp1[0])), n2[g].eq(sum(grp2[1:], grp2[0]))]
+                m.d.sync += [nv.eq(tv), nl.eq(tl)]
+                l1, l2, tv, tl = n1, n2, nv, nl
             with m.If(sv2):
                 with m.If(slast2):
                     m.d.sync += [res_s1.eq(acc1 + b1), res_s2.eq(acc2 + b2), acc1.eq(0), acc2.eq(0)]
@@ -319,12 +339,18 @@ class LayerNormUnit(wiring.Component):
         m.submodules.div = div = Divider(inv_width, self._root_width, inv_width, bits_per_cycle=k,
                                          pipelined=self._pipelined)
 
-        # var_n takes two stages: the constant multiply D*S2 and the square S1**2 are the wide
-        # products, and the subtraction gets its own cycle.
-        va_valid, vb_valid = Signal(), Signal()
-        va_ds2 = Signal(unsigned(self._sqrt_width))
-        va_sq = Signal(unsigned(2 * s1_shape.width))
-        vb = Signal(self._sqrt_width)
+        # var_n takes three stages: the wide products (D*S2, and S1**2 as two DSP partial products),
+        # their sums (+ eps, and the partial products), then the subtraction.
+        va_valid, vp_valid, vb_valid = Signal(), Signal(), Signal()
+        # Narrow S1 (small D) needs no split: one product.
+        cut = _INV_CHUNK if s1_shape.width > _INV_CHUNK else s1_shape.width
+        va_ds2 = Signal(unsigned(self._sqrt_width), reset_less=True)
+        va_pp_lo = Signal(signed(s1_shape.width + cut), reset_less=True)
+        va_pp_hi = Signal(signed(max(1, 2 * s1_shape.width - cut + 1)), reset_less=True)
+        va_eps = Signal.like(eps, reset_less=True)
+        vp_ds2 = Signal(unsigned(self._sqrt_width), reset_less=True)
+        vp_sq = Signal(unsigned(2 * s1_shape.width), reset_less=True)
+        vb = Signal(self._sqrt_width, reset_less=True)
         v_adv = ~vb_valid | isq.i.ready
         m.d.comb += [
             res_take.eq(res_valid & s1_fifo.w_rdy & v_adv),
@@ -334,11 +360,16 @@ class LayerNormUnit(wiring.Component):
         with m.If(v_adv):
             m.d.sync += [
                 va_valid.eq(res_take),
-                va_ds2.eq(res_s2 * D + eps),
-                va_sq.eq(res_s1 * res_s1),
-                vb_valid.eq(va_valid),
+                va_ds2.eq(res_s2 * D),
+                va_eps.eq(eps),
+                va_pp_lo.eq(res_s1 * (res_s1[:cut] if cut < s1_shape.width else res_s1)),
+                va_pp_hi.eq(res_s1 * res_s1[cut:].as_signed() if cut < s1_shape.width else 0),
+                vp_valid.eq(va_valid),
+                vp_ds2.eq(va_ds2 + va_eps),
+                vp_sq.eq(va_pp_lo + (va_pp_hi << cut)),
+                vb_valid.eq(vp_valid),
                 # >= 0 mathematically (Cauchy-Schwarz); the true value fits in sqrt_width bits.
-                vb.eq(va_ds2 - va_sq),
+                vb.eq(vp_ds2 - vp_sq),
             ]
         root = isq.o.payload.root
         m.d.comb += [
