@@ -525,20 +525,23 @@ class SoftmaxUnit(wiring.Component):
         recip3 = Signal(RECIP_BITS)
         adv = ~self.o.valid | self.o.ready
         issue3 = adv & active3
-        last3 = left3 <= L
+        # "The next beat is the row's last" as a register, so the output pass's load decision (and the
+        # divider FIFO's read enable behind it) has no compare in its path.
+        last3 = Signal()
         issue3_last = issue3 & last3
         # A row's sum exists only after all its e16 beats were written: issuing needs no level check.
         load3 = (~active3 | issue3_last) & div.o.valid & side_fifo.r_rdy
         m.d.comb += [div.o.ready.eq(load3), side_fifo.r_en.eq(load3)]
         with m.If(load3):
-            m.d.sync += [active3.eq(1), left3.eq(side_out.length), mode3.eq(side_out.mode),
+            m.d.sync += [active3.eq(1), left3.eq(side_out.length), last3.eq(side_out.length <= L),
+                         mode3.eq(side_out.mode),
                          sum3.eq(side_out.sum), recip3.eq(div.o.payload.quotient)]
         with m.Elif(issue3_last):
             m.d.sync += active3.eq(0)
         with m.If(issue3):
             m.d.sync += x_rd.eq(_incr(x_rd, self._e_depth))
             with m.If(~load3):
-                m.d.sync += left3.eq(left3 - L)
+                m.d.sync += [left3.eq(left3 - L), last3.eq(left3 <= 2 * L)]
         m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(adv)]
         m.d.sync += [
             rows1.eq(rows1 + (in_go & first1) - load2),
