@@ -167,7 +167,9 @@ class ResidualStage(wiring.Component):
         s_add = [Signal(scaled_shape, name=f"add{j}", reset_less=True) for j in range(L)]
         lo16, hi16 = numerics.int_range(numerics.RES_BITS)
         s_res = [Signal(x_shape, name=f"res{j}", reset_less=True) for j in range(L)]
-        b3 = Signal(out_layout, reset_less=True)
+        # Kept on reset: its sink field steers o.ready, and a reset-less sb1 -> sb2 -> b3 chain would
+        # become a shift register with a slow clock-to-out.
+        b3 = Signal(out_layout)
         op3 = Signal(ResOp)
 
         def writes(valid, op):
