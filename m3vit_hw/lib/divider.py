@@ -9,10 +9,13 @@ and costs one subtractor per retired bit instead of a full array divider.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["Divider"]
+#: Cycles a pipelined Divider or ISqrt result spends in its output FIFO (amaranth SyncFIFOBuffered).
+PIPELINED_FIFO_LATENCY = 2
+
+__all__ = ["PIPELINED_FIFO_LATENCY", "Divider"]
 
 
 def _check_width(name, value, minimum=1):
@@ -36,7 +39,11 @@ class Divider(wiring.Component):
         is small (e.g. a divisor with a known lower bound) saves iterations by narrowing it.
     bits_per_cycle : int
         Quotient bits retired per cycle, in [1, 8]. Each one is a subtractor of ``divisor_width + 1``
-        bits chained combinationally, so more than 2-4 lengthens the critical path.
+        bits chained combinationally: only 1 keeps a register-to-register path within 300 MHz.
+    pipelined : bool
+        Unroll the iteration into a pipeline of ``quotient_width`` registered steps (one subtractor
+        each, ``bits_per_cycle`` must be 1) and an output FIFO: a new division every cycle, 2 cycles more latency than
+        ``bits_per_cycle=1``, ``quotient_width`` times the subtractors and registers. ``i.ready`` is a register.
 
     Interface attributes
     --------------------
@@ -55,10 +62,12 @@ class Divider(wiring.Component):
       transfers on ``i`` (constant, overflow included).
     * Throughput: one division at a time. ``i.ready`` is high when the divider is idle, or in the cycle
       its result transfers on ``o`` (so back-to-back divisions are :attr:`period` cycles apart).
+      Pipelined: one division per cycle; ``i.ready`` is high when ``o`` is empty or transfers (all
+      stages advance together).
     * ``o.valid`` does not depend on ``o.ready``; the result holds until it transfers.
     """
 
-    def __init__(self, dividend_width, divisor_width, quotient_width=None, *, bits_per_cycle=1):
+    def __init__(self, dividend_width, divisor_width, quotient_width=None, *, bits_per_cycle=1, pipelined=False):
         _check_width("dividend_width", dividend_width)
         _check_width("divisor_width", divisor_width)
         if quotient_width is None:
@@ -68,6 +77,11 @@ class Divider(wiring.Component):
             raise TypeError(f"bits_per_cycle must be an integer, not {bits_per_cycle!r}")
         if not 1 <= bits_per_cycle <= 8:
             raise ValueError(f"bits_per_cycle must be in [1, 8], not {bits_per_cycle}")
+        if not isinstance(pipelined, bool):
+            raise TypeError(f"pipelined must be a bool, not {pipelined!r}")
+        if pipelined and bits_per_cycle != 1:
+            raise ValueError(f"bits_per_cycle must be 1 when pipelined, not {bits_per_cycle}")
+        self._pipelined = pipelined
         self._dividend_width = dividend_width
         self._divisor_width = divisor_width
         self._quotient_width = quotient_width
@@ -89,24 +103,94 @@ class Divider(wiring.Component):
     divisor_width = property(lambda self: self._divisor_width)
     quotient_width = property(lambda self: self._quotient_width)
     bits_per_cycle = property(lambda self: self._bits_per_cycle)
+    pipelined = property(lambda self: self._pipelined)
 
     @property
     def latency(self):
         """Cycles from the operand transfer to ``o.valid``: ``ceil(quotient_width / bits_per_cycle) + 1``.
 
         One cycle loads the operands; each of the following ``ceil(quotient_width / bits_per_cycle)``
-        cycles retires ``bits_per_cycle`` bits.
+        cycles retires ``bits_per_cycle`` bits. Pipelined, the result then passes an output FIFO
+        (:data:`PIPELINED_FIFO_LATENCY` more cycles).
         """
-        return self._steps + 1
+        return self._steps + 1 + (PIPELINED_FIFO_LATENCY if self._pipelined else 0)
 
     @property
     def period(self):
-        """Minimum cycles between operand transfers when ``o`` never stalls (equal to :attr:`latency`:
-        the next operand loads in the cycle the previous result transfers)."""
-        return self._steps + 1
+        """Minimum cycles between operand transfers when ``o`` never stalls: 1 when pipelined, else
+        equal to :attr:`latency` (the next operand loads in the cycle the previous result transfers)."""
+        return 1 if self._pipelined else self._steps + 1
+
+    def _step(self, m, r, q, den, name):
+        """One restoring step: bring down the next dividend bit, subtract if it fits."""
+        vw, qe = self._divisor_width, self._steps * self._bits_per_cycle
+        shifted = Cat(q[qe - 1], r)                 # 2*r + next bit, vw + 1 bits
+        fits = shifted >= den
+        r_next = Signal(vw, name=f"rem_{name}")
+        q_next = Signal(qe, name=f"quo_{name}")
+        m.d.comb += [
+            r_next.eq(Mux(fits, shifted - den, shifted)[:vw]),   # < den, so vw bits suffice
+            q_next.eq(Cat(fits, q[:qe - 1])),
+        ]
+        return r_next, q_next
+
+    def _load(self, dividend, divisor):
+        """The load stage's values: (rem, quo, den, ovf)."""
+        qe = self._steps * self._bits_per_cycle
+        # Overflow iff floor(dividend / 2**quotient_width) >= divisor (covers divisor == 0).
+        return (dividend >> qe, dividend[:qe] if qe < self._dividend_width else dividend, divisor,
+                (dividend >> self._quotient_width) >= divisor)
+
+    def _outputs(self, m, rem, quo, ovf, target=None):
+        target = self.o.payload if target is None else target
+        all_ones = Const((1 << self._quotient_width) - 1, self._quotient_width)
+        m.d.comb += [
+            target.quotient.eq(Mux(ovf, all_ones, quo[:self._quotient_width])),
+            target.remainder.eq(Mux(ovf, 0, rem)),
+            target.overflow.eq(ovf),
+        ]
+
+    def _elaborate_pipelined(self, m):
+        vw, qe, n = self._divisor_width, self._steps, self._steps
+        v = [Signal(name=f"v{s}") for s in range(n + 1)]
+        rem = [Signal(vw, name=f"rem{s}", reset_less=True) for s in range(n + 1)]
+        quo = [Signal(qe, name=f"quo{s}", reset_less=True) for s in range(n + 1)]
+        den = [Signal(vw, name=f"den{s}", reset_less=True) for s in range(n)]
+        ovf = [Signal(name=f"ovf{s}", reset_less=True) for s in range(n + 1)]
+        # The stages have no enable: every operand is counted in on input and out on output, and
+        # input is taken only while the output FIFO has room for all in flight. So i.ready is a
+        # register, and o.ready drives only the FIFO's read side.
+        depth = self.latency + 1
+        m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(width=self.o.payload.shape().size, depth=depth)
+        count = Signal(range(depth + 1))
+        room = Signal(init=1)
+        take = self.i.valid & room
+        nxt = count + take - (self.o.valid & self.o.ready)
+        m.d.sync += [count.eq(nxt), room.eq(nxt < depth)]
+        m.d.comb += [
+            self.i.ready.eq(room),
+            out_fifo.w_en.eq(v[n]),
+            self.o.valid.eq(out_fifo.r_rdy),
+            out_fifo.r_en.eq(self.o.ready),
+        ]
+        adv = 1
+        r0, q0, d0, o0 = self._load(self.i.payload.dividend, self.i.payload.divisor)
+        with m.If(adv):
+            m.d.sync += [v[0].eq(take), rem[0].eq(r0), quo[0].eq(q0), den[0].eq(d0), ovf[0].eq(o0)]
+            for s in range(n):
+                r, q = self._step(m, rem[s], quo[s], den[s], s)
+                m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(r), quo[s + 1].eq(q), ovf[s + 1].eq(ovf[s])]
+                if s + 1 < n:
+                    m.d.sync += den[s + 1].eq(den[s])
+        result = Signal(self.o.payload.shape())
+        self._outputs(m, rem[n], quo[n], ovf[n], result)
+        m.d.comb += [out_fifo.w_data.eq(result), self.o.payload.eq(out_fifo.r_data)]
+        return m
 
     def elaborate(self, platform):
         m = Module()
+        if self._pipelined:
+            return self._elaborate_pipelined(m)
         vw = self._divisor_width
         k = self._bits_per_cycle
         # The iteration runs over a quotient padded to a multiple of k bits; the padding bits are zero
@@ -124,41 +208,19 @@ class Divider(wiring.Component):
         with m.If(self.o.valid & self.o.ready):
             m.d.sync += self.o.valid.eq(0)
 
-        dividend = self.i.payload.dividend
-        divisor = self.i.payload.divisor
         with m.If(self.i.valid & self.i.ready):
-            # Overflow iff floor(dividend / 2**quotient_width) >= divisor (covers divisor == 0).
-            m.d.sync += [
-                rem.eq(dividend >> qe),
-                quo.eq(dividend[:qe] if qe < self._dividend_width else dividend),
-                den.eq(divisor),
-                ovf.eq((dividend >> self._quotient_width) >= divisor),
-                count.eq(self._steps),
-                busy.eq(1),
-            ]
+            r0, q0, d0, o0 = self._load(self.i.payload.dividend, self.i.payload.divisor)
+            m.d.sync += [rem.eq(r0), quo.eq(q0), den.eq(d0), ovf.eq(o0), count.eq(self._steps), busy.eq(1)]
 
-        # k restoring steps per cycle: bring down the next dividend bit, subtract if it fits. Each
-        # step's results are named signals, so the k-step expression stays linear in k.
+        # k restoring steps per cycle. Each step's results are named signals, so the k-step
+        # expression stays linear in k.
         r, q = rem, quo
         for step in range(k):
-            shifted = Cat(q[qe - 1], r)                 # 2*r + next bit, vw + 1 bits
-            fits = shifted >= den
-            r_next = Signal(vw, name=f"rem_{step}")
-            q_next = Signal(qe, name=f"quo_{step}")
-            m.d.comb += [
-                r_next.eq(Mux(fits, shifted - den, shifted)[:vw]),   # < den, so vw bits suffice
-                q_next.eq(Cat(fits, q[:qe - 1])),
-            ]
-            r, q = r_next, q_next
+            r, q = self._step(m, r, q, den, step)
         with m.If(busy):
             m.d.sync += [rem.eq(r), quo.eq(q), count.eq(count - 1)]
             with m.If(count == 1):
                 m.d.sync += [busy.eq(0), self.o.valid.eq(1)]
 
-        all_ones = Const((1 << self._quotient_width) - 1, self._quotient_width)
-        m.d.comb += [
-            self.o.payload.quotient.eq(Mux(ovf, all_ones, quo[:self._quotient_width])),
-            self.o.payload.remainder.eq(Mux(ovf, 0, rem)),
-            self.o.payload.overflow.eq(ovf),
-        ]
+        self._outputs(m, rem, quo, ovf)
         return m

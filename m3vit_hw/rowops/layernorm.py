@@ -21,7 +21,7 @@ the resulting throughput condition.
 
 import math
 
-from amaranth import Module, Mux, Shape, Signal, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -29,10 +29,16 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..checks import check_int
 from ..numerics import SHIFT_BITS
-from ..lib.divider import Divider
+from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 from ..lib.isqrt import ISqrt
 
 __all__ = ["LayerNormUnit", "MAX_DIM"]
+
+#: Register stages of the normalize pass, from the buffer read to the output register.
+_NORM_STAGES = 10
+#: Low chunk of the reciprocal for the a * inv partial products: 17 unsigned bits fit the DSP48E2's
+#: 18-bit signed multiplier input.
+_INV_CHUNK = 17
 
 # The output shift is numerics.SHIFT_BITS wide; gamma_mult, beta_int and eps_int widths are
 # numerics.LN_GAMMA_BITS, LN_BETA_BITS and LN_EPS_BITS.
@@ -40,8 +46,9 @@ __all__ = ["LayerNormUnit", "MAX_DIM"]
 #: stay exact up to D = 2**15; this leaves a margin.
 MAX_DIM = 1 << 14
 
-# Beats a row's input runs ahead of its first normalize read, beyond the row itself and the ISqrt and
-# Divider latencies: 5 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2) and
+# Beats a row's input runs ahead of its first normalize read, beyond the row itself, the ISqrt and
+# Divider latencies and the statistics pass's tree stages and var_n's third stage (added where the
+# depth is computed): 5 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2) and
 # 1 from the reciprocal to the first read. The buffer needs one more slot than that lag, and 2 more as
 # margin.
 _STATS_OVERHEAD = 9
@@ -62,9 +69,9 @@ class LayerNormUnit(wiring.Component):
     lanes : int
         Values per beat on ``i`` and ``o`` (and channels per parameter write), >= 1.
     recip_bits_per_cycle : int or None
-        Bits per cycle for the per-row ISqrt and Divider, in [1, 8]. ``None`` picks the smallest value
-        in [1, 4] that lets both engines keep up with one row every ``dim // lanes`` cycles (4 if none
-        does).
+        Bits per cycle for iterative per-row ISqrt and Divider engines, in [1, 8] (values above 1
+        lengthen the critical path beyond 300 MHz). ``None`` (the default) uses the pipelined engines:
+        one compare-subtract per register stage and a new row every cycle.
 
     Interface attributes
     --------------------
@@ -128,15 +135,15 @@ class LayerNormUnit(wiring.Component):
         self._sqrt_width = max(self._var_bits, self._eps_bits) + 1
         self._root_width = (self._sqrt_width + 1) // 2
 
-        if recip_bits_per_cycle is None:
-            for k in range(1, 5):
-                recip_bits_per_cycle = k
-                if max(self._engine_periods(k)) <= self._beats:
-                    break
-        self._k = recip_bits_per_cycle
+        # Default: pipelined engines (one compare-subtract per register stage, a new row every cycle),
+        # which keep every path within 300 MHz. An explicit k uses the smaller iterative engines.
+        self._pipelined = recip_bits_per_cycle is None
+        self._k = 1 if self._pipelined else recip_bits_per_cycle
 
-        self._recip_latency = sum(self._engine_periods(self._k))
-        self._depth = self._beats + self._recip_latency + _STATS_OVERHEAD
+        self._recip_latency = sum(self._engine_latencies(self._k))
+        # The statistics pass's lane-sum tree: four operands per register stage (at least one).
+        self._stat_tree_stages = max(1, -(-(lanes - 1).bit_length() // 2))
+        self._depth = self._beats + self._recip_latency + _STATS_OVERHEAD + self._stat_tree_stages + 1
 
         super().__init__({
             "i": In(stream.Signature(data.ArrayLayout(signed(numerics.RES_BITS), lanes))),
@@ -156,15 +163,23 @@ class LayerNormUnit(wiring.Component):
         """Build the unit for an accelerator config (reads ``config.model.dim``, ``config.ln_lanes``)."""
         return cls(dim=config.model.dim, lanes=config.ln_lanes, **kwargs)
 
+    def _engine_latencies(self, k):
+        # Mirrors ISqrt.latency and Divider.latency without building the engines (the pipelined
+        # engines add 2 cycles of output FIFO).
+        extra = PIPELINED_FIFO_LATENCY if self._pipelined else 0
+        return (-(-self._root_width // k) + 1 + extra, -(-(numerics.LN_INV_BITS + 1) // k) + 1 + extra)
+
     def _engine_periods(self, k):
-        # Mirrors ISqrt.period and Divider.period (= their latencies) without building the engines.
-        return (-(-self._root_width // k) + 1, -(-(numerics.LN_INV_BITS + 1) // k) + 1)
+        # Mirrors ISqrt.period and Divider.period: 1 pipelined, else their latencies.
+        return (1, 1) if self._pipelined else self._engine_latencies(k)
 
     dim = property(lambda self: self._dim)
     lanes = property(lambda self: self._lanes)
     row_beats = property(lambda self: self._beats, doc="Beats per row, ``dim // lanes``.")
     eps_bits = property(lambda self: self._eps_bits, doc="Width of ``eps_int`` (unsigned).")
     recip_bits_per_cycle = property(lambda self: self._k)
+    recip_pipelined = property(lambda self: self._pipelined,
+                               doc="Whether the ISqrt and Divider are the pipelined engines (the default).")
     buffer_depth = property(lambda self: self._depth, doc="Row buffer depth in beats.")
     recip_latency = property(lambda self: self._recip_latency,
                              doc="ISqrt + Divider latency in cycles.")
@@ -172,8 +187,9 @@ class LayerNormUnit(wiring.Component):
     @property
     def row_latency(self):
         """Cycles from the transfer of a row's last input beat to its first output beat, unstalled."""
-        # 5 cycles to the ISqrt operand, 1 to the first read, 5 through the normalize pipeline.
-        return self._recip_latency + 11
+        # 6 cycles to the ISqrt operand (statistics 3, var_n 3) plus the statistics pass's square and
+        # tree stages beyond the first, 1 to the first read, then the normalize pipeline.
+        return self._recip_latency + 7 + self._stat_tree_stages + _NORM_STAGES
 
     @property
     def min_row_beats(self):
@@ -267,11 +283,27 @@ class LayerNormUnit(wiring.Component):
             ]
         with m.If(st_adv):
             m.d.sync += [sv1.eq(in_go), slast1.eq(in_beat == R - 1), sx1.eq(self.i.payload)]
-            m.d.sync += [
-                sv2.eq(sv1), slast2.eq(slast1),
-                b1.eq(sum(sx1[j] for j in range(L))),
-                b2.eq(sum(sx1[j] * sx1[j] for j in range(L))),
-            ]
+            # Squares in their own stage (one registered DSP48E2 each), then registered 4-ary adder
+            # trees for the lane sums: one register level per two adder levels.
+            sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
+            xr = [Signal(signed(numerics.RES_BITS), name=f"sxr{j}", reset_less=True) for j in range(L)]
+            svq, slastq = Signal(), Signal()
+            m.d.sync += [svq.eq(sv1), slastq.eq(slast1)]
+            for j in range(L):
+                m.d.sync += [sq[j].eq(sx1[j] * sx1[j]), xr[j].eq(sx1[j])]
+            l1, l2, tv, tl = xr, sq, svq, slastq
+            for t in range(self._stat_tree_stages):
+                if t == self._stat_tree_stages - 1:
+                    n1, n2, nv, nl = [b1], [b2], sv2, slast2
+                else:
+                    n1 = [Signal(s1_shape, name=f"ts1_{t}_{g}") for g in range(-(-len(l1) // 4))]
+                    n2 = [Signal(s2_shape, name=f"ts2_{t}_{g}") for g in range(-(-len(l2) // 4))]
+                    nv, nl = Signal(name=f"tsv{t}"), Signal(name=f"tslast{t}")
+                for g in range(len(n1)):
+                    grp1, grp2 = l1[4 * g:4 * g + 4], l2[4 * g:4 * g + 4]
+                    m.d.sync += [n1[g].eq(sum(grp1[1:], grp1[0])), n2[g].eq(sum(grp2[1:], grp2[0]))]
+                m.d.sync += [nv.eq(tv), nl.eq(tl)]
+                l1, l2, tv, tl = n1, n2, nv, nl
             with m.If(sv2):
                 with m.If(slast2):
                     m.d.sync += [res_s1.eq(acc1 + b1), res_s2.eq(acc2 + b2), acc1.eq(0), acc2.eq(0)]
@@ -286,15 +318,22 @@ class LayerNormUnit(wiring.Component):
         # S1 waits in a FIFO for its row's reciprocal. The FIFO holds more rows than can be in the
         # var_n/isqrt/divide chain at once, so it never throttles the chain.
         m.submodules.s1_fifo = s1_fifo = fifo.SyncFIFO(width=s1_shape.width, depth=8)
-        m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k)
-        m.submodules.div = div = Divider(inv_width, self._root_width, inv_width, bits_per_cycle=k)
+        m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k, pipelined=self._pipelined)
+        m.submodules.div = div = Divider(inv_width, self._root_width, inv_width, bits_per_cycle=k,
+                                         pipelined=self._pipelined)
 
-        # var_n takes two stages: the constant multiply D*S2 and the square S1**2 are the wide
-        # products, and the subtraction gets its own cycle.
-        va_valid, vb_valid = Signal(), Signal()
-        va_ds2 = Signal(unsigned(self._sqrt_width))
-        va_sq = Signal(unsigned(2 * s1_shape.width))
-        vb = Signal(self._sqrt_width)
+        # var_n takes three stages: the wide products (D*S2, and S1**2 as two DSP partial products),
+        # their sums (+ eps, and the partial products), then the subtraction.
+        va_valid, vp_valid, vb_valid = Signal(), Signal(), Signal()
+        # Narrow S1 (small D) needs no split: one product.
+        cut = _INV_CHUNK if s1_shape.width > _INV_CHUNK else s1_shape.width
+        va_ds2 = Signal(unsigned(self._sqrt_width), reset_less=True)
+        va_pp_lo = Signal(signed(s1_shape.width + cut), reset_less=True)
+        va_pp_hi = Signal(signed(max(1, 2 * s1_shape.width - cut + 1)), reset_less=True)
+        va_eps = Signal.like(eps, reset_less=True)
+        vp_ds2 = Signal(unsigned(self._sqrt_width), reset_less=True)
+        vp_sq = Signal(unsigned(2 * s1_shape.width), reset_less=True)
+        vb = Signal(self._sqrt_width, reset_less=True)
         v_adv = ~vb_valid | isq.i.ready
         m.d.comb += [
             res_take.eq(res_valid & s1_fifo.w_rdy & v_adv),
@@ -304,11 +343,16 @@ class LayerNormUnit(wiring.Component):
         with m.If(v_adv):
             m.d.sync += [
                 va_valid.eq(res_take),
-                va_ds2.eq(res_s2 * D + eps),
-                va_sq.eq(res_s1 * res_s1),
-                vb_valid.eq(va_valid),
+                va_ds2.eq(res_s2 * D),
+                va_eps.eq(eps),
+                va_pp_lo.eq(res_s1 * (res_s1[:cut] if cut < s1_shape.width else res_s1)),
+                va_pp_hi.eq(res_s1 * res_s1[cut:].as_signed() if cut < s1_shape.width else 0),
+                vp_valid.eq(va_valid),
+                vp_ds2.eq(va_ds2 + va_eps),
+                vp_sq.eq(va_pp_lo + (va_pp_hi << cut)),
+                vb_valid.eq(vp_valid),
                 # >= 0 mathematically (Cauchy-Schwarz); the true value fits in sqrt_width bits.
-                vb.eq(va_ds2 - va_sq),
+                vb.eq(vp_ds2 - vp_sq),
             ]
         root = isq.o.payload.root
         m.d.comb += [
@@ -321,11 +365,9 @@ class LayerNormUnit(wiring.Component):
         ]
 
         # ---- normalize pass ---------------------------------------------------------------------
-        # A five-stage pipeline that advances as a whole: (1) buffer/param read, (2) a = D*x - S1,
-        # (3) P = a * inv, (4) z and z*gamma + beta, (5) the output register. It stalls only when the
-        # output register is full and o.ready is low.
-        v1, v2, v3, v4 = Signal(), Signal(), Signal(), Signal()
-        last1, last2, last3, last4, last5 = Signal(), Signal(), Signal(), Signal(), Signal()
+        # A pipeline of _NORM_STAGES stages that advances as a whole. It stalls only when the output
+        # register is full and o.ready is low.
+        last5 = Signal()                                # the output beat is a row's last
         adv = ~self.o.valid | self.o.ready
 
         row_active = Signal()
@@ -354,37 +396,55 @@ class LayerNormUnit(wiring.Component):
         ]
         m.d.sync += count.eq(count + in_go - issue)
 
-        s1_1 = Signal(s1_shape)
-        inv_1, inv_2 = Signal(inv_width), Signal(inv_width)
-        a2 = Signal(data.ArrayLayout(a_shape, L))
-        p3 = Signal(data.ArrayLayout(p_shape, L))
-        m4 = Signal(data.ArrayLayout(m_shape, L))
-        par_2 = Signal(param_layout)
-        par_3 = Signal(param_layout)
+        # Stages: (1) buffer/param read, (2) a = D*x - S1, (3) a * inv as two registered DSP partial
+        # products, (4) their sum P, (5) z = round_shift(P, 22), (6) z * gamma, (7) + beta,
+        # (8) the output rounding shift's barrel shift, (9) its + 1, (10) saturation into the output
+        # register. One register level per arithmetic step keeps every path within 300 MHz.
+        n_st = _NORM_STAGES
+        vs = [Signal(name=f"nv{k}") for k in range(1, n_st)]
+        lasts = [Signal(name=f"nlast{k}") for k in range(1, n_st)]
+        par = [Signal(param_layout, name=f"par{k}", reset_less=True) for k in range(2, 8)]   # par[0] = stage 2
+        s1_1 = Signal(s1_shape, reset_less=True)
+        inv_1, inv_2 = Signal(inv_width, reset_less=True), Signal(inv_width, reset_less=True)
+        lo, hi = numerics.int_range(numerics.ACT_BITS)
+        cut = _INV_CHUNK
         with m.If(adv):
-            m.d.sync += [
-                v1.eq(issue), last1.eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_1.eq(cur_inv),
-                v2.eq(v1), last2.eq(last1), inv_2.eq(inv_1), par_2.eq(par_r.data),
-                v3.eq(v2), last3.eq(last2), par_3.eq(par_2),
-                v4.eq(v3), last4.eq(last3),
-                self.o.valid.eq(v4), last5.eq(last4),
-            ]
+            m.d.sync += [vs[0].eq(issue), lasts[0].eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_1.eq(cur_inv),
+                         inv_2.eq(inv_1), par[0].eq(par_r.data)]
+            for k in range(1, n_st - 1):
+                m.d.sync += [vs[k].eq(vs[k - 1]), lasts[k].eq(lasts[k - 1])]
+            m.d.sync += [self.o.valid.eq(vs[-1]), last5.eq(lasts[-1])]
+            for k in range(1, len(par)):
+                m.d.sync += par[k].eq(par[k - 1])
             for j in range(L):
-                a = buf_r.data[j] * D - s1_1
-                p = a2[j] * inv_2
+                def reg(shape, name):
+                    return Signal(shape, name=f"{name}{j}", reset_less=True)
+                a2 = reg(a_shape, "a2_")
+                m.d.sync += a2.eq(buf_r.data[j] * D - s1_1)
+                pp_lo, pp_hi = reg(signed(a_shape.width + cut), "pp_lo"), reg(
+                    signed(a_shape.width + inv_width - cut), "pp_hi")
+                m.d.sync += [pp_lo.eq(a2 * inv_2[:cut]), pp_hi.eq(a2 * inv_2[cut:])]
+                p4 = reg(p_shape, "p4_")
+                m.d.sync += p4.eq((pp_lo + (pp_hi << cut))[:p_shape.width].as_signed())   # |P| < p_bound
                 # round_shift(P, 22) = ((P >> 21) + 1) >> 1: round half up with no wide constant.
-                z = (((p3[j] >> (z_shift - 1)) + 1) >> 1)[:z_shape.width].as_signed()
-                mv = m4[j]
-                # round_shift(m, s): s = 0 is the identity, else ((m >> (s-1)) + 1) >> 1. Shifts past
-                # the width give 0 or -1 before the +1, hence 0, as the golden model does.
-                rs = Mux(shift == 0, mv, ((mv >> (shift - 1)[:SHIFT_BITS]) + 1) >> 1)
-                lo, hi = numerics.int_range(numerics.ACT_BITS)
-                m.d.sync += [
-                    a2[j].eq(a),
-                    p3[j].eq(p[:p_shape.width].as_signed()),     # |P| < p_bound, see above
-                    m4[j].eq(z * par_3.gamma[j] + par_3.beta[j]),
-                    self.o.payload[j].eq(Mux(rs > hi, hi, Mux(rs < lo, lo, rs))),
-                ]
+                z5 = reg(z_shape, "z5_")
+                m.d.sync += z5.eq((((p4 >> (z_shift - 1)) + 1) >> 1)[:z_shape.width].as_signed())
+                zg6 = reg(m_shape, "zg6_")
+                m.d.sync += zg6.eq(z5 * par[3].gamma[j])
+                m7 = reg(m_shape, "m7_")
+                m.d.sync += m7.eq(zg6 + par[4].beta[j])
+                # round_shift(m, s) = ((2m >> s) + 1) >> 1 for every s in [0, SHIFT_MAX] (s = 0 gives
+                # m); shifts past the width give 0 or -1 before the + 1, hence 0, as the golden
+                # model does.
+                t8 = reg(signed(m_shape.width + 1), "t8_")
+                m.d.sync += t8.eq(Cat(Const(0, 1), m7).as_signed() >> shift)
+                u9 = reg(signed(m_shape.width + 1), "u9_")
+                m.d.sync += u9.eq(t8 + 1)
+                rs = u9 >> 1
+                up = rs[numerics.ACT_BITS - 1:]
+                fits = (up == 0) | (up == (1 << len(up)) - 1)
+                m.d.sync += self.o.payload[j].eq(Mux(fits, rs[:numerics.ACT_BITS].as_signed(),
+                                                     Mux(rs[-1], lo, hi)))
 
         out_last_go = self.o.valid & self.o.ready & last5
         in_first_go = in_go & (in_beat == 0)

@@ -31,7 +31,7 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..checks import check_int
 from ..numerics import SHIFT_BITS
-from ..lib.divider import Divider
+from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 
 __all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
 
@@ -54,16 +54,22 @@ RECIP_BITS = max(_ATTN_RECIP_MAX, _ROUTER_RECIP_MAX).bit_length()
 _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numerics.ROUTER_RECIP_BITS + 1)
 
 # Slack, in beats, between a pass's reader and writer, beyond the row itself:
-# score buffer: the exp pass's first read of a row comes 4 cycles after the row's last write, and a
-# write needs a free slot, so a row needs 5 slots beyond its own; 3 more are margin.
+# score buffer: the exp pass's first read of a row comes 4 cycles (plus the max tree's extra stages,
+# added where the depth is computed) after the row's last write, and a write needs a free slot, so a
+# row needs 5 slots beyond its own; 3 more are margin.
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
-# pass reads it, 7 cycles plus the divider latency after the row's last reservation. A reservation
-# needs a free slot, so a row needs 8 slots beyond its own and the divider period; 2 more are margin.
+# pass reads it, 7 cycles plus the lane-sum tree stages plus 2 plus the divider latency after the
+# row's last reservation (the tree stages and the 2 are added where the depth is computed). A reservation
+# needs a free slot, so a row needs 8 slots beyond its own and the divider latency; 2 more are margin.
 _EXP_SLACK = 10
+#: Low chunk of the exp distance for the c_mult product: 26 unsigned bits fit the DSP48E2's 27-bit
+#: signed multiplier input.
+_D_CHUNK = 26
 # Rows that may wait between passes: row descriptors (max pass -> exp pass) and row sums
-# (exp pass -> divider). Short rows (the router's E experts) need several in flight.
-_QUEUE_DEPTH = 4
+# (exp pass -> divider). Short rows (the router's E experts) need several in flight: about as many
+# as the cycles from a row's exp-pass start to its divider issue.
+_QUEUE_DEPTH = 8
 
 
 class SoftmaxMode(enum.Enum, shape=1):
@@ -89,8 +95,9 @@ class SoftmaxUnit(wiring.Component):
         Longest row, in [1, 65536]: the token capacity for attention rows, and at least the expert
         count for router rows. It sizes the buffers.
     div_bits_per_cycle : int or None
-        Quotient bits per cycle of the per-row divider, in [1, 8]. ``None`` picks the smallest value
-        in [1, 4] whose divider period fits in the beats of a ``max_length`` row (4 if none does).
+        Quotient bits per cycle of an iterative per-row divider, in [1, 8] (values above 1 lengthen
+        the critical path beyond 300 MHz). ``None`` (the default) uses the pipelined divider: one
+        compare-subtract per register stage and a new row every cycle.
 
     Interface attributes
     --------------------
@@ -131,8 +138,8 @@ class SoftmaxUnit(wiring.Component):
     last beat may be partial, so the element rate is ``length / ceil(length / lanes)`` per cycle.
     Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
     From the last input beat of a row to its first output beat, the latency is
-    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 13`` plus the divider
-    period.
+    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 14`` plus the lane max
+    tree stages, the lane-sum tree stages and the divider latency.
 
     Raises
     ------
@@ -152,15 +159,17 @@ class SoftmaxUnit(wiring.Component):
         self._lanes = lanes
         self._max_length = max_length
         self._max_beats = -(-max_length // lanes)
-        if div_bits_per_cycle is None:
-            for k in range(1, 5):
-                div_bits_per_cycle = k
-                if self._div_period(k) <= self._max_beats:
-                    break
-        self._k = div_bits_per_cycle
+        # Default: the pipelined divider (one compare-subtract per register stage, a new row every
+        # cycle), which keeps every path within 300 MHz. An explicit k uses the iterative divider.
+        self._pipelined = div_bits_per_cycle is None
+        self._k = 1 if self._pipelined else div_bits_per_cycle
         self._sum_bits = (_E16_ONE * max_length).bit_length()
-        self._s_depth = self._max_beats + _SCORE_SLACK
-        self._e_depth = self._max_beats + self._div_period(self._k) + _EXP_SLACK
+        # The lane max tree: one compare level per register stage (at least one stage).
+        self._max_stages = max(1, (lanes - 1).bit_length())
+        self._s_depth = self._max_beats + _SCORE_SLACK + self._max_stages - 1
+        # The lane-sum tree: four operands per register stage (at least one stage).
+        self._tree_stages = max(1, -(-(lanes - 1).bit_length() // 2))
+        self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK + self._tree_stages + 2
 
         super().__init__({
             "cmd": In(stream.Signature(data.StructLayout({
@@ -187,10 +196,15 @@ class SoftmaxUnit(wiring.Component):
         return cls(lanes=config.softmax_lanes,
                    max_length=max(config.token_capacity, config.model.experts), **kwargs)
 
-    @staticmethod
-    def _div_period(k):
-        # Mirrors Divider.period without building one.
-        return -(-RECIP_BITS // k) + 1
+    def _div_latency(self, k):
+        # Mirrors Divider.latency without building one (the pipelined divider adds 2 cycles of
+        # output FIFO).
+        return -(-RECIP_BITS // k) + 1 + (PIPELINED_FIFO_LATENCY if self._pipelined else 0)
+
+    def _div_period(self, k):
+        # Mirrors Divider.period (1 pipelined, else its latency). With the pipelined divider the
+        # passes' per-row handoff is the limit instead: a one-beat row takes up to 2 cycles.
+        return 2 if self._pipelined else self._div_latency(k)
 
     lanes = property(lambda self: self._lanes)
     max_length = property(lambda self: self._max_length)
@@ -201,16 +215,20 @@ class SoftmaxUnit(wiring.Component):
 
     @property
     def min_row_beats(self):
-        """Shortest row, in beats, that still runs at one beat per cycle (the divider period)."""
+        """Shortest row, in beats, that still runs at one beat per cycle (the iterative divider's
+        period; 2 with the pipelined divider)."""
         return self._div_period(self._k)
 
     def row_latency(self, length):
         """Cycles from the last input beat of a row of ``length`` elements to its first output beat,
         when nothing stalls."""
-        # 3 cycles for the max to reach the exp pass and 1 to its first read, then the row's reads.
-        # Then 5 cycles through the exp pipeline into the sum queue, 1 cycle into the divider, the
-        # divider itself, and 3 cycles from the output pass's first read to ``o``.
-        return -(-length // self._lanes) + 13 + self._div_period(self._k)
+        # 3 cycles (plus the max tree's extra stages) for the max to reach the exp pass and 1 to its
+        # first read, then the row's reads.
+        # Then 7 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
+        # cycle into the divider, the divider itself, and 3 cycles from the output pass's first read
+        # to ``o``.
+        return (-(-length // self._lanes) + 14 + self._max_stages + self._tree_stages
+                + self._div_latency(self._k))
 
     def elaborate(self, platform):
         m = Module()
@@ -240,9 +258,12 @@ class SoftmaxUnit(wiring.Component):
         x_w, x_r = exps.write_port(), exps.read_port()
         m.submodules.desc_fifo = desc_fifo = fifo.SyncFIFO(width=desc_layout.size, depth=_QUEUE_DEPTH)
         m.submodules.sum_fifo = sum_fifo = fifo.SyncFIFO(width=sum_layout.size, depth=_QUEUE_DEPTH)
-        # One row in the divider plus one waiting at its output.
-        m.submodules.side_fifo = side_fifo = fifo.SyncFIFO(width=side_layout.size, depth=2)
-        m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k)
+        # Every row the divider can hold (one iterative, up to its latency pipelined) plus one waiting
+        # at its output.
+        side_depth = 2 if not self._pipelined else self._div_latency(self._k) + 1
+        m.submodules.side_fifo = side_fifo = fifo.SyncFIFO(width=side_layout.size, depth=side_depth)
+        m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k,
+                                         pipelined=self._pipelined)
 
         def lane_mask(left):
             # Lane j of a beat holds an element of the row iff j < elements left in the row.
@@ -295,20 +316,31 @@ class SoftmaxUnit(wiring.Component):
             mdesc1.mode.eq(cur.mode), mdesc1.length.eq(row_len), mdesc1.c_mult.eq(cur.c_mult),
             mdesc1.c_shift.eq(cur.c_shift), mdesc1.out_mult.eq(cur.out_mult),
         ]
-        # Pairwise max tree. Each node is its own signal: a node is used twice (compare and select),
-        # and inlining that into one expression would double the expression size at every level.
+        # Pairwise max tree, one registered level per stage (a 32-bit compare and a select each).
         lo = -(1 << (numerics.ACC_BITS - 1))
         level = [Mux(mmask1[j], mx1[j], lo) for j in lane_idx]
-        while len(level) > 1:
+        tv, tlast, tfirst, tdesc = mv1, mlast1, mfirst1, mdesc1
+        for t in range(self._max_stages - 1):
             nxt = []
             for a, b in zip(level[0::2], level[1::2]):
-                node = Signal(score)
-                m.d.comb += node.eq(Mux(b > a, b, a))
+                node = Signal(score, name=f"max{t}_{len(nxt)}")
+                m.d.sync += node.eq(Mux(b > a, b, a))
                 nxt.append(node)
-            level = nxt + level[len(level) & ~1:]
+            for a in level[len(level) & ~1:]:
+                node = Signal(score, name=f"max{t}_{len(nxt)}")
+                m.d.sync += node.eq(a)
+                nxt.append(node)
+            nv, nlast, nfirst = Signal(name=f"mt{t}v"), Signal(name=f"mt{t}last"), Signal(name=f"mt{t}first")
+            ndesc = Signal(desc_layout, name=f"mt{t}desc")
+            m.d.sync += [nv.eq(tv), nlast.eq(tlast), nfirst.eq(tfirst), ndesc.eq(tdesc)]
+            level, tv, tlast, tfirst, tdesc = nxt, nv, nlast, nfirst, ndesc
+        # The last level (one compare) is registered into bmax2.
+        while len(level) > 1:
+            a, b = level[0], level[1]
+            level = [Mux(b > a, b, a)] + level[2:]
         bmax = level[0]
-        m.d.sync += [mv2.eq(mv1), mlast2.eq(mlast1), mfirst2.eq(mfirst1), bmax2.eq(bmax),
-                     mdesc2.eq(mdesc1)]
+        m.d.sync += [mv2.eq(tv), mlast2.eq(tlast), mfirst2.eq(tfirst), bmax2.eq(bmax),
+                     mdesc2.eq(tdesc)]
         new_max = Mux(mfirst2 | (bmax2 > run_max), bmax2, run_max)
         with m.If(mv2):
             m.d.sync += run_max.eq(new_max)
@@ -355,18 +387,31 @@ class SoftmaxUnit(wiring.Component):
         m.d.sync += [c2v.eq(c1v), c2last.eq(c1last), c2mask.eq(c1mask), c2d.eq(c1d)]
         for j in lane_idx:
             m.d.sync += dist[j].eq((c1d.max - s_r.data[j])[:numerics.ACC_BITS])
-        # Stage c3: P = d * c_mult, the log2 distance before the shift (48 bits).
+        # Stage c3a: partial products of P = d * c_mult, one registered DSP48E2 each (d split into a
+        # low chunk of 26 bits and the rest); stage c3: their sum, the log2 distance before the
+        # shift (48 bits).
+        c3av, c3alast = Signal(), Signal()
+        c3amask = Signal(L)
+        c3ad = Signal(desc_layout)
+        m.d.sync += [c3av.eq(c2v), c3alast.eq(c2last), c3amask.eq(c2mask), c3ad.eq(c2d)]
+        pp_lo = [Signal(unsigned(_D_CHUNK + numerics.SOFTMAX_MULT_BITS), name=f"pp_lo{j}") for j in lane_idx]
+        pp_hi = [Signal(unsigned(numerics.ACC_BITS - _D_CHUNK + numerics.SOFTMAX_MULT_BITS), name=f"pp_hi{j}")
+                 for j in lane_idx]
+        for j in lane_idx:
+            m.d.sync += [pp_lo[j].eq(dist[j][:_D_CHUNK] * c2d.c_mult),
+                         pp_hi[j].eq(dist[j][_D_CHUNK:] * c2d.c_mult)]
         c3v, c3last = Signal(), Signal()
         c3mask = Signal(L)
         c3d = Signal(desc_layout)
         prod = Signal(data.ArrayLayout(unsigned(numerics.ACC_BITS + numerics.SOFTMAX_MULT_BITS), L))
-        m.d.sync += [c3v.eq(c2v), c3last.eq(c2last), c3mask.eq(c2mask), c3d.eq(c2d)]
+        m.d.sync += [c3v.eq(c3av), c3last.eq(c3alast), c3mask.eq(c3amask), c3d.eq(c3ad)]
         for j in lane_idx:
-            m.d.sync += prod[j].eq(dist[j] * c2d.c_mult)
+            m.d.sync += prod[j].eq(pp_lo[j] + (pp_hi[j] << _D_CHUNK))
         # Stage c4: t = P >> c_shift (a floor shift). The ROM is read with the fraction; the integer
         # part and the "shifted out completely" flag wait one cycle for the ROM data.
-        m.submodules.lut = lut = Memory(shape=e16_shape, depth=1 << numerics.EXP_FRAC_BITS,
-                                        init=[int(v) for v in numerics.exp2_lut()])
+        # One single-port ROM per lane (what a synthesizer builds from one many-port ROM anyway; the
+        # WebAssembly yosys's memory mapper crashes on a 16-read-port ROM).
+        exp_init = [int(v) for v in numerics.exp2_lut()]
         c4v, c4last = Signal(), Signal()
         c4mode = Signal(SoftmaxMode)
         c4zero = Signal(L)
@@ -375,6 +420,8 @@ class SoftmaxUnit(wiring.Component):
         rom = []
         int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
         for j in lane_idx:
+            lut = Memory(shape=e16_shape, depth=1 << numerics.EXP_FRAC_BITS, init=exp_init)
+            m.submodules[f"exp_rom{j}"] = lut
             port = lut.read_port()
             rom.append(port)
             t = prod[j] >> c3d.c_shift
@@ -387,31 +434,49 @@ class SoftmaxUnit(wiring.Component):
         m.d.sync += [c4v.eq(c3v), c4last.eq(c3last), c4mode.eq(c3d.mode),
                      c4sum.mode.eq(c3d.mode), c4sum.length.eq(c3d.length),
                      c4sum.out_mult.eq(c3d.out_mult)]
-        # Stage c5: e16 = lut[f] >> i; written to the exp buffer; the beat's share of the row sum.
-        c5v, c5last = Signal(), Signal()
+        # Stage c5: e16 = lut[f] >> i, registered (the ROM output gets a register before any logic),
+        # then written to the exp buffer.
+        c5v, c5last, c5mode = Signal(), Signal(), Signal(SoftmaxMode)
         c5sum = Signal(sum_layout)
-        c5part = Signal(sum_shape)
-        e16 = [Mux(c4zero[j], 0, rom[j].data >> c4int[j]) for j in lane_idx]
-        e8 = [Mux(e >= _E16_ONE - (1 << 6), _E8_MAX, (e + (1 << 6)) >> 7) for e in e16]
-        m.d.comb += [x_w.addr.eq(x_wr), x_w.en.eq(c4v)]
+        e16 = [Signal(e16_shape, name=f"e16_{j}") for j in lane_idx]
+        m.d.sync += [c5v.eq(c4v), c5last.eq(c4last), c5mode.eq(c4mode), c5sum.eq(c4sum)]
+        for j in lane_idx:
+            m.d.sync += e16[j].eq(Mux(c4zero[j], 0, rom[j].data >> c4int[j]))
+        m.d.comb += [x_w.addr.eq(x_wr), x_w.en.eq(c5v)]
         for j in lane_idx:
             m.d.comb += x_w.data[j].eq(e16[j])
-        with m.If(c4v):
-            m.d.sync += x_wr.eq(_incr(x_wr, self._e_depth))
-        m.d.sync += [
-            c5v.eq(c4v), c5last.eq(c4last), c5sum.eq(c4sum),
-            c5part.eq(Mux(c4mode == SoftmaxMode.ATTENTION, sum(e8), sum(e16))),
-        ]
-        # Stage c6: accumulate; the first beat of a row restarts the sum.
-        acc = Signal(sum_shape)
-        c6first = Signal(init=1)
-        total = Mux(c6first, 0, acc) + c5part
         with m.If(c5v):
-            m.d.sync += [acc.eq(total), c6first.eq(c5last)]
+            m.d.sync += x_wr.eq(_incr(x_wr, self._e_depth))
+        # Stage c6: each lane's share of the row sum (e8 for attention, e16 for the router).
+        c6v, c6last = Signal(), Signal()
+        c6sum = Signal(sum_layout)
+        share = [Signal(e16_shape, name=f"share{j}") for j in lane_idx]
+        m.d.sync += [c6v.eq(c5v), c6last.eq(c5last), c6sum.eq(c5sum)]
+        for j, e in zip(lane_idx, e16):
+            e8 = Mux(e >= _E16_ONE - (1 << 6), _E8_MAX, (e + (1 << 6)) >> 7)
+            m.d.sync += share[j].eq(Mux(c5mode == SoftmaxMode.ATTENTION, e8, e))
+        # Then a registered adder tree, four operands (two adder levels) per stage.
+        level, tv, tlast, tsum = share, c6v, c6last, c6sum
+        for t in range(self._tree_stages):
+            nxt = []
+            for g in range(0, len(level), 4):
+                part = Signal(sum_shape, name=f"part{t}_{g // 4}")
+                group = level[g:g + 4]
+                m.d.sync += part.eq(sum(group[1:], group[0]))
+                nxt.append(part)
+            nv, nlast, nsum = Signal(name=f"t{t}v"), Signal(name=f"t{t}last"), Signal(sum_layout, name=f"t{t}sum")
+            m.d.sync += [nv.eq(tv), nlast.eq(tlast), nsum.eq(tsum)]
+            level, tv, tlast, tsum = nxt, nv, nlast, nsum
+        # Accumulate; the first beat of a row restarts the sum.
+        acc = Signal(sum_shape)
+        afirst = Signal(init=1)
+        total = Mux(afirst, 0, acc) + level[0]
+        with m.If(tv):
+            m.d.sync += [acc.eq(total), afirst.eq(tlast)]
         sum_in = Signal(sum_layout)
         m.d.comb += [
-            sum_in.eq(c5sum), sum_in.sum.eq(total),
-            sum_fifo.w_data.eq(sum_in), sum_fifo.w_en.eq(c5v & c5last),     # room is reserved by rows2
+            sum_in.eq(tsum), sum_in.sum.eq(total),
+            sum_fifo.w_data.eq(sum_in), sum_fifo.w_en.eq(tv & tlast),     # room is reserved by rows2
         ]
 
         # ---- divider ------------------------------------------------------------------------------
@@ -440,20 +505,23 @@ class SoftmaxUnit(wiring.Component):
         recip3 = Signal(RECIP_BITS)
         adv = ~self.o.valid | self.o.ready
         issue3 = adv & active3
-        last3 = left3 <= L
+        # "The next beat is the row's last" as a register, so the output pass's load decision (and the
+        # divider FIFO's read enable behind it) has no compare in its path.
+        last3 = Signal()
         issue3_last = issue3 & last3
         # A row's sum exists only after all its e16 beats were written: issuing needs no level check.
         load3 = (~active3 | issue3_last) & div.o.valid & side_fifo.r_rdy
         m.d.comb += [div.o.ready.eq(load3), side_fifo.r_en.eq(load3)]
         with m.If(load3):
-            m.d.sync += [active3.eq(1), left3.eq(side_out.length), mode3.eq(side_out.mode),
+            m.d.sync += [active3.eq(1), left3.eq(side_out.length), last3.eq(side_out.length <= L),
+                         mode3.eq(side_out.mode),
                          sum3.eq(side_out.sum), recip3.eq(div.o.payload.quotient)]
         with m.Elif(issue3_last):
             m.d.sync += active3.eq(0)
         with m.If(issue3):
             m.d.sync += x_rd.eq(_incr(x_rd, self._e_depth))
             with m.If(~load3):
-                m.d.sync += left3.eq(left3 - L)
+                m.d.sync += [left3.eq(left3 - L), last3.eq(left3 <= 2 * L)]
         m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(adv)]
         m.d.sync += [
             rows1.eq(rows1 + (in_go & first1) - load2),
