@@ -460,6 +460,11 @@ class XilinxTop(Elaboratable):
         """Every top-level port signal (named as Vivado expects)."""
         return [self.aclk, self.aresetn] + [p for p, _, _ in self._ports]
 
+    def port_directions(self):
+        """``[(name, "input" | "output", width)]`` of every top-level port, clock and reset first."""
+        return ([("aclk", "input", 1), ("aresetn", "input", 1)] +
+                [(p.name, "input" if flow == In else "output", len(p)) for p, flow, _ in self._ports])
+
     def elaborate(self, platform):
         m = Module()
         m.domains.sync = cd = ClockDomain("sync")
