@@ -30,11 +30,11 @@ __all__ = ["CHANNELS", "RULES", "checker_verilog"]
 RULES = {"STABLE": 1, "BURST": 2, "WLAST": 3, "RESET": 4}
 
 _AXI4 = {
-    "aw": ["awaddr", "awlen", "awsize", "awburst", "awcache", "awprot"],
+    "aw": ["awid", "awaddr", "awlen", "awsize", "awburst", "awcache", "awprot"],
     "w": ["wdata", "wstrb", "wlast"],
-    "b": ["bresp"],
-    "ar": ["araddr", "arlen", "arsize", "arburst", "arcache", "arprot"],
-    "r": ["rdata", "rresp", "rlast"],
+    "b": ["bid", "bresp"],
+    "ar": ["arid", "araddr", "arlen", "arsize", "arburst", "arcache", "arprot"],
+    "r": ["rid", "rdata", "rresp", "rlast"],
 }
 _LITE = {
     "aw": ["awaddr", "awprot"], "w": ["wdata", "wstrb"], "b": ["bresp"],

@@ -22,6 +22,8 @@ from m3vit_hw.soc.top import AcceleratorTop, XilinxTop
 __all__ = ["CASES", "case_config", "verilator_env", "emit", "build", "run", "CocotbBackend"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: Changes whenever the build flags below change (part of the build cache key).
+_BUILD_FLAVOUR = b"public-vlt-1"
 
 #: name -> parameters of :func:`sim.moe_layer.moe_config` plus ``axi_masters``.
 CASES = {
@@ -57,18 +59,21 @@ def verilator_env():
 
 
 def emit(config, axi_masters, out_dir):
-    """Write ``m3vit_accel.v`` and ``m3vit_check_top.v`` into ``out_dir``; returns (top, paths)."""
-    from amaranth.back import verilog
+    """Write ``m3vit_accel.sv`` (what the build writes) and ``m3vit_check_top.v`` into ``out_dir``; returns (top, paths)."""
+    from m3vit_hw.build.flow import emit_verilog
     from sim.axi_checker import checker_verilog
     top = AcceleratorTop(config, axi_masters=axi_masters)
     x = XilinxTop(top)
-    text = verilog.convert(x, name="m3vit_accel", ports=x.ports())
+    text = emit_verilog(top)
     ports = x.port_directions()
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "m3vit_accel.v").write_text(text)
+    (out_dir / "m3vit_accel.sv").write_text(text)
     (out_dir / "m3vit_check_top.v").write_text(checker_verilog(ports, axi_masters, top.data_bytes))
-    return top, [out_dir / "m3vit_accel.v", out_dir / "m3vit_check_top.v"]
+    # Only the checker's ports need to be visible to cocotb: making every internal signal public
+    # (cocotb's default --public-flat-rw) multiplies the C++ compile time.
+    (out_dir / "public.vlt").write_text('`verilator_config\npublic_flat_rw -module "m3vit_check_top" -var "*"\n')
+    return top, [out_dir / "m3vit_accel.sv", out_dir / "m3vit_check_top.v"]
 
 
 def build(case, cache_dir=None):
@@ -78,7 +83,7 @@ def build(case, cache_dir=None):
     cache_dir = pathlib.Path(cache_dir or ROOT / "build" / "cocotb")
     src_dir = cache_dir / f"{case}_src"
     top, sources = emit(cfg, masters, src_dir)
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + _BUILD_FLAVOUR).hexdigest()[:16]
     build_dir = cache_dir / f"{case}_{digest}"
     env = verilator_env()
     saved = dict(os.environ)
@@ -89,7 +94,8 @@ def build(case, cache_dir=None):
             runner.build(sources=[str(p) for p in sources], hdl_toplevel="m3vit_check_top",
                          build_dir=str(build_dir), always=False,
                          build_args=["-Wno-fatal", "-Wno-lint", "-Wno-style", "-Wno-MULTIDRIVEN",
-                                     "-Wno-TIMESCALEMOD", "-O1", "-CFLAGS", "-O1"],
+                                     "-Wno-TIMESCALEMOD", "-Wno-SYMRSVDWORD", "-Wno-ALWNEVER",
+                                     "--no-public-flat-rw", str(src_dir.resolve() / "public.vlt")],
                          timescale=("1ns", "1ps"))
     finally:
         os.environ.clear()
@@ -115,7 +121,8 @@ def run(case, testcase, *, build_dir, params=None, results_dir=None):
     try:
         runner = get_runner("verilator")
         xml = runner.test(test_module="sim.soc_cocotb_tests", testcase=testcase,
-                          hdl_toplevel="m3vit_check_top", build_dir=str(build_dir),
+                          hdl_toplevel="m3vit_check_top", hdl_toplevel_lang="verilog",
+                          build_dir=str(build_dir),
                           test_dir=str(results_dir), extra_env={**env, **extra},
                           results_xml=str(results_dir / f"results_{testcase}.xml"))
     finally:

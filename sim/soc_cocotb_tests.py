@@ -9,6 +9,7 @@ Each test writes its measured figures into the JSON file ``SOC_RESULT``.
 """
 
 import json
+import logging
 import os
 import random
 
@@ -71,6 +72,9 @@ class Bench:
         self.ram = ram0
         self.axil = AxiLiteMaster(AxiLiteBus.from_prefix(dut, "s_axi"), dut.aclk, dut.aresetn,
                                   reset_active_level=False)
+        for model in self.rams + [self.axil]:
+            for part in (model.write_if, model.read_if):
+                part.log.setLevel(logging.WARNING)
         p = float(PARAMS.get("pause", 0.3))
         rng = random.Random(int(PARAMS.get("seed", 1)))
         if p > 0:
@@ -101,14 +105,15 @@ class Bench:
         return int.from_bytes((await self.axil.read(OFFSETS[name], 4)).data, "little")
 
     async def wr(self, name, value, *, offset=0, nbytes=4):
-        data = int(value).to_bytes(4, "little")[offset:offset + nbytes]
+        data = int(value).to_bytes(nbytes, "little")
         await self.axil.write(OFFSETS[name] + offset, data)
 
-    async def wait_done(self, limit=2_000_000):
+    async def wait_done(self, limit=100_000):
         done = FIELDS[("STATUS", "DONE")].mask
         for _ in range(limit):
             if (await self.rd("STATUS")) & done:
                 return
+            await ClockCycles(self.dut.aclk, 32)
         raise TimeoutError("no STATUS.DONE")
 
     def protocol(self):
@@ -193,6 +198,7 @@ async def test_moe_run(dut):
     weights, _ = pack_moe(qmoe, b.config, data_bytes=b.data_bytes)
     # Bases straddle 4 KiB pages on purpose (aligned to the beat only), so bursts must be split.
     bases = {"PROGRAM": 0x0001_0FF0, "WEIGHTS": 0x0002_0FD0, "IMAGE": 0x0100_0FE0, "OUTPUT": 0x0200_0FF0}
+    bases.update(PARAMS.get("bases", {}))
     b.ram.write(bases["WEIGHTS"], weights)
     results = []
     for r in range(runs):
@@ -218,6 +224,7 @@ async def test_moe_run(dut):
         expected, _ = golden_moe(wl_run, task)
         bad = np.argwhere(got != expected)
         if len(bad):
+            _record("mismatch", {"run": r, "task": task, "got": got.tolist(), "expected": expected.tolist()})
             t, d = bad[0]
             raise AssertionError(f"axi top / moe_layer: run {r} task {task}: {len(bad)} mismatches, first "
                                  f"x[{t}, {d}]: expected {expected[t, d]}, got {got[t, d]}")

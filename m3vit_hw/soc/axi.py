@@ -6,8 +6,10 @@ own small signatures here. Member names are the AXI signal names in lower case (
 :func:`m3vit_hw.soc.top.xilinx_ports`) produces exactly the names Vivado's interface inference expects
 (``m_axi0_araddr``, ``s_axi_wdata``, ...).
 
-Only the signals the accelerator needs are present: no IDs (every transaction of a port uses ID 0, so
-AXI keeps them in order), no LOCK/QOS/REGION/USER. ``*cache`` and ``*prot`` are driven with constants.
+Only the signals the accelerator needs are present: IDs are ``id_width`` bits (default 1) and always 0
+(every transaction of a port uses one ID, so AXI keeps them in order; the ID ports exist because many
+AXI models and interconnects expect them), no LOCK/QOS/REGION/USER. ``*cache`` and ``*prot`` are driven
+with constants.
 
 :class:`AxiMaster` turns the project's stream ports into one AXI4 master:
 
@@ -43,9 +45,9 @@ AXI_RESP_OKAY = 0b00
 AXI_CACHE_DEFAULT = 0b0011
 
 _MASTER_CHANNELS = {
-    "aw": (("addr", "A"), ("len", 8), ("size", 3), ("burst", 2), ("cache", 4), ("prot", 3)),
+    "aw": (("id", "I"), ("addr", "A"), ("len", 8), ("size", 3), ("burst", 2), ("cache", 4), ("prot", 3)),
     "w": (("data", "D"), ("strb", "S"), ("last", 1)),
-    "ar": (("addr", "A"), ("len", 8), ("size", 3), ("burst", 2), ("cache", 4), ("prot", 3)),
+    "ar": (("id", "I"), ("addr", "A"), ("len", 8), ("size", 3), ("burst", 2), ("cache", 4), ("prot", 3)),
 }
 
 
@@ -67,9 +69,12 @@ class AXI4Signature(wiring.Signature):
         Byte-address width, 1..64.
     data_width : int
         Data bits, a power of two in 8..1024.
+    id_width : int
+        Transaction ID bits, 1..16 (the accelerator always sends ID 0).
 
     Interface attributes
     --------------------
+    awid, arid : Out; bid, rid : In
     awaddr, awlen, awsize, awburst, awcache, awprot, awvalid : Out; awready : In
     wdata, wstrb, wlast, wvalid : Out; wready : In
     bresp, bvalid : In; bready : Out
@@ -77,19 +82,21 @@ class AXI4Signature(wiring.Signature):
     rdata, rresp, rlast, rvalid : In; rready : Out
     """
 
-    def __init__(self, *, addr_width=32, data_width=128):
+    def __init__(self, *, addr_width=32, data_width=128, id_width=1):
         _check_axi_widths(addr_width, data_width)
+        _check_int("id_width", id_width, 1, 16)
         self._aw = addr_width
         self._dw = data_width
-        width = {"A": addr_width, "D": data_width, "S": data_width // 8}
+        self._iw = id_width
+        width = {"A": addr_width, "D": data_width, "S": data_width // 8, "I": id_width}
         members = {}
         for ch, fields in _MASTER_CHANNELS.items():
             for name, w in fields:
                 members[ch + name] = Out(width.get(w, w))
             members[ch + "valid"] = Out(1)
             members[ch + "ready"] = In(1)
-        members.update({"bresp": In(2), "bvalid": In(1), "bready": Out(1),
-                        "rdata": In(data_width), "rresp": In(2), "rlast": In(1), "rvalid": In(1),
+        members.update({"bid": In(id_width), "bresp": In(2), "bvalid": In(1), "bready": Out(1),
+                        "rid": In(id_width), "rdata": In(data_width), "rresp": In(2), "rlast": In(1), "rvalid": In(1),
                         "rready": Out(1)})
         super().__init__(members)
 
@@ -102,10 +109,11 @@ class AXI4Signature(wiring.Signature):
         return self._dw
 
     def __eq__(self, other):
-        return type(other) is type(self) and (self._aw, self._dw) == (other._aw, other._dw)
+        return (type(other) is type(self) and
+                (self._aw, self._dw, self._iw) == (other._aw, other._dw, other._iw))
 
     def __repr__(self):
-        return f"AXI4Signature(addr_width={self._aw}, data_width={self._dw})"
+        return f"AXI4Signature(addr_width={self._aw}, data_width={self._dw}, id_width={self._iw})"
 
 
 class AXI4LiteSignature(wiring.Signature):
