@@ -17,7 +17,7 @@ import pathlib
 import shutil
 import sys
 
-from m3vit_hw.soc.top import AcceleratorTop, XilinxTop
+from m3vit_hw.soc.top import AcceleratorTop, port_directions
 
 __all__ = ["CASES", "case_config", "verilator_env", "emit", "build", "run", "CocotbBackend"]
 
@@ -63,9 +63,8 @@ def emit(config, axi_masters, out_dir):
     from m3vit_hw.build.flow import emit_verilog
     from sim.axi_checker import checker_verilog
     top = AcceleratorTop(config, axi_masters=axi_masters)
-    x = XilinxTop(top)
     text = emit_verilog(top)
-    ports = x.port_directions()
+    ports = port_directions(top)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "m3vit_accel.sv").write_text(text)
@@ -108,7 +107,8 @@ def run(case, testcase, *, build_dir, params=None, results_dir=None):
     the test wrote (``params`` reach the test as the ``SOC_PARAMS`` JSON environment variable)."""
     from cocotb_tools.runner import get_runner
     results_dir = pathlib.Path(results_dir or build_dir)
-    out = results_dir / f"result_{testcase}.json"
+    tag = testcase.replace(",", "+")
+    out = results_dir / f"result_{tag}.json"
     if out.exists():
         out.unlink()
     env = verilator_env()
@@ -120,11 +120,11 @@ def run(case, testcase, *, build_dir, params=None, results_dir=None):
     os.environ.update(env)
     try:
         runner = get_runner("verilator")
-        xml = runner.test(test_module="sim.soc_cocotb_tests", testcase=testcase,
+        xml = runner.test(test_module="sim.soc_cocotb_tests", testcase=testcase.split(","),
                           hdl_toplevel="m3vit_check_top", hdl_toplevel_lang="verilog",
                           build_dir=str(build_dir),
                           test_dir=str(results_dir), extra_env={**env, **extra},
-                          results_xml=str(results_dir / f"results_{testcase}.xml"))
+                          results_xml=str(results_dir / f"results_{tag}.xml"))
     finally:
         os.environ.clear()
         os.environ.update(saved)

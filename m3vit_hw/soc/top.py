@@ -47,7 +47,7 @@ from .datapath import BurstSplitter, Gearbox, ReadInterleaver
 from .image import DESC_HEADER_WORDS, GELU_BYTES, MAGIC, ImageLayout, config_id
 from .regmap import ERRORS, REGMAP_VERSION
 
-__all__ = ["AcceleratorTop", "XilinxTop", "xilinx_ports"]
+__all__ = ["AcceleratorTop", "XilinxTop", "xilinx_ports", "port_directions"]
 
 _ERR = {f.name: f.lsb for f in ERRORS}
 
@@ -460,11 +460,6 @@ class XilinxTop(Elaboratable):
         """Every top-level port signal (named as Vivado expects)."""
         return [self.aclk, self.aresetn] + [p for p, _, _ in self._ports]
 
-    def port_directions(self):
-        """``[(name, "input" | "output", width)]`` of every top-level port, clock and reset first."""
-        return ([("aclk", "input", 1), ("aresetn", "input", 1)] +
-                [(p.name, "input" if flow == In else "output", len(p)) for p, flow, _ in self._ports])
-
     def elaborate(self, platform):
         m = Module()
         m.domains.sync = cd = ClockDomain("sync")
@@ -476,6 +471,12 @@ class XilinxTop(Elaboratable):
             else:
                 m.d.comb += port.eq(value)
         return m
+
+
+def port_directions(top):
+    """``[(name, "input" | "output", width)]`` of :class:`XilinxTop`'s ports, clock and reset first."""
+    return ([("aclk", "input", 1), ("aresetn", "input", 1)] +
+            [(name, "input" if flow == In else "output", len(v)) for name, flow, v in xilinx_ports(top)])
 
 
 def xilinx_ports(top):
