@@ -62,3 +62,19 @@ def test_axi_top_more_configs(verilator_ready, case, seed, pause):
     res = run(case, "test_registers,test_moe_run,test_driver", build_dir=bd,
               params={"pause": pause, "seed": seed, "runs": 3})
     _check(res, case)
+
+
+@pytest.mark.slow
+def test_emitted_verilog_lints_without_errors(verilator_ready, tmp_path):
+    """Verilator's lint (-Wall) on what the build writes: warnings only (yosys output style), no errors."""
+    import subprocess
+    from sim.soc_cocotb import emit, case_config
+    cfg, masters, _ = case_config("tiny3")
+    _, sources = emit(cfg, masters, tmp_path)
+    proc = subprocess.run(["verilator", "--lint-only", "-Wall", "-Wno-fatal", str(sources[0]),
+                           "--top-module", "m3vit_accel"], capture_output=True, text=True,
+                          env=verilator_ready, timeout=600)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("%Error")]
+    warnings = [l for l in proc.stderr.splitlines() if l.startswith("%Warning")]
+    print(f"lint: {len(errors)} errors, {len(warnings)} warnings")
+    assert proc.returncode == 0 and not errors, errors[:5]
