@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import sys
 
 from m3vit_hw.soc.top import AcceleratorTop, port_directions

@@ -31,7 +31,7 @@ masters (one per HP port), so the weight streams use the bandwidth of all of the
 ``s_axi_<signal>``, ``interrupt``, ``aclk`` and ``aresetn``.
 """
 
-from amaranth.hdl import ClockDomain, Const, Elaboratable, Module, Mux, Signal
+from amaranth.hdl import ClockDomain, Const, Elaboratable, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
@@ -41,7 +41,7 @@ from ..config import AcceleratorConfig
 from ..lib.mem_arbiter import ReadArbiter
 from ..moe.moe_layer import LoadTarget, MoELayer
 from ..rowops.softmax import SHIFT_BITS
-from .axi import AXI4LiteSignature, AXI4Signature, AxiMaster, WritePortSignature
+from .axi import AXI4LiteSignature, AXI4Signature, AxiMaster
 from .csr import CsrBlock
 from .datapath import BurstSplitter, Gearbox, ReadInterleaver
 from .image import DESC_HEADER_WORDS, GELU_BYTES, MAGIC, ImageLayout, config_id
