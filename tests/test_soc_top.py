@@ -1,0 +1,136 @@
+"""The AXI top and its pieces in Amaranth's simulator (quick; the third-party check is test_soc_axi.py)."""
+
+import random
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+
+from m3vit_hw.soc.axi import AXI4LiteSignature, AXI4Signature, WritePortSignature
+from m3vit_hw.soc.datapath import BurstSplitter, Gearbox
+from m3vit_hw.soc.regmap import FIELDS
+from m3vit_hw.soc.top import AcceleratorTop, xilinx_ports
+from sim.moe_workload import golden_moe, make_moe_workload
+from sim.soc_cocotb import case_config
+from sim.soc_pysim import run_top
+from sim.testbench import Stalls, stream_get, stream_put
+
+
+def _check_exact(got, expected, what):
+    bad = np.argwhere(got != expected)
+    assert not len(bad), (f"{what}: {len(bad)} mismatches, first x[{bad[0][0]}, {bad[0][1]}]: "
+                          f"expected {expected[tuple(bad[0])]}, got {got[tuple(bad[0])]}")
+
+
+@pytest.mark.parametrize("case,pause", [("tiny", 0.3), pytest.param("tiny3", 0.5, marks=pytest.mark.slow)])
+def test_top_moe_layer_bit_exact(case, pause):
+    """Both tasks through the top (1 and 3 AXI masters), random pauses on every AXI channel."""
+    cfg, masters, wl = case_config(case)
+    work = make_moe_workload(**wl, seed=7)
+    res = run_top(cfg, work, [0, 1], axi_masters=masters, pause=pause, seed=7)
+    for r in res:
+        expected, _ = golden_moe(work, r["task"])
+        _check_exact(r["x"], expected, f"axi top ({case}) / moe_layer task {r['task']}")
+        assert r["error"] == 0 and r["interrupt"] == 1 and r["interrupt_after_clear"] == 0
+        assert r["tail"] == bytes(16), "the write strobes let bytes after the output change"
+        print(case, {k: v for k, v in r.items() if k not in ("x", "tail")})
+
+
+def test_top_unaligned_base_is_an_error():
+    cfg, masters, wl = case_config("tiny")
+    work = make_moe_workload(**wl, seed=1)
+    (r,) = run_top(cfg, work, [0], bases={"IMAGE": 0x1000_0004})
+    assert r["error"] == FIELDS[("ERROR", "UNALIGNED")].mask, f"ERROR = 0x{r['error']:X}"
+    assert r["interrupt"] == 1
+
+
+def test_top_parameters_checked():
+    cfg, _, _ = case_config("tiny")
+    with pytest.raises(ValueError, match=r"axi_masters must be in \[1, 4\], not 5"):
+        AcceleratorTop(cfg, axi_masters=5)
+    with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
+        AcceleratorTop("tiny")
+
+
+def test_xilinx_port_names():
+    cfg, _, _ = case_config("tiny")
+    names = {n for n, _, _ in xilinx_ports(AcceleratorTop(cfg, axi_masters=2))}
+    for want in ("m_axi0_araddr", "m_axi1_rdata", "m_axi0_wstrb", "s_axi_awaddr", "s_axi_rdata", "interrupt"):
+        assert want in names
+    assert not any("__" in n for n in names)
+
+
+def test_signatures_compare_and_reject():
+    assert AXI4Signature(addr_width=32, data_width=128) == AXI4Signature(addr_width=32, data_width=128)
+    assert AXI4Signature(data_width=64) != AXI4Signature(data_width=128)
+    assert "data_width=128" in repr(AXI4Signature())
+    with pytest.raises(ValueError, match="data_width must be one of"):
+        AXI4Signature(data_width=96)
+    with pytest.raises(ValueError, match="data_width must be one of"):
+        AXI4LiteSignature(data_width=128)
+    with pytest.raises(ValueError, match="max_burst"):
+        WritePortSignature(data_bytes=16, max_burst=512)
+
+
+def test_burst_splitter_respects_4k_and_max_burst():
+    """Random transfers: bursts cover them exactly, in order, never longer than max_burst or over 4 KiB."""
+    dut = BurstSplitter(addr_width=32, data_bytes=16, max_burst=16)
+    rng = random.Random(3)
+    transfers = [(rng.randrange(0, 1 << 16) * 16, rng.choice([0, 1, 5, 16, 17, 300, 600])) for _ in range(12)]
+    got = []
+
+    async def feed(ctx):
+        st = Stalls(0.3, 1)
+        for a, n in transfers:
+            await stream_put(ctx, dut.cmd, {"addr": a, "beats": n}, stalls=st)
+
+    async def take(ctx):
+        st = Stalls(0.3, 2)
+        for _ in range(sum(-(-n // 16) + 260 for _, n in transfers)):
+            if sum(b for _, b in got) == sum(n for _, n in transfers):
+                break
+            p = await stream_get(ctx, dut.req, stalls=st)
+            got.append((p.addr, p.beats))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(feed)
+    sim.add_testbench(take)
+    sim.run()
+    expected = [(a + 16 * i) for a, n in transfers for i in range(n)]
+    flat = []
+    for a, b in got:
+        assert 1 <= b <= 16, f"burst of {b} beats"
+        assert a // 4096 == (a + 16 * b - 1) // 4096, f"burst at 0x{a:X} of {b} beats crosses 4 KiB"
+        flat += [a + 16 * i for i in range(b)]
+    assert flat == expected
+
+
+@pytest.mark.parametrize("ib,ob", [(16, 4), (4, 16), (16, 1), (16, 32)])
+def test_gearbox_round_trip(ib, ob):
+    """Little-endian width conversion with stalls on both sides: the byte stream is unchanged."""
+    dut = Gearbox(ib, ob)
+    rng = random.Random(ib * 100 + ob)
+    nbytes = 4 * max(ib, ob)
+    data = bytes(rng.randrange(256) for _ in range(nbytes))
+    out = bytearray()
+
+    async def feed(ctx):
+        st = Stalls(0.3, 5)
+        for i in range(0, nbytes, ib):
+            await stream_put(ctx, dut.i, {"data": int.from_bytes(data[i:i + ib], "little"),
+                                          "strb": (1 << ib) - 1}, stalls=st)
+
+    async def take(ctx):
+        st = Stalls(0.3, 6)
+        for _ in range(nbytes // ob):
+            p = await stream_get(ctx, dut.o, stalls=st)
+            out.extend(int(p.data).to_bytes(ob, "little"))
+            assert p.strb == (1 << ob) - 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(feed)
+    sim.add_testbench(take)
+    sim.run()
+    assert bytes(out) == data
