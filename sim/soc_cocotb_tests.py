@@ -195,7 +195,7 @@ async def test_moe_run(dut):
     wl = make_moe_workload(**b.wl, seed=int(PARAMS.get("seed", 1)), skew=PARAMS.get("skew", "none"))
     qmoe = wl["qmoe"]
     T, D = wl["h"].shape
-    weights, _ = pack_moe(qmoe, b.config, data_bytes=b.data_bytes)
+    weights, _ = pack_moe(qmoe, b.config)
     # Bases straddle 4 KiB pages on purpose (aligned to the beat only), so bursts must be split.
     bases = {"PROGRAM": 0x0001_0FF0, "WEIGHTS": 0x0002_0FD0, "IMAGE": 0x0100_0FE0, "OUTPUT": 0x0200_0FF0}
     bases.update(PARAMS.get("bases", {}))

@@ -175,7 +175,7 @@ def header_text(top):
     """The C header: register map, config ID and the memory-image layout of this build."""
     cfg = top.config
     img = ImageLayout(cfg, top.data_bytes)
-    lay = plan_moe(cfg, data_bytes=top.data_bytes)
+    lay = plan_moe(cfg)
     m = cfg.model
     defines = [
         ("CONFIG_ID", top.config_id, "value of the ID register for this build"),

@@ -77,7 +77,7 @@ class Accelerator:
 
     def load(self, qmoe):
         """Take a quantized MoE layer (:class:`reference.qparams.QMoE`); copied to DDR on the next run."""
-        image, _ = pack_moe(qmoe, self.config, data_bytes=self.data_bytes)
+        image, _ = pack_moe(qmoe, self.config)
         self._qmoe = qmoe
         self._weights = image
         self._weights_written = False
