@@ -25,11 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
 from m3vit_hw import numerics
 from .qparams import QLinear, QLayerNorm, QAttention, QDenseMlp, QMoE, QBlock, QuantizedEncoder
 
 __all__ = [
-    "calibrate", "quantize", "quantize_image", "RES_HEADROOM", "GELU_NEG_CLIP",
+    "calibrate", "quantize", "quantize_image", "PixelInput", "DEFAULTS", "RES_HEADROOM", "GELU_NEG_CLIP",
 ]
 
 #: Residual scale headroom over the calibrated maximum: evaluation inputs may exceed the calibration
@@ -114,13 +116,20 @@ def _gelu_lut(in_scale, out_scale):
 # --------------------------------------------------------------------------------------------------
 # Calibration
 
+#: Values kept per calibration site for percentile / MSE range search (a deterministic stride sample).
+_SAMPLE = 1 << 18
+
+
 class _Range:
-    """Running max |x| (and the max of the positive and negative parts separately)."""
+    """Running max |x| (and of the positive and negative parts), per-channel max |x| (last axis), and a
+    sample of the values for the percentile and MSE range searches."""
 
     def __init__(self):
         self.absmax = 0.0
         self.pos = 0.0
         self.neg = 0.0
+        self.chan = None
+        self.samples = []
 
     def add(self, t):
         t = t.detach()
@@ -129,6 +138,40 @@ class _Range:
         self.pos = max(self.pos, float(t.max().clamp(min=0)))
         self.neg = max(self.neg, float((-t.min()).clamp(min=0)))
         self.absmax = max(self.pos, self.neg)
+        c = t.abs().reshape(-1, t.shape[-1]).amax(0).double()
+        self.chan = c if self.chan is None or self.chan.shape != c.shape else torch.maximum(self.chan, c)
+        flat = t.reshape(-1).double()
+        step = max(1, flat.numel() // _SAMPLE)
+        self.samples.append(flat[::step])
+
+    def values(self):
+        return torch.cat(self.samples) if self.samples else torch.zeros(1, dtype=torch.float64)
+
+    def clip(self, method, bits=8, signed_part=None):
+        """Range to quantize to: ``max`` (the calibrated max), ``pNN.NN`` (that percentile of |x|) or
+        ``mse`` (the clip in [0.2, 1] x max minimising the int ``bits`` rounding+clipping error on the
+        sample). ``signed_part``: ``"pos"`` to search the positive side only (GELU input)."""
+        top = self.pos if signed_part == "pos" else self.absmax
+        if method == "max" or top <= 0:
+            return top
+        v = self.values()
+        if signed_part == "pos":
+            v = v.clamp(min=0)
+        if method.startswith("p"):
+            q = float(method[1:]) / 100.0
+            a = v.abs()
+            return min(top, float(torch.quantile(a[:1 << 24], q))) if a.numel() else top
+        if method == "mse":
+            lim = (1 << (bits - 1)) - 1
+            best, best_err = top, None
+            for frac in np.linspace(0.2, 1.0, 41):
+                c = top * frac
+                q = torch.clamp(torch.round(v / (c / lim)), -lim, lim) * (c / lim)
+                err = float(((q - v) ** 2).sum())
+                if best_err is None or err < best_err:
+                    best, best_err = c, err
+            return best
+        raise ValueError(f"calibration method must be 'max', 'mse' or 'pNN' (e.g. 'p99.99'), not {method!r}")
 
 
 def _heads(t, heads):
@@ -197,18 +240,106 @@ def _np(t):
     return t.detach().cpu().double().numpy()
 
 
+@dataclass(frozen=True)
+class PixelInput:
+    """The encoder takes uint8 camera pixels: the int8 input is ``p - 128`` (the pixel with its top bit
+    flipped) and the per-channel normalisation ``(p / 255 - mean) / std`` is folded into the
+    patch-embedding weights and bias. Stored as ``QuantizedEncoder.img_scale`` so that
+    ``quantize_image(img, qm.img_scale)`` works for either input format."""
+    mean: tuple
+    std: tuple
+
+
+#: Methods :func:`quantize` applies by default, chosen by measurement (``docs/numerics.md`` §9).
+DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="max", smooth_alpha=None)
+
+
+def _smooth(model, ranges, alpha):
+    """SmoothQuant, folded exactly into the float model: per channel ``c`` of a LayerNorm output,
+    ``s_c = a_c**alpha / w_c**(1 - alpha)`` (``a_c`` calibrated max |x_c|, ``w_c`` max |W[:, c]| over
+    every consumer), the LayerNorm gain and bias divided by ``s_c``, every consumer's column ``c``
+    multiplied by it. The float function is unchanged; the int8 LayerNorm output gets flatter channels."""
+    enc = model.backbone
+    D = enc.cfg.dim
+    for i, blk in enumerate(enc.blocks):
+        # Consumers: linear weights [..., out, D] (input channels on the last axis) and gates [D_in, E]
+        # (token channels on the first D rows).
+        sites = [(blk.norm1, f"{i}.ln1", [blk.attn.qkv.weight], [])]
+        if blk.moe:
+            sites.append((blk.norm2, f"{i}.ln2", [blk.mlp.experts.htoh4.weight], [g.w_gate for g in blk.mlp.gate]))
+        else:
+            sites.append((blk.norm2, f"{i}.ln2", [blk.mlp.fc1.weight], []))
+        for norm, key, linears, gates in sites:
+            a = ranges[key].chan.clamp_min(1e-5)
+            w = torch.zeros(D, dtype=torch.float64)
+            for wt in linears:
+                w = torch.maximum(w, wt.detach().double().abs().reshape(-1, D).amax(0))
+            for wt in gates:
+                w = torch.maximum(w, wt.detach().double()[:D].abs().amax(1))
+            sc = (a ** alpha / w.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
+            norm.weight.div_(sc.to(norm.weight.dtype))
+            norm.bias.div_(sc.to(norm.bias.dtype))
+            for wt in linears:
+                wt.mul_(sc.to(wt.dtype))
+            for wt in gates:
+                wt[:D].mul_(sc.to(wt.dtype).unsqueeze(1))
+
+
 @torch.no_grad()
-def quantize(model, calib_images):
-    """Quantize ``model``'s encoder, calibrating on ``calib_images`` [B,3,H,W] over every task."""
+def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k_bias=DEFAULTS["drop_k_bias"],
+             calib=DEFAULTS["calib"], smooth_alpha=DEFAULTS["smooth_alpha"]):
+    """Quantize ``model``'s encoder, calibrating on ``calib_images`` [B,3,H,W] over every task.
+
+    Parameters
+    ----------
+    model : M3ViT
+        Left unchanged (the exact float rewrites below act on a copy).
+    calib_images : torch.Tensor
+        Normalised float images (``reference.inputs.normalize_pixels`` of uint8 pixels).
+    pixel_input : bool
+        Take uint8 pixels (``PixelInput``) instead of a symmetric int8 quantization of the normalised image.
+    drop_k_bias : bool
+        Zero the ``k`` bias: ``q . b_k`` is constant along a softmax row, so this is exact, and the k range
+        no longer has to hold the bias (up to 50 on real weights).
+    calib : str
+        Activation range per site: ``max``, ``mse`` or a percentile ``pNN.NN`` of |x| (see ``_Range.clip``).
+        The residual stream always uses ``max`` (int16 has headroom to spare).
+    smooth_alpha : float or None
+        SmoothQuant migration strength for the LayerNorm outputs (None: off).
+    """
+    import copy
+    if drop_k_bias or smooth_alpha is not None:
+        model = copy.deepcopy(model)
     enc = model.backbone
     cfg = enc.cfg
+    D = cfg.dim
+    if drop_k_bias:
+        for blk in enc.blocks:
+            blk.attn.qkv.bias[D:2 * D] = 0.0
     ranges, _ = calibrate(model, calib_images)
-    s_img = _scale(ranges["img"].absmax, numerics.ACT_BITS)
+    if smooth_alpha is not None:
+        _smooth(model, ranges, smooth_alpha)
+        ranges, _ = calibrate(model, calib_images)
     s_res = _scale(ranges["res"].absmax * RES_HEADROOM, numerics.RES_BITS)
-    scales = {"img": s_img, "res": s_res}
 
     w_pe = _np(enc.patch_embed.proj.weight).reshape(cfg.dim, -1)
-    patch = _qlinear(w_pe, _np(enc.patch_embed.proj.bias), s_img, s_res, numerics.RES_BITS)
+    b_pe = _np(enc.patch_embed.proj.bias)
+    if pixel_input:
+        from .inputs import IMAGENET_MEAN, IMAGENET_STD, _channel_stats
+        mean_t, std_t = _channel_stats(cfg.in_chans)
+        mean, std = mean_t.reshape(-1).numpy(), std_t.reshape(-1).numpy()
+        per_in = np.repeat(np.arange(cfg.in_chans), cfg.patch_size * cfg.patch_size)
+        # x = (p/255 - m)/s = (v + 128)/(255 s) - m/s with v = p - 128: fold both into w and b.
+        w_px = w_pe / (255.0 * std[per_in])
+        b_px = b_pe + w_px @ np.full(w_px.shape[1], 128.0) - w_pe @ (mean[per_in] / std[per_in])
+        patch = _qlinear(w_px, b_px, 1.0, s_res, numerics.RES_BITS)
+        s_img = PixelInput(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    else:
+        s_img = _scale(ranges["img"].absmax, numerics.ACT_BITS)
+        patch = _qlinear(w_pe, b_pe, s_img, s_res, numerics.RES_BITS)
+    scales = {"img": s_img, "res": s_res,
+              "options": dict(pixel_input=pixel_input, drop_k_bias=drop_k_bias, calib=calib,
+                              smooth_alpha=smooth_alpha)}
     lo, hi = numerics.int_range(numerics.RES_BITS)
     pos = _np(enc.pos_embed)[0]
     pos_int = np.clip(np.round(pos / s_res), lo, hi).astype(np.int64)
@@ -216,11 +347,10 @@ def quantize(model, calib_images):
 
     blocks = []
     for i, blk in enumerate(enc.blocks):
-        sc = {n: _scale(ranges[f"{i}.{n}"].absmax, numerics.ACT_BITS)
-              for n in ("ln1", "q", "k", "v", "ctx", "ln2")}
+        sc = {n: _scale(ranges[f"{i}.{n}"].clip(calib), numerics.ACT_BITS)
+              for n in ("ln1", "q", "k", "v", "ctx", "ln2", "gelu")}
         pre = ranges[f"{i}.pre"]
-        sc["pre"] = _scale(max(pre.pos, min(pre.neg, GELU_NEG_CLIP)), numerics.ACT_BITS)
-        sc["gelu"] = _scale(ranges[f"{i}.gelu"].absmax, numerics.ACT_BITS)
+        sc["pre"] = _scale(max(pre.clip(calib, signed_part="pos"), min(pre.neg, GELU_NEG_CLIP)), numerics.ACT_BITS)
         scales[i] = sc
 
         ln1 = _qlayernorm(_np(blk.norm1.weight), _np(blk.norm1.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln1"])
@@ -281,6 +411,21 @@ def _quantize_moe(enc, blk, cfg, sc, s_res, lut):
 
 
 def quantize_image(img, img_scale):
-    """Host-side input conversion: float image [B,3,H,W] -> int8 (numpy int64)."""
+    """Host-side input conversion to the encoder's int8 input (numpy int64).
+
+    ``img_scale`` is ``QuantizedEncoder.img_scale``: a :class:`PixelInput` (the default) turns a
+    normalised float image [..., C, H, W] back into its uint8 pixels and returns ``p - 128``; uint8
+    pixels are taken as they are. A float scale (``pixel_input=False``) quantizes the normalised
+    image symmetrically to int8.
+    """
+    if isinstance(img_scale, PixelInput):
+        if isinstance(img, torch.Tensor) and not img.is_floating_point() or \
+                isinstance(img, np.ndarray) and img.dtype == np.uint8:
+            p = np.asarray(img, dtype=np.int64)
+        else:
+            x = img.detach().cpu().double().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, float)
+            shape = (-1, 1, 1)
+            p = np.round(255.0 * (x * np.array(img_scale.std).reshape(shape) + np.array(img_scale.mean).reshape(shape)))
+        return np.clip(p, 0, 255).astype(np.int64) - 128
     x = img.detach().cpu().double().numpy() if isinstance(img, torch.Tensor) else np.asarray(img, float)
     return np.clip(np.round(x / img_scale), -127, 127).astype(np.int64)
