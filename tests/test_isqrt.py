@@ -55,36 +55,38 @@ def _check(values, got):
         assert g == want, f"isqrt: first mismatch at operand {n} (isqrt({v})): expected {want}, got {g}"
 
 
-@pytest.mark.parametrize("width,k", [(8, 1), (7, 2), (8, 3), (1, 1), (2, 1)])
-def test_exhaustive_small(width, k):
+@pytest.mark.parametrize("width,k,pipe", [(8, 1, False), (7, 2, False), (8, 3, False), (1, 1, False), (2, 1, False),
+                                          (8, 1, True), (7, 1, True), (1, 1, True)])
+def test_exhaustive_small(width, k, pipe):
     values = list(range(1 << width))
-    got, _, _ = _run(ISqrt(width, bits_per_cycle=k), values, seed=width * 10 + k)
+    got, _, _ = _run(ISqrt(width, bits_per_cycle=k, pipelined=pipe), values, seed=width * 10 + k + pipe)
     _check(values, got)
 
 
-@pytest.mark.parametrize("width,k", [(49, 1), (49, 2), (40, 4), (64, 3)])
-def test_random_full_width(width, k):
+@pytest.mark.parametrize("width,k,pipe", [(49, 1, False), (49, 2, False), (40, 4, False), (64, 3, False),
+                                          (49, 1, True)])
+def test_random_full_width(width, k, pipe):
     """LayerNorm widths (var_n of D=384 is 49 bits) plus squares, their neighbours and the maximum."""
     rng = random.Random(width + k)
     values = [0, 1, (1 << width) - 1, 1 << (width - 1)]
     for _ in range(30):
         r = rng.randrange(1 << (width // 2))
         values += [r * r, r * r - 1 if r else 0, rng.randrange(1 << width)]
-    got, _, _ = _run(ISqrt(width, bits_per_cycle=k), values, seed=k)
+    got, _, _ = _run(ISqrt(width, bits_per_cycle=k, pipelined=pipe), values, seed=k + pipe)
     _check(values, got)
     if width < 63:
         # golden.isqrt is LayerNorm's oracle (int64); it must agree with the unit on these too.
         assert [g[0] for g in got] == golden.isqrt(np.array(values, dtype=np.int64)).tolist()
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_back_to_back_period(k):
-    dut = ISqrt(49, bits_per_cycle=k)
+@pytest.mark.parametrize("k,pipe", [(1, False), (2, False), (4, False), (1, True)])
+def test_back_to_back_period(k, pipe):
+    dut = ISqrt(49, bits_per_cycle=k, pipelined=pipe)
     values = list(range(1000, 1020))
     got, when, in_when = _run(dut, values, stall_p=0.0)
     _check(values, got)
     per_op = (when[-1] - when[0]) / (len(when) - 1)
-    print(f"isqrt k={k}: {per_op:.2f} cycles/root (period {dut.period}, latency {dut.latency})")
+    print(f"isqrt k={k} pipelined={pipe}: {per_op:.2f} cycles/root (period {dut.period}, latency {dut.latency})")
     assert per_op == dut.period
     assert when[0] - in_when[0] == dut.latency
 
@@ -93,6 +95,8 @@ def test_back_to_back_period(k):
     (dict(width=0), ValueError, "width must be an integer >= 1, not 0"),
     (dict(width="8"), TypeError, "width must be an integer, not '8'"),
     (dict(width=8, bits_per_cycle=0), ValueError, r"bits_per_cycle must be in \[1, 8\], not 0"),
+    (dict(width=8, bits_per_cycle=2, pipelined=True), ValueError, "bits_per_cycle must be 1 when pipelined, not 2"),
+    (dict(width=8, pipelined="yes"), TypeError, "pipelined must be a bool"),
 ])
 def test_bad_parameters(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

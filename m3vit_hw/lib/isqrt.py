@@ -22,7 +22,12 @@ class ISqrt(wiring.Component):
         Width of the unsigned operand, >= 1. The root has ``ceil(width / 2)`` bits.
     bits_per_cycle : int
         Root bits produced per cycle, in [1, 8]. Each is a compare-subtract of about
-        ``width / 2 + 2`` bits chained combinationally.
+        ``width / 2 + 2`` bits chained combinationally: only 1 keeps a register-to-register path
+        within 300 MHz.
+    pipelined : bool
+        Unroll the iteration into a pipeline of ``ceil(width / 2)`` registered steps (one
+        compare-subtract each; ``bits_per_cycle`` must be 1): a new root every cycle, same latency as
+        ``bits_per_cycle=1``.
 
     Interface attributes
     --------------------
@@ -36,11 +41,12 @@ class ISqrt(wiring.Component):
     --------
     * Latency: ``o.valid`` rises exactly :attr:`latency` cycles after an operand transfers on ``i``.
     * Throughput: one root at a time; ``i.ready`` is high when idle or in the cycle the result
-      transfers, so back-to-back roots are :attr:`period` cycles apart.
+      transfers, so back-to-back roots are :attr:`period` cycles apart. Pipelined: one root per
+      cycle; ``i.ready`` is high when ``o`` is empty or transfers.
     * ``o.valid`` does not depend on ``o.ready``; the result holds until it transfers.
     """
 
-    def __init__(self, width, *, bits_per_cycle=1):
+    def __init__(self, width, *, bits_per_cycle=1, pipelined=False):
         if not isinstance(width, int) or isinstance(width, bool):
             raise TypeError(f"width must be an integer, not {width!r}")
         if width < 1:
@@ -49,6 +55,11 @@ class ISqrt(wiring.Component):
             raise TypeError(f"bits_per_cycle must be an integer, not {bits_per_cycle!r}")
         if not 1 <= bits_per_cycle <= 8:
             raise ValueError(f"bits_per_cycle must be in [1, 8], not {bits_per_cycle}")
+        if not isinstance(pipelined, bool):
+            raise TypeError(f"pipelined must be a bool, not {pipelined!r}")
+        if pipelined and bits_per_cycle != 1:
+            raise ValueError(f"bits_per_cycle must be 1 when pipelined, not {bits_per_cycle}")
+        self._pipelined = pipelined
         self._width = width
         self._root_width = (width + 1) // 2
         self._bits_per_cycle = bits_per_cycle
@@ -64,6 +75,7 @@ class ISqrt(wiring.Component):
     width = property(lambda self: self._width)
     root_width = property(lambda self: self._root_width)
     bits_per_cycle = property(lambda self: self._bits_per_cycle)
+    pipelined = property(lambda self: self._pipelined)
 
     @property
     def latency(self):
@@ -76,12 +88,48 @@ class ISqrt(wiring.Component):
 
     @property
     def period(self):
-        """Minimum cycles between operand transfers when ``o`` never stalls (equal to :attr:`latency`:
-        the next operand loads in the cycle the previous result transfers)."""
-        return self._steps + 1
+        """Minimum cycles between operand transfers when ``o`` never stalls: 1 when pipelined, else
+        equal to :attr:`latency` (the next operand loads in the cycle the previous result transfers)."""
+        return 1 if self._pipelined else self._steps + 1
+
+    def _step(self, m, r, q, x, name):
+        """Bring down two operand bits; the next root bit is 1 iff 4*root + 1 fits."""
+        ne = self._steps * self._bits_per_cycle
+        rw = ne + 2
+        r4 = Cat(x[2 * ne - 2:], r)
+        trial = Cat(Const(1, 2), q)
+        fits = r4 >= trial
+        r_next = Signal(rw, name=f"rem_{name}")
+        q_next = Signal(ne, name=f"root_{name}")
+        m.d.comb += [r_next.eq(Mux(fits, r4 - trial, r4)[:rw]), q_next.eq(Cat(fits, q)[:ne])]
+        return r_next, q_next, Cat(Const(0, 2), x)[:2 * ne]
+
+    def _elaborate_pipelined(self, m):
+        n = ne = self._steps
+        rw = ne + 2
+        v = [Signal(name=f"v{s}") for s in range(n + 1)]
+        rem = [Signal(rw, name=f"rem{s}", reset_less=True) for s in range(n + 1)]
+        root = [Signal(ne, name=f"root{s}", reset_less=True) for s in range(n + 1)]
+        xs = [Signal(2 * ne, name=f"xs{s}", reset_less=True) for s in range(n)]
+        adv = ~v[n] | self.o.ready
+        m.d.comb += [self.i.ready.eq(adv), self.o.valid.eq(v[n])]
+        with m.If(adv):
+            m.d.sync += [v[0].eq(self.i.valid), rem[0].eq(0), root[0].eq(0), xs[0].eq(self.i.payload)]
+            for s in range(n):
+                r, q, x = self._step(m, rem[s], root[s], xs[s], s)
+                m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(r), root[s + 1].eq(q)]
+                if s + 1 < n:
+                    m.d.sync += xs[s + 1].eq(x)
+        m.d.comb += [
+            self.o.payload.root.eq(root[n][:self._root_width]),
+            self.o.payload.remainder.eq(rem[n][:self._root_width + 1]),
+        ]
+        return m
 
     def elaborate(self, platform):
         m = Module()
+        if self._pipelined:
+            return self._elaborate_pipelined(m)
         k = self._bits_per_cycle
         # Pad the root to a multiple of k digits; leading zero digit pairs leave the result unchanged.
         ne = self._steps * k
@@ -106,15 +154,7 @@ class ISqrt(wiring.Component):
         # Each step's results are named signals, so the k-step expression stays linear in k.
         r, q, x = rem, root, xs
         for step in range(k):
-            # Bring down two operand bits; the next root bit is 1 iff 4*root + 1 fits.
-            r4 = Cat(x[2 * ne - 2:], r)
-            trial = Cat(Const(1, 2), q)
-            fits = r4 >= trial
-            r_next = Signal(rw, name=f"rem_{step}")
-            q_next = Signal(ne, name=f"root_{step}")
-            m.d.comb += [r_next.eq(Mux(fits, r4 - trial, r4)[:rw]), q_next.eq(Cat(fits, q)[:ne])]
-            r, q = r_next, q_next
-            x = Cat(Const(0, 2), x)[:2 * ne]
+            r, q, x = self._step(m, r, q, x, step)
         with m.If(busy):
             m.d.sync += [rem.eq(r), root.eq(q), xs.eq(x), count.eq(count - 1)]
             with m.If(count == 1):

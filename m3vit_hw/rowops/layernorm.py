@@ -78,9 +78,9 @@ class LayerNormUnit(wiring.Component):
     lanes : int
         Values per beat on ``i`` and ``o`` (and channels per parameter write), >= 1.
     recip_bits_per_cycle : int or None
-        Bits per cycle for the per-row ISqrt and Divider, in [1, 8]. ``None`` picks the smallest value
-        in [1, 4] that lets both engines keep up with one row every ``dim // lanes`` cycles (4 if none
-        does).
+        Bits per cycle for iterative per-row ISqrt and Divider engines, in [1, 8] (values above 1
+        lengthen the critical path beyond 300 MHz). ``None`` (the default) uses the pipelined engines:
+        one compare-subtract per register stage and a new row every cycle.
 
     Interface attributes
     --------------------
@@ -144,14 +144,12 @@ class LayerNormUnit(wiring.Component):
         self._sqrt_width = max(self._var_bits, self._eps_bits) + 1
         self._root_width = (self._sqrt_width + 1) // 2
 
-        if recip_bits_per_cycle is None:
-            for k in range(1, 5):
-                recip_bits_per_cycle = k
-                if max(self._engine_periods(k)) <= self._beats:
-                    break
-        self._k = recip_bits_per_cycle
+        # Default: pipelined engines (one compare-subtract per register stage, a new row every cycle),
+        # which keep every path within 300 MHz. An explicit k uses the smaller iterative engines.
+        self._pipelined = recip_bits_per_cycle is None
+        self._k = 1 if self._pipelined else recip_bits_per_cycle
 
-        self._recip_latency = sum(self._engine_periods(self._k))
+        self._recip_latency = sum(self._engine_latencies(self._k))
         self._depth = self._beats + self._recip_latency + _STATS_OVERHEAD
 
         super().__init__({
@@ -173,15 +171,21 @@ class LayerNormUnit(wiring.Component):
         return cls(dim=_config_value(config, "model.dim"), lanes=_config_value(config, "ln_lanes"),
                    **kwargs)
 
-    def _engine_periods(self, k):
-        # Mirrors ISqrt.period and Divider.period (= their latencies) without building the engines.
+    def _engine_latencies(self, k):
+        # Mirrors ISqrt.latency and Divider.latency without building the engines.
         return (-(-self._root_width // k) + 1, -(-(numerics.LN_INV_BITS + 1) // k) + 1)
+
+    def _engine_periods(self, k):
+        # Mirrors ISqrt.period and Divider.period: 1 pipelined, else their latencies.
+        return (1, 1) if self._pipelined else self._engine_latencies(k)
 
     dim = property(lambda self: self._dim)
     lanes = property(lambda self: self._lanes)
     row_beats = property(lambda self: self._beats, doc="Beats per row, ``dim // lanes``.")
     eps_bits = property(lambda self: self._eps_bits, doc="Width of ``eps_int`` (unsigned).")
     recip_bits_per_cycle = property(lambda self: self._k)
+    recip_pipelined = property(lambda self: self._pipelined,
+                               doc="Whether the ISqrt and Divider are the pipelined engines (the default).")
     buffer_depth = property(lambda self: self._depth, doc="Row buffer depth in beats.")
     recip_latency = property(lambda self: self._recip_latency,
                              doc="ISqrt + Divider latency in cycles.")
@@ -303,8 +307,9 @@ class LayerNormUnit(wiring.Component):
         # S1 waits in a FIFO for its row's reciprocal. The FIFO holds more rows than can be in the
         # var_n/isqrt/divide chain at once, so it never throttles the chain.
         m.submodules.s1_fifo = s1_fifo = fifo.SyncFIFO(width=s1_shape.width, depth=8)
-        m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k)
-        m.submodules.div = div = Divider(inv_width, self._root_width, inv_width, bits_per_cycle=k)
+        m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k, pipelined=self._pipelined)
+        m.submodules.div = div = Divider(inv_width, self._root_width, inv_width, bits_per_cycle=k,
+                                         pipelined=self._pipelined)
 
         # var_n takes two stages: the constant multiply D*S2 and the square S1**2 are the wide
         # products, and the subtraction gets its own cycle.

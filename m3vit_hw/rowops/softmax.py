@@ -59,7 +59,7 @@ _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numeric
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
 # pass reads it, 7 cycles plus the divider latency after the row's last reservation. A reservation
-# needs a free slot, so a row needs 8 slots beyond its own and the divider period; 2 more are margin.
+# needs a free slot, so a row needs 8 slots beyond its own and the divider latency; 2 more are margin.
 _EXP_SLACK = 10
 # Rows that may wait between passes: row descriptors (max pass -> exp pass) and row sums
 # (exp pass -> divider). Short rows (the router's E experts) need several in flight.
@@ -107,8 +107,9 @@ class SoftmaxUnit(wiring.Component):
         Longest row, in [1, 65536]: the token capacity for attention rows, and at least the expert
         count for router rows. It sizes the buffers.
     div_bits_per_cycle : int or None
-        Quotient bits per cycle of the per-row divider, in [1, 8]. ``None`` picks the smallest value
-        in [1, 4] whose divider period fits in the beats of a ``max_length`` row (4 if none does).
+        Quotient bits per cycle of an iterative per-row divider, in [1, 8] (values above 1 lengthen
+        the critical path beyond 300 MHz). ``None`` (the default) uses the pipelined divider: one
+        compare-subtract per register stage and a new row every cycle.
 
     Interface attributes
     --------------------
@@ -150,7 +151,7 @@ class SoftmaxUnit(wiring.Component):
     Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
     From the last input beat of a row to its first output beat, the latency is
     :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 13`` plus the divider
-    period.
+    latency.
 
     Raises
     ------
@@ -170,15 +171,13 @@ class SoftmaxUnit(wiring.Component):
         self._lanes = lanes
         self._max_length = max_length
         self._max_beats = -(-max_length // lanes)
-        if div_bits_per_cycle is None:
-            for k in range(1, 5):
-                div_bits_per_cycle = k
-                if self._div_period(k) <= self._max_beats:
-                    break
-        self._k = div_bits_per_cycle
+        # Default: the pipelined divider (one compare-subtract per register stage, a new row every
+        # cycle), which keeps every path within 300 MHz. An explicit k uses the iterative divider.
+        self._pipelined = div_bits_per_cycle is None
+        self._k = 1 if self._pipelined else div_bits_per_cycle
         self._sum_bits = (_E16_ONE * max_length).bit_length()
         self._s_depth = self._max_beats + _SCORE_SLACK
-        self._e_depth = self._max_beats + self._div_period(self._k) + _EXP_SLACK
+        self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK
 
         super().__init__({
             "cmd": In(stream.Signature(data.StructLayout({
@@ -208,9 +207,14 @@ class SoftmaxUnit(wiring.Component):
                    **kwargs)
 
     @staticmethod
-    def _div_period(k):
-        # Mirrors Divider.period without building one.
+    def _div_latency(k):
+        # Mirrors Divider.latency without building one.
         return -(-RECIP_BITS // k) + 1
+
+    def _div_period(self, k):
+        # Mirrors Divider.period (1 pipelined, else its latency). With the pipelined divider the
+        # passes' per-row handoff is the limit instead: a one-beat row takes up to 2 cycles.
+        return 2 if self._pipelined else self._div_latency(k)
 
     lanes = property(lambda self: self._lanes)
     max_length = property(lambda self: self._max_length)
@@ -221,7 +225,8 @@ class SoftmaxUnit(wiring.Component):
 
     @property
     def min_row_beats(self):
-        """Shortest row, in beats, that still runs at one beat per cycle (the divider period)."""
+        """Shortest row, in beats, that still runs at one beat per cycle (the iterative divider's
+        period; 2 with the pipelined divider)."""
         return self._div_period(self._k)
 
     def row_latency(self, length):
@@ -230,7 +235,7 @@ class SoftmaxUnit(wiring.Component):
         # 3 cycles for the max to reach the exp pass and 1 to its first read, then the row's reads.
         # Then 5 cycles through the exp pipeline into the sum queue, 1 cycle into the divider, the
         # divider itself, and 3 cycles from the output pass's first read to ``o``.
-        return -(-length // self._lanes) + 13 + self._div_period(self._k)
+        return -(-length // self._lanes) + 13 + self._div_latency(self._k)
 
     def elaborate(self, platform):
         m = Module()
@@ -260,9 +265,12 @@ class SoftmaxUnit(wiring.Component):
         x_w, x_r = exps.write_port(), exps.read_port()
         m.submodules.desc_fifo = desc_fifo = fifo.SyncFIFO(width=desc_layout.size, depth=_QUEUE_DEPTH)
         m.submodules.sum_fifo = sum_fifo = fifo.SyncFIFO(width=sum_layout.size, depth=_QUEUE_DEPTH)
-        # One row in the divider plus one waiting at its output.
-        m.submodules.side_fifo = side_fifo = fifo.SyncFIFO(width=side_layout.size, depth=2)
-        m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k)
+        # Every row the divider can hold (one iterative, up to its latency pipelined) plus one waiting
+        # at its output.
+        side_depth = 2 if not self._pipelined else self._div_latency(self._k) + 1
+        m.submodules.side_fifo = side_fifo = fifo.SyncFIFO(width=side_layout.size, depth=side_depth)
+        m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k,
+                                         pipelined=self._pipelined)
 
         def lane_mask(left):
             # Lane j of a beat holds an element of the row iff j < elements left in the row.
