@@ -4,6 +4,8 @@ Commands
 --------
 moe-layer
     One MoE layer in Amaranth's simulator against the golden model (:mod:`sim.moe_layer`).
+attention-layer
+    One attention sub-layer in Amaranth's simulator against the golden model (:mod:`sim.attention_layer`).
 bench-gemm
     GEMM engine cycles and MAC/cycle for one shape (:mod:`sim.bench_gemm`).
 synth
@@ -16,6 +18,7 @@ __all__ = ["main"]
 
 _COMMANDS = {
     "moe-layer": ("sim.moe_layer", "one MoE layer (router, expert queues, reordering, experts) vs golden"),
+    "attention-layer": ("sim.attention_layer", "one attention sub-layer (QKV, QK^T, softmax, AV, proj) vs golden"),
     "bench-gemm": ("sim.bench_gemm", "GEMM engine cycles and MAC/cycle for one shape"),
     "synth": ("sim.synth_report", "yosys synth_xilinx resource estimate of a unit"),
 }
@@ -23,7 +26,7 @@ _COMMANDS = {
 
 def _usage():
     lines = ["usage: python -m sim <command> [options]", "", "commands:"]
-    lines += [f"  {name:<12} {help_}" for name, (_, help_) in _COMMANDS.items()]
+    lines += [f"  {name:<15} {help_}" for name, (_, help_) in _COMMANDS.items()]
     lines.append("\nrun 'python -m sim <command> --help' for a command's options")
     return "\n".join(lines)
 

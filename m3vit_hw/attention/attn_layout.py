@@ -1,0 +1,355 @@
+"""External-memory layout of one attention sub-layer's parameters, and its on-chip buffer map.
+
+This module is the single source of truth for *where* an attention sub-layer's integer parameters
+(:class:`reference.qparams.QAttention`) live in external memory, how they are cut into tiles that each fit
+one half of the double-buffered weight and parameter buffers, and where the sub-layer's operands live in
+the on-chip buffers (:class:`BufferMap`). The packer (:func:`pack_attention`), the
+:class:`~m3vit_hw.attention.attention_layer.AttentionLayer` (which bakes the tile plan into its sequencer),
+the simulation runner and the tests all read it. Pure Python + numpy.
+
+Heads and padding
+-----------------
+With ``C = pe_cols`` and head dim ``hd``, every head's Q, K and V occupy ``hw = ceil(hd / C)`` whole
+words, so that each starts on a buffer word (the engine writes and reads whole words from lane 0):
+
+* the QKV weights are stored *per head*: head ``i``'s B operand is ``D x 3*hw*C``, columns
+  ``s*hw*C + c`` (``s`` = q, k, v; ``c < hd``) taken from ``qkv.w[s*D + i*hd + c]``, the padding columns
+  zero (zero weight, zero bias, zero multiplier: they write zeros);
+* the attention context is stored with the same per-head padding (``heads * hw`` words per token), so the
+  projection's B operand is ``heads*hw*C x D`` with zero rows at the padding (the padding lanes of the
+  context are never written and meet zero weights).
+
+When ``C`` divides ``hd`` there is no padding.
+
+Tiles
+-----
+A tile is an N-chunk of one GEMM's weight panels (``K`` words of ``C`` int8 each per column tile) plus
+its parameter words (see :mod:`m3vit_hw.moe.expert_layout` for both formats), as many panels as fit one
+half of each buffer. The plan is: head 0's QKV tiles, head 1's, ..., then the projection's tiles.
+
+Image
+-----
+``pack_attention`` returns one byte image (offset 0 = the sub-layer's base address): the tiles in plan
+order, each ``[weight panels][parameter words]``, every piece aligned and padded to the memory beat.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import numerics
+from ..config import AcceleratorConfig
+from ..moe.expert_layout import pack_panels, pack_params, param_word_bytes
+
+__all__ = ["AttnTile", "AttnLayout", "BufferMap", "plan_attention", "buffer_map", "pack_attention",
+           "start_fields"]
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _round_up(a, b):
+    return _ceil_div(a, b) * b
+
+
+def _bits(n):
+    return max(1, int(n).bit_length())
+
+
+@dataclass(frozen=True)
+class AttnTile:
+    """One tile: an N-chunk of a head's QKV GEMM or of the projection.
+
+    Attributes
+    ----------
+    index : int
+        Position in the plan.
+    kind : str
+        ``"qkv"`` or ``"proj"``.
+    head : int
+        The head (``qkv``), or 0 (``proj``).
+    n0, n : int
+        First output column (a multiple of ``pe_cols``) and column count, in the padded B operand.
+    k : int
+        Reduction length (``D`` for QKV, ``heads * hw * C`` for the projection).
+    panels : int
+        Column tiles (= parameter words) in the tile.
+    w_offset, w_bytes, p_offset, p_bytes : int
+        Byte offsets (from the image base) and padded lengths of the weight panels and parameter words.
+    last_of_head : bool
+        The head's last QKV tile: the head's attention runs after it.
+    """
+
+    index: int
+    kind: str
+    head: int
+    n0: int
+    n: int
+    k: int
+    panels: int
+    w_offset: int
+    w_bytes: int
+    p_offset: int
+    p_bytes: int
+    last_of_head: bool
+
+
+@dataclass(frozen=True)
+class BufferMap:
+    """Where the attention sub-layer's operands live on chip (word addresses, ``C`` lanes a word).
+
+    Activation address space (``config.act_addr_bits``):
+
+    * ``h`` rows at word 0, pitch ``row_words`` (the LN1 output; loaded like MoELayer's ``h``);
+    * the context at ``ctx_base``, pitch ``ctx_pitch = heads * hw``;
+    * one head's Q | K | V at ``qkv_base``, pitch ``qkv_pitch = 3 * hw`` (Q at +0, K at +hw, V at +2hw);
+    * two e8 tiles at ``e8_base`` (a separate physical bank), slot ``s`` at ``e8_base + s * e8_slot``,
+      pitch ``score_words = ceil(token_capacity / C)``.
+
+    Every region has ``rows_pad`` rows, enough for the junk rows the engine reads past the last row
+    tile. The score reorder buffer holds two slots of ``q_tile`` rows of ``score_words`` int32 words
+    (slot ``s`` at ``s * score_slot``); the row table two slots of ``q_pad`` entries.
+    """
+
+    C: int
+    row_words: int
+    hw: int
+    heads: int
+    rows_pad: int
+    ctx_base: int
+    ctx_pitch: int
+    qkv_base: int
+    qkv_pitch: int
+    e8_base: int
+    e8_slot: int
+    score_words: int
+    q_tile: int
+    q_pad: int
+    score_slot: int
+    act_words: int
+
+    @property
+    def main_words(self):
+        """Words of the main activation bank (``h``, context, QKV)."""
+        return self.e8_base
+
+    @property
+    def e8_words(self):
+        return 2 * self.e8_slot
+
+    @property
+    def score_buffer_words(self):
+        return 2 * self.score_slot
+
+    @property
+    def rowtab_words(self):
+        return 2 * self.q_pad
+
+
+def buffer_map(config, *, check=True):
+    """The :class:`BufferMap` of ``config``.
+
+    With ``check`` (the default) it raises ValueError if the activation buffer, the row table or the
+    destination address field is too small for it; ``check=False`` only computes the map (to size a
+    config).
+    """
+    if not isinstance(config, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+    m = config.model
+    R, C = config.pe_rows, config.pe_cols
+    cap = config.token_capacity
+    hw = _ceil_div(m.head_dim, C)
+    rows_pad = _round_up(cap, math.lcm(R, C)) + R
+    rw = config.row_words
+    ctx_base = rows_pad * rw
+    ctx_pitch = m.heads * hw
+    qkv_base = ctx_base + rows_pad * ctx_pitch
+    qkv_pitch = 3 * hw
+    e8_base = qkv_base + rows_pad * qkv_pitch
+    tw = _ceil_div(cap, C)
+    q_tile = config.q_tile
+    q_pad = _round_up(q_tile, R)
+    e8_slot = q_pad * tw
+    act_words = e8_base + 2 * e8_slot
+    bmap = BufferMap(C=C, row_words=rw, hw=hw, heads=m.heads, rows_pad=rows_pad, ctx_base=ctx_base,
+                     ctx_pitch=ctx_pitch, qkv_base=qkv_base, qkv_pitch=qkv_pitch, e8_base=e8_base,
+                     e8_slot=e8_slot, score_words=tw, q_tile=q_tile, q_pad=q_pad, score_slot=q_tile * tw,
+                     act_words=act_words)
+    if not check:
+        return bmap
+    if act_words > config.act_buffer_words:
+        raise ValueError(
+            f"act_buffer_bytes must be >= {act_words * config.act_word_bytes} for the attention "
+            f"sub-layer (h, context, one head's Q|K|V and two e8 tiles of q_tile={q_tile} x "
+            f"token_capacity={cap}, rows padded to {rows_pad}), not {config.act_buffer_bytes}")
+    if 2 * q_pad > 1 << config.rowtab_addr_bits:
+        raise ValueError(f"the row table ({config.rowtab_entries} entries) must hold two q_tile slots "
+                         f"of {q_pad} entries; use q_tile <= {(1 << config.rowtab_addr_bits) // 2}")
+    if 2 * q_tile * tw > 1 << config.dst_addr_bits:
+        raise ValueError(f"dst_addr_bits={config.dst_addr_bits} cannot address the score reorder buffer "
+                         f"(2 x q_tile={q_tile} x {tw} words)")
+    return bmap
+
+
+@dataclass(frozen=True)
+class AttnLayout:
+    """The tile plan and external-memory layout of one attention sub-layer (:func:`plan_attention`)."""
+
+    dim: int
+    heads: int
+    head_dim: int
+    hw: int
+    pe_cols: int
+    data_bytes: int
+    weight_half_bytes: int
+    param_half_words: int
+    param_word_bytes: int
+    tiles: tuple
+    image_bytes: int
+
+    @property
+    def param_half_bytes(self):
+        """Bytes per half of the parameter buffer (whole words, whole memory beats)."""
+        return _round_up(self.param_half_words * self.param_word_bytes,
+                         max(self.param_word_bytes, self.data_bytes))
+
+    @property
+    def proj_k(self):
+        """The projection's (padded) reduction length ``heads * hw * C``."""
+        return self.heads * self.hw * self.pe_cols
+
+    def describe(self):
+        lines = [f"attention layout: D={self.dim}, {self.heads} heads x {self.head_dim} "
+                 f"({self.hw} words each), pe_cols={self.pe_cols}, {self.image_bytes} B in "
+                 f"{len(self.tiles)} tiles"]
+        for t in self.tiles:
+            lines.append(f"    tile {t.index}: {t.kind} head {t.head} columns {t.n0}..{t.n0 + t.n - 1} "
+                         f"(K={t.k}), {t.w_bytes} B @ {t.w_offset}, {t.p_bytes} B params @ {t.p_offset}")
+        return "\n".join(lines)
+
+
+def _chunks(panels, per_tile):
+    count = _ceil_div(panels, per_tile)
+    base, extra = divmod(panels, count)
+    return [base + (1 if i < extra else 0) for i in range(count)]
+
+
+def plan_attention(config, *, data_bytes=16):
+    """The tile plan and memory layout of one attention sub-layer for ``config``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad argument, or if a buffer half cannot hold one panel (with its parameter word) of the
+        QKV or projection GEMM, or if the padded projection K does not fit the engine's ``k`` field.
+    """
+    if not isinstance(config, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+    if not isinstance(data_bytes, int) or isinstance(data_bytes, bool) or data_bytes < 1 \
+            or data_bytes & (data_bytes - 1):
+        raise ValueError(f"data_bytes must be a power of two >= 1, not {data_bytes!r}")
+    m = config.model
+    C = config.pe_cols
+    D, H, hd = m.dim, m.heads, m.head_dim
+    hw = _ceil_div(hd, C)
+    word = C * numerics.WEIGHT_BITS // 8
+    pwb = param_word_bytes(C)
+    half = config.weight_buffer_half_bytes
+    if half % data_bytes or half % word:
+        raise ValueError(f"weight_buffer_bytes must be a multiple of {2 * max(data_bytes, word)}, "
+                         f"not {config.weight_buffer_bytes}")
+    p_half_words = config.param_buffer_words // 2
+    if p_half_words < 1:
+        raise ValueError(f"param_buffer_words must be >= 2, not {config.param_buffer_words}")
+    proj_k = H * hw * C
+    if proj_k >= 1 << _bits(config.largest_k):
+        raise ValueError(f"the padded projection K = heads*ceil(head_dim/pe_cols)*pe_cols = {proj_k} "
+                         f"does not fit the GEMM command's k field (largest_k={config.largest_k})")
+    tiles = []
+    offset = 0
+    plan = [("qkv", i, D, 3 * hw * C) for i in range(H)] + [("proj", 0, proj_k, D)]
+    for kind, head, k, n in plan:
+        panel = k * word
+        per_tile = min(half // panel, p_half_words)
+        if per_tile < 1:
+            raise ValueError(
+                f"weight_buffer_bytes={config.weight_buffer_bytes} is too small: each half ({half} B) "
+                f"must hold one {kind} panel of K={k} x pe_cols={C} = {panel} bytes; use >= {2 * panel}")
+        first = 0
+        chunks = _chunks(_ceil_div(n, C), per_tile)
+        for ci, count in enumerate(chunks):
+            w_bytes = _round_up(count * panel, data_bytes)
+            p_bytes = _round_up(count * pwb, data_bytes)
+            n0 = first * C
+            tiles.append(AttnTile(index=len(tiles), kind=kind, head=head, n0=n0,
+                                  n=min(n, (first + count) * C) - n0, k=k, panels=count,
+                                  w_offset=offset, w_bytes=w_bytes, p_offset=offset + w_bytes,
+                                  p_bytes=p_bytes, last_of_head=kind == "qkv" and ci == len(chunks) - 1))
+            offset += w_bytes + p_bytes
+            first += count
+    return AttnLayout(dim=D, heads=H, head_dim=hd, hw=hw, pe_cols=C, data_bytes=data_bytes,
+                      weight_half_bytes=half, param_half_words=p_half_words, param_word_bytes=pwb,
+                      tiles=tuple(tiles), image_bytes=offset)
+
+
+def _padded_operands(qattn, layout):
+    """The padded B operands and column parameters: ``{("qkv", i) or "proj": (B [K, N], bias, mult)}``."""
+    D, H, hd, hw, C = layout.dim, layout.heads, layout.head_dim, layout.hw, layout.pe_cols
+    wq = np.asarray(qattn.qkv.w, dtype=np.int64)
+    wp = np.asarray(qattn.proj.w, dtype=np.int64)
+    if wq.shape != (3 * D, D) or wp.shape != (D, D):
+        raise ValueError(f"qattn must have qkv.w [3D={3 * D}, D={D}] and proj.w [D, D], not {wq.shape} "
+                         f"and {wp.shape}")
+    out = {}
+    hp = hw * C
+    for i in range(H):
+        b = np.zeros((D, 3 * hp), dtype=np.int64)
+        bias = np.zeros(3 * hp, dtype=np.int64)
+        mult = np.zeros(3 * hp, dtype=np.int64)
+        for s in range(3):
+            src = slice(s * D + i * hd, s * D + (i + 1) * hd)
+            dst = slice(s * hp, s * hp + hd)
+            b[:, dst] = wq[src].T
+            bias[dst] = np.asarray(qattn.qkv.bias)[src]
+            mult[dst] = np.asarray(qattn.qkv.mult)[src]
+        out[("qkv", i)] = (b, bias, mult)
+    b = np.zeros((H * hp, D), dtype=np.int64)
+    for i in range(H):
+        b[i * hp:i * hp + hd] = wp[:, i * hd:(i + 1) * hd].T
+    out["proj"] = (b, np.asarray(qattn.proj.bias, dtype=np.int64), np.asarray(qattn.proj.mult, dtype=np.int64))
+    return out
+
+
+def pack_attention(qattn, config, *, data_bytes=16):
+    """Lay out one attention sub-layer's integer parameters for external memory.
+
+    Returns
+    -------
+    (bytes, AttnLayout)
+        The image (offset 0 = the sub-layer's base address) and its layout.
+    """
+    layout = plan_attention(config, data_bytes=data_bytes)
+    ops = _padded_operands(qattn, layout)
+    C = layout.pe_cols
+    image = bytearray(layout.image_bytes)
+    for t in layout.tiles:
+        b, bias, mult = ops[("qkv", t.head) if t.kind == "qkv" else "proj"]
+        cols = slice(t.n0, t.n0 + t.n)
+        w = pack_panels(b[:, cols], C)
+        p = pack_params(bias[cols], mult[cols], C)
+        assert len(w) <= t.w_bytes and len(p) <= t.p_bytes, "attn_layout: a piece overflows its slot"
+        image[t.w_offset:t.w_offset + len(w)] = w
+        image[t.p_offset:t.p_offset + len(p)] = p
+    return bytes(image), layout
+
+
+def start_fields(qattn, tokens, *, base=0):
+    """The payload of :attr:`AttentionLayer.start` for ``tokens`` tokens, with the image at ``base``."""
+    return {
+        "tokens": tokens, "base": base,
+        "c_mult": int(qattn.c_mult), "c_shift": int(qattn.c_shift),
+        "out_mult": int(qattn.out_mult), "out_shift": int(qattn.out_shift),
+        "qkv_shift": int(qattn.qkv.shift), "proj_shift": int(qattn.proj.shift),
+    }

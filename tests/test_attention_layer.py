@@ -1,0 +1,205 @@
+"""AttentionLayer end to end against the golden model: ``x + proj(attention(h))`` bit for bit.
+
+Each case elaborates one AttentionLayer (small configs, 4x4 PEs unless noted) and runs it with the
+external memory and every external stream (load, start, read-back) stalling at random. The expected
+residual stream comes from ``reference.golden_model.attention`` (query-tiled with the config's q_tile)
+and ``golden_model.linear``; a mismatch names the run, token, channel, expected and got. The measured
+cycles per phase and the PE-array utilization during attention are printed, not asserted.
+"""
+
+import numpy as np
+import pytest
+from amaranth.back import verilog
+from amaranth.hdl import Module
+from amaranth.lib import wiring
+
+from m3vit_hw import numerics
+from m3vit_hw.attention import AttentionLayer, pack_attention, plan_attention
+from m3vit_hw.attention.attn_layout import buffer_map
+from reference import golden as g
+from reference import golden_model
+from sim.attention_layer import AttnLayerSim, attn_config, golden_attn, make_attn_workload
+from sim.testbench import EmbeddingHarness
+
+pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+
+
+def _check(sim, runs, results, label):
+    cfg = sim.config
+    heads = cfg.model.heads
+    assert len(results) == len(runs), f"{label}: {len(results)} runs finished, expected {len(runs)}"
+    for n, ((h, x), res) in enumerate(zip(runs, results)):
+        want = golden_attn(h, x, sim.qattn, heads, cfg.q_tile)
+        got = res["x"]
+        assert got.shape == want.shape, f"{label} run {n}: read back {got.shape}, expected {want.shape}"
+        bad = np.argwhere(got != want)
+        if len(bad):
+            t, c = bad[0]
+            pytest.fail(f"AttentionLayer {label} run {n}: x[{t}, {c}] expected {want[t, c]}, got "
+                        f"{got[t, c]} ({len(bad)} mismatches)")
+        util = res["attn_compute_cycles"] / res["attn_cycles"] if res["attn_cycles"] else 0.0
+        print(f"AttentionLayer {label} run {n}: T={h.shape[0]} bit-exact; {res['cycles']} cycles, "
+              f"PE beats {res['compute_cycles']}, phases {res['phase_cycles']}, engine idle "
+              f"{res['engine_idle_cycles']}, attention window {res['attn_cycles']} cycles at "
+              f"{100 * util:.1f}% PE-busy, softmax busy {res['softmax_cycles']} "
+              f"(overlapping PE work {res['overlap_cycles']})")
+
+
+def _runs(wl, *counts):
+    return [(wl["h"][:t], wl["x"][:t]) for t in counts]
+
+
+def test_bit_exact_two_runs_with_stalls():
+    """D=16, 2 heads, T=9 then T=6 on one elaborated design, everything stalling."""
+    cfg = attn_config(dim=16, heads=2, tokens=9)
+    wl = make_attn_workload(16, 2, 9, seed=1)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=6, latency=9, stall_prob=0.25, seed=1)
+    runs = _runs(wl, 9, 6)
+    _check(sim, runs, sim.run(runs), "D16 H2")
+
+
+def test_bit_exact_odd_config():
+    """D=20 (not a power of two), 2 heads of 10 (not a multiple of the 4-lane word: padded heads),
+    T=7 (not a multiple of the array) and q_tile=3 (not a multiple of pe_rows)."""
+    cfg = attn_config(dim=20, heads=2, tokens=7, q_tile=3)
+    assert buffer_map(cfg).hw * cfg.pe_cols > cfg.model.head_dim
+    wl = make_attn_workload(20, 2, 7, seed=2)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=8, latency=9, stall_prob=0.2, seed=2)
+    runs = _runs(wl, 7)
+    _check(sim, runs, sim.run(runs), "D20 H2 q_tile 3")
+
+
+def _saturating_workload(dim, heads, tokens, seed):
+    """Equal score rows (the K weights are zero: every key is the bias alone), a saturating AV epilogue
+    (out_mult at its maximum, out_shift 0), saturating projection results and residual rows at the
+    int16 limits, and h rows at the int8 limits."""
+    wl = make_attn_workload(dim, heads, tokens, seed=seed)
+    q = wl["qattn"]
+    q.qkv.w[dim:2 * dim] = 0
+    q.out_mult = (1 << numerics.AV_OUT_MULT_BITS) - 1
+    q.out_shift = 0
+    q.proj.mult = np.minimum(q.proj.mult * 64, (1 << numerics.MULT_BITS) - 1)
+    h, x = wl["h"], wl["x"]
+    h[0] = 127
+    h[1] = -128
+    x[2] = 32767
+    x[3] = -32768
+    return wl
+
+
+def test_extremes_equal_rows_and_saturation():
+    cfg = attn_config(dim=16, heads=2, tokens=8)
+    wl = _saturating_workload(16, 2, 8, seed=3)
+    q, h, x = wl["qattn"], wl["h"], wl["x"]
+    # The workload really has the extremes (checked on the golden model's intermediates).
+    qkv = golden_model.linear(h, q.qkv)
+    k0 = qkv[:, 16:16 + 8]
+    scores = g.matmul(qkv[:, :8], k0.T)
+    assert np.all(scores == scores[:, :1]), "every score row should be constant"
+    e8, _ = g.attention_weights(scores, q.c_mult, q.c_shift)
+    assert np.all(e8 == 255)
+    ctx = golden_model.attention(h, q, 2, cfg.q_tile)
+    out = golden_attn(h, x, q, 2, cfg.q_tile)
+    assert np.sum(np.abs(ctx) >= 127) > 0 and np.sum(np.abs(out) >= 32767) > 0
+    sim = AttnLayerSim(cfg, q, mem_bytes_per_cycle=8, latency=9, stall_prob=0.2, seed=3)
+    runs = [(h, x)]
+    _check(sim, runs, sim.run(runs), "equal rows + saturation")
+
+
+def test_extremes_one_hot_rows():
+    """A steep softmax (c_mult at its maximum, no shift): rows are one-hot (e8 = 255 at the maximum and
+    0 elsewhere) except for exact ties, so the AV reciprocal is at its largest."""
+    cfg = attn_config(dim=16, heads=2, tokens=8)
+    wl = make_attn_workload(16, 2, 8, seed=4)
+    q = wl["qattn"]
+    q.c_mult = (1 << numerics.SOFTMAX_MULT_BITS) - 1
+    q.c_shift = 0
+    qkv = golden_model.linear(wl["h"], q.qkv)
+    e8, l = g.attention_weights(g.matmul(qkv[:, :8], qkv[:, 16:24].T), q.c_mult, q.c_shift)
+    assert np.sum(e8 == 0) > e8.size // 2
+    sim = AttnLayerSim(cfg, q, mem_bytes_per_cycle=8, latency=9, stall_prob=0.2, seed=4)
+    runs = _runs(wl, 8)
+    _check(sim, runs, sim.run(runs), "one-hot rows")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dim, heads, tokens, q_tile, pe_rows, seed", [
+    (24, 2, 13, None, 4, 5), (32, 4, 20, None, 4, 6), (16, 2, 11, 8, 4, 7), (16, 2, 10, 4, 2, 8),
+    (16, 2, 10, 5, 8, 9), (12, 3, 5, None, 4, 10), (20, 2, 17, 6, 4, 11),
+])
+def test_bit_exact_more_configs(dim, heads, tokens, q_tile, pe_rows, seed):
+    """More shapes: longer sequences, more heads, q_tile above/below pe_rows, pe_rows != pe_cols."""
+    cfg = attn_config(dim=dim, heads=heads, tokens=tokens, q_tile=q_tile, pe_rows=pe_rows)
+    wl = make_attn_workload(dim, heads, tokens, seed=seed)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=4, latency=15, stall_prob=0.3, seed=seed)
+    runs = _runs(wl, tokens, max(1, tokens - 3))
+    _check(sim, runs, sim.run(runs), f"D{dim} H{heads} q_tile {cfg.q_tile} pe_rows {pe_rows}")
+
+
+@pytest.mark.slow
+def test_saturation_more_tiles():
+    """The saturating workload with several query tiles and weight tiles (a small weight buffer)."""
+    cfg = attn_config(dim=16, heads=2, tokens=14, weight_buffer_bytes=512)
+    assert len(plan_attention(cfg).tiles) > 3
+    wl = _saturating_workload(16, 2, 14, seed=12)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=4, latency=9, stall_prob=0.3, seed=12)
+    runs = [(wl["h"], wl["x"])]
+    _check(sim, runs, sim.run(runs), "saturation, weight tiles")
+
+
+def test_layout_reproduces_golden_operands():
+    """Unpacking the image's panels gives back each head's Q|K|V columns and the projection (padded
+    heads: D=20, hd=10 on 4 lanes), and each tile fits one weight-buffer half."""
+    cfg = attn_config(dim=20, heads=2, tokens=7, weight_buffer_bytes=640)
+    assert len(plan_attention(cfg).tiles) > 3
+    q = make_attn_workload(20, 2, 7, seed=13)["qattn"]
+    image, lay = pack_attention(q, cfg)
+    C, hd, hw = cfg.pe_cols, 10, lay.hw
+    got = {}
+    for t in lay.tiles:
+        assert t.w_bytes <= lay.weight_half_bytes
+        words = np.frombuffer(image[t.w_offset:t.w_offset + t.panels * t.k * C], dtype=np.int8)
+        panels = words.reshape(t.panels, t.k, C).transpose(1, 0, 2).reshape(t.k, t.panels * C)
+        key = ("qkv", t.head) if t.kind == "qkv" else "proj"
+        b = got.setdefault(key, np.zeros((t.k, 3 * hw * C if t.kind == "qkv" else 20), dtype=np.int64))
+        b[:, t.n0:t.n0 + t.n] = panels[:, :t.n]
+    for i in range(2):
+        for s in range(3):
+            want = q.qkv.w[s * 20 + i * hd: s * 20 + (i + 1) * hd].T
+            cols = got[("qkv", i)][:, s * hw * C: s * hw * C + hd]
+            assert np.array_equal(cols, want), f"layout: head {i} part {s} columns differ"
+        rows = got["proj"][i * hw * C: i * hw * C + hd]
+        assert np.array_equal(rows, q.proj.w[:, i * hd:(i + 1) * hd].T), f"layout: proj rows of head {i}"
+        assert not got["proj"][i * hw * C + hd:(i + 1) * hw * C].any(), "layout: padding rows must be 0"
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
+        AttentionLayer("tiny")
+    cfg = attn_config(dim=16, heads=2, tokens=9)
+    small = cfg.with_(act_buffer_bytes=cfg.act_buffer_min_bytes)
+    with pytest.raises(ValueError, match="act_buffer_bytes must be >= "):
+        AttentionLayer(small)
+    with pytest.raises(ValueError, match="row table .* must hold two q_tile slots"):
+        AttentionLayer(attn_config(dim=16, heads=2, tokens=9, q_tile=9))
+    with pytest.raises(ValueError, match="counter_width"):
+        AttentionLayer(cfg, counter_width=8)
+
+
+def test_verilog_and_embedding():
+    """The layer converts to Verilog alone and embeds through its signature."""
+    cfg = attn_config(dim=8, heads=2, tokens=5)
+    text = verilog.convert(EmbeddingHarness(AttentionLayer(cfg)), name="attn_top")
+    assert "module attn_top" in text
+
+
+def test_cli_reports_and_refuses(tmp_path, capsys):
+    from sim.attention_layer import main
+    out = tmp_path / "r.json"
+    assert main(["--dim", "8", "--heads", "2", "--tokens", "5", "--json", str(out)]) == 0
+    import json
+    rep = json.loads(out.read_text())
+    assert rep["bit_exact"] and rep["mismatches"] == 0 and set(rep["phase_cycles"]) == {"QKV", "QK", "AV", "PROJ"}
+    assert main(["--dim", "16", "--heads", "3"]) == 2
+    assert "--heads must divide --dim" in capsys.readouterr().err
+    assert main(["--json", str(tmp_path / "no" / "r.json")]) == 2
