@@ -1,0 +1,9 @@
+"""The encoder's dense sub-layers on the shared GEMM engine: the dense MLP (and its external-memory
+layout), the LayerNorm stage and the patch embedding."""
+
+from .dense_layout import (DenseBufferMap, DenseLayout, DenseTile, dense_buffer_map, pack_dense, plan_dense,
+                           start_fields)
+from .dense_layer import DenseLayer, DenseLoadLayout, DenseLoadTarget, DensePhase, DenseStartLayout
+
+__all__ = ["DenseBufferMap", "DenseLayout", "DenseTile", "dense_buffer_map", "pack_dense", "plan_dense",
+           "start_fields", "DenseLayer", "DenseLoadLayout", "DenseLoadTarget", "DensePhase", "DenseStartLayout"]

@@ -1,0 +1,410 @@
+"""``DenseLayer``: the dense MLP sub-layer ``x <- x + fc2(GELU(fc1(h)))`` on the shared GEMM engine.
+
+Bit-exact with ``reference.golden_model.dense_mlp``, with ``h`` the int8 LN2 output (in the activation
+buffer, as :class:`~m3vit_hw.attention.AttentionLayer` and :class:`~m3vit_hw.moe.moe_layer.MoELayer`
+take it) and ``x`` the int16 residual stream. One :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine` runs
+every GEMM; the operands live where :func:`~m3vit_hw.dense.dense_layout.dense_buffer_map` puts them:
+
+======  ======  ==================================================================================
+GEMM    mode    operands and destination (per token tile ``j``: rows ``t0 .. t0 + rows - 1``)
+======  ======  ==================================================================================
+fc1     GELU8   ``m = rows, k = D, n = tile.n``; A = ``h`` rows ``t0..`` (pitch ``row_words``), B from
+                the weight buffer; out to the hidden slot ``hid_base + r * hw + tile.n0 / C``
+fc2     RESADD  ``m = rows, k = hidden, n = tile.n``; A = the hidden slot (pitch ``hw``); added into
+                residual rows ``t0..``; the token tile's first fc2 command carries ``sync``
+======  ======  ==================================================================================
+
+Token tiling
+------------
+The hidden matrix ``T x hidden`` never exists on chip: one hidden slot of ``token_tile`` rows
+(:class:`~m3vit_hw.dense.dense_layout.DenseBufferMap`) is reused by every token tile, and the tile plan
+(fc1 tiles, then fc2 tiles; :func:`~m3vit_hw.dense.dense_layout.plan_dense`) streams once per token
+tile. The next token tile's fc1 may overwrite the slot while the previous fc2 is still in the engine:
+the engine's loader reads every A block of a command before it loads the next command, and a command's
+writes follow its own loads, so the slot's last reads always precede its next writes.
+
+Weights: the plan's tiles stream in order, ``ceil(T / token_tile)`` times, through two
+:class:`~m3vit_hw.moe.weight_streamer.WeightStreamer` instances into the ping-pong weight and parameter
+buffers; a tile's halves are released when its command is done (one command in the engine at a time:
+each weight tile pays the engine's fill and drain, about ``max(pe_rows, C) + 20`` cycles).
+
+Use
+---
+Place the :func:`~m3vit_hw.dense.dense_layout.pack_dense` image in external memory; load the GELU table,
+``h`` and ``x`` through ``load`` (while idle); send ``start``
+(:func:`~m3vit_hw.dense.dense_layout.start_fields`); wait for ``done``; read ``x`` back.
+
+Counters (reset by ``start``, valid after ``done``)
+---------------------------------------------------
+``cycles`` (start .. done), ``compute_cycles`` (PE-array operand beats), ``phase_cycles[k]`` (cycles
+with a :class:`DensePhase` ``k`` command in the engine) and ``wait_cycles`` (no command in the engine:
+waiting for a weight tile).
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .. import numerics
+from ..checks import check_int as _check_int
+from ..config import AcceleratorConfig
+from ..gemm.epilogue import EpilogueMode
+from ..gemm.gemm_engine import GemmEngine
+from ..lib.mem_arbiter import ReadArbiter
+from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from ..moe.expert_layout import PARAM_LANE_BYTES
+from ..moe.weight_buffer import WeightBuffer
+from ..moe.weight_streamer import WeightStreamer
+from .dense_layout import dense_buffer_map, plan_dense
+
+__all__ = ["DenseLayer", "DenseStartLayout", "DenseLoadLayout", "DenseLoadTarget", "DensePhase"]
+
+
+class DensePhase(enum.Enum, shape=1):
+    """The kind of an engine command (the counters' phases)."""
+    FC1 = 0
+    FC2 = 1
+
+
+class DenseLoadTarget(enum.Enum, shape=2):
+    """Where a ``load`` beat goes: ``H`` (activation word ``addr``, low 8 bits of each lane), ``X``
+    (residual word ``addr``) or ``GELU`` (table entry ``addr``, lane 0's low 8 bits)."""
+    H = 0
+    X = 1
+    GELU = 2
+
+
+class DenseLoadLayout(data.StructLayout):
+    """A ``load`` beat: ``target``, ``addr``, ``data`` (pe_cols int16 lanes)."""
+
+    def __init__(self, config):
+        super().__init__({
+            "target": DenseLoadTarget,
+            "addr": unsigned(max(config.act_addr_bits, config.res_addr_bits, numerics.ACT_BITS)),
+            "data": data.ArrayLayout(signed(numerics.RES_BITS), config.pe_cols),
+        })
+
+
+class DenseStartLayout(data.StructLayout):
+    """The command that starts one dense MLP: ``tokens`` in ``[1, token_capacity]``, ``base`` (external
+    byte address of the :func:`pack_dense` image, a multiple of the memory beat), and the fc1 and fc2
+    requantization shifts."""
+
+    def __init__(self, config, addr_width):
+        super().__init__({
+            "tokens": range(config.token_capacity + 1),
+            "base": unsigned(addr_width),
+            "fc1_shift": range(numerics.SHIFT_MAX + 1),
+            "fc2_shift": range(numerics.SHIFT_MAX + 1),
+        })
+
+
+class DenseLayer(wiring.Component):
+    """The dense MLP sub-layer: GEMM engine, buffers, streamers and sequencer.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    hidden : int or None
+        The hidden width (default ``config.model.mlp_hidden``), in ``[1, min(largest_n, largest_k)]``.
+    token_tile : int or None
+        Rows of the hidden slot (default: as many as the activation buffer leaves room for).
+    mem_addr_width, mem_data_bytes, mem_max_burst : int
+        The external-memory read port.
+    counter_width : int
+        Width of the counters, in [16, 64].
+
+    Interface attributes
+    --------------------
+    start : In(stream.Signature(DenseStartLayout(config, mem_addr_width)))
+        Accepted when idle.
+    done : Out(1)
+        Pulses when the last fc2 result is in the residual buffer.
+    busy : Out(1)
+    mem : Out(ReadPortSignature(...))
+        Weights and column parameters.
+    load : In(stream.Signature(DenseLoadLayout(config)))
+        Preloads ``h``, ``x`` and the GELU table; ready while idle.
+    rd_addr : In(stream.Signature(unsigned(res_addr_bits)))
+    rd_data : Out(stream.Signature(ArrayLayout(signed(16), pe_cols)))
+        Residual read-back, one word per address, in order; ready while idle.
+    cycles, compute_cycles, wait_cycles : Out(counter_width)
+    phase_cycles : Out(ArrayLayout(counter_width, 2))
+        Indexed by :class:`DensePhase`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad parameter or a config whose buffers cannot hold the sub-layer.
+    """
+
+    def __init__(self, config, *, hidden=None, token_tile=None, mem_addr_width=DEFAULT_ADDR_WIDTH,
+                 mem_data_bytes=DEFAULT_DATA_BYTES, mem_max_burst=DEFAULT_MAX_BURST, counter_width=32):
+        try:
+            if not isinstance(config, AcceleratorConfig):
+                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+            _check_int("counter_width", counter_width, 16, 64)
+            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                               max_burst=mem_max_burst)
+            self._layout = plan_dense(config, hidden=hidden, data_bytes=mem_data_bytes)
+            self._bmap = dense_buffer_map(config, hidden=self._layout.hidden, token_tile=token_tile)
+            if self._layout.image_bytes >= 1 << mem_addr_width:
+                raise ValueError(f"mem_addr_width={mem_addr_width} cannot address the "
+                                 f"{self._layout.image_bytes}-byte dense MLP image")
+            self.arbiter = ReadArbiter(2, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                       max_burst=mem_max_burst)
+        except (TypeError, ValueError):
+            self._MustUse__silence = True
+            raise
+        self._config = config
+        self._aw = mem_addr_width
+        lay, bm = self._layout, self._bmap
+        C = config.pe_cols
+        port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
+        self.engine = GemmEngine(config)
+        self.wbuf = WeightBuffer(lay.weight_half_bytes, C * numerics.WEIGHT_BITS // 8,
+                                 write_bytes=mem_data_bytes)
+        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=mem_data_bytes)
+        self.wstream = WeightStreamer(lay.weight_half_bytes, **port)
+        self.pstream = WeightStreamer(lay.param_half_bytes, **port)
+        word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
+        word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
+        #: The buffers, owned here (exposed for testbenches and for the shared datapath to take over).
+        self.act_buffer = memory.Memory(shape=word8, depth=bm.act_words, init=[])
+        self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
+        cw = counter_width
+        super().__init__({
+            "start": In(stream.Signature(DenseStartLayout(config, mem_addr_width))),
+            "done": Out(1),
+            "busy": Out(1),
+            "mem": Out(ReadPortSignature(**port)),
+            "load": In(stream.Signature(DenseLoadLayout(config))),
+            "rd_addr": In(stream.Signature(unsigned(config.res_addr_bits))),
+            "rd_data": Out(stream.Signature(word16)),
+            "cycles": Out(cw),
+            "compute_cycles": Out(cw),
+            "wait_cycles": Out(cw),
+            "phase_cycles": Out(data.ArrayLayout(cw, 2)),
+        })
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def layout(self):
+        """The :class:`~m3vit_hw.dense.dense_layout.DenseLayout` expected in external memory."""
+        return self._layout
+
+    @property
+    def buffer_map(self):
+        return self._bmap
+
+    def _tile_rom(self, m, index, name):
+        """Combinational lookup of the static tile plan."""
+        cfg, lay = self._config, self._layout
+        C = cfg.pe_cols
+        t = Signal(data.StructLayout({
+            "w_off": unsigned(self._aw), "w_len": unsigned(self._aw),
+            "p_off": unsigned(self._aw), "p_len": unsigned(self._aw),
+            "fc2": 1, "first_fc2": 1, "last": 1,
+            "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
+        }), name=name)
+        with m.Switch(index):
+            for tl in lay.tiles:
+                with m.Case(tl.index):
+                    m.d.comb += [
+                        t.w_off.eq(tl.w_offset), t.w_len.eq(tl.w_bytes),
+                        t.p_off.eq(tl.p_offset), t.p_len.eq(tl.p_bytes),
+                        t.fc2.eq(tl.kind == "fc2"), t.first_fc2.eq(tl.first_fc2),
+                        t.last.eq(tl.index == len(lay.tiles) - 1),
+                        t.n.eq(tl.n), t.n0w.eq(tl.n0 // C),
+                    ]
+        return t
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, lay, bm = self._config, self._layout, self._bmap
+        C = cfg.pe_cols
+        D = cfg.model.dim
+        ntl = len(lay.tiles)
+        tt = bm.token_tile
+        eng = self.engine
+        for name in ("engine", "wbuf", "pbuf", "wstream", "pstream", "arbiter"):
+            m.submodules[name] = getattr(self, name)
+
+        # ---- external memory ---------------------------------------------------------------------
+        wiring.connect(m, self.wstream.mem, self.arbiter.masters[0])
+        wiring.connect(m, self.pstream.mem, self.arbiter.masters[1])
+        wiring.connect(m, self.arbiter.mem, wiring.flipped(self.mem))
+        wiring.connect(m, self.wstream.buf, self.wbuf.write)
+        wiring.connect(m, self.pstream.buf, self.pbuf.write)
+
+        # ---- buffers -----------------------------------------------------------------------------
+        m.submodules.act = act = self.act_buffer
+        m.submodules.res = res = self.res_buffer
+        wiring.connect(m, eng.a_rd, act.read_port())
+        wiring.connect(m, eng.res_rd, res.read_port())
+        wr, pr = self.wbuf.read, self.pbuf.read
+        m.d.comb += [
+            wr.addr.eq(eng.b_rd.addr), wr.en.eq(eng.b_rd.en), eng.b_rd.data.eq(wr.data),
+            pr.addr.eq(eng.colp_rd.addr), pr.en.eq(eng.colp_rd.en),
+        ]
+        lane = PARAM_LANE_BYTES * 8
+        for c in range(C):
+            m.d.comb += [
+                eng.colp_rd.data[c].bias.eq(pr.data[c * lane:c * lane + numerics.BIAS_BITS]),
+                eng.colp_rd.data[c].mult.eq(pr.data[c * lane + 32:c * lane + 32 + numerics.MULT_BITS]),
+            ]
+        # The row table is unused (no gather/scatter, no per-row scale); the engine's read gets zeros.
+        m.d.comb += eng.o.ready.eq(1)
+
+        # ---- start and parameters ----------------------------------------------------------------
+        prm = Signal(DenseStartLayout(cfg, self._aw))
+        running = Signal()
+        start = self.start.valid & self.start.ready
+        m.d.comb += self.start.ready.eq(~running)
+        with m.If(start):
+            m.d.sync += [prm.eq(self.start.payload), running.eq(1)]
+        T = prm.tokens
+
+        # ---- fetch sequencer: the tile plan once per token tile ----------------------------------
+        tok_w = range(cfg.token_capacity + 1)
+        fw, fp = Signal(range(ntl)), Signal(range(ntl))
+        fw_left, fp_left = Signal(tok_w), Signal(tok_w)       # tokens still to fetch the plan for
+        tw_ = self._tile_rom(m, fw, "fetch_w_tile")
+        tp_ = self._tile_rom(m, fp, "fetch_p_tile")
+        wcmd, pcmd = self.wstream.cmd, self.pstream.cmd
+        m.d.comb += [
+            wcmd.valid.eq(running & (fw_left != 0)),
+            wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
+            wcmd.payload.tag.eq(fw),
+            pcmd.valid.eq(running & (fp_left != 0)),
+            pcmd.payload.addr.eq(prm.base + tp_.p_off), pcmd.payload.length.eq(tp_.p_len),
+            pcmd.payload.tag.eq(fp),
+        ]
+        for idx, left, cmd_ in ((fw, fw_left, wcmd), (fp, fp_left, pcmd)):
+            with m.If(start):
+                m.d.sync += [idx.eq(0), left.eq(self.start.payload.tokens)]
+            with m.Elif(cmd_.valid & cmd_.ready):
+                with m.If(idx == ntl - 1):
+                    m.d.sync += [idx.eq(0), left.eq(Mux(left > tt, left - tt, 0))]
+                with m.Else():
+                    m.d.sync += idx.eq(idx + 1)
+
+        # ---- compute sequencer -------------------------------------------------------------------
+        ti = Signal(range(ntl))
+        tc = self._tile_rom(m, ti, "compute_tile")
+        rows_left = Signal(tok_w)                 # T - t0 of the current token tile
+        rows = Signal(range(tt + 1))
+        m.d.comb += rows.eq(Mux(rows_left > tt, tt, rows_left))
+        h_base = Signal(cfg.act_addr_bits)        # t0 * row_words
+        r_base = Signal(cfg.dst_addr_bits)        # t0 * row_words in the residual buffer
+        inflight = Signal()                       # one command in the engine
+        phase = Signal(DensePhase)
+        g = eng.cmd
+        gp = g.payload
+        push = g.valid & g.ready
+        # Every command reads a weight tile: its halves are released when it is done.
+        m.d.comb += [wr.tile.ready.eq(eng.done), pr.tile.ready.eq(eng.done)]
+        with m.If(eng.done):
+            m.d.sync += inflight.eq(0)
+
+        with m.FSM(name="seq"):
+            with m.State("IDLE"):
+                with m.If(start):
+                    m.d.sync += [ti.eq(0), rows_left.eq(self.start.payload.tokens), h_base.eq(0),
+                                 r_base.eq(0)]
+                    m.next = "WAIT_TILE"
+            with m.State("WAIT_TILE"):
+                # While the release is in flight, ``tile.valid`` still shows the released half.
+                with m.If(wr.tile.valid & pr.tile.valid & ~inflight):
+                    m.next = "ISSUE"
+            with m.State("ISSUE"):
+                m.d.comb += [
+                    g.valid.eq(1),
+                    gp.m.eq(rows), gp.n.eq(tc.n), gp.b_base.eq(0), gp.b_k_stride.eq(1),
+                    gp.colp_base.eq(0),
+                ]
+                with m.If(tc.fc2):
+                    m.d.comb += [
+                        gp.k.eq(lay.hidden), gp.a_base.eq(bm.hid_base), gp.a_stride.eq(bm.hw),
+                        gp.b_tile_stride.eq(lay.hidden), gp.dst_base.eq(r_base + tc.n0w),
+                        gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.fc2_shift),
+                        gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_fc2),
+                    ]
+                with m.Else():
+                    m.d.comb += [
+                        gp.k.eq(D), gp.a_base.eq(h_base), gp.a_stride.eq(bm.row_words),
+                        gp.b_tile_stride.eq(D), gp.dst_base.eq(bm.hid_base + tc.n0w),
+                        gp.dst_stride.eq(bm.hw), gp.shift.eq(prm.fc1_shift),
+                        gp.mode.eq(EpilogueMode.GELU8),
+                    ]
+                with m.If(push):
+                    m.d.sync += [inflight.eq(1), phase.eq(Mux(tc.fc2, DensePhase.FC2, DensePhase.FC1))]
+                    with m.If(~tc.last):
+                        m.d.sync += ti.eq(ti + 1)
+                        m.next = "WAIT_TILE"
+                    with m.Elif(rows_left > tt):
+                        m.d.sync += [ti.eq(0), rows_left.eq(rows_left - tt),
+                                     h_base.eq(h_base + tt * bm.row_words),
+                                     r_base.eq(r_base + tt * bm.row_words)]
+                        m.next = "WAIT_TILE"
+                    with m.Else():
+                        m.next = "WAIT_DONE"
+            with m.State("WAIT_DONE"):
+                with m.If(~inflight & ~eng.busy):
+                    m.d.sync += running.eq(0)
+                    m.d.comb += self.done.eq(1)
+                    m.next = "IDLE"
+        m.d.comb += self.busy.eq(running)
+
+        # ---- load and read-back (while idle) -----------------------------------------------------
+        act_w = act.write_port(granularity=1)
+        res_w = res.write_port(granularity=1)
+        ld = self.load
+        m.d.comb += ld.ready.eq(~running)
+        ld_go = ld.valid & ld.ready
+        with m.If(running):
+            m.d.comb += [
+                act_w.addr.eq(eng.act_wr.addr), act_w.data.eq(eng.act_wr.data), act_w.en.eq(eng.act_wr.en),
+                res_w.addr.eq(eng.res_wr.addr), res_w.data.eq(eng.res_wr.data), res_w.en.eq(eng.res_wr.en),
+            ]
+        with m.Else():
+            m.d.comb += [
+                act_w.addr.eq(ld.payload.addr),
+                act_w.en.eq(Mux(ld_go & (ld.payload.target == DenseLoadTarget.H), (1 << C) - 1, 0)),
+                res_w.addr.eq(ld.payload.addr), res_w.data.eq(ld.payload.data),
+                res_w.en.eq(Mux(ld_go & (ld.payload.target == DenseLoadTarget.X), (1 << C) - 1, 0)),
+            ]
+            for c in range(C):
+                m.d.comb += act_w.data[c].eq(ld.payload.data[c][:numerics.ACT_BITS])
+        m.d.comb += [
+            eng.gelu_lut.addr.eq(ld.payload.addr[:numerics.ACT_BITS]),
+            eng.gelu_lut.data.eq(ld.payload.data[0][:numerics.ACT_BITS]),
+            eng.gelu_lut.en.eq(ld_go & (ld.payload.target == DenseLoadTarget.GELU)),
+        ]
+        rb = res.read_port()
+        rq, rd = self.rd_addr, self.rd_data
+        m.d.comb += [
+            rq.ready.eq(~running & (~rd.valid | rd.ready)),
+            rb.addr.eq(rq.payload), rb.en.eq(rq.valid & rq.ready),
+            rd.payload.eq(rb.data),
+        ]
+        with m.If(rq.valid & rq.ready):
+            m.d.sync += rd.valid.eq(1)
+        with m.Elif(rd.ready):
+            m.d.sync += rd.valid.eq(0)
+
+        # ---- counters ----------------------------------------------------------------------------
+        counters = [
+            (self.cycles, 1), (self.compute_cycles, eng.pe_active), (self.wait_cycles, ~inflight),
+            (self.phase_cycles[0], inflight & (phase == DensePhase.FC1)),
+            (self.phase_cycles[1], inflight & (phase == DensePhase.FC2)),
+        ]
+        for ctr, inc in counters:
+            with m.If(start):
+                m.d.sync += ctr.eq(0)
+            with m.Elif(running):
+                m.d.sync += ctr.eq(ctr + inc)
+        return m
