@@ -6,6 +6,8 @@ moe-layer
     One MoE layer in Amaranth's simulator against the golden model (:mod:`sim.moe_layer`).
 attention-layer
     One attention sub-layer in Amaranth's simulator against the golden model (:mod:`sim.attention_layer`).
+dense-layer
+    One dense MLP sub-layer in Amaranth's simulator against the golden model (:mod:`sim.dense_layer`).
 bench-gemm
     GEMM engine cycles and MAC/cycle for one shape (:mod:`sim.bench_gemm`).
 synth
@@ -19,6 +21,7 @@ __all__ = ["main"]
 _COMMANDS = {
     "moe-layer": ("sim.moe_layer", "one MoE layer (router, expert queues, reordering, experts) vs golden"),
     "attention-layer": ("sim.attention_layer", "one attention sub-layer (QKV, QK^T, softmax, AV, proj) vs golden"),
+    "dense-layer": ("sim.dense_layer", "one dense MLP sub-layer (fc1 GELU, fc2 residual add) vs golden"),
     "bench-gemm": ("sim.bench_gemm", "GEMM engine cycles and MAC/cycle for one shape"),
     "synth": ("sim.synth_report", "yosys synth_xilinx resource estimate of a unit"),
 }

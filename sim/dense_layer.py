@@ -29,7 +29,8 @@ __all__ = ["dense_config", "make_dense_workload", "DenseLayerSim", "IMAGE_BASE",
 IMAGE_BASE = 0x2000
 
 
-def dense_config(*, dim, tokens, hidden, pe_rows=4, pe_cols=4, act_buffer_bytes=None, mem_data_bytes=16):
+def dense_config(*, dim, tokens, hidden, pe_rows=4, pe_cols=4, act_buffer_bytes=None, weight_buffer_bytes=None,
+                 mem_data_bytes=16):
     """An :class:`AcceleratorConfig` around one dense MLP of width ``hidden`` (``tokens`` incl. cls).
 
     The model's ``mlp_ratio`` is ``max(1, ceil(hidden / dim))`` so that the engine's fields hold
@@ -38,7 +39,8 @@ def dense_config(*, dim, tokens, hidden, pe_rows=4, pe_cols=4, act_buffer_bytes=
     model = ModelConfig(name=f"dense-D{dim}-H{hidden}", img_size=(1, max(1, tokens - 1)), patch_size=1,
                         in_chans=1, dim=dim, depth=2, heads=1, experts=2, top_k=1, tasks=("t0",),
                         task_channels=(1,), mlp_ratio=max(1, -(-hidden // dim)))
-    cfg = AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, act_buffer_bytes=act_buffer_bytes)
+    cfg = AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, act_buffer_bytes=act_buffer_bytes,
+                            weight_buffer_bytes=weight_buffer_bytes)
     unit = 2 * math.lcm(mem_data_bytes, cfg.act_word_bytes)
     if cfg.weight_buffer_bytes % unit:
         cfg = cfg.with_(weight_buffer_bytes=-(-cfg.weight_buffer_bytes // unit) * unit)
@@ -157,10 +159,12 @@ class DenseLayerSim:
 
 
 def run_dense_layer(*, dim=16, hidden=64, tokens=9, pe_rows=4, pe_cols=4, token_tile=None, seed=0,
-                    extremes=False, mem_bytes_per_cycle=16.0, latency=20, stall_prob=0.0):
+                    extremes=False, weight_buffer_bytes=None, mem_bytes_per_cycle=16.0, latency=20,
+                    stall_prob=0.0):
     """Build a workload, simulate one dense MLP, return a report dict (``bit_exact``, ``mismatches``,
     ``first_mismatch``, ``cycles``, ``macs``, ``macs_per_cycle``, per-phase cycles, weight bytes)."""
-    cfg = dense_config(dim=dim, tokens=tokens, hidden=hidden, pe_rows=pe_rows, pe_cols=pe_cols)
+    cfg = dense_config(dim=dim, tokens=tokens, hidden=hidden, pe_rows=pe_rows, pe_cols=pe_cols,
+                       weight_buffer_bytes=weight_buffer_bytes)
     wl = make_dense_workload(dim, hidden, tokens, seed=seed, extremes=extremes)
     t0 = time.time()
     sim = DenseLayerSim(cfg, wl["qdense"], token_tile=token_tile, mem_bytes_per_cycle=mem_bytes_per_cycle,
@@ -211,6 +215,7 @@ def main(argv=None):
     a("--token-tile", type=int, default=None, help="rows of the hidden slot (default: what fits)")
     a("--pe-rows", type=int, default=4, help="PE rows (default 4)")
     a("--pe-cols", type=int, default=4, help="PE columns (default 4)")
+    a("--weight-buffer-bytes", type=int, default=None, help="both weight-buffer halves (default: one expert)")
     a("--seed", type=int, default=0, help="workload and stall seed (default 0)")
     a("--extremes", action="store_true", help="operands at their range ends")
     a("--mem-bytes-per-cycle", type=float, default=16.0, help="external memory bandwidth (default 16)")
@@ -228,7 +233,8 @@ def main(argv=None):
             raise ValueError(f"--json: the directory of {args.json!r} does not exist")
         rep = run_dense_layer(dim=args.dim, hidden=args.hidden, tokens=args.tokens, pe_rows=args.pe_rows,
                               pe_cols=args.pe_cols, token_tile=args.token_tile, seed=args.seed,
-                              extremes=args.extremes, mem_bytes_per_cycle=args.mem_bytes_per_cycle,
+                              extremes=args.extremes, weight_buffer_bytes=args.weight_buffer_bytes,
+                              mem_bytes_per_cycle=args.mem_bytes_per_cycle,
                               latency=args.latency, stall_prob=args.stall_prob)
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -170,7 +170,7 @@ class DenseLayer(wiring.Component):
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The buffers, owned here (exposed for testbenches and for the shared datapath to take over).
-        self.act_buffer = memory.Memory(shape=word8, depth=bm.act_words, init=[])
+        self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
         cw = counter_width
         super().__init__({
