@@ -3,7 +3,9 @@ layout), the LayerNorm stage and the patch embedding."""
 
 from .dense_layout import (DenseBufferMap, DenseLayout, DenseTile, dense_buffer_map, pack_dense, plan_dense,
                            start_fields)
+from .norm_stage import NormStage, NormStartLayout, norm_lanes, norm_record_bytes, pack_norm_params
 from .dense_layer import DenseLayer, DenseLoadLayout, DenseLoadTarget, DensePhase, DenseStartLayout
 
 __all__ = ["DenseBufferMap", "DenseLayout", "DenseTile", "dense_buffer_map", "pack_dense", "plan_dense",
-           "start_fields", "DenseLayer", "DenseLoadLayout", "DenseLoadTarget", "DensePhase", "DenseStartLayout"]
+           "start_fields", "DenseLayer", "DenseLoadLayout", "DenseLoadTarget", "DensePhase", "DenseStartLayout",
+           "NormStage", "NormStartLayout", "norm_lanes", "norm_record_bytes", "pack_norm_params"]
