@@ -25,7 +25,7 @@ from sim.testbench import Stalls, stream_get, stream_put
 __all__ = ["embed_config", "make_embed_workload", "golden_embed", "PatchEmbedSim", "run_patch_embed",
            "PARAM_BASE", "IMAGE_BASE"]
 
-#: External byte addresses of the embedding image and of the camera frame (deliberately unaligned).
+#: External byte addresses of the embedding image and (at least) of the camera frame (deliberately unaligned).
 PARAM_BASE = 0x1000
 IMAGE_BASE = 0x3003
 
@@ -85,12 +85,13 @@ class PatchEmbedSim:
                               mem_max_burst=mem_max_burst)
         image, self.layout = pack_embed(wl["qpatch"], wl["cls_int"], wl["pos_int"], config,
                                         data_bytes=mem_data_bytes)
-        assert PARAM_BASE + len(image) <= IMAGE_BASE, "sim: the embedding image overlaps the frame"
+        # The frame goes 3 bytes past the first 4 KiB page after the parameters (unaligned on purpose).
+        self.img_base = max(IMAGE_BASE, -(-(PARAM_BASE + len(image)) // 4096) * 4096 + 3)
         frame = wl["img"].reshape(-1)
         # The loader reads whole beats: the frame is readable up to the beat after its last byte.
-        mem = np.zeros(IMAGE_BASE + len(frame) + 2 * mem_data_bytes, dtype=np.uint8)
+        mem = np.zeros(self.img_base + len(frame) + 2 * mem_data_bytes, dtype=np.uint8)
         mem[PARAM_BASE:PARAM_BASE + len(image)] = np.frombuffer(image, dtype=np.uint8)
-        mem[IMAGE_BASE:IMAGE_BASE + len(frame)] = frame
+        mem[self.img_base:self.img_base + len(frame)] = frame
         self.image = mem
         self.mem_args = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
                              seed=seed)
@@ -107,7 +108,7 @@ class PatchEmbedSim:
             for _ in range(frames):
                 t0 = time.time()
                 await stream_put(ctx, dut.start, start_fields(self.wl["qpatch"], base=PARAM_BASE,
-                                                              img_base=IMAGE_BASE), stalls=st)
+                                                              img_base=self.img_base), stalls=st)
                 n = 0
                 while not ctx.get(dut.done):
                     await ctx.tick()

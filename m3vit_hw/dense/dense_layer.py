@@ -28,6 +28,14 @@ Weights: the plan's tiles stream in order, ``ceil(T / token_tile)`` times, throu
 buffers; a tile's halves are released when its command is done (one command in the engine at a time:
 each weight tile pays the engine's fill and drain, about ``max(pe_rows, C) + 20`` cycles).
 
+Structure
+---------
+:class:`DenseSequencer` holds all of the control (start, the fetch and compute sequencers, the
+counters) and talks to the engine, the streamers and the ping-pong buffers only through a
+:class:`~m3vit_hw.dense.client.GemmClientSignature`; :class:`DenseLayer` is the standalone wrapper that
+owns the engine, the buffers, the streamers and the memory arbiter, as the encoder's shared datapath
+will.
+
 Use
 ---
 Place the :func:`~m3vit_hw.dense.dense_layout.pack_dense` image in external memory; load the GELU table,
@@ -52,12 +60,12 @@ from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_arbiter import ReadArbiter
 from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
-from ..moe.expert_layout import PARAM_LANE_BYTES
 from ..moe.weight_buffer import WeightBuffer
 from ..moe.weight_streamer import WeightStreamer
+from .client import GemmClientSignature, connect_client, connect_weight_reads
 from .dense_layout import dense_buffer_map, plan_dense
 
-__all__ = ["DenseLayer", "DenseStartLayout", "DenseLoadLayout", "DenseLoadTarget", "DensePhase"]
+__all__ = ["DenseLayer", "DenseSequencer", "DenseStartLayout", "DenseLoadLayout", "DenseLoadTarget", "DensePhase"]
 
 
 class DensePhase(enum.Enum, shape=1):
@@ -172,6 +180,8 @@ class DenseLayer(wiring.Component):
         #: The buffers, owned here (exposed for testbenches and for the shared datapath to take over).
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
+        self.sequencer = DenseSequencer(config, lay, bm, addr_width=mem_addr_width,
+                                        counter_width=counter_width)
         cw = counter_width
         super().__init__({
             "start": In(stream.Signature(DenseStartLayout(config, mem_addr_width))),
@@ -200,37 +210,12 @@ class DenseLayer(wiring.Component):
     def buffer_map(self):
         return self._bmap
 
-    def _tile_rom(self, m, index, name):
-        """Combinational lookup of the static tile plan."""
-        cfg, lay = self._config, self._layout
-        C = cfg.pe_cols
-        t = Signal(data.StructLayout({
-            "w_off": unsigned(self._aw), "w_len": unsigned(self._aw),
-            "p_off": unsigned(self._aw), "p_len": unsigned(self._aw),
-            "fc2": 1, "first_fc2": 1, "last": 1,
-            "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
-        }), name=name)
-        with m.Switch(index):
-            for tl in lay.tiles:
-                with m.Case(tl.index):
-                    m.d.comb += [
-                        t.w_off.eq(tl.w_offset), t.w_len.eq(tl.w_bytes),
-                        t.p_off.eq(tl.p_offset), t.p_len.eq(tl.p_bytes),
-                        t.fc2.eq(tl.kind == "fc2"), t.first_fc2.eq(tl.first_fc2),
-                        t.last.eq(tl.index == len(lay.tiles) - 1),
-                        t.n.eq(tl.n), t.n0w.eq(tl.n0 // C),
-                    ]
-        return t
-
     def elaborate(self, platform):
         m = Module()
-        cfg, lay, bm = self._config, self._layout, self._bmap
+        cfg = self._config
         C = cfg.pe_cols
-        D = cfg.model.dim
-        ntl = len(lay.tiles)
-        tt = bm.token_tile
-        eng = self.engine
-        for name in ("engine", "wbuf", "pbuf", "wstream", "pstream", "arbiter"):
+        eng, seq = self.engine, self.sequencer
+        for name in ("engine", "sequencer", "wbuf", "pbuf", "wstream", "pstream", "arbiter"):
             m.submodules[name] = getattr(self, name)
 
         # ---- external memory ---------------------------------------------------------------------
@@ -245,119 +230,18 @@ class DenseLayer(wiring.Component):
         m.submodules.res = res = self.res_buffer
         wiring.connect(m, eng.a_rd, act.read_port())
         wiring.connect(m, eng.res_rd, res.read_port())
-        wr, pr = self.wbuf.read, self.pbuf.read
-        m.d.comb += [
-            wr.addr.eq(eng.b_rd.addr), wr.en.eq(eng.b_rd.en), eng.b_rd.data.eq(wr.data),
-            pr.addr.eq(eng.colp_rd.addr), pr.en.eq(eng.colp_rd.en),
-        ]
-        lane = PARAM_LANE_BYTES * 8
-        for c in range(C):
-            m.d.comb += [
-                eng.colp_rd.data[c].bias.eq(pr.data[c * lane:c * lane + numerics.BIAS_BITS]),
-                eng.colp_rd.data[c].mult.eq(pr.data[c * lane + 32:c * lane + 32 + numerics.MULT_BITS]),
-            ]
+        connect_weight_reads(m, eng, self.wbuf, self.pbuf, C)
         # The row table is unused (no gather/scatter, no per-row scale); the engine's read gets zeros.
         m.d.comb += eng.o.ready.eq(1)
 
-        # ---- start and parameters ----------------------------------------------------------------
-        prm = Signal(DenseStartLayout(cfg, self._aw))
-        running = Signal()
-        start = self.start.valid & self.start.ready
-        m.d.comb += self.start.ready.eq(~running)
-        with m.If(start):
-            m.d.sync += [prm.eq(self.start.payload), running.eq(1)]
-        T = prm.tokens
-
-        # ---- fetch sequencer: the tile plan once per token tile ----------------------------------
-        tok_w = range(cfg.token_capacity + 1)
-        fw, fp = Signal(range(ntl)), Signal(range(ntl))
-        fw_left, fp_left = Signal(tok_w), Signal(tok_w)       # tokens still to fetch the plan for
-        tw_ = self._tile_rom(m, fw, "fetch_w_tile")
-        tp_ = self._tile_rom(m, fp, "fetch_p_tile")
-        wcmd, pcmd = self.wstream.cmd, self.pstream.cmd
-        m.d.comb += [
-            wcmd.valid.eq(running & (fw_left != 0)),
-            wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
-            wcmd.payload.tag.eq(fw),
-            pcmd.valid.eq(running & (fp_left != 0)),
-            pcmd.payload.addr.eq(prm.base + tp_.p_off), pcmd.payload.length.eq(tp_.p_len),
-            pcmd.payload.tag.eq(fp),
-        ]
-        for idx, left, cmd_ in ((fw, fw_left, wcmd), (fp, fp_left, pcmd)):
-            with m.If(start):
-                m.d.sync += [idx.eq(0), left.eq(self.start.payload.tokens)]
-            with m.Elif(cmd_.valid & cmd_.ready):
-                with m.If(idx == ntl - 1):
-                    m.d.sync += [idx.eq(0), left.eq(Mux(left > tt, left - tt, 0))]
-                with m.Else():
-                    m.d.sync += idx.eq(idx + 1)
-
-        # ---- compute sequencer -------------------------------------------------------------------
-        ti = Signal(range(ntl))
-        tc = self._tile_rom(m, ti, "compute_tile")
-        rows_left = Signal(tok_w)                 # T - t0 of the current token tile
-        rows = Signal(range(tt + 1))
-        m.d.comb += rows.eq(Mux(rows_left > tt, tt, rows_left))
-        h_base = Signal(cfg.act_addr_bits)        # t0 * row_words
-        r_base = Signal(cfg.dst_addr_bits)        # t0 * row_words in the residual buffer
-        inflight = Signal()                       # one command in the engine
-        phase = Signal(DensePhase)
-        g = eng.cmd
-        gp = g.payload
-        push = g.valid & g.ready
-        # Every command reads a weight tile: its halves are released when it is done.
-        m.d.comb += [wr.tile.ready.eq(eng.done), pr.tile.ready.eq(eng.done)]
-        with m.If(eng.done):
-            m.d.sync += inflight.eq(0)
-
-        with m.FSM(name="seq"):
-            with m.State("IDLE"):
-                with m.If(start):
-                    m.d.sync += [ti.eq(0), rows_left.eq(self.start.payload.tokens), h_base.eq(0),
-                                 r_base.eq(0)]
-                    m.next = "WAIT_TILE"
-            with m.State("WAIT_TILE"):
-                # While the release is in flight, ``tile.valid`` still shows the released half.
-                with m.If(wr.tile.valid & pr.tile.valid & ~inflight):
-                    m.next = "ISSUE"
-            with m.State("ISSUE"):
-                m.d.comb += [
-                    g.valid.eq(1),
-                    gp.m.eq(rows), gp.n.eq(tc.n), gp.b_base.eq(0), gp.b_k_stride.eq(1),
-                    gp.colp_base.eq(0),
-                ]
-                with m.If(tc.fc2):
-                    m.d.comb += [
-                        gp.k.eq(lay.hidden), gp.a_base.eq(bm.hid_base), gp.a_stride.eq(bm.hw),
-                        gp.b_tile_stride.eq(lay.hidden), gp.dst_base.eq(r_base + tc.n0w),
-                        gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.fc2_shift),
-                        gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_fc2),
-                    ]
-                with m.Else():
-                    m.d.comb += [
-                        gp.k.eq(D), gp.a_base.eq(h_base), gp.a_stride.eq(bm.row_words),
-                        gp.b_tile_stride.eq(D), gp.dst_base.eq(bm.hid_base + tc.n0w),
-                        gp.dst_stride.eq(bm.hw), gp.shift.eq(prm.fc1_shift),
-                        gp.mode.eq(EpilogueMode.GELU8),
-                    ]
-                with m.If(push):
-                    m.d.sync += [inflight.eq(1), phase.eq(Mux(tc.fc2, DensePhase.FC2, DensePhase.FC1))]
-                    with m.If(~tc.last):
-                        m.d.sync += ti.eq(ti + 1)
-                        m.next = "WAIT_TILE"
-                    with m.Elif(rows_left > tt):
-                        m.d.sync += [ti.eq(0), rows_left.eq(rows_left - tt),
-                                     h_base.eq(h_base + tt * bm.row_words),
-                                     r_base.eq(r_base + tt * bm.row_words)]
-                        m.next = "WAIT_TILE"
-                    with m.Else():
-                        m.next = "WAIT_DONE"
-            with m.State("WAIT_DONE"):
-                with m.If(~inflight & ~eng.busy):
-                    m.d.sync += running.eq(0)
-                    m.d.comb += self.done.eq(1)
-                    m.next = "IDLE"
-        m.d.comb += self.busy.eq(running)
+        # ---- sequencer ---------------------------------------------------------------------------
+        connect_client(m, seq.client, eng, self.wstream, self.pstream, self.wbuf, self.pbuf)
+        wiring.connect(m, wiring.flipped(self.start), seq.start)
+        m.d.comb += [self.done.eq(seq.done), self.busy.eq(seq.busy)]
+        running = seq.busy
+        for name in ("cycles", "compute_cycles", "wait_cycles"):
+            m.d.comb += getattr(self, name).eq(getattr(seq, name))
+        m.d.comb += self.phase_cycles.eq(seq.phase_cycles)
 
         # ---- load and read-back (while idle) -----------------------------------------------------
         act_w = act.write_port(granularity=1)
@@ -396,9 +280,179 @@ class DenseLayer(wiring.Component):
         with m.Elif(rd.ready):
             m.d.sync += rd.valid.eq(0)
 
+        return m
+
+
+class DenseSequencer(wiring.Component):
+    """The dense MLP's sequencer alone: it drives an engine, two streamers and the ping-pong buffers
+    through a :class:`~m3vit_hw.dense.client.GemmClientSignature` and owns nothing else.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    layout : DenseLayout
+    buffer_map : DenseBufferMap
+    addr_width : int
+        External address width.
+    counter_width : int
+
+    Interface attributes
+    --------------------
+    start : In(stream.Signature(DenseStartLayout(config, addr_width)))
+    done, busy : Out(1)
+    client : Out(GemmClientSignature(config, addr_width))
+    cycles, compute_cycles, wait_cycles : Out(counter_width)
+    phase_cycles : Out(ArrayLayout(counter_width, 2))
+    """
+
+    def __init__(self, config, layout, buffer_map, *, addr_width, counter_width=32):
+        self._config, self._layout, self._bmap, self._aw = config, layout, buffer_map, addr_width
+        cw = counter_width
+        super().__init__({
+            "start": In(stream.Signature(DenseStartLayout(config, addr_width))),
+            "done": Out(1),
+            "busy": Out(1),
+            "client": Out(GemmClientSignature(config, addr_width)),
+            "cycles": Out(cw),
+            "compute_cycles": Out(cw),
+            "wait_cycles": Out(cw),
+            "phase_cycles": Out(data.ArrayLayout(cw, 2)),
+        })
+
+    def _tile_rom(self, m, index, name):
+        """Combinational lookup of the static tile plan."""
+        cfg, lay = self._config, self._layout
+        C = cfg.pe_cols
+        t = Signal(data.StructLayout({
+            "w_off": unsigned(self._aw), "w_len": unsigned(self._aw),
+            "p_off": unsigned(self._aw), "p_len": unsigned(self._aw),
+            "fc2": 1, "first_fc2": 1, "last": 1,
+            "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
+        }), name=name)
+        with m.Switch(index):
+            for tl in lay.tiles:
+                with m.Case(tl.index):
+                    m.d.comb += [
+                        t.w_off.eq(tl.w_offset), t.w_len.eq(tl.w_bytes),
+                        t.p_off.eq(tl.p_offset), t.p_len.eq(tl.p_bytes),
+                        t.fc2.eq(tl.kind == "fc2"), t.first_fc2.eq(tl.first_fc2),
+                        t.last.eq(tl.index == len(lay.tiles) - 1),
+                        t.n.eq(tl.n), t.n0w.eq(tl.n0 // C),
+                    ]
+        return t
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, lay, bm = self._config, self._layout, self._bmap
+        C = cfg.pe_cols
+        D = cfg.model.dim
+        ntl = len(lay.tiles)
+        tt = bm.token_tile
+        cl = self.client
+
+        # ---- start and parameters ----------------------------------------------------------------
+        prm = Signal(DenseStartLayout(cfg, self._aw))
+        running = Signal()
+        start = self.start.valid & self.start.ready
+        m.d.comb += self.start.ready.eq(~running)
+        with m.If(start):
+            m.d.sync += [prm.eq(self.start.payload), running.eq(1)]
+        T = prm.tokens
+
+        # ---- fetch sequencer: the tile plan once per token tile ----------------------------------
+        tok_w = range(cfg.token_capacity + 1)
+        fw, fp = Signal(range(ntl)), Signal(range(ntl))
+        fw_left, fp_left = Signal(tok_w), Signal(tok_w)       # tokens still to fetch the plan for
+        tw_ = self._tile_rom(m, fw, "fetch_w_tile")
+        tp_ = self._tile_rom(m, fp, "fetch_p_tile")
+        wcmd, pcmd = cl.wcmd, cl.pcmd
+        m.d.comb += [
+            wcmd.valid.eq(running & (fw_left != 0)),
+            wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
+            wcmd.payload.tag.eq(fw),
+            pcmd.valid.eq(running & (fp_left != 0)),
+            pcmd.payload.addr.eq(prm.base + tp_.p_off), pcmd.payload.length.eq(tp_.p_len),
+            pcmd.payload.tag.eq(fp),
+        ]
+        for idx, left, cmd_ in ((fw, fw_left, wcmd), (fp, fp_left, pcmd)):
+            with m.If(start):
+                m.d.sync += [idx.eq(0), left.eq(self.start.payload.tokens)]
+            with m.Elif(cmd_.valid & cmd_.ready):
+                with m.If(idx == ntl - 1):
+                    m.d.sync += [idx.eq(0), left.eq(Mux(left > tt, left - tt, 0))]
+                with m.Else():
+                    m.d.sync += idx.eq(idx + 1)
+
+        # ---- compute sequencer -------------------------------------------------------------------
+        ti = Signal(range(ntl))
+        tc = self._tile_rom(m, ti, "compute_tile")
+        rows_left = Signal(tok_w)                 # T - t0 of the current token tile
+        rows = Signal(range(tt + 1))
+        m.d.comb += rows.eq(Mux(rows_left > tt, tt, rows_left))
+        h_base = Signal(cfg.act_addr_bits)        # t0 * row_words
+        r_base = Signal(cfg.dst_addr_bits)        # t0 * row_words in the residual buffer
+        inflight = Signal()                       # one command in the engine
+        phase = Signal(DensePhase)
+        g = cl.gemm
+        gp = g.payload
+        push = g.valid & g.ready
+        # Every command reads a weight tile: its halves are released when it is done.
+        m.d.comb += cl.release.eq(cl.gemm_done)
+        with m.If(cl.gemm_done):
+            m.d.sync += inflight.eq(0)
+
+        with m.FSM(name="seq"):
+            with m.State("IDLE"):
+                with m.If(start):
+                    m.d.sync += [ti.eq(0), rows_left.eq(self.start.payload.tokens), h_base.eq(0),
+                                 r_base.eq(0)]
+                    m.next = "WAIT_TILE"
+            with m.State("WAIT_TILE"):
+                # While the release is in flight, ``tile.valid`` still shows the released half.
+                with m.If(cl.tile_valid & ~inflight):
+                    m.next = "ISSUE"
+            with m.State("ISSUE"):
+                m.d.comb += [
+                    g.valid.eq(1),
+                    gp.m.eq(rows), gp.n.eq(tc.n), gp.b_base.eq(0), gp.b_k_stride.eq(1),
+                    gp.colp_base.eq(0),
+                ]
+                with m.If(tc.fc2):
+                    m.d.comb += [
+                        gp.k.eq(lay.hidden), gp.a_base.eq(bm.hid_base), gp.a_stride.eq(bm.hw),
+                        gp.b_tile_stride.eq(lay.hidden), gp.dst_base.eq(r_base + tc.n0w),
+                        gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.fc2_shift),
+                        gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_fc2),
+                    ]
+                with m.Else():
+                    m.d.comb += [
+                        gp.k.eq(D), gp.a_base.eq(h_base), gp.a_stride.eq(bm.row_words),
+                        gp.b_tile_stride.eq(D), gp.dst_base.eq(bm.hid_base + tc.n0w),
+                        gp.dst_stride.eq(bm.hw), gp.shift.eq(prm.fc1_shift),
+                        gp.mode.eq(EpilogueMode.GELU8),
+                    ]
+                with m.If(push):
+                    m.d.sync += [inflight.eq(1), phase.eq(Mux(tc.fc2, DensePhase.FC2, DensePhase.FC1))]
+                    with m.If(~tc.last):
+                        m.d.sync += ti.eq(ti + 1)
+                        m.next = "WAIT_TILE"
+                    with m.Elif(rows_left > tt):
+                        m.d.sync += [ti.eq(0), rows_left.eq(rows_left - tt),
+                                     h_base.eq(h_base + tt * bm.row_words),
+                                     r_base.eq(r_base + tt * bm.row_words)]
+                        m.next = "WAIT_TILE"
+                    with m.Else():
+                        m.next = "WAIT_DONE"
+            with m.State("WAIT_DONE"):
+                with m.If(~inflight & ~cl.gemm_busy):
+                    m.d.sync += running.eq(0)
+                    m.d.comb += self.done.eq(1)
+                    m.next = "IDLE"
+        m.d.comb += self.busy.eq(running)
+
         # ---- counters ----------------------------------------------------------------------------
         counters = [
-            (self.cycles, 1), (self.compute_cycles, eng.pe_active), (self.wait_cycles, ~inflight),
+            (self.cycles, 1), (self.compute_cycles, cl.pe_active), (self.wait_cycles, ~inflight),
             (self.phase_cycles[0], inflight & (phase == DensePhase.FC1)),
             (self.phase_cycles[1], inflight & (phase == DensePhase.FC2)),
         ]
