@@ -25,6 +25,11 @@ The ``T x D`` residual is written only by this unit while it runs; the activatio
 two patch slots. The image must be readable up to the memory beat after its last byte (the loader
 reads whole aligned beats).
 
+Structure: :class:`EmbedSequencer` holds the control and talks to the engine, streamers and weight
+buffers through a :class:`~m3vit_hw.dense.client.GemmClientSignature`, to the loader through its command
+stream, and to the residual buffer through a write port; :class:`PatchEmbed` is the standalone wrapper
+that owns the engine, loader, buffers, streamers and arbiter.
+
 Counters (reset by ``start``, valid after ``done``): ``cycles``, ``compute_cycles`` (PE operand beats),
 ``gemm_cycles`` (a command in the engine), ``patch_wait_cycles`` (the engine idle waiting for a patch
 slot), ``weight_wait_cycles`` (idle waiting for a weight tile) and ``init_cycles`` (start to the end of
@@ -42,13 +47,15 @@ from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_arbiter import ReadArbiter
 from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
-from ..moe.expert_layout import PARAM_LANE_BYTES
 from ..moe.weight_buffer import WeightBuffer
 from ..moe.weight_streamer import WeightStreamer
 from .embed_layout import embed_buffer_map, plan_embed
-from .patch_loader import BurstRequester, PatchLoader
+from .client import GemmClientSignature, connect_client, connect_weight_reads
+from .patch_loader import BurstRequester, PatchLoader, PatchLoadLayout
 
-__all__ = ["PatchEmbed", "EmbedStartLayout"]
+__all__ = ["PatchEmbed", "EmbedSequencer", "EmbedStartLayout"]
+
+_COUNTERS = ("cycles", "compute_cycles", "gemm_cycles", "patch_wait_cycles", "weight_wait_cycles", "init_cycles")
 
 
 class EmbedStartLayout(data.StructLayout):
@@ -128,9 +135,9 @@ class PatchEmbed(wiring.Component):
         self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=mem_data_bytes)
         self.wstream = WeightStreamer(lay.weight_half_bytes, **mport)
         self.pstream = WeightStreamer(lay.param_half_bytes, **mport)
-        rec_beats = lay.res_record_bytes // mem_data_bytes
-        self.init_reader = BurstRequester(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                          max_burst=mem_max_burst, max_beats=lay.res_words * rec_beats)
+        self.sequencer = EmbedSequencer(config, lay, self._bmap, addr_width=mem_addr_width,
+                                        data_bytes=mem_data_bytes, max_burst=mem_max_burst,
+                                        counter_width=counter_width)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The buffers, owned here for now (the shared datapath takes them over).
@@ -144,12 +151,7 @@ class PatchEmbed(wiring.Component):
             "mem": Out(ReadPortSignature(**mport)),
             "rd_addr": In(stream.Signature(unsigned(config.res_addr_bits))),
             "rd_data": Out(stream.Signature(word16)),
-            "cycles": Out(cw),
-            "compute_cycles": Out(cw),
-            "gemm_cycles": Out(cw),
-            "patch_wait_cycles": Out(cw),
-            "weight_wait_cycles": Out(cw),
-            "init_cycles": Out(cw),
+            **{name: Out(cw) for name in _COUNTERS},
         })
 
     @property
@@ -163,6 +165,118 @@ class PatchEmbed(wiring.Component):
     @property
     def buffer_map(self):
         return self._bmap
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        C = cfg.pe_cols
+        eng, ld, seq = self.engine, self.loader, self.sequencer
+        for name in ("engine", "loader", "sequencer", "wbuf", "pbuf", "wstream", "pstream", "arbiter"):
+            m.submodules[name] = getattr(self, name)
+
+        # ---- external memory: weights, parameters, image, residual initialisation ----------------
+        arb = self.arbiter
+        wiring.connect(m, self.wstream.mem, arb.masters[0])
+        wiring.connect(m, self.pstream.mem, arb.masters[1])
+        wiring.connect(m, ld.mem, arb.masters[2])
+        wiring.connect(m, seq.init_mem, arb.masters[3])
+        wiring.connect(m, arb.mem, wiring.flipped(self.mem))
+        wiring.connect(m, self.wstream.buf, self.wbuf.write)
+        wiring.connect(m, self.pstream.buf, self.pbuf.write)
+
+        # ---- buffers -----------------------------------------------------------------------------
+        m.submodules.act = act = self.act_buffer
+        m.submodules.res = res = self.res_buffer
+        wiring.connect(m, eng.a_rd, act.read_port())
+        wiring.connect(m, ld.act_wr, act.write_port(granularity=1))
+        wiring.connect(m, eng.res_rd, res.read_port())
+        connect_weight_reads(m, eng, self.wbuf, self.pbuf, C)
+        m.d.comb += eng.o.ready.eq(1)
+        # The residual write port: the sequencer's initialisation, then the engine's (RESADD).
+        res_w = res.write_port(granularity=1)
+        with m.If(seq.init_done):
+            m.d.comb += [res_w.addr.eq(eng.res_wr.addr), res_w.data.eq(eng.res_wr.data),
+                         res_w.en.eq(eng.res_wr.en)]
+        with m.Else():
+            m.d.comb += [res_w.addr.eq(seq.res_init_wr.addr), res_w.data.eq(seq.res_init_wr.data),
+                         res_w.en.eq(seq.res_init_wr.en)]
+
+        # ---- sequencer ---------------------------------------------------------------------------
+        connect_client(m, seq.client, eng, self.wstream, self.pstream, self.wbuf, self.pbuf)
+        wiring.connect(m, seq.loader, ld.cmd)
+        m.d.comb += seq.loader_done.eq(ld.done)
+        wiring.connect(m, wiring.flipped(self.start), seq.start)
+        running = seq.busy
+        m.d.comb += [self.done.eq(seq.done), self.busy.eq(running)]
+        for name in _COUNTERS:
+            m.d.comb += getattr(self, name).eq(getattr(seq, name))
+
+        # ---- read-back (while idle) --------------------------------------------------------------
+        rb = res.read_port()
+        rq, rd = self.rd_addr, self.rd_data
+        m.d.comb += [
+            rq.ready.eq(~running & (~rd.valid | rd.ready)),
+            rb.addr.eq(rq.payload), rb.en.eq(rq.valid & rq.ready),
+            rd.payload.eq(rb.data),
+        ]
+        with m.If(rq.valid & rq.ready):
+            m.d.sync += rd.valid.eq(1)
+        with m.Elif(rd.ready):
+            m.d.sync += rd.valid.eq(0)
+        return m
+
+
+class EmbedSequencer(wiring.Component):
+    """The patch embedding's control alone: residual initialisation, patch-slot bookkeeping, the loader's
+    commands, and the fetch and compute sequencers. It owns no buffer or engine.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    layout : EmbedLayout
+    buffer_map : EmbedBufferMap
+    addr_width, data_bytes, max_burst : int
+        The external-memory read port (``init_mem``).
+    counter_width : int
+
+    Interface attributes
+    --------------------
+    start : In(stream.Signature(EmbedStartLayout(addr_width)))
+    done, busy : Out(1)
+    client : Out(GemmClientSignature(config, addr_width))
+    loader : Out(stream.Signature(PatchLoadLayout(config, addr_width)))
+        Commands for a :class:`~m3vit_hw.dense.patch_loader.PatchLoader`.
+    loader_done : In(1)
+        The loader's ``done``.
+    init_mem : Out(ReadPortSignature(...))
+        Reads the residual initialisation.
+    res_init_wr : In(memory.WritePort.Signature(res_addr_bits, ArrayLayout(signed(16), pe_cols), granularity=1))
+        Its writes into the residual buffer.
+    init_done : Out(1)
+        The initialisation is complete (from then on the engine owns the residual write port).
+    cycles, compute_cycles, gemm_cycles, patch_wait_cycles, weight_wait_cycles, init_cycles : Out(counter_width)
+    """
+
+    def __init__(self, config, layout, buffer_map, *, addr_width, data_bytes, max_burst, counter_width=32):
+        self._config, self._layout, self._bmap = config, layout, buffer_map
+        self._aw, self._db = addr_width, data_bytes
+        rec_beats = layout.res_record_bytes // data_bytes
+        self.init_reader = BurstRequester(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst,
+                                          max_beats=layout.res_words * rec_beats)
+        word16 = data.ArrayLayout(signed(numerics.RES_BITS), config.pe_cols)
+        super().__init__({
+            "start": In(stream.Signature(EmbedStartLayout(addr_width))),
+            "done": Out(1),
+            "busy": Out(1),
+            "client": Out(GemmClientSignature(config, addr_width)),
+            "loader": Out(stream.Signature(PatchLoadLayout(config, addr_width))),
+            "loader_done": In(1),
+            "init_mem": Out(ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)),
+            "res_init_wr": In(memory.WritePort.Signature(addr_width=config.res_addr_bits, shape=word16,
+                                                         granularity=1)),
+            "init_done": Out(1),
+            **{name: Out(counter_width) for name in _COUNTERS},
+        })
 
     def _tile_rom(self, m, index, name):
         cfg, lay = self._config, self._layout
@@ -182,6 +296,7 @@ class PatchEmbed(wiring.Component):
                     ]
         return t
 
+
     def elaborate(self, platform):
         m = Module()
         cfg, lay, bm = self._config, self._layout, self._bmap
@@ -192,39 +307,8 @@ class PatchEmbed(wiring.Component):
         pt = bm.patch_tile
         ntl = len(lay.tiles)
         db = self._db
-        eng, ld = self.engine, self.loader
-        for name in ("engine", "loader", "wbuf", "pbuf", "wstream", "pstream", "arbiter", "init_reader"):
-            m.submodules[name] = getattr(self, name)
-
-        # ---- external memory: weights, parameters, residual initialisation, image ----------------
-        arb = self.arbiter
-        wiring.connect(m, self.wstream.mem, arb.masters[0])
-        wiring.connect(m, self.pstream.mem, arb.masters[1])
-        wiring.connect(m, ld.mem, arb.masters[2])
-        init_port = arb.masters[3]
-        wiring.connect(m, self.init_reader.req, init_port.req)
-        wiring.connect(m, arb.mem, wiring.flipped(self.mem))
-        wiring.connect(m, self.wstream.buf, self.wbuf.write)
-        wiring.connect(m, self.pstream.buf, self.pbuf.write)
-
-        # ---- buffers -----------------------------------------------------------------------------
-        m.submodules.act = act = self.act_buffer
-        m.submodules.res = res = self.res_buffer
-        wiring.connect(m, eng.a_rd, act.read_port())
-        wiring.connect(m, ld.act_wr, act.write_port(granularity=1))
-        wiring.connect(m, eng.res_rd, res.read_port())
-        wr, pr = self.wbuf.read, self.pbuf.read
-        m.d.comb += [
-            wr.addr.eq(eng.b_rd.addr), wr.en.eq(eng.b_rd.en), eng.b_rd.data.eq(wr.data),
-            pr.addr.eq(eng.colp_rd.addr), pr.en.eq(eng.colp_rd.en),
-            eng.o.ready.eq(1),
-        ]
-        lane = PARAM_LANE_BYTES * 8
-        for c in range(C):
-            m.d.comb += [
-                eng.colp_rd.data[c].bias.eq(pr.data[c * lane:c * lane + numerics.BIAS_BITS]),
-                eng.colp_rd.data[c].mult.eq(pr.data[c * lane + 32:c * lane + 32 + numerics.MULT_BITS]),
-            ]
+        cl = self.client
+        m.submodules.init_reader = self.init_reader
 
         # ---- start -------------------------------------------------------------------------------
         prm = Signal(EmbedStartLayout(self._aw))
@@ -251,10 +335,11 @@ class PatchEmbed(wiring.Component):
         rbeat = Signal(range(rec_beats))
         init_addr = Signal(range(lay.res_words + 1))
         init_done = Signal()
-        resp = init_port.resp
+        wiring.connect(m, ir.req, wiring.flipped(self.init_mem.req))
+        resp = self.init_mem.resp
         m.d.comb += resp.ready.eq(1)
         new_rec = Cat(rec[db * 8:], resp.payload.data) if rec_beats > 1 else resp.payload.data
-        res_w = res.write_port(granularity=1)
+        res_w = self.res_init_wr
         init_wr = resp.valid & (rbeat == rec_beats - 1)
         with m.If(resp.valid):
             m.d.sync += [rec.eq(new_rec), rbeat.eq(Mux(rbeat == rec_beats - 1, 0, rbeat + 1))]
@@ -265,14 +350,10 @@ class PatchEmbed(wiring.Component):
         with m.If(start):
             m.d.sync += [init_addr.eq(0), init_done.eq(0), rbeat.eq(0)]
 
-        # The residual write port: the initialisation's, then the engine's (RESADD).
-        with m.If(init_done):
-            m.d.comb += [res_w.addr.eq(eng.res_wr.addr), res_w.data.eq(eng.res_wr.data),
-                         res_w.en.eq(eng.res_wr.en)]
-        with m.Else():
-            m.d.comb += [res_w.addr.eq(init_addr), res_w.en.eq(Mux(init_wr, (1 << C) - 1, 0))]
-            for c in range(C):
-                m.d.comb += res_w.data[c].eq(new_rec[16 * c:16 * c + 16])
+        m.d.comb += [self.init_done.eq(init_done), res_w.addr.eq(init_addr),
+                     res_w.en.eq(Mux(init_wr, (1 << C) - 1, 0))]
+        for c in range(C):
+            m.d.comb += res_w.data[c].eq(new_rec[16 * c:16 * c + 16])
 
         # ---- patch loader: tiles into alternating slots ------------------------------------------
         slot_full = Signal(2)
@@ -280,7 +361,7 @@ class PatchEmbed(wiring.Component):
         l_left = Signal(range(N + 1))             # patches not yet requested from the loader
         l_first = Signal()
         l_pending = Signal()                      # a loader command is running
-        lc = ld.cmd
+        lc = self.loader
         m.d.comb += [
             lc.valid.eq(running & (l_left != 0) & ~l_pending & ~slot_full.bit_select(l_slot, 1)),
             lc.payload.img_base.eq(prm.img_base), lc.payload.restart.eq(l_first),
@@ -293,7 +374,7 @@ class PatchEmbed(wiring.Component):
             m.d.sync += [l_left.eq(N), l_first.eq(1), l_slot.eq(0), l_pending.eq(0)]
         with m.Elif(lc.valid & lc.ready):
             m.d.sync += [l_left.eq(Mux(l_left > pt, l_left - pt, 0)), l_first.eq(0), l_pending.eq(1)]
-        with m.If(ld.done & l_pending):
+        with m.If(self.loader_done & l_pending):
             m.d.sync += [l_pending.eq(0), l_slot.eq(~l_slot)]
             m.d.comb += slot_set.eq(Mux(l_slot, 0b10, 0b01))
         with m.If(start):
@@ -306,7 +387,7 @@ class PatchEmbed(wiring.Component):
         fw_left, fp_left = Signal(range(N + 1)), Signal(range(N + 1))
         tw_ = self._tile_rom(m, fw, "fetch_w_tile")
         tp_ = self._tile_rom(m, fp, "fetch_p_tile")
-        wcmd, pcmd = self.wstream.cmd, self.pstream.cmd
+        wcmd, pcmd = cl.wcmd, cl.pcmd
         m.d.comb += [
             wcmd.valid.eq(running & (fw_left != 0)),
             wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
@@ -334,10 +415,10 @@ class PatchEmbed(wiring.Component):
         r_base = Signal(cfg.dst_addr_bits)        # residual word of the tile's first patch row
         inflight = Signal()
         frees_slot = Signal()                     # the command in the engine is its tile's last
-        g = eng.cmd
+        g = cl.gemm
         gp = g.payload
-        m.d.comb += [wr.tile.ready.eq(eng.done), pr.tile.ready.eq(eng.done)]
-        with m.If(eng.done):
+        m.d.comb += cl.release.eq(cl.gemm_done)
+        with m.If(cl.gemm_done):
             m.d.sync += inflight.eq(0)
             with m.If(frees_slot):
                 m.d.comb += slot_clr.eq(Mux(c_slot, 0b01, 0b10))   # c_slot already moved on
@@ -350,7 +431,7 @@ class PatchEmbed(wiring.Component):
                     m.next = "WAIT"
             with m.State("WAIT"):
                 ready_patch = init_done & slot_full.bit_select(c_slot, 1)
-                ready_w = wr.tile.valid & pr.tile.valid
+                ready_w = cl.tile_valid
                 m.d.comb += [patch_wait.eq(~inflight & ~ready_patch),
                              weight_wait.eq(~inflight & ready_patch & ~ready_w)]
                 with m.If(ready_patch & ready_w & ~inflight):
@@ -377,27 +458,14 @@ class PatchEmbed(wiring.Component):
                         m.d.sync += c_slot.eq(~c_slot)
                         m.next = "DRAIN"
             with m.State("DRAIN"):
-                with m.If(~inflight & ~eng.busy):
+                with m.If(~inflight & ~cl.gemm_busy):
                     m.d.sync += running.eq(0)
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
 
-        # ---- read-back (while idle) --------------------------------------------------------------
-        rb = res.read_port()
-        rq, rd = self.rd_addr, self.rd_data
-        m.d.comb += [
-            rq.ready.eq(~running & (~rd.valid | rd.ready)),
-            rb.addr.eq(rq.payload), rb.en.eq(rq.valid & rq.ready),
-            rd.payload.eq(rb.data),
-        ]
-        with m.If(rq.valid & rq.ready):
-            m.d.sync += rd.valid.eq(1)
-        with m.Elif(rd.ready):
-            m.d.sync += rd.valid.eq(0)
-
         # ---- counters ----------------------------------------------------------------------------
         counters = [
-            (self.cycles, 1), (self.compute_cycles, eng.pe_active), (self.gemm_cycles, inflight),
+            (self.cycles, 1), (self.compute_cycles, cl.pe_active), (self.gemm_cycles, inflight),
             (self.patch_wait_cycles, patch_wait), (self.weight_wait_cycles, weight_wait),
             (self.init_cycles, ~init_done),
         ]
