@@ -19,9 +19,10 @@ Token tiling
 The hidden matrix ``T x hidden`` never exists on chip: one hidden slot of ``token_tile`` rows
 (:class:`~m3vit_hw.dense.dense_layout.DenseBufferMap`) is reused by every token tile, and the tile plan
 (fc1 tiles, then fc2 tiles; :func:`~m3vit_hw.dense.dense_layout.plan_dense`) streams once per token
-tile. The next token tile's fc1 may overwrite the slot while the previous fc2 is still in the engine:
-the engine's loader reads every A block of a command before it loads the next command, and a command's
-writes follow its own loads, so the slot's last reads always precede its next writes.
+tile. Reusing the slot is safe because the sequencer keeps one command in the engine at a time (the next
+is issued after the previous one's ``done``), so the next token tile's fc1 writes the slot only after
+the previous fc2 has read it; the ``sync`` on each token tile's first fc2 states the fc1 -> fc2
+dependency for any later overlap.
 
 Weights: the plan's tiles stream in order, ``ceil(T / token_tile)`` times, through two
 :class:`~m3vit_hw.moe.weight_streamer.WeightStreamer` instances into the ping-pong weight and parameter

@@ -296,7 +296,6 @@ class EmbedSequencer(wiring.Component):
                     ]
         return t
 
-
     def elaborate(self, platform):
         m = Module()
         cfg, lay, bm = self._config, self._layout, self._bmap
