@@ -22,7 +22,7 @@ from reference.qparams import QLinear
 from sim.ext_memory import ExternalMemory
 from sim.testbench import Stalls, stream_get, stream_put
 
-__all__ = ["embed_config", "make_embed_workload", "golden_embed", "PatchEmbedSim", "run_patch_embed",
+__all__ = ["embed_config", "make_embed_workload", "golden_embed", "PatchEmbedSim", "run_patch_embed", "main",
            "PARAM_BASE", "IMAGE_BASE"]
 
 #: External byte addresses of the embedding image and (at least) of the camera frame (deliberately unaligned).
@@ -165,3 +165,60 @@ def run_patch_embed(*, img=(8, 12), patch=2, dim=12, in_chans=3, pe_rows=4, pe_c
                        stall_prob=stall_prob),
         "wall_seconds": round(time.time() - t0, 2),
     }
+
+
+def main(argv=None):
+    """``python -m sim patch-embed``: returns the process exit code."""
+    import argparse
+    import json
+    import os
+    import sys
+    p = argparse.ArgumentParser(prog="python -m sim patch-embed",
+                                description="Simulate the patch embedding (uint8 HWC image in external memory "
+                                            "-> residual stream) against the integer golden model.")
+    a = p.add_argument
+    a("--image", default="8x12", help="HxW in pixels (default 8x12)")
+    a("--patch", type=int, default=2, help="patch size (default 2)")
+    a("--in-chans", type=int, default=3, help="image channels (default 3)")
+    a("--dim", type=int, default=12, help="D (default 12)")
+    a("--patch-tile", type=int, default=None, help="patch rows per slot (default: what fits)")
+    a("--pe-rows", type=int, default=4, help="PE rows (default 4)")
+    a("--pe-cols", type=int, default=4, help="PE columns (default 4)")
+    a("--seed", type=int, default=0, help="workload and stall seed (default 0)")
+    a("--extremes", action="store_true", help="operands at their range ends")
+    a("--mem-bytes-per-cycle", type=float, default=16.0, help="external memory bandwidth (default 16)")
+    a("--latency", type=int, default=20, help="external memory latency (default 20)")
+    a("--stall-prob", type=float, default=0.0, help="random stall probability on memory and streams")
+    a("--json", metavar="FILE", help="write the report as JSON")
+    args = p.parse_args(argv)
+    try:
+        try:
+            img = tuple(int(v) for v in args.image.lower().split("x"))
+            if len(img) != 2:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--image must be HxW, not {args.image!r}") from None
+        for name in ("patch", "in_chans", "dim", "pe_rows", "pe_cols", "latency"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(args, name)}")
+        if not 0 <= args.stall_prob < 1:
+            raise ValueError(f"--stall-prob must be in [0, 1), not {args.stall_prob}")
+        if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            raise ValueError(f"--json: the directory of {args.json!r} does not exist")
+        rep = run_patch_embed(img=img, patch=args.patch, dim=args.dim, in_chans=args.in_chans,
+                              pe_rows=args.pe_rows, pe_cols=args.pe_cols, patch_tile=args.patch_tile,
+                              seed=args.seed, extremes=args.extremes,
+                              mem_bytes_per_cycle=args.mem_bytes_per_cycle, latency=args.latency,
+                              stall_prob=args.stall_prob)
+    except (TypeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"patch embedding {args.image} p{args.patch} D={args.dim} on {args.pe_rows}x{args.pe_cols}: "
+          f"bit_exact={rep['bit_exact']} ({rep['mismatches']} mismatches)")
+    print(f"  cycles {rep['cycles']}, {rep['macs_per_cycle']} MAC/cycle (peak {rep['peak_macs_per_cycle']}), "
+          f"GEMM {rep['gemm_cycles']}, waiting for patches {rep['patch_wait_cycles']} / weights "
+          f"{rep['weight_wait_cycles']}, residual init {rep['init_cycles']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=2)
+    return 0 if rep["bit_exact"] else 1

@@ -164,3 +164,16 @@ def test_verilog_and_embedding():
     cfg = embed_config(img=(4, 4), patch=2, dim=8)
     text = verilog.convert(EmbeddingHarness(PatchEmbed(cfg)), name="embed_top")
     assert "module embed_top" in text
+
+
+def test_cli_reports_and_refuses(tmp_path, capsys):
+    import json
+    from sim.patch_embed import main
+    out = tmp_path / "r.json"
+    assert main(["--image", "4x6", "--patch", "2", "--dim", "8", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["bit_exact"] and rep["mismatches"] == 0 and rep["macs"] == 6 * 12 * 8
+    assert main(["--image", "6y9"]) == 2
+    assert "--image must be HxW" in capsys.readouterr().err
+    assert main(["--image", "6x9", "--patch", "2"]) == 2
+    assert main(["--json", str(tmp_path / "no" / "r.json")]) == 2
