@@ -22,7 +22,7 @@ from reference.qparams import QDenseMlp, QLinear
 from sim.ext_memory import ExternalMemory
 from sim.testbench import Stalls, stream_get, stream_put
 
-__all__ = ["dense_config", "make_dense_workload", "DenseLayerSim", "IMAGE_BASE", "run_dense_layer", "main",
+__all__ = ["dense_config", "make_dense_workload", "DenseLayerSim", "NormMlpSim", "IMAGE_BASE", "run_dense_layer", "main",
            "words_of"]
 
 #: External byte address of the parameter image (not 0, so the base address is exercised).
@@ -249,3 +249,65 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=2)
     return 0 if rep["bit_exact"] else 1
+
+
+class NormMlpSim:
+    """One elaborated :class:`~m3vit_hw.dense.norm_mlp.NormMlp` (LayerNorm + MLP on one engine);
+    ``run(x, qln)`` returns the residual after ``x + mlp(layernorm(x))`` and the phase cycles."""
+
+    def __init__(self, config, qdense, *, token_tile=None, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0,
+                 seed=0, mem_data_bytes=16):
+        from m3vit_hw.dense.norm_mlp import NormMlp
+        self.config, self.qdense = config, qdense
+        hidden = np.asarray(qdense.fc1.w).shape[0]
+        self.dut = NormMlp(config, hidden=hidden, token_tile=token_tile, mem_data_bytes=mem_data_bytes)
+        self.image_bytes, self.layout = pack_dense(qdense, config, data_bytes=mem_data_bytes)
+        self.ln_base = IMAGE_BASE + -(-len(self.image_bytes) // 256) * 256
+        self.db = mem_data_bytes
+        self.mem_args = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
+                             seed=seed)
+        self.stall_prob, self.seed = stall_prob, seed
+
+    def run(self, x, qln, *, timeout=500_000):
+        from m3vit_hw.dense.norm_stage import pack_norm_params
+        dut, cfg = self.dut, self.config
+        C, T = cfg.pe_cols, x.shape[0]
+        recs = pack_norm_params(qln, cfg.model.dim, self.dut.norm.lanes, data_bytes=self.db)
+        backing = np.zeros(self.ln_base + len(recs), dtype=np.uint8)
+        backing[IMAGE_BASE:IMAGE_BASE + len(self.image_bytes)] = np.frombuffer(self.image_bytes, dtype=np.uint8)
+        backing[self.ln_base:] = np.frombuffer(recs, dtype=np.uint8)
+        mem = ExternalMemory(backing, **self.mem_args)
+        lut = np.asarray(self.qdense.gelu_lut, dtype=np.int64)
+        out = {}
+
+        async def host(ctx):
+            st = Stalls(self.stall_prob, self.seed + 5)
+            for a in range(256):
+                await stream_put(ctx, dut.load, {"target": DenseLoadTarget.GELU, "addr": a,
+                                                 "data": [int(lut[a])] + [0] * (C - 1)}, stalls=st)
+            for a, word in enumerate(words_of(x, C)):
+                await stream_put(ctx, dut.load, {"target": DenseLoadTarget.X, "addr": a,
+                                                 "data": [int(v) for v in word]}, stalls=st)
+            await stream_put(ctx, dut.start, {"tokens": T, "base": IMAGE_BASE, "ln_base": self.ln_base,
+                                              "fc1_shift": int(self.qdense.fc1.shift),
+                                              "fc2_shift": int(self.qdense.fc2.shift)}, stalls=st)
+            n = 0
+            while not ctx.get(dut.done):
+                await ctx.tick()
+                n += 1
+                if n > timeout:
+                    raise TimeoutError(f"NormMlp: no done within {timeout} cycles")
+            await ctx.tick()
+            out["norm_cycles"], out["mlp_cycles"] = int(ctx.get(dut.norm_cycles)), int(ctx.get(dut.mlp_cycles))
+            words = []
+            for a in range(T * cfg.row_words):
+                await stream_put(ctx, dut.rd_addr, a, stalls=st)
+                words.append([int(v) for v in await stream_get(ctx, dut.rd_data, stalls=st)])
+            out["x"] = np.array(words, dtype=np.int64).reshape(T, cfg.row_words * C)[:, :x.shape[1]]
+
+        sim = Simulator(dut)
+        sim.add_clock(1e-8)
+        sim.add_testbench(mem.serve(dut.mem), background=True)
+        sim.add_testbench(host)
+        sim.run()
+        return out
