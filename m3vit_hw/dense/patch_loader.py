@@ -11,12 +11,14 @@ input format (``reference.quantize.quantize_image``).
 
 Runs need not be aligned to the memory beat: each run reads the aligned beats that cover it (bursts
 split at ``max_burst`` and at 4 KiB boundaries by :class:`BurstRequester`) and a byte gearbox keeps
-only the run's bytes, packing them ``pe_cols`` to an activation word: up to ``min(pe_cols, data_bytes)``
-bytes per cycle. Patch row ``r`` of a command goes to words ``dst_base + r * dst_stride + 0 ..
+only the run's bytes, packing them ``pe_cols`` to an activation word: up to ``min(pe_cols, data_bytes) / 2``
+bytes per cycle. The gearbox is two register stages (extract the run's bytes from a beat; append them
+to the word being packed, or emit a word), so a 16-byte beat into 16-lane words moves 8 bytes a cycle.
+Patch row ``r`` of a command goes to words ``dst_base + r * dst_stride + 0 ..
 ceil(K / C) - 1`` (the last word's lanes past K hold junk the GEMM never reads).
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -171,13 +173,16 @@ class PatchLoader(wiring.Component):
         patch_addr = Signal(aw)                     # (py*p, px*p)
         run_addr = Signal(aw)                       # (py*p + kh, px*p)
         runs_left = Signal(range(mc.patches * p + 1))
-        desc = data.StructLayout({"off": range(db), "beats": range(rbm + 1), "row_last": 1})
-        m.submodules.descs = dq = fifo.SyncFIFO(width=desc.size, depth=4)
+        # A run's descriptor: its first beat's first byte and its last beat's end (both within a beat).
+        desc = data.StructLayout({"lo": range(db), "hi": range(1, db + 1), "beats": range(rbm + 1),
+                                  "row_last": 1})
+        m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=4)
         off = Signal(range(db))
         m.d.comb += off.eq(run_addr[:lb] if lb else 0)
         d_in = Signal(desc)
-        m.d.comb += [d_in.off.eq(off), d_in.beats.eq((off + run + db - 1) >> lb), d_in.row_last.eq(kh == p - 1),
-                     dq.w_data.eq(d_in)]
+        end_low = (off + (run - 1))[:lb] if lb else 0
+        m.d.comb += [d_in.lo.eq(off), d_in.hi.eq(end_low + 1), d_in.beats.eq((off + run + db - 1) >> lb),
+                     d_in.row_last.eq(kh == p - 1), dq.w_data.eq(d_in)]
         issue = gen_active & dq.w_rdy & rq.cmd.ready
         m.d.comb += [
             rq.cmd.valid.eq(gen_active & dq.w_rdy),
@@ -201,11 +206,37 @@ class PatchLoader(wiring.Component):
                     m.d.sync += [px.eq(px + 1), patch_addr.eq(patch_addr + run),
                                  run_addr.eq(patch_addr + run)]
 
-        # ---- gearbox: the runs' bytes -> words of C bytes ---------------------------------------
+        # ---- stage 1: a beat -> the run's bytes in it, at byte 0 ---------------------------------
         resp = self.mem.resp
         cur = Signal(desc)
         m.d.comb += cur.eq(dq.r_data)
         b = Signal(range(rbm + 1))                  # beat index within the run
+        last_beat = b == cur.beats - 1
+        lo = Mux(b == 0, cur.lo, 0)
+        hi = Mux(last_beat, cur.hi, db)
+        p_valid = Signal()
+        p_data = Signal(8 * db)
+        p_n = Signal(range(db + 1))
+        p_row_end = Signal()
+        p_take = Signal()
+        take = resp.valid & resp.ready
+        m.d.comb += resp.ready.eq(rx_active & dq.r_rdy & (~p_valid | p_take))
+        shifted = Signal(8 * db)
+        m.d.comb += shifted.eq(resp.payload.data >> (lo * 8))
+        with m.If(take):
+            m.d.sync += [p_valid.eq(1), p_n.eq(hi - lo), p_row_end.eq(last_beat & cur.row_last)]
+            for k in range(db):
+                # Bytes past the run's end in this beat are cleared (they would land in the next word).
+                m.d.sync += p_data[8 * k:8 * k + 8].eq(Mux(k < hi - lo, shifted[8 * k:8 * k + 8], 0))
+            with m.If(last_beat):
+                m.d.sync += b.eq(0)
+                m.d.comb += dq.r_en.eq(1)
+            with m.Else():
+                m.d.sync += b.eq(b + 1)
+        with m.Elif(p_take):
+            m.d.sync += p_valid.eq(0)
+
+        # ---- stage 2: append to the word being packed, or emit a word (never both) ---------------
         fill = Signal(range(C + db))
         acc = Signal(8 * (C + db))
         wcnt = Signal(range(kw + 1))
@@ -213,37 +244,13 @@ class PatchLoader(wiring.Component):
         rows_left = Signal(range(mc.patches + 1))
         dst_row = Signal(cfg.act_addr_bits)
         emit = rx_active & ((fill >= C) | (row_in_done & (fill != 0)))
-        fill_ae = Signal(range(C + db))
-        acc_ae = Signal(8 * (C + db))
-        m.d.comb += [
-            fill_ae.eq(Mux(emit, Mux(fill >= C, fill - C, 0), fill)),
-            acc_ae.eq(Mux(emit, acc >> (8 * C), acc)),
-        ]
-        lo = Signal(range(db))
-        hi = Signal(range(db + 1))
-        last_beat = b == cur.beats - 1
-        m.d.comb += [
-            lo.eq(Mux(b == 0, cur.off, 0)),
-            hi.eq(Mux(last_beat, (cur.off + run - 1)[:lb] + 1 if lb else 1, db)),
-        ]
-        n = Signal(range(db + 1))
-        m.d.comb += n.eq(hi - lo)
-        accept = rx_active & dq.r_rdy & ~row_in_done & (fill_ae < C)
-        m.d.comb += resp.ready.eq(accept)
-        take = resp.valid & accept
-        piece = Signal(8 * db)
-        m.d.comb += piece.eq((resp.payload.data >> (lo * 8)) & ((Const(1, 8 * db + 1) << (n * 8)) - 1))
-        with m.If(take):
-            m.d.sync += [acc.eq(acc_ae | (piece << (fill_ae * 8))), fill.eq(fill_ae + n)]
-            with m.If(last_beat):
-                m.d.sync += b.eq(0)
-                m.d.comb += dq.r_en.eq(1)
-                with m.If(cur.row_last):
-                    m.d.sync += row_in_done.eq(1)
-            with m.Else():
-                m.d.sync += b.eq(b + 1)
+        m.d.comb += p_take.eq(p_valid & ~emit & ~row_in_done)
+        with m.If(p_take):
+            m.d.sync += [acc.eq(acc | (p_data << (fill * 8))), fill.eq(fill + p_n)]
+            with m.If(p_row_end):
+                m.d.sync += row_in_done.eq(1)
         with m.Elif(emit):
-            m.d.sync += [acc.eq(acc_ae), fill.eq(fill_ae)]
+            m.d.sync += [acc.eq(acc >> (8 * C)), fill.eq(Mux(fill >= C, fill - C, 0))]
 
         m.d.comb += [self.act_wr.addr.eq(dst_row + wcnt), self.act_wr.en.eq(Mux(emit, (1 << C) - 1, 0))]
         for j in range(C):
