@@ -12,8 +12,8 @@ input format (``reference.quantize.quantize_image``).
 Runs need not be aligned to the memory beat: each run reads the aligned beats that cover it (bursts
 split at ``max_burst`` and at 4 KiB boundaries by :class:`BurstRequester`) and a byte gearbox keeps
 only the run's bytes, packing them ``pe_cols`` to an activation word: up to ``min(pe_cols, data_bytes) / 2``
-bytes per cycle. The gearbox is two register stages (extract the run's bytes from a beat; append them
-to the word being packed, or emit a word), so a 16-byte beat into 16-lane words moves 8 bytes a cycle.
+bytes per cycle. The gearbox is three register stages (a beat with its byte bounds; the run's bytes
+moved to byte 0; appended to the word being packed, or a word emitted), so a 16-byte beat into 16-lane words moves 8 bytes a cycle.
 Patch row ``r`` of a command goes to words ``dst_base + r * dst_stride + 0 ..
 ceil(K / C) - 1`` (the last word's lanes past K hold junk the GEMM never reads).
 """
@@ -211,37 +211,48 @@ class PatchLoader(wiring.Component):
                     m.d.sync += [px.eq(px + 1), patch_addr.eq(patch_addr + run),
                                  run_addr.eq(patch_addr + run)]
 
-        # ---- stage 1: a beat -> the run's bytes in it, at byte 0 ---------------------------------
+        # ---- stage 1: a beat with the bounds of the run's bytes in it ----------------------------
         resp = self.mem.resp
         cur = Signal(desc)
         m.d.comb += cur.eq(dq.r_data)
         b = Signal(range(rbm + 1))                  # beat index within the run
         last_beat = b == cur.beats - 1
-        lo = Mux(b == 0, cur.lo, 0)
-        hi = Mux(last_beat, cur.hi, db)
-        p_valid = Signal()
-        p_data = Signal(8 * db)
-        p_n = Signal(range(db + 1))
-        p_row_end = Signal()
-        p_take = Signal()
-        take = resp.valid & resp.ready
-        m.d.comb += resp.ready.eq(rx_active & dq.r_rdy & (~p_valid | p_take))
-        shifted = Signal(8 * db)
-        m.d.comb += shifted.eq(resp.payload.data >> (lo * 8))
-        with m.If(take):
-            m.d.sync += [p_valid.eq(1), p_n.eq(hi - lo), p_row_end.eq(last_beat & cur.row_last)]
-            for k in range(db):
-                # Bytes past the run's end in this beat are cleared (they would land in the next word).
-                m.d.sync += p_data[8 * k:8 * k + 8].eq(Mux(k < hi - lo, shifted[8 * k:8 * k + 8], 0))
+        q_valid = Signal()
+        q_data = Signal(8 * db)
+        q_lo = Signal(range(db))
+        q_hi = Signal(range(db + 1))
+        q_row_end = Signal()
+        q_take = Signal()
+        m.d.comb += resp.ready.eq(rx_active & dq.r_rdy & (~q_valid | q_take))
+        with m.If(resp.valid & resp.ready):
+            m.d.sync += [q_valid.eq(1), q_data.eq(resp.payload.data), q_lo.eq(Mux(b == 0, cur.lo, 0)),
+                         q_hi.eq(Mux(last_beat, cur.hi, db)), q_row_end.eq(last_beat & cur.row_last)]
             with m.If(last_beat):
                 m.d.sync += b.eq(0)
                 m.d.comb += dq.r_en.eq(1)
             with m.Else():
                 m.d.sync += b.eq(b + 1)
+        with m.Elif(q_take):
+            m.d.sync += q_valid.eq(0)
+
+        # ---- stage 2: the run's bytes moved to byte 0, the rest cleared --------------------------
+        p_valid = Signal()
+        p_data = Signal(8 * db)
+        p_n = Signal(range(db + 1))
+        p_row_end = Signal()
+        p_take = Signal()
+        m.d.comb += q_take.eq(q_valid & (~p_valid | p_take))
+        masked = Signal(8 * db)
+        for k in range(db):
+            # Bytes outside [lo, hi) belong to other runs (or to nothing): cleared before the shift.
+            m.d.comb += masked[8 * k:8 * k + 8].eq(Mux((q_lo <= k) & (k < q_hi), q_data[8 * k:8 * k + 8], 0))
+        with m.If(q_take):
+            m.d.sync += [p_valid.eq(1), p_data.eq(masked >> (q_lo * 8)), p_n.eq(q_hi - q_lo),
+                         p_row_end.eq(q_row_end)]
         with m.Elif(p_take):
             m.d.sync += p_valid.eq(0)
 
-        # ---- stage 2: append to the word being packed, or emit a word (never both) ---------------
+        # ---- stage 3: append to the word being packed, or emit a word (never both) ---------------
         fill = Signal(range(C + db))
         acc = Signal(8 * (C + db))
         wcnt = Signal(range(kw + 1))
