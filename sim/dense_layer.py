@@ -116,13 +116,9 @@ class DenseLayerSim:
         C = cfg.pe_cols
         mem = ExternalMemory(self.image, **self.mem_args)
         results = [None] * len(runs)
-        lut = np.asarray(self.qdense.gelu_lut, dtype=np.int64)
 
         async def host(ctx):
             st = Stalls(self.stall_prob, self.seed + 7)
-            for a in range(256):
-                await stream_put(ctx, dut.load, {"target": DenseLoadTarget.GELU, "addr": a,
-                                                 "data": [int(lut[a])] + [0] * (C - 1)}, stalls=st)
             for r, (h, x) in enumerate(runs):
                 t0 = time.time()
                 T = h.shape[0]
@@ -277,14 +273,10 @@ class NormMlpSim:
         backing[IMAGE_BASE:IMAGE_BASE + len(self.image_bytes)] = np.frombuffer(self.image_bytes, dtype=np.uint8)
         backing[self.ln_base:] = np.frombuffer(recs, dtype=np.uint8)
         mem = ExternalMemory(backing, **self.mem_args)
-        lut = np.asarray(self.qdense.gelu_lut, dtype=np.int64)
         out = {}
 
         async def host(ctx):
             st = Stalls(self.stall_prob, self.seed + 5)
-            for a in range(256):
-                await stream_put(ctx, dut.load, {"target": DenseLoadTarget.GELU, "addr": a,
-                                                 "data": [int(lut[a])] + [0] * (C - 1)}, stalls=st)
             for a, word in enumerate(words_of(x, C)):
                 await stream_put(ctx, dut.load, {"target": DenseLoadTarget.X, "addr": a,
                                                  "data": [int(v) for v in word]}, stalls=st)

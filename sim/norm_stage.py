@@ -11,7 +11,6 @@ import time
 import numpy as np
 from amaranth.hdl import Module, signed
 from amaranth.lib import data, memory, wiring
-from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
 
 from m3vit_hw import numerics

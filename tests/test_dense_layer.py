@@ -81,7 +81,8 @@ def test_extremes_saturate():
 
 
 def test_layout_reproduces_golden_operands():
-    """Unpacking the image's panels and parameter words gives back fc1 and fc2, tiles fit a half."""
+    """Unpacking the image gives back the GELU table, fc1 and fc2 (panels and parameter words); tiles fit
+    a half."""
     cfg = dense_config(dim=12, tokens=5, hidden=40, weight_buffer_bytes=512)
     q = make_dense_workload(12, 40, 5, seed=7)["qdense"]
     image, lay = pack_dense(q, cfg)
@@ -102,6 +103,8 @@ def test_layout_reproduces_golden_operands():
         assert np.array_equal(bias[kind], qk.bias) and np.array_equal(mult[kind], qk.mult), \
             f"layout: {kind} parameters differ"
     assert [t.kind for t in lay.tiles].index("fc2") == next(t.index for t in lay.tiles if t.first_fc2)
+    assert np.array_equal(np.frombuffer(image[:256], dtype=np.int8), q.gelu_lut), "layout: GELU table"
+    assert lay.tiles[0].w_offset == lay.lut_bytes
 
 
 def test_buffer_map_token_tile():

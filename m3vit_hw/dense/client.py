@@ -8,8 +8,8 @@ encoder's shared datapath) connects it with :func:`connect_client`, so several s
 on one engine through a simple multiplexer of this one signature.
 """
 
-from amaranth.hdl import unsigned
-from amaranth.lib import stream, wiring
+from amaranth.hdl import signed
+from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
@@ -40,6 +40,8 @@ class GemmClientSignature(wiring.Signature):
         Both buffers' current halves are FULL (``wbuf.read.tile.valid & pbuf.read.tile.valid``).
     release : Out(1)
         Release both current halves (drives both ``tile.ready``).
+    gelu_lut : Out(memory.WritePort.Signature(ACT_BITS, signed(ACT_BITS)))
+        The engine's GELU table (a sequencer that never writes it leaves ``en`` low).
     """
 
     def __init__(self, config, addr_width, tag_width=DEFAULT_TAG_WIDTH):
@@ -54,6 +56,8 @@ class GemmClientSignature(wiring.Signature):
             "pcmd": Out(scmd),
             "tile_valid": In(1),
             "release": Out(1),
+            "gelu_lut": Out(memory.WritePort.Signature(addr_width=numerics.ACT_BITS,
+                                                       shape=signed(numerics.ACT_BITS))),
         })
 
     def __eq__(self, other):
@@ -77,6 +81,9 @@ def connect_client(m, client, engine, wstream, pstream, wbuf, pbuf):
         client.tile_valid.eq(wbuf.read.tile.valid & pbuf.read.tile.valid),
         wbuf.read.tile.ready.eq(client.release),
         pbuf.read.tile.ready.eq(client.release),
+        engine.gelu_lut.addr.eq(client.gelu_lut.addr),
+        engine.gelu_lut.data.eq(client.gelu_lut.data),
+        engine.gelu_lut.en.eq(client.gelu_lut.en),
     ]
 
 

@@ -39,8 +39,8 @@ will.
 
 Use
 ---
-Place the :func:`~m3vit_hw.dense.dense_layout.pack_dense` image in external memory; load the GELU table,
-``h`` and ``x`` through ``load`` (while idle); send ``start``
+Place the :func:`~m3vit_hw.dense.dense_layout.pack_dense` image (GELU table, weights, parameters) in
+external memory; load ``h`` and ``x`` through ``load`` (while idle); send ``start``
 (:func:`~m3vit_hw.dense.dense_layout.start_fields`); wait for ``done``; read ``x`` back.
 
 Counters (reset by ``start``, valid after ``done``)
@@ -64,6 +64,7 @@ from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_B
 from ..moe.weight_buffer import WeightBuffer
 from ..moe.weight_streamer import WeightStreamer
 from .client import GemmClientSignature, connect_client, connect_weight_reads
+from .patch_loader import BurstRequester
 from .dense_layout import dense_buffer_map, plan_dense
 
 __all__ = ["DenseLayer", "DenseSequencer", "DenseStartLayout", "DenseLoadLayout", "DenseLoadTarget", "DensePhase"]
@@ -75,12 +76,11 @@ class DensePhase(enum.Enum, shape=1):
     FC2 = 1
 
 
-class DenseLoadTarget(enum.Enum, shape=2):
-    """Where a ``load`` beat goes: ``H`` (activation word ``addr``, low 8 bits of each lane), ``X``
-    (residual word ``addr``) or ``GELU`` (table entry ``addr``, lane 0's low 8 bits)."""
+class DenseLoadTarget(enum.Enum, shape=1):
+    """Where a ``load`` beat goes: ``H`` (activation word ``addr``, low 8 bits of each lane) or ``X``
+    (residual word ``addr``). (The GELU table comes from the parameter image.)"""
     H = 0
     X = 1
-    GELU = 2
 
 
 class DenseLoadLayout(data.StructLayout):
@@ -89,7 +89,7 @@ class DenseLoadLayout(data.StructLayout):
     def __init__(self, config):
         super().__init__({
             "target": DenseLoadTarget,
-            "addr": unsigned(max(config.act_addr_bits, config.res_addr_bits, numerics.ACT_BITS)),
+            "addr": unsigned(max(config.act_addr_bits, config.res_addr_bits)),
             "data": data.ArrayLayout(signed(numerics.RES_BITS), config.pe_cols),
         })
 
@@ -131,9 +131,9 @@ class DenseLayer(wiring.Component):
         Pulses when the last fc2 result is in the residual buffer.
     busy : Out(1)
     mem : Out(ReadPortSignature(...))
-        Weights and column parameters.
+        GELU table, weights and column parameters.
     load : In(stream.Signature(DenseLoadLayout(config)))
-        Preloads ``h``, ``x`` and the GELU table; ready while idle.
+        Preloads ``h`` and ``x``; ready while idle.
     rd_addr : In(stream.Signature(unsigned(res_addr_bits)))
     rd_data : Out(stream.Signature(ArrayLayout(signed(16), pe_cols)))
         Residual read-back, one word per address, in order; ready while idle.
@@ -160,7 +160,7 @@ class DenseLayer(wiring.Component):
             if self._layout.image_bytes >= 1 << mem_addr_width:
                 raise ValueError(f"mem_addr_width={mem_addr_width} cannot address the "
                                  f"{self._layout.image_bytes}-byte dense MLP image")
-            self.arbiter = ReadArbiter(2, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+            self.arbiter = ReadArbiter(3, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
                                        max_burst=mem_max_burst)
         except (TypeError, ValueError):
             self._MustUse__silence = True
@@ -181,8 +181,8 @@ class DenseLayer(wiring.Component):
         #: The buffers, owned here (exposed for testbenches and for the shared datapath to take over).
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
-        self.sequencer = DenseSequencer(config, lay, bm, addr_width=mem_addr_width,
-                                        counter_width=counter_width)
+        self.sequencer = DenseSequencer(config, lay, bm, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                        max_burst=mem_max_burst, counter_width=counter_width)
         cw = counter_width
         super().__init__({
             "start": In(stream.Signature(DenseStartLayout(config, mem_addr_width))),
@@ -222,6 +222,7 @@ class DenseLayer(wiring.Component):
         # ---- external memory ---------------------------------------------------------------------
         wiring.connect(m, self.wstream.mem, self.arbiter.masters[0])
         wiring.connect(m, self.pstream.mem, self.arbiter.masters[1])
+        wiring.connect(m, seq.lut_mem, self.arbiter.masters[2])
         wiring.connect(m, self.arbiter.mem, wiring.flipped(self.mem))
         wiring.connect(m, self.wstream.buf, self.wbuf.write)
         wiring.connect(m, self.pstream.buf, self.pbuf.write)
@@ -264,11 +265,6 @@ class DenseLayer(wiring.Component):
             ]
             for c in range(C):
                 m.d.comb += act_w.data[c].eq(ld.payload.data[c][:numerics.ACT_BITS])
-        m.d.comb += [
-            eng.gelu_lut.addr.eq(ld.payload.addr[:numerics.ACT_BITS]),
-            eng.gelu_lut.data.eq(ld.payload.data[0][:numerics.ACT_BITS]),
-            eng.gelu_lut.en.eq(ld_go & (ld.payload.target == DenseLoadTarget.GELU)),
-        ]
         rb = res.read_port()
         rq, rd = self.rd_addr, self.rd_data
         m.d.comb += [
@@ -293,8 +289,8 @@ class DenseSequencer(wiring.Component):
     config : AcceleratorConfig
     layout : DenseLayout
     buffer_map : DenseBufferMap
-    addr_width : int
-        External address width.
+    addr_width, data_bytes, max_burst : int
+        The external-memory read port (``lut_mem``; weights go through the client's streamers).
     counter_width : int
 
     Interface attributes
@@ -302,18 +298,25 @@ class DenseSequencer(wiring.Component):
     start : In(stream.Signature(DenseStartLayout(config, addr_width)))
     done, busy : Out(1)
     client : Out(GemmClientSignature(config, addr_width))
+    lut_mem : Out(ReadPortSignature(addr_width, data_bytes, max_burst))
+        Reads the layer's GELU table (the image's first ``lut_bytes``) into ``client.gelu_lut`` after
+        ``start``; the first GEMM waits for it.
     cycles, compute_cycles, wait_cycles : Out(counter_width)
     phase_cycles : Out(ArrayLayout(counter_width, 2))
     """
 
-    def __init__(self, config, layout, buffer_map, *, addr_width, counter_width=32):
+    def __init__(self, config, layout, buffer_map, *, addr_width, data_bytes, max_burst, counter_width=32):
         self._config, self._layout, self._bmap, self._aw = config, layout, buffer_map, addr_width
+        self._db = data_bytes
+        self.lut_reader = BurstRequester(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst,
+                                         max_beats=layout.lut_bytes // data_bytes)
         cw = counter_width
         super().__init__({
             "start": In(stream.Signature(DenseStartLayout(config, addr_width))),
             "done": Out(1),
             "busy": Out(1),
             "client": Out(GemmClientSignature(config, addr_width)),
+            "lut_mem": Out(ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)),
             "cycles": Out(cw),
             "compute_cycles": Out(cw),
             "wait_cycles": Out(cw),
@@ -359,6 +362,36 @@ class DenseSequencer(wiring.Component):
         with m.If(start):
             m.d.sync += [prm.eq(self.start.payload), running.eq(1)]
         T = prm.tokens
+
+        # ---- GELU table: the image's first bytes, one entry per cycle into the engine ------------
+        db = self._db
+        m.submodules.lut_reader = lr = self.lut_reader
+        wiring.connect(m, lr.req, wiring.flipped(self.lut_mem.req))
+        lut_issued = Signal()
+        lut_idx = Signal(range((1 << numerics.ACT_BITS) + 1))
+        lut_byte = Signal(range(db))
+        lut_done = Signal()
+        m.d.comb += [lr.cmd.valid.eq(running & ~lut_issued), lr.cmd.payload.addr.eq(prm.base),
+                     lr.cmd.payload.beats.eq(lay.lut_bytes // db)]
+        lresp = self.lut_mem.resp
+        last_byte = lut_byte == db - 1
+        m.d.comb += [
+            cl.gelu_lut.addr.eq(lut_idx), cl.gelu_lut.en.eq(lresp.valid & (lut_idx < 1 << numerics.ACT_BITS)),
+            lresp.ready.eq(last_byte),
+        ]
+        with m.Switch(lut_byte):
+            for k in range(db):
+                with m.Case(k):
+                    m.d.comb += cl.gelu_lut.data.eq(lresp.payload.data[8 * k:8 * k + 8])
+        with m.If(start):
+            m.d.sync += [lut_issued.eq(0), lut_idx.eq(0), lut_byte.eq(0), lut_done.eq(0)]
+        with m.Else():
+            with m.If(lr.cmd.valid & lr.cmd.ready):
+                m.d.sync += lut_issued.eq(1)
+            with m.If(lresp.valid):
+                m.d.sync += [lut_byte.eq(Mux(last_byte, 0, lut_byte + 1)), lut_idx.eq(lut_idx + 1)]
+                with m.If(lut_idx == (1 << numerics.ACT_BITS) - 1):
+                    m.d.sync += lut_done.eq(1)
 
         # ---- fetch sequencer: the tile plan once per token tile ----------------------------------
         tok_w = range(cfg.token_capacity + 1)
@@ -410,7 +443,7 @@ class DenseSequencer(wiring.Component):
                     m.next = "WAIT_TILE"
             with m.State("WAIT_TILE"):
                 # While the release is in flight, ``tile.valid`` still shows the released half.
-                with m.If(cl.tile_valid & ~inflight):
+                with m.If(cl.tile_valid & ~inflight & lut_done):
                     m.next = "ISSUE"
             with m.State("ISSUE"):
                 m.d.comb += [

@@ -25,11 +25,12 @@ activation buffer leaves room for (capped at the token capacity).
 
 Image
 -----
-``pack_dense`` returns one byte image (offset 0 = the sub-layer's base address): the tiles in plan
-order, each ``[weight panels][parameter words]``, every piece aligned and padded to the memory beat.
+``pack_dense`` returns one byte image (offset 0 = the sub-layer's base address): the 256-entry GELU
+table (byte ``i`` = ``gelu_lut[i]``, the output for input ``i - 128``; padded to the memory beat), then
+the tiles in plan order, each ``[weight panels][parameter words]``, every piece aligned and padded to
+the memory beat.
 """
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +154,7 @@ class DenseLayout:
     hidden: int
     pe_cols: int
     data_bytes: int
+    lut_bytes: int
     weight_half_bytes: int
     param_half_words: int
     param_word_bytes: int
@@ -167,7 +169,7 @@ class DenseLayout:
 
     @property
     def weight_bytes(self):
-        """Bytes fetched per pass of the plan (one token tile)."""
+        """Weight and parameter bytes fetched per pass of the plan (one token tile)."""
         return sum(t.w_bytes + t.p_bytes for t in self.tiles)
 
     def describe(self):
@@ -213,7 +215,8 @@ def plan_dense(config, *, hidden=None, data_bytes=16):
     if p_half_words < 1:
         raise ValueError(f"param_buffer_words must be >= 2, not {config.param_buffer_words}")
     tiles = []
-    offset = 0
+    lut_bytes = _round_up(1 << numerics.ACT_BITS, data_bytes)
+    offset = lut_bytes
     for kind, k, n in (("fc1", D, hidden), ("fc2", hidden, D)):
         panel = k * word
         per_tile = min(half // panel, p_half_words)
@@ -232,7 +235,8 @@ def plan_dense(config, *, hidden=None, data_bytes=16):
                                    first_fc2=kind == "fc2" and ci == 0))
             offset += w_bytes + p_bytes
             first += count
-    return DenseLayout(dim=D, hidden=hidden, pe_cols=C, data_bytes=data_bytes, weight_half_bytes=half,
+    return DenseLayout(dim=D, hidden=hidden, pe_cols=C, data_bytes=data_bytes, lut_bytes=lut_bytes,
+                       weight_half_bytes=half,
                        param_half_words=p_half_words, param_word_bytes=pwb, tiles=tuple(tiles),
                        image_bytes=offset)
 
@@ -256,6 +260,11 @@ def pack_dense(qdense, config, *, data_bytes=16):
     ops = {"fc1": (w1.T, qdense.fc1), "fc2": (w2.T, qdense.fc2)}
     C = layout.pe_cols
     image = bytearray(layout.image_bytes)
+    lut = np.asarray(qdense.gelu_lut, dtype=np.int64)
+    lo, hi = numerics.int_range(numerics.ACT_BITS)
+    if lut.shape != (1 << numerics.ACT_BITS,) or lut.min() < lo or lut.max() > hi:
+        raise ValueError(f"qdense.gelu_lut must be {1 << numerics.ACT_BITS} int8 entries, not shape {lut.shape}")
+    image[:lut.size] = (lut & 0xFF).astype(np.uint8).tobytes()
     for t in layout.tiles:
         b, q = ops[t.kind]
         cols = slice(t.n0, t.n0 + t.n)

@@ -11,7 +11,7 @@ port                    LayerNorm phase                     MLP phase
 residual read           :class:`NormStage` (``x`` rows)     engine ``res_rd`` (RESADD)
 activation write        :class:`NormStage` (``h`` rows)     engine ``act_wr`` (GELU8 hidden rows)
 residual write          --                                  engine ``res_wr``
-external memory         NormStage records (master 2)        weight/param streamers (masters 0, 1)
+external memory         NormStage records (master 2)        GELU table (3), streamers (0, 1)
 ======================  ==================================  ==========================================
 
 The MLP's :class:`~m3vit_hw.dense.dense_layer.DenseSequencer` starts when the LayerNorm is done (its
@@ -69,7 +69,7 @@ class NormMlp(wiring.Component):
     done, busy : Out(1)
     mem : Out(ReadPortSignature(...))
     load : In(stream.Signature(DenseLoadLayout(config)))
-        ``X`` (residual words) and ``GELU`` (table) while idle (``H`` is ignored: the LayerNorm makes h).
+        ``X`` (residual words) while idle (``H`` is ignored: the LayerNorm makes h).
     rd_addr, rd_data
         Residual read-back while idle.
     norm_cycles, mlp_cycles : Out(counter_width)
@@ -96,12 +96,13 @@ class NormMlp(wiring.Component):
         C = config.pe_cols
         mport = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
         self.engine = GemmEngine(config)
-        self.arbiter = ReadArbiter(3, **mport)
+        self.arbiter = ReadArbiter(4, **mport)
         self.wbuf = WeightBuffer(lay.weight_half_bytes, C * numerics.WEIGHT_BITS // 8, write_bytes=mem_data_bytes)
         self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=mem_data_bytes)
         self.wstream = WeightStreamer(lay.weight_half_bytes, **mport)
         self.pstream = WeightStreamer(lay.param_half_bytes, **mport)
-        self.mlp = DenseSequencer(config, lay, bm, addr_width=mem_addr_width, counter_width=counter_width)
+        self.mlp = DenseSequencer(config, lay, bm, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                  max_burst=mem_max_burst, counter_width=counter_width)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
@@ -140,6 +141,7 @@ class NormMlp(wiring.Component):
         wiring.connect(m, self.wstream.mem, self.arbiter.masters[0])
         wiring.connect(m, self.pstream.mem, self.arbiter.masters[1])
         wiring.connect(m, nrm.mem, self.arbiter.masters[2])
+        wiring.connect(m, mlp.lut_mem, self.arbiter.masters[3])
         wiring.connect(m, self.arbiter.mem, wiring.flipped(self.mem))
         wiring.connect(m, self.wstream.buf, self.wbuf.write)
         wiring.connect(m, self.pstream.buf, self.pbuf.write)
@@ -209,11 +211,6 @@ class NormMlp(wiring.Component):
         with m.Else():
             m.d.comb += [res_w.addr.eq(ld.payload.addr), res_w.data.eq(ld.payload.data),
                          res_w.en.eq(Mux(ld_go & (ld.payload.target == DenseLoadTarget.X), (1 << C) - 1, 0))]
-        m.d.comb += [
-            eng.gelu_lut.addr.eq(ld.payload.addr[:numerics.ACT_BITS]),
-            eng.gelu_lut.data.eq(ld.payload.data[0][:numerics.ACT_BITS]),
-            eng.gelu_lut.en.eq(ld_go & (ld.payload.target == DenseLoadTarget.GELU)),
-        ]
         rb = res.read_port()
         rq, rd = self.rd_addr, self.rd_data
         m.d.comb += [

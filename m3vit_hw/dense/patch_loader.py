@@ -23,7 +23,6 @@ from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from ..checks import check_int as _check_int
 from ..config import AcceleratorConfig
 from ..lib.mem_port import (BOUNDARY_BYTES, DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST,
                             ReadPortSignature, ReadRequestLayout)
