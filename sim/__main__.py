@@ -7,6 +7,10 @@ moe-layer
     (:mod:`sim.moe_layer`).
 attention-layer
     One attention sub-layer in Amaranth's simulator against the golden model (:mod:`sim.attention_layer`).
+dense-layer
+    One dense MLP sub-layer in Amaranth's simulator against the golden model (:mod:`sim.dense_layer`).
+patch-embed
+    The patch embedding from a uint8 HWC image in external memory (:mod:`sim.patch_embed`).
 bench-gemm
     GEMM engine cycles and MAC/cycle for one shape (:mod:`sim.bench_gemm`).
 synth
@@ -20,6 +24,8 @@ __all__ = ["main"]
 _COMMANDS = {
     "moe-layer": ("sim.moe_layer", "one MoE layer (router, expert queues, reordering, experts) vs golden"),
     "attention-layer": ("sim.attention_layer", "one attention sub-layer (QKV, QK^T, softmax, AV, proj) vs golden"),
+    "dense-layer": ("sim.dense_layer", "one dense MLP sub-layer (fc1 GELU, fc2 residual add) vs golden"),
+    "patch-embed": ("sim.patch_embed", "patch embedding from the uint8 HWC camera image vs golden"),
     "bench-gemm": ("sim.bench_gemm", "GEMM engine cycles and MAC/cycle for one shape"),
     "synth": ("sim.synth_report", "yosys synth_xilinx resource estimate of a unit"),
 }

@@ -1,0 +1,296 @@
+"""``PatchLoader``: unfolds the camera image in external memory into patch rows of the activation buffer.
+
+The image is the camera's uint8 RGB frame, row-major HWC: pixel ``(y, x)`` channel ``c`` is the byte at
+``img_base + (y * W + x) * Cin + c``. Unfolding is the loader's address pattern, not host
+preprocessing: patch ``(py, px)`` (raster order) is ``p`` *runs* of ``p * Cin`` contiguous bytes, run
+``kh`` at ``img_base + ((py*p + kh) * W + px*p) * Cin``. A patch row therefore holds its
+``K = p * p * Cin`` features in ``(kh, kw, c)`` order; the embedding layout
+(:mod:`m3vit_hw.dense.embed_layout`) orders the patch-embedding weight's columns the same way, so the
+GEMM is unchanged. Every byte becomes the int8 ``pixel - 128`` (its top bit flipped), the encoder's
+input format (``reference.quantize.quantize_image``).
+
+Runs need not be aligned to the memory beat: each run reads the aligned beats that cover it (bursts
+split at ``max_burst`` and at 4 KiB boundaries by :class:`BurstRequester`) and a byte gearbox keeps
+only the run's bytes, packing them ``pe_cols`` to an activation word: up to ``min(pe_cols, data_bytes) / 2``
+bytes per cycle. The gearbox is three register stages (a beat with its byte bounds; the run's bytes
+moved to byte 0; appended to the word being packed, or a word emitted), so a 16-byte beat into 16-lane words moves 8 bytes a cycle.
+Patch row ``r`` of a command goes to words ``dst_base + r * dst_stride + 0 ..
+ceil(K / C) - 1`` (the last word's lanes past K hold junk the GEMM never reads).
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .. import numerics
+from ..config import AcceleratorConfig
+from ..lib.mem_port import (BOUNDARY_BYTES, DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST,
+                            ReadPortSignature, ReadRequestLayout)
+
+__all__ = ["BurstRequester", "PatchLoader", "PatchLoadLayout"]
+
+
+class BurstRequester(wiring.Component):
+    """Turns ``{addr, beats}`` reads of any length into legal read requests (at most ``max_burst``
+    beats, never crossing a 4 KiB boundary), in order. ``cmd.ready`` is high when the previous
+    command's requests have all been sent. ``addr`` must be a multiple of ``data_bytes``."""
+
+    def __init__(self, *, addr_width, data_bytes, max_burst, max_beats):
+        self._aw, self._db, self._mb = addr_width, data_bytes, max_burst
+        super().__init__({
+            "cmd": In(stream.Signature(data.StructLayout({"addr": unsigned(addr_width),
+                                                          "beats": range(max_beats + 1)}))),
+            "req": Out(stream.Signature(ReadRequestLayout(addr_width, max_burst))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        db = self._db
+        lb = db.bit_length() - 1
+        addr = Signal(self._aw)
+        left = Signal.like(self.cmd.payload.beats)
+        # The next burst's length is registered (one cycle after the command or the previous request)
+        # so that the request's address adder does not follow the three-way minimum.
+        burst = Signal(range(self._mb + 1))
+        have = Signal()                             # ``burst`` is the length of the request at ``addr``
+        page_beats = BOUNDARY_BYTES // db
+        page_bits = BOUNDARY_BYTES.bit_length() - 1
+        beat_in_page = addr[lb:page_bits] if self._aw > lb else 0
+        room = Signal(range(page_beats + 1))
+        capped = Mux(left > self._mb, self._mb, left)
+        m.d.comb += room.eq(page_beats - beat_in_page)
+        m.d.comb += [
+            self.cmd.ready.eq(left == 0),
+            self.req.valid.eq(have),
+            self.req.payload.addr.eq(addr),
+            self.req.payload.beats.eq(burst),
+        ]
+        with m.If(self.cmd.valid & self.cmd.ready):
+            m.d.sync += [addr.eq(self.cmd.payload.addr), left.eq(self.cmd.payload.beats)]
+        with m.Elif(self.req.valid & self.req.ready):
+            m.d.sync += [addr.eq(addr + (burst << lb)), left.eq(left - burst), have.eq(0)]
+        with m.Elif((left != 0) & ~have):
+            m.d.sync += [burst.eq(Mux(capped > room, room, capped)), have.eq(1)]
+        return m
+
+
+class PatchLoadLayout(data.StructLayout):
+    """A load command: ``count`` patch rows (the next ones in raster order, or from patch 0 with
+    ``restart``, which also takes ``img_base``) to activation words ``dst_base + r * dst_stride``."""
+
+    def __init__(self, config, addr_width):
+        super().__init__({
+            "img_base": unsigned(addr_width),
+            "restart": 1,
+            "count": range(config.model.patches + 1),
+            "dst_base": unsigned(config.act_addr_bits),
+            "dst_stride": unsigned(config.act_addr_bits),
+        })
+
+
+class PatchLoader(wiring.Component):
+    """Image -> patch rows (see the module docstring).
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+        ``model.img_size``, ``patch_size``, ``in_chans``; ``pe_cols``; ``act_addr_bits``.
+    mem_addr_width, mem_data_bytes, mem_max_burst : int
+        The external-memory read port.
+
+    Interface attributes
+    --------------------
+    cmd : In(stream.Signature(PatchLoadLayout(config, mem_addr_width)))
+        Accepted when idle.
+    done : Out(1)
+        Pulses when a command's last row is written.
+    busy : Out(1)
+    mem : Out(ReadPortSignature(...))
+    act_wr : In(memory.WritePort.Signature(act_addr_bits, ArrayLayout(signed(8), pe_cols), granularity=1))
+    """
+
+    def __init__(self, config, *, mem_addr_width=DEFAULT_ADDR_WIDTH, mem_data_bytes=DEFAULT_DATA_BYTES,
+                 mem_max_burst=DEFAULT_MAX_BURST):
+        try:
+            if not isinstance(config, AcceleratorConfig):
+                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                               max_burst=mem_max_burst)
+            m = config.model
+            frame = m.img_size[0] * m.img_size[1] * m.in_chans
+            if frame >= 1 << mem_addr_width:
+                raise ValueError(f"mem_addr_width={mem_addr_width} cannot address a {frame}-byte image")
+        except (TypeError, ValueError):
+            self._MustUse__silence = True
+            raise
+        self._config = config
+        self._aw, self._db, self._mb = mem_addr_width, mem_data_bytes, mem_max_burst
+        run = m.patch_size * m.in_chans
+        self._run_beats_max = -(-(mem_data_bytes - 1 + run) // mem_data_bytes)
+        self.requester = BurstRequester(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                        max_burst=mem_max_burst, max_beats=self._run_beats_max)
+        C = config.pe_cols
+        super().__init__({
+            "cmd": In(stream.Signature(PatchLoadLayout(config, mem_addr_width))),
+            "done": Out(1),
+            "busy": Out(1),
+            "mem": Out(ReadPortSignature(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
+                                         max_burst=mem_max_burst)),
+            "act_wr": In(memory.WritePort.Signature(addr_width=config.act_addr_bits,
+                                                    shape=data.ArrayLayout(signed(numerics.ACT_BITS), C),
+                                                    granularity=1)),
+        })
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def row_words(self):
+        """Activation words per patch row, ``ceil(K / pe_cols)``."""
+        return -(-self._config.model.patch_dim // self._config.pe_cols)
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        mc = cfg.model
+        C, db, aw = cfg.pe_cols, self._db, self._aw
+        lb = db.bit_length() - 1
+        p, cin = mc.patch_size, mc.in_chans
+        H, W = mc.img_size
+        gw = mc.grid[1]
+        run = p * cin                               # bytes per run
+        kw = self.row_words
+        rbm = self._run_beats_max
+        m.submodules.requester = rq = self.requester
+        wiring.connect(m, rq.req, wiring.flipped(self.mem.req))
+
+        c = Signal(PatchLoadLayout(cfg, aw))
+        gen_active = Signal()                       # runs of the command still to issue
+        rx_active = Signal()                        # rows of the command still to write
+        m.d.comb += [self.cmd.ready.eq(~gen_active & ~rx_active), self.busy.eq(gen_active | rx_active)]
+
+        # ---- run generator ---------------------------------------------------------------------
+        kh = Signal(range(p))
+        px = Signal(range(gw))
+        prow_addr = Signal(aw)                      # (py*p, 0)
+        patch_addr = Signal(aw)                     # (py*p, px*p)
+        run_addr = Signal(aw)                       # (py*p + kh, px*p)
+        runs_left = Signal(range(mc.patches * p + 1))
+        # A run's descriptor: its first beat's first byte and its last beat's end (both within a beat).
+        desc = data.StructLayout({"lo": range(db), "hi": range(1, db + 1), "beats": range(rbm + 1),
+                                  "row_last": 1})
+        m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=4)
+        off = Signal(range(db))
+        m.d.comb += off.eq(run_addr[:lb] if lb else 0)
+        d_in = Signal(desc)
+        end_low = (off + (run - 1))[:lb] if lb else 0
+        m.d.comb += [d_in.lo.eq(off), d_in.hi.eq(end_low + 1), d_in.beats.eq((off + run + db - 1) >> lb),
+                     d_in.row_last.eq(kh == p - 1), dq.w_data.eq(d_in)]
+        issue = gen_active & dq.w_rdy & rq.cmd.ready
+        m.d.comb += [
+            rq.cmd.valid.eq(gen_active & dq.w_rdy),
+            rq.cmd.payload.addr.eq(run_addr & ~(db - 1)),
+            rq.cmd.payload.beats.eq(d_in.beats),
+            dq.w_en.eq(issue),
+        ]
+        row_bytes = W * cin
+        with m.If(issue):
+            m.d.sync += runs_left.eq(runs_left - 1)
+            with m.If(runs_left == 1):
+                m.d.sync += gen_active.eq(0)
+            with m.If(kh != p - 1):
+                m.d.sync += [kh.eq(kh + 1), run_addr.eq(run_addr + row_bytes)]
+            with m.Else():
+                m.d.sync += kh.eq(0)
+                with m.If(px == gw - 1):
+                    nxt = prow_addr + p * row_bytes
+                    m.d.sync += [px.eq(0), prow_addr.eq(nxt), patch_addr.eq(nxt), run_addr.eq(nxt)]
+                with m.Else():
+                    m.d.sync += [px.eq(px + 1), patch_addr.eq(patch_addr + run),
+                                 run_addr.eq(patch_addr + run)]
+
+        # ---- stage 1: a beat with the bounds of the run's bytes in it ----------------------------
+        resp = self.mem.resp
+        cur = Signal(desc)
+        m.d.comb += cur.eq(dq.r_data)
+        b = Signal(range(rbm + 1))                  # beat index within the run
+        last_beat = b == cur.beats - 1
+        q_valid = Signal()
+        q_data = Signal(8 * db)
+        q_lo = Signal(range(db))
+        q_hi = Signal(range(db + 1))
+        q_row_end = Signal()
+        q_take = Signal()
+        m.d.comb += resp.ready.eq(rx_active & dq.r_rdy & (~q_valid | q_take))
+        with m.If(resp.valid & resp.ready):
+            m.d.sync += [q_valid.eq(1), q_data.eq(resp.payload.data), q_lo.eq(Mux(b == 0, cur.lo, 0)),
+                         q_hi.eq(Mux(last_beat, cur.hi, db)), q_row_end.eq(last_beat & cur.row_last)]
+            with m.If(last_beat):
+                m.d.sync += b.eq(0)
+                m.d.comb += dq.r_en.eq(1)
+            with m.Else():
+                m.d.sync += b.eq(b + 1)
+        with m.Elif(q_take):
+            m.d.sync += q_valid.eq(0)
+
+        # ---- stage 2: the run's bytes moved to byte 0, the rest cleared --------------------------
+        p_valid = Signal()
+        p_data = Signal(8 * db)
+        p_n = Signal(range(db + 1))
+        p_row_end = Signal()
+        p_take = Signal()
+        m.d.comb += q_take.eq(q_valid & (~p_valid | p_take))
+        masked = Signal(8 * db)
+        for k in range(db):
+            # Bytes outside [lo, hi) belong to other runs (or to nothing): cleared before the shift.
+            m.d.comb += masked[8 * k:8 * k + 8].eq(Mux((q_lo <= k) & (k < q_hi), q_data[8 * k:8 * k + 8], 0))
+        with m.If(q_take):
+            m.d.sync += [p_valid.eq(1), p_data.eq(masked >> (q_lo * 8)), p_n.eq(q_hi - q_lo),
+                         p_row_end.eq(q_row_end)]
+        with m.Elif(p_take):
+            m.d.sync += p_valid.eq(0)
+
+        # ---- stage 3: append to the word being packed, or emit a word (never both) ---------------
+        fill = Signal(range(C + db))
+        acc = Signal(8 * (C + db))
+        wcnt = Signal(range(kw + 1))
+        row_in_done = Signal()
+        rows_left = Signal(range(mc.patches + 1))
+        dst_row = Signal(cfg.act_addr_bits)
+        emit = rx_active & ((fill >= C) | (row_in_done & (fill != 0)))
+        m.d.comb += p_take.eq(p_valid & ~emit & ~row_in_done)
+        with m.If(p_take):
+            m.d.sync += [acc.eq(acc | (p_data << (fill * 8))), fill.eq(fill + p_n)]
+            with m.If(p_row_end):
+                m.d.sync += row_in_done.eq(1)
+        with m.Elif(emit):
+            m.d.sync += [acc.eq(acc >> (8 * C)), fill.eq(Mux(fill >= C, fill - C, 0))]
+
+        m.d.comb += [self.act_wr.addr.eq(dst_row + wcnt), self.act_wr.en.eq(Mux(emit, (1 << C) - 1, 0))]
+        for j in range(C):
+            m.d.comb += self.act_wr.data[j].eq(acc[8 * j:8 * j + 8] ^ 0x80)
+        with m.If(emit):
+            with m.If(wcnt == kw - 1):
+                m.d.sync += [wcnt.eq(0), row_in_done.eq(0), dst_row.eq(dst_row + c.dst_stride),
+                             rows_left.eq(rows_left - 1)]
+                with m.If(rows_left == 1):
+                    m.d.sync += rx_active.eq(0)
+                    m.d.comb += self.done.eq(1)
+            with m.Else():
+                m.d.sync += wcnt.eq(wcnt + 1)
+
+        # ---- command accept ---------------------------------------------------------------------
+        with m.If(self.cmd.valid & self.cmd.ready):
+            pl = self.cmd.payload
+            m.d.sync += [
+                c.eq(pl), gen_active.eq(pl.count != 0), rx_active.eq(pl.count != 0),
+                runs_left.eq(pl.count * p), rows_left.eq(pl.count), dst_row.eq(pl.dst_base),
+                wcnt.eq(0), row_in_done.eq(0), fill.eq(0), b.eq(0),
+            ]
+            with m.If(pl.restart):
+                m.d.sync += [kh.eq(0), px.eq(0), prow_addr.eq(pl.img_base), patch_addr.eq(pl.img_base),
+                             run_addr.eq(pl.img_base)]
+            with m.If(pl.count == 0):
+                m.d.comb += self.done.eq(1)
+        return m
