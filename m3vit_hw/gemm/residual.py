@@ -147,7 +147,7 @@ class ResidualStage(wiring.Component):
         # reset-less pb1 -> pb2 -> pb3 chain becomes a shift register whose slow clock-to-out
         # would start the hazard compare.
         pb = [Signal(layout, name=f"pb{k}", reset_less=k < 3) for k in (1, 2, 3)]
-        prod = [Signal(signed(numerics.RES_BITS + WEIGHT_BITS + 1), name=f"prod{j}", reset_less=True)
+        prod = [Signal(signed(numerics.RES_BITS + numerics.COMBINE_WEIGHT_BITS + 1), name=f"prod{j}", reset_less=True)
                 for j in range(L)]
         scaled = [Signal(scaled_shape, name=f"scaled{j}", reset_less=True) for j in range(L)]
         sv = [Signal(name=f"v{k}") for k in (1, 2, 3)]
