@@ -266,3 +266,20 @@ def test_check_command(cmd, words):
     s.check_command(0, 256, 63)
     with pytest.raises(ValueError, match=words):
         s.check_command(*cmd)
+
+
+def test_misaligned_command_trips_an_assertion_in_simulation():
+    """A command that bypasses check_command with a misaligned address trips the streamer's Assert."""
+    from amaranth.sim import Simulator
+    s = WeightStreamer(256, addr_width=20, data_bytes=16, max_burst=4, tag_width=6)
+    sim = Simulator(s)
+    sim.add_clock(1e-8)
+
+    async def tb(ctx):
+        ctx.set(s.cmd.payload, {"addr": 8, "length": 64, "tag": 1})
+        ctx.set(s.cmd.valid, 1)
+        await ctx.tick()
+
+    sim.add_testbench(tb)
+    with pytest.raises(AssertionError, match="addr not a multiple of data_bytes"):
+        sim.run()

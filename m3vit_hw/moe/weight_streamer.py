@@ -7,7 +7,7 @@ expert size and of E. The compiler lays weights out so that each half-sized chun
 tile for the engine, or issues one command per tile.
 """
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Assert, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -151,6 +151,13 @@ class WeightStreamer(wiring.Component):
         half = self._half_bytes
         half_beats = half // db
         aw = self._addr_width
+
+        if lb:
+            # In simulation a misaligned command trips here instead of fetching the wrong bytes
+            # (check_command refuses it where it is built).
+            with m.If(self.cmd.valid):
+                m.d.comb += Assert(self.cmd.payload.addr[:lb] == 0,
+                                   "WeightStreamer: command addr not a multiple of data_bytes")
 
         c_addr = Signal(aw)                 # next tile's external address
         c_rem = Signal(self._length_width)  # bytes of the command not yet committed
