@@ -262,13 +262,6 @@ def main(argv=None):
     task = args.task
     if task is not None and task.isdigit():
         task = int(task)
-    if args.json:
-        # Check the output path before the long run.
-        out_dir = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(out_dir) or os.path.isdir(args.json):
-            print(f"error: --json {args.json!r}: directory {out_dir!r} does not exist or the path is a directory",
-                  file=sys.stderr)
-            return 2
     dtypes = tuple(d for d in args.float_dtypes.split(",") if d)
     try:
         check_output_path(args.json, "--json")
