@@ -16,9 +16,9 @@ the models' sides alike):
    keeps its value until the handshake;
 2. ``BURST`` (AR, AW of AXI4 masters): ``*burst`` is INCR, ``*size`` is the full data width, and the
    burst does not cross a 4 KiB boundary;
-3. ``WLAST`` (W of AXI4 masters): ``wlast`` is high exactly on beat ``awlen`` of the oldest burst whose
-   data is outstanding (AW and W are matched in order, with up to 64 bursts of AW ahead of W; W ahead of
-   AW is also accepted and counted against the next AW);
+3. ``WLAST`` (W of AXI4 masters): ``wlast`` is high exactly on beat ``awlen`` of its burst (AW and W
+   are matched in order; up to 64 bursts of AW may wait for data, and up to 64 completed W bursts for
+   their AW, whose length must then equal the beats seen);
 4. ``RESET``: no ``valid`` from the accelerator while ``aresetn`` is low.
 
 Running in the simulator itself, the checker costs nothing per cycle on the Python side; the test
@@ -112,26 +112,45 @@ def checker_verilog(ports, masters, data_bytes, inner="m3vit_accel"):
             checks.append((cond, numbers[f"{p}.{ch}"], RULES["BURST"]))
         for ch in _FROM_MASTER:
             checks.append((f"rst && {p}_{ch}valid", numbers[f"{p}.{ch}"], RULES["RESET"]))
-        # W beats against AW lengths, in order.
+        # W beats against AW lengths, in order. W may run ahead of AW (legal AXI, and what register
+        # slices on independent channels produce): completed W bursts then wait in a second queue
+        # until their AW arrives, and the AW's length is checked against their beat count.
         q = f"q_{p}"
+        W = numbers[f"{p}.w"]
+        WL = RULES["WLAST"]
         reg_decls += [f"  reg [7:0] {q}_len [0:63];", f"  reg [6:0] {q}_wr, {q}_rd;",
-                      f"  reg [8:0] {q}_beat;"]
+                      f"  reg [8:0] {q}_beat;", f"  reg [8:0] {q}_early [0:63];",
+                      f"  reg [6:0] {q}_ewr, {q}_erd;"]
         aw_go = f"({p}_awvalid && {p}_awready)"
         w_go = f"({p}_wvalid && {p}_wready)"
-        body.append(f"    if (rst) begin {q}_wr <= 0; {q}_rd <= 0; {q}_beat <= 0; end else begin")
-        body.append(f"      if {aw_go} begin {q}_len[{q}_wr[5:0]] <= {p}_awlen; {q}_wr <= {q}_wr + 1; end")
-        body.append(f"      if {w_go} begin")
-        body.append(f"        if ({q}_wr != {q}_rd) begin")
-        body.append(f"          if ({p}_wlast != ({q}_beat == {{1'b0, {q}_len[{q}_rd[5:0]]}})) "
-                    f"note({numbers[f'{p}.w']}, {RULES['WLAST']});")
-        body.append(f"          if ({p}_wlast) begin {q}_beat <= 0; {q}_rd <= {q}_rd + 1; end "
-                    f"else {q}_beat <= {q}_beat + 1;")
-        body.append("        end else begin")
-        # W ahead of AW: only counted, matched when the AW arrives (rare; the accelerator never does it).
-        body.append(f"          if ({p}_wlast) {q}_beat <= 0; else {q}_beat <= {q}_beat + 1;")
-        body.append("        end")
-        body.append("      end")
-        body.append("    end")
+        has = f"({q}_wr != {q}_rd)"
+        ehas = f"({q}_ewr != {q}_erd)"
+        last = f"{p}_wlast"
+        body += [
+            f"    if (rst) begin {q}_wr <= 0; {q}_rd <= 0; {q}_beat <= 0; {q}_ewr <= 0; {q}_erd <= 0; end",
+            "    else begin",
+            f"      if ({aw_go}) begin",
+            f"        if ({ehas}) begin",
+            f"          if ({{1'b0, {p}_awlen}} != {q}_early[{q}_erd[5:0]]) note({W}, {WL});",
+            f"          {q}_erd <= {q}_erd + 1;",
+            f"        end else if (!({w_go} && !{has} && {last})) begin",
+            f"          {q}_len[{q}_wr[5:0]] <= {p}_awlen; {q}_wr <= {q}_wr + 1;",
+            "        end",
+            "      end",
+            f"      if ({w_go}) begin",
+            f"        if ({has}) begin",
+            f"          if ({last} != ({q}_beat == {{1'b0, {q}_len[{q}_rd[5:0]]}})) note({W}, {WL});",
+            f"          if ({last}) begin {q}_beat <= 0; {q}_rd <= {q}_rd + 1; end else {q}_beat <= {q}_beat + 1;",
+            f"        end else if ({aw_go} && !{ehas}) begin",
+            f"          if ({last} != ({q}_beat == {{1'b0, {p}_awlen}})) note({W}, {WL});",
+            f"          if ({last}) {q}_beat <= 0; else {q}_beat <= {q}_beat + 1;",
+            "        end else begin",
+            f"          if ({last}) begin {q}_early[{q}_ewr[5:0]] <= {q}_beat; {q}_ewr <= {q}_ewr + 1; {q}_beat <= 0; end",
+            f"          else {q}_beat <= {q}_beat + 1;",
+            "        end",
+            "      end",
+            "    end",
+        ]
     for ch, payload in _LITE.items():
         stable("s_axi", ch, payload)
 

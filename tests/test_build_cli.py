@@ -69,3 +69,18 @@ def test_tiny_build_writes_everything(tmp_path):
     sv = (tmp_path / "m3vit_accel.sv").read_text()
     assert "m_axi2_araddr" in sv and "s_axi_awaddr" in sv and "interrupt" in sv
     print(proc.stdout[-600:])
+
+
+@pytest.mark.slow
+def test_failed_estimate_still_writes_the_report(tmp_path, monkeypatch):
+    """yosys failing (as it does on W1 in the WebAssembly build) leaves the outputs and a report saying so."""
+    import m3vit_hw.build.flow as flow
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("yosys failed (1): thrown Wasm exception")
+    monkeypatch.setattr(flow, "synth_estimate", broken)
+    cfg = AcceleratorConfig.from_preset("tiny", experts=4)
+    rep = flow.run_build(cfg, axi_masters=1, out_dir=tmp_path, synth=True, log=lambda s: None)
+    assert rep["fits"] is None and "Wasm" in rep["synth_error"]
+    assert "FAILED" in (tmp_path / "summary.txt").read_text()
+    assert (tmp_path / "m3vit_accel.sv").exists() and (tmp_path / "report.json").exists()

@@ -105,6 +105,8 @@ def main(argv=None):
         print(str(e), file=sys.stderr)
         return 2
     print((out / "summary.txt").read_text(), end="")
+    if "synth_error" in report:
+        print(f"python -m m3vit_hw.build: resource estimate failed: {report['synth_error']}", file=sys.stderr)
     print(f"wrote {out}/ in {time.perf_counter() - t0:.1f} s"
           + (f"; fits the xczu7ev: {report['fits']}" if "fits" in report else ""))
     return 0

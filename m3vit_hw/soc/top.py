@@ -44,6 +44,7 @@ from ..rowops.softmax import SHIFT_BITS
 from .axi import AXI4LiteSignature, AXI4Signature, AxiMaster
 from .csr import CsrBlock
 from .datapath import BurstSplitter, Gearbox, ReadInterleaver
+from .slice import AxiRegisterSlice
 from .image import DESC_HEADER_WORDS, GELU_BYTES, MAGIC, ImageLayout, config_id
 from .regmap import ERRORS, REGMAP_VERSION
 
@@ -62,6 +63,9 @@ class AcceleratorTop(wiring.Component):
         Number of AXI4 masters, 1..4 (reads are spread over all; writes use master 0).
     csr_addr_width : int
         Address width of ``s_axi`` (8..32).
+    register_slices : bool
+        Put an :class:`~.slice.AxiRegisterSlice` on every AXI4 master port (default), so no
+        combinational path crosses the accelerator's AXI boundary.
 
     The AXI data width, address width and longest burst are those of the core's memory port.
 
@@ -77,7 +81,7 @@ class AcceleratorTop(wiring.Component):
         On a bad parameter (before elaboration).
     """
 
-    def __init__(self, config, *, axi_masters=1, csr_addr_width=12):
+    def __init__(self, config, *, axi_masters=1, csr_addr_width=12, register_slices=True):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         _check_int("axi_masters", axi_masters, 1, 4)
@@ -88,6 +92,7 @@ class AcceleratorTop(wiring.Component):
         self._aw, self._db, self._mb = msig.addr_width, msig.data_bytes, msig.max_burst
         self._config = config
         self._n = axi_masters
+        self._slices = bool(register_slices)
         self.image = ImageLayout(config, self._db)
         for name, wb in (("pe_cols (h word)", self.image.h_word_bytes),
                          ("pe_cols (x word)", self.image.x_word_bytes)):
@@ -137,7 +142,13 @@ class AcceleratorTop(wiring.Component):
         masters = [AxiMaster(**port, write=(k == 0)) for k in range(n)]
         for k, mk in enumerate(masters):
             m.submodules[f"axi{k}"] = mk
-            wiring.connect(m, mk.axi, wiring.flipped(self.m_axi[k]))
+            if self._slices:
+                # Every AXI channel starts and ends at a register (one cycle each way).
+                m.submodules[f"slice{k}"] = sl = AxiRegisterSlice(mk.axi.signature)
+                wiring.connect(m, mk.axi, sl.s)
+                wiring.connect(m, sl.m, wiring.flipped(self.m_axi[k]))
+            else:
+                wiring.connect(m, mk.axi, wiring.flipped(self.m_axi[k]))
         m.submodules.arbiter = arb = ReadArbiter(2, **port, depth=16)
         wiring.connect(m, core.mem, arb.masters[1])
         if n == 1:
