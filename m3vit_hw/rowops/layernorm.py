@@ -35,7 +35,7 @@ from ..lib.isqrt import ISqrt
 __all__ = ["LayerNormUnit", "MAX_DIM"]
 
 #: Register stages of the normalize pass, from the buffer read to the output register.
-_NORM_STAGES = 10
+_NORM_STAGES = 12
 #: Low chunk of the reciprocal for the a * inv partial products: 17 unsigned bits fit the DSP48E2's
 #: 18-bit signed multiplier input.
 _INV_CHUNK = 17
@@ -396,21 +396,24 @@ class LayerNormUnit(wiring.Component):
         ]
         m.d.sync += count.eq(count + in_go - issue)
 
-        # Stages: (1) buffer/param read, (2) a = D*x - S1, (3) a * inv as two registered DSP partial
-        # products, (4) their sum P, (5) z = round_shift(P, 22), (6) z * gamma, (7) + beta,
-        # (8) the output rounding shift's barrel shift, (9) its + 1, (10) saturation into the output
-        # register. One register level per arithmetic step keeps every path within 300 MHz.
+        # Stages: (1) buffer/param read, (2) read data registered, (3) D*x, (4) a = D*x - S1,
+        # (5) a * inv as two registered DSP partial products, (6) their sum P, (7) z = round_shift(P,
+        # 22), (8) z * gamma, (9) + beta, (10) the output rounding shift's barrel shift, (11) its + 1,
+        # (12) saturation into the output register. One register level per arithmetic step keeps every path within 300 MHz.
         n_st = _NORM_STAGES
         vs = [Signal(name=f"nv{k}") for k in range(1, n_st)]
         lasts = [Signal(name=f"nlast{k}") for k in range(1, n_st)]
-        par = [Signal(param_layout, name=f"par{k}", reset_less=True) for k in range(2, 8)]   # par[0] = stage 2
+        par = [Signal(param_layout, name=f"par{k}", reset_less=True) for k in range(2, 10)]  # par[0] = stage 2
         s1_1 = Signal(s1_shape, reset_less=True)
-        inv_1, inv_2 = Signal(inv_width, reset_less=True), Signal(inv_width, reset_less=True)
+        s1_d = [Signal(s1_shape, name=f"s1_{k}", reset_less=True) for k in (2, 3)]
+        inv_d = [Signal(inv_width, name=f"inv_{k}", reset_less=True) for k in (1, 2, 3, 4)]
         lo, hi = numerics.int_range(numerics.ACT_BITS)
         cut = _INV_CHUNK
         with m.If(adv):
-            m.d.sync += [vs[0].eq(issue), lasts[0].eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_1.eq(cur_inv),
-                         inv_2.eq(inv_1), par[0].eq(par_r.data)]
+            m.d.sync += [vs[0].eq(issue), lasts[0].eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_d[0].eq(cur_inv),
+                         s1_d[0].eq(s1_1), s1_d[1].eq(s1_d[0]), par[0].eq(par_r.data)]
+            for k in range(1, len(inv_d)):
+                m.d.sync += inv_d[k].eq(inv_d[k - 1])
             for k in range(1, n_st - 1):
                 m.d.sync += [vs[k].eq(vs[k - 1]), lasts[k].eq(lasts[k - 1])]
             m.d.sync += [self.o.valid.eq(vs[-1]), last5.eq(lasts[-1])]
@@ -419,8 +422,12 @@ class LayerNormUnit(wiring.Component):
             for j in range(L):
                 def reg(shape, name):
                     return Signal(shape, name=f"{name}{j}", reset_less=True)
-                a2 = reg(a_shape, "a2_")
-                m.d.sync += a2.eq(buf_r.data[j] * D - s1_1)
+                # The buffer's read data is registered first, then D*x in a DSP, then - S1.
+                x2 = reg(signed(numerics.RES_BITS), "x2_")
+                xd3 = reg(a_shape, "xd3_")
+                a2 = reg(a_shape, "a4_")
+                m.d.sync += [x2.eq(buf_r.data[j]), xd3.eq(x2 * D), a2.eq(xd3 - s1_d[1])]
+                inv_2 = inv_d[3]
                 pp_lo, pp_hi = reg(signed(a_shape.width + cut), "pp_lo"), reg(
                     signed(a_shape.width + inv_width - cut), "pp_hi")
                 m.d.sync += [pp_lo.eq(a2 * inv_2[:cut]), pp_hi.eq(a2 * inv_2[cut:])]
@@ -430,9 +437,9 @@ class LayerNormUnit(wiring.Component):
                 z5 = reg(z_shape, "z5_")
                 m.d.sync += z5.eq((((p4 >> (z_shift - 1)) + 1) >> 1)[:z_shape.width].as_signed())
                 zg6 = reg(m_shape, "zg6_")
-                m.d.sync += zg6.eq(z5 * par[3].gamma[j])
+                m.d.sync += zg6.eq(z5 * par[5].gamma[j])
                 m7 = reg(m_shape, "m7_")
-                m.d.sync += m7.eq(zg6 + par[4].beta[j])
+                m.d.sync += m7.eq(zg6 + par[6].beta[j])
                 # round_shift(m, s) = ((2m >> s) + 1) >> 1 for every s in [0, SHIFT_MAX] (s = 0 gives
                 # m); shifts past the width give 0 or -1 before the + 1, hence 0, as the golden
                 # model does.
