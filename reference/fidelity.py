@@ -25,7 +25,6 @@ Without ``--task`` every task is measured; the top-level figures are then the wo
 
 import argparse
 import json
-import os
 import sys
 import time
 

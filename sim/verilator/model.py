@@ -43,16 +43,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from amaranth.back import verilog
 from amaranth.hdl import Module, Shape, Value
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from m3vit_hw.build.verilog import emit_sv
 from m3vit_hw.lib.mem_port import ReadPortSignature
 from .toolchain import build_model, check_fst, find_verilator
 
 __all__ = ["MonitorSignature", "Probed", "TopSpec", "Job", "RunResult", "VerilatorModel",
-           "VerilatorError", "fix_verilog"]
+           "VerilatorError"]
 
 HARNESS = Path(__file__).with_name("harness.cpp")
 
@@ -114,20 +114,6 @@ class Probed(wiring.Component):
             m.d.comb += [mon.valid.eq(s.valid), mon.ready.eq(s.ready),
                          mon.payload.eq(Value.cast(s.payload))]
         return m
-
-
-_CONST_ALWAYS = re.compile(r"always @\*(\n\s+[\w\\$.\[\]: ]+ = \d+'[hbd][0-9a-fA-F_]+;)")
-
-
-def fix_verilog(text):
-    """Make Yosys' Verilog mean the same under Verilator.
-
-    Yosys writes a constant driver of part of a signal as ``always @* x[3:0] = 4'h5;``. Such a block
-    reads no variable, so under Verilator it never executes (warning ALWNEVER) and ``x`` keeps 0;
-    as ``always_comb`` it runs. Any other block of that kind left over is caught by the build, which
-    turns ALWNEVER into an error.
-    """
-    return _CONST_ALWAYS.sub(r"always_comb\1", text)
 
 
 def _cxx_name(name):
@@ -556,7 +542,7 @@ class VerilatorModel:
         self.top = top
         self.spec = TopSpec.from_component(top, pulses)
         t0 = time.time()
-        text = fix_verilog(verilog.convert(top, name="top"))
+        text = emit_sv(top, "top")
         convert_seconds = time.time() - t0
         self.spec.check_verilog(text)
         flags = []
