@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """DenseLayer end to end against the golden model: ``x + fc2(gelu(fc1(h)))`` bit for bit.
 
 Each case elaborates one DenseLayer (small configs) and runs it with the external memory and every
@@ -11,6 +12,7 @@ import json
 import numpy as np
 import pytest
 from amaranth.back import verilog
+from amaranth.hdl import Fragment
 
 from m3vit_hw import numerics
 from m3vit_hw.dense import DenseLayer, dense_buffer_map, pack_dense, plan_dense
@@ -125,13 +127,21 @@ def test_bad_parameters_are_refused():
         DenseLayer(cfg, token_tile=9)
     with pytest.raises(ValueError, match="hidden must be in"):
         DenseLayer(cfg, hidden=10_000)
-    # The config's smallest act buffer (2 tokens) holds h but not pe_rows hidden rows of 32.
+    # The config sizes the act buffer for h plus pe_rows hidden rows (and refuses less, naming the
+    # dense MLP); a config that validates elaborates.
+    small = dense_config(dim=8, tokens=2, hidden=32)
+    need = small.act_buffer_needs["dense"][0]
+    assert small.act_buffer_bytes >= need
+    Fragment.get(DenseLayer(small), None)
+    with pytest.raises(ValueError, match=rf"act_buffer_bytes must be >= {need} \(dense MLP: "):
+        small.with_(act_buffer_bytes=need - small.act_word_bytes)
+    # A hidden other than the model's is the caller's: refused by the layer, naming the buffer.
     with pytest.raises(ValueError, match="act_buffer_bytes must be >= .* for the dense MLP"):
-        DenseLayer(dense_config(dim=8, tokens=2, hidden=32))
-    with pytest.raises(ValueError, match="counter_width"):
-        DenseLayer(cfg, counter_width=8)
-    with pytest.raises(ValueError, match="data_bytes"):
-        plan_dense(cfg, data_bytes=3)
+        DenseLayer(small, hidden=64)
+    with pytest.raises(ValueError, match=r"counter_width must be in \[16, 64\], not 8"):
+        cfg.with_(counter_width=8)
+    with pytest.raises(ValueError, match="mem_data_bytes must be a power of two"):
+        dense_config(dim=16, tokens=9, hidden=64, mem_data_bytes=3)
 
 
 def test_verilog_and_embedding():

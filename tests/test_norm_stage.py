@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """NormStage (the LayerNorm sub-layer over memory ports) against ``reference.golden.layernorm``.
 
 The stage reads int16 residual rows from a buffer the harness owns, fetches the layer's gain/bias
@@ -54,18 +55,20 @@ def test_record_layout_and_errors():
     assert norm_lanes(cfg) == 4
     wl = make_norm_workload(12, 5, seed=9)
     q = wl["qln"]
-    recs = pack_norm_params(q, 12, 4, data_bytes=16)
+    assert cfg.norm_record_bytes == 32
+    recs = pack_norm_params(q, cfg)
     assert len(recs) == 3 * 32
     r1 = recs[32:64]
     assert list(np.frombuffer(r1[:8], "<i2")) == list(q.gamma_mult[4:8])
     assert list(np.frombuffer(r1[8:24], "<i4")) == list(q.beta_int[4:8])
     assert int.from_bytes(r1[24:28], "little") == q.eps_int and r1[28] == q.shift
     with pytest.raises(ValueError, match="gamma_mult and beta_int of 10 channels"):
-        pack_norm_params(q, 10, 2)
+        pack_norm_params(q, dense_config(dim=10, tokens=5, hidden=10))
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
         NormStage("tiny")
-    with pytest.raises(ValueError, match="mem_max_burst=1 is too small"):
-        NormStage(cfg, mem_max_burst=1)
+    # The config refuses a burst shorter than one record (32 B = 2 beats of 16 B).
+    with pytest.raises(ValueError, match="mem_max_burst=1 is too small for one 32-byte LayerNorm"):
+        cfg.with_(mem_max_burst=1)
 
 
 def test_verilog():
