@@ -292,13 +292,7 @@ class AcceleratorConfig:
                              f"not {self.mem_addr_width}")
 
     def _check_stream_units(self):
-        """The units that read external memory in fixed records or frames (LayerNorm stage, patch
-        loader) fit the memory port."""
-        burst = self.mem_max_burst * self.mem_data_bytes
-        if self.norm_record_bytes > burst:
-            raise ValueError(f"mem_max_burst={self.mem_max_burst} is too small for one "
-                             f"{self.norm_record_bytes}-byte LayerNorm parameter record (norm_lanes="
-                             f"{self.norm_lanes}); use >= {self.norm_record_bytes // self.mem_data_bytes}")
+        """The patch loader's camera frame fits the memory address space."""
         if self.frame_bytes >= 1 << self.mem_addr_width:
             raise ValueError(f"mem_addr_width must address a {self.frame_bytes}-byte camera frame "
                              f"(>= {self.frame_bytes.bit_length()} bits), not {self.mem_addr_width}")

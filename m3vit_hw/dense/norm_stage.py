@@ -23,7 +23,9 @@ Every record carries eps and shift because the LayerNorm unit loads them with ev
 
 Sequence (one ``start``)
 ------------------------
-1. one read request per record (several outstanding), each record -> one parameter write;
+1. read requests of ``min(record beats, largest power of two <= mem_max_burst)`` beats (several
+   outstanding; a record is one or more whole requests, so any burst limit works), each record -> one
+   parameter write;
 2. rows ``0 .. T-1``: residual word ``src_base + t*row_words + w`` -> LayerNorm -> activation word
    ``dst_base + t*dst_stride + w``; reads run one word per cycle when ``L = C``;
 3. ``done`` pulses after the last write.
@@ -135,7 +137,6 @@ class NormStage(wiring.Component):
     def __init__(self, config):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-        # The config checked that one record fits a burst (norm_record_bytes <= mem_max_burst beats).
         self._lanes = config.norm_lanes
         self._rec_bytes = config.norm_record_bytes
         self.ln = LayerNormUnit(config.model.dim, self._lanes)
@@ -187,12 +188,16 @@ class NormStage(wiring.Component):
         with m.If(start):
             m.d.sync += [prm.eq(self.start.payload), running.eq(1)]
 
-        # ---- parameter records: one request each, beats assembled into a record -----------------
-        req_n = Signal(range(nrec + 1))
+        # ---- parameter records: whole requests, beats assembled into a record ------------------
+        # A request is the record, or a power-of-two part of it when the port's bursts are shorter:
+        # parts are aligned to their size (records are aligned to theirs), so none crosses 4 KiB.
+        req_beats = min(rec_beats, 1 << (cfg.mem_max_burst.bit_length() - 1))
+        nreq = nrec * (rec_beats // req_beats)
+        req_n = Signal(range(nreq + 1))
         m.d.comb += [
-            self.mem.req.valid.eq(running & (req_n != nrec)),
-            self.mem.req.payload.addr.eq(prm.param_base + req_n * self._rec_bytes),
-            self.mem.req.payload.beats.eq(rec_beats),
+            self.mem.req.valid.eq(running & (req_n != nreq)),
+            self.mem.req.payload.addr.eq(prm.param_base + req_n * (req_beats * self._db)),
+            self.mem.req.payload.beats.eq(req_beats),
         ]
         with m.If(start):
             m.d.sync += req_n.eq(0)
@@ -293,7 +298,7 @@ class NormStage(wiring.Component):
                 m.d.sync += wr_sub.eq(wr_sub + 1)
         with m.If(start):
             m.d.sync += [wr_t.eq(0), wr_w.eq(0), wr_sub.eq(0), row_addr.eq(self.start.payload.dst_base)]
-        with m.If(running & (wr_t == prm.tokens) & params_done & (req_n == nrec)):
+        with m.If(running & (wr_t == prm.tokens) & params_done & (req_n == nreq)):
             m.d.sync += running.eq(0)
             m.d.comb += self.done.eq(1)
 
