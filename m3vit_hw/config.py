@@ -499,6 +499,12 @@ class AcceleratorConfig:
         return _ceil_div(self.model.head_dim, self.pe_cols)
 
     @property
+    def attn_softmax_lanes(self):
+        """Lanes of the attention softmax: ``gcd(softmax_lanes, pe_cols)``, so that a score word is
+        whole softmax beats (``pe_cols`` by default: one word a cycle)."""
+        return math.gcd(self.softmax_lanes, self.pe_cols)
+
+    @property
     def attn_proj_k(self):
         """The projection's padded reduction length ``heads * attn_head_words * pe_cols``."""
         return self.model.heads * self.attn_head_words * self.pe_cols

@@ -62,6 +62,20 @@ def test_bit_exact_two_runs_with_stalls():
     _check(sim, runs, sim.run(runs), "D16 H2")
 
 
+@pytest.mark.parametrize("lanes", [2, 1])
+def test_bit_exact_narrow_softmax(lanes):
+    """config.softmax_lanes below pe_cols: each score word is cut into C / L softmax beats (the row's
+    last word into fewer: T=9 leaves one element in word 2, T=6 two) and the e8 words are gathered
+    back, padding lanes zero. Everything stalling."""
+    cfg = attn_config(dim=16, heads=2, tokens=9, softmax_lanes=lanes)
+    assert cfg.attn_softmax_lanes == lanes
+    wl = make_attn_workload(16, 2, 9, seed=5 + lanes)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=6, latency=9, stall_prob=0.25, seed=lanes)
+    assert sim.dut.score.softmax.lanes == lanes
+    runs = _runs(wl, 9, 6)
+    _check(sim, runs, sim.run(runs), f"D16 H2 softmax lanes {lanes}")
+
+
 def test_bit_exact_odd_config():
     """D=20 (not a power of two), 2 heads of 10 (not a multiple of the 4-lane word: padded heads),
     T=7 (not a multiple of the array) and q_tile=3 (not a multiple of pe_rows); then T=1 on the same
