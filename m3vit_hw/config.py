@@ -16,10 +16,16 @@ column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm.gemm_engine.GemmEng
 
 ``act_buffer_bytes``
     The int8 activation scratch buffer (LayerNorm outputs, Q/K/V, attention context, MLP hidden tiles).
-    It must hold the largest of :attr:`AcceleratorConfig.act_buffer_needs`: for attention,
-    ``token_capacity * (2 * dim + 3 * head_dim)`` bytes (the normalised input of a sub-layer and the
-    concatenated attention context of every token, both live while the heads run, plus one head's Q, K
-    and V); for a MoE layer, every token's ``h`` row and its ``expert_hidden`` hidden row, in whole words.
+    It must hold the largest of :attr:`AcceleratorConfig.act_buffer_needs`: for attention, the
+    address space of its buffer map (``h`` and the per-head padded context of every token, one head's
+    Q|K|V with rows padded to whole tiles plus one row tile, then two e8 query tiles at an aligned
+    base: the ``attn_*`` properties, read by ``attention.attn_layout.buffer_map``); for a MoE layer,
+    every token's ``h`` row and its ``expert_hidden`` hidden row; for the dense MLP, ``h`` and one row
+    tile of hidden rows; for the patch embedding, two slots of one row tile of patch rows; all in
+    whole words.
+``rowtab_entries`` (derived)
+    The row table: the largest of :attr:`AcceleratorConfig.rowtab_needs` (every token routed to
+    ``top_k`` experts, or attention's two query-tile slots).
 ``weight_buffer_bytes``
     The double-buffered weight buffer, *both halves together*. Its size does not depend on the number
     of experts: one expert (or one tile of a large expert) streams into one half while the engine

@@ -32,18 +32,18 @@ IMAGE_BASE = 0x4000
 
 
 def attn_config(*, dim, heads, tokens, pe_rows=4, pe_cols=4, q_tile=None, weight_buffer_bytes=None,
-                mem_data_bytes=16, softmax_lanes=None):
+                **accel):
     """An :class:`AcceleratorConfig` for one attention sub-layer (``tokens`` tokens incl. cls).
 
     Every buffer is the config's own (its ``act_buffer_needs`` include the attention buffer map); only
-    the model and the array are chosen here.
+    the model and the array are chosen here. ``accel``: further :class:`AcceleratorConfig` fields
+    (``mem_data_bytes``, ``softmax_lanes``, ...).
     """
     model = ModelConfig(name=f"attn-D{dim}-H{heads}", img_size=(1, max(1, tokens - 1)), patch_size=1,
                         in_chans=1, dim=dim, depth=2, heads=heads, experts=2, top_k=1,
                         tasks=("t0",), task_channels=(1,))
     return AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, q_tile=q_tile,
-                             weight_buffer_bytes=weight_buffer_bytes, mem_data_bytes=mem_data_bytes,
-                             softmax_lanes=softmax_lanes)
+                             weight_buffer_bytes=weight_buffer_bytes, **accel)
 
 
 def _mult_for(k, rng, shape, target):

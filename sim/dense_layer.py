@@ -30,18 +30,18 @@ IMAGE_BASE = 0x2000
 
 
 def dense_config(*, dim, tokens, hidden, pe_rows=4, pe_cols=4, act_buffer_bytes=None, weight_buffer_bytes=None,
-                 mem_data_bytes=16, mem_max_burst=16):
+                 **accel):
     """An :class:`AcceleratorConfig` around one dense MLP of width ``hidden`` (``tokens`` incl. cls).
 
     The model's ``mlp_hidden`` is ``hidden``; every buffer the config derives is the config's own (its
-    ``act_buffer_needs`` include the dense MLP, its weight halves are whole memory beats).
+    ``act_buffer_needs`` include the dense MLP, its weight halves are whole memory beats). ``accel``:
+    further :class:`AcceleratorConfig` fields (``mem_data_bytes``, ``mem_max_burst``, ...).
     """
     model = ModelConfig(name=f"dense-D{dim}-H{hidden}", img_size=(1, max(1, tokens - 1)), patch_size=1,
                         in_chans=1, dim=dim, depth=2, heads=1, experts=2, top_k=1, tasks=("t0",),
                         task_channels=(1,), mlp_hidden=hidden)
     return AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, act_buffer_bytes=act_buffer_bytes,
-                             weight_buffer_bytes=weight_buffer_bytes, mem_data_bytes=mem_data_bytes,
-                             mem_max_burst=mem_max_burst)
+                             weight_buffer_bytes=weight_buffer_bytes, **accel)
 
 
 def _mult_for(k, rng, shape, target):

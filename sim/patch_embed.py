@@ -31,15 +31,15 @@ IMAGE_BASE = 0x3003
 
 
 def embed_config(*, img, patch, dim, in_chans=3, pe_rows=4, pe_cols=4, act_buffer_bytes=None,
-                 weight_buffer_bytes=None, mem_data_bytes=16, mem_max_burst=16, mem_addr_width=32):
+                 weight_buffer_bytes=None, **accel):
     """An :class:`AcceleratorConfig` for an ``img`` = (H, W) image of ``patch`` x ``patch`` patches
-    (every derived buffer is the config's own: its ``act_buffer_needs`` include two patch slots)."""
+    (every derived buffer is the config's own: its ``act_buffer_needs`` include two patch slots).
+    ``accel``: further :class:`AcceleratorConfig` fields (``mem_data_bytes``, ``mem_max_burst``, ...)."""
     model = ModelConfig(name=f"embed-{img[0]}x{img[1]}-p{patch}-D{dim}", img_size=tuple(img),
                         patch_size=patch, in_chans=in_chans, dim=dim, depth=2, heads=1, experts=2, top_k=1,
                         tasks=("t0",), task_channels=(1,))
     return AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, act_buffer_bytes=act_buffer_bytes,
-                             weight_buffer_bytes=weight_buffer_bytes, mem_data_bytes=mem_data_bytes,
-                             mem_max_burst=mem_max_burst, mem_addr_width=mem_addr_width)
+                             weight_buffer_bytes=weight_buffer_bytes, **accel)
 
 
 def make_embed_workload(config, seed=0, *, extremes=False):
