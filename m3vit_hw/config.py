@@ -16,10 +16,16 @@ column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm.gemm_engine.GemmEng
 
 ``act_buffer_bytes``
     The int8 activation scratch buffer (LayerNorm outputs, Q/K/V, attention context, MLP hidden tiles).
-    It must hold the largest of :attr:`AcceleratorConfig.act_buffer_needs`: for attention,
-    ``token_capacity * (2 * dim + 3 * head_dim)`` bytes (the normalised input of a sub-layer and the
-    concatenated attention context of every token, both live while the heads run, plus one head's Q, K
-    and V); for a MoE layer, every token's ``h`` row and its ``expert_hidden`` hidden row, in whole words.
+    It must hold the largest of :attr:`AcceleratorConfig.act_buffer_needs`: for attention, the
+    address space of its buffer map (``h`` and the per-head padded context of every token, one head's
+    Q|K|V with rows padded to whole tiles plus one row tile, then two e8 query tiles at an aligned
+    base: the ``attn_*`` properties, read by ``attention.attn_layout.buffer_map``); for a MoE layer,
+    every token's ``h`` row and its ``expert_hidden`` hidden row; for the dense MLP, ``h`` and one row
+    tile of hidden rows; for the patch embedding, two slots of one row tile of patch rows; all in
+    whole words.
+``rowtab_entries`` (derived)
+    The row table: the largest of :attr:`AcceleratorConfig.rowtab_needs` (every token routed to
+    ``top_k`` experts, or attention's two query-tile slots).
 ``weight_buffer_bytes``
     The double-buffered weight buffer, *both halves together*. Its size does not depend on the number
     of experts: one expert (or one tile of a large expert) streams into one half while the engine
@@ -35,6 +41,7 @@ column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm.gemm_engine.GemmEng
     double-buffered like the weights.
 """
 
+import math
 from dataclasses import dataclass, fields, replace
 
 from . import numerics
@@ -77,7 +84,8 @@ def param_word_bytes(pe_cols):
 
 #: Which model quantity sets each GEMM's K (named in the accumulator-overflow error).
 _K_SOURCE = {
-    "patch_embed": "patch_dim", "qkv": "dim", "qk": "head_dim", "proj": "dim", "fc1": "dim",
+    "patch_embed": "patch_dim", "qkv": "dim", "qk": "head_dim",
+    "proj": "dim (padded to heads*ceil(head_dim/pe_cols)*pe_cols)", "fc1": "dim",
     "fc2": "mlp_hidden", "gate": "gate_in_dim", "expert_fc1": "dim", "expert_fc2": "expert_hidden",
     "task_fc1": "num_tasks", "task_fc2": "task_embed_dim",
 }
@@ -205,6 +213,7 @@ class AcceleratorConfig:
 
         self._check_memory_system()
         self._check_buffers()
+        self._check_stream_units()
 
         if (isinstance(self.clock_mhz, bool) or not isinstance(self.clock_mhz, (int, float))
                 or not 0 < self.clock_mhz <= 1000):
@@ -287,6 +296,12 @@ class AcceleratorConfig:
             raise ValueError(f"mem_addr_width must address a MoE layer's {self.moe_image_bytes}-byte "
                              f"parameter image (>= {self.moe_image_bytes.bit_length()} bits), "
                              f"not {self.mem_addr_width}")
+
+    def _check_stream_units(self):
+        """The patch loader's camera frame fits the memory address space."""
+        if self.frame_bytes >= 1 << self.mem_addr_width:
+            raise ValueError(f"mem_addr_width must address a {self.frame_bytes}-byte camera frame "
+                             f"(>= {self.frame_bytes.bit_length()} bits), not {self.mem_addr_width}")
 
     def _check_accumulator(self):
         worst, what, param = self.worst_case_acc
@@ -385,7 +400,9 @@ class AcceleratorConfig:
             "qkv": m.dim,
             "qk": m.head_dim,
             "av (uint8 A)": self.token_capacity,
-            "proj": m.dim,
+            # The projection reads the per-head padded context (attention.attn_layout): its K is the
+            # padded width, which equals dim when pe_cols divides head_dim.
+            "proj": self.attn_proj_k,
             "fc1": m.dim,
             "fc2": m.mlp_hidden,
             "gate": m.gate_in_dim,
@@ -453,20 +470,126 @@ class AcceleratorConfig:
 
         The one definition of the activation buffer's requirement: validation checks
         ``act_buffer_bytes`` against the largest entry, and the units lay out their regions from the
-        same properties (:attr:`moe_hidden_base`, :attr:`moe_hidden_words`).
+        same properties (:attr:`moe_hidden_base`, :attr:`moe_hidden_words`, the ``attn_*`` map,
+        :attr:`dense_act_min_words`, :attr:`embed_act_min_words`).
         """
         m = self.model
         T = self.token_capacity
-        attn = T * (2 * m.dim + 3 * m.head_dim) * numerics.ACT_BITS // 8
-        moe = (self.moe_hidden_base + T * self.moe_hidden_words) * self.act_word_bytes
+        word = self.act_word_bytes
+        moe = (self.moe_hidden_base + T * self.moe_hidden_words) * word
+        R, C = self.pe_rows, self.pe_cols
         return {
-            "attention": (attn, f"attention: token_capacity={T} x (2*dim + 3*head_dim) = "
-                                f"{T} x {2 * m.dim + 3 * m.head_dim} int8, the normalised input and "
-                                f"the attention context of every token plus one head's Q, K, V"),
+            "attention": (self.attn_act_words * word,
+                          f"attention: {self.attn_main_words} words of {word} B for h and the context of "
+                          f"token_capacity={T} tokens and one head's Q|K|V ({self.attn_rows_pad} rows), "
+                          f"then two e8 tiles of q_tile={self.q_tile} (padded to {self.attn_q_pad}) x "
+                          f"{self.attn_score_words} words at the aligned word {self.attn_e8_base}"),
             "moe": (moe, f"MoE layer: token_capacity={T} x ({self.row_words} + {self.moe_hidden_words})"
-                         f" words of {self.act_word_bytes} B, every token's h row (dim={m.dim}) and "
+                         f" words of {word} B, every token's h row (dim={m.dim}) and "
                          f"its expert_hidden={m.expert_hidden} hidden row"),
+            "dense": (self.dense_act_min_words * word,
+                      f"dense MLP: h of token_capacity={T} rows padded to pe_rows={R} x {self.row_words} "
+                      f"words, plus a hidden slot of {R} rows x ceil(mlp_hidden={m.mlp_hidden} / {C}) "
+                      f"words of {word} B"),
+            "embed": (self.embed_act_min_words * word,
+                      f"patch embedding: two slots of pe_rows={R} patch rows x ceil(patch_dim="
+                      f"{m.patch_dim} / {C}) words of {word} B"),
         }
+
+    # -- attention, dense and embedding buffer maps (attention.attn_layout.buffer_map,
+    #    dense.dense_layout.dense_buffer_map and dense.embed_layout.embed_buffer_map read these) ---
+
+    @property
+    def attn_head_words(self):
+        """Words per head's Q, K or V row (``ceil(head_dim / pe_cols)``: each starts on a word)."""
+        return _ceil_div(self.model.head_dim, self.pe_cols)
+
+    @property
+    def attn_softmax_lanes(self):
+        """Lanes of the attention softmax: ``gcd(softmax_lanes, pe_cols)``, so that a score word is
+        whole softmax beats (``pe_cols`` by default: one word a cycle)."""
+        return math.gcd(self.softmax_lanes, self.pe_cols)
+
+    @property
+    def attn_proj_k(self):
+        """The projection's padded reduction length ``heads * attn_head_words * pe_cols``."""
+        return self.model.heads * self.attn_head_words * self.pe_cols
+
+    @property
+    def attn_rows_pad(self):
+        """Rows of the Q|K|V region: the token capacity in whole row and column tiles plus one row
+        tile, for the junk rows the engine reads past the last row tile."""
+        return _ceil_div(self.token_capacity, math.lcm(self.pe_rows, self.pe_cols)) \
+            * math.lcm(self.pe_rows, self.pe_cols) + self.pe_rows
+
+    @property
+    def attn_main_words(self):
+        """Words of the attention's main activation bank: h, the padded context, one head's Q|K|V."""
+        T, hw = self.token_capacity, self.attn_head_words
+        return T * self.row_words + T * self.model.heads * hw + self.attn_rows_pad * 3 * hw
+
+    @property
+    def attn_score_words(self):
+        """Words per score / e8 row (``ceil(token_capacity / pe_cols)``)."""
+        return _ceil_div(self.token_capacity, self.pe_cols)
+
+    @property
+    def attn_q_pad(self):
+        """``q_tile`` padded to whole PE-array row tiles (e8 slot rows, row-table slot entries)."""
+        return _ceil_div(self.q_tile, self.pe_rows) * self.pe_rows
+
+    @property
+    def attn_e8_slot(self):
+        """Words of one e8 query-tile slot."""
+        return self.attn_q_pad * self.attn_score_words
+
+    @property
+    def attn_e8_base(self):
+        """Activation word of the e8 bank: a multiple of its power-of-two range, so the bank decodes
+        from the low address bits."""
+        span = 1 << (2 * self.attn_e8_slot - 1).bit_length()
+        return _ceil_div(self.attn_main_words, span) * span
+
+    @property
+    def attn_act_words(self):
+        """Activation address space of the attention sub-layer (main bank, gap, two e8 slots)."""
+        return self.attn_e8_base + 2 * self.attn_e8_slot
+
+    @property
+    def attn_score_buffer_words(self):
+        """int32 words of the score reorder buffer: two slots of ``q_tile`` rows."""
+        return 2 * self.q_tile * self.attn_score_words
+
+    @property
+    def dense_act_min_words(self):
+        """Smallest activation buffer of the dense MLP (``mlp_hidden``): h, then a hidden slot of one
+        row tile (a larger buffer gives larger token tiles)."""
+        R = self.pe_rows
+        return (_ceil_div(self.token_capacity, R) * R * self.row_words
+                + R * _ceil_div(self.model.mlp_hidden, self.pe_cols))
+
+    @property
+    def embed_act_min_words(self):
+        """Smallest activation buffer of the patch embedding: two slots of one row tile of patches."""
+        return 2 * self.pe_rows * _ceil_div(self.model.patch_dim, self.pe_cols)
+
+    @property
+    def norm_lanes(self):
+        """Values per cycle of the LayerNorm stage: ``gcd(ln_lanes, pe_cols, dim)`` (whole words)."""
+        return math.gcd(self.ln_lanes, self.pe_cols, self.model.dim)
+
+    @property
+    def norm_record_bytes(self):
+        """Bytes of one LayerNorm parameter record (``norm_lanes`` int16 gains, int32 biases, eps,
+        shift: ``6*lanes + 5``), a power of two of at least one memory beat."""
+        need = 6 * self.norm_lanes + 5
+        return max(self.mem_data_bytes, 1 << (need - 1).bit_length())
+
+    @property
+    def frame_bytes(self):
+        """Bytes of one uint8 HWC camera frame."""
+        m = self.model
+        return m.img_size[0] * m.img_size[1] * m.in_chans
 
     @property
     def act_buffer_min_bytes(self):
@@ -604,9 +727,20 @@ class AcceleratorConfig:
         return _addr_bits(self.param_buffer_words)
 
     @property
+    def rowtab_needs(self):
+        """``{user: (entries, why)}``: what each user of the row table needs."""
+        T, k = self.token_capacity, self.model.top_k
+        return {
+            "moe": (T * k, f"MoE: token_capacity={T} x top_k={k} routed rows"),
+            "attention": (2 * self.attn_q_pad, f"attention: two q_tile={self.q_tile} slots padded to "
+                                               f"{self.attn_q_pad} rows"),
+        }
+
+    @property
     def rowtab_entries(self):
-        """Entries of a row table (token queue): every token routed to ``top_k`` experts."""
-        return self.token_capacity * self.model.top_k
+        """Entries of a row table: the largest of :attr:`rowtab_needs` (every token routed to ``top_k``
+        experts, or two attention query tiles)."""
+        return max(n for n, _ in self.rowtab_needs.values())
 
     @property
     def rowtab_addr_bits(self):
@@ -619,8 +753,9 @@ class AcceleratorConfig:
 
     @property
     def dst_addr_bits(self):
-        """Address bits of a GEMM destination (activation or residual buffer, or a stream index)."""
-        return max(self.act_addr_bits, self.res_addr_bits)
+        """Address bits of a GEMM destination (activation or residual buffer, or a stream index:
+        the attention score reorder buffer's word)."""
+        return max(self.act_addr_bits, self.res_addr_bits, index_bits(self.attn_score_buffer_words))
 
     # -- reports -------------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from amaranth.sim import Simulator
 
 from m3vit_hw import numerics
 from m3vit_hw.attention import AttentionLayer, AttnLoadTarget, Phase, pack_attention, start_fields
-from m3vit_hw.attention.attn_layout import buffer_map, plan_attention
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.model_config import ModelConfig
 from reference import golden as g
@@ -33,26 +32,18 @@ IMAGE_BASE = 0x4000
 
 
 def attn_config(*, dim, heads, tokens, pe_rows=4, pe_cols=4, q_tile=None, weight_buffer_bytes=None,
-                mem_data_bytes=16):
+                **accel):
     """An :class:`AcceleratorConfig` for one attention sub-layer (``tokens`` tokens incl. cls).
 
-    The activation buffer is enlarged to the attention sub-layer's buffer map if needed (see
-    :func:`~m3vit_hw.attention.attn_layout.buffer_map`); the weight buffer is rounded up to whole memory
-    beats per half.
+    Every buffer is the config's own (its ``act_buffer_needs`` include the attention buffer map); only
+    the model and the array are chosen here. ``accel``: further :class:`AcceleratorConfig` fields
+    (``mem_data_bytes``, ``softmax_lanes``, ...).
     """
     model = ModelConfig(name=f"attn-D{dim}-H{heads}", img_size=(1, max(1, tokens - 1)), patch_size=1,
                         in_chans=1, dim=dim, depth=2, heads=heads, experts=2, top_k=1,
                         tasks=("t0",), task_channels=(1,))
-    cfg = AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, q_tile=q_tile,
-                            weight_buffer_bytes=weight_buffer_bytes)
-    need = buffer_map(cfg, check=False).act_words
-    if need > cfg.act_buffer_words:
-        cfg = cfg.with_(act_buffer_bytes=need * cfg.act_word_bytes)
-    if weight_buffer_bytes is None:
-        unit = 2 * math.lcm(mem_data_bytes, cfg.act_word_bytes)
-        if cfg.weight_buffer_bytes % unit:
-            cfg = cfg.with_(weight_buffer_bytes=-(-cfg.weight_buffer_bytes // unit) * unit)
-    return cfg
+    return AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, q_tile=q_tile,
+                             weight_buffer_bytes=weight_buffer_bytes, **accel)
 
 
 def _mult_for(k, rng, shape, target):
@@ -102,12 +93,11 @@ def _words(matrix, C):
 class AttnLayerSim:
     """One elaborated AttentionLayer, one parameter image, any number of runs (``run``)."""
 
-    def __init__(self, config, qattn, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0,
-                 mem_data_bytes=16):
+    def __init__(self, config, qattn, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0):
         self.config = config
         self.qattn = qattn
-        self.dut = AttentionLayer(config, mem_data_bytes=mem_data_bytes)
-        image, self.layout = pack_attention(qattn, config, data_bytes=mem_data_bytes)
+        self.dut = AttentionLayer(config)
+        image, self.layout = pack_attention(qattn, config)
         self.image = np.zeros(IMAGE_BASE + len(image), dtype=np.uint8)
         self.image[IMAGE_BASE:] = np.frombuffer(image, dtype=np.uint8)
         self.mem_args = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
@@ -241,9 +231,7 @@ def main(argv=None):
             raise ValueError(f"--json: the directory of {args.json!r} does not exist")
         cfg = attn_config(dim=args.dim, heads=args.heads, tokens=args.tokens, q_tile=args.q_tile,
                           pe_rows=args.pe_rows, pe_cols=args.pe_cols)
-        # A config the layer refuses fails here, before simulating (the checks its constructor runs).
-        buffer_map(cfg)
-        plan_attention(cfg)
+        # A config that validates elaborates: the config's own checks above are the layer's.
         rep = run_attention_layer(dim=args.dim, heads=args.heads, tokens=args.tokens, q_tile=args.q_tile,
                                   pe_rows=args.pe_rows, pe_cols=args.pe_cols, seed=args.seed,
                                   mem_bytes_per_cycle=args.mem_bytes_per_cycle, latency=args.latency,

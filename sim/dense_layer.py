@@ -30,21 +30,18 @@ IMAGE_BASE = 0x2000
 
 
 def dense_config(*, dim, tokens, hidden, pe_rows=4, pe_cols=4, act_buffer_bytes=None, weight_buffer_bytes=None,
-                 mem_data_bytes=16):
+                 **accel):
     """An :class:`AcceleratorConfig` around one dense MLP of width ``hidden`` (``tokens`` incl. cls).
 
-    The model's ``mlp_ratio`` is ``max(1, ceil(hidden / dim))`` so that the engine's fields hold
-    ``hidden``; the weight buffer is rounded up to whole memory beats per half.
+    The model's ``mlp_hidden`` is ``hidden``; every buffer the config derives is the config's own (its
+    ``act_buffer_needs`` include the dense MLP, its weight halves are whole memory beats). ``accel``:
+    further :class:`AcceleratorConfig` fields (``mem_data_bytes``, ``mem_max_burst``, ...).
     """
     model = ModelConfig(name=f"dense-D{dim}-H{hidden}", img_size=(1, max(1, tokens - 1)), patch_size=1,
                         in_chans=1, dim=dim, depth=2, heads=1, experts=2, top_k=1, tasks=("t0",),
-                        task_channels=(1,), mlp_ratio=max(1, -(-hidden // dim)))
-    cfg = AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, act_buffer_bytes=act_buffer_bytes,
-                            weight_buffer_bytes=weight_buffer_bytes)
-    unit = 2 * math.lcm(mem_data_bytes, cfg.act_word_bytes)
-    if cfg.weight_buffer_bytes % unit:
-        cfg = cfg.with_(weight_buffer_bytes=-(-cfg.weight_buffer_bytes // unit) * unit)
-    return cfg
+                        task_channels=(1,), mlp_hidden=hidden)
+    return AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, act_buffer_bytes=act_buffer_bytes,
+                             weight_buffer_bytes=weight_buffer_bytes, **accel)
 
 
 def _mult_for(k, rng, shape, target):
@@ -97,12 +94,12 @@ class DenseLayerSim:
     """One elaborated DenseLayer, one parameter image, any number of runs (``run``)."""
 
     def __init__(self, config, qdense, *, token_tile=None, mem_bytes_per_cycle=16, latency=20,
-                 stall_prob=0.0, seed=0, mem_data_bytes=16):
+                 stall_prob=0.0, seed=0):
         self.config = config
         self.qdense = qdense
         hidden = np.asarray(qdense.fc1.w).shape[0]
-        self.dut = DenseLayer(config, hidden=hidden, token_tile=token_tile, mem_data_bytes=mem_data_bytes)
-        image, self.layout = pack_dense(qdense, config, data_bytes=mem_data_bytes)
+        self.dut = DenseLayer(config, hidden=hidden, token_tile=token_tile)
+        image, self.layout = pack_dense(qdense, config)
         self.image = np.zeros(IMAGE_BASE + len(image), dtype=np.uint8)
         self.image[IMAGE_BASE:] = np.frombuffer(image, dtype=np.uint8)
         self.mem_args = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
@@ -252,14 +249,13 @@ class NormMlpSim:
     ``run(x, qln)`` returns the residual after ``x + mlp(layernorm(x))`` and the phase cycles."""
 
     def __init__(self, config, qdense, *, token_tile=None, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0,
-                 seed=0, mem_data_bytes=16):
+                 seed=0):
         from m3vit_hw.dense.norm_mlp import NormMlp
         self.config, self.qdense = config, qdense
         hidden = np.asarray(qdense.fc1.w).shape[0]
-        self.dut = NormMlp(config, hidden=hidden, token_tile=token_tile, mem_data_bytes=mem_data_bytes)
-        self.image_bytes, self.layout = pack_dense(qdense, config, data_bytes=mem_data_bytes)
+        self.dut = NormMlp(config, hidden=hidden, token_tile=token_tile)
+        self.image_bytes, self.layout = pack_dense(qdense, config)
         self.ln_base = IMAGE_BASE + -(-len(self.image_bytes) // 256) * 256
-        self.db = mem_data_bytes
         self.mem_args = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
                              seed=seed)
         self.stall_prob, self.seed = stall_prob, seed
@@ -268,7 +264,7 @@ class NormMlpSim:
         from m3vit_hw.dense.norm_stage import pack_norm_params
         dut, cfg = self.dut, self.config
         C, T = cfg.pe_cols, x.shape[0]
-        recs = pack_norm_params(qln, cfg.model.dim, self.dut.norm.lanes, data_bytes=self.db)
+        recs = pack_norm_params(qln, cfg)
         backing = np.zeros(self.ln_base + len(recs), dtype=np.uint8)
         backing[IMAGE_BASE:IMAGE_BASE + len(self.image_bytes)] = np.frombuffer(self.image_bytes, dtype=np.uint8)
         backing[self.ln_base:] = np.frombuffer(recs, dtype=np.uint8)

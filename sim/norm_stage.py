@@ -76,12 +76,11 @@ def make_norm_workload(dim, tokens, seed=0, *, extremes=False):
 class NormStageSim:
     """One elaborated NormStage harness; ``run(x, qln)`` returns the int8 rows and the cycle count."""
 
-    def __init__(self, config, *, stall_prob=0.0, seed=0, mem_bytes_per_cycle=16, latency=20,
-                 mem_data_bytes=16):
+    def __init__(self, config, *, stall_prob=0.0, seed=0, mem_bytes_per_cycle=16, latency=20):
         self.config = config
-        self.stage = NormStage(config, mem_data_bytes=mem_data_bytes)
+        self.stage = NormStage(config)
         self.dut = NormHarness(self.stage)
-        self.db = mem_data_bytes
+        self.db = config.mem_data_bytes
         self.mem_args = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
                              seed=seed)
         self.stall_prob, self.seed = stall_prob, seed
@@ -91,7 +90,7 @@ class NormStageSim:
         C, rw, D = cfg.pe_cols, cfg.row_words, cfg.model.dim
         T = x.shape[0]
         dst_stride = rw if dst_stride is None else dst_stride
-        recs = pack_norm_params(qln, D, self.stage.lanes, data_bytes=self.db)
+        recs = pack_norm_params(qln, cfg)
         image = np.zeros(PARAM_BASE + len(recs), dtype=np.uint8)
         image[PARAM_BASE:] = np.frombuffer(recs, dtype=np.uint8)
         mem = ExternalMemory(image, **self.mem_args)

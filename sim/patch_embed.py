@@ -31,17 +31,15 @@ IMAGE_BASE = 0x3003
 
 
 def embed_config(*, img, patch, dim, in_chans=3, pe_rows=4, pe_cols=4, act_buffer_bytes=None,
-                 weight_buffer_bytes=None, mem_data_bytes=16):
-    """An :class:`AcceleratorConfig` for an ``img`` = (H, W) image of ``patch`` x ``patch`` patches."""
+                 weight_buffer_bytes=None, **accel):
+    """An :class:`AcceleratorConfig` for an ``img`` = (H, W) image of ``patch`` x ``patch`` patches
+    (every derived buffer is the config's own: its ``act_buffer_needs`` include two patch slots).
+    ``accel``: further :class:`AcceleratorConfig` fields (``mem_data_bytes``, ``mem_max_burst``, ...)."""
     model = ModelConfig(name=f"embed-{img[0]}x{img[1]}-p{patch}-D{dim}", img_size=tuple(img),
                         patch_size=patch, in_chans=in_chans, dim=dim, depth=2, heads=1, experts=2, top_k=1,
                         tasks=("t0",), task_channels=(1,))
-    cfg = AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, act_buffer_bytes=act_buffer_bytes,
-                            weight_buffer_bytes=weight_buffer_bytes)
-    unit = 2 * math.lcm(mem_data_bytes, cfg.act_word_bytes)
-    if cfg.weight_buffer_bytes % unit:
-        cfg = cfg.with_(weight_buffer_bytes=-(-cfg.weight_buffer_bytes // unit) * unit)
-    return cfg
+    return AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols, act_buffer_bytes=act_buffer_bytes,
+                             weight_buffer_bytes=weight_buffer_bytes, **accel)
 
 
 def make_embed_workload(config, seed=0, *, extremes=False):
@@ -79,12 +77,11 @@ class PatchEmbedSim:
     """One elaborated PatchEmbed with one workload in external memory; ``run()`` does one frame."""
 
     def __init__(self, config, wl, *, patch_tile=None, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0,
-                 seed=0, mem_data_bytes=16, mem_max_burst=16):
+                 seed=0):
         self.config, self.wl = config, wl
-        self.dut = PatchEmbed(config, patch_tile=patch_tile, mem_data_bytes=mem_data_bytes,
-                              mem_max_burst=mem_max_burst)
-        image, self.layout = pack_embed(wl["qpatch"], wl["cls_int"], wl["pos_int"], config,
-                                        data_bytes=mem_data_bytes)
+        mem_data_bytes = config.mem_data_bytes
+        self.dut = PatchEmbed(config, patch_tile=patch_tile)
+        image, self.layout = pack_embed(wl["qpatch"], wl["cls_int"], wl["pos_int"], config)
         # The frame goes 3 bytes past the first 4 KiB page after the parameters (unaligned on purpose).
         self.img_base = max(IMAGE_BASE, -(-(PARAM_BASE + len(image)) // 4096) * 4096 + 3)
         frame = wl["img"].reshape(-1)

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """AttentionLayer end to end against the golden model: ``x + proj(attention(h))`` bit for bit.
 
 Each case elaborates one AttentionLayer (small configs, 4x4 PEs unless noted) and runs it with the
@@ -10,7 +11,7 @@ cycles per phase and the PE-array utilization during attention are printed, not 
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Module
+from amaranth.hdl import Fragment, Module
 from amaranth.lib import wiring
 
 from m3vit_hw import numerics
@@ -59,6 +60,20 @@ def test_bit_exact_two_runs_with_stalls():
     sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=6, latency=9, stall_prob=0.25, seed=1)
     runs = _runs(wl, 9, 6)
     _check(sim, runs, sim.run(runs), "D16 H2")
+
+
+@pytest.mark.parametrize("lanes", [2, 1])
+def test_bit_exact_narrow_softmax(lanes):
+    """config.softmax_lanes below pe_cols: each score word is cut into C / L softmax beats (the row's
+    last word into fewer: T=9 leaves one element in word 2, T=6 two) and the e8 words are gathered
+    back, padding lanes zero. Everything stalling."""
+    cfg = attn_config(dim=16, heads=2, tokens=9, softmax_lanes=lanes)
+    assert cfg.attn_softmax_lanes == lanes
+    wl = make_attn_workload(16, 2, 9, seed=5 + lanes)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=6, latency=9, stall_prob=0.25, seed=lanes)
+    assert sim.dut.score.softmax.lanes == lanes
+    runs = _runs(wl, 9, 6)
+    _check(sim, runs, sim.run(runs), f"D16 H2 softmax lanes {lanes}")
 
 
 def test_bit_exact_odd_config():
@@ -178,16 +193,21 @@ def test_layout_reproduces_golden_operands():
 
 
 def test_bad_configs_are_refused():
+    """The config refuses what the layer could not build (naming the buffer, its user and the size);
+    a config that validates elaborates, e.g. a q_tile as large as the token capacity (the row table
+    grows to two query-tile slots)."""
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
         AttentionLayer("tiny")
     cfg = attn_config(dim=16, heads=2, tokens=9)
-    small = cfg.with_(act_buffer_bytes=cfg.act_buffer_min_bytes)
-    with pytest.raises(ValueError, match="act_buffer_bytes must be >= "):
-        AttentionLayer(small)
-    with pytest.raises(ValueError, match="row table .* must hold two q_tile slots"):
-        AttentionLayer(attn_config(dim=16, heads=2, tokens=9, q_tile=9))
-    with pytest.raises(ValueError, match="counter_width"):
-        AttentionLayer(cfg, counter_width=8)
+    need = cfg.act_buffer_needs["attention"][0]
+    assert cfg.act_buffer_words >= buffer_map(cfg).act_words
+    with pytest.raises(ValueError, match=rf"act_buffer_bytes must be >= {need} \(attention: "):
+        cfg.with_(act_buffer_bytes=need - cfg.act_word_bytes)
+    with pytest.raises(ValueError, match=r"counter_width must be in \[16, 64\], not 8"):
+        cfg.with_(counter_width=8)
+    big_q = attn_config(dim=16, heads=2, tokens=9, q_tile=9)
+    assert big_q.rowtab_entries >= buffer_map(big_q).rowtab_words
+    Fragment.get(AttentionLayer(big_q), None)
 
 
 def test_verilog_and_embedding():

@@ -47,14 +47,17 @@ def test_derived_sizes():
     assert cfg.macs_per_cycle == 24
     assert cfg.act_word_lanes == 8 and cfg.act_word_bytes == 8
     assert cfg.act_buffer_bytes == -(-cfg.act_buffer_min_bytes // 8) * 8
-    assert cfg.act_buffer_min_bytes == 20 * (2 * 32 + 3 * 16)
+    assert cfg.act_buffer_min_bytes == max(n for n, _ in cfg.act_buffer_needs.values())
+    # The tiny preset's 16x16x3 patches make the patch embedding's two slots the largest user:
+    # 2 slots x pe_rows=3 rows x ceil(768 / 8) words x 8 B.
+    assert cfg.act_buffer_min_bytes == cfg.act_buffer_needs["embed"][0] == 2 * 3 * 96 * 8
     assert cfg.res_buffer_words == 20 * 4
     assert cfg.weight_panel_bytes == cfg.largest_weight_k * 8
     # The default weight buffer grows to two panels when one expert is smaller than a panel.
     assert cfg.weight_buffer_half_bytes == max(cfg.weight_panel_bytes, cfg.expert_weight_bytes)
     assert cfg.b_addr_bits == 1 + max(cfg.weight_addr_bits, cfg.act_addr_bits)
     assert cfg.q_tile == 3
-    assert cfg.rowtab_entries == 20 * cfg.model.top_k
+    assert cfg.rowtab_entries == max(20 * cfg.model.top_k, 2 * 3)    # MoE rows, two attention q tiles
     assert cfg.largest_n == max(3 * 32, 128, 64, 20, 64)
 
 
@@ -69,11 +72,11 @@ def test_equality_repr_and_overrides():
     assert c.model.experts == 8 and c.model.top_k == 3
     assert a.with_(clock_mhz=250).clock_mhz == 250
     # Derived sizes follow the change; explicit ones stay.
-    bigger = a.with_(token_capacity=40)
+    bigger = a.with_(token_capacity=80)
     assert bigger.act_buffer_bytes >= bigger.act_buffer_min_bytes > a.act_buffer_bytes
-    assert bigger == _tiny(token_capacity=40)
-    fixed = _tiny(act_buffer_bytes=4096).with_(token_capacity=20)
-    assert fixed.act_buffer_bytes == 4096
+    assert bigger == _tiny(token_capacity=80)
+    fixed = _tiny(act_buffer_bytes=8192).with_(token_capacity=20)
+    assert fixed.act_buffer_bytes == 8192
     with pytest.raises(AttributeError):
         a.pe_rows = 8                                # frozen
 
@@ -132,7 +135,7 @@ def test_messages_state_range_and_value():
     with pytest.raises(ValueError) as info:
         _tiny(act_buffer_bytes=1000)
     msg = str(info.value)
-    assert ">= 1008" in msg and "token_capacity" in msg and "1000" in msg
+    assert ">= 6144" in msg and "patch embedding" in msg and "not 1000" in msg
     with pytest.raises(ValueError) as info:
         _tiny(weight_buffer_bytes=4096)
     assert "weight panel" in str(info.value) and "6144" in str(info.value)
@@ -153,19 +156,30 @@ def test_accumulator_bound_is_tight():
 def test_buffer_needs_are_the_largest_user():
     """The activation buffer is sized for its largest user; the error names that user and the size.
 
-    With a wide expert (h = 8D) the MoE layer's h rows plus hidden region, T x (D + h), exceed the
-    attention working set T x (2D + 3 head_dim); with the default h = 2D attention is the larger.
+    Attention needs h and the per-head padded context of every token, one head's Q|K|V (rows padded
+    to whole tiles plus one row tile) and, at an aligned base, two e8 query tiles; the MoE layer
+    every token's h row and hidden row; the dense MLP h and one row tile of hidden rows; the patch
+    embedding two slots of one row tile of patch rows. With 8x8 patches and a wide expert (h = 8D)
+    the MoE layer is the largest.
     """
     cfg = _tiny()
     needs = cfg.act_buffer_needs
-    assert needs["attention"][0] == 9 * (2 * 32 + 3 * 16)
+    T, rw, hw, word = 9, 8, 4, 4                      # tiny: D=32, 2 heads of 16, 4x4 PEs
+    main = T * rw + T * 2 * hw + (12 + 4) * 3 * hw    # rows padded: round_up(9, 4) + 4
+    e8_slot = 4 * 3                                   # q_tile 4 rows x ceil(9 / 4) words
+    assert needs["attention"][0] == (352 + 2 * e8_slot) * word and main == 336   # base 336 -> 352
     assert needs["moe"][0] == 9 * (32 + 64)
+    assert needs["dense"][0] == (12 * rw + 4 * 32) * word
+    assert needs["embed"][0] == 2 * 4 * 192 * word
     assert cfg.act_buffer_min_bytes == max(n for n, _ in needs.values())
-    wide = _tiny(expert_hidden=256)
+    wide = _tiny(expert_hidden=256, patch_size=8, img_size=(16, 32))
     assert wide.act_buffer_min_bytes == wide.act_buffer_needs["moe"][0] == 9 * (32 + 256)
     with pytest.raises(ValueError, match=r"act_buffer_bytes must be >= 2592 \(MoE layer: "
                                           r"token_capacity=9 x \(8 \+ 64\) words"):
-        _tiny(expert_hidden=256, act_buffer_bytes=1024)
+        _tiny(expert_hidden=256, patch_size=8, img_size=(16, 32), act_buffer_bytes=1024)
+    # The row table holds two attention query tiles when the MoE rows are fewer.
+    few = _tiny(top_k=1, q_tile=9)
+    assert few.rowtab_needs["attention"][0] == 2 * 12 and few.rowtab_entries == 24
 
 
 def test_hidden_sizes_any_positive():

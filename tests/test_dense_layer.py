@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """DenseLayer end to end against the golden model: ``x + fc2(gelu(fc1(h)))`` bit for bit.
 
 Each case elaborates one DenseLayer (small configs) and runs it with the external memory and every
@@ -11,8 +12,10 @@ import json
 import numpy as np
 import pytest
 from amaranth.back import verilog
+from amaranth.hdl import Fragment
 
 from m3vit_hw import numerics
+from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.dense import DenseLayer, dense_buffer_map, pack_dense, plan_dense
 from m3vit_hw.moe.expert_layout import unpack_params
 from reference import golden_model
@@ -45,8 +48,11 @@ def test_bit_exact_token_tiled_two_runs_with_stalls():
     design; memory and streams stalling."""
     cfg = dense_config(dim=16, tokens=9, hidden=64)
     wl = make_dense_workload(16, 64, 9, seed=1)
-    sim = DenseLayerSim(cfg, wl["qdense"], mem_bytes_per_cycle=6, latency=9, stall_prob=0.25, seed=1)
-    assert sim.dut.buffer_map.token_tile < 9, "the default act buffer must force token tiling here"
+    # The config's act buffer also holds the attention map and the patch slots, so it would fit all 9
+    # tokens' hidden rows: the token tile is chosen here.
+    sim = DenseLayerSim(cfg, wl["qdense"], token_tile=8, mem_bytes_per_cycle=6, latency=9, stall_prob=0.25,
+                        seed=1)
+    assert sim.dut.buffer_map.token_tile == 8
     runs = [(wl["h"], wl["x"]), (wl["h"][:5], wl["x"][:5])]
     _check(sim, runs, sim.run(runs), "D16 h64")
 
@@ -109,8 +115,9 @@ def test_layout_reproduces_golden_operands():
 
 def test_buffer_map_token_tile():
     """The default token tile is the largest multiple of pe_rows the act buffer leaves room for."""
-    cfg = dense_config(dim=16, tokens=9, hidden=64)
+    cfg = dense_config(dim=16, tokens=9, hidden=256)     # wide hidden rows: the buffer forces tiling
     bm = dense_buffer_map(cfg)
+    assert bm.token_tile < 9, "the default act buffer must force token tiling here"
     assert bm.token_tile % cfg.pe_rows == 0 and bm.act_words <= cfg.act_buffer_words
     assert bm.hid_base + (bm.token_tile + cfg.pe_rows) * bm.hw > cfg.act_buffer_words
     big = cfg.with_(act_buffer_bytes=64 * cfg.act_buffer_bytes)
@@ -122,16 +129,25 @@ def test_bad_parameters_are_refused():
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
         DenseLayer("tiny")
     with pytest.raises(ValueError, match="token_tile must be in"):
-        DenseLayer(cfg, token_tile=9)
+        DenseLayer(cfg, token_tile=10)
     with pytest.raises(ValueError, match="hidden must be in"):
         DenseLayer(cfg, hidden=10_000)
-    # The config's smallest act buffer (2 tokens) holds h but not pe_rows hidden rows of 32.
+    # The config sizes the act buffer for h plus pe_rows hidden rows (and refuses less, naming the
+    # dense MLP); a config that validates elaborates.
+    small = dense_config(dim=8, tokens=2, hidden=256)
+    need = small.act_buffer_needs["dense"][0]
+    assert small.act_buffer_bytes == need == (4 * 2 + 4 * 64) * 4      # the largest user here
+    Fragment.get(DenseLayer(small), None)
+    with pytest.raises(ValueError, match=rf"act_buffer_bytes must be >= {need} \(dense MLP: "):
+        small.with_(act_buffer_bytes=need - small.act_word_bytes)
+    # A hidden other than the model's is the caller's: refused by the layer, naming the buffer.
     with pytest.raises(ValueError, match="act_buffer_bytes must be >= .* for the dense MLP"):
-        DenseLayer(dense_config(dim=8, tokens=2, hidden=32))
-    with pytest.raises(ValueError, match="counter_width"):
-        DenseLayer(cfg, counter_width=8)
-    with pytest.raises(ValueError, match="data_bytes"):
-        plan_dense(cfg, data_bytes=3)
+        DenseLayer(AcceleratorConfig(model=small.model.with_(mlp_hidden=32, expert_hidden=256), pe_rows=4,
+                                     pe_cols=4), hidden=256)
+    with pytest.raises(ValueError, match=r"counter_width must be in \[16, 64\], not 8"):
+        cfg.with_(counter_width=8)
+    with pytest.raises(ValueError, match="mem_data_bytes must be a power of two"):
+        dense_config(dim=16, tokens=9, hidden=64, mem_data_bytes=3)
 
 
 def test_verilog_and_embedding():

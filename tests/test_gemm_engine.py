@@ -392,7 +392,10 @@ def _random_commands(cfg, bufs, rng, count):
 def test_random_command_mix(rows, cols, seed):
     """Every mode and flag (gather, scatter, b_trans, a_unsigned, sync, B from either buffer),
     random shapes, back-to-back commands, random stalls on cmd and o."""
-    cfg = AcceleratorConfig.from_preset("tiny", pe_rows=rows, pe_cols=cols, act_buffer_bytes=256 * cols)
+    # A small activation buffer (short random addresses): 4x4-pixel patches (same 9 tokens) keep the
+    # patch embedding's slots below the attention map, which 512 words hold.
+    cfg = AcceleratorConfig.from_preset("tiny", pe_rows=rows, pe_cols=cols, act_buffer_bytes=512 * cols,
+                                        img_size=(8, 16), patch_size=4)
     rng = np.random.default_rng(100 + seed)
     bufs = Buffers(cfg, rng)
     cmds = _random_commands(cfg, bufs, rng, count=10)

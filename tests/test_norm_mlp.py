@@ -1,8 +1,10 @@
+# amaranth: UnusedElaboratable=no
 """NormMlp: a LayerNorm stage and the dense MLP sharing one engine and one set of buffers (the encoder
 top's composition pattern), against ``golden_model.dense_mlp(x, golden.layernorm(x))``."""
 
 import numpy as np
 import pytest
+from amaranth.hdl import Fragment
 
 from m3vit_hw.dense.norm_mlp import NormMlp
 from reference import golden as g
@@ -38,5 +40,6 @@ def test_norm_then_mlp_bit_exact(dim, hidden, tokens, R, C, tile, stall):
 def test_refuses_bad_config():
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
         NormMlp(None)
-    with pytest.raises(ValueError, match="counter_width"):
-        NormMlp(dense_config(dim=8, tokens=5, hidden=8), counter_width=4)
+    with pytest.raises(ValueError, match=r"counter_width must be in \[16, 64\], not 4"):
+        dense_config(dim=8, tokens=5, hidden=8).with_(counter_width=4)
+    Fragment.get(NormMlp(dense_config(dim=8, tokens=5, hidden=8)), None)

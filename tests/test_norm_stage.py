@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """NormStage (the LayerNorm sub-layer over memory ports) against ``reference.golden.layernorm``.
 
 The stage reads int16 residual rows from a buffer the harness owns, fetches the layer's gain/bias
@@ -25,16 +26,19 @@ def _check(res, label):
     print(f"NormStage {label}: bit-exact, {res['cycles']} cycles")
 
 
-@pytest.mark.parametrize("dim, tokens, pe_cols, stall", [
-    (16, 9, 4, 0.0),     # lanes = C: one residual word per cycle
-    (12, 7, 8, 0.3),     # D not a power of two and not a multiple of C: 2 beats a word, short last word
-    (10, 5, 4, 0.3),     # lanes = gcd(4, 10) = 2
+@pytest.mark.parametrize("dim, tokens, pe_cols, stall, db, burst", [
+    (16, 9, 4, 0.0, 16, 16),    # lanes = C: one residual word per cycle
+    (12, 7, 8, 0.3, 16, 16),    # D not a power of two nor a multiple of C: 2 beats a word, short last word
+    (10, 5, 4, 0.3, 16, 16),    # lanes = gcd(4, 10) = 2
+    (12, 5, 4, 0.3, 4, 3),      # 32-byte records of 8 beats over 3-beat bursts: 4 requests of 2 a record
 ])
-def test_bit_exact(dim, tokens, pe_cols, stall):
-    cfg = dense_config(dim=dim, tokens=tokens, hidden=dim, pe_cols=pe_cols)
+def test_bit_exact(dim, tokens, pe_cols, stall, db, burst):
+    cfg = dense_config(dim=dim, tokens=tokens, hidden=dim, pe_cols=pe_cols, mem_data_bytes=db,
+                       mem_max_burst=burst)
     wl = make_norm_workload(dim, tokens, seed=dim)
-    sim = NormStageSim(cfg, stall_prob=stall, seed=dim, latency=11)
-    _check(sim.run(wl["x"], wl["qln"]), f"D{dim} T{tokens} C{pe_cols} lanes {sim.stage.lanes}")
+    sim = NormStageSim(cfg, stall_prob=stall, seed=dim, latency=11, mem_bytes_per_cycle=db)
+    _check(sim.run(wl["x"], wl["qln"]), f"D{dim} T{tokens} C{pe_cols} lanes {sim.stage.lanes} "
+                                        f"{db} B beats, bursts <= {burst}")
 
 
 def test_extremes_and_strided_destination():
@@ -54,18 +58,18 @@ def test_record_layout_and_errors():
     assert norm_lanes(cfg) == 4
     wl = make_norm_workload(12, 5, seed=9)
     q = wl["qln"]
-    recs = pack_norm_params(q, 12, 4, data_bytes=16)
+    assert cfg.norm_record_bytes == 32
+    recs = pack_norm_params(q, cfg)
     assert len(recs) == 3 * 32
     r1 = recs[32:64]
     assert list(np.frombuffer(r1[:8], "<i2")) == list(q.gamma_mult[4:8])
     assert list(np.frombuffer(r1[8:24], "<i4")) == list(q.beta_int[4:8])
     assert int.from_bytes(r1[24:28], "little") == q.eps_int and r1[28] == q.shift
     with pytest.raises(ValueError, match="gamma_mult and beta_int of 10 channels"):
-        pack_norm_params(q, 10, 2)
+        pack_norm_params(q, dense_config(dim=10, tokens=5, hidden=10))
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
         NormStage("tiny")
-    with pytest.raises(ValueError, match="mem_max_burst=1 is too small"):
-        NormStage(cfg, mem_max_burst=1)
+
 
 
 def test_verilog():

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """Patch embedding from the camera image: PatchLoader (HWC uint8 -> patch rows) and PatchEmbed (the
 residual stream entering block 0) against ``reference.golden_model.embed``, with random stalls on the
 external memory and on every stream.
@@ -6,7 +7,7 @@ external memory and on every stream.
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Module, signed
+from amaranth.hdl import Fragment, Module, signed
 from amaranth.lib import data, memory, wiring
 from amaranth.sim import Simulator
 
@@ -46,8 +47,9 @@ class _LoaderHarness(wiring.Component):
 ])
 def test_loader_unfolds_hwc_image(img, patch, cin, C, db, burst, tile, base):
     """Patch rows in the activation buffer equal the image's patches in (kh, kw, c) order, minus 128."""
-    cfg = embed_config(img=img, patch=patch, dim=8, in_chans=cin, pe_cols=C, act_buffer_bytes=C * 1024)
-    loader = PatchLoader(cfg, mem_data_bytes=db, mem_max_burst=burst)
+    cfg = embed_config(img=img, patch=patch, dim=8, in_chans=cin, pe_cols=C, act_buffer_bytes=C * 1024,
+                       mem_data_bytes=db, mem_max_burst=burst)
+    loader = PatchLoader(cfg)
     dut = _LoaderHarness(loader, cfg.act_buffer_words)
     kw, n, K = loader.row_words, cfg.model.patches, cfg.model.patch_dim
     rng = np.random.default_rng(base)
@@ -151,10 +153,19 @@ def test_bad_parameters_are_refused():
         PatchEmbed("tiny")
     with pytest.raises(ValueError, match="patch_tile must be in"):
         PatchEmbed(cfg, patch_tile=25)
-    with pytest.raises(ValueError, match="act_buffer_bytes must be >= .* for the patch embedding"):
-        embed_buffer_map(embed_config(img=(8, 8), patch=8, dim=4))
-    with pytest.raises(ValueError, match="data_bytes must be a power of two"):
-        plan_embed(cfg, data_bytes=3)
+    # The config sizes the act buffer for two patch slots of one row tile (and refuses less, naming
+    # the patch embedding); a config that validates elaborates.
+    big = embed_config(img=(8, 8), patch=8, dim=4)
+    need = big.act_buffer_needs["embed"][0]
+    assert big.act_buffer_bytes >= need == 2 * big.pe_rows * embed_buffer_map(big).kw * big.act_word_bytes
+    Fragment.get(PatchEmbed(big), None)
+    with pytest.raises(ValueError, match=rf"act_buffer_bytes must be >= {need} \(patch embedding: "):
+        big.with_(act_buffer_bytes=need - big.act_word_bytes)
+    with pytest.raises(ValueError, match="mem_data_bytes must be a power of two"):
+        embed_config(img=(8, 12), patch=2, dim=12, mem_data_bytes=3)
+    with pytest.raises(ValueError, match=r"mem_addr_width must address a 12288-byte camera frame "
+                                          r"\(>= 14 bits\), not 13"):
+        embed_config(img=(64, 64), patch=16, dim=4, mem_addr_width=13)
     with pytest.raises(ValueError, match=r"pos_int \[25, 12\], not"):
         wl = make_embed_workload(cfg)
         pack_embed(wl["qpatch"], wl["cls_int"], wl["pos_int"][1:], cfg)

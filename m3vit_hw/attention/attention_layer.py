@@ -61,12 +61,11 @@ from amaranth.lib import data, enum, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from ..checks import check_int as _check_int
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmCommand, GemmEngine, RowEntryLayout
 from ..lib.mem_arbiter import ReadArbiter
-from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from ..lib.mem_port import ReadPortSignature
 from ..moe.expert_layout import PARAM_LANE_BYTES
 from ..moe.weight_buffer import WeightBuffer
 from ..moe.weight_streamer import WeightStreamer
@@ -140,14 +139,13 @@ class AttentionLayer(wiring.Component):
     Parameters
     ----------
     config : AcceleratorConfig
-    mem_addr_width, mem_data_bytes, mem_max_burst : int
-        The external-memory read port.
-    counter_width : int
-        Width of the counters, in [16, 64].
+        Every size: the model, PE array, buffers (the attention buffer map), the external-memory port
+        (``mem_addr_width``, ``mem_data_bytes``, ``mem_max_burst``), ``arbiter_depth``,
+        ``tile_tag_width`` and ``counter_width``.
 
     Interface attributes
     --------------------
-    start : In(stream.Signature(AttnStartLayout(config, mem_addr_width)))
+    start : In(stream.Signature(AttnStartLayout(config, config.mem_addr_width)))
         Accepted when idle.
     done : Out(1)
         Pulses when the projection's last result is in the residual buffer.
@@ -167,42 +165,38 @@ class AttentionLayer(wiring.Component):
     Raises
     ------
     TypeError, ValueError
-        On a bad parameter or a config whose buffers cannot hold the sub-layer.
+        If ``config`` is not an :class:`AcceleratorConfig`, or ``mem_addr_width`` cannot address the
+        attention image.
     """
 
-    def __init__(self, config, *, mem_addr_width=DEFAULT_ADDR_WIDTH, mem_data_bytes=DEFAULT_DATA_BYTES,
-                 mem_max_burst=DEFAULT_MAX_BURST, counter_width=32):
-        try:
-            if not isinstance(config, AcceleratorConfig):
-                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-            _check_int("counter_width", counter_width, 16, 64)
-            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                               max_burst=mem_max_burst)
-            self._bmap = buffer_map(config)
-            self._layout = plan_attention(config, data_bytes=mem_data_bytes)
-            if self._layout.image_bytes >= 1 << mem_addr_width:
-                raise ValueError(f"mem_addr_width={mem_addr_width} cannot address the "
-                                 f"{self._layout.image_bytes}-byte attention image")
-            self.arbiter = ReadArbiter(2, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                       max_burst=mem_max_burst)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+    def __init__(self, config):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        # Every size was checked when the config was built (its act_buffer_needs, rowtab_needs and
+        # dst_addr_bits include this layer's buffer map), so nothing below refuses a validated config.
+        self._bmap = buffer_map(config)
+        self._layout = plan_attention(config)
+        # The one check the config cannot make without this layer's tile plan (the image size).
+        if self._layout.image_bytes >= 1 << config.mem_addr_width:
+            raise ValueError(f"mem_addr_width={config.mem_addr_width} cannot address the "
+                             f"{self._layout.image_bytes}-byte attention image")
         self._config = config
-        self._aw = mem_addr_width
-        self._cw = counter_width
-        self._db = mem_data_bytes
+        self._aw = config.mem_addr_width
+        self._cw = config.counter_width
+        self._db = config.mem_data_bytes
         lay, bm = self._layout, self._bmap
         C = config.pe_cols
-        port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
+        port = dict(addr_width=config.mem_addr_width, data_bytes=config.mem_data_bytes,
+                    max_burst=config.mem_max_burst)
+        self.arbiter = ReadArbiter(2, **port, depth=config.arbiter_depth)
         self.engine = GemmEngine(config)
         self.rowtab_depth = 1 << config.rowtab_addr_bits
         self.score = ScorePath(config, bm, rowtab_depth=self.rowtab_depth)
-        self.wbuf = WeightBuffer(lay.weight_half_bytes, C * numerics.WEIGHT_BITS // 8,
-                                 write_bytes=mem_data_bytes)
-        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=mem_data_bytes)
-        self.wstream = WeightStreamer(lay.weight_half_bytes, **port)
-        self.pstream = WeightStreamer(lay.param_half_bytes, **port)
+        tags = dict(tag_width=config.tile_tag_width)
+        self.wbuf = WeightBuffer(lay.weight_half_bytes, config.act_word_bytes, write_bytes=self._db, **tags)
+        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=self._db, **tags)
+        self.wstream = WeightStreamer(lay.weight_half_bytes, **port, **tags)
+        self.pstream = WeightStreamer(lay.param_half_bytes, **port, **tags)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The buffers, owned here (exposed for testbenches): the main activation bank (h, context,
@@ -213,9 +207,9 @@ class AttentionLayer(wiring.Component):
                                           depth=bm.score_buffer_words, init=[])
         self.row_table = memory.Memory(shape=RowEntryLayout(config), depth=self.rowtab_depth, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
-        cw = counter_width
+        cw = config.counter_width
         super().__init__({
-            "start": In(stream.Signature(AttnStartLayout(config, mem_addr_width))),
+            "start": In(stream.Signature(AttnStartLayout(config, config.mem_addr_width))),
             "done": Out(1),
             "busy": Out(1),
             "mem": Out(ReadPortSignature(**port)),

@@ -35,14 +35,12 @@ Image
 order, each ``[weight panels][parameter words]``, every piece aligned and padded to the memory beat.
 """
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .. import numerics
 from ..config import AcceleratorConfig
-from ..moe.expert_layout import pack_panels, pack_params, param_word_bytes
+from ..moe.expert_layout import pack_panels, pack_params
 
 __all__ = ["AttnTile", "AttnLayout", "BufferMap", "plan_attention", "buffer_map", "pack_attention",
            "start_fields"]
@@ -54,10 +52,6 @@ def _ceil_div(a, b):
 
 def _round_up(a, b):
     return _ceil_div(a, b) * b
-
-
-def _bits(n):
-    return max(1, int(n).bit_length())
 
 
 @dataclass(frozen=True)
@@ -152,51 +146,32 @@ class BufferMap:
         return 2 * self.q_pad
 
 
-def buffer_map(config, *, check=True):
+def buffer_map(config):
     """The :class:`BufferMap` of ``config``.
 
-    With ``check`` (the default) it raises ValueError if the activation buffer, the row table or the
-    destination address field is too small for it; ``check=False`` only computes the map (to size a
-    config).
+    The sizes come from the config's ``attn_*`` properties, which
+    :attr:`~m3vit_hw.config.AcceleratorConfig.act_buffer_needs`, ``rowtab_needs`` and ``dst_addr_bits``
+    also read: a config that validates has room for this map.
     """
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-    m = config.model
-    R, C = config.pe_rows, config.pe_cols
-    cap = config.token_capacity
-    hw = _ceil_div(m.head_dim, C)
-    rows_pad = _round_up(cap, math.lcm(R, C)) + R
-    rw = config.row_words
     # Junk rows the engine reads past the last row tile of h or of the context land in the next
-    # region (harmless reads); only the last region of the bank needs the padding rows.
-    ctx_base = cap * rw
-    ctx_pitch = m.heads * hw
-    qkv_base = ctx_base + cap * ctx_pitch
-    qkv_pitch = 3 * hw
-    main_words = qkv_base + rows_pad * qkv_pitch
-    tw = _ceil_div(cap, C)
-    q_tile = config.q_tile
-    q_pad = _round_up(q_tile, R)
-    e8_slot = q_pad * tw
-    e8_base = _round_up(main_words, 1 << (2 * e8_slot - 1).bit_length())
-    act_words = e8_base + 2 * e8_slot
-    bmap = BufferMap(C=C, row_words=rw, hw=hw, heads=m.heads, rows_pad=rows_pad, ctx_base=ctx_base,
-                     ctx_pitch=ctx_pitch, qkv_base=qkv_base, qkv_pitch=qkv_pitch, e8_base=e8_base,
-                     e8_slot=e8_slot, score_words=tw, q_tile=q_tile, q_pad=q_pad, score_slot=q_tile * tw,
-                     main_words=main_words, act_words=act_words)
-    if not check:
-        return bmap
-    if act_words > config.act_buffer_words:
-        raise ValueError(
-            f"act_buffer_bytes must be >= {act_words * config.act_word_bytes} for the attention "
-            f"sub-layer (h, context, one head's Q|K|V and two e8 tiles of q_tile={q_tile} x "
-            f"token_capacity={cap}, rows padded to {rows_pad}), not {config.act_buffer_bytes}")
-    if 2 * q_pad > 1 << config.rowtab_addr_bits:
-        raise ValueError(f"the row table ({config.rowtab_entries} entries) must hold two q_tile slots "
-                         f"of {q_pad} entries; use q_tile <= {(1 << config.rowtab_addr_bits) // 2}")
-    if 2 * q_tile * tw > 1 << config.dst_addr_bits:
-        raise ValueError(f"dst_addr_bits={config.dst_addr_bits} cannot address the score reorder buffer "
-                         f"(2 x q_tile={q_tile} x {tw} words)")
+    # region (harmless reads); only the last region of the bank (Q|K|V) has the padding rows.
+    cap, hw = config.token_capacity, config.attn_head_words
+    ctx_base = cap * config.row_words
+    ctx_pitch = config.model.heads * hw
+    bmap = BufferMap(C=config.pe_cols, row_words=config.row_words, hw=hw, heads=config.model.heads,
+                     rows_pad=config.attn_rows_pad, ctx_base=ctx_base, ctx_pitch=ctx_pitch,
+                     qkv_base=ctx_base + cap * ctx_pitch, qkv_pitch=3 * hw, e8_base=config.attn_e8_base,
+                     e8_slot=config.attn_e8_slot, score_words=config.attn_score_words,
+                     q_tile=config.q_tile, q_pad=config.attn_q_pad,
+                     score_slot=config.attn_score_buffer_words // 2,
+                     main_words=config.attn_main_words, act_words=config.attn_act_words)
+    # The config sized the buffers from the same properties; these only guard against drift.
+    assert bmap.qkv_base + bmap.rows_pad * bmap.qkv_pitch == bmap.main_words, "attn_layout: main bank"
+    assert bmap.act_words <= config.act_buffer_words, "attn_layout: act buffer"
+    assert bmap.rowtab_words <= config.rowtab_entries, "attn_layout: row table"
+    assert bmap.score_buffer_words <= 1 << config.dst_addr_bits, "attn_layout: dst field"
     return bmap
 
 
@@ -243,37 +218,28 @@ def _chunks(panels, per_tile):
     return [base + (1 if i < extra else 0) for i in range(count)]
 
 
-def plan_attention(config, *, data_bytes=16):
+def plan_attention(config):
     """The tile plan and memory layout of one attention sub-layer for ``config``.
 
     Raises
     ------
     TypeError, ValueError
-        On a bad argument, or if a buffer half cannot hold one panel (with its parameter word) of the
-        QKV or projection GEMM, or if the padded projection K does not fit the engine's ``k`` field.
+        If ``config`` is not an :class:`AcceleratorConfig`. (The config's validation guarantees that
+        a weight and a parameter half hold one panel of every attention GEMM: the padded projection K
+        is in ``config.gemm_k_list``; pieces are padded to ``config.mem_data_bytes``.)
     """
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-    if not isinstance(data_bytes, int) or isinstance(data_bytes, bool) or data_bytes < 1 \
-            or data_bytes & (data_bytes - 1):
-        raise ValueError(f"data_bytes must be a power of two >= 1, not {data_bytes!r}")
+    data_bytes = config.mem_data_bytes
     m = config.model
     C = config.pe_cols
     D, H, hd = m.dim, m.heads, m.head_dim
-    hw = _ceil_div(hd, C)
-    word = C * numerics.WEIGHT_BITS // 8
-    pwb = param_word_bytes(C)
+    hw = config.attn_head_words
+    word = config.act_word_bytes
+    pwb = config.param_word_bytes
     half = config.weight_buffer_half_bytes
-    if half % data_bytes or half % word:
-        raise ValueError(f"weight_buffer_bytes must be a multiple of {2 * max(data_bytes, word)}, "
-                         f"not {config.weight_buffer_bytes}")
     p_half_words = config.param_buffer_words // 2
-    if p_half_words < 1:
-        raise ValueError(f"param_buffer_words must be >= 2, not {config.param_buffer_words}")
-    proj_k = H * hw * C
-    if proj_k >= 1 << _bits(config.largest_k):
-        raise ValueError(f"the padded projection K = heads*ceil(head_dim/pe_cols)*pe_cols = {proj_k} "
-                         f"does not fit the GEMM command's k field (largest_k={config.largest_k})")
+    proj_k = config.attn_proj_k
     tiles = []
     offset = 0
     hp = hw * C
@@ -284,10 +250,7 @@ def plan_attention(config, *, data_bytes=16):
     for kind, part, head, k, c0, c1 in plan:
         panel = k * word
         per_tile = min(half // panel, p_half_words)
-        if per_tile < 1:
-            raise ValueError(
-                f"weight_buffer_bytes={config.weight_buffer_bytes} is too small: each half ({half} B) "
-                f"must hold one {kind} panel of K={k} x pe_cols={C} = {panel} bytes; use >= {2 * panel}")
+        assert per_tile >= 1, "attn_layout: the config's weight_half_needs must cover every panel"
         first = 0
         chunks = _chunks(_ceil_div(c1 - c0, C), per_tile)
         for ci, count in enumerate(chunks):
@@ -333,7 +296,7 @@ def _padded_operands(qattn, layout):
     return out
 
 
-def pack_attention(qattn, config, *, data_bytes=16):
+def pack_attention(qattn, config):
     """Lay out one attention sub-layer's integer parameters for external memory.
 
     Returns
@@ -341,7 +304,7 @@ def pack_attention(qattn, config, *, data_bytes=16):
     (bytes, AttnLayout)
         The image (offset 0 = the sub-layer's base address) and its layout.
     """
-    layout = plan_attention(config, data_bytes=data_bytes)
+    layout = plan_attention(config)
     ops = _padded_operands(qattn, layout)
     C = layout.pe_cols
     image = bytearray(layout.image_bytes)

@@ -8,9 +8,12 @@ tile, for each column tile, for each row. The softmax needs each row whole and i
    addressing gives it (``addr``: slot base + row * score_words + column tile). Two slots; a slot is
    FULL from the command's ``last`` beat until it has been read out (the engine's stream waits);
 2. **reads** a FULL slot row by row (``ceil(T / C)`` words a row) into a
-   :class:`~m3vit_hw.rowops.softmax.SoftmaxUnit` in attention mode, once an e8 slot is free;
-3. **writes** the e8 weights into the e8 slot (same row pitch) and, on each row's last beat, the row's
-   AV reciprocal into the row table (``scale``), then pulses ``tile_done``.
+   :class:`~m3vit_hw.rowops.softmax.SoftmaxUnit` in attention mode, once an e8 slot is free. The unit
+   has ``L = config.attn_softmax_lanes`` lanes (``gcd(softmax_lanes, C)``): each word is cut into
+   ``C / L`` beats, the row's last word only into the beats that hold elements below ``T``;
+3. **writes** the e8 weights into the e8 slot (same row pitch; ``C / L`` output beats are gathered into
+   a word, lanes past ``T`` zero) and, on each row's last beat, the row's AV reciprocal into the row
+   table (``scale``), then pulses ``tile_done``.
 
 The three buffers are owned by the layer top; this unit talks to them through memory-port signatures.
 Slots alternate 0, 1, 0, ... on every side, one per query tile, so no side names a slot. An e8 slot is
@@ -88,7 +91,7 @@ class ScorePath(wiring.Component):
         self._config = config
         self._bmap = bmap
         C = config.pe_cols
-        self.softmax = SoftmaxUnit(lanes=C, max_length=config.token_capacity)
+        self.softmax = SoftmaxUnit(lanes=config.attn_softmax_lanes, max_length=config.token_capacity)
         score_word = data.ArrayLayout(signed(numerics.ACC_BITS), C)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         self.sbuf_aw = mem_addr_width(bmap.score_buffer_words)
@@ -186,10 +189,34 @@ class ScorePath(wiring.Component):
         m.d.comb += [
             ahead.w_en.eq(pend),
             ahead.w_data.eq(self.sbuf_rd.data.as_value()),
-            sm.i.valid.eq(ahead.r_rdy),
-            sm.i.payload.eq(ahead.r_data),
-            ahead.r_en.eq(sm.i.ready),
         ]
+
+        # ---- word -> softmax beats: S = C / L beats a word, fewer in the row's last word ----------
+        L = cfg.attn_softmax_lanes
+        S = C // L
+        beat_bits = L * numerics.ACC_BITS
+        if S == 1:
+            m.d.comb += [sm.i.valid.eq(ahead.r_rdy), sm.i.payload.eq(ahead.r_data), ahead.r_en.eq(sm.i.ready)]
+        else:
+            # Beats of the row's last word, less one: (T - (beats - 1) * C - 1) // L, registered (the
+            # parameters are held while the layer runs, long before the first row is read).
+            tail = Signal(range(S))
+            rem = Signal(range(C + 1))
+            m.d.comb += rem.eq(prm.tokens - (prm.beats - 1) * C)
+            m.d.sync += tail.eq((rem - 1) >> (L.bit_length() - 1) if L & (L - 1) == 0 else (rem - 1) // L)
+            sub = Signal(range(S))
+            i_w = Signal(range(tw + 1))                    # word of the row being cut
+            last_sub = Mux(i_w == prm.beats - 1, tail, S - 1)
+            pop = sm.i.valid & sm.i.ready & (sub == last_sub)
+            m.d.comb += [
+                sm.i.valid.eq(ahead.r_rdy),
+                sm.i.payload.eq(ahead.r_data.word_select(sub, beat_bits)),
+                ahead.r_en.eq(pop),
+            ]
+            with m.If(pop):
+                m.d.sync += [sub.eq(0), i_w.eq(Mux(i_w == prm.beats - 1, 0, i_w + 1))]
+            with m.Elif(sm.i.valid & sm.i.ready):
+                m.d.sync += sub.eq(sub + 1)
 
         # ---- e8 writer: softmax output -> e8 slot, reciprocal -> row table -----------------------
         eslot = Signal()
@@ -197,19 +224,34 @@ class ScorePath(wiring.Component):
         e_w = Signal(range(tw + 1))
         e_base = Signal(self.e8_aw + 1)
         go = sm.o.valid
+        # S output beats make a word: the earlier beats wait in ``gather``; the word is written with
+        # its last beat (or the row's last beat; the lanes after it are zero, as the unit's padding).
+        o_sub = Signal(range(S))
+        gather = Signal(data.ArrayLayout(unsigned(numerics.ACT_BITS), C))
+        put = go & ((o_sub == S - 1) | sm.o.payload.last)
         m.d.comb += [
             sm.o.ready.eq(1),
             self.e8_wr.addr.eq((e_base + e_w)[:self.e8_aw]),
-            self.e8_wr.en.eq(go),
+            self.e8_wr.en.eq(put),
             self.rt_wr.addr.eq((Mux(eslot, bm.q_pad, 0) + e_row)[:self.rt_aw]),
             self.rt_wr.en.eq(go & sm.o.payload.last),
             self.rt_wr.data.token.eq(e_row),
             self.rt_wr.data.scale.eq(sm.o.payload.recip[:numerics.MULT_BITS]),
         ]
         for j in range(C):
-            m.d.comb += self.e8_wr.data[j].eq(sm.o.payload.data[j][:numerics.ACT_BITS])
+            g, k = divmod(j, L)
+            here = sm.o.payload.data[k][:numerics.ACT_BITS]
+            if S == 1:
+                m.d.comb += self.e8_wr.data[j].eq(here)
+            else:
+                m.d.comb += self.e8_wr.data[j].eq(Mux(o_sub == g, here, Mux(o_sub > g, gather[j], 0)))
+                with m.If(go & (o_sub == g)):
+                    m.d.sync += gather[j].eq(here)
         with m.If(go):
+            m.d.sync += o_sub.eq(Mux(put, 0, o_sub + 1))
+        with m.If(put):
             m.d.sync += e_w.eq(e_w + 1)
+        with m.If(go):
             with m.If(sm.o.payload.last):
                 m.d.sync += [e_w.eq(0), e_row.eq(e_row + 1), e_base.eq(e_base + tw)]
                 with m.If(e_row == rows_out.r_data - 1):

@@ -15,7 +15,6 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..gemm.gemm_engine import GemmCommand
 from ..moe.expert_layout import PARAM_LANE_BYTES
-from ..moe.weight_buffer import DEFAULT_TAG_WIDTH
 from ..moe.weight_streamer import StreamerCommandLayout
 
 __all__ = ["GemmClientSignature", "connect_client", "connect_weight_reads"]
@@ -34,8 +33,8 @@ class GemmClientSignature(wiring.Signature):
         The engine's ``busy``.
     pe_active : In(1)
         The engine's ``pe_active`` (for counters).
-    wcmd, pcmd : Out(stream.Signature(StreamerCommandLayout(addr_width, addr_width, tag_width)))
-        Weight and parameter streamer commands.
+    wcmd, pcmd : Out(stream.Signature(StreamerCommandLayout(mem_addr_width, mem_addr_width, tile_tag_width)))
+        Weight and parameter streamer commands (widths from ``config``).
     tile_valid : In(1)
         Both buffers' current halves are FULL (``wbuf.read.tile.valid & pbuf.read.tile.valid``).
     release : Out(1)
@@ -44,7 +43,8 @@ class GemmClientSignature(wiring.Signature):
         The engine's GELU table (a sequencer that never writes it leaves ``en`` low).
     """
 
-    def __init__(self, config, addr_width, tag_width=DEFAULT_TAG_WIDTH):
+    def __init__(self, config):
+        addr_width, tag_width = config.mem_addr_width, config.tile_tag_width
         self._config, self._aw, self._tw = config, addr_width, tag_width
         scmd = stream.Signature(StreamerCommandLayout(addr_width, addr_width, tag_width))
         super().__init__({

@@ -55,12 +55,11 @@ from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from ..checks import check_int as _check_int
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_arbiter import ReadArbiter
-from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from ..lib.mem_port import ReadPortSignature
 from ..moe.weight_buffer import WeightBuffer
 from ..moe.weight_streamer import WeightStreamer
 from .client import GemmClientSignature, connect_client, connect_weight_reads
@@ -118,14 +117,13 @@ class DenseLayer(wiring.Component):
         The hidden width (default ``config.model.mlp_hidden``), in ``[1, min(largest_n, largest_k)]``.
     token_tile : int or None
         Rows of the hidden slot (default: as many as the activation buffer leaves room for).
-    mem_addr_width, mem_data_bytes, mem_max_burst : int
-        The external-memory read port.
-    counter_width : int
-        Width of the counters, in [16, 64].
+
+    The external-memory port (``config.mem_addr_width``, ``mem_data_bytes``, ``mem_max_burst``), the
+    arbiter depth, the tile tag width and the counter width come from ``config``.
 
     Interface attributes
     --------------------
-    start : In(stream.Signature(DenseStartLayout(config, mem_addr_width)))
+    start : In(stream.Signature(DenseStartLayout(config, config.mem_addr_width)))
         Accepted when idle.
     done : Out(1)
         Pulses when the last fc2 result is in the residual buffer.
@@ -144,48 +142,43 @@ class DenseLayer(wiring.Component):
     Raises
     ------
     TypeError, ValueError
-        On a bad parameter or a config whose buffers cannot hold the sub-layer.
+        On a bad ``hidden`` or ``token_tile`` (a config that validates holds the default dense MLP),
+        or a ``mem_addr_width`` too narrow for the image.
     """
 
-    def __init__(self, config, *, hidden=None, token_tile=None, mem_addr_width=DEFAULT_ADDR_WIDTH,
-                 mem_data_bytes=DEFAULT_DATA_BYTES, mem_max_burst=DEFAULT_MAX_BURST, counter_width=32):
-        try:
-            if not isinstance(config, AcceleratorConfig):
-                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-            _check_int("counter_width", counter_width, 16, 64)
-            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                               max_burst=mem_max_burst)
-            self._layout = plan_dense(config, hidden=hidden, data_bytes=mem_data_bytes)
-            self._bmap = dense_buffer_map(config, hidden=self._layout.hidden, token_tile=token_tile)
-            if self._layout.image_bytes >= 1 << mem_addr_width:
-                raise ValueError(f"mem_addr_width={mem_addr_width} cannot address the "
-                                 f"{self._layout.image_bytes}-byte dense MLP image")
-            self.arbiter = ReadArbiter(3, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                       max_burst=mem_max_burst)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+    def __init__(self, config, *, hidden=None, token_tile=None):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        # The config's act_buffer_needs include the dense MLP of model.mlp_hidden; only a different
+        # ``hidden`` or ``token_tile`` (arguments) or the image size can be refused here, before any
+        # sub-unit is built.
+        self._layout = plan_dense(config, hidden=hidden)
+        self._bmap = dense_buffer_map(config, hidden=self._layout.hidden, token_tile=token_tile)
+        if self._layout.image_bytes >= 1 << config.mem_addr_width:
+            raise ValueError(f"mem_addr_width={config.mem_addr_width} cannot address the "
+                             f"{self._layout.image_bytes}-byte dense MLP image")
         self._config = config
-        self._aw = mem_addr_width
+        self._aw = config.mem_addr_width
         lay, bm = self._layout, self._bmap
         C = config.pe_cols
-        port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
+        db = config.mem_data_bytes
+        port = dict(addr_width=config.mem_addr_width, data_bytes=db, max_burst=config.mem_max_burst)
+        tags = dict(tag_width=config.tile_tag_width)
+        self.arbiter = ReadArbiter(3, **port, depth=config.arbiter_depth)
         self.engine = GemmEngine(config)
-        self.wbuf = WeightBuffer(lay.weight_half_bytes, C * numerics.WEIGHT_BITS // 8,
-                                 write_bytes=mem_data_bytes)
-        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=mem_data_bytes)
-        self.wstream = WeightStreamer(lay.weight_half_bytes, **port)
-        self.pstream = WeightStreamer(lay.param_half_bytes, **port)
+        self.wbuf = WeightBuffer(lay.weight_half_bytes, config.act_word_bytes, write_bytes=db, **tags)
+        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=db, **tags)
+        self.wstream = WeightStreamer(lay.weight_half_bytes, **port, **tags)
+        self.pstream = WeightStreamer(lay.param_half_bytes, **port, **tags)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The buffers, owned here (exposed for testbenches and for the shared datapath to take over).
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
-        self.sequencer = DenseSequencer(config, lay, bm, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                        max_burst=mem_max_burst, counter_width=counter_width)
-        cw = counter_width
+        self.sequencer = DenseSequencer(config, lay, bm)
+        cw = config.counter_width
         super().__init__({
-            "start": In(stream.Signature(DenseStartLayout(config, mem_addr_width))),
+            "start": In(stream.Signature(DenseStartLayout(config, config.mem_addr_width))),
             "done": Out(1),
             "busy": Out(1),
             "mem": Out(ReadPortSignature(**port)),
@@ -289,34 +282,35 @@ class DenseSequencer(wiring.Component):
     config : AcceleratorConfig
     layout : DenseLayout
     buffer_map : DenseBufferMap
-    addr_width, data_bytes, max_burst : int
-        The external-memory read port (``lut_mem``; weights go through the client's streamers).
-    counter_width : int
+
+    The external-memory port of ``lut_mem`` (weights go through the client's streamers) and the
+    counter width come from ``config``.
 
     Interface attributes
     --------------------
-    start : In(stream.Signature(DenseStartLayout(config, addr_width)))
+    start : In(stream.Signature(DenseStartLayout(config, config.mem_addr_width)))
     done, busy : Out(1)
-    client : Out(GemmClientSignature(config, addr_width))
-    lut_mem : Out(ReadPortSignature(addr_width, data_bytes, max_burst))
+    client : Out(GemmClientSignature(config))
+    lut_mem : Out(ReadPortSignature(mem_addr_width, mem_data_bytes, mem_max_burst))
         Reads the layer's GELU table (the image's first ``lut_bytes``) into ``client.gelu_lut`` after
         ``start``; the first GEMM waits for it.
     cycles, compute_cycles, wait_cycles : Out(counter_width)
     phase_cycles : Out(ArrayLayout(counter_width, 2))
     """
 
-    def __init__(self, config, layout, buffer_map, *, addr_width, data_bytes, max_burst, counter_width=32):
+    def __init__(self, config, layout, buffer_map):
+        addr_width, data_bytes = config.mem_addr_width, config.mem_data_bytes
         self._config, self._layout, self._bmap, self._aw = config, layout, buffer_map, addr_width
         self._db = data_bytes
-        self.lut_reader = BurstRequester(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst,
-                                         max_beats=layout.lut_bytes // data_bytes)
-        cw = counter_width
+        port = dict(addr_width=addr_width, data_bytes=data_bytes, max_burst=config.mem_max_burst)
+        self.lut_reader = BurstRequester(**port, max_beats=layout.lut_bytes // data_bytes)
+        cw = config.counter_width
         super().__init__({
             "start": In(stream.Signature(DenseStartLayout(config, addr_width))),
             "done": Out(1),
             "busy": Out(1),
-            "client": Out(GemmClientSignature(config, addr_width)),
-            "lut_mem": Out(ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)),
+            "client": Out(GemmClientSignature(config)),
+            "lut_mem": Out(ReadPortSignature(**port)),
             "cycles": Out(cw),
             "compute_cycles": Out(cw),
             "wait_cycles": Out(cw),

@@ -38,7 +38,7 @@ import numpy as np
 from .. import numerics
 from ..checks import check_int
 from ..config import AcceleratorConfig
-from ..moe.expert_layout import pack_panels, pack_params, param_word_bytes
+from ..moe.expert_layout import pack_panels, pack_params
 
 __all__ = ["DenseTile", "DenseLayout", "DenseBufferMap", "plan_dense", "dense_buffer_map", "pack_dense",
            "start_fields"]
@@ -187,33 +187,28 @@ def _chunks(panels, per_tile):
     return [base + (1 if i < extra else 0) for i in range(count)]
 
 
-def plan_dense(config, *, hidden=None, data_bytes=16):
+def plan_dense(config, *, hidden=None):
     """The tile plan and memory layout of one dense MLP for ``config``.
 
     Raises
     ------
     TypeError, ValueError
-        On a bad argument, or if a buffer half cannot hold one panel (with its parameter word), or if
-        ``hidden`` exceeds the engine's ``k``/``n`` fields.
+        On a bad argument, or if a buffer half cannot hold one panel (with its parameter word) of a
+        ``hidden`` other than ``model.mlp_hidden`` (the config's validation covers that one), or if
+        ``hidden`` exceeds the engine's ``k``/``n`` fields. Pieces are padded to
+        ``config.mem_data_bytes``.
     """
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-    if not isinstance(data_bytes, int) or isinstance(data_bytes, bool) or data_bytes < 1 \
-            or data_bytes & (data_bytes - 1):
-        raise ValueError(f"data_bytes must be a power of two >= 1, not {data_bytes!r}")
+    data_bytes = config.mem_data_bytes
     hidden = config.model.mlp_hidden if hidden is None else hidden
     check_int("hidden", hidden, 1, min(config.largest_n, config.largest_k))
     C = config.pe_cols
     D = config.model.dim
-    word = C * numerics.WEIGHT_BITS // 8
-    pwb = param_word_bytes(C)
+    word = config.act_word_bytes
+    pwb = config.param_word_bytes
     half = config.weight_buffer_half_bytes
-    if half % data_bytes or half % word:
-        raise ValueError(f"weight_buffer_bytes must be a multiple of {2 * max(data_bytes, word)}, "
-                         f"not {config.weight_buffer_bytes}")
     p_half_words = config.param_buffer_words // 2
-    if p_half_words < 1:
-        raise ValueError(f"param_buffer_words must be >= 2, not {config.param_buffer_words}")
     tiles = []
     lut_bytes = _round_up(1 << numerics.ACT_BITS, data_bytes)
     offset = lut_bytes
@@ -241,7 +236,7 @@ def plan_dense(config, *, hidden=None, data_bytes=16):
                        image_bytes=offset)
 
 
-def pack_dense(qdense, config, *, data_bytes=16):
+def pack_dense(qdense, config):
     """Lay out one dense MLP's integer parameters (a :class:`reference.qparams.QDenseMlp`).
 
     The hidden width is taken from ``qdense.fc1.w`` (it may differ from ``config.model.mlp_hidden``).
@@ -256,7 +251,7 @@ def pack_dense(qdense, config, *, data_bytes=16):
     if w1.ndim != 2 or w1.shape[1] != D or w2.shape != (D, w1.shape[0]):
         raise ValueError(f"qdense must have fc1.w [hidden, D={D}] and fc2.w [D, hidden], not {w1.shape} "
                          f"and {w2.shape}")
-    layout = plan_dense(config, hidden=w1.shape[0], data_bytes=data_bytes)
+    layout = plan_dense(config, hidden=w1.shape[0])
     ops = {"fc1": (w1.T, qdense.fc1), "fc2": (w2.T, qdense.fc2)}
     C = layout.pe_cols
     image = bytearray(layout.image_bytes)

@@ -35,7 +35,7 @@ import numpy as np
 from .. import numerics
 from ..checks import check_int
 from ..config import AcceleratorConfig
-from ..moe.expert_layout import pack_panels, pack_params, param_word_bytes
+from ..moe.expert_layout import pack_panels, pack_params
 
 __all__ = ["EmbedTile", "EmbedLayout", "EmbedBufferMap", "plan_embed", "embed_buffer_map", "pack_embed",
            "start_fields", "loader_k_order"]
@@ -137,39 +137,30 @@ def _chunks(panels, per_tile):
     return [base + (1 if i < extra else 0) for i in range(count)]
 
 
-def plan_embed(config, *, data_bytes=16):
+def plan_embed(config):
     """The tile plan and memory layout of the patch embedding for ``config``.
 
     Raises
     ------
-    TypeError, ValueError
-        On a bad argument, or if a buffer half cannot hold one panel of ``K = patch_dim``.
+    TypeError
+        If ``config`` is not an :class:`AcceleratorConfig`. (Its validation guarantees that a buffer
+        half holds one panel of ``K = patch_dim``; pieces are padded to ``config.mem_data_bytes``.)
     """
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-    if not isinstance(data_bytes, int) or isinstance(data_bytes, bool) or data_bytes < 1 \
-            or data_bytes & (data_bytes - 1):
-        raise ValueError(f"data_bytes must be a power of two >= 1, not {data_bytes!r}")
+    data_bytes = config.mem_data_bytes
     mc = config.model
     C, D, K = config.pe_cols, mc.dim, mc.patch_dim
-    word = C * numerics.WEIGHT_BITS // 8
-    pwb = param_word_bytes(C)
+    word = config.act_word_bytes
+    pwb = config.param_word_bytes
     half = config.weight_buffer_half_bytes
-    if half % data_bytes or half % word:
-        raise ValueError(f"weight_buffer_bytes must be a multiple of {2 * max(data_bytes, word)}, "
-                         f"not {config.weight_buffer_bytes}")
     p_half_words = config.param_buffer_words // 2
-    if p_half_words < 1:
-        raise ValueError(f"param_buffer_words must be >= 2, not {config.param_buffer_words}")
     rec = _round_up(C * numerics.RES_BITS // 8, data_bytes)
     res_words = mc.tokens * config.row_words
     offset = res_words * rec
     panel = K * word
     per_tile = min(half // panel, p_half_words)
-    if per_tile < 1:
-        raise ValueError(f"weight_buffer_bytes={config.weight_buffer_bytes} is too small: each half ({half} B) "
-                         f"must hold one patch-embedding panel of K={K} x pe_cols={C} = {panel} bytes; "
-                         f"use >= {2 * panel}")
+    assert per_tile >= 1, "embed_layout: the config's weight_half_needs must cover the patch panel"
     tiles = []
     first = 0
     for count in _chunks(_ceil_div(D, C), per_tile):
@@ -192,14 +183,14 @@ def loader_k_order(in_chans, patch):
     return np.arange(in_chans * patch * patch).reshape(in_chans, patch, patch).transpose(1, 2, 0).reshape(-1)
 
 
-def pack_embed(qpatch, cls_int, pos_int, config, *, data_bytes=16):
+def pack_embed(qpatch, cls_int, pos_int, config):
     """Lay out the patch embedding (``qm.patch``, ``qm.cls_int``, ``qm.pos_int``) for external memory.
 
     Returns
     -------
     (bytes, EmbedLayout)
     """
-    lay = plan_embed(config, data_bytes=data_bytes)
+    lay = plan_embed(config)
     mc = config.model
     C, D, K, T = lay.pe_cols, lay.dim, lay.patch_dim, lay.tokens
     w = np.asarray(qpatch.w, dtype=np.int64)

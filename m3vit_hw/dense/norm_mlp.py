@@ -24,11 +24,10 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from ..checks import check_int as _check_int
 from ..config import AcceleratorConfig
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_arbiter import ReadArbiter
-from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from ..lib.mem_port import ReadPortSignature
 from ..moe.weight_buffer import WeightBuffer
 from ..moe.weight_streamer import WeightStreamer
 from .client import connect_client, connect_weight_reads
@@ -59,13 +58,13 @@ class NormMlp(wiring.Component):
     Parameters
     ----------
     config : AcceleratorConfig
+        Also the external-memory port, arbiter depth, tile tag width and counter width.
     hidden, token_tile : int or None
         As :class:`~m3vit_hw.dense.dense_layer.DenseLayer`.
-    mem_addr_width, mem_data_bytes, mem_max_burst, counter_width : int
 
     Interface attributes
     --------------------
-    start : In(stream.Signature(NormMlpStartLayout(config, mem_addr_width)))
+    start : In(stream.Signature(NormMlpStartLayout(config, config.mem_addr_width)))
     done, busy : Out(1)
     mem : Out(ReadPortSignature(...))
     load : In(stream.Signature(DenseLoadLayout(config)))
@@ -76,47 +75,44 @@ class NormMlp(wiring.Component):
         Cycles of each phase.
     """
 
-    def __init__(self, config, *, hidden=None, token_tile=None, mem_addr_width=DEFAULT_ADDR_WIDTH,
-                 mem_data_bytes=DEFAULT_DATA_BYTES, mem_max_burst=DEFAULT_MAX_BURST, counter_width=32):
-        try:
-            if not isinstance(config, AcceleratorConfig):
-                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-            _check_int("counter_width", counter_width, 16, 64)
-            port = dict(mem_addr_width=mem_addr_width, mem_data_bytes=mem_data_bytes, mem_max_burst=mem_max_burst)
-            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                               max_burst=mem_max_burst)
-            self._layout = plan_dense(config, hidden=hidden, data_bytes=mem_data_bytes)
-            self._bmap = dense_buffer_map(config, hidden=self._layout.hidden, token_tile=token_tile)
-            self.norm = NormStage(config, **port, counter_width=counter_width)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+    def __init__(self, config, *, hidden=None, token_tile=None):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        # As DenseLayer: only ``hidden``, ``token_tile`` or the image size can be refused here, before
+        # any sub-unit is built (the config covers the default MLP and the LayerNorm records).
+        self._layout = plan_dense(config, hidden=hidden)
+        self._bmap = dense_buffer_map(config, hidden=self._layout.hidden, token_tile=token_tile)
+        if self._layout.image_bytes >= 1 << config.mem_addr_width:
+            raise ValueError(f"mem_addr_width={config.mem_addr_width} cannot address the "
+                             f"{self._layout.image_bytes}-byte dense MLP image")
         self._config = config
         lay, bm = self._layout, self._bmap
         C = config.pe_cols
-        mport = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
+        db = config.mem_data_bytes
+        mport = dict(addr_width=config.mem_addr_width, data_bytes=db, max_burst=config.mem_max_burst)
+        tags = dict(tag_width=config.tile_tag_width)
+        self.norm = NormStage(config)
         self.engine = GemmEngine(config)
-        self.arbiter = ReadArbiter(4, **mport)
-        self.wbuf = WeightBuffer(lay.weight_half_bytes, C * numerics.WEIGHT_BITS // 8, write_bytes=mem_data_bytes)
-        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=mem_data_bytes)
-        self.wstream = WeightStreamer(lay.weight_half_bytes, **mport)
-        self.pstream = WeightStreamer(lay.param_half_bytes, **mport)
-        self.mlp = DenseSequencer(config, lay, bm, addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                  max_burst=mem_max_burst, counter_width=counter_width)
+        self.arbiter = ReadArbiter(4, **mport, depth=config.arbiter_depth)
+        self.wbuf = WeightBuffer(lay.weight_half_bytes, config.act_word_bytes, write_bytes=db, **tags)
+        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=db, **tags)
+        self.wstream = WeightStreamer(lay.weight_half_bytes, **mport, **tags)
+        self.pstream = WeightStreamer(lay.param_half_bytes, **mport, **tags)
+        self.mlp = DenseSequencer(config, lay, bm)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
         super().__init__({
-            "start": In(stream.Signature(NormMlpStartLayout(config, mem_addr_width))),
+            "start": In(stream.Signature(NormMlpStartLayout(config, config.mem_addr_width))),
             "done": Out(1),
             "busy": Out(1),
             "mem": Out(ReadPortSignature(**mport)),
             "load": In(stream.Signature(DenseLoadLayout(config))),
             "rd_addr": In(stream.Signature(unsigned(config.res_addr_bits))),
             "rd_data": Out(stream.Signature(word16)),
-            "norm_cycles": Out(counter_width),
-            "mlp_cycles": Out(counter_width),
+            "norm_cycles": Out(config.counter_width),
+            "mlp_cycles": Out(config.counter_width),
         })
 
     @property

@@ -23,7 +23,9 @@ Every record carries eps and shift because the LayerNorm unit loads them with ev
 
 Sequence (one ``start``)
 ------------------------
-1. one read request per record (several outstanding), each record -> one parameter write;
+1. read requests of ``min(record beats, largest power of two <= mem_max_burst)`` beats (several
+   outstanding; a record is one or more whole requests, so any burst limit works), each record -> one
+   parameter write;
 2. rows ``0 .. T-1``: residual word ``src_base + t*row_words + w`` -> LayerNorm -> activation word
    ``dst_base + t*dst_stride + w``; reads run one word per cycle when ``L = C``;
 3. ``done`` pulses after the last write.
@@ -31,7 +33,6 @@ Sequence (one ``start``)
 ``cycles`` counts start .. done (reset by start).
 """
 
-import math
 
 import numpy as np
 from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
@@ -39,34 +40,36 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from ..checks import check_int as _check_int
 from ..config import AcceleratorConfig
-from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from ..lib.mem_port import ReadPortSignature
 from ..rowops.layernorm import SHIFT_BITS, LayerNormUnit
 
 __all__ = ["NormStage", "NormStartLayout", "norm_lanes", "norm_record_bytes", "pack_norm_params"]
 
 
 def norm_lanes(config):
-    """Values per cycle of the stage's LayerNorm unit: ``gcd(ln_lanes, pe_cols, dim)``."""
-    return math.gcd(config.ln_lanes, config.pe_cols, config.model.dim)
+    """Values per cycle of the stage's LayerNorm unit (:attr:`AcceleratorConfig.norm_lanes`:
+    ``gcd(ln_lanes, pe_cols, dim)``)."""
+    return config.norm_lanes
 
 
-def norm_record_bytes(lanes, data_bytes):
-    """Bytes of one parameter record: ``6*lanes + 5`` rounded up to a power of two >= ``data_bytes``."""
-    need = 6 * lanes + 5
-    return max(data_bytes, 1 << (need - 1).bit_length())
+def norm_record_bytes(config):
+    """Bytes of one parameter record (:attr:`AcceleratorConfig.norm_record_bytes`: ``6*lanes + 5``
+    rounded up to a power of two >= ``mem_data_bytes``)."""
+    return config.norm_record_bytes
 
 
-def pack_norm_params(qln, dim, lanes, *, data_bytes=16):
-    """One LayerNorm's parameters (a :class:`reference.qparams.QLayerNorm`) as the stage's records."""
+def pack_norm_params(qln, config):
+    """One LayerNorm's parameters (a :class:`reference.qparams.QLayerNorm`) as the stage's records
+    (``config.model.dim`` channels, ``config.norm_lanes`` a record)."""
+    if not isinstance(config, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+    dim, lanes = config.model.dim, config.norm_lanes
     gamma = np.asarray(qln.gamma_mult, dtype=np.int64).reshape(-1)
     beta = np.asarray(qln.beta_int, dtype=np.int64).reshape(-1)
     if gamma.shape != (dim,) or beta.shape != (dim,):
         raise ValueError(f"qln must have gamma_mult and beta_int of {dim} channels, not {gamma.shape} and "
                          f"{beta.shape}")
-    if dim % lanes:
-        raise ValueError(f"lanes must divide dim={dim}, not {lanes}")
     glo, ghi = numerics.int_range(numerics.LN_GAMMA_BITS)
     blo, bhi = numerics.int_range(numerics.LN_BETA_BITS)
     if gamma.min() < glo or gamma.max() > ghi or beta.min() < blo or beta.max() > bhi:
@@ -75,7 +78,7 @@ def pack_norm_params(qln, dim, lanes, *, data_bytes=16):
         raise ValueError(f"eps_int must be in [0, 2**{numerics.LN_EPS_BITS}), not {qln.eps_int}")
     if not 0 <= int(qln.shift) <= numerics.SHIFT_MAX:
         raise ValueError(f"shift must be in [0, {numerics.SHIFT_MAX}], not {qln.shift}")
-    rb = norm_record_bytes(lanes, data_bytes)
+    rb = config.norm_record_bytes
     out = bytearray(dim // lanes * rb)
     for r in range(dim // lanes):
         at = r * rb
@@ -108,14 +111,12 @@ class NormStage(wiring.Component):
     Parameters
     ----------
     config : AcceleratorConfig
-    mem_addr_width, mem_data_bytes, mem_max_burst : int
-        The external-memory read port (the record must fit one burst).
-    counter_width : int
-        Width of ``cycles``, in [16, 64].
+        Also the external-memory read port (a record fits one burst: the config checks it) and the
+        width of ``cycles`` (``counter_width``).
 
     Interface attributes
     --------------------
-    start : In(stream.Signature(NormStartLayout(config, mem_addr_width)))
+    start : In(stream.Signature(NormStartLayout(config, config.mem_addr_width)))
         Accepted when idle.
     done : Out(1)
         Pulses after the last activation write.
@@ -129,33 +130,24 @@ class NormStage(wiring.Component):
 
     Raises
     ------
-    TypeError, ValueError
-        On a bad parameter.
+    TypeError
+        If ``config`` is not an :class:`AcceleratorConfig` (every size was checked by the config).
     """
 
-    def __init__(self, config, *, mem_addr_width=DEFAULT_ADDR_WIDTH, mem_data_bytes=DEFAULT_DATA_BYTES,
-                 mem_max_burst=DEFAULT_MAX_BURST, counter_width=32):
-        try:
-            if not isinstance(config, AcceleratorConfig):
-                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-            _check_int("counter_width", counter_width, 16, 64)
-            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                               max_burst=mem_max_burst)
-            self._lanes = norm_lanes(config)
-            self._rec_bytes = norm_record_bytes(self._lanes, mem_data_bytes)
-            if self._rec_bytes > mem_max_burst * mem_data_bytes:
-                raise ValueError(f"mem_max_burst={mem_max_burst} is too small for one {self._rec_bytes}-byte "
-                                 f"LayerNorm parameter record")
-            self.ln = LayerNormUnit(config.model.dim, self._lanes)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+    def __init__(self, config):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        self._lanes = config.norm_lanes
+        self._rec_bytes = config.norm_record_bytes
+        self.ln = LayerNormUnit(config.model.dim, self._lanes)
         self._config = config
-        self._db = mem_data_bytes
+        self._db = config.mem_data_bytes
+        mem_addr_width, counter_width = config.mem_addr_width, config.counter_width
         C = config.pe_cols
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
-        port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
+        port = dict(addr_width=mem_addr_width, data_bytes=config.mem_data_bytes,
+                    max_burst=config.mem_max_burst)
         super().__init__({
             "start": In(stream.Signature(NormStartLayout(config, mem_addr_width))),
             "done": Out(1),
@@ -196,12 +188,16 @@ class NormStage(wiring.Component):
         with m.If(start):
             m.d.sync += [prm.eq(self.start.payload), running.eq(1)]
 
-        # ---- parameter records: one request each, beats assembled into a record -----------------
-        req_n = Signal(range(nrec + 1))
+        # ---- parameter records: whole requests, beats assembled into a record ------------------
+        # A request is the record, or a power-of-two part of it when the port's bursts are shorter:
+        # parts are aligned to their size (records are aligned to theirs), so none crosses 4 KiB.
+        req_beats = min(rec_beats, 1 << (cfg.mem_max_burst.bit_length() - 1))
+        nreq = nrec * (rec_beats // req_beats)
+        req_n = Signal(range(nreq + 1))
         m.d.comb += [
-            self.mem.req.valid.eq(running & (req_n != nrec)),
-            self.mem.req.payload.addr.eq(prm.param_base + req_n * self._rec_bytes),
-            self.mem.req.payload.beats.eq(rec_beats),
+            self.mem.req.valid.eq(running & (req_n != nreq)),
+            self.mem.req.payload.addr.eq(prm.param_base + req_n * (req_beats * self._db)),
+            self.mem.req.payload.beats.eq(req_beats),
         ]
         with m.If(start):
             m.d.sync += req_n.eq(0)
@@ -302,7 +298,7 @@ class NormStage(wiring.Component):
                 m.d.sync += wr_sub.eq(wr_sub + 1)
         with m.If(start):
             m.d.sync += [wr_t.eq(0), wr_w.eq(0), wr_sub.eq(0), row_addr.eq(self.start.payload.dst_base)]
-        with m.If(running & (wr_t == prm.tokens) & params_done & (req_n == nrec)):
+        with m.If(running & (wr_t == prm.tokens) & params_done & (req_n == nreq)):
             m.d.sync += running.eq(0)
             m.d.comb += self.done.eq(1)
 

@@ -41,12 +41,11 @@ from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
-from ..checks import check_int as _check_int
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_arbiter import ReadArbiter
-from ..lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
+from ..lib.mem_port import ReadPortSignature
 from ..moe.weight_buffer import WeightBuffer
 from ..moe.weight_streamer import WeightStreamer
 from .embed_layout import embed_buffer_map, plan_embed
@@ -79,15 +78,13 @@ class PatchEmbed(wiring.Component):
     config : AcceleratorConfig
     patch_tile : int or None
         Patch rows per slot (default: the largest multiple of ``pe_rows`` two slots fit).
-    mem_addr_width, mem_data_bytes, mem_max_burst : int
-        The external-memory read port (shared by the image, the residual initialisation and the
-        weights).
-    counter_width : int
-        In [16, 64].
+
+    The external-memory port (shared by the image, the residual initialisation and the weights), the
+    arbiter depth, the tile tag width and the counter width come from ``config``.
 
     Interface attributes
     --------------------
-    start : In(stream.Signature(EmbedStartLayout(mem_addr_width)))
+    start : In(stream.Signature(EmbedStartLayout(config.mem_addr_width)))
         Accepted when idle.
     done : Out(1)
         Pulses when the last patch embedding is in the residual buffer.
@@ -101,51 +98,43 @@ class PatchEmbed(wiring.Component):
     Raises
     ------
     TypeError, ValueError
-        On a bad parameter or a config whose buffers cannot hold the embedding.
+        On a bad ``patch_tile``, or a ``mem_addr_width`` too narrow for the image.
     """
 
-    def __init__(self, config, *, patch_tile=None, mem_addr_width=DEFAULT_ADDR_WIDTH,
-                 mem_data_bytes=DEFAULT_DATA_BYTES, mem_max_burst=DEFAULT_MAX_BURST, counter_width=32):
-        try:
-            if not isinstance(config, AcceleratorConfig):
-                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-            _check_int("counter_width", counter_width, 16, 64)
-            port = dict(mem_addr_width=mem_addr_width, mem_data_bytes=mem_data_bytes,
-                        mem_max_burst=mem_max_burst)
-            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                               max_burst=mem_max_burst)
-            self._layout = plan_embed(config, data_bytes=mem_data_bytes)
-            self._bmap = embed_buffer_map(config, patch_tile=patch_tile)
-            if self._layout.image_bytes >= 1 << mem_addr_width:
-                raise ValueError(f"mem_addr_width={mem_addr_width} cannot address the "
-                                 f"{self._layout.image_bytes}-byte embedding image")
-            self.loader = PatchLoader(config, **port)
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+    def __init__(self, config, *, patch_tile=None):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        # The config's act_buffer_needs include two patch slots of one row tile and its checks cover
+        # the frame and the patch panel; only ``patch_tile`` (an argument) or the image size can be
+        # refused here, before any sub-unit is built.
+        self._layout = plan_embed(config)
+        self._bmap = embed_buffer_map(config, patch_tile=patch_tile)
+        if self._layout.image_bytes >= 1 << config.mem_addr_width:
+            raise ValueError(f"mem_addr_width={config.mem_addr_width} cannot address the "
+                             f"{self._layout.image_bytes}-byte embedding image")
         self._config = config
-        self._aw = mem_addr_width
-        self._db = mem_data_bytes
+        self._aw = config.mem_addr_width
+        self._db = db = config.mem_data_bytes
         lay = self._layout
         C = config.pe_cols
-        mport = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
-        self.arbiter = ReadArbiter(4, **mport)
+        mport = dict(addr_width=config.mem_addr_width, data_bytes=db, max_burst=config.mem_max_burst)
+        tags = dict(tag_width=config.tile_tag_width)
+        self.loader = PatchLoader(config)
+        self.arbiter = ReadArbiter(4, **mport, depth=config.arbiter_depth)
         self.engine = GemmEngine(config)
-        self.wbuf = WeightBuffer(lay.weight_half_bytes, C * numerics.WEIGHT_BITS // 8, write_bytes=mem_data_bytes)
-        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=mem_data_bytes)
-        self.wstream = WeightStreamer(lay.weight_half_bytes, **mport)
-        self.pstream = WeightStreamer(lay.param_half_bytes, **mport)
-        self.sequencer = EmbedSequencer(config, lay, self._bmap, addr_width=mem_addr_width,
-                                        data_bytes=mem_data_bytes, max_burst=mem_max_burst,
-                                        counter_width=counter_width)
+        self.wbuf = WeightBuffer(lay.weight_half_bytes, config.act_word_bytes, write_bytes=db, **tags)
+        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=db, **tags)
+        self.wstream = WeightStreamer(lay.weight_half_bytes, **mport, **tags)
+        self.pstream = WeightStreamer(lay.param_half_bytes, **mport, **tags)
+        self.sequencer = EmbedSequencer(config, lay, self._bmap)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The buffers, owned here for now (the shared datapath takes them over).
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
-        cw = counter_width
+        cw = config.counter_width
         super().__init__({
-            "start": In(stream.Signature(EmbedStartLayout(mem_addr_width))),
+            "start": In(stream.Signature(EmbedStartLayout(config.mem_addr_width))),
             "done": Out(1),
             "busy": Out(1),
             "mem": Out(ReadPortSignature(**mport)),
@@ -235,16 +224,15 @@ class EmbedSequencer(wiring.Component):
     config : AcceleratorConfig
     layout : EmbedLayout
     buffer_map : EmbedBufferMap
-    addr_width, data_bytes, max_burst : int
-        The external-memory read port (``init_mem``).
-    counter_width : int
+
+    The external-memory port of ``init_mem`` and the counter width come from ``config``.
 
     Interface attributes
     --------------------
-    start : In(stream.Signature(EmbedStartLayout(addr_width)))
+    start : In(stream.Signature(EmbedStartLayout(config.mem_addr_width)))
     done, busy : Out(1)
-    client : Out(GemmClientSignature(config, addr_width))
-    loader : Out(stream.Signature(PatchLoadLayout(config, addr_width)))
+    client : Out(GemmClientSignature(config))
+    loader : Out(stream.Signature(PatchLoadLayout(config, config.mem_addr_width)))
         Commands for a :class:`~m3vit_hw.dense.patch_loader.PatchLoader`.
     loader_done : In(1)
         The loader's ``done``.
@@ -257,25 +245,26 @@ class EmbedSequencer(wiring.Component):
     cycles, compute_cycles, gemm_cycles, patch_wait_cycles, weight_wait_cycles, init_cycles : Out(counter_width)
     """
 
-    def __init__(self, config, layout, buffer_map, *, addr_width, data_bytes, max_burst, counter_width=32):
+    def __init__(self, config, layout, buffer_map):
+        addr_width, data_bytes = config.mem_addr_width, config.mem_data_bytes
         self._config, self._layout, self._bmap = config, layout, buffer_map
         self._aw, self._db = addr_width, data_bytes
         rec_beats = layout.res_record_bytes // data_bytes
-        self.init_reader = BurstRequester(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst,
-                                          max_beats=layout.res_words * rec_beats)
+        port = dict(addr_width=addr_width, data_bytes=data_bytes, max_burst=config.mem_max_burst)
+        self.init_reader = BurstRequester(**port, max_beats=layout.res_words * rec_beats)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), config.pe_cols)
         super().__init__({
             "start": In(stream.Signature(EmbedStartLayout(addr_width))),
             "done": Out(1),
             "busy": Out(1),
-            "client": Out(GemmClientSignature(config, addr_width)),
+            "client": Out(GemmClientSignature(config)),
             "loader": Out(stream.Signature(PatchLoadLayout(config, addr_width))),
             "loader_done": In(1),
-            "init_mem": Out(ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)),
+            "init_mem": Out(ReadPortSignature(**port)),
             "res_init_wr": In(memory.WritePort.Signature(addr_width=config.res_addr_bits, shape=word16,
                                                          granularity=1)),
             "init_done": Out(1),
-            **{name: Out(counter_width) for name in _COUNTERS},
+            **{name: Out(config.counter_width) for name in _COUNTERS},
         })
 
     def _tile_rom(self, m, index, name):

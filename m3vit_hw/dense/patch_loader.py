@@ -24,8 +24,7 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
-from ..lib.mem_port import (BOUNDARY_BYTES, DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST,
-                            ReadPortSignature, ReadRequestLayout)
+from ..lib.mem_port import BOUNDARY_BYTES, ReadPortSignature, ReadRequestLayout
 
 __all__ = ["BurstRequester", "PatchLoader", "PatchLoadLayout"]
 
@@ -94,13 +93,12 @@ class PatchLoader(wiring.Component):
     Parameters
     ----------
     config : AcceleratorConfig
-        ``model.img_size``, ``patch_size``, ``in_chans``; ``pe_cols``; ``act_addr_bits``.
-    mem_addr_width, mem_data_bytes, mem_max_burst : int
-        The external-memory read port.
+        ``model.img_size``, ``patch_size``, ``in_chans``; ``pe_cols``; ``act_addr_bits``; the
+        external-memory read port (``mem_addr_width``, ``mem_data_bytes``, ``mem_max_burst``).
 
     Interface attributes
     --------------------
-    cmd : In(stream.Signature(PatchLoadLayout(config, mem_addr_width)))
+    cmd : In(stream.Signature(PatchLoadLayout(config, config.mem_addr_width)))
         Accepted when idle.
     done : Out(1)
         Pulses when a command's last row is written.
@@ -109,20 +107,13 @@ class PatchLoader(wiring.Component):
     act_wr : In(memory.WritePort.Signature(act_addr_bits, ArrayLayout(signed(8), pe_cols), granularity=1))
     """
 
-    def __init__(self, config, *, mem_addr_width=DEFAULT_ADDR_WIDTH, mem_data_bytes=DEFAULT_DATA_BYTES,
-                 mem_max_burst=DEFAULT_MAX_BURST):
-        try:
-            if not isinstance(config, AcceleratorConfig):
-                raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-            ReadPortSignature.check_parameters(addr_width=mem_addr_width, data_bytes=mem_data_bytes,
-                                               max_burst=mem_max_burst)
-            m = config.model
-            frame = m.img_size[0] * m.img_size[1] * m.in_chans
-            if frame >= 1 << mem_addr_width:
-                raise ValueError(f"mem_addr_width={mem_addr_width} cannot address a {frame}-byte image")
-        except (TypeError, ValueError):
-            self._MustUse__silence = True
-            raise
+    def __init__(self, config):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        # The config checked that mem_addr_width addresses a whole frame (frame_bytes).
+        m = config.model
+        mem_addr_width, mem_data_bytes = config.mem_addr_width, config.mem_data_bytes
+        mem_max_burst = config.mem_max_burst
         self._config = config
         self._aw, self._db, self._mb = mem_addr_width, mem_data_bytes, mem_max_burst
         run = m.patch_size * m.in_chans
