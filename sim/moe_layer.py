@@ -22,6 +22,7 @@ import numpy as np
 from amaranth.sim import Simulator
 
 from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.gemm.epilogue import EpilogueMode
 from m3vit_hw.moe.expert_layout import pack_moe, start_fields
 from m3vit_hw.model_config import ModelConfig
 from m3vit_hw.moe.moe_layer import LoadTarget, MoELayer
@@ -212,7 +213,11 @@ def _timing(ev):
     out["t_gate_gemm"] = rel(ev["gemm"][0][0]) if ev["gemm"] else None
     out["t_first_header"] = rel(ev.get("first_header"))
     out["t_walk_done"] = rel(ev.get("walk_done"))
-    out["t_first_expert_gemm"] = rel(ev["gemm"][1][0]) if len(ev["gemm"]) > 1 else None
+    # The gate runs as one RAW GEMM per gate chunk; the experts' GEMMs are the others.
+    gate_gemms = [c for c, mode in ev["gemm"] if mode == EpilogueMode.RAW.value]
+    expert_gemms = [c for c, mode in ev["gemm"] if mode != EpilogueMode.RAW.value]
+    out["gate_gemms"] = len(gate_gemms)
+    out["t_first_expert_gemm"] = rel(expert_gemms[0]) if expert_gemms else None
     exp_cmds = [c for c, tag in ev["wcmd"] if tag != GATE_TAG]
     exp_w = [c for c, tag in ev["wcommit"] if tag != GATE_TAG]
     exp_p = [c for c, tag in ev["pcommit"] if tag != GATE_TAG]
@@ -312,6 +317,7 @@ def _report(cfg, ms, wl, task, res):
         "weight_bytes_minimum": minimum,
         "gate_bytes_fetched": res["gate_bytes"],
         "gate_bytes_minimum": lay.gate_bytes,
+        "gate_chunks": len(lay.gate_tiles),
         "weight_buffer_bytes": cfg.weight_buffer_bytes,
         "param_buffer_bytes": 2 * lay.param_half_bytes,
         "expert_bytes_each": lay.expert_stride,
@@ -370,7 +376,7 @@ def _print_report(rep, out=None):
     print(f"  expert bytes    fetched {rep['weight_bytes_fetched']}, minimum {rep['weight_bytes_minimum']} "
           f"({rep['expert_bytes_each']} B per expert in {rep['tiles_per_expert']} tiles)", file=out)
     print(f"  gate bytes      fetched {rep['gate_bytes_fetched']} (one task's record: "
-          f"{rep['gate_bytes_minimum']})", file=out)
+          f"{rep['gate_bytes_minimum']}, in {rep['gate_chunks']} chunk(s))", file=out)
     print(f"  buffers         weight {rep['weight_buffer_bytes']} B, params {rep['param_buffer_bytes']} B",
           file=out)
     print(f"  timing          {rep['timing']}", file=out)
@@ -405,7 +411,7 @@ def _parser():
     a("--pe-rows", type=int, default=4, help="PE rows (default 4)")
     a("--pe-cols", type=int, default=4, help="PE columns (default 4)")
     a("--weight-buffer-bytes", type=int, default=None, help="weight buffer, both halves (default: "
-      "one expert per half)")
+      "one expert per half; the gate is streamed in chunks that fit a half)")
     a("--sweep-mem", nargs="?", const="0.5,1,2,4,8,16", default=None, metavar="B1,B2,...",
       help="run the layer at several memory bandwidths and print cycles vs bytes/cycle "
            "(default list 0.5,1,2,4,8,16)")
