@@ -26,7 +26,7 @@ def run_top(config, workload, tasks, *, axi_masters=1, pause=0.0, seed=0, bases=
     mem = SparseBytes()
     qmoe = workload["qmoe"]
     T = workload["h"].shape[0]
-    mem.write(bases["WEIGHTS"], pack_moe(qmoe, config, data_bytes=top.data_bytes)[0])
+    mem.write(bases["WEIGHTS"], pack_moe(qmoe, config)[0])
     mem.write(bases["PROGRAM"], pack_program(qmoe, top.image, T, top.config_id))
     mem.write(bases["IMAGE"], pack_image(workload["h"], workload["x"], top.image))
     sim = Simulator(top)
