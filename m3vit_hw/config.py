@@ -129,8 +129,8 @@ class AcceleratorConfig:
     param_buffer_words : int or None
         Words of the column-parameter buffer (one word = bias and multiplier of ``pe_cols`` output
         columns). Default: twice the column tiles of the widest set of GEMMs sharing one weight fill
-        (qkv + proj, fc1 + fc2, one expert's fc1 + fc2; the MoE gate is streamed in chunks, so E does not
-        enter).
+        (qkv + proj, fc1 + fc2, one expert's fc1 + fc2; the MoE gate streams in chunks, so E does
+        not enter).
     q_tile : int or None
         Query rows per attention tile, in ``[1, token_capacity]``. Default: ``min(pe_rows,
         token_capacity)`` (one PE-array row tile, so the score tile never needs re-tiling).
