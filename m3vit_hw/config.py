@@ -31,8 +31,9 @@ column tile: ``pe_cols`` elements (see :class:`m3vit_hw.gemm.gemm_engine.GemmEng
     of experts: one expert (or one tile of a large expert) streams into one half while the engine
     computes from the other. Each half must hold at least one *weight panel* (``largest_weight_k *
     pe_cols`` bytes: the engine computes an output tile over the full K from one resident panel) and
-    the MoE gate's panels (:attr:`AcceleratorConfig.weight_half_needs`), in whole memory beats. The
-    default holds one whole expert per half.
+    its requirements (:attr:`AcceleratorConfig.weight_half_needs`), in whole memory beats. The
+    default holds one whole expert per half. The MoE gate (``N = experts``) is cut into N-chunks
+    like a large expert (:attr:`AcceleratorConfig.gate_chunks`), so no requirement depends on E.
 ``res_buffer_bytes`` (derived)
     The int16 residual stream, ``token_capacity x dim`` (rows padded to whole words). It is never
     tiled: the residual stream stays on chip for the whole frame.
@@ -136,7 +137,8 @@ class AcceleratorConfig:
     param_buffer_words : int or None
         Words of the column-parameter buffer (one word = bias and multiplier of ``pe_cols`` output
         columns). Default: twice the column tiles of the widest set of GEMMs sharing one weight fill
-        (qkv + proj, fc1 + fc2, one expert's fc1 + fc2, or the gate).
+        (qkv + proj, fc1 + fc2, one expert's fc1 + fc2; the MoE gate streams in chunks, so E does
+        not enter).
     q_tile : int or None
         Query rows per attention tile, in ``[1, token_capacity]``. Default: ``min(pe_rows,
         token_capacity)`` (one PE-array row tile, so the score tile never needs re-tiling).
@@ -282,11 +284,10 @@ class AcceleratorConfig:
         if self.param_buffer_words is None:
             self._set("param_buffer_words", self._default_param_words())
         _check_int("param_buffer_words", self.param_buffer_words, 1)
-        p_need = 2 * max(1, self.gate_panels)
-        if self.param_buffer_words < p_need:
-            raise ValueError(f"param_buffer_words must be >= {p_need} (each half must hold the gate's "
-                             f"ceil(experts / pe_cols) = {self.gate_panels} bias words), "
-                             f"not {self.param_buffer_words}")
+        # Gate and expert tiles are N-chunks of whole panels: one parameter word per half suffices.
+        if self.param_buffer_words < 2:
+            raise ValueError(f"param_buffer_words must be >= 2 (each half must hold one column "
+                             f"tile's parameter word), not {self.param_buffer_words}")
 
         tiles = sum(len(counts) for _, _, _, counts in self.moe_tile_chunks)
         if tiles + 1 >= 1 << self.tile_tag_width:
@@ -318,8 +319,8 @@ class AcceleratorConfig:
         c = self.pe_cols
         tiles = max(_ceil_div(3 * m.dim, c) + _ceil_div(m.dim, c),
                     _ceil_div(m.mlp_hidden, c) + _ceil_div(m.dim, c),
-                    _ceil_div(m.expert_hidden, c) + _ceil_div(m.dim, c),
-                    _ceil_div(m.experts, c))
+                    _ceil_div(m.expert_hidden, c) + _ceil_div(m.dim, c))
+        # No E term: the MoE gate is streamed in N-chunks (gate_chunks) like a large expert.
         return 2 * tiles
 
     # -- construction --------------------------------------------------------------------------
@@ -648,16 +649,16 @@ class AcceleratorConfig:
 
     @property
     def weight_half_needs(self):
-        """``{user: (bytes, why)}``: what one weight-buffer half must hold (validation reads the max)."""
-        m = self.model
-        gate = self.gate_panels * m.dim * self.act_word_bytes
+        """``{user: (bytes, why)}``: what one weight-buffer half must hold (validation reads the max).
+
+        Every weight GEMM is streamed in N-chunks of whole panels (expert tiles,
+        :attr:`moe_tile_chunks`; gate chunks, :attr:`gate_chunks`), so one panel of the largest K is
+        the whole requirement: it does not depend on the number of experts.
+        """
         return {
             "panel": (self.weight_panel_bytes,
                       f"one weight panel of largest_weight_k={self.largest_weight_k} x "
                       f"pe_cols={self.pe_cols} int8"),
-            "gate": (_ceil_div(gate, self.mem_data_bytes) * self.mem_data_bytes,
-                     f"the MoE gate's {self.gate_panels} panels of K=dim={m.dim} x pe_cols={self.pe_cols}"
-                     f" int8 (one RAW GEMM over all {m.experts} experts), in whole memory beats"),
         }
 
     @property
@@ -666,10 +667,28 @@ class AcceleratorConfig:
         return param_word_bytes(self.pe_cols)
 
     def moe_panels_per_tile(self, k):
-        """Column tiles (panels) of a K=``k`` expert GEMM that one tile holds: as many as fit one
-        weight half and one parameter half."""
+        """Column tiles (panels) of a K=``k`` MoE GEMM (expert fc1/fc2 or the gate) that one tile
+        holds: as many as fit one weight half and one parameter half."""
         return min(self.weight_buffer_half_bytes // (k * self.act_word_bytes),
                    self.param_buffer_words // 2)
+
+    def _chunk_counts(self, k, n):
+        """Balanced panel counts (differing by at most one) of the N-chunks of a K=``k``, N=``n`` GEMM."""
+        panels = _ceil_div(n, self.pe_cols)
+        count = _ceil_div(panels, self.moe_panels_per_tile(k))
+        base, extra = divmod(panels, count)
+        return tuple(base + (1 if i < extra else 0) for i in range(count))
+
+    @property
+    def gate_chunks(self):
+        """The static chunk plan of the MoE gate GEMM (``K = dim``, ``N = experts``): the panel counts
+        of its N-chunks, each fitting one weight half and one parameter half like an expert tile.
+
+        The gate streams through the weight double buffer chunk by chunk; the
+        :class:`~m3vit_hw.moe.router.Router` assembles every token's full logit row from the chunks
+        before the softmax and top-k. One chunk whenever the whole gate fits one half.
+        """
+        return self._chunk_counts(self.model.dim, self.model.experts)
 
     @property
     def moe_tile_chunks(self):
@@ -681,10 +700,7 @@ class AcceleratorConfig:
         m = self.model
         plan = []
         for kind, k, n in (("fc1", m.dim, m.expert_hidden), ("fc2", m.expert_hidden, m.dim)):
-            panels = _ceil_div(n, self.pe_cols)
-            count = _ceil_div(panels, self.moe_panels_per_tile(k))
-            base, extra = divmod(panels, count)
-            plan.append((kind, k, n, tuple(base + (1 if i < extra else 0) for i in range(count))))
+            plan.append((kind, k, n, self._chunk_counts(k, n)))
         return tuple(plan)
 
     @property
@@ -695,7 +711,7 @@ class AcceleratorConfig:
         up = lambda a: _ceil_div(a, db) * db
         expert = sum(up(c * k * word) + up(c * pwb)
                      for _, k, _, counts in self.moe_tile_chunks for c in counts)
-        gate = up(self.gate_panels * self.model.dim * word) + up(self.gate_panels * pwb)
+        gate = sum(up(c * self.model.dim * word) + up(c * pwb) for c in self.gate_chunks)
         return up(self.model.num_tasks * gate) + self.model.experts * expert
 
     @property

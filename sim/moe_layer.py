@@ -22,6 +22,7 @@ import numpy as np
 from amaranth.sim import Simulator
 
 from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.gemm.epilogue import EpilogueMode
 from m3vit_hw.moe.expert_layout import pack_moe, start_fields
 from m3vit_hw.model_config import ModelConfig
 from m3vit_hw.moe.moe_layer import LoadTarget, MoELayer
@@ -41,7 +42,7 @@ IMAGE_BASE = 0x10000
 
 
 def moe_config(*, experts, top_k, dim, hidden, tokens, tasks=1, pe_rows=4, pe_cols=4,
-               weight_buffer_bytes=None):
+               weight_buffer_bytes=None, param_buffer_words=None):
     """An :class:`AcceleratorConfig` for one MoE layer of the given dimensions.
 
     The model is a minimal encoder around the layer (one head, a 1x1 "patch" per token so no other
@@ -58,7 +59,8 @@ def moe_config(*, experts, top_k, dim, hidden, tokens, tasks=1, pe_rows=4, pe_co
         mlp_hidden=hidden, expert_hidden=hidden)
     return AcceleratorConfig(model=model, pe_rows=pe_rows, pe_cols=pe_cols,
                              token_capacity=max(tokens, model.tokens),
-                             weight_buffer_bytes=weight_buffer_bytes)
+                             weight_buffer_bytes=weight_buffer_bytes,
+                             param_buffer_words=param_buffer_words)
 
 
 def _words(matrix, C):
@@ -212,7 +214,11 @@ def _timing(ev):
     out["t_gate_gemm"] = rel(ev["gemm"][0][0]) if ev["gemm"] else None
     out["t_first_header"] = rel(ev.get("first_header"))
     out["t_walk_done"] = rel(ev.get("walk_done"))
-    out["t_first_expert_gemm"] = rel(ev["gemm"][1][0]) if len(ev["gemm"]) > 1 else None
+    # The gate runs as one RAW GEMM per gate chunk; the experts' GEMMs are the others.
+    gate_gemms = [c for c, mode in ev["gemm"] if mode == EpilogueMode.RAW.value]
+    expert_gemms = [c for c, mode in ev["gemm"] if mode != EpilogueMode.RAW.value]
+    out["gate_gemms"] = len(gate_gemms)
+    out["t_first_expert_gemm"] = rel(expert_gemms[0]) if expert_gemms else None
     exp_cmds = [c for c, tag in ev["wcmd"] if tag != GATE_TAG]
     exp_w = [c for c, tag in ev["wcommit"] if tag != GATE_TAG]
     exp_p = [c for c, tag in ev["pcommit"] if tag != GATE_TAG]
@@ -224,7 +230,8 @@ def _timing(ev):
 
 
 def run_moe_layer(*, experts=4, top_k=2, dim=16, hidden=32, tokens=16, tasks=1, task=0, seed=0,
-                  skew="none", pe_rows=4, pe_cols=4, weight_buffer_bytes=None, mem_bytes_per_cycle=16.0,
+                  skew="none", pe_rows=4, pe_cols=4, weight_buffer_bytes=None, param_buffer_words=None,
+                  mem_bytes_per_cycle=16.0,
                   latency=20, stall_prob=0.0, extra_tasks=(), router="multi_gate", backend="pysim",
                   threads=1, trace_file=None, trace_window=(0, 2**63 - 1)):
     """Build a workload, simulate the layer for ``task`` (then each of ``extra_tasks`` on the same
@@ -237,7 +244,8 @@ def run_moe_layer(*, experts=4, top_k=2, dim=16, hidden=32, tokens=16, tasks=1, 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     cfg = moe_config(experts=experts, top_k=top_k, dim=dim, hidden=hidden, tokens=tokens, tasks=tasks,
-                     pe_rows=pe_rows, pe_cols=pe_cols, weight_buffer_bytes=weight_buffer_bytes)
+                     pe_rows=pe_rows, pe_cols=pe_cols, weight_buffer_bytes=weight_buffer_bytes,
+                     param_buffer_words=param_buffer_words)
     wl = make_moe_workload(experts, top_k, dim, hidden, tokens, tasks=tasks, seed=seed, skew=skew,
                            router=router)
     t0 = time.time()
@@ -312,6 +320,7 @@ def _report(cfg, ms, wl, task, res):
         "weight_bytes_minimum": minimum,
         "gate_bytes_fetched": res["gate_bytes"],
         "gate_bytes_minimum": lay.gate_bytes,
+        "gate_chunks": len(lay.gate_tiles),
         "weight_buffer_bytes": cfg.weight_buffer_bytes,
         "param_buffer_bytes": 2 * lay.param_half_bytes,
         "expert_bytes_each": lay.expert_stride,
@@ -370,7 +379,7 @@ def _print_report(rep, out=None):
     print(f"  expert bytes    fetched {rep['weight_bytes_fetched']}, minimum {rep['weight_bytes_minimum']} "
           f"({rep['expert_bytes_each']} B per expert in {rep['tiles_per_expert']} tiles)", file=out)
     print(f"  gate bytes      fetched {rep['gate_bytes_fetched']} (one task's record: "
-          f"{rep['gate_bytes_minimum']})", file=out)
+          f"{rep['gate_bytes_minimum']}, in {rep['gate_chunks']} chunk(s))", file=out)
     print(f"  buffers         weight {rep['weight_buffer_bytes']} B, params {rep['param_buffer_bytes']} B",
           file=out)
     print(f"  timing          {rep['timing']}", file=out)
@@ -405,7 +414,10 @@ def _parser():
     a("--pe-rows", type=int, default=4, help="PE rows (default 4)")
     a("--pe-cols", type=int, default=4, help="PE columns (default 4)")
     a("--weight-buffer-bytes", type=int, default=None, help="weight buffer, both halves (default: "
-      "one expert per half)")
+      "one expert per half; the gate is streamed in chunks that fit a half)")
+    a("--param-buffer-words", type=int, default=None, help="column-parameter buffer, both halves, in "
+      "words of pe_cols columns (default: the widest dense GEMM pair); a half bounds the column "
+      "tiles of an expert tile or gate chunk")
     a("--sweep-mem", nargs="?", const="0.5,1,2,4,8,16", default=None, metavar="B1,B2,...",
       help="run the layer at several memory bandwidths and print cycles vs bytes/cycle "
            "(default list 0.5,1,2,4,8,16)")
@@ -472,7 +484,8 @@ def main(argv=None):
         kwargs = dict(experts=args.experts, top_k=args.top_k, dim=args.dim, hidden=args.expert_hidden,
                       tokens=args.tokens, tasks=args.tasks, task=args.task, seed=args.seed,
                       skew=args.skew, router=args.router, pe_rows=args.pe_rows, pe_cols=args.pe_cols,
-                      weight_buffer_bytes=args.weight_buffer_bytes, latency=args.latency,
+                      weight_buffer_bytes=args.weight_buffer_bytes,
+                      param_buffer_words=args.param_buffer_words, latency=args.latency,
                       stall_prob=args.stall_prob, backend=args.backend, threads=args.threads)
         if args.trace is not None:
             window = (0, 2**63 - 1)
@@ -482,7 +495,8 @@ def main(argv=None):
         # Build the config once up front so a bad size fails before any simulation.
         moe_config(experts=args.experts, top_k=args.top_k, dim=args.dim, hidden=args.expert_hidden,
                    tokens=args.tokens, tasks=args.tasks, pe_rows=args.pe_rows, pe_cols=args.pe_cols,
-                   weight_buffer_bytes=args.weight_buffer_bytes)
+                   weight_buffer_bytes=args.weight_buffer_bytes,
+                   param_buffer_words=args.param_buffer_words)
         if bws is not None:
             points = sweep_memory(bws, **kwargs)
             fastest = min(pt["cycles"] for pt in points)

@@ -108,8 +108,8 @@ def _expected_gemms(cfg, lay, fields, queues, active):
     D, h, E = lay.dim, lay.hidden, lay.experts
     rw, hw = cfg.row_words, -(-h // C)
     hb = cfg.moe_hidden_base
-    cmds = [dict(mode=Mode.RAW, m=fields["tokens"], k=D, n=E, a_base=0, a_stride=rw, b_tile_stride=D,
-                 gather=0, scatter=0)]
+    cmds = [dict(mode=Mode.RAW, m=fields["tokens"], k=D, n=t.n, a_base=0, a_stride=rw,
+                 b_tile_stride=D, gather=0, scatter=0) for t in lay.gate_tiles]
     off = 0
     for e in active:
         cnt = len(queues[e])
@@ -131,8 +131,8 @@ def _expected_gemms(cfg, lay, fields, queues, active):
 def _expected_pieces(lay, fields, active):
     """(addr, length) of every weight-streamer and parameter-streamer command, in order."""
     g = fields["gate_base"] + fields["task"] * lay.gate_stride
-    w = [(g, lay.gate_w_bytes)]
-    p = [(g + lay.gate_w_bytes, lay.gate_p_bytes)]
+    w = [(g + t.w_offset, t.w_bytes) for t in lay.gate_tiles]
+    p = [(g + t.p_offset, t.p_bytes) for t in lay.gate_tiles]
     for e in active:
         base = fields["expert_base"] + e * lay.expert_stride
         for t in lay.tiles:
@@ -198,7 +198,7 @@ def _run_alone(cfg, wl, task, *, drain=12, stall=0.0, bandwidth=16.0, latency=8,
         # (pe_beat), and pulses done `drain` cycles after a command's last beat.
         R, C = cfg.pe_rows, cfg.pe_cols
         rng = np.random.default_rng(seed + 2)
-        n_cmds = 1 + len(active) * len(lay.tiles)
+        n_cmds = len(lay.gate_tiles) + len(active) * len(lay.tiles)
         left, dues, cyc = 0, [], 0
         fields = ("mode", "m", "k", "n", "a_base", "a_stride", "b_tile_stride", "dst_base", "dst_stride",
                   "rowtab_base", "gather", "scatter", "shift", "sync", "b_base", "colp_base")
@@ -255,9 +255,10 @@ def _workload(E, k, T, seed, skew="none", tasks=1, D=16, H=32):
 
 
 @pytest.mark.parametrize("E, k, T, skew, stall", [(5, 2, 9, "none", 0.25), (8, 1, 7, "sparse", 0.0),
-                                                  (3, 3, 6, "hot", 0.3)])
+                                                  (3, 3, 6, "hot", 0.3), (22, 2, 9, "none", 0.2)])
 def test_command_sequence_alone(E, k, T, skew, stall):
-    """Gate, then (active experts ascending) x (tiles): exact streamer pieces and GEMM commands."""
+    """Gate chunks, then (active experts ascending) x (tiles): exact streamer pieces and GEMM
+    commands. E=22 needs 6 gate panels, more than a 256-byte half holds: the gate comes in 2 chunks."""
     cfg = moe_config(experts=E, top_k=k, dim=16, hidden=32, tokens=T, weight_buffer_bytes=512)
     wl = _workload(E, k, T, seed=E + T, skew=skew)
     log, lay, fields, queues, active, mem = _run_alone(cfg, wl, 0, stall=stall)
@@ -267,7 +268,10 @@ def test_command_sequence_alone(E, k, T, skew, stall):
     got_p = [(a, n) for a, n, _, _ in log["pcmd"]]
     assert got_w == want_w, f"ReorderController weight pieces: expected {want_w}, got {got_w}"
     assert got_p == want_p, f"ReorderController parameter pieces: expected {want_p}, got {got_p}"
-    assert log["wcmd"][0][2] == GATE_TAG and all(t != GATE_TAG for _, _, t, _ in log["wcmd"][1:])
+    assert len(lay.gate_tiles) == (2 if E > 16 else 1), lay.gate_tiles
+    ng = len(lay.gate_tiles)
+    assert all(t == GATE_TAG for _, _, t, _ in log["wcmd"][:ng])
+    assert all(t != GATE_TAG for _, _, t, _ in log["wcmd"][ng:])
     want_g = _expected_gemms(cfg, lay, fields, queues, active)
     assert len(log["gemm"]) == len(want_g)
     for i, ((got, full, _), want) in enumerate(zip(log["gemm"], want_g)):
@@ -392,7 +396,8 @@ def _unpack_panels(raw, k, n, C):
 
 
 @pytest.mark.parametrize("E, D, H, C, wbuf", [(4, 16, 32, 4, None), (64, 16, 32, 4, None),
-                                              (3, 16, 48, 4, 512), (5, 24, 48, 8, 1024),
+                                              (64, 16, 32, 4, 512), (3, 16, 48, 4, 512),
+                                              (5, 24, 48, 8, 1024),
                                               (2, 32, 64, 4, 768)])
 def test_layout_plan_and_image(E, D, H, C, wbuf):
     """Tiles cover every fc1 and fc2 column exactly once, each fits one half of both buffers, pieces are
@@ -421,26 +426,40 @@ def test_layout_plan_and_image(E, D, H, C, wbuf):
             assert np.array_equal(got_w, lin.w[e][sl].T), f"expert {e} tile {t.index} weights"
             b, mu = unpack_params(image[base + t.p_offset:base + t.p_offset + t.p_bytes], t.n, C)
             assert np.array_equal(b, lin.bias[e][sl]) and np.array_equal(mu, lin.mult[e][sl])
+    cols = [c for t in lay.gate_tiles for c in range(t.n0, t.n0 + t.n)]
+    assert cols == list(range(E)), f"gate chunks cover columns {cols}"
+    off = 0
+    for t in lay.gate_tiles:
+        assert t.w_bytes <= lay.weight_half_bytes and t.panels <= lay.param_half_words
+        assert t.w_offset == off and t.p_offset == off + t.w_bytes and t.bytes % lay.data_bytes == 0
+        off += t.bytes
+    assert off == lay.gate_stride == lay.gate_bytes
     for task in range(2):
         g = lay.gate_record_offset(task)
-        assert np.array_equal(_unpack_panels(image[g:], D, E, C), q.gates[task])
-        b, mu = unpack_params(image[g + lay.gate_w_bytes:g + lay.gate_bytes], E, C)
-        assert np.array_equal(b, q.task_bias[task]) and not mu.any()
+        for t in lay.gate_tiles:
+            sl = slice(t.n0, t.n0 + t.n)
+            got_w = _unpack_panels(image[g + t.w_offset:], D, t.n, C)
+            assert np.array_equal(got_w, q.gates[task][:, sl]), f"task {task} gate chunk {t.index}"
+            b, mu = unpack_params(image[g + t.p_offset:g + t.p_offset + t.p_bytes], t.n, C)
+            assert np.array_equal(b, q.task_bias[task][sl]) and not mu.any()
     print(f"layout E={E} D={D} h={H} C={C}: {len(lay.tiles)} tiles, {lay.expert_stride} B per expert, "
-          f"half {lay.weight_half_bytes} B")
+          f"gate in {len(lay.gate_tiles)} chunk(s), half {lay.weight_half_bytes} B")
 
 
 def test_layout_is_independent_of_experts():
     plans = [plan_moe(moe_config(experts=E, top_k=1, dim=16, hidden=32, tokens=8)) for E in (1, 2, 64)]
     assert len({(p.tiles, p.expert_stride, p.weight_half_bytes) for p in plans}) == 1
+    # A weight buffer too small for the whole gate: it is chunked, never refused.
+    small = moe_config(experts=64, top_k=1, dim=16, hidden=32, tokens=8, weight_buffer_bytes=512)
+    assert small.gate_chunks == (4, 4, 4, 4), small.gate_chunks
 
 
 @pytest.mark.parametrize("kw, words", [
     (dict(weight_buffer_bytes=272), r"weight_buffer_bytes must be a multiple of 32 \(two halves of whole "
                                     r"4-byte words and 16-byte memory beats\), not 272"),
     (dict(param_buffer_words=1), r"param_buffer_words must be >= 2"),
-    (dict(experts=64, weight_buffer_bytes=512), r"weight_buffer_bytes must be >= 2048 \(each half must "
-                                                r"hold the MoE gate's 16 panels"),
+    (dict(experts=64, weight_buffer_bytes=64), r"weight_buffer_bytes must be >= 256 \(each half must "
+                                               r"hold one weight panel"),
 ])
 def test_layout_errors(kw, words):
     """Sizes the layout cannot use are refused when the config is built, naming the parameter."""

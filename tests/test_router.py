@@ -53,8 +53,18 @@ class _Bench(Elaboratable):
         return m
 
 
+def _chunk_spans(cfg):
+    """``(first column, columns)`` of every gate chunk (``config.gate_chunks``)."""
+    C, E = cfg.pe_cols, cfg.model.experts
+    spans, first = [], 0
+    for count in cfg.gate_chunks:
+        spans.append((first * C, min(E, (first + count) * C) - first * C))
+        first += count
+    return spans
+
+
 def _engine_beats(logits, R, C):
-    """RAW beats in the engine's order: for row tile: for column tile: for row."""
+    """RAW beats of one GEMM in the engine's order: for row tile: for column tile: for row."""
     T, E = logits.shape
     nbs = -(-E // C)
     beats = []
@@ -62,7 +72,10 @@ def _engine_beats(logits, R, C):
         for nb in range(nbs):
             for r in range(m0, min(T, m0 + R)):
                 lanes = [int(v) for v in logits[r, nb * C:(nb + 1) * C]] + [0] * C
-                beats.append({"data": lanes[:C], "addr": 0, "mask": 0, "last": 0})
+                beats.append({"data": lanes[:C], "addr": 0, "mask": 0,
+                              "last": 0})
+    if beats:
+        beats[-1]["last"] = 1
     return beats
 
 
@@ -74,26 +87,32 @@ def _bias_words(bias, C):
 
 
 def _run(cfg, layers, *, stall=0.3, seed=0):
-    """Run several layers ``[(h, w_gate, task_bias, c_mult, c_shift)]`` through one Router (the bias
-    memory is rewritten between layers); return [[(experts, weights, last)] per token] per layer and
-    the wall time of the simulation."""
+    """Run several layers ``[(h, w_gate, task_bias, c_mult, c_shift)]`` through one Router, each as
+    its gate chunks' GEMMs one after the other (the bias memory holds the current chunk's words and
+    is rewritten between chunks, as the parameter half is in the MoE layer); return [[(experts,
+    weights, last)] per token] per layer and the wall time of the simulation."""
     C, R = cfg.pe_cols, cfg.pe_rows
-    bench = _Bench(cfg, _bias_words(layers[0][2], C))
+    spans = _chunk_spans(cfg)
+    bench = _Bench(cfg, [[0] * C] * max(cfg.gate_chunks))
     dut = bench.router
     results = []
 
     async def feeder(ctx):
         for li, (h, w, bias, c_mult, c_shift) in enumerate(layers):
-            for a, word in enumerate(_bias_words(bias, C)):
-                ctx.set(bench.bias.data[a], word)
             logits = golden.matmul(h, w)
             await stream_put(ctx, dut.cmd, {"tokens": h.shape[0], "c_mult": c_mult, "c_shift": c_shift},
                              stalls=Stalls(stall, seed + li))
             st = Stalls(stall, seed + 100 + li)
-            for b in _engine_beats(logits, R, C):
-                await stream_put(ctx, dut.i, b, stalls=st)
-            # The next layer's bias may only be written once this layer stopped reading it.
-            await ctx.tick().until(dut.drained)
+            for n0, n in spans:
+                for a, word in enumerate(_bias_words(bias[n0:n0 + n], C)):
+                    ctx.set(bench.bias.data[a], word)
+                for b in _engine_beats(logits[:, n0:n0 + n], R, C):
+                    await stream_put(ctx, dut.i, b, stalls=st)
+                # The next chunk's bias may only be written once this chunk stopped reading it.
+                await ctx.tick().until(dut.drained)
+                # Junk in the bias memory between chunks: a router that read it now would be wrong.
+                for a in range(max(cfg.gate_chunks)):
+                    ctx.set(bench.bias.data[a], [0x7F00FF00] * C)
 
     async def drain(ctx):
         st = Stalls(stall, seed + 1000)
@@ -148,6 +167,20 @@ def test_matches_golden_with_stalls(E, k, T, rows):
     print(f"Router E={E} k={k}: {T}+{T - 1} tokens bit-exact ({secs:.1f} s)")
 
 
+@pytest.mark.parametrize("E, chunk_words, T, rows", [(64, 4, 9, 4), (13, 2, 7, 2), (9, 2, 5, 4)])
+def test_gate_chunks_match_golden_with_stalls(E, chunk_words, T, rows):
+    """The gate in several N-chunks (a parameter half of ``chunk_words`` words bounds a chunk): the
+    router assembles each token's logit row from the chunks, biasing each with its own words."""
+    cfg = moe_config(experts=E, top_k=2, dim=16, hidden=32, tokens=max(T, 12), pe_rows=rows,
+                     pe_cols=4).with_(param_buffer_words=2 * chunk_words)
+    assert len(cfg.gate_chunks) > 1, cfg.gate_chunks
+    layers = [_layer(E, 2, 16, T, seed=E + 7, skew="hot"), _layer(E, 2, 16, T - 2, seed=E, task=1)]
+    results, secs = _run(cfg, layers)
+    _check(layers, results, 2)
+    print(f"Router E={E} in {len(cfg.gate_chunks)} chunks {cfg.gate_chunks}: {T}+{T - 2} tokens "
+          f"bit-exact ({secs:.1f} s)")
+
+
 @pytest.mark.parametrize("skew", ["hot", "sparse"])
 def test_task_bias_skews(skew):
     """Large task biases (+2**24 on one expert, -2**24 on all but k) dominate the logits."""
@@ -181,6 +214,7 @@ def test_throughput_router_rows():
     """No stalls: tokens leave at the softmax's pace (one per max(ceil(E/C), divider period) cycles)."""
     E, k, T = 16, 2, 16
     cfg = moe_config(experts=E, top_k=k, dim=16, hidden=32, tokens=T, pe_cols=4)
+    assert cfg.gate_chunks == (4,)
     bench = _Bench(cfg, _bias_words(np.zeros(E), 4))
     dut = router = bench.router
     layer = _layer(E, k, 16, T, seed=5)

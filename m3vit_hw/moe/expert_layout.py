@@ -32,15 +32,16 @@ Image
 -----
 ``pack_moe`` returns one byte image (offset 0 = the layer's base address)::
 
-    gate region   task t at gate_offset + t * gate_stride:
-                    [gate panels: ceil(E/C) panels of K = D words]  [ceil(E/C) parameter words:
-                     bias = task_bias[t], mult = 0]
+    gate region   task t at gate_offset + t * gate_stride, in gate chunks (``config.gate_chunks``):
+                    chunk 0: [its panels of K = D words][its parameter words: bias = task_bias[t],
+                    mult = 0], chunk 1: ..., covering the ceil(E/C) column tiles of the gate
     expert region expert e at experts_offset + e * expert_stride:
                     tile 0: [weight panels][parameter words], tile 1: ..., in plan order
 
 Every piece starts on a memory-beat boundary and is padded to whole beats, so a streamer command per
 piece fetches exactly its bytes (``weight_bytes(e)`` counts the padded bytes: they are what crosses
-the port). The gate (one RAW GEMM over all E experts) must fit one weight-buffer half.
+the port). The gate (``K = D``, ``N = E``) is cut into N-chunks exactly like an expert matrix, so
+neither buffer's size depends on E; the router assembles each token's logit row from the chunks.
 """
 
 from dataclasses import dataclass
@@ -75,9 +76,9 @@ class Tile:
     Attributes
     ----------
     index : int
-        Position in the expert's plan (fc1 tiles first).
+        Position in the expert's plan (fc1 tiles first), or in the gate record's.
     kind : str
-        ``"fc1"`` or ``"fc2"``.
+        ``"fc1"``, ``"fc2"`` or ``"gate"``.
     n0, n : int
         First output column (a multiple of ``pe_cols``) and number of output columns.
     k : int
@@ -85,7 +86,8 @@ class Tile:
     panels : int
         Column tiles (= parameter words) in the tile.
     w_offset, w_bytes : int
-        Byte offset of the weight panels within the expert's image, and their padded length.
+        Byte offset of the weight panels within the expert's image (the gate record's for a gate
+        chunk), and their padded length.
     p_offset, p_bytes : int
         The same for the parameter words.
     """
@@ -126,8 +128,7 @@ class MoELayout:
     tiles: tuple
     expert_stride: int
     gate_panels: int
-    gate_w_bytes: int
-    gate_p_bytes: int
+    gate_tiles: tuple
     gate_offset: int
     gate_stride: int
     experts_offset: int
@@ -149,8 +150,8 @@ class MoELayout:
 
     @property
     def gate_bytes(self):
-        """Bytes fetched for one task's gate (weights + bias words, padded)."""
-        return self.gate_w_bytes + self.gate_p_bytes
+        """Bytes fetched for one task's gate (every chunk's weights + bias words, padded)."""
+        return sum(t.bytes for t in self.gate_tiles)
 
     def weight_bytes(self, expert):
         """Bytes fetched for expert ``expert``: its weights and column parameters, padded to beats."""
@@ -175,8 +176,8 @@ class MoELayout:
                  f"pe_cols={self.pe_cols}, {self.data_bytes}-byte beats",
                  f"  weight half {self.weight_half_bytes} B, param half {self.param_half_words} words "
                  f"x {self.param_word_bytes} B",
-                 f"  gate/task {self.gate_w_bytes} + {self.gate_p_bytes} B, expert {self.expert_stride} B "
-                 f"in {len(self.tiles)} tiles:"]
+                 f"  gate/task {self.gate_bytes} B in {len(self.gate_tiles)} chunk(s), "
+                 f"expert {self.expert_stride} B in {len(self.tiles)} tiles:"]
         for t in self.tiles:
             lines.append(f"    tile {t.index}: {t.kind} columns {t.n0}..{t.n0 + t.n - 1} (K={t.k}), "
                          f"{t.w_bytes} B weights @ {t.w_offset}, {t.p_bytes} B params @ {t.p_offset}")
@@ -210,33 +211,33 @@ def plan_moe(config):
     pwb = config.param_word_bytes
     half = config.weight_buffer_half_bytes
 
-    tiles = []
-    offset = 0
-    for kind, k, n, counts in config.moe_tile_chunks:
-        panel = k * word
-        first = 0
-        for count in counts:
-            w_bytes = _round_up(count * panel, data_bytes)
-            p_bytes = _round_up(count * pwb, data_bytes)
-            n0 = first * C
-            tiles.append(Tile(index=len(tiles), kind=kind, n0=n0, n=min(n, (first + count) * C) - n0,
-                              k=k, panels=count, w_offset=offset, w_bytes=w_bytes,
-                              p_offset=offset + w_bytes, p_bytes=p_bytes))
-            offset += w_bytes + p_bytes
-            first += count
-    expert_stride = offset
+    def chunks(plan):
+        """Tiles (offsets from the record's start) of ``(kind, k, n, panel counts)`` chunk plans."""
+        tiles, offset = [], 0
+        for kind, k, n, counts in plan:
+            panel = k * word
+            first = 0
+            for count in counts:
+                w_bytes = _round_up(count * panel, data_bytes)
+                p_bytes = _round_up(count * pwb, data_bytes)
+                n0 = first * C
+                tiles.append(Tile(index=len(tiles), kind=kind, n0=n0,
+                                  n=min(n, (first + count) * C) - n0, k=k, panels=count,
+                                  w_offset=offset, w_bytes=w_bytes, p_offset=offset + w_bytes,
+                                  p_bytes=p_bytes))
+                offset += w_bytes + p_bytes
+                first += count
+        return tuple(tiles), offset
 
-    gate_panels = config.gate_panels
-    gate_w_bytes = _round_up(gate_panels * D * word, data_bytes)
-    gate_p_bytes = _round_up(gate_panels * pwb, data_bytes)
-    gate_stride = gate_w_bytes + gate_p_bytes
+    tiles, expert_stride = chunks(config.moe_tile_chunks)
+    gate_tiles, gate_stride = chunks((("gate", D, E, config.gate_chunks),))
     tasks = m.num_tasks
     experts_offset = _round_up(tasks * gate_stride, data_bytes)
     layout = MoELayout(
         dim=D, hidden=h, experts=E, tasks=tasks, pe_cols=C, data_bytes=data_bytes,
         weight_half_bytes=half, param_half_words=config.param_buffer_words // 2, param_word_bytes=pwb,
-        tiles=tuple(tiles), expert_stride=expert_stride, gate_panels=gate_panels,
-        gate_w_bytes=gate_w_bytes, gate_p_bytes=gate_p_bytes, gate_offset=0, gate_stride=gate_stride,
+        tiles=tiles, expert_stride=expert_stride, gate_panels=config.gate_panels,
+        gate_tiles=gate_tiles, gate_offset=0, gate_stride=gate_stride,
         experts_offset=experts_offset, image_bytes=experts_offset + E * expert_stride)
     # The config validated the address width against its own count of the image.
     assert layout.image_bytes == config.moe_image_bytes, (layout.image_bytes, config.moe_image_bytes)
@@ -331,9 +332,11 @@ def pack_moe(qmoe, config):
         if gate.shape != (D, E):
             raise ValueError(f"gate of task {t} must have shape ({D}, {E}), not {gate.shape}")
         at = layout.gate_record_offset(t)
-        _place(image, at, pack_panels(gate, C), layout.gate_w_bytes)
-        _place(image, at + layout.gate_w_bytes,
-               pack_params(task_bias[t], np.zeros(E, dtype=np.int64), C), layout.gate_p_bytes)
+        for tile in layout.gate_tiles:
+            cols = slice(tile.n0, tile.n0 + tile.n)
+            _place(image, at + tile.w_offset, pack_panels(gate[:, cols], C), tile.w_bytes)
+            _place(image, at + tile.p_offset,
+                   pack_params(task_bias[t][cols], np.zeros(tile.n, dtype=np.int64), C), tile.p_bytes)
     for e in range(E):
         base = layout.expert_offset(e)
         for tile in layout.tiles:

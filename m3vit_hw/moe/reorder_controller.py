@@ -16,10 +16,13 @@ controller
    expert's row-table entries are captured) it issues the tile's GemmEngine command, and releases both
    halves as soon as the engine no longer reads them (see *Releasing a tile* below).
 
-Before the experts, the same two sequencers run the layer's gate: the task's gate panels and bias words
-are tile 0 of the sequence, the gate GEMM (RAW, ``M = T, K = D, N = E``) feeds the
-:class:`~m3vit_hw.moe.router.Router`, and the gate's halves are released when both the engine and the
-router are done with them (the router reads the bias words from the parameter half: ``gate_phase``).
+Before the experts, the same two sequencers run the layer's gate: the task's gate record is a short
+sequence of *gate chunks* (``layout.gate_tiles``: N-chunks of whole panels that each fit one half, like
+expert tiles, so the weight buffer does not grow with E). Each chunk's RAW GEMM (``M = T, K = D,
+N = chunk.n``) streams its logits into the :class:`~m3vit_hw.moe.router.Router`, which adds the chunk's
+task-bias words and assembles every token's full logit row; a chunk's halves are released when both
+the engine and the router are done with them (the router reads the bias words from the parameter
+half: ``gate_phase``), while the next chunk has been streaming into the other half.
 
 GEMM commands
 -------------
@@ -28,7 +31,8 @@ With ``C = pe_cols``, ``rw = ceil(D / C)`` words per activation/residual row and
 =========  =====  ==============================================================================
 command    mode   operands and destination
 =========  =====  ==============================================================================
-gate       RAW    ``m = T, k = D, n = E``; A = ``h`` rows (base 0, pitch ``rw``); out on the stream
+gate chunk RAW    ``m = T, k = D, n = chunk.n``; A = ``h`` rows (base 0, pitch ``rw``); out on the
+                  stream (the router knows the chunk plan and places the columns)
 fc1 tile   GELU8  ``m = count, k = D, n = tile.n``; A gathered from ``h`` by the row table
                   (``rowtab_base = offset``); out to the hidden region ``hidden_base + row * hw
                   + tile.n0 / C``
@@ -149,7 +153,8 @@ class ReorderController(wiring.Component):
         The ExpertQueues walk; always ready while a layer runs.
     router_cmd : ``Out(stream.Signature(RouterCommandLayout(config)))``
     router_drained : ``In(1)``
-        The router no longer reads the gate's bias words.
+        The router no longer reads the current gate chunk's bias words (every beat the engine has
+        emitted has been biased).
     wcmd, pcmd : ``Out(stream.Signature(StreamerCommandLayout(addr_width, addr_width, tag_width)))``
         Commands of the weight and parameter streamers (one piece each per tile).
     wtile, ptile : ``In(stream.Signature(TileInfoLayout(half_bytes, tag_width)))``
@@ -227,7 +232,8 @@ class ReorderController(wiring.Component):
         m = config.model
         C, T = config.pe_cols, config.token_capacity
         rw, hw, hb = config.row_words, config.moe_hidden_words, config.moe_hidden_base
-        cmds = [dict(m=T, k=m.dim, n=m.experts, a_stride=rw, b_tile_stride=m.dim, b_k_stride=1)]
+        cmds = [dict(m=T, k=t.k, n=t.n, a_stride=rw, b_tile_stride=t.k, b_k_stride=1)
+                for t in layout.gate_tiles]
         for t in layout.tiles:
             if t.kind == "fc1":
                 cmds.append(dict(m=T, k=t.k, n=t.n, a_stride=rw, b_tile_stride=t.k, b_k_stride=1,
@@ -263,9 +269,11 @@ class ReorderController(wiring.Component):
 
     # ---- elaboration -----------------------------------------------------------------------------
 
-    def _tile_rom(self, m, index, name):
-        """Combinational lookup of the static tile plan: ``index`` -> the tile's fields."""
+    def _tile_rom(self, m, index, name, tiles=None):
+        """Combinational lookup of a static tile plan (the expert's, or ``tiles``: the gate's chunks):
+        ``index`` -> the tile's fields."""
         lay = self._layout
+        tiles = lay.tiles if tiles is None else tiles
         C = self._config.pe_cols
         cfg = self._config
         t = Signal(data.StructLayout({
@@ -275,15 +283,15 @@ class ReorderController(wiring.Component):
             "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
             "nk": range(self._max_nk() + 1), "w_last": range(C + 1),
         }), name=name)
-        first_fc2 = next(tl.index for tl in lay.tiles if tl.kind == "fc2")
+        first_fc2 = next((tl.index for tl in tiles if tl.kind == "fc2"), None)
         with m.Switch(index):
-            for tl in lay.tiles:
+            for tl in tiles:
                 with m.Case(tl.index):
                     m.d.comb += [
                         t.w_off.eq(tl.w_offset), t.w_len.eq(tl.w_bytes),
                         t.p_off.eq(tl.p_offset), t.p_len.eq(tl.p_bytes),
                         t.fc2.eq(tl.kind == "fc2"), t.first_fc2.eq(tl.index == first_fc2),
-                        t.last.eq(tl.index == len(lay.tiles) - 1),
+                        t.last.eq(tl.index == len(tiles) - 1),
                         t.n.eq(tl.n), t.n0w.eq(tl.n0 // C),
                         t.nk.eq(-(-tl.n // C) * tl.k), t.w_last.eq(_last_block(tl.k, C)),
                     ]
@@ -293,7 +301,7 @@ class ReorderController(wiring.Component):
         """Most PE beats of one row tile of any command: ``ceil(n / C) * K``."""
         C = self._config.pe_cols
         lay = self._layout
-        return max([-(-t.n // C) * t.k for t in lay.tiles] + [lay.gate_panels * lay.dim])
+        return max(-(-t.n // C) * t.k for t in lay.tiles + lay.gate_tiles)
 
     def elaborate(self, platform):
         m = Module()
@@ -362,6 +370,8 @@ class ReorderController(wiring.Component):
         f_idx = Signal(range(list_depth + 1))
         f_base = Signal(aw)
         ft = self._tile_rom(m, f_tile, "f_rom")
+        f_gate = Signal(range(max(2, len(lay.gate_tiles))))
+        fg = self._tile_rom(m, f_gate, "f_gate_rom", lay.gate_tiles)
         w_sent = Signal()
         p_sent = Signal()
         w_now = w_sent | (self.wcmd.valid & self.wcmd.ready)
@@ -371,19 +381,23 @@ class ReorderController(wiring.Component):
         with m.FSM(name="fetch"):
             with m.State("IDLE"):
                 with m.If(start):
+                    m.d.sync += f_gate.eq(0)
                     m.next = "GATE"
             with m.State("GATE"):
+                # The task's gate chunks, in order (every piece tagged GATE_TAG).
                 m.d.comb += [
                     self.wcmd.valid.eq(~w_sent),
-                    self.wcmd.p.addr.eq(gate_addr), self.wcmd.p.length.eq(lay.gate_w_bytes),
+                    self.wcmd.p.addr.eq(gate_addr + fg.w_off), self.wcmd.p.length.eq(fg.w_len),
                     self.wcmd.p.tag.eq(GATE_TAG),
                     self.pcmd.valid.eq(~p_sent),
-                    self.pcmd.p.addr.eq(gate_addr + lay.gate_w_bytes),
-                    self.pcmd.p.length.eq(lay.gate_p_bytes), self.pcmd.p.tag.eq(GATE_TAG),
+                    self.pcmd.p.addr.eq(gate_addr + fg.p_off),
+                    self.pcmd.p.length.eq(fg.p_len), self.pcmd.p.tag.eq(GATE_TAG),
                 ]
                 with m.If(both_sent):
-                    m.d.sync += [w_sent.eq(0), p_sent.eq(0), f_idx.eq(0)]
-                    m.next = "NEXT"
+                    m.d.sync += [w_sent.eq(0), p_sent.eq(0), f_gate.eq(f_gate + 1)]
+                    with m.If(fg.last):
+                        m.d.sync += f_idx.eq(0)
+                        m.next = "NEXT"
                 with m.Else():
                     m.d.sync += [w_sent.eq(w_now), p_sent.eq(p_now)]
             with m.State("NEXT"):
@@ -420,6 +434,8 @@ class ReorderController(wiring.Component):
         c_off = Signal(range(entries + 1))
         c_cnt = Signal(range(cap + 1))
         ct = self._tile_rom(m, c_tile, "c_rom")
+        c_gate = Signal(range(max(2, len(lay.gate_tiles))))
+        cg = self._tile_rom(m, c_gate, "c_gate_rom", lay.gate_tiles)
         eng_done = Signal()
         R = cfg.pe_rows
         # PE beats still owed by issued commands, and commands whose done has not pulsed yet.
@@ -458,34 +474,42 @@ class ReorderController(wiring.Component):
         with m.FSM(name="compute"):
             with m.State("IDLE"):
                 with m.If(start):
+                    m.d.sync += c_gate.eq(0)
                     m.next = "GATE_WAIT"
             with m.State("GATE_WAIT"):
                 m.d.comb += self.gate_phase.eq(1)
                 with m.If(halves_full):
                     m.next = "GATE_ISSUE"
             with m.State("GATE_ISSUE"):
+                # The router's command goes with the first chunk only (one per layer).
+                first_chunk = c_gate == 0
                 m.d.comb += [
                     self.gate_phase.eq(1),
-                    self.router_cmd.valid.eq(~r_sent),
+                    self.router_cmd.valid.eq(first_chunk & ~r_sent),
                     self.gemm.valid.eq(~g_sent),
-                    g.m.eq(par.tokens), g.k.eq(D), g.n.eq(E),
+                    g.m.eq(par.tokens), g.k.eq(D), g.n.eq(cg.n),
                     g.a_base.eq(0), g.a_stride.eq(rw),
                     g.b_tile_stride.eq(D),
                     g.dst_base.eq(0), g.dst_stride.eq(0),
                     g.mode.eq(EpilogueMode.RAW),
-                    issue_beats.eq((par.tokens + R - 1) // R * (lay.gate_panels * D)),
+                    issue_beats.eq((par.tokens + R - 1) // R * cg.nk),
                 ]
-                with m.If(r_now & g_now):
+                with m.If((r_now | ~first_chunk) & g_now):
                     m.d.sync += [r_sent.eq(0), g_sent.eq(0)]
                     m.next = "GATE_RUN"
                 with m.Else():
                     m.d.sync += [r_sent.eq(r_now), g_sent.eq(g_now)]
             with m.State("GATE_RUN"):
+                # The router adds the chunk's bias words as its beats arrive: the halves are released
+                # once the engine has emitted the chunk's last beat and the router has taken it in.
                 m.d.comb += self.gate_phase.eq(1)
                 with m.If(eng_done & self.router_drained):
                     m.d.comb += release.eq(1)
-                    m.d.sync += c_idx.eq(0)
-                    m.next = "NEXT"
+                    m.d.sync += [c_idx.eq(0), c_gate.eq(c_gate + 1)]
+                    with m.If(cg.last):
+                        m.next = "NEXT"
+                    with m.Else():
+                        m.next = "GATE_WAIT"
             with m.State("NEXT"):
                 with m.If(c_idx < n_hdr):
                     m.d.comb += [lst_c.addr.eq(c_idx), lst_c.en.eq(1)]

@@ -1,13 +1,16 @@
 """The MoE router datapath after the gate GEMM: logit bias, softmax, top-k.
 
 The gate GEMM itself (``logits = h . w_gate``, M = T tokens, K = D, N = E) runs on the shared
-:class:`~m3vit_hw.gemm.gemm_engine.GemmEngine` in RAW mode; its result beats enter :class:`Router` on ``i``.
-The router then computes, bit-exact with ``reference/golden.py``:
+:class:`~m3vit_hw.gemm.gemm_engine.GemmEngine` in RAW mode, as one GEMM per *gate chunk*
+(:attr:`~m3vit_hw.config.AcceleratorConfig.gate_chunks`: N-chunks of whole column tiles, each fitting
+one half of the weight double buffer, so the weight buffer does not grow with E); the chunks' result
+beats enter :class:`Router` on ``i``, chunk after chunk. The router then computes, bit-exact with
+``reference/golden.py``:
 
 1. ``logits += task_bias`` (``golden.router_logits``): the per-task constant logit offset of the
    task-embedding router (zero for ``multi_gate``), read per beat through ``bias_rd`` from the layer's
-   parameter buffer, where it arrives with the task's gate weights (so switching tasks needs only that
-   task's gate record, and no per-task state is kept here);
+   parameter buffer, where each chunk's bias words arrive with the chunk's gate weights (so switching
+   tasks needs only that task's gate record, and no per-task state is kept here);
 2. ``p = router_probs(logits)`` in a :class:`~m3vit_hw.rowops.softmax.SoftmaxUnit` (ROUTER mode, ``lanes =
    pe_cols``, ``max_length = E``), while a copy of the logits waits in a FIFO;
 3. ``golden.topk(logits, k)`` in a :class:`~m3vit_hw.moe.topk.TopK` whose tags are the probabilities, so the
@@ -16,16 +19,22 @@ The router then computes, bit-exact with ``reference/golden.py``:
 The output is one beat per token, in token order, in the input layout of
 :class:`~m3vit_hw.moe.expert_queues.ExpertQueues`.
 
-Why a row-tile buffer
----------------------
-The engine emits RAW results in tile order (``for mb: for nb: for row in tile``): the ``ceil(E/C)``
-chunks of one token's logits are interleaved with the other ``pe_rows - 1`` tokens of its row tile. The
-softmax and top-k need each token's chunks consecutively, so the router regroups one row tile at a time
-in a buffer of ``2 x pe_rows x ceil(E/C)`` words (two banks: the engine fills one while the other
-drains). Its size is O(E) router metadata and does not depend on the token count.
+Why a logit buffer
+------------------
+The engine emits RAW results in tile order (``for mb: for nb: for row in tile``), and with several
+gate chunks a token's logits arrive in as many separate GEMMs. The softmax and top-k need each
+token's ``ceil(E/C)`` words consecutively, so the router writes every biased beat to its place in a
+*logit buffer* (word ``row * ceil(E/C) + nb`` of a row-tile bank) and reads rows out in token order
+once a row tile is complete (its last chunk written):
+
+* one gate chunk (the whole gate fits one weight half): two banks of ``pe_rows x ceil(E/C)`` words,
+  the engine fills one while the other drains (the same overlap as a single GEMM);
+* several chunks: one bank per row tile, ``ceil(token_capacity / pe_rows) x pe_rows x ceil(E/C)``
+  int32 words, since every chunk but the last completes before any row can be read. This is router
+  state of size O(T x E) logits, not weight storage: it replaces a weight buffer that would grow with E.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, fifo, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -85,27 +94,29 @@ class Router(wiring.Component):
     cmd : ``In(stream.Signature(RouterCommandLayout(config)))``
         One command per layer, accepted when the previous layer's last token has left on ``o``.
     i : ``In(stream.Signature(StreamOutLayout(pe_cols, dst_addr_bits)))``
-        The gate GEMM's RAW beats, exactly as the engine emits them for ``m = T, n = E``: row tiles of
-        ``pe_rows`` tokens (the last one possibly shorter), for each column tile ``nb`` its rows in
-        order. Only ``data`` is used (the position follows from the order); lanes past E are ignored.
+        The gate chunks' RAW beats, chunk after chunk (``config.gate_chunks``), each exactly as the
+        engine emits it for ``m = T, n = chunk.n``: row tiles of ``pe_rows`` tokens (the last one
+        possibly shorter), for each of the chunk's column tiles its rows in order. Only ``data`` is
+        used (the position follows from the order); lanes past E are ignored.
     bias_rd : ``In(memory.ReadPort.Signature(addr_width=, shape=ArrayLayout(signed(32), pe_cols)))``
-        Read port (driven by the router) of the bias words: word ``nb`` holds ``task_bias`` of experts
-        ``C*nb .. C*nb+C-1``; data returns one cycle after a cycle with ``en`` high and holds while
-        ``en`` is low. The router uses the port (and its data) only between accepting ``cmd`` and
-        raising ``drained``.
+        Read port (driven by the router) of the current chunk's bias words: word ``j`` holds
+        ``task_bias`` of the chunk's ``j``-th column tile; data returns one cycle after a cycle with
+        ``en`` high and holds while ``en`` is low. The router uses the port (and its data) only while
+        ``drained`` is low: the port (and the chunk's bias words behind it) may change whenever
+        ``drained`` is high.
     o : ``Out(stream.Signature(RouterOutLayout(config)))``
         One beat per token, in token order; ``last`` on token T-1.
     drained : ``Out(1)``
-        Every logit of the current command has been biased and handed to the softmax and the logit
-        FIFO, so ``bias_rd`` (address, enable *and* data) is no longer used. Low from ``cmd``
-        acceptance until then; high when idle.
+        Every beat accepted on ``i`` has been biased and written, so ``bias_rd`` (address, enable
+        *and* data) is not in use. Low only in the cycle after a beat is accepted; a chunk's bias
+        words may be replaced once its last beat has been accepted and ``drained`` is high.
     busy : ``Out(1)``
         A command is in progress (until its last ``o`` beat).
 
     Throughput and latency
     ----------------------
-    Input: one beat per cycle while a bank is free; a row tile's bank frees as soon as its rows have
-    been read out. Output: limited by the softmax, one token per ``max(ceil(E/C),
+    Input: one beat per cycle while a bank is free (with several chunks, always); a row tile's bank
+    frees as soon as its rows have been read out. Output: limited by the softmax, one token per ``max(ceil(E/C),
     softmax.min_row_beats)`` cycles (router rows are short, so the softmax's per-row divider sets the
     pace for small E). From a token's last input beat to its output beat: the rest of its row tile,
     the read stage, :meth:`SoftmaxUnit.row_latency` and one cycle of top-k.
@@ -123,16 +134,17 @@ class Router(wiring.Component):
         C = config.pe_cols
         E = config.model.experts
         self._nb = -(-E // C)
+        self._chunks = config.gate_chunks
         self.softmax = SoftmaxUnit(C, E)
         self.topk = TopK(E, config.model.top_k, lanes=min(C, E), tag_width=OUT_BITS)
         super().__init__({
             "cmd": In(stream.Signature(RouterCommandLayout(config))),
             "i": In(stream.Signature(StreamOutLayout(C, config.dst_addr_bits))),
             "bias_rd": In(memory.ReadPort.Signature(
-                addr_width=max(1, (self._nb - 1).bit_length()),
+                addr_width=max(1, (max(self._chunks) - 1).bit_length()),
                 shape=data.ArrayLayout(signed(numerics.ACC_BITS), C))),
             "o": Out(stream.Signature(RouterOutLayout(config))),
-            "drained": Out(1, init=1),
+            "drained": Out(1),
             "busy": Out(1),
         })
 
@@ -145,6 +157,20 @@ class Router(wiring.Component):
         """Beats of the logit FIFO: everything the softmax can hold, so the fork never waits on it."""
         return self.softmax.score_buffer_depth + self.softmax.exp_buffer_depth + 4
 
+    @property
+    def banks(self):
+        """Row-tile banks of the logit buffer: two (ping-pong) for a single gate chunk, otherwise one
+        per row tile of ``token_capacity`` (every chunk but the last completes before rows drain)."""
+        cfg = self._config
+        if len(self._chunks) == 1:
+            return 2
+        return max(2, -(-cfg.token_capacity // cfg.pe_rows))
+
+    @property
+    def logit_buffer_words(self):
+        """Words (``pe_cols`` int32 logits each) of the logit buffer."""
+        return self.banks * self._config.pe_rows * self._nb
+
     def elaborate(self, platform):
         m = Module()
         cfg = self._config
@@ -153,12 +179,15 @@ class Router(wiring.Component):
         NB = self._nb
         L = min(C, E)
         cap = cfg.token_capacity
+        banks = self.banks
         bank_words = R * NB
+        chunks = self._chunks
+        n_chunks = len(chunks)
         word = data.ArrayLayout(signed(numerics.ACC_BITS), C)
 
         m.submodules.softmax = sm = self.softmax
         m.submodules.topk = tk = self.topk
-        m.submodules.tiles = tiles = memory.Memory(shape=word, depth=2 * bank_words, init=[])
+        m.submodules.tiles = tiles = memory.Memory(shape=word, depth=banks * bank_words, init=[])
         t_w = tiles.write_port()
         t_r = tiles.read_port()
         m.submodules.logits = lf = fifo.SyncFIFOBuffered(width=word.size, depth=self.logit_fifo_depth)
@@ -172,7 +201,7 @@ class Router(wiring.Component):
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 tokens.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens)),
-                active.eq(1), sm_pending.eq(1), self.drained.eq(0),
+                active.eq(1), sm_pending.eq(1),
                 sm.cmd.p.c_mult.eq(self.cmd.p.c_mult), sm.cmd.p.c_shift.eq(self.cmd.p.c_shift),
                 sm.cmd.p.rows.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens)),
                 sm.cmd.p.mode.eq(SoftmaxMode.ROUTER),
@@ -183,78 +212,98 @@ class Router(wiring.Component):
         with m.If(sm.cmd.valid & sm.cmd.ready):
             m.d.sync += sm_pending.eq(0)
 
-        # ---- writer: engine beats into the row-tile banks (for nb: for row) -----------------------
-        full = Signal(2)
-        rows_in = [Signal(range(R + 1), name=f"rows_in{b}") for b in range(2)]
-        w_bank = Signal()
+        # ---- writer: engine beats (for chunk: for mb: for nb: for row) into the row-tile banks ----
+        full = Signal(banks)
+        w_chunk = Signal(range(max(2, n_chunks)))
+        w_bank = Signal(range(banks))
+        w_base = Signal(range(banks * bank_words + 1))   # w_bank * bank_words
         w_row = Signal(range(R))
-        w_nb = Signal(range(NB))
-        w_m0 = Signal(range(cap + R + 1))        # first token of the row tile being written
-        w_rows = Signal(range(R + 1))            # rows in that tile: min(R, T - w_m0)
+        w_nb = Signal(range(max(chunks)))                 # column tile within the chunk
+        w_m0 = Signal(range(cap + R + 1))                 # first token of the row tile being written
+        w_rows = Signal(range(R + 1))                     # rows in that tile: min(R, T - w_m0)
+        w_np = Signal(range(max(chunks) + 1))             # column tiles of the chunk
+        w_n0 = Signal(range(NB))                          # the chunk's first column tile
+        with m.Switch(w_chunk):
+            first = 0
+            for j, count in enumerate(chunks):
+                with m.Case(j):
+                    m.d.comb += [w_np.eq(count), w_n0.eq(first)]
+                first += count
         left = tokens - w_m0
         m.d.comb += w_rows.eq(Mux(left >= R, R, left))
         w_ok = active & (w_m0 < tokens) & ~full.bit_select(w_bank, 1)
         m.d.comb += self.i.ready.eq(w_ok)
         w_go = self.i.valid & w_ok
-        m.d.comb += [
-            t_w.addr.eq(Mux(w_bank, bank_words, 0) + w_row * NB + w_nb),
-            t_w.data.eq(self.i.p.data),
-            t_w.en.eq(w_go),
-        ]
-        release = Signal()                        # the reader frees its bank this cycle
-        r_bank = Signal()
+        w_tile_end = (w_row == w_rows - 1) & (w_nb == w_np - 1)
+        w_chunk_last = w_chunk == n_chunks - 1
+
+        # Stage 1 (accept): read the beat's bias word. Stage 2: write the biased beat.
+        s1_valid = Signal()
+        s1_addr = Signal(range(banks * bank_words))
+        s1_data = Signal(word)
+        s1_full = Signal()                                # the write completes bank s1_bank
+        s1_bank = Signal(range(banks))
+        m.d.comb += [self.bias_rd.addr.eq(w_nb), self.bias_rd.en.eq(w_go)]
+        m.d.sync += [s1_valid.eq(w_go), s1_full.eq(w_go & w_tile_end & w_chunk_last)]
+        with m.If(w_go):
+            m.d.sync += [s1_addr.eq(w_base + w_row * NB + w_n0 + w_nb), s1_data.eq(self.i.p.data),
+                         s1_bank.eq(w_bank)]
+        m.d.comb += [t_w.addr.eq(s1_addr), t_w.en.eq(s1_valid), self.drained.eq(~s1_valid)]
+        for j in range(C):
+            m.d.comb += t_w.data[j].eq(s1_data[j] + self.bias_rd.data[j])
+
         with m.If(w_go):
             m.d.sync += w_row.eq(w_row + 1)
             with m.If(w_row == w_rows - 1):
                 m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1)]
-                with m.If(w_nb == NB - 1):
-                    m.d.sync += [w_nb.eq(0), w_bank.eq(~w_bank), w_m0.eq(w_m0 + R)]
-                    for b in range(2):
-                        with m.If(w_bank == b):
-                            m.d.sync += rows_in[b].eq(w_rows)
-        set_full = Signal(2)
-        clr_full = Signal(2)
-        m.d.comb += [
-            set_full.eq(Mux(w_go & (w_row == w_rows - 1) & (w_nb == NB - 1),
-                            Mux(w_bank, 0b10, 0b01), 0)),
-            clr_full.eq(Mux(release, Mux(r_bank, 0b10, 0b01), 0)),
-        ]
-        m.d.sync += full.eq((full | set_full) & ~clr_full)
+                with m.If(w_tile_end):
+                    m.d.sync += [w_nb.eq(0), w_m0.eq(w_m0 + R)]
+                    with m.If(w_bank == banks - 1):
+                        m.d.sync += [w_bank.eq(0), w_base.eq(0)]
+                    with m.Else():
+                        m.d.sync += [w_bank.eq(w_bank + 1), w_base.eq(w_base + bank_words)]
+                    # A chunk's last row tile: the next chunk starts again at token 0, bank 0
+                    # (several chunks: one bank per row tile, none drained yet).
+                    with m.If((w_m0 + R >= tokens) & ~w_chunk_last):
+                        m.d.sync += [w_m0.eq(0), w_bank.eq(0), w_base.eq(0), w_chunk.eq(w_chunk + 1)]
 
-        # ---- reader: rows in token order, bias added (one registered read stage) ------------------
+        # ---- reader: rows in token order (one registered read stage) ------------------------------
+        release = Signal()                        # the reader frees its bank this cycle
+        r_bank = Signal(range(banks))
+        r_base = Signal(range(banks * bank_words + 1))
+        r_m0 = Signal(range(cap + R + 1))
         r_row = Signal(range(R))
         r_nb = Signal(range(NB))
-        r_tok = Signal(range(cap + 1))            # tokens whose last beat has been read
         s_valid = Signal()
-        s_last = Signal()                         # the registered beat is the command's final one
         fork_ready = Signal()
-        r_rows = Mux(r_bank, rows_in[1], rows_in[0])
+        r_left = tokens - r_m0
+        r_rows = Mux(r_left >= R, R, r_left)
         r_go = full.bit_select(r_bank, 1) & (~s_valid | fork_ready)
         m.d.comb += [
-            t_r.addr.eq(Mux(r_bank, bank_words, 0) + r_row * NB + r_nb),
+            t_r.addr.eq(r_base + r_row * NB + r_nb),
             t_r.en.eq(r_go),
-            self.bias_rd.addr.eq(r_nb),
-            self.bias_rd.en.eq(r_go),
         ]
         with m.If(r_go):
-            m.d.sync += [s_valid.eq(1), r_nb.eq(r_nb + 1),
-                         s_last.eq((r_nb == NB - 1) & (r_tok == tokens - 1))]
+            m.d.sync += [s_valid.eq(1), r_nb.eq(r_nb + 1)]
             with m.If(r_nb == NB - 1):
-                m.d.sync += [r_nb.eq(0), r_row.eq(r_row + 1), r_tok.eq(r_tok + 1)]
+                m.d.sync += [r_nb.eq(0), r_row.eq(r_row + 1)]
                 with m.If(r_row == r_rows - 1):
-                    m.d.sync += [r_row.eq(0), r_bank.eq(~r_bank)]
+                    m.d.sync += [r_row.eq(0), r_m0.eq(r_m0 + R)]
+                    with m.If(r_bank == banks - 1):
+                        m.d.sync += [r_bank.eq(0), r_base.eq(0)]
+                    with m.Else():
+                        m.d.sync += [r_bank.eq(r_bank + 1), r_base.eq(r_base + bank_words)]
                     m.d.comb += release.eq(1)
         with m.Elif(fork_ready):
             m.d.sync += s_valid.eq(0)
-        # bias_rd's data is part of the beat until the fork has delivered it to both branches, so the
-        # port is only given up (drained) after the final beat's fork, not after its read.
-        with m.If(s_valid & fork_ready & s_last):
-            m.d.sync += [self.drained.eq(1), s_last.eq(0)]
 
-        # The biased logits. Read data holds while en is low, so the sum holds until the fork is done.
-        biased = Signal(word)
-        for j in range(C):
-            m.d.comb += biased[j].eq(t_r.data[j] + self.bias_rd.data[j])
+        one = Const(1, banks)
+        set_full = Mux(s1_full, one << s1_bank, 0)
+        clr_full = Mux(release, one << r_bank, 0)
+        m.d.sync += full.eq((full | set_full[:banks]) & ~clr_full[:banks])
+
+        # The biased logits. Read data holds while en is low, so the beat holds until the fork is done.
+        biased = t_r.data
 
         # ---- fork: one copy to the softmax, one to the logit FIFO ---------------------------------
         # Each branch gets valid at most once per beat (valid never waits on the other's ready).
@@ -298,5 +347,6 @@ class Router(wiring.Component):
         with m.If(self.o.valid & self.o.ready):
             m.d.sync += o_tok.eq(o_tok + 1)
             with m.If(o_tok == tokens - 1):
-                m.d.sync += [active.eq(0), o_tok.eq(0), r_tok.eq(0), w_m0.eq(0)]
+                m.d.sync += [active.eq(0), o_tok.eq(0), w_m0.eq(0), w_chunk.eq(0),
+                             w_bank.eq(0), w_base.eq(0), r_bank.eq(0), r_base.eq(0), r_m0.eq(0)]
         return m
