@@ -9,7 +9,10 @@ The package is layered; imports only point down the list:
 * :mod:`.gemm`: the PE array, the shared GEMM engine and its epilogue stages;
 * :mod:`.rowops`: row operations (LayerNorm, softmax);
 * :mod:`.moe`: router, top-k, expert queues, reordering controller, weight double buffer, streamer,
-  the external-memory layout of a MoE layer and the :class:`MoELayer` top.
+  the external-memory layout of a MoE layer and the :class:`MoELayer` top;
+* :mod:`.attention`: the attention sub-layer on the shared GEMM engine (:class:`AttentionLayer`), its
+  external-memory layout and buffer map (it reuses the weight buffer and streamer of :mod:`.moe`);
+* :mod:`.control`: the instruction format of the program-driven sequencer.
 
 What users instantiate is re-exported here::
 
@@ -21,8 +24,10 @@ from .model_config import PRESETS, ModelConfig, preset
 from .gemm import GemmEngine, PEArray
 from .rowops import LayerNormUnit, SoftmaxUnit
 from .moe import MoELayer
+from .attention import AttentionLayer
 
 __all__ = [
     "AcceleratorConfig", "ACCEL_PRESETS", "ModelConfig", "PRESETS", "preset",
     "GemmEngine", "PEArray", "LayerNormUnit", "SoftmaxUnit", "MoELayer",
+    "AttentionLayer",
 ]

@@ -142,7 +142,7 @@ class AttnLayerSim:
                 await ctx.tick()
                 res = {name: int(ctx.get(getattr(dut, name))) for name in
                        ("cycles", "compute_cycles", "engine_idle_cycles", "attn_cycles",
-                        "attn_compute_cycles", "softmax_cycles", "overlap_cycles")}
+                        "attn_compute_cycles", "softmax_cycles", "overlap_cycles", "weight_bytes")}
                 res["phase_cycles"] = {k.name: int(ctx.get(dut.phase_cycles[k.value])) for k in Phase}
                 words = []
                 for a in range(T * cfg.row_words):
@@ -195,6 +195,8 @@ def run_attention_layer(*, dim=16, heads=2, tokens=9, q_tile=None, pe_rows=4, pe
         if res["attn_cycles"] else None,
         "softmax_cycles": res["softmax_cycles"],
         "softmax_overlap_cycles": res["overlap_cycles"],
+        "weight_bytes_fetched": res["weight_bytes"],
+        "weight_image_bytes": sim.layout.image_bytes,
         "config": dict(dim=dim, heads=heads, tokens=tokens, q_tile=cfg.q_tile, pe_rows=pe_rows,
                        pe_cols=pe_cols, seed=seed, mem_bytes_per_cycle=mem_bytes_per_cycle,
                        latency=latency, stall_prob=stall_prob, act_buffer_bytes=cfg.act_buffer_bytes),

@@ -37,6 +37,9 @@ def _check(sim, runs, results, label):
             t, c = bad[0]
             pytest.fail(f"AttentionLayer {label} run {n}: x[{t}, {c}] expected {want[t, c]}, got "
                         f"{got[t, c]} ({len(bad)} mismatches)")
+        assert res["weight_bytes"] == sim.layout.image_bytes, (
+            f"AttentionLayer {label} run {n}: fetched {res['weight_bytes']} weight bytes, the image is "
+            f"{sim.layout.image_bytes} (each tile exactly once)")
         util = res["attn_compute_cycles"] / res["attn_cycles"] if res["attn_cycles"] else 0.0
         print(f"AttentionLayer {label} run {n}: T={h.shape[0]} bit-exact; {res['cycles']} cycles, "
               f"PE beats {res['compute_cycles']}, phases {res['phase_cycles']}, engine idle "
@@ -60,12 +63,13 @@ def test_bit_exact_two_runs_with_stalls():
 
 def test_bit_exact_odd_config():
     """D=20 (not a power of two), 2 heads of 10 (not a multiple of the 4-lane word: padded heads),
-    T=7 (not a multiple of the array) and q_tile=3 (not a multiple of pe_rows)."""
+    T=7 (not a multiple of the array) and q_tile=3 (not a multiple of pe_rows); then T=1 on the same
+    design."""
     cfg = attn_config(dim=20, heads=2, tokens=7, q_tile=3)
     assert buffer_map(cfg).hw * cfg.pe_cols > cfg.model.head_dim
     wl = make_attn_workload(20, 2, 7, seed=2)
     sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=8, latency=9, stall_prob=0.2, seed=2)
-    runs = _runs(wl, 7)
+    runs = _runs(wl, 7, 1)
     _check(sim, runs, sim.run(runs), "D20 H2 q_tile 3")
 
 

@@ -8,8 +8,8 @@ runs every GEMM:
 ========  ======  ==================================================================================
 GEMM      mode    operands and destination (:class:`~m3vit_hw.attention.attn_layout.BufferMap`)
 ========  ======  ==================================================================================
-QKV_i     ACT8    ``m = T, k = D, n = 3*hw*C`` (head i's padded Q|K|V columns, from the weight buffer);
-                  A = ``h``; out to the QKV region
+QKV_i     ACT8    ``m = T, k = D``, head i's padded Q|K columns (``n = 2*hw*C``) then its V columns
+                  (``n = hw*C``), from the weight buffer; A = ``h``; out to the QKV region
 QKᵀ_ij    RAW     ``m = rows_j, k = hd, n = T``; A = Q rows of query tile j, B = K (transposed,
                   from the activation buffer); out on the engine's stream into the score path
 AV_ij     ATTN8   ``m = rows_j, k = T, n = hd``; A = the tile's e8 slot (uint8), B = V (activation
@@ -26,8 +26,11 @@ Schedule and overlap
 --------------------
 Per head the sequencer issues ``QKV_i, QKᵀ_0, QKᵀ_1, AV_0, QKᵀ_2, AV_1, ..., AV_{n-1}``: a QKᵀ may run
 at most two tiles ahead of the AVs (two reorder and e8 slots), and ``AV_j`` waits for tile j's softmax.
-So the softmax of tile j runs while the engine computes ``QKᵀ_{j+1}`` (and ``AV_{j-1}``), and the
-next head's QKV (weights already prefetched into the other buffer half) follows the last AV directly.
+So the softmax of tile j runs while the engine computes ``QKᵀ_{j+1}`` (and ``AV_{j-1}``). Each head's
+QKV is two weight tiles (or more), Q|K and V: once a head's last QKᵀ is issued, the next head's first
+Q|K tile (weights already prefetched into the other buffer half) is issued while the last AV waits for
+its softmax tile (it writes only Q and K, which no unfinished command reads), so the last softmax of a
+head overlaps that GEMM; the V tile follows the last AV.
 Commands that read what an earlier command wrote carry ``sync``: each head's first QKᵀ (Q, K) and
 the projection's first tile (the context).
 
@@ -48,8 +51,9 @@ Counters (reset by ``start``, valid after ``done``)
 ``engine_idle_cycles`` (no command in the engine), ``attn_cycles`` / ``attn_compute_cycles`` (cycles,
 and PE beats, in which the oldest unfinished command is a QKᵀ or an AV, or no command is in the
 engine while a head's QKᵀ/AV sequence is being issued),
-``softmax_cycles`` (a query tile is in the score path) and ``overlap_cycles`` (score path busy while
-the PE array computes).
+``softmax_cycles`` (a query tile is in the score path), ``overlap_cycles`` (score path busy while
+the PE array computes) and ``weight_bytes`` (bytes the streamers wrote into the weight and parameter
+buffers: the whole image once per sub-layer).
 """
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
@@ -156,7 +160,7 @@ class AttentionLayer(wiring.Component):
     rd_data : Out(stream.Signature(ArrayLayout(signed(16), pe_cols)))
         Residual read-back, one word per address, in order; ready while idle.
     cycles, compute_cycles, engine_idle_cycles, attn_cycles, attn_compute_cycles, softmax_cycles,
-    overlap_cycles : Out(counter_width)
+    overlap_cycles, weight_bytes : Out(counter_width)
     phase_cycles : Out(ArrayLayout(counter_width, 4))
         Indexed by :class:`Phase`. See the module docstring.
 
@@ -187,6 +191,7 @@ class AttentionLayer(wiring.Component):
         self._config = config
         self._aw = mem_addr_width
         self._cw = counter_width
+        self._db = mem_data_bytes
         lay, bm = self._layout, self._bmap
         C = config.pe_cols
         port = dict(addr_width=mem_addr_width, data_bytes=mem_data_bytes, max_burst=mem_max_burst)
@@ -224,6 +229,7 @@ class AttentionLayer(wiring.Component):
             "attn_compute_cycles": Out(cw),
             "softmax_cycles": Out(cw),
             "overlap_cycles": Out(cw),
+            "weight_bytes": Out(cw),
             "phase_cycles": Out(data.ArrayLayout(cw, 4)),
         })
 
@@ -247,7 +253,7 @@ class AttentionLayer(wiring.Component):
         t = Signal(data.StructLayout({
             "w_off": unsigned(self._aw), "w_len": unsigned(self._aw),
             "p_off": unsigned(self._aw), "p_len": unsigned(self._aw),
-            "proj": 1, "first_proj": 1, "last": 1, "last_of_head": 1,
+            "proj": 1, "first_proj": 1, "last": 1, "last_of_head": 1, "qk_part": 1,
             "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
         }), name=name)
         first_proj = next(tl.index for tl in lay.tiles if tl.kind == "proj")
@@ -259,6 +265,7 @@ class AttentionLayer(wiring.Component):
                         t.p_off.eq(tl.p_offset), t.p_len.eq(tl.p_bytes),
                         t.proj.eq(tl.kind == "proj"), t.first_proj.eq(tl.index == first_proj),
                         t.last.eq(tl.index == len(lay.tiles) - 1), t.last_of_head.eq(tl.last_of_head),
+                        t.qk_part.eq(tl.part == "qk"),
                         t.n.eq(tl.n), t.n0w.eq(tl.n0 // C),
                     ]
         return t
@@ -302,7 +309,7 @@ class AttentionLayer(wiring.Component):
         a_is_e8 = eng.a_rd.addr >= bm.e8_base
         m.d.comb += [
             a_main.addr.eq(eng.a_rd.addr[:main_aw]), a_main.en.eq(eng.a_rd.en),
-            a_e8.addr.eq((eng.a_rd.addr - bm.e8_base)[:e8_aw]), a_e8.en.eq(eng.a_rd.en),
+            a_e8.addr.eq(eng.a_rd.addr[:e8_aw]), a_e8.en.eq(eng.a_rd.en),
             eng.a_rd.data.eq(Mux(a_sel, a_e8.data.as_value(), a_main.data.as_value())),
         ]
         with m.If(eng.a_rd.en):
@@ -401,41 +408,51 @@ class AttentionLayer(wiring.Component):
         with m.If(weight_done):
             m.d.sync += held.eq(0)
 
+        def tile_command():
+            """Drive the engine command (and its phase) of weight tile ``tc`` (QKV or proj)."""
+            m.d.comb += [
+                gp.m.eq(T), gp.n.eq(tc.n), gp.a_unsigned.eq(0), gp.b_trans.eq(0),
+                gp.b_base.eq(0), gp.b_k_stride.eq(1), gp.colp_base.eq(0),
+            ]
+            with m.If(tc.proj):
+                m.d.comb += [
+                    gp.k.eq(lay.proj_k), gp.a_base.eq(bm.ctx_base), gp.a_stride.eq(bm.ctx_pitch),
+                    gp.b_tile_stride.eq(lay.proj_k), gp.dst_base.eq(tc.n0w),
+                    gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.proj_shift),
+                    gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_proj),
+                    infl.w_data.eq(Phase.PROJ),
+                ]
+            with m.Else():
+                m.d.comb += [
+                    gp.k.eq(D), gp.a_base.eq(0), gp.a_stride.eq(bm.row_words),
+                    gp.b_tile_stride.eq(D), gp.dst_base.eq(bm.qkv_base + tc.n0w),
+                    gp.dst_stride.eq(bm.qkv_pitch), gp.shift.eq(prm.qkv_shift),
+                    gp.mode.eq(EpilogueMode.ACT8), infl.w_data.eq(Phase.QKV),
+                ]
+
+        # The next head's first Q|K tile may be issued early, while the head's last AV waits for its
+        # softmax tile (it writes only Q and K, which no unfinished command of the head reads).
+        early = Signal()
+        tile_ready = wr.tile.valid & pr.tile.valid & ~held & ~weight_done
+
         with m.FSM(name="seq"):
             with m.State("IDLE"):
                 with m.If(start):
                     m.d.sync += [ti.eq(0), held.eq(0), head_off.eq(0)]
                     m.next = "WAIT_TILE"
             with m.State("WAIT_TILE"):
-                with m.If(wr.tile.valid & pr.tile.valid & ~held & ~weight_done):
+                with m.If(tile_ready):
                     m.next = "ISSUE_TILE"
             with m.State("ISSUE_TILE"):
-                m.d.comb += [
-                    g.valid.eq(infl.w_rdy),
-                    gp.m.eq(T), gp.n.eq(tc.n), gp.a_unsigned.eq(0), gp.b_trans.eq(0),
-                    gp.b_base.eq(0), gp.b_k_stride.eq(1), gp.colp_base.eq(0),
-                ]
-                with m.If(tc.proj):
-                    m.d.comb += [
-                        gp.k.eq(lay.proj_k), gp.a_base.eq(bm.ctx_base), gp.a_stride.eq(bm.ctx_pitch),
-                        gp.b_tile_stride.eq(lay.proj_k), gp.dst_base.eq(tc.n0w),
-                        gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.proj_shift),
-                        gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_proj),
-                        infl.w_data.eq(Phase.PROJ),
-                    ]
-                with m.Else():
-                    m.d.comb += [
-                        gp.k.eq(D), gp.a_base.eq(0), gp.a_stride.eq(bm.row_words),
-                        gp.b_tile_stride.eq(D), gp.dst_base.eq(bm.qkv_base + tc.n0w),
-                        gp.dst_stride.eq(bm.qkv_pitch), gp.shift.eq(prm.qkv_shift),
-                        gp.mode.eq(EpilogueMode.ACT8), infl.w_data.eq(Phase.QKV),
-                    ]
+                m.d.comb += g.valid.eq(infl.w_rdy)
+                tile_command()
                 with m.If(push):
                     m.d.sync += held.eq(1)
                     with m.If(tc.last):
                         m.next = "WAIT_DONE"
                     with m.Elif(tc.last_of_head):
-                        m.d.sync += [qk_next.eq(0), av_next.eq(0), sm_done.eq(0),
+                        # From here on ``ti`` is the next tile (a candidate for the early issue).
+                        m.d.sync += [ti.eq(ti + 1), early.eq(0), qk_next.eq(0), av_next.eq(0), sm_done.eq(0),
                                      qk_rows_left.eq(T), av_rows_left.eq(T),
                                      qk_a.eq(bm.qkv_base), av_dst.eq(bm.ctx_base + head_off)]
                         m.next = "ATTN"
@@ -448,8 +465,13 @@ class AttentionLayer(wiring.Component):
                 can_av = (av_next < qk_next) & (sm_done > av_next)
                 qk_rows = Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)
                 av_rows = Mux(av_rows_left > q_tile, q_tile, av_rows_left)
-                m.d.comb += [g.valid.eq(infl.w_rdy & (can_qk | can_av)), gp.colp_base.eq(0)]
-                with m.If(can_qk):
+                can_early = (qk_next == ntiles) & ~early & tc.qk_part & tile_ready
+                m.d.comb += [g.valid.eq(infl.w_rdy & (can_qk | can_av | can_early)), gp.colp_base.eq(0)]
+                with m.If(~can_qk & ~can_av & can_early):
+                    tile_command()
+                    with m.If(push):
+                        m.d.sync += [held.eq(1), early.eq(1), ti.eq(ti + 1)]
+                with m.Elif(can_qk):
                     m.d.comb += [
                         gp.m.eq(qk_rows), gp.k.eq(hd), gp.n.eq(T),
                         gp.a_base.eq(qk_a), gp.a_stride.eq(bm.qkv_pitch),
@@ -481,7 +503,7 @@ class AttentionLayer(wiring.Component):
                                      av_rows_left.eq(av_rows_left - av_rows),
                                      av_dst.eq(av_dst + q_tile * bm.ctx_pitch)]
                 with m.If(av_next == ntiles):
-                    m.d.sync += [ti.eq(ti + 1), head_off.eq(head_off + bm.hw)]
+                    m.d.sync += head_off.eq(head_off + bm.hw)
                     m.next = "WAIT_TILE"
             with m.State("WAIT_DONE"):
                 with m.If(~infl.r_rdy & ~eng.busy):
@@ -532,6 +554,7 @@ class AttentionLayer(wiring.Component):
             (self.cycles, 1), (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl.r_rdy),
             (self.attn_cycles, attn), (self.attn_compute_cycles, attn & pe),
             (self.softmax_cycles, sp.busy), (self.overlap_cycles, sp.busy & pe),
+            (self.weight_bytes, Mux(self.wstream.buf.en, self._db, 0) + Mux(self.pstream.buf.en, self._db, 0)),
         ] + [(self.phase_cycles[k.value], infl.r_rdy & (head_phase == k)) for k in Phase]
         for ctr, inc in counters:
             with m.If(start):

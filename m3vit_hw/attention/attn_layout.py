@@ -25,7 +25,9 @@ Tiles
 -----
 A tile is an N-chunk of one GEMM's weight panels (``K`` words of ``C`` int8 each per column tile) plus
 its parameter words (see :mod:`m3vit_hw.moe.expert_layout` for both formats), as many panels as fit one
-half of each buffer. The plan is: head 0's QKV tiles, head 1's, ..., then the projection's tiles.
+half of each buffer. The plan is: head 0's Q|K tiles, head 0's V tiles, head 1's Q|K tiles, ..., then
+the projection's tiles (Q|K and V are separate so that a head's Q|K can be computed while the previous
+head's last AV still reads V).
 
 Image
 -----
@@ -68,6 +70,8 @@ class AttnTile:
         Position in the plan.
     kind : str
         ``"qkv"`` or ``"proj"``.
+    part : str
+        For QKV tiles, ``"qk"`` (Q and K columns) or ``"v"`` (V columns); ``""`` for the projection.
     head : int
         The head (``qkv``), or 0 (``proj``).
     n0, n : int
@@ -79,11 +83,12 @@ class AttnTile:
     w_offset, w_bytes, p_offset, p_bytes : int
         Byte offsets (from the image base) and padded lengths of the weight panels and parameter words.
     last_of_head : bool
-        The head's last QKV tile: the head's attention runs after it.
+        The head's last QKV tile (its last V tile): the head's attention runs after it.
     """
 
     index: int
     kind: str
+    part: str
     head: int
     n0: int
     n: int
@@ -106,10 +111,13 @@ class BufferMap:
     * the context at ``ctx_base``, pitch ``ctx_pitch = heads * hw``;
     * one head's Q | K | V at ``qkv_base``, pitch ``qkv_pitch = 3 * hw`` (Q at +0, K at +hw, V at +2hw);
     * two e8 tiles at ``e8_base`` (a separate physical bank), slot ``s`` at ``e8_base + s * e8_slot``,
-      pitch ``score_words = ceil(token_capacity / C)``.
+      pitch ``score_words = ceil(token_capacity / C)``. ``e8_base`` is a multiple of the e8 bank's
+      power-of-two address range, so the bank is addressed by the low address bits (no subtractor on
+      the engine's read-address path); the main bank holds ``main_words`` (h, context, QKV).
 
-    Every region has ``rows_pad`` rows, enough for the junk rows the engine reads past the last row
-    tile. The score reorder buffer holds two slots of ``q_tile`` rows of ``score_words`` int32 words
+    ``h`` and the context have ``token_capacity`` rows; the QKV region, last in its bank, has
+    ``rows_pad`` rows, enough for the junk rows the engine reads past the last row tile (those of the
+    other regions fall into the next region and are never used). The score reorder buffer holds two slots of ``q_tile`` rows of ``score_words`` int32 words
     (slot ``s`` at ``s * score_slot``); the row table two slots of ``q_pad`` entries.
     """
 
@@ -128,12 +136,8 @@ class BufferMap:
     q_tile: int
     q_pad: int
     score_slot: int
+    main_words: int
     act_words: int
-
-    @property
-    def main_words(self):
-        """Words of the main activation bank (``h``, context, QKV)."""
-        return self.e8_base
 
     @property
     def e8_words(self):
@@ -163,20 +167,23 @@ def buffer_map(config, *, check=True):
     hw = _ceil_div(m.head_dim, C)
     rows_pad = _round_up(cap, math.lcm(R, C)) + R
     rw = config.row_words
-    ctx_base = rows_pad * rw
+    # Junk rows the engine reads past the last row tile of h or of the context land in the next
+    # region (harmless reads); only the last region of the bank needs the padding rows.
+    ctx_base = cap * rw
     ctx_pitch = m.heads * hw
-    qkv_base = ctx_base + rows_pad * ctx_pitch
+    qkv_base = ctx_base + cap * ctx_pitch
     qkv_pitch = 3 * hw
-    e8_base = qkv_base + rows_pad * qkv_pitch
+    main_words = qkv_base + rows_pad * qkv_pitch
     tw = _ceil_div(cap, C)
     q_tile = config.q_tile
     q_pad = _round_up(q_tile, R)
     e8_slot = q_pad * tw
+    e8_base = _round_up(main_words, 1 << (2 * e8_slot - 1).bit_length())
     act_words = e8_base + 2 * e8_slot
     bmap = BufferMap(C=C, row_words=rw, hw=hw, heads=m.heads, rows_pad=rows_pad, ctx_base=ctx_base,
                      ctx_pitch=ctx_pitch, qkv_base=qkv_base, qkv_pitch=qkv_pitch, e8_base=e8_base,
                      e8_slot=e8_slot, score_words=tw, q_tile=q_tile, q_pad=q_pad, score_slot=q_tile * tw,
-                     act_words=act_words)
+                     main_words=main_words, act_words=act_words)
     if not check:
         return bmap
     if act_words > config.act_buffer_words:
@@ -269,8 +276,12 @@ def plan_attention(config, *, data_bytes=16):
                          f"does not fit the GEMM command's k field (largest_k={config.largest_k})")
     tiles = []
     offset = 0
-    plan = [("qkv", i, D, 3 * hw * C) for i in range(H)] + [("proj", 0, proj_k, D)]
-    for kind, head, k, n in plan:
+    hp = hw * C
+    # Each head's Q|K columns and its V columns are separate tiles, so the sequencer can compute the
+    # next head's Q|K while the last AV of a head still reads V.
+    plan = [e for i in range(H) for e in (("qkv", "qk", i, D, 0, 2 * hp), ("qkv", "v", i, D, 2 * hp, 3 * hp))]
+    plan.append(("proj", "", 0, proj_k, 0, D))
+    for kind, part, head, k, c0, c1 in plan:
         panel = k * word
         per_tile = min(half // panel, p_half_words)
         if per_tile < 1:
@@ -278,15 +289,15 @@ def plan_attention(config, *, data_bytes=16):
                 f"weight_buffer_bytes={config.weight_buffer_bytes} is too small: each half ({half} B) "
                 f"must hold one {kind} panel of K={k} x pe_cols={C} = {panel} bytes; use >= {2 * panel}")
         first = 0
-        chunks = _chunks(_ceil_div(n, C), per_tile)
+        chunks = _chunks(_ceil_div(c1 - c0, C), per_tile)
         for ci, count in enumerate(chunks):
             w_bytes = _round_up(count * panel, data_bytes)
             p_bytes = _round_up(count * pwb, data_bytes)
-            n0 = first * C
-            tiles.append(AttnTile(index=len(tiles), kind=kind, head=head, n0=n0,
-                                  n=min(n, (first + count) * C) - n0, k=k, panels=count,
+            n0 = c0 + first * C
+            tiles.append(AttnTile(index=len(tiles), kind=kind, part=part, head=head, n0=n0,
+                                  n=min(c1, c0 + (first + count) * C) - n0, k=k, panels=count,
                                   w_offset=offset, w_bytes=w_bytes, p_offset=offset + w_bytes,
-                                  p_bytes=p_bytes, last_of_head=kind == "qkv" and ci == len(chunks) - 1))
+                                  p_bytes=p_bytes, last_of_head=part == "v" and ci == len(chunks) - 1))
             offset += w_bytes + p_bytes
             first += count
     return AttnLayout(dim=D, heads=H, head_dim=hd, hw=hw, pe_cols=C, data_bytes=data_bytes,
