@@ -60,8 +60,8 @@ OPCODE_DOC = {
             "an epilogue mode: dense fc1 (GELU8), fc2 (RESADD), or any other tiled GEMM the compiler emits.",
     "ATTENTION": "The attention sub-layer `x += proj(attn(h))`, `h` at activation word 0 "
                  "(`attention.AttentionLayer`, its start fields).",
-    "MOE": "The MoE layer `x += sum_k p_k expert_k(h)` with the task register's gate "
-           "(`moe.MoELayer`, its start fields).",
+    "MOE": "The MoE layer `x += sum_k p_k expert_k(h)` with the task register's gate and router record "
+           "(`moe.MoELayer`; its router softmax scale and GELU table come from `router_addr` and `lut_addr`).",
     "STORE": "Residual words to external memory (the encoder tokens).",
     "SYNC": "Barrier: wait until every unit is idle.",
 }
