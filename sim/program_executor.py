@@ -44,8 +44,9 @@ class ExecResult:
 
 
 class _Machine:
-    def __init__(self, mem, config, view, task, param_base, output_base):
+    def __init__(self, mem, config, view, task, param_base, output_base, data_bytes):
         self.mem = mem
+        self.db = data_bytes
         self.cfg = view
         self.task = task
         self.pb = param_base
@@ -123,7 +124,7 @@ class _Machine:
         img = np.frombuffer(self.raw(f["img_addr"], H * W * cin), dtype=np.uint8).astype(np.int64) - 128
         # The loader's unfolding: patch rows in raster order, features in (kh, kw, c) order.
         patches = img.reshape(H // p, p, W // p, p, cin).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * cin)
-        lay = plan_embed(self.cfg, data_bytes=16)
+        lay = plan_embed(self.cfg, data_bytes=self.db)
         rw, C = self.cfg.row_words, self.C
         init = np.stack([np.frombuffer(self.raw(f["param_addr"] + i * lay.res_record_bytes, 2 * C), dtype="<i2")
                          for i in range(lay.res_words)]).astype(np.int64)
@@ -136,7 +137,7 @@ class _Machine:
     def layernorm(self, f):
         D = self.cfg.model.dim
         L = norm_lanes(self.cfg)
-        rb = norm_record_bytes(L, 16)
+        rb = norm_record_bytes(L, self.db)
         gamma, beta = np.zeros(D, dtype=np.int64), np.zeros(D, dtype=np.int64)
         eps = shift = None
         for r in range(D // L):
@@ -155,7 +156,7 @@ class _Machine:
         cfg = self.cfg
         m = cfg.model
         T, D, H, hd = f["tokens"], m.dim, m.heads, m.head_dim
-        lay = plan_attention(cfg, data_bytes=16)
+        lay = plan_attention(cfg, data_bytes=self.db)
         hp = lay.hw * self.C
         rw = cfg.row_words
         h = self.read(self.act, "activation", 0, rw, T, D)
@@ -178,7 +179,7 @@ class _Machine:
         cfg = self.cfg
         m = cfg.model
         T, D, E = f["tokens"], m.dim, m.experts
-        lay = plan_moe(cfg, data_bytes=16)
+        lay = plan_moe(cfg, data_bytes=self.db)
         rw = cfg.row_words
         h = self.read(self.act, "activation", 0, rw, T, D)
         x = self.read(self.res, "residual", 0, rw, T, D)
@@ -235,7 +236,8 @@ class _Machine:
         self.mem[at:at + len(blob)] = blob
 
 
-def execute(mem, config, model_config, *, task, param_base, program_base, output_base, max_instructions=1 << 20):
+def execute(mem, config, model_config, *, task, param_base, program_base, output_base, data_bytes=16,
+            max_instructions=1 << 20):
     """Run the program at ``program_base`` over ``mem`` (a bytearray, modified in place: STORE writes).
 
     Parameters
@@ -248,6 +250,11 @@ def execute(mem, config, model_config, *, task, param_base, program_base, output
         The compiled model's view (``Program.model_config``).
     task : int
         The run-time task register.
+    data_bytes : int
+        The memory beat the image was laid out for (``Program.layout.data_bytes``).
+
+    Instructions run one after another in program order, which satisfies every ``wait`` bit (the
+    executor models results, not overlap or cycles).
 
     Returns
     -------
@@ -257,7 +264,7 @@ def execute(mem, config, model_config, *, task, param_base, program_base, output
     if not isinstance(task, int) or not 0 <= task < m.num_tasks:
         raise ValueError(f"task must be in [0, {m.num_tasks - 1}], not {task!r}")
     isa = InstructionSet(config)
-    mach = _Machine(mem, config, model_config, task, param_base, output_base)
+    mach = _Machine(mem, config, model_config, task, param_base, output_base, data_bytes)
     run = {Opcode.LOAD_IMAGE: mach.load_image, Opcode.LAYERNORM: mach.layernorm, Opcode.ATTENTION: mach.attention,
            Opcode.MOE: mach.moe, Opcode.GEMM: mach.gemm, Opcode.STORE: mach.store, Opcode.SYNC: lambda f: None}
     result = ExecResult()
@@ -298,5 +305,6 @@ def run_program(program, img_u8, task, *, param_base=0x1000):
     at = param_base + lay.input_addr
     mem[at:at + lay.input_bytes] = img.tobytes()
     res = execute(mem, program.config, program.model_config, task=task, param_base=param_base,
-                  program_base=param_base + lay.program_addr, output_base=param_base + lay.output_addr)
+                  program_base=param_base + lay.program_addr, output_base=param_base + lay.output_addr,
+                  data_bytes=lay.data_bytes)
     return read_tokens(mem, program.model_config, param_base + lay.output_addr), res

@@ -141,3 +141,12 @@ def test_compile_cli(tmp_path, capsys):
     assert (out / "image.bin").stat().st_size > 0 and (out / "summary.json").exists()
     assert compile_program.main(["--preset", "tiny", "--out", str(tmp_path / "no" / "dir")]) == 2
     assert "parent directory does not exist" in capsys.readouterr().err
+
+
+def test_wider_memory_beat_bit_exact():
+    cfg = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    qm = random_quantized(cfg.model, 21)
+    program = compile_model(cfg, qm, data_bytes=64)
+    assert program.layout.data_bytes == 64 and all(
+        off % 64 == 0 for off, _ in program.layout.sections.values())
+    _check_all_tasks(program, qm, _image(cfg.model, 22))
