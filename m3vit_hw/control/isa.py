@@ -23,7 +23,8 @@ when every earlier instruction has finished), and the opcode's fields follow fro
 Addresses: ``*_addr`` fields are external byte addresses relative to the program's *parameter base*
 register (so one program runs wherever the loader put the image); ``act_*``, ``res_*`` are on-chip
 word addresses. The task is a run-time register: ``MOE`` selects its gate record as
-``gate_addr + task * gate_stride``.
+``gate_addr + task * gate_stride`` and its router softmax record as
+``router_addr + task * ROUTER_RECORD_BYTES``.
 """
 
 from dataclasses import dataclass
@@ -35,12 +36,17 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from ..checks import check_int as _check_int
 
-__all__ = ["Opcode", "Field", "InstructionSet", "OPCODE_BITS", "HEADER_BITS", "OPCODE_DOC", "main"]
+__all__ = ["Opcode", "Field", "InstructionSet", "OPCODE_BITS", "HEADER_BITS", "ROUTER_RECORD_BYTES",
+           "OPCODE_DOC", "main"]
 
 #: Width of the opcode field.
 OPCODE_BITS = 4
 #: Opcode + the ``wait`` flag.
 HEADER_BITS = OPCODE_BITS + 1
+#: Bytes of one task's router record (``MOE.router_addr``): the router softmax's ``c_mult`` (uint16 LE,
+#: bytes 0-1) and ``c_shift`` (byte 2), rest zero. Per task because a multi-gate model has one router
+#: softmax scale per task's gate; one memory beat, so a record is one fetch.
+ROUTER_RECORD_BYTES = 16
 
 
 #: One line per opcode, for the documentation.
@@ -54,8 +60,8 @@ OPCODE_DOC = {
             "an epilogue mode: dense fc1 (GELU8), fc2 (RESADD), or any other tiled GEMM the compiler emits.",
     "ATTENTION": "The attention sub-layer `x += proj(attn(h))`, `h` at activation word 0 "
                  "(`attention.AttentionLayer`, its start fields).",
-    "MOE": "The MoE layer `x += sum_k p_k expert_k(h)` with the task register's gate "
-           "(`moe.MoELayer`, its start fields).",
+    "MOE": "The MoE layer `x += sum_k p_k expert_k(h)` with the task register's gate and router record "
+           "(`moe.MoELayer`; its router softmax scale and GELU table come from `router_addr` and `lut_addr`).",
     "STORE": "Residual words to external memory (the encoder tokens).",
     "SYNC": "Barrier: wait until every unit is idle.",
 }
@@ -160,6 +166,7 @@ class InstructionSet:
                 f("dst_stride", (c.dst_addr_bits, "dst_addr_bits"), "destination row pitch, words"),
                 f("w_addr", addr, "weight panels (external)"),
                 f("p_addr", addr, "column parameter words (external)"),
+                f("lut_addr", addr, "the 256-byte GELU table (GELU8 mode; ignored otherwise)"),
                 f("shift", shift, "requantization shift"),
                 Field("mode", 3, "gemm.epilogue.EpilogueMode", "epilogue mode (ACT8, GELU8, RES16, RESADD, ...)"),
                 Field("gather", 1, "-", "A rows through the row table"),
@@ -179,7 +186,9 @@ class InstructionSet:
                 f("gate_addr", addr, "task 0's gate record (moe.expert_layout)"),
                 f("gate_stride", addr, "bytes between tasks' gate records"),
                 f("expert_addr", addr, "the expert region"),
-                *soft,
+                f("router_addr", addr, "task 0's router record (softmax c_mult, c_shift); task t's at "
+                                       "router_addr + t * ROUTER_RECORD_BYTES"),
+                f("lut_addr", addr, "the experts' 256-byte GELU table"),
                 f("fc1_shift", shift, "experts' fc1 shift"),
                 f("fc2_shift", shift, "experts' fc2 shift"),
             ],

@@ -1,0 +1,225 @@
+"""The program compiler: (accelerator config, quantized parameters) -> instructions + one image.
+
+:func:`compile_model` lays out the external-memory image with :mod:`~m3vit_hw.control.image_layout`
+and emits one instruction sequence that serves every task (the task is a run-time register that
+selects the MoE gate and router records)::
+
+    LOAD_IMAGE                                     (patch embedding, cls + pos into the residual)
+    per block i:
+      LAYERNORM ln1   ATTENTION   LAYERNORM ln2
+      MOE                                           (MoE block)
+      or, per token tile: GEMM fc1 tiles (GELU8 into the hidden slot), GEMM fc2 tiles (RESADD)
+    STORE                                          (the residual rows -> the output tokens)
+    END
+
+On-chip placement: the residual stream at residual word 0 (pitch ``row_words``); LayerNorm output
+``h`` at activation word 0 (pitch ``row_words``), where the attention and MoE units read it; a dense
+block's hidden slot at ``dense_buffer_map(...).hid_base``.
+
+The model may differ from the one the accelerator was sized for (``config.model``): the compiler
+checks it against the config's buffers and fields and raises ValueError naming the buffer (or field)
+and the size it needs when it does not fit. No torch.
+"""
+
+from dataclasses import dataclass
+
+from ..config import AcceleratorConfig
+from ..attention.attn_layout import buffer_map
+from ..dense.dense_layout import dense_buffer_map
+from ..dense.embed_layout import embed_buffer_map
+from ..gemm.epilogue import EpilogueMode
+from .image_layout import pack_image, plan_image
+from .isa import InstructionSet, Opcode
+
+__all__ = ["Program", "compile_model", "fit_config", "act_words_needed", "sized_config"]
+
+
+@dataclass
+class Program:
+    """A compiled encoder.
+
+    Attributes
+    ----------
+    config : AcceleratorConfig
+        The accelerator (its ISA decodes ``words``).
+    model_config : AcceleratorConfig
+        ``config``'s buffers with the compiled model (what the layouts were planned for).
+    isa : InstructionSet
+    instructions : list of (Opcode, dict, bool)
+        ``(opcode, fields, wait)`` in program order.
+    words : list of int
+        The encoded program, 32-bit words.
+    layout : image_layout.ImageLayout
+    image : bytearray
+        The external-memory image (program included; input and output regions zero).
+    """
+
+    config: AcceleratorConfig
+    model_config: AcceleratorConfig
+    isa: InstructionSet
+    instructions: list
+    words: list
+    layout: object
+    image: bytearray
+
+    @property
+    def program_addr(self):
+        return self.layout.program_addr
+
+    @property
+    def input_addr(self):
+        return self.layout.input_addr
+
+    @property
+    def output_addr(self):
+        return self.layout.output_addr
+
+    def op_counts(self):
+        """``{opcode name: count}``."""
+        out = {}
+        for op, _, _ in self.instructions:
+            out[op.name] = out.get(op.name, 0) + 1
+        return out
+
+
+def act_words_needed(config):
+    """Activation-buffer words the units need for ``config``'s model: the largest of the attention
+    map (h, context, one head's Q|K|V, two e8 tiles), the dense MLP's h plus a hidden slot of
+    ``pe_rows`` rows, and the patch embedding's two slots of ``pe_rows`` patch rows."""
+    m = config.model
+    R, C = config.pe_rows, config.pe_cols
+    rw = config.row_words
+    dense = -(-config.token_capacity // R) * R * rw + R * -(-m.mlp_hidden // C)
+    embed = 2 * R * -(-m.patch_dim // C)
+    return max(buffer_map(config, check=False).act_words, dense, embed)
+
+
+def sized_config(config):
+    """``config`` with ``act_buffer_bytes`` raised (never lowered) to :func:`act_words_needed`."""
+    need = act_words_needed(config) * config.act_word_bytes
+    return config if need <= config.act_buffer_bytes else config.with_(act_buffer_bytes=need)
+
+
+def fit_config(config, model):
+    """``config``'s buffers and array with ``model``: the config the layouts are planned for.
+
+    Raises ValueError naming the buffer and the size it needs when ``model`` does not fit.
+    """
+    if not isinstance(config, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+    if model == config.model:
+        view = config
+    else:
+        try:
+            view = AcceleratorConfig(
+                model=model, pe_rows=config.pe_rows, pe_cols=config.pe_cols,
+                token_capacity=config.token_capacity, ln_lanes=config.ln_lanes,
+                softmax_lanes=config.softmax_lanes, act_buffer_bytes=config.act_buffer_bytes,
+                weight_buffer_bytes=config.weight_buffer_bytes, param_buffer_words=config.param_buffer_words,
+                q_tile=min(config.q_tile, config.token_capacity), clock_mhz=config.clock_mhz)
+        except ValueError as e:
+            raise ValueError(f"model {model.name!r} does not fit the accelerator sized for "
+                             f"{config.model.name!r}: {e}") from None
+        if view.res_buffer_words > config.res_buffer_words:
+            raise ValueError(f"model {model.name!r} needs a residual buffer of {view.res_buffer_bytes} bytes "
+                             f"({model.tokens} tokens x {view.row_words} words), the accelerator has "
+                             f"{config.res_buffer_bytes}")
+        if view.rowtab_entries > config.rowtab_entries:
+            raise ValueError(f"model {model.name!r} needs row tables of {view.rowtab_entries} entries "
+                             f"(top_k={model.top_k}), the accelerator has {config.rowtab_entries}")
+    # The per-unit on-chip maps: each raises ValueError naming the buffer and the size it needs.
+    buffer_map(view)
+    dense_buffer_map(view)
+    embed_buffer_map(view)
+    return view
+
+
+def compile_model(config, qm, *, data_bytes=16):
+    """Compile the quantized encoder ``qm`` for the accelerator ``config``.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+        The accelerator (buffer sizes, PE array, instruction field widths).
+    qm : reference.qparams.QuantizedEncoder
+        The integer parameters; ``qm.cfg`` is the model (it may differ from ``config.model`` if it fits).
+    data_bytes : int
+        External-memory beat, bytes (pieces are aligned to it).
+
+    Returns
+    -------
+    Program
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad argument; ValueError naming the buffer (or instruction field) and the size it needs
+        when the model does not fit the config.
+    """
+    if not isinstance(config, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+    model = qm.cfg
+    view = fit_config(config, model)
+    isa = InstructionSet(config)
+    layout = plan_image(view, data_bytes=data_bytes)
+    insns = _emit(view, qm, layout)
+    words = []
+    for op, fields, wait in insns:
+        words += isa.encode(op, wait=wait, **fields)
+    program = b"".join(w.to_bytes(4, "little") for w in words)
+    first = layout
+    layout = plan_image(view, program_bytes=len(program), data_bytes=data_bytes)
+    # The program is the image's last section: nothing the instructions address may have moved.
+    assert first.blocks == layout.blocks and first.output_addr == layout.output_addr, "program moved the image"
+    image = pack_image(qm, layout, program)
+    return Program(config=config, model_config=view, isa=isa, instructions=insns, words=words,
+                   layout=layout, image=image)
+
+
+def _emit(view, qm, layout):
+    """The instruction list ``[(Opcode, fields, wait)]`` (addresses from ``layout``)."""
+    m = view.model
+    T = m.tokens
+    rw = view.row_words
+    C = view.pe_cols
+    out = [(Opcode.LOAD_IMAGE, dict(img_addr=layout.input_addr, img_rows=m.img_size[0], img_cols=m.img_size[1],
+                                    param_addr=layout.embed, shift=int(qm.patch.shift)), True)]
+    for b, qb in zip(layout.blocks, qm.blocks):
+        out.append((Opcode.LAYERNORM, dict(res_base=0, act_base=0, tokens=T, param_addr=b.ln1,
+                                           shift=int(qb.ln1.shift)), True))
+        a = qb.attn
+        out.append((Opcode.ATTENTION, dict(tokens=T, param_addr=b.attn, c_mult=int(a.c_mult),
+                                           c_shift=int(a.c_shift), out_mult=int(a.out_mult),
+                                           out_shift=int(a.out_shift), qkv_shift=int(a.qkv.shift),
+                                           proj_shift=int(a.proj.shift)), True))
+        out.append((Opcode.LAYERNORM, dict(res_base=0, act_base=0, tokens=T, param_addr=b.ln2,
+                                           shift=int(qb.ln2.shift)), True))
+        if b.kind == "moe":
+            ml = layout.moe_layout
+            out.append((Opcode.MOE, dict(tokens=T, gate_addr=b.mlp + ml.gate_offset, gate_stride=ml.gate_stride,
+                                         expert_addr=b.mlp + ml.experts_offset, router_addr=b.router,
+                                         lut_addr=b.lut, fc1_shift=int(qb.mlp.fc1.shift),
+                                         fc2_shift=int(qb.mlp.fc2.shift)), True))
+            continue
+        dl = layout.dense_layout
+        bm = dense_buffer_map(view)
+        for t0 in range(0, T, bm.token_tile):
+            rows = min(bm.token_tile, T - t0)
+            for tile in dl.tiles:
+                if tile.kind == "fc1":
+                    f = dict(a_base=t0 * rw, a_stride=rw, dst_base=bm.hid_base + tile.n0 // C,
+                             dst_stride=bm.hw, shift=int(qb.mlp.fc1.shift), mode=EpilogueMode.GELU8.value,
+                             lut_addr=b.mlp)
+                    # The hidden slot is overwritten: the previous token tile's fc2 must be done.
+                    wait = tile.index == 0
+                else:
+                    f = dict(a_base=bm.hid_base, a_stride=bm.hw, dst_base=t0 * rw + tile.n0 // C,
+                             dst_stride=rw, shift=int(qb.mlp.fc2.shift), mode=EpilogueMode.RESADD.value,
+                             lut_addr=0)
+                    # fc2 reads the hidden slot fc1 wrote.
+                    wait = tile.first_fc2
+                out.append((Opcode.GEMM, dict(m=rows, k=tile.k, n=tile.n, w_addr=b.mlp + tile.w_offset,
+                                              p_addr=b.mlp + tile.p_offset, gather=0, scatter=0, **f), wait))
+    out.append((Opcode.STORE, dict(res_base=0, words=T * rw, dst_addr=0), True))
+    out.append((Opcode.END, {}, True))
+    return out

@@ -1,0 +1,113 @@
+"""On-chip buffer sizes of an accelerator config and their fit in the xczu7ev's block memories.
+
+:func:`buffer_report` lists the shared datapath's buffers (width x depth, from the config and the
+units' buffer maps) and places each in BRAM36 or URAM288 primitives with :func:`allocate` (both
+budgets hold, smallest footprint). The counts are an estimate from the aspect ratios the primitives support (what synthesis infers can differ
+by a few blocks); LUTRAM for small tables is not modelled, so small buffers are counted as one BRAM.
+"""
+
+from dataclasses import dataclass
+
+from .. import numerics
+from ..attention.attn_layout import buffer_map
+from ..config import AcceleratorConfig
+
+__all__ = ["Buffer", "Device", "XCZU7EV", "buffer_report", "allocate", "fits"]
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Device:
+    """Block memories of a device: ``bram36`` blocks (4.5 KiB, 72x512 .. 1x32768) and ``uram``
+    blocks (36 KiB, 72x4096)."""
+
+    name: str
+    bram36: int
+    uram: int
+
+
+#: The ZCU104's part.
+XCZU7EV = Device("xczu7ev", bram36=312, uram=96)
+
+#: (width, depth) aspect ratios of a BRAM36 (simple dual port up to 72 bits).
+_BRAM_SHAPES = ((72, 512), (36, 1024), (18, 2048), (9, 4096), (4, 8192), (2, 16384), (1, 32768))
+_URAM_SHAPE = (72, 4096)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One on-chip buffer: ``width`` bits x ``depth`` words; ``bram36_blocks`` / ``uram_blocks`` are
+    the blocks it needs if built from that primitive alone; ``bram36`` / ``uram`` the chosen mapping
+    (set by :func:`allocate`; by default the primitive with the smaller footprint)."""
+
+    name: str
+    width: int
+    depth: int
+    bram36_blocks: int
+    uram_blocks: int
+    in_uram: bool
+
+    @property
+    def bytes(self):
+        return self.width * self.depth // 8
+
+    @property
+    def bram36(self):
+        return 0 if self.in_uram else self.bram36_blocks
+
+    @property
+    def uram(self):
+        return self.uram_blocks if self.in_uram else 0
+
+
+def _map(name, width, depth):
+    bram = min(_ceil_div(width, w) * _ceil_div(depth, d) for w, d in _BRAM_SHAPES)
+    uram = _ceil_div(width, _URAM_SHAPE[0]) * _ceil_div(depth, _URAM_SHAPE[1])
+    # A URAM holds 8 BRAM36s' bits: by default the smaller footprint, URAM on a tie.
+    return Buffer(name, width, depth, bram, uram, uram * 8 <= bram)
+
+
+def allocate(buffers, device=XCZU7EV):
+    """The buffers with each placed in BRAM36 or URAM so that both budgets hold if any placement does
+    (exhaustive over the few buffers), preferring the smallest total footprint in BRAM36 equivalents.
+    Without a fitting placement the default (smaller-footprint) mapping is returned."""
+    from dataclasses import replace
+    from itertools import product
+    best = None
+    for choice in product((False, True), repeat=len(buffers)):
+        bufs = [replace(b, in_uram=c) for b, c in zip(buffers, choice)]
+        b, u = sum(x.bram36 for x in bufs), sum(x.uram for x in bufs)
+        if b <= device.bram36 and u <= device.uram and (best is None or b + 8 * u < best[0]):
+            best = (b + 8 * u, bufs)
+    return best[1] if best else list(buffers)
+
+
+def buffer_report(config):
+    """The shared datapath's buffers for ``config``, as a list of :class:`Buffer`.
+
+    Activation (int8 words of ``pe_cols``), residual (int16 words), weight ping-pong, column
+    parameters (int32 bias + 24-bit mult per lane), the attention score reorder buffer (int32 words)
+    and the row tables (token + scale), the latter two from the attention unit's buffer map.
+    """
+    if not isinstance(config, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+    C = config.pe_cols
+    bm = buffer_map(config, check=False)
+    return allocate([
+        _map("activation", C * numerics.ACT_BITS, config.act_buffer_words),
+        _map("residual", C * numerics.RES_BITS, config.res_buffer_words),
+        _map("weight (2 halves)", C * numerics.WEIGHT_BITS, config.weight_buffer_words),
+        _map("column params (2 halves)", C * (numerics.BIAS_BITS + numerics.MULT_BITS), config.param_buffer_words),
+        _map("attention scores", C * numerics.ACC_BITS, bm.score_buffer_words),
+        _map("row table", config.token_bits + numerics.MULT_BITS, 1 << config.rowtab_addr_bits),
+    ])
+
+
+def fits(buffers, device=XCZU7EV):
+    """``(bram36 used, uram used, fits)`` of ``buffers`` on ``device``."""
+    b = sum(x.bram36 for x in buffers)
+    u = sum(x.uram for x in buffers)
+    return b, u, b <= device.bram36 and u <= device.uram

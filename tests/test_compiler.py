@@ -1,0 +1,152 @@
+"""The program compiler and its image, checked by the Python program executor against the golden model."""
+
+import numpy as np
+import pytest
+
+from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.control.compiler import compile_model, fit_config, sized_config
+from m3vit_hw.control.isa import Opcode
+from m3vit_hw.control.onchip import XCZU7EV, buffer_report, fits
+from m3vit_hw.model_config import ModelConfig
+from reference import golden_model
+from reference.random_qparams import random_quantized
+from sim import compile_program
+from sim.program_executor import run_program
+
+
+def _image(cfg, seed, extremes=False):
+    rng = np.random.default_rng(seed)
+    H, W = cfg.img_size
+    if extremes:
+        return rng.choice(np.array([0, 255], dtype=np.uint8), (H, W, cfg.in_chans))
+    return rng.integers(0, 256, (H, W, cfg.in_chans)).astype(np.uint8)
+
+
+def _golden(qm, img, task):
+    return golden_model.encode(qm, img.astype(np.int64).transpose(2, 0, 1) - 128, task)
+
+
+def _check_all_tasks(program, qm, img):
+    outs = []
+    for task in range(qm.cfg.num_tasks):
+        got, res = run_program(program, img, task)
+        want = _golden(qm, img, task)
+        bad = np.argwhere(got != want)
+        assert not len(bad), (f"executor, task {task}: {len(bad)} mismatches, first token {bad[0][0]} channel "
+                              f"{bad[0][1]}: expected {want[tuple(bad[0])]}, got {got[tuple(bad[0])]}")
+        assert res.counts["END"] == 1
+        outs.append(got)
+    return outs
+
+
+def _odd_model():
+    # dim 24 (not a power of two, 3 words of 8 lanes), head_dim 12 (padded to 16), 3 experts, 3 tasks.
+    return ModelConfig(name="odd", img_size=(32, 48), dim=24, depth=3, heads=2, experts=3, top_k=2,
+                       tasks=("a", "b", "c"), task_channels=(1, 1, 1), decoder_channels=8)
+
+
+def test_small_model_every_task_bit_exact():
+    cfg = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    assert cfg.model.moe_blocks and cfg.model.num_tasks >= 2
+    qm = random_quantized(cfg.model, 1)
+    program = compile_model(cfg, qm)
+    outs = _check_all_tasks(program, qm, _image(cfg.model, 2))
+    # The task register must matter (different gates), or the test proves nothing about it.
+    assert not np.array_equal(outs[0], outs[1])
+    _check_all_tasks(program, qm, _image(cfg.model, 3, extremes=True))
+
+
+def test_odd_model_bit_exact():
+    model = _odd_model()
+    cfg = sized_config(AcceleratorConfig(model=model, pe_rows=4, pe_cols=8))
+    qm = random_quantized(model, 5)
+    _check_all_tasks(compile_model(cfg, qm), qm, _image(model, 6))
+
+
+def test_task_embedding_router_bit_exact():
+    cfg = sized_config(AcceleratorConfig.from_preset("tiny-task-embedding", depth=2))
+    qm = random_quantized(cfg.model, 7)
+    _check_all_tasks(compile_model(cfg, qm), qm, _image(cfg.model, 8))
+
+
+def test_one_config_two_models():
+    hw = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    other = ModelConfig(name="other", img_size=(32, 32), dim=20, depth=3, heads=2, experts=3, top_k=1,
+                        tasks=("a", "b"), task_channels=(1, 1), decoder_channels=8)
+    for model, seed in ((hw.model, 11), (other, 12)):
+        qm = random_quantized(model, seed)
+        program = compile_model(hw, qm)
+        assert program.isa.words == 8 and program.config is hw
+        _check_all_tasks(program, qm, _image(model, seed))
+
+
+def test_refuses_a_model_that_does_not_fit():
+    hw = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    big = hw.model.with_(dim=64, heads=2)
+    with pytest.raises(ValueError, match=r"needs a residual buffer of \d+ bytes"):
+        compile_model(hw, random_quantized(big, 0))
+    more_tokens = hw.model.with_(img_size=(64, 64))
+    with pytest.raises(ValueError, match=r"token_capacity"):
+        fit_config(hw, more_tokens)
+    # The config's own model with an activation buffer below what attention needs.
+    small = AcceleratorConfig.from_preset("tiny", depth=2)
+    with pytest.raises(ValueError, match=r"act_buffer_bytes must be >= \d+ for the attention"):
+        compile_model(small, random_quantized(small.model, 0))
+
+
+def test_program_and_image_contract():
+    cfg = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    qm = random_quantized(cfg.model, 1)
+    p = compile_model(cfg, qm)
+    lay = p.layout
+    # The program in the image decodes to the instruction list; it ends with STORE, END.
+    raw = p.image[lay.program_addr:lay.program_addr + lay.program_bytes]
+    words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+    assert words == p.words
+    n = p.isa.words
+    decoded = [p.isa.decode(words[i:i + n]) for i in range(0, len(words), n)]
+    assert [(op, f, w) for op, f, w in decoded] == p.instructions
+    assert [op for op, _, _ in p.instructions][-2:] == [Opcode.STORE, Opcode.END]
+    # Sections do not overlap and lie inside the image.
+    spans = sorted(lay.sections.values())
+    for (a, la), (b, _) in zip(spans, spans[1:]):
+        assert a + la <= b
+    assert spans[-1][0] + spans[-1][1] <= lay.image_bytes == len(p.image)
+    # The executor reads weights only from the image: corrupt one expert weight byte of the MoE block.
+    img = _image(cfg.model, 2)
+    good, _ = run_program(p, img, 0)
+    blk = lay.blocks[1]
+    at = blk.mlp + lay.moe_layout.experts_offset
+    for e in range(cfg.model.experts):
+        p.image[at + e * lay.moe_layout.expert_stride] ^= 0x40
+    bad, _ = run_program(p, img, 0)
+    assert not np.array_equal(good, bad)
+
+
+def test_w1_w2_buffers_fit_xczu7ev():
+    for name in ("vit-tiny-cityscapes", "vit-small-nyud"):
+        cfg = sized_config(AcceleratorConfig.from_preset(name))
+        fit_config(cfg, cfg.model)
+        bufs = buffer_report(cfg)
+        bram, uram, ok = fits(bufs)
+        print(name, bram, "BRAM36", uram, "URAM", sum(b.bytes for b in bufs), "bytes")
+        assert ok and bram <= XCZU7EV.bram36 and uram <= XCZU7EV.uram
+
+
+def test_compile_cli(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert compile_program.main(["--preset", "tiny", "--out", str(out), "--check-task", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "program:" in text and "bit-exact" in text
+    assert (out / "image.bin").stat().st_size > 0 and (out / "summary.json").exists()
+    assert compile_program.main(["--preset", "tiny", "--out", str(tmp_path / "no" / "dir")]) == 2
+    assert "parent directory does not exist" in capsys.readouterr().err
+
+
+def test_wider_memory_beat_bit_exact():
+    cfg = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    qm = random_quantized(cfg.model, 21)
+    program = compile_model(cfg, qm, data_bytes=64)
+    assert program.layout.data_bytes == 64 and all(
+        off % 64 == 0 for off, _ in program.layout.sections.values())
+    _check_all_tasks(program, qm, _image(cfg.model, 22))
