@@ -85,12 +85,12 @@ def main(argv=None):
             return 2
     import numpy as np
     from m3vit_hw.config import AcceleratorConfig
-    from m3vit_hw.control.compiler import compile_model, sized_config
+    from m3vit_hw.control.compiler import compile_model
     from reference.random_qparams import random_quantized
     try:
         over = {k: getattr(args, k) for k in ("weight_buffer_bytes", "act_buffer_bytes", "param_buffer_words",
                                                 "q_tile") if getattr(args, k) is not None}
-        config = sized_config(AcceleratorConfig.from_preset(args.preset, **over))
+        config = AcceleratorConfig.from_preset(args.preset, **over)
         for t in args.check_task:
             if not 0 <= t < config.model.num_tasks:
                 raise ValueError(f"--check-task must be in [0, {config.model.num_tasks - 1}], not {t}")

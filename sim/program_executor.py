@@ -44,9 +44,8 @@ class ExecResult:
 
 
 class _Machine:
-    def __init__(self, mem, config, view, task, param_base, output_base, data_bytes):
+    def __init__(self, mem, config, view, task, param_base, output_base):
         self.mem = mem
-        self.db = data_bytes
         self.cfg = view
         self.task = task
         self.pb = param_base
@@ -124,7 +123,7 @@ class _Machine:
         img = np.frombuffer(self.raw(f["img_addr"], H * W * cin), dtype=np.uint8).astype(np.int64) - 128
         # The loader's unfolding: patch rows in raster order, features in (kh, kw, c) order.
         patches = img.reshape(H // p, p, W // p, p, cin).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * cin)
-        lay = plan_embed(self.cfg, data_bytes=self.db)
+        lay = plan_embed(self.cfg)
         rw, C = self.cfg.row_words, self.C
         init = np.stack([np.frombuffer(self.raw(f["param_addr"] + i * lay.res_record_bytes, 2 * C), dtype="<i2")
                          for i in range(lay.res_words)]).astype(np.int64)
@@ -137,7 +136,7 @@ class _Machine:
     def layernorm(self, f):
         D = self.cfg.model.dim
         L = norm_lanes(self.cfg)
-        rb = norm_record_bytes(L, self.db)
+        rb = norm_record_bytes(self.cfg)
         gamma, beta = np.zeros(D, dtype=np.int64), np.zeros(D, dtype=np.int64)
         eps = shift = None
         for r in range(D // L):
@@ -156,7 +155,7 @@ class _Machine:
         cfg = self.cfg
         m = cfg.model
         T, D, H, hd = f["tokens"], m.dim, m.heads, m.head_dim
-        lay = plan_attention(cfg, data_bytes=self.db)
+        lay = plan_attention(cfg)
         hp = lay.hw * self.C
         rw = cfg.row_words
         h = self.read(self.act, "activation", 0, rw, T, D)
@@ -179,13 +178,12 @@ class _Machine:
         cfg = self.cfg
         m = cfg.model
         T, D, E = f["tokens"], m.dim, m.experts
-        lay = plan_moe(cfg, data_bytes=self.db)
+        lay = plan_moe(cfg)
         rw = cfg.row_words
         h = self.read(self.act, "activation", 0, rw, T, D)
         x = self.read(self.res, "residual", 0, rw, T, D)
         gate_at = f["gate_addr"] + self.task * f["gate_stride"]
-        gate = self.panels(gate_at, D, E)
-        bias, _ = self.params(gate_at + lay.gate_w_bytes, E)
+        gate, bias, _ = self.tiles_operand(gate_at, lay.gate_tiles, D, E)
         rec = self.raw(f["router_addr"] + self.task * ROUTER_RECORD_BYTES, ROUTER_RECORD_BYTES)
         c_mult, c_shift = int.from_bytes(rec[:2], "little"), rec[2]
         logits = g.router_logits(h, gate, bias)
@@ -236,7 +234,7 @@ class _Machine:
         self.mem[at:at + len(blob)] = blob
 
 
-def execute(mem, config, model_config, *, task, param_base, program_base, output_base, data_bytes=16,
+def execute(mem, config, model_config, *, task, param_base, program_base, output_base,
             max_instructions=1 << 20):
     """Run the program at ``program_base`` over ``mem`` (a bytearray, modified in place: STORE writes).
 
@@ -250,8 +248,6 @@ def execute(mem, config, model_config, *, task, param_base, program_base, output
         The compiled model's view (``Program.model_config``).
     task : int
         The run-time task register.
-    data_bytes : int
-        The memory beat the image was laid out for (``Program.layout.data_bytes``).
 
     Instructions run one after another in program order, which satisfies every ``wait`` bit (the
     executor models results, not overlap or cycles).
@@ -264,7 +260,7 @@ def execute(mem, config, model_config, *, task, param_base, program_base, output
     if not isinstance(task, int) or not 0 <= task < m.num_tasks:
         raise ValueError(f"task must be in [0, {m.num_tasks - 1}], not {task!r}")
     isa = InstructionSet(config)
-    mach = _Machine(mem, config, model_config, task, param_base, output_base, data_bytes)
+    mach = _Machine(mem, config, model_config, task, param_base, output_base)
     run = {Opcode.LOAD_IMAGE: mach.load_image, Opcode.LAYERNORM: mach.layernorm, Opcode.ATTENTION: mach.attention,
            Opcode.MOE: mach.moe, Opcode.GEMM: mach.gemm, Opcode.STORE: mach.store, Opcode.SYNC: lambda f: None}
     result = ExecResult()
@@ -305,6 +301,5 @@ def run_program(program, img_u8, task, *, param_base=0x1000):
     at = param_base + lay.input_addr
     mem[at:at + lay.input_bytes] = img.tobytes()
     res = execute(mem, program.config, program.model_config, task=task, param_base=param_base,
-                  program_base=param_base + lay.program_addr, output_base=param_base + lay.output_addr,
-                  data_bytes=lay.data_bytes)
+                  program_base=param_base + lay.program_addr, output_base=param_base + lay.output_addr)
     return read_tokens(mem, program.model_config, param_base + lay.output_addr), res

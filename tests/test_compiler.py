@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from m3vit_hw.config import AcceleratorConfig
-from m3vit_hw.control.compiler import compile_model, fit_config, sized_config
+from m3vit_hw.control.compiler import compile_model, fit_config
 from m3vit_hw.control.isa import Opcode
 from m3vit_hw.control.onchip import XCZU7EV, buffer_report, fits
 from m3vit_hw.model_config import ModelConfig
@@ -46,7 +46,7 @@ def _odd_model():
 
 
 def test_small_model_every_task_bit_exact():
-    cfg = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    cfg = AcceleratorConfig.from_preset("tiny", depth=2)
     assert cfg.model.moe_blocks and cfg.model.num_tasks >= 2
     qm = random_quantized(cfg.model, 1)
     program = compile_model(cfg, qm)
@@ -58,19 +58,19 @@ def test_small_model_every_task_bit_exact():
 
 def test_odd_model_bit_exact():
     model = _odd_model()
-    cfg = sized_config(AcceleratorConfig(model=model, pe_rows=4, pe_cols=8))
+    cfg = AcceleratorConfig(model=model, pe_rows=4, pe_cols=8)
     qm = random_quantized(model, 5)
     _check_all_tasks(compile_model(cfg, qm), qm, _image(model, 6))
 
 
 def test_task_embedding_router_bit_exact():
-    cfg = sized_config(AcceleratorConfig.from_preset("tiny-task-embedding", depth=2))
+    cfg = AcceleratorConfig.from_preset("tiny-task-embedding", depth=2)
     qm = random_quantized(cfg.model, 7)
     _check_all_tasks(compile_model(cfg, qm), qm, _image(cfg.model, 8))
 
 
 def test_one_config_two_models():
-    hw = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    hw = AcceleratorConfig.from_preset("tiny", depth=2)
     other = ModelConfig(name="other", img_size=(32, 32), dim=20, depth=3, heads=2, experts=3, top_k=1,
                         tasks=("a", "b"), task_channels=(1, 1), decoder_channels=8)
     for model, seed in ((hw.model, 11), (other, 12)):
@@ -81,21 +81,21 @@ def test_one_config_two_models():
 
 
 def test_refuses_a_model_that_does_not_fit():
-    hw = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    hw = AcceleratorConfig.from_preset("tiny", depth=2)
     big = hw.model.with_(dim=64, heads=2)
     with pytest.raises(ValueError, match=r"needs a residual buffer of \d+ bytes"):
         compile_model(hw, random_quantized(big, 0))
     more_tokens = hw.model.with_(img_size=(64, 64))
     with pytest.raises(ValueError, match=r"token_capacity"):
         fit_config(hw, more_tokens)
-    # The config's own model with an activation buffer below what attention needs.
-    small = AcceleratorConfig.from_preset("tiny", depth=2)
-    with pytest.raises(ValueError, match=r"act_buffer_bytes must be >= \d+ for the attention"):
-        compile_model(small, random_quantized(small.model, 0))
+    # A model whose dense hidden layer needs a larger activation buffer than the accelerator has.
+    wide = hw.model.with_(mlp_hidden=8192)
+    with pytest.raises(ValueError, match=r"does not fit .*act_buffer_bytes must be >= \d+ \(dense MLP"):
+        compile_model(hw, random_quantized(wide, 0))
 
 
 def test_program_and_image_contract():
-    cfg = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    cfg = AcceleratorConfig.from_preset("tiny", depth=2)
     qm = random_quantized(cfg.model, 1)
     p = compile_model(cfg, qm)
     lay = p.layout
@@ -125,7 +125,7 @@ def test_program_and_image_contract():
 
 def test_w1_w2_buffers_fit_xczu7ev():
     for name in ("vit-tiny-cityscapes", "vit-small-nyud"):
-        cfg = sized_config(AcceleratorConfig.from_preset(name))
+        cfg = AcceleratorConfig.from_preset(name)
         fit_config(cfg, cfg.model)
         bufs = buffer_report(cfg)
         bram, uram, ok = fits(bufs)
@@ -144,9 +144,9 @@ def test_compile_cli(tmp_path, capsys):
 
 
 def test_wider_memory_beat_bit_exact():
-    cfg = sized_config(AcceleratorConfig.from_preset("tiny", depth=2))
+    cfg = AcceleratorConfig.from_preset("tiny", depth=2, mem_data_bytes=64)
     qm = random_quantized(cfg.model, 21)
-    program = compile_model(cfg, qm, data_bytes=64)
+    program = compile_model(cfg, qm)
     assert program.layout.data_bytes == 64 and all(
         off % 64 == 0 for off, _ in program.layout.sections.values())
     _check_all_tasks(program, qm, _image(cfg.model, 22))

@@ -21,7 +21,7 @@ checks it against the config's buffers and fields and raises ValueError naming t
 and the size it needs when it does not fit. No torch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import AcceleratorConfig
 from ..attention.attn_layout import buffer_map
@@ -31,7 +31,7 @@ from ..gemm.epilogue import EpilogueMode
 from .image_layout import pack_image, plan_image
 from .isa import InstructionSet, Opcode
 
-__all__ = ["Program", "compile_model", "fit_config", "act_words_needed", "sized_config"]
+__all__ = ["Program", "compile_model", "fit_config"]
 
 
 @dataclass
@@ -82,24 +82,6 @@ class Program:
         return out
 
 
-def act_words_needed(config):
-    """Activation-buffer words the units need for ``config``'s model: the largest of the attention
-    map (h, context, one head's Q|K|V, two e8 tiles), the dense MLP's h plus a hidden slot of
-    ``pe_rows`` rows, and the patch embedding's two slots of ``pe_rows`` patch rows."""
-    m = config.model
-    R, C = config.pe_rows, config.pe_cols
-    rw = config.row_words
-    dense = -(-config.token_capacity // R) * R * rw + R * -(-m.mlp_hidden // C)
-    embed = 2 * R * -(-m.patch_dim // C)
-    return max(buffer_map(config, check=False).act_words, dense, embed)
-
-
-def sized_config(config):
-    """``config`` with ``act_buffer_bytes`` raised (never lowered) to :func:`act_words_needed`."""
-    need = act_words_needed(config) * config.act_word_bytes
-    return config if need <= config.act_buffer_bytes else config.with_(act_buffer_bytes=need)
-
-
 def fit_config(config, model):
     """``config``'s buffers and array with ``model``: the config the layouts are planned for.
 
@@ -111,12 +93,8 @@ def fit_config(config, model):
         view = config
     else:
         try:
-            view = AcceleratorConfig(
-                model=model, pe_rows=config.pe_rows, pe_cols=config.pe_cols,
-                token_capacity=config.token_capacity, ln_lanes=config.ln_lanes,
-                softmax_lanes=config.softmax_lanes, act_buffer_bytes=config.act_buffer_bytes,
-                weight_buffer_bytes=config.weight_buffer_bytes, param_buffer_words=config.param_buffer_words,
-                q_tile=min(config.q_tile, config.token_capacity), clock_mhz=config.clock_mhz)
+            # Every size of the accelerator stays; only the model changes.
+            view = replace(config, model=model)
         except ValueError as e:
             raise ValueError(f"model {model.name!r} does not fit the accelerator sized for "
                              f"{config.model.name!r}: {e}") from None
@@ -134,7 +112,7 @@ def fit_config(config, model):
     return view
 
 
-def compile_model(config, qm, *, data_bytes=16):
+def compile_model(config, qm):
     """Compile the quantized encoder ``qm`` for the accelerator ``config``.
 
     Parameters
@@ -143,8 +121,6 @@ def compile_model(config, qm, *, data_bytes=16):
         The accelerator (buffer sizes, PE array, instruction field widths).
     qm : reference.qparams.QuantizedEncoder
         The integer parameters; ``qm.cfg`` is the model (it may differ from ``config.model`` if it fits).
-    data_bytes : int
-        External-memory beat, bytes (pieces are aligned to it).
 
     Returns
     -------
@@ -161,14 +137,14 @@ def compile_model(config, qm, *, data_bytes=16):
     model = qm.cfg
     view = fit_config(config, model)
     isa = InstructionSet(config)
-    layout = plan_image(view, data_bytes=data_bytes)
+    layout = plan_image(view)
     insns = _emit(view, qm, layout)
     words = []
     for op, fields, wait in insns:
         words += isa.encode(op, wait=wait, **fields)
     program = b"".join(w.to_bytes(4, "little") for w in words)
     first = layout
-    layout = plan_image(view, program_bytes=len(program), data_bytes=data_bytes)
+    layout = plan_image(view, program_bytes=len(program))
     # The program is the image's last section: nothing the instructions address may have moved.
     assert first.blocks == layout.blocks and first.output_addr == layout.output_addr, "program moved the image"
     image = pack_image(qm, layout, program)

@@ -96,7 +96,7 @@ class ImageLayout:
     breakdown: dict = field(default_factory=dict)
 
 
-def plan_image(config, *, program_bytes=0, data_bytes=16):
+def plan_image(config, *, program_bytes=0):
     """The :class:`ImageLayout` of ``config``'s model (it depends on sizes only, not on values).
 
     Raises
@@ -110,13 +110,14 @@ def plan_image(config, *, program_bytes=0, data_bytes=16):
     if not isinstance(program_bytes, int) or program_bytes < 0:
         raise ValueError(f"program_bytes must be an int >= 0, not {program_bytes!r}")
     m = config.model
+    data_bytes = config.mem_data_bytes
     lanes = norm_lanes(config)
-    align = max(data_bytes, norm_record_bytes(lanes, data_bytes))
-    emb = plan_embed(config, data_bytes=data_bytes)
-    att = plan_attention(config, data_bytes=data_bytes)
-    den = plan_dense(config, data_bytes=data_bytes) if m.depth > len(m.moe_blocks) else None
-    moe = plan_moe(config, data_bytes=data_bytes) if m.moe_blocks else None
-    ln_bytes = _round_up(m.dim // lanes * norm_record_bytes(lanes, data_bytes), align)
+    align = max(data_bytes, norm_record_bytes(config))
+    emb = plan_embed(config)
+    att = plan_attention(config)
+    den = plan_dense(config) if m.depth > len(m.moe_blocks) else None
+    moe = plan_moe(config) if m.moe_blocks else None
+    ln_bytes = _round_up(m.dim // lanes * norm_record_bytes(config), align)
     at = 0
     sections = {}
 
@@ -174,7 +175,7 @@ def plan_image(config, *, program_bytes=0, data_bytes=16):
         "weights": ew + m.depth * aw + n_dense * dw + n_moe * experts * mw,
         "column params": ep + m.depth * ap + n_dense * dp + n_moe * experts * mp,
         "gates": n_moe * m.num_tasks * moe.gate_stride if moe else 0,
-        "layernorm": 2 * m.depth * m.dim // lanes * norm_record_bytes(lanes, data_bytes),
+        "layernorm": 2 * m.depth * m.dim // lanes * norm_record_bytes(config),
         "cls+pos": emb.res_bytes,
         "tables": n_dense * (den.lut_bytes if den else 0) + n_moe * (_LUT_BYTES + m.num_tasks * ROUTER_RECORD_BYTES),
         "input": inp_bytes,
@@ -227,16 +228,16 @@ def pack_image(qm, layout, program=b""):
     def put(at, blob):
         image[at:at + len(blob)] = blob
 
-    put(layout.embed, pack_embed(qm.patch, qm.cls_int, qm.pos_int, config, data_bytes=db)[0])
+    put(layout.embed, pack_embed(qm.patch, qm.cls_int, qm.pos_int, config)[0])
     for b, qb in zip(layout.blocks, qm.blocks):
-        put(b.ln1, pack_norm_params(qb.ln1, m.dim, layout.norm_lanes, data_bytes=db))
-        put(b.ln2, pack_norm_params(qb.ln2, m.dim, layout.norm_lanes, data_bytes=db))
-        put(b.attn, pack_attention(qb.attn, config, data_bytes=db)[0])
+        put(b.ln1, pack_norm_params(qb.ln1, config))
+        put(b.ln2, pack_norm_params(qb.ln2, config))
+        put(b.attn, pack_attention(qb.attn, config)[0])
         if b.kind == "moe":
-            put(b.mlp, pack_moe(qb.mlp, config, data_bytes=db)[0])
+            put(b.mlp, pack_moe(qb.mlp, config)[0])
             put(b.lut, _lut_bytes(qb.mlp.gelu_lut))
             put(b.router, pack_router_table(qb.mlp, m.num_tasks))
         else:
-            put(b.mlp, pack_dense(qb.mlp, config, data_bytes=db)[0])
+            put(b.mlp, pack_dense(qb.mlp, config)[0])
     put(layout.program_addr, program)
     return image

@@ -95,7 +95,7 @@ def buffer_report(config):
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
     C = config.pe_cols
-    bm = buffer_map(config, check=False)
+    bm = buffer_map(config)
     return allocate([
         _map("activation", C * numerics.ACT_BITS, config.act_buffer_words),
         _map("residual", C * numerics.RES_BITS, config.res_buffer_words),
