@@ -40,8 +40,10 @@ def _check_all_tasks(program, qm, img):
 
 
 def _odd_model():
-    # dim 24 (not a power of two, 3 words of 8 lanes), head_dim 12 (padded to 16), 3 experts, 3 tasks.
+    # dim 24 (not a power of two, 3 words of 8 lanes), head_dim 12 (padded to 16), 3 experts, 3 tasks,
+    # expert hidden 20 < dim and dense hidden 40 (neither a multiple of dim).
     return ModelConfig(name="odd", img_size=(32, 48), dim=24, depth=3, heads=2, experts=3, top_k=2,
+                       expert_hidden=20, mlp_hidden=40,
                        tasks=("a", "b", "c"), task_channels=(1, 1, 1), decoder_channels=8)
 
 
