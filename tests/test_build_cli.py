@@ -141,3 +141,18 @@ def test_memory_cut_out_keeps_surrounding_logic():
     assert [r["rule"] for r in rows] == ["32 x 1024, 1W+1R: RAMB36 x 1"]
     assert res["RAMB36"] == 1 + res["yosys_RAMB36"] and res["URAM"] == 0
     assert res["FF"] >= 32 and res["LUT"] >= 32
+
+
+@pytest.mark.slow
+def test_w1_build_fits(tmp_path, capsys):
+    """Issue 10's first "Must show": the W1 build with the estimate reports fits and the DSP share."""
+    assert main(["--experts", "16", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    print(capsys.readouterr().out[-3000:])
+    for name in ("m3vit_accel.sv", "m3vit_accel.xdc", "build.tcl", "summary.txt"):
+        assert (tmp_path / name).exists(), name
+    assert "synth_error" not in rep, rep.get("synth_error")
+    assert rep["fits"] is True, rep["share"]
+    assert 0 < rep["dsp_share"] <= 1 and rep["resources"]["DSP48E2"] > 0
+    assert "memories counted by rule" in rep["method"] and rep["memories_by_rule"]
+    assert "fits: True" in (tmp_path / "summary.txt").read_text()
