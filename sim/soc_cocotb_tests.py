@@ -52,10 +52,9 @@ class Bench:
     def __init__(self, dut):
         self.dut = dut
         self.config, self.masters, self.wl = case_config(CASE)
-        self.data_bytes = 16
-        self.cid = config_id(self.config, axi_masters=self.masters, data_bytes=self.data_bytes,
-                             addr_width=32)
-        self.layout = ImageLayout(self.config, self.data_bytes)
+        self.data_bytes = self.config.mem_data_bytes
+        self.cid = config_id(self.config, axi_masters=self.masters)
+        self.layout = ImageLayout(self.config)
 
     async def start(self):
         dut = self.dut
@@ -246,7 +245,7 @@ async def test_driver(dut):
     await b.start()
     wl = make_moe_workload(**b.wl, seed=int(PARAMS.get("seed", 1)) + 100)
     backend = CocotbBackend(b.axil, b.ram)
-    acc = Accelerator(b.config, backend, axi_masters=b.masters, data_bytes=b.data_bytes)
+    acc = Accelerator(b.config, backend, axi_masters=b.masters)
     acc.load(wl["qmoe"])
     out = []
     for task in range(b.config.model.num_tasks):
@@ -257,7 +256,7 @@ async def test_driver(dut):
                               f"{tuple(bad[0])}: expected {expected[tuple(bad[0])]}, got {res.x[tuple(bad[0])]}")
         out.append(dict(task=task, **res.counters))
     # A driver built for another config must refuse to run.
-    other = Accelerator(b.config, backend, axi_masters=b.masters + 1, data_bytes=b.data_bytes)
+    other = Accelerator(b.config, backend, axi_masters=b.masters + 1)
     other.load(wl["qmoe"])
     try:
         await other.run_async(wl["h"], wl["x"], 0)

@@ -157,7 +157,7 @@ def vivado_tcl(*, axi_masters, clock_mhz, data_bytes, part):
 def header_text(top):
     """The C header: register map, config ID and the memory-image layout of this build."""
     cfg = top.config
-    img = ImageLayout(cfg, top.data_bytes)
+    img = ImageLayout(cfg)
     lay = plan_moe(cfg)
     m = cfg.model
     defines = [

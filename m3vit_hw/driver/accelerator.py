@@ -59,19 +59,18 @@ class Accelerator:
         The config the bitstream was built from.
     backend : object
         Implements the operations in the module docstring.
-    axi_masters, data_bytes, addr_width : int
-        The SoC parameters of the build (they enter the config ID).
+    axi_masters : int
+        The number of AXI masters of the build (it enters the config ID, as does every config field).
     """
 
-    def __init__(self, config, backend, *, axi_masters=1, data_bytes=16, addr_width=32):
+    def __init__(self, config, backend, *, axi_masters=1):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         self.config = config
         self.backend = backend
-        self.layout = ImageLayout(config, data_bytes)
-        self.data_bytes = data_bytes
-        self.expected_id = config_id(config, axi_masters=axi_masters, data_bytes=data_bytes,
-                                     addr_width=addr_width)
+        self.layout = ImageLayout(config)
+        self.data_bytes = config.mem_data_bytes
+        self.expected_id = config_id(config, axi_masters=axi_masters)
         self._qmoe = None
         self._weights = None
 

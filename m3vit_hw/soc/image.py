@@ -48,28 +48,31 @@ def _round_up(n, m):
     return -(-n // m) * m
 
 
-def config_id(config, *, axi_masters, data_bytes, addr_width):
+def config_id(config, *, axi_masters):
     """CRC-32 of everything that decides the hardware and its memory image.
 
     The same config and SoC parameters give the same ID on every machine and Python version
-    (canonical JSON of the dataclass fields, sorted keys).
+    (canonical JSON of the dataclass fields, sorted keys). The memory port's beat and address widths are
+    config fields, so they are part of it.
     """
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
-    desc = {"config": dataclasses.asdict(config), "axi_masters": axi_masters, "data_bytes": data_bytes,
-            "addr_width": addr_width, "regmap": list(REGMAP_VERSION)}
+    desc = {"config": dataclasses.asdict(config), "axi_masters": axi_masters, "regmap": list(REGMAP_VERSION)}
     text = json.dumps(desc, sort_keys=True, default=str, separators=(",", ":"))
     return zlib.crc32(text.encode())
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageLayout:
-    """Sizes and offsets of the four regions for ``config`` and ``data_bytes``.
+    """Sizes and offsets of the four regions for ``config`` (beats of ``config.mem_data_bytes``).
 
     ``tokens``-dependent sizes are methods; the rest are fixed by the hardware.
     """
     config: AcceleratorConfig
-    data_bytes: int
+
+    @property
+    def data_bytes(self):
+        return self.config.mem_data_bytes
 
     @property
     def tasks(self):

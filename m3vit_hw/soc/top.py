@@ -93,7 +93,7 @@ class AcceleratorTop(wiring.Component):
         self._config = config
         self._n = axi_masters
         self._slices = bool(register_slices)
-        self.image = ImageLayout(config, self._db)
+        self.image = ImageLayout(config)
         for name, wb in (("pe_cols (h word)", self.image.h_word_bytes),
                          ("pe_cols (x word)", self.image.x_word_bytes)):
             big, small = max(wb, self._db), min(wb, self._db)
@@ -101,8 +101,7 @@ class AcceleratorTop(wiring.Component):
                 raise ValueError(f"{name} of {wb} bytes must be a power-of-two multiple or fraction "
                                  f"of the {self._db}-byte AXI beat")
         #: The value of the ``ID`` register (see :func:`~.image.config_id`).
-        self.config_id = config_id(config, axi_masters=axi_masters, data_bytes=self._db,
-                                   addr_width=self._aw)
+        self.config_id = config_id(config, axi_masters=axi_masters)
         self.csr = CsrBlock(addr_width=csr_addr_width)
         super().__init__({
             "m_axi": Out(AXI4Signature(addr_width=self._aw, data_width=8 * self._db)).array(axi_masters),
