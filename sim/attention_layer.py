@@ -22,7 +22,7 @@ from reference import golden as g
 from reference import golden_model
 from reference.qparams import QAttention, QLinear
 from sim.ext_memory import ExternalMemory
-from sim.testbench import Stalls, stream_get, stream_put
+from sim.testbench import Stalls, stream_get, stream_put, wait_done
 
 __all__ = ["attn_config", "make_attn_workload", "golden_attn", "AttnLayerSim", "IMAGE_BASE",
            "run_attention_layer", "main"]
@@ -123,13 +123,7 @@ class AttnLayerSim:
                         await stream_put(ctx, dut.load, {"target": target, "addr": a,
                                                          "data": [int(v) for v in word]}, stalls=st)
                 await stream_put(ctx, dut.start, start_fields(self.qattn, T, base=IMAGE_BASE), stalls=st)
-                waited = 0
-                while not ctx.get(dut.done):
-                    await ctx.tick()
-                    waited += 1
-                    if waited > timeout:
-                        raise TimeoutError(f"AttentionLayer: no done within {timeout} cycles (run {r})")
-                await ctx.tick()
+                await wait_done(ctx, dut.done, timeout=timeout, what=f"AttentionLayer (run {r})")
                 res = {name: int(ctx.get(getattr(dut, name))) for name in
                        ("cycles", "compute_cycles", "engine_idle_cycles", "attn_cycles",
                         "attn_compute_cycles", "softmax_cycles", "overlap_cycles", "weight_bytes")}

@@ -20,7 +20,7 @@ from m3vit_hw.model_config import ModelConfig
 from reference import golden_model
 from reference.qparams import QDenseMlp, QLinear
 from sim.ext_memory import ExternalMemory
-from sim.testbench import Stalls, stream_get, stream_put
+from sim.testbench import Stalls, stream_get, stream_put, wait_done
 
 __all__ = ["dense_config", "make_dense_workload", "DenseLayerSim", "NormMlpSim", "IMAGE_BASE", "run_dense_layer", "main",
            "words_of"]
@@ -124,13 +124,7 @@ class DenseLayerSim:
                         await stream_put(ctx, dut.load, {"target": target, "addr": a,
                                                          "data": [int(v) for v in word]}, stalls=st)
                 await stream_put(ctx, dut.start, start_fields(self.qdense, T, base=IMAGE_BASE), stalls=st)
-                waited = 0
-                while not ctx.get(dut.done):
-                    await ctx.tick()
-                    waited += 1
-                    if waited > timeout:
-                        raise TimeoutError(f"DenseLayer: no done within {timeout} cycles (run {r})")
-                await ctx.tick()
+                await wait_done(ctx, dut.done, timeout=timeout, what=f"DenseLayer (run {r})")
                 res = {name: int(ctx.get(getattr(dut, name)))
                        for name in ("cycles", "compute_cycles", "wait_cycles")}
                 res["phase_cycles"] = {k.name: int(ctx.get(dut.phase_cycles[k.value])) for k in DensePhase}
@@ -279,13 +273,7 @@ class NormMlpSim:
             await stream_put(ctx, dut.start, {"tokens": T, "base": IMAGE_BASE, "ln_base": self.ln_base,
                                               "fc1_shift": int(self.qdense.fc1.shift),
                                               "fc2_shift": int(self.qdense.fc2.shift)}, stalls=st)
-            n = 0
-            while not ctx.get(dut.done):
-                await ctx.tick()
-                n += 1
-                if n > timeout:
-                    raise TimeoutError(f"NormMlp: no done within {timeout} cycles")
-            await ctx.tick()
+            await wait_done(ctx, dut.done, timeout=timeout, what="NormMlp")
             out["norm_cycles"], out["mlp_cycles"] = int(ctx.get(dut.norm_cycles)), int(ctx.get(dut.mlp_cycles))
             words = []
             for a in range(T * cfg.row_words):

@@ -30,7 +30,7 @@ from m3vit_hw.moe.reorder_controller import GATE_TAG
 from sim.ext_memory import ExternalMemory
 from sim.moe_workload import SKEWS, golden_moe, make_moe_workload
 from m3vit_hw.checks import check_output_path
-from sim.testbench import Stalls, stream_get, stream_put
+from sim.testbench import Stalls, stream_get, stream_put, wait_done
 
 __all__ = ["moe_config", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE", "BACKENDS"]
 
@@ -168,13 +168,7 @@ class MoELayerSim:
                 state["run"] = r
                 fields = start_fields(self.qmoe, task, T, self.layout, base=IMAGE_BASE)
                 await stream_put(ctx, dut.start, fields, stalls=st)
-                waited = 0
-                while not ctx.get(dut.done):
-                    await ctx.tick()
-                    waited += 1
-                    if waited > timeout:
-                        raise TimeoutError(f"MoELayer: no done within {timeout} cycles (run {r})")
-                await ctx.tick()
+                await wait_done(ctx, dut.done, timeout=timeout, what=f"MoELayer (run {r})")
                 res = {name: int(ctx.get(getattr(dut, name))) for name in
                        ("cycles", "compute_cycles", "expert_bytes", "gate_bytes", "active_experts",
                         "overflow")}

@@ -18,7 +18,7 @@ from m3vit_hw.dense.norm_stage import NormStage, pack_norm_params
 from reference import golden as g
 from reference.qparams import QLayerNorm
 from sim.ext_memory import ExternalMemory
-from sim.testbench import Stalls, stream_put
+from sim.testbench import Stalls, stream_put, wait_done
 
 __all__ = ["NormHarness", "NormStageSim", "make_norm_workload", "PARAM_BASE"]
 
@@ -105,13 +105,7 @@ class NormStageSim:
             st = Stalls(self.stall_prob, self.seed + 3)
             await stream_put(ctx, dut.start, {"tokens": T, "param_base": PARAM_BASE, "src_base": 0,
                                               "dst_base": dst_base, "dst_stride": dst_stride}, stalls=st)
-            n = 0
-            while not ctx.get(dut.done):
-                await ctx.tick()
-                n += 1
-                if n > timeout:
-                    raise TimeoutError(f"NormStage: no done within {timeout} cycles")
-            await ctx.tick()
+            await wait_done(ctx, dut.done, timeout=timeout, what="NormStage")
             out["cycles"] = int(ctx.get(dut.cycles))
             rows = []
             for t in range(T):

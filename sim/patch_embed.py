@@ -20,7 +20,7 @@ from m3vit_hw.model_config import ModelConfig
 from reference import golden_model
 from reference.qparams import QLinear
 from sim.ext_memory import ExternalMemory
-from sim.testbench import Stalls, stream_get, stream_put
+from sim.testbench import Stalls, stream_get, stream_put, wait_done
 
 __all__ = ["embed_config", "make_embed_workload", "golden_embed", "PatchEmbedSim", "run_patch_embed", "main",
            "PARAM_BASE", "IMAGE_BASE"]
@@ -106,13 +106,7 @@ class PatchEmbedSim:
                 t0 = time.time()
                 await stream_put(ctx, dut.start, start_fields(self.wl["qpatch"], base=PARAM_BASE,
                                                               img_base=self.img_base), stalls=st)
-                n = 0
-                while not ctx.get(dut.done):
-                    await ctx.tick()
-                    n += 1
-                    if n > timeout:
-                        raise TimeoutError(f"PatchEmbed: no done within {timeout} cycles")
-                await ctx.tick()
+                await wait_done(ctx, dut.done, timeout=timeout, what="PatchEmbed")
                 res = {k: int(ctx.get(getattr(dut, k))) for k in
                        ("cycles", "compute_cycles", "gemm_cycles", "patch_wait_cycles", "weight_wait_cycles",
                         "init_cycles")}

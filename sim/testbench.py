@@ -22,7 +22,7 @@ from amaranth.lib import data as _data
 from amaranth.lib import wiring as _wiring
 
 __all__ = ["Stalls", "check_payload", "stream_put", "stream_get", "stream_put_many", "stream_get_many", "transfer_logger",
-           "run_until_done", "StreamPassthrough", "EmbeddingHarness"]
+           "wait_done", "run_until_done", "StreamPassthrough", "EmbeddingHarness"]
 
 
 class Stalls:
@@ -116,6 +116,26 @@ async def stream_put_many(ctx, stream, payloads, *, stalls=None):
 
 async def stream_get_many(ctx, stream, count, *, stalls=None):
     return [await stream_get(ctx, stream, stalls=stalls) for _ in range(count)]
+
+
+async def wait_done(ctx, done, *, timeout, what):
+    """Tick until ``done`` is high, then one more cycle (the counters settle on the cycle after ``done``).
+
+    Plain ticks rather than ``.until()``: a testbench suspended in ``.until()`` when the simulation ends
+    upsets CPython 3.11 at exit (see :func:`run_until_done`).
+
+    Raises
+    ------
+    TimeoutError
+        ``"{what}: no done within {timeout} cycles"``.
+    """
+    waited = 0
+    while not ctx.get(done):
+        await ctx.tick()
+        waited += 1
+        if waited > timeout:
+            raise TimeoutError(f"{what}: no done within {timeout} cycles")
+    await ctx.tick()
 
 
 def transfer_logger(*streams):
