@@ -52,7 +52,8 @@ from .lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BU
 from .model_config import PRESETS as MODEL_PRESETS
 from .model_config import ModelConfig
 
-__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits"]
+__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits",
+           "balanced_chunks"]
 
 
 #: Accelerator-side defaults per model preset (the model itself comes from ``model_config.PRESETS``).
@@ -103,6 +104,14 @@ def index_bits(count):
 
 
 _addr_bits = index_bits
+
+
+def balanced_chunks(panels, per_chunk):
+    """Split ``panels`` column tiles into the fewest chunks of at most ``per_chunk`` each, with panel
+    counts that differ by at most one (so no chunk is a short tail that idles the engine)."""
+    count = _ceil_div(panels, per_chunk)
+    base, extra = divmod(panels, count)
+    return tuple(base + (1 if i < extra else 0) for i in range(count))
 
 
 def _ceil_div(a, b):
@@ -674,10 +683,7 @@ class AcceleratorConfig:
 
     def _chunk_counts(self, k, n):
         """Balanced panel counts (differing by at most one) of the N-chunks of a K=``k``, N=``n`` GEMM."""
-        panels = _ceil_div(n, self.pe_cols)
-        count = _ceil_div(panels, self.moe_panels_per_tile(k))
-        base, extra = divmod(panels, count)
-        return tuple(base + (1 if i < extra else 0) for i in range(count))
+        return balanced_chunks(_ceil_div(n, self.pe_cols), self.moe_panels_per_tile(k))
 
     @property
     def gate_chunks(self):

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import AcceleratorConfig
+from ..config import AcceleratorConfig, balanced_chunks
 from ..moe.expert_layout import pack_panels, pack_params
 
 __all__ = ["AttnTile", "AttnLayout", "BufferMap", "plan_attention", "buffer_map", "pack_attention",
@@ -212,12 +212,6 @@ class AttnLayout:
         return "\n".join(lines)
 
 
-def _chunks(panels, per_tile):
-    count = _ceil_div(panels, per_tile)
-    base, extra = divmod(panels, count)
-    return [base + (1 if i < extra else 0) for i in range(count)]
-
-
 def plan_attention(config):
     """The tile plan and memory layout of one attention sub-layer for ``config``.
 
@@ -252,7 +246,7 @@ def plan_attention(config):
         per_tile = min(half // panel, p_half_words)
         assert per_tile >= 1, "attn_layout: the config's weight_half_needs must cover every panel"
         first = 0
-        chunks = _chunks(_ceil_div(c1 - c0, C), per_tile)
+        chunks = balanced_chunks(_ceil_div(c1 - c0, C), per_tile)
         for ci, count in enumerate(chunks):
             w_bytes = _round_up(count * panel, data_bytes)
             p_bytes = _round_up(count * pwb, data_bytes)

@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import numerics
 from ..checks import check_int
-from ..config import AcceleratorConfig
+from ..config import AcceleratorConfig, balanced_chunks
 from ..moe.expert_layout import pack_panels, pack_params
 
 __all__ = ["DenseTile", "DenseLayout", "DenseBufferMap", "plan_dense", "dense_buffer_map", "pack_dense",
@@ -181,12 +181,6 @@ class DenseLayout:
         return "\n".join(lines)
 
 
-def _chunks(panels, per_tile):
-    count = _ceil_div(panels, per_tile)
-    base, extra = divmod(panels, count)
-    return [base + (1 if i < extra else 0) for i in range(count)]
-
-
 def plan_dense(config, *, hidden=None):
     """The tile plan and memory layout of one dense MLP for ``config``.
 
@@ -220,7 +214,7 @@ def plan_dense(config, *, hidden=None):
                 f"weight_buffer_bytes={config.weight_buffer_bytes} is too small: each half ({half} B) "
                 f"must hold one {kind} panel of K={k} x pe_cols={C} = {panel} bytes; use >= {2 * panel}")
         first = 0
-        for ci, count in enumerate(_chunks(_ceil_div(n, C), per_tile)):
+        for ci, count in enumerate(balanced_chunks(_ceil_div(n, C), per_tile)):
             w_bytes = _round_up(count * panel, data_bytes)
             p_bytes = _round_up(count * pwb, data_bytes)
             n0 = first * C

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import numerics
 from ..checks import check_int
-from ..config import AcceleratorConfig
+from ..config import AcceleratorConfig, balanced_chunks
 from ..moe.expert_layout import pack_panels, pack_params
 
 __all__ = ["EmbedTile", "EmbedLayout", "EmbedBufferMap", "plan_embed", "embed_buffer_map", "pack_embed",
@@ -131,12 +131,6 @@ def embed_buffer_map(config, *, patch_tile=None):
                           act_words=2 * slot_rows * kw)
 
 
-def _chunks(panels, per_tile):
-    count = _ceil_div(panels, per_tile)
-    base, extra = divmod(panels, count)
-    return [base + (1 if i < extra else 0) for i in range(count)]
-
-
 def plan_embed(config):
     """The tile plan and memory layout of the patch embedding for ``config``.
 
@@ -163,7 +157,7 @@ def plan_embed(config):
     assert per_tile >= 1, "embed_layout: the config's weight_half_needs must cover the patch panel"
     tiles = []
     first = 0
-    for count in _chunks(_ceil_div(D, C), per_tile):
+    for count in balanced_chunks(_ceil_div(D, C), per_tile):
         w_bytes = _round_up(count * panel, data_bytes)
         p_bytes = _round_up(count * pwb, data_bytes)
         n0 = first * C
