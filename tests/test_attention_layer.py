@@ -217,6 +217,30 @@ def test_verilog_and_embedding():
     assert "module attn_top" in text
 
 
+def test_sequencer_is_a_datapath_client():
+    """AttnSequencer alone: the contract's ports (client, o, e8_wr, rt_wr, start/done/busy, counters)
+    with the widths of the datapath it plugs into, it converts to Verilog alone and embeds through its
+    signature, and the wrapper's sequencer is one (so every bit-exact test above proves it)."""
+    from m3vit_hw.attention import AttnSequencer
+    from m3vit_hw.dense.client import GemmClientSignature
+    cfg = attn_config(dim=20, heads=2, tokens=7, q_tile=3)
+    layer = AttentionLayer(cfg)
+    seq = layer.sequencer
+    assert isinstance(seq, AttnSequencer)
+    members = seq.signature.members
+    assert members["client"] == wiring.Out(GemmClientSignature(cfg))
+    assert members["o"].signature == layer.engine.signature.members["o"].signature.flip()
+    assert members["rt_wr"].signature.members["addr"].shape == cfg.rowtab_addr_bits
+    assert members["e8_wr"].signature.members["addr"].shape == (layer.e8_buffer.depth - 1).bit_length()
+    for name in ("start", "done", "busy", "cycles", "phase_cycles"):
+        assert name in members, f"AttnSequencer: no {name} port"
+    text = verilog.convert(EmbeddingHarness(AttnSequencer(cfg, layer.layout, layer.buffer_map)),
+                           name="attn_seq")
+    assert "module attn_seq" in text
+    with pytest.raises(TypeError, match="layout must be an AttnLayout"):
+        AttnSequencer(cfg, None, layer.buffer_map)
+
+
 def test_cli_reports_and_refuses(tmp_path, capsys):
     from sim.attention_layer import main
     out = tmp_path / "r.json"
