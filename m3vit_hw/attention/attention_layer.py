@@ -103,7 +103,7 @@ class AttnLoadLayout(data.StructLayout):
         })
 
 
-def connect_operand_reads(m, engine, config, *, act, e8, wbuf, pbuf):
+def connect_operand_reads(m, engine, config, *, act, e8, wbuf, pbuf, e8_enable=None):
     """Wire the engine's operand reads as attention needs them (the datapath's operand wiring).
 
     * A (``engine.a_rd``): the activation main bank ``act`` below ``config.attn_e8_base``, the e8 bank
@@ -115,7 +115,9 @@ def connect_operand_reads(m, engine, config, *, act, e8, wbuf, pbuf):
     * Column parameters (``engine.colp_rd``): the parameter buffer's current half, lanes unpacked.
 
     Adds two read ports to ``act`` and one to ``e8`` (``amaranth.lib.memory.Memory``); ``wbuf`` and
-    ``pbuf`` are :class:`~m3vit_hw.moe.weight_buffer.WeightBuffer` instances.
+    ``pbuf`` are :class:`~m3vit_hw.moe.weight_buffer.WeightBuffer` instances. ``e8_enable`` (a 1-bit
+    value, default always) gates the e8 select: a shared datapath whose other clients address the main
+    bank above ``attn_e8_base`` passes "attention is the active client".
     """
     C = config.pe_cols
     main_aw = mem_addr_width(act.depth)
@@ -123,6 +125,8 @@ def connect_operand_reads(m, engine, config, *, act, e8, wbuf, pbuf):
     a_main, a_e8 = act.read_port(), e8.read_port()
     a_sel = Signal()
     a_is_e8 = engine.a_rd.addr >= config.attn_e8_base
+    if e8_enable is not None:
+        a_is_e8 = a_is_e8 & e8_enable
     m.d.comb += [
         a_main.addr.eq(engine.a_rd.addr[:main_aw]), a_main.en.eq(engine.a_rd.en),
         a_e8.addr.eq(engine.a_rd.addr[:e8_aw]), a_e8.en.eq(engine.a_rd.en),
