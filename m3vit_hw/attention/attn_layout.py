@@ -4,7 +4,8 @@ This module is the single source of truth for *where* an attention sub-layer's i
 (:class:`reference.qparams.QAttention`) live in external memory, how they are cut into tiles that each fit
 one half of the double-buffered weight and parameter buffers, and where the sub-layer's operands live in
 the on-chip buffers (:class:`BufferMap`). The packer (:func:`pack_attention`), the
-:class:`~m3vit_hw.attention.attention_layer.AttentionLayer` (which bakes the tile plan into its sequencer),
+:class:`~m3vit_hw.attention.attn_sequencer.AttnSequencer` (which walks the tile plan in hardware from
+the run-time shape, :meth:`AttnLayout.shape_fields`),
 the simulation runner and the tests all read it. Pure Python + numpy.
 
 Heads and padding
@@ -27,7 +28,17 @@ A tile is an N-chunk of one GEMM's weight panels (``K`` words of ``C`` int8 each
 its parameter words (see :mod:`m3vit_hw.moe.expert_layout` for both formats), as many panels as fit one
 half of each buffer. The plan is: head 0's Q|K tiles, head 0's V tiles, head 1's Q|K tiles, ..., then
 the projection's tiles (Q|K and V are separate so that a head's Q|K can be computed while the previous
-head's last AV still reads V).
+head's last AV still reads V). Each part (a head's Q|K, its V, the projection) is split into the fewest
+balanced chunks (:func:`~m3vit_hw.config.balanced_chunks`), so the whole plan is described by the shape
+(D, heads, head_dim) and three ``(panels, extra, chunks)`` triples (:meth:`AttnLayout.shape_fields`).
+
+Run-time shape
+--------------
+The design's buffer map (:func:`buffer_map`) is sized for ``config.model``; :func:`plan_attention` also
+plans any smaller shape (``dim``, ``heads``) that fits it, for the same elaborated design: the row
+pitch of ``h`` and ``x`` (``row_words``), the region bases, the score and e8 slots and the row table
+stay the design's; the head width (``hw``), the context pitch (``heads * hw``), the Q|K|V pitch
+(``3 * hw``), the GEMM sizes and the tile plan follow the run-time shape.
 
 Image
 -----
