@@ -53,12 +53,21 @@ from .. import numerics
 from ..config import PARAM_LANE_BYTES, AcceleratorConfig, param_word_bytes
 
 __all__ = [
-    "PARAM_LANE_BYTES", "param_word_bytes", "Tile", "MoELayout", "plan_moe", "pack_moe",
+    "PARAM_LANE_BYTES", "param_word_bytes", "ROUTER_RECORD_BYTES", "LUT_BYTES", "pack_router_record", "Tile", "MoELayout", "plan_moe", "pack_moe",
     "pack_panels", "pack_params", "unpack_params", "start_fields",
 ]
 
 #: Byte offset of ``mult`` within a lane.
 _MULT_OFFSET = 4
+
+#: Bytes of one task's router record: the router softmax's ``c_mult`` (uint16 little-endian, bytes
+#: 0-1) and ``c_shift`` (byte 2), the rest zero. Per task because a multi-gate model has one router
+#: softmax scale per gate. The MoE client fetches task ``t``'s record from ``router_addr + t *
+#: ROUTER_RECORD_BYTES`` when its start asks for it (the ISA's ``MOE.router_addr``).
+ROUTER_RECORD_BYTES = 16
+
+#: Bytes of a GELU table in external memory: entry ``i`` (the int8 input ``i - 128``) at byte ``i``.
+LUT_BYTES = 1 << numerics.ACT_BITS
 
 
 def _ceil_div(a, b):
@@ -347,6 +356,21 @@ def pack_moe(qmoe, config):
             _place(image, base + tile.p_offset,
                    pack_params(np.asarray(q.bias)[e][cols], np.asarray(q.mult)[e][cols], C), tile.p_bytes)
     return bytes(image), layout
+
+
+def pack_router_record(c_mult, c_shift):
+    """One task's router record (:data:`ROUTER_RECORD_BYTES` bytes, see there).
+
+    Raises
+    ------
+    ValueError
+        If ``c_mult`` or ``c_shift`` does not fit its field.
+    """
+    if not 0 <= int(c_mult) < 1 << numerics.SOFTMAX_MULT_BITS:
+        raise ValueError(f"c_mult must be in [0, {(1 << numerics.SOFTMAX_MULT_BITS) - 1}], not {c_mult}")
+    if not 0 <= int(c_shift) <= 0xFF:
+        raise ValueError(f"c_shift must be in [0, 255], not {c_shift}")
+    return (int(c_mult).to_bytes(2, "little") + bytes([int(c_shift)])).ljust(ROUTER_RECORD_BYTES, b"\0")
 
 
 def start_fields(qmoe, task, tokens, layout, *, base=0):

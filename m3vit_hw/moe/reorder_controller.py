@@ -5,7 +5,8 @@ This is the paper's *computation reordering* in hardware. After the router has s
 controller
 
 1. **captures** the walk: entries into the *row table* (``token_capacity * top_k`` entries of
-   ``(token, Q0.15 weight)``, the GemmEngine's row-table format) and headers into a small *active
+   ``(token, Q0.15 weight)``, the GemmEngine's row-table format; the table belongs to the datapath and
+   is written through ``rt_wr``) and headers into a small *active
    list* of ``(expert, offset, count)`` (at most ``min(E, T*k)`` entries, O(E) metadata);
 2. runs a **fetch sequencer** over ``(active experts ascending) x (static tile plan)``: for each tile a
    command to the weight streamer (the tile's panels) and one to the parameter streamer (its column
@@ -103,6 +104,16 @@ class LayerStartLayout(data.StructLayout):
     c_mult, c_shift : the router softmax's exponent scale for this task's gate.
     fc1_shift, fc2_shift : range(SHIFT_MAX + 1)
         Requantization shifts of the experts' fc1 and fc2 (one per layer, shared by all experts).
+    router_fetch, router_addr : 1, unsigned(config.mem_addr_width)
+        If ``router_fetch``: ``c_mult`` and ``c_shift`` are ignored and the task's router record
+        (:func:`~m3vit_hw.moe.expert_layout.pack_router_record`) is read from ``router_addr + task *
+        ROUTER_RECORD_BYTES`` (a multiple of ``min(16, mem beat)``) by the
+        :class:`~m3vit_hw.moe.moe_sequencer.MoESequencer` (the controller ignores these fields).
+    lut_fetch, lut_addr : 1, unsigned(config.mem_addr_width)
+        If ``lut_fetch``: the sequencer reads the experts' 256-byte GELU table from ``lut_addr`` (a
+        multiple of the memory beat) into the engine before the first expert GEMM; otherwise the
+        table already in the engine is used (the standalone MoELayer loads it through ``load``).
+        Zero (the default of a start that does not set them) fetches nothing.
     """
 
     def __init__(self, config):
@@ -117,6 +128,10 @@ class LayerStartLayout(data.StructLayout):
             "c_shift": unsigned(SHIFT_BITS),
             "fc1_shift": range(numerics.SHIFT_MAX + 1),
             "fc2_shift": range(numerics.SHIFT_MAX + 1),
+            "router_fetch": unsigned(1),
+            "router_addr": unsigned(addr_width),
+            "lut_fetch": unsigned(1),
+            "lut_addr": unsigned(addr_width),
         })
 
 
@@ -168,8 +183,11 @@ class ReorderController(wiring.Component):
         The engine's PE array accepted an operand beat (one reduction step of one output tile) this
         cycle. Commands consume ``ceil(m / pe_rows) * ceil(n / C) * k`` beats, in command order; the
         controller counts them to release a tile's halves early (see the module docstring).
-    rowtab : ``Out(memory.ReadPort.Signature(rowtab_addr_bits, RowEntryLayout(config)))``
-        The row table's read port, for the engine's ``rowtab_rd``.
+    rt_wr : ``In(memory.WritePort.Signature(addr_width=rowtab_addr_bits, shape=RowEntryLayout(config)))``
+        Writes the captured queue walk into the datapath's row table (entry ``offset + i`` of an active
+        expert = its ``i``-th token and Q0.15 weight); the engine reads the same table (``rowtab_rd``).
+        The controller owns no row table: the shared datapath has one, which attention's score path
+        also writes.
     gate_phase : ``Out(1)``
         The gate tile is resident: the parameter buffer's read port belongs to the router.
     done : ``Out(1)``
@@ -207,7 +225,7 @@ class ReorderController(wiring.Component):
             "gemm": Out(stream.Signature(GemmCommand(config))),
             "gemm_done": In(1),
             "pe_beat": In(1),
-            "rowtab": Out(memory.ReadPort.Signature(addr_width=config.rowtab_addr_bits,
+            "rt_wr": In(memory.WritePort.Signature(addr_width=config.rowtab_addr_bits,
                                                     shape=RowEntryLayout(config))),
             "gate_phase": Out(1),
             "done": Out(1),
@@ -315,11 +333,7 @@ class ReorderController(wiring.Component):
         aw = self._aw
 
         # ---- storage -------------------------------------------------------------------------------
-        m.submodules.rowtab = rt = memory.Memory(shape=RowEntryLayout(cfg), depth=entries, init=[])
-        rt_w = rt.write_port()
-        rt_r = rt.read_port()
-        m.d.comb += [rt_r.addr.eq(self.rowtab.addr), rt_r.en.eq(self.rowtab.en),
-                     self.rowtab.data.eq(rt_r.data)]
+        rt_w = self.rt_wr
         list_layout = data.StructLayout({
             "expert": unsigned(expert_id_width(E)), "offset": range(entries + 1), "count": range(cap + 1)})
         m.submodules.active = lst = memory.Memory(shape=list_layout, depth=max(2, list_depth), init=[])
