@@ -23,7 +23,8 @@ from amaranth.sim import Simulator
 
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.gemm.epilogue import EpilogueMode
-from m3vit_hw.moe.expert_layout import pack_moe, start_fields
+from m3vit_hw.moe.expert_layout import (ROUTER_RECORD_BYTES, pack_moe, pack_router_record,
+                                        start_fields)
 from m3vit_hw.model_config import ModelConfig
 from m3vit_hw.moe.moe_layer import LoadTarget, MoELayer
 from m3vit_hw.moe.reorder_controller import GATE_TAG
@@ -32,7 +33,7 @@ from sim.moe_workload import SKEWS, golden_moe, make_moe_workload
 from m3vit_hw.checks import check_output_path
 from sim.testbench import Stalls, stream_get, stream_put, wait_done
 
-__all__ = ["moe_config", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE", "BACKENDS"]
+__all__ = ["moe_config", "append_tables", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE", "BACKENDS"]
 
 #: Simulation backends of :func:`run_moe_layer`: Amaranth's simulator, or compiled with Verilator.
 BACKENDS = ("pysim", "verilator")
@@ -63,6 +64,22 @@ def moe_config(*, experts, top_k, dim, hidden, tokens, tasks=1, pe_rows=4, pe_co
                              param_buffer_words=param_buffer_words)
 
 
+def append_tables(image, qmoe, tasks, data_bytes):
+    """``image`` + the per-task router records (:func:`~m3vit_hw.moe.expert_layout.pack_router_record`)
+    + the GELU table, each beat-aligned; returns ``(image, router_offset, lut_offset)``."""
+    align = max(data_bytes, ROUTER_RECORD_BYTES)
+    out = bytearray(image)
+    out += bytes(-len(out) % align)
+    router_offset = len(out)
+    for t in range(tasks):
+        g = t if len(qmoe.gates) > 1 else 0
+        out += pack_router_record(qmoe.router_c_mult[g], qmoe.router_c_shift[g])
+    out += bytes(-len(out) % align)
+    lut_offset = len(out)
+    out += (np.asarray(qmoe.gelu_lut, dtype=np.int64) & 0xFF).astype(np.uint8).tobytes()
+    return bytes(out), router_offset, lut_offset
+
+
 def _words(matrix, C):
     """Rows of ``matrix`` as buffer words: row t, word w at t * ceil(cols / C) + w (lanes padded 0)."""
     matrix = np.asarray(matrix, dtype=np.int64)
@@ -84,17 +101,35 @@ class MoELayerSim:
     mem_bytes_per_cycle, latency, stall_prob, seed :
         The :class:`~sim.ext_memory.ExternalMemory` model; ``stall_prob`` also stalls every external
         stream of the layer (load, start, read-back).
+    tables_from_memory : bool
+        Place the per-task router records and the GELU table after the parameter image and let the
+        layer's client fetch them (``router_fetch``/``lut_fetch`` start fields, as the encoder's MOE
+        instruction does; ``c_mult``/``c_shift`` are then sent as 0) instead of loading the table
+        through ``load`` and sending the router scale in ``start``.
     """
 
-    def __init__(self, config, qmoe, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0):
+    def __init__(self, config, qmoe, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0,
+                 tables_from_memory=False):
         self.config = config
         self.qmoe = qmoe
         self.dut = MoELayer(config)
         self.image, self.layout = pack_moe(qmoe, config)
+        self.tables_from_memory = tables_from_memory
+        if tables_from_memory:
+            self.image, self.router_offset, self.lut_offset = append_tables(
+                self.image, qmoe, config.model.num_tasks, config.mem_data_bytes)
         self.mem_kwargs = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
                                stall_prob=stall_prob, seed=seed, max_outstanding=4)
         self.stall_prob = stall_prob
         self.seed = seed
+
+    def start_fields(self, task, tokens):
+        """The ``start`` payload of one run (see ``tables_from_memory``)."""
+        fields = start_fields(self.qmoe, task, tokens, self.layout, base=IMAGE_BASE)
+        if self.tables_from_memory:
+            fields.update(c_mult=0, c_shift=0, router_fetch=1, router_addr=IMAGE_BASE + self.router_offset,
+                          lut_fetch=1, lut_addr=IMAGE_BASE + self.lut_offset)
+        return fields
 
     def run(self, runs, *, timeout=2_000_000):
         """Run layers ``[(h, x, task)]`` back to back on the same design; return one dict per run.
@@ -155,7 +190,7 @@ class MoELayerSim:
 
         async def host(ctx):
             st = Stalls(self.stall_prob, self.seed + 7)
-            for a in range(256):
+            for a in range(0 if self.tables_from_memory else 256):
                 await stream_put(ctx, dut.load, {"target": LoadTarget.GELU, "addr": a,
                                                  "data": [int(lut[a])] + [0] * (C - 1)}, stalls=st)
             for r, (h, x, task) in enumerate(runs):
@@ -166,8 +201,7 @@ class MoELayerSim:
                         await stream_put(ctx, dut.load, {"target": target, "addr": a,
                                                          "data": [int(v) for v in word]}, stalls=st)
                 state["run"] = r
-                fields = start_fields(self.qmoe, task, T, self.layout, base=IMAGE_BASE)
-                await stream_put(ctx, dut.start, fields, stalls=st)
+                await stream_put(ctx, dut.start, self.start_fields(task, T), stalls=st)
                 await wait_done(ctx, dut.done, timeout=timeout, what=f"MoELayer (run {r})")
                 res = {name: int(ctx.get(getattr(dut, name))) for name in
                        ("cycles", "compute_cycles", "expert_bytes", "gate_bytes", "active_experts",

@@ -321,3 +321,22 @@ def test_w1_shaped_layer_zero_overhead():
     assert rep["bit_exact"], rep["first_mismatch"]
     assert rep["weight_bytes_fetched"] == rep["weight_bytes_minimum"]
     assert rep["within_bound"], (rep["overhead_cycles"], rep["overhead_bound"])
+
+
+@pytest.mark.parametrize("data_bytes", [4, 16, 64])
+def test_router_record_and_gelu_table_from_memory(data_bytes):
+    """The client's own table fetch (the encoder's MOE instruction path): no GELU table through
+    ``load`` and ``c_mult = c_shift = 0`` in ``start``; the client reads each task's router record and
+    the GELU table through its ``mem`` port (the wrapper's third arbiter master). Two tasks back to back
+    with memory and stream stalls, at memory beats narrower than, equal to and wider than a record."""
+    E, k = 5, 2
+    cfg = moe_config(experts=E, top_k=k, dim=D, hidden=H, tokens=9, tasks=2).with_(mem_data_bytes=data_bytes)
+    base = make_moe_workload(E, k, D, H, 9, tasks=2, seed=21, skew=("none", "hot"))
+    runs = []
+    for n, (task, tokens) in enumerate(((1, 9), (0, 7))):
+        data = make_moe_workload(E, k, D, H, tokens, tasks=2, seed=21 + 1000 * (n + 1))
+        runs.append((data["h"], data["x"], task))
+    sim = MoELayerSim(cfg, base["qmoe"], mem_bytes_per_cycle=4, latency=9, stall_prob=0.2, seed=21,
+                      tables_from_memory=True)
+    assert sim.start_fields(1, 9)["c_mult"] == 0 and sim.start_fields(1, 9)["lut_fetch"] == 1
+    _check_runs(sim, runs, sim.run(runs), f"tables from memory, {data_bytes}-byte beats")
