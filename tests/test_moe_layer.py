@@ -340,3 +340,49 @@ def test_router_record_and_gelu_table_from_memory(data_bytes):
                       tables_from_memory=True)
     assert sim.start_fields(1, 9)["c_mult"] == 0 and sim.start_fields(1, 9)["lut_fetch"] == 1
     _check_runs(sim, runs, sim.run(runs), f"tables from memory, {data_bytes}-byte beats")
+
+
+def _check_model_runs(sim, runs, results, label):
+    """Bit-exact and fetch accounting of runs ``(h, x, task, model)`` of several models on one design."""
+    for n, ((h, x, task, model), res) in enumerate(zip(runs, results)):
+        md = sim.models[model]
+        q, k, lay = md["qmoe"], md["top_k"], md["layout"]
+        multi_gate = len(q.gates) == lay.tasks
+        want, routing = golden_model.moe_layer(x, h, q, task, k, multi_gate=multi_gate)
+        bad = np.argwhere(res["x"] != want)
+        if len(bad):
+            t, c = bad[0]
+            pytest.fail(f"MoELayer {label} run {n} (model {model}, task {task}): x[{t}, {c}] expected "
+                        f"{want[t, c]}, got {res['x'][t, c]} ({len(bad)} mismatches)")
+        active = [int(e) for e in routing["active"]]
+        counts = {e: int(np.sum(routing["experts"] == e)) for e in active}
+        assert res["expert_tokens"] == counts, (
+            f"MoELayer {label} run {n}: expert token counts expected {counts}, got {res['expert_tokens']}")
+        minimum = sum(lay.weight_bytes(e) for e in active)
+        assert res["expert_bytes"] == minimum, (
+            f"MoELayer {label} run {n}: fetched {res['expert_bytes']} expert bytes, minimum {minimum}")
+        assert res["gate_bytes"] == lay.gate_bytes
+        print(f"MoELayer {label} run {n}: model {model} (E={lay.experts} top-{k} h={lay.hidden}, "
+              f"{len(lay.tiles)} tiles), task {task}, T={h.shape[0]}, active {counts}, bit-exact; "
+              f"{res['cycles']} cycles, compute {res['compute_cycles']}")
+
+
+@pytest.mark.parametrize("tables_from_memory", [False, True])
+def test_one_design_runs_two_models(tables_from_memory):
+    """Run-time model shape: ONE elaborated design (E=4, top-2, D=16, h=32, two tasks) runs its own
+    model and a smaller one (E=3, top-1, h=24: a padded gate, its expert plan table fetched at start,
+    k from the start) back to back, alternating, with memory and stream stalls; every run bit-exact
+    against reference.golden_model.moe_layer with that model's parameters, and each model's active
+    experts fetched exactly once."""
+    E, k, T = 4, 2, 10
+    cfg = moe_config(experts=E, top_k=k, dim=D, hidden=H, tokens=T, tasks=2)
+    big = make_moe_workload(E, k, D, H, T, tasks=2, seed=31)
+    small = make_moe_workload(3, 1, D, 24, T, tasks=2, seed=32, skew=("none", "hot"))
+    runs = []
+    for n, (model, task, tokens) in enumerate(((1, 0, 10), (0, 1, 9), (1, 1, 8), (0, 0, 10))):
+        data = make_moe_workload(E, k, D, H, tokens, tasks=2, seed=40 + n)
+        runs.append((data["h"], data["x"], task, model))
+    sim = MoELayerSim(cfg, big["qmoe"], mem_bytes_per_cycle=4, latency=9, stall_prob=0.2, seed=31,
+                      tables_from_memory=tables_from_memory, models=[(small["qmoe"], 1)])
+    assert sim.models[1]["layout"].hidden == 24 and sim.models[1]["layout"].gate_cols == E
+    _check_model_runs(sim, runs, sim.run(runs), "two models" + (" (tables from memory)" if tables_from_memory else ""))

@@ -24,7 +24,7 @@ through
 the encoder top puts the same client on its shared datapath.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -35,7 +35,8 @@ from ..dense.patch_loader import BurstRequester
 from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..lib.mem_port import ReadPortSignature
-from .expert_layout import LUT_BYTES, PARAM_LANE_BYTES, ROUTER_RECORD_BYTES, plan_moe
+from .expert_layout import (LUT_BYTES, PARAM_LANE_BYTES, PLAN_ENTRY_BYTES, PLAN_FIELDS, ROUTER_RECORD_BYTES,
+                            plan_moe)
 from .expert_queues import ExpertQueues
 from .reorder_controller import GATE_TAG, LayerStartLayout, ReorderController
 from .router import Router
@@ -137,7 +138,11 @@ class MoESequencer(wiring.Component):
         self.controller = ReorderController(config, layout)
         self.router = Router(config)
         self.queues = ExpertQueues.from_config(config)
-        self.fetcher = BurstRequester(**port, max_beats=max(self._rec_beats, self._lut_beats))
+        #: Entries of the run-time plan table the sequencer fetches (``pack_plan(layout, config)``).
+        self.plan_entries = self.controller.plan_entries
+        self._plan_beats = -(-self.plan_entries * PLAN_ENTRY_BYTES // db)
+        self.fetcher = BurstRequester(**port, max_beats=max(self._rec_beats, self._lut_beats,
+                                                            self._plan_beats))
         cw = config.counter_width
         super().__init__({
             "start": In(stream.Signature(LayerStartLayout(config))),
@@ -186,9 +191,12 @@ class MoESequencer(wiring.Component):
 
         # ---- fetcher: the task's router record, then the GELU table ----------------------------------
         rec_want = Signal()         # a record fetch is owed by the request side
+        plan_want = Signal()
         lut_want = Signal()
         rec_ok = Signal()           # c_mult / c_shift are valid (given or fetched)
+        plan_ok = Signal()          # the run-time plan is in the controller (or not used)
         lut_ok = Signal()           # the engine's GELU table is this layer's
+        top_k = Signal.like(self.queues.k, init=cfg.model.top_k)
         rec_left = Signal(range(self._rec_beats + 1))    # response beats of the record still due
         rec_off = Signal(range(max(1, db // ROUTER_RECORD_BYTES)))   # the record within its beat
         c_mult = Signal(numerics.SOFTMAX_MULT_BITS)
@@ -198,8 +206,9 @@ class MoESequencer(wiring.Component):
         rec_at = Signal(aw)
         with m.If(start):
             m.d.sync += [
-                rec_want.eq(sp.router_fetch), lut_want.eq(sp.lut_fetch),
-                rec_ok.eq(~sp.router_fetch), lut_ok.eq(~sp.lut_fetch),
+                rec_want.eq(sp.router_fetch), lut_want.eq(sp.lut_fetch), plan_want.eq(sp.plan_fetch),
+                rec_ok.eq(~sp.router_fetch), lut_ok.eq(~sp.lut_fetch), plan_ok.eq(~sp.plan_fetch),
+                top_k.eq(Mux(sp.top_k == 0, cfg.model.top_k, sp.top_k)),
                 rec_left.eq(Mux(sp.router_fetch, self._rec_beats, 0)),
                 rec_at.eq(rec_addr),
                 c_mult.eq(sp.c_mult), c_shift.eq(sp.c_shift),
@@ -208,17 +217,24 @@ class MoESequencer(wiring.Component):
                 m.d.sync += rec_off.eq(rec_addr[(ROUTER_RECORD_BYTES.bit_length() - 1):
                                                 (db.bit_length() - 1)])
         lut_at = Signal(aw)
+        plan_at = Signal(aw)
         with m.If(start):
-            m.d.sync += lut_at.eq(sp.lut_addr)
+            m.d.sync += [lut_at.eq(sp.lut_addr), plan_at.eq(sp.plan_addr)]
         lb = db.bit_length() - 1
-        m.d.comb += [
-            fr.cmd.valid.eq(rec_want | lut_want),
-            fr.cmd.p.addr.eq(Mux(rec_want, (rec_at >> lb) << lb, lut_at)),
-            fr.cmd.p.beats.eq(Mux(rec_want, self._rec_beats, self._lut_beats)),
-        ]
+        # Requests in the order they are needed: the record (the gate's router command), the plan
+        # (the first expert tile's fetch), the table (the first expert GEMM).
+        m.d.comb += fr.cmd.valid.eq(rec_want | plan_want | lut_want)
+        with m.If(rec_want):
+            m.d.comb += [fr.cmd.p.addr.eq((rec_at >> lb) << lb), fr.cmd.p.beats.eq(self._rec_beats)]
+        with m.Elif(plan_want):
+            m.d.comb += [fr.cmd.p.addr.eq(plan_at), fr.cmd.p.beats.eq(self._plan_beats)]
+        with m.Else():
+            m.d.comb += [fr.cmd.p.addr.eq(lut_at), fr.cmd.p.beats.eq(self._lut_beats)]
         with m.If(fr.cmd.valid & fr.cmd.ready):
             with m.If(rec_want):
                 m.d.sync += rec_want.eq(0)
+            with m.Elif(plan_want):
+                m.d.sync += plan_want.eq(0)
             with m.Else():
                 m.d.sync += lut_want.eq(0)
         wiring.connect(m, fr.req, wiring.flipped(self.mem.req))
@@ -232,10 +248,50 @@ class MoESequencer(wiring.Component):
         lut_byte = Signal(range(db))
         in_rec = rec_left != 0
         last_byte = lut_byte == db - 1
+
+        # The plan table: entries of PLAN_ENTRY_BYTES; a beat holds several (wide beats) or an entry
+        # takes several beats (narrow beats, assembled in ``acc``).
+        E_BITS = 8 * PLAN_ENTRY_BYTES
+        n_plan = self.plan_entries
+        plan_left = Signal(range(n_plan + 1))        # entries still to write
+        plan_idx = Signal(range(n_plan + 1))
+        in_plan = ~in_rec & (plan_left != 0)
+        pw = ctl.plan_wr
+        if db >= PLAN_ENTRY_BYTES:
+            per_beat = db // PLAN_ENTRY_BYTES
+            sub = Signal(range(per_beat))
+            entry = resp.p.data.word_select(sub, E_BITS) if per_beat > 1 else resp.p.data
+            beat_end = (sub == per_beat - 1) | (plan_left == 1)
+            write = resp.valid & in_plan
+            with m.If(write):
+                m.d.sync += sub.eq(Mux(beat_end, 0, sub + 1))
+        else:
+            per_entry = PLAN_ENTRY_BYTES // db
+            part = Signal(range(per_entry))
+            acc = Signal(E_BITS)
+            entry = Cat(acc[8 * db:], resp.p.data)
+            beat_end = 1
+            write = resp.valid & in_plan & (part == per_entry - 1)
+            with m.If(resp.valid & in_plan):
+                m.d.sync += [acc.eq(entry), part.eq(Mux(part == per_entry - 1, 0, part + 1))]
+        fields = {name: entry[8 * at:8 * (at + size)] for name, (at, size) in PLAN_FIELDS.items()}
+        m.d.comb += [pw.addr.eq(plan_idx), pw.en.eq(write)]
+        for name in ("w_off", "w_len", "p_off", "p_len", "n", "n0w", "nk", "k", "w_last"):
+            m.d.comb += getattr(pw.data, name).eq(fields[name])
+        m.d.comb += [pw.data.fc2.eq(fields["flags"][0]), pw.data.first_fc2.eq(fields["flags"][1]),
+                     pw.data.last.eq(fields["flags"][2])]
+        with m.If(start):
+            m.d.sync += [plan_left.eq(Mux(sp.plan_fetch, n_plan, 0)), plan_idx.eq(0)]
+        with m.Elif(write):
+            m.d.sync += [plan_left.eq(plan_left - 1), plan_idx.eq(plan_idx + 1)]
+            with m.If(plan_left == 1):
+                m.d.sync += plan_ok.eq(1)
+        m.d.comb += ctl.plan_ready.eq(plan_ok)
+
         m.d.comb += [
-            resp.ready.eq(in_rec | last_byte),
+            resp.ready.eq(in_rec | Mux(in_plan, beat_end, last_byte)),
             cl.gelu_lut.addr.eq(lut_idx),
-            cl.gelu_lut.en.eq(resp.valid & ~in_rec & (lut_idx < LUT_BYTES)),
+            cl.gelu_lut.en.eq(resp.valid & ~in_rec & ~in_plan & (lut_idx < LUT_BYTES)),
         ]
         with m.Switch(lut_byte):
             for k in range(db):
@@ -258,7 +314,7 @@ class MoESequencer(wiring.Component):
                             m.d.sync += c_shift.eq(byte)
             with m.If(rec_left == 1):
                 m.d.sync += rec_ok.eq(1)
-        with m.Elif(resp.valid):
+        with m.Elif(resp.valid & ~in_plan):
             m.d.sync += [lut_byte.eq(Mux(last_byte, 0, lut_byte + 1)), lut_idx.eq(lut_idx + 1)]
             with m.If(lut_idx == LUT_BYTES - 1):
                 m.d.sync += lut_ok.eq(1)
@@ -275,6 +331,7 @@ class MoESequencer(wiring.Component):
             ctl.router_drained.eq(rtr.drained),
         ]
         wiring.connect(m, rtr.o, qs.i)
+        m.d.comb += qs.k.eq(top_k)
         wiring.connect(m, qs.o, ctl.q)
         wiring.connect(m, ctl.rt_wr, wiring.flipped(self.rt_wr))
 
