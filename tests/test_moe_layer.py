@@ -367,22 +367,29 @@ def _check_model_runs(sim, runs, results, label):
               f"{res['cycles']} cycles, compute {res['compute_cycles']}")
 
 
-@pytest.mark.parametrize("tables_from_memory", [False, True])
-def test_one_design_runs_two_models(tables_from_memory):
-    """Run-time model shape: ONE elaborated design (E=4, top-2, D=16, h=32, two tasks) runs its own
-    model and a smaller one (E=3, top-1, h=24: a padded gate, its expert plan table fetched at start,
-    k from the start) back to back, alternating, with memory and stream stalls; every run bit-exact
-    against reference.golden_model.moe_layer with that model's parameters, and each model's active
-    experts fetched exactly once."""
-    E, k, T = 4, 2, 10
-    cfg = moe_config(experts=E, top_k=k, dim=D, hidden=H, tokens=T, tasks=2)
+@pytest.mark.parametrize("E, k, small, weight_buffer_bytes, tables_from_memory", [
+    (4, 2, (3, 1, 24), None, False),
+    (4, 2, (3, 1, 24), None, True),
+    (5, 2, (2, 2, 12), 256, False),
+])
+def test_one_design_runs_two_models(E, k, small, weight_buffer_bytes, tables_from_memory):
+    """Run-time model shape: ONE elaborated design (E experts, top-k, D=16, h=32, two tasks) runs its
+    own model and a smaller one (fewer experts: a padded gate; its own k from the start; a narrower
+    expert hidden: its expert plan table fetched at start) back to back, alternating, with memory
+    and stream stalls; every run bit-exact against reference.golden_model.moe_layer with that model's
+    parameters, and each model's active experts fetched exactly once. With a 256-byte weight buffer
+    the design's plan has 8 tiles and the small model's 4 (a padded plan table)."""
+    T = 10
+    cfg = moe_config(experts=E, top_k=k, dim=D, hidden=H, tokens=T, tasks=2,
+                     weight_buffer_bytes=weight_buffer_bytes)
     big = make_moe_workload(E, k, D, H, T, tasks=2, seed=31)
-    small = make_moe_workload(3, 1, D, 24, T, tasks=2, seed=32, skew=("none", "hot"))
+    small = make_moe_workload(*small[:2], D, small[2], T, tasks=2, seed=32, skew=("none", "hot"))
     runs = []
     for n, (model, task, tokens) in enumerate(((1, 0, 10), (0, 1, 9), (1, 1, 8), (0, 0, 10))):
         data = make_moe_workload(E, k, D, H, tokens, tasks=2, seed=40 + n)
         runs.append((data["h"], data["x"], task, model))
     sim = MoELayerSim(cfg, big["qmoe"], mem_bytes_per_cycle=4, latency=9, stall_prob=0.2, seed=31,
-                      tables_from_memory=tables_from_memory, models=[(small["qmoe"], 1)])
-    assert sim.models[1]["layout"].hidden == 24 and sim.models[1]["layout"].gate_cols == E
+                      tables_from_memory=tables_from_memory, models=[(small["qmoe"], small["top_k"])])
+    lay = sim.models[1]["layout"]
+    assert lay.hidden < H and lay.gate_cols == E and lay.experts < E
     _check_model_runs(sim, runs, sim.run(runs), "two models" + (" (tables from memory)" if tables_from_memory else ""))
