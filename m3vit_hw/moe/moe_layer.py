@@ -18,8 +18,19 @@ stream). The layer is built from the project's units:
   multiplier words, ``config.param_buffer_words``), each filled by a
   :class:`~m3vit_hw.moe.weight_streamer.WeightStreamer`; the streamers share the external-memory port
   through a :class:`~m3vit_hw.lib.mem_arbiter.ReadArbiter`;
-* the activation buffer (``h`` rows at word 0, the hidden region after ``token_capacity`` rows) and
-  the residual buffer (``x``), both sized by the config.
+* the activation buffer (``h`` rows at word 0, the hidden region after ``token_capacity`` rows), the
+  residual buffer (``x``) and the row table, sized by the config.
+
+Structure
+---------
+Everything that is control (router, queues, controller, table fetch, counters) is one
+:class:`~m3vit_hw.moe.moe_sequencer.MoESequencer`, a client of the datapath: it owns no engine, buffer
+or row table. This class is the standalone wrapper = the datapath pieces (engine, act/res buffers,
+row table, weight and parameter buffers, streamers, a three-master arbiter) + that client, wired as
+the encoder's shared datapath wires it; ``controller``, ``router`` and ``queues`` are the client's
+units (for testbenches). The start may also ask the client to fetch the router record, the GELU table
+and a run-time expert plan itself (:class:`~m3vit_hw.moe.reorder_controller.LayerStartLayout`), so
+one elaborated layer runs smaller models too (see the sequencer's *Run-time model shape*).
 
 Use
 ---
@@ -32,11 +43,11 @@ Use
 Counters (reset by ``start``, valid after ``done``): ``cycles`` (start accepted .. done),
 ``compute_cycles`` (cycles in which the PE array accepted an operand beat, i.e. did ``pe_rows x
 pe_cols`` MACs: derived from the engine's PE array input handshake), ``expert_bytes`` and
-``gate_bytes`` (bytes written into the two buffers by the streamers, split by the piece they
-belonged to).
+``gate_bytes`` (bytes of the expert and gate pieces commanded to the streamers, each fetched exactly
+once before ``done``: the bytes written into the two buffers).
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 

@@ -17,15 +17,34 @@ through
 * ``o``: the engine's result stream (the gate chunks' RAW logits) into the router;
 * ``rt_wr``: the captured expert queues into the datapath's one row table (the engine gathers and
   scatters through it);
-* ``mem``: its own external-memory read port (router record, GELU table), a third master of the
-  datapath's read arbiter.
+* ``mem``: its own external-memory read port (router record, run-time plan table, GELU table), a
+  third master of the datapath's read arbiter.
+
+Run-time model shape
+--------------------
+One elaborated sequencer runs MoE layers of any model with the config's ``D`` and at most its
+experts, top-k, expert hidden width and tasks (:func:`~m3vit_hw.moe.expert_layout.plan_moe` with
+``hidden=``, ``experts=``, ``tasks=``):
+
+* **experts**: the image's gate is padded to the config's E columns with
+  :data:`~m3vit_hw.moe.expert_layout.PAD_LOGIT` (probability exactly 0, never in the top-k), so the
+  gate chunks, the router and the queues are the elaborated ones; only the used experts are fetched;
+* **top-k**: the start's ``top_k`` sets the queues' ``k`` (the router's list is best first, so its
+  first ``k`` entries are the top-k);
+* **expert hidden width and tile plan**: with ``plan_fetch`` the sequencer reads the plan table
+  (:func:`~m3vit_hw.moe.expert_layout.pack_plan`) into the controller's plan memory before the first
+  expert tile, and ``expert_stride`` comes from the start.
+
+Elaboration-time: ``D`` (the row pitch of the activation and residual buffers, the gate's K and its
+chunks), the maximum E, k, hidden and task count (buffer, queue, router and list sizes), ``pe_rows``
+/ ``pe_cols`` and the buffer halves; the hidden region's row pitch stays ``ceil(config hidden / C)``.
 
 :class:`~m3vit_hw.moe.moe_layer.MoELayer` is the standalone wrapper (datapath pieces + this client);
 the encoder top puts the same client on its shared datapath.
 """
 
 from amaranth.hdl import Cat, Module, Mux, Signal, unsigned
-from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib import memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
@@ -98,10 +117,11 @@ class MoESequencer(wiring.Component):
     Interface attributes
     --------------------
     start : In(stream.Signature(LayerStartLayout(config)))
-        Accepted when idle. ``router_fetch`` / ``lut_fetch`` make the sequencer read the task's router
-        record and the GELU table through ``mem`` (see
+        Accepted when idle. ``router_fetch`` / ``plan_fetch`` / ``lut_fetch`` make the sequencer read
+        the task's router record, the expert plan table and the GELU table through ``mem`` (see
         :class:`~m3vit_hw.moe.reorder_controller.LayerStartLayout`); the gate's router command waits
-        for the record, the first expert GEMM for the table, so both fetches overlap the gate.
+        for the record, the first expert tile fetch for the plan and the first expert GEMM for the
+        table, so the fetches overlap the gate. ``top_k`` (0 = the config's) is the layer's k.
     done : Out(1)
         Pulses when the layer's last result has been written (the last GEMM's ``done``).
     busy : Out(1)
@@ -115,7 +135,7 @@ class MoESequencer(wiring.Component):
     rt_wr : In(memory.WritePort.Signature(addr_width=rowtab_addr_bits, shape=RowEntryLayout(config)))
         The datapath's row table.
     mem : Out(ReadPortSignature(mem_addr_width, mem_data_bytes, mem_max_burst))
-        Router record and GELU table reads (idle when neither is fetched).
+        Router record, plan table and GELU table reads (idle when nothing is fetched).
     cycles, compute_cycles, expert_bytes, gate_bytes : Out(counter_width)
         Reset by ``start``: cycles busy; cycles with ``client.pe_active``; bytes of the expert and of
         the gate pieces commanded to the streamers (every piece is fetched exactly once before

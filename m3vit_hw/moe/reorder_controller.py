@@ -356,7 +356,7 @@ class ReorderController(wiring.Component):
         m = Module()
         cfg, lay = self._config, self._layout
         mdl = cfg.model
-        D, h, E = mdl.dim, mdl.expert_hidden, mdl.experts
+        D, E = mdl.dim, mdl.experts
         cap = cfg.token_capacity
         entries = cfg.rowtab_entries
         n_tiles = len(lay.tiles)
