@@ -54,14 +54,12 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..dense.client import connect_client
+from ..dense.weight_path import WeightPath
 from .expert_layout import PARAM_LANE_BYTES, plan_moe
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
-from ..lib.mem_arbiter import ReadArbiter
 from ..lib.mem_port import ReadPortSignature
 from .moe_sequencer import MoESequencer
 from .reorder_controller import LayerStartLayout
-from .weight_buffer import WeightBuffer
-from .weight_streamer import WeightStreamer
 
 __all__ = ["MoELayer", "LoadTarget", "LoadLayout"]
 
@@ -144,16 +142,15 @@ class MoELayer(wiring.Component):
         self.controller = self.sequencer.controller
         self.router = self.sequencer.router
         self.queues = self.sequencer.queues
-        # Masters: weight streamer, parameter streamer, the client's table fetch.
-        self.arbiter = ReadArbiter(3, addr_width=config.mem_addr_width,
-                                   data_bytes=config.mem_data_bytes,
-                                   max_burst=config.mem_max_burst, depth=config.arbiter_depth)
+        # The weight path (arbiter, streamers, ping-pong buffers), shared with the other wrappers; the
+        # arbiter's third master is the client's table fetch.
+        self.weight_path = WeightPath(config, weight_half_bytes=layout.weight_half_bytes,
+                                      param_half_bytes=layout.param_half_bytes,
+                                      param_word_bytes=layout.param_word_bytes, readers=1)
+        wp = self.weight_path
+        self.arbiter, self.wbuf, self.pbuf = wp.arbiter, wp.wbuf, wp.pbuf
+        self.wstream, self.pstream = wp.wstream, wp.pstream
         self.engine = GemmEngine(config)
-        self.wbuf = WeightBuffer.from_config(config)
-        self.pbuf = WeightBuffer(layout.param_half_bytes, layout.param_word_bytes,
-                                 write_bytes=config.mem_data_bytes, tag_width=config.tile_tag_width)
-        self.wstream = WeightStreamer.from_config(config)
-        self.pstream = WeightStreamer.from_config(config, half_bytes=layout.param_half_bytes)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The activation buffer (``h`` rows, then the hidden region), the residual buffer and the row
@@ -203,16 +200,12 @@ class MoELayer(wiring.Component):
         C = cfg.pe_cols
         eng, seq = self.engine, self.sequencer
         cl = seq.client
-        for name in ("engine", "sequencer", "wbuf", "pbuf", "wstream", "pstream", "arbiter"):
+        for name in ("engine", "sequencer"):
             m.submodules[name] = getattr(self, name)
 
         # ---- external memory: two streamers and the client's table fetch behind the arbiter ------
-        wiring.connect(m, self.wstream.mem, self.arbiter.masters[0])
-        wiring.connect(m, self.pstream.mem, self.arbiter.masters[1])
-        wiring.connect(m, seq.mem, self.arbiter.masters[2])
-        wiring.connect(m, self.arbiter.mem, wiring.flipped(self.mem))
-        wiring.connect(m, self.wstream.buf, self.wbuf.write)
-        wiring.connect(m, self.pstream.buf, self.pbuf.write)
+        self.weight_path.add_to(m, self.mem)
+        wiring.connect(m, seq.mem, self.weight_path.readers[0])
 
         # ---- the client on the engine, the streamers and the buffers' tile handshakes ------------
         connect_client(m, cl, eng, self.wstream, self.pstream, self.wbuf, self.pbuf)
