@@ -137,19 +137,28 @@ def compile_model(config, qm):
     model = qm.cfg
     view = fit_config(config, model)
     isa = InstructionSet(config)
-    layout = plan_image(view)
+    layout = plan_image(view, hw=config)
     insns = _emit(view, qm, layout)
     words = []
     for op, fields, wait in insns:
         words += isa.encode(op, wait=wait, **fields)
     program = b"".join(w.to_bytes(4, "little") for w in words)
     first = layout
-    layout = plan_image(view, program_bytes=len(program))
+    layout = plan_image(view, program_bytes=len(program), hw=config)
     # The program is the image's last section: nothing the instructions address may have moved.
     assert first.blocks == layout.blocks and first.output_addr == layout.output_addr, "program moved the image"
     image = pack_image(qm, layout, program)
     return Program(config=config, model_config=view, isa=isa, instructions=insns, words=words,
                    layout=layout, image=image)
+
+
+def _moe_shape(model, layout):
+    """The MOE instruction's run-time shape fields: all 0 for the elaborated model's shape, else the
+    model's top-k, the plan table and the expert stride (``image_layout.runtime_moe``)."""
+    if layout.moe_hw is None:
+        return dict(top_k=0, plan_fetch=0, plan_addr=0, expert_stride=0)
+    return dict(top_k=model.top_k, plan_fetch=1, plan_addr=layout.moe_plan,
+                expert_stride=layout.moe_layout.expert_stride)
 
 
 def _emit(view, qm, layout):
@@ -175,7 +184,7 @@ def _emit(view, qm, layout):
             out.append((Opcode.MOE, dict(tokens=T, gate_addr=b.mlp + ml.gate_offset, gate_stride=ml.gate_stride,
                                          expert_addr=b.mlp + ml.experts_offset, router_addr=b.router,
                                          lut_addr=b.lut, fc1_shift=int(qb.mlp.fc1.shift),
-                                         fc2_shift=int(qb.mlp.fc2.shift)), True))
+                                         fc2_shift=int(qb.mlp.fc2.shift), **_moe_shape(m, layout)), True))
             continue
         dl = layout.dense_layout
         bm = dense_buffer_map(view)

@@ -190,6 +190,11 @@ class InstructionSet:
                 f("lut_addr", addr, "the experts' 256-byte GELU table"),
                 f("fc1_shift", shift, "experts' fc1 shift"),
                 f("fc2_shift", shift, "experts' fc2 shift"),
+                f("top_k", (_bits(c.model.top_k), "model.top_k"),
+                  "run-time shape: the layer's k (0: the elaborated model's)"),
+                f("plan_fetch", (1, "-"), "run-time shape: fetch the expert tile plan from plan_addr"),
+                f("plan_addr", addr, "run-time shape: the expert plan table (moe.expert_layout.pack_plan)"),
+                f("expert_stride", addr, "run-time shape: bytes between experts (with plan_fetch)"),
             ],
             Opcode.STORE: [
                 f("res_base", res, "first residual word"),

@@ -21,9 +21,10 @@ its GEMM-client port, the engine's result stream and the buffers' side ports are
 datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` (the sequencer changes owner only while every
 unit is idle). Every external reader is a master of the datapath's read arbiter.
 
-Model shape: LOAD_IMAGE (image size, patch grid, D), LAYERNORM (D), ATTENTION (D, heads: the start's
-``dims`` is left 0) and MOE (E, top-k, expert hidden: the start's ``top_k``/``plan_*`` are left 0) are
-elaborated for ``config.model``; GEMM instructions carry their whole shape, so dense blocks (hidden
+Model shape: LOAD_IMAGE (image size, patch grid, D), LAYERNORM (D) and ATTENTION (D, heads: the
+start's ``dims`` is left 0) are elaborated for ``config.model``; MOE takes its experts, top-k and
+expert hidden (each at most the elaborated model's) from the instruction (``top_k``, ``plan_fetch``,
+``plan_addr``, ``expert_stride``); GEMM instructions carry their whole shape, so dense blocks (hidden
 width, token tiling) change at run time; the depth, the block order, the task and every parameter
 address are run time (the program).
 
@@ -237,7 +238,7 @@ class EncoderTop(wiring.Component):
                 with m.Case(Opcode.MOE):
                     mp = mo.start.payload
                     # The router record and the GELU table come from memory (router_fetch, lut_fetch);
-                    # top_k / plan / expert stride 0: the elaborated model's MoE shape.
+                    # top_k / plan / expert stride from the instruction (0: the elaborated shape).
                     m.d.comb += [
                         mo.start.valid.eq(ins.valid), ins.ready.eq(mo.start.ready),
                         mp.task.eq(regs.task), mp.tokens.eq(mi.tokens),
@@ -245,6 +246,8 @@ class EncoderTop(wiring.Component):
                         mp.fc1_shift.eq(mi.fc1_shift), mp.fc2_shift.eq(mi.fc2_shift),
                         mp.router_fetch.eq(1), mp.router_addr.eq(pb + mi.router_addr),
                         mp.lut_fetch.eq(1), mp.lut_addr.eq(pb + mi.lut_addr),
+                        mp.top_k.eq(mi.top_k), mp.plan_fetch.eq(mi.plan_fetch),
+                        mp.plan_addr.eq(pb + mi.plan_addr), mp.expert_stride.eq(mi.expert_stride),
                     ]
             with m.Case(Opcode.STORE):
                 m.d.comb += [
