@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from m3vit_hw import numerics
-from m3vit_hw.attention.attn_layout import plan_attention
-from m3vit_hw.control.image_layout import moe_layout_for
+from m3vit_hw.control.image_layout import attn_layout_for, moe_layout_for
 from m3vit_hw.control.isa import ROUTER_RECORD_BYTES, InstructionSet, Opcode
 from m3vit_hw.dense.embed_layout import plan_embed
 from m3vit_hw.dense.norm_stage import norm_lanes, norm_record_bytes
@@ -157,7 +156,7 @@ class _Machine:
         cfg = self.cfg
         m = cfg.model
         T, D, H, hd = f["tokens"], m.dim, m.heads, m.head_dim
-        lay = plan_attention(cfg)
+        lay = attn_layout_for(cfg, self.hw)
         hp = lay.hw * self.C
         rw = cfg.row_words
         h = self.read(self.act, "activation", 0, rw, T, D)

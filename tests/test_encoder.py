@@ -93,20 +93,22 @@ def test_odd_model_bit_exact():
 @pytest.mark.slow
 def test_one_design_runs_two_models():
     """One elaborated EncoderTop (sized for model A: 2 blocks, dense hidden 32, E=4 top-2 experts of
-    hidden 16) runs model A (task 0) and then model B (4 blocks: two dense of hidden 24, two MoE with
-    E=3 top-1 experts of hidden 12; task 1) in one simulation, both bit-exact against the golden model.
+    hidden 16, 2 heads) runs model A (task 0) and then model B (4 blocks: two dense of hidden 24, two
+    MoE with E=3 top-1 experts of hidden 12; 4 heads of 4; task 1) in one simulation, both bit-exact
+    against the golden model.
     What differs at run time: depth and block order, the dense hidden width and its token tiling (GEMM
     instructions carry every shape field), the MoE experts, top-k and expert hidden (MOE's run-time
     shape fields: the image's gate is padded to the design's 4 experts, the expert plan is a table),
-    the task, every parameter and address. What may not differ (elaborated into the units): image
-    size and patch, D, heads (the attention client takes them at run time, the ISA does not carry
-    them yet), and the MoE maxima."""
+    the attention heads (ATTENTION.dims), the task, every parameter and address. What may not differ
+    (elaborated into the units): image size and patch, D (LayerNorm, patch embedding), and the maxima
+    (experts, top-k, expert hidden, head width, context width, buffers)."""
     a = _frame_model()
-    b = _frame_model(name="enc-b", depth=4, mlp_hidden=24, experts=3, top_k=1, expert_hidden=12)
+    b = _frame_model(name="enc-b", depth=4, mlp_hidden=24, experts=3, top_k=1, expert_hidden=12, heads=4)
     config = AcceleratorConfig(model=a, pe_rows=4, pe_cols=4)
     jobs = [make_job(config, a, seed=31, task=0, label="A: depth 2, hidden 32, E4 top-2 h16"),
-            make_job(config, b, seed=32, task=1, label="B: depth 4, hidden 24, E3 top-1 h12")]
-    assert jobs[1].program.layout.moe_hw is config, "model B must use the run-time MoE shape"
+            make_job(config, b, seed=32, task=1, label="B: depth 4, hidden 24, E3 top-1 h12, 4 heads")]
+    lay = jobs[1].program.layout
+    assert lay.moe_hw is config and lay.attn_hw is config, "model B must use the run-time shapes"
     for rep in run_frames(config, jobs, stall_prob=0.1, seed=31):
         _assert_ok(rep)
         print(f"{rep['label']}: bit-exact, {rep['instructions']} instructions, {rep['cycles']} cycles")

@@ -28,7 +28,7 @@ from ..attention.attn_layout import buffer_map
 from ..dense.dense_layout import dense_buffer_map
 from ..dense.embed_layout import embed_buffer_map
 from ..gemm.epilogue import EpilogueMode
-from .image_layout import pack_image, plan_image
+from .image_layout import attn_dims, pack_image, plan_image
 from .isa import InstructionSet, Opcode
 
 __all__ = ["Program", "compile_model", "fit_config"]
@@ -138,7 +138,7 @@ def compile_model(config, qm):
     view = fit_config(config, model)
     isa = InstructionSet(config)
     layout = plan_image(view, hw=config)
-    insns = _emit(view, qm, layout)
+    insns = _emit(view, qm, layout, attn_dims(view, config))
     words = []
     for op, fields, wait in insns:
         words += isa.encode(op, wait=wait, **fields)
@@ -161,7 +161,7 @@ def _moe_shape(model, layout):
                 expert_stride=layout.moe_layout.expert_stride)
 
 
-def _emit(view, qm, layout):
+def _emit(view, qm, layout, dims=0):
     """The instruction list ``[(Opcode, fields, wait)]`` (addresses from ``layout``)."""
     m = view.model
     T = m.tokens
@@ -176,7 +176,7 @@ def _emit(view, qm, layout):
         out.append((Opcode.ATTENTION, dict(tokens=T, param_addr=b.attn, c_mult=int(a.c_mult),
                                            c_shift=int(a.c_shift), out_mult=int(a.out_mult),
                                            out_shift=int(a.out_shift), qkv_shift=int(a.qkv.shift),
-                                           proj_shift=int(a.proj.shift)), True))
+                                           proj_shift=int(a.proj.shift), dims=dims), True))
         out.append((Opcode.LAYERNORM, dict(res_base=0, act_base=0, tokens=T, param_addr=b.ln2,
                                            shift=int(qb.ln2.shift)), True))
         if b.kind == "moe":

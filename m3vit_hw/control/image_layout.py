@@ -30,6 +30,7 @@ import numpy as np
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..attention.attn_layout import pack_attention, plan_attention
+from ..attention.attn_sequencer import AttnShapeLayout
 from ..dense.dense_layout import pack_dense, plan_dense
 from ..dense.embed_layout import pack_embed, plan_embed
 from ..dense.norm_stage import norm_lanes, norm_record_bytes, pack_norm_params
@@ -37,7 +38,8 @@ from ..moe.expert_layout import PLAN_ENTRY_BYTES, pack_moe, pack_plan, plan_moe
 from .isa import ROUTER_RECORD_BYTES
 
 __all__ = ["BlockAddrs", "ImageLayout", "plan_image", "pack_image", "pack_router_table",
-           "output_row_bytes", "SECTIONS", "runtime_moe", "moe_layout_for"]
+           "output_row_bytes", "SECTIONS", "runtime_moe", "moe_layout_for", "runtime_attention",
+           "attn_layout_for", "attn_dims"]
 
 #: Section names, in image order.
 SECTIONS = ("embed", "ln", "attn", "dense", "moe", "tables", "input", "output", "program")
@@ -71,6 +73,34 @@ def moe_layout_for(config, hw=None):
         m = config.model
         return plan_moe(hw, hidden=m.expert_hidden, experts=m.experts, tasks=m.num_tasks)
     return plan_moe(config)
+
+
+def runtime_attention(config, hw):
+    """Whether ``config.model``'s attention runs on the design elaborated for ``hw`` with a run-time
+    shape (:class:`~m3vit_hw.attention.attn_sequencer.AttnSequencer`'s ``dims``): same ``D`` as
+    ``hw.model`` (LayerNorm and the patch embedding are elaborated for it), another head count."""
+    if hw is None:
+        return False
+    m, h = config.model, hw.model
+    return m.dim == h.dim and m.heads != h.heads
+
+
+def attn_layout_for(config, hw=None):
+    """The attention layout of ``config.model`` as the image holds it: planned on ``hw``'s design
+    with the model's heads (:func:`runtime_attention`), else ``plan_attention(config)``. Raises
+    ValueError (from :func:`~m3vit_hw.attention.attn_layout.plan_attention`) if the heads do not fit
+    the design."""
+    if runtime_attention(config, hw):
+        return plan_attention(hw, heads=config.model.heads)
+    return plan_attention(config)
+
+
+def attn_dims(config, hw=None):
+    """The ``ATTENTION.dims`` field: 0 for the design's own shape, else the packed
+    :meth:`~m3vit_hw.attention.attn_layout.AttnLayout.shape_fields` of :func:`attn_layout_for`."""
+    if not runtime_attention(config, hw):
+        return 0
+    return AttnShapeLayout(hw).const(attn_layout_for(config, hw).shape_fields()).as_value().value
 
 
 def output_row_bytes(config):
@@ -122,6 +152,8 @@ class ImageLayout:
     moe_plan: int = 0
     #: The design the MoE image is packed for (run-time MoE shape), or ``None``.
     moe_hw: object = None
+    #: The design the attention images are packed for (run-time heads), or ``None``.
+    attn_hw: object = None
 
 
 def plan_image(config, *, program_bytes=0, hw=None):
@@ -146,7 +178,7 @@ def plan_image(config, *, program_bytes=0, hw=None):
     lanes = norm_lanes(config)
     align = max(data_bytes, norm_record_bytes(config))
     emb = plan_embed(config)
-    att = plan_attention(config)
+    att = attn_layout_for(config, hw)
     den = plan_dense(config) if m.depth > len(m.moe_blocks) else None
     moe = moe_layout_for(config, hw) if m.moe_blocks else None
     rt_moe = runtime_moe(config, hw)
@@ -220,7 +252,7 @@ def plan_image(config, *, program_bytes=0, hw=None):
                        blocks=blocks, program_addr=program, program_bytes=program_bytes, input_addr=inp,
                        input_bytes=inp_bytes, output_addr=out, output_bytes=out_bytes, image_bytes=at,
                        sections=sections, breakdown=breakdown, moe_plan=moe_plan,
-                       moe_hw=hw if rt_moe else None)
+                       moe_hw=hw if rt_moe else None, attn_hw=hw if runtime_attention(config, hw) else None)
 
 
 def pack_router_table(qmoe, tasks):
@@ -267,7 +299,10 @@ def pack_image(qm, layout, program=b""):
     for b, qb in zip(layout.blocks, qm.blocks):
         put(b.ln1, pack_norm_params(qb.ln1, config))
         put(b.ln2, pack_norm_params(qb.ln2, config))
-        put(b.attn, pack_attention(qb.attn, config)[0])
+        if layout.attn_hw is not None:
+            put(b.attn, pack_attention(qb.attn, layout.attn_hw, heads=m.heads)[0])
+        else:
+            put(b.attn, pack_attention(qb.attn, config)[0])
         if b.kind == "moe":
             if layout.moe_hw is not None:
                 put(b.mlp, pack_moe(qb.mlp, layout.moe_hw, layout=layout.moe_layout)[0])

@@ -33,6 +33,7 @@ from amaranth.hdl import unsigned
 from amaranth.lib import data, enum
 
 from .. import numerics
+from ..attention.attn_sequencer import AttnShapeLayout
 from ..config import AcceleratorConfig
 from ..checks import check_int as _check_int
 # Bytes of one task's router record (``MOE.router_addr``): defined with the MoE layer's memory layout
@@ -179,6 +180,8 @@ class InstructionSet:
                 f("out_shift", shift, "AV output shift"),
                 f("qkv_shift", shift, "QKV requantization shift"),
                 f("proj_shift", shift, "projection requantization shift"),
+                Field("dims", AttnShapeLayout(c).size, "attention.attn_sequencer.AttnShapeLayout",
+                      "run-time shape (attn_layout.AttnLayout.shape_fields packed; 0: the elaborated model's)"),
             ],
             Opcode.MOE: [
                 f("tokens", tok, "T"),

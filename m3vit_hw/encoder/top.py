@@ -21,8 +21,9 @@ its GEMM-client port, the engine's result stream and the buffers' side ports are
 datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` (the sequencer changes owner only while every
 unit is idle). Every external reader is a master of the datapath's read arbiter.
 
-Model shape: LOAD_IMAGE (image size, patch grid, D), LAYERNORM (D) and ATTENTION (D, heads: the
-start's ``dims`` is left 0) are elaborated for ``config.model``; MOE takes its experts, top-k and
+Model shape: LOAD_IMAGE (image size, patch grid, D) and LAYERNORM (D) are elaborated for
+``config.model``; ATTENTION takes its heads from the instruction's ``dims`` (0: the elaborated
+model's); MOE takes its experts, top-k and
 expert hidden (each at most the elaborated model's) from the instruction (``top_k``, ``plan_fetch``,
 ``plan_addr``, ``expert_stride``); GEMM instructions carry their whole shape, so dense blocks (hidden
 width, token tiling) change at run time; the depth, the block order, the task and every parameter
@@ -226,13 +227,14 @@ class EncoderTop(wiring.Component):
                 ]
             with m.Case(Opcode.ATTENTION):
                 ap = at.start.payload
-                # dims = 0: the elaborated model's attention shape.
+                # dims: the run-time shape (0: the elaborated model's).
                 m.d.comb += [
                     at.start.valid.eq(ins.valid), ins.ready.eq(at.start.ready),
                     ap.tokens.eq(ai.tokens), ap.base.eq(pb + ai.param_addr),
                     ap.c_mult.eq(ai.c_mult), ap.c_shift.eq(ai.c_shift),
                     ap.out_mult.eq(ai.out_mult), ap.out_shift.eq(ai.out_shift),
                     ap.qkv_shift.eq(ai.qkv_shift), ap.proj_shift.eq(ai.proj_shift),
+                    ap.dims.eq(ai.dims),
                 ]
             if mo is not None:
                 with m.Case(Opcode.MOE):
