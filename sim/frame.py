@@ -59,6 +59,9 @@ class FrameJob:
     param_base: int = 0
     expected: np.ndarray = None
     label: str = ""
+    #: ``{image offset: byte}`` written into the simulated memory only (not the executor's copy): a
+    #: fault to show the diff ladder at work.
+    rtl_patch: dict = None
 
 
 def strip_program(program, drop):
@@ -157,6 +160,8 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
         mem[j.param_base:j.param_base + len(j.program.image)] = j.program.image
         at = j.param_base + lay.input_addr
         mem[at:at + lay.input_bytes] = np.ascontiguousarray(j.img).tobytes()
+        for off, byte in (j.rtl_patch or {}).items():
+            mem[j.param_base + off] = byte
     xm = ExternalMemory(mem, bytes_per_cycle=bytes_per_cycle or db, latency=latency, stall_prob=stall_prob,
                         seed=seed, max_outstanding=4)
     mem = xm.data                     # the model's own (mutable) copy: STORE writes land there

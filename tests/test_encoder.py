@@ -41,6 +41,23 @@ def test_partial_program_bit_exact():
     print(f"partial program D=12: bit-exact, {rep['cycles']} cycles; {rep['cycles_per_op_class']}")
 
 
+def test_diff_ladder_names_the_first_bad_op():
+    """A fault in the second LayerNorm's parameter records (in the simulated memory only) must be
+    reported by the diff ladder as that LAYERNORM instruction of block 0, on the ``h`` rows."""
+    model = _model(img_size=(8, 8))
+    config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
+    job = make_job(config, model, seed=4, task=0, drop=[Opcode.ATTENTION])
+    ln2 = job.program.layout.blocks[0].ln2
+    job.rtl_patch = {ln2: job.program.image[ln2] ^ 0x40}       # gamma of channel 0
+    rep = run_frames(config, [job], seed=4)[0]
+    assert not rep["bit_exact"]
+    fm = rep["first_mismatch"]
+    index = [i for i, (op, f, _) in enumerate(job.program.instructions)
+             if op is Opcode.LAYERNORM and f["param_addr"] == ln2][0]
+    assert (fm["block"], fm["op"], fm["buffer"], fm["instructions"][1]) == (0, "LAYERNORM", "h", index), fm
+    print(f"diff ladder: {fm}")
+
+
 def test_refuses_bad_config():
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
         EncoderTop(None)
