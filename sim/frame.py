@@ -206,6 +206,7 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
                 "pe_active_per_op_class": {n: ctx.get(top.pe_cycles[op.value])
                                            for op, n in OP_CLASS_NAMES.items()},
                 "wall_seconds": round(time.time() - t0, 1),
+                "dispatch_overhead_cycles": None,
                 "_snaps": snaps,
             }
             reports.append(rep)
@@ -240,6 +241,11 @@ def _check(config, job, rep, mem):
     want = job.expected if job.expected is not None else read_tokens(emem, view, lay.output_addr)
     bad = np.argwhere(got != want)
     snaps = rep.pop("_snaps")
+    ops, pe = rep["cycles_per_op_class"], rep["pe_active_per_op_class"]
+    # PE-array busy fraction while each class owns the datapath, and the cycles no unit was busy
+    # (program fetch, decode, dispatch; units never overlap in the programs the compiler emits).
+    rep["pe_busy_fraction_per_op_class"] = {k: round(pe[k] / ops[k], 4) if ops[k] else 0.0 for k in ops}
+    rep["dispatch_overhead_cycles"] = rep["cycles"] - sum(ops.values())
     rep.update(bit_exact=bool(not len(bad)) and rep["error"] == "NONE", mismatches=int(len(bad)),
                first_mismatch=None, macs=int(res.macs), reference="golden_model.encode"
                if job.expected is not None else "program_executor")
