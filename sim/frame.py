@@ -182,7 +182,8 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
             snaps = []                       # (instruction index, res words, h words)
             await stream_put(ctx, top.start, {
                 "task": j.task, "program_base": j.param_base + lay.program_addr,
-                "param_base": j.param_base, "output_base": j.param_base + lay.output_addr}, stalls=stalls)
+                "param_base": j.param_base, "output_base": j.param_base + lay.output_addr,
+                "image_base": j.param_base}, stalls=stalls)
             t0 = time.time()
             cycles, index = 0, 0
             while not ctx.get(top.done):
