@@ -30,8 +30,9 @@ def _assert_ok(rep):
 
 def test_partial_program_bit_exact():
     """LOAD_IMAGE, LAYERNORM x2, the dense MLP as GEMM tiles (fc1 GELU8 tiles, fc2 RESADD tiles) and
-    STORE; D = 12 (3 words of 4 lanes: the store ends on a half beat), hidden 40 (a ragged N tile)."""
-    model = _model(dim=12, mlp_hidden=40)
+    STORE; D = 12 (3 words of 4 lanes: the store of 5 x 3 words ends on a half beat), hidden 40 (a
+    ragged N tile)."""
+    model = _model(dim=12, mlp_hidden=40, img_size=(8, 8))
     config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
     job = make_job(config, model, seed=3, task=1, drop=[Opcode.ATTENTION])
     ops = {op for op, _, _ in job.program.instructions}
