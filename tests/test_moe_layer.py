@@ -323,7 +323,8 @@ def test_w1_shaped_layer_zero_overhead():
     assert rep["within_bound"], (rep["overhead_cycles"], rep["overhead_bound"])
 
 
-@pytest.mark.parametrize("data_bytes", [4, 16, 64])
+@pytest.mark.parametrize("data_bytes", [pytest.param(4, marks=pytest.mark.slow), 16,
+                                        pytest.param(64, marks=pytest.mark.slow)])
 def test_router_record_and_gelu_table_from_memory(data_bytes):
     """The client's own table fetch (the encoder's MOE instruction path): no GELU table through
     ``load`` and ``c_mult = c_shift = 0`` in ``start``; the client reads each task's router record and
@@ -369,7 +370,7 @@ def _check_model_runs(sim, runs, results, label):
 
 @pytest.mark.parametrize("E, k, small, weight_buffer_bytes, tables_from_memory", [
     (4, 2, (3, 1, 24), None, False),
-    (4, 2, (3, 1, 24), None, True),
+    pytest.param(4, 2, (3, 1, 24), None, True, marks=pytest.mark.slow),
     (5, 2, (2, 2, 12), 256, False),
 ])
 def test_one_design_runs_two_models(E, k, small, weight_buffer_bytes, tables_from_memory):
