@@ -164,6 +164,10 @@ class AcceleratorConfig:
         Outstanding requests the external-memory read arbiter remembers (``[1, 256]``).
     counter_width : int
         Width of the performance counters (cycles, compute cycles, bytes fetched), ``[16, 64]``.
+    pe_pack : int
+        int8 MACs per DSP48E2 in the PE array: 1, or 2 (shared-operand packing, two columns per DSP;
+        ``pe_cols`` must then be even). The results are bit-identical; 2 halves the DSPs (see
+        :class:`~m3vit_hw.gemm.pe_array.PEArray`).
     gemm_desc_depth : int
         GEMM engine tile descriptors in flight between the loader and the epilogue (``[2, 16]``):
         staged, accumulating, draining. Three (the default) means a tile with ``K`` just above
@@ -179,6 +183,7 @@ class AcceleratorConfig:
     model: ModelConfig
     pe_rows: int = 16
     pe_cols: int = 16
+    pe_pack: int = 1
     token_capacity: int = None
     ln_lanes: int = None
     softmax_lanes: int = None
@@ -204,6 +209,10 @@ class AcceleratorConfig:
         m = self.model
         _check_int("pe_rows", self.pe_rows, 1, 256)
         _check_int("pe_cols", self.pe_cols, 1, 256)
+        _check_int("pe_pack", self.pe_pack, 1, 2)
+        if self.pe_pack == 2 and self.pe_cols % 2:
+            raise ValueError(f"pe_cols must be even with pe_pack=2 (two columns share a DSP48E2), "
+                             f"not {self.pe_cols}")
 
         if self.token_capacity is None:
             self._set("token_capacity", m.tokens)
@@ -395,6 +404,11 @@ class AcceleratorConfig:
     def macs_per_cycle(self):
         """Peak int8 MACs per cycle of the PE array."""
         return self.pe_rows * self.pe_cols
+
+    @property
+    def pe_dsps(self):
+        """DSP48E2s of the PE array: ``pe_rows * pe_cols / pe_pack``."""
+        return self.pe_rows * self.pe_cols // self.pe_pack
 
     @property
     def peak_gmacs(self):
@@ -792,7 +806,8 @@ class AcceleratorConfig:
             f"{m.num_tasks} tasks, {m.tokens} tokens",
             f"  PE array        {self.pe_rows} x {self.pe_cols} = {self.macs_per_cycle} MAC/cycle "
             f"(int{numerics.ACT_BITS}/uint{numerics.ATTN_P_BITS} x int{numerics.WEIGHT_BITS} -> int{numerics.ACC_BITS}), "
-            f"{self.peak_gmacs:.1f} GMAC/s at {self.clock_mhz} MHz",
+            f"{self.peak_gmacs:.1f} GMAC/s at {self.clock_mhz} MHz; {self.pe_dsps} DSP48E2 "
+            f"({self.pe_pack} MAC/DSP)",
             f"  largest K       {self.largest_k} (worst |acc| {worst} < 2^{numerics.ACC_BITS - 1}, {what})",
             f"  token capacity  {self.token_capacity}, q_tile {self.q_tile}",
             f"  act buffer      {self.act_buffer_bytes / kib:.1f} KiB "

@@ -20,17 +20,39 @@ Why output-stationary for :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine`:
 * The unsigned-A flag (AV product) applies to the streamed operand, per beat.
 
 Finished tiles move in one cycle into a *shadow bank* (one register per PE) that drains one output row
-per cycle while the next tile accumulates, so the MACs only wait when a tile is shorter than its
-drain (``K <= rows_valid``).
+per cycle, through an output register, while the next tile accumulates.
+
+No stall inside the array (credits)
+-----------------------------------
+The datapath registers have no enable: operand, product and accumulator registers load every cycle
+(an idle cycle multiplies by a zeroed operand, adding nothing), and no ``stall`` net fans out to the
+accumulators. Instead the shadow bank is a credit taken at the input: a ``last`` beat is accepted only
+while the shadow bank is empty and no other ``last`` beat is in flight, so it can always load when
+the tile's final sums arrive. Every other beat is always accepted.
+
+DSP packing (``pack = 2``)
+--------------------------
+Two int8 MACs per DSP48E2 with a shared operand (the Xilinx WP486 technique): PE columns ``2q`` and
+``2q + 1`` share ``a[i]``, and one multiplier computes ``a * (b[2q] * 2**S + b[2q+1])`` with
+``S = numerics.PE_PACK_SHIFT`` = 16 (the packed operand fits 25 bits: the DSP48E2's 27-bit port, and
+the DSP48E1's too). The packed operand is built once per column pair and broadcast down the column.
+The 48-bit accumulator (the DSP's P register) then holds ``H * 2**S + L`` exactly (modulo
+``2**48``), with ``H``, ``L`` the two columns' sums. ``L`` outgrows its 16-bit field after a few
+beats, so a fabric tracker extends it every cycle: the low field of P always equals ``L mod 2**S``,
+one product changes ``L`` by less than ``2**(S-1)``, so the tracker's upper bits move by the borrow
+or carry of that step (-1, 0 or +1), the *spill* of the low field into the 32-bit ``L``. No separate
+sign correction is needed in the DSP: when the tile's rows are drained, ``H = (P >> S) - (L >> S)``
+(the exact correction for the low field's sign and wraps), computed on the output row only.
+So the accumulator never restarts mid-tile and any K is exact (K = 1,201, W2's AV product, and
+beyond) as long as both sums fit int32, which the config guarantees as before.
 
 Numerics: ``a`` is an 8-bit pattern read as int8 or, with ``a_unsigned``, as uint8 (attention
-weights e8); either way it is a 9-bit signed operand, so ``a * b`` is a 9x8-bit signed product (one
-DSP48E2) that fits 17 bits, accumulated in ``ACC_BITS`` = 32 bits. The caller guarantees that K cannot
-overflow the accumulator (:class:`~m3vit_hw.config.AcceleratorConfig` checks it for the model);
-overflow wraps.
+weights e8); either way it is a 9-bit signed operand, so ``a * b`` is a 9x8-bit signed product that fits
+17 bits, accumulated in ``ACC_BITS`` = 32 bits. The caller guarantees that K cannot overflow the
+accumulator (:class:`~m3vit_hw.config.AcceleratorConfig` checks it for the model); overflow wraps.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -100,39 +122,51 @@ class PEArray(wiring.Component):
     rows : int
         PE rows (output rows per tile), in ``[1, 256]``.
     cols : int
-        PE columns (output columns per tile), in ``[1, 256]``.
+        PE columns (output columns per tile), in ``[1, 256]``; even when ``pack`` is 2.
+    pack : int
+        int8 MACs per multiplier (DSP48E2): 1, or 2 (shared-operand packing, see the module
+        docstring). The interface and the results are the same either way.
 
     Interface attributes
     --------------------
     i : In(stream.Signature(OperandLayout(rows, cols)))
         Operand beats. A tile is the beats from one with ``first`` to the next with ``last`` (a
-        one-beat tile has both). ``ready`` is low only while a ``last`` beat waits for the shadow
-        bank (the previous tile has not drained yet); it does not depend on ``i.valid`` or ``o.ready``
-        in the same cycle.
+        one-beat tile has both). ``ready`` is low only while the payload is a ``last`` beat and the
+        shadow bank is not free (it holds rows of a previous tile, or another ``last`` beat is in
+        flight); it depends on ``i.payload.last`` and registers, not on ``i.valid`` or ``o.ready``.
     o : Out(stream.Signature(ResultLayout(rows, cols)))
         Finished rows, ``rows_valid`` of them per tile, in tile order and row order, each exactly
-        once. ``valid`` does not wait on ``ready``.
+        once. ``valid`` and the payload come from a register; ``valid`` does not wait on ``ready``.
     busy : Out(1)
         A beat or a result is anywhere in the array.
 
     Latency and throughput
     ----------------------
-    One beat per cycle. The first row of a tile is offered 3 cycles after its ``last`` beat is
-    accepted (operand register, product register, accumulate). A tile of ``K`` beats never stalls the
-    array if ``K > rows_valid`` of the previous tile and ``o`` is always ready; otherwise ``i.ready``
-    drops until the shadow bank is free.
+    One beat per cycle. The first row of a tile is offered :attr:`LATENCY` (5) cycles after its
+    ``last`` beat is accepted (operand register, product register, accumulator, shadow bank, output
+    register). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
+    beats of the previous tile's; otherwise its ``last`` beat waits until the previous tile's rows
+    have left the shadow bank.
 
     Raises
     ------
     TypeError, ValueError
-        If ``rows`` or ``cols`` is not an integer in ``[1, 256]``.
+        If ``rows`` or ``cols`` is not an integer in ``[1, 256]``, ``pack`` not 1 or 2, or ``cols``
+        odd with ``pack`` 2.
     """
 
-    def __init__(self, rows, cols):
+    #: Cycles from accepting a tile's ``last`` beat to offering its first row.
+    LATENCY = 5
+
+    def __init__(self, rows, cols, pack=1):
         check_int("rows", rows, 1, 256)
         check_int("cols", cols, 1, 256)
+        check_int("pack", pack, 1, 2)
+        if pack == 2 and cols % 2:
+            raise ValueError(f"cols must be even with pack=2 (two columns share a DSP), not {cols}")
         self._rows = rows
         self._cols = cols
+        self._pack = pack
         super().__init__({
             "i": In(stream.Signature(OperandLayout(rows, cols))),
             "o": Out(stream.Signature(ResultLayout(rows, cols))),
@@ -147,91 +181,155 @@ class PEArray(wiring.Component):
     def cols(self):
         return self._cols
 
+    @property
+    def pack(self):
+        return self._pack
+
+    @property
+    def multipliers(self):
+        """Multipliers (DSP48E2s) of the array: ``rows * cols / pack``."""
+        return self._rows * self._cols // self._pack
+
     def elaborate(self, platform):
         m = Module()
-        R, C = self._rows, self._cols
-        acc_shape = signed(numerics.ACC_BITS)
-        # 9 x 8 signed product: |p| <= 255 * 128 fits 17 bits.
-        prod_shape = signed(numerics.ACT_BITS + 1 + numerics.WEIGHT_BITS)
+        R, C, K2 = self._rows, self._cols, self._pack
+        Q = C // K2                                  # multipliers per row
+        S = numerics.PE_PACK_SHIFT
+        acc_bits = numerics.ACC_BITS
+        a_shape = signed(numerics.ACT_BITS + 1)
+        if K2 == 1:
+            b_shape = signed(numerics.WEIGHT_BITS)
+            # 9 x 8 signed product: |p| <= 255 * 128 fits 17 bits.
+            prod_shape = signed(numerics.ACT_BITS + 1 + numerics.WEIGHT_BITS)
+            p_shape = signed(acc_bits)
+        else:
+            # b_hi * 2**S + b_lo spans [-2**(W+S-1) - 2**(W-1), ...]: one bit more than b_hi * 2**S.
+            b_shape = signed(numerics.WEIGHT_BITS + S + 1)
+            prod_shape = signed(numerics.ACT_BITS + 1 + numerics.WEIGHT_BITS + S + 1)
+            # The DSP48E2's P register; H needs bits S .. S + ACC_BITS of it (modulo 2**48 is exact).
+            p_shape = signed(48)
+            assert S + acc_bits <= 48
 
-        # Stage P: operand registers (the DSP48E2 A/B registers). The 8-bit A pattern is widened
-        # here to a 9-bit signed value so the multiplier never needs to know the format.
-        p_valid = Signal()
-        p_first = Signal()
-        p_last = Signal()
+        # ---- control: valid/first/last travel with the beat; they keep their reset ------------
+        p_valid, m_valid, u_valid = Signal(), Signal(), Signal()
+        p_first, m_first, u_first = Signal(), Signal(), Signal()
+        p_last, m_last, u_last = Signal(), Signal(), Signal()
         p_rows = Signal(range(R + 1))
-        p_a = [Signal(signed(numerics.ACT_BITS + 1), name=f"p_a{i}") for i in range(R)]
-        p_b = [Signal(signed(numerics.WEIGHT_BITS), name=f"p_b{j}") for j in range(C)]
-
-        # Stage M: product registers (the DSP M register).
-        m_valid = Signal()
-        m_first = Signal()
-        m_last = Signal()
         m_rows = Signal(range(R + 1))
-        m_p = [[Signal(prod_shape, name=f"m_p{i}_{j}") for j in range(C)] for i in range(R)]
+        u_rows = Signal(range(R + 1))
 
-        # Accumulators (the DSP P register) and the shadow bank.
-        acc = [[Signal(acc_shape, name=f"acc{i}_{j}") for j in range(C)] for i in range(R)]
-        shadow = [[Signal(acc_shape, name=f"sh{i}_{j}") for j in range(C)] for i in range(R)]
-        drain_left = Signal(range(R + 1))
-        drain_row = Signal(range(R))
+        # ---- datapath: reset-less, no enable ------------------------------------------------
+        # Stage P: operand registers (the DSP A/B registers). The 8-bit A pattern is widened here
+        # to a 9-bit signed value so the multiplier never needs to know the format; B (packed in
+        # pairs when K2 == 2) is zeroed on idle cycles, so idle products add nothing.
+        p_a = [Signal(a_shape, name=f"p_a{i}", reset_less=True) for i in range(R)]
+        p_b = [Signal(b_shape, name=f"p_b{q}", reset_less=True) for q in range(Q)]
+        # Stage M: product registers (the DSP M register).
+        m_p = [[Signal(prod_shape, name=f"m_p{i}_{q}", reset_less=True) for q in range(Q)]
+               for i in range(R)]
+        # Accumulators (the DSP P register).
+        acc = [[Signal(p_shape, name=f"acc{i}_{q}", reset_less=True) for q in range(Q)]
+               for i in range(R)]
+        # K2 == 2: the low column's exact sum L, tracked from P's low field (stage U).
+        low = [[Signal(signed(acc_bits), name=f"low{i}_{q}", reset_less=True) for q in range(Q)]
+               for i in range(R)] if K2 == 2 else None
+        # Shadow bank: per multiplier, the high word (P >> S, or the whole sum when K2 == 1) and L.
+        sh_hi = [[Signal(signed(acc_bits), name=f"sh{i}_{q}", reset_less=True) for q in range(Q)]
+                 for i in range(R)]
+        sh_lo = [[Signal(signed(acc_bits), name=f"shl{i}_{q}", reset_less=True) for q in range(Q)]
+                 for i in range(R)] if K2 == 2 else None
+        sh_left = Signal(range(R + 1))
+        sh_row = Signal(range(R))
+        # Output register.
+        o_valid = Signal()
+        o_last = Signal()
+        o_row = Signal(range(R))
+        o_acc = [Signal(signed(acc_bits), name=f"o_acc{j}", reset_less=True) for j in range(C)]
 
-        # The only stall: a finished tile whose shadow bank is still draining. Computed from
-        # registers only, so i.ready has no combinational path from o.ready.
-        stall = m_valid & m_last & (drain_left != 0)
-        adv = ~stall
-        m.d.comb += self.i.ready.eq(adv)
+        # ---- input: the shadow-bank credit -------------------------------------------------
+        # Registers only, besides the payload's last flag: a last beat needs an empty shadow bank
+        # and no other last beat in flight; it then finds the bank empty when it arrives, because
+        # nothing else loads it.
+        credit = (sh_left == 0) & ~p_last & ~m_last & ~u_last
+        m.d.comb += self.i.ready.eq(~self.i.payload.last | credit)
+        take = self.i.valid & self.i.ready
+        pl = self.i.payload
+        m.d.sync += [
+            p_valid.eq(take),
+            p_first.eq(pl.first & take),
+            p_last.eq(pl.last & take),
+            p_rows.eq(pl.rows_valid),
+            m_valid.eq(p_valid), m_first.eq(p_first), m_last.eq(p_last), m_rows.eq(p_rows),
+            u_valid.eq(m_valid), u_first.eq(m_first), u_last.eq(m_last), u_rows.eq(m_rows),
+        ]
+        for i in range(R):
+            a = pl.a[i]
+            m.d.sync += p_a[i].eq(Mux(pl.a_unsigned, a.as_unsigned(), a.as_signed()))
+        for q in range(Q):
+            if K2 == 1:
+                packed = pl.b[q]
+            else:
+                # The pre-adder of WP486, once per column pair: b_hi * 2**S + b_lo.
+                packed = (pl.b[2 * q] << S) + pl.b[2 * q + 1]
+            m.d.sync += p_b[q].eq(Mux(take, packed, 0))
 
-        with m.If(adv):
-            take = self.i.valid
-            m.d.sync += [
-                p_valid.eq(take),
-                p_first.eq(self.i.payload.first),
-                p_last.eq(self.i.payload.last & take),
-                p_rows.eq(self.i.payload.rows_valid),
-            ]
-            with m.If(take):
-                for i in range(R):
-                    a = self.i.payload.a[i]
-                    m.d.sync += p_a[i].eq(Mux(self.i.payload.a_unsigned, a.as_unsigned(), a.as_signed()))
-                for j in range(C):
-                    m.d.sync += p_b[j].eq(self.i.payload.b[j])
+        # ---- M and P: multiply, accumulate (no enable: idle products are 0) ------------------
+        for i in range(R):
+            for q in range(Q):
+                m.d.sync += m_p[i][q].eq(p_a[i] * p_b[q])
+                m.d.sync += acc[i][q].eq(Mux(m_first, 0, acc[i][q]) + m_p[i][q])
 
-            m.d.sync += [
-                m_valid.eq(p_valid),
-                m_first.eq(p_first),
-                m_last.eq(p_last & p_valid),
-                m_rows.eq(p_rows),
-            ]
-            with m.If(p_valid):
-                for i in range(R):
-                    for j in range(C):
-                        m.d.sync += m_p[i][j].eq(p_a[i] * p_b[j])
+        # ---- U: extend the low field (K2 == 2); load the shadow bank from the P registers -----
+        for i in range(R):
+            for q in range(Q):
+                p = acc[i][q]
+                if K2 == 1:
+                    with m.If(u_last):
+                        m.d.sync += sh_hi[i][q].eq(p)
+                    continue
+                # L_new = the value congruent to P's low field within 2**(S-1) of L_old: keep the
+                # low field, move the upper bits by the step's carry (+1) or borrow (-1).
+                old = Mux(u_first, 0, low[i][q])
+                cur = p[:S]
+                diff = Signal(S + 1, name=f"dl{i}_{q}")
+                m.d.comb += diff.eq(cur - old[:S])
+                borrow, neg = diff[S], diff[S - 1]
+                upper = old[S:] + (borrow & ~neg) - (~borrow & neg)
+                new = Signal(signed(acc_bits), name=f"ln{i}_{q}")
+                m.d.comb += new.eq(Cat(cur, upper[:acc_bits - S]))
+                m.d.sync += low[i][q].eq(new)
+                with m.If(u_last):
+                    m.d.sync += [sh_hi[i][q].eq(p[S:S + acc_bits]), sh_lo[i][q].eq(new)]
+        with m.If(u_last):
+            m.d.sync += [sh_left.eq(u_rows), sh_row.eq(0)]
 
-            with m.If(m_valid):
-                for i in range(R):
-                    for j in range(C):
-                        total = Mux(m_first, 0, acc[i][j]) + m_p[i][j]
-                        m.d.sync += acc[i][j].eq(total)
-                        with m.If(m_last):
-                            m.d.sync += shadow[i][j].eq(total)
-                with m.If(m_last):
-                    m.d.sync += [drain_left.eq(m_rows), drain_row.eq(0)]
+        # ---- drain: shadow row 0 -> output register; the bank shifts along rows ---------------
+        move = (sh_left != 0) & (~o_valid | self.o.ready)
+        with m.If(move):
+            m.d.sync += [o_valid.eq(1), o_row.eq(sh_row), o_last.eq(sh_left == 1),
+                         sh_left.eq(sh_left - 1), sh_row.eq(sh_row + 1)]
+            for q in range(Q):
+                if K2 == 1:
+                    m.d.sync += o_acc[q].eq(sh_hi[0][q])
+                else:
+                    # H = (P >> S) - (L >> S): the low sum's sign and wraps taken out of the high one.
+                    lo = sh_lo[0][q]
+                    m.d.sync += [o_acc[2 * q].eq(sh_hi[0][q] - lo[S:].as_signed()),
+                                 o_acc[2 * q + 1].eq(lo)]
+            for i in range(R - 1):
+                for q in range(Q):
+                    m.d.sync += sh_hi[i][q].eq(sh_hi[i + 1][q])
+                    if K2 == 2:
+                        m.d.sync += sh_lo[i][q].eq(sh_lo[i + 1][q])
+        with m.Elif(self.o.ready):
+            m.d.sync += o_valid.eq(0)
 
-        # Drain: the shadow bank is a shift register along rows, so the output is always row 0 and
-        # no wide row multiplexer is needed.
         m.d.comb += [
-            self.o.valid.eq(drain_left != 0),
-            self.o.payload.row.eq(drain_row),
-            self.o.payload.last.eq(drain_left == 1),
+            self.o.valid.eq(o_valid),
+            self.o.payload.row.eq(o_row),
+            self.o.payload.last.eq(o_last),
         ]
         for j in range(C):
-            m.d.comb += self.o.payload.acc[j].eq(shadow[0][j])
-        with m.If(self.o.valid & self.o.ready):
-            m.d.sync += [drain_left.eq(drain_left - 1), drain_row.eq(drain_row + 1)]
-            for i in range(R - 1):
-                for j in range(C):
-                    m.d.sync += shadow[i][j].eq(shadow[i + 1][j])
-
-        m.d.comb += self.busy.eq(p_valid | m_valid | (drain_left != 0))
+            m.d.comb += self.o.payload.acc[j].eq(o_acc[j])
+        m.d.comb += self.busy.eq(p_valid | m_valid | u_valid | (sh_left != 0) | o_valid)
         return m
