@@ -38,9 +38,10 @@ Two int8 MACs per DSP48E2 with a shared operand (the Xilinx WP486 technique): PE
 the DSP48E1's too). The packed operand is built once per column pair and broadcast down the column.
 The 48-bit accumulator (the DSP's P register) then holds ``H * 2**S + L`` exactly (modulo
 ``2**48``), with ``H``, ``L`` the two columns' sums. ``L`` outgrows its 16-bit field after a few
-beats, so a fabric tracker extends it every cycle: the low field of P always equals ``L mod 2**S``,
-one product changes ``L`` by less than ``2**(S-1)``, so the tracker's upper bits move by the borrow
-or carry of that step (-1, 0 or +1), the *spill* of the low field into the 32-bit ``L``. No separate
+beats, so a small fabric tracker per multiplier extends it every cycle: one product changes ``L`` by
+less than ``2**(S-1)``, so the field wraps exactly when its top bit flips against the product's sign
+(known from the operands' signs), and a 16-bit wrap count takes the carry (+1) or borrow (-1): the
+*spill* of the low field, ``L = wrap * 2**S + (P mod 2**S)``. No separate
 sign correction is needed in the DSP: when the tile's rows are drained, ``H = (P >> S) - (L >> S)``
 (the exact correction for the low field's sign and wraps), computed on the output row only.
 So the accumulator never restarts mid-tile and any K is exact (K = 1,201, W2's AV product, and
@@ -230,9 +231,21 @@ class PEArray(wiring.Component):
         # Accumulators (the DSP P register).
         acc = [[Signal(p_shape, name=f"acc{i}_{q}", reset_less=True) for q in range(Q)]
                for i in range(R)]
-        # K2 == 2: the low column's exact sum L, tracked from P's low field (stage U).
-        low = [[Signal(signed(acc_bits), name=f"low{i}_{q}", reset_less=True) for q in range(Q)]
+        # K2 == 2: the low column's sum L = wrap * 2**S + (P's low field), tracked in stage U: the
+        # wrap count (L >> S) and the low field's top bit of the previous cycle.
+        wrap = [[Signal(signed(acc_bits - S), name=f"wrap{i}_{q}", reset_less=True) for q in range(Q)]
+                for i in range(R)] if K2 == 2 else None
+        top = [[Signal(name=f"top{i}_{q}", reset_less=True) for q in range(Q)]
                for i in range(R)] if K2 == 2 else None
+        # The sign of each low-column product, as the sign of its operands, kept per row and per
+        # column pair (not per multiplier) along the P, M and U stages.
+        m_aneg = [Signal(name=f"m_aneg{i}", reset_less=True) for i in range(R)]
+        # The U copies keep their reset so the chains stay flip-flops, not shift registers (SRLs)
+        # with a slow clock-to-out (docs/timing.md).
+        u_aneg = [Signal(name=f"u_aneg{i}") for i in range(R)]
+        p_bneg = [Signal(name=f"p_bneg{q}", reset_less=True) for q in range(Q)]
+        m_bneg = [Signal(name=f"m_bneg{q}", reset_less=True) for q in range(Q)]
+        u_bneg = [Signal(name=f"u_bneg{q}") for q in range(Q)]
         # Shadow bank: per multiplier, the high word (P >> S, or the whole sum when K2 == 1) and L.
         sh_hi = [[Signal(signed(acc_bits), name=f"sh{i}_{q}", reset_less=True) for q in range(Q)]
                  for i in range(R)]
@@ -272,6 +285,12 @@ class PEArray(wiring.Component):
                 # The pre-adder of WP486, once per column pair: b_hi * 2**S + b_lo.
                 packed = (pl.b[2 * q] << S) + pl.b[2 * q + 1]
             m.d.sync += p_b[q].eq(Mux(take, packed, 0))
+            if K2 == 2:
+                m.d.sync += [p_bneg[q].eq(pl.b[2 * q + 1][-1]), m_bneg[q].eq(p_bneg[q]),
+                             u_bneg[q].eq(m_bneg[q])]
+        if K2 == 2:
+            for i in range(R):
+                m.d.sync += [m_aneg[i].eq(p_a[i][-1]), u_aneg[i].eq(m_aneg[i])]
 
         # ---- M and P: multiply, accumulate (no enable: idle products are 0) ------------------
         for i in range(R):
@@ -287,19 +306,20 @@ class PEArray(wiring.Component):
                     with m.If(u_last):
                         m.d.sync += sh_hi[i][q].eq(p)
                     continue
-                # L_new = the value congruent to P's low field within 2**(S-1) of L_old: keep the
-                # low field, move the upper bits by the step's carry (+1) or borrow (-1).
-                old = Mux(u_first, 0, low[i][q])
-                cur = p[:S]
-                diff = Signal(S + 1, name=f"dl{i}_{q}")
-                m.d.comb += diff.eq(cur - old[:S])
-                borrow, neg = diff[S], diff[S - 1]
-                upper = old[S:] + (borrow & ~neg) - (~borrow & neg)
-                new = Signal(signed(acc_bits), name=f"ln{i}_{q}")
-                m.d.comb += new.eq(Cat(cur, upper[:acc_bits - S]))
-                m.d.sync += low[i][q].eq(new)
+                # One product d changes L by |d| < 2**(S-1), so the low field wraps exactly when its
+                # top bit flips against the direction of d: 1 -> 0 with d >= 0 is a carry out (+1),
+                # 0 -> 1 with d < 0 a borrow (-1). d's sign is its operands' sign: when d = 0 the
+                # field does not move, so a zero operand's sign does not matter.
+                neg = u_aneg[i] ^ u_bneg[q]
+                cur = p[S - 1]
+                prev = top[i][q] & ~u_first
+                carry = ~neg & prev & ~cur
+                borrow = neg & ~prev & cur
+                new_wrap = Signal(signed(acc_bits - S), name=f"wn{i}_{q}")
+                m.d.comb += new_wrap.eq(Mux(u_first, 0, wrap[i][q]) + carry - borrow)
+                m.d.sync += [wrap[i][q].eq(new_wrap), top[i][q].eq(cur)]
                 with m.If(u_last):
-                    m.d.sync += [sh_hi[i][q].eq(p[S:S + acc_bits]), sh_lo[i][q].eq(new)]
+                    m.d.sync += [sh_hi[i][q].eq(p[S:S + acc_bits]), sh_lo[i][q].eq(Cat(p[:S], new_wrap))]
         with m.If(u_last):
             m.d.sync += [sh_left.eq(u_rows), sh_row.eq(0)]
 
