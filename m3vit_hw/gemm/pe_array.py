@@ -20,7 +20,7 @@ Why output-stationary for :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine`:
 * The unsigned-A flag (AV product) applies to the streamed operand, per beat.
 
 Finished tiles move in one cycle into a *shadow bank* (one register per PE) that drains one output row
-per cycle, through an output register, while the next tile accumulates.
+per cycle, through a row multiplexer and an output register, while the next tile accumulates.
 
 No stall inside the array (credits)
 -----------------------------------
@@ -53,7 +53,7 @@ weights e8); either way it is a 9-bit signed operand, so ``a * b`` is a 9x8-bit 
 accumulator (:class:`~m3vit_hw.config.AcceleratorConfig` checks it for the model); overflow wraps.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -323,24 +323,22 @@ class PEArray(wiring.Component):
         with m.If(u_last):
             m.d.sync += [sh_left.eq(u_rows), sh_row.eq(0)]
 
-        # ---- drain: shadow row 0 -> output register; the bank shifts along rows ---------------
+        # ---- drain: shadow row sh_row -> output register ---------------------------------------
+        # A row multiplexer rather than a shift register: the shadow registers then only load (an
+        # enable, no multiplexer in front of each of them), and the R:1 multiplexer per output bit
+        # costs about R/3 LUTs instead of R.
         move = (sh_left != 0) & (~o_valid | self.o.ready)
         with m.If(move):
             m.d.sync += [o_valid.eq(1), o_row.eq(sh_row), o_last.eq(sh_left == 1),
                          sh_left.eq(sh_left - 1), sh_row.eq(sh_row + 1)]
             for q in range(Q):
+                hi = Array(sh_hi[i][q] for i in range(R))[sh_row]
                 if K2 == 1:
-                    m.d.sync += o_acc[q].eq(sh_hi[0][q])
+                    m.d.sync += o_acc[q].eq(hi)
                 else:
                     # H = (P >> S) - (L >> S): the low sum's sign and wraps taken out of the high one.
-                    lo = sh_lo[0][q]
-                    m.d.sync += [o_acc[2 * q].eq(sh_hi[0][q] - lo[S:].as_signed()),
-                                 o_acc[2 * q + 1].eq(lo)]
-            for i in range(R - 1):
-                for q in range(Q):
-                    m.d.sync += sh_hi[i][q].eq(sh_hi[i + 1][q])
-                    if K2 == 2:
-                        m.d.sync += sh_lo[i][q].eq(sh_lo[i + 1][q])
+                    lo = Array(sh_lo[i][q] for i in range(R))[sh_row]
+                    m.d.sync += [o_acc[2 * q].eq(hi - lo[S:].as_signed()), o_acc[2 * q + 1].eq(lo)]
         with m.Elif(self.o.ready):
             m.d.sync += o_valid.eq(0)
 
