@@ -20,7 +20,7 @@ Why output-stationary for :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine`:
 * The unsigned-A flag (AV product) applies to the streamed operand, per beat.
 
 Finished tiles move in one cycle into a *shadow bank* (one register per PE) that drains one output row
-per cycle, through a row multiplexer and an output register, while the next tile accumulates.
+per cycle, through a row multiplexer and two registers, while the next tile accumulates.
 
 No stall inside the array (credits)
 -----------------------------------
@@ -143,9 +143,9 @@ class PEArray(wiring.Component):
 
     Latency and throughput
     ----------------------
-    One beat per cycle. The first row of a tile is offered :attr:`LATENCY` (5) cycles after its
-    ``last`` beat is accepted (operand register, product register, accumulator, shadow bank, output
-    register). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
+    One beat per cycle. The first row of a tile is offered :attr:`LATENCY` (6) cycles after its
+    ``last`` beat is accepted (operand register, product register, accumulator, shadow bank, row
+    register, output register). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
     beats of the previous tile's; otherwise its ``last`` beat waits until the previous tile's rows
     have left the shadow bank.
 
@@ -157,7 +157,7 @@ class PEArray(wiring.Component):
     """
 
     #: Cycles from accepting a tile's ``last`` beat to offering its first row.
-    LATENCY = 5
+    LATENCY = 6
 
     def __init__(self, rows, cols, pack=1):
         check_int("rows", rows, 1, 256)
@@ -316,31 +316,46 @@ class PEArray(wiring.Component):
                 carry = ~neg & prev & ~cur
                 borrow = neg & ~prev & cur
                 new_wrap = Signal(signed(acc_bits - S), name=f"wn{i}_{q}")
-                m.d.comb += new_wrap.eq(Mux(u_first, 0, wrap[i][q]) + carry - borrow)
+                # One adder: the step (-1, 0, +1) as a single operand (carry and borrow exclude
+                # each other), so the tracker is one short carry chain behind one LUT level.
+                step = Mux(borrow, -1, carry)
+                m.d.comb += new_wrap.eq(Mux(u_first, 0, wrap[i][q]) + step)
                 m.d.sync += [wrap[i][q].eq(new_wrap), top[i][q].eq(cur)]
                 with m.If(u_last):
                     m.d.sync += [sh_hi[i][q].eq(p[S:S + acc_bits]), sh_lo[i][q].eq(Cat(p[:S], new_wrap))]
         with m.If(u_last):
             m.d.sync += [sh_left.eq(u_rows), sh_row.eq(0)]
 
-        # ---- drain: shadow row sh_row -> output register ---------------------------------------
+        # ---- drain: shadow row sh_row -> row register -> output register ----------------------
         # A row multiplexer rather than a shift register: the shadow registers then only load (an
         # enable, no multiplexer in front of each of them), and the R:1 multiplexer per output bit
-        # costs about R/3 LUTs instead of R.
-        move = (sh_left != 0) & (~o_valid | self.o.ready)
+        # costs about R/3 LUTs instead of R. It gets a cycle of its own, the pack-2 decode another.
+        d_valid = Signal()
+        d_last = Signal()
+        d_row = Signal(range(R))
+        d_hi = [Signal(signed(acc_bits), name=f"d_hi{q}", reset_less=True) for q in range(Q)]
+        d_lo = [Signal(signed(acc_bits), name=f"d_lo{q}", reset_less=True) for q in range(Q)]
+        adv_o = ~o_valid | self.o.ready
+        adv_d = ~d_valid | adv_o
+        move = (sh_left != 0) & adv_d
         with m.If(move):
-            m.d.sync += [o_valid.eq(1), o_row.eq(sh_row), o_last.eq(sh_left == 1),
+            m.d.sync += [d_valid.eq(1), d_row.eq(sh_row), d_last.eq(sh_left == 1),
                          sh_left.eq(sh_left - 1), sh_row.eq(sh_row + 1)]
             for q in range(Q):
-                hi = Array(sh_hi[i][q] for i in range(R))[sh_row]
+                m.d.sync += d_hi[q].eq(Array(sh_hi[i][q] for i in range(R))[sh_row])
+                if K2 == 2:
+                    m.d.sync += d_lo[q].eq(Array(sh_lo[i][q] for i in range(R))[sh_row])
+        with m.Elif(adv_d):
+            m.d.sync += d_valid.eq(0)
+        with m.If(adv_o):
+            m.d.sync += [o_valid.eq(d_valid), o_row.eq(d_row), o_last.eq(d_last)]
+            for q in range(Q):
                 if K2 == 1:
-                    m.d.sync += o_acc[q].eq(hi)
+                    m.d.sync += o_acc[q].eq(d_hi[q])
                 else:
                     # H = (P >> S) - (L >> S): the low sum's sign and wraps taken out of the high one.
-                    lo = Array(sh_lo[i][q] for i in range(R))[sh_row]
-                    m.d.sync += [o_acc[2 * q].eq(hi - lo[S:].as_signed()), o_acc[2 * q + 1].eq(lo)]
-        with m.Elif(self.o.ready):
-            m.d.sync += o_valid.eq(0)
+                    lo = d_lo[q]
+                    m.d.sync += [o_acc[2 * q].eq(d_hi[q] - lo[S:].as_signed()), o_acc[2 * q + 1].eq(lo)]
 
         m.d.comb += [
             self.o.valid.eq(o_valid),
@@ -349,5 +364,5 @@ class PEArray(wiring.Component):
         ]
         for j in range(C):
             m.d.comb += self.o.payload.acc[j].eq(o_acc[j])
-        m.d.comb += self.busy.eq(p_valid | m_valid | u_valid | (sh_left != 0) | o_valid)
+        m.d.comb += self.busy.eq(p_valid | m_valid | u_valid | (sh_left != 0) | d_valid | o_valid)
         return m
