@@ -52,7 +52,7 @@ from .lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BU
 from .model_config import PRESETS as MODEL_PRESETS
 from .model_config import ModelConfig
 
-__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits",
+__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "DEVICE_ACCEL_PRESETS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits",
            "balanced_chunks"]
 
 
@@ -65,6 +65,16 @@ ACCEL_PRESETS = {
     # Test presets: a 4x4 array, so simulations stay small.
     "tiny": dict(pe_rows=4, pe_cols=4),
     "tiny-task-embedding": dict(pe_rows=4, pe_cols=4),
+}
+
+#: Device-sized PE arrays for the xczu7ev (issue 12): 2,048 int8 MAC/cycle from 1,024 DSP48E2s (two
+#: MACs per DSP). 32 x 64 is the shape ``sim.pe_shapes`` ranks first for W2 and first for W1 among
+#: the legal ones with >= 2,048 MAC/cycle (rows <= cols, so the A reads keep up; see the GEMM engine).
+#: Selected with ``from_preset(name, sizing="device")``; not the defaults (the default build is the
+#: small, fast one).
+DEVICE_ACCEL_PRESETS = {
+    "vit-tiny-cityscapes": dict(pe_rows=32, pe_cols=64, pe_pack=2),
+    "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2),
 }
 
 #: Largest magnitude of one product: int8 x int8 peaks at (-128)(-128); unsigned attention weights
@@ -344,18 +354,25 @@ class AcceleratorConfig:
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name, **overrides):
+    def from_preset(cls, name, *, sizing="default", **overrides):
         """An instance for a named workload preset, with optional overrides.
 
         ``name`` is a key of :data:`m3vit_hw.model_config.PRESETS` (``"vit-tiny-cityscapes"`` = W1,
-        ``"vit-small-nyud"`` = W2, ``"tiny"``, ...). ``overrides`` may name accelerator fields
+        ``"vit-small-nyud"`` = W2, ``"tiny"``, ...). ``sizing`` picks the accelerator defaults:
+        ``"default"`` (:data:`ACCEL_PRESETS`) or ``"device"`` (:data:`DEVICE_ACCEL_PRESETS`, the
+        PE array sized to the xczu7ev; W1 and W2 only). ``overrides`` may name accelerator fields
         (``pe_rows=8``) or model fields (``experts=64``); the latter are applied to the model.
         """
         if name not in MODEL_PRESETS:
             raise ValueError(f"preset must be one of {sorted(MODEL_PRESETS)}, not {name!r}")
+        sizings = {"default": ACCEL_PRESETS, "device": DEVICE_ACCEL_PRESETS}
+        if sizing not in sizings:
+            raise ValueError(f"sizing must be one of {sorted(sizings)}, not {sizing!r}")
+        if name not in sizings[sizing] and sizing != "default":
+            raise ValueError(f"sizing={sizing!r} has presets {sorted(sizings[sizing])}, not {name!r}")
         accel_fields = {f.name for f in fields(cls)} - {"model"}
         model_fields = {f.name for f in fields(ModelConfig)}
-        accel = dict(ACCEL_PRESETS.get(name, {}))
+        accel = dict(sizings[sizing].get(name, {}))
         model_changes = {}
         for key, value in overrides.items():
             if key in accel_fields:
