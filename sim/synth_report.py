@@ -318,6 +318,12 @@ def main(argv=None):
         out["units"][unit] = {"resources": rep["resources"], "cells": rep["cells"],
                               "timing": rep["timing"].to_json(), "dsp_regs_xc7": rep["dsp_regs_xc7"],
                               "seconds": round(rep["seconds"], 1), "mapper": rep["mapper"]}
+        if unit == "pe_array" and rep["resources"]["DSP48E2"]:
+            # The array's own DSPs are all MAC DSPs (the GEMM engine's also include the epilogue's).
+            per = cfg.macs_per_cycle / rep["resources"]["DSP48E2"]
+            print(f"  {cfg.macs_per_cycle} MAC/cycle from {rep['resources']['DSP48E2']} DSP48E2: "
+                  f"{per:.2f} int8 MACs per DSP (pe_pack {cfg.pe_pack})", flush=True)
+            out["units"][unit]["macs_per_dsp"] = per
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
     print("\n| unit | LUT levels | carry (CARRY4) | DSP stages | est. Fmax (MHz) | resources |")
