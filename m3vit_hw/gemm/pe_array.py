@@ -143,9 +143,9 @@ class PEArray(wiring.Component):
 
     Latency and throughput
     ----------------------
-    One beat per cycle. The first row of a tile is offered :attr:`LATENCY` (6) cycles after its
-    ``last`` beat is accepted (operand register, product register, accumulator, shadow bank, row
-    register, output register). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
+    One beat per cycle. The first row of a tile is offered :attr:`latency` cycles after its ``last``
+    beat is accepted: 5 (operand register, product register, accumulator, shadow bank, row register)
+    and one more with ``pack`` 2 (the output register that corrects the high column). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
     beats of the previous tile's; otherwise its ``last`` beat waits until the previous tile's rows
     have left the shadow bank.
 
@@ -156,8 +156,6 @@ class PEArray(wiring.Component):
         odd with ``pack`` 2.
     """
 
-    #: Cycles from accepting a tile's ``last`` beat to offering its first row.
-    LATENCY = 6
 
     def __init__(self, rows, cols, pack=1):
         check_int("rows", rows, 1, 256)
@@ -185,6 +183,12 @@ class PEArray(wiring.Component):
     @property
     def pack(self):
         return self._pack
+
+    @property
+    def latency(self):
+        """Cycles from accepting a tile's ``last`` beat to offering its first row (5, or 6 with
+        ``pack`` 2)."""
+        return 5 if self._pack == 1 else 6
 
     @property
     def multipliers(self):
@@ -326,17 +330,20 @@ class PEArray(wiring.Component):
         with m.If(u_last):
             m.d.sync += [sh_left.eq(u_rows), sh_row.eq(0)]
 
-        # ---- drain: shadow row sh_row -> row register -> output register ----------------------
+        # ---- drain: shadow row sh_row -> row register (-> output register, pack 2) ------------
         # A row multiplexer rather than a shift register: the shadow registers then only load (an
         # enable, no multiplexer in front of each of them), and the R:1 multiplexer per output bit
-        # costs about R/3 LUTs instead of R. It gets a cycle of its own, the pack-2 decode another.
+        # costs about R/3 LUTs instead of R. It gets a cycle of its own; pack 2's decode another.
         d_valid = Signal()
         d_last = Signal()
         d_row = Signal(range(R))
         d_hi = [Signal(signed(acc_bits), name=f"d_hi{q}", reset_less=True) for q in range(Q)]
         d_lo = [Signal(signed(acc_bits), name=f"d_lo{q}", reset_less=True) for q in range(Q)]
-        adv_o = ~o_valid | self.o.ready
-        adv_d = ~d_valid | adv_o
+        if K2 == 1:
+            adv_d = ~d_valid | self.o.ready
+        else:
+            adv_o = ~o_valid | self.o.ready
+            adv_d = ~d_valid | adv_o
         move = (sh_left != 0) & adv_d
         with m.If(move):
             m.d.sync += [d_valid.eq(1), d_row.eq(sh_row), d_last.eq(sh_left == 1),
@@ -347,12 +354,13 @@ class PEArray(wiring.Component):
                     m.d.sync += d_lo[q].eq(Array(sh_lo[i][q] for i in range(R))[sh_row])
         with m.Elif(adv_d):
             m.d.sync += d_valid.eq(0)
-        with m.If(adv_o):
-            m.d.sync += [o_valid.eq(d_valid), o_row.eq(d_row), o_last.eq(d_last)]
-            for q in range(Q):
-                if K2 == 1:
-                    m.d.sync += o_acc[q].eq(d_hi[q])
-                else:
+        if K2 == 1:
+            m.d.comb += [o_valid.eq(d_valid), o_row.eq(d_row), o_last.eq(d_last)]
+            m.d.comb += [o_acc[q].eq(d_hi[q]) for q in range(Q)]
+        else:
+            with m.If(adv_o):
+                m.d.sync += [o_valid.eq(d_valid), o_row.eq(d_row), o_last.eq(d_last)]
+                for q in range(Q):
                     # H = (P >> S) - (L >> S): the low sum's sign and wraps taken out of the high one.
                     lo = d_lo[q]
                     m.d.sync += [o_acc[2 * q].eq(d_hi[q] - lo[S:].as_signed()), o_acc[2 * q + 1].eq(lo)]
