@@ -62,7 +62,7 @@ are interleaved with the other rows of its row tile (a streaming consumer of RAW
 row buffer with ``addr``).
 
 Latency: the first block is staged ``max(pe_rows, C) + 3`` cycles after the command is accepted; a
-tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (5, or 6
+tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
 with ``pe_pack`` 2) cycles after its last reduction step, and their results are written
 :data:`~m3vit_hw.gemm.epilogue.LATENCY` (17) cycles later.
 

@@ -144,8 +144,9 @@ class PEArray(wiring.Component):
     Latency and throughput
     ----------------------
     One beat per cycle. The first row of a tile is offered :attr:`latency` cycles after its ``last``
-    beat is accepted: 5 (operand register, product register, accumulator, shadow bank, row register)
-    and one more with ``pack`` 2 (the output register that corrects the high column). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
+    beat is accepted: 4 with ``pack`` 1 (operand register, product register, accumulator, row
+    register: row 0 bypasses the shadow bank when the row register is free), 6 with ``pack`` 2
+    (shadow bank and an output register that corrects the high column). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
     beats of the previous tile's; otherwise its ``last`` beat waits until the previous tile's rows
     have left the shadow bank.
 
@@ -186,9 +187,9 @@ class PEArray(wiring.Component):
 
     @property
     def latency(self):
-        """Cycles from accepting a tile's ``last`` beat to offering its first row (5, or 6 with
-        ``pack`` 2)."""
-        return 5 if self._pack == 1 else 6
+        """Cycles from accepting a tile's ``last`` beat to offering its first row (4, or 6 with
+        ``pack`` 2) when ``o`` is ready."""
+        return 4 if self._pack == 1 else 6
 
     @property
     def multipliers(self):
@@ -355,6 +356,13 @@ class PEArray(wiring.Component):
         with m.Elif(adv_d):
             m.d.sync += d_valid.eq(0)
         if K2 == 1:
+            # Bypass: a tile's row 0 goes from the P registers straight to the row register when that
+            # is free, a cycle earlier than through the shadow bank (the shadow bank is empty then:
+            # the credit). Not for pack 2, where row 0 would need the tracker's adder first.
+            with m.If(u_last & adv_d):
+                m.d.sync += [d_valid.eq(1), d_row.eq(0), d_last.eq(u_rows == 1),
+                             sh_left.eq(u_rows - 1), sh_row.eq(1)]
+                m.d.sync += [d_hi[q].eq(acc[0][q]) for q in range(Q)]
             m.d.comb += [o_valid.eq(d_valid), o_row.eq(d_row), o_last.eq(d_last)]
             m.d.comb += [o_acc[q].eq(d_hi[q]) for q in range(Q)]
         else:
