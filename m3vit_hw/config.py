@@ -52,7 +52,7 @@ from .lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BU
 from .model_config import PRESETS as MODEL_PRESETS
 from .model_config import ModelConfig
 
-__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits",
+__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "DEVICE_ACCEL_PRESETS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits",
            "balanced_chunks"]
 
 
@@ -65,6 +65,16 @@ ACCEL_PRESETS = {
     # Test presets: a 4x4 array, so simulations stay small.
     "tiny": dict(pe_rows=4, pe_cols=4),
     "tiny-task-embedding": dict(pe_rows=4, pe_cols=4),
+}
+
+#: Device-sized PE arrays for the xczu7ev (issue 12): 2,048 int8 MAC/cycle from 1,024 DSP48E2s (two
+#: MACs per DSP). 32 x 64 is the shape ``sim.pe_shapes`` ranks first for W2 and first for W1 among
+#: the legal ones with >= 2,048 MAC/cycle (rows <= cols, so the A reads keep up; see the GEMM engine).
+#: Selected with ``from_preset(name, sizing="device")``; not the defaults (the default build is the
+#: small, fast one).
+DEVICE_ACCEL_PRESETS = {
+    "vit-tiny-cityscapes": dict(pe_rows=32, pe_cols=64, pe_pack=2),
+    "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2),
 }
 
 #: Largest magnitude of one product: int8 x int8 peaks at (-128)(-128); unsigned attention weights
@@ -164,6 +174,10 @@ class AcceleratorConfig:
         Outstanding requests the external-memory read arbiter remembers (``[1, 256]``).
     counter_width : int
         Width of the performance counters (cycles, compute cycles, bytes fetched), ``[16, 64]``.
+    pe_pack : int
+        int8 MACs per DSP48E2 in the PE array: 1, or 2 (shared-operand packing, two columns per DSP;
+        ``pe_cols`` must then be even). The results are bit-identical; 2 halves the DSPs (see
+        :class:`~m3vit_hw.gemm.pe_array.PEArray`).
     gemm_desc_depth : int
         GEMM engine tile descriptors in flight between the loader and the epilogue (``[2, 16]``):
         staged, accumulating, draining. Three (the default) means a tile with ``K`` just above
@@ -179,6 +193,7 @@ class AcceleratorConfig:
     model: ModelConfig
     pe_rows: int = 16
     pe_cols: int = 16
+    pe_pack: int = 1
     token_capacity: int = None
     ln_lanes: int = None
     softmax_lanes: int = None
@@ -204,6 +219,10 @@ class AcceleratorConfig:
         m = self.model
         _check_int("pe_rows", self.pe_rows, 1, 256)
         _check_int("pe_cols", self.pe_cols, 1, 256)
+        _check_int("pe_pack", self.pe_pack, 1, 2)
+        if self.pe_pack == 2 and self.pe_cols % 2:
+            raise ValueError(f"pe_cols must be even with pe_pack=2 (two columns share a DSP48E2), "
+                             f"not {self.pe_cols}")
 
         if self.token_capacity is None:
             self._set("token_capacity", m.tokens)
@@ -335,18 +354,25 @@ class AcceleratorConfig:
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name, **overrides):
+    def from_preset(cls, name, *, sizing="default", **overrides):
         """An instance for a named workload preset, with optional overrides.
 
         ``name`` is a key of :data:`m3vit_hw.model_config.PRESETS` (``"vit-tiny-cityscapes"`` = W1,
-        ``"vit-small-nyud"`` = W2, ``"tiny"``, ...). ``overrides`` may name accelerator fields
+        ``"vit-small-nyud"`` = W2, ``"tiny"``, ...). ``sizing`` picks the accelerator defaults:
+        ``"default"`` (:data:`ACCEL_PRESETS`) or ``"device"`` (:data:`DEVICE_ACCEL_PRESETS`, the
+        PE array sized to the xczu7ev; W1 and W2 only). ``overrides`` may name accelerator fields
         (``pe_rows=8``) or model fields (``experts=64``); the latter are applied to the model.
         """
         if name not in MODEL_PRESETS:
             raise ValueError(f"preset must be one of {sorted(MODEL_PRESETS)}, not {name!r}")
+        sizings = {"default": ACCEL_PRESETS, "device": DEVICE_ACCEL_PRESETS}
+        if sizing not in sizings:
+            raise ValueError(f"sizing must be one of {sorted(sizings)}, not {sizing!r}")
+        if name not in sizings[sizing] and sizing != "default":
+            raise ValueError(f"sizing={sizing!r} has presets {sorted(sizings[sizing])}, not {name!r}")
         accel_fields = {f.name for f in fields(cls)} - {"model"}
         model_fields = {f.name for f in fields(ModelConfig)}
-        accel = dict(ACCEL_PRESETS.get(name, {}))
+        accel = dict(sizings[sizing].get(name, {}))
         model_changes = {}
         for key, value in overrides.items():
             if key in accel_fields:
@@ -395,6 +421,11 @@ class AcceleratorConfig:
     def macs_per_cycle(self):
         """Peak int8 MACs per cycle of the PE array."""
         return self.pe_rows * self.pe_cols
+
+    @property
+    def pe_dsps(self):
+        """DSP48E2s of the PE array: ``pe_rows * pe_cols / pe_pack``."""
+        return self.pe_rows * self.pe_cols // self.pe_pack
 
     @property
     def peak_gmacs(self):
@@ -792,7 +823,8 @@ class AcceleratorConfig:
             f"{m.num_tasks} tasks, {m.tokens} tokens",
             f"  PE array        {self.pe_rows} x {self.pe_cols} = {self.macs_per_cycle} MAC/cycle "
             f"(int{numerics.ACT_BITS}/uint{numerics.ATTN_P_BITS} x int{numerics.WEIGHT_BITS} -> int{numerics.ACC_BITS}), "
-            f"{self.peak_gmacs:.1f} GMAC/s at {self.clock_mhz} MHz",
+            f"{self.peak_gmacs:.1f} GMAC/s at {self.clock_mhz} MHz; {self.pe_dsps} DSP48E2 "
+            f"({self.pe_pack} MAC/DSP)",
             f"  largest K       {self.largest_k} (worst |acc| {worst} < 2^{numerics.ACC_BITS - 1}, {what})",
             f"  token capacity  {self.token_capacity}, q_tile {self.q_tile}",
             f"  act buffer      {self.act_buffer_bytes / kib:.1f} KiB "

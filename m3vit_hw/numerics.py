@@ -16,6 +16,7 @@ __all__ = [
     "ROUTER_P_FRAC", "ROUTER_RECIP_BITS", "AV_RECIP_BITS",
     "SOFTMAX_MULT_BITS", "AV_OUT_MULT_BITS",
     "LN_INV_BITS", "LN_Z_FRAC", "LN_GAMMA_BITS", "LN_BETA_BITS", "LN_EPS_BITS",
+    "PE_PRODUCT_MAX", "PE_PACK_SHIFT",
     "exp2_lut", "int_range",
 ]
 
@@ -52,6 +53,13 @@ EXP_ZERO_INT = EXP_OUT_BITS
 ATTN_P_BITS = 8
 #: The AV epilogue's per-row multiplier is floor(M_o * 2**AV_RECIP_BITS / l), l = sum of e8 (>= 255).
 AV_RECIP_BITS = 16
+#: Largest magnitude of one PE-array product: uint8 attention weight 255 times int8 -128.
+PE_PRODUCT_MAX = ((1 << ATTN_P_BITS) - 1) << (WEIGHT_BITS - 1)
+#: Field offset of the DSP-packed PE array (``pe_pack = 2``): one multiplier computes
+#: ``a * (b_hi * 2**PE_PACK_SHIFT + b_lo)``. The packed operand must fit the DSP48E2's 27-bit port
+#: (and the DSP48E1's 25 bits, the xc7 proxy); the low field is tracked every cycle, which is exact
+#: while one product is below ``2**(PE_PACK_SHIFT - 1)`` in magnitude: 16 bits for 32640.
+PE_PACK_SHIFT = PE_PRODUCT_MAX.bit_length() + 1
 #: Router combine weights are unsigned Q0.ROUTER_P_FRAC (1.0 = 2**15, inclusive).
 ROUTER_P_FRAC = 15
 #: Router probabilities, which become the MoE combine weights: unsigned Q0.ROUTER_P_FRAC with 1.0

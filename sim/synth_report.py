@@ -44,13 +44,14 @@ MAPPER = "abc -lut 6 (classic; abc9 not used)"
 
 def _cfg(args):
     from m3vit_hw.config import AcceleratorConfig
-    over = {k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols)) if v is not None}
+    over = {k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols),
+                              ("pe_pack", args.pe_pack)) if v is not None}
     return AcceleratorConfig.from_preset(args.preset, **over)
 
 
 def _pe_array(cfg):
     from m3vit_hw.gemm.pe_array import PEArray
-    return PEArray(cfg.pe_rows, cfg.pe_cols)
+    return PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack)
 
 
 def _requantizer(cfg):
@@ -278,6 +279,7 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny", help="model preset of the AcceleratorConfig")
     p.add_argument("--pe-rows", type=int, default=None, help="override the preset's PE rows")
     p.add_argument("--pe-cols", type=int, default=None, help="override the preset's PE columns")
+    p.add_argument("--pe-pack", type=int, default=None, help="override the preset's MACs per DSP (1 or 2)")
     p.add_argument("--no-dsp-proxy", action="store_true", help="skip the xc7 DSP register proxy run")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--log", default=None, help="keep the yosys log here (one unit only)")
@@ -290,11 +292,12 @@ def main(argv=None):
     except (ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = {"preset": args.preset, "pe_rows": cfg.pe_rows, "pe_cols": cfg.pe_cols, "units": {}}
+    out = {"preset": args.preset, "pe_rows": cfg.pe_rows, "pe_cols": cfg.pe_cols, "pe_pack": cfg.pe_pack,
+           "units": {}}
     rows = []
     failed = 0
     for unit in units:
-        print(f"synthesizing {unit} ({args.preset}, {cfg.pe_rows}x{cfg.pe_cols}) ...", flush=True)
+        print(f"synthesizing {unit} ({args.preset}, {cfg.pe_rows}x{cfg.pe_cols}, pack {cfg.pe_pack}) ...", flush=True)
         try:
             comp = UNITS[unit](cfg)
             rep = synthesize(comp, log=args.log if len(units) == 1 else None, dsp_proxy=not args.no_dsp_proxy)
@@ -315,6 +318,12 @@ def main(argv=None):
         out["units"][unit] = {"resources": rep["resources"], "cells": rep["cells"],
                               "timing": rep["timing"].to_json(), "dsp_regs_xc7": rep["dsp_regs_xc7"],
                               "seconds": round(rep["seconds"], 1), "mapper": rep["mapper"]}
+        if unit == "pe_array" and rep["resources"]["DSP48E2"]:
+            # The array's own DSPs are all MAC DSPs (the GEMM engine's also include the epilogue's).
+            per = cfg.macs_per_cycle / rep["resources"]["DSP48E2"]
+            print(f"  {cfg.macs_per_cycle} MAC/cycle from {rep['resources']['DSP48E2']} DSP48E2: "
+                  f"{per:.2f} int8 MACs per DSP (pe_pack {cfg.pe_pack})", flush=True)
+            out["units"][unit]["macs_per_dsp"] = per
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
     print("\n| unit | LUT levels | carry (CARRY4) | DSP stages | est. Fmax (MHz) | resources |")

@@ -64,6 +64,16 @@ def test_bit_exact_two_runs_with_stalls():
     _check(sim, runs, sim.run(runs), "D16 H2")
 
 
+def test_bit_exact_two_macs_per_dsp():
+    """The same layer on the DSP-packed PE array (pe_pack=2): bit-identical, everything stalling."""
+    cfg = attn_config(dim=16, heads=2, tokens=9, pe_pack=2)
+    wl = make_attn_workload(16, 2, 9, seed=3)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=6, latency=9, stall_prob=0.25, seed=3)
+    assert sim.dut.config.pe_pack == 2
+    runs = _runs(wl, 9)
+    _check(sim, runs, sim.run(runs), "D16 H2 pe_pack 2")
+
+
 @pytest.mark.parametrize("lanes", [2, 1])
 def test_bit_exact_narrow_softmax(lanes):
     """config.softmax_lanes below pe_cols: each score word is cut into C / L softmax beats (the row's

@@ -25,6 +25,15 @@ def test_impossible_config_is_one_line(capsys):
     assert "top_k" in capsys.readouterr().err
 
 
+def test_sizing_and_pe_pack_flags_are_checked(capsys):
+    assert main(["--experts", "16", "--preset", "tiny", "--sizing", "device", "--no-synth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "sizing='device' has presets" in err
+    assert main(["--experts", "4", "--preset", "tiny", "--pe-pack", "3", "--no-synth"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "pe_pack must be in [1, 2], not 3" in err
+
+
 def test_out_path_checked_before_work(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")

@@ -36,6 +36,23 @@ def test_w1_w2_figures():
     assert w2.worst_case_acc[0] < (1 << (numerics.ACC_BITS - 1))
 
 
+@pytest.mark.parametrize("name", ["vit-tiny-cityscapes", "vit-small-nyud"])
+def test_device_sized_presets(name):
+    """The device-sized W1/W2 configs: >= 2,048 MAC/cycle from <= 1,024 DSP48E2s (>= 1,024 used)."""
+    cfg = AcceleratorConfig.from_preset(name, sizing="device")
+    assert cfg.macs_per_cycle >= 2048 and cfg.pe_dsps == 1024
+    assert cfg.pe_dsps == cfg.pe_rows * cfg.pe_cols // cfg.pe_pack
+    assert AcceleratorConfig.from_preset(name).pe_pack == 1        # the defaults are unchanged
+    print(cfg.describe())
+
+
+def test_bad_sizing():
+    with pytest.raises(ValueError, match=r"sizing must be one of \['default', 'device'\], not 'big'"):
+        AcceleratorConfig.from_preset("tiny", sizing="big")
+    with pytest.raises(ValueError, match="sizing='device' has presets"):
+        AcceleratorConfig.from_preset("tiny", sizing="device")
+
+
 def test_formats_come_from_numerics():
     cfg = _tiny()
     assert (cfg.act_bits, cfg.weight_bits, cfg.acc_bits, cfg.res_bits) == \
@@ -118,6 +135,9 @@ def test_equality_repr_and_overrides():
     (dict(arbiter_depth=300), ValueError, r"arbiter_depth must be in \[1, 256\], not 300"),
     (dict(counter_width=8), ValueError, r"counter_width must be in \[16, 64\], not 8"),
     (dict(gemm_desc_depth=1), ValueError, r"gemm_desc_depth must be in \[2, 16\], not 1"),
+    (dict(pe_pack=3), ValueError, r"pe_pack must be in \[1, 2\], not 3"),
+    (dict(pe_pack=1.0), TypeError, r"pe_pack must be an integer"),
+    (dict(pe_pack=2, pe_cols=5), ValueError, r"pe_cols must be even with pe_pack=2"),
     (dict(expert_hidden=0), ValueError, r"expert_hidden must be an integer >= 1, not 0"),
     (dict(mlp_hidden=2.5), TypeError, r"mlp_hidden must be an integer"),
     (dict(clock_mhz="fast"), ValueError, "clock_mhz"),

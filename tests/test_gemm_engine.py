@@ -256,10 +256,11 @@ def test_requant_extremes():
     _check(bufs, cmds, stalls=0.2, seed=3)
 
 
-def test_attention_qk_and_av():
+@pytest.mark.parametrize("pack", [1, 2])
+def test_attention_qk_and_av(pack):
     """QK^T (transposed B from the activation buffer, RAW scores) and AV (uint8 A, per-row
-    reciprocal, V read directly from the activation buffer) for one head."""
-    cfg = CFG
+    reciprocal, V read directly from the activation buffer) for one head; one and two MACs per DSP."""
+    cfg = CFG.with_(pe_pack=pack)
     rng = np.random.default_rng(4)
     bufs = Buffers(cfg, rng)
     T, hd, qt = cfg.token_capacity, cfg.model.head_dim, 6
@@ -327,9 +328,11 @@ def test_moe_expert_gather_scatter_combine():
     _check(bufs, cmds, lut=lut, stalls=0.3, seed=5)
 
 
-def test_max_k_extremes():
-    """K at the config's largest K (768) with -128*-128 and 255*-128 sums."""
-    cfg = CFG.with_(act_buffer_bytes=8192)
+@pytest.mark.parametrize("pack", [1, 2])
+def test_max_k_extremes(pack):
+    """K at the config's largest K (768) with -128*-128 and 255*-128 sums; one and two MACs per DSP
+    (two: the packed low field wraps every few beats)."""
+    cfg = CFG.with_(act_buffer_bytes=8192, pe_pack=pack)
     K = cfg.largest_k
     rng = np.random.default_rng(6)
     bufs = Buffers(cfg, rng)
@@ -388,20 +391,21 @@ def _random_commands(cfg, bufs, rng, count):
     return cmds
 
 
-@pytest.mark.parametrize("rows,cols,seed", [(4, 4, 1), (4, 4, 2), (2, 4, 3), (8, 8, 4)])
-def test_random_command_mix(rows, cols, seed):
+@pytest.mark.parametrize("rows,cols,seed,pack", [(4, 4, 1, 1), (4, 4, 2, 1), (2, 4, 3, 1), (8, 8, 4, 1),
+                                                 (4, 4, 5, 2), (2, 4, 6, 2)])
+def test_random_command_mix(rows, cols, seed, pack):
     """Every mode and flag (gather, scatter, b_trans, a_unsigned, sync, B from either buffer),
-    random shapes, back-to-back commands, random stalls on cmd and o."""
+    random shapes, back-to-back commands, random stalls on cmd and o; one and two MACs per DSP."""
     # A small activation buffer (short random addresses): 4x4-pixel patches (same 9 tokens) keep the
     # patch embedding's slots below the attention map, which 512 words hold.
     cfg = AcceleratorConfig.from_preset("tiny", pe_rows=rows, pe_cols=cols, act_buffer_bytes=512 * cols,
-                                        img_size=(8, 16), patch_size=4)
+                                        img_size=(8, 16), patch_size=4, pe_pack=pack)
     rng = np.random.default_rng(100 + seed)
     bufs = Buffers(cfg, rng)
     cmds = _random_commands(cfg, bufs, rng, count=10)
     out = _check(bufs, cmds, lut=rng.integers(-128, 128, size=256), stalls=0.3, seed=seed)
     macs = sum(c["m"] * c["k"] * c["n"] for c in cmds)
-    print(f"{rows}x{cols} seed {seed}: {len(cmds)} commands, {macs} MACs, {out['cycles']} cycles")
+    print(f"{rows}x{cols} pack {pack} seed {seed}: {len(cmds)} commands, {macs} MACs, {out['cycles']} cycles")
 
 
 def test_short_k_many_tiles_in_flight():

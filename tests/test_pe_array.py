@@ -1,5 +1,6 @@
 # amaranth: UnusedElaboratable=no
-"""PEArray: exact int32 tile sums against numpy, with random stalls on both streams."""
+"""PEArray (one or two MACs per DSP): exact int32 tile sums against numpy int64, with random stalls on
+both streams."""
 
 import time
 
@@ -31,8 +32,8 @@ def _tiles(rng, rows, cols, count, k_max, extremes=False):
     return tiles
 
 
-def _run(rows, cols, tiles, stall_p, seed=0):
-    dut = PEArray(rows, cols)
+def _run(rows, cols, tiles, stall_p, seed=0, pack=1):
+    dut = PEArray(rows, cols, pack)
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     expected = []
@@ -85,13 +86,14 @@ def _run(rows, cols, tiles, stall_p, seed=0):
     assert lasts == want_lasts, "PEArray: last flags misplaced"
 
 
-@pytest.mark.parametrize("rows,cols", [(4, 4), (3, 5)])
-def test_random_tiles_with_stalls(rows, cols):
+@pytest.mark.parametrize("rows,cols,pack", [(4, 4, 1), (3, 5, 1), (4, 4, 2), (3, 6, 2)])
+def test_random_tiles_with_stalls(rows, cols, pack):
     rng = np.random.default_rng(rows * 10 + cols)
-    _run(rows, cols, _tiles(rng, rows, cols, count=10, k_max=9), stall_p=0.3)
+    _run(rows, cols, _tiles(rng, rows, cols, count=10, k_max=9), stall_p=0.3, pack=pack)
 
 
-def test_extremes_int8_and_uint8():
+@pytest.mark.parametrize("pack", [1, 2])
+def test_extremes_int8_and_uint8(pack):
     # -128 * -128 and 255 * -128 sums, incl. one-beat tiles and tiles shorter than the drain.
     rng = np.random.default_rng(7)
     rows = cols = 4
@@ -99,14 +101,43 @@ def test_extremes_int8_and_uint8():
     tiles.append((np.full((rows, 1), 255), np.full((1, cols), -128), True, rows))
     tiles.append((np.full((rows, 1), -128), np.full((1, cols), -128), False, rows))
     tiles.append((np.full((rows, 300), 255), np.full((300, cols), -128), True, 2))
-    _run(rows, cols, tiles, stall_p=0.2, seed=3)
+    _run(rows, cols, tiles, stall_p=0.2, seed=3, pack=pack)
 
 
-def test_throughput_no_stalls():
-    """Back-to-back tiles with K > rows keep the array busy every cycle."""
+@pytest.mark.parametrize("long_k", [(1201,), pytest.param((1201, 1300), marks=pytest.mark.slow)])
+def test_packed_low_field_spill_boundaries(long_k):
+    """pack=2: the low column's 16-bit field in the DSP wraps after two or three extreme products;
+    K around every early wrap (1..6), K = 1,201 (W2's AV product) and beyond, every sign pattern of
+    the two packed columns (-128/127 and uint8 255 everywhere), random stalls."""
+    rows, cols = 4, 4
+    rng = np.random.default_rng(12 + len(long_k))
+    # Column pairs (hi, lo): both -128, hi 127 / lo -128, hi -128 / lo 127, both 127.
+    b_row = np.array([-128, -128, 127, -128])
+    b_row2 = np.array([-128, 127, 127, 127])
+    tiles = []
+    for k in (1, 2, 3, 4, 5, 6) + long_k:
+        for unsigned_a, a_val in ((True, 255), (False, -128), (False, 127)):
+            if k > 6 and (a_val == 127 or len(long_k) == 1 and not unsigned_a):
+                continue
+            a = np.full((rows, k), a_val)
+            a[1] = 255 if unsigned_a else -128 if a_val == 127 else 127
+            b = np.tile(b_row if k % 2 else b_row2, (k, 1))
+            tiles.append((a, b, unsigned_a, int(rng.integers(1, rows + 1))))
+    # Random extremes at K = 1,201: the low sum crosses its field many times both ways.
+    tiles += [(a, b, u, rv) for a, b, u, rv in _tiles(rng, rows, cols, count=2, k_max=1, extremes=True)]
+    for unsigned_a in (True, False)[:len(long_k)]:
+        lo, hi = (0, 255) if unsigned_a else (-128, 127)
+        tiles.append((rng.choice([lo, hi], size=(rows, 1201)), rng.choice([-128, 127], size=(1201, cols)),
+                      unsigned_a, rows))
+    _run(rows, cols, tiles, stall_p=0.2, seed=12, pack=2)
+
+
+@pytest.mark.parametrize("pack", [1, 2])
+def test_throughput_no_stalls(pack):
+    """Back-to-back tiles with K >= rows + 4 keep the array busy every cycle."""
     rows = cols = 4
     k, n_tiles = 8, 6
-    dut = PEArray(rows, cols)
+    dut = PEArray(rows, cols, pack)
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     result = {}
@@ -171,3 +202,12 @@ def test_bad_parameters(bad, exc):
         PEArray(bad, 4)
     with pytest.raises(exc, match="cols"):
         PEArray(4, bad)
+    with pytest.raises(exc, match="pack"):
+        PEArray(4, 4, bad)
+
+
+def test_bad_pack():
+    with pytest.raises(ValueError, match=r"pack must be in \[1, 2\], not 3"):
+        PEArray(4, 4, 3)
+    with pytest.raises(ValueError, match="cols must be even with pack=2"):
+        PEArray(4, 5, 2)

@@ -48,3 +48,14 @@ def test_every_preset_elaborates(name, unit):
     t0 = time.process_time()
     Fragment.get(UNITS[unit](cfg), None)
     print(f"{name} {unit}: elaborated in {time.process_time() - t0:.2f} s CPU")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unit", list(UNITS))
+@pytest.mark.parametrize("name", ["vit-tiny-cityscapes", "vit-small-nyud"])
+def test_device_sized_presets_elaborate(name, unit):
+    """The device-sized configs (32 x 64, two MACs per DSP) elaborate every sub-layer unit."""
+    cfg = AcceleratorConfig.from_preset(name, sizing="device")
+    t0 = time.process_time()
+    Fragment.get(UNITS[unit](cfg), None)
+    print(f"{name} device-sized {unit}: elaborated in {time.process_time() - t0:.2f} s CPU")

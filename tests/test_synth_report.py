@@ -79,9 +79,20 @@ def test_registered_multiply_meets_300mhz_and_combined_does_not():
 def test_pe_array_maps_one_dsp_per_mac():
     rep = synthesize(PEArray(4, 4))
     print(format_report("PEArray 4x4", rep))
-    # Each 9x8-bit signed product fits one DSP48E2.
+    # Each 9x8-bit signed product fits one DSP48E2; the accumulator is a register to register P
+    # (the shadow bank loads from it), so the xc7 proxy packs the M and P registers.
     assert rep["resources"]["DSP48E2"] == 16
     assert rep["resources"]["FF"] >= 16 * 32
+    assert rep["dsp_regs_xc7"]["MREG"] == 16 and rep["dsp_regs_xc7"]["PREG"] == 16
+
+
+@pytest.mark.slow
+def test_packed_pe_array_maps_two_macs_per_dsp():
+    rep = synthesize(PEArray(4, 4, 2))
+    print(format_report("PEArray 4x4 pack 2", rep))
+    assert rep["resources"]["DSP48E2"] == 8
+    assert rep["dsp_regs_xc7"]["DSP"] == 8               # the 25-bit packed operand fits a DSP48E1 too
+    assert rep["dsp_regs_xc7"]["MREG"] == 8 and rep["dsp_regs_xc7"]["PREG"] == 8
 
 
 def test_cli_rejects_missing_output_directory(capsys):

@@ -1,7 +1,7 @@
 """``python -m m3vit_hw.build``: the accelerator for the ZCU104, as files Vivado takes as they are.
 
     python -m m3vit_hw.build --experts 16 [--preset NAME] [--dim D --depth N --heads H --top-k K]
-        [--pe-rows R --pe-cols C --token-capacity T --weight-buffer-bytes B] [--clock-mhz F]
+        [--sizing default|device] [--pe-rows R --pe-cols C --pe-pack 1|2 --token-capacity T --weight-buffer-bytes B] [--clock-mhz F]
         [--axi-masters N] [--out DIR] [--no-synth]
 
 Writes into DIR (default ``build/<preset>-e<experts>``): ``m3vit_accel.sv``, ``m3vit_accel.xdc``,
@@ -42,7 +42,11 @@ def _parser():
     for flag, help_ in (("--dim", "model width D"), ("--depth", "encoder blocks"), ("--heads", "attention heads"),
                         ("--top-k", "experts per token")):
         p.add_argument(flag, type=int, default=None, help=help_)
+    p.add_argument("--sizing", default="default", choices=["default", "device"],
+                   help="accelerator defaults: the preset's (default) or the PE array sized to the "
+                        "xczu7ev (device; W1 and W2)")
     for flag, help_ in (("--pe-rows", "PE array rows"), ("--pe-cols", "PE array columns"),
+                        ("--pe-pack", "int8 MACs per DSP48E2, 1 or 2"),
                         ("--token-capacity", "most tokens on chip"),
                         ("--weight-buffer-bytes", "weight double buffer, both halves")):
         p.add_argument(flag, type=int, default=None, help=help_)
@@ -58,14 +62,14 @@ def _config(args):
     from ..checks import check_int
     check_int("axi_masters", args.axi_masters, 1, 4)
     overrides = {"experts": args.experts}
-    for name in ("dim", "depth", "heads", "top_k", "pe_rows", "pe_cols", "token_capacity",
+    for name in ("dim", "depth", "heads", "top_k", "pe_rows", "pe_cols", "pe_pack", "token_capacity",
                  "weight_buffer_bytes"):
         v = getattr(args, name)
         if v is not None:
             overrides[name] = v
     clock = args.clock_mhz
     overrides["clock_mhz"] = int(clock) if float(clock).is_integer() else clock
-    return AcceleratorConfig.from_preset(args.preset, **overrides)
+    return AcceleratorConfig.from_preset(args.preset, sizing=args.sizing, **overrides)
 
 
 def _check_out(path):

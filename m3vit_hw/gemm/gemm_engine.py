@@ -52,7 +52,7 @@ staging register while the PE array consumes the previous block, one reduction s
   last result written);
 * a K tail costs ``max(pe_rows, C) - K % C`` idle cycles per tile;
 * with ``pe_rows > pe_cols`` the A reads limit the rate to ``pe_cols / pe_rows`` of peak;
-* a tile with ``K <= rows`` of the previous tile waits for that tile's drain (see
+* a tile with ``K < rows + 4`` of the previous tile waits for that tile's drain (see
   :class:`~m3vit_hw.gemm.pe_array.PEArray`);
 * consecutive commands overlap (the next command's loads start while the previous one computes)
   unless ``sync`` is set. M and N tails are masked (junk rows and lanes are computed, never written).
@@ -62,7 +62,8 @@ are interleaved with the other rows of its row tile (a streaming consumer of RAW
 row buffer with ``addr``).
 
 Latency: the first block is staged ``max(pe_rows, C) + 3`` cycles after the command is accepted; a
-tile's rows reach the epilogue 3 cycles after its last reduction step, and their results are written
+tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
+with ``pe_pack`` 2) cycles after its last reduction step, and their results are written
 :data:`~m3vit_hw.gemm.epilogue.LATENCY` (17) cycles later.
 
 Hazards: the engine does not order its own reads after its own writes across commands. A command that
@@ -310,7 +311,7 @@ class GemmEngine(wiring.Component):
         act_aw, b_aw, dst_aw = cfg.act_addr_bits, cfg.b_addr_bits, cfg.dst_addr_bits
         word_bits = C * numerics.ACT_BITS
 
-        m.submodules.pe = pe = PEArray(R, C)
+        m.submodules.pe = pe = PEArray(R, C, cfg.pe_pack)
         m.submodules.epilogue = ep = Epilogue(C, act_aw, cfg.res_addr_bits)
 
         # Per-block information, computed by the loader and carried with the block to the feeder

@@ -20,17 +20,40 @@ Why output-stationary for :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine`:
 * The unsigned-A flag (AV product) applies to the streamed operand, per beat.
 
 Finished tiles move in one cycle into a *shadow bank* (one register per PE) that drains one output row
-per cycle while the next tile accumulates, so the MACs only wait when a tile is shorter than its
-drain (``K <= rows_valid``).
+per cycle, through a row multiplexer and two registers, while the next tile accumulates.
+
+No stall inside the array (credits)
+-----------------------------------
+The datapath registers have no enable: operand, product and accumulator registers load every cycle
+(an idle cycle multiplies by a zeroed operand, adding nothing), and no ``stall`` net fans out to the
+accumulators. Instead the shadow bank is a credit taken at the input: a ``last`` beat is accepted only
+while the shadow bank is empty and no other ``last`` beat is in flight, so it can always load when
+the tile's final sums arrive. Every other beat is always accepted.
+
+DSP packing (``pack = 2``)
+--------------------------
+Two int8 MACs per DSP48E2 with a shared operand (the Xilinx WP486 technique): PE columns ``2q`` and
+``2q + 1`` share ``a[i]``, and one multiplier computes ``a * (b[2q] * 2**S + b[2q+1])`` with
+``S = numerics.PE_PACK_SHIFT`` = 16 (the packed operand fits 25 bits: the DSP48E2's 27-bit port, and
+the DSP48E1's too). The packed operand is built once per column pair and broadcast down the column.
+The 48-bit accumulator (the DSP's P register) then holds ``H * 2**S + L`` exactly (modulo
+``2**48``), with ``H``, ``L`` the two columns' sums. ``L`` outgrows its 16-bit field after a few
+beats, so a small fabric tracker per multiplier extends it every cycle: one product changes ``L`` by
+less than ``2**(S-1)``, so the field wraps exactly when its top bit flips against the product's sign
+(known from the operands' signs), and a 16-bit wrap count takes the carry (+1) or borrow (-1): the
+*spill* of the low field, ``L = wrap * 2**S + (P mod 2**S)``. No separate
+sign correction is needed in the DSP: when the tile's rows are drained, ``H = (P >> S) - (L >> S)``
+(the exact correction for the low field's sign and wraps), computed on the output row only.
+So the accumulator never restarts mid-tile and any K is exact (K = 1,201, W2's AV product, and
+beyond) as long as both sums fit int32, which the config guarantees as before.
 
 Numerics: ``a`` is an 8-bit pattern read as int8 or, with ``a_unsigned``, as uint8 (attention
-weights e8); either way it is a 9-bit signed operand, so ``a * b`` is a 9x8-bit signed product (one
-DSP48E2) that fits 17 bits, accumulated in ``ACC_BITS`` = 32 bits. The caller guarantees that K cannot
-overflow the accumulator (:class:`~m3vit_hw.config.AcceleratorConfig` checks it for the model);
-overflow wraps.
+weights e8); either way it is a 9-bit signed operand, so ``a * b`` is a 9x8-bit signed product that fits
+17 bits, accumulated in ``ACC_BITS`` = 32 bits. The caller guarantees that K cannot overflow the
+accumulator (:class:`~m3vit_hw.config.AcceleratorConfig` checks it for the model); overflow wraps.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -100,39 +123,50 @@ class PEArray(wiring.Component):
     rows : int
         PE rows (output rows per tile), in ``[1, 256]``.
     cols : int
-        PE columns (output columns per tile), in ``[1, 256]``.
+        PE columns (output columns per tile), in ``[1, 256]``; even when ``pack`` is 2.
+    pack : int
+        int8 MACs per multiplier (DSP48E2): 1, or 2 (shared-operand packing, see the module
+        docstring). The interface and the results are the same either way.
 
     Interface attributes
     --------------------
     i : In(stream.Signature(OperandLayout(rows, cols)))
         Operand beats. A tile is the beats from one with ``first`` to the next with ``last`` (a
-        one-beat tile has both). ``ready`` is low only while a ``last`` beat waits for the shadow
-        bank (the previous tile has not drained yet); it does not depend on ``i.valid`` or ``o.ready``
-        in the same cycle.
+        one-beat tile has both). ``ready`` is low only while the payload is a ``last`` beat and the
+        shadow bank is not free (it holds rows of a previous tile, or another ``last`` beat is in
+        flight); it depends on ``i.payload.last`` and registers, not on ``i.valid`` or ``o.ready``.
     o : Out(stream.Signature(ResultLayout(rows, cols)))
         Finished rows, ``rows_valid`` of them per tile, in tile order and row order, each exactly
-        once. ``valid`` does not wait on ``ready``.
+        once. ``valid`` and the payload come from a register; ``valid`` does not wait on ``ready``.
     busy : Out(1)
         A beat or a result is anywhere in the array.
 
     Latency and throughput
     ----------------------
-    One beat per cycle. The first row of a tile is offered 3 cycles after its ``last`` beat is
-    accepted (operand register, product register, accumulate). A tile of ``K`` beats never stalls the
-    array if ``K > rows_valid`` of the previous tile and ``o`` is always ready; otherwise ``i.ready``
-    drops until the shadow bank is free.
+    One beat per cycle. The first row of a tile is offered :attr:`latency` cycles after its ``last``
+    beat is accepted: 4 with ``pack`` 1 (operand register, product register, accumulator, row
+    register: row 0 bypasses the shadow bank when the row register is free), 6 with ``pack`` 2
+    (shadow bank and an output register that corrects the high column). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
+    beats of the previous tile's; otherwise its ``last`` beat waits until the previous tile's rows
+    have left the shadow bank.
 
     Raises
     ------
     TypeError, ValueError
-        If ``rows`` or ``cols`` is not an integer in ``[1, 256]``.
+        If ``rows`` or ``cols`` is not an integer in ``[1, 256]``, ``pack`` not 1 or 2, or ``cols``
+        odd with ``pack`` 2.
     """
 
-    def __init__(self, rows, cols):
+
+    def __init__(self, rows, cols, pack=1):
         check_int("rows", rows, 1, 256)
         check_int("cols", cols, 1, 256)
+        check_int("pack", pack, 1, 2)
+        if pack == 2 and cols % 2:
+            raise ValueError(f"cols must be even with pack=2 (two columns share a DSP), not {cols}")
         self._rows = rows
         self._cols = cols
+        self._pack = pack
         super().__init__({
             "i": In(stream.Signature(OperandLayout(rows, cols))),
             "o": Out(stream.Signature(ResultLayout(rows, cols))),
@@ -147,91 +181,204 @@ class PEArray(wiring.Component):
     def cols(self):
         return self._cols
 
+    @property
+    def pack(self):
+        return self._pack
+
+    @property
+    def latency(self):
+        """Cycles from accepting a tile's ``last`` beat to offering its first row (4, or 6 with
+        ``pack`` 2) when ``o`` is ready."""
+        return 4 if self._pack == 1 else 6
+
+    @property
+    def multipliers(self):
+        """Multipliers (DSP48E2s) of the array: ``rows * cols / pack``."""
+        return self._rows * self._cols // self._pack
+
     def elaborate(self, platform):
         m = Module()
-        R, C = self._rows, self._cols
-        acc_shape = signed(numerics.ACC_BITS)
-        # 9 x 8 signed product: |p| <= 255 * 128 fits 17 bits.
-        prod_shape = signed(numerics.ACT_BITS + 1 + numerics.WEIGHT_BITS)
+        R, C, K2 = self._rows, self._cols, self._pack
+        Q = C // K2                                  # multipliers per row
+        S = numerics.PE_PACK_SHIFT
+        acc_bits = numerics.ACC_BITS
+        a_shape = signed(numerics.ACT_BITS + 1)
+        if K2 == 1:
+            b_shape = signed(numerics.WEIGHT_BITS)
+            # 9 x 8 signed product: |p| <= 255 * 128 fits 17 bits.
+            prod_shape = signed(numerics.ACT_BITS + 1 + numerics.WEIGHT_BITS)
+            p_shape = signed(acc_bits)
+        else:
+            # b_hi * 2**S + b_lo spans [-2**(W+S-1) - 2**(W-1), ...]: one bit more than b_hi * 2**S.
+            b_shape = signed(numerics.WEIGHT_BITS + S + 1)
+            prod_shape = signed(numerics.ACT_BITS + 1 + numerics.WEIGHT_BITS + S + 1)
+            # The DSP48E2's P register; H needs bits S .. S + ACC_BITS of it (modulo 2**48 is exact).
+            p_shape = signed(48)
+            assert S + acc_bits <= 48
 
-        # Stage P: operand registers (the DSP48E2 A/B registers). The 8-bit A pattern is widened
-        # here to a 9-bit signed value so the multiplier never needs to know the format.
-        p_valid = Signal()
-        p_first = Signal()
-        p_last = Signal()
+        # ---- control: valid/first/last travel with the beat; they keep their reset ------------
+        p_valid, m_valid, u_valid = Signal(), Signal(), Signal()
+        p_first, m_first, u_first = Signal(), Signal(), Signal()
+        p_last, m_last, u_last = Signal(), Signal(), Signal()
         p_rows = Signal(range(R + 1))
-        p_a = [Signal(signed(numerics.ACT_BITS + 1), name=f"p_a{i}") for i in range(R)]
-        p_b = [Signal(signed(numerics.WEIGHT_BITS), name=f"p_b{j}") for j in range(C)]
-
-        # Stage M: product registers (the DSP M register).
-        m_valid = Signal()
-        m_first = Signal()
-        m_last = Signal()
         m_rows = Signal(range(R + 1))
-        m_p = [[Signal(prod_shape, name=f"m_p{i}_{j}") for j in range(C)] for i in range(R)]
+        u_rows = Signal(range(R + 1))
 
-        # Accumulators (the DSP P register) and the shadow bank.
-        acc = [[Signal(acc_shape, name=f"acc{i}_{j}") for j in range(C)] for i in range(R)]
-        shadow = [[Signal(acc_shape, name=f"sh{i}_{j}") for j in range(C)] for i in range(R)]
-        drain_left = Signal(range(R + 1))
-        drain_row = Signal(range(R))
+        # ---- datapath: reset-less, no enable ------------------------------------------------
+        # Stage P: operand registers (the DSP A/B registers). The 8-bit A pattern is widened here
+        # to a 9-bit signed value so the multiplier never needs to know the format; B (packed in
+        # pairs when K2 == 2) is zeroed on idle cycles, so idle products add nothing.
+        p_a = [Signal(a_shape, name=f"p_a{i}", reset_less=True) for i in range(R)]
+        p_b = [Signal(b_shape, name=f"p_b{q}", reset_less=True) for q in range(Q)]
+        # Stage M: product registers (the DSP M register).
+        m_p = [[Signal(prod_shape, name=f"m_p{i}_{q}", reset_less=True) for q in range(Q)]
+               for i in range(R)]
+        # Accumulators (the DSP P register).
+        acc = [[Signal(p_shape, name=f"acc{i}_{q}", reset_less=True) for q in range(Q)]
+               for i in range(R)]
+        # K2 == 2: the low column's sum L = wrap * 2**S + (P's low field), tracked in stage U: the
+        # wrap count (L >> S) and the low field's top bit of the previous cycle.
+        wrap = [[Signal(signed(acc_bits - S), name=f"wrap{i}_{q}", reset_less=True) for q in range(Q)]
+                for i in range(R)] if K2 == 2 else None
+        top = [[Signal(name=f"top{i}_{q}", reset_less=True) for q in range(Q)]
+               for i in range(R)] if K2 == 2 else None
+        # The sign of each low-column product, as the sign of its operands, kept per row and per
+        # column pair (not per multiplier) along the P, M and U stages.
+        m_aneg = [Signal(name=f"m_aneg{i}", reset_less=True) for i in range(R)]
+        # The U copies keep their reset so the chains stay flip-flops, not shift registers (SRLs)
+        # with a slow clock-to-out (docs/timing.md).
+        u_aneg = [Signal(name=f"u_aneg{i}") for i in range(R)]
+        p_bneg = [Signal(name=f"p_bneg{q}", reset_less=True) for q in range(Q)]
+        m_bneg = [Signal(name=f"m_bneg{q}", reset_less=True) for q in range(Q)]
+        u_bneg = [Signal(name=f"u_bneg{q}") for q in range(Q)]
+        # Shadow bank: per multiplier, the high word (P >> S, or the whole sum when K2 == 1) and L.
+        sh_hi = [[Signal(signed(acc_bits), name=f"sh{i}_{q}", reset_less=True) for q in range(Q)]
+                 for i in range(R)]
+        sh_lo = [[Signal(signed(acc_bits), name=f"shl{i}_{q}", reset_less=True) for q in range(Q)]
+                 for i in range(R)] if K2 == 2 else None
+        sh_left = Signal(range(R + 1))
+        sh_row = Signal(range(R))
+        # Output register.
+        o_valid = Signal()
+        o_last = Signal()
+        o_row = Signal(range(R))
+        o_acc = [Signal(signed(acc_bits), name=f"o_acc{j}", reset_less=True) for j in range(C)]
 
-        # The only stall: a finished tile whose shadow bank is still draining. Computed from
-        # registers only, so i.ready has no combinational path from o.ready.
-        stall = m_valid & m_last & (drain_left != 0)
-        adv = ~stall
-        m.d.comb += self.i.ready.eq(adv)
+        # ---- input: the shadow-bank credit -------------------------------------------------
+        # Registers only, besides the payload's last flag: a last beat needs an empty shadow bank
+        # and no other last beat in flight; it then finds the bank empty when it arrives, because
+        # nothing else loads it.
+        credit = (sh_left == 0) & ~p_last & ~m_last & ~u_last
+        m.d.comb += self.i.ready.eq(~self.i.payload.last | credit)
+        take = self.i.valid & self.i.ready
+        pl = self.i.payload
+        m.d.sync += [
+            p_valid.eq(take),
+            p_first.eq(pl.first & take),
+            p_last.eq(pl.last & take),
+            p_rows.eq(pl.rows_valid),
+            m_valid.eq(p_valid), m_first.eq(p_first), m_last.eq(p_last), m_rows.eq(p_rows),
+            u_valid.eq(m_valid), u_first.eq(m_first), u_last.eq(m_last), u_rows.eq(m_rows),
+        ]
+        for i in range(R):
+            a = pl.a[i]
+            m.d.sync += p_a[i].eq(Mux(pl.a_unsigned, a.as_unsigned(), a.as_signed()))
+        for q in range(Q):
+            if K2 == 1:
+                packed = pl.b[q]
+            else:
+                # The pre-adder of WP486, once per column pair: b_hi * 2**S + b_lo.
+                packed = (pl.b[2 * q] << S) + pl.b[2 * q + 1]
+            m.d.sync += p_b[q].eq(Mux(take, packed, 0))
+            if K2 == 2:
+                m.d.sync += [p_bneg[q].eq(pl.b[2 * q + 1][-1]), m_bneg[q].eq(p_bneg[q]),
+                             u_bneg[q].eq(m_bneg[q])]
+        if K2 == 2:
+            for i in range(R):
+                m.d.sync += [m_aneg[i].eq(p_a[i][-1]), u_aneg[i].eq(m_aneg[i])]
 
-        with m.If(adv):
-            take = self.i.valid
-            m.d.sync += [
-                p_valid.eq(take),
-                p_first.eq(self.i.payload.first),
-                p_last.eq(self.i.payload.last & take),
-                p_rows.eq(self.i.payload.rows_valid),
-            ]
-            with m.If(take):
-                for i in range(R):
-                    a = self.i.payload.a[i]
-                    m.d.sync += p_a[i].eq(Mux(self.i.payload.a_unsigned, a.as_unsigned(), a.as_signed()))
-                for j in range(C):
-                    m.d.sync += p_b[j].eq(self.i.payload.b[j])
+        # ---- M and P: multiply, accumulate (no enable: idle products are 0) ------------------
+        for i in range(R):
+            for q in range(Q):
+                m.d.sync += m_p[i][q].eq(p_a[i] * p_b[q])
+                m.d.sync += acc[i][q].eq(Mux(m_first, 0, acc[i][q]) + m_p[i][q])
 
-            m.d.sync += [
-                m_valid.eq(p_valid),
-                m_first.eq(p_first),
-                m_last.eq(p_last & p_valid),
-                m_rows.eq(p_rows),
-            ]
-            with m.If(p_valid):
-                for i in range(R):
-                    for j in range(C):
-                        m.d.sync += m_p[i][j].eq(p_a[i] * p_b[j])
+        # ---- U: extend the low field (K2 == 2); load the shadow bank from the P registers -----
+        for i in range(R):
+            for q in range(Q):
+                p = acc[i][q]
+                if K2 == 1:
+                    with m.If(u_last):
+                        m.d.sync += sh_hi[i][q].eq(p)
+                    continue
+                # One product d changes L by |d| < 2**(S-1), so the low field wraps exactly when its
+                # top bit flips against the direction of d: 1 -> 0 with d >= 0 is a carry out (+1),
+                # 0 -> 1 with d < 0 a borrow (-1). d's sign is its operands' sign: when d = 0 the
+                # field does not move, so a zero operand's sign does not matter.
+                neg = u_aneg[i] ^ u_bneg[q]
+                cur = p[S - 1]
+                prev = top[i][q] & ~u_first
+                carry = ~neg & prev & ~cur
+                borrow = neg & ~prev & cur
+                new_wrap = Signal(signed(acc_bits - S), name=f"wn{i}_{q}")
+                # One adder: the step (-1, 0, +1) as a single operand (carry and borrow exclude
+                # each other), so the tracker is one short carry chain behind one LUT level.
+                step = Mux(borrow, -1, carry)
+                m.d.comb += new_wrap.eq(Mux(u_first, 0, wrap[i][q]) + step)
+                m.d.sync += [wrap[i][q].eq(new_wrap), top[i][q].eq(cur)]
+                with m.If(u_last):
+                    m.d.sync += [sh_hi[i][q].eq(p[S:S + acc_bits]), sh_lo[i][q].eq(Cat(p[:S], new_wrap))]
+        with m.If(u_last):
+            m.d.sync += [sh_left.eq(u_rows), sh_row.eq(0)]
 
-            with m.If(m_valid):
-                for i in range(R):
-                    for j in range(C):
-                        total = Mux(m_first, 0, acc[i][j]) + m_p[i][j]
-                        m.d.sync += acc[i][j].eq(total)
-                        with m.If(m_last):
-                            m.d.sync += shadow[i][j].eq(total)
-                with m.If(m_last):
-                    m.d.sync += [drain_left.eq(m_rows), drain_row.eq(0)]
+        # ---- drain: shadow row sh_row -> row register (-> output register, pack 2) ------------
+        # A row multiplexer rather than a shift register: the shadow registers then only load (an
+        # enable, no multiplexer in front of each of them), and the R:1 multiplexer per output bit
+        # costs about R/3 LUTs instead of R. It gets a cycle of its own; pack 2's decode another.
+        d_valid = Signal()
+        d_last = Signal()
+        d_row = Signal(range(R))
+        d_hi = [Signal(signed(acc_bits), name=f"d_hi{q}", reset_less=True) for q in range(Q)]
+        d_lo = [Signal(signed(acc_bits), name=f"d_lo{q}", reset_less=True) for q in range(Q)]
+        if K2 == 1:
+            adv_d = ~d_valid | self.o.ready
+        else:
+            adv_o = ~o_valid | self.o.ready
+            adv_d = ~d_valid | adv_o
+        move = (sh_left != 0) & adv_d
+        with m.If(move):
+            m.d.sync += [d_valid.eq(1), d_row.eq(sh_row), d_last.eq(sh_left == 1),
+                         sh_left.eq(sh_left - 1), sh_row.eq(sh_row + 1)]
+            for q in range(Q):
+                m.d.sync += d_hi[q].eq(Array(sh_hi[i][q] for i in range(R))[sh_row])
+                if K2 == 2:
+                    m.d.sync += d_lo[q].eq(Array(sh_lo[i][q] for i in range(R))[sh_row])
+        with m.Elif(adv_d):
+            m.d.sync += d_valid.eq(0)
+        if K2 == 1:
+            # Bypass: a tile's row 0 goes from the P registers straight to the row register when that
+            # is free, a cycle earlier than through the shadow bank (the shadow bank is empty then:
+            # the credit). Not for pack 2, where row 0 would need the tracker's adder first.
+            with m.If(u_last & adv_d):
+                m.d.sync += [d_valid.eq(1), d_row.eq(0), d_last.eq(u_rows == 1),
+                             sh_left.eq(u_rows - 1), sh_row.eq(1)]
+                m.d.sync += [d_hi[q].eq(acc[0][q]) for q in range(Q)]
+            m.d.comb += [o_valid.eq(d_valid), o_row.eq(d_row), o_last.eq(d_last)]
+            m.d.comb += [o_acc[q].eq(d_hi[q]) for q in range(Q)]
+        else:
+            with m.If(adv_o):
+                m.d.sync += [o_valid.eq(d_valid), o_row.eq(d_row), o_last.eq(d_last)]
+                for q in range(Q):
+                    # H = (P >> S) - (L >> S): the low sum's sign and wraps taken out of the high one.
+                    lo = d_lo[q]
+                    m.d.sync += [o_acc[2 * q].eq(d_hi[q] - lo[S:].as_signed()), o_acc[2 * q + 1].eq(lo)]
 
-        # Drain: the shadow bank is a shift register along rows, so the output is always row 0 and
-        # no wide row multiplexer is needed.
         m.d.comb += [
-            self.o.valid.eq(drain_left != 0),
-            self.o.payload.row.eq(drain_row),
-            self.o.payload.last.eq(drain_left == 1),
+            self.o.valid.eq(o_valid),
+            self.o.payload.row.eq(o_row),
+            self.o.payload.last.eq(o_last),
         ]
         for j in range(C):
-            m.d.comb += self.o.payload.acc[j].eq(shadow[0][j])
-        with m.If(self.o.valid & self.o.ready):
-            m.d.sync += [drain_left.eq(drain_left - 1), drain_row.eq(drain_row + 1)]
-            for i in range(R - 1):
-                for j in range(C):
-                    m.d.sync += shadow[i][j].eq(shadow[i + 1][j])
-
-        m.d.comb += self.busy.eq(p_valid | m_valid | (drain_left != 0))
+            m.d.comb += self.o.payload.acc[j].eq(o_acc[j])
+        m.d.comb += self.busy.eq(p_valid | m_valid | u_valid | (sh_left != 0) | d_valid | o_valid)
         return m
