@@ -39,17 +39,19 @@ import re
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from amaranth.hdl import Module, Shape, Value
+from amaranth.hdl import Module, Shape, UnusedElaboratable, Value
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from m3vit_hw.build.verilog import emit_sv
 from m3vit_hw.lib.mem_port import ReadPortSignature
-from .toolchain import build_model, check_fst, find_verilator
+from .toolchain import build_model, cache_dir, check_fst, find_verilator
+from .vcache import cached_verilog
 
 __all__ = ["MonitorSignature", "Probed", "TopSpec", "Job", "RunResult", "VerilatorModel",
            "VerilatorError"]
@@ -514,6 +516,11 @@ class VerilatorModel:
         Model cache directory (default ``$M3VIT_SIM_CACHE`` or ``~/.cache/m3vit-hw/verilator``).
     log : callable, optional
         Progress messages (e.g. ``print``).
+    verilog_key : str, optional
+        A :func:`~sim.verilator.vcache.design_key` naming ``top`` (its class and config): the emitted
+        Verilog is then cached on disk (:func:`~sim.verilator.vcache.cached_verilog`; the monitor
+        names and pulses are added to the key), and a hit skips elaboration and conversion. Without
+        it every construction converts.
 
     Attributes
     ----------
@@ -521,7 +528,8 @@ class VerilatorModel:
     executable : Path
     build : dict
         ``key``, ``cached`` (True: no compilation happened), ``compile_seconds`` (of the build that made
-        the model), ``convert_seconds`` (Amaranth -> Verilog, this time).
+        the model), ``convert_seconds`` (Amaranth -> Verilog, or the Verilog cache lookup, this time),
+        ``verilog_cached`` (True: the Verilog came from the cache; False: converted).
 
     Raises
     ------
@@ -529,7 +537,8 @@ class VerilatorModel:
         Before any conversion, if Verilator or its helper tools are missing.
     """
 
-    def __init__(self, top, *, monitors=None, pulses=(), threads=1, trace=None, cache=None, log=None):
+    def __init__(self, top, *, monitors=None, pulses=(), threads=1, trace=None, cache=None, log=None,
+                 verilog_key=None):
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be a positive integer, not {threads!r}")
         if trace not in (None, "fst", "vcd"):
@@ -542,7 +551,21 @@ class VerilatorModel:
         self.top = top
         self.spec = TopSpec.from_component(top, pulses)
         t0 = time.time()
-        text = emit_sv(top, "top")
+        if verilog_key is None:
+            text = emit_sv(top, "top")
+            vinfo = {"verilog_cached": False}
+        else:
+            key = f"{verilog_key}|monitors={sorted(monitors or {})!r}|pulses={tuple(pulses)!r}"
+            text, vinfo = cached_verilog(key, lambda: emit_sv(top, "top"),
+                                         cache=Path(cache) if cache is not None else cache_dir())
+            if vinfo["verilog_cached"]:
+                # The design was constructed (for its signature and probes) but is deliberately
+                # never elaborated: Amaranth would warn about every one of its submodules when they
+                # are collected.
+                warnings.filterwarnings("ignore", category=UnusedElaboratable)
+            if log:
+                log(f"verilog: {'cache hit' if vinfo['verilog_cached'] else 'converted'} "
+                    f"({vinfo['verilog_key']})")
         convert_seconds = time.time() - t0
         self.spec.check_verilog(text)
         flags = []
@@ -558,6 +581,7 @@ class VerilatorModel:
         self.executable, self.build = build_model(sources, flags, toolchain=toolchain, cache=cache,
                                                   log=log)
         self.build["convert_seconds"] = round(convert_seconds, 2)
+        self.build["verilog_cached"] = vinfo["verilog_cached"]
 
     def run(self, job, *, trace_file=None, trace_window=(0, 2**63 - 1), timeout=None):
         """Execute ``job`` and return a :class:`RunResult`.
