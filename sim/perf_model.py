@@ -1,0 +1,448 @@
+"""An analytic cycle model of the accelerator: cycles per op class from sizes, routing and bandwidth.
+
+No RTL is simulated. The model walks each unit's command schedule (the same order the RTL sequencers
+issue their GEMMs and weight tiles) over three resources:
+
+* the **GEMM engine** (:class:`_Engine`): a command of ``M x K x N`` takes
+  ``ceil(M / R) * ceil(N / C) * ceil(K / C)`` *blocks* of ``max(R, C)`` cycles (``R, C`` = PE rows,
+  columns; :mod:`m3vit_hw.gemm.gemm_engine`: the loader stages a block in ``max(R, C)`` cycles, a K
+  tail costs the rest of its block). Back-to-back commands overlap; a command that waits for the
+  engine to drain (``sync``, or one command at a time) pays the drain (:data:`DRAIN` + R) and the
+  fill (:data:`FILL` + ``max(R, C)``);
+* the **external memory** (:class:`_Memory`): weight tiles stream in plan order at ``bytes_per_cycle``
+  (at most one beat per cycle), each into one half of the ping-pong weight/parameter buffers, so tile
+  ``i`` may start only once tile ``i - 2`` released its half; an idle memory exposes its latency;
+* the **row units** (LayerNorm, the attention softmax, the router): rows at one beat per cycle, with
+  the per-row minimum and pipeline latencies of :mod:`m3vit_hw.rowops`.
+
+Each ``*_cycles`` function returns a :class:`Estimate`: total ``cycles`` and a ``breakdown`` by op
+class (:data:`OP_CLASSES`) whose values add up to ``cycles``: the engine's busy blocks go to the op
+class of their GEMM; cycles the engine waits for weights are ``memory_stall``; the fixed pipeline
+costs (fill, drain, row-unit tails) are ``idle`` unless they belong to an op (a softmax tail the engine
+waits for is ``softmax``).
+
+Constants marked *calibrated* are fixed costs (a handful of cycles per command or per layer) read off
+simulations of the per-layer runners (``sim/*_layer.py``, pysim, seeds 0, ``tests/test_perf_model.py``
+holds every runner to :data:`TOLERANCE`); every size-dependent term is derived from the RTL's
+documented schedule. Projections of configurations nobody simulated (W1 frames, W2, bigger arrays)
+are labelled ``projected`` by :func:`project_program` and :mod:`sim.perf_report`.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["OP_CLASSES", "TOLERANCE", "Estimate", "gemm_blocks", "gemm_beats", "moe_cycles",
+           "dense_cycles", "attention_cycles", "norm_cycles", "embed_cycles", "store_cycles",
+           "project_program", "project_frame", "routing_counts"]
+
+#: Op classes of the breakdown, in the order of the paper's latency figure (plus stalls and idle).
+OP_CLASSES = ("patch_embed", "layernorm", "qkv_proj", "attn_matmul", "softmax", "dense_mlp", "router",
+              "experts", "store", "memory_stall", "idle")
+
+#: The model's target accuracy against simulated cycles (the issue's 3 %).
+TOLERANCE = 0.03
+
+# ---- GEMM engine (m3vit_hw/gemm/gemm_engine.py) ---------------------------------------------------
+#: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 3`` cycles after
+#: the command is accepted (docstring), ``FILL`` plus ``max(R, C)``.
+FILL = 3
+#: Last reduction step -> results written: 3 cycles to the epilogue, R rows one a cycle, the
+#: epilogue's 17-cycle latency; ``DRAIN`` plus R.
+DRAIN = 20
+#: Calibrated: cycles a ``sync`` boundary costs beyond the drain and the fill (command hand-off).
+SYNC_EXTRA = 5
+
+# ---- memory (sim/ext_memory.py, the weight streamers) ------------------------------------------
+#: Calibrated: request -> first beat written beyond the memory's latency (arbiter, streamer, commit).
+LOAD_EXTRA = 4
+
+# ---- row units ------------------------------------------------------------------------------------
+#: Calibrated: the NormStage's per-row minimum (cycles per row for rows of fewer beats).
+NORM_MIN_ROW = 8
+
+
+def _cdiv(a, b):
+    return -(-int(a) // int(b))
+
+
+@dataclass
+class Estimate:
+    """A modelled run: ``cycles`` and ``breakdown`` (op class -> cycles, summing to ``cycles``);
+    ``macs``; ``weight_bytes`` streamed; ``detail`` (model internals: times of events)."""
+
+    cycles: float
+    breakdown: dict
+    macs: int = 0
+    weight_bytes: int = 0
+    detail: dict = field(default_factory=dict)
+
+    def __add__(self, other):
+        bd = dict(self.breakdown)
+        for k, v in other.breakdown.items():
+            bd[k] = bd.get(k, 0) + v
+        return Estimate(self.cycles + other.cycles, bd, self.macs + other.macs,
+                        self.weight_bytes + other.weight_bytes)
+
+
+def _blank():
+    return {k: 0.0 for k in OP_CLASSES}
+
+
+def gemm_blocks(config, m, k, n):
+    """Blocks of an ``m x k x n`` command: ``ceil(m/R) * ceil(n/C) * ceil(k/C)``."""
+    R, C = config.pe_rows, config.pe_cols
+    return _cdiv(m, R) * _cdiv(n, C) * _cdiv(k, C)
+
+
+def gemm_beats(config, m, k, n):
+    """PE-array operand beats of a command (the RTL's ``compute_cycles``): ``ceil(m/R) * ceil(n/C) * k``."""
+    return _cdiv(m, config.pe_rows) * _cdiv(n, config.pe_cols) * k
+
+
+class _Engine:
+    """The GEMM engine's timeline: when the PE array is busy and with which op class."""
+
+    def __init__(self, config, t0=0.0):
+        self.R, self.C = config.pe_rows, config.pe_cols
+        self.L = max(self.R, self.C)
+        self.cfg = config
+        self.pe_end = t0          # last reduction step of the newest command
+        self.written = t0         # its results written
+        self.busy = _blank()
+
+    def run(self, ready, m, k, n, op, *, sync=False):
+        """Issue a command that may start at ``ready``; return ``(pe_start, pe_end, written)``."""
+        blocks = gemm_blocks(self.cfg, m, k, n)
+        if sync:
+            start = max(ready, self.written + SYNC_EXTRA) + FILL + self.L
+        elif ready + FILL + self.L <= self.pe_end:
+            start = self.pe_end            # staged while the previous command computes
+        else:
+            start = max(ready + FILL + self.L, self.pe_end)
+        end = start + blocks * self.L
+        self.busy[op] += blocks * self.L
+        self.pe_end = end
+        self.written = end + DRAIN + self.R
+        return start, end, self.written
+
+
+class _Memory:
+    """Weight tiles streamed in order into two halves (fluid bandwidth, latency when idle)."""
+
+    def __init__(self, config, bytes_per_cycle, latency, t0=0.0):
+        self.bw = min(float(bytes_per_cycle), config.mem_data_bytes)
+        self.db = config.mem_data_bytes
+        self.lat = latency
+        self.free = t0
+        self.released = [t0, t0]        # when each half was last released
+        self.n = 0
+        self.bytes = 0
+
+    def load(self, nbytes, ready=0.0, *, half=True):
+        """Stream ``nbytes`` (into the next half when ``half``); return when they are written."""
+        start = max(self.free, ready, self.released[self.n % 2] if half else 0.0)
+        # An idle memory pays its latency; a busy one had the next requests in flight.
+        lead = self.lat + LOAD_EXTRA - self.db / self.bw if start > self.free or self.n == 0 else 0.0
+        end = start + lead + nbytes / self.bw
+        self.free = end
+        self.bytes += nbytes
+        if half:
+            self.n += 1
+        return end
+
+    def release(self, index, t):
+        """Tile ``index`` (0-based, in load order) releases its half at ``t``."""
+        self.released[index % 2] = t
+
+
+def _split(total, busy):
+    """Breakdown with the engine's busy cycles and the rest as ``idle``."""
+    bd = _blank()
+    for k, v in busy.items():
+        bd[k] += v
+    bd["idle"] += total - sum(busy.values())
+    return bd
+
+
+# ---- MoE layer (m3vit_hw/moe/moe_layer.py, reorder_controller.py) -------------------------------
+
+#: Calibrated: router tail, last gate result -> first expert header (softmax, top-k, queue counting):
+#: ``ROUTER_BASE + ROUTER_PER_EXPERT * E + ROUTER_PER_K * top_k``.
+ROUTER_BASE, ROUTER_PER_EXPERT, ROUTER_PER_K = 60, 5, 10
+
+
+def routing_counts(experts_of_tokens, experts):
+    """``{expert: tokens}`` of the active experts from a ``[T, k]`` array of expert ids."""
+    out = {}
+    for row in experts_of_tokens:
+        for e in row:
+            out[int(e)] = out.get(int(e), 0) + 1
+    return {e: out[e] for e in sorted(out) if 0 <= e < experts}
+
+
+def moe_cycles(config, counts, *, tokens=None, bytes_per_cycle=16.0, latency=20):
+    """One MoE layer (gate, router, experts) for routing ``counts`` = ``{expert: tokens}``.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    counts : dict of int to int
+        Tokens per active expert (from the golden model's routing; idle experts absent or 0).
+    tokens : int, optional
+        T (default ``config.model.tokens``).
+    bytes_per_cycle, latency : the external memory.
+    """
+    from m3vit_hw.moe.expert_layout import plan_moe
+    m = config.model
+    T = m.tokens if tokens is None else tokens
+    R, C = config.pe_rows, config.pe_cols
+    L = max(R, C)
+    lay = plan_moe(config)
+    mem = _Memory(config, bytes_per_cycle, latency)
+    eng = _Engine(config)
+    # Gate: chunks stream like tiles; each chunk's RAW GEMM (M = T, K = D, N = chunk.n) feeds the router.
+    t = 0.0
+    idx = 0
+    gate_done = 0.0
+    for g in lay.gate_tiles:
+        loaded = mem.load(g.w_bytes + g.p_bytes)
+        _, end, written = eng.run(loaded, T, g.k, g.n, "router")
+        mem.release(idx, end - L)
+        idx += 1
+        gate_done = written
+    header = gate_done + ROUTER_BASE + ROUTER_PER_EXPERT * m.experts + ROUTER_PER_K * m.top_k
+    router_end = header
+    macs = T * m.gate_in_dim * m.experts
+    stall = 0.0
+    first = True
+    for e in sorted(counts):
+        cnt = int(counts[e])
+        if cnt <= 0:
+            continue
+        macs += cnt * 2 * m.dim * m.expert_hidden
+        for tile in lay.tiles:
+            loaded = mem.load(tile.w_bytes + tile.p_bytes, ready=header if first else 0.0)
+            first = False
+            sync = tile.kind == "fc2" and tile.n0 == 0
+            before = max(eng.pe_end, eng.written if sync else 0)
+            start, end, _ = eng.run(loaded, cnt, tile.k, tile.n, "experts", sync=sync)
+            # Cycles the array waited for this tile's weights beyond its own fill: memory-bound.
+            ideal = before + ((SYNC_EXTRA + FILL + L) if sync else 0)
+            stall += max(0.0, start - max(ideal, eng.pe_end - (end - start)))
+            mem.release(idx, end - L)
+            idx += 1
+    total = eng.written
+    bd = _blank()
+    bd["router"] = router_end        # everything before the experts: gate fetch, GEMM, router
+    bd["experts"] = eng.busy["experts"]
+    exposed = max(0.0, min(stall, total - router_end - bd["experts"]))
+    bd["memory_stall"] = exposed
+    bd["idle"] = total - sum(bd.values())
+    return Estimate(total, bd, macs, mem.bytes, {"header": header})
+
+
+# ---- dense MLP (m3vit_hw/dense/dense_layer.py) ---------------------------------------------------
+
+#: The GELU table: 256 entries written one per cycle (or slower, at the memory's rate).
+LUT_ENTRIES = 256
+#: Calibrated: start -> first request, and the sequencer's per-command hand-off.
+DENSE_START = 8
+
+
+def dense_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20, token_tile=None, lut=True):
+    """One dense MLP sub-layer (fc1 GELU, fc2 residual add), one command in the engine at a time."""
+    from m3vit_hw.dense.dense_layout import dense_buffer_map, plan_dense
+    m = config.model
+    T = m.tokens if tokens is None else tokens
+    lay = plan_dense(config)
+    bm = dense_buffer_map(config) if token_tile is None else None
+    tt = token_tile or bm.token_tile
+    mem = _Memory(config, bytes_per_cycle, latency, t0=DENSE_START)
+    eng = _Engine(config)
+    t_lut = mem.load(LUT_ENTRIES, half=False) if lut else DENSE_START
+    if lut:
+        # The table is written one entry per cycle: at most one byte per cycle however fast memory is.
+        t_lut = max(t_lut, DENSE_START + latency + LUT_ENTRIES)
+        mem.free = t_lut
+    idx = 0
+    stall = 0.0
+    for t0 in range(0, T, tt):
+        rows = min(tt, T - t0)
+        for tile in lay.tiles:
+            loaded = mem.load(tile.w_bytes + tile.p_bytes)
+            before = eng.written
+            start, end, written = eng.run(loaded, rows, tile.k, tile.n, "dense_mlp", sync=True)
+            stall += max(0.0, loaded - before - SYNC_EXTRA)
+            mem.release(idx, written)
+            idx += 1
+    total = eng.written
+    bd = _split(total, eng.busy)
+    bd["memory_stall"] = min(stall, bd["idle"])
+    bd["idle"] -= bd["memory_stall"]
+    macs = 2 * T * m.dim * m.mlp_hidden
+    return Estimate(total, bd, macs, mem.bytes)
+
+
+# ---- LayerNorm (m3vit_hw/dense/norm_stage.py) ----------------------------------------------------
+
+#: Calibrated: rows the LayerNorm unit holds between input and output before it stops taking rows
+#: (its reciprocal pipeline), and the cycles a full group of them occupies at the least.
+NORM_GROUP_ROWS, NORM_GROUP_MIN = 8, 62
+#: Calibrated: start -> first parameter request, and cycles a record waits after its last beat.
+NORM_START, NORM_RECORD_GAP = 2, 1
+
+
+def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
+    """One LayerNorm stage: ``D / lanes`` parameter records fetched, then ``T`` rows of ``D / lanes``
+    beats at one beat per cycle, short rows grouped (at most :data:`NORM_GROUP_ROWS` in flight), plus
+    the unit's row latency."""
+    from m3vit_hw.rowops.layernorm import LayerNormUnit
+    m = config.model
+    T = m.tokens if tokens is None else tokens
+    lanes = config.norm_lanes
+    nrec = m.dim // lanes
+    rec = config.norm_record_bytes
+    db = config.mem_data_bytes
+    bw = min(float(bytes_per_cycle), db)
+    beats = rec // db
+    fetch = NORM_START + latency + nrec * max(beats + NORM_RECORD_GAP, rec / bw)
+    R = m.dim // lanes
+    bubble = max(0, NORM_GROUP_MIN - NORM_GROUP_ROWS * R) * (_cdiv(T, NORM_GROUP_ROWS) - 1)
+    rows = T * R + bubble
+    tail = LayerNormUnit(m.dim, lanes).row_latency
+    total = fetch + rows + tail
+    bd = _blank()
+    bd["layernorm"] = rows + tail
+    bd["memory_stall"] = fetch
+    return Estimate(total, bd, 0, nrec * rec)
+
+
+def store_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
+    """The STORE of the residual rows (int16) to external memory, at the write bandwidth.
+    Not simulated yet (the encoder's store DMA is being built): a bandwidth bound plus the latency."""
+    m = config.model
+    T = m.tokens if tokens is None else tokens
+    nbytes = T * config.row_words * config.pe_cols * 2
+    bw = min(float(bytes_per_cycle), config.mem_data_bytes)
+    total = latency + nbytes / bw
+    bd = _blank()
+    bd["store"] = total
+    return Estimate(total, bd, 0, 0)
+
+
+# ---- attention sub-layer (m3vit_hw/attention/attention_layer.py, score_path.py) ----------------
+
+#: Calibrated: score path, QK^T results written -> first row into the softmax (slot hand-over,
+#: read-ahead), and last e8 row out -> the AV command may start.
+SCORE_IN, SCORE_OUT = 6, 4
+
+
+def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
+    """One attention sub-layer ``x + proj(attn(h))`` (QKV per head, query tiles of ``q_tile`` rows:
+    ``QK^T`` -> softmax -> ``AV``, the projection), in the sequencer's issue order."""
+    from m3vit_hw.attention.attn_layout import plan_attention
+    from m3vit_hw.rowops.softmax import SoftmaxUnit
+    m = config.model
+    T = m.tokens if tokens is None else tokens
+    R, C = config.pe_rows, config.pe_cols
+    Lb = max(R, C)
+    H, hd = m.heads, m.head_dim
+    lay = plan_attention(config)
+    mem = _Memory(config, bytes_per_cycle, latency)
+    eng = _Engine(config)
+    sm = SoftmaxUnit(lanes=config.attn_softmax_lanes, max_length=config.token_capacity)
+    row_beats = max(_cdiv(T, config.attn_softmax_lanes), sm.min_row_beats)
+    sm_lat = sm.row_latency(T)
+    qt = config.q_tile
+    ntile = _cdiv(T, qt)
+    tiles = list(lay.tiles)
+    loads = [None] * len(tiles)
+    nload = [0]
+    stall = [0.0]
+    busy_sm = [0.0]
+
+    def weights(i):
+        # Tiles stream in plan order, each into the half its predecessor-but-one released.
+        while nload[0] <= i:
+            t = tiles[nload[0]]
+            loads[nload[0]] = mem.load(t.w_bytes + t.p_bytes)
+            nload[0] += 1
+        return loads[i]
+
+    def gemm(ready, mm, kk, nn, op, sync=False, tile=None):
+        before = eng.written if sync else eng.pe_end
+        start, end, written = eng.run(ready, mm, kk, nn, op, sync=sync)
+        if tile is not None:
+            w = loads[tile]
+            ideal = before + (SYNC_EXTRA + FILL + Lb if sync else 0)
+            if w is not None and w + FILL + Lb > ideal:
+                stall[0] += min(start - ideal, w + FILL + Lb - ideal)
+            mem.release(tile, written)
+        return start, end, written
+
+    by_head = {}
+    for i, t in enumerate(tiles):
+        by_head.setdefault((t.kind, t.head), []).append(i)
+    qkv_tiles = lambda h, part: [i for i in by_head.get(("qkv", h), []) if tiles[i].part == part]
+
+    def run_qkv(h, part):
+        for i in qkv_tiles(h, part):
+            t = tiles[i]
+            gemm(weights(i), T, t.k, t.n, "qkv_proj", tile=i)
+
+    run_qkv(0, "qk")
+    run_qkv(0, "v")
+    sm_free = 0.0            # softmax input side free
+    for h in range(H):
+        rows = [min(qt, T - j * qt) for j in range(ntile)]
+        qk_written = [0.0] * ntile
+        sm_done = [0.0] * ntile
+        sm_in_end = [0.0] * ntile
+        av_written = [0.0] * ntile
+
+        def qk(j):
+            # A score slot is free once the softmax read tile j - 2 out.
+            ready = sm_in_end[j - 2] if j >= 2 else 0.0
+            _, _, qk_written[j] = gemm(ready, rows[j], hd, T, "attn_matmul", sync=(j == 0))
+            nonlocal_sm(j)
+
+        def nonlocal_sm(j):
+            nonlocal sm_free
+            e8_free = av_written[j - 2] if j >= 2 else 0.0
+            s = max(qk_written[j] + SCORE_IN, sm_free, e8_free)
+            sm_in_end[j] = s + rows[j] * row_beats
+            sm_free = sm_in_end[j]
+            sm_done[j] = sm_in_end[j] + sm_lat
+            busy_sm[0] += rows[j] * row_beats + sm_lat
+
+        def av(j):
+            _, _, av_written[j] = gemm(sm_done[j] + SCORE_OUT, rows[j], T, hd, "attn_matmul")
+
+        qk(0)
+        if ntile > 1:
+            qk(1)
+        for j in range(ntile):
+            if j + 2 < ntile:
+                av(j)
+                qk(j + 2)
+            else:
+                if j == ntile - 1 and h + 1 < H:
+                    run_qkv(h + 1, "qk")
+                av(j)
+        if h + 1 < H:
+            run_qkv(h + 1, "v")
+    for i, t in enumerate(tiles):
+        if t.kind == "proj":
+            gemm(weights(i), T, t.k, t.n, "qkv_proj", sync=(t.n0 == 0), tile=i)
+    total = eng.written
+    bd = _blank()
+    bd["qkv_proj"] = eng.busy["qkv_proj"]
+    bd["attn_matmul"] = eng.busy["attn_matmul"]
+    rest = total - bd["qkv_proj"] - bd["attn_matmul"]
+    bd["memory_stall"] = min(stall[0], rest)
+    rest -= bd["memory_stall"]
+    # The engine's remaining idle time is mostly waiting for softmax tiles.
+    bd["softmax"] = min(rest, busy_sm[0])
+    bd["idle"] = rest - bd["softmax"]
+    macs = T * m.dim * 3 * m.dim + 2 * H * T * T * hd + T * m.dim * m.dim
+    return Estimate(total, bd, macs, mem.bytes)
