@@ -109,21 +109,44 @@ class _Engine:
         self.pe_end = t0          # last reduction step of the newest command
         self.written = t0         # its results written
         self.busy = _blank()
+        self.wait = {}
 
-    def run(self, ready, m, k, n, op, *, sync=False):
-        """Issue a command that may start at ``ready``; return ``(pe_start, pe_end, written)``."""
+    def run(self, ready, m, k, n, op, *, sync=False, wait="memory_stall"):
+        """Issue a command that may start at ``ready``; return ``(pe_start, pe_end, written)``.
+
+        The cycles the array waits for ``ready`` (beyond an engine that could go on at once) are
+        booked to ``wait`` (the op class of what the command waited for)."""
         blocks = gemm_blocks(self.cfg, m, k, n)
-        if sync:
-            start = max(ready, self.written + SYNC_EXTRA) + FILL + self.L
-        elif ready + FILL + self.L <= self.pe_end:
-            start = self.pe_end            # staged while the previous command computes
-        else:
-            start = max(ready + FILL + self.L, self.pe_end)
+        start = self._start(ready, sync)
+        ideal = self._start(float("-inf"), sync)
+        if isinstance(wait, tuple):
+            # ((t, class_a), class_b): the wait until the array could have started at t is class_a's.
+            (t, first), wait = wait
+            part = max(0.0, min(start, self._start(t, sync)) - ideal)
+            self.wait[first] = self.wait.get(first, 0.0) + part
+            ideal += part
+        self.wait[wait] = self.wait.get(wait, 0.0) + (start - ideal)
         end = start + blocks * self.L
         self.busy[op] += blocks * self.L
         self.pe_end = end
         self.written = end + DRAIN + self.R
         return start, end, self.written
+
+    def _start(self, ready, sync):
+        if sync:
+            return max(ready, self.written + SYNC_EXTRA) + FILL + self.L
+        if ready + FILL + self.L <= self.pe_end:
+            return self.pe_end            # staged while the previous command computes
+        return max(ready + FILL + self.L, self.pe_end)
+
+    def breakdown(self, total, t0=0.0):
+        """Busy blocks per op class, waits per class, the rest (fills, drains) ``idle``."""
+        bd = _blank()
+        for d in (self.busy, self.wait):
+            for k, v in d.items():
+                bd[k] += v
+        bd["idle"] += total - t0 - sum(bd.values())
+        return bd
 
 
 class _Memory:
@@ -206,14 +229,12 @@ def moe_cycles(config, counts, *, tokens=None, bytes_per_cycle=16.0, latency=20)
     gate_done = 0.0
     for g in lay.gate_tiles:
         loaded = mem.load(g.w_bytes + g.p_bytes)
-        _, end, written = eng.run(loaded, T, g.k, g.n, "router")
+        _, end, written = eng.run(loaded, T, g.k, g.n, "router", wait="memory_stall")
         mem.release(idx, end - L)
         idx += 1
         gate_done = written
     header = gate_done + ROUTER_BASE + ROUTER_PER_EXPERT * m.experts + ROUTER_PER_K * m.top_k
-    router_end = header
     macs = T * m.gate_in_dim * m.experts
-    stall = 0.0
     first = True
     for e in sorted(counts):
         cnt = int(counts[e])
@@ -222,22 +243,17 @@ def moe_cycles(config, counts, *, tokens=None, bytes_per_cycle=16.0, latency=20)
         macs += cnt * 2 * m.dim * m.expert_hidden
         for tile in lay.tiles:
             loaded = mem.load(tile.w_bytes + tile.p_bytes, ready=header if first else 0.0)
-            first = False
             sync = tile.kind == "fc2" and tile.n0 == 0
-            before = max(eng.pe_end, eng.written if sync else 0)
-            start, end, _ = eng.run(loaded, cnt, tile.k, tile.n, "experts", sync=sync)
-            # Cycles the array waited for this tile's weights beyond its own fill: memory-bound.
-            ideal = before + ((SYNC_EXTRA + FILL + L) if sync else 0)
-            stall += max(0.0, start - max(ideal, eng.pe_end - (end - start)))
+            # The first expert waits for the router (its header starts the first fetch).
+            wait = ((header, "router"), "memory_stall") if first else "memory_stall"
+            first = False
+            start, end, _ = eng.run(loaded, cnt, tile.k, tile.n, "experts", sync=sync, wait=wait)
             mem.release(idx, end - L)
             idx += 1
     total = eng.written
-    bd = _blank()
-    bd["router"] = router_end        # everything before the experts: gate fetch, GEMM, router
-    bd["experts"] = eng.busy["experts"]
-    exposed = max(0.0, min(stall, total - router_end - bd["experts"]))
-    bd["memory_stall"] = exposed
-    bd["idle"] = total - sum(bd.values())
+    if first:                        # no active expert: the layer ends with the router
+        total = max(total, header)
+    bd = eng.breakdown(total)
     return Estimate(total, bd, macs, mem.bytes, {"header": header})
 
 
@@ -265,22 +281,16 @@ def dense_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20, token
         t_lut = max(t_lut, DENSE_START + latency + LUT_ENTRIES)
         mem.free = t_lut
     idx = 0
-    stall = 0.0
     for t0 in range(0, T, tt):
         rows = min(tt, T - t0)
         for tile in lay.tiles:
             loaded = mem.load(tile.w_bytes + tile.p_bytes)
-            before = eng.written
-            start, end, written = eng.run(loaded, rows, tile.k, tile.n, "dense_mlp", sync=True)
-            stall += max(0.0, loaded - before - SYNC_EXTRA)
+            _, _, written = eng.run(loaded, rows, tile.k, tile.n, "dense_mlp", sync=True)
             mem.release(idx, written)
             idx += 1
     total = eng.written
-    bd = _split(total, eng.busy)
-    bd["memory_stall"] = min(stall, bd["idle"])
-    bd["idle"] -= bd["memory_stall"]
     macs = 2 * T * m.dim * m.mlp_hidden
-    return Estimate(total, bd, macs, mem.bytes)
+    return Estimate(total, eng.breakdown(total), macs, mem.bytes)
 
 
 # ---- LayerNorm (m3vit_hw/dense/norm_stage.py) ----------------------------------------------------
@@ -358,7 +368,6 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     tiles = list(lay.tiles)
     loads = [None] * len(tiles)
     nload = [0]
-    stall = [0.0]
     busy_sm = [0.0]
 
     def weights(i):
@@ -369,16 +378,11 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
             nload[0] += 1
         return loads[i]
 
-    def gemm(ready, mm, kk, nn, op, sync=False, tile=None):
-        before = eng.written if sync else eng.pe_end
-        start, end, written = eng.run(ready, mm, kk, nn, op, sync=sync)
+    def gemm(ready, mm, kk, nn, op, sync=False, tile=None, wait="memory_stall"):
+        out = eng.run(ready, mm, kk, nn, op, sync=sync, wait=wait)
         if tile is not None:
-            w = loads[tile]
-            ideal = before + (SYNC_EXTRA + FILL + Lb if sync else 0)
-            if w is not None and w + FILL + Lb > ideal:
-                stall[0] += min(start - ideal, w + FILL + Lb - ideal)
-            mem.release(tile, written)
-        return start, end, written
+            mem.release(tile, out[2])
+        return out
 
     by_head = {}
     for i, t in enumerate(tiles):
@@ -403,7 +407,8 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
         def qk(j):
             # A score slot is free once the softmax read tile j - 2 out.
             ready = sm_in_end[j - 2] if j >= 2 else 0.0
-            _, _, qk_written[j] = gemm(ready, rows[j], hd, T, "attn_matmul", sync=(j == 0))
+            _, _, qk_written[j] = gemm(ready, rows[j], hd, T, "attn_matmul", sync=(j == 0),
+                                       wait="softmax")
             nonlocal_sm(j)
 
         def nonlocal_sm(j):
@@ -416,7 +421,8 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
             busy_sm[0] += rows[j] * row_beats + sm_lat
 
         def av(j):
-            _, _, av_written[j] = gemm(sm_done[j] + SCORE_OUT, rows[j], T, hd, "attn_matmul")
+            _, _, av_written[j] = gemm(sm_done[j] + SCORE_OUT, rows[j], T, hd, "attn_matmul",
+                                       wait="softmax")
 
         qk(0)
         if ntile > 1:
@@ -435,14 +441,62 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
         if t.kind == "proj":
             gemm(weights(i), T, t.k, t.n, "qkv_proj", sync=(t.n0 == 0), tile=i)
     total = eng.written
-    bd = _blank()
-    bd["qkv_proj"] = eng.busy["qkv_proj"]
-    bd["attn_matmul"] = eng.busy["attn_matmul"]
-    rest = total - bd["qkv_proj"] - bd["attn_matmul"]
-    bd["memory_stall"] = min(stall[0], rest)
-    rest -= bd["memory_stall"]
-    # The engine's remaining idle time is mostly waiting for softmax tiles.
-    bd["softmax"] = min(rest, busy_sm[0])
-    bd["idle"] = rest - bd["softmax"]
+    bd = eng.breakdown(total)
     macs = T * m.dim * 3 * m.dim + 2 * H * T * T * hd + T * m.dim * m.dim
     return Estimate(total, bd, macs, mem.bytes)
+
+
+# ---- patch embedding (m3vit_hw/dense/patch_embed.py, patch_loader.py) --------------------------
+
+#: Calibrated: cycles per image run (``p * Cin`` contiguous bytes) beyond its bytes through the
+#: loader's gearbox (``min(pe_cols, data_bytes) / 2`` bytes a cycle): request, beat bounds, word pack.
+EMBED_RUN_EXTRA = 4.3
+
+
+def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, img_base=0):
+    """The patch embedding: residual initialisation (cls + position rows), patch tiles unfolded by the
+    loader into two slots, per patch tile the plan's RESADD GEMMs, one command at a time."""
+    from m3vit_hw.dense.embed_layout import embed_buffer_map, plan_embed
+    m = config.model
+    lay = plan_embed(config)
+    bm = embed_buffer_map(config, patch_tile=patch_tile)
+    db = config.mem_data_bytes
+    bw = min(float(bytes_per_cycle), db)
+    p, cin = m.patch_size, m.in_chans
+    run = p * cin
+    gb = max(1, min(config.pe_cols, db) // 2)
+    W = m.img_size[1]
+    # Beats that cross the port per patch row (whole aligned beats covering each run).
+    beats = 0
+    for py in range(m.img_size[0] // p):
+        for px in range(W // p):
+            for kh in range(p):
+                a = img_base + ((py * p + kh) * W + px * p) * cin
+                beats += (a + run - 1) // db - a // db + 1
+    npatch = m.patches
+    img_bytes_per_patch = beats * db / npatch
+    init_bytes = m.tokens * config.row_words * lay.res_record_bytes
+    eng = _Engine(config)
+    # Residual initialisation and the first patches share the memory from the start.
+    init_end = latency + LOAD_EXTRA + init_bytes / bw
+    per_patch = p * (run / gb + EMBED_RUN_EXTRA)
+    tile_rows = [min(bm.patch_tile, npatch - j) for j in range(0, npatch, bm.patch_tile)]
+    weights_bytes = sum(t.w_bytes + t.p_bytes for t in lay.tiles)
+    loader_free = latency + LOAD_EXTRA
+    slot_free = [0.0, 0.0]
+    mem_bytes = init_bytes
+    for j, rows in enumerate(tile_rows):
+        s = max(loader_free, slot_free[j % 2])
+        mem_bytes += rows * img_bytes_per_patch + weights_bytes
+        # Loader-bound, or memory-bound over everything fetched so far (init, patches, weights).
+        ready = max(s + rows * per_patch, latency + LOAD_EXTRA + mem_bytes / bw)
+        loader_free = ready
+        if j == 0:
+            ready = max(ready, init_end)
+        for t in lay.tiles:
+            eng.run(ready, rows, t.k, t.n, "patch_embed", sync=True)
+        slot_free[j % 2] = eng.written
+    total = eng.written
+    bd = eng.breakdown(total)
+    macs = npatch * m.patch_dim * m.dim
+    return Estimate(total, bd, macs, int(mem_bytes))
