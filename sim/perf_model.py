@@ -500,3 +500,130 @@ def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, i
     bd = eng.breakdown(total)
     macs = npatch * m.patch_dim * m.dim
     return Estimate(total, bd, macs, int(mem_bytes))
+
+
+# ---- whole frames: a compiled program's instructions ----------------------------------------
+
+def uniform_counts(config, tokens=None):
+    """Routing with every expert equally loaded (``T * k`` assignments spread over E experts): the
+    projection's routing when no golden routing is given."""
+    m = config.model
+    T = m.tokens if tokens is None else tokens
+    total = T * m.top_k
+    return {e: total // m.experts + (1 if e < total % m.experts else 0) for e in range(m.experts)}
+
+
+def project_program(program, *, routing=None, bytes_per_cycle=16.0, latency=20):
+    """Projected cycles of one frame: the sum over ``program.instructions`` (a compiled
+    :class:`~m3vit_hw.control.compiler.Program`), one unit at a time (every instruction the compiler
+    emits carries ``wait`` except a block's later dense GEMM tiles, modelled together as one dense MLP).
+
+    Parameters
+    ----------
+    routing : dict of int to dict, optional
+        Block index -> ``{expert: tokens}`` (the golden model's routing for the frame and task); a
+        MoE block without an entry gets :func:`uniform_counts`.
+
+    Returns
+    -------
+    dict
+        ``cycles``, ``breakdown`` (op class -> cycles), ``macs``, ``weight_bytes_fetched``, ``ops``
+        (one entry per modelled instruction: ``op``, ``block``, ``cycles``), ``routing`` (``golden`` /
+        ``uniform`` per MoE block) and ``projected: True`` (no RTL ran).
+    """
+    from m3vit_hw.control.isa import Opcode
+    cfg = program.model_config
+    kw = dict(bytes_per_cycle=bytes_per_cycle, latency=latency)
+    total = Estimate(0.0, _blank())
+    ops, used = [], {}
+    block = -1
+    in_dense = False
+    for op, fields, wait in program.instructions:
+        est = None
+        if op == Opcode.LOAD_IMAGE:
+            est = embed_cycles(cfg, **kw)
+        elif op == Opcode.LAYERNORM:
+            est = norm_cycles(cfg, tokens=fields["tokens"], **kw)
+        elif op == Opcode.ATTENTION:
+            block += 1
+            est = attention_cycles(cfg, tokens=fields["tokens"], **kw)
+        elif op == Opcode.MOE:
+            counts = (routing or {}).get(block)
+            used[block] = "golden" if counts is not None else "uniform"
+            if counts is None:
+                counts = uniform_counts(cfg, fields["tokens"])
+            est = moe_cycles(cfg, counts, tokens=fields["tokens"], **kw)
+        elif op == Opcode.GEMM:
+            if not in_dense:
+                est = dense_cycles(cfg, tokens=cfg.model.tokens, **kw)
+            in_dense = True
+            if est is None:
+                continue
+        elif op == Opcode.STORE:
+            est = store_cycles(cfg, **kw)
+        if op != Opcode.GEMM:
+            in_dense = False
+        if est is None:
+            continue
+        total = total + est
+        ops.append({"op": "DENSE_MLP" if op == Opcode.GEMM else op.name, "block": block,
+                    "cycles": round(est.cycles, 1)})
+    return {"cycles": round(total.cycles, 1), "breakdown": {k: round(v, 1) for k, v in total.breakdown.items()},
+            "macs": int(total.macs), "weight_bytes_fetched": int(total.weight_bytes), "ops": ops,
+            "routing": used, "projected": True,
+            "mem_bytes_per_cycle": bytes_per_cycle, "latency": latency}
+
+
+def project_frame(config, *, task=0, seed=0, routing="golden", bytes_per_cycle=16.0, latency=20):
+    """Compile ``config``'s model with random parameters (:func:`reference.random_qparams.random_quantized`,
+    ``seed``) and project one frame of ``task`` (:func:`project_program`). ``routing="golden"`` runs the
+    integer golden model on a random image for the per-block expert counts; ``"uniform"`` spreads the
+    tokens evenly. The result also has ``config`` (array, preset) and ``weight_bytes_minimum``."""
+    import numpy as np
+    from m3vit_hw.control.compiler import compile_model
+    from reference.random_qparams import random_quantized
+    if routing not in ("golden", "uniform"):
+        raise ValueError(f"routing must be 'golden' or 'uniform', not {routing!r}")
+    m = config.model
+    if not 0 <= task < m.num_tasks:
+        raise ValueError(f"task must be in [0, {m.num_tasks - 1}], not {task}")
+    qm = random_quantized(m, seed)
+    program = compile_model(config, qm)
+    counts = None
+    if routing == "golden":
+        from reference import golden_model
+        H, W = m.img_size
+        img = np.random.default_rng(seed).integers(0, 256, (H, W, m.in_chans)).astype(np.int64)
+        inter = golden_model.encode(qm, img.transpose(2, 0, 1) - 128, task, q_tile=config.q_tile,
+                                    return_intermediates=True)
+        counts = {b: routing_counts(r["experts"], m.experts) for b, r in inter["routing"].items()}
+    out = project_program(program, routing=counts, bytes_per_cycle=bytes_per_cycle, latency=latency)
+    out["weight_bytes_minimum"] = _weight_minimum(program.model_config, counts)
+    out["config"] = {"model": m.name, "pe_rows": config.pe_rows, "pe_cols": config.pe_cols,
+                     "tokens": m.tokens, "task": task, "seed": seed, "routing": routing,
+                     "clock_mhz": config.clock_mhz}
+    out["peak_mac_per_cycle"] = config.macs_per_cycle
+    return out
+
+
+def _weight_minimum(cfg, counts):
+    """Bytes every weight and parameter of one frame needs to cross the port at least once (each
+    active expert once per layer, the task's gate record, one copy of everything else)."""
+    from m3vit_hw.attention.attn_layout import plan_attention
+    from m3vit_hw.dense.dense_layout import plan_dense
+    from m3vit_hw.dense.embed_layout import plan_embed
+    from m3vit_hw.moe.expert_layout import plan_moe
+    m = cfg.model
+    total = sum(t.w_bytes + t.p_bytes for t in plan_embed(cfg).tiles)
+    attn = plan_attention(cfg).image_bytes
+    ln = 2 * (m.dim // cfg.norm_lanes) * cfg.norm_record_bytes
+    dense = sum(t.w_bytes + t.p_bytes for t in plan_dense(cfg).tiles) if m.mlp_hidden else 0
+    moe = plan_moe(cfg)
+    for b in range(m.depth):
+        total += attn + ln
+        if m.is_moe(b):
+            active = (counts or {}).get(b) or uniform_counts(cfg)
+            total += moe.gate_bytes + sum(moe.weight_bytes(e) for e, c in active.items() if c)
+        else:
+            total += dense
+    return int(total)
