@@ -55,6 +55,9 @@ SYNC_EXTRA = 5
 # ---- memory (sim/ext_memory.py, the weight streamers) ------------------------------------------
 #: Calibrated: request -> first beat written beyond the memory's latency (arbiter, streamer, commit).
 LOAD_EXTRA = 4
+#: Read requests the external memory accepts ahead (``sim.ext_memory.ExternalMemory``'s default and
+#: the runners' setting).
+MAX_OUTSTANDING = 4
 
 # ---- row units ------------------------------------------------------------------------------------
 #: Calibrated: the NormStage's per-row minimum (cycles per row for rows of fewer beats).
@@ -299,7 +302,7 @@ def dense_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20, token
 #: (its reciprocal pipeline), and the cycles a full group of them occupies at the least.
 NORM_GROUP_ROWS, NORM_GROUP_MIN = 8, 62
 #: Calibrated: start -> first parameter request, and cycles a record waits after its last beat.
-NORM_START, NORM_RECORD_GAP = 2, 1
+NORM_START, NORM_RECORD_GAP = 6, 1
 
 
 def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
@@ -315,7 +318,13 @@ def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     db = config.mem_data_bytes
     bw = min(float(bytes_per_cycle), db)
     beats = rec // db
-    fetch = NORM_START + latency + nrec * max(beats + NORM_RECORD_GAP, rec / bw)
+    # Records are one request each; the memory accepts MAX_OUTSTANDING requests ahead, so past the
+    # first few the request round trip (latency) can bound the record rate.
+    per_rec = max(beats + NORM_RECORD_GAP, rec / bw)
+    first = min(nrec, MAX_OUTSTANDING)
+    fetch = (NORM_START + latency + first * per_rec
+             + (nrec - first) * max(per_rec, (latency + LOAD_EXTRA) / MAX_OUTSTANDING)
+             - db / bw)               # the memory's token bucket starts with one beat of credit
     R = m.dim // lanes
     bubble = max(0, NORM_GROUP_MIN - NORM_GROUP_ROWS * R) * (_cdiv(T, NORM_GROUP_ROWS) - 1)
     rows = T * R + bubble
@@ -448,9 +457,10 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
 
 # ---- patch embedding (m3vit_hw/dense/patch_embed.py, patch_loader.py) --------------------------
 
-#: Calibrated: cycles per image run (``p * Cin`` contiguous bytes) beyond its bytes through the
-#: loader's gearbox (``min(pe_cols, data_bytes) / 2`` bytes a cycle): request, beat bounds, word pack.
-EMBED_RUN_EXTRA = 4.3
+#: Calibrated: loader cycles per image run (``p * Cin`` contiguous bytes): ``EMBED_RUN[0] +
+#: EMBED_RUN[1] * (aligned beats covering the run) + EMBED_RUN[2] * (run bytes / gearbox bytes a
+#: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle.
+EMBED_RUN = (2.3, 2.9, 0.31)
 
 
 def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, img_base=0):
@@ -468,18 +478,20 @@ def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, i
     W = m.img_size[1]
     # Beats that cross the port per patch row (whole aligned beats covering each run).
     beats = 0
+    runs = 0
     for py in range(m.img_size[0] // p):
         for px in range(W // p):
             for kh in range(p):
                 a = img_base + ((py * p + kh) * W + px * p) * cin
                 beats += (a + run - 1) // db - a // db + 1
+                runs += 1
     npatch = m.patches
     img_bytes_per_patch = beats * db / npatch
     init_bytes = m.tokens * config.row_words * lay.res_record_bytes
     eng = _Engine(config)
     # Residual initialisation and the first patches share the memory from the start.
     init_end = latency + LOAD_EXTRA + init_bytes / bw
-    per_patch = p * (run / gb + EMBED_RUN_EXTRA)
+    per_patch = p * (EMBED_RUN[0] + EMBED_RUN[1] * beats / runs + EMBED_RUN[2] * run / gb)
     tile_rows = [min(bm.patch_tile, npatch - j) for j in range(0, npatch, bm.patch_tile)]
     weights_bytes = sum(t.w_bytes + t.p_bytes for t in lay.tiles)
     loader_free = latency + LOAD_EXTRA
