@@ -1,3 +1,5 @@
+# amaranth: UnusedElaboratable=no
+# (the model builds LayerNormUnit and SoftmaxUnit only to read their documented latencies)
 """An analytic cycle model of the accelerator: cycles per op class from sizes, routing and bandwidth.
 
 No RTL is simulated. The model walks each unit's command schedule (the same order the RTL sequencers
@@ -46,9 +48,9 @@ TOLERANCE = 0.03
 #: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 3`` cycles after
 #: the command is accepted (docstring), ``FILL`` plus ``max(R, C)``.
 FILL = 3
-#: Last reduction step -> results written: 3 cycles to the epilogue, R rows one a cycle, the
-#: epilogue's 17-cycle latency; ``DRAIN`` plus R.
-DRAIN = 20
+#: Last reduction step -> results written: 3 cycles to the epilogue, the epilogue's 17-cycle
+#: latency, less one; plus the last row tile's rows, one a cycle.
+DRAIN = 19
 #: Calibrated: cycles a ``sync`` boundary costs beyond the drain and the fill (command hand-off).
 SYNC_EXTRA = 5
 
@@ -114,12 +116,15 @@ class _Engine:
         self.busy = _blank()
         self.wait = {}
 
-    def run(self, ready, m, k, n, op, *, sync=False, wait="memory_stall"):
+    def run(self, ready, m, k, n, op, *, sync=False, wait="memory_stall", serial=False):
         """Issue a command that may start at ``ready``; return ``(pe_start, pe_end, written)``.
 
         The cycles the array waits for ``ready`` (beyond an engine that could go on at once) are
-        booked to ``wait`` (the op class of what the command waited for)."""
+        booked to ``wait`` (the op class of what the command waited for). ``serial``: the sequencer
+        issues the command only after the previous one's results are written (no hand-off cost
+        beyond that)."""
         blocks = gemm_blocks(self.cfg, m, k, n)
+        sync = "serial" if serial else sync
         start = self._start(ready, sync)
         ideal = self._start(float("-inf"), sync)
         if isinstance(wait, tuple):
@@ -132,10 +137,13 @@ class _Engine:
         end = start + blocks * self.L
         self.busy[op] += blocks * self.L
         self.pe_end = end
-        self.written = end + DRAIN + self.R
+        # The last row tile's valid rows leave the epilogue one a cycle (masked rows are not sent).
+        self.written = end + DRAIN + (m - self.R * (_cdiv(m, self.R) - 1))
         return start, end, self.written
 
     def _start(self, ready, sync):
+        if sync == "serial":
+            return max(ready, self.written) + FILL + self.L
         if sync:
             return max(ready, self.written + SYNC_EXTRA) + FILL + self.L
         if ready + FILL + self.L <= self.pe_end:
@@ -162,13 +170,15 @@ class _Memory:
         self.free = t0
         self.released = [t0, t0]        # when each half was last released
         self.n = 0
+        self.first = True
         self.bytes = 0
 
     def load(self, nbytes, ready=0.0, *, half=True):
         """Stream ``nbytes`` (into the next half when ``half``); return when they are written."""
         start = max(self.free, ready, self.released[self.n % 2] if half else 0.0)
         # An idle memory pays its latency; a busy one had the next requests in flight.
-        lead = self.lat + LOAD_EXTRA - self.db / self.bw if start > self.free or self.n == 0 else 0.0
+        lead = self.lat + LOAD_EXTRA - self.db / self.bw if start > self.free or self.first else 0.0
+        self.first = False
         end = start + lead + nbytes / self.bw
         self.free = end
         self.bytes += nbytes
@@ -288,7 +298,7 @@ def dense_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20, token
         rows = min(tt, T - t0)
         for tile in lay.tiles:
             loaded = mem.load(tile.w_bytes + tile.p_bytes)
-            _, _, written = eng.run(loaded, rows, tile.k, tile.n, "dense_mlp", sync=True)
+            _, _, written = eng.run(loaded, rows, tile.k, tile.n, "dense_mlp", serial=True)
             mem.release(idx, written)
             idx += 1
     total = eng.written
@@ -506,7 +516,7 @@ def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, i
         if j == 0:
             ready = max(ready, init_end)
         for t in lay.tiles:
-            eng.run(ready, rows, t.k, t.n, "patch_embed", sync=True)
+            eng.run(ready, rows, t.k, t.n, "patch_embed", serial=True)
         slot_free[j % 2] = eng.written
     total = eng.written
     bd = eng.breakdown(total)
