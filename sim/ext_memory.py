@@ -1,4 +1,6 @@
-"""External-memory model for Amaranth's simulator: serves a :class:`~m3vit_hw.lib.mem_port.ReadPortSignature`.
+"""External-memory model for Amaranth's simulator: serves a :class:`~m3vit_hw.lib.mem_port.ReadPortSignature`
+(and, with :meth:`ExternalMemory.serve_write`, a :class:`~m3vit_hw.lib.mem_port.WritePortSignature` on the
+same bytes).
 
 The model stands in for DDR behind an AXI4 read channel. It is a bus-functional testbench coroutine,
 not RTL: it drives ``req.ready`` and the ``resp`` stream of the DUT's read port from a byte array and
@@ -44,7 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from amaranth.lib import wiring
 
-from m3vit_hw.lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
+from m3vit_hw.lib.mem_port import BOUNDARY_BYTES, ReadPortSignature, WritePortSignature
 
 __all__ = ["ExternalMemory", "RequestRecord"]
 
@@ -94,7 +96,8 @@ class ExternalMemory:
                  seed=0, base=0):
         if isinstance(data, np.ndarray):
             data = np.ascontiguousarray(data).tobytes()
-        self.data = bytes(data)
+        # Mutable: serve_write() stores into the same bytes the read port serves.
+        self.data = bytearray(data)
         if not isinstance(bytes_per_cycle, (int, float)) or not bytes_per_cycle > 0:
             raise ValueError(f"bytes_per_cycle must be a positive number, not {bytes_per_cycle!r}")
         if not isinstance(latency, int) or latency < 1:
@@ -116,6 +119,8 @@ class ExternalMemory:
         self.request_count = 0
         self.log = []
         self.cycle = 0
+        self.write_log = []
+        self.bytes_written = 0
 
     def bandwidth(self, first=0, last=None):
         """Delivered bytes/cycle over requests ``log[first:last]``: bytes / (last beat - first beat + 1).
@@ -142,6 +147,70 @@ class ExternalMemory:
         if addr < self.base or end > self.base + len(self.data):
             raise AssertionError(f"ext_memory: burst {addr:#x}..{end:#x} outside backing store "
                                  f"{self.base:#x}..{self.base + len(self.data):#x}")
+
+    def serve_write(self, port, *, latency=2):
+        """Return an async testbench that serves the write port ``port`` forever (``background=True``).
+
+        Requests are taken one at a time (``req.ready`` while no burst is open), their ``beats`` data
+        beats stored with the byte strobes (stalls on ``data.ready`` with ``stall_prob``, the same RNG
+        stream as a fresh :meth:`serve` with ``seed + 1``), and one response beat (payload 0) comes
+        ``latency`` cycles after the last beat. The same protocol checks as the read side (alignment,
+        burst length, 4 KiB boundary, backing store) raise AssertionError; ``write_log`` records
+        ``(addr, beats)`` of every request and ``bytes_written`` the bytes whose strobe was set.
+        """
+        sig = port.signature
+        if isinstance(sig, wiring.FlippedSignature):
+            sig = sig.flip()
+        if not isinstance(sig, WritePortSignature):
+            raise TypeError(f"port must have a WritePortSignature, not {sig!r}")
+        if not isinstance(latency, int) or latency < 1:
+            raise ValueError(f"latency must be an integer >= 1, not {latency!r}")
+        db = sig.data_bytes
+        rng = random.Random(self.seed + 1)
+
+        async def testbench(ctx):
+            burst = None               # [addr, beats_left]
+            resp_due = deque()
+            ctx.set(port.req.ready, 1)
+            ctx.set(port.data.ready, 0)
+            ctx.set(port.resp.valid, 0)
+            cycle = 0
+            resp_valid = False
+            while True:
+                _, _, rv, rp, dvalid, dp, rready, dready, respready = await ctx.tick().sample(
+                    port.req.valid, port.req.payload, port.data.valid, port.data.payload,
+                    port.req.ready, port.data.ready, port.resp.ready)
+                cycle += 1
+                if resp_valid and respready:
+                    resp_due.popleft()
+                    resp_valid = False
+                if rv and rready:
+                    addr, beats = int(rp.addr), int(rp.beats)
+                    self._check(addr, beats, sig)
+                    self.write_log.append((addr, beats))
+                    burst = [addr, beats]
+                if dvalid and dready:
+                    if burst is None:
+                        raise AssertionError("ext_memory: write data beat without an open request")
+                    off = burst[0] - self.base
+                    word, strb = int(dp.data), int(dp.strb)
+                    for i in range(db):
+                        if (strb >> i) & 1:
+                            self.data[off + i] = (word >> (8 * i)) & 0xFF
+                            self.bytes_written += 1
+                    burst[0] += db
+                    burst[1] -= 1
+                    if burst[1] == 0:
+                        burst = None
+                        resp_due.append(cycle + latency)
+                stall = self.stall_prob and rng.random() < self.stall_prob
+                ctx.set(port.req.ready, int(burst is None))
+                ctx.set(port.data.ready, int(burst is not None and not stall))
+                resp_valid = bool(resp_due) and resp_due[0] <= cycle
+                ctx.set(port.resp.valid, int(resp_valid))
+                ctx.set(port.resp.payload, 0)
+
+        return testbench
 
     def serve(self, port):
         """Return an async testbench that serves ``port`` forever (add it with ``background=True``).

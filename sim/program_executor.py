@@ -235,7 +235,7 @@ class _Machine:
 
 
 def execute(mem, config, model_config, *, task, param_base, program_base, output_base,
-            max_instructions=1 << 20):
+            max_instructions=1 << 20, observer=None):
     """Run the program at ``program_base`` over ``mem`` (a bytearray, modified in place: STORE writes).
 
     Parameters
@@ -248,6 +248,10 @@ def execute(mem, config, model_config, *, task, param_base, program_base, output
         The compiled model's view (``Program.model_config``).
     task : int
         The run-time task register.
+    observer : callable or None
+        Called as ``observer(index, opcode, fields, act, res)`` after every executed instruction
+        (``act`` and ``res`` are the on-chip buffers as ``[words, pe_cols]`` int64 arrays; copy what
+        you keep): the reference states of the RTL's diff ladder.
 
     Instructions run one after another in program order, which satisfies every ``wait`` bit (the
     executor models results, not overlap or cycles).
@@ -276,6 +280,8 @@ def execute(mem, config, model_config, *, task, param_base, program_base, output
             result.macs = mach.macs
             return result
         run[op](fields)
+        if observer is not None:
+            observer(len(result.trace) - 1, op, fields, mach.act, mach.res)
     raise ValueError(f"no END within {max_instructions} instructions")
 
 

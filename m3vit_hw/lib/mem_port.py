@@ -1,4 +1,7 @@
-"""The external-memory read port used inside the accelerator.
+"""The external-memory read and write ports used inside the accelerator.
+
+:class:`WritePortSignature` (the store DMA's port; the SoC's AXI master maps it onto AW/W/B) follows
+the same parameter rules as the read port.
 
 Every unit that reads external memory (the weight streamer, later the program and image loaders) is a
 *master* of a :class:`ReadPortSignature`: it sends read requests (byte address, length in beats) on a
@@ -30,6 +33,7 @@ __all__ = [
     "BOUNDARY_BYTES", "MAX_BURST_LIMIT",
     "DEFAULT_ADDR_WIDTH", "DEFAULT_DATA_BYTES", "DEFAULT_MAX_BURST",
     "ReadRequestLayout", "ReadBeatLayout", "ReadPortSignature",
+    "WriteRequestLayout", "WriteBeatLayout", "WritePortSignature",
 ]
 
 #: Bursts never cross an address boundary of this many bytes (the AXI4 4 KiB rule).
@@ -163,3 +167,63 @@ class ReadPortSignature(wiring.Signature):
     def __repr__(self):
         return (f"ReadPortSignature(addr_width={self.addr_width}, data_bytes={self.data_bytes}, "
                 f"max_burst={self.max_burst})")
+
+
+class WriteRequestLayout(data.StructLayout):
+    """A write request: ``addr`` (byte address, beat-aligned) and ``beats`` (1..max_burst)."""
+
+    def __init__(self, addr_width, max_burst):
+        super().__init__({"addr": unsigned(addr_width), "beats": range(max_burst + 1)})
+
+
+class WriteBeatLayout(data.StructLayout):
+    """A write data beat: ``data`` (little-endian bytes) and ``strb`` (one enable bit per byte)."""
+
+    def __init__(self, data_bytes):
+        super().__init__({"data": unsigned(8 * data_bytes), "strb": unsigned(data_bytes)})
+
+
+class WritePortSignature(wiring.Signature):
+    """External-memory write port, seen from the master (the unit that writes).
+
+    The write twin of :class:`~m3vit_hw.lib.mem_port.ReadPortSignature`, with the same parameter rules
+    (beat-aligned addresses, ``1 <= beats <= max_burst``, no 4 KiB crossing).
+
+    Interface attributes
+    --------------------
+    req : ``Out(stream.Signature(WriteRequestLayout))``
+        One request per burst.
+    data : ``Out(stream.Signature(WriteBeatLayout))``
+        Exactly ``beats`` beats per request, in request order (no ``last``: the memory counts).
+    resp : ``In(stream.Signature(1))``
+        One beat per completed request, in order; the payload is 1 if the memory reported an error.
+    """
+
+    def __init__(self, *, addr_width=DEFAULT_ADDR_WIDTH, data_bytes=DEFAULT_DATA_BYTES,
+                 max_burst=DEFAULT_MAX_BURST):
+        _check_params(addr_width, data_bytes, max_burst)
+        self._params = (addr_width, data_bytes, max_burst)
+        super().__init__({
+            "req": Out(stream.Signature(WriteRequestLayout(addr_width, max_burst))),
+            "data": Out(stream.Signature(WriteBeatLayout(data_bytes))),
+            "resp": In(stream.Signature(1)),
+        })
+
+    @property
+    def addr_width(self):
+        return self._params[0]
+
+    @property
+    def data_bytes(self):
+        return self._params[1]
+
+    @property
+    def max_burst(self):
+        return self._params[2]
+
+    def __eq__(self, other):
+        return type(other) is type(self) and self._params == other._params
+
+    def __repr__(self):
+        a, d, b = self._params
+        return f"WritePortSignature(addr_width={a}, data_bytes={d}, max_burst={b})"

@@ -29,7 +29,8 @@ from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..checks import check_int as _check_int
-from ..lib.mem_port import MAX_BURST_LIMIT, ReadPortSignature
+from ..lib.mem_port import (MAX_BURST_LIMIT, ReadPortSignature, WriteBeatLayout, WritePortSignature,
+                             WriteRequestLayout)
 
 __all__ = [
     "AXI_BURST_INCR", "AXI_RESP_OKAY", "AXI_CACHE_DEFAULT",
@@ -160,66 +161,6 @@ class AXI4LiteSignature(wiring.Signature):
 
     def __repr__(self):
         return f"AXI4LiteSignature(addr_width={self._aw}, data_width={self._dw})"
-
-
-class WriteRequestLayout(data.StructLayout):
-    """A write request: ``addr`` (byte address, beat-aligned) and ``beats`` (1..max_burst)."""
-
-    def __init__(self, addr_width, max_burst):
-        super().__init__({"addr": unsigned(addr_width), "beats": range(max_burst + 1)})
-
-
-class WriteBeatLayout(data.StructLayout):
-    """A write data beat: ``data`` (little-endian bytes) and ``strb`` (one enable bit per byte)."""
-
-    def __init__(self, data_bytes):
-        super().__init__({"data": unsigned(8 * data_bytes), "strb": unsigned(data_bytes)})
-
-
-class WritePortSignature(wiring.Signature):
-    """External-memory write port, seen from the master (the unit that writes).
-
-    The write twin of :class:`~m3vit_hw.lib.mem_port.ReadPortSignature`, with the same parameter rules
-    (beat-aligned addresses, ``1 <= beats <= max_burst``, no 4 KiB crossing).
-
-    Interface attributes
-    --------------------
-    req : ``Out(stream.Signature(WriteRequestLayout))``
-        One request per burst.
-    data : ``Out(stream.Signature(WriteBeatLayout))``
-        Exactly ``beats`` beats per request, in request order (no ``last``: the memory counts).
-    resp : ``In(stream.Signature(1))``
-        One beat per completed request, in order; the payload is 1 if the memory reported an error.
-    """
-
-    def __init__(self, *, addr_width=32, data_bytes=16, max_burst=16):
-        ReadPortSignature.check_parameters(addr_width=addr_width, data_bytes=data_bytes,
-                                           max_burst=max_burst)
-        self._params = (addr_width, data_bytes, max_burst)
-        super().__init__({
-            "req": Out(stream.Signature(WriteRequestLayout(addr_width, max_burst))),
-            "data": Out(stream.Signature(WriteBeatLayout(data_bytes))),
-            "resp": In(stream.Signature(1)),
-        })
-
-    @property
-    def addr_width(self):
-        return self._params[0]
-
-    @property
-    def data_bytes(self):
-        return self._params[1]
-
-    @property
-    def max_burst(self):
-        return self._params[2]
-
-    def __eq__(self, other):
-        return type(other) is type(self) and self._params == other._params
-
-    def __repr__(self):
-        a, d, b = self._params
-        return f"WritePortSignature(addr_width={a}, data_bytes={d}, max_burst={b})"
 
 
 class AxiMaster(wiring.Component):

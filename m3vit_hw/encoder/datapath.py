@@ -1,0 +1,216 @@
+"""``SharedDatapath``: the one engine and the one set of on-chip buffers every encoder client uses.
+
+It owns (one of each, sized by :class:`~m3vit_hw.config.AcceleratorConfig`):
+
+* the :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine` (and the GELU table inside it);
+* the int8 activation buffer: the main bank (``act_buffer_words``) and the attention e8 bank
+  (``2 * attn_e8_slot`` words at ``attn_e8_base``, see :func:`~m3vit_hw.attention.attn_layout.buffer_map`);
+* the int16 residual buffer (``res_buffer_words``);
+* the row table (:class:`~m3vit_hw.gemm.gemm_engine.RowEntryLayout`, ``rowtab_entries`` deep): the
+  engine reads it, the active client writes it through ``rt_wr``;
+* the ping-pong weight and column-parameter :class:`~m3vit_hw.moe.weight_buffer.WeightBuffer` pair and
+  their two :class:`~m3vit_hw.moe.weight_streamer.WeightStreamer` instances;
+* the external-memory :class:`~m3vit_hw.lib.mem_arbiter.ReadArbiter`: masters 0 and 1 are the weight
+  and parameter streamers, masters ``2 ..`` are the ``masters`` ports (one per reader of the top).
+
+Its ports take *one* client each; the encoder top multiplexes the active client onto them
+(:func:`~m3vit_hw.encoder.mux.mux_interfaces`).
+
+Address decode
+--------------
+* Engine A reads: with ``e8_mode`` (attention) a word address ``>= attn_e8_base`` reads the e8 bank
+  (its low bits), else the main bank. The select follows the read's one-cycle latency.
+* Engine B reads: the address MSB selects the main activation bank (Kᵀ, V) over the weight buffer
+  (:attr:`~m3vit_hw.config.AcceleratorConfig.b_addr_bits`).
+* Side ports (``act_wr``, ``act_rd``, ``res_rd``, ``res_wr``) take the buffer's port from the engine
+  while their ``*_own`` input is high: LayerNorm and the patch loader write activations while the
+  engine does not, the store DMA and the residual initialisation use the residual buffer while the
+  engine does not. The e8 bank's write port belongs to ``e8_wr`` alone, the row table's to ``rt_wr``.
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.lib import data, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .. import numerics
+from ..attention.attn_layout import buffer_map
+from ..config import AcceleratorConfig
+from ..dense.client import GemmClientSignature, connect_client, connect_weight_reads
+from ..gemm.epilogue import StreamOutLayout
+from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
+from ..lib.mem_arbiter import ReadArbiter
+from ..lib.mem_port import ReadPortSignature
+from ..moe.weight_buffer import WeightBuffer
+from ..moe.weight_streamer import WeightStreamer
+
+__all__ = ["SharedDatapath", "param_half_bytes"]
+
+
+def _bits(n):
+    return max(1, (n - 1).bit_length())
+
+
+def param_half_bytes(config):
+    """Bytes of one half of the column-parameter buffer (whole parameter words and memory beats; the
+    same rule every layout module uses)."""
+    pwb, db = config.param_word_bytes, config.mem_data_bytes
+    unit = max(pwb, db)
+    return -(-(config.param_buffer_words // 2) * pwb // unit) * unit
+
+
+class SharedDatapath(wiring.Component):
+    """The shared engine, buffers, weight path and read arbiter (see the module docstring).
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    masters : int
+        External-memory readers besides the two streamers, in ``[0, 14]``.
+
+    Interface attributes
+    --------------------
+    client : In(GemmClientSignature(config))
+        The active client's engine and weight-streamer port.
+    o : Out(stream.Signature(StreamOutLayout(pe_cols, dst_addr_bits)))
+        The engine's RAW results (attention scores, router logits).
+    masters : In(ReadPortSignature(...)).array(masters)
+    mem : Out(ReadPortSignature(...))
+        The one external-memory read port.
+    e8_mode : In(1)
+        Decode engine A reads at ``>= attn_e8_base`` to the e8 bank.
+    act_wr, act_rd, res_rd, res_wr : the buffers' side ports (memory-port signatures, ``granularity=1``
+        for the writes); each with an ``*_own`` input.
+    rt_wr : Out(memory.WritePort.Signature(rowtab_addr_bits, RowEntryLayout(config)))
+    e8_wr : Out(memory.WritePort.Signature(e8 address bits, ArrayLayout(signed(8), pe_cols)))
+    """
+
+    def __init__(self, config, *, masters=0):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        if not isinstance(masters, int) or not 0 <= masters <= 14:
+            raise ValueError(f"masters must be an int in [0, 14], not {masters!r}")
+        self._config = config
+        self._nm = masters
+        C = config.pe_cols
+        db = config.mem_data_bytes
+        port = dict(addr_width=config.mem_addr_width, data_bytes=db, max_burst=config.mem_max_burst)
+        tags = dict(tag_width=config.tile_tag_width)
+        self._bm = bm = buffer_map(config)
+        self.e8_aw = _bits(bm.e8_words)
+        half = config.weight_buffer_half_bytes
+        phalf = param_half_bytes(config)
+        self.engine = GemmEngine(config)
+        self.arbiter = ReadArbiter(2 + masters, **port, depth=config.arbiter_depth)
+        self.wbuf = WeightBuffer(half, config.act_word_bytes, write_bytes=db, **tags)
+        self.pbuf = WeightBuffer(phalf, config.param_word_bytes, write_bytes=db, **tags)
+        self.wstream = WeightStreamer(half, **port, **tags)
+        self.pstream = WeightStreamer(phalf, **port, **tags)
+        word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
+        word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
+        #: The buffers (exposed so that simulations can read them back between instructions).
+        self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
+        self.e8_buffer = memory.Memory(shape=word8, depth=bm.e8_words, init=[])
+        self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
+        self.row_table = memory.Memory(shape=RowEntryLayout(config), depth=1 << config.rowtab_addr_bits,
+                                       init=[])
+        sig = {
+            "client": In(GemmClientSignature(config)),
+            "o": Out(stream.Signature(StreamOutLayout(C, config.dst_addr_bits))),
+            "mem": Out(ReadPortSignature(**port)),
+            "e8_mode": In(1),
+            "act_wr": Out(memory.WritePort.Signature(addr_width=config.act_addr_bits, shape=word8,
+                                                     granularity=1)),
+            "act_wr_own": In(1),
+            "act_rd": Out(memory.ReadPort.Signature(addr_width=config.act_addr_bits, shape=word8)),
+            "act_rd_own": In(1),
+            "res_rd": Out(memory.ReadPort.Signature(addr_width=config.res_addr_bits, shape=word16)),
+            "res_rd_own": In(1),
+            "res_wr": Out(memory.WritePort.Signature(addr_width=config.res_addr_bits, shape=word16,
+                                                     granularity=1)),
+            "res_wr_own": In(1),
+            "rt_wr": Out(memory.WritePort.Signature(addr_width=config.rowtab_addr_bits,
+                                                    shape=RowEntryLayout(config))),
+            "e8_wr": Out(memory.WritePort.Signature(addr_width=self.e8_aw, shape=word8)),
+        }
+        if masters:
+            sig["masters"] = In(ReadPortSignature(**port)).array(masters)
+        super().__init__(sig)
+
+    @property
+    def config(self):
+        return self._config
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, bm = self._config, self._bm
+        C = cfg.pe_cols
+        eng = self.engine
+        for name in ("engine", "arbiter", "wbuf", "pbuf", "wstream", "pstream"):
+            m.submodules[name] = getattr(self, name)
+
+        # ---- external memory and the weight path -------------------------------------------------
+        arb = self.arbiter
+        wiring.connect(m, self.wstream.mem, arb.masters[0])
+        wiring.connect(m, self.pstream.mem, arb.masters[1])
+        for i in range(self._nm):
+            wiring.connect(m, wiring.flipped(self.masters[i]), arb.masters[2 + i])
+        wiring.connect(m, arb.mem, wiring.flipped(self.mem))
+        wiring.connect(m, self.wstream.buf, self.wbuf.write)
+        wiring.connect(m, self.pstream.buf, self.pbuf.write)
+        connect_client(m, wiring.flipped(self.client), eng, self.wstream, self.pstream, self.wbuf, self.pbuf)
+        wiring.connect(m, eng.o, wiring.flipped(self.o))
+
+        # ---- buffers -----------------------------------------------------------------------------
+        m.submodules.act = act = self.act_buffer
+        m.submodules.e8 = e8 = self.e8_buffer
+        m.submodules.res = res = self.res_buffer
+        m.submodules.rowtab = rtab = self.row_table
+        wiring.connect(m, eng.rowtab_rd, rtab.read_port())
+        wiring.connect(m, wiring.flipped(self.rt_wr), rtab.write_port())
+        wiring.connect(m, wiring.flipped(self.e8_wr), e8.write_port())
+
+        # A operand (or the side read-back): the main bank, or the e8 bank in attention mode.
+        a_main, a_e8 = act.read_port(), e8.read_port()
+        a_addr = Mux(self.act_rd_own, self.act_rd.addr, eng.a_rd.addr)
+        a_en = Mux(self.act_rd_own, self.act_rd.en, eng.a_rd.en)
+        a_sel = Signal()
+        a_data = Mux(a_sel, a_e8.data.as_value(), a_main.data.as_value())
+        m.d.comb += [
+            a_main.addr.eq(a_addr), a_main.en.eq(a_en),
+            a_e8.addr.eq(a_addr[:self.e8_aw]), a_e8.en.eq(a_en),
+            eng.a_rd.data.eq(a_data), self.act_rd.data.eq(a_data),
+        ]
+        with m.If(a_en):
+            m.d.sync += a_sel.eq(self.e8_mode & (a_addr >= bm.e8_base))
+
+        # B operand: the weight buffer, or (address MSB set) the main activation bank (Kᵀ, V).
+        b_main = act.read_port()
+        b_sel = Signal()
+        msb = cfg.b_addr_bits - 1
+        main_aw = cfg.act_addr_bits
+        wr = self.wbuf.read
+        m.d.comb += [
+            b_main.addr.eq(eng.b_rd.addr[:main_aw]), b_main.en.eq(eng.b_rd.en),
+        ]
+        connect_weight_reads(m, eng, self.wbuf, self.pbuf, C)
+        # connect_weight_reads gives the engine the weight data; override it for the activation bank.
+        m.d.comb += eng.b_rd.data.eq(Mux(b_sel, b_main.data.as_value(), wr.data))
+        with m.If(eng.b_rd.en):
+            m.d.sync += b_sel.eq(eng.b_rd.addr[msb])
+
+        # Side ports.
+        act_w = act.write_port(granularity=1)
+        res_w = res.write_port(granularity=1)
+        res_r = res.read_port()
+        for own, side, engp, port in ((self.act_wr_own, self.act_wr, eng.act_wr, act_w),
+                                      (self.res_wr_own, self.res_wr, eng.res_wr, res_w)):
+            with m.If(own):
+                m.d.comb += [port.addr.eq(side.addr), port.data.eq(side.data), port.en.eq(side.en)]
+            with m.Else():
+                m.d.comb += [port.addr.eq(engp.addr), port.data.eq(engp.data), port.en.eq(engp.en)]
+        m.d.comb += [
+            res_r.addr.eq(Mux(self.res_rd_own, self.res_rd.addr, eng.res_rd.addr)),
+            res_r.en.eq(Mux(self.res_rd_own, self.res_rd.en, eng.res_rd.en)),
+            eng.res_rd.data.eq(res_r.data), self.res_rd.data.eq(res_r.data),
+        ]
+        return m

@@ -1,0 +1,73 @@
+"""One generic multiplexer of same-signature interfaces (the shared datapath's client select).
+
+The encoder top puts exactly one client at a time on each shared port (the GEMM engine's command and
+weight-streamer port, the row-table and e8 write ports, the buffers' side ports). :func:`mux_interfaces`
+does it for any :class:`~amaranth.lib.wiring.Signature` once, member by member:
+
+* members the *sources* drive (flow ``Out`` as seen from a source) are taken from the selected source;
+  with no source selected (``sel`` out of range) they are zero, so a stream is not valid and a write
+  port not enabled;
+* members the sources receive (flow ``In``) are broadcast; one-bit ones (``valid``, ``ready``,
+  ``done``, ``busy``, ...) are gated so that every source but the selected one sees 0, as the datapath
+  contract asks ("In-members to inactive clients carry valid=0/ready=0"). Wider ones (data) are passed
+  ungated: nobody acts on them without a one-bit qualifier.
+
+The select is combinational; the caller changes it only while every client is idle (the sequencer
+switches clients between instructions), so no stream transfer is ever split between two clients.
+"""
+
+from amaranth.hdl import Mux, Shape
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["mux_interfaces"]
+
+
+def mux_interfaces(m, sel, sources, name=None):
+    """Multiplex ``sources`` (interfaces of one signature) onto a new interface of that signature.
+
+    Parameters
+    ----------
+    m : Module
+        Where the combinational logic goes.
+    sel : Value
+        Index of the source that owns the returned interface (any other value: none).
+    sources : list of interfaces
+        Same signature (as seen from each source's owner: e.g. every client's ``client`` member).
+    name : str or None
+        Prefix of the returned interface's signals.
+
+    Returns
+    -------
+    interface
+        An interface with the sources' signature: connect it where a single source would go (it
+        drives what a source would drive and receives what a source would receive).
+
+    Raises
+    ------
+    ValueError
+        If ``sources`` is empty or their signatures differ.
+    """
+    sources = list(sources)
+    if not sources:
+        raise ValueError("mux_interfaces needs at least one source")
+    sig = sources[0].signature
+    for i, s in enumerate(sources[1:], 1):
+        if s.signature != sig:
+            raise ValueError(f"source {i} has signature {s.signature!r}, source 0 {sig!r}")
+    target = sig.create(path=(name,) if name else None)
+    flat_t = {path: val for path, _, val in sig.flatten(target)}
+    flows = [{path: (flow, val) for path, flow, val in sig.flatten(src)} for src in sources]
+    for path, tval in flat_t.items():
+        flow = flows[0][path][0]
+        vals = [f[path][1] for f in flows]
+        if flow == Out:
+            with m.Switch(sel):
+                for i, v in enumerate(vals):
+                    with m.Case(i):
+                        m.d.comb += tval.eq(v)
+        else:
+            gate = Shape.cast(tval.shape()).width == 1
+            for i, v in enumerate(vals):
+                m.d.comb += v.eq(Mux(sel == i, tval, 0) if gate else tval)
+    return target

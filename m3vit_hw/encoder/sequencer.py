@@ -1,0 +1,275 @@
+"""``ProgramSequencer``: fetches the program from external memory, decodes it and dispatches it.
+
+Behaviour (the RTL twin of :func:`sim.program_executor.execute`; ``docs/isa.md``)
+------------------------------------------------------------------------------
+1. ``start`` takes the four registers (``task``, ``program_base``, ``param_base``, ``output_base``);
+   they stay on ``regs`` for the units until the next start.
+2. **Fetch.** Instructions are read in bursts (up to ``fetch_burst`` beats, never across a 4 KiB
+   boundary) into a beat FIFO, several requests outstanding while the FIFO has room for their beats.
+   ``program_base`` is a multiple of the memory beat. The fetcher runs ahead of execution by at most
+   the FIFO's depth, so it may read up to ``fifo_beats`` beats past ``END``: that memory must be
+   readable (the compiler puts the program last in the image; a driver leaves one FIFO of slack).
+3. **Decode.** ``words * 32 / (8 * mem_data_bytes)`` beats make one instruction (bit ``i`` of the
+   instruction is bit ``i % (8*data_bytes)`` of beat ``i // (8*data_bytes)``, the ISA's little-endian
+   word order); the opcode is bits 0-3, ``wait`` bit 4 (:class:`~m3vit_hw.control.isa.InstructionSet`).
+4. **Dispatch.** An instruction for a unit goes out on ``insn`` (whole instruction bits; the top views
+   them with ``InstructionSet.layout(op)``) when
+   * ``wait`` is clear or every unit is idle (``unit_busy == 0``), and
+   * its opcode class is the one that last used the datapath, or every unit is idle (one client owns
+     the shared datapath at a time; only a unit that queues its own instructions -- the GEMM
+     executor -- sees back-to-back instructions of its class overlap).
+   The top raises ``insn.ready`` when the opcode's unit takes it. ``SYNC`` waits until every unit is
+   idle; ``END`` waits until every unit is idle, then the sequencer drains its fetches and raises
+   ``done``.
+5. **Errors.** An opcode outside :class:`~m3vit_hw.control.isa.Opcode`, or one whose unit the top does
+   not have (``units``), stops the program: ``error`` holds :class:`SeqError` and ``done`` rises (after
+   the outstanding fetches drain). ``error`` is cleared by the next start.
+
+Counters (reset by start, valid after done): ``cycles`` (start .. done), ``op_cycles[op]`` (cycles in
+which the unit of opcode class ``op`` is busy, from ``unit_busy``) and ``insn_count`` (instructions
+decoded, END included).
+"""
+
+from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.lib import data, enum, fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..config import AcceleratorConfig
+from ..control.isa import OPCODE_BITS, InstructionSet, Opcode
+from ..lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
+
+__all__ = ["ProgramSequencer", "SeqStartLayout", "SeqError", "InsnLayout", "TASK_BITS", "OP_CLASSES"]
+
+#: Width of the run-time task register (the gate select of MOE instructions).
+TASK_BITS = 8
+#: Number of opcode classes (counters, ``unit_busy`` bits): every 4-bit opcode value that exists.
+OP_CLASSES = len(Opcode)
+
+
+class SeqError(enum.Enum, shape=2):
+    """``error`` codes."""
+    NONE = 0
+    #: An opcode value outside :class:`~m3vit_hw.control.isa.Opcode`.
+    BAD_OPCODE = 1
+    #: A valid opcode whose unit this top does not have.
+    NO_UNIT = 2
+
+
+class SeqStartLayout(data.StructLayout):
+    """The start registers: ``task``, ``program_base`` (beat-aligned), ``param_base`` (the image),
+    ``output_base`` (where ``STORE`` writes)."""
+
+    def __init__(self, addr_width):
+        super().__init__({
+            "task": unsigned(TASK_BITS),
+            "program_base": unsigned(addr_width),
+            "param_base": unsigned(addr_width),
+            "output_base": unsigned(addr_width),
+        })
+
+
+class InsnLayout(data.StructLayout):
+    """A dispatched instruction: ``op``, ``wait`` and the whole instruction ``bits``."""
+
+    def __init__(self, isa):
+        super().__init__({"op": Opcode, "wait": 1, "bits": unsigned(isa.bits)})
+
+
+class ProgramSequencer(wiring.Component):
+    """Program fetch, decode and dispatch (see the module docstring).
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+        The instruction format (:class:`InstructionSet`), the read port and the counter width.
+    units : iterable of Opcode
+        The opcodes the top has a unit for (others stop the program with ``SeqError.NO_UNIT``).
+    fetch_burst : int or None
+        Beats per fetch request (default ``min(mem_max_burst, 4 instructions)``).
+
+    Interface attributes
+    --------------------
+    start : In(stream.Signature(SeqStartLayout(mem_addr_width)))
+        Accepted while not busy.
+    regs : Out(SeqStartLayout(mem_addr_width))
+    mem : Out(ReadPortSignature(...))
+    insn : Out(stream.Signature(InsnLayout(isa)))
+    unit_busy : In(OP_CLASSES)
+        Bit ``op``: the unit of that opcode class is busy (high from the cycle after it takes an
+        instruction until it is finished).
+    done : Out(1)
+        High from the end of the program until the next start.
+    busy : Out(1)
+    error : Out(SeqError)
+    cycles, insn_count : Out(counter_width)
+    op_cycles : Out(ArrayLayout(counter_width, OP_CLASSES))
+
+    Raises
+    ------
+    TypeError, ValueError
+        On a bad argument, or a memory beat wider than one instruction.
+    """
+
+    def __init__(self, config, *, units=tuple(Opcode), fetch_burst=None):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        self._config = config
+        self._isa = isa = InstructionSet(config)
+        db = config.mem_data_bytes
+        if isa.bits % (8 * db):
+            raise ValueError(f"mem_data_bytes={db} must divide the {isa.bits // 8}-byte instruction "
+                             f"(the sequencer assembles an instruction from whole beats)")
+        self._ibeats = isa.bits // (8 * db)
+        if fetch_burst is None:
+            fetch_burst = min(config.mem_max_burst, 4 * self._ibeats)
+        if not isinstance(fetch_burst, int) or not 1 <= fetch_burst <= config.mem_max_burst:
+            raise ValueError(f"fetch_burst must be an int in [1, {config.mem_max_burst}], not {fetch_burst!r}")
+        self._burst = fetch_burst
+        self._fifo_beats = max(2 * fetch_burst, self._ibeats)
+        self._units = frozenset(Opcode(u) for u in units) - {Opcode.END, Opcode.SYNC}
+        aw = config.mem_addr_width
+        cw = config.counter_width
+        super().__init__({
+            "start": In(stream.Signature(SeqStartLayout(aw))),
+            "regs": Out(SeqStartLayout(aw)),
+            "mem": Out(ReadPortSignature(addr_width=aw, data_bytes=db, max_burst=config.mem_max_burst)),
+            "insn": Out(stream.Signature(InsnLayout(isa))),
+            "unit_busy": In(OP_CLASSES),
+            "done": Out(1),
+            "busy": Out(1),
+            "error": Out(SeqError),
+            "cycles": Out(cw),
+            "insn_count": Out(cw),
+            "op_cycles": Out(data.ArrayLayout(cw, OP_CLASSES)),
+        })
+
+    @property
+    def isa(self):
+        return self._isa
+
+    @property
+    def fifo_beats(self):
+        """Beats the fetcher may run ahead (also the most it reads past ``END``)."""
+        return self._fifo_beats
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        db = cfg.mem_data_bytes
+        lb = db.bit_length() - 1
+        bw = 8 * db
+        ib = self._ibeats
+        nbits = self._isa.bits
+        depth = self._fifo_beats
+        m.submodules.fifo = fq = fifo.SyncFIFOBuffered(width=bw, depth=depth)
+
+        running = Signal()          # between start and done
+        fetching = Signal()         # the fetcher may issue requests
+        start = self.start.valid & self.start.ready
+        m.d.comb += [self.start.ready.eq(~running), self.busy.eq(running)]
+        with m.If(start):
+            m.d.sync += [self.regs.eq(self.start.payload), running.eq(1), fetching.eq(1),
+                         self.done.eq(0), self.error.eq(SeqError.NONE)]
+
+        # ---- fetch ---------------------------------------------------------------------------------
+        faddr = Signal(cfg.mem_addr_width)
+        inflight = Signal(range(depth + 1))         # beats requested, not yet in the FIFO
+        page_beats = BOUNDARY_BYTES // db
+        page_bits = BOUNDARY_BYTES.bit_length() - 1
+        beat_in_page = faddr[lb:page_bits] if cfg.mem_addr_width > lb else 0
+        room = Signal(range(page_beats + 1))
+        beats = Signal(range(self._burst + 1))
+        m.d.comb += [room.eq(page_beats - beat_in_page),
+                     beats.eq(Mux(room < self._burst, room, self._burst))]
+        req, resp = self.mem.req, self.mem.resp
+        # Room for a whole burst: what is queued plus what is still coming stays within the FIFO.
+        # A request once offered is held until taken (stream rules), even if fetching stops meanwhile.
+        hold = Signal()
+        m.d.sync += hold.eq(req.valid & ~req.ready)
+        m.d.comb += [
+            req.valid.eq(hold | (fetching & (fq.level + inflight + self._burst <= depth))),
+            req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
+            fq.w_data.eq(resp.payload.data), fq.w_en.eq(resp.valid),
+            resp.ready.eq(fq.w_rdy),
+        ]
+        sent = req.valid & req.ready
+        got = resp.valid & resp.ready
+        with m.If(start):
+            m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0)]
+        with m.Else():
+            with m.If(sent):
+                m.d.sync += faddr.eq(faddr + (beats << lb))
+            m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got)
+
+        # ---- assemble and decode -------------------------------------------------------------------
+        asm = Signal(nbits)
+        have = Signal(range(ib + 1))
+        full = have == ib
+        pop = Signal()
+        consume = Signal()          # the assembled instruction leaves (dispatched, or END/SYNC/error)
+        m.d.comb += [pop.eq(fq.r_rdy & ~full), fq.r_en.eq(pop)]
+        with m.If(pop):
+            m.d.sync += [asm.eq((asm >> bw) | (fq.r_data << (nbits - bw))), have.eq(have + 1)]
+        op_raw = asm[:OPCODE_BITS]
+        wait = asm[OPCODE_BITS]
+        busy_any = self.unit_busy != 0
+        # A unit raises busy the cycle after it takes an instruction: hold "idle" off for two cycles.
+        guard = Signal(2)
+        idle = ~busy_any & (guard == 0)
+        last_op = Signal(OPCODE_BITS)
+        with m.If(guard != 0):
+            m.d.sync += guard.eq(guard - 1)
+        m.d.comb += [self.insn.payload.op.eq(op_raw), self.insn.payload.wait.eq(wait),
+                     self.insn.payload.bits.eq(asm)]
+        valid_ops = {op.value for op in Opcode}
+        unit_ops = {op.value for op in self._units}
+
+        with m.FSM(name="seq"):
+            with m.State("IDLE"):
+                with m.If(start):
+                    m.d.sync += [have.eq(0), guard.eq(0), last_op.eq(Opcode.END)]
+                    m.next = "RUN"
+            with m.State("RUN"):
+                with m.If(full):
+                    with m.Switch(op_raw):
+                        with m.Case(Opcode.END):
+                            with m.If(idle):
+                                m.d.comb += consume.eq(1)
+                                m.d.sync += [have.eq(0), fetching.eq(0)]
+                                m.next = "DRAIN"
+                        with m.Case(Opcode.SYNC):
+                            with m.If(idle):
+                                m.d.comb += consume.eq(1)
+                                m.d.sync += have.eq(0)
+                        for v in sorted(unit_ops):
+                            with m.Case(v):
+                                m.d.comb += self.insn.valid.eq((~wait | idle) & ((op_raw == last_op) | idle))
+                                with m.If(self.insn.ready & self.insn.valid):
+                                    m.d.comb += consume.eq(1)
+                                    m.d.sync += [have.eq(0), guard.eq(2), last_op.eq(op_raw)]
+                        with m.Default():
+                            with m.If(idle):
+                                err = Mux(op_raw.matches(*sorted(valid_ops)), SeqError.NO_UNIT,
+                                          SeqError.BAD_OPCODE)
+                                m.d.comb += consume.eq(1)
+                                m.d.sync += [self.error.eq(err), fetching.eq(0)]
+                                m.next = "DRAIN"
+            with m.State("DRAIN"):
+                # Let the outstanding fetches arrive and drop every prefetched beat.
+                m.d.comb += fq.r_en.eq(1)
+                with m.If((inflight == 0) & ~fq.r_rdy & ~resp.valid & ~req.valid):
+                    m.d.sync += [running.eq(0), self.done.eq(1), have.eq(0)]
+                    m.next = "IDLE"
+
+        # ---- counters --------------------------------------------------------------------------------
+        with m.If(start):
+            m.d.sync += [self.cycles.eq(0), self.insn_count.eq(0)]
+            m.d.sync += [self.op_cycles[i].eq(0) for i in range(OP_CLASSES)]
+        with m.Elif(running):
+            m.d.sync += self.cycles.eq(self.cycles + 1)
+            for i in range(OP_CLASSES):
+                with m.If(self.unit_busy[i]):
+                    m.d.sync += self.op_cycles[i].eq(self.op_cycles[i] + 1)
+            with m.If(consume):
+                m.d.sync += self.insn_count.eq(self.insn_count + 1)
+        return m

@@ -1,0 +1,258 @@
+"""``EncoderTop``: the whole encoder behind one external-memory read port and one write port.
+
+::
+
+      start {task, program_base, param_base, output_base}
+        |
+    ProgramSequencer --insn--> LOAD_IMAGE  EmbedSequencer + PatchLoader
+        |  (fetch)             LAYERNORM   NormStage
+        |                      GEMM        GemmExecutor
+        |                      ATTENTION   the attention client (when the top has one)
+        |                      MOE         the MoE client (when the top has one)
+        |                      STORE       StoreDma ---------------------------> wr
+        v
+    SharedDatapath (engine, act + e8 banks, residual, row table, weight/param ping-pong, streamers,
+                    read arbiter) ------------------------------------------> mem
+
+The sequencer hands each instruction to its opcode's unit, turning the instruction's fields into the
+unit's start payload (``*_addr`` fields plus ``param_base``; ``STORE.dst_addr`` plus ``output_base``;
+the task register for ``MOE``). The unit of the last dispatched instruction owns the shared datapath:
+its GEMM-client port, the engine's result stream and the buffers' side ports are multiplexed onto the
+datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` (the sequencer changes owner only while every
+unit is idle). Every external reader is a master of the datapath's read arbiter.
+
+Model shape: LOAD_IMAGE (image size, patch grid, D) and LAYERNORM (D) are elaborated for
+``config.model``; GEMM instructions carry their whole shape, so dense blocks (hidden width, token
+tiling) change at run time; the depth, the block order, the task and every parameter address are run
+time (the program).
+
+Counters (reset by start, valid after ``done``): ``cycles``; ``op_cycles[op]`` (cycles the unit of
+opcode class ``op`` is busy); ``pe_cycles[op]`` (PE-array busy cycles while that class owns the
+datapath); ``insn_count``.
+"""
+
+from amaranth.hdl import Module, Signal
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from ..config import AcceleratorConfig
+from ..control.isa import Opcode
+from ..dense.embed_layout import embed_buffer_map, plan_embed
+from ..dense.norm_stage import NormStage
+from ..dense.patch_embed import EmbedSequencer
+from ..dense.patch_loader import PatchLoader
+from ..gemm.epilogue import StreamOutLayout
+from ..lib.mem_port import ReadPortSignature, WritePortSignature
+from .datapath import SharedDatapath
+from .gemm_exec import GemmExecutor
+from .mux import mux_interfaces
+from .sequencer import OP_CLASSES, ProgramSequencer, SeqError, SeqStartLayout
+from .store import StoreDma
+
+__all__ = ["EncoderTop"]
+
+
+class _NullSink(wiring.Component):
+    """Takes the engine's result stream when no RAW consumer owns the datapath."""
+
+    def __init__(self, config):
+        super().__init__({"o": In(stream.Signature(StreamOutLayout(config.pe_cols, config.dst_addr_bits)))})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.o.ready.eq(1)
+        return m
+
+
+class EncoderTop(wiring.Component):
+    """The encoder: sequencer, units and the shared datapath (see the module docstring).
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+
+    Interface attributes
+    --------------------
+    start : In(stream.Signature(SeqStartLayout(mem_addr_width)))
+        ``task``, ``program_base`` (beat-aligned), ``param_base`` (the image, beat-aligned),
+        ``output_base`` (beat-aligned); accepted while not busy.
+    mem : Out(ReadPortSignature(mem_addr_width, mem_data_bytes, mem_max_burst))
+    wr : Out(WritePortSignature(...))
+    done : Out(1)
+        High from the end of the program until the next start.
+    busy : Out(1)
+    error : Out(SeqError)
+    cycles, insn_count : Out(counter_width)
+    op_cycles, pe_cycles : Out(ArrayLayout(counter_width, 8)), indexed by opcode value.
+    """
+
+    def __init__(self, config):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        self._config = config
+        aw, db = config.mem_addr_width, config.mem_data_bytes
+        port = dict(addr_width=aw, data_bytes=db, max_burst=config.mem_max_burst)
+        self.embed = EmbedSequencer(config, plan_embed(config), embed_buffer_map(config))
+        self.loader = PatchLoader(config)
+        self.norm = NormStage(config)
+        self.gemm = GemmExecutor(config)
+        self.store = StoreDma(config)
+        units = (Opcode.LOAD_IMAGE, Opcode.LAYERNORM, Opcode.GEMM, Opcode.STORE)
+        self.sequencer = ProgramSequencer(config, units=units)
+        # Read masters 2..: sequencer, LayerNorm records, patch loader, residual init, GELU tables.
+        self._readers = [self.sequencer.mem, self.norm.mem, self.loader.mem, self.embed.init_mem,
+                         self.gemm.lut_mem]
+        self.datapath = SharedDatapath(config, masters=len(self._readers))
+        cw = config.counter_width
+        super().__init__({
+            "start": In(stream.Signature(SeqStartLayout(aw))),
+            "mem": Out(ReadPortSignature(**port)),
+            "wr": Out(WritePortSignature(**port)),
+            "done": Out(1),
+            "busy": Out(1),
+            "error": Out(SeqError),
+            "cycles": Out(cw),
+            "insn_count": Out(cw),
+            "op_cycles": Out(data.ArrayLayout(cw, OP_CLASSES)),
+            "pe_cycles": Out(data.ArrayLayout(cw, OP_CLASSES)),
+        })
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def isa(self):
+        return self.sequencer.isa
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        isa = self.isa
+        seq, dp, emb, ld, nrm, gx, st = (self.sequencer, self.datapath, self.embed, self.loader, self.norm,
+                                         self.gemm, self.store)
+        for name in ("sequencer", "datapath", "embed", "loader", "norm", "gemm", "store"):
+            m.submodules[name] = getattr(self, name)
+        m.submodules.null_sink = null = _NullSink(cfg)
+
+        # ---- external memory -------------------------------------------------------------------------
+        for i, rd in enumerate(self._readers):
+            wiring.connect(m, rd, dp.masters[i])
+        wiring.connect(m, dp.mem, wiring.flipped(self.mem))
+        wiring.connect(m, st.wr, wiring.flipped(self.wr))
+
+        # ---- start, status, counters -----------------------------------------------------------------
+        wiring.connect(m, wiring.flipped(self.start), seq.start)
+        m.d.comb += [self.done.eq(seq.done), self.busy.eq(seq.busy), self.error.eq(seq.error),
+                     self.cycles.eq(seq.cycles), self.insn_count.eq(seq.insn_count),
+                     self.op_cycles.eq(seq.op_cycles)]
+        busy = {Opcode.LOAD_IMAGE: emb.busy | ld.busy, Opcode.LAYERNORM: nrm.busy, Opcode.GEMM: gx.busy,
+                Opcode.STORE: st.busy}
+        for op, b in busy.items():
+            m.d.comb += seq.unit_busy[op.value].eq(b)
+
+        # ---- dispatch --------------------------------------------------------------------------------
+        regs = seq.regs
+        ins = seq.insn
+        pb = regs.param_base
+        active = Signal(Opcode)                 # the class that owns the datapath
+        with m.If(ins.valid & ins.ready):
+            m.d.sync += active.eq(ins.payload.op)
+        m.d.comb += gx.lut_flush.eq(ins.valid & ins.ready & (ins.payload.op != Opcode.GEMM))
+
+        def view(op):
+            return data.View(isa.layout(op), ins.payload.bits)
+
+        li, ln, gm, so = view(Opcode.LOAD_IMAGE), view(Opcode.LAYERNORM), view(Opcode.GEMM), view(Opcode.STORE)
+        with m.Switch(ins.payload.op):
+            with m.Case(Opcode.LOAD_IMAGE):
+                m.d.comb += [
+                    emb.start.valid.eq(ins.valid), ins.ready.eq(emb.start.ready),
+                    emb.start.payload.base.eq(pb + li.param_addr),
+                    emb.start.payload.img_base.eq(pb + li.img_addr),
+                    emb.start.payload.shift.eq(li.shift),
+                ]
+            with m.Case(Opcode.LAYERNORM):
+                m.d.comb += [
+                    nrm.start.valid.eq(ins.valid), ins.ready.eq(nrm.start.ready),
+                    nrm.start.payload.tokens.eq(ln.tokens),
+                    nrm.start.payload.param_base.eq(pb + ln.param_addr),
+                    nrm.start.payload.src_base.eq(ln.res_base),
+                    nrm.start.payload.dst_base.eq(ln.act_base),
+                    nrm.start.payload.dst_stride.eq(cfg.row_words),
+                ]
+            with m.Case(Opcode.GEMM):
+                gj = gx.start.payload
+                m.d.comb += [
+                    gx.start.valid.eq(ins.valid), ins.ready.eq(gx.start.ready),
+                    gj.m.eq(gm.m), gj.k.eq(gm.k), gj.n.eq(gm.n),
+                    gj.a_base.eq(gm.a_base), gj.a_stride.eq(gm.a_stride),
+                    gj.dst_base.eq(gm.dst_base), gj.dst_stride.eq(gm.dst_stride),
+                    gj.w_addr.eq(pb + gm.w_addr), gj.p_addr.eq(pb + gm.p_addr),
+                    gj.lut_addr.eq(pb + gm.lut_addr),
+                    gj.shift.eq(gm.shift), gj.mode.eq(gm.mode),
+                    gj.gather.eq(gm.gather), gj.scatter.eq(gm.scatter), gj.sync.eq(gm.wait),
+                ]
+            with m.Case(Opcode.STORE):
+                m.d.comb += [
+                    st.start.valid.eq(ins.valid), ins.ready.eq(st.start.ready),
+                    st.start.payload.res_base.eq(so.res_base), st.start.payload.words.eq(so.words),
+                    st.start.payload.addr.eq(regs.output_base + so.dst_addr),
+                ]
+
+        # ---- the datapath's owner ----------------------------------------------------------------------
+        # GEMM clients: index by opcode class.
+        clients = [(Opcode.LOAD_IMAGE, emb.client), (Opcode.GEMM, gx.client)]
+        csel = Signal(range(len(clients) + 1))
+        m.d.comb += csel.eq(len(clients))
+        for i, (op, _) in enumerate(clients):
+            with m.If(active == op):
+                m.d.comb += csel.eq(i)
+        cl = mux_interfaces(m, csel, [c for _, c in clients], name="client")
+        wiring.connect(m, cl, dp.client)
+        # The engine's result stream: no RAW consumer yet but the null sink.
+        osel = Signal()
+        o = mux_interfaces(m, osel, [null.o], name="o")
+        wiring.connect(m, dp.o, o)
+
+        # Activation side writes: LayerNorm or the patch loader.
+        is_ln, is_li, is_st = active == Opcode.LAYERNORM, active == Opcode.LOAD_IMAGE, active == Opcode.STORE
+        aw_sel = Signal(2)
+        m.d.comb += aw_sel.eq(2)
+        with m.If(is_ln):
+            m.d.comb += aw_sel.eq(0)
+        with m.Elif(is_li):
+            m.d.comb += aw_sel.eq(1)
+        act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w")
+        wiring.connect(m, act_w, dp.act_wr)
+        m.d.comb += dp.act_wr_own.eq(is_ln | is_li)
+        # Residual side reads: LayerNorm or the store DMA.
+        rr_sel = Signal(2)
+        m.d.comb += rr_sel.eq(2)
+        with m.If(is_ln):
+            m.d.comb += rr_sel.eq(0)
+        with m.Elif(is_st):
+            m.d.comb += rr_sel.eq(1)
+        res_r = mux_interfaces(m, rr_sel, [nrm.res_rd, st.res_rd], name="res_r")
+        wiring.connect(m, res_r, dp.res_rd)
+        m.d.comb += dp.res_rd_own.eq(is_ln | is_st)
+        # Residual side writes: the embedding's initialisation (cls + pos rows).
+        wiring.connect(m, emb.res_init_wr, dp.res_wr)
+        m.d.comb += dp.res_wr_own.eq(is_li & ~emb.init_done)
+        # The loader takes the embedding's commands.
+        wiring.connect(m, emb.loader, ld.cmd)
+        m.d.comb += emb.loader_done.eq(ld.done)
+        m.d.comb += [dp.e8_mode.eq(0), dp.act_rd_own.eq(0), dp.act_rd.en.eq(0),
+                     dp.rt_wr.en.eq(0), dp.e8_wr.en.eq(0)]
+
+        # ---- PE-busy counters per class ------------------------------------------------------------------
+        pe = dp.engine.pe_active
+        with m.If(self.start.valid & self.start.ready):
+            m.d.sync += [self.pe_cycles[i].eq(0) for i in range(OP_CLASSES)]
+        with m.Elif(seq.busy & pe):
+            with m.Switch(active):
+                for op in Opcode:
+                    with m.Case(op):
+                        m.d.sync += self.pe_cycles[op.value].eq(self.pe_cycles[op.value] + 1)
+        m.d.comb += gx.clear.eq(self.start.valid & self.start.ready)
+        return m
