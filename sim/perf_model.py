@@ -346,17 +346,60 @@ def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     return Estimate(total, bd, 0, nrec * rec)
 
 
+#: Calibrated on the encoder top (``EncoderTop`` STORE DMA): cycles beyond the words' reads.
+STORE_FIXED = 77
+
+
 def store_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
-    """The STORE of the residual rows (int16) to external memory, at the write bandwidth.
-    Not simulated yet (the encoder's store DMA is being built): a bandwidth bound plus the latency."""
+    """The STORE of the residual rows to external memory (:class:`~m3vit_hw.encoder.store.StoreDma`):
+    one residual word every ``max(1, 2 C / data_bytes) + 1`` cycles, or the write bandwidth if lower."""
     m = config.model
     T = m.tokens if tokens is None else tokens
-    nbytes = T * config.row_words * config.pe_cols * 2
-    bw = min(float(bytes_per_cycle), config.mem_data_bytes)
-    total = latency + nbytes / bw
+    words = T * config.row_words
+    db = config.mem_data_bytes
+    per_word = max(1, 2 * config.pe_cols // db) + 1
+    bw = min(float(bytes_per_cycle), db)
+    total = STORE_FIXED + max(words * per_word, words * 2 * config.pe_cols / bw)
     bd = _blank()
     bd["store"] = total
     return Estimate(total, bd, 0, 0)
+
+
+#: Calibrated on the encoder top: cycles a ``GEMM`` instruction with ``wait`` costs beyond its fetch
+#: and compute (the sequencer's dispatch after every unit is idle, the executor's queues).
+EXEC_WAIT = 131
+
+
+def gemm_instructions_cycles(config, insns, *, bytes_per_cycle=16.0, latency=20):
+    """A run of ``GEMM`` instructions on the encoder's :class:`~m3vit_hw.encoder.gemm_exec.GemmExecutor`
+    (``insns``: ``[(fields, wait)]``): one command in the engine at a time; a tile's weights are
+    fetched as soon as its instruction is dispatched (an instruction with ``wait`` only once every
+    unit is idle) into the half the tile before the previous one released; a GELU8 instruction with
+    a new ``lut_addr`` loads the 256-entry table first."""
+    mem = _Memory(config, bytes_per_cycle, latency)
+    eng = _Engine(config)
+    lut = None
+    macs = 0
+    idle_at = 0.0
+    for i, (f, wait) in enumerate(insns):
+        m_, k_, n_ = f["m"], f["k"], f["n"]
+        C = config.pe_cols
+        panels = _cdiv(n_, C)
+        db = config.mem_data_bytes
+        nbytes = (_cdiv(panels * k_ * C, db) + _cdiv(panels * config.param_word_bytes, db)) * db
+        dispatch = eng.written + EXEC_WAIT if wait else 0.0
+        if wait:
+            mem.free = max(mem.free, dispatch)
+        loaded = mem.load(nbytes, ready=dispatch)
+        ready = loaded
+        if f.get("mode") == 2 and f.get("lut_addr") != lut:        # EpilogueMode.GELU8
+            lut = f.get("lut_addr")
+            ready = max(ready, max(dispatch, eng.written) + latency + LUT_ENTRIES)
+        _, _, written = eng.run(ready, m_, k_, n_, "dense_mlp", serial=True)
+        mem.release(i, written)
+        macs += m_ * k_ * n_
+    total = eng.written
+    return Estimate(total, eng.breakdown(total), macs, mem.bytes)
 
 
 # ---- attention sub-layer (m3vit_hw/attention/attention_layer.py, score_path.py) ----------------
@@ -538,7 +581,8 @@ def uniform_counts(config, tokens=None):
 def project_program(program, *, routing=None, bytes_per_cycle=16.0, latency=20):
     """Projected cycles of one frame: the sum over ``program.instructions`` (a compiled
     :class:`~m3vit_hw.control.compiler.Program`), one unit at a time (every instruction the compiler
-    emits carries ``wait`` except a block's later dense GEMM tiles, modelled together as one dense MLP).
+    emits carries ``wait``); a block's ``GEMM`` instructions are modelled together on the encoder's GEMM
+    executor (:func:`gemm_instructions_cycles`).
 
     Parameters
     ----------
@@ -559,8 +603,11 @@ def project_program(program, *, routing=None, bytes_per_cycle=16.0, latency=20):
     total = Estimate(0.0, _blank())
     ops, used = [], {}
     block = -1
-    in_dense = False
-    for op, fields, wait in program.instructions:
+    insns = program.instructions
+    i = -1
+    while i + 1 < len(insns):
+        i += 1
+        op, fields, wait = insns[i]
         est = None
         if op == Opcode.LOAD_IMAGE:
             est = embed_cycles(cfg, **kw)
@@ -576,15 +623,13 @@ def project_program(program, *, routing=None, bytes_per_cycle=16.0, latency=20):
                 counts = uniform_counts(cfg, fields["tokens"])
             est = moe_cycles(cfg, counts, tokens=fields["tokens"], **kw)
         elif op == Opcode.GEMM:
-            if not in_dense:
-                est = dense_cycles(cfg, tokens=cfg.model.tokens, **kw)
-            in_dense = True
-            if est is None:
-                continue
+            run = [(fields, wait)]
+            while i + 1 < len(insns) and insns[i + 1][0] == Opcode.GEMM:
+                i += 1
+                run.append((insns[i][1], insns[i][2]))
+            est = gemm_instructions_cycles(cfg, run, **kw)
         elif op == Opcode.STORE:
             est = store_cycles(cfg, **kw)
-        if op != Opcode.GEMM:
-            in_dense = False
         if est is None:
             continue
         total = total + est
