@@ -633,7 +633,7 @@ def project_program(program, *, routing=None, bytes_per_cycle=16.0, latency=20):
         if est is None:
             continue
         total = total + est
-        ops.append({"op": "DENSE_MLP" if op == Opcode.GEMM else op.name, "block": block,
+        ops.append({"op": op.name, "block": block,
                     "cycles": round(est.cycles, 1)})
     return {"cycles": round(total.cycles, 1), "breakdown": {k: round(v, 1) for k, v in total.breakdown.items()},
             "macs": int(total.macs), "weight_bytes_fetched": int(total.weight_bytes), "ops": ops,

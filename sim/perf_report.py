@@ -290,6 +290,8 @@ def _parser():
       "vit-small-nyud = W2, tiny, ...)")
     a("--pe-rows", type=int, help="override the preset's PE rows")
     a("--pe-cols", type=int, help="override the preset's PE columns")
+    a("--mem-data-bytes", type=int, help="override the memory beat (port width in bytes; the model "
+      "delivers at most one beat a cycle)")
     a("--arrays", metavar="RxC[,RxC...]", help="project several PE arrays (e.g. 16x16,32x32,64x64): "
       "one report and one bar each (overrides --pe-rows/--pe-cols)")
     a("--clock-mhz", type=float, help="assumed clock (default: the config's clock_mhz)")
@@ -311,7 +313,7 @@ def _parser():
 
 def _config(args):
     from m3vit_hw.config import AcceleratorConfig
-    over = {k: getattr(args, k) for k in ("pe_rows", "pe_cols") if getattr(args, k) is not None}
+    over = {k: getattr(args, k) for k in ("pe_rows", "pe_cols", "mem_data_bytes") if getattr(args, k) is not None}
     return AcceleratorConfig.from_preset(args.preset, **over)
 
 
@@ -352,7 +354,8 @@ def _arrays(args, bws):
     arrays = _parse_arrays(args.arrays)
     reps = []
     for r, c in arrays:
-        config = AcceleratorConfig.from_preset(args.preset, pe_rows=r, pe_cols=c)
+        over = {} if args.mem_data_bytes is None else {"mem_data_bytes": args.mem_data_bytes}
+        config = AcceleratorConfig.from_preset(args.preset, pe_rows=r, pe_cols=c, **over)
         counters = _estimate(config, args.layer, args.task, args.routing, bws[0], args.latency, args.seed)
         rep = make_report(counters, config, clock_mhz=args.clock_mhz)
         rep["pe_array"] = f"{r}x{c}"
