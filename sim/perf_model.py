@@ -547,19 +547,25 @@ def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, i
     per_patch = p * (EMBED_RUN[0] + EMBED_RUN[1] * beats / runs + EMBED_RUN[2] * run / gb)
     tile_rows = [min(bm.patch_tile, npatch - j) for j in range(0, npatch, bm.patch_tile)]
     weights_bytes = sum(t.w_bytes + t.p_bytes for t in lay.tiles)
+    first_weights = sum(t.w_bytes + t.p_bytes for t in lay.tiles[:2])
     loader_free = latency + LOAD_EXTRA
     slot_free = [0.0, 0.0]
+    mem = _Memory(config, bytes_per_cycle, latency)
     mem_bytes = init_bytes
     for j, rows in enumerate(tile_rows):
         s = max(loader_free, slot_free[j % 2])
-        mem_bytes += rows * img_bytes_per_patch + weights_bytes
-        # Loader-bound, or memory-bound over everything fetched so far (init, patches, weights).
+        mem_bytes += rows * img_bytes_per_patch + (first_weights if j == 0 else 0)
+        # Loader-bound, or memory-bound over what is fetched before this tile's first GEMM (the
+        # residual init, the patches and, for the first tile, the first weight tiles).
         ready = max(s + rows * per_patch, latency + LOAD_EXTRA + mem_bytes / bw)
         loader_free = ready
         if j == 0:
             ready = max(ready, init_end)
         for t in lay.tiles:
-            eng.run(ready, rows, t.k, t.n, "patch_embed", serial=True)
+            # The plan's weight tiles stream once per patch tile through the ping-pong halves.
+            loaded = mem.load(t.w_bytes + t.p_bytes)
+            _, _, written = eng.run(max(ready, loaded), rows, t.k, t.n, "patch_embed", serial=True)
+            mem.release(mem.n - 1, written)
         slot_free[j % 2] = eng.written
     total = eng.written
     bd = eng.breakdown(total)
