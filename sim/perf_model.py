@@ -346,18 +346,20 @@ def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     return Estimate(total, bd, 0, nrec * rec)
 
 
-#: Calibrated on the encoder top (``EncoderTop`` STORE DMA): cycles beyond the words' reads.
-STORE_FIXED = 77
+#: Calibrated on the encoder top's STORE DMA (tiny and W1 reduced frames): fixed cycles, and cycles per
+#: residual word ``1 + STORE_PER_BYTE_BEAT * (2 C / data_bytes)``.
+STORE_FIXED, STORE_PER_BYTE_BEAT = 60, 2
 
 
 def store_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     """The STORE of the residual rows to external memory (:class:`~m3vit_hw.encoder.store.StoreDma`):
-    one residual word every ``max(1, 2 C / data_bytes) + 1`` cycles, or the write bandwidth if lower."""
+    one residual word every ``1 + 2 * (2 C / data_bytes)`` cycles (measured on the encoder top), or the
+    write bandwidth if lower."""
     m = config.model
     T = m.tokens if tokens is None else tokens
     words = T * config.row_words
     db = config.mem_data_bytes
-    per_word = max(1, 2 * config.pe_cols // db) + 1
+    per_word = 1 + STORE_PER_BYTE_BEAT * 2 * config.pe_cols / db
     bw = min(float(bytes_per_cycle), db)
     total = STORE_FIXED + max(words * per_word, words * 2 * config.pe_cols / bw)
     bd = _blank()
