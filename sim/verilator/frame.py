@@ -67,6 +67,11 @@ def frame_memory(program, img_u8, *, param_base=PARAM_BASE):
     return mem
 
 
+def _program_macs(program):
+    from sim.perf_model import project_program
+    return project_program(program)["macs"]
+
+
 class VerilatorFrameSim:
     """The encoder top compiled with Verilator (Verilog and model cached).
 
@@ -97,8 +102,9 @@ class VerilatorFrameSim:
             stall_prob=0.0, seed=0, timeout=50_000_000):
         """Run one frame; return a dict: ``tokens`` (int16 [T, D] from the written store), ``cycles``,
         ``cycles_per_op_class`` / ``pe_active_per_op_class`` (lower-case opcode names), ``insn_count``,
-        ``error``, ``bytes_read``, ``bytes_written``, ``job_cycles``, ``sim_seconds``,
-        ``cycles_per_second``, ``wall_seconds``."""
+        ``error``, ``macs`` (of the program's instructions, as :func:`sim.perf_model.project_program`
+        counts them), ``bytes_read``, ``bytes_written``, ``job_cycles``, ``sim_seconds``,
+        ``cycles_per_second``, ``wall_seconds``. :func:`sim.perf_report.from_frame` takes it."""
         from sim.program_executor import read_tokens
         t0 = time.time()
         mem = frame_memory(program, img_u8, param_base=param_base)
@@ -129,6 +135,7 @@ class VerilatorFrameSim:
             "pe_active_per_op_class": per_class(int(s["pe_cycles"])),
             "insn_count": int(s["insn_count"]),
             "error": int(s["error"]),
+            "macs": _program_macs(program),
             "bytes_read": res.memory["mem"]["bytes_served"],
             "bytes_written": written["bytes_written"],
             "job_cycles": res.cycles,
