@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 __all__ = ["OP_CLASSES", "TOLERANCE", "Estimate", "gemm_blocks", "gemm_beats", "moe_cycles",
            "dense_cycles", "attention_cycles", "norm_cycles", "embed_cycles", "store_cycles",
-           "project_program", "project_frame", "routing_counts"]
+           "gemm_instructions_cycles", "project_program", "project_frame", "routing_counts",
+           "uniform_counts"]
 
 #: Op classes of the breakdown, in the order of the paper's latency figure (plus stalls and idle).
 OP_CLASSES = ("patch_embed", "layernorm", "qkv_proj", "attn_matmul", "softmax", "dense_mlp", "router",
@@ -189,15 +190,6 @@ class _Memory:
     def release(self, index, t):
         """Tile ``index`` (0-based, in load order) releases its half at ``t``."""
         self.released[index % 2] = t
-
-
-def _split(total, busy):
-    """Breakdown with the engine's busy cycles and the rest as ``idle``."""
-    bd = _blank()
-    for k, v in busy.items():
-        bd[k] += v
-    bd["idle"] += total - sum(busy.values())
-    return bd
 
 
 # ---- MoE layer (m3vit_hw/moe/moe_layer.py, reorder_controller.py) -------------------------------
@@ -548,7 +540,6 @@ def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, i
     init_end = latency + LOAD_EXTRA + init_bytes / bw
     per_patch = p * (EMBED_RUN[0] + EMBED_RUN[1] * beats / runs + EMBED_RUN[2] * run / gb)
     tile_rows = [min(bm.patch_tile, npatch - j) for j in range(0, npatch, bm.patch_tile)]
-    weights_bytes = sum(t.w_bytes + t.p_bytes for t in lay.tiles)
     first_weights = sum(t.w_bytes + t.p_bytes for t in lay.tiles[:2])
     loader_free = latency + LOAD_EXTRA
     slot_free = [0.0, 0.0]
@@ -572,7 +563,8 @@ def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, i
     total = eng.written
     bd = eng.breakdown(total)
     macs = npatch * m.patch_dim * m.dim
-    return Estimate(total, bd, macs, int(mem_bytes))
+    # Weight bytes: the plan's tiles, once per patch tile (the image and the residual init are data).
+    return Estimate(total, bd, macs, int(mem.bytes))
 
 
 # ---- whole frames: a compiled program's instructions ----------------------------------------
