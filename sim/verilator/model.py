@@ -7,6 +7,10 @@ signature:
   ``rd_addr``); ``Out(stream.Signature(...))`` members are *output streams* it consumes (``rd_data``);
 * ``Out(ReadPortSignature(...))`` members are external-memory read ports, served by the C++ memory
   model (same timing as :class:`sim.ext_memory.ExternalMemory`);
+* ``Out(WritePortSignature(...))`` members are external-memory write ports (a store DMA), served by
+  the C++ write model (:meth:`Job.write_memory`: the semantics of
+  :meth:`sim.ext_memory.ExternalMemory.serve_write`, plus an optional bandwidth limit with the read
+  side's token bucket); the written bytes come back in :attr:`RunResult.written`;
 * plain ``Out`` members are *scalars* (``done``, ``busy``, counters), read with
   :meth:`Job.sample`; ``Out(MonitorSignature(...))`` members are *monitors* (see :class:`Probed`),
   logged at every handshake. Scalars named in ``pulses`` are logged in every cycle they are non-zero.
@@ -39,17 +43,19 @@ import re
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from amaranth.hdl import Module, Shape, Value
+from amaranth.hdl import Module, Shape, UnusedElaboratable, Value
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from m3vit_hw.build.verilog import emit_sv
-from m3vit_hw.lib.mem_port import ReadPortSignature
-from .toolchain import build_model, check_fst, find_verilator
+from m3vit_hw.lib.mem_port import ReadPortSignature, WritePortSignature
+from .toolchain import build_model, cache_dir, check_fst, find_verilator
+from .vcache import cached_verilog
 
 __all__ = ["MonitorSignature", "Probed", "TopSpec", "Job", "RunResult", "VerilatorModel",
            "VerilatorError"]
@@ -57,8 +63,8 @@ __all__ = ["MonitorSignature", "Probed", "TopSpec", "Job", "RunResult", "Verilat
 HARNESS = Path(__file__).with_name("harness.cpp")
 
 # Job operations and result records: the numbers are mirrored in harness.cpp.
-_OP_MEM, _OP_HOST, _OP_PUT, _OP_GET, _OP_XFER, _OP_WAIT, _OP_TICK, _OP_SAMPLE, _OP_MARK = range(1, 10)
-_R_GET, _R_SAMPLE, _R_MARK, _R_MON, _R_PULSE, _R_MEM, _R_END = range(1, 8)
+_OP_MEM, _OP_HOST, _OP_PUT, _OP_GET, _OP_XFER, _OP_WAIT, _OP_TICK, _OP_SAMPLE, _OP_MARK, _OP_WMEM = range(1, 11)
+_R_GET, _R_SAMPLE, _R_MARK, _R_MON, _R_PULSE, _R_MEM, _R_END, _R_WMEM = range(1, 9)
 _EXIT_CODES = {2: "bad job", 3: "memory protocol error", 4: "timeout"}
 
 
@@ -135,13 +141,14 @@ class TopSpec:
     """The ports of a top as the harness sees them (see the module docstring).
 
     ``inputs``/``outputs``/``monitors`` map a name to the payload shape; ``mems`` maps a name to its
-    :class:`ReadPortSignature`; ``scalars`` maps a name to its width; ``pulses`` lists scalars logged
+    :class:`ReadPortSignature`, ``wmems`` to its :class:`WritePortSignature`; ``scalars`` maps a name to its width; ``pulses`` lists scalars logged
     whenever non-zero.
     """
 
     inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     mems: dict = field(default_factory=dict)
+    wmems: dict = field(default_factory=dict)
     scalars: dict = field(default_factory=dict)
     monitors: dict = field(default_factory=dict)
     pulses: tuple = ()
@@ -163,10 +170,12 @@ class TopSpec:
                                                                         sig.members["payload"].shape)
             elif isinstance(sig, ReadPortSignature) and member.flow == Out:
                 spec.mems[name] = sig
+            elif isinstance(sig, WritePortSignature) and member.flow == Out:
+                spec.wmems[name] = sig
             elif isinstance(sig, stream.Signature):
                 (spec.inputs if member.flow == In else spec.outputs)[name] = sig.members["payload"].shape
             else:
-                raise TypeError(f"member {name!r}: {sig!r} is not a stream, a read port or a monitor")
+                raise TypeError(f"member {name!r}: {sig!r} is not a stream, a memory port or a monitor")
         for p in pulses:
             if p not in spec.scalars:
                 raise ValueError(f"pulse {p!r} is not a scalar output of the top "
@@ -216,6 +225,8 @@ class TopSpec:
         for n in self.mems:
             names += [f"{n}__req__{s}" for s in ("valid", "ready", "payload")]
             names += [f"{n}__resp__{s}" for s in ("valid", "ready", "payload")]
+        for n in self.wmems:
+            names += [f"{n}__{c}__{s}" for c in ("req", "data", "resp") for s in ("valid", "ready", "payload")]
         return names + list(self.scalars)
 
     def ports_header(self):
@@ -249,9 +260,10 @@ class TopSpec:
             L.append("}")
 
         ins, outs, mons, scs = list(self.inputs), list(self.outputs), list(self.monitors), list(self.scalars)
-        mems = list(self.mems)
+        mems, wmems = list(self.mems), list(self.wmems)
         L += [f"static const int N_IN = {len(ins)}, N_OUT = {len(outs)}, N_MON = {len(mons)}, "
-              f"N_SC = {len(scs)}, N_PULSE = {len(self.pulses)}, N_MEM = {len(mems)};"]
+              f"N_SC = {len(scs)}, N_PULSE = {len(self.pulses)}, N_MEM = {len(mems)}, "
+              f"N_WMEM = {len(wmems)};"]
         table("int", "IN_WORDS", [str(self._nw(n)) for n in ins])
         table("int", "OUT_WORDS", [str(self._nw(n)) for n in outs])
         table("int", "MON_WORDS", [str(self._nw(n)) for n in mons])
@@ -265,6 +277,14 @@ class TopSpec:
         table("int", "MEM_REQ_WORDS", [str(_words(Shape.cast(
             self.mems[n].members["req"].signature.members["payload"].shape).width)) for n in mems])
         table("int", "MEM_RESP_WORDS", [str(_words(8 * self.mems[n].data_bytes + 1)) for n in mems])
+        w = self.wmems
+        table("int", "WMEM_DATA_BYTES", [str(w[n].data_bytes) for n in wmems])
+        table("int", "WMEM_ADDR_BITS", [str(w[n].addr_width) for n in wmems])
+        table("int", "WMEM_BEATS_BITS", [str(Shape.cast(range(w[n].max_burst + 1)).width) for n in wmems])
+        table("int", "WMEM_MAX_BURST", [str(w[n].max_burst) for n in wmems])
+        table("int", "WMEM_REQ_WORDS", [str(_words(Shape.cast(
+            w[n].members["req"].signature.members["payload"].shape).width)) for n in wmems])
+        table("int", "WMEM_DATA_WORDS", [str(_words(9 * w[n].data_bytes)) for n in wmems])
         L.append("")
         switch("void in_set_valid(Vtop* t, int i, int v)", "t->{n}__valid = v; break;", ins)
         switch("bool in_get_ready(Vtop* t, int i)", "return t->{n}__ready;", ins, "false")
@@ -293,13 +313,25 @@ class TopSpec:
         switch("void mem_resp_set_valid(Vtop* t, int i, int v)", "t->{n}__resp__valid = v; break;", mems)
         switch("void mem_resp_set_payload(Vtop* t, int i, const uint32_t* w)",
                "vs_set(t->{n}__resp__payload, w, MEM_RESP_WORDS[i]); break;", mems)
+        switch("bool wmem_req_valid(Vtop* t, int i)", "return t->{n}__req__valid;", wmems, "false")
+        switch("void wmem_req_payload(Vtop* t, int i, uint32_t* w)",
+               "vs_get(t->{n}__req__payload, w, WMEM_REQ_WORDS[i]); break;", wmems)
+        switch("void wmem_req_set_ready(Vtop* t, int i, int v)", "t->{n}__req__ready = v; break;", wmems)
+        switch("bool wmem_data_valid(Vtop* t, int i)", "return t->{n}__data__valid;", wmems, "false")
+        switch("void wmem_data_payload(Vtop* t, int i, uint32_t* w)",
+               "vs_get(t->{n}__data__payload, w, WMEM_DATA_WORDS[i]); break;", wmems)
+        switch("void wmem_data_set_ready(Vtop* t, int i, int v)", "t->{n}__data__ready = v; break;", wmems)
+        switch("bool wmem_resp_ready(Vtop* t, int i)", "return t->{n}__resp__ready;", wmems, "false")
+        switch("void wmem_resp_set_valid(Vtop* t, int i, int v)", "t->{n}__resp__valid = v; break;", wmems)
+        switch("void wmem_resp_set_payload(Vtop* t, int i, int v)", "t->{n}__resp__payload = v; break;",
+               wmems)
         # Verilator escapes "__" in port names ("a__b" is the C++ member "a___05Fb").
         return re.sub(r"t->(\w+)", lambda mo: "t->" + _cxx_name(mo.group(1)), "\n".join(L)) + "\n"
 
     def _nw(self, name):
         """32-bit words per payload of stream or monitor ``name`` (memory ports and scalars size
         their payloads from their own tables)."""
-        if name in self.mems or name in self.pulses:
+        if name in self.mems or name in self.wmems or name in self.pulses:
             return 0
         return _words(self.width(name))
 
@@ -331,6 +363,7 @@ class Job:
     def __init__(self, spec):
         self.spec = spec
         self._mem = []
+        self._wmem = []
         self._ops = []
         self._in = {n: i for i, n in enumerate(spec.inputs)}
         self._out = {n: i for i, n in enumerate(spec.outputs)}
@@ -365,6 +398,42 @@ class Job:
                 base & 0xFFFFFFFF, base >> 32, nbytes & 0xFFFFFFFF, nbytes >> 32]
         body = np.concatenate([np.asarray(body, dtype=np.uint32), padded.view("<u4")])
         self._mem.append(np.concatenate([np.array([_OP_MEM, len(body)], dtype=np.uint32), body]))
+        return self
+
+    def write_memory(self, port, *, share=None, size=None, base=0, bytes_per_cycle=None, latency=2,
+                     stall_prob=0.0, seed=0):
+        """Serve write port ``port``.
+
+        The bytes land in read port ``share``'s backing store (so later reads see them; ``base`` is
+        then that store's), or in a zeroed store of ``size`` bytes at byte address ``base``. Timing
+        follows :meth:`sim.ext_memory.ExternalMemory.serve_write`: one burst open at a time
+        (``req.ready`` while none is), its data beats taken one a cycle unless a stall is drawn
+        (``stall_prob``, the harness's seeded generator), the response ``latency`` cycles after the
+        last beat. ``bytes_per_cycle`` (``None``: unlimited, as pysim's write model) limits the data
+        beats with the read side's token bucket (credit capped at one beat). The protocol checks are
+        the read side's (alignment, burst length, 4 KiB boundary, backing store; exit code 3).
+        """
+        if port not in self.spec.wmems:
+            raise ValueError(f"port must be one of {list(self.spec.wmems)}, not {port!r}")
+        if share is not None and share not in self.spec.mems:
+            raise ValueError(f"share must be one of the read ports {list(self.spec.mems)}, not {share!r}")
+        if share is None and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"size must be a positive integer when share is None, not {size!r}")
+        if bytes_per_cycle is not None and (not isinstance(bytes_per_cycle, (int, float))
+                                            or not bytes_per_cycle > 0):
+            raise ValueError(f"bytes_per_cycle must be None or a positive number, not {bytes_per_cycle!r}")
+        if not isinstance(latency, int) or latency < 1:
+            raise ValueError(f"latency must be an integer >= 1, not {latency!r}")
+        if not 0.0 <= stall_prob < 1.0:
+            raise ValueError(f"stall_prob must be in [0, 1), not {stall_prob!r}")
+        sh = 0xFFFFFFFF if share is None else list(self.spec.mems).index(share)
+        size = 0 if share is not None else size
+        body = [list(self.spec.wmems).index(port), sh, *_f64_words(float(bytes_per_cycle or 0.0)), latency,
+                *_f64_words(float(stall_prob)), seed & 0xFFFFFFFF, base & 0xFFFFFFFF, base >> 32,
+                size & 0xFFFFFFFF, size >> 32]
+        body = np.asarray(body, dtype=np.uint32)
+        # After the read ports' configurations (the harness sets those up first; a shared store must exist).
+        self._wmem.append(np.concatenate([np.array([_OP_WMEM, len(body)], dtype=np.uint32), body]))
         return self
 
     def host(self, stall_prob=0.0, seed=0):
@@ -419,7 +488,7 @@ class Job:
         return self
 
     def tobytes(self):
-        return np.concatenate(self._mem + self._ops).astype("<u4").tobytes()
+        return np.concatenate(self._mem + self._wmem + self._ops).astype("<u4").tobytes()
 
 
 @dataclass
@@ -429,7 +498,9 @@ class RunResult:
     ``gets``: one uint32 array ``[n, words]`` per get/xfer, in job order; ``samples``: one dict
     ``{scalar: int}`` (plus ``"_cycle"``) per sample; ``marks``: cycles; ``monitors``:
     ``{name: [(cycle, bits)]}``; ``pulses``: ``{name: [cycle]}``; ``memory``: per port
-    ``{bytes_served, beats_served, request_count}``; ``cycles``: cycles simulated; ``sim_seconds``:
+    ``{bytes_served, beats_served, request_count}``; ``written``: per write port ``{bytes_written,
+    beats, request_count, base, data}`` (``data``: the uint8 backing store after the run, the shared
+    read store's when ``share`` was given); ``cycles``: cycles simulated; ``sim_seconds``:
     wall time of the clock loop in C++; ``wall_seconds``: including process start and file I/O.
     """
 
@@ -442,6 +513,7 @@ class RunResult:
     cycles: int
     sim_seconds: float
     wall_seconds: float = 0.0
+    written: dict = field(default_factory=dict)
 
     @property
     def cycles_per_second(self):
@@ -489,6 +561,11 @@ def _parse(raw, spec):
         elif tag == _R_MEM:
             res.memory[mems[int(b[0])]] = {"bytes_served": _u64(b, 1), "beats_served": _u64(b, 3),
                                            "request_count": _u64(b, 5)}
+        elif tag == _R_WMEM:
+            nbytes = _u64(b, 9)
+            res.written[list(spec.wmems)[int(b[0])]] = {
+                "bytes_written": _u64(b, 1), "beats": _u64(b, 3), "request_count": _u64(b, 5),
+                "base": _u64(b, 7), "data": np.array(b[11:], dtype="<u4").view(np.uint8)[:nbytes].copy()}
         elif tag == _R_END:
             res.cycles = _u64(b, 0)
             res.sim_seconds = _u64(b, 2) / 1e9
@@ -514,6 +591,11 @@ class VerilatorModel:
         Model cache directory (default ``$M3VIT_SIM_CACHE`` or ``~/.cache/m3vit-hw/verilator``).
     log : callable, optional
         Progress messages (e.g. ``print``).
+    verilog_key : str, optional
+        A :func:`~sim.verilator.vcache.design_key` naming ``top`` (its class and config): the emitted
+        Verilog is then cached on disk (:func:`~sim.verilator.vcache.cached_verilog`; the monitor
+        names and pulses are added to the key), and a hit skips elaboration and conversion. Without
+        it every construction converts.
 
     Attributes
     ----------
@@ -521,7 +603,8 @@ class VerilatorModel:
     executable : Path
     build : dict
         ``key``, ``cached`` (True: no compilation happened), ``compile_seconds`` (of the build that made
-        the model), ``convert_seconds`` (Amaranth -> Verilog, this time).
+        the model), ``convert_seconds`` (Amaranth -> Verilog, or the Verilog cache lookup, this time),
+        ``verilog_cached`` (True: the Verilog came from the cache; False: converted).
 
     Raises
     ------
@@ -529,7 +612,8 @@ class VerilatorModel:
         Before any conversion, if Verilator or its helper tools are missing.
     """
 
-    def __init__(self, top, *, monitors=None, pulses=(), threads=1, trace=None, cache=None, log=None):
+    def __init__(self, top, *, monitors=None, pulses=(), threads=1, trace=None, cache=None, log=None,
+                 verilog_key=None):
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise ValueError(f"threads must be a positive integer, not {threads!r}")
         if trace not in (None, "fst", "vcd"):
@@ -542,7 +626,21 @@ class VerilatorModel:
         self.top = top
         self.spec = TopSpec.from_component(top, pulses)
         t0 = time.time()
-        text = emit_sv(top, "top")
+        if verilog_key is None:
+            text = emit_sv(top, "top")
+            vinfo = {"verilog_cached": False}
+        else:
+            key = f"{verilog_key}|monitors={sorted(monitors or {})!r}|pulses={tuple(pulses)!r}"
+            text, vinfo = cached_verilog(key, lambda: emit_sv(top, "top"),
+                                         cache=Path(cache) if cache is not None else cache_dir())
+            if vinfo["verilog_cached"]:
+                # The design was constructed (for its signature and probes) but is deliberately
+                # never elaborated: Amaranth would warn about every one of its submodules when they
+                # are collected.
+                warnings.filterwarnings("ignore", category=UnusedElaboratable)
+            if log:
+                log(f"verilog: {'cache hit' if vinfo['verilog_cached'] else 'converted'} "
+                    f"({vinfo['verilog_key']})")
         convert_seconds = time.time() - t0
         self.spec.check_verilog(text)
         flags = []
@@ -558,6 +656,7 @@ class VerilatorModel:
         self.executable, self.build = build_model(sources, flags, toolchain=toolchain, cache=cache,
                                                   log=log)
         self.build["convert_seconds"] = round(convert_seconds, 2)
+        self.build["verilog_cached"] = vinfo["verilog_cached"]
 
     def run(self, job, *, trace_file=None, trace_window=(0, 2**63 - 1), timeout=None):
         """Execute ``job`` and return a :class:`RunResult`.

