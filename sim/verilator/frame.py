@@ -6,11 +6,9 @@ the C++ memory model at ``param_base`` exactly as :func:`sim.program_executor.ru
 ``wr`` write into the same store, starts the sequencer and waits for ``done``; the encoder tokens are
 read from the written store at the output address, and the counters (``cycles``, ``op_cycles``,
 ``pe_cycles``, ``insn_count``, ``error``) come back per opcode class
-(``/work/reports/encoder_counters.txt``). Python is not in the clock loop.
-
-:func:`supported_program` keeps only the instructions the elaborated top has units for (while the
-attention and MoE clients are still being built, a program without ``ATTENTION``/``MOE``); the Python
-executor runs the same reduced program, so the two are compared bit for bit.
+(lower-case :class:`~m3vit_hw.control.isa.Opcode` names). Python is not in the clock loop.
+``python -m sim frame --backend verilator`` runs it (:func:`sim.frame.run_verilator`); a partial
+program (:func:`sim.frame.strip_program`) runs the same way.
 """
 
 import time
@@ -23,7 +21,7 @@ from .model import Job, VerilatorModel
 from .toolchain import find_verilator
 from .vcache import design_key
 
-__all__ = ["VerilatorFrameSim", "supported_program", "frame_memory", "PARAM_BASE"]
+__all__ = ["VerilatorFrameSim", "frame_memory", "PREFETCH_SLACK", "PARAM_BASE"]
 
 #: Byte address of the image (as :func:`sim.program_executor.run_program`'s default).
 PARAM_BASE = 0x1000
@@ -31,37 +29,22 @@ PARAM_BASE = 0x1000
 _MODELS = {}     # (config, threads, cache) -> (EncoderTop, VerilatorModel), per process
 
 
-def supported_program(program, units=(Opcode.LOAD_IMAGE, Opcode.LAYERNORM, Opcode.GEMM, Opcode.STORE)):
-    """A copy of ``program`` with only the instructions of ``units`` (plus ``SYNC``/``END``), re-encoded
-    in place of the original program (the image is otherwise unchanged)."""
-    from copy import copy
-    keep = set(units) | {Opcode.SYNC, Opcode.END}
-    out = copy(program)
-    out.instructions = [(op, f, w) for op, f, w in program.instructions if op in keep]
-    words = []
-    for op, fields, wait in out.instructions:
-        words += program.isa.encode(op, wait=wait, **fields)
-    out.words = words
-    raw = b"".join(w.to_bytes(4, "little") for w in words)
-    image = bytearray(program.image)
-    at = program.layout.program_addr
-    old = 4 * len(program.words)
-    image[at:at + old] = bytes(old)
-    image[at:at + len(raw)] = raw
-    out.image = image
-    return out
+#: Readable bytes after the image: the sequencer prefetches whole bursts past ``END`` (at most its
+#: beat FIFO, documented in docs/isa.md), so the memory must answer them.
+PREFETCH_SLACK = 4096
 
 
 def frame_memory(program, img_u8, *, param_base=PARAM_BASE):
     """The external memory of one frame: ``program.image`` at ``param_base`` and the camera frame at its
-    input address (a bytearray), as :func:`sim.program_executor.run_program` builds it."""
+    input address (a bytearray, :data:`PREFETCH_SLACK` readable bytes after the image), as
+    :func:`sim.program_executor.run_program` builds it."""
     lay = program.layout
     img = np.asarray(img_u8)
     if img.dtype != np.uint8 or img.size != lay.input_bytes:
         raise ValueError(f"img_u8 must be uint8 with {lay.input_bytes} values (H, W, C), not {img.dtype} "
                          f"with {img.size}")
-    mem = bytearray(param_base + len(program.image))
-    mem[param_base:] = program.image
+    mem = bytearray(param_base + len(program.image) + PREFETCH_SLACK)
+    mem[param_base:param_base + len(program.image)] = program.image
     at = param_base + lay.input_addr
     mem[at:at + lay.input_bytes] = img.tobytes()
     return mem
@@ -115,7 +98,8 @@ class VerilatorFrameSim:
         job.write_memory("wr", share="mem", stall_prob=stall_prob, seed=seed)
         job.host(stall_prob, seed + 7)
         job.put("start", [{"task": task, "program_base": param_base + lay.program_addr,
-                           "param_base": param_base, "output_base": param_base + lay.output_addr}])
+                           "param_base": param_base, "output_base": param_base + lay.output_addr,
+                           "image_base": param_base}])
         job.wait("done", timeout).sample()
         res = self.model.run(job)
         self.last_run = res
