@@ -11,6 +11,9 @@ dense-layer
     One dense MLP sub-layer in Amaranth's simulator against the golden model (:mod:`sim.dense_layer`).
 patch-embed
     The patch embedding from a uint8 HWC image in external memory (:mod:`sim.patch_embed`).
+frame
+    One camera frame through the encoder top (sequencer + shared datapath) vs the golden model
+    (:mod:`sim.frame`).
 compile
     Compile a preset into a program + external-memory image; sizes and buffer fit (:mod:`sim.compile_program`).
 bench-gemm
@@ -28,6 +31,7 @@ _COMMANDS = {
     "attention-layer": ("sim.attention_layer", "one attention sub-layer (QKV, QK^T, softmax, AV, proj) vs golden"),
     "dense-layer": ("sim.dense_layer", "one dense MLP sub-layer (fc1 GELU, fc2 residual add) vs golden"),
     "patch-embed": ("sim.patch_embed", "patch embedding from the uint8 HWC camera image vs golden"),
+    "frame": ("sim.frame", "one frame through the encoder top (program sequencer, shared datapath) vs golden"),
     "compile": ("sim.compile_program", "compile a preset: program, image by section, on-chip buffers"),
     "bench-gemm": ("sim.bench_gemm", "GEMM engine cycles and MAC/cycle for one shape"),
     "synth": ("sim.synth_report", "yosys synth_xilinx resource estimate of a unit"),

@@ -82,32 +82,47 @@ def golden_attn(h, x, qattn, heads, q_tile):
     return g.residual_add(x, golden_model.linear(ctx, qattn.proj))
 
 
-def _words(matrix, C):
+def _words(matrix, C, rw):
+    """``matrix`` rows as buffer words of ``C`` lanes, ``rw`` words a row (the design's pitch)."""
     t, d = matrix.shape
-    rw = -(-d // C)
     padded = np.zeros((t, rw * C), dtype=np.int64)
     padded[:, :d] = matrix
     return padded.reshape(t * rw, C)
 
 
 class AttnLayerSim:
-    """One elaborated AttentionLayer, one parameter image, any number of runs (``run``)."""
+    """One elaborated AttentionLayer, one or more parameter images, any number of runs (``run``).
 
-    def __init__(self, config, qattn, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0):
+    ``qattn`` is the design's own model (packed at :data:`IMAGE_BASE`, started without a run-time
+    shape). ``models``: further ``(qattn, heads)`` of other shapes (run-time ``dims``, see
+    :func:`~m3vit_hw.attention.attn_layout.plan_attention`), packed after it; a run ``(h, x, j)``
+    uses model ``j`` (0: ``qattn``; ``j >= 1``: ``models[j - 1]``).
+    """
+
+    def __init__(self, config, qattn, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0,
+                 models=()):
         self.config = config
         self.qattn = qattn
         self.dut = AttentionLayer(config)
         image, self.layout = pack_attention(qattn, config)
-        self.image = np.zeros(IMAGE_BASE + len(image), dtype=np.uint8)
-        self.image[IMAGE_BASE:] = np.frombuffer(image, dtype=np.uint8)
+        #: Per model: (qattn, heads, layout, base, explicit dims).
+        self.models = [(qattn, config.model.heads, self.layout, IMAGE_BASE, False)]
+        blob = bytearray(image)
+        for q, heads in models:
+            img, lay = pack_attention(q, config, heads=heads)
+            blob += bytes(-len(blob) % 4096)
+            self.models.append((q, heads, lay, IMAGE_BASE + len(blob), True))
+            blob += img
+        self.image = np.zeros(IMAGE_BASE + len(blob), dtype=np.uint8)
+        self.image[IMAGE_BASE:] = np.frombuffer(bytes(blob), dtype=np.uint8)
         self.mem_args = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency, stall_prob=stall_prob,
                              seed=seed)
         self.stall_prob = stall_prob
         self.seed = seed
 
     def run(self, runs, *, timeout=500_000):
-        """Run ``[(h, x), ...]`` back to back; return one dict per run: ``x`` (read back) and the
-        counters."""
+        """Run ``[(h, x), ...]`` (or ``(h, x, model)``) back to back; return one dict per run: ``x``
+        (read back), the counters and ``image_bytes`` (of the run's model)."""
         dut, cfg = self.dut, self.config
         C = cfg.pe_cols
         mem = ExternalMemory(self.image, **self.mem_args)
@@ -115,14 +130,17 @@ class AttnLayerSim:
 
         async def host(ctx):
             st = Stalls(self.stall_prob, self.seed + 7)
-            for r, (h, x) in enumerate(runs):
+            for r, run in enumerate(runs):
+                h, x = run[:2]
+                q, _, lay, base, explicit = self.models[run[2] if len(run) > 2 else 0]
                 t0 = time.time()
                 T = h.shape[0]
                 for target, mat in ((AttnLoadTarget.H, h), (AttnLoadTarget.X, x)):
-                    for a, word in enumerate(_words(mat, C)):
+                    for a, word in enumerate(_words(mat, C, cfg.row_words)):
                         await stream_put(ctx, dut.load, {"target": target, "addr": a,
                                                          "data": [int(v) for v in word]}, stalls=st)
-                await stream_put(ctx, dut.start, start_fields(self.qattn, T, base=IMAGE_BASE), stalls=st)
+                fields = start_fields(q, T, base=base, layout=lay if explicit else None)
+                await stream_put(ctx, dut.start, fields, stalls=st)
                 await wait_done(ctx, dut.done, timeout=timeout, what=f"AttentionLayer (run {r})")
                 res = {name: int(ctx.get(getattr(dut, name))) for name in
                        ("cycles", "compute_cycles", "engine_idle_cycles", "attn_cycles",
@@ -133,6 +151,7 @@ class AttnLayerSim:
                     await stream_put(ctx, dut.rd_addr, a, stalls=st)
                     words.append([int(v) for v in await stream_get(ctx, dut.rd_data, stalls=st)])
                 res["x"] = np.array(words, dtype=np.int64).reshape(T, cfg.row_words * C)[:, :x.shape[1]]
+                res["image_bytes"] = lay.image_bytes
                 res["sim_seconds"] = time.time() - t0
                 results[r] = res
 

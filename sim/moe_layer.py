@@ -23,7 +23,8 @@ from amaranth.sim import Simulator
 
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.gemm.epilogue import EpilogueMode
-from m3vit_hw.moe.expert_layout import pack_moe, start_fields
+from m3vit_hw.moe.expert_layout import (ROUTER_RECORD_BYTES, pack_moe, pack_plan, pack_router_record,
+                                        plan_moe, start_fields)
 from m3vit_hw.model_config import ModelConfig
 from m3vit_hw.moe.moe_layer import LoadTarget, MoELayer
 from m3vit_hw.moe.reorder_controller import GATE_TAG
@@ -32,7 +33,7 @@ from sim.moe_workload import SKEWS, golden_moe, make_moe_workload
 from m3vit_hw.checks import check_output_path
 from sim.testbench import Stalls, stream_get, stream_put, wait_done
 
-__all__ = ["moe_config", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE", "BACKENDS"]
+__all__ = ["moe_config", "append_tables", "MoELayerSim", "run_moe_layer", "sweep_memory", "main", "IMAGE_BASE", "BACKENDS"]
 
 #: Simulation backends of :func:`run_moe_layer`: Amaranth's simulator, or compiled with Verilator.
 BACKENDS = ("pysim", "verilator")
@@ -63,6 +64,22 @@ def moe_config(*, experts, top_k, dim, hidden, tokens, tasks=1, pe_rows=4, pe_co
                              param_buffer_words=param_buffer_words)
 
 
+def append_tables(image, qmoe, tasks, data_bytes):
+    """``image`` + the per-task router records (:func:`~m3vit_hw.moe.expert_layout.pack_router_record`)
+    + the GELU table, each beat-aligned; returns ``(image, router_offset, lut_offset)``."""
+    align = max(data_bytes, ROUTER_RECORD_BYTES)
+    out = bytearray(image)
+    out += bytes(-len(out) % align)
+    router_offset = len(out)
+    for t in range(tasks):
+        g = t if len(qmoe.gates) > 1 else 0
+        out += pack_router_record(qmoe.router_c_mult[g], qmoe.router_c_shift[g])
+    out += bytes(-len(out) % align)
+    lut_offset = len(out)
+    out += (np.asarray(qmoe.gelu_lut, dtype=np.int64) & 0xFF).astype(np.uint8).tobytes()
+    return bytes(out), router_offset, lut_offset
+
+
 def _words(matrix, C):
     """Rows of ``matrix`` as buffer words: row t, word w at t * ceil(cols / C) + w (lanes padded 0)."""
     matrix = np.asarray(matrix, dtype=np.int64)
@@ -84,17 +101,72 @@ class MoELayerSim:
     mem_bytes_per_cycle, latency, stall_prob, seed :
         The :class:`~sim.ext_memory.ExternalMemory` model; ``stall_prob`` also stalls every external
         stream of the layer (load, start, read-back).
+    tables_from_memory : bool
+        Place the per-task router records and the GELU table after the parameter image and let the
+        layer's client fetch them (``router_fetch``/``lut_fetch`` start fields, as the encoder's MOE
+        instruction does; ``c_mult``/``c_shift`` are then sent as 0) instead of loading the table
+        through ``load`` and sending the router scale in ``start``.
+    models : sequence of (qmoe, top_k)
+        Smaller MoE layers to run on the same elaborated design (run-time shape: same D, at most the
+        config's experts, top-k, expert hidden and tasks; their hidden width and expert count come
+        from ``qmoe``). Each is packed with ``plan_moe(config, hidden=, experts=, tasks=)`` (padded
+        gate) plus its plan table (:func:`~m3vit_hw.moe.expert_layout.pack_plan`) after the main
+        image; a run ``(h, x, task, i)`` runs model ``i`` (1-based; 0 or no index = ``qmoe``).
     """
 
-    def __init__(self, config, qmoe, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0):
+    def __init__(self, config, qmoe, *, mem_bytes_per_cycle=16, latency=20, stall_prob=0.0, seed=0,
+                 tables_from_memory=False, models=()):
         self.config = config
         self.qmoe = qmoe
         self.dut = MoELayer(config)
-        self.image, self.layout = pack_moe(qmoe, config)
+        image, self.layout = pack_moe(qmoe, config)
+        self.tables_from_memory = tables_from_memory
+        db = config.mem_data_bytes
+        # Model 0 = the design's own; then the run-time shaped ones. Each entry: qmoe, top_k,
+        # layout, image base offset, plan offset (None for model 0), router/lut table offsets.
+        self.models = []
+        image = bytearray(image)
+
+        def place(blob):
+            image.extend(bytes(-len(image) % max(db, ROUTER_RECORD_BYTES)))
+            at = len(image)
+            image.extend(blob)
+            return at
+
+        for n, (q, k) in enumerate([(qmoe, config.model.top_k), *models]):
+            if n == 0:
+                lay, at, plan_at = self.layout, 0, None
+            else:
+                E, h = np.asarray(q.fc1.w).shape[:2]
+                lay = plan_moe(config, hidden=int(h), experts=int(E),
+                               tasks=np.asarray(q.task_bias).shape[0])
+                blob, _ = pack_moe(q, config, layout=lay)
+                at = place(blob)
+                plan_at = place(pack_plan(lay, config))
+            tables = (None, None)
+            if tables_from_memory:
+                tabs, r_off, l_off = append_tables(b"", q, lay.tasks, db)
+                t_at = place(tabs)
+                tables = (t_at + r_off, t_at + l_off)
+            self.models.append(dict(qmoe=q, top_k=k, layout=lay, base=at, plan=plan_at, tables=tables))
+        self.image = bytes(image)
         self.mem_kwargs = dict(bytes_per_cycle=mem_bytes_per_cycle, latency=latency,
                                stall_prob=stall_prob, seed=seed, max_outstanding=4)
         self.stall_prob = stall_prob
         self.seed = seed
+
+    def start_fields(self, task, tokens, model=0):
+        """The ``start`` payload of one run of model ``model`` (see ``tables_from_memory``)."""
+        md = self.models[model]
+        kw = {}
+        if md["plan"] is not None:
+            kw = dict(top_k=md["top_k"], plan_addr=IMAGE_BASE + md["plan"])
+        fields = start_fields(md["qmoe"], task, tokens, md["layout"], base=IMAGE_BASE + md["base"], **kw)
+        if self.tables_from_memory:
+            r_at, l_at = md["tables"]
+            fields.update(c_mult=0, c_shift=0, router_fetch=1, router_addr=IMAGE_BASE + r_at,
+                          lut_fetch=1, lut_addr=IMAGE_BASE + l_at)
+        return fields
 
     def run(self, runs, *, timeout=2_000_000):
         """Run layers ``[(h, x, task)]`` back to back on the same design; return one dict per run.
@@ -155,19 +227,27 @@ class MoELayerSim:
 
         async def host(ctx):
             st = Stalls(self.stall_prob, self.seed + 7)
-            for a in range(256):
+            prev_model = 0
+            for a in range(0 if self.tables_from_memory else 256):
                 await stream_put(ctx, dut.load, {"target": LoadTarget.GELU, "addr": a,
                                                  "data": [int(lut[a])] + [0] * (C - 1)}, stalls=st)
-            for r, (h, x, task) in enumerate(runs):
+            for r, (h, x, task, *model) in enumerate(runs):
                 t0 = time.time()
+                model = model[0] if model else 0
+                if not self.tables_from_memory and model != prev_model:
+                    # Another model's GELU table (the run-time shaped ones bring their own).
+                    glut = np.asarray(self.models[model]["qmoe"].gelu_lut, dtype=np.int64)
+                    for a in range(256):
+                        await stream_put(ctx, dut.load, {"target": LoadTarget.GELU, "addr": a,
+                                                         "data": [int(glut[a])] + [0] * (C - 1)}, stalls=st)
+                prev_model = model
                 T = h.shape[0]
                 for target, mat in ((LoadTarget.H, h), (LoadTarget.X, x)):
                     for a, word in enumerate(_words(mat, C)):
                         await stream_put(ctx, dut.load, {"target": target, "addr": a,
                                                          "data": [int(v) for v in word]}, stalls=st)
                 state["run"] = r
-                fields = start_fields(self.qmoe, task, T, self.layout, base=IMAGE_BASE)
-                await stream_put(ctx, dut.start, fields, stalls=st)
+                await stream_put(ctx, dut.start, self.start_fields(task, T, model), stalls=st)
                 await wait_done(ctx, dut.done, timeout=timeout, what=f"MoELayer (run {r})")
                 res = {name: int(ctx.get(getattr(dut, name))) for name in
                        ("cycles", "compute_cycles", "expert_bytes", "gate_bytes", "active_experts",

@@ -29,8 +29,10 @@ def _check(sim, runs, results, label):
     cfg = sim.config
     heads = cfg.model.heads
     assert len(results) == len(runs), f"{label}: {len(results)} runs finished, expected {len(runs)}"
-    for n, ((h, x), res) in enumerate(zip(runs, results)):
-        want = golden_attn(h, x, sim.qattn, heads, cfg.q_tile)
+    for n, (run, res) in enumerate(zip(runs, results)):
+        h, x = run[:2]
+        qattn, heads = sim.models[run[2] if len(run) > 2 else 0][:2]
+        want = golden_attn(h, x, qattn, heads, cfg.q_tile)
         got = res["x"]
         assert got.shape == want.shape, f"{label} run {n}: read back {got.shape}, expected {want.shape}"
         bad = np.argwhere(got != want)
@@ -38,11 +40,11 @@ def _check(sim, runs, results, label):
             t, c = bad[0]
             pytest.fail(f"AttentionLayer {label} run {n}: x[{t}, {c}] expected {want[t, c]}, got "
                         f"{got[t, c]} ({len(bad)} mismatches)")
-        assert res["weight_bytes"] == sim.layout.image_bytes, (
+        assert res["weight_bytes"] == res["image_bytes"], (
             f"AttentionLayer {label} run {n}: fetched {res['weight_bytes']} weight bytes, the image is "
-            f"{sim.layout.image_bytes} (each tile exactly once)")
+            f"{res['image_bytes']} (each tile exactly once)")
         util = res["attn_compute_cycles"] / res["attn_cycles"] if res["attn_cycles"] else 0.0
-        print(f"AttentionLayer {label} run {n}: T={h.shape[0]} bit-exact; {res['cycles']} cycles, "
+        print(f"AttentionLayer {label} run {n}: D={h.shape[1]} heads={heads} T={h.shape[0]} bit-exact; {res['cycles']} cycles, "
               f"PE beats {res['compute_cycles']}, phases {res['phase_cycles']}, engine idle "
               f"{res['engine_idle_cycles']}, attention window {res['attn_cycles']} cycles at "
               f"{100 * util:.1f}% PE-busy, softmax busy {res['softmax_cycles']} "
@@ -86,6 +88,59 @@ def test_bit_exact_odd_config():
     sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=8, latency=9, stall_prob=0.2, seed=2)
     runs = _runs(wl, 7, 1)
     _check(sim, runs, sim.run(runs), "D20 H2 q_tile 3")
+
+
+def _shape_runs(wl_default, shapes, tokens, seed):
+    """Models of other shapes (their own random workloads) and one run per model."""
+    models, runs = [], [(wl_default["h"][:tokens[0]], wl_default["x"][:tokens[0]], 0)]
+    for j, ((dim, heads), t) in enumerate(zip(shapes, tokens[1:])):
+        wl = make_attn_workload(dim, heads, t, seed=seed + j + 1)
+        models.append((wl["qattn"], heads))
+        runs.append((wl["h"], wl["x"], j + 1))
+    return models, runs
+
+
+def test_two_models_one_design():
+    """One elaborated design (D=32, 2 heads; weight halves small enough that the Q|K and projection
+    parts take two tiles each) runs its own model, then D=28 with 2 heads (head_dim 14: padded head
+    words; the projection's 7 panels in unequal tiles 4 + 3) and D=24 with 3 heads, chosen at run time
+    by the start's ``dims``; every run bit-exact against the golden model with its own heads, with
+    random stalls everywhere."""
+    cfg = attn_config(dim=32, heads=2, tokens=9, weight_buffer_bytes=1024)
+    fields = plan_attention(cfg, dim=28, heads=2).shape_fields()
+    assert fields["proj"] == {"panels": 3, "extra": 1, "chunks": 2}, fields
+    wl = make_attn_workload(32, 2, 9, seed=21)
+    models, runs = _shape_runs(wl, [(28, 2), (24, 3)], [5, 5, 4], seed=21)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=8, latency=9, stall_prob=0.2, seed=21,
+                       models=models)
+    _check(sim, runs, sim.run(runs), "one design, three shapes")
+
+
+@pytest.mark.slow
+def test_more_models_one_design():
+    """More run-time shapes on one design: the design's own shape given explicitly, D=20 with 2 heads,
+    D=32 with 4 heads, D=12 with 1 head, D=16 with 4 heads (head_dim 4: one word), q_tile 3, with
+    stalls."""
+    cfg = attn_config(dim=32, heads=2, tokens=11, q_tile=3, weight_buffer_bytes=1024)
+    wl = make_attn_workload(32, 2, 11, seed=31)
+    shapes = [(32, 2), (20, 2), (32, 4), (12, 1), (16, 4)]
+    models, runs = _shape_runs(wl, shapes, [11, 9, 11, 7, 10, 3], seed=31)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=4, latency=15, stall_prob=0.3, seed=31,
+                       models=models)
+    _check(sim, runs, sim.run(runs), "one design, more shapes")
+
+
+def test_run_time_shape_limits():
+    """A shape the design's buffers cannot hold is refused by the plan, naming the limit."""
+    cfg = attn_config(dim=32, heads=2, tokens=9)
+    with pytest.raises(ValueError, match=r"dim must be in \[1, 32\], not 36"):
+        plan_attention(cfg, dim=36, heads=2)
+    with pytest.raises(ValueError, match="head_dim=32 needs 8 words a head"):
+        plan_attention(cfg, dim=32, heads=1)
+    with pytest.raises(ValueError, match="heads must divide dim=30, not 4"):
+        plan_attention(cfg, dim=30, heads=4)
+    with pytest.raises(ValueError, match="heads=10 x 1 words need a context of 10 words"):
+        plan_attention(cfg, dim=30, heads=10)
 
 
 def _saturating_workload(dim, heads, tokens, seed):
@@ -215,6 +270,30 @@ def test_verilog_and_embedding():
     cfg = attn_config(dim=8, heads=2, tokens=5)
     text = verilog.convert(EmbeddingHarness(AttentionLayer(cfg)), name="attn_top")
     assert "module attn_top" in text
+
+
+def test_sequencer_is_a_datapath_client():
+    """AttnSequencer alone: the contract's ports (client, o, e8_wr, rt_wr, start/done/busy, counters)
+    with the widths of the datapath it plugs into, it converts to Verilog alone and embeds through its
+    signature, and the wrapper's sequencer is one (so every bit-exact test above proves it)."""
+    from m3vit_hw.attention import AttnSequencer
+    from m3vit_hw.dense.client import GemmClientSignature
+    cfg = attn_config(dim=20, heads=2, tokens=7, q_tile=3)
+    layer = AttentionLayer(cfg)
+    seq = layer.sequencer
+    assert isinstance(seq, AttnSequencer)
+    members = seq.signature.members
+    assert members["client"] == wiring.Out(GemmClientSignature(cfg))
+    assert members["o"].signature == layer.engine.signature.members["o"].signature.flip()
+    assert members["rt_wr"].signature.members["addr"].shape == cfg.rowtab_addr_bits
+    assert members["e8_wr"].signature.members["addr"].shape == (layer.e8_buffer.depth - 1).bit_length()
+    for name in ("start", "done", "busy", "cycles", "phase_cycles"):
+        assert name in members, f"AttnSequencer: no {name} port"
+    text = verilog.convert(EmbeddingHarness(AttnSequencer(cfg, layer.layout, layer.buffer_map)),
+                           name="attn_seq")
+    assert "module attn_seq" in text
+    with pytest.raises(TypeError, match="layout must be an AttnLayout"):
+        AttnSequencer(cfg, None, layer.buffer_map)
 
 
 def test_cli_reports_and_refuses(tmp_path, capsys):

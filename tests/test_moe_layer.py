@@ -321,3 +321,75 @@ def test_w1_shaped_layer_zero_overhead():
     assert rep["bit_exact"], rep["first_mismatch"]
     assert rep["weight_bytes_fetched"] == rep["weight_bytes_minimum"]
     assert rep["within_bound"], (rep["overhead_cycles"], rep["overhead_bound"])
+
+
+@pytest.mark.parametrize("data_bytes", [4, 16, 64])
+def test_router_record_and_gelu_table_from_memory(data_bytes):
+    """The client's own table fetch (the encoder's MOE instruction path): no GELU table through
+    ``load`` and ``c_mult = c_shift = 0`` in ``start``; the client reads each task's router record and
+    the GELU table through its ``mem`` port (the wrapper's third arbiter master). Two tasks back to back
+    with memory and stream stalls, at memory beats narrower than, equal to and wider than a record."""
+    E, k = 5, 2
+    cfg = moe_config(experts=E, top_k=k, dim=D, hidden=H, tokens=9, tasks=2).with_(mem_data_bytes=data_bytes)
+    base = make_moe_workload(E, k, D, H, 9, tasks=2, seed=21, skew=("none", "hot"))
+    runs = []
+    for n, (task, tokens) in enumerate(((1, 9), (0, 7))):
+        data = make_moe_workload(E, k, D, H, tokens, tasks=2, seed=21 + 1000 * (n + 1))
+        runs.append((data["h"], data["x"], task))
+    sim = MoELayerSim(cfg, base["qmoe"], mem_bytes_per_cycle=4, latency=9, stall_prob=0.2, seed=21,
+                      tables_from_memory=True)
+    assert sim.start_fields(1, 9)["c_mult"] == 0 and sim.start_fields(1, 9)["lut_fetch"] == 1
+    _check_runs(sim, runs, sim.run(runs), f"tables from memory, {data_bytes}-byte beats")
+
+
+def _check_model_runs(sim, runs, results, label):
+    """Bit-exact and fetch accounting of runs ``(h, x, task, model)`` of several models on one design."""
+    for n, ((h, x, task, model), res) in enumerate(zip(runs, results)):
+        md = sim.models[model]
+        q, k, lay = md["qmoe"], md["top_k"], md["layout"]
+        multi_gate = len(q.gates) == lay.tasks
+        want, routing = golden_model.moe_layer(x, h, q, task, k, multi_gate=multi_gate)
+        bad = np.argwhere(res["x"] != want)
+        if len(bad):
+            t, c = bad[0]
+            pytest.fail(f"MoELayer {label} run {n} (model {model}, task {task}): x[{t}, {c}] expected "
+                        f"{want[t, c]}, got {res['x'][t, c]} ({len(bad)} mismatches)")
+        active = [int(e) for e in routing["active"]]
+        counts = {e: int(np.sum(routing["experts"] == e)) for e in active}
+        assert res["expert_tokens"] == counts, (
+            f"MoELayer {label} run {n}: expert token counts expected {counts}, got {res['expert_tokens']}")
+        minimum = sum(lay.weight_bytes(e) for e in active)
+        assert res["expert_bytes"] == minimum, (
+            f"MoELayer {label} run {n}: fetched {res['expert_bytes']} expert bytes, minimum {minimum}")
+        assert res["gate_bytes"] == lay.gate_bytes
+        print(f"MoELayer {label} run {n}: model {model} (E={lay.experts} top-{k} h={lay.hidden}, "
+              f"{len(lay.tiles)} tiles), task {task}, T={h.shape[0]}, active {counts}, bit-exact; "
+              f"{res['cycles']} cycles, compute {res['compute_cycles']}")
+
+
+@pytest.mark.parametrize("E, k, small, weight_buffer_bytes, tables_from_memory", [
+    (4, 2, (3, 1, 24), None, False),
+    (4, 2, (3, 1, 24), None, True),
+    (5, 2, (2, 2, 12), 256, False),
+])
+def test_one_design_runs_two_models(E, k, small, weight_buffer_bytes, tables_from_memory):
+    """Run-time model shape: ONE elaborated design (E experts, top-k, D=16, h=32, two tasks) runs its
+    own model and a smaller one (fewer experts: a padded gate; its own k from the start; a narrower
+    expert hidden: its expert plan table fetched at start) back to back, alternating, with memory
+    and stream stalls; every run bit-exact against reference.golden_model.moe_layer with that model's
+    parameters, and each model's active experts fetched exactly once. With a 256-byte weight buffer
+    the design's plan has 8 tiles and the small model's 4 (a padded plan table)."""
+    T = 10
+    cfg = moe_config(experts=E, top_k=k, dim=D, hidden=H, tokens=T, tasks=2,
+                     weight_buffer_bytes=weight_buffer_bytes)
+    big = make_moe_workload(E, k, D, H, T, tasks=2, seed=31)
+    small = make_moe_workload(*small[:2], D, small[2], T, tasks=2, seed=32, skew=("none", "hot"))
+    runs = []
+    for n, (model, task, tokens) in enumerate(((1, 0, 10), (0, 1, 9), (1, 1, 8), (0, 0, 10))):
+        data = make_moe_workload(E, k, D, H, tokens, tasks=2, seed=40 + n)
+        runs.append((data["h"], data["x"], task, model))
+    sim = MoELayerSim(cfg, big["qmoe"], mem_bytes_per_cycle=4, latency=9, stall_prob=0.2, seed=31,
+                      tables_from_memory=tables_from_memory, models=[(small["qmoe"], small["top_k"])])
+    lay = sim.models[1]["layout"]
+    assert lay.hidden < H and lay.gate_cols == E and lay.experts < E
+    _check_model_runs(sim, runs, sim.run(runs), "two models" + (" (tables from memory)" if tables_from_memory else ""))

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from amaranth.back import verilog
 from amaranth.hdl import Module
-from amaranth.lib import wiring
+from amaranth.lib import memory, wiring
 from amaranth.lib.wiring import Out
 from amaranth.sim import Simulator
 
 from m3vit_hw.gemm.epilogue import EpilogueMode as Mode
+from m3vit_hw.gemm.gemm_engine import RowEntryLayout
 from m3vit_hw.moe.expert_layout import pack_moe, plan_moe, start_fields, unpack_params
 from m3vit_hw.lib.mem_arbiter import ReadArbiter
 from m3vit_hw.lib.mem_port import ReadPortSignature
@@ -38,7 +39,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable
 
 
 class _Bench(wiring.Component):
-    """Controller + streamers + buffers + arbiter; router, queues and engine are left to the testbench."""
+    """Controller + streamers + buffers + arbiter + the row table it writes; router, queues and engine
+    are left to the testbench (which reads the row table through ``rowtab``)."""
 
     def __init__(self, cfg):
         db = cfg.mem_data_bytes
@@ -52,20 +54,25 @@ class _Bench(wiring.Component):
         self.ws = WeightStreamer(lay.weight_half_bytes, tag_width=tw, **port)
         self.ps = WeightStreamer(lay.param_half_bytes, tag_width=tw, **port)
         self.arb = ReadArbiter(2, **port)
+        self.rowtab_mem = memory.Memory(shape=RowEntryLayout(cfg), depth=cfg.rowtab_entries, init=[])
         c = self.ctl.signature.members
         super().__init__({
             "start": c["start"], "q": c["q"], "router_cmd": c["router_cmd"],
             "router_drained": c["router_drained"], "gemm": c["gemm"], "gemm_done": c["gemm_done"],
             "pe_beat": c["pe_beat"],
-            "rowtab": c["rowtab"], "done": c["done"], "busy": c["busy"],
+            "rowtab": Out(memory.ReadPort.Signature(addr_width=cfg.rowtab_addr_bits,
+                                                    shape=RowEntryLayout(cfg))),
+            "done": c["done"], "busy": c["busy"],
             "mem": Out(ReadPortSignature(**port)),
             "wfull": Out(1), "pfull": Out(1),
         })
 
     def elaborate(self, platform):
         m = Module()
-        for name in ("ctl", "wbuf", "pbuf", "ws", "ps", "arb"):
+        for name in ("ctl", "wbuf", "pbuf", "ws", "ps", "arb", "rowtab_mem"):
             m.submodules[name] = getattr(self, name)
+        wiring.connect(m, self.ctl.rt_wr, self.rowtab_mem.write_port())
+        wiring.connect(m, wiring.flipped(self.rowtab), self.rowtab_mem.read_port())
         ctl = self.ctl
         wiring.connect(m, self.ws.mem, self.arb.masters[0])
         wiring.connect(m, self.ps.mem, self.arb.masters[1])
@@ -80,7 +87,7 @@ class _Bench(wiring.Component):
         m.d.comb += [self.wfull.eq(self.wbuf.read.tile.valid), self.pfull.eq(self.pbuf.read.tile.valid)]
         for name in ("start", "q"):
             wiring.connect(m, wiring.flipped(getattr(self, name)), getattr(ctl, name))
-        for name in ("router_cmd", "gemm", "rowtab"):
+        for name in ("router_cmd", "gemm"):
             wiring.connect(m, getattr(ctl, name), wiring.flipped(getattr(self, name)))
         m.d.comb += [self.done.eq(ctl.done), self.busy.eq(ctl.busy),
                      ctl.gemm_done.eq(self.gemm_done), ctl.router_drained.eq(self.router_drained),

@@ -1,7 +1,11 @@
-"""Attention on the shared GEMM engine: the external-memory layout and the attention sub-layer."""
+"""Attention on the shared GEMM engine: the external-memory layout, the sequencer (a client of the shared
+datapath) and the standalone attention sub-layer."""
 
 from .attn_layout import AttnLayout, AttnTile, BufferMap, pack_attention, plan_attention, start_fields
-from .attention_layer import AttentionLayer, AttnLoadLayout, AttnLoadTarget, AttnStartLayout, Phase
+from .attn_sequencer import AttnSequencer
+from .attention_layer import (AttentionLayer, AttnLoadLayout, AttnLoadTarget, AttnStartLayout, Phase,
+                              connect_operand_reads)
 
 __all__ = ["AttnLayout", "AttnTile", "BufferMap", "pack_attention", "plan_attention", "start_fields",
-           "AttentionLayer", "AttnLoadLayout", "AttnLoadTarget", "AttnStartLayout", "Phase"]
+           "AttnSequencer", "AttentionLayer", "AttnLoadLayout", "AttnLoadTarget", "AttnStartLayout", "Phase",
+           "connect_operand_reads"]

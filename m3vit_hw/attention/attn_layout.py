@@ -4,7 +4,8 @@ This module is the single source of truth for *where* an attention sub-layer's i
 (:class:`reference.qparams.QAttention`) live in external memory, how they are cut into tiles that each fit
 one half of the double-buffered weight and parameter buffers, and where the sub-layer's operands live in
 the on-chip buffers (:class:`BufferMap`). The packer (:func:`pack_attention`), the
-:class:`~m3vit_hw.attention.attention_layer.AttentionLayer` (which bakes the tile plan into its sequencer),
+:class:`~m3vit_hw.attention.attn_sequencer.AttnSequencer` (which walks the tile plan in hardware from
+the run-time shape, :meth:`AttnLayout.shape_fields`),
 the simulation runner and the tests all read it. Pure Python + numpy.
 
 Heads and padding
@@ -27,7 +28,17 @@ A tile is an N-chunk of one GEMM's weight panels (``K`` words of ``C`` int8 each
 its parameter words (see :mod:`m3vit_hw.moe.expert_layout` for both formats), as many panels as fit one
 half of each buffer. The plan is: head 0's Q|K tiles, head 0's V tiles, head 1's Q|K tiles, ..., then
 the projection's tiles (Q|K and V are separate so that a head's Q|K can be computed while the previous
-head's last AV still reads V).
+head's last AV still reads V). Each part (a head's Q|K, its V, the projection) is split into the fewest
+balanced chunks (:func:`~m3vit_hw.config.balanced_chunks`), so the whole plan is described by the shape
+(D, heads, head_dim) and three ``(panels, extra, chunks)`` triples (:meth:`AttnLayout.shape_fields`).
+
+Run-time shape
+--------------
+The design's buffer map (:func:`buffer_map`) is sized for ``config.model``; :func:`plan_attention` also
+plans any smaller shape (``dim``, ``heads``) that fits it, for the same elaborated design: the row
+pitch of ``h`` and ``x`` (``row_words``), the region bases, the score and e8 slots and the row table
+stay the design's; the head width (``hw``), the context pitch (``heads * hw``), the Q|K|V pitch
+(``3 * hw``), the GEMM sizes and the tile plan follow the run-time shape.
 
 Image
 -----
@@ -39,11 +50,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import check_int
 from ..config import AcceleratorConfig, balanced_chunks
 from ..moe.expert_layout import pack_panels, pack_params
 
 __all__ = ["AttnTile", "AttnLayout", "BufferMap", "plan_attention", "buffer_map", "pack_attention",
-           "start_fields"]
+           "start_fields", "SHAPE_PARTS"]
+
+#: The parts of the tile plan, in plan order within a head (then the projection): each is split into
+#: balanced chunks of whole panels (:func:`~m3vit_hw.config.balanced_chunks`).
+SHAPE_PARTS = ("qk", "v", "proj")
 
 
 def _ceil_div(a, b):
@@ -190,6 +206,19 @@ class AttnLayout:
     param_word_bytes: int
     tiles: tuple
     image_bytes: int
+    chunks: dict = None
+
+    def shape_fields(self):
+        """The ``dims`` start field of :class:`~m3vit_hw.attention.attn_sequencer.AttnStartLayout`
+        for this plan: ``dim``, ``heads``, ``head_dim`` and, per part (``qk``, ``v``, ``proj``), the
+        balanced split of its panels: ``panels`` (the smaller chunk), ``extra`` (how many chunks have
+        one panel more; they come first) and ``chunks``."""
+        out = {"dim": self.dim, "heads": self.heads, "head_dim": self.head_dim}
+        for part in SHAPE_PARTS:
+            sizes = self.chunks[part]
+            out[part] = {"panels": min(sizes), "extra": sum(1 for c in sizes if c > min(sizes)),
+                         "chunks": len(sizes)}
+        return out
 
     @property
     def param_half_bytes(self):
@@ -212,15 +241,29 @@ class AttnLayout:
         return "\n".join(lines)
 
 
-def plan_attention(config):
-    """The tile plan and memory layout of one attention sub-layer for ``config``.
+def plan_attention(config, *, dim=None, heads=None):
+    """The tile plan and memory layout of one attention sub-layer on the design ``config``.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+        The elaborated design: its buffers, PE array and memory beat.
+    dim, heads : int or None
+        A run-time model shape (default: ``config.model``'s). One elaborated
+        :class:`~m3vit_hw.attention.AttentionLayer` runs any shape whose operands fit the design's
+        buffer map (:func:`buffer_map` of ``config``): ``ceil(dim / pe_cols) <= row_words`` (the row
+        pitch of ``h`` and ``x`` stays the design's), a head no wider than the design's
+        (``ceil(head_dim / pe_cols) <= attn_head_words``), a context no wider
+        (``heads * head_words <= model.heads * attn_head_words``), and GEMM sizes within the engine's
+        fields (``largest_k``, ``largest_n``). The tiles are cut for the design's buffer halves.
 
     Raises
     ------
     TypeError, ValueError
-        If ``config`` is not an :class:`AcceleratorConfig`. (The config's validation guarantees that
-        a weight and a parameter half hold one panel of every attention GEMM: the padded projection K
-        is in ``config.gemm_k_list``; pieces are padded to ``config.mem_data_bytes``.)
+        If ``config`` is not an :class:`AcceleratorConfig`, or the shape does not fit (naming the
+        parameter, its value and the limit). (For the design's own shape the config's validation
+        guarantees that a weight and a parameter half hold one panel of every attention GEMM: the
+        padded projection K is in ``config.gemm_k_list``; pieces are padded to ``config.mem_data_bytes``.)
     """
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
@@ -229,12 +272,32 @@ def plan_attention(config):
     C = config.pe_cols
     D, H, hd = m.dim, m.heads, m.head_dim
     hw = config.attn_head_words
+    if dim is not None or heads is not None:
+        D = m.dim if dim is None else dim
+        H = m.heads if heads is None else heads
+        check_int("dim", D, 1, config.row_words * C)
+        check_int("heads", H, 1, D)
+        if D % H:
+            raise ValueError(f"heads must divide dim={D}, not {H}")
+        hd = D // H
+        hw = _ceil_div(hd, C)
+        if hw > config.attn_head_words:
+            raise ValueError(f"head_dim={hd} needs {hw} words a head; the design holds heads of at most "
+                             f"attn_head_words={config.attn_head_words} words ({config.attn_head_words * C} "
+                             f"elements)")
+        if H * hw > m.heads * config.attn_head_words:
+            raise ValueError(f"heads={H} x {hw} words need a context of {H * hw} words a token; the "
+                             f"design's is {m.heads * config.attn_head_words}")
+        for what, k in (("dim (the QKV reduction)", D), ("the projection's reduction", H * hw * C)):
+            if k > config.largest_k:
+                raise ValueError(f"{what} {k} exceeds the engine's largest_k={config.largest_k}")
     word = config.act_word_bytes
     pwb = config.param_word_bytes
     half = config.weight_buffer_half_bytes
     p_half_words = config.param_buffer_words // 2
-    proj_k = config.attn_proj_k
+    proj_k = H * hw * C       # config.attn_proj_k for the design's own shape
     tiles = []
+    chunk_sizes = {}
     offset = 0
     hp = hw * C
     # Each head's Q|K columns and its V columns are separate tiles, so the sequencer can compute the
@@ -244,9 +307,15 @@ def plan_attention(config):
     for kind, part, head, k, c0, c1 in plan:
         panel = k * word
         per_tile = min(half // panel, p_half_words)
-        assert per_tile >= 1, "attn_layout: the config's weight_half_needs must cover every panel"
+        if per_tile < 1:
+            raise ValueError(f"a {kind} panel of K={k} ({panel} B) does not fit a weight_half_bytes="
+                             f"{half} half")
         first = 0
         chunks = balanced_chunks(_ceil_div(c1 - c0, C), per_tile)
+        chunk_sizes[part or "proj"] = chunks
+        if max(chunks) * C > config.largest_n:
+            raise ValueError(f"a {part or 'proj'} tile of {max(chunks) * C} columns exceeds the engine's "
+                             f"largest_n={config.largest_n}")
         for ci, count in enumerate(chunks):
             w_bytes = _round_up(count * panel, data_bytes)
             p_bytes = _round_up(count * pwb, data_bytes)
@@ -259,7 +328,7 @@ def plan_attention(config):
             first += count
     return AttnLayout(dim=D, heads=H, head_dim=hd, hw=hw, pe_cols=C, data_bytes=data_bytes,
                       weight_half_bytes=half, param_half_words=p_half_words, param_word_bytes=pwb,
-                      tiles=tuple(tiles), image_bytes=offset)
+                      tiles=tuple(tiles), image_bytes=offset, chunks=chunk_sizes)
 
 
 def _padded_operands(qattn, layout):
@@ -290,15 +359,21 @@ def _padded_operands(qattn, layout):
     return out
 
 
-def pack_attention(qattn, config):
+def pack_attention(qattn, config, *, heads=None):
     """Lay out one attention sub-layer's integer parameters for external memory.
+
+    ``heads`` (default ``config.model.heads``) with ``qattn``'s D selects a run-time shape
+    (:func:`plan_attention`); by default the shape is ``config.model``'s.
 
     Returns
     -------
     (bytes, AttnLayout)
         The image (offset 0 = the sub-layer's base address) and its layout.
     """
-    layout = plan_attention(config)
+    if heads is None:
+        layout = plan_attention(config)
+    else:
+        layout = plan_attention(config, dim=int(np.asarray(qattn.proj.w).shape[0]), heads=heads)
     ops = _padded_operands(qattn, layout)
     C = layout.pe_cols
     image = bytearray(layout.image_bytes)
@@ -313,10 +388,15 @@ def pack_attention(qattn, config):
     return bytes(image), layout
 
 
-def start_fields(qattn, tokens, *, base=0):
-    """The payload of :attr:`AttentionLayer.start` for ``tokens`` tokens, with the image at ``base``."""
+def start_fields(qattn, tokens, *, base=0, layout=None):
+    """The payload of :attr:`AttentionLayer.start` for ``tokens`` tokens, with the image at ``base``.
+
+    ``layout`` (the :class:`AttnLayout` :func:`pack_attention` returned) fills the run-time ``dims``;
+    without it ``dims`` is all zero, which the sequencer reads as the design's own model."""
+    shape = layout.shape_fields() if layout is not None else {
+        "dim": 0, "heads": 0, "head_dim": 0, **{p: {"panels": 0, "extra": 0, "chunks": 0} for p in SHAPE_PARTS}}
     return {
-        "tokens": tokens, "base": base,
+        "tokens": tokens, "base": base, "dims": shape,
         "c_mult": int(qattn.c_mult), "c_shift": int(qattn.c_shift),
         "out_mult": int(qattn.out_mult), "out_shift": int(qattn.out_shift),
         "qkv_shift": int(qattn.qkv.shift), "proj_shift": int(qattn.proj.shift),

@@ -35,6 +35,9 @@ from amaranth.lib import data, enum
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..checks import check_int as _check_int
+# Bytes of one task's router record (``MOE.router_addr``): defined with the MoE layer's memory layout
+# (moe.expert_layout), which the MoE client's record fetch reads; re-exported here for the compiler.
+from ..moe.expert_layout import ROUTER_RECORD_BYTES
 
 __all__ = ["Opcode", "Field", "InstructionSet", "OPCODE_BITS", "HEADER_BITS", "ROUTER_RECORD_BYTES",
            "OPCODE_DOC", "main"]
@@ -43,10 +46,6 @@ __all__ = ["Opcode", "Field", "InstructionSet", "OPCODE_BITS", "HEADER_BITS", "R
 OPCODE_BITS = 4
 #: Opcode + the ``wait`` flag.
 HEADER_BITS = OPCODE_BITS + 1
-#: Bytes of one task's router record (``MOE.router_addr``): the router softmax's ``c_mult`` (uint16 LE,
-#: bytes 0-1) and ``c_shift`` (byte 2), rest zero. Per task because a multi-gate model has one router
-#: softmax scale per task's gate; one memory beat, so a record is one fetch.
-ROUTER_RECORD_BYTES = 16
 
 
 #: One line per opcode, for the documentation.

@@ -58,13 +58,11 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmEngine
-from ..lib.mem_arbiter import ReadArbiter
 from ..lib.mem_port import ReadPortSignature
-from ..moe.weight_buffer import WeightBuffer
-from ..moe.weight_streamer import WeightStreamer
 from .client import GemmClientSignature, connect_client, connect_weight_reads
 from .patch_loader import BurstRequester
 from .dense_layout import dense_buffer_map, plan_dense
+from .weight_path import WeightPath
 
 __all__ = ["DenseLayer", "DenseSequencer", "DenseStartLayout", "DenseLoadLayout", "DenseLoadTarget", "DensePhase"]
 
@@ -163,13 +161,12 @@ class DenseLayer(wiring.Component):
         C = config.pe_cols
         db = config.mem_data_bytes
         port = dict(addr_width=config.mem_addr_width, data_bytes=db, max_burst=config.mem_max_burst)
-        tags = dict(tag_width=config.tile_tag_width)
-        self.arbiter = ReadArbiter(3, **port, depth=config.arbiter_depth)
         self.engine = GemmEngine(config)
-        self.wbuf = WeightBuffer(lay.weight_half_bytes, config.act_word_bytes, write_bytes=db, **tags)
-        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=db, **tags)
-        self.wstream = WeightStreamer(lay.weight_half_bytes, **port, **tags)
-        self.pstream = WeightStreamer(lay.param_half_bytes, **port, **tags)
+        self.weights = WeightPath(config, weight_half_bytes=lay.weight_half_bytes,
+                                  param_half_bytes=lay.param_half_bytes, param_word_bytes=lay.param_word_bytes,
+                                  readers=1)
+        for name in ("arbiter", "wbuf", "pbuf", "wstream", "pstream"):
+            setattr(self, name, getattr(self.weights, name))
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The buffers, owned here (exposed for testbenches and for the shared datapath to take over).
@@ -209,16 +206,12 @@ class DenseLayer(wiring.Component):
         cfg = self._config
         C = cfg.pe_cols
         eng, seq = self.engine, self.sequencer
-        for name in ("engine", "sequencer", "wbuf", "pbuf", "wstream", "pstream", "arbiter"):
+        for name in ("engine", "sequencer"):
             m.submodules[name] = getattr(self, name)
 
-        # ---- external memory ---------------------------------------------------------------------
-        wiring.connect(m, self.wstream.mem, self.arbiter.masters[0])
-        wiring.connect(m, self.pstream.mem, self.arbiter.masters[1])
-        wiring.connect(m, seq.lut_mem, self.arbiter.masters[2])
-        wiring.connect(m, self.arbiter.mem, wiring.flipped(self.mem))
-        wiring.connect(m, self.wstream.buf, self.wbuf.write)
-        wiring.connect(m, self.pstream.buf, self.pbuf.write)
+        # ---- external memory: the weight path and the GELU table reader --------------------------
+        self.weights.add_to(m, self.mem)
+        wiring.connect(m, seq.lut_mem, self.weights.readers[0])
 
         # ---- buffers -----------------------------------------------------------------------------
         m.submodules.act = act = self.act_buffer

@@ -26,14 +26,12 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.gemm_engine import GemmEngine
-from ..lib.mem_arbiter import ReadArbiter
 from ..lib.mem_port import ReadPortSignature
-from ..moe.weight_buffer import WeightBuffer
-from ..moe.weight_streamer import WeightStreamer
 from .client import connect_client, connect_weight_reads
 from .dense_layer import DenseLoadLayout, DenseLoadTarget, DenseSequencer
 from .dense_layout import dense_buffer_map, plan_dense
 from .norm_stage import NormStage
+from .weight_path import WeightPath
 
 __all__ = ["NormMlp", "NormMlpStartLayout"]
 
@@ -90,14 +88,13 @@ class NormMlp(wiring.Component):
         C = config.pe_cols
         db = config.mem_data_bytes
         mport = dict(addr_width=config.mem_addr_width, data_bytes=db, max_burst=config.mem_max_burst)
-        tags = dict(tag_width=config.tile_tag_width)
         self.norm = NormStage(config)
         self.engine = GemmEngine(config)
-        self.arbiter = ReadArbiter(4, **mport, depth=config.arbiter_depth)
-        self.wbuf = WeightBuffer(lay.weight_half_bytes, config.act_word_bytes, write_bytes=db, **tags)
-        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=db, **tags)
-        self.wstream = WeightStreamer(lay.weight_half_bytes, **mport, **tags)
-        self.pstream = WeightStreamer(lay.param_half_bytes, **mport, **tags)
+        self.weights = WeightPath(config, weight_half_bytes=lay.weight_half_bytes,
+                                  param_half_bytes=lay.param_half_bytes, param_word_bytes=lay.param_word_bytes,
+                                  readers=2)
+        for name in ("arbiter", "wbuf", "pbuf", "wstream", "pstream"):
+            setattr(self, name, getattr(self.weights, name))
         self.mlp = DenseSequencer(config, lay, bm)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
@@ -132,15 +129,11 @@ class NormMlp(wiring.Component):
         cfg, bm = self._config, self._bmap
         C = cfg.pe_cols
         eng, nrm, mlp = self.engine, self.norm, self.mlp
-        for name in ("engine", "norm", "mlp", "wbuf", "pbuf", "wstream", "pstream", "arbiter"):
+        for name in ("engine", "norm", "mlp"):
             m.submodules[name] = getattr(self, name)
-        wiring.connect(m, self.wstream.mem, self.arbiter.masters[0])
-        wiring.connect(m, self.pstream.mem, self.arbiter.masters[1])
-        wiring.connect(m, nrm.mem, self.arbiter.masters[2])
-        wiring.connect(m, mlp.lut_mem, self.arbiter.masters[3])
-        wiring.connect(m, self.arbiter.mem, wiring.flipped(self.mem))
-        wiring.connect(m, self.wstream.buf, self.wbuf.write)
-        wiring.connect(m, self.pstream.buf, self.pbuf.write)
+        self.weights.add_to(m, self.mem)
+        wiring.connect(m, nrm.mem, self.weights.readers[0])
+        wiring.connect(m, mlp.lut_mem, self.weights.readers[1])
         m.submodules.act = act = self.act_buffer
         m.submodules.res = res = self.res_buffer
         wiring.connect(m, eng.a_rd, act.read_port())

@@ -44,13 +44,11 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmEngine
-from ..lib.mem_arbiter import ReadArbiter
 from ..lib.mem_port import ReadPortSignature
-from ..moe.weight_buffer import WeightBuffer
-from ..moe.weight_streamer import WeightStreamer
 from .embed_layout import embed_buffer_map, plan_embed
 from .client import GemmClientSignature, connect_client, connect_weight_reads
 from .patch_loader import BurstRequester, PatchLoader, PatchLoadLayout
+from .weight_path import WeightPath
 
 __all__ = ["PatchEmbed", "EmbedSequencer", "EmbedStartLayout"]
 
@@ -118,14 +116,13 @@ class PatchEmbed(wiring.Component):
         lay = self._layout
         C = config.pe_cols
         mport = dict(addr_width=config.mem_addr_width, data_bytes=db, max_burst=config.mem_max_burst)
-        tags = dict(tag_width=config.tile_tag_width)
         self.loader = PatchLoader(config)
-        self.arbiter = ReadArbiter(4, **mport, depth=config.arbiter_depth)
         self.engine = GemmEngine(config)
-        self.wbuf = WeightBuffer(lay.weight_half_bytes, config.act_word_bytes, write_bytes=db, **tags)
-        self.pbuf = WeightBuffer(lay.param_half_bytes, lay.param_word_bytes, write_bytes=db, **tags)
-        self.wstream = WeightStreamer(lay.weight_half_bytes, **mport, **tags)
-        self.pstream = WeightStreamer(lay.param_half_bytes, **mport, **tags)
+        self.weights = WeightPath(config, weight_half_bytes=lay.weight_half_bytes,
+                                  param_half_bytes=lay.param_half_bytes, param_word_bytes=lay.param_word_bytes,
+                                  readers=2)
+        for name in ("arbiter", "wbuf", "pbuf", "wstream", "pstream"):
+            setattr(self, name, getattr(self.weights, name))
         self.sequencer = EmbedSequencer(config, lay, self._bmap)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
@@ -160,18 +157,13 @@ class PatchEmbed(wiring.Component):
         cfg = self._config
         C = cfg.pe_cols
         eng, ld, seq = self.engine, self.loader, self.sequencer
-        for name in ("engine", "loader", "sequencer", "wbuf", "pbuf", "wstream", "pstream", "arbiter"):
+        for name in ("engine", "loader", "sequencer"):
             m.submodules[name] = getattr(self, name)
 
         # ---- external memory: weights, parameters, image, residual initialisation ----------------
-        arb = self.arbiter
-        wiring.connect(m, self.wstream.mem, arb.masters[0])
-        wiring.connect(m, self.pstream.mem, arb.masters[1])
-        wiring.connect(m, ld.mem, arb.masters[2])
-        wiring.connect(m, seq.init_mem, arb.masters[3])
-        wiring.connect(m, arb.mem, wiring.flipped(self.mem))
-        wiring.connect(m, self.wstream.buf, self.wbuf.write)
-        wiring.connect(m, self.pstream.buf, self.pbuf.write)
+        self.weights.add_to(m, self.mem)
+        wiring.connect(m, ld.mem, self.weights.readers[0])
+        wiring.connect(m, seq.init_mem, self.weights.readers[1])
 
         # ---- buffers -----------------------------------------------------------------------------
         m.submodules.act = act = self.act_buffer

@@ -23,7 +23,7 @@ from amaranth.lib.wiring import In, Out
 __all__ = ["mux_interfaces"]
 
 
-def mux_interfaces(m, sel, sources, name=None):
+def mux_interfaces(m, sel, sources, name=None, *, driven=()):
     """Multiplex ``sources`` (interfaces of one signature) onto a new interface of that signature.
 
     Parameters
@@ -36,6 +36,11 @@ def mux_interfaces(m, sel, sources, name=None):
         Same signature (as seen from each source's owner: e.g. every client's ``client`` member).
     name : str or None
         Prefix of the returned interface's signals.
+    driven : iterable of str
+        Members (top-level names) whose every leaf the sources *drive* whatever their declared flow:
+        a memory write port declared ``Out(memory.WritePort.Signature(...))`` on its writer (as
+        :class:`~m3vit_hw.dense.client.GemmClientSignature` declares ``gelu_lut``) has ``In`` leaves
+        although the writer drives them.
 
     Returns
     -------
@@ -58,8 +63,9 @@ def mux_interfaces(m, sel, sources, name=None):
     target = sig.create(path=(name,) if name else None)
     flat_t = {path: val for path, _, val in sig.flatten(target)}
     flows = [{path: (flow, val) for path, flow, val in sig.flatten(src)} for src in sources]
+    driven = set(driven)
     for path, tval in flat_t.items():
-        flow = flows[0][path][0]
+        flow = Out if path[0] in driven else flows[0][path][0].flow
         vals = [f[path][1] for f in flows]
         if flow == Out:
             with m.Switch(sel):

@@ -52,6 +52,21 @@ from .store import StoreDma
 __all__ = ["EncoderTop"]
 
 
+def _connect_client(m, cl, port):
+    """``wiring.connect`` of a client port, except ``gelu_lut`` (declared ``Out(WritePort.Signature)``,
+    so its leaves flow ``In`` although the client drives them: copied by hand, as ``connect_client``
+    does)."""
+    sig = cl.signature
+    for path, member, val in sig.flatten(cl):
+        other = port
+        for p in path:
+            other = getattr(other, p) if isinstance(p, str) else other[p]
+        if path[0] == "gelu_lut" or member.flow == Out:
+            m.d.comb += other.eq(val)
+        else:
+            m.d.comb += val.eq(other)
+
+
 class _NullSink(wiring.Component):
     """Takes the engine's result stream when no RAW consumer owns the datapath."""
 
@@ -208,8 +223,8 @@ class EncoderTop(wiring.Component):
         for i, (op, _) in enumerate(clients):
             with m.If(active == op):
                 m.d.comb += csel.eq(i)
-        cl = mux_interfaces(m, csel, [c for _, c in clients], name="client")
-        wiring.connect(m, cl, dp.client)
+        cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",))
+        _connect_client(m, cl, dp.client)
         # The engine's result stream: no RAW consumer yet but the null sink.
         osel = Signal()
         o = mux_interfaces(m, osel, [null.o], name="o")

@@ -3,11 +3,12 @@ controller that streams active experts through a fixed weight double buffer, and
 
 from .expert_queues import ExpertQueues
 from .moe_layer import MoELayer
+from .moe_sequencer import MoEParamSignature, MoESequencer
 from .reorder_controller import ReorderController
 from .router import Router
 from .topk import TopK
 from .weight_buffer import WeightBuffer
 from .weight_streamer import WeightStreamer
 
-__all__ = ["ExpertQueues", "MoELayer", "ReorderController", "Router", "TopK", "WeightBuffer",
+__all__ = ["ExpertQueues", "MoELayer", "MoEParamSignature", "MoESequencer", "ReorderController", "Router", "TopK", "WeightBuffer",
            "WeightStreamer"]

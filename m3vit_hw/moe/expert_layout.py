@@ -50,15 +50,30 @@ import numpy as np
 
 from .. import numerics
 # The parameter-word format is a size the config validates buffers with: defined there, used here.
-from ..config import PARAM_LANE_BYTES, AcceleratorConfig, param_word_bytes
+from ..checks import check_int
+from ..config import PARAM_LANE_BYTES, AcceleratorConfig, balanced_chunks, param_word_bytes
 
 __all__ = [
-    "PARAM_LANE_BYTES", "param_word_bytes", "Tile", "MoELayout", "plan_moe", "pack_moe",
+    "PARAM_LANE_BYTES", "param_word_bytes", "ROUTER_RECORD_BYTES", "LUT_BYTES", "pack_router_record",
+    "PAD_LOGIT", "PLAN_ENTRY_BYTES", "PLAN_FIELDS", "plan_entries", "pack_plan", "Tile", "MoELayout", "plan_moe", "pack_moe",
     "pack_panels", "pack_params", "unpack_params", "start_fields",
 ]
 
 #: Byte offset of ``mult`` within a lane.
 _MULT_OFFSET = 4
+
+#: Bytes of one task's router record: the router softmax's ``c_mult`` (uint16 little-endian, bytes
+#: 0-1) and ``c_shift`` (byte 2), the rest zero. Per task because a multi-gate model has one router
+#: softmax scale per gate. The MoE client fetches task ``t``'s record from ``router_addr + t *
+#: ROUTER_RECORD_BYTES`` when its start asks for it (the ISA's ``MOE.router_addr``).
+ROUTER_RECORD_BYTES = 16
+
+#: Task bias of a padded gate column (:func:`plan_moe` with fewer experts than the design): with zero
+#: gate weights its logit is the int32 minimum, so its softmax exponent is 0 and top-k never picks it.
+PAD_LOGIT = -(1 << (numerics.BIAS_BITS - 1))
+
+#: Bytes of a GELU table in external memory: entry ``i`` (the int8 input ``i - 128``) at byte ``i``.
+LUT_BYTES = 1 << numerics.ACT_BITS
 
 
 def _ceil_div(a, b):
@@ -133,6 +148,14 @@ class MoELayout:
     gate_stride: int
     experts_offset: int
     image_bytes: int
+    #: Columns of the packed gate (the design's E when a smaller model runs on it: its gate is padded,
+    #: see :func:`plan_moe`); ``None`` = ``experts``.
+    gate_columns: int = None
+
+    @property
+    def gate_cols(self):
+        """Columns of the gate record: ``gate_columns``, or ``experts``."""
+        return self.experts if self.gate_columns is None else self.gate_columns
 
     @property
     def param_half_bytes(self):
@@ -184,8 +207,17 @@ class MoELayout:
         return "\n".join(lines)
 
 
-def plan_moe(config):
+def plan_moe(config, *, hidden=None, experts=None, tasks=None):
     """The tile plan and memory layout of one MoE layer for ``config``.
+
+    With ``hidden``, ``experts`` or ``tasks`` (each at most the config's model's; default: the
+    model's): the layout of a *smaller* MoE layer run on the design elaborated for ``config``
+    (:class:`~m3vit_hw.moe.moe_sequencer.MoESequencer`'s run-time shape). ``D`` stays the config's.
+    Its expert tiles are planned for ``hidden`` on the design's buffer halves (they reach the
+    hardware as a plan table, :func:`pack_plan`), its expert region holds ``experts`` experts, and
+    its gate keeps the design's ``model.experts`` columns (``gate_columns``): :func:`pack_moe` pads
+    the gate with zero columns whose task bias is :data:`PAD_LOGIT`, so the design's gate chunks and
+    router serve it unchanged and the padded experts get probability 0 and are never selected.
 
     Parameters
     ----------
@@ -206,6 +238,14 @@ def plan_moe(config):
     m = config.model
     C = config.pe_cols
     D, h, E = m.dim, m.expert_hidden, m.experts
+    runtime = (hidden, experts, tasks) != (None, None, None)
+    if hidden is not None:
+        check_int("hidden", hidden, 1, m.expert_hidden)
+        h = hidden
+    if experts is not None:
+        check_int("experts", experts, 1, m.experts)
+    if tasks is not None:
+        check_int("tasks", tasks, 1, m.num_tasks)
     data_bytes = config.mem_data_bytes
     word = config.act_word_bytes
     pwb = config.param_word_bytes
@@ -229,19 +269,87 @@ def plan_moe(config):
                 first += count
         return tuple(tiles), offset
 
-    tiles, expert_stride = chunks(config.moe_tile_chunks)
+    if runtime:
+        # The design's chunking rule (config.moe_tile_chunks) for the smaller hidden width.
+        tile_plan = tuple((kind, k, n, balanced_chunks(_ceil_div(n, C), config.moe_panels_per_tile(k)))
+                          for kind, k, n in (("fc1", D, h), ("fc2", h, D)))
+    else:
+        tile_plan = config.moe_tile_chunks
+    tiles, expert_stride = chunks(tile_plan)
     gate_tiles, gate_stride = chunks((("gate", D, E, config.gate_chunks),))
-    tasks = m.num_tasks
+    n_experts = E if experts is None else experts
+    tasks = m.num_tasks if tasks is None else tasks
     experts_offset = _round_up(tasks * gate_stride, data_bytes)
     layout = MoELayout(
-        dim=D, hidden=h, experts=E, tasks=tasks, pe_cols=C, data_bytes=data_bytes,
+        dim=D, hidden=h, experts=n_experts, tasks=tasks, pe_cols=C, data_bytes=data_bytes,
         weight_half_bytes=half, param_half_words=config.param_buffer_words // 2, param_word_bytes=pwb,
         tiles=tiles, expert_stride=expert_stride, gate_panels=config.gate_panels,
         gate_tiles=gate_tiles, gate_offset=0, gate_stride=gate_stride,
-        experts_offset=experts_offset, image_bytes=experts_offset + E * expert_stride)
-    # The config validated the address width against its own count of the image.
-    assert layout.image_bytes == config.moe_image_bytes, (layout.image_bytes, config.moe_image_bytes)
+        experts_offset=experts_offset, image_bytes=experts_offset + n_experts * expert_stride,
+        gate_columns=E if runtime else None)
+    if not runtime:
+        # The config validated the address width against its own count of the image.
+        assert layout.image_bytes == config.moe_image_bytes, (layout.image_bytes, config.moe_image_bytes)
+        return layout
+    design = plan_moe(config)
+    if len(tiles) > len(design.tiles):
+        raise ValueError(f"hidden={h} needs {len(tiles)} expert tiles on this design, which holds a "
+                         f"plan of at most {len(design.tiles)} (its hidden={m.expert_hidden})")
+    if layout.image_bytes >= 1 << config.mem_addr_width:
+        raise ValueError(f"mem_addr_width={config.mem_addr_width} cannot address the "
+                         f"{layout.image_bytes}-byte MoE image")
     return layout
+
+
+#: Bytes of one entry of an expert plan table (:func:`pack_plan`).
+PLAN_ENTRY_BYTES = 32
+
+#: The plan-table entry: ``name -> (byte offset, bytes)``, little-endian unsigned fields; ``flags``
+#: bit 0 = fc2, bit 1 = the expert's first fc2 tile, bit 2 = the expert's last tile. ``nk`` =
+#: ``ceil(n / pe_cols) * k`` (PE beats per row tile), ``w_last`` = reduction steps in the last block
+#: of ``pe_cols`` steps, ``n0w`` = ``n0 / pe_cols``. Offsets are relative to the expert's base.
+PLAN_FIELDS = {
+    "w_off": (0, 4), "w_len": (4, 4), "p_off": (8, 4), "p_len": (12, 4),
+    "n": (16, 2), "n0w": (18, 2), "nk": (20, 4), "k": (24, 2), "w_last": (26, 1), "flags": (27, 1),
+}
+
+
+def plan_entries(layout):
+    """The plan table's entries of ``layout`` (a list of ``{field: value}``, see :data:`PLAN_FIELDS`)."""
+    C = layout.pe_cols
+    first_fc2 = next((t.index for t in layout.tiles if t.kind == "fc2"), None)
+    out = []
+    for t in layout.tiles:
+        flags = (t.kind == "fc2") | (t.index == first_fc2) << 1 | (t.index == len(layout.tiles) - 1) << 2
+        out.append({"w_off": t.w_offset, "w_len": t.w_bytes, "p_off": t.p_offset, "p_len": t.p_bytes,
+                    "n": t.n, "n0w": t.n0 // C, "nk": _ceil_div(t.n, C) * t.k, "k": t.k,
+                    "w_last": t.k - C * ((t.k - 1) // C), "flags": flags})
+    return out
+
+
+def pack_plan(layout, config):
+    """The expert plan table of ``layout`` for external memory: one :data:`PLAN_ENTRY_BYTES` entry per
+    tile, in plan order, padded with zero entries to the design's plan length (``len(plan_moe(config)
+    .tiles)``: the MoE client fetches exactly that many when its start sets ``plan_fetch``).
+
+    Raises
+    ------
+    ValueError
+        If a field does not fit its bytes, or the plan is longer than the design's.
+    """
+    entries = len(plan_moe(config).tiles)
+    if len(layout.tiles) > entries:
+        raise ValueError(f"the plan has {len(layout.tiles)} tiles; this design holds at most {entries}")
+    out = bytearray()
+    for e in plan_entries(layout):
+        entry = bytearray(PLAN_ENTRY_BYTES)
+        for name, (at, size) in PLAN_FIELDS.items():
+            v = int(e[name])
+            if not 0 <= v < 1 << (8 * size):
+                raise ValueError(f"plan entry field {name} = {v} does not fit {size} bytes")
+            entry[at:at + size] = v.to_bytes(size, "little")
+        out += entry
+    return bytes(out) + bytes((entries - len(layout.tiles)) * PLAN_ENTRY_BYTES)
 
 
 def pack_panels(b, pe_cols):
@@ -301,7 +409,23 @@ def _gate_index(qmoe, task):
     return task if len(qmoe.gates) > 1 else 0
 
 
-def pack_moe(qmoe, config):
+def _check_padding(qmoe, task, D, task_bias):
+    """A padded gate column must get softmax exponent 0 exactly (``golden.softmax_exp``): the distance
+    from the row maximum (at least ``-PAD_LOGIT - max|real logit|``) scaled by the task's router
+    ``c_mult / 2**c_shift`` must reach ``EXP_ZERO_INT``."""
+    g = _gate_index(qmoe, task)
+    c_mult, c_shift = int(qmoe.router_c_mult[g]), int(qmoe.router_c_shift[g])
+    lo, _ = numerics.int_range(numerics.ACT_BITS)
+    wlo, _ = numerics.int_range(numerics.WEIGHT_BITS)
+    real = D * lo * wlo + int(np.max(np.abs(task_bias))) if len(task_bias) else D * lo * wlo
+    gap = -PAD_LOGIT - real
+    if gap <= 0 or (gap * c_mult) >> c_shift < numerics.EXP_ZERO_INT << numerics.EXP_FRAC_BITS:
+        raise ValueError(f"task {task}: the router scale c_mult={c_mult}, c_shift={c_shift} is too small "
+                         f"for a padded gate (a padded expert would get a non-zero probability); run "
+                         f"this model on a design with experts={len(task_bias)}")
+
+
+def pack_moe(qmoe, config, *, layout=None):
     """Lay out one MoE layer's integer parameters for external memory.
 
     Parameters
@@ -310,14 +434,26 @@ def pack_moe(qmoe, config):
         Gates (one per task, or one shared), ``task_bias`` [tasks, E], fc1/fc2 of every expert.
     config : AcceleratorConfig
         Its ``mem_data_bytes`` is the memory beat every piece is aligned to.
+    layout : MoELayout or None
+        Default ``plan_moe(config)``. A run-time layout (``plan_moe(config, hidden=, experts=,
+        tasks=)``) packs a smaller model for the design: its gate padded to ``layout.gate_cols``
+        columns (zero weights, task bias :data:`PAD_LOGIT`).
 
     Returns
     -------
     (bytes, MoELayout)
         The image (offset 0 = the layer's base address) and its layout.
+
+    Raises
+    ------
+    ValueError
+        On parameters of the wrong shape, or a router scale too small for a padded gate.
     """
-    layout = plan_moe(config)
+    layout = plan_moe(config) if layout is None else layout
+    if not isinstance(layout, MoELayout):
+        raise TypeError(f"layout must be a MoELayout, not {layout!r}")
     C, D, h, E = layout.pe_cols, layout.dim, layout.hidden, layout.experts
+    G = layout.gate_cols
     w1 = np.asarray(qmoe.fc1.w)
     w2 = np.asarray(qmoe.fc2.w)
     if w1.shape != (E, h, D) or w2.shape != (E, D, h):
@@ -331,12 +467,17 @@ def pack_moe(qmoe, config):
         gate = np.asarray(qmoe.gates[_gate_index(qmoe, t)])
         if gate.shape != (D, E):
             raise ValueError(f"gate of task {t} must have shape ({D}, {E}), not {gate.shape}")
+        bias = task_bias[t]
+        if G > E:
+            _check_padding(qmoe, t, D, bias)
+            gate = np.concatenate([gate, np.zeros((D, G - E), dtype=gate.dtype)], axis=1)
+            bias = np.concatenate([bias, np.full(G - E, PAD_LOGIT, dtype=np.int64)])
         at = layout.gate_record_offset(t)
         for tile in layout.gate_tiles:
             cols = slice(tile.n0, tile.n0 + tile.n)
             _place(image, at + tile.w_offset, pack_panels(gate[:, cols], C), tile.w_bytes)
             _place(image, at + tile.p_offset,
-                   pack_params(task_bias[t][cols], np.zeros(tile.n, dtype=np.int64), C), tile.p_bytes)
+                   pack_params(bias[cols], np.zeros(tile.n, dtype=np.int64), C), tile.p_bytes)
     for e in range(E):
         base = layout.expert_offset(e)
         for tile in layout.tiles:
@@ -349,14 +490,38 @@ def pack_moe(qmoe, config):
     return bytes(image), layout
 
 
-def start_fields(qmoe, task, tokens, layout, *, base=0):
+def pack_router_record(c_mult, c_shift):
+    """One task's router record (:data:`ROUTER_RECORD_BYTES` bytes, see there).
+
+    Raises
+    ------
+    ValueError
+        If ``c_mult`` or ``c_shift`` does not fit its field.
+    """
+    if not 0 <= int(c_mult) < 1 << numerics.SOFTMAX_MULT_BITS:
+        raise ValueError(f"c_mult must be in [0, {(1 << numerics.SOFTMAX_MULT_BITS) - 1}], not {c_mult}")
+    if not 0 <= int(c_shift) <= 0xFF:
+        raise ValueError(f"c_shift must be in [0, 255], not {c_shift}")
+    return (int(c_mult).to_bytes(2, "little") + bytes([int(c_shift)])).ljust(ROUTER_RECORD_BYTES, b"\0")
+
+
+def start_fields(qmoe, task, tokens, layout, *, base=0, top_k=None, plan_addr=None):
     """The payload of :attr:`MoELayer.start` for running ``task`` on ``tokens`` tokens.
 
-    ``base`` is the external byte address where the :func:`pack_moe` image was placed.
+    ``base`` is the external byte address where the :func:`pack_moe` image was placed. For a run-time
+    shape (a smaller model on the design, ``layout`` from ``plan_moe(config, hidden=, ...)``) give the
+    model's ``top_k`` and the external address of its :func:`pack_plan` table (``plan_addr``).
     """
     layout.gate_record_offset(task)
     g = _gate_index(qmoe, task)
-    return {
+    extra = {}
+    if top_k is not None:
+        check_int("top_k", top_k, 1, layout.experts)
+        extra["top_k"] = top_k
+    if plan_addr is not None:
+        check_int("plan_addr", plan_addr, 0)
+        extra.update(plan_fetch=1, plan_addr=plan_addr, expert_stride=layout.expert_stride)
+    return {**extra, 
         "task": task, "tokens": tokens,
         "gate_base": base + layout.gate_offset, "expert_base": base + layout.experts_offset,
         "c_mult": int(qmoe.router_c_mult[g]), "c_shift": int(qmoe.router_c_shift[g]),

@@ -54,6 +54,10 @@ class ExpertQueues(wiring.Component):
         ``header``: 1; ``expert``: ``unsigned(expert_id_width(E))``; ``count``:
         ``range(token_capacity + 1)``; ``token``: ``unsigned(index_bits(token_capacity))``;
         ``weight``: ``unsigned(weight_width)``; ``last``: 1.
+    k : ``In(range(1, top_k + 1), init=top_k)``
+        The layer's k, in ``[1, top_k]`` (held while a layer is in the unit): only each token's first
+        ``k`` ids and weights are queued (the router's top-k list is best first, so its first ``k``
+        entries are the layer's top-k). Left unconnected it is ``top_k``.
     overflow : ``Out(1)``
         Sticky (until reset): a layer had more than ``token_capacity`` tokens. The token that filled the
         capacity was treated as the layer's last; later beats are taken as the next layer.
@@ -99,6 +103,8 @@ class ExpertQueues(wiring.Component):
                 "last": unsigned(1),
             }))),
             "overflow": Out(1),
+            # Run-time k (the MoE client sets it from its start; unconnected it stays ``top_k``).
+            "k": In(range(1, top_k + 1), init=top_k),
         })
 
     @classmethod
@@ -184,7 +190,7 @@ class ExpertQueues(wiring.Component):
                 ]
                 with m.If(self.i.valid):
                     for e in range(E):
-                        hits = sum(self.i.p.experts[jj] == e for jj in range(k))
+                        hits = sum((self.i.p.experts[jj] == e) & (jj < self.k) for jj in range(k))
                         m.d.sync += counts[e].eq(counts[e] + hits)
                     m.d.sync += ntok.eq(ntok + 1)
                     full = ntok == cap - 1
@@ -212,7 +218,7 @@ class ExpertQueues(wiring.Component):
                     q_wr.en.eq(1),
                 ]
                 m.d.sync += wptr[e].eq(wptr[e] + 1)
-                with m.If(j == k - 1):
+                with m.If(j == self.k - 1):
                     m.d.comb += [tok_rd.addr.eq(t + 1), tok_rd.en.eq(1)]
                     m.d.sync += [j.eq(0), t.eq(t + 1)]
                     with m.If(t == ntok - 1):

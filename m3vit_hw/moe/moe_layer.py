@@ -18,8 +18,19 @@ stream). The layer is built from the project's units:
   multiplier words, ``config.param_buffer_words``), each filled by a
   :class:`~m3vit_hw.moe.weight_streamer.WeightStreamer`; the streamers share the external-memory port
   through a :class:`~m3vit_hw.lib.mem_arbiter.ReadArbiter`;
-* the activation buffer (``h`` rows at word 0, the hidden region after ``token_capacity`` rows) and
-  the residual buffer (``x``), both sized by the config.
+* the activation buffer (``h`` rows at word 0, the hidden region after ``token_capacity`` rows), the
+  residual buffer (``x``) and the row table, sized by the config.
+
+Structure
+---------
+Everything that is control (router, queues, controller, table fetch, counters) is one
+:class:`~m3vit_hw.moe.moe_sequencer.MoESequencer`, a client of the datapath: it owns no engine, buffer
+or row table. This class is the standalone wrapper = the datapath pieces (engine, act/res buffers,
+row table, weight and parameter buffers, streamers, a three-master arbiter) + that client, wired as
+the encoder's shared datapath wires it; ``controller``, ``router`` and ``queues`` are the client's
+units (for testbenches). The start may also ask the client to fetch the router record, the GELU table
+and a run-time expert plan itself (:class:`~m3vit_hw.moe.reorder_controller.LayerStartLayout`), so
+one elaborated layer runs smaller models too (see the sequencer's *Run-time model shape*).
 
 Use
 ---
@@ -32,25 +43,23 @@ Use
 Counters (reset by ``start``, valid after ``done``): ``cycles`` (start accepted .. done),
 ``compute_cycles`` (cycles in which the PE array accepted an operand beat, i.e. did ``pe_rows x
 pe_cols`` MACs: derived from the engine's PE array input handshake), ``expert_bytes`` and
-``gate_bytes`` (bytes written into the two buffers by the streamers, split by the piece they
-belonged to).
+``gate_bytes`` (bytes of the expert and gate pieces commanded to the streamers, each fetched exactly
+once before ``done``: the bytes written into the two buffers).
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
+from ..dense.client import connect_client
+from ..dense.weight_path import WeightPath
 from .expert_layout import PARAM_LANE_BYTES, plan_moe
-from .expert_queues import ExpertQueues
-from ..gemm.gemm_engine import GemmEngine
-from ..lib.mem_arbiter import ReadArbiter
+from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
 from ..lib.mem_port import ReadPortSignature
-from .reorder_controller import GATE_TAG, LayerStartLayout, ReorderController
-from .router import Router
-from .weight_buffer import WeightBuffer
-from .weight_streamer import WeightStreamer
+from .moe_sequencer import MoESequencer
+from .reorder_controller import LayerStartLayout
 
 __all__ = ["MoELayer", "LoadTarget", "LoadLayout"]
 
@@ -125,26 +134,30 @@ class MoELayer(wiring.Component):
         layout = plan_moe(config)
         self._config = config
         self._layout = layout
-        self._db = config.mem_data_bytes
         C = config.pe_cols
-        self.controller = ReorderController(config, layout)
-        self.arbiter = ReadArbiter(2, addr_width=config.mem_addr_width,
-                                   data_bytes=config.mem_data_bytes,
-                                   max_burst=config.mem_max_burst, depth=config.arbiter_depth)
+        #: The MoE client (router, queues, controller, table fetch, counters): what the encoder's
+        #: shared datapath runs; the rest of this class is the datapath.
+        self.sequencer = MoESequencer(config)
+        # The client's units, under their old names (testbenches and monitors reach into them).
+        self.controller = self.sequencer.controller
+        self.router = self.sequencer.router
+        self.queues = self.sequencer.queues
+        # The weight path (arbiter, streamers, ping-pong buffers), shared with the other wrappers; the
+        # arbiter's third master is the client's table fetch.
+        self.weight_path = WeightPath(config, weight_half_bytes=layout.weight_half_bytes,
+                                      param_half_bytes=layout.param_half_bytes,
+                                      param_word_bytes=layout.param_word_bytes, readers=1)
+        wp = self.weight_path
+        self.arbiter, self.wbuf, self.pbuf = wp.arbiter, wp.wbuf, wp.pbuf
+        self.wstream, self.pstream = wp.wstream, wp.pstream
         self.engine = GemmEngine(config)
-        self.router = Router(config)
-        self.queues = ExpertQueues.from_config(config)
-        self.wbuf = WeightBuffer.from_config(config)
-        self.pbuf = WeightBuffer(layout.param_half_bytes, layout.param_word_bytes,
-                                 write_bytes=config.mem_data_bytes, tag_width=config.tile_tag_width)
-        self.wstream = WeightStreamer.from_config(config)
-        self.pstream = WeightStreamer.from_config(config, half_bytes=layout.param_half_bytes)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
-        #: The activation buffer (``h`` rows, then the hidden region) and the residual buffer; exposed so
-        #: that testbenches can inspect them.
+        #: The activation buffer (``h`` rows, then the hidden region), the residual buffer and the row
+        #: table; exposed so that testbenches can inspect them.
         self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
+        self.row_table = memory.Memory(shape=RowEntryLayout(config), depth=config.rowtab_entries, init=[])
         super().__init__({
             "start": In(stream.Signature(LayerStartLayout(config))),
             "done": Out(1),
@@ -185,62 +198,49 @@ class MoELayer(wiring.Component):
         m = Module()
         cfg = self._config
         C = cfg.pe_cols
-        db = self._db
-        eng, rtr, qs, ctl = self.engine, self.router, self.queues, self.controller
-        for name in ("engine", "router", "queues", "controller", "wbuf", "pbuf", "wstream", "pstream",
-                     "arbiter"):
+        eng, seq = self.engine, self.sequencer
+        cl = seq.client
+        for name in ("engine", "sequencer"):
             m.submodules[name] = getattr(self, name)
 
-        # ---- external memory: two streamers behind the arbiter -----------------------------------
-        wiring.connect(m, self.wstream.mem, self.arbiter.masters[0])
-        wiring.connect(m, self.pstream.mem, self.arbiter.masters[1])
-        wiring.connect(m, self.arbiter.mem, wiring.flipped(self.mem))
-        wiring.connect(m, self.wstream.buf, self.wbuf.write)
-        wiring.connect(m, self.pstream.buf, self.pbuf.write)
-        wiring.connect(m, ctl.wcmd, self.wstream.cmd)
-        wiring.connect(m, ctl.pcmd, self.pstream.cmd)
+        # ---- external memory: two streamers and the client's table fetch behind the arbiter ------
+        self.weight_path.add_to(m, self.mem)
+        wiring.connect(m, seq.mem, self.weight_path.readers[0])
 
-        # ---- buffers' reader sides: the engine reads, the controller releases --------------------
+        # ---- the client on the engine, the streamers and the buffers' tile handshakes ------------
+        connect_client(m, cl, eng, self.wstream, self.pstream, self.wbuf, self.pbuf)
+        wiring.connect(m, eng.o, seq.o)
+
+        # ---- buffers' read data: B from the weight buffer, column parameters from the parameter
+        # buffer, whose read port the client's router owns during the gate phase (the RAW gate GEMM
+        # reads no column parameters; the router reads the gate chunk's task-bias words).
         wr, pr = self.wbuf.read, self.pbuf.read
+        m.d.comb += [wr.addr.eq(eng.b_rd.addr), wr.en.eq(eng.b_rd.en), eng.b_rd.data.eq(wr.data)]
+        own = seq.param.own
         m.d.comb += [
-            wr.addr.eq(eng.b_rd.addr), wr.en.eq(eng.b_rd.en), eng.b_rd.data.eq(wr.data),
-            ctl.wtile.valid.eq(wr.tile.valid), ctl.wtile.payload.eq(wr.tile.payload),
-            wr.tile.ready.eq(ctl.wtile.ready),
-            ctl.ptile.valid.eq(pr.tile.valid), ctl.ptile.payload.eq(pr.tile.payload),
-            pr.tile.ready.eq(ctl.ptile.ready),
-        ]
-        # The parameter buffer's read port: the router reads the gate's bias words while the gate
-        # tile is resident (the RAW gate GEMM ignores its column parameters), the engine otherwise.
-        gate = ctl.gate_phase
-        m.d.comb += [
-            pr.addr.eq(Mux(gate, rtr.bias_rd.addr, eng.colp_rd.addr)),
-            pr.en.eq(Mux(gate, rtr.bias_rd.en, eng.colp_rd.en)),
+            pr.addr.eq(Mux(own, seq.param.rd.addr, eng.colp_rd.addr)),
+            pr.en.eq(Mux(own, seq.param.rd.en, eng.colp_rd.en)),
+            seq.param.rd.data.eq(pr.data),
         ]
         lane = PARAM_LANE_BYTES * 8
         for c in range(C):
             m.d.comb += [
                 eng.colp_rd.data[c].bias.eq(pr.data[c * lane:c * lane + numerics.BIAS_BITS]),
                 eng.colp_rd.data[c].mult.eq(pr.data[c * lane + 32:c * lane + 32 + numerics.MULT_BITS]),
-                rtr.bias_rd.data[c].eq(pr.data[c * lane:c * lane + numerics.BIAS_BITS]),
             ]
 
-        # ---- router path: engine RAW beats -> router -> queues -> controller ---------------------
-        wiring.connect(m, eng.o, rtr.i)
-        wiring.connect(m, ctl.router_cmd, rtr.cmd)
-        m.d.comb += ctl.router_drained.eq(rtr.drained)
-        wiring.connect(m, rtr.o, qs.i)
-        wiring.connect(m, qs.o, ctl.q)
-        wiring.connect(m, eng.rowtab_rd, ctl.rowtab)
-        wiring.connect(m, ctl.gemm, eng.cmd)
-        m.d.comb += [ctl.gemm_done.eq(eng.done), ctl.pe_beat.eq(eng.pe_active),
-                     self.overflow.eq(qs.overflow),
-                     self.active_experts.eq(ctl.active_experts)]
+        # ---- the row table: the client writes it, the engine reads it ----------------------------
+        m.submodules.rowtab = rt = self.row_table
+        wiring.connect(m, seq.rt_wr, rt.write_port())
+        wiring.connect(m, eng.rowtab_rd, rt.read_port())
 
-        # ---- start / done ----------------------------------------------------------------------
-        busy = ctl.busy
-        wiring.connect(m, wiring.flipped(self.start), ctl.start)
-        m.d.comb += [self.done.eq(ctl.done), self.busy.eq(busy)]
-        start = self.start.valid & self.start.ready
+        # ---- start / done / counters -------------------------------------------------------------
+        wiring.connect(m, wiring.flipped(self.start), seq.start)
+        busy = seq.busy
+        m.d.comb += [self.done.eq(seq.done), self.busy.eq(busy)]
+        for name in ("cycles", "compute_cycles", "expert_bytes", "gate_bytes", "active_experts",
+                     "overflow"):
+            m.d.comb += getattr(self, name).eq(getattr(seq, name))
 
         # ---- on-chip activation and residual buffers ---------------------------------------------
         m.submodules.act = act = self.act_buffer
@@ -267,11 +267,13 @@ class MoELayer(wiring.Component):
             ]
             for c in range(C):
                 m.d.comb += act_w.data[c].eq(ld.p.data[c][:numerics.ACT_BITS])
-        m.d.comb += [
-            eng.gelu_lut.addr.eq(ld.p.addr[:numerics.ACT_BITS]),
-            eng.gelu_lut.data.eq(ld.p.data[0][:numerics.ACT_BITS]),
-            eng.gelu_lut.en.eq(ld_go & (ld.p.target == LoadTarget.GELU)),
-        ]
+        # The GELU table: the host's ``load`` while idle, the client's fetch while a layer runs.
+        with m.If(~busy):
+            m.d.comb += [
+                eng.gelu_lut.addr.eq(ld.p.addr[:numerics.ACT_BITS]),
+                eng.gelu_lut.data.eq(ld.p.data[0][:numerics.ACT_BITS]),
+                eng.gelu_lut.en.eq(ld_go & (ld.p.target == LoadTarget.GELU)),
+            ]
 
         # Read-back: one registered read stage (the read data holds while the port is disabled).
         rb = res.read_port()
@@ -285,29 +287,4 @@ class MoELayer(wiring.Component):
             m.d.sync += rd.valid.eq(1)
         with m.Elif(rd.ready):
             m.d.sync += rd.valid.eq(0)
-
-        # ---- performance counters ----------------------------------------------------------------
-        w_gate = Signal()
-        p_gate = Signal()
-        with m.If(ctl.wcmd.valid & ctl.wcmd.ready):
-            m.d.sync += w_gate.eq(ctl.wcmd.p.tag == GATE_TAG)
-        with m.If(ctl.pcmd.valid & ctl.pcmd.ready):
-            m.d.sync += p_gate.eq(ctl.pcmd.p.tag == GATE_TAG)
-        w_beat = self.wstream.buf.en
-        p_beat = self.pstream.buf.en
-        gate_add = Mux(w_beat & w_gate, db, 0) + Mux(p_beat & p_gate, db, 0)
-        exp_add = Mux(w_beat & ~w_gate, db, 0) + Mux(p_beat & ~p_gate, db, 0)
-        with m.If(start):
-            m.d.sync += [self.cycles.eq(0), self.compute_cycles.eq(0), self.expert_bytes.eq(0),
-                         self.gate_bytes.eq(0)]
-        with m.Else():
-            m.d.sync += [
-                self.expert_bytes.eq(self.expert_bytes + exp_add),
-                self.gate_bytes.eq(self.gate_bytes + gate_add),
-            ]
-            with m.If(busy):
-                m.d.sync += [
-                    self.cycles.eq(self.cycles + 1),
-                    self.compute_cycles.eq(self.compute_cycles + eng.pe_active),
-                ]
         return m

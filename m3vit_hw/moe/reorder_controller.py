@@ -5,7 +5,8 @@ This is the paper's *computation reordering* in hardware. After the router has s
 controller
 
 1. **captures** the walk: entries into the *row table* (``token_capacity * top_k`` entries of
-   ``(token, Q0.15 weight)``, the GemmEngine's row-table format) and headers into a small *active
+   ``(token, Q0.15 weight)``, the GemmEngine's row-table format; the table belongs to the datapath and
+   is written through ``rt_wr``) and headers into a small *active
    list* of ``(expert, offset, count)`` (at most ``min(E, T*k)`` entries, O(E) metadata);
 2. runs a **fetch sequencer** over ``(active experts ascending) x (static tile plan)``: for each tile a
    command to the weight streamer (the tile's panels) and one to the parameter streamer (its column
@@ -103,6 +104,23 @@ class LayerStartLayout(data.StructLayout):
     c_mult, c_shift : the router softmax's exponent scale for this task's gate.
     fc1_shift, fc2_shift : range(SHIFT_MAX + 1)
         Requantization shifts of the experts' fc1 and fc2 (one per layer, shared by all experts).
+    router_fetch, router_addr : 1, unsigned(config.mem_addr_width)
+        If ``router_fetch``: ``c_mult`` and ``c_shift`` are ignored and the task's router record
+        (:func:`~m3vit_hw.moe.expert_layout.pack_router_record`) is read from ``router_addr + task *
+        ROUTER_RECORD_BYTES`` (a multiple of ``min(16, mem beat)``) by the
+        :class:`~m3vit_hw.moe.moe_sequencer.MoESequencer` (the controller ignores these fields).
+    lut_fetch, lut_addr : 1, unsigned(config.mem_addr_width)
+        If ``lut_fetch``: the sequencer reads the experts' 256-byte GELU table from ``lut_addr`` (a
+        multiple of the memory beat) into the engine before the first expert GEMM; otherwise the
+        table already in the engine is used (the standalone MoELayer loads it through ``load``).
+        Zero (the default of a start that does not set them) fetches nothing.
+    top_k : range(model.top_k + 1)
+        The layer's k (run-time shape), at most the config's; 0 = the config's ``model.top_k``.
+    plan_fetch, plan_addr, expert_stride : 1, unsigned(mem_addr_width), unsigned(mem_addr_width)
+        Run-time expert shape: if ``plan_fetch``, the expert tile plan is the table at ``plan_addr``
+        (:func:`~m3vit_hw.moe.expert_layout.pack_plan`, beat aligned; fetched by the sequencer into
+        the controller's plan memory) and expert ``e``'s tiles start at ``expert_base + e *
+        expert_stride``; otherwise the elaborated plan (``plan_moe(config)``) and its stride.
     """
 
     def __init__(self, config):
@@ -117,6 +135,14 @@ class LayerStartLayout(data.StructLayout):
             "c_shift": unsigned(SHIFT_BITS),
             "fc1_shift": range(numerics.SHIFT_MAX + 1),
             "fc2_shift": range(numerics.SHIFT_MAX + 1),
+            "router_fetch": unsigned(1),
+            "router_addr": unsigned(addr_width),
+            "lut_fetch": unsigned(1),
+            "lut_addr": unsigned(addr_width),
+            "top_k": range(config.model.top_k + 1),
+            "plan_fetch": unsigned(1),
+            "plan_addr": unsigned(addr_width),
+            "expert_stride": unsigned(addr_width),
         })
 
 
@@ -168,10 +194,19 @@ class ReorderController(wiring.Component):
         The engine's PE array accepted an operand beat (one reduction step of one output tile) this
         cycle. Commands consume ``ceil(m / pe_rows) * ceil(n / C) * k`` beats, in command order; the
         controller counts them to release a tile's halves early (see the module docstring).
-    rowtab : ``Out(memory.ReadPort.Signature(rowtab_addr_bits, RowEntryLayout(config)))``
-        The row table's read port, for the engine's ``rowtab_rd``.
+    rt_wr : ``In(memory.WritePort.Signature(addr_width=rowtab_addr_bits, shape=RowEntryLayout(config)))``
+        Writes the captured queue walk into the datapath's row table (entry ``offset + i`` of an active
+        expert = its ``i``-th token and Q0.15 weight); the engine reads the same table (``rowtab_rd``).
+        The controller owns no row table: the shared datapath has one, which attention's score path
+        also writes.
     gate_phase : ``Out(1)``
         The gate tile is resident: the parameter buffer's read port belongs to the router.
+    plan_wr : ``Out(memory.WritePort.Signature(addr_width=plan_addr_bits, shape=tile_layout))``
+        Writes the run-time expert plan (entry ``i`` = tile ``i``), used when the start sets
+        ``plan_fetch``.
+    plan_ready : ``In(1)``
+        The run-time plan is written (ignored without ``plan_fetch``): the first expert tile's fetch
+        waits for it.
     done : ``Out(1)``
         Pulses when the layer's last GEMM has finished.
     busy : ``Out(1)``
@@ -195,6 +230,21 @@ class ReorderController(wiring.Component):
         self._tw = tag_width
         E = config.model.experts
         scmd = StreamerCommandLayout(addr_width, addr_width, tag_width)
+        C = config.pe_cols
+        #: One tile of the expert plan as the sequencers read it (the elaborated plan's ROM, or the
+        #: run-time plan memory written through ``plan_wr``).
+        self.tile_layout = data.StructLayout({
+            "w_off": unsigned(addr_width), "w_len": unsigned(addr_width),
+            "p_off": unsigned(addr_width), "p_len": unsigned(addr_width),
+            "fc2": 1, "first_fc2": 1, "last": 1,
+            "n": range(config.largest_n + 1), "n0w": range(-(-config.largest_n // C) + 1),
+            "nk": range(self._max_nk(config, layout) + 1), "w_last": range(C + 1),
+            "k": range(max(config.model.dim, config.model.expert_hidden) + 1),
+        })
+        #: Entries of the run-time plan memory: the elaborated plan's tile count (a smaller expert
+        #: hidden width never needs more tiles, see ``plan_moe``).
+        self.plan_entries = len(layout.tiles)
+        self.plan_addr_bits = max(1, (self.plan_entries - 1).bit_length())
         super().__init__({
             "start": In(stream.Signature(LayerStartLayout(config))),
             "q": In(stream.Signature(QueueBeatLayout(config))),
@@ -207,9 +257,12 @@ class ReorderController(wiring.Component):
             "gemm": Out(stream.Signature(GemmCommand(config))),
             "gemm_done": In(1),
             "pe_beat": In(1),
-            "rowtab": Out(memory.ReadPort.Signature(addr_width=config.rowtab_addr_bits,
+            "rt_wr": In(memory.WritePort.Signature(addr_width=config.rowtab_addr_bits,
                                                     shape=RowEntryLayout(config))),
             "gate_phase": Out(1),
+            "plan_wr": Out(memory.WritePort.Signature(addr_width=self.plan_addr_bits,
+                                                     shape=self.tile_layout)),
+            "plan_ready": In(1),
             "done": Out(1),
             "busy": Out(1),
             "active_experts": Out(range(E + 1)),
@@ -275,14 +328,7 @@ class ReorderController(wiring.Component):
         lay = self._layout
         tiles = lay.tiles if tiles is None else tiles
         C = self._config.pe_cols
-        cfg = self._config
-        t = Signal(data.StructLayout({
-            "w_off": unsigned(self._aw), "w_len": unsigned(self._aw),
-            "p_off": unsigned(self._aw), "p_len": unsigned(self._aw),
-            "fc2": 1, "first_fc2": 1, "last": 1,
-            "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
-            "nk": range(self._max_nk() + 1), "w_last": range(C + 1),
-        }), name=name)
+        t = Signal(self.tile_layout, name=name)
         first_fc2 = next((tl.index for tl in tiles if tl.kind == "fc2"), None)
         with m.Switch(index):
             for tl in tiles:
@@ -294,20 +340,23 @@ class ReorderController(wiring.Component):
                         t.last.eq(tl.index == len(tiles) - 1),
                         t.n.eq(tl.n), t.n0w.eq(tl.n0 // C),
                         t.nk.eq(-(-tl.n // C) * tl.k), t.w_last.eq(_last_block(tl.k, C)),
+                        t.k.eq(tl.k),
                     ]
         return t
 
-    def _max_nk(self):
-        """Most PE beats of one row tile of any command: ``ceil(n / C) * K``."""
-        C = self._config.pe_cols
-        lay = self._layout
-        return max(-(-t.n // C) * t.k for t in lay.tiles + lay.gate_tiles)
+    @staticmethod
+    def _max_nk(config, layout):
+        """Most PE beats of one row tile of any command: ``ceil(n / C) * K``, for the elaborated plan
+        and for any run-time plan (a tile's panels hold ``ceil(n / C) * K`` words of one weight half)."""
+        C = config.pe_cols
+        half_words = config.weight_buffer_half_bytes // config.act_word_bytes
+        return max([-(-t.n // C) * t.k for t in layout.tiles + layout.gate_tiles] + [half_words])
 
     def elaborate(self, platform):
         m = Module()
         cfg, lay = self._config, self._layout
         mdl = cfg.model
-        D, h, E = mdl.dim, mdl.expert_hidden, mdl.experts
+        D, E = mdl.dim, mdl.experts
         cap = cfg.token_capacity
         entries = cfg.rowtab_entries
         n_tiles = len(lay.tiles)
@@ -315,11 +364,7 @@ class ReorderController(wiring.Component):
         aw = self._aw
 
         # ---- storage -------------------------------------------------------------------------------
-        m.submodules.rowtab = rt = memory.Memory(shape=RowEntryLayout(cfg), depth=entries, init=[])
-        rt_w = rt.write_port()
-        rt_r = rt.read_port()
-        m.d.comb += [rt_r.addr.eq(self.rowtab.addr), rt_r.en.eq(self.rowtab.en),
-                     self.rowtab.data.eq(rt_r.data)]
+        rt_w = self.rt_wr
         list_layout = data.StructLayout({
             "expert": unsigned(expert_id_width(E)), "offset": range(entries + 1), "count": range(cap + 1)})
         m.submodules.active = lst = memory.Memory(shape=list_layout, depth=max(2, list_depth), init=[])
@@ -369,7 +414,20 @@ class ReorderController(wiring.Component):
         f_tile = Signal(range(max(2, n_tiles)))
         f_idx = Signal(range(list_depth + 1))
         f_base = Signal(aw)
-        ft = self._tile_rom(m, f_tile, "f_rom")
+        # The run-time plan (plan_fetch): a small memory with asynchronous reads, so a plan-table tile
+        # is looked up in the same cycle as an elaborated-plan (ROM) tile.
+        m.submodules.plan = plan = memory.Memory(shape=self.tile_layout, depth=max(2, self.plan_entries),
+                                                 init=[])
+        wiring.connect(m, wiring.flipped(self.plan_wr), plan.write_port())
+
+        def lookup(index, name):
+            rom = self._tile_rom(m, index, name + "_rom")
+            rd = plan.read_port(domain="comb")
+            t = Signal(self.tile_layout, name=name)
+            m.d.comb += [rd.addr.eq(index), t.eq(Mux(par.plan_fetch, rd.data, rom))]
+            return t
+
+        ft = lookup(f_tile, "f_tile")
         f_gate = Signal(range(max(2, len(lay.gate_tiles))))
         fg = self._tile_rom(m, f_gate, "f_gate_rom", lay.gate_tiles)
         w_sent = Signal()
@@ -401,15 +459,15 @@ class ReorderController(wiring.Component):
                 with m.Else():
                     m.d.sync += [w_sent.eq(w_now), p_sent.eq(p_now)]
             with m.State("NEXT"):
-                with m.If(f_idx < n_hdr):
+                with m.If((f_idx < n_hdr) & (self.plan_ready | ~par.plan_fetch)):
                     m.d.comb += [lst_f.addr.eq(f_idx), lst_f.en.eq(1)]
                     m.next = "LOAD"
                 with m.Elif(walk_done):
                     m.next = "IDLE"
             with m.State("LOAD"):
                 # Expert e's tiles start at expert_base + e * expert_stride (a constant multiplier).
-                m.d.sync += [f_base.eq(par.expert_base + lst_f.data.expert * lay.expert_stride),
-                             f_tile.eq(0)]
+                stride = Mux(par.plan_fetch, par.expert_stride, lay.expert_stride)
+                m.d.sync += [f_base.eq(par.expert_base + lst_f.data.expert * stride), f_tile.eq(0)]
                 m.next = "TILE"
             with m.State("TILE"):
                 m.d.comb += [
@@ -433,13 +491,13 @@ class ReorderController(wiring.Component):
         c_idx = Signal(range(list_depth + 1))
         c_off = Signal(range(entries + 1))
         c_cnt = Signal(range(cap + 1))
-        ct = self._tile_rom(m, c_tile, "c_rom")
+        ct = lookup(c_tile, "c_tile")
         c_gate = Signal(range(max(2, len(lay.gate_tiles))))
         cg = self._tile_rom(m, c_gate, "c_gate_rom", lay.gate_tiles)
         eng_done = Signal()
         R = cfg.pe_rows
         # PE beats still owed by issued commands, and commands whose done has not pulsed yet.
-        max_beats = -(-cap // R) * self._max_nk()
+        max_beats = -(-cap // R) * self._max_nk(cfg, lay)
         owed = Signal(range(2 * max_beats + 1))
         owed_next = Signal.like(owed)
         issue_beats = Signal.like(owed)
@@ -529,14 +587,14 @@ class ReorderController(wiring.Component):
                 ]
                 with m.If(ct.fc2):
                     m.d.comb += [
-                        g.k.eq(h), g.a_base.eq(hb), g.a_stride.eq(hw), g.b_tile_stride.eq(h),
+                        g.k.eq(ct.k), g.a_base.eq(hb), g.a_stride.eq(hw), g.b_tile_stride.eq(ct.k),
                         g.dst_base.eq(ct.n0w), g.dst_stride.eq(rw),
                         g.shift.eq(par.fc2_shift), g.mode.eq(EpilogueMode.COMBINE),
                         g.scatter.eq(1), g.sync.eq(ct.first_fc2),
                     ]
                 with m.Else():
                     m.d.comb += [
-                        g.k.eq(D), g.a_base.eq(0), g.a_stride.eq(rw), g.b_tile_stride.eq(D),
+                        g.k.eq(ct.k), g.a_base.eq(0), g.a_stride.eq(rw), g.b_tile_stride.eq(ct.k),
                         g.dst_base.eq(hb + ct.n0w), g.dst_stride.eq(hw),
                         g.shift.eq(par.fc1_shift), g.mode.eq(EpilogueMode.GELU8),
                         g.gather.eq(1),

@@ -1,0 +1,500 @@
+"""``AttnSequencer``: the attention sub-layer's control, a client of the shared datapath.
+
+It owns the :class:`~m3vit_hw.attention.score_path.ScorePath` (reorder, streamed softmax, e8 and
+reciprocal writer), the score path's private score reorder buffer, and all of the control: start, the
+fetch sequencer (weight and parameter streamer commands in tile-plan order), the compute sequencer (the
+engine commands, their schedule and overlap; see :mod:`m3vit_hw.attention.attention_layer`) and the
+counters. It owns no engine, no activation, e8, residual or row-table buffer, no streamer and no
+weight buffer: those are the datapath's, reached through
+
+* ``client`` (:class:`~m3vit_hw.dense.client.GemmClientSignature`): engine commands and done/busy,
+  streamer commands, the ping-pong buffers' tile handshake (``tile_valid``/``release``; both halves are
+  released when a QKV or projection command is done); the GELU table port is never written;
+* ``o``: the engine's result stream (the RAW scores of the QKᵀ commands; no other command of
+  attention emits on it);
+* ``e8_wr``: the e8 bank's write port (the engine reads the bank as A addresses ``>= e8_base``);
+* ``rt_wr``: the datapath's row table's write port (the AV reciprocals; the engine reads them).
+
+:class:`~m3vit_hw.attention.attention_layer.AttentionLayer` is the standalone wrapper (datapath pieces
+plus this client); its docstring has the wiring.
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, fifo, memory, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .. import numerics
+from ..config import AcceleratorConfig
+from ..dense.client import GemmClientSignature
+from ..gemm.epilogue import EpilogueMode, StreamOutLayout
+from ..gemm.gemm_engine import RowEntryLayout
+from ..rowops.softmax import SHIFT_BITS
+from .attn_layout import SHAPE_PARTS, AttnLayout, BufferMap, buffer_map, plan_attention
+from .score_path import ScorePath, mem_addr_width
+
+__all__ = ["AttnSequencer", "AttnStartLayout", "AttnShapeLayout", "Phase"]
+
+
+class Phase(enum.Enum, shape=2):
+    """The kind of an engine command (the counters' phases)."""
+    QKV = 0
+    QK = 1
+    AV = 2
+    PROJ = 3
+
+
+class AttnShapeLayout(data.StructLayout):
+    """The run-time model shape of one attention sub-layer (:meth:`AttnLayout.shape_fields`).
+
+    Fields
+    ------
+    dim, heads, head_dim : D, the head count and ``D / heads``. ``dim == 0`` selects the design's own
+        model (``config.model``; every other field is then ignored), so a start without a shape runs
+        the elaborated model.
+    qk, v, proj : the balanced split of each part's panels into tiles: ``panels`` (panels of the
+        smaller chunk), ``extra`` (the first ``extra`` chunks have one panel more), ``chunks``.
+
+    The widths hold every shape :func:`~m3vit_hw.attention.attn_layout.plan_attention` accepts for
+    ``config``: ``dim <= row_words * pe_cols``, ``head_dim <= attn_head_words * pe_cols``, ``heads *
+    head_words <= model.heads * attn_head_words``.
+    """
+
+    def __init__(self, config):
+        C, hw, rw = config.pe_cols, config.attn_head_words, config.row_words
+        ctx = config.model.heads * hw
+
+        def chunks(most):
+            return data.StructLayout({"panels": range(most + 1), "extra": range(most + 1),
+                                      "chunks": range(most + 1)})
+        super().__init__({
+            "dim": range(rw * C + 1),
+            "heads": range(ctx + 1),
+            "head_dim": range(hw * C + 1),
+            "qk": chunks(2 * hw),
+            "v": chunks(hw),
+            "proj": chunks(rw),
+        })
+
+
+class AttnStartLayout(data.StructLayout):
+    """The command that starts one attention sub-layer.
+
+    Fields
+    ------
+    tokens : T in ``[1, token_capacity]``.
+    base : external byte address of the :func:`pack_attention` image (a multiple of the memory beat).
+    dims : :class:`AttnShapeLayout`, the run-time model shape (all zero: the design's model).
+    c_mult, c_shift, out_mult, out_shift : the attention softmax and AV epilogue constants.
+    qkv_shift, proj_shift : the QKV and projection requantization shifts.
+    """
+
+    def __init__(self, config, addr_width):
+        super().__init__({
+            "tokens": range(config.token_capacity + 1),
+            "base": unsigned(addr_width),
+            "dims": AttnShapeLayout(config),
+            "c_mult": unsigned(numerics.SOFTMAX_MULT_BITS),
+            "c_shift": unsigned(SHIFT_BITS),
+            "out_mult": unsigned(numerics.AV_OUT_MULT_BITS),
+            "out_shift": range(numerics.SHIFT_MAX - numerics.AV_RECIP_BITS + 1),
+            "qkv_shift": range(numerics.SHIFT_MAX + 1),
+            "proj_shift": range(numerics.SHIFT_MAX + 1),
+        })
+
+
+def _ceil_div_const(value, c):
+    """``ceil(value / c)`` for a constant ``c`` (a shift when ``c`` is a power of two)."""
+    if c & (c - 1) == 0:
+        return (value + c - 1) >> (c.bit_length() - 1)
+    return (value + c - 1) // c
+
+
+def _round_up_const(value, c):
+    """``value`` rounded up to a multiple of the constant ``c``."""
+    return _ceil_div_const(value, c) * c if c & (c - 1) else _ceil_div_const(value, c) << (c.bit_length() - 1)
+
+
+class AttnSequencer(wiring.Component):
+    """The attention sub-layer's sequencer: a client of an engine, a weight path, an e8 bank and a row
+    table it does not own.
+
+    Parameters
+    ----------
+    config : AcceleratorConfig
+        Sizes (token capacity, ``q_tile``, PE array, address widths) and ``counter_width``.
+    layout : AttnLayout
+        The tile plan (:func:`~m3vit_hw.attention.attn_layout.plan_attention` of ``config``).
+    bmap : BufferMap
+        Where the operands live (:func:`~m3vit_hw.attention.attn_layout.buffer_map` of ``config``).
+
+    Interface attributes
+    --------------------
+    start : In(stream.Signature(AttnStartLayout(config, config.mem_addr_width)))
+        Accepted when idle (``~busy``).
+    done : Out(1)
+        Pulses when the projection's last command is done (its results are in the residual buffer)
+        and the engine is idle.
+    busy : Out(1)
+        From the accepted ``start`` to ``done``.
+    client : Out(GemmClientSignature(config))
+    o : In(stream.Signature(StreamOutLayout(pe_cols, dst_addr_bits)))
+        The engine's result stream (the QKᵀ RAW scores); ready follows the score path.
+    e8_wr : In(memory.WritePort.Signature(addr_width=ceil_log2(bmap.e8_words), shape=ArrayLayout(signed(8), pe_cols)))
+        Driven by the sequencer (the write port's members are inputs of the memory): the e8 bank, word
+        ``a`` = engine A address ``bmap.e8_base + a``. Whole-word writes (``en`` is one bit).
+    rt_wr : In(memory.WritePort.Signature(addr_width=config.rowtab_addr_bits, shape=RowEntryLayout(config)))
+        Driven by the sequencer: the row table (entries ``0 .. 2 * bmap.q_pad - 1``).
+    cycles, compute_cycles, engine_idle_cycles, attn_cycles, attn_compute_cycles, softmax_cycles,
+    overlap_cycles : Out(counter_width)
+    phase_cycles : Out(ArrayLayout(counter_width, 4))
+        See :mod:`m3vit_hw.attention.attention_layer` (reset by ``start``, valid after ``done``).
+
+    Attributes
+    ----------
+    score : ScorePath
+    score_buffer : amaranth.lib.memory.Memory
+        The private score reorder buffer (``bmap.score_buffer_words`` int32 words of ``pe_cols``).
+    """
+
+    def __init__(self, config, layout, bmap):
+        if not isinstance(config, AcceleratorConfig):
+            raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+        if not isinstance(layout, AttnLayout):
+            raise TypeError(f"layout must be an AttnLayout, not {layout!r}")
+        if not isinstance(bmap, BufferMap):
+            raise TypeError(f"bmap must be a BufferMap, not {bmap!r}")
+        self._config, self._layout, self._bmap = config, layout, bmap
+        self._aw = config.mem_addr_width
+        C = config.pe_cols
+        self.rowtab_depth = 1 << config.rowtab_addr_bits
+        self.score = ScorePath(config, bmap, rowtab_depth=self.rowtab_depth)
+        self.score_buffer = memory.Memory(shape=data.ArrayLayout(signed(numerics.ACC_BITS), C),
+                                          depth=bmap.score_buffer_words, init=[])
+        word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
+        cw = config.counter_width
+        super().__init__({
+            "start": In(stream.Signature(AttnStartLayout(config, config.mem_addr_width))),
+            "done": Out(1),
+            "busy": Out(1),
+            "client": Out(GemmClientSignature(config)),
+            "o": In(stream.Signature(StreamOutLayout(C, config.dst_addr_bits))),
+            "e8_wr": In(memory.WritePort.Signature(addr_width=mem_addr_width(bmap.e8_words), shape=word8)),
+            "rt_wr": In(memory.WritePort.Signature(addr_width=config.rowtab_addr_bits,
+                                                   shape=RowEntryLayout(config))),
+            "cycles": Out(cw),
+            "compute_cycles": Out(cw),
+            "engine_idle_cycles": Out(cw),
+            "attn_cycles": Out(cw),
+            "attn_compute_cycles": Out(cw),
+            "softmax_cycles": Out(cw),
+            "overlap_cycles": Out(cw),
+            "phase_cycles": Out(data.ArrayLayout(cw, 4)),
+        })
+
+    def _walker(self, m, name, sh, dv, advance):
+        """A walk over the run-time tile plan: registers (part, head, chunk, first panel, byte
+        offset, tile index) and the current tile's descriptor, combinational from them (what the
+        elaboration-time ROM of the plan gave before). ``advance`` steps to the next tile; ``reset``
+        (comb, driven by the caller) returns to the first. The plan: per head its Q|K chunks then its
+        V chunks, then the projection's chunks; each tile ``[weights][parameters]``, beat-padded,
+        back to back (:func:`~m3vit_hw.attention.attn_layout.plan_attention`)."""
+        cfg, bm, lay = self._config, self._bmap, self._layout
+        C, db, aw = cfg.pe_cols, cfg.mem_data_bytes, self._aw
+        most = max(2 * bm.hw, cfg.row_words)
+        part = Signal(2, name=f"{name}_part")             # 0: Q|K, 1: V, 2: projection
+        head = Signal(range(bm.ctx_pitch + 1), name=f"{name}_head")
+        chunk = Signal(range(most + 1), name=f"{name}_chunk")
+        first = Signal(range(most + 1), name=f"{name}_first")
+        off = Signal(aw, name=f"{name}_off")
+        idx = Signal(cfg.tile_tag_width, name=f"{name}_idx")
+        ended = Signal(name=f"{name}_ended")
+        reset = Signal(name=f"{name}_reset")
+        t = Signal(data.StructLayout({
+            "w_off": unsigned(aw), "w_len": unsigned(aw), "p_off": unsigned(aw), "p_len": unsigned(aw),
+            "proj": 1, "first_proj": 1, "last": 1, "last_of_head": 1, "qk_part": 1, "first_tile": 1,
+            "ended": 1, "tag": unsigned(cfg.tile_tag_width),
+            "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
+        }), name=name)
+        panels_s, extra, nchunks = Signal.like(chunk), Signal.like(chunk), Signal.like(chunk)
+        small, k_el = Signal(aw), Signal(aw)
+        with m.Switch(part):
+            for code, pname, small_el, k in ((0, "qk", dv.qk_small, sh.dim), (1, "v", dv.v_small, sh.dim),
+                                            (2, "proj", dv.proj_small, dv.proj_k)):
+                with m.Case(code):
+                    spec = sh[pname]
+                    m.d.comb += [panels_s.eq(spec.panels), extra.eq(spec.extra), nchunks.eq(spec.chunks),
+                                 small.eq(small_el), k_el.eq(k)]
+        big = chunk < extra
+        panels = panels_s + big
+        last_chunk = chunk == nchunks - 1
+        is_proj = part == 2
+        w_len = _round_up_const((small + Mux(big, k_el, 0)) * C, db)
+        p_len = _round_up_const(panels * lay.param_word_bytes, db)
+        m.d.comb += [
+            t.w_off.eq(off), t.w_len.eq(w_len), t.p_off.eq(off + w_len), t.p_len.eq(p_len),
+            t.proj.eq(is_proj), t.first_proj.eq(is_proj & (chunk == 0)), t.last.eq(is_proj & last_chunk),
+            t.last_of_head.eq((part == 1) & last_chunk), t.qk_part.eq(part == 0),
+            t.first_tile.eq((part == 0) & (head == 0) & (chunk == 0)), t.ended.eq(ended), t.tag.eq(idx),
+            t.n.eq(Mux(is_proj & last_chunk, sh.dim - first * C, panels * C)),
+            t.n0w.eq(Mux(part == 1, dv.v_n0w, 0) + first),
+        ]
+        with m.If(reset):
+            m.d.sync += [part.eq(0), head.eq(0), chunk.eq(0), first.eq(0), off.eq(0), idx.eq(0),
+                         ended.eq(0)]
+        with m.Elif(advance):
+            m.d.sync += [off.eq(off + w_len + p_len), idx.eq(idx + 1)]
+            with m.If(last_chunk):
+                m.d.sync += [chunk.eq(0), first.eq(0)]
+                with m.Switch(part):
+                    with m.Case(0):
+                        m.d.sync += part.eq(1)
+                    with m.Case(1):
+                        with m.If(head == sh.heads - 1):
+                            m.d.sync += part.eq(2)
+                        with m.Else():
+                            m.d.sync += [part.eq(0), head.eq(head + 1)]
+                    with m.Default():
+                        m.d.sync += ended.eq(1)
+            with m.Else():
+                m.d.sync += [chunk.eq(chunk + 1), first.eq(first + panels)]
+        return t, reset
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg, lay, bm = self._config, self._layout, self._bmap
+        C = cfg.pe_cols
+        aw = self._aw
+        cl = self.client
+        m.submodules.score = sp = self.score
+        m.submodules.scores = sbuf = self.score_buffer
+        wiring.connect(m, sp.sbuf_wr, sbuf.write_port())
+        wiring.connect(m, sp.sbuf_rd, sbuf.read_port())
+        wiring.connect(m, sp.e8_wr, wiring.flipped(self.e8_wr))
+        wiring.connect(m, sp.rt_wr, wiring.flipped(self.rt_wr))
+        wiring.connect(m, wiring.flipped(self.o), sp.i)
+        msb = cfg.b_addr_bits - 1
+
+        # ---- start and parameters ----------------------------------------------------------------
+        prm = Signal(AttnStartLayout(cfg, aw))
+        running = Signal()
+        start = self.start.valid & self.start.ready
+        m.d.comb += self.start.ready.eq(~running)
+        ntiles = Signal(range(cfg.token_capacity + 1))     # query tiles per head
+        beats = Signal(range(bm.score_words + 1))
+        # The run-time shape: the start's, or (dim == 0) the design's own model.
+        shape_layout = AttnShapeLayout(cfg)
+        own = shape_layout.const(plan_attention(cfg).shape_fields())
+        p = self.start.payload
+        shape_in = Signal(shape_layout)
+        m.d.comb += shape_in.eq(Mux(p.dims.dim == 0, own.as_value(), p.dims.as_value()))
+        sh = prm.dims
+        # Derived sizes, registered. Only the first tile's weight length is needed one cycle after
+        # the start (its streamer command); it is computed from the payload. Everything else settles
+        # within ``_PLAN_CYCLES`` cycles, long before the first tile's data can arrive (the streamer
+        # takes its next command only after that tile's last beat), and ``plan_ready`` gates it.
+        dv = Signal(data.StructLayout({
+            "hw": range(bm.hw + 1), "ctx": range(bm.ctx_pitch + 1), "qkvp": range(3 * bm.hw + 1),
+            "hd": range(bm.hw * C + 1), "proj_k": range(bm.ctx_pitch * C + 1),
+            "qk_small": unsigned(aw), "v_small": unsigned(aw), "proj_small": unsigned(aw),
+            "v_n0w": range(2 * bm.hw + 1),
+            "b_k": unsigned(cfg.b_addr_bits), "b_v": unsigned(cfg.b_addr_bits),
+            "b_tile_qk": unsigned(cfg.b_addr_bits),
+            "qk_step": unsigned(cfg.act_addr_bits), "av_step": unsigned(cfg.dst_addr_bits),
+        }), name="derived")
+        plan_wait = Signal(range(4))
+        plan_ready = plan_wait == 0
+        with m.If(start):
+            m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(3),
+                         dv.qk_small.eq(shape_in.qk.panels * shape_in.dim),
+                         ntiles.eq(_ceil_div_const(p.tokens, bm.q_tile)),
+                         beats.eq(_ceil_div_const(p.tokens, C))]
+        with m.Else():
+            with m.If(~plan_ready):
+                m.d.sync += plan_wait.eq(plan_wait - 1)
+            # Stage 1 (from the registered shape) and stage 2 (from stage 1); both hold while running.
+            m.d.sync += [
+                dv.hw.eq(_ceil_div_const(sh.head_dim, C)), dv.hd.eq(sh.head_dim),
+                dv.v_small.eq(sh.v.panels * sh.dim),
+                dv.ctx.eq(sh.heads * dv.hw), dv.qkvp.eq(3 * dv.hw), dv.v_n0w.eq(2 * dv.hw),
+                dv.proj_k.eq(dv.ctx * C), dv.proj_small.eq(sh.proj.panels * dv.ctx * C),
+                dv.b_k.eq((1 << msb) | (bm.qkv_base + dv.hw)),
+                dv.b_v.eq((1 << msb) | (bm.qkv_base + 2 * dv.hw)),
+                dv.b_tile_qk.eq(C * dv.qkvp),
+                dv.qk_step.eq(bm.q_tile * dv.qkvp), dv.av_step.eq(bm.q_tile * dv.ctx),
+            ]
+        T = prm.tokens
+        D = sh.dim
+        m.d.comb += [
+            sp.params.tokens.eq(T), sp.params.beats.eq(beats), sp.params.c_mult.eq(prm.c_mult),
+            sp.params.c_shift.eq(prm.c_shift), sp.params.out_mult.eq(prm.out_mult),
+        ]
+
+        # ---- fetch sequencer: every tile's panels and parameter words, in plan order -------------
+        wcmd, pcmd = cl.wcmd, cl.pcmd
+        tw_, w_reset = self._walker(m, "fetch_w_tile", sh, dv, wcmd.valid & wcmd.ready)
+        tp_, p_reset = self._walker(m, "fetch_p_tile", sh, dv, pcmd.valid & pcmd.ready)
+        m.d.comb += [
+            wcmd.valid.eq(running & ~tw_.ended & (plan_ready | tw_.first_tile)),
+            wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
+            wcmd.payload.tag.eq(tw_.tag),
+            pcmd.valid.eq(running & ~tp_.ended & (plan_ready | tp_.first_tile)),
+            pcmd.payload.addr.eq(prm.base + tp_.p_off), pcmd.payload.length.eq(tp_.p_len),
+            pcmd.payload.tag.eq(tp_.tag),
+            w_reset.eq(start), p_reset.eq(start),
+        ]
+
+        # ---- in-flight engine commands (their phases, in order) ---------------------------------
+        m.submodules.inflight = infl = fifo.SyncFIFO(width=2, depth=8)
+        head_phase = Signal(Phase)
+        m.d.comb += [head_phase.eq(infl.r_data), infl.r_en.eq(cl.gemm_done)]
+        weight_done = cl.gemm_done & ((head_phase == Phase.QKV) | (head_phase == Phase.PROJ))
+        m.d.comb += sp.slot_release.eq(cl.gemm_done & (head_phase == Phase.AV))
+        held = Signal()
+        m.d.comb += cl.release.eq(weight_done)
+
+        # ---- compute sequencer -------------------------------------------------------------------
+        g = cl.gemm
+        gp = g.payload
+        push = g.valid & g.ready
+        advance = Signal()
+        tc, c_reset = self._walker(m, "compute_tile", sh, dv, advance)
+        m.d.comb += c_reset.eq(start)
+        qk_next = Signal(range(cfg.token_capacity + 1))
+        av_next = Signal(range(cfg.token_capacity + 1))
+        sm_done = Signal(range(cfg.token_capacity + 1))
+        qk_slot, av_slot = Signal(), Signal()
+        qk_rows_left = Signal(range(cfg.token_capacity + 1))   # T - r0 of the next QKᵀ tile
+        av_rows_left = Signal(range(cfg.token_capacity + 1))
+        qk_a = Signal(cfg.act_addr_bits)                       # Q rows of the next QKᵀ tile
+        av_dst = Signal(cfg.dst_addr_bits)                     # context rows of the next AV tile
+        head_off = Signal(cfg.dst_addr_bits)                   # head * hw
+        m.d.comb += [infl.w_en.eq(push)]
+        q_tile = bm.q_tile
+        in_attn = Signal()
+        with m.If(sp.tile_done):
+            m.d.sync += sm_done.eq(sm_done + 1)
+        with m.If(weight_done):
+            m.d.sync += held.eq(0)
+
+        def tile_command():
+            """Drive the engine command (and its phase) of weight tile ``tc`` (QKV or proj)."""
+            m.d.comb += [
+                gp.m.eq(T), gp.n.eq(tc.n), gp.a_unsigned.eq(0), gp.b_trans.eq(0),
+                gp.b_base.eq(0), gp.b_k_stride.eq(1), gp.colp_base.eq(0),
+            ]
+            with m.If(tc.proj):
+                m.d.comb += [
+                    gp.k.eq(dv.proj_k), gp.a_base.eq(bm.ctx_base), gp.a_stride.eq(dv.ctx),
+                    gp.b_tile_stride.eq(dv.proj_k), gp.dst_base.eq(tc.n0w),
+                    gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.proj_shift),
+                    gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_proj),
+                    infl.w_data.eq(Phase.PROJ),
+                ]
+            with m.Else():
+                m.d.comb += [
+                    gp.k.eq(D), gp.a_base.eq(0), gp.a_stride.eq(bm.row_words),
+                    gp.b_tile_stride.eq(D), gp.dst_base.eq(bm.qkv_base + tc.n0w),
+                    gp.dst_stride.eq(dv.qkvp), gp.shift.eq(prm.qkv_shift),
+                    gp.mode.eq(EpilogueMode.ACT8), infl.w_data.eq(Phase.QKV),
+                ]
+
+        # The next head's first Q|K tile may be issued early, while the head's last AV waits for its
+        # softmax tile (it writes only Q and K, which no unfinished command of the head reads).
+        early = Signal()
+        tile_ready = cl.tile_valid & ~held & ~weight_done & plan_ready
+
+        with m.FSM(name="seq"):
+            with m.State("IDLE"):
+                with m.If(start):
+                    m.d.sync += [held.eq(0), head_off.eq(0)]
+                    m.next = "WAIT_TILE"
+            with m.State("WAIT_TILE"):
+                with m.If(tile_ready):
+                    m.next = "ISSUE_TILE"
+            with m.State("ISSUE_TILE"):
+                m.d.comb += g.valid.eq(infl.w_rdy)
+                tile_command()
+                with m.If(push):
+                    m.d.sync += held.eq(1)
+                    with m.If(tc.last):
+                        m.next = "WAIT_DONE"
+                    with m.Elif(tc.last_of_head):
+                        # From here on the walker is at the next tile (a candidate for the early issue).
+                        m.d.comb += advance.eq(1)
+                        m.d.sync += [early.eq(0), qk_next.eq(0), av_next.eq(0), sm_done.eq(0),
+                                     qk_rows_left.eq(T), av_rows_left.eq(T),
+                                     qk_a.eq(bm.qkv_base), av_dst.eq(bm.ctx_base + head_off)]
+                        m.next = "ATTN"
+                    with m.Else():
+                        m.d.comb += advance.eq(1)
+                        m.next = "WAIT_TILE"
+            with m.State("ATTN"):
+                m.d.comb += in_attn.eq(1)
+                can_qk = (qk_next < ntiles) & (qk_next <= av_next + 1) & sp.tiles.ready
+                can_av = (av_next < qk_next) & (sm_done > av_next)
+                qk_rows = Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)
+                av_rows = Mux(av_rows_left > q_tile, q_tile, av_rows_left)
+                can_early = (qk_next == ntiles) & ~early & tc.qk_part & tile_ready
+                m.d.comb += [g.valid.eq(infl.w_rdy & (can_qk | can_av | can_early)), gp.colp_base.eq(0)]
+                with m.If(~can_qk & ~can_av & can_early):
+                    tile_command()
+                    with m.If(push):
+                        m.d.comb += advance.eq(1)
+                        m.d.sync += [held.eq(1), early.eq(1)]
+                with m.Elif(can_qk):
+                    m.d.comb += [
+                        gp.m.eq(qk_rows), gp.k.eq(dv.hd), gp.n.eq(T),
+                        gp.a_base.eq(qk_a), gp.a_stride.eq(dv.qkvp),
+                        gp.b_base.eq(dv.b_k), gp.b_trans.eq(1),
+                        gp.b_k_stride.eq(dv.qkvp), gp.b_tile_stride.eq(dv.b_tile_qk),
+                        gp.dst_base.eq(Mux(qk_slot, bm.score_slot, 0)), gp.dst_stride.eq(bm.score_words),
+                        gp.mode.eq(EpilogueMode.RAW), gp.sync.eq(qk_next == 0),
+                        infl.w_data.eq(Phase.QK),
+                        sp.tiles.valid.eq(push), sp.tiles.payload.eq(qk_rows),
+                    ]
+                    with m.If(push):
+                        m.d.sync += [qk_next.eq(qk_next + 1), qk_slot.eq(~qk_slot),
+                                     qk_rows_left.eq(qk_rows_left - qk_rows),
+                                     qk_a.eq(qk_a + dv.qk_step)]
+                with m.Else():
+                    m.d.comb += [
+                        gp.m.eq(av_rows), gp.k.eq(T), gp.n.eq(dv.hd),
+                        gp.a_base.eq(bm.e8_base + Mux(av_slot, bm.e8_slot, 0)),
+                        gp.a_stride.eq(bm.score_words), gp.a_unsigned.eq(1),
+                        gp.b_base.eq(dv.b_v),
+                        gp.b_k_stride.eq(dv.qkvp), gp.b_tile_stride.eq(1),
+                        gp.rowtab_base.eq(Mux(av_slot, bm.q_pad, 0)),
+                        gp.dst_base.eq(av_dst), gp.dst_stride.eq(dv.ctx),
+                        gp.shift.eq(prm.out_shift), gp.mode.eq(EpilogueMode.ATTN8),
+                        infl.w_data.eq(Phase.AV),
+                    ]
+                    with m.If(push):
+                        m.d.sync += [av_next.eq(av_next + 1), av_slot.eq(~av_slot),
+                                     av_rows_left.eq(av_rows_left - av_rows),
+                                     av_dst.eq(av_dst + dv.av_step)]
+                with m.If(av_next == ntiles):
+                    m.d.sync += head_off.eq(head_off + dv.hw)
+                    m.next = "WAIT_TILE"
+            with m.State("WAIT_DONE"):
+                with m.If(~infl.r_rdy & ~cl.gemm_busy):
+                    m.d.sync += running.eq(0)
+                    m.d.comb += self.done.eq(1)
+                    m.next = "IDLE"
+        m.d.comb += self.busy.eq(running)
+
+        # ---- counters ----------------------------------------------------------------------------
+        pe = cl.pe_active
+        # The attention window: the oldest unfinished command is a QKᵀ or an AV, or the engine is empty
+        # while a head's attention is being sequenced (it waits for a softmax tile).
+        attn = Mux(infl.r_rdy, (head_phase == Phase.QK) | (head_phase == Phase.AV), in_attn)
+        counters = [
+            (self.cycles, 1), (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl.r_rdy),
+            (self.attn_cycles, attn), (self.attn_compute_cycles, attn & pe),
+            (self.softmax_cycles, sp.busy), (self.overlap_cycles, sp.busy & pe),
+        ] + [(self.phase_cycles[k.value], infl.r_rdy & (head_phase == k)) for k in Phase]
+        for ctr, inc in counters:
+            with m.If(start):
+                m.d.sync += ctr.eq(0)
+            with m.Elif(running):
+                m.d.sync += ctr.eq(ctr + inc)
+        return m
