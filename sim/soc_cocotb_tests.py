@@ -6,16 +6,11 @@ DDR is cocotbext-axi's ``AxiRam`` (one per AXI master, all sharing one memory), 
 probability of a pause cycle), which on AR/AW/W are backpressure and on R/B random latency. The
 protocol checker around the top (:mod:`sim.axi_checker`) must count zero violations.
 
-A frame is a compiled random encoder (:func:`sim.soc_cocotb_tests.make_frame`). When the top has a unit
-for every opcode of the program, the expected tokens are ``reference.golden_model.encode``; otherwise the
-program loses the opcodes without a unit and the expected tokens are
-:func:`sim.program_executor.run_program` of that same partial program (the sequencer's Python twin,
-built from the per-op golden functions).
+A frame is a compiled random encoder and its reference tokens (:mod:`sim.soc_frames`).
 
 Each test writes its measured figures into the JSON file ``SOC_RESULT``.
 """
 
-import dataclasses
 import json
 import logging
 import os
@@ -27,17 +22,13 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
 
-from m3vit_hw.control.compiler import compile_model
 from m3vit_hw.control.image_layout import output_row_bytes
 from m3vit_hw.control.isa import Opcode
 from m3vit_hw.driver import Accelerator, AcceleratorError, ConfigMismatch, unpack_tokens
-from m3vit_hw.encoder import EncoderTop
 from m3vit_hw.soc.regmap import COUNTED_OPS, FIELDS, OFFSETS, REGMAP_VERSION, config_id
-from reference import golden_model
-from reference.random_qparams import random_quantized
 from sim.axi_checker import CHANNELS
-from sim.program_executor import run_program
 from sim.soc_cocotb import CocotbBackend, case_config
+from sim.soc_frames import core_units, expected_tokens, make_frame, random_image
 
 PARAMS = json.loads(os.environ.get("SOC_PARAMS", "{}"))
 CASE = os.environ.get("SOC_CASE", "enc")
@@ -56,58 +47,6 @@ def _record(name, value):
 def _pauses(rng, p):
     while True:
         yield rng.random() < p
-
-
-def core_units(config):
-    """The opcodes the encoder top of ``config`` has a unit for."""
-    core = EncoderTop(config)
-    units = getattr(core, "units", None)
-    if units is None:
-        # The sequencer is told the top's units; EncoderTop has no public list of them yet.
-        units = core.sequencer._units
-    return frozenset(units)
-
-
-def strip(program, drop):
-    """``program`` without the instructions whose opcode is in ``drop`` (same image otherwise)."""
-    isa = program.isa
-    insns = [(op, f, w) for op, f, w in program.instructions if op not in drop]
-    words = []
-    for op, f, w in insns:
-        words += isa.encode(op, wait=w, **f)
-    image = bytearray(program.image)
-    at = program.program_addr
-    image[at:at + program.layout.program_bytes] = bytes(program.layout.program_bytes)
-    image[at:at + 4 * len(words)] = b"".join(w.to_bytes(4, "little") for w in words)
-    return dataclasses.replace(program, instructions=insns, words=words, image=image)
-
-
-def make_frame(config, seed, *, units=None):
-    """``(program, qm, drop)``: random quantized parameters for ``config.model`` (seed ``seed``), compiled,
-    without the opcodes outside ``units`` (``drop``, empty when the top runs the whole program)."""
-    qm = random_quantized(config.model, seed)
-    program = compile_model(config, qm)
-    drop = frozenset()
-    if units is not None:
-        drop = frozenset(op for op, _, _ in program.instructions
-                         if op not in units and op not in (Opcode.END, Opcode.SYNC))
-    if drop:
-        program = strip(program, drop)
-    return program, qm, drop
-
-
-def expected_tokens(program, qm, drop, img, task):
-    """The reference tokens: the golden model for a whole program, else the executor (see module doc)."""
-    if not drop:
-        return golden_model.encode(qm, img.astype(np.int64).transpose(2, 0, 1) - 128, task), "golden_model.encode"
-    tokens, _ = run_program(program, img, task)
-    return tokens, "program_executor"
-
-
-def random_image(model, seed):
-    rng = np.random.default_rng(seed)
-    H, W = model.img_size
-    return rng.integers(0, 256, (H, W, model.in_chans)).astype(np.uint8)
 
 
 class Bench:
@@ -356,5 +295,4 @@ async def test_driver(dut):
     _record("driver", {"runs": out, "violations": b.protocol()[0], "config_mismatch_refused": refused})
 
 
-__all__ = ["test_registers", "test_frame", "test_driver", "make_frame", "strip", "core_units",
-           "expected_tokens", "random_image", "AcceleratorError"]
+__all__ = ["test_registers", "test_frame", "test_driver", "AcceleratorError"]

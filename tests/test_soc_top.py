@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """The AXI top and its pieces in Amaranth's simulator (quick; the third-party check is test_soc_axi.py)."""
 
 import random
@@ -9,43 +10,55 @@ from amaranth.sim import Simulator
 from m3vit_hw.soc.axi import AXI4LiteSignature, AXI4Signature, WritePortSignature
 from m3vit_hw.soc.datapath import BurstSplitter, Gearbox
 from m3vit_hw.soc.regmap import FIELDS
+from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.model_config import ModelConfig
 from m3vit_hw.soc.top import AcceleratorTop, xilinx_ports
-from sim.moe_workload import golden_moe, make_moe_workload
-from sim.soc_cocotb import case_config
+from sim.soc_frames import core_units, expected_tokens, make_frame, random_image
 from sim.soc_pysim import run_top
 from sim.testbench import Stalls, stream_get, stream_put
 
 
 def _check_exact(got, expected, what):
     bad = np.argwhere(got != expected)
-    assert not len(bad), (f"{what}: {len(bad)} mismatches, first x[{bad[0][0]}, {bad[0][1]}]: "
+    assert not len(bad), (f"{what}: {len(bad)} mismatches, first token[{bad[0][0]}, {bad[0][1]}]: "
                           f"expected {expected[tuple(bad[0])]}, got {got[tuple(bad[0])]}")
 
 
-@pytest.mark.parametrize("case,pause", [("tiny", 0.3), pytest.param("tiny3", 0.5, marks=pytest.mark.slow)])
-def test_top_moe_layer_bit_exact(case, pause):
-    """Both tasks through the top (1 and 3 AXI masters), random pauses on every AXI channel."""
-    cfg, masters, wl = case_config(case)
-    work = make_moe_workload(**wl, seed=7)
-    res = run_top(cfg, work, [0, 1], axi_masters=masters, pause=pause, seed=7)
-    for r in res:
-        expected, _ = golden_moe(work, r["task"])
-        _check_exact(r["x"], expected, f"axi top ({case}) / moe_layer task {r['task']}")
+def _tiny():
+    """The smallest encoder the tests use (8x16 image of 4x4 patches, D=16, depth 2) on 4x4 PEs."""
+    model = ModelConfig(name="soc-pysim", img_size=(8, 16), patch_size=4, dim=16, depth=2, heads=2, experts=2,
+                        top_k=1, mlp_hidden=32, tasks=("a", "b"), task_channels=(1, 1), decoder_channels=8)
+    return AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("masters,pause", [(1, 0.3), (3, 0.5)])
+def test_top_frame_bit_exact(masters, pause):
+    """Both tasks through the top (1 and 3 AXI masters), random pauses on every AXI channel; the program
+    without the opcodes the top has no unit for (reference: the executor), else the golden model."""
+    cfg = _tiny()
+    program, qm, drop = make_frame(cfg, seed=7, units=core_units(cfg))
+    frames = [(random_image(cfg.model, 7 + t), t) for t in range(cfg.model.num_tasks)]
+    res = run_top(cfg, program, frames, axi_masters=masters, pause=pause, seed=7)
+    for (img, task), r in zip(frames, res):
+        want, ref = expected_tokens(program, qm, drop, img, task)
+        _check_exact(r["tokens"], want, f"axi top ({masters} masters) / encoder task {task} vs {ref}")
         assert r["error"] == 0 and r["interrupt"] == 1 and r["interrupt_after_clear"] == 0
-        assert r["tail"] == bytes(16), "the write strobes let bytes after the output change"
-        print(case, {k: v for k, v in r.items() if k not in ("x", "tail")})
+        assert r["tail"] == b"\xA5" * 16, "the write strobes let bytes after the output change"
+        assert r["insn_count"] == len(program.instructions)
+        print(masters, {k: v for k, v in r.items() if k not in ("tokens", "tail")})
 
 
 def test_top_unaligned_base_is_an_error():
-    cfg, masters, wl = case_config("tiny")
-    work = make_moe_workload(**wl, seed=1)
-    (r,) = run_top(cfg, work, [0], bases={"IMAGE": 0x1000_0004})
+    cfg = _tiny()
+    program, _, _ = make_frame(cfg, seed=1)
+    (r,) = run_top(cfg, program, [(random_image(cfg.model, 1), 0)], bases={"OUTPUT": 0x1000_0004})
     assert r["error"] == FIELDS[("ERROR", "UNALIGNED")].mask, f"ERROR = 0x{r['error']:X}"
-    assert r["interrupt"] == 1
+    assert r["interrupt"] == 1 and r["interrupt_after_clear"] == 0
 
 
 def test_top_parameters_checked():
-    cfg, _, _ = case_config("tiny")
+    cfg = _tiny()
     with pytest.raises(ValueError, match=r"axi_masters must be in \[1, 4\], not 5"):
         AcceleratorTop(cfg, axi_masters=5)
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
@@ -53,8 +66,7 @@ def test_top_parameters_checked():
 
 
 def test_xilinx_port_names():
-    cfg, _, _ = case_config("tiny")
-    names = {n for n, _, _ in xilinx_ports(AcceleratorTop(cfg, axi_masters=2))}
+    names = {n for n, _, _ in xilinx_ports(AcceleratorTop(_tiny(), axi_masters=2))}
     for want in ("m_axi0_araddr", "m_axi1_rdata", "m_axi0_wstrb", "s_axi_awaddr", "s_axi_rdata", "interrupt"):
         assert want in names
     assert not any("__" in n for n in names)
