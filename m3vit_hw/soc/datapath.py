@@ -7,6 +7,8 @@
 * :class:`ReadInterleaver` spreads one read port's requests round-robin over ``n`` read ports (one per
   AXI master, i.e. per Zynq HP port) and returns the responses in request order, so the weight streams
   of one port draw on the bandwidth of several.
+* :class:`PageSplitter` cuts a read request that would cross 4 KiB in two (a guard: the read-port
+  contract already forbids such requests), so the AXI masters never issue one.
 
 All are :mod:`amaranth.lib.stream` citizens: ``valid`` never waits on ``ready`` and payloads hold until
 they are transferred.
@@ -19,7 +21,7 @@ from amaranth.lib.wiring import In, Out
 from ..checks import check_int as _check_int
 from ..lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
 
-__all__ = ["TransferLayout", "BurstSplitter", "BeatLayout", "Gearbox", "ReadInterleaver"]
+__all__ = ["TransferLayout", "BurstSplitter", "BeatLayout", "Gearbox", "ReadInterleaver", "PageSplitter"]
 
 
 class TransferLayout(data.StructLayout):
@@ -217,4 +219,68 @@ class ReadInterleaver(wiring.Component):
         for k in range(n):
             m.d.comb += self.down[k].resp.ready.eq(up.resp.ready & order.r_rdy & (head == k))
         m.d.comb += order.r_en.eq(up.resp.valid & up.resp.ready & up.resp.p.last)
+        return m
+
+
+class PageSplitter(wiring.Component):
+    """Cut every read request that would cross a 4 KiB boundary in two; responses keep the request's ``last``.
+
+    The read-port contract (:mod:`m3vit_hw.lib.mem_port`) already forbids such requests; this stage
+    makes the AXI masters safe even when a unit breaks it (a unit whose burst alignment assumes a
+    page-aligned base: LayerNorm records at ``PARAM_BASE`` + offset did, with ``PARAM_BASE`` only
+    beat-aligned). Requests that fit pass unchanged, one cycle later.
+
+    Parameters
+    ----------
+    addr_width, data_bytes, max_burst : int
+        The read-port parameters (the same on both sides).
+    depth : int
+        Downstream requests outstanding (the FIFO of "not the final part" flags), 1..256.
+
+    Interface attributes
+    --------------------
+    up : ``In(ReadPortSignature(...))``
+    down : ``Out(ReadPortSignature(...))``
+        Every request within one 4 KiB page; a split request's first part answers with ``last`` on
+        its final beat, which ``up`` does not see.
+    """
+
+    def __init__(self, *, addr_width=32, data_bytes=16, max_burst=16, depth=16):
+        _check_int("depth", depth, 1, 256)
+        sig = ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)
+        self._db, self._depth = data_bytes, depth
+        super().__init__({"up": In(sig), "down": Out(sig)})
+
+    def elaborate(self, platform):
+        m = Module()
+        up, down = self.up, self.down
+        db = self._db
+        shift = db.bit_length() - 1
+        page_bits = BOUNDARY_BYTES.bit_length() - 1
+        m.submodules.parts = parts = fifo.SyncFIFOBuffered(width=1, depth=self._depth)
+
+        # One held request (registered, so the page arithmetic starts at a register).
+        hv = Signal()
+        addr = Signal.like(up.req.p.addr)
+        beats = Signal.like(up.req.p.beats)
+        m.d.comb += up.req.ready.eq(~hv)
+        with m.If(up.req.valid & up.req.ready):
+            m.d.sync += [hv.eq(1), addr.eq(up.req.p.addr), beats.eq(up.req.p.beats)]
+        room = Signal(page_bits - shift + 1)        # beats from addr to the end of its page
+        m.d.comb += room.eq((BOUNDARY_BYTES - addr[:page_bits]) >> shift)
+        first = Signal.like(beats)
+        m.d.comb += first.eq(Mux(beats <= room, beats, room))
+        more = beats != first
+        m.d.comb += [down.req.valid.eq(hv & parts.w_rdy), down.req.p.addr.eq(addr), down.req.p.beats.eq(first),
+                     parts.w_en.eq(down.req.valid & down.req.ready), parts.w_data.eq(more)]
+        with m.If(down.req.valid & down.req.ready):
+            with m.If(more):
+                m.d.sync += [addr.eq(addr + (first << shift)), beats.eq(beats - first)]
+            with m.Else():
+                m.d.sync += hv.eq(0)
+
+        m.d.comb += [up.resp.valid.eq(down.resp.valid & parts.r_rdy), up.resp.p.data.eq(down.resp.p.data),
+                     up.resp.p.last.eq(down.resp.p.last & ~parts.r_data),
+                     down.resp.ready.eq(up.resp.ready & parts.r_rdy),
+                     parts.r_en.eq(down.resp.valid & down.resp.ready & down.resp.p.last)]
         return m

@@ -25,9 +25,11 @@ writes each frame.
 Memory traffic: the core's read requests (weights, parameters, program, frame; its own arbiter has
 merged them) are spread round-robin over ``axi_masters`` AXI4 masters by a
 :class:`~.datapath.ReadInterleaver` (one per HP port) and come back in order. Writes (``STORE``) use
-master 0, with byte strobes. Every request of the core's ports is already a burst of at most
-``mem_max_burst`` beats that never crosses 4 KiB (the port contract, :mod:`m3vit_hw.lib.mem_port`),
-so the AXI bridge passes them through unsplit; ``sim/axi_checker.py`` checks it on the emitted Verilog.
+master 0, with byte strobes. Every request of the core's ports should already be a burst of at most
+``mem_max_burst`` beats that never crosses 4 KiB (the port contract, :mod:`m3vit_hw.lib.mem_port`);
+a :class:`~.datapath.PageSplitter` on the read side cuts any that would (the LayerNorm parameter
+reader assumes a record-aligned ``PARAM_BASE``), and the store DMA splits its own bursts at pages.
+``sim/axi_checker.py`` checks both on the emitted Verilog.
 
 :func:`xilinx_ports` and :class:`XilinxTop` give the Verilog top its Xilinx names: ``m_axi<k>_<signal>``,
 ``s_axi_<signal>``, ``interrupt``, ``aclk`` and ``aresetn``.
@@ -42,7 +44,7 @@ from ..config import AcceleratorConfig
 from ..encoder import EncoderTop, SeqError
 from .axi import AXI4LiteSignature, AXI4Signature, AxiMaster
 from .csr import CsrBlock
-from .datapath import ReadInterleaver
+from .datapath import PageSplitter, ReadInterleaver
 from .regmap import BASES, COUNTED_OPS, ERRORS, REGMAP_VERSION, config_id
 from .slice import AxiRegisterSlice
 
@@ -138,11 +140,14 @@ class AcceleratorTop(wiring.Component):
                 wiring.connect(m, sl.m, wiring.flipped(self.m_axi[k]))
             else:
                 wiring.connect(m, mk.axi, wiring.flipped(self.m_axi[k]))
+        # The core's reads must not cross 4 KiB (the port contract); the guard enforces it at the AXI edge.
+        m.submodules.pages = pages = PageSplitter(**port, depth=min(256, 2 * cfg.arbiter_depth))
+        wiring.connect(m, core.mem, pages.up)
         if n == 1:
-            wiring.connect(m, core.mem, masters[0].rd)
+            wiring.connect(m, pages.down, masters[0].rd)
         else:
             m.submodules.interleave = il = ReadInterleaver(n, **port, depth=cfg.arbiter_depth)
-            wiring.connect(m, core.mem, il.up)
+            wiring.connect(m, pages.down, il.up)
             for k in range(n):
                 wiring.connect(m, il.down[k], masters[k].rd)
         wiring.connect(m, core.wr, masters[0].wr)
