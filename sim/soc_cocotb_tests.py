@@ -194,8 +194,8 @@ async def test_registers(dut):
     err, _ = await _error_run(b, ok)
     assert err == err_bits["BAD_PROGRAM"], f"top: bad opcode: ERROR got 0x{err:X}"
     seen["BAD_PROGRAM"] = err
-    missing = sorted(op.name for op, _, _ in program.instructions
-                     if op not in b.units and op not in (Opcode.END, Opcode.SYNC))
+    missing = sorted({op.name for op, _, _ in program.instructions
+                      if op not in b.units and op not in (Opcode.END, Opcode.SYNC)})
     if missing:
         # The compiled program uses a unit this top lacks: the sequencer stops with NO_UNIT.
         b.ram.write(base, bytes(program.image))
