@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from m3vit_hw import numerics
-from m3vit_hw.attention.attn_layout import plan_attention
+from m3vit_hw.control.image_layout import attn_layout_for, moe_layout_for
 from m3vit_hw.control.isa import ROUTER_RECORD_BYTES, InstructionSet, Opcode
 from m3vit_hw.dense.embed_layout import plan_embed
 from m3vit_hw.dense.norm_stage import norm_lanes, norm_record_bytes
 from m3vit_hw.gemm.epilogue import EpilogueMode
-from m3vit_hw.moe.expert_layout import param_word_bytes, plan_moe, unpack_params
+from m3vit_hw.moe.expert_layout import param_word_bytes, unpack_params
 from reference import golden as g
 
 __all__ = ["ExecResult", "execute", "read_tokens", "run_program"]
@@ -46,6 +46,7 @@ class ExecResult:
 class _Machine:
     def __init__(self, mem, config, view, task, param_base, output_base):
         self.mem = mem
+        self.hw = config
         self.cfg = view
         self.task = task
         self.pb = param_base
@@ -155,7 +156,7 @@ class _Machine:
         cfg = self.cfg
         m = cfg.model
         T, D, H, hd = f["tokens"], m.dim, m.heads, m.head_dim
-        lay = plan_attention(cfg)
+        lay = attn_layout_for(cfg, self.hw)
         hp = lay.hw * self.C
         rw = cfg.row_words
         h = self.read(self.act, "activation", 0, rw, T, D)
@@ -177,8 +178,11 @@ class _Machine:
     def moe(self, f):
         cfg = self.cfg
         m = cfg.model
-        T, D, E = f["tokens"], m.dim, m.experts
-        lay = plan_moe(cfg)
+        T, D = f["tokens"], m.dim
+        # The image's layout: on a design elaborated for more experts / a wider hidden layer the gate is
+        # padded to the design's experts (padded logits never win, their probability is 0).
+        lay = moe_layout_for(cfg, self.hw)
+        E = lay.gate_cols
         rw = cfg.row_words
         h = self.read(self.act, "activation", 0, rw, T, D)
         x = self.read(self.res, "residual", 0, rw, T, D)

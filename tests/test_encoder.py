@@ -44,3 +44,71 @@ def test_partial_program_bit_exact():
 def test_refuses_bad_config():
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
         EncoderTop(None)
+
+
+def _frame_model(**kw):
+    """Two blocks (dense, then MoE), two tasks, 4x4 patches of a small frame."""
+    base = dict(depth=2, experts=4, top_k=2, expert_hidden=16)
+    base.update(kw)
+    return _model(**base)
+
+
+def test_small_frame_bit_exact():
+    """The whole encoder (LOAD_IMAGE, LN, ATTENTION, LN, dense GEMMs, LN, ATTENTION, LN, MOE, STORE)
+    through the top, one task, memory stalls; 5 tokens."""
+    model = _frame_model(img_size=(8, 8))
+    config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
+    rep = run_frames(config, [make_job(config, model, seed=21, task=1)], stall_prob=0.1, seed=21)[0]
+    _assert_ok(rep)
+    print(f"small frame T={model.tokens}: bit-exact vs golden, {rep['cycles']} cycles; {rep['cycles_per_op_class']}")
+
+
+@pytest.mark.slow
+def test_small_frame_every_task():
+    """The small model (2 blocks, one MoE, 2 tasks, 9 tokens) for every task, one after another on one
+    simulated top (the task register alone selects the gates); the outputs must differ by task."""
+    model = _frame_model()
+    config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
+    jobs = [make_job(config, model, seed=5, task=t, label=f"task{t}") for t in range(model.num_tasks)]
+    assert not np.array_equal(jobs[0].expected, jobs[1].expected), "the tasks must route differently"
+    for rep in run_frames(config, jobs, stall_prob=0.15, seed=5, latency=12):
+        _assert_ok(rep)
+        print(f"{rep['label']}: bit-exact, {rep['cycles']} cycles; {rep['cycles_per_op_class']}; "
+              f"PE busy {rep['pe_active_per_op_class']}")
+
+
+@pytest.mark.slow
+def test_odd_model_bit_exact():
+    """D = 12 (not a power of two; one and a half 8-lane words), head_dim 6, 3 experts (odd) of hidden
+    8 < D, top-2, dense hidden 20, 3 tasks, a 8x12 frame (7 tokens), 4x8 PEs; every task."""
+    model = _model(img_size=(8, 12), dim=12, heads=2, depth=2, experts=3, top_k=2, expert_hidden=8,
+                   mlp_hidden=20, tasks=("a", "b", "c"), task_channels=(1, 1, 1))
+    config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=8)
+    jobs = [make_job(config, model, seed=9, task=t, label=f"odd task{t}") for t in range(3)]
+    for rep in run_frames(config, jobs, stall_prob=0.1, seed=9):
+        _assert_ok(rep)
+        print(f"{rep['label']}: bit-exact, {rep['cycles']} cycles")
+
+
+@pytest.mark.slow
+def test_one_design_runs_two_models():
+    """One elaborated EncoderTop (sized for model A: 2 blocks, dense hidden 32, E=4 top-2 experts of
+    hidden 16, 2 heads) runs model A (task 0) and then model B (4 blocks: two dense of hidden 24, two
+    MoE with E=3 top-1 experts of hidden 12; 4 heads of 4; task 1) in one simulation, both bit-exact
+    against the golden model.
+    What differs at run time: depth and block order, the dense hidden width and its token tiling (GEMM
+    instructions carry every shape field), the MoE experts, top-k and expert hidden (MOE's run-time
+    shape fields: the image's gate is padded to the design's 4 experts, the expert plan is a table),
+    the attention heads (ATTENTION.dims), the task, every parameter and address. What may not differ
+    (elaborated into the units): image size and patch, D (LayerNorm, patch embedding), and the maxima
+    (experts, top-k, expert hidden, head width, context width, buffers)."""
+    a = _frame_model()
+    b = _frame_model(name="enc-b", depth=4, mlp_hidden=24, experts=3, top_k=1, expert_hidden=12, heads=4)
+    config = AcceleratorConfig(model=a, pe_rows=4, pe_cols=4)
+    jobs = [make_job(config, a, seed=31, task=0, label="A: depth 2, hidden 32, E4 top-2 h16"),
+            make_job(config, b, seed=32, task=1, label="B: depth 4, hidden 24, E3 top-1 h12, 4 heads")]
+    lay = jobs[1].program.layout
+    assert lay.moe_hw is config and lay.attn_hw is config, "model B must use the run-time shapes"
+    for rep in run_frames(config, jobs, stall_prob=0.1, seed=31):
+        _assert_ok(rep)
+        print(f"{rep['label']}: bit-exact, {rep['instructions']} instructions, {rep['cycles']} cycles")

@@ -28,7 +28,7 @@ from ..attention.attn_layout import buffer_map
 from ..dense.dense_layout import dense_buffer_map
 from ..dense.embed_layout import embed_buffer_map
 from ..gemm.epilogue import EpilogueMode
-from .image_layout import pack_image, plan_image
+from .image_layout import attn_dims, pack_image, plan_image
 from .isa import InstructionSet, Opcode
 
 __all__ = ["Program", "compile_model", "fit_config"]
@@ -137,14 +137,14 @@ def compile_model(config, qm):
     model = qm.cfg
     view = fit_config(config, model)
     isa = InstructionSet(config)
-    layout = plan_image(view)
-    insns = _emit(view, qm, layout)
+    layout = plan_image(view, hw=config)
+    insns = _emit(view, qm, layout, attn_dims(view, config))
     words = []
     for op, fields, wait in insns:
         words += isa.encode(op, wait=wait, **fields)
     program = b"".join(w.to_bytes(4, "little") for w in words)
     first = layout
-    layout = plan_image(view, program_bytes=len(program))
+    layout = plan_image(view, program_bytes=len(program), hw=config)
     # The program is the image's last section: nothing the instructions address may have moved.
     assert first.blocks == layout.blocks and first.output_addr == layout.output_addr, "program moved the image"
     image = pack_image(qm, layout, program)
@@ -152,7 +152,16 @@ def compile_model(config, qm):
                    layout=layout, image=image)
 
 
-def _emit(view, qm, layout):
+def _moe_shape(model, layout):
+    """The MOE instruction's run-time shape fields: all 0 for the elaborated model's shape, else the
+    model's top-k, the plan table and the expert stride (``image_layout.runtime_moe``)."""
+    if layout.moe_hw is None:
+        return dict(top_k=0, plan_fetch=0, plan_addr=0, expert_stride=0)
+    return dict(top_k=model.top_k, plan_fetch=1, plan_addr=layout.moe_plan,
+                expert_stride=layout.moe_layout.expert_stride)
+
+
+def _emit(view, qm, layout, dims=0):
     """The instruction list ``[(Opcode, fields, wait)]`` (addresses from ``layout``)."""
     m = view.model
     T = m.tokens
@@ -167,7 +176,7 @@ def _emit(view, qm, layout):
         out.append((Opcode.ATTENTION, dict(tokens=T, param_addr=b.attn, c_mult=int(a.c_mult),
                                            c_shift=int(a.c_shift), out_mult=int(a.out_mult),
                                            out_shift=int(a.out_shift), qkv_shift=int(a.qkv.shift),
-                                           proj_shift=int(a.proj.shift)), True))
+                                           proj_shift=int(a.proj.shift), dims=dims), True))
         out.append((Opcode.LAYERNORM, dict(res_base=0, act_base=0, tokens=T, param_addr=b.ln2,
                                            shift=int(qb.ln2.shift)), True))
         if b.kind == "moe":
@@ -175,7 +184,7 @@ def _emit(view, qm, layout):
             out.append((Opcode.MOE, dict(tokens=T, gate_addr=b.mlp + ml.gate_offset, gate_stride=ml.gate_stride,
                                          expert_addr=b.mlp + ml.experts_offset, router_addr=b.router,
                                          lut_addr=b.lut, fc1_shift=int(qb.mlp.fc1.shift),
-                                         fc2_shift=int(qb.mlp.fc2.shift)), True))
+                                         fc2_shift=int(qb.mlp.fc2.shift), **_moe_shape(m, layout)), True))
             continue
         dl = layout.dense_layout
         bm = dense_buffer_map(view)

@@ -30,14 +30,16 @@ import numpy as np
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..attention.attn_layout import pack_attention, plan_attention
+from ..attention.attn_sequencer import AttnShapeLayout
 from ..dense.dense_layout import pack_dense, plan_dense
 from ..dense.embed_layout import pack_embed, plan_embed
 from ..dense.norm_stage import norm_lanes, norm_record_bytes, pack_norm_params
-from ..moe.expert_layout import pack_moe, plan_moe
+from ..moe.expert_layout import PLAN_ENTRY_BYTES, pack_moe, pack_plan, plan_moe
 from .isa import ROUTER_RECORD_BYTES
 
 __all__ = ["BlockAddrs", "ImageLayout", "plan_image", "pack_image", "pack_router_table",
-           "output_row_bytes", "SECTIONS"]
+           "output_row_bytes", "SECTIONS", "runtime_moe", "moe_layout_for", "runtime_attention",
+           "attn_layout_for", "attn_dims"]
 
 #: Section names, in image order.
 SECTIONS = ("embed", "ln", "attn", "dense", "moe", "tables", "input", "output", "program")
@@ -47,6 +49,58 @@ _LUT_BYTES = 1 << numerics.ACT_BITS
 
 def _round_up(a, b):
     return -(-a // b) * b
+
+
+def runtime_moe(config, hw):
+    """Whether ``config.model``'s MoE layers run on the design elaborated for ``hw`` with a *run-time
+    shape* (:class:`~m3vit_hw.moe.moe_sequencer.MoESequencer`'s ``top_k`` / plan table / expert stride):
+    the model has MoE blocks, the same ``D`` as ``hw.model``, and at most its experts, expert hidden,
+    tasks and top-k, but not all the same. (A model of another ``D`` keeps its own layout: it runs only
+    in the executor.)"""
+    if hw is None or not config.model.moe_blocks:
+        return False
+    m, h = config.model, hw.model
+    shape = lambda x: (x.experts, x.expert_hidden, x.num_tasks, x.top_k)
+    return (m.dim == h.dim and shape(m) != shape(h)
+            and all(a <= b for a, b in zip(shape(m), shape(h))))
+
+
+def moe_layout_for(config, hw=None):
+    """The MoE layout of ``config.model`` as the image holds it: on ``hw``'s design with a run-time
+    shape (:func:`runtime_moe`: the gate padded to ``hw``'s experts, the expert tiles planned on its
+    buffers), else ``plan_moe(config)``."""
+    if runtime_moe(config, hw):
+        m = config.model
+        return plan_moe(hw, hidden=m.expert_hidden, experts=m.experts, tasks=m.num_tasks)
+    return plan_moe(config)
+
+
+def runtime_attention(config, hw):
+    """Whether ``config.model``'s attention runs on the design elaborated for ``hw`` with a run-time
+    shape (:class:`~m3vit_hw.attention.attn_sequencer.AttnSequencer`'s ``dims``): same ``D`` as
+    ``hw.model`` (LayerNorm and the patch embedding are elaborated for it), another head count."""
+    if hw is None:
+        return False
+    m, h = config.model, hw.model
+    return m.dim == h.dim and m.heads != h.heads
+
+
+def attn_layout_for(config, hw=None):
+    """The attention layout of ``config.model`` as the image holds it: planned on ``hw``'s design
+    with the model's heads (:func:`runtime_attention`), else ``plan_attention(config)``. Raises
+    ValueError (from :func:`~m3vit_hw.attention.attn_layout.plan_attention`) if the heads do not fit
+    the design."""
+    if runtime_attention(config, hw):
+        return plan_attention(hw, heads=config.model.heads)
+    return plan_attention(config)
+
+
+def attn_dims(config, hw=None):
+    """The ``ATTENTION.dims`` field: 0 for the design's own shape, else the packed
+    :meth:`~m3vit_hw.attention.attn_layout.AttnLayout.shape_fields` of :func:`attn_layout_for`."""
+    if not runtime_attention(config, hw):
+        return 0
+    return AttnShapeLayout(hw).const(attn_layout_for(config, hw).shape_fields()).as_value().value
 
 
 def output_row_bytes(config):
@@ -94,10 +148,20 @@ class ImageLayout:
     image_bytes: int
     sections: dict = field(default_factory=dict)
     breakdown: dict = field(default_factory=dict)
+    #: The expert plan table (run-time MoE shape, :func:`runtime_moe`), 0 if none.
+    moe_plan: int = 0
+    #: The design the MoE image is packed for (run-time MoE shape), or ``None``.
+    moe_hw: object = None
+    #: The design the attention images are packed for (run-time heads), or ``None``.
+    attn_hw: object = None
 
 
-def plan_image(config, *, program_bytes=0):
+def plan_image(config, *, program_bytes=0, hw=None):
     """The :class:`ImageLayout` of ``config``'s model (it depends on sizes only, not on values).
+
+    ``hw`` is the accelerator the program runs on when ``config`` is a view of it with another model
+    (:func:`~m3vit_hw.control.compiler.fit_config`): with a run-time MoE shape (:func:`runtime_moe`)
+    the MoE layers are laid out for ``hw``'s design and a plan table joins the ``tables`` section.
 
     Raises
     ------
@@ -114,9 +178,10 @@ def plan_image(config, *, program_bytes=0):
     lanes = norm_lanes(config)
     align = max(data_bytes, norm_record_bytes(config))
     emb = plan_embed(config)
-    att = plan_attention(config)
+    att = attn_layout_for(config, hw)
     den = plan_dense(config) if m.depth > len(m.moe_blocks) else None
-    moe = plan_moe(config) if m.moe_blocks else None
+    moe = moe_layout_for(config, hw) if m.moe_blocks else None
+    rt_moe = runtime_moe(config, hw)
     ln_bytes = _round_up(m.dim // lanes * norm_record_bytes(config), align)
     at = 0
     sections = {}
@@ -146,6 +211,7 @@ def plan_image(config, *, program_bytes=0):
     section("moe", start)
     start = at
     tables = {i: (take(_LUT_BYTES), take(m.num_tasks * ROUTER_RECORD_BYTES)) for i in m.moe_blocks}
+    moe_plan = take(len(plan_moe(hw).tiles) * PLAN_ENTRY_BYTES) if rt_moe else 0
     section("tables", start)
     inp_bytes = m.img_size[0] * m.img_size[1] * m.in_chans
     inp = take(inp_bytes)
@@ -185,7 +251,8 @@ def plan_image(config, *, program_bytes=0):
                        attn_layout=att, dense_layout=den, moe_layout=moe, norm_lanes=lanes, norm_bytes=ln_bytes,
                        blocks=blocks, program_addr=program, program_bytes=program_bytes, input_addr=inp,
                        input_bytes=inp_bytes, output_addr=out, output_bytes=out_bytes, image_bytes=at,
-                       sections=sections, breakdown=breakdown)
+                       sections=sections, breakdown=breakdown, moe_plan=moe_plan,
+                       moe_hw=hw if rt_moe else None, attn_hw=hw if runtime_attention(config, hw) else None)
 
 
 def pack_router_table(qmoe, tasks):
@@ -232,12 +299,20 @@ def pack_image(qm, layout, program=b""):
     for b, qb in zip(layout.blocks, qm.blocks):
         put(b.ln1, pack_norm_params(qb.ln1, config))
         put(b.ln2, pack_norm_params(qb.ln2, config))
-        put(b.attn, pack_attention(qb.attn, config)[0])
+        if layout.attn_hw is not None:
+            put(b.attn, pack_attention(qb.attn, layout.attn_hw, heads=m.heads)[0])
+        else:
+            put(b.attn, pack_attention(qb.attn, config)[0])
         if b.kind == "moe":
-            put(b.mlp, pack_moe(qb.mlp, config)[0])
+            if layout.moe_hw is not None:
+                put(b.mlp, pack_moe(qb.mlp, layout.moe_hw, layout=layout.moe_layout)[0])
+            else:
+                put(b.mlp, pack_moe(qb.mlp, config)[0])
             put(b.lut, _lut_bytes(qb.mlp.gelu_lut))
             put(b.router, pack_router_table(qb.mlp, m.num_tasks))
         else:
             put(b.mlp, pack_dense(qb.mlp, config)[0])
+    if layout.moe_hw is not None:
+        put(layout.moe_plan, pack_plan(layout.moe_layout, layout.moe_hw))
     put(layout.program_addr, program)
     return image

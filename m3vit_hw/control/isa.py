@@ -33,6 +33,7 @@ from amaranth.hdl import unsigned
 from amaranth.lib import data, enum
 
 from .. import numerics
+from ..attention.attn_sequencer import AttnShapeLayout
 from ..config import AcceleratorConfig
 from ..checks import check_int as _check_int
 # Bytes of one task's router record (``MOE.router_addr``): defined with the MoE layer's memory layout
@@ -179,6 +180,8 @@ class InstructionSet:
                 f("out_shift", shift, "AV output shift"),
                 f("qkv_shift", shift, "QKV requantization shift"),
                 f("proj_shift", shift, "projection requantization shift"),
+                Field("dims", AttnShapeLayout(c).size, "attention.attn_sequencer.AttnShapeLayout",
+                      "run-time shape (attn_layout.AttnLayout.shape_fields packed; 0: the elaborated model's)"),
             ],
             Opcode.MOE: [
                 f("tokens", tok, "T"),
@@ -190,6 +193,11 @@ class InstructionSet:
                 f("lut_addr", addr, "the experts' 256-byte GELU table"),
                 f("fc1_shift", shift, "experts' fc1 shift"),
                 f("fc2_shift", shift, "experts' fc2 shift"),
+                f("top_k", (_bits(c.model.top_k), "model.top_k"),
+                  "run-time shape: the layer's k (0: the elaborated model's)"),
+                f("plan_fetch", (1, "-"), "run-time shape: fetch the expert tile plan from plan_addr"),
+                f("plan_addr", addr, "run-time shape: the expert plan table (moe.expert_layout.pack_plan)"),
+                f("expert_stride", addr, "run-time shape: bytes between experts (with plan_fetch)"),
             ],
             Opcode.STORE: [
                 f("res_base", res, "first residual word"),

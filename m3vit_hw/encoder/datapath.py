@@ -8,10 +8,9 @@ It owns (one of each, sized by :class:`~m3vit_hw.config.AcceleratorConfig`):
 * the int16 residual buffer (``res_buffer_words``);
 * the row table (:class:`~m3vit_hw.gemm.gemm_engine.RowEntryLayout`, ``rowtab_entries`` deep): the
   engine reads it, the active client writes it through ``rt_wr``;
-* the ping-pong weight and column-parameter :class:`~m3vit_hw.moe.weight_buffer.WeightBuffer` pair and
-  their two :class:`~m3vit_hw.moe.weight_streamer.WeightStreamer` instances;
-* the external-memory :class:`~m3vit_hw.lib.mem_arbiter.ReadArbiter`: masters 0 and 1 are the weight
-  and parameter streamers, masters ``2 ..`` are the ``masters`` ports (one per reader of the top).
+* the weight path (:class:`~m3vit_hw.dense.weight_path.WeightPath`): the ping-pong weight and
+  column-parameter buffers, their two streamers and the external-memory read arbiter, whose masters 0
+  and 1 are the streamers and masters ``2 ..`` the ``masters`` ports (one per reader of the top).
 
 Its ports take *one* client each; the encoder top multiplexes the active client onto them
 (:func:`~m3vit_hw.encoder.mux.mux_interfaces`).
@@ -26,28 +25,27 @@ Address decode
   while their ``*_own`` input is high: LayerNorm and the patch loader write activations while the
   engine does not, the store DMA and the residual initialisation use the residual buffer while the
   engine does not. The e8 bank's write port belongs to ``e8_wr`` alone, the row table's to ``rt_wr``.
+* The parameter buffer's read port goes to ``param_rd`` (raw parameter words) while ``param_rd_own``
+  is high (the MoE router reads the gate bias in its gate phase), else to the engine's column
+  parameters.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..attention.attn_layout import buffer_map
 from ..config import AcceleratorConfig
-from ..dense.client import GemmClientSignature, connect_client, connect_weight_reads
+from ..attention.score_path import mem_addr_width
+from ..dense.client import GemmClientSignature, connect_client
+from ..dense.weight_path import WeightPath
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
-from ..lib.mem_arbiter import ReadArbiter
 from ..lib.mem_port import ReadPortSignature
-from ..moe.weight_buffer import WeightBuffer
-from ..moe.weight_streamer import WeightStreamer
+from ..moe.expert_layout import PARAM_LANE_BYTES
 
 __all__ = ["SharedDatapath", "param_half_bytes"]
-
-
-def _bits(n):
-    return max(1, (n - 1).bit_length())
 
 
 def param_half_bytes(config):
@@ -94,17 +92,14 @@ class SharedDatapath(wiring.Component):
         C = config.pe_cols
         db = config.mem_data_bytes
         port = dict(addr_width=config.mem_addr_width, data_bytes=db, max_burst=config.mem_max_burst)
-        tags = dict(tag_width=config.tile_tag_width)
         self._bm = bm = buffer_map(config)
-        self.e8_aw = _bits(bm.e8_words)
-        half = config.weight_buffer_half_bytes
+        self.e8_aw = mem_addr_width(bm.e8_words)
         phalf = param_half_bytes(config)
+        self._p_aw = max(1, (phalf // config.param_word_bytes - 1).bit_length())
         self.engine = GemmEngine(config)
-        self.arbiter = ReadArbiter(2 + masters, **port, depth=config.arbiter_depth)
-        self.wbuf = WeightBuffer(half, config.act_word_bytes, write_bytes=db, **tags)
-        self.pbuf = WeightBuffer(phalf, config.param_word_bytes, write_bytes=db, **tags)
-        self.wstream = WeightStreamer(half, **port, **tags)
-        self.pstream = WeightStreamer(phalf, **port, **tags)
+        self.weights = WeightPath(config, weight_half_bytes=config.weight_buffer_half_bytes,
+                                  param_half_bytes=phalf, param_word_bytes=config.param_word_bytes,
+                                  readers=masters)
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The buffers (exposed so that simulations can read them back between instructions).
@@ -131,6 +126,9 @@ class SharedDatapath(wiring.Component):
             "rt_wr": Out(memory.WritePort.Signature(addr_width=config.rowtab_addr_bits,
                                                     shape=RowEntryLayout(config))),
             "e8_wr": Out(memory.WritePort.Signature(addr_width=self.e8_aw, shape=word8)),
+            "param_rd": Out(memory.ReadPort.Signature(addr_width=self._p_aw,
+                                                      shape=unsigned(8 * config.param_word_bytes))),
+            "param_rd_own": In(1),
         }
         if masters:
             sig["masters"] = In(ReadPortSignature(**port)).array(masters)
@@ -145,19 +143,12 @@ class SharedDatapath(wiring.Component):
         cfg, bm = self._config, self._bm
         C = cfg.pe_cols
         eng = self.engine
-        for name in ("engine", "arbiter", "wbuf", "pbuf", "wstream", "pstream"):
-            m.submodules[name] = getattr(self, name)
-
-        # ---- external memory and the weight path -------------------------------------------------
-        arb = self.arbiter
-        wiring.connect(m, self.wstream.mem, arb.masters[0])
-        wiring.connect(m, self.pstream.mem, arb.masters[1])
-        for i in range(self._nm):
-            wiring.connect(m, wiring.flipped(self.masters[i]), arb.masters[2 + i])
-        wiring.connect(m, arb.mem, wiring.flipped(self.mem))
-        wiring.connect(m, self.wstream.buf, self.wbuf.write)
-        wiring.connect(m, self.pstream.buf, self.pbuf.write)
-        connect_client(m, wiring.flipped(self.client), eng, self.wstream, self.pstream, self.wbuf, self.pbuf)
+        m.submodules.engine = eng
+        wp = self.weights
+        wp.add_to(m, self.mem)
+        for i, master in enumerate(wp.readers):
+            wiring.connect(m, wiring.flipped(self.masters[i]), master)
+        connect_client(m, wiring.flipped(self.client), eng, wp.wstream, wp.pstream, wp.wbuf, wp.pbuf)
         wiring.connect(m, eng.o, wiring.flipped(self.o))
 
         # ---- buffers -----------------------------------------------------------------------------
@@ -188,15 +179,27 @@ class SharedDatapath(wiring.Component):
         b_sel = Signal()
         msb = cfg.b_addr_bits - 1
         main_aw = cfg.act_addr_bits
-        wr = self.wbuf.read
+        wr, pr = wp.wbuf.read, wp.pbuf.read
         m.d.comb += [
             b_main.addr.eq(eng.b_rd.addr[:main_aw]), b_main.en.eq(eng.b_rd.en),
+            wr.addr.eq(eng.b_rd.addr), wr.en.eq(eng.b_rd.en),
+            eng.b_rd.data.eq(Mux(b_sel, b_main.data.as_value(), wr.data)),
         ]
-        connect_weight_reads(m, eng, self.wbuf, self.pbuf, C)
-        # connect_weight_reads gives the engine the weight data; override it for the activation bank.
-        m.d.comb += eng.b_rd.data.eq(Mux(b_sel, b_main.data.as_value(), wr.data))
         with m.If(eng.b_rd.en):
             m.d.sync += b_sel.eq(eng.b_rd.addr[msb])
+
+        # Column parameters (lanes unpacked), or the raw words for the MoE router's gate phase.
+        m.d.comb += [
+            pr.addr.eq(Mux(self.param_rd_own, self.param_rd.addr, eng.colp_rd.addr)),
+            pr.en.eq(Mux(self.param_rd_own, self.param_rd.en, eng.colp_rd.en)),
+            self.param_rd.data.eq(pr.data),
+        ]
+        lane = PARAM_LANE_BYTES * 8
+        for c in range(C):
+            m.d.comb += [
+                eng.colp_rd.data[c].bias.eq(pr.data[c * lane:c * lane + numerics.BIAS_BITS]),
+                eng.colp_rd.data[c].mult.eq(pr.data[c * lane + 32:c * lane + 32 + numerics.MULT_BITS]),
+            ]
 
         # Side ports.
         act_w = act.write_port(granularity=1)

@@ -22,9 +22,12 @@ datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` (the sequencer changes 
 unit is idle). Every external reader is a master of the datapath's read arbiter.
 
 Model shape: LOAD_IMAGE (image size, patch grid, D) and LAYERNORM (D) are elaborated for
-``config.model``; GEMM instructions carry their whole shape, so dense blocks (hidden width, token
-tiling) change at run time; the depth, the block order, the task and every parameter address are run
-time (the program).
+``config.model``; ATTENTION takes its heads from the instruction's ``dims`` (0: the elaborated
+model's); MOE takes its experts, top-k and
+expert hidden (each at most the elaborated model's) from the instruction (``top_k``, ``plan_fetch``,
+``plan_addr``, ``expert_stride``); GEMM instructions carry their whole shape, so dense blocks (hidden
+width, token tiling) change at run time; the depth, the block order, the task and every parameter
+address are run time (the program).
 
 Counters (reset by start, valid after ``done``): ``cycles``; ``op_cycles[op]`` (cycles the unit of
 opcode class ``op`` is busy); ``pe_cycles[op]`` (PE-array busy cycles while that class owns the
@@ -35,6 +38,8 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..attention.attn_layout import buffer_map, plan_attention
+from ..attention.attn_sequencer import AttnSequencer
 from ..config import AcceleratorConfig
 from ..control.isa import Opcode
 from ..dense.embed_layout import embed_buffer_map, plan_embed
@@ -43,6 +48,7 @@ from ..dense.patch_embed import EmbedSequencer
 from ..dense.patch_loader import PatchLoader
 from ..gemm.epilogue import StreamOutLayout
 from ..lib.mem_port import ReadPortSignature, WritePortSignature
+from ..moe.moe_sequencer import MoESequencer
 from .datapath import SharedDatapath
 from .gemm_exec import GemmExecutor
 from .mux import mux_interfaces
@@ -112,11 +118,16 @@ class EncoderTop(wiring.Component):
         self.norm = NormStage(config)
         self.gemm = GemmExecutor(config)
         self.store = StoreDma(config)
-        units = (Opcode.LOAD_IMAGE, Opcode.LAYERNORM, Opcode.GEMM, Opcode.STORE)
+        self.attention = AttnSequencer(config, plan_attention(config), buffer_map(config))
+        self.moe = MoESequencer(config) if config.model.moe_blocks else None
+        units = [Opcode.LOAD_IMAGE, Opcode.LAYERNORM, Opcode.GEMM, Opcode.ATTENTION, Opcode.STORE]
+        if self.moe is not None:
+            units.append(Opcode.MOE)
         self.sequencer = ProgramSequencer(config, units=units)
-        # Read masters 2..: sequencer, LayerNorm records, patch loader, residual init, GELU tables.
+        # Read masters 2..: sequencer, LayerNorm records, patch loader, residual init, GELU tables,
+        # the MoE client's router records and GELU table.
         self._readers = [self.sequencer.mem, self.norm.mem, self.loader.mem, self.embed.init_mem,
-                         self.gemm.lut_mem]
+                         self.gemm.lut_mem] + ([self.moe.mem] if self.moe is not None else [])
         self.datapath = SharedDatapath(config, masters=len(self._readers))
         cw = config.counter_width
         super().__init__({
@@ -146,8 +157,11 @@ class EncoderTop(wiring.Component):
         isa = self.isa
         seq, dp, emb, ld, nrm, gx, st = (self.sequencer, self.datapath, self.embed, self.loader, self.norm,
                                          self.gemm, self.store)
-        for name in ("sequencer", "datapath", "embed", "loader", "norm", "gemm", "store"):
+        at, mo = self.attention, self.moe
+        for name in ("sequencer", "datapath", "embed", "loader", "norm", "gemm", "store", "attention"):
             m.submodules[name] = getattr(self, name)
+        if mo is not None:
+            m.submodules.moe = mo
         m.submodules.null_sink = null = _NullSink(cfg)
 
         # ---- external memory -------------------------------------------------------------------------
@@ -162,7 +176,9 @@ class EncoderTop(wiring.Component):
                      self.cycles.eq(seq.cycles), self.insn_count.eq(seq.insn_count),
                      self.op_cycles.eq(seq.op_cycles)]
         busy = {Opcode.LOAD_IMAGE: emb.busy | ld.busy, Opcode.LAYERNORM: nrm.busy, Opcode.GEMM: gx.busy,
-                Opcode.STORE: st.busy}
+                Opcode.ATTENTION: at.busy, Opcode.STORE: st.busy}
+        if mo is not None:
+            busy[Opcode.MOE] = mo.busy
         for op, b in busy.items():
             m.d.comb += seq.unit_busy[op.value].eq(b)
 
@@ -179,6 +195,7 @@ class EncoderTop(wiring.Component):
             return data.View(isa.layout(op), ins.payload.bits)
 
         li, ln, gm, so = view(Opcode.LOAD_IMAGE), view(Opcode.LAYERNORM), view(Opcode.GEMM), view(Opcode.STORE)
+        ai, mi = view(Opcode.ATTENTION), view(Opcode.MOE)
         with m.Switch(ins.payload.op):
             with m.Case(Opcode.LOAD_IMAGE):
                 m.d.comb += [
@@ -208,6 +225,32 @@ class EncoderTop(wiring.Component):
                     gj.shift.eq(gm.shift), gj.mode.eq(gm.mode),
                     gj.gather.eq(gm.gather), gj.scatter.eq(gm.scatter), gj.sync.eq(gm.wait),
                 ]
+            with m.Case(Opcode.ATTENTION):
+                ap = at.start.payload
+                # dims: the run-time shape (0: the elaborated model's).
+                m.d.comb += [
+                    at.start.valid.eq(ins.valid), ins.ready.eq(at.start.ready),
+                    ap.tokens.eq(ai.tokens), ap.base.eq(pb + ai.param_addr),
+                    ap.c_mult.eq(ai.c_mult), ap.c_shift.eq(ai.c_shift),
+                    ap.out_mult.eq(ai.out_mult), ap.out_shift.eq(ai.out_shift),
+                    ap.qkv_shift.eq(ai.qkv_shift), ap.proj_shift.eq(ai.proj_shift),
+                    ap.dims.eq(ai.dims),
+                ]
+            if mo is not None:
+                with m.Case(Opcode.MOE):
+                    mp = mo.start.payload
+                    # The router record and the GELU table come from memory (router_fetch, lut_fetch);
+                    # top_k / plan / expert stride from the instruction (0: the elaborated shape).
+                    m.d.comb += [
+                        mo.start.valid.eq(ins.valid), ins.ready.eq(mo.start.ready),
+                        mp.task.eq(regs.task), mp.tokens.eq(mi.tokens),
+                        mp.gate_base.eq(pb + mi.gate_addr), mp.expert_base.eq(pb + mi.expert_addr),
+                        mp.fc1_shift.eq(mi.fc1_shift), mp.fc2_shift.eq(mi.fc2_shift),
+                        mp.router_fetch.eq(1), mp.router_addr.eq(pb + mi.router_addr),
+                        mp.lut_fetch.eq(1), mp.lut_addr.eq(pb + mi.lut_addr),
+                        mp.top_k.eq(mi.top_k), mp.plan_fetch.eq(mi.plan_fetch),
+                        mp.plan_addr.eq(pb + mi.plan_addr), mp.expert_stride.eq(mi.expert_stride),
+                    ]
             with m.Case(Opcode.STORE):
                 m.d.comb += [
                     st.start.valid.eq(ins.valid), ins.ready.eq(st.start.ready),
@@ -217,7 +260,9 @@ class EncoderTop(wiring.Component):
 
         # ---- the datapath's owner ----------------------------------------------------------------------
         # GEMM clients: index by opcode class.
-        clients = [(Opcode.LOAD_IMAGE, emb.client), (Opcode.GEMM, gx.client)]
+        clients = [(Opcode.LOAD_IMAGE, emb.client), (Opcode.GEMM, gx.client), (Opcode.ATTENTION, at.client)]
+        if mo is not None:
+            clients.append((Opcode.MOE, mo.client))
         csel = Signal(range(len(clients) + 1))
         m.d.comb += csel.eq(len(clients))
         for i, (op, _) in enumerate(clients):
@@ -225,10 +270,34 @@ class EncoderTop(wiring.Component):
                 m.d.comb += csel.eq(i)
         cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",))
         _connect_client(m, cl, dp.client)
-        # The engine's result stream: no RAW consumer yet but the null sink.
-        osel = Signal()
-        o = mux_interfaces(m, osel, [null.o], name="o")
+        # The engine's result stream (RAW scores, gate logits): attention or the MoE router, else the
+        # null sink.
+        consumers = [(Opcode.ATTENTION, at.o)] + ([(Opcode.MOE, mo.o)] if mo is not None else [])
+        osel = Signal(range(len(consumers) + 1))
+        m.d.comb += osel.eq(len(consumers))
+        for i, (op, _) in enumerate(consumers):
+            with m.If(active == op):
+                m.d.comb += osel.eq(i)
+        o = mux_interfaces(m, osel, [c for _, c in consumers] + [null.o], name="o")
         wiring.connect(m, dp.o, o)
+        # The one row table: attention's score path or the MoE reorder controller writes it.
+        writers = [(Opcode.ATTENTION, at.rt_wr)] + ([(Opcode.MOE, mo.rt_wr)] if mo is not None else [])
+        wsel = Signal(range(len(writers) + 1))
+        m.d.comb += wsel.eq(len(writers))
+        for i, (op, _) in enumerate(writers):
+            with m.If(active == op):
+                m.d.comb += wsel.eq(i)
+        rt = mux_interfaces(m, wsel, [w for _, w in writers], name="rt_w")
+        wiring.connect(m, rt, dp.rt_wr)
+        wiring.connect(m, at.e8_wr, dp.e8_wr)
+        m.d.comb += dp.e8_mode.eq(active == Opcode.ATTENTION)
+        # The parameter buffer's read port for the MoE router's gate phase.
+        if mo is not None:
+            m.d.comb += [dp.param_rd_own.eq((active == Opcode.MOE) & mo.param.own),
+                         dp.param_rd.addr.eq(mo.param.rd.addr), dp.param_rd.en.eq(mo.param.rd.en),
+                         mo.param.rd.data.eq(dp.param_rd.data)]
+        else:
+            m.d.comb += [dp.param_rd_own.eq(0), dp.param_rd.en.eq(0)]
 
         # Activation side writes: LayerNorm or the patch loader.
         is_ln, is_li, is_st = active == Opcode.LAYERNORM, active == Opcode.LOAD_IMAGE, active == Opcode.STORE
@@ -257,8 +326,7 @@ class EncoderTop(wiring.Component):
         # The loader takes the embedding's commands.
         wiring.connect(m, emb.loader, ld.cmd)
         m.d.comb += emb.loader_done.eq(ld.done)
-        m.d.comb += [dp.e8_mode.eq(0), dp.act_rd_own.eq(0), dp.act_rd.en.eq(0),
-                     dp.rt_wr.en.eq(0), dp.e8_wr.en.eq(0)]
+        m.d.comb += [dp.act_rd_own.eq(0), dp.act_rd.en.eq(0)]
 
         # ---- PE-busy counters per class ------------------------------------------------------------------
         pe = dp.engine.pe_active
