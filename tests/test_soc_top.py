@@ -8,7 +8,6 @@ import pytest
 from amaranth.sim import Simulator
 
 from m3vit_hw.soc.axi import AXI4LiteSignature, AXI4Signature, WritePortSignature
-from m3vit_hw.soc.datapath import BurstSplitter, Gearbox
 from m3vit_hw.soc.regmap import FIELDS
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.model_config import ModelConfig
@@ -82,70 +81,6 @@ def test_signatures_compare_and_reject():
         AXI4LiteSignature(data_width=128)
     with pytest.raises(ValueError, match="max_burst"):
         WritePortSignature(data_bytes=16, max_burst=512)
-
-
-def test_burst_splitter_respects_4k_and_max_burst():
-    """Random transfers: bursts cover them exactly, in order, never longer than max_burst or over 4 KiB."""
-    dut = BurstSplitter(addr_width=32, data_bytes=16, max_burst=16)
-    rng = random.Random(3)
-    transfers = [(rng.randrange(0, 1 << 16) * 16, rng.choice([0, 1, 5, 16, 17, 300, 600])) for _ in range(12)]
-    got = []
-
-    async def feed(ctx):
-        st = Stalls(0.3, 1)
-        for a, n in transfers:
-            await stream_put(ctx, dut.cmd, {"addr": a, "beats": n}, stalls=st)
-
-    async def take(ctx):
-        st = Stalls(0.3, 2)
-        for _ in range(sum(-(-n // 16) + 260 for _, n in transfers)):
-            if sum(b for _, b in got) == sum(n for _, n in transfers):
-                break
-            p = await stream_get(ctx, dut.req, stalls=st)
-            got.append((p.addr, p.beats))
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(feed)
-    sim.add_testbench(take)
-    sim.run()
-    expected = [(a + 16 * i) for a, n in transfers for i in range(n)]
-    flat = []
-    for a, b in got:
-        assert 1 <= b <= 16, f"burst of {b} beats"
-        assert a // 4096 == (a + 16 * b - 1) // 4096, f"burst at 0x{a:X} of {b} beats crosses 4 KiB"
-        flat += [a + 16 * i for i in range(b)]
-    assert flat == expected
-
-
-@pytest.mark.parametrize("ib,ob", [(16, 4), (4, 16), (16, 1), (16, 32)])
-def test_gearbox_round_trip(ib, ob):
-    """Little-endian width conversion with stalls on both sides: the byte stream is unchanged."""
-    dut = Gearbox(ib, ob)
-    rng = random.Random(ib * 100 + ob)
-    nbytes = 4 * max(ib, ob)
-    data = bytes(rng.randrange(256) for _ in range(nbytes))
-    out = bytearray()
-
-    async def feed(ctx):
-        st = Stalls(0.3, 5)
-        for i in range(0, nbytes, ib):
-            await stream_put(ctx, dut.i, {"data": int.from_bytes(data[i:i + ib], "little"),
-                                          "strb": (1 << ib) - 1}, stalls=st)
-
-    async def take(ctx):
-        st = Stalls(0.3, 6)
-        for _ in range(nbytes // ob):
-            p = await stream_get(ctx, dut.o, stalls=st)
-            out.extend(int(p.data).to_bytes(ob, "little"))
-            assert p.strb == (1 << ob) - 1
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(feed)
-    sim.add_testbench(take)
-    sim.run()
-    assert bytes(out) == data
 
 
 def test_skid_buffer_loses_nothing():
