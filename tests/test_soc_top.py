@@ -163,3 +163,46 @@ def test_page_splitter_cuts_at_4k_and_keeps_last():
     want = [(a + 16 * i, int(i == n - 1)) for a, n in reqs for i in range(n)]
     assert got == want, "page splitter: beats or last flags differ from the requests"
     assert len(down) > len(reqs), "no request was split (the test lost its point)"
+
+
+def test_top_program_errors():
+    """An opcode outside the ISA is ERROR.BAD_PROGRAM; MOE on a build without an MoE unit (a model
+    with no MoE block) is ERROR.NO_UNIT; both end the run with DONE and the interrupt."""
+    from m3vit_hw.control.isa import InstructionSet, Opcode
+    from m3vit_hw.soc.regmap import OFFSETS
+    from sim.axi_pysim import AxiLiteCpu, SparseBytes, axi_memory
+    cfg = AcceleratorConfig(model=_tiny().model.with_(depth=1), pe_rows=4, pe_cols=4)
+    assert not cfg.model.moe_blocks
+    isa = InstructionSet(cfg)
+    zero = {f.name: 0 for f in isa.fields(Opcode.MOE)}
+
+    def words(*insns):
+        return b"".join(w.to_bytes(4, "little") for op, f in insns for w in isa.encode(op, **f))
+
+    mem = SparseBytes()
+    mem.write(0x1000, words((Opcode.MOE, zero), (Opcode.END, {})))
+    bad = bytearray(words((Opcode.END, {}), (Opcode.END, {})))
+    bad[0] = (bad[0] & 0xF0) | 0xF
+    mem.write(0x2000, bytes(bad))
+    top = AcceleratorTop(cfg)
+    cpu = AxiLiteCpu(top.s_axi)
+    got = []
+
+    async def host(ctx):
+        for program in (0x1000, 0x2000):
+            await cpu.write(ctx, OFFSETS["PROGRAM_BASE_LO"], program)
+            await cpu.write(ctx, OFFSETS["IRQ_ENABLE"], 1)
+            await cpu.write(ctx, OFFSETS["CTRL"], 1)
+            for _ in range(2000):
+                if (await cpu.read(ctx, OFFSETS["STATUS"])) & 2:
+                    break
+            got.append((await cpu.read(ctx, OFFSETS["ERROR"]), ctx.get(top.interrupt)))
+            await cpu.write(ctx, OFFSETS["IRQ_STATUS"], 1)
+
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    sim.add_testbench(axi_memory(top.m_axi[0], mem, data_bytes=top.data_bytes, pause=0.2, seed=1),
+                      background=True)
+    sim.add_testbench(host)
+    sim.run()
+    assert got == [(FIELDS[("ERROR", "NO_UNIT")].mask, 1), (FIELDS[("ERROR", "BAD_PROGRAM")].mask, 1)], got
