@@ -76,12 +76,26 @@ def emit(config, axi_masters, out_dir):
     return top, [out_dir / "m3vit_accel.sv", out_dir / "m3vit_check_top.v"]
 
 
+def _generator_key(config, axi_masters):
+    """Hash of everything the emitted Verilog depends on: the generator's sources (``m3vit_hw``, the
+    checker), the config and the master count. Equal keys give equal Verilog, so emitting is skipped."""
+    h = hashlib.sha256(repr((config, axi_masters)).encode() + _BUILD_FLAVOUR)
+    for path in sorted((ROOT / "m3vit_hw").rglob("*.py")) + [ROOT / "sim" / "axi_checker.py"]:
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build(case, cache_dir=None):
-    """Emit and compile case ``case``; returns ``(top, build_dir)``. Reuses a build of identical Verilog."""
+    """Emit and compile case ``case``; returns ``(top, build_dir)``. Reuses a build of identical Verilog
+    (keyed by the Verilog's hash), and skips emitting when the generator's sources and the config are
+    those of a cached build (the emit alone takes 10-30 s)."""
     from cocotb_tools.runner import get_runner
     cfg, masters = case_config(case)
     cache_dir = pathlib.Path(cache_dir or ROOT / "build" / "cocotb")
     src_dir = cache_dir / f"{case}_src"
+    key_file = cache_dir / f"{case}_key_{_generator_key(cfg, masters)}"
+    if key_file.exists() and (cache_dir / key_file.read_text().strip() / "m3vit_check_top").exists():
+        return AcceleratorTop(cfg, axi_masters=masters), cache_dir / key_file.read_text().strip()
     top, sources = emit(cfg, masters, src_dir)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + _BUILD_FLAVOUR).hexdigest()[:16]
     build_dir = cache_dir / f"{case}_{digest}"
@@ -100,6 +114,7 @@ def build(case, cache_dir=None):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    key_file.write_text(build_dir.name + "\n")
     return top, build_dir
 
 
