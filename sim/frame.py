@@ -59,6 +59,9 @@ class FrameJob:
     param_base: int = 0
     expected: np.ndarray = None
     label: str = ""
+    #: ``{image offset: byte}`` written into the simulated memory only (not the executor's copy): a
+    #: fault to show the diff ladder at work.
+    rtl_patch: dict = None
 
 
 def strip_program(program, drop):
@@ -157,6 +160,8 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
         mem[j.param_base:j.param_base + len(j.program.image)] = j.program.image
         at = j.param_base + lay.input_addr
         mem[at:at + lay.input_bytes] = np.ascontiguousarray(j.img).tobytes()
+        for off, byte in (j.rtl_patch or {}).items():
+            mem[j.param_base + off] = byte
     xm = ExternalMemory(mem, bytes_per_cycle=bytes_per_cycle or db, latency=latency, stall_prob=stall_prob,
                         seed=seed, max_outstanding=4)
     mem = xm.data                     # the model's own (mutable) copy: STORE writes land there
@@ -177,7 +182,8 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
             snaps = []                       # (instruction index, res words, h words)
             await stream_put(ctx, top.start, {
                 "task": j.task, "program_base": j.param_base + lay.program_addr,
-                "param_base": j.param_base, "output_base": j.param_base + lay.output_addr}, stalls=stalls)
+                "param_base": j.param_base, "output_base": j.param_base + lay.output_addr,
+                "image_base": j.param_base}, stalls=stalls)
             t0 = time.time()
             cycles, index = 0, 0
             while not ctx.get(top.done):
@@ -201,6 +207,7 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
                 "pe_active_per_op_class": {n: ctx.get(top.pe_cycles[op.value])
                                            for op, n in OP_CLASS_NAMES.items()},
                 "wall_seconds": round(time.time() - t0, 1),
+                "dispatch_overhead_cycles": None,
                 "_snaps": snaps,
             }
             reports.append(rep)
@@ -235,6 +242,11 @@ def _check(config, job, rep, mem):
     want = job.expected if job.expected is not None else read_tokens(emem, view, lay.output_addr)
     bad = np.argwhere(got != want)
     snaps = rep.pop("_snaps")
+    ops, pe = rep["cycles_per_op_class"], rep["pe_active_per_op_class"]
+    # PE-array busy fraction while each class owns the datapath, and the cycles no unit was busy
+    # (program fetch, decode, dispatch; units never overlap in the programs the compiler emits).
+    rep["pe_busy_fraction_per_op_class"] = {k: round(pe[k] / ops[k], 4) if ops[k] else 0.0 for k in ops}
+    rep["dispatch_overhead_cycles"] = rep["cycles"] - sum(ops.values())
     rep.update(bit_exact=bool(not len(bad)) and rep["error"] == "NONE", mismatches=int(len(bad)),
                first_mismatch=None, macs=int(res.macs), reference="golden_model.encode"
                if job.expected is not None else "program_executor")

@@ -121,7 +121,8 @@ class _Machine:
             raise ValueError(f"LOAD_IMAGE {f['img_rows']}x{f['img_cols']} does not match the model's {m.img_size}")
         H, W = m.img_size
         p, cin = m.patch_size, m.in_chans
-        img = np.frombuffer(self.raw(f["img_addr"], H * W * cin), dtype=np.uint8).astype(np.int64) - 128
+        raw = self.raw(f["img_addr"], H * W * cin, base=self.ib)
+        img = np.frombuffer(raw, dtype=np.uint8).astype(np.int64) - 128
         # The loader's unfolding: patch rows in raster order, features in (kh, kw, c) order.
         patches = img.reshape(H // p, p, W // p, p, cin).transpose(0, 2, 1, 3, 4).reshape(-1, p * p * cin)
         lay = plan_embed(self.cfg)
@@ -239,7 +240,7 @@ class _Machine:
 
 
 def execute(mem, config, model_config, *, task, param_base, program_base, output_base,
-            max_instructions=1 << 20, observer=None):
+            max_instructions=1 << 20, observer=None, image_base=None):
     """Run the program at ``program_base`` over ``mem`` (a bytearray, modified in place: STORE writes).
 
     Parameters
@@ -252,6 +253,9 @@ def execute(mem, config, model_config, *, task, param_base, program_base, output
         The compiled model's view (``Program.model_config``).
     task : int
         The run-time task register.
+    image_base : int or None
+        ``LOAD_IMAGE.img_addr`` is relative to it (the sequencer's ``image_base`` register); default
+        ``param_base`` (the frame in the image's ``input`` section).
     observer : callable or None
         Called as ``observer(index, opcode, fields, act, res)`` after every executed instruction
         (``act`` and ``res`` are the on-chip buffers as ``[words, pe_cols]`` int64 arrays; copy what
@@ -269,6 +273,7 @@ def execute(mem, config, model_config, *, task, param_base, program_base, output
         raise ValueError(f"task must be in [0, {m.num_tasks - 1}], not {task!r}")
     isa = InstructionSet(config)
     mach = _Machine(mem, config, model_config, task, param_base, output_base)
+    mach.ib = param_base if image_base is None else image_base
     run = {Opcode.LOAD_IMAGE: mach.load_image, Opcode.LAYERNORM: mach.layernorm, Opcode.ATTENTION: mach.attention,
            Opcode.MOE: mach.moe, Opcode.GEMM: mach.gemm, Opcode.STORE: mach.store, Opcode.SYNC: lambda f: None}
     result = ExecResult()

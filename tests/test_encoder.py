@@ -30,8 +30,9 @@ def _assert_ok(rep):
 
 def test_partial_program_bit_exact():
     """LOAD_IMAGE, LAYERNORM x2, the dense MLP as GEMM tiles (fc1 GELU8 tiles, fc2 RESADD tiles) and
-    STORE; D = 12 (3 words of 4 lanes: the store ends on a half beat), hidden 40 (a ragged N tile)."""
-    model = _model(dim=12, mlp_hidden=40)
+    STORE; D = 12 (3 words of 4 lanes: the store of 5 x 3 words ends on a half beat), hidden 40 (a
+    ragged N tile)."""
+    model = _model(dim=12, mlp_hidden=40, img_size=(8, 8))
     config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
     job = make_job(config, model, seed=3, task=1, drop=[Opcode.ATTENTION])
     ops = {op for op, _, _ in job.program.instructions}
@@ -39,6 +40,23 @@ def test_partial_program_bit_exact():
     rep = run_frames(config, [job], stall_prob=0.2, seed=3)[0]
     _assert_ok(rep)
     print(f"partial program D=12: bit-exact, {rep['cycles']} cycles; {rep['cycles_per_op_class']}")
+
+
+def test_diff_ladder_names_the_first_bad_op():
+    """A fault in the second LayerNorm's parameter records (in the simulated memory only) must be
+    reported by the diff ladder as that LAYERNORM instruction of block 0, on the ``h`` rows."""
+    model = _model(img_size=(8, 8))
+    config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
+    job = make_job(config, model, seed=4, task=0, drop=[Opcode.ATTENTION])
+    ln2 = job.program.layout.blocks[0].ln2
+    job.rtl_patch = {ln2: job.program.image[ln2] ^ 0x40}       # gamma of channel 0
+    rep = run_frames(config, [job], seed=4)[0]
+    assert not rep["bit_exact"]
+    fm = rep["first_mismatch"]
+    index = [i for i, (op, f, _) in enumerate(job.program.instructions)
+             if op is Opcode.LAYERNORM and f["param_addr"] == ln2][0]
+    assert (fm["block"], fm["op"], fm["buffer"], fm["instructions"][1]) == (0, "LAYERNORM", "h", index), fm
+    print(f"diff ladder: {fm}")
 
 
 def test_refuses_bad_config():

@@ -2,7 +2,8 @@
 
 Behaviour (the RTL twin of :func:`sim.program_executor.execute`; ``docs/isa.md``)
 ------------------------------------------------------------------------------
-1. ``start`` takes the four registers (``task``, ``program_base``, ``param_base``, ``output_base``);
+1. ``start`` takes the registers (``task``, ``program_base``, ``param_base``, ``output_base``,
+   ``image_base``);
    they stay on ``regs`` for the units until the next start.
 2. **Fetch.** Instructions are read in bursts (up to ``fetch_burst`` beats, never across a 4 KiB
    boundary) into a beat FIFO, several requests outstanding while the FIFO has room for their beats.
@@ -57,7 +58,9 @@ class SeqError(enum.Enum, shape=2):
 
 class SeqStartLayout(data.StructLayout):
     """The start registers: ``task``, ``program_base`` (beat-aligned), ``param_base`` (the image),
-    ``output_base`` (where ``STORE`` writes)."""
+    ``output_base`` (where ``STORE`` writes), ``image_base`` (``LOAD_IMAGE.img_addr`` is relative to
+    it: ``param_base`` for a frame in the image's ``input`` section, or ``frame - input_addr`` for a
+    camera frame in a buffer of its own)."""
 
     def __init__(self, addr_width):
         super().__init__({
@@ -65,6 +68,7 @@ class SeqStartLayout(data.StructLayout):
             "program_base": unsigned(addr_width),
             "param_base": unsigned(addr_width),
             "output_base": unsigned(addr_width),
+            "image_base": unsigned(addr_width),
         })
 
 

@@ -15,9 +15,9 @@
                     read arbiter) ------------------------------------------> mem
 
 The sequencer hands each instruction to its opcode's unit, turning the instruction's fields into the
-unit's start payload (``*_addr`` fields plus ``param_base``; ``STORE.dst_addr`` plus ``output_base``;
-the task register for ``MOE``). The unit of the last dispatched instruction owns the shared datapath:
-its GEMM-client port, the engine's result stream and the buffers' side ports are multiplexed onto the
+unit's start payload (``*_addr`` fields plus ``param_base``; ``LOAD_IMAGE.img_addr`` plus
+``image_base``; ``STORE.dst_addr`` plus ``output_base``; the task register for ``MOE``). The unit of
+the last dispatched instruction owns the shared datapath: its GEMM-client port, the engine's result stream and the buffers' side ports are multiplexed onto the
 datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` (the sequencer changes owner only while every
 unit is idle). Every external reader is a master of the datapath's read arbiter.
 
@@ -96,7 +96,8 @@ class EncoderTop(wiring.Component):
     --------------------
     start : In(stream.Signature(SeqStartLayout(mem_addr_width)))
         ``task``, ``program_base`` (beat-aligned), ``param_base`` (the image, beat-aligned),
-        ``output_base`` (beat-aligned); accepted while not busy.
+        ``output_base`` (beat-aligned), ``image_base`` (LOAD_IMAGE's ``img_addr`` is relative to it:
+        ``param_base`` when the frame is in the image's ``input`` section); accepted while not busy.
     mem : Out(ReadPortSignature(mem_addr_width, mem_data_bytes, mem_max_burst))
     wr : Out(WritePortSignature(...))
     done : Out(1)
@@ -201,7 +202,7 @@ class EncoderTop(wiring.Component):
                 m.d.comb += [
                     emb.start.valid.eq(ins.valid), ins.ready.eq(emb.start.ready),
                     emb.start.payload.base.eq(pb + li.param_addr),
-                    emb.start.payload.img_base.eq(pb + li.img_addr),
+                    emb.start.payload.img_base.eq(regs.image_base + li.img_addr),
                     emb.start.payload.shift.eq(li.shift),
                 ]
             with m.Case(Opcode.LAYERNORM):
