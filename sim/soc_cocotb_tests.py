@@ -176,7 +176,7 @@ async def test_registers(dut):
 
     program, _, _ = make_frame(cfg, seed=5)          # the whole program, every opcode
     base = 0x0010_0000
-    ok = {"PROGRAM": base + program.program_addr, "PARAM": base, "OUTPUT": 0x0080_0000}
+    ok = {"PROGRAM": base + program.program_addr, "PARAM": base, "OUTPUT": 0x0080_0000, "IMAGE": base}
     err_bits = {f: FIELDS[("ERROR", f)].mask for f in ("UNALIGNED", "BAD_TASK", "BAD_PROGRAM", "NO_UNIT")}
     seen = {}
     err, irqs = await _error_run(b, {**ok, "OUTPUT": ok["OUTPUT"] + cfg.mem_data_bytes // 2})
@@ -228,10 +228,20 @@ async def test_frame(dut):
     for r in range(runs):
         task = r % view.model.num_tasks
         img = random_image(view.model, seed * 100 + r)
-        b.ram.write(param + lay.input_addr, img.tobytes())
+        if r % 2 == 0:
+            # The frame in the image's input section.
+            image_base = param
+            b.ram.write(param + lay.input_addr, img.tobytes())
+        else:
+            # The frame in a buffer of its own, one beat past a page; the input section holds stale bytes.
+            frame = 0x0300_0000 + cfg.mem_data_bytes
+            image_base = (frame - lay.input_addr) % (1 << 64)
+            b.ram.write(frame, img.tobytes())
+            b.ram.write(param + lay.input_addr, bytes(255 - img.reshape(-1)))
         # Sentinel bytes after the output: the strobes must leave them alone.
         b.ram.write(out, b"\xA5" * (out_bytes + 64))
-        await b.set_bases({"PROGRAM": param + lay.program_addr, "PARAM": param, "OUTPUT": out})
+        await b.set_bases({"PROGRAM": param + lay.program_addr, "PARAM": param, "OUTPUT": out,
+                           "IMAGE": image_base})
         await b.wr("TASK", task)
         await b.wr("IRQ_ENABLE", 1)
         await b.wr("CTRL", 1)
@@ -254,7 +264,8 @@ async def test_frame(dut):
         assert counters["insn_count"] == len(program.instructions), (
             f"top: INSN_COUNT expected {len(program.instructions)}, got {counters['insn_count']}")
         await b.wr("IRQ_STATUS", 1)
-        results.append(dict(task=task, reference=ref, **counters))
+        results.append(dict(task=task, reference=ref, frame="own buffer" if r % 2 else "input section",
+                            **counters))
         dut._log.info(f"run {r} task {task}: bit-exact vs {ref}, {counters}")
     b.check_protocol()
     _record("frame", {"runs": results, "irqs": b.irq_seen, "violations": b.protocol()[0], "T": T, "D": D,

@@ -24,15 +24,17 @@ def run_top(config, program, frames, *, axi_masters=1, pause=0.0, seed=0, bases=
     """Run ``frames`` (``[(image_u8 HWC, task)]``) of the compiled ``program``; returns one dict per
     frame (``tokens``, ``error``, ``interrupt``, ``interrupt_after_clear``, ``tail``, counters).
 
-    ``bases`` overrides ``{"PROGRAM", "PARAM", "OUTPUT"}`` (default: the image at
-    :data:`DEFAULT_PARAM_BASE`, its program section, the tokens at :data:`DEFAULT_OUTPUT_BASE`).
+    ``bases`` overrides ``{"PROGRAM", "PARAM", "OUTPUT", "IMAGE"}`` (default: the image at
+    :data:`DEFAULT_PARAM_BASE`, its program section, the tokens at :data:`DEFAULT_OUTPUT_BASE`, the frame
+    in the image's input section).
     """
     top = AcceleratorTop(config, axi_masters=axi_masters)
     lay = program.layout
     view = program.model_config
     param = (bases or {}).get("PARAM", DEFAULT_PARAM_BASE)
-    bases = dict({"PROGRAM": param + lay.program_addr, "PARAM": param, "OUTPUT": DEFAULT_OUTPUT_BASE},
-                 **(bases or {}))
+    # The frame goes into the image's input section, so IMAGE_BASE = PARAM_BASE.
+    bases = dict({"PROGRAM": param + lay.program_addr, "PARAM": param, "OUTPUT": DEFAULT_OUTPUT_BASE,
+                  "IMAGE": param}, **(bases or {}))
     mem = SparseBytes()
     mem.write(param, bytes(program.image))
     out_bytes = view.model.tokens * output_row_bytes(view)

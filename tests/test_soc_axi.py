@@ -41,9 +41,10 @@ def _check(result, name):
 
 
 def test_axi_top_registers_and_frame(verilator_ready):
-    """Register block, error codes, interrupt, and one frame bit-exact through AXI (random pauses)."""
+    """Register block, error codes, interrupt, and two frames (task 0 with the frame in the image, task 1
+    with the frame in its own buffer) bit-exact through AXI (random pauses)."""
     _, bd = build("enc")
-    res = run("enc", "test_registers,test_frame", build_dir=bd, params={"pause": 0.3, "seed": 1, "runs": 1})
+    res = run("enc", "test_registers,test_frame", build_dir=bd, params={"pause": 0.3, "seed": 1, "runs": 2})
     _check(res, "enc")
     assert res["frame"]["violations"] == 0 and res["registers"]["violations"] == 0
 

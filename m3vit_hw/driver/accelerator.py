@@ -2,11 +2,12 @@
 
 A compiled encoder (:func:`~m3vit_hw.control.compiler.compile_model`: the program and the one
 external-memory image, :mod:`~m3vit_hw.control.image_layout`) is copied to DDR once. Each run then
-writes the uint8 HWC frame into the image's ``input`` section, sets the base registers and the task,
+writes the uint8 HWC frame into a frame buffer of its own, sets the base registers and the task,
 starts, waits for done, checks the error bits, and reads the int16 tokens ``[T, D]`` and the counters.
 
 Register use (:mod:`m3vit_hw.soc.regmap`): ``PARAM_BASE`` = the image buffer, ``PROGRAM_BASE`` = the
-image buffer + ``layout.program_addr``, ``OUTPUT_BASE`` = a separate token buffer (``STORE`` writes
+image buffer + ``layout.program_addr``, ``IMAGE_BASE`` = the frame buffer - ``layout.input_addr``
+(``LOAD_IMAGE`` reads at ``IMAGE_BASE + img_addr``), ``OUTPUT_BASE`` = a token buffer (``STORE`` writes
 ``T`` rows of ``row_words`` int16 words of ``pe_cols`` lanes there).
 
 Backends implement five operations (synchronously, or as coroutines for :meth:`Accelerator.run_async`):
@@ -130,10 +131,14 @@ class Accelerator:
         if not self._image_written:
             yield ("mem_write", "image", bytes(prog.image), 0)
             self._image_written = True
-        yield ("mem_write", "image", np.ascontiguousarray(img).tobytes(), lay.input_addr)
+        # The loader reads whole beats: a beat of slack after the frame.
+        frame = yield ("alloc", "frame", lay.input_bytes + self.config.mem_data_bytes)
+        yield ("mem_write", "frame", np.ascontiguousarray(img).tobytes(), 0)
         out_bytes = m.tokens * output_row_bytes(view)
         out = yield ("alloc", "output", out_bytes)
-        for name, a in (("PROGRAM", base + lay.program_addr), ("PARAM", base), ("OUTPUT", out)):
+        image_base = (frame - lay.input_addr) % (1 << 64)
+        for name, a in (("PROGRAM", base + lay.program_addr), ("PARAM", base), ("OUTPUT", out),
+                        ("IMAGE", image_base)):
             yield ("write", OFFSETS[f"{name}_BASE_LO"], a & 0xFFFFFFFF)
             yield ("write", OFFSETS[f"{name}_BASE_HI"], a >> 32)
         yield ("write", OFFSETS["TASK"], task)

@@ -79,14 +79,15 @@ ERRORS = (
     Field("NO_UNIT", 4, 1, "the program holds a valid opcode whose unit this build does not have"),
 )
 
-#: Base-address registers (each a ``_LO``/``_HI`` pair) and what they point at. The camera frame has
-#: no base of its own: ``LOAD_IMAGE`` reads it from ``PARAM_BASE`` + the image layout's ``input``
-#: offset (``control/image_layout.py``), so a driver writes each frame into the parameter image.
+#: Base-address registers (each a ``_LO``/``_HI`` pair) and what they point at.
 BASES = (
     ("PROGRAM", "the program (the compiled image's ``program`` section: PARAM_BASE + program_addr)"),
-    ("PARAM", "the compiled image (``control/image_layout.py``): weights, tables, the ``input`` frame; "
-              "every instruction address is relative to it"),
+    ("PARAM", "the compiled image (``control/image_layout.py``): weights, tables; every instruction "
+              "address but LOAD_IMAGE's frame is relative to it"),
     ("OUTPUT", "the encoder tokens STORE writes (T rows of row_words int16 words of pe_cols lanes)"),
+    ("IMAGE", "the camera frame's origin: LOAD_IMAGE reads the uint8 HWC frame at IMAGE_BASE + its "
+              "img_addr (the image's input offset), so IMAGE_BASE = PARAM_BASE for a frame in the image's "
+              "input section, frame address - input offset (mod 2^64) for a frame in a buffer of its own"),
 )
 
 #: Opcode classes with a cycle counter (``OP_CYCLES_<name>``, ``PE_CYCLES_<name>``): every opcode

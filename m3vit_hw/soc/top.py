@@ -7,9 +7,10 @@ the start checks, the error codes, the counters and the interrupt.
 
 A run (``CTRL.START`` while idle):
 
-1. **check**: every base address must be a multiple of the AXI beat (else ``ERROR.UNALIGNED``) and
+1. **check**: every base address (``PROGRAM``, ``PARAM``, ``OUTPUT``, ``IMAGE``) must be a multiple of
+   the AXI beat (else ``ERROR.UNALIGNED``) and
    ``TASK`` below the model's task count (else ``ERROR.BAD_TASK``); either ends the run at once;
-2. **run**: ``{task, program_base, param_base, output_base}`` go to the core's ``start``; the core
+2. **run**: ``{task, program_base, param_base, output_base, image_base}`` go to the core's ``start``; the core
    fetches and executes the program (``docs/isa.md``) until ``END``. An opcode outside the
    instruction set is ``ERROR.BAD_PROGRAM``, one whose unit this build lacks ``ERROR.NO_UNIT``;
    the sequencer stops there;
@@ -18,9 +19,10 @@ A run (``CTRL.START`` while idle):
    ``IRQ_STATUS.DONE & IRQ_ENABLE.DONE``. A non-OKAY AXI response anywhere sets ``ERROR.AXI``
    (the run still completes, so no transaction is left hanging).
 
-The camera frame has no base register of its own: ``LOAD_IMAGE`` reads it at ``PARAM_BASE`` + the
-image layout's ``input`` offset (:mod:`m3vit_hw.control.image_layout`), which is where the driver
-writes each frame.
+The camera frame: ``LOAD_IMAGE`` reads it at ``IMAGE_BASE`` + its ``img_addr`` (the image layout's
+``input`` offset, :mod:`m3vit_hw.control.image_layout`): ``IMAGE_BASE = PARAM_BASE`` for a frame written
+into the image's ``input`` section, ``frame - input offset`` for a frame in a buffer of its own (what the
+driver does).
 
 Memory traffic: the core's read requests (weights, parameters, program, frame; its own arbiter has
 merged them) are spread round-robin over ``axi_masters`` AXI4 masters by a
@@ -169,7 +171,8 @@ class AcceleratorTop(wiring.Component):
 
         st = core.start
         m.d.comb += [st.payload.task.eq(task), st.payload.program_base.eq(bases["PROGRAM"]),
-                     st.payload.param_base.eq(bases["PARAM"]), st.payload.output_base.eq(bases["OUTPUT"])]
+                     st.payload.param_base.eq(bases["PARAM"]), st.payload.output_base.eq(bases["OUTPUT"]),
+                     st.payload.image_base.eq(bases["IMAGE"])]
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(start):
