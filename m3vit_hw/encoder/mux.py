@@ -17,8 +17,7 @@ switches clients between instructions), so no stream transfer is ever split betw
 """
 
 from amaranth.hdl import Mux, Shape
-from amaranth.lib import wiring
-from amaranth.lib.wiring import In, Out
+from amaranth.lib.wiring import Out
 
 __all__ = ["mux_interfaces"]
 
