@@ -83,7 +83,7 @@ class PageSplitter(wiring.Component):
     The read-port contract (:mod:`m3vit_hw.lib.mem_port`) already forbids such requests; this stage
     makes the AXI masters safe even when a unit breaks it (a unit whose burst alignment assumes a
     page-aligned base: LayerNorm records at ``PARAM_BASE`` + offset did, with ``PARAM_BASE`` only
-    beat-aligned). Requests that fit pass unchanged, one cycle later.
+    beat-aligned). Requests that fit pass unchanged, one cycle later, one request per cycle.
 
     Parameters
     ----------
@@ -118,7 +118,9 @@ class PageSplitter(wiring.Component):
         hv = Signal()
         addr = Signal.like(up.req.p.addr)
         beats = Signal.like(up.req.p.beats)
-        m.d.comb += up.req.ready.eq(~hv)
+        leaving = Signal()                          # the held request's last part goes out this cycle
+        # Taking the next request in the cycle the held one leaves keeps one request per cycle.
+        m.d.comb += up.req.ready.eq(~hv | leaving)
         with m.If(up.req.valid & up.req.ready):
             m.d.sync += [hv.eq(1), addr.eq(up.req.p.addr), beats.eq(up.req.p.beats)]
         room = Signal(page_bits - shift + 1)        # beats from addr to the end of its page
@@ -128,10 +130,11 @@ class PageSplitter(wiring.Component):
         more = beats != first
         m.d.comb += [down.req.valid.eq(hv & parts.w_rdy), down.req.p.addr.eq(addr), down.req.p.beats.eq(first),
                      parts.w_en.eq(down.req.valid & down.req.ready), parts.w_data.eq(more)]
+        m.d.comb += leaving.eq(down.req.valid & down.req.ready & ~more)
         with m.If(down.req.valid & down.req.ready):
             with m.If(more):
                 m.d.sync += [addr.eq(addr + (first << shift)), beats.eq(beats - first)]
-            with m.Else():
+            with m.Elif(~(up.req.valid & up.req.ready)):
                 m.d.sync += hv.eq(0)
 
         m.d.comb += [up.resp.valid.eq(down.resp.valid & parts.r_rdy), up.resp.p.data.eq(down.resp.p.data),
