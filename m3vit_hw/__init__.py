@@ -12,7 +12,9 @@ The package is layered; imports only point down the list:
   the external-memory layout of a MoE layer and the :class:`MoELayer` top;
 * :mod:`.attention`: the attention sub-layer on the shared GEMM engine (:class:`AttentionLayer`), its
   external-memory layout and buffer map (it reuses the weight buffer and streamer of :mod:`.moe`);
-* :mod:`.control`: the instruction format of the program-driven sequencer.
+* :mod:`.control`: the instruction format of the program-driven sequencer, the compiler and the image;
+* :mod:`.encoder`: the encoder top (:class:`EncoderTop`): the shared datapath, the program sequencer,
+  the GEMM executor and the store DMA.
 
 What users instantiate is re-exported here::
 
@@ -25,9 +27,10 @@ from .gemm import GemmEngine, PEArray
 from .rowops import LayerNormUnit, SoftmaxUnit
 from .moe import MoELayer
 from .attention import AttentionLayer
+from .encoder import EncoderTop
 
 __all__ = [
     "AcceleratorConfig", "ACCEL_PRESETS", "ModelConfig", "PRESETS", "preset",
     "GemmEngine", "PEArray", "LayerNormUnit", "SoftmaxUnit", "MoELayer",
-    "AttentionLayer",
+    "AttentionLayer", "EncoderTop",
 ]

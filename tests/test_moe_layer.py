@@ -323,7 +323,8 @@ def test_w1_shaped_layer_zero_overhead():
     assert rep["within_bound"], (rep["overhead_cycles"], rep["overhead_bound"])
 
 
-@pytest.mark.parametrize("data_bytes", [4, 16, 64])
+@pytest.mark.parametrize("data_bytes", [pytest.param(4, marks=pytest.mark.slow), 16,
+                                        pytest.param(64, marks=pytest.mark.slow)])
 def test_router_record_and_gelu_table_from_memory(data_bytes):
     """The client's own table fetch (the encoder's MOE instruction path): no GELU table through
     ``load`` and ``c_mult = c_shift = 0`` in ``start``; the client reads each task's router record and
@@ -369,7 +370,7 @@ def _check_model_runs(sim, runs, results, label):
 
 @pytest.mark.parametrize("E, k, small, weight_buffer_bytes, tables_from_memory", [
     (4, 2, (3, 1, 24), None, False),
-    (4, 2, (3, 1, 24), None, True),
+    pytest.param(4, 2, (3, 1, 24), None, True, marks=pytest.mark.slow),
     (5, 2, (2, 2, 12), 256, False),
 ])
 def test_one_design_runs_two_models(E, k, small, weight_buffer_bytes, tables_from_memory):
@@ -393,3 +394,24 @@ def test_one_design_runs_two_models(E, k, small, weight_buffer_bytes, tables_fro
     lay = sim.models[1]["layout"]
     assert lay.hidden < H and lay.gate_cols == E and lay.experts < E
     _check_model_runs(sim, runs, sim.run(runs), "two models" + (" (tables from memory)" if tables_from_memory else ""))
+
+
+def test_run_time_shape_is_checked():
+    """A smaller model must fit the design: hidden, experts and tasks at most the design's, and a
+    padded gate only with a router scale that gives padded experts probability exactly 0."""
+    from m3vit_hw.moe.expert_layout import pack_moe, pack_plan, plan_moe, start_fields
+    cfg = moe_config(experts=4, top_k=2, dim=D, hidden=H, tokens=8, tasks=2)
+    with pytest.raises(ValueError, match=r"hidden must be in \[1, 32\], not 33"):
+        plan_moe(cfg, hidden=H + 1)
+    with pytest.raises(ValueError, match=r"experts must be in \[1, 4\], not 5"):
+        plan_moe(cfg, experts=5)
+    with pytest.raises(ValueError, match=r"tasks must be in \[1, 2\], not 3"):
+        plan_moe(cfg, tasks=3)
+    lay = plan_moe(cfg, hidden=20, experts=3)
+    assert len(pack_plan(lay, cfg)) == len(plan_moe(cfg).tiles) * 32
+    small = make_moe_workload(3, 1, D, 20, 8, tasks=2, seed=3)["qmoe"]
+    with pytest.raises(ValueError, match="top_k must be in"):
+        start_fields(small, 0, 8, lay, top_k=4, plan_addr=0)
+    small.router_c_mult = np.zeros_like(np.asarray(small.router_c_mult))
+    with pytest.raises(ValueError, match="too small for a padded gate"):
+        pack_moe(small, cfg, layout=lay)

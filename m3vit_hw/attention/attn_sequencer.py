@@ -283,7 +283,8 @@ class AttnSequencer(wiring.Component):
         beats = Signal(range(bm.score_words + 1))
         # The run-time shape: the start's, or (dim == 0) the design's own model.
         shape_layout = AttnShapeLayout(cfg)
-        own = shape_layout.const(plan_attention(cfg).shape_fields())
+        own_fields = plan_attention(cfg).shape_fields()
+        own = shape_layout.const(own_fields)
         p = self.start.payload
         shape_in = Signal(shape_layout)
         m.d.comb += shape_in.eq(Mux(p.dims.dim == 0, own.as_value(), p.dims.as_value()))
@@ -305,7 +306,9 @@ class AttnSequencer(wiring.Component):
         plan_ready = plan_wait == 0
         with m.If(start):
             m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(3),
-                         dv.qk_small.eq(shape_in.qk.panels * shape_in.dim),
+                         # The multiply runs in parallel with the default select (not after it).
+                         dv.qk_small.eq(Mux(p.dims.dim == 0, own_fields["qk"]["panels"] * own_fields["dim"],
+                                            p.dims.qk.panels * p.dims.dim)),
                          ntiles.eq(_ceil_div_const(p.tokens, bm.q_tile)),
                          beats.eq(_ceil_div_const(p.tokens, C))]
         with m.Else():

@@ -19,7 +19,7 @@ previous command's ``done``, and issues the GEMM command; the tile's halves are 
 ``done``. One command is in the engine at a time, so results are ordered without ``sync``; a job's
 ``wait`` still sets the command's ``sync``.
 
-``busy`` is high while a job is queued or its command is in the engine.
+``busy`` is high from the cycle after a job is taken until its command has left the engine.
 """
 
 from amaranth.hdl import Module, Mux, Signal, unsigned
@@ -226,7 +226,14 @@ class GemmExecutor(wiring.Component):
                     m.d.comb += cq.r_en.eq(1)
                     m.d.sync += inflight.eq(1)
                     m.next = "IDLE"
-        m.d.comb += self.busy.eq(cq.r_rdy | inflight | cl.gemm_busy | ~fsm.ongoing("IDLE"))
+        # Jobs taken and not yet issued: counted from the cycle after ``start`` (the queue's output
+        # register shows a job a cycle later), so ``busy`` rises the cycle after a job is taken, as
+        # the sequencer's ``wait`` rule expects.
+        jobs = Signal(range(4))
+        taken = self.start.valid & self.start.ready
+        issued = cq.r_en
+        m.d.sync += jobs.eq(jobs + taken - issued)
+        m.d.comb += self.busy.eq((jobs != 0) | inflight | cl.gemm_busy | ~fsm.ongoing("IDLE"))
 
         with m.If(self.clear):
             m.d.sync += [self.cycles.eq(0), self.compute_cycles.eq(0)]
