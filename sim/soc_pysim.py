@@ -1,34 +1,43 @@
 """Run the AXI top in Amaranth's simulator with :mod:`sim.axi_pysim`'s memory and CPU models.
 
-:func:`run_top` loads one MoE-layer workload into memory, runs it (one run per task given) through the
-register block and returns the outputs, the error registers and the counters. It is the quick,
+:func:`run_top` places one compiled encoder image in memory, runs frames (one per ``(image, task)``)
+through the register block and returns the tokens, the error register and the counters. It is the
 Verilator-free check of the top; the third-party check is :mod:`sim.soc_cocotb`.
 """
 
 from amaranth.sim import Simulator
 
-from m3vit_hw.moe.expert_layout import pack_moe
-from m3vit_hw.soc.image import pack_image, pack_program, unpack_output
-from m3vit_hw.soc.regmap import OFFSETS
+from m3vit_hw.control.image_layout import output_row_bytes
+from m3vit_hw.driver import unpack_tokens
+from m3vit_hw.soc.regmap import COUNTED_OPS, OFFSETS
 from m3vit_hw.soc.top import AcceleratorTop
 from sim.axi_pysim import AxiLiteCpu, SparseBytes, axi_memory
 
-__all__ = ["DEFAULT_BASES", "run_top"]
+__all__ = ["DEFAULT_PARAM_BASE", "DEFAULT_OUTPUT_BASE", "run_top"]
 
-#: Beat-aligned but not page-aligned, so bursts must be split at 4 KiB.
-DEFAULT_BASES = {"PROGRAM": 0x0001_0FF0, "WEIGHTS": 0x0002_0FD0, "IMAGE": 0x0100_0FE0, "OUTPUT": 0x0200_0FF0}
+#: Beat-aligned but not page-aligned, so the core's bursts must respect 4 KiB wherever they fall.
+DEFAULT_PARAM_BASE = 0x0001_0010
+DEFAULT_OUTPUT_BASE = 0x0200_0FF0
 
 
-def run_top(config, workload, tasks, *, axi_masters=1, pause=0.0, seed=0, bases=None, max_polls=20000):
-    """Run ``workload`` once per task in ``tasks``; returns a list of dicts (``x``, ``error``, counters)."""
+def run_top(config, program, frames, *, axi_masters=1, pause=0.0, seed=0, bases=None, max_polls=200_000):
+    """Run ``frames`` (``[(image_u8 HWC, task)]``) of the compiled ``program``; returns one dict per
+    frame (``tokens``, ``error``, ``interrupt``, ``interrupt_after_clear``, ``tail``, counters).
+
+    ``bases`` overrides ``{"PROGRAM", "PARAM", "OUTPUT", "IMAGE"}`` (default: the image at
+    :data:`DEFAULT_PARAM_BASE`, its program section, the tokens at :data:`DEFAULT_OUTPUT_BASE`, the frame
+    in the image's input section).
+    """
     top = AcceleratorTop(config, axi_masters=axi_masters)
-    bases = dict(DEFAULT_BASES, **(bases or {}))
+    lay = program.layout
+    view = program.model_config
+    param = (bases or {}).get("PARAM", DEFAULT_PARAM_BASE)
+    # The frame goes into the image's input section, so IMAGE_BASE = PARAM_BASE.
+    bases = dict({"PROGRAM": param + lay.program_addr, "PARAM": param, "OUTPUT": DEFAULT_OUTPUT_BASE,
+                  "IMAGE": param}, **(bases or {}))
     mem = SparseBytes()
-    qmoe = workload["qmoe"]
-    T = workload["h"].shape[0]
-    mem.write(bases["WEIGHTS"], pack_moe(qmoe, config)[0])
-    mem.write(bases["PROGRAM"], pack_program(qmoe, top.image, T, top.config_id))
-    mem.write(bases["IMAGE"], pack_image(workload["h"], workload["x"], top.image))
+    mem.write(param, bytes(program.image))
+    out_bytes = view.model.tokens * output_row_bytes(view)
     sim = Simulator(top)
     sim.add_clock(1e-8)
     for k in range(axi_masters):
@@ -40,7 +49,10 @@ def run_top(config, workload, tasks, *, axi_masters=1, pause=0.0, seed=0, bases=
     async def host(ctx):
         for name, a in bases.items():
             await cpu.write(ctx, OFFSETS[f"{name}_BASE_LO"], a)
-        for task in tasks:
+        for img, task in frames:
+            mem.write(param + lay.input_addr, img.tobytes())
+            # Sentinels: the write strobes must leave the bytes after the tokens alone.
+            mem.write(bases["OUTPUT"], b"\xA5" * (out_bytes + 16))
             await cpu.write(ctx, OFFSETS["TASK"], task)
             await cpu.write(ctx, OFFSETS["IRQ_ENABLE"], 1)
             await cpu.write(ctx, OFFSETS["CTRL"], 1)
@@ -50,13 +62,14 @@ def run_top(config, workload, tasks, *, axi_masters=1, pause=0.0, seed=0, bases=
             else:
                 raise TimeoutError("AXI top: no STATUS.DONE")
             res = {"task": task, "interrupt": ctx.get(top.interrupt)}
-            for name in ("ERROR", "CYCLES_LO", "LOAD_CYCLES", "LAYER_CYCLES", "STORE_CYCLES"):
+            for name in ("ERROR", "CYCLES_LO", "INSN_COUNT"):
                 res[name.lower()] = await cpu.read(ctx, OFFSETS[name])
+            for op in COUNTED_OPS:
+                res[f"op_cycles_{op.name.lower()}"] = await cpu.read(ctx, OFFSETS[f"OP_CYCLES_{op.name}"])
             await cpu.write(ctx, OFFSETS["IRQ_STATUS"], 1)
             res["interrupt_after_clear"] = ctx.get(top.interrupt)
-            n = T * config.row_words * config.pe_cols * 2
-            res["x"] = unpack_output(mem.read(bases["OUTPUT"], n), top.image, T)
-            res["tail"] = mem.read(bases["OUTPUT"] + n, 16)
+            res["tokens"] = unpack_tokens(mem.read(bases["OUTPUT"], out_bytes), view)
+            res["tail"] = mem.read(bases["OUTPUT"] + out_bytes, 16)
             results.append(res)
 
     sim.add_testbench(host)

@@ -165,3 +165,33 @@ def test_w1_build_fits(tmp_path, capsys):
     assert 0 < rep["dsp_share"] <= 1 and rep["resources"]["DSP48E2"] > 0
     assert "memories counted by rule" in rep["method"] and rep["memories_by_rule"]
     assert "fits: True" in (tmp_path / "summary.txt").read_text()
+
+
+def test_header_has_the_compiled_image_layout(tmp_path):
+    """The C header's image offsets are the compiler's (control/image_layout.plan_image), and it compiles."""
+    import re
+    import shutil
+    from m3vit_hw.build.flow import header_text
+    from m3vit_hw.control.image_layout import plan_image
+    from m3vit_hw.soc.top import AcceleratorTop
+    cfg = AcceleratorConfig.from_preset("tiny", experts=4, pe_rows=4, pe_cols=4)
+    top = AcceleratorTop(cfg, axi_masters=2)
+    text = header_text(top)
+    lay = plan_image(cfg)
+
+    def define(name):
+        m = re.search(rf"#define M3VIT_{name} 0x([0-9A-F]+)u", text)
+        assert m, f"header: no M3VIT_{name}"
+        return int(m.group(1), 16)
+
+    assert define("CONFIG_ID") == top.config_id
+    assert define("INPUT_OFFSET") == lay.input_addr and define("OUTPUT_OFFSET") == lay.output_addr
+    assert define("PROGRAM_OFFSET") == lay.program_addr and define("TOKENS") == cfg.model.tokens
+    assert define("REG_PARAM_BASE_LO") == 0x28
+    if shutil.which("cc"):
+        (tmp_path / "h.c").write_text('#include "m3vit_accel.h"\nint main(void) { return 0; }\n')
+        (tmp_path / "m3vit_accel.h").write_text(text)
+        import subprocess
+        proc = subprocess.run(["cc", "-std=c99", "-Wall", "-Wextra", "-pedantic", "-c", "h.c", "-o", "h.o"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr

@@ -2,13 +2,16 @@
 
 DDR is cocotbext-axi's ``AxiRam``, the CPU its ``AxiLiteMaster``; every AXI channel gets random pauses
 (backpressure on AR/AW/W, latency on R/B) and a protocol checker around the top counts violations,
-which must be zero (see ``sim/soc_cocotb_tests.py`` and ``sim/axi_checker.py``). The MoE-layer stand-in
-core's results are compared bit for bit with ``reference.golden_model.moe_layer``.
+which must be zero (see ``sim/soc_cocotb_tests.py`` and ``sim/axi_checker.py``). The core is the
+encoder top; a whole frame of a small random encoder is compared bit for bit with
+``reference.golden_model.encode`` (or, while the top lacks a unit, the partial program with
+``sim.program_executor``).
 
 The Verilator build is cached under ``build/cocotb`` by the Verilog's hash (about 1.5 minutes on a
 loaded 2-core machine the first time, seconds afterwards).
 """
 
+import json
 import shutil
 
 import pytest
@@ -33,34 +36,35 @@ def verilator_ready():
 
 
 def _check(result, name):
-    print(name, result)
+    print(name, json.dumps(result, default=int))
     assert result["cocotb_failed"] == 0, f"cocotb: {result['cocotb_failed']} of {result['cocotb_tests']} failed"
 
 
-def test_axi_top_registers_and_moe_layer(verilator_ready):
-    """Register block, error codes, interrupt, and two MoE-layer runs bit-exact through AXI."""
-    _, bd = build("tiny")
-    res = run("tiny", "test_registers,test_moe_run", build_dir=bd, params={"pause": 0.3, "seed": 1})
-    _check(res, "tiny")
-    assert res["moe_run"]["violations"] == 0 and res["registers"]["violations"] == 0
+def test_axi_top_registers_and_frame(verilator_ready):
+    """Register block, error codes, interrupt, and two frames (task 0 with the frame in the image, task 1
+    with the frame in its own buffer) bit-exact through AXI (random pauses)."""
+    _, bd = build("enc")
+    res = run("enc", "test_registers,test_frame", build_dir=bd, params={"pause": 0.3, "seed": 1, "runs": 2})
+    _check(res, "enc")
+    assert res["frame"]["violations"] == 0 and res["registers"]["violations"] == 0
 
 
 @pytest.mark.slow
 def test_driver_on_simulated_top(verilator_ready):
-    """The host driver (config-ID check, buffers, start, wait, counters) runs the layer bit-exactly."""
-    _, bd = build("tiny")
-    res = run("tiny", "test_driver", build_dir=bd, params={"pause": 0.3, "seed": 2})
+    """The host driver (config-ID check, image, start, wait, counters) runs frames bit-exactly."""
+    _, bd = build("enc")
+    res = run("enc", "test_frame,test_driver", build_dir=bd, params={"pause": 0.5, "seed": 2})
     _check(res, "driver")
     assert res["driver"]["config_mismatch_refused"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,seed,pause", [("tiny3", 3, 0.3), ("tiny3", 4, 0.6), ("small", 5, 0.3)])
-def test_axi_top_more_configs(verilator_ready, case, seed, pause):
-    """Three AXI masters (reads interleaved over them) and a larger layer, heavier backpressure."""
+@pytest.mark.parametrize("case,seed,pause", [("enc3", 3, 0.3), ("enc3", 4, 0.6)])
+def test_axi_top_three_masters(verilator_ready, case, seed, pause):
+    """Three AXI masters (reads interleaved over them), heavier backpressure."""
     _, bd = build(case)
-    res = run(case, "test_registers,test_moe_run,test_driver", build_dir=bd,
-              params={"pause": pause, "seed": seed, "runs": 3})
+    res = run(case, "test_registers,test_frame,test_driver", build_dir=bd,
+              params={"pause": pause, "seed": seed, "runs": 2})
     _check(res, case)
 
 
@@ -69,7 +73,7 @@ def test_emitted_verilog_lints_without_errors(verilator_ready, tmp_path):
     """Verilator's lint (-Wall) on what the build writes: warnings only (yosys output style), no errors."""
     import subprocess
     from sim.soc_cocotb import emit, case_config
-    cfg, masters, _ = case_config("tiny3")
+    cfg, masters = case_config("enc3")
     _, sources = emit(cfg, masters, tmp_path)
     proc = subprocess.run(["verilator", "--lint-only", "-Wall", "-Wno-fatal", str(sources[0]),
                            "--top-module", "m3vit_accel"], capture_output=True, text=True,

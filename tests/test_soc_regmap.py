@@ -1,14 +1,22 @@
-"""The register map's description, its generated C header and docs, and the memory image (no simulation)."""
+"""The register map's description, its generated C header and docs, the config ID, and the driver's
+token unpacking (no simulation)."""
 
 import re
 
 import numpy as np
 import pytest
 
-from m3vit_hw.soc.image import ImageLayout, MAGIC, config_id, pack_image, pack_program, unpack_output
-from m3vit_hw.soc.regmap import FIELDS, OFFSETS, REGISTERS, Field, Register, c_header, markdown, register
-from sim.moe_layer import moe_config
-from sim.moe_workload import make_moe_workload
+from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.control.image_layout import output_row_bytes
+from m3vit_hw.model_config import ModelConfig
+from m3vit_hw.soc.regmap import (COUNTED_OPS, FIELDS, OFFSETS, REGISTERS, Field, Register, c_header, config_id,
+                                 markdown, register)
+
+
+def _cfg():
+    model = ModelConfig(name="regmap", img_size=(8, 16), patch_size=4, dim=12, depth=2, heads=2, experts=2,
+                        top_k=1, tasks=("a", "b"), task_channels=(1, 1), decoder_channels=8)
+    return AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
 
 
 def test_offsets_unique_and_word_aligned():
@@ -35,12 +43,14 @@ def test_c_header_lists_every_register_and_field():
         m = re.search(rf"#define M3VIT_{reg}_{name}_MASK 0x([0-9A-F]+)u", text)
         assert m and int(m.group(1), 16) == f.mask, (reg, name)
     assert "#define M3VIT_CONFIG_ID 0x1234ABCDu" in text
+    for op in COUNTED_OPS:
+        assert f"M3VIT_REG_OP_CYCLES_{op.name} " in text and f"M3VIT_REG_PE_CYCLES_{op.name} " in text
     md = markdown()
     assert all(f"| 0x{r.offset:03X} | {r.name} |" in md for r in REGISTERS)
 
 
 def test_config_id_stable_and_sensitive():
-    cfg = moe_config(experts=4, top_k=2, dim=8, hidden=16, tokens=5, tasks=2)
+    cfg = _cfg()
     a = config_id(cfg, axi_masters=1)
     assert a == config_id(cfg, axi_masters=1)
     assert a != config_id(cfg, axi_masters=2)
@@ -49,18 +59,15 @@ def test_config_id_stable_and_sensitive():
     assert a != config_id(cfg.with_(mem_data_bytes=32), axi_masters=1)
 
 
-def test_image_round_trip():
-    cfg = moe_config(experts=4, top_k=2, dim=8, hidden=16, tokens=5, tasks=2)
-    wl = make_moe_workload(4, 2, 8, 16, 5, tasks=2, seed=0)
-    lay = ImageLayout(cfg)
-    prog = pack_program(wl["qmoe"], lay, 5, 0xDEADBEEF)
-    assert len(prog) == lay.program_bytes and len(prog) % 16 == 0
-    assert int.from_bytes(prog[:4], "little") == MAGIC
-    assert int.from_bytes(prog[4:8], "little") == 0xDEADBEEF
-    gelu = np.frombuffer(prog[lay.gelu_offset:lay.gelu_offset + 256], dtype="<i1")
-    assert (gelu == wl["qmoe"].gelu_lut).all()
-    img = pack_image(wl["h"], wl["x"], lay)
-    x_back = unpack_output(img[lay.x_offset(5):], lay, 5)
-    assert (x_back == wl["x"]).all()
-    with pytest.raises(ValueError, match="tokens must be in"):
-        pack_program(wl["qmoe"], lay, cfg.token_capacity + 1, 0)
+def test_tokens_unpack_the_store_layout():
+    """The driver reads the tokens where STORE writes them (program_executor.read_tokens' layout)."""
+    from m3vit_hw.driver import unpack_tokens
+    from sim.program_executor import read_tokens
+    cfg = _cfg()
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, cfg.model.tokens * output_row_bytes(cfg) + 7).astype(np.uint8).tobytes()
+    got = unpack_tokens(raw, cfg)
+    assert got.shape == (cfg.model.tokens, cfg.model.dim)
+    assert (got == read_tokens(raw, cfg, 0)).all()
+    with pytest.raises(ValueError, match="raw must hold"):
+        unpack_tokens(raw[:10], cfg)

@@ -1,3 +1,4 @@
+# amaranth: UnusedElaboratable=no
 """The AXI top and its pieces in Amaranth's simulator (quick; the third-party check is test_soc_axi.py)."""
 
 import random
@@ -7,45 +8,56 @@ import pytest
 from amaranth.sim import Simulator
 
 from m3vit_hw.soc.axi import AXI4LiteSignature, AXI4Signature, WritePortSignature
-from m3vit_hw.soc.datapath import BurstSplitter, Gearbox
 from m3vit_hw.soc.regmap import FIELDS
+from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.model_config import ModelConfig
 from m3vit_hw.soc.top import AcceleratorTop, xilinx_ports
-from sim.moe_workload import golden_moe, make_moe_workload
-from sim.soc_cocotb import case_config
+from sim.soc_frames import core_units, expected_tokens, make_frame, random_image
 from sim.soc_pysim import run_top
 from sim.testbench import Stalls, stream_get, stream_put
 
 
 def _check_exact(got, expected, what):
     bad = np.argwhere(got != expected)
-    assert not len(bad), (f"{what}: {len(bad)} mismatches, first x[{bad[0][0]}, {bad[0][1]}]: "
+    assert not len(bad), (f"{what}: {len(bad)} mismatches, first token[{bad[0][0]}, {bad[0][1]}]: "
                           f"expected {expected[tuple(bad[0])]}, got {got[tuple(bad[0])]}")
 
 
-@pytest.mark.parametrize("case,pause", [("tiny", 0.3), pytest.param("tiny3", 0.5, marks=pytest.mark.slow)])
-def test_top_moe_layer_bit_exact(case, pause):
-    """Both tasks through the top (1 and 3 AXI masters), random pauses on every AXI channel."""
-    cfg, masters, wl = case_config(case)
-    work = make_moe_workload(**wl, seed=7)
-    res = run_top(cfg, work, [0, 1], axi_masters=masters, pause=pause, seed=7)
-    for r in res:
-        expected, _ = golden_moe(work, r["task"])
-        _check_exact(r["x"], expected, f"axi top ({case}) / moe_layer task {r['task']}")
+def _tiny():
+    """The smallest encoder the tests use (8x16 image of 4x4 patches, D=16, depth 2) on 4x4 PEs."""
+    model = ModelConfig(name="soc-pysim", img_size=(8, 16), patch_size=4, dim=16, depth=2, heads=2, experts=2,
+                        top_k=1, mlp_hidden=32, tasks=("a", "b"), task_channels=(1, 1), decoder_channels=8)
+    return AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("masters,pause", [(1, 0.3), (3, 0.5)])
+def test_top_frame_bit_exact(masters, pause):
+    """Both tasks through the top (1 and 3 AXI masters), random pauses on every AXI channel; the program
+    without the opcodes the top has no unit for (reference: the executor), else the golden model."""
+    cfg = _tiny()
+    program, qm, drop = make_frame(cfg, seed=7, units=core_units(cfg))
+    frames = [(random_image(cfg.model, 7 + t), t) for t in range(cfg.model.num_tasks)]
+    res = run_top(cfg, program, frames, axi_masters=masters, pause=pause, seed=7)
+    for (img, task), r in zip(frames, res):
+        want, ref = expected_tokens(program, qm, drop, img, task)
+        _check_exact(r["tokens"], want, f"axi top ({masters} masters) / encoder task {task} vs {ref}")
         assert r["error"] == 0 and r["interrupt"] == 1 and r["interrupt_after_clear"] == 0
-        assert r["tail"] == bytes(16), "the write strobes let bytes after the output change"
-        print(case, {k: v for k, v in r.items() if k not in ("x", "tail")})
+        assert r["tail"] == b"\xA5" * 16, "the write strobes let bytes after the output change"
+        assert r["insn_count"] == len(program.instructions)
+        print(masters, {k: v for k, v in r.items() if k not in ("tokens", "tail")})
 
 
 def test_top_unaligned_base_is_an_error():
-    cfg, masters, wl = case_config("tiny")
-    work = make_moe_workload(**wl, seed=1)
-    (r,) = run_top(cfg, work, [0], bases={"IMAGE": 0x1000_0004})
+    cfg = _tiny()
+    program, _, _ = make_frame(cfg, seed=1)
+    (r,) = run_top(cfg, program, [(random_image(cfg.model, 1), 0)], bases={"OUTPUT": 0x1000_0004})
     assert r["error"] == FIELDS[("ERROR", "UNALIGNED")].mask, f"ERROR = 0x{r['error']:X}"
-    assert r["interrupt"] == 1
+    assert r["interrupt"] == 1 and r["interrupt_after_clear"] == 0
 
 
 def test_top_parameters_checked():
-    cfg, _, _ = case_config("tiny")
+    cfg = _tiny()
     with pytest.raises(ValueError, match=r"axi_masters must be in \[1, 4\], not 5"):
         AcceleratorTop(cfg, axi_masters=5)
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
@@ -53,8 +65,7 @@ def test_top_parameters_checked():
 
 
 def test_xilinx_port_names():
-    cfg, _, _ = case_config("tiny")
-    names = {n for n, _, _ in xilinx_ports(AcceleratorTop(cfg, axi_masters=2))}
+    names = {n for n, _, _ in xilinx_ports(AcceleratorTop(_tiny(), axi_masters=2))}
     for want in ("m_axi0_araddr", "m_axi1_rdata", "m_axi0_wstrb", "s_axi_awaddr", "s_axi_rdata", "interrupt"):
         assert want in names
     assert not any("__" in n for n in names)
@@ -70,70 +81,6 @@ def test_signatures_compare_and_reject():
         AXI4LiteSignature(data_width=128)
     with pytest.raises(ValueError, match="max_burst"):
         WritePortSignature(data_bytes=16, max_burst=512)
-
-
-def test_burst_splitter_respects_4k_and_max_burst():
-    """Random transfers: bursts cover them exactly, in order, never longer than max_burst or over 4 KiB."""
-    dut = BurstSplitter(addr_width=32, data_bytes=16, max_burst=16)
-    rng = random.Random(3)
-    transfers = [(rng.randrange(0, 1 << 16) * 16, rng.choice([0, 1, 5, 16, 17, 300, 600])) for _ in range(12)]
-    got = []
-
-    async def feed(ctx):
-        st = Stalls(0.3, 1)
-        for a, n in transfers:
-            await stream_put(ctx, dut.cmd, {"addr": a, "beats": n}, stalls=st)
-
-    async def take(ctx):
-        st = Stalls(0.3, 2)
-        for _ in range(sum(-(-n // 16) + 260 for _, n in transfers)):
-            if sum(b for _, b in got) == sum(n for _, n in transfers):
-                break
-            p = await stream_get(ctx, dut.req, stalls=st)
-            got.append((p.addr, p.beats))
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(feed)
-    sim.add_testbench(take)
-    sim.run()
-    expected = [(a + 16 * i) for a, n in transfers for i in range(n)]
-    flat = []
-    for a, b in got:
-        assert 1 <= b <= 16, f"burst of {b} beats"
-        assert a // 4096 == (a + 16 * b - 1) // 4096, f"burst at 0x{a:X} of {b} beats crosses 4 KiB"
-        flat += [a + 16 * i for i in range(b)]
-    assert flat == expected
-
-
-@pytest.mark.parametrize("ib,ob", [(16, 4), (4, 16), (16, 1), (16, 32)])
-def test_gearbox_round_trip(ib, ob):
-    """Little-endian width conversion with stalls on both sides: the byte stream is unchanged."""
-    dut = Gearbox(ib, ob)
-    rng = random.Random(ib * 100 + ob)
-    nbytes = 4 * max(ib, ob)
-    data = bytes(rng.randrange(256) for _ in range(nbytes))
-    out = bytearray()
-
-    async def feed(ctx):
-        st = Stalls(0.3, 5)
-        for i in range(0, nbytes, ib):
-            await stream_put(ctx, dut.i, {"data": int.from_bytes(data[i:i + ib], "little"),
-                                          "strb": (1 << ib) - 1}, stalls=st)
-
-    async def take(ctx):
-        st = Stalls(0.3, 6)
-        for _ in range(nbytes // ob):
-            p = await stream_get(ctx, dut.o, stalls=st)
-            out.extend(int(p.data).to_bytes(ob, "little"))
-            assert p.strb == (1 << ob) - 1
-
-    sim = Simulator(dut)
-    sim.add_clock(1e-8)
-    sim.add_testbench(feed)
-    sim.add_testbench(take)
-    sim.run()
-    assert bytes(out) == data
 
 
 def test_skid_buffer_loses_nothing():
@@ -159,3 +106,103 @@ def test_skid_buffer_loses_nothing():
     sim.add_testbench(take)
     sim.run()
     assert got == vals
+
+
+def test_page_splitter_cuts_at_4k_and_keeps_last():
+    """Random requests (some across a page): downstream requests stay in a page, upstream sees every
+    beat once, in order, with ``last`` only on each request's final beat."""
+    from m3vit_hw.soc.datapath import PageSplitter
+    dut = PageSplitter(addr_width=32, data_bytes=16, max_burst=16, depth=4)
+    rng = random.Random(11)
+    reqs = [(rng.randrange(0, 1 << 12) * 16, rng.randint(1, 16)) for _ in range(40)]
+    reqs += [(0x1FF0, 2), (0x2F00, 16), (0x3FF0, 1)]
+    down, got = [], []
+
+    async def feed(ctx):
+        st = Stalls(0.3, 1)
+        for a, n in reqs:
+            await stream_put(ctx, dut.up.req, {"addr": a, "beats": n}, stalls=st)
+
+    async def memory(ctx):
+        # Takes requests and answers them in order (beat data = its byte address), with stalls.
+        r = random.Random(2)
+        pending = []
+        while True:
+            ctx.set(dut.down.req.ready, r.random() > 0.3)
+            ctx.set(dut.down.resp.valid, 0)
+            if pending and r.random() > 0.3:
+                a, left = pending[0]
+                ctx.set(dut.down.resp.valid, 1)
+                ctx.set(dut.down.resp.payload, {"data": a, "last": int(left == 1)})
+            _, _, rv, rr, qv, qa, qb, qr = await ctx.tick().sample(
+                dut.down.resp.valid, dut.down.resp.ready, dut.down.req.valid, dut.down.req.payload.addr,
+                dut.down.req.payload.beats, dut.down.req.ready)
+            if rv and rr:
+                a, left = pending[0]
+                pending[0] = (a + 16, left - 1)
+                if left == 1:
+                    pending.pop(0)
+            if qv and qr:
+                down.append((qa, qb))
+                pending.append((qa, qb))
+
+    async def take(ctx):
+        st = Stalls(0.3, 3)
+        for _ in range(sum(n for _, n in reqs)):
+            p = await stream_get(ctx, dut.up.resp, stalls=st)
+            got.append((int(p.data), int(p.last)))
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(feed)
+    sim.add_testbench(memory, background=True)
+    sim.add_testbench(take)
+    sim.run()
+    for a, b in down:
+        assert 1 <= b <= 16 and a // 4096 == (a + 16 * b - 1) // 4096, f"request 0x{a:X} x {b} crosses 4 KiB"
+    want = [(a + 16 * i, int(i == n - 1)) for a, n in reqs for i in range(n)]
+    assert got == want, "page splitter: beats or last flags differ from the requests"
+    assert len(down) > len(reqs), "no request was split (the test lost its point)"
+
+
+def test_top_program_errors():
+    """An opcode outside the ISA is ERROR.BAD_PROGRAM; MOE on a build without an MoE unit (a model
+    with no MoE block) is ERROR.NO_UNIT; both end the run with DONE and the interrupt."""
+    from m3vit_hw.control.isa import InstructionSet, Opcode
+    from m3vit_hw.soc.regmap import OFFSETS
+    from sim.axi_pysim import AxiLiteCpu, SparseBytes, axi_memory
+    cfg = AcceleratorConfig(model=_tiny().model.with_(depth=1), pe_rows=4, pe_cols=4)
+    assert not cfg.model.moe_blocks
+    isa = InstructionSet(cfg)
+    zero = {f.name: 0 for f in isa.fields(Opcode.MOE)}
+
+    def words(*insns):
+        return b"".join(w.to_bytes(4, "little") for op, f in insns for w in isa.encode(op, **f))
+
+    mem = SparseBytes()
+    mem.write(0x1000, words((Opcode.MOE, zero), (Opcode.END, {})))
+    bad = bytearray(words((Opcode.END, {}), (Opcode.END, {})))
+    bad[0] = (bad[0] & 0xF0) | 0xF
+    mem.write(0x2000, bytes(bad))
+    top = AcceleratorTop(cfg)
+    cpu = AxiLiteCpu(top.s_axi)
+    got = []
+
+    async def host(ctx):
+        for program in (0x1000, 0x2000):
+            await cpu.write(ctx, OFFSETS["PROGRAM_BASE_LO"], program)
+            await cpu.write(ctx, OFFSETS["IRQ_ENABLE"], 1)
+            await cpu.write(ctx, OFFSETS["CTRL"], 1)
+            for _ in range(2000):
+                if (await cpu.read(ctx, OFFSETS["STATUS"])) & 2:
+                    break
+            got.append((await cpu.read(ctx, OFFSETS["ERROR"]), ctx.get(top.interrupt)))
+            await cpu.write(ctx, OFFSETS["IRQ_STATUS"], 1)
+
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    sim.add_testbench(axi_memory(top.m_axi[0], mem, data_bytes=top.data_bytes, pause=0.2, seed=1),
+                      background=True)
+    sim.add_testbench(host)
+    sim.run()
+    assert got == [(FIELDS[("ERROR", "NO_UNIT")].mask, 1), (FIELDS[("ERROR", "BAD_PROGRAM")].mask, 1)], got

@@ -15,10 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..moe.expert_layout import plan_moe
+from ..control.image_layout import SECTIONS, output_row_bytes, plan_image
 from ..platform.zcu104 import ZCU104Platform
 from ..soc import regmap
-from ..soc.image import DESC_HEADER_WORDS, GELU_BYTES, MAGIC, ImageLayout
 from ..soc.top import AcceleratorTop, XilinxTop
 from .verilog import emit_sv
 
@@ -155,29 +154,35 @@ def vivado_tcl(*, axi_masters, clock_mhz, data_bytes, part):
 
 
 def header_text(top):
-    """The C header: register map, config ID and the memory-image layout of this build."""
+    """The C header: register map, config ID and the memory-image layout of this build's model.
+
+    The image is the compiler's (:func:`~m3vit_hw.control.image_layout.plan_image`): offsets are bytes
+    from ``PARAM_BASE``; the program's own length is only known once compiled, so ``PROGRAM_OFFSET`` is
+    where it starts and ``IMAGE_BYTES_NO_PROGRAM`` the image without it.
+    """
     cfg = top.config
-    img = ImageLayout(cfg)
-    lay = plan_moe(cfg)
+    lay = plan_image(cfg)
     m = cfg.model
     defines = [
         ("CONFIG_ID", top.config_id, "value of the ID register for this build"),
         ("AXI_MASTERS", top.axi_masters, "AXI4 masters (HP ports)"),
         ("AXI_DATA_BYTES", top.data_bytes, "AXI data width in bytes; every base must be a multiple"),
         ("PE_ROWS", cfg.pe_rows, ""), ("PE_COLS", cfg.pe_cols, ""),
-        ("DIM", m.dim, "model width D"), ("EXPERTS", m.experts, ""), ("TOP_K", m.top_k, ""),
-        ("TASKS", m.num_tasks, ""), ("TOKEN_CAPACITY", cfg.token_capacity, "most tokens per run"),
-        ("ROW_WORDS", cfg.row_words, "buffer words per token row (pe_cols lanes each)"),
-        ("DESC_MAGIC", MAGIC, "PROGRAM descriptor word 0"),
-        ("DESC_HEADER_WORDS", DESC_HEADER_WORDS, "then c_mult, c_shift per task"),
-        ("DESC_BYTES", img.desc_bytes, "descriptor size; the GELU table follows"),
-        ("GELU_OFFSET", img.gelu_offset, "in PROGRAM"), ("GELU_BYTES", GELU_BYTES, ""),
-        ("PROGRAM_BYTES", img.program_bytes, "PROGRAM region size"),
-        ("H_WORD_BYTES", img.h_word_bytes, "IMAGE: h rows of ROW_WORDS words"),
-        ("X_WORD_BYTES", img.x_word_bytes, "IMAGE/OUTPUT: x rows of ROW_WORDS words"),
-        ("WEIGHTS_BYTES", lay.image_bytes, "WEIGHTS region size (expert_layout.pack_moe)"),
-        ("WEIGHTS_GATE_OFFSET", lay.gate_offset, ""), ("WEIGHTS_EXPERTS_OFFSET", lay.experts_offset, ""),
+        ("DIM", m.dim, "model width D"), ("DEPTH", m.depth, "blocks"), ("EXPERTS", m.experts, ""),
+        ("TOP_K", m.top_k, ""), ("TASKS", m.num_tasks, ""), ("TOKENS", m.tokens, "tokens per frame"),
+        ("TOKEN_CAPACITY", cfg.token_capacity, "most tokens per run"),
+        ("IMG_HEIGHT", m.img_size[0], ""), ("IMG_WIDTH", m.img_size[1], ""), ("IMG_CHANS", m.in_chans, ""),
+        ("ROW_WORDS", cfg.row_words, "int16 words per output token row (PE_COLS lanes each)"),
+        ("OUTPUT_ROW_BYTES", output_row_bytes(cfg), "bytes of one output token row"),
     ]
+    for name in SECTIONS:
+        off, size = lay.sections[name]
+        if name == "program":
+            defines.append(("PROGRAM_OFFSET", off, "image offset of the program (its length: the compiler's)"))
+            continue
+        defines.append((f"{name.upper()}_OFFSET", off, f"image section {name!r}, from PARAM_BASE"))
+        defines.append((f"{name.upper()}_BYTES", size, ""))
+    defines.append(("IMAGE_BYTES_NO_PROGRAM", lay.image_bytes, "the image without the program"))
     return regmap.c_header(defines=defines)
 
 
@@ -362,7 +367,7 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None)
                     "param_buffer_words": config.param_buffer_words},
         "peak_macs_per_cycle": config.macs_per_cycle,
         "peak_gmacs": round(config.peak_gmacs, 3),
-        "core": "MoELayer (stand-in for the encoder top)",
+        "core": "EncoderTop (program sequencer, units, shared datapath)",
     }
     if synth:
         from amaranth.back import rtlil

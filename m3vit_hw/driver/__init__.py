@@ -6,7 +6,7 @@ PYNQ imported only when constructed) and asynchronously inside a cocotb simulati
 (``sim.soc_cocotb.CocotbBackend``). See :class:`Accelerator`.
 """
 
-from .accelerator import Accelerator, AcceleratorError, ConfigMismatch, RunResult
+from .accelerator import Accelerator, AcceleratorError, ConfigMismatch, RunResult, unpack_tokens
 from .pynq_backend import PynqBackend
 
-__all__ = ["Accelerator", "AcceleratorError", "ConfigMismatch", "RunResult", "PynqBackend"]
+__all__ = ["Accelerator", "AcceleratorError", "ConfigMismatch", "RunResult", "unpack_tokens", "PynqBackend"]

@@ -47,9 +47,9 @@ class PynqBackend:
             self._bufs[name] = buf
         return int(buf.physical_address)
 
-    def mem_write(self, name, data):
+    def mem_write(self, name, data, offset=0):
         buf = self._bufs[name]
-        buf[:len(data)] = memoryview(data)
+        buf[offset:offset + len(data)] = np.frombuffer(bytes(data), dtype=np.uint8)
         buf.flush()
 
     def mem_read(self, name, nbytes):

@@ -19,13 +19,19 @@ All registers are 32 bits wide at word-aligned byte offsets of an AXI4-Lite slav
     read, write 1 to clear: the hardware sets bits, software clears them.
 """
 
+import dataclasses
+import json
+import zlib
 from dataclasses import dataclass
 
-__all__ = ["REGMAP_VERSION", "Field", "Register", "REGISTERS", "OFFSETS", "FIELDS", "ERRORS",
-           "register", "c_header", "markdown"]
+from ..config import AcceleratorConfig
+from ..control.isa import Opcode
+
+__all__ = ["REGMAP_VERSION", "Field", "Register", "REGISTERS", "OFFSETS", "FIELDS", "ERRORS", "BASES",
+           "COUNTED_OPS", "config_id", "register", "c_header", "markdown"]
 
 #: (major, minor) of the register map; the major changes when an offset or field moves.
-REGMAP_VERSION = (1, 0)
+REGMAP_VERSION = (2, 0)
 
 _ACCESS = ("ro", "rw", "pulse", "w1c")
 
@@ -66,26 +72,33 @@ class Register:
 
 #: Error bits of the ``ERROR`` register (sticky until the next start).
 ERRORS = (
-    Field("BAD_PROGRAM", 0, 1, "the program descriptor's magic, config ID, token count or shifts are invalid"),
+    Field("BAD_PROGRAM", 0, 1, "the program holds an opcode outside the instruction set (control/isa.py)"),
     Field("UNALIGNED", 1, 1, "a base address is not a multiple of the AXI data width in bytes"),
     Field("AXI", 2, 1, "an AXI read or write response was not OKAY"),
     Field("BAD_TASK", 3, 1, "TASK is not below the model's task count"),
-    Field("OVERFLOW", 4, 1, "the expert queues saw more tokens than token_capacity"),
+    Field("NO_UNIT", 4, 1, "the program holds a valid opcode whose unit this build does not have"),
 )
 
-_BASES = ("PROGRAM", "WEIGHTS", "IMAGE", "OUTPUT")
-_BASE_DOCS = {
-    "PROGRAM": "program (descriptor, then the GELU table)",
-    "WEIGHTS": "weights (the expert_layout.pack_moe image)",
-    "IMAGE": "input activations (h rows, then x rows)",
-    "OUTPUT": "output (x rows after the layer)",
-}
+#: Base-address registers (each a ``_LO``/``_HI`` pair) and what they point at.
+BASES = (
+    ("PROGRAM", "the program (the compiled image's ``program`` section: PARAM_BASE + program_addr)"),
+    ("PARAM", "the compiled image (``control/image_layout.py``): weights, tables; every instruction "
+              "address but LOAD_IMAGE's frame is relative to it"),
+    ("OUTPUT", "the encoder tokens STORE writes (T rows of row_words int16 words of pe_cols lanes)"),
+    ("IMAGE", "the camera frame's origin: LOAD_IMAGE reads the uint8 HWC frame at IMAGE_BASE + its "
+              "img_addr (the image's input offset), so IMAGE_BASE = PARAM_BASE for a frame in the image's "
+              "input section, frame address - input offset (mod 2^64) for a frame in a buffer of its own"),
+)
+
+#: Opcode classes with a cycle counter (``OP_CYCLES_<name>``, ``PE_CYCLES_<name>``): every opcode
+#: value (``control/isa.py`` ``Opcode``) but ``END``/``SYNC``, which have no unit.
+COUNTED_OPS = tuple(op for op in Opcode if op not in (Opcode.END, Opcode.SYNC))
 
 
 def _registers():
     regs = [
         Register("ID", 0x000, "ro", "Config ID: CRC-32 of the AcceleratorConfig and SoC parameters "
-                 "(m3vit_hw.soc.config_id); a driver compares it with its memory image's."),
+                 "(m3vit_hw.soc.regmap.config_id); a driver compares it with its compiled image's."),
         Register("VERSION", 0x004, "ro", "Register-map version.",
                  (Field("MINOR", 0, 16), Field("MAJOR", 16, 16))),
         Register("CTRL", 0x008, "pulse", "Control.",
@@ -98,34 +111,30 @@ def _registers():
                  (Field("DONE", 0, 1, "raise `interrupt` while IRQ_STATUS.DONE is set"),)),
         Register("IRQ_STATUS", 0x018, "w1c", "Interrupt status; write 1 to clear.",
                  (Field("DONE", 0, 1, "a run finished"),)),
-        Register("TASK", 0x01C, "rw", "Task id of the next run.", (Field("ID", 0, 8),)),
+        Register("TASK", 0x01C, "rw", "Task id of the next run (selects the MoE gate and router records).",
+                 (Field("ID", 0, 8),)),
     ]
     off = 0x020
-    for b in _BASES:
-        regs.append(Register(f"{b}_BASE_LO", off, "rw", f"Byte address of the {_BASE_DOCS[b]}, bits 31..0."))
-        regs.append(Register(f"{b}_BASE_HI", off + 4, "rw", f"Byte address of the {_BASE_DOCS[b]}, bits 63..32."))
+    for b, doc in BASES:
+        regs.append(Register(f"{b}_BASE_LO", off, "rw", f"Byte address of {doc}, bits 31..0."))
+        regs.append(Register(f"{b}_BASE_HI", off + 4, "rw", f"Byte address of {doc}, bits 63..32."))
         off += 8
-    counters = (
-        ("CYCLES_LO", "Cycles from START to done, bits 31..0."),
-        ("CYCLES_HI", "Cycles from START to done, bits 63..32."),
-        ("LOAD_CYCLES", "Cycles spent reading the program, the GELU table and the activations."),
-        ("LAYER_CYCLES", "Cycles of the MoE layer (start accepted .. done)."),
-        ("COMPUTE_CYCLES", "Cycles in which the PE array took an operand beat."),
-        ("STORE_CYCLES", "Cycles spent writing the output (until the last write response)."),
-        ("EXPERT_BYTES", "Bytes of expert weights and parameters fetched."),
-        ("GATE_BYTES", "Bytes of gate weights and parameters fetched."),
-        ("ACTIVE_EXPERTS", "Experts that received at least one token."),
-    )
-    off = 0x040
-    for name, doc in counters:
-        regs.append(Register(name, off, "ro", doc))
-        off += 4
-    regs.append(Register("CONFIG0", 0x070, "ro", "PE array shape.",
-                         (Field("PE_ROWS", 0, 16), Field("PE_COLS", 16, 16))))
-    regs.append(Register("CONFIG1", 0x074, "ro", "Memory interface and capacity.",
-                         (Field("DATA_BYTES", 0, 8, "AXI data width in bytes"),
-                          Field("AXI_MASTERS", 8, 4), Field("TOKEN_CAPACITY", 16, 16))))
-    return tuple(regs)
+    regs += [
+        Register("CYCLES_LO", 0x040, "ro", "Cycles from START to done, bits 31..0."),
+        Register("CYCLES_HI", 0x044, "ro", "Cycles from START to done, bits 63..32."),
+        Register("INSN_COUNT", 0x048, "ro", "Instructions the sequencer decoded in the last run (END included)."),
+        Register("CONFIG0", 0x070, "ro", "PE array shape.",
+                 (Field("PE_ROWS", 0, 16), Field("PE_COLS", 16, 16))),
+        Register("CONFIG1", 0x074, "ro", "Memory interface and capacity.",
+                 (Field("DATA_BYTES", 0, 8, "AXI data width in bytes"),
+                  Field("AXI_MASTERS", 8, 4), Field("TOKEN_CAPACITY", 16, 16))),
+    ]
+    for op in COUNTED_OPS:
+        regs.append(Register(f"OP_CYCLES_{op.name}", 0x080 + 4 * op.value, "ro",
+                             f"Cycles in which the {op.name} unit was busy (low 32 bits)."))
+        regs.append(Register(f"PE_CYCLES_{op.name}", 0x0C0 + 4 * op.value, "ro",
+                             f"PE-array busy cycles while {op.name} owned the datapath (low 32 bits)."))
+    return tuple(sorted(regs, key=lambda r: r.offset))
 
 
 #: Every register, in offset order.
@@ -135,6 +144,21 @@ OFFSETS = {r.name: r.offset for r in REGISTERS}
 #: (register, field) -> Field.
 FIELDS = {(r.name, f.name): f for r in REGISTERS for f in r.fields}
 assert len(set(OFFSETS.values())) == len(REGISTERS), "register offsets collide"
+
+
+def config_id(config, *, axi_masters):
+    """The ``ID`` register's value: CRC-32 of everything that decides the hardware and its image.
+
+    The same config and SoC parameters give the same ID on every machine and Python version
+    (canonical JSON of the dataclass fields, sorted keys, plus ``axi_masters`` and the register-map
+    version). A compiled :class:`~m3vit_hw.control.compiler.Program` carries its ``config``, so a
+    driver checks ``config_id(program.config, ...)`` against the hardware before a run.
+    """
+    if not isinstance(config, AcceleratorConfig):
+        raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
+    desc = {"config": dataclasses.asdict(config), "axi_masters": axi_masters, "regmap": list(REGMAP_VERSION)}
+    text = json.dumps(desc, sort_keys=True, default=str, separators=(",", ":"))
+    return zlib.crc32(text.encode())
 
 
 def register(name):
