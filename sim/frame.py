@@ -42,7 +42,8 @@ from sim.ext_memory import ExternalMemory
 from sim.program_executor import execute, read_tokens
 from sim.testbench import Stalls, stream_put
 
-__all__ = ["FrameJob", "make_job", "strip_program", "run_frames", "model_from_args", "main", "OP_CLASS_NAMES"]
+__all__ = ["FrameJob", "make_job", "strip_program", "run_frames", "run_verilator", "analytic_projection",
+           "model_from_args", "main", "OP_CLASS_NAMES"]
 
 #: Op classes reported (the opcodes that have a unit), lower-case names as in the JSON.
 OP_CLASS_NAMES = {op: op.name.lower() for op in Opcode if op not in (Opcode.END, Opcode.SYNC)}
@@ -333,6 +334,25 @@ def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_c
     }
 
 
+def analytic_projection(config, job, *, qm=None, seed=0, latency=8, bytes_per_cycle=None):
+    """:func:`sim.perf_model.project_program` of ``job``'s program with the golden model's routing of
+    ``job``'s own frame and task (``qm``: its parameters; default ``random_quantized(model, seed)``, as
+    :func:`make_job` builds them), for the same memory model: ``{"cycles", "per_op_class"}``, the
+    analytic model's prediction to hold against the RTL's counters."""
+    from sim import perf_model as pm
+    model = job.program.model_config.model
+    qm = random_quantized(model, seed) if qm is None else qm
+    img = np.asarray(job.img, dtype=np.int64).transpose(2, 0, 1) - 128
+    inter = golden_model.encode(qm, img, job.task, q_tile=config.q_tile, return_intermediates=True)
+    counts = {b: pm.routing_counts(r["experts"], model.experts) for b, r in inter["routing"].items()}
+    proj = pm.project_program(job.program, routing=counts, latency=latency,
+                              bytes_per_cycle=bytes_per_cycle or config.mem_data_bytes)
+    per = {}
+    for o in proj["ops"]:
+        per[o["op"].lower()] = per.get(o["op"].lower(), 0) + o["cycles"]
+    return {"cycles": round(proj["cycles"]), "per_op_class": {k: round(v) for k, v in per.items()}}
+
+
 def model_from_args(args):
     """The :class:`ModelConfig` of ``--preset`` or the model flags (raises ValueError on bad ones)."""
     if args.preset:
@@ -424,7 +444,7 @@ def main(argv=None):
         return 2
     print(f"frame: {model.name} D={model.dim} heads={model.heads} depth={model.depth} E={model.experts} "
           f"top-{model.top_k} image {model.img_size[0]}x{model.img_size[1]} ({model.tokens} tokens), task "
-          f"{args.task}, {args.pe_rows}x{args.pe_cols} PEs, {len(job.program.instructions)} instructions",
+          f"{args.task}, {config.pe_rows}x{config.pe_cols} PEs, {len(job.program.instructions)} instructions",
           file=sys.stderr)
     if args.backend == "verilator":
         rep = run_verilator(config, job, stall_prob=args.stall_prob, latency=args.latency, seed=args.seed,
@@ -433,6 +453,13 @@ def main(argv=None):
         rep = run_frames(config, [job], stall_prob=args.stall_prob, latency=args.latency, seed=args.seed,
                          bytes_per_cycle=args.mem_bytes_per_cycle, progress=args.progress)[0]
     rep["backend"] = args.backend
+    if not drop:
+        am = analytic_projection(config, job, seed=args.seed, latency=args.latency,
+                                 bytes_per_cycle=args.mem_bytes_per_cycle)
+        am["error"] = round((am["cycles"] - rep["cycles"]) / rep["cycles"], 5)
+        rep["analytic_model"] = am
+        print(f"analytic model: {am['cycles']} cycles ({100 * am['error']:+.2f} % against the RTL)",
+              file=sys.stderr)
     rep["model"] = dataclasses.asdict(model)
     rep["pe"] = [config.pe_rows, config.pe_cols]
     from sim import perf_report

