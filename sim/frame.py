@@ -405,7 +405,7 @@ def main(argv=None):
     a("--seed", type=int, default=0, help="parameters, frame and stall seed (default 0)")
     a("--pe-rows", type=int, default=None, help="PE rows (default: the preset's accelerator, else 4)")
     a("--pe-cols", type=int, default=None, help="PE columns (default: the preset's accelerator, else 4)")
-    a("--backend", default="pysim", choices=("pysim", "verilator"),
+    a("--backend", default="pysim",
       help="pysim (Amaranth's simulator, with the diff ladder) or verilator (compiled, cached; "
            "the ladder then needs a pysim re-run)")
     a("--mem-bytes-per-cycle", type=float, default=None,
@@ -419,6 +419,8 @@ def main(argv=None):
     a("--json", metavar="FILE", help="write the report as JSON")
     args = p.parse_args(argv)
     try:
+        if args.backend not in ("pysim", "verilator"):
+            raise ValueError(f"--backend must be pysim or verilator, not {args.backend!r}")
         for flag, path in (("--json", args.json), ("--plot", args.plot)):
             if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise ValueError(f"{flag}: the directory of {path!r} does not exist")
