@@ -55,15 +55,25 @@ class SkidBuffer(wiring.Component):
         skid = Signal.like(i.payload, reset_less=True)
         out = Signal.like(i.payload, reset_less=True)
         skid_valid = Signal()
-        m.d.comb += [i.ready.eq(~skid_valid), o.payload.eq(out)]
+        skid_valid_next = Signal()
+        # i.ready is ~skid_valid kept in a register of its own: skid_valid also selects the whole
+        # payload mux, and the producer's ready logic should not sit behind that fanout.
+        ready = Signal(init=1)
+        m.d.comb += [i.ready.eq(ready), o.payload.eq(out), skid_valid_next.eq(skid_valid)]
         with m.If(o.ready | ~o.valid):
             # The output register can take a new value: the skid entry first (it is older).
             with m.If(skid_valid):
-                m.d.sync += [out.eq(skid), o.valid.eq(1), skid_valid.eq(0)]
+                m.d.sync += [out.eq(skid), o.valid.eq(1)]
+                m.d.comb += skid_valid_next.eq(0)
             with m.Elif(i.valid):
                 m.d.sync += [out.eq(i.payload), o.valid.eq(1)]
             with m.Else():
                 m.d.sync += o.valid.eq(0)
-        with m.Elif(i.valid & i.ready):
-            m.d.sync += [skid.eq(i.payload), skid_valid.eq(1)]
+        with m.Elif(i.valid & ready):
+            m.d.comb += skid_valid_next.eq(1)
+        # The skid register copies the input whenever it is empty: its enable is a register, not a
+        # function of o.ready (a stale copy is never used, skid_valid says whether it holds a beat).
+        with m.If(~skid_valid):
+            m.d.sync += skid.eq(i.payload)
+        m.d.sync += [skid_valid.eq(skid_valid_next), ready.eq(~skid_valid_next)]
         return m
