@@ -31,6 +31,7 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..checks import check_int
 from ..numerics import SHIFT_BITS
+from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 
 __all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
@@ -226,9 +227,9 @@ class SoftmaxUnit(wiring.Component):
         # first read, then the row's reads.
         # Then 7 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
         # cycle into the divider, the divider itself, and 3 cycles from the output pass's first read
-        # to ``o``.
+        # to its output FIFO, then the FIFO.
         return (-(-length // self._lanes) + 14 + self._max_stages + self._tree_stages
-                + self._div_latency(self._k))
+                + self._div_latency(self._k) + CreditFIFO.LATENCY)
 
     def elaborate(self, platform):
         m = Module()
@@ -503,8 +504,14 @@ class SoftmaxUnit(wiring.Component):
         mode3 = Signal(SoftmaxMode)
         sum3 = Signal(sum_shape)
         recip3 = Signal(RECIP_BITS)
-        adv = ~self.o.valid | self.o.ready
-        issue3 = adv & active3
+        # The output stages (q1, q2, q3) have no enable: they end in a credit-counted FIFO, so a
+        # beat is issued only while the FIFO has room for every beat in flight, and o.ready reaches
+        # nothing but the FIFO's read side (no ready chain into the divider's FIFO).
+        m.submodules.out_fifo = out_fifo = CreditFIFO(self.o.payload.shape(), 3 + CreditFIFO.LATENCY + 1)
+        wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
+        adv = 1
+        issue3 = active3 & out_fifo.room
+        m.d.comb += out_fifo.take.eq(issue3)
         # "The next beat is the row's last" as a register, so the output pass's load decision (and the
         # divider FIFO's read enable behind it) has no compare in its path.
         last3 = Signal()
@@ -522,7 +529,7 @@ class SoftmaxUnit(wiring.Component):
             m.d.sync += x_rd.eq(_incr(x_rd, self._e_depth))
             with m.If(~load3):
                 m.d.sync += [left3.eq(left3 - L), last3.eq(left3 <= 2 * L)]
-        m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(adv)]
+        m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(1)]
         m.d.sync += [
             rows1.eq(rows1 + (in_go & first1) - load2),
             rows2.eq(rows2 + load2 - div_go),
@@ -556,15 +563,18 @@ class SoftmaxUnit(wiring.Component):
                 m.d.sync += q2val[j].eq(Mux(q1mode == SoftmaxMode.ATTENTION, e8, router_prod))
         # Stage q3: the output register. The router probability is round_shift(e16 * R, 16).
         p_shift = numerics.ROUTER_RECIP_BITS - numerics.ROUTER_P_FRAC
+        q3v = Signal()
+        q3 = Signal(self.o.payload.shape())
         with m.If(adv):
             m.d.sync += [
-                self.o.valid.eq(q2v),
-                self.o.payload.last.eq(q2last),
-                self.o.payload.row_sum.eq(Mux(q2last, q2sum, 0)),
-                self.o.payload.recip.eq(Mux(q2last, q2recip, 0)),
+                q3v.eq(q2v),
+                q3.last.eq(q2last),
+                q3.row_sum.eq(Mux(q2last, q2sum, 0)),
+                q3.recip.eq(Mux(q2last, q2recip, 0)),
             ]
             for j in lane_idx:
                 prob = ((q2val[j] >> (p_shift - 1)) + 1) >> 1
                 val = Mux(q2mode == SoftmaxMode.ATTENTION, q2val[j], prob)
-                m.d.sync += self.o.payload.data[j].eq(Mux(q2mask[j], val, 0))
+                m.d.sync += q3.data[j].eq(Mux(q2mask[j], val, 0))
+        m.d.comb += [out_fifo.w_data.eq(q3), out_fifo.w_en.eq(q3v)]
         return m
