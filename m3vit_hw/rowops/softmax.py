@@ -225,10 +225,10 @@ class SoftmaxUnit(wiring.Component):
         when nothing stalls."""
         # 3 cycles (plus the max tree's extra stages) for the max to reach the exp pass and 1 to its
         # first read, then the row's reads.
-        # Then 7 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
+        # Then 8 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
         # cycle into the divider, the divider itself, and 3 cycles from the output pass's first read
         # to its output FIFO, then the FIFO.
-        return (-(-length // self._lanes) + 14 + self._max_stages + self._tree_stages
+        return (-(-length // self._lanes) + 15 + self._max_stages + self._tree_stages
                 + self._div_latency(self._k) + CreditFIFO.LATENCY)
 
     def elaborate(self, platform):
@@ -408,8 +408,24 @@ class SoftmaxUnit(wiring.Component):
         m.d.sync += [c3v.eq(c3av), c3last.eq(c3alast), c3mask.eq(c3amask), c3d.eq(c3ad)]
         for j in lane_idx:
             m.d.sync += prod[j].eq(pp_lo[j] + (pp_hi[j] << _D_CHUNK))
-        # Stage c4: t = P >> c_shift (a floor shift). The ROM is read with the fraction; the integer
-        # part and the "shifted out completely" flag wait one cycle for the ROM data.
+        # Stage c3b: t = P >> c_shift (a floor shift), registered as its fraction, its integer part
+        # and a "shifted out completely" flag, so the barrel shift and the exp ROM's logic are in
+        # different cycles.
+        int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
+        c3bv, c3blast = Signal(), Signal()
+        c3bmask = Signal(L)
+        c3bd = Signal(desc_layout)
+        t_frac = [Signal(numerics.EXP_FRAC_BITS, name=f"t_frac{j}") for j in lane_idx]
+        t_int = [Signal(int_bits, name=f"t_int{j}") for j in lane_idx]
+        t_big = [Signal(name=f"t_big{j}") for j in lane_idx]
+        m.d.sync += [c3bv.eq(c3v), c3blast.eq(c3last), c3bmask.eq(c3mask), c3bd.eq(c3d)]
+        for j in lane_idx:
+            t = prod[j] >> c3d.c_shift
+            m.d.sync += [t_frac[j].eq(t[:numerics.EXP_FRAC_BITS]),
+                         t_int[j].eq(t[numerics.EXP_FRAC_BITS:numerics.EXP_FRAC_BITS + int_bits]),
+                         t_big[j].eq((t >> (numerics.EXP_FRAC_BITS + int_bits)).any())]
+        # Stage c4: the ROM is read with the fraction; the integer part and the "shifted out
+        # completely" flag wait one cycle for the ROM data.
         # One single-port ROM per lane (what a synthesizer builds from one many-port ROM anyway; the
         # WebAssembly yosys's memory mapper crashes on a 16-read-port ROM).
         exp_init = [int(v) for v in numerics.exp2_lut()]
@@ -419,22 +435,20 @@ class SoftmaxUnit(wiring.Component):
         c4int = Signal(data.ArrayLayout(unsigned(4), L))
         c4sum = Signal(sum_layout)
         rom = []
-        int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
         for j in lane_idx:
             lut = Memory(shape=e16_shape, depth=1 << numerics.EXP_FRAC_BITS, init=exp_init)
             m.submodules[f"exp_rom{j}"] = lut
             port = lut.read_port()
             rom.append(port)
-            t = prod[j] >> c3d.c_shift
-            m.d.comb += [port.addr.eq(t[:numerics.EXP_FRAC_BITS]), port.en.eq(1)]
+            m.d.comb += [port.addr.eq(t_frac[j]), port.en.eq(1)]
             m.d.sync += [
-                c4int[j].eq(t[numerics.EXP_FRAC_BITS:numerics.EXP_FRAC_BITS + int_bits]),
+                c4int[j].eq(t_int[j]),
                 # i >= EXP_ZERO_INT (= 16): every ROM bit is shifted out. Padding lanes are 0 too.
-                c4zero[j].eq((t >> (numerics.EXP_FRAC_BITS + int_bits)).any() | ~c3mask[j]),
+                c4zero[j].eq(t_big[j] | ~c3bmask[j]),
             ]
-        m.d.sync += [c4v.eq(c3v), c4last.eq(c3last), c4mode.eq(c3d.mode),
-                     c4sum.mode.eq(c3d.mode), c4sum.length.eq(c3d.length),
-                     c4sum.out_mult.eq(c3d.out_mult)]
+        m.d.sync += [c4v.eq(c3bv), c4last.eq(c3blast), c4mode.eq(c3bd.mode),
+                     c4sum.mode.eq(c3bd.mode), c4sum.length.eq(c3bd.length),
+                     c4sum.out_mult.eq(c3bd.out_mult)]
         # Stage c5: e16 = lut[f] >> i, registered (the ROM output gets a register before any logic),
         # then written to the exp buffer.
         c5v, c5last, c5mode = Signal(), Signal(), Signal(SoftmaxMode)
