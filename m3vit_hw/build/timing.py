@@ -149,6 +149,8 @@ _FF = {"FDRE", "FDSE", "FDCE", "FDPE"}
 _LUT = {"LUT1", "LUT2", "LUT3", "LUT4", "LUT5", "LUT6", "INV"}
 _MUXF = {"MUXF7", "MUXF8", "MUXF9"}
 _BRAM = {"RAMB18E2", "RAMB36E2"}
+# Memory ports the build cuts out of the netlist (m3vit_hw.build.memories): timed as block RAM ports.
+_CUT_MEMORY = ("m3vit_bbrd_", "m3vit_bbwr_")
 _URAM = {"URAM288", "URAM288_BASE"}
 _CONST_CELLS = {"GND", "VCC"}
 _IGNORED = {"$scopeinfo"}
@@ -332,7 +334,7 @@ class _Walker:
                     for port, bits in outs.items():
                         for b in bits:
                             arc(inner_out, b, 0.0)
-            elif t in _BRAM or t in _URAM:
+            elif t in _BRAM or t in _URAM or t.startswith(_CUT_MEMORY):
                 tco = m.bram_clk_to_out if t in _BRAM else m.uram_clk_to_out
                 for port, bits in ins.items():
                     if port not in _CLOCK_PORTS:
