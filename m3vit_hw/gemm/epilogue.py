@@ -62,8 +62,8 @@ class _Sink(enum.Enum, shape=2):
 
 
 #: Cycles from an accepted input beat to its write / output beat (no stalls): the three stages and
-#: the two skid buffers around them (requantizer -> skid -> GELU -> residual -> skid -> sink).
-LATENCY = Requantizer.LATENCY + GeluStage.LATENCY + ResidualStage.LATENCY + 2 * SkidBuffer.LATENCY
+#: the skid buffer in front of the sink (requantizer -> GELU -> residual -> skid -> sink).
+LATENCY = Requantizer.LATENCY + GeluStage.LATENCY + ResidualStage.LATENCY + SkidBuffer.LATENCY
 
 
 class EpilogueInLayout(data.StructLayout):
@@ -148,10 +148,10 @@ class Epilogue(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :data:`LATENCY` (21) cycles from input to write, one beat per cycle. No combinational path runs
+    :data:`LATENCY` (18) cycles from input to write, one beat per cycle. No combinational path runs
     from ``o.ready`` further than the sink's skid buffer: the requantizer and the residual stage
-    (credit-counted output FIFOs) and GELU (a skid buffer) take ``i.ready`` from registers, and skid
-    buffers after the requantizer and after the residual stage cut the rest of the ready chain.
+    (credit-counted output FIFOs) and GELU (a skid buffer) take ``i.ready`` from registers, and a
+    skid buffer after the residual stage cuts the rest of the ready chain.
     """
 
     def __init__(self, lanes, act_addr_width, res_addr_width):
@@ -244,17 +244,15 @@ class Epilogue(wiring.Component):
             with m.Default():
                 m.d.comb += rq.i.payload.meta.rest.rest.sink.eq(_Sink.NONE)
 
-        # Requantizer -> skid -> GELU -> residual: the stage controls peel off the side data. The
-        # skid buffer gives GELU's table lookup a register to start from: the requantizer's output
-        # FIFO ends in a distributed-RAM read (yosys moves its read register to the address side).
-        m.submodules.rq_skid = qs = SkidBuffer(rq.o.payload.shape())
-        wiring.connect(m, rq.o, qs.i)
+        # Requantizer -> GELU -> residual: the stage controls peel off the side data. The
+        # requantizer's output (its credit FIFO's output register) feeds GELU's table lookup, and
+        # GELU's i.ready is a register.
         m.d.comb += [
-            ge.i.valid.eq(qs.o.valid),
-            qs.o.ready.eq(ge.i.ready),
-            ge.i.payload.data.eq(qs.o.payload.data),
-            ge.i.payload.enable.eq(qs.o.payload.meta.gelu),
-            ge.i.payload.meta.eq(qs.o.payload.meta.rest),
+            ge.i.valid.eq(rq.o.valid),
+            rq.o.ready.eq(ge.i.ready),
+            ge.i.payload.data.eq(rq.o.payload.data),
+            ge.i.payload.enable.eq(rq.o.payload.meta.gelu),
+            ge.i.payload.meta.eq(rq.o.payload.meta.rest),
         ]
         wiring.connect(m, ge.lut, wiring.flipped(self.gelu_lut))
 
@@ -297,7 +295,7 @@ class Epilogue(wiring.Component):
             self.act_wr.addr.eq(out.addr[:self._act_aw]),
             self.act_wr.en.eq(Mux(ss.o.valid & (sink == _Sink.ACT), out.mask, 0)),
             self.done.eq(ss.o.valid & ss.o.ready & out.meta.last),
-            self.busy.eq(rq.busy | qs.o.valid | ge.busy | rs.busy | ss.o.valid),
+            self.busy.eq(rq.busy | ge.busy | rs.busy | ss.o.valid),
         ]
         for j in range(L):
             m.d.comb += self.act_wr.data[j].eq(out.data[j][:numerics.ACT_BITS])

@@ -112,7 +112,7 @@ class Requantizer(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :attr:`LATENCY` (10) cycles, one beat per cycle: 8 datapath stages, then 2 through the output
+    :attr:`LATENCY` (9) cycles, one beat per cycle: 8 datapath stages, then 1 through the output
     FIFO. The datapath stages, each sized for 300 MHz on an UltraScale+ -2 (at most about 5 LUT
     levels or one short carry chain between registers):
 

@@ -104,9 +104,9 @@ class ResidualStage(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :attr:`LATENCY` (8) cycles, one beat per cycle: three stages ahead of the read (operand
+    :attr:`LATENCY` (7) cycles, one beat per cycle: three stages ahead of the read (operand
     registers | ``x * weight`` in a DSP48E2 | rounding shift), then read issued | read data
-    registered | add, saturate and write, then the output FIFO (2). A read-modify-write beat whose
+    registered | add, saturate and write, then the output FIFO (1). A read-modify-write beat whose
     address matches a write still in flight waits (at most 3 cycles) for that write to land.
     ``i.ready`` comes from registers (the hazard flag and the output FIFO's credits), with no path
     from ``o.ready``.

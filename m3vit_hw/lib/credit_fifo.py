@@ -8,7 +8,8 @@ combinational path from ``o.ready``.
 """
 
 from amaranth.hdl import Module, Mux, Shape, Signal
-from amaranth.lib import fifo, stream, wiring
+from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..checks import check_int
@@ -42,10 +43,13 @@ class CreditFIFO(wiring.Component):
 
     Latency
     -------
-    :attr:`LATENCY` (2) cycles from ``w_en`` to ``o.valid``.
+    :attr:`LATENCY` (1) cycle from ``w_en`` to ``o.valid``: a result written while the FIFO is empty
+    goes straight into the output register, otherwise it waits in a distributed-RAM queue. The output
+    register is a real flip-flop (its input chooses between the queue and ``w_data``), so ``o.payload``
+    starts every downstream path at a register.
     """
 
-    LATENCY = 2
+    LATENCY = 1
 
     def __init__(self, shape, depth):
         try:
@@ -68,13 +72,46 @@ class CreditFIFO(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         depth = self._depth
-        m.submodules.fifo = q = fifo.SyncFIFOBuffered(width=Shape.cast(self.w_data.shape()).width, depth=depth)
-        m.d.comb += [
-            q.w_data.eq(self.w_data), q.w_en.eq(self.w_en),
-            self.o.valid.eq(q.r_rdy), self.o.payload.eq(q.r_data), q.r_en.eq(self.o.ready),
-        ]
+        o = self.o
+        # One result in the output register, up to depth - 1 in the queue behind it.
+        q_depth = depth - 1
+        out = Signal.like(self.w_data, reset_less=True)
+        m.d.comb += o.payload.eq(out)
+        pop = o.valid & o.ready
+        out_free = ~o.valid | pop
+        if q_depth:
+            m.submodules.queue = queue = Memory(shape=self.w_data.shape(), depth=q_depth, init=[])
+            wp = queue.write_port()
+            rp = queue.read_port(domain="comb")
+            wptr = Signal(range(q_depth))
+            rptr = Signal(range(q_depth))
+            q_count = Signal(range(q_depth + 1))
+            nonempty = Signal()                     # q_count != 0, kept as a register
+            q_read = out_free & nonempty
+            q_write = self.w_en & ~(out_free & ~nonempty)
+            m.d.comb += [wp.addr.eq(wptr), wp.data.eq(self.w_data), wp.en.eq(q_write), rp.addr.eq(rptr)]
+            with m.If(q_write):
+                m.d.sync += wptr.eq(Mux(wptr == q_depth - 1, 0, wptr + 1))
+            with m.If(q_read):
+                m.d.sync += rptr.eq(Mux(rptr == q_depth - 1, 0, rptr + 1))
+            m.d.sync += [
+                q_count.eq(q_count + q_write - q_read),
+                nonempty.eq(Mux(q_write & ~q_read, 1, Mux(q_read & ~q_write, q_count != 1, nonempty))),
+            ]
+            head = rp.data
+        else:
+            nonempty = 0
+            head = self.w_data
+        with m.If(out_free):
+            with m.If(nonempty):
+                m.d.sync += [out.eq(head), o.valid.eq(1)]
+            with m.Elif(self.w_en):
+                m.d.sync += [out.eq(self.w_data), o.valid.eq(1)]
+            with m.Else():
+                m.d.sync += o.valid.eq(0)
+
         count = Signal(range(depth + 1))
-        give = self.o.valid & self.o.ready
+        give = pop
         m.d.sync += count.eq(count + self.take - give)
         m.d.comb += self.busy.eq(count != 0)
         # room' = count + take - give < depth, decided from the constant compares of the current

@@ -168,7 +168,7 @@ class LayerNormUnit(wiring.Component):
 
     def _engine_latencies(self, k):
         # Mirrors ISqrt.latency and Divider.latency without building the engines (the pipelined
-        # engines add 2 cycles of output FIFO).
+        # engines add PIPELINED_FIFO_LATENCY cycles of output FIFO).
         extra = PIPELINED_FIFO_LATENCY if self._pipelined else 0
         return (-(-self._root_width // k) + 1 + extra, -(-(numerics.LN_INV_BITS + 1) // k) + 1 + extra)
 
