@@ -85,19 +85,21 @@ class CreditFIFO(wiring.Component):
             rp = queue.read_port(domain="comb")
             wptr = Signal(range(q_depth))
             rptr = Signal(range(q_depth))
-            q_count = Signal(range(q_depth + 1))
-            nonempty = Signal()                     # q_count != 0, kept as a register
+            # The queue never overflows (the credits), so "empty" is all it needs to know: a flag
+            # register. A read without a write empties it when the advanced read pointer meets the
+            # write pointer; no count and no adder behind o.ready.
+            nonempty = Signal()
+            rptr_next = Signal.like(rptr)
+            m.d.comb += rptr_next.eq(Mux(rptr == q_depth - 1, 0, rptr + 1))
             q_read = out_free & nonempty
             q_write = self.w_en & ~(out_free & ~nonempty)
             m.d.comb += [wp.addr.eq(wptr), wp.data.eq(self.w_data), wp.en.eq(q_write), rp.addr.eq(rptr)]
             with m.If(q_write):
                 m.d.sync += wptr.eq(Mux(wptr == q_depth - 1, 0, wptr + 1))
             with m.If(q_read):
-                m.d.sync += rptr.eq(Mux(rptr == q_depth - 1, 0, rptr + 1))
-            m.d.sync += [
-                q_count.eq(q_count + q_write - q_read),
-                nonempty.eq(Mux(q_write & ~q_read, 1, Mux(q_read & ~q_write, q_count != 1, nonempty))),
-            ]
+                m.d.sync += rptr.eq(rptr_next)
+            m.d.sync += nonempty.eq(Mux(q_write & ~q_read, 1,
+                                        Mux(q_read & ~q_write, rptr_next != wptr, nonempty)))
             head = rp.data
         else:
             nonempty = 0
