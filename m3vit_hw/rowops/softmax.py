@@ -262,7 +262,9 @@ class SoftmaxUnit(wiring.Component):
         # Every row the divider can hold (one iterative, up to its latency pipelined) plus one waiting
         # at its output.
         side_depth = 2 if not self._pipelined else self._div_latency(self._k) + 1
-        m.submodules.side_fifo = side_fifo = fifo.SyncFIFO(width=side_layout.size, depth=side_depth)
+        # A CreditFIFO: its output (and "not empty") are registers, so the output pass's load decision
+        # starts at flip-flops; its room (a register too) replaces a FIFO level compare.
+        m.submodules.side_fifo = side_fifo = CreditFIFO(side_layout, side_depth)
         m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k,
                                          pipelined=self._pipelined)
 
@@ -498,7 +500,7 @@ class SoftmaxUnit(wiring.Component):
         sum_out = data.View(sum_layout, sum_fifo.r_data)
         div_go = Signal()
         m.d.comb += [
-            div.i.valid.eq(sum_fifo.r_rdy & side_fifo.w_rdy),
+            div.i.valid.eq(sum_fifo.r_rdy & side_fifo.room),
             div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,
                                           sum_out.out_mult << numerics.AV_RECIP_BITS,
                                           1 << numerics.ROUTER_RECIP_BITS)),
@@ -506,13 +508,14 @@ class SoftmaxUnit(wiring.Component):
             div_go.eq(div.i.valid & div.i.ready),
             sum_fifo.r_en.eq(div_go),
             side_fifo.w_en.eq(div_go),
+            side_fifo.take.eq(div_go),
         ]
         side_in = Signal(side_layout)
         m.d.comb += [side_in.sum.eq(sum_out.sum), side_in.mode.eq(sum_out.mode),
                      side_in.length.eq(sum_out.length), side_fifo.w_data.eq(side_in)]
 
         # ---- pass 3: output ----------------------------------------------------------------------
-        side_out = data.View(side_layout, side_fifo.r_data)
+        side_out = side_fifo.o.payload
         active3 = Signal()
         left3 = Signal(len_shape)
         mode3 = Signal(SoftmaxMode)
@@ -531,8 +534,8 @@ class SoftmaxUnit(wiring.Component):
         last3 = Signal()
         issue3_last = issue3 & last3
         # A row's sum exists only after all its e16 beats were written: issuing needs no level check.
-        load3 = (~active3 | issue3_last) & div.o.valid & side_fifo.r_rdy
-        m.d.comb += [div.o.ready.eq(load3), side_fifo.r_en.eq(load3)]
+        load3 = (~active3 | issue3_last) & div.o.valid & side_fifo.o.valid
+        m.d.comb += [div.o.ready.eq(load3), side_fifo.o.ready.eq(load3)]
         with m.If(load3):
             m.d.sync += [active3.eq(1), left3.eq(side_out.length), last3.eq(side_out.length <= L),
                          mode3.eq(side_out.mode),
