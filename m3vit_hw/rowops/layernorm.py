@@ -420,10 +420,14 @@ class LayerNormUnit(wiring.Component):
         n_st = _NORM_STAGES
         vs = [Signal(name=f"nv{k}") for k in range(1, n_st)]
         lasts = [Signal(name=f"nlast{k}") for k in range(1, n_st)]
-        par = [Signal(param_layout, name=f"par{k}", reset_less=True) for k in range(2, 10)]  # par[0] = stage 2
+        # par[5] (gamma's multiply) and par[6] (beta's add), and the last inv_d, stay on reset: a
+        # longer reset-less chain becomes a shift register (SRL) in yosys, and an SRL's slow
+        # clock-to-out in front of a DSP48E2 cannot be absorbed as its input register.
+        par = [Signal(param_layout, name=f"par{k}", reset_less=k not in (7, 8))
+               for k in range(2, 10)]  # par[0] = stage 2
         s1_1 = Signal(s1_shape, reset_less=True)
         s1_d = [Signal(s1_shape, name=f"s1_{k}", reset_less=True) for k in (2, 3)]
-        inv_d = [Signal(inv_width, name=f"inv_{k}", reset_less=True) for k in (1, 2, 3, 4)]
+        inv_d = [Signal(inv_width, name=f"inv_{k}", reset_less=k < 4) for k in (1, 2, 3, 4)]
         lo, hi = numerics.int_range(numerics.ACT_BITS)
         cut = _INV_CHUNK
         with m.If(adv):
