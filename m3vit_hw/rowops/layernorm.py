@@ -242,7 +242,12 @@ class LayerNormUnit(wiring.Component):
         rd_ptr = Signal(range(self._depth))
         in_beat = Signal(range(R))
         in_flight = Signal(range(self._depth + 4))      # rows accepted and not yet fully emitted
-        m.d.comb += self.busy.eq(in_flight != 0)
+        # The row events are registered before the count (the input handshake would otherwise
+        # feed its adder); busy also covers a first beat whose event is still in its register, and
+        # stays high one cycle longer after a row's last beat (harmless: it only gates parameters).
+        first_go_r = Signal()
+        last_go_r = Signal()
+        m.d.comb += self.busy.eq((in_flight != 0) | first_go_r)
 
         param_go = self.param.valid & ~self.busy
         m.d.comb += self.param.ready.eq(~self.busy)
@@ -476,5 +481,6 @@ class LayerNormUnit(wiring.Component):
 
         out_last_go = self.o.valid & self.o.ready & out_fifo.o.payload.last
         in_first_go = in_go & (in_beat == 0)
-        m.d.sync += in_flight.eq(in_flight + in_first_go - out_last_go)
+        m.d.sync += [first_go_r.eq(in_first_go), last_go_r.eq(out_last_go),
+                     in_flight.eq(in_flight + first_go_r - last_go_r)]
         return m
