@@ -89,15 +89,17 @@ class CreditFIFO(wiring.Component):
             # register. A read without a write empties it when the advanced read pointer meets the
             # write pointer; no count and no adder behind o.ready.
             nonempty = Signal()
-            rptr_next = Signal.like(rptr)
-            m.d.comb += rptr_next.eq(Mux(rptr == q_depth - 1, 0, rptr + 1))
+            # rptr + 1 (wrapping), kept in a register of its own so no incrementer sits before the
+            # compare with wptr.
+            rptr_next = Signal(range(q_depth), init=1 % q_depth)
             q_read = out_free & nonempty
             q_write = self.w_en & ~(out_free & ~nonempty)
             m.d.comb += [wp.addr.eq(wptr), wp.data.eq(self.w_data), wp.en.eq(q_write), rp.addr.eq(rptr)]
             with m.If(q_write):
                 m.d.sync += wptr.eq(Mux(wptr == q_depth - 1, 0, wptr + 1))
             with m.If(q_read):
-                m.d.sync += rptr.eq(rptr_next)
+                m.d.sync += [rptr.eq(rptr_next),
+                             rptr_next.eq(Mux(rptr_next == q_depth - 1, 0, rptr_next + 1))]
             m.d.sync += nonempty.eq(Mux(q_write & ~q_read, 1,
                                         Mux(q_read & ~q_write, rptr_next != wptr, nonempty)))
             head = rp.data
