@@ -416,11 +416,7 @@ class LayerNormUnit(wiring.Component):
             buf_r.addr.eq(rd_ptr), buf_r.en.eq(1),
             par_r.addr.eq(out_beat), par_r.en.eq(1),
         ]
-        # count +- 1 are formed from the register alone; the input handshake only picks one (a mux,
-        # not an adder, after in_go).
-        count_up, count_down = Signal.like(count), Signal.like(count)
-        m.d.comb += [count_up.eq(count + 1), count_down.eq(count - 1)]
-        m.d.sync += count.eq(Mux(in_go & ~issue, count_up, Mux(issue & ~in_go, count_down, count)))
+        m.d.sync += count.eq(count + in_go - issue)
 
         # Stages: (1) buffer/param read, (2) read data registered, (3) D*x, (4) a = D*x - S1,
         # (5) a * inv as two registered DSP partial products, (6) their sum P, (7) z = round_shift(P,
