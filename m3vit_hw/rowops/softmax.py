@@ -362,19 +362,22 @@ class SoftmaxUnit(wiring.Component):
         rows2 = Signal(range(_QUEUE_DEPTH + 1))        # rows started in pass 2, sum not yet divided
 
         issue2 = active2 & (x_count < self._e_depth)
-        last2 = left2 <= L
+        # "The next beat is the row's last" as a register (as last3 below): no compare on left2 in
+        # front of the load decision and the row counters.
+        last2 = Signal()
         issue2_last = issue2 & last2
         load2 = (~active2 | issue2_last) & desc_fifo.r_rdy & (rows2 < _QUEUE_DEPTH)
         desc_out = data.View(desc_layout, desc_fifo.r_data)
         m.d.comb += desc_fifo.r_en.eq(load2)
         with m.If(load2):
-            m.d.sync += [d2.eq(desc_out), left2.eq(desc_out.length), active2.eq(1)]
+            m.d.sync += [d2.eq(desc_out), left2.eq(desc_out.length), last2.eq(desc_out.length <= L),
+                         active2.eq(1)]
         with m.Elif(issue2_last):
             m.d.sync += active2.eq(0)
         with m.If(issue2):
             m.d.sync += [s_rd.eq(_incr(s_rd, self._s_depth))]
             with m.If(~load2):
-                m.d.sync += left2.eq(left2 - L)
+                m.d.sync += [left2.eq(left2 - L), last2.eq(left2 <= 2 * L)]
         m.d.comb += [s_r.addr.eq(s_rd), s_r.en.eq(1)]
 
         # Stage c1: scores arrive; distance to the row max (>= 0, < 2**32).
