@@ -197,15 +197,16 @@ class Router(wiring.Component):
 
         # ---- command: start the layer and the softmax's command -----------------------------------
         sm_pending = Signal()
-        # The layer starts one cycle after its command: `start` derives the row-tile bookkeeping
-        # registers below from `tokens`, so no compare or subtract on T sits in a per-beat path.
+        # The row-tile bookkeeping registers below are loaded from the command itself when it is
+        # accepted (`start`), so no compare or subtract on T sits in a per-beat path.
         start = Signal()
-        m.d.sync += start.eq(0)
-        m.d.comb += self.cmd.ready.eq(~active & ~start)
+        t_cmd = Signal(range(cap + 1))
+        m.d.comb += [self.cmd.ready.eq(~active), start.eq(self.cmd.valid & self.cmd.ready),
+                     t_cmd.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens))]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 tokens.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens)),
-                start.eq(1), sm_pending.eq(1),
+                active.eq(1), sm_pending.eq(1),
                 sm.cmd.p.c_mult.eq(self.cmd.p.c_mult), sm.cmd.p.c_shift.eq(self.cmd.p.c_shift),
                 sm.cmd.p.rows.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens)),
                 sm.cmd.p.mode.eq(SoftmaxMode.ROUTER),
@@ -264,8 +265,8 @@ class Router(wiring.Component):
         next_rem = w_rem - R
         first_rows_m1 = Signal(range(R))
         with m.If(start):
-            m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(rows_m1(tokens)), first_rows_m1.eq(rows_m1(tokens)),
-                         w_last_tile.eq(tokens <= R), w_done.eq(0)]
+            m.d.sync += [w_rem.eq(t_cmd), w_row_rem.eq(rows_m1(t_cmd)), first_rows_m1.eq(rows_m1(t_cmd)),
+                         w_last_tile.eq(t_cmd <= R), w_done.eq(0)]
         with m.If(w_go):
             m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1)]
             with m.If(w_row_last):
@@ -297,7 +298,7 @@ class Router(wiring.Component):
         s_valid = Signal()
         fork_ready = Signal()
         with m.If(start):
-            m.d.sync += r_rem.eq(tokens)
+            m.d.sync += r_rem.eq(t_cmd)
         r_go = full.bit_select(r_bank, 1) & (~s_valid | fork_ready)
         m.d.comb += [
             t_r.addr.eq(r_base + r_row * NB + r_nb),
@@ -357,7 +358,7 @@ class Router(wiring.Component):
         # ---- output: one beat per token ------------------------------------------------------------
         o_left = Signal(range(cap + 1))          # tokens not yet sent, a down-counter (no compare with T - 1)
         with m.If(start):
-            m.d.sync += [o_left.eq(tokens), active.eq(1)]
+            m.d.sync += [o_left.eq(t_cmd), active.eq(1)]
         m.d.comb += [
             self.o.valid.eq(tk.o.valid),
             self.o.p.experts.eq(tk.o.p.experts),

@@ -130,9 +130,12 @@ class TopK(wiring.Component):
     @property
     def latency(self):
         """Cycles from the transfer of a token's final beat to its result on ``o`` (output ready):
-        the input register, two stages per tree level, the running-list stage with several beats per
-        token, and the output FIFO."""
-        return 1 + 2 * self.tree_levels + (1 if self._beats > 1 else 0) + CreditFIFO.LATENCY
+        two stages per tree level (the last level's select unregistered with one beat per token),
+        the running-list stage with several beats per token, and the output FIFO."""
+        levels = self.tree_levels
+        if self._beats > 1:
+            return 2 * levels + 1 + CreditFIFO.LATENCY
+        return 2 * levels - (1 if levels else 0) + CreditFIFO.LATENCY
 
     def elaborate(self, platform):
         m = Module()
@@ -185,21 +188,22 @@ class TopK(wiring.Component):
                 m.d.sync += [in_beat.eq(Mux(in_final, 0, in_beat + 1)),
                              in_final.eq(in_beat == beats - 2)]
 
-        # ---- stage 0: the input beat as L one-entry lists -----------------------------------------
+        # ---- the input beat as L one-entry lists ---------------------------------------------------
         lanes_in_final = E - (beats - 1) * L     # lanes past E exist only in the final beat
         v0 = Signal(name="v0")
         first0 = Signal(name="first0")
         final0 = Signal(name="final0")
         leaves = entries("leaf", L)
-        m.d.sync += [v0.eq(take), first0.eq(in_beat == 0), final0.eq(in_final)]
+        # The leaves are the input beat itself (its producers hold registers), not a register stage.
+        m.d.comb += [v0.eq(take), first0.eq(in_beat == 0), final0.eq(in_final)]
         for l, e in enumerate(leaves):
-            m.d.sync += [
+            m.d.comb += [
                 e.val.eq(self.i.p.logits[l]),
                 e.idx.eq(in_beat * L + l),
                 e.vld.eq(Const(1) if l < lanes_in_final else ~in_final),
             ]
             if tw:
-                m.d.sync += e.tag.eq(self.i.p.tags[l])
+                m.d.comb += e.tag.eq(self.i.p.tags[l])
 
         # ---- merge tree over the lanes: compare stage, then select stage, per level --------------
         lists = [[e] for e in leaves]
@@ -207,8 +211,11 @@ class TopK(wiring.Component):
         for lvl in range(self.tree_levels):
             cv, cfirst, cfinal = Signal(name=f"v{lvl}c"), Signal(name=f"first{lvl}c"), Signal(name=f"final{lvl}c")
             sv, sfirst, sfinal = Signal(name=f"v{lvl}s"), Signal(name=f"first{lvl}s"), Signal(name=f"final{lvl}s")
-            m.d.sync += [cv.eq(v), cfirst.eq(first), cfinal.eq(final),
-                         sv.eq(cv), sfirst.eq(cfirst), sfinal.eq(cfinal)]
+            # With one beat per token the last level's select feeds the output FIFO directly (whose
+            # output register it reaches through one mux): no register of its own.
+            sel = m.d.comb if (lvl == self.tree_levels - 1 and beats == 1) else m.d.sync
+            m.d.sync += [cv.eq(v), cfirst.eq(first), cfinal.eq(final)]
+            sel += [sv.eq(cv), sfirst.eq(cfirst), sfinal.eq(cfinal)]
             nxt_lists = []
             for n in range(0, len(lists), 2):
                 pair = lists[n:n + 2]
@@ -216,7 +223,7 @@ class TopK(wiring.Component):
                 m.d.sync += [r.eq(e) for r, e in zip(ra, pair[0])]
                 if len(pair) == 1:            # an odd list passes through both stages
                     rs = entries(f"l{lvl}n{n // 2}s", len(ra))
-                    m.d.sync += [r.eq(e) for r, e in zip(rs, ra)]
+                    sel += [r.eq(e) for r, e in zip(rs, ra)]
                     nxt_lists.append(rs)
                     continue
                 rb = entries(f"l{lvl}n{n // 2}b", len(pair[1]))
@@ -228,7 +235,7 @@ class TopK(wiring.Component):
                         m.d.sync += c[i][j].eq(above(a, b))
                 n_out = min(k, len(ra) + len(rb))
                 rs = entries(f"l{lvl}n{n // 2}s", n_out)
-                m.d.sync += [r.eq(w) for r, w in zip(rs, select(ra, rb, c, n_out))]
+                sel += [r.eq(w) for r, w in zip(rs, select(ra, rb, c, n_out))]
                 nxt_lists.append(rs)
             lists = nxt_lists
             v, first, final = sv, sfirst, sfinal
