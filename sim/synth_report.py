@@ -7,7 +7,7 @@
 For each unit it reports:
 
 - resources of the ``-family xcup`` netlist (DSP48E2, LUT, FF, CARRY8, RAMB36/RAMB18, URAM, LUTRAM, SRL);
-- the timing estimate of :mod:`sim.timing`: the longest register-to-register path with its LUT levels,
+- the timing estimate of :mod:`m3vit_hw.build.timing`: the longest register-to-register path with its LUT levels,
   CARRY8 elements and DSP48E2 stages, start and end signals with their source lines, and an Fmax from the
   UltraScale+ -2 delay model of ``docs/timing.md``;
 - how many DSPs have pipeline registers. This yosys's ``xilinx_dsp`` packs A/B/M/P registers only for
@@ -34,9 +34,9 @@ from pathlib import Path
 from amaranth.back import rtlil
 
 from m3vit_hw.checks import check_output_path
-from sim.timing import analyze, format_result
+from m3vit_hw.build.timing import analyze, format_result
 
-__all__ = ["synthesize", "UNITS", "MAPPER", "main"]
+__all__ = ["synthesize", "synthesize_top", "UNITS", "MAPPER", "main"]
 
 #: The LUT mapper of every estimate (see the module docstring for why not abc9).
 MAPPER = "abc -lut 6 (classic; abc9 not used)"
@@ -223,7 +223,7 @@ def synthesize(component, name="top", log=None, dsp_proxy=True):
     Returns
     -------
     dict
-        ``resources`` (summary), ``cells`` (raw counts), ``timing`` (:class:`sim.timing.TimingResult`),
+        ``resources`` (summary), ``cells`` (raw counts), ``timing`` (:class:`m3vit_hw.build.timing.TimingResult`),
         ``dsp_regs_xc7`` (None without DSPs), ``seconds``, ``mapper``.
     """
     text = rtlil.convert(component, name=name)
@@ -246,6 +246,23 @@ def synthesize(component, name="top", log=None, dsp_proxy=True):
         seconds = time.perf_counter() - t0
     return {"resources": resources, "cells": cells, "timing": timing, "dsp_regs_xc7": dsp_regs,
             "seconds": seconds, "mapper": MAPPER}
+
+
+def synthesize_top(cfg, log=None):
+    """The accelerator top (:class:`~m3vit_hw.soc.top.AcceleratorTop` with its MoE stand-in core, in the
+    build's Xilinx wrapper) through the build's estimate (:func:`m3vit_hw.build.flow.synth_estimate`:
+    large memories cut out and counted by rule, then the timing walk). Same result keys as
+    :func:`synthesize`; no xc7 DSP proxy (the top's DSPs are the units' ones)."""
+    from amaranth.back import rtlil
+    from m3vit_hw.build.flow import TOP_NAME, synth_estimate
+    from m3vit_hw.soc.top import AcceleratorTop, XilinxTop
+    x = XilinxTop(AcceleratorTop(cfg))
+    text = rtlil.convert(x, name=TOP_NAME, ports=x.ports())
+    res, seconds, _, timing = synth_estimate(text, log_path=log, timing=True)
+    resources = {k: res[k] for k in ("DSP48E2", "LUT", "FF", "RAMB36", "RAMB18", "URAM", "LUTRAM", "SRL")
+                 if k in res}
+    return {"resources": resources, "cells": {}, "timing": timing, "dsp_regs_xc7": None,
+            "seconds": seconds, "mapper": MAPPER + "; large memories cut out and counted by rule"}
 
 
 def format_report(unit, rep):
@@ -274,8 +291,9 @@ def table_row(unit, rep):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m sim.synth_report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--unit", required=True, action="append", choices=sorted(UNITS) + ["all"],
-                   help="unit to synthesize (repeatable; 'all' for every unit)")
+    p.add_argument("--unit", required=True, action="append", choices=sorted(UNITS) + ["all", "top"],
+                   help="unit to synthesize (repeatable; 'all' for every unit; 'top' for the accelerator "
+                        "top through the build's estimate, slow at W1 and not part of 'all')")
     p.add_argument("--preset", default="tiny", help="model preset of the AcceleratorConfig")
     p.add_argument("--pe-rows", type=int, default=None, help="override the preset's PE rows")
     p.add_argument("--pe-cols", type=int, default=None, help="override the preset's PE columns")
@@ -284,7 +302,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--log", default=None, help="keep the yosys log here (one unit only)")
     args = p.parse_args(argv)
-    units = list(UNITS) if "all" in args.unit else args.unit
+    units = (list(UNITS) + (["top"] if "top" in args.unit else [])) if "all" in args.unit else args.unit
     try:
         check_output_path(args.json, "--json")
         check_output_path(args.log, "--log")
@@ -299,8 +317,11 @@ def main(argv=None):
     for unit in units:
         print(f"synthesizing {unit} ({args.preset}, {cfg.pe_rows}x{cfg.pe_cols}, pack {cfg.pe_pack}) ...", flush=True)
         try:
-            comp = UNITS[unit](cfg)
-            rep = synthesize(comp, log=args.log if len(units) == 1 else None, dsp_proxy=not args.no_dsp_proxy)
+            log = args.log if len(units) == 1 else None
+            if unit == "top":
+                rep = synthesize_top(cfg, log=log)
+            else:
+                rep = synthesize(UNITS[unit](cfg), log=log, dsp_proxy=not args.no_dsp_proxy)
         except (ValueError, TypeError) as e:
             print(f"error: {unit}: {e}", file=sys.stderr)
             return 2

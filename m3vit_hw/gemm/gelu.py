@@ -6,11 +6,12 @@ table per layer, shared by all experts of an MoE layer). Every lane has its own 
 synthesizer builds one small distributed-RAM copy per lane.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
+from ..lib.skid import SkidBuffer
 from .requantizer import check_lanes, check_meta
 
 __all__ = ["GeluStage", "GeluInLayout", "GeluOutLayout", "LUT_ENTRIES"]
@@ -72,7 +73,8 @@ class GeluStage(wiring.Component):
 
     Latency and throughput
     ----------------------
-    1 cycle (the synchronous table read), one beat per cycle.
+    1 cycle, one beat per cycle: an asynchronous table read (distributed RAM) into a skid buffer,
+    so ``i.ready`` is a register.
     """
 
     LATENCY = 1
@@ -109,26 +111,35 @@ class GeluStage(wiring.Component):
             m.d.comb += [wp.addr.eq(self.lut.addr), wp.data.eq(self.lut.data), wp.en.eq(self.lut.en)]
             tables.append(table)
 
-        valid = Signal()
-        enable = Signal()
-        meta = Signal(self._meta)
-        passthru = [Signal(signed(numerics.ACC_BITS), name=f"x{j}") for j in range(L)]
-
-        adv = ~valid | self.o.ready
-        m.d.comb += self.i.ready.eq(adv)
-        with m.If(adv):
-            m.d.sync += [valid.eq(self.i.valid), enable.eq(self.i.payload.enable),
-                         meta.eq(self.i.payload.meta)]
-            for j in range(L):
-                m.d.sync += passthru[j].eq(self.i.payload.data[j])
-
-        m.d.comb += [self.o.valid.eq(valid), self.o.payload.meta.eq(meta), self.busy.eq(valid)]
+        # The lookup is an asynchronous (distributed-RAM) read in front of a skid buffer, so the stage
+        # has no enable of its own: i.ready and o.valid come from the skid buffer's registers, and no
+        # ready chain runs through the stage. The skid buffer holds both the table output and the
+        # input, and the pass-through choice is made after it, so the register right after the
+        # table sees only the table's own read mux.
+        held = data.StructLayout({
+            "x": data.ArrayLayout(signed(numerics.ACC_BITS), L),
+            "y": data.ArrayLayout(signed(numerics.ACT_BITS), L),
+            "enable": 1,
+            "meta": self._meta,
+        })
+        m.submodules.out = out = SkidBuffer(held)
+        m.d.comb += [
+            out.i.valid.eq(self.i.valid),
+            self.i.ready.eq(out.i.ready),
+            out.i.payload.x.eq(self.i.payload.data),
+            out.i.payload.enable.eq(self.i.payload.enable),
+            out.i.payload.meta.eq(self.i.payload.meta),
+            self.o.valid.eq(out.o.valid),
+            out.o.ready.eq(self.o.ready),
+            self.o.payload.meta.eq(out.o.payload.meta),
+            self.busy.eq(out.o.valid),
+        ]
         for j in range(L):
-            rp = tables[j].read_port()
+            rp = tables[j].read_port(domain="comb")
             # x + 128 for int8 x is x's low byte with the sign bit inverted.
             m.d.comb += [
                 rp.addr.eq(self.i.payload.data[j][:numerics.ACT_BITS] ^ (1 << (numerics.ACT_BITS - 1))),
-                rp.en.eq(adv),
-                self.o.payload.data[j].eq(Mux(enable, rp.data, passthru[j])),
+                out.i.payload.y[j].eq(rp.data),
+                self.o.payload.data[j].eq(Mux(out.o.payload.enable, out.o.payload.y[j], out.o.payload.x[j])),
             ]
         return m

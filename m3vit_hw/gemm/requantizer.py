@@ -12,11 +12,12 @@ vectors, so the caller chooses (see :class:`~m3vit_hw.gemm.epilogue.Epilogue`).
 """
 
 from amaranth.hdl import Cat, Module, Mux, Shape, Signal, signed, unsigned
-from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..checks import check_int
+from ..lib.credit_fifo import CreditFIFO
 
 __all__ = ["Requantizer", "RequantInLayout", "RequantOutLayout", "check_lanes", "check_meta", "sat_expr"]
 
@@ -111,7 +112,7 @@ class Requantizer(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :attr:`LATENCY` (10) cycles, one beat per cycle: 8 datapath stages, then 2 through the output
+    :attr:`LATENCY` (9) cycles, one beat per cycle: 8 datapath stages, then 1 through the output
     FIFO. The datapath stages, each sized for 300 MHz on an UltraScale+ -2 (at most about 5 LUT
     levels or one short carry chain between registers):
 
@@ -132,7 +133,7 @@ class Requantizer(wiring.Component):
     """
 
     #: Pipeline depth in cycles.
-    LATENCY = _STAGES + 2
+    LATENCY = _STAGES + CreditFIFO.LATENCY
 
     def __init__(self, lanes, meta=unsigned(0)):
         check_lanes(lanes)
@@ -177,16 +178,11 @@ class Requantizer(wiring.Component):
         # and out on output, and input is accepted only while the output FIFO has room for all beats
         # in flight. So i.ready comes from registers only, with no path from o.ready.
         depth = self.LATENCY + 1                    # every beat in flight, plus one: one beat per cycle
-        m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(
-            width=RequantOutLayout(L, self._meta).size, depth=depth)
+        m.submodules.out_fifo = out_fifo = CreditFIFO(RequantOutLayout(L, self._meta), depth)
         out_word = Signal(RequantOutLayout(L, self._meta))
-        count = Signal(range(depth + 1))
-        room = Signal(init=1)
-        take = self.i.valid & room
-        give = self.o.valid & self.o.ready
-        nxt = count + take - give
-        m.d.sync += [count.eq(nxt), room.eq(nxt < depth)]
-        m.d.comb += self.i.ready.eq(room)
+        take = self.i.valid & out_fifo.room
+        m.d.comb += [self.i.ready.eq(out_fifo.room), out_fifo.take.eq(take)]
+        wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
         adv = 1
         p = self.i.payload
         lo8, hi8 = numerics.int_range(numerics.ACT_BITS)
@@ -261,9 +257,6 @@ class Requantizer(wiring.Component):
             out_word.meta.eq(meta[S - 1]),
             out_fifo.w_data.eq(out_word),
             out_fifo.w_en.eq(v[S - 1]),
-            self.o.valid.eq(out_fifo.r_rdy),
-            self.o.payload.eq(out_fifo.r_data),
-            out_fifo.r_en.eq(self.o.ready),
-            self.busy.eq(count != 0),
+            self.busy.eq(out_fifo.busy),
         ]
         return m

@@ -23,6 +23,7 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..checks import check_int
+from ..lib.credit_fifo import CreditFIFO
 from .requantizer import check_lanes, check_meta
 
 __all__ = ["ResidualStage", "ResOp", "ResidualInLayout", "ResidualOutLayout"]
@@ -103,13 +104,15 @@ class ResidualStage(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :attr:`LATENCY` (6) cycles, one beat per cycle: three stages ahead of the read (operand
+    :attr:`LATENCY` (7) cycles, one beat per cycle: three stages ahead of the read (operand
     registers | ``x * weight`` in a DSP48E2 | rounding shift), then read issued | read data
-    registered | add, saturate and write. A read-modify-write beat whose address matches a write
-    still in flight waits (at most 3 cycles) for that write to land.
+    registered | add, saturate and write, then the output FIFO (1). A read-modify-write beat whose
+    address matches a write still in flight waits (at most 3 cycles) for that write to land.
+    ``i.ready`` comes from registers (the hazard flag and the output FIFO's credits), with no path
+    from ``o.ready``.
     """
 
-    LATENCY = 6
+    LATENCY = 6 + CreditFIFO.LATENCY
 
     def __init__(self, lanes, addr_width, meta=unsigned(0)):
         check_lanes(lanes)
@@ -165,24 +168,44 @@ class ResidualStage(wiring.Component):
         def writes(valid, op):
             return valid & (op != ResOp.PASS)
 
-        adv = ~sv[2] | self.o.ready
         head = pb[2]
-        reads = (head.op == ResOp.ADD) | (head.op == ResOp.COMBINE)
-        # The buffer port need not be transparent, so a read must not be issued while a write to
-        # the same word is pending in any later stage (all compared from registers).
-        hazard = pv[2] & reads & ((writes(sv[0], sb[0].op) & (sb[0].addr == head.addr)) |
-                                  (writes(sv[1], sb[1].op) & (sb[1].addr == head.addr)) |
-                                  (writes(sv[2], op3) & (b3.addr == head.addr)))
-        take = adv & ~hazard               # the front three stages and the read advance
-        m.d.comb += [
-            self.i.ready.eq(take),
-            self.rd.addr.eq(head.addr),
-            self.rd.en.eq(take),
-        ]
 
-        with m.If(take):
+        def reads_op(op):
+            return (op == ResOp.ADD) | (op == ResOp.COMBINE)
+
+        def pending(valid, op, addr, at):
+            return writes(valid, op) & (addr == at)
+
+        # The back stages (s1..s3) have no enable: they feed a credit-counted output FIFO, so a
+        # beat is taken only while the FIFO has room for every beat in flight, and o.ready reaches
+        # nothing but the FIFO's read side.
+        m.submodules.out_fifo = out_fifo = CreditFIFO(out_layout, self.LATENCY + 1)
+        # The buffer port need not be transparent, so a read must not be issued while a write to
+        # the same word is pending in any later stage. `hazard` says so for the head (pb3) against
+        # s1, s2 and s3. It is a register, decided a cycle ahead for both ways the stages can move,
+        # so the front stages' enable (`go`, several thousand loads) comes straight from a flip-flop.
+        hazard = Signal()
+        go = ~hazard                       # the front three stages and the read advance
+        take = self.i.valid & go & out_fifo.room
+        # go: pb2 -> head, head -> s1, s1 -> s2, s2 -> s3.
+        h_go = pv[1] & reads_op(pb[1].op) & (pending(pv[2], head.op, head.addr, pb[1].addr) |
+                                             pending(sv[0], sb[0].op, sb[0].addr, pb[1].addr) |
+                                             pending(sv[1], sb[1].op, sb[1].addr, pb[1].addr))
+        # The head waits: s1 gets a bubble, s1 -> s2, s2 -> s3.
+        h_wait = pv[2] & reads_op(head.op) & (pending(sv[0], sb[0].op, sb[0].addr, head.addr) |
+                                              pending(sv[1], sb[1].op, sb[1].addr, head.addr))
+        m.d.sync += hazard.eq(Mux(go, h_go, h_wait))
+        m.d.comb += [
+            self.i.ready.eq(go & out_fifo.room),
+            out_fifo.take.eq(take),
+            self.rd.addr.eq(head.addr),
+            self.rd.en.eq(go),
+        ]
+        wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
+
+        with m.If(go):
             m.d.sync += [
-                pv[0].eq(self.i.valid), pb[0].eq(self.i.payload),
+                pv[0].eq(take), pb[0].eq(self.i.payload),
                 pv[1].eq(pv[0]), pb[1].eq(pb[0]),
                 pv[2].eq(pv[1]), pb[2].eq(pb[1]),
             ]
@@ -192,30 +215,28 @@ class ResidualStage(wiring.Component):
                     prod[j].eq(pb[0].data[j][:numerics.RES_BITS].as_signed() * pb[0].weight),
                     scaled[j].eq((prod[j] + (1 << (numerics.ROUTER_P_FRAC - 1))) >> numerics.ROUTER_P_FRAC),
                 ]
-        with m.If(adv):
+        m.d.sync += [
+            sv[0].eq(pv[2] & go), sb[0].eq(head),
+            sv[1].eq(sv[0]), sb[1].eq(sb[0]),
+            sv[2].eq(sv[1]), op3.eq(sb[1].op),
+            b3.addr.eq(sb[1].addr), b3.mask.eq(sb[1].mask), b3.meta.eq(sb[1].meta),
+        ]
+        for j in range(L):
+            # The addend of the final add is chosen a stage early (x for ADD, the scaled product
+            # for COMBINE), so the last stage is one 18-bit add and a 3-bit saturation test.
             m.d.sync += [
-                sv[0].eq(pv[2] & ~hazard), sb[0].eq(head),
-                sv[1].eq(sv[0]), sb[1].eq(sb[0]),
-                sv[2].eq(sv[1]), op3.eq(sb[1].op),
-                b3.addr.eq(sb[1].addr), b3.mask.eq(sb[1].mask), b3.meta.eq(sb[1].meta),
+                s_scaled[0][j].eq(scaled[j]),
+                s_add[j].eq(Mux(sb[0].op == ResOp.COMBINE, s_scaled[0][j],
+                                sb[0].data[j][:numerics.RES_BITS].as_signed())),
+                # The read data of s1 is registered before the add (a registered memory output).
+                s_res[j].eq(self.rd.data[j]),
             ]
-            for j in range(L):
-                # The addend of the final add is chosen a stage early (x for ADD, the scaled product
-                # for COMBINE), so the last stage is one 18-bit add and a 3-bit saturation test.
-                m.d.sync += [
-                    s_scaled[0][j].eq(scaled[j]),
-                    s_add[j].eq(Mux(sb[0].op == ResOp.COMBINE, s_scaled[0][j],
-                                    sb[0].data[j][:numerics.RES_BITS].as_signed())),
-                    # The read data of s1 is registered before the add (a registered memory output).
-                    s_res[j].eq(self.rd.data[j]),
-                ]
-                total = s_res[j] + s_add[j]
-                fits = (total[numerics.RES_BITS - 1:] == 0) | (total[numerics.RES_BITS - 1:] == 0b111)
-                sat = Mux(fits, total[:numerics.RES_BITS].as_signed(), Mux(total[-1], lo16, hi16))
-                reads = (sb[1].op == ResOp.ADD) | (sb[1].op == ResOp.COMBINE)
-                m.d.sync += b3.data[j].eq(Mux(reads, sat, sb[1].data[j]))
+            total = s_res[j] + s_add[j]
+            fits = (total[numerics.RES_BITS - 1:] == 0) | (total[numerics.RES_BITS - 1:] == 0b111)
+            sat = Mux(fits, total[:numerics.RES_BITS].as_signed(), Mux(total[-1], lo16, hi16))
+            reads = (sb[1].op == ResOp.ADD) | (sb[1].op == ResOp.COMBINE)
+            m.d.sync += b3.data[j].eq(Mux(reads, sat, sb[1].data[j]))
 
-        # Rewriting the same value while the beat waits in the last stage is harmless.
         m.d.comb += [
             self.wr.addr.eq(b3.addr),
             self.wr.en.eq(Mux(writes(sv[2], op3), b3.mask, 0)),
@@ -224,8 +245,8 @@ class ResidualStage(wiring.Component):
             m.d.comb += self.wr.data[j].eq(b3.data[j])
 
         m.d.comb += [
-            self.o.valid.eq(sv[2]),
-            self.o.payload.eq(b3),
-            self.busy.eq(pv[0] | pv[1] | pv[2] | sv[0] | sv[1] | sv[2]),
+            out_fifo.w_en.eq(sv[2]),
+            out_fifo.w_data.eq(b3),
+            self.busy.eq(out_fifo.busy),
         ]
         return m

@@ -1,9 +1,11 @@
 """Generic hardware pieces that know nothing about transformers: a pipelined divider, an integer
-square root, the external-memory read port and its arbiter."""
+square root, the external-memory read port and its arbiter, a skid buffer."""
 
+from .credit_fifo import CreditFIFO
 from .divider import Divider
 from .isqrt import ISqrt
 from .mem_arbiter import ReadArbiter
 from .mem_port import ReadPortSignature
+from .skid import SkidBuffer
 
-__all__ = ["Divider", "ISqrt", "ReadArbiter", "ReadPortSignature"]
+__all__ = ["CreditFIFO", "Divider", "ISqrt", "ReadArbiter", "ReadPortSignature", "SkidBuffer"]

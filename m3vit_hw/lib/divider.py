@@ -9,11 +9,13 @@ and costs one subtractor per retired bit instead of a full array divider.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-#: Cycles a pipelined Divider or ISqrt result spends in its output FIFO (amaranth SyncFIFOBuffered).
-PIPELINED_FIFO_LATENCY = 2
+from .credit_fifo import CreditFIFO
+
+#: Cycles a pipelined Divider or ISqrt result spends in its output FIFO.
+PIPELINED_FIFO_LATENCY = CreditFIFO.LATENCY
 
 __all__ = ["PIPELINED_FIFO_LATENCY", "Divider"]
 
@@ -161,18 +163,10 @@ class Divider(wiring.Component):
         # input is taken only while the output FIFO has room for all in flight. So i.ready is a
         # register, and o.ready drives only the FIFO's read side.
         depth = self.latency + 1
-        m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(width=self.o.payload.shape().size, depth=depth)
-        count = Signal(range(depth + 1))
-        room = Signal(init=1)
-        take = self.i.valid & room
-        nxt = count + take - (self.o.valid & self.o.ready)
-        m.d.sync += [count.eq(nxt), room.eq(nxt < depth)]
-        m.d.comb += [
-            self.i.ready.eq(room),
-            out_fifo.w_en.eq(v[n]),
-            self.o.valid.eq(out_fifo.r_rdy),
-            out_fifo.r_en.eq(self.o.ready),
-        ]
+        m.submodules.out_fifo = out_fifo = CreditFIFO(self.o.payload.shape(), depth)
+        take = self.i.valid & out_fifo.room
+        m.d.comb += [self.i.ready.eq(out_fifo.room), out_fifo.take.eq(take), out_fifo.w_en.eq(v[n])]
+        wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
         adv = 1
         r0, q0, d0, o0 = self._load(self.i.payload.dividend, self.i.payload.divisor)
         with m.If(adv):
@@ -184,7 +178,7 @@ class Divider(wiring.Component):
                     m.d.sync += den[s + 1].eq(den[s])
         result = Signal(self.o.payload.shape())
         self._outputs(m, rem[n], quo[n], ovf[n], result)
-        m.d.comb += [out_fifo.w_data.eq(result), self.o.payload.eq(out_fifo.r_data)]
+        m.d.comb += out_fifo.w_data.eq(result)
         return m
 
     def elaborate(self, platform):

@@ -7,9 +7,10 @@ instead of a multiplier-based Newton iteration.
 """
 
 from amaranth import Cat, Const, Module, Mux, Signal, unsigned
-from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from .credit_fifo import CreditFIFO
 from .divider import PIPELINED_FIFO_LATENCY
 
 __all__ = ["ISqrt"]
@@ -118,18 +119,10 @@ class ISqrt(wiring.Component):
         # input is taken only while the output FIFO has room for all in flight. So i.ready is a
         # register, and o.ready drives only the FIFO's read side.
         depth = self.latency + 1
-        m.submodules.out_fifo = out_fifo = fifo.SyncFIFOBuffered(width=self.o.payload.shape().size, depth=depth)
-        count = Signal(range(depth + 1))
-        room = Signal(init=1)
-        take = self.i.valid & room
-        nxt = count + take - (self.o.valid & self.o.ready)
-        m.d.sync += [count.eq(nxt), room.eq(nxt < depth)]
-        m.d.comb += [
-            self.i.ready.eq(room),
-            out_fifo.w_en.eq(v[n]),
-            self.o.valid.eq(out_fifo.r_rdy),
-            out_fifo.r_en.eq(self.o.ready),
-        ]
+        m.submodules.out_fifo = out_fifo = CreditFIFO(self.o.payload.shape(), depth)
+        take = self.i.valid & out_fifo.room
+        m.d.comb += [self.i.ready.eq(out_fifo.room), out_fifo.take.eq(take), out_fifo.w_en.eq(v[n])]
+        wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
         adv = 1
         with m.If(adv):
             m.d.sync += [v[0].eq(take), rem[0].eq(0), root[0].eq(0), xs[0].eq(self.i.payload)]
@@ -143,7 +136,6 @@ class ISqrt(wiring.Component):
             result.root.eq(root[n][:self._root_width]),
             result.remainder.eq(rem[n][:self._root_width + 1]),
             out_fifo.w_data.eq(result),
-            self.o.payload.eq(out_fifo.r_data),
         ]
         return m
 

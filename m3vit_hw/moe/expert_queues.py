@@ -150,6 +150,8 @@ class ExpertQueues(wiring.Component):
         # With distinct ids per token an expert gets at most T entries, so count fits range(cap + 1);
         # write pointers address the whole T*k queue memory (plus one past the end).
         counts = Array(Signal(range(cap + 1), name=f"count{e}") for e in range(E))
+        # active[e] == (counts[e] != 0), kept alongside so the walk tests one bit, not a wide count.
+        active = Array(Signal(name=f"active{e}") for e in range(E))
         wptr = Array(Signal(range(cap * k + 1), name=f"wptr{e}") for e in range(E))
         ntok = Signal(range(cap + 1))       # tokens in this layer
         total = Signal(range(cap * k + 1))  # entries in this layer (the prefix sum's final value)
@@ -161,6 +163,16 @@ class ExpertQueues(wiring.Component):
         rem = Signal(range(cap + 1))        # walk: entries left in this expert
         ptr = Signal(range(cap * k + 1))    # walk: queue read address
         issue_done = Signal()
+        # Down-counters, so that "last" tests compare with a constant instead of an adder's output.
+        t_left = Signal(range(cap))         # scatter: tokens after t
+        left = Signal(range(cap * k + 1))   # walk: entries not yet issued
+        # Scatter stage 2 registers: the entry picked from the token memory's output in stage 1.
+        # Its write pointer is looked up, used and incremented in stage 2, so the memory output
+        # never drives a pointer mux and adder in the same cycle.
+        sc_valid = Signal()
+        sc_e = Signal(range(E))
+        sc_w = Signal(ww)
+        sc_t = Signal(range(cap))
 
         # Output register stage: header fields from registers, entry fields straight from the queue
         # memory's read register (it holds its value while the read port is disabled).
@@ -179,6 +191,16 @@ class ExpertQueues(wiring.Component):
             q_rd.en.eq(0),
         ]
 
+        m.d.sync += sc_valid.eq(0)
+        with m.If(sc_valid):
+            m.d.comb += [
+                q_wr.addr.eq(wptr[sc_e]),
+                q_wr.data.token.eq(sc_t),
+                q_wr.data.weight.eq(sc_w),
+                q_wr.en.eq(1),
+            ]
+            m.d.sync += wptr[sc_e].eq(wptr[sc_e] + 1)
+
         with m.FSM(name="phase"):
             with m.State("INGEST"):
                 m.d.comb += [
@@ -191,7 +213,7 @@ class ExpertQueues(wiring.Component):
                 with m.If(self.i.valid):
                     for e in range(E):
                         hits = sum((self.i.p.experts[jj] == e) & (jj < self.k) for jj in range(k))
-                        m.d.sync += counts[e].eq(counts[e] + hits)
+                        m.d.sync += [counts[e].eq(counts[e] + hits), active[e].eq(active[e] | (hits != 0))]
                     m.d.sync += ntok.eq(ntok + 1)
                     full = ntok == cap - 1
                     with m.If(self.i.p.last | full):
@@ -201,52 +223,57 @@ class ExpertQueues(wiring.Component):
                         m.next = "PREFIX"
 
             with m.State("PREFIX"):
-                m.d.sync += [wptr[ps_expert].eq(total), total.eq(total + counts[ps_expert]),
-                             ps_expert.eq(ps_expert + 1)]
+                # The counts rotate by one per cycle (E cycles bring them back in place) and the
+                # write pointers shift in at the top, so expert ps_expert's count is always
+                # counts[0] and its pointer lands in wptr[e] after the last shift: no E:1 mux in
+                # front of the adder.
+                m.d.sync += [total.eq(total + counts[0]), ps_expert.eq(ps_expert + 1),
+                             wptr[E - 1].eq(total)]
+                for e in range(E):
+                    m.d.sync += counts[e].eq(counts[(e + 1) % E])
+                    if e + 1 < E:
+                        m.d.sync += wptr[e].eq(wptr[e + 1])
                 with m.If(ps_expert == E - 1):
                     # Prefetch token 0 so scatter runs one entry per cycle from its first cycle.
                     m.d.comb += [tok_rd.addr.eq(0), tok_rd.en.eq(1)]
-                    m.d.sync += [t.eq(0), j.eq(0)]
+                    m.d.sync += [t.eq(0), j.eq(0), t_left.eq(ntok - 1)]
                     m.next = "SCATTER"
 
             with m.State("SCATTER"):
-                e = tok_rd.data.experts[j]
-                m.d.comb += [
-                    q_wr.addr.eq(wptr[e]),
-                    q_wr.data.token.eq(t),
-                    q_wr.data.weight.eq(tok_rd.data.weights[j]),
-                    q_wr.en.eq(1),
-                ]
-                m.d.sync += wptr[e].eq(wptr[e] + 1)
+                # Stage 1: pick entry j of the token memory's output into registers.
+                m.d.sync += [sc_valid.eq(1), sc_e.eq(tok_rd.data.experts[j]),
+                             sc_w.eq(tok_rd.data.weights[j]), sc_t.eq(t)]
                 with m.If(j == self.k - 1):
                     m.d.comb += [tok_rd.addr.eq(t + 1), tok_rd.en.eq(1)]
-                    m.d.sync += [j.eq(0), t.eq(t + 1)]
-                    with m.If(t == ntok - 1):
-                        m.d.sync += [we.eq(0), in_exp.eq(0), ptr.eq(0), issue_done.eq(0)]
+                    m.d.sync += [j.eq(0), t.eq(t + 1), t_left.eq(t_left - 1)]
+                    with m.If(t_left == 0):
+                        m.d.sync += [we.eq(0), in_exp.eq(0), ptr.eq(0), issue_done.eq(0), left.eq(total)]
                         m.next = "WALK"
                 with m.Else():
                     m.d.sync += j.eq(j + 1)
 
             with m.State("WALK"):
+                # The scatter's last entry is written in WALK's first cycle (stage 2); the walk
+                # reads the queue memory no earlier than its second cycle.
                 can_issue = ~self.o.valid | self.o.ready
                 with m.If(can_issue):
                     m.d.sync += self.o.valid.eq(0)
                     with m.If(issue_done):
                         for e in range(E):
-                            m.d.sync += counts[e].eq(0)
+                            m.d.sync += [counts[e].eq(0), active[e].eq(0)]
                         m.d.sync += ntok.eq(0)
                         m.next = "INGEST"
                     with m.Elif(in_exp):
                         m.d.comb += [q_rd.addr.eq(ptr), q_rd.en.eq(1)]
                         m.d.sync += [
-                            self.o.valid.eq(1), o_header.eq(0), o_last.eq(ptr == total - 1),
-                            ptr.eq(ptr + 1), rem.eq(rem - 1),
+                            self.o.valid.eq(1), o_header.eq(0), o_last.eq(left == 1),
+                            ptr.eq(ptr + 1), rem.eq(rem - 1), left.eq(left - 1),
                         ]
                         with m.If(rem == 1):
                             m.d.sync += [in_exp.eq(0), we.eq(we + 1)]
                             with m.If(we == E - 1):
                                 m.d.sync += issue_done.eq(1)
-                    with m.Elif(counts[we] != 0):
+                    with m.Elif(active[we]):
                         m.d.sync += [
                             self.o.valid.eq(1), o_header.eq(1), o_expert.eq(we),
                             o_count.eq(counts[we]), o_last.eq(0),

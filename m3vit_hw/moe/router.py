@@ -197,7 +197,12 @@ class Router(wiring.Component):
 
         # ---- command: start the layer and the softmax's command -----------------------------------
         sm_pending = Signal()
-        m.d.comb += self.cmd.ready.eq(~active)
+        # The row-tile bookkeeping registers below are loaded from the command itself when it is
+        # accepted (`start`), so no compare or subtract on T sits in a per-beat path.
+        start = Signal()
+        t_cmd = Signal(range(cap + 1))
+        m.d.comb += [self.cmd.ready.eq(~active), start.eq(self.cmd.valid & self.cmd.ready),
+                     t_cmd.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens))]
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 tokens.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens)),
@@ -219,8 +224,10 @@ class Router(wiring.Component):
         w_base = Signal(range(banks * bank_words + 1))   # w_bank * bank_words
         w_row = Signal(range(R))
         w_nb = Signal(range(max(chunks)))                 # column tile within the chunk
-        w_m0 = Signal(range(cap + R + 1))                 # first token of the row tile being written
-        w_rows = Signal(range(R + 1))                     # rows in that tile: min(R, T - w_m0)
+        w_rem = Signal(range(cap + 1))                    # tokens from the tile's first row to T
+        w_row_rem = Signal(range(R))                      # rows of the tile after w_row
+        w_last_tile = Signal()                            # the chunk's last row tile
+        w_done = Signal()                                 # every chunk written
         w_np = Signal(range(max(chunks) + 1))             # column tiles of the chunk
         w_n0 = Signal(range(NB))                          # the chunk's first column tile
         with m.Switch(w_chunk):
@@ -229,12 +236,11 @@ class Router(wiring.Component):
                 with m.Case(j):
                     m.d.comb += [w_np.eq(count), w_n0.eq(first)]
                 first += count
-        left = tokens - w_m0
-        m.d.comb += w_rows.eq(Mux(left >= R, R, left))
-        w_ok = active & (w_m0 < tokens) & ~full.bit_select(w_bank, 1)
+        w_ok = active & ~w_done & ~full.bit_select(w_bank, 1)
         m.d.comb += self.i.ready.eq(w_ok)
         w_go = self.i.valid & w_ok
-        w_tile_end = (w_row == w_rows - 1) & (w_nb == w_np - 1)
+        w_row_last = w_row_rem == 0
+        w_tile_end = w_row_last & (w_nb == w_np - 1)
         w_chunk_last = w_chunk == n_chunks - 1
 
         # Stage 1 (accept): read the beat's bias word. Stage 2: write the biased beat.
@@ -252,32 +258,47 @@ class Router(wiring.Component):
         for j in range(C):
             m.d.comb += t_w.data[j].eq(s1_data[j] + self.bias_rd.data[j])
 
+        # Rows of a tile starting at w_rem tokens before T, minus one; the next tile's and the
+        # first tile's, from registers.
+        def rows_m1(rem):
+            return Mux(rem >= R, R - 1, rem - 1)
+        next_rem = w_rem - R
+        first_rows_m1 = Signal(range(R))
+        with m.If(start):
+            m.d.sync += [w_rem.eq(t_cmd), w_row_rem.eq(rows_m1(t_cmd)), first_rows_m1.eq(rows_m1(t_cmd)),
+                         w_last_tile.eq(t_cmd <= R), w_done.eq(0)]
         with m.If(w_go):
-            m.d.sync += w_row.eq(w_row + 1)
-            with m.If(w_row == w_rows - 1):
-                m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1)]
+            m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1)]
+            with m.If(w_row_last):
+                m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(rows_m1(w_rem))]
                 with m.If(w_tile_end):
-                    m.d.sync += [w_nb.eq(0), w_m0.eq(w_m0 + R)]
+                    m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(rows_m1(next_rem)),
+                                 w_last_tile.eq(w_rem <= 2 * R)]
                     with m.If(w_bank == banks - 1):
                         m.d.sync += [w_bank.eq(0), w_base.eq(0)]
                     with m.Else():
                         m.d.sync += [w_bank.eq(w_bank + 1), w_base.eq(w_base + bank_words)]
                     # A chunk's last row tile: the next chunk starts again at token 0, bank 0
                     # (several chunks: one bank per row tile, none drained yet).
-                    with m.If((w_m0 + R >= tokens) & ~w_chunk_last):
-                        m.d.sync += [w_m0.eq(0), w_bank.eq(0), w_base.eq(0), w_chunk.eq(w_chunk + 1)]
+                    with m.If(w_last_tile):
+                        with m.If(w_chunk_last):
+                            m.d.sync += w_done.eq(1)
+                        with m.Else():
+                            m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(first_rows_m1),
+                                         w_last_tile.eq(tokens <= R), w_bank.eq(0), w_base.eq(0),
+                                         w_chunk.eq(w_chunk + 1)]
 
         # ---- reader: rows in token order (one registered read stage) ------------------------------
         release = Signal()                        # the reader frees its bank this cycle
         r_bank = Signal(range(banks))
         r_base = Signal(range(banks * bank_words + 1))
-        r_m0 = Signal(range(cap + R + 1))
+        r_rem = Signal(range(cap + 1))            # rows of the layer from r_row on
         r_row = Signal(range(R))
         r_nb = Signal(range(NB))
         s_valid = Signal()
         fork_ready = Signal()
-        r_left = tokens - r_m0
-        r_rows = Mux(r_left >= R, R, r_left)
+        with m.If(start):
+            m.d.sync += r_rem.eq(t_cmd)
         r_go = full.bit_select(r_bank, 1) & (~s_valid | fork_ready)
         m.d.comb += [
             t_r.addr.eq(r_base + r_row * NB + r_nb),
@@ -286,9 +307,9 @@ class Router(wiring.Component):
         with m.If(r_go):
             m.d.sync += [s_valid.eq(1), r_nb.eq(r_nb + 1)]
             with m.If(r_nb == NB - 1):
-                m.d.sync += [r_nb.eq(0), r_row.eq(r_row + 1)]
-                with m.If(r_row == r_rows - 1):
-                    m.d.sync += [r_row.eq(0), r_m0.eq(r_m0 + R)]
+                m.d.sync += [r_nb.eq(0), r_row.eq(r_row + 1), r_rem.eq(r_rem - 1)]
+                with m.If((r_row == R - 1) | (r_rem == 1)):
+                    m.d.sync += r_row.eq(0)
                     with m.If(r_bank == banks - 1):
                         m.d.sync += [r_bank.eq(0), r_base.eq(0)]
                     with m.Else():
@@ -335,18 +356,20 @@ class Router(wiring.Component):
             m.d.comb += [tk.i.p.logits[j].eq(lf_word[j]), tk.i.p.tags[j].eq(sm.o.p.data[j])]
 
         # ---- output: one beat per token ------------------------------------------------------------
-        o_tok = Signal(range(cap + 1))
+        o_left = Signal(range(cap + 1))          # tokens not yet sent, a down-counter (no compare with T - 1)
+        with m.If(start):
+            m.d.sync += [o_left.eq(t_cmd), active.eq(1)]
         m.d.comb += [
             self.o.valid.eq(tk.o.valid),
             self.o.p.experts.eq(tk.o.p.experts),
             self.o.p.weights.eq(tk.o.p.tags),
-            self.o.p.last.eq(o_tok == tokens - 1),
+            self.o.p.last.eq(o_left == 1),
             tk.o.ready.eq(self.o.ready),
             self.busy.eq(active),
         ]
         with m.If(self.o.valid & self.o.ready):
-            m.d.sync += o_tok.eq(o_tok + 1)
-            with m.If(o_tok == tokens - 1):
-                m.d.sync += [active.eq(0), o_tok.eq(0), w_m0.eq(0), w_chunk.eq(0),
-                             w_bank.eq(0), w_base.eq(0), r_bank.eq(0), r_base.eq(0), r_m0.eq(0)]
+            m.d.sync += o_left.eq(o_left - 1)
+            with m.If(o_left == 1):
+                m.d.sync += [active.eq(0), w_chunk.eq(0),
+                             w_bank.eq(0), w_base.eq(0), r_bank.eq(0), r_base.eq(0)]
         return m

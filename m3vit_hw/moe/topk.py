@@ -11,8 +11,10 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..checks import check_int as _check_int
+from ..lib.credit_fifo import CreditFIFO
 
 __all__ = ["TopK", "expert_id_width"]
+
 
 
 def expert_id_width(experts):
@@ -54,15 +56,20 @@ class TopK(wiring.Component):
 
     Timing
     ------
-    One input beat per cycle (``lanes`` logits/cycle), so a token takes ``ceil(E / lanes)`` cycles. The
-    result is valid the cycle after the token's final beat and is held in an output register, so the next
-    token streams in meanwhile; only the next token's final beat waits for the output to drain.
+    One input beat per cycle (``lanes`` logits/cycle), so a token takes ``ceil(E / lanes)`` cycles at full
+    rate. The result leaves :attr:`latency` cycles after the token's final beat. Only a token's final
+    beat can wait, and only while the output FIFO is full (``i.ready`` is a register).
 
-    Hardware: a sorted list of k (logit, index, tag) registers. Every beat, the k list entries and the
-    lanes new logits are ranked in one cycle by all-pairs comparison (k*lanes + lanes*(lanes-1)/2
-    comparators; list entries need no comparison among themselves since they are already sorted), and
-    list slot j takes the candidate of rank j. Ties need no index comparator: candidates are ordered by
-    expert index (list entries precede the current beat, lanes ascend), so "earlier wins a tie" is static.
+    Hardware: a registered merge tree, sized for 300 MHz. Each beat's lanes are the leaves, each a
+    one-entry list; every tree node merges two sorted lists of at most k (logit, index, tag) entries into
+    the sorted top k of both, in two registered stages: all-pairs comparison of the two lists' entries
+    (at most k*k comparators), then each output slot selects the entry whose rank (its position in its
+    own list plus the entries of the other list that beat it) is the slot. The left list holds the lower
+    expert indices, so it wins ties: ties go to the lowest index with no index comparator. With several
+    beats per token, a last stage merges the beat's top k into a running list (one compare-and-select
+    per cycle, the only loop). The datapath registers have no enable and no reset; input is accepted
+    while the output FIFO has room for every token in flight (a credit count), so no ``ready`` chain
+    runs through the tree.
 
     Raises
     ------
@@ -115,83 +122,147 @@ class TopK(wiring.Component):
         """Input beats (= cycles at full rate) per token."""
         return self._beats
 
+    @property
+    def tree_levels(self):
+        """Merge-tree levels over one beat's lanes: ``ceil(log2(lanes))``, two register stages each."""
+        return (self._lanes - 1).bit_length()
+
+    @property
+    def latency(self):
+        """Cycles from the transfer of a token's final beat to its result on ``o`` (output ready):
+        two stages per tree level (the last level's select unregistered with one beat per token),
+        the running-list stage with several beats per token, and the output FIFO."""
+        levels = self.tree_levels
+        if self._beats > 1:
+            return 2 * levels + 1 + CreditFIFO.LATENCY
+        return 2 * levels - (1 if levels else 0) + CreditFIFO.LATENCY
+
     def elaborate(self, platform):
         m = Module()
         k, L, E = self._top_k, self._lanes, self._experts
         idw = expert_id_width(E)
         tw = self._tag_width
+        lw = self._logit_width
+        beats = self._beats
+        entry_layout = data.StructLayout({
+            "val": signed(lw), "idx": unsigned(idw), "tag": unsigned(tw), "vld": 1})
+        out_layout = self.o.payload.shape()
 
-        def entry(name):
-            return (Signal(signed(self._logit_width), name=f"{name}_val"),
-                    Signal(unsigned(idw), name=f"{name}_idx"),
-                    Signal(unsigned(tw), name=f"{name}_tag"),
-                    Signal(name=f"{name}_vld"))
+        def entries(name, n):
+            return [Signal(entry_layout, name=f"{name}_{j}", reset_less=True) for j in range(n)]
 
-        lst = [entry(f"top{j}") for j in range(k)]
-        out = [(Signal(unsigned(idw), name=f"out{j}_idx"), Signal(unsigned(tw), name=f"out{j}_tag"))
-               for j in range(k)]
+        def above(a, b):
+            """Entry a (lower expert indices) ranks above entry b: valid beats invalid, ties to a."""
+            return Mux(a.vld, ~b.vld | (a.val >= b.val), ~b.vld)
 
-        beat = Signal(range(self._beats))
-        base = Signal(range(self._beats * L))   # expert index of lane 0 in this beat
-        first = beat == 0
-        final = beat == self._beats - 1
-        # Lanes past E exist only in the final beat (E % lanes != 0): mark them invalid there.
-        lanes_in_final = E - (self._beats - 1) * L
+        def select(a, b, c, n_out):
+            """The first n_out entries of the merge of sorted lists a and b, from the compare
+            matrix c[i][j] = a[i] ranks above b[j] (expressions)."""
+            cands = []
+            for i, e in enumerate(a):
+                cands.append((e, i + sum((~c[i][j]).as_unsigned() for j in range(len(b)))))
+            for j, e in enumerate(b):
+                cands.append((e, j + sum(c[i][j].as_unsigned() for i in range(len(a)))))
+            out = []
+            for slot in range(n_out):
+                word = Const(0, entry_layout.size)
+                for pos, (e, rank) in enumerate(cands):
+                    # a[i] can only land in slots >= i, b[j] in slots >= j.
+                    own = pos if pos < len(a) else pos - len(a)
+                    if own > slot:
+                        continue
+                    word = word | Mux(rank == slot, e.as_value(), 0)
+                out.append(word)
+            return out
 
-        # Candidates in expert-index order: the list (masked at a token's first beat), then the lanes.
-        cands = []
-        for val, idx, tag, vld in lst:
-            cands.append((val, idx, tag, vld & ~first, True))
-        for l in range(L):
-            tag = self.i.p.tags[l] if tw else Const(0, 0)
-            vld = Const(1) if l < lanes_in_final else ~final
-            cands.append((self.i.p.logits[l], (base + l)[:idw], tag, vld, False))
+        # ---- credits: tokens in flight plus tokens in the output FIFO ---------------------------
+        m.submodules.out_fifo = out_fifo = CreditFIFO(out_layout, self.latency + 1)
+        in_beat = Signal(range(beats))
+        in_final = Signal(init=beats == 1)
+        take = self.i.valid & self.i.ready
+        # Only a final beat makes a result, so only a final beat needs room.
+        m.d.comb += [self.i.ready.eq(out_fifo.room | ~in_final), out_fifo.take.eq(take & in_final)]
+        wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
+        if beats > 1:
+            with m.If(take):
+                m.d.sync += [in_beat.eq(Mux(in_final, 0, in_beat + 1)),
+                             in_final.eq(in_beat == beats - 2)]
 
-        def wins(a, b):
-            """Whether candidate a (earlier in index order) ranks above candidate b."""
-            if a[4] and b[4]:
-                return Const(1)        # the list is already sorted
-            return Mux(a[3], ~b[3] | (a[0] >= b[0]), ~b[3])
-
-        n = len(cands)
-        beaten_by = [[None] * n for _ in range(n)]
-        for x in range(n):
-            for y in range(x + 1, n):
-                w = Signal(name=f"win_{x}_{y}")
-                m.d.comb += w.eq(wins(cands[x], cands[y]))
-                beaten_by[y][x] = w
-                beaten_by[x][y] = ~w
-        ranks = []
-        for x in range(n):
-            r = Signal(range(n), name=f"rank_{x}")
-            m.d.comb += r.eq(sum(beaten_by[x][y] for y in range(n) if y != x) if n > 1 else 0)
-            ranks.append(r)
-
-        # Slot j of the new list is the candidate ranked j (ranks are a permutation, so exactly one hits).
-        new = []
-        for j in range(k):
-            sel = [Const(0, signed(self._logit_width)), Const(0, idw), Const(0, tw), Const(0)]
-            for x, cand in enumerate(cands):
-                hit = ranks[x] == j
-                sel = [Mux(hit, field, prev) for field, prev in zip(cand[:4], sel)]
-            new.append(tuple(sel))
-
-        # The final beat may only be taken when the output register is free (or freeing this cycle).
-        m.d.comb += self.i.ready.eq(~final | ~self.o.valid | self.o.ready)
-        with m.If(self.o.ready):
-            m.d.sync += self.o.valid.eq(0)
-        with m.If(self.i.valid & self.i.ready):
-            for (val, idx, tag, vld), (nval, nidx, ntag, nvld) in zip(lst, new):
-                m.d.sync += [val.eq(nval), idx.eq(nidx), tag.eq(ntag), vld.eq(nvld)]
-            with m.If(final):
-                m.d.sync += [beat.eq(0), base.eq(0), self.o.valid.eq(1)]
-                for (oidx, otag), (_, nidx, ntag, _) in zip(out, new):
-                    m.d.sync += [oidx.eq(nidx), otag.eq(ntag)]
-            with m.Else():
-                m.d.sync += [beat.eq(beat + 1), base.eq(base + L)]
-
-        for j, (oidx, otag) in enumerate(out):
-            m.d.comb += self.o.p.experts[j].eq(oidx)
+        # ---- the input beat as L one-entry lists ---------------------------------------------------
+        lanes_in_final = E - (beats - 1) * L     # lanes past E exist only in the final beat
+        v0 = Signal(name="v0")
+        first0 = Signal(name="first0")
+        final0 = Signal(name="final0")
+        leaves = entries("leaf", L)
+        # The leaves are the input beat itself (its producers hold registers), not a register stage.
+        m.d.comb += [v0.eq(take), first0.eq(in_beat == 0), final0.eq(in_final)]
+        for l, e in enumerate(leaves):
+            m.d.comb += [
+                e.val.eq(self.i.p.logits[l]),
+                e.idx.eq(in_beat * L + l),
+                e.vld.eq(Const(1) if l < lanes_in_final else ~in_final),
+            ]
             if tw:
-                m.d.comb += self.o.p.tags[j].eq(otag)
+                m.d.comb += e.tag.eq(self.i.p.tags[l])
+
+        # ---- merge tree over the lanes: compare stage, then select stage, per level --------------
+        lists = [[e] for e in leaves]
+        v, first, final = v0, first0, final0
+        for lvl in range(self.tree_levels):
+            cv, cfirst, cfinal = Signal(name=f"v{lvl}c"), Signal(name=f"first{lvl}c"), Signal(name=f"final{lvl}c")
+            sv, sfirst, sfinal = Signal(name=f"v{lvl}s"), Signal(name=f"first{lvl}s"), Signal(name=f"final{lvl}s")
+            # With one beat per token the last level's select feeds the output FIFO directly (whose
+            # output register it reaches through one mux): no register of its own.
+            sel = m.d.comb if (lvl == self.tree_levels - 1 and beats == 1) else m.d.sync
+            m.d.sync += [cv.eq(v), cfirst.eq(first), cfinal.eq(final)]
+            sel += [sv.eq(cv), sfirst.eq(cfirst), sfinal.eq(cfinal)]
+            nxt_lists = []
+            for n in range(0, len(lists), 2):
+                pair = lists[n:n + 2]
+                ra = entries(f"l{lvl}n{n // 2}a", len(pair[0]))
+                m.d.sync += [r.eq(e) for r, e in zip(ra, pair[0])]
+                if len(pair) == 1:            # an odd list passes through both stages
+                    rs = entries(f"l{lvl}n{n // 2}s", len(ra))
+                    sel += [r.eq(e) for r, e in zip(rs, ra)]
+                    nxt_lists.append(rs)
+                    continue
+                rb = entries(f"l{lvl}n{n // 2}b", len(pair[1]))
+                m.d.sync += [r.eq(e) for r, e in zip(rb, pair[1])]
+                c = [[Signal(name=f"l{lvl}n{n // 2}c{i}_{j}", reset_less=True) for j in range(len(rb))]
+                     for i in range(len(ra))]
+                for i, a in enumerate(pair[0]):
+                    for j, b in enumerate(pair[1]):
+                        m.d.sync += c[i][j].eq(above(a, b))
+                n_out = min(k, len(ra) + len(rb))
+                rs = entries(f"l{lvl}n{n // 2}s", n_out)
+                sel += [r.eq(w) for r, w in zip(rs, select(ra, rb, c, n_out))]
+                nxt_lists.append(rs)
+            lists = nxt_lists
+            v, first, final = sv, sfirst, sfinal
+        (beat_top,) = lists
+
+        # ---- several beats per token: merge each beat's top k into the running list -------------
+        if beats > 1:
+            lst = entries("top", k)
+            res_v = Signal(name="res_v")
+            # At a token's first beat the list is empty (all entries invalid).
+            held = [Signal(entry_layout, name=f"held_{j}") for j in range(k)]
+            for h, e in zip(held, lst):
+                m.d.comb += [h.eq(e), h.vld.eq(e.vld & ~first)]
+            c = [[above(a, b) for b in beat_top] for a in held]
+            merged = select(held, beat_top, c, k)
+            with m.If(v):
+                m.d.sync += [r.eq(w) for r, w in zip(lst, merged)]
+            m.d.sync += res_v.eq(v & final)
+            result, res_valid = lst, res_v
+        else:
+            result, res_valid = beat_top, v
+
+        # ---- output FIFO ----------------------------------------------------------------------------
+        out_word = Signal(out_layout)
+        for j, e in enumerate(result):
+            m.d.comb += out_word.experts[j].eq(e.idx)
+            if tw:
+                m.d.comb += out_word.tags[j].eq(e.tag)
+        m.d.comb += [out_fifo.w_data.eq(out_word), out_fifo.w_en.eq(res_valid)]
         return m

@@ -164,6 +164,7 @@ class WeightStreamer(wiring.Component):
         c_tag = Signal(self._tag_width)
         c_first = Signal()
         tile_len = Signal(range(half + 1))
+        tile_beats = Signal(range(half_beats + 1))
         req_addr = Signal(aw)
         req_left = Signal(range(half_beats + 1))   # beats of this tile not yet requested
         rx_left = Signal(range(half_beats + 1))    # beats of this tile not yet received
@@ -171,12 +172,11 @@ class WeightStreamer(wiring.Component):
         fetched = Signal(len(self.bytes_fetched))
         m.d.comb += self.bytes_fetched.eq(fetched)
 
+        # The command's remaining length is also kept in beats (c_beats), so no rounding add sits
+        # in front of the tile plan.
+        c_beats = Signal(range(-(-((1 << self._length_width) - 1) // db) + 1))
         next_len = Signal(range(half + 1))
-        next_beats = Signal(range(half_beats + 1))
-        m.d.comb += [
-            next_len.eq(Mux(c_rem > half, half, c_rem)),
-            next_beats.eq((next_len + db - 1) >> lb),
-        ]
+        m.d.comb += next_len.eq(Mux(c_rem > half, half, c_rem))
 
         # Burst length: what is left, capped by max_burst and by the beats left in this 4 KiB page.
         page_beats = BOUNDARY_BYTES // db
@@ -185,8 +185,40 @@ class WeightStreamer(wiring.Component):
         room = Signal(range(page_beats + 1))
         burst = Signal(range(self._max_burst + 1))
         m.d.comb += room.eq(page_beats - beat_in_page)
-        capped = Mux(req_left > self._max_burst, self._max_burst, req_left)
-        m.d.comb += burst.eq(Mux(capped > room, room, capped))
+        # The burst length is a register, computed in two registered steps after req_addr/req_left
+        # change (min with max_burst and the page room; then the smaller of the two), so no compare
+        # feeds the address adder in the same cycle. A tile's first burst is computed during WAIT, so
+        # the first request is not delayed; later ones leave at least three cycles apart, which costs
+        # nothing while a burst is longer than that (each request covers a whole burst).
+        capped_r = Signal(range(self._max_burst + 1))
+        room_r = Signal(range(page_beats + 1))
+        m.d.sync += [capped_r.eq(Mux(req_left > self._max_burst, self._max_burst, req_left)),
+                     room_r.eq(room)]
+        bwait = Signal(range(3))
+        burst_ok = bwait == 0
+        # The next tile's plan, in registers when WAIT starts: its beats (nb), those capped by
+        # max_burst (nbc) and the beats left in c_addr's page (room0). They are loaded from the
+        # command when it is accepted, and from a two-stage precomputation during FILL (c_beats,
+        # c_addr and the tile are constant then) when a tile is committed.
+        cap_beats = min(half_beats, self._max_burst)
+        nb = Signal(range(half_beats + 1))
+        nbc = Signal(range(cap_beats + 1))
+        room0 = Signal(range(page_beats + 1))
+        first_burst = Mux(nbc > room0, room0, nbc)
+
+        def in_page(addr_beats):
+            return addr_beats[:page_bits - lb] if page_bits > lb else 0
+
+        pre_beats = Signal.like(c_beats)                 # c_beats after this tile
+        pre_page = Signal(range(page_beats))             # beat-in-page of c_addr after this tile
+        m.d.sync += [pre_beats.eq(c_beats - tile_beats),
+                     pre_page.eq(in_page(c_addr[lb:] + tile_beats) if aw > lb else 0)]
+        pre_nb = Signal.like(nb)
+        pre_nbc = Signal.like(nbc)
+        pre_room = Signal.like(room0)
+        m.d.sync += [pre_nb.eq(Mux(pre_beats > half_beats, half_beats, pre_beats)),
+                     pre_nbc.eq(Mux(pre_beats > cap_beats, cap_beats, pre_beats)),
+                     pre_room.eq(page_beats - pre_page)]
 
         req, resp, buf = self.mem.req, self.mem.resp, self.buf
         m.d.comb += [
@@ -204,29 +236,40 @@ class WeightStreamer(wiring.Component):
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
+                    cmd_beats = (self.cmd.p.length + db - 1) >> lb
                     m.d.sync += [
                         c_addr.eq(self.cmd.p.addr), c_rem.eq(self.cmd.p.length),
+                        c_beats.eq(cmd_beats),
+                        nb.eq(Mux(cmd_beats > half_beats, half_beats, cmd_beats)),
+                        nbc.eq(Mux(cmd_beats > cap_beats, cap_beats, cmd_beats)),
+                        room0.eq(page_beats - (in_page(self.cmd.p.addr[lb:]) if aw > lb else 0)),
                         c_tag.eq(self.cmd.p.tag), c_first.eq(1),
                     ]
                     m.next = "WAIT"
 
             with m.State("WAIT"):
                 m.d.comb += self.busy.eq(1)
+                m.d.sync += burst.eq(first_burst)
                 with m.If(buf.free):
                     m.d.sync += [
-                        tile_len.eq(next_len), req_addr.eq(c_addr),
-                        req_left.eq(next_beats), rx_left.eq(next_beats), rx_addr.eq(0),
+                        tile_len.eq(next_len), tile_beats.eq(nb), req_addr.eq(c_addr),
+                        req_left.eq(nb), rx_left.eq(nb), rx_addr.eq(0),
                     ]
-                    with m.If(next_beats == 0):
+                    with m.If(c_beats == 0):
                         m.next = "COMMIT"
                     with m.Else():
                         m.next = "FILL"
 
             with m.State("FILL"):
-                m.d.comb += [self.busy.eq(1), req.valid.eq(req_left != 0), resp.ready.eq(1),
+                m.d.comb += [self.busy.eq(1), req.valid.eq(burst_ok & (req_left != 0)), resp.ready.eq(1),
                              buf.en.eq(resp.valid)]
                 with m.If(req.valid & req.ready):
-                    m.d.sync += [req_addr.eq(req_addr + (burst << lb)), req_left.eq(req_left - burst)]
+                    m.d.sync += [req_addr.eq(req_addr + (burst << lb)), req_left.eq(req_left - burst),
+                                 bwait.eq(2)]
+                with m.Elif(~burst_ok):
+                    m.d.sync += bwait.eq(bwait - 1)
+                with m.If(bwait == 1):
+                    m.d.sync += burst.eq(Mux(capped_r > room_r, room_r, capped_r))
                 with m.If(resp.valid):
                     m.d.sync += [rx_addr.eq(rx_addr + 1), rx_left.eq(rx_left - 1),
                                  fetched.eq(fetched + db)]
@@ -237,7 +280,8 @@ class WeightStreamer(wiring.Component):
                 m.d.comb += [self.busy.eq(1), buf.commit.valid.eq(1)]
                 with m.If(buf.commit.ready):
                     m.d.sync += [c_addr.eq(c_addr + tile_len), c_rem.eq(c_rem - tile_len),
-                                 c_first.eq(0)]
+                                 c_beats.eq(pre_beats), nb.eq(pre_nb), nbc.eq(pre_nbc),
+                                 room0.eq(pre_room), c_first.eq(0)]
                     with m.If(c_rem == tile_len):
                         m.next = "IDLE"
                     with m.Else():

@@ -29,6 +29,7 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..checks import check_int
 from ..numerics import SHIFT_BITS
+from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 from ..lib.isqrt import ISqrt
 
@@ -39,6 +40,8 @@ _NORM_STAGES = 12
 #: Low chunk of the reciprocal for the a * inv partial products: 17 unsigned bits fit the DSP48E2's
 #: 18-bit signed multiplier input.
 _INV_CHUNK = 17
+#: Low chunk of S2 in D*S2: an unsigned operand that fits the DSP48E2's 27-bit signed port.
+_DS2_CHUNK = 26
 
 # The output shift is numerics.SHIFT_BITS wide; gamma_mult, beta_int and eps_int widths are
 # numerics.LN_GAMMA_BITS, LN_BETA_BITS and LN_EPS_BITS.
@@ -165,7 +168,7 @@ class LayerNormUnit(wiring.Component):
 
     def _engine_latencies(self, k):
         # Mirrors ISqrt.latency and Divider.latency without building the engines (the pipelined
-        # engines add 2 cycles of output FIFO).
+        # engines add PIPELINED_FIFO_LATENCY cycles of output FIFO).
         extra = PIPELINED_FIFO_LATENCY if self._pipelined else 0
         return (-(-self._root_width // k) + 1 + extra, -(-(numerics.LN_INV_BITS + 1) // k) + 1 + extra)
 
@@ -188,8 +191,9 @@ class LayerNormUnit(wiring.Component):
     def row_latency(self):
         """Cycles from the transfer of a row's last input beat to its first output beat, unstalled."""
         # 6 cycles to the ISqrt operand (statistics 3, var_n 3) plus the statistics pass's square and
-        # tree stages beyond the first, 1 to the first read, then the normalize pipeline.
-        return self._recip_latency + 7 + self._stat_tree_stages + _NORM_STAGES
+        # tree stages beyond the first, 1 to the first read, then the normalize pipeline and its
+        # output FIFO.
+        return self._recip_latency + 7 + self._stat_tree_stages + _NORM_STAGES + CreditFIFO.LATENCY
 
     @property
     def min_row_beats(self):
@@ -238,7 +242,12 @@ class LayerNormUnit(wiring.Component):
         rd_ptr = Signal(range(self._depth))
         in_beat = Signal(range(R))
         in_flight = Signal(range(self._depth + 4))      # rows accepted and not yet fully emitted
-        m.d.comb += self.busy.eq(in_flight != 0)
+        # The row events are registered before the count (the input handshake would otherwise
+        # feed its adder); busy also covers a first beat whose event is still in its register, and
+        # stays high one cycle longer after a row's last beat (harmless: it only gates parameters).
+        first_go_r = Signal()
+        last_go_r = Signal()
+        m.d.comb += self.busy.eq((in_flight != 0) | first_go_r)
 
         param_go = self.param.valid & ~self.busy
         m.d.comb += self.param.ready.eq(~self.busy)
@@ -327,7 +336,11 @@ class LayerNormUnit(wiring.Component):
         va_valid, vp_valid, vb_valid = Signal(), Signal(), Signal()
         # Narrow S1 (small D) needs no split: one product.
         cut = _INV_CHUNK if s1_shape.width > _INV_CHUNK else s1_shape.width
-        va_ds2 = Signal(unsigned(self._sqrt_width), reset_less=True)
+        # D*S2 as two registered partial products (S2 is wider than a DSP48E2 operand): D * the low
+        # _DS2_CHUNK bits and D * the rest, summed (with eps) in the next stage.
+        ds2_cut = min(_DS2_CHUNK, s2_shape.width)
+        va_ds2_lo = Signal(unsigned(ds2_cut + D.bit_length()), reset_less=True)
+        va_ds2_hi = Signal(unsigned(max(1, s2_shape.width - ds2_cut + D.bit_length())), reset_less=True)
         va_pp_lo = Signal(signed(s1_shape.width + cut), reset_less=True)
         va_pp_hi = Signal(signed(max(1, 2 * s1_shape.width - cut + 1)), reset_less=True)
         va_eps = Signal.like(eps, reset_less=True)
@@ -343,12 +356,13 @@ class LayerNormUnit(wiring.Component):
         with m.If(v_adv):
             m.d.sync += [
                 va_valid.eq(res_take),
-                va_ds2.eq(res_s2 * D),
+                va_ds2_lo.eq(res_s2[:ds2_cut] * D),
+                va_ds2_hi.eq(res_s2[ds2_cut:] * D if ds2_cut < s2_shape.width else 0),
                 va_eps.eq(eps),
                 va_pp_lo.eq(res_s1 * (res_s1[:cut] if cut < s1_shape.width else res_s1)),
                 va_pp_hi.eq(res_s1 * res_s1[cut:].as_signed() if cut < s1_shape.width else 0),
                 vp_valid.eq(va_valid),
-                vp_ds2.eq(va_ds2 + va_eps),
+                vp_ds2.eq(va_ds2_lo + (va_ds2_hi << ds2_cut) + va_eps),
                 vp_sq.eq(va_pp_lo + (va_pp_hi << cut)),
                 vb_valid.eq(vp_valid),
                 # >= 0 mathematically (Cauchy-Schwarz); the true value fits in sqrt_width bits.
@@ -365,16 +379,24 @@ class LayerNormUnit(wiring.Component):
         ]
 
         # ---- normalize pass ---------------------------------------------------------------------
-        # A pipeline of _NORM_STAGES stages that advances as a whole. It stalls only when the output
-        # register is full and o.ready is low.
-        last5 = Signal()                                # the output beat is a row's last
-        adv = ~self.o.valid | self.o.ready
+        # A pipeline of _NORM_STAGES stages without enable, ending in a credit-counted FIFO: a beat
+        # is issued only while the FIFO has room for every beat in flight, so o.ready reaches only
+        # the FIFO's read side (no ready chain into the divider's FIFO, no enable on the stages).
+        out_layout = data.StructLayout({"data": self.o.payload.shape(), "last": 1})
+        m.submodules.out_fifo = out_fifo = CreditFIFO(out_layout, _NORM_STAGES + CreditFIFO.LATENCY + 1)
+        m.d.comb += [self.o.valid.eq(out_fifo.o.valid), self.o.payload.eq(out_fifo.o.payload.data),
+                     out_fifo.o.ready.eq(self.o.ready)]
+        out_v = Signal()
+        out_w = Signal(out_layout)
+        m.d.comb += [out_fifo.w_en.eq(out_v), out_fifo.w_data.eq(out_w)]
+        adv = 1
 
         row_active = Signal()
         out_beat = Signal(range(R))
         cur_s1 = Signal(s1_shape)
         cur_inv = Signal(inv_width)
-        issue = adv & row_active
+        issue = row_active & out_fifo.room
+        m.d.comb += out_fifo.take.eq(issue)
         issue_last = issue & (out_beat == R - 1)
         # A row's reciprocal only exists once all of its beats have been written, so issuing never
         # has to check the buffer level.
@@ -391,8 +413,8 @@ class LayerNormUnit(wiring.Component):
                 rd_ptr.eq(Mux(rd_ptr == self._depth - 1, 0, rd_ptr + 1)),
             ]
         m.d.comb += [
-            buf_r.addr.eq(rd_ptr), buf_r.en.eq(adv),
-            par_r.addr.eq(out_beat), par_r.en.eq(adv),
+            buf_r.addr.eq(rd_ptr), buf_r.en.eq(1),
+            par_r.addr.eq(out_beat), par_r.en.eq(1),
         ]
         m.d.sync += count.eq(count + in_go - issue)
 
@@ -403,10 +425,14 @@ class LayerNormUnit(wiring.Component):
         n_st = _NORM_STAGES
         vs = [Signal(name=f"nv{k}") for k in range(1, n_st)]
         lasts = [Signal(name=f"nlast{k}") for k in range(1, n_st)]
-        par = [Signal(param_layout, name=f"par{k}", reset_less=True) for k in range(2, 10)]  # par[0] = stage 2
+        # par[5] (gamma's multiply) and par[6] (beta's add), and the last inv_d, stay on reset: a
+        # longer reset-less chain becomes a shift register (SRL) in yosys, and an SRL's slow
+        # clock-to-out in front of a DSP48E2 cannot be absorbed as its input register.
+        par = [Signal(param_layout, name=f"par{k}", reset_less=k not in (7, 8))
+               for k in range(2, 10)]  # par[0] = stage 2
         s1_1 = Signal(s1_shape, reset_less=True)
         s1_d = [Signal(s1_shape, name=f"s1_{k}", reset_less=True) for k in (2, 3)]
-        inv_d = [Signal(inv_width, name=f"inv_{k}", reset_less=True) for k in (1, 2, 3, 4)]
+        inv_d = [Signal(inv_width, name=f"inv_{k}", reset_less=k < 4) for k in (1, 2, 3, 4)]
         lo, hi = numerics.int_range(numerics.ACT_BITS)
         cut = _INV_CHUNK
         with m.If(adv):
@@ -416,7 +442,7 @@ class LayerNormUnit(wiring.Component):
                 m.d.sync += inv_d[k].eq(inv_d[k - 1])
             for k in range(1, n_st - 1):
                 m.d.sync += [vs[k].eq(vs[k - 1]), lasts[k].eq(lasts[k - 1])]
-            m.d.sync += [self.o.valid.eq(vs[-1]), last5.eq(lasts[-1])]
+            m.d.sync += [out_v.eq(vs[-1]), out_w.last.eq(lasts[-1])]
             for k in range(1, len(par)):
                 m.d.sync += par[k].eq(par[k - 1])
             for j in range(L):
@@ -450,10 +476,11 @@ class LayerNormUnit(wiring.Component):
                 rs = u9 >> 1
                 up = rs[numerics.ACT_BITS - 1:]
                 fits = (up == 0) | (up == (1 << len(up)) - 1)
-                m.d.sync += self.o.payload[j].eq(Mux(fits, rs[:numerics.ACT_BITS].as_signed(),
-                                                     Mux(rs[-1], lo, hi)))
+                m.d.sync += out_w.data[j].eq(Mux(fits, rs[:numerics.ACT_BITS].as_signed(),
+                                                 Mux(rs[-1], lo, hi)))
 
-        out_last_go = self.o.valid & self.o.ready & last5
+        out_last_go = self.o.valid & self.o.ready & out_fifo.o.payload.last
         in_first_go = in_go & (in_beat == 0)
-        m.d.sync += in_flight.eq(in_flight + in_first_go - out_last_go)
+        m.d.sync += [first_go_r.eq(in_first_go), last_go_r.eq(out_last_go),
+                     in_flight.eq(in_flight + first_go_r - last_go_r)]
         return m

@@ -31,6 +31,7 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..checks import check_int
 from ..numerics import SHIFT_BITS
+from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 
 __all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
@@ -224,11 +225,11 @@ class SoftmaxUnit(wiring.Component):
         when nothing stalls."""
         # 3 cycles (plus the max tree's extra stages) for the max to reach the exp pass and 1 to its
         # first read, then the row's reads.
-        # Then 7 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
+        # Then 8 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
         # cycle into the divider, the divider itself, and 3 cycles from the output pass's first read
-        # to ``o``.
-        return (-(-length // self._lanes) + 14 + self._max_stages + self._tree_stages
-                + self._div_latency(self._k))
+        # to its output FIFO, then the FIFO.
+        return (-(-length // self._lanes) + 15 + self._max_stages + self._tree_stages
+                + self._div_latency(self._k) + CreditFIFO.LATENCY)
 
     def elaborate(self, platform):
         m = Module()
@@ -261,7 +262,9 @@ class SoftmaxUnit(wiring.Component):
         # Every row the divider can hold (one iterative, up to its latency pipelined) plus one waiting
         # at its output.
         side_depth = 2 if not self._pipelined else self._div_latency(self._k) + 1
-        m.submodules.side_fifo = side_fifo = fifo.SyncFIFO(width=side_layout.size, depth=side_depth)
+        # A CreditFIFO: its output (and "not empty") are registers, so the output pass's load decision
+        # starts at flip-flops; its room (a register too) replaces a FIFO level compare.
+        m.submodules.side_fifo = side_fifo = CreditFIFO(side_layout, side_depth)
         m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k,
                                          pipelined=self._pipelined)
 
@@ -359,19 +362,22 @@ class SoftmaxUnit(wiring.Component):
         rows2 = Signal(range(_QUEUE_DEPTH + 1))        # rows started in pass 2, sum not yet divided
 
         issue2 = active2 & (x_count < self._e_depth)
-        last2 = left2 <= L
+        # "The next beat is the row's last" as a register (as last3 below): no compare on left2 in
+        # front of the load decision and the row counters.
+        last2 = Signal()
         issue2_last = issue2 & last2
         load2 = (~active2 | issue2_last) & desc_fifo.r_rdy & (rows2 < _QUEUE_DEPTH)
         desc_out = data.View(desc_layout, desc_fifo.r_data)
         m.d.comb += desc_fifo.r_en.eq(load2)
         with m.If(load2):
-            m.d.sync += [d2.eq(desc_out), left2.eq(desc_out.length), active2.eq(1)]
+            m.d.sync += [d2.eq(desc_out), left2.eq(desc_out.length), last2.eq(desc_out.length <= L),
+                         active2.eq(1)]
         with m.Elif(issue2_last):
             m.d.sync += active2.eq(0)
         with m.If(issue2):
             m.d.sync += [s_rd.eq(_incr(s_rd, self._s_depth))]
             with m.If(~load2):
-                m.d.sync += left2.eq(left2 - L)
+                m.d.sync += [left2.eq(left2 - L), last2.eq(left2 <= 2 * L)]
         m.d.comb += [s_r.addr.eq(s_rd), s_r.en.eq(1)]
 
         # Stage c1: scores arrive; distance to the row max (>= 0, < 2**32).
@@ -407,8 +413,24 @@ class SoftmaxUnit(wiring.Component):
         m.d.sync += [c3v.eq(c3av), c3last.eq(c3alast), c3mask.eq(c3amask), c3d.eq(c3ad)]
         for j in lane_idx:
             m.d.sync += prod[j].eq(pp_lo[j] + (pp_hi[j] << _D_CHUNK))
-        # Stage c4: t = P >> c_shift (a floor shift). The ROM is read with the fraction; the integer
-        # part and the "shifted out completely" flag wait one cycle for the ROM data.
+        # Stage c3b: t = P >> c_shift (a floor shift), registered as its fraction, its integer part
+        # and a "shifted out completely" flag, so the barrel shift and the exp ROM's logic are in
+        # different cycles.
+        int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
+        c3bv, c3blast = Signal(), Signal()
+        c3bmask = Signal(L)
+        c3bd = Signal(desc_layout)
+        t_frac = [Signal(numerics.EXP_FRAC_BITS, name=f"t_frac{j}") for j in lane_idx]
+        t_int = [Signal(int_bits, name=f"t_int{j}") for j in lane_idx]
+        t_big = [Signal(name=f"t_big{j}") for j in lane_idx]
+        m.d.sync += [c3bv.eq(c3v), c3blast.eq(c3last), c3bmask.eq(c3mask), c3bd.eq(c3d)]
+        for j in lane_idx:
+            t = prod[j] >> c3d.c_shift
+            m.d.sync += [t_frac[j].eq(t[:numerics.EXP_FRAC_BITS]),
+                         t_int[j].eq(t[numerics.EXP_FRAC_BITS:numerics.EXP_FRAC_BITS + int_bits]),
+                         t_big[j].eq((t >> (numerics.EXP_FRAC_BITS + int_bits)).any())]
+        # Stage c4: the ROM is read with the fraction; the integer part and the "shifted out
+        # completely" flag wait one cycle for the ROM data.
         # One single-port ROM per lane (what a synthesizer builds from one many-port ROM anyway; the
         # WebAssembly yosys's memory mapper crashes on a 16-read-port ROM).
         exp_init = [int(v) for v in numerics.exp2_lut()]
@@ -418,22 +440,20 @@ class SoftmaxUnit(wiring.Component):
         c4int = Signal(data.ArrayLayout(unsigned(4), L))
         c4sum = Signal(sum_layout)
         rom = []
-        int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
         for j in lane_idx:
             lut = Memory(shape=e16_shape, depth=1 << numerics.EXP_FRAC_BITS, init=exp_init)
             m.submodules[f"exp_rom{j}"] = lut
             port = lut.read_port()
             rom.append(port)
-            t = prod[j] >> c3d.c_shift
-            m.d.comb += [port.addr.eq(t[:numerics.EXP_FRAC_BITS]), port.en.eq(1)]
+            m.d.comb += [port.addr.eq(t_frac[j]), port.en.eq(1)]
             m.d.sync += [
-                c4int[j].eq(t[numerics.EXP_FRAC_BITS:numerics.EXP_FRAC_BITS + int_bits]),
+                c4int[j].eq(t_int[j]),
                 # i >= EXP_ZERO_INT (= 16): every ROM bit is shifted out. Padding lanes are 0 too.
-                c4zero[j].eq((t >> (numerics.EXP_FRAC_BITS + int_bits)).any() | ~c3mask[j]),
+                c4zero[j].eq(t_big[j] | ~c3bmask[j]),
             ]
-        m.d.sync += [c4v.eq(c3v), c4last.eq(c3last), c4mode.eq(c3d.mode),
-                     c4sum.mode.eq(c3d.mode), c4sum.length.eq(c3d.length),
-                     c4sum.out_mult.eq(c3d.out_mult)]
+        m.d.sync += [c4v.eq(c3bv), c4last.eq(c3blast), c4mode.eq(c3bd.mode),
+                     c4sum.mode.eq(c3bd.mode), c4sum.length.eq(c3bd.length),
+                     c4sum.out_mult.eq(c3bd.out_mult)]
         # Stage c5: e16 = lut[f] >> i, registered (the ROM output gets a register before any logic),
         # then written to the exp buffer.
         c5v, c5last, c5mode = Signal(), Signal(), Signal(SoftmaxMode)
@@ -483,7 +503,7 @@ class SoftmaxUnit(wiring.Component):
         sum_out = data.View(sum_layout, sum_fifo.r_data)
         div_go = Signal()
         m.d.comb += [
-            div.i.valid.eq(sum_fifo.r_rdy & side_fifo.w_rdy),
+            div.i.valid.eq(sum_fifo.r_rdy & side_fifo.room),
             div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,
                                           sum_out.out_mult << numerics.AV_RECIP_BITS,
                                           1 << numerics.ROUTER_RECIP_BITS)),
@@ -491,27 +511,34 @@ class SoftmaxUnit(wiring.Component):
             div_go.eq(div.i.valid & div.i.ready),
             sum_fifo.r_en.eq(div_go),
             side_fifo.w_en.eq(div_go),
+            side_fifo.take.eq(div_go),
         ]
         side_in = Signal(side_layout)
         m.d.comb += [side_in.sum.eq(sum_out.sum), side_in.mode.eq(sum_out.mode),
                      side_in.length.eq(sum_out.length), side_fifo.w_data.eq(side_in)]
 
         # ---- pass 3: output ----------------------------------------------------------------------
-        side_out = data.View(side_layout, side_fifo.r_data)
+        side_out = side_fifo.o.payload
         active3 = Signal()
         left3 = Signal(len_shape)
         mode3 = Signal(SoftmaxMode)
         sum3 = Signal(sum_shape)
         recip3 = Signal(RECIP_BITS)
-        adv = ~self.o.valid | self.o.ready
-        issue3 = adv & active3
+        # The output stages (q1, q2, q3) have no enable: they end in a credit-counted FIFO, so a
+        # beat is issued only while the FIFO has room for every beat in flight, and o.ready reaches
+        # nothing but the FIFO's read side (no ready chain into the divider's FIFO).
+        m.submodules.out_fifo = out_fifo = CreditFIFO(self.o.payload.shape(), 3 + CreditFIFO.LATENCY + 1)
+        wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
+        adv = 1
+        issue3 = active3 & out_fifo.room
+        m.d.comb += out_fifo.take.eq(issue3)
         # "The next beat is the row's last" as a register, so the output pass's load decision (and the
         # divider FIFO's read enable behind it) has no compare in its path.
         last3 = Signal()
         issue3_last = issue3 & last3
         # A row's sum exists only after all its e16 beats were written: issuing needs no level check.
-        load3 = (~active3 | issue3_last) & div.o.valid & side_fifo.r_rdy
-        m.d.comb += [div.o.ready.eq(load3), side_fifo.r_en.eq(load3)]
+        load3 = (~active3 | issue3_last) & div.o.valid & side_fifo.o.valid
+        m.d.comb += [div.o.ready.eq(load3), side_fifo.o.ready.eq(load3)]
         with m.If(load3):
             m.d.sync += [active3.eq(1), left3.eq(side_out.length), last3.eq(side_out.length <= L),
                          mode3.eq(side_out.mode),
@@ -522,7 +549,7 @@ class SoftmaxUnit(wiring.Component):
             m.d.sync += x_rd.eq(_incr(x_rd, self._e_depth))
             with m.If(~load3):
                 m.d.sync += [left3.eq(left3 - L), last3.eq(left3 <= 2 * L)]
-        m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(adv)]
+        m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(1)]
         m.d.sync += [
             rows1.eq(rows1 + (in_go & first1) - load2),
             rows2.eq(rows2 + load2 - div_go),
@@ -556,15 +583,18 @@ class SoftmaxUnit(wiring.Component):
                 m.d.sync += q2val[j].eq(Mux(q1mode == SoftmaxMode.ATTENTION, e8, router_prod))
         # Stage q3: the output register. The router probability is round_shift(e16 * R, 16).
         p_shift = numerics.ROUTER_RECIP_BITS - numerics.ROUTER_P_FRAC
+        q3v = Signal()
+        q3 = Signal(self.o.payload.shape())
         with m.If(adv):
             m.d.sync += [
-                self.o.valid.eq(q2v),
-                self.o.payload.last.eq(q2last),
-                self.o.payload.row_sum.eq(Mux(q2last, q2sum, 0)),
-                self.o.payload.recip.eq(Mux(q2last, q2recip, 0)),
+                q3v.eq(q2v),
+                q3.last.eq(q2last),
+                q3.row_sum.eq(Mux(q2last, q2sum, 0)),
+                q3.recip.eq(Mux(q2last, q2recip, 0)),
             ]
             for j in lane_idx:
                 prob = ((q2val[j] >> (p_shift - 1)) + 1) >> 1
                 val = Mux(q2mode == SoftmaxMode.ATTENTION, q2val[j], prob)
-                m.d.sync += self.o.payload.data[j].eq(Mux(q2mask[j], val, 0))
+                m.d.sync += q3.data[j].eq(Mux(q2mask[j], val, 0))
+        m.d.comb += [out_fifo.w_data.eq(q3), out_fifo.w_en.eq(q3v)]
         return m

@@ -1,8 +1,8 @@
 """Register slices: cut every combinational path through an AXI4 port.
 
-:class:`SkidBuffer` is a two-entry stream register: ``o.valid``/``o.payload`` and ``i.ready`` all come
-from flip-flops, throughput is one transfer per cycle, nothing is lost or duplicated. When the output
-stalls, the one transfer already accepted on the input goes into the skid register.
+:class:`SkidBuffer` (from :mod:`m3vit_hw.lib.skid`, re-exported here) is a two-entry stream register:
+``o.valid``/``o.payload`` and ``i.ready`` all come from flip-flops, throughput is one transfer per cycle,
+nothing is lost or duplicated.
 
 :class:`AxiRegisterSlice` puts one :class:`SkidBuffer` on each of the five channels of an AXI4 port
 (AW, W, AR towards the slave; R, B towards the master), so the accelerator's AXI ports start and end at
@@ -10,51 +10,14 @@ registers: the Zynq's HP ports and the interconnect see no logic depth from insi
 the accelerator sees none from them. Cost: one cycle of latency per channel direction.
 """
 
-from amaranth.hdl import Cat, Module, Signal
-from amaranth.lib import stream, wiring
+from amaranth.hdl import Cat, Module
+from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
-from ..checks import check_int as _check_int
+from ..lib.skid import SkidBuffer
 from .axi import AXI4Signature
 
 __all__ = ["SkidBuffer", "AxiRegisterSlice"]
-
-
-class SkidBuffer(wiring.Component):
-    """A registered stream stage with a skid register (full throughput, registered ready).
-
-    Parameters
-    ----------
-    width : int
-        Payload bits.
-
-    Interface attributes
-    --------------------
-    i : ``In(stream.Signature(width))``
-    o : ``Out(stream.Signature(width))``
-    """
-
-    def __init__(self, width):
-        _check_int("width", width, 1)
-        super().__init__({"i": In(stream.Signature(width)), "o": Out(stream.Signature(width))})
-
-    def elaborate(self, platform):
-        m = Module()
-        i, o = self.i, self.o
-        skid = Signal.like(i.payload)
-        skid_valid = Signal()
-        m.d.comb += i.ready.eq(~skid_valid)
-        with m.If(o.ready | ~o.valid):
-            # The output register can take a new value: the skid entry first (it is older).
-            with m.If(skid_valid):
-                m.d.sync += [o.payload.eq(skid), o.valid.eq(1), skid_valid.eq(0)]
-            with m.Elif(i.valid):
-                m.d.sync += [o.payload.eq(i.payload), o.valid.eq(1)]
-            with m.Else():
-                m.d.sync += o.valid.eq(0)
-        with m.Elif(i.valid & i.ready):
-            m.d.sync += [skid.eq(i.payload), skid_valid.eq(1)]
-        return m
 
 
 _FORWARD = ("aw", "w", "ar")
