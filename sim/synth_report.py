@@ -105,12 +105,12 @@ def _expert_queues(cfg):
 
 
 def _weight_buffer(cfg):
-    from m3vit_hw.moe.weight_buffer import WeightBuffer
+    from m3vit_hw.weights.weight_buffer import WeightBuffer
     return WeightBuffer.from_config(cfg)
 
 
 def _weight_streamer(cfg):
-    from m3vit_hw.moe.weight_streamer import WeightStreamer
+    from m3vit_hw.weights.weight_streamer import WeightStreamer
     return WeightStreamer.from_config(cfg)
 
 

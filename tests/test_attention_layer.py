@@ -287,7 +287,7 @@ def test_sequencer_is_a_datapath_client():
     with the widths of the datapath it plugs into, it converts to Verilog alone and embeds through its
     signature, and the wrapper's sequencer is one (so every bit-exact test above proves it)."""
     from m3vit_hw.attention import AttnSequencer
-    from m3vit_hw.dense.client import GemmClientSignature
+    from m3vit_hw.weights.client import GemmClientSignature
     cfg = attn_config(dim=20, heads=2, tokens=7, q_tile=3)
     layer = AttentionLayer(cfg)
     seq = layer.sequencer

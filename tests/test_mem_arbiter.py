@@ -13,8 +13,8 @@ from amaranth.sim import Simulator
 
 from m3vit_hw.lib.mem_arbiter import ReadArbiter
 from m3vit_hw.lib.mem_port import ReadPortSignature
-from m3vit_hw.moe.weight_buffer import WeightBuffer
-from m3vit_hw.moe.weight_streamer import WeightStreamer
+from m3vit_hw.weights.weight_buffer import WeightBuffer
+from m3vit_hw.weights.weight_streamer import WeightStreamer
 from sim.ext_memory import ExternalMemory
 from sim.testbench import Stalls, stream_get, stream_put
 

@@ -28,8 +28,8 @@ from m3vit_hw.moe.expert_layout import pack_moe, plan_moe, start_fields, unpack_
 from m3vit_hw.lib.mem_arbiter import ReadArbiter
 from m3vit_hw.lib.mem_port import ReadPortSignature
 from m3vit_hw.moe.reorder_controller import GATE_TAG, ReorderController
-from m3vit_hw.moe.weight_buffer import WeightBuffer
-from m3vit_hw.moe.weight_streamer import WeightStreamer
+from m3vit_hw.weights.weight_buffer import WeightBuffer
+from m3vit_hw.weights.weight_streamer import WeightStreamer
 from reference import golden
 from sim.ext_memory import ExternalMemory
 from sim.moe_layer import IMAGE_BASE, MoELayerSim, moe_config

@@ -11,7 +11,7 @@ from amaranth.hdl import Fragment
 from amaranth.sim import Simulator
 
 from sim.testbench import EmbeddingHarness
-from m3vit_hw.moe.weight_buffer import ReaderSignature, TileInfoLayout, WeightBuffer, WriterSignature
+from m3vit_hw.weights.weight_buffer import ReaderSignature, TileInfoLayout, WeightBuffer, WriterSignature
 from m3vit_hw.config import AcceleratorConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::amaranth.hdl.UnusedElaboratable")

@@ -12,8 +12,8 @@ from amaranth.lib import wiring
 from amaranth.sim import Simulator
 
 from m3vit_hw.lib.mem_port import ReadPortSignature
-from m3vit_hw.moe.weight_buffer import WeightBuffer, WriterSignature
-from m3vit_hw.moe.weight_streamer import WeightStreamer
+from m3vit_hw.weights.weight_buffer import WeightBuffer, WriterSignature
+from m3vit_hw.weights.weight_streamer import WeightStreamer
 from m3vit_hw.config import AcceleratorConfig
 from sim.ext_memory import ExternalMemory
 from sim.testbench import Stalls, stream_put

@@ -35,7 +35,7 @@ Commands that read what an earlier command wrote carry ``sync``: each head's fir
 the projection's first tile (the context).
 
 Weights: the :func:`~m3vit_hw.attention.attn_layout.plan_attention` tiles stream in order through two
-:class:`~m3vit_hw.moe.weight_streamer.WeightStreamer` instances into the ping-pong weight and
+:class:`~m3vit_hw.weights.weight_streamer.WeightStreamer` instances into the ping-pong weight and
 parameter buffers; a tile's halves are released when its GEMM is done.
 
 Structure
@@ -43,7 +43,7 @@ Structure
 :class:`~m3vit_hw.attention.attn_sequencer.AttnSequencer` holds all of the control, the score path and
 the score path's private score buffer, and talks to the rest through its client ports (``client``,
 ``o``, ``e8_wr``, ``rt_wr``). :class:`AttentionLayer` is the standalone wrapper: the datapath pieces
-(GEMM engine, a :class:`~m3vit_hw.dense.weight_path.WeightPath`, the activation main bank, the e8 bank,
+(GEMM engine, a :class:`~m3vit_hw.weights.weight_path.WeightPath`, the activation main bank, the e8 bank,
 the row table and the residual buffer, the ``load``/read-back ports) plus one ``AttnSequencer``, wired as
 the encoder's shared datapath wires it; :func:`connect_operand_reads` is the engine's operand wiring
 (the e8 bank above ``e8_base`` on the A side, the activation bank under the B address MSB).
@@ -72,8 +72,8 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
-from ..dense.client import connect_client
-from ..dense.weight_path import WeightPath
+from ..weights.client import connect_client
+from ..weights.weight_path import WeightPath
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
 from ..lib.mem_port import ReadPortSignature
 from ..moe.expert_layout import PARAM_LANE_BYTES
@@ -115,7 +115,7 @@ def connect_operand_reads(m, engine, config, *, act, e8, wbuf, pbuf, e8_enable=N
     * Column parameters (``engine.colp_rd``): the parameter buffer's current half, lanes unpacked.
 
     Adds two read ports to ``act`` and one to ``e8`` (``amaranth.lib.memory.Memory``); ``wbuf`` and
-    ``pbuf`` are :class:`~m3vit_hw.moe.weight_buffer.WeightBuffer` instances. ``e8_enable`` (a 1-bit
+    ``pbuf`` are :class:`~m3vit_hw.weights.weight_buffer.WeightBuffer` instances. ``e8_enable`` (a 1-bit
     value, default always) gates the e8 select: a shared datapath whose other clients address the main
     bank above ``attn_e8_base`` passes "attention is the active client".
     """
@@ -188,7 +188,7 @@ class AttentionLayer(wiring.Component):
     Attributes
     ----------
     engine, sequencer, arbiter, wbuf, pbuf, wstream, pstream
-        The sub-units (``weights`` is the :class:`~m3vit_hw.dense.weight_path.WeightPath` of the last
+        The sub-units (``weights`` is the :class:`~m3vit_hw.weights.weight_path.WeightPath` of the last
         five).
     score, score_buffer
         The sequencer's score path and private score buffer.

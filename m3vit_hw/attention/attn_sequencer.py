@@ -7,7 +7,7 @@ engine commands, their schedule and overlap; see :mod:`m3vit_hw.attention.attent
 counters. It owns no engine, no activation, e8, residual or row-table buffer, no streamer and no
 weight buffer: those are the datapath's, reached through
 
-* ``client`` (:class:`~m3vit_hw.dense.client.GemmClientSignature`): engine commands and done/busy,
+* ``client`` (:class:`~m3vit_hw.weights.client.GemmClientSignature`): engine commands and done/busy,
   streamer commands, the ping-pong buffers' tile handshake (``tile_valid``/``release``; both halves are
   released when a QKV or projection command is done); the GELU table port is never written;
 * ``o``: the engine's result stream (the RAW scores of the QKᵀ commands; no other command of
@@ -25,7 +25,7 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
-from ..dense.client import GemmClientSignature
+from ..weights.client import GemmClientSignature
 from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..rowops.softmax import SHIFT_BITS

@@ -6,8 +6,7 @@ from .dense_layout import (DenseBufferMap, DenseLayout, DenseTile, dense_buffer_
                            start_fields)
 from .norm_stage import NormStage, NormStartLayout, norm_lanes, norm_record_bytes, pack_norm_params
 from .embed_layout import EmbedBufferMap, EmbedLayout, EmbedTile, embed_buffer_map, pack_embed, plan_embed
-from .patch_loader import BurstRequester, PatchLoader, PatchLoadLayout
-from .client import GemmClientSignature, connect_client, connect_weight_reads
+from .patch_loader import PatchLoader, PatchLoadLayout
 from .patch_embed import EmbedSequencer, EmbedStartLayout, PatchEmbed
 from .norm_mlp import NormMlp, NormMlpStartLayout
 from .dense_layer import DenseLayer, DenseSequencer, DenseLoadLayout, DenseLoadTarget, DensePhase, DenseStartLayout
@@ -16,6 +15,6 @@ __all__ = ["DenseBufferMap", "DenseLayout", "DenseTile", "dense_buffer_map", "pa
            "start_fields", "DenseLayer", "DenseLoadLayout", "DenseLoadTarget", "DensePhase", "DenseStartLayout",
            "NormStage", "NormStartLayout", "norm_lanes", "norm_record_bytes", "pack_norm_params",
            "EmbedBufferMap", "EmbedLayout", "EmbedTile", "embed_buffer_map", "pack_embed", "plan_embed",
-           "BurstRequester", "PatchLoader", "PatchLoadLayout", "EmbedStartLayout", "PatchEmbed",
-           "EmbedSequencer", "DenseSequencer", "GemmClientSignature", "connect_client", "connect_weight_reads",
+           "PatchLoader", "PatchLoadLayout", "EmbedStartLayout", "PatchEmbed",
+           "EmbedSequencer", "DenseSequencer",
            "NormMlp", "NormMlpStartLayout"]

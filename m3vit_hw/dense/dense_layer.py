@@ -25,7 +25,7 @@ the previous fc2 has read it; the ``sync`` on each token tile's first fc2 states
 dependency for any later overlap.
 
 Weights: the plan's tiles stream in order, ``ceil(T / token_tile)`` times, through two
-:class:`~m3vit_hw.moe.weight_streamer.WeightStreamer` instances into the ping-pong weight and parameter
+:class:`~m3vit_hw.weights.weight_streamer.WeightStreamer` instances into the ping-pong weight and parameter
 buffers; a tile's halves are released when its command is done (one command in the engine at a time:
 each weight tile pays the engine's fill and drain, about ``max(pe_rows, C) + 20`` cycles).
 
@@ -33,7 +33,7 @@ Structure
 ---------
 :class:`DenseSequencer` holds all of the control (start, the fetch and compute sequencers, the
 counters) and talks to the engine, the streamers and the ping-pong buffers only through a
-:class:`~m3vit_hw.dense.client.GemmClientSignature`; :class:`DenseLayer` is the standalone wrapper that
+:class:`~m3vit_hw.weights.client.GemmClientSignature`; :class:`DenseLayer` is the standalone wrapper that
 owns the engine, the buffers, the streamers and the memory arbiter, as the encoder's shared datapath
 will.
 
@@ -59,10 +59,10 @@ from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_port import ReadPortSignature
-from .client import GemmClientSignature, connect_client, connect_weight_reads
+from ..weights.client import GemmClientSignature, connect_client, connect_weight_reads
 from .patch_loader import BurstRequester
 from .dense_layout import dense_buffer_map, plan_dense
-from .weight_path import WeightPath
+from ..weights.weight_path import WeightPath
 
 __all__ = ["DenseLayer", "DenseSequencer", "DenseStartLayout", "DenseLoadLayout", "DenseLoadTarget", "DensePhase"]
 
@@ -268,7 +268,7 @@ class DenseLayer(wiring.Component):
 
 class DenseSequencer(wiring.Component):
     """The dense MLP's sequencer alone: it drives an engine, two streamers and the ping-pong buffers
-    through a :class:`~m3vit_hw.dense.client.GemmClientSignature` and owns nothing else.
+    through a :class:`~m3vit_hw.weights.client.GemmClientSignature` and owns nothing else.
 
     Parameters
     ----------

@@ -27,11 +27,11 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_port import ReadPortSignature
-from .client import connect_client, connect_weight_reads
+from ..weights.client import connect_client, connect_weight_reads
 from .dense_layer import DenseLoadLayout, DenseLoadTarget, DenseSequencer
 from .dense_layout import dense_buffer_map, plan_dense
 from .norm_stage import NormStage
-from .weight_path import WeightPath
+from ..weights.weight_path import WeightPath
 
 __all__ = ["NormMlp", "NormMlpStartLayout"]
 

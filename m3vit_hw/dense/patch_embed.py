@@ -10,7 +10,7 @@ enter the residual buffer on chip from the embedding image (:func:`~m3vit_hw.den
 Sequence
 --------
 1. *Residual initialisation*: the ``T * row_words`` records at the image base are read (one
-   :class:`~m3vit_hw.dense.patch_loader.BurstRequester` command) into residual words ``0 ..``: row 0
+   :class:`~m3vit_hw.lib.burst_requester.BurstRequester` command) into residual words ``0 ..``: row 0
    ``cls_int``, row ``t`` ``pos_int[t]``.
 2. *Patch tiles* of ``patch_tile`` rows (:class:`~m3vit_hw.dense.embed_layout.EmbedBufferMap`) alternate
    between two slots: the loader fills slot ``j % 2`` with tile ``j`` while the engine computes tile
@@ -26,7 +26,7 @@ two patch slots. The image must be readable up to the memory beat after its last
 reads whole aligned beats).
 
 Structure: :class:`EmbedSequencer` holds the control and talks to the engine, streamers and weight
-buffers through a :class:`~m3vit_hw.dense.client.GemmClientSignature`, to the loader through its command
+buffers through a :class:`~m3vit_hw.weights.client.GemmClientSignature`, to the loader through its command
 stream, and to the residual buffer through a write port; :class:`PatchEmbed` is the standalone wrapper
 that owns the engine, loader, buffers, streamers and arbiter.
 
@@ -46,9 +46,9 @@ from ..gemm.epilogue import EpilogueMode
 from ..gemm.gemm_engine import GemmEngine
 from ..lib.mem_port import ReadPortSignature
 from .embed_layout import embed_buffer_map, plan_embed
-from .client import GemmClientSignature, connect_client, connect_weight_reads
+from ..weights.client import GemmClientSignature, connect_client, connect_weight_reads
 from .patch_loader import BurstRequester, PatchLoader, PatchLoadLayout
-from .weight_path import WeightPath
+from ..weights.weight_path import WeightPath
 
 __all__ = ["PatchEmbed", "EmbedSequencer", "EmbedStartLayout"]
 

@@ -8,7 +8,7 @@ It owns (one of each, sized by :class:`~m3vit_hw.config.AcceleratorConfig`):
 * the int16 residual buffer (``res_buffer_words``);
 * the row table (:class:`~m3vit_hw.gemm.gemm_engine.RowEntryLayout`, ``rowtab_entries`` deep): the
   engine reads it, the active client writes it through ``rt_wr``;
-* the weight path (:class:`~m3vit_hw.dense.weight_path.WeightPath`): the ping-pong weight and
+* the weight path (:class:`~m3vit_hw.weights.weight_path.WeightPath`): the ping-pong weight and
   column-parameter buffers, their two streamers and the external-memory read arbiter, whose masters 0
   and 1 are the streamers and masters ``2 ..`` the ``masters`` ports (one per reader of the top).
 
@@ -38,8 +38,8 @@ from .. import numerics
 from ..attention.attn_layout import buffer_map
 from ..config import AcceleratorConfig
 from ..attention.score_path import mem_addr_width
-from ..dense.client import GemmClientSignature, connect_client
-from ..dense.weight_path import WeightPath
+from ..weights.client import GemmClientSignature, connect_client
+from ..weights.weight_path import WeightPath
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
 from ..lib.mem_port import ReadPortSignature

@@ -28,8 +28,8 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
-from ..dense.client import GemmClientSignature
-from ..dense.patch_loader import BurstRequester
+from ..weights.client import GemmClientSignature
+from ..lib.burst_requester import BurstRequester
 from ..gemm.epilogue import EpilogueMode
 from ..lib.mem_port import ReadPortSignature
 

@@ -38,7 +38,7 @@ def mux_interfaces(m, sel, sources, name=None, *, driven=()):
     driven : iterable of str
         Members (top-level names) whose every leaf the sources *drive* whatever their declared flow:
         a memory write port declared ``Out(memory.WritePort.Signature(...))`` on its writer (as
-        :class:`~m3vit_hw.dense.client.GemmClientSignature` declares ``gelu_lut``) has ``In`` leaves
+        :class:`~m3vit_hw.weights.client.GemmClientSignature` declares ``gelu_lut``) has ``In`` leaves
         although the writer drives them.
 
     Returns

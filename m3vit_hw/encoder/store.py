@@ -4,7 +4,7 @@ Residual word ``res_base + i`` (``pe_cols`` int16 lanes, little-endian) lands at
 ``addr + i * 2 * pe_cols`` (the layout :func:`sim.program_executor.read_tokens` and the driver read).
 Words are cut into (``2*C > data_bytes``) or packed into (``2*C <= data_bytes``) memory beats; a final
 partial beat is written with byte strobes. Requests are bursts of at most ``mem_max_burst`` beats that
-never cross a 4 KiB boundary (:class:`~m3vit_hw.dense.patch_loader.BurstRequester`); ``addr`` is a
+never cross a 4 KiB boundary (:class:`~m3vit_hw.lib.burst_requester.BurstRequester`); ``addr`` is a
 multiple of the beat. ``done`` pulses once every request's response is back.
 
 One residual word is read every ``max(1, 2C / data_bytes) + 1`` cycles or so: a ``STORE`` of a
@@ -17,7 +17,7 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
-from ..dense.patch_loader import BurstRequester
+from ..lib.burst_requester import BurstRequester
 from ..lib.mem_port import WritePortSignature
 
 __all__ = ["StoreDma", "StoreLayout"]

@@ -13,10 +13,10 @@ stream). The layer is built from the project's units:
 * the :class:`~m3vit_hw.moe.reorder_controller.ReorderController`, which captures the queues into the row
   table and sequences weight fetch and compute, active expert by active expert, tile by tile
   (:mod:`m3vit_hw.moe.expert_layout` defines the tiles);
-* two ping-pong :class:`~m3vit_hw.moe.weight_buffer.WeightBuffer` instances, one for weight panels
+* two ping-pong :class:`~m3vit_hw.weights.weight_buffer.WeightBuffer` instances, one for weight panels
   (``config.weight_buffer_bytes``, independent of E) and one for the column parameters (bias and
   multiplier words, ``config.param_buffer_words``), each filled by a
-  :class:`~m3vit_hw.moe.weight_streamer.WeightStreamer`; the streamers share the external-memory port
+  :class:`~m3vit_hw.weights.weight_streamer.WeightStreamer`; the streamers share the external-memory port
   through a :class:`~m3vit_hw.lib.mem_arbiter.ReadArbiter`;
 * the activation buffer (``h`` rows at word 0, the hidden region after ``token_capacity`` rows), the
   residual buffer (``x``) and the row table, sized by the config.
@@ -53,8 +53,8 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
-from ..dense.client import connect_client
-from ..dense.weight_path import WeightPath
+from ..weights.client import connect_client
+from ..weights.weight_path import WeightPath
 from .expert_layout import PARAM_LANE_BYTES, plan_moe
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
 from ..lib.mem_port import ReadPortSignature

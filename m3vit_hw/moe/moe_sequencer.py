@@ -8,7 +8,7 @@ small fetcher for the task's router record and the experts' GELU table, and the 
 GEMM engine, no activation, residual, weight or parameter buffer and no row table: it drives them
 through
 
-* ``client`` (:class:`~m3vit_hw.dense.client.GemmClientSignature`): engine commands, the two streamers'
+* ``client`` (:class:`~m3vit_hw.weights.client.GemmClientSignature`): engine commands, the two streamers'
   commands, the tile handshake of both ping-pong buffers (the controller always releases both halves
   together) and the engine's GELU table;
 * ``param`` (:class:`MoEParamSignature`): the router's reads of the gate chunk's task-bias words from the
@@ -49,8 +49,8 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
-from ..dense.client import GemmClientSignature
-from ..dense.patch_loader import BurstRequester
+from ..weights.client import GemmClientSignature
+from ..lib.burst_requester import BurstRequester
 from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..lib.mem_port import ReadPortSignature

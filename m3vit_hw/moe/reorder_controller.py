@@ -74,8 +74,8 @@ from .router import RouterCommandLayout
 from ..numerics import SHIFT_BITS
 from ..rowops.softmax import OUT_BITS
 from .topk import expert_id_width
-from .weight_buffer import TileInfoLayout
-from .weight_streamer import StreamerCommandLayout
+from ..weights.weight_buffer import TileInfoLayout
+from ..weights.weight_streamer import StreamerCommandLayout
 
 __all__ = ["ReorderController", "LayerStartLayout", "QueueBeatLayout", "GATE_TAG"]
 

@@ -8,8 +8,8 @@ further reader of external memory (LayerNorm records, GELU tables, the patch loa
 :class:`WeightPath` builds the pieces and :meth:`WeightPath.add_to` adds and wires them inside the
 caller's module (under the names ``arbiter``, ``wbuf``, ``pbuf``, ``wstream``, ``pstream``, so the
 hierarchy of a wrapper that uses it is the one it had before). The engine side of the buffers (read
-ports, tile handshakes) stays with the caller: :func:`~m3vit_hw.dense.client.connect_weight_reads` and
-:func:`~m3vit_hw.dense.client.connect_client` wire the common case.
+ports, tile handshakes) stays with the caller: :func:`~m3vit_hw.weights.client.connect_weight_reads` and
+:func:`~m3vit_hw.weights.client.connect_client` wire the common case.
 """
 
 from amaranth.hdl import Mux
@@ -18,8 +18,8 @@ from amaranth.lib import wiring
 from ..config import AcceleratorConfig
 from ..checks import check_int
 from ..lib.mem_arbiter import ReadArbiter
-from ..moe.weight_buffer import WeightBuffer
-from ..moe.weight_streamer import WeightStreamer
+from .weight_buffer import WeightBuffer
+from .weight_streamer import WeightStreamer
 
 __all__ = ["WeightPath"]
 

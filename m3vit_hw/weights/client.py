@@ -14,8 +14,8 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..gemm.gemm_engine import GemmCommand
-from ..moe.expert_layout import PARAM_LANE_BYTES
-from ..moe.weight_streamer import StreamerCommandLayout
+from ..config import PARAM_LANE_BYTES
+from .weight_streamer import StreamerCommandLayout
 
 __all__ = ["GemmClientSignature", "connect_client", "connect_weight_reads"]
 
