@@ -54,6 +54,7 @@ from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..lib.host_access import connect_host_writes, connect_read_back
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
@@ -232,36 +233,12 @@ class DenseLayer(wiring.Component):
         m.d.comb += self.phase_cycles.eq(seq.phase_cycles)
 
         # ---- load and read-back (while idle) -----------------------------------------------------
-        act_w = act.write_port(granularity=1)
-        res_w = res.write_port(granularity=1)
         ld = self.load
-        m.d.comb += ld.ready.eq(~running)
-        ld_go = ld.valid & ld.ready
-        with m.If(running):
-            m.d.comb += [
-                act_w.addr.eq(eng.act_wr.addr), act_w.data.eq(eng.act_wr.data), act_w.en.eq(eng.act_wr.en),
-                res_w.addr.eq(eng.res_wr.addr), res_w.data.eq(eng.res_wr.data), res_w.en.eq(eng.res_wr.en),
-            ]
-        with m.Else():
-            m.d.comb += [
-                act_w.addr.eq(ld.payload.addr),
-                act_w.en.eq(Mux(ld_go & (ld.payload.target == DenseLoadTarget.H), (1 << C) - 1, 0)),
-                res_w.addr.eq(ld.payload.addr), res_w.data.eq(ld.payload.data),
-                res_w.en.eq(Mux(ld_go & (ld.payload.target == DenseLoadTarget.X), (1 << C) - 1, 0)),
-            ]
-            for c in range(C):
-                m.d.comb += act_w.data[c].eq(ld.payload.data[c][:numerics.ACT_BITS])
-        rb = res.read_port()
-        rq, rd = self.rd_addr, self.rd_data
-        m.d.comb += [
-            rq.ready.eq(~running & (~rd.valid | rd.ready)),
-            rb.addr.eq(rq.payload), rb.en.eq(rq.valid & rq.ready),
-            rd.payload.eq(rb.data),
-        ]
-        with m.If(rq.valid & rq.ready):
-            m.d.sync += rd.valid.eq(1)
-        with m.Elif(rd.ready):
-            m.d.sync += rd.valid.eq(0)
+        # One write port per buffer: the engine's while a layer runs, the host's load while idle.
+        connect_host_writes(m, act.write_port(granularity=1), res.write_port(granularity=1),
+                            eng.act_wr, eng.res_wr, ld, busy=running, h=DenseLoadTarget.H, x=DenseLoadTarget.X,
+                            act_bits=numerics.ACT_BITS)
+        connect_read_back(m, res.read_port(), self.rd_addr, self.rd_data, idle=~running)
 
         return m
 

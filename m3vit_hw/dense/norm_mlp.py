@@ -23,6 +23,7 @@ from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..lib.host_access import connect_read_back
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.gemm_engine import GemmEngine
@@ -200,17 +201,7 @@ class NormMlp(wiring.Component):
         with m.Else():
             m.d.comb += [res_w.addr.eq(ld.payload.addr), res_w.data.eq(ld.payload.data),
                          res_w.en.eq(Mux(ld_go & (ld.payload.target == DenseLoadTarget.X), (1 << C) - 1, 0))]
-        rb = res.read_port()
-        rq, rd = self.rd_addr, self.rd_data
-        m.d.comb += [
-            rq.ready.eq(~running & (~rd.valid | rd.ready)),
-            rb.addr.eq(rq.payload), rb.en.eq(rq.valid & rq.ready),
-            rd.payload.eq(rb.data),
-        ]
-        with m.If(rq.valid & rq.ready):
-            m.d.sync += rd.valid.eq(1)
-        with m.Elif(rd.ready):
-            m.d.sync += rd.valid.eq(0)
+        connect_read_back(m, res.read_port(), self.rd_addr, self.rd_data, idle=~running)
 
         with m.If(self.start.valid & self.start.ready):
             m.d.sync += [self.norm_cycles.eq(0), self.mlp_cycles.eq(0)]

@@ -40,6 +40,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..lib.host_access import connect_read_back
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import EpilogueMode
@@ -193,17 +194,7 @@ class PatchEmbed(wiring.Component):
             m.d.comb += getattr(self, name).eq(getattr(seq, name))
 
         # ---- read-back (while idle) --------------------------------------------------------------
-        rb = res.read_port()
-        rq, rd = self.rd_addr, self.rd_data
-        m.d.comb += [
-            rq.ready.eq(~running & (~rd.valid | rd.ready)),
-            rb.addr.eq(rq.payload), rb.en.eq(rq.valid & rq.ready),
-            rd.payload.eq(rb.data),
-        ]
-        with m.If(rq.valid & rq.ready):
-            m.d.sync += rd.valid.eq(1)
-        with m.Elif(rd.ready):
-            m.d.sync += rd.valid.eq(0)
+        connect_read_back(m, res.read_port(), self.rd_addr, self.rd_data, idle=~running)
         return m
 
 

@@ -4,9 +4,10 @@ square root, the external-memory ports, their arbiter and burst requester, a ski
 from .burst_requester import BurstRequester
 from .credit_fifo import CreditFIFO
 from .divider import Divider
+from .host_access import connect_host_writes, connect_read_back
 from .isqrt import ISqrt
 from .mem_arbiter import ReadArbiter
 from .mem_port import ReadPortSignature
 from .skid import SkidBuffer
 
-__all__ = ["BurstRequester", "CreditFIFO", "Divider", "ISqrt", "ReadArbiter", "ReadPortSignature", "SkidBuffer"]
+__all__ = ["BurstRequester", "CreditFIFO", "Divider", "connect_host_writes", "connect_read_back", "ISqrt", "ReadArbiter", "ReadPortSignature", "SkidBuffer"]

@@ -51,6 +51,7 @@ from amaranth.hdl import Module, Mux, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
+from ..lib.host_access import connect_host_writes, connect_read_back
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..weights.client import connect_client
@@ -247,26 +248,11 @@ class MoELayer(wiring.Component):
         m.submodules.res = res = self.res_buffer
         wiring.connect(m, eng.a_rd, act.read_port())
         wiring.connect(m, eng.res_rd, res.read_port())
-        act_w = act.write_port(granularity=1)
-        res_w = res.write_port(granularity=1)
-        # One write port per buffer: the engine's while a layer runs, the loader's while idle.
         ld = self.load
-        m.d.comb += ld.ready.eq(~busy)
-        ld_go = ld.valid & ld.ready
-        with m.If(busy):
-            m.d.comb += [
-                act_w.addr.eq(eng.act_wr.addr), act_w.data.eq(eng.act_wr.data), act_w.en.eq(eng.act_wr.en),
-                res_w.addr.eq(eng.res_wr.addr), res_w.data.eq(eng.res_wr.data), res_w.en.eq(eng.res_wr.en),
-            ]
-        with m.Else():
-            m.d.comb += [
-                act_w.addr.eq(ld.p.addr),
-                act_w.en.eq(Mux(ld_go & (ld.p.target == LoadTarget.H), (1 << C) - 1, 0)),
-                res_w.addr.eq(ld.p.addr), res_w.data.eq(ld.p.data),
-                res_w.en.eq(Mux(ld_go & (ld.p.target == LoadTarget.X), (1 << C) - 1, 0)),
-            ]
-            for c in range(C):
-                m.d.comb += act_w.data[c].eq(ld.p.data[c][:numerics.ACT_BITS])
+        # One write port per buffer: the engine's while a layer runs, the host's load while idle.
+        ld_go = connect_host_writes(m, act.write_port(granularity=1), res.write_port(granularity=1),
+                                    eng.act_wr, eng.res_wr, ld, busy=busy, h=LoadTarget.H, x=LoadTarget.X,
+                                    act_bits=numerics.ACT_BITS)
         # The GELU table: the host's ``load`` while idle, the client's fetch while a layer runs.
         with m.If(~busy):
             m.d.comb += [
@@ -276,15 +262,5 @@ class MoELayer(wiring.Component):
             ]
 
         # Read-back: one registered read stage (the read data holds while the port is disabled).
-        rb = res.read_port()
-        rd_req, rd = self.rd_addr, self.rd_data
-        m.d.comb += [
-            rd_req.ready.eq(~busy & (~rd.valid | rd.ready)),
-            rb.addr.eq(rd_req.payload), rb.en.eq(rd_req.valid & rd_req.ready),
-            rd.payload.eq(rb.data),
-        ]
-        with m.If(rd_req.valid & rd_req.ready):
-            m.d.sync += rd.valid.eq(1)
-        with m.Elif(rd.ready):
-            m.d.sync += rd.valid.eq(0)
+        connect_read_back(m, res.read_port(), self.rd_addr, self.rd_data, idle=~busy)
         return m
