@@ -104,7 +104,7 @@ _K_SOURCE = {
 
 
 #: Fields whose ``None`` default is derived from the others in ``__post_init__``.
-_DERIVED_FIELDS = ("token_capacity", "ln_lanes", "softmax_lanes", "act_buffer_bytes",
+_DERIVED_FIELDS = ("token_capacity", "ln_lanes", "softmax_lanes", "epi_lanes", "act_buffer_bytes",
                    "weight_buffer_bytes", "param_buffer_words", "q_tile")
 
 
@@ -138,13 +138,20 @@ class AcceleratorConfig:
         The M³ViT encoder this instance runs (dims, heads, experts, top-k, tasks).
     pe_rows, pe_cols : int
         PE array shape; peak throughput is ``pe_rows * pe_cols`` int8 MACs per cycle. ``pe_cols`` is
-        also the lane count of the epilogue and the element count of one buffer word. The GEMM engine
+        also the element count of one buffer word. The GEMM engine
         sustains full rate when ``pe_rows <= pe_cols`` (see :class:`~m3vit_hw.gemm.gemm_engine.GemmEngine`).
     token_capacity : int or None
         Most tokens held on chip; at least ``model.tokens``. Default: ``model.tokens``.
     ln_lanes, softmax_lanes : int or None
         Elements per cycle of the LayerNorm and softmax units. Default: ``pe_cols`` (one output row
         chunk of the GEMM engine per cycle).
+    epi_lanes : int or None
+        Lanes of the GEMM epilogue (requantizer, GELU, residual), a divisor of ``pe_cols``: the engine
+        drains each PE-array output row through the epilogue as ``pe_cols / epi_lanes`` beats, one per
+        cycle. Default: ``pe_cols`` (one row per cycle). A tile's drain then takes ``pe_rows *
+        pe_cols / epi_lanes`` cycles and stays hidden behind the next tile's ``K`` reduction steps
+        while ``K >= pe_rows * pe_cols / epi_lanes + 4`` (:attr:`epi_hidden_min_k`); the epilogue's
+        DSP48E2s and registers scale with ``epi_lanes``, not with the array.
     act_buffer_bytes : int or None
         Size of the int8 activation buffer; a multiple of ``pe_cols``. Default: the minimum (see the
         module docstring), rounded up to whole words.
@@ -197,6 +204,7 @@ class AcceleratorConfig:
     token_capacity: int = None
     ln_lanes: int = None
     softmax_lanes: int = None
+    epi_lanes: int = None
     act_buffer_bytes: int = None
     weight_buffer_bytes: int = None
     param_buffer_words: int = None
@@ -236,6 +244,14 @@ class AcceleratorConfig:
             if getattr(self, name) is None:
                 self._set(name, self.pe_cols)
             _check_int(name, getattr(self, name), 1, 1024)
+
+        if self.epi_lanes is None:
+            self._set("epi_lanes", self.pe_cols)
+        _check_int("epi_lanes", self.epi_lanes, 1, self.pe_cols)
+        if self.pe_cols % self.epi_lanes:
+            raise ValueError(f"epi_lanes must divide pe_cols={self.pe_cols} (a PE-array row drains as "
+                             f"whole epilogue beats), not {self.epi_lanes}; allowed: "
+                             f"{[d for d in range(1, self.pe_cols + 1) if self.pe_cols % d == 0]}")
 
         if self.q_tile is None:
             self._set("q_tile", min(self.pe_rows, self.token_capacity))
@@ -426,6 +442,18 @@ class AcceleratorConfig:
     def pe_dsps(self):
         """DSP48E2s of the PE array: ``pe_rows * pe_cols / pe_pack``."""
         return self.pe_rows * self.pe_cols // self.pe_pack
+
+    @property
+    def epi_beats(self):
+        """Epilogue beats per PE-array output row: ``pe_cols / epi_lanes``."""
+        return self.pe_cols // self.epi_lanes
+
+    @property
+    def epi_hidden_min_k(self):
+        """Smallest ``K`` whose tiles never wait for the previous tile's drain: the drain takes
+        ``pe_rows * epi_beats`` cycles, and the PE array's shadow bank needs 4 more (see
+        :class:`~m3vit_hw.gemm.pe_array.PEArray`)."""
+        return self.pe_rows * self.epi_beats + 4
 
     @property
     def peak_gmacs(self):
@@ -834,7 +862,9 @@ class AcceleratorConfig:
             f"  weight buffer   {self.weight_buffer_bytes / kib:.1f} KiB = 2 x "
             f"{self.weight_buffer_half_bytes / kib:.1f} KiB (panel {self.weight_panel_bytes} B)",
             f"  param buffer    {self.param_buffer_words} words (bias+mult of {self.pe_cols} columns)",
-            f"  LN lanes {self.ln_lanes}, softmax lanes {self.softmax_lanes}",
+            f"  LN lanes {self.ln_lanes}, softmax lanes {self.softmax_lanes}, epilogue lanes "
+            f"{self.epi_lanes} ({self.epi_beats} beat(s) per PE row; drain hidden for K >= "
+            f"{self.epi_hidden_min_k})",
             f"  memory port     {8 * self.mem_data_bytes}-bit beats, {self.mem_addr_width}-bit addresses, "
             f"bursts <= {self.mem_max_burst}; arbiter depth {self.arbiter_depth}, tile tags "
             f"{self.tile_tag_width} bits, counters {self.counter_width} bits",

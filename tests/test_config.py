@@ -53,6 +53,18 @@ def test_bad_sizing():
         AcceleratorConfig.from_preset("tiny", sizing="device")
 
 
+def test_epilogue_lanes():
+    """``epi_lanes`` defaults to ``pe_cols`` and is derived again when the array changes; the drain
+    of a PE row takes ``pe_cols / epi_lanes`` beats."""
+    cfg = _tiny()
+    assert (cfg.epi_lanes, cfg.epi_beats, cfg.epi_hidden_min_k) == (4, 1, 8)
+    wide = cfg.with_(pe_cols=8)
+    assert (wide.epi_lanes, wide.epi_beats) == (8, 1)
+    narrow = cfg.with_(pe_cols=8, epi_lanes=2)
+    assert (narrow.epi_lanes, narrow.epi_beats, narrow.epi_hidden_min_k) == (2, 4, 4 * 4 + 4)
+    assert "epilogue lanes 2" in narrow.describe()
+
+
 def test_formats_come_from_numerics():
     cfg = _tiny()
     assert (cfg.act_bits, cfg.weight_bits, cfg.acc_bits, cfg.res_bits) == \
@@ -114,6 +126,10 @@ def test_equality_repr_and_overrides():
     (dict(q_tile=0), ValueError, "q_tile"),
     (dict(ln_lanes=0), ValueError, "ln_lanes"),
     (dict(softmax_lanes="4"), TypeError, "softmax_lanes"),
+    (dict(epi_lanes=0), ValueError, r"epi_lanes must be in \[1, 4\], not 0"),
+    (dict(epi_lanes=8), ValueError, r"epi_lanes must be in \[1, 4\], not 8"),
+    (dict(epi_lanes=3), ValueError, r"epi_lanes must divide pe_cols=4 .*not 3; allowed: \[1, 2, 4\]"),
+    (dict(epi_lanes=2.0), TypeError, "epi_lanes must be an integer"),
     # accumulator: AV over too many tokens (uint8 x int8), and a too-long int8 reduction
     (dict(token_capacity=70000), ValueError, "token_capacity=70000"),
     (dict(dim=131072 // 4, heads=1, mlp_hidden=131072 * 2), ValueError, "mlp_hidden"),

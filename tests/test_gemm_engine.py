@@ -391,28 +391,34 @@ def _random_commands(cfg, bufs, rng, count):
     return cmds
 
 
-@pytest.mark.parametrize("rows,cols,seed,pack", [(4, 4, 1, 1), (4, 4, 2, 1), (2, 4, 3, 1), (8, 8, 4, 1),
-                                                 (4, 4, 5, 2), (2, 4, 6, 2)])
-def test_random_command_mix(rows, cols, seed, pack):
+@pytest.mark.parametrize("rows,cols,seed,pack,epi", [(4, 4, 1, 1, None), (4, 4, 2, 1, None),
+                                                     (2, 4, 3, 1, None), (8, 8, 4, 1, None),
+                                                     (4, 4, 5, 2, None), (2, 4, 6, 2, None),
+                                                     (4, 4, 7, 2, 2), (2, 8, 8, 1, 2), (4, 8, 10, 2, 4)])
+def test_random_command_mix(rows, cols, seed, pack, epi):
     """Every mode and flag (gather, scatter, b_trans, a_unsigned, sync, B from either buffer),
-    random shapes, back-to-back commands, random stalls on cmd and o; one and two MACs per DSP."""
+    random shapes, back-to-back commands, random stalls on cmd and o; one and two MACs per DSP; an
+    epilogue narrower than the array (``epi_lanes``: each PE row drains as several beats)."""
     # A small activation buffer (short random addresses): 4x4-pixel patches (same 9 tokens) keep the
     # patch embedding's slots below the attention map, which 512 words hold.
     cfg = AcceleratorConfig.from_preset("tiny", pe_rows=rows, pe_cols=cols, act_buffer_bytes=512 * cols,
-                                        img_size=(8, 16), patch_size=4, pe_pack=pack)
+                                        img_size=(8, 16), patch_size=4, pe_pack=pack, epi_lanes=epi)
     rng = np.random.default_rng(100 + seed)
     bufs = Buffers(cfg, rng)
     cmds = _random_commands(cfg, bufs, rng, count=10)
     out = _check(bufs, cmds, lut=rng.integers(-128, 128, size=256), stalls=0.3, seed=seed)
     macs = sum(c["m"] * c["k"] * c["n"] for c in cmds)
-    print(f"{rows}x{cols} pack {pack} seed {seed}: {len(cmds)} commands, {macs} MACs, {out['cycles']} cycles")
+    print(f"{rows}x{cols} pack {pack} epi_lanes {cfg.epi_lanes} seed {seed}: {len(cmds)} commands, "
+          f"{macs} MACs, {out['cycles']} cycles")
 
 
-def test_short_k_many_tiles_in_flight():
+@pytest.mark.parametrize("epi", [None, 1])
+def test_short_k_many_tiles_in_flight(epi):
     """K = 1 and 2 (tiles shorter than their drain) with a slow consumer: up to three tiles are in
-    flight between the loader and the epilogue, and none may be lost, duplicated or reordered."""
+    flight between the loader and the epilogue, and none may be lost, duplicated or reordered (also
+    with a one-lane epilogue: four beats per PE row)."""
     rng = np.random.default_rng(9)
-    bufs = Buffers(CFG, rng)
+    bufs = Buffers(CFG.with_(epi_lanes=epi) if epi else CFG, rng)
     cmds = []
     for i, k in enumerate([1, 2, 1, 3]):
         a = rng.integers(-128, 128, size=(9, k))

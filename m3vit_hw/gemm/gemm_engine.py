@@ -61,6 +61,11 @@ Results leave in tile order: ``for mb: for nb: for row in tile``, i.e. the chunk
 are interleaved with the other rows of its row tile (a streaming consumer of RAW scores indexes its
 row buffer with ``addr``).
 
+Draining: every PE-array output row enters the epilogue as ``config.epi_beats = pe_cols / epi_lanes``
+beats of ``epi_lanes`` lanes, one per cycle, so a tile drains in ``rows * epi_beats`` cycles; a tile
+whose K is below :attr:`~m3vit_hw.config.AcceleratorConfig.epi_hidden_min_k` waits for the previous
+tile's drain. The epilogue (and its DSP48E2s) is ``epi_lanes`` wide, independent of the array.
+
 Latency: the first block is staged ``max(pe_rows, C) + 3`` cycles after the command is accepted; a
 tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
 with ``pe_pack`` 2) cycles after its last reduction step, and their results are written
@@ -312,7 +317,7 @@ class GemmEngine(wiring.Component):
         word_bits = C * numerics.ACT_BITS
 
         m.submodules.pe = pe = PEArray(R, C, cfg.pe_pack)
-        m.submodules.epilogue = ep = Epilogue(C, act_aw, cfg.res_addr_bits)
+        m.submodules.epilogue = ep = Epilogue(cfg.epi_lanes, act_aw, cfg.res_addr_bits, word_lanes=C)
 
         # Per-block information, computed by the loader and carried with the block to the feeder
         # (and, for a tile's first block, into the tile descriptor).
@@ -618,24 +623,44 @@ class GemmEngine(wiring.Component):
             for d in range(DESC_DEPTH):
                 with m.Case(d):
                     m.d.comb += head.eq(descs[d])
+        # Each PE row leaves as cfg.epi_beats epilogue beats of epi_lanes lanes (sub 0, 1, ...): the
+        # PE array's output register holds the row (stream rules) until its last beat is taken.
+        L, S = cfg.epi_lanes, cfg.epi_beats
         row = head.rows[pe.o.payload.row]
+        sub_last = Signal()
         m.d.comb += [
             ep.i.valid.eq(pe.o.valid),
-            pe.o.ready.eq(ep.i.ready),
-            ep.i.payload.acc.eq(pe.o.payload.acc),
+            pe.o.ready.eq(ep.i.ready & sub_last),
             ep.i.payload.row_scale.eq(row.scale),
             ep.i.payload.shift.eq(head.shift),
             ep.i.payload.mode.eq(head.mode),
             ep.i.payload.addr.eq(row.addr),
-            ep.i.payload.mask.eq(head.mask),
-            ep.i.payload.last.eq(pe.o.payload.last & head.last_tile),
-            pop.eq(pe.o.valid & ep.i.ready & pe.o.payload.last),
+            ep.i.payload.last.eq(pe.o.payload.last & head.last_tile & sub_last),
+            pop.eq(pe.o.valid & pe.o.ready & pe.o.payload.last),
         ]
-        for c in range(C):
-            m.d.comb += [
-                ep.i.payload.bias[c].eq(head.colp[c].bias),
-                ep.i.payload.mult[c].eq(head.colp[c].mult),
-            ]
+        if S == 1:
+            m.d.comb += [sub_last.eq(1), ep.i.payload.acc.eq(pe.o.payload.acc),
+                         ep.i.payload.mask.eq(head.mask)]
+            for c in range(C):
+                m.d.comb += [
+                    ep.i.payload.bias[c].eq(head.colp[c].bias),
+                    ep.i.payload.mult[c].eq(head.colp[c].mult),
+                ]
+        else:
+            sub = Signal(range(S))
+            m.d.comb += [sub_last.eq(sub == S - 1), ep.i.payload.sub.eq(sub)]
+            with m.If(ep.i.valid & ep.i.ready):
+                m.d.sync += sub.eq(Mux(sub_last, 0, sub + 1))
+            with m.Switch(sub):
+                for k in range(S):
+                    with m.Case(k):
+                        m.d.comb += ep.i.payload.mask.eq(head.mask[k * L:(k + 1) * L])
+                        for j in range(L):
+                            m.d.comb += [
+                                ep.i.payload.acc[j].eq(pe.o.payload.acc[k * L + j]),
+                                ep.i.payload.bias[j].eq(head.colp[k * L + j].bias),
+                                ep.i.payload.mult[j].eq(head.colp[k * L + j].mult),
+                            ]
 
         wiring.connect(m, ep.act_wr, wiring.flipped(self.act_wr))
         wiring.connect(m, ep.res_rd, wiring.flipped(self.res_rd))
