@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from m3vit_hw.build.__main__ import main
-from m3vit_hw.build.flow import fits, vivado_tcl
+from m3vit_hw.build.flow import count_cells, fits, vivado_tcl
 from m3vit_hw.config import AcceleratorConfig
 
 
@@ -61,6 +61,48 @@ def test_fits():
     ok, share = fits({"LUT": 1000, "FF": 10, "DSP48E2": 1729, "RAMB36": 0, "URAM": 0})
     assert share["CARRY8"] == 0
     assert not ok and share["DSP48E2"] > 1
+
+
+_STAT_LOG = """
+8. Printing statistics.
+
+=== top ===
+
+        +----------Local Count, excluding submodules.
+        |
+      112054 cells
+        525   DSP48E2
+        100   LUT2
+         60   LUT6
+          2   RAM64M8
+         10   CARRY4
+      1000   FDRE
+         5   FDSE
+
+=== design hierarchy ===
+
+        +----------Count including submodules.
+        |
+      112054 cells
+        525   DSP48E2
+        100   LUT2
+         60   LUT6
+          2   RAM64M8
+         10   CARRY4
+      1000   FDRE
+         5   FDSE
+"""
+
+
+def test_count_cells_counts_the_design_once():
+    """yosys's ``stat`` lists a flat design twice (the module, then the design hierarchy): each cell
+    counts once."""
+    got = count_cells(_STAT_LOG)
+    assert (got["DSP48E2"], got["FF"], got["LUT_logic"], got["LUT_memory"], got["CARRY8"]) == \
+        (525, 1005, 160, 16, 5), got
+    # Without a hierarchy section (one module printed once) the module block is the count.
+    single = _STAT_LOG[:_STAT_LOG.find("=== design hierarchy ===")]
+    assert count_cells(single)["DSP48E2"] == 525
 
 
 @pytest.mark.slow

@@ -295,9 +295,16 @@ def count_cells(log_text):
     ``LUT`` is logic LUTs plus the LUTs used as memory (``LUT_logic`` + ``LUT_memory``); ``CARRY8``
     counts two of yosys's CARRY4 as one (this yosys maps adders onto CARRY4 even for xcup; Vivado packs
     two per CARRY8). ``yosys_RAMB36/RAMB18/URAM`` are the block RAMs yosys mapped itself.
+
+    The ``stat`` block lists every module's local cells and then, under ``=== design hierarchy ===``,
+    the whole design's cells again ("Count including submodules"): only that last section is counted
+    when it is present, or every cell would count twice (it did until issue 12's device fit).
     """
     import re
     block = log_text[log_text.rfind("Printing statistics"):]
+    hier = block.find("=== design hierarchy ===")
+    if hier >= 0:
+        block = block[hier:]
     cells = {}
     for line in block.splitlines():
         mm = re.match(r"^\s+(\d+)\s+\$?([A-Za-z_]\w*)\s*$", line)
