@@ -12,7 +12,9 @@ beats enter :class:`Router` on ``i``, chunk after chunk. The router then compute
    parameter buffer, where each chunk's bias words arrive with the chunk's gate weights (so switching
    tasks needs only that task's gate record, and no per-task state is kept here);
 2. ``p = router_probs(logits)`` in a :class:`~m3vit_hw.rowops.softmax.SoftmaxUnit` (ROUTER mode, ``lanes =
-   pe_cols``, ``max_length = E``), while a copy of the logits waits in a FIFO;
+   min(pe_cols, E)``, ``max_length = E``), while a copy of the logits waits in a FIFO. The lanes past E
+   of an engine beat are never used, so neither the softmax nor the logit buffer and FIFO are wider
+   than E: a wide PE array (64 columns) does not widen the router;
 3. ``golden.topk(logits, k)`` in a :class:`~m3vit_hw.moe.topk.TopK` whose tags are the probabilities, so the
    k winners leave with their Q0.15 combine weights.
 
@@ -135,8 +137,10 @@ class Router(wiring.Component):
         E = config.model.experts
         self._nb = -(-E // C)
         self._chunks = config.gate_chunks
-        self.softmax = SoftmaxUnit(C, E)
-        self.topk = TopK(E, config.model.top_k, lanes=min(C, E), tag_width=OUT_BITS)
+        # Lanes past E carry no logit: with E <= pe_cols one min(C, E)-lane word holds a token's row.
+        self._lanes = min(C, E)
+        self.softmax = SoftmaxUnit(self._lanes, E)
+        self.topk = TopK(E, config.model.top_k, lanes=self._lanes, tag_width=OUT_BITS)
         super().__init__({
             "cmd": In(stream.Signature(RouterCommandLayout(config))),
             "i": In(stream.Signature(StreamOutLayout(C, config.dst_addr_bits))),
@@ -167,8 +171,13 @@ class Router(wiring.Component):
         return max(2, -(-cfg.token_capacity // cfg.pe_rows))
 
     @property
+    def lanes(self):
+        """Logits per word of the logit buffer, FIFO and softmax: ``min(pe_cols, E)``."""
+        return self._lanes
+
+    @property
     def logit_buffer_words(self):
-        """Words (``pe_cols`` int32 logits each) of the logit buffer."""
+        """Words (:attr:`lanes` int32 logits each) of the logit buffer."""
         return self.banks * self._config.pe_rows * self._nb
 
     def elaborate(self, platform):
@@ -177,13 +186,13 @@ class Router(wiring.Component):
         R, C = cfg.pe_rows, cfg.pe_cols
         E = cfg.model.experts
         NB = self._nb
-        L = min(C, E)
+        L = self._lanes
         cap = cfg.token_capacity
         banks = self.banks
         bank_words = R * NB
         chunks = self._chunks
         n_chunks = len(chunks)
-        word = data.ArrayLayout(signed(numerics.ACC_BITS), C)
+        word = data.ArrayLayout(signed(numerics.ACC_BITS), L)
 
         m.submodules.softmax = sm = self.softmax
         m.submodules.topk = tk = self.topk
@@ -252,10 +261,10 @@ class Router(wiring.Component):
         m.d.comb += [self.bias_rd.addr.eq(w_nb), self.bias_rd.en.eq(w_go)]
         m.d.sync += [s1_valid.eq(w_go), s1_full.eq(w_go & w_tile_end & w_chunk_last)]
         with m.If(w_go):
-            m.d.sync += [s1_addr.eq(w_base + w_row * NB + w_n0 + w_nb), s1_data.eq(self.i.p.data),
-                         s1_bank.eq(w_bank)]
+            m.d.sync += [s1_addr.eq(w_base + w_row * NB + w_n0 + w_nb), s1_bank.eq(w_bank)]
+            m.d.sync += [s1_data[j].eq(self.i.p.data[j]) for j in range(L)]
         m.d.comb += [t_w.addr.eq(s1_addr), t_w.en.eq(s1_valid), self.drained.eq(~s1_valid)]
-        for j in range(C):
+        for j in range(L):
             m.d.comb += t_w.data[j].eq(s1_data[j] + self.bias_rd.data[j])
 
         # Rows of a tile starting at w_rem tokens before T, minus one; the next tile's and the
