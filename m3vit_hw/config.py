@@ -72,9 +72,14 @@ ACCEL_PRESETS = {
 #: the legal ones with >= 2,048 MAC/cycle (rows <= cols, so the A reads keep up; see the GEMM engine).
 #: Selected with ``from_preset(name, sizing="device")``; not the defaults (the default build is the
 #: small, fast one).
+#: The row units stay narrow (their DSP48E2s and registers scale with their lanes, not with the
+#: array): a 16-lane epilogue (a PE row drains in 4 beats, hidden behind every K >= 132 and behind
+#: the experts' half-full row tiles), 16-lane LayerNorm and softmax.
 DEVICE_ACCEL_PRESETS = {
-    "vit-tiny-cityscapes": dict(pe_rows=32, pe_cols=64, pe_pack=2),
-    "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2),
+    "vit-tiny-cityscapes": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
+                                softmax_lanes=16),
+    "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
+                           softmax_lanes=16),
 }
 
 #: Largest magnitude of one product: int8 x int8 peaks at (-128)(-128); unsigned attention weights
