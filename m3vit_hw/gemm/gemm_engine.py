@@ -77,7 +77,7 @@ is idle. Within the residual buffer, read-modify-writes are ordered (repeated sc
 in list order).
 """
 
-from amaranth.hdl import Assert, Const, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.hdl import Assert, Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -314,7 +314,6 @@ class GemmEngine(wiring.Component):
         R, C = cfg.pe_rows, cfg.pe_cols
         n_ent = max(R, C)                  # staging entries per block: R words of A, C words of B
         act_aw, b_aw, dst_aw = cfg.act_addr_bits, cfg.b_addr_bits, cfg.dst_addr_bits
-        word_bits = C * numerics.ACT_BITS
 
         m.submodules.pe = pe = PEArray(R, C, cfg.pe_pack)
         m.submodules.epilogue = ep = Epilogue(cfg.epi_lanes, act_aw, cfg.res_addr_bits, word_lanes=C)
@@ -373,18 +372,21 @@ class GemmEngine(wiring.Component):
             "row": row_out, "info": block_info,
         }))
 
-        # Staging block ("next") and the feeding block ("cur").
+        # Staging block ("next") and the feeding block ("cur"): the A and B words of a block live in
+        # two slots of skewed LUTRAM banks (_SkewedStage), not in registers, which at 32x64 were
+        # 2 x (R + C) x C bytes = 98 k flip-flops with a 3:1 load/shift multiplexer on each.
         nx_full = Signal()
-        nx_a = [Signal(word_bits, name=f"nx_a{i}") for i in range(R)]
-        nx_b = [Signal(word_bits, name=f"nx_b{c}") for c in range(C)]
         nx_rows = [Signal(row_out, name=f"nx_row{i}") for i in range(R)]
         nx_colp = Signal(data.ArrayLayout(ColParamLayout(), C))
         nx_info = Signal(block_info)
         cur_valid = Signal()
-        cur_a = [Signal(word_bits, name=f"cur_a{i}") for i in range(R)]
-        cur_b = [Signal(word_bits, name=f"cur_b{c}") for c in range(C)]
         cur_info = Signal(block_info)
         col = Signal(range(C))
+        w_slot = Signal()                  # the slot the next block is written into
+        r_slot = Signal()                  # the slot the feeding block is read from
+        w_ent = Signal(range(n_ent))       # entry of the block written next
+        stage_a = _SkewedStage(m, "stage_a", R, C)
+        stage_b = _SkewedStage(m, "stage_b", C, C)
 
         # Tile descriptors between the feeder and the drain: tiles whose results are in flight between
         # the loader and the epilogue (staged, accumulating, draining); config.gemm_desc_depth = 3 by
@@ -542,20 +544,20 @@ class GemmEngine(wiring.Component):
                     l2.info.eq(l1.info),
                 ]
 
-        # ---- L2: shift the read words into the staging block -------------------------------------
-        with m.If(l2_valid & room):
-            with m.If(l2.a_en):
+        # ---- L2: write the read words into the staging block -------------------------------------
+        # Entry e of a block is A word e (e < R) and B word e (e < C). While nx_full, a write can only
+        # happen in the handoff cycle, and then it is the next block's: it goes to the other slot.
+        l2_write = l2_valid & room
+        wr_slot = w_slot ^ nx_full
+        stage_a.write(m, l2_write & l2.a_en, wr_slot, w_ent, self.a_rd.data.as_value())
+        stage_b.write(m, l2_write & l2.b_en, wr_slot, w_ent, self.b_rd.data.as_value())
+        with m.If(l2_write):
+            m.d.sync += w_ent.eq(Mux(l2.last_ent, 0, w_ent + 1))
+        with m.If(l2_write):
+            with m.If(l2.a_en & l2.kb0):
                 for i in range(R - 1):
-                    m.d.sync += nx_a[i].eq(nx_a[i + 1])
-                m.d.sync += nx_a[R - 1].eq(self.a_rd.data.as_value())
-                with m.If(l2.kb0):
-                    for i in range(R - 1):
-                        m.d.sync += nx_rows[i].eq(nx_rows[i + 1])
-                    m.d.sync += nx_rows[R - 1].eq(l2.row)
-            with m.If(l2.b_en):
-                for c in range(C - 1):
-                    m.d.sync += nx_b[c].eq(nx_b[c + 1])
-                m.d.sync += nx_b[C - 1].eq(self.b_rd.data.as_value())
+                    m.d.sync += nx_rows[i].eq(nx_rows[i + 1])
+                m.d.sync += nx_rows[R - 1].eq(l2.row)
             with m.If(l2.first_ent):
                 m.d.sync += nx_info.eq(l2.info)
                 with m.If(l2.kb0):
@@ -574,27 +576,22 @@ class GemmEngine(wiring.Component):
             pe.i.payload.last.eq(cur_info.last & (col == cur_info.w - 1)),
             pe.i.payload.rows_valid.eq(cur_info.rows_valid),
         ]
+        # Step `col`: A lane `col` of every A word; B word `col` (direct) or lane `col` of every B
+        # word (transposed).
+        a_step = stage_a.read(m, r_slot, col, 1)
+        b_step = stage_b.read(m, r_slot, col, cur_info.b_trans)
         for i in range(R):
-            m.d.comb += pe.i.payload.a[i].eq(cur_a[i][:byte])
+            m.d.comb += pe.i.payload.a[i].eq(a_step[i * byte:(i + 1) * byte])
         for c in range(C):
-            # Direct B: the step's B row is the whole first word. Transposed B: lane 0 of each word.
-            m.d.comb += pe.i.payload.b[c].eq(Mux(cur_info.b_trans, cur_b[c][:byte],
-                                                 cur_b[0][c * byte:(c + 1) * byte]))
+            m.d.comb += pe.i.payload.b[c].eq(b_step[c * byte:(c + 1) * byte])
 
         with m.If(handoff):
-            m.d.sync += [cur_valid.eq(1), col.eq(0), cur_info.eq(nx_info)]
-            m.d.sync += [cur_a[i].eq(nx_a[i]) for i in range(R)]
-            m.d.sync += [cur_b[c].eq(nx_b[c]) for c in range(C)]
+            m.d.sync += [cur_valid.eq(1), col.eq(0), cur_info.eq(nx_info),
+                         r_slot.eq(w_slot), w_slot.eq(~w_slot)]
         with m.Elif(emit):
             m.d.sync += col.eq(col + 1)
             with m.If(block_end):
                 m.d.sync += cur_valid.eq(0)
-            # Consume one step: A words shift by one lane; B shifts by a lane (transposed) or a word.
-            m.d.sync += [cur_a[i].eq(cur_a[i] >> byte) for i in range(R)]
-            with m.If(cur_info.b_trans):
-                m.d.sync += [cur_b[c].eq(cur_b[c] >> byte) for c in range(C)]
-            with m.Else():
-                m.d.sync += [cur_b[c].eq(cur_b[c + 1]) for c in range(C - 1)]
 
         # ---- tile descriptors --------------------------------------------------------------------
         push = handoff & nx_info.first
@@ -669,3 +666,67 @@ class GemmEngine(wiring.Component):
         wiring.connect(m, ep.gelu_lut, wiring.flipped(self.gelu_lut))
         m.d.comb += [self.done.eq(ep.done), self.busy.eq(busy), self.pe_active.eq(pe.i.valid & pe.i.ready)]
         return m
+
+
+class _SkewedStage:
+    """Two slots of ``words`` staged words of ``lanes`` int8 lanes, read one *step* per cycle either
+    as a word (``trans`` low: word ``step``) or as a column (``trans`` high: lane ``step`` of every
+    word), in LUTRAM instead of registers.
+
+    ``N`` (a power of two, at least ``words`` and ``lanes``) single-byte banks with their own read
+    address. Word ``i`` is written rotated by ``i`` lanes: bank ``j`` holds lane ``(j - i) mod N`` of
+    word ``i`` at address ``(slot, i)``. A step ``s`` reads bank ``j`` at ``(slot, s)`` (a word) or
+    ``(slot, (j - s) mod N)`` (a column), and output lane ``n`` is bank ``(n + s) mod N``: one
+    rotation by ``i`` on the write side and one by ``s`` on the read side serve both ways, with no
+    bank read twice in a cycle. Reads are asynchronous (LUTRAM), writes land at the clock edge, so
+    a slot may be refilled in the cycle its last step is read.
+    """
+
+    def __init__(self, m, name, words, lanes):
+        self._n = 1 << (max(words, lanes) - 1).bit_length()
+        self._lanes = lanes
+        self._byte = numerics.ACT_BITS
+        self._banks = []
+        for j in range(self._n):
+            mem = memory.Memory(shape=unsigned(self._byte), depth=2 * self._n, init=[])
+            m.submodules[f"{name}_bank{j}"] = mem
+            self._banks.append((mem.write_port(), mem.read_port(domain="comb")))
+
+    def _rotate(self, value, amount):
+        # Rotate left by `amount` lanes: a log2(N)-stage barrel (lane l moves to lane l + amount).
+        width = self._n * self._byte
+        bits = max(1, (self._n - 1).bit_length())
+        for k in range(bits):
+            value = Mux(amount[k], value.rotate_left((self._byte << k) % width), value)
+        return value
+
+    def write(self, m, en, slot, idx, word):
+        padded = Cat(word, Const(0, (self._n - self._lanes) * self._byte)) if self._n > self._lanes \
+            else word
+        ab = (self._n - 1).bit_length()
+        i = Signal(max(1, ab))
+        m.d.comb += i.eq(idx)
+        rotated = Signal(self._n * self._byte)
+        m.d.comb += rotated.eq(self._rotate(padded, i))
+        for j, (wp, _) in enumerate(self._banks):
+            m.d.comb += [wp.addr.eq(Cat(i[:ab], slot)), wp.en.eq(en),
+                         wp.data.eq(rotated[j * self._byte:(j + 1) * self._byte])]
+
+    def read(self, m, slot, step, trans):
+        """The step's bytes, byte ``n`` in bits ``8n .. 8n+7``: lane ``n`` of word ``step`` (``trans``
+        low), or lane ``step`` of word ``n`` (``trans`` high); ``N`` bytes, the caller takes what it
+        needs."""
+        ab = (self._n - 1).bit_length()
+        s = Signal(max(1, ab))
+        neg = Signal(max(1, ab))
+        m.d.comb += [s.eq(step), neg.eq(-step)]
+        got = []
+        for j, (_, rp) in enumerate(self._banks):
+            col_addr = Signal(max(1, ab))
+            m.d.comb += col_addr.eq(j - s)
+            m.d.comb += rp.addr.eq(Cat(Mux(trans, col_addr, s)[:ab], slot))
+            got.append(rp.data)
+        # Output lane n = bank (n + s): a rotation right by s, i.e. left by N - s.
+        out = Signal(self._n * self._byte)
+        m.d.comb += out.eq(self._rotate(Cat(*got), neg))
+        return out
