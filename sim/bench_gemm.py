@@ -202,9 +202,12 @@ def bench_config(rows, cols, m, k, n):
         weight_buffer_bytes=max(base.weight_buffer_bytes, up(2 * words_b * cols, unit)))
 
 
-def bench(rows, cols, m, k, n, seed=0):
-    """Simulate one dense RAW-mode GEMM with on-chip operands; return (cycles, mac_per_cycle, util)."""
+def bench(rows, cols, m, k, n, seed=0, epi_lanes=None):
+    """Simulate one dense RAW-mode GEMM with on-chip operands; return (cycles, mac_per_cycle, util).
+    ``epi_lanes``: the epilogue's lanes (default ``cols``; fewer drain each PE row in several beats)."""
     cfg = bench_config(rows, cols, m, k, n)
+    if epi_lanes is not None:
+        cfg = cfg.with_(epi_lanes=epi_lanes)
     rng = np.random.default_rng(seed)
     kw = -(-k // cols)
     nt = -(-n // cols)
@@ -259,6 +262,8 @@ def main(argv=None):
     parser.add_argument("--shape", action="append", default=[], metavar="MxKxN",
                         help="a GEMM shape (repeatable); without --m/--k/--n or --shape: the W1 shapes "
                              + ", ".join(f"{a}x{b}x{c}" for a, b, c in W1_SHAPES.values()))
+    parser.add_argument("--epi-lanes", type=int, default=None,
+                        help="epilogue lanes, a divisor of --cols (default --cols: one PE row per cycle)")
     parser.add_argument("--seed", type=int, default=0, help="operand RNG seed")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
@@ -282,20 +287,24 @@ def main(argv=None):
         check_output_path(args.json, "--json")
         # Build every config first, so a size the datapath cannot take fails before any simulation.
         for dims in shapes.values():
-            bench_config(args.rows, args.cols, *dims)
+            cfg = bench_config(args.rows, args.cols, *dims)
+            if args.epi_lanes is not None:
+                cfg.with_(epi_lanes=args.epi_lanes)
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     results = []
     for label, (m, k, n) in shapes.items():
         t0 = time.time()
-        cycles, mpc, util = bench(args.rows, args.cols, m, k, n, args.seed)
+        cycles, mpc, util = bench(args.rows, args.cols, m, k, n, args.seed, args.epi_lanes)
         ideal = -(-m * k * n // (args.rows * args.cols))
         name = label if label == f"{m}x{k}x{n}" else f"{label} {m}x{k}x{n}"
-        print(f"GEMM {name} on {args.rows}x{args.cols} PEs: bit-exact vs numpy, {cycles} "
+        epi = f", {args.epi_lanes}-lane epilogue" if args.epi_lanes else ""
+        print(f"GEMM {name} on {args.rows}x{args.cols} PEs{epi}: bit-exact vs numpy, {cycles} "
               f"cycles (ideal {ideal}), {mpc:.2f} MAC/cycle, utilization {util:.4f} "
               f"[simulated in {time.time() - t0:.1f} s]", flush=True)
-        results.append(dict(label=label, m=m, k=k, n=n, rows=args.rows, cols=args.cols, cycles=cycles,
+        results.append(dict(label=label, m=m, k=k, n=n, rows=args.rows, cols=args.cols,
+                            epi_lanes=args.epi_lanes or args.cols, cycles=cycles,
                             ideal_cycles=ideal, mac_per_cycle=round(mpc, 3),
                             utilization=round(util, 4), bit_exact=True))
     if args.json:

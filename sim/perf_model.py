@@ -135,11 +135,22 @@ class _Engine:
             self.wait[first] = self.wait.get(first, 0.0) + part
             ideal += part
         self.wait[wait] = self.wait.get(wait, 0.0) + (start - ideal)
-        end = start + blocks * self.L
-        self.busy[op] += blocks * self.L
+        pe_cycles = blocks * self.L
+        S = self.cfg.epi_beats
+        last_rows = m - self.R * (_cdiv(m, self.R) - 1)
+        if S > 1:
+            # A narrow epilogue (epi_lanes < pe_cols) drains a tile's rows in S beats each; the next
+            # tile's last step waits for that drain (+4, the PE array's shadow-bank credit), so a
+            # tile takes max(its blocks, the previous tile's drain).
+            kb, nt, full = _cdiv(k, self.C), _cdiv(n, self.C), _cdiv(m, self.R) - 1
+            pe_cycles = nt * (full * max(kb * self.L, self.R * S + 4)
+                              + max(kb * self.L, last_rows * S + 4))
+        end = start + pe_cycles
+        self.busy[op] += pe_cycles
         self.pe_end = end
-        # The last row tile's valid rows leave the epilogue one a cycle (masked rows are not sent).
-        self.written = end + DRAIN + (m - self.R * (_cdiv(m, self.R) - 1))
+        # The last row tile's valid rows leave the epilogue one a cycle (masked rows are not sent),
+        # or one per epi_beats cycles with a narrow epilogue.
+        self.written = end + DRAIN + last_rows * S
         return start, end, self.written
 
     def _start(self, ready, sync):
