@@ -52,6 +52,11 @@ FILL = 3
 #: Last reduction step -> results written: 3 cycles to the epilogue, the epilogue's 17-cycle
 #: latency, less one; plus the last row tile's rows, one a cycle.
 DRAIN = 19
+#: Calibrated on ``python -m sim.bench_gemm --rows 8 --cols 8 --epi-lanes 2|4`` (32x16x32: 334 and 560
+#: cycles against 296 with a full-width epilogue): cycles a tile waits beyond the previous tile's
+#: ``rows * epi_beats`` drain when that drain is longer than its own blocks.
+DRAIN_GAP = 2
+
 #: Calibrated: cycles a ``sync`` boundary costs beyond the drain and the fill (command hand-off).
 SYNC_EXTRA = 5
 
@@ -140,11 +145,11 @@ class _Engine:
         last_rows = m - self.R * (_cdiv(m, self.R) - 1)
         if S > 1:
             # A narrow epilogue (epi_lanes < pe_cols) drains a tile's rows in S beats each; the next
-            # tile's last step waits for that drain (+4, the PE array's shadow-bank credit), so a
-            # tile takes max(its blocks, the previous tile's drain).
+            # tile's last step waits for that drain, so a tile takes max(its blocks, the previous
+            # tile's drain + DRAIN_GAP).
             kb, nt, full = _cdiv(k, self.C), _cdiv(n, self.C), _cdiv(m, self.R) - 1
-            pe_cycles = nt * (full * max(kb * self.L, self.R * S + 4)
-                              + max(kb * self.L, last_rows * S + 4))
+            pe_cycles = nt * (full * max(kb * self.L, self.R * S + DRAIN_GAP)
+                              + max(kb * self.L, last_rows * S + DRAIN_GAP))
         end = start + pe_cycles
         self.busy[op] += pe_cycles
         self.pe_end = end

@@ -288,6 +288,8 @@ def _parser():
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="workload preset (vit-tiny-cityscapes = W1, "
       "vit-small-nyud = W2, tiny, ...)")
+    a("--sizing", choices=("default", "device"), default="default",
+      help="accelerator sizing of the preset (device: the xczu7ev-sized PE array, W1/W2 only)")
     a("--pe-rows", type=int, help="override the preset's PE rows")
     a("--pe-cols", type=int, help="override the preset's PE columns")
     a("--mem-data-bytes", type=int, help="override the memory beat (port width in bytes; the model "
@@ -314,7 +316,7 @@ def _parser():
 def _config(args):
     from m3vit_hw.config import AcceleratorConfig
     over = {k: getattr(args, k) for k in ("pe_rows", "pe_cols", "mem_data_bytes") if getattr(args, k) is not None}
-    return AcceleratorConfig.from_preset(args.preset, **over)
+    return AcceleratorConfig.from_preset(args.preset, sizing=args.sizing, **over)
 
 
 def _runner_config(rep):
