@@ -73,13 +73,16 @@ ACCEL_PRESETS = {
 #: Selected with ``from_preset(name, sizing="device")``; not the defaults (the default build is the
 #: small, fast one).
 #: The row units stay narrow (their DSP48E2s and registers scale with their lanes, not with the
-#: array): a 16-lane epilogue (a PE row drains in 4 beats, hidden behind every K >= 132 and behind
-#: the experts' half-full row tiles), 16-lane LayerNorm and softmax.
+#: array). W1: a 16-lane epilogue (a PE row drains in 4 beats, hidden behind every K >= 132 and
+#: behind the experts' half-full row tiles; the projected frame is 5 % slower than with 64 lanes,
+#: all of it in QK^T, K = 64), 16-lane LayerNorm and softmax. W2: 32-lane epilogue and softmax,
+#: because its QK^T (K = head_dim = 32) and its 1,201-wide softmax rows are half of the frame
+#: (projected 107 ms at 16 lanes' 129 ms; 64 lanes gain < 1 % more).
 DEVICE_ACCEL_PRESETS = {
     "vit-tiny-cityscapes": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
                                 softmax_lanes=16),
-    "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
-                           softmax_lanes=16),
+    "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=32, ln_lanes=16,
+                           softmax_lanes=32),
 }
 
 #: Largest magnitude of one product: int8 x int8 peaks at (-128)(-128); unsigned attention weights
