@@ -56,22 +56,22 @@ def _pe_array(cfg):
 
 def _requantizer(cfg):
     from m3vit_hw.gemm.requantizer import Requantizer
-    return Requantizer(cfg.pe_cols)
+    return Requantizer(cfg.epi_lanes)
 
 
 def _gelu(cfg):
     from m3vit_hw.gemm.gelu import GeluStage
-    return GeluStage(cfg.pe_cols)
+    return GeluStage(cfg.epi_lanes)
 
 
 def _residual(cfg):
     from m3vit_hw.gemm.residual import ResidualStage
-    return ResidualStage(cfg.pe_cols, cfg.res_addr_bits)
+    return ResidualStage(cfg.epi_lanes, cfg.res_addr_bits)
 
 
 def _epilogue(cfg):
     from m3vit_hw.gemm.epilogue import Epilogue
-    return Epilogue(cfg.pe_cols, cfg.act_addr_bits, cfg.res_addr_bits)
+    return Epilogue(cfg.epi_lanes, cfg.act_addr_bits, cfg.res_addr_bits, word_lanes=cfg.pe_cols)
 
 
 def _gemm_engine(cfg):
