@@ -259,6 +259,10 @@ def test_verilog_and_connect():
     (dict(lanes=0, act_addr_width=4, res_addr_width=4), ValueError, "lanes"),
     (dict(lanes=4, act_addr_width=0, res_addr_width=4), ValueError, "act_addr_width"),
     (dict(lanes=4, act_addr_width=4, res_addr_width="x"), TypeError, "res_addr_width"),
+    (dict(lanes=4, act_addr_width=4, res_addr_width=4, word_lanes=6), ValueError,
+     "word_lanes must be a multiple of lanes=4, not 6"),
+    (dict(lanes=4, act_addr_width=4, res_addr_width=4, word_lanes=2), ValueError,
+     r"word_lanes must be in \[4, 256\], not 2"),
 ])
 def test_bad_parameters(kwargs, exc, name):
     with pytest.raises(exc, match=name):
