@@ -43,6 +43,7 @@ from ..weights.weight_path import WeightPath
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
 from ..lib.mem_port import ReadPortSignature
+from ..lib.skid import SkidBuffer
 from ..moe.expert_layout import PARAM_LANE_BYTES
 
 __all__ = ["SharedDatapath", "param_half_bytes"]
@@ -148,8 +149,26 @@ class SharedDatapath(wiring.Component):
         wp.add_to(m, self.mem)
         for i, master in enumerate(wp.readers):
             wiring.connect(m, wiring.flipped(self.masters[i]), master)
-        connect_client(m, wiring.flipped(self.client), eng, wp.wstream, wp.pstream, wp.wbuf, wp.pbuf)
-        wiring.connect(m, eng.o, wiring.flipped(self.o))
+        # Every stream that crosses the client multiplexer goes through a skid buffer (registered
+        # valid, payload and ready on both sides), so no ready/valid chain runs from one unit through
+        # the multiplexer and the datapath into another unit's logic: the engine's command accept
+        # (deep in its loader) no longer reaches the client's FIFOs, the client's command logic no
+        # longer reaches the engine's or the streamers' registers, and the RAW consumer's ready no
+        # longer reaches the epilogue. One cycle of latency each, full throughput.
+        m.submodules.gemm_skid = gsk = SkidBuffer(self.engine.cmd.payload.shape())
+        m.submodules.wcmd_skid = wsk = SkidBuffer(wp.wstream.cmd.payload.shape())
+        m.submodules.pcmd_skid = psk = SkidBuffer(wp.pstream.cmd.payload.shape())
+        m.submodules.o_skid = osk = SkidBuffer(eng.o.payload.shape())
+        wiring.connect(m, gsk.o, eng.cmd)
+        wiring.connect(m, wsk.o, wp.wstream.cmd)
+        wiring.connect(m, psk.o, wp.pstream.cmd)
+        # A command waiting in its skid buffer, or a result beat in the output one, keeps the client's
+        # engine busy: a client that waits for ~gemm_busy (before a GELU-table write, at its end)
+        # must not see the engine idle while its command or last result is still in flight.
+        connect_client(m, wiring.flipped(self.client), eng, wp.wstream, wp.pstream, wp.wbuf, wp.pbuf,
+                       gemm=gsk.i, wcmd=wsk.i, pcmd=psk.i, busy=eng.busy | gsk.o.valid | osk.o.valid)
+        wiring.connect(m, eng.o, osk.i)
+        wiring.connect(m, osk.o, wiring.flipped(self.o))
 
         # ---- buffers -----------------------------------------------------------------------------
         m.submodules.act = act = self.act_buffer
