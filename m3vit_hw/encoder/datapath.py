@@ -14,6 +14,10 @@ It owns (one of each, sized by :class:`~m3vit_hw.config.AcceleratorConfig`):
 
 Its ports take *one* client each; the encoder top multiplexes the active client onto them
 (:func:`~m3vit_hw.encoder.mux.mux_interfaces`).
+The engine command, the two streamer commands and the engine's RAW result stream pass through a
+:class:`~m3vit_hw.lib.skid.SkidBuffer` each (one cycle, full throughput), so no ready/valid chain
+crosses from the active client through the datapath into the engine, the streamers or another unit;
+``client.gemm_busy`` also covers a command or result beat held there.
 
 Address decode
 --------------
