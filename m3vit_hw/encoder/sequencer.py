@@ -190,8 +190,12 @@ class ProgramSequencer(wiring.Component):
         # A request once offered is held until taken (stream rules), even if fetching stops meanwhile.
         hold = Signal()
         m.d.sync += hold.eq(req.valid & ~req.ready)
+        # depth - level - inflight, kept as a counter of its own (it changes only when a request is
+        # sent or a beat leaves the FIFO; the FIFO is empty and nothing in flight at start), so the
+        # request's valid is a compare of one register against a constant, not a three-way add.
+        space = Signal(range(depth + 1), init=depth)
         m.d.comb += [
-            req.valid.eq(hold | (fetching & (fq.level + inflight + self._burst <= depth))),
+            req.valid.eq(hold | (fetching & (space >= self._burst))),
             req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
             fq.w_data.eq(resp.payload.data), fq.w_en.eq(resp.valid),
             resp.ready.eq(fq.w_rdy),
@@ -199,11 +203,12 @@ class ProgramSequencer(wiring.Component):
         sent = req.valid & req.ready
         got = resp.valid & resp.ready
         with m.If(start):
-            m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0)]
+            m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth)]
         with m.Else():
             with m.If(sent):
                 m.d.sync += faddr.eq(faddr + (beats << lb))
             m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got)
+            m.d.sync += space.eq(space - Mux(sent, beats, 0) + (fq.r_en & fq.r_rdy))
 
         # ---- assemble and decode -------------------------------------------------------------------
         asm = Signal(nbits)
