@@ -422,10 +422,13 @@ class GemmEngine(wiring.Component):
         desc_room = d_count != DESC_DEPTH
         handoff = nx_full & (~cur_valid | block_end) & (~nx_info.first | desc_room)
         room = ~nx_full | handoff
+        # The loader stages L1 .. L2 hold together: one enable for all of them, rather than a chain
+        # of "advance if the next stage is empty or advances" (which the LUT mapper keeps as one LUT
+        # level per stage, each driving that stage's enables). A bubble then waits with the stall;
+        # bubbles only enter at a command start, so this costs nothing while commands follow each
+        # other.
         l_adv2 = ~l2_valid | room
-        l_adv1m = ~l1m_valid | l_adv2
-        l_adv1r = ~l1r_valid | l_adv1m
-        l_adv1 = ~l1_valid | l_adv1r
+        l_adv1m = l_adv1r = l_adv1 = l_adv2
         issue = active & l_adv1
 
         busy = Signal()
