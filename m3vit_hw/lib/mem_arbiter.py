@@ -21,8 +21,9 @@ Latency: with ``register`` (the default) every master's request goes through a
 :class:`~m3vit_hw.lib.skid.SkidBuffer` and so does the granted request towards the memory: no
 combinational path runs from one master's request logic through the round-robin pick into another
 master's ``req.ready`` or into the memory side, at two cycles of request latency and full throughput.
-Without it requests pass combinationally. Responses always pass combinationally (the routing FIFO
-head is a register). The FIFO adds one cycle between a request's acceptance and the earliest cycle
+The response stream passes through one more skid buffer (one cycle per beat of latency, full
+throughput), so a master's ``resp.ready`` does not reach the memory side either. Without
+``register`` requests and responses pass combinationally (the routing FIFO head is a register). The FIFO adds one cycle between a request's acceptance and the earliest cycle
 its first beat can be routed, which any memory with a latency of at least one cycle hides.
 """
 
@@ -103,7 +104,14 @@ class ReadArbiter(wiring.Component):
         idx_bits = max(1, (n - 1).bit_length())
         m.submodules.route = route = fifo.SyncFIFO(width=idx_bits, depth=self._depth)
 
-        resp = self.mem.resp
+        if self._register:
+            # Responses too: the head master's resp.ready ends at this skid buffer instead of
+            # running out to the memory side (the AXI bridge's FIFOs).
+            rsk = m.submodules.resp_skid = SkidBuffer(self.mem.resp.payload.shape())
+            wiring.connect(m, wiring.flipped(self.mem.resp), rsk.i)
+            resp = rsk.o
+        else:
+            resp = self.mem.resp
         if self._register:
             reqs = []
             for i in range(n):
@@ -166,6 +174,7 @@ class ReadArbiter(wiring.Component):
             route.r_en.eq(resp.valid & resp.ready & resp.payload.last),
             # Outstanding at the memory, or still waiting in a skid buffer.
             self.busy.eq(route.r_rdy | (Cat(r.valid for r in reqs).any() if self._register else 0)
+                         | (resp.valid if self._register else 0)
                          | (out.o.valid if self._register else 0)),
         ]
         return m
