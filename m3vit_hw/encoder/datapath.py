@@ -17,7 +17,8 @@ Its ports take *one* client each; the encoder top multiplexes the active client 
 The engine command, the two streamer commands and the engine's RAW result stream pass through a
 :class:`~m3vit_hw.lib.skid.SkidBuffer` each (one cycle, full throughput), so no ready/valid chain
 crosses from the active client through the datapath into the engine, the streamers or another unit;
-``client.gemm_busy`` also covers a command or result beat held there.
+``client.gemm_busy`` also covers a command or result beat held there. ``client.gemm_done`` and
+``client.gemm_busy`` come from registers, a cycle after the engine's.
 
 Address decode
 --------------
@@ -166,11 +167,18 @@ class SharedDatapath(wiring.Component):
         wiring.connect(m, gsk.o, eng.cmd)
         wiring.connect(m, wsk.o, wp.wstream.cmd)
         wiring.connect(m, psk.o, wp.pstream.cmd)
-        # A command waiting in its skid buffer, or a result beat in the output one, keeps the client's
-        # engine busy: a client that waits for ~gemm_busy (before a GELU-table write, at its end)
-        # must not see the engine idle while its command or last result is still in flight.
+        # The engine's done and busy reach the client a cycle late, from registers: both are ORs
+        # deep in the epilogue's and the loader's state, and every client's control acts on them.
+        # They keep their relation (busy is high in the cycle done pulses). A command waiting in its
+        # skid buffer, a result beat in the output one, or a command accepted in the previous cycle
+        # keeps the client's engine busy: a client that waits for ~gemm_busy (before a GELU-table
+        # write, at its end) must not see the engine idle while its command or last result is in
+        # flight.
+        done_q, busy_q = Signal(), Signal()
+        m.d.sync += [done_q.eq(eng.done),
+                     busy_q.eq(eng.busy | gsk.o.valid | osk.o.valid | (gsk.i.valid & gsk.i.ready))]
         connect_client(m, wiring.flipped(self.client), eng, wp.wstream, wp.pstream, wp.wbuf, wp.pbuf,
-                       gemm=gsk.i, wcmd=wsk.i, pcmd=psk.i, busy=eng.busy | gsk.o.valid | osk.o.valid)
+                       gemm=gsk.i, wcmd=wsk.i, pcmd=psk.i, busy=busy_q, done=done_q)
         wiring.connect(m, eng.o, osk.i)
         wiring.connect(m, osk.o, wiring.flipped(self.o))
 
