@@ -46,9 +46,9 @@ OP_CLASSES = ("patch_embed", "layernorm", "qkv_proj", "attn_matmul", "softmax", 
 TOLERANCE = 0.03
 
 # ---- GEMM engine (m3vit_hw/gemm/gemm_engine.py) ---------------------------------------------------
-#: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 3`` cycles after
+#: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 5`` cycles after
 #: the command is accepted (docstring), ``FILL`` plus ``max(R, C)``.
-FILL = 3
+FILL = 5
 #: Last reduction step -> results written: 3 cycles to the epilogue, the epilogue's 17-cycle
 #: latency, less one; plus the last row tile's rows, one a cycle.
 DRAIN = 19
@@ -62,7 +62,7 @@ SYNC_EXTRA = 5
 
 # ---- memory (sim/ext_memory.py, the weight streamers) ------------------------------------------
 #: Calibrated: request -> first beat written beyond the memory's latency (arbiter, streamer, commit).
-LOAD_EXTRA = 4
+LOAD_EXTRA = 6
 #: Read requests the external memory accepts ahead (``sim.ext_memory.ExternalMemory``'s default and
 #: the runners' setting).
 MAX_OUTSTANDING = 4
@@ -523,7 +523,7 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
 #: Calibrated: loader cycles per image run (``p * Cin`` contiguous bytes): ``EMBED_RUN[0] +
 #: EMBED_RUN[1] * (aligned beats covering the run) + EMBED_RUN[2] * (run bytes / gearbox bytes a
 #: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle.
-EMBED_RUN = (2.3, 2.9, 0.31)
+EMBED_RUN = (2.9, 2.9, 0.31)
 
 
 def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, img_base=0):

@@ -265,8 +265,9 @@ def synthesize_top(cfg, log=None):
             "seconds": seconds, "mapper": MAPPER + "; large memories cut out and counted by rule"}
 
 
-def format_report(unit, rep):
-    """Readable text for one unit's :func:`synthesize` result."""
+def format_report(unit, rep, paths=10):
+    """Readable text for one unit's :func:`synthesize` result, with its ``paths`` worst distinct
+    register-to-register endpoints."""
     res = ", ".join(f"{k} {v}" for k, v in rep["resources"].items() if v)
     lines = [f"{unit}: {res}  ({rep['seconds']:.0f} s, yosys synth_xilinx -family xcup, {rep['mapper']})"]
     d = rep["dsp_regs_xc7"]
@@ -274,7 +275,7 @@ def format_report(unit, rep):
         lines.append(f"  DSP pipeline registers (xc7 proxy, DSP48E1): {d['DSP']} DSPs; "
                      f"AREG {d['AREG']}, BREG {d['BREG']}, MREG {d['MREG']}, PREG {d['PREG']}; "
                      f"any register {d['any']}")
-    lines.append(format_result(rep["timing"]))
+    lines.append(format_result(rep["timing"], top_n=paths))
     return "\n".join(lines)
 
 
@@ -299,11 +300,16 @@ def main(argv=None):
     p.add_argument("--pe-cols", type=int, default=None, help="override the preset's PE columns")
     p.add_argument("--pe-pack", type=int, default=None, help="override the preset's MACs per DSP (1 or 2)")
     p.add_argument("--no-dsp-proxy", action="store_true", help="skip the xc7 DSP register proxy run")
+    p.add_argument("--paths", type=int, default=10,
+                   help="list the worst N distinct register-to-register endpoints with their paths "
+                        "(default 10; at most 10 are kept, 0 for none)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--log", default=None, help="keep the yosys log here (one unit only)")
     args = p.parse_args(argv)
     units = (list(UNITS) + (["top"] if "top" in args.unit else [])) if "all" in args.unit else args.unit
     try:
+        if not 0 <= args.paths <= 10:
+            raise ValueError(f"--paths must be in [0, 10], not {args.paths}")
         check_output_path(args.json, "--json")
         check_output_path(args.log, "--log")
         cfg = _cfg(args)
@@ -334,7 +340,7 @@ def main(argv=None):
             if args.json:
                 Path(args.json).write_text(json.dumps(out, indent=2))
             continue
-        print(format_report(unit, rep), flush=True)
+        print(format_report(unit, rep, args.paths), flush=True)
         rows.append(table_row(unit, rep))
         out["units"][unit] = {"resources": rep["resources"], "cells": rep["cells"],
                               "timing": rep["timing"].to_json(), "dsp_regs_xc7": rep["dsp_regs_xc7"],

@@ -112,6 +112,12 @@ def test_log_path_checked_before_synthesis(capsys):
     assert err.count("\n") == 1 and "--log /no/such/dir/out: directory" in err, err
 
 
+def test_cli_rejects_bad_path_count(capsys):
+    assert main(["--unit", "requantizer", "--paths", "11"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--paths must be in [0, 10], not 11" in err, err
+
+
 @pytest.mark.slow
 def test_top_estimate_gives_longest_path():
     """The accelerator top (tiny preset) through the build's estimate: resources and a timed
@@ -122,4 +128,9 @@ def test_top_estimate_gives_longest_path():
     w = rep["timing"].worst
     assert rep["resources"]["LUT"] > 0 and rep["resources"]["FF"] > 0
     assert w is not None and w.delay_ns > 0 and w.start and w.end
+    # The ranked list: distinct endpoints, worst first, the first one the worst path.
+    paths = rep["timing"].paths
+    assert paths and paths[0].delay_ns == w.delay_ns
+    assert [p.delay_ns for p in paths] == sorted((p.delay_ns for p in paths), reverse=True)
+    assert len({p.end.split("[")[0] for p in paths}) == len(paths)
     print(format_report("top", rep))

@@ -135,3 +135,35 @@ def test_fanout_costs_routing():
     w = analyze(n.json()).worst
     assert w.delay_ns == pytest.approx(M.ff_clk_to_q + M.net + M.net_fanout * math.log2(64)
                                        + M.ff_setup + M.clock_margin)
+
+
+def test_top_n_lists_distinct_endpoints_worst_first():
+    # Three registers behind LUT chains of 3, 1 and 2 levels; a 4-bit register behind 2 levels
+    # counts as one endpoint (its bits are one signal).
+    n = Net()
+    q0, = n.bits("src")
+    n.ff(q0, q0)
+    chains = {"r3": 3, "r1": 1, "r2": 2}
+    for name, levels in chains.items():
+        q, = n.bits(name)
+        mids = [n.bits(f"{name}_m{i}")[0] for i in range(levels)]
+        prev = q0
+        for b in mids:
+            n.lut([prev], b)
+            prev = b
+        n.ff(prev, q)
+    wide = n.bits("wide", 4)
+    for i, q in enumerate(wide):
+        a, b = n.bits(f"w{i}_a")[0], n.bits(f"w{i}_b")[0]
+        n.lut([q0], a)
+        n.lut([a], b)
+        n.ff(b, q)
+    res = analyze(n.json(), top_n=3)
+    assert [p.end for p in res.paths][0] == "r3"
+    assert [p.lut_levels for p in res.paths] == [3, 2, 2]
+    assert {p.end.split("[")[0] for p in res.paths[1:]} == {"r2", "wide"}
+    assert res.paths[0].delay_ns == res.worst.delay_ns
+    assert len(analyze(n.json(), top_n=10).paths) == 5       # src, r3, r1, r2, wide
+    assert analyze(n.json(), top_n=0).paths == []
+    with pytest.raises(ValueError, match="top_n"):
+        analyze(n.json(), top_n=-1)

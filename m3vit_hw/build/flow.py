@@ -456,6 +456,12 @@ def summary_text(config, report):
                          f"longest reg->reg path {w['delay_ns']:.2f} ns: {w['lut_levels']} LUT levels, "
                          f"{w['carry4']} CARRY4, {w['dsp_stages']} DSP48E2, from {w['start']} "
                          f"({_src(w['start_src'])}) to {w['end']} ({_src(w['end_src'])})")
+            ranked = t.get("paths", [])[:5]
+            if len(ranked) > 1:
+                lines.append(f"  worst {len(ranked)} distinct endpoints:")
+                for i, p in enumerate(ranked, 1):
+                    lines.append(f"    {i}. {p['delay_ns']:.2f} ns, {p['lut_levels']} LUT, {p['carry4']} CARRY4: "
+                                 f"{p['start']} ({_src(p['start_src'])}) -> {p['end']} ({_src(p['end_src'])})")
     elif "synth_error" in report:
         lines.append(f"resource estimate FAILED: {report['synth_error']}")
     else:

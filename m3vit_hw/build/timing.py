@@ -15,9 +15,10 @@ only flip-flop or shift-register (SRL) data inputs. Absorbed registers end or st
 """
 
 import math
+import re
 from dataclasses import dataclass, field, asdict
 
-__all__ = ["DelayModel", "Path", "TimingResult", "analyze", "format_result"]
+__all__ = ["DelayModel", "Path", "TimingResult", "analyze", "format_result", "format_path_line"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,9 @@ class TimingResult:
     ``worst`` is the longest register-to-register path (by delay), ``deepest`` the one with the most
     LUT levels; ``worst_io`` the longest path that starts at a top-level input or ends at a top-level
     output (these continue in the surrounding design, so they are reported but do not set Fmax).
+    ``paths`` lists the longest register-to-register path into each of the ``top_n`` worst distinct
+    endpoints (an endpoint is a signal: the bits of one register or memory port count once), worst
+    first; ``paths[0]`` is ``worst``.
     """
 
     model: DelayModel
@@ -126,6 +130,7 @@ class TimingResult:
     dsp_in_reg: int
     dsp_out_reg: int
     unknown_cells: dict
+    paths: list = field(default_factory=list)
 
     @property
     def fmax_mhz(self):
@@ -142,7 +147,8 @@ class TimingResult:
         return {"model": asdict(self.model), "fmax_mhz": round(self.fmax_mhz, 1),
                 "worst": p(self.worst), "deepest": p(self.deepest), "worst_io": p(self.worst_io),
                 "dsp_total": self.dsp_total, "dsp_absorbable_input_regs": self.dsp_in_reg,
-                "dsp_absorbable_output_regs": self.dsp_out_reg, "unknown_cells": self.unknown_cells}
+                "dsp_absorbable_output_regs": self.dsp_out_reg, "unknown_cells": self.unknown_cells,
+                "paths": [p(x) for x in self.paths]}
 
 
 _FF = {"FDRE", "FDSE", "FDCE", "FDPE"}
@@ -382,7 +388,7 @@ class _Walker:
                     end(b, 0.0, "output", b)
         return arcs, starts, ends
 
-    def run(self):
+    def run(self, top_n=1):
         self.carry_outs = set()
         for cell in self.cells.values():
             if cell["type"] in ("CARRY8", "CARRY4"):
@@ -427,6 +433,7 @@ class _Walker:
                         depth[dst] = (lv, dp[1] + d, tuple(x + y for x, y in zip(dp[2], cnt)), (n, tag), dp[4], dp[5])
         self.best, self.depth = best, depth
         worst = worst_io = deepest = None
+        by_end = {}     # endpoint signal (bit index dropped) -> its worst reg->reg candidate
         for n, lst in ends.items():
             b = best.get(n)
             dp = depth.get(n)
@@ -439,14 +446,26 @@ class _Walker:
                     if io:
                         if worst_io is None or total > worst_io[0]:
                             worst_io = cand
-                    elif worst is None or total > worst[0]:
-                        worst = cand
+                    else:
+                        if worst is None or total > worst[0]:
+                            worst = cand
+                        key = self._signal(bit if bit is not None else n)
+                        if key not in by_end or total > by_end[key][0]:
+                            by_end[key] = cand
                 if dp is not None and kind != "output" and dp[5] != "input":
                     key = (dp[0], dp[1])
                     if deepest is None or key > deepest[0]:
                         deepest = (key, n, kind, bit, dp)
+        ranked = sorted(by_end.values(), key=lambda c: -c[0])[:max(0, top_n)]
+        paths = [self._path(c, best, 1) for c in ranked]
         return (self._path(worst, best, 1), self._path(deepest, depth, 2, levels=True),
-                self._path(worst_io, best, 1), loop)
+                self._path(worst_io, best, 1), loop, paths)
+
+    def _signal(self, node):
+        # Group the bits of one signal: "x.y[3]" -> "x.y"; internal nodes stay distinct by cell.
+        if _is_bit(node):
+            return re.sub(r"\[\d+\]$", "", self.label(node)[0])
+        return str(node)
 
     def _path(self, cand, table, pred_idx, levels=False):
         if cand is None:
@@ -489,7 +508,7 @@ class _Walker:
         return str(node), ""
 
 
-def analyze(netlist, top=None, model=None):
+def analyze(netlist, top=None, model=None, top_n=10):
     """Estimate the register-to-register timing of a yosys ``write_json`` netlist.
 
     Parameters
@@ -499,6 +518,8 @@ def analyze(netlist, top=None, model=None):
     top : str, optional
         Module to analyse (default: the module with attribute ``top``, else the only one).
     model : DelayModel, optional
+    top_n : int
+        How many distinct endpoints to list in :attr:`TimingResult.paths` (worst first).
 
     Returns
     -------
@@ -510,12 +531,14 @@ def analyze(netlist, top=None, model=None):
         tops = [n for n, m in mods.items() if m.get("attributes", {}).get("top")]
         top = tops[0] if tops else next(n for n, m in mods.items() if m.get("cells"))
     w = _Walker(mods[top], model)
-    worst, deepest, worst_io, loop = w.run()
+    if not isinstance(top_n, int) or top_n < 0:
+        raise ValueError(f"top_n must be an int >= 0, not {top_n!r}")
+    worst, deepest, worst_io, loop, paths = w.run(top_n)
     if loop:
         w.unknown["<combinational loop: some nodes not timed>"] = 1
     return TimingResult(model=model, worst=worst, deepest=deepest, worst_io=worst_io,
                         dsp_total=w.dsp_total, dsp_in_reg=w.dsp_in, dsp_out_reg=w.dsp_out,
-                        unknown_cells=w.unknown)
+                        unknown_cells=w.unknown, paths=paths)
 
 
 def _short_src(src):
@@ -524,8 +547,15 @@ def _short_src(src):
     return ", ".join(parts)
 
 
-def format_result(res):
-    """Readable multi-line text for a :class:`TimingResult`."""
+def format_path_line(rank, p):
+    """One line for a ranked path: delay, Fmax, levels, carry, DSP, start -> end with source lines."""
+    return (f"  {rank:2d}. {p.delay_ns:5.2f} ns {p.fmax_mhz:4.0f} MHz  {p.lut_levels:2d} LUT {p.carry4:2d} CARRY4 "
+            f"{p.dsp_stages} DSP  {p.start} ({_short_src(p.start_src)}) -> {p.end} ({_short_src(p.end_src)})")
+
+
+def format_result(res, top_n=None):
+    """Readable multi-line text for a :class:`TimingResult` (with the first ``top_n`` of its ranked
+    paths; all of them when ``None``)."""
     lines = []
 
     def one(title, p):
@@ -549,4 +579,8 @@ def format_result(res):
                      f"absorbable output regs {res.dsp_out_reg}")
     if res.unknown_cells:
         lines.append(f"  cells not modelled (treated as registers): {res.unknown_cells}")
+    ranked = res.paths if top_n is None else res.paths[:top_n]
+    if len(ranked) > 1:
+        lines.append(f"  worst {len(ranked)} distinct endpoints (reg->reg):")
+        lines.extend(format_path_line(i + 1, p) for i, p in enumerate(ranked))
     return "\n".join(lines)

@@ -14,6 +14,11 @@ It owns (one of each, sized by :class:`~m3vit_hw.config.AcceleratorConfig`):
 
 Its ports take *one* client each; the encoder top multiplexes the active client onto them
 (:func:`~m3vit_hw.encoder.mux.mux_interfaces`).
+The engine command, the two streamer commands and the engine's RAW result stream pass through a
+:class:`~m3vit_hw.lib.skid.SkidBuffer` each (one cycle, full throughput), so no ready/valid chain
+crosses from the active client through the datapath into the engine, the streamers or another unit;
+``client.gemm_busy`` also covers a command or result beat held there. ``client.gemm_done`` and
+``client.gemm_busy`` come from registers, a cycle after the engine's.
 
 Address decode
 --------------
@@ -43,6 +48,7 @@ from ..weights.weight_path import WeightPath
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
 from ..lib.mem_port import ReadPortSignature
+from ..lib.skid import SkidBuffer
 from ..moe.expert_layout import PARAM_LANE_BYTES
 
 __all__ = ["SharedDatapath", "param_half_bytes"]
@@ -148,8 +154,33 @@ class SharedDatapath(wiring.Component):
         wp.add_to(m, self.mem)
         for i, master in enumerate(wp.readers):
             wiring.connect(m, wiring.flipped(self.masters[i]), master)
-        connect_client(m, wiring.flipped(self.client), eng, wp.wstream, wp.pstream, wp.wbuf, wp.pbuf)
-        wiring.connect(m, eng.o, wiring.flipped(self.o))
+        # Every stream that crosses the client multiplexer goes through a skid buffer (registered
+        # valid, payload and ready on both sides), so no ready/valid chain runs from one unit through
+        # the multiplexer and the datapath into another unit's logic: the engine's command accept
+        # (deep in its loader) no longer reaches the client's FIFOs, the client's command logic no
+        # longer reaches the engine's or the streamers' registers, and the RAW consumer's ready no
+        # longer reaches the epilogue. One cycle of latency each, full throughput.
+        m.submodules.gemm_skid = gsk = SkidBuffer(self.engine.cmd.payload.shape())
+        m.submodules.wcmd_skid = wsk = SkidBuffer(wp.wstream.cmd.payload.shape())
+        m.submodules.pcmd_skid = psk = SkidBuffer(wp.pstream.cmd.payload.shape())
+        m.submodules.o_skid = osk = SkidBuffer(eng.o.payload.shape())
+        wiring.connect(m, gsk.o, eng.cmd)
+        wiring.connect(m, wsk.o, wp.wstream.cmd)
+        wiring.connect(m, psk.o, wp.pstream.cmd)
+        # The engine's done and busy reach the client a cycle late, from registers: both are ORs
+        # deep in the epilogue's and the loader's state, and every client's control acts on them.
+        # They keep their relation (busy is high in the cycle done pulses). A command waiting in its
+        # skid buffer, a result beat in the output one, or a command accepted in the previous cycle
+        # keeps the client's engine busy: a client that waits for ~gemm_busy (before a GELU-table
+        # write, at its end) must not see the engine idle while its command or last result is in
+        # flight.
+        done_q, busy_q = Signal(), Signal()
+        m.d.sync += [done_q.eq(eng.done),
+                     busy_q.eq(eng.busy | gsk.o.valid | osk.o.valid | (gsk.i.valid & gsk.i.ready))]
+        connect_client(m, wiring.flipped(self.client), eng, wp.wstream, wp.pstream, wp.wbuf, wp.pbuf,
+                       gemm=gsk.i, wcmd=wsk.i, pcmd=psk.i, busy=busy_q, done=done_q)
+        wiring.connect(m, eng.o, osk.i)
+        wiring.connect(m, osk.o, wiring.flipped(self.o))
 
         # ---- buffers -----------------------------------------------------------------------------
         m.submodules.act = act = self.act_buffer

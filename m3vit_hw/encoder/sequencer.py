@@ -190,8 +190,12 @@ class ProgramSequencer(wiring.Component):
         # A request once offered is held until taken (stream rules), even if fetching stops meanwhile.
         hold = Signal()
         m.d.sync += hold.eq(req.valid & ~req.ready)
+        # depth - level - inflight, kept as a counter of its own (it changes only when a request is
+        # sent or a beat leaves the FIFO; the FIFO is empty and nothing in flight at start), so the
+        # request's valid is a compare of one register against a constant, not a three-way add.
+        space = Signal(range(depth + 1), init=depth)
         m.d.comb += [
-            req.valid.eq(hold | (fetching & (fq.level + inflight + self._burst <= depth))),
+            req.valid.eq(hold | (fetching & (space >= self._burst))),
             req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
             fq.w_data.eq(resp.payload.data), fq.w_en.eq(resp.valid),
             resp.ready.eq(fq.w_rdy),
@@ -199,11 +203,12 @@ class ProgramSequencer(wiring.Component):
         sent = req.valid & req.ready
         got = resp.valid & resp.ready
         with m.If(start):
-            m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0)]
+            m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth)]
         with m.Else():
             with m.If(sent):
                 m.d.sync += faddr.eq(faddr + (beats << lb))
             m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got)
+            m.d.sync += space.eq(space - Mux(sent, beats, 0) + (fq.r_en & fq.r_rdy))
 
         # ---- assemble and decode -------------------------------------------------------------------
         asm = Signal(nbits)
@@ -216,8 +221,15 @@ class ProgramSequencer(wiring.Component):
             m.d.sync += [asm.eq((asm >> bw) | (fq.r_data << (nbits - bw))), have.eq(have + 1)]
         op_raw = asm[:OPCODE_BITS]
         wait = asm[OPCODE_BITS]
-        busy_any = self.unit_busy != 0
-        # A unit raises busy the cycle after it takes an instruction: hold "idle" off for two cycles.
+        # The units' busy flags, registered: each is an OR over a unit's state (the engine's through the
+        # datapath and the client multiplexer), and "idle" gates the dispatch into every unit's start
+        # logic. Registering costs one cycle at each wait for idle; a unit only turns busy by taking
+        # an instruction, which the guard covers.
+        busy_q = Signal.like(self.unit_busy)
+        m.d.sync += busy_q.eq(self.unit_busy)
+        busy_any = busy_q != 0
+        # A unit raises busy the cycle after it takes an instruction, and busy_q a cycle later: hold
+        # "idle" off for three cycles.
         guard = Signal(2)
         idle = ~busy_any & (guard == 0)
         last_op = Signal(OPCODE_BITS)
@@ -250,7 +262,7 @@ class ProgramSequencer(wiring.Component):
                                 m.d.comb += self.insn.valid.eq((~wait | idle) & ((op_raw == last_op) | idle))
                                 with m.If(self.insn.ready & self.insn.valid):
                                     m.d.comb += consume.eq(1)
-                                    m.d.sync += [have.eq(0), guard.eq(2), last_op.eq(op_raw)]
+                                    m.d.sync += [have.eq(0), guard.eq(3), last_op.eq(op_raw)]
                         with m.Default():
                             with m.If(idle):
                                 err = Mux(op_raw.matches(*sorted(valid_ops)), SeqError.NO_UNIT,

@@ -188,8 +188,22 @@ class EncoderTop(wiring.Component):
         ins = seq.insn
         pb = regs.param_base
         active = Signal(Opcode)                 # the class that owns the datapath
-        with m.If(ins.valid & ins.ready):
+        dispatch = ins.valid & ins.ready
+        with m.If(dispatch):
             m.d.sync += active.eq(ins.payload.op)
+
+        def owner_select(name, owners, default):
+            """A select register for one multiplexer: the index of ``active`` in ``owners`` (else
+            ``default``), loaded with ``active`` at dispatch. The multiplexers then switch on a
+            flip-flop, not on a decode of ``active``: the owner is known when the instruction is
+            dispatched, a cycle before its unit drives anything."""
+            sel = Signal(range(max(default, len(owners)) + 1), name=name, init=default)
+            with m.If(dispatch):
+                m.d.sync += sel.eq(default)
+                for i, op in enumerate(owners):
+                    with m.If(ins.payload.op == op):
+                        m.d.sync += sel.eq(i)
+            return sel
         m.d.comb += gx.lut_flush.eq(ins.valid & ins.ready & (ins.payload.op != Opcode.GEMM))
 
         def view(op):
@@ -264,60 +278,40 @@ class EncoderTop(wiring.Component):
         clients = [(Opcode.LOAD_IMAGE, emb.client), (Opcode.GEMM, gx.client), (Opcode.ATTENTION, at.client)]
         if mo is not None:
             clients.append((Opcode.MOE, mo.client))
-        csel = Signal(range(len(clients) + 1))
-        m.d.comb += csel.eq(len(clients))
-        for i, (op, _) in enumerate(clients):
-            with m.If(active == op):
-                m.d.comb += csel.eq(i)
+        csel = owner_select("csel", [op for op, _ in clients], len(clients))
         cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",))
         _connect_client(m, cl, dp.client)
         # The engine's result stream (RAW scores, gate logits): attention or the MoE router, else the
         # null sink.
         consumers = [(Opcode.ATTENTION, at.o)] + ([(Opcode.MOE, mo.o)] if mo is not None else [])
-        osel = Signal(range(len(consumers) + 1))
-        m.d.comb += osel.eq(len(consumers))
-        for i, (op, _) in enumerate(consumers):
-            with m.If(active == op):
-                m.d.comb += osel.eq(i)
+        osel = owner_select("osel", [op for op, _ in consumers], len(consumers))
         o = mux_interfaces(m, osel, [c for _, c in consumers] + [null.o], name="o")
         wiring.connect(m, dp.o, o)
         # The one row table: attention's score path or the MoE reorder controller writes it.
         writers = [(Opcode.ATTENTION, at.rt_wr)] + ([(Opcode.MOE, mo.rt_wr)] if mo is not None else [])
-        wsel = Signal(range(len(writers) + 1))
-        m.d.comb += wsel.eq(len(writers))
-        for i, (op, _) in enumerate(writers):
-            with m.If(active == op):
-                m.d.comb += wsel.eq(i)
+        wsel = owner_select("wsel", [op for op, _ in writers], len(writers))
         rt = mux_interfaces(m, wsel, [w for _, w in writers], name="rt_w")
         wiring.connect(m, rt, dp.rt_wr)
         wiring.connect(m, at.e8_wr, dp.e8_wr)
-        m.d.comb += dp.e8_mode.eq(active == Opcode.ATTENTION)
+        is_at, is_mo = owner_select("is_attention", [Opcode.ATTENTION], 1) == 0, \
+            owner_select("is_moe", [Opcode.MOE], 1) == 0
+        m.d.comb += dp.e8_mode.eq(is_at)
         # The parameter buffer's read port for the MoE router's gate phase.
         if mo is not None:
-            m.d.comb += [dp.param_rd_own.eq((active == Opcode.MOE) & mo.param.own),
+            m.d.comb += [dp.param_rd_own.eq(is_mo & mo.param.own),
                          dp.param_rd.addr.eq(mo.param.rd.addr), dp.param_rd.en.eq(mo.param.rd.en),
                          mo.param.rd.data.eq(dp.param_rd.data)]
         else:
             m.d.comb += [dp.param_rd_own.eq(0), dp.param_rd.en.eq(0)]
 
         # Activation side writes: LayerNorm or the patch loader.
-        is_ln, is_li, is_st = active == Opcode.LAYERNORM, active == Opcode.LOAD_IMAGE, active == Opcode.STORE
-        aw_sel = Signal(2)
-        m.d.comb += aw_sel.eq(2)
-        with m.If(is_ln):
-            m.d.comb += aw_sel.eq(0)
-        with m.Elif(is_li):
-            m.d.comb += aw_sel.eq(1)
+        aw_sel = owner_select("aw_sel", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE], 2)
+        rr_sel = owner_select("rr_sel", [Opcode.LAYERNORM, Opcode.STORE], 2)
+        is_ln, is_li, is_st = aw_sel == 0, aw_sel == 1, rr_sel == 1
         act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w")
         wiring.connect(m, act_w, dp.act_wr)
         m.d.comb += dp.act_wr_own.eq(is_ln | is_li)
         # Residual side reads: LayerNorm or the store DMA.
-        rr_sel = Signal(2)
-        m.d.comb += rr_sel.eq(2)
-        with m.If(is_ln):
-            m.d.comb += rr_sel.eq(0)
-        with m.Elif(is_st):
-            m.d.comb += rr_sel.eq(1)
         res_r = mux_interfaces(m, rr_sel, [nrm.res_rd, st.res_rd], name="res_r")
         wiring.connect(m, res_r, dp.res_rd)
         m.d.comb += dp.res_rd_own.eq(is_ln | is_st)

@@ -43,7 +43,8 @@ word ``dst_base + row*dst_stride + nb``; lanes beyond N are not written. A row o
 Schedule and throughput
 -----------------------
 Tiles run row-tile-major (``for mb: for nb:``), each over ``ceil(K / C)`` *blocks* of C reduction
-steps. A three-stage loader reads a block -- ``pe_rows`` A words (one per tile row, re-reading the row
+steps. A five-stage loader (walk; row-table read; row index registered; row products registered in
+DSPs; operand reads, so no memory output and no multiply feeds an address in the same cycle) reads a block -- ``pe_rows`` A words (one per tile row, re-reading the row
 table for gathered rows) and C B words, one of each per cycle, ``max(pe_rows, C)`` cycles -- into a
 staging register while the PE array consumes the previous block, one reduction step per cycle. Hence:
 
@@ -66,7 +67,7 @@ beats of ``epi_lanes`` lanes, one per cycle, so a tile drains in ``rows * epi_be
 whose K is below :attr:`~m3vit_hw.config.AcceleratorConfig.epi_hidden_min_k` waits for the previous
 tile's drain. The epilogue (and its DSP48E2s) is ``epi_lanes`` wide, independent of the array.
 
-Latency: the first block is staged ``max(pe_rows, C) + 3`` cycles after the command is accepted; a
+Latency: the first block is staged ``max(pe_rows, C) + 5`` cycles after the command is accepted; a
 tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
 with ``pe_pack`` 2) cycles after its last reduction step, and their results are written
 :data:`~m3vit_hw.gemm.epilogue.LATENCY` (18) cycles later.
@@ -366,6 +367,28 @@ class GemmEngine(wiring.Component):
             "b_addr": unsigned(b_aw), "info": block_info,
         }))
         l1_cmd = Signal(l1_cmd_layout)
+        # L1R: the row-table entry registered (the memory output feeds no arithmetic in its own
+        # cycle), the row indices selected, the address offsets pre-added. L1M: the two row products
+        # registered (a DSP48E2 each, input and output registers absorbable). Then the reads are
+        # issued from L1M with one add per address.
+        l1r_valid = Signal()
+        l1r = Signal(data.StructLayout({
+            "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
+            "a_idx": unsigned(cfg.token_bits if cfg.token_bits > m_w else m_w),
+            "d_idx": unsigned(cfg.token_bits if cfg.token_bits > m_w else m_w),
+            "a_stride": unsigned(act_aw), "dst_stride": unsigned(dst_aw),
+            "a_off": unsigned(act_aw), "d_off": unsigned(dst_aw),
+            "b_addr": unsigned(b_aw), "colp_addr": unsigned(cfg.param_addr_bits),
+            "scale": unsigned(numerics.MULT_BITS), "info": block_info,
+        }))
+        l1m_valid = Signal()
+        l1m = Signal(data.StructLayout({
+            "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
+            "a_prod": unsigned(act_aw), "d_prod": unsigned(dst_aw),
+            "a_off": unsigned(act_aw), "d_off": unsigned(dst_aw),
+            "b_addr": unsigned(b_aw), "colp_addr": unsigned(cfg.param_addr_bits),
+            "scale": unsigned(numerics.MULT_BITS), "info": block_info,
+        }))
         l2_valid = Signal()
         l2 = Signal(data.StructLayout({
             "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
@@ -387,6 +410,9 @@ class GemmEngine(wiring.Component):
         w_ent = Signal(range(n_ent))       # entry of the block written next
         stage_a = _SkewedStage(m, "stage_a", R, C)
         stage_b = _SkewedStage(m, "stage_b", C, C)
+        # col == cur_info.w - 1, kept in a register: the PE array's ready, the block end and with
+        # them the whole loader advance chain start at a flip-flop, not at a compare on an adder.
+        col_last = Signal()
 
         # Tile descriptors between the feeder and the drain: tiles whose results are in flight between
         # the loader and the epilogue (staged, accumulating, draining); config.gemm_desc_depth = 3 by
@@ -399,16 +425,21 @@ class GemmEngine(wiring.Component):
 
         # ---- handshakes --------------------------------------------------------------------------
         emit = cur_valid & pe.i.ready
-        block_end = emit & (col == cur_info.w - 1)
+        block_end = emit & col_last
         desc_room = d_count != DESC_DEPTH
         handoff = nx_full & (~cur_valid | block_end) & (~nx_info.first | desc_room)
         room = ~nx_full | handoff
+        # The loader stages L1 .. L2 hold together: one enable for all of them, rather than a chain
+        # of "advance if the next stage is empty or advances" (which the LUT mapper keeps as one LUT
+        # level per stage, each driving that stage's enables). A bubble then waits with the stall;
+        # bubbles only enter at a command start, so this costs nothing while commands follow each
+        # other.
         l_adv2 = ~l2_valid | room
-        l_adv1 = ~l1_valid | l_adv2
+        l_adv1m = l_adv1r = l_adv1 = l_adv2
         issue = active & l_adv1
 
         busy = Signal()
-        m.d.comb += busy.eq(active | l1_valid | l2_valid | nx_full | cur_valid | pe.busy |
+        m.d.comb += busy.eq(active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
                             (d_count != 0) | ep.busy)
 
         last_ent = ent == n_ent - 1
@@ -442,8 +473,9 @@ class GemmEngine(wiring.Component):
         ]
 
         # The row-table entry of the entry's row is read for every entry (harmless when unused).
+        rt_row = Signal(cfg.rowtab_addr_bits)          # rowtab_base + m0
         m.d.comb += [
-            self.rowtab_rd.addr.eq(cmd.rowtab_base + m0 + ent),
+            self.rowtab_rd.addr.eq(rt_row + ent),
             self.rowtab_rd.en.eq(l_adv1),
         ]
 
@@ -480,7 +512,7 @@ class GemmEngine(wiring.Component):
                                      b_tile_base.eq(b_tile_base + cmd.b_tile_stride)]
                         with m.If(last_ntile):
                             m.d.sync += [n0.eq(0), nb.eq(0), b_tile_base.eq(cmd.b_base),
-                                         m0.eq(m0 + R)]
+                                         m0.eq(m0 + R), rt_row.eq(rt_row + R)]
                             with m.If(last_mtile):
                                 m.d.sync += active.eq(0)
 
@@ -508,40 +540,67 @@ class GemmEngine(wiring.Component):
                 cmd.n.eq(Mux(p.n == 0, 1, p.n)),
                 cmd.k.eq(Mux(p.k == 0, 1, p.k)),
                 active.eq(1),
-                m0.eq(0), n0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0),
+                m0.eq(0), n0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(p.rowtab_base),
                 b_tile_base.eq(p.b_base), b_kblk.eq(0), b_istride.eq(0),
                 b_cstride.eq(p.b_k_stride * C),
             ]
 
-        # ---- L1: addresses from the row table; read A, B and the column parameters -------------
+        # ---- L1: the row-table entry arrives; select the row indices, pre-add the offsets ---------
         entry = self.rowtab_rd.data
-        a_idx = Mux(l1_cmd.gather, entry.token, l1.m_idx)
-        d_idx = Mux(l1_cmd.scatter, entry.token, l1.m_idx)
-        a_row = Signal(act_aw)
-        m.d.comb += a_row.eq(l1_cmd.a_base + a_idx * l1_cmd.a_stride)
-        # The row table is read again for every block, so a gathered row's address is recomputed
-        # each time instead of being stored per tile.
-        a_start = a_row
+        with m.If(l_adv1r):
+            m.d.sync += l1r_valid.eq(l1_valid)
+            with m.If(l1_valid):
+                m.d.sync += [
+                    l1r.last_ent.eq(l1.last_ent), l1r.a_en.eq(l1.a_en), l1r.b_en.eq(l1.b_en),
+                    l1r.kb0.eq(l1.kb0), l1r.first_ent.eq(l1.first_ent),
+                    l1r.a_idx.eq(Mux(l1_cmd.gather, entry.token, l1.m_idx)),
+                    l1r.d_idx.eq(Mux(l1_cmd.scatter, entry.token, l1.m_idx)),
+                    l1r.a_stride.eq(l1_cmd.a_stride), l1r.dst_stride.eq(l1_cmd.dst_stride),
+                    l1r.a_off.eq(l1_cmd.a_base + l1.kb),
+                    l1r.d_off.eq(l1_cmd.dst_base + l1.nb),
+                    l1r.b_addr.eq(l1.b_addr),
+                    l1r.colp_addr.eq(l1_cmd.colp_base + l1.nb),
+                    l1r.scale.eq(entry.scale),
+                    l1r.info.eq(l1.info),
+                ]
+
+        # ---- L1R: the row products (registered operands in, registered product out) ------------
+        with m.If(l_adv1m):
+            m.d.sync += l1m_valid.eq(l1r_valid)
+            with m.If(l1r_valid):
+                m.d.sync += [
+                    l1m.last_ent.eq(l1r.last_ent), l1m.a_en.eq(l1r.a_en), l1m.b_en.eq(l1r.b_en),
+                    l1m.kb0.eq(l1r.kb0), l1m.first_ent.eq(l1r.first_ent),
+                    # The row table is read again for every block, so a gathered row's address is
+                    # recomputed each time instead of being stored per tile.
+                    l1m.a_prod.eq(l1r.a_idx * l1r.a_stride),
+                    l1m.d_prod.eq(l1r.d_idx * l1r.dst_stride),
+                    l1m.a_off.eq(l1r.a_off), l1m.d_off.eq(l1r.d_off),
+                    l1m.b_addr.eq(l1r.b_addr), l1m.colp_addr.eq(l1r.colp_addr),
+                    l1m.scale.eq(l1r.scale), l1m.info.eq(l1r.info),
+                ]
+
+        # ---- L1M: read A, B and the column parameters -------------------------------------------
         m.d.comb += [
-            self.a_rd.addr.eq(a_start + l1.kb),
+            self.a_rd.addr.eq(l1m.a_off + l1m.a_prod),
             self.a_rd.en.eq(l_adv2),
-            self.b_rd.addr.eq(l1.b_addr),
+            self.b_rd.addr.eq(l1m.b_addr),
             self.b_rd.en.eq(l_adv2),
-            self.colp_rd.addr.eq(l1_cmd.colp_base + l1.nb),
+            self.colp_rd.addr.eq(l1m.colp_addr),
             self.colp_rd.en.eq(l_adv2),
         ]
         with m.If(l_adv2):
-            m.d.sync += l2_valid.eq(l1_valid)
-            with m.If(l1_valid):
+            m.d.sync += l2_valid.eq(l1m_valid)
+            with m.If(l1m_valid):
                 m.d.sync += [
-                    l2.last_ent.eq(l1.last_ent),
-                    l2.a_en.eq(l1.a_en),
-                    l2.b_en.eq(l1.b_en),
-                    l2.kb0.eq(l1.kb0),
-                    l2.first_ent.eq(l1.first_ent),
-                    l2.row.addr.eq(l1_cmd.dst_base + d_idx * l1_cmd.dst_stride + l1.nb),
-                    l2.row.scale.eq(entry.scale),
-                    l2.info.eq(l1.info),
+                    l2.last_ent.eq(l1m.last_ent),
+                    l2.a_en.eq(l1m.a_en),
+                    l2.b_en.eq(l1m.b_en),
+                    l2.kb0.eq(l1m.kb0),
+                    l2.first_ent.eq(l1m.first_ent),
+                    l2.row.addr.eq(l1m.d_off + l1m.d_prod),
+                    l2.row.scale.eq(l1m.scale),
+                    l2.info.eq(l1m.info),
                 ]
 
         # ---- L2: write the read words into the staging block -------------------------------------
@@ -573,7 +632,7 @@ class GemmEngine(wiring.Component):
             pe.i.valid.eq(cur_valid),
             pe.i.payload.a_unsigned.eq(cur_info.a_unsigned),
             pe.i.payload.first.eq(cur_info.first & (col == 0)),
-            pe.i.payload.last.eq(cur_info.last & (col == cur_info.w - 1)),
+            pe.i.payload.last.eq(cur_info.last & col_last),
             pe.i.payload.rows_valid.eq(cur_info.rows_valid),
         ]
         # Step `col`: A lane `col` of every A word; B word `col` (direct) or lane `col` of every B
@@ -586,10 +645,10 @@ class GemmEngine(wiring.Component):
             m.d.comb += pe.i.payload.b[c].eq(b_step[c * byte:(c + 1) * byte])
 
         with m.If(handoff):
-            m.d.sync += [cur_valid.eq(1), col.eq(0), cur_info.eq(nx_info),
+            m.d.sync += [cur_valid.eq(1), col.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
                          r_slot.eq(w_slot), w_slot.eq(~w_slot)]
         with m.Elif(emit):
-            m.d.sync += col.eq(col + 1)
+            m.d.sync += [col.eq(col + 1), col_last.eq(col + 2 == cur_info.w)]
             with m.If(block_end):
                 m.d.sync += cur_valid.eq(0)
 

@@ -17,15 +17,21 @@ Contract
 * ``resp.ready`` towards the memory is the head master's ``resp.ready``; it never depends on any
   ``req.ready``.
 
-Latency: none added on either path (requests and responses pass combinationally; the grant and the
-FIFO are registers). The FIFO adds one cycle between a request's acceptance and the earliest cycle its
-first beat can be routed, which any memory with a latency of at least one cycle hides.
+Latency: with ``register`` (the default) every master's request goes through a
+:class:`~m3vit_hw.lib.skid.SkidBuffer` and so does the granted request towards the memory: no
+combinational path runs from one master's request logic through the round-robin pick into another
+master's ``req.ready`` or into the memory side, at two cycles of request latency and full throughput.
+The response stream passes through one more skid buffer (one cycle per beat of latency, full
+throughput), so a master's ``resp.ready`` does not reach the memory side either. Without
+``register`` requests and responses pass combinationally (the routing FIFO head is a register). The FIFO adds one cycle between a request's acceptance and the earliest cycle
+its first beat can be routed, which any memory with a latency of at least one cycle hides.
 """
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
+from .skid import SkidBuffer
 from .mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
 from ..checks import check_int as _check_int
 
@@ -48,6 +54,8 @@ class ReadArbiter(wiring.Component):
         side.
     depth : int
         Requests that may be outstanding at the memory (the routing FIFO's depth), in [1, 256].
+    register : bool
+        Skid buffers on every master's request and on the memory request (see the module docstring).
 
     Interface attributes
     --------------------
@@ -65,8 +73,11 @@ class ReadArbiter(wiring.Component):
     """
 
     def __init__(self, masters, *, addr_width=DEFAULT_ADDR_WIDTH, data_bytes=DEFAULT_DATA_BYTES,
-                 max_burst=DEFAULT_MAX_BURST, depth=DEFAULT_DEPTH):
+                 max_burst=DEFAULT_MAX_BURST, depth=DEFAULT_DEPTH, register=True):
         _check_int("masters", masters, 1, 16)
+        if not isinstance(register, bool):
+            raise TypeError(f"register must be a bool, not {register!r}")
+        self._register = register
         _check_int("depth", depth, 1, 256)
         sig = ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)
         self._n = masters
@@ -93,8 +104,27 @@ class ReadArbiter(wiring.Component):
         idx_bits = max(1, (n - 1).bit_length())
         m.submodules.route = route = fifo.SyncFIFO(width=idx_bits, depth=self._depth)
 
-        req, resp = self.mem.req, self.mem.resp
-        valids = [self.masters[i].req.valid for i in range(n)]
+        if self._register:
+            # Responses too: the head master's resp.ready ends at this skid buffer instead of
+            # running out to the memory side (the AXI bridge's FIFOs).
+            rsk = m.submodules.resp_skid = SkidBuffer(self.mem.resp.payload.shape())
+            wiring.connect(m, wiring.flipped(self.mem.resp), rsk.i)
+            resp = rsk.o
+        else:
+            resp = self.mem.resp
+        if self._register:
+            reqs = []
+            for i in range(n):
+                sk = m.submodules[f"req_skid{i}"] = SkidBuffer(self.mem.req.payload.shape())
+                wiring.connect(m, wiring.flipped(self.masters[i].req), sk.i)
+                reqs.append(sk.o)
+            out = m.submodules.mem_skid = SkidBuffer(self.mem.req.payload.shape())
+            wiring.connect(m, out.o, wiring.flipped(self.mem.req))
+            req = out.i
+        else:
+            reqs = [self.masters[i].req for i in range(n)]
+            req = self.mem.req
+        valids = [r.valid for r in reqs]
 
         # Round-robin: the master after the last granted one has the highest priority.
         last = Signal(range(n), init=n - 1)
@@ -117,9 +147,9 @@ class ReadArbiter(wiring.Component):
             for i in range(n):
                 with m.Case(i):
                     m.d.comb += [
-                        req.valid.eq(self.masters[i].req.valid & route.w_rdy),
-                        req.payload.eq(self.masters[i].req.payload),
-                        self.masters[i].req.ready.eq(req.ready & route.w_rdy),
+                        req.valid.eq(reqs[i].valid & route.w_rdy),
+                        req.payload.eq(reqs[i].payload),
+                        reqs[i].ready.eq(req.ready & route.w_rdy),
                     ]
         transfer = req.valid & req.ready
         m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(sel)]
@@ -142,6 +172,9 @@ class ReadArbiter(wiring.Component):
                     m.d.comb += resp.ready.eq(route.r_rdy & self.masters[i].resp.ready)
         m.d.comb += [
             route.r_en.eq(resp.valid & resp.ready & resp.payload.last),
-            self.busy.eq(route.r_rdy),
+            # Outstanding at the memory, or still waiting in a skid buffer.
+            self.busy.eq(route.r_rdy | (Cat(r.valid for r in reqs).any() if self._register else 0)
+                         | (resp.valid if self._register else 0)
+                         | (out.o.valid if self._register else 0)),
         ]
         return m

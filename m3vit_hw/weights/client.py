@@ -68,15 +68,22 @@ class GemmClientSignature(wiring.Signature):
         return f"GemmClientSignature({self._config.model.name}, addr_width={self._aw})"
 
 
-def connect_client(m, client, engine, wstream, pstream, wbuf, pbuf):
+def connect_client(m, client, engine, wstream, pstream, wbuf, pbuf, *, gemm=None, wcmd=None, pcmd=None,
+                   busy=None, done=None):
     """Wire a sequencer's client port to an engine, two streamers and two weight buffers (whose read
-    data/address side the caller connects to the engine)."""
-    wiring.connect(m, client.gemm, engine.cmd)
-    wiring.connect(m, client.wcmd, wstream.cmd)
-    wiring.connect(m, client.pcmd, pstream.cmd)
+    data/address side the caller connects to the engine).
+
+    ``gemm``, ``wcmd``, ``pcmd`` (optional) are the stream *sinks* the client's three command streams
+    go to instead of ``engine.cmd`` / ``wstream.cmd`` / ``pstream.cmd`` (a register stage the caller
+    put in front of them, e.g. a :class:`~m3vit_hw.lib.skid.SkidBuffer`'s ``i``); ``busy`` replaces
+    ``engine.busy`` as the client's ``gemm_busy`` (it must then also cover a command held in such a
+    stage); ``done`` likewise replaces ``engine.done`` (e.g. a registered copy)."""
+    wiring.connect(m, client.gemm, gemm if gemm is not None else engine.cmd)
+    wiring.connect(m, client.wcmd, wcmd if wcmd is not None else wstream.cmd)
+    wiring.connect(m, client.pcmd, pcmd if pcmd is not None else pstream.cmd)
     m.d.comb += [
-        client.gemm_done.eq(engine.done),
-        client.gemm_busy.eq(engine.busy),
+        client.gemm_done.eq(engine.done if done is None else done),
+        client.gemm_busy.eq(engine.busy if busy is None else busy),
         client.pe_active.eq(engine.pe_active),
         client.tile_valid.eq(wbuf.read.tile.valid & pbuf.read.tile.valid),
         wbuf.read.tile.ready.eq(client.release),
