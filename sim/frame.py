@@ -34,7 +34,7 @@ from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.control.compiler import compile_model
 from m3vit_hw.control.isa import Opcode
-from m3vit_hw.encoder import EncoderTop, SeqError
+from m3vit_hw.encoder import CounterPhase, EncoderTop, SeqError
 from m3vit_hw.model_config import PRESETS, ModelConfig
 from reference import golden_model
 from reference.random_qparams import random_quantized
@@ -207,6 +207,9 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
                 "cycles_per_op_class": {n: ctx.get(top.op_cycles[op.value]) for op, n in OP_CLASS_NAMES.items()},
                 "pe_active_per_op_class": {n: ctx.get(top.pe_cycles[op.value])
                                            for op, n in OP_CLASS_NAMES.items()},
+                "cycles_per_phase": {p.name.lower(): ctx.get(top.phase_cycles[p.value]) for p in CounterPhase},
+                "pe_active_per_phase": {p.name.lower(): ctx.get(top.phase_pe_cycles[p.value])
+                                        for p in CounterPhase},
                 "wall_seconds": round(time.time() - t0, 1),
                 "dispatch_overhead_cycles": None,
                 "_snaps": snaps,
@@ -327,7 +330,9 @@ def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_c
     return {
         "label": job.label, "task": job.task, "cycles": r["cycles"], "error": SeqError(r["error"]).name,
         "instructions": r["insn_count"], "cycles_per_op_class": r["cycles_per_op_class"],
-        "pe_active_per_op_class": r["pe_active_per_op_class"], "macs": r["macs"],
+        "pe_active_per_op_class": r["pe_active_per_op_class"],
+        "cycles_per_phase": r["cycles_per_phase"], "pe_active_per_phase": r["pe_active_per_phase"],
+        "macs": r["macs"],
         "bit_exact": not len(bad), "mismatches": int(len(bad)), "reference": reference,
         "first_mismatch": first, "wall_seconds": round(time.time() - t0, 1),
         "simulator": {"cycles_per_second": r["cycles_per_second"], "sim_seconds": r["sim_seconds"]},
@@ -474,6 +479,9 @@ def main(argv=None):
     print(f"bit_exact={rep['bit_exact']} ({rep['mismatches']} mismatches vs {rep['reference']}), "
           f"{rep['cycles']} cycles, {rep['macs']} MACs, error {rep['error']}")
     print("  cycles per op class: " + ", ".join(f"{k} {v}" for k, v in rep["cycles_per_op_class"].items()))
+    print("  PE-busy per op class: " + ", ".join(f"{k} {v}" for k, v in rep["pe_active_per_op_class"].items()))
+    print("  phases (cycles / PE-busy): " + ", ".join(f"{k} {v} / {rep['pe_active_per_phase'][k]}"
+                                                      for k, v in rep["cycles_per_phase"].items()))
     if rep["first_mismatch"]:
         print(f"  first mismatch: {rep['first_mismatch']}")
     if args.json:

