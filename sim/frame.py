@@ -292,11 +292,13 @@ def _check(config, job, rep, mem):
 
 def _config(args, model):
     """The accelerator: the preset's (``ACCEL_PRESETS``) when ``--preset`` names one and no PE flag is
-    given, else ``--pe-rows x --pe-cols`` (default 4x4) around ``model``."""
+    given, else ``--pe-rows x --pe-cols`` (default 4x4) around ``model``; ``--mem-data-bytes`` sets the
+    memory beat of either."""
     from m3vit_hw.config import ACCEL_PRESETS
+    over = {} if getattr(args, "mem_data_bytes", None) is None else {"mem_data_bytes": args.mem_data_bytes}
     if args.preset in ACCEL_PRESETS and args.pe_rows is None and args.pe_cols is None:
-        return AcceleratorConfig.from_preset(args.preset).with_(model=model)
-    return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4)
+        return AcceleratorConfig.from_preset(args.preset).with_(model=model, **over)
+    return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4, **over)
 
 
 def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_cycle=None):
@@ -413,6 +415,8 @@ def main(argv=None):
     a("--backend", default="pysim",
       help="pysim (Amaranth's simulator, with the diff ladder) or verilator (compiled, cached; "
            "the ladder then needs a pysim re-run)")
+    a("--mem-data-bytes", type=int, default=None,
+      help="memory beat in bytes (default: the accelerator's; at most the 32-byte instruction)")
     a("--mem-bytes-per-cycle", type=float, default=None,
       help="external-memory bandwidth (default: one beat a cycle)")
     a("--clock-mhz", type=float, default=None, help="clock for latency_ms (default: the config's)")
@@ -445,6 +449,9 @@ def main(argv=None):
             except KeyError:
                 raise ValueError(f"--drop: unknown opcode {name!r}") from None
         config = _config(args, model)
+        # The sequencer's own limits (a beat at most one instruction wide), before any long run.
+        from m3vit_hw.encoder.sequencer import ProgramSequencer
+        ProgramSequencer(config)
         job = make_job(config, model, seed=args.seed, task=args.task, drop=drop)
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
