@@ -291,12 +291,14 @@ def _check(config, job, rep, mem):
 
 
 def _config(args, model):
-    """The accelerator: the preset's (``ACCEL_PRESETS``) when ``--preset`` names one and no PE flag is
-    given, else ``--pe-rows x --pe-cols`` (default 4x4) around ``model``; ``--mem-data-bytes`` sets the
-    memory beat of either."""
+    """The accelerator: the preset's (``ACCEL_PRESETS``) when ``--preset`` names one, reshaped by
+    ``--pe-rows`` / ``--pe-cols`` if given, else ``--pe-rows x --pe-cols`` (default 4x4) around
+    ``model``; ``--mem-data-bytes`` sets the memory beat of either."""
     from m3vit_hw.config import ACCEL_PRESETS
     over = {} if getattr(args, "mem_data_bytes", None) is None else {"mem_data_bytes": args.mem_data_bytes}
-    if args.preset in ACCEL_PRESETS and args.pe_rows is None and args.pe_cols is None:
+    if args.preset in ACCEL_PRESETS:
+        # The PE flags reshape the preset's accelerator (its buffers stay).
+        over.update({k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols)) if v is not None})
         return AcceleratorConfig.from_preset(args.preset).with_(model=model, **over)
     return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4, **over)
 
