@@ -34,7 +34,7 @@ from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
 from m3vit_hw.control.compiler import compile_model
 from m3vit_hw.control.isa import Opcode
-from m3vit_hw.encoder import EncoderTop, SeqError
+from m3vit_hw.encoder import CounterPhase, EncoderTop, SeqError
 from m3vit_hw.model_config import PRESETS, ModelConfig
 from reference import golden_model
 from reference.random_qparams import random_quantized
@@ -207,6 +207,9 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
                 "cycles_per_op_class": {n: ctx.get(top.op_cycles[op.value]) for op, n in OP_CLASS_NAMES.items()},
                 "pe_active_per_op_class": {n: ctx.get(top.pe_cycles[op.value])
                                            for op, n in OP_CLASS_NAMES.items()},
+                "cycles_per_phase": {p.name.lower(): ctx.get(top.phase_cycles[p.value]) for p in CounterPhase},
+                "pe_active_per_phase": {p.name.lower(): ctx.get(top.phase_pe_cycles[p.value])
+                                        for p in CounterPhase},
                 "wall_seconds": round(time.time() - t0, 1),
                 "dispatch_overhead_cycles": None,
                 "_snaps": snaps,
@@ -288,12 +291,16 @@ def _check(config, job, rep, mem):
 
 
 def _config(args, model):
-    """The accelerator: the preset's (``ACCEL_PRESETS``) when ``--preset`` names one and no PE flag is
-    given, else ``--pe-rows x --pe-cols`` (default 4x4) around ``model``."""
+    """The accelerator: the preset's (``ACCEL_PRESETS``) when ``--preset`` names one, reshaped by
+    ``--pe-rows`` / ``--pe-cols`` if given, else ``--pe-rows x --pe-cols`` (default 4x4) around
+    ``model``; ``--mem-data-bytes`` sets the memory beat of either."""
     from m3vit_hw.config import ACCEL_PRESETS
-    if args.preset in ACCEL_PRESETS and args.pe_rows is None and args.pe_cols is None:
-        return AcceleratorConfig.from_preset(args.preset).with_(model=model)
-    return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4)
+    over = {} if getattr(args, "mem_data_bytes", None) is None else {"mem_data_bytes": args.mem_data_bytes}
+    if args.preset in ACCEL_PRESETS:
+        # The PE flags reshape the preset's accelerator (its buffers stay).
+        over.update({k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols)) if v is not None})
+        return AcceleratorConfig.from_preset(args.preset).with_(model=model, **over)
+    return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4, **over)
 
 
 def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_cycle=None):
@@ -327,7 +334,9 @@ def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_c
     return {
         "label": job.label, "task": job.task, "cycles": r["cycles"], "error": SeqError(r["error"]).name,
         "instructions": r["insn_count"], "cycles_per_op_class": r["cycles_per_op_class"],
-        "pe_active_per_op_class": r["pe_active_per_op_class"], "macs": r["macs"],
+        "pe_active_per_op_class": r["pe_active_per_op_class"],
+        "cycles_per_phase": r["cycles_per_phase"], "pe_active_per_phase": r["pe_active_per_phase"],
+        "macs": r["macs"],
         "bit_exact": not len(bad), "mismatches": int(len(bad)), "reference": reference,
         "first_mismatch": first, "wall_seconds": round(time.time() - t0, 1),
         "simulator": {"cycles_per_second": r["cycles_per_second"], "sim_seconds": r["sim_seconds"]},
@@ -408,6 +417,8 @@ def main(argv=None):
     a("--backend", default="pysim",
       help="pysim (Amaranth's simulator, with the diff ladder) or verilator (compiled, cached; "
            "the ladder then needs a pysim re-run)")
+    a("--mem-data-bytes", type=int, default=None,
+      help="memory beat in bytes (default: the accelerator's; at most the 32-byte instruction)")
     a("--mem-bytes-per-cycle", type=float, default=None,
       help="external-memory bandwidth (default: one beat a cycle)")
     a("--clock-mhz", type=float, default=None, help="clock for latency_ms (default: the config's)")
@@ -440,6 +451,9 @@ def main(argv=None):
             except KeyError:
                 raise ValueError(f"--drop: unknown opcode {name!r}") from None
         config = _config(args, model)
+        # The sequencer's own limits (a beat at most one instruction wide), before any long run.
+        from m3vit_hw.encoder.sequencer import ProgramSequencer
+        ProgramSequencer(config)
         job = make_job(config, model, seed=args.seed, task=args.task, drop=drop)
     except (TypeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -474,6 +488,9 @@ def main(argv=None):
     print(f"bit_exact={rep['bit_exact']} ({rep['mismatches']} mismatches vs {rep['reference']}), "
           f"{rep['cycles']} cycles, {rep['macs']} MACs, error {rep['error']}")
     print("  cycles per op class: " + ", ".join(f"{k} {v}" for k, v in rep["cycles_per_op_class"].items()))
+    print("  PE-busy per op class: " + ", ".join(f"{k} {v}" for k, v in rep["pe_active_per_op_class"].items()))
+    print("  phases (cycles / PE-busy): " + ", ".join(f"{k} {v} / {rep['pe_active_per_phase'][k]}"
+                                                      for k, v in rep["cycles_per_phase"].items()))
     if rep["first_mismatch"]:
         print(f"  first mismatch: {rep['first_mismatch']}")
     if args.json:

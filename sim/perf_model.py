@@ -596,8 +596,9 @@ def uniform_counts(config, tokens=None):
 
 def project_program(program, *, routing=None, bytes_per_cycle=16.0, latency=20):
     """Projected cycles of one frame: the sum over ``program.instructions`` (a compiled
-    :class:`~m3vit_hw.control.compiler.Program`), one unit at a time (every instruction the compiler
-    emits carries ``wait``); a block's ``GEMM`` instructions are modelled together on the encoder's GEMM
+    :class:`~m3vit_hw.control.compiler.Program`), one unit at a time (every non-GEMM instruction the
+    compiler emits carries ``wait``, and a change of unit waits for every unit to be idle); a block's
+    ``GEMM`` instructions (only the first with ``wait``) are modelled together on the encoder's GEMM
     executor (:func:`gemm_instructions_cycles`).
 
     Parameters

@@ -145,17 +145,32 @@ FRAME_CLASSES = {"load_image": "patch_embed", "layernorm": "layernorm", "gemm": 
 def from_frame(frame, config, *, split=None):
     """Counters from the frame runner's JSON (``python -m sim frame --json``).
 
-    ``attention`` and ``moe`` cycles are split into the report's classes (QKV + proj, attention
-    matmuls, softmax; router, experts) in the proportions of ``split`` (a :func:`sim.perf_model.project_frame`
-    result for the same config; default: computed), since the hardware counts them per instruction;
-    each class's cycles without PE activity beyond the model's own are booked to ``memory_stall``
-    only in the model, so here they stay with their class. The split is labelled in ``source``."""
+    With the encoder's phase counters (``cycles_per_phase`` / ``pe_active_per_phase``,
+    :class:`~m3vit_hw.encoder.top.CounterPhase`) the ``attention`` and ``moe`` cycles are split by the
+    hardware: ``attn_matmul`` = PE-busy cycles of the attention core (QK^T, AV), ``softmax`` = the
+    core's cycles with the PE array idle (waits for the score path, fills and drains), ``qkv_proj`` =
+    the rest of the attention unit's cycles; ``router`` = the MoE router phase, ``experts`` = the rest.
+    Without them (older JSON) the split follows the proportions of ``split`` (a
+    :func:`sim.perf_model.project_frame` result for the same config; default: computed). The split used
+    is named in ``source``."""
     cyc = frame["cycles"]
     per = frame.get("cycles_per_op_class") or {}
     bd = {}
     for k, v in per.items():
         if k in FRAME_CLASSES:
             bd[FRAME_CLASSES[k]] = bd.get(FRAME_CLASSES[k], 0) + v
+    ph, php = frame.get("cycles_per_phase"), frame.get("pe_active_per_phase")
+    if ph and php:
+        core, core_pe = ph["attn_core"], php["attn_core"]
+        if "attention" in per:
+            bd.update(qkv_proj=per["attention"] - core, attn_matmul=core_pe, softmax=core - core_pe)
+        if "moe" in per:
+            bd.update(router=ph["moe_router"], experts=per["moe"] - ph["moe_router"])
+        return {"cycles": cyc, "breakdown": bd, "macs": frame.get("macs", 0),
+                "weight_bytes_fetched": frame.get("weight_bytes_fetched"),
+                "weight_bytes_minimum": frame.get("weight_bytes_minimum"), "projected": False,
+                "bit_exact": frame.get("bit_exact"),
+                "source": "frame (attention and moe split by the encoder's phase counters)"}
     if split is None and ("attention" in per or "moe" in per):
         from sim.perf_model import project_frame
         split = project_frame(config, routing="uniform")

@@ -152,3 +152,43 @@ def test_wider_memory_beat_bit_exact():
     assert program.layout.data_bytes == 64 and all(
         off % 64 == 0 for off, _ in program.layout.sections.values())
     _check_all_tasks(program, qm, _image(cfg.model, 22))
+
+
+@pytest.mark.parametrize("preset, groups", [("vit-tiny-cityscapes", [1, 4, 16, 27]), ("tiny", None)])
+def test_dense_block_waits_once_and_splits_its_first_tile(preset, groups):
+    """In every dense block only the first GEMM waits (the executor orders the hidden slot); the
+    waiting fc1 tile is split into panel groups that cover the layout's tile exactly once (weight,
+    parameter and destination addresses continue panel by panel), each group at most the growth
+    factor times the one before."""
+    from m3vit_hw.dense.dense_layout import plan_dense
+    cfg = AcceleratorConfig.from_preset(preset)
+    p = compile_model(cfg, random_quantized(cfg.model, 0))
+    view = p.model_config
+    C, tile = view.pe_cols, plan_dense(view).tiles[0]
+    runs, cur = [], None
+    for op, f, w in p.instructions:
+        if op == Opcode.GEMM:
+            if cur is None:
+                cur = []
+                runs.append(cur)
+            cur.append((f, w))
+        else:
+            cur = None
+    assert len(runs) == sum(1 for b in range(cfg.model.depth) if not cfg.model.is_moe(b)) > 0
+    for run in runs:
+        assert [w for _, w in run] == [True] + [False] * (len(run) - 1)
+        lead = [f for f, _ in run if f["w_addr"] - run[0][0]["w_addr"] < tile.w_bytes and f["k"] == tile.k
+                and f["a_base"] == 0]
+        sizes = [-(-f["n"] // C) for f in lead]
+        assert sum(sizes) == tile.panels, (sizes, tile.panels)
+        if groups is not None:
+            assert sizes == groups, sizes
+        grow = max(2, -(-lead[0]["m"] // view.pe_rows) * view.mem_data_bytes // C)
+        assert sizes[0] == 1 and all(b <= grow * a for a, b in zip(sizes, sizes[1:])), sizes
+        p0 = 0
+        for f, n in zip(lead, sizes):
+            assert f["w_addr"] == run[0][0]["w_addr"] + p0 * tile.k * C
+            assert f["p_addr"] == run[0][0]["p_addr"] + p0 * view.param_word_bytes
+            assert f["dst_base"] == run[0][0]["dst_base"] + p0
+            p0 += n
+    print(preset, "dense runs:", [len(r) for r in runs], "lead groups", sizes)

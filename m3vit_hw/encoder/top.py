@@ -31,11 +31,28 @@ address are run time (the program).
 
 Counters (reset by start, valid after ``done``): ``cycles``; ``op_cycles[op]`` (cycles the unit of
 opcode class ``op`` is busy); ``pe_cycles[op]`` (PE-array busy cycles while that class owns the
-datapath); ``insn_count``.
+datapath); ``insn_count``; and the phases inside the ``ATTENTION`` and ``MOE`` classes,
+``phase_cycles[p]`` / ``phase_pe_cycles[p]`` for :class:`CounterPhase` ``p`` (cycles and PE-array busy
+cycles, summed over the frame's sub-layers):
+
+* ``ATTN_CORE``: the attention matmuls, ``AttnSequencer.attn_cycles`` / ``attn_compute_cycles`` of each
+  sub-layer (the oldest unfinished engine command is a QK^T or an AV, or the engine is empty while a
+  head's QK^T/AV sequence waits for the score path). The rest of ``op_cycles[ATTENTION]`` is the QKV
+  and projection GEMMs.
+* ``SOFTMAX``: a query tile in the score path (``softmax_cycles``; PE: ``overlap_cycles``, the PE array
+  computing meanwhile). It overlaps ``ATTN_CORE``: it says how much softmax work there was, not how
+  much of it was exposed.
+* ``MOE_ROUTER``: a ``MOE`` instruction from its dispatch until its first expert GEMM (any command
+  whose epilogue mode is not ``RAW``) is accepted: the gate GEMMs, the router softmax, top-k, the
+  expert queues and the first expert tile's weight fetch. The rest of ``op_cycles[MOE]`` is the
+  experts.
+
+The attention phases are added when a sub-layer's unit finishes (its own counters are final the cycle
+after its ``done``), the router phase cycle by cycle.
 """
 
 from amaranth.hdl import Module, Signal
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..attention.attn_layout import buffer_map, plan_attention
@@ -46,7 +63,7 @@ from ..dense.embed_layout import embed_buffer_map, plan_embed
 from ..dense.norm_stage import NormStage
 from ..dense.patch_embed import EmbedSequencer
 from ..dense.patch_loader import PatchLoader
-from ..gemm.epilogue import StreamOutLayout
+from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..lib.mem_port import ReadPortSignature, WritePortSignature
 from ..moe.moe_sequencer import MoESequencer
 from .datapath import SharedDatapath
@@ -55,7 +72,18 @@ from .mux import mux_interfaces
 from .sequencer import OP_CLASSES, ProgramSequencer, SeqError, SeqStartLayout
 from .store import StoreDma
 
-__all__ = ["EncoderTop"]
+__all__ = ["EncoderTop", "CounterPhase", "COUNTER_PHASES"]
+
+
+class CounterPhase(enum.Enum):
+    """The phase counters' indices (``EncoderTop.phase_cycles``; see the module docstring)."""
+    ATTN_CORE = 0
+    SOFTMAX = 1
+    MOE_ROUTER = 2
+
+
+#: Number of phase counters.
+COUNTER_PHASES = len(CounterPhase)
 
 
 def _connect_client(m, cl, port):
@@ -106,6 +134,7 @@ class EncoderTop(wiring.Component):
     error : Out(SeqError)
     cycles, insn_count : Out(counter_width)
     op_cycles, pe_cycles : Out(ArrayLayout(counter_width, 8)), indexed by opcode value.
+    phase_cycles, phase_pe_cycles : Out(ArrayLayout(counter_width, COUNTER_PHASES)), indexed by :class:`CounterPhase`.
     """
 
     def __init__(self, config):
@@ -142,6 +171,8 @@ class EncoderTop(wiring.Component):
             "insn_count": Out(cw),
             "op_cycles": Out(data.ArrayLayout(cw, OP_CLASSES)),
             "pe_cycles": Out(data.ArrayLayout(cw, OP_CLASSES)),
+            "phase_cycles": Out(data.ArrayLayout(cw, COUNTER_PHASES)),
+            "phase_pe_cycles": Out(data.ArrayLayout(cw, COUNTER_PHASES)),
         })
 
     @property
@@ -333,4 +364,30 @@ class EncoderTop(wiring.Component):
                     with m.Case(op):
                         m.d.sync += self.pe_cycles[op.value].eq(self.pe_cycles[op.value] + 1)
         m.d.comb += gx.clear.eq(self.start.valid & self.start.ready)
+
+        # ---- phase counters ------------------------------------------------------------------------------
+        # Attention: the sub-layer's own counters, added the cycle after its done (when they are final).
+        at_done = Signal()
+        m.d.sync += at_done.eq(at.done)
+        adds = [(CounterPhase.ATTN_CORE, at.attn_cycles, at.attn_compute_cycles),
+                (CounterPhase.SOFTMAX, at.softmax_cycles, at.overlap_cycles)]
+        # MoE router: from dispatch until the first expert (non-RAW) command is accepted.
+        router = Signal()
+        if mo is not None:
+            with m.If(ins.valid & ins.ready & (ins.payload.op == Opcode.MOE)):
+                m.d.sync += router.eq(1)
+            with m.Elif(cl.gemm.valid & cl.gemm.ready & (cl.gemm.payload.mode != EpilogueMode.RAW)):
+                m.d.sync += router.eq(0)
+        in_router = router & (active == Opcode.MOE)
+        with m.If(self.start.valid & self.start.ready):
+            m.d.sync += [c[p.value].eq(0) for p in CounterPhase for c in (self.phase_cycles, self.phase_pe_cycles)]
+        with m.Elif(seq.busy):
+            with m.If(at_done):
+                for p, cyc, pec in adds:
+                    m.d.sync += [self.phase_cycles[p.value].eq(self.phase_cycles[p.value] + cyc),
+                                 self.phase_pe_cycles[p.value].eq(self.phase_pe_cycles[p.value] + pec)]
+            p = CounterPhase.MOE_ROUTER.value
+            with m.If(in_router):
+                m.d.sync += [self.phase_cycles[p].eq(self.phase_cycles[p] + 1),
+                             self.phase_pe_cycles[p].eq(self.phase_pe_cycles[p] + pe)]
         return m

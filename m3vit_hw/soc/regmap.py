@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 from ..config import AcceleratorConfig
 from ..control.isa import Opcode
+from ..encoder.top import CounterPhase
 
 __all__ = ["REGMAP_VERSION", "Field", "Register", "REGISTERS", "OFFSETS", "FIELDS", "ERRORS", "BASES",
-           "COUNTED_OPS", "config_id", "register", "c_header", "markdown"]
+           "COUNTED_OPS", "PHASE_DOCS", "config_id", "register", "c_header", "markdown"]
 
 #: (major, minor) of the register map; the major changes when an offset or field moves.
-REGMAP_VERSION = (2, 0)
+REGMAP_VERSION = (2, 1)
 
 _ACCESS = ("ro", "rw", "pulse", "w1c")
 
@@ -95,6 +96,18 @@ BASES = (
 COUNTED_OPS = tuple(op for op in Opcode if op not in (Opcode.END, Opcode.SYNC))
 
 
+#: The encoder's phase counters (``PHASE_CYCLES_<name>``, ``PHASE_PE_CYCLES_<name>``, indexed by
+#: :class:`~m3vit_hw.encoder.top.CounterPhase`): what each one counts, summed over the run.
+PHASE_DOCS = {
+    CounterPhase.ATTN_CORE: "the attention matmuls (a QK^T or AV command is the oldest in the engine, or a "
+                            "head waits for the score path); OP_CYCLES_ATTENTION minus it is QKV + proj",
+    CounterPhase.SOFTMAX: "a query tile in the attention score path (overlaps ATTN_CORE)",
+    CounterPhase.MOE_ROUTER: "a MOE instruction before its first expert GEMM (gate, router softmax, top-k, "
+                             "queues, first expert fetch); OP_CYCLES_MOE minus it is the experts",
+}
+assert set(PHASE_DOCS) == set(CounterPhase), "every phase counter is documented"
+
+
 def _registers():
     regs = [
         Register("ID", 0x000, "ro", "Config ID: CRC-32 of the AcceleratorConfig and SoC parameters "
@@ -134,6 +147,11 @@ def _registers():
                              f"Cycles in which the {op.name} unit was busy (low 32 bits)."))
         regs.append(Register(f"PE_CYCLES_{op.name}", 0x0C0 + 4 * op.value, "ro",
                              f"PE-array busy cycles while {op.name} owned the datapath (low 32 bits)."))
+    for p in CounterPhase:
+        regs.append(Register(f"PHASE_CYCLES_{p.name}", 0x100 + 4 * p.value, "ro",
+                             f"Cycles of phase {p.name}: {PHASE_DOCS[p]} (low 32 bits)."))
+        regs.append(Register(f"PHASE_PE_CYCLES_{p.name}", 0x120 + 4 * p.value, "ro",
+                             f"PE-array busy cycles in phase {p.name} (low 32 bits)."))
     return tuple(sorted(regs, key=lambda r: r.offset))
 
 

@@ -43,7 +43,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..checks import check_int as _check_int
 from ..config import AcceleratorConfig
-from ..encoder import EncoderTop, SeqError
+from ..encoder import CounterPhase, EncoderTop, SeqError
 from .axi import AXI4LiteSignature, AXI4Signature, AxiMaster
 from .csr import CsrBlock
 from .datapath import PageSplitter, ReadInterleaver
@@ -224,6 +224,9 @@ class AcceleratorTop(wiring.Component):
         for op in COUNTED_OPS:
             m.d.comb += [getattr(csr, f"op_cycles_{op.name.lower()}").eq(core.op_cycles[op.value]),
                          getattr(csr, f"pe_cycles_{op.name.lower()}").eq(core.pe_cycles[op.value])]
+        for p in CounterPhase:
+            m.d.comb += [getattr(csr, f"phase_cycles_{p.name.lower()}").eq(core.phase_cycles[p.value]),
+                         getattr(csr, f"phase_pe_cycles_{p.name.lower()}").eq(core.phase_pe_cycles[p.value])]
         return m
 
 

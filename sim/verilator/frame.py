@@ -6,7 +6,8 @@ the C++ memory model at ``param_base`` exactly as :func:`sim.program_executor.ru
 ``wr`` write into the same store, starts the sequencer and waits for ``done``; the encoder tokens are
 read from the written store at the output address, and the counters (``cycles``, ``op_cycles``,
 ``pe_cycles``, ``insn_count``, ``error``) come back per opcode class
-(lower-case :class:`~m3vit_hw.control.isa.Opcode` names). Python is not in the clock loop.
+(lower-case :class:`~m3vit_hw.control.isa.Opcode` names), the phase counters (``phase_cycles``,
+``phase_pe_cycles``) per lower-case :class:`~m3vit_hw.encoder.top.CounterPhase` name. Python is not in the clock loop.
 ``python -m sim frame --backend verilator`` runs it (:func:`sim.frame.run_verilator`); a partial
 program (:func:`sim.frame.strip_program`) runs the same way.
 """
@@ -16,7 +17,7 @@ import time
 import numpy as np
 
 from m3vit_hw.control.isa import Opcode
-from m3vit_hw.encoder.top import EncoderTop
+from m3vit_hw.encoder.top import CounterPhase, EncoderTop
 from .model import Job, VerilatorModel
 from .toolchain import find_verilator
 from .vcache import design_key
@@ -84,7 +85,8 @@ class VerilatorFrameSim:
     def run(self, program, img_u8, task, *, param_base=PARAM_BASE, mem_bytes_per_cycle=16.0, latency=20,
             stall_prob=0.0, seed=0, timeout=50_000_000):
         """Run one frame; return a dict: ``tokens`` (int16 [T, D] from the written store), ``cycles``,
-        ``cycles_per_op_class`` / ``pe_active_per_op_class`` (lower-case opcode names), ``insn_count``,
+        ``cycles_per_op_class`` / ``pe_active_per_op_class`` (lower-case opcode names),
+        ``cycles_per_phase`` / ``pe_active_per_phase`` (lower-case ``CounterPhase`` names), ``insn_count``,
         ``error``, ``macs`` (of the program's instructions, as :func:`sim.perf_model.project_program`
         counts them), ``bytes_read``, ``bytes_written``, ``job_cycles``, ``sim_seconds``,
         ``cycles_per_second``, ``wall_seconds``. :func:`sim.perf_report.from_frame` takes it."""
@@ -110,6 +112,9 @@ class VerilatorFrameSim:
             return {op.name.lower(): (bits >> (cw * op.value)) & ((1 << cw) - 1) for op in Opcode
                     if op not in (Opcode.END, Opcode.SYNC)}
 
+        def per_phase(bits):
+            return {p.name.lower(): (bits >> (cw * p.value)) & ((1 << cw) - 1) for p in CounterPhase}
+
         written = res.written["wr"]
         out = {
             "tokens": read_tokens(bytearray(written["data"].tobytes()), program.model_config,
@@ -117,6 +122,8 @@ class VerilatorFrameSim:
             "cycles": int(s["cycles"]),
             "cycles_per_op_class": per_class(int(s["op_cycles"])),
             "pe_active_per_op_class": per_class(int(s["pe_cycles"])),
+            "cycles_per_phase": per_phase(int(s["phase_cycles"])),
+            "pe_active_per_phase": per_phase(int(s["phase_pe_cycles"])),
             "insn_count": int(s["insn_count"]),
             "error": int(s["error"]),
             "macs": _program_macs(program),
