@@ -13,6 +13,7 @@ off (restored to float) the change in fidelity is what that site costs.
 Sites (each may be restored in every block or in one block):
 
 =========  ======================================================================================
+``w_patch`` patch-embedding weights (block -1)
 ``ln1``    LayerNorm 1 output, int8 at ``scales[i]["ln1"]``
 ``w_qkv``  qkv weights, int8 per output channel
 ``q k v``  qkv outputs, int8 per tensor
@@ -48,7 +49,7 @@ from m3vit_hw.model_config import PRESETS
 
 __all__ = ["SITES", "FakeQuant", "run", "metrics", "ablate", "main"]
 
-SITES = ("ln1", "w_qkv", "q", "k", "v", "softmax", "ctx", "w_proj", "res", "ln2", "w_fc1", "pre", "gelu",
+SITES = ("w_patch", "ln1", "w_qkv", "q", "k", "v", "softmax", "ctx", "w_proj", "res", "ln2", "w_fc1", "pre", "gelu",
          "w_fc2", "w_gate", "router")
 
 _LOG2E = math.log2(math.e)
@@ -63,10 +64,11 @@ def _q(x, s, bits=8, lo=None):
     return torch.clamp(torch.round(x / s), lo, hi) * s
 
 
-def _qw_rows(w):
-    """int8 weights, one scale per row (last axis reduced), as :func:`reference.quantize._quant_weight`."""
-    s = w.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127.0
-    return torch.clamp(torch.round(w / s), -127, 127) * s
+def _qw_rows(w, bits=8):
+    """Symmetric weights, one scale per row (last axis reduced), as :func:`reference.quantize._quant_weight`."""
+    lim = (1 << (bits - 1)) - 1
+    s = w.abs().amax(-1, keepdim=True).clamp_min(1e-12) / lim
+    return torch.clamp(torch.round(w / s), -lim, lim) * s
 
 
 def _qw_tensor(w):
@@ -143,13 +145,13 @@ def run(model, fq, img, task):
     dt = torch.float64
     x_img = img.to(dt)[None]
     w_pe = enc.patch_embed.proj.weight.to(dt)
-    if fq.on("w_qkv", -1):  # the patch embedding's weights follow the qkv switch (block -1)
+    if fq.on("w_patch", -1):
         w2 = w_pe.reshape(cfg.dim, -1)
         if opts.get("pixel_input", False):
             from .inputs import pixel_normalization
             _, std = pixel_normalization(cfg.in_chans)
             col = (255.0 * std.reshape(-1).to(dt)).repeat_interleave(cfg.patch_size ** 2)
-            w2 = _qw_rows(w2 / col) * col
+            w2 = _qw_rows(w2 / col, fq.overrides.get("w_patch", 8)) * col
         else:
             w2 = _qw_rows(w2)
             x_img = _q(x_img, qm.img_scale, 8, -127)
@@ -165,7 +167,7 @@ def run(model, fq, img, task):
     for i, blk in enumerate(enc.blocks):
         def w(t, site):
             t = t.to(dt)
-            return _qw_rows(t) if fq.on(site, i) else t
+            return _qw_rows(t, fq.overrides.get(site, 8)) if fq.on(site, i) else t
 
         h = F.layer_norm(x, (D,), blk.norm1.weight.to(dt), blk.norm1.bias.to(dt), cfg.ln_eps)
         h = fq.act(h, "ln1", i)
@@ -249,7 +251,8 @@ def metrics(refs, tests):
     def cat(runs, f):
         return np.concatenate([f(r) for r in runs])
 
-    m = {"attn": [], "mlp": [], "block": [], "stream": [], "routing": {}}
+    m = {"attn": [], "mlp": [], "block": [], "stream": [], "routing": {},
+         "embed": _sqnr(cat(refs, lambda r: r["embed"]), cat(tests, lambda r: r["embed"]))}
     for i in range(depth):
         def prev(r):
             return r["embed"] if i == 0 else r["blocks"][i - 1]
