@@ -103,7 +103,7 @@ class FakeQuant:
         keeping its range (step ``scale / 2^(bits-8)``).
     """
 
-    def __init__(self, qm, restore=(), blocks=None, overrides=None):
+    def __init__(self, qm, restore=(), blocks=None, overrides=None, wcorr=None, record=None, gelu_avg=False):
         restore = set(SITES) if restore == "all" else set(restore)
         bad = restore - set(SITES)
         if bad:
@@ -112,6 +112,14 @@ class FakeQuant:
         self.restore = restore
         self.blocks = None if blocks is None else set(blocks)
         self.overrides = dict(overrides or {})
+        #: GEMM input means {key: [K] tensor} for weight-error bias correction (``b -= (Wq - W) @ mu``).
+        self.wcorr = wcorr
+        #: When a dict, every GEMM input is accumulated into it: {key: [sum [K], count]}.
+        self.record = record
+        #: GELU output = the mean of GELU over the input's rounding bin (a table made with the average).
+        self.gelu_avg = gelu_avg
+        #: {block: [T, k] experts}: use this routing (e.g. the float model's) instead of the own top-k.
+        self.forced = None
 
     def on(self, site, block):
         if site not in self.restore:
@@ -169,12 +177,24 @@ def run(model, fq, img, task):
             t = t.to(dt)
             return _qw_rows(t, fq.overrides.get(site, 8)) if fq.on(site, i) else t
 
+        def gemm(xin, wt, b, site, key):
+            wf = wt.to(dt)
+            wq = w(wf, site)
+            y = xin @ wq.T + (0.0 if b is None else b.to(dt))
+            if fq.record is not None:
+                acc = fq.record.setdefault(key, [0.0, 0])
+                acc[0] = acc[0] + xin.sum(0)
+                acc[1] += xin.shape[0]
+            if fq.wcorr is not None and key in fq.wcorr:
+                y = y - (wq - wf) @ fq.wcorr[key]
+            return y
+
         h = F.layer_norm(x, (D,), blk.norm1.weight.to(dt), blk.norm1.bias.to(dt), cfg.ln_eps)
         h = fq.act(h, "ln1", i)
         b_qkv = blk.attn.qkv.bias.to(dt).clone()
         if opts.get("drop_k_bias", False):
             b_qkv[D:2 * D] = 0.0
-        qkv = h @ w(blk.attn.qkv.weight, "w_qkv").T + b_qkv
+        qkv = gemm(h, blk.attn.qkv.weight, b_qkv, "w_qkv", ("qkv", i))
         q, k, v = (fq.act(qkv[:, s * D:(s + 1) * D], n, i) for s, n in enumerate("qkv"))
         ctx = torch.empty_like(h)
         for hh in range(H):
@@ -188,21 +208,27 @@ def run(model, fq, img, task):
                 p = s.softmax(-1)
             ctx[:, sl] = p @ v[:, sl]
         ctx = fq.act(ctx, "ctx", i)
-        y = ctx @ w(blk.attn.proj.weight, "w_proj").T + blk.attn.proj.bias.to(dt)
+        y = gemm(ctx, blk.attn.proj.weight, blk.attn.proj.bias, "w_proj", ("proj", i))
         x = fq.res(x + fq.res(y, i), i)
         out["mid"].append(x.numpy())
         h = F.layer_norm(x, (D,), blk.norm2.weight.to(dt), blk.norm2.bias.to(dt), cfg.ln_eps)
         h = fq.act(h, "ln2", i)
         s_pre_lo = None
 
-        def mlp(hx, w1, b1, w2, b2):
-            pre = hx @ w(w1, "w_fc1").T + b1.to(dt)
-            pre = fq.act(pre, "pre", i, s_pre_lo)
-            a = F.gelu(pre)
+        def mlp(hx, w1, b1, w2, b2, e=None):
+            pre = gemm(hx, w1, b1, "w_fc1", ("fc1", i, e))
+            pre_q = fq.act(pre, "pre", i, s_pre_lo)
+            if fq.gelu_avg and fq.on("pre", i):
+                # The mean of GELU over the rounding bin of the int8 input (a table property).
+                sp = qm.scales[i]["pre"] / (1 << (fq.overrides.get("pre", 8) - 8))
+                off = (torch.arange(16, dtype=dt) + 0.5) / 16 - 0.5
+                a = F.gelu(pre_q[..., None] + off * sp).mean(-1)
+            else:
+                a = F.gelu(pre_q)
             if fq.on("gelu", i):
                 bits = fq.overrides.get("gelu", gelu_bits)
                 a = _q(a, qm.scales[i]["gelu"] / (1 << (bits - 8)), bits)
-            return a @ w(w2, "w_fc2").T + b2.to(dt)
+            return gemm(a, w2, b2, "w_fc2", ("fc2", i, e))
 
         if not blk.moe:
             y = mlp(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias, blk.mlp.fc2.weight, blk.mlp.fc2.bias)
@@ -211,6 +237,13 @@ def run(model, fq, img, task):
             gate = blk.mlp.gate[task if cfg.router == "multi_gate" else 0].w_gate.to(dt)
             w_tok = _qw_tensor(gate[:D]) if fq.on("w_gate", i) else gate[:D]
             logits = h @ w_tok
+            key = ("gate", i, task if cfg.router == "multi_gate" else 0)
+            if fq.record is not None:
+                acc = fq.record.setdefault(key, [0.0, 0])
+                acc[0] = acc[0] + h.sum(0)
+                acc[1] += h.shape[0]
+            if fq.wcorr is not None and key in fq.wcorr:
+                logits = logits - fq.wcorr[key] @ (w_tok - gate[:D])
             if task_repr is not None:
                 logits = logits + task_repr.to(dt) @ gate[D:]
             if fq.on("router", i):
@@ -221,17 +254,30 @@ def run(model, fq, img, task):
             else:
                 probs = logits.softmax(-1)
             order = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :cfg.top_k]
+            if fq.forced is not None:
+                order = torch.from_numpy(fq.forced[i])
             ex = blk.mlp.experts
             acc = torch.zeros_like(x)
             for e in order.unique().tolist():
                 toks = (order == e).any(-1)
                 ye = fq.res(mlp(h[toks], ex.htoh4.weight[e], ex.htoh4.bias[e], ex.h4toh.weight[e],
-                                ex.h4toh.bias[e]), i)
+                                ex.h4toh.bias[e], e), i)
                 acc[toks] += fq.res(ye * probs[toks, e:e + 1], i)
             x = fq.res(x + acc, i)
             out["routing"][i] = np.sort(order.numpy(), axis=1)
         out["blocks"].append(x.numpy())
     return out
+
+
+def input_means(model, qm, images):
+    """Mean of every GEMM's input over ``images`` and every task, in the float model (the keys
+    :class:`FakeQuant` ``wcorr`` takes)."""
+    cfg = model.backbone.cfg
+    rec = {}
+    for t in range(cfg.num_tasks):
+        for im in images:
+            run(model, FakeQuant(qm, "all", record=rec), im, t)
+    return {k: v[0] / v[1] for k, v in rec.items()}
 
 
 def _sqnr(ref, test):
@@ -283,20 +329,37 @@ def _setup(preset, seed, weights, images, calib_images, quant):
     return model, qm, evals
 
 
-def ablate(model, qm, evals, variants, tasks=None):
+def _run_forced(model, fq, img, task, ref):
+    fq.forced = ref["routing"]
+    try:
+        return run(model, fq, img, task)
+    finally:
+        fq.forced = None
+
+
+def ablate(model, qm, evals, variants, tasks=None, forced=False):
     """Run each variant ``name -> dict(restore=..., blocks=..., overrides=...)`` on every image and task;
-    return ``name -> metrics`` for the worst task (lowest worst-block branch SQNR), plus ``per_task``."""
+    return ``name -> metrics`` for the worst task (lowest worst-block branch SQNR), plus ``per_task``.
+
+    ``forced``: also measure with the float model's expert choice imposed (``forced`` key: the
+    quantization error without the routing flips' discontinuity).
+    """
     cfg = model.backbone.cfg
     tasks = range(cfg.num_tasks) if tasks is None else tasks
     ref = {t: [run(model, FakeQuant(qm, "all"), im, t) for im in evals] for t in tasks}
     res = {}
     for name, kw in variants.items():
-        per = {}
+        per, per_f = {}, {}
         for t in tasks:
             tests = [run(model, FakeQuant(qm, **kw), im, t) for im in evals]
             per[cfg.tasks[t]] = metrics(ref[t], tests)
+            if forced:
+                tests = [_run_forced(model, FakeQuant(qm, **kw), im, t, r) for im, r in zip(evals, ref[t])]
+                per_f[cfg.tasks[t]] = metrics(ref[t], tests)
         worst = min(per.values(), key=lambda m: m["worst_block"])
         res[name] = dict(worst, per_task=per)
+        if forced:
+            res[name]["forced"] = min(per_f.values(), key=lambda m: m["worst_block"])
     return res
 
 
