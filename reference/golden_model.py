@@ -102,13 +102,14 @@ def block(qm, i, x, task, q_tile=None, experts=None):
     ``experts``: imposed expert choice of an MoE block (see :func:`moe_layer`)."""
     cfg = qm.cfg
     qb = qm.blocks[i]
-    h = g.layernorm(x, qb.ln1.eps_int, qb.ln1.gamma_mult, qb.ln1.beta_int, qb.ln1.shift)
+    h = g.layernorm(x, qb.ln1.eps_int, qb.ln1.gamma_mult, qb.ln1.beta_int, qb.ln1.shift, qb.ln1.out_bits)
     ctx = attention(h, qb.attn, cfg.heads, q_tile)
     x = g.residual_add(x, linear(ctx, qb.attn.proj))
-    h = g.layernorm(x, qb.ln2.eps_int, qb.ln2.gamma_mult, qb.ln2.beta_int, qb.ln2.shift)
+    h = g.layernorm(x, qb.ln2.eps_int, qb.ln2.gamma_mult, qb.ln2.beta_int, qb.ln2.shift, qb.ln2.out_bits)
     if cfg.is_moe(i):
         h_router = None
-        if qb.mlp.router_h_shift:
+        # A 16-bit LN2 output (ln_bits=16) already is the router's 16-bit input.
+        if qb.mlp.router_h_shift and qb.ln2.out_bits == numerics.ACT_BITS:
             h_router = g.layernorm(x, qb.ln2.eps_int, qb.ln2.gamma_mult, qb.ln2.beta_int,
                                    qb.ln2.shift - qb.mlp.router_h_shift, numerics.RES_BITS)
         return moe_layer(x, h, qb.mlp, task, cfg.top_k, cfg.router == "multi_gate", h_router, experts)
