@@ -394,14 +394,14 @@ def main(argv=None):
     report = {}
     for seed in seeds:
         model, qm, evals = _setup(args.preset, seed, args.weights, args.images, args.calib_images, None)
-        res = ablate(model, qm, evals, default_variants(model.backbone.cfg.depth))
+        res = ablate(model, qm, evals, default_variants(model.backbone.cfg.depth), forced=True)
         report[seed] = res
         base = res["baseline (all quantized)"]
         print(f"seed {seed}: {'variant':<28} {'worst attn':>10} {'worst mlp':>10} {'worst blk':>10} "
-              f"{'SQNR':>6} {'routing':>8}")
+              f"{'SQNR':>6} {'routing':>8} {'float-routed worst blk':>23}")
         for name, m in res.items():
             print(f"        {name:<28} {m['worst_attn']:10.1f} {m['worst_mlp']:10.1f} {m['worst_block']:10.1f} "
-                  f"{m['sqnr']:6.1f} {m['routing_agreement']:8.3f}")
+                  f"{m['sqnr']:6.1f} {m['routing_agreement']:8.3f} {m['forced']['worst_block']:23.1f}")
         print("        baseline per block  attn " + " ".join(f"{v:5.1f}" for v in base["attn"]))
         print("                            mlp  " + " ".join(f"{v:5.1f}" for v in base["mlp"]))
         print("                            blk  " + " ".join(f"{v:5.1f}" for v in base["block"]))
