@@ -46,8 +46,9 @@ import torch.nn.functional as F
 
 from m3vit_hw.checks import check_output_path
 from m3vit_hw.model_config import PRESETS
+from .synthetic_weights import PROFILES
 
-__all__ = ["SITES", "FakeQuant", "run", "metrics", "ablate", "main"]
+__all__ = ["SITES", "FakeQuant", "run", "metrics", "ablate", "input_means", "default_variants", "main"]
 
 SITES = ("w_patch", "ln1", "w_qkv", "q", "k", "v", "softmax", "ctx", "w_proj", "res", "ln2", "w_fc1", "pre", "gelu",
          "w_fc2", "w_gate", "router")
@@ -377,16 +378,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m reference.ablation", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="vit-tiny-cityscapes", help=f"one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    p.add_argument("--weights", default="realistic")
-    p.add_argument("--images", type=int, default=2)
-    p.add_argument("--calib-images", type=int, default=4)
-    p.add_argument("--json", default=None)
+    p.add_argument("--weights", default="realistic", choices=list(PROFILES))
+    p.add_argument("--images", type=int, default=2, help="evaluation images per seed (seed S)")
+    p.add_argument("--calib-images", type=int, default=4, help="calibration images (seed S + 1000)")
+    p.add_argument("--json", default=None, help="write every variant's metrics to this file")
     args = p.parse_args(argv)
     try:
         if args.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, not {args.preset!r}")
         check_output_path(args.json, "--json")
         seeds = [int(s) for s in args.seeds.split(",")]
+        if args.images < 1 or args.calib_images < 1:
+            raise ValueError(f"--images and --calib-images must be >= 1, not {args.images}, {args.calib_images}")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -82,3 +82,8 @@ def test_bad_site_is_rejected(setup):
 def test_cli_rejects_a_bad_preset(capsys):
     assert A.main(["--preset", "nope"]) == 2
     assert "--preset" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_counts(capsys):
+    assert A.main(["--preset", "tiny", "--images", "0"]) == 2
+    assert "--images" in capsys.readouterr().err
