@@ -68,8 +68,12 @@ def _expert(h, qe, e):
     return g.requantize(g.matmul(a, fc2.w[e].T), fc2.bias[e], fc2.mult[e], fc2.shift, fc2.out_bits)
 
 
-def moe_layer(x, h, qe, task, top_k, multi_gate=True, h_router=None):
+def moe_layer(x, h, qe, task, top_k, multi_gate=True, h_router=None, experts=None):
     """MoE MLP with residual, in the reordering controller's order.
+
+    ``experts`` [T, k]: impose this expert choice instead of the top-k of the logits (a diagnostic:
+    the fidelity report runs the integer model on the float model's routing to separate rounding
+    error from routing flips; the hardware always uses its own top-k).
 
     Returns ``(x_out, routing)`` where routing is a dict with ``logits`` [T,E], ``probs`` [T,E] (Q0.15),
     ``experts`` [T,k] (best first) and ``active`` (ascending list of experts with tokens).
@@ -78,7 +82,10 @@ def moe_layer(x, h, qe, task, top_k, multi_gate=True, h_router=None):
     # h_router: the 16-bit LN2 output when qe.router_h_shift > 0 (else the int8 h).
     logits = g.router_logits(h if h_router is None else h_router, qe.gates[gate], qe.task_bias[task])
     probs = g.router_probs(logits, qe.router_c_mult[gate], qe.router_c_shift[gate])
-    experts = g.topk(logits, top_k)
+    if experts is None:
+        experts = g.topk(logits, top_k)
+    else:
+        experts = np.asarray(experts, dtype=np.int64)
     queues, active = g.expert_queues(experts, probs, qe.fc1.w.shape[0])
     x = x.copy()
     for e in active:
@@ -89,25 +96,30 @@ def moe_layer(x, h, qe, task, top_k, multi_gate=True, h_router=None):
     return x, {"logits": logits, "probs": probs, "experts": experts, "active": active}
 
 
-def block(qm, i, x, task, q_tile=None):
-    """Transformer block ``i`` on the int16 residual stream; returns ``(x, routing or None)``."""
+def block(qm, i, x, task, q_tile=None, experts=None):
+    """Transformer block ``i`` on the int16 residual stream; returns ``(x, routing or None)``.
+
+    ``experts``: imposed expert choice of an MoE block (see :func:`moe_layer`)."""
     cfg = qm.cfg
     qb = qm.blocks[i]
-    h = g.layernorm(x, qb.ln1.eps_int, qb.ln1.gamma_mult, qb.ln1.beta_int, qb.ln1.shift)
+    h = g.layernorm(x, qb.ln1.eps_int, qb.ln1.gamma_mult, qb.ln1.beta_int, qb.ln1.shift, qb.ln1.out_bits)
     ctx = attention(h, qb.attn, cfg.heads, q_tile)
     x = g.residual_add(x, linear(ctx, qb.attn.proj))
-    h = g.layernorm(x, qb.ln2.eps_int, qb.ln2.gamma_mult, qb.ln2.beta_int, qb.ln2.shift)
+    h = g.layernorm(x, qb.ln2.eps_int, qb.ln2.gamma_mult, qb.ln2.beta_int, qb.ln2.shift, qb.ln2.out_bits)
     if cfg.is_moe(i):
         h_router = None
-        if qb.mlp.router_h_shift:
+        # A 16-bit LN2 output (ln_bits=16) already is the router's 16-bit input.
+        if qb.mlp.router_h_shift and qb.ln2.out_bits == numerics.ACT_BITS:
             h_router = g.layernorm(x, qb.ln2.eps_int, qb.ln2.gamma_mult, qb.ln2.beta_int,
                                    qb.ln2.shift - qb.mlp.router_h_shift, numerics.RES_BITS)
-        return moe_layer(x, h, qb.mlp, task, cfg.top_k, cfg.router == "multi_gate", h_router)
+        return moe_layer(x, h, qb.mlp, task, cfg.top_k, cfg.router == "multi_gate", h_router, experts)
     return dense_mlp(x, h, qb.mlp), None
 
 
-def encode(qm, img_q, task, q_tile=None, return_intermediates=False):
+def encode(qm, img_q, task, q_tile=None, return_intermediates=False, force_experts=None):
     """The integer encoder on one int8 image [3,H,W] for ``task`` (name or index).
+
+    ``force_experts``: ``{block: [T, k] experts}`` imposed on those MoE blocks (diagnostic only).
 
     Returns the int16 encoder tokens [T, D] (scale ``qm.res_scale``), or with ``return_intermediates``
     a dict: ``embed``, ``blocks`` (list of int16 [T,D]), ``routing`` (block -> routing dict), ``tokens``.
@@ -124,7 +136,7 @@ def encode(qm, img_q, task, q_tile=None, return_intermediates=False):
     x = embed(qm, img_q)
     inter = {"embed": x, "blocks": [], "routing": {}}
     for i in range(cfg.depth):
-        x, r = block(qm, i, x, task, q_tile)
+        x, r = block(qm, i, x, task, q_tile, None if force_experts is None else force_experts.get(i))
         inter["blocks"].append(x)
         if r is not None:
             inter["routing"][i] = r

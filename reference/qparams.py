@@ -28,10 +28,14 @@ class QLinear:
 
 @dataclass
 class QLayerNorm:
+    """``golden.layernorm`` parameters. ``out_bits`` 16 (the measured-but-not-adopted ``ln_bits=16``
+    option of ``reference.quantize``): the output is rounded 8 bits later (``shift`` already includes
+    it) and the GEMMs that read it take a 16-bit A operand."""
     eps_int: int
     gamma_mult: np.ndarray
     beta_int: np.ndarray
     shift: int
+    out_bits: int = 8
 
 
 @dataclass

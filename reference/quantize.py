@@ -111,7 +111,7 @@ def _qlinear(w, b, in_scale, out_scale, out_bits, weight_clip="max"):
     return QLinear(wq, bias, mult, shift, out_bits)
 
 
-def _qlayernorm(gamma, beta, eps, dim, res_scale, out_scale):
+def _qlayernorm(gamma, beta, eps, dim, res_scale, out_scale, out_bits=numerics.ACT_BITS):
     g = np.asarray(gamma, dtype=np.float64) / out_scale
     b = np.asarray(beta, dtype=np.float64) / out_scale
     g_lim = (1 << (numerics.LN_GAMMA_BITS - 1)) - 1
@@ -123,6 +123,12 @@ def _qlayernorm(gamma, beta, eps, dim, res_scale, out_scale):
     gamma_mult = np.clip(np.round(g * 2.0 ** (shift - numerics.LN_Z_FRAC)), -g_lim - 1, g_lim).astype(np.int64)
     beta_int = np.clip(np.round(b * 2.0 ** shift), -b_lim - 1, b_lim).astype(np.int64)
     eps_int = int(min((1 << numerics.LN_EPS_BITS) - 1, round(eps * dim * dim / (res_scale * res_scale))))
+    extra = out_bits - numerics.ACT_BITS
+    if extra:
+        # The same parameters rounded `extra` bits later: the output step is out_scale / 2^extra.
+        if shift < extra:
+            raise ValueError(f"LayerNorm shift {shift} leaves no room for a {out_bits}-bit output")
+        return QLayerNorm(eps_int, gamma_mult, beta_int, shift - extra, out_bits)
     return QLayerNorm(eps_int, gamma_mult, beta_int, shift)
 
 
@@ -281,7 +287,7 @@ class PixelInput:
 
 #: Methods :func:`quantize` applies by default, chosen by measurement (``docs/numerics.md`` §9).
 DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="mse", smooth_alpha=None, gelu_bits=8, router_h_bits=8,
-                weight_clip="max", calib_sites=("pre", "gelu"))
+                weight_clip="max", calib_sites=("pre", "gelu"), ln_bits=8, gelu_code="s8")
 
 
 def _smooth(model, ranges, alpha):
@@ -319,7 +325,7 @@ def _smooth(model, ranges, alpha):
 def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k_bias=DEFAULTS["drop_k_bias"],
              calib=DEFAULTS["calib"], smooth_alpha=DEFAULTS["smooth_alpha"], gelu_bits=DEFAULTS["gelu_bits"],
              router_h_bits=DEFAULTS["router_h_bits"], weight_clip=DEFAULTS["weight_clip"],
-             calib_sites=DEFAULTS["calib_sites"]):
+             calib_sites=DEFAULTS["calib_sites"], ln_bits=DEFAULTS["ln_bits"], gelu_code=DEFAULTS["gelu_code"]):
     """Quantize ``model``'s encoder, calibrating on ``calib_images`` [B,3,H,W] over every task.
 
     Parameters
@@ -341,25 +347,44 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
     smooth_alpha : float or None
         SmoothQuant migration strength for the LayerNorm outputs (None: off).
     gelu_bits : int
-        8, or 16: the GELU table gives 16-bit outputs (scale ``s_gelu / 256``) and fc2 reads them
-        (two byte-plane passes in hardware). Measured, not in the RTL (see ``docs/numerics.md`` §9).
+        8 to 16: the GELU table gives ``gelu_bits``-bit outputs (scale ``s_gelu / 2^(gelu_bits-8)``) and
+        fc2 reads them (two byte-plane passes in hardware above 8). Measured, not in the RTL
+        (``docs/numerics.md`` §9.4, §9.6).
+    gelu_code : str
+        ``s8`` (int8 GELU output) or ``u8``: the GELU output as a uint8 code ``u`` with a zero point
+        ``z``, ``a = s'(u - z)`` (GELU >= -0.17 needs only a few negative codes, so the step is about
+        half); fc2 reads ``u`` with the unsigned-A flag and ``-z * sum(W)`` is folded into its bias.
+        Needs ``gelu_bits=8``. Measured, not in the RTL (``docs/numerics.md`` §9.6).
     router_h_bits : int
         8, or 16: the router reads a 16-bit LN2 output (the same LayerNorm rounded 8 bits later,
         ``QMoE.router_h_shift = 8``). Measured, not in the RTL.
     weight_clip : str
         ``max`` or ``mse``: the per-output-channel weight range (MSE: the clip minimising each row's error).
+    ln_bits : int
+        8, or 16: both LayerNorm outputs are int16 (the int8 range with 256x finer steps) and the GEMMs
+        that read them (qkv, fc1 / expert htoh4, the router) take a 16-bit A operand: two byte-plane
+        passes in hardware. Measured, not in the RTL (``docs/numerics.md`` §9.6).
     """
     if weight_clip not in ("max", "mse"):
         raise ValueError(f"weight_clip must be 'max' or 'mse', not {weight_clip!r}")
     return _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits,
-                     router_h_bits, weight_clip, tuple(calib_sites))
+                     router_h_bits, weight_clip, tuple(calib_sites), ln_bits, gelu_code)
 
 
 def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits, router_h_bits,
-              weight_clip, calib_sites):
+              weight_clip, calib_sites, ln_bits=8, gelu_code="s8"):
     qlin = functools.partial(_qlinear, weight_clip=weight_clip)
-    if gelu_bits not in (8, 16) or router_h_bits not in (8, 16):
-        raise ValueError(f"gelu_bits and router_h_bits must be 8 or 16, not {gelu_bits}, {router_h_bits}")
+    if not isinstance(gelu_bits, int) or not 8 <= gelu_bits <= 16:
+        raise ValueError(f"gelu_bits must be an int in [8, 16], not {gelu_bits!r}")
+    if router_h_bits not in (8, 16):
+        raise ValueError(f"router_h_bits must be 8 or 16, not {router_h_bits!r}")
+    if gelu_code not in ("s8", "u8") or gelu_code == "u8" and gelu_bits != 8:
+        raise ValueError(f"gelu_code must be 's8' or 'u8' (u8 with gelu_bits=8), not {gelu_code!r} "
+                         f"with gelu_bits={gelu_bits}")
+    if ln_bits not in (8, 16):
+        raise ValueError(f"ln_bits must be 8 or 16, not {ln_bits!r}")
+    if ln_bits == 16:
+        router_h_bits = 16       # the router reads the (16-bit) LN2 output
     import copy
     if drop_k_bias or smooth_alpha is not None:
         model = copy.deepcopy(model)
@@ -393,7 +418,8 @@ def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha
     scales = {"img": s_img, "res": s_res,
               "options": dict(pixel_input=pixel_input, drop_k_bias=drop_k_bias, calib=calib,
                               smooth_alpha=smooth_alpha, gelu_bits=gelu_bits, router_h_bits=router_h_bits,
-                              weight_clip=weight_clip, calib_sites=calib_sites)}
+                              weight_clip=weight_clip, calib_sites=calib_sites, ln_bits=ln_bits,
+                              gelu_code=gelu_code)}
     lo, hi = numerics.int_range(numerics.RES_BITS)
     pos = _np(enc.pos_embed)[0]
     pos_int = np.clip(np.round(pos / s_res), lo, hi).astype(np.int64)
@@ -408,14 +434,19 @@ def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha
         sc["pre"] = _scale(max(pre_pos, min(pre.neg, GELU_NEG_CLIP)), numerics.ACT_BITS)
         scales[i] = sc
 
-        ln1 = _qlayernorm(_np(blk.norm1.weight), _np(blk.norm1.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln1"])
-        ln2 = _qlayernorm(_np(blk.norm2.weight), _np(blk.norm2.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln2"])
+        ln1 = _qlayernorm(_np(blk.norm1.weight), _np(blk.norm1.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln1"],
+                          ln_bits)
+        ln2 = _qlayernorm(_np(blk.norm2.weight), _np(blk.norm2.bias), cfg.ln_eps, cfg.dim, s_res, sc["ln2"],
+                          ln_bits)
+        # GEMMs reading a LayerNorm output see its step: s_ln / 2^(ln_bits - 8).
+        s_ln1 = sc["ln1"] / (1 << (ln_bits - numerics.ACT_BITS))
+        s_ln2 = sc["ln2"] / (1 << (ln_bits - numerics.ACT_BITS))
 
         # qkv: one GEMM, three output scales (q|k|v rows), folded into the per-channel multipliers.
         w_qkv, b_qkv = _np(blk.attn.qkv.weight), _np(blk.attn.qkv.bias)
         wq, ws = _quant_weight(w_qkv, weight_clip=weight_clip)
         out_scale = np.repeat([sc["q"], sc["k"], sc["v"]], cfg.dim)
-        acc_scale = sc["ln1"] * ws
+        acc_scale = s_ln1 * ws
         mult, shift = _mult_shift(acc_scale / out_scale, numerics.MULT_BITS)
         bias = np.clip(np.round(b_qkv / acc_scale), *numerics.int_range(numerics.BIAS_BITS)).astype(np.int64)
         qkv = QLinear(wq, bias, mult, shift, numerics.ACT_BITS)
@@ -427,24 +458,46 @@ def _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha
 
         # A 16-bit GELU output keeps the scale's range with 256x finer steps.
         s_gelu_out = sc["gelu"] / (1 << (gelu_bits - numerics.ACT_BITS))
-        lut = _gelu_lut(sc["pre"], s_gelu_out, gelu_bits)
+        zero = 0
+        if gelu_code == "u8":
+            # uint8 code with a zero point: the range [-neg, pos] over 255 steps (pos searched on that grid).
+            g = ranges[f"{i}.gelu"]
+            pos = g.clip(calib if "gelu" in calib_sites else "max", bits=9, signed_part="pos")
+            s_gelu_out = max(pos + g.neg, 1e-12) / 255.0
+            zero = int(round(g.neg / s_gelu_out))
+            sc["gelu_u8"] = (s_gelu_out, zero)
+            lut = np.clip(_gelu_lut(sc["pre"], s_gelu_out, 16) + zero, 0, 255)
+        else:
+            lut = _gelu_lut(sc["pre"], s_gelu_out, gelu_bits)
         if not blk.moe:
-            mlp = QDenseMlp(qlin(_np(blk.mlp.fc1.weight), _np(blk.mlp.fc1.bias), sc["ln2"], sc["pre"],
+            mlp = QDenseMlp(qlin(_np(blk.mlp.fc1.weight), _np(blk.mlp.fc1.bias), s_ln2, sc["pre"],
                                      numerics.ACT_BITS),
                             lut,
-                            qlin(_np(blk.mlp.fc2.weight), _np(blk.mlp.fc2.bias), s_gelu_out, s_res,
-                                     numerics.RES_BITS))
+                            _fold_zero(qlin(_np(blk.mlp.fc2.weight), _np(blk.mlp.fc2.bias), s_gelu_out, s_res,
+                                            numerics.RES_BITS), zero))
         else:
             mlp = _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_bits - numerics.ACT_BITS,
-                                weight_clip)
+                                weight_clip, s_ln2)
+            mlp.fc2 = _fold_zero(mlp.fc2, zero)
         blocks.append(QBlock(ln1, attn, ln2, mlp))
     return QuantizedEncoder(cfg, s_img, s_res, patch, cls_int, pos_int, blocks, scales)
 
 
-def _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_shift, weight_clip):
+def _fold_zero(q, zero):
+    """A GEMM whose A operand is ``u - zero``: ``sum (u - z) w = sum u w - z sum w``, the constant folded
+    into the bias (exact)."""
+    if zero:
+        lo, hi = numerics.int_range(numerics.BIAS_BITS)
+        q.bias = np.clip(q.bias - zero * q.w.sum(-1), lo, hi)
+    return q
+
+
+def _quantize_moe(enc, blk, cfg, sc, s_res, lut, s_gelu_out, router_h_shift, weight_clip, s_h=None):
+    """``s_h``: the step of the LN2 output the experts read (``sc["ln2"]`` unless ``ln_bits=16``)."""
     qlin = functools.partial(_qlinear, weight_clip=weight_clip)
     ex = blk.mlp.experts
-    fc1 = qlin(_np(ex.htoh4.weight), _np(ex.htoh4.bias), sc["ln2"], sc["pre"], numerics.ACT_BITS)
+    s_h = sc["ln2"] if s_h is None else s_h
+    fc1 = qlin(_np(ex.htoh4.weight), _np(ex.htoh4.bias), s_h, sc["pre"], numerics.ACT_BITS)
     fc2 = qlin(_np(ex.h4toh.weight), _np(ex.h4toh.bias), s_gelu_out, s_res, numerics.RES_BITS)
     gates, c_mults, c_shifts = [], [], []
     task_bias = np.zeros((cfg.num_tasks, cfg.experts), dtype=np.int64)

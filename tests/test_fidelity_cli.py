@@ -84,3 +84,27 @@ def test_bad_inputs_give_one_line(argv, needle, capsys):
     assert fidelity.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_forced_routing_diagnostic():
+    """The integer model on an imposed expert choice: its own choice reproduces it bit for bit, another
+    choice changes it; the report carries the forced-routing branch SQNR and bf16's worst branch."""
+    from reference import golden_model
+    from reference.inputs import synthetic_images
+    from reference.quantize import quantize, quantize_image
+    from reference.synthetic_weights import make_weights
+    m = make_weights(build_model("tiny", seed=0), "realistic", 0).eval()
+    qm = quantize(m, synthetic_images(m.cfg, 2, seed=1000))
+    img_q = quantize_image(synthetic_images(m.cfg, 1, seed=0)[0], qm.img_scale)
+    own = golden_model.encode(qm, img_q, 0, return_intermediates=True)
+    forced = {i: r["experts"] for i, r in own["routing"].items()}
+    assert np.array_equal(golden_model.encode(qm, img_q, 0, force_experts=forced), own["tokens"])
+    i = m.cfg.moe_blocks[0]
+    other = dict(forced)
+    other[i] = (forced[i] + 1) % m.cfg.experts
+    assert not np.array_equal(golden_model.encode(qm, img_q, 0, force_experts=other), own["tokens"])
+    r = fidelity.measure("tiny", seed=3, images=1, calib_images=2)
+    for t in r["per_task"].values():
+        assert len(t["per_layer_branch_sqnr_forced_routing_db"]) == m.cfg.depth
+    assert r["worst_branch_sqnr_forced_routing_db"] > 0
+    assert r["float_precisions"]["bf16"]["worst_branch_sqnr_db"] < r["float_precisions"]["fp16"]["worst_branch_sqnr_db"]

@@ -156,7 +156,8 @@ def test_pixel_input_is_p_minus_128_and_tracks_the_float_model():
 
 
 @pytest.mark.parametrize("option", [dict(gelu_bits=16), dict(router_h_bits=16), dict(calib="p99.9"),
-                                    dict(weight_clip="mse"), dict(calib="max")])
+                                    dict(weight_clip="mse"), dict(calib="max"), dict(ln_bits=16),
+                                    dict(ln_bits=16, gelu_bits=16), dict(gelu_bits=10), dict(gelu_code="u8")])
 def test_measured_options_run_and_track_the_float_model(option):
     m = _model("tiny")
     qm = quantize(m, synthetic_images(m.cfg, 2, seed=1000), **option)
@@ -171,7 +172,50 @@ def test_measured_options_run_and_track_the_float_model(option):
 def test_bad_quantize_options():
     m = _model("tiny")
     imgs = synthetic_images(m.cfg, 1, seed=1000)
-    for kw, needle in ((dict(gelu_bits=12), "gelu_bits"), (dict(weight_clip="x"), "weight_clip"),
-                       (dict(calib="median"), "calibration method")):
+    for kw, needle in ((dict(gelu_bits=7), "gelu_bits"), (dict(weight_clip="x"), "weight_clip"),
+                       (dict(calib="median"), "calibration method"), (dict(ln_bits=12), "ln_bits"),
+                       (dict(gelu_code="u8", gelu_bits=16), "gelu_code"), (dict(gelu_bits=17), "gelu_bits")):
         with pytest.raises(ValueError, match=needle):
             quantize(m, imgs, **kw)
+
+
+def test_16_bit_layernorm_output_is_the_8_bit_one_rounded_later():
+    """ln_bits=16: same LayerNorm parameters, rounded 8 bits later, so the int8 output is the int16 one
+    rounded by 2^8 (up to the final rounding tie) and the GEMMs reading it see a 256x finer step."""
+    from reference import golden
+    m = _model("tiny")
+    imgs = synthetic_images(m.cfg, 2, seed=1000)
+    q8, q16 = quantize(m, imgs), quantize(m, imgs, ln_bits=16)
+    x = np.random.default_rng(0).integers(-3000, 3000, (5, m.cfg.dim))
+    for a, b in ((q8.blocks[0].ln1, q16.blocks[0].ln1), (q8.blocks[1].ln2, q16.blocks[1].ln2)):
+        assert b.out_bits == 16 and b.shift == a.shift - 8
+        assert np.array_equal(a.gamma_mult, b.gamma_mult) and np.array_equal(a.beta_int, b.beta_int)
+        y8 = golden.layernorm(x, a.eps_int, a.gamma_mult, a.beta_int, a.shift)
+        y16 = golden.layernorm(x, b.eps_int, b.gamma_mult, b.beta_int, b.shift, b.out_bits)
+        assert np.abs(np.clip(np.round(y16 / 256.0), -128, 127) - y8).max() <= 1
+        assert np.abs(y16).max() > 127
+
+
+def test_uint8_gelu_code_with_zero_point():
+    """gelu_code='u8': the table holds uint8 codes u with s'(u - z) ~= gelu at the input grid, about twice
+    as fine as the int8 table, and fc2's bias carries -z * sum(W) exactly."""
+    import torch.nn.functional as F
+    m = _model("tiny")
+    imgs = synthetic_images(m.cfg, 2, seed=1000)
+    q8, qu = quantize(m, imgs), quantize(m, imgs, gelu_code="u8")
+    i = next(b for b in range(m.cfg.depth) if not m.cfg.is_moe(b))
+    s_u, z = qu.scales[i]["gelu_u8"]
+    lut = qu.blocks[i].mlp.gelu_lut
+    assert lut.min() >= 0 and lut.max() <= 255 and 0 < z < 128
+    x = torch.arange(-128, 128, dtype=torch.float64) * qu.scales[i]["pre"]
+    ref = F.gelu(x).numpy()
+    inside = ref <= (255 - z) * s_u
+    assert np.abs(s_u * (lut - z) - ref)[inside].max() <= s_u / 2 + 1e-12
+    assert s_u < 0.6 * q8.scales[i]["gelu"]
+    fc2_8, fc2_u = q8.blocks[i].mlp.fc2, qu.blocks[i].mlp.fc2
+    assert np.array_equal(fc2_8.w, fc2_u.w)
+    # Same float bias at the new accumulator scale, minus the zero point's constant.
+    # (float rounding of the scale product may move a bias by one LSB)
+    acc_scale = s_u * (np.abs(m.backbone.blocks[i].mlp.fc2.weight.detach().double().numpy()).max(-1) / 127)
+    b = np.round(m.backbone.blocks[i].mlp.fc2.bias.detach().double().numpy() / acc_scale)
+    assert np.abs(fc2_u.bias - (b - z * fc2_u.w.sum(-1))).max() <= 1
