@@ -303,16 +303,28 @@ def _config(args, model):
     return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4, **over)
 
 
-def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_cycle=None):
+def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_cycle=None,
+                  progress_seconds=0.0, log=sys.stderr):
     """One :class:`FrameJob` on the compiled (Verilator) :class:`EncoderTop`: the same report keys as
-    :func:`run_frames` plus the simulator's own speed. No diff ladder (no per-instruction read-back):
-    on a mismatch, re-run with ``--backend pysim`` to name the op."""
+    :func:`run_frames` plus the simulator's own speed and build times. No diff ladder (no
+    per-instruction read-back): on a mismatch, re-run with ``--backend pysim`` to name the op.
+    ``progress_seconds`` > 0 prints cycles done, cycles/s and an ETA (against the analytic model's
+    uniform-routing projection) on ``log`` about that often."""
+    from sim.perf_model import project_program
     from sim.verilator.frame import VerilatorFrameSim
-    vs = VerilatorFrameSim(config)
+    t0 = time.time()
+    vs = VerilatorFrameSim(config, log=(lambda m: print(f"  {m}", file=log, flush=True))
+                           if progress_seconds else None)
+    build_seconds = time.time() - t0
+    expected = None
+    if progress_seconds:
+        expected = round(project_program(job.program, latency=latency,
+                                         bytes_per_cycle=bytes_per_cycle or config.mem_data_bytes)["cycles"])
     t0 = time.time()
     r = vs.run(job.program, job.img, job.task, param_base=job.param_base,
                mem_bytes_per_cycle=bytes_per_cycle or config.mem_data_bytes, latency=latency,
-               stall_prob=stall_prob, seed=seed)
+               stall_prob=stall_prob, seed=seed, timeout=max(50_000_000, 4 * (expected or 0)),
+               progress_seconds=progress_seconds, expected_cycles=expected, label=job.label, log=log)
     got = np.asarray(r["tokens"], dtype=np.int64)
     if job.expected is not None:
         want, reference = np.asarray(job.expected, dtype=np.int64), "golden_model.encode"
@@ -339,7 +351,8 @@ def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_c
         "macs": r["macs"],
         "bit_exact": not len(bad), "mismatches": int(len(bad)), "reference": reference,
         "first_mismatch": first, "wall_seconds": round(time.time() - t0, 1),
-        "simulator": {"cycles_per_second": r["cycles_per_second"], "sim_seconds": r["sim_seconds"]},
+        "simulator": {"cycles_per_second": r["cycles_per_second"], "sim_seconds": r["sim_seconds"],
+                      "model_seconds": round(build_seconds, 1), "build": dict(vs.model.build)},
     }
 
 
@@ -425,7 +438,9 @@ def main(argv=None):
     a("--plot", metavar="FILE.png", help="draw the cycle breakdown (matplotlib)")
     a("--stall-prob", type=float, default=0.0, help="random memory stalls (default 0)")
     a("--latency", type=int, default=8, help="external memory read latency (default 8)")
-    a("--progress", type=int, default=20000, help="progress line every N cycles on stderr (0: none)")
+    a("--progress", type=int, default=20000, help="pysim: progress line every N cycles on stderr (0: none)")
+    a("--progress-seconds", type=float, default=30.0,
+      help="verilator: progress line (cycles, cycles/s, ETA) about every S seconds on stderr (0: none)")
     a("--drop", default="", help="comma-separated opcodes to leave out of the program (e.g. attention,moe)")
     a("--json", metavar="FILE", help="write the report as JSON")
     args = p.parse_args(argv)
@@ -439,6 +454,8 @@ def main(argv=None):
             raise ValueError(f"--mem-bytes-per-cycle must be > 0, not {args.mem_bytes_per_cycle}")
         if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
             raise ValueError(f"--json: the directory of {args.json!r} does not exist")
+        if args.progress_seconds < 0:
+            raise ValueError(f"--progress-seconds must be >= 0, not {args.progress_seconds}")
         if not 0 <= args.stall_prob < 1:
             raise ValueError(f"--stall-prob must be in [0, 1), not {args.stall_prob}")
         model = model_from_args(args)
@@ -464,7 +481,7 @@ def main(argv=None):
           file=sys.stderr)
     if args.backend == "verilator":
         rep = run_verilator(config, job, stall_prob=args.stall_prob, latency=args.latency, seed=args.seed,
-                            bytes_per_cycle=args.mem_bytes_per_cycle)
+                            bytes_per_cycle=args.mem_bytes_per_cycle, progress_seconds=args.progress_seconds)
     else:
         rep = run_frames(config, [job], stall_prob=args.stall_prob, latency=args.latency, seed=args.seed,
                          bytes_per_cycle=args.mem_bytes_per_cycle, progress=args.progress)[0]

@@ -257,3 +257,21 @@ def test_fst_without_lz4_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent-compiler")
     with pytest.raises(VerilatorNotFound, match="lz4"):
         check_fst()
+
+
+def test_progress_lines_during_a_run():
+    """``progress`` gets the harness's ``vsim-progress`` lines while the clock runs (every 65,536
+    cycles at most; here every such boundary, as the interval is tiny), in increasing cycle order, and
+    the run's results are unchanged by it."""
+    from sim.verilator import Job, VerilatorModel
+    model = VerilatorModel(_Fetcher(), pulses=("done",))
+    image = np.arange(64, dtype=np.uint8)
+    job = Job(model.spec).memory("mem", image, bytes_per_cycle=4, latency=1)
+    job.put("start", [3]).get("o", 3).tick(3 * 65536).sample()
+    seen = []
+    res = model.run(job, progress=lambda cycle, seconds: seen.append((cycle, seconds)), progress_seconds=1e-9)
+    print(seen[:4], res.cycles)
+    assert [c for c, _ in seen] == [65536 * (i + 1) for i in range(len(seen))] and len(seen) >= 3
+    assert all(b[1] >= a[1] for a, b in zip(seen, seen[1:]))
+    np.testing.assert_array_equal(res.gets[0][:, 0], image[:12].view("<u4"))
+    assert res.samples[0]["count"] == 3

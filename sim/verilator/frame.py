@@ -12,6 +12,7 @@ read from the written store at the output address, and the counters (``cycles``,
 program (:func:`sim.frame.strip_program`) runs the same way.
 """
 
+import sys
 import time
 
 import numpy as np
@@ -83,13 +84,18 @@ class VerilatorFrameSim:
             _MODELS[key] = (self.dut, self.model)
 
     def run(self, program, img_u8, task, *, param_base=PARAM_BASE, mem_bytes_per_cycle=16.0, latency=20,
-            stall_prob=0.0, seed=0, timeout=50_000_000):
+            stall_prob=0.0, seed=0, timeout=50_000_000, progress_seconds=0.0, expected_cycles=None,
+            label="frame", log=sys.stderr):
         """Run one frame; return a dict: ``tokens`` (int16 [T, D] from the written store), ``cycles``,
         ``cycles_per_op_class`` / ``pe_active_per_op_class`` (lower-case opcode names),
         ``cycles_per_phase`` / ``pe_active_per_phase`` (lower-case ``CounterPhase`` names), ``insn_count``,
         ``error``, ``macs`` (of the program's instructions, as :func:`sim.perf_model.project_program`
         counts them), ``bytes_read``, ``bytes_written``, ``job_cycles``, ``sim_seconds``,
-        ``cycles_per_second``, ``wall_seconds``. :func:`sim.perf_report.from_frame` takes it."""
+        ``cycles_per_second``, ``wall_seconds``. :func:`sim.perf_report.from_frame` takes it.
+
+        ``progress_seconds`` > 0 prints a line on ``log`` about that often while the clock runs: cycles
+        done, cycles/s and, given ``expected_cycles`` (e.g. the analytic model's), the fraction done and
+        the ETA."""
         from sim.program_executor import read_tokens
         t0 = time.time()
         mem = frame_memory(program, img_u8, param_base=param_base)
@@ -103,7 +109,16 @@ class VerilatorFrameSim:
                            "param_base": param_base, "output_base": param_base + lay.output_addr,
                            "image_base": param_base}])
         job.wait("done", timeout).sample()
-        res = self.model.run(job)
+        report = None
+        if progress_seconds > 0:
+            def report(cycle, seconds):
+                rate = cycle / seconds if seconds > 0 else 0.0
+                line = f"  [{label}] cycle {cycle:,}, {rate:,.0f} cycles/s, {seconds:.0f} s"
+                if expected_cycles and rate > 0:
+                    line += (f", {100 * cycle / expected_cycles:.1f} % of ~{expected_cycles:,} expected, "
+                             f"ETA {max(expected_cycles - cycle, 0) / rate:.0f} s")
+                print(line, file=log, flush=True)
+        res = self.model.run(job, progress=report, progress_seconds=progress_seconds or 30.0)
         self.last_run = res
         s = res.samples[0]
         cw = self.config.counter_width

@@ -42,6 +42,7 @@ import os
 import re
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -572,6 +573,41 @@ def _parse(raw, spec):
     return res
 
 
+def _run_with_progress(cmd, timeout, progress, seconds):
+    """Run the harness with ``VSIM_PROGRESS_SECONDS`` set, pass its progress lines to ``progress`` as
+    they come and return ``(exit code, the other stderr lines)``; ``timeout`` (s) kills it and raises
+    :class:`subprocess.TimeoutExpired` as :func:`subprocess.run` does."""
+    env = dict(os.environ, VSIM_PROGRESS_SECONDS=str(float(seconds)))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    timer, fired = None, []
+
+    def kill():
+        fired.append(True)
+        proc.kill()
+
+    if timeout is not None:
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+    other = []
+    try:
+        for line in proc.stderr:
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "vsim-progress":
+                progress(int(parts[1]), float(parts[2]))
+            else:
+                other.append(line.rstrip())
+        code = proc.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if fired:
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    return code, "\n".join(other).strip()
+
+
 class VerilatorModel:
     """An Amaranth top compiled with Verilator into the generic harness (cached).
 
@@ -658,12 +694,15 @@ class VerilatorModel:
         self.build["convert_seconds"] = round(convert_seconds, 2)
         self.build["verilog_cached"] = vinfo["verilog_cached"]
 
-    def run(self, job, *, trace_file=None, trace_window=(0, 2**63 - 1), timeout=None):
+    def run(self, job, *, trace_file=None, trace_window=(0, 2**63 - 1), timeout=None, progress=None,
+            progress_seconds=30.0):
         """Execute ``job`` and return a :class:`RunResult`.
 
         ``trace_file`` writes a waveform of the cycles in ``trace_window`` (inclusive) when the model was
-        built with ``trace``. Raises :class:`VerilatorError` with the harness's message on a memory
-        protocol violation, a wait timeout or a bad job.
+        built with ``trace``. ``progress`` (a callable ``(cycle, seconds)``) is called about every
+        ``progress_seconds`` of the clock loop while it runs (the harness's ``vsim-progress`` lines).
+        Raises :class:`VerilatorError` with the harness's message on a memory protocol violation, a
+        wait timeout or a bad job.
         """
         if trace_file is not None and self.trace is None:
             raise ValueError("trace_file needs a model built with trace='fst' or 'vcd'")
@@ -675,11 +714,15 @@ class VerilatorModel:
             if trace_file is not None:
                 cmd += [str(trace_file), str(int(trace_window[0])), str(int(trace_window[1]))]
             t0 = time.time()
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if progress is None:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+                code, err = out.returncode, out.stderr.strip() or out.stdout.strip()
+            else:
+                code, err = _run_with_progress(cmd, timeout, progress, progress_seconds)
             wall = time.time() - t0
-            if out.returncode:
-                kind = _EXIT_CODES.get(out.returncode, f"exit code {out.returncode}")
-                raise VerilatorError(f"{kind}: {out.stderr.strip() or out.stdout.strip()}")
+            if code:
+                kind = _EXIT_CODES.get(code, f"exit code {code}")
+                raise VerilatorError(f"{kind}: {err}")
             with open(rp, "rb") as f:
                 res = _parse(f.read(), self.spec)
         res.wall_seconds = wall
