@@ -119,12 +119,56 @@ def _moe_layer(cfg):
     return MoELayer(cfg)
 
 
+def _attn_sequencer(cfg):
+    from m3vit_hw.attention.attn_layout import buffer_map, plan_attention
+    from m3vit_hw.attention.attn_sequencer import AttnSequencer
+    return AttnSequencer(cfg, plan_attention(cfg), buffer_map(cfg))
+
+
+def _score_path(cfg):
+    from m3vit_hw.attention.attn_layout import buffer_map, plan_attention
+    from m3vit_hw.attention.attn_sequencer import AttnSequencer
+    # Sized as inside the AttnSequencer (its row-table depth comes from the plan).
+    return AttnSequencer(cfg, plan_attention(cfg), buffer_map(cfg)).score
+
+
+def _moe_sequencer(cfg):
+    from m3vit_hw.moe.moe_sequencer import MoESequencer
+    return MoESequencer(cfg)
+
+
+def _norm_stage(cfg):
+    from m3vit_hw.dense.norm_stage import NormStage
+    return NormStage(cfg)
+
+
+def _patch_loader(cfg):
+    from m3vit_hw.dense.patch_loader import PatchLoader
+    return PatchLoader(cfg)
+
+
+def _embed_sequencer(cfg):
+    from m3vit_hw.dense.embed_layout import embed_buffer_map, plan_embed
+    from m3vit_hw.dense.patch_embed import EmbedSequencer
+    return EmbedSequencer(cfg, plan_embed(cfg), embed_buffer_map(cfg))
+
+
+def _store_dma(cfg):
+    from m3vit_hw.encoder.store import StoreDma
+    return StoreDma(cfg)
+
+
 #: Unit name -> builder from an AcceleratorConfig, smallest first.
 UNITS = {"requantizer": _requantizer, "gelu": _gelu, "residual": _residual, "topk": _topk,
          "weight_streamer": _weight_streamer, "weight_buffer": _weight_buffer,
          "expert_queues": _expert_queues, "pe_array": _pe_array, "epilogue": _epilogue,
          "softmax": _softmax, "layernorm": _layernorm, "router": _router,
-         "gemm_engine": _gemm_engine, "moe_layer": _moe_layer}
+         "gemm_engine": _gemm_engine, "moe_layer": _moe_layer,
+         # The encoder's sequencing units (each with the units it contains: ScorePath holds the softmax,
+         # AttnSequencer the ScorePath, MoESequencer the router, top-k and queues, NormStage the LayerNorm).
+         "patch_loader": _patch_loader, "store_dma": _store_dma, "norm_stage": _norm_stage,
+         "embed_sequencer": _embed_sequencer, "score_path": _score_path, "attn_sequencer": _attn_sequencer,
+         "moe_sequencer": _moe_sequencer}
 
 #: Cell name patterns -> report column.
 _GROUPS = [
