@@ -126,10 +126,10 @@ def _attn_sequencer(cfg):
 
 
 def _score_path(cfg):
-    from m3vit_hw.attention.attn_layout import buffer_map, plan_attention
-    from m3vit_hw.attention.attn_sequencer import AttnSequencer
-    # Sized as inside the AttnSequencer (its row-table depth comes from the plan).
-    return AttnSequencer(cfg, plan_attention(cfg), buffer_map(cfg)).score
+    from m3vit_hw.attention.attn_layout import buffer_map
+    from m3vit_hw.attention.score_path import ScorePath
+    # Sized as inside the AttnSequencer.
+    return ScorePath(cfg, buffer_map(cfg), rowtab_depth=1 << cfg.rowtab_addr_bits)
 
 
 def _moe_sequencer(cfg):
