@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from amaranth.back import rtlil
+from amaranth.hdl import Elaboratable, Module, Value
 
 from m3vit_hw.checks import check_output_path
 from m3vit_hw.build.timing import analyze, format_result
@@ -132,9 +133,24 @@ def _score_path(cfg):
     return ScorePath(cfg, buffer_map(cfg), rowtab_depth=1 << cfg.rowtab_addr_bits)
 
 
+class _PortsOf(Elaboratable):
+    """A component as a plain elaboratable whose ports are its signature's leaves, their directions
+    taken from the drivers. For a component whose signature declares a member ``In`` that it drives
+    (the GEMM client's ``gelu_lut`` write port), which cannot be a top-level component port."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.synth_ports = [Value.cast(val) for _, _, val in inner.signature.flatten(inner)]
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.inner = self.inner
+        return m
+
+
 def _moe_sequencer(cfg):
     from m3vit_hw.moe.moe_sequencer import MoESequencer
-    return MoESequencer(cfg)
+    return _PortsOf(MoESequencer(cfg))
 
 
 def _norm_stage(cfg):
@@ -270,7 +286,7 @@ def synthesize(component, name="top", log=None, dsp_proxy=True):
         ``resources`` (summary), ``cells`` (raw counts), ``timing`` (:class:`m3vit_hw.build.timing.TimingResult`),
         ``dsp_regs_xc7`` (None without DSPs), ``seconds``, ``mapper``.
     """
-    text = rtlil.convert(component, name=name)
+    text = rtlil.convert(component, name=name, ports=getattr(component, "synth_ports", None))
     with tempfile.TemporaryDirectory() as d:
         Path(d, "top.il").write_text(text)
         t0 = time.perf_counter()
