@@ -306,15 +306,20 @@ class SoftmaxUnit(wiring.Component):
         m.d.comb += [self.i.ready.eq(in_ok), in_go.eq(self.i.valid & in_ok)]
         cmd_done = in_go & last_beat & rows_one
         m.d.comb += self.cmd.ready.eq(~cmd_active | cmd_done)
+        # The clamp selects constants instead of feeding the arithmetic: the tail mask of an
+        # in-range length depends on its low bits only (for a power-of-two L).
+        too_long = p_len > self._max_length
+        max_tail = (self._max_length - 1) % L
         if L & (L - 1) == 0:
-            tail_idx = (p_len_c - 1)[:max(1, (L - 1).bit_length())] if L > 1 else 0
+            tail_idx = Mux(too_long, max_tail, (p_len - 1)[:max(1, (L - 1).bit_length())] if L > 1 else 0)
         else:
             tail_idx = (p_len_c - 1) % L
+        p_one_beat = Mux(too_long, self._max_length <= L, p_len <= L)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [cur.eq(self.cmd.payload), cur.length.eq(p_len_c),
                          rows_left.eq(self.cmd.payload.rows), rows_one.eq(self.cmd.payload.rows == 1),
                          cmd_active.eq(self.cmd.payload.rows != 0),
-                         one_beat.eq(p_len_c <= L), last1.eq(p_len_c <= L),
+                         one_beat.eq(p_one_beat), last1.eq(p_one_beat),
                          tail_mask.eq(Cat(*(tail_idx >= j for j in lane_idx)))]
         with m.Elif(cmd_done):
             m.d.sync += cmd_active.eq(0)
