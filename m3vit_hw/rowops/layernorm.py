@@ -400,7 +400,10 @@ class LayerNormUnit(wiring.Component):
         cur_inv = Signal(inv_width)
         issue = row_active & out_fifo.room
         m.d.comb += out_fifo.take.eq(issue)
-        issue_last = issue & (out_beat == R - 1)
+        # "out_beat is the row's last beat" as a register (no compare in front of the load decision
+        # and the divider's output FIFO behind it).
+        out_last = Signal(init=R == 1)
+        issue_last = issue & out_last
         # A row's reciprocal only exists once all of its beats have been written, so issuing never
         # has to check the buffer level.
         load = (~row_active | issue_last) & div.o.valid & s1_fifo.r_rdy
@@ -412,7 +415,8 @@ class LayerNormUnit(wiring.Component):
             m.d.sync += row_active.eq(0)
         with m.If(issue):
             m.d.sync += [
-                out_beat.eq(Mux(out_beat == R - 1, 0, out_beat + 1)),
+                out_beat.eq(Mux(out_last, 0, out_beat + 1)),
+                out_last.eq(Mux(out_last, R == 1, out_beat == R - 2)),
                 rd_ptr.eq(Mux(rd_ptr == self._depth - 1, 0, rd_ptr + 1)),
             ]
         m.d.comb += [
@@ -439,7 +443,7 @@ class LayerNormUnit(wiring.Component):
         lo, hi = numerics.int_range(numerics.ACT_BITS)
         cut = _INV_CHUNK
         with m.If(adv):
-            m.d.sync += [vs[0].eq(issue), lasts[0].eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_d[0].eq(cur_inv),
+            m.d.sync += [vs[0].eq(issue), lasts[0].eq(out_last), s1_1.eq(cur_s1), inv_d[0].eq(cur_inv),
                          s1_d[0].eq(s1_1), s1_d[1].eq(s1_d[0]), par[0].eq(par_r.data)]
             for k in range(1, len(inv_d)):
                 m.d.sync += inv_d[k].eq(inv_d[k - 1])
