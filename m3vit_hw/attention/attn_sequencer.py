@@ -230,7 +230,7 @@ class AttnSequencer(wiring.Component):
         (``wl_s``, ``wl_b``, ``pl_s``, ``pl_b``, beat-padded) and a tile's whole step (``st_s``,
         ``st_b``). The walkers then select, compare and add once per tile (no multiply, round-up and
         three-operand add between their registers). Valid after the start: part 0 after 2 cycles,
-        part 1 after 3, part 2 after 4 (``plan_wait``)."""
+        part 1 after 3, part 2 after 4; the walkers' copies one cycle later (``plan_wait``)."""
         cfg, lay = self._config, self._layout
         C, db, aw = cfg.pe_cols, cfg.mem_data_bytes, self._aw
         most = max(2 * self._bmap.hw, cfg.row_words)
@@ -280,11 +280,22 @@ class AttnSequencer(wiring.Component):
             "ended": 1, "tag": unsigned(cfg.tile_tag_width),
             "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
         }), name=name)
+        # The current part's constants in a register of the walker's own, loaded with the part at a
+        # part change and otherwise refreshed from the table (so it follows the table while the
+        # table settles after a start, one cycle behind): no part-indexed mux before the compares.
         e = Signal.like(table[0], name=f"{name}_part_consts")
-        with m.Switch(part):
-            for code in range(3):
-                with m.Case(code):
-                    m.d.comb += e.eq(table[code])
+        part_change = Signal(name=f"{name}_part_change")
+        with m.If(part_change):
+            with m.Switch(part):
+                with m.Case(0):
+                    m.d.sync += e.eq(table[1])
+                with m.Case(1):
+                    m.d.sync += e.eq(Mux(head == sh.heads - 1, table[2].as_value(), table[0].as_value()))
+        with m.Else():
+            with m.Switch(part):
+                for code in range(3):
+                    with m.Case(code):
+                        m.d.sync += e.eq(table[code])
         big = chunk < e.extra
         panels = e.panels + big
         last_chunk = chunk == e.nch_m1
@@ -303,6 +314,7 @@ class AttnSequencer(wiring.Component):
             m.d.sync += [part.eq(0), head.eq(0), chunk.eq(0), first.eq(0), off.eq(0), idx.eq(0),
                          ended.eq(0)]
         with m.Elif(advance):
+            m.d.comb += part_change.eq(last_chunk)
             m.d.sync += [off.eq(off + Mux(big, e.st_b, e.st_s)), idx.eq(idx + 1)]
             with m.If(last_chunk):
                 m.d.sync += [chunk.eq(0), first.eq(0)]
@@ -350,9 +362,10 @@ class AttnSequencer(wiring.Component):
         shape_in = Signal(shape_layout)
         m.d.comb += shape_in.eq(Mux(p.dims.dim == 0, own.as_value(), p.dims.as_value()))
         sh = prm.dims
-        # Derived sizes, registered, then the per-part tile constants (_part_table). The first tiles'
-        # fetch waits 2 cycles for part 0's constants (``first_ok``; qk_small is computed from the
-        # payload for them); everything else settles within 4 cycles (``plan_ready`` gates it), long
+        # Derived sizes, registered, then the per-part tile constants (_part_table) and the walkers'
+        # copies. The first tiles' fetch waits 3 cycles for part 0's constants (``first_ok``;
+        # qk_small is computed from the payload for them); everything else settles within 5 cycles
+        # (``plan_ready`` gates it), long
         # before the first tile's data can arrive (the streamer takes its next command only after
         # that tile's last beat).
         dv = Signal(data.StructLayout({
@@ -365,11 +378,11 @@ class AttnSequencer(wiring.Component):
             "qk_step": unsigned(cfg.act_addr_bits), "av_step": unsigned(cfg.dst_addr_bits),
         }), name="derived")
         # Cycles from the start until every derived value and part constant is valid (_part_table).
-        plan_wait = Signal(range(5))
+        plan_wait = Signal(range(6))
         plan_ready = plan_wait == 0
         first_ok = plan_wait <= 2         # part 0's constants (the first tiles' fetch) are valid
         with m.If(start):
-            m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(4),
+            m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(5),
                          # The multiply runs in parallel with the default select (not after it).
                          dv.qk_small.eq(Mux(p.dims.dim == 0, own_fields["qk"]["panels"] * own_fields["dim"],
                                             p.dims.qk.panels * p.dims.dim)),
@@ -439,7 +452,7 @@ class AttnSequencer(wiring.Component):
         head_off = Signal(cfg.dst_addr_bits)                   # head * hw
         m.d.comb += [infl.w_en.eq(push)]
         q_tile = bm.q_tile
-        in_attn = Signal()
+        in_attn = Signal()                 # the FSM is in ATTN (set and cleared with its transitions)
         # The attention window's issue conditions as registers a cycle ahead (rowops.counts): instead
         # of comparing the tile counters with each other and with ntiles in front of the command's
         # valid, differences and remaining counts with their flags.
@@ -519,6 +532,7 @@ class AttnSequencer(wiring.Component):
                         # From here on the walker is at the next tile (a candidate for the early issue).
                         m.d.comb += advance.eq(1)
                         m.d.comb += enter_attn.eq(1)
+                        m.d.sync += in_attn.eq(1)
                         m.d.sync += [early.eq(0), qk_next.eq(0), av_next.eq(0), sm_done.eq(0),
                                      qk_rows_left.eq(T), av_rows_left.eq(T),
                                      qk_a.eq(bm.qkv_base), av_dst.eq(bm.ctx_base + head_off)]
@@ -527,7 +541,6 @@ class AttnSequencer(wiring.Component):
                         m.d.comb += advance.eq(1)
                         m.next = "WAIT_TILE"
             with m.State("ATTN"):
-                m.d.comb += in_attn.eq(1)
                 can_qk = qk_more & qa_le1 & sp.tiles.ready
                 can_av = qa_nz & sa_nz
                 qk_rows = Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)
@@ -573,7 +586,7 @@ class AttnSequencer(wiring.Component):
                                      av_rows_left.eq(av_rows_left - av_rows),
                                      av_dst.eq(av_dst + dv.av_step)]
                 with m.If(~av_more):
-                    m.d.sync += head_off.eq(head_off + dv.hw)
+                    m.d.sync += [head_off.eq(head_off + dv.hw), in_attn.eq(0)]
                     m.next = "WAIT_TILE"
             with m.State("WAIT_DONE"):
                 with m.If(~infl_any & ~cl.gemm_busy):

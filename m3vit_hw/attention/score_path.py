@@ -280,5 +280,12 @@ class ScorePath(wiring.Component):
                     m.d.comb += [rows_out.r_en.eq(1), self.tile_done.eq(1)]
                     m.d.sync += [e_row.eq(0), eslot.eq(~eslot),
                                  e_base.eq(Mux(eslot, 0, bm.e8_slot))]
-        m.d.comb += self.busy.eq(rows_out.level != 0)
+        # busy (rows_out not empty) as a register a cycle ahead, from a count of its own.
+        tiles_in = Signal(range(_TILE_FIFO + 1))
+        busy_r = Signal()
+        tile_end = Signal()
+        m.d.comb += tile_end.eq(rows_out.r_en)
+        m.d.sync += [tiles_in.eq(tiles_in + take - tile_end),
+                     busy_r.eq(~below_next(tiles_in, take, tile_end, 1))]
+        m.d.comb += self.busy.eq(busy_r)
         return m
