@@ -170,6 +170,16 @@ class ScorePath(wiring.Component):
         in_ahead = Signal(range(_READ_AHEAD + 2))
         ahead_room = Signal(init=1)
         r_wlast = Signal()                # r_w == beats_m1
+        # The softmax command's payload comes from registers in every state (only its valid depends on
+        # the state), so the unit's per-command registers see no state decode on their data path.
+        m.d.comb += [
+            sm.cmd.payload.mode.eq(SoftmaxMode.ATTENTION),
+            sm.cmd.payload.length.eq(prm.tokens),
+            sm.cmd.payload.rows.eq(r_rows),
+            sm.cmd.payload.c_mult.eq(prm.c_mult),
+            sm.cmd.payload.c_shift.eq(prm.c_shift),
+            sm.cmd.payload.out_mult.eq(prm.out_mult),
+        ]
         with m.FSM(name="reader"):
             with m.State("IDLE"):
                 ok = full.bit_select(rslot, 1) & rows_in.r_rdy & (e8_free != 0) & rows_out.w_rdy
@@ -179,15 +189,7 @@ class ScorePath(wiring.Component):
                     m.d.sync += r_rows.eq(rows_in.r_data)
                     m.next = "CMD"
             with m.State("CMD"):
-                m.d.comb += [
-                    sm.cmd.valid.eq(1),
-                    sm.cmd.payload.mode.eq(SoftmaxMode.ATTENTION),
-                    sm.cmd.payload.length.eq(prm.tokens),
-                    sm.cmd.payload.rows.eq(r_rows),
-                    sm.cmd.payload.c_mult.eq(prm.c_mult),
-                    sm.cmd.payload.c_shift.eq(prm.c_shift),
-                    sm.cmd.payload.out_mult.eq(prm.out_mult),
-                ]
+                m.d.comb += sm.cmd.valid.eq(1)
                 with m.If(sm.cmd.ready):
                     m.d.sync += [r_w.eq(0), r_wlast.eq(one_word), r_addr.eq(Mux(rslot, bm.score_slot, 0))]
                     m.next = "READ"
