@@ -239,8 +239,8 @@ class LayerNormUnit(wiring.Component):
         shift = Signal(SHIFT_BITS)
 
         # ---- flow control / bookkeeping ---------------------------------------------------------
-        count = Signal(range(self._depth + 1))          # beats written, not yet read back
-        room = Signal(init=1)                           # count < depth, a cycle ahead (rowops.counts)
+        count = Signal(range(self._depth + 1))          # beats written, not yet read back (a cycle late)
+        room = Signal(init=1)                           # see below (rowops.counts)
         wr_ptr = Signal(range(self._depth))
         rd_ptr = Signal(range(self._depth))
         in_beat = Signal(range(R))
@@ -423,7 +423,12 @@ class LayerNormUnit(wiring.Component):
             buf_r.addr.eq(rd_ptr), buf_r.en.eq(1),
             par_r.addr.eq(out_beat), par_r.en.eq(1),
         ]
-        m.d.sync += [count.eq(count + in_go - issue), room.eq(below_next(count, in_go, issue, self._depth))]
+        # The count runs one cycle behind (from registered events: the input handshake feeds no
+        # adder), so the room flag keeps one slot in hand: count is the true level of the previous
+        # cycle, which can have grown by at most one since (the depth's margin covers the slot).
+        in_go_r, issue_r = Signal(), Signal()
+        m.d.sync += [in_go_r.eq(in_go), issue_r.eq(issue), count.eq(count + in_go_r - issue_r),
+                     room.eq(below_next(count, in_go_r, issue_r, self._depth - 1))]
 
         # Stages: (1) buffer/param read, (2) read data registered, (3) D*x, (4) a = D*x - S1,
         # (5) a * inv as two registered DSP partial products, (6) their sum P, (7) z = round_shift(P,
