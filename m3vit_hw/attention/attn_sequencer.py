@@ -235,7 +235,8 @@ class AttnSequencer(wiring.Component):
         C, db, aw = cfg.pe_cols, cfg.mem_data_bytes, self._aw
         most = max(2 * self._bmap.hw, cfg.row_words)
         layout = data.StructLayout({
-            "panels": range(most + 1), "extra": range(most + 1), "nch_m1": range(most + 1),
+            "panels": range(most + 1), "extra": range(most + 1), "extra_m1": range(-1, most + 1),
+            "nch_m1": range(most + 1),
             "wl_s": unsigned(aw), "wl_b": unsigned(aw), "pl_s": unsigned(aw), "pl_b": unsigned(aw),
             "st_s": unsigned(aw), "st_b": unsigned(aw),
         })
@@ -245,7 +246,8 @@ class AttnSequencer(wiring.Component):
             e = Signal(layout, name=f"part{code}_consts")
             spec = sh[pname]
             m.d.sync += [
-                e.panels.eq(spec.panels), e.extra.eq(spec.extra), e.nch_m1.eq(spec.chunks - 1),
+                e.panels.eq(spec.panels), e.extra.eq(spec.extra), e.extra_m1.eq(spec.extra - 1),
+                e.nch_m1.eq(spec.chunks - 1),
                 e.wl_s.eq(_round_up_const(small_el * C, db)),
                 e.wl_b.eq(_round_up_const((small_el + k) * C, db)),
                 e.pl_s.eq(_round_up_const(spec.panels * lay.param_word_bytes, db)),
@@ -285,18 +287,28 @@ class AttnSequencer(wiring.Component):
         # table settles after a start, one cycle behind): no part-indexed mux before the compares.
         e = Signal.like(table[0], name=f"{name}_part_consts")
         part_change = Signal(name=f"{name}_part_change")
+        chunk_step = Signal(name=f"{name}_chunk_step")
+        # "This chunk has a panel more" (chunk < extra) as a register: set for the next chunk at an
+        # advance (chunk 0 of the next part: its extra != 0; else chunk + 1 < extra), refreshed
+        # otherwise.
+        big = Signal(name=f"{name}_big")
         with m.If(part_change):
             with m.Switch(part):
                 with m.Case(0):
-                    m.d.sync += e.eq(table[1])
+                    m.d.sync += [e.eq(table[1]), big.eq(table[1].extra != 0)]
                 with m.Case(1):
-                    m.d.sync += e.eq(Mux(head == sh.heads - 1, table[2].as_value(), table[0].as_value()))
+                    with m.If(head == sh.heads - 1):
+                        m.d.sync += [e.eq(table[2]), big.eq(table[2].extra != 0)]
+                    with m.Else():
+                        m.d.sync += [e.eq(table[0]), big.eq(table[0].extra != 0)]
+        with m.Elif(chunk_step):
+            m.d.sync += big.eq(chunk < e.extra_m1)
         with m.Else():
+            m.d.sync += big.eq(chunk < e.extra)
             with m.Switch(part):
                 for code in range(3):
                     with m.Case(code):
                         m.d.sync += e.eq(table[code])
-        big = chunk < e.extra
         panels = e.panels + big
         last_chunk = chunk == e.nch_m1
         is_proj = part == 2
@@ -329,6 +341,7 @@ class AttnSequencer(wiring.Component):
                     with m.Default():
                         m.d.sync += ended.eq(1)
             with m.Else():
+                m.d.comb += chunk_step.eq(1)
                 m.d.sync += [chunk.eq(chunk + 1), first.eq(first + panels)]
         return t, reset
 
