@@ -257,7 +257,7 @@ class AttnSequencer(wiring.Component):
             table.append(e)
         return table
 
-    def _walker(self, m, name, sh, dv, table, advance):
+    def _walker(self, m, name, sh, dv, table, heads_m1, advance):
         """A walk over the run-time tile plan: registers (part, head, chunk, first panel, byte
         offset, tile index) and the current tile's descriptor, combinational from them and the
         per-part ``table`` (:meth:`_part_table`). ``advance`` steps to the next tile; ``reset``
@@ -297,7 +297,7 @@ class AttnSequencer(wiring.Component):
                 with m.Case(0):
                     m.d.sync += [e.eq(table[1]), big.eq(table[1].extra != 0)]
                 with m.Case(1):
-                    with m.If(head == sh.heads - 1):
+                    with m.If(head == heads_m1):
                         m.d.sync += [e.eq(table[2]), big.eq(table[2].extra != 0)]
                     with m.Else():
                         m.d.sync += [e.eq(table[0]), big.eq(table[0].extra != 0)]
@@ -334,7 +334,7 @@ class AttnSequencer(wiring.Component):
                     with m.Case(0):
                         m.d.sync += part.eq(1)
                     with m.Case(1):
-                        with m.If(head == sh.heads - 1):
+                        with m.If(head == heads_m1):
                             m.d.sync += part.eq(2)
                         with m.Else():
                             m.d.sync += [part.eq(0), head.eq(head + 1)]
@@ -425,8 +425,10 @@ class AttnSequencer(wiring.Component):
         # ---- fetch sequencer: every tile's panels and parameter words, in plan order -------------
         wcmd, pcmd = cl.wcmd, cl.pcmd
         table = self._part_table(m, sh, dv)
-        tw_, w_reset = self._walker(m, "fetch_w_tile", sh, dv, table, wcmd.valid & wcmd.ready)
-        tp_, p_reset = self._walker(m, "fetch_p_tile", sh, dv, table, pcmd.valid & pcmd.ready)
+        heads_m1 = Signal.like(sh.heads)                     # registered (held while running)
+        m.d.sync += heads_m1.eq(sh.heads - 1)
+        tw_, w_reset = self._walker(m, "fetch_w_tile", sh, dv, table, heads_m1, wcmd.valid & wcmd.ready)
+        tp_, p_reset = self._walker(m, "fetch_p_tile", sh, dv, table, heads_m1, pcmd.valid & pcmd.ready)
         m.d.comb += [
             wcmd.valid.eq(running & ~tw_.ended & (plan_ready | (tw_.first_tile & first_ok))),
             wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
@@ -452,7 +454,7 @@ class AttnSequencer(wiring.Component):
         gp = g.payload
         push = g.valid & g.ready
         advance = Signal()
-        tc, c_reset = self._walker(m, "compute_tile", sh, dv, table, advance)
+        tc, c_reset = self._walker(m, "compute_tile", sh, dv, table, heads_m1, advance)
         m.d.comb += c_reset.eq(start)
         qk_next = Signal(range(cfg.token_capacity + 1))
         av_next = Signal(range(cfg.token_capacity + 1))
@@ -474,9 +476,11 @@ class AttnSequencer(wiring.Component):
         qk_push, av_push = Signal(), Signal()
         qk_more = Signal()                    # qk_next < ntiles
         av_more = Signal()                    # av_next < ntiles
-        qa_diff = Signal(range(cfg.token_capacity + 2))     # qk_next - av_next
+        # Both differences stay within 0..2 (a QK tile is issued only while qk - av <= 1, a softmax
+        # tile finishes only for an issued QK tile): two bits, a LUT-only update.
+        qa_diff = Signal(range(4))                           # qk_next - av_next
         qa_nz, qa_le1 = Signal(), Signal(init=1)
-        sa_diff = Signal(range(cfg.token_capacity + 2))     # sm_done - av_next
+        sa_diff = Signal(range(4))                           # sm_done - av_next
         sa_nz = Signal()
         enter_attn = Signal()
         with m.If(enter_attn):
