@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from amaranth.back import rtlil
+from amaranth.hdl import Elaboratable, Module, Value
 
 from m3vit_hw.checks import check_output_path
 from m3vit_hw.build.timing import analyze, format_result
@@ -119,12 +120,71 @@ def _moe_layer(cfg):
     return MoELayer(cfg)
 
 
+def _attn_sequencer(cfg):
+    from m3vit_hw.attention.attn_layout import buffer_map, plan_attention
+    from m3vit_hw.attention.attn_sequencer import AttnSequencer
+    return AttnSequencer(cfg, plan_attention(cfg), buffer_map(cfg))
+
+
+def _score_path(cfg):
+    from m3vit_hw.attention.attn_layout import buffer_map
+    from m3vit_hw.attention.score_path import ScorePath
+    # Sized as inside the AttnSequencer.
+    return ScorePath(cfg, buffer_map(cfg), rowtab_depth=1 << cfg.rowtab_addr_bits)
+
+
+class _PortsOf(Elaboratable):
+    """A component as a plain elaboratable whose ports are its signature's leaves, their directions
+    taken from the drivers. For a component whose signature declares a member ``In`` that it drives
+    (the GEMM client's ``gelu_lut`` write port), which cannot be a top-level component port."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.synth_ports = [Value.cast(val) for _, _, val in inner.signature.flatten(inner)]
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.inner = self.inner
+        return m
+
+
+def _moe_sequencer(cfg):
+    from m3vit_hw.moe.moe_sequencer import MoESequencer
+    return _PortsOf(MoESequencer(cfg))
+
+
+def _norm_stage(cfg):
+    from m3vit_hw.dense.norm_stage import NormStage
+    return NormStage(cfg)
+
+
+def _patch_loader(cfg):
+    from m3vit_hw.dense.patch_loader import PatchLoader
+    return PatchLoader(cfg)
+
+
+def _embed_sequencer(cfg):
+    from m3vit_hw.dense.embed_layout import embed_buffer_map, plan_embed
+    from m3vit_hw.dense.patch_embed import EmbedSequencer
+    return EmbedSequencer(cfg, plan_embed(cfg), embed_buffer_map(cfg))
+
+
+def _store_dma(cfg):
+    from m3vit_hw.encoder.store import StoreDma
+    return StoreDma(cfg)
+
+
 #: Unit name -> builder from an AcceleratorConfig, smallest first.
 UNITS = {"requantizer": _requantizer, "gelu": _gelu, "residual": _residual, "topk": _topk,
          "weight_streamer": _weight_streamer, "weight_buffer": _weight_buffer,
          "expert_queues": _expert_queues, "pe_array": _pe_array, "epilogue": _epilogue,
          "softmax": _softmax, "layernorm": _layernorm, "router": _router,
-         "gemm_engine": _gemm_engine, "moe_layer": _moe_layer}
+         "gemm_engine": _gemm_engine, "moe_layer": _moe_layer,
+         # The encoder's sequencing units (each with the units it contains: ScorePath holds the softmax,
+         # AttnSequencer the ScorePath, MoESequencer the router, top-k and queues, NormStage the LayerNorm).
+         "patch_loader": _patch_loader, "store_dma": _store_dma, "norm_stage": _norm_stage,
+         "embed_sequencer": _embed_sequencer, "score_path": _score_path, "attn_sequencer": _attn_sequencer,
+         "moe_sequencer": _moe_sequencer}
 
 #: Cell name patterns -> report column.
 _GROUPS = [
@@ -226,7 +286,7 @@ def synthesize(component, name="top", log=None, dsp_proxy=True):
         ``resources`` (summary), ``cells`` (raw counts), ``timing`` (:class:`m3vit_hw.build.timing.TimingResult`),
         ``dsp_regs_xc7`` (None without DSPs), ``seconds``, ``mapper``.
     """
-    text = rtlil.convert(component, name=name)
+    text = rtlil.convert(component, name=name, ports=getattr(component, "synth_ports", None))
     with tempfile.TemporaryDirectory() as d:
         Path(d, "top.il").write_text(text)
         t0 = time.perf_counter()

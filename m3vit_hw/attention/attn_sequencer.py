@@ -19,8 +19,8 @@ weight buffer: those are the datapath's, reached through
 plus this client); its docstring has the wiring.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, enum, fifo, memory, stream, wiring
+from amaranth.hdl import Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
@@ -28,6 +28,7 @@ from ..config import AcceleratorConfig
 from ..weights.client import GemmClientSignature
 from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
+from ..rowops.counts import below_next
 from ..rowops.softmax import SHIFT_BITS
 from .attn_layout import SHAPE_PARTS, AttnLayout, BufferMap, buffer_map, plan_attention
 from .score_path import ScorePath, mem_addr_width
@@ -41,6 +42,37 @@ class Phase(enum.Enum, shape=2):
     QK = 1
     AV = 2
     PROJ = 3
+
+
+class _PhaseQueue(Elaboratable):
+    """The in-flight engine commands' phases: a ``SyncFIFO``-compatible queue (``w_en``, ``w_data``,
+    ``w_rdy``, ``r_en``, ``r_data``, ``r_rdy``, same cycle behaviour) kept in flip-flops that shift
+    towards the head, so ``r_data`` (the oldest command's phase) and both flags are registers and no
+    distributed-RAM read or level compare sits in front of the sequencer's decisions and counters."""
+
+    def __init__(self, depth):
+        self.depth = depth
+        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(Phase), Signal(init=1)
+        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(Phase), Signal()
+
+    def elaborate(self, platform):
+        m = Module()
+        n = self.depth
+        cells = [Signal(Phase, name=f"cell{i}") for i in range(n)]
+        count = Signal(range(n + 1))
+        push = self.w_en & self.w_rdy
+        pop = self.r_en & self.r_rdy
+        m.d.comb += self.r_data.eq(cells[0])
+        for i in range(n):
+            keep = cells[i + 1] if i + 1 < n else cells[i]
+            with m.If(push & Mux(pop, count == i + 1, count == i)):
+                m.d.sync += cells[i].eq(self.w_data)
+            with m.Elif(pop):
+                m.d.sync += cells[i].eq(keep)
+        m.d.sync += [count.eq(count + push - pop),
+                     self.r_rdy.eq(~below_next(count, push, pop, 1)),
+                     self.w_rdy.eq(below_next(count, push, pop, n))]
+        return m
 
 
 class AttnShapeLayout(data.StructLayout):
@@ -191,15 +223,50 @@ class AttnSequencer(wiring.Component):
             "phase_cycles": Out(data.ArrayLayout(cw, 4)),
         })
 
-    def _walker(self, m, name, sh, dv, advance):
+    def _part_table(self, m, sh, dv):
+        """Per-part tile constants of the run-time plan, as registers (they hold while a layer runs):
+        for each part (0: Q|K, 1: V, 2: projection) ``panels`` (the smaller chunk's), ``extra``,
+        ``nch_m1`` (chunks - 1), the weight and parameter lengths of a small and a big chunk
+        (``wl_s``, ``wl_b``, ``pl_s``, ``pl_b``, beat-padded) and a tile's whole step (``st_s``,
+        ``st_b``). The walkers then select, compare and add once per tile (no multiply, round-up and
+        three-operand add between their registers). Valid after the start: part 0 after 2 cycles,
+        part 1 after 3, part 2 after 4; the walkers' copies one cycle later (``plan_wait``)."""
+        cfg, lay = self._config, self._layout
+        C, db, aw = cfg.pe_cols, cfg.mem_data_bytes, self._aw
+        most = max(2 * self._bmap.hw, cfg.row_words)
+        layout = data.StructLayout({
+            "panels": range(most + 1), "extra": range(most + 1), "extra_m1": range(-1, most + 1),
+            "nch_m1": range(most + 1),
+            "wl_s": unsigned(aw), "wl_b": unsigned(aw), "pl_s": unsigned(aw), "pl_b": unsigned(aw),
+            "st_s": unsigned(aw), "st_b": unsigned(aw),
+        })
+        table = []
+        for code, pname, small_el, k in ((0, "qk", dv.qk_small, sh.dim), (1, "v", dv.v_small, sh.dim),
+                                        (2, "proj", dv.proj_small, dv.proj_k)):
+            e = Signal(layout, name=f"part{code}_consts")
+            spec = sh[pname]
+            m.d.sync += [
+                e.panels.eq(spec.panels), e.extra.eq(spec.extra), e.extra_m1.eq(spec.extra - 1),
+                e.nch_m1.eq(spec.chunks - 1),
+                e.wl_s.eq(_round_up_const(small_el * C, db)),
+                e.wl_b.eq(_round_up_const((small_el + k) * C, db)),
+                e.pl_s.eq(_round_up_const(spec.panels * lay.param_word_bytes, db)),
+                e.pl_b.eq(_round_up_const((spec.panels + 1) * lay.param_word_bytes, db)),
+                e.st_s.eq(e.wl_s + e.pl_s), e.st_b.eq(e.wl_b + e.pl_b),
+            ]
+            table.append(e)
+        return table
+
+    def _walker(self, m, name, sh, dv, table, heads_m1, advance):
         """A walk over the run-time tile plan: registers (part, head, chunk, first panel, byte
-        offset, tile index) and the current tile's descriptor, combinational from them (what the
-        elaboration-time ROM of the plan gave before). ``advance`` steps to the next tile; ``reset``
+        offset, tile index) and the current tile's descriptor, combinational from them and the
+        per-part ``table`` (:meth:`_part_table`). ``advance`` steps to the next tile; ``reset``
         (comb, driven by the caller) returns to the first. The plan: per head its Q|K chunks then its
         V chunks, then the projection's chunks; each tile ``[weights][parameters]``, beat-padded,
         back to back (:func:`~m3vit_hw.attention.attn_layout.plan_attention`)."""
-        cfg, bm, lay = self._config, self._bmap, self._layout
-        C, db, aw = cfg.pe_cols, cfg.mem_data_bytes, self._aw
+        cfg = self._config
+        C, aw = cfg.pe_cols, self._aw
+        bm = self._bmap
         most = max(2 * bm.hw, cfg.row_words)
         part = Signal(2, name=f"{name}_part")             # 0: Q|K, 1: V, 2: projection
         head = Signal(range(bm.ctx_pitch + 1), name=f"{name}_head")
@@ -215,21 +282,38 @@ class AttnSequencer(wiring.Component):
             "ended": 1, "tag": unsigned(cfg.tile_tag_width),
             "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
         }), name=name)
-        panels_s, extra, nchunks = Signal.like(chunk), Signal.like(chunk), Signal.like(chunk)
-        small, k_el = Signal(aw), Signal(aw)
-        with m.Switch(part):
-            for code, pname, small_el, k in ((0, "qk", dv.qk_small, sh.dim), (1, "v", dv.v_small, sh.dim),
-                                            (2, "proj", dv.proj_small, dv.proj_k)):
-                with m.Case(code):
-                    spec = sh[pname]
-                    m.d.comb += [panels_s.eq(spec.panels), extra.eq(spec.extra), nchunks.eq(spec.chunks),
-                                 small.eq(small_el), k_el.eq(k)]
-        big = chunk < extra
-        panels = panels_s + big
-        last_chunk = chunk == nchunks - 1
+        # The current part's constants in a register of the walker's own, loaded with the part at a
+        # part change and otherwise refreshed from the table (so it follows the table while the
+        # table settles after a start, one cycle behind): no part-indexed mux before the compares.
+        e = Signal.like(table[0], name=f"{name}_part_consts")
+        part_change = Signal(name=f"{name}_part_change")
+        chunk_step = Signal(name=f"{name}_chunk_step")
+        # "This chunk has a panel more" (chunk < extra) as a register: set for the next chunk at an
+        # advance (chunk 0 of the next part: its extra != 0; else chunk + 1 < extra), refreshed
+        # otherwise.
+        big = Signal(name=f"{name}_big")
+        with m.If(part_change):
+            with m.Switch(part):
+                with m.Case(0):
+                    m.d.sync += [e.eq(table[1]), big.eq(table[1].extra != 0)]
+                with m.Case(1):
+                    with m.If(head == heads_m1):
+                        m.d.sync += [e.eq(table[2]), big.eq(table[2].extra != 0)]
+                    with m.Else():
+                        m.d.sync += [e.eq(table[0]), big.eq(table[0].extra != 0)]
+        with m.Elif(chunk_step):
+            m.d.sync += big.eq(chunk < e.extra_m1)
+        with m.Else():
+            m.d.sync += big.eq(chunk < e.extra)
+            with m.Switch(part):
+                for code in range(3):
+                    with m.Case(code):
+                        m.d.sync += e.eq(table[code])
+        panels = e.panels + big
+        last_chunk = chunk == e.nch_m1
         is_proj = part == 2
-        w_len = _round_up_const((small + Mux(big, k_el, 0)) * C, db)
-        p_len = _round_up_const(panels * lay.param_word_bytes, db)
+        w_len = Mux(big, e.wl_b, e.wl_s)
+        p_len = Mux(big, e.pl_b, e.pl_s)
         m.d.comb += [
             t.w_off.eq(off), t.w_len.eq(w_len), t.p_off.eq(off + w_len), t.p_len.eq(p_len),
             t.proj.eq(is_proj), t.first_proj.eq(is_proj & (chunk == 0)), t.last.eq(is_proj & last_chunk),
@@ -242,20 +326,22 @@ class AttnSequencer(wiring.Component):
             m.d.sync += [part.eq(0), head.eq(0), chunk.eq(0), first.eq(0), off.eq(0), idx.eq(0),
                          ended.eq(0)]
         with m.Elif(advance):
-            m.d.sync += [off.eq(off + w_len + p_len), idx.eq(idx + 1)]
+            m.d.comb += part_change.eq(last_chunk)
+            m.d.sync += [off.eq(off + Mux(big, e.st_b, e.st_s)), idx.eq(idx + 1)]
             with m.If(last_chunk):
                 m.d.sync += [chunk.eq(0), first.eq(0)]
                 with m.Switch(part):
                     with m.Case(0):
                         m.d.sync += part.eq(1)
                     with m.Case(1):
-                        with m.If(head == sh.heads - 1):
+                        with m.If(head == heads_m1):
                             m.d.sync += part.eq(2)
                         with m.Else():
                             m.d.sync += [part.eq(0), head.eq(head + 1)]
                     with m.Default():
                         m.d.sync += ended.eq(1)
             with m.Else():
+                m.d.comb += chunk_step.eq(1)
                 m.d.sync += [chunk.eq(chunk + 1), first.eq(first + panels)]
         return t, reset
 
@@ -289,10 +375,12 @@ class AttnSequencer(wiring.Component):
         shape_in = Signal(shape_layout)
         m.d.comb += shape_in.eq(Mux(p.dims.dim == 0, own.as_value(), p.dims.as_value()))
         sh = prm.dims
-        # Derived sizes, registered. Only the first tile's weight length is needed one cycle after
-        # the start (its streamer command); it is computed from the payload. Everything else settles
-        # within ``_PLAN_CYCLES`` cycles, long before the first tile's data can arrive (the streamer
-        # takes its next command only after that tile's last beat), and ``plan_ready`` gates it.
+        # Derived sizes, registered, then the per-part tile constants (_part_table) and the walkers'
+        # copies. The first tiles' fetch waits 3 cycles for part 0's constants (``first_ok``;
+        # qk_small is computed from the payload for them); everything else settles within 5 cycles
+        # (``plan_ready`` gates it), long
+        # before the first tile's data can arrive (the streamer takes its next command only after
+        # that tile's last beat).
         dv = Signal(data.StructLayout({
             "hw": range(bm.hw + 1), "ctx": range(bm.ctx_pitch + 1), "qkvp": range(3 * bm.hw + 1),
             "hd": range(bm.hw * C + 1), "proj_k": range(bm.ctx_pitch * C + 1),
@@ -302,10 +390,12 @@ class AttnSequencer(wiring.Component):
             "b_tile_qk": unsigned(cfg.b_addr_bits),
             "qk_step": unsigned(cfg.act_addr_bits), "av_step": unsigned(cfg.dst_addr_bits),
         }), name="derived")
-        plan_wait = Signal(range(4))
+        # Cycles from the start until every derived value and part constant is valid (_part_table).
+        plan_wait = Signal(range(6))
         plan_ready = plan_wait == 0
+        first_ok = plan_wait <= 2         # part 0's constants (the first tiles' fetch) are valid
         with m.If(start):
-            m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(3),
+            m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(5),
                          # The multiply runs in parallel with the default select (not after it).
                          dv.qk_small.eq(Mux(p.dims.dim == 0, own_fields["qk"]["panels"] * own_fields["dim"],
                                             p.dims.qk.panels * p.dims.dim)),
@@ -334,22 +424,26 @@ class AttnSequencer(wiring.Component):
 
         # ---- fetch sequencer: every tile's panels and parameter words, in plan order -------------
         wcmd, pcmd = cl.wcmd, cl.pcmd
-        tw_, w_reset = self._walker(m, "fetch_w_tile", sh, dv, wcmd.valid & wcmd.ready)
-        tp_, p_reset = self._walker(m, "fetch_p_tile", sh, dv, pcmd.valid & pcmd.ready)
+        table = self._part_table(m, sh, dv)
+        heads_m1 = Signal.like(sh.heads)                     # registered (held while running)
+        m.d.sync += heads_m1.eq(sh.heads - 1)
+        tw_, w_reset = self._walker(m, "fetch_w_tile", sh, dv, table, heads_m1, wcmd.valid & wcmd.ready)
+        tp_, p_reset = self._walker(m, "fetch_p_tile", sh, dv, table, heads_m1, pcmd.valid & pcmd.ready)
         m.d.comb += [
-            wcmd.valid.eq(running & ~tw_.ended & (plan_ready | tw_.first_tile)),
+            wcmd.valid.eq(running & ~tw_.ended & (plan_ready | (tw_.first_tile & first_ok))),
             wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
             wcmd.payload.tag.eq(tw_.tag),
-            pcmd.valid.eq(running & ~tp_.ended & (plan_ready | tp_.first_tile)),
+            pcmd.valid.eq(running & ~tp_.ended & (plan_ready | (tp_.first_tile & first_ok))),
             pcmd.payload.addr.eq(prm.base + tp_.p_off), pcmd.payload.length.eq(tp_.p_len),
             pcmd.payload.tag.eq(tp_.tag),
             w_reset.eq(start), p_reset.eq(start),
         ]
 
         # ---- in-flight engine commands (their phases, in order) ---------------------------------
-        m.submodules.inflight = infl = fifo.SyncFIFO(width=2, depth=8)
+        m.submodules.inflight = infl = _PhaseQueue(8)
         head_phase = Signal(Phase)
-        m.d.comb += [head_phase.eq(infl.r_data), infl.r_en.eq(cl.gemm_done)]
+        infl_any = Signal()
+        m.d.comb += [head_phase.eq(infl.r_data), infl.r_en.eq(cl.gemm_done), infl_any.eq(infl.r_rdy)]
         weight_done = cl.gemm_done & ((head_phase == Phase.QKV) | (head_phase == Phase.PROJ))
         m.d.comb += sp.slot_release.eq(cl.gemm_done & (head_phase == Phase.AV))
         held = Signal()
@@ -360,7 +454,7 @@ class AttnSequencer(wiring.Component):
         gp = g.payload
         push = g.valid & g.ready
         advance = Signal()
-        tc, c_reset = self._walker(m, "compute_tile", sh, dv, advance)
+        tc, c_reset = self._walker(m, "compute_tile", sh, dv, table, heads_m1, advance)
         m.d.comb += c_reset.eq(start)
         qk_next = Signal(range(cfg.token_capacity + 1))
         av_next = Signal(range(cfg.token_capacity + 1))
@@ -373,7 +467,37 @@ class AttnSequencer(wiring.Component):
         head_off = Signal(cfg.dst_addr_bits)                   # head * hw
         m.d.comb += [infl.w_en.eq(push)]
         q_tile = bm.q_tile
-        in_attn = Signal()
+        in_attn = Signal()                 # the FSM is in ATTN (set and cleared with its transitions)
+        # The attention window's issue conditions as registers a cycle ahead (rowops.counts): instead
+        # of comparing the tile counters with each other and with ntiles in front of the command's
+        # valid, differences and remaining counts with their flags.
+        ntiles_m1 = Signal.like(ntiles)
+        m.d.sync += ntiles_m1.eq(ntiles - 1)
+        qk_push, av_push = Signal(), Signal()
+        qk_more = Signal()                    # qk_next < ntiles
+        av_more = Signal()                    # av_next < ntiles
+        # Both differences stay within 0..2 (a QK tile is issued only while qk - av <= 1, a softmax
+        # tile finishes only for an issued QK tile): two bits, a LUT-only update.
+        qa_diff = Signal(range(4))                           # qk_next - av_next
+        qa_nz, qa_le1 = Signal(), Signal(init=1)
+        sa_diff = Signal(range(4))                           # sm_done - av_next
+        sa_nz = Signal()
+        enter_attn = Signal()
+        with m.If(enter_attn):
+            m.d.sync += [qk_more.eq(ntiles != 0), av_more.eq(ntiles != 0), qa_diff.eq(0), qa_nz.eq(0),
+                         qa_le1.eq(1), sa_diff.eq(0), sa_nz.eq(0)]
+        with m.Else():
+            with m.If(qk_push):
+                m.d.sync += qk_more.eq(qk_next < ntiles_m1)
+            with m.If(av_push):
+                m.d.sync += av_more.eq(av_next < ntiles_m1)
+            m.d.sync += [
+                qa_diff.eq(qa_diff + qk_push - av_push),
+                qa_nz.eq(~below_next(qa_diff, qk_push, av_push, 1)),
+                qa_le1.eq(below_next(qa_diff, qk_push, av_push, 2)),
+                sa_diff.eq(sa_diff + sp.tile_done - av_push),
+                sa_nz.eq(~below_next(sa_diff, sp.tile_done, av_push, 1)),
+            ]
         with m.If(sp.tile_done):
             m.d.sync += sm_done.eq(sm_done + 1)
         with m.If(weight_done):
@@ -424,6 +548,8 @@ class AttnSequencer(wiring.Component):
                     with m.Elif(tc.last_of_head):
                         # From here on the walker is at the next tile (a candidate for the early issue).
                         m.d.comb += advance.eq(1)
+                        m.d.comb += enter_attn.eq(1)
+                        m.d.sync += in_attn.eq(1)
                         m.d.sync += [early.eq(0), qk_next.eq(0), av_next.eq(0), sm_done.eq(0),
                                      qk_rows_left.eq(T), av_rows_left.eq(T),
                                      qk_a.eq(bm.qkv_base), av_dst.eq(bm.ctx_base + head_off)]
@@ -432,12 +558,11 @@ class AttnSequencer(wiring.Component):
                         m.d.comb += advance.eq(1)
                         m.next = "WAIT_TILE"
             with m.State("ATTN"):
-                m.d.comb += in_attn.eq(1)
-                can_qk = (qk_next < ntiles) & (qk_next <= av_next + 1) & sp.tiles.ready
-                can_av = (av_next < qk_next) & (sm_done > av_next)
+                can_qk = qk_more & qa_le1 & sp.tiles.ready
+                can_av = qa_nz & sa_nz
                 qk_rows = Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)
                 av_rows = Mux(av_rows_left > q_tile, q_tile, av_rows_left)
-                can_early = (qk_next == ntiles) & ~early & tc.qk_part & tile_ready
+                can_early = ~qk_more & ~early & tc.qk_part & tile_ready
                 m.d.comb += [g.valid.eq(infl.w_rdy & (can_qk | can_av | can_early)), gp.colp_base.eq(0)]
                 with m.If(~can_qk & ~can_av & can_early):
                     tile_command()
@@ -455,6 +580,7 @@ class AttnSequencer(wiring.Component):
                         infl.w_data.eq(Phase.QK),
                         sp.tiles.valid.eq(push), sp.tiles.payload.eq(qk_rows),
                     ]
+                    m.d.comb += qk_push.eq(push)
                     with m.If(push):
                         m.d.sync += [qk_next.eq(qk_next + 1), qk_slot.eq(~qk_slot),
                                      qk_rows_left.eq(qk_rows_left - qk_rows),
@@ -471,15 +597,16 @@ class AttnSequencer(wiring.Component):
                         gp.shift.eq(prm.out_shift), gp.mode.eq(EpilogueMode.ATTN8),
                         infl.w_data.eq(Phase.AV),
                     ]
+                    m.d.comb += av_push.eq(push)
                     with m.If(push):
                         m.d.sync += [av_next.eq(av_next + 1), av_slot.eq(~av_slot),
                                      av_rows_left.eq(av_rows_left - av_rows),
                                      av_dst.eq(av_dst + dv.av_step)]
-                with m.If(av_next == ntiles):
-                    m.d.sync += head_off.eq(head_off + dv.hw)
+                with m.If(~av_more):
+                    m.d.sync += [head_off.eq(head_off + dv.hw), in_attn.eq(0)]
                     m.next = "WAIT_TILE"
             with m.State("WAIT_DONE"):
-                with m.If(~infl.r_rdy & ~cl.gemm_busy):
+                with m.If(~infl_any & ~cl.gemm_busy):
                     m.d.sync += running.eq(0)
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
@@ -489,12 +616,12 @@ class AttnSequencer(wiring.Component):
         pe = cl.pe_active
         # The attention window: the oldest unfinished command is a QKᵀ or an AV, or the engine is empty
         # while a head's attention is being sequenced (it waits for a softmax tile).
-        attn = Mux(infl.r_rdy, (head_phase == Phase.QK) | (head_phase == Phase.AV), in_attn)
+        attn = Mux(infl_any, (head_phase == Phase.QK) | (head_phase == Phase.AV), in_attn)
         counters = [
-            (self.cycles, 1), (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl.r_rdy),
+            (self.cycles, 1), (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl_any),
             (self.attn_cycles, attn), (self.attn_compute_cycles, attn & pe),
             (self.softmax_cycles, sp.busy), (self.overlap_cycles, sp.busy & pe),
-        ] + [(self.phase_cycles[k.value], infl.r_rdy & (head_phase == k)) for k in Phase]
+        ] + [(self.phase_cycles[k.value], infl_any & (head_phase == k)) for k in Phase]
         for ctr, inc in counters:
             with m.If(start):
                 m.d.sync += ctr.eq(0)

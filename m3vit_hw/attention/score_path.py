@@ -27,6 +27,7 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
+from ..rowops.counts import below_next
 from ..rowops.softmax import SHIFT_BITS, SoftmaxMode, SoftmaxUnit
 from .attn_layout import BufferMap
 
@@ -143,7 +144,10 @@ class ScorePath(wiring.Component):
         m.submodules.rows_in = rows_in = fifo.SyncFIFO(width=len(self.tiles.payload), depth=_TILE_FIFO)
         m.d.comb += [self.tiles.ready.eq(rows_in.w_rdy), rows_in.w_en.eq(self.tiles.valid),
                      rows_in.w_data.eq(self.tiles.payload)]
-        m.submodules.rows_out = rows_out = fifo.SyncFIFO(width=len(self.tiles.payload), depth=_TILE_FIFO)
+        # rows_out holds each tile's row count less one, behind a registered output: the e8 writer's
+        # "last row of the tile" test compares two flip-flops (no distributed-RAM read, no - 1).
+        m.submodules.rows_out = rows_out = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
+                                                                 depth=_TILE_FIFO)
         m.submodules.ahead = ahead = fifo.SyncFIFO(width=C * numerics.ACC_BITS, depth=_READ_AHEAD)
         rslot = Signal()
         r_rows = Signal(range(bm.q_tile + 1))
@@ -152,40 +156,60 @@ class ScorePath(wiring.Component):
         pend = Signal()
         rd_en = Signal()                  # the port's ``en`` resets to 1: drive it from a 0-reset signal
         m.d.comb += self.sbuf_rd.en.eq(rd_en)
+        # Held layer parameters, registered (they are set long before the first tile is read): the
+        # row's last word index, the one before it, and the address step from a row's last word to
+        # the next row's first.
+        beats_m1 = Signal.like(prm.beats)
+        beats_m2 = Signal.like(prm.beats)
+        one_word = Signal()
+        wrap_step = Signal(self.sbuf_aw + 1)
+        m.d.sync += [beats_m1.eq(prm.beats - 1), beats_m2.eq(prm.beats - 2), one_word.eq(prm.beats == 1),
+                     wrap_step.eq(1 + tw - prm.beats)]
+        # Reads in flight or waiting in ``ahead`` (its level plus the pending read), kept as a count
+        # of its own with the "below the read-ahead" flag a cycle ahead.
+        in_ahead = Signal(range(_READ_AHEAD + 2))
+        ahead_room = Signal(init=1)
+        r_wlast = Signal()                # r_w == beats_m1
+        # The softmax command's payload comes from registers in every state (only its valid depends on
+        # the state), so the unit's per-command registers see no state decode on their data path.
+        m.d.comb += [
+            sm.cmd.payload.mode.eq(SoftmaxMode.ATTENTION),
+            sm.cmd.payload.length.eq(prm.tokens),
+            sm.cmd.payload.rows.eq(r_rows),
+            sm.cmd.payload.c_mult.eq(prm.c_mult),
+            sm.cmd.payload.c_shift.eq(prm.c_shift),
+            sm.cmd.payload.out_mult.eq(prm.out_mult),
+        ]
         with m.FSM(name="reader"):
             with m.State("IDLE"):
                 ok = full.bit_select(rslot, 1) & rows_in.r_rdy & (e8_free != 0) & rows_out.w_rdy
                 m.d.comb += [rows_in.r_en.eq(ok), take.eq(ok),
-                             rows_out.w_en.eq(ok), rows_out.w_data.eq(rows_in.r_data)]
+                             rows_out.w_en.eq(ok), rows_out.w_data.eq(rows_in.r_data - 1)]
                 with m.If(ok):
                     m.d.sync += r_rows.eq(rows_in.r_data)
                     m.next = "CMD"
             with m.State("CMD"):
-                m.d.comb += [
-                    sm.cmd.valid.eq(1),
-                    sm.cmd.payload.mode.eq(SoftmaxMode.ATTENTION),
-                    sm.cmd.payload.length.eq(prm.tokens),
-                    sm.cmd.payload.rows.eq(r_rows),
-                    sm.cmd.payload.c_mult.eq(prm.c_mult),
-                    sm.cmd.payload.c_shift.eq(prm.c_shift),
-                    sm.cmd.payload.out_mult.eq(prm.out_mult),
-                ]
+                m.d.comb += sm.cmd.valid.eq(1)
                 with m.If(sm.cmd.ready):
-                    m.d.sync += [r_w.eq(0), r_addr.eq(Mux(rslot, bm.score_slot, 0))]
+                    m.d.sync += [r_w.eq(0), r_wlast.eq(one_word), r_addr.eq(Mux(rslot, bm.score_slot, 0))]
                     m.next = "READ"
             with m.State("READ"):
-                issue = (ahead.level + pend) < _READ_AHEAD
+                issue = ahead_room
                 m.d.comb += [rd_en.eq(issue), self.sbuf_rd.addr.eq(r_addr[:self.sbuf_aw])]
                 with m.If(issue):
-                    m.d.sync += [r_w.eq(r_w + 1), r_addr.eq(r_addr + 1)]
-                    with m.If(r_w == prm.beats - 1):
-                        m.d.sync += [r_w.eq(0), r_addr.eq(r_addr + 1 + tw - prm.beats), r_rows.eq(r_rows - 1)]
+                    m.d.sync += [r_w.eq(r_w + 1), r_addr.eq(r_addr + 1), r_wlast.eq(r_w == beats_m2)]
+                    with m.If(r_wlast):
+                        m.d.sync += [r_w.eq(0), r_wlast.eq(one_word), r_addr.eq(r_addr + wrap_step),
+                                     r_rows.eq(r_rows - 1)]
                         with m.If(r_rows == 1):
                             # The last read is issued: the writer may refill the slot from the next cycle.
                             m.d.comb += clr_full.bit_select(rslot, 1).eq(1)
                             m.d.sync += rslot.eq(~rslot)
                             m.next = "IDLE"
         m.d.sync += pend.eq(rd_en)
+        popped = ahead.r_en & ahead.r_rdy
+        m.d.sync += [in_ahead.eq(in_ahead + rd_en - popped),
+                     ahead_room.eq(below_next(in_ahead, rd_en, popped, _READ_AHEAD))]
         m.d.comb += [
             ahead.w_en.eq(pend),
             ahead.w_data.eq(self.sbuf_rd.data.as_value()),
@@ -206,7 +230,7 @@ class ScorePath(wiring.Component):
             m.d.sync += tail.eq((rem - 1) >> (L.bit_length() - 1) if L & (L - 1) == 0 else (rem - 1) // L)
             sub = Signal(range(S))
             i_w = Signal(range(tw + 1))                    # word of the row being cut
-            last_sub = Mux(i_w == prm.beats - 1, tail, S - 1)
+            last_sub = Mux(i_w == beats_m1, tail, S - 1)
             pop = sm.i.valid & sm.i.ready & (sub == last_sub)
             m.d.comb += [
                 sm.i.valid.eq(ahead.r_rdy),
@@ -214,7 +238,7 @@ class ScorePath(wiring.Component):
                 ahead.r_en.eq(pop),
             ]
             with m.If(pop):
-                m.d.sync += [sub.eq(0), i_w.eq(Mux(i_w == prm.beats - 1, 0, i_w + 1))]
+                m.d.sync += [sub.eq(0), i_w.eq(Mux(i_w == beats_m1, 0, i_w + 1))]
             with m.Elif(sm.i.valid & sm.i.ready):
                 m.d.sync += sub.eq(sub + 1)
 
@@ -254,9 +278,16 @@ class ScorePath(wiring.Component):
         with m.If(go):
             with m.If(sm.o.payload.last):
                 m.d.sync += [e_w.eq(0), e_row.eq(e_row + 1), e_base.eq(e_base + tw)]
-                with m.If(e_row == rows_out.r_data - 1):
+                with m.If(e_row == rows_out.r_data):
                     m.d.comb += [rows_out.r_en.eq(1), self.tile_done.eq(1)]
                     m.d.sync += [e_row.eq(0), eslot.eq(~eslot),
                                  e_base.eq(Mux(eslot, 0, bm.e8_slot))]
-        m.d.comb += self.busy.eq(rows_out.r_rdy)
+        # busy (rows_out not empty) as a register a cycle ahead, from a count of its own.
+        tiles_in = Signal(range(_TILE_FIFO + 1))
+        busy_r = Signal()
+        tile_end = Signal()
+        m.d.comb += tile_end.eq(rows_out.r_en)
+        m.d.sync += [tiles_in.eq(tiles_in + take - tile_end),
+                     busy_r.eq(~below_next(tiles_in, take, tile_end, 1))]
+        m.d.comb += self.busy.eq(busy_r)
         return m

@@ -126,14 +126,17 @@ class PatchLoader(wiring.Component):
         run_addr = Signal(aw)                       # (py*p + kh, px*p)
         runs_left = Signal(range(mc.patches * p + 1))
         # A run's descriptor: its first beat's first byte and its last beat's end (both within a beat).
+        # ``last_b`` (beats - 1) is stored too, so the response side's "last beat of the run" compares
+        # two registers (no decrement in front of the descriptor FIFO's read enable).
         desc = data.StructLayout({"lo": range(db), "hi": range(1, db + 1), "beats": range(rbm + 1),
-                                  "row_last": 1})
+                                  "last_b": range(rbm + 1), "row_last": 1})
         m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=4)
         off = Signal(range(db))
         m.d.comb += off.eq(run_addr[:lb] if lb else 0)
         d_in = Signal(desc)
         end_low = (off + (run - 1))[:lb] if lb else 0
         m.d.comb += [d_in.lo.eq(off), d_in.hi.eq(end_low + 1), d_in.beats.eq((off + run + db - 1) >> lb),
+                     d_in.last_b.eq((off + run - 1) >> lb),
                      d_in.row_last.eq(kh == p - 1), dq.w_data.eq(d_in)]
         issue = gen_active & dq.w_rdy & rq.cmd.ready
         m.d.comb += [
@@ -163,7 +166,7 @@ class PatchLoader(wiring.Component):
         cur = Signal(desc)
         m.d.comb += cur.eq(dq.r_data)
         b = Signal(range(rbm + 1))                  # beat index within the run
-        last_beat = b == cur.beats - 1
+        last_beat = b == cur.last_b
         q_valid = Signal()
         q_data = Signal(8 * db)
         q_lo = Signal(range(db))

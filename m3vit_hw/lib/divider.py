@@ -8,7 +8,7 @@ so a small shift-and-subtract divider that retires ``bits_per_cycle`` quotient b
 and costs one subtractor per retired bit instead of a full array divider.
 """
 
-from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -123,15 +123,20 @@ class Divider(wiring.Component):
         equal to :attr:`latency` (the next operand loads in the cycle the previous result transfers)."""
         return 1 if self._pipelined else self._steps + 1
 
-    def _step(self, m, r, q, den, name):
-        """One restoring step: bring down the next dividend bit, subtract if it fits."""
+    def _step(self, m, r, q, den, name, bit=None):
+        """One restoring step: bring down the next dividend bit (``q``'s top bit unless ``bit`` is
+        given), subtract if it fits."""
         vw, qe = self._divisor_width, self._steps * self._bits_per_cycle
-        shifted = Cat(q[qe - 1], r)                 # 2*r + next bit, vw + 1 bits
-        fits = shifted >= den
+        shifted = Cat(q[qe - 1] if bit is None else bit, r)    # 2*r + next bit, vw + 1 bits
+        # One subtraction gives both the trial remainder and, by its sign, whether it fits: a single
+        # carry chain then a mux (a separate >= compare would be a second chain feeding the mux).
+        diff = Signal(signed(vw + 2), name=f"diff_{name}")
+        m.d.comb += diff.eq(shifted - den)
+        fits = ~diff[-1]
         r_next = Signal(vw, name=f"rem_{name}")
         q_next = Signal(qe, name=f"quo_{name}")
         m.d.comb += [
-            r_next.eq(Mux(fits, shifted - den, shifted)[:vw]),   # < den, so vw bits suffice
+            r_next.eq(Mux(fits, diff[:vw], shifted[:vw])),   # < den, so vw bits suffice
             q_next.eq(Cat(fits, q[:qe - 1])),
         ]
         return r_next, q_next
@@ -159,6 +164,11 @@ class Divider(wiring.Component):
         quo = [Signal(qe, name=f"quo{s}", reset_less=True) for s in range(n + 1)]
         den = [Signal(vw, name=f"den{s}", reset_less=True) for s in range(n)]
         ovf = [Signal(name=f"ovf{s}", reset_less=True) for s in range(n + 1)]
+        # The dividend bit each stage brings down, in a flip-flop of its own that stays on reset: the
+        # reset-less quotient registers shift each dividend bit up one place per stage, and yosys turns
+        # such chains into shift registers (SRLs), whose slow clock-to-out would otherwise start the
+        # compare-subtract chain. With the reset this last register of each chain stays a flip-flop.
+        nxt = [Signal(name=f"nxt{s}") for s in range(n)]
         # The stages have no enable: every operand is counted in on input and out on output, and
         # input is taken only while the output FIFO has room for all in flight. So i.ready is a
         # register, and o.ready drives only the FIFO's read side.
@@ -170,12 +180,13 @@ class Divider(wiring.Component):
         adv = 1
         r0, q0, d0, o0 = self._load(self.i.payload.dividend, self.i.payload.divisor)
         with m.If(adv):
-            m.d.sync += [v[0].eq(take), rem[0].eq(r0), quo[0].eq(q0), den[0].eq(d0), ovf[0].eq(o0)]
+            m.d.sync += [v[0].eq(take), rem[0].eq(r0), quo[0].eq(q0), den[0].eq(d0), ovf[0].eq(o0),
+                         nxt[0].eq(q0[qe - 1])]
             for s in range(n):
-                r, q = self._step(m, rem[s], quo[s], den[s], s)
+                r, q = self._step(m, rem[s], quo[s], den[s], s, bit=nxt[s])
                 m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(r), quo[s + 1].eq(q), ovf[s + 1].eq(ovf[s])]
                 if s + 1 < n:
-                    m.d.sync += den[s + 1].eq(den[s])
+                    m.d.sync += [den[s + 1].eq(den[s]), nxt[s + 1].eq(q[qe - 1])]
         result = Signal(self.o.payload.shape())
         self._outputs(m, rem[n], quo[n], ovf[n], result)
         m.d.comb += out_fifo.w_data.eq(result)

@@ -6,7 +6,7 @@ about half the operand width, so a row's root costs a few tens of cycles of one 
 instead of a multiplier-based Newton iteration.
 """
 
-from amaranth import Cat, Const, Module, Mux, Signal, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -96,16 +96,21 @@ class ISqrt(wiring.Component):
         equal to :attr:`latency` (the next operand loads in the cycle the previous result transfers)."""
         return 1 if self._pipelined else self._steps + 1
 
-    def _step(self, m, r, q, x, name):
-        """Bring down two operand bits; the next root bit is 1 iff 4*root + 1 fits."""
+    def _step(self, m, r, q, x, name, pair=None):
+        """Bring down two operand bits (``x``'s top two unless ``pair`` is given); the next root bit
+        is 1 iff 4*root + 1 fits."""
         ne = self._steps * self._bits_per_cycle
         rw = ne + 2
-        r4 = Cat(x[2 * ne - 2:], r)
+        r4 = Cat(x[2 * ne - 2:] if pair is None else pair, r)
         trial = Cat(Const(1, 2), q)
-        fits = r4 >= trial
+        # One subtraction gives the trial remainder and, by its sign, whether it fits (one carry
+        # chain then a mux, not a compare chain and a subtract chain).
+        diff = Signal(signed(len(r4) + 1), name=f"diff_{name}")
+        m.d.comb += diff.eq(r4 - trial)
+        fits = ~diff[-1]
         r_next = Signal(rw, name=f"rem_{name}")
         q_next = Signal(ne, name=f"root_{name}")
-        m.d.comb += [r_next.eq(Mux(fits, r4 - trial, r4)[:rw]), q_next.eq(Cat(fits, q)[:ne])]
+        m.d.comb += [r_next.eq(Mux(fits, diff[:rw], r4[:rw])), q_next.eq(Cat(fits, q)[:ne])]
         return r_next, q_next, Cat(Const(0, 2), x)[:2 * ne]
 
     def _elaborate_pipelined(self, m):
@@ -115,6 +120,11 @@ class ISqrt(wiring.Component):
         rem = [Signal(rw, name=f"rem{s}", reset_less=True) for s in range(n + 1)]
         root = [Signal(ne, name=f"root{s}", reset_less=True) for s in range(n + 1)]
         xs = [Signal(2 * ne, name=f"xs{s}", reset_less=True) for s in range(n)]
+        # The operand bit pair each stage brings down, in flip-flops of their own that stay on reset:
+        # the reset-less operand registers shift the pairs up two places per stage, and yosys turns
+        # such chains into shift registers (SRLs), whose slow clock-to-out would otherwise start the
+        # compare-subtract chain. With the reset these last registers stay flip-flops.
+        pairs = [Signal(2, name=f"pair{s}") for s in range(n)]
         # The stages have no enable: every operand is counted in on input and out on output, and
         # input is taken only while the output FIFO has room for all in flight. So i.ready is a
         # register, and o.ready drives only the FIFO's read side.
@@ -125,12 +135,13 @@ class ISqrt(wiring.Component):
         wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
         adv = 1
         with m.If(adv):
-            m.d.sync += [v[0].eq(take), rem[0].eq(0), root[0].eq(0), xs[0].eq(self.i.payload)]
+            m.d.sync += [v[0].eq(take), rem[0].eq(0), root[0].eq(0), xs[0].eq(self.i.payload),
+                         pairs[0].eq(self.i.payload[2 * ne - 2:])]
             for s in range(n):
-                r, q, x = self._step(m, rem[s], root[s], xs[s], s)
+                r, q, x = self._step(m, rem[s], root[s], xs[s], s, pair=pairs[s])
                 m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(r), root[s + 1].eq(q)]
                 if s + 1 < n:
-                    m.d.sync += xs[s + 1].eq(x)
+                    m.d.sync += [xs[s + 1].eq(x), pairs[s + 1].eq(x[2 * ne - 2:])]
         result = Signal(self.o.payload.shape())
         m.d.comb += [
             result.root.eq(root[n][:self._root_width]),

@@ -5,7 +5,7 @@ weight) pairs by expert, ascending token order inside each expert, so that each 
 are fetched once and every token routed to it is computed in one pass.
 """
 
-from amaranth.hdl import Array, Module, Mux, Signal, unsigned
+from amaranth.hdl import Array, Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -173,6 +173,12 @@ class ExpertQueues(wiring.Component):
         sc_e = Signal(range(E))
         sc_w = Signal(ww)
         sc_t = Signal(range(cap))
+        # The run-time k, registered as a slot mask and as k - 1 (k is held while a layer runs and is
+        # set long before the first token arrives): the per-expert hit counts and the scatter's
+        # slot compare then start at flip-flops, not at the port (a register in the MoE client).
+        k_mask = Signal(k, init=(1 << k) - 1)
+        k_m1 = Signal(range(k), init=k - 1)
+        m.d.sync += [k_mask.eq(Cat(*(jj < self.k for jj in range(k)))), k_m1.eq(self.k - 1)]
 
         # Output register stage: header fields from registers, entry fields straight from the queue
         # memory's read register (it holds its value while the read port is disabled).
@@ -212,7 +218,7 @@ class ExpertQueues(wiring.Component):
                 ]
                 with m.If(self.i.valid):
                     for e in range(E):
-                        hits = sum((self.i.p.experts[jj] == e) & (jj < self.k) for jj in range(k))
+                        hits = sum((self.i.p.experts[jj] == e) & k_mask[jj] for jj in range(k))
                         m.d.sync += [counts[e].eq(counts[e] + hits), active[e].eq(active[e] | (hits != 0))]
                     m.d.sync += ntok.eq(ntok + 1)
                     full = ntok == cap - 1
@@ -243,7 +249,7 @@ class ExpertQueues(wiring.Component):
                 # Stage 1: pick entry j of the token memory's output into registers.
                 m.d.sync += [sc_valid.eq(1), sc_e.eq(tok_rd.data.experts[j]),
                              sc_w.eq(tok_rd.data.weights[j]), sc_t.eq(t)]
-                with m.If(j == self.k - 1):
+                with m.If(j == k_m1):
                     m.d.comb += [tok_rd.addr.eq(t + 1), tok_rd.en.eq(1)]
                     m.d.sync += [j.eq(0), t.eq(t + 1), t_left.eq(t_left - 1)]
                     with m.If(t_left == 0):

@@ -32,6 +32,7 @@ from ..numerics import SHIFT_BITS
 from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 from ..lib.isqrt import ISqrt
+from .counts import below_next
 
 __all__ = ["LayerNormUnit", "MAX_DIM"]
 
@@ -144,8 +145,9 @@ class LayerNormUnit(wiring.Component):
         self._k = 1 if self._pipelined else recip_bits_per_cycle
 
         self._recip_latency = sum(self._engine_latencies(self._k))
-        # The statistics pass's lane-sum tree: four operands per register stage (at least one).
-        self._stat_tree_stages = max(1, -(-(lanes - 1).bit_length() // 2))
+        # The statistics pass's lane-sum tree: two operands per register stage (one adder of up to
+        # ~44 bits for S2 per cycle; two chained adders of that width miss 300 MHz), at least one.
+        self._stat_tree_stages = max(1, (lanes - 1).bit_length())
         self._depth = self._beats + self._recip_latency + _STATS_OVERHEAD + self._stat_tree_stages + 1
 
         super().__init__({
@@ -237,7 +239,8 @@ class LayerNormUnit(wiring.Component):
         shift = Signal(SHIFT_BITS)
 
         # ---- flow control / bookkeeping ---------------------------------------------------------
-        count = Signal(range(self._depth + 1))          # beats written, not yet read back
+        count = Signal(range(self._depth + 1))          # beats written, not yet read back (a cycle late)
+        room = Signal(init=1)                           # see below (rowops.counts)
         wr_ptr = Signal(range(self._depth))
         rd_ptr = Signal(range(self._depth))
         in_beat = Signal(range(R))
@@ -279,7 +282,7 @@ class LayerNormUnit(wiring.Component):
         m.d.comb += st_adv.eq(~(sv2 & slast2 & res_valid & ~res_take))
         in_go = Signal()
         m.d.comb += [
-            self.i.ready.eq(st_adv & (count < self._depth) & ~param_go),
+            self.i.ready.eq(st_adv & room & ~param_go),
             in_go.eq(self.i.valid & self.i.ready),
             buf_w.addr.eq(wr_ptr),
             buf_w.data.eq(self.i.payload),
@@ -292,8 +295,8 @@ class LayerNormUnit(wiring.Component):
             ]
         with m.If(st_adv):
             m.d.sync += [sv1.eq(in_go), slast1.eq(in_beat == R - 1), sx1.eq(self.i.payload)]
-            # Squares in their own stage (one registered DSP48E2 each), then registered 4-ary adder
-            # trees for the lane sums: one register level per two adder levels.
+            # Squares in their own stage (one registered DSP48E2 each), then registered binary adder
+            # trees for the lane sums: one register level per adder level.
             sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
             xr = [Signal(signed(numerics.RES_BITS), name=f"sxr{j}", reset_less=True) for j in range(L)]
             svq, slastq = Signal(), Signal()
@@ -305,11 +308,11 @@ class LayerNormUnit(wiring.Component):
                 if t == self._stat_tree_stages - 1:
                     n1, n2, nv, nl = [b1], [b2], sv2, slast2
                 else:
-                    n1 = [Signal(s1_shape, name=f"ts1_{t}_{g}") for g in range(-(-len(l1) // 4))]
-                    n2 = [Signal(s2_shape, name=f"ts2_{t}_{g}") for g in range(-(-len(l2) // 4))]
+                    n1 = [Signal(s1_shape, name=f"ts1_{t}_{g}") for g in range(-(-len(l1) // 2))]
+                    n2 = [Signal(s2_shape, name=f"ts2_{t}_{g}") for g in range(-(-len(l2) // 2))]
                     nv, nl = Signal(name=f"tsv{t}"), Signal(name=f"tslast{t}")
                 for g in range(len(n1)):
-                    grp1, grp2 = l1[4 * g:4 * g + 4], l2[4 * g:4 * g + 4]
+                    grp1, grp2 = l1[2 * g:2 * g + 2], l2[2 * g:2 * g + 2]
                     m.d.sync += [n1[g].eq(sum(grp1[1:], grp1[0])), n2[g].eq(sum(grp2[1:], grp2[0]))]
                 m.d.sync += [nv.eq(tv), nl.eq(tl)]
                 l1, l2, tv, tl = n1, n2, nv, nl
@@ -397,7 +400,10 @@ class LayerNormUnit(wiring.Component):
         cur_inv = Signal(inv_width)
         issue = row_active & out_fifo.room
         m.d.comb += out_fifo.take.eq(issue)
-        issue_last = issue & (out_beat == R - 1)
+        # "out_beat is the row's last beat" as a register (no compare in front of the load decision
+        # and the divider's output FIFO behind it).
+        out_last = Signal(init=R == 1)
+        issue_last = issue & out_last
         # A row's reciprocal only exists once all of its beats have been written, so issuing never
         # has to check the buffer level.
         load = (~row_active | issue_last) & div.o.valid & s1_fifo.r_rdy
@@ -409,14 +415,20 @@ class LayerNormUnit(wiring.Component):
             m.d.sync += row_active.eq(0)
         with m.If(issue):
             m.d.sync += [
-                out_beat.eq(Mux(out_beat == R - 1, 0, out_beat + 1)),
+                out_beat.eq(Mux(out_last, 0, out_beat + 1)),
+                out_last.eq(Mux(out_last, R == 1, out_beat == R - 2)),
                 rd_ptr.eq(Mux(rd_ptr == self._depth - 1, 0, rd_ptr + 1)),
             ]
         m.d.comb += [
             buf_r.addr.eq(rd_ptr), buf_r.en.eq(1),
             par_r.addr.eq(out_beat), par_r.en.eq(1),
         ]
-        m.d.sync += count.eq(count + in_go - issue)
+        # The count runs one cycle behind (from registered events: the input handshake feeds no
+        # adder), so the room flag keeps one slot in hand: count is the true level of the previous
+        # cycle, which can have grown by at most one since (the depth's margin covers the slot).
+        in_go_r, issue_r = Signal(), Signal()
+        m.d.sync += [in_go_r.eq(in_go), issue_r.eq(issue), count.eq(count + in_go_r - issue_r),
+                     room.eq(below_next(count, in_go_r, issue_r, self._depth - 1))]
 
         # Stages: (1) buffer/param read, (2) read data registered, (3) D*x, (4) a = D*x - S1,
         # (5) a * inv as two registered DSP partial products, (6) their sum P, (7) z = round_shift(P,
@@ -436,7 +448,7 @@ class LayerNormUnit(wiring.Component):
         lo, hi = numerics.int_range(numerics.ACT_BITS)
         cut = _INV_CHUNK
         with m.If(adv):
-            m.d.sync += [vs[0].eq(issue), lasts[0].eq(out_beat == R - 1), s1_1.eq(cur_s1), inv_d[0].eq(cur_inv),
+            m.d.sync += [vs[0].eq(issue), lasts[0].eq(out_last), s1_1.eq(cur_s1), inv_d[0].eq(cur_inv),
                          s1_d[0].eq(s1_1), s1_d[1].eq(s1_d[0]), par[0].eq(par_r.data)]
             for k in range(1, len(inv_d)):
                 m.d.sync += inv_d[k].eq(inv_d[k - 1])

@@ -23,7 +23,7 @@ reads them. The max pass of row i+1 therefore runs while the exp and output pass
 are still in progress.
 """
 
-from amaranth import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -33,6 +33,7 @@ from ..checks import check_int
 from ..numerics import SHIFT_BITS
 from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
+from .counts import below_next
 
 __all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
 
@@ -60,7 +61,7 @@ _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numeric
 # row needs 5 slots beyond its own; 3 more are margin.
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
-# pass reads it, 7 cycles plus the lane-sum tree stages plus 2 plus the divider latency after the
+# pass reads it, 7 cycles plus the lane-sum tree stages plus 3 plus the divider latency after the
 # row's last reservation (the tree stages and the 2 are added where the depth is computed). A reservation
 # needs a free slot, so a row needs 8 slots beyond its own and the divider latency; 2 more are margin.
 _EXP_SLACK = 10
@@ -139,7 +140,7 @@ class SoftmaxUnit(wiring.Component):
     last beat may be partial, so the element rate is ``length / ceil(length / lanes)`` per cycle.
     Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
     From the last input beat of a row to its first output beat, the latency is
-    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 14`` plus the lane max
+    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 16`` plus the lane max
     tree stages, the lane-sum tree stages and the divider latency.
 
     Raises
@@ -170,7 +171,7 @@ class SoftmaxUnit(wiring.Component):
         self._s_depth = self._max_beats + _SCORE_SLACK + self._max_stages - 1
         # The lane-sum tree: four operands per register stage (at least one stage).
         self._tree_stages = max(1, -(-(lanes - 1).bit_length() // 2))
-        self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK + self._tree_stages + 2
+        self._e_depth = self._max_beats + self._div_latency(self._k) + _EXP_SLACK + self._tree_stages + 3
 
         super().__init__({
             "cmd": In(stream.Signature(data.StructLayout({
@@ -225,10 +226,10 @@ class SoftmaxUnit(wiring.Component):
         when nothing stalls."""
         # 3 cycles (plus the max tree's extra stages) for the max to reach the exp pass and 1 to its
         # first read, then the row's reads.
-        # Then 8 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
-        # cycle into the divider, the divider itself, and 3 cycles from the output pass's first read
-        # to its output FIFO, then the FIFO.
-        return (-(-length // self._lanes) + 15 + self._max_stages + self._tree_stages
+        # Then 8 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 2
+        # cycles into the divider (the queue's output register), the divider itself, and 4 cycles
+        # from the output pass's first read to its output FIFO, then the FIFO.
+        return (-(-length // self._lanes) + 17 + self._max_stages + self._tree_stages
                 + self._div_latency(self._k) + CreditFIFO.LATENCY)
 
     def elaborate(self, platform):
@@ -258,7 +259,9 @@ class SoftmaxUnit(wiring.Component):
         m.submodules.exps = exps = Memory(shape=data.ArrayLayout(e16_shape, L), depth=self._e_depth, init=[])
         x_w, x_r = exps.write_port(), exps.read_port()
         m.submodules.desc_fifo = desc_fifo = fifo.SyncFIFO(width=desc_layout.size, depth=_QUEUE_DEPTH)
-        m.submodules.sum_fifo = sum_fifo = fifo.SyncFIFO(width=sum_layout.size, depth=_QUEUE_DEPTH)
+        # Buffered: its read data is a register, so the divider's first compare-subtract starts at a
+        # flip-flop, not at a distributed RAM's read (one cycle more from a row's sum to the divider).
+        m.submodules.sum_fifo = sum_fifo = fifo.SyncFIFOBuffered(width=sum_layout.size, depth=_QUEUE_DEPTH)
         # Every row the divider can hold (one iterative, up to its latency pipelined) plus one waiting
         # at its output.
         side_depth = 2 if not self._pipelined else self._div_latency(self._k) + 1
@@ -282,17 +285,42 @@ class SoftmaxUnit(wiring.Component):
         s_wr, s_rd = Signal(range(self._s_depth)), Signal(range(self._s_depth))
         rows1 = Signal(range(_QUEUE_DEPTH + 1))        # rows started in pass 1, descriptor not yet popped
 
-        row_len = Mux(cur.length > self._max_length, self._max_length, cur.length)
+        # Per-command constants, registered at the command's accept (from its payload): the clamped
+        # row length, whether a row is a single beat, and the lane mask of a row's last beat (the
+        # other beats are full). Per-beat flags a cycle ahead: "the next beat is the row's last"
+        # and "the command is on its last row". So no compare on a count sits in front of the
+        # input handshake.
+        p_len = self.cmd.payload.length
+        p_len_c = Mux(p_len > self._max_length, self._max_length, p_len)
+        row_len = cur.length                           # loaded clamped
+        one_beat = Signal()
+        tail_mask = Signal(L)
+        last1 = Signal()                               # the next accepted beat ends its row
+        rows_one = Signal()                            # rows_left == 1
         left_now = Mux(first1, row_len, left1)
-        last_beat = left_now <= L
-        in_ok = cmd_active & (s_count < self._s_depth) & (~first1 | (rows1 < _QUEUE_DEPTH))
+        last_beat = last1
+        # Room flags a cycle ahead (set from the counts' next values where the counts are updated).
+        s_room, rows1_room = Signal(init=1), Signal(init=1)
+        in_ok = cmd_active & s_room & (~first1 | rows1_room)
         in_go = Signal()
         m.d.comb += [self.i.ready.eq(in_ok), in_go.eq(self.i.valid & in_ok)]
-        cmd_done = in_go & last_beat & (rows_left == 1)
+        cmd_done = in_go & last_beat & rows_one
         m.d.comb += self.cmd.ready.eq(~cmd_active | cmd_done)
+        # The clamp selects constants instead of feeding the arithmetic: the tail mask of an
+        # in-range length depends on its low bits only (for a power-of-two L).
+        too_long = p_len > self._max_length
+        max_tail = (self._max_length - 1) % L
+        if L & (L - 1) == 0:
+            tail_idx = Mux(too_long, max_tail, (p_len - 1)[:max(1, (L - 1).bit_length())] if L > 1 else 0)
+        else:
+            tail_idx = (p_len_c - 1) % L
+        p_one_beat = Mux(too_long, self._max_length <= L, p_len <= L)
         with m.If(self.cmd.valid & self.cmd.ready):
-            m.d.sync += [cur.eq(self.cmd.payload), rows_left.eq(self.cmd.payload.rows),
-                         cmd_active.eq(self.cmd.payload.rows != 0)]
+            m.d.sync += [cur.eq(self.cmd.payload), cur.length.eq(p_len_c),
+                         rows_left.eq(self.cmd.payload.rows), rows_one.eq(self.cmd.payload.rows == 1),
+                         cmd_active.eq(self.cmd.payload.rows != 0),
+                         one_beat.eq(p_one_beat), last1.eq(p_one_beat),
+                         tail_mask.eq(Cat(*(tail_idx >= j for j in lane_idx)))]
         with m.Elif(cmd_done):
             m.d.sync += cmd_active.eq(0)
         with m.If(in_go):
@@ -300,28 +328,33 @@ class SoftmaxUnit(wiring.Component):
                 left1.eq(left_now - L), first1.eq(last_beat),
                 s_wr.eq(_incr(s_wr, self._s_depth)),
             ]
-            with m.If(last_beat & (rows_left != 1)):
-                m.d.sync += rows_left.eq(rows_left - 1)
+            with m.If(~(self.cmd.valid & self.cmd.ready)):
+                # The next beat ends its row: a new row of one beat, or two beats left now.
+                m.d.sync += last1.eq(Mux(last_beat, one_beat, left_now <= 2 * L))
+            with m.If(last_beat & ~rows_one):
+                m.d.sync += [rows_left.eq(rows_left - 1), rows_one.eq(rows_left == 2)]
         m.d.comb += [s_w.addr.eq(s_wr), s_w.data.eq(self.i.payload), s_w.en.eq(in_go)]
 
         # Two stages: register the beat, reduce it across lanes; then fold into the running max.
         mv1, mlast1, mfirst1 = Signal(), Signal(), Signal()
         mx1 = Signal.like(self.i.payload)
-        mmask1 = Signal(L)
         mdesc1 = Signal(desc_layout)
         mv2, mlast2, mfirst2 = Signal(), Signal(), Signal()
         bmax2 = Signal(score)
         mdesc2 = Signal(desc_layout)
         run_max = Signal(score)
         m.d.sync += [
-            mv1.eq(in_go), mlast1.eq(last_beat), mfirst1.eq(first1), mx1.eq(self.i.payload),
-            mmask1.eq(lane_mask(left_now)),
+            mv1.eq(in_go), mlast1.eq(last_beat), mfirst1.eq(first1),
             mdesc1.mode.eq(cur.mode), mdesc1.length.eq(row_len), mdesc1.c_mult.eq(cur.c_mult),
             mdesc1.c_shift.eq(cur.c_shift), mdesc1.out_mult.eq(cur.out_mult),
         ]
         # Pairwise max tree, one registered level per stage (a 32-bit compare and a select each).
         lo = -(1 << (numerics.ACC_BITS - 1))
-        level = [Mux(mmask1[j], mx1[j], lo) for j in lane_idx]
+        # Lanes past the row's end enter the tree as the smallest score (masked into the input
+        # register, so the tree's first compare starts at a flip-flop).
+        for j in lane_idx:
+            m.d.sync += mx1[j].eq(Mux(~last_beat | tail_mask[j], self.i.payload[j], lo))
+        level = [mx1[j] for j in lane_idx]
         tv, tlast, tfirst, tdesc = mv1, mlast1, mfirst1, mdesc1
         for t in range(self._max_stages - 1):
             nxt = []
@@ -361,12 +394,13 @@ class SoftmaxUnit(wiring.Component):
         x_wr, x_rd = Signal(range(self._e_depth)), Signal(range(self._e_depth))
         rows2 = Signal(range(_QUEUE_DEPTH + 1))        # rows started in pass 2, sum not yet divided
 
-        issue2 = active2 & (x_count < self._e_depth)
+        x_room, rows2_room = Signal(init=1), Signal(init=1)
+        issue2 = active2 & x_room
         # "The next beat is the row's last" as a register (as last3 below): no compare on left2 in
         # front of the load decision and the row counters.
         last2 = Signal()
         issue2_last = issue2 & last2
-        load2 = (~active2 | issue2_last) & desc_fifo.r_rdy & (rows2 < _QUEUE_DEPTH)
+        load2 = (~active2 | issue2_last) & desc_fifo.r_rdy & rows2_room
         desc_out = data.View(desc_layout, desc_fifo.r_data)
         m.d.comb += desc_fifo.r_en.eq(load2)
         with m.If(load2):
@@ -413,10 +447,18 @@ class SoftmaxUnit(wiring.Component):
         m.d.sync += [c3v.eq(c3av), c3last.eq(c3alast), c3mask.eq(c3amask), c3d.eq(c3ad)]
         for j in lane_idx:
             m.d.sync += prod[j].eq(pp_lo[j] + (pp_hi[j] << _D_CHUNK))
+        # The bits of P at or above c_shift + EXP_FRAC_BITS + int_bits (those that make the exponent
+        # shift everything out), as a mask registered beside P: the "shifted out completely" test
+        # is then an AND-OR over P, not a barrel shift followed by an OR.
+        int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
+        p_width = numerics.ACC_BITS + numerics.SOFTMAX_MULT_BITS
+        big_mask = Signal(p_width)
+        m.d.sync += big_mask.eq(Cat(*(c3ad.c_shift <= b - numerics.EXP_FRAC_BITS - int_bits
+                                      if b >= numerics.EXP_FRAC_BITS + int_bits else Const(0, 1)
+                                      for b in range(p_width))))
         # Stage c3b: t = P >> c_shift (a floor shift), registered as its fraction, its integer part
         # and a "shifted out completely" flag, so the barrel shift and the exp ROM's logic are in
         # different cycles.
-        int_bits = (numerics.EXP_ZERO_INT - 1).bit_length()
         c3bv, c3blast = Signal(), Signal()
         c3bmask = Signal(L)
         c3bd = Signal(desc_layout)
@@ -428,7 +470,7 @@ class SoftmaxUnit(wiring.Component):
             t = prod[j] >> c3d.c_shift
             m.d.sync += [t_frac[j].eq(t[:numerics.EXP_FRAC_BITS]),
                          t_int[j].eq(t[numerics.EXP_FRAC_BITS:numerics.EXP_FRAC_BITS + int_bits]),
-                         t_big[j].eq((t >> (numerics.EXP_FRAC_BITS + int_bits)).any())]
+                         t_big[j].eq((prod[j] & big_mask).any())]
         # Stage c4: the ROM is read with the fraction; the integer part and the "shifted out
         # completely" flag wait one cycle for the ROM data.
         # One single-port ROM per lane (what a synthesizer builds from one many-port ROM anyway; the
@@ -527,7 +569,7 @@ class SoftmaxUnit(wiring.Component):
         # The output stages (q1, q2, q3) have no enable: they end in a credit-counted FIFO, so a
         # beat is issued only while the FIFO has room for every beat in flight, and o.ready reaches
         # nothing but the FIFO's read side (no ready chain into the divider's FIFO).
-        m.submodules.out_fifo = out_fifo = CreditFIFO(self.o.payload.shape(), 3 + CreditFIFO.LATENCY + 1)
+        m.submodules.out_fifo = out_fifo = CreditFIFO(self.o.payload.shape(), 4 + CreditFIFO.LATENCY + 1)
         wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
         adv = 1
         issue3 = active3 & out_fifo.room
@@ -556,8 +598,14 @@ class SoftmaxUnit(wiring.Component):
             s_count.eq(s_count + in_go - issue2),
             x_count.eq(x_count + issue2 - issue3),
         ]
+        for flag, count, inc, dec, limit in ((s_room, s_count, in_go, issue2, self._s_depth),
+                                             (rows1_room, rows1, in_go & first1, load2, _QUEUE_DEPTH),
+                                             (x_room, x_count, issue2, issue3, self._e_depth),
+                                             (rows2_room, rows2, load2, div_go, _QUEUE_DEPTH)):
+            m.d.sync += flag.eq(below_next(count, inc, dec, limit))
 
         # Stage q1: the row's parameters, aligned with the e16 beat that the buffer read returns.
+        # Stages q1..q3 (four registers with q1b) have no enable, as above.
         q1v, q1last = Signal(), Signal()
         q1mask = Signal(L)
         q1mode = Signal(SoftmaxMode)
@@ -566,21 +614,34 @@ class SoftmaxUnit(wiring.Component):
         with m.If(adv):
             m.d.sync += [q1v.eq(issue3), q1last.eq(last3), q1mask.eq(lane_mask(left3)),
                          q1mode.eq(mode3), q1sum.eq(sum3), q1recip.eq(recip3)]
-        # Stage q2: e8, or the router product e16 * R (<= 2**31 because e16 <= sum).
+        # Stage q1b: the e16 beat registered (the buffer's read data feeds no logic or DSP directly).
+        q1bv, q1blast = Signal(), Signal()
+        q1bmask = Signal(L)
+        q1bmode = Signal(SoftmaxMode)
+        q1bsum = Signal(sum_shape)
+        q1brecip = Signal(RECIP_BITS)
+        q1be = [Signal(e16_shape, name=f"q1be{j}", reset_less=True) for j in lane_idx]
+        m.d.sync += [q1bv.eq(q1v), q1blast.eq(q1last), q1bmask.eq(q1mask),
+                     q1bmode.eq(q1mode), q1bsum.eq(q1sum), q1brecip.eq(q1recip)]
+        for j in lane_idx:
+            m.d.sync += q1be[j].eq(x_r.data[j])
+        # Stage q2: e8 and the router product e16 * R (<= 2**31 because e16 <= sum), each in its own
+        # register (the product straight from a DSP48E2 with its input and output registers); the
+        # mode selects between them in q3.
         q2v, q2last = Signal(), Signal()
         q2mask = Signal(L)
         q2mode = Signal(SoftmaxMode)
         q2sum = Signal(sum_shape)
         q2recip = Signal(RECIP_BITS)
-        q2val = Signal(data.ArrayLayout(unsigned(numerics.ROUTER_RECIP_BITS + 1), L))
-        with m.If(adv):
-            m.d.sync += [q2v.eq(q1v), q2last.eq(q1last), q2mask.eq(q1mask),
-                         q2mode.eq(q1mode), q2sum.eq(q1sum), q2recip.eq(q1recip)]
-            for j in lane_idx:
-                e = x_r.data[j]
-                e8 = Mux(e >= _E16_ONE - (1 << 6), _E8_MAX, (e + (1 << 6)) >> 7)
-                router_prod = e * q1recip[:_ROUTER_RECIP_MAX.bit_length()]
-                m.d.sync += q2val[j].eq(Mux(q1mode == SoftmaxMode.ATTENTION, e8, router_prod))
+        q2e8 = [Signal(unsigned(numerics.ATTN_P_BITS), name=f"q2e8_{j}", reset_less=True) for j in lane_idx]
+        q2prod = [Signal(unsigned(numerics.ROUTER_RECIP_BITS + 1), name=f"q2prod{j}", reset_less=True)
+                  for j in lane_idx]
+        m.d.sync += [q2v.eq(q1bv), q2last.eq(q1blast), q2mask.eq(q1bmask),
+                     q2mode.eq(q1bmode), q2sum.eq(q1bsum), q2recip.eq(q1brecip)]
+        for j in lane_idx:
+            e = q1be[j]
+            m.d.sync += [q2e8[j].eq(Mux(e >= _E16_ONE - (1 << 6), _E8_MAX, (e + (1 << 6)) >> 7)),
+                         q2prod[j].eq(e * q1brecip[:_ROUTER_RECIP_MAX.bit_length()])]
         # Stage q3: the output register. The router probability is round_shift(e16 * R, 16).
         p_shift = numerics.ROUTER_RECIP_BITS - numerics.ROUTER_P_FRAC
         q3v = Signal()
@@ -593,8 +654,8 @@ class SoftmaxUnit(wiring.Component):
                 q3.recip.eq(Mux(q2last, q2recip, 0)),
             ]
             for j in lane_idx:
-                prob = ((q2val[j] >> (p_shift - 1)) + 1) >> 1
-                val = Mux(q2mode == SoftmaxMode.ATTENTION, q2val[j], prob)
+                prob = ((q2prod[j] >> (p_shift - 1)) + 1) >> 1
+                val = Mux(q2mode == SoftmaxMode.ATTENTION, q2e8[j], prob)
                 m.d.sync += q3.data[j].eq(Mux(q2mask[j], val, 0))
         m.d.comb += [out_fifo.w_data.eq(q3), out_fifo.w_en.eq(q3v)]
         return m
