@@ -48,7 +48,7 @@ TOLERANCE = 0.03
 # ---- GEMM engine (m3vit_hw/gemm/gemm_engine.py) ---------------------------------------------------
 #: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 5`` cycles after
 #: the command is accepted (docstring), ``FILL`` plus ``max(R, C)``.
-FILL = 5
+FILL = 5      # m3vit_hw.gemm.gemm_engine.GemmEngine.LOADER_LATENCY
 #: Last reduction step -> results written: 3 cycles to the epilogue, the epilogue's 17-cycle
 #: latency, less one; plus the last row tile's rows, one a cycle.
 DRAIN = 19

@@ -23,7 +23,7 @@ from amaranth.sim import Simulator
 
 from m3vit_hw.gemm.epilogue import LATENCY as EPILOGUE_LATENCY, EpilogueMode as Mode
 from m3vit_hw.gemm.pe_array import PEArray
-from m3vit_hw.gemm.gemm_engine import RowEntryLayout
+from m3vit_hw.gemm.gemm_engine import GemmEngine, RowEntryLayout
 from m3vit_hw.moe.expert_layout import pack_moe, plan_moe, start_fields, unpack_params
 from m3vit_hw.lib.mem_arbiter import ReadArbiter
 from m3vit_hw.lib.mem_port import ReadPortSignature
@@ -343,7 +343,9 @@ def test_overhead_bound_above_balance():
     res, = sim.run([(wl["h"], wl["x"], 0)])
     cyc, comp, first = res["cycles"], res["compute_cycles"], res["first_tile_load_cycles"]
     overhead = cyc - comp
-    drain = PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack).latency + EPILOGUE_LATENCY
+    # The fixed pipeline: the engine's loader stages at the start, the PE array and the epilogue at
+    # the end.
+    drain = PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack).latency + EPILOGUE_LATENCY + GemmEngine.LOADER_LATENCY
     bound = first + drain + 0.02 * comp
     macs = T * D * E + T * k * 2 * D * H
     print(f"MoELayer E={E} k={k} D={D} h={H} T={T} at {bandwidth} B/cycle (balance {balance:.2f}): "

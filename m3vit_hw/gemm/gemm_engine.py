@@ -278,6 +278,10 @@ class GemmEngine(wiring.Component):
         If ``config`` is not an :class:`~m3vit_hw.config.AcceleratorConfig`.
     """
 
+    #: Loader pipeline latency: a command's first block is staged ``max(pe_rows, pe_cols) +
+    #: LOADER_LATENCY`` cycles after the command is accepted (paid once per run of back-to-back commands).
+    LOADER_LATENCY = 5
+
     def __init__(self, config):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
