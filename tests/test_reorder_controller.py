@@ -28,6 +28,7 @@ from m3vit_hw.moe.expert_layout import pack_moe, plan_moe, start_fields, unpack_
 from m3vit_hw.lib.mem_arbiter import ReadArbiter
 from m3vit_hw.lib.mem_port import ReadPortSignature
 from m3vit_hw.moe.reorder_controller import GATE_TAG, ReorderController
+from m3vit_hw.moe.router import Router
 from m3vit_hw.weights.weight_buffer import WeightBuffer
 from m3vit_hw.weights.weight_streamer import WeightStreamer
 from reference import golden
@@ -324,8 +325,9 @@ def test_next_tile_loads_while_engine_computes():
 
 def test_overhead_bound_above_balance():
     """Zero-overhead switching: with memory bandwidth above the compute-balance point, the cycles not
-    spent computing are at most the first expert tile's load, the last tile's fixed drain through the
-    PE array and the epilogue (pipeline latency, paid once per layer, not per switch) and 2 % of the
+    spent computing are at most the first expert tile's load, the fixed pipeline latencies paid once per
+    layer, not per switch (the engine's loader stages, the router's softmax row latency before the
+    first expert can start, the last tile's drain through the PE array and the epilogue) and 2 % of the
     compute cycles."""
     E, k, D, H, T = 4, 2, 32, 64, 32
     cfg = moe_config(experts=E, top_k=k, dim=D, hidden=H, tokens=T)
@@ -343,9 +345,10 @@ def test_overhead_bound_above_balance():
     res, = sim.run([(wl["h"], wl["x"], 0)])
     cyc, comp, first = res["cycles"], res["compute_cycles"], res["first_tile_load_cycles"]
     overhead = cyc - comp
-    # The fixed pipeline: the engine's loader stages at the start, the PE array and the epilogue at
-    # the end.
-    drain = PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack).latency + EPILOGUE_LATENCY + GemmEngine.LOADER_LATENCY
+    # The fixed pipeline: the engine's loader stages at the start, the router's softmax on the last
+    # token's row before the first expert is known, the PE array and the epilogue at the end.
+    drain = (PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack).latency + EPILOGUE_LATENCY
+             + GemmEngine.LOADER_LATENCY + Router(cfg).softmax.row_latency(E))
     bound = first + drain + 0.02 * comp
     macs = T * D * E + T * k * 2 * D * H
     print(f"MoELayer E={E} k={k} D={D} h={H} T={T} at {bandwidth} B/cycle (balance {balance:.2f}): "
