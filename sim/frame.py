@@ -186,6 +186,7 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
                 "param_base": j.param_base, "output_base": j.param_base + lay.output_addr,
                 "image_base": j.param_base}, stalls=stalls)
             t0 = time.time()
+            read0 = xm.bytes_served
             cycles, index = 0, 0
             while not ctx.get(top.done):
                 await ctx.tick()
@@ -211,6 +212,7 @@ def run_frames(config, jobs, *, stall_prob=0.0, latency=8, bytes_per_cycle=None,
                 "pe_active_per_phase": {p.name.lower(): ctx.get(top.phase_pe_cycles[p.value])
                                         for p in CounterPhase},
                 "wall_seconds": round(time.time() - t0, 1),
+                "bytes_read": xm.bytes_served - read0,
                 "dispatch_overhead_cycles": None,
                 "_snaps": snaps,
             }
@@ -348,7 +350,7 @@ def run_verilator(config, job, *, stall_prob=0.0, latency=8, seed=0, bytes_per_c
         "instructions": r["insn_count"], "cycles_per_op_class": r["cycles_per_op_class"],
         "pe_active_per_op_class": r["pe_active_per_op_class"],
         "cycles_per_phase": r["cycles_per_phase"], "pe_active_per_phase": r["pe_active_per_phase"],
-        "macs": r["macs"],
+        "macs": r["macs"], "bytes_read": r["bytes_read"],
         "bit_exact": not len(bad), "mismatches": int(len(bad)), "reference": reference,
         "first_mismatch": first, "wall_seconds": round(time.time() - t0, 1),
         "simulator": {"cycles_per_second": r["cycles_per_second"], "sim_seconds": r["sim_seconds"],
@@ -372,7 +374,8 @@ def analytic_projection(config, job, *, qm=None, seed=0, latency=8, bytes_per_cy
     per = {}
     for o in proj["ops"]:
         per[o["op"].lower()] = per.get(o["op"].lower(), 0) + o["cycles"]
-    return {"cycles": round(proj["cycles"]), "per_op_class": {k: round(v) for k, v in per.items()}}
+    return {"cycles": round(proj["cycles"]), "per_op_class": {k: round(v) for k, v in per.items()},
+            "weight_bytes_minimum": pm.weight_minimum(job.program.model_config, counts)}
 
 
 def model_from_args(args):
@@ -491,6 +494,13 @@ def main(argv=None):
                                  bytes_per_cycle=args.mem_bytes_per_cycle)
         am["error"] = round((am["cycles"] - rep["cycles"]) / rep["cycles"], 5)
         rep["analytic_model"] = am
+        # Every read but the program and the image is a weight or parameter byte: the memory model's
+        # count less those two gives what crossed the port, against the frame's minimum (each active
+        # expert once per layer). The program fetch reads up to a burst past END, so this is an upper
+        # bound by at most that burst.
+        lay = job.program.layout
+        rep["weight_bytes_fetched"] = rep["bytes_read"] - lay.program_bytes - lay.input_bytes
+        rep["weight_bytes_minimum"] = am["weight_bytes_minimum"]
         print(f"analytic model: {am['cycles']} cycles ({100 * am['error']:+.2f} % against the RTL)",
               file=sys.stderr)
     rep["model"] = dataclasses.asdict(model)

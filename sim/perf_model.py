@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 __all__ = ["OP_CLASSES", "TOLERANCE", "Estimate", "gemm_blocks", "gemm_beats", "moe_cycles",
            "dense_cycles", "attention_cycles", "norm_cycles", "embed_cycles", "store_cycles",
            "gemm_instructions_cycles", "project_program", "project_frame", "routing_counts",
-           "uniform_counts"]
+           "uniform_counts", "weight_minimum"]
 
 #: Op classes of the breakdown, in the order of the paper's latency figure (plus stalls and idle).
 OP_CLASSES = ("patch_embed", "layernorm", "qkv_proj", "attn_matmul", "softmax", "dense_mlp", "router",
@@ -682,7 +682,7 @@ def project_frame(config, *, task=0, seed=0, routing="golden", bytes_per_cycle=1
                                     return_intermediates=True)
         counts = {b: routing_counts(r["experts"], m.experts) for b, r in inter["routing"].items()}
     out = project_program(program, routing=counts, bytes_per_cycle=bytes_per_cycle, latency=latency)
-    out["weight_bytes_minimum"] = _weight_minimum(program.model_config, counts)
+    out["weight_bytes_minimum"] = weight_minimum(program.model_config, counts)
     out["config"] = {"model": m.name, "pe_rows": config.pe_rows, "pe_cols": config.pe_cols,
                      "tokens": m.tokens, "task": task, "seed": seed, "routing": routing,
                      "clock_mhz": config.clock_mhz}
@@ -690,7 +690,7 @@ def project_frame(config, *, task=0, seed=0, routing="golden", bytes_per_cycle=1
     return out
 
 
-def _weight_minimum(cfg, counts):
+def weight_minimum(cfg, counts):
     """Bytes every weight and parameter of one frame needs to cross the port at least once (each
     active expert once per layer, the task's gate record, one copy of everything else)."""
     from m3vit_hw.attention.attn_layout import plan_attention

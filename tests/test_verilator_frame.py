@@ -46,6 +46,8 @@ def test_small_frame_pysim_and_verilator_identical():
                                                                  p["pe_active_per_phase"])
     assert min(v["cycles_per_op_class"][k] for k in ("attention", "moe", "gemm", "load_image")) > 0
     assert min(v["cycles_per_phase"].values()) > 0, v["cycles_per_phase"]
+    # The same bytes crossed the port in both backends' memory models.
+    assert v["bytes_read"] == p["bytes_read"] > 0, (v["bytes_read"], p["bytes_read"])
 
 
 def _setup(preset, seed=0):
