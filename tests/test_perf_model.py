@@ -40,27 +40,28 @@ def _moe(kw, backend="pysim", task=0, tasks=1):
     _check("moe-layer", kw, rep["cycles"], pm.moe_cycles(cfg, counts, bytes_per_cycle=bw, latency=lat))
 
 
-def _attn(kw):
-    from sim.attention_layer import attn_config, run_attention_layer
-    args = dict(dim=16, heads=2, tokens=9, pe_rows=4, pe_cols=4)
+def _layer(name, run, make_config, model, defaults, kw):
+    """Run a layer runner on ``defaults`` updated by ``kw`` (bit-exact), then hold the analytic
+    ``model`` of the same config and memory to its cycles."""
+    args = dict(defaults)
     args.update(kw)
-    rep = run_attention_layer(**args)
+    rep = run(**args)
     assert rep["bit_exact"]
     bw = args.pop("mem_bytes_per_cycle", 16.0)
     lat = args.pop("latency", 20)
-    _check("attention-layer", kw, rep["cycles"],
-           pm.attention_cycles(attn_config(**args), bytes_per_cycle=bw, latency=lat))
+    _check(name, kw, rep["cycles"], model(make_config(**args), bytes_per_cycle=bw, latency=lat))
+
+
+def _attn(kw):
+    from sim.attention_layer import attn_config, run_attention_layer
+    _layer("attention-layer", run_attention_layer, attn_config, pm.attention_cycles,
+           dict(dim=16, heads=2, tokens=9, pe_rows=4, pe_cols=4), kw)
 
 
 def _dense(kw):
     from sim.dense_layer import dense_config, run_dense_layer
-    args = dict(dim=16, hidden=64, tokens=9, pe_rows=4, pe_cols=4)
-    args.update(kw)
-    rep = run_dense_layer(**args)
-    assert rep["bit_exact"]
-    bw = args.pop("mem_bytes_per_cycle", 16.0)
-    lat = args.pop("latency", 20)
-    _check("dense-layer", kw, rep["cycles"], pm.dense_cycles(dense_config(**args), bytes_per_cycle=bw, latency=lat))
+    _layer("dense-layer", run_dense_layer, dense_config, pm.dense_cycles,
+           dict(dim=16, hidden=64, tokens=9, pe_rows=4, pe_cols=4), kw)
 
 
 def _norm(kw):
