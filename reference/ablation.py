@@ -387,7 +387,10 @@ def main(argv=None):
         if args.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {sorted(PRESETS)}, not {args.preset!r}")
         check_output_path(args.json, "--json")
-        seeds = [int(s) for s in args.seeds.split(",")]
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, not {args.seeds!r}") from None
         if args.images < 1 or args.calib_images < 1:
             raise ValueError(f"--images and --calib-images must be >= 1, not {args.images}, {args.calib_images}")
     except (ValueError, OSError) as e:

@@ -87,3 +87,8 @@ def test_cli_rejects_a_bad_preset(capsys):
 def test_cli_rejects_bad_counts(capsys):
     assert A.main(["--preset", "tiny", "--images", "0"]) == 2
     assert "--images" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_seeds(capsys):
+    assert A.main(["--preset", "tiny", "--seeds", "0,x"]) == 2
+    assert "--seeds" in capsys.readouterr().err
