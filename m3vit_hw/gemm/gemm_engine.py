@@ -266,7 +266,8 @@ class GemmEngine(wiring.Component):
     busy : Out(1)
         Some command is not finished.
     pe_active : Out(1)
-        The PE array accepted an operand beat this cycle: one reduction step of a full
+        The PE array accepted an operand beat in the previous cycle (a registered pulse, one per beat,
+        one cycle after the beat): one reduction step of a full
         ``pe_rows x pe_cols`` tile (masked tail rows and lanes included). A command takes
         ``ceil(m / pe_rows) * ceil(n / pe_cols) * k`` such beats, in command order, and every block is
         read from the buffers before the array consumes it. Performance counters count it as "compute
@@ -727,7 +728,13 @@ class GemmEngine(wiring.Component):
         wiring.connect(m, ep.res_wr, wiring.flipped(self.res_wr))
         wiring.connect(m, ep.o, wiring.flipped(self.o))
         wiring.connect(m, ep.gelu_lut, wiring.flipped(self.gelu_lut))
-        m.d.comb += [self.done.eq(ep.done), self.busy.eq(busy), self.pe_active.eq(pe.i.valid & pe.i.ready)]
+        m.d.comb += [self.done.eq(ep.done), self.busy.eq(busy)]
+        # pe_active is a registered pulse: the PE array's ready depends on its tile-last credit
+        # (u_last, sh_left), and consumers (the MoE controller's early release into the weight
+        # buffer's half state, counters) would otherwise extend that chain combinationally.
+        pe_beat = Signal()
+        m.d.sync += pe_beat.eq(pe.i.valid & pe.i.ready)
+        m.d.comb += self.pe_active.eq(pe_beat)
         return m
 
 
