@@ -83,7 +83,8 @@ class PageSplitter(wiring.Component):
     The read-port contract (:mod:`m3vit_hw.lib.mem_port`) already forbids such requests; this stage
     makes the AXI masters safe even when a unit breaks it (a unit whose burst alignment assumes a
     page-aligned base: LayerNorm records at ``PARAM_BASE`` + offset did, with ``PARAM_BASE`` only
-    beat-aligned). Requests that fit pass unchanged, one cycle later, one request per cycle.
+    beat-aligned). Requests that fit pass unchanged, one cycle later, one request per cycle; a split
+    request's second part follows its first after one idle cycle.
 
     Parameters
     ----------
@@ -114,28 +115,44 @@ class PageSplitter(wiring.Component):
         page_bits = BOUNDARY_BYTES.bit_length() - 1
         m.submodules.parts = parts = fifo.SyncFIFOBuffered(width=1, depth=self._depth)
 
-        # One held request (registered, so the page arithmetic starts at a register).
+        # One held request, its first part's length and whether more parts follow all in registers:
+        # the page arithmetic (a subtract and a compare) runs on the incoming payload when it is
+        # taken, so the handshake (down.req.ready -> up.req.ready) sees only flip-flops.
         hv = Signal()
         addr = Signal.like(up.req.p.addr)
         beats = Signal.like(up.req.p.beats)
+        first = Signal.like(beats)                  # beats of the part offered now
+        more = Signal()                             # parts follow the one offered now
+        ok = Signal()                               # first/more belong to addr/beats
+
+        def split(a, b):
+            # (first part's beats, more parts follow) of a request at byte address a of b beats.
+            room = Signal(page_bits - shift + 1)        # beats from a to the end of its page
+            m.d.comb += room.eq((BOUNDARY_BYTES - a[:page_bits]) >> shift)
+            return Mux(b <= room, b, room), b > room
+
         leaving = Signal()                          # the held request's last part goes out this cycle
         # Taking the next request in the cycle the held one leaves keeps one request per cycle.
         m.d.comb += up.req.ready.eq(~hv | leaving)
-        with m.If(up.req.valid & up.req.ready):
-            m.d.sync += [hv.eq(1), addr.eq(up.req.p.addr), beats.eq(up.req.p.beats)]
-        room = Signal(page_bits - shift + 1)        # beats from addr to the end of its page
-        m.d.comb += room.eq((BOUNDARY_BYTES - addr[:page_bits]) >> shift)
-        first = Signal.like(beats)
-        m.d.comb += first.eq(Mux(beats <= room, beats, room))
-        more = beats != first
-        m.d.comb += [down.req.valid.eq(hv & parts.w_rdy), down.req.p.addr.eq(addr), down.req.p.beats.eq(first),
-                     parts.w_en.eq(down.req.valid & down.req.ready), parts.w_data.eq(more)]
-        m.d.comb += leaving.eq(down.req.valid & down.req.ready & ~more)
-        with m.If(down.req.valid & down.req.ready):
+        take = up.req.valid & up.req.ready
+        send = down.req.valid & down.req.ready
+        m.d.comb += [down.req.valid.eq(hv & ok & parts.w_rdy), down.req.p.addr.eq(addr),
+                     down.req.p.beats.eq(first), parts.w_en.eq(send), parts.w_data.eq(more),
+                     leaving.eq(send & ~more)]
+        with m.If(take):
+            f, mo = split(up.req.p.addr, up.req.p.beats)
+            m.d.sync += [hv.eq(1), ok.eq(1), addr.eq(up.req.p.addr), beats.eq(up.req.p.beats),
+                         first.eq(f), more.eq(mo)]
+        with m.Elif(send):
             with m.If(more):
-                m.d.sync += [addr.eq(addr + (first << shift)), beats.eq(beats - first)]
-            with m.Elif(~(up.req.valid & up.req.ready)):
+                # The rest starts on a page boundary; its split is computed in the next cycle from
+                # these registers (one bubble per split request: splits are rare, a guard).
+                m.d.sync += [addr.eq(addr + (first << shift)), beats.eq(beats - first), ok.eq(0)]
+            with m.Else():
                 m.d.sync += hv.eq(0)
+        with m.Elif(hv & ~ok):
+            f, mo = split(addr, beats)
+            m.d.sync += [ok.eq(1), first.eq(f), more.eq(mo)]
 
         m.d.comb += [up.resp.valid.eq(down.resp.valid & parts.r_rdy), up.resp.p.data.eq(down.resp.p.data),
                      up.resp.p.last.eq(down.resp.p.last & ~parts.r_data),
