@@ -354,8 +354,13 @@ class GemmEngine(wiring.Component):
         n_w = _bits(cfg.largest_n + C)
         k_w = _bits(cfg.largest_k + C)
         m0 = Signal(m_w)
-        n0 = Signal(n_w)
         k0 = Signal(k_w)
+        # What is left of each dimension (cmd.x - x0, >= 1 while the command is active), kept as
+        # down-counters: the "last" flags are compares of a register against a constant, not of an
+        # adder output against the command (they feed cmd.ready and every L0 enable).
+        m_rem = Signal(m_w)
+        n_rem = Signal(n_w)
+        k_rem = Signal(k_w)
         kb = Signal(act_aw)                # block index = word offset within an A row
         nb = Signal(dst_aw)                # column tile = word offset within an output row
         ent = Signal(range(n_ent))
@@ -448,18 +453,17 @@ class GemmEngine(wiring.Component):
                             (d_count != 0) | ep.busy)
 
         last_ent = ent == n_ent - 1
-        last_blk = k0 + C >= cmd.k
-        last_ntile = n0 + C >= cmd.n
-        last_mtile = m0 + R >= cmd.m
-        # What is left of each dimension (>= 1 while the command is active).
+        last_blk = k_rem <= C
+        last_ntile = n_rem <= C
+        last_mtile = m_rem <= R
         rows_left = Signal(m_w)
         cols_left = Signal(n_w)
         k_left = Signal(k_w)
         cols_valid = Signal(range(C + 1))
         m.d.comb += [
-            rows_left.eq(cmd.m - m0),
-            cols_left.eq(cmd.n - n0),
-            k_left.eq(cmd.k - k0),
+            rows_left.eq(m_rem),
+            cols_left.eq(n_rem),
+            k_left.eq(k_rem),
             cols_valid.eq(Mux(cols_left >= C, C, cols_left)),
         ]
         b_row_base = b_tile_base + Mux(cmd.b_trans, kb, b_kblk)
@@ -510,14 +514,15 @@ class GemmEngine(wiring.Component):
                 m.d.sync += [ent.eq(ent + 1), b_istride.eq(b_istride + cmd.b_k_stride)]
                 with m.If(last_ent):
                     m.d.sync += [ent.eq(0), b_istride.eq(0),
-                                 k0.eq(k0 + C), kb.eq(kb + 1), b_kblk.eq(b_kblk + b_cstride)]
+                                 k0.eq(k0 + C), k_rem.eq(k_rem - C), kb.eq(kb + 1),
+                                 b_kblk.eq(b_kblk + b_cstride)]
                     with m.If(last_blk):
-                        m.d.sync += [k0.eq(0), kb.eq(0), b_kblk.eq(0),
-                                     n0.eq(n0 + C), nb.eq(nb + 1),
+                        m.d.sync += [k0.eq(0), k_rem.eq(cmd.k), kb.eq(0), b_kblk.eq(0),
+                                     n_rem.eq(n_rem - C), nb.eq(nb + 1),
                                      b_tile_base.eq(b_tile_base + cmd.b_tile_stride)]
                         with m.If(last_ntile):
-                            m.d.sync += [n0.eq(0), nb.eq(0), b_tile_base.eq(cmd.b_base),
-                                         m0.eq(m0 + R), rt_row.eq(rt_row + R)]
+                            m.d.sync += [n_rem.eq(cmd.n), nb.eq(0), b_tile_base.eq(cmd.b_base),
+                                         m0.eq(m0 + R), m_rem.eq(m_rem - R), rt_row.eq(rt_row + R)]
                             with m.If(last_mtile):
                                 m.d.sync += active.eq(0)
 
@@ -544,8 +549,11 @@ class GemmEngine(wiring.Component):
                 cmd.m.eq(Mux(p.m == 0, 1, p.m)),
                 cmd.n.eq(Mux(p.n == 0, 1, p.n)),
                 cmd.k.eq(Mux(p.k == 0, 1, p.k)),
+                m_rem.eq(Mux(p.m == 0, 1, p.m)),
+                n_rem.eq(Mux(p.n == 0, 1, p.n)),
+                k_rem.eq(Mux(p.k == 0, 1, p.k)),
                 active.eq(1),
-                m0.eq(0), n0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(p.rowtab_base),
+                m0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(p.rowtab_base),
                 b_tile_base.eq(p.b_base), b_kblk.eq(0), b_istride.eq(0),
                 b_cstride.eq(p.b_k_stride * C),
             ]
