@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sim.timing import DelayModel, analyze
+from sim.timing import DelayModel, analyze, format_result
 
 M = DelayModel()
 
@@ -167,3 +167,32 @@ def test_top_n_lists_distinct_endpoints_worst_first():
     assert analyze(n.json(), top_n=0).paths == []
     with pytest.raises(ValueError, match="top_n"):
         analyze(n.json(), top_n=-1)
+
+
+def test_endpoints_over_budget_are_counted_once_per_signal():
+    # Registers behind 9, 4 and 8 LUT levels and a 4-bit register behind 9: at 300 MHz (3.33 ns,
+    # about 6 levels) r9, r8 and the wide register miss the budget (the wide one counts once).
+    n = Net()
+    q0, = n.bits("src")
+    n.ff(q0, q0)
+
+    def chain(name, levels, q):
+        prev = q0
+        for i in range(levels):
+            b, = n.bits(f"{name}_m{i}")
+            n.lut([prev], b)
+            prev = b
+        n.ff(prev, q)
+    for name, levels in (("r9", 9), ("r4", 4), ("r8", 8)):
+        chain(name, levels, n.bits(name)[0])
+    for i, q in enumerate(n.bits("wide", 4)):
+        chain(f"w{i}", 9, q)
+    res = analyze(n.json())
+    slow = {p.end.split("[")[0] for p in res.paths if p.fmax_mhz < 300}
+    assert slow == {"r9", "r8", "wide"}, slow
+    assert res.over_budget == 3 and res.budget_mhz == 300
+    assert res.to_json()["endpoints_over_budget"] == 3
+    assert "3 endpoints above the 300 MHz budget" in format_result(res)
+    assert analyze(n.json(), budget_mhz=100).over_budget == 0
+    with pytest.raises(ValueError, match="budget_mhz"):
+        analyze(n.json(), budget_mhz=0)

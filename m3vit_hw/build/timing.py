@@ -18,7 +18,11 @@ import math
 import re
 from dataclasses import dataclass, field, asdict
 
-__all__ = ["DelayModel", "Path", "TimingResult", "analyze", "format_result", "format_path_line"]
+__all__ = ["DelayModel", "Path", "TimingResult", "analyze", "format_result", "format_path_line", "BUDGET_MHZ"]
+
+#: The clock the design is pipelined for (issue 12: 300 MHz on a -2 UltraScale+); the report counts the
+#: register-to-register endpoints whose estimate misses it.
+BUDGET_MHZ = 300.0
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,8 @@ class TimingResult:
     output (these continue in the surrounding design, so they are reported but do not set Fmax).
     ``paths`` lists the longest register-to-register path into each of the ``top_n`` worst distinct
     endpoints (an endpoint is a signal: the bits of one register or memory port count once), worst
-    first; ``paths[0]`` is ``worst``.
+    first; ``paths[0]`` is ``worst``. ``over_budget`` counts the distinct register-to-register endpoints
+    whose longest path misses ``budget_mhz`` (:data:`BUDGET_MHZ` unless :func:`analyze` is told otherwise).
     """
 
     model: DelayModel
@@ -131,6 +136,8 @@ class TimingResult:
     dsp_out_reg: int
     unknown_cells: dict
     paths: list = field(default_factory=list)
+    over_budget: int = 0
+    budget_mhz: float = BUDGET_MHZ
 
     @property
     def fmax_mhz(self):
@@ -148,7 +155,8 @@ class TimingResult:
                 "worst": p(self.worst), "deepest": p(self.deepest), "worst_io": p(self.worst_io),
                 "dsp_total": self.dsp_total, "dsp_absorbable_input_regs": self.dsp_in_reg,
                 "dsp_absorbable_output_regs": self.dsp_out_reg, "unknown_cells": self.unknown_cells,
-                "paths": [p(x) for x in self.paths]}
+                "paths": [p(x) for x in self.paths], "budget_mhz": self.budget_mhz,
+                "endpoints_over_budget": self.over_budget}
 
 
 _FF = {"FDRE", "FDSE", "FDCE", "FDPE"}
@@ -388,7 +396,7 @@ class _Walker:
                     end(b, 0.0, "output", b)
         return arcs, starts, ends
 
-    def run(self, top_n=1):
+    def run(self, top_n=1, budget_ns=None):
         self.carry_outs = set()
         for cell in self.cells.values():
             if cell["type"] in ("CARRY8", "CARRY4"):
@@ -458,6 +466,7 @@ class _Walker:
                         deepest = (key, n, kind, bit, dp)
         ranked = sorted(by_end.values(), key=lambda c: -c[0])[:max(0, top_n)]
         paths = [self._path(c, best, 1) for c in ranked]
+        self.over_budget = 0 if budget_ns is None else sum(1 for c in by_end.values() if c[0] > budget_ns)
         return (self._path(worst, best, 1), self._path(deepest, depth, 2, levels=True),
                 self._path(worst_io, best, 1), loop, paths)
 
@@ -508,7 +517,7 @@ class _Walker:
         return str(node), ""
 
 
-def analyze(netlist, top=None, model=None, top_n=10):
+def analyze(netlist, top=None, model=None, top_n=10, budget_mhz=BUDGET_MHZ):
     """Estimate the register-to-register timing of a yosys ``write_json`` netlist.
 
     Parameters
@@ -520,6 +529,8 @@ def analyze(netlist, top=None, model=None, top_n=10):
     model : DelayModel, optional
     top_n : int
         How many distinct endpoints to list in :attr:`TimingResult.paths` (worst first).
+    budget_mhz : float
+        Clock target: :attr:`TimingResult.over_budget` counts the distinct endpoints slower than it.
 
     Returns
     -------
@@ -533,12 +544,15 @@ def analyze(netlist, top=None, model=None, top_n=10):
     w = _Walker(mods[top], model)
     if not isinstance(top_n, int) or top_n < 0:
         raise ValueError(f"top_n must be an int >= 0, not {top_n!r}")
-    worst, deepest, worst_io, loop, paths = w.run(top_n)
+    if isinstance(budget_mhz, bool) or not isinstance(budget_mhz, (int, float)) or not budget_mhz > 0:
+        raise ValueError(f"budget_mhz must be a number > 0, not {budget_mhz!r}")
+    worst, deepest, worst_io, loop, paths = w.run(top_n, budget_ns=1000.0 / budget_mhz)
     if loop:
         w.unknown["<combinational loop: some nodes not timed>"] = 1
     return TimingResult(model=model, worst=worst, deepest=deepest, worst_io=worst_io,
                         dsp_total=w.dsp_total, dsp_in_reg=w.dsp_in, dsp_out_reg=w.dsp_out,
-                        unknown_cells=w.unknown, paths=paths)
+                        unknown_cells=w.unknown, paths=paths, over_budget=w.over_budget,
+                        budget_mhz=float(budget_mhz))
 
 
 def _short_src(src):
@@ -579,6 +593,8 @@ def format_result(res, top_n=None):
                      f"absorbable output regs {res.dsp_out_reg}")
     if res.unknown_cells:
         lines.append(f"  cells not modelled (treated as registers): {res.unknown_cells}")
+    lines.append(f"  {res.over_budget} endpoints above the {res.budget_mhz:.0f} MHz budget "
+                 f"({1000.0 / res.budget_mhz:.2f} ns)")
     ranked = res.paths if top_n is None else res.paths[:top_n]
     if len(ranked) > 1:
         lines.append(f"  worst {len(ranked)} distinct endpoints (reg->reg):")
