@@ -668,30 +668,43 @@ class GemmEngine(wiring.Component):
         # ---- tile descriptors --------------------------------------------------------------------
         push = handoff & nx_info.first
         pop = Signal()
+        pushed = Signal(desc_layout)
+        m.d.comb += [
+            pushed.colp.eq(nx_colp),
+            pushed.mask.eq(nx_info.mask),
+            pushed.mode.eq(nx_info.mode),
+            pushed.shift.eq(nx_info.shift),
+            pushed.last_tile.eq(nx_info.last_tile),
+        ]
+        m.d.comb += [pushed.rows[i].eq(nx_rows[i]) for i in range(R)]
         with m.If(push):
             m.d.sync += d_tail.eq(Mux(d_tail == DESC_DEPTH - 1, 0, d_tail + 1))
             with m.Switch(d_tail):
                 for d in range(DESC_DEPTH):
                     with m.Case(d):
-                        tgt = descs[d]
-                        m.d.sync += [
-                            tgt.colp.eq(nx_colp),
-                            tgt.mask.eq(nx_info.mask),
-                            tgt.mode.eq(nx_info.mode),
-                            tgt.shift.eq(nx_info.shift),
-                            tgt.last_tile.eq(nx_info.last_tile),
-                        ]
-                        m.d.sync += [tgt.rows[i].eq(nx_rows[i]) for i in range(R)]
+                        m.d.sync += descs[d].eq(pushed)
+        d_next = Signal.like(d_head)
+        m.d.comb += d_next.eq(Mux(d_head == DESC_DEPTH - 1, 0, d_head + 1))
         with m.If(pop):
-            m.d.sync += d_head.eq(Mux(d_head == DESC_DEPTH - 1, 0, d_head + 1))
+            m.d.sync += d_head.eq(d_next)
         m.d.sync += d_count.eq(d_count + push - pop)
 
         # ---- drain: PE rows + descriptor -> epilogue ---------------------------------------------
-        head = Signal(desc_layout)
-        with m.Switch(d_head):
-            for d in range(DESC_DEPTH):
-                with m.Case(d):
-                    m.d.comb += head.eq(descs[d])
+        # The head descriptor is a register of its own (a copy of descs[d_head]), loaded when the
+        # head moves or a descriptor arrives at an empty queue: the drain (the epilogue's bias add,
+        # row scale and address) then starts at flip-flops, not behind the DESC_DEPTH:1 multiplexer.
+        head = Signal(desc_layout, reset_less=True)
+        with m.If(pop):
+            with m.If(d_count == 1):
+                # The queue empties unless a descriptor arrives in this cycle: then it is the head.
+                m.d.sync += head.eq(pushed)
+            with m.Else():
+                with m.Switch(d_next):
+                    for d in range(DESC_DEPTH):
+                        with m.Case(d):
+                            m.d.sync += head.eq(descs[d])
+        with m.Elif(push & (d_count == 0)):
+            m.d.sync += head.eq(pushed)
         # Each PE row leaves as cfg.epi_beats epilogue beats of epi_lanes lanes (sub 0, 1, ...): the
         # PE array's output register holds the row (stream rules) until its last beat is taken.
         L, S = cfg.epi_lanes, cfg.epi_beats
