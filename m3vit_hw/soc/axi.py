@@ -233,10 +233,12 @@ class AxiMaster(wiring.Component):
                 axi.awburst.eq(AXI_BURST_INCR), axi.awcache.eq(AXI_CACHE_DEFAULT), axi.awprot.eq(0),
                 axi.awvalid.eq(wr.req.valid & lens.w_rdy),
                 wr.req.ready.eq(axi.awready & lens.w_rdy),
-                lens.w_en.eq(axi.awvalid & axi.awready), lens.w_data.eq(wr.req.p.beats),
+                lens.w_en.eq(axi.awvalid & axi.awready), lens.w_data.eq(wr.req.p.beats - 1),
             ]
+            # The FIFO holds AWLEN (beats - 1), so wlast is one compare of two registers, with no
+            # adder in front of it (it gates the W handshake and the FIFO's read).
             beat = Signal(range(MAX_BURST_LIMIT + 1))
-            last = beat + 1 == lens.r_data
+            last = beat == lens.r_data
             m.d.comb += [
                 axi.wdata.eq(wr.data.p.data), axi.wstrb.eq(wr.data.p.strb), axi.wlast.eq(last),
                 axi.wvalid.eq(wr.data.valid & lens.r_rdy),
