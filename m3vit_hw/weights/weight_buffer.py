@@ -219,7 +219,8 @@ class WeightBuffer(wiring.Component):
 
     Timing
     ------
-    One write and one read per cycle, read latency one cycle; handshakes take effect the next cycle.
+    One write and one read per cycle, read latency one cycle; a commit takes effect the next cycle, a
+    release (tile transfer) the cycle after (it is registered first; the tile is not offered meanwhile).
     Storage is ``2 * half_bytes`` in ``max(word, write) / min(word, write)`` simple dual-port memories
     (BRAM/URAM).
     """
@@ -287,9 +288,14 @@ class WeightBuffer(wiring.Component):
 
         w, r = self.write, self.read
         w_free = ~full.bit_select(w_half, 1)
+        # The release (a tile transfer) is registered before it frees the half and moves the reader:
+        # the reader's release logic then ends at this flip-flop, not at the buffer's half state and
+        # address offset. The tile is not offered while its release is pending.
+        released = Signal()
+        m.d.sync += released.eq(r.tile.valid & r.tile.ready)
         m.d.comb += [
             w.free.eq(w_free), w.half.eq(w_half), w.commit.ready.eq(w_free),
-            r.tile.valid.eq(full.bit_select(r_half, 1)),
+            r.tile.valid.eq(full.bit_select(r_half, 1) & ~released),
             r.tile.payload.eq(Mux(r_half, info[1], info[0])),
             r.half.eq(r_half),
         ]
@@ -299,7 +305,7 @@ class WeightBuffer(wiring.Component):
                 m.d.sync += info[1].eq(w.commit.payload)
             with m.Else():
                 m.d.sync += info[0].eq(w.commit.payload)
-        with m.If(r.tile.valid & r.tile.ready):
+        with m.If(released):
             m.d.sync += [full.bit_select(r_half, 1).eq(0), r_half.eq(~r_half)]
 
         # Rows of max(word, write) bytes; the narrow side's low address bits pick a bank. Halves are
