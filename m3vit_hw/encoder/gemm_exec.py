@@ -140,9 +140,23 @@ class GemmExecutor(wiring.Component):
         def up(v):
             return ((v + (db - 1)) >> lb) << lb
 
+        # The lengths take three registered steps (panels and k; the products, a DSP with its input
+        # and output registers; the round-up), so neither the multiplier nor the adders around it
+        # share a cycle. The fetch side runs ahead of the compute side, so this latency hides.
+        lstep = Signal(range(3))
+        panels_r = Signal.like(panels)
+        k_r = Signal.like(fj.k)
+        w_prod = Signal(cfg.mem_addr_width)
+        p_prod = Signal(cfg.mem_addr_width)
         with m.If(fq.r_rdy & ~have_len):
-            # Registered, so the streamer commands do not follow the multiplier.
-            m.d.sync += [w_len.eq(up((panels * fj.k) << lc)), p_len.eq(up(panels * pwb)), have_len.eq(1)]
+            with m.Switch(lstep):
+                with m.Case(0):
+                    m.d.sync += [panels_r.eq(panels), k_r.eq(fj.k), lstep.eq(1)]
+                with m.Case(1):
+                    m.d.sync += [w_prod.eq(panels_r * k_r), p_prod.eq(panels_r * pwb), lstep.eq(2)]
+                with m.Case(2):
+                    m.d.sync += [w_len.eq(up(w_prod << lc)), p_len.eq(up(p_prod)), have_len.eq(1),
+                                 lstep.eq(0)]
         m.d.comb += [
             wcmd.valid.eq(have_len & ~w_sent), wcmd.payload.addr.eq(fj.w_addr),
             wcmd.payload.length.eq(w_len), wcmd.payload.tag.eq(tag),
