@@ -53,7 +53,7 @@ weights e8); either way it is a 9-bit signed operand, so ``a * b`` is a 9x8-bit 
 accumulator (:class:`~m3vit_hw.config.AcceleratorConfig` checks it for the model); overflow wraps.
 """
 
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Assert, Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -265,10 +265,12 @@ class PEArray(wiring.Component):
         o_acc = [Signal(signed(acc_bits), name=f"o_acc{j}", reset_less=True) for j in range(C)]
 
         # ---- input: the shadow-bank credit -------------------------------------------------
-        # Registers only, besides the payload's last flag: a last beat needs an empty shadow bank
-        # and no other last beat in flight; it then finds the bank empty when it arrives, because
-        # nothing else loads it.
-        credit = (sh_left == 0) & ~p_last & ~m_last & ~u_last
+        # A last beat needs an empty shadow bank and no other last beat in flight; it then finds the
+        # bank empty when it arrives, because nothing else loads it. The credit is a flip-flop of its
+        # own, computed a cycle ahead from the next values of sh_left and the last flags (set below),
+        # so ready is one gate of the payload's last flag and a register: the loader's advance chain
+        # and the engine's beat counters never see the tile-last pipeline.
+        credit = Signal(init=1)
         m.d.comb += self.i.ready.eq(~self.i.payload.last | credit)
         take = self.i.valid & self.i.ready
         pl = self.i.payload
@@ -381,4 +383,16 @@ class PEArray(wiring.Component):
         for j in range(C):
             m.d.comb += self.o.payload.acc[j].eq(o_acc[j])
         m.d.comb += self.busy.eq(p_valid | m_valid | u_valid | (sh_left != 0) | d_valid | o_valid)
+
+        # The credit of the next cycle: (sh_left == 0) & ~p_last & ~m_last & ~u_last as they will be.
+        # sh_left loads u_rows (>= 1) on u_last, except through pack 1's row-0 bypass (u_rows - 1);
+        # otherwise it counts down by one per move.
+        if K2 == 1:
+            sh_zero_next = Mux(u_last, adv_d & (u_rows == 1), (sh_left == 0) | ((sh_left == 1) & move))
+        else:
+            sh_zero_next = ~u_last & ((sh_left == 0) | ((sh_left == 1) & move))
+        m.d.sync += credit.eq(sh_zero_next & ~(take & pl.last) & ~p_last & ~m_last)
+        # In simulation: the register equals the credit computed from the current state.
+        m.d.comb += Assert(credit == ((sh_left == 0) & ~p_last & ~m_last & ~u_last),
+                           "PEArray: credit register out of step with the shadow bank")
         return m
