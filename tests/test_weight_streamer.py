@@ -190,10 +190,11 @@ def test_fill_bandwidth_tracks_memory_bandwidth(bytes_per_cycle):
 def test_prefetch_overlaps_compute(hold):
     """Back-to-back experts: while the engine holds one half, the next tile streams into the other.
 
-    The reader spends ``half / word`` read cycles, ``hold`` compute cycles and one release cycle per
-    tile. With ``hold=40`` it is the bottleneck and must never wait for the streamer (the fill is fully
-    hidden); with ``hold=0`` the memory is, and a tile costs one fill: latency + beats + 3 cycles of
-    streamer overhead (wait-for-free, commit, hand-over).
+    The reader spends ``half / word`` read cycles, ``hold`` compute cycles and two release cycles per
+    tile (the release transfer, then the buffer's registered release). With ``hold=40`` it is the
+    bottleneck and must never wait for the streamer (the fill is fully hidden); with ``hold=0`` the
+    memory is, and a tile costs one fill: latency + beats + 4 cycles of overhead (the registered release,
+    wait-for-free, commit, hand-over).
     """
     half, db, word, latency = 512, 16, 16, 8
     rng = np.random.default_rng(1)
@@ -204,8 +205,8 @@ def test_prefetch_overlaps_compute(hold):
                              mem_kwargs=dict(bytes_per_cycle=16, latency=latency), hold_cycles=hold,
                              hold_exact=True)
     gaps = [b - a for a, b in zip(visible, visible[1:])]
-    reader = half // word + hold + 1
-    fill = latency + half // db + 3
+    reader = half // word + hold + 2
+    fill = latency + half // db + 4
     print(f"hold={hold}: tile-to-tile {gaps} cycles (reader needs {reader}, one fill takes {fill})")
     assert max(gaps) == max(reader, fill)
 
