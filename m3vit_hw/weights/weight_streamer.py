@@ -197,8 +197,8 @@ class WeightStreamer(wiring.Component):
         bwait = Signal(range(3))
         burst_ok = bwait == 0
         # The next tile's plan, in registers when WAIT starts: its beats (nb), those capped by
-        # max_burst (nbc) and the beats left in c_addr's page (room0). They are loaded from the
-        # command when it is accepted, and from a two-stage precomputation during FILL (c_beats,
+        # max_burst (nbc) and the beats left in c_addr's page (room0). They are computed from the
+        # registered command in PLAN, and from a two-stage precomputation during FILL (c_beats,
         # c_addr and the tile are constant then) when a tile is committed.
         cap_beats = min(half_beats, self._max_burst)
         nb = Signal(range(half_beats + 1))
@@ -240,12 +240,20 @@ class WeightStreamer(wiring.Component):
                     m.d.sync += [
                         c_addr.eq(self.cmd.p.addr), c_rem.eq(self.cmd.p.length),
                         c_beats.eq(cmd_beats),
-                        nb.eq(Mux(cmd_beats > half_beats, half_beats, cmd_beats)),
-                        nbc.eq(Mux(cmd_beats > cap_beats, cap_beats, cmd_beats)),
-                        room0.eq(page_beats - (in_page(self.cmd.p.addr[lb:]) if aw > lb else 0)),
                         c_tag.eq(self.cmd.p.tag), c_first.eq(1),
                     ]
-                    m.next = "WAIT"
+                    m.next = "PLAN"
+
+            with m.State("PLAN"):
+                # The first tile's plan from the registered command (one cycle per command), so the
+                # beat count's round-up adder and these compares do not share a cycle.
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += [
+                    nb.eq(Mux(c_beats > half_beats, half_beats, c_beats)),
+                    nbc.eq(Mux(c_beats > cap_beats, cap_beats, c_beats)),
+                    room0.eq(page_beats - (in_page(c_addr[lb:]) if aw > lb else 0)),
+                ]
+                m.next = "WAIT"
 
             with m.State("WAIT"):
                 m.d.comb += self.busy.eq(1)
