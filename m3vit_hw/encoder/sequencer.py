@@ -182,9 +182,14 @@ class ProgramSequencer(wiring.Component):
         page_bits = BOUNDARY_BYTES.bit_length() - 1
         beat_in_page = faddr[lb:page_bits] if cfg.mem_addr_width > lb else 0
         room = Signal(range(page_beats + 1))
+        # The burst length is a register, computed in the cycle after faddr moves (bok low), so the
+        # page-room subtract and compare do not feed the address adder in the same cycle. Costs one
+        # cycle per program fetch burst.
         beats = Signal(range(self._burst + 1))
-        m.d.comb += [room.eq(page_beats - beat_in_page),
-                     beats.eq(Mux(room < self._burst, room, self._burst))]
+        bok = Signal()
+        m.d.comb += room.eq(page_beats - beat_in_page)
+        with m.If(~bok):
+            m.d.sync += [beats.eq(Mux(room < self._burst, room, self._burst)), bok.eq(1)]
         req, resp = self.mem.req, self.mem.resp
         # Room for a whole burst: what is queued plus what is still coming stays within the FIFO.
         # A request once offered is held until taken (stream rules), even if fetching stops meanwhile.
@@ -195,7 +200,7 @@ class ProgramSequencer(wiring.Component):
         # request's valid is a compare of one register against a constant, not a three-way add.
         space = Signal(range(depth + 1), init=depth)
         m.d.comb += [
-            req.valid.eq(hold | (fetching & (space >= self._burst))),
+            req.valid.eq(hold | (fetching & bok & (space >= self._burst))),
             req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
             fq.w_data.eq(resp.payload.data), fq.w_en.eq(resp.valid),
             resp.ready.eq(fq.w_rdy),
@@ -203,10 +208,11 @@ class ProgramSequencer(wiring.Component):
         sent = req.valid & req.ready
         got = resp.valid & resp.ready
         with m.If(start):
-            m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth)]
+            m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth),
+                         bok.eq(0)]
         with m.Else():
             with m.If(sent):
-                m.d.sync += faddr.eq(faddr + (beats << lb))
+                m.d.sync += [faddr.eq(faddr + (beats << lb)), bok.eq(0)]
             m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got)
             m.d.sync += space.eq(space - Mux(sent, beats, 0) + (fq.r_en & fq.r_rdy))
 
