@@ -456,6 +456,8 @@ def summary_text(config, report):
                          f"longest reg->reg path {w['delay_ns']:.2f} ns: {w['lut_levels']} LUT levels, "
                          f"{w['carry4']} CARRY4, {w['dsp_stages']} DSP48E2, from {w['start']} "
                          f"({_src(w['start_src'])}) to {w['end']} ({_src(w['end_src'])})")
+            if "endpoints_over_budget" in t:
+                lines.append(f"  {t['endpoints_over_budget']} endpoints above the {t['budget_mhz']:.0f} MHz budget")
             ranked = t.get("paths", [])[:5]
             if len(ranked) > 1:
                 lines.append(f"  worst {len(ranked)} distinct endpoints:")
