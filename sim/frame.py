@@ -440,7 +440,7 @@ def main(argv=None):
     a("--sizing", choices=("default", "device"), default="default",
       help="accelerator sizing of the preset (device: the xczu7ev-sized PE array, W1/W2 only)")
     a("--mem-data-bytes", type=int, default=None,
-      help="memory beat in bytes (default: the accelerator's; at most the 32-byte instruction)")
+      help="memory beat in bytes, a power of two up to 128 (default: the accelerator's)")
     a("--mem-bytes-per-cycle", type=float, default=None,
       help="external-memory bandwidth (default: one beat a cycle)")
     a("--clock-mhz", type=float, default=None, help="clock for latency_ms (default: the config's)")
@@ -477,7 +477,8 @@ def main(argv=None):
             except KeyError:
                 raise ValueError(f"--drop: unknown opcode {name!r}") from None
         config = _config(args, model)
-        # The sequencer's own limits (a beat at most one instruction wide), before any long run.
+        # The sequencer's own limits (a beat divides the instruction or holds whole ones), before
+        # any long run.
         from m3vit_hw.encoder.sequencer import ProgramSequencer
         ProgramSequencer(config)
         job = make_job(config, model, seed=args.seed, task=args.task, drop=drop)
