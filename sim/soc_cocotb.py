@@ -72,7 +72,7 @@ def emit(config, axi_masters, out_dir):
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "m3vit_accel.sv").write_text(text)
-    (out_dir / "m3vit_check_top.v").write_text(checker_verilog(ports, axi_masters, top.data_bytes))
+    (out_dir / "m3vit_check_top.v").write_text(checker_verilog(ports, axi_masters, top.axi_data_bytes))
     # Only the checker's ports need to be visible to cocotb: making every internal signal public
     # (cocotb's default --public-flat-rw) multiplies the C++ compile time.
     (out_dir / "public.vlt").write_text('`verilator_config\npublic_flat_rw -module "m3vit_check_top" -var "*"\n')

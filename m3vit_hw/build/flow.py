@@ -369,7 +369,7 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None,
         (out / "zcu104_heartbeat.xdc").write_text(xdc)
         (out / "zcu104_heartbeat.v").write_text(v)
         (out / "build.tcl").write_text(vivado_tcl(axi_masters=axi_masters, clock_mhz=config.clock_mhz,
-                                                  data_bytes=top.data_bytes, part=ZCU104Platform().part))
+                                                  data_bytes=top.axi_data_bytes, part=ZCU104Platform().part))
         (out / f"{TOP_NAME}.h").write_text(header_text(top))
         (out / "registers.md").write_text(regmap.markdown())
     step("write XDC, Tcl, C header, register docs", constraints)
@@ -382,7 +382,7 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None,
                    "pe_cols": config.pe_cols, "token_capacity": config.token_capacity,
                    "clock_mhz": config.clock_mhz},
         "config_id": f"0x{top.config_id:08X}",
-        "axi": {"masters": axi_masters, "data_bits": 8 * top.data_bytes, "addr_bits": top.addr_width},
+        "axi": {"masters": axi_masters, "data_bits": 8 * top.axi_data_bytes, "addr_bits": top.addr_width},
         "buffers": {"act_buffer_bytes": config.act_buffer_bytes, "res_buffer_bytes": config.res_buffer_bytes,
                     "weight_buffer_bytes": config.weight_buffer_bytes,
                     "param_buffer_words": config.param_buffer_words},
