@@ -300,6 +300,14 @@ def _config(args, model):
     from m3vit_hw.config import ACCEL_PRESETS
     over = {} if getattr(args, "mem_data_bytes", None) is None else {"mem_data_bytes": args.mem_data_bytes}
     sizing = getattr(args, "sizing", "default")
+    for item in getattr(args, "accel_set", None) or ():
+        name, sep, value = item.partition("=")
+        if not sep or name not in AcceleratorConfig.__dataclass_fields__ or name == "model":
+            raise ValueError(f"--accel-set must be FIELD=INT with FIELD an AcceleratorConfig field, not {item!r}")
+        try:
+            over[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--accel-set {name}: {value!r} is not an integer") from None
     if args.preset in ACCEL_PRESETS:
         # The PE flags reshape the preset's accelerator (its buffers stay).
         over.update({k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols)) if v is not None})
@@ -439,6 +447,8 @@ def main(argv=None):
            "the ladder then needs a pysim re-run)")
     a("--sizing", choices=("default", "device"), default="default",
       help="accelerator sizing of the preset (device: the xczu7ev-sized PE array, W1/W2 only)")
+    a("--accel-set", action="append", metavar="FIELD=INT",
+      help="override one integer AcceleratorConfig field (e.g. act_buffer_bytes=153600); repeatable")
     a("--mem-data-bytes", type=int, default=None,
       help="memory beat in bytes, a power of two up to 128 (default: the accelerator's)")
     a("--mem-bytes-per-cycle", type=float, default=None,
