@@ -73,7 +73,12 @@ def vivado_tcl(*, axi_masters, clock_mhz, data_bytes, part):
     HP port ``k`` of the PS (``S_AXI_HP<k>_FPD``, enabled as ``S_AXI_GP<k+2>``) takes master ``m_axi<k>``
     at ``8 * data_bytes`` bits; ``M_AXI_HPM0_FPD`` drives ``s_axi``; ``interrupt`` goes to
     ``pl_ps_irq0``; ``pl_clk0`` runs at ``clock_mhz`` and clocks everything on the PL side.
+    ``data_bytes`` is the AXI masters' width (``AcceleratorTop.axi_data_bytes``): 4, 8 or 16, what an
+    HP port takes (ValueError otherwise).
     """
+    if data_bytes not in (4, 8, 16):
+        raise ValueError(f"data_bytes must be 4, 8 or 16 (an S_AXI_HP port is 32, 64 or 128 bits), "
+                         f"not {data_bytes}")
     width = 8 * data_bytes
     hp_cfg = " ".join(f"CONFIG.PSU__USE__S_AXI_GP{k + 2} {{1}} CONFIG.PSU__SAXIGP{k + 2}__DATA_WIDTH {{{width}}}"
                       for k in range(axi_masters))
@@ -166,7 +171,8 @@ def header_text(top):
     defines = [
         ("CONFIG_ID", top.config_id, "value of the ID register for this build"),
         ("AXI_MASTERS", top.axi_masters, "AXI4 masters (HP ports)"),
-        ("AXI_DATA_BYTES", top.data_bytes, "AXI data width in bytes; every base must be a multiple"),
+        ("AXI_DATA_BYTES", top.data_bytes, "the core's memory beat in bytes; every base must be a multiple"),
+        ("AXI_PORT_BYTES", top.axi_data_bytes, "data width of each AXI master (HP port) in bytes"),
         ("PE_ROWS", cfg.pe_rows, ""), ("PE_COLS", cfg.pe_cols, ""),
         ("DIM", m.dim, "model width D"), ("DEPTH", m.depth, "blocks"), ("EXPERTS", m.experts, ""),
         ("TOP_K", m.top_k, ""), ("TASKS", m.num_tasks, ""), ("TOKENS", m.tokens, "tokens per frame"),
