@@ -229,12 +229,14 @@ class ProgramSequencer(wiring.Component):
             after = 0                       # ``have`` once the instruction is consumed
         else:
             # A beat holds ``pb`` instructions, the first in its low bits (the program's
-            # little-endian word order): the beat is held and shifted down one instruction at each
-            # consume, and the next beat is popped once the last of this one has left. Whatever
-            # follows END in its beat is never decoded.
+            # little-endian word order): the beat is held and a small index steps through it at each
+            # consume (the dispatch handshake then enables a few counter bits, not the whole beat);
+            # the next beat is popped once the last of this one has left. Whatever follows END in
+            # its beat is never decoded.
             wide = Signal(bw)
             have = Signal(range(pb + 1))    # instructions of ``wide`` not yet consumed
-            asm = wide[:nbits]
+            sel = Signal(range(pb))         # the current one
+            asm = wide.word_select(sel, nbits)
             full = have != 0
             after = have - 1
         m.d.comb += [pop.eq(fq.r_rdy & ~full), fq.r_en.eq(pop)]
@@ -243,9 +245,9 @@ class ProgramSequencer(wiring.Component):
                 m.d.sync += [asm.eq((asm >> bw) | (fq.r_data << (nbits - bw))), have.eq(have + 1)]
         else:
             with m.If(pop):
-                m.d.sync += [wide.eq(fq.r_data), have.eq(pb)]
+                m.d.sync += [wide.eq(fq.r_data), have.eq(pb), sel.eq(0)]
             with m.Elif(consume):
-                m.d.sync += wide.eq(wide >> nbits)
+                m.d.sync += sel.eq(sel + 1)
         op_raw = asm[:OPCODE_BITS]
         wait = asm[OPCODE_BITS]
         # The units' busy flags, registered: each is an OR over a unit's state (the engine's through the
