@@ -84,10 +84,10 @@ def test_small_frame_bit_exact():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data_bytes", [32, 64])
+@pytest.mark.parametrize("data_bytes", [32, 64, 128])
 def test_small_frame_wide_beats(data_bytes):
-    """The small frame of :func:`test_small_frame_bit_exact` with 32 and 64-byte memory beats (64:
-    two instructions in a beat, every weight, parameter, image and store burst on 512-bit beats),
+    """The small frame of :func:`test_small_frame_bit_exact` with 32, 64 and 128-byte memory beats
+    (64: two instructions in a beat, every weight, parameter, image and store burst on 512-bit beats),
     memory stalls; bit-exact against the golden model."""
     model = _frame_model(img_size=(8, 8))
     config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4, mem_data_bytes=data_bytes)
