@@ -520,6 +520,8 @@ def main(argv=None):
         rep["weight_bytes_minimum"] = am["weight_bytes_minimum"]
         print(f"analytic model: {am['cycles']} cycles ({100 * am['error']:+.2f} % against the RTL)",
               file=sys.stderr)
+    rep["mem_bytes_per_cycle"] = min(float(args.mem_bytes_per_cycle or config.mem_data_bytes),
+                                     config.mem_data_bytes)
     rep["model"] = dataclasses.asdict(model)
     rep["pe"] = [config.pe_rows, config.pe_cols]
     from sim import perf_report
