@@ -96,8 +96,6 @@ class AcceleratorTop(wiring.Component):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         _check_int("axi_masters", axi_masters, 1, 4)
         _check_int("csr_addr_width", csr_addr_width, 8, 32)
-        #: The compute core: the whole encoder.
-        self.core = EncoderTop(config)
         self._aw, self._db, self._mb = config.mem_addr_width, config.mem_data_bytes, config.mem_max_burst
         if axi_data_bytes is None:
             axi_data_bytes = min(self._db, 16)
@@ -106,6 +104,8 @@ class AcceleratorTop(wiring.Component):
             raise ValueError(f"axi_data_bytes must be a power of two dividing mem_data_bytes={self._db}, "
                              f"not {axi_data_bytes}")
         self._adb = axi_data_bytes
+        #: The compute core: the whole encoder.
+        self.core = EncoderTop(config)
         self._config = config
         self._n = axi_masters
         self._slices = bool(register_slices)
