@@ -295,13 +295,25 @@ def _check(config, job, rep, mem):
 def _config(args, model):
     """The accelerator: the preset's (``ACCEL_PRESETS``) when ``--preset`` names one, reshaped by
     ``--pe-rows`` / ``--pe-cols`` if given, else ``--pe-rows x --pe-cols`` (default 4x4) around
-    ``model``; ``--mem-data-bytes`` sets the memory beat of either."""
+    ``model``; ``--mem-data-bytes`` sets the memory beat of either; ``--sizing device`` takes the
+    preset's xczu7ev-sized accelerator (``DEVICE_ACCEL_PRESETS``)."""
     from m3vit_hw.config import ACCEL_PRESETS
     over = {} if getattr(args, "mem_data_bytes", None) is None else {"mem_data_bytes": args.mem_data_bytes}
+    sizing = getattr(args, "sizing", "default")
+    for item in getattr(args, "accel_set", None) or ():
+        name, sep, value = item.partition("=")
+        if not sep or name not in AcceleratorConfig.__dataclass_fields__ or name == "model":
+            raise ValueError(f"--accel-set must be FIELD=INT with FIELD an AcceleratorConfig field, not {item!r}")
+        try:
+            over[name] = int(value)
+        except ValueError:
+            raise ValueError(f"--accel-set {name}: {value!r} is not an integer") from None
     if args.preset in ACCEL_PRESETS:
         # The PE flags reshape the preset's accelerator (its buffers stay).
         over.update({k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols)) if v is not None})
-        return AcceleratorConfig.from_preset(args.preset).with_(model=model, **over)
+        return AcceleratorConfig.from_preset(args.preset, sizing=sizing).with_(model=model, **over)
+    if sizing != "default":
+        raise ValueError(f"--sizing {sizing} needs a --preset with a device accelerator, not {args.preset!r}")
     return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4, **over)
 
 
@@ -433,8 +445,12 @@ def main(argv=None):
     a("--backend", default="pysim",
       help="pysim (Amaranth's simulator, with the diff ladder) or verilator (compiled, cached; "
            "the ladder then needs a pysim re-run)")
+    a("--sizing", choices=("default", "device"), default="default",
+      help="accelerator sizing of the preset (device: the xczu7ev-sized PE array, W1/W2 only)")
+    a("--accel-set", action="append", metavar="FIELD=INT",
+      help="override one integer AcceleratorConfig field (e.g. act_buffer_bytes=153600); repeatable")
     a("--mem-data-bytes", type=int, default=None,
-      help="memory beat in bytes (default: the accelerator's; at most the 32-byte instruction)")
+      help="memory beat in bytes, a power of two up to 128 (default: the accelerator's)")
     a("--mem-bytes-per-cycle", type=float, default=None,
       help="external-memory bandwidth (default: one beat a cycle)")
     a("--clock-mhz", type=float, default=None, help="clock for latency_ms (default: the config's)")
@@ -471,7 +487,8 @@ def main(argv=None):
             except KeyError:
                 raise ValueError(f"--drop: unknown opcode {name!r}") from None
         config = _config(args, model)
-        # The sequencer's own limits (a beat at most one instruction wide), before any long run.
+        # The sequencer's own limits (a beat divides the instruction or holds whole ones), before
+        # any long run.
         from m3vit_hw.encoder.sequencer import ProgramSequencer
         ProgramSequencer(config)
         job = make_job(config, model, seed=args.seed, task=args.task, drop=drop)
@@ -503,6 +520,8 @@ def main(argv=None):
         rep["weight_bytes_minimum"] = am["weight_bytes_minimum"]
         print(f"analytic model: {am['cycles']} cycles ({100 * am['error']:+.2f} % against the RTL)",
               file=sys.stderr)
+    rep["mem_bytes_per_cycle"] = min(float(args.mem_bytes_per_cycle or config.mem_data_bytes),
+                                     config.mem_data_bytes)
     rep["model"] = dataclasses.asdict(model)
     rep["pe"] = [config.pe_rows, config.pe_cols]
     from sim import perf_report

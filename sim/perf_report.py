@@ -27,12 +27,14 @@ and the report.
 
 import argparse
 import json
+import math
 import sys
 import textwrap
 
 from sim.perf_model import OP_CLASSES
 
-__all__ = ["make_report", "from_runner", "from_frame", "summary", "plot_breakdown", "plot_sweep",
+__all__ = ["hp_ports_needed", "HP_PORT_BYTES", "HP_PORTS",
+           "make_report", "from_runner", "from_frame", "summary", "plot_breakdown", "plot_sweep",
            "sweep_knee", "main", "LABELS"]
 
 #: Readable names of the op classes (legend and summary).
@@ -87,6 +89,10 @@ def make_report(counters, config, *, clock_mhz=None):
     for key in ("config", "source", "mem_bytes_per_cycle", "latency", "routing", "bit_exact"):
         if key in counters:
             rep[key] = counters[key]
+    bw = rep.get("mem_bytes_per_cycle")
+    if isinstance(bw, (int, float)) and bw > 0:
+        # The memory models serve at most one beat a cycle, whatever bandwidth was asked for.
+        rep["mem_bytes_per_cycle_effective"] = min(float(bw), float(config.mem_data_bytes))
     return rep
 
 
@@ -169,7 +175,7 @@ def from_frame(frame, config, *, split=None):
         return {"cycles": cyc, "breakdown": bd, "macs": frame.get("macs", 0),
                 "weight_bytes_fetched": frame.get("weight_bytes_fetched"),
                 "weight_bytes_minimum": frame.get("weight_bytes_minimum"), "projected": False,
-                "bit_exact": frame.get("bit_exact"),
+                "bit_exact": frame.get("bit_exact"), "mem_bytes_per_cycle": frame.get("mem_bytes_per_cycle"),
                 "source": "frame (attention and moe split by the encoder's phase counters)"}
     if split is None and ("attention" in per or "moe" in per):
         from sim.perf_model import project_frame
@@ -184,8 +190,20 @@ def from_frame(frame, config, *, split=None):
     return {"cycles": cyc, "breakdown": bd, "macs": frame.get("macs", 0),
             "weight_bytes_fetched": frame.get("weight_bytes_fetched"),
             "weight_bytes_minimum": frame.get("weight_bytes_minimum"), "projected": False,
-            "bit_exact": frame.get("bit_exact"),
+            "bit_exact": frame.get("bit_exact"), "mem_bytes_per_cycle": frame.get("mem_bytes_per_cycle"),
             "source": "frame (attention and moe split by the analytic model's proportions)"}
+
+
+#: Bytes a cycle one ``S_AXI_HP*_FPD`` port of the Zynq UltraScale+ PS carries (128 bits), and the
+#: ports there are for an accelerator (HP0..HP3).
+HP_PORT_BYTES, HP_PORTS = 16, 4
+
+
+def hp_ports_needed(bytes_per_cycle):
+    """128-bit HP ports an external-memory bandwidth of ``bytes_per_cycle`` needs (``AcceleratorTop``'s
+    ``axi_masters``), or ``None`` above what four give."""
+    n = max(1, -(-int(math.ceil(bytes_per_cycle)) // HP_PORT_BYTES))
+    return n if n <= HP_PORTS else None
 
 
 def summary(rep, title=None):
@@ -194,6 +212,16 @@ def summary(rep, title=None):
     lines = [f"{title or 'performance report'} [{tag}]"]
     lines.append(f"  cycles          {rep['cycles']:,.0f}  ->  {rep['latency_ms']:.3f} ms at "
                  f"{rep['clock_mhz_assumed']:g} MHz (assumed)")
+    bw = rep.get("mem_bytes_per_cycle_effective")
+    if bw:
+        n = hp_ports_needed(bw)
+        gbs = bw * rep["clock_mhz_assumed"] / 1e3
+        ports = (f"{n} x 128-bit HP port{'s' if n > 1 else ''} at full rate" if n else
+                 f"more than the {HP_PORTS} HP ports give")
+        capped = "" if bw == rep["mem_bytes_per_cycle"] else \
+            f" ({rep['mem_bytes_per_cycle']:g} asked; one memory beat a cycle at most)"
+        lines.append(f"  memory          {bw:g} B/cycle{capped} = {gbs:.1f} GB/s: {ports} "
+                     f"(PS DDR4 peak 19.2 GB/s)")
     lines.append(f"  MACs            {rep['macs']:,}  on {rep['peak_mac_per_cycle']} MAC/cycle peak: "
                  f"utilization {100 * rep['utilization']:.1f} %")
     if rep.get("weight_bytes_fetched") is not None:

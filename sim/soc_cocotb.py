@@ -32,6 +32,9 @@ CASES = {
                 axi_masters=1, pe=(4, 4)),
     "enc3": dict(img_size=(16, 32), patch_size=8, dim=16, depth=2, heads=2, experts=4, top_k=2,
                  axi_masters=3, pe=(4, 4)),
+    # A 64-byte core beat on four 128-bit masters (HP0..HP3; the top's downsizers).
+    "enc4w": dict(img_size=(16, 32), patch_size=8, dim=16, depth=2, heads=2, experts=4, top_k=2,
+                  axi_masters=4, pe=(4, 4), mem_data_bytes=64),
 }
 
 
@@ -44,8 +47,9 @@ def case_config(name):
     p = dict(CASES[name])
     masters = p.pop("axi_masters")
     rows, cols = p.pop("pe")
+    accel = {k: p.pop(k) for k in ("mem_data_bytes",) if k in p}
     model = ModelConfig(name=f"soc-{name}", tasks=("t0", "t1"), task_channels=(1, 1), decoder_channels=8, **p)
-    return AcceleratorConfig(model=model, pe_rows=rows, pe_cols=cols), masters
+    return AcceleratorConfig(model=model, pe_rows=rows, pe_cols=cols, **accel), masters
 
 
 def verilator_env():
@@ -72,7 +76,7 @@ def emit(config, axi_masters, out_dir):
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "m3vit_accel.sv").write_text(text)
-    (out_dir / "m3vit_check_top.v").write_text(checker_verilog(ports, axi_masters, top.data_bytes))
+    (out_dir / "m3vit_check_top.v").write_text(checker_verilog(ports, axi_masters, top.axi_data_bytes))
     # Only the checker's ports need to be visible to cocotb: making every internal signal public
     # (cocotb's default --public-flat-rw) multiplies the C++ compile time.
     (out_dir / "public.vlt").write_text('`verilator_config\npublic_flat_rw -module "m3vit_check_top" -var "*"\n')

@@ -41,7 +41,7 @@ def run_top(config, program, frames, *, axi_masters=1, pause=0.0, seed=0, bases=
     sim = Simulator(top)
     sim.add_clock(1e-8)
     for k in range(axi_masters):
-        sim.add_testbench(axi_memory(top.m_axi[k], mem, data_bytes=top.data_bytes, pause=pause,
+        sim.add_testbench(axi_memory(top.m_axi[k], mem, data_bytes=top.axi_data_bytes, pause=pause,
                                      seed=seed * 16 + k), background=True)
     cpu = AxiLiteCpu(top.s_axi)
     results = []

@@ -55,6 +55,9 @@ def test_tcl_wires_every_master_to_an_hp_port():
     assert "S_AXI_HP3_FPD" not in tcl
     assert "pl_ps_irq0" in tcl and "ipx::package_project" in tcl and "FREQMHZ {250}" in tcl
     assert "M_AXI_HPM0_FPD" in tcl and "m3vit.hwh" in tcl
+    # The HP ports take at most 128 bits: a 64-byte core beat is narrowed inside the top, never here.
+    with pytest.raises(ValueError, match="data_bytes must be 4, 8 or 16"):
+        vivado_tcl(axi_masters=4, clock_mhz=300, data_bytes=64, part="xczu7ev-ffvc1156-2-e")
 
 
 def test_fits():

@@ -83,6 +83,20 @@ def test_small_frame_bit_exact():
     _assert_phases(rep)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("data_bytes", [32, 64, 128])
+def test_small_frame_wide_beats(data_bytes):
+    """The small frame of :func:`test_small_frame_bit_exact` with 32, 64 and 128-byte memory beats
+    (64: two instructions in a beat, every weight, parameter, image and store burst on 512-bit beats),
+    memory stalls; bit-exact against the golden model."""
+    model = _frame_model(img_size=(8, 8))
+    config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=4, mem_data_bytes=data_bytes)
+    rep = run_frames(config, [make_job(config, model, seed=21, task=1)], stall_prob=0.1, seed=21)[0]
+    _assert_ok(rep)
+    print(f"small frame, {data_bytes}-byte beats: bit-exact vs golden, {rep['cycles']} cycles; "
+          f"{rep['bytes_read']} bytes read")
+
+
 def _assert_phases(rep):
     """The phase counters lie inside their op class's counters and are not empty (one attention
     sub-layer per block and one MoE block run)."""

@@ -58,6 +58,7 @@ def _run(config, words, *, stall, seed, base=0x440, max_cycles=20000, raw=None):
             valid = ctx.get(seq.insn.valid)
             if valid:
                 op = Opcode(ctx.get(seq.insn.payload.op))
+                bits = ctx.get(seq.insn.payload.bits)     # before the edge: it may change after a transfer
                 wait = ctx.get(seq.insn.payload.wait)
                 any_busy = any(left > 0 for left in busy.values())
                 if wait and any_busy:
@@ -71,7 +72,7 @@ def _run(config, words, *, stall, seed, base=0x440, max_cycles=20000, raw=None):
                     busy[unit] -= 1
                     busy_total[unit] = busy_total.get(unit, 0) + 1
             if valid and ready:
-                got.append((op, ctx.get(seq.insn.payload.bits)))
+                got.append((op, bits))
                 owner = op
                 busy[op] = rng.randrange(1, 12)
         out["cycles"] = cycles
@@ -89,16 +90,19 @@ def _run(config, words, *, stall, seed, base=0x440, max_cycles=20000, raw=None):
     return out, got, violations, busy_total, mem
 
 
-@pytest.mark.parametrize("stall, seed", [(0.0, 1), (0.3, 2)])
-def test_dispatch_order_wait_and_counters(stall, seed):
-    config = AcceleratorConfig.from_preset("tiny", depth=2)
+@pytest.mark.parametrize("stall, seed, data_bytes", [(0.0, 1, 16), (0.3, 2, 16), (0.3, 3, 64), (0.1, 4, 128)])
+def test_dispatch_order_wait_and_counters(stall, seed, data_bytes):
+    """16-byte beats (two make an instruction); 64 and 128-byte beats (two or four instructions in
+    one beat; the 25-instruction program ends with END in the first half of its last beat, so the
+    zero words after it must not be decoded)."""
+    config = AcceleratorConfig.from_preset("tiny", depth=2, mem_data_bytes=data_bytes)
     isa = InstructionSet(config)
     rng = random.Random(seed)
     prog = _random_program(isa, rng, 24)
     words = []
     for op, f, w in prog:
         words += isa.encode(op, wait=w, **f)
-    out, got, violations, busy_total, mem = _run(config, words, stall=stall, seed=seed)
+    out, got, violations, busy_total, mem = _run(config, words, stall=stall, seed=seed, base=0x480)
     assert not violations, violations[0]
     want = []
     for op, f, w in prog:
@@ -114,7 +118,7 @@ def test_dispatch_order_wait_and_counters(stall, seed):
             f"op_cycles[{op.name}] = {out['op_cycles'][op]}, the unit was busy {busy_total.get(op, 0)} cycles"
     # Bursts, not word by word: every fetch request but the last few is a full burst.
     beats = [r.beats for r in mem.log]
-    assert max(beats) > isa.bits // (8 * config.mem_data_bytes), f"fetch bursts {beats}"
+    assert max(beats) > max(1, isa.bits // (8 * config.mem_data_bytes)), f"fetch bursts {beats}"
 
 
 def _status(config, words, **kw):
@@ -149,8 +153,10 @@ def _status(config, words, **kw):
     return res
 
 
-def test_errors_stop_the_program():
-    config = AcceleratorConfig.from_preset("tiny", depth=2)
+@pytest.mark.parametrize("data_bytes", [16, 64])
+def test_errors_stop_the_program(data_bytes):
+    """At 64-byte beats the bad opcode is the second instruction of the first beat."""
+    config = AcceleratorConfig.from_preset("tiny", depth=2, mem_data_bytes=data_bytes)
     isa = InstructionSet(config)
     ln = isa.encode(Opcode.LAYERNORM, res_base=0, act_base=0, tokens=3, param_addr=0, shift=1)
     bad = [0xF] + [0] * (isa.words - 1)                               # opcode 15 does not exist
@@ -170,5 +176,9 @@ def test_refuses_bad_arguments():
         ProgramSequencer(None)
     with pytest.raises(ValueError, match=r"fetch_burst must be an int in \[1, 16\], not 0"):
         ProgramSequencer(config, fetch_burst=0)
-    with pytest.raises(ValueError, match="mem_data_bytes=64 must divide the 32-byte instruction"):
-        ProgramSequencer(config.with_(mem_data_bytes=64))
+    # Every memory beat the port allows is a power of two (so is the instruction): each divides the
+    # instruction or is a whole multiple of it; the rest are refused by the config, naming the field.
+    with pytest.raises(ValueError, match="mem_data_bytes must be a power of two"):
+        ProgramSequencer(config.with_(mem_data_bytes=48))
+    with pytest.raises(ValueError, match="mem_data_bytes"):
+        ProgramSequencer(config.with_(mem_data_bytes=256))

@@ -29,6 +29,17 @@ def test_report_arithmetic(tiny):
     assert pr.make_report(counters, tiny)["clock_mhz_assumed"] == tiny.clock_mhz
 
 
+def test_memory_line_names_the_hp_ports(tiny):
+    """The bandwidth a report assumes, capped at one beat a cycle, and the 128-bit HP ports it needs."""
+    assert [pr.hp_ports_needed(b) for b in (8, 16, 17, 48, 64, 65)] == [1, 1, 2, 3, 4, None]
+    wide = tiny.with_(mem_data_bytes=64)
+    text = pr.summary(pr.make_report({"cycles": 10, "mem_bytes_per_cycle": 64}, wide, clock_mhz=300))
+    assert "64 B/cycle = 19.2 GB/s: 4 x 128-bit HP ports at full rate" in text, text
+    rep = pr.make_report({"cycles": 10, "mem_bytes_per_cycle": 64}, tiny, clock_mhz=300)
+    assert rep["mem_bytes_per_cycle_effective"] == tiny.mem_data_bytes == 16
+    assert "16 B/cycle (64 asked; one memory beat a cycle at most)" in pr.summary(rep)
+
+
 def test_report_errors(tiny):
     with pytest.raises(ValueError, match="cycles"):
         pr.make_report({"cycles": 0}, tiny)

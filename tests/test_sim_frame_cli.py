@@ -18,7 +18,10 @@ from sim.frame import main
     (["--drop", "nosuchop"], "--drop: unknown opcode"),
     (["--preset", "nope"], "--preset must be one of"),
     (["--stall-prob", "1.5"], r"--stall-prob must be in \[0, 1\)"),
-    (["--mem-data-bytes", "64"], "mem_data_bytes=64 must divide the 32-byte instruction"),
+    (["--mem-data-bytes", "256"], "mem_data_bytes"),
+    (["--accel-set", "pe_rowz=4"], "--accel-set must be FIELD=INT"),
+    (["--accel-set", "pe_rows=four"], "--accel-set pe_rows: 'four' is not an integer"),
+    (["--sizing", "device"], "--sizing device needs a --preset with a device accelerator"),
     (["--mem-data-bytes", "3"], "mem_data_bytes"),
 ])
 def test_bad_arguments(argv, message, capsys):

@@ -69,6 +69,16 @@ def test_axi_top_three_masters(verilator_ready, case, seed, pause):
 
 
 @pytest.mark.slow
+def test_axi_top_wide_beat_four_hp_masters(verilator_ready):
+    """A 64-byte core beat on four 128-bit masters (read and write downsizers), random pauses: every
+    AXI channel legal (the checker), frames bit-exact."""
+    _, bd = build("enc4w")
+    res = run("enc4w", "test_registers,test_frame", build_dir=bd, params={"pause": 0.4, "seed": 5, "runs": 2})
+    _check(res, "enc4w")
+    assert res["frame"]["violations"] == 0 and res["registers"]["violations"] == 0
+
+
+@pytest.mark.slow
 def test_emitted_verilog_lints_without_errors(verilator_ready, tmp_path):
     """Verilator's lint (-Wall) on what the build writes: warnings only (yosys output style), no errors."""
     import subprocess

@@ -48,6 +48,25 @@ def test_top_frame_bit_exact(masters, pause):
         print(masters, {k: v for k, v in r.items() if k not in ("tokens", "tail")})
 
 
+@pytest.mark.slow
+def test_top_wide_beat_over_hp_ports():
+    """A 64-byte core beat through four 128-bit AXI masters (the ZCU104's HP0..HP3: one read and write
+    downsizer each side, reads striped round-robin), random AXI pauses; bit-exact, one task."""
+    cfg = _tiny().with_(mem_data_bytes=64)
+    top = AcceleratorTop(cfg, axi_masters=4)
+    assert top.axi_data_bytes == 16 and len(top.m_axi[0].rdata) == 128
+    program, qm, drop = make_frame(cfg, seed=8, units=core_units(cfg))
+    frames = [(random_image(cfg.model, 8), 1)]
+    # Bases on the 64-byte beat but not on a page, so bursts still meet 4 KiB boundaries.
+    res = run_top(cfg, program, frames, axi_masters=4, pause=0.3, seed=8,
+                  bases={"PARAM": 0x0001_0040, "OUTPUT": 0x0200_0FC0})
+    for (img, task), r in zip(frames, res):
+        want, ref = expected_tokens(program, qm, drop, img, task)
+        _check_exact(r["tokens"], want, f"axi top (64 B core, 4 x 16 B masters) task {task} vs {ref}")
+        assert r["error"] == 0 and r["tail"] == b"\xA5" * 16
+        print({k: v for k, v in r.items() if k not in ("tokens", "tail")})
+
+
 def test_top_unaligned_base_is_an_error():
     cfg = _tiny()
     program, _, _ = make_frame(cfg, seed=1)
@@ -60,6 +79,10 @@ def test_top_parameters_checked():
     cfg = _tiny()
     with pytest.raises(ValueError, match=r"axi_masters must be in \[1, 4\], not 5"):
         AcceleratorTop(cfg, axi_masters=5)
+    with pytest.raises(ValueError, match=r"axi_data_bytes must be in \[1, 16\], not 32"):
+        AcceleratorTop(cfg, axi_data_bytes=32)
+    with pytest.raises(ValueError, match="axi_data_bytes must be a power of two dividing mem_data_bytes=16"):
+        AcceleratorTop(cfg, axi_data_bytes=3)
     with pytest.raises(TypeError, match="config must be an AcceleratorConfig"):
         AcceleratorTop("tiny")
 

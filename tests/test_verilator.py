@@ -275,3 +275,13 @@ def test_progress_lines_during_a_run():
     assert all(b[1] >= a[1] for a, b in zip(seen, seen[1:]))
     np.testing.assert_array_equal(res.gets[0][:, 0], image[:12].view("<u4"))
     assert res.samples[0]["count"] == 3
+
+
+def test_strip_src_removes_only_source_attributes():
+    """``src`` attributes (own line or inline) go; other attributes and the logic stay, so moving a
+    line of Python does not change the text a compiled model is keyed by."""
+    from sim.verilator.model import strip_src
+    text = ('  (* src = "/a/b.py:12" *)\n  wire x;\n  (* init = 1\'h0 *)\n  reg y = 1\'h0;\n'
+            '  assign z = ~ (* src = "/a/b.py:13" *) x;\n  assign w = x < (* src = "b.py:9" *) 3\'h4;\n')
+    assert strip_src(text) == ('  wire x;\n  (* init = 1\'h0 *)\n  reg y = 1\'h0;\n'
+                               '  assign z = ~x;\n  assign w = x <3\'h4;\n')

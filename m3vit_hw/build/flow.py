@@ -73,7 +73,12 @@ def vivado_tcl(*, axi_masters, clock_mhz, data_bytes, part):
     HP port ``k`` of the PS (``S_AXI_HP<k>_FPD``, enabled as ``S_AXI_GP<k+2>``) takes master ``m_axi<k>``
     at ``8 * data_bytes`` bits; ``M_AXI_HPM0_FPD`` drives ``s_axi``; ``interrupt`` goes to
     ``pl_ps_irq0``; ``pl_clk0`` runs at ``clock_mhz`` and clocks everything on the PL side.
+    ``data_bytes`` is the AXI masters' width (``AcceleratorTop.axi_data_bytes``): 4, 8 or 16, what an
+    HP port takes (ValueError otherwise).
     """
+    if data_bytes not in (4, 8, 16):
+        raise ValueError(f"data_bytes must be 4, 8 or 16 (an S_AXI_HP port is 32, 64 or 128 bits), "
+                         f"not {data_bytes}")
     width = 8 * data_bytes
     hp_cfg = " ".join(f"CONFIG.PSU__USE__S_AXI_GP{k + 2} {{1}} CONFIG.PSU__SAXIGP{k + 2}__DATA_WIDTH {{{width}}}"
                       for k in range(axi_masters))
@@ -166,7 +171,8 @@ def header_text(top):
     defines = [
         ("CONFIG_ID", top.config_id, "value of the ID register for this build"),
         ("AXI_MASTERS", top.axi_masters, "AXI4 masters (HP ports)"),
-        ("AXI_DATA_BYTES", top.data_bytes, "AXI data width in bytes; every base must be a multiple"),
+        ("AXI_DATA_BYTES", top.data_bytes, "the core's memory beat in bytes; every base must be a multiple"),
+        ("AXI_PORT_BYTES", top.axi_data_bytes, "data width of each AXI master (HP port) in bytes"),
         ("PE_ROWS", cfg.pe_rows, ""), ("PE_COLS", cfg.pe_cols, ""),
         ("DIM", m.dim, "model width D"), ("DEPTH", m.depth, "blocks"), ("EXPERTS", m.experts, ""),
         ("TOP_K", m.top_k, ""), ("TASKS", m.num_tasks, ""), ("TOKENS", m.tokens, "tokens per frame"),
@@ -369,7 +375,7 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None,
         (out / "zcu104_heartbeat.xdc").write_text(xdc)
         (out / "zcu104_heartbeat.v").write_text(v)
         (out / "build.tcl").write_text(vivado_tcl(axi_masters=axi_masters, clock_mhz=config.clock_mhz,
-                                                  data_bytes=top.data_bytes, part=ZCU104Platform().part))
+                                                  data_bytes=top.axi_data_bytes, part=ZCU104Platform().part))
         (out / f"{TOP_NAME}.h").write_text(header_text(top))
         (out / "registers.md").write_text(regmap.markdown())
     step("write XDC, Tcl, C header, register docs", constraints)
@@ -382,7 +388,7 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None,
                    "pe_cols": config.pe_cols, "token_capacity": config.token_capacity,
                    "clock_mhz": config.clock_mhz},
         "config_id": f"0x{top.config_id:08X}",
-        "axi": {"masters": axi_masters, "data_bits": 8 * top.data_bytes, "addr_bits": top.addr_width},
+        "axi": {"masters": axi_masters, "data_bits": 8 * top.axi_data_bytes, "addr_bits": top.addr_width},
         "buffers": {"act_buffer_bytes": config.act_buffer_bytes, "res_buffer_bytes": config.res_buffer_bytes,
                     "weight_buffer_bytes": config.weight_buffer_bytes,
                     "param_buffer_words": config.param_buffer_words},

@@ -12,7 +12,9 @@ Behaviour (the RTL twin of :func:`sim.program_executor.execute`; ``docs/isa.md``
    readable (the compiler puts the program last in the image; a driver leaves one FIFO of slack).
 3. **Decode.** ``words * 32 / (8 * mem_data_bytes)`` beats make one instruction (bit ``i`` of the
    instruction is bit ``i % (8*data_bytes)`` of beat ``i // (8*data_bytes)``, the ISA's little-endian
-   word order); the opcode is bits 0-3, ``wait`` bit 4 (:class:`~m3vit_hw.control.isa.InstructionSet`).
+   word order); a beat wider than an instruction holds ``8 * mem_data_bytes / (words * 32)`` of
+   them, the first in its low bits (the program stays packed: ``docs/isa.md``). The opcode is bits
+   0-3, ``wait`` bit 4 (:class:`~m3vit_hw.control.isa.InstructionSet`).
 4. **Dispatch.** An instruction for a unit goes out on ``insn`` (whole instruction bits; the top views
    them with ``InstructionSet.layout(op)``) when
    * ``wait`` is clear or every unit is idle (``unit_busy == 0``), and
@@ -111,7 +113,8 @@ class ProgramSequencer(wiring.Component):
     Raises
     ------
     TypeError, ValueError
-        On a bad argument, or a memory beat wider than one instruction.
+        On a bad argument, or a memory beat that neither divides the instruction nor is a multiple
+        of it.
     """
 
     def __init__(self, config, *, units=tuple(Opcode), fetch_burst=None):
@@ -120,10 +123,15 @@ class ProgramSequencer(wiring.Component):
         self._config = config
         self._isa = isa = InstructionSet(config)
         db = config.mem_data_bytes
-        if isa.bits % (8 * db):
+        # A beat either divides the instruction (several beats make one) or is a whole multiple of
+        # it (one beat holds several); both hold for every power-of-two beat the port allows while
+        # the instruction is a power-of-two number of bytes.
+        if isa.bits % (8 * db) and (8 * db) % isa.bits:
             raise ValueError(f"mem_data_bytes={db} must divide the {isa.bits // 8}-byte instruction "
-                             f"(the sequencer assembles an instruction from whole beats)")
-        self._ibeats = isa.bits // (8 * db)
+                             f"or be a multiple of it")
+        self._ibeats = max(1, isa.bits // (8 * db))
+        #: Instructions per beat (1 unless the beat is wider than an instruction).
+        self._per_beat = max(1, (8 * db) // isa.bits)
         if fetch_burst is None:
             fetch_burst = min(config.mem_max_burst, 4 * self._ibeats)
         if not isinstance(fetch_burst, int) or not 1 <= fetch_burst <= config.mem_max_burst:
@@ -217,14 +225,35 @@ class ProgramSequencer(wiring.Component):
             m.d.sync += space.eq(space - Mux(sent, beats, 0) + (fq.r_en & fq.r_rdy))
 
         # ---- assemble and decode -------------------------------------------------------------------
-        asm = Signal(nbits)
-        have = Signal(range(ib + 1))
-        full = have == ib
+        pb = self._per_beat
         pop = Signal()
         consume = Signal()          # the assembled instruction leaves (dispatched, or END/SYNC/error)
+        if pb == 1:
+            asm = Signal(nbits)
+            have = Signal(range(ib + 1))    # beats of ``asm`` assembled
+            full = have == ib
+            after = 0                       # ``have`` once the instruction is consumed
+        else:
+            # A beat holds ``pb`` instructions, the first in its low bits (the program's
+            # little-endian word order): the beat is held and a small index steps through it at each
+            # consume (the dispatch handshake then enables a few counter bits, not the whole beat);
+            # the next beat is popped once the last of this one has left. Whatever follows END in
+            # its beat is never decoded.
+            wide = Signal(bw)
+            have = Signal(range(pb + 1))    # instructions of ``wide`` not yet consumed
+            sel = Signal(range(pb))         # the current one
+            asm = wide.word_select(sel, nbits)
+            full = have != 0
+            after = have - 1
         m.d.comb += [pop.eq(fq.r_rdy & ~full), fq.r_en.eq(pop)]
-        with m.If(pop):
-            m.d.sync += [asm.eq((asm >> bw) | (fq.r_data << (nbits - bw))), have.eq(have + 1)]
+        if pb == 1:
+            with m.If(pop):
+                m.d.sync += [asm.eq((asm >> bw) | (fq.r_data << (nbits - bw))), have.eq(have + 1)]
+        else:
+            with m.If(pop):
+                m.d.sync += [wide.eq(fq.r_data), have.eq(pb), sel.eq(0)]
+            with m.Elif(consume):
+                m.d.sync += sel.eq(sel + 1)
         op_raw = asm[:OPCODE_BITS]
         wait = asm[OPCODE_BITS]
         # The units' busy flags, registered: each is an OR over a unit's state (the engine's through the
@@ -262,13 +291,13 @@ class ProgramSequencer(wiring.Component):
                         with m.Case(Opcode.SYNC):
                             with m.If(idle):
                                 m.d.comb += consume.eq(1)
-                                m.d.sync += have.eq(0)
+                                m.d.sync += have.eq(after)
                         for v in sorted(unit_ops):
                             with m.Case(v):
                                 m.d.comb += self.insn.valid.eq((~wait | idle) & ((op_raw == last_op) | idle))
                                 with m.If(self.insn.ready & self.insn.valid):
                                     m.d.comb += consume.eq(1)
-                                    m.d.sync += [have.eq(0), guard.eq(3), last_op.eq(op_raw)]
+                                    m.d.sync += [have.eq(after), guard.eq(3), last_op.eq(op_raw)]
                         with m.Default():
                             with m.If(idle):
                                 err = Mux(op_raw.matches(*sorted(valid_ops)), SeqError.NO_UNIT,

@@ -74,7 +74,7 @@ class Register:
 #: Error bits of the ``ERROR`` register (sticky until the next start).
 ERRORS = (
     Field("BAD_PROGRAM", 0, 1, "the program holds an opcode outside the instruction set (control/isa.py)"),
-    Field("UNALIGNED", 1, 1, "a base address is not a multiple of the AXI data width in bytes"),
+    Field("UNALIGNED", 1, 1, "a base address is not a multiple of the memory beat (DATA_BYTES)"),
     Field("AXI", 2, 1, "an AXI read or write response was not OKAY"),
     Field("BAD_TASK", 3, 1, "TASK is not below the model's task count"),
     Field("NO_UNIT", 4, 1, "the program holds a valid opcode whose unit this build does not have"),
@@ -139,7 +139,7 @@ def _registers():
         Register("CONFIG0", 0x070, "ro", "PE array shape.",
                  (Field("PE_ROWS", 0, 16), Field("PE_COLS", 16, 16))),
         Register("CONFIG1", 0x074, "ro", "Memory interface and capacity.",
-                 (Field("DATA_BYTES", 0, 8, "AXI data width in bytes"),
+                 (Field("DATA_BYTES", 0, 8, "the core's memory beat in bytes (each AXI master may be narrower)"),
                   Field("AXI_MASTERS", 8, 4), Field("TOKEN_CAPACITY", 16, 16))),
     ]
     for op in COUNTED_OPS:

@@ -49,6 +49,7 @@ from .csr import CsrBlock
 from .datapath import PageSplitter, ReadInterleaver
 from .regmap import BASES, COUNTED_OPS, ERRORS, REGMAP_VERSION, config_id
 from .slice import AxiRegisterSlice
+from .width import ReadDownsizer, WriteDownsizer
 
 __all__ = ["AcceleratorTop", "XilinxTop", "xilinx_ports", "port_directions"]
 
@@ -63,18 +64,24 @@ class AcceleratorTop(wiring.Component):
     config : AcceleratorConfig
     axi_masters : int
         Number of AXI4 masters, 1..4 (reads are spread over all; writes use master 0).
+    axi_data_bytes : int or None
+        Data width of every AXI master in bytes (default ``min(mem_data_bytes, 16)``: the 128-bit
+        ``S_AXI_HP*_FPD`` ports of the Zynq UltraScale+ PS). Narrower than the core's beat, each
+        master gets a :class:`~.width.ReadDownsizer` (and master 0 a :class:`~.width.WriteDownsizer`):
+        the core keeps its beat, each port carries ``axi_data_bytes`` a cycle, so a 64-byte core
+        reads up to 64 bytes a cycle only over four masters.
     csr_addr_width : int
         Address width of ``s_axi`` (8..32).
     register_slices : bool
         Put an :class:`~.slice.AxiRegisterSlice` on every AXI4 master port (default), so no
         combinational path crosses the accelerator's AXI boundary.
 
-    The AXI data width, address width and longest burst are the config's memory port
-    (``mem_data_bytes``, ``mem_addr_width``, ``mem_max_burst``).
+    The AXI address width is the config's ``mem_addr_width``; the longest AXI burst is
+    ``mem_max_burst * mem_data_bytes / axi_data_bytes`` beats (at most 4 KiB, never across a page).
 
     Interface attributes
     --------------------
-    m_axi : ``Out(AXI4Signature(addr_width, 8 * data_bytes)).array(axi_masters)``
+    m_axi : ``Out(AXI4Signature(addr_width, 8 * axi_data_bytes)).array(axi_masters)``
     s_axi : ``In(AXI4LiteSignature(csr_addr_width, 32))``
     interrupt : ``Out(1)``
 
@@ -84,14 +91,21 @@ class AcceleratorTop(wiring.Component):
         On a bad parameter (before elaboration).
     """
 
-    def __init__(self, config, *, axi_masters=1, csr_addr_width=12, register_slices=True):
+    def __init__(self, config, *, axi_masters=1, csr_addr_width=12, register_slices=True, axi_data_bytes=None):
         if not isinstance(config, AcceleratorConfig):
             raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
         _check_int("axi_masters", axi_masters, 1, 4)
         _check_int("csr_addr_width", csr_addr_width, 8, 32)
+        self._aw, self._db, self._mb = config.mem_addr_width, config.mem_data_bytes, config.mem_max_burst
+        if axi_data_bytes is None:
+            axi_data_bytes = min(self._db, 16)
+        _check_int("axi_data_bytes", axi_data_bytes, 1, self._db)
+        if self._db % axi_data_bytes or axi_data_bytes & (axi_data_bytes - 1):
+            raise ValueError(f"axi_data_bytes must be a power of two dividing mem_data_bytes={self._db}, "
+                             f"not {axi_data_bytes}")
+        self._adb = axi_data_bytes
         #: The compute core: the whole encoder.
         self.core = EncoderTop(config)
-        self._aw, self._db, self._mb = config.mem_addr_width, config.mem_data_bytes, config.mem_max_burst
         self._config = config
         self._n = axi_masters
         self._slices = bool(register_slices)
@@ -99,7 +113,7 @@ class AcceleratorTop(wiring.Component):
         self.config_id = config_id(config, axi_masters=axi_masters)
         self.csr = CsrBlock(addr_width=csr_addr_width)
         super().__init__({
-            "m_axi": Out(AXI4Signature(addr_width=self._aw, data_width=8 * self._db)).array(axi_masters),
+            "m_axi": Out(AXI4Signature(addr_width=self._aw, data_width=8 * self._adb)).array(axi_masters),
             "s_axi": In(AXI4LiteSignature(addr_width=csr_addr_width, data_width=32)),
             "interrupt": Out(1),
         })
@@ -111,6 +125,11 @@ class AcceleratorTop(wiring.Component):
     @property
     def data_bytes(self):
         return self._db
+
+    @property
+    def axi_data_bytes(self):
+        """Bytes per beat of every AXI master (``data_bytes`` or a power-of-two fraction of it)."""
+        return self._adb
 
     @property
     def addr_width(self):
@@ -132,7 +151,9 @@ class AcceleratorTop(wiring.Component):
         port = dict(addr_width=aw, data_bytes=db, max_burst=mb)
 
         # ---- AXI masters, reads spread over all of them ---------------------------------------
-        masters = [AxiMaster(**port, write=(k == 0)) for k in range(n)]
+        ratio = db // self._adb
+        aport = dict(addr_width=aw, data_bytes=self._adb, max_burst=mb * ratio)
+        masters = [AxiMaster(**aport, write=(k == 0)) for k in range(n)]
         for k, mk in enumerate(masters):
             m.submodules[f"axi{k}"] = mk
             if self._slices:
@@ -145,14 +166,29 @@ class AcceleratorTop(wiring.Component):
         # The core's reads must not cross 4 KiB (the port contract); the guard enforces it at the AXI edge.
         m.submodules.pages = pages = PageSplitter(**port, depth=min(256, 2 * cfg.arbiter_depth))
         wiring.connect(m, core.mem, pages.up)
+        # Narrow masters: one burst-buffering downsizer per master, behind the interleaver, so each
+        # port streams its own bursts while the in-order return drains another's.
+        rd = [mk.rd for mk in masters]
+        if ratio > 1:
+            for k in range(n):
+                m.submodules[f"rdsize{k}"] = ds = ReadDownsizer(addr_width=aw, wide_bytes=db,
+                                                                narrow_bytes=self._adb, max_burst=mb)
+                wiring.connect(m, ds.down, masters[k].rd)
+                rd[k] = ds.up
         if n == 1:
-            wiring.connect(m, pages.down, masters[0].rd)
+            wiring.connect(m, pages.down, rd[0])
         else:
             m.submodules.interleave = il = ReadInterleaver(n, **port, depth=cfg.arbiter_depth)
             wiring.connect(m, pages.down, il.up)
             for k in range(n):
-                wiring.connect(m, il.down[k], masters[k].rd)
-        wiring.connect(m, core.wr, masters[0].wr)
+                wiring.connect(m, il.down[k], rd[k])
+        if ratio > 1:
+            m.submodules.wrsize = ws = WriteDownsizer(addr_width=aw, wide_bytes=db, narrow_bytes=self._adb,
+                                                      max_burst=mb)
+            wiring.connect(m, core.wr, ws.up)
+            wiring.connect(m, ws.down, masters[0].wr)
+        else:
+            wiring.connect(m, core.wr, masters[0].wr)
 
         # ---- run state ---------------------------------------------------------------------------
         bases = {b: Signal(aw, name=f"{b.lower()}_base") for b, _ in BASES}

@@ -58,7 +58,7 @@ from m3vit_hw.lib.mem_port import ReadPortSignature, WritePortSignature
 from .toolchain import build_model, cache_dir, check_fst, find_verilator
 from .vcache import cached_verilog
 
-__all__ = ["MonitorSignature", "Probed", "TopSpec", "Job", "RunResult", "VerilatorModel",
+__all__ = ["MonitorSignature", "Probed", "TopSpec", "Job", "RunResult", "VerilatorModel", "strip_src",
            "VerilatorError"]
 
 HARNESS = Path(__file__).with_name("harness.cpp")
@@ -608,6 +608,17 @@ def _run_with_progress(cmd, timeout, progress, seconds):
     return code, "\n".join(other).strip()
 
 
+#: yosys's source-location attributes (``(* src = "file.py:line" *)``), inline or on their own line.
+_SRC_ATTR = re.compile(r'[ \t]*\(\* src = "[^"]*" \*\)(\n|[ \t]?)')
+
+
+def strip_src(text):
+    """``text`` without yosys's ``src`` attributes. Verilator ignores them, but they name the checkout
+    and the line of every statement: left in, a compiled model would be rebuilt (tens of minutes at
+    the device size) after any edit that only moves lines, or for another worktree of the same code."""
+    return _SRC_ATTR.sub(lambda mo: "" if mo.group(1) == "\n" else "", text)
+
+
 class VerilatorModel:
     """An Amaranth top compiled with Verilator into the generic harness (cached).
 
@@ -679,6 +690,7 @@ class VerilatorModel:
                     f"({vinfo['verilog_key']})")
         convert_seconds = time.time() - t0
         self.spec.check_verilog(text)
+        text = strip_src(text)
         flags = []
         if threads > 1:
             flags += ["--threads", str(threads)]
