@@ -218,8 +218,11 @@ class ExpertQueues(wiring.Component):
                 ]
                 with m.If(self.i.valid):
                     for e in range(E):
-                        hits = sum((self.i.p.experts[jj] == e) & k_mask[jj] for jj in range(k))
-                        m.d.sync += [counts[e].eq(counts[e] + hits), active[e].eq(active[e] | (hits != 0))]
+                        # A token's k ids are distinct (the contract), so an expert is hit at most
+                        # once per token: an OR of the slot compares and an increment, not a sum of
+                        # compare bits into an adder.
+                        hit = Cat(*((self.i.p.experts[jj] == e) & k_mask[jj] for jj in range(k))).any()
+                        m.d.sync += [counts[e].eq(counts[e] + hit), active[e].eq(active[e] | hit)]
                     m.d.sync += ntok.eq(ntok + 1)
                     full = ntok == cap - 1
                     with m.If(self.i.p.last | full):
