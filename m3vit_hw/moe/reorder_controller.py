@@ -522,6 +522,11 @@ class ReorderController(wiring.Component):
         c_off = Signal(range(entries + 1))
         c_cnt = Signal(range(cap + 1))
         c_end = Signal(range(entries + 1))
+        # The expert's row-table entries are all captured (or the walk is done): set at LOAD from the
+        # list entry, then kept from registers (a cycle late is safe: wptr and walk_done only grow),
+        # so the command's valid does not wait for the capture pointer's compare.
+        captured = Signal()
+        m.d.sync += captured.eq(walk_done | (wptr >= c_end))
         # The current tile's plan entry in a register (``ctr`` = tile ``c_tile``), loaded with the
         # index, so the command fields and the release compare read registers.
         c_look = Signal.like(c_tile)
@@ -547,24 +552,25 @@ class ReorderController(wiring.Component):
             m.d.sync += eng_done.eq(1)
         # A command's PE beats, ceil(m / R) * ceil(n / C) * K, join ``owed`` three cycles after the
         # issue, through registered stages (row tiles, the multiplier's operands, its product): the
-        # operands hold from the issue until the release, and the engine's first beat of the command
-        # comes no sooner than its loader latency (5 cycles) after the issue, so the release compare
-        # (blocked while the add is pending) never waits for it. ``expert_phase`` selects the
-        # operands: the gate chunks' (T rows) until the last chunk is released, then the expert's.
+        # operands hold from the issue until the release. The release test may run again 5 cycles
+        # after the issue (the add, then one cycle for its registered compares, below); the engine's
+        # first beat of the command comes no sooner than its loader latency (5 cycles) after the
+        # issue, so the release never waits for it. ``expert_phase`` selects the operands: the gate
+        # chunks' (T rows) until the last chunk is released, then the expert's.
         expert_phase = Signal()
         tok_rows = Signal(range(-(-cap // R) + 1))
         c_rows = Signal(range(-(-cap // R) + 1))
         mul_a = Signal.like(c_rows)
         mul_b = Signal.like(ctr.nk)
         prod = Signal(range(max_beats + 1))
-        pend = Signal(3)
+        pend = Signal(4)
         m.d.sync += [
             tok_rows.eq((par.tokens + R - 1) // R),
             c_rows.eq((c_cnt + R - 1) // R),
             mul_a.eq(Mux(expert_phase, c_rows, tok_rows)),
             mul_b.eq(Mux(expert_phase, ctr.nk, cg.nk)),
             prod.eq(mul_a * mul_b),
-            pend.eq(Cat(issued, pend[:2])),
+            pend.eq(Cat(issued, pend[:3])),
         ]
         # owed <- owed - pe_beat (+ prod when it lands): one adder with a selected addend.
         addend = Signal(signed(len(owed) + 1))
@@ -573,8 +579,17 @@ class ReorderController(wiring.Component):
             owed.eq(owed + addend),
             inflight.eq(inflight + issued - self.gemm_done),
         ]
-        # The release test owed - pe_beat < w_last, as two compares of registers that pe_beat selects.
-        last_started = Mux(self.pe_beat, owed <= ctr.w_last, owed < ctr.w_last) & (pend == 0)
+        # The release test owed - pe_beat < w_last from compares registered a cycle earlier: with no
+        # product landing in the last cycle, owed = owed' - pe_beat' (primes: last cycle's values), so
+        # the test is owed' < w_last + pe_beat' + pe_beat, and pe_beat' + pe_beat selects one of three
+        # registered compares (w_last holds from the issue until the release). The release is
+        # blocked until the issue's product is in owed' (pend), which the engine's loader latency
+        # hides; pe_beat (the engine's event) then reaches the release through one multiplexer.
+        pb1 = Signal()
+        owed_lt = [Signal(name=f"owed_lt{i}") for i in range(3)]
+        m.d.sync += [pb1.eq(self.pe_beat)] + [f.eq(owed < ctr.w_last + i) for i, f in enumerate(owed_lt)]
+        last_started = Mux(self.pe_beat, Mux(pb1, owed_lt[2], owed_lt[1]),
+                           Mux(pb1, owed_lt[1], owed_lt[0])) & (pend == 0)
 
         rw, hw, hb = self.row_words, self.hidden_words, self.hidden_base
         g = self.gemm.p
@@ -634,14 +649,16 @@ class ReorderController(wiring.Component):
                     m.next = "DRAIN"
             with m.State("LOAD"):
                 m.d.comb += c_look.eq(0)
+                l_end = lst_c.data.offset + lst_c.data.count
                 m.d.sync += [c_off.eq(lst_c.data.offset), c_cnt.eq(lst_c.data.count),
-                             c_end.eq(lst_c.data.offset + lst_c.data.count), c_tile.eq(0), ctr.eq(ct)]
+                             c_end.eq(l_end), captured.eq(walk_done | (wptr >= l_end)),
+                             c_tile.eq(0), ctr.eq(ct)]
                 m.next = "ISSUE"
             with m.State("ISSUE"):
                 # Valid once both halves are FULL and the expert's row-table entries are all captured
                 # (the engine gathers them); neither condition can drop again before the transfer.
                 m.d.comb += [
-                    self.gemm.valid.eq(halves_full & (walk_done | (wptr >= c_end))),
+                    self.gemm.valid.eq(halves_full & captured),
                     g.m.eq(c_cnt), g.n.eq(ctr.n), g.rowtab_base.eq(c_off),
                 ]
                 with m.If(ctr.fc2):
