@@ -36,14 +36,15 @@ once a row tile is complete (its last chunk written):
   state of size O(T x E) logits, not weight storage: it replaces a weight buffer that would grow with E.
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.hdl import Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import StreamOutLayout
 from ..numerics import SHIFT_BITS
+from ..rowops.counts import below_next
 from ..rowops.softmax import OUT_BITS, SoftmaxMode, SoftmaxUnit
 from .topk import TopK, expert_id_width
 
@@ -199,7 +200,7 @@ class Router(wiring.Component):
         m.submodules.tiles = tiles = memory.Memory(shape=word, depth=banks * bank_words, init=[])
         t_w = tiles.write_port()
         t_r = tiles.read_port()
-        m.submodules.logits = lf = fifo.SyncFIFOBuffered(width=word.size, depth=self.logit_fifo_depth)
+        m.submodules.logits = lf = _LogitQueue(word.size, self.logit_fifo_depth)
 
         tokens = Signal(range(cap + 1))
         active = Signal()
@@ -381,4 +382,49 @@ class Router(wiring.Component):
             with m.If(o_left == 1):
                 m.d.sync += [active.eq(0), w_chunk.eq(0),
                              w_bank.eq(0), w_base.eq(0), r_bank.eq(0), r_base.eq(0)]
+        return m
+
+
+class _LogitQueue(Elaboratable):
+    """The router's logit FIFO: ``SyncFIFOBuffered``'s interface (``w_en``/``w_rdy``/``w_data``,
+    ``r_en``/``r_rdy``/``r_data``, ``depth`` entries with the output register) with its occupancy
+    flags registered a cycle ahead (:func:`~m3vit_hw.rowops.counts.below_next`): ``w_rdy`` and the
+    storage's not-empty test are flip-flops, so the join's read enable and the fork's write enable
+    do not run through a level compare into the level's adder in one cycle."""
+
+    def __init__(self, width, depth):
+        self.width, self.depth = width, depth
+        self.w_en, self.w_rdy, self.w_data = Signal(), Signal(), Signal(width)
+        self.r_en, self.r_rdy, self.r_data = Signal(), Signal(), Signal(width)
+
+    def elaborate(self, platform):
+        m = Module()
+        inner = max(1, self.depth - 1)                   # storage entries besides the output register
+        m.submodules.storage = storage = memory.Memory(shape=self.width, depth=inner, init=[])
+        wr = storage.write_port()
+        rd = storage.read_port(transparent_for=())
+        n = Signal(range(inner + 1))                     # entries in the storage
+        room = Signal(init=1)                            # n < inner
+        any_ = Signal()                                  # n > 0
+        wptr = Signal(range(inner))
+        rptr = Signal(range(inner))
+        out_valid = Signal()
+        write = self.w_en & room
+        read = any_ & (~out_valid | self.r_en)
+        m.d.comb += [
+            self.w_rdy.eq(room), self.r_rdy.eq(out_valid), self.r_data.eq(rd.data),
+            wr.addr.eq(wptr), wr.data.eq(self.w_data), wr.en.eq(write),
+            rd.addr.eq(rptr), rd.en.eq(read),
+        ]
+        m.d.sync += [
+            n.eq(n + write - read),
+            room.eq(below_next(n, write, read, inner)),
+            any_.eq(~below_next(n, write, read, 1)),
+        ]
+        with m.If(write):
+            m.d.sync += wptr.eq(Mux(wptr == inner - 1, 0, wptr + 1))
+        with m.If(read):
+            m.d.sync += [rptr.eq(Mux(rptr == inner - 1, 0, rptr + 1)), out_valid.eq(1)]
+        with m.Elif(self.r_en):
+            m.d.sync += out_valid.eq(0)
         return m
