@@ -366,7 +366,9 @@ class ReorderController(wiring.Component):
         # ---- storage -------------------------------------------------------------------------------
         rt_w = self.rt_wr
         list_layout = data.StructLayout({
-            "expert": unsigned(expert_id_width(E)), "offset": range(entries + 1), "count": range(cap + 1)})
+            "expert": unsigned(expert_id_width(E)), "offset": range(entries + 1), "count": range(cap + 1),
+            # offset + count, added at capture (from registers) for the compute sequencer's LOAD.
+            "end": range(entries + 1)})
         m.submodules.active = lst = memory.Memory(shape=list_layout, depth=max(2, list_depth), init=[])
         lst_w = lst.write_port()
         lst_f = lst.read_port()           # fetch sequencer
@@ -396,7 +398,7 @@ class ReorderController(wiring.Component):
         q_go = self.q.valid & self.q.ready
         m.d.comb += [
             lst_w.addr.eq(n_hdr), lst_w.data.expert.eq(q.expert), lst_w.data.offset.eq(wptr),
-            lst_w.data.count.eq(q.count), lst_w.en.eq(q_go & q.header),
+            lst_w.data.count.eq(q.count), lst_w.data.end.eq(wptr + q.count), lst_w.en.eq(q_go & q.header),
             rt_w.addr.eq(wptr), rt_w.data.token.eq(q.token), rt_w.data.scale.eq(q.weight),
             rt_w.en.eq(q_go & ~q.header),
         ]
@@ -649,9 +651,8 @@ class ReorderController(wiring.Component):
                     m.next = "DRAIN"
             with m.State("LOAD"):
                 m.d.comb += c_look.eq(0)
-                l_end = lst_c.data.offset + lst_c.data.count
                 m.d.sync += [c_off.eq(lst_c.data.offset), c_cnt.eq(lst_c.data.count),
-                             c_end.eq(l_end), captured.eq(walk_done | (wptr >= l_end)),
+                             c_end.eq(lst_c.data.end), captured.eq(walk_done | (wptr >= lst_c.data.end)),
                              c_tile.eq(0), ctr.eq(ct)]
                 m.next = "ISSUE"
             with m.State("ISSUE"):

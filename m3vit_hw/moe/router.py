@@ -210,9 +210,9 @@ class Router(wiring.Component):
         # The row-tile bookkeeping registers below are loaded from the command itself when it is
         # accepted (`start`), so no compare or subtract on T sits in a per-beat path.
         start = Signal()
-        t_cmd = Signal(range(cap + 1))
-        m.d.comb += [self.cmd.ready.eq(~active), start.eq(self.cmd.valid & self.cmd.ready),
-                     t_cmd.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens))]
+        setup = Signal()
+        m.d.comb += [self.cmd.ready.eq(~active), start.eq(self.cmd.valid & self.cmd.ready)]
+        m.d.sync += setup.eq(start)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 tokens.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens)),
@@ -274,9 +274,15 @@ class Router(wiring.Component):
             return Mux(rem >= R, R - 1, rem - 1)
         next_rem = w_rem - R
         first_rows_m1 = Signal(range(R))
+        # The row-tile registers load in the cycle after the accept (``setup``), from the registered
+        # T: the command's payload then only reaches registers through the T == 0 clamp. The writer
+        # takes no beat in that cycle (the engine's first gate beat comes many cycles after the
+        # command, so this costs nothing).
         with m.If(start):
-            m.d.sync += [w_rem.eq(t_cmd), w_row_rem.eq(rows_m1(t_cmd)), first_rows_m1.eq(rows_m1(t_cmd)),
-                         w_last_tile.eq(t_cmd <= R), w_done.eq(0)]
+            m.d.sync += w_done.eq(1)
+        with m.If(setup):
+            m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(rows_m1(tokens)), first_rows_m1.eq(rows_m1(tokens)),
+                         w_last_tile.eq(tokens <= R), w_done.eq(0)]
         with m.If(w_go):
             m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1)]
             with m.If(w_row_last):
@@ -307,8 +313,8 @@ class Router(wiring.Component):
         r_nb = Signal(range(NB))
         s_valid = Signal()
         fork_ready = Signal()
-        with m.If(start):
-            m.d.sync += r_rem.eq(t_cmd)
+        with m.If(setup):
+            m.d.sync += r_rem.eq(tokens)
         r_go = full.bit_select(r_bank, 1) & (~s_valid | fork_ready)
         m.d.comb += [
             t_r.addr.eq(r_base + r_row * NB + r_nb),
@@ -367,8 +373,8 @@ class Router(wiring.Component):
 
         # ---- output: one beat per token ------------------------------------------------------------
         o_left = Signal(range(cap + 1))          # tokens not yet sent, a down-counter (no compare with T - 1)
-        with m.If(start):
-            m.d.sync += [o_left.eq(t_cmd), active.eq(1)]
+        with m.If(setup):
+            m.d.sync += o_left.eq(tokens)
         m.d.comb += [
             self.o.valid.eq(tk.o.valid),
             self.o.p.experts.eq(tk.o.p.experts),
