@@ -273,6 +273,9 @@ class Router(wiring.Component):
         def rows_m1(rem):
             return Mux(rem >= R, R - 1, rem - 1)
         next_rem = w_rem - R
+        # rows_m1(next_rem) with the subtraction folded into the constants: the compare and the
+        # low bits' decrement both start at w_rem, in parallel.
+        next_rows_m1 = Mux(w_rem >= 2 * R, R - 1, (w_rem - (R + 1))[:len(w_row_rem)])
         first_rows_m1 = Signal(range(R))
         # The row-tile registers load in the cycle after the accept (``setup``), from the registered
         # T: the command's payload then only reaches registers through the T == 0 clamp. The writer
@@ -288,7 +291,7 @@ class Router(wiring.Component):
             with m.If(w_row_last):
                 m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(rows_m1(w_rem))]
                 with m.If(w_tile_end):
-                    m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(rows_m1(next_rem)),
+                    m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(next_rows_m1),
                                  w_last_tile.eq(w_rem <= 2 * R)]
                     with m.If(w_bank == banks - 1):
                         m.d.sync += [w_bank.eq(0), w_base.eq(0)]
