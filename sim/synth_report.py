@@ -47,7 +47,7 @@ def _cfg(args):
     from m3vit_hw.config import AcceleratorConfig
     over = {k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols),
                               ("pe_pack", args.pe_pack)) if v is not None}
-    return AcceleratorConfig.from_preset(args.preset, **over)
+    return AcceleratorConfig.from_preset(args.preset, sizing=args.sizing, **over)
 
 
 def _pe_array(cfg):
@@ -356,6 +356,9 @@ def main(argv=None):
                    help="unit to synthesize (repeatable; 'all' for every unit; 'top' for the accelerator "
                         "top through the build's estimate, slow at W1 and not part of 'all')")
     p.add_argument("--preset", default="tiny", help="model preset of the AcceleratorConfig")
+    p.add_argument("--sizing", default="default", choices=("default", "device"),
+                   help="the preset's accelerator sizing (AcceleratorConfig.from_preset): 'device' for "
+                        "the device-sized array and buffers")
     p.add_argument("--pe-rows", type=int, default=None, help="override the preset's PE rows")
     p.add_argument("--pe-cols", type=int, default=None, help="override the preset's PE columns")
     p.add_argument("--pe-pack", type=int, default=None, help="override the preset's MACs per DSP (1 or 2)")
@@ -376,12 +379,13 @@ def main(argv=None):
     except (ValueError, TypeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = {"preset": args.preset, "pe_rows": cfg.pe_rows, "pe_cols": cfg.pe_cols, "pe_pack": cfg.pe_pack,
+    out = {"preset": args.preset, "sizing": args.sizing, "pe_rows": cfg.pe_rows, "pe_cols": cfg.pe_cols, "pe_pack": cfg.pe_pack,
            "units": {}}
     rows = []
     failed = 0
     for unit in units:
-        print(f"synthesizing {unit} ({args.preset}, {cfg.pe_rows}x{cfg.pe_cols}, pack {cfg.pe_pack}) ...", flush=True)
+        print(f"synthesizing {unit} ({args.preset}, {args.sizing} sizing, {cfg.pe_rows}x{cfg.pe_cols}, "
+              f"pack {cfg.pe_pack}) ...", flush=True)
         try:
             log = args.log if len(units) == 1 else None
             if unit == "top":

@@ -105,6 +105,13 @@ def test_cli_rejects_bad_preset(capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def test_cli_rejects_device_sizing_of_a_preset_without_one(capsys):
+    """--sizing device takes the preset's device sizing; a preset without one is one line, exit 2."""
+    assert main(["--unit", "requantizer", "--preset", "tiny", "--sizing", "device"]) == 2
+    err = capsys.readouterr().err
+    assert "sizing" in err and "tiny" in err
+
+
 def test_log_path_checked_before_synthesis(capsys):
     """A bad --log path is one line on stderr and exit 2, before yosys runs."""
     assert main(["--unit", "pe_array", "--log", "/no/such/dir/out"]) == 2

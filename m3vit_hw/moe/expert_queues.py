@@ -67,14 +67,14 @@ class ExpertQueues(wiring.Component):
     The unit works one layer at a time in four phases; ``i.ready`` is high only in the first.
 
     1. *Ingest* (histogram): 1 token/cycle, T cycles. Each token is stored and the k expert counters
-       are incremented.
+       are incremented (a cycle later, from registered hits: one more cycle after the last token).
     2. *Prefix*: E cycles; an exclusive prefix sum of the counts gives each expert's write pointer.
     3. *Scatter*: 1 entry/cycle, T*k cycles; entry j of token t goes to ``queue[wp[e]++]``. Since tokens
        are scattered in order, each queue is already in ascending token order: no sort.
     4. *Walk*: one cycle per expert (header or skip) plus one per entry, E + T*k cycles at full
        output rate; the unit then returns to ingest.
 
-    Total with an always-ready consumer: ``T + 2*E + 2*T*k + 1`` cycles per layer, from the first
+    Total with an always-ready consumer: ``T + 2*E + 2*T*k + 2`` cycles per layer, from the first
     token's transfer to the final entry's.
     """
 
@@ -126,7 +126,7 @@ class ExpertQueues(wiring.Component):
 
     def cycles(self, tokens):
         """Cycles for one layer of ``tokens`` tokens with a source and sink that never stall."""
-        return tokens + 2 * self._experts + 2 * tokens * self._top_k + 1
+        return tokens + 2 * self._experts + 2 * tokens * self._top_k + 2
 
     def elaborate(self, platform):
         m = Module()
@@ -194,8 +194,22 @@ class ExpertQueues(wiring.Component):
             self.o.p.weight.eq(Mux(o_header, 0, q_rd.data.weight)),
             self.o.p.last.eq(o_last),
             tok_rd.en.eq(0),
+            # The walk's read address is its pointer in every state (it matters only with en).
+            q_rd.addr.eq(ptr),
             q_rd.en.eq(0),
         ]
+
+        # i.ready is a flip-flop of its own (high exactly in INGEST), not a decode of the state:
+        # it is the router's output FIFO's read enable.
+        ingest = Signal(init=1)
+        m.d.comb += self.i.ready.eq(ingest)
+        # Ingest's registered per-expert hits (cleared unless a token arrives).
+        hit = Signal(E)
+        m.d.sync += hit.eq(0)
+
+        def count_hits():
+            for e in range(E):
+                m.d.sync += [counts[e].eq(counts[e] + hit[e]), active[e].eq(active[e] | hit[e])]
 
         m.d.sync += sc_valid.eq(0)
         with m.If(sc_valid):
@@ -210,23 +224,32 @@ class ExpertQueues(wiring.Component):
         with m.FSM(name="phase"):
             with m.State("INGEST"):
                 m.d.comb += [
-                    self.i.ready.eq(1),
                     tok_wr.addr.eq(ntok),
                     tok_wr.data.experts.eq(self.i.p.experts),
                     tok_wr.data.weights.eq(self.i.p.weights),
                     tok_wr.en.eq(self.i.valid),
                 ]
+                count_hits()
                 with m.If(self.i.valid):
                     for e in range(E):
-                        hits = sum((self.i.p.experts[jj] == e) & k_mask[jj] for jj in range(k))
-                        m.d.sync += [counts[e].eq(counts[e] + hits), active[e].eq(active[e] | (hits != 0))]
+                        # A token's k ids are distinct (the contract), so an expert is hit at most
+                        # once per token: an OR of the slot compares, registered; the counters add
+                        # the registered hits a cycle later (count_hits), so no compare drives a
+                        # counter's adder.
+                        m.d.sync += hit[e].eq(
+                            Cat(*((self.i.p.experts[jj] == e) & k_mask[jj] for jj in range(k))).any())
                     m.d.sync += ntok.eq(ntok + 1)
                     full = ntok == cap - 1
                     with m.If(self.i.p.last | full):
                         with m.If(~self.i.p.last):
                             m.d.sync += self.overflow.eq(1)
-                        m.d.sync += [ps_expert.eq(0), total.eq(0)]
-                        m.next = "PREFIX"
+                        m.d.sync += [ps_expert.eq(0), total.eq(0), ingest.eq(0)]
+                        m.next = "HIST"
+
+            with m.State("HIST"):
+                # The last token's registered hits reach the counters.
+                count_hits()
+                m.next = "PREFIX"
 
             with m.State("PREFIX"):
                 # The counts rotate by one per cycle (E cycles bring them back in place) and the
@@ -267,10 +290,10 @@ class ExpertQueues(wiring.Component):
                     with m.If(issue_done):
                         for e in range(E):
                             m.d.sync += [counts[e].eq(0), active[e].eq(0)]
-                        m.d.sync += ntok.eq(0)
+                        m.d.sync += [ntok.eq(0), ingest.eq(1)]
                         m.next = "INGEST"
                     with m.Elif(in_exp):
-                        m.d.comb += [q_rd.addr.eq(ptr), q_rd.en.eq(1)]
+                        m.d.comb += q_rd.en.eq(1)
                         m.d.sync += [
                             self.o.valid.eq(1), o_header.eq(0), o_last.eq(left == 1),
                             ptr.eq(ptr + 1), rem.eq(rem - 1), left.eq(left - 1),

@@ -391,8 +391,17 @@ class MoESequencer(wiring.Component):
         w_gate = ctl.wcmd.p.tag == GATE_TAG
         p_gate = ctl.pcmd.p.tag == GATE_TAG
         w_len, p_len = ctl.wcmd.p.length, ctl.pcmd.p.length
-        gate_add = Mux(w_go & w_gate, w_len, 0) + Mux(p_go & p_gate, p_len, 0)
-        exp_add = Mux(w_go & ~w_gate, w_len, 0) + Mux(p_go & ~p_gate, p_len, 0)
+        # The byte counters add through two registered stages (the pieces' lengths, their sum), so
+        # the streamer handshake does not drive two chained counter-wide adders; the last piece is
+        # commanded long before ``done`` (it is fetched and computed first), so they are exact there.
+        w_gl, p_gl, w_el, p_el = (Signal.like(w_len, name=n) for n in ("w_gl", "p_gl", "w_el", "p_el"))
+        gate_add = Signal(len(w_len) + 1)
+        exp_add = Signal(len(w_len) + 1)
+        m.d.sync += [
+            w_gl.eq(Mux(w_go & w_gate, w_len, 0)), p_gl.eq(Mux(p_go & p_gate, p_len, 0)),
+            w_el.eq(Mux(w_go & ~w_gate, w_len, 0)), p_el.eq(Mux(p_go & ~p_gate, p_len, 0)),
+            gate_add.eq(w_gl + p_gl), exp_add.eq(w_el + p_el),
+        ]
         with m.If(start):
             m.d.sync += [self.cycles.eq(0), self.compute_cycles.eq(0), self.expert_bytes.eq(0),
                          self.gate_bytes.eq(0)]

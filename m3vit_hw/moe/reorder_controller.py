@@ -61,7 +61,7 @@ until fc1 has drained; that one boundary per expert keeps its fill-and-drain cos
 ``done`` waits for the last command's ``done``.
 """
 
-from amaranth.hdl import Module, Mux, Signal, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -366,7 +366,9 @@ class ReorderController(wiring.Component):
         # ---- storage -------------------------------------------------------------------------------
         rt_w = self.rt_wr
         list_layout = data.StructLayout({
-            "expert": unsigned(expert_id_width(E)), "offset": range(entries + 1), "count": range(cap + 1)})
+            "expert": unsigned(expert_id_width(E)), "offset": range(entries + 1), "count": range(cap + 1),
+            # offset + count, added at capture (from registers) for the compute sequencer's LOAD.
+            "end": range(entries + 1)})
         m.submodules.active = lst = memory.Memory(shape=list_layout, depth=max(2, list_depth), init=[])
         lst_w = lst.write_port()
         lst_f = lst.read_port()           # fetch sequencer
@@ -396,7 +398,7 @@ class ReorderController(wiring.Component):
         q_go = self.q.valid & self.q.ready
         m.d.comb += [
             lst_w.addr.eq(n_hdr), lst_w.data.expert.eq(q.expert), lst_w.data.offset.eq(wptr),
-            lst_w.data.count.eq(q.count), lst_w.en.eq(q_go & q.header),
+            lst_w.data.count.eq(q.count), lst_w.data.end.eq(wptr + q.count), lst_w.en.eq(q_go & q.header),
             rt_w.addr.eq(wptr), rt_w.data.token.eq(q.token), rt_w.data.scale.eq(q.weight),
             rt_w.en.eq(q_go & ~q.header),
         ]
@@ -409,6 +411,31 @@ class ReorderController(wiring.Component):
                     m.d.sync += walk_done.eq(1)
         with m.If(start):
             m.d.sync += [wptr.eq(0), n_hdr.eq(0), walk_done.eq(0)]
+
+        # ---- expert base table ----------------------------------------------------------------------
+        # Expert e's tiles start at expert_base + e * stride. The product is not formed when the fetch
+        # sequencer loads an active-list entry (a memory read into a multiplier into an adder in one
+        # cycle): after the start, one entry per cycle, base[e + 1] = base[e] + stride fills an E-entry
+        # table (E cycles, long before the first queue header: the gate GEMM runs first), and LOAD
+        # reads it with the list entry's expert id.
+        m.submodules.bases = bases = memory.Memory(shape=unsigned(aw), depth=max(2, E), init=[])
+        bt_w = bases.write_port()
+        bt_r = bases.read_port(domain="comb")
+        bt_acc = Signal(aw)
+        bt_stride = Signal(aw)
+        bt_n = Signal(range(max(2, E)))
+        bt_fill = Signal()
+        m.d.comb += [bt_w.addr.eq(bt_n), bt_w.data.eq(bt_acc), bt_w.en.eq(bt_fill)]
+        with m.If(bt_fill):
+            m.d.sync += [bt_acc.eq(bt_acc + bt_stride), bt_n.eq(bt_n + 1)]
+            with m.If(bt_n == E - 1):
+                m.d.sync += bt_fill.eq(0)
+        with m.If(start):
+            m.d.sync += [
+                bt_acc.eq(self.start.p.expert_base),
+                bt_stride.eq(Mux(self.start.p.plan_fetch, self.start.p.expert_stride, lay.expert_stride)),
+                bt_n.eq(0), bt_fill.eq(1),
+            ]
 
         # ---- fetch sequencer -----------------------------------------------------------------------
         f_tile = Signal(range(max(2, n_tiles)))
@@ -427,7 +454,11 @@ class ReorderController(wiring.Component):
             m.d.comb += [rd.addr.eq(index), t.eq(Mux(par.plan_fetch, rd.data, rom))]
             return t
 
-        ft = lookup(f_tile, "f_tile")
+        # The current tile's plan entry in a register (``ftr`` = tile ``f_tile``), loaded with the index:
+        # the command addresses add two registers.
+        f_look = Signal.like(f_tile)
+        ft = lookup(f_look, "f_tile")
+        ftr = Signal(self.tile_layout)
         f_gate = Signal(range(max(2, len(lay.gate_tiles))))
         fg = self._tile_rom(m, f_gate, "f_gate_rom", lay.gate_tiles)
         w_sent = Signal()
@@ -459,28 +490,29 @@ class ReorderController(wiring.Component):
                 with m.Else():
                     m.d.sync += [w_sent.eq(w_now), p_sent.eq(p_now)]
             with m.State("NEXT"):
-                with m.If((f_idx < n_hdr) & (self.plan_ready | ~par.plan_fetch)):
+                with m.If((f_idx < n_hdr) & (self.plan_ready | ~par.plan_fetch) & ~bt_fill):
                     m.d.comb += [lst_f.addr.eq(f_idx), lst_f.en.eq(1)]
                     m.next = "LOAD"
                 with m.Elif(walk_done):
                     m.next = "IDLE"
             with m.State("LOAD"):
-                # Expert e's tiles start at expert_base + e * expert_stride (a constant multiplier).
-                stride = Mux(par.plan_fetch, par.expert_stride, lay.expert_stride)
-                m.d.sync += [f_base.eq(par.expert_base + lst_f.data.expert * stride), f_tile.eq(0)]
+                # Expert e's tiles start at expert_base + e * expert_stride (the base table).
+                m.d.comb += [bt_r.addr.eq(lst_f.data.expert), f_look.eq(0)]
+                m.d.sync += [f_base.eq(bt_r.data), f_tile.eq(0), ftr.eq(ft)]
                 m.next = "TILE"
             with m.State("TILE"):
                 m.d.comb += [
                     self.wcmd.valid.eq(~w_sent),
-                    self.wcmd.p.addr.eq(f_base + ft.w_off), self.wcmd.p.length.eq(ft.w_len),
+                    self.wcmd.p.addr.eq(f_base + ftr.w_off), self.wcmd.p.length.eq(ftr.w_len),
                     self.wcmd.p.tag.eq(f_tile + 1),
                     self.pcmd.valid.eq(~p_sent),
-                    self.pcmd.p.addr.eq(f_base + ft.p_off), self.pcmd.p.length.eq(ft.p_len),
+                    self.pcmd.p.addr.eq(f_base + ftr.p_off), self.pcmd.p.length.eq(ftr.p_len),
                     self.pcmd.p.tag.eq(f_tile + 1),
+                    f_look.eq(f_tile + 1),
                 ]
                 with m.If(both_sent):
-                    m.d.sync += [w_sent.eq(0), p_sent.eq(0), f_tile.eq(f_tile + 1)]
-                    with m.If(ft.last):
+                    m.d.sync += [w_sent.eq(0), p_sent.eq(0), f_tile.eq(f_tile + 1), ftr.eq(ft)]
+                    with m.If(ftr.last):
                         m.d.sync += f_idx.eq(f_idx + 1)
                         m.next = "NEXT"
                 with m.Else():
@@ -491,7 +523,17 @@ class ReorderController(wiring.Component):
         c_idx = Signal(range(list_depth + 1))
         c_off = Signal(range(entries + 1))
         c_cnt = Signal(range(cap + 1))
-        ct = lookup(c_tile, "c_tile")
+        c_end = Signal(range(entries + 1))
+        # The expert's row-table entries are all captured (or the walk is done): set at LOAD from the
+        # list entry, then kept from registers (a cycle late is safe: wptr and walk_done only grow),
+        # so the command's valid does not wait for the capture pointer's compare.
+        captured = Signal()
+        m.d.sync += captured.eq(walk_done | (wptr >= c_end))
+        # The current tile's plan entry in a register (``ctr`` = tile ``c_tile``), loaded with the
+        # index, so the command fields and the release compare read registers.
+        c_look = Signal.like(c_tile)
+        ct = lookup(c_look, "c_tile")
+        ctr = Signal(self.tile_layout)
         c_gate = Signal(range(max(2, len(lay.gate_tiles))))
         cg = self._tile_rom(m, c_gate, "c_gate_rom", lay.gate_tiles)
         eng_done = Signal()
@@ -499,8 +541,6 @@ class ReorderController(wiring.Component):
         # PE beats still owed by issued commands, and commands whose done has not pulsed yet.
         max_beats = -(-cap // R) * self._max_nk(cfg, lay)
         owed = Signal(range(2 * max_beats + 1))
-        owed_next = Signal.like(owed)
-        issue_beats = Signal.like(owed)
         inflight = Signal(range(4))
         r_sent = Signal()
         g_sent = Signal()
@@ -512,11 +552,46 @@ class ReorderController(wiring.Component):
             m.d.sync += eng_done.eq(0)
         with m.Elif(self.gemm_done):
             m.d.sync += eng_done.eq(1)
-        m.d.comb += owed_next.eq(owed - self.pe_beat)
+        # A command's PE beats, ceil(m / R) * ceil(n / C) * K, join ``owed`` three cycles after the
+        # issue, through registered stages (row tiles, the multiplier's operands, its product): the
+        # operands hold from the issue until the release. The release test may run again 5 cycles
+        # after the issue (the add, then one cycle for its registered compares, below); the engine's
+        # first beat of the command comes no sooner than its loader latency (5 cycles) after the
+        # issue, so the release never waits for it. ``expert_phase`` selects the operands: the gate
+        # chunks' (T rows) until the last chunk is released, then the expert's.
+        expert_phase = Signal()
+        tok_rows = Signal(range(-(-cap // R) + 1))
+        c_rows = Signal(range(-(-cap // R) + 1))
+        mul_a = Signal.like(c_rows)
+        mul_b = Signal.like(ctr.nk)
+        prod = Signal(range(max_beats + 1))
+        pend = Signal(4)
         m.d.sync += [
-            owed.eq(owed_next + Mux(issued, issue_beats, 0)),
+            tok_rows.eq((par.tokens + R - 1) // R),
+            c_rows.eq((c_cnt + R - 1) // R),
+            mul_a.eq(Mux(expert_phase, c_rows, tok_rows)),
+            mul_b.eq(Mux(expert_phase, ctr.nk, cg.nk)),
+            prod.eq(mul_a * mul_b),
+            pend.eq(Cat(issued, pend[:3])),
+        ]
+        # owed <- owed - pe_beat (+ prod when it lands): one adder with a selected addend.
+        addend = Signal(signed(len(owed) + 1))
+        m.d.comb += addend.eq(Mux(pend[2], prod, 0) - self.pe_beat)
+        m.d.sync += [
+            owed.eq(owed + addend),
             inflight.eq(inflight + issued - self.gemm_done),
         ]
+        # The release test owed - pe_beat < w_last from compares registered a cycle earlier: with no
+        # product landing in the last cycle, owed = owed' - pe_beat' (primes: last cycle's values), so
+        # the test is owed' < w_last + pe_beat' + pe_beat, and pe_beat' + pe_beat selects one of three
+        # registered compares (w_last holds from the issue until the release). The release is
+        # blocked until the issue's product is in owed' (pend), which the engine's loader latency
+        # hides; pe_beat (the engine's event) then reaches the release through one multiplexer.
+        pb1 = Signal()
+        owed_lt = [Signal(name=f"owed_lt{i}") for i in range(3)]
+        m.d.sync += [pb1.eq(self.pe_beat)] + [f.eq(owed < ctr.w_last + i) for i, f in enumerate(owed_lt)]
+        last_started = Mux(self.pe_beat, Mux(pb1, owed_lt[2], owed_lt[1]),
+                           Mux(pb1, owed_lt[1], owed_lt[0])) & (pend == 0)
 
         rw, hw, hb = self.row_words, self.hidden_words, self.hidden_base
         g = self.gemm.p
@@ -532,7 +607,7 @@ class ReorderController(wiring.Component):
         with m.FSM(name="compute"):
             with m.State("IDLE"):
                 with m.If(start):
-                    m.d.sync += c_gate.eq(0)
+                    m.d.sync += [c_gate.eq(0), expert_phase.eq(0)]
                     m.next = "GATE_WAIT"
             with m.State("GATE_WAIT"):
                 m.d.comb += self.gate_phase.eq(1)
@@ -550,7 +625,6 @@ class ReorderController(wiring.Component):
                     g.b_tile_stride.eq(D),
                     g.dst_base.eq(0), g.dst_stride.eq(0),
                     g.mode.eq(EpilogueMode.RAW),
-                    issue_beats.eq((par.tokens + R - 1) // R * cg.nk),
                 ]
                 with m.If((r_now | ~first_chunk) & g_now):
                     m.d.sync += [r_sent.eq(0), g_sent.eq(0)]
@@ -565,6 +639,7 @@ class ReorderController(wiring.Component):
                     m.d.comb += release.eq(1)
                     m.d.sync += [c_idx.eq(0), c_gate.eq(c_gate + 1)]
                     with m.If(cg.last):
+                        m.d.sync += expert_phase.eq(1)
                         m.next = "NEXT"
                     with m.Else():
                         m.next = "GATE_WAIT"
@@ -575,27 +650,29 @@ class ReorderController(wiring.Component):
                 with m.Elif(walk_done):
                     m.next = "DRAIN"
             with m.State("LOAD"):
-                m.d.sync += [c_off.eq(lst_c.data.offset), c_cnt.eq(lst_c.data.count), c_tile.eq(0)]
+                m.d.comb += c_look.eq(0)
+                m.d.sync += [c_off.eq(lst_c.data.offset), c_cnt.eq(lst_c.data.count),
+                             c_end.eq(lst_c.data.end), captured.eq(walk_done | (wptr >= lst_c.data.end)),
+                             c_tile.eq(0), ctr.eq(ct)]
                 m.next = "ISSUE"
             with m.State("ISSUE"):
                 # Valid once both halves are FULL and the expert's row-table entries are all captured
                 # (the engine gathers them); neither condition can drop again before the transfer.
                 m.d.comb += [
-                    self.gemm.valid.eq(halves_full & (walk_done | (wptr >= c_off + c_cnt))),
-                    g.m.eq(c_cnt), g.n.eq(ct.n), g.rowtab_base.eq(c_off),
-                    issue_beats.eq((c_cnt + R - 1) // R * ct.nk),
+                    self.gemm.valid.eq(halves_full & captured),
+                    g.m.eq(c_cnt), g.n.eq(ctr.n), g.rowtab_base.eq(c_off),
                 ]
-                with m.If(ct.fc2):
+                with m.If(ctr.fc2):
                     m.d.comb += [
-                        g.k.eq(ct.k), g.a_base.eq(hb), g.a_stride.eq(hw), g.b_tile_stride.eq(ct.k),
-                        g.dst_base.eq(ct.n0w), g.dst_stride.eq(rw),
+                        g.k.eq(ctr.k), g.a_base.eq(hb), g.a_stride.eq(hw), g.b_tile_stride.eq(ctr.k),
+                        g.dst_base.eq(ctr.n0w), g.dst_stride.eq(rw),
                         g.shift.eq(par.fc2_shift), g.mode.eq(EpilogueMode.COMBINE),
-                        g.scatter.eq(1), g.sync.eq(ct.first_fc2),
+                        g.scatter.eq(1), g.sync.eq(ctr.first_fc2),
                     ]
                 with m.Else():
                     m.d.comb += [
-                        g.k.eq(ct.k), g.a_base.eq(0), g.a_stride.eq(rw), g.b_tile_stride.eq(ct.k),
-                        g.dst_base.eq(hb + ct.n0w), g.dst_stride.eq(hw),
+                        g.k.eq(ctr.k), g.a_base.eq(0), g.a_stride.eq(rw), g.b_tile_stride.eq(ctr.k),
+                        g.dst_base.eq(hb + ctr.n0w), g.dst_stride.eq(hw),
                         g.shift.eq(par.fc1_shift), g.mode.eq(EpilogueMode.GELU8),
                         g.gather.eq(1),
                     ]
@@ -606,10 +683,11 @@ class ReorderController(wiring.Component):
                 # is read into the engine's staging registers before the array consumes it, so the
                 # command reads nothing more from either half. The next tile's command can then
                 # start loading (from the other half) while this one finishes and drains.
-                with m.If(owed_next < ct.w_last):
+                m.d.comb += c_look.eq(c_tile + 1)
+                with m.If(last_started):
                     m.d.comb += release.eq(1)
-                    m.d.sync += c_tile.eq(c_tile + 1)
-                    with m.If(ct.last):
+                    m.d.sync += [c_tile.eq(c_tile + 1), ctr.eq(ct)]
+                    with m.If(ctr.last):
                         m.d.sync += c_idx.eq(c_idx + 1)
                         m.next = "NEXT"
                     with m.Else():

@@ -36,14 +36,15 @@ once a row tile is complete (its last chunk written):
   state of size O(T x E) logits, not weight storage: it replaces a weight buffer that would grow with E.
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.hdl import Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import StreamOutLayout
 from ..numerics import SHIFT_BITS
+from ..rowops.counts import below_next
 from ..rowops.softmax import OUT_BITS, SoftmaxMode, SoftmaxUnit
 from .topk import TopK, expert_id_width
 
@@ -199,7 +200,7 @@ class Router(wiring.Component):
         m.submodules.tiles = tiles = memory.Memory(shape=word, depth=banks * bank_words, init=[])
         t_w = tiles.write_port()
         t_r = tiles.read_port()
-        m.submodules.logits = lf = fifo.SyncFIFOBuffered(width=word.size, depth=self.logit_fifo_depth)
+        m.submodules.logits = lf = _LogitQueue(word.size, self.logit_fifo_depth)
 
         tokens = Signal(range(cap + 1))
         active = Signal()
@@ -209,9 +210,9 @@ class Router(wiring.Component):
         # The row-tile bookkeeping registers below are loaded from the command itself when it is
         # accepted (`start`), so no compare or subtract on T sits in a per-beat path.
         start = Signal()
-        t_cmd = Signal(range(cap + 1))
-        m.d.comb += [self.cmd.ready.eq(~active), start.eq(self.cmd.valid & self.cmd.ready),
-                     t_cmd.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens))]
+        setup = Signal()
+        m.d.comb += [self.cmd.ready.eq(~active), start.eq(self.cmd.valid & self.cmd.ready)]
+        m.d.sync += setup.eq(start)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 tokens.eq(Mux(self.cmd.p.tokens == 0, 1, self.cmd.p.tokens)),
@@ -272,16 +273,25 @@ class Router(wiring.Component):
         def rows_m1(rem):
             return Mux(rem >= R, R - 1, rem - 1)
         next_rem = w_rem - R
+        # rows_m1(next_rem) with the subtraction folded into the constants: the compare and the
+        # low bits' decrement both start at w_rem, in parallel.
+        next_rows_m1 = Mux(w_rem >= 2 * R, R - 1, (w_rem - (R + 1))[:len(w_row_rem)])
         first_rows_m1 = Signal(range(R))
+        # The row-tile registers load in the cycle after the accept (``setup``), from the registered
+        # T: the command's payload then only reaches registers through the T == 0 clamp. The writer
+        # takes no beat in that cycle (the engine's first gate beat comes many cycles after the
+        # command, so this costs nothing).
         with m.If(start):
-            m.d.sync += [w_rem.eq(t_cmd), w_row_rem.eq(rows_m1(t_cmd)), first_rows_m1.eq(rows_m1(t_cmd)),
-                         w_last_tile.eq(t_cmd <= R), w_done.eq(0)]
+            m.d.sync += w_done.eq(1)
+        with m.If(setup):
+            m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(rows_m1(tokens)), first_rows_m1.eq(rows_m1(tokens)),
+                         w_last_tile.eq(tokens <= R), w_done.eq(0)]
         with m.If(w_go):
             m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1)]
             with m.If(w_row_last):
                 m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(rows_m1(w_rem))]
                 with m.If(w_tile_end):
-                    m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(rows_m1(next_rem)),
+                    m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(next_rows_m1),
                                  w_last_tile.eq(w_rem <= 2 * R)]
                     with m.If(w_bank == banks - 1):
                         m.d.sync += [w_bank.eq(0), w_base.eq(0)]
@@ -306,8 +316,8 @@ class Router(wiring.Component):
         r_nb = Signal(range(NB))
         s_valid = Signal()
         fork_ready = Signal()
-        with m.If(start):
-            m.d.sync += r_rem.eq(t_cmd)
+        with m.If(setup):
+            m.d.sync += r_rem.eq(tokens)
         r_go = full.bit_select(r_bank, 1) & (~s_valid | fork_ready)
         m.d.comb += [
             t_r.addr.eq(r_base + r_row * NB + r_nb),
@@ -366,8 +376,8 @@ class Router(wiring.Component):
 
         # ---- output: one beat per token ------------------------------------------------------------
         o_left = Signal(range(cap + 1))          # tokens not yet sent, a down-counter (no compare with T - 1)
-        with m.If(start):
-            m.d.sync += [o_left.eq(t_cmd), active.eq(1)]
+        with m.If(setup):
+            m.d.sync += o_left.eq(tokens)
         m.d.comb += [
             self.o.valid.eq(tk.o.valid),
             self.o.p.experts.eq(tk.o.p.experts),
@@ -381,4 +391,49 @@ class Router(wiring.Component):
             with m.If(o_left == 1):
                 m.d.sync += [active.eq(0), w_chunk.eq(0),
                              w_bank.eq(0), w_base.eq(0), r_bank.eq(0), r_base.eq(0)]
+        return m
+
+
+class _LogitQueue(Elaboratable):
+    """The router's logit FIFO: ``SyncFIFOBuffered``'s interface (``w_en``/``w_rdy``/``w_data``,
+    ``r_en``/``r_rdy``/``r_data``, ``depth`` entries with the output register) with its occupancy
+    flags registered a cycle ahead (:func:`~m3vit_hw.rowops.counts.below_next`): ``w_rdy`` and the
+    storage's not-empty test are flip-flops, so the join's read enable and the fork's write enable
+    do not run through a level compare into the level's adder in one cycle."""
+
+    def __init__(self, width, depth):
+        self.width, self.depth = width, depth
+        self.w_en, self.w_rdy, self.w_data = Signal(), Signal(), Signal(width)
+        self.r_en, self.r_rdy, self.r_data = Signal(), Signal(), Signal(width)
+
+    def elaborate(self, platform):
+        m = Module()
+        inner = max(1, self.depth - 1)                   # storage entries besides the output register
+        m.submodules.storage = storage = memory.Memory(shape=self.width, depth=inner, init=[])
+        wr = storage.write_port()
+        rd = storage.read_port(transparent_for=())
+        n = Signal(range(inner + 1))                     # entries in the storage
+        room = Signal(init=1)                            # n < inner
+        any_ = Signal()                                  # n > 0
+        wptr = Signal(range(inner))
+        rptr = Signal(range(inner))
+        out_valid = Signal()
+        write = self.w_en & room
+        read = any_ & (~out_valid | self.r_en)
+        m.d.comb += [
+            self.w_rdy.eq(room), self.r_rdy.eq(out_valid), self.r_data.eq(rd.data),
+            wr.addr.eq(wptr), wr.data.eq(self.w_data), wr.en.eq(write),
+            rd.addr.eq(rptr), rd.en.eq(read),
+        ]
+        m.d.sync += [
+            n.eq(n + write - read),
+            room.eq(below_next(n, write, read, inner)),
+            any_.eq(~below_next(n, write, read, 1)),
+        ]
+        with m.If(write):
+            m.d.sync += wptr.eq(Mux(wptr == inner - 1, 0, wptr + 1))
+        with m.If(read):
+            m.d.sync += [rptr.eq(Mux(rptr == inner - 1, 0, rptr + 1)), out_valid.eq(1)]
+        with m.Elif(self.r_en):
+            m.d.sync += out_valid.eq(0)
         return m

@@ -157,21 +157,35 @@ class TopK(wiring.Component):
 
         def select(a, b, c, n_out):
             """The first n_out entries of the merge of sorted lists a and b, from the compare
-            matrix c[i][j] = a[i] ranks above b[j] (expressions)."""
-            cands = []
-            for i, e in enumerate(a):
-                cands.append((e, i + sum((~c[i][j]).as_unsigned() for j in range(len(b)))))
-            for j, e in enumerate(b):
-                cands.append((e, j + sum(c[i][j].as_unsigned() for i in range(len(a)))))
+            matrix c[i][j] = a[i] ranks above b[j] (expressions).
+
+            Both lists are sorted, so c[i][j] is monotone: false then true along j (a[i] ranks above
+            every b after the first one it beats) and true then false along i. a[i]'s rank is
+            i + (the first j with c[i][j]), b[j]'s is j + (the first i without c[i][j]); "rank ==
+            slot" is then the AND of two neighbouring compare bits, not a sum of compare bits
+            compared with the slot (an adder chain in front of the output multiplexer)."""
+            na, nb = len(a), len(b)
+
+            def a_at(i, s):        # a[i] has exactly s b-entries above it
+                lo = Const(1) if s == 0 else ~c[i][s - 1]
+                hi = Const(1) if s == nb else c[i][s]
+                return lo & hi
+
+            def b_at(j, s):        # b[j] has exactly s a-entries above it
+                lo = Const(1) if s == 0 else c[s - 1][j]
+                hi = Const(1) if s == na else ~c[s][j]
+                return lo & hi
+
             out = []
             for slot in range(n_out):
                 word = Const(0, entry_layout.size)
-                for pos, (e, rank) in enumerate(cands):
-                    # a[i] can only land in slots >= i, b[j] in slots >= j.
-                    own = pos if pos < len(a) else pos - len(a)
-                    if own > slot:
-                        continue
-                    word = word | Mux(rank == slot, e.as_value(), 0)
+                # a[i] lands in slot i + s (s <= nb), b[j] in slot j + s (s <= na).
+                for i, e in enumerate(a):
+                    if 0 <= slot - i <= nb:
+                        word = word | Mux(a_at(i, slot - i), e.as_value(), 0)
+                for j, e in enumerate(b):
+                    if 0 <= slot - j <= na:
+                        word = word | Mux(b_at(j, slot - j), e.as_value(), 0)
                 out.append(word)
             return out
 
