@@ -196,7 +196,9 @@ def test_memory_cut_out_keeps_surrounding_logic():
 
 @pytest.mark.slow
 def test_w1_build_fits(tmp_path, capsys):
-    """Issue 10's first "Must show": the W1 build with the estimate reports fits and the DSP share."""
+    """Issue 10's first "Must show": the W1 build with the estimate reports fits and the DSP share;
+    issue 12's: the W1 default (device-sized) takes >= 1,024 DSP48E2s in its PE array and uses at
+    most 80 % of every resource of the xczu7ev. About an hour on a loaded two-core machine."""
     assert main(["--experts", "16", "--out", str(tmp_path)]) == 0
     rep = json.loads((tmp_path / "report.json").read_text())
     print(capsys.readouterr().out[-3000:])
@@ -207,6 +209,9 @@ def test_w1_build_fits(tmp_path, capsys):
     assert 0 < rep["dsp_share"] <= 1 and rep["resources"]["DSP48E2"] > 0
     assert "memories counted by rule" in rep["method"] and rep["memories_by_rule"]
     assert "fits: True" in (tmp_path / "summary.txt").read_text()
+    assert rep["config"]["pe_rows"] * rep["config"]["pe_cols"] >= 2048 and rep["peak_macs_per_cycle"] >= 2048
+    over = {k: v for k, v in rep["share"].items() if k in ("LUT", "FF", "DSP48E2", "RAMB36", "URAM") and v > 0.80}
+    assert not over, f"W1 default build above 80 %: {over}"
 
 
 def test_header_has_the_compiled_image_layout(tmp_path):

@@ -154,14 +154,16 @@ def test_wider_memory_beat_bit_exact():
     _check_all_tasks(program, qm, _image(cfg.model, 22))
 
 
-@pytest.mark.parametrize("preset, groups", [("vit-tiny-cityscapes", [1, 4, 16, 27]), ("tiny", None)])
-def test_dense_block_waits_once_and_splits_its_first_tile(preset, groups):
+@pytest.mark.parametrize("preset, sizing, groups", [("vit-tiny-cityscapes", "small", [1, 4, 16, 27]),
+                                                    ("vit-tiny-cityscapes", "default", None),
+                                                    ("tiny", "default", None)])
+def test_dense_block_waits_once_and_splits_its_first_tile(preset, sizing, groups):
     """In every dense block only the first GEMM waits (the executor orders the hidden slot); the
     waiting fc1 tile is split into panel groups that cover the layout's tile exactly once (weight,
     parameter and destination addresses continue panel by panel), each group at most the growth
     factor times the one before."""
     from m3vit_hw.dense.dense_layout import plan_dense
-    cfg = AcceleratorConfig.from_preset(preset)
+    cfg = AcceleratorConfig.from_preset(preset, sizing=sizing)
     p = compile_model(cfg, random_quantized(cfg.model, 0))
     view = p.model_config
     C, tile = view.pe_cols, plan_dense(view).tiles[0]
