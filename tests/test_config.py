@@ -51,9 +51,10 @@ def test_device_sized_presets(name):
     if name == "vit-tiny-cityscapes":
         assert default == cfg                                       # W1's default is device-sized
     else:
-        # W2's is not: its device-sized buffers do not fit the part's block RAM and URAM.
+        # W2's is not: its device-sized buffers do not fit the part's block RAM and URAM (nor do
+        # its small ones: tests/test_compiler.py, README).
         assert (default.pe_rows, default.pe_cols, default.pe_pack) == (32, 32, 1)
-        assert not onchip_fits(buffer_report(cfg))[2] and onchip_fits(buffer_report(default))[2]
+        assert not onchip_fits(buffer_report(cfg))[2]
     print(cfg.describe())
 
 
