@@ -126,13 +126,23 @@ def test_tiny_build_writes_everything(tmp_path):
 @pytest.mark.slow
 def test_failed_estimate_still_writes_the_report(tmp_path, monkeypatch):
     """yosys failing (as it does on W1 in the WebAssembly build) leaves the outputs and a report saying so."""
+    import amaranth.back.rtlil as rtlil
     import m3vit_hw.build.flow as flow
+    texts, convert = [], rtlil.convert
 
-    def broken(*args, **kwargs):
+    def counting_convert(*args, **kwargs):
+        texts.append(convert(*args, **kwargs))
+        return texts[-1]
+
+    def broken(design, *args, **kwargs):
+        texts.append(design)
         raise RuntimeError("yosys failed (1): thrown Wasm exception")
     monkeypatch.setattr(flow, "synth_estimate", broken)
+    monkeypatch.setattr(rtlil, "convert", counting_convert)
     cfg = AcceleratorConfig.from_preset("tiny", experts=4)
     rep = flow.run_build(cfg, axi_masters=1, out_dir=tmp_path, synth=True, log=lambda s: None)
+    # The top is converted once; the estimate gets that same RTLIL text (the Verilog is made from it).
+    assert len(texts) == 2 and texts[0] is texts[1] and "module" in texts[0]
     assert rep["fits"] is None and "Wasm" in rep["synth_error"]
     assert "FAILED" in (tmp_path / "summary.txt").read_text()
     assert (tmp_path / "m3vit_accel.sv").exists() and (tmp_path / "report.json").exists()
