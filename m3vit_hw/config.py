@@ -52,14 +52,14 @@ from .lib.mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BU
 from .model_config import PRESETS as MODEL_PRESETS
 from .model_config import ModelConfig
 
-__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "DEVICE_ACCEL_PRESETS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits",
+__all__ = ["AcceleratorConfig", "ACCEL_PRESETS", "SMALL_ACCEL_PRESETS", "DEVICE_ACCEL_PRESETS", "SIZINGS", "PARAM_LANE_BYTES", "param_word_bytes", "index_bits",
            "balanced_chunks"]
 
 
-#: Accelerator-side defaults per model preset (the model itself comes from ``model_config.PRESETS``).
-#: W1 uses Edge-MoE's 16x16 array; W2 is 10x the work, so it gets a 32x32 array (1024 of the
-#: xczu7ev's 1728 DSP48E2s, leaving room for the epilogue multipliers).
-ACCEL_PRESETS = {
+#: The small accelerator sizing of each preset (``from_preset(name, sizing="small")``): fast builds
+#: and simulations. W1 uses Edge-MoE's 16x16 array; W2 is 10x the work, so it gets a 32x32 array
+#: (1024 of the xczu7ev's 1728 DSP48E2s, one MAC each). Until issue 12 these were the defaults.
+SMALL_ACCEL_PRESETS = {
     "vit-tiny-cityscapes": dict(pe_rows=16, pe_cols=16),
     "vit-small-nyud": dict(pe_rows=32, pe_cols=32),
     # Test presets: a 4x4 array, so simulations stay small.
@@ -70,8 +70,7 @@ ACCEL_PRESETS = {
 #: Device-sized PE arrays for the xczu7ev (issue 12): 2,048 int8 MAC/cycle from 1,024 DSP48E2s (two
 #: MACs per DSP). 32 x 64 is the shape ``sim.pe_shapes`` ranks first for W2 and first for W1 among
 #: the legal ones with >= 2,048 MAC/cycle (rows <= cols, so the A reads keep up; see the GEMM engine).
-#: Selected with ``from_preset(name, sizing="device")``; not the defaults (the default build is the
-#: small, fast one).
+#: Selected with ``from_preset(name, sizing="device")``; W1's default (:data:`ACCEL_PRESETS`).
 #: The row units stay narrow (their DSP48E2s and registers scale with their lanes, not with the
 #: array). W1: a 16-lane epilogue (a PE row drains in 4 beats, hidden behind every K >= 132 and
 #: behind the experts' half-full row tiles; the projected frame is 5 % slower than with 64 lanes,
@@ -84,6 +83,22 @@ DEVICE_ACCEL_PRESETS = {
     "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=32, ln_lanes=16,
                            softmax_lanes=32),
 }
+
+#: Accelerator-side defaults per model preset (``sizing="default"``; the model itself comes from
+#: ``model_config.PRESETS``). W1 is device-sized (the whole W1 build fits the xczu7ev within 80 %
+#: of every resource by the build's estimate). W2 keeps the small 32x32 array: at 32 x 64 its
+#: on-chip buffers need about 1.0k BRAM36-equivalents against the part's 312 BRAM36 + 96 URAM
+#: (head_dim 32 leaves half of every 64-lane Q/K/V and context word empty; see
+#: ``control.onchip`` and the README). The test presets stay 4x4.
+ACCEL_PRESETS = {
+    "vit-tiny-cityscapes": DEVICE_ACCEL_PRESETS["vit-tiny-cityscapes"],
+    "vit-small-nyud": SMALL_ACCEL_PRESETS["vit-small-nyud"],
+    "tiny": SMALL_ACCEL_PRESETS["tiny"],
+    "tiny-task-embedding": SMALL_ACCEL_PRESETS["tiny-task-embedding"],
+}
+
+#: The ``sizing`` names of :meth:`AcceleratorConfig.from_preset` (and of the CLIs' ``--sizing``).
+SIZINGS = {"default": ACCEL_PRESETS, "small": SMALL_ACCEL_PRESETS, "device": DEVICE_ACCEL_PRESETS}
 
 #: Largest magnitude of one product: int8 x int8 peaks at (-128)(-128); unsigned attention weights
 #: (e8 <= 255) times int8 peak at 255 * 128 (negative side).
@@ -382,14 +397,16 @@ class AcceleratorConfig:
         """An instance for a named workload preset, with optional overrides.
 
         ``name`` is a key of :data:`m3vit_hw.model_config.PRESETS` (``"vit-tiny-cityscapes"`` = W1,
-        ``"vit-small-nyud"`` = W2, ``"tiny"``, ...). ``sizing`` picks the accelerator defaults:
-        ``"default"`` (:data:`ACCEL_PRESETS`) or ``"device"`` (:data:`DEVICE_ACCEL_PRESETS`, the
-        PE array sized to the xczu7ev; W1 and W2 only). ``overrides`` may name accelerator fields
+        ``"vit-small-nyud"`` = W2, ``"tiny"``, ...). ``sizing`` picks the accelerator defaults
+        (:data:`SIZINGS`): ``"default"`` (:data:`ACCEL_PRESETS`: W1 device-sized, the others small),
+        ``"small"`` (:data:`SMALL_ACCEL_PRESETS`: 16x16 for W1, 32x32 for W2, 4x4 for the test
+        presets; fast builds and simulations) or ``"device"`` (:data:`DEVICE_ACCEL_PRESETS`, the PE
+        array sized to the xczu7ev; W1 and W2 only). ``overrides`` may name accelerator fields
         (``pe_rows=8``) or model fields (``experts=64``); the latter are applied to the model.
         """
         if name not in MODEL_PRESETS:
             raise ValueError(f"preset must be one of {sorted(MODEL_PRESETS)}, not {name!r}")
-        sizings = {"default": ACCEL_PRESETS, "device": DEVICE_ACCEL_PRESETS}
+        sizings = SIZINGS
         if sizing not in sizings:
             raise ValueError(f"sizing must be one of {sorted(sizings)}, not {sizing!r}")
         if name not in sizings[sizing] and sizing != "default":

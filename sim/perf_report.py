@@ -331,8 +331,9 @@ def _parser():
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="workload preset (vit-tiny-cityscapes = W1, "
       "vit-small-nyud = W2, tiny, ...)")
-    a("--sizing", choices=("default", "device"), default="default",
-      help="accelerator sizing of the preset (device: the xczu7ev-sized PE array, W1/W2 only)")
+    a("--sizing", choices=("default", "small", "device"), default="default",
+      help="accelerator sizing of the preset (default: W1 device-sized, the others small; small: "
+           "W1 16x16, W2 32x32; device: the xczu7ev-sized PE array, W1/W2 only)")
     a("--pe-rows", type=int, help="override the preset's PE rows")
     a("--pe-cols", type=int, help="override the preset's PE columns")
     a("--mem-data-bytes", type=int, help="override the memory beat (port width in bytes; the model "

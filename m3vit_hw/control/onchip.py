@@ -12,7 +12,10 @@ from .. import numerics
 from ..attention.attn_layout import buffer_map
 from ..config import AcceleratorConfig
 
-__all__ = ["Buffer", "Device", "XCZU7EV", "buffer_report", "allocate", "fits"]
+__all__ = ["Buffer", "Device", "XCZU7EV", "ACT_READ_PORTS", "buffer_report", "allocate", "fits"]
+
+#: Read ports of the shared datapath's activation buffer (``encoder.datapath``: A and B operands).
+ACT_READ_PORTS = 2
 
 
 def _ceil_div(a, b):
@@ -40,8 +43,10 @@ _URAM_SHAPE = (72, 4096)
 @dataclass(frozen=True)
 class Buffer:
     """One on-chip buffer: ``width`` bits x ``depth`` words; ``bram36_blocks`` / ``uram_blocks`` are
-    the blocks it needs if built from that primitive alone; ``bram36`` / ``uram`` the chosen mapping
-    (set by :func:`allocate`; by default the primitive with the smaller footprint)."""
+    the blocks it needs if built from that primitive alone, all ``copies`` together; ``bram36`` /
+    ``uram`` the chosen mapping (set by :func:`allocate`; by default the primitive with the smaller
+    footprint). ``copies``: one per read port when a buffer has more read ports than a block RAM or
+    URAM has ports besides the write (the rule of :mod:`m3vit_hw.build.memories`)."""
 
     name: str
     width: int
@@ -49,9 +54,11 @@ class Buffer:
     bram36_blocks: int
     uram_blocks: int
     in_uram: bool
+    copies: int = 1
 
     @property
     def bytes(self):
+        """Bytes of one copy (the buffer's capacity)."""
         return self.width * self.depth // 8
 
     @property
@@ -63,11 +70,11 @@ class Buffer:
         return self.uram_blocks if self.in_uram else 0
 
 
-def _map(name, width, depth):
-    bram = min(_ceil_div(width, w) * _ceil_div(depth, d) for w, d in _BRAM_SHAPES)
-    uram = _ceil_div(width, _URAM_SHAPE[0]) * _ceil_div(depth, _URAM_SHAPE[1])
+def _map(name, width, depth, copies=1):
+    bram = copies * min(_ceil_div(width, w) * _ceil_div(depth, d) for w, d in _BRAM_SHAPES)
+    uram = copies * _ceil_div(width, _URAM_SHAPE[0]) * _ceil_div(depth, _URAM_SHAPE[1])
     # A URAM holds 8 BRAM36s' bits: by default the smaller footprint, URAM on a tie.
-    return Buffer(name, width, depth, bram, uram, uram * 8 <= bram)
+    return Buffer(name, width, depth, bram, uram, uram * 8 <= bram, copies)
 
 
 def allocate(buffers, device=XCZU7EV):
@@ -91,13 +98,17 @@ def buffer_report(config):
     Activation (int8 words of ``pe_cols``), residual (int16 words), weight ping-pong, column
     parameters (int32 bias + 24-bit mult per lane), the attention score reorder buffer (int32 words)
     and the row tables (token + scale), the latter two from the attention unit's buffer map.
+
+    The activation buffer counts twice: the shared datapath reads it on two ports (the engine's A
+    operand, and its B operand for Kᵀ and V) besides its write port, so a block RAM or URAM build
+    holds one copy per read port (as the build's estimate counts it, ``build.memories``).
     """
     if not isinstance(config, AcceleratorConfig):
         raise TypeError(f"config must be an AcceleratorConfig, not {config!r}")
     C = config.pe_cols
     bm = buffer_map(config)
     return allocate([
-        _map("activation", C * numerics.ACT_BITS, config.act_buffer_words),
+        _map("activation", C * numerics.ACT_BITS, config.act_buffer_words, copies=ACT_READ_PORTS),
         _map("residual", C * numerics.RES_BITS, config.res_buffer_words),
         _map("weight (2 halves)", C * numerics.WEIGHT_BITS, config.weight_buffer_words),
         _map("column params (2 halves)", C * (numerics.BIAS_BITS + numerics.MULT_BITS), config.param_buffer_words),
