@@ -295,8 +295,9 @@ def _check(config, job, rep, mem):
 def _config(args, model):
     """The accelerator: the preset's (``ACCEL_PRESETS``) when ``--preset`` names one, reshaped by
     ``--pe-rows`` / ``--pe-cols`` if given, else ``--pe-rows x --pe-cols`` (default 4x4) around
-    ``model``; ``--mem-data-bytes`` sets the memory beat of either; ``--sizing device`` takes the
-    preset's xczu7ev-sized accelerator (``DEVICE_ACCEL_PRESETS``)."""
+    ``model``; ``--mem-data-bytes`` sets the memory beat of either; ``--sizing`` picks the
+    preset's accelerator from ``SIZINGS`` (``small`` for W1's fast 16x16, ``device`` for the
+    xczu7ev-sized one)."""
     from m3vit_hw.config import ACCEL_PRESETS
     over = {} if getattr(args, "mem_data_bytes", None) is None else {"mem_data_bytes": args.mem_data_bytes}
     sizing = getattr(args, "sizing", "default")
@@ -313,7 +314,7 @@ def _config(args, model):
         over.update({k: v for k, v in (("pe_rows", args.pe_rows), ("pe_cols", args.pe_cols)) if v is not None})
         return AcceleratorConfig.from_preset(args.preset, sizing=sizing).with_(model=model, **over)
     if sizing != "default":
-        raise ValueError(f"--sizing {sizing} needs a --preset with a device accelerator, not {args.preset!r}")
+        raise ValueError(f"--sizing {sizing} needs a --preset with an accelerator preset (m3vit_hw.config.ACCEL_PRESETS), not {args.preset!r}")
     return AcceleratorConfig(model=model, pe_rows=args.pe_rows or 4, pe_cols=args.pe_cols or 4, **over)
 
 
@@ -445,8 +446,9 @@ def main(argv=None):
     a("--backend", default="pysim",
       help="pysim (Amaranth's simulator, with the diff ladder) or verilator (compiled, cached; "
            "the ladder then needs a pysim re-run)")
-    a("--sizing", choices=("default", "device"), default="default",
-      help="accelerator sizing of the preset (device: the xczu7ev-sized PE array, W1/W2 only)")
+    a("--sizing", choices=("default", "small", "device"), default="default",
+      help="accelerator sizing of the preset (m3vit_hw.config.SIZINGS; default: W1 device-sized, the "
+           "others small; small: W1 16x16, fast; device: the xczu7ev-sized PE array, W1/W2 only)")
     a("--accel-set", action="append", metavar="FIELD=INT",
       help="override one integer AcceleratorConfig field (e.g. act_buffer_bytes=153600); repeatable")
     a("--mem-data-bytes", type=int, default=None,
