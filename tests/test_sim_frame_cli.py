@@ -21,7 +21,7 @@ from sim.frame import main
     (["--mem-data-bytes", "256"], "mem_data_bytes"),
     (["--accel-set", "pe_rowz=4"], "--accel-set must be FIELD=INT"),
     (["--accel-set", "pe_rows=four"], "--accel-set pe_rows: 'four' is not an integer"),
-    (["--sizing", "device"], "--sizing device needs a --preset with a device accelerator"),
+    (["--sizing", "device"], "--sizing device needs a --preset with an accelerator preset"),
     (["--mem-data-bytes", "3"], "mem_data_bytes"),
 ])
 def test_bad_arguments(argv, message, capsys):
