@@ -118,6 +118,10 @@ def param_word_bytes(pe_cols):
 
 
 #: Which model quantity sets each GEMM's K (named in the accumulator-overflow error).
+#: The GEMMs whose A operand is uint8: AV (the softmax weights) and fc2 / expert fc2 (the GELU codes,
+#: ``numerics.GELU_CODE_BITS``); every other A is int8.
+_UNSIGNED_A_GEMMS = ("av (uint8 A)", "fc2", "expert_fc2")
+
 _K_SOURCE = {
     "patch_embed": "patch_dim", "qkv": "dim", "qk": "head_dim",
     "proj": "dim (padded to heads*ceil(head_dim/pe_cols)*pe_cols)", "fc1": "dim",
@@ -487,7 +491,8 @@ class AcceleratorConfig:
 
     @property
     def gemm_k_list(self):
-        """``{gemm name: K}`` for every GEMM of the model (signed int8 A unless noted)."""
+        """``{gemm name: K}`` for every GEMM of the model (signed int8 A except AV and the fc2s, which
+        read uint8: the softmax weights and the GELU codes)."""
         m = self.model
         ks = {
             "patch_embed": m.patch_dim,
@@ -515,8 +520,8 @@ class AcceleratorConfig:
 
     @property
     def largest_signed_k(self):
-        """Largest K of the int8 x int8 GEMMs (all but AV)."""
-        return max(k for name, k in self.gemm_k_list.items() if name != "av (uint8 A)")
+        """Largest K of the int8 x int8 GEMMs (all but AV and the fc2s)."""
+        return max(k for name, k in self.gemm_k_list.items() if name not in _UNSIGNED_A_GEMMS)
 
     @property
     def largest_weight_k(self):
@@ -539,10 +544,15 @@ class AcceleratorConfig:
     def worst_case_acc(self):
         """``(|sum| bound, what, parameter)`` of the worst accumulator magnitude of any GEMM."""
         signed = _SIGNED_PRODUCT_MAX * self.largest_signed_k
-        unsigned = _UNSIGNED_PRODUCT_MAX * self.token_capacity
+        ks = self.gemm_k_list
+        uname = max((n for n in ks if n in _UNSIGNED_A_GEMMS), key=lambda n: ks[n])
+        unsigned = _UNSIGNED_PRODUCT_MAX * ks[uname]
         if unsigned >= signed:
-            return (unsigned, f"AV product (K = token_capacity = {self.token_capacity}, uint8 x int8)",
-                    f"token_capacity={self.token_capacity}")
+            if uname == "av (uint8 A)" or ks[uname] == self.token_capacity:
+                return (unsigned, f"AV product (K = token_capacity = {self.token_capacity}, uint8 x int8)",
+                        f"token_capacity={self.token_capacity}")
+            return (unsigned, f"{uname} GEMM (K = {ks[uname]}, uint8 GELU codes x int8)",
+                    f"model.{_K_SOURCE[uname]}={ks[uname]}")
         k = self.largest_signed_k
         name = next(n for n, v in self.gemm_k_list.items() if v == k)
         return signed, f"{name} GEMM (K = {k}, int8 x int8)", f"model.{_K_SOURCE[name]}={k}"

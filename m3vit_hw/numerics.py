@@ -10,7 +10,7 @@ Pure Python + numpy: the generator must not need torch.
 import numpy as np
 
 __all__ = [
-    "ACT_BITS", "WEIGHT_BITS", "ACC_BITS", "RES_BITS", "BIAS_BITS",
+    "ACT_BITS", "GELU_CODE_BITS", "WEIGHT_BITS", "ACC_BITS", "RES_BITS", "BIAS_BITS",
     "MULT_BITS", "SHIFT_MAX", "SHIFT_BITS", "COMBINE_WEIGHT_BITS",
     "EXP_FRAC_BITS", "EXP_LUT_BITS", "EXP_OUT_BITS", "ATTN_P_BITS", "EXP_ZERO_INT",
     "ROUTER_P_FRAC", "ROUTER_RECIP_BITS", "AV_RECIP_BITS",
@@ -22,6 +22,11 @@ __all__ = [
 
 #: Activations feeding a GEMM: signed int8 (attention probabilities are *unsigned* 8-bit, see ATTN_P_BITS).
 ACT_BITS = 8
+#: The GELU output (the fc2 / expert ``h4toh`` A operand) is an *unsigned* 8-bit code ``u`` with a zero point
+#: ``z``, ``a = s'(u - z)``: GELU >= -0.17 needs only a few negative codes, so the step is about half the
+#: int8 one. The GELU table maps an int8 input to ``u`` in ``[0, 2**GELU_CODE_BITS)``; fc2 reads ``u`` as
+#: uint8 (the PE array's ``a_unsigned``) and ``-z * sum(w)`` is folded into its bias (docs/numerics.md §3).
+GELU_CODE_BITS = 8
 #: Weights: signed int8, symmetric, per output channel scale.
 WEIGHT_BITS = 8
 #: GEMM accumulators: signed int32. The config checks that K never lets a sum overflow.

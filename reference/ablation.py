@@ -24,7 +24,7 @@ Sites (each may be restored in every block or in one block):
 ``ln2``    LayerNorm 2 output, int8 (also the router's input)
 ``w_fc1``  fc1 / expert htoh4 weights
 ``pre``    fc1 output (GELU input), int8 with the negative side clipped
-``gelu``   GELU output, int8 (or ``gelu_bits``)
+``gelu``   GELU output: the uint8 code with its zero point (int8 / ``gelu_bits`` on the s8 options)
 ``w_fc2``  fc2 / expert h4toh weights
 ``w_gate`` router weights, int8 one scale per gate
 ``router`` router probabilities (Q0.15 combine weights through the exponent table)
@@ -228,7 +228,14 @@ def run(model, fq, img, task):
                 a = F.gelu(pre_q)
             if fq.on("gelu", i):
                 bits = fq.overrides.get("gelu", gelu_bits)
-                a = _q(a, qm.scales[i]["gelu"] / (1 << (bits - 8)), bits)
+                u8 = qm.scales[i].get("gelu_u8")
+                if u8 is not None and bits == 8:
+                    # The spec's uint8 code: step s', zero point z, codes 0..255 (quantize.gelu_code).
+                    su, z = u8
+                    a = _q(a, su, 9, lo=-z)
+                    a = torch.clamp(a, max=(255 - z) * su)
+                else:
+                    a = _q(a, qm.scales[i]["gelu"] / (1 << (bits - 8)), bits)
             return gemm(a, w2, b2, "w_fc2", ("fc2", i, e))
 
         if not blk.moe:

@@ -85,8 +85,11 @@ def requantize(acc, bias, mult, shift, out_bits):
 
 
 def gelu(x, lut):
-    """GELU as a 256-entry int8 -> int8 table: ``lut[x + 128]`` (int16 entries with the measured 16-bit
-    GELU option of docs/numerics.md §9, not in the RTL).
+    """GELU as a 256-entry table: ``lut[x + 128]`` for an int8 input ``x``.
+
+    The spec's table (docs/numerics.md §3) holds uint8 codes (``numerics.GELU_CODE_BITS``, zero point folded
+    into fc2's bias), which fc2 reads as uint8; the golden-only options of docs/numerics.md §9 put int8
+    (``gelu_code="s8"``) or int16 (``gelu_bits=16``) values here. The function is the lookup for all.
 
     The table is built at quantization time from the input and output scales; at run time GELU is a
     pure lookup, one ROM read per element.

@@ -287,7 +287,7 @@ class PixelInput:
 
 #: Methods :func:`quantize` applies by default, chosen by measurement (``docs/numerics.md`` §9).
 DEFAULTS = dict(pixel_input=True, drop_k_bias=True, calib="mse", smooth_alpha=None, gelu_bits=8, router_h_bits=8,
-                weight_clip="max", calib_sites=("pre", "gelu"), ln_bits=8, gelu_code="s8")
+                weight_clip="max", calib_sites=("pre", "gelu"), ln_bits=8, gelu_code="u8")
 
 
 def _smooth(model, ranges, alpha):
@@ -325,7 +325,7 @@ def _smooth(model, ranges, alpha):
 def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k_bias=DEFAULTS["drop_k_bias"],
              calib=DEFAULTS["calib"], smooth_alpha=DEFAULTS["smooth_alpha"], gelu_bits=DEFAULTS["gelu_bits"],
              router_h_bits=DEFAULTS["router_h_bits"], weight_clip=DEFAULTS["weight_clip"],
-             calib_sites=DEFAULTS["calib_sites"], ln_bits=DEFAULTS["ln_bits"], gelu_code=DEFAULTS["gelu_code"]):
+             calib_sites=DEFAULTS["calib_sites"], ln_bits=DEFAULTS["ln_bits"], gelu_code=None):
     """Quantize ``model``'s encoder, calibrating on ``calib_images`` [B,3,H,W] over every task.
 
     Parameters
@@ -350,11 +350,13 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
         8 to 16: the GELU table gives ``gelu_bits``-bit outputs (scale ``s_gelu / 2^(gelu_bits-8)``) and
         fc2 reads them (two byte-plane passes in hardware above 8). Measured, not in the RTL
         (``docs/numerics.md`` §9.4, §9.6).
-    gelu_code : str
-        ``s8`` (int8 GELU output) or ``u8``: the GELU output as a uint8 code ``u`` with a zero point
-        ``z``, ``a = s'(u - z)`` (GELU >= -0.17 needs only a few negative codes, so the step is about
-        half); fc2 reads ``u`` with the unsigned-A flag and ``-z * sum(W)`` is folded into its bias.
-        Needs ``gelu_bits=8``. Measured, not in the RTL (``docs/numerics.md`` §9.6).
+    gelu_code : str or None
+        ``u8`` (the spec, ``docs/numerics.md`` §3): the GELU output as a uint8 code ``u`` with a zero
+        point ``z``, ``a = s'(u - z)`` (GELU >= -0.17 needs only a few negative codes, so the step is
+        about half the int8 one); fc2 reads ``u`` with the unsigned-A flag and ``-z * sum(W)`` is folded
+        into its bias. ``s8``: the former int8 GELU output (golden only: the RTL's fc2 reads uint8, and
+        its image packers reject a negative table entry). ``None``: ``DEFAULTS["gelu_code"]`` with
+        ``gelu_bits=8``, ``s8`` (the signed wide code) above 8 bits.
     router_h_bits : int
         8, or 16: the router reads a 16-bit LN2 output (the same LayerNorm rounded 8 bits later,
         ``QMoE.router_h_shift = 8``). Measured, not in the RTL.
@@ -367,6 +369,8 @@ def quantize(model, calib_images, *, pixel_input=DEFAULTS["pixel_input"], drop_k
     """
     if weight_clip not in ("max", "mse"):
         raise ValueError(f"weight_clip must be 'max' or 'mse', not {weight_clip!r}")
+    if gelu_code is None:
+        gelu_code = DEFAULTS["gelu_code"] if gelu_bits == numerics.ACT_BITS else "s8"
     return _quantize(model, calib_images, pixel_input, drop_k_bias, calib, smooth_alpha, gelu_bits,
                      router_h_bits, weight_clip, tuple(calib_sites), ln_bits, gelu_code)
 

@@ -40,8 +40,9 @@ def _ln(rng, d):
 
 
 def _lut(rng):
+    """A GELU-like table of uint8 codes (``numerics.GELU_CODE_BITS``) with a zero point of 16."""
     x = np.arange(-128, 128)
-    return np.clip(np.where(x > 0, x, x // 8) + rng.integers(-2, 3, 256), -128, 127)
+    return np.clip(np.where(x > 0, 2 * x, x // 8) + 16 + rng.integers(-2, 3, 256), 0, 255)
 
 
 def _softmax_scale(k_len, in_mag):

@@ -23,13 +23,15 @@ __all__ = ["make_moe_workload", "golden_moe", "gelu_table", "SKEWS"]
 SKEWS = ("none", "hot", "sparse")
 
 
-def gelu_table(s_in, s_out):
-    """The 256-entry GELU table (docs/numerics.md §3), computed with math.erf."""
+def gelu_table(s_in, s_out, zero=4):
+    """The 256-entry GELU table of uint8 codes with zero point ``zero`` (docs/numerics.md §3), computed
+    with math.erf."""
     out = []
+    top = (1 << numerics.GELU_CODE_BITS) - 1
     for i in range(-128, 128):
         x = i * s_in
         y = 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
-        out.append(max(-128, min(127, round(y / s_out))))
+        out.append(max(0, min(top, round(y / s_out) + zero)))
     return np.array(out, dtype=np.int64)
 
 

@@ -75,7 +75,8 @@ class _Machine:
         return unpack_params(self.raw(addr, _ceil_div(n, self.C) * param_word_bytes(self.C)), n, self.C)
 
     def lut(self, addr):
-        return np.frombuffer(self.raw(addr, 1 << numerics.ACT_BITS), dtype=np.int8).astype(np.int64)
+        """The GELU table: uint8 codes (``numerics.GELU_CODE_BITS``)."""
+        return np.frombuffer(self.raw(addr, 1 << numerics.ACT_BITS), dtype=np.uint8).astype(np.int64)
 
     def tiles_operand(self, base, tiles, k, n):
         """B [k, n], bias, mult assembled from tiles at ``base + offset``."""
@@ -212,6 +213,8 @@ class _Machine:
             raise ValueError("GEMM gather/scatter (row tables) is not modelled by the executor")
         mode = EpilogueMode(f["mode"])
         a = self.read(self.act, "activation", f["a_base"], f["a_stride"], f["m"], f["k"])
+        # The buffer holds bytes: the PE array reads them as uint8 (a_unsigned) or int8.
+        a = a & 0xFF if f.get("a_unsigned", 0) else ((a + 128) & 0xFF) - 128
         b = self.panels(f["w_addr"], f["k"], f["n"])
         bias, mult = self.params(f["p_addr"], f["n"])
         acc = self.matmul(a, b)

@@ -7,6 +7,7 @@ external stream (load, start, read-back) stalling at random. The expected residu
 Cycles and MAC/cycle are printed, not asserted.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -109,8 +110,12 @@ def test_layout_reproduces_golden_operands():
         assert np.array_equal(bias[kind], qk.bias) and np.array_equal(mult[kind], qk.mult), \
             f"layout: {kind} parameters differ"
     assert [t.kind for t in lay.tiles].index("fc2") == next(t.index for t in lay.tiles if t.first_fc2)
-    assert np.array_equal(np.frombuffer(image[:256], dtype=np.int8), q.gelu_lut), "layout: GELU table"
+    assert np.array_equal(np.frombuffer(image[:256], dtype=np.uint8), q.gelu_lut), "layout: GELU table (uint8 codes)"
     assert lay.tiles[0].w_offset == lay.lut_bytes
+    # fc2 reads the table's bytes as uint8 codes: a signed (s8) table is refused, not misread.
+    signed = dataclasses.replace(q, gelu_lut=q.gelu_lut - 128)
+    with pytest.raises(ValueError, match=r"gelu_lut must be 256 uint8 codes in \[0, 255\].*range \[-128, "):
+        pack_dense(signed, cfg)
 
 
 def test_buffer_map_token_tile():

@@ -9,7 +9,7 @@ import torch
 from reference import golden_model
 from reference.inputs import synthetic_images
 from reference.model import build_model
-from reference.quantize import calibrate, quantize, quantize_image
+from reference.quantize import DEFAULTS, calibrate, quantize, quantize_image
 from reference.synthetic_weights import make_weights
 
 
@@ -157,7 +157,7 @@ def test_pixel_input_is_p_minus_128_and_tracks_the_float_model():
 
 @pytest.mark.parametrize("option", [dict(gelu_bits=16), dict(router_h_bits=16), dict(calib="p99.9"),
                                     dict(weight_clip="mse"), dict(calib="max"), dict(ln_bits=16),
-                                    dict(ln_bits=16, gelu_bits=16), dict(gelu_bits=10), dict(gelu_code="u8")])
+                                    dict(ln_bits=16, gelu_bits=16), dict(gelu_bits=10), dict(gelu_code="s8")])
 def test_measured_options_run_and_track_the_float_model(option):
     m = _model("tiny")
     qm = quantize(m, synthetic_images(m.cfg, 2, seed=1000), **option)
@@ -197,12 +197,16 @@ def test_16_bit_layernorm_output_is_the_8_bit_one_rounded_later():
 
 
 def test_uint8_gelu_code_with_zero_point():
-    """gelu_code='u8': the table holds uint8 codes u with s'(u - z) ~= gelu at the input grid, about twice
-    as fine as the int8 table, and fc2's bias carries -z * sum(W) exactly."""
+    """gelu_code='u8' (the default, the spec): the table holds uint8 codes u with s'(u - z) ~= gelu at the
+    input grid, about twice as fine as the int8 table, and fc2's bias carries -z * sum(W) exactly."""
     import torch.nn.functional as F
     m = _model("tiny")
     imgs = synthetic_images(m.cfg, 2, seed=1000)
-    q8, qu = quantize(m, imgs), quantize(m, imgs, gelu_code="u8")
+    q8, qu = quantize(m, imgs, gelu_code="s8"), quantize(m, imgs)
+    assert DEFAULTS["gelu_code"] == "u8" and qu.scales["options"]["gelu_code"] == "u8"
+    # Wider GELU outputs are signed: the default code follows gelu_bits.
+    assert quantize(m, imgs, gelu_bits=10).scales["options"]["gelu_code"] == "s8"
+    assert all(0 <= b.mlp.gelu_lut.min() and b.mlp.gelu_lut.max() <= 255 for b in qu.blocks)
     i = next(b for b in range(m.cfg.depth) if not m.cfg.is_moe(b))
     s_u, z = qu.scales[i]["gelu_u8"]
     lut = qu.blocks[i].mlp.gelu_lut

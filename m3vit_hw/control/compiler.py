@@ -219,14 +219,14 @@ def _emit(view, qm, layout, dims=0):
                 if tile.kind == "fc1":
                     f = dict(a_base=t0 * rw, a_stride=rw, dst_base=bm.hid_base + tile.n0 // C,
                              dst_stride=bm.hw, shift=int(qb.mlp.fc1.shift), mode=EpilogueMode.GELU8.value,
-                             lut_addr=b.mlp)
+                             lut_addr=b.mlp, a_unsigned=0)
                     # The hidden slot is overwritten while the previous token tile's fc2 reads it:
                     # the GEMM executor orders that itself (below), so only the block's first GEMM waits.
                     wait = tile.index == 0 and t0 == 0
                 else:
                     f = dict(a_base=bm.hid_base, a_stride=bm.hw, dst_base=t0 * rw + tile.n0 // C,
                              dst_stride=rw, shift=int(qb.mlp.fc2.shift), mode=EpilogueMode.RESADD.value,
-                             lut_addr=0)
+                             lut_addr=0, a_unsigned=1)       # the hidden slot holds uint8 GELU codes
                     # fc2 reads the hidden slot fc1 wrote: ordered by the executor, no wait.
                     wait = False
                 g = dict(m=rows, k=tile.k, n=tile.n, w_addr=b.mlp + tile.w_offset, p_addr=b.mlp + tile.p_offset,

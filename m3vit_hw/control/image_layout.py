@@ -271,10 +271,12 @@ def pack_router_table(qmoe, tasks):
 
 def _lut_bytes(lut):
     lut = np.asarray(lut, dtype=np.int64)
-    lo, hi = numerics.int_range(numerics.ACT_BITS)
+    # uint8 codes: fc2 / h4toh read the GELU output with a_unsigned (docs/numerics.md §3).
+    lo, hi = numerics.int_range(numerics.GELU_CODE_BITS, signed=False)
     if lut.shape != (_LUT_BYTES,) or lut.min() < lo or lut.max() > hi:
-        raise ValueError(f"a GELU table must be {_LUT_BYTES} int8 entries, not shape {lut.shape}")
-    return (lut & 0xFF).astype(np.uint8).tobytes()
+        raise ValueError(f"a GELU table must be {_LUT_BYTES} uint8 codes in [{lo}, {hi}], not shape {lut.shape} "
+                         f"with range [{lut.min()}, {lut.max()}]")
+    return lut.astype(np.uint8).tobytes()
 
 
 def pack_image(qm, layout, program=b""):

@@ -171,6 +171,7 @@ class InstructionSet:
                 Field("mode", 3, "gemm.epilogue.EpilogueMode", "epilogue mode (ACT8, GELU8, RES16, RESADD, ...)"),
                 Field("gather", 1, "-", "A rows through the row table"),
                 Field("scatter", 1, "-", "output rows through the row table"),
+                Field("a_unsigned", 1, "-", "A is uint8 (the GELU codes fc2 reads); int8 otherwise"),
             ],
             Opcode.ATTENTION: [
                 f("tokens", tok, "T"),

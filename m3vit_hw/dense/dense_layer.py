@@ -10,7 +10,8 @@ GEMM    mode    operands and destination (per token tile ``j``: rows ``t0 .. t0 
 ======  ======  ==================================================================================
 fc1     GELU8   ``m = rows, k = D, n = tile.n``; A = ``h`` rows ``t0..`` (pitch ``row_words``), B from
                 the weight buffer; out to the hidden slot ``hid_base + r * hw + tile.n0 / C``
-fc2     RESADD  ``m = rows, k = hidden, n = tile.n``; A = the hidden slot (pitch ``hw``); added into
+fc2     RESADD  ``m = rows, k = hidden, n = tile.n``; A = the hidden slot (pitch ``hw``, uint8 GELU
+                codes: ``a_unsigned``); added into
                 residual rows ``t0..``; the token tile's first fc2 command carries ``sync``
 ======  ======  ==================================================================================
 
@@ -421,6 +422,8 @@ class DenseSequencer(wiring.Component):
                         gp.b_tile_stride.eq(lay.hidden), gp.dst_base.eq(r_base + tc.n0w),
                         gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.fc2_shift),
                         gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_fc2),
+                        # The hidden slot holds uint8 GELU codes (numerics.GELU_CODE_BITS).
+                        gp.a_unsigned.eq(1),
                     ]
                 with m.Else():
                     m.d.comb += [

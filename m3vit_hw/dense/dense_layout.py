@@ -26,7 +26,7 @@ activation buffer leaves room for (capped at the token capacity).
 Image
 -----
 ``pack_dense`` returns one byte image (offset 0 = the sub-layer's base address): the 256-entry GELU
-table (byte ``i`` = ``gelu_lut[i]``, the output for input ``i - 128``; padded to the memory beat), then
+table (byte ``i`` = ``gelu_lut[i]``, the uint8 code for input ``i - 128``; padded to the memory beat), then
 the tiles in plan order, each ``[weight panels][parameter words]``, every piece aligned and padded to
 the memory beat.
 """
@@ -250,10 +250,12 @@ def pack_dense(qdense, config):
     C = layout.pe_cols
     image = bytearray(layout.image_bytes)
     lut = np.asarray(qdense.gelu_lut, dtype=np.int64)
-    lo, hi = numerics.int_range(numerics.ACT_BITS)
+    # The GELU output is a uint8 code (fc2 reads it with a_unsigned): a signed table would be misread.
+    lo, hi = numerics.int_range(numerics.GELU_CODE_BITS, signed=False)
     if lut.shape != (1 << numerics.ACT_BITS,) or lut.min() < lo or lut.max() > hi:
-        raise ValueError(f"qdense.gelu_lut must be {1 << numerics.ACT_BITS} int8 entries, not shape {lut.shape}")
-    image[:lut.size] = (lut & 0xFF).astype(np.uint8).tobytes()
+        raise ValueError(f"qdense.gelu_lut must be {1 << numerics.ACT_BITS} uint8 codes in [{lo}, {hi}], not shape "
+                         f"{lut.shape} with range [{lut.min()}, {lut.max()}]")
+    image[:lut.size] = lut.astype(np.uint8).tobytes()
     for t in layout.tiles:
         b, q = ops[t.kind]
         cols = slice(t.n0, t.n0 + t.n)

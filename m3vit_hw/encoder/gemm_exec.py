@@ -42,7 +42,7 @@ class GemmJobLayout(data.StructLayout):
     """One ``GEMM`` instruction with absolute external addresses: ``m, k, n``, ``a_base, a_stride,
     dst_base, dst_stride`` (on-chip words), ``w_addr, p_addr, lut_addr`` (bytes, beat-aligned),
     ``shift``, ``mode`` (:class:`~m3vit_hw.gemm.epilogue.EpilogueMode`), ``gather``, ``scatter``,
-    ``sync``."""
+    ``sync``, ``a_unsigned`` (A read as uint8: fc2 on the GELU codes)."""
 
     def __init__(self, config):
         aw = config.mem_addr_width
@@ -62,6 +62,7 @@ class GemmJobLayout(data.StructLayout):
             "gather": 1,
             "scatter": 1,
             "sync": 1,
+            "a_unsigned": 1,
         })
 
 
@@ -235,6 +236,7 @@ class GemmExecutor(wiring.Component):
                     gp.rowtab_base.eq(0), gp.colp_base.eq(0),
                     gp.shift.eq(cj.shift), gp.mode.eq(cj.mode),
                     gp.gather.eq(cj.gather), gp.scatter.eq(cj.scatter), gp.sync.eq(cj.sync),
+                    gp.a_unsigned.eq(cj.a_unsigned),
                 ]
                 with m.If(g.ready):
                     m.d.comb += cq.r_en.eq(1)

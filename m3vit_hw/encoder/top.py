@@ -270,6 +270,7 @@ class EncoderTop(wiring.Component):
                     gj.lut_addr.eq(pb + gm.lut_addr),
                     gj.shift.eq(gm.shift), gj.mode.eq(gm.mode),
                     gj.gather.eq(gm.gather), gj.scatter.eq(gm.scatter), gj.sync.eq(gm.wait),
+                    gj.a_unsigned.eq(gm.a_unsigned),
                 ]
             with m.Case(Opcode.ATTENTION):
                 ap = at.start.payload

@@ -1,4 +1,9 @@
-"""GELU epilogue stage: ``golden.gelu``, a 256-entry int8 -> int8 table, one lookup per lane per cycle.
+"""GELU epilogue stage: ``golden.gelu``, a 256-entry table of 8-bit entries, one lookup per lane per cycle.
+
+The entries are the spec's *uint8* GELU codes (``numerics.GELU_CODE_BITS``; the zero point is in fc2's
+bias). The stage handles them as 8-bit patterns (signed ports, the identity reset): the GELU8 epilogue
+writes those 8 bits to the activation buffer and fc2 reads them with ``a_unsigned``, so the sign the
+stage's wider ``data`` output gives them is never used.
 
 The table is made at quantization time from the fc1 output scale and the GELU output scale
 (``docs/numerics.md`` §3) and is written through the ``lut`` port before the GEMMs that use it (one

@@ -37,7 +37,8 @@ gate chunk RAW    ``m = T, k = D, n = chunk.n``; A = ``h`` rows (base 0, pitch `
 fc1 tile   GELU8  ``m = count, k = D, n = tile.n``; A gathered from ``h`` by the row table
                   (``rowtab_base = offset``); out to the hidden region ``hidden_base + row * hw
                   + tile.n0 / C``
-fc2 tile   COMB.  ``m = count, k = h, n = tile.n``; A = hidden rows (pitch ``hw``); scattered to
+fc2 tile   COMB.  ``m = count, k = h, n = tile.n``; A = hidden rows (pitch ``hw``, uint8 GELU codes:
+                  ``a_unsigned``); scattered to
                   residual row ``token`` with the row's Q0.15 weight; ``sync`` on the expert's
                   first fc2 tile (it reads what fc1 wrote)
 =========  =====  ==============================================================================
@@ -293,7 +294,7 @@ class ReorderController(wiring.Component):
                                  dst_base=hb + t.n0 // C, dst_stride=hw, gather=1))
             else:
                 cmds.append(dict(m=T, k=t.k, n=t.n, a_base=hb, a_stride=hw, b_tile_stride=t.k,
-                                 b_k_stride=1, dst_base=t.n0 // C, dst_stride=rw, scatter=1))
+                                 b_k_stride=1, dst_base=t.n0 // C, dst_stride=rw, scatter=1, a_unsigned=1))
         for cmd in cmds:
             check_command(config, cmd)
 
@@ -668,6 +669,8 @@ class ReorderController(wiring.Component):
                         g.dst_base.eq(ctr.n0w), g.dst_stride.eq(rw),
                         g.shift.eq(par.fc2_shift), g.mode.eq(EpilogueMode.COMBINE),
                         g.scatter.eq(1), g.sync.eq(ctr.first_fc2),
+                        # h4toh reads the uint8 GELU codes (numerics.GELU_CODE_BITS).
+                        g.a_unsigned.eq(1),
                     ]
                 with m.Else():
                     m.d.comb += [
