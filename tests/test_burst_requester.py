@@ -28,6 +28,7 @@ def _split(addr, beats, data_bytes, max_burst):
     (20, 32, 7, 200, 0.3, 3),      # an odd max_burst, 32-byte beats
     (11, 4, 256, 2000, 0.3, 4),    # memory narrower than a page, longest AXI burst
     (32, 64, 64, 70, 0.2, 5),      # one page is exactly one max burst
+    (16, 16, 16, 5, 0.3, 6),       # commands shorter than a burst (a narrow beats field)
 ])
 def test_burst_requester_splits(addr_width, data_bytes, max_burst, max_beats, stall, seed):
     rng = random.Random(seed)

@@ -42,7 +42,7 @@ class BurstRequester(wiring.Component):
         left = Signal.like(beats)
         idle = Signal(init=1)                          # ``left == 0``, registered (``cmd.ready``)
         # ``left - (max_burst + 1)``: its sign bit is ``left <= max_burst``.
-        over = Signal(signed(len(beats) + 2))
+        over = Signal(signed(max(len(beats), (mb + 1).bit_length()) + 1))
         room1 = Signal(page_bits)                      # beats left in the page, less one (mod a page)
         burst = Signal(range(mb + 1))
         have = Signal()                                # ``burst`` is the length of the request at ``addr``
