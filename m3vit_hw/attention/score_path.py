@@ -33,8 +33,10 @@ from .attn_layout import BufferMap
 
 __all__ = ["ScorePath", "ScoreParamsLayout", "mem_addr_width"]
 
-#: Read-ahead of the reorder buffer reader (words between the buffer and the softmax input).
-_READ_AHEAD = 4
+#: Read-ahead of the reorder buffer reader (words between the buffer and the softmax input). The
+#: FIFO's output is a register (``SyncFIFOBuffered``: no distributed-RAM read in front of the softmax
+#: input), which lengthens the read loop by a cycle; six words keep it at a word a cycle.
+_READ_AHEAD = 6
 #: Query tiles that may be between "rows announced" and "e8 written" (two slots + margin).
 _TILE_FIFO = 4
 
@@ -148,7 +150,7 @@ class ScorePath(wiring.Component):
         # "last row of the tile" test compares two flip-flops (no distributed-RAM read, no - 1).
         m.submodules.rows_out = rows_out = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
                                                                  depth=_TILE_FIFO)
-        m.submodules.ahead = ahead = fifo.SyncFIFO(width=C * numerics.ACC_BITS, depth=_READ_AHEAD)
+        m.submodules.ahead = ahead = fifo.SyncFIFOBuffered(width=C * numerics.ACC_BITS, depth=_READ_AHEAD)
         rslot = Signal()
         r_rows = Signal(range(bm.q_tile + 1))
         r_w = Signal(range(tw + 1))

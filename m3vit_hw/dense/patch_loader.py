@@ -233,18 +233,26 @@ class PatchLoader(wiring.Component):
         wcnt = Signal(range(kw + 1))
         rows_left = Signal(range(mc.patches + 1))
         dst_row = Signal(cfg.act_addr_bits)
-        # ``fill >= C`` and ``fill != 0`` as flags registered with ``fill`` (from its next value), so that
-        # ``emit`` is one LUT at the head of the take / ready chain back to the response and the FIFO.
-        m.d.sync += [fill.eq(fill_next), fill_ge.eq(fill_next >= C), fill_nz.eq(fill_next != 0)]
+        # ``fill >= C`` and ``fill != 0`` as flags registered with ``fill``, so that ``emit`` is one LUT
+        # at the head of the take / ready chain back to the response and the FIFO. Each branch's flags
+        # come straight from its own terms (no compare behind the next-fill mux): a take adds at most
+        # db bytes to fill < C, so with C a power of two >= db the sum's bit log2(C) is ``>= C``.
+        m.d.comb += fill_next.eq(fill)
+        sum_take = Signal(range(C + 2 * db + 1))
+        m.d.comb += sum_take.eq(fill + p_n)
+        ge_take = sum_take[C.bit_length() - 1] if (C & (C - 1)) == 0 and db <= C else (sum_take >= C)
         emit = rx_active & (fill_ge | (row_in_done & fill_nz))
-        m.d.comb += [p_take.eq(p_valid & ~emit & ~row_in_done), fill_next.eq(fill)]
+        m.d.comb += p_take.eq(p_valid & ~emit & ~row_in_done)
+        m.d.sync += fill.eq(fill_next)
         with m.If(p_take):
-            m.d.sync += acc.eq(acc | (p_data << (fill * 8)))
-            m.d.comb += fill_next.eq(fill + p_n)
+            m.d.sync += [acc.eq(acc | (p_data << (fill * 8))),
+                         fill_ge.eq(ge_take), fill_nz.eq(fill_nz | (p_n != 0))]
+            m.d.comb += fill_next.eq(sum_take)
             with m.If(p_row_end):
                 m.d.sync += row_in_done.eq(1)
         with m.Elif(emit):
-            m.d.sync += acc.eq(acc >> (8 * C))
+            m.d.sync += [acc.eq(acc >> (8 * C)),
+                         fill_ge.eq(fill >= 2 * C), fill_nz.eq(fill_ge & (fill != C))]
             m.d.comb += fill_next.eq(Mux(fill_ge, fill - C, 0))
 
         m.d.comb += [self.act_wr.addr.eq(dst_row + wcnt), self.act_wr.en.eq(Mux(emit, (1 << C) - 1, 0))]
@@ -269,6 +277,7 @@ class PatchLoader(wiring.Component):
                 wcnt.eq(0), row_in_done.eq(0), b.eq(0),
             ]
             m.d.comb += fill_next.eq(0)
+            m.d.sync += [fill_ge.eq(0), fill_nz.eq(0)]
             with m.If(pl.restart):
                 m.d.sync += [kh.eq(0), px.eq(0), prow_addr.eq(pl.img_base), patch_addr.eq(pl.img_base),
                              run_addr.eq(pl.img_base)]
