@@ -393,7 +393,8 @@ class AttnSequencer(wiring.Component):
         }), name="derived")
         # Cycles from the start until every derived value and part constant is valid (_part_table).
         plan_wait = Signal(range(6))
-        plan_ready = plan_wait == 0
+        plan_ready = Signal(init=1)        # plan_wait == 0, registered (it gates the command decision)
+        m.d.sync += plan_ready.eq(~start & (plan_wait <= 1))
         first_ok = plan_wait <= 2         # part 0's constants (the first tiles' fetch) are valid
         with m.If(start):
             m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(5),
@@ -535,24 +536,32 @@ class AttnSequencer(wiring.Component):
         with m.If(weight_done):
             m.d.sync += held.eq(0)
 
+        # The compute walker's descriptor fields that the weight tile's command needs, registered a
+        # cycle after the walker moves: the walker moves only at a decision, and the next decision
+        # comes two cycles later at the earliest (the command register empties in between).
+        tcr = Signal(data.StructLayout({"n": len(tc.n), "n0w": len(tc.n0w), "dst_qkv": cfg.dst_addr_bits,
+                                        "proj": 1, "first_proj": 1, "qk_part": 1}), name="compute_tile_r")
+        m.d.sync += [tcr.n.eq(tc.n), tcr.n0w.eq(tc.n0w), tcr.dst_qkv.eq(bm.qkv_base + tc.n0w),
+                     tcr.proj.eq(tc.proj), tcr.first_proj.eq(tc.first_proj), tcr.qk_part.eq(tc.qk_part)]
+
         def tile_command():
             """Drive the engine command (and its phase) of weight tile ``tc`` (QKV or proj)."""
             m.d.comb += [
-                gp.m.eq(T), gp.n.eq(tc.n), gp.a_unsigned.eq(0), gp.b_trans.eq(0),
+                gp.m.eq(T), gp.n.eq(tcr.n), gp.a_unsigned.eq(0), gp.b_trans.eq(0),
                 gp.b_base.eq(0), gp.b_k_stride.eq(1), gp.colp_base.eq(0),
             ]
-            with m.If(tc.proj):
+            with m.If(tcr.proj):
                 m.d.comb += [
                     gp.k.eq(dv.proj_k), gp.a_base.eq(bm.ctx_base), gp.a_stride.eq(dv.ctx),
-                    gp.b_tile_stride.eq(dv.proj_k), gp.dst_base.eq(tc.n0w),
+                    gp.b_tile_stride.eq(dv.proj_k), gp.dst_base.eq(tcr.n0w),
                     gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.proj_shift),
-                    gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_proj),
+                    gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tcr.first_proj),
                     g_phase_next.eq(Phase.PROJ),
                 ]
             with m.Else():
                 m.d.comb += [
                     gp.k.eq(D), gp.a_base.eq(0), gp.a_stride.eq(bm.row_words),
-                    gp.b_tile_stride.eq(D), gp.dst_base.eq(bm.qkv_base + tc.n0w),
+                    gp.b_tile_stride.eq(D), gp.dst_base.eq(tcr.dst_qkv),
                     gp.dst_stride.eq(dv.qkvp), gp.shift.eq(prm.qkv_shift),
                     gp.mode.eq(EpilogueMode.ACT8), g_phase_next.eq(Phase.QKV),
                 ]
@@ -594,7 +603,7 @@ class AttnSequencer(wiring.Component):
                 can_av = qa_nz & sa_nz
                 qk_rows = Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)
                 av_rows = Mux(av_rows_left > q_tile, q_tile, av_rows_left)
-                can_early = ~qk_more & ~early & tc.qk_part & tile_ready
+                can_early = ~qk_more & ~early & tcr.qk_part & tile_ready
                 m.d.comb += [g_valid.eq(infl.w_rdy & (can_qk | can_av | can_early)), gp.colp_base.eq(0)]
                 with m.If(~can_qk & ~can_av & can_early):
                     tile_command()

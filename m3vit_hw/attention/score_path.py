@@ -27,6 +27,7 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
+from ..lib.skid import SkidBuffer
 from ..rowops.counts import below_next
 from ..rowops.softmax import SHIFT_BITS, SoftmaxMode, SoftmaxUnit
 from .attn_layout import BufferMap
@@ -221,8 +222,13 @@ class ScorePath(wiring.Component):
         L = cfg.attn_softmax_lanes
         S = C // L
         beat_bits = L * numerics.ACC_BITS
+        # A skid buffer in front of the softmax input: the unit's ready (its row-queue and buffer-room
+        # logic) ends in the buffer, and the read-ahead FIFO's pop and count see a flip-flop.
+        m.submodules.beat_skid = skid = SkidBuffer(sm.i.payload.shape())
+        wiring.connect(m, skid.o, sm.i)
+        smi = skid.i
         if S == 1:
-            m.d.comb += [sm.i.valid.eq(ahead.r_rdy), sm.i.payload.eq(ahead.r_data), ahead.r_en.eq(sm.i.ready)]
+            m.d.comb += [smi.valid.eq(ahead.r_rdy), smi.payload.eq(ahead.r_data), ahead.r_en.eq(smi.ready)]
         else:
             # Beats of the row's last word, less one: (T - (beats - 1) * C - 1) // L, registered (the
             # parameters are held while the layer runs, long before the first row is read).
@@ -233,15 +239,15 @@ class ScorePath(wiring.Component):
             sub = Signal(range(S))
             i_w = Signal(range(tw + 1))                    # word of the row being cut
             last_sub = Mux(i_w == beats_m1, tail, S - 1)
-            pop = sm.i.valid & sm.i.ready & (sub == last_sub)
+            pop = smi.valid & smi.ready & (sub == last_sub)
             m.d.comb += [
-                sm.i.valid.eq(ahead.r_rdy),
-                sm.i.payload.eq(ahead.r_data.word_select(sub, beat_bits)),
+                smi.valid.eq(ahead.r_rdy),
+                smi.payload.eq(ahead.r_data.word_select(sub, beat_bits)),
                 ahead.r_en.eq(pop),
             ]
             with m.If(pop):
                 m.d.sync += [sub.eq(0), i_w.eq(Mux(i_w == beats_m1, 0, i_w + 1))]
-            with m.Elif(sm.i.valid & sm.i.ready):
+            with m.Elif(smi.valid & smi.ready):
                 m.d.sync += sub.eq(sub + 1)
 
         # ---- e8 writer: softmax output -> e8 slot, reciprocal -> row table -----------------------
