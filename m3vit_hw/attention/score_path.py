@@ -28,7 +28,7 @@ from .. import numerics
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..lib.skid import SkidBuffer
-from ..rowops.counts import below_next
+from ..rowops.counts import below_next, thermometer_step
 from ..rowops.softmax import SHIFT_BITS, SoftmaxMode, SoftmaxUnit
 from .attn_layout import BufferMap
 
@@ -144,7 +144,10 @@ class ScorePath(wiring.Component):
         m.d.sync += e8_free.eq(e8_free - take + self.slot_release)
 
         # ---- reader: FULL slot -> softmax, row by row --------------------------------------------
-        m.submodules.rows_in = rows_in = fifo.SyncFIFO(width=len(self.tiles.payload), depth=_TILE_FIFO)
+        # Buffered (its read data a register): ``rows_in.r_data - 1`` goes into rows_out's write data,
+        # and a distributed-RAM read in front of that subtraction was the unit's longest path.
+        m.submodules.rows_in = rows_in = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
+                                                               depth=_TILE_FIFO)
         m.d.comb += [self.tiles.ready.eq(rows_in.w_rdy), rows_in.w_en.eq(self.tiles.valid),
                      rows_in.w_data.eq(self.tiles.payload)]
         # rows_out holds each tile's row count less one, behind a registered output: the e8 writer's
@@ -290,12 +293,12 @@ class ScorePath(wiring.Component):
                     m.d.comb += [rows_out.r_en.eq(1), self.tile_done.eq(1)]
                     m.d.sync += [e_row.eq(0), eslot.eq(~eslot),
                                  e_base.eq(Mux(eslot, 0, bm.e8_slot))]
-        # busy (rows_out not empty) as a register a cycle ahead, from a count of its own.
-        tiles_in = Signal(range(_TILE_FIFO + 1))
-        busy_r = Signal()
+        # busy (rows_out not empty) as a register a cycle ahead, from a count of its own kept as a
+        # thermometer code (no adder behind the tile-end compare): busy is its bit 0.
+        tiles_in = Signal(_TILE_FIFO)
         tile_end = Signal()
         m.d.comb += tile_end.eq(rows_out.r_en)
-        m.d.sync += [tiles_in.eq(tiles_in + take - tile_end),
-                     busy_r.eq(~below_next(tiles_in, take, tile_end, 1))]
+        thermometer_step(m, tiles_in, take, tile_end)
+        busy_r = tiles_in[0]
         m.d.comb += self.busy.eq(busy_r)
         return m
