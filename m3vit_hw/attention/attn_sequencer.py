@@ -282,43 +282,34 @@ class AttnSequencer(wiring.Component):
             "proj": 1, "first_proj": 1, "last": 1, "last_of_head": 1, "qk_part": 1, "first_tile": 1,
             "ended": 1, "tag": unsigned(cfg.tile_tag_width),
             "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
-            "first": range(most + 1), "v_part": 1,
         }), name=name)
-        # The current part's constants in a register of the walker's own, loaded at a part change
-        # from ``e_next`` (the next part's entry) and otherwise refreshed from ``e_cur`` (this part's
-        # entry), both registered table selections: so ``e`` is a 3-way mux of registers behind the
-        # advance, and follows the table two cycles behind while it settles after a start. The
-        # selections lag the walker by a cycle, so two advances are at least two cycles apart (the
-        # callers: the command register, ``w_fresh`` / ``p_fresh``).
+        # The current part's constants in a register of the walker's own, loaded with the part at a
+        # part change and otherwise refreshed from the table (so it follows the table while the
+        # table settles after a start, one cycle behind): no part-indexed mux before the compares.
         e = Signal.like(table[0], name=f"{name}_part_consts")
-        e_cur = Signal.like(table[0], name=f"{name}_cur_consts")
-        e_next = Signal.like(table[0], name=f"{name}_next_consts")
-        next_big = Signal(name=f"{name}_next_big")          # e_next.extra != 0
         part_change = Signal(name=f"{name}_part_change")
         chunk_step = Signal(name=f"{name}_chunk_step")
-        with m.Switch(part):
-            with m.Case(0):
-                m.d.sync += [e_cur.eq(table[0]), e_next.eq(table[1]), next_big.eq(table[1].extra != 0)]
-            with m.Case(1):
-                m.d.sync += e_cur.eq(table[1])
-                with m.If(head == heads_m1):
-                    m.d.sync += [e_next.eq(table[2]), next_big.eq(table[2].extra != 0)]
-                with m.Else():
-                    m.d.sync += [e_next.eq(table[0]), next_big.eq(table[0].extra != 0)]
-            with m.Default():
-                m.d.sync += e_cur.eq(table[2])
         # "This chunk has a panel more" (chunk < extra) as a register: set for the next chunk at an
         # advance (chunk 0 of the next part: its extra != 0; else chunk + 1 < extra), refreshed
         # otherwise.
         big = Signal(name=f"{name}_big")
         with m.If(part_change):
-            m.d.sync += [e.eq(e_next), big.eq(next_big)]
+            with m.Switch(part):
+                with m.Case(0):
+                    m.d.sync += [e.eq(table[1]), big.eq(table[1].extra != 0)]
+                with m.Case(1):
+                    with m.If(head == heads_m1):
+                        m.d.sync += [e.eq(table[2]), big.eq(table[2].extra != 0)]
+                    with m.Else():
+                        m.d.sync += [e.eq(table[0]), big.eq(table[0].extra != 0)]
         with m.Elif(chunk_step):
             m.d.sync += big.eq(chunk < e.extra_m1)
         with m.Else():
-            m.d.sync += [big.eq(chunk < e.extra), e.eq(e_cur)]
-        # The first tile (part 0, head 0, chunk 0) is the one before any advance: a register.
-        first_tile = Signal(name=f"{name}_first_tile", init=1)
+            m.d.sync += big.eq(chunk < e.extra)
+            with m.Switch(part):
+                for code in range(3):
+                    with m.Case(code):
+                        m.d.sync += e.eq(table[code])
         panels = e.panels + big
         last_chunk = chunk == e.nch_m1
         is_proj = part == 2
@@ -328,16 +319,14 @@ class AttnSequencer(wiring.Component):
             t.w_off.eq(off), t.w_len.eq(w_len), t.p_off.eq(off + w_len), t.p_len.eq(p_len),
             t.proj.eq(is_proj), t.first_proj.eq(is_proj & (chunk == 0)), t.last.eq(is_proj & last_chunk),
             t.last_of_head.eq((part == 1) & last_chunk), t.qk_part.eq(part == 0),
-            t.first_tile.eq(first_tile), t.ended.eq(ended), t.tag.eq(idx),
+            t.first_tile.eq((part == 0) & (head == 0) & (chunk == 0)), t.ended.eq(ended), t.tag.eq(idx),
             t.n.eq(Mux(is_proj & last_chunk, sh.dim - first * C, panels * C)),
             t.n0w.eq(Mux(part == 1, dv.v_n0w, 0) + first),
-            t.first.eq(first), t.v_part.eq(part == 1),
         ]
         with m.If(reset):
             m.d.sync += [part.eq(0), head.eq(0), chunk.eq(0), first.eq(0), off.eq(base), idx.eq(0),
-                         ended.eq(0), first_tile.eq(1)]
+                         ended.eq(0)]
         with m.Elif(advance):
-            m.d.sync += first_tile.eq(0)
             m.d.comb += part_change.eq(last_chunk)
             m.d.sync += [off.eq(off + Mux(big, e.st_b, e.st_s)), idx.eq(idx + 1)]
             with m.If(last_chunk):
@@ -406,10 +395,7 @@ class AttnSequencer(wiring.Component):
         plan_wait = Signal(range(6))
         plan_ready = Signal(init=1)        # plan_wait == 0, registered (it gates the command decision)
         m.d.sync += plan_ready.eq(~start & (plan_wait <= 1))
-        # Part 0's constants (the first tiles' fetch) are valid in the walker's ``e`` from
-        # plan_wait == 1 on (its ``big`` too): ``first_ok``, registered.
-        first_ok = Signal(init=1)
-        m.d.sync += first_ok.eq(~start & (plan_wait <= 2))
+        first_ok = plan_wait <= 2         # part 0's constants (the first tiles' fetch) are valid
         with m.If(start):
             m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(5),
                          # The multiply runs in parallel with the default select (not after it).
@@ -453,12 +439,11 @@ class AttnSequencer(wiring.Component):
                                     base=p.base)
         p_addr = Signal(aw)
         p_fresh = Signal()
-        w_fresh = Signal()
         first_ok_d = Signal()
         m.d.sync += [p_addr.eq(tp_.p_off), p_fresh.eq(~(pcmd.valid & pcmd.ready) & ~start),
-                     w_fresh.eq(~(wcmd.valid & wcmd.ready) & ~start), first_ok_d.eq(first_ok & ~start)]
+                     first_ok_d.eq(first_ok & ~start)]
         m.d.comb += [
-            wcmd.valid.eq(running & w_fresh & ~tw_.ended & (plan_ready | (tw_.first_tile & first_ok))),
+            wcmd.valid.eq(running & ~tw_.ended & (plan_ready | (tw_.first_tile & first_ok))),
             wcmd.payload.addr.eq(tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
             wcmd.payload.tag.eq(tw_.tag),
             pcmd.valid.eq(running & p_fresh & ~tp_.ended & (plan_ready | (tp_.first_tile & first_ok_d))),
@@ -554,11 +539,9 @@ class AttnSequencer(wiring.Component):
         # The compute walker's descriptor fields that the weight tile's command needs, registered a
         # cycle after the walker moves: the walker moves only at a decision, and the next decision
         # comes two cycles later at the earliest (the command register empties in between).
-        vq = Signal(cfg.dst_addr_bits)          # bm.qkv_base + v_n0w: the V part's first column word
-        m.d.sync += vq.eq(bm.qkv_base + dv.v_n0w)
         tcr = Signal(data.StructLayout({"n": len(tc.n), "n0w": len(tc.n0w), "dst_qkv": cfg.dst_addr_bits,
                                         "proj": 1, "first_proj": 1, "qk_part": 1}), name="compute_tile_r")
-        m.d.sync += [tcr.n.eq(tc.n), tcr.n0w.eq(tc.n0w), tcr.dst_qkv.eq(Mux(tc.v_part, vq, bm.qkv_base) + tc.first),
+        m.d.sync += [tcr.n.eq(tc.n), tcr.n0w.eq(tc.n0w), tcr.dst_qkv.eq(bm.qkv_base + tc.n0w),
                      tcr.proj.eq(tc.proj), tcr.first_proj.eq(tc.first_proj), tcr.qk_part.eq(tc.qk_part)]
 
         def tile_command():
