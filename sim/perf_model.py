@@ -415,8 +415,9 @@ def gemm_instructions_cycles(config, insns, *, bytes_per_cycle=16.0, latency=20)
 # ---- attention sub-layer (m3vit_hw/attention/attention_layer.py, score_path.py) ----------------
 
 #: Calibrated: score path, QK^T results written -> first row into the softmax (slot hand-over,
-#: read-ahead), and last e8 row out -> the AV command may start.
-SCORE_IN, SCORE_OUT = 6, 4
+#: read-ahead with its registered output, the skid buffer at the softmax input), and last e8 row
+#: out -> the AV command may start (through the sequencer's command register).
+SCORE_IN, SCORE_OUT = 8, 5
 
 
 def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):

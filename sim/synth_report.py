@@ -169,6 +169,13 @@ def _embed_sequencer(cfg):
     return EmbedSequencer(cfg, plan_embed(cfg), embed_buffer_map(cfg))
 
 
+def _dense_sequencer(cfg):
+    from m3vit_hw.dense.dense_layer import DenseSequencer
+    from m3vit_hw.dense.dense_layout import dense_buffer_map, plan_dense
+    # Its client's gelu_lut write port is driven though declared In (as the MoE sequencer's).
+    return _PortsOf(DenseSequencer(cfg, plan_dense(cfg), dense_buffer_map(cfg)))
+
+
 def _store_dma(cfg):
     from m3vit_hw.encoder.store import StoreDma
     return StoreDma(cfg)
@@ -183,8 +190,8 @@ UNITS = {"requantizer": _requantizer, "gelu": _gelu, "residual": _residual, "top
          # The encoder's sequencing units (each with the units it contains: ScorePath holds the softmax,
          # AttnSequencer the ScorePath, MoESequencer the router, top-k and queues, NormStage the LayerNorm).
          "patch_loader": _patch_loader, "store_dma": _store_dma, "norm_stage": _norm_stage,
-         "embed_sequencer": _embed_sequencer, "score_path": _score_path, "attn_sequencer": _attn_sequencer,
-         "moe_sequencer": _moe_sequencer}
+         "embed_sequencer": _embed_sequencer, "dense_sequencer": _dense_sequencer,
+         "score_path": _score_path, "attn_sequencer": _attn_sequencer, "moe_sequencer": _moe_sequencer}
 
 #: Cell name patterns -> report column.
 _GROUPS = [

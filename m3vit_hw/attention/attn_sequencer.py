@@ -257,13 +257,14 @@ class AttnSequencer(wiring.Component):
             table.append(e)
         return table
 
-    def _walker(self, m, name, sh, dv, table, heads_m1, advance):
+    def _walker(self, m, name, sh, dv, table, heads_m1, advance, base=0):
         """A walk over the run-time tile plan: registers (part, head, chunk, first panel, byte
         offset, tile index) and the current tile's descriptor, combinational from them and the
         per-part ``table`` (:meth:`_part_table`). ``advance`` steps to the next tile; ``reset``
         (comb, driven by the caller) returns to the first. The plan: per head its Q|K chunks then its
         V chunks, then the projection's chunks; each tile ``[weights][parameters]``, beat-padded,
-        back to back (:func:`~m3vit_hw.attention.attn_layout.plan_attention`)."""
+        back to back (:func:`~m3vit_hw.attention.attn_layout.plan_attention`). The byte offset starts
+        at ``base`` (sampled with ``reset``), so the tile's ``w_off`` is the absolute address."""
         cfg = self._config
         C, aw = cfg.pe_cols, self._aw
         bm = self._bmap
@@ -323,7 +324,7 @@ class AttnSequencer(wiring.Component):
             t.n0w.eq(Mux(part == 1, dv.v_n0w, 0) + first),
         ]
         with m.If(reset):
-            m.d.sync += [part.eq(0), head.eq(0), chunk.eq(0), first.eq(0), off.eq(0), idx.eq(0),
+            m.d.sync += [part.eq(0), head.eq(0), chunk.eq(0), first.eq(0), off.eq(base), idx.eq(0),
                          ended.eq(0)]
         with m.Elif(advance):
             m.d.comb += part_change.eq(last_chunk)
@@ -392,7 +393,8 @@ class AttnSequencer(wiring.Component):
         }), name="derived")
         # Cycles from the start until every derived value and part constant is valid (_part_table).
         plan_wait = Signal(range(6))
-        plan_ready = plan_wait == 0
+        plan_ready = Signal(init=1)        # plan_wait == 0, registered (it gates the command decision)
+        m.d.sync += plan_ready.eq(~start & (plan_wait <= 1))
         first_ok = plan_wait <= 2         # part 0's constants (the first tiles' fetch) are valid
         with m.If(start):
             m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(5),
@@ -427,14 +429,25 @@ class AttnSequencer(wiring.Component):
         table = self._part_table(m, sh, dv)
         heads_m1 = Signal.like(sh.heads)                     # registered (held while running)
         m.d.sync += heads_m1.eq(sh.heads - 1)
-        tw_, w_reset = self._walker(m, "fetch_w_tile", sh, dv, table, heads_m1, wcmd.valid & wcmd.ready)
-        tp_, p_reset = self._walker(m, "fetch_p_tile", sh, dv, table, heads_m1, pcmd.valid & pcmd.ready)
+        # The fetch walkers count absolute addresses (they start at the image base), so the weight
+        # command's address is the walker's register. The parameter command's (``off + w_len``) is
+        # registered too (``p_addr``), valid the cycle after the walker moves (``p_fresh``); that
+        # costs the first parameter fetch one cycle (``first_ok_d``), none after.
+        tw_, w_reset = self._walker(m, "fetch_w_tile", sh, dv, table, heads_m1, wcmd.valid & wcmd.ready,
+                                    base=p.base)
+        tp_, p_reset = self._walker(m, "fetch_p_tile", sh, dv, table, heads_m1, pcmd.valid & pcmd.ready,
+                                    base=p.base)
+        p_addr = Signal(aw)
+        p_fresh = Signal()
+        first_ok_d = Signal()
+        m.d.sync += [p_addr.eq(tp_.p_off), p_fresh.eq(~(pcmd.valid & pcmd.ready) & ~start),
+                     first_ok_d.eq(first_ok & ~start)]
         m.d.comb += [
             wcmd.valid.eq(running & ~tw_.ended & (plan_ready | (tw_.first_tile & first_ok))),
-            wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
+            wcmd.payload.addr.eq(tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
             wcmd.payload.tag.eq(tw_.tag),
-            pcmd.valid.eq(running & ~tp_.ended & (plan_ready | (tp_.first_tile & first_ok))),
-            pcmd.payload.addr.eq(prm.base + tp_.p_off), pcmd.payload.length.eq(tp_.p_len),
+            pcmd.valid.eq(running & p_fresh & ~tp_.ended & (plan_ready | (tp_.first_tile & first_ok_d))),
+            pcmd.payload.addr.eq(p_addr), pcmd.payload.length.eq(tp_.p_len),
             pcmd.payload.tag.eq(tp_.tag),
             w_reset.eq(start), p_reset.eq(start),
         ]
@@ -450,9 +463,29 @@ class AttnSequencer(wiring.Component):
         m.d.comb += cl.release.eq(weight_done)
 
         # ---- compute sequencer -------------------------------------------------------------------
+        # The engine command goes out of a register (``g_full``, payload, phase, tile rows): the
+        # sequencer decides (``push``) only while the register is empty, and the in-flight queue and
+        # the score path's tile FIFO take the command at its transfer. So the decision's wide AND
+        # (state, flags, the client's tile and done inputs) ends in the sequencer's own registers, and
+        # neither the engine's ready nor the decision sits in front of those queues' counts. Room in
+        # both queues is checked at the decision; only pops happen until the transfer. Commands leave
+        # at most every other cycle (each is a GEMM of many cycles).
         g = cl.gemm
-        gp = g.payload
-        push = g.valid & g.ready
+        gp = Signal.like(g.payload, name="gemm_next")
+        g_valid = Signal()                  # the sequencer has a command for the register
+        g_full = Signal()
+        g_phase, g_phase_next = Signal(Phase), Signal(Phase)
+        g_qk, g_qk_next = Signal(), Signal()       # a QKᵀ command: its rows go to the score path
+        g_rows, g_rows_next = Signal.like(self.score.tiles.payload), Signal.like(self.score.tiles.payload)
+        sent = g.valid & g.ready
+        push = g_valid & ~g_full
+        m.d.comb += [g.valid.eq(g_full), infl.w_data.eq(g_phase),
+                     sp.tiles.valid.eq(sent & g_qk), sp.tiles.payload.eq(g_rows)]
+        with m.If(push):
+            m.d.sync += [g_full.eq(1), g.payload.eq(gp), g_phase.eq(g_phase_next), g_qk.eq(g_qk_next),
+                         g_rows.eq(g_rows_next)]
+        with m.Elif(sent):
+            m.d.sync += g_full.eq(0)
         advance = Signal()
         tc, c_reset = self._walker(m, "compute_tile", sh, dv, table, heads_m1, advance)
         m.d.comb += c_reset.eq(start)
@@ -465,7 +498,7 @@ class AttnSequencer(wiring.Component):
         qk_a = Signal(cfg.act_addr_bits)                       # Q rows of the next QKᵀ tile
         av_dst = Signal(cfg.dst_addr_bits)                     # context rows of the next AV tile
         head_off = Signal(cfg.dst_addr_bits)                   # head * hw
-        m.d.comb += [infl.w_en.eq(push)]
+        m.d.comb += [infl.w_en.eq(sent)]
         q_tile = bm.q_tile
         in_attn = Signal()                 # the FSM is in ATTN (set and cleared with its transitions)
         # The attention window's issue conditions as registers a cycle ahead (rowops.counts): instead
@@ -503,26 +536,34 @@ class AttnSequencer(wiring.Component):
         with m.If(weight_done):
             m.d.sync += held.eq(0)
 
+        # The compute walker's descriptor fields that the weight tile's command needs, registered a
+        # cycle after the walker moves: the walker moves only at a decision, and the next decision
+        # comes two cycles later at the earliest (the command register empties in between).
+        tcr = Signal(data.StructLayout({"n": len(tc.n), "n0w": len(tc.n0w), "dst_qkv": cfg.dst_addr_bits,
+                                        "proj": 1, "first_proj": 1, "qk_part": 1}), name="compute_tile_r")
+        m.d.sync += [tcr.n.eq(tc.n), tcr.n0w.eq(tc.n0w), tcr.dst_qkv.eq(bm.qkv_base + tc.n0w),
+                     tcr.proj.eq(tc.proj), tcr.first_proj.eq(tc.first_proj), tcr.qk_part.eq(tc.qk_part)]
+
         def tile_command():
             """Drive the engine command (and its phase) of weight tile ``tc`` (QKV or proj)."""
             m.d.comb += [
-                gp.m.eq(T), gp.n.eq(tc.n), gp.a_unsigned.eq(0), gp.b_trans.eq(0),
+                gp.m.eq(T), gp.n.eq(tcr.n), gp.a_unsigned.eq(0), gp.b_trans.eq(0),
                 gp.b_base.eq(0), gp.b_k_stride.eq(1), gp.colp_base.eq(0),
             ]
-            with m.If(tc.proj):
+            with m.If(tcr.proj):
                 m.d.comb += [
                     gp.k.eq(dv.proj_k), gp.a_base.eq(bm.ctx_base), gp.a_stride.eq(dv.ctx),
-                    gp.b_tile_stride.eq(dv.proj_k), gp.dst_base.eq(tc.n0w),
+                    gp.b_tile_stride.eq(dv.proj_k), gp.dst_base.eq(tcr.n0w),
                     gp.dst_stride.eq(bm.row_words), gp.shift.eq(prm.proj_shift),
-                    gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tc.first_proj),
-                    infl.w_data.eq(Phase.PROJ),
+                    gp.mode.eq(EpilogueMode.RESADD), gp.sync.eq(tcr.first_proj),
+                    g_phase_next.eq(Phase.PROJ),
                 ]
             with m.Else():
                 m.d.comb += [
                     gp.k.eq(D), gp.a_base.eq(0), gp.a_stride.eq(bm.row_words),
-                    gp.b_tile_stride.eq(D), gp.dst_base.eq(bm.qkv_base + tc.n0w),
+                    gp.b_tile_stride.eq(D), gp.dst_base.eq(tcr.dst_qkv),
                     gp.dst_stride.eq(dv.qkvp), gp.shift.eq(prm.qkv_shift),
-                    gp.mode.eq(EpilogueMode.ACT8), infl.w_data.eq(Phase.QKV),
+                    gp.mode.eq(EpilogueMode.ACT8), g_phase_next.eq(Phase.QKV),
                 ]
 
         # The next head's first Q|K tile may be issued early, while the head's last AV waits for its
@@ -539,7 +580,7 @@ class AttnSequencer(wiring.Component):
                 with m.If(tile_ready):
                     m.next = "ISSUE_TILE"
             with m.State("ISSUE_TILE"):
-                m.d.comb += g.valid.eq(infl.w_rdy)
+                m.d.comb += g_valid.eq(infl.w_rdy)
                 tile_command()
                 with m.If(push):
                     m.d.sync += held.eq(1)
@@ -562,8 +603,8 @@ class AttnSequencer(wiring.Component):
                 can_av = qa_nz & sa_nz
                 qk_rows = Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)
                 av_rows = Mux(av_rows_left > q_tile, q_tile, av_rows_left)
-                can_early = ~qk_more & ~early & tc.qk_part & tile_ready
-                m.d.comb += [g.valid.eq(infl.w_rdy & (can_qk | can_av | can_early)), gp.colp_base.eq(0)]
+                can_early = ~qk_more & ~early & tcr.qk_part & tile_ready
+                m.d.comb += [g_valid.eq(infl.w_rdy & (can_qk | can_av | can_early)), gp.colp_base.eq(0)]
                 with m.If(~can_qk & ~can_av & can_early):
                     tile_command()
                     with m.If(push):
@@ -577,8 +618,7 @@ class AttnSequencer(wiring.Component):
                         gp.b_k_stride.eq(dv.qkvp), gp.b_tile_stride.eq(dv.b_tile_qk),
                         gp.dst_base.eq(Mux(qk_slot, bm.score_slot, 0)), gp.dst_stride.eq(bm.score_words),
                         gp.mode.eq(EpilogueMode.RAW), gp.sync.eq(qk_next == 0),
-                        infl.w_data.eq(Phase.QK),
-                        sp.tiles.valid.eq(push), sp.tiles.payload.eq(qk_rows),
+                        g_phase_next.eq(Phase.QK), g_qk_next.eq(1), g_rows_next.eq(qk_rows),
                     ]
                     m.d.comb += qk_push.eq(push)
                     with m.If(push):
@@ -595,7 +635,7 @@ class AttnSequencer(wiring.Component):
                         gp.rowtab_base.eq(Mux(av_slot, bm.q_pad, 0)),
                         gp.dst_base.eq(av_dst), gp.dst_stride.eq(dv.ctx),
                         gp.shift.eq(prm.out_shift), gp.mode.eq(EpilogueMode.ATTN8),
-                        infl.w_data.eq(Phase.AV),
+                        g_phase_next.eq(Phase.AV),
                     ]
                     m.d.comb += av_push.eq(push)
                     with m.If(push):
@@ -606,7 +646,7 @@ class AttnSequencer(wiring.Component):
                     m.d.sync += [head_off.eq(head_off + dv.hw), in_attn.eq(0)]
                     m.next = "WAIT_TILE"
             with m.State("WAIT_DONE"):
-                with m.If(~infl_any & ~cl.gemm_busy):
+                with m.If(~g_full & ~infl_any & ~cl.gemm_busy):
                     m.d.sync += running.eq(0)
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"

@@ -27,14 +27,17 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
-from ..rowops.counts import below_next
+from ..lib.skid import SkidBuffer
+from ..rowops.counts import below_next, thermometer_step
 from ..rowops.softmax import SHIFT_BITS, SoftmaxMode, SoftmaxUnit
 from .attn_layout import BufferMap
 
 __all__ = ["ScorePath", "ScoreParamsLayout", "mem_addr_width"]
 
-#: Read-ahead of the reorder buffer reader (words between the buffer and the softmax input).
-_READ_AHEAD = 4
+#: Read-ahead of the reorder buffer reader (words between the buffer and the softmax input). The
+#: FIFO's output is a register (``SyncFIFOBuffered``: no distributed-RAM read in front of the softmax
+#: input), which lengthens the read loop by a cycle; six words keep it at a word a cycle.
+_READ_AHEAD = 6
 #: Query tiles that may be between "rows announced" and "e8 written" (two slots + margin).
 _TILE_FIFO = 4
 
@@ -141,14 +144,17 @@ class ScorePath(wiring.Component):
         m.d.sync += e8_free.eq(e8_free - take + self.slot_release)
 
         # ---- reader: FULL slot -> softmax, row by row --------------------------------------------
-        m.submodules.rows_in = rows_in = fifo.SyncFIFO(width=len(self.tiles.payload), depth=_TILE_FIFO)
+        # Buffered (its read data a register): ``rows_in.r_data - 1`` goes into rows_out's write data,
+        # and a distributed-RAM read in front of that subtraction was the unit's longest path.
+        m.submodules.rows_in = rows_in = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
+                                                               depth=_TILE_FIFO)
         m.d.comb += [self.tiles.ready.eq(rows_in.w_rdy), rows_in.w_en.eq(self.tiles.valid),
                      rows_in.w_data.eq(self.tiles.payload)]
         # rows_out holds each tile's row count less one, behind a registered output: the e8 writer's
         # "last row of the tile" test compares two flip-flops (no distributed-RAM read, no - 1).
         m.submodules.rows_out = rows_out = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
                                                                  depth=_TILE_FIFO)
-        m.submodules.ahead = ahead = fifo.SyncFIFO(width=C * numerics.ACC_BITS, depth=_READ_AHEAD)
+        m.submodules.ahead = ahead = fifo.SyncFIFOBuffered(width=C * numerics.ACC_BITS, depth=_READ_AHEAD)
         rslot = Signal()
         r_rows = Signal(range(bm.q_tile + 1))
         r_w = Signal(range(tw + 1))
@@ -219,8 +225,13 @@ class ScorePath(wiring.Component):
         L = cfg.attn_softmax_lanes
         S = C // L
         beat_bits = L * numerics.ACC_BITS
+        # A skid buffer in front of the softmax input: the unit's ready (its row-queue and buffer-room
+        # logic) ends in the buffer, and the read-ahead FIFO's pop and count see a flip-flop.
+        m.submodules.beat_skid = skid = SkidBuffer(sm.i.payload.shape())
+        wiring.connect(m, skid.o, sm.i)
+        smi = skid.i
         if S == 1:
-            m.d.comb += [sm.i.valid.eq(ahead.r_rdy), sm.i.payload.eq(ahead.r_data), ahead.r_en.eq(sm.i.ready)]
+            m.d.comb += [smi.valid.eq(ahead.r_rdy), smi.payload.eq(ahead.r_data), ahead.r_en.eq(smi.ready)]
         else:
             # Beats of the row's last word, less one: (T - (beats - 1) * C - 1) // L, registered (the
             # parameters are held while the layer runs, long before the first row is read).
@@ -231,15 +242,15 @@ class ScorePath(wiring.Component):
             sub = Signal(range(S))
             i_w = Signal(range(tw + 1))                    # word of the row being cut
             last_sub = Mux(i_w == beats_m1, tail, S - 1)
-            pop = sm.i.valid & sm.i.ready & (sub == last_sub)
+            pop = smi.valid & smi.ready & (sub == last_sub)
             m.d.comb += [
-                sm.i.valid.eq(ahead.r_rdy),
-                sm.i.payload.eq(ahead.r_data.word_select(sub, beat_bits)),
+                smi.valid.eq(ahead.r_rdy),
+                smi.payload.eq(ahead.r_data.word_select(sub, beat_bits)),
                 ahead.r_en.eq(pop),
             ]
             with m.If(pop):
                 m.d.sync += [sub.eq(0), i_w.eq(Mux(i_w == beats_m1, 0, i_w + 1))]
-            with m.Elif(sm.i.valid & sm.i.ready):
+            with m.Elif(smi.valid & smi.ready):
                 m.d.sync += sub.eq(sub + 1)
 
         # ---- e8 writer: softmax output -> e8 slot, reciprocal -> row table -----------------------
@@ -282,12 +293,12 @@ class ScorePath(wiring.Component):
                     m.d.comb += [rows_out.r_en.eq(1), self.tile_done.eq(1)]
                     m.d.sync += [e_row.eq(0), eslot.eq(~eslot),
                                  e_base.eq(Mux(eslot, 0, bm.e8_slot))]
-        # busy (rows_out not empty) as a register a cycle ahead, from a count of its own.
-        tiles_in = Signal(range(_TILE_FIFO + 1))
-        busy_r = Signal()
+        # busy (rows_out not empty) as a register a cycle ahead, from a count of its own kept as a
+        # thermometer code (no adder behind the tile-end compare): busy is its bit 0.
+        tiles_in = Signal(_TILE_FIFO)
         tile_end = Signal()
         m.d.comb += tile_end.eq(rows_out.r_en)
-        m.d.sync += [tiles_in.eq(tiles_in + take - tile_end),
-                     busy_r.eq(~below_next(tiles_in, take, tile_end, 1))]
+        thermometer_step(m, tiles_in, take, tile_end)
+        busy_r = tiles_in[0]
         m.d.comb += self.busy.eq(busy_r)
         return m

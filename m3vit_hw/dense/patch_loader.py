@@ -12,7 +12,7 @@ input format (``reference.quantize.quantize_image``).
 Runs need not be aligned to the memory beat: each run reads the aligned beats that cover it (bursts
 split at ``max_burst`` and at 4 KiB boundaries by :class:`BurstRequester`) and a byte gearbox keeps
 only the run's bytes, packing them ``pe_cols`` to an activation word: up to ``min(pe_cols, data_bytes) / 2``
-bytes per cycle. The gearbox is three register stages (a beat with its byte bounds; the run's bytes
+bytes per cycle. The gearbox is three register stages (a beat with its byte bounds, in a skid buffer; the run's bytes
 moved to byte 0; appended to the word being packed, or a word emitted), so a 16-byte beat into 16-lane words moves 8 bytes a cycle.
 Patch row ``r`` of a command goes to words ``dst_base + r * dst_stride + 0 ..
 ceil(K / C) - 1`` (the last word's lanes past K hold junk the GEMM never reads).
@@ -26,6 +26,7 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from ..lib.burst_requester import BurstRequester
 from ..lib.mem_port import ReadPortSignature
+from ..lib.skid import SkidBuffer
 
 __all__ = ["PatchLoader", "PatchLoadLayout"]
 
@@ -137,12 +138,22 @@ class PatchLoader(wiring.Component):
         end_low = (off + (run - 1))[:lb] if lb else 0
         m.d.comb += [d_in.lo.eq(off), d_in.hi.eq(end_low + 1), d_in.beats.eq((off + run + db - 1) >> lb),
                      d_in.last_b.eq((off + run - 1) >> lb),
-                     d_in.row_last.eq(kh == p - 1), dq.w_data.eq(d_in)]
-        issue = gen_active & dq.w_rdy & rq.cmd.ready
+                     d_in.row_last.eq(kh == p - 1)]
+        # The descriptor and the request's address are registered from the run address (the requester
+        # subtracts from ``beats`` at its command: no adder chain into it). They are stale for the cycle
+        # after an issue or a command, when the run address moves; ``d_ok`` blocks that cycle, which the
+        # requester's own gap between commands (at least three cycles) hides.
+        d_r = Signal(desc)
+        a_r = Signal(aw)
+        d_ok = Signal()
+        issue = gen_active & d_ok & dq.w_rdy & rq.cmd.ready
+        m.d.sync += [d_r.eq(d_in), a_r.eq(run_addr & ~(db - 1)),
+                     d_ok.eq(~issue & ~(self.cmd.valid & self.cmd.ready))]
         m.d.comb += [
-            rq.cmd.valid.eq(gen_active & dq.w_rdy),
-            rq.cmd.payload.addr.eq(run_addr & ~(db - 1)),
-            rq.cmd.payload.beats.eq(d_in.beats),
+            rq.cmd.valid.eq(gen_active & d_ok & dq.w_rdy),
+            rq.cmd.payload.addr.eq(a_r),
+            rq.cmd.payload.beats.eq(d_r.beats),
+            dq.w_data.eq(d_r),
             dq.w_en.eq(issue),
         ]
         row_bytes = W * cin
@@ -167,31 +178,44 @@ class PatchLoader(wiring.Component):
         m.d.comb += cur.eq(dq.r_data)
         b = Signal(range(rbm + 1))                  # beat index within the run
         last_beat = b == cur.last_b
-        q_valid = Signal()
-        q_data = Signal(8 * db)
-        q_lo = Signal(range(db))
-        q_hi = Signal(range(db + 1))
-        q_row_end = Signal()
+        # The stage register is a skid buffer: its ``ready`` is a flip-flop, so the response's ready and
+        # the descriptor FIFO's read enable do not wait on the take / emit chain of stages 2 and 3.
+        qlay = data.StructLayout({"data": 8 * db, "lo": range(db), "hi": range(db + 1), "row_end": 1})
+        m.submodules.qbuf = qbuf = SkidBuffer(qlay)
+        q_valid = qbuf.o.valid
+        q_data, q_lo, q_hi = qbuf.o.payload.data, qbuf.o.payload.lo, qbuf.o.payload.hi
+        q_row_end = qbuf.o.payload.row_end
         q_take = Signal()
-        m.d.comb += resp.ready.eq(rx_active & dq.r_rdy & (~q_valid | q_take))
+        m.d.comb += [
+            resp.ready.eq(rx_active & dq.r_rdy & qbuf.i.ready),
+            qbuf.i.valid.eq(resp.valid & rx_active & dq.r_rdy),
+            qbuf.i.payload.data.eq(resp.payload.data),
+            qbuf.i.payload.lo.eq(Mux(b == 0, cur.lo, 0)),
+            qbuf.i.payload.hi.eq(Mux(last_beat, cur.hi, db)),
+            qbuf.i.payload.row_end.eq(last_beat & cur.row_last),
+            qbuf.o.ready.eq(q_take),
+        ]
         with m.If(resp.valid & resp.ready):
-            m.d.sync += [q_valid.eq(1), q_data.eq(resp.payload.data), q_lo.eq(Mux(b == 0, cur.lo, 0)),
-                         q_hi.eq(Mux(last_beat, cur.hi, db)), q_row_end.eq(last_beat & cur.row_last)]
             with m.If(last_beat):
                 m.d.sync += b.eq(0)
                 m.d.comb += dq.r_en.eq(1)
             with m.Else():
                 m.d.sync += b.eq(b + 1)
-        with m.Elif(q_take):
-            m.d.sync += q_valid.eq(0)
 
         # ---- stage 2: the run's bytes moved to byte 0, the rest cleared --------------------------
+        fill_ge = Signal()                          # fill >= C and fill != 0 (stage 3, registered)
+        fill_nz = Signal()
+        row_in_done = Signal()                      # stage 3 holds the row's last bytes
         p_valid = Signal()
         p_data = Signal(8 * db)
         p_n = Signal(range(db + 1))
         p_row_end = Signal()
         p_take = Signal()
-        m.d.comb += q_take.eq(q_valid & (~p_valid | p_take))
+        # Stage 3 takes unless it emits or holds a finished row; under ``~row_in_done`` it emits only
+        # when full. Written out from the registers (not through ``p_take``), so that the skid buffer's
+        # ready sees one LUT of this chain.
+        s3_free = ~row_in_done & ~(rx_active & fill_ge)
+        m.d.comb += q_take.eq(q_valid & (~p_valid | s3_free))
         masked = Signal(8 * db)
         for k in range(db):
             # Bytes outside [lo, hi) belong to other runs (or to nothing): cleared before the shift.
@@ -204,19 +228,32 @@ class PatchLoader(wiring.Component):
 
         # ---- stage 3: append to the word being packed, or emit a word (never both) ---------------
         fill = Signal(range(C + db))
+        fill_next = Signal.like(fill)
         acc = Signal(8 * (C + db))
         wcnt = Signal(range(kw + 1))
-        row_in_done = Signal()
         rows_left = Signal(range(mc.patches + 1))
         dst_row = Signal(cfg.act_addr_bits)
-        emit = rx_active & ((fill >= C) | (row_in_done & (fill != 0)))
+        # ``fill >= C`` and ``fill != 0`` as flags registered with ``fill``, so that ``emit`` is one LUT
+        # at the head of the take / ready chain back to the response and the FIFO. Each branch's flags
+        # come straight from its own terms (no compare behind the next-fill mux): a take adds at most
+        # db bytes to fill < C, so with C a power of two >= db the sum's bit log2(C) is ``>= C``.
+        m.d.comb += fill_next.eq(fill)
+        sum_take = Signal(range(C + 2 * db + 1))
+        m.d.comb += sum_take.eq(fill + p_n)
+        ge_take = sum_take[C.bit_length() - 1] if (C & (C - 1)) == 0 and db <= C else (sum_take >= C)
+        emit = rx_active & (fill_ge | (row_in_done & fill_nz))
         m.d.comb += p_take.eq(p_valid & ~emit & ~row_in_done)
+        m.d.sync += fill.eq(fill_next)
         with m.If(p_take):
-            m.d.sync += [acc.eq(acc | (p_data << (fill * 8))), fill.eq(fill + p_n)]
+            m.d.sync += [acc.eq(acc | (p_data << (fill * 8))),
+                         fill_ge.eq(ge_take), fill_nz.eq(fill_nz | (p_n != 0))]
+            m.d.comb += fill_next.eq(sum_take)
             with m.If(p_row_end):
                 m.d.sync += row_in_done.eq(1)
         with m.Elif(emit):
-            m.d.sync += [acc.eq(acc >> (8 * C)), fill.eq(Mux(fill >= C, fill - C, 0))]
+            m.d.sync += [acc.eq(acc >> (8 * C)),
+                         fill_ge.eq(fill >= 2 * C), fill_nz.eq(fill_ge & (fill != C))]
+            m.d.comb += fill_next.eq(Mux(fill_ge, fill - C, 0))
 
         m.d.comb += [self.act_wr.addr.eq(dst_row + wcnt), self.act_wr.en.eq(Mux(emit, (1 << C) - 1, 0))]
         for j in range(C):
@@ -237,8 +274,10 @@ class PatchLoader(wiring.Component):
             m.d.sync += [
                 c.eq(pl), gen_active.eq(pl.count != 0), rx_active.eq(pl.count != 0),
                 runs_left.eq(pl.count * p), rows_left.eq(pl.count), dst_row.eq(pl.dst_base),
-                wcnt.eq(0), row_in_done.eq(0), fill.eq(0), b.eq(0),
+                wcnt.eq(0), row_in_done.eq(0), b.eq(0),
             ]
+            m.d.comb += fill_next.eq(0)
+            m.d.sync += [fill_ge.eq(0), fill_nz.eq(0)]
             with m.If(pl.restart):
                 m.d.sync += [kh.eq(0), px.eq(0), prow_addr.eq(pl.img_base), patch_addr.eq(pl.img_base),
                              run_addr.eq(pl.img_base)]

@@ -33,7 +33,7 @@ from ..checks import check_int
 from ..numerics import SHIFT_BITS
 from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
-from .counts import below_next
+from .counts import below_next, thermometer_step
 
 __all__ = ["SoftmaxMode", "SoftmaxUnit", "ROWS_BITS", "OUT_BITS", "RECIP_BITS", "MAX_LENGTH"]
 
@@ -283,7 +283,9 @@ class SoftmaxUnit(wiring.Component):
         first1 = Signal(init=1)                         # the next accepted beat starts a row
         s_count = Signal(range(self._s_depth + 1))
         s_wr, s_rd = Signal(range(self._s_depth)), Signal(range(self._s_depth))
-        rows1 = Signal(range(_QUEUE_DEPTH + 1))        # rows started in pass 1, descriptor not yet popped
+        # Rows started in pass 1 whose descriptor is not yet popped, as a thermometer code (bit i:
+        # more than i rows); its room flag is a bit of it (rowops.counts.thermometer_step).
+        rows1 = Signal(_QUEUE_DEPTH)
 
         # Per-command constants, registered at the command's accept (from its payload): the clamped
         # row length, whether a row is a single beat, and the lane mask of a row's last beat (the
@@ -300,7 +302,8 @@ class SoftmaxUnit(wiring.Component):
         left_now = Mux(first1, row_len, left1)
         last_beat = last1
         # Room flags a cycle ahead (set from the counts' next values where the counts are updated).
-        s_room, rows1_room = Signal(init=1), Signal(init=1)
+        s_room = Signal(init=1)
+        rows1_room = ~rows1[_QUEUE_DEPTH - 1]
         in_ok = cmd_active & s_room & (~first1 | rows1_room)
         in_go = Signal()
         m.d.comb += [self.i.ready.eq(in_ok), in_go.eq(self.i.valid & in_ok)]
@@ -392,9 +395,10 @@ class SoftmaxUnit(wiring.Component):
         left2 = Signal(len_shape)
         x_count = Signal(range(self._e_depth + 1))      # exp-buffer slots reserved or filled
         x_wr, x_rd = Signal(range(self._e_depth)), Signal(range(self._e_depth))
-        rows2 = Signal(range(_QUEUE_DEPTH + 1))        # rows started in pass 2, sum not yet divided
+        rows2 = Signal(_QUEUE_DEPTH)                   # rows started in pass 2, sum not yet divided (thermometer)
 
-        x_room, rows2_room = Signal(init=1), Signal(init=1)
+        x_room = Signal(init=1)
+        rows2_room = ~rows2[_QUEUE_DEPTH - 1]
         issue2 = active2 & x_room
         # "The next beat is the row's last" as a register (as last3 below): no compare on left2 in
         # front of the load decision and the row counters.
@@ -593,16 +597,14 @@ class SoftmaxUnit(wiring.Component):
                 m.d.sync += [left3.eq(left3 - L), last3.eq(left3 <= 2 * L)]
         m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(1)]
         m.d.sync += [
-            rows1.eq(rows1 + (in_go & first1) - load2),
-            rows2.eq(rows2 + load2 - div_go),
             s_count.eq(s_count + in_go - issue2),
             x_count.eq(x_count + issue2 - issue3),
         ]
         for flag, count, inc, dec, limit in ((s_room, s_count, in_go, issue2, self._s_depth),
-                                             (rows1_room, rows1, in_go & first1, load2, _QUEUE_DEPTH),
-                                             (x_room, x_count, issue2, issue3, self._e_depth),
-                                             (rows2_room, rows2, load2, div_go, _QUEUE_DEPTH)):
+                                             (x_room, x_count, issue2, issue3, self._e_depth)):
             m.d.sync += flag.eq(below_next(count, inc, dec, limit))
+        thermometer_step(m, rows1, in_go & first1, load2)
+        thermometer_step(m, rows2, load2, div_go)
 
         # Stage q1: the row's parameters, aligned with the e16 beat that the buffer read returns.
         # Stages q1..q3 (four registers with q1b) have no enable, as above.
