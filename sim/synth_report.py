@@ -363,9 +363,9 @@ def main(argv=None):
                    help="unit to synthesize (repeatable; 'all' for every unit; 'top' for the accelerator "
                         "top through the build's estimate, slow at W1 and not part of 'all')")
     p.add_argument("--preset", default="tiny", help="model preset of the AcceleratorConfig")
-    p.add_argument("--sizing", default="default", choices=("default", "device"),
-                   help="the preset's accelerator sizing (AcceleratorConfig.from_preset): 'device' for "
-                        "the device-sized array and buffers")
+    p.add_argument("--sizing", default="default", choices=("default", "small", "device"),
+                   help="the preset's accelerator sizing (AcceleratorConfig.from_preset, config.SIZINGS): "
+                        "default (W1 device-sized, the others small), small (W1 16x16, fast) or device")
     p.add_argument("--pe-rows", type=int, default=None, help="override the preset's PE rows")
     p.add_argument("--pe-cols", type=int, default=None, help="override the preset's PE columns")
     p.add_argument("--pe-pack", type=int, default=None, help="override the preset's MACs per DSP (1 or 2)")
