@@ -229,7 +229,7 @@ class AttnSequencer(wiring.Component):
         ``nch_m1`` (chunks - 1), the weight and parameter lengths of a small and a big chunk
         (``wl_s``, ``wl_b``, ``pl_s``, ``pl_b``, beat-padded) and a tile's whole step (``st_s``,
         ``st_b``). The walkers then select, compare and add once per tile (no multiply, round-up and
-        three-operand add between their registers). Valid after the start: part 0 after 2 cycles,
+        three-operand add between their registers). Valid after the start: part 0 after 3 cycles,
         part 1 after 3, part 2 after 4; the walkers' copies one cycle later (``plan_wait``)."""
         cfg, lay = self._config, self._layout
         C, db, aw = cfg.pe_cols, cfg.mem_data_bytes, self._aw
@@ -377,8 +377,8 @@ class AttnSequencer(wiring.Component):
         m.d.comb += shape_in.eq(Mux(p.dims.dim == 0, own.as_value(), p.dims.as_value()))
         sh = prm.dims
         # Derived sizes, registered, then the per-part tile constants (_part_table) and the walkers'
-        # copies. The first tiles' fetch waits 3 cycles for part 0's constants (``first_ok``;
-        # qk_small is computed from the payload for them); everything else settles within 5 cycles
+        # copies. The first tiles' fetch waits 4 cycles for part 0's constants (``first_ok``;
+        # qk_small comes from the registered shape, a cycle later); everything else settles within 6 cycles
         # (``plan_ready`` gates it), long
         # before the first tile's data can arrive (the streamer takes its next command only after
         # that tile's last beat).
@@ -392,15 +392,12 @@ class AttnSequencer(wiring.Component):
             "qk_step": unsigned(cfg.act_addr_bits), "av_step": unsigned(cfg.dst_addr_bits),
         }), name="derived")
         # Cycles from the start until every derived value and part constant is valid (_part_table).
-        plan_wait = Signal(range(6))
+        plan_wait = Signal(range(7))
         plan_ready = Signal(init=1)        # plan_wait == 0, registered (it gates the command decision)
         m.d.sync += plan_ready.eq(~start & (plan_wait <= 1))
         first_ok = plan_wait <= 2         # part 0's constants (the first tiles' fetch) are valid
         with m.If(start):
-            m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(5),
-                         # The multiply runs in parallel with the default select (not after it).
-                         dv.qk_small.eq(Mux(p.dims.dim == 0, own_fields["qk"]["panels"] * own_fields["dim"],
-                                            p.dims.qk.panels * p.dims.dim)),
+            m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(6),
                          ntiles.eq(_ceil_div_const(p.tokens, bm.q_tile)),
                          beats.eq(_ceil_div_const(p.tokens, C))]
         with m.Else():
@@ -409,7 +406,10 @@ class AttnSequencer(wiring.Component):
             # Stage 1 (from the registered shape) and stage 2 (from stage 1); both hold while running.
             m.d.sync += [
                 dv.hw.eq(_ceil_div_const(sh.head_dim, C)), dv.hd.eq(sh.head_dim),
-                dv.v_small.eq(sh.v.panels * sh.dim),
+                # From the registered shape, like v_small: a multiply straight from the
+                # instruction payload was the whole top's worst path (an unregistered DSP behind
+                # the default select); it costs the first fetch one cycle (plan_wait 6, not 5).
+                dv.qk_small.eq(sh.qk.panels * sh.dim), dv.v_small.eq(sh.v.panels * sh.dim),
                 dv.ctx.eq(sh.heads * dv.hw), dv.qkvp.eq(3 * dv.hw), dv.v_n0w.eq(2 * dv.hw),
                 dv.proj_k.eq(dv.ctx * C), dv.proj_small.eq(sh.proj.panels * dv.ctx * C),
                 dv.b_k.eq((1 << msb) | (bm.qkv_base + dv.hw)),
