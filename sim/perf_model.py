@@ -419,6 +419,12 @@ def gemm_instructions_cycles(config, insns, *, bytes_per_cycle=16.0, latency=20)
 #: out -> the AV command may start (through the sequencer's command register).
 SCORE_IN, SCORE_OUT = 8, 5
 
+#: Cycles from the attention start until its first weight fetch may go, beyond a memory's own
+#: latency: the sequencer derives its plan constants from the registered shape first (``plan_wait``
+#: in attn_sequencer.py; ``first_ok`` one cycle later since the qk multiply left the instruction
+#: payload).
+ATTN_PLAN = 1
+
 
 def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     """One attention sub-layer ``x + proj(attn(h))`` (QKV per head, query tiles of ``q_tile`` rows:
@@ -431,7 +437,7 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     Lb = max(R, C)
     H, hd = m.heads, m.head_dim
     lay = plan_attention(config)
-    mem = _Memory(config, bytes_per_cycle, latency)
+    mem = _Memory(config, bytes_per_cycle, latency, t0=ATTN_PLAN)
     eng = _Engine(config)
     sm = SoftmaxUnit(lanes=config.attn_softmax_lanes, max_length=config.token_capacity)
     row_beats = max(_cdiv(T, config.attn_softmax_lanes), sm.min_row_beats)
