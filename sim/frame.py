@@ -31,7 +31,7 @@ import numpy as np
 from amaranth.sim import Simulator
 
 from m3vit_hw import numerics
-from m3vit_hw.config import AcceleratorConfig
+from m3vit_hw.config import SIZINGS, AcceleratorConfig
 from m3vit_hw.control.compiler import compile_model
 from m3vit_hw.control.isa import Opcode
 from m3vit_hw.encoder import CounterPhase, EncoderTop, SeqError
@@ -446,7 +446,7 @@ def main(argv=None):
     a("--backend", default="pysim",
       help="pysim (Amaranth's simulator, with the diff ladder) or verilator (compiled, cached; "
            "the ladder then needs a pysim re-run)")
-    a("--sizing", choices=("default", "small", "device"), default="default",
+    a("--sizing", choices=tuple(SIZINGS), default="default",
       help="accelerator sizing of the preset (m3vit_hw.config.SIZINGS; default: W1 device-sized, the "
            "others small; small: W1 16x16, fast; device: the xczu7ev-sized PE array, W1/W2 only)")
     a("--accel-set", action="append", metavar="FIELD=INT",

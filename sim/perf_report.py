@@ -323,6 +323,7 @@ def _estimate(config, layer, task, routing, bw, latency, seed):
 
 
 def _parser():
+    from m3vit_hw.config import SIZINGS
     from m3vit_hw.model_config import PRESETS
     p = argparse.ArgumentParser(prog="python -m sim perf", description=(
         "Performance report: utilization, latency at the assumed clock, the per-op-class breakdown and "
@@ -331,7 +332,7 @@ def _parser():
     a = p.add_argument
     a("--preset", choices=sorted(PRESETS), help="workload preset (vit-tiny-cityscapes = W1, "
       "vit-small-nyud = W2, tiny, ...)")
-    a("--sizing", choices=("default", "small", "device"), default="default",
+    a("--sizing", choices=tuple(SIZINGS), default="default",
       help="accelerator sizing of the preset (default: W1 device-sized, the others small; small: "
            "W1 16x16, W2 32x32; device: the xczu7ev-sized PE array, W1/W2 only)")
     a("--pe-rows", type=int, help="override the preset's PE rows")

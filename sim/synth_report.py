@@ -358,12 +358,13 @@ def table_row(unit, rep):
 
 
 def main(argv=None):
+    from m3vit_hw.config import SIZINGS
     p = argparse.ArgumentParser(prog="python -m sim.synth_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--unit", required=True, action="append", choices=sorted(UNITS) + ["all", "top"],
                    help="unit to synthesize (repeatable; 'all' for every unit; 'top' for the accelerator "
                         "top through the build's estimate, slow at W1 and not part of 'all')")
     p.add_argument("--preset", default="tiny", help="model preset of the AcceleratorConfig")
-    p.add_argument("--sizing", default="default", choices=("default", "small", "device"),
+    p.add_argument("--sizing", default="default", choices=tuple(SIZINGS),
                    help="the preset's accelerator sizing (AcceleratorConfig.from_preset, config.SIZINGS): "
                         "default (W1 device-sized, the others small), small (W1 16x16, fast) or device")
     p.add_argument("--pe-rows", type=int, default=None, help="override the preset's PE rows")
