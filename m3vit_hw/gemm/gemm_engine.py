@@ -369,10 +369,11 @@ class GemmEngine(wiring.Component):
         b_cstride = Signal(b_aw)           # C * b_k_stride
         b_istride = Signal(b_aw)           # ent * b_k_stride
 
-        # L1 and L2 pipeline registers.
+        # L1 and L2 pipeline registers; every stage carries the entry's flags along.
+        stage_flags = {"last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1}
         l1_valid = Signal()
         l1 = Signal(data.StructLayout({
-            "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
+            **stage_flags,
             "m_idx": unsigned(m_w), "kb": unsigned(act_aw), "nb": unsigned(dst_aw),
             "b_addr": unsigned(b_aw), "info": block_info,
         }))
@@ -383,7 +384,7 @@ class GemmEngine(wiring.Component):
         # issued from L1M with one add per address.
         l1r_valid = Signal()
         l1r = Signal(data.StructLayout({
-            "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
+            **stage_flags,
             "a_idx": unsigned(cfg.token_bits if cfg.token_bits > m_w else m_w),
             "d_idx": unsigned(cfg.token_bits if cfg.token_bits > m_w else m_w),
             "a_stride": unsigned(act_aw), "dst_stride": unsigned(dst_aw),
@@ -393,7 +394,7 @@ class GemmEngine(wiring.Component):
         }))
         l1m_valid = Signal()
         l1m = Signal(data.StructLayout({
-            "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
+            **stage_flags,
             "a_prod": unsigned(act_aw), "d_prod": unsigned(dst_aw),
             "a_off": unsigned(act_aw), "d_off": unsigned(dst_aw),
             "b_addr": unsigned(b_aw), "colp_addr": unsigned(cfg.param_addr_bits),
@@ -401,7 +402,7 @@ class GemmEngine(wiring.Component):
         }))
         l2_valid = Signal()
         l2 = Signal(data.StructLayout({
-            "last_ent": 1, "a_en": 1, "b_en": 1, "kb0": 1, "first_ent": 1,
+            **stage_flags,
             "row": row_out, "info": block_info,
         }))
 
