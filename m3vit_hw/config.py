@@ -77,9 +77,14 @@ SMALL_ACCEL_PRESETS = {
 #: all of it in QK^T, K = 64), 16-lane LayerNorm and softmax. W2: 32-lane epilogue and softmax,
 #: because its QK^T (K = head_dim = 32) and its 1,201-wide softmax rows are half of the frame
 #: (projected 107 ms at 16 lanes' 129 ms; 64 lanes gain < 1 % more).
+#: W1 also reads memory in 64-byte beats (the SoC stripes them over HP0..HP3, 19.2 GB/s at 300 MHz:
+#: the experts wait on weights, 4.7 ms a frame at one port's 16 bytes, 2.4 ms at 64), and its activation
+#: buffer holds the dense MLP's hidden slot for all 129 tokens (``act_holds_dense``: 160 rows x 15 words
+#: of 64 B = 153,600 B; the smallest legal buffer holds 96 rows, so the MLP weights were fetched twice,
+#: x1.12 of the minimum; now x1.018). Both measured in Verilator and in the device build (README).
 DEVICE_ACCEL_PRESETS = {
     "vit-tiny-cityscapes": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
-                                softmax_lanes=16),
+                                softmax_lanes=16, mem_data_bytes=64, act_holds_dense=True),
     "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=32, ln_lanes=16,
                            softmax_lanes=32),
 }
@@ -181,7 +186,13 @@ class AcceleratorConfig:
         DSP48E2s and registers scale with ``epi_lanes``, not with the array.
     act_buffer_bytes : int or None
         Size of the int8 activation buffer; a multiple of ``pe_cols``. Default: the minimum (see the
-        module docstring), rounded up to whole words.
+        module docstring), rounded up to whole words; with ``act_holds_dense``, at least
+        :attr:`dense_act_full_words`.
+    act_holds_dense : bool
+        Size the derived activation buffer so that the dense MLP's hidden slot holds every token: one
+        token tile, so each block's MLP weights are fetched once (the minimum buffer may hold fewer
+        rows, and then the weights stream once per token tile). Ignored when ``act_buffer_bytes`` is
+        given. Default False.
     weight_buffer_bytes : int or None
         Size of the double-buffered weight buffer, both halves together; a multiple of
         ``2 * pe_cols``. Default: each half holds one whole expert (fc1 + fc2 at int8, 144 KiB for W1:
@@ -233,6 +244,7 @@ class AcceleratorConfig:
     softmax_lanes: int = None
     epi_lanes: int = None
     act_buffer_bytes: int = None
+    act_holds_dense: bool = False
     weight_buffer_bytes: int = None
     param_buffer_words: int = None
     q_tile: int = None
@@ -328,8 +340,11 @@ class AcceleratorConfig:
         """
         word = self.act_word_bytes
         act_need, act_why = max(self.act_buffer_needs.values())
+        if not isinstance(self.act_holds_dense, bool):
+            raise TypeError(f"act_holds_dense must be a bool, not {self.act_holds_dense!r}")
         if self.act_buffer_bytes is None:
-            self._set("act_buffer_bytes", _ceil_div(act_need, word) * word)
+            need = max(act_need, self.dense_act_full_words * word) if self.act_holds_dense else act_need
+            self._set("act_buffer_bytes", _ceil_div(need, word) * word)
         _check_int("act_buffer_bytes", self.act_buffer_bytes, 1)
         if self.act_buffer_bytes < act_need:
             raise ValueError(f"act_buffer_bytes must be >= {act_need} ({act_why}), "
@@ -671,6 +686,13 @@ class AcceleratorConfig:
         R = self.pe_rows
         return (_ceil_div(self.token_capacity, R) * R * self.row_words
                 + R * _ceil_div(self.model.mlp_hidden, self.pe_cols))
+
+    @property
+    def dense_act_full_words(self):
+        """Activation buffer of the dense MLP in one token tile: h, then a hidden slot of every token
+        (``token_capacity`` padded to whole row tiles; see ``act_holds_dense``)."""
+        rows = _ceil_div(self.token_capacity, self.pe_rows) * self.pe_rows
+        return rows * (self.row_words + _ceil_div(self.model.mlp_hidden, self.pe_cols))
 
     @property
     def embed_act_min_words(self):

@@ -32,6 +32,7 @@ import sys
 import textwrap
 
 from sim.perf_model import OP_CLASSES
+from m3vit_hw.soc.top import HP_PORT_BYTES, HP_PORTS
 
 __all__ = ["hp_ports_needed", "HP_PORT_BYTES", "HP_PORTS",
            "make_report", "from_runner", "from_frame", "summary", "plot_breakdown", "plot_sweep",
@@ -194,9 +195,7 @@ def from_frame(frame, config, *, split=None):
             "source": "frame (attention and moe split by the analytic model's proportions)"}
 
 
-#: Bytes a cycle one ``S_AXI_HP*_FPD`` port of the Zynq UltraScale+ PS carries (128 bits), and the
-#: ports there are for an accelerator (HP0..HP3).
-HP_PORT_BYTES, HP_PORTS = 16, 4
+# HP_PORT_BYTES, HP_PORTS: one 128-bit S_AXI_HP*_FPD port's bytes a cycle, and HP0..HP3 (the SoC's).
 
 
 def hp_ports_needed(bytes_per_cycle):

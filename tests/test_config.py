@@ -59,6 +59,24 @@ def test_device_sized_presets(name):
     print(cfg.describe())
 
 
+def test_act_holds_dense():
+    """``act_holds_dense`` sizes the derived activation buffer for a one-tile dense MLP (each block's MLP
+    weights fetched once); W1's default uses it, and keeps it when the model changes."""
+    from m3vit_hw.dense.dense_layout import dense_buffer_map
+    w1 = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
+    assert w1.act_holds_dense and w1.act_buffer_bytes == w1.dense_act_full_words * w1.act_word_bytes
+    assert dense_buffer_map(w1).token_tile >= w1.token_capacity
+    lean = w1.with_(act_holds_dense=False)
+    assert lean.act_buffer_bytes < w1.act_buffer_bytes
+    assert dense_buffer_map(lean).token_tile < lean.token_capacity      # two token tiles without it
+    wider = AcceleratorConfig.from_preset("vit-tiny-cityscapes", dim=256, heads=4)
+    assert dense_buffer_map(wider).token_tile >= wider.token_capacity
+    # An explicit size wins (it only has to hold the legal minimum).
+    assert w1.with_(act_buffer_bytes=lean.act_buffer_bytes).act_buffer_bytes == lean.act_buffer_bytes
+    with pytest.raises(TypeError, match="act_holds_dense must be a bool, not 1"):
+        AcceleratorConfig.from_preset("tiny", act_holds_dense=1)
+
+
 def test_bad_sizing():
     with pytest.raises(ValueError, match=r"sizing must be one of \['default', 'device', 'small'\], not 'big'"):
         AcceleratorConfig.from_preset("tiny", sizing="big")

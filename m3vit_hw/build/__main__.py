@@ -1,7 +1,8 @@
 """``python -m m3vit_hw.build``: the accelerator for the ZCU104, as files Vivado takes as they are.
 
     python -m m3vit_hw.build --experts 16 [--preset NAME] [--dim D --depth N --heads H --top-k K]
-        [--sizing default|small|device] [--pe-rows R --pe-cols C --pe-pack 1|2 --token-capacity T --weight-buffer-bytes B] [--clock-mhz F]
+        [--sizing default|small|device] [--pe-rows R --pe-cols C --pe-pack 1|2 --token-capacity T --weight-buffer-bytes B --mem-data-bytes N]
+        [--clock-mhz F]
         [--axi-masters N] [--out DIR] [--no-synth] [--no-timing]
 
 Writes into DIR (default ``build/<preset>-e<experts>``): ``m3vit_accel.sv``, ``m3vit_accel.xdc``,
@@ -52,10 +53,14 @@ def _parser():
     for flag, help_ in (("--pe-rows", "PE array rows"), ("--pe-cols", "PE array columns"),
                         ("--pe-pack", "int8 MACs per DSP48E2, 1 or 2"),
                         ("--token-capacity", "most tokens on chip"),
-                        ("--weight-buffer-bytes", "weight double buffer, both halves")):
+                        ("--weight-buffer-bytes", "weight double buffer, both halves"),
+                        ("--mem-data-bytes", "memory beat in bytes, a power of two up to 128 (W1 default 64: "
+                                             "four HP ports)")):
         p.add_argument(flag, type=int, default=None, help=help_)
     p.add_argument("--clock-mhz", type=float, default=300.0, help="PL clock (default 300)")
-    p.add_argument("--axi-masters", type=int, default=3, help="AXI4 masters / HP ports, 1..4 (default 3)")
+    p.add_argument("--axi-masters", type=int, default=None,
+                   help="AXI4 masters / HP ports, 1..4 (default: enough 128-bit HP ports for one memory beat "
+                        "a cycle, at least 3; W1's 64-byte beat gets 4)")
     p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--no-synth", action="store_true", help="skip the resource estimate (yosys + memories by rule)")
     p.add_argument("--no-timing", action="store_true",
@@ -66,10 +71,11 @@ def _parser():
 def _config(args):
     from ..config import AcceleratorConfig
     from ..checks import check_int
-    check_int("axi_masters", args.axi_masters, 1, 4)
+    if args.axi_masters is not None:
+        check_int("axi_masters", args.axi_masters, 1, 4)
     overrides = {"experts": args.experts}
     for name in ("dim", "depth", "heads", "top_k", "pe_rows", "pe_cols", "pe_pack", "token_capacity",
-                 "weight_buffer_bytes"):
+                 "weight_buffer_bytes", "mem_data_bytes"):
         v = getattr(args, name)
         if v is not None:
             overrides[name] = v
@@ -101,14 +107,15 @@ def main(argv=None):
         _check_out(out)
         from .flow import run_build
         # Validate the top (memory-port and width checks) before the long steps.
-        from ..soc.top import AcceleratorTop
+        from ..soc.top import AcceleratorTop, default_axi_masters
+        masters = args.axi_masters if args.axi_masters is not None else default_axi_masters(config)
         try:
-            top = AcceleratorTop(config, axi_masters=args.axi_masters)
+            top = AcceleratorTop(config, axi_masters=masters)
         except (TypeError, ValueError) as e:
             raise _Fail(f"python -m m3vit_hw.build: {e}")
         print(config.describe(), flush=True)
         try:
-            report = run_build(config, axi_masters=args.axi_masters, out_dir=out,
+            report = run_build(config, axi_masters=masters, out_dir=out,
                                synth=not args.no_synth, top=top, timing=not args.no_timing)
         except RuntimeError as e:
             # yosys missing or failing: the files written so far stay; say which step broke.
