@@ -77,14 +77,14 @@ SMALL_ACCEL_PRESETS = {
 #: all of it in QK^T, K = 64), 16-lane LayerNorm and softmax. W2: 32-lane epilogue and softmax,
 #: because its QK^T (K = head_dim = 32) and its 1,201-wide softmax rows are half of the frame
 #: (projected 107 ms at 16 lanes' 129 ms; 64 lanes gain < 1 % more).
-#: W1 also reads memory in 64-byte beats (the SoC stripes them over HP0..HP3, 19.2 GB/s at 300 MHz:
-#: the experts wait on weights, 4.7 ms a frame at one port's 16 bytes, 2.4 ms at 64), and its activation
-#: buffer holds the dense MLP's hidden slot for all 129 tokens (``act_holds_dense``: 160 rows x 15 words
-#: of 64 B = 153,600 B; the smallest legal buffer holds 96 rows, so the MLP weights were fetched twice,
-#: x1.12 of the minimum; now x1.018). Both measured in Verilator and in the device build (README).
+#: W1's activation buffer also holds the dense MLP's hidden slot for all 129 tokens (``act_holds_dense``:
+#: 160 rows x 15 words of 64 B = 153,600 B, the same 16 URAM as the smallest legal buffer, which holds
+#: 96 rows and so fetched every MLP weight twice, x1.12 of the minimum; now x1.018). W1 keeps the
+#: 16-byte memory beat: the 64-byte beat over four HP ports halves the frame (README) but took the
+#: whole build to 83.6 % of the LUTs, above the 80 % margin.
 DEVICE_ACCEL_PRESETS = {
     "vit-tiny-cityscapes": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
-                                softmax_lanes=16, mem_data_bytes=64, act_holds_dense=True),
+                                softmax_lanes=16, act_holds_dense=True),
     "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=32, ln_lanes=16,
                            softmax_lanes=32),
 }

@@ -50,14 +50,14 @@ def test_weight_buffer_independent_of_experts():
 
 def test_default_masters_carry_one_beat_a_cycle():
     """Without --axi-masters the build takes enough 128-bit HP ports for one memory beat a cycle (at
-    least three): W1's default 64-byte beat gets all four, a 16-byte beat three."""
+    least three): a 16-byte beat (W1's default) three, a 64-byte beat all four."""
     from m3vit_hw.config import AcceleratorConfig
     from m3vit_hw.soc.top import HP_PORT_BYTES, default_axi_masters
     w1 = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
-    assert w1.mem_data_bytes == 64 and default_axi_masters(w1) == 4 == w1.mem_data_bytes // HP_PORT_BYTES
-    small = AcceleratorConfig.from_preset("vit-tiny-cityscapes", sizing="small")
-    assert small.mem_data_bytes == 16 and default_axi_masters(small) == 3
-    assert default_axi_masters(small.with_(mem_data_bytes=128)) == 4      # four ports at most
+    assert w1.mem_data_bytes == HP_PORT_BYTES and default_axi_masters(w1) == 3
+    wide = w1.with_(mem_data_bytes=64)
+    assert default_axi_masters(wide) == 4 == wide.mem_data_bytes // HP_PORT_BYTES
+    assert default_axi_masters(w1.with_(mem_data_bytes=128)) == 4      # four ports at most
 
 
 def test_tcl_wires_every_master_to_an_hp_port():

@@ -54,13 +54,13 @@ def _parser():
                         ("--pe-pack", "int8 MACs per DSP48E2, 1 or 2"),
                         ("--token-capacity", "most tokens on chip"),
                         ("--weight-buffer-bytes", "weight double buffer, both halves"),
-                        ("--mem-data-bytes", "memory beat in bytes, a power of two up to 128 (W1 default 64: "
-                                             "four HP ports)")):
+                        ("--mem-data-bytes", "memory beat in bytes, a power of two up to 128 (default 16; 64 "
+                                             "with four HP ports halves the W1 frame)")):
         p.add_argument(flag, type=int, default=None, help=help_)
     p.add_argument("--clock-mhz", type=float, default=300.0, help="PL clock (default 300)")
     p.add_argument("--axi-masters", type=int, default=None,
                    help="AXI4 masters / HP ports, 1..4 (default: enough 128-bit HP ports for one memory beat "
-                        "a cycle, at least 3; W1's 64-byte beat gets 4)")
+                        "a cycle, at least 3; a 64-byte beat gets 4)")
     p.add_argument("--out", default=None, help="output directory")
     p.add_argument("--no-synth", action="store_true", help="skip the resource estimate (yosys + memories by rule)")
     p.add_argument("--no-timing", action="store_true",
