@@ -132,11 +132,15 @@ class LayerNormUnit(wiring.Component):
         self._dim = dim
         self._lanes = lanes
         self._beats = dim // lanes
-        # D*S2 <= D**2 * 2**30 for int16, and |D*S2 - S1**2| = D**2 * variance is no larger.
-        self._var_bits = (dim * dim << 30).bit_length()
         self._eps_bits = numerics.LN_EPS_BITS
-        # var_n = (D*S2 - S1**2) + eps_int < 2**var_bits + 2**eps_bits.
-        self._sqrt_width = max(self._var_bits, self._eps_bits) + 1
+        # The ISqrt operand is exactly as wide as var_n can be (a wider one only adds pipeline stages
+        # and constant bits). D*S2 - S1**2 = D**2 * (population variance): with k values at one end of
+        # the int16 range and D - k at the other it is k*(D-k)*65535**2, largest at k = D // 2; eps_int
+        # adds at most 2**LN_EPS_BITS - 1. The var_n stages compute modulo 2**sqrt_width, which is
+        # exact because the true var_n fits.
+        span = (1 << numerics.RES_BITS) - 1
+        var_max = (dim * dim // 4) * span * span + (1 << self._eps_bits) - 1
+        self._sqrt_width = var_max.bit_length()
         self._root_width = (self._sqrt_width + 1) // 2
 
         # Default: pipelined engines (one compare-subtract per register stage, a new row every cycle),
@@ -286,7 +290,11 @@ class LayerNormUnit(wiring.Component):
             in_go.eq(self.i.valid & self.i.ready),
             buf_w.addr.eq(wr_ptr),
             buf_w.data.eq(self.i.payload),
-            buf_w.en.eq(in_go),
+            # The write enable is the room flag (a register), not in_go: the handshake logic (stall,
+            # room, parameter writes) in front of the block RAM's write enable missed 300 MHz. With
+            # room the slot at wr_ptr is free, so writing it while no beat transfers is harmless:
+            # nothing reads it, and wr_ptr only advances with in_go, whose write is the one kept.
+            buf_w.en.eq(room),
         ]
         with m.If(in_go):
             m.d.sync += [
@@ -331,8 +339,11 @@ class LayerNormUnit(wiring.Component):
         # var_n/isqrt/divide chain at once, so it never throttles the chain.
         m.submodules.s1_fifo = s1_fifo = fifo.SyncFIFO(width=s1_shape.width, depth=8)
         m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k, pipelined=self._pipelined)
-        m.submodules.div = div = Divider(inv_width, self._root_width, inv_width, bits_per_cycle=k,
-                                         pipelined=self._pipelined)
+        # The dividend 2**LN_INV_BITS is a single one bit above LN_INV_BITS zero bits: the divider
+        # takes it as dividend_shift, so its pipeline holds no constant dividend bits (yosys removed
+        # them one stage per opt iteration, the longest pass of the device build).
+        m.submodules.div = div = Divider(1, self._root_width, inv_width, bits_per_cycle=k,
+                                         pipelined=self._pipelined, dividend_shift=numerics.LN_INV_BITS)
 
         # var_n takes three stages: the wide products (D*S2, and S1**2 as two DSP partial products),
         # their sums (+ eps, and the partial products), then the subtraction.
@@ -376,7 +387,7 @@ class LayerNormUnit(wiring.Component):
             isq.i.valid.eq(vb_valid),
             isq.i.payload.eq(vb),
             div.i.valid.eq(isq.o.valid),
-            div.i.payload.dividend.eq(1 << numerics.LN_INV_BITS),
+            div.i.payload.dividend.eq(1),                          # << LN_INV_BITS
             div.i.payload.divisor.eq(Mux(root == 0, 1, root)),     # den = max(1, isqrt(var_n))
             isq.o.ready.eq(div.i.ready),
         ]

@@ -53,7 +53,12 @@ _ROUTER_RECIP_MAX = (1 << numerics.ROUTER_RECIP_BITS) // _E16_ONE
 #: Width of the per-row divider quotient ``o.payload.recip``. The attention multiplier needs 25 bits:
 #: ``(2**16 - 1) * 2**16 // 255`` is just above ``2**24``.
 RECIP_BITS = max(_ATTN_RECIP_MAX, _ROUTER_RECIP_MAX).bit_length()
-_DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numerics.ROUTER_RECIP_BITS + 1)
+# Both dividends, out_mult * 2**AV_RECIP_BITS and 2**ROUTER_RECIP_BITS, end in at least _DIV_SHIFT zero
+# bits: the divider takes only the bits above them (Divider's dividend_shift), so its pipeline holds no
+# constant dividend bits (yosys removed them one stage per opt iteration, a long pass of the device build).
+_DIV_SHIFT = min(numerics.AV_RECIP_BITS, numerics.ROUTER_RECIP_BITS)
+_DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS,
+                     numerics.ROUTER_RECIP_BITS + 1) - _DIV_SHIFT
 
 # Slack, in beats, between a pass's reader and writer, beyond the row itself:
 # score buffer: the exp pass's first read of a row comes 4 cycles (plus the max tree's extra stages,
@@ -269,7 +274,7 @@ class SoftmaxUnit(wiring.Component):
         # starts at flip-flops; its room (a register too) replaces a FIFO level compare.
         m.submodules.side_fifo = side_fifo = CreditFIFO(side_layout, side_depth)
         m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k,
-                                         pipelined=self._pipelined)
+                                         pipelined=self._pipelined, dividend_shift=_DIV_SHIFT)
 
         def lane_mask(left):
             # Lane j of a beat holds an element of the row iff j < elements left in the row.
@@ -550,9 +555,9 @@ class SoftmaxUnit(wiring.Component):
         div_go = Signal()
         m.d.comb += [
             div.i.valid.eq(sum_fifo.r_rdy & side_fifo.room),
-            div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,
-                                          sum_out.out_mult << numerics.AV_RECIP_BITS,
-                                          1 << numerics.ROUTER_RECIP_BITS)),
+            div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,            # << _DIV_SHIFT
+                                          sum_out.out_mult << (numerics.AV_RECIP_BITS - _DIV_SHIFT),
+                                          1 << (numerics.ROUTER_RECIP_BITS - _DIV_SHIFT))),
             div.i.payload.divisor.eq(sum_out.sum),
             div_go.eq(div.i.valid & div.i.ready),
             sum_fifo.r_en.eq(div_go),
