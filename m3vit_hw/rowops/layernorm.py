@@ -254,7 +254,10 @@ class LayerNormUnit(wiring.Component):
         # stays high one cycle longer after a row's last beat (harmless: it only gates parameters).
         first_go_r = Signal()
         last_go_r = Signal()
-        m.d.comb += self.busy.eq((in_flight != 0) | first_go_r)
+        # in_flight != 0 as a register (from the count's next value), so busy, and through the
+        # parameter handshake i.ready, is one LUT of flip-flops.
+        in_flight_nz = Signal()
+        m.d.comb += self.busy.eq(in_flight_nz | first_go_r)
 
         param_go = self.param.valid & ~self.busy
         m.d.comb += self.param.ready.eq(~self.busy)
@@ -268,9 +271,12 @@ class LayerNormUnit(wiring.Component):
         ]
 
         # ---- statistics pass --------------------------------------------------------------------
-        # Three stages: register the beat, reduce it across lanes (sum and sum of squares), and
-        # accumulate. They all advance together and stall only when a finished row's sums cannot leave.
-        st_adv = Signal()
+        # Stages without enable: register the beat, square, reduce across lanes (sum and sum of
+        # squares), accumulate. A row's sums go into a credit-counted FIFO (res_fifo), and a row's last
+        # beat is accepted only while that FIFO has room for every row in flight, so the pass never
+        # stalls: no stall net fans out to its registers, and i.ready is a LUT of registers (the
+        # previous stall, from the var_n stage's ready through the result register, missed 300 MHz in
+        # the whole top).
         sv1, slast1 = Signal(), Signal()
         sx1 = Signal.like(self.i.payload)
         sv2, slast2 = Signal(), Signal()
@@ -278,15 +284,21 @@ class LayerNormUnit(wiring.Component):
         b2 = Signal(s2_shape)
         acc1 = Signal(s1_shape)
         acc2 = Signal(s2_shape)
-        res_valid = Signal()
-        res_s1 = Signal(s1_shape)
-        res_s2 = Signal(s2_shape)
+        res_layout = data.StructLayout({"s1": s1_shape, "s2": s2_shape})
+        # From a row's last input beat to its sums at the FIFO's write port: the input register, the
+        # squares, then the tree stages (the last of which is b1/b2).
+        stat_latency = 2 + self._stat_tree_stages
+        m.submodules.res_fifo = res_fifo = CreditFIFO(res_layout, stat_latency + CreditFIFO.LATENCY + 1)
+        res_valid = res_fifo.o.valid
+        res_s1 = res_fifo.o.payload.s1
+        res_s2 = res_fifo.o.payload.s2
         res_take = Signal()
+        # "in_beat is the row's last beat" as a register.
+        in_last = Signal(init=R == 1)
 
-        m.d.comb += st_adv.eq(~(sv2 & slast2 & res_valid & ~res_take))
         in_go = Signal()
         m.d.comb += [
-            self.i.ready.eq(st_adv & room & ~param_go),
+            self.i.ready.eq(room & ~param_go & (~in_last | res_fifo.room)),
             in_go.eq(self.i.valid & self.i.ready),
             buf_w.addr.eq(wr_ptr),
             buf_w.data.eq(self.i.payload),
@@ -299,40 +311,40 @@ class LayerNormUnit(wiring.Component):
         with m.If(in_go):
             m.d.sync += [
                 wr_ptr.eq(Mux(wr_ptr == self._depth - 1, 0, wr_ptr + 1)),
-                in_beat.eq(Mux(in_beat == R - 1, 0, in_beat + 1)),
+                in_beat.eq(Mux(in_last, 0, in_beat + 1)),
+                in_last.eq(Mux(in_last, R == 1, in_beat == R - 2)),
             ]
-        with m.If(st_adv):
-            m.d.sync += [sv1.eq(in_go), slast1.eq(in_beat == R - 1), sx1.eq(self.i.payload)]
-            # Squares in their own stage (one registered DSP48E2 each), then registered binary adder
-            # trees for the lane sums: one register level per adder level.
-            sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
-            xr = [Signal(signed(numerics.RES_BITS), name=f"sxr{j}", reset_less=True) for j in range(L)]
-            svq, slastq = Signal(), Signal()
-            m.d.sync += [svq.eq(sv1), slastq.eq(slast1)]
-            for j in range(L):
-                m.d.sync += [sq[j].eq(sx1[j] * sx1[j]), xr[j].eq(sx1[j])]
-            l1, l2, tv, tl = xr, sq, svq, slastq
-            for t in range(self._stat_tree_stages):
-                if t == self._stat_tree_stages - 1:
-                    n1, n2, nv, nl = [b1], [b2], sv2, slast2
-                else:
-                    n1 = [Signal(s1_shape, name=f"ts1_{t}_{g}") for g in range(-(-len(l1) // 2))]
-                    n2 = [Signal(s2_shape, name=f"ts2_{t}_{g}") for g in range(-(-len(l2) // 2))]
-                    nv, nl = Signal(name=f"tsv{t}"), Signal(name=f"tslast{t}")
-                for g in range(len(n1)):
-                    grp1, grp2 = l1[2 * g:2 * g + 2], l2[2 * g:2 * g + 2]
-                    m.d.sync += [n1[g].eq(sum(grp1[1:], grp1[0])), n2[g].eq(sum(grp2[1:], grp2[0]))]
-                m.d.sync += [nv.eq(tv), nl.eq(tl)]
-                l1, l2, tv, tl = n1, n2, nv, nl
-            with m.If(sv2):
-                with m.If(slast2):
-                    m.d.sync += [res_s1.eq(acc1 + b1), res_s2.eq(acc2 + b2), acc1.eq(0), acc2.eq(0)]
-                with m.Else():
-                    m.d.sync += [acc1.eq(acc1 + b1), acc2.eq(acc2 + b2)]
-        with m.If(st_adv & sv2 & slast2):
-            m.d.sync += res_valid.eq(1)
-        with m.Elif(res_take):
-            m.d.sync += res_valid.eq(0)
+        m.d.comb += res_fifo.take.eq(in_go & in_last)
+        m.d.sync += [sv1.eq(in_go), slast1.eq(in_last), sx1.eq(self.i.payload)]
+        # Squares in their own stage (one registered DSP48E2 each), then registered binary adder
+        # trees for the lane sums: one register level per adder level.
+        sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
+        xr = [Signal(signed(numerics.RES_BITS), name=f"sxr{j}", reset_less=True) for j in range(L)]
+        svq, slastq = Signal(), Signal()
+        m.d.sync += [svq.eq(sv1), slastq.eq(slast1)]
+        for j in range(L):
+            m.d.sync += [sq[j].eq(sx1[j] * sx1[j]), xr[j].eq(sx1[j])]
+        l1, l2, tv, tl = xr, sq, svq, slastq
+        for t in range(self._stat_tree_stages):
+            if t == self._stat_tree_stages - 1:
+                n1, n2, nv, nl = [b1], [b2], sv2, slast2
+            else:
+                n1 = [Signal(s1_shape, name=f"ts1_{t}_{g}") for g in range(-(-len(l1) // 2))]
+                n2 = [Signal(s2_shape, name=f"ts2_{t}_{g}") for g in range(-(-len(l2) // 2))]
+                nv, nl = Signal(name=f"tsv{t}"), Signal(name=f"tslast{t}")
+            for g in range(len(n1)):
+                grp1, grp2 = l1[2 * g:2 * g + 2], l2[2 * g:2 * g + 2]
+                m.d.sync += [n1[g].eq(sum(grp1[1:], grp1[0])), n2[g].eq(sum(grp2[1:], grp2[0]))]
+            m.d.sync += [nv.eq(tv), nl.eq(tl)]
+            l1, l2, tv, tl = n1, n2, nv, nl
+        res_w = Signal(res_layout)
+        m.d.comb += [res_w.s1.eq(acc1 + b1), res_w.s2.eq(acc2 + b2),
+                     res_fifo.w_data.eq(res_w), res_fifo.w_en.eq(sv2 & slast2)]
+        with m.If(sv2):
+            with m.If(slast2):
+                m.d.sync += [acc1.eq(0), acc2.eq(0)]
+            with m.Else():
+                m.d.sync += [acc1.eq(acc1 + b1), acc2.eq(acc2 + b2)]
 
         # ---- var_n, then isqrt -> divide -------------------------------------------------------
         # S1 waits in a FIFO for its row's reciprocal. The FIFO holds more rows than can be in the
@@ -363,6 +375,7 @@ class LayerNormUnit(wiring.Component):
         vb = Signal(self._sqrt_width, reset_less=True)
         v_adv = ~vb_valid | isq.i.ready
         m.d.comb += [
+            res_fifo.o.ready.eq(s1_fifo.w_rdy & v_adv),
             res_take.eq(res_valid & s1_fifo.w_rdy & v_adv),
             s1_fifo.w_en.eq(res_take),
             s1_fifo.w_data.eq(res_s1),
@@ -417,7 +430,9 @@ class LayerNormUnit(wiring.Component):
         issue_last = issue & out_last
         # A row's reciprocal only exists once all of its beats have been written, so issuing never
         # has to check the buffer level.
-        load = (~row_active | issue_last) & div.o.valid & s1_fifo.r_rdy
+        # A row's S1 entered s1_fifo when its var_n did, long before its reciprocal leaves the
+        # divider, so a divider result always finds its S1 (no FIFO level compare in the load path).
+        load = (~row_active | issue_last) & div.o.valid
         m.d.comb += [div.o.ready.eq(load), s1_fifo.r_en.eq(load)]
         with m.If(load):
             m.d.sync += [cur_s1.eq(s1_fifo.r_data.as_signed()), cur_inv.eq(div.o.payload.quotient),
@@ -505,5 +520,7 @@ class LayerNormUnit(wiring.Component):
         out_last_go = self.o.valid & self.o.ready & out_fifo.o.payload.last
         in_first_go = in_go & (in_beat == 0)
         m.d.sync += [first_go_r.eq(in_first_go), last_go_r.eq(out_last_go),
-                     in_flight.eq(in_flight + first_go_r - last_go_r)]
+                     in_flight.eq(in_flight + first_go_r - last_go_r),
+                     in_flight_nz.eq(Mux(first_go_r & ~last_go_r, 1,
+                                         Mux(last_go_r & ~first_go_r, in_flight != 1, in_flight != 0)))]
         return m
