@@ -63,7 +63,8 @@ _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS,
 # Slack, in beats, between a pass's reader and writer, beyond the row itself:
 # score buffer: the exp pass's first read of a row comes 4 cycles (plus the max tree's extra stages,
 # added where the depth is computed) after the row's last write, and a write needs a free slot, so a
-# row needs 5 slots beyond its own; 3 more are margin.
+# row needs 5 slots beyond its own; 3 more are margin (one of them the slot the score count's
+# one-cycle lag keeps in hand).
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
 # pass reads it, 7 cycles plus the lane-sum tree stages plus 3 plus the divider latency after the
@@ -601,11 +602,18 @@ class SoftmaxUnit(wiring.Component):
             with m.If(~load3):
                 m.d.sync += [left3.eq(left3 - L), last3.eq(left3 <= 2 * L)]
         m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(1)]
+        # The score count takes the input handshake a cycle late (in_go_r, a register): in_go ends at
+        # the input's valid, which comes from outside, and its adder and room flag behind it missed
+        # 300 MHz in the whole top. The true level is then at most one more than the count, so the
+        # room flag keeps that slot in hand (one of the score buffer's margin slots). A row is read
+        # back only cycles after its last write was counted, so the count never runs below zero.
+        in_go_r = Signal()
         m.d.sync += [
-            s_count.eq(s_count + in_go - issue2),
+            in_go_r.eq(in_go),
+            s_count.eq(s_count + in_go_r - issue2),
             x_count.eq(x_count + issue2 - issue3),
         ]
-        for flag, count, inc, dec, limit in ((s_room, s_count, in_go, issue2, self._s_depth),
+        for flag, count, inc, dec, limit in ((s_room, s_count, in_go_r, issue2, self._s_depth - 1),
                                              (x_room, x_count, issue2, issue3, self._e_depth)):
             m.d.sync += flag.eq(below_next(count, inc, dec, limit))
         thermometer_step(m, rows1, in_go & first1, load2)
