@@ -53,10 +53,13 @@ def _run(dut, operands, *, stall_p=0.3, seed=0):
 
 
 def _check(dut, operands, got):
+    """``operands`` are port values: the dividend is ``a << dut.dividend_shift``."""
     assert len(got) == len(operands), f"divider: {len(operands)} operands in, {len(got)} results out"
+    sh = dut.dividend_shift
     for n, ((a, b), g) in enumerate(zip(operands, got)):
-        want = _expected(a, b, dut.quotient_width)
-        assert g == want, f"divider: first mismatch at operand {n} ({a} / {b}): expected {want}, got {g}"
+        want = _expected(a << sh, b, dut.quotient_width)
+        assert g == want, (f"divider: first mismatch at operand {n} (({a} << {sh}) / {b}): "
+                           f"expected {want}, got {g}")
 
 
 @pytest.mark.parametrize("qw,k,pipe", [(5, 1, False), (5, 2, False), (3, 1, False), (3, 2, False), (2, 3, False),
@@ -88,6 +91,37 @@ def test_random_full_width(dw, vw, qw, k, lo, pipe):
     _check(dut, operands, got)
 
 
+@pytest.mark.parametrize("dw,sh,qw,k,pipe", [
+    (3, 2, 5, 1, False), (3, 2, 5, 1, True), (3, 2, 3, 2, False), (3, 2, 3, 1, True),
+    (2, 4, 4, 1, True),             # qw < shift: the load remainder holds zero bits below the port's
+    (1, 5, 6, 1, True),             # LayerNorm's form: a single port bit, 2**5 / divisor
+    (4, 1, 7, 1, True),             # qw > dw + shift: quotient bits above the dividend
+])
+def test_exhaustive_shifted(dw, sh, qw, k, pipe):
+    """``dividend_shift``: every port dividend by every 3-bit divisor (incl. 0 and overflow), stalls."""
+    dut = Divider(dw, 3, qw, bits_per_cycle=k, pipelined=pipe, dividend_shift=sh)
+    operands = [(a, b) for a in range(1 << dw) for b in range(8)]
+    got, _, _ = _run(dut, operands, seed=dw * 100 + sh * 10 + qw)
+    _check(dut, operands, got)
+
+
+@pytest.mark.parametrize("dw,sh,vw,qw,lo,pipe", [
+    (1, 32, 23, 33, 1, True),       # LayerNorm at D=192: floor(1 << 32 / den), den in [1, 2**23)
+    (16, 16, 23, 25, 255, True),    # softmax: floor((out_mult | 2**15) << 16 / sum), sum >= 255
+    (16, 16, 23, 25, 255, False),
+])
+def test_random_shifted(dw, sh, vw, qw, lo, pipe):
+    rng = random.Random(dw * 1000 + sh)
+    operands = []
+    for _ in range(60):
+        b = rng.choice([lo, (1 << vw) - 1, rng.randrange(lo, 1 << vw), rng.randrange(lo, lo + 1000)])
+        a = rng.choice([1 << (dw - 1), (1 << dw) - 1, rng.randrange(1 << dw)])
+        operands.append((a, b))
+    dut = Divider(dw, vw, qw, pipelined=pipe, dividend_shift=sh)
+    got, _, _ = _run(dut, operands, seed=sh + pipe)
+    _check(dut, operands, got)
+
+
 @pytest.mark.parametrize("k,pipe", [(1, False), (2, False), (4, False), (1, True)])
 def test_back_to_back_period(k, pipe):
     """Without stalls a division retires every ``period`` = ceil(qw/k) + 1 cycles (1 pipelined)."""
@@ -111,6 +145,9 @@ def test_back_to_back_period(k, pipe):
     (dict(dividend_width=8, divisor_width=4, bits_per_cycle=2, pipelined=True), ValueError,
      "bits_per_cycle must be 1 when pipelined, not 2"),
     (dict(dividend_width=8, divisor_width=4, pipelined=1), TypeError, "pipelined must be a bool"),
+    (dict(dividend_width=8, divisor_width=4, dividend_shift=-1), ValueError,
+     "dividend_shift must be an integer >= 0, not -1"),
+    (dict(dividend_width=8, divisor_width=4, dividend_shift=2.0), TypeError, "dividend_shift must be an integer"),
 ])
 def test_bad_parameters(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):

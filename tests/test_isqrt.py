@@ -65,7 +65,7 @@ def test_exhaustive_small(width, k, pipe):
 
 
 @pytest.mark.parametrize("width,k,pipe", [(49, 1, False), (49, 2, False), (40, 4, False), (64, 3, False),
-                                          (49, 1, True)])
+                                          (49, 1, True), (46, 1, True), (9, 1, True)])
 def test_random_full_width(width, k, pipe):
     """LayerNorm widths (var_n of D=384 is 49 bits) plus squares, their neighbours and the maximum."""
     rng = random.Random(width + k)

@@ -30,7 +30,8 @@ class ISqrt(wiring.Component):
     pipelined : bool
         Unroll the iteration into a pipeline of ``ceil(width / 2)`` registered steps (one
         compare-subtract each; ``bits_per_cycle`` must be 1) and an output FIFO: a new root every cycle, 2 cycles more latency than
-        ``bits_per_cycle=1``. ``i.ready`` is a register.
+        ``bits_per_cycle=1``. ``i.ready`` is a register. Each stage's registers are only as wide as the
+        values they can hold, so no register of the pipeline holds a constant.
 
     Interface attributes
     --------------------
@@ -96,12 +97,12 @@ class ISqrt(wiring.Component):
         equal to :attr:`latency` (the next operand loads in the cycle the previous result transfers)."""
         return 1 if self._pipelined else self._steps + 1
 
-    def _step(self, m, r, q, x, name, pair=None):
-        """Bring down two operand bits (``x``'s top two unless ``pair`` is given); the next root bit
-        is 1 iff 4*root + 1 fits."""
+    def _step(self, m, r, q, x, name):
+        """One step of the iterative root: bring down ``x``'s top two bits; the next root bit is 1 iff
+        4*root + 1 fits."""
         ne = self._steps * self._bits_per_cycle
         rw = ne + 2
-        r4 = Cat(x[2 * ne - 2:] if pair is None else pair, r)
+        r4 = Cat(x[2 * ne - 2:], r)
         trial = Cat(Const(1, 2), q)
         # One subtraction gives the trial remainder and, by its sign, whether it fits (one carry
         # chain then a mux, not a compare chain and a subtract chain).
@@ -114,17 +115,26 @@ class ISqrt(wiring.Component):
         return r_next, q_next, Cat(Const(0, 2), x)[:2 * ne]
 
     def _elaborate_pipelined(self, m):
-        n = ne = self._steps
-        rw = ne + 2
+        n = self._steps
+        W = self._width
+        # Stage s (the registers in front of step s) brings down operand bits 2(n-1-s) and 2(n-1-s)+1
+        # (the top pair has one bit for an odd width). Every register is only as wide as what it can
+        # hold: the root bits found so far (s at stage s), the remainder (<= 2 * root < 2**(s + 1)) and
+        # the operand bits not yet brought down. No flip-flop of the pipeline has a constant input (the
+        # zeros shifted into a full-width operand register were found by a synthesizer one stage per
+        # opt iteration).
+        def lo(s):
+            return 2 * (n - 1 - s)
+
         v = [Signal(name=f"v{s}") for s in range(n + 1)]
-        rem = [Signal(rw, name=f"rem{s}", reset_less=True) for s in range(n + 1)]
-        root = [Signal(ne, name=f"root{s}", reset_less=True) for s in range(n + 1)]
-        xs = [Signal(2 * ne, name=f"xs{s}", reset_less=True) for s in range(n)]
+        rem = [Signal(s + 1, name=f"rem{s}", reset_less=True) if s else Const(0, 1) for s in range(n + 1)]
+        root = [Signal(s, name=f"root{s}", reset_less=True) if s else None for s in range(n + 1)]
+        xs = [Signal(lo(s), name=f"xs{s}", reset_less=True) if lo(s) else None for s in range(n)]
         # The operand bit pair each stage brings down, in flip-flops of their own that stay on reset:
-        # the reset-less operand registers shift the pairs up two places per stage, and yosys turns
-        # such chains into shift registers (SRLs), whose slow clock-to-out would otherwise start the
+        # the reset-less operand registers copy the pairs from stage to stage, and yosys turns such
+        # chains into shift registers (SRLs), whose slow clock-to-out would otherwise start the
         # compare-subtract chain. With the reset these last registers stay flip-flops.
-        pairs = [Signal(2, name=f"pair{s}") for s in range(n)]
+        pairs = [Signal(min(2, W - lo(s)), name=f"pair{s}") for s in range(n)]
         # The stages have no enable: every operand is counted in on input and out on output, and
         # input is taken only while the output FIFO has room for all in flight. So i.ready is a
         # register, and o.ready drives only the FIFO's read side.
@@ -133,19 +143,30 @@ class ISqrt(wiring.Component):
         take = self.i.valid & out_fifo.room
         m.d.comb += [self.i.ready.eq(out_fifo.room), out_fifo.take.eq(take), out_fifo.w_en.eq(v[n])]
         wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
-        adv = 1
-        with m.If(adv):
-            m.d.sync += [v[0].eq(take), rem[0].eq(0), root[0].eq(0), xs[0].eq(self.i.payload),
-                         pairs[0].eq(self.i.payload[2 * ne - 2:])]
-            for s in range(n):
-                r, q, x = self._step(m, rem[s], root[s], xs[s], s, pair=pairs[s])
-                m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(r), root[s + 1].eq(q)]
-                if s + 1 < n:
-                    m.d.sync += [xs[s + 1].eq(x), pairs[s + 1].eq(x[2 * ne - 2:])]
+
+        x = self.i.payload
+        m.d.sync += [v[0].eq(take), pairs[0].eq(x[lo(0):])]
+        if xs[0] is not None:
+            m.d.sync += xs[0].eq(x[:lo(0)])
+        for s in range(n):
+            pair = pairs[s] if len(pairs[s]) == 2 else Cat(pairs[s], Const(0, 1))
+            r4 = Cat(pair, rem[s])                          # 4*r + next pair
+            trial = Cat(Const(1, 2), root[s]) if root[s] is not None else Const(1, 2)   # 4*root + 1
+            # One subtraction gives the trial remainder and, by its sign, whether it fits (one carry
+            # chain then a mux, not a compare chain and a subtract chain).
+            diff = Signal(signed(max(len(r4), len(trial)) + 1), name=f"diff_{s}")
+            m.d.comb += diff.eq(r4 - trial)
+            fits = ~diff[-1]
+            m.d.sync += [v[s + 1].eq(v[s]), rem[s + 1].eq(Mux(fits, diff, r4)[:s + 2]),
+                         root[s + 1].eq(Cat(fits, root[s]) if root[s] is not None else fits)]
+            if s + 1 < n:
+                m.d.sync += pairs[s + 1].eq(xs[s][lo(s + 1):])
+                if xs[s + 1] is not None:
+                    m.d.sync += xs[s + 1].eq(xs[s][:lo(s + 1)])
         result = Signal(self.o.payload.shape())
         m.d.comb += [
-            result.root.eq(root[n][:self._root_width]),
-            result.remainder.eq(rem[n][:self._root_width + 1]),
+            result.root.eq(root[n]),
+            result.remainder.eq(rem[n]),
             out_fifo.w_data.eq(result),
         ]
         return m

@@ -132,11 +132,15 @@ class LayerNormUnit(wiring.Component):
         self._dim = dim
         self._lanes = lanes
         self._beats = dim // lanes
-        # D*S2 <= D**2 * 2**30 for int16, and |D*S2 - S1**2| = D**2 * variance is no larger.
-        self._var_bits = (dim * dim << 30).bit_length()
         self._eps_bits = numerics.LN_EPS_BITS
-        # var_n = (D*S2 - S1**2) + eps_int < 2**var_bits + 2**eps_bits.
-        self._sqrt_width = max(self._var_bits, self._eps_bits) + 1
+        # The ISqrt operand is exactly as wide as var_n can be (a wider one only adds pipeline stages
+        # and constant bits). D*S2 - S1**2 = D**2 * (population variance): with k values at one end of
+        # the int16 range and D - k at the other it is k*(D-k)*65535**2, largest at k = D // 2; eps_int
+        # adds at most 2**LN_EPS_BITS - 1. The var_n stages compute modulo 2**sqrt_width, which is
+        # exact because the true var_n fits.
+        span = (1 << numerics.RES_BITS) - 1
+        var_max = (dim * dim // 4) * span * span + (1 << self._eps_bits) - 1
+        self._sqrt_width = var_max.bit_length()
         self._root_width = (self._sqrt_width + 1) // 2
 
         # Default: pipelined engines (one compare-subtract per register stage, a new row every cycle),
@@ -250,7 +254,10 @@ class LayerNormUnit(wiring.Component):
         # stays high one cycle longer after a row's last beat (harmless: it only gates parameters).
         first_go_r = Signal()
         last_go_r = Signal()
-        m.d.comb += self.busy.eq((in_flight != 0) | first_go_r)
+        # in_flight != 0 as a register (from the count's next value), so busy, and through the
+        # parameter handshake i.ready, is one LUT of flip-flops.
+        in_flight_nz = Signal()
+        m.d.comb += self.busy.eq(in_flight_nz | first_go_r)
 
         param_go = self.param.valid & ~self.busy
         m.d.comb += self.param.ready.eq(~self.busy)
@@ -264,9 +271,12 @@ class LayerNormUnit(wiring.Component):
         ]
 
         # ---- statistics pass --------------------------------------------------------------------
-        # Three stages: register the beat, reduce it across lanes (sum and sum of squares), and
-        # accumulate. They all advance together and stall only when a finished row's sums cannot leave.
-        st_adv = Signal()
+        # Stages without enable: register the beat, square, reduce across lanes (sum and sum of
+        # squares), accumulate. A row's sums go into a credit-counted FIFO (res_fifo), and a row's last
+        # beat is accepted only while that FIFO has room for every row in flight, so the pass never
+        # stalls: no stall net fans out to its registers, and i.ready is a LUT of registers (the
+        # previous stall, from the var_n stage's ready through the result register, missed 300 MHz in
+        # the whole top).
         sv1, slast1 = Signal(), Signal()
         sx1 = Signal.like(self.i.payload)
         sv2, slast2 = Signal(), Signal()
@@ -274,65 +284,78 @@ class LayerNormUnit(wiring.Component):
         b2 = Signal(s2_shape)
         acc1 = Signal(s1_shape)
         acc2 = Signal(s2_shape)
-        res_valid = Signal()
-        res_s1 = Signal(s1_shape)
-        res_s2 = Signal(s2_shape)
+        res_layout = data.StructLayout({"s1": s1_shape, "s2": s2_shape})
+        # From a row's last input beat to its sums at the FIFO's write port: the input register, the
+        # squares, then the tree stages (the last of which is b1/b2).
+        stat_latency = 2 + self._stat_tree_stages
+        m.submodules.res_fifo = res_fifo = CreditFIFO(res_layout, stat_latency + CreditFIFO.LATENCY + 1)
+        res_valid = res_fifo.o.valid
+        res_s1 = res_fifo.o.payload.s1
+        res_s2 = res_fifo.o.payload.s2
         res_take = Signal()
+        # "in_beat is the row's last beat" as a register.
+        in_last = Signal(init=R == 1)
 
-        m.d.comb += st_adv.eq(~(sv2 & slast2 & res_valid & ~res_take))
         in_go = Signal()
         m.d.comb += [
-            self.i.ready.eq(st_adv & room & ~param_go),
+            self.i.ready.eq(room & ~param_go & (~in_last | res_fifo.room)),
             in_go.eq(self.i.valid & self.i.ready),
             buf_w.addr.eq(wr_ptr),
             buf_w.data.eq(self.i.payload),
-            buf_w.en.eq(in_go),
+            # The write enable is the room flag (a register), not in_go: the handshake logic (stall,
+            # room, parameter writes) in front of the block RAM's write enable missed 300 MHz. With
+            # room the slot at wr_ptr is free, so writing it while no beat transfers is harmless:
+            # nothing reads it, and wr_ptr only advances with in_go, whose write is the one kept.
+            buf_w.en.eq(room),
         ]
         with m.If(in_go):
             m.d.sync += [
                 wr_ptr.eq(Mux(wr_ptr == self._depth - 1, 0, wr_ptr + 1)),
-                in_beat.eq(Mux(in_beat == R - 1, 0, in_beat + 1)),
+                in_beat.eq(Mux(in_last, 0, in_beat + 1)),
+                in_last.eq(Mux(in_last, R == 1, in_beat == R - 2)),
             ]
-        with m.If(st_adv):
-            m.d.sync += [sv1.eq(in_go), slast1.eq(in_beat == R - 1), sx1.eq(self.i.payload)]
-            # Squares in their own stage (one registered DSP48E2 each), then registered binary adder
-            # trees for the lane sums: one register level per adder level.
-            sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
-            xr = [Signal(signed(numerics.RES_BITS), name=f"sxr{j}", reset_less=True) for j in range(L)]
-            svq, slastq = Signal(), Signal()
-            m.d.sync += [svq.eq(sv1), slastq.eq(slast1)]
-            for j in range(L):
-                m.d.sync += [sq[j].eq(sx1[j] * sx1[j]), xr[j].eq(sx1[j])]
-            l1, l2, tv, tl = xr, sq, svq, slastq
-            for t in range(self._stat_tree_stages):
-                if t == self._stat_tree_stages - 1:
-                    n1, n2, nv, nl = [b1], [b2], sv2, slast2
-                else:
-                    n1 = [Signal(s1_shape, name=f"ts1_{t}_{g}") for g in range(-(-len(l1) // 2))]
-                    n2 = [Signal(s2_shape, name=f"ts2_{t}_{g}") for g in range(-(-len(l2) // 2))]
-                    nv, nl = Signal(name=f"tsv{t}"), Signal(name=f"tslast{t}")
-                for g in range(len(n1)):
-                    grp1, grp2 = l1[2 * g:2 * g + 2], l2[2 * g:2 * g + 2]
-                    m.d.sync += [n1[g].eq(sum(grp1[1:], grp1[0])), n2[g].eq(sum(grp2[1:], grp2[0]))]
-                m.d.sync += [nv.eq(tv), nl.eq(tl)]
-                l1, l2, tv, tl = n1, n2, nv, nl
-            with m.If(sv2):
-                with m.If(slast2):
-                    m.d.sync += [res_s1.eq(acc1 + b1), res_s2.eq(acc2 + b2), acc1.eq(0), acc2.eq(0)]
-                with m.Else():
-                    m.d.sync += [acc1.eq(acc1 + b1), acc2.eq(acc2 + b2)]
-        with m.If(st_adv & sv2 & slast2):
-            m.d.sync += res_valid.eq(1)
-        with m.Elif(res_take):
-            m.d.sync += res_valid.eq(0)
+        m.d.comb += res_fifo.take.eq(in_go & in_last)
+        m.d.sync += [sv1.eq(in_go), slast1.eq(in_last), sx1.eq(self.i.payload)]
+        # Squares in their own stage (one registered DSP48E2 each), then registered binary adder
+        # trees for the lane sums: one register level per adder level.
+        sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
+        xr = [Signal(signed(numerics.RES_BITS), name=f"sxr{j}", reset_less=True) for j in range(L)]
+        svq, slastq = Signal(), Signal()
+        m.d.sync += [svq.eq(sv1), slastq.eq(slast1)]
+        for j in range(L):
+            m.d.sync += [sq[j].eq(sx1[j] * sx1[j]), xr[j].eq(sx1[j])]
+        l1, l2, tv, tl = xr, sq, svq, slastq
+        for t in range(self._stat_tree_stages):
+            if t == self._stat_tree_stages - 1:
+                n1, n2, nv, nl = [b1], [b2], sv2, slast2
+            else:
+                n1 = [Signal(s1_shape, name=f"ts1_{t}_{g}") for g in range(-(-len(l1) // 2))]
+                n2 = [Signal(s2_shape, name=f"ts2_{t}_{g}") for g in range(-(-len(l2) // 2))]
+                nv, nl = Signal(name=f"tsv{t}"), Signal(name=f"tslast{t}")
+            for g in range(len(n1)):
+                grp1, grp2 = l1[2 * g:2 * g + 2], l2[2 * g:2 * g + 2]
+                m.d.sync += [n1[g].eq(sum(grp1[1:], grp1[0])), n2[g].eq(sum(grp2[1:], grp2[0]))]
+            m.d.sync += [nv.eq(tv), nl.eq(tl)]
+            l1, l2, tv, tl = n1, n2, nv, nl
+        res_w = Signal(res_layout)
+        m.d.comb += [res_w.s1.eq(acc1 + b1), res_w.s2.eq(acc2 + b2),
+                     res_fifo.w_data.eq(res_w), res_fifo.w_en.eq(sv2 & slast2)]
+        with m.If(sv2):
+            with m.If(slast2):
+                m.d.sync += [acc1.eq(0), acc2.eq(0)]
+            with m.Else():
+                m.d.sync += [acc1.eq(acc1 + b1), acc2.eq(acc2 + b2)]
 
         # ---- var_n, then isqrt -> divide -------------------------------------------------------
         # S1 waits in a FIFO for its row's reciprocal. The FIFO holds more rows than can be in the
         # var_n/isqrt/divide chain at once, so it never throttles the chain.
         m.submodules.s1_fifo = s1_fifo = fifo.SyncFIFO(width=s1_shape.width, depth=8)
         m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k, pipelined=self._pipelined)
-        m.submodules.div = div = Divider(inv_width, self._root_width, inv_width, bits_per_cycle=k,
-                                         pipelined=self._pipelined)
+        # The dividend 2**LN_INV_BITS is a single one bit above LN_INV_BITS zero bits: the divider
+        # takes it as dividend_shift, so its pipeline holds no constant dividend bits (yosys removed
+        # them one stage per opt iteration, the longest pass of the device build).
+        m.submodules.div = div = Divider(1, self._root_width, inv_width, bits_per_cycle=k,
+                                         pipelined=self._pipelined, dividend_shift=numerics.LN_INV_BITS)
 
         # var_n takes three stages: the wide products (D*S2, and S1**2 as two DSP partial products),
         # their sums (+ eps, and the partial products), then the subtraction.
@@ -352,6 +375,7 @@ class LayerNormUnit(wiring.Component):
         vb = Signal(self._sqrt_width, reset_less=True)
         v_adv = ~vb_valid | isq.i.ready
         m.d.comb += [
+            res_fifo.o.ready.eq(s1_fifo.w_rdy & v_adv),
             res_take.eq(res_valid & s1_fifo.w_rdy & v_adv),
             s1_fifo.w_en.eq(res_take),
             s1_fifo.w_data.eq(res_s1),
@@ -376,7 +400,7 @@ class LayerNormUnit(wiring.Component):
             isq.i.valid.eq(vb_valid),
             isq.i.payload.eq(vb),
             div.i.valid.eq(isq.o.valid),
-            div.i.payload.dividend.eq(1 << numerics.LN_INV_BITS),
+            div.i.payload.dividend.eq(1),                          # << LN_INV_BITS
             div.i.payload.divisor.eq(Mux(root == 0, 1, root)),     # den = max(1, isqrt(var_n))
             isq.o.ready.eq(div.i.ready),
         ]
@@ -406,7 +430,9 @@ class LayerNormUnit(wiring.Component):
         issue_last = issue & out_last
         # A row's reciprocal only exists once all of its beats have been written, so issuing never
         # has to check the buffer level.
-        load = (~row_active | issue_last) & div.o.valid & s1_fifo.r_rdy
+        # A row's S1 entered s1_fifo when its var_n did, long before its reciprocal leaves the
+        # divider, so a divider result always finds its S1 (no FIFO level compare in the load path).
+        load = (~row_active | issue_last) & div.o.valid
         m.d.comb += [div.o.ready.eq(load), s1_fifo.r_en.eq(load)]
         with m.If(load):
             m.d.sync += [cur_s1.eq(s1_fifo.r_data.as_signed()), cur_inv.eq(div.o.payload.quotient),
@@ -484,15 +510,20 @@ class LayerNormUnit(wiring.Component):
                 t8 = reg(signed(m_shape.width + 1), "t8_")
                 m.d.sync += t8.eq(Cat(Const(0, 1), m7).as_signed() >> shift)
                 u9 = reg(signed(m_shape.width + 1), "u9_")
-                m.d.sync += u9.eq(t8 + 1)
+                # Whether the rounded value fits int8, from t8 beside the + 1 (not from u9 after it:
+                # a wide all-zeros/all-ones test of u9 in front of the output mux missed 300 MHz in
+                # the whole top). (t8 + 1) >> 1 is in [lo, hi] iff t8 is in [2*lo - 1, 2*hi].
+                fits9 = reg(unsigned(1), "fits9_")
+                m.d.sync += [u9.eq(t8 + 1), fits9.eq((t8 >= 2 * lo - 1) & (t8 <= 2 * hi))]
                 rs = u9 >> 1
-                up = rs[numerics.ACT_BITS - 1:]
-                fits = (up == 0) | (up == (1 << len(up)) - 1)
-                m.d.sync += out_w.data[j].eq(Mux(fits, rs[:numerics.ACT_BITS].as_signed(),
-                                                 Mux(rs[-1], lo, hi)))
+                # When it does not fit, the sign of u9 is the sign of the saturation.
+                m.d.sync += out_w.data[j].eq(Mux(fits9, rs[:numerics.ACT_BITS].as_signed(),
+                                                 Mux(u9[-1], lo, hi)))
 
         out_last_go = self.o.valid & self.o.ready & out_fifo.o.payload.last
         in_first_go = in_go & (in_beat == 0)
         m.d.sync += [first_go_r.eq(in_first_go), last_go_r.eq(out_last_go),
-                     in_flight.eq(in_flight + first_go_r - last_go_r)]
+                     in_flight.eq(in_flight + first_go_r - last_go_r),
+                     in_flight_nz.eq(Mux(first_go_r & ~last_go_r, 1,
+                                         Mux(last_go_r & ~first_go_r, in_flight != 1, in_flight != 0)))]
         return m

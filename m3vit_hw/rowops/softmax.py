@@ -53,12 +53,18 @@ _ROUTER_RECIP_MAX = (1 << numerics.ROUTER_RECIP_BITS) // _E16_ONE
 #: Width of the per-row divider quotient ``o.payload.recip``. The attention multiplier needs 25 bits:
 #: ``(2**16 - 1) * 2**16 // 255`` is just above ``2**24``.
 RECIP_BITS = max(_ATTN_RECIP_MAX, _ROUTER_RECIP_MAX).bit_length()
-_DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS, numerics.ROUTER_RECIP_BITS + 1)
+# Both dividends, out_mult * 2**AV_RECIP_BITS and 2**ROUTER_RECIP_BITS, end in at least _DIV_SHIFT zero
+# bits: the divider takes only the bits above them (Divider's dividend_shift), so its pipeline holds no
+# constant dividend bits (yosys removed them one stage per opt iteration, a long pass of the device build).
+_DIV_SHIFT = min(numerics.AV_RECIP_BITS, numerics.ROUTER_RECIP_BITS)
+_DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS,
+                     numerics.ROUTER_RECIP_BITS + 1) - _DIV_SHIFT
 
 # Slack, in beats, between a pass's reader and writer, beyond the row itself:
 # score buffer: the exp pass's first read of a row comes 4 cycles (plus the max tree's extra stages,
 # added where the depth is computed) after the row's last write, and a write needs a free slot, so a
-# row needs 5 slots beyond its own; 3 more are margin.
+# row needs 5 slots beyond its own; 3 more are margin (one of them the slot the score count's
+# one-cycle lag keeps in hand).
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
 # pass reads it, 7 cycles plus the lane-sum tree stages plus 3 plus the divider latency after the
@@ -258,7 +264,11 @@ class SoftmaxUnit(wiring.Component):
         s_w, s_r = scores.write_port(), scores.read_port()
         m.submodules.exps = exps = Memory(shape=data.ArrayLayout(e16_shape, L), depth=self._e_depth, init=[])
         x_w, x_r = exps.write_port(), exps.read_port()
-        m.submodules.desc_fifo = desc_fifo = fifo.SyncFIFO(width=desc_layout.size, depth=_QUEUE_DEPTH)
+        # A CreditFIFO used as a plain queue (rows1 reserves its room, so its credits go unused): its
+        # "not empty" is the output register's valid, where a SyncFIFO's is a compare on its level, in
+        # front of the exp pass's load decision and the level's own adder (over 300 MHz in the whole
+        # top). Same latency as the SyncFIFO (1 cycle).
+        m.submodules.desc_fifo = desc_fifo = CreditFIFO(desc_layout, _QUEUE_DEPTH)
         # Buffered: its read data is a register, so the divider's first compare-subtract starts at a
         # flip-flop, not at a distributed RAM's read (one cycle more from a row's sum to the divider).
         m.submodules.sum_fifo = sum_fifo = fifo.SyncFIFOBuffered(width=sum_layout.size, depth=_QUEUE_DEPTH)
@@ -269,7 +279,7 @@ class SoftmaxUnit(wiring.Component):
         # starts at flip-flops; its room (a register too) replaces a FIFO level compare.
         m.submodules.side_fifo = side_fifo = CreditFIFO(side_layout, side_depth)
         m.submodules.div = div = Divider(_DIVIDEND_BITS, self._sum_bits, RECIP_BITS, bits_per_cycle=self._k,
-                                         pipelined=self._pipelined)
+                                         pipelined=self._pipelined, dividend_shift=_DIV_SHIFT)
 
         def lane_mask(left):
             # Lane j of a beat holds an element of the row iff j < elements left in the row.
@@ -387,6 +397,7 @@ class SoftmaxUnit(wiring.Component):
         m.d.comb += [
             desc_in.eq(mdesc2), desc_in.max.eq(new_max),
             desc_fifo.w_data.eq(desc_in), desc_fifo.w_en.eq(mv2 & mlast2),   # room is reserved by rows1
+            desc_fifo.take.eq(mv2 & mlast2),
         ]
 
         # ---- pass 2: exp and row sum --------------------------------------------------------------
@@ -404,9 +415,9 @@ class SoftmaxUnit(wiring.Component):
         # front of the load decision and the row counters.
         last2 = Signal()
         issue2_last = issue2 & last2
-        load2 = (~active2 | issue2_last) & desc_fifo.r_rdy & rows2_room
-        desc_out = data.View(desc_layout, desc_fifo.r_data)
-        m.d.comb += desc_fifo.r_en.eq(load2)
+        load2 = (~active2 | issue2_last) & desc_fifo.o.valid & rows2_room
+        desc_out = desc_fifo.o.payload
+        m.d.comb += desc_fifo.o.ready.eq((~active2 | issue2_last) & rows2_room)
         with m.If(load2):
             m.d.sync += [d2.eq(desc_out), left2.eq(desc_out.length), last2.eq(desc_out.length <= L),
                          active2.eq(1)]
@@ -550,9 +561,9 @@ class SoftmaxUnit(wiring.Component):
         div_go = Signal()
         m.d.comb += [
             div.i.valid.eq(sum_fifo.r_rdy & side_fifo.room),
-            div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,
-                                          sum_out.out_mult << numerics.AV_RECIP_BITS,
-                                          1 << numerics.ROUTER_RECIP_BITS)),
+            div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,            # << _DIV_SHIFT
+                                          sum_out.out_mult << (numerics.AV_RECIP_BITS - _DIV_SHIFT),
+                                          1 << (numerics.ROUTER_RECIP_BITS - _DIV_SHIFT))),
             div.i.payload.divisor.eq(sum_out.sum),
             div_go.eq(div.i.valid & div.i.ready),
             sum_fifo.r_en.eq(div_go),
@@ -596,11 +607,18 @@ class SoftmaxUnit(wiring.Component):
             with m.If(~load3):
                 m.d.sync += [left3.eq(left3 - L), last3.eq(left3 <= 2 * L)]
         m.d.comb += [x_r.addr.eq(x_rd), x_r.en.eq(1)]
+        # The score count takes the input handshake a cycle late (in_go_r, a register): in_go ends at
+        # the input's valid, which comes from outside, and its adder and room flag behind it missed
+        # 300 MHz in the whole top. The true level is then at most one more than the count, so the
+        # room flag keeps that slot in hand (one of the score buffer's margin slots). A row is read
+        # back only cycles after its last write was counted, so the count never runs below zero.
+        in_go_r = Signal()
         m.d.sync += [
-            s_count.eq(s_count + in_go - issue2),
+            in_go_r.eq(in_go),
+            s_count.eq(s_count + in_go_r - issue2),
             x_count.eq(x_count + issue2 - issue3),
         ]
-        for flag, count, inc, dec, limit in ((s_room, s_count, in_go, issue2, self._s_depth),
+        for flag, count, inc, dec, limit in ((s_room, s_count, in_go_r, issue2, self._s_depth - 1),
                                              (x_room, x_count, issue2, issue3, self._e_depth)):
             m.d.sync += flag.eq(below_next(count, inc, dec, limit))
         thermometer_step(m, rows1, in_go & first1, load2)
