@@ -211,8 +211,7 @@ class EncoderTop(wiring.Component):
                 Opcode.ATTENTION: at.busy, Opcode.STORE: st.busy}
         if mo is not None:
             busy[Opcode.MOE] = mo.busy
-        for op, b in busy.items():
-            m.d.comb += seq.unit_busy[op.value].eq(b)
+        cmd_valid = {}      # op -> the unit's command register valid (the dispatch section)
 
         # ---- dispatch --------------------------------------------------------------------------------
         regs = seq.regs
@@ -242,68 +241,60 @@ class EncoderTop(wiring.Component):
 
         li, ln, gm, so = view(Opcode.LOAD_IMAGE), view(Opcode.LAYERNORM), view(Opcode.GEMM), view(Opcode.STORE)
         ai, mi = view(Opcode.ATTENTION), view(Opcode.MOE)
+        # Each unit's start payload, field by field, from the instruction (field plus base register).
+        starts = {
+            Opcode.LOAD_IMAGE: (emb.start, dict(
+                base=pb + li.param_addr, img_base=regs.image_base + li.img_addr, shift=li.shift)),
+            Opcode.LAYERNORM: (nrm.start, dict(
+                tokens=ln.tokens, param_base=pb + ln.param_addr, src_base=ln.res_base,
+                dst_base=ln.act_base, dst_stride=cfg.row_words)),
+            Opcode.GEMM: (gx.start, dict(
+                m=gm.m, k=gm.k, n=gm.n, a_base=gm.a_base, a_stride=gm.a_stride,
+                dst_base=gm.dst_base, dst_stride=gm.dst_stride,
+                w_addr=pb + gm.w_addr, p_addr=pb + gm.p_addr, lut_addr=pb + gm.lut_addr,
+                shift=gm.shift, mode=gm.mode, gather=gm.gather, scatter=gm.scatter, sync=gm.wait,
+                a_unsigned=gm.a_unsigned)),
+            # dims: the run-time shape (0: the elaborated model's).
+            Opcode.ATTENTION: (at.start, dict(
+                tokens=ai.tokens, base=pb + ai.param_addr, c_mult=ai.c_mult, c_shift=ai.c_shift,
+                out_mult=ai.out_mult, out_shift=ai.out_shift, qkv_shift=ai.qkv_shift,
+                proj_shift=ai.proj_shift, dims=ai.dims)),
+            Opcode.STORE: (st.start, dict(
+                res_base=so.res_base, words=so.words, addr=regs.output_base + so.dst_addr)),
+        }
+        if mo is not None:
+            # The router record and the GELU table come from memory (router_fetch, lut_fetch);
+            # top_k / plan / expert stride from the instruction (0: the elaborated shape).
+            starts[Opcode.MOE] = (mo.start, dict(
+                task=regs.task, tokens=mi.tokens, gate_base=pb + mi.gate_addr,
+                expert_base=pb + mi.expert_addr, fc1_shift=mi.fc1_shift, fc2_shift=mi.fc2_shift,
+                router_fetch=1, router_addr=pb + mi.router_addr, lut_fetch=1, lut_addr=pb + mi.lut_addr,
+                top_k=mi.top_k, plan_fetch=mi.plan_fetch, plan_addr=pb + mi.plan_addr,
+                expert_stride=mi.expert_stride))
+        # Registered dispatch: one command register per unit (valid and the unit's start payload).
+        # While empty it loads the payload from the instruction every cycle (the adders above sit
+        # between the instruction register and it), and the sequencer's instruction is taken only
+        # into an empty register (``ready = ~valid``). So no unit's start logic sees the sequencer's
+        # decode, and no unit's ``start.ready`` reaches the sequencer. One cycle per instruction; the
+        # register counts as its unit's busy, so the sequencer's wait and owner rules cover it.
+        for op, (ust, fields) in starts.items():
+            v = Signal(name=f"{op.name.lower()}_cmd_valid")
+            p = Signal(ust.payload.shape(), name=f"{op.name.lower()}_cmd", reset_less=True)
+            with m.If(~v):
+                m.d.sync += [getattr(p, k).eq(val) for k, val in fields.items()]
+            with m.If(v & ust.ready):
+                m.d.sync += v.eq(0)
+            with m.Elif(dispatch & (ins.payload.op == op)):
+                m.d.sync += v.eq(1)
+            m.d.comb += [ust.valid.eq(v), ust.payload.eq(p)]
+            cmd_valid[op] = v
         with m.Switch(ins.payload.op):
-            with m.Case(Opcode.LOAD_IMAGE):
-                m.d.comb += [
-                    emb.start.valid.eq(ins.valid), ins.ready.eq(emb.start.ready),
-                    emb.start.payload.base.eq(pb + li.param_addr),
-                    emb.start.payload.img_base.eq(regs.image_base + li.img_addr),
-                    emb.start.payload.shift.eq(li.shift),
-                ]
-            with m.Case(Opcode.LAYERNORM):
-                m.d.comb += [
-                    nrm.start.valid.eq(ins.valid), ins.ready.eq(nrm.start.ready),
-                    nrm.start.payload.tokens.eq(ln.tokens),
-                    nrm.start.payload.param_base.eq(pb + ln.param_addr),
-                    nrm.start.payload.src_base.eq(ln.res_base),
-                    nrm.start.payload.dst_base.eq(ln.act_base),
-                    nrm.start.payload.dst_stride.eq(cfg.row_words),
-                ]
-            with m.Case(Opcode.GEMM):
-                gj = gx.start.payload
-                m.d.comb += [
-                    gx.start.valid.eq(ins.valid), ins.ready.eq(gx.start.ready),
-                    gj.m.eq(gm.m), gj.k.eq(gm.k), gj.n.eq(gm.n),
-                    gj.a_base.eq(gm.a_base), gj.a_stride.eq(gm.a_stride),
-                    gj.dst_base.eq(gm.dst_base), gj.dst_stride.eq(gm.dst_stride),
-                    gj.w_addr.eq(pb + gm.w_addr), gj.p_addr.eq(pb + gm.p_addr),
-                    gj.lut_addr.eq(pb + gm.lut_addr),
-                    gj.shift.eq(gm.shift), gj.mode.eq(gm.mode),
-                    gj.gather.eq(gm.gather), gj.scatter.eq(gm.scatter), gj.sync.eq(gm.wait),
-                    gj.a_unsigned.eq(gm.a_unsigned),
-                ]
-            with m.Case(Opcode.ATTENTION):
-                ap = at.start.payload
-                # dims: the run-time shape (0: the elaborated model's).
-                m.d.comb += [
-                    at.start.valid.eq(ins.valid), ins.ready.eq(at.start.ready),
-                    ap.tokens.eq(ai.tokens), ap.base.eq(pb + ai.param_addr),
-                    ap.c_mult.eq(ai.c_mult), ap.c_shift.eq(ai.c_shift),
-                    ap.out_mult.eq(ai.out_mult), ap.out_shift.eq(ai.out_shift),
-                    ap.qkv_shift.eq(ai.qkv_shift), ap.proj_shift.eq(ai.proj_shift),
-                    ap.dims.eq(ai.dims),
-                ]
-            if mo is not None:
-                with m.Case(Opcode.MOE):
-                    mp = mo.start.payload
-                    # The router record and the GELU table come from memory (router_fetch, lut_fetch);
-                    # top_k / plan / expert stride from the instruction (0: the elaborated shape).
-                    m.d.comb += [
-                        mo.start.valid.eq(ins.valid), ins.ready.eq(mo.start.ready),
-                        mp.task.eq(regs.task), mp.tokens.eq(mi.tokens),
-                        mp.gate_base.eq(pb + mi.gate_addr), mp.expert_base.eq(pb + mi.expert_addr),
-                        mp.fc1_shift.eq(mi.fc1_shift), mp.fc2_shift.eq(mi.fc2_shift),
-                        mp.router_fetch.eq(1), mp.router_addr.eq(pb + mi.router_addr),
-                        mp.lut_fetch.eq(1), mp.lut_addr.eq(pb + mi.lut_addr),
-                        mp.top_k.eq(mi.top_k), mp.plan_fetch.eq(mi.plan_fetch),
-                        mp.plan_addr.eq(pb + mi.plan_addr), mp.expert_stride.eq(mi.expert_stride),
-                    ]
-            with m.Case(Opcode.STORE):
-                m.d.comb += [
-                    st.start.valid.eq(ins.valid), ins.ready.eq(st.start.ready),
-                    st.start.payload.res_base.eq(so.res_base), st.start.payload.words.eq(so.words),
-                    st.start.payload.addr.eq(regs.output_base + so.dst_addr),
-                ]
+            for op, v in cmd_valid.items():
+                with m.Case(op):
+                    m.d.comb += ins.ready.eq(~v)
+
+        for op, b in busy.items():
+            m.d.comb += seq.unit_busy[op.value].eq(b | cmd_valid[op])
 
         # ---- the datapath's owner ----------------------------------------------------------------------
         # GEMM clients: index by opcode class.
