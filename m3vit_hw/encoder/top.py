@@ -222,18 +222,21 @@ class EncoderTop(wiring.Component):
         with m.If(dispatch):
             m.d.sync += active.eq(ins.payload.op)
 
-        def owner_select(name, owners, default):
-            """A select register for one multiplexer: the index of ``active`` in ``owners`` (else
-            ``default``), loaded with ``active`` at dispatch. The multiplexers then switch on a
-            flip-flop, not on a decode of ``active``: the owner is known when the instruction is
-            dispatched, a cycle before its unit drives anything."""
-            sel = Signal(range(max(default, len(owners)) + 1), name=name, init=default)
+        def owner_select(name, owners, other=False):
+            """One-hot select registers for one multiplexer: bit ``i`` is high while ``owners[i]`` is
+            the class of the last dispatched instruction (with ``other``, one more bit for any class
+            not in ``owners``). Loaded at dispatch: the owner is known then, a cycle before its unit
+            drives anything, so each multiplexer gate is a flip-flop of its own client, not a decode
+            of ``active``."""
+            bits = [Signal(name=f"{name}_{op.name.lower()}") for op in owners]
             with m.If(dispatch):
-                m.d.sync += sel.eq(default)
-                for i, op in enumerate(owners):
-                    with m.If(ins.payload.op == op):
-                        m.d.sync += sel.eq(i)
-            return sel
+                m.d.sync += [b.eq(ins.payload.op == op) for b, op in zip(bits, owners)]
+            if other:
+                b = Signal(name=f"{name}_other", init=1)
+                with m.If(dispatch):
+                    m.d.sync += b.eq(~ins.payload.op.as_value().matches(*owners))
+                bits.append(b)
+            return bits
         m.d.comb += gx.lut_flush.eq(ins.valid & ins.ready & (ins.payload.op != Opcode.GEMM))
 
         def view(op):
@@ -301,23 +304,23 @@ class EncoderTop(wiring.Component):
         clients = [(Opcode.LOAD_IMAGE, emb.client), (Opcode.GEMM, gx.client), (Opcode.ATTENTION, at.client)]
         if mo is not None:
             clients.append((Opcode.MOE, mo.client))
-        csel = owner_select("csel", [op for op, _ in clients], len(clients))
+        csel = owner_select("csel", [op for op, _ in clients])
         cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",))
         _connect_client(m, cl, dp.client)
         # The engine's result stream (RAW scores, gate logits): attention or the MoE router, else the
         # null sink.
         consumers = [(Opcode.ATTENTION, at.o)] + ([(Opcode.MOE, mo.o)] if mo is not None else [])
-        osel = owner_select("osel", [op for op, _ in consumers], len(consumers))
+        osel = owner_select("osel", [op for op, _ in consumers], other=True)
         o = mux_interfaces(m, osel, [c for _, c in consumers] + [null.o], name="o")
         wiring.connect(m, dp.o, o)
         # The one row table: attention's score path or the MoE reorder controller writes it.
         writers = [(Opcode.ATTENTION, at.rt_wr)] + ([(Opcode.MOE, mo.rt_wr)] if mo is not None else [])
-        wsel = owner_select("wsel", [op for op, _ in writers], len(writers))
+        wsel = owner_select("wsel", [op for op, _ in writers])
         rt = mux_interfaces(m, wsel, [w for _, w in writers], name="rt_w")
         wiring.connect(m, rt, dp.rt_wr)
         wiring.connect(m, at.e8_wr, dp.e8_wr)
-        is_at, is_mo = owner_select("is_attention", [Opcode.ATTENTION], 1) == 0, \
-            owner_select("is_moe", [Opcode.MOE], 1) == 0
+        (is_at,), (is_mo,) = owner_select("is_attention", [Opcode.ATTENTION]), \
+            owner_select("is_moe", [Opcode.MOE])
         m.d.comb += dp.e8_mode.eq(is_at)
         # The parameter buffer's read port for the MoE router's gate phase.
         if mo is not None:
@@ -328,9 +331,9 @@ class EncoderTop(wiring.Component):
             m.d.comb += [dp.param_rd_own.eq(0), dp.param_rd.en.eq(0)]
 
         # Activation side writes: LayerNorm or the patch loader.
-        aw_sel = owner_select("aw_sel", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE], 2)
-        rr_sel = owner_select("rr_sel", [Opcode.LAYERNORM, Opcode.STORE], 2)
-        is_ln, is_li, is_st = aw_sel == 0, aw_sel == 1, rr_sel == 1
+        aw_sel = owner_select("aw_sel", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE])
+        rr_sel = owner_select("rr_sel", [Opcode.LAYERNORM, Opcode.STORE])
+        (is_ln, is_li), is_st = aw_sel, rr_sel[1]
         act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w")
         wiring.connect(m, act_w, dp.act_wr)
         m.d.comb += dp.act_wr_own.eq(is_ln | is_li)
