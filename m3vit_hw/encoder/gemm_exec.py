@@ -185,15 +185,21 @@ class GemmExecutor(wiring.Component):
         lut_byte = Signal(range(db))
         lresp = self.lut_mem.resp
         last_byte = lut_byte == db - 1
+        # The table write is registered: the byte select (a db:1 mux) and the client multiplexer
+        # would otherwise run into the engine's table in one cycle. The last entry lands the cycle
+        # after LUT ends, before any command of this job can reach the engine (IDLE, then ISSUE).
+        lut_wa = Signal.like(cl.gelu_lut.addr, reset_less=True)
+        lut_wd = Signal.like(cl.gelu_lut.data, reset_less=True)
+        lut_we = Signal()
+        m.d.sync += [lut_wa.eq(lut_idx), lut_we.eq(lresp.valid & (lut_idx < _LUT_BYTES))]
         m.d.comb += [
-            cl.gelu_lut.addr.eq(lut_idx),
-            cl.gelu_lut.en.eq(lresp.valid & (lut_idx < _LUT_BYTES)),
+            cl.gelu_lut.addr.eq(lut_wa), cl.gelu_lut.en.eq(lut_we), cl.gelu_lut.data.eq(lut_wd),
             lresp.ready.eq(last_byte | (lut_idx == _LUT_BYTES - 1)),
         ]
         with m.Switch(lut_byte):
             for k in range(db):
                 with m.Case(k):
-                    m.d.comb += cl.gelu_lut.data.eq(lresp.payload.data[8 * k:8 * k + 8])
+                    m.d.sync += lut_wd.eq(lresp.payload.data[8 * k:8 * k + 8])
         with m.If(lresp.valid):
             m.d.sync += [lut_byte.eq(Mux(last_byte, 0, lut_byte + 1)), lut_idx.eq(lut_idx + 1)]
 

@@ -215,13 +215,18 @@ class ProgramSequencer(wiring.Component):
         ]
         sent = req.valid & req.ready
         got = resp.valid & resp.ready
+        # ``inflight`` counts a beat off the cycle after it arrives: the response valid is a decode
+        # in the read arbiter, and the three-operand update is a carry chain. It only gates DRAIN's
+        # exit (one cycle later at most), and a late count errs on the side of waiting.
+        got_q = Signal()
+        m.d.sync += got_q.eq(got & ~start)
         with m.If(start):
             m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth),
                          bok.eq(0)]
         with m.Else():
             with m.If(sent):
                 m.d.sync += [faddr.eq(faddr + (beats << lb)), bok.eq(0)]
-            m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got)
+            m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got_q)
             m.d.sync += space.eq(space - Mux(sent, beats, 0) + (fq.r_en & fq.r_rdy))
 
         # ---- assemble and decode -------------------------------------------------------------------
@@ -306,9 +311,12 @@ class ProgramSequencer(wiring.Component):
                                 m.d.sync += [self.error.eq(err), fetching.eq(0)]
                                 m.next = "DRAIN"
             with m.State("DRAIN"):
-                # Let the outstanding fetches arrive and drop every prefetched beat.
+                # Let the outstanding fetches arrive and drop every prefetched beat. ``inflight``
+                # reaches 0 two cycles after the last beat arrives, by when the FIFO's output shows
+                # it (its write-to-output latency is 2), so no response can still be coming and no
+                # beat is left behind.
                 m.d.comb += fq.r_en.eq(1)
-                with m.If((inflight == 0) & ~fq.r_rdy & ~resp.valid & ~req.valid):
+                with m.If((inflight == 0) & ~fq.r_rdy & ~req.valid):
                     m.d.sync += [running.eq(0), self.done.eq(1), have.eq(0)]
                     m.next = "IDLE"
 
