@@ -186,8 +186,8 @@ class GemmExecutor(wiring.Component):
         lresp = self.lut_mem.resp
         last_byte = lut_byte == db - 1
         # The table write is registered: the byte select (a db:1 mux) and the client multiplexer
-        # would otherwise run into the engine's table in one cycle. The last entry lands the cycle
-        # after LUT ends, before any command of this job can reach the engine (IDLE, then ISSUE).
+        # would otherwise run into the engine's table in one cycle. LUT ends on the registered write
+        # of the last entry, not on the response (whose valid is a decode in the read arbiter).
         lut_wa = Signal.like(cl.gelu_lut.addr, reset_less=True)
         lut_wd = Signal.like(cl.gelu_lut.data, reset_less=True)
         lut_we = Signal()
@@ -229,7 +229,7 @@ class GemmExecutor(wiring.Component):
                 with m.If(lr.cmd.ready):
                     m.next = "LUT"
             with m.State("LUT"):
-                with m.If(lresp.valid & (lut_idx == _LUT_BYTES - 1)):
+                with m.If(lut_we & (lut_wa == _LUT_BYTES - 1)):
                     m.d.sync += [lut_ok.eq(1), lut_cur.eq(cj.lut_addr)]
                     m.next = "IDLE"
             with m.State("ISSUE"):
