@@ -214,15 +214,22 @@ class GemmExecutor(wiring.Component):
         need_lut = (cj.mode == EpilogueMode.GELU8) & ~(lut_ok & (lut_cur == cj.lut_addr))
         with m.If(self.lut_flush):
             m.d.sync += lut_ok.eq(0)
+        # The table check (a compare of the whole address) is registered in IDLE and acted on in
+        # DECIDE, one cycle per job (the job, lut_ok and lut_cur cannot change meanwhile: the
+        # executor is busy, so no other instruction flushes the table).
+        need_lut_q = Signal()
         with m.FSM(name="compute") as fsm:
             with m.State("IDLE"):
                 with m.If(cq.r_rdy & ~inflight):
-                    with m.If(need_lut & ~cl.gemm_busy):
-                        # The table changes only while no command reads it.
-                        m.d.sync += [lut_idx.eq(0), lut_byte.eq(0), lut_ok.eq(0)]
-                        m.next = "LUT_CMD"
-                    with m.Elif(~need_lut & cl.tile_valid):
-                        m.next = "ISSUE"
+                    m.d.sync += need_lut_q.eq(need_lut)
+                    m.next = "DECIDE"
+            with m.State("DECIDE"):
+                with m.If(need_lut_q & ~cl.gemm_busy):
+                    # The table changes only while no command reads it.
+                    m.d.sync += [lut_idx.eq(0), lut_byte.eq(0), lut_ok.eq(0)]
+                    m.next = "LUT_CMD"
+                with m.Elif(~need_lut_q & cl.tile_valid):
+                    m.next = "ISSUE"
             with m.State("LUT_CMD"):
                 m.d.comb += [lr.cmd.valid.eq(1), lr.cmd.payload.addr.eq(cj.lut_addr),
                              lr.cmd.payload.beats.eq(-(-_LUT_BYTES // db))]
