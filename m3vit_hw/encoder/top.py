@@ -51,7 +51,7 @@ The attention phases are added when a sub-layer's unit finishes (its own counter
 after its ``done``), the router phase cycle by cycle.
 """
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -277,7 +277,7 @@ class EncoderTop(wiring.Component):
         # Registered dispatch: one command register per unit (valid and the unit's start payload).
         # While empty it loads the payload from the instruction every cycle (the adders above sit
         # between the instruction register and it), and the sequencer's instruction is taken only
-        # into an empty register (``ready = ~valid``). So no unit's start logic sees the sequencer's
+        # into an empty register. So no unit's start logic sees the sequencer's
         # decode, and no unit's ``start.ready`` reaches the sequencer. One cycle per instruction; the
         # register counts as its unit's busy, so the sequencer's wait and owner rules cover it.
         for op, (ust, fields) in starts.items():
@@ -291,10 +291,10 @@ class EncoderTop(wiring.Component):
                 m.d.sync += v.eq(1)
             m.d.comb += [ust.valid.eq(v), ust.payload.eq(p)]
             cmd_valid[op] = v
-        with m.Switch(ins.payload.op):
-            for op, v in cmd_valid.items():
-                with m.Case(op):
-                    m.d.comb += ins.ready.eq(~v)
+        # ``ready`` while every command register is empty: the same as "this opcode's register is
+        # empty", since the owner rule lets an instruction of another class out only while every unit
+        # (its command register included) is idle; one LUT of flip-flops, not a mux on the opcode.
+        m.d.comb += ins.ready.eq(~Cat(*cmd_valid.values()).any())
 
         for op, b in busy.items():
             m.d.comb += seq.unit_busy[op.value].eq(b | cmd_valid[op])
