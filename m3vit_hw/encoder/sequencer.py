@@ -207,8 +207,13 @@ class ProgramSequencer(wiring.Component):
         # sent or a beat leaves the FIFO; the FIFO is empty and nothing in flight at start), so the
         # request's valid is a compare of one register against a constant, not a three-way add.
         space = Signal(range(depth + 1), init=depth)
+        # The room compare is registered too: ``space`` only drops when a request is sent, and
+        # then ``bok`` is low in the next cycle anyway, so a compare one cycle old never lets a
+        # request out that the FIFO could not hold (it may wait one cycle after a pop).
+        roomy = Signal()
+        m.d.sync += roomy.eq(space >= self._burst)
         m.d.comb += [
-            req.valid.eq(hold | (fetching & bok & (space >= self._burst))),
+            req.valid.eq(hold | (fetching & bok & roomy)),
             req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
             fq.w_data.eq(resp.payload.data), fq.w_en.eq(resp.valid),
             resp.ready.eq(fq.w_rdy),
@@ -265,13 +270,14 @@ class ProgramSequencer(wiring.Component):
         # datapath and the client multiplexer), and "idle" gates the dispatch into every unit's start
         # logic. Registering costs one cycle at each wait for idle; a unit only turns busy by taking
         # an instruction, which the guard covers.
-        busy_q = Signal.like(self.unit_busy)
-        m.d.sync += busy_q.eq(self.unit_busy)
-        busy_any = busy_q != 0
-        # A unit raises busy the cycle after it takes an instruction, and busy_q a cycle later: hold
-        # "idle" off for three cycles.
+        # The OR over the units is taken before the register, so "idle" is a 3-input function of
+        # flip-flops (this one and ``guard``) in the dispatch decode.
+        none_busy = Signal()
+        m.d.sync += none_busy.eq(self.unit_busy == 0)
+        # A unit raises busy the cycle after it takes an instruction, and none_busy drops a cycle
+        # later: hold "idle" off for three cycles.
         guard = Signal(2)
-        idle = ~busy_any & (guard == 0)
+        idle = none_busy & (guard == 0)
         last_op = Signal(OPCODE_BITS)
         with m.If(guard != 0):
             m.d.sync += guard.eq(guard - 1)
