@@ -16,10 +16,12 @@
 
 The sequencer hands each instruction to its opcode's unit, turning the instruction's fields into the
 unit's start payload (``*_addr`` fields plus ``param_base``; ``LOAD_IMAGE.img_addr`` plus
-``image_base``; ``STORE.dst_addr`` plus ``output_base``; the task register for ``MOE``). The unit of
+``image_base``; ``STORE.dst_addr`` plus ``output_base``; the task register for ``MOE``). The payload
+and its valid go through a command register per unit (one cycle per instruction; the register counts
+as the unit's busy), so no unit's start logic sees the sequencer's decode. The unit of
 the last dispatched instruction owns the shared datapath: its GEMM-client port, the engine's result stream and the buffers' side ports are multiplexed onto the
-datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` (the sequencer changes owner only while every
-unit is idle). Every external reader is a master of the datapath's read arbiter.
+datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` under one-hot owner registers loaded at
+dispatch (the sequencer changes owner only while every unit is idle). Every external reader is a master of the datapath's read arbiter.
 
 Model shape: LOAD_IMAGE (image size, patch grid, D) and LAYERNORM (D) are elaborated for
 ``config.model``; ATTENTION takes its heads from the instruction's ``dims`` (0: the elaborated
