@@ -34,7 +34,8 @@ decoded, END included).
 """
 
 from amaranth.hdl import Module, Mux, Signal, unsigned
-from amaranth.lib import data, enum, fifo, stream, wiring
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import AcceleratorConfig
@@ -79,6 +80,39 @@ class InsnLayout(data.StructLayout):
 
     def __init__(self, isa):
         super().__init__({"op": Opcode, "wait": 1, "bits": unsigned(isa.bits)})
+
+
+class _BeatQueue(wiring.Component):
+    """The fetch queue: ``depth`` beats in distributed RAM, first word fall-through.
+
+    ``r_rdy`` (a beat is queued) and ``r_data`` (the oldest beat, an asynchronous read) show a beat
+    the cycle after its write; ``r_en`` pops it. The caller never writes into a full queue (the
+    sequencer's ``space`` count guarantees it), so there is no ``w_rdy``. Unlike
+    ``SyncFIFOBuffered``, a pop only steps a pointer and a count: the decode's pop does not run
+    through an output-register refill into an inner level counter.
+    """
+
+    def __init__(self, width, depth):
+        self._depth = depth
+        super().__init__({"w_data": In(width), "w_en": In(1), "r_data": Out(width), "r_rdy": Out(1),
+                          "r_en": In(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        depth = self._depth
+        m.submodules.storage = mem = Memory(shape=len(self.w_data), depth=depth, init=[])
+        wp, rp = mem.write_port(), mem.read_port(domain="comb")
+        wptr, rptr = Signal(range(depth)), Signal(range(depth))
+        count = Signal(range(depth + 1))
+        pop = self.r_en & self.r_rdy
+        m.d.comb += [wp.addr.eq(wptr), wp.data.eq(self.w_data), wp.en.eq(self.w_en),
+                     rp.addr.eq(rptr), self.r_data.eq(rp.data), self.r_rdy.eq(count != 0)]
+        with m.If(self.w_en):
+            m.d.sync += wptr.eq(Mux(wptr == depth - 1, 0, wptr + 1))
+        with m.If(pop):
+            m.d.sync += rptr.eq(Mux(rptr == depth - 1, 0, rptr + 1))
+        m.d.sync += count.eq(count + self.w_en - pop)
+        return m
 
 
 class ProgramSequencer(wiring.Component):
@@ -173,7 +207,7 @@ class ProgramSequencer(wiring.Component):
         ib = self._ibeats
         nbits = self._isa.bits
         depth = self._fifo_beats
-        m.submodules.fifo = fq = fifo.SyncFIFOBuffered(width=bw, depth=depth)
+        m.submodules.fifo = fq = _BeatQueue(bw, depth)
 
         running = Signal()          # between start and done
         fetching = Signal()         # the fetcher may issue requests
@@ -216,7 +250,8 @@ class ProgramSequencer(wiring.Component):
             req.valid.eq(hold | (fetching & bok & roomy)),
             req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
             fq.w_data.eq(resp.payload.data), fq.w_en.eq(resp.valid),
-            resp.ready.eq(fq.w_rdy),
+            # ``space`` keeps queued plus requested beats within the queue: a beat always has room.
+            resp.ready.eq(1),
         ]
         sent = req.valid & req.ready
         got = resp.valid & resp.ready
@@ -318,9 +353,9 @@ class ProgramSequencer(wiring.Component):
                                 m.next = "DRAIN"
             with m.State("DRAIN"):
                 # Let the outstanding fetches arrive and drop every prefetched beat. ``inflight``
-                # reaches 0 two cycles after the last beat arrives, by when the FIFO's output shows
-                # it (its write-to-output latency is 2), so no response can still be coming and no
-                # beat is left behind.
+                # reaches 0 two cycles after the last beat arrives, by when the queue shows it (its
+                # write-to-read latency is 1), so no response can still be coming and no beat is left
+                # behind.
                 m.d.comb += fq.r_en.eq(1)
                 with m.If((inflight == 0) & ~fq.r_rdy & ~req.valid):
                     m.d.sync += [running.eq(0), self.done.eq(1), have.eq(0)]
