@@ -44,7 +44,7 @@ cycles, summed over the frame's sub-layers):
 * ``SOFTMAX``: a query tile in the score path (``softmax_cycles``; PE: ``overlap_cycles``, the PE array
   computing meanwhile). It overlaps ``ATTN_CORE``: it says how much softmax work there was, not how
   much of it was exposed.
-* ``MOE_ROUTER``: a ``MOE`` instruction from its dispatch until its first expert GEMM (any command
+* ``MOE_ROUTER``: a ``MOE`` instruction from its dispatch (its command register) until its first expert GEMM (any command
   whose epilogue mode is not ``RAW``) is accepted: the gate GEMMs, the router softmax, top-k, the
   expert queues and the first expert tile's weight fetch. The rest of ``op_cycles[MOE]`` is the
   experts.
@@ -368,14 +368,17 @@ class EncoderTop(wiring.Component):
         m.d.sync += at_done.eq(at.done)
         adds = [(CounterPhase.ATTN_CORE, at.attn_cycles, at.attn_compute_cycles),
                 (CounterPhase.SOFTMAX, at.softmax_cycles, at.overlap_cycles)]
-        # MoE router: from dispatch until the first expert (non-RAW) command is accepted.
+        # MoE router: from dispatch (the MoE command register) until the first expert (non-RAW)
+        # command is accepted. Taken from registers and the MoE client's own port, not from the
+        # sequencer's decode or the client multiplexer's output.
         router = Signal()
         if mo is not None:
-            with m.If(ins.valid & ins.ready & (ins.payload.op == Opcode.MOE)):
+            mg = mo.client.gemm
+            with m.If(cmd_valid[Opcode.MOE]):
                 m.d.sync += router.eq(1)
-            with m.Elif(cl.gemm.valid & cl.gemm.ready & (cl.gemm.payload.mode != EpilogueMode.RAW)):
+            with m.Elif(mg.valid & mg.ready & (mg.payload.mode != EpilogueMode.RAW)):
                 m.d.sync += router.eq(0)
-        in_router = router & (active == Opcode.MOE)
+        in_router = router & is_mo
         with m.If(self.start.valid & self.start.ready):
             m.d.sync += [c[p.value].eq(0) for p in CounterPhase for c in (self.phase_cycles, self.phase_pe_cycles)]
         with m.Elif(seq.busy):
