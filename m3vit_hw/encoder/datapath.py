@@ -202,8 +202,11 @@ class SharedDatapath(wiring.Component):
             a_e8.addr.eq(a_addr[:self.e8_aw]), a_e8.en.eq(a_en),
             eng.a_rd.data.eq(a_data), self.act_rd.data.eq(a_data),
         ]
+        # ``a_addr >= e8_base`` on the address bits above e8_base's trailing zeros (the same
+        # result): a compare of a few bits instead of a carry chain behind the engine's address adders.
+        tz = (bm.e8_base & -bm.e8_base).bit_length() - 1 if bm.e8_base else 0
         with m.If(a_en):
-            m.d.sync += a_sel.eq(self.e8_mode & (a_addr >= bm.e8_base))
+            m.d.sync += a_sel.eq(self.e8_mode & (a_addr[tz:] >= (bm.e8_base >> tz)))
 
         # B operand: the weight buffer, or (address MSB set) the main activation bank (Kᵀ, V).
         b_main = act.read_port()

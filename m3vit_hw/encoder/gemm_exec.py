@@ -185,15 +185,21 @@ class GemmExecutor(wiring.Component):
         lut_byte = Signal(range(db))
         lresp = self.lut_mem.resp
         last_byte = lut_byte == db - 1
+        # The table write is registered: the byte select (a db:1 mux) and the client multiplexer
+        # would otherwise run into the engine's table in one cycle. LUT ends on the registered write
+        # of the last entry, not on the response (whose valid is a decode in the read arbiter).
+        lut_wa = Signal.like(cl.gelu_lut.addr, reset_less=True)
+        lut_wd = Signal.like(cl.gelu_lut.data, reset_less=True)
+        lut_we = Signal()
+        m.d.sync += [lut_wa.eq(lut_idx), lut_we.eq(lresp.valid & (lut_idx < _LUT_BYTES))]
         m.d.comb += [
-            cl.gelu_lut.addr.eq(lut_idx),
-            cl.gelu_lut.en.eq(lresp.valid & (lut_idx < _LUT_BYTES)),
+            cl.gelu_lut.addr.eq(lut_wa), cl.gelu_lut.en.eq(lut_we), cl.gelu_lut.data.eq(lut_wd),
             lresp.ready.eq(last_byte | (lut_idx == _LUT_BYTES - 1)),
         ]
         with m.Switch(lut_byte):
             for k in range(db):
                 with m.Case(k):
-                    m.d.comb += cl.gelu_lut.data.eq(lresp.payload.data[8 * k:8 * k + 8])
+                    m.d.sync += lut_wd.eq(lresp.payload.data[8 * k:8 * k + 8])
         with m.If(lresp.valid):
             m.d.sync += [lut_byte.eq(Mux(last_byte, 0, lut_byte + 1)), lut_idx.eq(lut_idx + 1)]
 
@@ -208,22 +214,29 @@ class GemmExecutor(wiring.Component):
         need_lut = (cj.mode == EpilogueMode.GELU8) & ~(lut_ok & (lut_cur == cj.lut_addr))
         with m.If(self.lut_flush):
             m.d.sync += lut_ok.eq(0)
+        # The table check (a compare of the whole address) is registered in IDLE and acted on in
+        # DECIDE, one cycle per job (the job, lut_ok and lut_cur cannot change meanwhile: the
+        # executor is busy, so no other instruction flushes the table).
+        need_lut_q = Signal()
         with m.FSM(name="compute") as fsm:
             with m.State("IDLE"):
                 with m.If(cq.r_rdy & ~inflight):
-                    with m.If(need_lut & ~cl.gemm_busy):
-                        # The table changes only while no command reads it.
-                        m.d.sync += [lut_idx.eq(0), lut_byte.eq(0), lut_ok.eq(0)]
-                        m.next = "LUT_CMD"
-                    with m.Elif(~need_lut & cl.tile_valid):
-                        m.next = "ISSUE"
+                    m.d.sync += need_lut_q.eq(need_lut)
+                    m.next = "DECIDE"
+            with m.State("DECIDE"):
+                with m.If(need_lut_q & ~cl.gemm_busy):
+                    # The table changes only while no command reads it.
+                    m.d.sync += [lut_idx.eq(0), lut_byte.eq(0), lut_ok.eq(0)]
+                    m.next = "LUT_CMD"
+                with m.Elif(~need_lut_q & cl.tile_valid):
+                    m.next = "ISSUE"
             with m.State("LUT_CMD"):
                 m.d.comb += [lr.cmd.valid.eq(1), lr.cmd.payload.addr.eq(cj.lut_addr),
                              lr.cmd.payload.beats.eq(-(-_LUT_BYTES // db))]
                 with m.If(lr.cmd.ready):
                     m.next = "LUT"
             with m.State("LUT"):
-                with m.If(lresp.valid & (lut_idx == _LUT_BYTES - 1)):
+                with m.If(lut_we & (lut_wa == _LUT_BYTES - 1)):
                     m.d.sync += [lut_ok.eq(1), lut_cur.eq(cj.lut_addr)]
                     m.next = "IDLE"
             with m.State("ISSUE"):

@@ -4,33 +4,37 @@ The encoder top puts exactly one client at a time on each shared port (the GEMM 
 weight-streamer port, the row-table and e8 write ports, the buffers' side ports). :func:`mux_interfaces`
 does it for any :class:`~amaranth.lib.wiring.Signature` once, member by member:
 
-* members the *sources* drive (flow ``Out`` as seen from a source) are taken from the selected source;
-  with no source selected (``sel`` out of range) they are zero, so a stream is not valid and a write
-  port not enabled;
+* members the *sources* drive (flow ``Out`` as seen from a source) are taken from the selected source
+  (an AND-OR over the sources); with no source selected they are zero, so a stream is not valid and a
+  write port not enabled;
 * members the sources receive (flow ``In``) are broadcast; one-bit ones (``valid``, ``ready``,
   ``done``, ``busy``, ...) are gated so that every source but the selected one sees 0, as the datapath
   contract asks ("In-members to inactive clients carry valid=0/ready=0"). Wider ones (data) are passed
   ungated: nobody acts on them without a one-bit qualifier.
 
-The select is combinational; the caller changes it only while every client is idle (the sequencer
-switches clients between instructions), so no stream transfer is ever split between two clients.
+The select is one-hot, one bit per source (``owns``), and the caller gives registers: then each gate
+in front of a client is a 2-input AND of that client's own flip-flop, which the synthesizer folds into
+the client's first LUT, rather than a compare of a shared multi-bit select fanned out to every
+client. The caller changes the select only while every client is idle (the sequencer switches
+clients between instructions), so no stream transfer is ever split between two clients.
 """
 
-from amaranth.hdl import Mux, Shape
+from amaranth.hdl import Mux, Shape, Value
 from amaranth.lib.wiring import Out
 
 __all__ = ["mux_interfaces"]
 
 
-def mux_interfaces(m, sel, sources, name=None, *, driven=()):
+def mux_interfaces(m, owns, sources, name=None, *, driven=()):
     """Multiplex ``sources`` (interfaces of one signature) onto a new interface of that signature.
 
     Parameters
     ----------
     m : Module
         Where the combinational logic goes.
-    sel : Value
-        Index of the source that owns the returned interface (any other value: none).
+    owns : sequence of Value
+        One one-bit value per source, at most one high: the source that owns the returned interface
+        (none high: no source). Flip-flops, for timing (see the module docstring).
     sources : list of interfaces
         Same signature (as seen from each source's owner: e.g. every client's ``client`` member).
     name : str or None
@@ -50,11 +54,16 @@ def mux_interfaces(m, sel, sources, name=None, *, driven=()):
     Raises
     ------
     ValueError
-        If ``sources`` is empty or their signatures differ.
+        If ``sources`` is empty, their signatures differ, or ``owns`` is not one one-bit value per
+        source.
     """
     sources = list(sources)
     if not sources:
         raise ValueError("mux_interfaces needs at least one source")
+    owns = [Value.cast(o) for o in owns]
+    if len(owns) != len(sources) or any(len(o) != 1 for o in owns):
+        raise ValueError(f"owns must be {len(sources)} one-bit values (one per source), "
+                         f"not {len(owns)} of widths {[len(o) for o in owns]}")
     sig = sources[0].signature
     for i, s in enumerate(sources[1:], 1):
         if s.signature != sig:
@@ -67,12 +76,14 @@ def mux_interfaces(m, sel, sources, name=None, *, driven=()):
         flow = Out if path[0] in driven else flows[0][path][0].flow
         vals = [f[path][1] for f in flows]
         if flow == Out:
-            with m.Switch(sel):
-                for i, v in enumerate(vals):
-                    with m.Case(i):
-                        m.d.comb += tval.eq(v)
+            width = Shape.cast(tval.shape()).width
+            picked = [Mux(own, Value.cast(v), 0) for own, v in zip(owns, vals)]
+            acc = picked[0]
+            for x in picked[1:]:
+                acc = acc | x
+            m.d.comb += tval.eq(acc[:width])
         else:
             gate = Shape.cast(tval.shape()).width == 1
-            for i, v in enumerate(vals):
-                m.d.comb += v.eq(Mux(sel == i, tval, 0) if gate else tval)
+            for own, v in zip(owns, vals):
+                m.d.comb += v.eq(own & tval if gate else tval)
     return target

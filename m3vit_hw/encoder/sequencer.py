@@ -34,7 +34,8 @@ decoded, END included).
 """
 
 from amaranth.hdl import Module, Mux, Signal, unsigned
-from amaranth.lib import data, enum, fifo, stream, wiring
+from amaranth.lib import data, enum, stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..config import AcceleratorConfig
@@ -79,6 +80,39 @@ class InsnLayout(data.StructLayout):
 
     def __init__(self, isa):
         super().__init__({"op": Opcode, "wait": 1, "bits": unsigned(isa.bits)})
+
+
+class _BeatQueue(wiring.Component):
+    """The fetch queue: ``depth`` beats in distributed RAM, first word fall-through.
+
+    ``r_rdy`` (a beat is queued) and ``r_data`` (the oldest beat, an asynchronous read) show a beat
+    the cycle after its write; ``r_en`` pops it. The caller never writes into a full queue (the
+    sequencer's ``space`` count guarantees it), so there is no ``w_rdy``. Unlike
+    ``SyncFIFOBuffered``, a pop only steps a pointer and a count: the decode's pop does not run
+    through an output-register refill into an inner level counter.
+    """
+
+    def __init__(self, width, depth):
+        self._depth = depth
+        super().__init__({"w_data": In(width), "w_en": In(1), "r_data": Out(width), "r_rdy": Out(1),
+                          "r_en": In(1)})
+
+    def elaborate(self, platform):
+        m = Module()
+        depth = self._depth
+        m.submodules.storage = mem = Memory(shape=len(self.w_data), depth=depth, init=[])
+        wp, rp = mem.write_port(), mem.read_port(domain="comb")
+        wptr, rptr = Signal(range(depth)), Signal(range(depth))
+        count = Signal(range(depth + 1))
+        pop = self.r_en & self.r_rdy
+        m.d.comb += [wp.addr.eq(wptr), wp.data.eq(self.w_data), wp.en.eq(self.w_en),
+                     rp.addr.eq(rptr), self.r_data.eq(rp.data), self.r_rdy.eq(count != 0)]
+        with m.If(self.w_en):
+            m.d.sync += wptr.eq(Mux(wptr == depth - 1, 0, wptr + 1))
+        with m.If(pop):
+            m.d.sync += rptr.eq(Mux(rptr == depth - 1, 0, rptr + 1))
+        m.d.sync += count.eq(count + self.w_en - pop)
+        return m
 
 
 class ProgramSequencer(wiring.Component):
@@ -173,7 +207,7 @@ class ProgramSequencer(wiring.Component):
         ib = self._ibeats
         nbits = self._isa.bits
         depth = self._fifo_beats
-        m.submodules.fifo = fq = fifo.SyncFIFOBuffered(width=bw, depth=depth)
+        m.submodules.fifo = fq = _BeatQueue(bw, depth)
 
         running = Signal()          # between start and done
         fetching = Signal()         # the fetcher may issue requests
@@ -207,21 +241,32 @@ class ProgramSequencer(wiring.Component):
         # sent or a beat leaves the FIFO; the FIFO is empty and nothing in flight at start), so the
         # request's valid is a compare of one register against a constant, not a three-way add.
         space = Signal(range(depth + 1), init=depth)
+        # The room compare is registered too: ``space`` only drops when a request is sent, and
+        # then ``bok`` is low in the next cycle anyway, so a compare one cycle old never lets a
+        # request out that the FIFO could not hold (it may wait one cycle after a pop).
+        roomy = Signal()
+        m.d.sync += roomy.eq(space >= self._burst)
         m.d.comb += [
-            req.valid.eq(hold | (fetching & bok & (space >= self._burst))),
+            req.valid.eq(hold | (fetching & bok & roomy)),
             req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
             fq.w_data.eq(resp.payload.data), fq.w_en.eq(resp.valid),
-            resp.ready.eq(fq.w_rdy),
+            # ``space`` keeps queued plus requested beats within the queue: a beat always has room.
+            resp.ready.eq(1),
         ]
         sent = req.valid & req.ready
         got = resp.valid & resp.ready
+        # ``inflight`` counts a beat off the cycle after it arrives: the response valid is a decode
+        # in the read arbiter, and the three-operand update is a carry chain. It only gates DRAIN's
+        # exit (one cycle later at most), and a late count errs on the side of waiting.
+        got_q = Signal()
+        m.d.sync += got_q.eq(got & ~start)
         with m.If(start):
             m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth),
                          bok.eq(0)]
         with m.Else():
             with m.If(sent):
                 m.d.sync += [faddr.eq(faddr + (beats << lb)), bok.eq(0)]
-            m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got)
+            m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got_q)
             m.d.sync += space.eq(space - Mux(sent, beats, 0) + (fq.r_en & fq.r_rdy))
 
         # ---- assemble and decode -------------------------------------------------------------------
@@ -260,13 +305,14 @@ class ProgramSequencer(wiring.Component):
         # datapath and the client multiplexer), and "idle" gates the dispatch into every unit's start
         # logic. Registering costs one cycle at each wait for idle; a unit only turns busy by taking
         # an instruction, which the guard covers.
-        busy_q = Signal.like(self.unit_busy)
-        m.d.sync += busy_q.eq(self.unit_busy)
-        busy_any = busy_q != 0
-        # A unit raises busy the cycle after it takes an instruction, and busy_q a cycle later: hold
-        # "idle" off for three cycles.
+        # The OR over the units is taken before the register, so "idle" is a 3-input function of
+        # flip-flops (this one and ``guard``) in the dispatch decode.
+        none_busy = Signal()
+        m.d.sync += none_busy.eq(self.unit_busy == 0)
+        # A unit raises busy the cycle after it takes an instruction, and none_busy drops a cycle
+        # later: hold "idle" off for three cycles.
         guard = Signal(2)
-        idle = ~busy_any & (guard == 0)
+        idle = none_busy & (guard == 0)
         last_op = Signal(OPCODE_BITS)
         with m.If(guard != 0):
             m.d.sync += guard.eq(guard - 1)
@@ -306,9 +352,12 @@ class ProgramSequencer(wiring.Component):
                                 m.d.sync += [self.error.eq(err), fetching.eq(0)]
                                 m.next = "DRAIN"
             with m.State("DRAIN"):
-                # Let the outstanding fetches arrive and drop every prefetched beat.
+                # Let the outstanding fetches arrive and drop every prefetched beat. ``inflight``
+                # reaches 0 two cycles after the last beat arrives, by when the queue shows it (its
+                # write-to-read latency is 1), so no response can still be coming and no beat is left
+                # behind.
                 m.d.comb += fq.r_en.eq(1)
-                with m.If((inflight == 0) & ~fq.r_rdy & ~resp.valid & ~req.valid):
+                with m.If((inflight == 0) & ~fq.r_rdy & ~req.valid):
                     m.d.sync += [running.eq(0), self.done.eq(1), have.eq(0)]
                     m.next = "IDLE"
 

@@ -16,10 +16,12 @@
 
 The sequencer hands each instruction to its opcode's unit, turning the instruction's fields into the
 unit's start payload (``*_addr`` fields plus ``param_base``; ``LOAD_IMAGE.img_addr`` plus
-``image_base``; ``STORE.dst_addr`` plus ``output_base``; the task register for ``MOE``). The unit of
+``image_base``; ``STORE.dst_addr`` plus ``output_base``; the task register for ``MOE``). The payload
+and its valid go through a command register per unit (one cycle per instruction; the register counts
+as the unit's busy), so no unit's start logic sees the sequencer's decode. The unit of
 the last dispatched instruction owns the shared datapath: its GEMM-client port, the engine's result stream and the buffers' side ports are multiplexed onto the
-datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` (the sequencer changes owner only while every
-unit is idle). Every external reader is a master of the datapath's read arbiter.
+datapath by :func:`~m3vit_hw.encoder.mux.mux_interfaces` under one-hot owner registers loaded at
+dispatch (the sequencer changes owner only while every unit is idle). Every external reader is a master of the datapath's read arbiter.
 
 Model shape: LOAD_IMAGE (image size, patch grid, D) and LAYERNORM (D) are elaborated for
 ``config.model``; ATTENTION takes its heads from the instruction's ``dims`` (0: the elaborated
@@ -42,7 +44,7 @@ cycles, summed over the frame's sub-layers):
 * ``SOFTMAX``: a query tile in the score path (``softmax_cycles``; PE: ``overlap_cycles``, the PE array
   computing meanwhile). It overlaps ``ATTN_CORE``: it says how much softmax work there was, not how
   much of it was exposed.
-* ``MOE_ROUTER``: a ``MOE`` instruction from its dispatch until its first expert GEMM (any command
+* ``MOE_ROUTER``: a ``MOE`` instruction from its dispatch (its command register) until its first expert GEMM (any command
   whose epilogue mode is not ``RAW``) is accepted: the gate GEMMs, the router softmax, top-k, the
   expert queues and the first expert tile's weight fetch. The rest of ``op_cycles[MOE]`` is the
   experts.
@@ -51,7 +53,7 @@ The attention phases are added when a sub-layer's unit finishes (its own counter
 after its ``done``), the router phase cycle by cycle.
 """
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Cat, Module, Signal
 from amaranth.lib import data, enum, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -211,8 +213,7 @@ class EncoderTop(wiring.Component):
                 Opcode.ATTENTION: at.busy, Opcode.STORE: st.busy}
         if mo is not None:
             busy[Opcode.MOE] = mo.busy
-        for op, b in busy.items():
-            m.d.comb += seq.unit_busy[op.value].eq(b)
+        cmd_valid = {}      # op -> the unit's command register valid (the dispatch section)
 
         # ---- dispatch --------------------------------------------------------------------------------
         regs = seq.regs
@@ -223,18 +224,21 @@ class EncoderTop(wiring.Component):
         with m.If(dispatch):
             m.d.sync += active.eq(ins.payload.op)
 
-        def owner_select(name, owners, default):
-            """A select register for one multiplexer: the index of ``active`` in ``owners`` (else
-            ``default``), loaded with ``active`` at dispatch. The multiplexers then switch on a
-            flip-flop, not on a decode of ``active``: the owner is known when the instruction is
-            dispatched, a cycle before its unit drives anything."""
-            sel = Signal(range(max(default, len(owners)) + 1), name=name, init=default)
+        def owner_select(name, owners, other=False):
+            """One-hot select registers for one multiplexer: bit ``i`` is high while ``owners[i]`` is
+            the class of the last dispatched instruction (with ``other``, one more bit for any class
+            not in ``owners``). Loaded at dispatch: the owner is known then, a cycle before its unit
+            drives anything, so each multiplexer gate is a flip-flop of its own client, not a decode
+            of ``active``."""
+            bits = [Signal(name=f"{name}_{op.name.lower()}") for op in owners]
             with m.If(dispatch):
-                m.d.sync += sel.eq(default)
-                for i, op in enumerate(owners):
-                    with m.If(ins.payload.op == op):
-                        m.d.sync += sel.eq(i)
-            return sel
+                m.d.sync += [b.eq(ins.payload.op == op) for b, op in zip(bits, owners)]
+            if other:
+                b = Signal(name=f"{name}_other", init=1)
+                with m.If(dispatch):
+                    m.d.sync += b.eq(~ins.payload.op.as_value().matches(*owners))
+                bits.append(b)
+            return bits
         m.d.comb += gx.lut_flush.eq(ins.valid & ins.ready & (ins.payload.op != Opcode.GEMM))
 
         def view(op):
@@ -242,91 +246,83 @@ class EncoderTop(wiring.Component):
 
         li, ln, gm, so = view(Opcode.LOAD_IMAGE), view(Opcode.LAYERNORM), view(Opcode.GEMM), view(Opcode.STORE)
         ai, mi = view(Opcode.ATTENTION), view(Opcode.MOE)
-        with m.Switch(ins.payload.op):
-            with m.Case(Opcode.LOAD_IMAGE):
-                m.d.comb += [
-                    emb.start.valid.eq(ins.valid), ins.ready.eq(emb.start.ready),
-                    emb.start.payload.base.eq(pb + li.param_addr),
-                    emb.start.payload.img_base.eq(regs.image_base + li.img_addr),
-                    emb.start.payload.shift.eq(li.shift),
-                ]
-            with m.Case(Opcode.LAYERNORM):
-                m.d.comb += [
-                    nrm.start.valid.eq(ins.valid), ins.ready.eq(nrm.start.ready),
-                    nrm.start.payload.tokens.eq(ln.tokens),
-                    nrm.start.payload.param_base.eq(pb + ln.param_addr),
-                    nrm.start.payload.src_base.eq(ln.res_base),
-                    nrm.start.payload.dst_base.eq(ln.act_base),
-                    nrm.start.payload.dst_stride.eq(cfg.row_words),
-                ]
-            with m.Case(Opcode.GEMM):
-                gj = gx.start.payload
-                m.d.comb += [
-                    gx.start.valid.eq(ins.valid), ins.ready.eq(gx.start.ready),
-                    gj.m.eq(gm.m), gj.k.eq(gm.k), gj.n.eq(gm.n),
-                    gj.a_base.eq(gm.a_base), gj.a_stride.eq(gm.a_stride),
-                    gj.dst_base.eq(gm.dst_base), gj.dst_stride.eq(gm.dst_stride),
-                    gj.w_addr.eq(pb + gm.w_addr), gj.p_addr.eq(pb + gm.p_addr),
-                    gj.lut_addr.eq(pb + gm.lut_addr),
-                    gj.shift.eq(gm.shift), gj.mode.eq(gm.mode),
-                    gj.gather.eq(gm.gather), gj.scatter.eq(gm.scatter), gj.sync.eq(gm.wait),
-                    gj.a_unsigned.eq(gm.a_unsigned),
-                ]
-            with m.Case(Opcode.ATTENTION):
-                ap = at.start.payload
-                # dims: the run-time shape (0: the elaborated model's).
-                m.d.comb += [
-                    at.start.valid.eq(ins.valid), ins.ready.eq(at.start.ready),
-                    ap.tokens.eq(ai.tokens), ap.base.eq(pb + ai.param_addr),
-                    ap.c_mult.eq(ai.c_mult), ap.c_shift.eq(ai.c_shift),
-                    ap.out_mult.eq(ai.out_mult), ap.out_shift.eq(ai.out_shift),
-                    ap.qkv_shift.eq(ai.qkv_shift), ap.proj_shift.eq(ai.proj_shift),
-                    ap.dims.eq(ai.dims),
-                ]
-            if mo is not None:
-                with m.Case(Opcode.MOE):
-                    mp = mo.start.payload
-                    # The router record and the GELU table come from memory (router_fetch, lut_fetch);
-                    # top_k / plan / expert stride from the instruction (0: the elaborated shape).
-                    m.d.comb += [
-                        mo.start.valid.eq(ins.valid), ins.ready.eq(mo.start.ready),
-                        mp.task.eq(regs.task), mp.tokens.eq(mi.tokens),
-                        mp.gate_base.eq(pb + mi.gate_addr), mp.expert_base.eq(pb + mi.expert_addr),
-                        mp.fc1_shift.eq(mi.fc1_shift), mp.fc2_shift.eq(mi.fc2_shift),
-                        mp.router_fetch.eq(1), mp.router_addr.eq(pb + mi.router_addr),
-                        mp.lut_fetch.eq(1), mp.lut_addr.eq(pb + mi.lut_addr),
-                        mp.top_k.eq(mi.top_k), mp.plan_fetch.eq(mi.plan_fetch),
-                        mp.plan_addr.eq(pb + mi.plan_addr), mp.expert_stride.eq(mi.expert_stride),
-                    ]
-            with m.Case(Opcode.STORE):
-                m.d.comb += [
-                    st.start.valid.eq(ins.valid), ins.ready.eq(st.start.ready),
-                    st.start.payload.res_base.eq(so.res_base), st.start.payload.words.eq(so.words),
-                    st.start.payload.addr.eq(regs.output_base + so.dst_addr),
-                ]
+        # Each unit's start payload, field by field, from the instruction (field plus base register).
+        starts = {
+            Opcode.LOAD_IMAGE: (emb.start, dict(
+                base=pb + li.param_addr, img_base=regs.image_base + li.img_addr, shift=li.shift)),
+            Opcode.LAYERNORM: (nrm.start, dict(
+                tokens=ln.tokens, param_base=pb + ln.param_addr, src_base=ln.res_base,
+                dst_base=ln.act_base, dst_stride=cfg.row_words)),
+            Opcode.GEMM: (gx.start, dict(
+                m=gm.m, k=gm.k, n=gm.n, a_base=gm.a_base, a_stride=gm.a_stride,
+                dst_base=gm.dst_base, dst_stride=gm.dst_stride,
+                w_addr=pb + gm.w_addr, p_addr=pb + gm.p_addr, lut_addr=pb + gm.lut_addr,
+                shift=gm.shift, mode=gm.mode, gather=gm.gather, scatter=gm.scatter, sync=gm.wait,
+                a_unsigned=gm.a_unsigned)),
+            # dims: the run-time shape (0: the elaborated model's).
+            Opcode.ATTENTION: (at.start, dict(
+                tokens=ai.tokens, base=pb + ai.param_addr, c_mult=ai.c_mult, c_shift=ai.c_shift,
+                out_mult=ai.out_mult, out_shift=ai.out_shift, qkv_shift=ai.qkv_shift,
+                proj_shift=ai.proj_shift, dims=ai.dims)),
+            Opcode.STORE: (st.start, dict(
+                res_base=so.res_base, words=so.words, addr=regs.output_base + so.dst_addr)),
+        }
+        if mo is not None:
+            # The router record and the GELU table come from memory (router_fetch, lut_fetch);
+            # top_k / plan / expert stride from the instruction (0: the elaborated shape).
+            starts[Opcode.MOE] = (mo.start, dict(
+                task=regs.task, tokens=mi.tokens, gate_base=pb + mi.gate_addr,
+                expert_base=pb + mi.expert_addr, fc1_shift=mi.fc1_shift, fc2_shift=mi.fc2_shift,
+                router_fetch=1, router_addr=pb + mi.router_addr, lut_fetch=1, lut_addr=pb + mi.lut_addr,
+                top_k=mi.top_k, plan_fetch=mi.plan_fetch, plan_addr=pb + mi.plan_addr,
+                expert_stride=mi.expert_stride))
+        # Registered dispatch: one command register per unit (valid and the unit's start payload).
+        # While empty it loads the payload from the instruction every cycle (the adders above sit
+        # between the instruction register and it), and the sequencer's instruction is taken only
+        # into an empty register. So no unit's start logic sees the sequencer's
+        # decode, and no unit's ``start.ready`` reaches the sequencer. One cycle per instruction; the
+        # register counts as its unit's busy, so the sequencer's wait and owner rules cover it.
+        for op, (ust, fields) in starts.items():
+            v = Signal(name=f"{op.name.lower()}_cmd_valid")
+            p = Signal(ust.payload.shape(), name=f"{op.name.lower()}_cmd", reset_less=True)
+            with m.If(~v):
+                m.d.sync += [getattr(p, k).eq(val) for k, val in fields.items()]
+            with m.If(v & ust.ready):
+                m.d.sync += v.eq(0)
+            with m.Elif(dispatch & (ins.payload.op == op)):
+                m.d.sync += v.eq(1)
+            m.d.comb += [ust.valid.eq(v), ust.payload.eq(p)]
+            cmd_valid[op] = v
+        # ``ready`` while every command register is empty: the same as "this opcode's register is
+        # empty", since the owner rule lets an instruction of another class out only while every unit
+        # (its command register included) is idle; one LUT of flip-flops, not a mux on the opcode.
+        m.d.comb += ins.ready.eq(~Cat(*cmd_valid.values()).any())
+
+        for op, b in busy.items():
+            m.d.comb += seq.unit_busy[op.value].eq(b | cmd_valid[op])
 
         # ---- the datapath's owner ----------------------------------------------------------------------
         # GEMM clients: index by opcode class.
         clients = [(Opcode.LOAD_IMAGE, emb.client), (Opcode.GEMM, gx.client), (Opcode.ATTENTION, at.client)]
         if mo is not None:
             clients.append((Opcode.MOE, mo.client))
-        csel = owner_select("csel", [op for op, _ in clients], len(clients))
+        csel = owner_select("csel", [op for op, _ in clients])
         cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",))
         _connect_client(m, cl, dp.client)
         # The engine's result stream (RAW scores, gate logits): attention or the MoE router, else the
         # null sink.
         consumers = [(Opcode.ATTENTION, at.o)] + ([(Opcode.MOE, mo.o)] if mo is not None else [])
-        osel = owner_select("osel", [op for op, _ in consumers], len(consumers))
+        osel = owner_select("osel", [op for op, _ in consumers], other=True)
         o = mux_interfaces(m, osel, [c for _, c in consumers] + [null.o], name="o")
         wiring.connect(m, dp.o, o)
         # The one row table: attention's score path or the MoE reorder controller writes it.
         writers = [(Opcode.ATTENTION, at.rt_wr)] + ([(Opcode.MOE, mo.rt_wr)] if mo is not None else [])
-        wsel = owner_select("wsel", [op for op, _ in writers], len(writers))
+        wsel = owner_select("wsel", [op for op, _ in writers])
         rt = mux_interfaces(m, wsel, [w for _, w in writers], name="rt_w")
         wiring.connect(m, rt, dp.rt_wr)
         wiring.connect(m, at.e8_wr, dp.e8_wr)
-        is_at, is_mo = owner_select("is_attention", [Opcode.ATTENTION], 1) == 0, \
-            owner_select("is_moe", [Opcode.MOE], 1) == 0
+        (is_at,), (is_mo,) = owner_select("is_attention", [Opcode.ATTENTION]), \
+            owner_select("is_moe", [Opcode.MOE])
         m.d.comb += dp.e8_mode.eq(is_at)
         # The parameter buffer's read port for the MoE router's gate phase.
         if mo is not None:
@@ -337,9 +333,9 @@ class EncoderTop(wiring.Component):
             m.d.comb += [dp.param_rd_own.eq(0), dp.param_rd.en.eq(0)]
 
         # Activation side writes: LayerNorm or the patch loader.
-        aw_sel = owner_select("aw_sel", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE], 2)
-        rr_sel = owner_select("rr_sel", [Opcode.LAYERNORM, Opcode.STORE], 2)
-        is_ln, is_li, is_st = aw_sel == 0, aw_sel == 1, rr_sel == 1
+        aw_sel = owner_select("aw_sel", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE])
+        rr_sel = owner_select("rr_sel", [Opcode.LAYERNORM, Opcode.STORE])
+        (is_ln, is_li), is_st = aw_sel, rr_sel[1]
         act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w")
         wiring.connect(m, act_w, dp.act_wr)
         m.d.comb += dp.act_wr_own.eq(is_ln | is_li)
@@ -372,14 +368,17 @@ class EncoderTop(wiring.Component):
         m.d.sync += at_done.eq(at.done)
         adds = [(CounterPhase.ATTN_CORE, at.attn_cycles, at.attn_compute_cycles),
                 (CounterPhase.SOFTMAX, at.softmax_cycles, at.overlap_cycles)]
-        # MoE router: from dispatch until the first expert (non-RAW) command is accepted.
+        # MoE router: from dispatch (the MoE command register) until the first expert (non-RAW)
+        # command is accepted. Taken from registers and the MoE client's own port, not from the
+        # sequencer's decode or the client multiplexer's output.
         router = Signal()
         if mo is not None:
-            with m.If(ins.valid & ins.ready & (ins.payload.op == Opcode.MOE)):
+            mg = mo.client.gemm
+            with m.If(cmd_valid[Opcode.MOE]):
                 m.d.sync += router.eq(1)
-            with m.Elif(cl.gemm.valid & cl.gemm.ready & (cl.gemm.payload.mode != EpilogueMode.RAW)):
+            with m.Elif(mg.valid & mg.ready & (mg.payload.mode != EpilogueMode.RAW)):
                 m.d.sync += router.eq(0)
-        in_router = router & (active == Opcode.MOE)
+        in_router = router & is_mo
         with m.If(self.start.valid & self.start.ready):
             m.d.sync += [c[p.value].eq(0) for p in CounterPhase for c in (self.phase_cycles, self.phase_pe_cycles)]
         with m.Elif(seq.busy):
