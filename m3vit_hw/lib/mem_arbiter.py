@@ -23,8 +23,14 @@ combinational path runs from one master's request logic through the round-robin 
 master's ``req.ready`` or into the memory side, at two cycles of request latency and full throughput.
 The response stream passes through one more skid buffer (one cycle per beat of latency, full
 throughput), so a master's ``resp.ready`` does not reach the memory side either. Without
-``register`` requests and responses pass combinationally (the routing FIFO head is a register). The FIFO adds one cycle between a request's acceptance and the earliest cycle
-its first beat can be routed, which any memory with a latency of at least one cycle hides.
+``register`` requests and responses pass combinationally.
+
+The routing FIFO is a :class:`~amaranth.lib.fifo.SyncFIFOBuffered`: its head index and its
+non-empty flag are flip-flops, so a response beat's routing (each master's ``resp.valid``, hence a
+client's buffer write enable) is decided from registers, not behind the FIFO's level compare and
+storage read. It adds two cycles between a request's acceptance and the earliest cycle its first
+beat can be routed; with ``register`` the memory-side skid buffer, the memory's own latency (at
+least one cycle) and the response skid buffer hide them.
 """
 
 from amaranth.hdl import Cat, Module, Signal
@@ -102,7 +108,8 @@ class ReadArbiter(wiring.Component):
         m = Module()
         n = self._n
         idx_bits = max(1, (n - 1).bit_length())
-        m.submodules.route = route = fifo.SyncFIFO(width=idx_bits, depth=self._depth)
+        # Buffered: r_data and r_rdy are registers (see the module docstring).
+        m.submodules.route = route = fifo.SyncFIFOBuffered(width=idx_bits, depth=self._depth)
 
         if self._register:
             # Responses too: the head master's resp.ready ends at this skid buffer instead of
@@ -147,11 +154,14 @@ class ReadArbiter(wiring.Component):
         with m.If(locked):
             m.d.comb += sel.eq(grant_reg)
 
+        # Some master is valid exactly when the pick's master is, and a locked grant's master stays
+        # valid until its transfer (stream rules): so req.valid (and the routing FIFO's write enable)
+        # need not wait for the round-robin pick, only the payload and the ready do.
+        m.d.comb += req.valid.eq((locked | Cat(valids).any()) & route.w_rdy)
         with m.Switch(sel):
             for i in range(n):
                 with m.Case(i):
                     m.d.comb += [
-                        req.valid.eq(reqs[i].valid & route.w_rdy),
                         req.payload.eq(reqs[i].payload),
                         reqs[i].ready.eq(req.ready & route.w_rdy),
                     ]
@@ -177,7 +187,7 @@ class ReadArbiter(wiring.Component):
         m.d.comb += [
             route.r_en.eq(resp.valid & resp.ready & resp.payload.last),
             # Outstanding at the memory, or still waiting in a skid buffer.
-            self.busy.eq(route.r_rdy | (Cat(r.valid for r in reqs).any() if self._register else 0)
+            self.busy.eq((route.level != 0) | (Cat(r.valid for r in reqs).any() if self._register else 0)
                          | (resp.valid if self._register else 0)
                          | (out.o.valid if self._register else 0)),
         ]
