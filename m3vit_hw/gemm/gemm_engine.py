@@ -453,10 +453,18 @@ class GemmEngine(wiring.Component):
         m.d.comb += busy.eq(active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
                             (d_count != 0) | ep.busy)
 
-        last_ent = ent == n_ent - 1
-        last_blk = k_rem <= C
-        last_ntile = n_rem <= C
-        last_mtile = m_rem <= R
+        # The walk's "last" flags are registers, set a cycle ahead with their counters (each next
+        # value is a compare of a register against a constant that the update only selects): the
+        # L0 decisions and cmd.ready (final_issue) see flip-flops behind the loader's advance
+        # enable, not a compare on top of it. A simulation Assert checks them every cycle.
+        last_ent = Signal(init=int(n_ent == 1))
+        last_blk = Signal()
+        last_ntile = Signal()
+        last_mtile = Signal()
+        with m.If(active):
+            m.d.comb += Assert((last_ent == (ent == n_ent - 1)) & (last_blk == (k_rem <= C)) &
+                               (last_ntile == (n_rem <= C)) & (last_mtile == (m_rem <= R)),
+                               "GemmEngine: a registered loader last flag disagrees with its counter")
         rows_left = Signal(m_w)
         cols_left = Signal(n_w)
         k_left = Signal(k_w)
@@ -512,18 +520,22 @@ class GemmEngine(wiring.Component):
                     l1_cmd.scatter.eq(cmd.scatter),
                 ]
                 # Advance ent -> block -> column tile -> row tile.
-                m.d.sync += [ent.eq(ent + 1), b_istride.eq(b_istride + cmd.b_k_stride)]
+                m.d.sync += [ent.eq(ent + 1), b_istride.eq(b_istride + cmd.b_k_stride),
+                             last_ent.eq(ent == n_ent - 2)]
                 with m.If(last_ent):
-                    m.d.sync += [ent.eq(0), b_istride.eq(0),
+                    m.d.sync += [ent.eq(0), b_istride.eq(0), last_ent.eq(int(n_ent == 1)),
                                  k0.eq(k0 + C), k_rem.eq(k_rem - C), kb.eq(kb + 1),
-                                 b_kblk.eq(b_kblk + b_cstride)]
+                                 b_kblk.eq(b_kblk + b_cstride), last_blk.eq(k_rem <= 2 * C)]
                     with m.If(last_blk):
                         m.d.sync += [k0.eq(0), k_rem.eq(cmd.k), kb.eq(0), b_kblk.eq(0),
-                                     n_rem.eq(n_rem - C), nb.eq(nb + 1),
+                                     last_blk.eq(cmd.k <= C),
+                                     n_rem.eq(n_rem - C), nb.eq(nb + 1), last_ntile.eq(n_rem <= 2 * C),
                                      b_tile_base.eq(b_tile_base + cmd.b_tile_stride)]
                         with m.If(last_ntile):
                             m.d.sync += [n_rem.eq(cmd.n), nb.eq(0), b_tile_base.eq(cmd.b_base),
-                                         m0.eq(m0 + R), m_rem.eq(m_rem - R), rt_row.eq(rt_row + R)]
+                                         last_ntile.eq(cmd.n <= C),
+                                         m0.eq(m0 + R), m_rem.eq(m_rem - R), rt_row.eq(rt_row + R),
+                                         last_mtile.eq(m_rem <= 2 * R)]
                             with m.If(last_mtile):
                                 m.d.sync += active.eq(0)
 
@@ -553,6 +565,8 @@ class GemmEngine(wiring.Component):
                 m_rem.eq(Mux(p.m == 0, 1, p.m)),
                 n_rem.eq(Mux(p.n == 0, 1, p.n)),
                 k_rem.eq(Mux(p.k == 0, 1, p.k)),
+                last_ent.eq(int(n_ent == 1)),
+                last_blk.eq(p.k <= C), last_ntile.eq(p.n <= C), last_mtile.eq(p.m <= R),
                 active.eq(1),
                 m0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(p.rowtab_base),
                 b_tile_base.eq(p.b_base), b_kblk.eq(0), b_istride.eq(0),
