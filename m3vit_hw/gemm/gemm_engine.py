@@ -437,8 +437,20 @@ class GemmEngine(wiring.Component):
         # ---- handshakes --------------------------------------------------------------------------
         emit = cur_valid & pe.i.ready
         block_end = emit & col_last
-        desc_room = d_count != DESC_DEPTH
-        handoff = nx_full & (~cur_valid | block_end) & (~nx_info.first | desc_room)
+        # The handoff reads flags set a cycle ahead, so that it is one LUT of flip-flops at the head
+        # of the loader's advance enable: the feeding slot frees in this cycle whatever the PE
+        # array's credit (no block, or its final step without the tile's last flag), or only with
+        # the credit (the tile's final step); and the descriptor queue is full. Together with the
+        # credit they give exactly ~cur_valid | block_end and d_count == DESC_DEPTH (a simulation
+        # Assert checks both every cycle).
+        fe_free = Signal(init=1)
+        fe_credit = Signal()
+        d_full = Signal()
+        m.d.comb += Assert((fe_free == (~cur_valid | (col_last & ~cur_info.last))) &
+                           (fe_credit == (cur_valid & col_last & cur_info.last)) &
+                           (d_full == (d_count == DESC_DEPTH)),
+                           "GemmEngine: a registered feeder/descriptor flag disagrees with its state")
+        handoff = nx_full & (fe_free | (fe_credit & pe.credit)) & (~nx_info.first | ~d_full)
         room = ~nx_full | handoff
         # The loader stages L1 .. L2 hold together: one enable for all of them, rather than a chain
         # of "advance if the next stage is empty or advances" (which the LUT mapper keeps as one LUT
@@ -674,11 +686,15 @@ class GemmEngine(wiring.Component):
 
         with m.If(handoff):
             m.d.sync += [cur_valid.eq(1), col.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
+                         fe_free.eq((nx_info.w == 1) & ~nx_info.last),
+                         fe_credit.eq((nx_info.w == 1) & nx_info.last),
                          r_slot.eq(w_slot), w_slot.eq(~w_slot)]
         with m.Elif(emit):
-            m.d.sync += [col.eq(col + 1), col_last.eq(col + 2 == cur_info.w)]
+            next_last = col + 2 == cur_info.w
+            m.d.sync += [col.eq(col + 1), col_last.eq(next_last),
+                         fe_free.eq(next_last & ~cur_info.last), fe_credit.eq(next_last & cur_info.last)]
             with m.If(block_end):
-                m.d.sync += cur_valid.eq(0)
+                m.d.sync += [cur_valid.eq(0), fe_free.eq(1), fe_credit.eq(0)]
 
         # ---- tile descriptors --------------------------------------------------------------------
         push = handoff & nx_info.first
@@ -703,6 +719,10 @@ class GemmEngine(wiring.Component):
         with m.If(pop):
             m.d.sync += d_head.eq(d_next)
         m.d.sync += d_count.eq(d_count + push - pop)
+        with m.If(push & ~pop):
+            m.d.sync += d_full.eq(d_count == DESC_DEPTH - 1)
+        with m.Elif(pop & ~push):
+            m.d.sync += d_full.eq(0)
 
         # ---- drain: PE rows + descriptor -> epilogue ---------------------------------------------
         # The head descriptor is a register of its own (a copy of descs[d_head]), loaded when the
