@@ -7,10 +7,12 @@ Contract
 --------
 * Each master sees a complete :class:`~m3vit_hw.lib.mem_port.ReadPortSignature` port with the memory's
   contract (in-order responses, ``beats`` beats per request, ``last`` on the final one).
-* Requests are granted round-robin among the masters with ``req.valid`` high. A granted request is
-  *locked* until the memory accepts it, so the downstream ``req`` stream obeys the stream rules (its
-  payload never changes while ``valid`` is high without a transfer) even when another master raises
-  ``valid`` meanwhile.
+* Requests are granted round-robin among the masters with ``req.valid`` high. The grant is a
+  register that moves only after a transfer or while its master has no request, so the downstream
+  ``req`` stream obeys the stream rules (its payload never changes while ``valid`` is high without a
+  transfer) even when another master raises ``valid`` meanwhile. A request that finds the grant on
+  an idle master waits one cycle for it; a granted master's next request, or another master's
+  after a transfer, goes out in the following cycle (one request per cycle).
 * The memory answers in request order, so the arbiter keeps a FIFO of the master index of every
   accepted request (``depth`` entries) and routes response beats to the FIFO head until its ``last``
   beat. When the FIFO is full, no further request is forwarded.
@@ -133,12 +135,18 @@ class ReadArbiter(wiring.Component):
             req = self.mem.req
         valids = [r.valid for r in reqs]
 
-        # Round-robin: the master after the last granted one has the highest priority.
-        last = Signal(range(n), init=n - 1)
+        # The grant is a register: ``grant`` names the master whose request is offered. It moves on
+        # after a transfer, or while its master has no request and another has, to the round-robin
+        # pick (the master after ``grant`` has the highest priority; the current one the lowest, so
+        # a lone master keeps the grant and streams one request per cycle). The offer, the payload
+        # multiplexer and every master's ready then decode a flip-flop, and the pick only feeds the
+        # grant register. The grant's master keeps its request valid until the transfer (stream
+        # rules), so the offer never changes under a valid request.
+        grant = Signal(range(n), init=n - 1)
         pick = Signal(range(n))
-        # One priority encoder per value of ``last`` (a case, not 64 chained conditions: the chained
-        # form mapped to 14 LUT levels).
-        with m.Switch(last):
+        # One priority encoder per value of ``grant`` (a case, not 64 chained conditions: the
+        # chained form mapped to 14 LUT levels).
+        with m.Switch(grant):
             for i in range(n):
                 with m.Case(i):
                     for offset in reversed(range(n)):
@@ -147,30 +155,20 @@ class ReadArbiter(wiring.Component):
                         with m.If(valids[cand]):
                             m.d.comb += pick.eq(cand)
 
-        locked = Signal()
-        grant_reg = Signal(range(n))
-        sel = Signal(range(n))
-        m.d.comb += sel.eq(pick)
-        with m.If(locked):
-            m.d.comb += sel.eq(grant_reg)
-
-        # Some master is valid exactly when the pick's master is, and a locked grant's master stays
-        # valid until its transfer (stream rules): so req.valid (and the routing FIFO's write enable)
-        # need not wait for the round-robin pick, only the payload and the ready do.
-        m.d.comb += req.valid.eq((locked | Cat(valids).any()) & route.w_rdy)
-        with m.Switch(sel):
+        offered = Signal()
+        with m.Switch(grant):
             for i in range(n):
                 with m.Case(i):
                     m.d.comb += [
+                        offered.eq(valids[i]),
                         req.payload.eq(reqs[i].payload),
                         reqs[i].ready.eq(req.ready & route.w_rdy),
                     ]
+        m.d.comb += req.valid.eq(offered & route.w_rdy)
         transfer = req.valid & req.ready
-        m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(sel)]
-        with m.If(transfer):
-            m.d.sync += [locked.eq(0), last.eq(sel)]
-        with m.Elif(req.valid):
-            m.d.sync += [locked.eq(1), grant_reg.eq(sel)]
+        m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(grant)]
+        with m.If((transfer | ~offered) & Cat(valids).any()):
+            m.d.sync += grant.eq(pick)
 
         # Responses go to the master whose request is oldest.
         head = route.r_data
