@@ -16,6 +16,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..checks import check_int as _check_int
 from ..lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
+from ..rowops.counts import below_next
 
 __all__ = ["ReadInterleaver", "PageSplitter"]
 
@@ -136,7 +137,13 @@ class PageSplitter(wiring.Component):
         m.d.comb += up.req.ready.eq(~hv | leaving)
         take = up.req.valid & up.req.ready
         send = down.req.valid & down.req.ready
-        m.d.comb += [down.req.valid.eq(hv & ok & parts.w_rdy), down.req.p.addr.eq(addr),
+        # The parts FIFO's room is a register of its own (its entry count a cycle ahead), not the
+        # FIFO's level compare: down.req.valid (into the AXI master's register slice) is one LUT.
+        pending = Signal(range(self._depth + 1))
+        room = Signal(init=1)
+        m.d.sync += [pending.eq(pending + parts.w_en - parts.r_en),
+                     room.eq(below_next(pending, parts.w_en, parts.r_en, self._depth))]
+        m.d.comb += [down.req.valid.eq(hv & ok & room), down.req.p.addr.eq(addr),
                      down.req.p.beats.eq(first), parts.w_en.eq(send), parts.w_data.eq(more),
                      leaving.eq(send & ~more)]
         with m.If(take):
