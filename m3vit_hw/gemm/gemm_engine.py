@@ -416,6 +416,9 @@ class GemmEngine(wiring.Component):
         cur_valid = Signal()
         cur_info = Signal(block_info)
         col = Signal(range(C))
+        # -col modulo the staging banks' count (a power of two), moved with col: the read rotation
+        # of the staged words starts at a flip-flop, not behind a subtractor.
+        ncol = Signal((max(R, C) - 1).bit_length() or 1)
         w_slot = Signal()                  # the slot the next block is written into
         r_slot = Signal()                  # the slot the feeding block is read from
         w_ent = Signal(range(n_ent))       # entry of the block written next
@@ -677,21 +680,21 @@ class GemmEngine(wiring.Component):
         ]
         # Step `col`: A lane `col` of every A word; B word `col` (direct) or lane `col` of every B
         # word (transposed).
-        a_step = stage_a.read(m, r_slot, col, 1)
-        b_step = stage_b.read(m, r_slot, col, cur_info.b_trans)
+        a_step = stage_a.read(m, r_slot, col, 1, ncol)
+        b_step = stage_b.read(m, r_slot, col, cur_info.b_trans, ncol)
         for i in range(R):
             m.d.comb += pe.i.payload.a[i].eq(a_step[i * byte:(i + 1) * byte])
         for c in range(C):
             m.d.comb += pe.i.payload.b[c].eq(b_step[c * byte:(c + 1) * byte])
 
         with m.If(handoff):
-            m.d.sync += [cur_valid.eq(1), col.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
+            m.d.sync += [cur_valid.eq(1), col.eq(0), ncol.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
                          fe_free.eq((nx_info.w == 1) & ~nx_info.last),
                          fe_credit.eq((nx_info.w == 1) & nx_info.last),
                          r_slot.eq(w_slot), w_slot.eq(~w_slot)]
         with m.Elif(emit):
             next_last = col + 2 == cur_info.w
-            m.d.sync += [col.eq(col + 1), col_last.eq(next_last),
+            m.d.sync += [col.eq(col + 1), ncol.eq(ncol - 1), col_last.eq(next_last),
                          fe_free.eq(next_last & ~cur_info.last), fe_credit.eq(next_last & cur_info.last)]
             with m.If(block_end):
                 m.d.sync += [cur_valid.eq(0), fe_free.eq(1), fe_credit.eq(0)]
@@ -838,19 +841,25 @@ class _SkewedStage:
             m.d.comb += [wp.addr.eq(Cat(i[:ab], slot)), wp.en.eq(en),
                          wp.data.eq(rotated[j * self._byte:(j + 1) * self._byte])]
 
-    def read(self, m, slot, step, trans):
+    def read(self, m, slot, step, trans, neg_step):
         """The step's bytes, byte ``n`` in bits ``8n .. 8n+7``: lane ``n`` of word ``step`` (``trans``
         low), or lane ``step`` of word ``n`` (``trans`` high); ``N`` bytes, the caller takes what it
-        needs."""
+        needs. ``neg_step`` is ``-step`` modulo ``N`` (or a multiple of ``N``), kept by the caller in
+        a register so that no subtractor sits in front of the output rotation."""
         ab = (self._n - 1).bit_length()
         s = Signal(max(1, ab))
         neg = Signal(max(1, ab))
-        m.d.comb += [s.eq(step), neg.eq(-step)]
+        m.d.comb += [s.eq(step), neg.eq(neg_step)]
+        # Bank j's column address (j - s) mod N, as a table of s rather than a subtractor: each
+        # address bit depends on at most log2(N) bits of s, one LUT instead of a carry chain.
+        col_addrs = [Signal(max(1, ab), name=f"col_addr{j}") for j in range(self._n)]
+        with m.Switch(s):
+            for v in range(self._n):
+                with m.Case(v):
+                    m.d.comb += [col_addrs[j].eq((j - v) % self._n) for j in range(self._n)]
         got = []
         for j, (_, rp) in enumerate(self._banks):
-            col_addr = Signal(max(1, ab))
-            m.d.comb += col_addr.eq(j - s)
-            m.d.comb += rp.addr.eq(Cat(Mux(trans, col_addr, s)[:ab], slot))
+            m.d.comb += rp.addr.eq(Cat(Mux(trans, col_addrs[j], s)[:ab], slot))
             got.append(rp.data)
         # Output lane n = bank (n + s): a rotation right by s, i.e. left by N - s.
         out = Signal(self._n * self._byte)
