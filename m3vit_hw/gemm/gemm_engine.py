@@ -69,8 +69,8 @@ tile's drain. The epilogue (and its DSP48E2s) is ``epi_lanes`` wide, independent
 
 Latency: the first block is staged ``max(pe_rows, C) + 5`` cycles after the command is accepted; a
 tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
-with ``pe_pack`` 2) cycles after its last reduction step, and their results are written
-:data:`~m3vit_hw.gemm.epilogue.LATENCY` (18) cycles later.
+with ``pe_pack`` 2) cycles after its last reduction step, pass a skid buffer (1 cycle), and their
+results are written :data:`~m3vit_hw.gemm.epilogue.LATENCY` (18) cycles later.
 
 Hazards: the engine does not order its own reads after its own writes across commands. A command that
 reads what an earlier command writes (fc1 -> fc2) must set ``sync``: it is then held until the engine
@@ -86,6 +86,7 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from .epilogue import Epilogue, EpilogueMode, StreamOutLayout
 from .pe_array import PEArray
+from ..lib.skid import SkidBuffer
 
 __all__ = ["GemmEngine", "GemmCommand", "RowEntryLayout", "ColParamLayout", "check_command"]
 
@@ -323,6 +324,9 @@ class GemmEngine(wiring.Component):
 
         m.submodules.pe = pe = PEArray(R, C, cfg.pe_pack)
         m.submodules.epilogue = ep = Epilogue(cfg.epi_lanes, act_aw, cfg.res_addr_bits, word_lanes=C)
+        # The drain's skid buffer in front of the epilogue (see the drain below).
+        m.submodules.epi_skid = es = SkidBuffer(ep.i.payload.shape())
+        wiring.connect(m, es.o, ep.i)
 
         # Per-block information, computed by the loader and carried with the block to the feeder
         # (and, for a tile's first block, into the tile descriptor).
@@ -466,7 +470,7 @@ class GemmEngine(wiring.Component):
 
         busy = Signal()
         m.d.comb += busy.eq(active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
-                            (d_count != 0) | ep.busy)
+                            (d_count != 0) | es.o.valid | ep.busy)
 
         # The walk's "last" flags are registers, set a cycle ahead with their counters (each next
         # value is a compare of a register against a constant that the update only selects): the
@@ -746,40 +750,46 @@ class GemmEngine(wiring.Component):
         # Each PE row leaves as cfg.epi_beats epilogue beats of epi_lanes lanes (sub 0, 1, ...): the
         # PE array's output register holds the row (stream rules) until its last beat is taken.
         L, S = cfg.epi_lanes, cfg.epi_beats
+        # A skid buffer in front of the epilogue: the beat's lane chunk (acc, bias, multiplier) is
+        # selected from the PE output row and the head descriptor into registers, so the
+        # requantizer's bias add and multiplier select start at flip-flops, and the PE array's
+        # output ready (its shadow-bank credit) reads the skid buffer's ready register. One cycle
+        # more from a tile's rows to its results.
+        epi = es.i
         row = head.rows[pe.o.payload.row]
         sub_last = Signal()
         m.d.comb += [
-            ep.i.valid.eq(pe.o.valid),
-            pe.o.ready.eq(ep.i.ready & sub_last),
-            ep.i.payload.row_scale.eq(row.scale),
-            ep.i.payload.shift.eq(head.shift),
-            ep.i.payload.mode.eq(head.mode),
-            ep.i.payload.addr.eq(row.addr),
-            ep.i.payload.last.eq(pe.o.payload.last & head.last_tile & sub_last),
+            epi.valid.eq(pe.o.valid),
+            pe.o.ready.eq(epi.ready & sub_last),
+            epi.payload.row_scale.eq(row.scale),
+            epi.payload.shift.eq(head.shift),
+            epi.payload.mode.eq(head.mode),
+            epi.payload.addr.eq(row.addr),
+            epi.payload.last.eq(pe.o.payload.last & head.last_tile & sub_last),
             pop.eq(pe.o.valid & pe.o.ready & pe.o.payload.last),
         ]
         if S == 1:
-            m.d.comb += [sub_last.eq(1), ep.i.payload.acc.eq(pe.o.payload.acc),
-                         ep.i.payload.mask.eq(head.mask)]
+            m.d.comb += [sub_last.eq(1), epi.payload.acc.eq(pe.o.payload.acc),
+                         epi.payload.mask.eq(head.mask)]
             for c in range(C):
                 m.d.comb += [
-                    ep.i.payload.bias[c].eq(head.colp[c].bias),
-                    ep.i.payload.mult[c].eq(head.colp[c].mult),
+                    epi.payload.bias[c].eq(head.colp[c].bias),
+                    epi.payload.mult[c].eq(head.colp[c].mult),
                 ]
         else:
             sub = Signal(range(S))
-            m.d.comb += [sub_last.eq(sub == S - 1), ep.i.payload.sub.eq(sub)]
-            with m.If(ep.i.valid & ep.i.ready):
+            m.d.comb += [sub_last.eq(sub == S - 1), epi.payload.sub.eq(sub)]
+            with m.If(epi.valid & epi.ready):
                 m.d.sync += sub.eq(Mux(sub_last, 0, sub + 1))
             with m.Switch(sub):
                 for k in range(S):
                     with m.Case(k):
-                        m.d.comb += ep.i.payload.mask.eq(head.mask[k * L:(k + 1) * L])
+                        m.d.comb += epi.payload.mask.eq(head.mask[k * L:(k + 1) * L])
                         for j in range(L):
                             m.d.comb += [
-                                ep.i.payload.acc[j].eq(pe.o.payload.acc[k * L + j]),
-                                ep.i.payload.bias[j].eq(head.colp[k * L + j].bias),
-                                ep.i.payload.mult[j].eq(head.colp[k * L + j].mult),
+                                epi.payload.acc[j].eq(pe.o.payload.acc[k * L + j]),
+                                epi.payload.bias[j].eq(head.colp[k * L + j].bias),
+                                epi.payload.mult[j].eq(head.colp[k * L + j].mult),
                             ]
 
         wiring.connect(m, ep.act_wr, wiring.flipped(self.act_wr))
