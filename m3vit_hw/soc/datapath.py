@@ -128,9 +128,19 @@ class PageSplitter(wiring.Component):
 
         def split(a, b):
             # (first part's beats, more parts follow) of a request at byte address a of b beats.
+            # The crossing test is idx + b > page beats (idx = a's beat within its page): one short
+            # adder and a compare with a constant, in parallel with the room subtraction, rather
+            # than a subtraction feeding a compare of two signals.
+            page_beats = BOUNDARY_BYTES >> shift
+            idx = a[shift:page_bits]
             room = Signal(page_bits - shift + 1)        # beats from a to the end of its page
-            m.d.comb += room.eq((BOUNDARY_BYTES - a[:page_bits]) >> shift)
-            return Mux(b <= room, b, room), b > room
+            end = Signal(page_bits - shift + 2)
+            m.d.comb += [room.eq(page_beats - idx), end.eq(idx + b)]
+            # end < 2 * page_beats (b <= max_burst <= page_beats), so end > page_beats is its
+            # page_beats bit with any lower bit set.
+            nb = page_bits - shift
+            crosses = end[nb] & end[:nb].any()
+            return Mux(crosses, room, b), crosses
 
         leaving = Signal()                          # the held request's last part goes out this cycle
         # Taking the next request in the cycle the held one leaves keeps one request per cycle.
@@ -158,8 +168,10 @@ class PageSplitter(wiring.Component):
             with m.Else():
                 m.d.sync += hv.eq(0)
         with m.Elif(hv & ~ok):
-            f, mo = split(addr, beats)
-            m.d.sync += [ok.eq(1), first.eq(f), more.eq(mo)]
+            # The rest of a split request starts on a page boundary and has fewer beats than a
+            # page holds (max_burst * data_bytes <= BOUNDARY_BYTES, a port parameter check), so it
+            # is one part: no split computation here.
+            m.d.sync += [ok.eq(1), first.eq(beats), more.eq(0)]
 
         m.d.comb += [up.resp.valid.eq(down.resp.valid & parts.r_rdy), up.resp.p.data.eq(down.resp.p.data),
                      up.resp.p.last.eq(down.resp.p.last & ~parts.r_data),
