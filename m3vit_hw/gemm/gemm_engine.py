@@ -484,15 +484,21 @@ class GemmEngine(wiring.Component):
             m.d.comb += Assert((last_ent == (ent == n_ent - 1)) & (last_blk == (k_rem <= C)) &
                                (last_ntile == (n_rem <= C)) & (last_mtile == (m_rem <= R)),
                                "GemmEngine: a registered loader last flag disagrees with its counter")
+        # The column tile's lane mask, a register set with n_rem (the thermometer decode of the
+        # remaining columns ran behind a compare of n_rem into the L1 register).
+        def mask_of(cols):
+            return ((Const(1, 1) << Mux(cols >= C, C, cols)) - 1)[:C]
+        ntile_mask = Signal(C)
+        with m.If(active):
+            m.d.comb += Assert(ntile_mask == mask_of(n_rem),
+                               "GemmEngine: the registered column mask disagrees with n_rem")
         rows_left = Signal(m_w)
         cols_left = Signal(n_w)
         k_left = Signal(k_w)
-        cols_valid = Signal(range(C + 1))
         m.d.comb += [
             rows_left.eq(m_rem),
             cols_left.eq(n_rem),
             k_left.eq(k_rem),
-            cols_valid.eq(Mux(cols_left >= C, C, cols_left)),
         ]
         b_row_base = b_tile_base + Mux(cmd.b_trans, kb, b_kblk)
         info = Signal(block_info)
@@ -503,7 +509,7 @@ class GemmEngine(wiring.Component):
             info.a_unsigned.eq(cmd.a_unsigned),
             info.b_trans.eq(cmd.b_trans),
             info.rows_valid.eq(Mux(rows_left >= R, R, rows_left)),
-            info.mask.eq(((Const(1, 1) << cols_valid) - 1)[:C]),
+            info.mask.eq(ntile_mask),
             info.mode.eq(cmd.mode),
             info.shift.eq(cmd.shift),
             info.last_tile.eq(last_mtile & last_ntile),
@@ -549,9 +555,11 @@ class GemmEngine(wiring.Component):
                         m.d.sync += [k0.eq(0), k_rem.eq(cmd.k), kb.eq(0), b_kblk.eq(0),
                                      last_blk.eq(cmd.k <= C),
                                      n_rem.eq(n_rem - C), nb.eq(nb + 1), last_ntile.eq(n_rem <= 2 * C),
+                                     ntile_mask.eq(mask_of((n_rem - C)[:len(n_rem)])),
                                      b_tile_base.eq(b_tile_base + cmd.b_tile_stride)]
                         with m.If(last_ntile):
                             m.d.sync += [n_rem.eq(cmd.n), nb.eq(0), b_tile_base.eq(cmd.b_base),
+                                         ntile_mask.eq(mask_of(cmd.n)),
                                          last_ntile.eq(cmd.n <= C),
                                          m0.eq(m0 + R), m_rem.eq(m_rem - R), rt_row.eq(rt_row + R),
                                          last_mtile.eq(m_rem <= 2 * R)]
@@ -583,6 +591,7 @@ class GemmEngine(wiring.Component):
                 cmd.k.eq(Mux(p.k == 0, 1, p.k)),
                 m_rem.eq(Mux(p.m == 0, 1, p.m)),
                 n_rem.eq(Mux(p.n == 0, 1, p.n)),
+                ntile_mask.eq(mask_of(Mux(p.n == 0, 1, p.n))),
                 k_rem.eq(Mux(p.k == 0, 1, p.k)),
                 last_ent.eq(int(n_ent == 1)),
                 last_blk.eq(p.k <= C), last_ntile.eq(p.n <= C), last_mtile.eq(p.m <= R),
