@@ -423,6 +423,9 @@ class GemmEngine(wiring.Component):
         # -col modulo the staging banks' count (a power of two), moved with col: the read rotation
         # of the staged words starts at a flip-flop, not behind a subtractor.
         ncol = Signal((max(R, C) - 1).bit_length() or 1)
+        # The feeding block's width minus 2, set at the handoff: the next col_last is col == w_m2,
+        # a compare of two registers (no adder in front of it).
+        w_m2 = Signal(range(-2, C + 1))
         w_slot = Signal()                  # the slot the next block is written into
         r_slot = Signal()                  # the slot the feeding block is read from
         w_ent = Signal(range(n_ent))       # entry of the block written next
@@ -702,11 +705,12 @@ class GemmEngine(wiring.Component):
 
         with m.If(handoff):
             m.d.sync += [cur_valid.eq(1), col.eq(0), ncol.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
+                         w_m2.eq(nx_info.w - 2),
                          fe_free.eq((nx_info.w == 1) & ~nx_info.last),
                          fe_credit.eq((nx_info.w == 1) & nx_info.last),
                          r_slot.eq(w_slot), w_slot.eq(~w_slot)]
         with m.Elif(emit):
-            next_last = col + 2 == cur_info.w
+            next_last = col == w_m2
             m.d.sync += [col.eq(col + 1), ncol.eq(ncol - 1), col_last.eq(next_last),
                          fe_free.eq(next_last & ~cur_info.last), fe_credit.eq(next_last & cur_info.last)]
             with m.If(block_end):
