@@ -239,15 +239,10 @@ class Requantizer(wiring.Component):
                 # 4: 2x shifted by the multiple of 8 in s; 5: by the rest, then the carry-in; the final
                 # >> 1 is wiring.
                 v_shape = signed(prod_shape.width + 1)
-                # Each lane's shift amounts are copies of its own (registered a stage ahead), so the
-                # select of each ~60-bit shifter row does not fan out to every lane.
-                sh_hi = reg(len(shift[3]) - 3, "sh_hi")
-                sh_lo = reg(3, "sh_lo")
-                m.d.sync += [sh_hi.eq(shift[2][3:]), sh_lo.eq(shift[3][:3])]
                 s_v = reg(v_shape, "v")
-                m.d.sync += s_v.eq((s_prod << 1) >> Cat(Const(0, 3), sh_hi))
+                m.d.sync += s_v.eq((s_prod << 1) >> Cat(Const(0, 3), shift[3][3:]))
                 s_w = reg(signed(v_shape.width + 1), "w")
-                m.d.sync += s_w.eq((s_v >> sh_lo) + rnd)
+                m.d.sync += s_w.eq((s_v >> shift[4][:3]) + rnd)
                 s_y = s_w[1:].as_signed()
                 # 6: low bits and range flags (the upper bits all equal the sign).
                 s_lo = reg(signed(numerics.ACC_BITS), "lo")
