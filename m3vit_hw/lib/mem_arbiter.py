@@ -22,7 +22,8 @@ Contract
 Latency: with ``register`` (the default) every master's request goes through a
 :class:`~m3vit_hw.lib.skid.SkidBuffer` and so does the granted request towards the memory: no
 combinational path runs from one master's request logic through the round-robin pick into another
-master's ``req.ready`` or into the memory side, at two cycles of request latency and full throughput.
+master's ``req.ready`` or into the memory side, at two cycles of request latency (three when the
+grant first has to move to the requesting master) and full throughput.
 The response stream passes through one more skid buffer (one cycle per beat of latency, full
 throughput), so a master's ``resp.ready`` does not reach the memory side either. Without
 ``register`` requests and responses pass combinationally.
