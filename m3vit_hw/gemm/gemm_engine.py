@@ -69,8 +69,8 @@ tile's drain. The epilogue (and its DSP48E2s) is ``epi_lanes`` wide, independent
 
 Latency: the first block is staged ``max(pe_rows, C) + 5`` cycles after the command is accepted; a
 tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
-with ``pe_pack`` 2) cycles after its last reduction step, and their results are written
-:data:`~m3vit_hw.gemm.epilogue.LATENCY` (18) cycles later.
+with ``pe_pack`` 2) cycles after its last reduction step, pass a skid buffer (1 cycle), and their
+results are written :data:`~m3vit_hw.gemm.epilogue.LATENCY` (18) cycles later.
 
 Hazards: the engine does not order its own reads after its own writes across commands. A command that
 reads what an earlier command writes (fc1 -> fc2) must set ``sync``: it is then held until the engine
@@ -86,6 +86,7 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from .epilogue import Epilogue, EpilogueMode, StreamOutLayout
 from .pe_array import PEArray
+from ..lib.skid import SkidBuffer
 
 __all__ = ["GemmEngine", "GemmCommand", "RowEntryLayout", "ColParamLayout", "check_command"]
 
@@ -323,6 +324,9 @@ class GemmEngine(wiring.Component):
 
         m.submodules.pe = pe = PEArray(R, C, cfg.pe_pack)
         m.submodules.epilogue = ep = Epilogue(cfg.epi_lanes, act_aw, cfg.res_addr_bits, word_lanes=C)
+        # The drain's skid buffer in front of the epilogue (see the drain below).
+        m.submodules.epi_skid = es = SkidBuffer(ep.i.payload.shape())
+        wiring.connect(m, es.o, ep.i)
 
         # Per-block information, computed by the loader and carried with the block to the feeder
         # (and, for a tile's first block, into the tile descriptor).
@@ -416,6 +420,12 @@ class GemmEngine(wiring.Component):
         cur_valid = Signal()
         cur_info = Signal(block_info)
         col = Signal(range(C))
+        # -col modulo the staging banks' count (a power of two), moved with col: the read rotation
+        # of the staged words starts at a flip-flop, not behind a subtractor.
+        ncol = Signal((max(R, C) - 1).bit_length() or 1)
+        # The feeding block's width minus 2, set at the handoff: the next col_last is col == w_m2,
+        # a compare of two registers (no adder in front of it).
+        w_m2 = Signal(range(-2, C + 1))
         w_slot = Signal()                  # the slot the next block is written into
         r_slot = Signal()                  # the slot the feeding block is read from
         w_ent = Signal(range(n_ent))       # entry of the block written next
@@ -437,8 +447,20 @@ class GemmEngine(wiring.Component):
         # ---- handshakes --------------------------------------------------------------------------
         emit = cur_valid & pe.i.ready
         block_end = emit & col_last
-        desc_room = d_count != DESC_DEPTH
-        handoff = nx_full & (~cur_valid | block_end) & (~nx_info.first | desc_room)
+        # The handoff reads flags set a cycle ahead, so that it is one LUT of flip-flops at the head
+        # of the loader's advance enable: the feeding slot frees in this cycle whatever the PE
+        # array's credit (no block, or its final step without the tile's last flag), or only with
+        # the credit (the tile's final step); and the descriptor queue is full. Together with the
+        # credit they give exactly ~cur_valid | block_end and d_count == DESC_DEPTH (a simulation
+        # Assert checks both every cycle).
+        fe_free = Signal(init=1)
+        fe_credit = Signal()
+        d_full = Signal()
+        m.d.comb += Assert((fe_free == (~cur_valid | (col_last & ~cur_info.last))) &
+                           (fe_credit == (cur_valid & col_last & cur_info.last)) &
+                           (d_full == (d_count == DESC_DEPTH)),
+                           "GemmEngine: a registered feeder/descriptor flag disagrees with its state")
+        handoff = nx_full & (fe_free | (fe_credit & pe.credit)) & (~nx_info.first | ~d_full)
         room = ~nx_full | handoff
         # The loader stages L1 .. L2 hold together: one enable for all of them, rather than a chain
         # of "advance if the next stage is empty or advances" (which the LUT mapper keeps as one LUT
@@ -451,21 +473,35 @@ class GemmEngine(wiring.Component):
 
         busy = Signal()
         m.d.comb += busy.eq(active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
-                            (d_count != 0) | ep.busy)
+                            (d_count != 0) | es.o.valid | ep.busy)
 
-        last_ent = ent == n_ent - 1
-        last_blk = k_rem <= C
-        last_ntile = n_rem <= C
-        last_mtile = m_rem <= R
+        # The walk's "last" flags are registers, set a cycle ahead with their counters (each next
+        # value is a compare of a register against a constant that the update only selects): the
+        # L0 decisions and cmd.ready (final_issue) see flip-flops behind the loader's advance
+        # enable, not a compare on top of it. A simulation Assert checks them every cycle.
+        last_ent = Signal(init=int(n_ent == 1))
+        last_blk = Signal()
+        last_ntile = Signal()
+        last_mtile = Signal()
+        with m.If(active):
+            m.d.comb += Assert((last_ent == (ent == n_ent - 1)) & (last_blk == (k_rem <= C)) &
+                               (last_ntile == (n_rem <= C)) & (last_mtile == (m_rem <= R)),
+                               "GemmEngine: a registered loader last flag disagrees with its counter")
+        # The column tile's lane mask, a register set with n_rem (the thermometer decode of the
+        # remaining columns ran behind a compare of n_rem into the L1 register).
+        def mask_of(cols):
+            return ((Const(1, 1) << Mux(cols >= C, C, cols)) - 1)[:C]
+        ntile_mask = Signal(C)
+        with m.If(active):
+            m.d.comb += Assert(ntile_mask == mask_of(n_rem),
+                               "GemmEngine: the registered column mask disagrees with n_rem")
         rows_left = Signal(m_w)
         cols_left = Signal(n_w)
         k_left = Signal(k_w)
-        cols_valid = Signal(range(C + 1))
         m.d.comb += [
             rows_left.eq(m_rem),
             cols_left.eq(n_rem),
             k_left.eq(k_rem),
-            cols_valid.eq(Mux(cols_left >= C, C, cols_left)),
         ]
         b_row_base = b_tile_base + Mux(cmd.b_trans, kb, b_kblk)
         info = Signal(block_info)
@@ -476,7 +512,7 @@ class GemmEngine(wiring.Component):
             info.a_unsigned.eq(cmd.a_unsigned),
             info.b_trans.eq(cmd.b_trans),
             info.rows_valid.eq(Mux(rows_left >= R, R, rows_left)),
-            info.mask.eq(((Const(1, 1) << cols_valid) - 1)[:C]),
+            info.mask.eq(ntile_mask),
             info.mode.eq(cmd.mode),
             info.shift.eq(cmd.shift),
             info.last_tile.eq(last_mtile & last_ntile),
@@ -512,18 +548,24 @@ class GemmEngine(wiring.Component):
                     l1_cmd.scatter.eq(cmd.scatter),
                 ]
                 # Advance ent -> block -> column tile -> row tile.
-                m.d.sync += [ent.eq(ent + 1), b_istride.eq(b_istride + cmd.b_k_stride)]
+                m.d.sync += [ent.eq(ent + 1), b_istride.eq(b_istride + cmd.b_k_stride),
+                             last_ent.eq(ent == n_ent - 2)]
                 with m.If(last_ent):
-                    m.d.sync += [ent.eq(0), b_istride.eq(0),
+                    m.d.sync += [ent.eq(0), b_istride.eq(0), last_ent.eq(int(n_ent == 1)),
                                  k0.eq(k0 + C), k_rem.eq(k_rem - C), kb.eq(kb + 1),
-                                 b_kblk.eq(b_kblk + b_cstride)]
+                                 b_kblk.eq(b_kblk + b_cstride), last_blk.eq(k_rem <= 2 * C)]
                     with m.If(last_blk):
                         m.d.sync += [k0.eq(0), k_rem.eq(cmd.k), kb.eq(0), b_kblk.eq(0),
-                                     n_rem.eq(n_rem - C), nb.eq(nb + 1),
+                                     last_blk.eq(cmd.k <= C),
+                                     n_rem.eq(n_rem - C), nb.eq(nb + 1), last_ntile.eq(n_rem <= 2 * C),
+                                     ntile_mask.eq(mask_of((n_rem - C)[:len(n_rem)])),
                                      b_tile_base.eq(b_tile_base + cmd.b_tile_stride)]
                         with m.If(last_ntile):
                             m.d.sync += [n_rem.eq(cmd.n), nb.eq(0), b_tile_base.eq(cmd.b_base),
-                                         m0.eq(m0 + R), m_rem.eq(m_rem - R), rt_row.eq(rt_row + R)]
+                                         ntile_mask.eq(mask_of(cmd.n)),
+                                         last_ntile.eq(cmd.n <= C),
+                                         m0.eq(m0 + R), m_rem.eq(m_rem - R), rt_row.eq(rt_row + R),
+                                         last_mtile.eq(m_rem <= 2 * R)]
                             with m.If(last_mtile):
                                 m.d.sync += active.eq(0)
 
@@ -552,7 +594,10 @@ class GemmEngine(wiring.Component):
                 cmd.k.eq(Mux(p.k == 0, 1, p.k)),
                 m_rem.eq(Mux(p.m == 0, 1, p.m)),
                 n_rem.eq(Mux(p.n == 0, 1, p.n)),
+                ntile_mask.eq(mask_of(Mux(p.n == 0, 1, p.n))),
                 k_rem.eq(Mux(p.k == 0, 1, p.k)),
+                last_ent.eq(int(n_ent == 1)),
+                last_blk.eq(p.k <= C), last_ntile.eq(p.n <= C), last_mtile.eq(p.m <= R),
                 active.eq(1),
                 m0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(p.rowtab_base),
                 b_tile_base.eq(p.b_base), b_kblk.eq(0), b_istride.eq(0),
@@ -651,20 +696,25 @@ class GemmEngine(wiring.Component):
         ]
         # Step `col`: A lane `col` of every A word; B word `col` (direct) or lane `col` of every B
         # word (transposed).
-        a_step = stage_a.read(m, r_slot, col, 1)
-        b_step = stage_b.read(m, r_slot, col, cur_info.b_trans)
+        a_step = stage_a.read(m, r_slot, col, 1, ncol)
+        b_step = stage_b.read(m, r_slot, col, cur_info.b_trans, ncol)
         for i in range(R):
             m.d.comb += pe.i.payload.a[i].eq(a_step[i * byte:(i + 1) * byte])
         for c in range(C):
             m.d.comb += pe.i.payload.b[c].eq(b_step[c * byte:(c + 1) * byte])
 
         with m.If(handoff):
-            m.d.sync += [cur_valid.eq(1), col.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
+            m.d.sync += [cur_valid.eq(1), col.eq(0), ncol.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
+                         w_m2.eq(nx_info.w - 2),
+                         fe_free.eq((nx_info.w == 1) & ~nx_info.last),
+                         fe_credit.eq((nx_info.w == 1) & nx_info.last),
                          r_slot.eq(w_slot), w_slot.eq(~w_slot)]
         with m.Elif(emit):
-            m.d.sync += [col.eq(col + 1), col_last.eq(col + 2 == cur_info.w)]
+            next_last = col == w_m2
+            m.d.sync += [col.eq(col + 1), ncol.eq(ncol - 1), col_last.eq(next_last),
+                         fe_free.eq(next_last & ~cur_info.last), fe_credit.eq(next_last & cur_info.last)]
             with m.If(block_end):
-                m.d.sync += cur_valid.eq(0)
+                m.d.sync += [cur_valid.eq(0), fe_free.eq(1), fe_credit.eq(0)]
 
         # ---- tile descriptors --------------------------------------------------------------------
         push = handoff & nx_info.first
@@ -689,6 +739,10 @@ class GemmEngine(wiring.Component):
         with m.If(pop):
             m.d.sync += d_head.eq(d_next)
         m.d.sync += d_count.eq(d_count + push - pop)
+        with m.If(push & ~pop):
+            m.d.sync += d_full.eq(d_count == DESC_DEPTH - 1)
+        with m.Elif(pop & ~push):
+            m.d.sync += d_full.eq(0)
 
         # ---- drain: PE rows + descriptor -> epilogue ---------------------------------------------
         # The head descriptor is a register of its own (a copy of descs[d_head]), loaded when the
@@ -709,40 +763,46 @@ class GemmEngine(wiring.Component):
         # Each PE row leaves as cfg.epi_beats epilogue beats of epi_lanes lanes (sub 0, 1, ...): the
         # PE array's output register holds the row (stream rules) until its last beat is taken.
         L, S = cfg.epi_lanes, cfg.epi_beats
+        # A skid buffer in front of the epilogue: the beat's lane chunk (acc, bias, multiplier) is
+        # selected from the PE output row and the head descriptor into registers, so the
+        # requantizer's bias add and multiplier select start at flip-flops, and the PE array's
+        # output ready (its shadow-bank credit) reads the skid buffer's ready register. One cycle
+        # more from a tile's rows to its results.
+        epi = es.i
         row = head.rows[pe.o.payload.row]
         sub_last = Signal()
         m.d.comb += [
-            ep.i.valid.eq(pe.o.valid),
-            pe.o.ready.eq(ep.i.ready & sub_last),
-            ep.i.payload.row_scale.eq(row.scale),
-            ep.i.payload.shift.eq(head.shift),
-            ep.i.payload.mode.eq(head.mode),
-            ep.i.payload.addr.eq(row.addr),
-            ep.i.payload.last.eq(pe.o.payload.last & head.last_tile & sub_last),
+            epi.valid.eq(pe.o.valid),
+            pe.o.ready.eq(epi.ready & sub_last),
+            epi.payload.row_scale.eq(row.scale),
+            epi.payload.shift.eq(head.shift),
+            epi.payload.mode.eq(head.mode),
+            epi.payload.addr.eq(row.addr),
+            epi.payload.last.eq(pe.o.payload.last & head.last_tile & sub_last),
             pop.eq(pe.o.valid & pe.o.ready & pe.o.payload.last),
         ]
         if S == 1:
-            m.d.comb += [sub_last.eq(1), ep.i.payload.acc.eq(pe.o.payload.acc),
-                         ep.i.payload.mask.eq(head.mask)]
+            m.d.comb += [sub_last.eq(1), epi.payload.acc.eq(pe.o.payload.acc),
+                         epi.payload.mask.eq(head.mask)]
             for c in range(C):
                 m.d.comb += [
-                    ep.i.payload.bias[c].eq(head.colp[c].bias),
-                    ep.i.payload.mult[c].eq(head.colp[c].mult),
+                    epi.payload.bias[c].eq(head.colp[c].bias),
+                    epi.payload.mult[c].eq(head.colp[c].mult),
                 ]
         else:
             sub = Signal(range(S))
-            m.d.comb += [sub_last.eq(sub == S - 1), ep.i.payload.sub.eq(sub)]
-            with m.If(ep.i.valid & ep.i.ready):
+            m.d.comb += [sub_last.eq(sub == S - 1), epi.payload.sub.eq(sub)]
+            with m.If(epi.valid & epi.ready):
                 m.d.sync += sub.eq(Mux(sub_last, 0, sub + 1))
             with m.Switch(sub):
                 for k in range(S):
                     with m.Case(k):
-                        m.d.comb += ep.i.payload.mask.eq(head.mask[k * L:(k + 1) * L])
+                        m.d.comb += epi.payload.mask.eq(head.mask[k * L:(k + 1) * L])
                         for j in range(L):
                             m.d.comb += [
-                                ep.i.payload.acc[j].eq(pe.o.payload.acc[k * L + j]),
-                                ep.i.payload.bias[j].eq(head.colp[k * L + j].bias),
-                                ep.i.payload.mult[j].eq(head.colp[k * L + j].mult),
+                                epi.payload.acc[j].eq(pe.o.payload.acc[k * L + j]),
+                                epi.payload.bias[j].eq(head.colp[k * L + j].bias),
+                                epi.payload.mult[j].eq(head.colp[k * L + j].mult),
                             ]
 
         wiring.connect(m, ep.act_wr, wiring.flipped(self.act_wr))
@@ -804,19 +864,25 @@ class _SkewedStage:
             m.d.comb += [wp.addr.eq(Cat(i[:ab], slot)), wp.en.eq(en),
                          wp.data.eq(rotated[j * self._byte:(j + 1) * self._byte])]
 
-    def read(self, m, slot, step, trans):
+    def read(self, m, slot, step, trans, neg_step):
         """The step's bytes, byte ``n`` in bits ``8n .. 8n+7``: lane ``n`` of word ``step`` (``trans``
         low), or lane ``step`` of word ``n`` (``trans`` high); ``N`` bytes, the caller takes what it
-        needs."""
+        needs. ``neg_step`` is ``-step`` modulo ``N`` (or a multiple of ``N``), kept by the caller in
+        a register so that no subtractor sits in front of the output rotation."""
         ab = (self._n - 1).bit_length()
         s = Signal(max(1, ab))
         neg = Signal(max(1, ab))
-        m.d.comb += [s.eq(step), neg.eq(-step)]
+        m.d.comb += [s.eq(step), neg.eq(neg_step)]
+        # Bank j's column address (j - s) mod N, as a table of s rather than a subtractor: each
+        # address bit depends on at most log2(N) bits of s, one LUT instead of a carry chain.
+        col_addrs = [Signal(max(1, ab), name=f"col_addr{j}") for j in range(self._n)]
+        with m.Switch(s):
+            for v in range(self._n):
+                with m.Case(v):
+                    m.d.comb += [col_addrs[j].eq((j - v) % self._n) for j in range(self._n)]
         got = []
         for j, (_, rp) in enumerate(self._banks):
-            col_addr = Signal(max(1, ab))
-            m.d.comb += col_addr.eq(j - s)
-            m.d.comb += rp.addr.eq(Cat(Mux(trans, col_addr, s)[:ab], slot))
+            m.d.comb += rp.addr.eq(Cat(Mux(trans, col_addrs[j], s)[:ab], slot))
             got.append(rp.data)
         # Output lane n = bank (n + s): a rotation right by s, i.e. left by N - s.
         out = Signal(self._n * self._byte)

@@ -140,6 +140,10 @@ class PEArray(wiring.Component):
         once. ``valid`` and the payload come from a register; ``valid`` does not wait on ``ready``.
     busy : Out(1)
         A beat or a result is anywhere in the array.
+    credit : Out(1)
+        The shadow-bank credit, a flip-flop: a ``last`` beat is accepted in this cycle exactly when it
+        is high (``i.ready = ~i.payload.last | credit``). A feeder that decides its next step a cycle
+        ahead uses it instead of ``i.ready``.
 
     Latency and throughput
     ----------------------
@@ -171,6 +175,7 @@ class PEArray(wiring.Component):
             "i": In(stream.Signature(OperandLayout(rows, cols))),
             "o": Out(stream.Signature(ResultLayout(rows, cols))),
             "busy": Out(1),
+            "credit": Out(1),
         })
 
     @property
@@ -271,7 +276,7 @@ class PEArray(wiring.Component):
         # so ready is one gate of the payload's last flag and a register: the loader's advance chain
         # and the engine's beat counters never see the tile-last pipeline.
         credit = Signal(init=1)
-        m.d.comb += self.i.ready.eq(~self.i.payload.last | credit)
+        m.d.comb += [self.i.ready.eq(~self.i.payload.last | credit), self.credit.eq(credit)]
         take = self.i.valid & self.i.ready
         pl = self.i.payload
         m.d.sync += [

@@ -11,7 +11,7 @@ saturation). Per-column and per-row multipliers are the same operation with diff
 vectors, so the caller chooses (see :class:`~m3vit_hw.gemm.epilogue.Epilogue`).
 """
 
-from amaranth.hdl import Cat, Module, Mux, Shape, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -122,9 +122,11 @@ class Requantizer(wiring.Component):
        in the DSP's A/B and M/P registers);
     2. each operand chunk's partial products summed into one row (one adder each);
     3. the rows summed into the 57-bit product (one adder);
-    4. ``+ 2**(shift - 1)`` (round half up; a decoded one-hot, one adder);
-    5. the arithmetic right shift by 0..63 (a registered barrel shifter);
-    6. the low 32 bits and the "fits in 8 / 16 bits" flags (wide AND trees);
+    4. twice the product shifted right by the multiple of 8 in ``shift`` (an 8:1 multiplexer);
+    5. shifted by the rest of ``shift`` (0..7), plus the rounding carry ``shift != 0``: the round
+       half up ``(x + 2**(shift-1)) >> shift`` is ``((2x >> shift) + 1) >> 1`` for ``shift > 0``,
+       exactly, and the final ``>> 1`` is wiring;
+    6. the low 32 bits and the "fits in 8 / 16 bits" flags (carry-chain compares);
     7. saturation and raw-mode select.
 
     The datapath never stalls: its registers have no enable. Input is taken only while the output
@@ -172,7 +174,7 @@ class Requantizer(wiring.Component):
         out16 = [Signal(name=f"out16_{s}") for s in range(S - 1)]
         raw = [Signal(name=f"raw{s}") for s in range(S - 1)]
 
-        half = Signal(numerics.SHIFT_MAX, reset_less=True)
+        rnd = Signal(reset_less=True)
 
         # The datapath never stalls (no enable on its registers): every beat is counted in on input
         # and out on output, and input is accepted only while the output FIFO has room for all beats
@@ -196,8 +198,8 @@ class Requantizer(wiring.Component):
                 m.d.sync += [out16[s].eq(out16[s - 1]), raw[s].eq(raw[s - 1])]
             for s in range(1, 5):
                 m.d.sync += shift[s].eq(shift[s - 1])
-            # 2**(shift-1) as a one-hot, shared by the lanes, registered in stage 3 for stage 4's adder.
-            m.d.sync += half.eq(Cat(*(shift[2] == k + 1 for k in range(numerics.SHIFT_MAX))))
+            # The rounding's carry-in (shift != 0), decoded once for the lanes in stage 4.
+            m.d.sync += rnd.eq(shift[3] != 0)
             for j in range(L):
                 def reg(shape, name):
                     return Signal(shape, name=f"{name}{j}", reset_less=True)
@@ -231,21 +233,25 @@ class Requantizer(wiring.Component):
                 # (~1 ns) would start the 64-bit rounding adder.
                 s_prod = Signal(prod_shape, name=f"prod{j}")
                 m.d.sync += s_prod.eq(sum((rs << a0 for a0, rs in row_sums[1:]), row_sums[0][1]))
-                # 4: round half up: + 2**(shift-1) (nothing for shift 0), decoded a stage ahead.
-                # Wide enough for 2**(SHIFT_MAX - 1): large shifts must round small products to 0, not -1.
-                pv_shape = signed(max(prod_shape.width, numerics.SHIFT_MAX) + 1)
-                s_pv = reg(pv_shape, "pv")
-                m.d.sync += s_pv.eq(s_prod + half)
-                # 5: arithmetic shift.
-                s_y = reg(pv_shape, "y")
-                m.d.sync += s_y.eq(s_pv >> shift[4])
+                # 4 and 5: round half up and shift, (x + 2**(s-1)) >> s, computed exactly as
+                # ((2x >> s) + [s != 0]) >> 1 (floor((floor(x / 2**(s-1)) + 1) / 2) = floor((x + 2**(s-1))
+                # / 2**s)), so no wide constant is added and the 0..63 barrel shift is split in two:
+                # 4: 2x shifted by the multiple of 8 in s; 5: by the rest, then the carry-in; the final
+                # >> 1 is wiring.
+                v_shape = signed(prod_shape.width + 1)
+                s_v = reg(v_shape, "v")
+                m.d.sync += s_v.eq((s_prod << 1) >> Cat(Const(0, 3), shift[3][3:]))
+                s_w = reg(signed(v_shape.width + 1), "w")
+                m.d.sync += s_w.eq((s_v >> shift[4][:3]) + rnd)
+                s_y = s_w[1:].as_signed()
                 # 6: low bits and range flags (the upper bits all equal the sign).
                 s_lo = reg(signed(numerics.ACC_BITS), "lo")
                 fits8, fits16, neg = reg(1, "fits8_"), reg(1, "fits16_"), reg(1, "neg")
-                up8, up16 = s_y[numerics.ACT_BITS - 1:], s_y[numerics.RES_BITS - 1:]
+                # The range flags as two carry-chain compares each rather than all-equal trees over
+                # the ~50 upper bits (6 LUT levels).
                 m.d.sync += [s_lo.eq(s_y), neg.eq(s_y[-1]),
-                             fits8.eq((up8 == 0) | (up8 == (1 << len(up8)) - 1)),
-                             fits16.eq((up16 == 0) | (up16 == (1 << len(up16)) - 1))]
+                             fits8.eq((s_y >= lo8) & (s_y <= hi8)),
+                             fits16.eq((s_y >= lo16) & (s_y <= hi16))]
                 # 7: saturate (raw mode passes the 32 bits: (acc + 0) * 1 >> 0 == acc).
                 sat8 = Mux(fits8, s_lo[:numerics.ACT_BITS].as_signed(), Mux(neg, lo8, hi8))
                 sat16 = Mux(fits16, s_lo[:numerics.RES_BITS].as_signed(), Mux(neg, lo16, hi16))

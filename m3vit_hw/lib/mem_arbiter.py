@@ -7,10 +7,12 @@ Contract
 --------
 * Each master sees a complete :class:`~m3vit_hw.lib.mem_port.ReadPortSignature` port with the memory's
   contract (in-order responses, ``beats`` beats per request, ``last`` on the final one).
-* Requests are granted round-robin among the masters with ``req.valid`` high. A granted request is
-  *locked* until the memory accepts it, so the downstream ``req`` stream obeys the stream rules (its
-  payload never changes while ``valid`` is high without a transfer) even when another master raises
-  ``valid`` meanwhile.
+* Requests are granted round-robin among the masters with ``req.valid`` high. The grant is a
+  register that moves only after a transfer or while its master has no request, so the downstream
+  ``req`` stream obeys the stream rules (its payload never changes while ``valid`` is high without a
+  transfer) even when another master raises ``valid`` meanwhile. A request that finds the grant on
+  an idle master waits one cycle for it; a granted master's next request, or another master's
+  after a transfer, goes out in the following cycle (one request per cycle).
 * The memory answers in request order, so the arbiter keeps a FIFO of the master index of every
   accepted request (``depth`` entries) and routes response beats to the FIFO head until its ``last``
   beat. When the FIFO is full, no further request is forwarded.
@@ -20,11 +22,18 @@ Contract
 Latency: with ``register`` (the default) every master's request goes through a
 :class:`~m3vit_hw.lib.skid.SkidBuffer` and so does the granted request towards the memory: no
 combinational path runs from one master's request logic through the round-robin pick into another
-master's ``req.ready`` or into the memory side, at two cycles of request latency and full throughput.
+master's ``req.ready`` or into the memory side, at two cycles of request latency (three when the
+grant first has to move to the requesting master) and full throughput.
 The response stream passes through one more skid buffer (one cycle per beat of latency, full
 throughput), so a master's ``resp.ready`` does not reach the memory side either. Without
-``register`` requests and responses pass combinationally (the routing FIFO head is a register). The FIFO adds one cycle between a request's acceptance and the earliest cycle
-its first beat can be routed, which any memory with a latency of at least one cycle hides.
+``register`` requests and responses pass combinationally.
+
+The routing FIFO is a :class:`~amaranth.lib.fifo.SyncFIFOBuffered`: its head index and its
+non-empty flag are flip-flops, so a response beat's routing (each master's ``resp.valid``, hence a
+client's buffer write enable) is decided from registers, not behind the FIFO's level compare and
+storage read. It adds two cycles between a request's acceptance and the earliest cycle its first
+beat can be routed; with ``register`` the memory-side skid buffer, the memory's own latency (at
+least one cycle) and the response skid buffer hide them.
 """
 
 from amaranth.hdl import Cat, Module, Signal
@@ -102,7 +111,8 @@ class ReadArbiter(wiring.Component):
         m = Module()
         n = self._n
         idx_bits = max(1, (n - 1).bit_length())
-        m.submodules.route = route = fifo.SyncFIFO(width=idx_bits, depth=self._depth)
+        # Buffered: r_data and r_rdy are registers (see the module docstring).
+        m.submodules.route = route = fifo.SyncFIFOBuffered(width=idx_bits, depth=self._depth)
 
         if self._register:
             # Responses too: the head master's resp.ready ends at this skid buffer instead of
@@ -126,12 +136,18 @@ class ReadArbiter(wiring.Component):
             req = self.mem.req
         valids = [r.valid for r in reqs]
 
-        # Round-robin: the master after the last granted one has the highest priority.
-        last = Signal(range(n), init=n - 1)
+        # The grant is a register: ``grant`` names the master whose request is offered. It moves on
+        # after a transfer, or while its master has no request and another has, to the round-robin
+        # pick (the master after ``grant`` has the highest priority; the current one the lowest, so
+        # a lone master keeps the grant and streams one request per cycle). The offer, the payload
+        # multiplexer and every master's ready then decode a flip-flop, and the pick only feeds the
+        # grant register. The grant's master keeps its request valid until the transfer (stream
+        # rules), so the offer never changes under a valid request.
+        grant = Signal(range(n), init=n - 1)
         pick = Signal(range(n))
-        # One priority encoder per value of ``last`` (a case, not 64 chained conditions: the chained
-        # form mapped to 14 LUT levels).
-        with m.Switch(last):
+        # One priority encoder per value of ``grant`` (a case, not 64 chained conditions: the
+        # chained form mapped to 14 LUT levels).
+        with m.Switch(grant):
             for i in range(n):
                 with m.Case(i):
                     for offset in reversed(range(n)):
@@ -140,27 +156,20 @@ class ReadArbiter(wiring.Component):
                         with m.If(valids[cand]):
                             m.d.comb += pick.eq(cand)
 
-        locked = Signal()
-        grant_reg = Signal(range(n))
-        sel = Signal(range(n))
-        m.d.comb += sel.eq(pick)
-        with m.If(locked):
-            m.d.comb += sel.eq(grant_reg)
-
-        with m.Switch(sel):
+        offered = Signal()
+        with m.Switch(grant):
             for i in range(n):
                 with m.Case(i):
                     m.d.comb += [
-                        req.valid.eq(reqs[i].valid & route.w_rdy),
+                        offered.eq(valids[i]),
                         req.payload.eq(reqs[i].payload),
                         reqs[i].ready.eq(req.ready & route.w_rdy),
                     ]
+        m.d.comb += req.valid.eq(offered & route.w_rdy)
         transfer = req.valid & req.ready
-        m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(sel)]
-        with m.If(transfer):
-            m.d.sync += [locked.eq(0), last.eq(sel)]
-        with m.Elif(req.valid):
-            m.d.sync += [locked.eq(1), grant_reg.eq(sel)]
+        m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(grant)]
+        with m.If((transfer | ~offered) & Cat(valids).any()):
+            m.d.sync += grant.eq(pick)
 
         # Responses go to the master whose request is oldest.
         head = route.r_data
@@ -177,7 +186,7 @@ class ReadArbiter(wiring.Component):
         m.d.comb += [
             route.r_en.eq(resp.valid & resp.ready & resp.payload.last),
             # Outstanding at the memory, or still waiting in a skid buffer.
-            self.busy.eq(route.r_rdy | (Cat(r.valid for r in reqs).any() if self._register else 0)
+            self.busy.eq((route.level != 0) | (Cat(r.valid for r in reqs).any() if self._register else 0)
                          | (resp.valid if self._register else 0)
                          | (out.o.valid if self._register else 0)),
         ]

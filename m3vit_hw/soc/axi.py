@@ -24,7 +24,7 @@ A non-OKAY ``rresp`` or ``bresp`` sets the sticky ``error`` output (cleared by `
 transfer still completes normally, so the protocol stays clean and the controller decides what to do.
 """
 
-from amaranth.hdl import Module, Signal, unsigned
+from amaranth.hdl import Assert, Cat, Module, Mux, Signal, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -227,18 +227,32 @@ class AxiMaster(wiring.Component):
         if self._write:
             wr = self.wr
             m.submodules.lens = lens = fifo.SyncFIFOBuffered(
-                width=(self._p["max_burst"]).bit_length(), depth=self._write_depth)
+                width=(self._p["max_burst"]).bit_length() + 1, depth=self._write_depth)
+            # Each entry holds AWLEN (beats - 1) and whether it is 0 (a one-beat burst).
+            len_bits = (self._p["max_burst"]).bit_length()
             m.d.comb += [
                 axi.awaddr.eq(wr.req.p.addr), axi.awlen.eq(wr.req.p.beats - 1), axi.awsize.eq(size),
                 axi.awburst.eq(AXI_BURST_INCR), axi.awcache.eq(AXI_CACHE_DEFAULT), axi.awprot.eq(0),
                 axi.awvalid.eq(wr.req.valid & lens.w_rdy),
                 wr.req.ready.eq(axi.awready & lens.w_rdy),
-                lens.w_en.eq(axi.awvalid & axi.awready), lens.w_data.eq(wr.req.p.beats - 1),
+                lens.w_en.eq(axi.awvalid & axi.awready),
+                lens.w_data.eq(Cat((wr.req.p.beats - 1)[:len_bits], wr.req.p.beats == 1)),
             ]
-            # The FIFO holds AWLEN (beats - 1), so wlast is one compare of two registers, with no
-            # adder in front of it (it gates the W handshake and the FIFO's read).
+            # wlast gates the W handshake and the FIFO's read, so it is one LUT of registers: on a
+            # burst's first beat the head's stored "one beat" flag, later a flag registered at the
+            # previous beat (beat + 1 == AWLEN, with beat + 1 kept in a register of its own).
             beat = Signal(range(MAX_BURST_LIMIT + 1))
-            last = beat == lens.r_data
+            beat_p1 = Signal(range(MAX_BURST_LIMIT + 2), init=1)
+            first = Signal(init=1)
+            last_r = Signal()
+            awlen, one = lens.r_data[:len_bits], lens.r_data[len_bits]
+            last = Mux(first, one, last_r)
+            m.d.comb += Assert(~lens.r_rdy | (last == (beat == awlen)),
+                               "AxiMaster: the registered wlast disagrees with the beat count")
+            with m.If(axi.wvalid & axi.wready):
+                m.d.sync += [beat_p1.eq(beat_p1 + 1), first.eq(0), last_r.eq(beat_p1 == awlen)]
+                with m.If(last):
+                    m.d.sync += [beat_p1.eq(1), first.eq(1)]
             m.d.comb += [
                 axi.wdata.eq(wr.data.p.data), axi.wstrb.eq(wr.data.p.strb), axi.wlast.eq(last),
                 axi.wvalid.eq(wr.data.valid & lens.r_rdy),

@@ -16,6 +16,7 @@ from amaranth.lib.wiring import In, Out
 
 from ..checks import check_int as _check_int
 from ..lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
+from ..rowops.counts import below_next
 
 __all__ = ["ReadInterleaver", "PageSplitter"]
 
@@ -127,16 +128,32 @@ class PageSplitter(wiring.Component):
 
         def split(a, b):
             # (first part's beats, more parts follow) of a request at byte address a of b beats.
+            # The crossing test is idx + b > page beats (idx = a's beat within its page): one short
+            # adder and a compare with a constant, in parallel with the room subtraction, rather
+            # than a subtraction feeding a compare of two signals.
+            page_beats = BOUNDARY_BYTES >> shift
+            idx = a[shift:page_bits]
             room = Signal(page_bits - shift + 1)        # beats from a to the end of its page
-            m.d.comb += room.eq((BOUNDARY_BYTES - a[:page_bits]) >> shift)
-            return Mux(b <= room, b, room), b > room
+            end = Signal(page_bits - shift + 2)
+            m.d.comb += [room.eq(page_beats - idx), end.eq(idx + b)]
+            # end < 2 * page_beats (b <= max_burst <= page_beats), so end > page_beats is its
+            # page_beats bit with any lower bit set.
+            nb = page_bits - shift
+            crosses = end[nb] & end[:nb].any()
+            return Mux(crosses, room, b), crosses
 
         leaving = Signal()                          # the held request's last part goes out this cycle
         # Taking the next request in the cycle the held one leaves keeps one request per cycle.
         m.d.comb += up.req.ready.eq(~hv | leaving)
         take = up.req.valid & up.req.ready
         send = down.req.valid & down.req.ready
-        m.d.comb += [down.req.valid.eq(hv & ok & parts.w_rdy), down.req.p.addr.eq(addr),
+        # The parts FIFO's room is a register of its own (its entry count a cycle ahead), not the
+        # FIFO's level compare: down.req.valid (into the AXI master's register slice) is one LUT.
+        pending = Signal(range(self._depth + 1))
+        room = Signal(init=1)
+        m.d.sync += [pending.eq(pending + parts.w_en - parts.r_en),
+                     room.eq(below_next(pending, parts.w_en, parts.r_en, self._depth))]
+        m.d.comb += [down.req.valid.eq(hv & ok & room), down.req.p.addr.eq(addr),
                      down.req.p.beats.eq(first), parts.w_en.eq(send), parts.w_data.eq(more),
                      leaving.eq(send & ~more)]
         with m.If(take):
@@ -151,8 +168,10 @@ class PageSplitter(wiring.Component):
             with m.Else():
                 m.d.sync += hv.eq(0)
         with m.Elif(hv & ~ok):
-            f, mo = split(addr, beats)
-            m.d.sync += [ok.eq(1), first.eq(f), more.eq(mo)]
+            # The rest of a split request starts on a page boundary and has fewer beats than a
+            # page holds (max_burst * data_bytes <= BOUNDARY_BYTES, a port parameter check), so it
+            # is one part: no split computation here.
+            m.d.sync += [ok.eq(1), first.eq(beats), more.eq(0)]
 
         m.d.comb += [up.resp.valid.eq(down.resp.valid & parts.r_rdy), up.resp.p.data.eq(down.resp.p.data),
                      up.resp.p.last.eq(down.resp.p.last & ~parts.r_data),

@@ -45,7 +45,7 @@ Byte order is little-endian: write-word w of a half holds bytes ``[w*write_bytes
 read-word r holds bytes ``[r*word_bytes, (r+1)*word_bytes)``, byte i of a word at bits ``[8i, 8i+8)``.
 """
 
-from amaranth.hdl import Array, Cat, Module, Mux, Signal, unsigned
+from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -317,10 +317,19 @@ class WeightBuffer(wiring.Component):
         r_row = r.addr >> bank_bits if narrow_reads else r.addr
         w_phys = Signal(range(2 * half_rows))
         r_phys = Signal(range(2 * half_rows))
-        m.d.comb += [
-            w_phys.eq(w_row + Mux(w_half, half_rows, 0)),
-            r_phys.eq(r_row + Mux(r_half, half_rows, 0)),
-        ]
+        if half_rows & (half_rows - 1) == 0:
+            # A power of two: the same stacking is the half index above the row bits, with no
+            # adder behind the reader's address logic.
+            hb = (half_rows - 1).bit_length()
+            m.d.comb += [
+                w_phys.eq(Cat(w_row[:hb] if hb else Const(0, 0), w_half)),
+                r_phys.eq(Cat(r_row[:hb] if hb else Const(0, 0), r_half)),
+            ]
+        else:
+            m.d.comb += [
+                w_phys.eq(w_row + Mux(w_half, half_rows, 0)),
+                r_phys.eq(r_row + Mux(r_half, half_rows, 0)),
+            ]
         # Dropping writes while the half is not FREE protects the reader's tile; the range check
         # matters when half_writes is not a power of two (the address would reach the other half).
         w_ok = w.en & w_free & (w.addr < half_writes)

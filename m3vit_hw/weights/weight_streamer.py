@@ -232,7 +232,12 @@ class WeightStreamer(wiring.Component):
             buf.commit.p.last.eq(c_rem == tile_len),
         ]
 
-        with m.FSM(name="state"):
+        # FILL as a flag register of its own (set and cleared with the state's transitions): the
+        # memory response ready and the request valid, which run into the read arbiter's skid
+        # buffers and round-robin, start at one flip-flop instead of a decode of the state.
+        in_fill = Signal()
+        m.d.comb += [resp.ready.eq(in_fill)]
+        with m.FSM(name="state") as fsm:
             with m.State("IDLE"):
                 m.d.comb += self.cmd.ready.eq(1)
                 with m.If(self.cmd.valid):
@@ -266,11 +271,11 @@ class WeightStreamer(wiring.Component):
                     with m.If(c_beats == 0):
                         m.next = "COMMIT"
                     with m.Else():
+                        m.d.sync += in_fill.eq(1)
                         m.next = "FILL"
 
             with m.State("FILL"):
-                m.d.comb += [self.busy.eq(1), req.valid.eq(burst_ok & (req_left != 0)), resp.ready.eq(1),
-                             buf.en.eq(resp.valid)]
+                m.d.comb += [self.busy.eq(1), buf.en.eq(resp.valid)]
                 with m.If(req.valid & req.ready):
                     m.d.sync += [req_addr.eq(req_addr + (burst << lb)), req_left.eq(req_left - burst),
                                  bwait.eq(2)]
@@ -282,6 +287,7 @@ class WeightStreamer(wiring.Component):
                     m.d.sync += [rx_addr.eq(rx_addr + 1), rx_left.eq(rx_left - 1),
                                  fetched.eq(fetched + db)]
                     with m.If(rx_left == 1):
+                        m.d.sync += in_fill.eq(0)
                         m.next = "COMMIT"
 
             with m.State("COMMIT"):
@@ -294,4 +300,9 @@ class WeightStreamer(wiring.Component):
                         m.next = "IDLE"
                     with m.Else():
                         m.next = "WAIT"
+        m.d.comb += [
+            req.valid.eq(in_fill & burst_ok & (req_left != 0)),
+            Assert(in_fill == (fsm.state == fsm.encoding["FILL"]),
+                   "WeightStreamer: the FILL flag is out of step with the state"),
+        ]
         return m
