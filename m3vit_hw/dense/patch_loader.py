@@ -57,10 +57,13 @@ class PatchLoader(wiring.Component):
     Interface attributes
     --------------------
     cmd : In(stream.Signature(PatchLoadLayout(config, config.mem_addr_width)))
-        Accepted when idle.
+        Through a :class:`~m3vit_hw.lib.skid.SkidBuffer` (registered ``ready``; up to two commands
+        wait in it); a command starts one cycle after its accept at the earliest, when the loader is
+        idle.
     done : Out(1)
         Pulses when a command's last row is written.
     busy : Out(1)
+        A command is waiting or running.
     mem : Out(ReadPortSignature(...))
     act_wr : In(memory.WritePort.Signature(act_addr_bits, ArrayLayout(signed(8), pe_cols), granularity=1))
     """
@@ -117,7 +120,14 @@ class PatchLoader(wiring.Component):
         c = Signal(PatchLoadLayout(cfg, aw))
         gen_active = Signal()                       # runs of the command still to issue
         rx_active = Signal()                        # rows of the command still to write
-        m.d.comb += [self.cmd.ready.eq(~gen_active & ~rx_active), self.busy.eq(gen_active | rx_active)]
+        # The command enters through a skid buffer: the sequencer's valid (a decode of its own state)
+        # and the accept's fan-out (every generator and writer register, the run count's multiply)
+        # are then in different cycles. A command waiting in it counts as busy.
+        m.submodules.cmd_skid = csk = SkidBuffer(self.cmd.payload.shape())
+        wiring.connect(m, wiring.flipped(self.cmd), csk.i)
+        cmd = csk.o
+        m.d.comb += [cmd.ready.eq(~gen_active & ~rx_active),
+                     self.busy.eq(gen_active | rx_active | cmd.valid)]
 
         # ---- run generator ---------------------------------------------------------------------
         kh = Signal(range(p))
@@ -148,7 +158,7 @@ class PatchLoader(wiring.Component):
         d_ok = Signal()
         issue = gen_active & d_ok & dq.w_rdy & rq.cmd.ready
         m.d.sync += [d_r.eq(d_in), a_r.eq(run_addr & ~(db - 1)),
-                     d_ok.eq(~issue & ~(self.cmd.valid & self.cmd.ready))]
+                     d_ok.eq(~issue & ~(cmd.valid & cmd.ready))]
         m.d.comb += [
             rq.cmd.valid.eq(gen_active & d_ok & dq.w_rdy),
             rq.cmd.payload.addr.eq(a_r),
@@ -269,8 +279,8 @@ class PatchLoader(wiring.Component):
                 m.d.sync += wcnt.eq(wcnt + 1)
 
         # ---- command accept ---------------------------------------------------------------------
-        with m.If(self.cmd.valid & self.cmd.ready):
-            pl = self.cmd.payload
+        with m.If(cmd.valid & cmd.ready):
+            pl = cmd.payload
             m.d.sync += [
                 c.eq(pl), gen_active.eq(pl.count != 0), rx_active.eq(pl.count != 0),
                 runs_left.eq(pl.count * p), rows_left.eq(pl.count), dst_row.eq(pl.dst_base),
