@@ -190,10 +190,13 @@ class PatchLoader(wiring.Component):
         last_beat = b == cur.last_b
         # The stage register is a skid buffer: its ``ready`` is a flip-flop, so the response's ready and
         # the descriptor FIFO's read enable do not wait on the take / emit chain of stages 2 and 3.
-        qlay = data.StructLayout({"data": 8 * db, "lo": range(db), "hi": range(db + 1), "row_end": 1})
+        # ``n`` = hi - lo (the run's bytes in the beat), formed here: stage 2 then keeps byte i of the
+        # beat shifted down by lo iff i < n (a compare with a constant), with no lo/hi mask compares
+        # in front of its shift.
+        qlay = data.StructLayout({"data": 8 * db, "lo": range(db), "n": range(db + 1), "row_end": 1})
         m.submodules.qbuf = qbuf = SkidBuffer(qlay)
         q_valid = qbuf.o.valid
-        q_data, q_lo, q_hi = qbuf.o.payload.data, qbuf.o.payload.lo, qbuf.o.payload.hi
+        q_data, q_lo, q_n = qbuf.o.payload.data, qbuf.o.payload.lo, qbuf.o.payload.n
         q_row_end = qbuf.o.payload.row_end
         q_take = Signal()
         m.d.comb += [
@@ -201,7 +204,7 @@ class PatchLoader(wiring.Component):
             qbuf.i.valid.eq(resp.valid & rx_active & dq.r_rdy),
             qbuf.i.payload.data.eq(resp.payload.data),
             qbuf.i.payload.lo.eq(Mux(b == 0, cur.lo, 0)),
-            qbuf.i.payload.hi.eq(Mux(last_beat, cur.hi, db)),
+            qbuf.i.payload.n.eq(Mux(last_beat, cur.hi, db) - Mux(b == 0, cur.lo, 0)),
             qbuf.i.payload.row_end.eq(last_beat & cur.row_last),
             qbuf.o.ready.eq(q_take),
         ]
@@ -226,12 +229,15 @@ class PatchLoader(wiring.Component):
         # ready sees one LUT of this chain.
         s3_free = ~row_in_done & ~(rx_active & fill_ge)
         m.d.comb += q_take.eq(q_valid & (~p_valid | s3_free))
-        masked = Signal(8 * db)
-        for k in range(db):
-            # Bytes outside [lo, hi) belong to other runs (or to nothing): cleared before the shift.
-            m.d.comb += masked[8 * k:8 * k + 8].eq(Mux((q_lo <= k) & (k < q_hi), q_data[8 * k:8 * k + 8], 0))
+        shifted = Signal(8 * db)
+        kept = Signal(8 * db)
+        m.d.comb += shifted.eq(q_data >> (q_lo * 8))
+        for i in range(db):
+            # Byte i of the shifted beat is byte lo + i of the beat: the run's iff lo + i < hi, i.e.
+            # i < n; the others belong to other runs (or to nothing) and are cleared.
+            m.d.comb += kept[8 * i:8 * i + 8].eq(Mux(q_n > i, shifted[8 * i:8 * i + 8], 0))
         with m.If(q_take):
-            m.d.sync += [p_valid.eq(1), p_data.eq(masked >> (q_lo * 8)), p_n.eq(q_hi - q_lo),
+            m.d.sync += [p_valid.eq(1), p_data.eq(kept), p_n.eq(q_n),
                          p_row_end.eq(q_row_end)]
         with m.Elif(p_take):
             m.d.sync += p_valid.eq(0)
