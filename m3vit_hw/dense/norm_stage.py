@@ -246,21 +246,7 @@ class NormStage(wiring.Component):
         cur_last_sub = Signal(range(S))               # index of the word's last valid beat
         sub = Signal(range(S))
         reading = Signal()                            # rows remain to be read
-        # Its terms and "the beat is the word's last" are registers set a cycle ahead, so the
-        # LayerNorm's ready reaches ``have`` and the read enable through an AND of flip-flops:
-        # ``rd_more`` = rd_t != T (T - 1 registered: the first read waits for every parameter
-        # record, long after the start), ``p_done`` = every record written, ``at_last`` = sub ==
-        # cur_last_sub.
-        rd_more = Signal()
-        p_done = Signal()
-        at_last = Signal()
-        tokens_m1 = Signal.like(prm.tokens)
-        m.d.sync += tokens_m1.eq(prm.tokens - 1)
-        with m.If(start):
-            m.d.sync += [rd_more.eq(self.start.payload.tokens != 0), p_done.eq(0)]
-        with m.Elif(pw.valid & pw.ready):
-            m.d.sync += p_done.eq(rec_n == nrec - 1)
-        m.d.comb += reading.eq(running & p_done & rd_more)
+        m.d.comb += reading.eq(running & params_done & (rd_t != prm.tokens))
         word = self.res_rd.data
         m.d.comb += ln.i.valid.eq(have)
         with m.Switch(sub):
@@ -269,23 +255,22 @@ class NormStage(wiring.Component):
                     for j in range(L):
                         m.d.comb += ln.i.payload[j].eq(word[k * L + j])
         beat_go = ln.i.valid & ln.i.ready
-        word_end = beat_go & at_last
+        word_end = beat_go & (sub == cur_last_sub)
         fetch = reading & (~have | word_end)
         m.d.comb += [self.res_rd.addr.eq(rd_addr), self.res_rd.en.eq(fetch)]
         # Valid beats of word w: all S, except the row's last word (channels below D only).
         last_w_subs = -(-(D - (rw - 1) * C) // L)
         with m.If(fetch):
             m.d.sync += [have.eq(1), sub.eq(0), rd_addr.eq(rd_addr + 1),
-                         cur_last_sub.eq(Mux(rd_w == rw - 1, last_w_subs - 1, S - 1)),
-                         at_last.eq(Mux(rd_w == rw - 1, last_w_subs == 1, S == 1))]
+                         cur_last_sub.eq(Mux(rd_w == rw - 1, last_w_subs - 1, S - 1))]
             with m.If(rd_w == rw - 1):
-                m.d.sync += [rd_w.eq(0), rd_t.eq(rd_t + 1), rd_more.eq(rd_t != tokens_m1)]
+                m.d.sync += [rd_w.eq(0), rd_t.eq(rd_t + 1)]
             with m.Else():
                 m.d.sync += rd_w.eq(rd_w + 1)
         with m.Elif(word_end):
             m.d.sync += have.eq(0)
         with m.Elif(beat_go):
-            m.d.sync += [sub.eq(sub + 1), at_last.eq(sub + 1 == cur_last_sub)]
+            m.d.sync += sub.eq(sub + 1)
         with m.If(start):
             m.d.sync += [rd_t.eq(0), rd_w.eq(0), rd_addr.eq(self.start.payload.src_base), have.eq(0)]
 
