@@ -139,8 +139,10 @@ class PatchLoader(wiring.Component):
         # A run's descriptor: its first beat's first byte and its last beat's end (both within a beat).
         # ``last_b`` (beats - 1) is stored too, so the response side's "last beat of the run" compares
         # two registers (no decrement in front of the descriptor FIFO's read enable).
+        # ``n0`` (the run's bytes in its first beat, min(run, db - lo)) is stored too, so the response
+        # side's byte count of a beat is a select of registers and constants (no subtraction).
         desc = data.StructLayout({"lo": range(db), "hi": range(1, db + 1), "beats": range(rbm + 1),
-                                  "last_b": range(rbm + 1), "row_last": 1})
+                                  "last_b": range(rbm + 1), "row_last": 1, "n0": range(db + 1)})
         m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=4)
         off = Signal(range(db))
         m.d.comb += off.eq(run_addr[:lb] if lb else 0)
@@ -148,6 +150,7 @@ class PatchLoader(wiring.Component):
         end_low = (off + (run - 1))[:lb] if lb else 0
         m.d.comb += [d_in.lo.eq(off), d_in.hi.eq(end_low + 1), d_in.beats.eq((off + run + db - 1) >> lb),
                      d_in.last_b.eq((off + run - 1) >> lb),
+                     d_in.n0.eq(Mux(off + run <= db, run, db - off)),
                      d_in.row_last.eq(kh == p - 1)]
         # The descriptor and the request's address are registered from the run address (the requester
         # subtracts from ``beats`` at its command: no adder chain into it). They are stale for the cycle
@@ -190,7 +193,7 @@ class PatchLoader(wiring.Component):
         last_beat = b == cur.last_b
         # The stage register is a skid buffer: its ``ready`` is a flip-flop, so the response's ready and
         # the descriptor FIFO's read enable do not wait on the take / emit chain of stages 2 and 3.
-        # ``n`` = hi - lo (the run's bytes in the beat), formed here: stage 2 then keeps byte i of the
+        # ``n`` = hi - lo (the run's bytes in the beat), selected here: stage 2 then keeps byte i of the
         # beat shifted down by lo iff i < n (a compare with a constant), with no lo/hi mask compares
         # in front of its shift.
         qlay = data.StructLayout({"data": 8 * db, "lo": range(db), "n": range(db + 1), "row_end": 1})
@@ -204,7 +207,7 @@ class PatchLoader(wiring.Component):
             qbuf.i.valid.eq(resp.valid & rx_active & dq.r_rdy),
             qbuf.i.payload.data.eq(resp.payload.data),
             qbuf.i.payload.lo.eq(Mux(b == 0, cur.lo, 0)),
-            qbuf.i.payload.n.eq(Mux(last_beat, cur.hi, db) - Mux(b == 0, cur.lo, 0)),
+            qbuf.i.payload.n.eq(Mux(b == 0, cur.n0, Mux(last_beat, cur.hi, db))),
             qbuf.i.payload.row_end.eq(last_beat & cur.row_last),
             qbuf.o.ready.eq(q_take),
         ]
