@@ -324,11 +324,14 @@ class AttnSequencer(wiring.Component):
             t.n.eq(Mux(is_proj & last_chunk, sh.dim - first * C, panels * C)),
             t.n0w.eq(Mux(part == 1, dv.v_n0w, 0) + first), t.first_w.eq(first),
         ]
+        # ``advance`` and ``reset`` never coincide (a walker advances only while the layer runs, and a
+        # start is accepted only when it does not), so the part-constant register's selects do not
+        # wait for the reset (the start's handshake).
+        m.d.comb += [part_change.eq(advance & last_chunk), chunk_step.eq(advance & ~last_chunk)]
         with m.If(reset):
             m.d.sync += [part.eq(0), head.eq(0), chunk.eq(0), first.eq(0), off.eq(base), idx.eq(0),
                          ended.eq(0)]
         with m.Elif(advance):
-            m.d.comb += part_change.eq(last_chunk)
             m.d.sync += [off.eq(off + Mux(big, e.st_b, e.st_s)), idx.eq(idx + 1)]
             with m.If(last_chunk):
                 m.d.sync += [chunk.eq(0), first.eq(0)]
@@ -343,7 +346,6 @@ class AttnSequencer(wiring.Component):
                     with m.Default():
                         m.d.sync += ended.eq(1)
             with m.Else():
-                m.d.comb += chunk_step.eq(1)
                 m.d.sync += [chunk.eq(chunk + 1), first.eq(first + panels)]
         return t, reset
 

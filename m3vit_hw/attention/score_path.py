@@ -28,6 +28,7 @@ from .. import numerics
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..lib.skid import SkidBuffer
+from ..moe.router import FlagQueue
 from ..rowops.counts import thermometer_step
 from ..rowops.softmax import SHIFT_BITS, SoftmaxMode, SoftmaxUnit
 from .attn_layout import BufferMap
@@ -154,7 +155,9 @@ class ScorePath(wiring.Component):
         # "last row of the tile" test compares two flip-flops (no distributed-RAM read, no - 1).
         m.submodules.rows_out = rows_out = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
                                                                  depth=_TILE_FIFO)
-        m.submodules.ahead = ahead = fifo.SyncFIFOBuffered(width=C * numerics.ACC_BITS, depth=_READ_AHEAD)
+        # Registered occupancy flags (moe.router.FlagQueue): the pop, which ends in the softmax input's
+        # handshake, reaches only the queue's counters, not a level compare behind its read enable.
+        m.submodules.ahead = ahead = FlagQueue(C * numerics.ACC_BITS, _READ_AHEAD)
         rslot = Signal()
         r_rows = Signal(range(bm.q_tile + 1))
         r_w = Signal(range(tw + 1))

@@ -49,7 +49,7 @@ from ..rowops.counts import below_next
 from ..rowops.softmax import OUT_BITS, SoftmaxMode, SoftmaxUnit
 from .topk import TopK, expert_id_width
 
-__all__ = ["Router", "RouterCommandLayout", "RouterOutLayout"]
+__all__ = ["Router", "RouterCommandLayout", "RouterOutLayout", "FlagQueue"]
 
 
 class RouterCommandLayout(data.StructLayout):
@@ -208,7 +208,7 @@ class Router(wiring.Component):
         m.submodules.tiles = tiles = memory.Memory(shape=word, depth=banks * bank_words, init=[])
         t_w = tiles.write_port()
         t_r = tiles.read_port()
-        m.submodules.logits = lf = _LogitQueue(word.size, self.logit_fifo_depth)
+        m.submodules.logits = lf = FlagQueue(word.size, self.logit_fifo_depth)
 
         tokens = Signal(range(cap + 1))
         active = Signal()
@@ -402,8 +402,9 @@ class Router(wiring.Component):
         return m
 
 
-class _LogitQueue(Elaboratable):
-    """The router's logit FIFO: ``SyncFIFOBuffered``'s interface (``w_en``/``w_rdy``/``w_data``,
+class FlagQueue(Elaboratable):
+    """A FIFO with ``SyncFIFOBuffered``'s interface and registered flags (the router's logit FIFO, the
+    score path's read-ahead FIFO): ``SyncFIFOBuffered``'s interface (``w_en``/``w_rdy``/``w_data``,
     ``r_en``/``r_rdy``/``r_data``, ``depth`` entries with the output register) with its occupancy
     flags registered a cycle ahead (:func:`~m3vit_hw.rowops.counts.below_next`): ``w_rdy`` and the
     storage's not-empty test are flip-flops, so the join's read enable and the fork's write enable
