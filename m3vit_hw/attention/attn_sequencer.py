@@ -282,6 +282,7 @@ class AttnSequencer(wiring.Component):
             "proj": 1, "first_proj": 1, "last": 1, "last_of_head": 1, "qk_part": 1, "first_tile": 1,
             "ended": 1, "tag": unsigned(cfg.tile_tag_width),
             "n": range(cfg.largest_n + 1), "n0w": range(-(-cfg.largest_n // C) + 1),
+            "first_w": range(most + 1),
         }), name=name)
         # The current part's constants in a register of the walker's own, loaded with the part at a
         # part change and otherwise refreshed from the table (so it follows the table while the
@@ -321,13 +322,16 @@ class AttnSequencer(wiring.Component):
             t.last_of_head.eq((part == 1) & last_chunk), t.qk_part.eq(part == 0),
             t.first_tile.eq((part == 0) & (head == 0) & (chunk == 0)), t.ended.eq(ended), t.tag.eq(idx),
             t.n.eq(Mux(is_proj & last_chunk, sh.dim - first * C, panels * C)),
-            t.n0w.eq(Mux(part == 1, dv.v_n0w, 0) + first),
+            t.n0w.eq(Mux(part == 1, dv.v_n0w, 0) + first), t.first_w.eq(first),
         ]
+        # ``advance`` and ``reset`` never coincide (a walker advances only while the layer runs, and a
+        # start is accepted only when it does not), so the part-constant register's selects do not
+        # wait for the reset (the start's handshake).
+        m.d.comb += [part_change.eq(advance & last_chunk), chunk_step.eq(advance & ~last_chunk)]
         with m.If(reset):
             m.d.sync += [part.eq(0), head.eq(0), chunk.eq(0), first.eq(0), off.eq(base), idx.eq(0),
                          ended.eq(0)]
         with m.Elif(advance):
-            m.d.comb += part_change.eq(last_chunk)
             m.d.sync += [off.eq(off + Mux(big, e.st_b, e.st_s)), idx.eq(idx + 1)]
             with m.If(last_chunk):
                 m.d.sync += [chunk.eq(0), first.eq(0)]
@@ -342,7 +346,6 @@ class AttnSequencer(wiring.Component):
                     with m.Default():
                         m.d.sync += ended.eq(1)
             with m.Else():
-                m.d.comb += chunk_step.eq(1)
                 m.d.sync += [chunk.eq(chunk + 1), first.eq(first + panels)]
         return t, reset
 
@@ -438,15 +441,38 @@ class AttnSequencer(wiring.Component):
         tp_, p_reset = self._walker(m, "fetch_p_tile", sh, dv, table, heads_m1, pcmd.valid & pcmd.ready,
                                     base=p.base)
         p_addr = Signal(aw)
-        p_fresh = Signal()
+        m.d.sync += p_addr.eq(tp_.p_off)
+        # Both commands' valid are registers, computed a cycle ahead from the walkers' registers and
+        # the plan's countdown, so neither the ready nor the walker's advance (its part-constant
+        # selects, a wide fan-out) sits behind a decode of ``running``, the walker's flags and the
+        # plan. The values they take are exactly the former combinational ones:
+        #   wcmd: running & ~ended & (plan_ready | first_tile & first_ok);
+        #   pcmd: the same with first_ok one cycle later (first_ok_d) and never in the cycle after a
+        #         transfer or a start (the registered p_addr is then stale).
+        # In the cycle after a start both are 0 (plan_wait is 6). Without a start the next cycle's
+        # plan_ready is ``plan_wait <= 1`` and its first_ok ``plan_wait' <= 2``. ``running`` holds
+        # until the done, after the last tile's fetch (the walkers have ended by then). After a
+        # weight command's transfer the walker is past the first tile, and it has ended iff the
+        # command was the last (``t.last``).
+        w_valid, p_valid = Signal(), Signal()
+        w_xfer = w_valid & wcmd.ready
+        p_xfer = p_valid & pcmd.ready
+        plan_wait_n = Mux(plan_ready, plan_wait, plan_wait - 1)
+        plan_ready_n = plan_wait <= 1
+        first_ok_n = plan_wait_n <= 2
         first_ok_d = Signal()
-        m.d.sync += [p_addr.eq(tp_.p_off), p_fresh.eq(~(pcmd.valid & pcmd.ready) & ~start),
-                     first_ok_d.eq(first_ok & ~start)]
+        m.d.sync += first_ok_d.eq(first_ok & ~start)
+        m.d.sync += [
+            w_valid.eq(~start & running & Mux(w_xfer, ~tw_.last & plan_ready_n,
+                                              ~tw_.ended & (plan_ready_n | (tw_.first_tile & first_ok_n)))),
+            p_valid.eq(~start & running & ~p_xfer & ~tp_.ended
+                       & (plan_ready_n | (tp_.first_tile & first_ok))),
+        ]
         m.d.comb += [
-            wcmd.valid.eq(running & ~tw_.ended & (plan_ready | (tw_.first_tile & first_ok))),
+            wcmd.valid.eq(w_valid),
             wcmd.payload.addr.eq(tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
             wcmd.payload.tag.eq(tw_.tag),
-            pcmd.valid.eq(running & p_fresh & ~tp_.ended & (plan_ready | (tp_.first_tile & first_ok_d))),
+            pcmd.valid.eq(p_valid),
             pcmd.payload.addr.eq(p_addr), pcmd.payload.length.eq(tp_.p_len),
             pcmd.payload.tag.eq(tp_.tag),
             w_reset.eq(start), p_reset.eq(start),
@@ -541,7 +567,14 @@ class AttnSequencer(wiring.Component):
         # comes two cycles later at the earliest (the command register empties in between).
         tcr = Signal(data.StructLayout({"n": len(tc.n), "n0w": len(tc.n0w), "dst_qkv": cfg.dst_addr_bits,
                                         "proj": 1, "first_proj": 1, "qk_part": 1}), name="compute_tile_r")
-        m.d.sync += [tcr.n.eq(tc.n), tcr.n0w.eq(tc.n0w), tcr.dst_qkv.eq(bm.qkv_base + tc.n0w),
+        # dst_qkv = qkv_base + n0w with n0w = (v_n0w if V else 0) + first: one adder on a selected
+        # register (qkv_v, held while the layer runs; valid a cycle after v_n0w, within plan_wait).
+        qkv_v = Signal(cfg.dst_addr_bits)
+        m.d.sync += qkv_v.eq(bm.qkv_base + dv.v_n0w)
+        tc_v = Signal()
+        m.d.comb += tc_v.eq(~tc.qk_part & ~tc.proj)
+        m.d.sync += [tcr.n.eq(tc.n), tcr.n0w.eq(tc.n0w),
+                     tcr.dst_qkv.eq(Mux(tc_v, qkv_v, bm.qkv_base) + tc.first_w),
                      tcr.proj.eq(tc.proj), tcr.first_proj.eq(tc.first_proj), tcr.qk_part.eq(tc.qk_part)]
 
         def tile_command():

@@ -28,7 +28,8 @@ from .. import numerics
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..lib.skid import SkidBuffer
-from ..rowops.counts import below_next, thermometer_step
+from ..moe.router import FlagQueue
+from ..rowops.counts import thermometer_step
 from ..rowops.softmax import SHIFT_BITS, SoftmaxMode, SoftmaxUnit
 from .attn_layout import BufferMap
 
@@ -154,7 +155,9 @@ class ScorePath(wiring.Component):
         # "last row of the tile" test compares two flip-flops (no distributed-RAM read, no - 1).
         m.submodules.rows_out = rows_out = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
                                                                  depth=_TILE_FIFO)
-        m.submodules.ahead = ahead = fifo.SyncFIFOBuffered(width=C * numerics.ACC_BITS, depth=_READ_AHEAD)
+        # Registered occupancy flags (moe.router.FlagQueue): the pop, which ends in the softmax input's
+        # handshake, reaches only the queue's counters, not a level compare behind its read enable.
+        m.submodules.ahead = ahead = FlagQueue(C * numerics.ACC_BITS, _READ_AHEAD)
         rslot = Signal()
         r_rows = Signal(range(bm.q_tile + 1))
         r_w = Signal(range(tw + 1))
@@ -171,10 +174,11 @@ class ScorePath(wiring.Component):
         wrap_step = Signal(self.sbuf_aw + 1)
         m.d.sync += [beats_m1.eq(prm.beats - 1), beats_m2.eq(prm.beats - 2), one_word.eq(prm.beats == 1),
                      wrap_step.eq(1 + tw - prm.beats)]
-        # Reads in flight or waiting in ``ahead`` (its level plus the pending read), kept as a count
-        # of its own with the "below the read-ahead" flag a cycle ahead.
-        in_ahead = Signal(range(_READ_AHEAD + 2))
-        ahead_room = Signal(init=1)
+        # Reads in flight or waiting in ``ahead`` (its level plus the pending read), kept as a
+        # thermometer code of its own (no adder behind the pop, which ends in the softmax input's
+        # handshake); "below the read-ahead" is its top bit.
+        in_ahead = Signal(_READ_AHEAD)
+        ahead_room = ~in_ahead[_READ_AHEAD - 1]
         r_wlast = Signal()                # r_w == beats_m1
         # The softmax command's payload comes from registers in every state (only its valid depends on
         # the state), so the unit's per-command registers see no state decode on their data path.
@@ -214,8 +218,7 @@ class ScorePath(wiring.Component):
                             m.next = "IDLE"
         m.d.sync += pend.eq(rd_en)
         popped = ahead.r_en & ahead.r_rdy
-        m.d.sync += [in_ahead.eq(in_ahead + rd_en - popped),
-                     ahead_room.eq(below_next(in_ahead, rd_en, popped, _READ_AHEAD))]
+        thermometer_step(m, in_ahead, rd_en, popped)
         m.d.comb += [
             ahead.w_en.eq(pend),
             ahead.w_data.eq(self.sbuf_rd.data.as_value()),
@@ -241,17 +244,31 @@ class ScorePath(wiring.Component):
             m.d.sync += tail.eq((rem - 1) >> (L.bit_length() - 1) if L & (L - 1) == 0 else (rem - 1) // L)
             sub = Signal(range(S))
             i_w = Signal(range(tw + 1))                    # word of the row being cut
-            last_sub = Mux(i_w == beats_m1, tail, S - 1)
-            pop = smi.valid & smi.ready & (sub == last_sub)
+            # "The word is the row's last" and "the beat is the word's last" as registers, set for
+            # the next beat at each transfer and refreshed from the counters between transfers (the
+            # parameters are held while a layer runs): the pop, which ends in the read-ahead FIFO's
+            # level and the count above, is one AND of flip-flops.
+            iw_last = Signal()                             # i_w == beats_m1
+            at_last = Signal()                             # sub == (tail if iw_last else S - 1)
+            tail_0 = Signal()
+            m.d.sync += tail_0.eq(tail == 0)
+            beat = smi.valid & smi.ready
+            pop = beat & at_last
             m.d.comb += [
                 smi.valid.eq(ahead.r_rdy),
                 smi.payload.eq(ahead.r_data.word_select(sub, beat_bits)),
                 ahead.r_en.eq(pop),
             ]
             with m.If(pop):
-                m.d.sync += [sub.eq(0), i_w.eq(Mux(i_w == beats_m1, 0, i_w + 1))]
-            with m.Elif(smi.valid & smi.ready):
-                m.d.sync += sub.eq(sub + 1)
+                # The next word is the row's last: word 0 of a one-word row, else i_w + 1 == beats - 1.
+                nxt_last = Mux(iw_last, one_word, i_w == beats_m2)
+                m.d.sync += [sub.eq(0), i_w.eq(Mux(iw_last, 0, i_w + 1)),
+                             iw_last.eq(nxt_last), at_last.eq(nxt_last & tail_0)]
+            with m.Elif(beat):
+                m.d.sync += [sub.eq(sub + 1), at_last.eq(sub + 1 == Mux(iw_last, tail, S - 1))]
+            with m.Else():
+                w_last = i_w == beats_m1
+                m.d.sync += [iw_last.eq(w_last), at_last.eq(sub == Mux(w_last, tail, S - 1))]
 
         # ---- e8 writer: softmax output -> e8 slot, reciprocal -> row table -----------------------
         eslot = Signal()

@@ -57,10 +57,13 @@ class PatchLoader(wiring.Component):
     Interface attributes
     --------------------
     cmd : In(stream.Signature(PatchLoadLayout(config, config.mem_addr_width)))
-        Accepted when idle.
+        Through a :class:`~m3vit_hw.lib.skid.SkidBuffer` (registered ``ready``; up to two commands
+        wait in it); a command starts one cycle after its accept at the earliest, when the loader is
+        idle.
     done : Out(1)
         Pulses when a command's last row is written.
     busy : Out(1)
+        A command is waiting or running.
     mem : Out(ReadPortSignature(...))
     act_wr : In(memory.WritePort.Signature(act_addr_bits, ArrayLayout(signed(8), pe_cols), granularity=1))
     """
@@ -117,7 +120,14 @@ class PatchLoader(wiring.Component):
         c = Signal(PatchLoadLayout(cfg, aw))
         gen_active = Signal()                       # runs of the command still to issue
         rx_active = Signal()                        # rows of the command still to write
-        m.d.comb += [self.cmd.ready.eq(~gen_active & ~rx_active), self.busy.eq(gen_active | rx_active)]
+        # The command enters through a skid buffer: the sequencer's valid (a decode of its own state)
+        # and the accept's fan-out (every generator and writer register, the run count's multiply)
+        # are then in different cycles. A command waiting in it counts as busy.
+        m.submodules.cmd_skid = csk = SkidBuffer(self.cmd.payload.shape())
+        wiring.connect(m, wiring.flipped(self.cmd), csk.i)
+        cmd = csk.o
+        m.d.comb += [cmd.ready.eq(~gen_active & ~rx_active),
+                     self.busy.eq(gen_active | rx_active | cmd.valid)]
 
         # ---- run generator ---------------------------------------------------------------------
         kh = Signal(range(p))
@@ -129,8 +139,10 @@ class PatchLoader(wiring.Component):
         # A run's descriptor: its first beat's first byte and its last beat's end (both within a beat).
         # ``last_b`` (beats - 1) is stored too, so the response side's "last beat of the run" compares
         # two registers (no decrement in front of the descriptor FIFO's read enable).
+        # ``n0`` (the run's bytes in its first beat, min(run, db - lo)) is stored too, so the response
+        # side's byte count of a beat is a select of registers and constants (no subtraction).
         desc = data.StructLayout({"lo": range(db), "hi": range(1, db + 1), "beats": range(rbm + 1),
-                                  "last_b": range(rbm + 1), "row_last": 1})
+                                  "last_b": range(rbm + 1), "row_last": 1, "n0": range(db + 1)})
         m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=4)
         off = Signal(range(db))
         m.d.comb += off.eq(run_addr[:lb] if lb else 0)
@@ -138,6 +150,7 @@ class PatchLoader(wiring.Component):
         end_low = (off + (run - 1))[:lb] if lb else 0
         m.d.comb += [d_in.lo.eq(off), d_in.hi.eq(end_low + 1), d_in.beats.eq((off + run + db - 1) >> lb),
                      d_in.last_b.eq((off + run - 1) >> lb),
+                     d_in.n0.eq(Mux(off + run <= db, run, db - off)),
                      d_in.row_last.eq(kh == p - 1)]
         # The descriptor and the request's address are registered from the run address (the requester
         # subtracts from ``beats`` at its command: no adder chain into it). They are stale for the cycle
@@ -148,7 +161,7 @@ class PatchLoader(wiring.Component):
         d_ok = Signal()
         issue = gen_active & d_ok & dq.w_rdy & rq.cmd.ready
         m.d.sync += [d_r.eq(d_in), a_r.eq(run_addr & ~(db - 1)),
-                     d_ok.eq(~issue & ~(self.cmd.valid & self.cmd.ready))]
+                     d_ok.eq(~issue & ~(cmd.valid & cmd.ready))]
         m.d.comb += [
             rq.cmd.valid.eq(gen_active & d_ok & dq.w_rdy),
             rq.cmd.payload.addr.eq(a_r),
@@ -180,10 +193,13 @@ class PatchLoader(wiring.Component):
         last_beat = b == cur.last_b
         # The stage register is a skid buffer: its ``ready`` is a flip-flop, so the response's ready and
         # the descriptor FIFO's read enable do not wait on the take / emit chain of stages 2 and 3.
-        qlay = data.StructLayout({"data": 8 * db, "lo": range(db), "hi": range(db + 1), "row_end": 1})
+        # ``n`` = hi - lo (the run's bytes in the beat), selected here: stage 2 then keeps byte i of the
+        # beat shifted down by lo iff i < n (a compare with a constant), with no lo/hi mask compares
+        # in front of its shift.
+        qlay = data.StructLayout({"data": 8 * db, "lo": range(db), "n": range(db + 1), "row_end": 1})
         m.submodules.qbuf = qbuf = SkidBuffer(qlay)
         q_valid = qbuf.o.valid
-        q_data, q_lo, q_hi = qbuf.o.payload.data, qbuf.o.payload.lo, qbuf.o.payload.hi
+        q_data, q_lo, q_n = qbuf.o.payload.data, qbuf.o.payload.lo, qbuf.o.payload.n
         q_row_end = qbuf.o.payload.row_end
         q_take = Signal()
         m.d.comb += [
@@ -191,7 +207,7 @@ class PatchLoader(wiring.Component):
             qbuf.i.valid.eq(resp.valid & rx_active & dq.r_rdy),
             qbuf.i.payload.data.eq(resp.payload.data),
             qbuf.i.payload.lo.eq(Mux(b == 0, cur.lo, 0)),
-            qbuf.i.payload.hi.eq(Mux(last_beat, cur.hi, db)),
+            qbuf.i.payload.n.eq(Mux(b == 0, cur.n0, Mux(last_beat, cur.hi, db))),
             qbuf.i.payload.row_end.eq(last_beat & cur.row_last),
             qbuf.o.ready.eq(q_take),
         ]
@@ -216,12 +232,15 @@ class PatchLoader(wiring.Component):
         # ready sees one LUT of this chain.
         s3_free = ~row_in_done & ~(rx_active & fill_ge)
         m.d.comb += q_take.eq(q_valid & (~p_valid | s3_free))
-        masked = Signal(8 * db)
-        for k in range(db):
-            # Bytes outside [lo, hi) belong to other runs (or to nothing): cleared before the shift.
-            m.d.comb += masked[8 * k:8 * k + 8].eq(Mux((q_lo <= k) & (k < q_hi), q_data[8 * k:8 * k + 8], 0))
+        shifted = Signal(8 * db)
+        kept = Signal(8 * db)
+        m.d.comb += shifted.eq(q_data >> (q_lo * 8))
+        for i in range(db):
+            # Byte i of the shifted beat is byte lo + i of the beat: the run's iff lo + i < hi, i.e.
+            # i < n; the others belong to other runs (or to nothing) and are cleared.
+            m.d.comb += kept[8 * i:8 * i + 8].eq(Mux(q_n > i, shifted[8 * i:8 * i + 8], 0))
         with m.If(q_take):
-            m.d.sync += [p_valid.eq(1), p_data.eq(masked >> (q_lo * 8)), p_n.eq(q_hi - q_lo),
+            m.d.sync += [p_valid.eq(1), p_data.eq(kept), p_n.eq(q_n),
                          p_row_end.eq(q_row_end)]
         with m.Elif(p_take):
             m.d.sync += p_valid.eq(0)
@@ -269,8 +288,8 @@ class PatchLoader(wiring.Component):
                 m.d.sync += wcnt.eq(wcnt + 1)
 
         # ---- command accept ---------------------------------------------------------------------
-        with m.If(self.cmd.valid & self.cmd.ready):
-            pl = self.cmd.payload
+        with m.If(cmd.valid & cmd.ready):
+            pl = cmd.payload
             m.d.sync += [
                 c.eq(pl), gen_active.eq(pl.count != 0), rx_active.eq(pl.count != 0),
                 runs_left.eq(pl.count * p), rows_left.eq(pl.count), dst_row.eq(pl.dst_base),

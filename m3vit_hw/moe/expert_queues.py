@@ -282,6 +282,14 @@ class ExpertQueues(wiring.Component):
                     m.d.sync += j.eq(j + 1)
 
             with m.State("WALK"):
+                # The counts and active flags rotate by one as the walk moves to the next expert
+                # (as in PREFIX), so expert ``we``'s are always counts[0] / active[0]: no E:1 mux
+                # between ``we`` and the header's count and the walk's decisions. They are cleared
+                # at the walk's end, so where the rotation leaves them does not matter.
+                def rotate():
+                    for e in range(E):
+                        m.d.sync += [counts[e].eq(counts[(e + 1) % E]), active[e].eq(active[(e + 1) % E])]
+
                 # The scatter's last entry is written in WALK's first cycle (stage 2); the walk
                 # reads the queue memory no earlier than its second cycle.
                 can_issue = ~self.o.valid | self.o.ready
@@ -300,16 +308,18 @@ class ExpertQueues(wiring.Component):
                         ]
                         with m.If(rem == 1):
                             m.d.sync += [in_exp.eq(0), we.eq(we + 1)]
+                            rotate()
                             with m.If(we == E - 1):
                                 m.d.sync += issue_done.eq(1)
-                    with m.Elif(active[we]):
+                    with m.Elif(active[0]):
                         m.d.sync += [
                             self.o.valid.eq(1), o_header.eq(1), o_expert.eq(we),
-                            o_count.eq(counts[we]), o_last.eq(0),
-                            rem.eq(counts[we]), in_exp.eq(1),
+                            o_count.eq(counts[0]), o_last.eq(0),
+                            rem.eq(counts[0]), in_exp.eq(1),
                         ]
                     with m.Else():
                         m.d.sync += we.eq(we + 1)
+                        rotate()
                         with m.If(we == E - 1):
                             m.d.sync += issue_done.eq(1)
         return m

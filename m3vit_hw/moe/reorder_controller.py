@@ -441,6 +441,9 @@ class ReorderController(wiring.Component):
         # ---- fetch sequencer -----------------------------------------------------------------------
         f_tile = Signal(range(max(2, n_tiles)))
         f_idx = Signal(range(list_depth + 1))
+        # The port's address is the index in every state (it matters only with ``en``), so the
+        # index compare with the header count gates the enable alone, not an address mux.
+        m.d.comb += lst_f.addr.eq(f_idx)
         f_base = Signal(aw)
         # The run-time plan (plan_fetch): a small memory with asynchronous reads, so a plan-table tile
         # is looked up in the same cycle as an elaborated-plan (ROM) tile.
@@ -492,7 +495,7 @@ class ReorderController(wiring.Component):
                     m.d.sync += [w_sent.eq(w_now), p_sent.eq(p_now)]
             with m.State("NEXT"):
                 with m.If((f_idx < n_hdr) & (self.plan_ready | ~par.plan_fetch) & ~bt_fill):
-                    m.d.comb += [lst_f.addr.eq(f_idx), lst_f.en.eq(1)]
+                    m.d.comb += lst_f.en.eq(1)
                     m.next = "LOAD"
                 with m.Elif(walk_done):
                     m.next = "IDLE"
@@ -522,6 +525,7 @@ class ReorderController(wiring.Component):
         # ---- compute sequencer ---------------------------------------------------------------------
         c_tile = Signal(range(max(2, n_tiles)))
         c_idx = Signal(range(list_depth + 1))
+        m.d.comb += lst_c.addr.eq(c_idx)                # as lst_f's
         c_off = Signal(range(entries + 1))
         c_cnt = Signal(range(cap + 1))
         c_end = Signal(range(entries + 1))
@@ -646,7 +650,7 @@ class ReorderController(wiring.Component):
                         m.next = "GATE_WAIT"
             with m.State("NEXT"):
                 with m.If(c_idx < n_hdr):
-                    m.d.comb += [lst_c.addr.eq(c_idx), lst_c.en.eq(1)]
+                    m.d.comb += lst_c.en.eq(1)
                     m.next = "LOAD"
                 with m.Elif(walk_done):
                     m.next = "DRAIN"

@@ -43,12 +43,13 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..gemm.epilogue import StreamOutLayout
+from ..lib.skid import SkidBuffer
 from ..numerics import SHIFT_BITS
 from ..rowops.counts import below_next
 from ..rowops.softmax import OUT_BITS, SoftmaxMode, SoftmaxUnit
 from .topk import TopK, expert_id_width
 
-__all__ = ["Router", "RouterCommandLayout", "RouterOutLayout"]
+__all__ = ["Router", "RouterCommandLayout", "RouterOutLayout", "FlagQueue"]
 
 
 class RouterCommandLayout(data.StructLayout):
@@ -159,8 +160,9 @@ class Router(wiring.Component):
 
     @property
     def logit_fifo_depth(self):
-        """Beats of the logit FIFO: everything the softmax can hold, so the fork never waits on it."""
-        return self.softmax.score_buffer_depth + self.softmax.exp_buffer_depth + 4
+        """Beats of the logit FIFO: everything the softmax and the skid buffer in front of it (2)
+        can hold, so the fork never waits on it."""
+        return self.softmax.score_buffer_depth + self.softmax.exp_buffer_depth + 4 + 2
 
     @property
     def banks(self):
@@ -197,10 +199,16 @@ class Router(wiring.Component):
 
         m.submodules.softmax = sm = self.softmax
         m.submodules.topk = tk = self.topk
+        # The fork feeds the softmax through a skid buffer: the softmax's input ready (its row-queue
+        # and buffer-room logic) then ends in the buffer, and the fork's ready, the reader's advance
+        # and its bank registers see a flip-flop.
+        m.submodules.sm_skid = sm_skid = SkidBuffer(sm.i.payload.shape())
+        wiring.connect(m, sm_skid.o, sm.i)
+        sm_in = sm_skid.i
         m.submodules.tiles = tiles = memory.Memory(shape=word, depth=banks * bank_words, init=[])
         t_w = tiles.write_port()
         t_r = tiles.read_port()
-        m.submodules.logits = lf = _LogitQueue(word.size, self.logit_fifo_depth)
+        m.submodules.logits = lf = FlagQueue(word.size, self.logit_fifo_depth)
 
         tokens = Signal(range(cap + 1))
         active = Signal()
@@ -350,16 +358,16 @@ class Router(wiring.Component):
         sent_sm = Signal()
         sent_lf = Signal()
         m.d.comb += [
-            sm.i.valid.eq(s_valid & ~sent_sm),
-            sm.i.payload.eq(biased),
+            sm_in.valid.eq(s_valid & ~sent_sm),
+            sm_in.payload.eq(biased),
             lf.w_en.eq(s_valid & ~sent_lf),
             lf.w_data.eq(biased),
-            fork_ready.eq((sent_sm | sm.i.ready) & (sent_lf | lf.w_rdy)),
+            fork_ready.eq((sent_sm | sm_in.ready) & (sent_lf | lf.w_rdy)),
         ]
         with m.If(s_valid & fork_ready):
             m.d.sync += [sent_sm.eq(0), sent_lf.eq(0)]
         with m.Else():
-            with m.If(sm.i.valid & sm.i.ready):
+            with m.If(sm_in.valid & sm_in.ready):
                 m.d.sync += sent_sm.eq(1)
             with m.If(lf.w_en & lf.w_rdy):
                 m.d.sync += sent_lf.eq(1)
@@ -394,8 +402,9 @@ class Router(wiring.Component):
         return m
 
 
-class _LogitQueue(Elaboratable):
-    """The router's logit FIFO: ``SyncFIFOBuffered``'s interface (``w_en``/``w_rdy``/``w_data``,
+class FlagQueue(Elaboratable):
+    """A FIFO with ``SyncFIFOBuffered``'s interface and registered flags (the router's logit FIFO, the
+    score path's read-ahead FIFO): ``SyncFIFOBuffered``'s interface (``w_en``/``w_rdy``/``w_data``,
     ``r_en``/``r_rdy``/``r_data``, ``depth`` entries with the output register) with its occupancy
     flags registered a cycle ahead (:func:`~m3vit_hw.rowops.counts.below_next`): ``w_rdy`` and the
     storage's not-empty test are flip-flops, so the join's read enable and the fork's write enable
