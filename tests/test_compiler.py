@@ -147,6 +147,27 @@ def test_w1_w2_buffers_fit_xczu7ev():
     assert names[:3] == ["activation (lower bank)", "activation (upper bank)", "activation Q|K|V copy"]
 
 
+def test_build_balances_w2_memories_like_onchip():
+    """The build's estimate (build.memories.pack_all) places W2's device datapath buffers (each
+    1W+1R) within 80 % of the part's BRAM36 and URAM, as control.onchip does: per memory the
+    smaller share alone would put the Q|K|V copy, the weight buffer and the row table in URAM
+    (87 URAM, 91 %); the balancing moves them back to block RAM."""
+    from m3vit_hw.build.flow import XCZU7EV as PART
+    from m3vit_hw.build.memories import MemoryInfo, pack_all
+    cfg = AcceleratorConfig.from_preset("vit-small-nyud")
+    bufs = buffer_report(cfg, budget())
+    mems = []
+    for b in bufs:
+        mem = MemoryInfo("datapath", b.name, b.width, b.depth)
+        mem.sync_reads, mem.writes = 1, 1
+        mems.append(mem)
+    total, rows = pack_all(mems, PART)
+    bram = total["RAMB36"] + total["RAMB18"] / 2
+    print(total, bram, [(r["memory"], r["rule"]) for r in rows])
+    assert bram <= 0.8 * PART["RAMB36"] and total["URAM"] <= 0.8 * PART["URAM"]
+    assert total["URAM"] == fits(bufs)[1]
+
+
 def test_onchip_lutram_thresholds_match_the_build():
     from m3vit_hw.build import memories
     from m3vit_hw.control import onchip
