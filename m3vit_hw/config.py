@@ -67,6 +67,12 @@ SMALL_ACCEL_PRESETS = {
     "tiny-task-embedding": dict(pe_rows=4, pe_cols=4),
 }
 
+#: W2's device weight buffer: one panel of its largest K (1,536 x 64 int8 = 96 KiB) per half, not one
+#: whole expert (576 KiB): W2's on-chip buffers then fit 80 % of the xczu7ev's BRAM36 and URAM
+#: (``control.onchip``), and the analytic model projects the same frame time (every expert's tokens
+#: all pass each resident N-chunk, so a chunk's weights are fetched once either way).
+W2_DEVICE_WEIGHT_BUFFER_BYTES = 2 * 1536 * 64
+
 #: Device-sized PE arrays for the xczu7ev (issue 12): 2,048 int8 MAC/cycle from 1,024 DSP48E2s (two
 #: MACs per DSP). 32 x 64 is the shape ``sim.pe_shapes`` ranks first for W2 and first for W1 among
 #: the legal ones with >= 2,048 MAC/cycle (rows <= cols, so the A reads keep up; see the GEMM engine).
@@ -74,9 +80,11 @@ SMALL_ACCEL_PRESETS = {
 #: The row units stay narrow (their DSP48E2s and registers scale with their lanes, not with the
 #: array). W1: a 16-lane epilogue (a PE row drains in 4 beats, hidden behind every K >= 132 and
 #: behind the experts' half-full row tiles; the projected frame is 5 % slower than with 64 lanes,
-#: all of it in QK^T, K = 64), 16-lane LayerNorm and softmax. W2: 32-lane epilogue and softmax,
-#: because its QK^T (K = head_dim = 32) and its 1,201-wide softmax rows are half of the frame
-#: (projected 107 ms at 16 lanes' 129 ms; 64 lanes gain < 1 % more).
+#: all of it in QK^T, K = 64), 16-lane LayerNorm and softmax. W2: the same 16 lanes, so that the
+#: whole W2 build stays within 80 % of DSP48E2 and LUT like W1's measured build (1,292 DSP48E2, 76.8 %
+#: LUT): a 32-lane epilogue and softmax would project W2 at 104 ms instead of 126 ms (its QK^T, K =
+#: head_dim = 32, drains 4-beat PE rows), but by the unit estimates they add about 80 + 48 DSP48E2
+#: (1,420, 82 %) and 12 k LUT for the epilogue alone (about 82 %).
 #: W1's activation buffer also holds the dense MLP's hidden slot for all 129 tokens (``act_holds_dense``:
 #: 160 rows x 15 words of 64 B = 153,600 B, the same 16 URAM as the smallest legal buffer, which holds
 #: 96 rows and so fetched every MLP weight twice, x1.12 of the minimum; now x1.018). W1 keeps the
@@ -85,19 +93,20 @@ SMALL_ACCEL_PRESETS = {
 DEVICE_ACCEL_PRESETS = {
     "vit-tiny-cityscapes": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
                                 softmax_lanes=16, act_holds_dense=True),
-    "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=32, ln_lanes=16,
-                           softmax_lanes=32),
+    "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
+                           softmax_lanes=16, weight_buffer_bytes=W2_DEVICE_WEIGHT_BUFFER_BYTES,
+                           act_split_words=20480),
 }
 
 #: Accelerator-side defaults per model preset (``sizing="default"``; the model itself comes from
 #: ``model_config.PRESETS``). W1 is device-sized (the whole W1 build fits the xczu7ev within 80 %
-#: of every resource by the build's estimate). W2 keeps the small 32x32 array: at 32 x 64 its
-#: on-chip buffers need about 1.0k BRAM36-equivalents against the part's 312 BRAM36 + 96 URAM
-#: (head_dim 32 leaves half of every 64-lane Q/K/V and context word empty; see
-#: ``control.onchip`` and the README). The test presets stay 4x4.
+#: of every resource by the build's estimate). W2 is device-sized too: its on-chip buffers fit
+#: within 80 % of the part's BRAM36 and URAM by ``control.onchip`` (two heads of 32 a context word,
+#: a copy of only the Q|K|V region for the B operand, the activation bank split URAM + block RAM, a
+#: one-panel weight half; see the README). The test presets stay 4x4.
 ACCEL_PRESETS = {
     "vit-tiny-cityscapes": DEVICE_ACCEL_PRESETS["vit-tiny-cityscapes"],
-    "vit-small-nyud": SMALL_ACCEL_PRESETS["vit-small-nyud"],
+    "vit-small-nyud": DEVICE_ACCEL_PRESETS["vit-small-nyud"],
     "tiny": SMALL_ACCEL_PRESETS["tiny"],
     "tiny-task-embedding": SMALL_ACCEL_PRESETS["tiny-task-embedding"],
 }
@@ -227,6 +236,13 @@ class AcceleratorConfig:
         GEMM engine tile descriptors in flight between the loader and the epilogue (``[2, 16]``):
         staged, accumulating, draining. Three (the default) means a tile with ``K`` just above
         ``pe_rows`` never waits for a descriptor slot.
+    act_split_words : int
+        0 (default): the shared datapath's activation main bank is one memory. Else it is two: words
+        ``[0, act_split_words)`` and the rest, so that a build places the large lower bank in URAM
+        (whole 4,096-word URAM columns) and the short upper one in block RAM (W2 at 32 x 64: 20,480 +
+        1,216 words, 40 URAM + 23 BRAM36 instead of 48 URAM). It must be a multiple of the upper
+        bank's power-of-two range (the upper bank decodes from the high address bits and is addressed
+        by the low ones), below ``act_buffer_words``.
 
     Raises
     ------
@@ -256,6 +272,7 @@ class AcceleratorConfig:
     arbiter_depth: int = DEFAULT_ARBITER_DEPTH
     counter_width: int = 32
     gemm_desc_depth: int = 3
+    act_split_words: int = 0
 
     def __post_init__(self):
         # Remember which sizes were derived, so that with_() derives them again from the new values.
@@ -352,6 +369,12 @@ class AcceleratorConfig:
         if self.act_buffer_bytes % word:
             raise ValueError(f"act_buffer_bytes must be a multiple of the {word}-byte buffer word "
                              f"(pe_cols int8), not {self.act_buffer_bytes}")
+        words = self.act_buffer_words
+        _check_int("act_split_words", self.act_split_words, 0, words - 1)
+        if self.act_split_words and self.act_split_words % self.act_hi_span:
+            raise ValueError(f"act_split_words must be 0 or a multiple of {self.act_hi_span} (the "
+                             f"upper bank's power-of-two range, act_buffer_words={words}), not "
+                             f"{self.act_split_words}")
 
         unit = self.weight_half_unit_bytes
         half_need, half_why = max(self.weight_half_needs.values())
@@ -417,7 +440,8 @@ class AcceleratorConfig:
 
         ``name`` is a key of :data:`m3vit_hw.model_config.PRESETS` (``"vit-tiny-cityscapes"`` = W1,
         ``"vit-small-nyud"`` = W2, ``"tiny"``, ...). ``sizing`` picks the accelerator defaults
-        (:data:`SIZINGS`): ``"default"`` (:data:`ACCEL_PRESETS`: W1 device-sized, the others small),
+        (:data:`SIZINGS`): ``"default"`` (:data:`ACCEL_PRESETS`: W1 and W2 device-sized, the test
+        presets small),
         ``"small"`` (:data:`SMALL_ACCEL_PRESETS`: 16x16 for W1, 32x32 for W2, 4x4 for the test
         presets; fast builds and simulations) or ``"device"`` (:data:`DEVICE_ACCEL_PRESETS`, the PE
         array sized to the xczu7ev; W1 and W2 only). ``overrides`` may name accelerator fields
@@ -630,9 +654,26 @@ class AcceleratorConfig:
         return math.gcd(self.softmax_lanes, self.pe_cols)
 
     @property
+    def attn_head_pack(self):
+        """Heads per context word (1 unless a head is at most half a word): the largest power of two
+        ``p`` with ``p * head_dim <= pe_cols`` that divides ``heads``. Head ``g*p + j`` keeps its
+        context in lanes ``j*head_dim ..`` of word ``g``, so a head_dim-32 model on 64 columns does not
+        leave half of every context word empty (see ``attention.attn_layout``)."""
+        m = self.model
+        p = 1
+        while 2 * p * m.head_dim <= self.pe_cols and m.heads % (2 * p) == 0:
+            p *= 2
+        return p
+
+    @property
+    def attn_ctx_pitch(self):
+        """Words per token of the attention context: ``heads / attn_head_pack * attn_head_words``."""
+        return self.model.heads // self.attn_head_pack * self.attn_head_words
+
+    @property
     def attn_proj_k(self):
-        """The projection's padded reduction length ``heads * attn_head_words * pe_cols``."""
-        return self.model.heads * self.attn_head_words * self.pe_cols
+        """The projection's padded reduction length ``attn_ctx_pitch * pe_cols``."""
+        return self.attn_ctx_pitch * self.pe_cols
 
     @property
     def attn_rows_pad(self):
@@ -642,10 +683,24 @@ class AcceleratorConfig:
             * math.lcm(self.pe_rows, self.pe_cols) + self.pe_rows
 
     @property
+    def attn_qkv_words(self):
+        """Words of the Q|K|V region (``attn_rows_pad`` rows of ``3 * attn_head_words`` words)."""
+        return self.attn_rows_pad * 3 * self.attn_head_words
+
+    @property
+    def attn_qkv_base(self):
+        """Activation word of the Q|K|V region, after h and the context: a multiple of its
+        power-of-two range, so that the shared datapath's copy of the region (the engine's B operand
+        reads K and V from it while the A operand reads Q from the main bank) decodes from the high
+        address bits and is addressed by the low ones."""
+        T = self.token_capacity
+        span = 1 << (self.attn_qkv_words - 1).bit_length()
+        return _ceil_div(T * self.row_words + T * self.attn_ctx_pitch, span) * span
+
+    @property
     def attn_main_words(self):
         """Words of the attention's main activation bank: h, the padded context, one head's Q|K|V."""
-        T, hw = self.token_capacity, self.attn_head_words
-        return T * self.row_words + T * self.model.heads * hw + self.attn_rows_pad * 3 * hw
+        return self.attn_qkv_base + self.attn_qkv_words
 
     @property
     def attn_score_words(self):
@@ -735,6 +790,12 @@ class AcceleratorConfig:
     @property
     def act_buffer_words(self):
         return self.act_buffer_bytes // self.act_word_bytes
+
+    @property
+    def act_hi_span(self):
+        """Power-of-two range of the activation buffer's upper bank (``act_split_words``): at least
+        ``act_buffer_words - act_split_words``; the upper bank is addressed by its low bits."""
+        return 1 << (self.act_buffer_words - self.act_split_words - 1).bit_length()
 
     @property
     def act_addr_bits(self):

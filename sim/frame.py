@@ -447,8 +447,8 @@ def main(argv=None):
       help="pysim (Amaranth's simulator, with the diff ladder) or verilator (compiled, cached; "
            "the ladder then needs a pysim re-run)")
     a("--sizing", choices=tuple(SIZINGS), default="default",
-      help="accelerator sizing of the preset (m3vit_hw.config.SIZINGS; default: W1 device-sized, the "
-           "others small; small: W1 16x16, fast; device: the xczu7ev-sized PE array, W1/W2 only)")
+      help="accelerator sizing of the preset (m3vit_hw.config.SIZINGS; default: W1 and W2 device-sized, "
+           "the test presets small; small: W1 16x16, W2 32x32, fast; device: the xczu7ev-sized PE array, W1/W2 only)")
     a("--accel-set", action="append", metavar="FIELD=INT",
       help="override one integer AcceleratorConfig field (e.g. act_buffer_bytes=153600); repeatable")
     a("--mem-data-bytes", type=int, default=None,

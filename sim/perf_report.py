@@ -332,7 +332,7 @@ def _parser():
     a("--preset", choices=sorted(PRESETS), help="workload preset (vit-tiny-cityscapes = W1, "
       "vit-small-nyud = W2, tiny, ...)")
     a("--sizing", choices=tuple(SIZINGS), default="default",
-      help="accelerator sizing of the preset (default: W1 device-sized, the others small; small: "
+      help="accelerator sizing of the preset (default: W1 and W2 device-sized, the test presets small; small: "
            "W1 16x16, W2 32x32; device: the xczu7ev-sized PE array, W1/W2 only)")
     a("--pe-rows", type=int, help="override the preset's PE rows")
     a("--pe-cols", type=int, help="override the preset's PE columns")

@@ -167,9 +167,10 @@ class _Machine:
             tiles = [t for t in lay.tiles if t.kind == "qkv" and t.head == i]
             b, bias, mult = self.tiles_operand(f["param_addr"], tiles, D, 3 * hp)
             qkv = g.requantize(self.matmul(h, b), bias, mult, f["qkv_shift"], numerics.ACT_BITS)
-            q, k, v = (qkv[:, s * hp:s * hp + hd] for s in range(3))
+            q, k = (qkv[:, s * hp:s * hp + hd] for s in range(2))
+            v = qkv[:, 2 * hp + lay.v_lane(i):2 * hp + lay.v_lane(i) + hd]
             self.macs += 2 * T * T * hd
-            ctx[:, i * hp:i * hp + hd] = g.attention_head_tiled(
+            ctx[:, lay.ctx_lane(i):lay.ctx_lane(i) + hd] = g.attention_head_tiled(
                 q, k, v, f["c_mult"], f["c_shift"], f["out_mult"], f["out_shift"], cfg.q_tile)
         b, bias, mult = self.tiles_operand(f["param_addr"], [t for t in lay.tiles if t.kind == "proj"],
                                           lay.proj_k, D)

@@ -366,7 +366,7 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny", help="model preset of the AcceleratorConfig")
     p.add_argument("--sizing", default="default", choices=tuple(SIZINGS),
                    help="the preset's accelerator sizing (AcceleratorConfig.from_preset, config.SIZINGS): "
-                        "default (W1 device-sized, the others small), small (W1 16x16, fast) or device")
+                        "default (W1 and W2 device-sized, the test presets small), small (W1 16x16, fast) or device")
     p.add_argument("--pe-rows", type=int, default=None, help="override the preset's PE rows")
     p.add_argument("--pe-cols", type=int, default=None, help="override the preset's PE columns")
     p.add_argument("--pe-pack", type=int, default=None, help="override the preset's MACs per DSP (1 or 2)")

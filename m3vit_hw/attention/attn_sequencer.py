@@ -19,7 +19,7 @@ weight buffer: those are the datapath's, reached through
 plus this client); its docstring has the wiring.
 """
 
-from amaranth.hdl import Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Elaboratable, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -270,7 +270,7 @@ class AttnSequencer(wiring.Component):
         bm = self._bmap
         most = max(2 * bm.hw, cfg.row_words)
         part = Signal(2, name=f"{name}_part")             # 0: Q|K, 1: V, 2: projection
-        head = Signal(range(bm.ctx_pitch + 1), name=f"{name}_head")
+        head = Signal(range(bm.ctx_pitch * cfg.attn_head_pack + 1), name=f"{name}_head")
         chunk = Signal(range(most + 1), name=f"{name}_chunk")
         first = Signal(range(most + 1), name=f"{name}_first")
         off = Signal(aw, name=f"{name}_off")
@@ -385,6 +385,7 @@ class AttnSequencer(wiring.Component):
         # (``plan_ready`` gates it), long
         # before the first tile's data can arrive (the streamer takes its next command only after
         # that tile's last beat).
+        pk = cfg.attn_head_pack          # heads per context word (a power of two)
         dv = Signal(data.StructLayout({
             "hw": range(bm.hw + 1), "ctx": range(bm.ctx_pitch + 1), "qkvp": range(3 * bm.hw + 1),
             "hd": range(bm.hw * C + 1), "proj_k": range(bm.ctx_pitch * C + 1),
@@ -413,7 +414,8 @@ class AttnSequencer(wiring.Component):
                 # instruction payload was the whole top's worst path (an unregistered DSP behind
                 # the default select); it costs the first fetch one cycle (plan_wait 6, not 5).
                 dv.qk_small.eq(sh.qk.panels * sh.dim), dv.v_small.eq(sh.v.panels * sh.dim),
-                dv.ctx.eq(sh.heads * dv.hw), dv.qkvp.eq(3 * dv.hw), dv.v_n0w.eq(2 * dv.hw),
+                dv.ctx.eq((sh.heads >> (pk.bit_length() - 1)) * dv.hw), dv.qkvp.eq(3 * dv.hw),
+                dv.v_n0w.eq(2 * dv.hw),
                 dv.proj_k.eq(dv.ctx * C), dv.proj_small.eq(sh.proj.panels * dv.ctx * C),
                 dv.b_k.eq((1 << msb) | (bm.qkv_base + dv.hw)),
                 dv.b_v.eq((1 << msb) | (bm.qkv_base + 2 * dv.hw)),
@@ -523,7 +525,16 @@ class AttnSequencer(wiring.Component):
         av_rows_left = Signal(range(cfg.token_capacity + 1))
         qk_a = Signal(cfg.act_addr_bits)                       # Q rows of the next QKᵀ tile
         av_dst = Signal(cfg.dst_addr_bits)                     # context rows of the next AV tile
-        head_off = Signal(cfg.dst_addr_bits)                   # head * hw
+        head_off = Signal(cfg.dst_addr_bits)                   # (head / pk) * hw
+        # Packed heads (attention.attn_layout): step t of a group of pk heads writes lanes
+        # 0 .. (pk - t) * head_dim - 1 of the group's context word (its own lanes on top); av_n is
+        # that N, registered from the step (it changes at a head's end, long before the next AV).
+        av_n = Signal(range(bm.hw * C + 1))
+        if pk > 1:
+            pstep = Signal(range(pk))
+            m.d.sync += av_n.eq(Array([dv.hd * (pk - t) for t in range(pk)])[pstep])
+        else:
+            m.d.comb += av_n.eq(dv.hd)
         m.d.comb += [infl.w_en.eq(sent)]
         q_tile = bm.q_tile
         in_attn = Signal()                 # the FSM is in ATTN (set and cleared with its transitions)
@@ -608,6 +619,8 @@ class AttnSequencer(wiring.Component):
             with m.State("IDLE"):
                 with m.If(start):
                     m.d.sync += [held.eq(0), head_off.eq(0)]
+                    if pk > 1:
+                        m.d.sync += pstep.eq(0)
                     m.next = "WAIT_TILE"
             with m.State("WAIT_TILE"):
                 with m.If(tile_ready):
@@ -660,7 +673,7 @@ class AttnSequencer(wiring.Component):
                                      qk_a.eq(qk_a + dv.qk_step)]
                 with m.Else():
                     m.d.comb += [
-                        gp.m.eq(av_rows), gp.k.eq(T), gp.n.eq(dv.hd),
+                        gp.m.eq(av_rows), gp.k.eq(T), gp.n.eq(av_n),
                         gp.a_base.eq(bm.e8_base + Mux(av_slot, bm.e8_slot, 0)),
                         gp.a_stride.eq(bm.score_words), gp.a_unsigned.eq(1),
                         gp.b_base.eq(dv.b_v),
@@ -676,7 +689,13 @@ class AttnSequencer(wiring.Component):
                                      av_rows_left.eq(av_rows_left - av_rows),
                                      av_dst.eq(av_dst + dv.av_step)]
                 with m.If(~av_more):
-                    m.d.sync += [head_off.eq(head_off + dv.hw), in_attn.eq(0)]
+                    m.d.sync += in_attn.eq(0)
+                    if pk > 1:
+                        m.d.sync += pstep.eq(pstep + 1)
+                        with m.If(pstep == pk - 1):
+                            m.d.sync += head_off.eq(head_off + dv.hw)
+                    else:
+                        m.d.sync += head_off.eq(head_off + dv.hw)
                     m.next = "WAIT_TILE"
             with m.State("WAIT_DONE"):
                 with m.If(~g_full & ~infl_any & ~cl.gemm_busy):

@@ -47,7 +47,7 @@ def _parser():
                         ("--top-k", "experts per token")):
         p.add_argument(flag, type=int, default=None, help=help_)
     p.add_argument("--sizing", default="default", choices=sorted(SIZINGS),
-                   help="accelerator defaults: the preset's (default: W1 device-sized, W2 32x32), "
+                   help="accelerator defaults: the preset's (default: W1 and W2 device-sized), "
                         "small (W1 16x16, W2 32x32; a fast build) or device (the PE array sized to "
                         "the xczu7ev; W1 and W2)")
     for flag, help_ in (("--pe-rows", "PE array rows"), ("--pe-cols", "PE array columns"),

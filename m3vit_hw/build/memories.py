@@ -27,7 +27,9 @@ Packing rules (UltraScale+ memory resources, UG573):
   write ports, each read is assumed to share a port with a write (true dual port, at most 36 bits).
 - Each memory goes to whichever of block RAM and URAM uses the smaller share of the xczu7ev (312
   RAMB36, 96 URAM); ROMs (initialised, never written) and memories with more than two write ports
-  stay in block RAM.
+  stay in block RAM. Then :func:`pack_all` balances the two: while the URAM share is the larger,
+  it moves back to block RAM the memory that costs the fewest block RAMs per URAM freed among
+  those whose move lowers the larger share (what a designer does with ``ram_style``; W2 at 32 x 64 needs it).
 
 Vivado makes its own choices (and may use LUTRAM for some of these), so this is an estimate.
 """
@@ -189,10 +191,11 @@ def _tiles(width, depth, ratios):
     return min(math.ceil(width / w) * math.ceil(depth / d) for w, d in ratios)
 
 
-def pack_memory(mem, device):
+def pack_memory(mem, device, *, uram=None):
     """``{"RAMB36": n, "RAMB18": n, "URAM": n, "rule": text}`` for one memory (rules: module docstring).
 
-    ``device`` gives the capacities ``RAMB36`` and ``URAM`` used to pick the smaller share.
+    ``device`` gives the capacities ``RAMB36`` and ``URAM`` used to pick the smaller share;
+    ``uram=False`` forces block RAM.
     """
     reads, writes = mem.sync_reads + mem.async_reads, mem.writes
     ports = reads + writes
@@ -209,20 +212,44 @@ def pack_memory(mem, device):
     uram_ok = 1 <= writes <= 2  # a ROM (no writes) needs initial contents: block RAM
     nu = copies * math.ceil(mem.width / URAM_SHAPE[0]) * math.ceil(mem.depth / URAM_SHAPE[1])
     shape = f"{mem.width} x {mem.depth}, {writes}W+{reads}R" + (f", {copies} copies" if copies > 1 else "")
-    if uram_ok and nu / device["URAM"] < bram_share:
+    if uram_ok and uram is not False and nu / device["URAM"] < bram_share:
         return {"RAMB36": 0, "RAMB18": 0, "URAM": nu, "rule": f"{shape}: URAM 72x4096 x {nu}"}
     kind = "RAMB36" if bram["RAMB36"] else "RAMB18"
     return {**bram, "URAM": 0, "rule": f"{shape}: {kind} x {bram[kind]}"}
 
 
 def pack_all(memories, device):
-    """Totals and per-memory rules of every cut-out memory: ``({"RAMB36", "RAMB18", "URAM"}, [rows])``."""
+    """Totals and per-memory rules of every cut-out memory: ``({"RAMB36", "RAMB18", "URAM"}, [rows])``.
+
+    Each memory is packed by :func:`pack_memory`; then, while the URAM share exceeds the block-RAM
+    share, of the URAM memories whose move to block RAM lowers the larger share, the one with the
+    fewest BRAM36 sites per URAM freed moves.
+    """
+    cut = [mem for mem in memories if mem.cut_out]
+    packs = [pack_memory(mem, device) for mem in cut]
+
+    def shares(ps):
+        b = sum(p["RAMB36"] + p["RAMB18"] / 2 for p in ps) / device["RAMB36"]
+        return b, sum(p["URAM"] for p in ps) / device["URAM"]
+
+    while True:
+        b, u = shares(packs)
+        if u <= b:
+            break
+        moves = []
+        for i, (mem, p) in enumerate(zip(cut, packs)):
+            if p["URAM"]:
+                alt = pack_memory(mem, device, uram=False)
+                moves.append(((alt["RAMB36"] + alt["RAMB18"] / 2) / p["URAM"], i, alt))
+        # The cheapest move (BRAM36 sites per URAM freed) among those that lower the larger share.
+        trials = (packs[:i] + [alt] + packs[i + 1:] for _, i, alt in sorted(moves, key=lambda x: x[:2]))
+        better = next((t for t in trials if max(shares(t)) < max(b, u)), None)
+        if better is None:
+            break
+        packs = better
     total = {"RAMB36": 0, "RAMB18": 0, "URAM": 0}
     rows = []
-    for mem in memories:
-        if not mem.cut_out:
-            continue
-        p = pack_memory(mem, device)
+    for mem, p in zip(cut, packs):
         for k in total:
             total[k] += p[k]
         rows.append({"module": mem.module.rsplit(".", 1)[-1].lstrip("\\"), "memory": mem.name.lstrip("\\"),

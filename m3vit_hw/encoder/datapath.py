@@ -24,8 +24,10 @@ Address decode
 --------------
 * Engine A reads: with ``e8_mode`` (attention) a word address ``>= attn_e8_base`` reads the e8 bank
   (its low bits), else the main bank. The select follows the read's one-cycle latency.
-* Engine B reads: the address MSB selects the main activation bank (Kᵀ, V) over the weight buffer
-  (:attr:`~m3vit_hw.config.AcceleratorConfig.b_addr_bits`).
+* Engine B reads: the address MSB selects the activation buffer (Kᵀ, V) over the weight buffer
+  (:attr:`~m3vit_hw.config.AcceleratorConfig.b_addr_bits`). They read the Q|K|V region's copy (its
+  own bank, written with the main bank by
+  :func:`~m3vit_hw.attention.attention_layer.connect_qkv_copy`), so the main bank has one read port.
 * Side ports (``act_wr``, ``act_rd``, ``res_rd``, ``res_wr``) take the buffer's port from the engine
   while their ``*_own`` input is high: LayerNorm and the patch loader write activations while the
   engine does not, the store DMA and the residual initialisation use the residual buffer while the
@@ -41,6 +43,7 @@ from amaranth.lib.wiring import In, Out
 
 from .. import numerics
 from ..attention.attn_layout import buffer_map
+from ..attention.attention_layer import connect_qkv_copy
 from ..config import AcceleratorConfig
 from ..attention.score_path import mem_addr_width
 from ..weights.client import GemmClientSignature, connect_client
@@ -109,7 +112,15 @@ class SharedDatapath(wiring.Component):
         word8 = data.ArrayLayout(signed(numerics.ACT_BITS), C)
         word16 = data.ArrayLayout(signed(numerics.RES_BITS), C)
         #: The buffers (exposed so that simulations can read them back between instructions).
-        self.act_buffer = memory.Memory(shape=word8, depth=config.act_buffer_words, init=[])
+        #: With ``config.act_split_words`` the main bank is two memories: ``act_buffer`` (the words
+        #: below the split; a build puts it in URAM) and ``act_buffer_hi`` (the rest, addressed by the
+        #: low bits; block RAM), else ``act_buffer`` alone (``act_buffer_hi`` None).
+        split = config.act_split_words
+        self.act_buffer = memory.Memory(shape=word8, depth=split or config.act_buffer_words, init=[])
+        self.act_buffer_hi = (memory.Memory(shape=word8, depth=config.act_buffer_words - split, init=[])
+                              if split else None)
+        #: The copy of the Q|K|V region that the engine's B operand reads (K, V): see below.
+        self.qkv_buffer = memory.Memory(shape=word8, depth=bm.qkv_words, init=[])
         self.e8_buffer = memory.Memory(shape=word8, depth=bm.e8_words, init=[])
         self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
         self.row_table = memory.Memory(shape=RowEntryLayout(config), depth=1 << config.rowtab_addr_bits,
@@ -196,7 +207,19 @@ class SharedDatapath(wiring.Component):
         a_addr = Mux(self.act_rd_own, self.act_rd.addr, eng.a_rd.addr)
         a_en = Mux(self.act_rd_own, self.act_rd.en, eng.a_rd.en)
         a_sel = Signal()
-        a_data = Mux(a_sel, a_e8.data.as_value(), a_main.data.as_value())
+        a_main_data = a_main.data.as_value()
+        split = cfg.act_split_words
+        if split:
+            # The upper bank: selected (registered with the read, like a_sel) at words >= split, a
+            # compare of the high bits with a constant; addressed by the low bits.
+            m.submodules.act_hi = act_hi = self.act_buffer_hi
+            hi_bits = cfg.act_hi_span.bit_length() - 1
+            a_hi, hi_sel = act_hi.read_port(), Signal()
+            a_main_data = Mux(hi_sel, a_hi.data.as_value(), a_main_data)
+            m.d.comb += [a_hi.addr.eq(a_addr[:hi_bits]), a_hi.en.eq(a_en)]
+            with m.If(a_en):
+                m.d.sync += hi_sel.eq(a_addr[hi_bits:] >= split >> hi_bits)
+        a_data = Mux(a_sel, a_e8.data.as_value(), a_main_data)
         m.d.comb += [
             a_main.addr.eq(a_addr), a_main.en.eq(a_en),
             a_e8.addr.eq(a_addr[:self.e8_aw]), a_e8.en.eq(a_en),
@@ -208,14 +231,16 @@ class SharedDatapath(wiring.Component):
         with m.If(a_en):
             m.d.sync += a_sel.eq(self.e8_mode & (a_addr[tz:] >= (bm.e8_base >> tz)))
 
-        # B operand: the weight buffer, or (address MSB set) the main activation bank (Kᵀ, V).
-        b_main = act.read_port()
+        # B operand: the weight buffer, or (address MSB set) the Q|K|V region's copy (Kᵀ, V), at the
+        # address's low bits. B reads nothing else of the activation buffer, so the main bank has one
+        # read port (one block-RAM/URAM copy, not one per read port); the copy is the region only.
+        m.submodules.qkv = qkv = self.qkv_buffer
+        b_main = qkv.read_port()
         b_sel = Signal()
         msb = cfg.b_addr_bits - 1
-        main_aw = cfg.act_addr_bits
         wr, pr = wp.wbuf.read, wp.pbuf.read
         m.d.comb += [
-            b_main.addr.eq(eng.b_rd.addr[:main_aw]), b_main.en.eq(eng.b_rd.en),
+            b_main.addr.eq(eng.b_rd.addr[:bm.qkv_bits]), b_main.en.eq(eng.b_rd.en),
             wr.addr.eq(eng.b_rd.addr), wr.en.eq(eng.b_rd.en),
             eng.b_rd.data.eq(Mux(b_sel, b_main.data.as_value(), wr.data)),
         ]
@@ -236,7 +261,8 @@ class SharedDatapath(wiring.Component):
             ]
 
         # Side ports.
-        act_w = act.write_port(granularity=1)
+        act_w = memory.WritePort.Signature(addr_width=cfg.act_addr_bits, shape=act.shape,
+                                           granularity=1).create()
         res_w = res.write_port(granularity=1)
         res_r = res.read_port()
         for own, side, engp, port in ((self.act_wr_own, self.act_wr, eng.act_wr, act_w),
@@ -245,6 +271,15 @@ class SharedDatapath(wiring.Component):
                 m.d.comb += [port.addr.eq(side.addr), port.data.eq(side.data), port.en.eq(side.en)]
             with m.Else():
                 m.d.comb += [port.addr.eq(engp.addr), port.data.eq(engp.data), port.en.eq(engp.en)]
+        # The main bank's write port(s), and the Q|K|V copy's.
+        lo_w = act.write_port(granularity=1)
+        m.d.comb += [lo_w.addr.eq(act_w.addr), lo_w.data.eq(act_w.data), lo_w.en.eq(act_w.en)]
+        if split:
+            hi_w = act_hi.write_port(granularity=1)
+            hi_hit = act_w.addr[hi_bits:] >= split >> hi_bits
+            m.d.comb += [hi_w.addr.eq(act_w.addr[:hi_bits]), hi_w.data.eq(act_w.data),
+                         hi_w.en.eq(Mux(hi_hit, act_w.en, 0)), lo_w.en.eq(Mux(hi_hit, 0, act_w.en))]
+        connect_qkv_copy(m, cfg, qkv, act_w)
         m.d.comb += [
             res_r.addr.eq(Mux(self.res_rd_own, self.res_rd.addr, eng.res_rd.addr)),
             res_r.en.eq(Mux(self.res_rd_own, self.res_rd.en, eng.res_rd.en)),
