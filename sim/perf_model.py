@@ -49,20 +49,22 @@ TOLERANCE = 0.03
 #: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 5`` cycles after
 #: the command is accepted (docstring), ``FILL`` plus ``max(R, C)``.
 FILL = 5      # m3vit_hw.gemm.gemm_engine.GemmEngine.LOADER_LATENCY
-#: Last reduction step -> results written: 3 cycles to the epilogue, the epilogue's 17-cycle
-#: latency, less one; plus the last row tile's rows, one a cycle.
-DRAIN = 19
+#: Last reduction step -> results written: 4 cycles to the epilogue (the engine's skid buffer in
+#: front of it included), the epilogue's 17-cycle latency, less one; plus the last row tile's rows,
+#: one a cycle.
+DRAIN = 20
 #: Calibrated on ``python -m sim.bench_gemm --rows 8 --cols 8 --epi-lanes 2|4`` (32x16x32: 334 and 560
 #: cycles against 296 with a full-width epilogue): cycles a tile waits beyond the previous tile's
 #: ``rows * epi_beats`` drain when that drain is longer than its own blocks.
 DRAIN_GAP = 2
 
 #: Calibrated: cycles a ``sync`` boundary costs beyond the drain and the fill (command hand-off).
-SYNC_EXTRA = 5
+SYNC_EXTRA = 6
 
 # ---- memory (sim/ext_memory.py, the weight streamers) ------------------------------------------
-#: Calibrated: request -> first beat written beyond the memory's latency (arbiter, streamer, commit).
-LOAD_EXTRA = 6
+#: Calibrated: request -> first beat written beyond the memory's latency (arbiter, streamer, commit;
+#: the arbiter's registered grant and buffered routing FIFO take one cycle more than before).
+LOAD_EXTRA = 7
 #: Read requests the external memory accepts ahead (``sim.ext_memory.ExternalMemory``'s default and
 #: the runners' setting).
 MAX_OUTSTANDING = 4

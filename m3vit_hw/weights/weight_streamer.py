@@ -275,7 +275,7 @@ class WeightStreamer(wiring.Component):
                         m.next = "FILL"
 
             with m.State("FILL"):
-                m.d.comb += [self.busy.eq(1), buf.en.eq(resp.valid)]
+                m.d.comb += self.busy.eq(1)
                 with m.If(req.valid & req.ready):
                     m.d.sync += [req_addr.eq(req_addr + (burst << lb)), req_left.eq(req_left - burst),
                                  bwait.eq(2)]
@@ -302,6 +302,8 @@ class WeightStreamer(wiring.Component):
                         m.next = "WAIT"
         m.d.comb += [
             req.valid.eq(in_fill & burst_ok & (req_left != 0)),
+            # The buffer write enable from the flag too (it runs on into the buffer's bank enables).
+            buf.en.eq(resp.valid & in_fill),
             Assert(in_fill == (fsm.state == fsm.encoding["FILL"]),
                    "WeightStreamer: the FILL flag is out of step with the state"),
         ]
