@@ -86,7 +86,7 @@ class _BeatQueue(wiring.Component):
     """The fetch queue: ``depth`` beats in distributed RAM, first word fall-through.
 
     ``r_rdy`` (a beat is queued) and ``r_data`` (the oldest beat, an asynchronous read) show a beat
-    the cycle after its write; ``r_en`` pops it. The caller never writes into a full queue (the
+    two cycles after its write; ``r_en`` pops it. The caller never writes into a full queue (the
     sequencer's ``space`` count guarantees it), so there is no ``w_rdy``. Unlike
     ``SyncFIFOBuffered``, a pop only steps a pointer and a count: the decode's pop does not run
     through an output-register refill into an inner level counter.
@@ -111,7 +111,10 @@ class _BeatQueue(wiring.Component):
             m.d.sync += wptr.eq(Mux(wptr == depth - 1, 0, wptr + 1))
         with m.If(pop):
             m.d.sync += rptr.eq(Mux(rptr == depth - 1, 0, rptr + 1))
-        m.d.sync += count.eq(count + self.w_en - pop)
+        # The count takes a write a cycle late (``w_q``): ``w_en`` is the read arbiter's response
+        # decode, kept off the count's carry chain. A beat then shows two cycles after its write.
+        w_q = Signal()
+        m.d.sync += [w_q.eq(self.w_en), count.eq(count + w_q - pop)]
         return m
 
 
@@ -354,7 +357,7 @@ class ProgramSequencer(wiring.Component):
             with m.State("DRAIN"):
                 # Let the outstanding fetches arrive and drop every prefetched beat. ``inflight``
                 # reaches 0 two cycles after the last beat arrives, by when the queue shows it (its
-                # write-to-read latency is 1), so no response can still be coming and no beat is left
+                # write-to-read latency is 2), so no response can still be coming and no beat is left
                 # behind.
                 m.d.comb += fq.r_en.eq(1)
                 with m.If((inflight == 0) & ~fq.r_rdy & ~req.valid):
