@@ -251,7 +251,8 @@ class ScorePath(wiring.Component):
             iw_last = Signal()                             # i_w == beats_m1
             at_last = Signal()                             # sub == (tail if iw_last else S - 1)
             tail_0 = Signal()
-            m.d.sync += tail_0.eq(tail == 0)
+            tail_m1 = Signal.like(tail)                    # compared with sub before its increment
+            m.d.sync += [tail_0.eq(tail == 0), tail_m1.eq(tail - 1)]
             beat = smi.valid & smi.ready
             pop = beat & at_last
             m.d.comb += [
@@ -265,10 +266,12 @@ class ScorePath(wiring.Component):
                 m.d.sync += [sub.eq(0), i_w.eq(Mux(iw_last, 0, i_w + 1)),
                              iw_last.eq(nxt_last), at_last.eq(nxt_last & tail_0)]
             with m.Elif(beat):
-                m.d.sync += [sub.eq(sub + 1), at_last.eq(sub + 1 == Mux(iw_last, tail, S - 1))]
+                # sub + 1 == last_sub as sub == last_sub - 1 (last_sub >= 1 here: at_last was 0).
+                m.d.sync += [sub.eq(sub + 1), at_last.eq(sub == Mux(iw_last, tail_m1, S - 2))]
             with m.Else():
-                w_last = i_w == beats_m1
-                m.d.sync += [iw_last.eq(w_last), at_last.eq(sub == Mux(w_last, tail, S - 1))]
+                # Refreshed from the registers (one cycle behind iw_last's own refresh; the
+                # parameters settle long before a layer's first beat).
+                m.d.sync += [iw_last.eq(i_w == beats_m1), at_last.eq(sub == Mux(iw_last, tail, S - 1))]
 
         # ---- e8 writer: softmax output -> e8 slot, reciprocal -> row table -----------------------
         eslot = Signal()

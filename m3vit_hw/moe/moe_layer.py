@@ -59,6 +59,7 @@ from ..weights.weight_path import WeightPath
 from .expert_layout import PARAM_LANE_BYTES, plan_moe
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
 from ..lib.mem_port import ReadPortSignature
+from ..lib.skid import SkidBuffer
 from .moe_sequencer import MoESequencer
 from .reorder_controller import LayerStartLayout
 
@@ -209,7 +210,15 @@ class MoELayer(wiring.Component):
         wiring.connect(m, seq.mem, self.weight_path.readers[0])
 
         # ---- the client on the engine, the streamers and the buffers' tile handshakes ------------
-        connect_client(m, cl, eng, self.wstream, self.pstream, self.wbuf, self.pbuf)
+        # The streamer commands go through a skid buffer each, as in the encoder's shared datapath
+        # (encoder.datapath): without it the controller's fetch decision ran through the streamer's
+        # command accept into its plan registers in one cycle. The streamers take a command only
+        # long after the previous one, so the cycle it adds is hidden behind the tile in flight.
+        m.submodules.wcmd_skid = wsk = SkidBuffer(self.wstream.cmd.payload.shape())
+        m.submodules.pcmd_skid = psk = SkidBuffer(self.pstream.cmd.payload.shape())
+        wiring.connect(m, wsk.o, self.wstream.cmd)
+        wiring.connect(m, psk.o, self.pstream.cmd)
+        connect_client(m, cl, eng, self.wstream, self.pstream, self.wbuf, self.pbuf, wcmd=wsk.i, pcmd=psk.i)
         wiring.connect(m, eng.o, seq.o)
 
         # ---- buffers' read data: B from the weight buffer, column parameters from the parameter
