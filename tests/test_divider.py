@@ -72,6 +72,17 @@ def test_exhaustive_small(qw, k, pipe):
     _check(dut, operands, got)
 
 
+def _random_operands(rng, dw, vw, lo, n=60):
+    """``n`` (dividend, divisor) pairs: divisors at the extremes of [lo, 2**vw) and random, dividends at
+    the top bit, all ones and random."""
+    operands = []
+    for _ in range(n):
+        b = rng.choice([lo, (1 << vw) - 1, rng.randrange(lo, 1 << vw), rng.randrange(lo, lo + 1000)])
+        a = rng.choice([1 << (dw - 1), (1 << dw) - 1, rng.randrange(1 << dw)])
+        operands.append((a, b))
+    return operands
+
+
 @pytest.mark.parametrize("dw,vw,qw,k,lo,pipe", [
     (33, 25, 33, 1, 1, False),      # LayerNorm: floor(2**32 / den), den = isqrt(var) in [1, 2**25)
     (40, 26, 33, 2, 255, False),    # attention: floor(out_mult * 2**16 / l), l >= 255
@@ -80,12 +91,7 @@ def test_exhaustive_small(qw, k, pipe):
     (40, 26, 33, 1, 255, True),
 ])
 def test_random_full_width(dw, vw, qw, k, lo, pipe):
-    rng = random.Random(dw * 1000 + k)
-    operands = []
-    for _ in range(60):
-        b = rng.choice([lo, (1 << vw) - 1, rng.randrange(lo, 1 << vw), rng.randrange(lo, lo + 1000)])
-        a = rng.choice([(1 << (dw - 1)), (1 << dw) - 1, rng.randrange(1 << dw)])
-        operands.append((a, b))
+    operands = _random_operands(random.Random(dw * 1000 + k), dw, vw, lo)
     dut = Divider(dw, vw, qw, bits_per_cycle=k, pipelined=pipe)
     got, _, _ = _run(dut, operands, seed=k + pipe)
     _check(dut, operands, got)
@@ -111,12 +117,7 @@ def test_exhaustive_shifted(dw, sh, qw, k, pipe):
     (16, 16, 23, 25, 255, False),
 ])
 def test_random_shifted(dw, sh, vw, qw, lo, pipe):
-    rng = random.Random(dw * 1000 + sh)
-    operands = []
-    for _ in range(60):
-        b = rng.choice([lo, (1 << vw) - 1, rng.randrange(lo, 1 << vw), rng.randrange(lo, lo + 1000)])
-        a = rng.choice([1 << (dw - 1), (1 << dw) - 1, rng.randrange(1 << dw)])
-        operands.append((a, b))
+    operands = _random_operands(random.Random(dw * 1000 + sh), dw, vw, lo)
     dut = Divider(dw, vw, qw, pipelined=pipe, dividend_shift=sh)
     got, _, _ = _run(dut, operands, seed=sh + pipe)
     _check(dut, operands, got)
