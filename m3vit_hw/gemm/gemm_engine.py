@@ -489,8 +489,11 @@ class GemmEngine(wiring.Component):
                                "GemmEngine: a registered loader last flag disagrees with its counter")
         # The column tile's lane mask, a register set with n_rem (the thermometer decode of the
         # remaining columns ran behind a compare of n_rem into the L1 register).
-        def mask_of(cols):
-            return ((Const(1, 1) << Mux(cols >= C, C, cols)) - 1)[:C]
+        # Lane j is on while more than j columns remain: one compare against a constant per lane
+        # (a shift and a C+1-bit decrement were a 17-CARRY4 path at C = 64).
+        def mask_of(cols, skip=0):
+            """The lanes of ``min(cols - skip, C)`` remaining columns, for ``cols > skip``."""
+            return Cat(*(cols > j + skip for j in range(C)))
         ntile_mask = Signal(C)
         with m.If(active):
             m.d.comb += Assert(ntile_mask == mask_of(n_rem),
@@ -558,7 +561,7 @@ class GemmEngine(wiring.Component):
                         m.d.sync += [k0.eq(0), k_rem.eq(cmd.k), kb.eq(0), b_kblk.eq(0),
                                      last_blk.eq(cmd.k <= C),
                                      n_rem.eq(n_rem - C), nb.eq(nb + 1), last_ntile.eq(n_rem <= 2 * C),
-                                     ntile_mask.eq(mask_of((n_rem - C)[:len(n_rem)])),
+                                     ntile_mask.eq(mask_of(n_rem, skip=C)),   # n_rem > C unless last_ntile
                                      b_tile_base.eq(b_tile_base + cmd.b_tile_stride)]
                         with m.If(last_ntile):
                             m.d.sync += [n_rem.eq(cmd.n), nb.eq(0), b_tile_base.eq(cmd.b_base),
