@@ -27,12 +27,11 @@ and the report.
 
 import argparse
 import json
-import math
 import sys
 import textwrap
 
 from sim.perf_model import OP_CLASSES
-from m3vit_hw.soc.top import HP_PORT_BYTES, HP_PORTS
+from m3vit_hw.soc.top import HP_PORT_BYTES, HP_PORTS, hp_ports_needed
 
 __all__ = ["hp_ports_needed", "HP_PORT_BYTES", "HP_PORTS",
            "make_report", "from_runner", "from_frame", "summary", "plot_breakdown", "plot_sweep",
@@ -195,14 +194,7 @@ def from_frame(frame, config, *, split=None):
             "source": "frame (attention and moe split by the analytic model's proportions)"}
 
 
-# HP_PORT_BYTES, HP_PORTS: one 128-bit S_AXI_HP*_FPD port's bytes a cycle, and HP0..HP3 (the SoC's).
-
-
-def hp_ports_needed(bytes_per_cycle):
-    """128-bit HP ports an external-memory bandwidth of ``bytes_per_cycle`` needs (``AcceleratorTop``'s
-    ``axi_masters``), or ``None`` above what four give."""
-    n = max(1, -(-int(math.ceil(bytes_per_cycle)) // HP_PORT_BYTES))
-    return n if n <= HP_PORTS else None
+# HP_PORT_BYTES, HP_PORTS and hp_ports_needed are the SoC's (m3vit_hw.soc.top), re-exported here.
 
 
 def summary(rep, title=None):

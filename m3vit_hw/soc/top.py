@@ -37,6 +37,8 @@ reader assumes a record-aligned ``PARAM_BASE``), and the store DMA splits its ow
 ``s_axi_<signal>``, ``interrupt``, ``aclk`` and ``aresetn``.
 """
 
+import math
+
 from amaranth.hdl import ClockDomain, Const, Elaboratable, Module, Signal
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
@@ -52,11 +54,18 @@ from .slice import AxiRegisterSlice
 from .width import ReadDownsizer, WriteDownsizer
 
 __all__ = ["AcceleratorTop", "XilinxTop", "xilinx_ports", "port_directions", "HP_PORT_BYTES", "HP_PORTS",
-           "default_axi_masters"]
+           "hp_ports_needed", "default_axi_masters"]
 
 #: Bytes a cycle one ``S_AXI_HP*_FPD`` port of the Zynq UltraScale+ PS carries (128 bits), and how
 #: many such ports there are for an accelerator (HP0..HP3).
 HP_PORT_BYTES, HP_PORTS = 16, 4
+
+
+def hp_ports_needed(bytes_per_cycle):
+    """128-bit HP ports an external-memory bandwidth of ``bytes_per_cycle`` needs (``AcceleratorTop``'s
+    ``axi_masters``), or ``None`` above what four give."""
+    n = max(1, -(-math.ceil(bytes_per_cycle) // HP_PORT_BYTES))
+    return n if n <= HP_PORTS else None
 
 
 def default_axi_masters(config):
@@ -66,7 +75,7 @@ def default_axi_masters(config):
 
     A 64-byte beat gets four: HP0..HP3 at 300 MHz are 19.2 GB/s, the PS DDR4's peak.
     """
-    return min(HP_PORTS, max(3, -(-config.mem_data_bytes // HP_PORT_BYTES)))
+    return max(3, hp_ports_needed(min(config.mem_data_bytes, HP_PORTS * HP_PORT_BYTES)))
 
 _ERR = {f.name: f.lsb for f in ERRORS}
 
