@@ -86,8 +86,8 @@ W2_DEVICE_WEIGHT_BUFFER_BYTES = 2 * 1536 * 64
 #: head_dim = 32, drains 4-beat PE rows), but by the unit estimates they add about 80 + 48 DSP48E2
 #: (1,420, 82 %) and 12 k LUT for the epilogue alone (about 82 %).
 #: W1's activation buffer also holds the dense MLP's hidden slot for all 129 tokens (``act_holds_dense``:
-#: 160 rows x 15 words of 64 B = 153,600 B, the same 16 URAM as the smallest legal buffer, which holds
-#: 96 rows and so fetched every MLP weight twice, x1.12 of the minimum; now x1.018). W1 keeps the
+#: 160 rows x 15 words of 64 B = 153,600 B in the same 8 URAM as the smallest legal buffer, which
+#: holds 96 rows and so fetched every MLP weight twice, x1.12 of the minimum; now x1.012). W1 keeps the
 #: 16-byte memory beat: the 64-byte beat over four HP ports halves the frame (README) but took the
 #: whole build to 83.6 % of the LUTs, above the 80 % margin.
 DEVICE_ACCEL_PRESETS = {
