@@ -17,10 +17,13 @@ Writer (the weight streamer), through :class:`WriterSignature`:
    writer's own commit, so once seen high it stays high until the writer commits.)
 2. Write words with ``en``/``addr``/``data``; ``addr`` is a write-word index *within* the half. Writes
    while ``free`` is low, or past the end of the half, are dropped, so they can never corrupt a tile the
-   reader owns.
+   reader owns. A write is accepted (or dropped) in the cycle it is presented and reaches the memory
+   one cycle later (it is registered with its bank enables, see the Timing section of
+   :class:`WeightBuffer`).
 3. Commit with one transfer on the ``commit`` stream, whose payload (:class:`TileInfoLayout`) describes
-   the tile. ``commit.ready`` equals ``free``. The half becomes FULL the next cycle and the writer's turn
-   moves to the other half.
+   the tile, at least one cycle after the tile's last write (a write in the commit's own cycle would
+   land after the reader may have read its address; simulation asserts it). ``commit.ready`` equals
+   ``free``. The half becomes FULL the next cycle and the writer's turn moves to the other half.
 
 Reader (the GEMM engine), through :class:`ReaderSignature`:
 
@@ -45,7 +48,7 @@ Byte order is little-endian: write-word w of a half holds bytes ``[w*write_bytes
 read-word r holds bytes ``[r*word_bytes, (r+1)*word_bytes)``, byte i of a word at bits ``[8i, 8i+8)``.
 """
 
-from amaranth.hdl import Array, Cat, Const, Module, Mux, Signal, unsigned
+from amaranth.hdl import Array, Assert, Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -60,6 +63,11 @@ __all__ = ["WeightBuffer", "TileInfoLayout", "WriterSignature", "ReaderSignature
 #: Default width of the opaque tile tag (expert id, matrix, tile index: the controller's choice); the
 #: config's ``tile_tag_width`` default is the one definition.
 DEFAULT_TAG_WIDTH = AcceleratorConfig.tile_tag_width
+
+#: Stacked rows up to which half 1 may start at a power-of-two row (no address adder) although
+#: ``half_rows`` is not a power of two: one block RAM's depth at its widest (512 x 72) aspect, so the
+#: padding costs no memory.
+_STACK_FREE_ROWS = 512
 
 
 def _check_sizes(half_bytes, word_bytes, tag_width, word_name="word_bytes"):
@@ -221,8 +229,11 @@ class WeightBuffer(wiring.Component):
     ------
     One write and one read per cycle, read latency one cycle; a commit takes effect the next cycle, a
     release (tile transfer) the cycle after (it is registered first; the tile is not offered meanwhile).
-    Storage is ``2 * half_bytes`` in ``max(word, write) / min(word, write)`` simple dual-port memories
-    (BRAM/URAM).
+    A write is decided in the cycle it is presented (``free``, the range check, the bank decode) and
+    its per-bank enables, row and data are registered: the memories' write enables then start at
+    flip-flops, not behind the half state, the address compare and the bank decode (with 32 banks that
+    decode and its fanout missed 300 MHz). Storage is ``2 * half_bytes`` in ``max(word, write) /
+    min(word, write)`` simple dual-port memories (BRAM/URAM).
     """
 
     def __init__(self, half_bytes, word_bytes, *, write_bytes=None, tag_width=DEFAULT_TAG_WIDTH):
@@ -308,19 +319,22 @@ class WeightBuffer(wiring.Component):
         with m.If(released):
             m.d.sync += [full.bit_select(r_half, 1).eq(0), r_half.eq(~r_half)]
 
-        # Rows of max(word, write) bytes; the narrow side's low address bits pick a bank. Halves are
-        # stacked (half 1 at row half_rows) rather than selected by an address bit, so half_bytes need
-        # not be a power of two (Edge-MoE uses 288 KiB halves).
+        # Rows of max(word, write) bytes; the narrow side's low address bits pick a bank. Half 1 starts
+        # at row ``base``: the half index above the row bits (no adder behind either side's address)
+        # when half_rows is a power of two, or when rounding it up to one costs no extra block RAM
+        # (the stacked depth stays within 512 rows, one block RAM's depth at its widest aspect: the
+        # column-parameter buffer's 15-row halves); else right after half 0 (``half_bytes`` need not
+        # be a power of two: Edge-MoE uses 288 KiB halves, the W1 weight buffer 2304-row halves).
         narrow_writes = wb < rb
         narrow_reads = rb < wb
         w_row = w.addr >> bank_bits if narrow_writes else w.addr
         r_row = r.addr >> bank_bits if narrow_reads else r.addr
-        w_phys = Signal(range(2 * half_rows))
-        r_phys = Signal(range(2 * half_rows))
-        if half_rows & (half_rows - 1) == 0:
-            # A power of two: the same stacking is the half index above the row bits, with no
-            # adder behind the reader's address logic.
-            hb = (half_rows - 1).bit_length()
+        hb = (half_rows - 1).bit_length()
+        pow2 = half_rows == 1 << hb or (1 << hb) + half_rows <= _STACK_FREE_ROWS
+        base = 1 << hb if pow2 else half_rows
+        w_phys = Signal(range(base + half_rows))
+        r_phys = Signal(range(base + half_rows))
+        if pow2:
             m.d.comb += [
                 w_phys.eq(Cat(w_row[:hb] if hb else Const(0, 0), w_half)),
                 r_phys.eq(Cat(r_row[:hb] if hb else Const(0, 0), r_half)),
@@ -333,6 +347,18 @@ class WeightBuffer(wiring.Component):
         # Dropping writes while the half is not FREE protects the reader's tile; the range check
         # matters when half_writes is not a power of two (the address would reach the other half).
         w_ok = w.en & w_free & (w.addr < half_writes)
+        # A write in the commit's own cycle would land after the reader may read it (see the module
+        # docstring); the streamer commits the cycle after its last beat.
+        with m.If(w.commit.valid & w.commit.ready):
+            m.d.comb += Assert(~w_ok, "WeightBuffer: a write in the cycle of its half's commit")
+        # The write, registered: per-bank enables (decoded here), the physical row and the data.
+        lane_bits = 8 * min(wb, rb)
+        wq_en = Signal(banks, name="wq_en")
+        wq_row = Signal.like(w_phys, name="wq_row", reset_less=True)
+        wq_data = Signal(8 * wb, name="wq_data", reset_less=True)
+        m.d.sync += [wq_row.eq(w_phys), wq_data.eq(w.data)]
+        for b in range(banks):
+            m.d.sync += wq_en[b].eq(w_ok & (w.addr[:bank_bits] == b) if narrow_writes else w_ok)
         # Bank select of a narrow read, delayed to line up with the one-cycle read latency.
         r_lane = Signal(max(bank_bits, 1))
         if narrow_reads:
@@ -340,15 +366,14 @@ class WeightBuffer(wiring.Component):
                 m.d.sync += r_lane.eq(r.addr[:bank_bits])
         bank_data = []
         for b in range(banks):
-            mem = Memory(shape=unsigned(8 * min(wb, rb)), depth=2 * half_rows, init=[])
+            mem = Memory(shape=unsigned(lane_bits), depth=base + half_rows, init=[])
             m.submodules[f"bank{b}"] = mem
             wp = mem.write_port()
             rp = mem.read_port()
-            lane_bits = 8 * min(wb, rb)
             m.d.comb += [
-                wp.addr.eq(w_phys),
-                wp.data.eq(w.data[b * lane_bits:(b + 1) * lane_bits] if narrow_reads else w.data),
-                wp.en.eq(w_ok & (w.addr[:bank_bits] == b) if narrow_writes else w_ok),
+                wp.addr.eq(wq_row),
+                wp.data.eq(wq_data[b * lane_bits:(b + 1) * lane_bits] if narrow_reads else wq_data),
+                wp.en.eq(wq_en[b]),
                 rp.addr.eq(r_phys), rp.en.eq(r.en),
             ]
             bank_data.append(rp.data)
