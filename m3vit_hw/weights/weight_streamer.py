@@ -167,6 +167,9 @@ class WeightStreamer(wiring.Component):
         tile_beats = Signal(range(half_beats + 1))
         req_addr = Signal(aw)
         req_left = Signal(range(half_beats + 1))   # beats of this tile not yet requested
+        # req_left != 0 in a register of its own: it gates the request valid, which runs into the
+        # read arbiter's skid buffer and back into req_left's own enable.
+        req_any = Signal()
         rx_left = Signal(range(half_beats + 1))    # beats of this tile not yet received
         rx_addr = Signal(range(half_beats))
         fetched = Signal(len(self.bytes_fetched))
@@ -201,6 +204,11 @@ class WeightStreamer(wiring.Component):
         # registered command in PLAN, and from a two-stage precomputation during FILL (c_beats,
         # c_addr and the tile are constant then) when a tile is committed.
         cap_beats = min(half_beats, self._max_burst)
+        # The command's beat count against those two caps, compared on its byte length when it is
+        # accepted (ceil(length / db) > k exactly when length > k * db) and kept in registers, so
+        # PLAN's minimum is a multiplexer and no wide compare sits in front of nb/nbc.
+        c_big = Signal()                                 # c_beats > half_beats
+        c_bigcap = Signal()                              # c_beats > cap_beats
         nb = Signal(range(half_beats + 1))
         nbc = Signal(range(cap_beats + 1))
         room0 = Signal(range(page_beats + 1))
@@ -246,6 +254,8 @@ class WeightStreamer(wiring.Component):
                         c_addr.eq(self.cmd.p.addr), c_rem.eq(self.cmd.p.length),
                         c_beats.eq(cmd_beats),
                         c_tag.eq(self.cmd.p.tag), c_first.eq(1),
+                        c_big.eq(self.cmd.p.length > half_beats * db),
+                        c_bigcap.eq(self.cmd.p.length > cap_beats * db),
                     ]
                     m.next = "PLAN"
 
@@ -254,8 +264,8 @@ class WeightStreamer(wiring.Component):
                 # beat count's round-up adder and these compares do not share a cycle.
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [
-                    nb.eq(Mux(c_beats > half_beats, half_beats, c_beats)),
-                    nbc.eq(Mux(c_beats > cap_beats, cap_beats, c_beats)),
+                    nb.eq(Mux(c_big, half_beats, c_beats)),
+                    nbc.eq(Mux(c_bigcap, cap_beats, c_beats)),
                     room0.eq(page_beats - (in_page(c_addr[lb:]) if aw > lb else 0)),
                 ]
                 m.next = "WAIT"
@@ -271,14 +281,16 @@ class WeightStreamer(wiring.Component):
                     with m.If(c_beats == 0):
                         m.next = "COMMIT"
                     with m.Else():
-                        m.d.sync += in_fill.eq(1)
+                        # nb >= 1 here (c_beats != 0), so the tile has a request to issue.
+                        m.d.sync += [in_fill.eq(1), req_any.eq(1)]
                         m.next = "FILL"
 
             with m.State("FILL"):
                 m.d.comb += self.busy.eq(1)
                 with m.If(req.valid & req.ready):
+                    # req_left - burst == 0 exactly when req_left == burst (burst <= req_left).
                     m.d.sync += [req_addr.eq(req_addr + (burst << lb)), req_left.eq(req_left - burst),
-                                 bwait.eq(2)]
+                                 req_any.eq(req_left != burst), bwait.eq(2)]
                 with m.Elif(~burst_ok):
                     m.d.sync += bwait.eq(bwait - 1)
                 with m.If(bwait == 1):
@@ -301,7 +313,9 @@ class WeightStreamer(wiring.Component):
                     with m.Else():
                         m.next = "WAIT"
         m.d.comb += [
-            req.valid.eq(in_fill & burst_ok & (req_left != 0)),
+            req.valid.eq(in_fill & burst_ok & req_any),
+            Assert(~in_fill | (req_any == (req_left != 0)),
+                   "WeightStreamer: the request flag is out of step with req_left"),
             # The buffer write enable from the flag too (it runs on into the buffer's bank enables).
             buf.en.eq(resp.valid & in_fill),
             Assert(in_fill == (fsm.state == fsm.encoding["FILL"]),
