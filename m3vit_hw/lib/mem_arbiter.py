@@ -15,7 +15,7 @@ Contract
   after a transfer, goes out in the following cycle (one request per cycle).
 * The memory answers in request order, so the arbiter keeps a FIFO of the master index of every
   accepted request (``depth`` entries) and routes response beats to the FIFO head until its ``last``
-  beat. When the FIFO is full, no further request is forwarded.
+  beat. When ``depth`` requests are outstanding, no further request is forwarded.
 * ``resp.ready`` towards the memory is the head master's ``resp.ready``; it never depends on any
   ``req.ready``.
 
@@ -25,18 +25,23 @@ combinational path runs from one master's request logic through the round-robin 
 master's ``req.ready`` or into the memory side, at two cycles of request latency (three when the
 grant first has to move to the requesting master) and full throughput.
 The response stream passes through one more skid buffer (one cycle per beat of latency, full
-throughput), so a master's ``resp.ready`` does not reach the memory side either. Without
-``register`` requests and responses pass combinationally.
+throughput), so a master's ``resp.ready`` does not reach the memory side either, and then through
+one skid buffer per master (one more cycle): a master's ``resp.valid`` and ``resp.payload`` are
+flip-flops (its response logic does not start behind the routing decode) and its ``resp.ready``
+ends at its own skid buffer (not at the routing FIFO's read and the shared response register's
+enables). Without ``register`` requests and responses pass combinationally.
 
 The routing FIFO is a :class:`~amaranth.lib.fifo.SyncFIFOBuffered`: its head index and its
 non-empty flag are flip-flops, so a response beat's routing (each master's ``resp.valid``, hence a
 client's buffer write enable) is decided from registers, not behind the FIFO's level compare and
 storage read. It adds two cycles between a request's acceptance and the earliest cycle its first
 beat can be routed; with ``register`` the memory-side skid buffer, the memory's own latency (at
-least one cycle) and the response skid buffer hide them.
+least one cycle) and the response skid buffer hide them. Its write side is gated by ``room``, a
+register (the outstanding count a cycle ahead, against ``depth``; the FIFO holds one entry more, so
+its own ready never binds), so a master's ``req.ready`` decodes the grant and two flip-flops.
 """
 
-from amaranth.hdl import Cat, Module, Signal
+from amaranth.hdl import Assert, Cat, Module, Mux, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -111,8 +116,11 @@ class ReadArbiter(wiring.Component):
         m = Module()
         n = self._n
         idx_bits = max(1, (n - 1).bit_length())
-        # Buffered: r_data and r_rdy are registers (see the module docstring).
-        m.submodules.route = route = fifo.SyncFIFOBuffered(width=idx_bits, depth=self._depth)
+        # Buffered: r_data and r_rdy are registers (see the module docstring). One entry more than
+        # ``depth``: ``room`` (below) admits at most ``depth`` outstanding, and the buffered FIFO's
+        # inner queue (depth - 1 entries plus its output register) can hold them all even while its
+        # output register is refilling, so its w_rdy never binds.
+        m.submodules.route = route = fifo.SyncFIFOBuffered(width=idx_bits, depth=self._depth + 1)
 
         if self._register:
             # Responses too: the head master's resp.ready ends at this skid buffer instead of
@@ -156,6 +164,11 @@ class ReadArbiter(wiring.Component):
                         with m.If(valids[cand]):
                             m.d.comb += pick.eq(cand)
 
+        # Requests outstanding (accepted, last beat not yet taken from the response register) and
+        # whether one more may go out, both registers: ``room`` is ``outstanding + w_en - r_en <
+        # depth`` computed from the current count with compares against constants, no adder.
+        outstanding = Signal(range(self._depth + 2))
+        room = Signal(init=1)
         offered = Signal()
         with m.Switch(grant):
             for i in range(n):
@@ -163,31 +176,47 @@ class ReadArbiter(wiring.Component):
                     m.d.comb += [
                         offered.eq(valids[i]),
                         req.payload.eq(reqs[i].payload),
-                        reqs[i].ready.eq(req.ready & route.w_rdy),
+                        reqs[i].ready.eq(req.ready & room),
                     ]
-        m.d.comb += req.valid.eq(offered & route.w_rdy)
+        m.d.comb += req.valid.eq(offered & room)
         transfer = req.valid & req.ready
-        m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(grant)]
+        m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(grant),
+                     Assert(~transfer | route.w_rdy, "ReadArbiter: the routing FIFO overflowed")]
+        inc, dec = route.w_en, route.r_en & route.r_rdy
+        d = self._depth
+        m.d.sync += [
+            outstanding.eq(outstanding + inc - dec),
+            room.eq(Mux(inc & ~dec, outstanding < d - 1,
+                        Mux(dec & ~inc, outstanding < d + 1, outstanding < d))),
+        ]
         with m.If((transfer | ~offered) & Cat(valids).any()):
             m.d.sync += grant.eq(pick)
 
-        # Responses go to the master whose request is oldest.
+        # Responses go to the master whose request is oldest (through its own skid buffer with
+        # ``register``).
         head = route.r_data
+        outs = []
         for i in range(n):
-            mp = self.masters[i].resp
+            if self._register:
+                osk = m.submodules[f"resp_skid{i}"] = SkidBuffer(self.mem.resp.payload.shape())
+                wiring.connect(m, osk.o, wiring.flipped(self.masters[i].resp))
+                mp = osk.i
+                outs.append(osk.o.valid)
+            else:
+                mp = self.masters[i].resp
             m.d.comb += [
                 mp.valid.eq(resp.valid & route.r_rdy & (head == i)),
                 mp.payload.eq(resp.payload),
             ]
-        with m.Switch(head):
-            for i in range(n):
-                with m.Case(i):
-                    m.d.comb += resp.ready.eq(route.r_rdy & self.masters[i].resp.ready)
+            outs_ready = mp.ready
+            with m.If(head == i):
+                m.d.comb += resp.ready.eq(route.r_rdy & outs_ready)
         m.d.comb += [
             route.r_en.eq(resp.valid & resp.ready & resp.payload.last),
             # Outstanding at the memory, or still waiting in a skid buffer.
-            self.busy.eq((route.level != 0) | (Cat(r.valid for r in reqs).any() if self._register else 0)
+            self.busy.eq((outstanding != 0) | (Cat(r.valid for r in reqs).any() if self._register else 0)
                          | (resp.valid if self._register else 0)
-                         | (out.o.valid if self._register else 0)),
+                         | (out.o.valid if self._register else 0)
+                         | (Cat(*outs).any() if outs else 0)),
         ]
         return m
