@@ -63,8 +63,9 @@ SYNC_EXTRA = 6
 
 # ---- memory (sim/ext_memory.py, the weight streamers) ------------------------------------------
 #: Calibrated: request -> first beat written beyond the memory's latency (arbiter, streamer, commit;
-#: the arbiter's registered grant and buffered routing FIFO take one cycle more than before).
-LOAD_EXTRA = 7
+#: the arbiter's registered grant and buffered routing FIFO take one cycle more than before, its
+#: per-master response skid buffer one more).
+LOAD_EXTRA = 8
 #: Read requests the external memory accepts ahead (``sim.ext_memory.ExternalMemory``'s default and
 #: the runners' setting).
 MAX_OUTSTANDING = 4
@@ -531,8 +532,9 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
 
 #: Calibrated: loader cycles per image run (``p * Cin`` contiguous bytes): ``EMBED_RUN[0] +
 #: EMBED_RUN[1] * (aligned beats covering the run) + EMBED_RUN[2] * (run bytes / gearbox bytes a
-#: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle.
-EMBED_RUN = (2.9, 2.9, 0.31)
+#: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle. (The read arbiter's
+#: per-master response skid buffer added a quarter cycle per run to the loader-bound cases.)
+EMBED_RUN = (3.15, 2.9, 0.31)
 
 
 def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, img_base=0):
