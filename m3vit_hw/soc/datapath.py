@@ -10,12 +10,13 @@ All are :mod:`amaranth.lib.stream` citizens: ``valid`` never waits on ``ready`` 
 they are transferred.
 """
 
-from amaranth.hdl import Module, Mux, Signal
+from amaranth.hdl import Assert, Module, Mux, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..checks import check_int as _check_int
 from ..lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
+from ..lib.skid import SkidBuffer
 from ..rowops.counts import below_next
 
 __all__ = ["ReadInterleaver", "PageSplitter"]
@@ -32,6 +33,12 @@ class ReadInterleaver(wiring.Component):
         The read-port parameters (the same on every side).
     depth : int
         Requests outstanding over all ports (the order FIFO), 1..256.
+    register : bool
+        A :class:`~m3vit_hw.lib.skid.SkidBuffer` on ``up``'s request and response streams (default):
+        the unit upstream (the page splitter) then sees only flip-flops at ``up``, and the order
+        FIFO's head, level and read enable stay inside this unit (in the accelerator top they ran
+        through the splitter's response and request handshakes into its FIFO and its held request, up
+        to 4.2 ns). One cycle each way, full throughput.
 
     Interface attributes
     --------------------
@@ -41,28 +48,56 @@ class ReadInterleaver(wiring.Component):
         To the memories (AXI masters). Request ``k`` (counting from reset) goes to port ``k mod n``.
     """
 
-    def __init__(self, n, *, addr_width=32, data_bytes=16, max_burst=16, depth=16):
+    def __init__(self, n, *, addr_width=32, data_bytes=16, max_burst=16, depth=16, register=True):
         _check_int("n", n, 1, 4)
         _check_int("depth", depth, 1, 256)
+        if not isinstance(register, bool):
+            raise TypeError(f"register must be a bool, not {register!r}")
         sig = ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)
-        self._n, self._depth = n, depth
+        self._n, self._depth, self._register = n, depth, register
+        self._sig = sig
         super().__init__({"up": In(sig), "down": Out(sig).array(n)})
 
     def elaborate(self, platform):
         m = Module()
-        n, up = self._n, self.up
+        n = self._n
+        if self._register:
+            # ``up`` as seen by the logic below: the far side of two skid buffers.
+            up = self._sig.flip().create()
+            m.submodules.req_skid = rq = SkidBuffer(self.up.req.payload.shape())
+            m.submodules.resp_skid = rs = SkidBuffer(self.up.resp.payload.shape())
+            wiring.connect(m, wiring.flipped(self.up.req), rq.i)
+            wiring.connect(m, rq.o, up.req)
+            wiring.connect(m, up.resp, rs.i)
+            wiring.connect(m, rs.o, wiring.flipped(self.up.resp))
+        else:
+            up = self.up
+        # One entry more than ``depth``: ``room`` admits at most ``depth`` outstanding requests, and
+        # the buffered FIFO then always has room (its ready never binds, see the arbiter's).
         m.submodules.order = order = fifo.SyncFIFOBuffered(width=max(1, (n - 1).bit_length()),
-                                                          depth=self._depth)
+                                                          depth=self._depth + 1)
+        # Requests outstanding and whether one more may go out, both registers (the count a cycle
+        # ahead, compared with constants): each port's request valid is one LUT of flip-flops, not
+        # behind the FIFO's level compare (it runs on into the AXI master's register slice).
+        outstanding = Signal(range(self._depth + 2))
+        room = Signal(init=1)
         nxt = Signal(range(n))
         for k in range(n):
             d = self.down[k]
-            m.d.comb += [d.req.p.eq(up.req.p), d.req.valid.eq(up.req.valid & order.w_rdy & (nxt == k))]
+            m.d.comb += [d.req.p.eq(up.req.p), d.req.valid.eq(up.req.valid & room & (nxt == k))]
         with m.Switch(nxt):
             for k in range(n):
                 with m.Case(k):
-                    m.d.comb += up.req.ready.eq(self.down[k].req.ready & order.w_rdy)
+                    m.d.comb += up.req.ready.eq(self.down[k].req.ready & room)
         go = up.req.valid & up.req.ready
-        m.d.comb += [order.w_en.eq(go), order.w_data.eq(nxt)]
+        m.d.comb += [order.w_en.eq(go), order.w_data.eq(nxt),
+                     Assert(~go | order.w_rdy, "ReadInterleaver: the order FIFO overflowed")]
+        inc, dec = order.w_en, order.r_en & order.r_rdy
+        dep = self._depth
+        m.d.sync += [
+            outstanding.eq(outstanding + inc - dec),
+            room.eq(below_next(outstanding, inc, dec, dep)),
+        ]
         with m.If(go):
             m.d.sync += nxt.eq(Mux(nxt == n - 1, 0, nxt + 1))
 
