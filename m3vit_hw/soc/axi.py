@@ -174,7 +174,9 @@ class AxiMaster(wiring.Component):
     write : bool
         Whether the master has a write port. Without one, AW/W stay idle and ``bready`` is high.
     write_depth : int
-        Write bursts whose data may still be pending behind their AW (1..64).
+        Write bursts whose data may still be pending behind their AW (1..64), not counting the two
+        the W side holds in registers (the burst being sent and the next one): up to
+        ``write_depth + 2`` in all.
 
     Interface attributes
     --------------------
@@ -223,7 +225,7 @@ class AxiMaster(wiring.Component):
         with m.If(axi.rvalid & axi.rready & (axi.rresp != AXI_RESP_OKAY)):
             m.d.sync += err.eq(1)
 
-        # ---- writes: AW runs ahead of W by up to write_depth bursts ------------------------------
+        # ---- writes: AW runs ahead of W by up to write_depth + 2 bursts --------------------------
         if self._write:
             wr = self.wr
             m.submodules.lens = lens = fifo.SyncFIFOBuffered(
@@ -238,27 +240,46 @@ class AxiMaster(wiring.Component):
                 lens.w_en.eq(axi.awvalid & axi.awready),
                 lens.w_data.eq(Cat((wr.req.p.beats - 1)[:len_bits], wr.req.p.beats == 1)),
             ]
-            # wlast gates the W handshake and the FIFO's read, so it is one LUT of registers: on a
-            # burst's first beat the head's stored "one beat" flag, later a flag registered at the
+            # The W side takes burst lengths from the FIFO into two registers: ``cur`` (the burst
+            # being sent) and ``nxt`` (the one after it). The FIFO is read whenever ``nxt`` is empty,
+            # a decision of flip-flops only, so the W handshake never reaches the FIFO's read enable
+            # and level logic (in the accelerator top that path, from the write data's valid through
+            # wlast into the FIFO, missed 300 MHz). A finished burst is replaced from ``nxt``, or
+            # straight from the FIFO's output register when ``nxt`` is empty.
+            cur_v, nxt_v = Signal(name="cur_v"), Signal(name="nxt_v")
+            cur_len, nxt_len = Signal(len_bits, name="cur_len"), Signal(len_bits, name="nxt_len")
+            cur_one, nxt_one = Signal(name="cur_one"), Signal(name="nxt_one")
+            take = lens.r_rdy & ~nxt_v
+            m.d.comb += lens.r_en.eq(take)
+            # wlast gates the W handshake and the burst hand-over, so it is one LUT of registers: on
+            # a burst's first beat the stored "one beat" flag, later a flag registered at the
             # previous beat (beat + 1 == AWLEN, with beat + 1 kept in a register of its own).
             beat = Signal(range(MAX_BURST_LIMIT + 1))
             beat_p1 = Signal(range(MAX_BURST_LIMIT + 2), init=1)
             first = Signal(init=1)
             last_r = Signal()
-            awlen, one = lens.r_data[:len_bits], lens.r_data[len_bits]
-            last = Mux(first, one, last_r)
-            m.d.comb += Assert(~lens.r_rdy | (last == (beat == awlen)),
+            head_len, head_one = lens.r_data[:len_bits], lens.r_data[len_bits]
+            last = Mux(first, cur_one, last_r)
+            m.d.comb += Assert(~cur_v | (last == (beat == cur_len)),
                                "AxiMaster: the registered wlast disagrees with the beat count")
             with m.If(axi.wvalid & axi.wready):
-                m.d.sync += [beat_p1.eq(beat_p1 + 1), first.eq(0), last_r.eq(beat_p1 == awlen)]
+                m.d.sync += [beat_p1.eq(beat_p1 + 1), first.eq(0), last_r.eq(beat_p1 == cur_len)]
                 with m.If(last):
                     m.d.sync += [beat_p1.eq(1), first.eq(1)]
             m.d.comb += [
                 axi.wdata.eq(wr.data.p.data), axi.wstrb.eq(wr.data.p.strb), axi.wlast.eq(last),
-                axi.wvalid.eq(wr.data.valid & lens.r_rdy),
-                wr.data.ready.eq(axi.wready & lens.r_rdy),
-                lens.r_en.eq(axi.wvalid & axi.wready & last),
+                axi.wvalid.eq(wr.data.valid & cur_v),
+                wr.data.ready.eq(axi.wready & cur_v),
             ]
+            with m.If(~cur_v | (axi.wvalid & axi.wready & last)):
+                with m.If(nxt_v):
+                    m.d.sync += [cur_v.eq(1), cur_len.eq(nxt_len), cur_one.eq(nxt_one), nxt_v.eq(0)]
+                with m.Elif(take):
+                    m.d.sync += [cur_v.eq(1), cur_len.eq(head_len), cur_one.eq(head_one)]
+                with m.Else():
+                    m.d.sync += cur_v.eq(0)
+            with m.Elif(take):
+                m.d.sync += [nxt_v.eq(1), nxt_len.eq(head_len), nxt_one.eq(head_one)]
             with m.If(axi.wvalid & axi.wready):
                 m.d.sync += beat.eq(beat + 1)
                 with m.If(last):
