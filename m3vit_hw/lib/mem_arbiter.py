@@ -34,11 +34,13 @@ enables). Without ``register`` requests and responses pass combinationally.
 The routing FIFO is a :class:`~amaranth.lib.fifo.SyncFIFOBuffered`: its head index and its
 non-empty flag are flip-flops, so a response beat's routing (each master's ``resp.valid``, hence a
 client's buffer write enable) is decided from registers, not behind the FIFO's level compare and
-storage read. It adds two cycles between a request's acceptance and the earliest cycle its first
-beat can be routed; with ``register`` the memory-side skid buffer, the memory's own latency (at
-least one cycle) and the response skid buffer hide them. Its write side is gated by ``room``, a
-register (the outstanding count a cycle ahead, against ``depth``; the FIFO holds one entry more, so
-its own ready never binds), so a master's ``req.ready`` decodes the grant and two flip-flops.
+storage read. It is written a cycle after a request's acceptance (from registers, so the
+round-robin offer does not run into its write and level logic), and adds two more cycles before the
+request's first beat can be routed; with ``register`` the memory-side skid buffer, the memory's own
+latency (at least one cycle) and the response skid buffer hide all three. Requests are gated by
+``room``, a register (entries and the pending write a cycle ahead, against ``depth``; the FIFO holds
+one entry more, so its own ready never binds), so a master's ``req.ready`` decodes the grant and two
+flip-flops.
 """
 
 from amaranth.hdl import Assert, Cat, Module, Mux, Signal
@@ -164,10 +166,15 @@ class ReadArbiter(wiring.Component):
                         with m.If(valids[cand]):
                             m.d.comb += pick.eq(cand)
 
-        # Requests outstanding (accepted, last beat not yet taken from the response register) and
-        # whether one more may go out, both registers: ``room`` is ``outstanding + w_en - r_en <
-        # depth`` computed from the current count with compares against constants, no adder.
+        # The routing FIFO is written a cycle after the transfer, from registers (``pend``, the
+        # granted index): the round-robin offer then ends at flip-flops instead of running on into
+        # the FIFO's write and level logic (see the module docstring for why the delay is hidden).
+        # ``outstanding`` counts the FIFO's entries; ``room`` (a register) is ``outstanding + pend``
+        # after this cycle below ``depth``: the count's next value plus the transfer, compared with
+        # constants (no adder behind the transfer).
         outstanding = Signal(range(self._depth + 2))
+        pend = Signal()
+        pend_idx = Signal(idx_bits)
         room = Signal(init=1)
         offered = Signal()
         with m.Switch(grant):
@@ -180,14 +187,19 @@ class ReadArbiter(wiring.Component):
                     ]
         m.d.comb += req.valid.eq(offered & room)
         transfer = req.valid & req.ready
-        m.d.comb += [route.w_en.eq(transfer), route.w_data.eq(grant),
-                     Assert(~transfer | route.w_rdy, "ReadArbiter: the routing FIFO overflowed")]
-        inc, dec = route.w_en, route.r_en & route.r_rdy
+        m.d.sync += [pend.eq(transfer), pend_idx.eq(grant)]
+        m.d.comb += [route.w_en.eq(pend), route.w_data.eq(pend_idx),
+                     Assert(~pend | route.w_rdy, "ReadArbiter: the routing FIFO overflowed")]
+        dec = route.r_en & route.r_rdy
         d = self._depth
+        # After this cycle: entries = outstanding + pend - dec, pending = transfer.
+        base = Mux(pend & ~dec, outstanding < d - 1, Mux(dec & ~pend, outstanding < d + 1,
+                                                           outstanding < d))
+        base_t = Mux(pend & ~dec, outstanding < d - 2, Mux(dec & ~pend, outstanding < d,
+                                                             outstanding < d - 1))
         m.d.sync += [
-            outstanding.eq(outstanding + inc - dec),
-            room.eq(Mux(inc & ~dec, outstanding < d - 1,
-                        Mux(dec & ~inc, outstanding < d + 1, outstanding < d))),
+            outstanding.eq(outstanding + pend - dec),
+            room.eq(Mux(transfer, base_t, base)),
         ]
         with m.If((transfer | ~offered) & Cat(valids).any()):
             m.d.sync += grant.eq(pick)
@@ -214,7 +226,8 @@ class ReadArbiter(wiring.Component):
         m.d.comb += [
             route.r_en.eq(resp.valid & resp.ready & resp.payload.last),
             # Outstanding at the memory, or still waiting in a skid buffer.
-            self.busy.eq((outstanding != 0) | (Cat(r.valid for r in reqs).any() if self._register else 0)
+            self.busy.eq((outstanding != 0) | pend
+                         | (Cat(r.valid for r in reqs).any() if self._register else 0)
                          | (resp.valid if self._register else 0)
                          | (out.o.valid if self._register else 0)
                          | (Cat(*outs).any() if outs else 0)),
