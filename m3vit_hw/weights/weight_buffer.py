@@ -298,7 +298,10 @@ class WeightBuffer(wiring.Component):
         r_half = Signal()
 
         w, r = self.write, self.read
-        w_free = ~full.bit_select(w_half, 1)
+        # ``free`` (the writer's half is not FULL) in a register of its own, computed a cycle ahead
+        # from the commit and the registered release: the writer's commit logic (and every register
+        # it enables) then starts at this flip-flop, not at a multiplexer of the half state.
+        w_free = Signal(init=1)
         # The release (a tile transfer) is registered before it frees the half and moves the reader:
         # the reader's release logic then ends at this flip-flop, not at the buffer's half state and
         # address offset. The tile is not offered while its release is pending.
@@ -318,6 +321,14 @@ class WeightBuffer(wiring.Component):
                 m.d.sync += info[0].eq(w.commit.payload)
         with m.If(released):
             m.d.sync += [full.bit_select(r_half, 1).eq(0), r_half.eq(~r_half)]
+        # The writer's half after this cycle is the other one after a commit; it is FULL then unless
+        # this cycle's release empties it (a release and a commit are never on the same half).
+        commit = w.commit.valid & w_free
+        other_full = full.bit_select(~w_half, 1) & ~(released & (r_half != w_half))
+        same_full = full.bit_select(w_half, 1) & ~(released & (r_half == w_half))
+        m.d.sync += w_free.eq(~Mux(commit, other_full, same_full))
+        m.d.comb += Assert(w_free == ~full.bit_select(w_half, 1),
+                           "WeightBuffer: the registered free flag is out of step with the halves")
 
         # Rows of max(word, write) bytes; the narrow side's low address bits pick a bank. Half 1 starts
         # at row ``base``: the half index above the row bits (no adder behind either side's address)
