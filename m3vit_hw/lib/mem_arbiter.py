@@ -31,16 +31,17 @@ flip-flops (its response logic does not start behind the routing decode) and its
 ends at its own skid buffer (not at the routing FIFO's read and the shared response register's
 enables). Without ``register`` requests and responses pass combinationally.
 
-The routing FIFO is a :class:`~amaranth.lib.fifo.SyncFIFOBuffered`: its head index and its
-non-empty flag are flip-flops, so a response beat's routing (each master's ``resp.valid``, hence a
-client's buffer write enable) is decided from registers, not behind the FIFO's level compare and
-storage read. It is written a cycle after a request's acceptance (from registers, so the
-round-robin offer does not run into its write and level logic), and adds two more cycles before the
-request's first beat can be routed; with ``register`` the memory-side skid buffer, the memory's own
-latency (at least one cycle) and the response skid buffer hide all three. Requests are gated by
-``room``, a register (entries and the pending write a cycle ahead, against ``depth``; the FIFO holds
-one entry more, so its own ready never binds), so a master's ``req.ready`` decodes the grant and two
-flip-flops.
+The routing FIFO's head is copied into two registers, the master now receiving (``cur``) and the
+next one; the FIFO is read whenever the second is empty (a decision of flip-flops) and a routed last
+beat moves the second (or the FIFO's head) into ``cur``. So a response beat's routing (each master's
+``resp.valid``, hence a client's buffer write enable) is decided from registers, and the response
+handshake ends at those registers instead of running into the FIFO's pointer and level logic. The
+FIFO is written a cycle after a request's acceptance (from registers, so the round-robin offer does
+not run into its write logic either), and a request's first beat can be routed two cycles after
+that; with ``register`` the memory-side skid buffer, the memory's own latency (at least one cycle)
+and the response skid buffer hide all three. Requests are gated by ``room``, a register (requests
+whose last beat is not yet routed, plus the pending write, a cycle ahead, against ``depth``), so a
+master's ``req.ready`` decodes the grant and two flip-flops.
 """
 
 from amaranth.hdl import Assert, Cat, Module, Mux, Signal
@@ -118,11 +119,10 @@ class ReadArbiter(wiring.Component):
         m = Module()
         n = self._n
         idx_bits = max(1, (n - 1).bit_length())
-        # Buffered: r_data and r_rdy are registers (see the module docstring). One entry more than
-        # ``depth``: ``room`` (below) admits at most ``depth`` outstanding, and the buffered FIFO's
-        # inner queue (depth - 1 entries plus its output register) can hold them all even while its
-        # output register is refilling, so its w_rdy never binds.
-        m.submodules.route = route = fifo.SyncFIFOBuffered(width=idx_bits, depth=self._depth + 1)
+        # Its head is copied into two registers (``cur``, the master now receiving, and ``nxt``),
+        # see the module docstring; ``room`` (below) admits at most ``depth`` requests whose last
+        # beat has not been routed, so the FIFO's own w_rdy never binds.
+        m.submodules.route = route = fifo.SyncFIFO(width=idx_bits, depth=self._depth)
 
         if self._register:
             # Responses too: the head master's resp.ready ends at this skid buffer instead of
@@ -190,7 +190,10 @@ class ReadArbiter(wiring.Component):
         m.d.sync += [pend.eq(transfer), pend_idx.eq(grant)]
         m.d.comb += [route.w_en.eq(pend), route.w_data.eq(pend_idx),
                      Assert(~pend | route.w_rdy, "ReadArbiter: the routing FIFO overflowed")]
-        dec = route.r_en & route.r_rdy
+        # A routed last beat counts a cycle late (``pop_q``): conservative for ``room``, and the
+        # response handshake stays out of the count's adder.
+        pop_q = Signal()
+        dec = pop_q
         d = self._depth
         # After this cycle: entries = outstanding + pend - dec, pending = transfer.
         base = Mux(pend & ~dec, outstanding < d - 1, Mux(dec & ~pend, outstanding < d + 1,
@@ -206,7 +209,15 @@ class ReadArbiter(wiring.Component):
 
         # Responses go to the master whose request is oldest (through its own skid buffer with
         # ``register``).
-        head = route.r_data
+        # The head of the routing FIFO in registers: ``cur`` (valid ``cur_v``) routes beats, ``nxt``
+        # waits behind it. The FIFO is read whenever ``nxt`` is empty (a decision of flip-flops),
+        # and a routed last beat moves ``nxt`` (or the FIFO's head) into ``cur``: the response
+        # handshake ends at these registers, not in the FIFO's pointer and level logic.
+        cur, nxt = Signal(idx_bits, name="cur"), Signal(idx_bits, name="nxt")
+        cur_v, nxt_v = Signal(name="cur_v"), Signal(name="nxt_v")
+        take = route.r_rdy & ~nxt_v
+        m.d.comb += route.r_en.eq(take)
+        head = cur
         outs = []
         for i in range(n):
             if self._register:
@@ -217,14 +228,24 @@ class ReadArbiter(wiring.Component):
             else:
                 mp = self.masters[i].resp
             m.d.comb += [
-                mp.valid.eq(resp.valid & route.r_rdy & (head == i)),
+                mp.valid.eq(resp.valid & cur_v & (head == i)),
                 mp.payload.eq(resp.payload),
             ]
             outs_ready = mp.ready
             with m.If(head == i):
-                m.d.comb += resp.ready.eq(route.r_rdy & outs_ready)
+                m.d.comb += resp.ready.eq(cur_v & outs_ready)
+        pop = resp.valid & resp.ready & resp.payload.last
+        m.d.sync += pop_q.eq(pop)
+        with m.If(pop | ~cur_v):
+            with m.If(nxt_v):
+                m.d.sync += [cur.eq(nxt), cur_v.eq(1), nxt_v.eq(0)]
+            with m.Elif(take):
+                m.d.sync += [cur.eq(route.r_data), cur_v.eq(1)]
+            with m.Else():
+                m.d.sync += cur_v.eq(0)
+        with m.Elif(take):
+            m.d.sync += [nxt.eq(route.r_data), nxt_v.eq(1)]
         m.d.comb += [
-            route.r_en.eq(resp.valid & resp.ready & resp.payload.last),
             # Outstanding at the memory, or still waiting in a skid buffer.
             self.busy.eq((outstanding != 0) | pend
                          | (Cat(r.valid for r in reqs).any() if self._register else 0)
