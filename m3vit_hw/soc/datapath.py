@@ -72,10 +72,10 @@ class ReadInterleaver(wiring.Component):
             wiring.connect(m, rs.o, wiring.flipped(self.up.resp))
         else:
             up = self.up
-        # One entry more than ``depth``: ``room`` admits at most ``depth`` outstanding requests, and
-        # the buffered FIFO then always has room (its ready never binds, see the arbiter's).
-        m.submodules.order = order = fifo.SyncFIFOBuffered(width=max(1, (n - 1).bit_length()),
-                                                          depth=self._depth + 1)
+        # ``room`` admits at most ``depth`` requests whose last beat has not been returned, so the
+        # FIFO's own ready never binds. Its head is copied into two registers (below).
+        ib = max(1, (n - 1).bit_length())
+        m.submodules.order = order = fifo.SyncFIFO(width=ib, depth=self._depth)
         # Requests outstanding and whether one more may go out, both registers (the count a cycle
         # ahead, compared with constants): each port's request valid is one LUT of flip-flops, not
         # behind the FIFO's level compare (it runs on into the AXI master's register slice).
@@ -92,7 +92,10 @@ class ReadInterleaver(wiring.Component):
         go = up.req.valid & up.req.ready
         m.d.comb += [order.w_en.eq(go), order.w_data.eq(nxt),
                      Assert(~go | order.w_rdy, "ReadInterleaver: the order FIFO overflowed")]
-        inc, dec = order.w_en, order.r_en & order.r_rdy
+        # A returned last beat counts a cycle late (conservative for ``room``; the response
+        # handshake stays out of the count's adder).
+        pop_q = Signal()
+        inc, dec = order.w_en, pop_q
         dep = self._depth
         m.d.sync += [
             outstanding.eq(outstanding + inc - dec),
@@ -101,15 +104,32 @@ class ReadInterleaver(wiring.Component):
         with m.If(go):
             m.d.sync += nxt.eq(Mux(nxt == n - 1, 0, nxt + 1))
 
-        head = order.r_data
-        with m.Switch(head):
+        # The FIFO's head in two registers, ``cur`` (the port now returning) and ``nxt``: the FIFO is
+        # read whenever ``nxt`` is empty (flip-flops decide it) and a returned last beat moves ``nxt``
+        # (or the FIFO's head) into ``cur``, so the response handshake ends at these registers, not
+        # in the FIFO's pointer and level logic.
+        cur, nxt_port = Signal(ib, name="cur"), Signal(ib, name="nxt_port")
+        cur_v, nxt_v = Signal(name="cur_v"), Signal(name="nxt_v")
+        take = order.r_rdy & ~nxt_v
+        m.d.comb += order.r_en.eq(take)
+        with m.Switch(cur):
             for k in range(n):
                 with m.Case(k):
                     d = self.down[k]
-                    m.d.comb += [up.resp.valid.eq(d.resp.valid & order.r_rdy), up.resp.p.eq(d.resp.p)]
+                    m.d.comb += [up.resp.valid.eq(d.resp.valid & cur_v), up.resp.p.eq(d.resp.p)]
         for k in range(n):
-            m.d.comb += self.down[k].resp.ready.eq(up.resp.ready & order.r_rdy & (head == k))
-        m.d.comb += order.r_en.eq(up.resp.valid & up.resp.ready & up.resp.p.last)
+            m.d.comb += self.down[k].resp.ready.eq(up.resp.ready & cur_v & (cur == k))
+        pop = up.resp.valid & up.resp.ready & up.resp.p.last
+        m.d.sync += pop_q.eq(pop)
+        with m.If(pop | ~cur_v):
+            with m.If(nxt_v):
+                m.d.sync += [cur.eq(nxt_port), cur_v.eq(1), nxt_v.eq(0)]
+            with m.Elif(take):
+                m.d.sync += [cur.eq(order.r_data), cur_v.eq(1)]
+            with m.Else():
+                m.d.sync += cur_v.eq(0)
+        with m.Elif(take):
+            m.d.sync += [nxt_port.eq(order.r_data), nxt_v.eq(1)]
         return m
 
 
