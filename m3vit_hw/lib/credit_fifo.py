@@ -114,14 +114,20 @@ class CreditFIFO(wiring.Component):
             with m.Else():
                 m.d.sync += o.valid.eq(0)
 
+        # Credits in use: ``count`` plus a take registered in ``take_q`` and counted a cycle later,
+        # so the pipeline's take (its input handshake, from outside) reaches no adder: only
+        # ``room``'s multiplexer.
         count = Signal(range(depth + 1))
+        take_q = Signal()
         give = pop
-        m.d.sync += count.eq(count + self.take - give)
-        m.d.comb += self.busy.eq(count != 0)
-        # room' = count + take - give < depth, decided from the constant compares of the current
-        # count, so take and give (o.ready comes from outside) reach the register through one mux
-        # and no adder.
-        inc = self.take & ~give
-        dec = give & ~self.take
-        m.d.sync += self.room.eq(Mux(inc, count < depth - 1, dec | (count < depth)))
+        m.d.sync += [take_q.eq(self.take), count.eq(count + take_q - give)]
+        m.d.comb += self.busy.eq((count != 0) | take_q)
+        # room' = count + take_q - give + take < depth, decided from the constant compares of the
+        # current count, so take and give (o.ready comes from outside) reach the register through
+        # multiplexers and no adder.
+        inc = take_q & ~give
+        dec = give & ~take_q
+        base = Mux(inc, count < depth - 1, Mux(dec, count < depth + 1, count < depth))
+        base_t = Mux(inc, count < depth - 2, Mux(dec, count < depth, count < depth - 1))
+        m.d.sync += self.room.eq(Mux(self.take, base_t, base))
         return m

@@ -5,7 +5,7 @@ otherwise set the clock: one :class:`SkidBuffer` cuts the chain at the cost of o
 and no throughput.
 """
 
-from amaranth.hdl import Module, Shape, Signal
+from amaranth.hdl import Module, Mux, Shape, Signal, Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -61,12 +61,16 @@ class SkidBuffer(wiring.Component):
         ready = Signal(init=1)
         m.d.comb += [i.ready.eq(ready), o.payload.eq(out), skid_valid_next.eq(skid_valid)]
         with m.If(o.ready | ~o.valid):
-            # The output register can take a new value: the skid entry first (it is older).
+            # The output register can take a new value: the skid entry first (it is older). It
+            # loads whether or not the input is valid (o.valid says whether it holds a beat), so
+            # i.valid, which comes from the producer's logic, does not reach the wide payload
+            # register's enable.
+            m.d.sync += out.eq(Mux(skid_valid, Value.cast(skid), Value.cast(i.payload)))
             with m.If(skid_valid):
-                m.d.sync += [out.eq(skid), o.valid.eq(1)]
+                m.d.sync += o.valid.eq(1)
                 m.d.comb += skid_valid_next.eq(0)
             with m.Elif(i.valid):
-                m.d.sync += [out.eq(i.payload), o.valid.eq(1)]
+                m.d.sync += o.valid.eq(1)
             with m.Else():
                 m.d.sync += o.valid.eq(0)
         with m.Elif(i.valid & ready):
