@@ -224,8 +224,16 @@ class WeightStreamer(wiring.Component):
         pre_nb = Signal.like(nb)
         pre_nbc = Signal.like(nbc)
         pre_room = Signal.like(room0)
-        m.d.sync += [pre_nb.eq(Mux(pre_beats > half_beats, half_beats, pre_beats)),
-                     pre_nbc.eq(Mux(pre_beats > cap_beats, cap_beats, pre_beats)),
+        # pre_beats against the two caps, from c_beats alone: a tile is min(c_beats, half_beats)
+        # beats, so c_beats - tile_beats > k exactly when c_beats > half_beats + k. These compares
+        # with constants run a cycle ahead of pre_beats (c_beats is settled from WAIT on), so the
+        # wide compare is not in series with the subtraction.
+        pre_big = Signal()
+        pre_bigcap = Signal()
+        m.d.sync += [pre_big.eq(c_beats > 2 * half_beats),
+                     pre_bigcap.eq(c_beats > half_beats + cap_beats)]
+        m.d.sync += [pre_nb.eq(Mux(pre_big, half_beats, pre_beats)),
+                     pre_nbc.eq(Mux(pre_bigcap, cap_beats, pre_beats)),
                      pre_room.eq(page_beats - pre_page)]
 
         req, resp, buf = self.mem.req, self.mem.resp, self.buf
