@@ -177,3 +177,54 @@ def test_bad_parameters(args, kwargs, exc, words):
     with pytest.raises(exc, match=words):
         ReadArbiter(*args, **kwargs)
     gc.collect()
+
+
+def test_outstanding_requests_capped_at_depth():
+    """Slow consumers behind a memory that accepts 16 requests ahead: requests at the memory whose
+    last beat the memory has not returned never exceed ``depth`` (``room`` counts every request
+    until its last beat is routed), and do reach it (no capacity lost); every beat still arrives."""
+    depth, masters = 3, 2
+    rng = np.random.default_rng(5)
+    store = rng.integers(0, 256, masters * 4096, dtype=np.uint8).tobytes()
+    reqs = [_requests(rng, n, n, 10) for n in range(masters)]
+    dut = ReadArbiter(masters, addr_width=16, data_bytes=DB, max_burst=8, depth=depth)
+    mem = ExternalMemory(store, bytes_per_cycle=DB, latency=2, max_outstanding=16)
+    got = [[] for _ in range(masters)]
+    peak = [0]
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(mem.serve(dut.mem), background=True)
+    sim.add_testbench(_watchdog(20000), background=True)
+
+    async def monitor(ctx):
+        out = 0
+        async for _, _, rv, rr, pv, pr, last in ctx.tick().sample(
+                dut.mem.req.valid, dut.mem.req.ready,
+                dut.mem.resp.valid, dut.mem.resp.ready, dut.mem.resp.payload.last):
+            out += int(rv and rr) - int(pv and pr and last)
+            assert out <= depth, f"ReadArbiter: {out} requests outstanding, depth {depth}"
+            peak[0] = max(peak[0], out)
+
+    def issuer(n):
+        async def tb(ctx):
+            for addr, beats in reqs[n]:
+                await stream_put(ctx, dut.masters[n].req, {"addr": addr, "beats": beats})
+        return tb
+
+    def consumer(n):
+        async def tb(ctx):
+            st = Stalls(0.8, 30 + n)
+            for _ in range(sum(b for _, b in reqs[n])):
+                p = await stream_get(ctx, dut.masters[n].resp, stalls=st)
+                got[n].append((int(p.data), int(p.last)))
+        return tb
+
+    sim.add_testbench(monitor, background=True)
+    for n in range(masters):
+        sim.add_testbench(issuer(n))
+        sim.add_testbench(consumer(n))
+    sim.run()
+    print(f"ReadArbiter depth {depth}: peak {peak[0]} requests outstanding")
+    for n in range(masters):
+        assert got[n] == _expected(reqs[n], store), f"ReadArbiter master {n}: wrong beats"
+    assert peak[0] == depth, f"ReadArbiter: peak {peak[0]} outstanding, expected depth {depth}"
