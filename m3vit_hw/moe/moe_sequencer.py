@@ -54,6 +54,7 @@ from ..lib.burst_requester import BurstRequester
 from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..lib.mem_port import ReadPortSignature
+from ..lib.skid import SkidBuffer
 from .expert_layout import (LUT_BYTES, PARAM_LANE_BYTES, PLAN_ENTRY_BYTES, PLAN_FIELDS, ROUTER_RECORD_BYTES,
                             plan_moe)
 from .expert_queues import ExpertQueues
@@ -261,7 +262,14 @@ class MoESequencer(wiring.Component):
 
         # Responses arrive in request order: the record's beats first (beats wider than a record hold
         # it at ``rec_off``), then the table, one entry per cycle into the engine's GELU table.
-        resp = self.mem.resp
+        # The responses enter through a skid buffer: ``resp.ready`` (the record / plan / table byte
+        # bookkeeping below) is then a flip-flop towards the arbiter's route FIFO, and the beat's
+        # valid and data reach the plan counters and the table's byte mux from registers (the W1
+        # top's lut_byte -> arbiter and arbiter r_rdy -> plan_left paths). One cycle of latency on
+        # a fetch that overlaps the gate; no throughput lost.
+        m.submodules.resp_skid = resp_skid = SkidBuffer(self.mem.resp.payload.shape())
+        wiring.connect(m, wiring.flipped(self.mem.resp), resp_skid.i)
+        resp = resp_skid.o
         rec_word = resp.p.data.word_select(rec_off, 8 * min(db, ROUTER_RECORD_BYTES)) \
             if db > ROUTER_RECORD_BYTES else resp.p.data
         lut_idx = Signal(range(LUT_BYTES + 1))

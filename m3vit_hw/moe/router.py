@@ -45,7 +45,7 @@ from ..config import AcceleratorConfig
 from ..gemm.epilogue import StreamOutLayout
 from ..lib.skid import SkidBuffer
 from ..numerics import SHIFT_BITS
-from ..rowops.counts import below_next
+from ..rowops.counts import thermometer_step
 from ..rowops.softmax import OUT_BITS, SoftmaxMode, SoftmaxUnit
 from .topk import TopK, expert_id_width
 
@@ -405,10 +405,12 @@ class Router(wiring.Component):
 class FlagQueue(Elaboratable):
     """A FIFO with ``SyncFIFOBuffered``'s interface and registered flags (the router's logit FIFO, the
     score path's read-ahead FIFO): ``SyncFIFOBuffered``'s interface (``w_en``/``w_rdy``/``w_data``,
-    ``r_en``/``r_rdy``/``r_data``, ``depth`` entries with the output register) with its occupancy
-    flags registered a cycle ahead (:func:`~m3vit_hw.rowops.counts.below_next`): ``w_rdy`` and the
-    storage's not-empty test are flip-flops, so the join's read enable and the fork's write enable
-    do not run through a level compare into the level's adder in one cycle."""
+    ``r_en``/``r_rdy``/``r_data``, ``depth`` entries with the output register) with its occupancy kept
+    as a thermometer code (:func:`~m3vit_hw.rowops.counts.thermometer_step`): ``w_rdy`` and the
+    storage's not-empty test are flip-flops of that code, and each of its bits updates through a LUT
+    of the write and read enables and its neighbours. No level adder or compare sits behind the
+    fork's write enable and the join's read enable (the W1 top's ``score.i.valid -> ahead.n`` path
+    ran through one). Costs ``depth - 1`` flip-flops for the count."""
 
     def __init__(self, width, depth):
         self.width, self.depth = width, depth
@@ -421,9 +423,10 @@ class FlagQueue(Elaboratable):
         m.submodules.storage = storage = memory.Memory(shape=self.width, depth=inner, init=[])
         wr = storage.write_port()
         rd = storage.read_port(transparent_for=())
-        n = Signal(range(inner + 1))                     # entries in the storage
-        room = Signal(init=1)                            # n < inner
-        any_ = Signal()                                  # n > 0
+        # therm[i] == (entries in the storage > i): room is ~therm[inner - 1], not-empty therm[0].
+        therm = Signal(inner)
+        room = ~therm[inner - 1]
+        any_ = therm[0]
         wptr = Signal(range(inner))
         rptr = Signal(range(inner))
         out_valid = Signal()
@@ -434,11 +437,7 @@ class FlagQueue(Elaboratable):
             wr.addr.eq(wptr), wr.data.eq(self.w_data), wr.en.eq(write),
             rd.addr.eq(rptr), rd.en.eq(read),
         ]
-        m.d.sync += [
-            n.eq(n + write - read),
-            room.eq(below_next(n, write, read, inner)),
-            any_.eq(~below_next(n, write, read, 1)),
-        ]
+        thermometer_step(m, therm, write, read)
         with m.If(write):
             m.d.sync += wptr.eq(Mux(wptr == inner - 1, 0, wptr + 1))
         with m.If(read):
