@@ -36,7 +36,7 @@ once a row tile is complete (its last chunk written):
   state of size O(T x E) logits, not weight storage: it replaces a weight buffer that would grow with E.
 """
 
-from amaranth.hdl import Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -257,9 +257,16 @@ class Router(wiring.Component):
         w_ok = active & ~w_done & ~full.bit_select(w_bank, 1)
         m.d.comb += self.i.ready.eq(w_ok)
         w_go = self.i.valid & w_ok
-        w_row_last = w_row_rem == 0
-        w_tile_end = w_row_last & (w_nb == w_np - 1)
-        w_chunk_last = w_chunk == n_chunks - 1
+        # The writer's end-of-row / end-of-tile / last-bank / last-chunk tests are flip-flops, kept
+        # beside the counters they test (w_row_rem == 0, w_nb == w_np - 1, w_bank == banks - 1,
+        # w_chunk == n_chunks - 1): the accept (the engine's valid through the encoder's owner gate)
+        # then reaches the bank and row registers through one decision LUT, not through the compares
+        # (the W1 top's csel_moe -> w_bank / w_base / w_rem paths).
+        w_row_last = Signal()
+        w_nb_last = Signal()
+        w_tile_end = w_row_last & w_nb_last
+        w_bank_last = Signal(init=banks == 1)
+        w_chunk_last = Signal(init=n_chunks == 1)
 
         # Stage 1 (accept): read the beat's bias word. Stage 2: write the biased beat.
         s1_valid = Signal()
@@ -289,22 +296,30 @@ class Router(wiring.Component):
         # T: the command's payload then only reaches registers through the T == 0 clamp. The writer
         # takes no beat in that cycle (the engine's first gate beat comes many cycles after the
         # command, so this costs nothing).
+        # w_nb_last for the chunk starting at column tile 0 of ``chunk`` (a constant per chunk).
+        def nb_last_at(chunk):
+            return Cat(*(chunk == j for j, count in enumerate(chunks) if count == 1)).any()
+
         with m.If(start):
             m.d.sync += w_done.eq(1)
         with m.If(setup):
             m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(rows_m1(tokens)), first_rows_m1.eq(rows_m1(tokens)),
-                         w_last_tile.eq(tokens <= R), w_done.eq(0)]
+                         w_last_tile.eq(tokens <= R), w_done.eq(0),
+                         w_row_last.eq(rows_m1(tokens) == 0), w_nb_last.eq(nb_last_at(w_chunk))]
         with m.If(w_go):
-            m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1)]
+            m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1), w_row_last.eq(w_row_rem == 1)]
             with m.If(w_row_last):
-                m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(rows_m1(w_rem))]
+                m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(rows_m1(w_rem)),
+                             w_row_last.eq(rows_m1(w_rem) == 0), w_nb_last.eq(w_nb == w_np - 2)]
                 with m.If(w_tile_end):
                     m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(next_rows_m1),
+                                 w_row_last.eq(next_rows_m1 == 0), w_nb_last.eq(w_np == 1),
                                  w_last_tile.eq(w_rem <= 2 * R)]
-                    with m.If(w_bank == banks - 1):
-                        m.d.sync += [w_bank.eq(0), w_base.eq(0)]
+                    with m.If(w_bank_last):
+                        m.d.sync += [w_bank.eq(0), w_base.eq(0), w_bank_last.eq(banks == 1)]
                     with m.Else():
-                        m.d.sync += [w_bank.eq(w_bank + 1), w_base.eq(w_base + bank_words)]
+                        m.d.sync += [w_bank.eq(w_bank + 1), w_base.eq(w_base + bank_words),
+                                     w_bank_last.eq(w_bank == banks - 2)]
                     # A chunk's last row tile: the next chunk starts again at token 0, bank 0
                     # (several chunks: one bank per row tile, none drained yet).
                     with m.If(w_last_tile):
@@ -312,8 +327,11 @@ class Router(wiring.Component):
                             m.d.sync += w_done.eq(1)
                         with m.Else():
                             m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(first_rows_m1),
+                                         w_row_last.eq(first_rows_m1 == 0),
+                                         w_nb_last.eq(nb_last_at(w_chunk + 1)),
                                          w_last_tile.eq(tokens <= R), w_bank.eq(0), w_base.eq(0),
-                                         w_chunk.eq(w_chunk + 1)]
+                                         w_bank_last.eq(banks == 1), w_chunk.eq(w_chunk + 1),
+                                         w_chunk_last.eq(w_chunk == n_chunks - 2)]
 
         # ---- reader: rows in token order (one registered read stage) ------------------------------
         release = Signal()                        # the reader frees its bank this cycle
@@ -324,8 +342,14 @@ class Router(wiring.Component):
         r_nb = Signal(range(NB))
         s_valid = Signal()
         fork_ready = Signal()
+        # r_end: the row being read is its tile's last ((r_row == R - 1) | (r_rem == 1)), and
+        # r_bank_last: r_bank == banks - 1, flip-flops kept beside the counters, so the fork's
+        # handshake reaches the bank registers through one decision, not the compares (the W1 top's
+        # sent_sm -> r_base / r_bank path).
+        r_end = Signal()
+        r_bank_last = Signal(init=banks == 1)
         with m.If(setup):
-            m.d.sync += r_rem.eq(tokens)
+            m.d.sync += [r_rem.eq(tokens), r_end.eq((R == 1) | (tokens == 1))]
         r_go = full.bit_select(r_bank, 1) & (~s_valid | fork_ready)
         m.d.comb += [
             t_r.addr.eq(r_base + r_row * NB + r_nb),
@@ -334,13 +358,15 @@ class Router(wiring.Component):
         with m.If(r_go):
             m.d.sync += [s_valid.eq(1), r_nb.eq(r_nb + 1)]
             with m.If(r_nb == NB - 1):
-                m.d.sync += [r_nb.eq(0), r_row.eq(r_row + 1), r_rem.eq(r_rem - 1)]
-                with m.If((r_row == R - 1) | (r_rem == 1)):
-                    m.d.sync += r_row.eq(0)
-                    with m.If(r_bank == banks - 1):
-                        m.d.sync += [r_bank.eq(0), r_base.eq(0)]
+                m.d.sync += [r_nb.eq(0), r_row.eq(r_row + 1), r_rem.eq(r_rem - 1),
+                             r_end.eq((r_row == R - 2) | (r_rem == 2))]
+                with m.If(r_end):
+                    m.d.sync += [r_row.eq(0), r_end.eq((R == 1) | (r_rem == 2))]
+                    with m.If(r_bank_last):
+                        m.d.sync += [r_bank.eq(0), r_base.eq(0), r_bank_last.eq(banks == 1)]
                     with m.Else():
-                        m.d.sync += [r_bank.eq(r_bank + 1), r_base.eq(r_base + bank_words)]
+                        m.d.sync += [r_bank.eq(r_bank + 1), r_base.eq(r_base + bank_words),
+                                     r_bank_last.eq(r_bank == banks - 2)]
                     m.d.comb += release.eq(1)
         with m.Elif(fork_ready):
             m.d.sync += s_valid.eq(0)
@@ -384,21 +410,23 @@ class Router(wiring.Component):
 
         # ---- output: one beat per token ------------------------------------------------------------
         o_left = Signal(range(cap + 1))          # tokens not yet sent, a down-counter (no compare with T - 1)
+        o_last = Signal()                        # o_left == 1, a flip-flop beside it
         with m.If(setup):
-            m.d.sync += o_left.eq(tokens)
+            m.d.sync += [o_left.eq(tokens), o_last.eq(tokens == 1)]
         m.d.comb += [
             self.o.valid.eq(tk.o.valid),
             self.o.p.experts.eq(tk.o.p.experts),
             self.o.p.weights.eq(tk.o.p.tags),
-            self.o.p.last.eq(o_left == 1),
+            self.o.p.last.eq(o_last),
             tk.o.ready.eq(self.o.ready),
             self.busy.eq(active),
         ]
         with m.If(self.o.valid & self.o.ready):
-            m.d.sync += o_left.eq(o_left - 1)
-            with m.If(o_left == 1):
-                m.d.sync += [active.eq(0), w_chunk.eq(0),
-                             w_bank.eq(0), w_base.eq(0), r_bank.eq(0), r_base.eq(0)]
+            m.d.sync += [o_left.eq(o_left - 1), o_last.eq(o_left == 2)]
+            with m.If(o_last):
+                m.d.sync += [active.eq(0), w_chunk.eq(0), w_chunk_last.eq(n_chunks == 1),
+                             w_bank.eq(0), w_base.eq(0), w_bank_last.eq(banks == 1),
+                             r_bank.eq(0), r_base.eq(0), r_bank_last.eq(banks == 1)]
         return m
 
 
