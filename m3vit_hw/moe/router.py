@@ -300,20 +300,31 @@ class Router(wiring.Component):
         def nb_last_at(chunk):
             return Cat(*(chunk == j for j, count in enumerate(chunks) if count == 1)).any()
 
+        # The current row tile's rows_m1(w_rem), and whether it is 0 (a one-row tile), in registers
+        # loaded with w_rem: the next column tile restarts its rows from them.
+        tile_rows_m1 = Signal(range(R))
+        tile_one = Signal()
+
+        def one_row(cond):
+            # rows_m1(...) == 0 from ``cond`` (the tile's rows <= 1); always with one-row tiles.
+            return Const(1, 1) if R == 1 else cond
         with m.If(start):
             m.d.sync += w_done.eq(1)
         with m.If(setup):
             m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(rows_m1(tokens)), first_rows_m1.eq(rows_m1(tokens)),
+                         tile_rows_m1.eq(rows_m1(tokens)), tile_one.eq(one_row(tokens <= 1)),
                          w_last_tile.eq(tokens <= R), w_done.eq(0),
-                         w_row_last.eq(rows_m1(tokens) == 0), w_nb_last.eq(nb_last_at(w_chunk))]
+                         w_row_last.eq(one_row(tokens <= 1)), w_nb_last.eq(nb_last_at(w_chunk))]
         with m.If(w_go):
             m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1), w_row_last.eq(w_row_rem == 1)]
             with m.If(w_row_last):
-                m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(rows_m1(w_rem)),
-                             w_row_last.eq(rows_m1(w_rem) == 0), w_nb_last.eq(w_nb == w_np - 2)]
+                m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(tile_rows_m1),
+                             w_row_last.eq(tile_one), w_nb_last.eq(w_nb == w_np - 2)]
                 with m.If(w_tile_end):
+                    # rows_m1(next_rem) == 0: next_rem = w_rem - R <= 1 (this is not the last tile).
                     m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(next_rows_m1),
-                                 w_row_last.eq(next_rows_m1 == 0), w_nb_last.eq(w_np == 1),
+                                 tile_rows_m1.eq(next_rows_m1), tile_one.eq(one_row(w_rem <= R + 1)),
+                                 w_row_last.eq(one_row(w_rem <= R + 1)), w_nb_last.eq(w_np == 1),
                                  w_last_tile.eq(w_rem <= 2 * R)]
                     with m.If(w_bank_last):
                         m.d.sync += [w_bank.eq(0), w_base.eq(0), w_bank_last.eq(banks == 1)]
@@ -327,7 +338,8 @@ class Router(wiring.Component):
                             m.d.sync += w_done.eq(1)
                         with m.Else():
                             m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(first_rows_m1),
-                                         w_row_last.eq(first_rows_m1 == 0),
+                                         tile_rows_m1.eq(first_rows_m1), tile_one.eq(one_row(tokens <= 1)),
+                                         w_row_last.eq(one_row(tokens <= 1)),
                                          w_nb_last.eq(nb_last_at(w_chunk + 1)),
                                          w_last_tile.eq(tokens <= R), w_bank.eq(0), w_base.eq(0),
                                          w_bank_last.eq(banks == 1), w_chunk.eq(w_chunk + 1),
