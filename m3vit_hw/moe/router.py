@@ -291,6 +291,17 @@ class Router(wiring.Component):
         # rows_m1(next_rem) with the subtraction folded into the constants: the compare and the
         # low bits' decrement both start at w_rem, in parallel.
         next_rows_m1 = Mux(w_rem >= 2 * R, R - 1, (w_rem - (R + 1))[:len(w_row_rem)])
+        # What a tile end loads from w_rem (the next tile's rows, whether it is a one-row tile and
+        # whether it is the chunk's last), registered every cycle from w_rem: a tile end that uses
+        # them ends a tile of R >= 2 rows (only the chunk's last tile is shorter, and its end loads
+        # the chunk's first tile or nothing), so w_rem has held for at least a cycle. The compares
+        # and the subtraction then sit between w_rem and these registers, not behind the accept.
+        next_one = w_rem <= R + 1
+        next_last = w_rem <= 2 * R
+        if R >= 2:
+            nr_m1_r, next_one_r, next_last_r = Signal(range(R)), Signal(), Signal()
+            m.d.sync += [nr_m1_r.eq(next_rows_m1), next_one_r.eq(next_one), next_last_r.eq(next_last)]
+            next_rows_m1, next_one, next_last = nr_m1_r, next_one_r, next_last_r
         first_rows_m1 = Signal(range(R))
         # The row-tile registers load in the cycle after the accept (``setup``), from the registered
         # T: the command's payload then only reaches registers through the T == 0 clamp. The writer
@@ -323,9 +334,9 @@ class Router(wiring.Component):
                 with m.If(w_tile_end):
                     # rows_m1(next_rem) == 0: next_rem = w_rem - R <= 1 (this is not the last tile).
                     m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(next_rows_m1),
-                                 tile_rows_m1.eq(next_rows_m1), tile_one.eq(one_row(w_rem <= R + 1)),
-                                 w_row_last.eq(one_row(w_rem <= R + 1)), w_nb_last.eq(w_np == 1),
-                                 w_last_tile.eq(w_rem <= 2 * R)]
+                                 tile_rows_m1.eq(next_rows_m1), tile_one.eq(one_row(next_one)),
+                                 w_row_last.eq(one_row(next_one)), w_nb_last.eq(w_np == 1),
+                                 w_last_tile.eq(next_last)]
                     with m.If(w_bank_last):
                         m.d.sync += [w_bank.eq(0), w_base.eq(0), w_bank_last.eq(banks == 1)]
                     with m.Else():
