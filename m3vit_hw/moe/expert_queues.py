@@ -149,28 +149,32 @@ class ExpertQueues(wiring.Component):
 
         # With distinct ids per token an expert gets at most T entries, so count fits range(cap + 1);
         # write pointers address the whole T*k queue memory (plus one past the end).
-        counts = Array(Signal(range(cap + 1), name=f"count{e}") for e in range(E))
+        counts = [Signal(range(cap + 1), name=f"count{e}") for e in range(E)]
         # active[e] == (counts[e] != 0), kept alongside so the walk tests one bit, not a wide count.
-        active = Array(Signal(name=f"active{e}") for e in range(E))
+        active = [Signal(name=f"active{e}") for e in range(E)]
         wptr = Array(Signal(range(cap * k + 1), name=f"wptr{e}") for e in range(E))
         ntok = Signal(range(cap + 1))       # tokens in this layer
+        ntok_full = Signal(init=cap == 1)   # ntok == cap - 1, registered a token ahead
         total = Signal(range(cap * k + 1))  # entries in this layer (the prefix sum's final value)
         ps_expert = Signal(range(E))        # prefix-sum expert
         t = Signal(range(cap))              # scatter token
+        t1 = Signal(range(cap + 1))         # t + 1 (the token memory's read address), kept beside t
         j = Signal(range(k))                # scatter slot within the token
         we = Signal(range(E))               # walk expert
         in_exp = Signal()                   # walk: inside an expert's entries
         rem = Signal(range(cap + 1))        # walk: entries left in this expert
+        rem1 = Signal()                     # rem == 1, registered with rem
         ptr = Signal(range(cap * k + 1))    # walk: queue read address
-        issue_done = Signal()
         # Down-counters, so that "last" tests compare with a constant instead of an adder's output.
         t_left = Signal(range(cap))         # scatter: tokens after t
+        t_last = Signal()                   # t_left == 0, registered with t_left
         left = Signal(range(cap * k + 1))   # walk: entries not yet issued
-        # Scatter stage 2 registers: the entry picked from the token memory's output in stage 1.
-        # Its write pointer is looked up, used and incremented in stage 2, so the memory output
-        # never drives a pointer mux and adder in the same cycle.
+        # Scatter stage 2 registers: the entry picked from the token memory's output in stage 1, its
+        # expert decoded one-hot, so each write pointer increments by its own bit (no E:1 mux in front
+        # of the adder) and only the queue memory's address muxes the pointers.
         sc_valid = Signal()
         sc_e = Signal(range(E))
+        sc_oh = Signal(E)
         sc_w = Signal(ww)
         sc_t = Signal(range(cap))
         # The run-time k, registered as a slot mask and as k - 1 (k is held while a layer runs and is
@@ -179,6 +183,17 @@ class ExpertQueues(wiring.Component):
         k_mask = Signal(k, init=(1 << k) - 1)
         k_m1 = Signal(range(k), init=k - 1)
         m.d.sync += [k_mask.eq(Cat(*(jj < self.k for jj in range(k)))), k_m1.eq(self.k - 1)]
+
+        # The phase, one flip-flop per phase (one-hot, set and cleared by the transitions), so the wide
+        # per-expert updates below select on flip-flops, not on a decoded state vector: the W1 top's
+        # phase_state -> active / total / ps_expert paths. The walk has two: ``walking`` (issuing
+        # headers and entries) and ``walk_end`` (everything issued; the next free output slot ends it).
+        ingest = Signal(init=1)             # also i.ready: the router's output FIFO's read enable
+        hist = Signal()
+        prefix = Signal()
+        scatter = Signal()
+        walking = Signal()
+        walk_end = Signal()
 
         # Output register stage: header fields from registers, entry fields straight from the queue
         # memory's read register (it holds its value while the read port is disabled).
@@ -193,133 +208,131 @@ class ExpertQueues(wiring.Component):
             self.o.p.token.eq(Mux(o_header, 0, q_rd.data.token)),
             self.o.p.weight.eq(Mux(o_header, 0, q_rd.data.weight)),
             self.o.p.last.eq(o_last),
+            # The read addresses are their pointers in every phase (they matter only with en).
+            tok_rd.addr.eq(t1),
             tok_rd.en.eq(0),
-            # The walk's read address is its pointer in every state (it matters only with en).
             q_rd.addr.eq(ptr),
             q_rd.en.eq(0),
+            self.i.ready.eq(ingest),
         ]
 
-        # i.ready is a flip-flop of its own (high exactly in INGEST), not a decode of the state:
-        # it is the router's output FIFO's read enable.
-        ingest = Signal(init=1)
-        m.d.comb += self.i.ready.eq(ingest)
-        # Ingest's registered per-expert hits (cleared unless a token arrives).
+        # ---- the walk's decisions, from flip-flops -------------------------------------------------
+        # The counts and active flags rotate by one as the walk moves to the next expert (as in
+        # PREFIX), so expert ``we``'s are always counts[0] / active[0]: no E:1 mux between ``we`` and
+        # the header's count and the walk's decisions.
+        can_issue = ~self.o.valid | self.o.ready
+        walk_go = walking & can_issue
+        entry_go = walk_go & in_exp                       # issue an entry
+        header_go = walk_go & ~in_exp & active[0]         # issue a header
+        next_expert = walk_go & Mux(in_exp, rem1, ~active[0])   # the walk moves to expert we + 1
+        walk_done = walk_end & can_issue                  # back to ingest
+
+        # ---- per-expert counts and flags -------------------------------------------------------------
+        # Ingest's registered per-expert hits (cleared unless a token arrives). ``hit`` is zero outside
+        # INGEST and HIST, so the counters add it unconditionally; the rotations (PREFIX, the walk's
+        # next expert) and the walk's final clear override.
         hit = Signal(E)
         m.d.sync += hit.eq(0)
-
-        def count_hits():
-            for e in range(E):
+        rotate_counts = prefix | next_expert
+        for e in range(E):
+            with m.If(walk_done):
+                m.d.sync += [counts[e].eq(0), active[e].eq(0)]
+            with m.Elif(rotate_counts):
+                m.d.sync += counts[e].eq(counts[(e + 1) % E])
+                with m.If(next_expert):
+                    m.d.sync += active[e].eq(active[(e + 1) % E])
+            with m.Else():
                 m.d.sync += [counts[e].eq(counts[e] + hit[e]), active[e].eq(active[e] | hit[e])]
 
-        m.d.sync += sc_valid.eq(0)
-        with m.If(sc_valid):
-            m.d.comb += [
-                q_wr.addr.eq(wptr[sc_e]),
-                q_wr.data.token.eq(sc_t),
-                q_wr.data.weight.eq(sc_w),
-                q_wr.en.eq(1),
+        # ---- INGEST (histogram): 1 token/cycle --------------------------------------------------------
+        m.d.comb += [
+            tok_wr.addr.eq(ntok),
+            tok_wr.data.experts.eq(self.i.p.experts),
+            tok_wr.data.weights.eq(self.i.p.weights),
+            tok_wr.en.eq(self.i.valid & ingest),
+        ]
+        with m.If(self.i.valid & ingest):
+            for e in range(E):
+                # A token's k ids are distinct (the contract), so an expert is hit at most once per
+                # token: an OR of the slot compares, registered; the counters add the registered hits
+                # a cycle later, so no compare drives a counter's adder.
+                m.d.sync += hit[e].eq(
+                    Cat(*((self.i.p.experts[jj] == e) & k_mask[jj] for jj in range(k))).any())
+            m.d.sync += [ntok.eq(ntok + 1), ntok_full.eq((ntok == cap - 2) if cap >= 2 else 0)]
+            with m.If(self.i.p.last | ntok_full):
+                with m.If(~self.i.p.last):
+                    m.d.sync += self.overflow.eq(1)
+                m.d.sync += [ps_expert.eq(0), total.eq(0), ingest.eq(0), hist.eq(1)]
+
+        # ---- HIST: the last token's registered hits reach the counters ---------------------------------
+        with m.If(hist):
+            m.d.sync += [hist.eq(0), prefix.eq(1)]
+
+        # ---- PREFIX: E cycles -------------------------------------------------------------------------
+        # The counts rotate by one per cycle (E cycles bring them back in place) and the write
+        # pointers shift in at the top, so expert ps_expert's count is always counts[0] and its
+        # pointer lands in wptr[e] after the last shift: no E:1 mux in front of the adder.
+        with m.If(prefix):
+            m.d.sync += [total.eq(total + counts[0]), ps_expert.eq(ps_expert + 1), wptr[E - 1].eq(total)]
+            for e in range(E - 1):
+                m.d.sync += wptr[e].eq(wptr[e + 1])
+            with m.If(ps_expert == E - 1):
+                # Prefetch token 0 (t1 is 0 here) so scatter runs one entry per cycle from its first
+                # cycle.
+                m.d.comb += tok_rd.en.eq(1)
+                m.d.sync += [t.eq(0), t1.eq(1), j.eq(0), t_left.eq(ntok - 1), t_last.eq(ntok == 1),
+                             prefix.eq(0), scatter.eq(1)]
+        with m.Else():
+            # Scatter stage 2: the entry's expert's pointer, used and incremented.
+            for e in range(E):
+                m.d.sync += wptr[e].eq(wptr[e] + sc_oh[e])
+        with m.If(hist):
+            m.d.sync += t1.eq(0)
+
+        # ---- SCATTER: 1 entry/cycle, stage 1 picks entry j of the token memory's output ---------------
+        m.d.sync += [sc_valid.eq(scatter), sc_oh.eq(0)]
+        m.d.comb += [
+            q_wr.addr.eq(wptr[sc_e]),
+            q_wr.data.token.eq(sc_t),
+            q_wr.data.weight.eq(sc_w),
+            q_wr.en.eq(sc_valid),
+        ]
+        with m.If(scatter):
+            pick = tok_rd.data.experts[j]
+            m.d.sync += [sc_e.eq(pick), sc_w.eq(tok_rd.data.weights[j]), sc_t.eq(t)]
+            m.d.sync += [sc_oh[e].eq(pick == e) for e in range(E)]
+            with m.If(j == k_m1):
+                m.d.comb += tok_rd.en.eq(1)
+                m.d.sync += [j.eq(0), t.eq(t1), t1.eq(t1 + 1), t_left.eq(t_left - 1), t_last.eq(t_left == 1)]
+                with m.If(t_last):
+                    m.d.sync += [we.eq(0), in_exp.eq(0), ptr.eq(0), left.eq(total),
+                                 scatter.eq(0), walking.eq(1)]
+            with m.Else():
+                m.d.sync += j.eq(j + 1)
+
+        # ---- WALK: a header or skip per expert, one beat per entry -------------------------------------
+        # The scatter's last entry is written in the walk's first cycle (stage 2); the walk reads the
+        # queue memory no earlier than its second cycle.
+        with m.If(can_issue & (walking | walk_end)):
+            m.d.sync += self.o.valid.eq(0)
+        with m.If(walk_done):
+            m.d.sync += [ntok.eq(0), ntok_full.eq(cap == 1), walk_end.eq(0), ingest.eq(1)]
+        m.d.comb += q_rd.en.eq(entry_go)
+        with m.If(entry_go):
+            m.d.sync += [
+                self.o.valid.eq(1), o_header.eq(0), o_last.eq(left == 1),
+                ptr.eq(ptr + 1), rem.eq(rem - 1), rem1.eq(rem == 2), left.eq(left - 1),
             ]
-            m.d.sync += wptr[sc_e].eq(wptr[sc_e] + 1)
-
-        with m.FSM(name="phase"):
-            with m.State("INGEST"):
-                m.d.comb += [
-                    tok_wr.addr.eq(ntok),
-                    tok_wr.data.experts.eq(self.i.p.experts),
-                    tok_wr.data.weights.eq(self.i.p.weights),
-                    tok_wr.en.eq(self.i.valid),
-                ]
-                count_hits()
-                with m.If(self.i.valid):
-                    for e in range(E):
-                        # A token's k ids are distinct (the contract), so an expert is hit at most
-                        # once per token: an OR of the slot compares, registered; the counters add
-                        # the registered hits a cycle later (count_hits), so no compare drives a
-                        # counter's adder.
-                        m.d.sync += hit[e].eq(
-                            Cat(*((self.i.p.experts[jj] == e) & k_mask[jj] for jj in range(k))).any())
-                    m.d.sync += ntok.eq(ntok + 1)
-                    full = ntok == cap - 1
-                    with m.If(self.i.p.last | full):
-                        with m.If(~self.i.p.last):
-                            m.d.sync += self.overflow.eq(1)
-                        m.d.sync += [ps_expert.eq(0), total.eq(0), ingest.eq(0)]
-                        m.next = "HIST"
-
-            with m.State("HIST"):
-                # The last token's registered hits reach the counters.
-                count_hits()
-                m.next = "PREFIX"
-
-            with m.State("PREFIX"):
-                # The counts rotate by one per cycle (E cycles bring them back in place) and the
-                # write pointers shift in at the top, so expert ps_expert's count is always
-                # counts[0] and its pointer lands in wptr[e] after the last shift: no E:1 mux in
-                # front of the adder.
-                m.d.sync += [total.eq(total + counts[0]), ps_expert.eq(ps_expert + 1),
-                             wptr[E - 1].eq(total)]
-                for e in range(E):
-                    m.d.sync += counts[e].eq(counts[(e + 1) % E])
-                    if e + 1 < E:
-                        m.d.sync += wptr[e].eq(wptr[e + 1])
-                with m.If(ps_expert == E - 1):
-                    # Prefetch token 0 so scatter runs one entry per cycle from its first cycle.
-                    m.d.comb += [tok_rd.addr.eq(0), tok_rd.en.eq(1)]
-                    m.d.sync += [t.eq(0), j.eq(0), t_left.eq(ntok - 1)]
-                    m.next = "SCATTER"
-
-            with m.State("SCATTER"):
-                # Stage 1: pick entry j of the token memory's output into registers.
-                m.d.sync += [sc_valid.eq(1), sc_e.eq(tok_rd.data.experts[j]),
-                             sc_w.eq(tok_rd.data.weights[j]), sc_t.eq(t)]
-                with m.If(j == k_m1):
-                    m.d.comb += [tok_rd.addr.eq(t + 1), tok_rd.en.eq(1)]
-                    m.d.sync += [j.eq(0), t.eq(t + 1), t_left.eq(t_left - 1)]
-                    with m.If(t_left == 0):
-                        m.d.sync += [we.eq(0), in_exp.eq(0), ptr.eq(0), issue_done.eq(0), left.eq(total)]
-                        m.next = "WALK"
-                with m.Else():
-                    m.d.sync += j.eq(j + 1)
-
-            with m.State("WALK"):
-                # The counts and active flags rotate by one as the walk moves to the next expert
-                # (as in PREFIX), so expert ``we``'s are always counts[0] / active[0]: no E:1 mux
-                # between ``we`` and the header's count and the walk's decisions. They are cleared
-                # at the walk's end, so where the rotation leaves them does not matter.
-                def rotate():
-                    for e in range(E):
-                        m.d.sync += [counts[e].eq(counts[(e + 1) % E]), active[e].eq(active[(e + 1) % E])]
-
-                # The scatter's last entry is written in WALK's first cycle (stage 2); the walk
-                # reads the queue memory no earlier than its second cycle.
-                can_issue = ~self.o.valid | self.o.ready
-                with m.If(can_issue):
-                    m.d.sync += self.o.valid.eq(0)
-                    with m.If(issue_done):
-                        for e in range(E):
-                            m.d.sync += [counts[e].eq(0), active[e].eq(0)]
-                        m.d.sync += [ntok.eq(0), ingest.eq(1)]
-                        m.next = "INGEST"
-                    with m.Elif(in_exp):
-                        m.d.comb += q_rd.en.eq(1)
-                        m.d.sync += [
-                            self.o.valid.eq(1), o_header.eq(0), o_last.eq(left == 1),
-                            ptr.eq(ptr + 1), rem.eq(rem - 1), left.eq(left - 1),
-                        ]
-                        with m.If(rem == 1):
-                            m.d.sync += [in_exp.eq(0), we.eq(we + 1)]
-                            rotate()
-                            with m.If(we == E - 1):
-                                m.d.sync += issue_done.eq(1)
-                    with m.Elif(active[0]):
-                        m.d.sync += [
-                            self.o.valid.eq(1), o_header.eq(1), o_expert.eq(we),
-                            o_count.eq(counts[0]), o_last.eq(0),
-                            rem.eq(counts[0]), in_exp.eq(1),
-                        ]
-                    with m.Else():
-                        m.d.sync += we.eq(we + 1)
-                        rotate()
-                        with m.If(we == E - 1):
-                            m.d.sync += issue_done.eq(1)
+            with m.If(rem1):
+                m.d.sync += in_exp.eq(0)
+        with m.If(header_go):
+            m.d.sync += [
+                self.o.valid.eq(1), o_header.eq(1), o_expert.eq(we),
+                o_count.eq(counts[0]), o_last.eq(0),
+                rem.eq(counts[0]), rem1.eq(counts[0] == 1), in_exp.eq(1),
+            ]
+        with m.If(next_expert):
+            m.d.sync += we.eq(we + 1)
+            with m.If(we == E - 1):
+                m.d.sync += [walking.eq(0), walk_end.eq(1)]
         return m

@@ -51,9 +51,10 @@ from .. import numerics
 from ..config import AcceleratorConfig
 from ..weights.client import GemmClientSignature
 from ..lib.burst_requester import BurstRequester
-from ..gemm.epilogue import EpilogueMode, StreamOutLayout
+from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..lib.mem_port import ReadPortSignature
+from ..lib.skid import SkidBuffer
 from .expert_layout import (LUT_BYTES, PARAM_LANE_BYTES, PLAN_ENTRY_BYTES, PLAN_FIELDS, ROUTER_RECORD_BYTES,
                             plan_moe)
 from .expert_queues import ExpertQueues
@@ -261,13 +262,19 @@ class MoESequencer(wiring.Component):
 
         # Responses arrive in request order: the record's beats first (beats wider than a record hold
         # it at ``rec_off``), then the table, one entry per cycle into the engine's GELU table.
+        # Which part a beat belongs to, and where in it the walk is, are flip-flops kept beside their
+        # counters (in_rec: rec_left != 0; plan_any: plan_left != 0; last_byte: lut_byte == db - 1;
+        # lut_more: lut_idx < LUT_BYTES; beat_end's parts), so ``resp.ready`` and the plan and table
+        # write enables are one LUT of flip-flops and the response's valid (the W1 top's arbiter
+        # r_rdy -> plan_left / plan_ok / res_w.en and lut_byte -> arbiter paths).
         resp = self.mem.resp
         rec_word = resp.p.data.word_select(rec_off, 8 * min(db, ROUTER_RECORD_BYTES)) \
             if db > ROUTER_RECORD_BYTES else resp.p.data
         lut_idx = Signal(range(LUT_BYTES + 1))
         lut_byte = Signal(range(db))
-        in_rec = rec_left != 0
-        last_byte = lut_byte == db - 1
+        in_rec = Signal()
+        last_byte = Signal(init=db == 1)
+        lut_more = Signal()
 
         # The plan table: entries of PLAN_ENTRY_BYTES; a beat holds several (wide beats) or an entry
         # takes several beats (narrow beats, assembled in ``acc``).
@@ -275,16 +282,20 @@ class MoESequencer(wiring.Component):
         n_plan = self.plan_entries
         plan_left = Signal(range(n_plan + 1))        # entries still to write
         plan_idx = Signal(range(n_plan + 1))
-        in_plan = ~in_rec & (plan_left != 0)
+        plan_any = Signal()
+        plan_one = Signal()                          # plan_left == 1
+        in_plan = ~in_rec & plan_any
         pw = ctl.plan_wr
         if db >= PLAN_ENTRY_BYTES:
             per_beat = db // PLAN_ENTRY_BYTES
             sub = Signal(range(per_beat))
+            sub_last = Signal(init=per_beat == 1)    # sub == per_beat - 1
             entry = resp.p.data.word_select(sub, E_BITS) if per_beat > 1 else resp.p.data
-            beat_end = (sub == per_beat - 1) | (plan_left == 1)
+            beat_end = sub_last | plan_one
             write = resp.valid & in_plan
             with m.If(write):
-                m.d.sync += sub.eq(Mux(beat_end, 0, sub + 1))
+                m.d.sync += [sub.eq(Mux(beat_end, 0, sub + 1)),
+                             sub_last.eq(Mux(beat_end, per_beat == 1, sub == per_beat - 2))]
         else:
             per_entry = PLAN_ENTRY_BYTES // db
             part = Signal(range(per_entry))
@@ -301,26 +312,42 @@ class MoESequencer(wiring.Component):
         m.d.comb += [pw.data.fc2.eq(fields["flags"][0]), pw.data.first_fc2.eq(fields["flags"][1]),
                      pw.data.last.eq(fields["flags"][2])]
         with m.If(start):
-            m.d.sync += [plan_left.eq(Mux(sp.plan_fetch, n_plan, 0)), plan_idx.eq(0)]
+            m.d.sync += [plan_left.eq(Mux(sp.plan_fetch, n_plan, 0)), plan_idx.eq(0),
+                         plan_any.eq(sp.plan_fetch & (n_plan != 0)), plan_one.eq(sp.plan_fetch & (n_plan == 1))]
         with m.Elif(write):
-            m.d.sync += [plan_left.eq(plan_left - 1), plan_idx.eq(plan_idx + 1)]
-            with m.If(plan_left == 1):
+            m.d.sync += [plan_left.eq(plan_left - 1), plan_idx.eq(plan_idx + 1),
+                         plan_any.eq(~plan_one), plan_one.eq(plan_left == 2)]
+            with m.If(plan_one):
                 m.d.sync += plan_ok.eq(1)
         m.d.comb += ctl.plan_ready.eq(plan_ok)
 
-        m.d.comb += [
-            resp.ready.eq(in_rec | Mux(in_plan, beat_end, last_byte)),
-            cl.gelu_lut.addr.eq(lut_idx),
-            cl.gelu_lut.en.eq(resp.valid & ~in_rec & ~in_plan & (lut_idx < LUT_BYTES)),
-        ]
+        # The GELU table's write leaves through registers (address, byte, enable): the byte
+        # multiplexer on ``lut_byte`` ends here, not in the engine's table behind the encoder's client
+        # multiplexer. The table is complete (lut_ok) a cycle after its last write is decided, when
+        # that write lands.
+        gl_addr = Signal.like(cl.gelu_lut.addr)
+        gl_data = Signal.like(cl.gelu_lut.data)
+        gl_en = Signal()
+        lut_fin = Signal()
+        lut_go = resp.valid & ~in_rec & ~plan_any
+        m.d.sync += [gl_en.eq(lut_go & lut_more), gl_addr.eq(lut_idx), lut_fin.eq(0)]
         with m.Switch(lut_byte):
             for k in range(db):
                 with m.Case(k):
-                    m.d.comb += cl.gelu_lut.data.eq(resp.p.data[8 * k:8 * k + 8])
+                    m.d.sync += gl_data.eq(resp.p.data[8 * k:8 * k + 8])
+        m.d.comb += [
+            resp.ready.eq(in_rec | Mux(plan_any, beat_end, last_byte)),
+            cl.gelu_lut.addr.eq(gl_addr),
+            cl.gelu_lut.data.eq(gl_data),
+            cl.gelu_lut.en.eq(gl_en),
+        ]
+        with m.If(lut_fin):
+            m.d.sync += lut_ok.eq(1)
         with m.If(start):
-            m.d.sync += [lut_idx.eq(0), lut_byte.eq(0)]
+            m.d.sync += [lut_idx.eq(0), lut_byte.eq(0), last_byte.eq(db == 1), lut_more.eq(1),
+                         in_rec.eq(sp.router_fetch)]
         with m.Elif(resp.valid & in_rec):
-            m.d.sync += rec_left.eq(rec_left - 1)
+            m.d.sync += [rec_left.eq(rec_left - 1), in_rec.eq(rec_left != 1)]
             # c_mult is the record's bytes 0-1, c_shift its byte 2: in its first beat unless beats are
             # narrower than 4 bytes.
             for i in range(-(-3 // min(db, ROUTER_RECORD_BYTES))):
@@ -334,10 +361,12 @@ class MoESequencer(wiring.Component):
                             m.d.sync += c_shift.eq(byte)
             with m.If(rec_left == 1):
                 m.d.sync += rec_ok.eq(1)
-        with m.Elif(resp.valid & ~in_plan):
-            m.d.sync += [lut_byte.eq(Mux(last_byte, 0, lut_byte + 1)), lut_idx.eq(lut_idx + 1)]
+        with m.Elif(lut_go):
+            m.d.sync += [lut_byte.eq(Mux(last_byte, 0, lut_byte + 1)),
+                         last_byte.eq(Mux(last_byte, db == 1, lut_byte == db - 2)),
+                         lut_idx.eq(lut_idx + 1), lut_more.eq(lut_idx < LUT_BYTES - 1)]
             with m.If(lut_idx == LUT_BYTES - 1):
-                m.d.sync += lut_ok.eq(1)
+                m.d.sync += lut_fin.eq(1)
 
         # ---- router path: engine RAW beats -> router -> queues -> controller -------------------------
         wiring.connect(m, wiring.flipped(self.o), rtr.i)
@@ -356,17 +385,31 @@ class MoESequencer(wiring.Component):
         wiring.connect(m, ctl.rt_wr, wiring.flipped(self.rt_wr))
 
         # ---- engine and streamers ---------------------------------------------------------------------
-        # Expert GEMMs (GELU8 fc1 reads the table) wait for the table; the gate's RAW GEMMs do not.
-        g_ok = lut_ok | (ctl.gemm.p.mode == EpilogueMode.RAW)
+        # The controller's three command streams leave through skid buffers: at the client boundary
+        # valid, payload and ready are flip-flops, so the encoder's owner gates (csel) and the shared
+        # datapath's command skids meet registers, not the controller's fetch and compute state
+        # logic (the W1 top's fetch_state -> wcmd/pcmd skid, csel_moe -> compute_state and
+        # -> gemm skid paths). One cycle of latency per command: the fetch runs tiles ahead, and a
+        # GEMM command is issued while the previous one still computes.
+        m.submodules.gemm_skid = gemm_skid = SkidBuffer(ctl.gemm.payload.shape())
+        m.submodules.wcmd_skid = wcmd_skid = SkidBuffer(ctl.wcmd.payload.shape())
+        m.submodules.pcmd_skid = pcmd_skid = SkidBuffer(ctl.pcmd.payload.shape())
+        # Expert GEMMs (GELU8 fc1 reads the table) wait for the table; the gate's RAW GEMMs (issued in
+        # the gate phase, the only RAW commands) do not. The phase flag, not a compare on the command's
+        # mode (a mux of the controller's state), so the skid's accept sees one LUT.
+        g_ok = lut_ok | ctl.gate_phase
         m.d.comb += [
-            cl.gemm.valid.eq(ctl.gemm.valid & g_ok),
-            cl.gemm.p.eq(ctl.gemm.p),
-            ctl.gemm.ready.eq(cl.gemm.ready & g_ok),
+            gemm_skid.i.valid.eq(ctl.gemm.valid & g_ok),
+            gemm_skid.i.payload.eq(ctl.gemm.p),
+            ctl.gemm.ready.eq(gemm_skid.i.ready & g_ok),
             ctl.gemm_done.eq(cl.gemm_done),
             ctl.pe_beat.eq(cl.pe_active),
         ]
-        wiring.connect(m, ctl.wcmd, wiring.flipped(cl.wcmd))
-        wiring.connect(m, ctl.pcmd, wiring.flipped(cl.pcmd))
+        wiring.connect(m, gemm_skid.o, wiring.flipped(cl.gemm))
+        wiring.connect(m, ctl.wcmd, wcmd_skid.i)
+        wiring.connect(m, wcmd_skid.o, wiring.flipped(cl.wcmd))
+        wiring.connect(m, ctl.pcmd, pcmd_skid.i)
+        wiring.connect(m, pcmd_skid.o, wiring.flipped(cl.pcmd))
         # The controller releases both halves together and waits for both to be FULL.
         m.d.comb += [
             ctl.wtile.valid.eq(cl.tile_valid), ctl.ptile.valid.eq(cl.tile_valid),

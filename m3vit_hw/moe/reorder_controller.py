@@ -595,8 +595,12 @@ class ReorderController(wiring.Component):
         pb1 = Signal()
         owed_lt = [Signal(name=f"owed_lt{i}") for i in range(3)]
         m.d.sync += [pb1.eq(self.pe_beat)] + [f.eq(owed < ctr.w_last + i) for i, f in enumerate(owed_lt)]
+        # pend == 0 as a flip-flop of its own (next pend is Cat(issued, pend[:3])), so the release is
+        # one LUT of pe_beat and registers (pe_beat arrives through the encoder's owner gate).
+        pend_zero = Signal(init=1)
+        m.d.sync += pend_zero.eq(~issued & (pend[:3] == 0))
         last_started = Mux(self.pe_beat, Mux(pb1, owed_lt[2], owed_lt[1]),
-                           Mux(pb1, owed_lt[1], owed_lt[0])) & (pend == 0)
+                           Mux(pb1, owed_lt[1], owed_lt[0])) & pend_zero
 
         rw, hw, hb = self.row_words, self.hidden_words, self.hidden_base
         g = self.gemm.p

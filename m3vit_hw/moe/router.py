@@ -36,7 +36,7 @@ once a row tile is complete (its last chunk written):
   state of size O(T x E) logits, not weight storage: it replaces a weight buffer that would grow with E.
 """
 
-from amaranth.hdl import Const, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Elaboratable, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -45,7 +45,7 @@ from ..config import AcceleratorConfig
 from ..gemm.epilogue import StreamOutLayout
 from ..lib.skid import SkidBuffer
 from ..numerics import SHIFT_BITS
-from ..rowops.counts import below_next
+from ..rowops.counts import thermometer_step
 from ..rowops.softmax import OUT_BITS, SoftmaxMode, SoftmaxUnit
 from .topk import TopK, expert_id_width
 
@@ -257,9 +257,16 @@ class Router(wiring.Component):
         w_ok = active & ~w_done & ~full.bit_select(w_bank, 1)
         m.d.comb += self.i.ready.eq(w_ok)
         w_go = self.i.valid & w_ok
-        w_row_last = w_row_rem == 0
-        w_tile_end = w_row_last & (w_nb == w_np - 1)
-        w_chunk_last = w_chunk == n_chunks - 1
+        # The writer's end-of-row / end-of-tile / last-bank / last-chunk tests are flip-flops, kept
+        # beside the counters they test (w_row_rem == 0, w_nb == w_np - 1, w_bank == banks - 1,
+        # w_chunk == n_chunks - 1): the accept (the engine's valid through the encoder's owner gate)
+        # then reaches the bank and row registers through one decision LUT, not through the compares
+        # (the W1 top's csel_moe -> w_bank / w_base / w_rem paths).
+        w_row_last = Signal()
+        w_nb_last = Signal()
+        w_tile_end = w_row_last & w_nb_last
+        w_bank_last = Signal(init=banks == 1)
+        w_chunk_last = Signal(init=n_chunks == 1)
 
         # Stage 1 (accept): read the beat's bias word. Stage 2: write the biased beat.
         s1_valid = Signal()
@@ -284,27 +291,57 @@ class Router(wiring.Component):
         # rows_m1(next_rem) with the subtraction folded into the constants: the compare and the
         # low bits' decrement both start at w_rem, in parallel.
         next_rows_m1 = Mux(w_rem >= 2 * R, R - 1, (w_rem - (R + 1))[:len(w_row_rem)])
+        # What a tile end loads from w_rem (the next tile's rows, whether it is a one-row tile and
+        # whether it is the chunk's last), registered every cycle from w_rem: a tile end that uses
+        # them ends a tile of R >= 2 rows (only the chunk's last tile is shorter, and its end loads
+        # the chunk's first tile or nothing), so w_rem has held for at least a cycle. The compares
+        # and the subtraction then sit between w_rem and these registers, not behind the accept.
+        next_one = w_rem <= R + 1
+        next_last = w_rem <= 2 * R
+        if R >= 2:
+            nr_m1_r, next_one_r, next_last_r = Signal(range(R)), Signal(), Signal()
+            m.d.sync += [nr_m1_r.eq(next_rows_m1), next_one_r.eq(next_one), next_last_r.eq(next_last)]
+            next_rows_m1, next_one, next_last = nr_m1_r, next_one_r, next_last_r
         first_rows_m1 = Signal(range(R))
         # The row-tile registers load in the cycle after the accept (``setup``), from the registered
         # T: the command's payload then only reaches registers through the T == 0 clamp. The writer
         # takes no beat in that cycle (the engine's first gate beat comes many cycles after the
         # command, so this costs nothing).
+        # w_nb_last for the chunk starting at column tile 0 of ``chunk`` (a constant per chunk).
+        def nb_last_at(chunk):
+            return Cat(*(chunk == j for j, count in enumerate(chunks) if count == 1)).any()
+
+        # The current row tile's rows_m1(w_rem), and whether it is 0 (a one-row tile), in registers
+        # loaded with w_rem: the next column tile restarts its rows from them.
+        tile_rows_m1 = Signal(range(R))
+        tile_one = Signal()
+
+        def one_row(cond):
+            # rows_m1(...) == 0 from ``cond`` (the tile's rows <= 1); always with one-row tiles.
+            return Const(1, 1) if R == 1 else cond
         with m.If(start):
             m.d.sync += w_done.eq(1)
         with m.If(setup):
             m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(rows_m1(tokens)), first_rows_m1.eq(rows_m1(tokens)),
-                         w_last_tile.eq(tokens <= R), w_done.eq(0)]
+                         tile_rows_m1.eq(rows_m1(tokens)), tile_one.eq(one_row(tokens <= 1)),
+                         w_last_tile.eq(tokens <= R), w_done.eq(0),
+                         w_row_last.eq(one_row(tokens <= 1)), w_nb_last.eq(nb_last_at(w_chunk))]
         with m.If(w_go):
-            m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1)]
+            m.d.sync += [w_row.eq(w_row + 1), w_row_rem.eq(w_row_rem - 1), w_row_last.eq(w_row_rem == 1)]
             with m.If(w_row_last):
-                m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(rows_m1(w_rem))]
+                m.d.sync += [w_row.eq(0), w_nb.eq(w_nb + 1), w_row_rem.eq(tile_rows_m1),
+                             w_row_last.eq(tile_one), w_nb_last.eq(w_nb == w_np - 2)]
                 with m.If(w_tile_end):
+                    # rows_m1(next_rem) == 0: next_rem = w_rem - R <= 1 (this is not the last tile).
                     m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(next_rows_m1),
-                                 w_last_tile.eq(w_rem <= 2 * R)]
-                    with m.If(w_bank == banks - 1):
-                        m.d.sync += [w_bank.eq(0), w_base.eq(0)]
+                                 tile_rows_m1.eq(next_rows_m1), tile_one.eq(one_row(next_one)),
+                                 w_row_last.eq(one_row(next_one)), w_nb_last.eq(w_np == 1),
+                                 w_last_tile.eq(next_last)]
+                    with m.If(w_bank_last):
+                        m.d.sync += [w_bank.eq(0), w_base.eq(0), w_bank_last.eq(banks == 1)]
                     with m.Else():
-                        m.d.sync += [w_bank.eq(w_bank + 1), w_base.eq(w_base + bank_words)]
+                        m.d.sync += [w_bank.eq(w_bank + 1), w_base.eq(w_base + bank_words),
+                                     w_bank_last.eq(w_bank == banks - 2)]
                     # A chunk's last row tile: the next chunk starts again at token 0, bank 0
                     # (several chunks: one bank per row tile, none drained yet).
                     with m.If(w_last_tile):
@@ -312,8 +349,12 @@ class Router(wiring.Component):
                             m.d.sync += w_done.eq(1)
                         with m.Else():
                             m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(first_rows_m1),
+                                         tile_rows_m1.eq(first_rows_m1), tile_one.eq(one_row(tokens <= 1)),
+                                         w_row_last.eq(one_row(tokens <= 1)),
+                                         w_nb_last.eq(nb_last_at(w_chunk + 1)),
                                          w_last_tile.eq(tokens <= R), w_bank.eq(0), w_base.eq(0),
-                                         w_chunk.eq(w_chunk + 1)]
+                                         w_bank_last.eq(banks == 1), w_chunk.eq(w_chunk + 1),
+                                         w_chunk_last.eq(w_chunk == n_chunks - 2)]
 
         # ---- reader: rows in token order (one registered read stage) ------------------------------
         release = Signal()                        # the reader frees its bank this cycle
@@ -324,8 +365,14 @@ class Router(wiring.Component):
         r_nb = Signal(range(NB))
         s_valid = Signal()
         fork_ready = Signal()
+        # r_end: the row being read is its tile's last ((r_row == R - 1) | (r_rem == 1)), and
+        # r_bank_last: r_bank == banks - 1, flip-flops kept beside the counters, so the fork's
+        # handshake reaches the bank registers through one decision, not the compares (the W1 top's
+        # sent_sm -> r_base / r_bank path).
+        r_end = Signal()
+        r_bank_last = Signal(init=banks == 1)
         with m.If(setup):
-            m.d.sync += r_rem.eq(tokens)
+            m.d.sync += [r_rem.eq(tokens), r_end.eq((R == 1) | (tokens == 1))]
         r_go = full.bit_select(r_bank, 1) & (~s_valid | fork_ready)
         m.d.comb += [
             t_r.addr.eq(r_base + r_row * NB + r_nb),
@@ -334,13 +381,15 @@ class Router(wiring.Component):
         with m.If(r_go):
             m.d.sync += [s_valid.eq(1), r_nb.eq(r_nb + 1)]
             with m.If(r_nb == NB - 1):
-                m.d.sync += [r_nb.eq(0), r_row.eq(r_row + 1), r_rem.eq(r_rem - 1)]
-                with m.If((r_row == R - 1) | (r_rem == 1)):
-                    m.d.sync += r_row.eq(0)
-                    with m.If(r_bank == banks - 1):
-                        m.d.sync += [r_bank.eq(0), r_base.eq(0)]
+                m.d.sync += [r_nb.eq(0), r_row.eq(r_row + 1), r_rem.eq(r_rem - 1),
+                             r_end.eq((r_row == R - 2) | (r_rem == 2))]
+                with m.If(r_end):
+                    m.d.sync += [r_row.eq(0), r_end.eq((R == 1) | (r_rem == 2))]
+                    with m.If(r_bank_last):
+                        m.d.sync += [r_bank.eq(0), r_base.eq(0), r_bank_last.eq(banks == 1)]
                     with m.Else():
-                        m.d.sync += [r_bank.eq(r_bank + 1), r_base.eq(r_base + bank_words)]
+                        m.d.sync += [r_bank.eq(r_bank + 1), r_base.eq(r_base + bank_words),
+                                     r_bank_last.eq(r_bank == banks - 2)]
                     m.d.comb += release.eq(1)
         with m.Elif(fork_ready):
             m.d.sync += s_valid.eq(0)
@@ -384,31 +433,35 @@ class Router(wiring.Component):
 
         # ---- output: one beat per token ------------------------------------------------------------
         o_left = Signal(range(cap + 1))          # tokens not yet sent, a down-counter (no compare with T - 1)
+        o_last = Signal()                        # o_left == 1, a flip-flop beside it
         with m.If(setup):
-            m.d.sync += o_left.eq(tokens)
+            m.d.sync += [o_left.eq(tokens), o_last.eq(tokens == 1)]
         m.d.comb += [
             self.o.valid.eq(tk.o.valid),
             self.o.p.experts.eq(tk.o.p.experts),
             self.o.p.weights.eq(tk.o.p.tags),
-            self.o.p.last.eq(o_left == 1),
+            self.o.p.last.eq(o_last),
             tk.o.ready.eq(self.o.ready),
             self.busy.eq(active),
         ]
         with m.If(self.o.valid & self.o.ready):
-            m.d.sync += o_left.eq(o_left - 1)
-            with m.If(o_left == 1):
-                m.d.sync += [active.eq(0), w_chunk.eq(0),
-                             w_bank.eq(0), w_base.eq(0), r_bank.eq(0), r_base.eq(0)]
+            m.d.sync += [o_left.eq(o_left - 1), o_last.eq(o_left == 2)]
+            with m.If(o_last):
+                m.d.sync += [active.eq(0), w_chunk.eq(0), w_chunk_last.eq(n_chunks == 1),
+                             w_bank.eq(0), w_base.eq(0), w_bank_last.eq(banks == 1),
+                             r_bank.eq(0), r_base.eq(0), r_bank_last.eq(banks == 1)]
         return m
 
 
 class FlagQueue(Elaboratable):
     """A FIFO with ``SyncFIFOBuffered``'s interface and registered flags (the router's logit FIFO, the
     score path's read-ahead FIFO): ``SyncFIFOBuffered``'s interface (``w_en``/``w_rdy``/``w_data``,
-    ``r_en``/``r_rdy``/``r_data``, ``depth`` entries with the output register) with its occupancy
-    flags registered a cycle ahead (:func:`~m3vit_hw.rowops.counts.below_next`): ``w_rdy`` and the
-    storage's not-empty test are flip-flops, so the join's read enable and the fork's write enable
-    do not run through a level compare into the level's adder in one cycle."""
+    ``r_en``/``r_rdy``/``r_data``, ``depth`` entries with the output register) with its occupancy kept
+    as a thermometer code (:func:`~m3vit_hw.rowops.counts.thermometer_step`): ``w_rdy`` and the
+    storage's not-empty test are flip-flops of that code, and each of its bits updates through a LUT
+    of the write and read enables and its neighbours. No level adder or compare sits behind the
+    fork's write enable and the join's read enable (the W1 top's ``score.i.valid -> ahead.n`` path
+    ran through one). Costs ``depth - 1`` flip-flops for the count."""
 
     def __init__(self, width, depth):
         self.width, self.depth = width, depth
@@ -421,9 +474,10 @@ class FlagQueue(Elaboratable):
         m.submodules.storage = storage = memory.Memory(shape=self.width, depth=inner, init=[])
         wr = storage.write_port()
         rd = storage.read_port(transparent_for=())
-        n = Signal(range(inner + 1))                     # entries in the storage
-        room = Signal(init=1)                            # n < inner
-        any_ = Signal()                                  # n > 0
+        # therm[i] == (entries in the storage > i): room is ~therm[inner - 1], not-empty therm[0].
+        therm = Signal(inner)
+        room = ~therm[inner - 1]
+        any_ = therm[0]
         wptr = Signal(range(inner))
         rptr = Signal(range(inner))
         out_valid = Signal()
@@ -434,11 +488,7 @@ class FlagQueue(Elaboratable):
             wr.addr.eq(wptr), wr.data.eq(self.w_data), wr.en.eq(write),
             rd.addr.eq(rptr), rd.en.eq(read),
         ]
-        m.d.sync += [
-            n.eq(n + write - read),
-            room.eq(below_next(n, write, read, inner)),
-            any_.eq(~below_next(n, write, read, 1)),
-        ]
+        thermometer_step(m, therm, write, read)
         with m.If(write):
             m.d.sync += wptr.eq(Mux(wptr == inner - 1, 0, wptr + 1))
         with m.If(read):
