@@ -32,6 +32,7 @@ from ..numerics import SHIFT_BITS
 from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 from ..lib.isqrt import ISqrt
+from ..lib.skid import SkidBuffer
 from .counts import below_next
 
 __all__ = ["LayerNormUnit", "MAX_DIM"]
@@ -106,8 +107,9 @@ class LayerNormUnit(wiring.Component):
     normalize pass of earlier rows. The row buffer holds :attr:`buffer_depth` ``= R +``
     :attr:`recip_latency` ``+ 9`` beats: the lag between a row's input and its first read back,
     plus a margin of 2. For shorter rows the unit sustains one row per ``min_row_beats`` cycles.
-    The latency from the last input beat of a row to its first output beat is ``recip_latency + 11``
-    cycles, when nothing stalls (:attr:`row_latency`).
+    The latency from the last input beat of a row to its first output beat is ``recip_latency + 21``
+    cycles plus the statistics pass's tree stages, when nothing stalls (:attr:`row_latency`; one of
+    them is the input skid buffer).
 
     Raises
     ------
@@ -196,10 +198,12 @@ class LayerNormUnit(wiring.Component):
     @property
     def row_latency(self):
         """Cycles from the transfer of a row's last input beat to its first output beat, unstalled."""
+        # 1 cycle in the input skid buffer, then
         # 6 cycles to the ISqrt operand (statistics 3, var_n 3) plus the statistics pass's square and
         # tree stages beyond the first, 1 to the first read, then the normalize pipeline and its
         # output FIFO.
-        return self._recip_latency + 7 + self._stat_tree_stages + _NORM_STAGES + CreditFIFO.LATENCY
+        return (SkidBuffer.LATENCY + self._recip_latency + 7 + self._stat_tree_stages + _NORM_STAGES
+                + CreditFIFO.LATENCY)
 
     @property
     def min_row_beats(self):
@@ -257,7 +261,16 @@ class LayerNormUnit(wiring.Component):
         # in_flight != 0 as a register (from the count's next value), so busy, and through the
         # parameter handshake i.ready, is one LUT of flip-flops.
         in_flight_nz = Signal()
-        m.d.comb += self.busy.eq(in_flight_nz | first_go_r)
+        # The input goes through a skid buffer: i.ready is its flip-flop, so the producer's logic
+        # (the norm stage's reader and the residual buffer's read port behind it) no longer waits
+        # for the room, result-FIFO and parameter terms below, which missed 300 MHz in the whole
+        # top. A beat held there counts as in flight (busy), so a parameter write still applies to
+        # exactly the rows whose first beat transfers after it; the write and a beat may transfer
+        # in the same cycle (the beat then reaches the statistics pass a cycle later, after the write).
+        m.submodules.in_skid = in_skid = SkidBuffer(self.i.payload.shape())
+        wiring.connect(m, wiring.flipped(self.i), in_skid.i)
+        ii = in_skid.o
+        m.d.comb += self.busy.eq(in_flight_nz | first_go_r | ii.valid)
 
         param_go = self.param.valid & ~self.busy
         m.d.comb += self.param.ready.eq(~self.busy)
@@ -278,7 +291,7 @@ class LayerNormUnit(wiring.Component):
         # previous stall, from the var_n stage's ready through the result register, missed 300 MHz in
         # the whole top).
         sv1, slast1 = Signal(), Signal()
-        sx1 = Signal.like(self.i.payload)
+        sx1 = Signal.like(ii.payload)
         sv2, slast2 = Signal(), Signal()
         b1 = Signal(s1_shape)
         b2 = Signal(s2_shape)
@@ -298,10 +311,11 @@ class LayerNormUnit(wiring.Component):
 
         in_go = Signal()
         m.d.comb += [
-            self.i.ready.eq(room & ~param_go & (~in_last | res_fifo.room)),
-            in_go.eq(self.i.valid & self.i.ready),
+            # No parameter term: a write happens only while the skid buffer is empty (busy).
+            ii.ready.eq(room & (~in_last | res_fifo.room)),
+            in_go.eq(ii.valid & ii.ready),
             buf_w.addr.eq(wr_ptr),
-            buf_w.data.eq(self.i.payload),
+            buf_w.data.eq(ii.payload),
             # The write enable is the room flag (a register), not in_go: the handshake logic (stall,
             # room, parameter writes) in front of the block RAM's write enable missed 300 MHz. With
             # room the slot at wr_ptr is free, so writing it while no beat transfers is harmless:
@@ -315,7 +329,7 @@ class LayerNormUnit(wiring.Component):
                 in_last.eq(Mux(in_last, R == 1, in_beat == R - 2)),
             ]
         m.d.comb += res_fifo.take.eq(in_go & in_last)
-        m.d.sync += [sv1.eq(in_go), slast1.eq(in_last), sx1.eq(self.i.payload)]
+        m.d.sync += [sv1.eq(in_go), slast1.eq(in_last), sx1.eq(ii.payload)]
         # Squares in their own stage (one registered DSP48E2 each), then registered binary adder
         # trees for the lane sums: one register level per adder level.
         sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
