@@ -22,7 +22,7 @@ the resulting throughput condition.
 import math
 
 from amaranth import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
-from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -33,7 +33,7 @@ from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 from ..lib.isqrt import ISqrt
 from ..lib.skid import SkidBuffer
-from .counts import below_next
+from .counts import below_next, thermometer_step
 
 __all__ = ["LayerNormUnit", "MAX_DIM"]
 
@@ -53,10 +53,10 @@ MAX_DIM = 1 << 14
 
 # Beats a row's input runs ahead of its first normalize read, beyond the row itself, the ISqrt and
 # Divider latencies and the statistics pass's tree stages and var_n's third stage (added where the
-# depth is computed): 5 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2) and
-# 1 from the reciprocal to the first read. The buffer needs one more slot than that lag, and 2 more as
-# margin.
-_STATS_OVERHEAD = 9
+# depth is computed): 6 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2,
+# var_n's output FIFO 1) and 1 from the reciprocal to the first read. The buffer needs one more slot
+# than that lag, and 2 more as margin.
+_STATS_OVERHEAD = 10
 
 
 def _signed_for(bound):
@@ -105,9 +105,9 @@ class LayerNormUnit(wiring.Component):
     sustained over any number of rows, provided that ``R >=`` :attr:`min_row_beats`, the period of the
     slower of the two per-row engines. The statistics pass of later rows overlaps the reciprocal and
     normalize pass of earlier rows. The row buffer holds :attr:`buffer_depth` ``= R +``
-    :attr:`recip_latency` ``+ 9`` beats: the lag between a row's input and its first read back,
+    :attr:`recip_latency` ``+ 10`` beats plus the statistics tree stages: the lag between a row's input and its first read back,
     plus a margin of 2. For shorter rows the unit sustains one row per ``min_row_beats`` cycles.
-    The latency from the last input beat of a row to its first output beat is ``recip_latency + 21``
+    The latency from the last input beat of a row to its first output beat is ``recip_latency + 22``
     cycles plus the statistics pass's tree stages, when nothing stalls (:attr:`row_latency`; one of
     them is the input skid buffer).
 
@@ -199,11 +199,12 @@ class LayerNormUnit(wiring.Component):
     def row_latency(self):
         """Cycles from the transfer of a row's last input beat to its first output beat, unstalled."""
         # 1 cycle in the input skid buffer, then
-        # 6 cycles to the ISqrt operand (statistics 3, var_n 3) plus the statistics pass's square and
+        # 7 cycles to the ISqrt operand (statistics 3, var_n 3, its output FIFO 1) plus the statistics
+        # pass's square and
         # tree stages beyond the first, 1 to the first read, then the normalize pipeline and its
         # output FIFO.
-        return (SkidBuffer.LATENCY + self._recip_latency + 7 + self._stat_tree_stages + _NORM_STAGES
-                + CreditFIFO.LATENCY)
+        return (SkidBuffer.LATENCY + self._recip_latency + 7 + CreditFIFO.LATENCY + self._stat_tree_stages
+                + _NORM_STAGES + CreditFIFO.LATENCY)
 
     @property
     def min_row_beats(self):
@@ -363,7 +364,23 @@ class LayerNormUnit(wiring.Component):
         # ---- var_n, then isqrt -> divide -------------------------------------------------------
         # S1 waits in a FIFO for its row's reciprocal. The FIFO holds more rows than can be in the
         # var_n/isqrt/divide chain at once, so it never throttles the chain.
-        m.submodules.s1_fifo = s1_fifo = fifo.SyncFIFO(width=s1_shape.width, depth=8)
+        # A queue of distributed RAM with two pointers and its count as a thermometer code
+        # (rowops.counts): "full" is a flip-flop, and the write's handshake reaches no adder (a
+        # SyncFIFO's level adder behind it missed 300 MHz in the whole top). Same behaviour as a
+        # SyncFIFO: r_data is the head, combinational from the RAM.
+        s1_depth = 8
+        m.submodules.s1_fifo = s1_mem = Memory(shape=s1_shape, depth=s1_depth, init=[])
+        s1_wp, s1_rp = s1_mem.write_port(), s1_mem.read_port(domain="comb")
+        s1_wptr, s1_rptr = Signal(range(s1_depth)), Signal(range(s1_depth))
+        s1_therm = Signal(s1_depth)
+        s1_w_rdy = ~s1_therm[s1_depth - 1]
+        s1_w_en, s1_r_en = Signal(), Signal()
+        m.d.comb += [s1_wp.addr.eq(s1_wptr), s1_wp.en.eq(s1_w_en), s1_rp.addr.eq(s1_rptr)]
+        with m.If(s1_w_en):
+            m.d.sync += s1_wptr.eq(s1_wptr + 1)
+        with m.If(s1_r_en):
+            m.d.sync += s1_rptr.eq(s1_rptr + 1)
+        thermometer_step(m, s1_therm, s1_w_en, s1_r_en)
         m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k, pipelined=self._pipelined)
         # The dividend 2**LN_INV_BITS is a single one bit above LN_INV_BITS zero bits: the divider
         # takes it as dividend_shift, so its pipeline holds no constant dividend bits (yosys removed
@@ -372,7 +389,11 @@ class LayerNormUnit(wiring.Component):
                                          pipelined=self._pipelined, dividend_shift=numerics.LN_INV_BITS)
 
         # var_n takes three stages: the wide products (D*S2, and S1**2 as two DSP partial products),
-        # their sums (+ eps, and the partial products), then the subtraction.
+        # their sums (+ eps, and the partial products), then the subtraction. The stages have no
+        # enable; they end in a credit-counted FIFO (vfifo) in front of the ISqrt, so a row's sums
+        # leave res_fifo only while vfifo has room for every row in flight: the ISqrt's ready reaches
+        # only vfifo's read side, not res_fifo's and s1_fifo's counts (that stall chain missed
+        # 300 MHz in the whole top). One cycle more to the ISqrt.
         va_valid, vp_valid, vb_valid = Signal(), Signal(), Signal()
         # Narrow S1 (small D) needs no split: one product.
         cut = _INV_CHUNK if s1_shape.width > _INV_CHUNK else s1_shape.width
@@ -387,32 +408,35 @@ class LayerNormUnit(wiring.Component):
         vp_ds2 = Signal(unsigned(self._sqrt_width), reset_less=True)
         vp_sq = Signal(unsigned(2 * s1_shape.width), reset_less=True)
         vb = Signal(self._sqrt_width, reset_less=True)
-        v_adv = ~vb_valid | isq.i.ready
+        m.submodules.var_fifo = vfifo = CreditFIFO(unsigned(self._sqrt_width), 3 + CreditFIFO.LATENCY + 1)
         m.d.comb += [
-            res_fifo.o.ready.eq(s1_fifo.w_rdy & v_adv),
-            res_take.eq(res_valid & s1_fifo.w_rdy & v_adv),
-            s1_fifo.w_en.eq(res_take),
-            s1_fifo.w_data.eq(res_s1),
+            res_fifo.o.ready.eq(s1_w_rdy & vfifo.room),
+            res_take.eq(res_valid & s1_w_rdy & vfifo.room),
+            s1_w_en.eq(res_take),
+            s1_wp.data.eq(res_s1),
+            vfifo.take.eq(res_take),
+            vfifo.w_en.eq(vb_valid),
+            vfifo.w_data.eq(vb),
         ]
-        with m.If(v_adv):
-            m.d.sync += [
-                va_valid.eq(res_take),
-                va_ds2_lo.eq(res_s2[:ds2_cut] * D),
-                va_ds2_hi.eq(res_s2[ds2_cut:] * D if ds2_cut < s2_shape.width else 0),
-                va_eps.eq(eps),
-                va_pp_lo.eq(res_s1 * (res_s1[:cut] if cut < s1_shape.width else res_s1)),
-                va_pp_hi.eq(res_s1 * res_s1[cut:].as_signed() if cut < s1_shape.width else 0),
-                vp_valid.eq(va_valid),
-                vp_ds2.eq(va_ds2_lo + (va_ds2_hi << ds2_cut) + va_eps),
-                vp_sq.eq(va_pp_lo + (va_pp_hi << cut)),
-                vb_valid.eq(vp_valid),
-                # >= 0 mathematically (Cauchy-Schwarz); the true value fits in sqrt_width bits.
-                vb.eq(vp_ds2 - vp_sq),
-            ]
+        m.d.sync += [
+            va_valid.eq(res_take),
+            va_ds2_lo.eq(res_s2[:ds2_cut] * D),
+            va_ds2_hi.eq(res_s2[ds2_cut:] * D if ds2_cut < s2_shape.width else 0),
+            va_eps.eq(eps),
+            va_pp_lo.eq(res_s1 * (res_s1[:cut] if cut < s1_shape.width else res_s1)),
+            va_pp_hi.eq(res_s1 * res_s1[cut:].as_signed() if cut < s1_shape.width else 0),
+            vp_valid.eq(va_valid),
+            vp_ds2.eq(va_ds2_lo + (va_ds2_hi << ds2_cut) + va_eps),
+            vp_sq.eq(va_pp_lo + (va_pp_hi << cut)),
+            vb_valid.eq(vp_valid),
+            # >= 0 mathematically (Cauchy-Schwarz); the true value fits in sqrt_width bits.
+            vb.eq(vp_ds2 - vp_sq),
+        ]
         root = isq.o.payload.root
         m.d.comb += [
-            isq.i.valid.eq(vb_valid),
-            isq.i.payload.eq(vb),
+            isq.i.valid.eq(vfifo.o.valid),
+            isq.i.payload.eq(vfifo.o.payload),
+            vfifo.o.ready.eq(isq.i.ready),
             div.i.valid.eq(isq.o.valid),
             div.i.payload.dividend.eq(1),                          # << LN_INV_BITS
             div.i.payload.divisor.eq(Mux(root == 0, 1, root)),     # den = max(1, isqrt(var_n))
@@ -447,9 +471,9 @@ class LayerNormUnit(wiring.Component):
         # A row's S1 entered s1_fifo when its var_n did, long before its reciprocal leaves the
         # divider, so a divider result always finds its S1 (no FIFO level compare in the load path).
         load = (~row_active | issue_last) & div.o.valid
-        m.d.comb += [div.o.ready.eq(load), s1_fifo.r_en.eq(load)]
+        m.d.comb += [div.o.ready.eq(load), s1_r_en.eq(load)]
         with m.If(load):
-            m.d.sync += [cur_s1.eq(s1_fifo.r_data.as_signed()), cur_inv.eq(div.o.payload.quotient),
+            m.d.sync += [cur_s1.eq(s1_rp.data), cur_inv.eq(div.o.payload.quotient),
                          row_active.eq(1)]
         with m.Elif(issue_last):
             m.d.sync += row_active.eq(0)
