@@ -229,8 +229,8 @@ class AttnSequencer(wiring.Component):
 
     def _part_table(self, m, sh, dv):
         """Per-part tile constants of the run-time plan, as registers (they hold while a layer runs):
-        for each part (0: Q|K, 1: V, 2: projection) ``panels`` (the smaller chunk's), ``extra``,
-        ``nch_m1`` (chunks - 1), the weight and parameter lengths of a small and a big chunk
+        for each part (0: Q|K, 1: V, 2: projection) ``panels`` (the smaller chunk's), ``extra``
+        (and ``extra_nz``: extra != 0), ``nch_m1`` (chunks - 1), the weight and parameter lengths of a small and a big chunk
         (``wl_s``, ``wl_b``, ``pl_s``, ``pl_b``, beat-padded) and a tile's whole step (``st_s``,
         ``st_b``). The walkers then select, compare and add once per tile (no multiply, round-up and
         three-operand add between their registers). Valid after the start: part 0 after 3 cycles,
@@ -240,7 +240,7 @@ class AttnSequencer(wiring.Component):
         most = max(2 * self._bmap.hw, cfg.row_words)
         layout = data.StructLayout({
             "panels": range(most + 1), "extra": range(most + 1), "extra_m1": range(-1, most + 1),
-            "nch_m1": range(most + 1),
+            "extra_nz": 1, "nch_m1": range(most + 1),
             "wl_s": unsigned(aw), "wl_b": unsigned(aw), "pl_s": unsigned(aw), "pl_b": unsigned(aw),
             "st_s": unsigned(aw), "st_b": unsigned(aw),
         })
@@ -251,6 +251,7 @@ class AttnSequencer(wiring.Component):
             spec = sh[pname]
             m.d.sync += [
                 e.panels.eq(spec.panels), e.extra.eq(spec.extra), e.extra_m1.eq(spec.extra - 1),
+                e.extra_nz.eq(spec.extra != 0),
                 e.nch_m1.eq(spec.chunks - 1),
                 e.wl_s.eq(_round_up_const(small_el * C, db)),
                 e.wl_b.eq(_round_up_const((small_el + k) * C, db)),
@@ -298,23 +299,24 @@ class AttnSequencer(wiring.Component):
         # advance (chunk 0 of the next part: its extra != 0; else chunk + 1 < extra), refreshed
         # otherwise.
         big = Signal(name=f"{name}_big")
+        # The candidates are selected from registers only (the current part's and the next part's
+        # constants, "the next chunk is big" for each case), and ``advance`` picks between them in
+        # the last mux: ``advance`` comes from a handshake (the fetch commands' ready, the compute
+        # sequencer's decision behind the client's gated tile and done inputs), and the part-indexed
+        # selects behind it missed 300 MHz in the whole top. ``head_last`` (head == heads_m1) is a
+        # register: the head changes only when part 1 ends, and part 1 comes back an advance later.
+        head_last = Signal(name=f"{name}_head_last")
+        m.d.sync += head_last.eq(head == heads_m1)
+        cur = Signal.like(e, name=f"{name}_cur_consts")
+        nxt = Signal.like(e, name=f"{name}_next_consts")
+        m.d.comb += [cur.eq(Mux(part == 0, table[0], Mux(part == 1, table[1], table[2]))),
+                     nxt.eq(Mux(part == 0, table[1], Mux((part == 1) & ~head_last, table[0], table[2])))]
         with m.If(part_change):
-            with m.Switch(part):
-                with m.Case(0):
-                    m.d.sync += [e.eq(table[1]), big.eq(table[1].extra != 0)]
-                with m.Case(1):
-                    with m.If(head == heads_m1):
-                        m.d.sync += [e.eq(table[2]), big.eq(table[2].extra != 0)]
-                    with m.Else():
-                        m.d.sync += [e.eq(table[0]), big.eq(table[0].extra != 0)]
+            m.d.sync += [e.eq(nxt), big.eq(nxt.extra_nz)]
         with m.Elif(chunk_step):
             m.d.sync += big.eq(chunk < e.extra_m1)
         with m.Else():
-            m.d.sync += big.eq(chunk < e.extra)
-            with m.Switch(part):
-                for code in range(3):
-                    with m.Case(code):
-                        m.d.sync += e.eq(table[code])
+            m.d.sync += [e.eq(cur), big.eq(chunk < e.extra)]
         panels = e.panels + big
         last_chunk = chunk == e.nch_m1
         is_proj = part == 2
