@@ -19,7 +19,7 @@ weight buffer: those are the datapath's, reached through
 plus this client); its docstring has the wiring.
 """
 
-from amaranth.hdl import Array, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -28,7 +28,7 @@ from ..config import AcceleratorConfig
 from ..weights.client import GemmClientSignature
 from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
-from ..rowops.counts import below_next, thermometer_step
+from ..rowops.counts import ShiftQueue, below_next
 from ..rowops.softmax import SHIFT_BITS
 from .attn_layout import SHAPE_PARTS, AttnLayout, BufferMap, buffer_map, plan_attention
 from .score_path import ScorePath, mem_addr_width
@@ -42,41 +42,6 @@ class Phase(enum.Enum, shape=2):
     QK = 1
     AV = 2
     PROJ = 3
-
-
-class _PhaseQueue(Elaboratable):
-    """The in-flight engine commands' phases: a ``SyncFIFO``-compatible queue (``w_en``, ``w_data``,
-    ``w_rdy``, ``r_en``, ``r_data``, ``r_rdy``, same cycle behaviour) kept in flip-flops that shift
-    towards the head, so ``r_data`` (the oldest command's phase) and both flags are registers and no
-    distributed-RAM read or level compare sits in front of the sequencer's decisions and counters.
-    The count is a thermometer code (:func:`~m3vit_hw.rowops.counts.thermometer_step`): ``w_en`` and
-    ``r_en`` come from the client's gated handshakes, and an adder behind them missed 300 MHz in the
-    whole top."""
-
-    def __init__(self, depth):
-        self.depth = depth
-        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(Phase), Signal(init=1)
-        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(Phase), Signal()
-
-    def elaborate(self, platform):
-        m = Module()
-        n = self.depth
-        cells = [Signal(Phase, name=f"cell{i}") for i in range(n)]
-        therm = Signal(n)                   # bit i: more than i entries
-        push = self.w_en & self.w_rdy
-        pop = self.r_en & self.r_rdy
-        m.d.comb += [self.r_data.eq(cells[0]), self.r_rdy.eq(therm[0]), self.w_rdy.eq(~therm[n - 1])]
-        for i in range(n):
-            keep = cells[i + 1] if i + 1 < n else cells[i]
-            # count == i: bit i - 1 set (or i == 0) and bit i clear.
-            at = (~therm[i] if i == 0 else therm[i - 1] & ~therm[i])
-            at_next = (therm[i] & ~therm[i + 1]) if i + 1 < n else therm[i]
-            with m.If(push & Mux(pop, at_next, at)):
-                m.d.sync += cells[i].eq(self.w_data)
-            with m.Elif(pop):
-                m.d.sync += cells[i].eq(keep)
-        thermometer_step(m, therm, push, pop)
-        return m
 
 
 class AttnShapeLayout(data.StructLayout):
@@ -487,7 +452,9 @@ class AttnSequencer(wiring.Component):
         ]
 
         # ---- in-flight engine commands (their phases, in order) ---------------------------------
-        m.submodules.inflight = infl = _PhaseQueue(8)
+        # A ShiftQueue (flip-flops, thermometer count): its enables come from the client's gated
+        # handshakes (``sent``, ``gemm_done``), and an adder behind them missed 300 MHz in the top.
+        m.submodules.inflight = infl = ShiftQueue(Phase, 8)
         head_phase = Signal(Phase)
         infl_any = Signal()
         m.d.comb += [head_phase.eq(infl.r_data), infl.r_en.eq(cl.gemm_done), infl_any.eq(infl.r_rdy)]
