@@ -67,11 +67,12 @@ _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS,
 # one-cycle lag keeps in hand).
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
-# pass reads it, 7 cycles plus the lane-sum tree stages plus 3 plus the divider latency after the
+# pass reads it, 8 cycles plus the lane-sum tree stages plus 3 plus the divider latency after the
 # row's last reservation (the tree stages and the 3 are added where the depth is computed; the exp
-# shift's second stage adds a cycle that the sum queue, a CreditFIFO, saves). A reservation
-# needs a free slot, so a row needs 8 slots beyond its own and the divider latency; 2 more are margin.
-_EXP_SLACK = 10
+# shift's second stage and the sum register add a cycle each, the sum queue, a CreditFIFO, saves
+# one). A reservation needs a free slot, so a row needs 9 slots beyond its own and the divider
+# latency; 2 more are margin.
+_EXP_SLACK = 11
 #: Low chunk of the exp distance for the c_mult product: 26 unsigned bits fit the DSP48E2's 27-bit
 #: signed multiplier input.
 _D_CHUNK = 26
@@ -147,7 +148,7 @@ class SoftmaxUnit(wiring.Component):
     last beat may be partial, so the element rate is ``length / ceil(length / lanes)`` per cycle.
     Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
     From the last input beat of a row to its first output beat, the latency is
-    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 16`` plus the lane max
+    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 19`` plus the lane max
     tree stages, the lane-sum tree stages and the divider latency.
 
     Raises
@@ -233,10 +234,10 @@ class SoftmaxUnit(wiring.Component):
         when nothing stalls."""
         # 3 cycles (plus the max tree's extra stages) for the max to reach the exp pass and 1 to its
         # first read, then the row's reads.
-        # Then 9 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 1
-        # cycle into the divider (the queue's output register), the divider itself, and 4 cycles
+        # Then 10 cycles through the exp pipeline, the lane-sum tree stages and the sum register into
+        # the sum queue, 1 cycle into the divider (the queue's output register), the divider itself, and 4 cycles
         # from the output pass's first read to its output FIFO, then the FIFO.
-        return (-(-length // self._lanes) + 17 + self._max_stages + self._tree_stages
+        return (-(-length // self._lanes) + 18 + self._max_stages + self._tree_stages
                 + self._div_latency(self._k) + CreditFIFO.LATENCY)
 
     def elaborate(self, platform):
@@ -570,11 +571,17 @@ class SoftmaxUnit(wiring.Component):
         total = Mux(afirst, 0, acc) + level[0]
         with m.If(tv):
             m.d.sync += [acc.eq(total), afirst.eq(tlast)]
+        # The row's sum is registered before the queue: the queue's output register takes its
+        # input straight from w_data when empty, and the accumulator's adder in front of that mux
+        # left too little margin.
         sum_in = Signal(sum_layout)
+        sum_wv = Signal()
+        m.d.comb += [sum_in.eq(tsum), sum_in.sum.eq(total)]
+        sum_wd = Signal(sum_layout)
+        m.d.sync += [sum_wv.eq(tv & tlast), sum_wd.eq(sum_in)]
         m.d.comb += [
-            sum_in.eq(tsum), sum_in.sum.eq(total),
-            sum_fifo.w_data.eq(sum_in), sum_fifo.w_en.eq(tv & tlast),     # room is reserved by rows2
-            sum_fifo.take.eq(tv & tlast),
+            sum_fifo.w_data.eq(sum_wd), sum_fifo.w_en.eq(sum_wv),     # room is reserved by rows2
+            sum_fifo.take.eq(sum_wv),
         ]
 
         # ---- divider ------------------------------------------------------------------------------
