@@ -329,16 +329,22 @@ class SoftmaxUnit(wiring.Component):
         too_long = p_len > self._max_length
         max_tail = (self._max_length - 1) % L
         if L & (L - 1) == 0:
-            tail_idx = Mux(too_long, max_tail, (p_len - 1)[:max(1, (L - 1).bit_length())] if L > 1 else 0)
+            # Each mask bit a LUT of the length's low bits, then one select on the clamp (the
+            # compare's carry chain runs in parallel): a select of the index before the compares
+            # mapped to 4 levels behind the score path's length register in the whole top.
+            low = (p_len - 1)[:max(1, (L - 1).bit_length())] if L > 1 else Const(0, 1)
+            p_tail_mask = Mux(too_long, Cat(*(Const(max_tail >= j, 1) for j in lane_idx)),
+                              Cat(*(low >= j for j in lane_idx)))
         else:
             tail_idx = (p_len_c - 1) % L
+            p_tail_mask = Cat(*(tail_idx >= j for j in lane_idx))
         p_one_beat = Mux(too_long, self._max_length <= L, p_len <= L)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [cur.eq(self.cmd.payload), cur.length.eq(p_len_c),
                          rows_left.eq(self.cmd.payload.rows), rows_one.eq(self.cmd.payload.rows == 1),
                          cmd_active.eq(self.cmd.payload.rows != 0),
                          one_beat.eq(p_one_beat), last1.eq(p_one_beat),
-                         tail_mask.eq(Cat(*(tail_idx >= j for j in lane_idx)))]
+                         tail_mask.eq(p_tail_mask)]
         with m.Elif(cmd_done):
             m.d.sync += cmd_active.eq(0)
         with m.If(in_go):
