@@ -38,7 +38,7 @@ from .counts import below_next, thermometer_step
 __all__ = ["LayerNormUnit", "MAX_DIM"]
 
 #: Register stages of the normalize pass, from the buffer read to the output register.
-_NORM_STAGES = 12
+_NORM_STAGES = 13
 #: Low chunk of the reciprocal for the a * inv partial products: 17 unsigned bits fit the DSP48E2's
 #: 18-bit signed multiplier input.
 _INV_CHUNK = 17
@@ -107,7 +107,7 @@ class LayerNormUnit(wiring.Component):
     normalize pass of earlier rows. The row buffer holds :attr:`buffer_depth` ``= R +``
     :attr:`recip_latency` ``+ 10`` beats plus the statistics tree stages: the lag between a row's input and its first read back,
     plus a margin of 2. For shorter rows the unit sustains one row per ``min_row_beats`` cycles.
-    The latency from the last input beat of a row to its first output beat is ``recip_latency + 22``
+    The latency from the last input beat of a row to its first output beat is ``recip_latency + 23``
     cycles plus the statistics pass's tree stages, when nothing stalls (:attr:`row_latency`; one of
     them is the input skid buffer).
 
@@ -496,8 +496,9 @@ class LayerNormUnit(wiring.Component):
 
         # Stages: (1) buffer/param read, (2) read data registered, (3) D*x, (4) a = D*x - S1,
         # (5) a * inv as two registered DSP partial products, (6) their sum P, (7) z = round_shift(P,
-        # 22), (8) z * gamma, (9) + beta, (10) the output rounding shift's barrel shift, (11) its + 1,
-        # (12) saturation into the output register. One register level per arithmetic step keeps every path within 300 MHz.
+        # 22), (8) z * gamma, (9) + beta, (10, 11) the output rounding shift's barrel shift (by the
+        # multiple of 8, then by 0-7: one 64:1 select per bit mapped to 5 LUT levels in the whole
+        # top), (12) its + 1, (13) saturation into the output register. One register level per arithmetic step keeps every path within 300 MHz.
         n_st = _NORM_STAGES
         vs = [Signal(name=f"nv{k}") for k in range(1, n_st)]
         lasts = [Signal(name=f"nlast{k}") for k in range(1, n_st)]
@@ -545,8 +546,11 @@ class LayerNormUnit(wiring.Component):
                 # round_shift(m, s) = ((2m >> s) + 1) >> 1 for every s in [0, SHIFT_MAX] (s = 0 gives
                 # m); shifts past the width give 0 or -1 before the + 1, hence 0, as the golden
                 # model does.
+                # Arithmetic shifts compose: (x >> 8a) >> b == x >> (8a + b).
+                t8a = reg(signed(m_shape.width + 1), "t8a_")
+                m.d.sync += t8a.eq(Cat(Const(0, 1), m7).as_signed() >> (shift[3:] << 3))
                 t8 = reg(signed(m_shape.width + 1), "t8_")
-                m.d.sync += t8.eq(Cat(Const(0, 1), m7).as_signed() >> shift)
+                m.d.sync += t8.eq(t8a >> shift[:3])
                 u9 = reg(signed(m_shape.width + 1), "u9_")
                 # Whether the rounded value fits int8, from t8 beside the + 1 (not from u9 after it:
                 # a wide all-zeros/all-ones test of u9 in front of the output mux missed 300 MHz in
