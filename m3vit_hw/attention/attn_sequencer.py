@@ -586,7 +586,15 @@ class AttnSequencer(wiring.Component):
         # The next head's first Q|K tile may be issued early, while the head's last AV waits for its
         # softmax tile (it writes only Q and K, which no unfinished command of the head reads).
         early = Signal()
-        tile_ready = cl.tile_valid & ~held & ~weight_done & plan_ready
+        # "A weight tile is ready for a command" as a register, a cycle behind the client's tile
+        # and done inputs: they come through the encoder's owner gate, and the early issue's
+        # decision, the walker's advance and its part-constant selects behind them missed 300 MHz
+        # in the whole top. It holds until the next cycle: the tile stays valid until its release
+        # (weight_done, which clears it here), and a tile command issued in the cycle (tile_push,
+        # which sets held) clears it too; a start clears it (plan_ready is low after a start).
+        tile_ready = Signal()
+        tile_push = Signal()
+        m.d.sync += tile_ready.eq(cl.tile_valid & ~held & ~weight_done & plan_ready & ~tile_push & ~start)
 
         with m.FSM(name="seq"):
             with m.State("IDLE"):
@@ -601,6 +609,7 @@ class AttnSequencer(wiring.Component):
             with m.State("ISSUE_TILE"):
                 m.d.comb += g_valid.eq(infl.w_rdy)
                 tile_command()
+                m.d.comb += tile_push.eq(push)
                 with m.If(push):
                     m.d.sync += held.eq(1)
                     with m.If(tc.last):
@@ -665,7 +674,7 @@ class AttnSequencer(wiring.Component):
                 with m.Else():
                     tile_command()
                     with m.If(free & can_early):
-                        m.d.comb += advance.eq(1)
+                        m.d.comb += [advance.eq(1), tile_push.eq(1)]
                         m.d.sync += [held.eq(1), early.eq(1)]
                 with m.If(~av_more):
                     m.d.sync += in_attn.eq(0)
