@@ -698,13 +698,24 @@ class AttnSequencer(wiring.Component):
         # while a head's attention is being sequenced (it waits for a softmax tile).
         attn = Mux(infl_any, (head_phase == Phase.QK) | (head_phase == Phase.AV), in_attn)
         counters = [
-            (self.cycles, 1), (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl_any),
+            (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl_any),
             (self.attn_cycles, attn), (self.attn_compute_cycles, attn & pe),
             (self.softmax_cycles, sp.busy), (self.overlap_cycles, sp.busy & pe),
         ] + [(self.phase_cycles[k.value], infl_any & (head_phase == k)) for k in Phase]
-        for ctr, inc in counters:
+        # Every increment is registered (counted a cycle late): the PE activity arrives through the
+        # encoder's owner gate, and the counters' 32-bit adders behind it and the phase decode were
+        # the sequencer's longest paths from that gate. The totals are the same but for the two ends
+        # of the window (the increments at the start count, those at the done do not; the engine is
+        # idle at both).
+        with m.If(start):
+            m.d.sync += self.cycles.eq(0)
+        with m.Elif(running):
+            m.d.sync += self.cycles.eq(self.cycles + 1)
+        for i, (ctr, inc) in enumerate(counters):
+            inc_r = Signal(name=f"counter_inc{i}")
+            m.d.sync += inc_r.eq(inc)
             with m.If(start):
                 m.d.sync += ctr.eq(0)
             with m.Elif(running):
-                m.d.sync += ctr.eq(ctr + inc)
+                m.d.sync += ctr.eq(ctr + inc_r)
         return m
