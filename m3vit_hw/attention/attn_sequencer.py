@@ -510,6 +510,15 @@ class AttnSequencer(wiring.Component):
             m.d.comb += av_n.eq(dv.hd)
         m.d.comb += [infl.w_en.eq(sent)]
         q_tile = bm.q_tile
+        # The next tiles' row counts, min(rows left, q_tile), as registers refreshed every cycle: a
+        # count changes only at its push, and the next push comes two cycles later at the earliest
+        # (the command register empties in between; the first after the layer's last QKV tile
+        # too), so the subtraction behind the push starts at a flip-flop, not at a compare and a
+        # select (over 300 MHz in the standalone sequencer).
+        qk_rows = Signal(range(q_tile + 1))
+        av_rows = Signal(range(q_tile + 1))
+        m.d.sync += [qk_rows.eq(Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)),
+                     av_rows.eq(Mux(av_rows_left > q_tile, q_tile, av_rows_left))]
         in_attn = Signal()                 # the FSM is in ATTN (set and cleared with its transitions)
         # The attention window's issue conditions as registers a cycle ahead (rowops.counts): instead
         # of comparing the tile counters with each other and with ntiles in front of the command's
@@ -586,15 +595,18 @@ class AttnSequencer(wiring.Component):
         # The next head's first Q|K tile may be issued early, while the head's last AV waits for its
         # softmax tile (it writes only Q and K, which no unfinished command of the head reads).
         early = Signal()
-        # "A weight tile is ready for a command" as a register, a cycle behind the client's tile
-        # and done inputs: they come through the encoder's owner gate, and the early issue's
-        # decision, the walker's advance and its part-constant selects behind them missed 300 MHz
-        # in the whole top. It holds until the next cycle: the tile stays valid until its release
-        # (weight_done, which clears it here), and a tile command issued in the cycle (tile_push,
-        # which sets held) clears it too; a start clears it (plan_ready is low after a start).
-        tile_ready = Signal()
+        # "A weight tile is ready for a command": combinational for WAIT_TILE (it only moves the
+        # state register, and a cycle there is a cycle on every layer's weight-tile hand-off), and
+        # as a register a cycle behind the client's tile and done inputs for the early issue: they
+        # come through the encoder's owner gate, and the early decision, the walker's advance and
+        # its part-constant selects behind them missed 300 MHz in the whole top. The register holds
+        # until the next cycle: the tile stays valid until its release (weight_done, which clears
+        # it here), and a tile command issued in the cycle (tile_push, which sets held) clears it
+        # too; a start clears it (plan_ready is low after a start).
+        tile_ready = cl.tile_valid & ~held & ~weight_done & plan_ready
+        tile_ready_r = Signal()
         tile_push = Signal()
-        m.d.sync += tile_ready.eq(cl.tile_valid & ~held & ~weight_done & plan_ready & ~tile_push & ~start)
+        m.d.sync += tile_ready_r.eq(tile_ready & ~tile_push & ~start)
 
         with m.FSM(name="seq"):
             with m.State("IDLE"):
@@ -629,9 +641,7 @@ class AttnSequencer(wiring.Component):
             with m.State("ATTN"):
                 can_qk = qk_more & qa_le1 & sp.tiles.ready
                 can_av = qa_nz & sa_nz
-                qk_rows = Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)
-                av_rows = Mux(av_rows_left > q_tile, q_tile, av_rows_left)
-                can_early = ~qk_more & ~early & tcr.qk_part & tile_ready
+                can_early = ~qk_more & ~early & tcr.qk_part & tile_ready_r
                 m.d.comb += [g_valid.eq(infl.w_rdy & (can_qk | can_av | can_early)), gp.colp_base.eq(0)]
                 # Priority QKᵀ, AV, then the early tile. Each branch's push is written from its own
                 # conditions (``push`` restricted to the branch), so the QKᵀ and AV counters' enables
