@@ -93,7 +93,8 @@ class LayerNormUnit(wiring.Component):
         ``addr*lanes .. addr*lanes + lanes - 1`` (``addr < dim // lanes``). It also loads the per-layer
         ``eps_int`` and ``shift``, so every write of one layer carries that layer's values. ``param.ready``
         is high only while :attr:`busy` is low, which means the unit is drained. A write therefore
-        applies to exactly the rows whose first beat transfers after it. If ``param.valid`` and
+        applies to exactly the rows whose first beat transfers after it (or in the same cycle: the
+        input's skid buffer takes a beat while the unit is idle). If ``param.valid`` and
         ``i.valid`` are both high while the unit is idle, the write goes first.
     busy : Out(1)
         High while any row is in flight: its first beat has been accepted on ``i``, and its last beat
