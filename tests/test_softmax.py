@@ -316,3 +316,30 @@ def test_embedded_with_connect():
             Cmd(SoftmaxMode.ROUTER, rng.integers(-1000, 1000, (2, 3)), 3000, 12)]
     beats, _, _ = _run(top, cmds, stall_p=0.2)
     _check(top, cmds, beats)
+
+
+class _LongCmd(Cmd):
+    """A command whose ``length`` field is above the unit's ``max_length`` (its rows are
+    ``max_length`` long): the unit clamps it."""
+
+    def __init__(self, declared, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.declared = declared
+
+    def payload(self):
+        return dict(super().payload(), length=self.declared)
+
+
+@pytest.mark.parametrize("lanes,max_length", [(4, 6), (4, 8), (3, 5)])
+def test_length_above_max_is_clamped(lanes, max_length):
+    """``length > max_length`` runs as ``max_length``: the last beat's lane mask, the row's beat count
+    and the results are those of a ``max_length`` row (golden model on the clamped rows)."""
+    dut = SoftmaxUnit(lanes, max_length)
+    rng = np.random.default_rng(lanes * 10 + max_length)
+    declared = (1 << max_length.bit_length()) - 1       # the largest the length field holds
+    assert declared > max_length
+    cmds = [_LongCmd(declared, SoftmaxMode.ATTENTION, _random_scores(rng, 2, max_length, 7000, 15),
+                     7000, 15, 5000),
+            _LongCmd(declared, SoftmaxMode.ROUTER, rng.integers(-900, 900, (2, max_length)), 7000, 10)]
+    beats, _, _ = _run(dut, cmds, stall_p=0.3, seed=lanes)
+    _check(dut, cmds, beats)

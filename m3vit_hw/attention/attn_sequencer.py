@@ -19,7 +19,7 @@ weight buffer: those are the datapath's, reached through
 plus this client); its docstring has the wiring.
 """
 
-from amaranth.hdl import Array, Elaboratable, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -28,7 +28,7 @@ from ..config import AcceleratorConfig
 from ..weights.client import GemmClientSignature
 from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
-from ..rowops.counts import below_next
+from ..rowops.counts import ShiftQueue, below_next
 from ..rowops.softmax import SHIFT_BITS
 from .attn_layout import SHAPE_PARTS, AttnLayout, BufferMap, buffer_map, plan_attention
 from .score_path import ScorePath, mem_addr_width
@@ -42,37 +42,6 @@ class Phase(enum.Enum, shape=2):
     QK = 1
     AV = 2
     PROJ = 3
-
-
-class _PhaseQueue(Elaboratable):
-    """The in-flight engine commands' phases: a ``SyncFIFO``-compatible queue (``w_en``, ``w_data``,
-    ``w_rdy``, ``r_en``, ``r_data``, ``r_rdy``, same cycle behaviour) kept in flip-flops that shift
-    towards the head, so ``r_data`` (the oldest command's phase) and both flags are registers and no
-    distributed-RAM read or level compare sits in front of the sequencer's decisions and counters."""
-
-    def __init__(self, depth):
-        self.depth = depth
-        self.w_en, self.w_data, self.w_rdy = Signal(), Signal(Phase), Signal(init=1)
-        self.r_en, self.r_data, self.r_rdy = Signal(), Signal(Phase), Signal()
-
-    def elaborate(self, platform):
-        m = Module()
-        n = self.depth
-        cells = [Signal(Phase, name=f"cell{i}") for i in range(n)]
-        count = Signal(range(n + 1))
-        push = self.w_en & self.w_rdy
-        pop = self.r_en & self.r_rdy
-        m.d.comb += self.r_data.eq(cells[0])
-        for i in range(n):
-            keep = cells[i + 1] if i + 1 < n else cells[i]
-            with m.If(push & Mux(pop, count == i + 1, count == i)):
-                m.d.sync += cells[i].eq(self.w_data)
-            with m.Elif(pop):
-                m.d.sync += cells[i].eq(keep)
-        m.d.sync += [count.eq(count + push - pop),
-                     self.r_rdy.eq(~below_next(count, push, pop, 1)),
-                     self.w_rdy.eq(below_next(count, push, pop, n))]
-        return m
 
 
 class AttnShapeLayout(data.StructLayout):
@@ -225,8 +194,8 @@ class AttnSequencer(wiring.Component):
 
     def _part_table(self, m, sh, dv):
         """Per-part tile constants of the run-time plan, as registers (they hold while a layer runs):
-        for each part (0: Q|K, 1: V, 2: projection) ``panels`` (the smaller chunk's), ``extra``,
-        ``nch_m1`` (chunks - 1), the weight and parameter lengths of a small and a big chunk
+        for each part (0: Q|K, 1: V, 2: projection) ``panels`` (the smaller chunk's), ``extra``
+        (and ``extra_nz``: extra != 0), ``nch_m1`` (chunks - 1), the weight and parameter lengths of a small and a big chunk
         (``wl_s``, ``wl_b``, ``pl_s``, ``pl_b``, beat-padded) and a tile's whole step (``st_s``,
         ``st_b``). The walkers then select, compare and add once per tile (no multiply, round-up and
         three-operand add between their registers). Valid after the start: part 0 after 3 cycles,
@@ -236,7 +205,7 @@ class AttnSequencer(wiring.Component):
         most = max(2 * self._bmap.hw, cfg.row_words)
         layout = data.StructLayout({
             "panels": range(most + 1), "extra": range(most + 1), "extra_m1": range(-1, most + 1),
-            "nch_m1": range(most + 1),
+            "extra_nz": 1, "nch_m1": range(most + 1),
             "wl_s": unsigned(aw), "wl_b": unsigned(aw), "pl_s": unsigned(aw), "pl_b": unsigned(aw),
             "st_s": unsigned(aw), "st_b": unsigned(aw),
         })
@@ -247,6 +216,7 @@ class AttnSequencer(wiring.Component):
             spec = sh[pname]
             m.d.sync += [
                 e.panels.eq(spec.panels), e.extra.eq(spec.extra), e.extra_m1.eq(spec.extra - 1),
+                e.extra_nz.eq(spec.extra != 0),
                 e.nch_m1.eq(spec.chunks - 1),
                 e.wl_s.eq(_round_up_const(small_el * C, db)),
                 e.wl_b.eq(_round_up_const((small_el + k) * C, db)),
@@ -294,23 +264,24 @@ class AttnSequencer(wiring.Component):
         # advance (chunk 0 of the next part: its extra != 0; else chunk + 1 < extra), refreshed
         # otherwise.
         big = Signal(name=f"{name}_big")
+        # The candidates are selected from registers only (the current part's and the next part's
+        # constants, "the next chunk is big" for each case), and ``advance`` picks between them in
+        # the last mux: ``advance`` comes from a handshake (the fetch commands' ready, the compute
+        # sequencer's decision behind the client's gated tile and done inputs), and the part-indexed
+        # selects behind it missed 300 MHz in the whole top. ``head_last`` (head == heads_m1) is a
+        # register: the head changes only when part 1 ends, and part 1 comes back an advance later.
+        head_last = Signal(name=f"{name}_head_last")
+        m.d.sync += head_last.eq(head == heads_m1)
+        cur = Signal.like(e, name=f"{name}_cur_consts")
+        nxt = Signal.like(e, name=f"{name}_next_consts")
+        m.d.comb += [cur.eq(Mux(part == 0, table[0], Mux(part == 1, table[1], table[2]))),
+                     nxt.eq(Mux(part == 0, table[1], Mux((part == 1) & ~head_last, table[0], table[2])))]
         with m.If(part_change):
-            with m.Switch(part):
-                with m.Case(0):
-                    m.d.sync += [e.eq(table[1]), big.eq(table[1].extra != 0)]
-                with m.Case(1):
-                    with m.If(head == heads_m1):
-                        m.d.sync += [e.eq(table[2]), big.eq(table[2].extra != 0)]
-                    with m.Else():
-                        m.d.sync += [e.eq(table[0]), big.eq(table[0].extra != 0)]
+            m.d.sync += [e.eq(nxt), big.eq(nxt.extra_nz)]
         with m.Elif(chunk_step):
             m.d.sync += big.eq(chunk < e.extra_m1)
         with m.Else():
-            m.d.sync += big.eq(chunk < e.extra)
-            with m.Switch(part):
-                for code in range(3):
-                    with m.Case(code):
-                        m.d.sync += e.eq(table[code])
+            m.d.sync += [e.eq(cur), big.eq(chunk < e.extra)]
         panels = e.panels + big
         last_chunk = chunk == e.nch_m1
         is_proj = part == 2
@@ -481,7 +452,9 @@ class AttnSequencer(wiring.Component):
         ]
 
         # ---- in-flight engine commands (their phases, in order) ---------------------------------
-        m.submodules.inflight = infl = _PhaseQueue(8)
+        # A ShiftQueue (flip-flops, thermometer count): its enables come from the client's gated
+        # handshakes (``sent``, ``gemm_done``), and an adder behind them missed 300 MHz in the top.
+        m.submodules.inflight = infl = ShiftQueue(Phase, 8)
         head_phase = Signal(Phase)
         infl_any = Signal()
         m.d.comb += [head_phase.eq(infl.r_data), infl.r_en.eq(cl.gemm_done), infl_any.eq(infl.r_rdy)]
@@ -537,6 +510,15 @@ class AttnSequencer(wiring.Component):
             m.d.comb += av_n.eq(dv.hd)
         m.d.comb += [infl.w_en.eq(sent)]
         q_tile = bm.q_tile
+        # The next tiles' row counts, min(rows left, q_tile), as registers refreshed every cycle: a
+        # count changes only at its push, and the next push comes two cycles later at the earliest
+        # (the command register empties in between; the first after the layer's last QKV tile
+        # too), so the subtraction behind the push starts at a flip-flop, not at a compare and a
+        # select (over 300 MHz in the standalone sequencer).
+        qk_rows = Signal(range(q_tile + 1))
+        av_rows = Signal(range(q_tile + 1))
+        m.d.sync += [qk_rows.eq(Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)),
+                     av_rows.eq(Mux(av_rows_left > q_tile, q_tile, av_rows_left))]
         in_attn = Signal()                 # the FSM is in ATTN (set and cleared with its transitions)
         # The attention window's issue conditions as registers a cycle ahead (rowops.counts): instead
         # of comparing the tile counters with each other and with ntiles in front of the command's
@@ -613,7 +595,18 @@ class AttnSequencer(wiring.Component):
         # The next head's first Q|K tile may be issued early, while the head's last AV waits for its
         # softmax tile (it writes only Q and K, which no unfinished command of the head reads).
         early = Signal()
+        # "A weight tile is ready for a command": combinational for WAIT_TILE (it only moves the
+        # state register, and a cycle there is a cycle on every layer's weight-tile hand-off), and
+        # as a register a cycle behind the client's tile and done inputs for the early issue: they
+        # come through the encoder's owner gate, and the early decision, the walker's advance and
+        # its part-constant selects behind them missed 300 MHz in the whole top. The register holds
+        # until the next cycle: the tile stays valid until its release (weight_done, which clears
+        # it here), and a tile command issued in the cycle (tile_push, which sets held) clears it
+        # too; a start clears it (plan_ready is low after a start).
         tile_ready = cl.tile_valid & ~held & ~weight_done & plan_ready
+        tile_ready_r = Signal()
+        tile_push = Signal()
+        m.d.sync += tile_ready_r.eq(tile_ready & ~tile_push & ~start)
 
         with m.FSM(name="seq"):
             with m.State("IDLE"):
@@ -628,6 +621,7 @@ class AttnSequencer(wiring.Component):
             with m.State("ISSUE_TILE"):
                 m.d.comb += g_valid.eq(infl.w_rdy)
                 tile_command()
+                m.d.comb += tile_push.eq(push)
                 with m.If(push):
                     m.d.sync += held.eq(1)
                     with m.If(tc.last):
@@ -647,16 +641,15 @@ class AttnSequencer(wiring.Component):
             with m.State("ATTN"):
                 can_qk = qk_more & qa_le1 & sp.tiles.ready
                 can_av = qa_nz & sa_nz
-                qk_rows = Mux(qk_rows_left > q_tile, q_tile, qk_rows_left)
-                av_rows = Mux(av_rows_left > q_tile, q_tile, av_rows_left)
-                can_early = ~qk_more & ~early & tcr.qk_part & tile_ready
+                can_early = ~qk_more & ~early & tcr.qk_part & tile_ready_r
                 m.d.comb += [g_valid.eq(infl.w_rdy & (can_qk | can_av | can_early)), gp.colp_base.eq(0)]
-                with m.If(~can_qk & ~can_av & can_early):
-                    tile_command()
-                    with m.If(push):
-                        m.d.comb += advance.eq(1)
-                        m.d.sync += [held.eq(1), early.eq(1)]
-                with m.Elif(can_qk):
+                # Priority QKᵀ, AV, then the early tile. Each branch's push is written from its own
+                # conditions (``push`` restricted to the branch), so the QKᵀ and AV counters' enables
+                # do not wait for ``can_early``: it holds the client's tile and done inputs, which
+                # arrive through the encoder's owner gate (over 300 MHz in the whole top when every
+                # update sat behind it).
+                free = infl.w_rdy & ~g_full
+                with m.If(can_qk):
                     m.d.comb += [
                         gp.m.eq(qk_rows), gp.k.eq(dv.hd), gp.n.eq(T),
                         gp.a_base.eq(qk_a), gp.a_stride.eq(dv.qkvp),
@@ -666,12 +659,12 @@ class AttnSequencer(wiring.Component):
                         gp.mode.eq(EpilogueMode.RAW), gp.sync.eq(qk_next == 0),
                         g_phase_next.eq(Phase.QK), g_qk_next.eq(1), g_rows_next.eq(qk_rows),
                     ]
-                    m.d.comb += qk_push.eq(push)
-                    with m.If(push):
+                    m.d.comb += qk_push.eq(free)
+                    with m.If(free):
                         m.d.sync += [qk_next.eq(qk_next + 1), qk_slot.eq(~qk_slot),
                                      qk_rows_left.eq(qk_rows_left - qk_rows),
                                      qk_a.eq(qk_a + dv.qk_step)]
-                with m.Else():
+                with m.Elif(can_av):
                     m.d.comb += [
                         gp.m.eq(av_rows), gp.k.eq(T), gp.n.eq(av_n),
                         gp.a_base.eq(bm.e8_base + Mux(av_slot, bm.e8_slot, 0)),
@@ -683,11 +676,16 @@ class AttnSequencer(wiring.Component):
                         gp.shift.eq(prm.out_shift), gp.mode.eq(EpilogueMode.ATTN8),
                         g_phase_next.eq(Phase.AV),
                     ]
-                    m.d.comb += av_push.eq(push)
-                    with m.If(push):
+                    m.d.comb += av_push.eq(free)
+                    with m.If(free):
                         m.d.sync += [av_next.eq(av_next + 1), av_slot.eq(~av_slot),
                                      av_rows_left.eq(av_rows_left - av_rows),
                                      av_dst.eq(av_dst + dv.av_step)]
+                with m.Else():
+                    tile_command()
+                    with m.If(free & can_early):
+                        m.d.comb += [advance.eq(1), tile_push.eq(1)]
+                        m.d.sync += [held.eq(1), early.eq(1)]
                 with m.If(~av_more):
                     m.d.sync += in_attn.eq(0)
                     if pk > 1:
@@ -710,13 +708,24 @@ class AttnSequencer(wiring.Component):
         # while a head's attention is being sequenced (it waits for a softmax tile).
         attn = Mux(infl_any, (head_phase == Phase.QK) | (head_phase == Phase.AV), in_attn)
         counters = [
-            (self.cycles, 1), (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl_any),
+            (self.compute_cycles, pe), (self.engine_idle_cycles, ~infl_any),
             (self.attn_cycles, attn), (self.attn_compute_cycles, attn & pe),
             (self.softmax_cycles, sp.busy), (self.overlap_cycles, sp.busy & pe),
         ] + [(self.phase_cycles[k.value], infl_any & (head_phase == k)) for k in Phase]
-        for ctr, inc in counters:
+        # Every increment is registered (counted a cycle late): the PE activity arrives through the
+        # encoder's owner gate, and the counters' 32-bit adders behind it and the phase decode were
+        # the sequencer's longest paths from that gate. The totals are the same but for the two ends
+        # of the window (the increments at the start count, those at the done do not; the engine is
+        # idle at both).
+        with m.If(start):
+            m.d.sync += self.cycles.eq(0)
+        with m.Elif(running):
+            m.d.sync += self.cycles.eq(self.cycles + 1)
+        for i, (ctr, inc) in enumerate(counters):
+            inc_r = Signal(name=f"counter_inc{i}")
+            m.d.sync += inc_r.eq(inc)
             with m.If(start):
                 m.d.sync += ctr.eq(0)
             with m.Elif(running):
-                m.d.sync += ctr.eq(ctr + inc)
+                m.d.sync += ctr.eq(ctr + inc_r)
         return m

@@ -21,7 +21,7 @@ freed by ``slot_release`` (the layer pulses it when the AV GEMM that read the sl
 """
 
 from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
@@ -29,7 +29,7 @@ from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..lib.skid import SkidBuffer
 from ..moe.router import FlagQueue
-from ..rowops.counts import thermometer_step
+from ..rowops.counts import ShiftQueue, thermometer_step
 from ..rowops.softmax import SHIFT_BITS, SoftmaxMode, SoftmaxUnit
 from .attn_layout import BufferMap
 
@@ -145,16 +145,17 @@ class ScorePath(wiring.Component):
         m.d.sync += e8_free.eq(e8_free - take + self.slot_release)
 
         # ---- reader: FULL slot -> softmax, row by row --------------------------------------------
-        # Buffered (its read data a register): ``rows_in.r_data - 1`` goes into rows_out's write data,
-        # and a distributed-RAM read in front of that subtraction was the unit's longest path.
-        m.submodules.rows_in = rows_in = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
-                                                               depth=_TILE_FIFO)
+        # Both tile queues are ShiftQueues (flip-flops, thermometer counts). Their read data are
+        # registers: ``rows_in.r_data - 1`` goes into rows_out's write data, and a distributed-RAM
+        # read in front of that subtraction was the unit's longest path. Their read enables end the
+        # reader's start decision and the e8 writer's tile-end compare, and a SyncFIFOBuffered's
+        # level adder behind them missed 300 MHz in the whole top.
+        m.submodules.rows_in = rows_in = ShiftQueue(unsigned(len(self.tiles.payload)), _TILE_FIFO)
         m.d.comb += [self.tiles.ready.eq(rows_in.w_rdy), rows_in.w_en.eq(self.tiles.valid),
                      rows_in.w_data.eq(self.tiles.payload)]
         # rows_out holds each tile's row count less one, behind a registered output: the e8 writer's
         # "last row of the tile" test compares two flip-flops (no distributed-RAM read, no - 1).
-        m.submodules.rows_out = rows_out = fifo.SyncFIFOBuffered(width=len(self.tiles.payload),
-                                                                 depth=_TILE_FIFO)
+        m.submodules.rows_out = rows_out = ShiftQueue(unsigned(len(self.tiles.payload)), _TILE_FIFO)
         # Registered occupancy flags (moe.router.FlagQueue): the pop, which ends in the softmax input's
         # handshake, reaches only the queue's counters, not a level compare behind its read enable.
         m.submodules.ahead = ahead = FlagQueue(C * numerics.ACC_BITS, _READ_AHEAD)

@@ -22,7 +22,7 @@ the resulting throughput condition.
 import math
 
 from amaranth import Cat, Const, Module, Mux, Shape, Signal, signed, unsigned
-from amaranth.lib import data, fifo, stream, wiring
+from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -32,12 +32,13 @@ from ..numerics import SHIFT_BITS
 from ..lib.credit_fifo import CreditFIFO
 from ..lib.divider import PIPELINED_FIFO_LATENCY, Divider
 from ..lib.isqrt import ISqrt
-from .counts import below_next
+from ..lib.skid import SkidBuffer
+from .counts import below_next, thermometer_step
 
 __all__ = ["LayerNormUnit", "MAX_DIM"]
 
 #: Register stages of the normalize pass, from the buffer read to the output register.
-_NORM_STAGES = 12
+_NORM_STAGES = 13
 #: Low chunk of the reciprocal for the a * inv partial products: 17 unsigned bits fit the DSP48E2's
 #: 18-bit signed multiplier input.
 _INV_CHUNK = 17
@@ -52,10 +53,10 @@ MAX_DIM = 1 << 14
 
 # Beats a row's input runs ahead of its first normalize read, beyond the row itself, the ISqrt and
 # Divider latencies and the statistics pass's tree stages and var_n's third stage (added where the
-# depth is computed): 5 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2) and
-# 1 from the reciprocal to the first read. The buffer needs one more slot than that lag, and 2 more as
-# margin.
-_STATS_OVERHEAD = 9
+# depth is computed): 6 cycles from the last input beat to the ISqrt operand (statistics 3, var_n 2,
+# var_n's output FIFO 1) and 1 from the reciprocal to the first read. The buffer needs one more slot
+# than that lag, and 2 more as margin.
+_STATS_OVERHEAD = 10
 
 
 def _signed_for(bound):
@@ -92,7 +93,8 @@ class LayerNormUnit(wiring.Component):
         ``addr*lanes .. addr*lanes + lanes - 1`` (``addr < dim // lanes``). It also loads the per-layer
         ``eps_int`` and ``shift``, so every write of one layer carries that layer's values. ``param.ready``
         is high only while :attr:`busy` is low, which means the unit is drained. A write therefore
-        applies to exactly the rows whose first beat transfers after it. If ``param.valid`` and
+        applies to exactly the rows whose first beat transfers after it (or in the same cycle: the
+        input's skid buffer takes a beat while the unit is idle). If ``param.valid`` and
         ``i.valid`` are both high while the unit is idle, the write goes first.
     busy : Out(1)
         High while any row is in flight: its first beat has been accepted on ``i``, and its last beat
@@ -104,10 +106,11 @@ class LayerNormUnit(wiring.Component):
     sustained over any number of rows, provided that ``R >=`` :attr:`min_row_beats`, the period of the
     slower of the two per-row engines. The statistics pass of later rows overlaps the reciprocal and
     normalize pass of earlier rows. The row buffer holds :attr:`buffer_depth` ``= R +``
-    :attr:`recip_latency` ``+ 9`` beats: the lag between a row's input and its first read back,
+    :attr:`recip_latency` ``+ 10`` beats plus the statistics tree stages: the lag between a row's input and its first read back,
     plus a margin of 2. For shorter rows the unit sustains one row per ``min_row_beats`` cycles.
-    The latency from the last input beat of a row to its first output beat is ``recip_latency + 11``
-    cycles, when nothing stalls (:attr:`row_latency`).
+    The latency from the last input beat of a row to its first output beat is ``recip_latency + 23``
+    cycles plus the statistics pass's tree stages, when nothing stalls (:attr:`row_latency`; one of
+    them is the input skid buffer).
 
     Raises
     ------
@@ -196,10 +199,13 @@ class LayerNormUnit(wiring.Component):
     @property
     def row_latency(self):
         """Cycles from the transfer of a row's last input beat to its first output beat, unstalled."""
-        # 6 cycles to the ISqrt operand (statistics 3, var_n 3) plus the statistics pass's square and
+        # 1 cycle in the input skid buffer, then
+        # 7 cycles to the ISqrt operand (statistics 3, var_n 3, its output FIFO 1) plus the statistics
+        # pass's square and
         # tree stages beyond the first, 1 to the first read, then the normalize pipeline and its
         # output FIFO.
-        return self._recip_latency + 7 + self._stat_tree_stages + _NORM_STAGES + CreditFIFO.LATENCY
+        return (SkidBuffer.LATENCY + self._recip_latency + 7 + CreditFIFO.LATENCY + self._stat_tree_stages
+                + _NORM_STAGES + CreditFIFO.LATENCY)
 
     @property
     def min_row_beats(self):
@@ -257,7 +263,16 @@ class LayerNormUnit(wiring.Component):
         # in_flight != 0 as a register (from the count's next value), so busy, and through the
         # parameter handshake i.ready, is one LUT of flip-flops.
         in_flight_nz = Signal()
-        m.d.comb += self.busy.eq(in_flight_nz | first_go_r)
+        # The input goes through a skid buffer: i.ready is its flip-flop, so the producer's logic
+        # (the norm stage's reader and the residual buffer's read port behind it) no longer waits
+        # for the room, result-FIFO and parameter terms below, which missed 300 MHz in the whole
+        # top. A beat held there counts as in flight (busy), so a parameter write still applies to
+        # exactly the rows whose first beat transfers after it; the write and a beat may transfer
+        # in the same cycle (the beat then reaches the statistics pass a cycle later, after the write).
+        m.submodules.in_skid = in_skid = SkidBuffer(self.i.payload.shape())
+        wiring.connect(m, wiring.flipped(self.i), in_skid.i)
+        ii = in_skid.o
+        m.d.comb += self.busy.eq(in_flight_nz | first_go_r | ii.valid)
 
         param_go = self.param.valid & ~self.busy
         m.d.comb += self.param.ready.eq(~self.busy)
@@ -278,7 +293,7 @@ class LayerNormUnit(wiring.Component):
         # previous stall, from the var_n stage's ready through the result register, missed 300 MHz in
         # the whole top).
         sv1, slast1 = Signal(), Signal()
-        sx1 = Signal.like(self.i.payload)
+        sx1 = Signal.like(ii.payload)
         sv2, slast2 = Signal(), Signal()
         b1 = Signal(s1_shape)
         b2 = Signal(s2_shape)
@@ -298,10 +313,11 @@ class LayerNormUnit(wiring.Component):
 
         in_go = Signal()
         m.d.comb += [
-            self.i.ready.eq(room & ~param_go & (~in_last | res_fifo.room)),
-            in_go.eq(self.i.valid & self.i.ready),
+            # No parameter term: a write happens only while the skid buffer is empty (busy).
+            ii.ready.eq(room & (~in_last | res_fifo.room)),
+            in_go.eq(ii.valid & ii.ready),
             buf_w.addr.eq(wr_ptr),
-            buf_w.data.eq(self.i.payload),
+            buf_w.data.eq(ii.payload),
             # The write enable is the room flag (a register), not in_go: the handshake logic (stall,
             # room, parameter writes) in front of the block RAM's write enable missed 300 MHz. With
             # room the slot at wr_ptr is free, so writing it while no beat transfers is harmless:
@@ -315,7 +331,7 @@ class LayerNormUnit(wiring.Component):
                 in_last.eq(Mux(in_last, R == 1, in_beat == R - 2)),
             ]
         m.d.comb += res_fifo.take.eq(in_go & in_last)
-        m.d.sync += [sv1.eq(in_go), slast1.eq(in_last), sx1.eq(self.i.payload)]
+        m.d.sync += [sv1.eq(in_go), slast1.eq(in_last), sx1.eq(ii.payload)]
         # Squares in their own stage (one registered DSP48E2 each), then registered binary adder
         # trees for the lane sums: one register level per adder level.
         sq = [Signal(unsigned(2 * numerics.RES_BITS), name=f"sq{j}", reset_less=True) for j in range(L)]
@@ -349,7 +365,23 @@ class LayerNormUnit(wiring.Component):
         # ---- var_n, then isqrt -> divide -------------------------------------------------------
         # S1 waits in a FIFO for its row's reciprocal. The FIFO holds more rows than can be in the
         # var_n/isqrt/divide chain at once, so it never throttles the chain.
-        m.submodules.s1_fifo = s1_fifo = fifo.SyncFIFO(width=s1_shape.width, depth=8)
+        # A queue of distributed RAM with two pointers and its count as a thermometer code
+        # (rowops.counts): "full" is a flip-flop, and the write's handshake reaches no adder (a
+        # SyncFIFO's level adder behind it missed 300 MHz in the whole top). Same behaviour as a
+        # SyncFIFO: r_data is the head, combinational from the RAM.
+        s1_depth = 8
+        m.submodules.s1_fifo = s1_mem = Memory(shape=s1_shape, depth=s1_depth, init=[])
+        s1_wp, s1_rp = s1_mem.write_port(), s1_mem.read_port(domain="comb")
+        s1_wptr, s1_rptr = Signal(range(s1_depth)), Signal(range(s1_depth))
+        s1_therm = Signal(s1_depth)
+        s1_w_rdy = ~s1_therm[s1_depth - 1]
+        s1_w_en, s1_r_en = Signal(), Signal()
+        m.d.comb += [s1_wp.addr.eq(s1_wptr), s1_wp.en.eq(s1_w_en), s1_rp.addr.eq(s1_rptr)]
+        with m.If(s1_w_en):
+            m.d.sync += s1_wptr.eq(s1_wptr + 1)
+        with m.If(s1_r_en):
+            m.d.sync += s1_rptr.eq(s1_rptr + 1)
+        thermometer_step(m, s1_therm, s1_w_en, s1_r_en)
         m.submodules.isqrt = isq = ISqrt(self._sqrt_width, bits_per_cycle=k, pipelined=self._pipelined)
         # The dividend 2**LN_INV_BITS is a single one bit above LN_INV_BITS zero bits: the divider
         # takes it as dividend_shift, so its pipeline holds no constant dividend bits (yosys removed
@@ -358,7 +390,11 @@ class LayerNormUnit(wiring.Component):
                                          pipelined=self._pipelined, dividend_shift=numerics.LN_INV_BITS)
 
         # var_n takes three stages: the wide products (D*S2, and S1**2 as two DSP partial products),
-        # their sums (+ eps, and the partial products), then the subtraction.
+        # their sums (+ eps, and the partial products), then the subtraction. The stages have no
+        # enable; they end in a credit-counted FIFO (vfifo) in front of the ISqrt, so a row's sums
+        # leave res_fifo only while vfifo has room for every row in flight: the ISqrt's ready reaches
+        # only vfifo's read side, not res_fifo's and s1_fifo's counts (that stall chain missed
+        # 300 MHz in the whole top). One cycle more to the ISqrt.
         va_valid, vp_valid, vb_valid = Signal(), Signal(), Signal()
         # Narrow S1 (small D) needs no split: one product.
         cut = _INV_CHUNK if s1_shape.width > _INV_CHUNK else s1_shape.width
@@ -373,32 +409,35 @@ class LayerNormUnit(wiring.Component):
         vp_ds2 = Signal(unsigned(self._sqrt_width), reset_less=True)
         vp_sq = Signal(unsigned(2 * s1_shape.width), reset_less=True)
         vb = Signal(self._sqrt_width, reset_less=True)
-        v_adv = ~vb_valid | isq.i.ready
+        m.submodules.var_fifo = vfifo = CreditFIFO(unsigned(self._sqrt_width), 3 + CreditFIFO.LATENCY + 1)
         m.d.comb += [
-            res_fifo.o.ready.eq(s1_fifo.w_rdy & v_adv),
-            res_take.eq(res_valid & s1_fifo.w_rdy & v_adv),
-            s1_fifo.w_en.eq(res_take),
-            s1_fifo.w_data.eq(res_s1),
+            res_fifo.o.ready.eq(s1_w_rdy & vfifo.room),
+            res_take.eq(res_valid & s1_w_rdy & vfifo.room),
+            s1_w_en.eq(res_take),
+            s1_wp.data.eq(res_s1),
+            vfifo.take.eq(res_take),
+            vfifo.w_en.eq(vb_valid),
+            vfifo.w_data.eq(vb),
         ]
-        with m.If(v_adv):
-            m.d.sync += [
-                va_valid.eq(res_take),
-                va_ds2_lo.eq(res_s2[:ds2_cut] * D),
-                va_ds2_hi.eq(res_s2[ds2_cut:] * D if ds2_cut < s2_shape.width else 0),
-                va_eps.eq(eps),
-                va_pp_lo.eq(res_s1 * (res_s1[:cut] if cut < s1_shape.width else res_s1)),
-                va_pp_hi.eq(res_s1 * res_s1[cut:].as_signed() if cut < s1_shape.width else 0),
-                vp_valid.eq(va_valid),
-                vp_ds2.eq(va_ds2_lo + (va_ds2_hi << ds2_cut) + va_eps),
-                vp_sq.eq(va_pp_lo + (va_pp_hi << cut)),
-                vb_valid.eq(vp_valid),
-                # >= 0 mathematically (Cauchy-Schwarz); the true value fits in sqrt_width bits.
-                vb.eq(vp_ds2 - vp_sq),
-            ]
+        m.d.sync += [
+            va_valid.eq(res_take),
+            va_ds2_lo.eq(res_s2[:ds2_cut] * D),
+            va_ds2_hi.eq(res_s2[ds2_cut:] * D if ds2_cut < s2_shape.width else 0),
+            va_eps.eq(eps),
+            va_pp_lo.eq(res_s1 * (res_s1[:cut] if cut < s1_shape.width else res_s1)),
+            va_pp_hi.eq(res_s1 * res_s1[cut:].as_signed() if cut < s1_shape.width else 0),
+            vp_valid.eq(va_valid),
+            vp_ds2.eq(va_ds2_lo + (va_ds2_hi << ds2_cut) + va_eps),
+            vp_sq.eq(va_pp_lo + (va_pp_hi << cut)),
+            vb_valid.eq(vp_valid),
+            # >= 0 mathematically (Cauchy-Schwarz); the true value fits in sqrt_width bits.
+            vb.eq(vp_ds2 - vp_sq),
+        ]
         root = isq.o.payload.root
         m.d.comb += [
-            isq.i.valid.eq(vb_valid),
-            isq.i.payload.eq(vb),
+            isq.i.valid.eq(vfifo.o.valid),
+            isq.i.payload.eq(vfifo.o.payload),
+            vfifo.o.ready.eq(isq.i.ready),
             div.i.valid.eq(isq.o.valid),
             div.i.payload.dividend.eq(1),                          # << LN_INV_BITS
             div.i.payload.divisor.eq(Mux(root == 0, 1, root)),     # den = max(1, isqrt(var_n))
@@ -433,9 +472,9 @@ class LayerNormUnit(wiring.Component):
         # A row's S1 entered s1_fifo when its var_n did, long before its reciprocal leaves the
         # divider, so a divider result always finds its S1 (no FIFO level compare in the load path).
         load = (~row_active | issue_last) & div.o.valid
-        m.d.comb += [div.o.ready.eq(load), s1_fifo.r_en.eq(load)]
+        m.d.comb += [div.o.ready.eq(load), s1_r_en.eq(load)]
         with m.If(load):
-            m.d.sync += [cur_s1.eq(s1_fifo.r_data.as_signed()), cur_inv.eq(div.o.payload.quotient),
+            m.d.sync += [cur_s1.eq(s1_rp.data), cur_inv.eq(div.o.payload.quotient),
                          row_active.eq(1)]
         with m.Elif(issue_last):
             m.d.sync += row_active.eq(0)
@@ -458,8 +497,9 @@ class LayerNormUnit(wiring.Component):
 
         # Stages: (1) buffer/param read, (2) read data registered, (3) D*x, (4) a = D*x - S1,
         # (5) a * inv as two registered DSP partial products, (6) their sum P, (7) z = round_shift(P,
-        # 22), (8) z * gamma, (9) + beta, (10) the output rounding shift's barrel shift, (11) its + 1,
-        # (12) saturation into the output register. One register level per arithmetic step keeps every path within 300 MHz.
+        # 22), (8) z * gamma, (9) + beta, (10, 11) the output rounding shift's barrel shift (by the
+        # multiple of 8, then by 0-7: one 64:1 select per bit mapped to 5 LUT levels in the whole
+        # top), (12) its + 1, (13) saturation into the output register. One register level per arithmetic step keeps every path within 300 MHz.
         n_st = _NORM_STAGES
         vs = [Signal(name=f"nv{k}") for k in range(1, n_st)]
         lasts = [Signal(name=f"nlast{k}") for k in range(1, n_st)]
@@ -507,8 +547,11 @@ class LayerNormUnit(wiring.Component):
                 # round_shift(m, s) = ((2m >> s) + 1) >> 1 for every s in [0, SHIFT_MAX] (s = 0 gives
                 # m); shifts past the width give 0 or -1 before the + 1, hence 0, as the golden
                 # model does.
+                # Arithmetic shifts compose: (x >> 8a) >> b == x >> (8a + b).
+                t8a = reg(signed(m_shape.width + 1), "t8a_")
+                m.d.sync += t8a.eq(Cat(Const(0, 1), m7).as_signed() >> (shift[3:] << 3))
                 t8 = reg(signed(m_shape.width + 1), "t8_")
-                m.d.sync += t8.eq(Cat(Const(0, 1), m7).as_signed() >> shift)
+                m.d.sync += t8.eq(t8a >> shift[:3])
                 u9 = reg(signed(m_shape.width + 1), "u9_")
                 # Whether the rounded value fits int8, from t8 beside the + 1 (not from u9 after it:
                 # a wide all-zeros/all-ones test of u9 in front of the output mux missed 300 MHz in

@@ -67,10 +67,12 @@ _DIVIDEND_BITS = max(numerics.AV_OUT_MULT_BITS + numerics.AV_RECIP_BITS,
 # one-cycle lag keeps in hand).
 _SCORE_SLACK = 8
 # exp buffer: the exp pass reserves a slot when it reads a beat. The slot is freed when the output
-# pass reads it, 7 cycles plus the lane-sum tree stages plus 3 plus the divider latency after the
-# row's last reservation (the tree stages and the 2 are added where the depth is computed). A reservation
-# needs a free slot, so a row needs 8 slots beyond its own and the divider latency; 2 more are margin.
-_EXP_SLACK = 10
+# pass reads it, 8 cycles plus the lane-sum tree stages plus 3 plus the divider latency after the
+# row's last reservation (the tree stages and the 3 are added where the depth is computed; the exp
+# shift's second stage and the sum register add a cycle each, the sum queue, a CreditFIFO, saves
+# one). A reservation needs a free slot, so a row needs 9 slots beyond its own and the divider
+# latency; 2 more are margin.
+_EXP_SLACK = 11
 #: Low chunk of the exp distance for the c_mult product: 26 unsigned bits fit the DSP48E2's 27-bit
 #: signed multiplier input.
 _D_CHUNK = 26
@@ -146,7 +148,7 @@ class SoftmaxUnit(wiring.Component):
     last beat may be partial, so the element rate is ``length / ceil(length / lanes)`` per cycle.
     Shorter rows, such as router rows of E = 16 experts, run at one row per ``min_row_beats`` cycles.
     From the last input beat of a row to its first output beat, the latency is
-    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 16`` plus the lane max
+    :meth:`row_latency` cycles when nothing stalls: ``ceil(length / lanes) + 19`` plus the lane max
     tree stages, the lane-sum tree stages and the divider latency.
 
     Raises
@@ -232,10 +234,10 @@ class SoftmaxUnit(wiring.Component):
         when nothing stalls."""
         # 3 cycles (plus the max tree's extra stages) for the max to reach the exp pass and 1 to its
         # first read, then the row's reads.
-        # Then 8 cycles through the exp pipeline and the lane-sum tree stages into the sum queue, 2
-        # cycles into the divider (the queue's output register), the divider itself, and 4 cycles
+        # Then 10 cycles through the exp pipeline, the lane-sum tree stages and the sum register into
+        # the sum queue, 1 cycle into the divider (the queue's output register), the divider itself, and 4 cycles
         # from the output pass's first read to its output FIFO, then the FIFO.
-        return (-(-length // self._lanes) + 17 + self._max_stages + self._tree_stages
+        return (-(-length // self._lanes) + 18 + self._max_stages + self._tree_stages
                 + self._div_latency(self._k) + CreditFIFO.LATENCY)
 
     def elaborate(self, platform):
@@ -269,9 +271,12 @@ class SoftmaxUnit(wiring.Component):
         # front of the exp pass's load decision and the level's own adder (over 300 MHz in the whole
         # top). Same latency as the SyncFIFO (1 cycle).
         m.submodules.desc_fifo = desc_fifo = CreditFIFO(desc_layout, _QUEUE_DEPTH)
-        # Buffered: its read data is a register, so the divider's first compare-subtract starts at a
-        # flip-flop, not at a distributed RAM's read (one cycle more from a row's sum to the divider).
-        m.submodules.sum_fifo = sum_fifo = fifo.SyncFIFOBuffered(width=sum_layout.size, depth=_QUEUE_DEPTH)
+        # A CreditFIFO as a plain queue too (rows2 reserves its room): its output is a register, so
+        # the divider's first compare-subtract starts at a flip-flop, and its read side is a flag and
+        # two pointers, where a SyncFIFOBuffered's read enable reached its inner level's adder (over
+        # 300 MHz in the whole top). One cycle from a row's sum to the divider (the buffered FIFO
+        # took two).
+        m.submodules.sum_fifo = sum_fifo = CreditFIFO(sum_layout, _QUEUE_DEPTH)
         # Every row the divider can hold (one iterative, up to its latency pipelined) plus one waiting
         # at its output.
         side_depth = 2 if not self._pipelined else self._div_latency(self._k) + 1
@@ -324,16 +329,22 @@ class SoftmaxUnit(wiring.Component):
         too_long = p_len > self._max_length
         max_tail = (self._max_length - 1) % L
         if L & (L - 1) == 0:
-            tail_idx = Mux(too_long, max_tail, (p_len - 1)[:max(1, (L - 1).bit_length())] if L > 1 else 0)
+            # Each mask bit a LUT of the length's low bits, then one select on the clamp (the
+            # compare's carry chain runs in parallel): a select of the index before the compares
+            # mapped to 4 levels behind the score path's length register in the whole top.
+            low = (p_len - 1)[:max(1, (L - 1).bit_length())] if L > 1 else Const(0, 1)
+            p_tail_mask = Mux(too_long, Cat(*(Const(max_tail >= j, 1) for j in lane_idx)),
+                              Cat(*(low >= j for j in lane_idx)))
         else:
             tail_idx = (p_len_c - 1) % L
+            p_tail_mask = Cat(*(tail_idx >= j for j in lane_idx))
         p_one_beat = Mux(too_long, self._max_length <= L, p_len <= L)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [cur.eq(self.cmd.payload), cur.length.eq(p_len_c),
                          rows_left.eq(self.cmd.payload.rows), rows_one.eq(self.cmd.payload.rows == 1),
                          cmd_active.eq(self.cmd.payload.rows != 0),
                          one_beat.eq(p_one_beat), last1.eq(p_one_beat),
-                         tail_mask.eq(Cat(*(tail_idx >= j for j in lane_idx)))]
+                         tail_mask.eq(p_tail_mask)]
         with m.Elif(cmd_done):
             m.d.sync += cmd_active.eq(0)
         with m.If(in_go):
@@ -471,21 +482,37 @@ class SoftmaxUnit(wiring.Component):
         m.d.sync += big_mask.eq(Cat(*(c3ad.c_shift <= b - numerics.EXP_FRAC_BITS - int_bits
                                       if b >= numerics.EXP_FRAC_BITS + int_bits else Const(0, 1)
                                       for b in range(p_width))))
-        # Stage c3b: t = P >> c_shift (a floor shift), registered as its fraction, its integer part
-        # and a "shifted out completely" flag, so the barrel shift and the exp ROM's logic are in
-        # different cycles.
+        # Stages c3c and c3b: t = P >> c_shift (a floor shift), in two steps of three select bits
+        # each: c3c shifts by the multiple of 8 (c_shift[3:]) and keeps the 19 bits that the fine
+        # shift can reach, and computes the "shifted out completely" flag; c3b shifts by c_shift[:3]
+        # and registers t's fraction and integer part. One 64:1 select per bit in one cycle mapped
+        # to 5 LUT levels in the whole top (over 300 MHz); the barrel shift and the exp ROM's logic
+        # are in different cycles.
+        coarse_shift, fine_bits = 3, 3
+        keep = numerics.EXP_FRAC_BITS + int_bits + (1 << fine_bits) - 1
+        c3cv, c3clast = Signal(), Signal()
+        c3cmask = Signal(L)
+        c3cd = Signal(desc_layout)
+        coarse = [Signal(keep, name=f"t_coarse{j}") for j in lane_idx]
+        t_big = [Signal(name=f"t_big{j}") for j in lane_idx]
+        m.d.sync += [c3cv.eq(c3v), c3clast.eq(c3last), c3cmask.eq(c3mask), c3cd.eq(c3d)]
+        hi = c3d.c_shift[fine_bits:]
+        assert len(c3d.c_shift) == fine_bits + coarse_shift
+        for j in lane_idx:
+            m.d.sync += [coarse[j].eq((prod[j] >> (hi << fine_bits))[:keep]),
+                         t_big[j].eq((prod[j] & big_mask).any())]
         c3bv, c3blast = Signal(), Signal()
         c3bmask = Signal(L)
         c3bd = Signal(desc_layout)
         t_frac = [Signal(numerics.EXP_FRAC_BITS, name=f"t_frac{j}") for j in lane_idx]
         t_int = [Signal(int_bits, name=f"t_int{j}") for j in lane_idx]
-        t_big = [Signal(name=f"t_big{j}") for j in lane_idx]
-        m.d.sync += [c3bv.eq(c3v), c3blast.eq(c3last), c3bmask.eq(c3mask), c3bd.eq(c3d)]
+        t_big_b = [Signal(name=f"t_big_b{j}") for j in lane_idx]
+        m.d.sync += [c3bv.eq(c3cv), c3blast.eq(c3clast), c3bmask.eq(c3cmask), c3bd.eq(c3cd)]
         for j in lane_idx:
-            t = prod[j] >> c3d.c_shift
+            t = coarse[j] >> c3cd.c_shift[:fine_bits]
             m.d.sync += [t_frac[j].eq(t[:numerics.EXP_FRAC_BITS]),
                          t_int[j].eq(t[numerics.EXP_FRAC_BITS:numerics.EXP_FRAC_BITS + int_bits]),
-                         t_big[j].eq((prod[j] & big_mask).any())]
+                         t_big_b[j].eq(t_big[j])]
         # Stage c4: the ROM is read with the fraction; the integer part and the "shifted out
         # completely" flag wait one cycle for the ROM data.
         # One single-port ROM per lane (what a synthesizer builds from one many-port ROM anyway; the
@@ -506,7 +533,7 @@ class SoftmaxUnit(wiring.Component):
             m.d.sync += [
                 c4int[j].eq(t_int[j]),
                 # i >= EXP_ZERO_INT (= 16): every ROM bit is shifted out. Padding lanes are 0 too.
-                c4zero[j].eq(t_big[j] | ~c3bmask[j]),
+                c4zero[j].eq(t_big_b[j] | ~c3bmask[j]),
             ]
         m.d.sync += [c4v.eq(c3bv), c4last.eq(c3blast), c4mode.eq(c3bd.mode),
                      c4sum.mode.eq(c3bd.mode), c4sum.length.eq(c3bd.length),
@@ -550,23 +577,30 @@ class SoftmaxUnit(wiring.Component):
         total = Mux(afirst, 0, acc) + level[0]
         with m.If(tv):
             m.d.sync += [acc.eq(total), afirst.eq(tlast)]
+        # The row's sum is registered before the queue: the queue's output register takes its
+        # input straight from w_data when empty, and the accumulator's adder in front of that mux
+        # left too little margin.
         sum_in = Signal(sum_layout)
+        sum_wv = Signal()
+        m.d.comb += [sum_in.eq(tsum), sum_in.sum.eq(total)]
+        sum_wd = Signal(sum_layout)
+        m.d.sync += [sum_wv.eq(tv & tlast), sum_wd.eq(sum_in)]
         m.d.comb += [
-            sum_in.eq(tsum), sum_in.sum.eq(total),
-            sum_fifo.w_data.eq(sum_in), sum_fifo.w_en.eq(tv & tlast),     # room is reserved by rows2
+            sum_fifo.w_data.eq(sum_wd), sum_fifo.w_en.eq(sum_wv),     # room is reserved by rows2
+            sum_fifo.take.eq(sum_wv),
         ]
 
         # ---- divider ------------------------------------------------------------------------------
-        sum_out = data.View(sum_layout, sum_fifo.r_data)
+        sum_out = sum_fifo.o.payload
         div_go = Signal()
         m.d.comb += [
-            div.i.valid.eq(sum_fifo.r_rdy & side_fifo.room),
+            div.i.valid.eq(sum_fifo.o.valid & side_fifo.room),
             div.i.payload.dividend.eq(Mux(sum_out.mode == SoftmaxMode.ATTENTION,            # << _DIV_SHIFT
                                           sum_out.out_mult << (numerics.AV_RECIP_BITS - _DIV_SHIFT),
                                           1 << (numerics.ROUTER_RECIP_BITS - _DIV_SHIFT))),
             div.i.payload.divisor.eq(sum_out.sum),
             div_go.eq(div.i.valid & div.i.ready),
-            sum_fifo.r_en.eq(div_go),
+            sum_fifo.o.ready.eq(side_fifo.room & div.i.ready),
             side_fifo.w_en.eq(div_go),
             side_fifo.take.eq(div_go),
         ]
