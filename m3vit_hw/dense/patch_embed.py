@@ -332,19 +332,26 @@ class EmbedSequencer(wiring.Component):
         l_left = Signal(range(N + 1))             # patches not yet requested from the loader
         l_first = Signal()
         l_pending = Signal()                      # a loader command is running
+        l_nz = Signal()                           # l_left != 0, kept as a flag
+        l_count = Signal(range(pt + 1))           # min(l_left, pt): the next command's count
         lc = self.loader
+        # The command's valid is one LUT of flip-flops (no compare of ``l_left``): it drives the
+        # loader's command skid buffer, whose load enable fans out to the whole command register.
         m.d.comb += [
-            lc.valid.eq(running & (l_left != 0) & ~l_pending & ~slot_full.bit_select(l_slot, 1)),
+            lc.valid.eq(running & l_nz & ~l_pending & ~slot_full.bit_select(l_slot, 1)),
             lc.payload.img_base.eq(prm.img_base), lc.payload.restart.eq(l_first),
-            lc.payload.count.eq(Mux(l_left > pt, pt, l_left)),
+            lc.payload.count.eq(l_count),
             lc.payload.dst_base.eq(Mux(l_slot, bm.slot_words, 0)), lc.payload.dst_stride.eq(bm.kw),
         ]
         slot_set = Signal(2)
         slot_clr = Signal(2)
         with m.If(start):
-            m.d.sync += [l_left.eq(N), l_first.eq(1), l_slot.eq(0), l_pending.eq(0)]
+            m.d.sync += [l_left.eq(N), l_nz.eq(N != 0), l_count.eq(min(N, pt)), l_first.eq(1), l_slot.eq(0),
+                         l_pending.eq(0)]
         with m.Elif(lc.valid & lc.ready):
-            m.d.sync += [l_left.eq(Mux(l_left > pt, l_left - pt, 0)), l_first.eq(0), l_pending.eq(1)]
+            m.d.sync += [l_left.eq(Mux(l_left > pt, l_left - pt, 0)), l_nz.eq(l_left > pt),
+                         l_count.eq(Mux(l_left > 2 * pt, pt, Mux(l_left > pt, l_left - pt, 0))),
+                         l_first.eq(0), l_pending.eq(1)]
         with m.If(self.loader_done & l_pending):
             m.d.sync += [l_pending.eq(0), l_slot.eq(~l_slot)]
             m.d.comb += slot_set.eq(Mux(l_slot, 0b10, 0b01))
