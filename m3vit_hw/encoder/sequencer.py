@@ -114,7 +114,13 @@ class _BeatQueue(wiring.Component):
         # The count takes a write a cycle late (``w_q``): ``w_en`` is the read arbiter's response
         # decode, kept off the count's carry chain. A beat then shows two cycles after its write.
         w_q = Signal()
-        m.d.sync += [w_q.eq(self.w_en), count.eq(count + w_q - pop)]
+        m.d.sync += w_q.eq(self.w_en)
+        # The increment and decrement are formed from the count alone and the pop only selects one:
+        # the pop (a decode in the sequencer) does not enter a carry chain.
+        with m.If(w_q & ~pop):
+            m.d.sync += count.eq(count + 1)
+        with m.Elif(pop & ~w_q):
+            m.d.sync += count.eq(count - 1)
         return m
 
 
@@ -247,8 +253,14 @@ class ProgramSequencer(wiring.Component):
         # The room compare is registered too: ``space`` only drops when a request is sent, and
         # then ``bok`` is low in the next cycle anyway, so a compare one cycle old never lets a
         # request out that the FIFO could not hold (it may wait one cycle after a pop).
+        # ``space`` and ``inflight`` take a request's beats and a pop a cycle late (``sent_beats``,
+        # ``pop_q``): the request handshake (``bok`` and the arbiter's ready) and the decode's pop then
+        # only load registers, and the counters' adders start at flip-flops. ``roomy`` is held low
+        # in the cycle the late beats are still missing from ``space``.
+        sent_beats = Signal.like(beats)
+        pop_q = Signal()
         roomy = Signal()
-        m.d.sync += roomy.eq(space >= self._burst)
+        m.d.sync += roomy.eq((space >= self._burst) & (sent_beats == 0))
         m.d.comb += [
             req.valid.eq(hold | (fetching & bok & roomy)),
             req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
@@ -265,12 +277,13 @@ class ProgramSequencer(wiring.Component):
         m.d.sync += got_q.eq(got & ~start)
         with m.If(start):
             m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth),
-                         bok.eq(0)]
+                         bok.eq(0), sent_beats.eq(0), pop_q.eq(0)]
         with m.Else():
             with m.If(sent):
                 m.d.sync += [faddr.eq(faddr + (beats << lb)), bok.eq(0)]
-            m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got_q)
-            m.d.sync += space.eq(space - Mux(sent, beats, 0) + (fq.r_en & fq.r_rdy))
+            m.d.sync += [sent_beats.eq(Mux(sent, beats, 0)), pop_q.eq(fq.r_en & fq.r_rdy)]
+            m.d.sync += inflight.eq(inflight + sent_beats - got_q)
+            m.d.sync += space.eq(space - sent_beats + pop_q)
 
         # ---- assemble and decode -------------------------------------------------------------------
         pb = self._per_beat
@@ -360,7 +373,7 @@ class ProgramSequencer(wiring.Component):
                 # write-to-read latency is 2), so no response can still be coming and no beat is left
                 # behind.
                 m.d.comb += fq.r_en.eq(1)
-                with m.If((inflight == 0) & ~fq.r_rdy & ~req.valid):
+                with m.If((inflight == 0) & (sent_beats == 0) & ~fq.r_rdy & ~req.valid):
                     m.d.sync += [running.eq(0), self.done.eq(1), have.eq(0)]
                     m.next = "IDLE"
 

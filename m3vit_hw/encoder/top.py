@@ -295,8 +295,14 @@ class EncoderTop(wiring.Component):
             cmd_valid[op] = v
         # ``ready`` while every command register is empty: the same as "this opcode's register is
         # empty", since the owner rule lets an instruction of another class out only while every unit
-        # (its command register included) is idle; one LUT of flip-flops, not a mux on the opcode.
-        m.d.comb += ins.ready.eq(~Cat(*cmd_valid.values()).any())
+        # (its command register included) is idle. It is a register of its own, set from the next
+        # state of the command registers (a dispatch fills one; a register empties when its unit
+        # takes the command), so the sequencer's dispatch decode starts at one flip-flop, not at an
+        # OR over the command registers.
+        all_empty = Signal(init=1)
+        m.d.sync += all_empty.eq(~dispatch & Cat(*[~v | starts[op][0].ready
+                                                   for op, v in cmd_valid.items()]).all())
+        m.d.comb += ins.ready.eq(all_empty)
 
         for op, b in busy.items():
             m.d.comb += seq.unit_busy[op.value].eq(b | cmd_valid[op])
