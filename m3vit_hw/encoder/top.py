@@ -224,13 +224,14 @@ class EncoderTop(wiring.Component):
         with m.If(dispatch):
             m.d.sync += active.eq(ins.payload.op)
 
-        def owner_select(name, owners, other=False):
+        def owner_select(name, owners, other=False, reset_less=False):
             """One-hot select registers for one multiplexer: bit ``i`` is high while ``owners[i]`` is
             the class of the last dispatched instruction (with ``other``, one more bit for any class
             not in ``owners``). Loaded at dispatch: the owner is known then, a cycle before its unit
             drives anything, so each multiplexer gate is a flip-flop of its own client, not a decode
-            of ``active``."""
-            bits = [Signal(name=f"{name}_{op.name.lower()}") for op in owners]
+            of ``active``. yosys merges flip-flops of the same function into one (all the selects
+            of one class are one net); ``reset_less`` ones are a different cell, so they stay apart."""
+            bits = [Signal(name=f"{name}_{op.name.lower()}", reset_less=reset_less) for op in owners]
             with m.If(dispatch):
                 m.d.sync += [b.eq(ins.payload.op == op) for b, op in zip(bits, owners)]
             if other:
@@ -313,7 +314,13 @@ class EncoderTop(wiring.Component):
         if mo is not None:
             clients.append((Opcode.MOE, mo.client))
         csel = owner_select("csel", [op for op, _ in clients])
-        cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",))
+        # The payload AND-OR (the engine and streamer commands, some 340 bits) takes reset-less copies
+        # of the select: the client's handshake gates (ready, tile_valid, busy, done into its control
+        # logic; its valid into the datapath's skid buffers) then hang on a flip-flop with a fanout of
+        # a few dozen, not of every payload bit.
+        csel_wide = owner_select("csel_wide", [op for op, _ in clients], reset_less=True)
+        cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",),
+                            wide_owns=csel_wide)
         _connect_client(m, cl, dp.client)
         # The engine's result stream (RAW scores, gate logits): attention or the MoE router, else the
         # null sink.
