@@ -349,11 +349,15 @@ class EncoderTop(wiring.Component):
         aw_sel = owner_select("aw_sel", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE])
         rr_sel = owner_select("rr_sel", [Opcode.LAYERNORM, Opcode.STORE])
         (is_ln, is_li), is_st = aw_sel, rr_sel[1]
-        act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w")
+        # Wide members (write data and lane enables, addresses) on reset-less copies, as for the
+        # client multiplexer: the gate flip-flops are also the embedding client's and LayerNorm's.
+        aw_wide = owner_select("aw_wide", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE], reset_less=True)
+        rr_wide = owner_select("rr_wide", [Opcode.LAYERNORM, Opcode.STORE], reset_less=True)
+        act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w", wide_owns=aw_wide)
         wiring.connect(m, act_w, dp.act_wr)
         m.d.comb += dp.act_wr_own.eq(is_ln | is_li)
         # Residual side reads: LayerNorm or the store DMA.
-        res_r = mux_interfaces(m, rr_sel, [nrm.res_rd, st.res_rd], name="res_r")
+        res_r = mux_interfaces(m, rr_sel, [nrm.res_rd, st.res_rd], name="res_r", wide_owns=rr_wide)
         wiring.connect(m, res_r, dp.res_rd)
         m.d.comb += dp.res_rd_own.eq(is_ln | is_st)
         # Residual side writes: the embedding's initialisation (cls + pos rows).
