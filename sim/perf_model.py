@@ -323,6 +323,9 @@ def dense_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20, token
 NORM_GROUP_ROWS, NORM_GROUP_MIN = 8, 62
 #: Calibrated: start -> first parameter request, and cycles a record waits after its last beat.
 NORM_START, NORM_RECORD_GAP = 6, 1
+#: Register stages the stage adds around the LayerNorm unit (the beats' skid buffer, the registered
+#: activation write port): cycles on the stage's tail.
+NORM_STAGE_REGS = 2
 
 
 def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
@@ -348,7 +351,7 @@ def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     R = m.dim // lanes
     bubble = max(0, NORM_GROUP_MIN - NORM_GROUP_ROWS * R) * (_cdiv(T, NORM_GROUP_ROWS) - 1)
     rows = T * R + bubble
-    tail = LayerNormUnit(m.dim, lanes).row_latency
+    tail = LayerNormUnit(m.dim, lanes).row_latency + NORM_STAGE_REGS
     total = fetch + rows + tail
     bd = _blank()
     bd["layernorm"] = rows + tail
@@ -533,6 +536,8 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
 #: EMBED_RUN[1] * (aligned beats covering the run) + EMBED_RUN[2] * (run bytes / gearbox bytes a
 #: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle.
 EMBED_RUN = (2.9, 2.9, 0.31)
+#: Cycles from a loader command's last packed word to its ``done`` (the registered write port).
+EMBED_LOAD_DONE = 1
 
 
 def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, img_base=0):
@@ -575,7 +580,7 @@ def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, i
         mem_bytes += rows * img_bytes_per_patch + (first_weights if j == 0 else 0)
         # Loader-bound, or memory-bound over what is fetched before this tile's first GEMM (the
         # residual init, the patches and, for the first tile, the first weight tiles).
-        ready = max(s + rows * per_patch, latency + LOAD_EXTRA + mem_bytes / bw)
+        ready = max(s + rows * per_patch + EMBED_LOAD_DONE, latency + LOAD_EXTRA + mem_bytes / bw)
         loader_free = ready
         if j == 0:
             ready = max(ready, init_end)
