@@ -274,8 +274,11 @@ class PatchLoader(wiring.Component):
         emit = rx_active & (fill_ge | (row_in_done & fill_nz))
         m.d.comb += p_take.eq(p_valid & ~emit & ~row_in_done)
         m.d.sync += fill.eq(fill_next)
+        # A take finds fill < C (``fill_ge`` low), so the placement shift needs only fill's low
+        # log2(C) bits when C is a power of two: a shifter of fewer stages behind ``fill``.
+        fill_at = fill[:C.bit_length() - 1] if (C & (C - 1)) == 0 else fill
         with m.If(p_take):
-            m.d.sync += [acc.eq(acc | (p_data << (fill * 8))),
+            m.d.sync += [acc.eq(acc | (p_data << (fill_at * 8))),
                          fill_ge.eq(ge_take), fill_nz.eq(fill_nz | (p_n != 0))]
             m.d.comb += fill_next.eq(sum_take)
             with m.If(p_row_end):
