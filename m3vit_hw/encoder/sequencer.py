@@ -106,7 +106,7 @@ class _BeatQueue(wiring.Component):
         count = Signal(range(depth + 1))
         pop = self.r_en & self.r_rdy
         m.d.comb += [wp.addr.eq(wptr), wp.data.eq(self.w_data), wp.en.eq(self.w_en),
-                     rp.addr.eq(rptr), self.r_data.eq(rp.data), self.r_rdy.eq(count != 0)]
+                     rp.addr.eq(rptr), self.r_data.eq(rp.data)]
         with m.If(self.w_en):
             m.d.sync += wptr.eq(Mux(wptr == depth - 1, 0, wptr + 1))
         with m.If(pop):
@@ -115,12 +115,19 @@ class _BeatQueue(wiring.Component):
         # decode, kept off the count's carry chain. A beat then shows two cycles after its write.
         w_q = Signal()
         m.d.sync += w_q.eq(self.w_en)
-        # The increment and decrement are formed from the count alone and the pop only selects one:
-        # the pop (a decode in the sequencer) does not enter a carry chain.
+        # The count keeps count + 1 and count - 1 in registers of their own, and ``r_rdy`` is a flag:
+        # a pop (a decode in the sequencer, fanning out to the instruction register) only selects
+        # among registers. (Two adders behind one select would be merged by yosys into one adder
+        # with the select in front of its carry chain.)
+        count_p1 = Signal(range(depth + 2), init=1)
+        count_m1 = Signal(range(-1, depth + 1), init=-1)
+        nonempty = Signal()
+        m.d.comb += self.r_rdy.eq(nonempty)
         with m.If(w_q & ~pop):
-            m.d.sync += count.eq(count + 1)
+            m.d.sync += [count.eq(count_p1), count_p1.eq(count_p1 + 1), count_m1.eq(count), nonempty.eq(1)]
         with m.Elif(pop & ~w_q):
-            m.d.sync += count.eq(count - 1)
+            m.d.sync += [count.eq(count_m1), count_p1.eq(count), count_m1.eq(count_m1 - 1),
+                         nonempty.eq(count != 1)]
         return m
 
 
@@ -275,13 +282,16 @@ class ProgramSequencer(wiring.Component):
         # exit (one cycle later at most), and a late count errs on the side of waiting.
         got_q = Signal()
         m.d.sync += got_q.eq(got & ~start)
+        # Not cleared by ``start`` (which clears every fetch register, behind the host's start
+        # handshake): nothing is sent or popped in the cycles around a start (DRAIN ends with both
+        # zero and IDLE neither fetches nor pops).
+        m.d.sync += [sent_beats.eq(Mux(sent, beats, 0)), pop_q.eq(fq.r_en & fq.r_rdy)]
         with m.If(start):
             m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth),
-                         bok.eq(0), sent_beats.eq(0), pop_q.eq(0)]
+                         bok.eq(0)]
         with m.Else():
             with m.If(sent):
                 m.d.sync += [faddr.eq(faddr + (beats << lb)), bok.eq(0)]
-            m.d.sync += [sent_beats.eq(Mux(sent, beats, 0)), pop_q.eq(fq.r_en & fq.r_rdy)]
             m.d.sync += inflight.eq(inflight + sent_beats - got_q)
             m.d.sync += space.eq(space - sent_beats + pop_q)
 
