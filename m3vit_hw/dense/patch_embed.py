@@ -316,15 +316,22 @@ class EmbedSequencer(wiring.Component):
             m.d.sync += [rec.eq(new_rec), rbeat.eq(Mux(rbeat == rec_beats - 1, 0, rbeat + 1))]
             with m.If(rbeat == rec_beats - 1):
                 m.d.sync += init_addr.eq(init_addr + 1)
-                with m.If(init_addr == lay.res_words - 1):
-                    m.d.sync += init_done.eq(1)
+        # The write port is registered: the record is written the cycle after its last beat, from
+        # ``rec`` (which holds it then), so the response's valid (a decode in the read arbiter)
+        # reaches only registers, not the residual buffer's enable through the datapath's select.
+        # ``init_done`` follows the last registered write (it also hands the port back to the engine).
+        w_en = Signal()
+        w_last = Signal()
+        w_addr = Signal.like(init_addr)
+        m.d.sync += [w_en.eq(init_wr), w_last.eq(init_addr == lay.res_words - 1), w_addr.eq(init_addr)]
+        with m.If(w_en & w_last):
+            m.d.sync += init_done.eq(1)
         with m.If(start):
             m.d.sync += [init_addr.eq(0), init_done.eq(0), rbeat.eq(0)]
 
-        m.d.comb += [self.init_done.eq(init_done), res_w.addr.eq(init_addr),
-                     res_w.en.eq(Mux(init_wr, (1 << C) - 1, 0))]
+        m.d.comb += [self.init_done.eq(init_done), res_w.addr.eq(w_addr), res_w.en.eq(w_en.replicate(C))]
         for c in range(C):
-            m.d.comb += res_w.data[c].eq(new_rec[16 * c:16 * c + 16])
+            m.d.comb += res_w.data[c].eq(rec[16 * c:16 * c + 16])
 
         # ---- patch loader: tiles into alternating slots ------------------------------------------
         slot_full = Signal(2)
