@@ -534,8 +534,10 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
 
 #: Calibrated: loader cycles per image run (``p * Cin`` contiguous bytes): ``EMBED_RUN[0] +
 #: EMBED_RUN[1] * (aligned beats covering the run) + EMBED_RUN[2] * (run bytes / gearbox bytes a
-#: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle.
-EMBED_RUN = (2.9, 2.9, 0.31)
+#: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle. Read from the four
+#: ``patch-embed`` cases of tests/test_perf_model.py with the loader's response skid buffer and five
+#: run descriptors in flight (was (2.9, 2.9, 0.31) with four and no skid).
+EMBED_RUN = (3.5, 2.1, 0.31)
 #: Cycles from a loader command's last packed word to its ``done`` (the registered write port).
 EMBED_LOAD_DONE = 1
 

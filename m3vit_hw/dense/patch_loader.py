@@ -145,7 +145,9 @@ class PatchLoader(wiring.Component):
         # side's byte count of a beat is a select of registers and constants (no subtraction).
         desc = data.StructLayout({"lo": range(db), "hi": range(1, db + 1), "beats": range(rbm + 1),
                                   "last_b": range(rbm + 1), "row_last": 1, "n0": range(db + 1)})
-        m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=4)
+        # Five runs in flight: with short runs the loader is bound by the request round trip over
+        # this depth (four, before the response skid buffer added a cycle to that round trip).
+        m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=5)
         off = Signal(range(db))
         m.d.comb += off.eq(run_addr[:lb] if lb else 0)
         d_in = Signal(desc)
@@ -197,7 +199,12 @@ class PatchLoader(wiring.Component):
                 m.d.sync += gen_active.eq(0)
 
         # ---- stage 1: a beat with the bounds of the run's bytes in it ----------------------------
-        resp = self.mem.resp
+        # The response enters through a skid buffer of its own: the read arbiter's response valid is
+        # a decode of its routing FIFO, and behind it the descriptor FIFO's read and the stage
+        # register's load would chain into it; both now start at flip-flops (one cycle of latency).
+        m.submodules.resp_skid = rsk = SkidBuffer(self.mem.resp.payload.shape())
+        wiring.connect(m, wiring.flipped(self.mem.resp), rsk.i)
+        resp = rsk.o
         cur = Signal(desc)
         m.d.comb += cur.eq(dq.r_data)
         b = Signal(range(rbm + 1))                  # beat index within the run
