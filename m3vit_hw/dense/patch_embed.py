@@ -373,15 +373,23 @@ class EmbedSequencer(wiring.Component):
         tw_ = self._tile_rom(m, fw, "fetch_w_tile")
         tp_ = self._tile_rom(m, fp, "fetch_p_tile")
         wcmd, pcmd = cl.wcmd, cl.pcmd
+        # The commands' addresses (base + a tile's offset, an adder of the address width) are
+        # registered: the client multiplexer and the datapath's skid buffer follow a flip-flop. The
+        # register is stale for the cycle after a start or a transfer (the tile index moves), in which
+        # ``a_ok`` holds the command back.
+        w_addr, p_addr = Signal.like(wcmd.payload.addr), Signal.like(pcmd.payload.addr)
+        w_ok, p_ok = Signal(), Signal()
+        m.d.sync += [w_addr.eq(prm.base + tw_.w_off), p_addr.eq(prm.base + tp_.p_off)]
         m.d.comb += [
-            wcmd.valid.eq(running & (fw_left != 0)),
-            wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
+            wcmd.valid.eq(running & (fw_left != 0) & w_ok),
+            wcmd.payload.addr.eq(w_addr), wcmd.payload.length.eq(tw_.w_len),
             wcmd.payload.tag.eq(fw),
-            pcmd.valid.eq(running & (fp_left != 0)),
-            pcmd.payload.addr.eq(prm.base + tp_.p_off), pcmd.payload.length.eq(tp_.p_len),
+            pcmd.valid.eq(running & (fp_left != 0) & p_ok),
+            pcmd.payload.addr.eq(p_addr), pcmd.payload.length.eq(tp_.p_len),
             pcmd.payload.tag.eq(fp),
         ]
-        for idx, left, cmd_ in ((fw, fw_left, wcmd), (fp, fp_left, pcmd)):
+        for idx, left, cmd_, a_ok in ((fw, fw_left, wcmd, w_ok), (fp, fp_left, pcmd, p_ok)):
+            m.d.sync += a_ok.eq(~start & ~(cmd_.valid & cmd_.ready))
             with m.If(start):
                 m.d.sync += [idx.eq(0), left.eq(N)]
             with m.Elif(cmd_.valid & cmd_.ready):

@@ -224,16 +224,18 @@ class EncoderTop(wiring.Component):
         with m.If(dispatch):
             m.d.sync += active.eq(ins.payload.op)
 
-        def owner_select(name, owners, other=False, reset_less=False):
+        def owner_select(name, owners, other=False, reset_less=False, extra=()):
             """One-hot select registers for one multiplexer: bit ``i`` is high while ``owners[i]`` is
             the class of the last dispatched instruction (with ``other``, one more bit for any class
             not in ``owners``). Loaded at dispatch: the owner is known then, a cycle before its unit
             drives anything, so each multiplexer gate is a flip-flop of its own client, not a decode
             of ``active``. yosys merges flip-flops of the same function into one (all the selects
-            of one class are one net); ``reset_less`` ones are a different cell, so they stay apart."""
+            of one class are one net); ``reset_less`` ones are a different cell, so they stay apart.
+            With ``extra`` (one bit only), the bit is high for those classes too."""
             bits = [Signal(name=f"{name}_{op.name.lower()}", reset_less=reset_less) for op in owners]
             with m.If(dispatch):
-                m.d.sync += [b.eq(ins.payload.op == op) for b, op in zip(bits, owners)]
+                m.d.sync += [b.eq(ins.payload.op.as_value().matches(op, *extra))
+                             for b, op in zip(bits, owners)]
             if other:
                 b = Signal(name=f"{name}_other", init=1)
                 with m.If(dispatch):
@@ -348,18 +350,22 @@ class EncoderTop(wiring.Component):
         # Activation side writes: LayerNorm or the patch loader.
         aw_sel = owner_select("aw_sel", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE])
         rr_sel = owner_select("rr_sel", [Opcode.LAYERNORM, Opcode.STORE])
-        (is_ln, is_li), is_st = aw_sel, rr_sel[1]
+        is_li = aw_sel[1]
         # Wide members (write data and lane enables, addresses) on reset-less copies, as for the
         # client multiplexer: the gate flip-flops are also the embedding client's and LayerNorm's.
         aw_wide = owner_select("aw_wide", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE], reset_less=True)
         rr_wide = owner_select("rr_wide", [Opcode.LAYERNORM, Opcode.STORE], reset_less=True)
         act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w", wide_owns=aw_wide)
         wiring.connect(m, act_w, dp.act_wr)
-        m.d.comb += dp.act_wr_own.eq(is_ln | is_li)
+        # The datapath's side-port selects are flip-flops of their own (each selects ~150 bits there),
+        # not ORs of two owner bits.
+        (act_own,) = owner_select("act_own", [Opcode.LAYERNORM], extra=[Opcode.LOAD_IMAGE])
+        (res_own,) = owner_select("res_own", [Opcode.LAYERNORM], extra=[Opcode.STORE])
+        m.d.comb += dp.act_wr_own.eq(act_own)
         # Residual side reads: LayerNorm or the store DMA.
         res_r = mux_interfaces(m, rr_sel, [nrm.res_rd, st.res_rd], name="res_r", wide_owns=rr_wide)
         wiring.connect(m, res_r, dp.res_rd)
-        m.d.comb += dp.res_rd_own.eq(is_ln | is_st)
+        m.d.comb += dp.res_rd_own.eq(res_own)
         # Residual side writes: the embedding's initialisation (cls + pos rows).
         wiring.connect(m, emb.res_init_wr, dp.res_wr)
         m.d.comb += dp.res_wr_own.eq(is_li & ~emb.init_done)
