@@ -324,6 +324,9 @@ def dense_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20, token
 NORM_GROUP_ROWS, NORM_GROUP_MIN = 8, 62
 #: Calibrated: start -> first parameter request, and cycles a record waits after its last beat.
 NORM_START, NORM_RECORD_GAP = 6, 1
+#: Register stages the stage adds around the LayerNorm unit (the beats' skid buffer, the registered
+#: activation write port): cycles on the stage's tail.
+NORM_STAGE_REGS = 2
 
 
 def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
@@ -349,7 +352,7 @@ def norm_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
     R = m.dim // lanes
     bubble = max(0, NORM_GROUP_MIN - NORM_GROUP_ROWS * R) * (_cdiv(T, NORM_GROUP_ROWS) - 1)
     rows = T * R + bubble
-    tail = LayerNormUnit(m.dim, lanes).row_latency
+    tail = LayerNormUnit(m.dim, lanes).row_latency + NORM_STAGE_REGS
     total = fetch + rows + tail
     bd = _blank()
     bd["layernorm"] = rows + tail
@@ -532,9 +535,12 @@ def attention_cycles(config, *, tokens=None, bytes_per_cycle=16.0, latency=20):
 
 #: Calibrated: loader cycles per image run (``p * Cin`` contiguous bytes): ``EMBED_RUN[0] +
 #: EMBED_RUN[1] * (aligned beats covering the run) + EMBED_RUN[2] * (run bytes / gearbox bytes a
-#: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle. (The read arbiter's
-#: per-master response skid buffer added a quarter cycle per run to the loader-bound cases.)
-EMBED_RUN = (3.15, 2.9, 0.31)
+#: cycle)``, the gearbox moving ``min(pe_cols, data_bytes) / 2`` bytes a cycle. Read from the four
+#: ``patch-embed`` cases of tests/test_perf_model.py with the loader's response skid buffer and five
+#: run descriptors in flight (was (2.9, 2.9, 0.31) with four and no skid).
+EMBED_RUN = (3.5, 2.1, 0.31)
+#: Cycles from a loader command's last packed word to its ``done`` (the registered write port).
+EMBED_LOAD_DONE = 1
 
 
 def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, img_base=0):
@@ -577,7 +583,7 @@ def embed_cycles(config, *, bytes_per_cycle=16.0, latency=20, patch_tile=None, i
         mem_bytes += rows * img_bytes_per_patch + (first_weights if j == 0 else 0)
         # Loader-bound, or memory-bound over what is fetched before this tile's first GEMM (the
         # residual init, the patches and, for the first tile, the first weight tiles).
-        ready = max(s + rows * per_patch, latency + LOAD_EXTRA + mem_bytes / bw)
+        ready = max(s + rows * per_patch + EMBED_LOAD_DONE, latency + LOAD_EXTRA + mem_bytes / bw)
         loader_free = ready
         if j == 0:
             ready = max(ready, init_end)

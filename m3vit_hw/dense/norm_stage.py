@@ -27,7 +27,9 @@ Sequence (one ``start``)
    outstanding; a record is one or more whole requests, so any burst limit works), each record -> one
    parameter write;
 2. rows ``0 .. T-1``: residual word ``src_base + t*row_words + w`` -> LayerNorm -> activation word
-   ``dst_base + t*dst_stride + w``; reads run one word per cycle when ``L = C``;
+   ``dst_base + t*dst_stride + w``; reads run one word per cycle when ``L = C``. The beats reach the
+   LayerNorm unit through a skid buffer and the activation write port is registered (one cycle
+   each), so every signal the stage drives into the shared buffers is a flip-flop or one LUT of them;
 3. ``done`` pulses after the last write.
 
 ``cycles`` counts start .. done (reset by start).
@@ -42,6 +44,7 @@ from amaranth.lib.wiring import In, Out
 from .. import numerics
 from ..config import AcceleratorConfig
 from ..lib.mem_port import ReadPortSignature
+from ..lib.skid import SkidBuffer
 from ..rowops.layernorm import SHIFT_BITS, LayerNormUnit
 
 __all__ = ["NormStage", "NormStartLayout", "norm_lanes", "norm_record_bytes", "pack_norm_params"]
@@ -238,56 +241,73 @@ class NormStage(wiring.Component):
 
         # ---- reader: residual words -> LayerNorm beats ------------------------------------------
         # The read port's data holds while ``en`` is low, so it is the word register: the next word is
-        # read in the cycle the current one's last beat transfers.
-        rd_t = Signal(range(cfg.token_capacity + 1))  # row of the next word to read
+        # read in the cycle the current one's last beat transfers. The beats go to the LayerNorm unit
+        # through a skid buffer, so the read enable (which the encoder top multiplexes into the
+        # residual buffer) is one LUT of flip-flops: the skid's registered ``ready``, ``have``,
+        # ``at_last`` and ``reading``, not the unit's input handshake (a decode of its own state).
         rd_w = Signal(range(rw))
+        rows_left = Signal(range(cfg.token_capacity + 1))   # rows whose words remain to be read
         rd_addr = Signal(cfg.res_addr_bits)
         have = Signal()                               # res_rd.data holds an unconsumed word
         cur_last_sub = Signal(range(S))               # index of the word's last valid beat
         sub = Signal(range(S))
-        reading = Signal()                            # rows remain to be read
-        m.d.comb += reading.eq(running & params_done & (rd_t != prm.tokens))
+        at_last = Signal()                            # sub == cur_last_sub, kept as a flag
+        reading = Signal()                            # rows remain to be read (parameters are in)
         word = self.res_rd.data
-        m.d.comb += ln.i.valid.eq(have)
+        m.submodules.in_skid = isk = SkidBuffer(ln.i.payload.shape())
+        wiring.connect(m, isk.o, ln.i)
+        m.d.comb += isk.i.valid.eq(have)
         with m.Switch(sub):
             for k in range(S):
                 with m.Case(k):
                     for j in range(L):
-                        m.d.comb += ln.i.payload[j].eq(word[k * L + j])
-        beat_go = ln.i.valid & ln.i.ready
-        word_end = beat_go & (sub == cur_last_sub)
+                        m.d.comb += isk.i.payload[j].eq(word[k * L + j])
+        beat_go = isk.i.valid & isk.i.ready
+        word_end = beat_go & at_last
         fetch = reading & (~have | word_end)
         m.d.comb += [self.res_rd.addr.eq(rd_addr), self.res_rd.en.eq(fetch)]
         # Valid beats of word w: all S, except the row's last word (channels below D only).
         last_w_subs = -(-(D - (rw - 1) * C) // L)
         with m.If(fetch):
             m.d.sync += [have.eq(1), sub.eq(0), rd_addr.eq(rd_addr + 1),
-                         cur_last_sub.eq(Mux(rd_w == rw - 1, last_w_subs - 1, S - 1))]
+                         cur_last_sub.eq(Mux(rd_w == rw - 1, last_w_subs - 1, S - 1)),
+                         at_last.eq(Mux(rd_w == rw - 1, last_w_subs == 1, S == 1))]
             with m.If(rd_w == rw - 1):
-                m.d.sync += [rd_w.eq(0), rd_t.eq(rd_t + 1)]
+                m.d.sync += [rd_w.eq(0), rows_left.eq(rows_left - 1)]
+                with m.If(rows_left == 1):
+                    m.d.sync += reading.eq(0)
             with m.Else():
                 m.d.sync += rd_w.eq(rd_w + 1)
         with m.Elif(word_end):
             m.d.sync += have.eq(0)
         with m.Elif(beat_go):
-            m.d.sync += sub.eq(sub + 1)
+            m.d.sync += [sub.eq(sub + 1), at_last.eq(sub + 1 == cur_last_sub)]
+        # Rows are read once every parameter record is in the unit (``tokens`` >= 1).
+        with m.If(pw.valid & pw.ready & (rec_n == nrec - 1)):
+            m.d.sync += reading.eq(1)
         with m.If(start):
-            m.d.sync += [rd_t.eq(0), rd_w.eq(0), rd_addr.eq(self.start.payload.src_base), have.eq(0)]
+            m.d.sync += [rows_left.eq(self.start.payload.tokens), rd_w.eq(0),
+                         rd_addr.eq(self.start.payload.src_base), have.eq(0), reading.eq(0)]
 
         # ---- writer: LayerNorm beats -> lanes of activation words -------------------------------
+        # The write port is registered (address, lane enables, data): the encoder top multiplexes it
+        # into the activation buffer's bank and Q|K|V-copy decodes, which then start at flip-flops.
         wr_t = Signal(range(cfg.token_capacity + 1))
         wr_w = Signal(range(rw))
         wr_sub = Signal(range(S))
         row_addr = Signal(cfg.act_addr_bits)
+        w_addr = Signal(cfg.act_addr_bits)
+        w_en = Signal(S)                              # one-hot: the beat's lanes in the word
+        w_data = Signal(data.ArrayLayout(signed(numerics.ACT_BITS), L))
         m.d.comb += ln.o.ready.eq(1)
         out_go = ln.o.valid
-        m.d.comb += [
-            self.act_wr.addr.eq(row_addr + wr_w),
-            self.act_wr.en.eq(Mux(out_go, ((1 << L) - 1) << (wr_sub * L), 0)),
-        ]
+        m.d.sync += [w_addr.eq(row_addr + wr_w), w_data.eq(ln.o.payload),
+                     w_en.eq(Mux(out_go, 1 << wr_sub, 0))]
+        m.d.comb += self.act_wr.addr.eq(w_addr)
         for k in range(S):
+            m.d.comb += self.act_wr.en[k * L:(k + 1) * L].eq(w_en[k].replicate(L))
             for j in range(L):
-                m.d.comb += self.act_wr.data[k * L + j].eq(ln.o.payload[j])
+                m.d.comb += self.act_wr.data[k * L + j].eq(w_data[j])
         row_end = (wr_w == rw - 1) & (wr_sub == last_w_subs - 1)
         with m.If(out_go):
             with m.If(row_end):
@@ -298,7 +318,8 @@ class NormStage(wiring.Component):
                 m.d.sync += wr_sub.eq(wr_sub + 1)
         with m.If(start):
             m.d.sync += [wr_t.eq(0), wr_w.eq(0), wr_sub.eq(0), row_addr.eq(self.start.payload.dst_base)]
-        with m.If(running & (wr_t == prm.tokens) & params_done & (req_n == nreq)):
+        # ``done`` waits for the registered write of the last beat (``w_en`` clear again).
+        with m.If(running & (wr_t == prm.tokens) & params_done & (req_n == nreq) & (w_en == 0)):
             m.d.sync += running.eq(0)
             m.d.comb += self.done.eq(1)
 

@@ -316,15 +316,22 @@ class EmbedSequencer(wiring.Component):
             m.d.sync += [rec.eq(new_rec), rbeat.eq(Mux(rbeat == rec_beats - 1, 0, rbeat + 1))]
             with m.If(rbeat == rec_beats - 1):
                 m.d.sync += init_addr.eq(init_addr + 1)
-                with m.If(init_addr == lay.res_words - 1):
-                    m.d.sync += init_done.eq(1)
+        # The write port is registered: the record is written the cycle after its last beat, from
+        # ``rec`` (which holds it then), so the response's valid (a decode in the read arbiter)
+        # reaches only registers, not the residual buffer's enable through the datapath's select.
+        # ``init_done`` follows the last registered write (it also hands the port back to the engine).
+        w_en = Signal()
+        w_last = Signal()
+        w_addr = Signal.like(init_addr)
+        m.d.sync += [w_en.eq(init_wr), w_last.eq(init_addr == lay.res_words - 1), w_addr.eq(init_addr)]
+        with m.If(w_en & w_last):
+            m.d.sync += init_done.eq(1)
         with m.If(start):
             m.d.sync += [init_addr.eq(0), init_done.eq(0), rbeat.eq(0)]
 
-        m.d.comb += [self.init_done.eq(init_done), res_w.addr.eq(init_addr),
-                     res_w.en.eq(Mux(init_wr, (1 << C) - 1, 0))]
+        m.d.comb += [self.init_done.eq(init_done), res_w.addr.eq(w_addr), res_w.en.eq(w_en.replicate(C))]
         for c in range(C):
-            m.d.comb += res_w.data[c].eq(new_rec[16 * c:16 * c + 16])
+            m.d.comb += res_w.data[c].eq(rec[16 * c:16 * c + 16])
 
         # ---- patch loader: tiles into alternating slots ------------------------------------------
         slot_full = Signal(2)
@@ -332,19 +339,26 @@ class EmbedSequencer(wiring.Component):
         l_left = Signal(range(N + 1))             # patches not yet requested from the loader
         l_first = Signal()
         l_pending = Signal()                      # a loader command is running
+        l_nz = Signal()                           # l_left != 0, kept as a flag
+        l_count = Signal(range(pt + 1))           # min(l_left, pt): the next command's count
         lc = self.loader
+        # The command's valid is one LUT of flip-flops (no compare of ``l_left``): it drives the
+        # loader's command skid buffer, whose load enable fans out to the whole command register.
         m.d.comb += [
-            lc.valid.eq(running & (l_left != 0) & ~l_pending & ~slot_full.bit_select(l_slot, 1)),
+            lc.valid.eq(running & l_nz & ~l_pending & ~slot_full.bit_select(l_slot, 1)),
             lc.payload.img_base.eq(prm.img_base), lc.payload.restart.eq(l_first),
-            lc.payload.count.eq(Mux(l_left > pt, pt, l_left)),
+            lc.payload.count.eq(l_count),
             lc.payload.dst_base.eq(Mux(l_slot, bm.slot_words, 0)), lc.payload.dst_stride.eq(bm.kw),
         ]
         slot_set = Signal(2)
         slot_clr = Signal(2)
         with m.If(start):
-            m.d.sync += [l_left.eq(N), l_first.eq(1), l_slot.eq(0), l_pending.eq(0)]
+            m.d.sync += [l_left.eq(N), l_nz.eq(N != 0), l_count.eq(min(N, pt)), l_first.eq(1), l_slot.eq(0),
+                         l_pending.eq(0)]
         with m.Elif(lc.valid & lc.ready):
-            m.d.sync += [l_left.eq(Mux(l_left > pt, l_left - pt, 0)), l_first.eq(0), l_pending.eq(1)]
+            m.d.sync += [l_left.eq(Mux(l_left > pt, l_left - pt, 0)), l_nz.eq(l_left > pt),
+                         l_count.eq(Mux(l_left > 2 * pt, pt, Mux(l_left > pt, l_left - pt, 0))),
+                         l_first.eq(0), l_pending.eq(1)]
         with m.If(self.loader_done & l_pending):
             m.d.sync += [l_pending.eq(0), l_slot.eq(~l_slot)]
             m.d.comb += slot_set.eq(Mux(l_slot, 0b10, 0b01))
@@ -359,15 +373,23 @@ class EmbedSequencer(wiring.Component):
         tw_ = self._tile_rom(m, fw, "fetch_w_tile")
         tp_ = self._tile_rom(m, fp, "fetch_p_tile")
         wcmd, pcmd = cl.wcmd, cl.pcmd
+        # The commands' addresses (base + a tile's offset, an adder of the address width) are
+        # registered: the client multiplexer and the datapath's skid buffer follow a flip-flop. The
+        # register is stale for the cycle after a start or a transfer (the tile index moves), in which
+        # ``a_ok`` holds the command back.
+        w_addr, p_addr = Signal.like(wcmd.payload.addr), Signal.like(pcmd.payload.addr)
+        w_ok, p_ok = Signal(), Signal()
+        m.d.sync += [w_addr.eq(prm.base + tw_.w_off), p_addr.eq(prm.base + tp_.p_off)]
         m.d.comb += [
-            wcmd.valid.eq(running & (fw_left != 0)),
-            wcmd.payload.addr.eq(prm.base + tw_.w_off), wcmd.payload.length.eq(tw_.w_len),
+            wcmd.valid.eq(running & (fw_left != 0) & w_ok),
+            wcmd.payload.addr.eq(w_addr), wcmd.payload.length.eq(tw_.w_len),
             wcmd.payload.tag.eq(fw),
-            pcmd.valid.eq(running & (fp_left != 0)),
-            pcmd.payload.addr.eq(prm.base + tp_.p_off), pcmd.payload.length.eq(tp_.p_len),
+            pcmd.valid.eq(running & (fp_left != 0) & p_ok),
+            pcmd.payload.addr.eq(p_addr), pcmd.payload.length.eq(tp_.p_len),
             pcmd.payload.tag.eq(fp),
         ]
-        for idx, left, cmd_ in ((fw, fw_left, wcmd), (fp, fp_left, pcmd)):
+        for idx, left, cmd_, a_ok in ((fw, fw_left, wcmd, w_ok), (fp, fp_left, pcmd, p_ok)):
+            m.d.sync += a_ok.eq(~start & ~(cmd_.valid & cmd_.ready))
             with m.If(start):
                 m.d.sync += [idx.eq(0), left.eq(N)]
             with m.Elif(cmd_.valid & cmd_.ready):

@@ -14,6 +14,7 @@ split at ``max_burst`` and at 4 KiB boundaries by :class:`BurstRequester`) and a
 only the run's bytes, packing them ``pe_cols`` to an activation word: up to ``min(pe_cols, data_bytes) / 2``
 bytes per cycle. The gearbox is three register stages (a beat with its byte bounds, in a skid buffer; the run's bytes
 moved to byte 0; appended to the word being packed, or a word emitted), so a 16-byte beat into 16-lane words moves 8 bytes a cycle.
+The activation write port is a register stage of its own (a word is written the cycle after it is packed).
 Patch row ``r`` of a command goes to words ``dst_base + r * dst_stride + 0 ..
 ceil(K / C) - 1`` (the last word's lanes past K hold junk the GEMM never reads).
 """
@@ -120,6 +121,7 @@ class PatchLoader(wiring.Component):
         c = Signal(PatchLoadLayout(cfg, aw))
         gen_active = Signal()                       # runs of the command still to issue
         rx_active = Signal()                        # rows of the command still to write
+        w_en = Signal()                             # the registered write port writes a word
         # The command enters through a skid buffer: the sequencer's valid (a decode of its own state)
         # and the accept's fan-out (every generator and writer register, the run count's multiply)
         # are then in different cycles. A command waiting in it counts as busy.
@@ -127,7 +129,7 @@ class PatchLoader(wiring.Component):
         wiring.connect(m, wiring.flipped(self.cmd), csk.i)
         cmd = csk.o
         m.d.comb += [cmd.ready.eq(~gen_active & ~rx_active),
-                     self.busy.eq(gen_active | rx_active | cmd.valid)]
+                     self.busy.eq(gen_active | rx_active | cmd.valid | w_en)]
 
         # ---- run generator ---------------------------------------------------------------------
         kh = Signal(range(p))
@@ -143,7 +145,9 @@ class PatchLoader(wiring.Component):
         # side's byte count of a beat is a select of registers and constants (no subtraction).
         desc = data.StructLayout({"lo": range(db), "hi": range(1, db + 1), "beats": range(rbm + 1),
                                   "last_b": range(rbm + 1), "row_last": 1, "n0": range(db + 1)})
-        m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=4)
+        # Five runs in flight: with short runs the loader is bound by the request round trip over
+        # this depth (four, before the response skid buffer added a cycle to that round trip).
+        m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=5)
         off = Signal(range(db))
         m.d.comb += off.eq(run_addr[:lb] if lb else 0)
         d_in = Signal(desc)
@@ -170,23 +174,37 @@ class PatchLoader(wiring.Component):
             dq.w_en.eq(issue),
         ]
         row_bytes = W * cin
+        # The generator's next state (after an issue) is registered from its current state, so an
+        # issue (the descriptor FIFO's room and the requester's ready) only enables registers: no
+        # adder or select stands between it and them. The next state is stale for the cycle after
+        # an issue or a command, which ``d_ok`` blocks.
+        n_kh, n_px = Signal.like(kh), Signal.like(px)
+        n_prow, n_patch, n_run = Signal(aw), Signal(aw), Signal(aw)
+        n_left = Signal.like(runs_left)
+        n_last = Signal()                           # the issue is the command's last run
+        m.d.sync += [n_left.eq(runs_left - 1), n_last.eq(runs_left == 1)]
+        with m.If(kh != p - 1):
+            m.d.sync += [n_kh.eq(kh + 1), n_px.eq(px), n_prow.eq(prow_addr), n_patch.eq(patch_addr),
+                         n_run.eq(run_addr + row_bytes)]
+        with m.Elif(px == gw - 1):
+            nxt = prow_addr + p * row_bytes
+            m.d.sync += [n_kh.eq(0), n_px.eq(0), n_prow.eq(nxt), n_patch.eq(nxt), n_run.eq(nxt)]
+        with m.Else():
+            m.d.sync += [n_kh.eq(0), n_px.eq(px + 1), n_prow.eq(prow_addr), n_patch.eq(patch_addr + run),
+                         n_run.eq(patch_addr + run)]
         with m.If(issue):
-            m.d.sync += runs_left.eq(runs_left - 1)
-            with m.If(runs_left == 1):
+            m.d.sync += [runs_left.eq(n_left), kh.eq(n_kh), px.eq(n_px), prow_addr.eq(n_prow),
+                         patch_addr.eq(n_patch), run_addr.eq(n_run)]
+            with m.If(n_last):
                 m.d.sync += gen_active.eq(0)
-            with m.If(kh != p - 1):
-                m.d.sync += [kh.eq(kh + 1), run_addr.eq(run_addr + row_bytes)]
-            with m.Else():
-                m.d.sync += kh.eq(0)
-                with m.If(px == gw - 1):
-                    nxt = prow_addr + p * row_bytes
-                    m.d.sync += [px.eq(0), prow_addr.eq(nxt), patch_addr.eq(nxt), run_addr.eq(nxt)]
-                with m.Else():
-                    m.d.sync += [px.eq(px + 1), patch_addr.eq(patch_addr + run),
-                                 run_addr.eq(patch_addr + run)]
 
         # ---- stage 1: a beat with the bounds of the run's bytes in it ----------------------------
-        resp = self.mem.resp
+        # The response enters through a skid buffer of its own: the read arbiter's response valid is
+        # a decode of its routing FIFO, and behind it the descriptor FIFO's read and the stage
+        # register's load would chain into it; both now start at flip-flops (one cycle of latency).
+        m.submodules.resp_skid = rsk = SkidBuffer(self.mem.resp.payload.shape())
+        wiring.connect(m, wiring.flipped(self.mem.resp), rsk.i)
+        resp = rsk.o
         cur = Signal(desc)
         m.d.comb += cur.eq(dq.r_data)
         b = Signal(range(rbm + 1))                  # beat index within the run
@@ -263,8 +281,11 @@ class PatchLoader(wiring.Component):
         emit = rx_active & (fill_ge | (row_in_done & fill_nz))
         m.d.comb += p_take.eq(p_valid & ~emit & ~row_in_done)
         m.d.sync += fill.eq(fill_next)
+        # A take finds fill < C (``fill_ge`` low), so the placement shift needs only fill's low
+        # log2(C) bits when C is a power of two: a shifter of fewer stages behind ``fill``.
+        fill_at = fill[:C.bit_length() - 1] if (C & (C - 1)) == 0 else fill
         with m.If(p_take):
-            m.d.sync += [acc.eq(acc | (p_data << (fill * 8))),
+            m.d.sync += [acc.eq(acc | (p_data << (fill_at * 8))),
                          fill_ge.eq(ge_take), fill_nz.eq(fill_nz | (p_n != 0))]
             m.d.comb += fill_next.eq(sum_take)
             with m.If(p_row_end):
@@ -274,16 +295,24 @@ class PatchLoader(wiring.Component):
                          fill_ge.eq(fill >= 2 * C), fill_nz.eq(fill_ge & (fill != C))]
             m.d.comb += fill_next.eq(Mux(fill_ge, fill - C, 0))
 
-        m.d.comb += [self.act_wr.addr.eq(dst_row + wcnt), self.act_wr.en.eq(Mux(emit, (1 << C) - 1, 0))]
+        # The write port is registered (address, enable, data; ``done`` with it): the encoder top
+        # multiplexes it into the activation buffer's bank and Q|K|V-copy decodes, which then start
+        # at flip-flops instead of behind ``emit`` (a decode fanning out to the whole gearbox) and an
+        # address adder.
+        w_addr = Signal(cfg.act_addr_bits)
+        w_data = Signal(data.ArrayLayout(signed(numerics.ACT_BITS), C))
+        done_r = Signal()
+        m.d.sync += [w_en.eq(emit), w_addr.eq(dst_row + wcnt), done_r.eq(0)]
         for j in range(C):
-            m.d.comb += self.act_wr.data[j].eq(acc[8 * j:8 * j + 8] ^ 0x80)
+            m.d.sync += w_data[j].eq(acc[8 * j:8 * j + 8] ^ 0x80)
+        m.d.comb += [self.act_wr.addr.eq(w_addr), self.act_wr.en.eq(w_en.replicate(C)),
+                     self.act_wr.data.eq(w_data), self.done.eq(done_r)]
         with m.If(emit):
             with m.If(wcnt == kw - 1):
                 m.d.sync += [wcnt.eq(0), row_in_done.eq(0), dst_row.eq(dst_row + c.dst_stride),
                              rows_left.eq(rows_left - 1)]
                 with m.If(rows_left == 1):
-                    m.d.sync += rx_active.eq(0)
-                    m.d.comb += self.done.eq(1)
+                    m.d.sync += [rx_active.eq(0), done_r.eq(1)]
             with m.Else():
                 m.d.sync += wcnt.eq(wcnt + 1)
 
@@ -301,5 +330,5 @@ class PatchLoader(wiring.Component):
                 m.d.sync += [kh.eq(0), px.eq(0), prow_addr.eq(pl.img_base), patch_addr.eq(pl.img_base),
                              run_addr.eq(pl.img_base)]
             with m.If(pl.count == 0):
-                m.d.comb += self.done.eq(1)
+                m.d.sync += done_r.eq(1)
         return m

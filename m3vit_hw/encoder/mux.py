@@ -15,7 +15,10 @@ does it for any :class:`~amaranth.lib.wiring.Signature` once, member by member:
 The select is one-hot, one bit per source (``owns``), and the caller gives registers: then each gate
 in front of a client is a 2-input AND of that client's own flip-flop, which the synthesizer folds into
 the client's first LUT, rather than a compare of a shared multi-bit select fanned out to every
-client. The caller changes the select only while every client is idle (the sequencer switches
+client. The wide members' AND-OR may take a second set of select registers (``wide_owns``, e.g.
+reset-less copies that a synthesizer cannot merge with the first): then the one-bit handshake gates,
+which sit on the clients' control paths, hang on a flip-flop with a fanout of a few instead of one
+that also selects every payload bit. The caller changes the select only while every client is idle (the sequencer switches
 clients between instructions), so no stream transfer is ever split between two clients.
 """
 
@@ -25,7 +28,7 @@ from amaranth.lib.wiring import Out
 __all__ = ["mux_interfaces"]
 
 
-def mux_interfaces(m, owns, sources, name=None, *, driven=()):
+def mux_interfaces(m, owns, sources, name=None, *, driven=(), wide_owns=None):
     """Multiplex ``sources`` (interfaces of one signature) onto a new interface of that signature.
 
     Parameters
@@ -44,6 +47,10 @@ def mux_interfaces(m, owns, sources, name=None, *, driven=()):
         a memory write port declared ``Out(memory.WritePort.Signature(...))`` on its writer (as
         :class:`~m3vit_hw.weights.client.GemmClientSignature` declares ``gelu_lut``) has ``In`` leaves
         although the writer drives them.
+    wide_owns : sequence of Value or None
+        The select of the driven members wider than one bit (the same one-hot value as ``owns``
+        whenever a source's one-bit members can matter; other flip-flops, for fanout); ``None``:
+        ``owns``.
 
     Returns
     -------
@@ -64,6 +71,12 @@ def mux_interfaces(m, owns, sources, name=None, *, driven=()):
     if len(owns) != len(sources) or any(len(o) != 1 for o in owns):
         raise ValueError(f"owns must be {len(sources)} one-bit values (one per source), "
                          f"not {len(owns)} of widths {[len(o) for o in owns]}")
+    if wide_owns is None:
+        wide_owns = owns
+    wide_owns = [Value.cast(o) for o in wide_owns]
+    if len(wide_owns) != len(sources) or any(len(o) != 1 for o in wide_owns):
+        raise ValueError(f"wide_owns must be {len(sources)} one-bit values (one per source), "
+                         f"not {len(wide_owns)} of widths {[len(o) for o in wide_owns]}")
     sig = sources[0].signature
     for i, s in enumerate(sources[1:], 1):
         if s.signature != sig:
@@ -77,7 +90,8 @@ def mux_interfaces(m, owns, sources, name=None, *, driven=()):
         vals = [f[path][1] for f in flows]
         if flow == Out:
             width = Shape.cast(tval.shape()).width
-            picked = [Mux(own, Value.cast(v), 0) for own, v in zip(owns, vals)]
+            sel = owns if width == 1 else wide_owns
+            picked = [Mux(own, Value.cast(v), 0) for own, v in zip(sel, vals)]
             acc = picked[0]
             for x in picked[1:]:
                 acc = acc | x

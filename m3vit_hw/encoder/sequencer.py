@@ -106,7 +106,7 @@ class _BeatQueue(wiring.Component):
         count = Signal(range(depth + 1))
         pop = self.r_en & self.r_rdy
         m.d.comb += [wp.addr.eq(wptr), wp.data.eq(self.w_data), wp.en.eq(self.w_en),
-                     rp.addr.eq(rptr), self.r_data.eq(rp.data), self.r_rdy.eq(count != 0)]
+                     rp.addr.eq(rptr), self.r_data.eq(rp.data)]
         with m.If(self.w_en):
             m.d.sync += wptr.eq(Mux(wptr == depth - 1, 0, wptr + 1))
         with m.If(pop):
@@ -114,7 +114,20 @@ class _BeatQueue(wiring.Component):
         # The count takes a write a cycle late (``w_q``): ``w_en`` is the read arbiter's response
         # decode, kept off the count's carry chain. A beat then shows two cycles after its write.
         w_q = Signal()
-        m.d.sync += [w_q.eq(self.w_en), count.eq(count + w_q - pop)]
+        m.d.sync += w_q.eq(self.w_en)
+        # The count keeps count + 1 and count - 1 in registers of their own, and ``r_rdy`` is a flag:
+        # a pop (a decode in the sequencer, fanning out to the instruction register) only selects
+        # among registers. (Two adders behind one select would be merged by yosys into one adder
+        # with the select in front of its carry chain.)
+        count_p1 = Signal(range(depth + 2), init=1)
+        count_m1 = Signal(range(-1, depth + 1), init=-1)
+        nonempty = Signal()
+        m.d.comb += self.r_rdy.eq(nonempty)
+        with m.If(w_q & ~pop):
+            m.d.sync += [count.eq(count_p1), count_p1.eq(count_p1 + 1), count_m1.eq(count), nonempty.eq(1)]
+        with m.Elif(pop & ~w_q):
+            m.d.sync += [count.eq(count_m1), count_p1.eq(count), count_m1.eq(count_m1 - 1),
+                         nonempty.eq(count != 1)]
         return m
 
 
@@ -247,8 +260,14 @@ class ProgramSequencer(wiring.Component):
         # The room compare is registered too: ``space`` only drops when a request is sent, and
         # then ``bok`` is low in the next cycle anyway, so a compare one cycle old never lets a
         # request out that the FIFO could not hold (it may wait one cycle after a pop).
+        # ``space`` and ``inflight`` take a request's beats and a pop a cycle late (``sent_beats``,
+        # ``pop_q``): the request handshake (``bok`` and the arbiter's ready) and the decode's pop then
+        # only load registers, and the counters' adders start at flip-flops. ``roomy`` is held low
+        # in the cycle the late beats are still missing from ``space``.
+        sent_beats = Signal.like(beats)
+        pop_q = Signal()
         roomy = Signal()
-        m.d.sync += roomy.eq(space >= self._burst)
+        m.d.sync += roomy.eq((space >= self._burst) & (sent_beats == 0))
         m.d.comb += [
             req.valid.eq(hold | (fetching & bok & roomy)),
             req.payload.addr.eq(faddr), req.payload.beats.eq(beats),
@@ -263,14 +282,18 @@ class ProgramSequencer(wiring.Component):
         # exit (one cycle later at most), and a late count errs on the side of waiting.
         got_q = Signal()
         m.d.sync += got_q.eq(got & ~start)
+        # Not cleared by ``start`` (which clears every fetch register, behind the host's start
+        # handshake): nothing is sent or popped in the cycles around a start (DRAIN ends with both
+        # zero and IDLE neither fetches nor pops).
+        m.d.sync += [sent_beats.eq(Mux(sent, beats, 0)), pop_q.eq(fq.r_en & fq.r_rdy)]
         with m.If(start):
             m.d.sync += [faddr.eq(self.start.payload.program_base), inflight.eq(0), space.eq(depth),
                          bok.eq(0)]
         with m.Else():
             with m.If(sent):
                 m.d.sync += [faddr.eq(faddr + (beats << lb)), bok.eq(0)]
-            m.d.sync += inflight.eq(inflight + Mux(sent, beats, 0) - got_q)
-            m.d.sync += space.eq(space - Mux(sent, beats, 0) + (fq.r_en & fq.r_rdy))
+            m.d.sync += inflight.eq(inflight + sent_beats - got_q)
+            m.d.sync += space.eq(space - sent_beats + pop_q)
 
         # ---- assemble and decode -------------------------------------------------------------------
         pb = self._per_beat
@@ -360,7 +383,7 @@ class ProgramSequencer(wiring.Component):
                 # write-to-read latency is 2), so no response can still be coming and no beat is left
                 # behind.
                 m.d.comb += fq.r_en.eq(1)
-                with m.If((inflight == 0) & ~fq.r_rdy & ~req.valid):
+                with m.If((inflight == 0) & (sent_beats == 0) & ~fq.r_rdy & ~req.valid):
                     m.d.sync += [running.eq(0), self.done.eq(1), have.eq(0)]
                     m.next = "IDLE"
 

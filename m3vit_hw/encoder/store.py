@@ -119,24 +119,31 @@ class StoreDma(wiring.Component):
         m.d.comb += [dv.payload.data.eq(beat), dv.payload.strb.eq(strb)]
         with m.If(dv.valid & dv.ready):
             m.d.sync += [dv.valid.eq(0), bfill.eq(0), strb.eq(0)]
+        # ``left != 0`` and ``wchunk == 0`` are kept as flags, so the read enable (which the encoder
+        # top multiplexes into the residual buffer) is one LUT of flip-flops. A read never coincides
+        # with ``start`` (it needs ``running``).
+        left_nz = Signal()
+        wchunk_z = Signal(init=1)
+        can_read = running & left_nz & wchunk_z & ~pending
+        m.d.comb += [rd.addr.eq(raddr), rd.en.eq(can_read)]
         with m.If(start):
             m.d.sync += [left.eq(self.start.payload.words), raddr.eq(self.start.payload.res_base),
+                         left_nz.eq(self.start.payload.words != 0), wchunk_z.eq(1),
                          wchunk.eq(0), bfill.eq(0), strb.eq(0), pending.eq(0), dv.valid.eq(0)]
         with m.Else():
             # Read the next word when the previous one is used up.
-            can_read = running & (left != 0) & (wchunk == 0) & ~pending
-            m.d.comb += [rd.addr.eq(raddr), rd.en.eq(can_read)]
             m.d.sync += pending.eq(can_read)
             with m.If(can_read):
-                m.d.sync += [raddr.eq(raddr + 1), left.eq(left - 1)]
+                m.d.sync += [raddr.eq(raddr + 1), left.eq(left - 1), left_nz.eq(left != 1)]
             with m.If(pending):
-                m.d.sync += [word.eq(rd.data), wchunk.eq(wchunks)]
+                m.d.sync += [word.eq(rd.data), wchunk.eq(wchunks), wchunk_z.eq(0)]
             # Move one chunk into the beat while the beat register is free.
-            with m.Elif((wchunk != 0) & ~out_full):
+            with m.Elif(~wchunk_z & ~out_full):
                 shift = (bfill * (8 * g))
                 m.d.sync += [beat.eq(beat | (word[:8 * g] << shift)),
                              strb.eq(strb | (((1 << g) - 1) << (bfill * g))),
-                             word.eq(word >> (8 * g)), wchunk.eq(wchunk - 1), bfill.eq(bfill + 1)]
+                             word.eq(word >> (8 * g)), wchunk.eq(wchunk - 1), bfill.eq(bfill + 1),
+                             wchunk_z.eq(wchunk == 1)]
                 last = (wchunk == 1) & (left == 0)
                 with m.If((bfill == bchunks - 1) | last):
                     m.d.sync += dv.valid.eq(1)

@@ -224,15 +224,18 @@ class EncoderTop(wiring.Component):
         with m.If(dispatch):
             m.d.sync += active.eq(ins.payload.op)
 
-        def owner_select(name, owners, other=False):
+        def owner_select(name, owners, other=False, reset_less=False, extra=()):
             """One-hot select registers for one multiplexer: bit ``i`` is high while ``owners[i]`` is
             the class of the last dispatched instruction (with ``other``, one more bit for any class
             not in ``owners``). Loaded at dispatch: the owner is known then, a cycle before its unit
             drives anything, so each multiplexer gate is a flip-flop of its own client, not a decode
-            of ``active``."""
-            bits = [Signal(name=f"{name}_{op.name.lower()}") for op in owners]
+            of ``active``. yosys merges flip-flops of the same function into one (all the selects
+            of one class are one net); ``reset_less`` ones are a different cell, so they stay apart.
+            With ``extra`` (one bit only), the bit is high for those classes too."""
+            bits = [Signal(name=f"{name}_{op.name.lower()}", reset_less=reset_less) for op in owners]
             with m.If(dispatch):
-                m.d.sync += [b.eq(ins.payload.op == op) for b, op in zip(bits, owners)]
+                m.d.sync += [b.eq(ins.payload.op.as_value().matches(op, *extra))
+                             for b, op in zip(bits, owners)]
             if other:
                 b = Signal(name=f"{name}_other", init=1)
                 with m.If(dispatch):
@@ -295,8 +298,14 @@ class EncoderTop(wiring.Component):
             cmd_valid[op] = v
         # ``ready`` while every command register is empty: the same as "this opcode's register is
         # empty", since the owner rule lets an instruction of another class out only while every unit
-        # (its command register included) is idle; one LUT of flip-flops, not a mux on the opcode.
-        m.d.comb += ins.ready.eq(~Cat(*cmd_valid.values()).any())
+        # (its command register included) is idle. It is a register of its own, set from the next
+        # state of the command registers (a dispatch fills one; a register empties when its unit
+        # takes the command), so the sequencer's dispatch decode starts at one flip-flop, not at an
+        # OR over the command registers.
+        all_empty = Signal(init=1)
+        m.d.sync += all_empty.eq(~dispatch & Cat(*[~v | starts[op][0].ready
+                                                   for op, v in cmd_valid.items()]).all())
+        m.d.comb += ins.ready.eq(all_empty)
 
         for op, b in busy.items():
             m.d.comb += seq.unit_busy[op.value].eq(b | cmd_valid[op])
@@ -307,7 +316,13 @@ class EncoderTop(wiring.Component):
         if mo is not None:
             clients.append((Opcode.MOE, mo.client))
         csel = owner_select("csel", [op for op, _ in clients])
-        cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",))
+        # The payload AND-OR (the engine and streamer commands, some 340 bits) takes reset-less copies
+        # of the select: the client's handshake gates (ready, tile_valid, busy, done into its control
+        # logic; its valid into the datapath's skid buffers) then hang on a flip-flop with a fanout of
+        # a few dozen, not of every payload bit.
+        csel_wide = owner_select("csel_wide", [op for op, _ in clients], reset_less=True)
+        cl = mux_interfaces(m, csel, [c for _, c in clients], name="client", driven=("gelu_lut",),
+                            wide_owns=csel_wide)
         _connect_client(m, cl, dp.client)
         # The engine's result stream (RAW scores, gate logits): attention or the MoE router, else the
         # null sink.
@@ -335,14 +350,22 @@ class EncoderTop(wiring.Component):
         # Activation side writes: LayerNorm or the patch loader.
         aw_sel = owner_select("aw_sel", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE])
         rr_sel = owner_select("rr_sel", [Opcode.LAYERNORM, Opcode.STORE])
-        (is_ln, is_li), is_st = aw_sel, rr_sel[1]
-        act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w")
+        is_li = aw_sel[1]
+        # Wide members (write data and lane enables, addresses) on reset-less copies, as for the
+        # client multiplexer: the gate flip-flops are also the embedding client's and LayerNorm's.
+        aw_wide = owner_select("aw_wide", [Opcode.LAYERNORM, Opcode.LOAD_IMAGE], reset_less=True)
+        rr_wide = owner_select("rr_wide", [Opcode.LAYERNORM, Opcode.STORE], reset_less=True)
+        act_w = mux_interfaces(m, aw_sel, [nrm.act_wr, ld.act_wr], name="act_w", wide_owns=aw_wide)
         wiring.connect(m, act_w, dp.act_wr)
-        m.d.comb += dp.act_wr_own.eq(is_ln | is_li)
+        # The datapath's side-port selects are flip-flops of their own (each selects ~150 bits there),
+        # not ORs of two owner bits.
+        (act_own,) = owner_select("act_own", [Opcode.LAYERNORM], extra=[Opcode.LOAD_IMAGE])
+        (res_own,) = owner_select("res_own", [Opcode.LAYERNORM], extra=[Opcode.STORE])
+        m.d.comb += dp.act_wr_own.eq(act_own)
         # Residual side reads: LayerNorm or the store DMA.
-        res_r = mux_interfaces(m, rr_sel, [nrm.res_rd, st.res_rd], name="res_r")
+        res_r = mux_interfaces(m, rr_sel, [nrm.res_rd, st.res_rd], name="res_r", wide_owns=rr_wide)
         wiring.connect(m, res_r, dp.res_rd)
-        m.d.comb += dp.res_rd_own.eq(is_ln | is_st)
+        m.d.comb += dp.res_rd_own.eq(res_own)
         # Residual side writes: the embedding's initialisation (cls + pos rows).
         wiring.connect(m, emb.res_init_wr, dp.res_wr)
         m.d.comb += dp.res_wr_own.eq(is_li & ~emb.init_done)
