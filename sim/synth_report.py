@@ -238,8 +238,9 @@ def _yosys(workdir, script):
 def _xcup_script(name):
     # synth_xilinx has no switch for the classic mapper: run it up to LUT mapping, map with abc,
     # repeat the rest of its map_luts step, then let it finish. -noiopad/-noclkbuf: a unit is out of context.
+    # chformal -remove: simulation checks (Assert) are not hardware (see build.flow).
     common = f"-family xcup -flatten -noiopad -noclkbuf -top {name}"
-    return (f"read_rtlil top.il; synth_xilinx {common} -run :map_luts; "
+    return (f"read_rtlil top.il; chformal -remove; synth_xilinx {common} -run :map_luts; "
             "opt_expr -mux_undef -noclkinv; abc -lut 6; clean; xilinx_srl -fixed -minlen 3; "
             "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
             "xilinx_dffopt; opt_lut_ins -tech xilinx; "
@@ -248,7 +249,7 @@ def _xcup_script(name):
 
 def _xc7_dsp_script(name):
     # Up to and including DSP mapping is enough to see which registers xilinx_dsp packs.
-    return (f"read_rtlil top.il; synth_xilinx -family xc7 -flatten -noiopad -noclkbuf -top {name} -run :coarse; "
+    return (f"read_rtlil top.il; chformal -remove; synth_xilinx -family xc7 -flatten -noiopad -noclkbuf -top {name} -run :coarse; "
             "blackbox =A:whitebox; write_json dsp.json")
 
 

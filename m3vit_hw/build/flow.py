@@ -262,7 +262,9 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=Non
     if not is_path and cut_memories:
         design, memories = blackbox_memories(design)
         rule_total, rule_rows = pack_all(memories, XCZU7EV)
-    script = (f"{reader}; synth_xilinx -family xcup -flatten -top {top} -run :map_luts; "
+    # chformal -remove: the RTL's simulation checks (Assert) would stay as $check cells that the timing
+    # walk ends paths at, and keep the logic feeding them; Vivado drops assertions in synthesis too.
+    script = (f"{reader}; chformal -remove; synth_xilinx -family xcup -flatten -top {top} -run :map_luts; "
               "opt_expr -mux_undef -noclkinv; abc -lut 6; clean; "
               "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
               f"opt_lut_ins -tech xilinx; synth_xilinx -family xcup -top {top} -run finalize:check; stat"
