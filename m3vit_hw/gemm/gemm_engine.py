@@ -445,8 +445,7 @@ class GemmEngine(wiring.Component):
         d_count = Signal(range(DESC_DEPTH + 1))
 
         # ---- handshakes --------------------------------------------------------------------------
-        emit = cur_valid & pe.i.ready
-        block_end = emit & col_last
+
         # The handoff reads flags set a cycle ahead, so that it is one LUT of flip-flops at the head
         # of the loader's advance enable: the feeding slot frees in this cycle whatever the PE
         # array's credit (no block, or its final step without the tile's last flag), or only with
@@ -456,11 +455,26 @@ class GemmEngine(wiring.Component):
         fe_free = Signal(init=1)
         fe_credit = Signal()
         d_full = Signal()
+        # The feed pipeline: the feeder (the cur_* state, "F0") addresses the staging banks for step
+        # `col`; F1 registers the banks' bytes (LUTRAM outputs end at flip-flops), F2 the rotated
+        # step, which is the PE array's operand beat. F1 and F2 never stall (no enable): the feeder
+        # emits a tile's last step only when the array's shadow-bank credit is high and no other last
+        # step is in F1 or F2, so the beat finds the credit still high two cycles later (the credit
+        # only falls when a last beat is taken). `nl` is "no last step in F1 or F2", a register.
+        f1_valid, f1_first, f1_last = Signal(), Signal(), Signal()
+        f2_valid, f2_first, f2_last = Signal(), Signal(), Signal()
+        nl = Signal(init=1)
+        # fe_credit & nl, a register of its own (so the handoff stays one LUT of flip-flops).
+        fe_go = Signal()
+        emit = cur_valid & (~fe_credit | (fe_go & pe.credit))
+        block_end = emit & col_last
         m.d.comb += Assert((fe_free == (~cur_valid | (col_last & ~cur_info.last))) &
                            (fe_credit == (cur_valid & col_last & cur_info.last)) &
                            (d_full == (d_count == DESC_DEPTH)),
                            "GemmEngine: a registered feeder/descriptor flag disagrees with its state")
-        handoff = nx_full & (fe_free | (fe_credit & pe.credit)) & (~nx_info.first | ~d_full)
+        m.d.comb += Assert((nl == (~f1_last & ~f2_last)) & (fe_go == (fe_credit & nl)),
+                           "GemmEngine: a registered feed-pipeline flag disagrees with its state")
+        handoff = nx_full & (fe_free | (fe_go & pe.credit)) & (~nx_info.first | ~d_full)
         room = ~nx_full | handoff
         # The loader stages L1 .. L2 hold together: one enable for all of them, rather than a chain
         # of "advance if the next stage is empty or advances" (which the LUT mapper keeps as one LUT
@@ -473,7 +487,7 @@ class GemmEngine(wiring.Component):
 
         busy = Signal()
         m.d.comb += busy.eq(active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
-                            (d_count != 0) | es.o.valid | ep.busy)
+                            (d_count != 0) | es.o.valid | ep.busy | f1_valid | f2_valid)
 
         # The walk's "last" flags are registers, set a cycle ahead with their counters (each next
         # value is a compare of a register against a constant that the update only selects): the
@@ -690,34 +704,69 @@ class GemmEngine(wiring.Component):
 
         # ---- feeder: one reduction step per cycle into the PE array ------------------------------
         byte = numerics.ACT_BITS
-        m.d.comb += [
-            pe.i.valid.eq(cur_valid),
-            pe.i.payload.a_unsigned.eq(cur_info.a_unsigned),
-            pe.i.payload.first.eq(cur_info.first & (col == 0)),
-            pe.i.payload.last.eq(cur_info.last & col_last),
-            pe.i.payload.rows_valid.eq(cur_info.rows_valid),
+        # F0: step `col` of the feeding block. A lane `col` of every A word; B word `col` (direct) or
+        # lane `col` of every B word (transposed). The banks' read addresses are registers that move
+        # with `col` (loaded at the handoff, stepped on emit).
+        nx_b_trans = nx_info.b_trans
+        a_banks = stage_a.fetch(m, r_slot, handoff, 1, emit, 1, cur_valid, col)
+        b_banks = stage_b.fetch(m, r_slot, handoff, nx_b_trans, emit, cur_info.b_trans, cur_valid, col)
+        f1_rows = Signal(range(R + 1))
+        f1_aun = Signal()
+        f1_neg = Signal.like(ncol)
+        m.d.sync += [
+            f1_valid.eq(emit),
+            f1_first.eq(cur_info.first & (col == 0)),
+            f1_last.eq(emit & fe_credit),
+            f1_rows.eq(cur_info.rows_valid),
+            f1_aun.eq(cur_info.a_unsigned),
+            f1_neg.eq(ncol),
+            nl.eq(~(emit & fe_credit) & ~f1_last),
         ]
-        # Step `col`: A lane `col` of every A word; B word `col` (direct) or lane `col` of every B
-        # word (transposed).
-        a_step = stage_a.read(m, r_slot, col, 1, ncol)
-        b_step = stage_b.read(m, r_slot, col, cur_info.b_trans, ncol)
+        # F1 -> F2: output lane n = bank (n + col), a rotation by -col (f1_neg), from flip-flops.
+        a_step = stage_a.rotate(a_banks, f1_neg)
+        b_step = stage_b.rotate(b_banks, f1_neg)
+        f2_a = Signal(R * byte, reset_less=True)
+        f2_b = Signal(C * byte, reset_less=True)
+        f2_rows = Signal(range(R + 1))
+        f2_aun = Signal()
+        m.d.sync += [
+            f2_valid.eq(f1_valid), f2_first.eq(f1_first), f2_last.eq(f1_last & f1_valid),
+            f2_rows.eq(f1_rows), f2_aun.eq(f1_aun),
+            f2_a.eq(a_step[:R * byte]), f2_b.eq(b_step[:C * byte]),
+        ]
+        m.d.comb += [
+            pe.i.valid.eq(f2_valid),
+            pe.i.payload.a_unsigned.eq(f2_aun),
+            pe.i.payload.first.eq(f2_first),
+            pe.i.payload.last.eq(f2_last),
+            pe.i.payload.rows_valid.eq(f2_rows),
+        ]
+        # The feeder's credit rule: a beat in F2 is always taken (checked at the clock edge: the
+        # ready passes through the PE array's ports, which settle a delta later than the registers).
+        m.d.sync += Assert(~f2_valid | pe.i.ready, "GemmEngine: the PE array refused a fed beat")
         for i in range(R):
-            m.d.comb += pe.i.payload.a[i].eq(a_step[i * byte:(i + 1) * byte])
+            m.d.comb += pe.i.payload.a[i].eq(f2_a[i * byte:(i + 1) * byte])
         for c in range(C):
-            m.d.comb += pe.i.payload.b[c].eq(b_step[c * byte:(c + 1) * byte])
+            m.d.comb += pe.i.payload.b[c].eq(f2_b[c * byte:(c + 1) * byte])
 
+        fe_credit_nx = Signal()
+        m.d.comb += fe_credit_nx.eq(fe_credit)
         with m.If(handoff):
             m.d.sync += [cur_valid.eq(1), col.eq(0), ncol.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
                          w_m2.eq(nx_info.w - 2),
                          fe_free.eq((nx_info.w == 1) & ~nx_info.last),
-                         fe_credit.eq((nx_info.w == 1) & nx_info.last),
                          r_slot.eq(w_slot), w_slot.eq(~w_slot)]
+            m.d.comb += fe_credit_nx.eq((nx_info.w == 1) & nx_info.last)
         with m.Elif(emit):
             next_last = col == w_m2
             m.d.sync += [col.eq(col + 1), ncol.eq(ncol - 1), col_last.eq(next_last),
-                         fe_free.eq(next_last & ~cur_info.last), fe_credit.eq(next_last & cur_info.last)]
+                         fe_free.eq(next_last & ~cur_info.last)]
+            m.d.comb += fe_credit_nx.eq(next_last & cur_info.last)
             with m.If(block_end):
-                m.d.sync += [cur_valid.eq(0), fe_free.eq(1), fe_credit.eq(0)]
+                m.d.sync += [cur_valid.eq(0), fe_free.eq(1)]
+                m.d.comb += fe_credit_nx.eq(0)
+        m.d.sync += [fe_credit.eq(fe_credit_nx),
+                     fe_go.eq(fe_credit_nx & ~(emit & fe_credit) & ~f1_last)]
 
         # ---- tile descriptors --------------------------------------------------------------------
         push = handoff & nx_info.first
@@ -833,12 +882,18 @@ class _SkewedStage:
     word ``i`` at address ``(slot, i)``. A step ``s`` reads bank ``j`` at ``(slot, s)`` (a word) or
     ``(slot, (j - s) mod N)`` (a column), and output lane ``n`` is bank ``(n + s) mod N``: one
     rotation by ``i`` on the write side and one by ``s`` on the read side serve both ways, with no
-    bank read twice in a cycle. Reads are asynchronous (LUTRAM), writes land at the clock edge, so
-    a slot may be refilled in the cycle its last step is read.
+    bank read twice in a cycle.
+
+    Timing: a write is registered (word, slot, index) and rotated into the banks from those registers
+    a cycle later, so no memory output feeds the rotation. Reads are asynchronous (LUTRAM) from
+    per-bank address registers, and their bytes are registered (:meth:`fetch`); the caller rotates
+    the registered bytes (:meth:`rotate`). A slot may be refilled from the cycle its last step is
+    read: the registered read samples the bank before any write of that cycle lands.
     """
 
     def __init__(self, m, name, words, lanes):
         self._n = 1 << (max(words, lanes) - 1).bit_length()
+        self._name = name
         self._lanes = lanes
         self._byte = numerics.ACT_BITS
         self._banks = []
@@ -847,8 +902,9 @@ class _SkewedStage:
             m.submodules[f"{name}_bank{j}"] = mem
             self._banks.append((mem.write_port(), mem.read_port(domain="comb")))
 
-    def _rotate(self, value, amount):
-        # Rotate left by `amount` lanes: a log2(N)-stage barrel (lane l moves to lane l + amount).
+    def rotate(self, value, amount):
+        """``value`` (``N`` bytes) rotated left by ``amount`` lanes (lane ``l`` moves to lane
+        ``l + amount``): a log2(N)-stage barrel."""
         width = self._n * self._byte
         bits = max(1, (self._n - 1).bit_length())
         for k in range(bits):
@@ -856,38 +912,51 @@ class _SkewedStage:
         return value
 
     def write(self, m, en, slot, idx, word):
-        padded = Cat(word, Const(0, (self._n - self._lanes) * self._byte)) if self._n > self._lanes \
-            else word
+        """Write ``word`` as word ``idx`` of ``slot`` when ``en``; it lands one clock edge later than
+        a plain memory write (the inputs are registered first)."""
+        name = self._name
         ab = (self._n - 1).bit_length()
-        i = Signal(max(1, ab))
-        m.d.comb += i.eq(idx)
-        rotated = Signal(self._n * self._byte)
-        m.d.comb += rotated.eq(self._rotate(padded, i))
+        w_en = Signal(name=f"{name}_wen")
+        w_slot = Signal(name=f"{name}_wslot")
+        w_idx = Signal(max(1, ab), name=f"{name}_widx")
+        w_word = Signal(len(word), name=f"{name}_wword", reset_less=True)
+        m.d.sync += [w_en.eq(en), w_slot.eq(slot), w_idx.eq(idx), w_word.eq(word)]
+        padded = Cat(w_word, Const(0, (self._n - self._lanes) * self._byte)) if self._n > self._lanes \
+            else w_word
+        rotated = Signal(self._n * self._byte, name=f"{name}_rotated")
+        m.d.comb += rotated.eq(self.rotate(padded, w_idx))
         for j, (wp, _) in enumerate(self._banks):
-            m.d.comb += [wp.addr.eq(Cat(i[:ab], slot)), wp.en.eq(en),
+            m.d.comb += [wp.addr.eq(Cat(w_idx[:ab], w_slot)), wp.en.eq(w_en),
                          wp.data.eq(rotated[j * self._byte:(j + 1) * self._byte])]
 
-    def read(self, m, slot, step, trans, neg_step):
-        """The step's bytes, byte ``n`` in bits ``8n .. 8n+7``: lane ``n`` of word ``step`` (``trans``
-        low), or lane ``step`` of word ``n`` (``trans`` high); ``N`` bytes, the caller takes what it
-        needs. ``neg_step`` is ``-step`` modulo ``N`` (or a multiple of ``N``), kept by the caller in
-        a register so that no subtractor sits in front of the output rotation."""
-        ab = (self._n - 1).bit_length()
-        s = Signal(max(1, ab))
-        neg = Signal(max(1, ab))
-        m.d.comb += [s.eq(step), neg.eq(neg_step)]
-        # Bank j's column address (j - s) mod N, as a table of s rather than a subtractor: each
-        # address bit depends on at most log2(N) bits of s, one LUT instead of a carry chain.
-        col_addrs = [Signal(max(1, ab), name=f"col_addr{j}") for j in range(self._n)]
-        with m.Switch(s):
-            for v in range(self._n):
-                with m.Case(v):
-                    m.d.comb += [col_addrs[j].eq((j - v) % self._n) for j in range(self._n)]
+    def fetch(self, m, slot, load, load_trans, adv, trans, valid, step):
+        """Read the current step of ``slot``; returns the ``N`` bank bytes (bank ``j`` in bits
+        ``8j .. 8j+7``) registered, i.e. the step read in the previous cycle, not yet rotated.
+
+        The banks' read addresses are registers: ``load`` sets them to step 0 (a column when
+        ``load_trans``), ``adv`` moves them one step on (``trans`` as the current block's). In
+        simulation, while ``valid``, they are checked against ``step``.
+        """
+        name = self._name
+        n = self._n
+        ab = (n - 1).bit_length()
         got = []
         for j, (_, rp) in enumerate(self._banks):
-            m.d.comb += rp.addr.eq(Cat(Mux(trans, col_addrs[j], s)[:ab], slot))
-            got.append(rp.data)
-        # Output lane n = bank (n + s): a rotation right by s, i.e. left by N - s.
-        out = Signal(self._n * self._byte)
-        m.d.comb += out.eq(self._rotate(Cat(*got), neg))
-        return out
+            if ab:
+                # Bank j's address: step (a word) or (j - step) mod N (a column), counted with the
+                # step rather than decoded from it.
+                ra = Signal(ab, name=f"{name}_ra{j}")
+                with m.If(load):
+                    m.d.sync += ra.eq(Mux(load_trans, j, 0))
+                with m.Elif(adv):
+                    m.d.sync += ra.eq(Mux(trans, ra - 1, ra + 1))
+                with m.If(valid):
+                    m.d.comb += Assert(ra == Mux(trans, (j - step)[:ab], step[:ab]),
+                                       f"GemmEngine: {name} bank {j} read address out of step")
+                m.d.comb += rp.addr.eq(Cat(ra, slot))
+            else:
+                m.d.comb += rp.addr.eq(slot)
+            q = Signal(self._byte, name=f"{name}_q{j}", reset_less=True)
+            m.d.sync += q.eq(rp.data)
+            got.append(q)
+        return Cat(*got)
