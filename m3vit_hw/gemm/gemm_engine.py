@@ -843,9 +843,15 @@ class GemmEngine(wiring.Component):
                 ]
         else:
             sub = Signal(range(S))
-            m.d.comb += [sub_last.eq(sub == S - 1), epi.payload.sub.eq(sub)]
+            # sub_last is a register (sub == S - 1), set a cycle ahead: it gates the PE array's
+            # output ready and with it the shadow bank's row move, which fans out to every drained
+            # register; a compare on sub would sit in front of that fanout.
+            sub_last_r = Signal(init=int(S == 1))
+            m.d.comb += [sub_last.eq(sub_last_r), epi.payload.sub.eq(sub)]
             with m.If(epi.valid & epi.ready):
-                m.d.sync += sub.eq(Mux(sub_last, 0, sub + 1))
+                m.d.sync += [sub.eq(Mux(sub_last, 0, sub + 1)), sub_last_r.eq(~sub_last & (sub == S - 2))]
+            m.d.comb += Assert(sub_last_r == (sub == S - 1),
+                               "GemmEngine: the registered drain sub-beat flag disagrees with sub")
             with m.Switch(sub):
                 for k in range(S):
                     with m.Case(k):
