@@ -70,7 +70,7 @@ tile's drain. The epilogue (and its DSP48E2s) is ``epi_lanes`` wide, independent
 Latency: the first block is staged ``max(pe_rows, C) + 5`` cycles after the command is accepted; a
 tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
 with ``pe_pack`` 2) cycles after its last reduction step, pass a skid buffer (1 cycle), and their
-results are written :data:`~m3vit_hw.gemm.epilogue.LATENCY` (18) cycles later.
+results are written :data:`~m3vit_hw.gemm.epilogue.LATENCY` (19) cycles later.
 
 Hazards: the engine does not order its own reads after its own writes across commands. A command that
 reads what an earlier command writes (fc1 -> fc2) must set ``sync``: it is then held until the engine
