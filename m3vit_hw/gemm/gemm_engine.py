@@ -474,14 +474,24 @@ class GemmEngine(wiring.Component):
                            "GemmEngine: a registered feeder/descriptor flag disagrees with its state")
         m.d.comb += Assert((nl == (~f1_last & ~f2_last)) & (fe_go == (fe_credit & nl)),
                            "GemmEngine: a registered feed-pipeline flag disagrees with its state")
-        handoff = nx_full & (fe_free | (fe_go & pe.credit)) & (~nx_info.first | ~d_full)
+        # Two more flags set a cycle ahead, for the loader's advance enable below: dq_ok is
+        # ~nx_info.first | ~d_full (the staged block may take a descriptor slot) and stall_c is
+        # l2_valid & nx_full (a staged write waits for the handoff). The enable is then one LUT of
+        # flip-flops in front of its fanout (every loader register, the L0 walk, cmd.ready).
+        dq_ok = Signal(init=1)
+        stall_c = Signal()
+        m.d.comb += Assert((dq_ok == (~nx_info.first | ~d_full)) & (stall_c == (l2_valid & nx_full)),
+                           "GemmEngine: a registered loader-advance flag disagrees with its state")
+        fe_go_now = fe_free | (fe_go & pe.credit)
+        handoff = nx_full & fe_go_now & dq_ok
         room = ~nx_full | handoff
         # The loader stages L1 .. L2 hold together: one enable for all of them, rather than a chain
         # of "advance if the next stage is empty or advances" (which the LUT mapper keeps as one LUT
         # level per stage, each driving that stage's enables). A bubble then waits with the stall;
         # bubbles only enter at a command start, so this costs nothing while commands follow each
         # other.
-        l_adv2 = ~l2_valid | room
+        # = ~l2_valid | room: with l2_valid & nx_full, room is the handoff's condition.
+        l_adv2 = ~stall_c | (fe_go_now & dq_ok)
         l_adv1m = l_adv1r = l_adv1 = l_adv2
         issue = active & l_adv1
 
@@ -791,10 +801,14 @@ class GemmEngine(wiring.Component):
         with m.If(pop):
             m.d.sync += d_head.eq(d_next)
         m.d.sync += d_count.eq(d_count + push - pop)
-        with m.If(push & ~pop):
-            m.d.sync += d_full.eq(d_count == DESC_DEPTH - 1)
-        with m.Elif(pop & ~push):
-            m.d.sync += d_full.eq(0)
+        d_full_nx = Signal()
+        m.d.comb += d_full_nx.eq(Mux(push & ~pop, d_count == DESC_DEPTH - 1, Mux(pop & ~push, 0, d_full)))
+        m.d.sync += d_full.eq(d_full_nx)
+        # The advance flags' next values (see dq_ok, stall_c).
+        nx_first_nx = Mux(l2_write & l2.first_ent, l2.info.first, nx_info.first)
+        nx_full_nx = Mux(l2_valid & room & l2.last_ent, 1, Mux(handoff, 0, nx_full))
+        l2_valid_nx = Mux(l_adv2, l1m_valid, l2_valid)
+        m.d.sync += [dq_ok.eq(~nx_first_nx | ~d_full_nx), stall_c.eq(l2_valid_nx & nx_full_nx)]
 
         # ---- drain: PE rows + descriptor -> epilogue ---------------------------------------------
         # The head descriptor is a register of its own (a copy of descs[d_head]), loaded when the
