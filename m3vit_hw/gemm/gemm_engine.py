@@ -68,9 +68,15 @@ whose K is below :attr:`~m3vit_hw.config.AcceleratorConfig.epi_hidden_min_k` wai
 tile's drain. The epilogue (and its DSP48E2s) is ``epi_lanes`` wide, independent of the array.
 
 Latency: the first block is staged ``max(pe_rows, C) + 5`` cycles after the command is accepted; a
-tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
-with ``pe_pack`` 2) cycles after its last reduction step, pass a skid buffer (1 cycle), and their
-results are written :data:`~m3vit_hw.gemm.epilogue.LATENCY` (19) cycles later.
+reduction step reaches the PE array 2 cycles after the feeder reads it from the staging banks (the
+feed pipeline: the banks' bytes registered, then the rotated step registered); a tile's rows reach
+the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6 with
+``pe_pack`` 2) cycles after its last reduction step, pass a skid buffer (1 cycle), and their results
+are written :data:`~m3vit_hw.gemm.epilogue.LATENCY` (19) cycles later. The feeder takes the PE
+array's shadow-bank credit for a tile's last step when it reads the step, 2 cycles ahead of the
+array, so a tile whose K barely covers the previous tile's drain waits up to 2 cycles more than the
+array alone would make it (measured: 64x16x4 on 4x4 with a 1-lane epilogue, 336 cycles against 303
+before the feed pipeline; 64x20x4: 370 against 367).
 
 Hazards: the engine does not order its own reads after its own writes across commands. A command that
 reads what an earlier command writes (fc1 -> fc2) must set ``sync``: it is then held until the engine
