@@ -724,8 +724,8 @@ class GemmEngine(wiring.Component):
         # lane `col` of every B word (transposed). The banks' read addresses are registers that move
         # with `col` (loaded at the handoff, stepped on emit).
         nx_b_trans = nx_info.b_trans
-        a_banks = stage_a.fetch(m, r_slot, handoff, 1, emit, 1, cur_valid, col)
-        b_banks = stage_b.fetch(m, r_slot, handoff, nx_b_trans, emit, cur_info.b_trans, cur_valid, col)
+        a_banks = stage_a.fetch(m, r_slot, handoff, 1, emit, 1, cur_valid, col, ncol)
+        b_banks = stage_b.fetch(m, r_slot, handoff, nx_b_trans, emit, cur_info.b_trans, cur_valid, col, ncol)
         f1_rows = Signal(range(R + 1))
         f1_aun = Signal()
         f1_neg = Signal.like(ncol)
@@ -955,29 +955,40 @@ class _SkewedStage:
             m.d.comb += [wp.addr.eq(Cat(w_idx[:ab], w_slot)), wp.en.eq(w_en),
                          wp.data.eq(rotated[j * self._byte:(j + 1) * self._byte])]
 
-    def fetch(self, m, slot, load, load_trans, adv, trans, valid, step):
+    def fetch(self, m, slot, load, load_trans, adv, trans, valid, step, neg_step):
         """Read the current step of ``slot``; returns the ``N`` bank bytes (bank ``j`` in bits
         ``8j .. 8j+7``) registered, i.e. the step read in the previous cycle, not yet rotated.
 
         The banks' read addresses are registers: ``load`` sets them to step 0 (a column when
         ``load_trans``), ``adv`` moves them one step on (``trans`` as the current block's). In
-        simulation, while ``valid``, they are checked against ``step``.
+        simulation, while ``valid``, they are checked against ``step`` and ``neg_step`` (``-step``
+        modulo ``N``, a register of the caller's).
         """
         name = self._name
         n = self._n
         ab = (n - 1).bit_length()
         got = []
+        ra0 = None
         for j, (_, rp) in enumerate(self._banks):
             if ab:
                 # Bank j's address: step (a word) or (j - step) mod N (a column), counted with the
                 # step rather than decoded from it.
-                ra = Signal(ab, name=f"{name}_ra{j}")
+                # Reset: step 0 of the reset-time addressing (a column when trans is constant).
+                ra = Signal(ab, name=f"{name}_ra{j}", init=j if isinstance(trans, int) and trans else 0)
                 with m.If(load):
                     m.d.sync += ra.eq(Mux(load_trans, j, 0))
                 with m.Elif(adv):
                     m.d.sync += ra.eq(Mux(trans, ra - 1, ra + 1))
-                with m.If(valid):
-                    m.d.comb += Assert(ra == Mux(trans, (j - step)[:ab], step[:ab]),
+                # Simulation checks, kept shallow (a synthesized netlist keeps them as cells that
+                # the timing walk ends paths at): bank 0 against the caller's registers, every
+                # other bank against bank 0.
+                if j == 0:
+                    ra0 = ra
+                    with m.If(valid):
+                        m.d.comb += Assert(ra == Mux(trans, neg_step[:ab], step[:ab]),
+                                           f"GemmEngine: {name} bank 0 read address out of step")
+                else:
+                    m.d.comb += Assert(ra == Mux(trans, (ra0 + j)[:ab], ra0),
                                        f"GemmEngine: {name} bank {j} read address out of step")
                 m.d.comb += rp.addr.eq(Cat(ra, slot))
             else:
