@@ -170,7 +170,9 @@ class Requantizer(wiring.Component):
         # Control: one valid bit and the per-beat fields, moved along with the datapath.
         v = [Signal(name=f"v{s}") for s in range(S)]
         meta = [Signal(self._meta, name=f"meta{s}", reset_less=True) for s in range(S)]
-        shift = [Signal(range(numerics.SHIFT_MAX + 1), name=f"shift{s}", reset_less=True) for s in range(5)]
+        # shift3 keeps its reset: it starts stage 4's barrel shift, and a reset-less chain
+        # shift1 .. shift3 would become a shift register (SRL) with a slow clock-to-out.
+        shift = [Signal(range(numerics.SHIFT_MAX + 1), name=f"shift{s}", reset_less=s != 3) for s in range(5)]
         # out16 and raw fan out to every output bit: kept on reset so they stay flip-flops rather
         # than a shift register with a slow clock-to-out.
         out16 = [Signal(name=f"out16_{s}") for s in range(S - 1)]
