@@ -46,9 +46,9 @@ OP_CLASSES = ("patch_embed", "layernorm", "qkv_proj", "attn_matmul", "softmax", 
 TOLERANCE = 0.03
 
 # ---- GEMM engine (m3vit_hw/gemm/gemm_engine.py) ---------------------------------------------------
-#: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 5`` cycles after
+#: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 6`` cycles after
 #: the command is accepted (docstring), ``FILL`` plus ``max(R, C)``.
-FILL = 5      # m3vit_hw.gemm.gemm_engine.GemmEngine.LOADER_LATENCY
+FILL = 6      # m3vit_hw.gemm.gemm_engine.GemmEngine.LOADER_LATENCY
 #: Last reduction step (the feeder's) -> results written: 2 cycles through the feed pipeline (F1, F2)
 #: into the PE array, 4 cycles to the epilogue (the engine's skid buffer in front of it included),
 #: the epilogue's 19-cycle latency, less two; plus the last row tile's rows, one a cycle.

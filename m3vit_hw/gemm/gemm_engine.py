@@ -43,7 +43,7 @@ word ``dst_base + row*dst_stride + nb``; lanes beyond N are not written. A row o
 Schedule and throughput
 -----------------------
 Tiles run row-tile-major (``for mb: for nb:``), each over ``ceil(K / C)`` *blocks* of C reduction
-steps. A five-stage loader (walk; row-table read; row index registered; row products registered in
+steps. A command register, then a five-stage loader (walk; row-table read; row index registered; row products registered in
 DSPs; operand reads, so no memory output and no multiply feeds an address in the same cycle) reads a block -- ``pe_rows`` A words (one per tile row, re-reading the row
 table for gathered rows) and C B words, one of each per cycle, ``max(pe_rows, C)`` cycles -- into a
 staging register while the PE array consumes the previous block, one reduction step per cycle. Hence:
@@ -67,7 +67,7 @@ beats of ``epi_lanes`` lanes, one per cycle, so a tile drains in ``rows * epi_be
 whose K is below :attr:`~m3vit_hw.config.AcceleratorConfig.epi_hidden_min_k` waits for the previous
 tile's drain. The epilogue (and its DSP48E2s) is ``epi_lanes`` wide, independent of the array.
 
-Latency: the first block is staged ``max(pe_rows, C) + 5`` cycles after the command is accepted; a
+Latency: the first block is staged ``max(pe_rows, C) + 6`` cycles after the command is accepted; a
 reduction step reaches the PE array 2 cycles after the feeder reads it from the staging banks (the
 feed pipeline: the banks' bytes registered, then the rotated step registered); a tile's rows reach
 the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6 with
@@ -248,8 +248,9 @@ class GemmEngine(wiring.Component):
     Interface attributes
     --------------------
     cmd : In(stream.Signature(GemmCommand(config)))
-        Commands, executed in order. ``cmd.ready`` is high when the loader can start a new command
-        (and, for a ``sync`` command, when the engine is idle).
+        Commands, executed in order. ``cmd.ready`` is high when the engine's command register is
+        empty (and, for a ``sync`` command, when the engine is idle); it does not depend on the
+        loader's progress.
     a_rd : In(memory.ReadPort.Signature(act_addr_bits, ArrayLayout(signed(8), C)))
     b_rd : In(memory.ReadPort.Signature(b_addr_bits, ArrayLayout(signed(8), C)))
     rowtab_rd : In(memory.ReadPort.Signature(rowtab_addr_bits, RowEntryLayout(config)))
@@ -288,7 +289,11 @@ class GemmEngine(wiring.Component):
 
     #: Loader pipeline latency: a command's first block is staged ``max(pe_rows, pe_cols) +
     #: LOADER_LATENCY`` cycles after the command is accepted (paid once per run of back-to-back commands).
-    LOADER_LATENCY = 5
+    LOADER_LATENCY = 6
+
+    #: Feed pipeline latency: a reduction step reaches the PE array this many cycles after the feeder
+    #: reads it from the staging banks (the banks' bytes registered, then the rotated step).
+    FEED_LATENCY = 2
 
     def __init__(self, config):
         if not isinstance(config, AcceleratorConfig):
@@ -360,6 +365,9 @@ class GemmEngine(wiring.Component):
         # ---- L0: walk the command (tiles, blocks, staging entries) --------------------------------
         cmd = Signal(GemmCommand(cfg))
         active = Signal()
+        # The accepted command waiting for L0 (see the command accept below).
+        pcmd = Signal(GemmCommand(cfg))
+        pcmd_valid = Signal()
         m_w = _bits(cfg.largest_m + R)
         n_w = _bits(cfg.largest_n + C)
         k_w = _bits(cfg.largest_k + C)
@@ -502,7 +510,7 @@ class GemmEngine(wiring.Component):
         issue = active & l_adv1
 
         busy = Signal()
-        m.d.comb += busy.eq(active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
+        m.d.comb += busy.eq(pcmd_valid | active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
                             (d_count != 0) | es.o.valid | ep.busy | f1_valid | f2_valid)
 
         # The walk's "last" flags are registers, set a cycle ahead with their counters (each next
@@ -606,38 +614,53 @@ class GemmEngine(wiring.Component):
                                 m.d.sync += active.eq(0)
 
         # ---- command accept ----------------------------------------------------------------------
+        # A command register in front of L0 (pcmd): cmd.ready is a register (pcmd empty) and, for a
+        # sync command, the idle flag (an OR of state registers), so no path runs from the loader's
+        # advance (the PE array's credit, the staging handoff) to cmd.ready or to the command's
+        # decode; the
+        # zero-size fix-ups and the walk's first flags are decoded into pcmd, and L0 loads from
+        # registers. L0 loads the next command while it issues the current one's final entry, so
+        # back-to-back commands leave no gap in the loader (this block comes after the L0 walk so
+        # that its assignments win).
         p = self.cmd.payload
-        # The next command is taken while L0 issues the current one's final entry, so back-to-back
-        # commands leave no gap in the loader (this block comes after the L0 walk so that its
-        # assignments win).
-        final_issue = issue & last_ent & last_blk & last_ntile & last_mtile
-        m.d.comb += self.cmd.ready.eq((~active | final_issue) & (~p.sync | ~busy))
+        p_mask = Signal(C)
+        p_last_blk, p_last_ntile, p_last_mtile = Signal(), Signal(), Signal()
+        p_cstride = Signal(b_aw)
+        m.d.comb += self.cmd.ready.eq(~pcmd_valid & (~p.sync | ~busy))
         with m.If(self.cmd.valid):
             # In simulation an oversize command trips here rather than computing a truncated one
             # (check_command refuses it earlier, where the command is built).
-            cfg = self._config
             m.d.comb += [
                 Assert(p.m <= cfg.largest_m, "GemmEngine: command m above config.largest_m"),
                 Assert(p.k <= cfg.largest_k, "GemmEngine: command k above config.largest_k"),
                 Assert(p.n <= cfg.largest_n, "GemmEngine: command n above config.largest_n"),
             ]
+        # A zero-sized command would never finish a block: treat 0 as 1.
+        pm_ = Mux(p.m == 0, 1, p.m)
+        pn_ = Mux(p.n == 0, 1, p.n)
+        pk_ = Mux(p.k == 0, 1, p.k)
+        final_issue = issue & last_ent & last_blk & last_ntile & last_mtile
+        load = pcmd_valid & (~active | final_issue)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
-                cmd.eq(p),
-                # A zero-sized command would never finish a block: treat 0 as 1.
-                cmd.m.eq(Mux(p.m == 0, 1, p.m)),
-                cmd.n.eq(Mux(p.n == 0, 1, p.n)),
-                cmd.k.eq(Mux(p.k == 0, 1, p.k)),
-                m_rem.eq(Mux(p.m == 0, 1, p.m)),
-                n_rem.eq(Mux(p.n == 0, 1, p.n)),
-                ntile_mask.eq(mask_of(Mux(p.n == 0, 1, p.n))),
-                k_rem.eq(Mux(p.k == 0, 1, p.k)),
+                pcmd.eq(p), pcmd.m.eq(pm_), pcmd.n.eq(pn_), pcmd.k.eq(pk_), pcmd_valid.eq(1),
+                p_mask.eq(mask_of(pn_)),
+                p_last_blk.eq(pk_ <= C), p_last_ntile.eq(pn_ <= C), p_last_mtile.eq(pm_ <= R),
+                p_cstride.eq(p.b_k_stride * C),
+            ]
+        with m.Elif(load):
+            m.d.sync += pcmd_valid.eq(0)
+        with m.If(load):
+            m.d.sync += [
+                cmd.eq(pcmd),
+                m_rem.eq(pcmd.m), n_rem.eq(pcmd.n), k_rem.eq(pcmd.k),
+                ntile_mask.eq(p_mask),
                 last_ent.eq(int(n_ent == 1)),
-                last_blk.eq(p.k <= C), last_ntile.eq(p.n <= C), last_mtile.eq(p.m <= R),
+                last_blk.eq(p_last_blk), last_ntile.eq(p_last_ntile), last_mtile.eq(p_last_mtile),
                 active.eq(1),
-                m0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(p.rowtab_base),
-                b_tile_base.eq(p.b_base), b_kblk.eq(0), b_istride.eq(0),
-                b_cstride.eq(p.b_k_stride * C),
+                m0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(pcmd.rowtab_base),
+                b_tile_base.eq(pcmd.b_base), b_kblk.eq(0), b_istride.eq(0),
+                b_cstride.eq(p_cstride),
             ]
 
         # ---- L1: the row-table entry arrives; select the row indices, pre-add the offsets ---------
@@ -971,7 +994,6 @@ class _SkewedStage:
         n = self._n
         ab = (n - 1).bit_length()
         got = []
-        ra0 = None
         for j, (_, rp) in enumerate(self._banks):
             if ab:
                 # Bank j's address: step (a word) or (j - step) mod N (a column), counted with the
@@ -982,17 +1004,14 @@ class _SkewedStage:
                     m.d.sync += ra.eq(Mux(load_trans, j, 0))
                 with m.Elif(adv):
                     m.d.sync += ra.eq(Mux(trans, ra - 1, ra + 1))
-                # Simulation checks, kept shallow (a synthesized netlist keeps them as cells that
-                # the timing walk ends paths at): bank 0 against the caller's registers, every
-                # other bank against bank 0.
+                # A simulation check on bank 0 only, against the caller's registers: a synthesized
+                # netlist keeps checks as cells that the timing walk ends paths at, and a check per
+                # bank needs an adder each (the banks' registers move alike; the bit-exact tests
+                # read every bank).
                 if j == 0:
-                    ra0 = ra
                     with m.If(valid):
                         m.d.comb += Assert(ra == Mux(trans, neg_step[:ab], step[:ab]),
                                            f"GemmEngine: {name} bank 0 read address out of step")
-                else:
-                    m.d.comb += Assert(ra == Mux(trans, (ra0 + j)[:ab], ra0),
-                                       f"GemmEngine: {name} bank {j} read address out of step")
                 m.d.comb += rp.addr.eq(Cat(ra, slot))
             else:
                 m.d.comb += rp.addr.eq(slot)
