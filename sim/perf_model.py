@@ -46,17 +46,19 @@ OP_CLASSES = ("patch_embed", "layernorm", "qkv_proj", "attn_matmul", "softmax", 
 TOLERANCE = 0.03
 
 # ---- GEMM engine (m3vit_hw/gemm/gemm_engine.py) ---------------------------------------------------
-#: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 5`` cycles after
+#: Command accepted -> first reduction step: the first block is staged ``max(R, C) + 6`` cycles after
 #: the command is accepted (docstring), ``FILL`` plus ``max(R, C)``.
-FILL = 5      # m3vit_hw.gemm.gemm_engine.GemmEngine.LOADER_LATENCY
-#: Last reduction step -> results written: 4 cycles to the epilogue (the engine's skid buffer in
-#: front of it included), the epilogue's 17-cycle latency, less one; plus the last row tile's rows,
-#: one a cycle.
-DRAIN = 20
+FILL = 6      # m3vit_hw.gemm.gemm_engine.GemmEngine.LOADER_LATENCY
+#: Last reduction step (the feeder's) -> results written: 2 cycles through the feed pipeline (F1, F2)
+#: into the PE array, 4 cycles to the epilogue (the engine's skid buffer in front of it included),
+#: the epilogue's 19-cycle latency, less two; plus the last row tile's rows, one a cycle.
+DRAIN = 23
 #: Calibrated on ``python -m sim.bench_gemm --rows 8 --cols 8 --epi-lanes 2|4`` (32x16x32: 334 and 560
-#: cycles against 296 with a full-width epilogue): cycles a tile waits beyond the previous tile's
-#: ``rows * epi_beats`` drain when that drain is longer than its own blocks.
-DRAIN_GAP = 2
+#: cycles against 296 with a full-width epilogue; before the feed pipeline): cycles a tile waits beyond
+#: the previous tile's ``rows * epi_beats`` drain when that drain is longer than its own blocks. The
+#: feeder takes the PE array's credit for a tile's last step two cycles ahead of the array (the feed
+#: pipeline), hence 2 more than before.
+DRAIN_GAP = 4
 
 #: Calibrated: cycles a ``sync`` boundary costs beyond the drain and the fill (command hand-off).
 SYNC_EXTRA = 6

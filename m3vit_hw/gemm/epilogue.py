@@ -162,7 +162,7 @@ class Epilogue(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :data:`LATENCY` (18) cycles from input to write, one beat per cycle. No combinational path runs
+    :data:`LATENCY` (19) cycles from input to write, one beat per cycle. No combinational path runs
     from ``o.ready`` further than the sink's skid buffer: the requantizer and the residual stage
     (credit-counted output FIFOs) and GELU (a skid buffer) take ``i.ready`` from registers, and a
     skid buffer after the residual stage cuts the rest of the ready chain.

@@ -43,7 +43,7 @@ word ``dst_base + row*dst_stride + nb``; lanes beyond N are not written. A row o
 Schedule and throughput
 -----------------------
 Tiles run row-tile-major (``for mb: for nb:``), each over ``ceil(K / C)`` *blocks* of C reduction
-steps. A five-stage loader (walk; row-table read; row index registered; row products registered in
+steps. A command register, then a five-stage loader (walk; row-table read; row index registered; row products registered in
 DSPs; operand reads, so no memory output and no multiply feeds an address in the same cycle) reads a block -- ``pe_rows`` A words (one per tile row, re-reading the row
 table for gathered rows) and C B words, one of each per cycle, ``max(pe_rows, C)`` cycles -- into a
 staging register while the PE array consumes the previous block, one reduction step per cycle. Hence:
@@ -67,10 +67,16 @@ beats of ``epi_lanes`` lanes, one per cycle, so a tile drains in ``rows * epi_be
 whose K is below :attr:`~m3vit_hw.config.AcceleratorConfig.epi_hidden_min_k` waits for the previous
 tile's drain. The epilogue (and its DSP48E2s) is ``epi_lanes`` wide, independent of the array.
 
-Latency: the first block is staged ``max(pe_rows, C) + 5`` cycles after the command is accepted; a
-tile's rows reach the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6
-with ``pe_pack`` 2) cycles after its last reduction step, pass a skid buffer (1 cycle), and their
-results are written :data:`~m3vit_hw.gemm.epilogue.LATENCY` (18) cycles later.
+Latency: the first block is staged ``max(pe_rows, C) + 6`` cycles after the command is accepted; a
+reduction step reaches the PE array 2 cycles after the feeder reads it from the staging banks (the
+feed pipeline: the banks' bytes registered, then the rotated step registered); a tile's rows reach
+the epilogue :attr:`PEArray.latency <m3vit_hw.gemm.pe_array.PEArray.latency>` (4, or 6 with
+``pe_pack`` 2) cycles after its last reduction step, pass a skid buffer (1 cycle), and their results
+are written :data:`~m3vit_hw.gemm.epilogue.LATENCY` (19) cycles later. The feeder takes the PE
+array's shadow-bank credit for a tile's last step when it reads the step, 2 cycles ahead of the
+array, so a tile whose K barely covers the previous tile's drain waits up to 2 cycles more than the
+array alone would make it (measured: 64x16x4 on 4x4 with a 1-lane epilogue, 336 cycles against 303
+before the feed pipeline; 64x20x4: 370 against 367).
 
 Hazards: the engine does not order its own reads after its own writes across commands. A command that
 reads what an earlier command writes (fc1 -> fc2) must set ``sync``: it is then held until the engine
@@ -242,8 +248,9 @@ class GemmEngine(wiring.Component):
     Interface attributes
     --------------------
     cmd : In(stream.Signature(GemmCommand(config)))
-        Commands, executed in order. ``cmd.ready`` is high when the loader can start a new command
-        (and, for a ``sync`` command, when the engine is idle).
+        Commands, executed in order. ``cmd.ready`` is high when the engine's command register is
+        empty (and, for a ``sync`` command, when the engine is idle); it does not depend on the
+        loader's progress.
     a_rd : In(memory.ReadPort.Signature(act_addr_bits, ArrayLayout(signed(8), C)))
     b_rd : In(memory.ReadPort.Signature(b_addr_bits, ArrayLayout(signed(8), C)))
     rowtab_rd : In(memory.ReadPort.Signature(rowtab_addr_bits, RowEntryLayout(config)))
@@ -282,7 +289,11 @@ class GemmEngine(wiring.Component):
 
     #: Loader pipeline latency: a command's first block is staged ``max(pe_rows, pe_cols) +
     #: LOADER_LATENCY`` cycles after the command is accepted (paid once per run of back-to-back commands).
-    LOADER_LATENCY = 5
+    LOADER_LATENCY = 6
+
+    #: Feed pipeline latency: a reduction step reaches the PE array this many cycles after the feeder
+    #: reads it from the staging banks (the banks' bytes registered, then the rotated step).
+    FEED_LATENCY = 2
 
     def __init__(self, config):
         if not isinstance(config, AcceleratorConfig):
@@ -354,6 +365,9 @@ class GemmEngine(wiring.Component):
         # ---- L0: walk the command (tiles, blocks, staging entries) --------------------------------
         cmd = Signal(GemmCommand(cfg))
         active = Signal()
+        # The accepted command waiting for L0 (see the command accept below).
+        pcmd = Signal(GemmCommand(cfg))
+        pcmd_valid = Signal()
         m_w = _bits(cfg.largest_m + R)
         n_w = _bits(cfg.largest_n + C)
         k_w = _bits(cfg.largest_k + C)
@@ -445,8 +459,7 @@ class GemmEngine(wiring.Component):
         d_count = Signal(range(DESC_DEPTH + 1))
 
         # ---- handshakes --------------------------------------------------------------------------
-        emit = cur_valid & pe.i.ready
-        block_end = emit & col_last
+
         # The handoff reads flags set a cycle ahead, so that it is one LUT of flip-flops at the head
         # of the loader's advance enable: the feeding slot frees in this cycle whatever the PE
         # array's credit (no block, or its final step without the tile's last flag), or only with
@@ -456,24 +469,49 @@ class GemmEngine(wiring.Component):
         fe_free = Signal(init=1)
         fe_credit = Signal()
         d_full = Signal()
+        # The feed pipeline: the feeder (the cur_* state, "F0") addresses the staging banks for step
+        # `col`; F1 registers the banks' bytes (LUTRAM outputs end at flip-flops), F2 the rotated
+        # step, which is the PE array's operand beat. F1 and F2 never stall (no enable): the feeder
+        # emits a tile's last step only when the array's shadow-bank credit is high and no other last
+        # step is in F1 or F2, so the beat finds the credit still high two cycles later (the credit
+        # only falls when a last beat is taken). `nl` is "no last step in F1 or F2", a register.
+        f1_valid, f1_first, f1_last = Signal(), Signal(), Signal()
+        f2_valid, f2_first, f2_last = Signal(), Signal(), Signal()
+        nl = Signal(init=1)
+        # fe_credit & nl, a register of its own (so the handoff stays one LUT of flip-flops).
+        fe_go = Signal()
+        emit = cur_valid & (~fe_credit | (fe_go & pe.credit))
+        block_end = emit & col_last
         m.d.comb += Assert((fe_free == (~cur_valid | (col_last & ~cur_info.last))) &
                            (fe_credit == (cur_valid & col_last & cur_info.last)) &
                            (d_full == (d_count == DESC_DEPTH)),
                            "GemmEngine: a registered feeder/descriptor flag disagrees with its state")
-        handoff = nx_full & (fe_free | (fe_credit & pe.credit)) & (~nx_info.first | ~d_full)
+        m.d.comb += Assert((nl == (~f1_last & ~f2_last)) & (fe_go == (fe_credit & nl)),
+                           "GemmEngine: a registered feed-pipeline flag disagrees with its state")
+        # Two more flags set a cycle ahead, for the loader's advance enable below: dq_ok is
+        # ~nx_info.first | ~d_full (the staged block may take a descriptor slot) and stall_c is
+        # l2_valid & nx_full (a staged write waits for the handoff). The enable is then one LUT of
+        # flip-flops in front of its fanout (every loader register, the L0 walk, cmd.ready).
+        dq_ok = Signal(init=1)
+        stall_c = Signal()
+        m.d.comb += Assert((dq_ok == (~nx_info.first | ~d_full)) & (stall_c == (l2_valid & nx_full)),
+                           "GemmEngine: a registered loader-advance flag disagrees with its state")
+        fe_go_now = fe_free | (fe_go & pe.credit)
+        handoff = nx_full & fe_go_now & dq_ok
         room = ~nx_full | handoff
         # The loader stages L1 .. L2 hold together: one enable for all of them, rather than a chain
         # of "advance if the next stage is empty or advances" (which the LUT mapper keeps as one LUT
         # level per stage, each driving that stage's enables). A bubble then waits with the stall;
         # bubbles only enter at a command start, so this costs nothing while commands follow each
         # other.
-        l_adv2 = ~l2_valid | room
+        # = ~l2_valid | room: with l2_valid & nx_full, room is the handoff's condition.
+        l_adv2 = ~stall_c | (fe_go_now & dq_ok)
         l_adv1m = l_adv1r = l_adv1 = l_adv2
         issue = active & l_adv1
 
         busy = Signal()
-        m.d.comb += busy.eq(active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
-                            (d_count != 0) | es.o.valid | ep.busy)
+        m.d.comb += busy.eq(pcmd_valid | active | l1_valid | l1r_valid | l1m_valid | l2_valid | nx_full | cur_valid | pe.busy |
+                            (d_count != 0) | es.o.valid | ep.busy | f1_valid | f2_valid)
 
         # The walk's "last" flags are registers, set a cycle ahead with their counters (each next
         # value is a compare of a register against a constant that the update only selects): the
@@ -496,8 +534,11 @@ class GemmEngine(wiring.Component):
             return Cat(*(cols > j + skip for j in range(C)))
         ntile_mask = Signal(C)
         with m.If(active):
-            m.d.comb += Assert(ntile_mask == mask_of(n_rem),
-                               "GemmEngine: the registered column mask disagrees with n_rem")
+            # One check per lane: a single compare of the whole mask is an AND tree behind the lane
+            # compares, and a synthesized netlist keeps it as a cell the timing walk ends a path at.
+            for j in range(C):
+                m.d.comb += Assert(ntile_mask[j] == (n_rem > j),
+                                   f"GemmEngine: the registered column mask's lane {j} disagrees with n_rem")
         rows_left = Signal(m_w)
         cols_left = Signal(n_w)
         k_left = Signal(k_w)
@@ -573,38 +614,53 @@ class GemmEngine(wiring.Component):
                                 m.d.sync += active.eq(0)
 
         # ---- command accept ----------------------------------------------------------------------
+        # A command register in front of L0 (pcmd): cmd.ready is a register (pcmd empty) and, for a
+        # sync command, the idle flag (an OR of state registers), so no path runs from the loader's
+        # advance (the PE array's credit, the staging handoff) to cmd.ready or to the command's
+        # decode; the
+        # zero-size fix-ups and the walk's first flags are decoded into pcmd, and L0 loads from
+        # registers. L0 loads the next command while it issues the current one's final entry, so
+        # back-to-back commands leave no gap in the loader (this block comes after the L0 walk so
+        # that its assignments win).
         p = self.cmd.payload
-        # The next command is taken while L0 issues the current one's final entry, so back-to-back
-        # commands leave no gap in the loader (this block comes after the L0 walk so that its
-        # assignments win).
-        final_issue = issue & last_ent & last_blk & last_ntile & last_mtile
-        m.d.comb += self.cmd.ready.eq((~active | final_issue) & (~p.sync | ~busy))
+        p_mask = Signal(C)
+        p_last_blk, p_last_ntile, p_last_mtile = Signal(), Signal(), Signal()
+        p_cstride = Signal(b_aw)
+        m.d.comb += self.cmd.ready.eq(~pcmd_valid & (~p.sync | ~busy))
         with m.If(self.cmd.valid):
             # In simulation an oversize command trips here rather than computing a truncated one
             # (check_command refuses it earlier, where the command is built).
-            cfg = self._config
             m.d.comb += [
                 Assert(p.m <= cfg.largest_m, "GemmEngine: command m above config.largest_m"),
                 Assert(p.k <= cfg.largest_k, "GemmEngine: command k above config.largest_k"),
                 Assert(p.n <= cfg.largest_n, "GemmEngine: command n above config.largest_n"),
             ]
+        # A zero-sized command would never finish a block: treat 0 as 1.
+        pm_ = Mux(p.m == 0, 1, p.m)
+        pn_ = Mux(p.n == 0, 1, p.n)
+        pk_ = Mux(p.k == 0, 1, p.k)
+        final_issue = issue & last_ent & last_blk & last_ntile & last_mtile
+        load = pcmd_valid & (~active | final_issue)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
-                cmd.eq(p),
-                # A zero-sized command would never finish a block: treat 0 as 1.
-                cmd.m.eq(Mux(p.m == 0, 1, p.m)),
-                cmd.n.eq(Mux(p.n == 0, 1, p.n)),
-                cmd.k.eq(Mux(p.k == 0, 1, p.k)),
-                m_rem.eq(Mux(p.m == 0, 1, p.m)),
-                n_rem.eq(Mux(p.n == 0, 1, p.n)),
-                ntile_mask.eq(mask_of(Mux(p.n == 0, 1, p.n))),
-                k_rem.eq(Mux(p.k == 0, 1, p.k)),
+                pcmd.eq(p), pcmd.m.eq(pm_), pcmd.n.eq(pn_), pcmd.k.eq(pk_), pcmd_valid.eq(1),
+                p_mask.eq(mask_of(pn_)),
+                p_last_blk.eq(pk_ <= C), p_last_ntile.eq(pn_ <= C), p_last_mtile.eq(pm_ <= R),
+                p_cstride.eq(p.b_k_stride * C),
+            ]
+        with m.Elif(load):
+            m.d.sync += pcmd_valid.eq(0)
+        with m.If(load):
+            m.d.sync += [
+                cmd.eq(pcmd),
+                m_rem.eq(pcmd.m), n_rem.eq(pcmd.n), k_rem.eq(pcmd.k),
+                ntile_mask.eq(p_mask),
                 last_ent.eq(int(n_ent == 1)),
-                last_blk.eq(p.k <= C), last_ntile.eq(p.n <= C), last_mtile.eq(p.m <= R),
+                last_blk.eq(p_last_blk), last_ntile.eq(p_last_ntile), last_mtile.eq(p_last_mtile),
                 active.eq(1),
-                m0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(p.rowtab_base),
-                b_tile_base.eq(p.b_base), b_kblk.eq(0), b_istride.eq(0),
-                b_cstride.eq(p.b_k_stride * C),
+                m0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(pcmd.rowtab_base),
+                b_tile_base.eq(pcmd.b_base), b_kblk.eq(0), b_istride.eq(0),
+                b_cstride.eq(p_cstride),
             ]
 
         # ---- L1: the row-table entry arrives; select the row indices, pre-add the offsets ---------
@@ -690,34 +746,69 @@ class GemmEngine(wiring.Component):
 
         # ---- feeder: one reduction step per cycle into the PE array ------------------------------
         byte = numerics.ACT_BITS
-        m.d.comb += [
-            pe.i.valid.eq(cur_valid),
-            pe.i.payload.a_unsigned.eq(cur_info.a_unsigned),
-            pe.i.payload.first.eq(cur_info.first & (col == 0)),
-            pe.i.payload.last.eq(cur_info.last & col_last),
-            pe.i.payload.rows_valid.eq(cur_info.rows_valid),
+        # F0: step `col` of the feeding block. A lane `col` of every A word; B word `col` (direct) or
+        # lane `col` of every B word (transposed). The banks' read addresses are registers that move
+        # with `col` (loaded at the handoff, stepped on emit).
+        nx_b_trans = nx_info.b_trans
+        a_banks = stage_a.fetch(m, r_slot, handoff, 1, emit, 1, cur_valid, col, ncol)
+        b_banks = stage_b.fetch(m, r_slot, handoff, nx_b_trans, emit, cur_info.b_trans, cur_valid, col, ncol)
+        f1_rows = Signal(range(R + 1))
+        f1_aun = Signal()
+        f1_neg = Signal.like(ncol)
+        m.d.sync += [
+            f1_valid.eq(emit),
+            f1_first.eq(cur_info.first & (col == 0)),
+            f1_last.eq(emit & fe_credit),
+            f1_rows.eq(cur_info.rows_valid),
+            f1_aun.eq(cur_info.a_unsigned),
+            f1_neg.eq(ncol),
+            nl.eq(~(emit & fe_credit) & ~f1_last),
         ]
-        # Step `col`: A lane `col` of every A word; B word `col` (direct) or lane `col` of every B
-        # word (transposed).
-        a_step = stage_a.read(m, r_slot, col, 1, ncol)
-        b_step = stage_b.read(m, r_slot, col, cur_info.b_trans, ncol)
+        # F1 -> F2: output lane n = bank (n + col), a rotation by -col (f1_neg), from flip-flops.
+        a_step = stage_a.rotate(a_banks, f1_neg)
+        b_step = stage_b.rotate(b_banks, f1_neg)
+        f2_a = Signal(R * byte, reset_less=True)
+        f2_b = Signal(C * byte, reset_less=True)
+        f2_rows = Signal(range(R + 1))
+        f2_aun = Signal()
+        m.d.sync += [
+            f2_valid.eq(f1_valid), f2_first.eq(f1_first), f2_last.eq(f1_last & f1_valid),
+            f2_rows.eq(f1_rows), f2_aun.eq(f1_aun),
+            f2_a.eq(a_step[:R * byte]), f2_b.eq(b_step[:C * byte]),
+        ]
+        m.d.comb += [
+            pe.i.valid.eq(f2_valid),
+            pe.i.payload.a_unsigned.eq(f2_aun),
+            pe.i.payload.first.eq(f2_first),
+            pe.i.payload.last.eq(f2_last),
+            pe.i.payload.rows_valid.eq(f2_rows),
+        ]
+        # The feeder's credit rule: a beat in F2 is always taken (checked at the clock edge: the
+        # ready passes through the PE array's ports, which settle a delta later than the registers).
+        m.d.sync += Assert(~f2_valid | pe.i.ready, "GemmEngine: the PE array refused a fed beat")
         for i in range(R):
-            m.d.comb += pe.i.payload.a[i].eq(a_step[i * byte:(i + 1) * byte])
+            m.d.comb += pe.i.payload.a[i].eq(f2_a[i * byte:(i + 1) * byte])
         for c in range(C):
-            m.d.comb += pe.i.payload.b[c].eq(b_step[c * byte:(c + 1) * byte])
+            m.d.comb += pe.i.payload.b[c].eq(f2_b[c * byte:(c + 1) * byte])
 
+        fe_credit_nx = Signal()
+        m.d.comb += fe_credit_nx.eq(fe_credit)
         with m.If(handoff):
             m.d.sync += [cur_valid.eq(1), col.eq(0), ncol.eq(0), cur_info.eq(nx_info), col_last.eq(nx_info.w == 1),
                          w_m2.eq(nx_info.w - 2),
                          fe_free.eq((nx_info.w == 1) & ~nx_info.last),
-                         fe_credit.eq((nx_info.w == 1) & nx_info.last),
                          r_slot.eq(w_slot), w_slot.eq(~w_slot)]
+            m.d.comb += fe_credit_nx.eq((nx_info.w == 1) & nx_info.last)
         with m.Elif(emit):
             next_last = col == w_m2
             m.d.sync += [col.eq(col + 1), ncol.eq(ncol - 1), col_last.eq(next_last),
-                         fe_free.eq(next_last & ~cur_info.last), fe_credit.eq(next_last & cur_info.last)]
+                         fe_free.eq(next_last & ~cur_info.last)]
+            m.d.comb += fe_credit_nx.eq(next_last & cur_info.last)
             with m.If(block_end):
-                m.d.sync += [cur_valid.eq(0), fe_free.eq(1), fe_credit.eq(0)]
+                m.d.sync += [cur_valid.eq(0), fe_free.eq(1)]
+                m.d.comb += fe_credit_nx.eq(0)
+        m.d.sync += [fe_credit.eq(fe_credit_nx),
+                     fe_go.eq(fe_credit_nx & ~(emit & fe_credit) & ~f1_last)]
 
         # ---- tile descriptors --------------------------------------------------------------------
         push = handoff & nx_info.first
@@ -742,10 +833,14 @@ class GemmEngine(wiring.Component):
         with m.If(pop):
             m.d.sync += d_head.eq(d_next)
         m.d.sync += d_count.eq(d_count + push - pop)
-        with m.If(push & ~pop):
-            m.d.sync += d_full.eq(d_count == DESC_DEPTH - 1)
-        with m.Elif(pop & ~push):
-            m.d.sync += d_full.eq(0)
+        d_full_nx = Signal()
+        m.d.comb += d_full_nx.eq(Mux(push & ~pop, d_count == DESC_DEPTH - 1, Mux(pop & ~push, 0, d_full)))
+        m.d.sync += d_full.eq(d_full_nx)
+        # The advance flags' next values (see dq_ok, stall_c).
+        nx_first_nx = Mux(l2_write & l2.first_ent, l2.info.first, nx_info.first)
+        nx_full_nx = Mux(l2_valid & room & l2.last_ent, 1, Mux(handoff, 0, nx_full))
+        l2_valid_nx = Mux(l_adv2, l1m_valid, l2_valid)
+        m.d.sync += [dq_ok.eq(~nx_first_nx | ~d_full_nx), stall_c.eq(l2_valid_nx & nx_full_nx)]
 
         # ---- drain: PE rows + descriptor -> epilogue ---------------------------------------------
         # The head descriptor is a register of its own (a copy of descs[d_head]), loaded when the
@@ -794,9 +889,15 @@ class GemmEngine(wiring.Component):
                 ]
         else:
             sub = Signal(range(S))
-            m.d.comb += [sub_last.eq(sub == S - 1), epi.payload.sub.eq(sub)]
+            # sub_last is a register (sub == S - 1), set a cycle ahead: it gates the PE array's
+            # output ready and with it the shadow bank's row move, which fans out to every drained
+            # register; a compare on sub would sit in front of that fanout.
+            sub_last_r = Signal(init=int(S == 1))
+            m.d.comb += [sub_last.eq(sub_last_r), epi.payload.sub.eq(sub)]
             with m.If(epi.valid & epi.ready):
-                m.d.sync += sub.eq(Mux(sub_last, 0, sub + 1))
+                m.d.sync += [sub.eq(Mux(sub_last, 0, sub + 1)), sub_last_r.eq(~sub_last & (sub == S - 2))]
+            m.d.comb += Assert(sub_last_r == (sub == S - 1),
+                               "GemmEngine: the registered drain sub-beat flag disagrees with sub")
             with m.Switch(sub):
                 for k in range(S):
                     with m.Case(k):
@@ -833,12 +934,18 @@ class _SkewedStage:
     word ``i`` at address ``(slot, i)``. A step ``s`` reads bank ``j`` at ``(slot, s)`` (a word) or
     ``(slot, (j - s) mod N)`` (a column), and output lane ``n`` is bank ``(n + s) mod N``: one
     rotation by ``i`` on the write side and one by ``s`` on the read side serve both ways, with no
-    bank read twice in a cycle. Reads are asynchronous (LUTRAM), writes land at the clock edge, so
-    a slot may be refilled in the cycle its last step is read.
+    bank read twice in a cycle.
+
+    Timing: a write is registered (word, slot, index) and rotated into the banks from those registers
+    a cycle later, so no memory output feeds the rotation. Reads are asynchronous (LUTRAM) from
+    per-bank address registers, and their bytes are registered (:meth:`fetch`); the caller rotates
+    the registered bytes (:meth:`rotate`). A slot may be refilled from the cycle its last step is
+    read: the registered read samples the bank before any write of that cycle lands.
     """
 
     def __init__(self, m, name, words, lanes):
         self._n = 1 << (max(words, lanes) - 1).bit_length()
+        self._name = name
         self._lanes = lanes
         self._byte = numerics.ACT_BITS
         self._banks = []
@@ -847,8 +954,9 @@ class _SkewedStage:
             m.submodules[f"{name}_bank{j}"] = mem
             self._banks.append((mem.write_port(), mem.read_port(domain="comb")))
 
-    def _rotate(self, value, amount):
-        # Rotate left by `amount` lanes: a log2(N)-stage barrel (lane l moves to lane l + amount).
+    def rotate(self, value, amount):
+        """``value`` (``N`` bytes) rotated left by ``amount`` lanes (lane ``l`` moves to lane
+        ``l + amount``): a log2(N)-stage barrel."""
         width = self._n * self._byte
         bits = max(1, (self._n - 1).bit_length())
         for k in range(bits):
@@ -856,38 +964,58 @@ class _SkewedStage:
         return value
 
     def write(self, m, en, slot, idx, word):
-        padded = Cat(word, Const(0, (self._n - self._lanes) * self._byte)) if self._n > self._lanes \
-            else word
+        """Write ``word`` as word ``idx`` of ``slot`` when ``en``; it lands one clock edge later than
+        a plain memory write (the inputs are registered first)."""
+        name = self._name
         ab = (self._n - 1).bit_length()
-        i = Signal(max(1, ab))
-        m.d.comb += i.eq(idx)
-        rotated = Signal(self._n * self._byte)
-        m.d.comb += rotated.eq(self._rotate(padded, i))
+        w_en = Signal(name=f"{name}_wen")
+        w_slot = Signal(name=f"{name}_wslot")
+        w_idx = Signal(max(1, ab), name=f"{name}_widx")
+        w_word = Signal(len(word), name=f"{name}_wword", reset_less=True)
+        m.d.sync += [w_en.eq(en), w_slot.eq(slot), w_idx.eq(idx), w_word.eq(word)]
+        padded = Cat(w_word, Const(0, (self._n - self._lanes) * self._byte)) if self._n > self._lanes \
+            else w_word
+        rotated = Signal(self._n * self._byte, name=f"{name}_rotated")
+        m.d.comb += rotated.eq(self.rotate(padded, w_idx))
         for j, (wp, _) in enumerate(self._banks):
-            m.d.comb += [wp.addr.eq(Cat(i[:ab], slot)), wp.en.eq(en),
+            m.d.comb += [wp.addr.eq(Cat(w_idx[:ab], w_slot)), wp.en.eq(w_en),
                          wp.data.eq(rotated[j * self._byte:(j + 1) * self._byte])]
 
-    def read(self, m, slot, step, trans, neg_step):
-        """The step's bytes, byte ``n`` in bits ``8n .. 8n+7``: lane ``n`` of word ``step`` (``trans``
-        low), or lane ``step`` of word ``n`` (``trans`` high); ``N`` bytes, the caller takes what it
-        needs. ``neg_step`` is ``-step`` modulo ``N`` (or a multiple of ``N``), kept by the caller in
-        a register so that no subtractor sits in front of the output rotation."""
-        ab = (self._n - 1).bit_length()
-        s = Signal(max(1, ab))
-        neg = Signal(max(1, ab))
-        m.d.comb += [s.eq(step), neg.eq(neg_step)]
-        # Bank j's column address (j - s) mod N, as a table of s rather than a subtractor: each
-        # address bit depends on at most log2(N) bits of s, one LUT instead of a carry chain.
-        col_addrs = [Signal(max(1, ab), name=f"col_addr{j}") for j in range(self._n)]
-        with m.Switch(s):
-            for v in range(self._n):
-                with m.Case(v):
-                    m.d.comb += [col_addrs[j].eq((j - v) % self._n) for j in range(self._n)]
+    def fetch(self, m, slot, load, load_trans, adv, trans, valid, step, neg_step):
+        """Read the current step of ``slot``; returns the ``N`` bank bytes (bank ``j`` in bits
+        ``8j .. 8j+7``) registered, i.e. the step read in the previous cycle, not yet rotated.
+
+        The banks' read addresses are registers: ``load`` sets them to step 0 (a column when
+        ``load_trans``), ``adv`` moves them one step on (``trans`` as the current block's). In
+        simulation, while ``valid``, they are checked against ``step`` and ``neg_step`` (``-step``
+        modulo ``N``, a register of the caller's).
+        """
+        name = self._name
+        n = self._n
+        ab = (n - 1).bit_length()
         got = []
         for j, (_, rp) in enumerate(self._banks):
-            m.d.comb += rp.addr.eq(Cat(Mux(trans, col_addrs[j], s)[:ab], slot))
-            got.append(rp.data)
-        # Output lane n = bank (n + s): a rotation right by s, i.e. left by N - s.
-        out = Signal(self._n * self._byte)
-        m.d.comb += out.eq(self._rotate(Cat(*got), neg))
-        return out
+            if ab:
+                # Bank j's address: step (a word) or (j - step) mod N (a column), counted with the
+                # step rather than decoded from it.
+                # Reset: step 0 of the reset-time addressing (a column when trans is constant).
+                ra = Signal(ab, name=f"{name}_ra{j}", init=j if isinstance(trans, int) and trans else 0)
+                with m.If(load):
+                    m.d.sync += ra.eq(Mux(load_trans, j, 0))
+                with m.Elif(adv):
+                    m.d.sync += ra.eq(Mux(trans, ra - 1, ra + 1))
+                # A simulation check on bank 0 only, against the caller's registers: a synthesized
+                # netlist keeps checks as cells that the timing walk ends paths at, and a check per
+                # bank needs an adder each (the banks' registers move alike; the bit-exact tests
+                # read every bank).
+                if j == 0:
+                    with m.If(valid):
+                        m.d.comb += Assert(ra == Mux(trans, neg_step[:ab], step[:ab]),
+                                           f"GemmEngine: {name} bank 0 read address out of step")
+                m.d.comb += rp.addr.eq(Cat(ra, slot))
+            else:
+                m.d.comb += rp.addr.eq(slot)
+            q = Signal(self._byte, name=f"{name}_q{j}", reset_less=True)
+            m.d.sync += q.eq(rp.data)
+            got.append(q)
+        return Cat(*got)

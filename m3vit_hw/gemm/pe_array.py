@@ -352,10 +352,16 @@ class PEArray(wiring.Component):
         else:
             adv_o = ~o_valid | self.o.ready
             adv_d = ~d_valid | adv_o
-        move = (sh_left != 0) & adv_d
+        # sh_nz is sh_left != 0 as a register (set with sh_left): the row move, which enables every
+        # row register, is then one LUT of flip-flops and the output ready.
+        sh_nz = Signal()
+        m.d.comb += Assert(sh_nz == (sh_left != 0), "PEArray: sh_nz register out of step with sh_left")
+        with m.If(u_last):
+            m.d.sync += sh_nz.eq(u_rows != 0)
+        move = sh_nz & adv_d
         with m.If(move):
             m.d.sync += [d_valid.eq(1), d_row.eq(sh_row), d_last.eq(sh_left == 1),
-                         sh_left.eq(sh_left - 1), sh_row.eq(sh_row + 1)]
+                         sh_left.eq(sh_left - 1), sh_row.eq(sh_row + 1), sh_nz.eq(sh_left != 1)]
             for q in range(Q):
                 m.d.sync += d_hi[q].eq(Array(sh_hi[i][q] for i in range(R))[sh_row])
                 if K2 == 2:
@@ -368,7 +374,7 @@ class PEArray(wiring.Component):
             # the credit). Not for pack 2, where row 0 would need the tracker's adder first.
             with m.If(u_last & adv_d):
                 m.d.sync += [d_valid.eq(1), d_row.eq(0), d_last.eq(u_rows == 1),
-                             sh_left.eq(u_rows - 1), sh_row.eq(1)]
+                             sh_left.eq(u_rows - 1), sh_row.eq(1), sh_nz.eq(u_rows > 1)]
                 m.d.sync += [d_hi[q].eq(acc[0][q]) for q in range(Q)]
             m.d.comb += [o_valid.eq(d_valid), o_row.eq(d_row), o_last.eq(d_last)]
             m.d.comb += [o_acc[q].eq(d_hi[q]) for q in range(Q)]
@@ -387,15 +393,15 @@ class PEArray(wiring.Component):
         ]
         for j in range(C):
             m.d.comb += self.o.payload.acc[j].eq(o_acc[j])
-        m.d.comb += self.busy.eq(p_valid | m_valid | u_valid | (sh_left != 0) | d_valid | o_valid)
+        m.d.comb += self.busy.eq(p_valid | m_valid | u_valid | sh_nz | d_valid | o_valid)
 
         # The credit of the next cycle: (sh_left == 0) & ~p_last & ~m_last & ~u_last as they will be.
         # sh_left loads u_rows (>= 1) on u_last, except through pack 1's row-0 bypass (u_rows - 1);
         # otherwise it counts down by one per move.
         if K2 == 1:
-            sh_zero_next = Mux(u_last, adv_d & (u_rows == 1), (sh_left == 0) | ((sh_left == 1) & move))
+            sh_zero_next = Mux(u_last, adv_d & (u_rows == 1), ~sh_nz | ((sh_left == 1) & move))
         else:
-            sh_zero_next = ~u_last & ((sh_left == 0) | ((sh_left == 1) & move))
+            sh_zero_next = ~u_last & (~sh_nz | ((sh_left == 1) & move))
         m.d.sync += credit.eq(sh_zero_next & ~(take & pl.last) & ~p_last & ~m_last)
         # In simulation: the register equals the credit computed from the current state.
         m.d.comb += Assert(credit == ((sh_left == 0) & ~p_last & ~m_last & ~u_last),

@@ -112,11 +112,13 @@ class Requantizer(wiring.Component):
 
     Latency and throughput
     ----------------------
-    :attr:`LATENCY` (9) cycles, one beat per cycle: 8 datapath stages, then 1 through the output
-    FIFO. The datapath stages, each sized for 300 MHz on an UltraScale+ -2 (at most about 5 LUT
-    levels or one short carry chain between registers):
+    :attr:`LATENCY` (10) cycles, one beat per cycle: an input register, 8 datapath stages, then 1
+    through the output FIFO. The stages, each sized for 300 MHz on an UltraScale+ -2 (at most about
+    5 LUT levels or one short carry chain between registers):
 
-    0. ``acc + bias`` (33-bit add) and the multiplier select;
+    in. the input registered, with the raw-mode operand select (bias 0, multiplier 1) applied, so the
+       33-bit add starts at flip-flops rather than behind the caller's decode of the payload;
+    0. ``acc + bias`` (33-bit add);
     1. the 33 x 24 product as partial products of 26 x 17 unsigned bits (signed top chunk), one
        registered DSP48E2 each (their operands and products are plain registers, so a packer puts them
        in the DSP's A/B and M/P registers);
@@ -135,7 +137,7 @@ class Requantizer(wiring.Component):
     """
 
     #: Pipeline depth in cycles.
-    LATENCY = _STAGES + CreditFIFO.LATENCY
+    LATENCY = 1 + _STAGES + CreditFIFO.LATENCY
 
     def __init__(self, lanes, meta=unsigned(0)):
         check_lanes(lanes)
@@ -168,7 +170,9 @@ class Requantizer(wiring.Component):
         # Control: one valid bit and the per-beat fields, moved along with the datapath.
         v = [Signal(name=f"v{s}") for s in range(S)]
         meta = [Signal(self._meta, name=f"meta{s}", reset_less=True) for s in range(S)]
-        shift = [Signal(range(numerics.SHIFT_MAX + 1), name=f"shift{s}", reset_less=True) for s in range(5)]
+        # shift3 keeps its reset: it starts stage 4's barrel shift, and a reset-less chain
+        # shift1 .. shift3 would become a shift register (SRL) with a slow clock-to-out.
+        shift = [Signal(range(numerics.SHIFT_MAX + 1), name=f"shift{s}", reset_less=s != 3) for s in range(5)]
         # out16 and raw fan out to every output bit: kept on reset so they stay flip-flops rather
         # than a shift register with a slow clock-to-out.
         out16 = [Signal(name=f"out16_{s}") for s in range(S - 1)]
@@ -186,11 +190,18 @@ class Requantizer(wiring.Component):
         m.d.comb += [self.i.ready.eq(out_fifo.room), out_fifo.take.eq(take)]
         wiring.connect(m, out_fifo.o, wiring.flipped(self.o))
         adv = 1
-        p = self.i.payload
+        # The input register: the payload with the raw-mode operands selected, and the take.
+        p_in = self.i.payload
+        p = Signal.like(p_in, reset_less=True)
+        take_r = Signal()
+        m.d.sync += [p.eq(p_in), take_r.eq(take)]
+        for j in range(L):
+            m.d.sync += [p.bias[j].eq(Mux(p_in.raw, 0, p_in.bias[j])),
+                         p.mult[j].eq(Mux(p_in.raw, 1, p_in.mult[j]))]
         lo8, hi8 = numerics.int_range(numerics.ACT_BITS)
         lo16, hi16 = numerics.int_range(numerics.RES_BITS)
         with m.If(adv):
-            m.d.sync += [v[0].eq(take), meta[0].eq(p.meta), out16[0].eq(p.out16), raw[0].eq(p.raw),
+            m.d.sync += [v[0].eq(take_r), meta[0].eq(p.meta), out16[0].eq(p.out16), raw[0].eq(p.raw),
                          shift[0].eq(Mux(p.raw, 0, p.shift))]
             for s in range(1, S):
                 m.d.sync += [v[s].eq(v[s - 1]), meta[s].eq(meta[s - 1])]
@@ -206,8 +217,7 @@ class Requantizer(wiring.Component):
                 # 0: bias add; raw mode runs the same datapath as (acc + 0) * 1 >> 0 and skips saturation.
                 s_sum = reg(signed(sum_bits), "sum")
                 s_mult = reg(unsigned(numerics.MULT_BITS), "mult")
-                m.d.sync += [s_sum.eq(p.acc[j] + Mux(p.raw, 0, p.bias[j])),
-                             s_mult.eq(Mux(p.raw, 1, p.mult[j]))]
+                m.d.sync += [s_sum.eq(p.acc[j] + p.bias[j]), s_mult.eq(p.mult[j])]
                 # 1: partial products, one DSP48E2 each.
                 rows = []
                 for ia, a0 in enumerate(a_cuts):
