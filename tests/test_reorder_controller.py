@@ -347,9 +347,10 @@ def test_overhead_bound_above_balance():
     overhead = cyc - comp
     # The fixed pipeline: the engine's loader stages at the start, the router's softmax on the last
     # token's row before the first expert is known, the engine's feed pipeline, the PE array and the
-    # epilogue at the end.
+    # epilogue at the end; and a cycle per expert for the MoE sequencer's command skid buffers (the
+    # commands' valid, payload and ready are flip-flops on both sides of the client boundary).
     drain = (PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack).latency + EPILOGUE_LATENCY
-             + GemmEngine.LOADER_LATENCY + GemmEngine.FEED_LATENCY + Router(cfg).softmax.row_latency(E))
+             + GemmEngine.LOADER_LATENCY + GemmEngine.FEED_LATENCY + Router(cfg).softmax.row_latency(E) + E)
     bound = first + drain + 0.02 * comp
     macs = T * D * E + T * k * 2 * D * H
     print(f"MoELayer E={E} k={k} D={D} h={H} T={T} at {bandwidth} B/cycle (balance {balance:.2f}): "
