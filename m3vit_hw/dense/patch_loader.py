@@ -20,7 +20,7 @@ ceil(K / C) - 1`` (the last word's lanes past K hold junk the GEMM never reads).
 """
 
 from amaranth.hdl import Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, fifo, memory, stream, wiring
+from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .. import numerics
@@ -28,6 +28,7 @@ from ..config import AcceleratorConfig
 from ..lib.burst_requester import BurstRequester
 from ..lib.mem_port import ReadPortSignature
 from ..lib.skid import SkidBuffer
+from ..rowops.counts import ShiftQueue
 
 __all__ = ["PatchLoader", "PatchLoadLayout"]
 
@@ -147,7 +148,9 @@ class PatchLoader(wiring.Component):
                                   "last_b": range(rbm + 1), "row_last": 1, "n0": range(db + 1)})
         # Five runs in flight: with short runs the loader is bound by the request round trip over
         # this depth (four, before the response skid buffer added a cycle to that round trip).
-        m.submodules.descs = dq = fifo.SyncFIFOBuffered(width=desc.size, depth=5)
+        # In flip-flops with a thermometer count (ShiftQueue): a SyncFIFOBuffered's level adder sat
+        # behind the response side's read enable (the W1 top's rx_active -> descs.inner_level path).
+        m.submodules.descs = dq = ShiftQueue(desc.size, 5)
         off = Signal(range(db))
         m.d.comb += off.eq(run_addr[:lb] if lb else 0)
         d_in = Signal(desc)
