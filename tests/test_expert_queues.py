@@ -126,7 +126,7 @@ def test_cycles_per_layer(experts, top_k, tokens):
     cycles = _simulate(dut, [(top_idx, weights, probs)], stall_prob=0.0)
     model = dut.cycles(tokens)
     print(f"T={tokens} E={experts} k={top_k}: {cycles} cycles per layer "
-          f"(model T + 2E + 2Tk + 2 = {model})")
+          f"(model T + 2E + 2Tk + 3 = {model})")
     assert cycles == model
 
 
@@ -159,7 +159,7 @@ def test_layouts():
     dut = ExpertQueues(16, 2, 129)
     assert len(dut.i.p.experts[0]) == 4 and len(dut.i.p.weights[0]) == 16
     assert len(dut.o.p.token) == 8 and len(dut.o.p.count) == 8 and len(dut.o.p.weight) == 16
-    assert dut.cycles(129) == 129 + 2 * 16 + 2 * 129 * 2 + 2
+    assert dut.cycles(129) == 129 + 2 * 16 + 2 * 129 * 2 + 3
 
 
 @pytest.mark.parametrize("args, exc, words", [

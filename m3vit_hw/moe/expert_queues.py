@@ -70,11 +70,13 @@ class ExpertQueues(wiring.Component):
        are incremented (a cycle later, from registered hits: one more cycle after the last token).
     2. *Prefix*: E cycles; an exclusive prefix sum of the counts gives each expert's write pointer.
     3. *Scatter*: 1 entry/cycle, T*k cycles; entry j of token t goes to ``queue[wp[e]++]``. Since tokens
-       are scattered in order, each queue is already in ascending token order: no sort.
+       are scattered in order, each queue is already in ascending token order: no sort. The entries
+       pass three stages (pick, one-hot decode, write), so the walk starts one cycle after the last
+       pick, when the last write is in flight.
     4. *Walk*: one cycle per expert (header or skip) plus one per entry, E + T*k cycles at full
        output rate; the unit then returns to ingest.
 
-    Total with an always-ready consumer: ``T + 2*E + 2*T*k + 2`` cycles per layer, from the first
+    Total with an always-ready consumer: ``T + 2*E + 2*T*k + 3`` cycles per layer, from the first
     token's transfer to the final entry's.
     """
 
@@ -126,7 +128,7 @@ class ExpertQueues(wiring.Component):
 
     def cycles(self, tokens):
         """Cycles for one layer of ``tokens`` tokens with a source and sink that never stall."""
-        return tokens + 2 * self._experts + 2 * tokens * self._top_k + 2
+        return tokens + 2 * self._experts + 2 * tokens * self._top_k + 3
 
     def elaborate(self, platform):
         m = Module()
@@ -169,9 +171,17 @@ class ExpertQueues(wiring.Component):
         t_left = Signal(range(cap))         # scatter: tokens after t
         t_last = Signal()                   # t_left == 0, registered with t_left
         left = Signal(range(cap * k + 1))   # walk: entries not yet issued
-        # Scatter stage 2 registers: the entry picked from the token memory's output in stage 1, its
-        # expert decoded one-hot, so each write pointer increments by its own bit (no E:1 mux in front
-        # of the adder) and only the queue memory's address muxes the pointers.
+        # Scatter stage 2 registers: the entry picked from the token memory's output in stage 1
+        # (registered as is: the memory's read data has no output register, so the pick's k:1 mux and
+        # the one-hot decode behind it would be one path from the block RAM: the W1 top's
+        # tok_rd__data -> sc_oh).
+        pk_valid = Signal()
+        pk_e = Signal(range(E))
+        pk_w = Signal(ww)
+        pk_t = Signal(range(cap))
+        # Scatter stage 3 registers: the picked entry with its expert decoded one-hot, so each write
+        # pointer increments by its own bit (no E:1 mux in front of the adder) and only the queue
+        # memory's address muxes the pointers.
         sc_valid = Signal()
         sc_e = Signal(range(E))
         sc_oh = Signal(E)
@@ -192,6 +202,7 @@ class ExpertQueues(wiring.Component):
         hist = Signal()
         prefix = Signal()
         scatter = Signal()
+        sc_drain = Signal()                 # the cycle after the last pick (its write is in flight)
         walking = Signal()
         walk_end = Signal()
 
@@ -290,7 +301,10 @@ class ExpertQueues(wiring.Component):
             m.d.sync += t1.eq(0)
 
         # ---- SCATTER: 1 entry/cycle, stage 1 picks entry j of the token memory's output ---------------
-        m.d.sync += [sc_valid.eq(scatter), sc_oh.eq(0)]
+        m.d.sync += [pk_valid.eq(scatter), sc_valid.eq(pk_valid), sc_oh.eq(0)]
+        with m.If(pk_valid):
+            m.d.sync += [sc_e.eq(pk_e), sc_w.eq(pk_w), sc_t.eq(pk_t)]
+            m.d.sync += [sc_oh[e].eq(pk_e == e) for e in range(E)]
         m.d.comb += [
             q_wr.addr.eq(wptr[sc_e]),
             q_wr.data.token.eq(sc_t),
@@ -299,19 +313,21 @@ class ExpertQueues(wiring.Component):
         ]
         with m.If(scatter):
             pick = tok_rd.data.experts[j]
-            m.d.sync += [sc_e.eq(pick), sc_w.eq(tok_rd.data.weights[j]), sc_t.eq(t)]
-            m.d.sync += [sc_oh[e].eq(pick == e) for e in range(E)]
+            m.d.sync += [pk_e.eq(pick), pk_w.eq(tok_rd.data.weights[j]), pk_t.eq(t)]
             with m.If(j == k_m1):
                 m.d.comb += tok_rd.en.eq(1)
                 m.d.sync += [j.eq(0), t.eq(t1), t1.eq(t1 + 1), t_left.eq(t_left - 1), t_last.eq(t_left == 1)]
                 with m.If(t_last):
                     m.d.sync += [we.eq(0), in_exp.eq(0), ptr.eq(0), left.eq(total),
-                                 scatter.eq(0), walking.eq(1)]
+                                 scatter.eq(0), sc_drain.eq(1)]
             with m.Else():
                 m.d.sync += j.eq(j + 1)
 
+        with m.If(sc_drain):
+            m.d.sync += [sc_drain.eq(0), walking.eq(1)]
+
         # ---- WALK: a header or skip per expert, one beat per entry -------------------------------------
-        # The scatter's last entry is written in the walk's first cycle (stage 2); the walk reads the
+        # The scatter's last entry is written in the walk's first cycle (stage 3); the walk reads the
         # queue memory no earlier than its second cycle.
         with m.If(can_issue & (walking | walk_end)):
             m.d.sync += self.o.valid.eq(0)
