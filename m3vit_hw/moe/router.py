@@ -300,8 +300,18 @@ class Router(wiring.Component):
         next_last = w_rem <= 2 * R
         if R >= 2:
             nr_m1_r, next_one_r, next_last_r = Signal(range(R)), Signal(), Signal()
-            m.d.sync += [nr_m1_r.eq(next_rows_m1), next_one_r.eq(next_one), next_last_r.eq(next_last)]
+            next_rem_r = Signal.like(w_rem)
+            m.d.sync += [nr_m1_r.eq(next_rows_m1), next_one_r.eq(next_one), next_last_r.eq(next_last),
+                         next_rem_r.eq(next_rem)]
             next_rows_m1, next_one, next_last = nr_m1_r, next_one_r, next_last_r
+            next_rem = next_rem_r
+        # What a tile end loads into w_rem: the chunk's next tile (w_rem - R), or after a chunk's last
+        # tile the next chunk's first (T; after the last chunk's, unused: w_done). A select of
+        # registers, assigned in one place under the tile end, so the accept (the engine's valid
+        # through the encoder's owner gate) reaches w_rem only as its enable, with no select of the
+        # branch nest behind it (the W1 top's csel_moe -> w_rem path).
+        w_rem_at_end = Signal.like(w_rem)
+        m.d.comb += w_rem_at_end.eq(Mux(w_last_tile, tokens, next_rem))
         first_rows_m1 = Signal(range(R))
         # The row-tile registers load in the cycle after the accept (``setup``), from the registered
         # T: the command's payload then only reaches registers through the T == 0 clamp. The writer
@@ -333,7 +343,7 @@ class Router(wiring.Component):
                              w_row_last.eq(tile_one), w_nb_last.eq(w_nb == w_np - 2)]
                 with m.If(w_tile_end):
                     # rows_m1(next_rem) == 0: next_rem = w_rem - R <= 1 (this is not the last tile).
-                    m.d.sync += [w_nb.eq(0), w_rem.eq(next_rem), w_row_rem.eq(next_rows_m1),
+                    m.d.sync += [w_nb.eq(0), w_rem.eq(w_rem_at_end), w_row_rem.eq(next_rows_m1),
                                  tile_rows_m1.eq(next_rows_m1), tile_one.eq(one_row(next_one)),
                                  w_row_last.eq(one_row(next_one)), w_nb_last.eq(w_np == 1),
                                  w_last_tile.eq(next_last)]
@@ -348,7 +358,7 @@ class Router(wiring.Component):
                         with m.If(w_chunk_last):
                             m.d.sync += w_done.eq(1)
                         with m.Else():
-                            m.d.sync += [w_rem.eq(tokens), w_row_rem.eq(first_rows_m1),
+                            m.d.sync += [w_row_rem.eq(first_rows_m1),
                                          tile_rows_m1.eq(first_rows_m1), tile_one.eq(one_row(tokens <= 1)),
                                          w_row_last.eq(one_row(tokens <= 1)),
                                          w_nb_last.eq(nb_last_at(w_chunk + 1)),
