@@ -25,6 +25,7 @@ from m3vit_hw.gemm.epilogue import LATENCY as EPILOGUE_LATENCY, EpilogueMode as 
 from m3vit_hw.gemm.pe_array import PEArray
 from m3vit_hw.gemm.gemm_engine import GemmEngine, RowEntryLayout
 from m3vit_hw.moe.expert_layout import pack_moe, plan_moe, start_fields, unpack_params
+from m3vit_hw.moe.expert_queues import ExpertQueues
 from m3vit_hw.lib.mem_arbiter import ReadArbiter
 from m3vit_hw.lib.mem_port import ReadPortSignature
 from m3vit_hw.moe.reorder_controller import GATE_TAG, ReorderController
@@ -348,9 +349,11 @@ def test_overhead_bound_above_balance():
     # The fixed pipeline: the engine's loader stages at the start, the router's softmax on the last
     # token's row before the first expert is known, the engine's feed pipeline, the PE array and the
     # epilogue at the end; and a cycle per expert for the MoE sequencer's command skid buffers (the
-    # commands' valid, payload and ready are flip-flops on both sides of the client boundary).
+    # commands' valid, payload and ready are flip-flops on both sides of the client boundary); and the
+    # expert queues' scatter drain before their walk (the picked entry registered before its decode).
     drain = (PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack).latency + EPILOGUE_LATENCY
-             + GemmEngine.LOADER_LATENCY + GemmEngine.FEED_LATENCY + Router(cfg).softmax.row_latency(E) + E)
+             + GemmEngine.LOADER_LATENCY + GemmEngine.FEED_LATENCY + Router(cfg).softmax.row_latency(E) + E
+             + ExpertQueues.SCATTER_DRAIN)
     bound = first + drain + 0.02 * comp
     macs = T * D * E + T * k * 2 * D * H
     print(f"MoELayer E={E} k={k} D={D} h={H} T={T} at {bandwidth} B/cycle (balance {balance:.2f}): "

@@ -80,6 +80,11 @@ class ExpertQueues(wiring.Component):
     token's transfer to the final entry's.
     """
 
+    #: Cycles between the scatter's last pick and the walk's first cycle: the picked entry is
+    #: registered before its one-hot decode (a block-RAM read without output register in front of
+    #: the decode missed 300 MHz in the W1 top), so the last write is a cycle later. Fixed per layer.
+    SCATTER_DRAIN = 1
+
     def __init__(self, experts, top_k, token_capacity, *, weight_width=numerics.COMBINE_WEIGHT_BITS):
         _check_int("experts", experts, 1)
         _check_int("top_k", top_k, 1, experts)
@@ -128,7 +133,7 @@ class ExpertQueues(wiring.Component):
 
     def cycles(self, tokens):
         """Cycles for one layer of ``tokens`` tokens with a source and sink that never stall."""
-        return tokens + 2 * self._experts + 2 * tokens * self._top_k + 3
+        return tokens + 2 * self._experts + 2 * tokens * self._top_k + 2 + self.SCATTER_DRAIN
 
     def elaborate(self, platform):
         m = Module()
