@@ -90,16 +90,24 @@ class ReadInterleaver(wiring.Component):
                 with m.Case(k):
                     m.d.comb += up.req.ready.eq(self.down[k].req.ready & room)
         go = up.req.valid & up.req.ready
-        m.d.comb += [order.w_en.eq(go), order.w_data.eq(nxt),
-                     Assert(~go | order.w_rdy, "ReadInterleaver: the order FIFO overflowed")]
+        # The order FIFO's write is registered (``go`` and ``nxt`` a cycle later) and
+        # ``outstanding`` adds that register, not ``go``: the request handshake (nxt -> the ready
+        # mux -> go) ends in one LUT before ``room``, not in the FIFO's level adder or the count's.
+        # ``room`` counts the request in the write register and this cycle's ``go``. A response
+        # cannot pass its port number: ``cur_v`` waits on the FIFO.
+        go_q, port_q = Signal(), Signal(ib)
+        m.d.sync += [go_q.eq(go), port_q.eq(nxt)]
+        m.d.comb += [order.w_en.eq(go_q), order.w_data.eq(port_q),
+                     Assert(~go_q | order.w_rdy, "ReadInterleaver: the order FIFO overflowed")]
         # A returned last beat counts a cycle late (conservative for ``room``; the response
         # handshake stays out of the count's adder).
         pop_q = Signal()
-        inc, dec = order.w_en, pop_q
+        inc, dec = go_q, pop_q
         dep = self._depth
         m.d.sync += [
             outstanding.eq(outstanding + inc - dec),
-            room.eq(below_next(outstanding, inc, dec, dep)),
+            room.eq(Mux(go, below_next(outstanding, inc, dec, dep - 1),
+                        below_next(outstanding, inc, dec, dep))),
         ]
         with m.If(go):
             m.d.sync += nxt.eq(Mux(nxt == n - 1, 0, nxt + 1))
