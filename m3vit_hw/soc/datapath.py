@@ -10,7 +10,7 @@ All are :mod:`amaranth.lib.stream` citizens: ``valid`` never waits on ``ready`` 
 they are transferred.
 """
 
-from amaranth.hdl import Assert, Module, Mux, Signal
+from amaranth.hdl import Assert, Cat, Const, Module, Mux, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -196,15 +196,29 @@ class PageSplitter(wiring.Component):
             # idx's bits above lb all set, and then it is idx_lo + b > 2**lb (idx_lo = idx's low lb
             # bits): a LUT function of a few bits and an AND, no carry chain behind the request's
             # payload (the full-width idx + b compare ran through two CARRY4s into ``first``).
+            # The low-bits sum and the negation are written as gates, not ``+``/``-``: yosys would
+            # map those onto a CARRY4 chain (still two of them behind ``first``), while a function
+            # of a few bits fits in two LUT levels.
             idx = a[shift:page_bits]
             nb = page_bits - shift
             lb = (self._mb - 1).bit_length()
             lo = idx[:lb]
             hi_ones = idx[lb:nb].all() if lb < nb else 1
-            crosses = hi_ones & (lo + b > (1 << lb))
-            # When crossing, the beats to the page end are 2**lb - idx_lo (idx_lo >= 1 then).
+            # lo + b > 2**lb: a ripple sum of lo and b's low bits. b's bit lb is set only when
+            # b == 2**lb (its low bits zero, no carry), so the sum's bit lb is carry | b[lb] and it
+            # is above 2**lb when that bit and any lower one are set.
+            carry, sum_bits = Const(0, 1), []
+            for i in range(lb):
+                sum_bits.append(lo[i] ^ b[i] ^ carry)
+                carry = (lo[i] & b[i]) | ((lo[i] | b[i]) & carry)
+            top = carry | (b[lb] if lb < len(b) else 0)
+            low_any = Cat(*sum_bits).any() if lb else Const(0, 1)
+            crosses = hi_ones & top & low_any
+            # When crossing, the beats to the page end are 2**lb - idx_lo (idx_lo >= 1 then): lo's
+            # two's complement in lb bits, bit i = lo[i] ^ (any lower bit of lo).
             room = Signal(lb + 1)
-            m.d.comb += room.eq((1 << lb) - lo)
+            if lb:
+                m.d.comb += room.eq(Cat(*[lo[i] ^ lo[:i].any() for i in range(lb)]))
             return Mux(crosses, room, b), crosses
 
         leaving = Signal()                          # the held request's last part goes out this cycle
