@@ -177,7 +177,11 @@ class PageSplitter(wiring.Component):
         db = self._db
         shift = db.bit_length() - 1
         page_bits = BOUNDARY_BYTES.bit_length() - 1
-        m.submodules.parts = parts = fifo.SyncFIFOBuffered(width=1, depth=self._depth)
+        # One entry more than ``depth``: a SyncFIFOBuffered's w_rdy is its inner FIFO's (depth - 1
+        # entries), which stays full for a cycle while its head moves to the output register, so
+        # at ``depth`` flags held it could refuse a write that ``room`` allowed (a depth-2 splitter
+        # overflowed in the test).
+        m.submodules.parts = parts = fifo.SyncFIFOBuffered(width=1, depth=self._depth + 1)
 
         # One held request, its first part's length and whether more parts follow all in registers:
         # the page arithmetic (a subtract and a compare) runs on the incoming payload when it is
