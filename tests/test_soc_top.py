@@ -131,14 +131,18 @@ def test_skid_buffer_loses_nothing():
     assert got == vals
 
 
-def test_page_splitter_cuts_at_4k_and_keeps_last():
-    """Random requests (some across a page): downstream requests stay in a page, upstream sees every
+@pytest.mark.parametrize("db,mb,depth", [(16, 16, 4), (4, 5, 1), (64, 64, 2)])
+def test_page_splitter_cuts_at_4k_and_keeps_last(db, mb, depth):
+    """Random requests (some across a page, half of them within a burst of a page's end, and a
+    max_burst that is not a power of two): downstream requests stay in a page, upstream sees every
     beat once, in order, with ``last`` only on each request's final beat."""
     from m3vit_hw.soc.datapath import PageSplitter
-    dut = PageSplitter(addr_width=32, data_bytes=16, max_burst=16, depth=4)
-    rng = random.Random(11)
-    reqs = [(rng.randrange(0, 1 << 12) * 16, rng.randint(1, 16)) for _ in range(40)]
-    reqs += [(0x1FF0, 2), (0x2F00, 16), (0x3FF0, 1)]
+    dut = PageSplitter(addr_width=32, data_bytes=db, max_burst=mb, depth=depth)
+    rng = random.Random(11 + mb)
+    page = 4096 // db
+    reqs = [(rng.randrange(0, 1 << 12) * db, rng.randint(1, mb)) for _ in range(20)]
+    reqs += [((rng.randrange(1, 4) * page - rng.randint(1, mb)) * db, rng.randint(1, mb)) for _ in range(20)]
+    reqs += [(0x2000 - db, 2), (0x3000 - mb * db, mb), (0x4000 - db, 1), (0x5000 - db, mb)]
     down, got = [], []
 
     async def feed(ctx):
@@ -162,7 +166,7 @@ def test_page_splitter_cuts_at_4k_and_keeps_last():
                 dut.down.req.payload.beats, dut.down.req.ready)
             if rv and rr:
                 a, left = pending[0]
-                pending[0] = (a + 16, left - 1)
+                pending[0] = (a + db, left - 1)
                 if left == 1:
                     pending.pop(0)
             if qv and qr:
@@ -182,8 +186,8 @@ def test_page_splitter_cuts_at_4k_and_keeps_last():
     sim.add_testbench(take)
     sim.run()
     for a, b in down:
-        assert 1 <= b <= 16 and a // 4096 == (a + 16 * b - 1) // 4096, f"request 0x{a:X} x {b} crosses 4 KiB"
-    want = [(a + 16 * i, int(i == n - 1)) for a, n in reqs for i in range(n)]
+        assert 1 <= b <= mb and a // 4096 == (a + db * b - 1) // 4096, f"request 0x{a:X} x {b} crosses 4 KiB"
+    want = [(a + db * i, int(i == n - 1)) for a, n in reqs for i in range(n)]
     assert got == want, "page splitter: beats or last flags differ from the requests"
     assert len(down) > len(reqs), "no request was split (the test lost its point)"
 

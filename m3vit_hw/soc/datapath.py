@@ -10,7 +10,7 @@ All are :mod:`amaranth.lib.stream` citizens: ``valid`` never waits on ``ready`` 
 they are transferred.
 """
 
-from amaranth.hdl import Assert, Module, Mux, Signal
+from amaranth.hdl import Assert, Cat, Const, Module, Mux, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -90,16 +90,24 @@ class ReadInterleaver(wiring.Component):
                 with m.Case(k):
                     m.d.comb += up.req.ready.eq(self.down[k].req.ready & room)
         go = up.req.valid & up.req.ready
-        m.d.comb += [order.w_en.eq(go), order.w_data.eq(nxt),
-                     Assert(~go | order.w_rdy, "ReadInterleaver: the order FIFO overflowed")]
+        # The order FIFO's write is registered (``go`` and ``nxt`` a cycle later) and
+        # ``outstanding`` adds that register, not ``go``: the request handshake (nxt -> the ready
+        # mux -> go) ends in one LUT before ``room``, not in the FIFO's level adder or the count's.
+        # ``room`` counts the request in the write register and this cycle's ``go``. A response
+        # cannot pass its port number: ``cur_v`` waits on the FIFO.
+        go_q, port_q = Signal(), Signal(ib)
+        m.d.sync += [go_q.eq(go), port_q.eq(nxt)]
+        m.d.comb += [order.w_en.eq(go_q), order.w_data.eq(port_q),
+                     Assert(~go_q | order.w_rdy, "ReadInterleaver: the order FIFO overflowed")]
         # A returned last beat counts a cycle late (conservative for ``room``; the response
         # handshake stays out of the count's adder).
         pop_q = Signal()
-        inc, dec = order.w_en, pop_q
+        inc, dec = go_q, pop_q
         dep = self._depth
         m.d.sync += [
             outstanding.eq(outstanding + inc - dec),
-            room.eq(below_next(outstanding, inc, dec, dep)),
+            room.eq(Mux(go, below_next(outstanding, inc, dec, dep - 1),
+                        below_next(outstanding, inc, dec, dep))),
         ]
         with m.If(go):
             m.d.sync += nxt.eq(Mux(nxt == n - 1, 0, nxt + 1))
@@ -160,7 +168,7 @@ class PageSplitter(wiring.Component):
     def __init__(self, *, addr_width=32, data_bytes=16, max_burst=16, depth=16):
         _check_int("depth", depth, 1, 256)
         sig = ReadPortSignature(addr_width=addr_width, data_bytes=data_bytes, max_burst=max_burst)
-        self._db, self._depth = data_bytes, depth
+        self._db, self._depth, self._mb = data_bytes, depth, max_burst
         super().__init__({"up": In(sig), "down": Out(sig)})
 
     def elaborate(self, platform):
@@ -169,7 +177,11 @@ class PageSplitter(wiring.Component):
         db = self._db
         shift = db.bit_length() - 1
         page_bits = BOUNDARY_BYTES.bit_length() - 1
-        m.submodules.parts = parts = fifo.SyncFIFOBuffered(width=1, depth=self._depth)
+        # One entry more than ``depth``: a SyncFIFOBuffered's w_rdy is its inner FIFO's (depth - 1
+        # entries), which stays full for a cycle while its head moves to the output register, so
+        # at ``depth`` flags held it could refuse a write that ``room`` allowed (a depth-2 splitter
+        # overflowed in the test).
+        m.submodules.parts = parts = fifo.SyncFIFOBuffered(width=1, depth=self._depth + 1)
 
         # One held request, its first part's length and whether more parts follow all in registers:
         # the page arithmetic (a subtract and a compare) runs on the incoming payload when it is
@@ -183,18 +195,34 @@ class PageSplitter(wiring.Component):
 
         def split(a, b):
             # (first part's beats, more parts follow) of a request at byte address a of b beats.
-            # The crossing test is idx + b > page beats (idx = a's beat within its page): one short
-            # adder and a compare with a constant, in parallel with the room subtraction, rather
-            # than a subtraction feeding a compare of two signals.
-            page_beats = BOUNDARY_BYTES >> shift
+            # idx = a's beat within its page. With b <= 2**lb <= page beats (lb = ceil(log2
+            # max_burst); max_burst * data_bytes <= BOUNDARY_BYTES), idx + b > page beats needs
+            # idx's bits above lb all set, and then it is idx_lo + b > 2**lb (idx_lo = idx's low lb
+            # bits): a LUT function of a few bits and an AND, no carry chain behind the request's
+            # payload (the full-width idx + b compare ran through two CARRY4s into ``first``).
+            # The low-bits sum and the negation are written as gates, not ``+``/``-``: yosys would
+            # map those onto a CARRY4 chain (still two of them behind ``first``), while a function
+            # of a few bits fits in two LUT levels.
             idx = a[shift:page_bits]
-            room = Signal(page_bits - shift + 1)        # beats from a to the end of its page
-            end = Signal(page_bits - shift + 2)
-            m.d.comb += [room.eq(page_beats - idx), end.eq(idx + b)]
-            # end < 2 * page_beats (b <= max_burst <= page_beats), so end > page_beats is its
-            # page_beats bit with any lower bit set.
             nb = page_bits - shift
-            crosses = end[nb] & end[:nb].any()
+            lb = (self._mb - 1).bit_length()
+            lo = idx[:lb]
+            hi_ones = idx[lb:nb].all() if lb < nb else 1
+            # lo + b > 2**lb: a ripple sum of lo and b's low bits. b's bit lb is set only when
+            # b == 2**lb (its low bits zero, no carry), so the sum's bit lb is carry | b[lb] and it
+            # is above 2**lb when that bit and any lower one are set.
+            carry, sum_bits = Const(0, 1), []
+            for i in range(lb):
+                sum_bits.append(lo[i] ^ b[i] ^ carry)
+                carry = (lo[i] & b[i]) | ((lo[i] | b[i]) & carry)
+            top = carry | (b[lb] if lb < len(b) else 0)
+            low_any = Cat(*sum_bits).any() if lb else Const(0, 1)
+            crosses = hi_ones & top & low_any
+            # When crossing, the beats to the page end are 2**lb - idx_lo (idx_lo >= 1 then): lo's
+            # two's complement in lb bits, bit i = lo[i] ^ (any lower bit of lo).
+            room = Signal(lb + 1)
+            if lb:
+                m.d.comb += room.eq(Cat(*[lo[i] ^ lo[:i].any() for i in range(lb)]))
             return Mux(crosses, room, b), crosses
 
         leaving = Signal()                          # the held request's last part goes out this cycle
@@ -202,15 +230,24 @@ class PageSplitter(wiring.Component):
         m.d.comb += up.req.ready.eq(~hv | leaving)
         take = up.req.valid & up.req.ready
         send = down.req.valid & down.req.ready
-        # The parts FIFO's room is a register of its own (its entry count a cycle ahead), not the
-        # FIFO's level compare: down.req.valid (into the AXI master's register slice) is one LUT.
+        # The parts FIFO's write is registered (``send`` and ``more`` a cycle later), so the
+        # handshake (hv, ok, room, down.req.ready) does not run on into the FIFO's level and
+        # pointer adders. ``pending`` counts the FIFO's entries (it adds ``w_en``, a register);
+        # ``room`` also counts the flag in that register and this cycle's ``send`` (one LUT):
+        # ``room`` is a register of its own, not the FIFO's level compare, so down.req.valid
+        # (into the AXI master's register slice) is one LUT. A response cannot pass the FIFO
+        # before its flag is in: up.resp.valid waits on parts.r_rdy.
         pending = Signal(range(self._depth + 1))
         room = Signal(init=1)
-        m.d.sync += [pending.eq(pending + parts.w_en - parts.r_en),
-                     room.eq(below_next(pending, parts.w_en, parts.r_en, self._depth))]
+        w_en, w_more = Signal(), Signal()
+        m.d.sync += [w_en.eq(send), w_more.eq(more),
+                     pending.eq(pending + w_en - parts.r_en),
+                     room.eq(Mux(send, below_next(pending, w_en, parts.r_en, self._depth - 1),
+                                 below_next(pending, w_en, parts.r_en, self._depth)))]
         m.d.comb += [down.req.valid.eq(hv & ok & room), down.req.p.addr.eq(addr),
-                     down.req.p.beats.eq(first), parts.w_en.eq(send), parts.w_data.eq(more),
-                     leaving.eq(send & ~more)]
+                     down.req.p.beats.eq(first), parts.w_en.eq(w_en), parts.w_data.eq(w_more),
+                     leaving.eq(send & ~more),
+                     Assert(~w_en | parts.w_rdy, "PageSplitter: the parts FIFO overflowed")]
         with m.If(take):
             f, mo = split(up.req.p.addr, up.req.p.beats)
             m.d.sync += [hv.eq(1), ok.eq(1), addr.eq(up.req.p.addr), beats.eq(up.req.p.beats),
