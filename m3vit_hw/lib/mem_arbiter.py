@@ -48,6 +48,7 @@ from amaranth.hdl import Assert, Cat, Module, Mux, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
+from .fifo_head import FifoHead
 from .skid import SkidBuffer
 from .mem_port import DEFAULT_ADDR_WIDTH, DEFAULT_DATA_BYTES, DEFAULT_MAX_BURST, ReadPortSignature
 from ..checks import check_int as _check_int
@@ -119,8 +120,8 @@ class ReadArbiter(wiring.Component):
         m = Module()
         n = self._n
         idx_bits = max(1, (n - 1).bit_length())
-        # Its head is copied into two registers (``cur``, the master now receiving, and ``nxt``),
-        # see the module docstring; ``room`` (below) admits at most ``depth`` requests whose last
+        # Its head is copied into two registers (a FifoHead: ``cur``, the master now receiving, and one
+        # behind it), see the module docstring; ``room`` (below) admits at most ``depth`` requests whose last
         # beat has not been routed, so the FIFO's own w_rdy never binds.
         m.submodules.route = route = fifo.SyncFIFO(width=idx_bits, depth=self._depth)
 
@@ -209,14 +210,9 @@ class ReadArbiter(wiring.Component):
 
         # Responses go to the master whose request is oldest (through its own skid buffer with
         # ``register``).
-        # The head of the routing FIFO in registers: ``cur`` (valid ``cur_v``) routes beats, ``nxt``
-        # waits behind it. The FIFO is read whenever ``nxt`` is empty (a decision of flip-flops),
-        # and a routed last beat moves ``nxt`` (or the FIFO's head) into ``cur``: the response
-        # handshake ends at these registers, not in the FIFO's pointer and level logic.
-        cur, nxt = Signal(idx_bits, name="cur"), Signal(idx_bits, name="nxt")
-        cur_v, nxt_v = Signal(name="cur_v"), Signal(name="nxt_v")
-        take = route.r_rdy & ~nxt_v
-        m.d.comb += route.r_en.eq(take)
+        # The routing FIFO's head in registers (FifoHead): the response handshake ends at them.
+        rh = FifoHead(m, route, name="route")
+        cur, cur_v = rh.cur, rh.cur_v
         head = cur
         outs = []
         for i in range(n):
@@ -236,15 +232,7 @@ class ReadArbiter(wiring.Component):
                 m.d.comb += resp.ready.eq(cur_v & outs_ready)
         pop = resp.valid & resp.ready & resp.payload.last
         m.d.sync += pop_q.eq(pop)
-        with m.If(pop | ~cur_v):
-            with m.If(nxt_v):
-                m.d.sync += [cur.eq(nxt), cur_v.eq(1), nxt_v.eq(0)]
-            with m.Elif(take):
-                m.d.sync += [cur.eq(route.r_data), cur_v.eq(1)]
-            with m.Else():
-                m.d.sync += cur_v.eq(0)
-        with m.Elif(take):
-            m.d.sync += [nxt.eq(route.r_data), nxt_v.eq(1)]
+        rh.advance(m, pop)
         m.d.comb += [
             # Outstanding at the memory, or still waiting in a skid buffer.
             self.busy.eq((outstanding != 0) | pend

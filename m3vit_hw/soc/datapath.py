@@ -15,6 +15,7 @@ from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..checks import check_int as _check_int
+from ..lib.fifo_head import FifoHead
 from ..lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
 from ..lib.skid import SkidBuffer
 from ..rowops.counts import below_next
@@ -112,14 +113,10 @@ class ReadInterleaver(wiring.Component):
         with m.If(go):
             m.d.sync += nxt.eq(Mux(nxt == n - 1, 0, nxt + 1))
 
-        # The FIFO's head in two registers, ``cur`` (the port now returning) and ``nxt``: the FIFO is
-        # read whenever ``nxt`` is empty (flip-flops decide it) and a returned last beat moves ``nxt``
-        # (or the FIFO's head) into ``cur``, so the response handshake ends at these registers, not
-        # in the FIFO's pointer and level logic.
-        cur, nxt_port = Signal(ib, name="cur"), Signal(ib, name="nxt_port")
-        cur_v, nxt_v = Signal(name="cur_v"), Signal(name="nxt_v")
-        take = order.r_rdy & ~nxt_v
-        m.d.comb += order.r_en.eq(take)
+        # The order FIFO's head in registers (FifoHead): ``cur`` is the port now returning, and the
+        # response handshake ends at these registers, not in the FIFO's pointer and level logic.
+        oh = FifoHead(m, order, name="order")
+        cur, cur_v = oh.cur, oh.cur_v
         with m.Switch(cur):
             for k in range(n):
                 with m.Case(k):
@@ -129,15 +126,7 @@ class ReadInterleaver(wiring.Component):
             m.d.comb += self.down[k].resp.ready.eq(up.resp.ready & cur_v & (cur == k))
         pop = up.resp.valid & up.resp.ready & up.resp.p.last
         m.d.sync += pop_q.eq(pop)
-        with m.If(pop | ~cur_v):
-            with m.If(nxt_v):
-                m.d.sync += [cur.eq(nxt_port), cur_v.eq(1), nxt_v.eq(0)]
-            with m.Elif(take):
-                m.d.sync += [cur.eq(order.r_data), cur_v.eq(1)]
-            with m.Else():
-                m.d.sync += cur_v.eq(0)
-        with m.Elif(take):
-            m.d.sync += [nxt_port.eq(order.r_data), nxt_v.eq(1)]
+        oh.advance(m, pop)
         return m
 
 
