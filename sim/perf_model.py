@@ -30,7 +30,6 @@ documented schedule. Projections of configurations nobody simulated (W1 frames, 
 are labelled ``projected`` by :func:`project_program` and :mod:`sim.perf_report`.
 """
 
-import math
 from dataclasses import dataclass, field
 
 __all__ = ["OP_CLASSES", "TOLERANCE", "Estimate", "gemm_blocks", "gemm_beats", "moe_cycles",

@@ -11,7 +11,7 @@ cycles per phase and the PE-array utilization during attention are printed, not 
 import numpy as np
 import pytest
 from amaranth.back import verilog
-from amaranth.hdl import Fragment, Module
+from amaranth.hdl import Fragment
 from amaranth.lib import wiring
 
 from m3vit_hw import numerics

@@ -7,7 +7,7 @@ import random
 
 import pytest
 from amaranth.hdl import Module, Signal
-from amaranth.lib import stream, wiring
+from amaranth.lib import stream
 from amaranth.sim import Simulator
 
 from m3vit_hw.encoder import mux_interfaces

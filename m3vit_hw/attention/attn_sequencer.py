@@ -30,7 +30,7 @@ from ..gemm.epilogue import EpilogueMode, StreamOutLayout
 from ..gemm.gemm_engine import RowEntryLayout
 from ..rowops.counts import ShiftQueue, below_next
 from ..rowops.softmax import SHIFT_BITS
-from .attn_layout import SHAPE_PARTS, AttnLayout, BufferMap, buffer_map, plan_attention
+from .attn_layout import AttnLayout, BufferMap, plan_attention
 from .score_path import ScorePath, mem_addr_width
 
 __all__ = ["AttnSequencer", "AttnStartLayout", "AttnShapeLayout", "Phase"]

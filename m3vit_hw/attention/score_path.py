@@ -20,7 +20,7 @@ Slots alternate 0, 1, 0, ... on every side, one per query tile, so no side names
 freed by ``slot_release`` (the layer pulses it when the AV GEMM that read the slot is done).
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 

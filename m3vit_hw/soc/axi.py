@@ -24,8 +24,8 @@ A non-OKAY ``rresp`` or ``bresp`` sets the sticky ``error`` output (cleared by `
 transfer still completes normally, so the protocol stays clean and the controller decides what to do.
 """
 
-from amaranth.hdl import Assert, Cat, Module, Mux, Signal, unsigned
-from amaranth.lib import data, fifo, stream, wiring
+from amaranth.hdl import Assert, Cat, Module, Mux, Signal
+from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 
 from ..checks import check_int as _check_int
