@@ -32,8 +32,8 @@ def _tiles(rng, rows, cols, count, k_max, extremes=False):
     return tiles
 
 
-def _run(rows, cols, tiles, stall_p, seed=0, pack=1):
-    dut = PEArray(rows, cols, pack)
+def _run(rows, cols, tiles, stall_p, seed=0, pack=1, drain_interval=1):
+    dut = PEArray(rows, cols, pack, drain_interval)
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     expected = []
@@ -86,10 +86,12 @@ def _run(rows, cols, tiles, stall_p, seed=0, pack=1):
     assert lasts == want_lasts, "PEArray: last flags misplaced"
 
 
-@pytest.mark.parametrize("rows,cols,pack", [(4, 4, 1), (3, 5, 1), (4, 4, 2), (3, 6, 2)])
-def test_random_tiles_with_stalls(rows, cols, pack):
+@pytest.mark.parametrize("rows,cols,pack,drain_interval", [(4, 4, 1, 1), (3, 5, 1, 1), (4, 4, 2, 1), (3, 6, 2, 1),
+                                                            (4, 4, 1, 2), (4, 4, 2, 2), (3, 6, 2, 2)])
+def test_random_tiles_with_stalls(rows, cols, pack, drain_interval):
     rng = np.random.default_rng(rows * 10 + cols)
-    _run(rows, cols, _tiles(rng, rows, cols, count=10, k_max=9), stall_p=0.3, pack=pack)
+    _run(rows, cols, _tiles(rng, rows, cols, count=10, k_max=9), stall_p=0.3, pack=pack,
+         drain_interval=drain_interval)
 
 
 @pytest.mark.parametrize("pack", [1, 2])
@@ -132,12 +134,12 @@ def test_packed_low_field_spill_boundaries(long_k):
     _run(rows, cols, tiles, stall_p=0.2, seed=12, pack=2)
 
 
-@pytest.mark.parametrize("pack", [1, 2])
-def test_throughput_no_stalls(pack):
-    """Back-to-back tiles with K >= rows + 4 keep the array busy every cycle."""
+@pytest.mark.parametrize("pack,drain_interval", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_throughput_no_stalls(pack, drain_interval):
+    """Back-to-back tiles with K >= drain_interval * rows + 4 keep the array busy every cycle."""
     rows = cols = 4
-    k, n_tiles = 8, 6
-    dut = PEArray(rows, cols, pack)
+    k, n_tiles = drain_interval * rows + 4, 6
+    dut = PEArray(rows, cols, pack, drain_interval)
     sim = Simulator(dut)
     sim.add_clock(1e-8)
     result = {}
@@ -156,17 +158,23 @@ def test_throughput_no_stalls(pack):
             if start is None:
                 start = t
             ready = ctx.get(dut.i.ready)
+            if ctx.get(dut.o.valid):
+                out_cycles.append(t)
             await ctx.tick()
             t += 1
             beats += ready
         ctx.set(dut.i.valid, 0)
         result["cycles"] = t - start
 
+    out_cycles = []
     sim.add_testbench(tb)
     sim.run()
     util = k * n_tiles / result["cycles"]
     print(f"PEArray {rows}x{cols}: {k * n_tiles} beats in {result['cycles']} cycles, utilization {util:.3f}")
     assert util == 1.0
+    # Rows leave at the interval's pace: back to back within a tile, or every other cycle.
+    gaps = {b - a for a, b in zip(out_cycles, out_cycles[1:])}
+    assert min(gaps) == drain_interval, f"PEArray: row spacing {sorted(gaps)}, drain_interval {drain_interval}"
 
 
 @pytest.mark.parametrize("rows,cols", [(2, 3), (4, 4)])
@@ -204,6 +212,8 @@ def test_bad_parameters(bad, exc):
         PEArray(4, bad)
     with pytest.raises(exc, match="pack"):
         PEArray(4, 4, bad)
+    with pytest.raises(exc, match="drain_interval"):
+        PEArray(4, 4, 1, bad)
 
 
 def test_bad_pack():

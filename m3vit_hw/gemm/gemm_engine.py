@@ -333,7 +333,9 @@ class GemmEngine(wiring.Component):
         n_ent = max(R, C)                  # staging entries per block: R words of A, C words of B
         act_aw, b_aw, dst_aw = cfg.act_addr_bits, cfg.b_addr_bits, cfg.dst_addr_bits
 
-        m.submodules.pe = pe = PEArray(R, C, cfg.pe_pack)
+        # A row leaves as epi_beats epilogue beats: with two or more, the array may drain a row
+        # every other cycle, which keeps the output ready out of its shadow-bank control.
+        m.submodules.pe = pe = PEArray(R, C, cfg.pe_pack, drain_interval=min(cfg.epi_beats, 2))
         m.submodules.epilogue = ep = Epilogue(cfg.epi_lanes, act_aw, cfg.res_addr_bits, word_lanes=C)
         # The drain's skid buffer in front of the epilogue (see the drain below).
         m.submodules.epi_skid = es = SkidBuffer(ep.i.payload.shape())
@@ -591,27 +593,6 @@ class GemmEngine(wiring.Component):
                     l1_cmd.gather.eq(cmd.gather),
                     l1_cmd.scatter.eq(cmd.scatter),
                 ]
-                # Advance ent -> block -> column tile -> row tile.
-                m.d.sync += [ent.eq(ent + 1), b_istride.eq(b_istride + cmd.b_k_stride),
-                             last_ent.eq(ent == n_ent - 2)]
-                with m.If(last_ent):
-                    m.d.sync += [ent.eq(0), b_istride.eq(0), last_ent.eq(int(n_ent == 1)),
-                                 k0.eq(k0 + C), k_rem.eq(k_rem - C), kb.eq(kb + 1),
-                                 b_kblk.eq(b_kblk + b_cstride), last_blk.eq(k_rem <= 2 * C)]
-                    with m.If(last_blk):
-                        m.d.sync += [k0.eq(0), k_rem.eq(cmd.k), kb.eq(0), b_kblk.eq(0),
-                                     last_blk.eq(cmd.k <= C),
-                                     n_rem.eq(n_rem - C), nb.eq(nb + 1), last_ntile.eq(n_rem <= 2 * C),
-                                     ntile_mask.eq(mask_of(n_rem, skip=C)),   # n_rem > C unless last_ntile
-                                     b_tile_base.eq(b_tile_base + cmd.b_tile_stride)]
-                        with m.If(last_ntile):
-                            m.d.sync += [n_rem.eq(cmd.n), nb.eq(0), b_tile_base.eq(cmd.b_base),
-                                         ntile_mask.eq(mask_of(cmd.n)),
-                                         last_ntile.eq(cmd.n <= C),
-                                         m0.eq(m0 + R), m_rem.eq(m_rem - R), rt_row.eq(rt_row + R),
-                                         last_mtile.eq(m_rem <= 2 * R)]
-                            with m.If(last_mtile):
-                                m.d.sync += active.eq(0)
 
         # ---- command accept ----------------------------------------------------------------------
         # A command register in front of L0 (pcmd): cmd.ready is a register (pcmd empty) and, for a
@@ -639,8 +620,46 @@ class GemmEngine(wiring.Component):
         pm_ = Mux(p.m == 0, 1, p.m)
         pn_ = Mux(p.n == 0, 1, p.n)
         pk_ = Mux(p.k == 0, 1, p.k)
+        # Advance ent -> block -> column tile -> row tile, and load a new command. Each level's
+        # registers load under one enable (an issue that wraps the levels below it, or a command
+        # start), and their next values are selected by registers only (the level's last flag, and
+        # `fresh`: the step starts a command, from pcmd), so the loader's advance enable, which starts
+        # at the PE array's credit, reaches the walk as flip-flop enables, never through a data
+        # multiplexer. An issue that finishes the command with no command waiting loads stale pcmd
+        # values into counters that the idle loader ignores (the next load sets them all).
         final_issue = issue & last_ent & last_blk & last_ntile & last_mtile
         load = pcmd_valid & (~active | final_issue)
+        start = pcmd_valid & ~active            # a command start into an idle walk
+        fresh = ~active | (last_ent & last_blk & last_ntile & last_mtile)
+        wrap0 = ~active | last_ent              # each level restarts: at a command start, or ...
+        wrap1 = ~active | last_blk              # ... when its own last step passes
+        wrap2 = ~active | last_ntile
+        with m.If(issue | start):
+            m.d.sync += [ent.eq(Mux(wrap0, 0, ent + 1)),
+                         b_istride.eq(Mux(wrap0, 0, b_istride + cmd.b_k_stride)),
+                         last_ent.eq(Mux(wrap0, int(n_ent == 1), ent == n_ent - 2))]
+        with m.If((issue & last_ent) | start):
+            m.d.sync += [k0.eq(Mux(wrap1, 0, k0 + C)), kb.eq(Mux(wrap1, 0, kb + 1)),
+                         b_kblk.eq(Mux(wrap1, 0, b_kblk + b_cstride)),
+                         k_rem.eq(Mux(wrap1, Mux(fresh, pcmd.k, cmd.k), k_rem - C)),
+                         last_blk.eq(Mux(wrap1, Mux(fresh, p_last_blk, cmd.k <= C), k_rem <= 2 * C))]
+        with m.If((issue & last_ent & last_blk) | start):
+            m.d.sync += [nb.eq(Mux(wrap2, 0, nb + 1)),
+                         n_rem.eq(Mux(wrap2, Mux(fresh, pcmd.n, cmd.n), n_rem - C)),
+                         last_ntile.eq(Mux(wrap2, Mux(fresh, p_last_ntile, cmd.n <= C), n_rem <= 2 * C)),
+                         # n_rem > C unless last_ntile
+                         ntile_mask.eq(Mux(wrap2, Mux(fresh, p_mask, mask_of(cmd.n)), mask_of(n_rem, skip=C))),
+                         b_tile_base.eq(Mux(wrap2, Mux(fresh, pcmd.b_base, cmd.b_base),
+                                            b_tile_base + cmd.b_tile_stride))]
+        # The row tile wraps only at the command's end: its restart values are always pcmd's.
+        with m.If((issue & last_ent & last_blk & last_ntile) | start):
+            m.d.sync += [m0.eq(Mux(fresh, 0, m0 + R)), m_rem.eq(Mux(fresh, pcmd.m, m_rem - R)),
+                         rt_row.eq(Mux(fresh, pcmd.rowtab_base, rt_row + R)),
+                         last_mtile.eq(Mux(fresh, p_last_mtile, m_rem <= 2 * R))]
+        with m.If(load):
+            m.d.sync += [cmd.eq(pcmd), b_cstride.eq(p_cstride), active.eq(1)]
+        with m.Elif(final_issue):
+            m.d.sync += active.eq(0)
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 pcmd.eq(p), pcmd.m.eq(pm_), pcmd.n.eq(pn_), pcmd.k.eq(pk_), pcmd_valid.eq(1),
@@ -650,18 +669,6 @@ class GemmEngine(wiring.Component):
             ]
         with m.Elif(load):
             m.d.sync += pcmd_valid.eq(0)
-        with m.If(load):
-            m.d.sync += [
-                cmd.eq(pcmd),
-                m_rem.eq(pcmd.m), n_rem.eq(pcmd.n), k_rem.eq(pcmd.k),
-                ntile_mask.eq(p_mask),
-                last_ent.eq(int(n_ent == 1)),
-                last_blk.eq(p_last_blk), last_ntile.eq(p_last_ntile), last_mtile.eq(p_last_mtile),
-                active.eq(1),
-                m0.eq(0), k0.eq(0), kb.eq(0), nb.eq(0), ent.eq(0), rt_row.eq(pcmd.rowtab_base),
-                b_tile_base.eq(pcmd.b_base), b_kblk.eq(0), b_istride.eq(0),
-                b_cstride.eq(p_cstride),
-            ]
 
         # ---- L1: the row-table entry arrives; select the row indices, pre-add the offsets ---------
         entry = self.rowtab_rd.data
@@ -824,10 +831,13 @@ class GemmEngine(wiring.Component):
         m.d.comb += [pushed.rows[i].eq(nx_rows[i]) for i in range(R)]
         with m.If(push):
             m.d.sync += d_tail.eq(Mux(d_tail == DESC_DEPTH - 1, 0, d_tail + 1))
-            with m.Switch(d_tail):
-                for d in range(DESC_DEPTH):
-                    with m.Case(d):
-                        m.d.sync += descs[d].eq(pushed)
+        # The tail slot takes `pushed` every cycle, push or not, so its ~1,200 enables hang on d_tail
+        # alone and not on the handoff: the tail slot is free, or (queue full) it is the head's
+        # slot, whose descriptor already sits in the `head` register and is never read again.
+        with m.Switch(d_tail):
+            for d in range(DESC_DEPTH):
+                with m.Case(d):
+                    m.d.sync += descs[d].eq(pushed)
         d_next = Signal.like(d_head)
         m.d.comb += d_next.eq(Mux(d_head == DESC_DEPTH - 1, 0, d_head + 1))
         with m.If(pop):
@@ -937,7 +947,10 @@ class _SkewedStage:
     bank read twice in a cycle.
 
     Timing: a write is registered (word, slot, index) and rotated into the banks from those registers
-    a cycle later, so no memory output feeds the rotation. Reads are asynchronous (LUTRAM) from
+    a cycle later. The word is rotated by the index's two low bits on its way into its register (one
+    LUT level of 4:1 multiplexers behind the memory output, whose path has the slack) and by the rest
+    from the registers: the full barrel behind the index register, into the LUTRAM's data setup,
+    missed 300 MHz in the W1 top. Reads are asynchronous (LUTRAM) from
     per-bank address registers, and their bytes are registered (:meth:`fetch`); the caller rotates
     the registered bytes (:meth:`rotate`). A slot may be refilled from the cycle its last step is
     read: the registered read samples the bank before any write of that cycle lands.
@@ -954,12 +967,13 @@ class _SkewedStage:
             m.submodules[f"{name}_bank{j}"] = mem
             self._banks.append((mem.write_port(), mem.read_port(domain="comb")))
 
-    def rotate(self, value, amount):
+    def rotate(self, value, amount, lo=0, hi=None):
         """``value`` (``N`` bytes) rotated left by ``amount`` lanes (lane ``l`` moves to lane
-        ``l + amount``): a log2(N)-stage barrel."""
+        ``l + amount``), counting only ``amount``'s bits ``lo .. hi - 1`` (default: all of them): a
+        barrel of one stage per bit."""
         width = self._n * self._byte
         bits = max(1, (self._n - 1).bit_length())
-        for k in range(bits):
+        for k in range(lo, bits if hi is None else hi):
             value = Mux(amount[k], value.rotate_left((self._byte << k) % width), value)
         return value
 
@@ -971,12 +985,16 @@ class _SkewedStage:
         w_en = Signal(name=f"{name}_wen")
         w_slot = Signal(name=f"{name}_wslot")
         w_idx = Signal(max(1, ab), name=f"{name}_widx")
-        w_word = Signal(len(word), name=f"{name}_wword", reset_less=True)
-        m.d.sync += [w_en.eq(en), w_slot.eq(slot), w_idx.eq(idx), w_word.eq(word)]
-        padded = Cat(w_word, Const(0, (self._n - self._lanes) * self._byte)) if self._n > self._lanes \
-            else w_word
+        w_word = Signal(self._n * self._byte, name=f"{name}_wword", reset_less=True)
+        padded = Cat(word, Const(0, (self._n - self._lanes) * self._byte)) if self._n > self._lanes \
+            else word
+        pre = min(2, max(1, ab))            # index bits rotated before the register
+        idx_in = Signal.like(w_idx, name=f"{name}_idx")
+        m.d.comb += idx_in.eq(idx)
+        m.d.sync += [w_en.eq(en), w_slot.eq(slot), w_idx.eq(idx_in),
+                     w_word.eq(self.rotate(padded, idx_in, 0, pre))]
         rotated = Signal(self._n * self._byte, name=f"{name}_rotated")
-        m.d.comb += rotated.eq(self.rotate(padded, w_idx))
+        m.d.comb += rotated.eq(self.rotate(w_word, w_idx, pre))
         for j, (wp, _) in enumerate(self._banks):
             m.d.comb += [wp.addr.eq(Cat(w_idx[:ab], w_slot)), wp.en.eq(w_en),
                          wp.data.eq(rotated[j * self._byte:(j + 1) * self._byte])]

@@ -127,6 +127,13 @@ class PEArray(wiring.Component):
     pack : int
         int8 MACs per multiplier (DSP48E2): 1, or 2 (shared-operand packing, see the module
         docstring). The interface and the results are the same either way.
+    drain_interval : int
+        Fewest cycles between two output rows: 1, or 2 for a consumer that takes a row at most every
+        other cycle anyway (the GEMM engine when a row leaves as two or more epilogue beats). With 2
+        the shadow bank moves a row into the row register only when that is empty, so ``o.ready``
+        reaches only the output stage and not the shadow bank's counters or the row move, which
+        enables about ``cols * ACC_BITS`` row-register flip-flops (a path through two such nets
+        missed 300 MHz in the W1 top). Same latency; results and their order are the same.
 
     Interface attributes
     --------------------
@@ -150,27 +157,30 @@ class PEArray(wiring.Component):
     One beat per cycle. The first row of a tile is offered :attr:`latency` cycles after its ``last``
     beat is accepted: 4 with ``pack`` 1 (operand register, product register, accumulator, row
     register: row 0 bypasses the shadow bank when the row register is free), 6 with ``pack`` 2
-    (shadow bank and an output register that corrects the high column). With ``o`` always ready, a tile never waits if it has at least ``rows_valid + 4``
-    beats of the previous tile's; otherwise its ``last`` beat waits until the previous tile's rows
-    have left the shadow bank.
+    (shadow bank and an output register that corrects the high column). Rows leave at most one per
+    ``drain_interval`` cycles. With ``o`` always ready, a tile never waits if it has at least
+    ``drain_interval * rows_valid + 4`` beats of the previous tile's; otherwise its ``last`` beat
+    waits until the previous tile's rows have left the shadow bank.
 
     Raises
     ------
     TypeError, ValueError
-        If ``rows`` or ``cols`` is not an integer in ``[1, 256]``, ``pack`` not 1 or 2, or ``cols``
-        odd with ``pack`` 2.
+        If ``rows`` or ``cols`` is not an integer in ``[1, 256]``, ``pack`` or ``drain_interval``
+        not 1 or 2, or ``cols`` odd with ``pack`` 2.
     """
 
 
-    def __init__(self, rows, cols, pack=1):
+    def __init__(self, rows, cols, pack=1, drain_interval=1):
         check_int("rows", rows, 1, 256)
         check_int("cols", cols, 1, 256)
         check_int("pack", pack, 1, 2)
+        check_int("drain_interval", drain_interval, 1, 2)
         if pack == 2 and cols % 2:
             raise ValueError(f"cols must be even with pack=2 (two columns share a DSP), not {cols}")
         self._rows = rows
         self._cols = cols
         self._pack = pack
+        self._drain_interval = drain_interval
         super().__init__({
             "i": In(stream.Signature(OperandLayout(rows, cols))),
             "o": Out(stream.Signature(ResultLayout(rows, cols))),
@@ -189,6 +199,10 @@ class PEArray(wiring.Component):
     @property
     def pack(self):
         return self._pack
+
+    @property
+    def drain_interval(self):
+        return self._drain_interval
 
     @property
     def latency(self):
@@ -352,13 +366,16 @@ class PEArray(wiring.Component):
         else:
             adv_o = ~o_valid | self.o.ready
             adv_d = ~d_valid | adv_o
+        # The row register takes the next shadow row when it is free: as it empties (interval 1),
+        # or once it is empty (interval 2: flip-flops only, no o.ready).
+        d_free = adv_d if self._drain_interval == 1 else ~d_valid
         # sh_nz is sh_left != 0 as a register (set with sh_left): the row move, which enables every
         # row register, is then one LUT of flip-flops and the output ready.
         sh_nz = Signal()
         m.d.comb += Assert(sh_nz == (sh_left != 0), "PEArray: sh_nz register out of step with sh_left")
         with m.If(u_last):
             m.d.sync += sh_nz.eq(u_rows != 0)
-        move = sh_nz & adv_d
+        move = sh_nz & d_free
         with m.If(move):
             m.d.sync += [d_valid.eq(1), d_row.eq(sh_row), d_last.eq(sh_left == 1),
                          sh_left.eq(sh_left - 1), sh_row.eq(sh_row + 1), sh_nz.eq(sh_left != 1)]
@@ -372,7 +389,7 @@ class PEArray(wiring.Component):
             # Bypass: a tile's row 0 goes from the P registers straight to the row register when that
             # is free, a cycle earlier than through the shadow bank (the shadow bank is empty then:
             # the credit). Not for pack 2, where row 0 would need the tracker's adder first.
-            with m.If(u_last & adv_d):
+            with m.If(u_last & d_free):
                 m.d.sync += [d_valid.eq(1), d_row.eq(0), d_last.eq(u_rows == 1),
                              sh_left.eq(u_rows - 1), sh_row.eq(1), sh_nz.eq(u_rows > 1)]
                 m.d.sync += [d_hi[q].eq(acc[0][q]) for q in range(Q)]
@@ -399,7 +416,7 @@ class PEArray(wiring.Component):
         # sh_left loads u_rows (>= 1) on u_last, except through pack 1's row-0 bypass (u_rows - 1);
         # otherwise it counts down by one per move.
         if K2 == 1:
-            sh_zero_next = Mux(u_last, adv_d & (u_rows == 1), ~sh_nz | ((sh_left == 1) & move))
+            sh_zero_next = Mux(u_last, d_free & (u_rows == 1), ~sh_nz | ((sh_left == 1) & move))
         else:
             sh_zero_next = ~u_last & (~sh_nz | ((sh_left == 1) & move))
         m.d.sync += credit.eq(sh_zero_next & ~(take & pl.last) & ~p_last & ~m_last)

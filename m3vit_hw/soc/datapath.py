@@ -18,7 +18,7 @@ from ..checks import check_int as _check_int
 from ..lib.fifo_head import FifoHead
 from ..lib.mem_port import BOUNDARY_BYTES, ReadPortSignature
 from ..lib.skid import SkidBuffer
-from ..rowops.counts import below_next
+from ..rowops.counts import ShiftQueue, below_next
 
 __all__ = ["ReadInterleaver", "PageSplitter"]
 
@@ -166,11 +166,11 @@ class PageSplitter(wiring.Component):
         db = self._db
         shift = db.bit_length() - 1
         page_bits = BOUNDARY_BYTES.bit_length() - 1
-        # One entry more than ``depth``: a SyncFIFOBuffered's w_rdy is its inner FIFO's (depth - 1
-        # entries), which stays full for a cycle while its head moves to the output register, so
-        # at ``depth`` flags held it could refuse a write that ``room`` allowed (a depth-2 splitter
-        # overflowed in the test).
-        m.submodules.parts = parts = fifo.SyncFIFOBuffered(width=1, depth=self._depth + 1)
+        # A ShiftQueue: its r_rdy is a flip-flop and a read reaches only the entries' and the
+        # thermometer count's LUTs (a SyncFIFOBuffered put its level adder behind the response
+        # handshake, 4 LUT + 2 CARRY4 from its r_rdy in the W1 top), and its w_rdy is exact, so
+        # ``room`` (at most ``depth`` flags held) never meets a refused write.
+        m.submodules.parts = parts = ShiftQueue(1, self._depth)
 
         # One held request, its first part's length and whether more parts follow all in registers:
         # the page arithmetic (a subtract and a compare) runs on the incoming payload when it is
