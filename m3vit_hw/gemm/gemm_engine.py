@@ -714,8 +714,16 @@ class GemmEngine(wiring.Component):
             self.colp_rd.addr.eq(l1m.colp_addr),
             self.colp_rd.en.eq(l_adv2),
         ]
+        # Which staged registers the L2 entry writes, with l2_valid folded in: the write enables of
+        # nx_rows, nx_info and nx_colp (about 3,600 flip-flops) are then one of these and `room`,
+        # not l2_valid & room & the entry's flags behind the handoff (4 LUT levels from the PE
+        # array's credit).
+        l2_rows_we, l2_info_we, l2_colp_we = Signal(), Signal(), Signal()
         with m.If(l_adv2):
-            m.d.sync += l2_valid.eq(l1m_valid)
+            m.d.sync += [l2_valid.eq(l1m_valid),
+                         l2_rows_we.eq(l1m_valid & l1m.a_en & l1m.kb0),
+                         l2_info_we.eq(l1m_valid & l1m.first_ent),
+                         l2_colp_we.eq(l1m_valid & l1m.first_ent & l1m.kb0)]
             with m.If(l1m_valid):
                 m.d.sync += [
                     l2.last_ent.eq(l1m.last_ent),
@@ -737,15 +745,18 @@ class GemmEngine(wiring.Component):
         stage_b.write(m, l2_write & l2.b_en, wr_slot, w_ent, self.b_rd.data.as_value())
         with m.If(l2_write):
             m.d.sync += w_ent.eq(Mux(l2.last_ent, 0, w_ent + 1))
-        with m.If(l2_write):
-            with m.If(l2.a_en & l2.kb0):
-                for i in range(R - 1):
-                    m.d.sync += nx_rows[i].eq(nx_rows[i + 1])
-                m.d.sync += nx_rows[R - 1].eq(l2.row)
-            with m.If(l2.first_ent):
-                m.d.sync += nx_info.eq(l2.info)
-                with m.If(l2.kb0):
-                    m.d.sync += nx_colp.eq(self.colp_rd.data)
+        m.d.comb += Assert((l2_rows_we == (l2_valid & l2.a_en & l2.kb0)) &
+                           (l2_info_we == (l2_valid & l2.first_ent)) &
+                           (l2_colp_we == (l2_valid & l2.first_ent & l2.kb0)),
+                           "GemmEngine: a registered L2 write flag disagrees with the L2 entry")
+        with m.If(l2_rows_we & room):
+            for i in range(R - 1):
+                m.d.sync += nx_rows[i].eq(nx_rows[i + 1])
+            m.d.sync += nx_rows[R - 1].eq(l2.row)
+        with m.If(l2_info_we & room):
+            m.d.sync += nx_info.eq(l2.info)
+        with m.If(l2_colp_we & room):
+            m.d.sync += nx_colp.eq(self.colp_rd.data)
         with m.If(l2_valid & room & l2.last_ent):
             m.d.sync += nx_full.eq(1)
         with m.Elif(handoff):
