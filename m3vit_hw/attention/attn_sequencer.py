@@ -19,7 +19,7 @@ weight buffer: those are the datapath's, reached through
 plus this client); its docstring has the wiring.
 """
 
-from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Array, Assert, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -369,8 +369,10 @@ class AttnSequencer(wiring.Component):
         # Cycles from the start until every derived value and part constant is valid (_part_table).
         plan_wait = Signal(range(7))
         plan_ready = Signal(init=1)        # plan_wait == 0, registered (it gates the command decision)
-        m.d.sync += plan_ready.eq(~start & (plan_wait <= 1))
-        first_ok = plan_wait <= 2         # part 0's constants (the first tiles' fetch) are valid
+        # The countdown's compares as decodes of its three bits (matches), not `<=`: yosys maps a
+        # compare onto a carry chain, which sat in front of the weight command's valid register.
+        m.d.sync += plan_ready.eq(~start & plan_wait.matches(0, 1))
+        first_ok = plan_wait.matches(0, 1, 2)   # part 0's constants (the first tiles' fetch) are valid
         with m.If(start):
             m.d.sync += [prm.eq(p), prm.dims.eq(shape_in), running.eq(1), plan_wait.eq(6),
                          ntiles.eq(_ceil_div_const(p.tokens, bm.q_tile)),
@@ -431,8 +433,12 @@ class AttnSequencer(wiring.Component):
         w_xfer = w_valid & wcmd.ready
         p_xfer = p_valid & pcmd.ready
         plan_wait_n = Mux(plan_ready, plan_wait, plan_wait - 1)
-        plan_ready_n = plan_wait <= 1
-        first_ok_n = plan_wait_n <= 2
+        plan_ready_n = plan_wait.matches(0, 1)
+        # plan_wait_n <= 2 without the decrement: plan_wait >= 1 whenever plan_ready is low (it is
+        # the registered plan_wait <= 1 of the countdown that stops at 0).
+        first_ok_n = Mux(plan_ready, plan_wait.matches(0, 1, 2), plan_wait.matches(0, 1, 2, 3))
+        m.d.comb += Assert(first_ok_n == (plan_wait_n <= 2),
+                           "AttnSequencer: the countdown's next first_ok disagrees with plan_wait")
         first_ok_d = Signal()
         m.d.sync += first_ok_d.eq(first_ok & ~start)
         m.d.sync += [

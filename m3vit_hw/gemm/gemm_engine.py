@@ -627,10 +627,17 @@ class GemmEngine(wiring.Component):
         # at the PE array's credit, reaches the walk as flip-flop enables, never through a data
         # multiplexer. An issue that finishes the command with no command waiting loads stale pcmd
         # values into counters that the idle loader ignores (the next load sets them all).
-        final_issue = issue & last_ent & last_blk & last_ntile & last_mtile
+        # fin3 = last_blk & last_ntile & last_mtile, a register loaded with the block level (those
+        # flags change only then), so the command load (cmd's ~250 enables and `active`) is
+        # pcmd_valid, active, last_ent, fin3 and the advance enable: two LUT levels from the credit.
+        fin3 = Signal()
+        with m.If(active):
+            m.d.comb += Assert(fin3 == (last_blk & last_ntile & last_mtile),
+                               "GemmEngine: the registered final-block flag disagrees with the last flags")
+        final_issue = issue & last_ent & fin3
         load = pcmd_valid & (~active | final_issue)
         start = pcmd_valid & ~active            # a command start into an idle walk
-        fresh = ~active | (last_ent & last_blk & last_ntile & last_mtile)
+        fresh = ~active | (last_ent & fin3)
         wrap0 = ~active | last_ent              # each level restarts: at a command start, or ...
         wrap1 = ~active | last_blk              # ... when its own last step passes
         wrap2 = ~active | last_ntile
@@ -642,7 +649,13 @@ class GemmEngine(wiring.Component):
             m.d.sync += [k0.eq(Mux(wrap1, 0, k0 + C)), kb.eq(Mux(wrap1, 0, kb + 1)),
                          b_kblk.eq(Mux(wrap1, 0, b_kblk + b_cstride)),
                          k_rem.eq(Mux(wrap1, Mux(fresh, pcmd.k, cmd.k), k_rem - C)),
-                         last_blk.eq(Mux(wrap1, Mux(fresh, p_last_blk, cmd.k <= C), k_rem <= 2 * C))]
+                         last_blk.eq(Mux(wrap1, Mux(fresh, p_last_blk, cmd.k <= C), k_rem <= 2 * C)),
+                         # The three flags as the levels below set them (see there).
+                         fin3.eq(Mux(fresh, p_last_blk & p_last_ntile & p_last_mtile,
+                                     Mux(last_blk,
+                                         (cmd.k <= C) & Mux(last_ntile, (cmd.n <= C) & (m_rem <= 2 * R),
+                                                            (n_rem <= 2 * C) & last_mtile),
+                                         (k_rem <= 2 * C) & last_ntile & last_mtile)))]
         with m.If((issue & last_ent & last_blk) | start):
             m.d.sync += [nb.eq(Mux(wrap2, 0, nb + 1)),
                          n_rem.eq(Mux(wrap2, Mux(fresh, pcmd.n, cmd.n), n_rem - C)),
