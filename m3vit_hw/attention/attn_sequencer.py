@@ -322,7 +322,7 @@ class AttnSequencer(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        cfg, lay, bm = self._config, self._layout, self._bmap
+        cfg, bm = self._config, self._bmap
         C = cfg.pe_cols
         aw = self._aw
         cl = self.client

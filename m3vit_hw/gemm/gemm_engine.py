@@ -527,20 +527,13 @@ class GemmEngine(wiring.Component):
             m.d.comb += Assert((last_ent == (ent == n_ent - 1)) & (last_blk == (k_rem <= C)) &
                                (last_ntile == (n_rem <= C)) & (last_mtile == (m_rem <= R)),
                                "GemmEngine: a registered loader last flag disagrees with its counter")
-        # The column tile's lane mask, a register set with n_rem (the thermometer decode of the
-        # remaining columns ran behind a compare of n_rem into the L1 register).
-        # Lane j is on while more than j columns remain: one compare against a constant per lane
-        # (a shift and a C+1-bit decrement were a 17-CARRY4 path at C = 64).
-        def mask_of(cols, skip=0):
-            """The lanes of ``min(cols - skip, C)`` remaining columns, for ``cols > skip``."""
-            return Cat(*(cols > j + skip for j in range(C)))
-        ntile_mask = Signal(C)
-        with m.If(active):
-            # One check per lane: a single compare of the whole mask is an AND tree behind the lane
-            # compares, and a synthesized netlist keeps it as a cell the timing walk ends a path at.
-            for j in range(C):
-                m.d.comb += Assert(ntile_mask[j] == (n_rem > j),
-                                   f"GemmEngine: the registered column mask's lane {j} disagrees with n_rem")
+        # The column tile's lane mask: lane j is on while more than j columns remain, one compare of
+        # the n_rem register against a constant per lane (a shift and a C+1-bit decrement were a
+        # 17-CARRY4 path at C = 64). It is decoded into the L1 register, whose enable is the issue
+        # and whose data comes from registers only; as a register of its own, set with n_rem, its 64
+        # flip-flops tripled the column-tile level's enable fanout on the path from the PE array's
+        # credit.
+        ntile_mask = Cat(*(n_rem > j for j in range(C)))
         rows_left = Signal(m_w)
         cols_left = Signal(n_w)
         k_left = Signal(k_w)
@@ -604,7 +597,6 @@ class GemmEngine(wiring.Component):
         # back-to-back commands leave no gap in the loader (this block comes after the L0 walk so
         # that its assignments win).
         p = self.cmd.payload
-        p_mask = Signal(C)
         p_last_blk, p_last_ntile, p_last_mtile = Signal(), Signal(), Signal()
         p_cstride = Signal(b_aw)
         m.d.comb += self.cmd.ready.eq(~pcmd_valid & (~p.sync | ~busy))
@@ -660,8 +652,6 @@ class GemmEngine(wiring.Component):
             m.d.sync += [nb.eq(Mux(wrap2, 0, nb + 1)),
                          n_rem.eq(Mux(wrap2, Mux(fresh, pcmd.n, cmd.n), n_rem - C)),
                          last_ntile.eq(Mux(wrap2, Mux(fresh, p_last_ntile, cmd.n <= C), n_rem <= 2 * C)),
-                         # n_rem > C unless last_ntile
-                         ntile_mask.eq(Mux(wrap2, Mux(fresh, p_mask, mask_of(cmd.n)), mask_of(n_rem, skip=C))),
                          b_tile_base.eq(Mux(wrap2, Mux(fresh, pcmd.b_base, cmd.b_base),
                                             b_tile_base + cmd.b_tile_stride))]
         # The row tile wraps only at the command's end: its restart values are always pcmd's.
@@ -676,7 +666,6 @@ class GemmEngine(wiring.Component):
         with m.If(self.cmd.valid & self.cmd.ready):
             m.d.sync += [
                 pcmd.eq(p), pcmd.m.eq(pm_), pcmd.n.eq(pn_), pcmd.k.eq(pk_), pcmd_valid.eq(1),
-                p_mask.eq(mask_of(pn_)),
                 p_last_blk.eq(pk_ <= C), p_last_ntile.eq(pn_ <= C), p_last_mtile.eq(pm_ <= R),
                 p_cstride.eq(p.b_k_stride * C),
             ]
