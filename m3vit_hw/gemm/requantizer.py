@@ -124,8 +124,10 @@ class Requantizer(wiring.Component):
        in the DSP's A/B and M/P registers);
     2. each operand chunk's partial products summed into one row (one adder each);
     3. the rows summed into the 57-bit product (one adder);
-    4. twice the product shifted right by the multiple of 8 in ``shift`` (an 8:1 multiplexer);
-    5. shifted by the rest of ``shift`` (0..7), plus the rounding carry ``shift != 0``: the round
+    4. twice the product shifted right by the multiple of 4 in ``shift`` (a 16:1 multiplexer, two
+       LUT levels);
+    5. shifted by the rest of ``shift`` (0..3, one LUT level in front of the 59-bit carry chain),
+       plus the rounding carry ``shift != 0``: the round
        half up ``(x + 2**(shift-1)) >> shift`` is ``((2x >> shift) + 1) >> 1`` for ``shift > 0``,
        exactly, and the final ``>> 1`` is wiring;
     6. the low 32 bits and the "fits in 8 / 16 bits" flags (carry-chain compares);
@@ -246,13 +248,13 @@ class Requantizer(wiring.Component):
                 # 4 and 5: round half up and shift, (x + 2**(s-1)) >> s, computed exactly as
                 # ((2x >> s) + [s != 0]) >> 1 (floor((floor(x / 2**(s-1)) + 1) / 2) = floor((x + 2**(s-1))
                 # / 2**s)), so no wide constant is added and the 0..63 barrel shift is split in two:
-                # 4: 2x shifted by the multiple of 8 in s; 5: by the rest, then the carry-in; the final
+                # 4: 2x shifted by the multiple of 4 in s; 5: by the rest, then the carry-in; the final
                 # >> 1 is wiring.
                 v_shape = signed(prod_shape.width + 1)
                 s_v = reg(v_shape, "v")
-                m.d.sync += s_v.eq((s_prod << 1) >> Cat(Const(0, 3), shift[3][3:]))
+                m.d.sync += s_v.eq((s_prod << 1) >> Cat(Const(0, 2), shift[3][2:]))
                 s_w = reg(signed(v_shape.width + 1), "w")
-                m.d.sync += s_w.eq((s_v >> shift[4][:3]) + rnd)
+                m.d.sync += s_w.eq((s_v >> shift[4][:2]) + rnd)
                 s_y = s_w[1:].as_signed()
                 # 6: low bits and range flags (the upper bits all equal the sign).
                 s_lo = reg(signed(numerics.ACC_BITS), "lo")
