@@ -53,8 +53,7 @@ def _cfg(args):
 
 def _pe_array(cfg):
     from m3vit_hw.gemm.pe_array import PEArray
-    # As the GEMM engine builds it.
-    return PEArray(cfg.pe_rows, cfg.pe_cols, cfg.pe_pack, drain_interval=min(cfg.epi_beats, 2))
+    return PEArray.from_config(cfg)    # as the GEMM engine builds it
 
 
 def _requantizer(cfg):

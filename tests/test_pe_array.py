@@ -216,6 +216,17 @@ def test_bad_parameters(bad, exc):
         PEArray(4, 4, 1, bad)
 
 
+def test_from_config_drains_as_the_engine_needs():
+    """The engine's array (PEArray.from_config): interval 2 when a row is two or more epilogue beats."""
+    from m3vit_hw.config import AcceleratorConfig
+    w1 = AcceleratorConfig.from_preset("vit-tiny-cityscapes")
+    pe = PEArray.from_config(w1)
+    assert (pe.rows, pe.cols, pe.pack) == (w1.pe_rows, w1.pe_cols, w1.pe_pack)
+    assert w1.epi_beats == 4 and pe.drain_interval == 2
+    one_beat = AcceleratorConfig.from_preset("tiny", epi_lanes=4, pe_cols=4)
+    assert one_beat.epi_beats == 1 and PEArray.from_config(one_beat).drain_interval == 1
+
+
 def test_bad_pack():
     with pytest.raises(ValueError, match=r"pack must be in \[1, 2\], not 3"):
         PEArray(4, 4, 3)

@@ -335,7 +335,7 @@ class GemmEngine(wiring.Component):
 
         # A row leaves as epi_beats epilogue beats: with two or more, the array may drain a row
         # every other cycle, which keeps the output ready out of its shadow-bank control.
-        m.submodules.pe = pe = PEArray(R, C, cfg.pe_pack, drain_interval=min(cfg.epi_beats, 2))
+        m.submodules.pe = pe = PEArray.from_config(cfg)
         m.submodules.epilogue = ep = Epilogue(cfg.epi_lanes, act_aw, cfg.res_addr_bits, word_lanes=C)
         # The drain's skid buffer in front of the epilogue (see the drain below).
         m.submodules.epi_skid = es = SkidBuffer(ep.i.payload.shape())

@@ -200,6 +200,13 @@ class PEArray(wiring.Component):
     def pack(self):
         return self._pack
 
+    @classmethod
+    def from_config(cls, config):
+        """The array of an ``AcceleratorConfig``, as the GEMM engine drains it: ``pe_rows x pe_cols``,
+        ``pe_pack``, and ``drain_interval`` 2 when a row leaves as two or more epilogue beats
+        (``config.epi_beats``), so the array drains no slower than the epilogue takes rows."""
+        return cls(config.pe_rows, config.pe_cols, config.pe_pack, drain_interval=min(config.epi_beats, 2))
+
     @property
     def drain_interval(self):
         return self._drain_interval
