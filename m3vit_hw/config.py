@@ -95,7 +95,7 @@ DEVICE_ACCEL_PRESETS = {
                                 softmax_lanes=16, act_holds_dense=True),
     "vit-small-nyud": dict(pe_rows=32, pe_cols=64, pe_pack=2, epi_lanes=16, ln_lanes=16,
                            softmax_lanes=16, weight_buffer_bytes=W2_DEVICE_WEIGHT_BUFFER_BYTES,
-                           act_split_words=20480),
+                           act_split_words=20480, lane_split=True),
 }
 
 #: Accelerator-side defaults per model preset (``sizing="default"``; the model itself comes from
@@ -123,6 +123,10 @@ _UNSIGNED_PRODUCT_MAX = ((1 << numerics.ATTN_P_BITS) - 1) * (1 << (numerics.WEIG
 #: Bytes of one output column's epilogue parameters in a parameter word (int32 bias + 24-bit mult,
 #: padded to 8): the external-memory image (``moe.expert_layout``) and the buffer sizes read it.
 PARAM_LANE_BYTES = 8
+
+#: Data bits of an UltraScale+ URAM288 word (4,096 of them): the unit of ``lane_split`` and of the
+#: block-memory packing rules (``control.onchip``, ``build.memories``).
+URAM_BITS = 72
 
 
 def param_word_bytes(pe_cols):
@@ -211,7 +215,9 @@ class AcceleratorConfig:
         Words of the column-parameter buffer (one word = bias and multiplier of ``pe_cols`` output
         columns). Default: twice the column tiles of the widest set of GEMMs sharing one weight fill
         (qkv + proj, fc1 + fc2, one expert's fc1 + fc2; the MoE gate streams in chunks, so E does
-        not enter).
+        not enter), but no more than two weight halves hold panels of the smallest reduction
+        (``min(dim, patch_dim)``): every layout cuts its tiles to fit both halves, so more words
+        would never be filled (W2's one-panel halves: 8 words, not 60).
     q_tile : int or None
         Query rows per attention tile, in ``[1, token_capacity]``. Default: ``min(pe_rows,
         token_capacity)`` (one PE-array row tile, so the score tile never needs re-tiling).
@@ -243,6 +249,14 @@ class AcceleratorConfig:
         1,216 words, 40 URAM + 23 BRAM36 instead of 48 URAM). It must be a multiple of the upper
         bank's power-of-two range (the upper bank decodes from the high address bits and is addressed
         by the low ones), below ``act_buffer_words``.
+    lane_split : bool
+        False (default): each buffer word is one memory. True: the activation main bank (its lower
+        bank with ``act_split_words``), its Q|K|V copy and the residual bank each keep the lanes that
+        fill whole 72-bit URAM columns in one memory and the rest in another
+        (:class:`~m3vit_hw.lib.lane_memory.LaneMemory`, :meth:`lane_split_at`), which a build puts
+        in block RAM: 64 int8 lanes as 63 in 7 URAMs + 1 in a RAMB36 per 4,096 words instead of 8
+        URAMs; 64 int16 lanes as 14 URAMs + 2 RAMB36 instead of 15 (W2: 78 URAM -> 70). A buffer
+        splits only where the rest is at most 18 bits; ``pe_cols`` must let one of the two split.
 
     Raises
     ------
@@ -273,6 +287,7 @@ class AcceleratorConfig:
     counter_width: int = 32
     gemm_desc_depth: int = 3
     act_split_words: int = 0
+    lane_split: bool = False
 
     def __post_init__(self):
         # Remember which sizes were derived, so that with_() derives them again from the new values.
@@ -375,6 +390,12 @@ class AcceleratorConfig:
             raise ValueError(f"act_split_words must be 0 or a multiple of {self.act_hi_span} (the "
                              f"upper bank's power-of-two range, act_buffer_words={words}), not "
                              f"{self.act_split_words}")
+        if not isinstance(self.lane_split, bool):
+            raise TypeError(f"lane_split must be a bool, not {self.lane_split!r}")
+        if self.lane_split and not any(self.lane_split_at(b) for b in (numerics.ACT_BITS, numerics.RES_BITS)):
+            raise ValueError(f"lane_split needs an int8 or int16 word of pe_cols lanes that leaves at most "
+                             f"18 bits past whole 72-bit URAM columns (pe_cols=64 leaves 8 and 16), "
+                             f"not pe_cols={self.pe_cols}")
 
         unit = self.weight_half_unit_bytes
         half_need, half_why = max(self.weight_half_needs.values())
@@ -430,7 +451,12 @@ class AcceleratorConfig:
                     _ceil_div(m.mlp_hidden, c) + _ceil_div(m.dim, c),
                     _ceil_div(m.expert_hidden, c) + _ceil_div(m.dim, c))
         # No E term: the MoE gate is streamed in N-chunks (gate_chunks) like a large expert.
-        return 2 * tiles
+        # A tile holds at most half // panel column tiles of its K (every layout takes the min of that
+        # and the parameter half), so the smallest K bounds the words a half can ever receive: at W2
+        # (96 KiB halves, K >= 384) 4 words a half, a parameter buffer of 8 x 32 banks in RAM32M16
+        # LUTRAM instead of 60 rows in RAM64M8 (about 2,300 LUTs less).
+        fit = self.weight_buffer_half_bytes // (min(m.dim, m.patch_dim) * self.act_word_bytes)
+        return 2 * max(1, min(tiles, fit))
 
     # -- construction --------------------------------------------------------------------------
 
@@ -796,6 +822,17 @@ class AcceleratorConfig:
         """Power-of-two range of the activation buffer's upper bank (``act_split_words``): at least
         ``act_buffer_words - act_split_words``; the upper bank is addressed by its low bits."""
         return 1 << (self.act_buffer_words - self.act_split_words - 1).bit_length()
+
+    def lane_split_at(self, bits):
+        """With ``lane_split``: the lanes of a ``pe_cols`` x ``bits`` word that fill whole 72-bit URAM
+        columns (the first memory of a :class:`~m3vit_hw.lib.lane_memory.LaneMemory`), when the rest
+        is 1 to 18 bits (one or two block RAMs per 4,096 words, cheaper than a URAM column); else
+        None (one memory)."""
+        columns = -(-self.pe_cols * bits // URAM_BITS)
+        lanes = (columns - 1) * URAM_BITS // bits
+        if not self.lane_split or not 0 < (self.pe_cols - lanes) * bits <= 18:
+            return None
+        return lanes
 
     @property
     def act_addr_bits(self):

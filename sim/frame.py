@@ -35,6 +35,7 @@ from m3vit_hw.config import SIZINGS, AcceleratorConfig
 from m3vit_hw.control.compiler import compile_model
 from m3vit_hw.control.isa import Opcode
 from m3vit_hw.encoder import CounterPhase, EncoderTop, SeqError
+from m3vit_hw.lib.lane_memory import peek_word
 from m3vit_hw.model_config import PRESETS, ModelConfig
 from reference import golden_model
 from reference.random_qparams import random_quantized
@@ -116,11 +117,11 @@ def _block_names(program):
 
 
 def _words(ctx, mem, lo, hi, bits, lanes):
-    """Words ``lo .. hi-1`` of a simulated memory as an int64 array ``[hi - lo, lanes]``."""
+    """Words ``lo .. hi-1`` of a simulated memory (or ``LaneMemory``) as an int64 array ``[hi - lo, lanes]``."""
     mask = (1 << bits) - 1
     out = np.zeros((hi - lo, lanes), dtype=np.int64)
     for i in range(lo, hi):
-        raw = ctx.get(mem.data[i]).as_value().value
+        raw = peek_word(ctx, mem, i)
         for c in range(lanes):
             v = (raw >> (bits * c)) & mask
             out[i - lo, c] = v - (1 << bits) if v >> (bits - 1) else v

@@ -129,7 +129,8 @@ def test_w1_w2_buffers_fit_xczu7ev():
     """W1's and W2's default (device-sized) buffers fit within 80 % of the xczu7ev's BRAM36 and of
     its URAM, and W1's small ones too. W2's fit rests on one read port of the activation main bank
     (the B operand reads K and V from a copy of only the Q|K|V region), two heads of 32 a context
-    word, the bank split URAM + block RAM and a one-panel weight half; W2's small (32x32) buffers
+    word, the bank split URAM + block RAM, the lanes split to fill whole URAM columns and a one-panel
+    weight half; W2's small (32x32) buffers
     do not fit within 80 %."""
     part = budget(XCZU7EV, 0.8)
     for name, sizing, want in (("vit-tiny-cityscapes", "default", True), ("vit-tiny-cityscapes", "small", True),
@@ -144,7 +145,8 @@ def test_w1_w2_buffers_fit_xczu7ev():
         assert ok == want, (name, sizing, bram, uram)
     w2 = AcceleratorConfig.from_preset("vit-small-nyud")
     names = [b.name for b in buffer_report(w2, part)]
-    assert names[:3] == ["activation (lower bank)", "activation (upper bank)", "activation Q|K|V copy"]
+    assert names[:5] == ["activation (lower bank) lanes 0-62", "activation (lower bank) lane 63",
+                         "activation (upper bank)", "activation Q|K|V copy lanes 0-62", "activation Q|K|V copy lane 63"]
 
 
 def test_build_balances_w2_memories_like_onchip():

@@ -97,6 +97,19 @@ def test_w2_shaped_frame_bit_exact():
     print(f"W2-shaped frame T={model.tokens}: bit-exact vs golden, {rep['cycles']} cycles")
 
 
+def test_lane_split_frame_bit_exact():
+    """``lane_split`` (W2's default): the residual bank of 32 int16 lanes is two memories, lanes 0-30
+    (whole 72-bit URAM columns) and lane 31, sharing every address and enable. The whole encoder
+    through the top, one task, memory stalls, head_dim 32 on 32 columns (pysim cannot compile the
+    64-column design, where the int8 banks split too: ``tests/test_verilator_frame.py``)."""
+    model = _frame_model(img_size=(8, 8), dim=64, heads=2, mlp_hidden=128, expert_hidden=64)
+    config = AcceleratorConfig(model=model, pe_rows=4, pe_cols=32, lane_split=True)
+    assert (config.lane_split_at(8), config.lane_split_at(16)) == (None, 31)
+    rep = run_frames(config, [make_job(config, model, seed=23, task=0)], stall_prob=0.1, seed=23)[0]
+    _assert_ok(rep)
+    print(f"lane-split frame T={model.tokens}, 4x32: bit-exact vs golden, {rep['cycles']} cycles")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("data_bytes", [32, 64, 128])
 def test_small_frame_wide_beats(data_bytes):

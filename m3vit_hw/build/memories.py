@@ -37,6 +37,8 @@ Vivado makes its own choices (and may use LUTRAM for some of these), so this is 
 import math
 import re
 
+from ..config import URAM_BITS
+
 __all__ = ["MIN_BITS", "LUTRAM_DEPTH", "BRAM36_RATIOS", "BRAM18_RATIOS", "URAM_SHAPE", "MemoryInfo",
            "scan_memories", "blackbox_memories", "pack_memory", "pack_all"]
 
@@ -49,7 +51,7 @@ BRAM36_RATIOS = [(1, 32768), (2, 16384), (4, 8192), (9, 4096), (18, 2048), (36, 
 #: (width, depth) of a RAMB18E2; the 36-bit one only in simple dual port.
 BRAM18_RATIOS = [(1, 16384), (2, 8192), (4, 4096), (9, 2048), (18, 1024), (36, 512)]
 #: (width, depth) of a URAM288.
-URAM_SHAPE = (72, 4096)
+URAM_SHAPE = (URAM_BITS, 4096)
 
 
 class MemoryInfo:
@@ -164,7 +166,7 @@ def blackbox_memories(text):
             tag = "rd" if kind == "memrd_v2" else "wr"
             box = f"\\m3vit_bb{tag}_{width}_{abits}"
             boxes[box] = (tag, width, abits)
-            rewrite[i] = [f"  attribute \\keep 1", f"  cell {box} {body[i].split()[2]}"]
+            rewrite[i] = ["  attribute \\keep 1", f"  cell {box} {body[i].split()[2]}"]
             drop.update(k for k in range(i + 1, j) if body[k].startswith("    parameter "))
         for k, line in enumerate(body):
             m = re.match(r"^  memory width \d+ size \d+(?: offset \d+)? (\S+)$", line)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .. import numerics
 from ..attention.attn_layout import buffer_map
-from ..config import AcceleratorConfig
+from ..config import URAM_BITS, AcceleratorConfig
 
 __all__ = ["Buffer", "Device", "XCZU7EV", "LUTRAM_DEPTH", "MIN_BITS", "budget", "buffer_report",
            "allocate", "fits"]
@@ -45,7 +45,7 @@ XCZU7EV = Device("xczu7ev", bram36=312, uram=96)
 #: BRAM36 site; simple dual port up to 36 bits).
 _BRAM_SHAPES = ((72, 512), (36, 1024), (18, 2048), (9, 4096), (4, 8192), (2, 16384), (1, 32768))
 _BRAM18_SHAPES = ((36, 512), (18, 1024), (9, 2048), (4, 4096), (2, 8192), (1, 16384))
-_URAM_SHAPE = (72, 4096)
+_URAM_SHAPE = (URAM_BITS, 4096)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,8 @@ def _map(name, width, depth, copies=1):
 
 def allocate(buffers, device=XCZU7EV):
     """The buffers with each placed in BRAM36 or URAM so that both budgets hold if any placement does
-    (exhaustive over the few buffers), preferring the smallest total footprint in BRAM36 equivalents.
+    (exhaustive over the few buffers), preferring the smallest total footprint in BRAM36 equivalents,
+    then the smaller of the larger share.
     Without a fitting placement the default (smaller-footprint) mapping is returned."""
     from dataclasses import replace
     from itertools import product
@@ -102,8 +103,11 @@ def allocate(buffers, device=XCZU7EV):
     for choice in product((False, True), repeat=len(buffers)):
         bufs = [replace(b, in_uram=c) for b, c in zip(buffers, choice)]
         b, u = sum(x.bram36 for x in bufs), sum(x.uram for x in bufs)
-        if b <= device.bram36 and u <= device.uram and (best is None or b + 8 * u < best[0]):
-            best = (b + 8 * u, bufs)
+        # Ties (a URAM holds 8 BRAM36s' bits) go to the placement with the lower larger share, as
+        # the build's balancing (build.memories.pack_all) does.
+        key = (b + 8 * u, max(b / device.bram36, u / device.uram))
+        if b <= device.bram36 and u <= device.uram and (best is None or key < best[0]):
+            best = (key, bufs)
     return best[1] if best else list(buffers)
 
 
@@ -122,7 +126,8 @@ def buffer_report(config, device=XCZU7EV):
     (int16 words), weight ping-pong, column parameters (int32 bias + 24-bit mult per lane), the
     attention score reorder buffer (int32 words) and the row table (token + scale), as the shared
     datapath (``encoder.datapath``) and the attention sequencer build them. With
-    ``config.act_split_words`` the activation main bank is two buffers (its lower and upper banks).
+    ``config.act_split_words`` the activation main bank is two buffers (its lower and upper banks);
+    with ``config.lane_split`` a bank that splits (``lane_split_at``) is two buffers of its lanes.
     The placement is :func:`allocate`'d within ``device`` (e.g. :func:`budget` for a share of it).
     """
     if not isinstance(config, AcceleratorConfig):
@@ -130,13 +135,22 @@ def buffer_report(config, device=XCZU7EV):
     C = config.pe_cols
     bm = buffer_map(config)
     split = config.act_split_words
-    act = ([_map("activation", C * numerics.ACT_BITS, config.act_buffer_words)] if not split else
-           [_map("activation (lower bank)", C * numerics.ACT_BITS, split),
-            _map("activation (upper bank)", C * numerics.ACT_BITS, config.act_buffer_words - split)])
-    return allocate(act + [
-        _map("activation Q|K|V copy", C * numerics.ACT_BITS, bm.qkv_words),
-        _map("attention e8", C * numerics.ACT_BITS, bm.e8_words),
-        _map("residual", C * numerics.RES_BITS, config.res_buffer_words),
+
+    def bank(name, bits, depth):
+        # With config.lane_split: the lanes filling whole URAM columns, and the rest (LaneMemory).
+        at = config.lane_split_at(bits)
+        if at is None:
+            return [_map(name, C * bits, depth)]
+        return [_map(f"{name} lanes 0-{at - 1}", at * bits, depth),
+                _map(f"{name} lane{'s' if C - at > 1 else ''} {at}{f'-{C - 1}' if C - at > 1 else ''}",
+                     (C - at) * bits, depth)]
+
+    act = (bank("activation", numerics.ACT_BITS, config.act_buffer_words) if not split else
+           bank("activation (lower bank)", numerics.ACT_BITS, split) +
+           [_map("activation (upper bank)", C * numerics.ACT_BITS, config.act_buffer_words - split)])
+    return allocate(act + bank("activation Q|K|V copy", numerics.ACT_BITS, bm.qkv_words) + [
+        _map("attention e8", C * numerics.ACT_BITS, bm.e8_words)] +
+        bank("residual", numerics.RES_BITS, config.res_buffer_words) + [
         _map("weight (2 halves)", C * numerics.WEIGHT_BITS, config.weight_buffer_words),
         _map("column params (2 halves)", C * (numerics.BIAS_BITS + numerics.MULT_BITS), config.param_buffer_words),
         _map("attention scores", C * numerics.ACC_BITS, bm.score_buffer_words),

@@ -37,7 +37,7 @@ Address decode
   parameters.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, memory, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -50,11 +50,22 @@ from ..weights.client import GemmClientSignature, connect_client
 from ..weights.weight_path import WeightPath
 from ..gemm.epilogue import StreamOutLayout
 from ..gemm.gemm_engine import GemmEngine, RowEntryLayout
+from ..lib.lane_memory import LaneMemory
 from ..lib.mem_port import ReadPortSignature
 from ..lib.skid import SkidBuffer
 from ..moe.expert_layout import PARAM_LANE_BYTES
 
 __all__ = ["SharedDatapath", "param_half_bytes"]
+
+
+def _bank(config, bits, depth):
+    """A buffer bank of ``depth`` words of ``pe_cols`` signed ``bits``-bit lanes: one memory, or with
+    ``config.lane_split`` (where :meth:`~m3vit_hw.config.AcceleratorConfig.lane_split_at` splits
+    this width) a :class:`LaneMemory` that fills whole URAM columns."""
+    split = config.lane_split_at(bits)
+    if split is None:
+        return memory.Memory(shape=data.ArrayLayout(signed(bits), config.pe_cols), depth=depth, init=[])
+    return LaneMemory(lane_shape=signed(bits), lanes=config.pe_cols, split=split, depth=depth)
 
 
 def param_half_bytes(config):
@@ -114,15 +125,17 @@ class SharedDatapath(wiring.Component):
         #: The buffers (exposed so that simulations can read them back between instructions).
         #: With ``config.act_split_words`` the main bank is two memories: ``act_buffer`` (the words
         #: below the split; a build puts it in URAM) and ``act_buffer_hi`` (the rest, addressed by the
-        #: low bits; block RAM), else ``act_buffer`` alone (``act_buffer_hi`` None).
+        #: low bits; block RAM), else ``act_buffer`` alone (``act_buffer_hi`` None). With
+        #: ``config.lane_split``, ``act_buffer``, ``qkv_buffer`` and ``res_buffer`` are
+        #: :class:`~m3vit_hw.lib.lane_memory.LaneMemory` (read back with ``peek_word``).
         split = config.act_split_words
-        self.act_buffer = memory.Memory(shape=word8, depth=split or config.act_buffer_words, init=[])
+        self.act_buffer = _bank(config, numerics.ACT_BITS, split or config.act_buffer_words)
         self.act_buffer_hi = (memory.Memory(shape=word8, depth=config.act_buffer_words - split, init=[])
                               if split else None)
         #: The copy of the Q|K|V region that the engine's B operand reads (K, V): see below.
-        self.qkv_buffer = memory.Memory(shape=word8, depth=bm.qkv_words, init=[])
+        self.qkv_buffer = _bank(config, numerics.ACT_BITS, bm.qkv_words)
         self.e8_buffer = memory.Memory(shape=word8, depth=bm.e8_words, init=[])
-        self.res_buffer = memory.Memory(shape=word16, depth=config.res_buffer_words, init=[])
+        self.res_buffer = _bank(config, numerics.RES_BITS, config.res_buffer_words)
         self.row_table = memory.Memory(shape=RowEntryLayout(config), depth=1 << config.rowtab_addr_bits,
                                        init=[])
         sig = {
@@ -210,15 +223,24 @@ class SharedDatapath(wiring.Component):
         a_main_data = a_main.data.as_value()
         split = cfg.act_split_words
         if split:
-            # The upper bank: selected (registered with the read, like a_sel) at words >= split, a
-            # compare of the high bits with a constant; addressed by the low bits.
+            # The upper bank: selected (registered with the read, like a_sel) at words >= split;
+            # addressed by the low bits. split is a multiple of the bank's power-of-two span and
+            # every word lies below split + span, so a word's high bits never exceed split's: they
+            # reach split (the word is in the upper bank) exactly when split's one-bits are all set,
+            # an AND of a few address bits (W2: 2), not a compare. The write enables below need it
+            # behind two owner multiplexers (W2's top missed 300 MHz on the compare, 4 LUT levels).
             m.submodules.act_hi = act_hi = self.act_buffer_hi
             hi_bits = cfg.act_hi_span.bit_length() - 1
+            ones = [b for b in range(hi_bits, cfg.act_addr_bits) if split >> b & 1]
+
+            def upper(addr):
+                return Cat(*(addr[b] for b in ones)).all()
+
             a_hi, hi_sel = act_hi.read_port(), Signal()
             a_main_data = Mux(hi_sel, a_hi.data.as_value(), a_main_data)
             m.d.comb += [a_hi.addr.eq(a_addr[:hi_bits]), a_hi.en.eq(a_en)]
             with m.If(a_en):
-                m.d.sync += hi_sel.eq(a_addr[hi_bits:] >= split >> hi_bits)
+                m.d.sync += hi_sel.eq(upper(a_addr))
         a_data = Mux(a_sel, a_e8.data.as_value(), a_main_data)
         m.d.comb += [
             a_main.addr.eq(a_addr), a_main.en.eq(a_en),
@@ -276,7 +298,7 @@ class SharedDatapath(wiring.Component):
         m.d.comb += [lo_w.addr.eq(act_w.addr), lo_w.data.eq(act_w.data), lo_w.en.eq(act_w.en)]
         if split:
             hi_w = act_hi.write_port(granularity=1)
-            hi_hit = act_w.addr[hi_bits:] >= split >> hi_bits
+            hi_hit = upper(act_w.addr)
             m.d.comb += [hi_w.addr.eq(act_w.addr[:hi_bits]), hi_w.data.eq(act_w.data),
                          hi_w.en.eq(Mux(hi_hit, act_w.en, 0)), lo_w.en.eq(Mux(hi_hit, 0, act_w.en))]
         connect_qkv_copy(m, cfg, qkv, act_w)
