@@ -196,8 +196,9 @@ class AttnSequencer(wiring.Component):
         """Per-part tile constants of the run-time plan, as registers (they hold while a layer runs):
         for each part (0: Q|K, 1: V, 2: projection) ``panels`` (the smaller chunk's), ``extra``
         (and ``extra_nz``: extra != 0), ``nch_m1`` (chunks - 1), the weight and parameter lengths of a small and a big chunk
-        (``wl_s``, ``wl_b``, ``pl_s``, ``pl_b``, beat-padded) and a tile's whole step (``st_s``,
-        ``st_b``). The walkers then select, compare and add once per tile (no multiply, round-up and
+        (``wl_s``, ``wl_b``, ``pl_s``, ``pl_b``, beat-padded), a tile's whole step (``st_s``,
+        ``st_b``) and its columns (``n_s``, ``n_b``: the small and big chunk's ``N``, so the
+        "big" flag selects instead of adding: W2's top missed 300 MHz on that add). The walkers then select, compare and add once per tile (no multiply, round-up and
         three-operand add between their registers). Valid after the start: part 0 after 3 cycles,
         part 1 after 3, part 2 after 4; the walkers' copies one cycle later (``plan_wait``)."""
         cfg, lay = self._config, self._layout
@@ -208,6 +209,7 @@ class AttnSequencer(wiring.Component):
             "extra_nz": 1, "nch_m1": range(most + 1),
             "wl_s": unsigned(aw), "wl_b": unsigned(aw), "pl_s": unsigned(aw), "pl_b": unsigned(aw),
             "st_s": unsigned(aw), "st_b": unsigned(aw),
+            "n_s": range(cfg.largest_n + 1), "n_b": range(cfg.largest_n + 1),
         })
         table = []
         for code, pname, small_el, k in ((0, "qk", dv.qk_small, sh.dim), (1, "v", dv.v_small, sh.dim),
@@ -223,6 +225,7 @@ class AttnSequencer(wiring.Component):
                 e.pl_s.eq(_round_up_const(spec.panels * lay.param_word_bytes, db)),
                 e.pl_b.eq(_round_up_const((spec.panels + 1) * lay.param_word_bytes, db)),
                 e.st_s.eq(e.wl_s + e.pl_s), e.st_b.eq(e.wl_b + e.pl_b),
+                e.n_s.eq(spec.panels * C), e.n_b.eq((spec.panels + 1) * C),
             ]
             table.append(e)
         return table
@@ -292,7 +295,7 @@ class AttnSequencer(wiring.Component):
             t.proj.eq(is_proj), t.first_proj.eq(is_proj & (chunk == 0)), t.last.eq(is_proj & last_chunk),
             t.last_of_head.eq((part == 1) & last_chunk), t.qk_part.eq(part == 0),
             t.first_tile.eq((part == 0) & (head == 0) & (chunk == 0)), t.ended.eq(ended), t.tag.eq(idx),
-            t.n.eq(Mux(is_proj & last_chunk, sh.dim - first * C, panels * C)),
+            t.n.eq(Mux(is_proj & last_chunk, sh.dim - first * C, Mux(big, e.n_b, e.n_s))),
             t.n0w.eq(Mux(part == 1, dv.v_n0w, 0) + first), t.first_w.eq(first),
         ]
         # ``advance`` and ``reset`` never coincide (a walker advances only while the layer runs, and a
@@ -498,7 +501,6 @@ class AttnSequencer(wiring.Component):
         m.d.comb += c_reset.eq(start)
         qk_next = Signal(range(cfg.token_capacity + 1))
         av_next = Signal(range(cfg.token_capacity + 1))
-        sm_done = Signal(range(cfg.token_capacity + 1))
         qk_slot, av_slot = Signal(), Signal()
         qk_rows_left = Signal(range(cfg.token_capacity + 1))   # T - r0 of the next QKᵀ tile
         av_rows_left = Signal(range(cfg.token_capacity + 1))
@@ -538,10 +540,13 @@ class AttnSequencer(wiring.Component):
         # tile finishes only for an issued QK tile): two bits, a LUT-only update.
         qa_diff = Signal(range(4))                           # qk_next - av_next
         qa_nz, qa_le1 = Signal(), Signal(init=1)
-        sa_diff = Signal(range(4))                           # sm_done - av_next
+        sa_diff = Signal(range(4))                           # softmax tiles done - av_next
         sa_nz = Signal()
-        enter_attn = Signal()
-        with m.If(enter_attn):
+        # Held at their values for a head's start whenever the FSM is not in ATTN (in_attn, a
+        # register), not loaded at the entry (a decode of the state, the push and the tile's flags:
+        # W2's top missed 300 MHz on it): no QKᵀ, AV or softmax tile of a head moves them outside
+        # ATTN (its last AV needs every softmax tile done, and ATTN ends a cycle after it).
+        with m.If(~in_attn):
             m.d.sync += [qk_more.eq(ntiles != 0), av_more.eq(ntiles != 0), qa_diff.eq(0), qa_nz.eq(0),
                          qa_le1.eq(1), sa_diff.eq(0), sa_nz.eq(0)]
         with m.Else():
@@ -556,8 +561,6 @@ class AttnSequencer(wiring.Component):
                 sa_diff.eq(sa_diff + sp.tile_done - av_push),
                 sa_nz.eq(~below_next(sa_diff, sp.tile_done, av_push, 1)),
             ]
-        with m.If(sp.tile_done):
-            m.d.sync += sm_done.eq(sm_done + 1)
         with m.If(weight_done):
             m.d.sync += held.eq(0)
 
@@ -635,11 +638,7 @@ class AttnSequencer(wiring.Component):
                     with m.Elif(tc.last_of_head):
                         # From here on the walker is at the next tile (a candidate for the early issue).
                         m.d.comb += advance.eq(1)
-                        m.d.comb += enter_attn.eq(1)
                         m.d.sync += in_attn.eq(1)
-                        m.d.sync += [early.eq(0), qk_next.eq(0), av_next.eq(0), sm_done.eq(0),
-                                     qk_rows_left.eq(T), av_rows_left.eq(T),
-                                     qk_a.eq(bm.qkv_base), av_dst.eq(bm.ctx_base + head_off)]
                         m.next = "ATTN"
                     with m.Else():
                         m.d.comb += advance.eq(1)
@@ -707,6 +706,12 @@ class AttnSequencer(wiring.Component):
                     m.d.comb += self.done.eq(1)
                     m.next = "IDLE"
         m.d.comb += self.busy.eq(running)
+        # The head's tile counters and addresses, like the window's flags above: held at their start
+        # values outside ATTN, so ATTN opens with them (no load behind the entry decode; W1's and W2's
+        # tops missed 300 MHz on it). Only ATTN moves them, and head_off changes at ATTN's end.
+        with m.If(~in_attn):
+            m.d.sync += [early.eq(0), qk_next.eq(0), av_next.eq(0), qk_rows_left.eq(T), av_rows_left.eq(T),
+                         qk_a.eq(bm.qkv_base), av_dst.eq(bm.ctx_base + head_off)]
 
         # ---- counters ----------------------------------------------------------------------------
         pe = cl.pe_active

@@ -196,13 +196,16 @@ class ScorePath(wiring.Component):
                 ok = full.bit_select(rslot, 1) & rows_in.r_rdy & (e8_free != 0) & rows_out.w_rdy
                 m.d.comb += [rows_in.r_en.eq(ok), take.eq(ok),
                              rows_out.w_en.eq(ok), rows_out.w_data.eq(rows_in.r_data - 1)]
+                # The read walk starts here, not at the command's accept: the softmax's command
+                # ready ends in its input handshake (W2's top missed 300 MHz on it into these
+                # registers), and nothing reads them before READ.
                 with m.If(ok):
-                    m.d.sync += r_rows.eq(rows_in.r_data)
+                    m.d.sync += [r_rows.eq(rows_in.r_data), r_w.eq(0), r_wlast.eq(one_word),
+                                 r_addr.eq(Mux(rslot, bm.score_slot, 0))]
                     m.next = "CMD"
             with m.State("CMD"):
                 m.d.comb += sm.cmd.valid.eq(1)
                 with m.If(sm.cmd.ready):
-                    m.d.sync += [r_w.eq(0), r_wlast.eq(one_word), r_addr.eq(Mux(rslot, bm.score_slot, 0))]
                     m.next = "READ"
             with m.State("READ"):
                 issue = ahead_room

@@ -400,12 +400,19 @@ class EmbedSequencer(wiring.Component):
 
         # ---- compute sequencer -------------------------------------------------------------------
         ti = Signal(range(ntl))
-        tc = self._tile_rom(m, ti, "compute_tile")
         c_slot = Signal()
         c_left = Signal(range(N + 1))
         rows = Signal(range(pt + 1))
         m.d.comb += rows.eq(Mux(c_left > pt, pt, c_left))
         r_base = Signal(cfg.dst_addr_bits)        # residual word of the tile's first patch row
+        # The tile's descriptor and its first destination word, registered from the table every
+        # cycle: ti and r_base change only when a command is accepted in ISSUE, which then waits a
+        # cycle or more in WAIT, so ISSUE always sees the current tile's. The table lookup and the
+        # destination add were in front of the GEMM command's skid buffer (W2's top: 4 LUT + 4 CARRY4).
+        rom = self._tile_rom(m, ti, "compute_tile_rom")
+        tc = Signal(rom.shape(), name="compute_tile")
+        tc_dst = Signal(cfg.dst_addr_bits, name="compute_dst")
+        m.d.sync += [tc.eq(rom), tc_dst.eq(r_base + rom.n0w)]
         inflight = Signal()
         frees_slot = Signal()                     # the command in the engine is its tile's last
         g = cl.gemm
@@ -435,7 +442,7 @@ class EmbedSequencer(wiring.Component):
                     gp.m.eq(rows), gp.k.eq(K), gp.n.eq(tc.n),
                     gp.a_base.eq(Mux(c_slot, bm.slot_words, 0)), gp.a_stride.eq(bm.kw),
                     gp.b_base.eq(0), gp.b_k_stride.eq(1), gp.b_tile_stride.eq(K), gp.colp_base.eq(0),
-                    gp.dst_base.eq(r_base + tc.n0w), gp.dst_stride.eq(rw),
+                    gp.dst_base.eq(tc_dst), gp.dst_stride.eq(rw),
                     gp.shift.eq(prm.shift), gp.mode.eq(EpilogueMode.RESADD),
                 ]
                 with m.If(g.ready):
