@@ -617,6 +617,7 @@ class AttnSequencer(wiring.Component):
         tile_push = Signal()
         m.d.sync += tile_ready_r.eq(tile_ready & ~tile_push & ~start)
 
+        attn_state = Signal()              # the FSM's ATTN state, decoded (only for the Assert below)
         with m.FSM(name="seq"):
             with m.State("IDLE"):
                 with m.If(start):
@@ -644,6 +645,7 @@ class AttnSequencer(wiring.Component):
                         m.d.comb += advance.eq(1)
                         m.next = "WAIT_TILE"
             with m.State("ATTN"):
+                m.d.comb += attn_state.eq(1)
                 can_qk = qk_more & qa_le1 & sp.tiles.ready
                 can_av = qa_nz & sa_nz
                 can_early = ~qk_more & ~early & tcr.qk_part & tile_ready_r
@@ -664,11 +666,6 @@ class AttnSequencer(wiring.Component):
                         gp.mode.eq(EpilogueMode.RAW), gp.sync.eq(qk_next == 0),
                         g_phase_next.eq(Phase.QK), g_qk_next.eq(1), g_rows_next.eq(qk_rows),
                     ]
-                    m.d.comb += qk_push.eq(free)
-                    with m.If(free):
-                        m.d.sync += [qk_next.eq(qk_next + 1), qk_slot.eq(~qk_slot),
-                                     qk_rows_left.eq(qk_rows_left - qk_rows),
-                                     qk_a.eq(qk_a + dv.qk_step)]
                 with m.Elif(can_av):
                     m.d.comb += [
                         gp.m.eq(av_rows), gp.k.eq(T), gp.n.eq(av_n),
@@ -681,11 +678,6 @@ class AttnSequencer(wiring.Component):
                         gp.shift.eq(prm.out_shift), gp.mode.eq(EpilogueMode.ATTN8),
                         g_phase_next.eq(Phase.AV),
                     ]
-                    m.d.comb += av_push.eq(free)
-                    with m.If(free):
-                        m.d.sync += [av_next.eq(av_next + 1), av_slot.eq(~av_slot),
-                                     av_rows_left.eq(av_rows_left - av_rows),
-                                     av_dst.eq(av_dst + dv.av_step)]
                 with m.Else():
                     tile_command()
                     with m.If(free & can_early):
@@ -708,7 +700,19 @@ class AttnSequencer(wiring.Component):
         m.d.comb += self.busy.eq(running)
         # The head's tile counters and addresses, like the window's flags above: held at their start
         # values outside ATTN, so ATTN opens with them (no load behind the entry decode; W1's and W2's
-        # tops missed 300 MHz on it). Only ATTN moves them, and head_off changes at ATTN's end.
+        # tops missed 300 MHz on it). The QKᵀ and AV pushes move them: ATTN's branches, gated by
+        # in_attn (a flip-flop, high exactly in ATTN) rather than by the state decode, which abc
+        # shared with the command payload's multiplexers (W2's top: 3.34 ns). head_off changes at
+        # ATTN's end.
+        # (Checked at the clock edge: a combinational check sees the state decode a delta cycle late.)
+        m.d.sync += Assert(in_attn == attn_state, "AttentionSequencer: in_attn is out of step with the ATTN state")
+        m.d.comb += [qk_push.eq(in_attn & can_qk & free), av_push.eq(in_attn & ~can_qk & can_av & free)]
+        with m.If(qk_push):
+            m.d.sync += [qk_next.eq(qk_next + 1), qk_slot.eq(~qk_slot), qk_rows_left.eq(qk_rows_left - qk_rows),
+                         qk_a.eq(qk_a + dv.qk_step)]
+        with m.If(av_push):
+            m.d.sync += [av_next.eq(av_next + 1), av_slot.eq(~av_slot), av_rows_left.eq(av_rows_left - av_rows),
+                         av_dst.eq(av_dst + dv.av_step)]
         with m.If(~in_attn):
             m.d.sync += [early.eq(0), qk_next.eq(0), av_next.eq(0), qk_rows_left.eq(T), av_rows_left.eq(T),
                          qk_a.eq(bm.qkv_base), av_dst.eq(bm.ctx_base + head_off)]
