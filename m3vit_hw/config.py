@@ -127,6 +127,9 @@ PARAM_LANE_BYTES = 8
 #: Data bits of an UltraScale+ URAM288 word (4,096 of them): the unit of ``lane_split`` and of the
 #: block-memory packing rules (``control.onchip``, ``build.memories``).
 URAM_BITS = 72
+#: ``lane_split`` moves at most this many bits of a word out of URAM: one or two block RAMs per 4,096
+#: words (9 or 18 bits wide) cost less than the URAM column they free.
+LANE_REST_MAX_BITS = 18
 
 
 def param_word_bytes(pe_cols):
@@ -394,8 +397,8 @@ class AcceleratorConfig:
             raise TypeError(f"lane_split must be a bool, not {self.lane_split!r}")
         if self.lane_split and not any(self.lane_split_at(b) for b in (numerics.ACT_BITS, numerics.RES_BITS)):
             raise ValueError(f"lane_split needs an int8 or int16 word of pe_cols lanes that leaves at most "
-                             f"18 bits past whole 72-bit URAM columns (pe_cols=64 leaves 8 and 16), "
-                             f"not pe_cols={self.pe_cols}")
+                             f"{LANE_REST_MAX_BITS} bits past whole {URAM_BITS}-bit URAM columns (pe_cols=64 "
+                             f"leaves 8 and 16), not pe_cols={self.pe_cols}")
 
         unit = self.weight_half_unit_bytes
         half_need, half_why = max(self.weight_half_needs.values())
@@ -453,8 +456,8 @@ class AcceleratorConfig:
         # No E term: the MoE gate is streamed in N-chunks (gate_chunks) like a large expert.
         # A tile holds at most half // panel column tiles of its K (every layout takes the min of that
         # and the parameter half), so the smallest K bounds the words a half can ever receive: at W2
-        # (96 KiB halves, K >= 384) 4 words a half, a parameter buffer of 8 x 32 banks in RAM32M16
-        # LUTRAM instead of 60 rows in RAM64M8 (about 2,300 LUTs less).
+        # (96 KiB halves, K >= 384) 4 words a half, a parameter buffer of 8 rows in RAM32M16 LUTRAM
+        # instead of 60 in RAM64M8 (W2's build: about 2,000 LUTs less).
         fit = self.weight_buffer_half_bytes // (min(m.dim, m.patch_dim) * self.act_word_bytes)
         return 2 * max(1, min(tiles, fit))
 
@@ -826,11 +829,10 @@ class AcceleratorConfig:
     def lane_split_at(self, bits):
         """With ``lane_split``: the lanes of a ``pe_cols`` x ``bits`` word that fill whole 72-bit URAM
         columns (the first memory of a :class:`~m3vit_hw.lib.lane_memory.LaneMemory`), when the rest
-        is 1 to 18 bits (one or two block RAMs per 4,096 words, cheaper than a URAM column); else
-        None (one memory)."""
+        is 1 to :data:`LANE_REST_MAX_BITS` bits; else None (one memory)."""
         columns = -(-self.pe_cols * bits // URAM_BITS)
         lanes = (columns - 1) * URAM_BITS // bits
-        if not self.lane_split or not 0 < (self.pe_cols - lanes) * bits <= 18:
+        if not self.lane_split or not 0 < (self.pe_cols - lanes) * bits <= LANE_REST_MAX_BITS:
             return None
         return lanes
 

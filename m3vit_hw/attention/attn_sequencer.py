@@ -197,9 +197,10 @@ class AttnSequencer(wiring.Component):
         for each part (0: Q|K, 1: V, 2: projection) ``panels`` (the smaller chunk's), ``extra``
         (and ``extra_nz``: extra != 0), ``nch_m1`` (chunks - 1), the weight and parameter lengths of a small and a big chunk
         (``wl_s``, ``wl_b``, ``pl_s``, ``pl_b``, beat-padded), a tile's whole step (``st_s``,
-        ``st_b``) and its columns (``n_s``, ``n_b``: the small and big chunk's ``N``, so the
-        "big" flag selects instead of adding: W2's top missed 300 MHz on that add). The walkers then select, compare and add once per tile (no multiply, round-up and
-        three-operand add between their registers). Valid after the start: part 0 after 3 cycles,
+        ``st_b``) and its columns (``n_s``, ``n_b``: the small and big chunk's ``N``, so the "big"
+        flag selects instead of adding: W2's top missed 300 MHz on that add). The walkers then
+        select, compare and add once per tile (no multiply, round-up and three-operand add between
+        their registers). Valid after the start: part 0 after 3 cycles,
         part 1 after 3, part 2 after 4; the walkers' copies one cycle later (``plan_wait``)."""
         cfg, lay = self._config, self._layout
         C, db, aw = cfg.pe_cols, cfg.mem_data_bytes, self._aw
