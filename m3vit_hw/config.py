@@ -218,9 +218,9 @@ class AcceleratorConfig:
         Words of the column-parameter buffer (one word = bias and multiplier of ``pe_cols`` output
         columns). Default: twice the column tiles of the widest set of GEMMs sharing one weight fill
         (qkv + proj, fc1 + fc2, one expert's fc1 + fc2; the MoE gate streams in chunks, so E does
-        not enter), but no more than two weight halves hold panels of the smallest reduction
-        (``min(dim, patch_dim)``): every layout cuts its tiles to fit both halves, so more words
-        would never be filled (W2's one-panel halves: 8 words, not 60).
+        not enter), but no more than two weight halves hold panels of the smallest reduction of a
+        GEMM with streamed weights (``gemm_k_list`` less QKᵀ and AV): every layout cuts its tiles to
+        fit both halves, so more words would never be filled (W2's one-panel halves: 8 words, not 60).
     q_tile : int or None
         Query rows per attention tile, in ``[1, token_capacity]``. Default: ``min(pe_rows,
         token_capacity)`` (one PE-array row tile, so the score tile never needs re-tiling).
@@ -458,7 +458,9 @@ class AcceleratorConfig:
         # and the parameter half), so the smallest K bounds the words a half can ever receive: at W2
         # (96 KiB halves, K >= 384) 4 words a half, a parameter buffer of 8 rows in RAM32M16 LUTRAM
         # instead of 60 in RAM64M8 (W2's build: about 2,000 LUTs less).
-        fit = self.weight_buffer_half_bytes // (min(m.dim, m.patch_dim) * self.act_word_bytes)
+        # QKᵀ and AV stream no weights or parameters (their B operand is on chip).
+        k_min = min(k for name, k in self.gemm_k_list.items() if name not in ("qk", "av (uint8 A)"))
+        fit = self.weight_buffer_half_bytes // (k_min * self.act_word_bytes)
         return 2 * max(1, min(tiles, fit))
 
     # -- construction --------------------------------------------------------------------------

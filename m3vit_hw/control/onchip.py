@@ -141,9 +141,8 @@ def buffer_report(config, device=XCZU7EV):
         at = config.lane_split_at(bits)
         if at is None:
             return [_map(name, C * bits, depth)]
-        return [_map(f"{name} lanes 0-{at - 1}", at * bits, depth),
-                _map(f"{name} lane{'s' if C - at > 1 else ''} {at}{f'-{C - 1}' if C - at > 1 else ''}",
-                     (C - at) * bits, depth)]
+        rest = f"lane {at}" if C - at == 1 else f"lanes {at}-{C - 1}"
+        return [_map(f"{name} lanes 0-{at - 1}", at * bits, depth), _map(f"{name} {rest}", (C - at) * bits, depth)]
 
     act = (bank("activation", numerics.ACT_BITS, config.act_buffer_words) if not split else
            bank("activation (lower bank)", numerics.ACT_BITS, split) +

@@ -410,9 +410,9 @@ class EmbedSequencer(wiring.Component):
         # cycle or more in WAIT, so ISSUE always sees the current tile's. The table lookup and the
         # destination add were in front of the GEMM command's skid buffer (W2's top: 4 LUT + 4 CARRY4).
         rom = self._tile_rom(m, ti, "compute_tile_rom")
-        tc = Signal(rom.shape(), name="compute_tile")
+        tc = Signal(data.StructLayout({"n": len(rom.n), "last": 1}), name="compute_tile")
         tc_dst = Signal(cfg.dst_addr_bits, name="compute_dst")
-        m.d.sync += [tc.eq(rom), tc_dst.eq(r_base + rom.n0w)]
+        m.d.sync += [tc.n.eq(rom.n), tc.last.eq(rom.last), tc_dst.eq(r_base + rom.n0w)]
         inflight = Signal()
         frees_slot = Signal()                     # the command in the engine is its tile's last
         g = cl.gemm
